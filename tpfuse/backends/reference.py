@@ -1,0 +1,102 @@
+"""The ``reference`` and ``nccl`` paths of every op.
+
+``reference`` runs :mod:`tpfuse.reference` (fp32 collectives, gloo or NCCL): the oracle, always available.
+``nccl`` keeps the collective in the input dtype (half the bytes of the fp32 oracle) and applies the local stage
+after it: the GPU fallback where no fused kernel is faster or possible (e.g. groups spanning nodes).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .. import reference as ref
+from ..dispatch import register
+from ..sharding import shard_range, shard_rows
+
+
+def _needs_nccl(comm):
+    return None if comm.backend == "nccl" else f"needs an NCCL group (this one is {comm.backend})"
+
+
+@register("all_reduce", "reference")
+def _ar_ref(comm, x):
+    return ref.all_reduce(x, comm.group)
+
+
+@register("fused_add_rmsnorm", "reference")
+def _far_ref(comm, x, residual, weight, eps, *, quant, gemma):
+    return ref.fused_add_rmsnorm(x, residual, weight, eps, quant=quant, gemma=gemma, group=comm.group)
+
+
+@register("reduce_scatter_rmsnorm", "reference")
+def _rsn_ref(comm, x, residual_shard, weight, eps, *, quant, gemma):
+    return ref.reduce_scatter_rmsnorm(x, residual_shard, weight, eps, quant=quant, gemma=gemma, group=comm.group)
+
+
+@register("all_gather", "reference")
+def _ag_ref(comm, x_shard, num_tokens):
+    return ref.all_gather(x_shard, num_tokens, comm.group)
+
+
+@register("all_gather_matmul", "reference")
+def _agmm_ref(comm, x_shard, weight, num_tokens):
+    return ref.all_gather_matmul(x_shard, weight, num_tokens, comm.group)
+
+
+@register("matmul_reduce_scatter", "reference")
+def _mmrs_ref(comm, x, weight):
+    return ref.matmul_reduce_scatter(x, weight, comm.group)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# nccl: native-dtype collectives, local stage after
+
+
+def _local_stage():
+    from .. import ops  # the local fused kernels (Triton on GPU, reference elsewhere)
+    return ops
+
+
+@register("all_reduce", "nccl", available=_needs_nccl)
+def _ar_nccl(comm, x):
+    out = x.clone()
+    dist.all_reduce(out, group=comm.group)
+    return out
+
+
+@register("fused_add_rmsnorm", "nccl", available=_needs_nccl)
+def _far_nccl(comm, x, residual, weight, eps, *, quant, gemma):
+    s = x.clone()
+    dist.all_reduce(s, group=comm.group)
+    return _local_stage().add_rmsnorm(s, residual, weight, eps, quant=quant, gemma=gemma)
+
+
+def _rs_native(comm, x):
+    t = x.shape[0]
+    s = shard_rows(t, comm.tp)
+    full = x if s * comm.tp == t else torch.cat([x, x.new_zeros(s * comm.tp - t, *x.shape[1:])])
+    out = torch.empty(s, *x.shape[1:], dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, full, group=comm.group)
+    start, end = shard_range(t, comm.tp, comm.rank)
+    return out[: end - start]
+
+
+@register("reduce_scatter_rmsnorm", "nccl", available=_needs_nccl)
+def _rsn_nccl(comm, x, residual_shard, weight, eps, *, quant, gemma):
+    return _local_stage().add_rmsnorm(_rs_native(comm, x), residual_shard, weight, eps, quant=quant, gemma=gemma)
+
+
+@register("all_gather", "nccl", available=_needs_nccl)
+def _ag_nccl(comm, x_shard, num_tokens):
+    return ref.all_gather(x_shard, num_tokens, comm.group)  # already native dtype on NCCL
+
+
+@register("all_gather_matmul", "nccl", available=_needs_nccl)
+def _agmm_nccl(comm, x_shard, weight, num_tokens):
+    return ref.all_gather(x_shard, num_tokens, comm.group) @ weight.t()
+
+
+@register("matmul_reduce_scatter", "nccl", available=_needs_nccl)
+def _mmrs_nccl(comm, x, weight):
+    return _rs_native(comm, x @ weight.t())

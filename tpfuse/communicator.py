@@ -1,0 +1,281 @@
+"""``TPCommunicator``: one per tensor-parallel process group; picks the fastest correct path per call.
+
+Contract
+========
+* **Collective calls.** Every op is collective over ``group``: all ranks call the same ops in the same order with
+  the same token count ``T`` (shard ops: the same *global* ``T``) and the same ``quant`` kind. ``CommConfig(debug=
+  True)`` checks this on every call and raises :class:`TPFuseMismatchError` on every rank when ranks disagree.
+* **What must match across ranks.** ``hidden_size``, ``dtype``, ``max_tokens`` and an equal ``CommConfig``, so the
+  plan (and so the path) is identical on every rank; plans depend only on these and on ``T``.
+* **Devices.** With an NCCL group the device is ``torch.cuda.current_device()`` of each process (set it before
+  building the communicator; a TP rank is never used as a device index). With gloo, everything is on the CPU.
+* **Buffers.** GPU paths own workspaces allocated once at construction, sized from ``max_tokens x hidden x TP``,
+  released by :meth:`close`. Ops return fresh output tensors; inputs are never written.
+* **Bad input.** Checks run before any collective, so a bad argument given on every rank raises a
+  :class:`TPFuseInputError` on every rank and the communicator stays usable.
+
+Shapes: see :mod:`tpfuse.reference` (the shape table of every op) and :mod:`tpfuse.sharding` (token shards).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from . import backends  # noqa: F401  (registers the paths)
+from . import quant as q
+from . import thresholds
+from .config import CommConfig
+from .dispatch import Plan, implementation, make_plan
+from .errors import TPFuseClosedError, TPFuseError, TPFuseInputError, TPFuseMismatchError
+from .sharding import shard_len
+from .validation import (ACTIVATION_DTYPES, check_activation, check_eps, check_norm_weight, check_same_rows,
+                         check_tensor)
+
+
+def detect_arch(device: torch.device) -> str:
+    """``"sm90"`` style name of a CUDA device, ``"cpu"`` otherwise."""
+    if device.type != "cuda":
+        return "cpu"
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor}"
+
+
+class TPCommunicator:
+    """Fused TP collectives for one process group (see the module docstring for the contract).
+
+    >>> comm = TPCommunicator(max_tokens=8192, hidden_size=4096)          # doctest: +SKIP
+    >>> out, residual = comm.fused_add_rmsnorm(partial, residual, norm_w)  # doctest: +SKIP
+    >>> print(comm.plan(512))                                              # doctest: +SKIP
+    """
+
+    def __init__(self, group=None, *, max_tokens: int, hidden_size: int, dtype: torch.dtype = torch.bfloat16,
+                 config: Optional[CommConfig] = None):
+        if not (dist.is_available() and dist.is_initialized()):
+            raise TPFuseError("torch.distributed is not initialized: call tpfuse.init_distributed() (or "
+                              "torch.distributed.init_process_group) before building a TPCommunicator, e.g. under "
+                              "torchrun")
+        self.config = config if config is not None else CommConfig()
+        if not isinstance(self.config, CommConfig):
+            raise TPFuseInputError(f"config must be a tpfuse.CommConfig, got {type(self.config).__name__}")
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise TPFuseInputError(f"max_tokens must be a positive int, got {max_tokens!r}")
+        if not isinstance(hidden_size, int) or hidden_size < 1:
+            raise TPFuseInputError(f"hidden_size must be a positive int, got {hidden_size!r}")
+        if dtype not in ACTIVATION_DTYPES:
+            raise TPFuseInputError(f"dtype must be one of {ACTIVATION_DTYPES}, got {dtype}")
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        if self.rank < 0:
+            raise TPFuseInputError("this process is not a member of the group passed to TPCommunicator")
+        self.tp = dist.get_world_size(self.group)
+        self.backend = dist.get_backend(self.group)
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl"
+                       else torch.device("cpu"))
+        self.max_tokens, self.hidden_size, self.dtype = max_tokens, hidden_size, dtype
+        self.arch = self.config.arch or detect_arch(self.device)
+        self.table = thresholds.load(self.config.resolved_thresholds_path())
+        self.row = self.table.lookup(self.arch, self.tp, str(dtype).replace("torch.", ""))
+        self.last_path: Dict[str, str] = {}
+        """op -> the path its latest call ran (what tests assert against ``plan()``)."""
+        self.workspace = None
+        """Symmetric-memory workspace of the GPU paths (``None`` where none is needed)."""
+        self._plans: Dict[int, Plan] = {}
+        self._calls = 0
+        self._closed = False
+
+    # ----------------------------------------------------------------------------------------------------------
+    # lifecycle
+
+    def close(self) -> None:
+        """Release workspaces. Idempotent; any later op raises :class:`TPFuseClosedError`."""
+        self.workspace = None
+        self._plans.clear()
+        self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TPFuseClosedError("this TPCommunicator was closed; build a new one")
+
+    # ----------------------------------------------------------------------------------------------------------
+    # dispatch
+
+    def plan(self, num_tokens: int) -> Plan:
+        """Which path each op takes at ``num_tokens`` (global tokens) and why. Cached per token count."""
+        self._check_open()
+        p = self._plans.get(num_tokens)
+        if p is None:
+            if not isinstance(num_tokens, int) or not 0 <= num_tokens <= self.max_tokens:
+                raise TPFuseInputError(f"num_tokens must be an int in [0, max_tokens={self.max_tokens}], "
+                                       f"got {num_tokens!r}")
+            p = make_plan(comm=self, row=self.row, table_path=self.table.path, arch=self.arch, tp=self.tp,
+                          num_tokens=num_tokens, hidden=self.hidden_size, dtype=str(self.dtype).replace("torch.", ""),
+                          itemsize=self.dtype.itemsize, allowed=self.config.allowed_paths,
+                          forced=self.config.force_paths, sp_min_tokens=self.config.sp_min_tokens)
+            self._plans[num_tokens] = p
+        return p
+
+    def _run(self, op: str, num_tokens: int, args: tuple, kwargs: dict):
+        path = self.plan(num_tokens).ops[op].path
+        self.last_path[op] = path
+        return implementation(op, path)(self, *args, **kwargs)
+
+    def _enter(self, op: str, signature: tuple, check) -> None:
+        """Run the local checks; in debug mode also compare ``signature`` and check results across ranks."""
+        self._check_open()
+        err = None
+        try:
+            check()
+        except TPFuseInputError as e:
+            err = e
+        if self.config.debug:
+            self._debug_exchange(op, signature, err)
+        if err is not None:
+            raise err
+
+    def _debug_exchange(self, op: str, signature: tuple, err: Optional[Exception]) -> None:
+        self._calls += 1
+        mine = (op, self._calls, signature, None if err is None else str(err))
+        every: list = [None] * self.tp
+        dist.all_gather_object(every, mine, group=self.group)
+        failed = [(r, e[3]) for r, e in enumerate(every) if e[3] is not None]
+        if failed and err is None:
+            raise TPFuseMismatchError(f"{op}: rank(s) {[r for r, _ in failed]} of the TP group rejected their input:"
+                                      f" {failed[0][1]}")
+        if not failed and any(e[:3] != every[0][:3] for e in every):
+            detail = "; ".join(f"rank {r}: {e[0]} call #{e[1]} {e[2]}" for r, e in enumerate(every))
+            raise TPFuseMismatchError(f"{op}: ranks of the TP group made different calls: {detail}")
+
+    # ----------------------------------------------------------------------------------------------------------
+    # ops
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of ``x [T, H]`` over the group (out of place)."""
+        def check():
+            check_activation("x", x, hidden=self.hidden_size, dtype=self.dtype, device=self.device,
+                             max_tokens=self.max_tokens)
+        self._enter("all_reduce", (tuple(x.shape) if isinstance(x, torch.Tensor) else None,), check)
+        return self._run("all_reduce", x.shape[0], (x,), {})
+
+    def fused_add_rmsnorm(self, x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
+                          eps: float = 1e-6, *, quant: Optional[q.QuantSpec] = None, gemma: bool = False
+                          ) -> Tuple[object, torch.Tensor]:
+        """``residual_out = sum_ranks(x) + residual``; ``out = rmsnorm(residual_out) * weight`` (fp32 math).
+
+        ``x``: this rank's partial sum ``[T, H]``; ``residual``: ``[T, H]`` or ``None`` (first layer); ``weight``:
+        ``[H]`` (``weight + 1`` when ``gemma``). Returns ``(out, residual_out)``: ``out`` in the input dtype, or a
+        :class:`~tpfuse.quant.QuantizedActivation` when ``quant`` is given; ``residual_out`` in the input dtype."""
+        def check():
+            check_activation("x", x, hidden=self.hidden_size, dtype=self.dtype, device=self.device,
+                             max_tokens=self.max_tokens)
+            if residual is not None:
+                check_tensor("residual", residual, dtype=self.dtype, device=self.device, dim=2)
+                check_same_rows("x", x, "residual", residual)
+            check_norm_weight(weight, hidden=self.hidden_size, device=self.device)
+            check_eps(eps)
+            q.check_spec(quant, self.hidden_size, self.device)
+        sig = (_shape(x), residual is None, type(quant).__name__, bool(gemma))
+        self._enter("fused_add_rmsnorm", sig, check)
+        return self._run("fused_add_rmsnorm", x.shape[0], (x, residual, weight, eps),
+                         {"quant": quant, "gemma": gemma})
+
+    def reduce_scatter_rmsnorm(self, x: torch.Tensor, residual_shard: Optional[torch.Tensor], weight: torch.Tensor,
+                               eps: float = 1e-6, *, quant: Optional[q.QuantSpec] = None, gemma: bool = False
+                               ) -> Tuple[object, torch.Tensor]:
+        """Sequence-parallel form of :meth:`fused_add_rmsnorm`: the sum is scattered by token ranges.
+
+        ``x``: partial sum ``[T, H]`` (any ``T``; a ``T`` that TP does not divide is padded internally);
+        ``residual_shard``: this rank's ``[Ts, H]`` slice (:func:`tpfuse.sharding.shard_range`) or ``None``.
+        Returns ``(out_shard, residual_shard_out)``, both ``[Ts, H]``."""
+        def check():
+            check_activation("x", x, hidden=self.hidden_size, dtype=self.dtype, device=self.device,
+                             max_tokens=self.max_tokens)
+            if residual_shard is not None:
+                check_tensor("residual_shard", residual_shard, dtype=self.dtype, device=self.device, dim=2)
+                want = (shard_len(x.shape[0], self.tp, self.rank), self.hidden_size)
+                if tuple(residual_shard.shape) != want:
+                    raise TPFuseInputError(f"residual_shard has shape {tuple(residual_shard.shape)}, expected {want}"
+                                           f" (rank {self.rank}'s shard of {x.shape[0]} tokens over TP={self.tp})")
+            check_norm_weight(weight, hidden=self.hidden_size, device=self.device)
+            check_eps(eps)
+            q.check_spec(quant, self.hidden_size, self.device)
+        sig = (_shape(x), residual_shard is None, type(quant).__name__, bool(gemma))
+        self._enter("reduce_scatter_rmsnorm", sig, check)
+        return self._run("reduce_scatter_rmsnorm", x.shape[0], (x, residual_shard, weight, eps),
+                         {"quant": quant, "gemma": gemma})
+
+    def _check_shard(self, name: str, x_shard, num_tokens: Optional[int], width: Optional[int]) -> int:
+        check_tensor(name, x_shard, dtype=self.dtype, device=self.device, dim=2)
+        if width is not None and x_shard.shape[1] != width:
+            raise TPFuseInputError(f"{name} has hidden size {x_shard.shape[1]}, but the communicator's hidden_size "
+                                   f"is {width}")
+        t = num_tokens if num_tokens is not None else x_shard.shape[0] * self.tp
+        if not isinstance(t, int) or not 0 <= t <= self.max_tokens:
+            raise TPFuseInputError(f"num_tokens must be an int in [0, max_tokens={self.max_tokens}], got {t!r}")
+        want = shard_len(t, self.tp, self.rank)
+        if x_shard.shape[0] != want:
+            raise TPFuseInputError(f"{name} has {x_shard.shape[0]} rows, but rank {self.rank}'s shard of {t} tokens "
+                                   f"over TP={self.tp} has {want}" +
+                                   ("" if num_tokens is not None else
+                                    " (num_tokens=None assumes equal shards; pass num_tokens for uneven ones)"))
+        return t
+
+    def all_gather(self, x_shard: torch.Tensor, *, num_tokens: Optional[int] = None) -> torch.Tensor:
+        """``[Ts, H]`` token shards -> ``[T, H]``. ``num_tokens`` (global T) is needed only when TP does not divide
+        T; ``None`` means ``T = TP * Ts``."""
+        box = {}
+        def check():
+            box["t"] = self._check_shard("x_shard", x_shard, num_tokens, self.hidden_size)
+        self._enter("all_gather", (num_tokens, _shape(x_shard)[1:]), check)
+        t = box["t"]
+        return self._run("all_gather", t, (x_shard, t), {})
+
+    def all_gather_matmul(self, x_shard: torch.Tensor, weight: torch.Tensor, *,
+                          num_tokens: Optional[int] = None) -> torch.Tensor:
+        """Column-parallel linear with a sequence-parallel input: ``all_gather(x_shard) @ weight.T``.
+
+        ``x_shard``: ``[Ts, H]``; ``weight`` (``w_shard_n``): ``[N / TP, H]`` (nn.Linear layout). Returns
+        ``[T, N / TP]``."""
+        box = {}
+        def check():
+            box["t"] = self._check_shard("x_shard", x_shard, num_tokens, self.hidden_size)
+            check_tensor("weight", weight, dtype=self.dtype, device=self.device, dim=2)
+            if weight.shape[1] != self.hidden_size:
+                raise TPFuseInputError(f"weight has shape {tuple(weight.shape)}; expected [N_shard, {self.hidden_size}]"
+                                       f" (nn.Linear layout, in-features = hidden_size)")
+        self._enter("all_gather_matmul", (num_tokens, _shape(x_shard)[1:], _shape(weight)), check)
+        t = box["t"]
+        return self._run("all_gather_matmul", t, (x_shard, weight, t), {})
+
+    def matmul_reduce_scatter(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Row-parallel linear with a sequence-parallel output: ``reduce_scatter(x @ weight.T)`` by tokens.
+
+        ``x`` (``x_shard_k``): ``[T, K / TP]``; ``weight`` (``w_shard_k``): ``[H, K / TP]``. Returns this rank's
+        ``[Ts, H]`` token shard of the sum."""
+        def check():
+            check_tensor("x", x, dtype=self.dtype, device=self.device, dim=2)
+            check_tensor("weight", weight, dtype=self.dtype, device=self.device, dim=2)
+            if weight.shape != (self.hidden_size, x.shape[1]):
+                raise TPFuseInputError(f"weight has shape {tuple(weight.shape)}; expected [{self.hidden_size}, "
+                                       f"{x.shape[1]}] (out-features = hidden_size, in-features = x.shape[1])")
+            if x.shape[0] > self.max_tokens:
+                raise TPFuseInputError(f"x has {x.shape[0]} tokens, more than max_tokens={self.max_tokens}")
+        self._enter("matmul_reduce_scatter", (_shape(x), _shape(weight)), check)
+        return self._run("matmul_reduce_scatter", x.shape[0], (x, weight), {})
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"backend={self.backend}, device={self.device}"
+        return (f"TPCommunicator(rank={self.rank}/{self.tp}, hidden={self.hidden_size}, max_tokens={self.max_tokens},"
+                f" dtype={self.dtype}, arch={self.arch}, {state})")
+
+
+def _shape(t) -> tuple:
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else (None,)

@@ -1,0 +1,52 @@
+"""Configuration of a :class:`tpfuse.TPCommunicator`.
+
+Environment variables are escape hatches only, each documented here:
+
+``TPFUSE_THRESHOLDS``
+    Path of a thresholds JSON table (the format of ``tpfuse/thresholds/default.json``, written by
+    ``bench/tune.py``). Used when ``CommConfig.thresholds_path`` is not set. Precedence:
+    ``CommConfig.thresholds_path`` > ``TPFUSE_THRESHOLDS`` > the table shipped in the package.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+THRESHOLDS_ENV = "TPFUSE_THRESHOLDS"
+
+
+@dataclass(kw_only=True)
+class CommConfig:
+    """Knobs of one TP communicator. Every rank of a group must pass an equal config."""
+
+    thresholds_path: Optional[str] = None
+    """Thresholds table to load instead of the shipped one (see module docstring for precedence)."""
+
+    allowed_paths: Optional[frozenset] = None
+    """If set, only these path names may run (e.g. ``{"reference", "tpfuse_twoshot"}``); others fall back to
+    ``"reference"``, which is always allowed. ``None`` allows every path whose backend is present."""
+
+    force_paths: Mapping[str, str] = field(default_factory=dict)
+    """Op name -> path name that overrides the table (benchmarks, tests, debugging). The forced path must be
+    available here, else the op raises (a forced path never silently falls back)."""
+
+    arch: Optional[str] = None
+    """Plan as if on this arch (``"sm90"``, ``"sm100"``, ``"cpu"``). ``None`` detects it from the group's device.
+    Used to inspect GPU decisions from a CPU machine; execution still uses what is available here."""
+
+    sp_min_tokens: Optional[int] = None
+    """Override of the table's AR -> sequence-parallel switch point, in tokens (``plan().mode``)."""
+
+    debug: bool = False
+    """Cross-rank checks before every call: all ranks exchange (op, shapes, dtypes, call counter, local
+    validation result) and all raise :class:`~tpfuse.errors.TPFuseMismatchError` if they differ. Costs one
+    small collective (and a host sync) per call: for debugging only."""
+
+    timeout_s: float = 30.0
+    """Upper bound on any wait for a peer inside tpfuse's own kernels and barriers."""
+
+    def resolved_thresholds_path(self) -> Optional[str]:
+        """The table path in effect: the config's, else ``$TPFUSE_THRESHOLDS``, else ``None`` (shipped table)."""
+        return self.thresholds_path or os.environ.get(THRESHOLDS_ENV) or None

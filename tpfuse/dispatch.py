@@ -1,0 +1,159 @@
+"""Path registry and the planner behind ``TPCommunicator.plan()``.
+
+A *path* is one way to run an op (``"reference"``, ``"nccl"``, ``"tpfuse_oneshot"``, ...). Backends register an
+implementation per (op, path) with an availability check; the thresholds table names the preferred path per size;
+the planner walks ``[forced or preferred, "nccl", "reference"]`` and takes the first path that is registered,
+allowed by ``CommConfig.allowed_paths`` and available on this communicator. ``Plan`` records, per op, what the
+table preferred, what will run here, and why - so a CPU machine shows the decision a GPU would make
+(``CommConfig(arch="sm90")``) while executing the reference path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Mapping, Optional, Tuple
+
+from .errors import TPFuseError
+from .thresholds import OPS, Row
+
+PATH_DOCS: Dict[str, str] = {
+    "reference": "torch.distributed collectives + torch ops, fp32 math (gloo or NCCL): the oracle and last fallback",
+    "nccl": "NCCL collective in the input dtype + tpfuse's local fused stage",
+    "tpfuse_oneshot": "tpfuse symmetric-memory kernel: every rank reads all peers' partials, fused add+norm+quant",
+    "tpfuse_twoshot": "tpfuse symmetric-memory kernel: reduce a token range, add+norm+quant it, all-gather results",
+    "flashinfer_oneshot": "FlashInfer trtllm fused all-reduce+add+RMSNorm(+quant), one-shot (Lamport)",
+    "flashinfer_twoshot": "FlashInfer trtllm fused all-reduce+add+RMSNorm(+quant), two-shot",
+    "tpfuse_rs": "tpfuse symmetric-memory reduce-scatter fused with add+RMSNorm(+quant)",
+    "tpfuse_ag": "tpfuse symmetric-memory all-gather",
+    "tpfuse_async_tp": "GEMM overlapped with the collective over symmetric memory (async TP)",
+}
+
+# fn(comm, *op_args, **op_kwargs); available(comm) -> None if usable here, else the reason it is not
+Impl = Tuple[Callable, Callable[[object], Optional[str]]]
+_IMPLS: Dict[Tuple[str, str], Impl] = {}
+
+
+def register(op: str, path: str, available: Optional[Callable[[object], Optional[str]]] = None):
+    """Decorator: register ``fn`` as ``path``'s implementation of ``op``."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}")
+    if path not in PATH_DOCS:
+        raise ValueError(f"unknown path {path!r}; add it to PATH_DOCS with a one-line description")
+
+    def deco(fn):
+        _IMPLS[(op, path)] = (fn, available or (lambda comm: None))
+        return fn
+
+    return deco
+
+
+def implementation(op: str, path: str) -> Callable:
+    return _IMPLS[(op, path)][0]
+
+
+def unavailable_reason(op: str, path: str, comm) -> Optional[str]:
+    """``None`` if ``path`` can run ``op`` on ``comm``, else a short reason."""
+    if (op, path) not in _IMPLS:
+        return f"{path} has no implementation of {op} in this build"
+    return _IMPLS[(op, path)][1](comm)
+
+
+@dataclass(frozen=True)
+class OpChoice:
+    """The decision for one op at one size."""
+
+    op: str
+    path: str
+    """The path that runs on this communicator."""
+    preferred: str
+    """The path the thresholds table picks for this arch / TP / dtype / size."""
+    rule: str
+    """Why the table picked ``preferred`` (bucket bounds, table row)."""
+    fallback: Optional[str] = None
+    """Why ``path`` differs from ``preferred`` (``None`` when they agree)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every op does at ``num_tokens`` on this communicator (``print(plan)`` for a table)."""
+
+    num_tokens: int
+    hidden: int
+    dtype: str
+    activation_bytes: int
+    tp: int
+    arch: str
+    mode: str
+    """``"allreduce"`` (residual stream replicated; use ``fused_add_rmsnorm``) or ``"sequence_parallel"``
+    (residual stream sharded by tokens; use ``reduce_scatter_rmsnorm`` + ``all_gather(_matmul)``)."""
+    mode_rule: str
+    ops: Mapping[str, OpChoice]
+    table: str
+    """The table file and row the decision came from."""
+
+    def __getitem__(self, op: str) -> OpChoice:
+        return self.ops[op]
+
+    def path(self, op: str) -> str:
+        return self.ops[op].path
+
+    def __str__(self) -> str:
+        lines = [f"plan: {self.num_tokens} tokens x {self.hidden} {self.dtype} ({_fmt_bytes(self.activation_bytes)}),"
+                 f" TP={self.tp}, arch={self.arch}, mode={self.mode} [{self.mode_rule}]", f"  table: {self.table}"]
+        w = max(len(o) for o in self.ops)
+        for op, c in self.ops.items():
+            extra = f"  (table: {c.preferred}; {c.fallback})" if c.fallback else ""
+            lines.append(f"  {op:<{w}}  {c.path:<18} {c.rule}{extra}")
+        return "\n".join(lines)
+
+
+def _fmt_bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "inf"
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            v = n / size
+            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.2f} {unit}"
+    return f"{n} B"
+
+
+def make_plan(*, comm, row: Row, table_path: str, arch: str, tp: int, num_tokens: int, hidden: int, dtype: str,
+              itemsize: int, allowed: Optional[frozenset], forced: Mapping[str, str],
+              sp_min_tokens: Optional[int]) -> Plan:
+    nbytes = num_tokens * hidden * itemsize
+    where = f"{table_path} row {row.index} [{row.key()}]"
+    ops = {}
+    for op in OPS:
+        preferred, lo, hi = row.pick(op, nbytes)
+        rule = (f"{_fmt_bytes(lo) if lo is not None else '0'} < {_fmt_bytes(nbytes)}"
+                f" <= {_fmt_bytes(hi)}")
+        if op in forced:
+            want = forced[op]
+            reason = unavailable_reason(op, want, comm)
+            if reason:
+                raise TPFuseError(f"CommConfig.force_paths[{op!r}] = {want!r} cannot run here: {reason}")
+            ops[op] = OpChoice(op, want, preferred, rule, None if want == preferred else "forced by CommConfig")
+            continue
+        why = []
+        chosen = None
+        for cand in dict.fromkeys((preferred, "nccl", "reference")):
+            if cand != "reference" and allowed is not None and cand not in allowed:
+                why.append(f"{cand} not in allowed_paths")
+                continue
+            reason = unavailable_reason(op, cand, comm)
+            if reason is None:
+                chosen = cand
+                break
+            why.append(reason)
+        assert chosen is not None, "the reference path is always registered and available"
+        ops[op] = OpChoice(op, chosen, preferred, rule, "; ".join(why) if chosen != preferred else None)
+    if sp_min_tokens is not None:
+        sp = num_tokens >= sp_min_tokens
+        mode_rule = f"tokens {num_tokens} {'>=' if sp else '<'} CommConfig.sp_min_tokens {sp_min_tokens}"
+    else:
+        sp = nbytes >= row.sp_min_bytes
+        mode_rule = f"{_fmt_bytes(nbytes)} {'>=' if sp else '<'} sp_min_bytes {_fmt_bytes(row.sp_min_bytes)}"
+    if tp == 1:
+        sp, mode_rule = False, "TP=1: nothing to shard"
+    return Plan(num_tokens=num_tokens, hidden=hidden, dtype=dtype, activation_bytes=nbytes, tp=tp, arch=arch,
+                mode="sequence_parallel" if sp else "allreduce", mode_rule=mode_rule, ops=ops, table=where)

@@ -1,0 +1,333 @@
+"""Quantized activation formats and their plain-torch reference quantizers (CPU and GPU).
+
+Every fused kernel in tpfuse that emits a quantized output must reproduce these functions: bit-exactly where the
+arithmetic is the same, else within one quantization step (``tpfuse.tolerance``). The math below is written in the
+order a kernel does it (reciprocal once, then multiply) so that exact agreement is reachable.
+
+Formats
+=======
+=====================  ============================  ===========================================================
+spec                   ``data``                      ``scale``
+=====================  ============================  ===========================================================
+``FP8Static(s)``       e4m3 ``[T, H]``               the given fp32 scalar ``s`` (shape ``[]``)
+``FP8PerToken()``      e4m3 ``[T, H]``               fp32 ``[T, 1]``: ``max(amax_row / 448, 1 / (448 * 512))``
+``FP8PerGroup(g)``     e4m3 ``[T, H]``               fp32 ``[T, H / g]`` row-major: same rule per group of g
+``NVFP4(gs, layout)``  uint8 ``[T, H / 2]``          e4m3; ``"linear"``: ``[T, H / 16]`` row-major;
+                       (two e2m1 per byte, element   ``"swizzled128x4"``: ``[round_up(T, 128), round_up(H/16, 4)]``
+                       ``2i`` in the low nibble)     whose flat memory is the 128x4 swizzle (see below), pad = 0
+=====================  ============================  ===========================================================
+
+FP8 is e4m3 (``torch.float8_e4m3fn``): ``q = clamp(x * (1 / scale), -448, 448)``, rounded to nearest even.
+NaN stays NaN (the clamp does not hide it); +-Inf saturates to +-448 in static mode and turns the dynamic scale into
+Inf/NaN, so a bad row never looks clean.
+
+NVFP4 follows FlashInfer / TensorRT-LLM (``cvt_warp_fp16_to_fp4``), so Blackwell FP4 GEMMs consume it as is:
+for each block of 16 elements along H, with global scale ``gs`` (fp32, usually ``448 * 6 / amax(x)``):
+
+1. ``sf = e4m3(gs * (amax_block * (1/6)))`` (clamped to 448 before the cast);
+2. ``out_scale = 1 / (float(sf) * (1 / gs))`` (0 when ``sf == 0``);
+3. ``q = e2m1(x * out_scale)``, round-to-nearest-even onto {0, .5, 1, 1.5, 2, 3, 4, 6} with saturation at 6,
+   sign in bit 3; two codes per byte, the even element in the low nibble.
+
+Dequantization: ``x ~= e2m1_value * float(sf) / gs``.
+
+SWIZZLED_128x4 places scale ``(m, k)`` (row m, scale column k) at flat offset::
+
+    (m // 128) * (K4 * 512) + (k // 4) * 512 + (m % 32) * 16 + ((m % 128) // 32) * 4 + (k % 4)
+
+with ``K4 = round_up(H / 16, 4) / 4``: tiles ``[m_tiles, k_tiles, 32, 4, 4]``, the layout FlashInfer calls
+SWIZZLED_128x4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from .errors import TPFuseInputError
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+FP8_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # floor of dynamic scales (as vLLM), so all-zero rows stay finite
+E2M1_MAX = 6.0
+NVFP4_BLOCK = 16
+NVFP4_LAYOUTS = ("swizzled128x4", "linear")
+
+# e2m1 magnitudes by code (bit 3 is the sign)
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+ScaleLike = Union[torch.Tensor, float]
+
+
+def _as_scale_tensor(value: ScaleLike, what: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (int, float)):
+        return torch.tensor(float(value), dtype=torch.float32)
+    raise TPFuseInputError(f"{what} must be a float or an fp32 scalar tensor, got {type(value).__name__}")
+
+
+@dataclass(eq=False, frozen=True)
+class FP8Static:
+    """FP8 e4m3 with one static per-tensor scale: ``q = clamp(x / scale)``. ``scale``: float or fp32 ``[]``/``[1]``
+    tensor on the op's device (a tensor is read on device, so no host sync)."""
+
+    scale: ScaleLike
+
+    def __post_init__(self):
+        object.__setattr__(self, "scale", _as_scale_tensor(self.scale, "FP8Static.scale"))
+
+
+@dataclass(eq=False, frozen=True)
+class FP8PerToken:
+    """FP8 e4m3 with a dynamic fp32 scale per token (row): ``scale [T, 1]``."""
+
+
+@dataclass(eq=False, frozen=True)
+class FP8PerGroup:
+    """FP8 e4m3 with a dynamic fp32 scale per token and per group of ``group_size`` hidden elements:
+    ``scale [T, H / group_size]`` (row-major). ``H`` must be a multiple of ``group_size``."""
+
+    group_size: int = 128
+
+    def __post_init__(self):
+        if not isinstance(self.group_size, int) or self.group_size <= 0 or self.group_size % 16:
+            raise TPFuseInputError(f"FP8PerGroup.group_size must be a positive multiple of 16, got {self.group_size}")
+
+
+@dataclass(eq=False, frozen=True)
+class NVFP4:
+    """NVFP4 (e2m1 data, e4m3 scale per 16 elements, fp32 global scale), FlashInfer/TRT-LLM compatible.
+    ``global_scale``: float or fp32 ``[]``/``[1]`` tensor, usually ``448 * 6 / amax``. ``layout``: scale layout,
+    ``"swizzled128x4"`` (what FP4 GEMMs read) or ``"linear"`` (row-major)."""
+
+    global_scale: ScaleLike
+    layout: str = "swizzled128x4"
+
+    def __post_init__(self):
+        object.__setattr__(self, "global_scale", _as_scale_tensor(self.global_scale, "NVFP4.global_scale"))
+        if self.layout not in NVFP4_LAYOUTS:
+            raise TPFuseInputError(f"NVFP4.layout must be one of {NVFP4_LAYOUTS}, got {self.layout!r}")
+
+
+QuantSpec = Union[FP8Static, FP8PerToken, FP8PerGroup, NVFP4]
+QUANT_SPECS = (FP8Static, FP8PerToken, FP8PerGroup, NVFP4)
+
+
+@dataclass(eq=False)
+class QuantizedActivation:
+    """A quantized ``[T, H]`` activation: ``data`` and ``scale`` as in the module's format table, the ``spec``
+    that made it, the dtype it came from and its logical ``shape``."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    spec: QuantSpec
+    orig_dtype: torch.dtype
+    shape: torch.Size
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Back to a dense tensor (``orig_dtype`` unless ``dtype`` is given; math in fp32)."""
+        return dequantize(self).to(dtype or self.orig_dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# validation
+
+
+def check_spec(spec: Optional[QuantSpec], hidden: int, device: torch.device) -> None:
+    """Raise :class:`TPFuseInputError` if ``spec`` cannot quantize a ``[*, hidden]`` activation on ``device``."""
+    if spec is None:
+        return
+    if not isinstance(spec, QUANT_SPECS):
+        raise TPFuseInputError(
+            f"quant must be None or one of FP8Static, FP8PerToken, FP8PerGroup, NVFP4; got {type(spec).__name__}")
+    if isinstance(spec, (FP8Static, NVFP4)):
+        name = "FP8Static.scale" if isinstance(spec, FP8Static) else "NVFP4.global_scale"
+        s = spec.scale if isinstance(spec, FP8Static) else spec.global_scale
+        if s.dtype != torch.float32:
+            raise TPFuseInputError(f"{name} must be float32, got {s.dtype}")
+        if s.numel() != 1 or s.dim() > 1:
+            raise TPFuseInputError(f"{name} must be a scalar (shape [] or [1]), got shape {tuple(s.shape)}")
+        if s.device.type != torch.device(device).type:
+            raise TPFuseInputError(f"{name} is on {s.device}, but the activation is on {device}")
+    if isinstance(spec, FP8PerGroup) and hidden % spec.group_size:
+        raise TPFuseInputError(f"FP8PerGroup({spec.group_size}) needs hidden % {spec.group_size} == 0, hidden={hidden}")
+    if isinstance(spec, NVFP4) and hidden % NVFP4_BLOCK:
+        raise TPFuseInputError(f"NVFP4 needs hidden % 16 == 0, hidden={hidden}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# FP8
+
+
+def _fp8_cast(scaled: torch.Tensor) -> torch.Tensor:
+    # clamp keeps NaN (torch.clamp propagates it) and saturates +-Inf; the cast rounds to nearest even
+    return scaled.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def fp8_dynamic_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The dynamic FP8 scale rule shared by per-token and per-group: ``max(amax / 448, 1 / (448 * 512))``.
+    NaN amax gives a NaN scale (``torch.maximum`` propagates NaN)."""
+    return torch.maximum(amax.float() / FP8_MAX, torch.tensor(FP8_MIN_SCALE, device=amax.device))
+
+
+def fp8_quantize_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    inv = 1.0 / scale.float().reshape(())
+    return _fp8_cast(x.float() * inv)
+
+
+def fp8_quantize_per_token(x: torch.Tensor):
+    xf = x.float()
+    scale = fp8_dynamic_scale(xf.abs().amax(dim=-1, keepdim=True))
+    return _fp8_cast(xf * (1.0 / scale)), scale
+
+
+def fp8_quantize_per_group(x: torch.Tensor, group_size: int):
+    t, h = x.shape
+    xg = x.float().reshape(t, h // group_size, group_size)
+    scale = fp8_dynamic_scale(xg.abs().amax(dim=-1, keepdim=True))
+    q = _fp8_cast(xg * (1.0 / scale)).reshape(t, h)
+    return q, scale.reshape(t, h // group_size)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# NVFP4
+
+
+def e2m1_encode(v: torch.Tensor) -> torch.Tensor:
+    """fp32 -> e2m1 codes (uint8, 0..15), round to nearest even, saturating at 6. NaN encodes as +6 (e2m1 has no
+    NaN; NVFP4 carries NaN through the block scale instead)."""
+    mag = v.abs()
+    code = ((mag > 0.25).to(torch.uint8) + (mag >= 0.75) + (mag > 1.25) + (mag >= 1.75) + (mag > 2.5)
+            + (mag >= 3.5) + (mag > 5.0))
+    code = torch.where(torch.isnan(v), torch.full_like(code, 7), code)
+    sign = (torch.signbit(v) & ~torch.isnan(v)).to(torch.uint8) << 3
+    return code | sign
+
+
+def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
+    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)
+    mag = table[(codes & 7).long()]
+    return torch.where((codes & 8).bool(), -mag, mag)
+
+
+def nvfp4_pack(codes: torch.Tensor) -> torch.Tensor:
+    """``[T, H]`` codes -> ``[T, H/2]`` bytes, element ``2i`` in the low nibble."""
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def nvfp4_unpack(packed: torch.Tensor) -> torch.Tensor:
+    lo, hi = packed & 0xF, packed >> 4
+    return torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+def nvfp4_swizzled_shape(tokens: int, hidden: int):
+    """Shape of the padded swizzled scale tensor: ``(round_up(T, 128), round_up(H / 16, 4))``."""
+    return round_up(tokens, 128), round_up(hidden // NVFP4_BLOCK, 4)
+
+
+def swizzled_offset(m: torch.Tensor, k: torch.Tensor, padded_cols: int) -> torch.Tensor:
+    """Flat offset of scale ``(m, k)`` in the SWIZZLED_128x4 layout (``padded_cols = round_up(H/16, 4)``)."""
+    k_tiles = padded_cols // 4
+    return (m // 128) * (k_tiles * 512) + (k // 4) * 512 + (m % 32) * 16 + ((m % 128) // 32) * 4 + (k % 4)
+
+
+def swizzle_128x4(sf: torch.Tensor) -> torch.Tensor:
+    """Row-major scales ``[T, H/16]`` -> padded swizzled ``[round_up(T,128), round_up(H/16,4)]`` (pad = 0)."""
+    t, kc = sf.shape
+    rows, cols = round_up(t, 128), round_up(kc, 4)
+    padded = torch.zeros(rows, cols, dtype=sf.dtype, device=sf.device)
+    padded[:t, :kc] = sf
+    # [mT, 4, 32, kT, 4] (m = mT*128 + i*32 + j) -> [mT, kT, 32(j), 4(i), 4]
+    tiles = padded.view(torch.uint8).reshape(rows // 128, 4, 32, cols // 4, 4).permute(0, 3, 2, 1, 4)
+    return tiles.contiguous().reshape(rows, cols).view(sf.dtype)
+
+
+def unswizzle_128x4(sf_swizzled: torch.Tensor, tokens: int, hidden: int) -> torch.Tensor:
+    """Inverse of :func:`swizzle_128x4`, cropped to ``[T, H/16]``."""
+    rows, cols = sf_swizzled.shape
+    tiles = sf_swizzled.view(torch.uint8).reshape(rows // 128, cols // 4, 32, 4, 4).permute(0, 3, 2, 1, 4)
+    return tiles.contiguous().reshape(rows, cols)[:tokens, : hidden // NVFP4_BLOCK].view(sf_swizzled.dtype)
+
+
+def nvfp4_global_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The usual global scale for a tensor of absolute maximum ``amax``: ``448 * 6 / amax`` (fp32)."""
+    return (FP8_MAX * E2M1_MAX) / amax.float()
+
+
+def nvfp4_quantize(x: torch.Tensor, global_scale: torch.Tensor, layout: str = "swizzled128x4"):
+    t, h = x.shape
+    gs = global_scale.float().reshape(())
+    xb = x.float().reshape(t, h // NVFP4_BLOCK, NVFP4_BLOCK)
+    amax = xb.abs().amax(dim=-1, keepdim=True)
+    sf = (gs * (amax * (1.0 / 6.0))).clamp(max=FP8_MAX).to(FP8_DTYPE)
+    sf_f = sf.float()
+    out_scale = torch.where(sf_f != 0, 1.0 / (sf_f * (1.0 / gs)), torch.zeros_like(sf_f))
+    codes = e2m1_encode(xb * out_scale).reshape(t, h)
+    sf = sf.reshape(t, h // NVFP4_BLOCK)
+    return nvfp4_pack(codes), (swizzle_128x4(sf) if layout == "swizzled128x4" else sf)
+
+
+def nvfp4_dequantize(data: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor, shape, layout: str):
+    t, h = shape
+    vals = e2m1_decode(nvfp4_unpack(data)).reshape(t, h // NVFP4_BLOCK, NVFP4_BLOCK)
+    sf = unswizzle_128x4(scale, t, h) if layout == "swizzled128x4" else scale
+    return (vals * (sf.float().unsqueeze(-1) / global_scale.float().reshape(()))).reshape(t, h)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# entry points
+
+
+def quantize(x: torch.Tensor, spec: QuantSpec) -> QuantizedActivation:
+    """Reference quantizer: ``x [T, H]`` (any float dtype, math in fp32) -> :class:`QuantizedActivation`."""
+    if x.dim() != 2:
+        raise TPFuseInputError(f"quantize expects a [tokens, hidden] tensor, got shape {tuple(x.shape)}")
+    check_spec(spec, x.shape[-1], x.device)
+    if isinstance(spec, FP8Static):
+        data, scale = fp8_quantize_static(x, spec.scale), spec.scale
+    elif isinstance(spec, FP8PerToken):
+        data, scale = fp8_quantize_per_token(x)
+    elif isinstance(spec, FP8PerGroup):
+        data, scale = fp8_quantize_per_group(x, spec.group_size)
+    else:
+        data, scale = nvfp4_quantize(x, spec.global_scale, spec.layout)
+    return QuantizedActivation(data=data, scale=scale, spec=spec, orig_dtype=x.dtype, shape=x.shape)
+
+
+def dequantize(q: QuantizedActivation) -> torch.Tensor:
+    """fp32 dense tensor from a :class:`QuantizedActivation`."""
+    spec = q.spec
+    if isinstance(spec, NVFP4):
+        return nvfp4_dequantize(q.data, q.scale, spec.global_scale, q.shape, spec.layout)
+    d = q.data.float()
+    if isinstance(spec, FP8Static):
+        return d * spec.scale.float().reshape(())
+    if isinstance(spec, FP8PerToken):
+        return d * q.scale
+    t, h = q.shape
+    return (d.reshape(t, h // spec.group_size, spec.group_size) * q.scale.unsqueeze(-1)).reshape(t, h)
+
+
+def empty_like_quantized(x_shape, spec: QuantSpec, device, orig_dtype) -> QuantizedActivation:
+    """Allocate output buffers of the right shapes and dtypes (what kernels and fake impls write into)."""
+    t, h = x_shape
+    if isinstance(spec, NVFP4):
+        data = torch.empty(t, h // 2, dtype=torch.uint8, device=device)
+        shape = nvfp4_swizzled_shape(t, h) if spec.layout == "swizzled128x4" else (t, h // NVFP4_BLOCK)
+        scale = torch.empty(shape, dtype=FP8_DTYPE, device=device)
+    else:
+        data = torch.empty(t, h, dtype=FP8_DTYPE, device=device)
+        if isinstance(spec, FP8Static):
+            scale = spec.scale
+        elif isinstance(spec, FP8PerToken):
+            scale = torch.empty(t, 1, dtype=torch.float32, device=device)
+        else:
+            scale = torch.empty(t, h // spec.group_size, dtype=torch.float32, device=device)
+    return QuantizedActivation(data=data, scale=scale, spec=spec, orig_dtype=orig_dtype, shape=torch.Size((t, h)))

@@ -1,0 +1,149 @@
+"""Plain-torch reference implementations: the test oracle and the always-available fallback path.
+
+Local math (one process) and the distributed ops (torch.distributed collectives, gloo on CPU or NCCL on GPU). All
+arithmetic is fp32: the partial sums are upcast before the collective, so the reference never sums in bf16.
+
+Contracts shared with every fused kernel (a kernel that differs is wrong, not the reference):
+
+* ``s = sum_over_ranks(x) + residual`` in fp32; ``residual_out = s`` rounded to the input dtype;
+* ``out = s * rsqrt(mean(s^2) + eps) * w`` in fp32, with ``w = weight`` (or ``weight + 1`` when ``gemma``); the
+  norm reads the fp32 ``s``, not the rounded ``residual_out``;
+* ``out`` is rounded to the input dtype, or quantized from its fp32 value by :func:`tpfuse.quant.quantize`.
+
+Shapes (T tokens, H hidden, TP ranks, S = ceil(T / TP), Ts = this rank's shard rows, see :mod:`tpfuse.sharding`):
+
+=========================  =================================  ==============================================
+op                         inputs                              outputs
+=========================  =================================  ==============================================
+all_reduce                 x [T, H]                            [T, H]
+fused_add_rmsnorm          x [T, H], residual [T, H] | None    out [T, H] (or quantized), residual_out [T, H]
+reduce_scatter_rmsnorm     x [T, H], residual_shard [Ts, H]    out_shard [Ts, H], residual_shard_out [Ts, H]
+all_gather                 x_shard [Ts, H]                     [T, H]
+all_gather_matmul          x_shard [Ts, K], w_shard_n [N/TP, K]   [T, N/TP]
+matmul_reduce_scatter      x_shard_k [T, K/TP], w_shard_k [N, K/TP]  [Ts, N]
+=========================  =================================  ==============================================
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from . import quant as q
+from .sharding import shard_range, shard_rows
+
+Output = Union[torch.Tensor, q.QuantizedActivation]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# local math
+
+
+def rmsnorm_math(s: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool = False) -> torch.Tensor:
+    """RMSNorm computed in ``s``'s dtype (fp32 here; fp64 in the tests' oracle): ``s * rsqrt(mean(s^2) + eps) * w``
+    with ``w = weight`` or ``weight + 1`` (Gemma)."""
+    w = weight.to(s.dtype) + 1.0 if gemma else weight.to(s.dtype)
+    return (s * torch.rsqrt(s.pow(2).mean(dim=-1, keepdim=True) + eps)) * w
+
+
+def finish_output(out_f32: torch.Tensor, dtype: torch.dtype, quant: Optional[q.QuantSpec]) -> Output:
+    """Round the fp32 norm output to ``dtype``, or quantize it as ``quant`` asks."""
+    if quant is None:
+        return out_f32.to(dtype)
+    qa = q.quantize(out_f32, quant)
+    qa.orig_dtype = dtype
+    return qa
+
+
+def add_rmsnorm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float = 1e-6, *,
+                quant: Optional[q.QuantSpec] = None, gemma: bool = False) -> Tuple[Output, torch.Tensor]:
+    """Local (single-rank) add + RMSNorm (+ quant): the tail of every fused path, and issue-3's reference."""
+    s = x.float() if residual is None else x.float() + residual.float()
+    return finish_output(rmsnorm_math(s, weight, eps, gemma), x.dtype, quant), s.to(x.dtype)
+
+
+def silu_mul(x: torch.Tensor, *, quant: Optional[q.QuantSpec] = None) -> Output:
+    """``silu(gate) * up`` for a ``[T, 2 * I]`` gate-up input (gate first), fp32 math."""
+    gate, up = x.float().chunk(2, dim=-1)
+    return finish_output(torch.nn.functional.silu(gate) * up, x.dtype, quant)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# distributed ops
+
+
+def _is_nccl(group) -> bool:
+    return dist.get_backend(group) == "nccl"
+
+
+def all_reduce_fp32(x: torch.Tensor, group) -> torch.Tensor:
+    """fp32 sum over the group of ``x`` (any float dtype); returns a new fp32 tensor."""
+    s = x.float().clone() if x.dtype == torch.float32 else x.float()
+    dist.all_reduce(s, group=group)
+    return s
+
+
+def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    return all_reduce_fp32(x, group).to(x.dtype)
+
+
+def fused_add_rmsnorm(x, residual, weight, eps, *, quant=None, gemma=False, group=None):
+    s = all_reduce_fp32(x, group)
+    if residual is not None:
+        s = s + residual.float()
+    return finish_output(rmsnorm_math(s, weight, eps, gemma), x.dtype, quant), s.to(x.dtype)
+
+
+def _pad_tokens(x: torch.Tensor, rows: int) -> torch.Tensor:
+    if x.shape[0] == rows:
+        return x
+    pad = torch.zeros(rows - x.shape[0], *x.shape[1:], dtype=x.dtype, device=x.device)
+    return torch.cat([x, pad], dim=0)
+
+
+def reduce_scatter_fp32(x: torch.Tensor, group) -> torch.Tensor:
+    """fp32 sum over the group, this rank's token shard (``[Ts, H]``) only."""
+    tp, rank, t = dist.get_world_size(group), dist.get_rank(group), x.shape[0]
+    start, end = shard_range(t, tp, rank)
+    if _is_nccl(group):
+        s = shard_rows(t, tp)
+        full = _pad_tokens(x.float(), s * tp)
+        out = torch.empty(s, *x.shape[1:], dtype=torch.float32, device=x.device)
+        dist.reduce_scatter_tensor(out, full, group=group)
+        return out[: end - start]
+    # gloo has no reduce-scatter for every dtype/shape: all-reduce then slice (an oracle, not a fast path)
+    return all_reduce_fp32(x, group)[start:end]
+
+
+def reduce_scatter_rmsnorm(x, residual_shard, weight, eps, *, quant=None, gemma=False, group=None):
+    s = reduce_scatter_fp32(x, group)
+    if residual_shard is not None:
+        s = s + residual_shard.float()
+    return finish_output(rmsnorm_math(s, weight, eps, gemma), x.dtype, quant), s.to(x.dtype)
+
+
+def all_gather(x_shard: torch.Tensor, num_tokens: int, group) -> torch.Tensor:
+    """Concatenate every rank's token shard: ``[Ts, ...]`` -> ``[T, ...]`` (shards as in :mod:`tpfuse.sharding`)."""
+    tp = dist.get_world_size(group)
+    s = shard_rows(num_tokens, tp)
+    padded = _pad_tokens(x_shard, s)
+    if _is_nccl(group):
+        out = torch.empty(s * tp, *x_shard.shape[1:], dtype=x_shard.dtype, device=x_shard.device)
+        dist.all_gather_into_tensor(out, padded.contiguous(), group=group)
+    else:
+        parts = [torch.empty_like(padded) for _ in range(tp)]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        out = torch.cat(parts, dim=0)
+    return out[:num_tokens]
+
+
+def all_gather_matmul(x_shard: torch.Tensor, weight: torch.Tensor, num_tokens: int, group) -> torch.Tensor:
+    x = all_gather(x_shard, num_tokens, group)
+    return (x.float() @ weight.float().t()).to(x_shard.dtype)
+
+
+def matmul_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, group) -> torch.Tensor:
+    partial = x.float() @ weight.float().t()
+    return reduce_scatter_fp32(partial, group).to(x.dtype)

@@ -1,0 +1,101 @@
+"""The one tolerance module: how close a result must be to the fp64/fp32 reference, per dtype and format.
+
+Tests, the demo and the benchmarks' correctness checks all use these numbers. Errors are relative norms
+``||out - ref|| / ||ref||`` (METHOD.md) unless a function says otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# relative-norm error of a result rounded to this dtype once or a few times (bf16 has 8 significant bits)
+REL_ERR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# the quantized formats: one rounding to e4m3 (3 mantissa bits) / e2m1 (1 mantissa bit) of each element
+REL_ERR_FP8 = 6e-2
+REL_ERR_NVFP4 = 1.6e-1
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in fp64; inf if ``out`` has a NaN where ``ref`` has none."""
+    o, r = out.double(), ref.double()
+    if torch.isnan(o).ne(torch.isnan(r)).any():
+        return float("inf")
+    mask = ~torch.isnan(r)
+    num = (o[mask] - r[mask]).norm()
+    den = r[mask].norm()
+    return float(num / den) if den > 0 else float(num)
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "", factor: float = 1.0):
+    """Raise AssertionError if ``rel_err(out, ref)`` exceeds the dtype's budget (times ``factor``)."""
+    err, tol = rel_err(out, ref), REL_ERR[dtype] * factor
+    if not err <= tol:
+        raise AssertionError(f"{what}: relative error {err:.3e} > {tol:.1e} ({dtype})")
+    return err
+
+
+def fp8_step(value: torch.Tensor) -> torch.Tensor:
+    """Size of one e4m3 quantization step at ``|value|`` (in the scaled domain): 2^(floor(log2|v|) - 3), with the
+    subnormal step 2^-9 below 2^-6."""
+    v = value.abs().float().clamp(min=2.0 ** -6)
+    return torch.exp2(torch.floor(torch.log2(v)) - 3)
+
+
+def e2m1_step(value: torch.Tensor) -> torch.Tensor:
+    """Spacing of the e2m1 grid around ``|value|``: 0.5 below 2, 1 below 4, 2 above."""
+    v = value.abs().float()
+    return torch.where(v < 2, torch.full_like(v, 0.5), torch.where(v < 4, torch.ones_like(v), torch.full_like(v, 2.0)))
+
+
+def assert_quant_close(qa, ref: torch.Tensor, what: str = "") -> None:
+    """A quantized output is within one quantization step of quantizing ``ref`` (fp64/fp32 oracle values).
+
+    FP8: the scales agree to fp32 rounding and every dequantized element is within one e4m3 step of ``ref``.
+    NVFP4: every block scale is within one e4m3 step of the oracle's, and every element within one e2m1 step
+    (at the output's own block scale) of ``ref``. NaN positions must match."""
+    from . import quant as q  # local import: tolerance is imported by tpfuse/__init__
+
+    spec = qa.spec
+    ref32 = ref.float()
+    if isinstance(spec, q.NVFP4):
+        t, h = qa.shape
+        gs = spec.global_scale.float().reshape(()).cpu()
+        ref_q = q.quantize(ref32.cpu(), spec)
+        sf_out = (q.unswizzle_128x4(qa.scale.cpu(), t, h) if spec.layout == "swizzled128x4" else qa.scale.cpu()).float()
+        sf_ref = (q.unswizzle_128x4(ref_q.scale, t, h) if spec.layout == "swizzled128x4" else ref_q.scale).float()
+        both = ~(torch.isnan(sf_out) | torch.isnan(sf_ref))
+        if not torch.equal(torch.isnan(sf_out), torch.isnan(sf_ref)):
+            raise AssertionError(f"{what}: NVFP4 block scales have NaN where the oracle has none (or vice versa)")
+        bad = (sf_out[both] - sf_ref[both]).abs() > fp8_step(sf_ref[both]) * 1.001
+        if bad.any():
+            raise AssertionError(f"{what}: {int(bad.sum())} NVFP4 block scales differ by more than one e4m3 step")
+        deq = qa.dequantize(torch.float32).cpu().reshape(t, h // 16, 16)
+        r = ref32.cpu().reshape(t, h // 16, 16)
+        unit = (sf_out / gs).unsqueeze(-1)  # value of 1.0 on the e2m1 grid
+        ok = torch.isnan(r) | ((deq - r).abs() <= e2m1_step(r / unit) * unit * 1.001 + 1e-30)
+        if not ok.all():
+            raise AssertionError(f"{what}: {int((~ok).sum())} NVFP4 elements more than one e2m1 step from the oracle")
+        return
+    deq = qa.dequantize(torch.float32).cpu()
+    r = ref32.cpu()
+    if isinstance(spec, q.FP8Static):
+        scale = spec.scale.float().cpu().reshape(()).expand_as(r)
+    else:
+        ref_q = q.quantize(r, spec)
+        s_out, s_ref = qa.scale.float().cpu(), ref_q.scale.float()
+        if not torch.equal(torch.isnan(s_out), torch.isnan(s_ref)):
+            raise AssertionError(f"{what}: FP8 scales have NaN where the oracle has none (or vice versa)")
+        m = ~torch.isnan(s_ref)
+        if not torch.allclose(s_out[m], s_ref[m], rtol=1e-5, atol=0):
+            raise AssertionError(f"{what}: FP8 dynamic scales differ from the oracle's by more than fp32 rounding")
+        if isinstance(spec, q.FP8PerToken):
+            scale = s_out.expand_as(r)
+        else:
+            scale = s_out.repeat_interleave(spec.group_size, dim=1)
+    sat = (r / scale).abs() >= q.FP8_MAX
+    step = fp8_step((r / scale).clamp(-q.FP8_MAX, q.FP8_MAX)) * scale
+    ok = torch.isnan(r) | sat | ((deq - r).abs() <= step * 1.001)
+    if not torch.equal(torch.isnan(deq) & ~torch.isnan(r), torch.zeros_like(ok)):
+        raise AssertionError(f"{what}: FP8 output has NaN where the oracle has none")
+    if not ok.all():
+        raise AssertionError(f"{what}: {int((~ok).sum())} FP8 elements more than one e4m3 step from the oracle")
