@@ -1,0 +1,133 @@
+"""tpfuse demo: a small Llama-style decoder stack (random weights, fixed seed) run with tensor parallelism through
+the communicator at several token counts, crossing the all-reduce -> sequence-parallel threshold, and compared with
+the same model unsharded in fp64 on one rank.
+
+Run plainly it starts its own local ranks (``--nproc``, default 2; NCCL when there are enough GPUs, else gloo on
+the CPU)::
+
+    python -m tpfuse.demo                  # or: tpfuse-demo
+    torchrun --standalone --nproc_per_node=2 -m tpfuse.demo    # uses the launcher's ranks
+
+Prints a table (tokens, mode and path per op, error vs the unsharded model, time per forward) and exits non-zero
+when any token count's logits differ from the oracle by more than the tolerance of ``tpfuse.tolerance``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from . import tolerance
+from .communicator import TPCommunicator
+from .distributed import free_port, init_distributed
+from .models.llama import TinyLlamaConfig, forward_tp, forward_unsharded, init_weights, shard_weights
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="tpfuse-demo", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", default="1,16,256,4096", help="comma-separated token counts (default %(default)s)")
+    ap.add_argument("--nproc", type=int, default=2, help="local ranks to start when not under torchrun")
+    ap.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                    help="activation dtype: auto = bf16 on GPU, fp32 on CPU")
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args(argv)
+
+
+def run(args) -> bool:
+    """The demo body on one rank of an initialised process group. Returns True when every check passed."""
+    backend = dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    rank, tp = dist.get_rank(), dist.get_world_size()
+    tokens = [int(t) for t in args.tokens.split(",")]
+    kv = max(4, tp)  # GQA with every head count divisible by TP (2, 4, 8)
+    cfg = TinyLlamaConfig(num_layers=args.layers, num_kv_heads=kv, num_heads=2 * kv, head_dim=256 // (2 * kv))
+    full = init_weights(cfg, args.seed)
+    ws = shard_weights(full, cfg, rank, tp, dtype, device)
+    oracle_w = {k: v.double() for k, v in full.items()} if rank == 0 else None
+    g = torch.Generator().manual_seed(args.seed + 1)
+    ok_all = True
+    rows = []
+    with TPCommunicator(max_tokens=max(tokens), hidden_size=cfg.hidden_size, dtype=dtype) as comm:
+        if rank == 0:
+            print(f"tpfuse demo: TP={tp} backend={backend} device={device.type} dtype={str(dtype)[6:]} "
+                  f"arch={comm.arch} | model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+                  f"{cfg.num_heads} heads ({cfg.num_kv_heads} kv), mlp {cfg.intermediate_size}", flush=True)
+        for t in tokens:
+            ids = torch.randint(0, cfg.vocab_size, (t,), generator=g).to(device)
+            forward_tp(comm, ws, ids, cfg)  # warm-up (and lazy kernel compilation on GPU)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dist.barrier()
+            t0 = time.perf_counter()
+            logits, paths = forward_tp(comm, ws, ids, cfg)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            ms = (time.perf_counter() - t0) * 1e3
+            verdict = torch.zeros(2, dtype=torch.float64, device=device)
+            if rank == 0:
+                ref = forward_unsharded(oracle_w, ids.cpu(), cfg)
+                err = tolerance.rel_err(logits.cpu(), ref)
+                # a few layers of rounding in `dtype`: 4x the one-rounding budget
+                verdict[0], verdict[1] = err, float(err <= tolerance.REL_ERR[dtype] * 4)
+            dist.broadcast(verdict, src=0)
+            ok = bool(verdict[1].item())
+            ok_all &= ok
+            rows.append((t, comm.plan(t).mode, paths, verdict[0].item(), ms, ok))
+    if rank == 0:
+        print(f"{'tokens':>7}  {'mode':<17}  {'paths (op=path)':<84}  {'rel err':>9}  {'ms':>8}  check")
+        for t, mode, paths, err, ms, ok in rows:
+            p = ", ".join(f"{k}={v}" for k, v in paths.items())
+            print(f"{t:>7}  {mode:<17}  {p:<84}  {err:9.2e}  {ms:8.2f}  {'ok' if ok else 'MISMATCH'}")
+        print("all token counts match the unsharded model" if ok_all else "MISMATCH against the unsharded model")
+    return ok_all
+
+
+def _spawned(rank: int, world: int, port: int, argv) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    init_distributed()
+    try:
+        ok = run(parse_args(argv))
+    finally:
+        dist.destroy_process_group()
+    if not ok:
+        sys.exit(1)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun or launch/run.sh
+        init_distributed()
+        try:
+            ok = run(args)
+        finally:
+            dist.destroy_process_group()
+        return 0 if ok else 1
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_spawned, args=(r, args.nproc, port, argv)) for r in range(args.nproc)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    bad = [r for r, p in enumerate(procs) if p.exitcode != 0]
+    if bad:
+        print(f"tpfuse demo: rank(s) {bad} failed", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

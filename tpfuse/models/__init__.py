@@ -1,0 +1,1 @@
+"""Model definitions used by the demo, tests and end-to-end benchmarks."""
