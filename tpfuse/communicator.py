@@ -77,7 +77,7 @@ class TPCommunicator:
         self.max_tokens, self.hidden_size, self.dtype = max_tokens, hidden_size, dtype
         self.arch = self.config.arch or detect_arch(self.device)
         self.table = thresholds.load(self.config.resolved_thresholds_path())
-        self.row = self.table.lookup(self.arch, self.tp, str(dtype).replace("torch.", ""))
+        self.row = self.table.lookup(self.arch, self.tp, str(dtype).replace("torch.", ""), hidden_size)
         self.last_path: Dict[str, str] = {}
         """op -> the path its latest call ran (what tests assert against ``plan()``)."""
         self.workspace = None

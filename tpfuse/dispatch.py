@@ -51,6 +51,11 @@ def implementation(op: str, path: str) -> Callable:
     return _IMPLS[(op, path)][0]
 
 
+def registered_paths(op: str) -> Tuple[str, ...]:
+    """Every path with an implementation of ``op`` in this build (available here or not)."""
+    return tuple(p for (o, p) in _IMPLS if o == op)
+
+
 def unavailable_reason(op: str, path: str, comm) -> Optional[str]:
     """``None`` if ``path`` can run ``op`` on ``comm``, else a short reason."""
     if (op, path) not in _IMPLS:

@@ -6,12 +6,16 @@ The shipped table is ``default.json`` beside this file; ``bench/tune.py`` writes
 Schema (``"schema": 1``)::
 
     {"rows": [{"arch": "sm90" | "cpu" | "*", "tp": 2 | "*", "dtype": "bfloat16" | "*",
+               "hidden": 8192,                           # optional: a row for one hidden size only
                "source": {...where the numbers come from: file, device, commit, date...},
                "sp_min_bytes": int,                      # AR -> sequence-parallel switch
                "paths": {op: [{"max_bytes": int | null, "path": name}, ...]}}]}   # ascending, last is null
 
 "activation bytes" = ``num_tokens * hidden * itemsize`` of one rank's full ``[T, H]`` input. A bucket applies when
 ``bytes <= max_bytes``; the last bucket (``null``) takes everything above.
+
+Lookup order: ``(arch, tp, dtype, hidden)``, ``(arch, tp, dtype)``, ``(arch, tp, *)``, ``(arch, *, *)``,
+``(*, *, *)`` - rows without ``"hidden"`` serve every hidden size.
 """
 
 from __future__ import annotations
@@ -39,9 +43,10 @@ class Row:
     paths: Dict[str, List[Tuple[Optional[int], str]]]
     source: dict
     index: int
+    hidden: Optional[int] = None
 
     def key(self) -> str:
-        return f"{self.arch}/tp{self.tp}/{self.dtype}"
+        return f"{self.arch}/tp{self.tp}/{self.dtype}" + (f"/h{self.hidden}" if self.hidden else "")
 
     def pick(self, op: str, nbytes: int) -> Tuple[str, Optional[int], Optional[int]]:
         """(path, lower bound exclusive, upper bound inclusive) of the bucket holding ``nbytes``."""
@@ -58,10 +63,14 @@ class Table:
     path: str
     rows: Tuple[Row, ...]
 
-    def lookup(self, arch: str, tp: int, dtype: str) -> Row:
+    def lookup(self, arch: str, tp: int, dtype: str, hidden: Optional[int] = None) -> Row:
+        if hidden is not None:
+            for row in self.rows:
+                if (row.arch, row.tp, row.dtype, row.hidden) == (arch, tp, dtype, hidden):
+                    return row
         for want in ((arch, tp, dtype), (arch, tp, "*"), (arch, "*", "*"), ("*", "*", "*")):
             for row in self.rows:
-                if (row.arch, row.tp, row.dtype) == want:
+                if (row.arch, row.tp, row.dtype) == want and row.hidden is None:
                     return row
         raise ThresholdsError(f"{self.path}: no row for arch={arch} tp={tp} dtype={dtype} and no '*' row")
 
@@ -75,6 +84,9 @@ def _parse_row(i: int, raw: dict, where: str) -> Row:
         raise ThresholdsError(f"{where}: row {i} lacks arch/tp/dtype/sp_min_bytes/paths ({e})") from None
     if tp != "*" and not (isinstance(tp, int) and tp >= 1):
         raise ThresholdsError(f"{where}: row {i} tp must be a positive int or '*', got {tp!r}")
+    hidden = raw.get("hidden")
+    if hidden is not None and not (isinstance(hidden, int) and hidden >= 1):
+        raise ThresholdsError(f"{where}: row {i} hidden must be a positive int, got {hidden!r}")
     paths = {}
     for op in OPS:
         buckets = paths_raw.get(op)
@@ -96,7 +108,7 @@ def _parse_row(i: int, raw: dict, where: str) -> Row:
     if unknown:
         raise ThresholdsError(f"{where}: row {i} names unknown ops {sorted(unknown)}")
     return Row(arch=arch, tp=tp, dtype=dtype, sp_min_bytes=sp_min, paths=paths, source=raw.get("source", {}),
-               index=i)
+               index=i, hidden=hidden)
 
 
 _cache: Dict[Tuple[str, float], Table] = {}
