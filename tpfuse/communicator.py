@@ -85,6 +85,9 @@ class TPCommunicator:
         self._plans: Dict[int, Plan] = {}
         self._calls = 0
         self._closed = False
+        from .backends import async_tp  # collective: every rank of the group allocates alike
+        self.async_tp = async_tp.allocate(self)
+        """Async-TP workspace (:mod:`tpfuse.backends.async_tp`), ``None`` where that path is not used."""
 
     # ----------------------------------------------------------------------------------------------------------
     # lifecycle
@@ -92,6 +95,7 @@ class TPCommunicator:
     def close(self) -> None:
         """Release workspaces. Idempotent; any later op raises :class:`TPFuseClosedError`."""
         self.workspace = None
+        self.async_tp = None
         self._plans.clear()
         self._closed = True
 

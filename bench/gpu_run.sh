@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One GPU-machine call: install tpfuse (and FlashInfer if .whl was carried), then run the chosen steps.
+#   bash bench/gpu_run.sh [STEP ...]      steps: env tests async_tp fused_ar local rope tune demo   (default: all)
+# Logs, JSON and PNG go to $OUT (or bench/results/gpu-run when OUT is unset). Multi-GPU steps need >= 2 GPUs.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+OUT=${OUT:-bench/results/gpu-run}; mkdir -p "$OUT"; export OUT
+steps=("$@"); [[ ${#steps[@]} -gt 0 ]] || steps=(env tests async_tp fused_ar local rope tune demo)
+ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+python3 -m pip install -q --no-deps --no-build-isolation --no-index . 2>&1 | grep -v WARNING
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target .site .whl/*.whl 2>&1 | grep -v WARNING
+  export PYTHONPATH=$PWD/.site:${PYTHONPATH:-} FLASHINFER_CUDA_ARCH_LIST=9.0a
+fi
+export TPFUSE_COMMIT=${TPFUSE_COMMIT:-unknown}  # pass the commit in: the device copy has no .git
+status=0
+run() {  # run NAME CMD...: log to $OUT/NAME.log, remember failures, keep going
+  local name=$1; shift
+  echo "=== $name: $*"
+  local t0=$SECONDS
+  "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  tail -n 25 "$OUT/$name.log"
+  echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
+  [[ $rc -eq 0 ]] || status=1
+}
+tr2() { python3 -m torch.distributed.run --standalone --nproc-per-node="$ngpu" "$@"; }
+for s in "${steps[@]}"; do
+  case "$s" in
+    env) run env bash -c 'nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.nccl.version())"; python3 -c "import flashinfer; print(\"flashinfer\", flashinfer.__version__)" || true' ;;
+    tests) run tests python3 -m pytest -q -x -rs tests ;;
+    async_tp) [[ $ngpu -ge 2 ]] && run async_tp tr2 bench/bench_async_tp.py ${ASYNC_TP_ARGS:-} ;;
+    fused_ar) [[ $ngpu -ge 2 && -f bench/bench_fused_ar.py ]] && run fused_ar tr2 bench/bench_fused_ar.py ${FUSED_AR_ARGS:-} ;;
+    local) [[ -f bench/bench_local.py ]] && run local python3 bench/bench_local.py ${LOCAL_ARGS:-} ;;
+    rope) [[ -f bench/bench_rope.py ]] && run rope python3 bench/bench_rope.py ${ROPE_ARGS:-} ;;
+    tune) [[ $ngpu -ge 2 ]] && run tune tr2 bench/tune.py --out "$OUT/thresholds_tp${ngpu}_$(python3 -c 'import sys; sys.path.insert(0,"bench"); import common; print(common.device_slug())').json" ${TUNE_ARGS:-} ;;
+    demo) [[ $ngpu -ge 2 ]] && run demo tr2 -m tpfuse.demo --tokens 1,16,256,4096,16384 ;;
+    *) echo "unknown step $s"; status=1 ;;
+  esac
+done
+ls -la "$OUT"
+exit $status
