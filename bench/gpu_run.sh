@@ -27,7 +27,7 @@ tr2() { python3 -m torch.distributed.run --standalone --nproc-per-node="$ngpu" "
 for s in "${steps[@]}"; do
   case "$s" in
     env) run env bash -c 'nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.nccl.version())"; python3 -c "import flashinfer; print(\"flashinfer\", flashinfer.__version__)" || true' ;;
-    tests) run tests python3 -m pytest -q -x -rs tests ;;
+    tests) run tests python3 -m pytest -q -rs ${TEST_ARGS:-tests} ;;
     async_tp) [[ $ngpu -ge 2 ]] && run async_tp tr2 bench/bench_async_tp.py ${ASYNC_TP_ARGS:-} ;;
     fused_ar) [[ $ngpu -ge 2 && -f bench/bench_fused_ar.py ]] && run fused_ar tr2 bench/bench_fused_ar.py ${FUSED_AR_ARGS:-} ;;
     local) [[ -f bench/bench_local.py ]] && run local python3 bench/bench_local.py ${LOCAL_ARGS:-} ;;
