@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One GPU-machine call: install tpfuse (and FlashInfer if .whl was carried), then run the chosen steps.
-#   bash bench/gpu_run.sh [STEP ...]      steps: env tests async_tp fused_ar local rope tune demo   (default: all)
+#   bash bench/gpu_run.sh [STEP ...]      steps: env tests async_tp fused_ar local rope e2e tune demo   (default: all)
 # Logs, JSON and PNG go to $OUT (or bench/results/gpu-run when OUT is unset). Multi-GPU steps need >= 2 GPUs.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-bench/results/gpu-run}; mkdir -p "$OUT"; export OUT
-steps=("$@"); [[ ${#steps[@]} -gt 0 ]] || steps=(env tests async_tp fused_ar local rope tune demo)
+steps=("$@"); [[ ${#steps[@]} -gt 0 ]] || steps=(env tests async_tp fused_ar local rope e2e tune demo)
 ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 python3 -m pip install -q --no-deps --no-build-isolation --no-index . 2>&1 | grep -v WARNING
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -30,6 +30,7 @@ for s in "${steps[@]}"; do
     tests) run tests python3 -m pytest -q -rs ${TEST_ARGS:-tests} ;;
     async_tp) [[ $ngpu -ge 2 ]] && run async_tp tr2 bench/bench_async_tp.py ${ASYNC_TP_ARGS:-} ;;
     fused_ar) [[ $ngpu -ge 2 && -f bench/bench_fused_ar.py ]] && run fused_ar tr2 bench/bench_fused_ar.py ${FUSED_AR_ARGS:-} ;;
+    e2e) [[ $ngpu -ge 2 ]] && run e2e tr2 bench/bench_e2e.py ${E2E_ARGS:-} ;;
     local) [[ -f bench/bench_local.py ]] && run local python3 bench/bench_local.py ${LOCAL_ARGS:-} ;;
     rope) [[ -f bench/bench_rope.py ]] && run rope python3 bench/bench_rope.py ${ROPE_ARGS:-} ;;
     tune) [[ $ngpu -ge 2 ]] && run tune tr2 bench/tune.py --out "$OUT/thresholds_tp${ngpu}_$(python3 -c 'import sys; sys.path.insert(0,"bench"); import common; print(common.device_slug())').json" ${TUNE_ARGS:-} ;;

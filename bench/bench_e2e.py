@@ -1,0 +1,201 @@
+"""End-to-end benchmark: Llama-3.1-8B / 70B-shaped TP decoder stacks (a few layers, random weights), bf16.
+
+    torchrun --standalone --nproc_per_node=2 bench/bench_e2e.py [--quick] [--layers 4]
+
+Decode: batch B of single-token sequences attending to a KV cache of 1024 tokens each. Prefill: one causal
+sequence of T tokens. Every provider runs the same GEMMs, attention and SiLU·mul; they differ only in how the
+row-parallel outputs are combined with the residual stream:
+
+* ``nocomm``  - the floor: collectives removed (partial sums used as if reduced; local add + RMSNorm);
+* ``unfused`` - NCCL all-reduce + torch eager add + RMSNorm (a gpt-fast-style TP transform);
+* ``nccl_fused_norm`` - NCCL all-reduce + tpfuse's local fused add+RMSNorm;
+* ``tpfuse``  - the communicator: ``fused_add_rmsnorm`` in the all-reduce form, and above the SP threshold the
+  sequence-parallel form (``all_gather_matmul`` -> attention/MLP -> ``matmul_reduce_scatter`` + local
+  add+RMSNorm), with whatever paths ``plan()`` picks on this machine.
+
+CUDA graphs (one step captured, median of replays); reported per layer and per step. Writes
+``bench/results/e2e_tp{TP}_{device}.json`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import tpfuse  # noqa: E402
+from tpfuse import ops  # noqa: E402
+from tpfuse.sharding import shard_range  # noqa: E402
+
+SHAPES = {"8B": dict(h=4096, heads=32, kv=8, d=128, inter=14336), "70B": dict(h=8192, heads=64, kv=8, d=128,
+                                                                              inter=28672)}
+
+
+def _eager_add_rmsnorm(x, residual, w, eps):
+    s = x + residual if residual is not None else x
+    sf = s.float()
+    return (sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype), s
+
+
+class Stack:
+    """``layers`` decoder layers of one TP rank (random weights; shapes of the named model)."""
+
+    def __init__(self, shape, layers, tp, rank, dev, gen):
+        self.__dict__.update(shape)
+        self.tp, self.rank, self.layers = tp, rank, layers
+        self.hq, self.hk, self.i_s = self.heads // tp, max(1, self.kv // tp), self.inter // tp
+        d, h = self.d, self.h
+
+        def rnd(*s):
+            return torch.randn(*s, device=dev, dtype=torch.bfloat16, generator=gen) / s[-1] ** 0.5
+
+        self.w = [dict(qkv=rnd((self.hq + 2 * self.hk) * d, h), o=rnd(h, self.hq * d), gu=rnd(2 * self.i_s, h),
+                       down=rnd(h, self.i_s), n1=1 + 0.1 * rnd(h), n2=1 + 0.1 * rnd(h)) for _ in range(layers)]
+        self.final = 1 + 0.1 * rnd(h)
+
+    def attention(self, qkv, mode, cache):
+        t, d = qkv.shape[0], self.d
+        q, k, v = qkv.split([self.hq * d, self.hk * d, self.hk * d], dim=-1)
+        rep = self.hq // self.hk
+        if mode == "decode":  # t sequences of one new token each; cache [t, hk, L, d]
+            kc, vc = cache
+            q = q.view(t, self.hq, 1, d)
+            kk = torch.cat([kc, k.view(t, self.hk, 1, d)], dim=2).repeat_interleave(rep, dim=1)
+            vv = torch.cat([vc, v.view(t, self.hk, 1, d)], dim=2).repeat_interleave(rep, dim=1)
+            o = F.scaled_dot_product_attention(q, kk, vv)
+            return o.reshape(t, self.hq * d)
+        q = q.view(t, self.hq, d).transpose(0, 1)
+        k = k.view(t, self.hk, d).transpose(0, 1).repeat_interleave(rep, dim=0)
+        v = v.view(t, self.hk, d).transpose(0, 1).repeat_interleave(rep, dim=0)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(0, 1).reshape(t, self.hq * d)
+
+    def forward(self, provider, comm, h_in, mode, caches, eps=1e-5):
+        t = h_in.shape[0]
+        sp = provider == "tpfuse" and comm.plan(t).mode == "sequence_parallel"
+        if sp:
+            s, e = shard_range(t, self.tp, self.rank)
+            x, residual = ops.add_rmsnorm(h_in[s:e].contiguous(), None, self.w[0]["n1"], eps)
+        else:
+            x, residual = ops.add_rmsnorm(h_in, None, self.w[0]["n1"], eps)
+
+        def combine(partial, residual, w):
+            if provider == "nocomm":
+                return ops.add_rmsnorm(partial, residual, w, eps)
+            if provider == "tpfuse":
+                return comm.fused_add_rmsnorm(partial, residual, w, eps)
+            dist.all_reduce(partial)
+            if provider == "unfused":
+                return _eager_add_rmsnorm(partial, residual, w, eps)
+            return ops.add_rmsnorm(partial, residual, w, eps)
+
+        for li, w in enumerate(self.w):
+            nxt = self.w[li + 1]["n1"] if li + 1 < self.layers else self.final
+            if sp:
+                qkv = comm.all_gather_matmul(x, w["qkv"], num_tokens=t)
+                a = comm.matmul_reduce_scatter(self.attention(qkv, mode, caches[li]), w["o"])
+                x, residual = ops.add_rmsnorm(a, residual, w["n2"], eps)
+                gu = comm.all_gather_matmul(x, w["gu"], num_tokens=t)
+                m = comm.matmul_reduce_scatter(ops.silu_mul(gu), w["down"])
+                x, residual = ops.add_rmsnorm(m, residual, nxt, eps)
+            else:
+                a = self.attention(x @ w["qkv"].t(), mode, caches[li]) @ w["o"].t()
+                x, residual = combine(a, residual, w["n2"])
+                m = ops.silu_mul(x @ w["gu"].t()) @ w["down"].t()
+                x, residual = combine(m, residual, nxt)
+        return x
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--models", default="8B,70B")
+    ap.add_argument("--kv-len", type=int, default=1024)
+    args = ap.parse_args()
+    tpfuse.init_distributed()
+    rank, tp = dist.get_rank(), dist.get_world_size()
+    dev = torch.device("cuda", torch.cuda.current_device())
+    decode = [1, 64] if args.quick else [1, 8, 32, 64, 256]
+    prefill = [1024, 4096] if args.quick else [1024, 4096, 8192, 16384]
+    providers = ["nocomm", "unfused", "nccl_fused_norm", "tpfuse"]
+    rows = []
+    for model in args.models.split(","):
+        shape = SHAPES[model]
+        gen = torch.Generator(device=dev).manual_seed(7 + rank)
+        stack = Stack(shape, args.layers, tp, rank, dev, gen)
+        comm = tpfuse.TPCommunicator(max_tokens=max(prefill + decode), hidden_size=shape["h"], dtype=torch.bfloat16)
+        for mode, sizes in (("decode", decode), ("prefill", prefill)):
+            for t in sizes:
+                h_in = torch.randn(t, shape["h"], device=dev, dtype=torch.bfloat16, generator=gen)
+                caches = [None] * args.layers
+                if mode == "decode":
+                    caches = [(torch.randn(t, stack.hk, args.kv_len, stack.d, device=dev, dtype=torch.bfloat16,
+                                           generator=gen),) * 2 for _ in range(args.layers)]
+                res = {}
+                for prov in providers:
+                    try:
+                        us, timing = common.time_us(lambda: stack.forward(prov, comm, h_in, mode, caches),
+                                                    calls=1, replays=10 if t < 8192 else 5)
+                    except Exception as ex:
+                        us, timing = float("nan"), f"error: {type(ex).__name__}: {ex}"[:200]
+                        torch.cuda.synchronize()
+                    us_t = torch.tensor([us], dtype=torch.float64, device=dev)
+                    dist.all_reduce(us_t, op=dist.ReduceOp.MAX)
+                    res[prov] = float(us_t.item())
+                    rows.append({"model": model, "mode": mode, "tokens": t, "layers": args.layers, "provider": prov,
+                                 "us_per_step": res[prov], "us_per_layer": res[prov] / args.layers,
+                                 "timing": timing, "plan_mode": comm.plan(t).mode if prov == "tpfuse" else None})
+                if rank == 0:
+                    cells = "  ".join(f"{p}={v:.0f}" for p, v in res.items())
+                    print(f"[{model} {mode} {t}] us/step ({args.layers} layers): {cells}  "
+                          f"tpfuse/nocomm={res['tpfuse'] / res['nocomm']:.3f} "
+                          f"tpfuse/unfused={res['tpfuse'] / res['unfused']:.3f} (plan: {comm.plan(t).mode})",
+                          flush=True)
+        comm.close()
+        del stack
+        torch.cuda.empty_cache()
+    if rank == 0:
+        hdr = common.header("e2e", tp=tp, layers=args.layers, kv_len=args.kv_len)
+        path = os.path.join(os.environ.get("OUT") or common.RESULTS, f"e2e_tp{tp}_{common.device_slug()}.json")
+        common.write_json(path, hdr, rows)
+        _plot(path.replace(".json", ".png"), rows, hdr)
+        print("wrote", path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _plot(path, rows, hdr):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    keys = sorted({(r["model"], r["mode"]) for r in rows})
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.8), squeeze=False)
+    for ax, (model, mode) in zip(axes[0], keys):
+        sel = [r for r in rows if (r["model"], r["mode"]) == (model, mode)]
+        floor = {r["tokens"]: r["us_per_step"] for r in sel if r["provider"] == "nocomm"}
+        for prov in sorted({r["provider"] for r in sel} - {"nocomm"}):
+            pts = sorted((r["tokens"], r["us_per_step"] / floor[r["tokens"]]) for r in sel if r["provider"] == prov)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=prov)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set(xscale="log", xlabel="batch" if mode == "decode" else "tokens", ylabel="time / no-comm floor",
+               title=f"{model} {mode}")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"E2E TP={hdr['tp']} {hdr['layers']} layers, {hdr['device']}, {hdr['commit'][:10]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
