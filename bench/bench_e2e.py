@@ -10,8 +10,8 @@ row-parallel outputs are combined with the residual stream:
 * ``unfused`` - NCCL all-reduce + torch eager add + RMSNorm (a gpt-fast-style TP transform);
 * ``nccl_fused_norm`` - NCCL all-reduce + tpfuse's local fused add+RMSNorm;
 * ``tpfuse``  - the communicator: ``fused_add_rmsnorm`` in the all-reduce form, and above the SP threshold the
-  sequence-parallel form (``all_gather_matmul`` -> attention/MLP -> ``matmul_reduce_scatter`` + local
-  add+RMSNorm), with whatever paths ``plan()`` picks on this machine.
+  sequence-parallel form (``all_gather_matmul`` -> attention/MLP -> ``matmul_reduce_scatter_rmsnorm``), with
+  whatever paths ``plan()`` picks on this machine.
 
 CUDA graphs (one step captured, median of replays); reported per layer and per step. Writes
 ``bench/results/e2e_tp{TP}_{device}.json`` and ``.png``.
@@ -63,18 +63,18 @@ class Stack:
     def attention(self, qkv, mode, cache):
         t, d = qkv.shape[0], self.d
         q, k, v = qkv.split([self.hq * d, self.hk * d, self.hk * d], dim=-1)
-        rep = self.hq // self.hk
-        if mode == "decode":  # t sequences of one new token each; cache [t, hk, L, d]
+        if mode == "decode":  # t sequences of one new token each; cache [t, hk, L + 1, d], new token in slot L
             kc, vc = cache
-            q = q.view(t, self.hq, 1, d)
-            kk = torch.cat([kc, k.view(t, self.hk, 1, d)], dim=2).repeat_interleave(rep, dim=1)
-            vv = torch.cat([vc, v.view(t, self.hk, 1, d)], dim=2).repeat_interleave(rep, dim=1)
-            o = F.scaled_dot_product_attention(q, kk, vv)
+            kc[:, :, -1].copy_(k.view(t, self.hk, d))
+            vc[:, :, -1].copy_(v.view(t, self.hk, d))
+            o = F.scaled_dot_product_attention(q.view(t, self.hq, 1, d), kc, vc, enable_gqa=True)
             return o.reshape(t, self.hq * d)
-        q = q.view(t, self.hq, d).transpose(0, 1)
-        k = k.view(t, self.hk, d).transpose(0, 1).repeat_interleave(rep, dim=0)
-        v = v.view(t, self.hk, d).transpose(0, 1).repeat_interleave(rep, dim=0)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(0, 1).reshape(t, self.hq * d)
+        # [1, heads, T, d]: 4-D inputs keep SDPA on its flash kernel
+        q = q.view(1, t, self.hq, d).transpose(1, 2)
+        k = k.view(1, t, self.hk, d).transpose(1, 2)
+        v = v.view(1, t, self.hk, d).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return o.transpose(1, 2).reshape(t, self.hq * d)
 
     def forward(self, provider, comm, h_in, mode, caches, eps=1e-5):
         t = h_in.shape[0]
@@ -99,11 +99,10 @@ class Stack:
             nxt = self.w[li + 1]["n1"] if li + 1 < self.layers else self.final
             if sp:
                 qkv = comm.all_gather_matmul(x, w["qkv"], num_tokens=t)
-                a = comm.matmul_reduce_scatter(self.attention(qkv, mode, caches[li]), w["o"])
-                x, residual = ops.add_rmsnorm(a, residual, w["n2"], eps)
+                x, residual = comm.matmul_reduce_scatter_rmsnorm(self.attention(qkv, mode, caches[li]), w["o"],
+                                                                 residual, w["n2"], eps)
                 gu = comm.all_gather_matmul(x, w["gu"], num_tokens=t)
-                m = comm.matmul_reduce_scatter(ops.silu_mul(gu), w["down"])
-                x, residual = ops.add_rmsnorm(m, residual, nxt, eps)
+                x, residual = comm.matmul_reduce_scatter_rmsnorm(ops.silu_mul(gu), w["down"], residual, nxt, eps)
             else:
                 a = self.attention(x @ w["qkv"].t(), mode, caches[li]) @ w["o"].t()
                 x, residual = combine(a, residual, w["n2"])
@@ -136,10 +135,12 @@ def main():
                 h_in = torch.randn(t, shape["h"], device=dev, dtype=torch.bfloat16, generator=gen)
                 caches = [None] * args.layers
                 if mode == "decode":
-                    caches = [(torch.randn(t, stack.hk, args.kv_len, stack.d, device=dev, dtype=torch.bfloat16,
-                                           generator=gen),) * 2 for _ in range(args.layers)]
+                    caches = [tuple(torch.randn(t, stack.hk, args.kv_len + 1, stack.d, device=dev,
+                                                dtype=torch.bfloat16, generator=gen) for _ in range(2))
+                              for _ in range(args.layers)]
                 res = {}
                 for prov in providers:
+                    comm.last_path.clear()
                     try:
                         us, timing = common.time_us(lambda: stack.forward(prov, comm, h_in, mode, caches),
                                                     calls=1, replays=10 if t < 8192 else 5)
@@ -151,7 +152,8 @@ def main():
                     res[prov] = float(us_t.item())
                     rows.append({"model": model, "mode": mode, "tokens": t, "layers": args.layers, "provider": prov,
                                  "us_per_step": res[prov], "us_per_layer": res[prov] / args.layers,
-                                 "timing": timing, "plan_mode": comm.plan(t).mode if prov == "tpfuse" else None})
+                                 "timing": timing, "plan_mode": comm.plan(t).mode if prov == "tpfuse" else None,
+                                 "paths": dict(comm.last_path) if prov == "tpfuse" else None})
                 if rank == 0:
                     cells = "  ".join(f"{p}={v:.0f}" for p, v in res.items())
                     print(f"[{model} {mode} {t}] us/step ({args.layers} layers): {cells}  "

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from . import backends  # noqa: F401  (registers the paths)
+from . import compile_ops
 from . import quant as q
 from . import thresholds
 from .config import CommConfig
@@ -85,17 +86,23 @@ class TPCommunicator:
         self._plans: Dict[int, Plan] = {}
         self._calls = 0
         self._closed = False
+        self._handle = compile_ops.register(self)
         from .backends import async_tp  # collective: every rank of the group allocates alike
         self.async_tp = async_tp.allocate(self)
         """Async-TP workspace (:mod:`tpfuse.backends.async_tp`), ``None`` where that path is not used."""
+        from .backends import symm  # collective too: the fused all-reduce kernels' workspace (None off NCCL)
+        self.workspace = symm.allocate(self)
 
     # ----------------------------------------------------------------------------------------------------------
     # lifecycle
 
     def close(self) -> None:
         """Release workspaces. Idempotent; any later op raises :class:`TPFuseClosedError`."""
+        if self.workspace is not None:
+            self.workspace.close()
         self.workspace = None
         self.async_tp = None
+        compile_ops.unregister(self._handle)
         self._plans.clear()
         self._closed = True
 
@@ -108,6 +115,17 @@ class TPCommunicator:
     def _check_open(self) -> None:
         if self._closed:
             raise TPFuseClosedError("this TPCommunicator was closed; build a new one")
+        if self.workspace is not None:
+            self.workspace.check()  # raises TPFusePeerTimeout (and stays broken) after a kernel's peer timeout
+
+    def synchronize(self) -> None:
+        """Wait for this rank's queued work, then raise :class:`~tpfuse.errors.TPFusePeerTimeout` if a kernel
+        gave up waiting for a peer (``CommConfig.timeout_s``)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._check_open()
+
+    check = synchronize
 
     # ----------------------------------------------------------------------------------------------------------
     # dispatch
@@ -163,6 +181,8 @@ class TPCommunicator:
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of ``x [T, H]`` over the group (out of place)."""
+        if torch.compiler.is_compiling():
+            return torch.ops.tpfuse.comm_all_reduce(self._handle, x)
         def check():
             check_activation("x", x, hidden=self.hidden_size, dtype=self.dtype, device=self.device,
                              max_tokens=self.max_tokens)
@@ -177,6 +197,8 @@ class TPCommunicator:
         ``x``: this rank's partial sum ``[T, H]``; ``residual``: ``[T, H]`` or ``None`` (first layer); ``weight``:
         ``[H]`` (``weight + 1`` when ``gemma``). Returns ``(out, residual_out)``: ``out`` in the input dtype, or a
         :class:`~tpfuse.quant.QuantizedActivation` when ``quant`` is given; ``residual_out`` in the input dtype."""
+        if torch.compiler.is_compiling():
+            return compile_ops.norm_op("fused_add_rmsnorm", self, x, residual, weight, eps, quant, gemma)
         def check():
             check_activation("x", x, hidden=self.hidden_size, dtype=self.dtype, device=self.device,
                              max_tokens=self.max_tokens)
@@ -199,6 +221,8 @@ class TPCommunicator:
         ``x``: partial sum ``[T, H]`` (any ``T``; a ``T`` that TP does not divide is padded internally);
         ``residual_shard``: this rank's ``[Ts, H]`` slice (:func:`tpfuse.sharding.shard_range`) or ``None``.
         Returns ``(out_shard, residual_shard_out)``, both ``[Ts, H]``."""
+        if torch.compiler.is_compiling():
+            return compile_ops.norm_op("reduce_scatter_rmsnorm", self, x, residual_shard, weight, eps, quant, gemma)
         def check():
             check_activation("x", x, hidden=self.hidden_size, dtype=self.dtype, device=self.device,
                              max_tokens=self.max_tokens)
@@ -235,6 +259,9 @@ class TPCommunicator:
     def all_gather(self, x_shard: torch.Tensor, *, num_tokens: Optional[int] = None) -> torch.Tensor:
         """``[Ts, H]`` token shards -> ``[T, H]``. ``num_tokens`` (global T) is needed only when TP does not divide
         T; ``None`` means ``T = TP * Ts``."""
+        if torch.compiler.is_compiling():
+            return torch.ops.tpfuse.comm_all_gather(self._handle, x_shard,
+                                                    compile_ops.gather_tokens(self, x_shard, num_tokens))
         box = {}
         def check():
             box["t"] = self._check_shard("x_shard", x_shard, num_tokens, self.hidden_size)
@@ -248,6 +275,9 @@ class TPCommunicator:
 
         ``x_shard``: ``[Ts, H]``; ``weight`` (``w_shard_n``): ``[N / TP, H]`` (nn.Linear layout). Returns
         ``[T, N / TP]``."""
+        if torch.compiler.is_compiling():
+            return torch.ops.tpfuse.comm_all_gather_matmul(self._handle, x_shard, weight,
+                                                           compile_ops.gather_tokens(self, x_shard, num_tokens))
         box = {}
         def check():
             box["t"] = self._check_shard("x_shard", x_shard, num_tokens, self.hidden_size)
@@ -264,6 +294,8 @@ class TPCommunicator:
 
         ``x`` (``x_shard_k``): ``[T, K / TP]``; ``weight`` (``w_shard_k``): ``[H, K / TP]``. Returns this rank's
         ``[Ts, H]`` token shard of the sum."""
+        if torch.compiler.is_compiling():
+            return torch.ops.tpfuse.comm_matmul_reduce_scatter(self._handle, x, weight)
         def check():
             check_tensor("x", x, dtype=self.dtype, device=self.device, dim=2)
             check_tensor("weight", weight, dtype=self.dtype, device=self.device, dim=2)
@@ -274,6 +306,41 @@ class TPCommunicator:
                 raise TPFuseInputError(f"x has {x.shape[0]} tokens, more than max_tokens={self.max_tokens}")
         self._enter("matmul_reduce_scatter", (_shape(x), _shape(weight)), check)
         return self._run("matmul_reduce_scatter", x.shape[0], (x, weight), {})
+
+    def matmul_reduce_scatter_rmsnorm(self, x: torch.Tensor, weight: torch.Tensor,
+                                      residual_shard: Optional[torch.Tensor], norm_weight: torch.Tensor,
+                                      eps: float = 1e-6, *, quant: Optional[q.QuantSpec] = None, gemma: bool = False
+                                      ) -> Tuple[object, torch.Tensor]:
+        """Row-parallel linear followed by the sequence-parallel add + RMSNorm (+ quant), fused where the path
+        allows: ``s = reduce_scatter(x @ weight.T) + residual_shard``; returns ``(rmsnorm(s) [quantized], s)``,
+        both ``[Ts, H]``. Routed like :meth:`matmul_reduce_scatter` (``plan(T)["matmul_reduce_scatter"]``): the
+        async-TP path sums the peers' partials, adds, normalises and quantizes in one kernel; other paths run
+        the reduce-scatter (its result rounded to the input dtype), then the local fused stage."""
+        def check():
+            check_tensor("x", x, dtype=self.dtype, device=self.device, dim=2)
+            check_tensor("weight", weight, dtype=self.dtype, device=self.device, dim=2)
+            if weight.shape != (self.hidden_size, x.shape[1]):
+                raise TPFuseInputError(f"weight has shape {tuple(weight.shape)}; expected [{self.hidden_size}, "
+                                       f"{x.shape[1]}] (out-features = hidden_size, in-features = x.shape[1])")
+            if x.shape[0] > self.max_tokens:
+                raise TPFuseInputError(f"x has {x.shape[0]} tokens, more than max_tokens={self.max_tokens}")
+            if residual_shard is not None:
+                check_tensor("residual_shard", residual_shard, dtype=self.dtype, device=self.device, dim=2)
+                want = (shard_len(x.shape[0], self.tp, self.rank), self.hidden_size)
+                if tuple(residual_shard.shape) != want:
+                    raise TPFuseInputError(f"residual_shard has shape {tuple(residual_shard.shape)}, expected {want}")
+            check_norm_weight(norm_weight, hidden=self.hidden_size, device=self.device)
+            check_eps(eps)
+            q.check_spec(quant, self.hidden_size, self.device)
+        self._enter("matmul_reduce_scatter_rmsnorm", (_shape(x), _shape(weight), residual_shard is None,
+                                                      type(quant).__name__), check)
+        path = self.plan(x.shape[0]).ops["matmul_reduce_scatter"].path
+        self.last_path["matmul_reduce_scatter"] = path
+        if path == "tpfuse_async_tp":
+            return self.async_tp.reduce_rmsnorm(x, weight, residual_shard, norm_weight, eps, quant, gemma)
+        from . import ops
+        y = implementation("matmul_reduce_scatter", path)(self, x, weight)
+        return ops.add_rmsnorm(y, residual_shard, norm_weight, eps, quant=quant, gemma=gemma)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"backend={self.backend}, device={self.device}"

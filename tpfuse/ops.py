@@ -1,25 +1,283 @@
-"""Local (single-GPU) stages: public functions.
+"""Local (single-GPU) stages: public functions and their ``torch.library`` custom ops.
 
-Each op runs tpfuse's fused kernel on CUDA tensors when one exists for the requested form and falls back to the
-plain-torch reference (:mod:`tpfuse.reference`) otherwise, so every op works on the CPU.
+Public ops (return :class:`tpfuse.quant.QuantizedActivation` when ``quant`` is given, else a plain tensor):
+
+* ``add_rmsnorm(x, residual, weight, eps=1e-6, *, quant=None, gemma=False, residual_inplace=False)``
+  -> ``(out, residual_out)``; with ``residual_inplace=True`` (and a residual) ``residual`` is overwritten with
+  ``residual_out`` and returned;
+* ``silu_mul(x, *, quant=None)`` for a ``[T, 2I]`` gate-up input (gate first);
+* ``quantize(x, spec)`` standalone quantizer.
+
+Dispatch: CUDA tensors run the Triton kernels of :mod:`tpfuse.kernels` through the custom ops below; CPU tensors
+run the plain-torch reference (:mod:`tpfuse.reference`, :func:`tpfuse.quant.quantize`). Escape hatch: with the
+environment variable ``TPFUSE_TRITON_CPU=1`` CPU tensors take the Triton path too, which only works under the
+Triton interpreter (``TRITON_INTERPRET=1`` set before the kernel modules are imported); the interpreter tests use
+it. ``import tpfuse`` never imports Triton: the launchers import it lazily.
+
+Custom ops (namespace ``tpfuse``; quant specs travel as ``fmt`` / ``group`` / ``in_scale``, see
+:mod:`tpfuse.kernels.quant_epilogue` for the format ids: 0 none, 1 FP8Static, 2 FP8PerToken, 3 FP8PerGroup,
+4 NVFP4 linear scales, 5 NVFP4 swizzled128x4 -- the NVFP4 layout flag is folded into the id)::
+
+    tpfuse::add_rmsnorm(Tensor x, Tensor? residual, Tensor weight, float eps, int fmt, int group,
+                        Tensor? in_scale, bool gemma) -> (Tensor data, Tensor scale, Tensor residual_out)
+    tpfuse::add_rmsnorm_(Tensor x, Tensor(a!) residual, Tensor weight, float eps, int fmt, int group,
+                         Tensor? in_scale, bool gemma) -> (Tensor data, Tensor scale)     # residual in place
+    tpfuse::silu_mul(Tensor x, int fmt, int group, Tensor? in_scale) -> (Tensor data, Tensor scale)
+    tpfuse::quantize(Tensor x, int fmt, int group, Tensor? in_scale) -> (Tensor data, Tensor scale)
+
+``data`` is the output (input dtype for fmt 0, e4m3 for FP8, packed uint8 for NVFP4); ``scale`` the output scale
+(an empty fp32 tensor for fmt 0 and 1: the static scale is the caller's). ``in_scale`` is the FP8 static scale or
+the NVFP4 global scale (fp32 scalar on the op's device). Every op has a fake (meta) impl, so the public functions
+work under ``torch.compile(fullgraph=True)`` and CUDA-graph capture (no host sync: scales are read on device).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import Optional, Tuple
 
 import torch
 
+from . import quant as q
 from . import reference as ref
+from .errors import TPFuseInputError
 from .quant import QuantSpec
+
+FMT_NONE, FMT_FP8_STATIC, FMT_FP8_PER_TOKEN, FMT_FP8_PER_GROUP, FMT_NVFP4_LINEAR, FMT_NVFP4_SWIZZLED = range(6)
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda or os.environ.get("TPFUSE_TRITON_CPU") == "1"
+
+
+def spec_to_args(spec: Optional[QuantSpec]) -> Tuple[int, int, Optional[torch.Tensor]]:
+    """``(fmt, group, in_scale)`` of a quant spec (the custom ops' encoding)."""
+    if spec is None:
+        return FMT_NONE, 16, None
+    if isinstance(spec, q.FP8Static):
+        return FMT_FP8_STATIC, 16, spec.scale
+    if isinstance(spec, q.FP8PerToken):
+        return FMT_FP8_PER_TOKEN, 16, None
+    if isinstance(spec, q.FP8PerGroup):
+        return FMT_FP8_PER_GROUP, spec.group_size, None
+    if isinstance(spec, q.NVFP4):
+        return (FMT_NVFP4_SWIZZLED if spec.layout == "swizzled128x4" else FMT_NVFP4_LINEAR), 16, spec.global_scale
+    raise TPFuseInputError(f"unknown quant spec {type(spec).__name__}")
+
+
+def args_to_spec(fmt: int, group: int, in_scale: Optional[torch.Tensor]) -> Optional[QuantSpec]:
+    if fmt == FMT_NONE:
+        return None
+    if fmt == FMT_FP8_STATIC:
+        return q.FP8Static(in_scale)
+    if fmt == FMT_FP8_PER_TOKEN:
+        return q.FP8PerToken()
+    if fmt == FMT_FP8_PER_GROUP:
+        return q.FP8PerGroup(group)
+    return q.NVFP4(in_scale, "linear" if fmt == FMT_NVFP4_LINEAR else "swizzled128x4")
+
+
+def alloc_outputs(t: int, h: int, fmt: int, group: int, device, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(data, scale)`` buffers for ``[t, h]`` in format ``fmt`` (shapes as :func:`tpfuse.quant.empty_like_quantized`;
+    fmt 0/1 get an empty fp32 ``scale``)."""
+    if fmt == FMT_NONE:
+        return torch.empty(t, h, dtype=dtype, device=device), torch.empty(0, dtype=torch.float32, device=device)
+    if fmt in (FMT_NVFP4_LINEAR, FMT_NVFP4_SWIZZLED):
+        data = torch.empty(t, h // 2, dtype=torch.uint8, device=device)
+        shape = q.nvfp4_swizzled_shape(t, h) if fmt == FMT_NVFP4_SWIZZLED else (t, h // q.NVFP4_BLOCK)
+        return data, torch.empty(shape, dtype=q.FP8_DTYPE, device=device)
+    data = torch.empty(t, h, dtype=q.FP8_DTYPE, device=device)
+    if fmt == FMT_FP8_STATIC:
+        return data, torch.empty(0, dtype=torch.float32, device=device)
+    cols = 1 if fmt == FMT_FP8_PER_TOKEN else h // group
+    return data, torch.empty(t, cols, dtype=torch.float32, device=device)
+
+
+def alloc_residual_out(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _scale_out(spec, scale):
+    # the reference's scale tensor, for the ops' plain-torch fallback
+    return torch.empty(0, dtype=torch.float32, device=scale.device) if isinstance(spec, q.FP8Static) else scale
+
+
+def _ref_outputs(out, fmt):
+    if fmt == FMT_NONE:
+        return out, torch.empty(0, dtype=torch.float32, device=out.device)
+    return out.data, _scale_out(out.spec, out.scale)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# custom ops
+
+
+@torch.library.custom_op("tpfuse::add_rmsnorm", mutates_args=())
+def _add_rmsnorm_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float, fmt: int,
+                    group: int, in_scale: Optional[torch.Tensor], gemma: bool
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    t, h = x.shape
+    if not _use_triton(x):
+        out, res = ref.add_rmsnorm(x, residual, weight, eps, quant=args_to_spec(fmt, group, in_scale), gemma=gemma)
+        return (*_ref_outputs(out, fmt), res)
+    from .kernels.add_rmsnorm import launch_add_rmsnorm
+
+    data, scale = alloc_outputs(t, h, fmt, group, x.device, x.dtype)
+    res_out = alloc_residual_out(x)
+    launch_add_rmsnorm(x, residual, weight, eps, res_out, data, scale, in_scale, fmt, group, gemma)
+    return data, scale, res_out
+
+
+@_add_rmsnorm_op.register_fake
+def _(x, residual, weight, eps, fmt, group, in_scale, gemma):
+    t, h = x.shape
+    data, scale = alloc_outputs(t, h, fmt, group, x.device, x.dtype)
+    return data, scale, torch.empty_like(x)
+
+
+@torch.library.custom_op("tpfuse::add_rmsnorm_", mutates_args=("residual",))
+def _add_rmsnorm_inplace_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, fmt: int,
+                            group: int, in_scale: Optional[torch.Tensor], gemma: bool
+                            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    t, h = x.shape
+    if not _use_triton(x):
+        out, res = ref.add_rmsnorm(x, residual, weight, eps, quant=args_to_spec(fmt, group, in_scale), gemma=gemma)
+        residual.copy_(res)
+        return _ref_outputs(out, fmt)
+    from .kernels.add_rmsnorm import launch_add_rmsnorm
+
+    data, scale = alloc_outputs(t, h, fmt, group, x.device, x.dtype)
+    launch_add_rmsnorm(x, residual, weight, eps, residual, data, scale, in_scale, fmt, group, gemma)
+    return data, scale
+
+
+@_add_rmsnorm_inplace_op.register_fake
+def _(x, residual, weight, eps, fmt, group, in_scale, gemma):
+    t, h = x.shape
+    return alloc_outputs(t, h, fmt, group, x.device, x.dtype)
+
+
+@torch.library.custom_op("tpfuse::silu_mul", mutates_args=())
+def _silu_mul_op(x: torch.Tensor, fmt: int, group: int, in_scale: Optional[torch.Tensor]
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    t, h2 = x.shape
+    if not _use_triton(x):
+        return _ref_outputs(ref.silu_mul(x, quant=args_to_spec(fmt, group, in_scale)), fmt)
+    from .kernels.silu_mul import launch_silu_mul
+
+    data, scale = alloc_outputs(t, h2 // 2, fmt, group, x.device, x.dtype)
+    launch_silu_mul(x, data, scale, in_scale, fmt, group)
+    return data, scale
+
+
+@_silu_mul_op.register_fake
+def _(x, fmt, group, in_scale):
+    t, h2 = x.shape
+    return alloc_outputs(t, h2 // 2, fmt, group, x.device, x.dtype)
+
+
+@torch.library.custom_op("tpfuse::quantize", mutates_args=())
+def _quantize_op(x: torch.Tensor, fmt: int, group: int, in_scale: Optional[torch.Tensor]
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    t, h = x.shape
+    if fmt == FMT_NONE:
+        raise TPFuseInputError("tpfuse::quantize needs a quant format (fmt 1..5)")
+    if not _use_triton(x):
+        return _ref_outputs(q.quantize(x, args_to_spec(fmt, group, in_scale)), fmt)
+    from .kernels.quantize import launch_quantize
+
+    data, scale = alloc_outputs(t, h, fmt, group, x.device, x.dtype)
+    launch_quantize(x, data, scale, in_scale, fmt, group)
+    return data, scale
+
+
+@_quantize_op.register_fake
+def _(x, fmt, group, in_scale):
+    t, h = x.shape
+    return alloc_outputs(t, h, fmt, group, x.device, x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# public functions
+
+
+def _rows(x: torch.Tensor, what: str) -> torch.Tensor:
+    if x.dim() < 1:
+        raise TPFuseInputError(f"{what} must have a hidden dimension, got a scalar")
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _wrap(data, scale, spec, x, shape):
+    if spec is None:
+        return data.reshape(shape)
+    if isinstance(spec, q.FP8Static):
+        scale = spec.scale
+    return q.QuantizedActivation(data=data, scale=scale, spec=spec, orig_dtype=x.dtype, shape=torch.Size(shape))
+
+
+def _check_quant(quant, x, hidden):
+    if quant is not None:
+        q.check_spec(quant, hidden, x.device)
+        if x.dim() != 2:
+            raise TPFuseInputError(f"quantized outputs need a [tokens, hidden] input, got shape {tuple(x.shape)}")
 
 
 def add_rmsnorm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float = 1e-6, *,
-                quant: Optional[QuantSpec] = None, gemma: bool = False):
-    """``(out, residual_out)`` of add + RMSNorm (+ quant); see :func:`tpfuse.reference.add_rmsnorm`."""
-    return ref.add_rmsnorm(x, residual, weight, eps, quant=quant, gemma=gemma)
+                quant: Optional[QuantSpec] = None, gemma: bool = False, residual_inplace: bool = False):
+    """``(out, residual_out)`` of add + RMSNorm (+ quant); see :func:`tpfuse.reference.add_rmsnorm`.
+
+    ``residual_inplace=True`` writes ``residual_out`` into ``residual`` (which is returned); ignored when
+    ``residual`` is None (first layer: ``residual_out`` is a new tensor equal to ``x``)."""
+    h = x.shape[-1]
+    _check_quant(quant, x, h)
+    if weight.shape != (h,):
+        raise TPFuseInputError(f"weight must have shape ({h},), got {tuple(weight.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise TPFuseInputError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
+    if not _use_triton(x):
+        out, res = ref.add_rmsnorm(x, residual, weight, eps, quant=quant, gemma=gemma)
+        if residual_inplace and residual is not None:
+            residual.copy_(res)
+            res = residual
+        return out, res
+    fmt, group, in_scale = spec_to_args(quant)
+    x2, w = _rows(x, "x"), weight.contiguous()
+    if residual_inplace and residual is not None:
+        r2 = residual.view(-1, h)  # must be a view: it is written in place
+        if r2.stride(-1) != 1:
+            raise TPFuseInputError("residual_inplace needs a residual with unit stride along hidden")
+        data, scale = torch.ops.tpfuse.add_rmsnorm_(x2, r2, w, float(eps), fmt, group, in_scale, bool(gemma))
+        res = residual
+    else:
+        r2 = None if residual is None else _rows(residual, "residual")
+        data, scale, res = torch.ops.tpfuse.add_rmsnorm(x2, r2, w, float(eps), fmt, group, in_scale, bool(gemma))
+        res = res.reshape(x.shape)
+    return _wrap(data, scale, quant, x, x.shape), res
 
 
 def silu_mul(x: torch.Tensor, *, quant: Optional[QuantSpec] = None):
     """``silu(x[:, :I]) * x[:, I:]`` (+ quant) for a ``[T, 2I]`` gate-up activation."""
-    return ref.silu_mul(x, quant=quant)
+    if x.shape[-1] % 2:
+        raise TPFuseInputError(f"silu_mul needs an even last dimension (gate, up), got {x.shape[-1]}")
+    inter = x.shape[-1] // 2
+    _check_quant(quant, x, inter)
+    if not _use_triton(x):
+        return ref.silu_mul(x, quant=quant)
+    fmt, group, in_scale = spec_to_args(quant)
+    data, scale = torch.ops.tpfuse.silu_mul(_rows(x, "x"), fmt, group, in_scale)
+    return _wrap(data, scale, quant, x, (*x.shape[:-1], inter))
+
+
+def quantize(x: torch.Tensor, spec: QuantSpec) -> q.QuantizedActivation:
+    """Standalone quantizer: the Triton kernel on CUDA, :func:`tpfuse.quant.quantize` on CPU."""
+    if spec is None:
+        raise TPFuseInputError("quantize needs a quant spec")
+    if x.dim() != 2:
+        raise TPFuseInputError(f"quantize expects a [tokens, hidden] tensor, got shape {tuple(x.shape)}")
+    q.check_spec(spec, x.shape[-1], x.device)
+    if not _use_triton(x):
+        return q.quantize(x, spec)
+    fmt, group, in_scale = spec_to_args(spec)
+    data, scale = torch.ops.tpfuse.quantize(_rows(x, "x"), fmt, group, in_scale)
+    return _wrap(data, scale, spec, x, x.shape)

@@ -170,7 +170,10 @@ def _fp8_cast(scaled: torch.Tensor) -> torch.Tensor:
 def fp8_dynamic_scale(amax: torch.Tensor) -> torch.Tensor:
     """The dynamic FP8 scale rule shared by per-token and per-group: ``max(amax / 448, 1 / (448 * 512))``.
     NaN amax gives a NaN scale (``torch.maximum`` propagates NaN)."""
-    return torch.maximum(amax.float() / FP8_MAX, torch.tensor(FP8_MIN_SCALE, device=amax.device))
+    # tensor / tensor: an IEEE division on every device (CUDA torch turns `tensor / python_float` into a multiply by
+    # the reciprocal, which can differ by one ulp from the CPU result and from the kernels)
+    fp8_max = torch.tensor(FP8_MAX, dtype=torch.float32, device=amax.device)
+    return torch.maximum(amax.float() / fp8_max, torch.tensor(FP8_MIN_SCALE, device=amax.device))
 
 
 def fp8_quantize_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import tpfuse
 from cases import QUANT_KINDS, make_inputs, make_spec, oracle
 from harness import available_backends, device_of, run_on_ranks
+from tpfuse.reference import rmsnorm_math
 from tpfuse.sharding import shard_range
 from tpfuse.tolerance import REL_ERR, assert_close, assert_quant_close, rel_err
 
@@ -148,3 +149,38 @@ def _late_peer_and_reuse(rank, world, backend):
 @pytest.mark.parametrize("world", [2, 4])
 def test_late_peer_and_buffer_reuse(world):
     assert run_on_ranks(_late_peer_and_reuse, world, "gloo") == [True] * world
+
+
+def _fused_row_parallel(rank, world, backend):
+    """matmul_reduce_scatter_rmsnorm == matmul_reduce_scatter then add_rmsnorm, vs fp64 (incl. uneven T, quant)."""
+    dev = device_of(backend)
+    h, k = 64, 5
+    comm = tpfuse.TPCommunicator(max_tokens=16, hidden_size=h, dtype=torch.bfloat16)
+    for i, (t, kind) in enumerate([(1, None), (7, None), (9, "fp8_group64"), (4, "nvfp4")]):
+        g = torch.Generator().manual_seed(70 + i)
+        x = torch.randn(t, k * world, generator=g).to(torch.bfloat16).to(dev)
+        w = torch.randn(h, k * world, generator=g).to(torch.bfloat16).to(dev)
+        res = torch.randn(t, h, generator=g).to(torch.bfloat16).to(dev)
+        nw = (1 + 0.1 * torch.randn(h, generator=g)).to(torch.bfloat16).to(dev)
+        s, e = shard_range(t, world, rank)
+        rs = x.double() @ w.double().t()
+        if comm.plan(t).path("matmul_reduce_scatter") != "tpfuse_async_tp":
+            rs = rs.to(torch.bfloat16).double()  # contract of the unfused paths: RS result rounded, then the add
+        full = rs + res.double()
+        ref_out = rmsnorm_math(full, nw.double(), 1e-6)[s:e]
+        spec = make_spec(kind, dev, ref_out)
+        out, r = comm.matmul_reduce_scatter_rmsnorm(x[:, rank * k:(rank + 1) * k].contiguous(),
+                                                    w[:, rank * k:(rank + 1) * k].contiguous(),
+                                                    res[s:e].contiguous(), nw, 1e-6, quant=spec)
+        _check_path(comm, "matmul_reduce_scatter", t)
+        assert_close(r, full[s:e], torch.bfloat16, f"T={t} residual")
+        if kind is None:
+            assert_close(out, ref_out, torch.bfloat16, f"T={t} out")
+        else:
+            assert_quant_close(out, ref_out, f"T={t} {kind}")
+    return True
+
+
+@pytest.mark.parametrize("world,backend", WORLDS, ids=IDS)
+def test_matmul_reduce_scatter_rmsnorm(world, backend):
+    assert run_on_ranks(_fused_row_parallel, world, backend, backend=backend) == [True] * world

@@ -7,3 +7,4 @@ CUDA, Triton or FlashInfer lazily, so importing this package never needs them.
 
 from . import reference  # noqa: F401
 from . import async_tp  # noqa: F401
+from . import symm  # noqa: F401

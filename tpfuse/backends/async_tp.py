@@ -1,12 +1,14 @@
-"""``tpfuse_async_tp``: GEMMs overlapped with the collective over symmetric memory (sequence parallelism + async TP).
+"""Sequence-parallel paths over symmetric memory: ``tpfuse_async_tp`` (GEMMs overlapped with the collective),
+``tpfuse_rs`` (reduce-scatter fused with add + RMSNorm + quant) and ``tpfuse_ag`` (all-gather).
 
 Design: the data moves by the GPUs' copy engines (``copy_`` between symmetric buffers is a DMA over NVLink, using
 no SMs), one token-chunk per peer, while the GEMM of the chunk already present runs on the compute stream.
 
 ``all_gather_matmul(x_shard [Ts, H], w_shard_n [N, H])`` -> ``[T, N]``::
 
-    main : copy x_shard -> own slot r | signal READY to peers | mm(x_shard) -> out[r rows] | wait chunk p | mm ...
-    side :                             wait READY(p), pull peer p's slot p -> own slot p, event(p), signal DONE(p)
+    main : mm(x_shard) -> out[r rows] | wait chunk p, mm(chunk p) -> out[p rows] | ...
+    side : copy x_shard -> own slot r, signal READY to peers | wait READY(p), pull peer p's slot p -> own slot p,
+           event(p), signal DONE(p)
     main (end): wait DONE from every peer (they finished reading my slot: it may be overwritten next call)
 
 ``matmul_reduce_scatter(x_shard_k [T, K], w_shard_k [H, K])`` -> ``[Ts, H]``::
@@ -14,7 +16,13 @@ no SMs), one token-chunk per peer, while the GEMM of the chunk already present r
     main : barrier (every peer finished reading its slots of the last call) | for each peer d (own chunk last):
            mm(x[d rows]) -> tmp[d] (own: -> own slot r), event(d)
     side : wait event(d), push tmp[d] -> peer d's slot r, signal DATA(d)
-    main (end): wait DATA from every peer, sum the TP slots in fp32 -> [Ts, H]
+    main (end): wait DATA from every peer, one kernel sums the TP slots in fp32 -> [Ts, H]
+                (``matmul_reduce_scatter_rmsnorm``: the same kernel also adds the residual and applies
+                RMSNorm + quant, :mod:`tpfuse.kernels.reduce_slots`)
+
+``reduce_scatter_rmsnorm`` (``tpfuse_rs``) is the same exchange without the GEMM (x's token chunks are pushed as
+they are); ``all_gather`` (``tpfuse_ag``) is the all-gather half without the GEMM (peers' slots are pulled
+straight into the output).
 
 Buffers (allocated once per communicator, sized from ``max_tokens x hidden``; ``S = ceil(max_tokens / TP)``):
 
@@ -77,27 +85,43 @@ class AsyncTPWorkspace:
         self.side = torch.cuda.Stream(device=dev)
         self.timeout_ms = int(comm.config.timeout_s * 1000)
 
-    def all_gather_matmul(self, x_shard: torch.Tensor, weight: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    def _publish_and_pull(self, x_shard: torch.Tensor, num_tokens: int, dest: Optional[torch.Tensor]):
+        """Side stream: copy this rank's shard into its ``ag`` slot, signal READY, pull every peer's slot (into
+        ``dest`` rows when given, else into this rank's ``ag`` slot of that peer), signal DONE. Returns an event per
+        peer (its chunk has arrived). The caller's stream is free meanwhile (it runs the local GEMM)."""
         tp, r, s, to = self.tp, self.rank, shard_rows(num_tokens, self.tp), self.timeout_ms
         slots = slot_rows(num_tokens, tp)
-        out = torch.empty(num_tokens, weight.shape[0], dtype=x_shard.dtype, device=x_shard.device)
         main = torch.cuda.current_stream()
-        own = self.ag[r * s: r * s + slots[r][1]]
-        own.copy_(x_shard)
-        for p in chunk_order(r, tp):
-            self.ag_h.put_signal(p, _READY, to)
         self.side.wait_stream(main)
         events = {}
         with torch.cuda.stream(self.side):
+            self.ag[r * s: r * s + slots[r][1]].copy_(x_shard)
+            for p in chunk_order(r, tp):
+                self.ag_h.put_signal(p, _READY, to)
             for p in chunk_order(r, tp):
                 self.ag_h.wait_signal(p, _READY, to)
-                n = slots[p][1]
+                start, n = slots[p]
                 if n:
-                    self.ag[p * s: p * s + n].copy_(self.ag_peer[p][p * s: p * s + n])
+                    target = dest[start: start + n] if dest is not None else self.ag[p * s: p * s + n]
+                    target.copy_(self.ag_peer[p][p * s: p * s + n])
                 ev = torch.cuda.Event()
                 ev.record(self.side)
                 events[p] = ev
                 self.ag_h.put_signal(p, _DONE, to)
+        return events
+
+    def _finish_gather(self) -> None:
+        """Join the side stream and wait until every peer has pulled this rank's slot (it may then be reused)."""
+        torch.cuda.current_stream().wait_stream(self.side)
+        for p in chunk_order(self.rank, self.tp):
+            self.ag_h.wait_signal(p, _DONE, self.timeout_ms)
+
+    def all_gather_matmul(self, x_shard: torch.Tensor, weight: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        tp, r, s = self.tp, self.rank, shard_rows(num_tokens, self.tp)
+        slots = slot_rows(num_tokens, tp)
+        out = torch.empty(num_tokens, weight.shape[0], dtype=x_shard.dtype, device=x_shard.device)
+        main = torch.cuda.current_stream()
+        events = self._publish_and_pull(x_shard, num_tokens, None)
         if slots[r][1]:
             torch.mm(x_shard, weight.t(), out=out[slots[r][0]: slots[r][0] + slots[r][1]])
         for p in chunk_order(r, tp):
@@ -105,12 +129,13 @@ class AsyncTPWorkspace:
             start, n = slots[p]
             if n:
                 torch.mm(self.ag[p * s: p * s + n], weight.t(), out=out[start: start + n])
-        main.wait_stream(self.side)
-        for p in chunk_order(r, tp):
-            self.ag_h.wait_signal(p, _DONE, to)
+        self._finish_gather()
         return out
 
-    def matmul_reduce_scatter(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _push_partials(self, x: torch.Tensor, weight: Optional[torch.Tensor]):
+        """Exchange of the reduce-scatter: this rank's partial (``x @ weight.T``, or ``x`` itself when ``weight`` is
+        None) of every peer's token rows lands in that peer's ``rs`` slot ``r``. Returns ``(rows, S)`` of this
+        rank's shard; on return, slots ``0..TP-1`` rows ``[q*S, q*S + rows)`` hold every rank's partial."""
         tp, r, to = self.tp, self.rank, self.timeout_ms
         t = x.shape[0]
         s = shard_rows(t, tp)
@@ -120,32 +145,65 @@ class AsyncTPWorkspace:
         self.side.wait_stream(main)
         for p in chunk_order(r, tp):
             start, n = slots[p]
-            if n:
-                torch.mm(x[start: start + n], weight.t(), out=self.rs_tmp[p * s: p * s + n])
+            src = x[start: start + n]
+            if weight is not None and n:
+                torch.mm(src, weight.t(), out=self.rs_tmp[p * s: p * s + n])
+                src = self.rs_tmp[p * s: p * s + n]
             ev = torch.cuda.Event()
             ev.record(main)
             with torch.cuda.stream(self.side):
                 self.side.wait_event(ev)
                 if n:
-                    self.rs_peer[p][r * s: r * s + n].copy_(self.rs_tmp[p * s: p * s + n])
+                    self.rs_peer[p][r * s: r * s + n].copy_(src)
                 self.rs_h.put_signal(p, _DATA, to)
         start, n = slots[r]
         if n:
-            torch.mm(x[start: start + n], weight.t(), out=self.rs[r * s: r * s + n])
+            if weight is not None:
+                torch.mm(x[start: start + n], weight.t(), out=self.rs[r * s: r * s + n])
+            else:
+                self.rs[r * s: r * s + n].copy_(x[start: start + n])
         main.wait_stream(self.side)
         for p in chunk_order(r, tp):
             self.rs_h.wait_signal(p, _DATA, to)
-        acc = self.rs[r * s: r * s + n].float()
-        for q in chunk_order(r, tp):
-            acc += self.rs[q * s: q * s + n]
-        return acc.to(x.dtype)
+        return n, s
+
+    def matmul_reduce_scatter(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        from ..kernels.reduce_slots import launch_reduce_slots
+
+        n, s = self._push_partials(x, weight)
+        out = torch.empty(n, self.hidden, dtype=x.dtype, device=x.device)
+        return launch_reduce_slots(self.rs, self.tp, s * self.hidden, n, out)
+
+    def reduce_rmsnorm(self, x, weight, residual_shard, norm_weight, eps, quant, gemma):
+        """The exchange (``weight``: GEMM first, or None) then sum + residual + RMSNorm + quant in one kernel."""
+        from .. import ops
+        from ..kernels.reduce_slots import launch_reduce_slots_rmsnorm
+
+        n, s = self._push_partials(x, weight)
+        fmt, group, in_scale = ops.spec_to_args(quant)
+        data, scale = ops.alloc_outputs(n, self.hidden, fmt, group, x.device, x.dtype)
+        res_out = torch.empty(n, self.hidden, dtype=x.dtype, device=x.device)
+        launch_reduce_slots_rmsnorm(self.rs, self.tp, s * self.hidden, n, residual_shard, norm_weight, eps, res_out,
+                                    data, scale, in_scale, fmt, group, gemma)
+        return ops._wrap(data, scale, quant, res_out, (n, self.hidden)), res_out
+
+    def all_gather(self, x_shard: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        out = torch.empty(num_tokens, self.hidden, dtype=x_shard.dtype, device=x_shard.device)
+        start, n = slot_rows(num_tokens, self.tp)[self.rank]
+        self._publish_and_pull(x_shard, num_tokens, out)
+        out[start: start + n].copy_(x_shard)
+        self._finish_gather()
+        return out
+
+
+PATHS = ("tpfuse_async_tp", "tpfuse_rs", "tpfuse_ag")
 
 
 def wants_workspace(comm) -> bool:
-    """Allocate only when the table routes some size <= max_tokens to this path (or a config forces it)."""
-    forced = "tpfuse_async_tp" in dict(comm.config.force_paths).values()
+    """Allocate only when the table routes some size <= max_tokens to one of :data:`PATHS` (or config forces one)."""
+    forced = any(p in PATHS for p in dict(comm.config.force_paths).values())
     nbytes = comm.max_tokens * comm.hidden_size * comm.dtype.itemsize
-    routed = any(path == "tpfuse_async_tp" for op in ("all_gather_matmul", "matmul_reduce_scatter")
+    routed = any(path in PATHS for op in comm.row.paths
                  for lo, (mb, path) in zip([0] + [b[0] for b in comm.row.paths[op][:-1]], comm.row.paths[op])
                  if (lo or 0) < nbytes)
     return forced or routed
@@ -162,7 +220,7 @@ def _available(comm) -> Optional[str]:
     if comm.backend != "nccl":
         return f"needs an NCCL group with symmetric memory (this one is {comm.backend})"
     if getattr(comm, "async_tp", None) is None:
-        return "no async-TP workspace (TP=1, or the table routes no size <= max_tokens to it)"
+        return "no sequence-parallel workspace (TP=1, or the table routes no size <= max_tokens to these paths)"
     return None
 
 
@@ -174,3 +232,13 @@ def _agmm(comm, x_shard, weight, num_tokens):
 @register("matmul_reduce_scatter", "tpfuse_async_tp", available=_available)
 def _mmrs(comm, x, weight):
     return comm.async_tp.matmul_reduce_scatter(x, weight)
+
+
+@register("reduce_scatter_rmsnorm", "tpfuse_rs", available=_available)
+def _rsn(comm, x, residual_shard, weight, eps, *, quant, gemma):
+    return comm.async_tp.reduce_rmsnorm(x, None, residual_shard, weight, eps, quant, gemma)
+
+
+@register("all_gather", "tpfuse_ag", available=_available)
+def _ag(comm, x_shard, num_tokens):
+    return comm.async_tp.all_gather(x_shard, num_tokens)

@@ -1,0 +1,235 @@
+"""Fused all-reduce + residual add + RMSNorm (+ quant) over a torch symmetric-memory workspace, in Triton.
+
+Two kernels, both one launch per call, TP = ``WORLD`` (a constexpr: 2, 4, 8 ...), fp32 accumulation, one row per
+loop iteration with the whole hidden row in registers (``BLOCK = next_pow2(H)``: 16-byte vectors per thread):
+
+**one-shot** (``_oneshot_kernel``) - for small sizes. Program ``b`` owns rows ``j = b, b + G, ...`` of the call.
+
+1. push: read the row of this rank's partial ``x`` and store it into every peer's workspace, slot ``RANK`` of the
+   parity buffer ``e & 1`` (``e``: this program's call counter, kept on device);
+2. signal every peer's program ``b`` (release, system scope), wait for theirs (acquire, bounded);
+3. reduce: own row (from ``x``) + every peer's slot (local memory now), + residual, RMSNorm, store ``out``
+   (bf16 or any quant format through :mod:`tpfuse.kernels.quant_epilogue`) and ``residual_out``.
+
+No closing barrier: the parity double buffer makes the call after next the first to overwrite a slot, and that
+call's push only starts after the next call's barrier, i.e. after every peer finished this call.
+
+**two-shot** (``_twoshot_kernel``) - for large sizes. Rank ``r`` owns token rows ``[r*S, r*S + n_r)``,
+``S = ceil(T / WORLD)`` (:mod:`tpfuse.sharding`). Program ``b`` owns local rows ``j = b, b + G, ...``.
+
+1. push: for each peer ``p``, rows ``p*S + j`` of ``x`` into peer ``p``'s reduce slot ``RANK`` (row ``j``);
+2. barrier A;
+3. reduce own rows ``r*S + j``: own ``x`` + the peers' slots + residual -> RMSNorm -> quant; stores ``out`` /
+   ``residual_out`` rows directly and a copy of both into this rank's *stage* area (NVFP4 swizzled scales are
+   staged linear);
+4. barrier B;
+5. gather: copy every peer's staged rows ``p*S + j`` (data, scales, residual) into ``out`` / ``residual_out``.
+
+Reuse without a closing barrier: a peer writes my reduce slots (or I overwrite my stage) in call ``n + 1`` only
+after barrier A of call ``n + 1``, i.e. after every kernel of call ``n`` finished on every rank (kernels of one
+stream run in order). The mapping "row j of a region <-> program j % G" never changes, which keeps the per-program
+counters of every rank equal and the argument valid when ``T`` changes between calls.
+
+Barriers: per program and peer, one int32 flag in the peer's workspace set to the program's call counter + 1
+(monotonic, so nothing needs resetting: CUDA-graph replays are safe; compared wrap-around safe). Every wait is
+bounded by ``timeout_ns`` of ``%globaltimer``: on expiry the program sets ``err[0] = 1`` (a pinned host word the
+host reads without a sync), skips the rest of its work and exits. The grid ``G`` is the same on every rank (the
+workspace agrees on it at construction) and at most one program per SM, so all programs are resident.
+
+Peer addresses: the workspace passes, per peer, the byte distance from this rank's symmetric buffer to that
+peer's (a multiple of 2 MiB); the kernels add it to pointers into their own buffer, so every pointer keeps the
+16-byte alignment Triton needs to vectorize.
+"""
+
+import triton
+import triton.language as tl
+
+from .quant_epilogue import cast_for_store, quant_store
+
+
+@triton.jit
+def _now():
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
+                                     pack=1)
+
+
+@triton.jit
+def _peer(ptr, delta_ptr, p, ELEM: tl.constexpr):
+    """``ptr`` moved into peer ``p``'s workspace (``delta_ptr[p]``: byte distance, multiple of 16)."""
+    d = tl.load(delta_ptr + p) // ELEM
+    return ptr + tl.multiple_of(d, 16)
+
+
+@triton.jit
+def _signal(flag_ptr, delta_ptr, slot, value, p):
+    # flag_ptr: this rank's int32 flag array; slot: index of the flag in the peer's array
+    tl.atomic_xchg(_peer(flag_ptr, delta_ptr, p, 4) + slot, value, sem="release", scope="sys")
+
+
+@triton.jit
+def _wait(flag_ptr, slot, target, deadline):
+    """Spin until ``flag >= target`` (wrap-around safe) or the deadline; returns 1 if it timed out."""
+    v = tl.atomic_add(flag_ptr + slot, 0, sem="acquire", scope="sys")
+    now = _now()
+    while ((v - target) < 0) & (now <= deadline):
+        v = tl.atomic_add(flag_ptr + slot, 0, sem="acquire", scope="sys")
+        now = _now()
+    return ((v - target) < 0).to(tl.int32)
+
+
+@triton.jit
+def _barrier(flag_ptr, delta_ptr, base, value, deadline, RANK: tl.constexpr, WORLD: tl.constexpr):
+    """Program-level barrier with the same program on every peer; flags ``base + src_rank``. Returns timed-out."""
+    tl.debug_barrier()  # every thread's stores of this program are issued before the release
+    for p in tl.static_range(WORLD):
+        if p != RANK:
+            _signal(flag_ptr, delta_ptr, base + RANK, value, p)
+    bad = 0
+    for p in tl.static_range(WORLD):
+        if p != RANK:
+            bad = bad | _wait(flag_ptr, base + p, value, deadline)
+    tl.debug_barrier()
+    return bad
+
+
+@triton.jit
+def _finish_row(s, cols, mask, row, w_ptr, eps, n_cols, res_out_ptr, out_ptr, out_stride, scale_ptr, scale_stride,
+                in_scale_ptr, sf_cols_padded, NORM: tl.constexpr, GEMMA: tl.constexpr, FMT: tl.constexpr,
+                BLOCK: tl.constexpr, GROUP: tl.constexpr):
+    row64 = row.to(tl.int64)
+    if NORM:
+        tl.store(res_out_ptr + row64 * n_cols + cols, cast_for_store(s, res_out_ptr.dtype.element_ty), mask=mask)
+        var = tl.sum(s * s, 0) / n_cols
+        rstd = tl.math.rsqrt(var + eps)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if GEMMA:
+            w = w + 1.0
+        y = (s * rstd) * w
+        quant_store(y, cols, mask, row, out_ptr, out_stride, scale_ptr, scale_stride, in_scale_ptr, sf_cols_padded,
+                    FMT, BLOCK, GROUP)
+    else:
+        tl.store(out_ptr + row64 * n_cols + cols, cast_for_store(s, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _oneshot_kernel(x_ptr, res_ptr, w_ptr, res_out_ptr, out_ptr, out_stride, scale_ptr, scale_stride, in_scale_ptr,
+                    ws_x_ptr, flag_ptr, epoch_ptr, delta_ptr, err_ptr, timeout_ns,
+                    row0, n_rows, n_cols, cap_rows, flag_base, eps, sf_cols_padded,
+                    RANK: tl.constexpr, WORLD: tl.constexpr, G: tl.constexpr, HAS_RES: tl.constexpr,
+                    NORM: tl.constexpr, GEMMA: tl.constexpr, FMT: tl.constexpr, BLOCK: tl.constexpr,
+                    GROUP: tl.constexpr, X_ELEM: tl.constexpr):
+    b = tl.program_id(0)
+    deadline = _now() + timeout_ns
+    e = tl.load(epoch_ptr + b)
+    par = (e & 1).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    # ws_x: [2 parities][WORLD slots][cap_rows][n_cols]
+    slot_rows = cap_rows.to(tl.int64) * n_cols
+    mine = ws_x_ptr + (par * WORLD + RANK) * slot_rows
+    for j in range(b, n_rows, G):
+        row64 = (row0 + j).to(tl.int64)
+        xv = tl.load(x_ptr + row64 * n_cols + cols, mask=mask, other=0.0)
+        for p in tl.static_range(WORLD):
+            if p != RANK:
+                tl.store(_peer(mine, delta_ptr, p, X_ELEM) + j * n_cols + cols, xv, mask=mask)
+    bad = _barrier(flag_ptr, delta_ptr, flag_base + b * WORLD, e + 1, deadline, RANK, WORLD)
+    if bad != 0:
+        tl.store(err_ptr, 1)
+    else:
+        for j in range(b, n_rows, G):
+            row = row0 + j
+            row64 = row.to(tl.int64)
+            s = tl.load(x_ptr + row64 * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+            for p in tl.static_range(WORLD):
+                if p != RANK:
+                    src = ws_x_ptr + (par * WORLD + p) * slot_rows + j * n_cols
+                    s += tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_RES:
+                s += tl.load(res_ptr + row64 * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+            _finish_row(s, cols, mask, row, w_ptr, eps, n_cols, res_out_ptr, out_ptr, out_stride, scale_ptr,
+                        scale_stride, in_scale_ptr, sf_cols_padded, NORM, GEMMA, FMT, BLOCK, GROUP)
+        tl.store(epoch_ptr + b, e + 1)
+
+
+@triton.jit
+def _copy_row(src_ptr, dst_ptr, n, CBLOCK: tl.constexpr):
+    for c0 in range(0, n, CBLOCK):
+        c = c0 + tl.arange(0, CBLOCK)
+        m = c < n
+        tl.store(dst_ptr + c, tl.load(src_ptr + c, mask=m), mask=m)
+
+
+@triton.jit
+def _twoshot_kernel(x_ptr, res_ptr, w_ptr, res_out_ptr, out_ptr, out_stride, scale_ptr, scale_stride, in_scale_ptr,
+                    ws_x_ptr, st_out_ptr, st_res_ptr, st_scale_ptr, flag_ptr, epoch_ptr, delta_ptr, err_ptr,
+                    timeout_ns, n_tokens, shard, n_cols, cap_shard, flag_base, eps, sf_cols_padded,
+                    out_cols, n_sc, st_scale_stride,
+                    RANK: tl.constexpr, WORLD: tl.constexpr, G: tl.constexpr, HAS_RES: tl.constexpr,
+                    NORM: tl.constexpr, GEMMA: tl.constexpr, FMT: tl.constexpr, ST_FMT: tl.constexpr,
+                    BLOCK: tl.constexpr, GROUP: tl.constexpr, SC_BLOCK: tl.constexpr, OUT_ELEM: tl.constexpr,
+                    SC_ELEM: tl.constexpr, X_ELEM: tl.constexpr):
+    b = tl.program_id(0)
+    deadline = _now() + timeout_ns
+    e = tl.load(epoch_ptr + b)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    slot_rows = cap_shard.to(tl.int64) * n_cols
+    # 1. push my partial of each peer's token range into that peer's reduce slot RANK
+    for j in range(b, shard, G):
+        for p in tl.static_range(WORLD):
+            if p != RANK:
+                row = p * shard + j
+                if row < n_tokens:
+                    xv = tl.load(x_ptr + row.to(tl.int64) * n_cols + cols, mask=mask, other=0.0)
+                    dst = _peer(ws_x_ptr, delta_ptr, p, X_ELEM) + RANK * slot_rows + j * n_cols
+                    tl.store(dst + cols, xv, mask=mask)
+    bad = _barrier(flag_ptr, delta_ptr, flag_base + b * WORLD, e + 1, deadline, RANK, WORLD)
+    if bad == 0:
+        # 3. reduce + add + norm + quant my rows; write them and stage them
+        for j in range(b, shard, G):
+            row = RANK * shard + j
+            if row < n_tokens:
+                row64 = row.to(tl.int64)
+                s = tl.load(x_ptr + row64 * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+                for p in tl.static_range(WORLD):
+                    if p != RANK:
+                        src = ws_x_ptr + p * slot_rows + j * n_cols
+                        s += tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
+                if HAS_RES:
+                    s += tl.load(res_ptr + row64 * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+                _finish_row(s, cols, mask, row, w_ptr, eps, n_cols, res_out_ptr, out_ptr, out_stride, scale_ptr,
+                            scale_stride, in_scale_ptr, sf_cols_padded, NORM, GEMMA, FMT, BLOCK, GROUP)
+                # staged copy (local row j); NVFP4 swizzled is staged with linear scales (ST_FMT 4)
+                _finish_row(s, cols, mask, j, w_ptr, eps, n_cols, st_res_ptr, st_out_ptr, out_cols, st_scale_ptr,
+                            st_scale_stride, in_scale_ptr, sf_cols_padded, NORM, GEMMA, ST_FMT, BLOCK, GROUP)
+        bad = _barrier(flag_ptr, delta_ptr, flag_base + G * WORLD + b * WORLD, e + 1, deadline, RANK, WORLD)
+    if bad != 0:
+        tl.store(err_ptr, 1)
+    else:
+        # 5. gather the peers' finished rows
+        for j in range(b, shard, G):
+            for p in tl.static_range(WORLD):
+                if p != RANK:
+                    row = p * shard + j
+                    if row < n_tokens:
+                        row64 = row.to(tl.int64)
+                        j64 = j.to(tl.int64)
+                        _copy_row(_peer(st_out_ptr, delta_ptr, p, OUT_ELEM) + j64 * out_cols,
+                                  out_ptr + row64 * out_stride, out_cols, BLOCK)
+                        if NORM:
+                            _copy_row(_peer(st_res_ptr, delta_ptr, p, X_ELEM) + j64 * n_cols,
+                                      res_out_ptr + row64 * n_cols, n_cols, BLOCK)
+                        if FMT == 2 or FMT == 3 or FMT == 4:
+                            _copy_row(_peer(st_scale_ptr, delta_ptr, p, SC_ELEM) + j64 * st_scale_stride,
+                                      scale_ptr + row64 * scale_stride, n_sc, SC_BLOCK)
+                        if FMT == 5:
+                            k = tl.arange(0, SC_BLOCK)
+                            km = k < n_sc
+                            sv = tl.load(_peer(st_scale_ptr, delta_ptr, p, SC_ELEM) + j64 * st_scale_stride + k,
+                                         mask=km)
+                            k_tiles = sf_cols_padded // 4
+                            off = ((row64 // 128) * (k_tiles * 512) + (k // 4) * 512 + (row64 % 32) * 16
+                                   + ((row64 % 128) // 32) * 4 + (k % 4))
+                            tl.store(scale_ptr + off, sv, mask=km)
+        tl.store(epoch_ptr + b, e + 1)

@@ -1,0 +1,81 @@
+"""Sum of TP partial-sum slots (+ residual add + RMSNorm + quantize) in one pass: the tail of the sequence-parallel
+reduce-scatter (``tpfuse_rs``, and the fused tail of async-TP ``matmul_reduce_scatter``).
+
+Input: ``NSLOTS`` row blocks of one buffer, ``slot i`` at ``slots_ptr + i * slot_stride`` with row stride
+``row_stride`` (the symmetric ``rs`` buffer of :mod:`tpfuse.backends.async_tp`: slot q = rank q's partial for this
+rank's token shard). One program per row, the whole hidden row in registers, fp32 accumulation in slot order.
+
+* ``NORM=False``: ``out = sum_i slot_i`` rounded to ``out``'s dtype.
+* ``NORM=True``: ``s = sum_i slot_i + residual`` (fp32); ``residual_out = s`` rounded; ``out = s * rsqrt(mean(s^2) +
+  eps) * w`` (``w + 1`` for Gemma) stored by :func:`quant_epilogue.quant_store` in any output format - the
+  :mod:`tpfuse.reference` contract.
+"""
+
+import triton
+import triton.language as tl
+
+from .add_rmsnorm import num_warps_for
+from .quant_epilogue import cast_for_store, epilogue_args, next_pow2, nvfp4_swizzled_pad, padded_rows, quant_store
+
+
+@triton.jit
+def _reduce_slots_kernel(slots_ptr, slot_stride, row_stride, res_ptr, res_stride, w_ptr, res_out_ptr, res_out_stride,
+                         out_ptr, out_stride, scale_ptr, scale_stride, in_scale_ptr,
+                         n_rows, n_cols, eps, n_sf_cols, sf_cols_padded,
+                         NSLOTS: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr, GEMMA: tl.constexpr,
+                         FMT: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr, PAD_BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    if row < n_rows:
+        row64 = row.to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        s = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in tl.static_range(NSLOTS):
+            s += tl.load(slots_ptr + i * slot_stride + row64 * row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        if NORM:
+            if HAS_RES:
+                s += tl.load(res_ptr + row64 * res_stride + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(res_out_ptr + row64 * res_out_stride + cols, cast_for_store(s, res_out_ptr.dtype.element_ty),
+                     mask=mask)
+            var = tl.sum(s * s, 0) / n_cols
+            rstd = tl.math.rsqrt(var + eps)
+            w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            if GEMMA:
+                w = w + 1.0
+            quant_store((s * rstd) * w, cols, mask, row, out_ptr, out_stride, scale_ptr, scale_stride, in_scale_ptr,
+                        sf_cols_padded, FMT, BLOCK, GROUP)
+        else:
+            tl.store(out_ptr + row64 * out_stride + cols, cast_for_store(s, out_ptr.dtype.element_ty), mask=mask)
+    if NORM:
+        if FMT == 5:
+            nvfp4_swizzled_pad(row, n_rows, scale_ptr, n_sf_cols, sf_cols_padded, PAD_BLOCK)
+
+
+def launch_reduce_slots(slots, nslots, slot_stride, rows, out):
+    """``out[rows, H] = sum_i slots[i * slot_stride : ...][:rows]`` (``slots``: the buffer holding slot 0)."""
+    h = out.shape[1]
+    if rows == 0:
+        return out
+    block = next_pow2(h)
+    _reduce_slots_kernel[(rows,)](
+        slots, slot_stride, slots.stride(0), out, 0, out, out, 0, out, out.stride(0), out, 0, out,
+        rows, h, 0.0, 0, 0, NSLOTS=nslots, NORM=False, HAS_RES=False, GEMMA=False, FMT=0, BLOCK=block, GROUP=16,
+        PAD_BLOCK=1, num_warps=num_warps_for(block))
+    return out
+
+
+def launch_reduce_slots_rmsnorm(slots, nslots, slot_stride, rows, residual, weight, eps, residual_out, data, scale,
+                                in_scale, fmt, group, gemma):
+    """Fused ``sum slots + residual -> residual_out; rmsnorm -> data/scale`` over ``rows`` rows."""
+    h = residual_out.shape[1]
+    prog = padded_rows(fmt, rows)
+    if prog == 0:
+        return
+    out_stride, scale_t, scale_stride, in_scale_t, n_sf, sf_pad = epilogue_args(fmt, h, data, scale, in_scale)
+    block = next_pow2(h)
+    res = residual if residual is not None else residual_out
+    _reduce_slots_kernel[(prog,)](
+        slots, slot_stride, slots.stride(0), res, res.stride(0), weight, residual_out, residual_out.stride(0),
+        data, out_stride, scale_t, scale_stride, in_scale_t, rows, h, float(eps), n_sf, sf_pad,
+        NSLOTS=nslots, NORM=True, HAS_RES=residual is not None, GEMMA=bool(gemma), FMT=fmt, BLOCK=block, GROUP=group,
+        PAD_BLOCK=next_pow2(sf_pad), num_warps=num_warps_for(block))

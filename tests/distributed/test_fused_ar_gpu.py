@@ -1,0 +1,207 @@
+"""GPU pair: tpfuse's fused all-reduce + add + RMSNorm (+quant) kernels (``tpfuse_oneshot`` / ``tpfuse_twoshot``,
+:mod:`tpfuse.backends.symm`) vs the fp64 oracle; the path the dispatcher reports; CUDA-graph replays with fresh
+data; a late peer; NaN propagation; FP8 outliers on rank 1; a skipped call raising TPFusePeerTimeout."""
+
+import time
+
+import pytest
+import torch
+
+import tpfuse
+from cases import make_inputs, make_spec, oracle
+from harness import run_on_ranks
+from tpfuse.errors import TPFusePeerTimeout
+from tpfuse.tolerance import assert_close, assert_quant_close
+
+pytestmark = [pytest.mark.gpu, pytest.mark.multigpu,
+              pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs >= 2 CUDA GPUs (runs on the GPU pair)")]
+
+DT = torch.bfloat16
+EPS = 1e-6
+PATHS = ("tpfuse_oneshot", "tpfuse_twoshot")
+
+
+def _comm(path, hidden, max_tokens=8192, **cfg):
+    force = {"fused_add_rmsnorm": path, "all_reduce": path} if path else {}
+    return tpfuse.TPCommunicator(max_tokens=max_tokens, hidden_size=hidden, dtype=DT,
+                                 config=tpfuse.CommConfig(force_paths=force, **cfg))
+
+
+def _check(comm, rank, world, seed, t, h, *, kind=None, with_res=True, gemma=False, outlier=None, what=""):
+    dev = comm.device
+    inp = make_inputs(seed, world, t, h, DT, outlier_rank=outlier, device=dev)
+    ref_out, ref_res = oracle(inp, EPS, with_residual=with_res, gemma=gemma)
+    spec = make_spec(kind, dev, ref_out)
+    out, res = comm.fused_add_rmsnorm(inp.xs[rank], inp.residual if with_res else None, inp.weight, EPS,
+                                      quant=spec, gemma=gemma)
+    assert comm.last_path["fused_add_rmsnorm"] == comm.plan(t).path("fused_add_rmsnorm"), what
+    tag = f"{what} T={t} H={h} quant={kind} res={with_res} gemma={gemma}"
+    assert_close(res, ref_res, DT, tag + " residual_out")
+    if spec is None:
+        assert out.dtype == DT and out.shape == (t, h)
+        assert_close(out, ref_out, DT, tag + " out")
+    else:
+        assert_quant_close(_on_cpu(out), ref_out, tag + " out")
+
+
+def _on_cpu(qa):
+    """The quantized output with its spec's scale tensors on the CPU (the tolerance oracle quantizes on the CPU)."""
+    spec = qa.spec
+    if isinstance(spec, tpfuse.FP8Static):
+        spec = tpfuse.FP8Static(spec.scale.cpu())
+    elif isinstance(spec, tpfuse.NVFP4):
+        spec = tpfuse.NVFP4(spec.global_scale.cpu(), spec.layout)
+    return tpfuse.QuantizedActivation(data=qa.data.cpu(), scale=qa.scale.cpu(), spec=spec, orig_dtype=qa.orig_dtype,
+                                      shape=qa.shape)
+
+
+def _sweep(rank, world, path, hidden, tokens, kinds):
+    comm = _comm(path, hidden)
+    assert comm.workspace is not None
+    n = 0
+    for i, t in enumerate(tokens):
+        for kind in kinds:
+            _check(comm, rank, world, 100 + i, t, hidden, kind=kind, what=path)
+            n += 1
+        _check(comm, rank, world, 200 + i, t, hidden, with_res=False, what=path)
+        _check(comm, rank, world, 300 + i, t, hidden, gemma=True, what=path)
+        # plain all-reduce through the same kernels
+        inp = make_inputs(400 + i, world, t, hidden, DT, device=comm.device)
+        y = comm.all_reduce(inp.xs[rank])
+        assert comm.last_path["all_reduce"] == path
+        assert_close(y, inp.total(), DT, f"{path} all_reduce T={t}")
+    torch.cuda.synchronize()
+    comm.close()
+    return n
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("hidden,tokens", [(4096, [1, 2, 3, 7, 64, 127, 1000, 2049, 8192]),
+                                           (5120, [1, 5, 333]), (2880, [1, 17, 4095]), (2048, [3, 8191])])
+def test_fused_ar_bf16_fp8(path, hidden, tokens):
+    assert run_on_ranks(_sweep, 2, path, hidden, tokens, [None, "fp8_static"], backend="nccl", timeout_s=400)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_fused_ar_other_formats(path):
+    kinds = ["fp8_token", "fp8_group128", "fp8_group64", "nvfp4", "nvfp4_linear"]
+    assert run_on_ranks(_sweep, 2, path, 4096, [1, 3, 200, 1025], kinds, backend="nccl", timeout_s=400)
+
+
+def _outliers_nan(rank, world, path):
+    comm = _comm(path, 4096)
+    for kind in ("fp8_static", "fp8_token", "fp8_group128", "nvfp4"):
+        for t in (1, 33, 600):
+            _check(comm, rank, world, 7, t, 4096, kind=kind, outlier=1, what=f"{path} outlier rank 1")
+    # NaN / Inf on rank 0 propagate to every rank's output
+    inp = make_inputs(8, world, 9, 4096, DT, device=comm.device)
+    inp.xs[0][2, 5] = float("nan")
+    inp.xs[0][4, 7] = float("inf")
+    ref_out, ref_res = oracle(inp, EPS)
+    out, res = comm.fused_add_rmsnorm(inp.xs[rank], inp.residual, inp.weight, EPS)
+    assert torch.isnan(out[2]).all() and torch.isnan(res[2, 5]) and torch.isinf(res[4, 7])
+    fin = torch.isfinite(ref_res)
+    assert torch.equal(torch.isfinite(res), fin) and torch.equal(torch.isnan(res), torch.isnan(ref_res))
+    assert_close(res[fin], ref_res[fin], DT, "NaN/Inf residual_out (finite part)")
+    assert torch.equal(torch.isnan(out), torch.isnan(ref_out))  # rows 2 and 4 (Inf -> Inf/Inf = NaN) are NaN
+    ok = ~torch.isnan(ref_out)
+    assert_close(out[ok], ref_out[ok], DT, "NaN out (other rows)")
+    torch.cuda.synchronize()
+    comm.close()
+    return True
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_outliers_and_nan(path):
+    assert run_on_ranks(_outliers_nan, 2, path, backend="nccl", timeout_s=300) == [True, True]
+
+
+def _graph_late_auto(rank, world, path, t):
+    h = 4096
+    comm = _comm(path, h)
+    dev = comm.device
+    # late peer: rank 1 arrives ~100 ms late
+    for i in range(3):
+        if rank == 1:
+            torch.cuda._sleep(200_000_000)
+        _check(comm, rank, world, 50 + i, t, h, kind="fp8_static" if i == 2 else None, what=f"{path} late peer")
+    # CUDA graph of two calls, 1000 replays with fresh data copied into the static inputs
+    inp = make_inputs(60, world, t, h, DT, device=dev)
+    sx, sres, w = inp.xs[rank].clone(), inp.residual.clone(), inp.weight
+    spec = tpfuse.quant.FP8Static(torch.tensor(0.05, device=dev))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        comm.fused_add_rmsnorm(sx, sres, w, EPS)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out1, res1 = comm.fused_add_rmsnorm(sx, sres, w, EPS)
+        out2, res2 = comm.fused_add_rmsnorm(res1, res1, w, EPS, quant=spec)
+    gen = torch.Generator(device=dev)
+    checked = 0
+    for it in range(1000):
+        gen.manual_seed(1000 + it)
+        xs = [torch.randn(t, h, device=dev, generator=gen).to(DT) for _ in range(world)]
+        r = torch.randn(t, h, device=dev, generator=gen).to(DT)
+        sx.copy_(xs[rank])
+        sres.copy_(r)
+        g.replay()
+        if it % 97 == 0 or it == 999:
+            s = sum(x.double() for x in xs) + r.double()
+            assert_close(res1, s, DT, f"graph replay {it} residual_out 1")
+            assert_close(out1, tpfuse.reference.rmsnorm_math(s, w.double(), EPS), DT, f"graph replay {it} out 1")
+            s2 = res1.double() * world + res1.double()
+            assert_close(res2, s2, DT, f"graph replay {it} residual_out 2")
+            assert_quant_close(_on_cpu(out2), tpfuse.reference.rmsnorm_math(s2, w.double(), EPS), f"graph replay {it} out 2")
+            checked += 1
+    torch.cuda.synchronize()
+    comm.synchronize()
+    comm.close()
+    return checked
+
+
+@pytest.mark.parametrize("path,t", [("tpfuse_oneshot", 5), ("tpfuse_twoshot", 301)])
+def test_graph_replays_and_late_peer(path, t):
+    assert run_on_ranks(_graph_late_auto, 2, path, t, backend="nccl", timeout_s=400) == [12, 12]
+
+
+def _auto(rank, world):
+    comm = _comm(None, 4096)
+    paths = set()
+    for i, t in enumerate([1, 64, 256, 257, 1024, 4096, 8192]):
+        _check(comm, rank, world, 70 + i, t, 4096, what="auto")
+        paths.add(comm.last_path["fused_add_rmsnorm"])
+    torch.cuda.synchronize()
+    comm.close()
+    return sorted(paths)
+
+
+def test_auto_dispatch_reports_the_path_that_ran():
+    res = run_on_ranks(_auto, 2, backend="nccl", timeout_s=300)
+    assert res[0] == res[1] and {"tpfuse_oneshot", "tpfuse_twoshot"} <= set(res[0]), res
+
+
+def _skip_call(rank, world, path):
+    comm = _comm(path, 2048, max_tokens=64, timeout_s=5.0)
+    inp = make_inputs(1, world, 8, 2048, DT, device=comm.device)
+    comm.fused_add_rmsnorm(inp.xs[rank], inp.residual, inp.weight, EPS)
+    comm.synchronize()
+    if rank == 1:
+        return "skipped"  # rank 1 skips the next call: rank 0 must give up within timeout_s, not hang
+    t0 = time.monotonic()
+    comm.fused_add_rmsnorm(inp.xs[rank], inp.residual, inp.weight, EPS)
+    with pytest.raises(TPFusePeerTimeout, match="peer did not arrive within 5 s"):
+        comm.synchronize()
+    waited = time.monotonic() - t0
+    assert 4.0 <= waited < 30.0, waited
+    with pytest.raises(TPFusePeerTimeout):  # stays broken
+        comm.fused_add_rmsnorm(inp.xs[rank], inp.residual, inp.weight, EPS)
+    comm.close()
+    return round(waited, 2)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_skipped_call_raises_peer_timeout(path):
+    res = run_on_ranks(_skip_call, 2, path, backend="nccl", timeout_s=120)
+    assert res[1] == "skipped" and isinstance(res[0], float), res

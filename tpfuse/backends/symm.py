@@ -1,0 +1,251 @@
+"""``tpfuse_oneshot`` / ``tpfuse_twoshot``: tpfuse's fused all-reduce (+ residual add + RMSNorm + quant) kernels
+over one torch symmetric-memory workspace per communicator (kernels: :mod:`tpfuse.kernels.fused_allreduce`).
+
+Workspace (allocated once by :func:`allocate`, collective over ``comm.group``; released by ``close()``): one
+symmetric uint8 buffer per rank, regions aligned to 256 bytes:
+
+================  =====================================================  ==========================================
+region            size                                                   use
+================  =====================================================  ==========================================
+flags             int32 ``3 * G * TP``                                   barrier flags (one-shot; two-shot A and B)
+one-shot slots    ``2 x TP x C1 x H`` input dtype                        parity double buffer of pushed partials
+two-shot slots    ``TP x S x H`` input dtype, ``S = ceil(max_tokens/TP)``  pushed partials of this rank's range
+stage out         ``S x H x itemsize`` bytes                              finished output rows (any format)
+stage residual    ``S x H`` input dtype                                   finished residual rows
+stage scales      ``S x H / 4`` bytes                                     their scales (fp32 or e4m3, row-major)
+================  =====================================================  ==========================================
+
+``C1 = min(max_tokens, 64 MiB / (2 * TP * H * itemsize))`` rows: larger one-shot calls run as several launches of
+``C1`` rows. ``G`` (programs per launch, at most one per SM) is agreed on by every rank at construction.
+
+Launches do no host sync and allocate only their outputs, so they can be captured in CUDA graphs. Every call of
+an op must be issued on the same stream on every call (the kernels' buffer reuse relies on stream order).
+A peer that does not arrive within ``CommConfig.timeout_s`` makes the kernel set a flag in pinned host memory;
+:meth:`SymmWorkspace.check` raises :class:`~tpfuse.errors.TPFusePeerTimeout` and marks the workspace broken.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..dispatch import register
+from ..errors import TPFusePeerTimeout
+from ..sharding import shard_rows
+
+ONESHOT_BYTES = 64 << 20
+_ALIGN = 256
+
+
+def _up(n: int, a: int = _ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+class SymmWorkspace:
+    """The symmetric buffer, its typed views, device counters and the pinned error flag of one communicator."""
+
+    def __init__(self, comm):
+        import torch.distributed as dist
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.tp, self.rank, self.hidden, self.dtype = comm.tp, comm.rank, comm.hidden_size, comm.dtype
+        self.timeout_s = float(comm.config.timeout_s)
+        dev = comm.device
+        self.device = dev
+        sms = torch.tensor([torch.cuda.get_device_properties(dev).multi_processor_count], device=dev)
+        dist.all_reduce(sms, op=dist.ReduceOp.MIN, group=comm.group)
+        self.grid = int(sms.item())
+        h, isz, tp, g = self.hidden, self.dtype.itemsize, self.tp, self.grid
+        self.cap1 = max(1, min(comm.max_tokens, ONESHOT_BYTES // (2 * tp * h * isz)))
+        self.cap2 = shard_rows(comm.max_tokens, tp)
+        off = 0
+        layout = {}
+        for name, nbytes in (("flags", 3 * g * tp * 4), ("x1", 2 * tp * self.cap1 * h * isz),
+                             ("x2", tp * self.cap2 * h * isz), ("st_out", self.cap2 * h * isz),
+                             ("st_res", self.cap2 * h * isz), ("st_sc", self.cap2 * _up(h // 4 + 4, 16))):
+            layout[name] = (off, nbytes)
+            off = _up(off + nbytes)
+        self.nbytes = off
+        self.buf = symm_mem.empty(off, dtype=torch.uint8, device=dev)
+        self.hdl = symm_mem.rendezvous(self.buf, comm.group)
+        ptrs = [int(p) for p in self.hdl.buffer_ptrs]
+        me = ptrs[self.rank]
+        self.deltas = torch.tensor([p - me for p in ptrs], dtype=torch.int64, device=dev)
+        self._layout = layout
+        self.flags = self._view("flags", torch.int32)
+        self.x1 = self._view("x1", self.dtype)
+        self.x2 = self._view("x2", self.dtype)
+        self.st_res = self._view("st_res", self.dtype)
+        self.flags.zero_()
+        self.epochs = torch.zeros(2, g, dtype=torch.int32, device=dev)
+        self.err = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+        self.broken: Optional[str] = None
+        torch.cuda.synchronize(dev)
+        dist.barrier(group=comm.group, device_ids=[dev.index])  # every rank's flags are zero before any use
+
+    def _view(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        off, nbytes = self._layout[name]
+        return self.buf[off: off + nbytes].view(dtype)
+
+    # ------------------------------------------------------------------------------------------------------
+    def check(self) -> None:
+        """Raise :class:`TPFusePeerTimeout` if a kernel of this workspace timed out (reads pinned memory; no sync)."""
+        if self.broken is None and int(self.err[0]) != 0:
+            self.broken = (f"peer did not arrive within {self.timeout_s:g} s (CommConfig.timeout_s) in a tpfuse "
+                           f"symmetric-memory kernel on rank {self.rank} of TP={self.tp}: a peer died, skipped a "
+                           f"call or called with different arguments; this communicator is broken, build a new "
+                           f"one (after re-initialising the process group if a peer died)")
+        if self.broken is not None:
+            raise TPFusePeerTimeout(self.broken)
+
+    def close(self) -> None:
+        self.buf = self.hdl = self.x1 = self.x2 = self.st_res = self.flags = None
+
+    # ------------------------------------------------------------------------------------------------------
+    def _common(self, x, residual, weight, quant, gemma, norm):
+        from .. import ops
+
+        t, h = x.shape
+        fmt, group, in_scale = ops.spec_to_args(quant) if norm else (0, 16, None)
+        data, scale = ops.alloc_outputs(t, h, fmt, group, x.device, x.dtype)
+        if fmt == 5:
+            scale.zero_()  # the swizzle's padding
+        res_out = torch.empty_like(x) if norm else data
+        if not x.is_contiguous():
+            x = x.contiguous()
+        if residual is not None and not residual.is_contiguous():
+            residual = residual.contiguous()
+        return x, residual, data, scale, res_out, fmt, group, in_scale
+
+    def _finish(self, data, scale, quant, x, res_out, norm):
+        from .. import ops
+
+        if not norm:
+            return data
+        t, h = x.shape
+        return ops._wrap(data, scale, quant, x, (t, h)), res_out
+
+    def oneshot(self, x, residual, weight, eps, quant, gemma, norm=True):
+        from ..kernels.fused_allreduce import _oneshot_kernel
+        from ..kernels.quant_epilogue import epilogue_args, next_pow2
+        from ..kernels.add_rmsnorm import num_warps_for
+
+        x, residual, data, scale, res_out, fmt, group, in_scale = self._common(x, residual, weight, quant, gemma,
+                                                                               norm)
+        t, h = x.shape
+        out_stride, scale_t, scale_stride, in_scale_t, n_sf, sf_pad = epilogue_args(fmt, h, data, scale, in_scale)
+        block = next_pow2(h)
+        res = residual if residual is not None else x
+        w = weight if weight is not None else x
+        for row0 in range(0, t, self.cap1):
+            n = min(self.cap1, t - row0)
+            grid = min(n, self.grid)
+            _oneshot_kernel[(grid,)](
+                x, res, w, res_out, data, out_stride, scale_t, scale_stride, in_scale_t,
+                self.x1, self.flags, self.epochs[0], self.deltas, self.err, int(self.timeout_s * 1e9),
+                row0, n, h, self.cap1, 0, float(eps), sf_pad,
+                RANK=self.rank, WORLD=self.tp, G=self.grid, HAS_RES=residual is not None, NORM=norm,
+                GEMMA=bool(gemma), FMT=fmt, BLOCK=block, GROUP=group, X_ELEM=x.element_size(),
+                num_warps=num_warps_for(block))
+        return self._finish(data, scale, quant, x, res_out, norm)
+
+    def twoshot(self, x, residual, weight, eps, quant, gemma, norm=True):
+        from ..kernels.fused_allreduce import _twoshot_kernel
+        from ..kernels.quant_epilogue import epilogue_args, next_pow2
+        from ..kernels.add_rmsnorm import num_warps_for
+        from .. import quant as q
+
+        x, residual, data, scale, res_out, fmt, group, in_scale = self._common(x, residual, weight, quant, gemma,
+                                                                               norm)
+        t, h = x.shape
+        if t == 0:
+            return self._finish(data, scale, quant, x, res_out, norm)
+        out_stride, scale_t, scale_stride, in_scale_t, n_sf, sf_pad = epilogue_args(fmt, h, data, scale, in_scale)
+        shard = shard_rows(t, self.tp)
+        block = next_pow2(h)
+        # staged views in the output's dtype / the scale's dtype
+        off, nb = self._layout["st_out"]
+        st_out = self.buf[off: off + nb].view(data.dtype)
+        off, nb = self._layout["st_sc"]
+        if fmt in (2, 3):
+            st_sc, sc_elem = self.buf[off: off + nb].view(torch.float32), 4
+            n_sc = 1 if fmt == 2 else h // group
+        elif fmt in (4, 5):
+            st_sc, sc_elem, n_sc = self.buf[off: off + nb].view(q.FP8_DTYPE), 1, n_sf
+        else:
+            st_sc, sc_elem, n_sc = st_out, data.element_size(), 1
+        out_cols = data.shape[1]
+        st_fmt = 4 if fmt == 5 else fmt
+        res = residual if residual is not None else x
+        w = weight if weight is not None else x
+        grid = min(shard, self.grid)
+        _twoshot_kernel[(grid,)](
+            x, res, w, res_out, data, out_stride, scale_t, scale_stride, in_scale_t,
+            self.x2, st_out, self.st_res, st_sc, self.flags, self.epochs[1], self.deltas, self.err,
+            int(self.timeout_s * 1e9), t, shard, h, self.cap2, self.grid * self.tp, float(eps), sf_pad,
+            out_cols, n_sc, n_sc,
+            RANK=self.rank, WORLD=self.tp, G=self.grid, HAS_RES=residual is not None, NORM=norm,
+            GEMMA=bool(gemma), FMT=fmt, ST_FMT=st_fmt, BLOCK=block, GROUP=group,
+            SC_BLOCK=next_pow2(max(n_sc, 16)), OUT_ELEM=data.element_size(), SC_ELEM=sc_elem,
+            X_ELEM=x.element_size(), num_warps=num_warps_for(block))
+        return self._finish(data, scale, quant, x, res_out, norm)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# construction and registration
+
+
+def _symm_reason(comm) -> Optional[str]:
+    if comm.backend != "nccl":
+        return f"needs an NCCL group with symmetric memory (this one is {comm.backend})"
+    if comm.tp < 2:
+        return "TP=1: nothing to reduce"
+    if comm.hidden_size % 16:
+        return f"hidden_size {comm.hidden_size} is not a multiple of 16"
+    try:
+        import triton  # noqa: F401
+        import torch.distributed._symmetric_memory  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return f"Triton / torch symmetric memory not importable: {e}"
+    return None
+
+
+def allocate(comm) -> Optional[SymmWorkspace]:
+    """The workspace on NCCL groups where the kernels can run (collective over ``comm.group``: every rank decides
+    alike from equal arguments), else None."""
+    if _symm_reason(comm) is not None:
+        return None
+    return SymmWorkspace(comm)
+
+
+def _available(comm) -> Optional[str]:
+    reason = _symm_reason(comm)
+    if reason:
+        return reason
+    ws = getattr(comm, "workspace", None)
+    if ws is None:
+        return "no symmetric-memory workspace (allocation failed or closed)"
+    if ws.broken:
+        return "workspace broken by a peer timeout"
+    return None
+
+
+@register("fused_add_rmsnorm", "tpfuse_oneshot", available=_available)
+def _far_one(comm, x, residual, weight, eps, *, quant, gemma):
+    return comm.workspace.oneshot(x, residual, weight, eps, quant, gemma)
+
+
+@register("fused_add_rmsnorm", "tpfuse_twoshot", available=_available)
+def _far_two(comm, x, residual, weight, eps, *, quant, gemma):
+    return comm.workspace.twoshot(x, residual, weight, eps, quant, gemma)
+
+
+@register("all_reduce", "tpfuse_oneshot", available=_available)
+def _ar_one(comm, x):
+    return comm.workspace.oneshot(x, None, None, 0.0, None, False, norm=False)
+
+
+@register("all_reduce", "tpfuse_twoshot", available=_available)
+def _ar_two(comm, x):
+    return comm.workspace.twoshot(x, None, None, 0.0, None, False, norm=False)

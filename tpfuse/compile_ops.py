@@ -1,0 +1,155 @@
+"""The communicator's ops as ``torch.library`` custom ops, so a model calling them compiles with
+``torch.compile(fullgraph=True)`` and captures into CUDA graphs.
+
+Eager calls go straight to the Python methods (no custom-op dispatch cost on the decode path). While Dynamo traces,
+each method forwards here instead: the op is opaque to the compiler (one node ``tpfuse::comm_<op>``), its fake impl
+gives the output shapes, and at run time the real impl calls the eager method, which validates, plans and runs the
+chosen path. A communicator is named in the graph by an integer handle (registered at construction, dropped at
+``close()``); quant specs travel as ``(fmt, group, scale)`` like the local ops (:func:`tpfuse.ops.spec_to_args`).
+
+Outputs: ``(data, scale, residual_out)`` for the norm ops (``scale`` is empty for bf16 and FP8-static outputs: the
+static scale is the caller's own tensor), a tensor for the others.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .sharding import shard_len
+
+_REGISTRY: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
+_NEXT = itertools.count(1)
+
+
+def register(comm) -> int:
+    handle = next(_NEXT)
+    _REGISTRY[handle] = comm
+    return handle
+
+
+def unregister(handle: int) -> None:
+    _REGISTRY.pop(handle, None)
+
+
+def _comm(handle: int):
+    comm = _REGISTRY.get(handle)
+    if comm is None:
+        from .errors import TPFuseClosedError
+
+        raise TPFuseClosedError(f"TPCommunicator handle {handle} is closed or gone")
+    return comm
+
+
+def _split(out, fmt: int, x: Tensor):
+    from . import ops
+
+    if fmt == ops.FMT_NONE:
+        return out, x.new_empty(0, dtype=torch.float32)
+    scale = x.new_empty(0, dtype=torch.float32) if fmt == ops.FMT_FP8_STATIC else out.scale
+    return out.data, scale
+
+
+def _norm_fake(handle, x, fmt, group, rows):
+    from . import ops
+
+    data, scale = ops.alloc_outputs(rows, x.shape[1], fmt, group, x.device, x.dtype)
+    return data, scale, x.new_empty(rows, x.shape[1])
+
+
+@torch.library.custom_op("tpfuse::comm_fused_add_rmsnorm", mutates_args=())
+def _fused_add_rmsnorm(handle: int, x: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float, fmt: int,
+                       group: int, in_scale: Optional[Tensor], gemma: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    from . import ops
+
+    out, res = _comm(handle).fused_add_rmsnorm(x, residual, weight, eps, quant=ops.args_to_spec(fmt, group, in_scale),
+                                               gemma=gemma)
+    return (*_split(out, fmt, x), res)
+
+
+@_fused_add_rmsnorm.register_fake
+def _(handle, x, residual, weight, eps, fmt, group, in_scale, gemma):
+    return _norm_fake(handle, x, fmt, group, x.shape[0])
+
+
+@torch.library.custom_op("tpfuse::comm_reduce_scatter_rmsnorm", mutates_args=())
+def _reduce_scatter_rmsnorm(handle: int, x: Tensor, residual_shard: Optional[Tensor], weight: Tensor, eps: float,
+                            fmt: int, group: int, in_scale: Optional[Tensor], gemma: bool
+                            ) -> Tuple[Tensor, Tensor, Tensor]:
+    from . import ops
+
+    out, res = _comm(handle).reduce_scatter_rmsnorm(x, residual_shard, weight, eps,
+                                                    quant=ops.args_to_spec(fmt, group, in_scale), gemma=gemma)
+    return (*_split(out, fmt, x), res)
+
+
+@_reduce_scatter_rmsnorm.register_fake
+def _(handle, x, residual_shard, weight, eps, fmt, group, in_scale, gemma):
+    c = _comm(handle)
+    return _norm_fake(handle, x, fmt, group, shard_len(x.shape[0], c.tp, c.rank))
+
+
+@torch.library.custom_op("tpfuse::comm_all_reduce", mutates_args=())
+def _all_reduce(handle: int, x: Tensor) -> Tensor:
+    return _comm(handle).all_reduce(x)
+
+
+@_all_reduce.register_fake
+def _(handle, x):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("tpfuse::comm_all_gather", mutates_args=())
+def _all_gather(handle: int, x_shard: Tensor, num_tokens: int) -> Tensor:
+    return _comm(handle).all_gather(x_shard, num_tokens=num_tokens)
+
+
+@_all_gather.register_fake
+def _(handle, x_shard, num_tokens):
+    return x_shard.new_empty(num_tokens, x_shard.shape[1])
+
+
+@torch.library.custom_op("tpfuse::comm_all_gather_matmul", mutates_args=())
+def _all_gather_matmul(handle: int, x_shard: Tensor, weight: Tensor, num_tokens: int) -> Tensor:
+    return _comm(handle).all_gather_matmul(x_shard, weight, num_tokens=num_tokens)
+
+
+@_all_gather_matmul.register_fake
+def _(handle, x_shard, weight, num_tokens):
+    return x_shard.new_empty(num_tokens, weight.shape[0])
+
+
+@torch.library.custom_op("tpfuse::comm_matmul_reduce_scatter", mutates_args=())
+def _matmul_reduce_scatter(handle: int, x: Tensor, weight: Tensor) -> Tensor:
+    return _comm(handle).matmul_reduce_scatter(x, weight)
+
+
+@_matmul_reduce_scatter.register_fake
+def _(handle, x, weight):
+    c = _comm(handle)
+    return x.new_empty(shard_len(x.shape[0], c.tp, c.rank), weight.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what the communicator's methods call while Dynamo traces
+
+
+def norm_op(name: str, comm, x, residual, weight, eps, quant, gemma):
+    from . import ops
+
+    fmt, group, in_scale = ops.spec_to_args(quant)
+    fn = torch.ops.tpfuse.comm_fused_add_rmsnorm if name == "fused_add_rmsnorm" else \
+        torch.ops.tpfuse.comm_reduce_scatter_rmsnorm
+    data, scale, res = fn(comm._handle, x, residual, weight, float(eps), fmt, group, in_scale, bool(gemma))
+    return ops._wrap(data, scale, quant, x, data.shape if quant is None else (data.shape[0], x.shape[1])), res
+
+
+def gather_tokens(comm, x_shard, num_tokens: Optional[int]) -> int:
+    return num_tokens if num_tokens is not None else x_shard.shape[0] * comm.tp
+
+
+__all__: List[str] = ["register", "unregister", "norm_op", "gather_tokens"]

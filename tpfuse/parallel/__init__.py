@@ -1,0 +1,20 @@
+"""Tensor-parallel wrapping of Hugging Face causal LMs (``pip install "tpfuse[hf]"``).
+
+* :func:`parallelize` - shard a ``LlamaForCausalLM`` / ``Qwen3ForCausalLM`` (or a model a :class:`TPPlan`
+  describes) in place per rank and run every all-reduce fused with the residual add and the next RMSNorm,
+  switching to the sequence-parallel form above the communicator's token threshold;
+* :class:`TPPlan`, :data:`LLAMA_PLAN`, :data:`QWEN3_PLAN` - the declarative plans;
+* :func:`load_sharded_safetensors` - fill the shards from a local safetensors checkpoint, reading only this rank's
+  slices;
+* :class:`TPKVCache` - the per-rank KV cache the parallelized forward returns.
+
+This package never imports transformers itself (models are recognised by class name).
+"""
+
+from .layers import TPDecoderLayer, TPKVCache, qk_norm_rope
+from .loading import load_sharded_safetensors
+from .plan import LLAMA_PLAN, PLANS, QWEN3_PLAN, TPPlan, plan_for
+from .wrap import ShardSpec, parallelize
+
+__all__ = ["parallelize", "TPPlan", "LLAMA_PLAN", "QWEN3_PLAN", "PLANS", "plan_for", "load_sharded_safetensors",
+           "TPKVCache", "TPDecoderLayer", "ShardSpec", "qk_norm_rope"]
