@@ -9,6 +9,7 @@ row-parallel outputs are combined with the residual stream:
 * ``nocomm``  - the floor: collectives removed (partial sums used as if reduced; local add + RMSNorm);
 * ``unfused`` - NCCL all-reduce + torch eager add + RMSNorm (a gpt-fast-style TP transform);
 * ``nccl_fused_norm`` - NCCL all-reduce + tpfuse's local fused add+RMSNorm;
+* ``tpfuse_ar`` / ``tpfuse_sp`` (prefill only) - the communicator forced into one form, to place the switch;
 * ``tpfuse``  - the communicator: ``fused_add_rmsnorm`` in the all-reduce form, and above the SP threshold the
   sequence-parallel form (``all_gather_matmul`` -> attention/MLP -> ``matmul_reduce_scatter_rmsnorm``), with
   whatever paths ``plan()`` picks on this machine.
@@ -124,12 +125,16 @@ def main():
     decode = [1, 64] if args.quick else [1, 8, 32, 64, 256]
     prefill = [1024, 4096] if args.quick else [1024, 4096, 8192, 16384]
     providers = ["nocomm", "unfused", "nccl_fused_norm", "tpfuse"]
+    # prefill also runs tpfuse forced into each form, so the AR -> SP switch can be placed from data
+    forced = {"tpfuse_ar": tpfuse.CommConfig(sp_min_tokens=1 << 30), "tpfuse_sp": tpfuse.CommConfig(sp_min_tokens=1)}
     rows = []
     for model in args.models.split(","):
         shape = SHAPES[model]
         gen = torch.Generator(device=dev).manual_seed(7 + rank)
         stack = Stack(shape, args.layers, tp, rank, dev, gen)
         comm = tpfuse.TPCommunicator(max_tokens=max(prefill + decode), hidden_size=shape["h"], dtype=torch.bfloat16)
+        forced_comms = {k: tpfuse.TPCommunicator(max_tokens=max(prefill), hidden_size=shape["h"], dtype=torch.bfloat16,
+                                                 config=cfg) for k, cfg in forced.items()}
         for mode, sizes in (("decode", decode), ("prefill", prefill)):
             for t in sizes:
                 h_in = torch.randn(t, shape["h"], device=dev, dtype=torch.bfloat16, generator=gen)
@@ -139,10 +144,12 @@ def main():
                                                 dtype=torch.bfloat16, generator=gen) for _ in range(2))
                               for _ in range(args.layers)]
                 res = {}
-                for prov in providers:
-                    comm.last_path.clear()
+                for prov in providers + (list(forced) if mode == "prefill" else []):
+                    c = forced_comms.get(prov, comm)
+                    c.last_path.clear()
+                    kind = "tpfuse" if prov in forced else prov
                     try:
-                        us, timing = common.time_us(lambda: stack.forward(prov, comm, h_in, mode, caches),
+                        us, timing = common.time_us(lambda: stack.forward(kind, c, h_in, mode, caches),
                                                     calls=1, replays=10 if t < 8192 else 5)
                     except Exception as ex:
                         us, timing = float("nan"), f"error: {type(ex).__name__}: {ex}"[:200]
@@ -152,8 +159,8 @@ def main():
                     res[prov] = float(us_t.item())
                     rows.append({"model": model, "mode": mode, "tokens": t, "layers": args.layers, "provider": prov,
                                  "us_per_step": res[prov], "us_per_layer": res[prov] / args.layers,
-                                 "timing": timing, "plan_mode": comm.plan(t).mode if prov == "tpfuse" else None,
-                                 "paths": dict(comm.last_path) if prov == "tpfuse" else None})
+                                 "timing": timing, "plan_mode": c.plan(t).mode if kind == "tpfuse" else None,
+                                 "paths": dict(c.last_path) if kind == "tpfuse" else None})
                 if rank == 0:
                     cells = "  ".join(f"{p}={v:.0f}" for p, v in res.items())
                     print(f"[{model} {mode} {t}] us/step ({args.layers} layers): {cells}  "
@@ -161,6 +168,8 @@ def main():
                           f"tpfuse/unfused={res['tpfuse'] / res['unfused']:.3f} (plan: {comm.plan(t).mode})",
                           flush=True)
         comm.close()
+        for c in forced_comms.values():
+            c.close()
         del stack
         torch.cuda.empty_cache()
     if rank == 0:

@@ -14,11 +14,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export TPFUSE_COMMIT=${TPFUSE_COMMIT:-unknown}  # pass the commit in: the device copy has no .git
 status=0
-run() {  # run NAME CMD...: log to $OUT/NAME.log, remember failures, keep going
+run() {  # run NAME CMD...: log to $OUT/NAME.log, at most ${LIMIT_<NAME>:-600} s, remember failures, keep going
   local name=$1; shift
-  echo "=== $name: $*"
+  local lim_var="LIMIT_${name}"; local lim=${!lim_var:-600}
+  echo "=== $name (limit ${lim}s): $*"
   local t0=$SECONDS
-  "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  timeout -k 10 "$lim" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
   tail -n 25 "$OUT/$name.log"
   echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
   [[ $rc -eq 0 ]] || status=1

@@ -141,5 +141,5 @@ def test_malformed_tables_are_rejected(tmp_path, mutate, match):
 def test_table_rows_cite_their_source():
     for row in thresholds.load().rows:
         assert row.source.get("kind"), f"row {row.key()} has no source"
-        if row.source["kind"] in ("seeded", "measured"):
+        if row.source["kind"] in ("seeded", "measured", "measured+seeded"):
             assert row.source.get("file") and row.source.get("device"), row.key()
