@@ -24,18 +24,18 @@ run() {  # run NAME CMD...: log to $OUT/NAME.log, at most ${LIMIT_<NAME>:-600} s
   echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
   [[ $rc -eq 0 ]] || status=1
 }
-tr2() { python3 -m torch.distributed.run --standalone --nproc-per-node="$ngpu" "$@"; }
+TR2=(python3 -m torch.distributed.run --standalone --nproc-per-node="$ngpu")  # an array: `timeout` runs it
 for s in "${steps[@]}"; do
   case "$s" in
     env) run env bash -c 'nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.nccl.version())"; python3 -c "import flashinfer; print(\"flashinfer\", flashinfer.__version__)" || true' ;;
     tests) run tests python3 -m pytest -q -rs ${TEST_ARGS:-tests} ;;
-    async_tp) [[ $ngpu -ge 2 ]] && run async_tp tr2 bench/bench_async_tp.py ${ASYNC_TP_ARGS:-} ;;
-    fused_ar) [[ $ngpu -ge 2 && -f bench/bench_fused_ar.py ]] && run fused_ar tr2 bench/bench_fused_ar.py ${FUSED_AR_ARGS:-} ;;
-    e2e) [[ $ngpu -ge 2 ]] && run e2e tr2 bench/bench_e2e.py ${E2E_ARGS:-} ;;
+    async_tp) [[ $ngpu -ge 2 ]] && run async_tp "${TR2[@]}" bench/bench_async_tp.py ${ASYNC_TP_ARGS:-} ;;
+    fused_ar) [[ $ngpu -ge 2 && -f bench/bench_fused_ar.py ]] && run fused_ar "${TR2[@]}" bench/bench_fused_ar.py ${FUSED_AR_ARGS:-} ;;
+    e2e) [[ $ngpu -ge 2 ]] && run e2e "${TR2[@]}" bench/bench_e2e.py ${E2E_ARGS:-} ;;
     local) [[ -f bench/bench_local.py ]] && run local python3 bench/bench_local.py ${LOCAL_ARGS:-} ;;
     rope) [[ -f bench/bench_rope.py ]] && run rope python3 bench/bench_rope.py ${ROPE_ARGS:-} ;;
-    tune) [[ $ngpu -ge 2 ]] && run tune tr2 bench/tune.py --out "$OUT/thresholds_tp${ngpu}_$(python3 -c 'import sys; sys.path.insert(0,"bench"); import common; print(common.device_slug())').json" ${TUNE_ARGS:-} ;;
-    demo) [[ $ngpu -ge 2 ]] && run demo tr2 -m tpfuse.demo --tokens 1,16,256,4096,16384 ;;
+    tune) [[ $ngpu -ge 2 ]] && run tune "${TR2[@]}" bench/tune.py --out "$OUT/thresholds_tp${ngpu}_$(python3 -c 'import sys; sys.path.insert(0,"bench"); import common; print(common.device_slug())').json" ${TUNE_ARGS:-} ;;
+    demo) [[ $ngpu -ge 2 ]] && run demo "${TR2[@]}" -m tpfuse.demo --tokens 1,16,256,4096,16384 ;;
     *) echo "unknown step $s"; status=1 ;;
   esac
 done
