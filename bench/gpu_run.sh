@@ -8,6 +8,7 @@ OUT=${OUT:-bench/results/gpu-run}; mkdir -p "$OUT"; export OUT
 steps=("$@"); [[ ${#steps[@]} -gt 0 ]] || steps=(env tests async_tp fused_ar local rope e2e tune demo)
 ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 python3 -m pip install -q --no-deps --no-build-isolation --no-index . 2>&1 | grep -v WARNING
+rm -rf .site  # never reuse packages a previous call installed
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target .site .whl/*.whl 2>&1 | grep -v WARNING
   export PYTHONPATH=$PWD/.site:${PYTHONPATH:-} FLASHINFER_CUDA_ARCH_LIST=9.0a
