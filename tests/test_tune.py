@@ -31,6 +31,9 @@ def test_choose_buckets_hysteresis_and_correctness():
     # a win by less than 3% does not flip the bucket
     res = _res({"a": [(10, True), (10, True), (10, True)], "b": [(11, True), (9.8, True), (11, True)]})
     assert tune.choose(res, [1, 2, 4], 4, 2)[1] == ["a", "a", "a"]
+    # the reference path (the oracle) wins only by more than the hysteresis
+    res = _res({"reference": [(10, True), (5, True)], "nccl": [(10.2, True), (9, True)]})
+    assert tune.choose(res, [1, 2], 4, 2)[1] == ["nccl", "reference"]
 
 
 def test_tuner_run_writes_a_loadable_table(tmp_path):

@@ -60,7 +60,8 @@ def assert_quant_close(qa, ref: torch.Tensor, what: str = "") -> None:
     if isinstance(spec, q.NVFP4):
         t, h = qa.shape
         gs = spec.global_scale.float().reshape(()).cpu()
-        ref_q = q.quantize(ref32.cpu(), spec)
+        # the oracle is quantized on the CPU: with a CPU copy of the spec (its scale may live on the GPU)
+        ref_q = q.quantize(ref32.cpu(), q.NVFP4(gs, layout=spec.layout))
         sf_out = (q.unswizzle_128x4(qa.scale.cpu(), t, h) if spec.layout == "swizzled128x4" else qa.scale.cpu()).float()
         sf_ref = (q.unswizzle_128x4(ref_q.scale, t, h) if spec.layout == "swizzled128x4" else ref_q.scale).float()
         both = ~(torch.isnan(sf_out) | torch.isnan(sf_ref))

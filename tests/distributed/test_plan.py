@@ -75,9 +75,11 @@ def test_shipped_table_sm90_tp2():
     # the shipped table: decode sizes take the one-shot kernel, prefill sizes switch to sequence parallelism
     mode, pref, path, table = run_on_ranks(_shipped_plan, 2, 8192, 1, "sm90")[0]
     assert (mode, pref, path) == ("allreduce", "tpfuse_oneshot", "reference")
-    assert table.endswith("[sm90/tp2/*]") and "default.json" in table
-    mode, _, _, _ = run_on_ranks(_shipped_plan, 2, 8192, 16384, "sm90")[0]
-    assert mode == "sequence_parallel"
+    assert table.endswith("[sm90/tp2/bfloat16/h8192]") and "default.json" in table  # the tuned row for hidden 8192
+    assert run_on_ranks(_shipped_plan, 2, 5120, 1, "sm90")[0][3].endswith("[sm90/tp2/*]")  # other hiddens
+    # the AR -> SP switch at 64 MiB (E2E measurement): 4095 x 8192 x 2 B is below it, 4096 tokens reach it
+    assert run_on_ranks(_shipped_plan, 2, 8192, 4095, "sm90")[0][0] == "allreduce"
+    assert run_on_ranks(_shipped_plan, 2, 8192, 4096, "sm90")[0][0] == "sequence_parallel"
     # the CPU row: only the reference path; the SP switch at 1 MiB (hidden 256 bf16: 2048 tokens)
     assert run_on_ranks(_shipped_plan, 2, 256, 2047, None)[0][:3] == ("allreduce", "reference", "reference")
     assert run_on_ranks(_shipped_plan, 2, 256, 2048, None)[0][0] == "sequence_parallel"
