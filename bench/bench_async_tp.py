@@ -136,29 +136,9 @@ def main():
 
 
 def _plot(path, rows, hdr):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    keys = sorted({(r["model"], r["side"]) for r in rows})
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.8), squeeze=False)
-    for ax, (model, side) in zip(axes[0], keys):
-        sel = [r for r in rows if (r["model"], r["side"]) == (model, side)]
-        base = {r["M"]: r["median_us"] for r in sel if r["provider"] == "gemm_only"}
-        for prov in sorted({r["provider"] for r in sel} - {"gemm_only"}):
-            pts = sorted((r["M"], r["median_us"] / base[r["M"]]) for r in sel if r["provider"] == prov)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=prov)
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.axhline(1.03, color="gray", ls="--", lw=0.8)
-        ax.set(xscale="log", xlabel="M (tokens)", ylabel="time / GEMM-only", title=f"{model} {side}")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"async TP, TP={hdr['tp']}, {hdr['device']}, {hdr['commit'][:10]}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return common.plot_ratio_panels(path, rows, panel=("model", "side"), x="M", y="median_us", baseline="gemm_only",
+                                    ylabel="time / GEMM-only", xlabel="M (tokens)", refs=(1.0, 1.03),
+                                    title=f"async TP, TP={hdr['tp']}, {hdr['device']}, {hdr['commit'][:10]}")
 
 
 if __name__ == "__main__":

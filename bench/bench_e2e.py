@@ -183,29 +183,11 @@ def main():
 
 
 def _plot(path, rows, hdr):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    keys = sorted({(r["model"], r["mode"]) for r in rows})
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.8), squeeze=False)
-    for ax, (model, mode) in zip(axes[0], keys):
-        sel = [r for r in rows if (r["model"], r["mode"]) == (model, mode)]
-        floor = {r["tokens"]: r["us_per_step"] for r in sel if r["provider"] == "nocomm"}
-        for prov in sorted({r["provider"] for r in sel} - {"nocomm"}):
-            pts = sorted((r["tokens"], r["us_per_step"] / floor[r["tokens"]]) for r in sel if r["provider"] == prov)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=prov)
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set(xscale="log", xlabel="batch" if mode == "decode" else "tokens", ylabel="time / no-comm floor",
-               title=f"{model} {mode}")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"E2E TP={hdr['tp']} {hdr['layers']} layers, {hdr['device']}, {hdr['commit'][:10]}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return common.plot_ratio_panels(path, rows, panel=("model", "mode"), x="tokens", y="us_per_step",
+                                    baseline="nocomm", ylabel="time / no-comm floor",
+                                    xlabel=lambda key: "batch" if key[1] == "decode" else "tokens",
+                                    title=f"E2E TP={hdr['tp']} {hdr['layers']} layers, {hdr['device']}, "
+                                          f"{hdr['commit'][:10]}")
 
 
 if __name__ == "__main__":

@@ -14,19 +14,18 @@ Writes ``local_<device-slug>.json`` and ``local_<op>_<device-slug>.png``; prints
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import re
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
 from tpfuse import ops  # noqa: E402
 from tpfuse import quant as q  # noqa: E402
@@ -147,10 +146,8 @@ def main():
     try:
         import flashinfer  # noqa: F401
         from flashinfer.norm import fused_add_rmsnorm as fi_fused_add_rmsnorm
-        fi_version = getattr(flashinfer, "__version__", "unknown")
-    except Exception:  # noqa: BLE001
-        fi_fused_add_rmsnorm, fi_version = None, None
-    import triton
+    except Exception:  # noqa: BLE001  (its version, when present, is in the results header)
+        fi_fused_add_rmsnorm = None
 
     if args.quick:
         tokens_norm, hiddens, tokens_silu = [1, 16, 1024, 8192], [4096, 8192], [1, 1024, 8192]
@@ -232,19 +229,9 @@ def main():
         torch.cuda.empty_cache()
 
     # ---------------- output
-    name = torch.cuda.get_device_name()
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    try:
-        res = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-        commit = res.stdout.strip() if res.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", res.stdout.strip()) else ""
-    except Exception:  # noqa: BLE001
-        commit = ""
-    header = dict(device=name, commit=commit or os.environ.get("TPFUSE_COMMIT", "unknown"),
-                  torch=torch.__version__, triton=triton.__version__, flashinfer=fi_version,
-                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  calls_per_graph=CALLS_PER_GRAPH, quick=args.quick, elapsed_s=round(time.time() - t_start, 1),
-                  skipped_over_budget=[list(s) for s in skipped])
+    slug = common.device_slug()
+    header = common.header("local", calls_per_graph=CALLS_PER_GRAPH, quick=args.quick,
+                           elapsed_s=round(time.time() - t_start, 1), skipped_over_budget=[list(s) for s in skipped])
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, f"local_{slug}.json")
     with open(path, "w") as fh:

@@ -63,13 +63,7 @@ def rope_native(positions, q, k, cache, head_dim, is_neox=True):
     t = positions.shape[0]
 
     def apply(x):
-        x = x.view(t, -1, head_dim).float()
-        c, s = cos[:, None, :], sin[:, None, :]
-        if is_neox:
-            x1, x2 = x.chunk(2, dim=-1)
-            return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
+        return R.rope_math(x.view(t, -1, head_dim).float(), cos, sin, is_neox)
 
     return apply(q).to(q.dtype).view(t, -1), apply(k).to(k.dtype).view(t, -1)
 

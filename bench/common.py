@@ -142,3 +142,36 @@ def time_us(fn: Callable[[], object], *, calls: int = 10, replays: int = 30, use
         end.synchronize()
         samples.append(start.elapsed_time(end) * 1e3 / calls)
     return statistics.median(samples), mode
+
+
+def plot_ratio_panels(path: str, rows: list, *, panel: tuple, x: str, y: str, baseline: str, ylabel: str,
+                      title: str, xlabel=None, refs=(1.0,)) -> Optional[str]:
+    """One panel per distinct ``panel`` key (row fields), one line per provider: ``y`` divided by the
+    ``baseline`` provider's ``y`` at the same ``x``; dashed lines at ``refs``. ``xlabel``: a string, or a function
+    of the panel key. Returns the path, or None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    keys = sorted({tuple(r[f] for f in panel) for r in rows})
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.8), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        sel = [r for r in rows if tuple(r[f] for f in panel) == key]
+        base = {r[x]: r[y] for r in sel if r["provider"] == baseline}
+        for prov in sorted({r["provider"] for r in sel} - {baseline}):
+            pts = sorted((r[x], r[y] / base[r[x]]) for r in sel if r["provider"] == prov and r[x] in base)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=prov)
+        for i, ref in enumerate(refs):
+            ax.axhline(ref, color="k" if i == 0 else "gray", lw=0.8, ls="-" if i == 0 else "--")
+        ax.set(xscale="log", xlabel=xlabel(key) if callable(xlabel) else (xlabel or x), ylabel=ylabel,
+               title=" ".join(map(str, key)))
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

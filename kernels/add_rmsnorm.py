@@ -9,8 +9,8 @@ own dtype and upcast), stored in ``out``'s dtype or quantized by :func:`quant_ep
 import triton
 import triton.language as tl
 
-from .quant_epilogue import (FMT_NVFP4_SWIZZLED, cast_for_store, epilogue_args, next_pow2, nvfp4_swizzled_pad, padded_rows,
-                             quant_store)
+from .quant_epilogue import (FMT_NVFP4_SWIZZLED, epilogue_args, next_pow2, nvfp4_swizzled_pad, padded_rows,
+                             rmsnorm_quant_store)
 
 
 @triton.jit
@@ -27,15 +27,8 @@ def _add_rmsnorm_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, res_out_ptr
         s = tl.load(x_ptr + row64 * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_RES:
             s += tl.load(res_ptr + row64 * res_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(res_out_ptr + row64 * res_out_stride + cols, cast_for_store(s, res_out_ptr.dtype.element_ty), mask=mask)
-        var = tl.sum(s * s, 0) / n_cols
-        rstd = tl.math.rsqrt(var + eps)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        if GEMMA:
-            w = w + 1.0
-        y = (s * rstd) * w
-        quant_store(y, cols, mask, row, out_ptr, out_stride, scale_ptr, scale_stride, in_scale_ptr, sf_cols_padded,
-                    FMT, BLOCK, GROUP)
+        rmsnorm_quant_store(s, cols, mask, row, w_ptr, eps, n_cols, res_out_ptr, res_out_stride, out_ptr, out_stride,
+                            scale_ptr, scale_stride, in_scale_ptr, sf_cols_padded, GEMMA, FMT, BLOCK, GROUP)
     if FMT == 5:
         nvfp4_swizzled_pad(row, n_rows, scale_ptr, n_sf_cols, sf_cols_padded, PAD_BLOCK)
 

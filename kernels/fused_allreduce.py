@@ -44,7 +44,7 @@ peer's (a multiple of 2 MiB); the kernels add it to pointers into their own buff
 import triton
 import triton.language as tl
 
-from .quant_epilogue import cast_for_store, quant_store
+from .quant_epilogue import cast_for_store, quant_store, rmsnorm_quant_store
 
 
 @triton.jit
@@ -98,15 +98,8 @@ def _finish_row(s, cols, mask, row, w_ptr, eps, n_cols, res_out_ptr, out_ptr, ou
                 BLOCK: tl.constexpr, GROUP: tl.constexpr):
     row64 = row.to(tl.int64)
     if NORM:
-        tl.store(res_out_ptr + row64 * n_cols + cols, cast_for_store(s, res_out_ptr.dtype.element_ty), mask=mask)
-        var = tl.sum(s * s, 0) / n_cols
-        rstd = tl.math.rsqrt(var + eps)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        if GEMMA:
-            w = w + 1.0
-        y = (s * rstd) * w
-        quant_store(y, cols, mask, row, out_ptr, out_stride, scale_ptr, scale_stride, in_scale_ptr, sf_cols_padded,
-                    FMT, BLOCK, GROUP)
+        rmsnorm_quant_store(s, cols, mask, row, w_ptr, eps, n_cols, res_out_ptr, n_cols, out_ptr, out_stride,
+                            scale_ptr, scale_stride, in_scale_ptr, sf_cols_padded, GEMMA, FMT, BLOCK, GROUP)
     else:
         tl.store(out_ptr + row64 * n_cols + cols, cast_for_store(s, out_ptr.dtype.element_ty), mask=mask)
 

@@ -49,6 +49,10 @@ round_up(n_rows, 128)``): columns ``[n_sf_cols, sf_cols_padded)`` when ``row < n
 ``row >= n_rows``. ``n_sf_cols = H/16``; ``PAD_BLOCK`` = ``next_power_of_2(sf_cols_padded)``. A kernel that emits
 FMT 5 launches ``round_up(T, 128)`` row programs (or loops) so that every padded row gets this call once.
 
+``rmsnorm_quant_store(s, cols, mask, row, w_ptr, eps, n_cols, res_out_ptr, res_out_stride, out_ptr, out_stride,
+scale_ptr, scale_stride, in_scale_ptr, sf_cols_padded, GEMMA, FMT, BLOCK, GROUP)``: the residual-out + RMSNorm +
+quant_store tail shared by the add+RMSNorm kernels (local, SP reduce, fused all-reduce).
+
 ``fp8_dynamic_scale(amax)``, ``max_nan(a, b)``, ``row_amax(x)``: small helpers (NaN-propagating max reduction).
 """
 
@@ -219,6 +223,24 @@ def quant_store(vals, cols, mask, row, out_ptr, out_stride, scale_ptr, scale_str
             k_tiles = sf_cols_padded // 4
             off = ((m // 128) * (k_tiles * 512) + (k // 4) * 512 + (m % 32) * 16 + ((m % 128) // 32) * 4 + (k % 4))
             tl.store(scale_ptr + off, sf, mask=kmask)
+
+
+@triton.jit
+def rmsnorm_quant_store(s, cols, mask, row, w_ptr, eps, n_cols, res_out_ptr, res_out_stride, out_ptr, out_stride,
+                        scale_ptr, scale_stride, in_scale_ptr, sf_cols_padded, GEMMA: tl.constexpr, FMT: tl.constexpr,
+                        BLOCK: tl.constexpr, GROUP: tl.constexpr):
+    """The tail every add+RMSNorm kernel shares (:mod:`tpfuse.reference` contract): store ``residual_out = s``
+    rounded to its dtype; ``out = s * rsqrt(mean(s^2) + eps) * w`` (``w + 1`` when ``GEMMA``; the weight upcast from
+    its own dtype) through :func:`quant_store`. ``s``: the fp32 row (masked lanes 0), ``n_cols``: H."""
+    row64 = row.to(tl.int64)
+    tl.store(res_out_ptr + row64 * res_out_stride + cols, cast_for_store(s, res_out_ptr.dtype.element_ty), mask=mask)
+    var = tl.sum(s * s, 0) / n_cols
+    rstd = tl.math.rsqrt(var + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if GEMMA:
+        w = w + 1.0
+    quant_store((s * rstd) * w, cols, mask, row, out_ptr, out_stride, scale_ptr, scale_stride, in_scale_ptr,
+                sf_cols_padded, FMT, BLOCK, GROUP)
 
 
 @triton.jit

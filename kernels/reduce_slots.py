@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from .add_rmsnorm import num_warps_for
-from .quant_epilogue import cast_for_store, epilogue_args, next_pow2, nvfp4_swizzled_pad, padded_rows, quant_store
+from .quant_epilogue import (cast_for_store, epilogue_args, next_pow2, nvfp4_swizzled_pad, padded_rows,
+                             rmsnorm_quant_store)
 
 
 @triton.jit
@@ -35,15 +36,9 @@ def _reduce_slots_kernel(slots_ptr, slot_stride, row_stride, res_ptr, res_stride
         if NORM:
             if HAS_RES:
                 s += tl.load(res_ptr + row64 * res_stride + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(res_out_ptr + row64 * res_out_stride + cols, cast_for_store(s, res_out_ptr.dtype.element_ty),
-                     mask=mask)
-            var = tl.sum(s * s, 0) / n_cols
-            rstd = tl.math.rsqrt(var + eps)
-            w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            if GEMMA:
-                w = w + 1.0
-            quant_store((s * rstd) * w, cols, mask, row, out_ptr, out_stride, scale_ptr, scale_stride, in_scale_ptr,
-                        sf_cols_padded, FMT, BLOCK, GROUP)
+            rmsnorm_quant_store(s, cols, mask, row, w_ptr, eps, n_cols, res_out_ptr, res_out_stride, out_ptr,
+                                out_stride, scale_ptr, scale_stride, in_scale_ptr, sf_cols_padded, GEMMA, FMT, BLOCK,
+                                GROUP)
         else:
             tl.store(out_ptr + row64 * out_stride + cols, cast_for_store(s, out_ptr.dtype.element_ty), mask=mask)
     if NORM:

@@ -226,12 +226,7 @@ class TPCommunicator:
         def check():
             check_activation("x", x, hidden=self.hidden_size, dtype=self.dtype, device=self.device,
                              max_tokens=self.max_tokens)
-            if residual_shard is not None:
-                check_tensor("residual_shard", residual_shard, dtype=self.dtype, device=self.device, dim=2)
-                want = (shard_len(x.shape[0], self.tp, self.rank), self.hidden_size)
-                if tuple(residual_shard.shape) != want:
-                    raise TPFuseInputError(f"residual_shard has shape {tuple(residual_shard.shape)}, expected {want}"
-                                           f" (rank {self.rank}'s shard of {x.shape[0]} tokens over TP={self.tp})")
+            self._check_residual_shard(residual_shard, x.shape[0])
             check_norm_weight(weight, hidden=self.hidden_size, device=self.device)
             check_eps(eps)
             q.check_spec(quant, self.hidden_size, self.device)
@@ -255,6 +250,25 @@ class TPCommunicator:
                                    ("" if num_tokens is not None else
                                     " (num_tokens=None assumes equal shards; pass num_tokens for uneven ones)"))
         return t
+
+    def _check_residual_shard(self, residual_shard, num_tokens: int) -> None:
+        if residual_shard is None:
+            return
+        check_tensor("residual_shard", residual_shard, dtype=self.dtype, device=self.device, dim=2)
+        want = (shard_len(num_tokens, self.tp, self.rank), self.hidden_size)
+        if tuple(residual_shard.shape) != want:
+            raise TPFuseInputError(f"residual_shard has shape {tuple(residual_shard.shape)}, expected {want}"
+                                   f" (rank {self.rank}'s shard of {num_tokens} tokens over TP={self.tp})")
+
+    def _check_row_parallel(self, x, weight) -> None:
+        """``x_shard_k [T, K/TP]`` and ``w_shard_k [H, K/TP]`` of a row-parallel linear."""
+        check_tensor("x", x, dtype=self.dtype, device=self.device, dim=2)
+        check_tensor("weight", weight, dtype=self.dtype, device=self.device, dim=2)
+        if weight.shape != (self.hidden_size, x.shape[1]):
+            raise TPFuseInputError(f"weight has shape {tuple(weight.shape)}; expected [{self.hidden_size}, "
+                                   f"{x.shape[1]}] (out-features = hidden_size, in-features = x.shape[1])")
+        if x.shape[0] > self.max_tokens:
+            raise TPFuseInputError(f"x has {x.shape[0]} tokens, more than max_tokens={self.max_tokens}")
 
     def all_gather(self, x_shard: torch.Tensor, *, num_tokens: Optional[int] = None) -> torch.Tensor:
         """``[Ts, H]`` token shards -> ``[T, H]``. ``num_tokens`` (global T) is needed only when TP does not divide
@@ -297,13 +311,7 @@ class TPCommunicator:
         if torch.compiler.is_compiling():
             return torch.ops.tpfuse.comm_matmul_reduce_scatter(self._handle, x, weight)
         def check():
-            check_tensor("x", x, dtype=self.dtype, device=self.device, dim=2)
-            check_tensor("weight", weight, dtype=self.dtype, device=self.device, dim=2)
-            if weight.shape != (self.hidden_size, x.shape[1]):
-                raise TPFuseInputError(f"weight has shape {tuple(weight.shape)}; expected [{self.hidden_size}, "
-                                       f"{x.shape[1]}] (out-features = hidden_size, in-features = x.shape[1])")
-            if x.shape[0] > self.max_tokens:
-                raise TPFuseInputError(f"x has {x.shape[0]} tokens, more than max_tokens={self.max_tokens}")
+            self._check_row_parallel(x, weight)
         self._enter("matmul_reduce_scatter", (_shape(x), _shape(weight)), check)
         return self._run("matmul_reduce_scatter", x.shape[0], (x, weight), {})
 
@@ -317,18 +325,8 @@ class TPCommunicator:
         async-TP path sums the peers' partials, adds, normalises and quantizes in one kernel; other paths run
         the reduce-scatter (its result rounded to the input dtype), then the local fused stage."""
         def check():
-            check_tensor("x", x, dtype=self.dtype, device=self.device, dim=2)
-            check_tensor("weight", weight, dtype=self.dtype, device=self.device, dim=2)
-            if weight.shape != (self.hidden_size, x.shape[1]):
-                raise TPFuseInputError(f"weight has shape {tuple(weight.shape)}; expected [{self.hidden_size}, "
-                                       f"{x.shape[1]}] (out-features = hidden_size, in-features = x.shape[1])")
-            if x.shape[0] > self.max_tokens:
-                raise TPFuseInputError(f"x has {x.shape[0]} tokens, more than max_tokens={self.max_tokens}")
-            if residual_shard is not None:
-                check_tensor("residual_shard", residual_shard, dtype=self.dtype, device=self.device, dim=2)
-                want = (shard_len(x.shape[0], self.tp, self.rank), self.hidden_size)
-                if tuple(residual_shard.shape) != want:
-                    raise TPFuseInputError(f"residual_shard has shape {tuple(residual_shard.shape)}, expected {want}")
+            self._check_row_parallel(x, weight)
+            self._check_residual_shard(residual_shard, x.shape[0])
             check_norm_weight(norm_weight, hidden=self.hidden_size, device=self.device)
             check_eps(eps)
             q.check_spec(quant, self.hidden_size, self.device)
