@@ -63,6 +63,21 @@ def unavailable_reason(op: str, path: str, comm) -> Optional[str]:
     return _IMPLS[(op, path)][1](comm)
 
 
+def table_routes(comm, paths) -> bool:
+    """Whether ``comm`` can ever run one of ``paths``: its table row sends some size <= ``max_tokens`` there, or
+    ``CommConfig.force_paths`` names one. Backends allocate their workspaces only then."""
+    if any(p in paths for p in dict(comm.config.force_paths).values()):
+        return True
+    nbytes = comm.max_tokens * comm.hidden_size * comm.dtype.itemsize
+    for buckets in comm.row.paths.values():
+        lo = 0
+        for max_bytes, path in buckets:
+            if path in paths and lo < nbytes:
+                return True
+            lo = max_bytes if max_bytes is not None else lo
+    return False
+
+
 @dataclass(frozen=True)
 class OpChoice:
     """The decision for one op at one size."""

@@ -184,3 +184,10 @@ def _fused_row_parallel(rank, world, backend):
 @pytest.mark.parametrize("world,backend", WORLDS, ids=IDS)
 def test_matmul_reduce_scatter_rmsnorm(world, backend):
     assert run_on_ranks(_fused_row_parallel, world, backend, backend=backend) == [True] * world
+
+
+def test_tp8_fused_sp_and_row_parallel():
+    """TP=8 on gloo: the fused AR and SP forms (token counts leave several ranks with empty shards) and the fused
+    row-parallel tail, against the fp64 oracle."""
+    assert run_on_ranks(_fused_cases, 8, "gloo") == [True] * 8
+    assert run_on_ranks(_fused_row_parallel, 8, "gloo") == [True] * 8

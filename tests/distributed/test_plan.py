@@ -145,3 +145,24 @@ def test_table_rows_cite_their_source():
         assert row.source.get("kind"), f"row {row.key()} has no source"
         if row.source["kind"] in ("seeded", "measured", "measured+seeded"):
             assert row.source.get("file") and row.source.get("device"), row.key()
+
+
+def test_workspaces_are_allocated_only_where_the_table_can_route_to_them():
+    """table_routes decides whether a backend allocates its symmetric workspace (hundreds of MiB on a GPU)."""
+    from types import SimpleNamespace
+
+    from tpfuse.dispatch import table_routes
+
+    table = thresholds.load()
+
+    def fake(tp, hidden, max_tokens, force=None):
+        return SimpleNamespace(config=tpfuse.CommConfig(force_paths=force or {}), max_tokens=max_tokens,
+                               hidden_size=hidden, dtype=torch.bfloat16,
+                               row=table.lookup("sm90", tp, "bfloat16", hidden))
+
+    fused, sp = ("tpfuse_oneshot", "tpfuse_twoshot"), ("tpfuse_async_tp", "tpfuse_rs", "tpfuse_ag")
+    assert table_routes(fake(2, 8192, 16), fused)              # decode sizes take the one-shot kernel
+    assert not table_routes(fake(2, 8192, 16), sp)              # 256 KiB: nothing SP-sized fits
+    assert table_routes(fake(2, 8192, 4096), sp)                # 64 MiB reaches the SP paths
+    assert not table_routes(fake(8, 8192, 8192), fused + sp)    # TP=8 rows: NCCL only, until measured
+    assert table_routes(fake(8, 8192, 8, force={"all_reduce": "tpfuse_oneshot"}), fused)

@@ -47,7 +47,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..dispatch import register
+from ..dispatch import register, table_routes
 from ..sharding import shard_range, shard_rows
 
 # signal-pad channels (each symmetric buffer has its own pad, so channels only need to be unique per buffer)
@@ -199,19 +199,9 @@ class AsyncTPWorkspace:
 PATHS = ("tpfuse_async_tp", "tpfuse_rs", "tpfuse_ag")
 
 
-def wants_workspace(comm) -> bool:
-    """Allocate only when the table routes some size <= max_tokens to one of :data:`PATHS` (or config forces one)."""
-    forced = any(p in PATHS for p in dict(comm.config.force_paths).values())
-    nbytes = comm.max_tokens * comm.hidden_size * comm.dtype.itemsize
-    routed = any(path in PATHS for op in comm.row.paths
-                 for lo, (mb, path) in zip([0] + [b[0] for b in comm.row.paths[op][:-1]], comm.row.paths[op])
-                 if (lo or 0) < nbytes)
-    return forced or routed
-
-
 def allocate(comm) -> Optional[AsyncTPWorkspace]:
     """Build the workspace on NCCL groups with CUDA (collective over ``comm.group``; every rank decides alike)."""
-    if comm.backend != "nccl" or comm.tp == 1 or not wants_workspace(comm):
+    if comm.backend != "nccl" or comm.tp == 1 or not table_routes(comm, PATHS):
         return None
     return AsyncTPWorkspace(comm)
 

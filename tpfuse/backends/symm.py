@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from ..dispatch import register
+from ..dispatch import register, table_routes
 from ..errors import TPFusePeerTimeout
 from ..sharding import shard_rows
 
@@ -212,9 +212,10 @@ def _symm_reason(comm) -> Optional[str]:
 
 
 def allocate(comm) -> Optional[SymmWorkspace]:
-    """The workspace on NCCL groups where the kernels can run (collective over ``comm.group``: every rank decides
-    alike from equal arguments), else None."""
-    if _symm_reason(comm) is not None:
+    """The workspace on NCCL groups where the kernels can run and the table (or ``CommConfig.force_paths``) can
+    route a size <= max_tokens to them (collective over ``comm.group``: every rank decides alike from equal
+    arguments), else None."""
+    if _symm_reason(comm) is not None or not table_routes(comm, ("tpfuse_oneshot", "tpfuse_twoshot")):
         return None
     return SymmWorkspace(comm)
 
@@ -225,7 +226,7 @@ def _available(comm) -> Optional[str]:
         return reason
     ws = getattr(comm, "workspace", None)
     if ws is None:
-        return "no symmetric-memory workspace (allocation failed or closed)"
+        return "no symmetric-memory workspace (the table routes no size <= max_tokens to these kernels, or closed)"
     if ws.broken:
         return "workspace broken by a peer timeout"
     return None

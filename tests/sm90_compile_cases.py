@@ -1,0 +1,102 @@
+"""Compile every tpfuse Triton kernel for Hopper (sm_90) without a GPU: Triton's front end, LLVM and the ptxas it
+bundles run on the CPU. Run by tests/test_sm90_compile.py in a clean process (no TRITON_INTERPRET). Prints one line
+per case and exits 1 if any case fails to compile.
+
+Covers the variants a GPU run would build: every output format, TP 2/4/8 for the fused all-reduce kernels, both
+RoPE styles, bf16 and FP8 KV caches. Pointer types follow the launchers (tpfuse/ops.py, backends/symm.py,
+backends/async_tp.py, tpfuse/rope.py).
+"""
+
+import os
+import sys
+import traceback
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from tpfuse.kernels import add_rmsnorm, fused_allreduce, quantize, reduce_slots, rope, silu_mul  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+FLOATS = {"eps"}
+
+
+def out_types(fmt):
+    """(data, scale) pointer types of an output format (tpfuse.quant_epilogue FMT ids)."""
+    if fmt == 0:
+        return "*bf16", "*bf16"
+    if fmt in (4, 5):
+        return "*u8", "*fp8e4nv"
+    return "*fp8e4nv", "*fp32"
+
+
+def compile_kernel(fn, ptrs, const, num_warps=8):
+    names = fn.arg_names
+    sig = {n: ("constexpr" if n in const else ptrs.get(n, "fp32" if n in FLOATS else "i64")) for n in names}
+    src = ASTSource(fn, sig, {(names.index(k),): v for k, v in const.items()})
+    return triton.compile(src, target=TARGET, options={"num_warps": num_warps})
+
+
+def cases():
+    for fmt in range(6):
+        out_t, sc_t = out_types(fmt)
+        group = 128 if fmt == 3 else 16
+        io = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "res_out_ptr": "*bf16", "out_ptr": out_t,
+              "scale_ptr": sc_t, "in_scale_ptr": "*fp32"}
+        yield (f"add_rmsnorm fmt={fmt}", add_rmsnorm._add_rmsnorm_kernel, io,
+               dict(HAS_RES=True, GEMMA=fmt == 2, FMT=fmt, BLOCK=8192, GROUP=group, PAD_BLOCK=512))
+        yield (f"reduce_slots+norm fmt={fmt}", reduce_slots._reduce_slots_kernel, dict(io, slots_ptr="*bf16"),
+               dict(NSLOTS=2, NORM=True, HAS_RES=True, GEMMA=False, FMT=fmt, BLOCK=8192, GROUP=group, PAD_BLOCK=512))
+        if fmt:
+            yield (f"quantize fmt={fmt}", quantize._quantize_kernel, io,
+                   dict(FMT=fmt, BLOCK=4096, GROUP=group, PAD_BLOCK=512))
+        if fmt in (0, 1, 3, 5):
+            yield (f"silu_mul fmt={fmt}", silu_mul._silu_mul_kernel, io,
+                   dict(FMT=fmt, BLOCK=4096, GROUP=group, PAD_BLOCK=1024))
+    yield ("reduce_slots sum tp8", reduce_slots._reduce_slots_kernel,
+           {"slots_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "res_out_ptr": "*bf16", "out_ptr": "*bf16",
+            "scale_ptr": "*bf16", "in_scale_ptr": "*bf16"},
+           dict(NSLOTS=8, NORM=False, HAS_RES=False, GEMMA=False, FMT=0, BLOCK=8192, GROUP=16, PAD_BLOCK=1))
+    for world in (2, 4, 8):
+        for fmt in (0, 1, 5):
+            out_t, sc_t = out_types(fmt)
+            p1 = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "res_out_ptr": "*bf16", "out_ptr": out_t,
+                  "scale_ptr": sc_t, "in_scale_ptr": "*fp32", "ws_x_ptr": "*bf16", "flag_ptr": "*i32",
+                  "epoch_ptr": "*i32", "delta_ptr": "*i64", "err_ptr": "*i32"}
+            yield (f"fused_allreduce oneshot tp{world} fmt={fmt}", fused_allreduce._oneshot_kernel, p1,
+                   dict(RANK=world - 1, WORLD=world, G=132, HAS_RES=True, NORM=True, GEMMA=False, FMT=fmt,
+                        BLOCK=8192, GROUP=16, X_ELEM=2))
+            p2 = dict(p1, st_out_ptr=out_t, st_res_ptr="*bf16", st_scale_ptr=sc_t)
+            yield (f"fused_allreduce twoshot tp{world} fmt={fmt}", fused_allreduce._twoshot_kernel, p2,
+                   dict(RANK=1, WORLD=world, G=132, HAS_RES=True, NORM=True, GEMMA=True, FMT=fmt,
+                        ST_FMT=4 if fmt == 5 else fmt, BLOCK=8192, GROUP=16, SC_BLOCK=512, OUT_ELEM=1 if fmt else 2,
+                        SC_ELEM=1 if fmt in (4, 5) else 4, X_ELEM=2))
+    for neox in (True, False):
+        yield (f"qk_norm_rope neox={neox}", rope._qk_norm_rope_kernel,
+               {"qkv_ptr": "*bf16", "qw_ptr": "*bf16", "kw_ptr": "*bf16", "cs_ptr": "*fp32", "pos_ptr": "*i64"},
+               dict(HALF=64, BH=8, IS_NEOX=neox, GEMMA=False))
+    for fp8 in (False, True):
+        cache = "*fp8e4nv" if fp8 else "*bf16"
+        yield (f"rope_kv_cache_write fp8={fp8}", rope._rope_kv_cache_kernel,
+               {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "pos_ptr": "*i64", "cs_ptr": "*fp32",
+                "kc_ptr": cache, "vc_ptr": cache, "slot_ptr": "*i64", "scale_ptr": "*fp32"},
+               dict(HALF=64, BH=4, IS_NEOX=True, CACHE_FP8=fp8))
+
+
+def main() -> int:
+    failed = 0
+    for name, fn, ptrs, const in cases():
+        try:
+            compile_kernel(fn, ptrs, const)
+            print(f"ok   {name}", flush=True)
+        except Exception:  # noqa: BLE001 - report every failing case
+            failed += 1
+            print(f"FAIL {name}\n{traceback.format_exc()[-3000:]}", flush=True)
+    print(f"{failed} failed" if failed else "all kernels compile for sm_90")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
