@@ -37,7 +37,8 @@ buffer         shape                       written by
 Streams: the caller's current stream does the GEMMs and the final reduction; one side stream per communicator
 does the copies and signals. Both are joined before an op returns, so the op is stream-ordered like any torch op
 and CUDA-graph capturable (signals reset themselves). Waits go through torch symmetric memory's signal pads with
-``CommConfig.timeout_s`` as their bound. Shards are the :mod:`tpfuse.sharding` ranges; uneven ``T`` is handled
+``CommConfig.timeout_s`` as their bound; on timeout torch aborts the kernel (a CUDA error), unlike the fused
+all-reduce kernels, which raise :class:`~tpfuse.errors.TPFusePeerTimeout` - a known gap of these paths. Shards are the :mod:`tpfuse.sharding` ranges; uneven ``T`` is handled
 by per-slot row counts (no padding rows are computed).
 """
 
