@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU-machine call: install tpfuse (and FlashInfer if .whl was carried), then run the chosen steps.
-#   bash bench/gpu_run.sh [STEP ...]      steps: env tests async_tp fused_ar local rope e2e tune demo   (default: all)
+#   bash bench/gpu_run.sh [STEP ...]      steps: env tests probe_ce async_tp fused_ar local rope e2e tune demo   (default: all)
 # Logs, JSON and PNG go to $OUT (or bench/results/gpu-run when OUT is unset). Multi-GPU steps need >= 2 GPUs.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -36,7 +36,8 @@ for s in "${steps[@]}"; do
     local) [[ -f bench/bench_local.py ]] && run local python3 bench/bench_local.py ${LOCAL_ARGS:-} ;;
     rope) [[ -f bench/bench_rope.py ]] && run rope python3 bench/bench_rope.py ${ROPE_ARGS:-} ;;
     tune) [[ $ngpu -ge 2 ]] && run tune "${TR2[@]}" bench/tune.py --out "$OUT/thresholds_tp${ngpu}_$(python3 -c 'import sys; sys.path.insert(0,"bench"); import common; print(common.device_slug())').json" ${TUNE_ARGS:-} ;;
-    demo) [[ $ngpu -ge 2 ]] && run demo "${TR2[@]}" -m tpfuse.demo --tokens 1,16,256,4096,16384 ;;
+    demo) [[ $ngpu -ge 2 ]] && run demo "${TR2[@]}" -m tpfuse.demo ;;
+    probe_ce) [[ $ngpu -ge 2 ]] && run probe_ce "${TR2[@]}" bench/probe_ce.py --out "$OUT/probe_ce_tp${ngpu}.json" ;;
     *) echo "unknown step $s"; status=1 ;;
   esac
 done
