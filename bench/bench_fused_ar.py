@@ -8,7 +8,9 @@ Providers (each a full "partial sums in, (out, residual_out) out" step):
                        local add_rmsnorm
 * ``fi_oneshot`` / ``fi_twoshot``  FlashInfer ``trtllm_allreduce_fusion`` (trtllm IPC workspace; never backend
                        "auto"), when ``flashinfer`` imports and ``--flashinfer`` is given
-* ``tpfuse_oneshot`` / ``tpfuse_twoshot``  tpfuse's fused kernels (:mod:`tpfuse.backends.symm`), forced
+* ``tpfuse_oneshot`` / ``tpfuse_twoshot`` / ``tpfuse_oneshot_pipe``  tpfuse's fused kernels
+                       (:mod:`tpfuse.backends.symm`), forced; ``tpfuse_oneshot_pipe_p<N>`` (``--pipe-producers``):
+                       the pipelined one-shot with N producer programs
 * ``tpfuse_auto``      ``TPCommunicator.fused_add_rmsnorm`` as dispatched by the shipped thresholds table
 
 Timing: ``CALLS`` calls captured in one CUDA graph, replayed; median per call over replays (ranks aligned by a
@@ -80,6 +82,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--flashinfer", action="store_true", help="add FlashInfer's trtllm fused kernels (JIT ~100 s)")
     ap.add_argument("--replays", type=int, default=25)
+    ap.add_argument("--pipe-producers", default="",
+                    help="extra tpfuse_oneshot_pipe variants: comma-separated producer-program counts to time")
     ap.add_argument("--out-dir", default=common.RESULTS)
     args = ap.parse_args()
 
@@ -93,6 +97,7 @@ def main():
     hiddens = [4096, 8192]
     formats = [None, "fp8_static"]
     max_tokens = max(tokens)
+    pipe_producers = [int(v) for v in args.pipe_producers.split(",") if v]
     t_start = time.time()
 
     def barrier():
@@ -103,7 +108,8 @@ def main():
 
     rows = []
     for h in hiddens:
-        comm = tpfuse.TPCommunicator(max_tokens=max_tokens, hidden_size=h, dtype=DT)
+        comm = tpfuse.TPCommunicator(max_tokens=max_tokens, hidden_size=h, dtype=DT,
+                                     config=tpfuse.CommConfig(all_workspaces=True))  # every tpfuse path timed
         ws = comm.workspace
         symm_buf = symm_mem.empty(max_tokens * h, dtype=DT, device=dev)
         symm_mem.rendezvous(symm_buf, group.group_name)
@@ -143,14 +149,23 @@ def main():
                 provs = {"nccl+eager": nccl_eager, "nccl+tpfuse": nccl_tpfuse, "symm2shot+tpfuse": symm_two,
                          "tpfuse_oneshot": lambda: ws.oneshot(x, residual, weight, EPS, spec, False),
                          "tpfuse_twoshot": lambda: ws.twoshot(x, residual, weight, EPS, spec, False),
+                         "tpfuse_oneshot_pipe": lambda: pipe(default_producers),
                          "tpfuse_auto": lambda: comm.fused_add_rmsnorm(x, residual, weight, EPS, quant=spec)}
+
+                def pipe(producers):
+                    ws.producers = producers  # read at launch (a constexpr): each variant is its own kernel
+                    return ws.oneshot_pipe(x, residual, weight, EPS, spec, False)
+
+                default_producers = ws.producers
+                for p_count in pipe_producers:
+                    provs[f"tpfuse_oneshot_pipe_p{p_count}"] = lambda p_count=p_count: pipe(p_count)
                 if fi is not None:
                     provs["fi_oneshot"] = lambda: fi(x, residual, weight, spec, True, fi_outs)
                     if t > world:
                         provs["fi_twoshot"] = lambda: fi(x, residual, weight, spec, False, fi_outs)
                 # correctness of tpfuse's paths against the NCCL + eager result, once per size
                 want_out, want_res = nccl_tpfuse()
-                for name in ("tpfuse_oneshot", "tpfuse_twoshot"):
+                for name in ("tpfuse_oneshot", "tpfuse_twoshot", "tpfuse_oneshot_pipe"):
                     o, r = provs[name]()
                     od = o.dequantize(torch.float32) if spec is not None else o.float()
                     wd = want_out.dequantize(torch.float32) if spec is not None else want_out.float()
@@ -174,6 +189,7 @@ def main():
                     if name == "tpfuse_auto":
                         row["path"] = comm.plan(t).path("fused_add_rmsnorm")
                     rows.append(row)
+                ws.producers = default_producers
         comm.synchronize()
         comm.close()
         del symm_buf

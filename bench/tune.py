@@ -188,7 +188,8 @@ def main(argv=None):
     base = thresholds.load(args.base)
     hdr = common.header("tune", tp=tp, dtype=args.dtype, tokens=tokens)
     for hidden in hiddens:
-        comm = tpfuse.TPCommunicator(max_tokens=max(tokens), hidden_size=hidden, dtype=dtype)
+        comm = tpfuse.TPCommunicator(max_tokens=max(tokens), hidden_size=hidden, dtype=dtype,
+                                     config=tpfuse.CommConfig(all_workspaces=True))  # every path can be timed
         base_row = base.lookup(comm.arch, tp, str(dtype)[6:], hidden)
         paths_cfg = {o: [{"max_bytes": mb, "path": p} for mb, p in base_row.paths[o]] for o in thresholds.OPS}
         for op in ops:

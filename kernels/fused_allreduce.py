@@ -226,3 +226,80 @@ def _twoshot_kernel(x_ptr, res_ptr, w_ptr, res_out_ptr, out_ptr, out_stride, sca
                                    + ((row64 % 128) // 32) * 4 + (k % 4))
                             tl.store(scale_ptr + off, sv, mask=km)
         tl.store(epoch_ptr + b, e + 1)
+
+
+@triton.jit
+def _oneshot_pipe_kernel(x_ptr, res_ptr, w_ptr, res_out_ptr, out_ptr, out_stride, scale_ptr, scale_stride,
+                         in_scale_ptr, ws_x_ptr, flag_ptr, epoch_ptr, delta_ptr, err_ptr, timeout_ns,
+                         row0, n_rows, n_cols, cap_rows, flag_base, eps, sf_cols_padded, chunk_rows, n_chunks,
+                         RANK: tl.constexpr, WORLD: tl.constexpr, P: tl.constexpr, C: tl.constexpr,
+                         HAS_RES: tl.constexpr, NORM: tl.constexpr, GEMMA: tl.constexpr, FMT: tl.constexpr,
+                         BLOCK: tl.constexpr, GROUP: tl.constexpr, X_ELEM: tl.constexpr, PB: tl.constexpr):
+    """Pipelined one-shot: programs ``0..P-1`` (producers) push the call's rows chunk by chunk into every peer's
+    slot ``RANK`` and raise one flag per (chunk, producer) on each peer after each chunk; programs ``P..P+C-1``
+    (consumers) wait for every peer's flags of chunk ``c`` and reduce + add + norm + quant its rows while the
+    producers already push chunk ``c + 1``. Pushing (NVLink) and reducing (HBM) overlap; a producer's release fence
+    stalls only producers. Flags: ``flag_base + (c * WORLD + src) * P + b`` in the receiver's array, value = call
+    counter + 1 (monotonic: stale values of unused chunks only make a waiter wait). Same parity double buffer and
+    reuse argument as ``_oneshot_kernel``: every program runs every call, so all ``P + C`` counters stay equal."""
+    pid = tl.program_id(0)
+    deadline = _now() + timeout_ns
+    e = tl.load(epoch_ptr + pid)
+    par = (e & 1).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    slot_rows = cap_rows.to(tl.int64) * n_cols
+    if pid < P:
+        mine = ws_x_ptr + (par * WORLD + RANK) * slot_rows
+        for c in range(0, n_chunks):
+            lo = c * chunk_rows
+            hi = tl.minimum(lo + chunk_rows, n_rows)
+            for j in range(lo + pid, hi, P):
+                xv = tl.load(x_ptr + (row0 + j).to(tl.int64) * n_cols + cols, mask=mask, other=0.0)
+                for p in tl.static_range(WORLD):
+                    if p != RANK:
+                        tl.store(_peer(mine, delta_ptr, p, X_ELEM) + j * n_cols + cols, xv, mask=mask)
+            tl.debug_barrier()  # every thread's stores of this chunk are issued before the release
+            for p in tl.static_range(WORLD):
+                if p != RANK:
+                    _signal(flag_ptr, delta_ptr, flag_base + (c * WORLD + RANK) * P + pid, e + 1, p)
+        tl.store(epoch_ptr + pid, e + 1)
+    else:
+        q = pid - P
+        bs = tl.arange(0, PB)  # PB = next_pow2(P)
+        bm = bs < P
+        bad = 0
+        for c in range(0, n_chunks):
+            if bad == 0:
+                # wait for every producer of every peer for chunk c (one vector of P flags per peer)
+                for p in tl.static_range(WORLD):
+                    if p != RANK:
+                        fp = flag_ptr + flag_base + (c * WORLD + p) * P + bs
+                        v = tl.atomic_add(fp, 0, mask=bm, sem="acquire", scope="sys")
+                        lag = tl.min(tl.where(bm, v - (e + 1), 0), axis=0)
+                        now = _now()
+                        while (lag < 0) & (now <= deadline):
+                            v = tl.atomic_add(fp, 0, mask=bm, sem="acquire", scope="sys")
+                            lag = tl.min(tl.where(bm, v - (e + 1), 0), axis=0)
+                            now = _now()
+                        bad = bad | (lag < 0).to(tl.int32)
+                tl.debug_barrier()
+            if bad == 0:
+                lo = c * chunk_rows
+                hi = tl.minimum(lo + chunk_rows, n_rows)
+                for j in range(lo + q, hi, C):
+                    row = row0 + j
+                    row64 = row.to(tl.int64)
+                    s = tl.load(x_ptr + row64 * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+                    for p in tl.static_range(WORLD):
+                        if p != RANK:
+                            src = ws_x_ptr + (par * WORLD + p) * slot_rows + j * n_cols
+                            s += tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
+                    if HAS_RES:
+                        s += tl.load(res_ptr + row64 * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+                    _finish_row(s, cols, mask, row, w_ptr, eps, n_cols, res_out_ptr, out_ptr, out_stride, scale_ptr,
+                                scale_stride, in_scale_ptr, sf_cols_padded, NORM, GEMMA, FMT, BLOCK, GROUP)
+        if bad != 0:
+            tl.store(err_ptr, 1)
+        else:
+            tl.store(epoch_ptr + pid, e + 1)

@@ -68,6 +68,9 @@ def cases():
             yield (f"fused_allreduce oneshot tp{world} fmt={fmt}", fused_allreduce._oneshot_kernel, p1,
                    dict(RANK=world - 1, WORLD=world, G=132, HAS_RES=True, NORM=True, GEMMA=False, FMT=fmt,
                         BLOCK=8192, GROUP=16, X_ELEM=2))
+            yield (f"fused_allreduce oneshot_pipe tp{world} fmt={fmt}", fused_allreduce._oneshot_pipe_kernel, p1,
+                   dict(RANK=0, WORLD=world, P=66, C=66, HAS_RES=True, NORM=True, GEMMA=False, FMT=fmt,
+                        BLOCK=8192, GROUP=16, X_ELEM=2, PB=128))
             p2 = dict(p1, st_out_ptr=out_t, st_res_ptr="*bf16", st_scale_ptr=sc_t)
             yield (f"fused_allreduce twoshot tp{world} fmt={fmt}", fused_allreduce._twoshot_kernel, p2,
                    dict(RANK=1, WORLD=world, G=132, HAS_RES=True, NORM=True, GEMMA=True, FMT=fmt,

@@ -11,6 +11,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import tune  # noqa: E402
+from tpfuse import thresholds  # noqa: E402
+from tpfuse.communicator import detect_arch  # noqa: E402
 
 
 def _res(series):
@@ -45,12 +47,12 @@ def test_tuner_run_writes_a_loadable_table(tmp_path):
     assert "[  4/4 100%" in p.stdout and "chosen buckets" in p.stdout
     table = json.loads(out.read_text())
     row = table["rows"][0]
-    assert (row["arch"], row["tp"], row["hidden"]) == ("cpu", 2, 64)
+    # the ranks run on GPUs (NCCL) where the machine has two, else on the CPU (gloo)
+    arch = detect_arch(torch.device("cuda", 0)) if torch.cuda.device_count() >= 2 else "cpu"
+    assert (row["arch"], row["tp"], row["hidden"]) == (arch, 2, 64)
     assert row["source"]["kind"] == "measured" and row["source"]["commit"] and row["source"]["date"]
     meas = json.loads((tmp_path / "thr_measurements.json").read_text())
     assert meas["header"]["device"] and len(meas["rows"]) == 4 and all(r["correct"] for r in meas["rows"])
-    from tpfuse import thresholds
-
     t = thresholds.load(str(out))
-    assert t.lookup("cpu", 2, "bfloat16", 64).source["kind"] == "measured"
-    assert t.lookup("cpu", 2, "bfloat16", 128).source["kind"] == "not-a-measurement"
+    assert t.lookup(arch, 2, "bfloat16", 64).source["kind"] == "measured"
+    assert t.lookup(arch, 2, "bfloat16", 128).source["kind"] == "not-a-measurement"

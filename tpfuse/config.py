@@ -44,6 +44,11 @@ class CommConfig:
     validation result) and all raise :class:`~tpfuse.errors.TPFuseMismatchError` if they differ. Costs one
     small collective (and a host sync) per call: for debugging only."""
 
+    all_workspaces: bool = False
+    """Allocate every backend's workspace that can run here, whether or not the table routes any size to it (by
+    default a backend allocates only when the table or ``force_paths`` can choose it). The tuner and the
+    benchmarks set it to time every path with one communicator; costs device memory."""
+
     timeout_s: float = 30.0
     """Upper bound on any wait for a peer inside tpfuse's own kernels and barriers."""
 

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from . import tolerance
 from .communicator import TPCommunicator
+from .config import CommConfig
 from .distributed import free_port, init_distributed
 from .models.llama import TinyLlamaConfig, forward_tp, forward_unsharded, init_weights, shard_weights
 
@@ -38,6 +39,9 @@ def parse_args(argv=None):
                     help="activation dtype: auto = bf16 on GPU, fp32 on CPU")
     ap.add_argument("--layers", type=int, default=2, help="decoder layers")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sp-min-tokens", type=int, default=None,
+                    help="switch to the sequence-parallel form from this many tokens (default: the thresholds "
+                         "table's sp_min_bytes for this arch / TP / dtype)")
     return ap.parse_args(argv)
 
 
@@ -56,7 +60,8 @@ def run(args) -> bool:
     g = torch.Generator().manual_seed(args.seed + 1)
     ok_all = True
     rows = []
-    with TPCommunicator(max_tokens=max(tokens), hidden_size=cfg.hidden_size, dtype=dtype) as comm:
+    config = CommConfig(sp_min_tokens=args.sp_min_tokens)
+    with TPCommunicator(max_tokens=max(tokens), hidden_size=cfg.hidden_size, dtype=dtype, config=config) as comm:
         if rank == 0:
             print(f"tpfuse demo: TP={tp} backend={backend} device={device.type} dtype={str(dtype)[6:]} "
                   f"arch={comm.arch} | model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "

@@ -21,6 +21,8 @@ PATH_DOCS: Dict[str, str] = {
     "nccl": "NCCL collective in the input dtype + tpfuse's local fused stage",
     "tpfuse_oneshot": "tpfuse symmetric-memory kernel: every rank reads all peers' partials, fused add+norm+quant",
     "tpfuse_twoshot": "tpfuse symmetric-memory kernel: reduce a token range, add+norm+quant it, all-gather results",
+    "tpfuse_oneshot_pipe": "tpfuse symmetric-memory kernel: one-shot whose pushes (NVLink) overlap the add+norm+quant "
+                           "of the chunks already arrived (producer / consumer programs)",
     "flashinfer_oneshot": "FlashInfer trtllm fused all-reduce+add+RMSNorm(+quant), one-shot (Lamport)",
     "flashinfer_twoshot": "FlashInfer trtllm fused all-reduce+add+RMSNorm(+quant), two-shot",
     "tpfuse_rs": "tpfuse symmetric-memory reduce-scatter fused with add+RMSNorm(+quant)",
@@ -65,7 +67,10 @@ def unavailable_reason(op: str, path: str, comm) -> Optional[str]:
 
 def table_routes(comm, paths) -> bool:
     """Whether ``comm`` can ever run one of ``paths``: its table row sends some size <= ``max_tokens`` there, or
-    ``CommConfig.force_paths`` names one. Backends allocate their workspaces only then."""
+    ``CommConfig.force_paths`` names one, or ``CommConfig.all_workspaces`` is set. Backends allocate their
+    workspaces only then."""
+    if getattr(comm.config, "all_workspaces", False):
+        return True
     if any(p in paths for p in dict(comm.config.force_paths).values()):
         return True
     nbytes = comm.max_tokens * comm.hidden_size * comm.dtype.itemsize

@@ -70,7 +70,11 @@ def _fused_cases(rank, world, backend):
                 full = comm.all_gather(out_s, num_tokens=t)
                 _check_path(comm, "all_gather", t)
                 assert full.shape == out.shape
-                assert rel_err(full, out) <= REL_ERR[dtype] / 8, what + " SP != AR"
+                # the nccl path sums the partials in the input dtype (one more rounding than the fp32-accumulating
+                # kernels and the reference): then SP and AR agree only to the dtype's budget
+                plan = comm.plan(t)
+                rounded = "nccl" in (plan.path("fused_add_rmsnorm"), plan.path("reduce_scatter_rmsnorm"))
+                assert rel_err(full, out) <= REL_ERR[dtype] / (1 if rounded else 8), what + " SP != AR"
             else:
                 assert_quant_close(out_s, ref_out[start:end], what + " SP")
     return True
@@ -164,8 +168,12 @@ def _fused_row_parallel(rank, world, backend):
         nw = (1 + 0.1 * torch.randn(h, generator=g)).to(torch.bfloat16).to(dev)
         s, e = shard_range(t, world, rank)
         rs = x.double() @ w.double().t()
-        if comm.plan(t).path("matmul_reduce_scatter") != "tpfuse_async_tp":
+        path = comm.plan(t).path("matmul_reduce_scatter")
+        if path != "tpfuse_async_tp":
             rs = rs.to(torch.bfloat16).double()  # contract of the unfused paths: RS result rounded, then the add
+        # nccl rounds each rank's GEMM partial to bf16 before the bf16 reduce-scatter: a dynamic FP8 scale (amax of
+        # a row / group) can then differ from the oracle's by a bf16 rounding of the amax, not only fp32 rounding
+        scale_rtol = 2.0 ** -7 if path == "nccl" else None
         full = rs + res.double()
         ref_out = rmsnorm_math(full, nw.double(), 1e-6)[s:e]
         spec = make_spec(kind, dev, ref_out)
@@ -177,7 +185,7 @@ def _fused_row_parallel(rank, world, backend):
         if kind is None:
             assert_close(out, ref_out, torch.bfloat16, f"T={t} out")
         else:
-            assert_quant_close(out, ref_out, f"T={t} {kind}")
+            assert_quant_close(out, ref_out, f"T={t} {kind}", scale_rtol=scale_rtol)
     return True
 
 

@@ -1,4 +1,5 @@
-"""GPU pair: tpfuse's fused all-reduce + add + RMSNorm (+quant) kernels (``tpfuse_oneshot`` / ``tpfuse_twoshot``,
+"""GPU pair: tpfuse's fused all-reduce + add + RMSNorm (+quant) kernels (``tpfuse_oneshot`` / ``tpfuse_twoshot`` /
+``tpfuse_oneshot_pipe``,
 :mod:`tpfuse.backends.symm`) vs the fp64 oracle; the path the dispatcher reports; CUDA-graph replays with fresh
 data; a late peer; NaN propagation; FP8 outliers on rank 1; a skipped call raising TPFusePeerTimeout."""
 
@@ -18,7 +19,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.multigpu,
 
 DT = torch.bfloat16
 EPS = 1e-6
-PATHS = ("tpfuse_oneshot", "tpfuse_twoshot")
+PATHS = ("tpfuse_oneshot", "tpfuse_twoshot", "tpfuse_oneshot_pipe")
 
 
 def _comm(path, hidden, max_tokens=8192, **cfg):
@@ -161,7 +162,7 @@ def _graph_late_auto(rank, world, path, t):
     return checked
 
 
-@pytest.mark.parametrize("path,t", [("tpfuse_oneshot", 5), ("tpfuse_twoshot", 301)])
+@pytest.mark.parametrize("path,t", [("tpfuse_oneshot", 5), ("tpfuse_twoshot", 301), ("tpfuse_oneshot_pipe", 1500)])
 def test_graph_replays_and_late_peer(path, t):
     assert run_on_ranks(_graph_late_auto, 2, path, t, backend="nccl", timeout_s=400) == [12, 12]
 
@@ -184,7 +185,8 @@ def test_auto_dispatch_reports_the_path_that_ran():
     res = run_on_ranks(_auto, 2, backend="nccl", timeout_s=300)
     (ran, planned), other = res[0], res[1]
     assert ran == planned and res[0] == other, res
-    assert set(ran) <= {"tpfuse_oneshot", "tpfuse_twoshot", "nccl"} and "tpfuse_oneshot" in ran, res
+    fused = {"tpfuse_oneshot", "tpfuse_twoshot", "tpfuse_oneshot_pipe", "nccl"}
+    assert set(ran) <= fused and "tpfuse_oneshot" in ran, res
 
 
 def _skip_call(rank, world, path):

@@ -7,8 +7,11 @@ symmetric uint8 buffer per rank, regions aligned to 256 bytes:
 ================  =====================================================  ==========================================
 region            size                                                   use
 ================  =====================================================  ==========================================
-flags             int32 ``3 * G * TP``                                   barrier flags (one-shot; two-shot A and B)
+flags             int32 ``3 * G * TP + KP * TP * G``                     barrier flags (one-shot; two-shot A and B;
+                                                                         pipelined one-shot: chunk x source x producer)
 one-shot slots    ``2 x TP x C1 x H`` input dtype                        parity double buffer of pushed partials
+pipe slots        ``2 x TP x CP x H`` input dtype                        the same for the pipelined one-shot (only when
+                                                                         the table / force_paths can route there)
 two-shot slots    ``TP x S x H`` input dtype, ``S = ceil(max_tokens/TP)``  pushed partials of this rank's range
 stage out         ``S x H x itemsize`` bytes                              finished output rows (any format)
 stage residual    ``S x H`` input dtype                                   finished residual rows
@@ -16,7 +19,10 @@ stage scales      ``S x H / 4`` bytes                                     their 
 ================  =====================================================  ==========================================
 
 ``C1 = min(max_tokens, 64 MiB / (2 * TP * H * itemsize))`` rows: larger one-shot calls run as several launches of
-``C1`` rows. ``G`` (programs per launch, at most one per SM) is agreed on by every rank at construction.
+``C1`` rows; ``CP = min(max_tokens, 256 MiB / (2 * TP * H * itemsize))`` likewise for the pipelined one-shot
+(``tpfuse_oneshot_pipe``, made for the large sizes where pushing 32 MiB and reducing it should overlap). ``G``
+(programs per launch, at most one per SM) is agreed on by every rank at construction; the pipelined kernel splits it
+into ``P`` producers and ``G - P`` consumers and a call into at most ``KP`` chunks.
 
 Launches do no host sync and allocate only their outputs, so they can be captured in CUDA graphs. Every call of
 an op must be issued on the same stream on every call (the kernels' buffer reuse relies on stream order).
@@ -35,6 +41,10 @@ from ..errors import TPFusePeerTimeout
 from ..sharding import shard_rows
 
 ONESHOT_BYTES = 64 << 20
+PIPE_BYTES = 256 << 20
+PIPE_MAX_CHUNKS = 8    # KP: chunks per pipelined call (more = finer overlap, more flag traffic)
+PIPE_MIN_CHUNK_ROWS = 32
+PIPE = "tpfuse_oneshot_pipe"
 _ALIGN = 256
 
 
@@ -59,9 +69,14 @@ class SymmWorkspace:
         h, isz, tp, g = self.hidden, self.dtype.itemsize, self.tp, self.grid
         self.cap1 = max(1, min(comm.max_tokens, ONESHOT_BYTES // (2 * tp * h * isz)))
         self.cap2 = shard_rows(comm.max_tokens, tp)
+        # the pipelined one-shot's slots only where it can be chosen (they are the largest region)
+        self.cap_pipe = (max(1, min(comm.max_tokens, PIPE_BYTES // (2 * tp * h * isz)))
+                         if table_routes(comm, (PIPE,)) else 0)
+        self.producers = max(1, g // 2)  # pipelined one-shot: programs that push (the rest reduce); tunable
         off = 0
         layout = {}
-        for name, nbytes in (("flags", 3 * g * tp * 4), ("x1", 2 * tp * self.cap1 * h * isz),
+        for name, nbytes in (("flags", (3 * g * tp + PIPE_MAX_CHUNKS * tp * g) * 4),
+                             ("xp", 2 * tp * self.cap_pipe * h * isz), ("x1", 2 * tp * self.cap1 * h * isz),
                              ("x2", tp * self.cap2 * h * isz), ("st_out", self.cap2 * h * isz),
                              ("st_res", self.cap2 * h * isz), ("st_sc", self.cap2 * _up(h // 4 + 4, 16))):
             layout[name] = (off, nbytes)
@@ -75,10 +90,11 @@ class SymmWorkspace:
         self._layout = layout
         self.flags = self._view("flags", torch.int32)
         self.x1 = self._view("x1", self.dtype)
+        self.xp = self._view("xp", self.dtype)
         self.x2 = self._view("x2", self.dtype)
         self.st_res = self._view("st_res", self.dtype)
         self.flags.zero_()
-        self.epochs = torch.zeros(2, g, dtype=torch.int32, device=dev)
+        self.epochs = torch.zeros(3, g, dtype=torch.int32, device=dev)  # one-shot, two-shot, pipelined one-shot
         self.err = torch.zeros(1, dtype=torch.int32, pin_memory=True)
         self.broken: Optional[str] = None
         torch.cuda.synchronize(dev)
@@ -100,7 +116,7 @@ class SymmWorkspace:
             raise TPFusePeerTimeout(self.broken)
 
     def close(self) -> None:
-        self.buf = self.hdl = self.x1 = self.x2 = self.st_res = self.flags = None
+        self.buf = self.hdl = self.x1 = self.x2 = self.xp = self.st_res = self.flags = None
 
     # ------------------------------------------------------------------------------------------------------
     def _common(self, x, residual, weight, quant, gemma, norm):
@@ -148,6 +164,34 @@ class SymmWorkspace:
                 RANK=self.rank, WORLD=self.tp, G=self.grid, HAS_RES=residual is not None, NORM=norm,
                 GEMMA=bool(gemma), FMT=fmt, BLOCK=block, GROUP=group, X_ELEM=x.element_size(),
                 num_warps=num_warps_for(block))
+        return self._finish(data, scale, quant, x, res_out, norm)
+
+    def oneshot_pipe(self, x, residual, weight, eps, quant, gemma, norm=True):
+        from ..kernels.fused_allreduce import _oneshot_pipe_kernel
+        from ..kernels.quant_epilogue import epilogue_args, next_pow2
+        from ..kernels.add_rmsnorm import num_warps_for
+
+        x, residual, data, scale, res_out, fmt, group, in_scale = self._common(x, residual, weight, quant, gemma,
+                                                                               norm)
+        t, h = x.shape
+        out_stride, scale_t, scale_stride, in_scale_t, n_sf, sf_pad = epilogue_args(fmt, h, data, scale, in_scale)
+        block = next_pow2(h)
+        res = residual if residual is not None else x
+        w = weight if weight is not None else x
+        prod = min(self.producers, self.grid - 1)
+        flag_base = 3 * self.grid * self.tp
+        for row0 in range(0, t, self.cap_pipe):
+            n = min(self.cap_pipe, t - row0)
+            chunks = max(1, min(PIPE_MAX_CHUNKS, n // PIPE_MIN_CHUNK_ROWS))
+            chunk_rows = -(-n // chunks)
+            chunks = -(-n // chunk_rows)
+            _oneshot_pipe_kernel[(self.grid,)](
+                x, res, w, res_out, data, out_stride, scale_t, scale_stride, in_scale_t,
+                self.xp, self.flags, self.epochs[2], self.deltas, self.err, int(self.timeout_s * 1e9),
+                row0, n, h, self.cap_pipe, flag_base, float(eps), sf_pad, chunk_rows, chunks,
+                RANK=self.rank, WORLD=self.tp, P=prod, C=self.grid - prod, HAS_RES=residual is not None, NORM=norm,
+                GEMMA=bool(gemma), FMT=fmt, BLOCK=block, GROUP=group, X_ELEM=x.element_size(),
+                PB=next_pow2(prod), num_warps=num_warps_for(block))
         return self._finish(data, scale, quant, x, res_out, norm)
 
     def twoshot(self, x, residual, weight, eps, quant, gemma, norm=True):
@@ -215,7 +259,7 @@ def allocate(comm) -> Optional[SymmWorkspace]:
     """The workspace on NCCL groups where the kernels can run and the table (or ``CommConfig.force_paths``) can
     route a size <= max_tokens to them (collective over ``comm.group``: every rank decides alike from equal
     arguments), else None."""
-    if _symm_reason(comm) is not None or not table_routes(comm, ("tpfuse_oneshot", "tpfuse_twoshot")):
+    if _symm_reason(comm) is not None or not table_routes(comm, ("tpfuse_oneshot", "tpfuse_twoshot", PIPE)):
         return None
     return SymmWorkspace(comm)
 
@@ -230,6 +274,15 @@ def _available(comm) -> Optional[str]:
     if ws.broken:
         return "workspace broken by a peer timeout"
     return None
+
+
+def _available_pipe(comm) -> Optional[str]:
+    reason = _available(comm)
+    if reason is None and not comm.workspace.cap_pipe:
+        return "no pipelined one-shot slots (the table routes no size <= max_tokens to this path)"
+    if reason is None and comm.workspace.grid < 2:
+        return "needs at least 2 programs (one producer, one consumer)"
+    return reason
 
 
 @register("fused_add_rmsnorm", "tpfuse_oneshot", available=_available)
@@ -250,3 +303,13 @@ def _ar_one(comm, x):
 @register("all_reduce", "tpfuse_twoshot", available=_available)
 def _ar_two(comm, x):
     return comm.workspace.twoshot(x, None, None, 0.0, None, False, norm=False)
+
+
+@register("fused_add_rmsnorm", PIPE, available=_available_pipe)
+def _far_pipe(comm, x, residual, weight, eps, *, quant, gemma):
+    return comm.workspace.oneshot_pipe(x, residual, weight, eps, quant, gemma)
+
+
+@register("all_reduce", PIPE, available=_available_pipe)
+def _ar_pipe(comm, x):
+    return comm.workspace.oneshot_pipe(x, None, None, 0.0, None, False, norm=False)
