@@ -18,6 +18,7 @@ def _run(cmd, timeout=300):
 
 def test_demo_self_spawned_crosses_the_sp_threshold():
     out = _run([sys.executable, "-m", "tpfuse.demo", "--tokens", "1,7,1500", "--sp-min-tokens", "1024"])
+    assert "transformers LlamaForCausalLM" in out and "decode=" in out  # the HF model, prefill + decode
     assert "allreduce" in out and "sequence_parallel" in out
     assert "all token counts match the unsharded model" in out
     assert out.count(" ok") == 3
@@ -25,8 +26,8 @@ def test_demo_self_spawned_crosses_the_sp_threshold():
 
 def test_demo_under_launcher_tp4_uneven_tokens():
     out = _run(["bash", "launch/run.sh", "-n", "4", "-m", "tpfuse.demo", "--tokens", "3,1027", "--layers", "1",
-                "--sp-min-tokens", "1024"])
-    assert "TP=4" in out and "sequence_parallel" in out
+                "--sp-min-tokens", "1024", "--model", "builtin"])
+    assert "TP=4" in out and "sequence_parallel" in out and "built-in" in out
     assert "all token counts match the unsharded model" in out
 
 

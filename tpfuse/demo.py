@@ -1,6 +1,8 @@
-"""tpfuse demo: a small Llama-style decoder stack (random weights, fixed seed) run with tensor parallelism through
-the communicator at several token counts, crossing the all-reduce -> sequence-parallel threshold, and compared with
-the same model unsharded in fp64 on one rank.
+"""tpfuse demo: a tiny random-weight Hugging Face ``LlamaForCausalLM`` (``tpfuse[hf]``; nothing is downloaded)
+wrapped by :func:`tpfuse.parallelize` and run with tensor parallelism through the communicator - a prefill at
+several token counts, crossing the all-reduce -> sequence-parallel threshold, then decode steps through the KV
+cache - and compared with the same model unsharded in fp64 on one rank. Without transformers (or with
+``--model builtin``) it runs tpfuse's own small Llama-style stack (:mod:`tpfuse.models.llama`, prefill only).
 
 Run plainly it starts its own local ranks (``--nproc``, default 2; NCCL when there are enough GPUs, else gloo on
 the CPU)::
@@ -33,16 +35,89 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="tpfuse-demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tokens", default="1,16,256,4096", help="comma-separated token counts (default %(default)s)")
+    ap.add_argument("--tokens", default="1,16,256,2048", help="comma-separated prefill token counts (default "
+                                                               "%(default)s)")
     ap.add_argument("--nproc", type=int, default=2, help="local ranks to start when not under torchrun")
     ap.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                     help="activation dtype: auto = bf16 on GPU, fp32 on CPU")
     ap.add_argument("--layers", type=int, default=2, help="decoder layers")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", choices=["auto", "hf", "builtin"], default="auto",
+                    help="hf: transformers' LlamaForCausalLM through tpfuse.parallelize; builtin: tpfuse's own stack; "
+                         "auto: hf when transformers is installed")
+    ap.add_argument("--decode-steps", type=int, default=2, help="decode steps after each prefill (hf model)")
     ap.add_argument("--sp-min-tokens", type=int, default=None,
                     help="switch to the sequence-parallel form from this many tokens (default: the thresholds "
                          "table's sp_min_bytes for this arch / TP / dtype)")
     return ap.parse_args(argv)
+
+
+def _use_hf(choice: str) -> bool:
+    if choice != "auto":
+        return choice == "hf"
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _verdict(rank, device, dtype, logits, ref_fn):
+    """(rel err, ok) of rank 0's comparison with the fp64 oracle, the same on every rank."""
+    verdict = torch.zeros(2, dtype=torch.float64, device=device)
+    if rank == 0:
+        err = tolerance.rel_err(logits.float().cpu(), ref_fn())
+        # a few layers of rounding in `dtype`: 4x the one-rounding budget
+        verdict[0], verdict[1] = err, float(err <= tolerance.REL_ERR[dtype] * 4)
+    dist.broadcast(verdict, src=0)
+    return verdict[0].item(), bool(verdict[1].item())
+
+
+def _run_hf(args, comm, rank, tp, device, dtype, tokens, g, rows) -> bool:
+    from .models import hf_tiny
+    from .parallel import parallelize
+
+    steps = args.decode_steps
+    model = hf_tiny.build(tp=tp, layers=args.layers, max_positions=max(tokens) + steps + 8, seed=args.seed)
+    oracle = hf_tiny.build(tp=tp, layers=args.layers, max_positions=max(tokens) + steps + 8,
+                           seed=args.seed) if rank == 0 else None
+    cfg = model.config
+    if rank == 0:
+        print(f"model: transformers LlamaForCausalLM (random weights), {cfg.num_hidden_layers} layers, hidden "
+              f"{cfg.hidden_size}, {cfg.num_attention_heads} heads ({cfg.num_key_value_heads} kv), mlp "
+              f"{cfg.intermediate_size}; each prefill is followed by {steps} decode steps through the KV cache",
+              flush=True)
+    tp_model = parallelize(model.to(dtype), comm)
+    ok_all = True
+    for t in tokens:
+        ids = torch.randint(0, cfg.vocab_size, (t + steps,), generator=g)
+        tp_model(ids[None, :t], use_cache=False)  # warm-up (and lazy kernel compilation on GPU)
+        _sync(device)
+        dist.barrier()
+        t0 = time.perf_counter()
+        comm.last_path.clear()
+        out = tp_model(ids[None, :t], use_cache=True)
+        _sync(device)
+        ms = (time.perf_counter() - t0) * 1e3
+        paths = dict(comm.last_path)
+        logits, cache = [out.logits[0]], out.past_key_values
+        comm.last_path.clear()
+        for i in range(steps):
+            out = tp_model(ids[None, t + i: t + i + 1], past_key_values=cache)
+            logits.append(out.logits[0])
+            cache = out.past_key_values
+        decode_paths = dict(comm.last_path)
+        err, ok = _verdict(rank, device, dtype, torch.cat(logits), lambda: hf_tiny.oracle_logits(oracle, ids))
+        ok_all &= ok
+        if decode_paths:
+            paths["decode"] = "/".join(sorted(set(decode_paths.values())))
+        rows.append((t, comm.plan(t).mode, paths, err, ms, ok))
+    return ok_all
 
 
 def run(args) -> bool:
@@ -52,11 +127,14 @@ def run(args) -> bool:
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     rank, tp = dist.get_rank(), dist.get_world_size()
     tokens = [int(t) for t in args.tokens.split(",")]
+    hf = _use_hf(args.model)
     kv = max(4, tp)  # GQA with every head count divisible by TP (2, 4, 8)
     cfg = TinyLlamaConfig(num_layers=args.layers, num_kv_heads=kv, num_heads=2 * kv, head_dim=256 // (2 * kv))
-    full = init_weights(cfg, args.seed)
-    ws = shard_weights(full, cfg, rank, tp, dtype, device)
-    oracle_w = {k: v.double() for k, v in full.items()} if rank == 0 else None
+    # (the hf model has the same hidden size, 256: tpfuse.models.hf_tiny)
+    if not hf:
+        full = init_weights(cfg, args.seed)
+        ws = shard_weights(full, cfg, rank, tp, dtype, device)
+        oracle_w = {k: v.double() for k, v in full.items()} if rank == 0 else None
     g = torch.Generator().manual_seed(args.seed + 1)
     ok_all = True
     rows = []
@@ -64,31 +142,28 @@ def run(args) -> bool:
     with TPCommunicator(max_tokens=max(tokens), hidden_size=cfg.hidden_size, dtype=dtype, config=config) as comm:
         if rank == 0:
             print(f"tpfuse demo: TP={tp} backend={backend} device={device.type} dtype={str(dtype)[6:]} "
-                  f"arch={comm.arch} | model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
-                  f"{cfg.num_heads} heads ({cfg.num_kv_heads} kv), mlp {cfg.intermediate_size}", flush=True)
-        for t in tokens:
+                  f"arch={comm.arch}", flush=True)
+            if not hf:
+                print(f"model: tpfuse's built-in Llama-style stack, {cfg.num_layers} layers, hidden "
+                      f"{cfg.hidden_size}, {cfg.num_heads} heads ({cfg.num_kv_heads} kv), mlp "
+                      f"{cfg.intermediate_size}", flush=True)
+        if hf:
+            ok_all = _run_hf(args, comm, rank, tp, device, dtype, tokens, g, rows)
+        for t in tokens if not hf else ():
             ids = torch.randint(0, cfg.vocab_size, (t,), generator=g).to(device)
             forward_tp(comm, ws, ids, cfg)  # warm-up (and lazy kernel compilation on GPU)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            _sync(device)
             dist.barrier()
             t0 = time.perf_counter()
             logits, paths = forward_tp(comm, ws, ids, cfg)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            _sync(device)
             ms = (time.perf_counter() - t0) * 1e3
-            verdict = torch.zeros(2, dtype=torch.float64, device=device)
-            if rank == 0:
-                ref = forward_unsharded(oracle_w, ids.cpu(), cfg)
-                err = tolerance.rel_err(logits.cpu(), ref)
-                # a few layers of rounding in `dtype`: 4x the one-rounding budget
-                verdict[0], verdict[1] = err, float(err <= tolerance.REL_ERR[dtype] * 4)
-            dist.broadcast(verdict, src=0)
-            ok = bool(verdict[1].item())
+            err, ok = _verdict(rank, device, dtype, logits, lambda: forward_unsharded(oracle_w, ids.cpu(), cfg))
             ok_all &= ok
-            rows.append((t, comm.plan(t).mode, paths, verdict[0].item(), ms, ok))
+            rows.append((t, comm.plan(t).mode, paths, err, ms, ok))
     if rank == 0:
-        print(f"{'tokens':>7}  {'mode':<17}  {'paths (op=path)':<84}  {'rel err':>9}  {'ms':>8}  check")
+        print(f"{'tokens':>7}  {'mode':<17}  {'paths (op=path)':<84}  {'rel err':>9}  {'ms':>8}  check"
+              + ("   (ms: the prefill; rel err: prefill and decode logits)" if hf else ""))
         for t, mode, paths, err, ms, ok in rows:
             p = ", ".join(f"{k}={v}" for k, v in paths.items())
             print(f"{t:>7}  {mode:<17}  {p:<84}  {err:9.2e}  {ms:8.2f}  {'ok' if ok else 'MISMATCH'}")

@@ -72,7 +72,9 @@ class SymmWorkspace:
         # the pipelined one-shot's slots only where it can be chosen (they are the largest region)
         self.cap_pipe = (max(1, min(comm.max_tokens, PIPE_BYTES // (2 * tp * h * isz)))
                          if table_routes(comm, (PIPE,)) else 0)
-        self.producers = max(1, g // 2)  # pipelined one-shot: programs that push (the rest reduce); tunable
+        # pipelined one-shot: programs that push (the rest reduce). G/4 was fastest at >= 1024 tokens on the H200
+        # pair (bench/results/logs/gpu_run_8e3f97d_fused_ar_pipe_sweep.log: 16/33/66/99/120 of 132 timed)
+        self.producers = max(1, g // 4)
         off = 0
         layout = {}
         for name, nbytes in (("flags", (3 * g * tp + PIPE_MAX_CHUNKS * tp * g) * 4),
