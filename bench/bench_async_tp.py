@@ -1,13 +1,18 @@
 """Async-TP benchmark: column-parallel all_gather_matmul and row-parallel matmul_reduce_scatter, TP ranks.
 
-    torchrun --standalone --nproc_per_node=2 bench/bench_async_tp.py [--quick]
+    torchrun --standalone --nproc_per_node=2 bench/bench_async_tp.py [--quick] [--dtypes bf16,fp8,fp8_tensor]
 
-Providers (same shapes, bf16, CUDA graphs where capture works, median per call, slowest rank):
+Providers (same shapes, CUDA graphs where capture works, median per call, slowest rank):
 ``gemm_only`` (the local GEMM of the full gathered input / of the full partial: the floor), ``nccl`` (NCCL
-all-gather + cuBLAS / cuBLAS + NCCL reduce-scatter, tpfuse's ``nccl`` path), ``torch_symm`` (torch's
-``symm_mem.fused_all_gather_matmul`` / ``fused_matmul_reduce_scatter``), ``tpfuse`` (``tpfuse_async_tp``).
+all-gather + GEMM / GEMM + NCCL reduce-scatter, tpfuse's ``nccl`` path), ``torch_symm`` (torch's
+``symm_mem.fused_all_gather_matmul`` / ``fused_matmul_reduce_scatter``; for FP8 ``fused_all_gather_scaled_matmul`` /
+``fused_scaled_matmul_reduce_scatter``), ``tpfuse`` (``tpfuse_async_tp``).
+Dtypes (``--dtypes``, default bf16): ``bf16``; ``fp8``: e4m3 operands with row-wise scales (per-token activations,
+per-output-channel weights), ``torch._scaled_mm``, bf16 output; ``fp8_tensor``: the same with per-tensor scales.
 Shapes: Llama-3.1-8B and 70B TP shards: AG side ``[M, H] x [H, I/TP]``, RS side ``[M, I/TP] x [I/TP, H]``.
-Writes ``bench/results/async_tp_tp{TP}_{device}.json`` and ``.png``; prints a table.
+Writes ``bench/results/async_tp_tp{TP}_{device}.json`` (one row per model, dtype, side, provider, M; ``dtype``
+field per row) and one ``.png`` per dtype (bf16: ``async_tp_tp{TP}_{device}.png``, others ``..._{dtype}.png``);
+prints a table.
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ import common  # noqa: E402
 
 import tpfuse  # noqa: E402
 from tpfuse import dispatch  # noqa: E402
+from tpfuse import quant as q  # noqa: E402
+from tpfuse import scaled_gemm  # noqa: E402
 from tpfuse.sharding import shard_range  # noqa: E402
 from tpfuse.tolerance import REL_ERR, rel_err  # noqa: E402
 
 MODELS = {"8B": (4096, 14336), "70B": (8192, 28672)}  # hidden, intermediate
+DTYPES = ("bf16", "fp8", "fp8_tensor")
 
 
 def _max(v, dev):
@@ -52,12 +60,42 @@ def torch_symm_ops(group):
         return None
 
 
+def torch_symm_scaled_ops():
+    """torch's fused FP8 ops (``fused_all_gather_scaled_matmul`` / ``fused_scaled_matmul_reduce_scatter``), or
+    None where this torch lacks them."""
+    try:
+        return (torch.ops.symm_mem.fused_all_gather_scaled_matmul,
+                torch.ops.symm_mem.fused_scaled_matmul_reduce_scatter)
+    except Exception:
+        return None
+
+
+def call_by_schema(op, **named):
+    """Call a torch op with the named arguments its schema has (the signatures of torch's fused ops changed
+    across releases: e.g. ``scatter_dim`` became ``orig_scatter_dim`` + ``scatter_dim_after_maybe_reshape``)."""
+    names = [a.name for a in op.default._schema.arguments]
+    return op(**{k: v for k, v in named.items() if k in names})
+
+
+def quantize(x: torch.Tensor, dtype: str):
+    """e4m3 data and fp32 scale: per row ``[rows, 1]`` (``fp8``) or per tensor ``[]`` (``fp8_tensor``)."""
+    if dtype == "fp8":
+        return q.fp8_quantize_per_token(x)
+    scale = q.fp8_dynamic_scale(x.float().abs().amax())
+    return q.fp8_quantize_static(x, scale), scale.reshape(())
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--models", default="8B,70B")
     ap.add_argument("--m", default=None, help="comma-separated M values")
+    ap.add_argument("--dtypes", default="bf16", help=f"comma-separated, of {','.join(DTYPES)}")
     args = ap.parse_args()
+    dtypes = args.dtypes.split(",")
+    for dt in dtypes:
+        if dt not in DTYPES:
+            raise SystemExit(f"unknown dtype {dt!r}; choose from {DTYPES}")
     tpfuse.init_distributed()
     rank, tp = dist.get_rank(), dist.get_world_size()
     dev = torch.device("cuda", torch.cuda.current_device())
@@ -66,6 +104,7 @@ def main():
     models = args.models.split(",")
     group = dist.group.WORLD
     tsymm = torch_symm_ops(group)
+    tsymm8 = torch_symm_scaled_ops() if tsymm is not None else None
     rows = []
     for model in models:
         h, inter = MODELS[model]
@@ -76,69 +115,114 @@ def main():
         g = torch.Generator(device=dev).manual_seed(1 + rank)
         w_n = torch.randn(i_s, h, device=dev, generator=g, dtype=torch.bfloat16) / h ** 0.5   # AG side [N/TP, H]
         w_k = torch.randn(h, i_s, device=dev, generator=g, dtype=torch.bfloat16) / i_s ** 0.5  # RS side [H, K/TP]
-        for m in ms:
-            s, e = shard_range(m, tp, rank)
-            x_full = torch.randn(m, h, device=dev, generator=g, dtype=torch.bfloat16)
-            x_shard = x_full[s:e].contiguous()
-            x_k = torch.randn(m, i_s, device=dev, generator=g, dtype=torch.bfloat16)
-            calls = 2 if m * h * i_s > 2 ** 36 else 5
-            cases = {
-                ("AG", "gemm_only"): lambda: torch.mm(x_full, w_n.t()),
-                ("AG", "nccl"): lambda: dispatch.implementation("all_gather_matmul", "nccl")(comm, x_shard, w_n, m),
-                ("AG", "tpfuse"): lambda: comm.all_gather_matmul(x_shard, w_n, num_tokens=m),
-                ("RS", "gemm_only"): lambda: torch.mm(x_k, w_k.t()),
-                ("RS", "nccl"): lambda: dispatch.implementation("matmul_reduce_scatter", "nccl")(comm, x_k, w_k),
-                ("RS", "tpfuse"): lambda: comm.matmul_reduce_scatter(x_k, w_k),
-            }
-            if tsymm is not None and m % tp == 0:
-                cases[("AG", "torch_symm")] = lambda: tsymm[0](x_shard, [w_n.t()], 0, group.group_name)
-                cases[("RS", "torch_symm")] = lambda: tsymm[1](x_k, w_k.t(), "sum", 0, group.group_name)
-            # correctness of tpfuse against NCCL before timing
-            ref_ag = dispatch.implementation("all_gather_matmul", "nccl")(comm, x_shard, w_n, m)
-            ok_ag = rel_err(comm.all_gather_matmul(x_shard, w_n, num_tokens=m), ref_ag) <= REL_ERR[torch.bfloat16]
-            ref_rs = dispatch.implementation("matmul_reduce_scatter", "nccl")(comm, x_k, w_k)
-            ok_rs = rel_err(comm.matmul_reduce_scatter(x_k, w_k), ref_rs) <= REL_ERR[torch.bfloat16]
-            for (side, prov), fn in cases.items():
-                try:
-                    us, mode = common.time_us(fn, calls=calls, replays=10)
-                except Exception as ex:  # a provider that fails here is reported, not fatal
-                    us, mode = float("nan"), f"error: {type(ex).__name__}: {ex}"[:200]
-                    torch.cuda.synchronize()
-                us = _max(us, dev)
-                rows.append({"model": model, "side": side, "provider": prov, "M": m, "H": h, "I_shard": i_s,
-                             "median_us": us, "timing": mode,
-                             "correct": (ok_ag if side == "AG" else ok_rs) if prov == "tpfuse" else None})
-            if rank == 0:
-                line = "  ".join(f"{r['side']}:{r['provider']}={r['median_us']:.0f}" for r in rows
-                                 if r["model"] == model and r["M"] == m)
-                print(f"[{model} M={m}] {line}  correct AG={ok_ag} RS={ok_rs}", flush=True)
+        for dtype in dtypes:
+            fp8 = dtype != "bf16"
+            if fp8:
+                wq_n, sw_n = quantize(w_n, dtype)
+                wq_k, sw_k = quantize(w_k, dtype)
+            for m in ms:
+                s, e = shard_range(m, tp, rank)
+                x_full = torch.randn(m, h, device=dev, generator=g, dtype=torch.bfloat16)
+                x_k = torch.randn(m, i_s, device=dev, generator=g, dtype=torch.bfloat16)
+                calls = 2 if m * h * i_s > 2 ** 36 else 5
+                agmm_nccl = dispatch.implementation("all_gather_matmul", "nccl")
+                mmrs_nccl = dispatch.implementation("matmul_reduce_scatter", "nccl")
+                if not fp8:
+                    x_shard = x_full[s:e].contiguous()
+                    cases = {
+                        ("AG", "gemm_only"): lambda: torch.mm(x_full, w_n.t()),
+                        ("AG", "nccl"): lambda: agmm_nccl(comm, x_shard, w_n, m),
+                        ("AG", "tpfuse"): lambda: comm.all_gather_matmul(x_shard, w_n, num_tokens=m),
+                        ("RS", "gemm_only"): lambda: torch.mm(x_k, w_k.t()),
+                        ("RS", "nccl"): lambda: mmrs_nccl(comm, x_k, w_k),
+                        ("RS", "tpfuse"): lambda: comm.matmul_reduce_scatter(x_k, w_k),
+                    }
+                    if tsymm is not None and m % tp == 0:
+                        cases[("AG", "torch_symm")] = lambda: tsymm[0](x_shard, [w_n.t()], 0, group.group_name)
+                        cases[("RS", "torch_symm")] = lambda: tsymm[1](x_k, w_k.t(), "sum", 0, group.group_name)
+                    ag_args, rs_args, kw_ag, kw_rs = (x_shard, w_n), (x_k, w_k), {}, {}
+                else:
+                    xq_full, sx_full = quantize(x_full, dtype)
+                    if sx_full.dim() == 0:  # per-tensor: one scale on every rank (tpfuse.scaled_gemm contract)
+                        dist.all_reduce(sx_full, op=dist.ReduceOp.MAX)
+                        xq_full = q.fp8_quantize_static(x_full, sx_full)
+                    xq_shard = xq_full[s:e].contiguous()
+                    sx_shard = sx_full if sx_full.dim() == 0 else sx_full[s:e].clone()
+                    xq_k, sx_k = quantize(x_k, dtype)
+                    ag_args, rs_args = (xq_shard, wq_n), (xq_k, wq_k)
+                    kw_ag, kw_rs = {"x_scale": sx_shard, "w_scale": sw_n}, {"x_scale": sx_k, "w_scale": sw_k}
+                    cases = {
+                        ("AG", "gemm_only"): lambda: scaled_gemm.mm(xq_full, wq_n, sx_full, sw_n),
+                        ("AG", "nccl"): lambda: agmm_nccl(comm, *ag_args, m, **kw_ag),
+                        ("AG", "tpfuse"): lambda: comm.all_gather_matmul(*ag_args, num_tokens=m, **kw_ag),
+                        ("RS", "gemm_only"): lambda: scaled_gemm.mm(xq_k, wq_k, sx_k, sw_k),
+                        ("RS", "nccl"): lambda: mmrs_nccl(comm, *rs_args, **kw_rs),
+                        ("RS", "tpfuse"): lambda: comm.matmul_reduce_scatter(*rs_args, **kw_rs),
+                    }
+                    if tsymm8 is not None and m % tp == 0:
+                        b_n = sw_n if sw_n.dim() == 0 else sw_n.view(1, -1)  # _scaled_mm's [1, N] form
+                        b_k = sw_k if sw_k.dim() == 0 else sw_k.view(1, -1)
+                        cases[("AG", "torch_symm")] = lambda: call_by_schema(
+                            tsymm8[0], A=xq_shard, A_shard=xq_shard, Bs=[wq_n.t()], A_scale=sx_shard, B_scales=[b_n],
+                            gather_dim=0, group_name=group.group_name, biases=[None], result_scales=[None],
+                            out_dtypes=[torch.bfloat16], use_fast_accum=[False])
+                        cases[("RS", "torch_symm")] = lambda: call_by_schema(
+                            tsymm8[1], A=xq_k, B=wq_k.t(), A_scale=sx_k, B_scale=b_k, reduce_op="sum",
+                            scatter_dim=0, orig_scatter_dim=0, scatter_dim_after_maybe_reshape=0,
+                            group_name=group.group_name, output_shape=[m, h], out_dtype=torch.bfloat16,
+                            use_fast_accum=False)
+                # correctness of tpfuse against the nccl path (same GEMM kind) before timing
+                ok_ag = rel_err(comm.all_gather_matmul(*ag_args, num_tokens=m, **kw_ag),
+                                agmm_nccl(comm, *ag_args, m, **kw_ag)) <= REL_ERR[torch.bfloat16]
+                ok_rs = rel_err(comm.matmul_reduce_scatter(*rs_args, **kw_rs),
+                                mmrs_nccl(comm, *rs_args, **kw_rs)) <= REL_ERR[torch.bfloat16]
+                for (side, prov), fn in cases.items():
+                    try:
+                        us, mode = common.time_us(fn, calls=calls, replays=10)
+                    except Exception as ex:  # a provider that fails here is reported, not fatal
+                        us, mode = float("nan"), f"error: {type(ex).__name__}: {ex}"[:200]
+                        torch.cuda.synchronize()
+                    us = _max(us, dev)
+                    rows.append({"model": model, "dtype": dtype, "side": side, "provider": prov, "M": m, "H": h,
+                                 "I_shard": i_s, "median_us": us, "timing": mode,
+                                 "correct": (ok_ag if side == "AG" else ok_rs) if prov == "tpfuse" else None})
+                if rank == 0:
+                    line = "  ".join(f"{r['side']}:{r['provider']}={r['median_us']:.0f}" for r in rows
+                                     if (r["model"], r["dtype"], r["M"]) == (model, dtype, m))
+                    print(f"[{model} {dtype} M={m}] {line}  correct AG={ok_ag} RS={ok_rs}", flush=True)
+        comm.synchronize()
         comm.close()
     if rank == 0:
-        hdr = common.header("async_tp", tp=tp, dtype="bf16")
+        hdr = common.header("async_tp", tp=tp, dtype=",".join(dtypes))
         path = os.path.join(common.RESULTS, f"async_tp_tp{tp}_{common.device_slug()}.json")
         out = os.environ.get("OUT")
         if out:
             path = os.path.join(out, os.path.basename(path))
         common.write_json(path, hdr, rows)
-        _plot(path.replace(".json", ".png"), rows, hdr)
+        for dtype in dtypes:
+            png = path.replace(".json", ".png" if dtype == "bf16" else f"_{dtype}.png")
+            _plot(png, [r for r in rows if r["dtype"] == dtype], hdr, dtype)
         print("\nratio to GEMM-only (lower is better; 1.00 = communication fully hidden)")
         for model in models:
-            for side in ("AG", "RS"):
-                for m in ms:
-                    base = next(r["median_us"] for r in rows if (r["model"], r["side"], r["M"], r["provider"]) ==
-                                (model, side, m, "gemm_only"))
-                    cells = "  ".join(f"{r['provider']}={r['median_us'] / base:.3f}" for r in rows
-                                      if (r["model"], r["side"], r["M"]) == (model, side, m) and r["provider"] != "gemm_only")
-                    print(f"  {model} {side} M={m:<6} gemm={base:8.0f}us  {cells}")
+            for dtype in dtypes:
+                for side in ("AG", "RS"):
+                    for m in ms:
+                        key = (model, dtype, side, m)
+                        base = next(r["median_us"] for r in rows if (r["model"], r["dtype"], r["side"], r["M"],
+                                                                      r["provider"]) == key + ("gemm_only",))
+                        cells = "  ".join(f"{r['provider']}={r['median_us'] / base:.3f}" for r in rows
+                                          if (r["model"], r["dtype"], r["side"], r["M"]) == key
+                                          and r["provider"] != "gemm_only")
+                        print(f"  {model} {dtype:<10} {side} M={m:<6} gemm={base:8.0f}us  {cells}")
         print("wrote", path)
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _plot(path, rows, hdr):
+def _plot(path, rows, hdr, dtype):
     return common.plot_ratio_panels(path, rows, panel=("model", "side"), x="M", y="median_us", baseline="gemm_only",
                                     ylabel="time / GEMM-only", xlabel="M (tokens)", refs=(1.0, 1.03),
-                                    title=f"async TP, TP={hdr['tp']}, {hdr['device']}, {hdr['commit'][:10]}")
+                                    title=f"async TP {dtype}, TP={hdr['tp']}, {hdr['device']}, {hdr['commit'][:10]}")
 
 
 if __name__ == "__main__":

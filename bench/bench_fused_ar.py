@@ -6,8 +6,11 @@ Providers (each a full "partial sums in, (out, residual_out) out" step):
 * ``nccl+tpfuse``      NCCL all-reduce + tpfuse's local fused Triton add_rmsnorm (the ``nccl`` path)
 * ``symm2shot+tpfuse`` torch symm_mem ``two_shot_all_reduce_`` on a symmetric buffer (copy-in included) + tpfuse
                        local add_rmsnorm
-* ``fi_oneshot`` / ``fi_twoshot``  FlashInfer ``trtllm_allreduce_fusion`` (trtllm IPC workspace; never backend
-                       "auto"), when ``flashinfer`` imports and ``--flashinfer`` is given
+* ``fi_oneshot`` / ``fi_twoshot``  FlashInfer's trtllm fused kernel as users get it: a ``TPCommunicator`` with
+                       ``force_paths={"fused_add_rmsnorm": "flashinfer_oneshot" / "flashinfer_twoshot"}``
+                       (:mod:`tpfuse.backends.flashinfer`: trtllm IPC workspace, never backend "auto"), when
+                       ``flashinfer`` imports and ``--flashinfer`` is given; checked against NCCL + tpfuse's norm,
+                       and the row records the path that ran (``fi_twoshot`` only above TP tokens)
 * ``tpfuse_oneshot`` / ``tpfuse_twoshot`` / ``tpfuse_oneshot_pipe``  tpfuse's fused kernels
                        (:mod:`tpfuse.backends.symm`), forced; ``tpfuse_oneshot_pipe_p<N>`` (``--pipe-producers``):
                        the pipelined one-shot with N producer programs
@@ -53,28 +56,26 @@ def eager_norm(s, residual, weight, spec):
     return y, s.to(DT)
 
 
-class FlashInfer:
-    """trtllm fused all-reduce (+ add + RMSNorm [+ FP8 quant]); IPC workspace from the trtllm helper only."""
+FI_PROVIDERS = {"fi_oneshot": "flashinfer_oneshot", "fi_twoshot": "flashinfer_twoshot"}
 
-    def __init__(self, rank, world, max_tokens, hidden, group):
-        import flashinfer.comm as fc
 
-        self.fc, self.rank, self.world, self.hidden = fc, rank, world, hidden
-        self.ipc, self.ws = fc.trtllm_create_ipc_workspace_for_all_reduce_fusion(
-            rank, world, max_tokens, hidden, group=group)
+def flashinfer_comms(max_tokens, hidden, rank):
+    """``{provider: TPCommunicator}`` forced onto each FlashInfer path (the tpfuse backend); providers whose path
+    cannot run here are left out with the reason printed. Collective: every rank builds the same ones."""
+    from tpfuse import dispatch
 
-    def __call__(self, x, residual, weight, spec, oneshot, outs):
-        fc = self.fc
-        norm_out, res_out, quant_out, scale = outs
-        pattern = (fc.AllReduceFusionPattern.kARResidualRMSNormFP8Quant if spec is not None
-                   else fc.AllReduceFusionPattern.kARResidualRMSNorm)
-        fc.trtllm_allreduce_fusion(
-            allreduce_in=x, world_size=self.world, world_rank=self.rank, token_num=x.shape[0],
-            hidden_dim=self.hidden, workspace_ptrs=self.ws, launch_with_pdl=False, trigger_completion_at_end=True,
-            fp32_acc=True, pattern_code=pattern, use_oneshot=oneshot, allreduce_out=None, residual_in=residual,
-            residual_out=res_out, norm_out=None if spec is not None else norm_out,
-            quant_out=quant_out if spec is not None else None, scale_out=None, rms_gamma=weight, rms_eps=EPS,
-            scale_factor=spec.scale if spec is not None else None, layout_code=None)
+    out = {}
+    for name, path in FI_PROVIDERS.items():
+        c = tpfuse.TPCommunicator(max_tokens=max_tokens, hidden_size=hidden, dtype=DT,
+                                  config=tpfuse.CommConfig(force_paths={"fused_add_rmsnorm": path}))
+        reason = dispatch.unavailable_reason("fused_add_rmsnorm", path, c)
+        if reason:
+            if rank == 0:
+                print(f"{name} (hidden {hidden}) unavailable: {reason}")
+            c.close()
+            continue
+        out[name] = c
+    return out
 
 
 def main():
@@ -107,19 +108,17 @@ def main():
     import torch.distributed._symmetric_memory as symm_mem
 
     rows = []
+    from tpfuse import dispatch
+
+    # every tpfuse kernel path timed from one communicator; FlashInfer's workspace is left to the forced ones below
+    tpfuse_paths = frozenset(p for p in dispatch.PATH_DOCS if p not in FI_PROVIDERS.values())
     for h in hiddens:
         comm = tpfuse.TPCommunicator(max_tokens=max_tokens, hidden_size=h, dtype=DT,
-                                     config=tpfuse.CommConfig(all_workspaces=True))  # every tpfuse path timed
+                                     config=tpfuse.CommConfig(all_workspaces=True, allowed_paths=tpfuse_paths))
         ws = comm.workspace
         symm_buf = symm_mem.empty(max_tokens * h, dtype=DT, device=dev)
         symm_mem.rendezvous(symm_buf, group.group_name)
-        fi = None
-        if args.flashinfer:
-            try:
-                fi = FlashInfer(rank, world, max_tokens, h, group)
-            except Exception as e:  # noqa: BLE001
-                if rank == 0:
-                    print(f"FlashInfer unavailable: {type(e).__name__}: {e}")
+        fi_comms = flashinfer_comms(max_tokens, h, rank) if args.flashinfer else {}
         for t in tokens:
             g = torch.Generator(device=dev).manual_seed(t)
             x = torch.randn(t, h, device=dev, generator=g).to(DT)
@@ -128,8 +127,6 @@ def main():
             for fmt in formats:
                 spec = q.FP8Static(torch.tensor(0.05, device=dev)) if fmt else None
                 flat = symm_buf[: t * h].view(t, h)
-                fi_outs = (torch.empty(t, h, dtype=DT, device=dev), torch.empty(t, h, dtype=DT, device=dev),
-                           torch.empty(t, h, dtype=q.FP8_DTYPE, device=dev), None)
 
                 def nccl_eager():
                     s = x.clone()
@@ -159,20 +156,40 @@ def main():
                 default_producers = ws.producers
                 for p_count in pipe_producers:
                     provs[f"tpfuse_oneshot_pipe_p{p_count}"] = lambda p_count=p_count: pipe(p_count)
-                if fi is not None:
-                    provs["fi_oneshot"] = lambda: fi(x, residual, weight, spec, True, fi_outs)
-                    if t > world:
-                        provs["fi_twoshot"] = lambda: fi(x, residual, weight, spec, False, fi_outs)
-                # correctness of tpfuse's paths against the NCCL + eager result, once per size
+                for name, fc_ in fi_comms.items():
+                    if name == "fi_twoshot" and t <= world:
+                        continue  # FlashInfer's two-shot needs more tokens than ranks (the backend would fall back)
+                    provs[name] = lambda fc_=fc_: fc_.fused_add_rmsnorm(x, residual, weight, EPS, quant=spec)
+                # correctness against the NCCL + tpfuse-norm result, once per size
                 want_out, want_res = nccl_tpfuse()
-                for name in ("tpfuse_oneshot", "tpfuse_twoshot", "tpfuse_oneshot_pipe"):
+
+                def wrong(name):
                     o, r = provs[name]()
                     od = o.dequantize(torch.float32) if spec is not None else o.float()
                     wd = want_out.dequantize(torch.float32) if spec is not None else want_out.float()
                     err_r = tpfuse.tolerance.rel_err(r, want_res)
                     err_o = tpfuse.tolerance.rel_err(od, wd)
-                    if not (err_r < 1e-2 and err_o < 6e-2):
-                        raise AssertionError(f"{name} T={t} H={h} {fmt}: rel err out {err_o:.2e} res {err_r:.2e}")
+                    return None if err_r < 1e-2 and err_o < 6e-2 else f"rel err out {err_o:.2e} res {err_r:.2e}"
+
+                for name in ("tpfuse_oneshot", "tpfuse_twoshot", "tpfuse_oneshot_pipe"):
+                    err = wrong(name)
+                    if err:
+                        raise AssertionError(f"{name} T={t} H={h} {fmt}: {err}")
+                fi_ran = {}
+                for name in [n for n in FI_PROVIDERS if n in provs]:
+                    # a wrong or fallen-back FlashInfer result drops the provider at this size (on every rank alike)
+                    err = wrong(name)
+                    ran = fi_comms[name].last_path["fused_add_rmsnorm"]
+                    if ran != FI_PROVIDERS[name]:
+                        err = f"ran {ran}, not {FI_PROVIDERS[name]} ({fi_comms[name].flashinfer.last_fallback})"
+                    bad = torch.tensor([1.0 if err else 0.0], device=dev)
+                    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+                    if bad.item():
+                        if rank == 0:
+                            print(f"{name} T={t} H={h} {fmt}: dropped: {err or 'wrong on another rank'}")
+                        del provs[name]
+                    else:
+                        fi_ran[name] = ran
                 for name, fn in provs.items():
                     try:
                         us, mode = common.time_us(fn, calls=CALLS, replays=args.replays, barrier=barrier)
@@ -188,10 +205,14 @@ def main():
                            "median_us": round(float(v.item()), 2), "mode": mode}
                     if name == "tpfuse_auto":
                         row["path"] = comm.plan(t).path("fused_add_rmsnorm")
+                    elif name in fi_ran:
+                        row["path"] = fi_ran[name]
                     rows.append(row)
                 ws.producers = default_producers
         comm.synchronize()
         comm.close()
+        for c in fi_comms.values():
+            c.close()  # collective (frees FlashInfer's IPC buffers)
         del symm_buf
     if rank == 0:
         _report(rows, args.out_dir, time.time() - t_start)

@@ -30,7 +30,8 @@ after barrier A of call ``n + 1``, i.e. after every kernel of call ``n`` finishe
 stream run in order). The mapping "row j of a region <-> program j % G" never changes, which keeps the per-program
 counters of every rank equal and the argument valid when ``T`` changes between calls.
 
-Barriers: per program and peer, one int32 flag in the peer's workspace set to the program's call counter + 1
+Barriers (helpers shared with the async-TP semaphores: :mod:`tpfuse.kernels.signals`): per program and peer,
+one int32 flag in the peer's workspace set to the program's call counter + 1
 (monotonic, so nothing needs resetting: CUDA-graph replays are safe; compared wrap-around safe). Every wait is
 bounded by ``timeout_ns`` of ``%globaltimer``: on expiry the program sets ``err[0] = 1`` (a pinned host word the
 host reads without a sync), skips the rest of its work and exits. The grid ``G`` is the same on every rank (the
@@ -45,36 +46,7 @@ import triton
 import triton.language as tl
 
 from .quant_epilogue import cast_for_store, quant_store, rmsnorm_quant_store
-
-
-@triton.jit
-def _now():
-    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
-                                     pack=1)
-
-
-@triton.jit
-def _peer(ptr, delta_ptr, p, ELEM: tl.constexpr):
-    """``ptr`` moved into peer ``p``'s workspace (``delta_ptr[p]``: byte distance, multiple of 16)."""
-    d = tl.load(delta_ptr + p) // ELEM
-    return ptr + tl.multiple_of(d, 16)
-
-
-@triton.jit
-def _signal(flag_ptr, delta_ptr, slot, value, p):
-    # flag_ptr: this rank's int32 flag array; slot: index of the flag in the peer's array
-    tl.atomic_xchg(_peer(flag_ptr, delta_ptr, p, 4) + slot, value, sem="release", scope="sys")
-
-
-@triton.jit
-def _wait(flag_ptr, slot, target, deadline):
-    """Spin until ``flag >= target`` (wrap-around safe) or the deadline; returns 1 if it timed out."""
-    v = tl.atomic_add(flag_ptr + slot, 0, sem="acquire", scope="sys")
-    now = _now()
-    while ((v - target) < 0) & (now <= deadline):
-        v = tl.atomic_add(flag_ptr + slot, 0, sem="acquire", scope="sys")
-        now = _now()
-    return ((v - target) < 0).to(tl.int32)
+from .signals import _now, _peer, _signal, _wait  # noqa: F401  (the shared bounded-signal helpers)
 
 
 @triton.jit

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from . import backends  # noqa: F401  (registers the paths)
 from . import compile_ops
 from . import quant as q
+from . import scaled_gemm
 from . import thresholds
 from .config import CommConfig
 from .dispatch import Plan, implementation, make_plan
@@ -80,9 +81,14 @@ class TPCommunicator:
         self.table = thresholds.load(self.config.resolved_thresholds_path())
         self.row = self.table.lookup(self.arch, self.tp, str(dtype).replace("torch.", ""), hidden_size)
         self.last_path: Dict[str, str] = {}
-        """op -> the path its latest call ran (what tests assert against ``plan()``)."""
+        """op -> the path its latest call ran (what tests assert against ``plan()``). Set from the plan before the
+        implementation runs; an implementation that hands a call to another path overwrites its op's entry with the
+        path that ran (the FlashInfer paths do, for output forms FlashInfer cannot produce), so this is what ran,
+        and equals ``plan(T).path(op)`` only where the planned path can do the call."""
         self.workspace = None
         """Symmetric-memory workspace of the GPU paths (``None`` where none is needed)."""
+        self.flashinfer = None
+        """FlashInfer's IPC workspace (:mod:`tpfuse.backends.flashinfer`), ``None`` where those paths are not used."""
         self._plans: Dict[int, Plan] = {}
         self._calls = 0
         self._closed = False
@@ -92,15 +98,23 @@ class TPCommunicator:
         """Async-TP workspace (:mod:`tpfuse.backends.async_tp`), ``None`` where that path is not used."""
         from .backends import symm  # collective too: the fused all-reduce kernels' workspace (None off NCCL)
         self.workspace = symm.allocate(self)
+        from .backends import flashinfer  # collective too (only where the table / force_paths can route there)
+        self.flashinfer = flashinfer.allocate(self)
 
     # ----------------------------------------------------------------------------------------------------------
     # lifecycle
 
     def close(self) -> None:
-        """Release workspaces. Idempotent; any later op raises :class:`TPFuseClosedError`."""
+        """Release workspaces. Idempotent; any later op raises :class:`TPFuseClosedError`. Collective (barriers)
+        when a FlashInfer workspace exists (``self.flashinfer``): then call it on every rank."""
+        if self.flashinfer is not None:
+            self.flashinfer.close()
+        self.flashinfer = None
         if self.workspace is not None:
             self.workspace.close()
         self.workspace = None
+        if self.async_tp is not None:
+            self.async_tp.close()
         self.async_tp = None
         compile_ops.unregister(self._handle)
         self._plans.clear()
@@ -117,6 +131,8 @@ class TPCommunicator:
             raise TPFuseClosedError("this TPCommunicator was closed; build a new one")
         if self.workspace is not None:
             self.workspace.check()  # raises TPFusePeerTimeout (and stays broken) after a kernel's peer timeout
+        if self.async_tp is not None:
+            self.async_tp.check()  # the same for the async-TP / sequence-parallel semaphores
 
     def synchronize(self) -> None:
         """Wait for this rank's queued work, then raise :class:`~tpfuse.errors.TPFusePeerTimeout` if a kernel
@@ -235,8 +251,9 @@ class TPCommunicator:
         return self._run("reduce_scatter_rmsnorm", x.shape[0], (x, residual_shard, weight, eps),
                          {"quant": quant, "gemma": gemma})
 
-    def _check_shard(self, name: str, x_shard, num_tokens: Optional[int], width: Optional[int]) -> int:
-        check_tensor(name, x_shard, dtype=self.dtype, device=self.device, dim=2)
+    def _check_shard(self, name: str, x_shard, num_tokens: Optional[int], width: Optional[int],
+                     dtype: Optional[torch.dtype] = None) -> int:
+        check_tensor(name, x_shard, dtype=dtype or self.dtype, device=self.device, dim=2)
         if width is not None and x_shard.shape[1] != width:
             raise TPFuseInputError(f"{name} has hidden size {x_shard.shape[1]}, but the communicator's hidden_size "
                                    f"is {width}")
@@ -260,15 +277,22 @@ class TPCommunicator:
             raise TPFuseInputError(f"residual_shard has shape {tuple(residual_shard.shape)}, expected {want}"
                                    f" (rank {self.rank}'s shard of {num_tokens} tokens over TP={self.tp})")
 
-    def _check_row_parallel(self, x, weight) -> None:
-        """``x_shard_k [T, K/TP]`` and ``w_shard_k [H, K/TP]`` of a row-parallel linear."""
-        check_tensor("x", x, dtype=self.dtype, device=self.device, dim=2)
-        check_tensor("weight", weight, dtype=self.dtype, device=self.device, dim=2)
-        if weight.shape != (self.hidden_size, x.shape[1]):
+    def _check_row_parallel(self, x, weight, x_scale, w_scale) -> Tuple[torch.Tensor, dict]:
+        """``x_shard_k [T, K/TP]`` and ``w_shard_k [H, K/TP]`` of a row-parallel linear (dense, or FP8 with scales,
+        :mod:`tpfuse.scaled_gemm`). Returns ``x``'s data tensor and the scale kwargs of the paths."""
+        xd, xs = scaled_gemm.unpack(x, x_scale)
+        fp8 = scaled_gemm.is_fp8(xd, weight, xs, w_scale)
+        if fp8:
+            scaled_gemm.check(xd, weight, xs, w_scale, device=self.device, out_dtype=self.dtype)
+        else:
+            check_tensor("x", xd, dtype=self.dtype, device=self.device, dim=2)
+            check_tensor("weight", weight, dtype=self.dtype, device=self.device, dim=2)
+        if weight.shape != (self.hidden_size, xd.shape[1]):
             raise TPFuseInputError(f"weight has shape {tuple(weight.shape)}; expected [{self.hidden_size}, "
-                                   f"{x.shape[1]}] (out-features = hidden_size, in-features = x.shape[1])")
-        if x.shape[0] > self.max_tokens:
-            raise TPFuseInputError(f"x has {x.shape[0]} tokens, more than max_tokens={self.max_tokens}")
+                                   f"{xd.shape[1]}] (out-features = hidden_size, in-features = x.shape[1])")
+        if xd.shape[0] > self.max_tokens:
+            raise TPFuseInputError(f"x has {xd.shape[0]} tokens, more than max_tokens={self.max_tokens}")
+        return xd, ({"x_scale": xs, "w_scale": w_scale} if fp8 else {})
 
     def all_gather(self, x_shard: torch.Tensor, *, num_tokens: Optional[int] = None) -> torch.Tensor:
         """``[Ts, H]`` token shards -> ``[T, H]``. ``num_tokens`` (global T) is needed only when TP does not divide
@@ -283,62 +307,98 @@ class TPCommunicator:
         t = box["t"]
         return self._run("all_gather", t, (x_shard, t), {})
 
-    def all_gather_matmul(self, x_shard: torch.Tensor, weight: torch.Tensor, *,
-                          num_tokens: Optional[int] = None) -> torch.Tensor:
+    def all_gather_matmul(self, x_shard, weight: torch.Tensor, *, num_tokens: Optional[int] = None,
+                          x_scale: Optional[torch.Tensor] = None, w_scale: Optional[torch.Tensor] = None
+                          ) -> torch.Tensor:
         """Column-parallel linear with a sequence-parallel input: ``all_gather(x_shard) @ weight.T``.
 
         ``x_shard``: ``[Ts, H]``; ``weight`` (``w_shard_n``): ``[N / TP, H]`` (nn.Linear layout). Returns
-        ``[T, N / TP]``."""
+        ``[T, N / TP]``. FP8 (:mod:`tpfuse.scaled_gemm`): ``x_shard`` e4m3 with ``x_scale`` (per-tensor, the same
+        on every rank, or ``[Ts, 1]`` per token, gathered with its rows) or a ``QuantizedActivation`` (FP8Static /
+        FP8PerToken); ``weight`` e4m3 with ``w_scale`` (per-tensor or ``[N / TP, 1]``); the output is bf16."""
         if torch.compiler.is_compiling():
-            return torch.ops.tpfuse.comm_all_gather_matmul(self._handle, x_shard, weight,
-                                                           compile_ops.gather_tokens(self, x_shard, num_tokens))
+            xd, xs = scaled_gemm.unpack(x_shard, x_scale)
+            return torch.ops.tpfuse.comm_all_gather_matmul(self._handle, xd, weight,
+                                                           compile_ops.gather_tokens(self, xd, num_tokens), xs, w_scale)
         box = {}
         def check():
-            box["t"] = self._check_shard("x_shard", x_shard, num_tokens, self.hidden_size)
-            check_tensor("weight", weight, dtype=self.dtype, device=self.device, dim=2)
+            xd, xs = scaled_gemm.unpack(x_shard, x_scale)
+            fp8 = scaled_gemm.is_fp8(xd, weight, xs, w_scale)
+            if fp8:
+                scaled_gemm.check(xd, weight, xs, w_scale, device=self.device, out_dtype=self.dtype, x_name="x_shard")
+            box["t"] = self._check_shard("x_shard", xd, num_tokens, self.hidden_size,
+                                         dtype=scaled_gemm.FP8 if fp8 else None)
+            if not fp8:
+                check_tensor("weight", weight, dtype=self.dtype, device=self.device, dim=2)
             if weight.shape[1] != self.hidden_size:
                 raise TPFuseInputError(f"weight has shape {tuple(weight.shape)}; expected [N_shard, {self.hidden_size}]"
                                        f" (nn.Linear layout, in-features = hidden_size)")
-        self._enter("all_gather_matmul", (num_tokens, _shape(x_shard)[1:], _shape(weight)), check)
+            box["x"], box["kw"] = xd, ({"x_scale": xs, "w_scale": w_scale} if fp8 else {})
+        self._enter("all_gather_matmul", (num_tokens,) + self._gemm_sig(x_shard, weight, x_scale, w_scale, True),
+                    check)
         t = box["t"]
-        return self._run("all_gather_matmul", t, (x_shard, weight, t), {})
+        return self._run("all_gather_matmul", t, (box["x"], weight, t), box["kw"])
 
-    def matmul_reduce_scatter(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def matmul_reduce_scatter(self, x, weight: torch.Tensor, *, x_scale: Optional[torch.Tensor] = None,
+                              w_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Row-parallel linear with a sequence-parallel output: ``reduce_scatter(x @ weight.T)`` by tokens.
 
         ``x`` (``x_shard_k``): ``[T, K / TP]``; ``weight`` (``w_shard_k``): ``[H, K / TP]``. Returns this rank's
-        ``[Ts, H]`` token shard of the sum."""
+        ``[Ts, H]`` token shard of the sum. FP8 (:mod:`tpfuse.scaled_gemm`): ``x`` e4m3 with ``x_scale``
+        (per-tensor or ``[T, 1]``) or a ``QuantizedActivation``; ``weight`` e4m3 with ``w_scale`` (per-tensor or
+        ``[H, 1]``); the partials and the output are bf16."""
         if torch.compiler.is_compiling():
-            return torch.ops.tpfuse.comm_matmul_reduce_scatter(self._handle, x, weight)
+            xd, xs = scaled_gemm.unpack(x, x_scale)
+            return torch.ops.tpfuse.comm_matmul_reduce_scatter(self._handle, xd, weight, xs, w_scale)
+        box = {}
         def check():
-            self._check_row_parallel(x, weight)
-        self._enter("matmul_reduce_scatter", (_shape(x), _shape(weight)), check)
-        return self._run("matmul_reduce_scatter", x.shape[0], (x, weight), {})
+            box["x"], box["kw"] = self._check_row_parallel(x, weight, x_scale, w_scale)
+        self._enter("matmul_reduce_scatter", self._gemm_sig(x, weight, x_scale, w_scale), check)
+        xd = box["x"]
+        return self._run("matmul_reduce_scatter", xd.shape[0], (xd, weight), box["kw"])
 
-    def matmul_reduce_scatter_rmsnorm(self, x: torch.Tensor, weight: torch.Tensor,
+    def matmul_reduce_scatter_rmsnorm(self, x, weight: torch.Tensor,
                                       residual_shard: Optional[torch.Tensor], norm_weight: torch.Tensor,
-                                      eps: float = 1e-6, *, quant: Optional[q.QuantSpec] = None, gemma: bool = False
+                                      eps: float = 1e-6, *, quant: Optional[q.QuantSpec] = None, gemma: bool = False,
+                                      x_scale: Optional[torch.Tensor] = None, w_scale: Optional[torch.Tensor] = None
                                       ) -> Tuple[object, torch.Tensor]:
         """Row-parallel linear followed by the sequence-parallel add + RMSNorm (+ quant), fused where the path
         allows: ``s = reduce_scatter(x @ weight.T) + residual_shard``; returns ``(rmsnorm(s) [quantized], s)``,
         both ``[Ts, H]``. Routed like :meth:`matmul_reduce_scatter` (``plan(T)["matmul_reduce_scatter"]``): the
         async-TP path sums the peers' partials, adds, normalises and quantizes in one kernel; other paths run
-        the reduce-scatter (its result rounded to the input dtype), then the local fused stage."""
+        the reduce-scatter (its result rounded to the input dtype), then the local fused stage. FP8 operands as
+        in :meth:`matmul_reduce_scatter`."""
+        box = {}
         def check():
-            self._check_row_parallel(x, weight)
-            self._check_residual_shard(residual_shard, x.shape[0])
+            box["x"], box["kw"] = self._check_row_parallel(x, weight, x_scale, w_scale)
+            self._check_residual_shard(residual_shard, box["x"].shape[0])
             check_norm_weight(norm_weight, hidden=self.hidden_size, device=self.device)
             check_eps(eps)
             q.check_spec(quant, self.hidden_size, self.device)
-        self._enter("matmul_reduce_scatter_rmsnorm", (_shape(x), _shape(weight), residual_shard is None,
-                                                      type(quant).__name__), check)
-        path = self.plan(x.shape[0]).ops["matmul_reduce_scatter"].path
+        self._enter("matmul_reduce_scatter_rmsnorm", self._gemm_sig(x, weight, x_scale, w_scale) +
+                    (residual_shard is None, type(quant).__name__), check)
+        xd, kw = box["x"], box["kw"]
+        path = self.plan(xd.shape[0]).ops["matmul_reduce_scatter"].path
         self.last_path["matmul_reduce_scatter"] = path
         if path == "tpfuse_async_tp":
-            return self.async_tp.reduce_rmsnorm(x, weight, residual_shard, norm_weight, eps, quant, gemma)
+            return self.async_tp.reduce_rmsnorm(xd, weight, residual_shard, norm_weight, eps, quant, gemma, **kw)
         from . import ops
-        y = implementation("matmul_reduce_scatter", path)(self, x, weight)
+        y = implementation("matmul_reduce_scatter", path)(self, xd, weight, **kw)
         return ops.add_rmsnorm(y, residual_shard, norm_weight, eps, quant=quant, gemma=gemma)
+
+    def _gemm_sig(self, x, weight, x_scale, w_scale, shard: bool = False) -> tuple:
+        """What must match across ranks for a GEMM op (debug mode): shapes (without the shard's rows when
+        ``shard``), dtypes, scale kinds; with ``shard`` and debug on, also the value of a per-tensor ``x_scale``
+        (the all-gather uses one scale for every rank's rows)."""
+        qa = isinstance(x, q.QuantizedActivation)
+        xd, xs = (x.data, x.scale) if qa else (x, x_scale)
+        cut = 1 if shard else 0
+        sig = (_shape(xd)[cut:], getattr(xd, "dtype", None), _shape(weight), getattr(weight, "dtype", None),
+               _shape(xs)[cut:] if xs is not None else None, _shape(w_scale) if w_scale is not None else None)
+        if (shard and self.config.debug and isinstance(xs, torch.Tensor) and xs.numel() == 1 and xs.dim() <= 1
+                and xs.device.type != "meta"):
+            sig += (float(xs.reshape(())),)
+        return sig
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"backend={self.backend}, device={self.device}"

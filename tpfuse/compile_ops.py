@@ -113,25 +113,29 @@ def _(handle, x_shard, num_tokens):
     return x_shard.new_empty(num_tokens, x_shard.shape[1])
 
 
+# the GEMM ops: x_scale / w_scale are None for dense operands, fp32 scales for FP8 ones (tpfuse.scaled_gemm; a
+# QuantizedActivation input travels as its data and scale). The output is in the communicator's dtype either way.
 @torch.library.custom_op("tpfuse::comm_all_gather_matmul", mutates_args=())
-def _all_gather_matmul(handle: int, x_shard: Tensor, weight: Tensor, num_tokens: int) -> Tensor:
-    return _comm(handle).all_gather_matmul(x_shard, weight, num_tokens=num_tokens)
+def _all_gather_matmul(handle: int, x_shard: Tensor, weight: Tensor, num_tokens: int,
+                       x_scale: Optional[Tensor] = None, w_scale: Optional[Tensor] = None) -> Tensor:
+    return _comm(handle).all_gather_matmul(x_shard, weight, num_tokens=num_tokens, x_scale=x_scale, w_scale=w_scale)
 
 
 @_all_gather_matmul.register_fake
-def _(handle, x_shard, weight, num_tokens):
-    return x_shard.new_empty(num_tokens, weight.shape[0])
+def _(handle, x_shard, weight, num_tokens, x_scale=None, w_scale=None):
+    return x_shard.new_empty(num_tokens, weight.shape[0], dtype=_comm(handle).dtype)
 
 
 @torch.library.custom_op("tpfuse::comm_matmul_reduce_scatter", mutates_args=())
-def _matmul_reduce_scatter(handle: int, x: Tensor, weight: Tensor) -> Tensor:
-    return _comm(handle).matmul_reduce_scatter(x, weight)
+def _matmul_reduce_scatter(handle: int, x: Tensor, weight: Tensor, x_scale: Optional[Tensor] = None,
+                           w_scale: Optional[Tensor] = None) -> Tensor:
+    return _comm(handle).matmul_reduce_scatter(x, weight, x_scale=x_scale, w_scale=w_scale)
 
 
 @_matmul_reduce_scatter.register_fake
-def _(handle, x, weight):
+def _(handle, x, weight, x_scale=None, w_scale=None):
     c = _comm(handle)
-    return x.new_empty(shard_len(x.shape[0], c.tp, c.rank), weight.shape[0])
+    return x.new_empty(shard_len(x.shape[0], c.tp, c.rank), weight.shape[0], dtype=c.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------

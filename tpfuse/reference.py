@@ -22,6 +22,9 @@ all_gather                 x_shard [Ts, H]                     [T, H]
 all_gather_matmul          x_shard [Ts, K], w_shard_n [N/TP, K]   [T, N/TP]
 matmul_reduce_scatter      x_shard_k [T, K/TP], w_shard_k [N, K/TP]  [Ts, N]
 =========================  =================================  ==============================================
+
+The two GEMM ops also take FP8 operands with scales (:mod:`tpfuse.scaled_gemm`): here they are dequantized to fp32
+first (the oracle of the ``_scaled_mm`` paths).
 """
 
 from __future__ import annotations
@@ -139,11 +142,26 @@ def all_gather(x_shard: torch.Tensor, num_tokens: int, group) -> torch.Tensor:
     return out[:num_tokens]
 
 
-def all_gather_matmul(x_shard: torch.Tensor, weight: torch.Tensor, num_tokens: int, group) -> torch.Tensor:
-    x = all_gather(x_shard, num_tokens, group)
-    return (x.float() @ weight.float().t()).to(x_shard.dtype)
+def _operand(t: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """fp32 value of a GEMM operand: dense, or e4m3 dequantized by its scale (:mod:`tpfuse.scaled_gemm`)."""
+    if scale is None:
+        return t.float()
+    from .scaled_gemm import dequantize
+
+    return dequantize(t, scale)
 
 
-def matmul_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, group) -> torch.Tensor:
-    partial = x.float() @ weight.float().t()
-    return reduce_scatter_fp32(partial, group).to(x.dtype)
+def all_gather_matmul(x_shard: torch.Tensor, weight: torch.Tensor, num_tokens: int, group, *,
+                      x_scale: Optional[torch.Tensor] = None, w_scale: Optional[torch.Tensor] = None,
+                      out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``all_gather(x) @ weight.T`` in fp32. FP8 (scales given): every rank dequantizes its shard first, so
+    row-wise scales stay with their rows; the result is rounded to ``out_dtype`` (bf16)."""
+    x = all_gather(_operand(x_shard, x_scale), num_tokens, group)
+    return (x @ _operand(weight, w_scale).t()).to(out_dtype or x_shard.dtype)
+
+
+def matmul_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, group, *, x_scale: Optional[torch.Tensor] = None,
+                          w_scale: Optional[torch.Tensor] = None,
+                          out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    partial = _operand(x, x_scale) @ _operand(weight, w_scale).t()
+    return reduce_scatter_fp32(partial, group).to(out_dtype or x.dtype)

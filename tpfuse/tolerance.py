@@ -13,6 +13,15 @@ REL_ERR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # the quantized formats: one rounding to e4m3 (3 mantissa bits) / e2m1 (1 mantissa bit) of each element
 REL_ERR_FP8 = 6e-2
 REL_ERR_NVFP4 = 1.6e-1
+# logits of a whole decoder stack (a few layers, O(1) random weights, as tpfuse.models.hf_tiny and the parallelize
+# tests draw them) run in this dtype, vs the fp64 oracle with the same (rounded) weights: every layer rounds the
+# residual stream, q/k/v, attention, the MLP activations and the GEMM outputs, and the lm_head sums 2048+ of them.
+# Measured (CPU, transformers' own unsharded forward, 2 layers, hidden 2048, heads 16/8, head_dim 128, MLP 5632,
+# vocab 32000, 40 tokens): bf16 0.0071 (Llama) / 0.0073 (Qwen3), worst row 0.0081; fp32 5.5e-7. fp16 is not
+# measured: the bf16 budget / 8 (3 more mantissa bits), rounded up. The budgets leave ~3x headroom and stay far
+# below what a sharding / position / norm bug does to the same logits (0.17 for one ignored norm weight, 0.37 for
+# two swapped kv heads, ~1 for one token at the wrong position).
+REL_ERR_LOGITS = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -31,6 +40,15 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what:
     err, tol = rel_err(out, ref), REL_ERR[dtype] * factor
     if not err <= tol:
         raise AssertionError(f"{what}: relative error {err:.3e} > {tol:.1e} ({dtype})")
+    return err
+
+
+def assert_logits_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> float:
+    """Raise AssertionError if a model's logits are farther from the oracle's than ``REL_ERR_LOGITS[dtype]``;
+    returns the relative error."""
+    err, tol = rel_err(out, ref), REL_ERR_LOGITS[dtype]
+    if not err <= tol:
+        raise AssertionError(f"{what}: logits relative error {err:.3e} > {tol:.1e} ({dtype})")
     return err
 
 

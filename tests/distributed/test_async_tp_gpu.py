@@ -1,11 +1,19 @@
 """GPU pair: the async-TP path (``tpfuse_async_tp``) of all_gather_matmul / matmul_reduce_scatter vs an fp64
-oracle, uneven token counts, CUDA-graph replays with fresh data, and the path the dispatcher reports."""
+oracle, uneven token counts, CUDA-graph replays with fresh data, and the path the dispatcher reports; bf16 and FP8
+(e4m3 with per-tensor and row-wise scales, :mod:`tpfuse.scaled_gemm`) on every path (reference, nccl, async TP) at
+Llama-3.1-8B / 70B TP=2 shapes; bounded waits: a late peer is fine, a skipped call of any async-TP / SP op raises
+TPFusePeerTimeout within ``timeout_s`` and a new communicator works afterwards (the CUDA context is intact)."""
+
+import time
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import tpfuse
+from fp8_cases import ag_case, rs_case
 from harness import run_on_ranks
+from tpfuse.errors import TPFusePeerTimeout
 from tpfuse.sharding import shard_range
 from tpfuse.tolerance import assert_close
 
@@ -128,3 +136,244 @@ def _rs_ag_cases(rank, world):
 
 def test_rs_ag_and_fused_tail_on_gpu_pair():
     assert run_on_ranks(_rs_ag_cases, 2, backend="nccl", timeout_s=300) == [True, True]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bf16 and FP8 GEMM ops on every path at Llama shapes
+
+MODELS = {"8B": (4096, 14336), "70B": (8192, 28672)}  # hidden, intermediate (TP=2: K / N shards = I / 2)
+GEMM_TOKENS = [1, 7, 256, 4097, 16384]
+GEMM_PATHS = ("reference", "nccl", "tpfuse_async_tp")
+DTYPES = ("bf16", "tensor", "row")  # bf16, FP8 per-tensor scales, FP8 row-wise scales
+
+
+def _bf16_ag(seed, world, t, h, n_shard, rank, dev):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    x = torch.randn(t, h, generator=g, device=dev).to(torch.bfloat16)
+    w = (torch.randn(n_shard * world, h, generator=g, device=dev) / h ** 0.5).to(torch.bfloat16)
+    w = w[rank * n_shard:(rank + 1) * n_shard].contiguous()
+    s, e = shard_range(t, world, rank)
+    return (x[s:e].contiguous(), w, {}), x.double() @ w.double().t()
+
+
+def _bf16_rs(seed, world, t, h, k_shard, rank, dev):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    xs = [torch.randn(t, k_shard, generator=g, device=dev).to(torch.bfloat16) for _ in range(world)]
+    ws = [(torch.randn(h, k_shard, generator=g, device=dev) / (k_shard * world) ** 0.5).to(torch.bfloat16)
+          for _ in range(world)]
+    s, e = shard_range(t, world, rank)
+    return (xs[rank], ws[rank], {}), sum(x[s:e].double() @ w.double().t() for x, w in zip(xs, ws))
+
+
+def _gemm_sweep(rank, world, model):
+    h, inter = MODELS[model]
+    i_s = inter // world
+    dev = torch.device("cuda", torch.cuda.current_device())
+    comms = {p: tpfuse.TPCommunicator(max_tokens=max(GEMM_TOKENS), hidden_size=h, dtype=torch.bfloat16,
+                                      config=tpfuse.CommConfig(force_paths={"all_gather_matmul": p,
+                                                                            "matmul_reduce_scatter": p}))
+             for p in GEMM_PATHS}
+    n = 0
+    for i, t in enumerate(GEMM_TOKENS):
+        for dt in DTYPES:
+            seed = 1000 * i + 10 * DTYPES.index(dt)
+            if dt == "bf16":
+                (x, w, kw), ref = _bf16_ag(seed, world, t, h, i_s, rank, dev)
+            else:
+                c = ag_case(seed, world, t, h, i_s, dt, dev)
+                xq, xs = c.shard(rank, world)
+                (x, w, kw), ref = (xq, c.wq[rank], {"x_scale": xs, "w_scale": c.ws[rank]}), c.oracle(rank)
+                del c
+            for p, comm in comms.items():
+                y = comm.all_gather_matmul(x, w, num_tokens=t, **kw)
+                assert comm.last_path["all_gather_matmul"] == p
+                assert y.dtype == torch.bfloat16 and y.shape == (t, i_s)
+                assert_close(y, ref, torch.bfloat16, f"{model} AG {dt} T={t} {p}")
+                n += 1
+            del x, w, kw, ref, y
+            s, e = shard_range(t, world, rank)
+            if dt == "bf16":
+                (x, w, kw), ref = _bf16_rs(seed + 1, world, t, h, i_s, rank, dev)
+            else:
+                r = rs_case(seed + 1, world, t, h, i_s, dt, dev)
+                (x, w, kw), ref = ((r.xq[rank], r.wq[rank], {"x_scale": r.xs[rank], "w_scale": r.ws[rank]}),
+                                   r.total(s, e))
+                del r
+            for p, comm in comms.items():
+                y = comm.matmul_reduce_scatter(x, w, **kw)
+                assert comm.last_path["matmul_reduce_scatter"] == p
+                assert y.dtype == torch.bfloat16 and y.shape == (e - s, h)
+                assert_close(y, ref, torch.bfloat16, f"{model} RS {dt} T={t} {p}")
+                n += 1
+            del x, w, kw, ref, y
+            torch.cuda.empty_cache()
+    torch.cuda.synchronize()
+    for comm in comms.values():
+        comm.synchronize()
+        comm.close()
+    return n
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_gemm_ops_bf16_fp8_every_path(model):
+    n = len(GEMM_TOKENS) * len(DTYPES) * 2 * len(GEMM_PATHS)
+    assert run_on_ranks(_gemm_sweep, 2, model, backend="nccl", timeout_s=600) == [n, n]
+
+
+def _fp8_graph(rank, world):
+    """FP8 ops captured in a CUDA graph (row-wise AG, per-tensor RS, the fused RS tail), replayed with fresh
+    activations copied into the static inputs (weights static, as in a model)."""
+    from tpfuse.reference import rmsnorm_math
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    comm = tpfuse.TPCommunicator(max_tokens=4096, hidden_size=H, dtype=torch.bfloat16,
+                                 config=tpfuse.CommConfig(force_paths=FORCE))
+    t = 1001
+    s, e = shard_range(t, world, rank)
+    c = ag_case(1, world, t, H, N_SHARD, "row", dev, w_seed=7)
+    r = rs_case(2, world, t, H, K_SHARD, "tensor", dev, w_seed=8)
+    sx, sxs = [a.clone() for a in c.shard(rank, world)]
+    sxk, sxks = r.xq[rank].clone(), r.xs[rank].clone()
+    res = torch.randn(e - s, H, device=dev).to(torch.bfloat16)
+    nw = (1 + 0.1 * torch.randn(H, device=dev)).to(torch.bfloat16)
+
+    def calls():
+        ya = comm.all_gather_matmul(sx, c.wq[rank], num_tokens=t, x_scale=sxs, w_scale=c.ws[rank])
+        yb = comm.matmul_reduce_scatter(sxk, r.wq[rank], x_scale=sxks, w_scale=r.ws[rank])
+        yc, rc = comm.matmul_reduce_scatter_rmsnorm(sxk, r.wq[rank], res, nw, 1e-6, x_scale=sxks, w_scale=r.ws[rank])
+        return ya, yb, yc, rc
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        calls()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        calls()
+        ya, yb, yc, rc = calls()
+    checked = 0
+    for it in range(100):
+        ci = ag_case(100 + it, world, t, H, N_SHARD, "row", dev, w_seed=7)
+        ri = rs_case(200 + it, world, t, H, K_SHARD, "tensor", dev, w_seed=8)
+        xq, xs = ci.shard(rank, world)
+        sx.copy_(xq)
+        sxs.copy_(xs)
+        sxk.copy_(ri.xq[rank])
+        sxks.copy_(ri.xs[rank])
+        graph.replay()
+        if it % 10 == 0:
+            assert_close(ya, ci.oracle(rank), torch.bfloat16, f"graph replay {it} FP8 AG")
+            total = ri.total(s, e)
+            assert_close(yb, total, torch.bfloat16, f"graph replay {it} FP8 RS")
+            full = total + res.double()
+            assert_close(rc, full, torch.bfloat16, f"graph replay {it} FP8 fused tail residual")
+            assert_close(yc, rmsnorm_math(full, nw.double(), 1e-6), torch.bfloat16, f"graph replay {it} tail")
+            checked += 1
+    torch.cuda.synchronize()
+    comm.synchronize()
+    comm.close()
+    return checked
+
+
+def test_fp8_ops_in_cuda_graph():
+    assert run_on_ranks(_fp8_graph, 2, backend="nccl", timeout_s=300) == [10, 10]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bounded waits: a late peer, a skipped call
+
+SKIP_OPS = ["all_gather_matmul", "all_gather_matmul_fp8", "matmul_reduce_scatter", "matmul_reduce_scatter_fp8",
+            "matmul_reduce_scatter_rmsnorm", "reduce_scatter_rmsnorm", "all_gather"]
+TIMEOUT_S = 5.0
+
+
+def _op_call(comm, rank, world, op, t=37):
+    """``(run, check)``: one call of ``op`` on fixed data and its fp64 oracle check."""
+    from cases import make_inputs, oracle
+    from tpfuse.reference import rmsnorm_math
+
+    dev = comm.device
+    s, e = shard_range(t, world, rank)
+    x, w_n, x_k, w_k = _data(5, world, t, dev)
+    w_shard_n = w_n[rank * N_SHARD:(rank + 1) * N_SHARD].contiguous()
+    x_shard_k = x_k[:, rank * K_SHARD:(rank + 1) * K_SHARD].contiguous()
+    w_shard_k = w_k[:, rank * K_SHARD:(rank + 1) * K_SHARD].contiguous()
+    rs_ref = (x_k.double() @ w_k.double().t())[s:e]
+    if op == "all_gather_matmul":
+        return (lambda: comm.all_gather_matmul(x[s:e].contiguous(), w_shard_n, num_tokens=t),
+                lambda y: assert_close(y, x.double() @ w_shard_n.double().t(), torch.bfloat16, op))
+    if op == "all_gather_matmul_fp8":
+        c = ag_case(6, world, t, H, N_SHARD, "row", dev)
+        xq, xs = c.shard(rank, world)
+        return (lambda: comm.all_gather_matmul(xq, c.wq[rank], num_tokens=t, x_scale=xs, w_scale=c.ws[rank]),
+                lambda y: assert_close(y, c.oracle(rank), torch.bfloat16, op))
+    if op == "matmul_reduce_scatter":
+        return (lambda: comm.matmul_reduce_scatter(x_shard_k, w_shard_k),
+                lambda y: assert_close(y, rs_ref, torch.bfloat16, op))
+    if op == "matmul_reduce_scatter_fp8":
+        r = rs_case(7, world, t, H, K_SHARD, "tensor", dev)
+        return (lambda: comm.matmul_reduce_scatter(r.xq[rank], r.wq[rank], x_scale=r.xs[rank], w_scale=r.ws[rank]),
+                lambda y: assert_close(y, r.total(s, e), torch.bfloat16, op))
+    inp = make_inputs(8, world, t, H, torch.bfloat16, device=dev)
+    if op == "matmul_reduce_scatter_rmsnorm":
+        full = rs_ref + inp.residual[s:e].double()
+        return (lambda: comm.matmul_reduce_scatter_rmsnorm(x_shard_k, w_shard_k, inp.residual[s:e].contiguous(),
+                                                           inp.weight, 1e-6),
+                lambda y: assert_close(y[0], rmsnorm_math(full, inp.weight.double(), 1e-6), torch.bfloat16, op))
+    if op == "reduce_scatter_rmsnorm":
+        ref_out, _ = oracle(inp, 1e-6)
+        return (lambda: comm.reduce_scatter_rmsnorm(inp.xs[rank], inp.residual[s:e].contiguous(), inp.weight, 1e-6),
+                lambda y: assert_close(y[0], ref_out[s:e], torch.bfloat16, op))
+    assert op == "all_gather"
+    return (lambda: comm.all_gather(inp.residual[s:e].contiguous(), num_tokens=t),
+            lambda y: assert_close(y, inp.residual.double(), torch.bfloat16, op))
+
+
+def _skip_call(rank, world, op):
+    force = dict(FORCE, reduce_scatter_rmsnorm="tpfuse_rs", all_gather="tpfuse_ag")
+    # compile every kernel of the op first under the default 30 s bound (a rank still JIT-compiling must not look
+    # like a late peer), then the same op under a 5 s bound
+    warm = tpfuse.TPCommunicator(max_tokens=64, hidden_size=H, dtype=torch.bfloat16,
+                                 config=tpfuse.CommConfig(force_paths=force))
+    run, check = _op_call(warm, rank, world, op)
+    check(run())
+    warm.synchronize()
+    warm.close()
+    cfg = tpfuse.CommConfig(force_paths=force, timeout_s=TIMEOUT_S)
+    comm = tpfuse.TPCommunicator(max_tokens=64, hidden_size=H, dtype=torch.bfloat16, config=cfg)
+    run, check = _op_call(comm, rank, world, op)
+    for late in (False, True):  # on time, then rank 1 ~0.1 s late: both correct, no timeout
+        if late and rank == 1:
+            torch.cuda._sleep(200_000_000)
+        check(run())
+        comm.synchronize()
+    if rank == 1:
+        result = "skipped"  # rank 1 skips the next call: rank 0 must give up within timeout_s, not hang
+    else:
+        t0 = time.monotonic()
+        run()
+        with pytest.raises(TPFusePeerTimeout, match="peer did not arrive within 5 s"):
+            comm.synchronize()
+        waited = time.monotonic() - t0
+        # one timeout per broken call (later waits see the error flag and return at once), not one per wait
+        assert TIMEOUT_S - 1.0 <= waited < TIMEOUT_S + 4.0, waited
+        with pytest.raises(TPFusePeerTimeout):  # stays broken
+            run()
+        result = round(waited, 2)
+    # the CUDA context is intact (no aborted kernel): both ranks meet again (rank 1 kept its buffers alive until
+    # rank 0 gave up) and a new communicator works
+    dist.barrier()
+    comm.close()
+    comm = tpfuse.TPCommunicator(max_tokens=64, hidden_size=H, dtype=torch.bfloat16, config=cfg)
+    run, check = _op_call(comm, rank, world, op)
+    check(run())
+    comm.synchronize()
+    comm.close()
+    return result
+
+
+@pytest.mark.parametrize("op", SKIP_OPS)
+def test_skipped_call_raises_peer_timeout(op):
+    res = run_on_ranks(_skip_call, 2, op, backend="nccl", timeout_s=120)
+    assert res[1] == "skipped" and isinstance(res[0], float), res

@@ -8,3 +8,4 @@ CUDA, Triton or FlashInfer lazily, so importing this package never needs them.
 from . import reference  # noqa: F401
 from . import async_tp  # noqa: F401
 from . import symm  # noqa: F401
+from . import flashinfer  # noqa: F401  (imports FlashInfer itself only when a communicator uses it)

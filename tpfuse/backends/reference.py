@@ -2,7 +2,8 @@
 
 ``reference`` runs :mod:`tpfuse.reference` (fp32 collectives, gloo or NCCL): the oracle, always available.
 ``nccl`` keeps the collective in the input dtype (half the bytes of the fp32 oracle) and applies the local stage
-after it: the GPU fallback where no fused kernel is faster or possible (e.g. groups spanning nodes).
+after it: the GPU fallback where no fused kernel is faster or possible (e.g. groups spanning nodes). FP8 GEMM ops
+(:mod:`tpfuse.scaled_gemm`): the all-gather moves the e4m3 bytes and the row-wise scales, then ``_scaled_mm``.
 """
 
 from __future__ import annotations
@@ -40,13 +41,14 @@ def _ag_ref(comm, x_shard, num_tokens):
 
 
 @register("all_gather_matmul", "reference")
-def _agmm_ref(comm, x_shard, weight, num_tokens):
-    return ref.all_gather_matmul(x_shard, weight, num_tokens, comm.group)
+def _agmm_ref(comm, x_shard, weight, num_tokens, *, x_scale=None, w_scale=None):
+    return ref.all_gather_matmul(x_shard, weight, num_tokens, comm.group, x_scale=x_scale, w_scale=w_scale,
+                                 out_dtype=comm.dtype)
 
 
 @register("matmul_reduce_scatter", "reference")
-def _mmrs_ref(comm, x, weight):
-    return ref.matmul_reduce_scatter(x, weight, comm.group)
+def _mmrs_ref(comm, x, weight, *, x_scale=None, w_scale=None):
+    return ref.matmul_reduce_scatter(x, weight, comm.group, x_scale=x_scale, w_scale=w_scale, out_dtype=comm.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -93,10 +95,22 @@ def _ag_nccl(comm, x_shard, num_tokens):
 
 
 @register("all_gather_matmul", "nccl", available=_needs_nccl)
-def _agmm_nccl(comm, x_shard, weight, num_tokens):
-    return ref.all_gather(x_shard, num_tokens, comm.group) @ weight.t()
+def _agmm_nccl(comm, x_shard, weight, num_tokens, *, x_scale=None, w_scale=None):
+    if w_scale is None:
+        return ref.all_gather(x_shard, num_tokens, comm.group) @ weight.t()
+    from .. import scaled_gemm
+
+    # FP8: gather the e4m3 bytes (NCCL moves them as uint8) and, when row-wise, the scales with them
+    x = ref.all_gather(x_shard.view(torch.uint8), num_tokens, comm.group).view(x_shard.dtype)
+    if x_scale.dim() == 2:
+        x_scale = ref.all_gather(x_scale, num_tokens, comm.group)
+    return scaled_gemm.mm(x, weight, x_scale, w_scale, out_dtype=comm.dtype)
 
 
 @register("matmul_reduce_scatter", "nccl", available=_needs_nccl)
-def _mmrs_nccl(comm, x, weight):
-    return _rs_native(comm, x @ weight.t())
+def _mmrs_nccl(comm, x, weight, *, x_scale=None, w_scale=None):
+    if w_scale is None:
+        return _rs_native(comm, x @ weight.t())
+    from .. import scaled_gemm
+
+    return _rs_native(comm, scaled_gemm.mm(x, weight, x_scale, w_scale, out_dtype=comm.dtype))

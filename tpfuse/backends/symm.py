@@ -261,7 +261,9 @@ def allocate(comm) -> Optional[SymmWorkspace]:
     """The workspace on NCCL groups where the kernels can run and the table (or ``CommConfig.force_paths``) can
     route a size <= max_tokens to them (collective over ``comm.group``: every rank decides alike from equal
     arguments), else None."""
-    if _symm_reason(comm) is not None or not table_routes(comm, ("tpfuse_oneshot", "tpfuse_twoshot", PIPE)):
+    # the FlashInfer paths hand the calls FlashInfer cannot do (NVFP4, dynamic FP8, gemma, ...) to these kernels
+    routed = ("tpfuse_oneshot", "tpfuse_twoshot", PIPE, "flashinfer_oneshot", "flashinfer_twoshot")
+    if _symm_reason(comm) is not None or not table_routes(comm, routed):
         return None
     return SymmWorkspace(comm)
 

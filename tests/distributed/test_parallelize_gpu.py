@@ -1,0 +1,163 @@
+"""GPU pair: ``tpfuse.parallelize`` on transformers' ``LlamaForCausalLM`` / ``Qwen3ForCausalLM`` in bf16 over NCCL,
+through tpfuse's own GPU paths, vs the unsharded model in fp64 on the GPU (issue #7; the CPU/gloo fp32 parity is
+``test_parallelize.py``).
+
+Model: random weights (nothing downloaded) with real layer shapes, so the kernels run at the sizes a model uses:
+hidden 2048, 16 q heads / 8 kv heads, head_dim 128, MLP 5632, vocab 32000, 2 layers; weights redrawn at O(1)
+scale (norm weights ``1 + 0.3 N(0, 1)``, attention far from uniform), so a sharding, head, position or norm bug
+moves the logits by 0.17 - 1 (relative) while bf16 rounding moves them by ~0.007 (``tpfuse.tolerance.
+REL_ERR_LOGITS``, which documents both).
+
+Oracle: the same unsharded HF model (the bf16 weights, upcast) run once in fp64 on the GPU over the whole sequence
+without a KV cache: row ``i`` is what the parallelized model must produce for token ``i``, in a prefill or in a
+decode step through the KV cache. The unsharded HF model's own bf16 error on the same tokens is returned too (it
+is what the budget is measured against; the report shows both).
+
+Steps (``CommConfig(sp_min_tokens=SP_MIN)`` pins the AR -> SP switch on every table): a prefill of ``T_AR`` tokens
+(all-reduce form) + 3 decode steps; a prefill of ``T_SP`` tokens (sequence-parallel form, odd: uneven token
+shards) + 3 decode steps. Each step clears ``comm.last_path`` and checks exactly which ops ran on which path:
+
+* ``table``: the paths the shipped thresholds table picks here (``plan(T).path(op)``), which must not be the
+  reference path (at these sizes today: ``tpfuse_oneshot`` for the all-reduce steps, ``tpfuse_async_tp`` /
+  ``tpfuse_rs`` / ``tpfuse_ag`` at ``T_SP``; ``T_SP`` is above the table's 8 MiB SP buckets at hidden 2048);
+* ``forced``: ``CommConfig.force_paths`` pins every op to tpfuse's own kernels (``tpfuse_twoshot`` for the
+  all-reduce form, so both fused all-reduce kernels run a model across the two variants), whatever the table says.
+"""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="tpfuse.parallelize tests need transformers "
+                                                            "(pip install 'tpfuse[hf]')")
+
+from harness import run_on_ranks  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.multigpu,
+              pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs >= 2 CUDA GPUs (runs on the GPU pair)")]
+
+DT = torch.bfloat16
+T_AR, T_SP, SP_MIN, DECODE_STEPS = 517, 2101, 1024, 3
+SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=2, num_attention_heads=16,
+             num_key_value_heads=8, head_dim=128, max_position_embeddings=4096, rms_norm_eps=1e-5,
+             tie_word_embeddings=False)
+AR_OPS = {"fused_add_rmsnorm"}
+SP_OPS = {"all_gather_matmul", "reduce_scatter_rmsnorm", "all_gather"}
+FORCED = {"fused_add_rmsnorm": "tpfuse_twoshot", "all_gather_matmul": "tpfuse_async_tp",
+          "reduce_scatter_rmsnorm": "tpfuse_rs", "all_gather": "tpfuse_ag"}
+BUILD_THREADS = 8  # CPU threads per rank while drawing 225M random weights (the harness runs ranks at 1)
+
+
+def _build(arch: str, seed: int = 0):
+    """The real-shaped model in bf16 on the CPU, identical on every rank (seeded CPU generator)."""
+    torch.manual_seed(seed)
+    if arch == "llama":
+        cfg, cls = transformers.LlamaConfig(**SHAPE), transformers.LlamaForCausalLM
+    else:
+        cfg, cls = transformers.Qwen3Config(**SHAPE), transformers.Qwen3ForCausalLM
+    model = cls(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 2 and "embed" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g))
+    return model.to(DT)
+
+
+def _unsharded_logits(model, ids, dtype, dev):
+    """Logits ``[T, vocab]`` of an unsharded copy of ``model`` in ``dtype`` on ``dev`` over ``ids`` (no cache)."""
+    ref = copy.deepcopy(model).to(device=dev, dtype=dtype)
+    with torch.no_grad():
+        out = ref(ids[None].to(dev), use_cache=False).logits[0]
+    del ref
+    torch.cuda.empty_cache()
+    return out
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _check_comm(comm) -> None:
+    """The communicator runs over NCCL with both of tpfuse's symmetric-memory workspaces."""
+    assert comm.backend == "nccl" and comm.workspace is not None and comm.async_tp is not None, comm
+
+
+def _check_paths(comm, t, mode, variant):
+    """The ops of ``mode`` ran, each on the path ``variant`` says (never the reference). Returns ``{op: path}``."""
+    ran = dict(comm.last_path)
+    want = SP_OPS if mode == "sequence_parallel" else AR_OPS
+    assert set(ran) == want, (t, mode, ran)
+    plan = comm.plan(t)
+    for op, path in ran.items():
+        assert path != "reference", (t, op, ran)
+        if variant == "forced":
+            assert path == FORCED[op] == plan.path(op), (t, op, path, FORCED[op])
+        else:  # the table's choice ran (a FlashInfer path may hand a call to tpfuse's kernels: last_path says so)
+            planned = plan.path(op)
+            assert path == planned or (planned.startswith("flashinfer") and path.startswith("tpfuse")), \
+                (t, op, path, planned)
+    return ran
+
+
+def _parity(rank, world, arch, variant):
+    import tpfuse
+    from tpfuse.tolerance import assert_logits_close, rel_err
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    try:
+        model = _build(arch)
+    finally:
+        torch.set_num_threads(threads)
+    dev = _device()
+    ids = torch.randint(0, SHAPE["vocab_size"], (T_SP + DECODE_STEPS,), generator=torch.Generator().manual_seed(7))
+    ref = _unsharded_logits(model, ids, torch.float64, dev)
+    hf_err = rel_err(_unsharded_logits(model, ids, DT, dev), ref)  # transformers' own bf16 error, for the report
+
+    cfg = tpfuse.CommConfig(sp_min_tokens=SP_MIN, force_paths=FORCED if variant == "forced" else {})
+    comm = tpfuse.TPCommunicator(max_tokens=T_SP, hidden_size=SHAPE["hidden_size"], dtype=DT, config=cfg)
+    _check_comm(comm)
+    tp_model = tpfuse.parallelize(model, comm)
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.weight.shape == (16 * 128 // world, 2048), attn.q_proj.weight.shape  # heads split by rank
+    assert attn.k_proj.weight.shape == (8 * 128 // world, 2048), attn.k_proj.weight.shape
+    assert attn.q_proj.weight.device == dev and attn.q_proj.weight.dtype == DT
+
+    steps = []
+    for prefill in (T_AR, T_SP):
+        cache, pos = None, 0
+        for t in [prefill] + [1] * DECODE_STEPS:
+            mode = "sequence_parallel" if t >= SP_MIN else "allreduce"
+            comm.last_path.clear()
+            with torch.no_grad():
+                out = tp_model(ids[None, pos:pos + t], past_key_values=cache, use_cache=True)
+            assert comm.plan(t).mode == mode and model._tpfuse.last_mode == mode, (t, mode)
+            ran = _check_paths(comm, t, mode, variant)
+            logits = out.logits[0]
+            assert logits.shape == (t, SHAPE["vocab_size"]) and logits.dtype == DT and logits.device == dev
+            err = assert_logits_close(logits, ref[pos:pos + t], DT,
+                                      f"{arch} {variant}: {t} tokens at position {pos} ({mode}, {ran})")
+            cache, pos = out.past_key_values, pos + t
+            assert cache.get_seq_length() == pos
+            steps.append((t, mode, ran, round(err, 5)))
+    comm.synchronize()  # raises TPFusePeerTimeout if any kernel gave up on its peer
+    comm.close()
+    return {"hf_bf16_err": round(hf_err, 5), "steps": steps}
+
+
+@pytest.mark.parametrize("variant", ["table", "forced"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_parallelize_bf16_matches_unsharded_on_gpu_pair(arch, variant):
+    if arch == "qwen3" and not hasattr(transformers, "Qwen3ForCausalLM"):
+        pytest.skip(f"transformers {transformers.__version__} has no Qwen3 (needs >= 4.51)")
+    res = run_on_ranks(_parity, 2, arch, variant, backend="nccl", timeout_s=480)
+    print(f"{arch} {variant}: {res[0]}")  # shown with -s / -rP: the per-step errors and paths
+    # both ranks hold replicated logits: the same steps, paths and errors
+    assert [s[:3] for s in res[0]["steps"]] == [s[:3] for s in res[1]["steps"]], res
+    assert len(res[0]["steps"]) == 2 * (1 + DECODE_STEPS)
