@@ -30,7 +30,7 @@ TR2=(python3 -m torch.distributed.run --standalone --nproc-per-node="$ngpu")  # 
 for s in "${steps[@]}"; do
   case "$s" in
     env) run env bash -c 'nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.nccl.version())"; python3 -c "import flashinfer; print(\"flashinfer\", flashinfer.__version__)" || true' ;;
-    tests) run tests python3 -m pytest -q -rs ${TEST_ARGS:-tests} ;;
+    tests) run tests bash -c "python3 -m pytest -q -rs ${TEST_ARGS:-tests}" ;;  # bash -c: quoted -k expressions survive
     async_tp) [[ $ngpu -ge 2 ]] && run async_tp "${TR2[@]}" bench/bench_async_tp.py ${ASYNC_TP_ARGS:-} ;;
     fused_ar) [[ $ngpu -ge 2 && -f bench/bench_fused_ar.py ]] && run fused_ar "${TR2[@]}" bench/bench_fused_ar.py ${FUSED_AR_ARGS:-} ;;
     e2e) [[ $ngpu -ge 2 ]] && run e2e "${TR2[@]}" bench/bench_e2e.py ${E2E_ARGS:-} ;;
