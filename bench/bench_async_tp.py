@@ -89,7 +89,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--models", default="8B,70B")
-    ap.add_argument("--m", default=None, help="comma-separated M values")
+    # not "--m": torchrun's parser takes "--m" as an ambiguous abbreviation of its own options
+    ap.add_argument("--sizes", default=None, help="comma-separated M values")
     ap.add_argument("--dtypes", default="bf16", help=f"comma-separated, of {','.join(DTYPES)}")
     args = ap.parse_args()
     dtypes = args.dtypes.split(",")
@@ -99,7 +100,7 @@ def main():
     tpfuse.init_distributed()
     rank, tp = dist.get_rank(), dist.get_world_size()
     dev = torch.device("cuda", torch.cuda.current_device())
-    ms = [int(m) for m in args.m.split(",")] if args.m else (
+    ms = [int(m) for m in args.sizes.split(",")] if args.sizes else (
         [1024, 4096] if args.quick else [256, 512, 1024, 2048, 4096, 8192, 16384])
     models = args.models.split(",")
     group = dist.group.WORLD

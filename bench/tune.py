@@ -187,9 +187,15 @@ def main(argv=None):
     measurements, choices, rows = {}, {}, []
     base = thresholds.load(args.base)
     hdr = common.header("tune", tp=tp, dtype=args.dtype, tokens=tokens)
+    # every path can be timed; --paths also keeps the other backends' workspaces (FlashInfer's JIT) from being built
+    allowed = frozenset(args.paths.split(",")) | {"reference"} if args.paths else None
     for hidden in hiddens:
+        if rank == 0:
+            which = "every path" if allowed is None else ", ".join(sorted(allowed))
+            print(f"hidden {hidden}: building the communicator's workspaces ({which}; FlashInfer's first use "
+                  f"JIT-builds for ~2 min)", flush=True)
         comm = tpfuse.TPCommunicator(max_tokens=max(tokens), hidden_size=hidden, dtype=dtype,
-                                     config=tpfuse.CommConfig(all_workspaces=True))  # every path can be timed
+                                     config=tpfuse.CommConfig(all_workspaces=True, allowed_paths=allowed))
         base_row = base.lookup(comm.arch, tp, str(dtype)[6:], hidden)
         paths_cfg = {o: [{"max_bytes": mb, "path": p} for mb, p in base_row.paths[o]] for o in thresholds.OPS}
         for op in ops:

@@ -46,8 +46,10 @@ class CommConfig:
 
     all_workspaces: bool = False
     """Allocate every backend's workspace that can run here, whether or not the table routes any size to it (by
-    default a backend allocates only when the table or ``force_paths`` can choose it). The tuner and the
-    benchmarks set it to time every path with one communicator; costs device memory."""
+    default a backend allocates only when the table or ``force_paths`` can choose it), restricted to the paths in
+    ``allowed_paths`` when that is set. The tuner and the benchmarks set it to time every path with one
+    communicator; costs device memory (and FlashInfer's JIT build, ~2 min on a fresh machine, unless
+    ``allowed_paths`` leaves FlashInfer's paths out)."""
 
     timeout_s: float = 30.0
     """Upper bound on any wait for a peer inside tpfuse's own kernels and barriers."""

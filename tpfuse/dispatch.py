@@ -67,10 +67,11 @@ def unavailable_reason(op: str, path: str, comm) -> Optional[str]:
 
 def table_routes(comm, paths) -> bool:
     """Whether ``comm`` can ever run one of ``paths``: its table row sends some size <= ``max_tokens`` there, or
-    ``CommConfig.force_paths`` names one, or ``CommConfig.all_workspaces`` is set. Backends allocate their
-    workspaces only then."""
+    ``CommConfig.force_paths`` names one, or ``CommConfig.all_workspaces`` is set (and ``allowed_paths``, if
+    given, names one of ``paths``). Backends allocate their workspaces only then."""
     if getattr(comm.config, "all_workspaces", False):
-        return True
+        allowed = comm.config.allowed_paths
+        return allowed is None or any(p in allowed for p in paths)
     if any(p in paths for p in dict(comm.config.force_paths).values()):
         return True
     nbytes = comm.max_tokens * comm.hidden_size * comm.dtype.itemsize
