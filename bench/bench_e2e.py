@@ -191,16 +191,20 @@ def main():
             policy_comm.close()  # collective: frees FlashInfer's IPC buffers
         del stack
         torch.cuda.empty_cache()
-    if rank == 0:
-        hdr = common.header("e2e", tp=tp, layers=args.layers, kv_len=args.kv_len,
-                            **({"vllm_policy": "bench/policies/vllm_sm90_tp2.json"}
-                               if any(r["provider"] == "vllm_policy" for r in rows) else {}))
-        path = os.path.join(os.environ.get("OUT") or common.RESULTS, f"e2e_tp{tp}_{common.device_slug()}.json")
-        common.write_json(path, hdr, rows)
-        _plot(path.replace(".json", ".png"), rows, hdr)
-        print("wrote", path)
+        if rank == 0:  # after every model: a run cut off later still leaves the finished models' rows
+            _write(rows, tp, args)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _write(rows, tp, args):
+    hdr = common.header("e2e", tp=tp, layers=args.layers, kv_len=args.kv_len,
+                        **({"vllm_policy": "bench/policies/vllm_sm90_tp2.json"}
+                           if any(r["provider"] == "vllm_policy" for r in rows) else {}))
+    path = os.path.join(os.environ.get("OUT") or common.RESULTS, f"e2e_tp{tp}_{common.device_slug()}.json")
+    common.write_json(path, hdr, rows)
+    _plot(path.replace(".json", ".png"), rows, hdr)
+    print("wrote", path, flush=True)
 
 
 def _flashinfer_importable() -> bool:
