@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: install tpfuse (and FlashInfer if .whl was carried), then run the chosen steps.
-#   bash bench/gpu_run.sh [STEP ...]      steps: env tests probe_ce async_tp fused_ar local rope e2e tune demo   (default: all)
+#   bash bench/gpu_run.sh [STEP ...]      steps: env tests probe_ce async_tp fused_ar local rope e2e tune demo
+#                                         (default: all but probe_ce)
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
 # Logs, JSON and PNG go to $OUT (or bench/results/gpu-run when OUT is unset). Multi-GPU steps need >= 2 GPUs.
 set -uo pipefail

@@ -1,6 +1,6 @@
 """Fused all-reduce + residual add + RMSNorm (+ quant) over a torch symmetric-memory workspace, in Triton.
 
-Two kernels, both one launch per call, TP = ``WORLD`` (a constexpr: 2, 4, 8 ...), fp32 accumulation, one row per
+Three kernels, each one launch per call, TP = ``WORLD`` (a constexpr: 2, 4, 8 ...), fp32 accumulation, one row per
 loop iteration with the whole hidden row in registers (``BLOCK = next_pow2(H)``: 16-byte vectors per thread):
 
 **one-shot** (``_oneshot_kernel``) - for small sizes. Program ``b`` owns rows ``j = b, b + G, ...`` of the call.
@@ -14,7 +14,7 @@ loop iteration with the whole hidden row in registers (``BLOCK = next_pow2(H)``:
 No closing barrier: the parity double buffer makes the call after next the first to overwrite a slot, and that
 call's push only starts after the next call's barrier, i.e. after every peer finished this call.
 
-**two-shot** (``_twoshot_kernel``) - for large sizes. Rank ``r`` owns token rows ``[r*S, r*S + n_r)``,
+**two-shot** (``_twoshot_kernel``) - moves half the data of the one-shot but also gathers the residual. Rank ``r`` owns token rows ``[r*S, r*S + n_r)``,
 ``S = ceil(T / WORLD)`` (:mod:`tpfuse.sharding`). Program ``b`` owns local rows ``j = b, b + G, ...``.
 
 1. push: for each peer ``p``, rows ``p*S + j`` of ``x`` into peer ``p``'s reduce slot ``RANK`` (row ``j``);
@@ -29,6 +29,12 @@ Reuse without a closing barrier: a peer writes my reduce slots (or I overwrite m
 after barrier A of call ``n + 1``, i.e. after every kernel of call ``n`` finished on every rank (kernels of one
 stream run in order). The mapping "row j of a region <-> program j % G" never changes, which keeps the per-program
 counters of every rank equal and the argument valid when ``T`` changes between calls.
+
+**pipelined one-shot** (``_oneshot_pipe_kernel``) - for the large sizes of the all-reduce form. The one-shot data
+flow in up to 8 token chunks: programs ``0..P-1`` push chunk ``c`` into every peer's slot and raise one flag per
+(chunk, producer) on each peer; programs ``P..G-1`` wait for chunk ``c``'s flags and reduce + norm + quant it while
+chunk ``c + 1`` is still in flight. Flags ``3*G*TP + (c*TP + src)*P + b``; same parity buffer and reuse argument
+as the one-shot (every program runs every call).
 
 Barriers (helpers shared with the async-TP semaphores: :mod:`tpfuse.kernels.signals`): per program and peer,
 one int32 flag in the peer's workspace set to the program's call counter + 1

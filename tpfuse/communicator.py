@@ -106,9 +106,11 @@ class TPCommunicator:
 
     def close(self) -> None:
         """Release workspaces. Idempotent; any later op raises :class:`TPFuseClosedError`. Collective (barriers)
-        when a FlashInfer workspace exists (``self.flashinfer``): then call it on every rank."""
+        when a FlashInfer workspace exists (``self.flashinfer``): then call it on every rank - except after a
+        :class:`~tpfuse.errors.TPFusePeerTimeout` (a peer may be dead), when nothing here waits for peers."""
         if self.flashinfer is not None:
-            self.flashinfer.close()
+            broken = any(getattr(w, "broken", None) for w in (self.workspace, self.async_tp) if w is not None)
+            self.flashinfer.close(collective=not broken)
         self.flashinfer = None
         if self.workspace is not None:
             self.workspace.close()

@@ -30,7 +30,10 @@ class CommConfig:
 
     force_paths: Mapping[str, str] = field(default_factory=dict)
     """Op name -> path name that overrides the table (benchmarks, tests, debugging). The forced path must be
-    available here, else the op raises (a forced path never silently falls back)."""
+    available here, else the op raises (a forced path never falls back to another path because it is
+    unavailable). One documented exception per call: a FlashInfer path hands an output form FlashInfer cannot
+    produce (NVFP4, dynamic FP8, Gemma, ...) to tpfuse's kernel of the same shot count and reports that in
+    ``TPCommunicator.last_path``."""
 
     arch: Optional[str] = None
     """Plan as if on this arch (``"sm90"``, ``"sm100"``, ``"cpu"``). ``None`` detects it from the group's device.

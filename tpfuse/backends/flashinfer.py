@@ -304,9 +304,15 @@ class FlashInferWorkspace:
                 out.append(f"rank {self.rank}'s GPU has no peer access to rank {r}'s")
         return out
 
-    def close(self) -> None:
-        """Free the IPC buffers (collective: barriers on ``group``). Idempotent."""
+    def close(self, collective: bool = True) -> None:
+        """Free the IPC buffers (collective: barriers on ``group``). Idempotent. ``collective=False`` (a peer timed
+        out, it may be dead): no barrier and no sync; the IPC buffers are left to process exit, since freeing
+        memory a live peer may still read is worse than leaking it."""
         if self.ipc is None:
+            return
+        if not collective:
+            self.ipc = self.ptrs = None
+            self.reason = "closed (after a peer timeout: buffers not freed)"
             return
         import ctypes
 

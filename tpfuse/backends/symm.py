@@ -72,8 +72,9 @@ class SymmWorkspace:
         # the pipelined one-shot's slots only where it can be chosen (they are the largest region)
         self.cap_pipe = (max(1, min(comm.max_tokens, PIPE_BYTES // (2 * tp * h * isz)))
                          if table_routes(comm, (PIPE,)) else 0)
-        # pipelined one-shot: programs that push (the rest reduce). G/4 was fastest at >= 1024 tokens on the H200
-        # pair (bench/results/logs/gpu_run_8e3f97d_fused_ar_pipe_sweep.log: 16/33/66/99/120 of 132 timed)
+        # pipelined one-shot: programs that push (the rest reduce). G/4 was fastest for bf16 output at >= 2048
+        # tokens on the H200 pair; G/2 won some FP8-output and 1024-token cases by 5-10%
+        # (bench/results/fused_ar_pipe_tp2_h200.json: 16/33/66/99/120 of 132 timed). Not yet per-size.
         self.producers = max(1, g // 4)
         off = 0
         layout = {}
