@@ -83,6 +83,26 @@ def _finish_row(s, cols, mask, row, w_ptr, eps, n_cols, res_out_ptr, out_ptr, ou
 
 
 @triton.jit
+def _reduce_pushed_row(j, row0, cols, mask, x_ptr, ws_x_ptr, par, slot_rows, res_ptr, w_ptr, eps, n_cols,
+                       res_out_ptr, out_ptr, out_stride, scale_ptr, scale_stride, in_scale_ptr, sf_cols_padded,
+                       RANK: tl.constexpr, WORLD: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
+                       GEMMA: tl.constexpr, FMT: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr):
+    """One-shot tail of launch-local row ``j``: own partial + every peer's pushed copy (parity ``par`` slots) +
+    residual, then RMSNorm + quant (or the plain sum)."""
+    row = row0 + j
+    row64 = row.to(tl.int64)
+    s = tl.load(x_ptr + row64 * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    for p in tl.static_range(WORLD):
+        if p != RANK:
+            src = ws_x_ptr + (par * WORLD + p) * slot_rows + j * n_cols
+            s += tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        s += tl.load(res_ptr + row64 * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    _finish_row(s, cols, mask, row, w_ptr, eps, n_cols, res_out_ptr, out_ptr, out_stride, scale_ptr,
+                scale_stride, in_scale_ptr, sf_cols_padded, NORM, GEMMA, FMT, BLOCK, GROUP)
+
+
+@triton.jit
 def _oneshot_kernel(x_ptr, res_ptr, w_ptr, res_out_ptr, out_ptr, out_stride, scale_ptr, scale_stride, in_scale_ptr,
                     ws_x_ptr, flag_ptr, epoch_ptr, delta_ptr, err_ptr, timeout_ns,
                     row0, n_rows, n_cols, cap_rows, flag_base, eps, sf_cols_padded,
@@ -109,17 +129,9 @@ def _oneshot_kernel(x_ptr, res_ptr, w_ptr, res_out_ptr, out_ptr, out_stride, sca
         tl.store(err_ptr, 1)
     else:
         for j in range(b, n_rows, G):
-            row = row0 + j
-            row64 = row.to(tl.int64)
-            s = tl.load(x_ptr + row64 * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-            for p in tl.static_range(WORLD):
-                if p != RANK:
-                    src = ws_x_ptr + (par * WORLD + p) * slot_rows + j * n_cols
-                    s += tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_RES:
-                s += tl.load(res_ptr + row64 * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-            _finish_row(s, cols, mask, row, w_ptr, eps, n_cols, res_out_ptr, out_ptr, out_stride, scale_ptr,
-                        scale_stride, in_scale_ptr, sf_cols_padded, NORM, GEMMA, FMT, BLOCK, GROUP)
+            _reduce_pushed_row(j, row0, cols, mask, x_ptr, ws_x_ptr, par, slot_rows, res_ptr, w_ptr, eps, n_cols,
+                               res_out_ptr, out_ptr, out_stride, scale_ptr, scale_stride, in_scale_ptr,
+                               sf_cols_padded, RANK, WORLD, HAS_RES, NORM, GEMMA, FMT, BLOCK, GROUP)
         tl.store(epoch_ptr + b, e + 1)
 
 
@@ -266,17 +278,10 @@ def _oneshot_pipe_kernel(x_ptr, res_ptr, w_ptr, res_out_ptr, out_ptr, out_stride
                 lo = c * chunk_rows
                 hi = tl.minimum(lo + chunk_rows, n_rows)
                 for j in range(lo + q, hi, C):
-                    row = row0 + j
-                    row64 = row.to(tl.int64)
-                    s = tl.load(x_ptr + row64 * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-                    for p in tl.static_range(WORLD):
-                        if p != RANK:
-                            src = ws_x_ptr + (par * WORLD + p) * slot_rows + j * n_cols
-                            s += tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
-                    if HAS_RES:
-                        s += tl.load(res_ptr + row64 * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-                    _finish_row(s, cols, mask, row, w_ptr, eps, n_cols, res_out_ptr, out_ptr, out_stride, scale_ptr,
-                                scale_stride, in_scale_ptr, sf_cols_padded, NORM, GEMMA, FMT, BLOCK, GROUP)
+                    _reduce_pushed_row(j, row0, cols, mask, x_ptr, ws_x_ptr, par, slot_rows, res_ptr, w_ptr, eps,
+                                       n_cols, res_out_ptr, out_ptr, out_stride, scale_ptr, scale_stride,
+                                       in_scale_ptr, sf_cols_padded, RANK, WORLD, HAS_RES, NORM, GEMMA, FMT, BLOCK,
+                                       GROUP)
         if bad != 0:
             tl.store(err_ptr, 1)
         else:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import tpfuse
-from cases import make_inputs, make_spec, oracle
+from cases import make_inputs, make_spec, oracle, on_cpu
 from harness import run_on_ranks
 from tpfuse.errors import TPFuseError
 from tpfuse.tolerance import REL_ERR_FP8, assert_close, assert_quant_close, rel_err
@@ -42,16 +42,6 @@ def _expected(path, t, world):
     return path if path == "flashinfer_oneshot" or t > world else "tpfuse_twoshot"
 
 
-def _on_cpu(qa):
-    spec = qa.spec
-    if isinstance(spec, tpfuse.FP8Static):
-        spec = tpfuse.FP8Static(spec.scale.cpu())
-    elif isinstance(spec, tpfuse.NVFP4):
-        spec = tpfuse.NVFP4(spec.global_scale.cpu(), spec.layout)
-    return tpfuse.QuantizedActivation(data=qa.data.cpu(), scale=qa.scale.cpu(), spec=spec, orig_dtype=qa.orig_dtype,
-                                      shape=qa.shape)
-
-
 def _fi_model(xs, residual, weight, eps):
     """FlashInfer's documented roundings on the exact inputs (fp64 otherwise): the fp32 sum of the ranks rounded to
     the input dtype, the residual added in that dtype, the normalised value rounded to it before quantizing."""
@@ -70,14 +60,14 @@ def _assert_fp8_static(out, xs, residual, weight, ref_out, tag, flashinfer):
     (2) one e4m3 step of its own rounding model (:func:`_fi_model`), which is itself within the bf16 budget of the
     oracle."""
     if not flashinfer:
-        assert_quant_close(_on_cpu(out), ref_out, tag)
+        assert_quant_close(on_cpu(out), ref_out, tag)
         return
     lim = 448.0 * float(out.spec.scale)
     err = rel_err(out.dequantize(torch.float32).double(), ref_out.clamp(-lim, lim))
     assert err <= REL_ERR_FP8, f"{tag}: relative error {err:.3e} > {REL_ERR_FP8} vs the fp64 oracle"
     model = _fi_model(xs, residual, weight, EPS)
     assert_close(model, ref_out, DT, tag + " FlashInfer's rounding model vs oracle")
-    assert_quant_close(_on_cpu(out), model, tag + " vs FlashInfer's rounding model")
+    assert_quant_close(on_cpu(out), model, tag + " vs FlashInfer's rounding model")
 
 
 def _check(comm, rank, world, seed, t, h, expect, *, kind=None, with_res=True, gemma=False, weight_dtype=None,
@@ -102,7 +92,7 @@ def _check(comm, rank, world, seed, t, h, expect, *, kind=None, with_res=True, g
         _assert_fp8_static(out, inp.xs, inp.residual if with_res else None, inp.weight, ref_out, tag + " out",
                            ran.startswith("flashinfer"))
     else:
-        assert_quant_close(_on_cpu(out), ref_out, tag + " out")
+        assert_quant_close(on_cpu(out), ref_out, tag + " out")
 
 
 def _sweep(rank, world, path, hidden, tokens):

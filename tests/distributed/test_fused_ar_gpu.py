@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tpfuse
-from cases import make_inputs, make_spec, oracle
+from cases import make_inputs, make_spec, oracle, on_cpu
 from harness import run_on_ranks
 from tpfuse.errors import TPFusePeerTimeout
 from tpfuse.tolerance import assert_close, assert_quant_close
@@ -42,18 +42,7 @@ def _check(comm, rank, world, seed, t, h, *, kind=None, with_res=True, gemma=Fal
         assert out.dtype == DT and out.shape == (t, h)
         assert_close(out, ref_out, DT, tag + " out")
     else:
-        assert_quant_close(_on_cpu(out), ref_out, tag + " out")
-
-
-def _on_cpu(qa):
-    """The quantized output with its spec's scale tensors on the CPU (the tolerance oracle quantizes on the CPU)."""
-    spec = qa.spec
-    if isinstance(spec, tpfuse.FP8Static):
-        spec = tpfuse.FP8Static(spec.scale.cpu())
-    elif isinstance(spec, tpfuse.NVFP4):
-        spec = tpfuse.NVFP4(spec.global_scale.cpu(), spec.layout)
-    return tpfuse.QuantizedActivation(data=qa.data.cpu(), scale=qa.scale.cpu(), spec=spec, orig_dtype=qa.orig_dtype,
-                                      shape=qa.shape)
+        assert_quant_close(on_cpu(out), ref_out, tag + " out")
 
 
 def _sweep(rank, world, path, hidden, tokens, kinds):
@@ -154,7 +143,7 @@ def _graph_late_auto(rank, world, path, t):
             assert_close(out1, tpfuse.reference.rmsnorm_math(s, w.double(), EPS), DT, f"graph replay {it} out 1")
             s2 = res1.double() * world + res1.double()
             assert_close(res2, s2, DT, f"graph replay {it} residual_out 2")
-            assert_quant_close(_on_cpu(out2), tpfuse.reference.rmsnorm_math(s2, w.double(), EPS), f"graph replay {it} out 2")
+            assert_quant_close(on_cpu(out2), tpfuse.reference.rmsnorm_math(s2, w.double(), EPS), f"graph replay {it} out 2")
             checked += 1
     torch.cuda.synchronize()
     comm.synchronize()

@@ -145,42 +145,41 @@ class SymmWorkspace:
         t, h = x.shape
         return ops._wrap(data, scale, quant, x, (t, h)), res_out
 
-    def oneshot(self, x, residual, weight, eps, quant, gemma, norm=True):
-        from ..kernels.fused_allreduce import _oneshot_kernel
-        from ..kernels.quant_epilogue import epilogue_args, next_pow2
+    def _oneshot_args(self, x, residual, weight, quant, gemma, norm):
+        """Outputs and the launch arguments both one-shot kernels share: ``(x, data, scale, res_out, head, consts,
+        sf_pad)`` with ``head`` the leading pointer / stride arguments and ``consts`` the common constexprs."""
         from ..kernels.add_rmsnorm import num_warps_for
+        from ..kernels.quant_epilogue import epilogue_args, next_pow2
 
         x, residual, data, scale, res_out, fmt, group, in_scale = self._common(x, residual, weight, quant, gemma,
                                                                                norm)
-        t, h = x.shape
-        out_stride, scale_t, scale_stride, in_scale_t, n_sf, sf_pad = epilogue_args(fmt, h, data, scale, in_scale)
+        h = x.shape[1]
+        out_stride, scale_t, scale_stride, in_scale_t, _, sf_pad = epilogue_args(fmt, h, data, scale, in_scale)
+        head = (x, residual if residual is not None else x, weight if weight is not None else x, res_out, data,
+                out_stride, scale_t, scale_stride, in_scale_t)
         block = next_pow2(h)
-        res = residual if residual is not None else x
-        w = weight if weight is not None else x
+        consts = dict(RANK=self.rank, WORLD=self.tp, HAS_RES=residual is not None, NORM=norm, GEMMA=bool(gemma),
+                      FMT=fmt, BLOCK=block, GROUP=group, X_ELEM=x.element_size(), num_warps=num_warps_for(block))
+        return x, data, scale, res_out, head, consts, sf_pad
+
+    def oneshot(self, x, residual, weight, eps, quant, gemma, norm=True):
+        from ..kernels.fused_allreduce import _oneshot_kernel
+
+        x, data, scale, res_out, head, consts, sf_pad = self._oneshot_args(x, residual, weight, quant, gemma, norm)
+        t, h = x.shape
         for row0 in range(0, t, self.cap1):
             n = min(self.cap1, t - row0)
-            grid = min(n, self.grid)
-            _oneshot_kernel[(grid,)](
-                x, res, w, res_out, data, out_stride, scale_t, scale_stride, in_scale_t,
-                self.x1, self.flags, self.epochs[0], self.deltas, self.err, int(self.timeout_s * 1e9),
-                row0, n, h, self.cap1, 0, float(eps), sf_pad,
-                RANK=self.rank, WORLD=self.tp, G=self.grid, HAS_RES=residual is not None, NORM=norm,
-                GEMMA=bool(gemma), FMT=fmt, BLOCK=block, GROUP=group, X_ELEM=x.element_size(),
-                num_warps=num_warps_for(block))
+            _oneshot_kernel[(min(n, self.grid),)](
+                *head, self.x1, self.flags, self.epochs[0], self.deltas, self.err, int(self.timeout_s * 1e9),
+                row0, n, h, self.cap1, 0, float(eps), sf_pad, G=self.grid, **consts)
         return self._finish(data, scale, quant, x, res_out, norm)
 
     def oneshot_pipe(self, x, residual, weight, eps, quant, gemma, norm=True):
         from ..kernels.fused_allreduce import _oneshot_pipe_kernel
-        from ..kernels.quant_epilogue import epilogue_args, next_pow2
-        from ..kernels.add_rmsnorm import num_warps_for
+        from ..kernels.quant_epilogue import next_pow2
 
-        x, residual, data, scale, res_out, fmt, group, in_scale = self._common(x, residual, weight, quant, gemma,
-                                                                               norm)
+        x, data, scale, res_out, head, consts, sf_pad = self._oneshot_args(x, residual, weight, quant, gemma, norm)
         t, h = x.shape
-        out_stride, scale_t, scale_stride, in_scale_t, n_sf, sf_pad = epilogue_args(fmt, h, data, scale, in_scale)
-        block = next_pow2(h)
-        res = residual if residual is not None else x
-        w = weight if weight is not None else x
         prod = min(self.producers, self.grid - 1)
         flag_base = 3 * self.grid * self.tp
         for row0 in range(0, t, self.cap_pipe):
@@ -189,12 +188,9 @@ class SymmWorkspace:
             chunk_rows = -(-n // chunks)
             chunks = -(-n // chunk_rows)
             _oneshot_pipe_kernel[(self.grid,)](
-                x, res, w, res_out, data, out_stride, scale_t, scale_stride, in_scale_t,
-                self.xp, self.flags, self.epochs[2], self.deltas, self.err, int(self.timeout_s * 1e9),
+                *head, self.xp, self.flags, self.epochs[2], self.deltas, self.err, int(self.timeout_s * 1e9),
                 row0, n, h, self.cap_pipe, flag_base, float(eps), sf_pad, chunk_rows, chunks,
-                RANK=self.rank, WORLD=self.tp, P=prod, C=self.grid - prod, HAS_RES=residual is not None, NORM=norm,
-                GEMMA=bool(gemma), FMT=fmt, BLOCK=block, GROUP=group, X_ELEM=x.element_size(),
-                PB=next_pow2(prod), num_warps=num_warps_for(block))
+                P=prod, C=self.grid - prod, PB=next_pow2(prod), **consts)
         return self._finish(data, scale, quant, x, res_out, norm)
 
     def twoshot(self, x, residual, weight, eps, quant, gemma, norm=True):
