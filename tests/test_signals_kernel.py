@@ -59,3 +59,20 @@ def test_semaphore_kernel_compiles_for_sm90_with_the_expected_atomics():
         assert r["acquire"] >= world - 1, (key, r)       # spin loads
         assert r["globaltimer"], (key, r)
         assert r["stores"] == 2, (key, r)                 # local error flag + pinned host word
+
+
+def test_launcher_runs_the_semaphore_with_one_warp_and_one_program(monkeypatch):
+    """The PTX check above compiles with num_warps=1 itself; this pins what the launcher actually launches."""
+    import torch
+    from tpfuse.kernels import signals
+
+    seen = []
+
+    class Stub:
+        def __getitem__(self, grid):
+            return lambda *a, **k: seen.append((grid, k))
+
+    monkeypatch.setattr(signals, "_semaphore_kernel", Stub())
+    t = torch.zeros(4, dtype=torch.int32)
+    signals.launch_semaphore(t, t, t, 10**9, 0, 1, 4, sig_mask=0b1101, wait_mask=0b0101, wait_n=2)
+    assert seen == [((1,), {"RANK": 1, "WORLD": 4, "num_warps": 1})], seen
