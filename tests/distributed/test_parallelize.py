@@ -43,17 +43,9 @@ def _build(arch: str, seed: int):
     torch.manual_seed(seed)
     cfg = _config(arch)
     cls = transformers.LlamaForCausalLM if arch == "llama" else transformers.Qwen3ForCausalLM
-    model = cls(cfg).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-            elif p.dim() == 2 and "embed" not in name:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5 * 1.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g))
-    return model
+    from tpfuse.models.hf_tiny import randomize_weights
+
+    return randomize_weights(cls(cfg).eval(), seed, scale=1.5)
 
 
 def _oracle(model, ids):

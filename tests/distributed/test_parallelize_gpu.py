@@ -56,17 +56,9 @@ def _build(arch: str, seed: int = 0):
         cfg, cls = transformers.LlamaConfig(**SHAPE), transformers.LlamaForCausalLM
     else:
         cfg, cls = transformers.Qwen3Config(**SHAPE), transformers.Qwen3ForCausalLM
-    model = cls(cfg).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-            elif p.dim() == 2 and "embed" not in name:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g))
-    return model.to(DT)
+    from tpfuse.models.hf_tiny import randomize_weights
+
+    return randomize_weights(cls(cfg).eval(), seed).to(DT)
 
 
 def _unsharded_logits(model, ids, dtype, dev):

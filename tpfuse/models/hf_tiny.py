@@ -25,14 +25,19 @@ def build(*, tp: int, layers: int, max_positions: int, seed: int = 0):
                                    max_position_embeddings=max_positions, rms_norm_eps=1e-5,
                                    tie_word_embeddings=False)
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    return randomize_weights(transformers.LlamaForCausalLM(cfg).eval(), seed)
+
+
+def randomize_weights(model, seed: int, scale: float = 1.0):
+    """Redraw every parameter at O(1) scale from one CPU seed (identical on every rank): norm weights ``1 + 0.3 z``,
+    matrices ``scale * z / sqrt(fan_in)`` (embeddings ``z``), other vectors ``z``. Returns ``model``."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
             elif p.dim() == 2 and "embed" not in name:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5 * scale)
             else:
                 p.copy_(torch.randn(p.shape, generator=g))
     return model
