@@ -7,8 +7,13 @@ only, when importable), ``tpfuse`` (:mod:`tpfuse.ops`, Triton kernels).
 Timing: 20 calls captured in one CUDA graph (inputs rotated over enough copies to exceed L2 where they are small),
 the graph replayed many times, median per call. Effective bandwidth = bytes read + written once / time.
 
-Usage: ``python bench/bench_local.py [--quick] [--out-dir bench/results] [--budget-s 220]``.
-Writes ``local_<device-slug>.json`` and ``local_<op>_<device-slug>.png``; prints a table.
+Usage: ``python bench/bench_local.py [--quick] [--out-dir bench/results] [--budget-s 220] [--configs JSON]``.
+Writes ``local_<device-slug>.json`` and ``local_<op>_<device-slug>.png``; prints a table. ``--configs`` overlays
+a config sweep's winners on :mod:`tpfuse.kernels.local_configs` for this run (recorded in the header).
+
+Launch-configuration sweep (:mod:`local_sweep`): ``python bench/bench_local.py --sweep-configs [--budget-s 240]``
+writes ``local_configs_<device-slug>.json``; ``python bench/bench_local.py --bake <that json>`` (no GPU) writes
+its winners into the table of ``kernels/local_configs.py``.
 """
 
 from __future__ import annotations
@@ -79,8 +84,9 @@ def spec_for(quant, scale):
 # timing
 
 
-def time_graph(fn_list):
-    """fn_list: CALLS_PER_GRAPH zero-arg callables. Median µs per call over graph replays."""
+def time_graph(fn_list, target_s=0.025, min_trials=10, max_trials=200):
+    """fn_list: CALLS_PER_GRAPH zero-arg callables. Median µs per call over graph replays (as many replays as fit
+    in about ``target_s``, within ``[min_trials, max_trials]``)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -99,7 +105,7 @@ def time_graph(fn_list):
     g.replay()
     torch.cuda.synchronize()
     one = time.perf_counter() - t0
-    trials = int(min(200, max(10, 0.025 / max(one, 1e-6))))
+    trials = int(min(max_trials, max(min_trials, target_s / max(one, 1e-6))))
     times = []
     for _ in range(trials):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -135,8 +141,35 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    ap.add_argument("--budget-s", type=float, default=220.0, help="stop starting new rows after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="stop starting new rows (sweep: buckets) after this many seconds (default 220; sweep 240)")
+    ap.add_argument("--configs", default=None, help="overlay a config sweep's winners (local_configs_<dev>.json)")
+    ap.add_argument("--sweep-configs", action="store_true", help="run the launch-configuration sweep instead")
+    ap.add_argument("--sweep-ops", default="add_rmsnorm,silu_mul,quantize")
+    ap.add_argument("--sweep-tokens", default="1,16,128,1024,8192,32768")
+    ap.add_argument("--precompile-workers", type=int, default=-1,
+                    help="sweep: processes compiling the kernel variants first (-1: cpu count - 2, at most 14)")
+    ap.add_argument("--bake", default=None, metavar="SWEEP_JSON",
+                    help="write a sweep's winners into kernels/local_configs.py (no GPU needed) and exit")
     args = ap.parse_args()
+    if args.bake:
+        import local_sweep
+
+        local_sweep.bake(args.bake)
+        return
+    if args.sweep_configs:
+        import local_sweep
+
+        args.budget_s = 240.0 if args.budget_s is None else args.budget_s
+        local_sweep.run_sweep(args, time_graph, n_copies, CALLS_PER_GRAPH, common)
+        return
+    args.budget_s = 220.0 if args.budget_s is None else args.budget_s
+    installed = None
+    if args.configs:
+        from tpfuse.kernels import local_configs
+
+        installed = local_configs.install(args.configs)
+        print(f"# using {installed} swept launch configs from {args.configs}")
     t_start = time.time()
     dev = torch.device("cuda")
     torch._dynamo.config.cache_size_limit = 1024
@@ -230,7 +263,8 @@ def main():
 
     # ---------------- output
     slug = common.device_slug()
-    header = common.header("local", calls_per_graph=CALLS_PER_GRAPH, quick=args.quick,
+    header = common.header("local", calls_per_graph=CALLS_PER_GRAPH, quick=args.quick, configs=args.configs,
+                           configs_installed=installed,
                            elapsed_s=round(time.time() - t_start, 1), skipped_over_budget=[list(s) for s in skipped])
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, f"local_{slug}.json")

@@ -23,15 +23,14 @@ id     format                         ``out_ptr`` / ``scale_ptr`` / ``in_scale_p
 Signatures (stable; every argument positional in this order)
 =============================================================
 
-``quant_store(vals, cols, mask, row, out_ptr, out_stride, scale_ptr, scale_stride, in_scale_ptr, sf_cols_padded,
-FMT: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr)``
+``quant_store_tile(vals, col0, n_cols, row, out_ptr, out_stride, scale_ptr, scale_stride, in_scale_ptr,
+sf_cols_padded, FMT: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr)`` (what the kernels call)
 
-* ``vals``: fp32 ``[BLOCK]`` tile of one row; masked-off lanes are forced to 0 here (so they never reach a
-  reduction) and never stored;
-* ``cols``: int ``[BLOCK]`` column index of each lane inside the row, ``cols = col_start + tl.arange(0, BLOCK)``;
-  ``col_start`` must be a multiple of ``GROUP`` (FMT 3) / 16 (FMT 4, 5); for FMT 2 the tile must cover the whole
-  row (``col_start == 0`` and ``BLOCK >= H``) because the scale is the row's amax;
-* ``mask``: bool ``[BLOCK]``, ``cols < H``;
+* ``vals``: fp32 ``[BLOCK]`` tile of one row, lane ``i`` = column ``col0 + i``; lanes at or past ``n_cols`` are
+  forced to 0 here (so they never reach a reduction) and never stored;
+* ``col0``: the tile's first column (scalar), a multiple of ``GROUP`` (FMT 3) / 16 (FMT 4, 5); for FMT 2 the tile
+  must cover the whole row (``col0 == 0`` and ``BLOCK >= H``) because the scale is the row's amax;
+* ``n_cols``: H (scalar);
 * ``row``: the row (token) index (scalar int);
 * ``out_stride``: row stride of ``out_ptr`` in elements (bytes for NVFP4, i.e. ``H/2`` when contiguous);
 * ``scale_stride``: row stride of the output scale in elements (FMT 2: 1, FMT 3: ``H/GROUP``, FMT 4: ``H/16``;
@@ -42,16 +41,39 @@ FMT: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr)``
 * ``BLOCK``: power of two, a multiple of ``GROUP`` (FMT 3) or of 16 (FMT 4, 5); ``GROUP``: the FP8 group size
   (64 or 128) for FMT 3, anything (e.g. 16) otherwise.
 
+``quant_store(vals, cols, mask, row, out_ptr, out_stride, scale_ptr, scale_stride, in_scale_ptr, sf_cols_padded,
+FMT: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr)``: the older form (``cols = col0 + tl.arange(0,
+BLOCK)``, ``mask = cols < H``); it recovers ``col0`` / ``H`` with two block reductions and calls
+:func:`quant_store_tile`. Kept for callers outside this package; the kernels here use the tile form.
+
 ``nvfp4_swizzled_pad(row, n_rows, scale_ptr, n_sf_cols, sf_cols_padded, PAD_BLOCK: tl.constexpr)``
 
 Writes the zero padding of a swizzled NVFP4 scale buffer for one padded row ``row`` (``0 <= row <
 round_up(n_rows, 128)``): columns ``[n_sf_cols, sf_cols_padded)`` when ``row < n_rows``, every column when
 ``row >= n_rows``. ``n_sf_cols = H/16``; ``PAD_BLOCK`` = ``next_power_of_2(sf_cols_padded)``. A kernel that emits
-FMT 5 launches ``round_up(T, 128)`` row programs (or loops) so that every padded row gets this call once.
+FMT 5 launches ``round_up(T, 128)`` row programs (or loops) so that every padded row gets this call once, or calls
+it for its real rows and shares the pad rows out with ``nvfp4_pad_rows(prog, n_progs, n_rows, scale_ptr,
+sf_cols_padded)`` (the local kernels).
 
 ``rmsnorm_quant_store(s, cols, mask, row, w_ptr, eps, n_cols, res_out_ptr, res_out_stride, out_ptr, out_stride,
 scale_ptr, scale_stride, in_scale_ptr, sf_cols_padded, GEMMA, FMT, BLOCK, GROUP)``: the residual-out + RMSNorm +
-quant_store tail shared by the add+RMSNorm kernels (local, SP reduce, fused all-reduce).
+quant tail shared by the add+RMSNorm kernels (local, SP reduce, fused all-reduce); ``s`` is the whole row, so
+``cols`` must be ``tl.arange(0, BLOCK)`` (``BLOCK >= H``) and ``mask = cols < H``. Built from
+``load_norm_weight(w_ptr, cols, mask, GEMMA)`` (the fp32 weight, ``+1`` for Gemma: a kernel handling several rows
+loads it once), ``rms_rstd(s, n_cols, eps)`` (= ``rstd_from_sumsq(sum(s^2), n_cols, eps)``) and
+``norm_quant_store(s, w, rstd, col0, n_cols, row, ...)`` (store ``residual_out`` and the quantized ``s * rstd * w``
+of one tile), which the split-row kernel uses directly.
+
+Performance notes (Hopper; checked on the SASS of the sm_90 compile, see bench/bench_local.py ``--sweep-configs``)
+---------------------------------------------------------------------------------------------------------------
+* Per-group / per-block indices come from ``col0 + tl.arange`` in the reduced shape, never from reducing the
+  ``cols`` tensor: that reduction ran in a layout of its own, through shared memory and barriers (it was most of
+  the FP8 group and NVFP4 epilogue cost).
+* Byte-wide stores (e4m3, packed e2m1) cap the offsets' provable contiguity (:func:`cap_contiguity`) so they keep
+  the 8-values-per-thread register layout of the 16-byte bf16 loads (8-byte / 4-byte stores) instead of a
+  shared-memory layout conversion to 16 values per thread.
+* e2m1 rounding uses float/integer bit tricks (:func:`e2m1_encode`), bit-identical to the comparison chain of
+  :func:`tpfuse.quant.e2m1_encode` over all 2^32 fp32 inputs.
 
 ``fp8_dynamic_scale(amax)``, ``max_nan(a, b)``, ``row_amax(x)``: small helpers (NaN-propagating max reduction).
 """
@@ -150,33 +172,64 @@ def cast_for_store(v, dtype: tl.constexpr):
 
 
 @triton.jit
-def e2m1_encode(v):
-    """fp32 -> e2m1 code (uint8 0..15) by the comparisons of :func:`tpfuse.quant.e2m1_encode`; NaN -> 7."""
-    mag = tl.abs(v)
-    code = ((mag > 0.25).to(tl.int32) + (mag >= 0.75).to(tl.int32) + (mag > 1.25).to(tl.int32)
-            + (mag >= 1.75).to(tl.int32) + (mag > 2.5).to(tl.int32) + (mag >= 3.5).to(tl.int32)
-            + (mag > 5.0).to(tl.int32))
-    isnan = v != v
-    code = tl.where(isnan, 7, code)
-    neg = (v.to(tl.int32, bitcast=True) < 0) & (~isnan)
-    code = code | tl.where(neg, 8, 0)
-    return code.to(tl.uint8)
+def e2m1_code32(v):
+    """fp32 -> e2m1 code (0..15) as uint32, bit-identical to :func:`tpfuse.quant.e2m1_encode` (round to nearest
+    even, saturate at 6, NaN -> 7, sign bit 3 from the sign of ``v`` incl. -0 but not for NaN), checked
+    exhaustively over all 2^32 fp32 bit patterns. Below 1 the e2m1 grid is 0, 0.5, 1: ``2|v| + 2^23`` rounds (RNE)
+    to the integer code in its low bits. From 1 up the grid is a float with one mantissa bit: round the fp32 bits
+    to one mantissa bit (RNE, bit 22); ``(bits >> 22) - 252`` is then the code, capped at 7, which also catches
+    Inf and NaN. The ``- 252`` is folded in as ``+ 4`` (mod 8) ahead of the shift; the sign is set for every
+    ``v`` whose bits, as unsigned, lie in ``[0x80000000, 0xFF800000]`` (negative, -0 and -Inf included, NaN not)."""
+    a = tl.abs(v)
+    bits = a.to(tl.uint32, bitcast=True)
+    sub = (a * 2.0 + 8388608.0).to(tl.uint32, bitcast=True) & 3
+    nrm = tl.minimum((bits + (0x1FFFFF + (4 << 22)) + ((bits >> 22) & 1)) >> 22, 263) & 7
+    code = tl.where(a < 1.0, sub, nrm)
+    vb = v.to(tl.uint32, bitcast=True)
+    return code | tl.where(vb - 0x80000000 <= 0x7F800000, 8, 0).to(tl.uint32)
 
 
 @triton.jit
-def quant_store(vals, cols, mask, row, out_ptr, out_stride, scale_ptr, scale_stride, in_scale_ptr, sf_cols_padded,
-                FMT: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr):
+def e2m1_encode(v):
+    """:func:`e2m1_code32` as uint8."""
+    return e2m1_code32(v).to(tl.uint8)
+
+
+@triton.jit
+def cap_contiguity(offs, V: tl.constexpr):
+    """``offs`` unchanged in value, but Triton's axis analysis proves only ``V``-long contiguous runs, so a store
+    through it is vectorized ``V`` wide. Used on byte-wide outputs: without it the coalescing pass gives their
+    store 16 values per thread while the 16-byte bf16 loads give 8, and the kernel converts between the two
+    register layouts through shared memory (with barriers)."""
+    return (offs // V) * V + offs % V
+
+
+@triton.jit
+def swizzled_row_base(row64, sf_cols_padded):
+    """The row-dependent part of the SWIZZLED_128x4 offset of scale ``(m, k)`` (:mod:`tpfuse.quant`); the
+    ``k`` part is ``(k // 4) * 512 + k % 4``."""
+    m = row64
+    return (m // 128) * ((sf_cols_padded // 4) * 512) + (m % 32) * 16 + ((m % 128) // 32) * 4
+
+
+@triton.jit
+def quant_store_tile(vals, col0, n_cols, row, out_ptr, out_stride, scale_ptr, scale_stride, in_scale_ptr,
+                     sf_cols_padded, FMT: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr):
     row64 = row.to(tl.int64)
+    lane = tl.arange(0, BLOCK)
+    cols = col0 + lane
+    mask = cols < n_cols
     vals = tl.where(mask, vals, 0.0)
+    out_row = out_ptr + row64 * out_stride
     if FMT == 0:
-        tl.store(out_ptr + row64 * out_stride + cols, cast_for_store(vals, out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_row + cols, cast_for_store(vals, out_ptr.dtype.element_ty), mask=mask)
     elif FMT == 1:
         inv = tl.math.div_rn(1.0, tl.load(in_scale_ptr))
-        tl.store(out_ptr + row64 * out_stride + cols, fp8_cast(vals * inv), mask=mask)
+        tl.store(out_row + col0 + cap_contiguity(lane, 8), fp8_cast(vals * inv), mask=mask)
     elif FMT == 2:
         scale = fp8_dynamic_scale(row_amax(vals, 0))
         inv = tl.math.div_rn(1.0, scale)
-        tl.store(out_ptr + row64 * out_stride + cols, fp8_cast(vals * inv), mask=mask)
+        tl.store(out_row + col0 + cap_contiguity(lane, 8), fp8_cast(vals * inv), mask=mask)
         tl.store(scale_ptr + row64 * scale_stride, scale)
     elif FMT == 3:
         NG: tl.constexpr = BLOCK // GROUP
@@ -184,11 +237,9 @@ def quant_store(vals, cols, mask, row, out_ptr, out_stride, scale_ptr, scale_str
         scale = fp8_dynamic_scale(row_amax(v2, 1))  # [NG]
         inv = tl.math.div_rn(tl.full((NG,), 1.0, tl.float32), scale)
         q = tl.reshape(fp8_cast(v2 * inv[:, None]), (BLOCK,))
-        tl.store(out_ptr + row64 * out_stride + cols, q, mask=mask)
-        c2 = tl.reshape(cols, (NG, GROUP))
-        gcol = tl.min(c2, 1) // GROUP
-        gmask = tl.max(tl.reshape(mask.to(tl.int32), (NG, GROUP)), 1) > 0
-        tl.store(scale_ptr + row64 * scale_stride + gcol, scale, mask=gmask)
+        tl.store(out_row + col0 + cap_contiguity(lane, 8), q, mask=mask)
+        g = col0 // GROUP + tl.arange(0, NG)
+        tl.store(scale_ptr + row64 * scale_stride + g, scale, mask=g * GROUP < n_cols)
     else:
         NB: tl.constexpr = BLOCK // 16
         gs = tl.load(in_scale_ptr)
@@ -204,25 +255,61 @@ def quant_store(vals, cols, mask, row, out_ptr, out_stride, scale_ptr, scale_str
             sf_f = sf.to(tl.float32)
         inv_gs = tl.math.div_rn(1.0, gs)
         out_scale = tl.where(sf_f != 0, tl.math.div_rn(tl.full((NB,), 1.0, tl.float32), sf_f * inv_gs), 0.0)
-        codes = e2m1_encode(v2 * out_scale[:, None])  # [NB, 16] uint8
-        pairs = tl.reshape(codes, (BLOCK // 2, 2))
-        lo, hi = tl.split(pairs)
-        packed = lo | (hi << 4)
-        c_pairs = tl.reshape(cols, (BLOCK // 2, 2))
-        c_even, c_odd = tl.split(c_pairs)
-        m_pairs = tl.reshape(mask.to(tl.int32), (BLOCK // 2, 2))
-        m_even, m_odd = tl.split(m_pairs)
-        tl.store(out_ptr + row64 * out_stride + c_even // 2, packed, mask=m_even > 0)
-        c2 = tl.reshape(cols, (NB, 16))
-        k = tl.min(c2, 1) // 16
-        kmask = tl.max(tl.reshape(mask.to(tl.int32), (NB, 16)), 1) > 0
+        codes = e2m1_code32(v2 * out_scale[:, None])  # [NB, 16]
+        lo, hi = tl.split(tl.reshape(codes, (BLOCK // 2, 2)))
+        packed = (lo | (hi << 4)).to(tl.uint8)  # element 2i in the low nibble
+        pcol = col0 // 2 + cap_contiguity(tl.arange(0, BLOCK // 2), 4)
+        tl.store(out_row + pcol, packed, mask=pcol < n_cols // 2)
+        k = col0 // 16 + tl.arange(0, NB)
+        kmask = k * 16 < n_cols
         if FMT == 4:
             tl.store(scale_ptr + row64 * scale_stride + k, sf, mask=kmask)
         else:
-            m = row64
-            k_tiles = sf_cols_padded // 4
-            off = ((m // 128) * (k_tiles * 512) + (k // 4) * 512 + (m % 32) * 16 + ((m % 128) // 32) * 4 + (k % 4))
+            off = swizzled_row_base(row64, sf_cols_padded) + ((k // 4) * 512 + (k % 4))
             tl.store(scale_ptr + off, sf, mask=kmask)
+
+
+@triton.jit
+def quant_store(vals, cols, mask, row, out_ptr, out_stride, scale_ptr, scale_stride, in_scale_ptr, sf_cols_padded,
+                FMT: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr):
+    col0 = tl.min(cols, 0)
+    n_cols = tl.max(tl.where(mask, cols + 1, 0), 0)  # H, or past the tile's end: masks agree inside the tile
+    quant_store_tile(vals, col0, n_cols, row, out_ptr, out_stride, scale_ptr, scale_stride, in_scale_ptr,
+                     sf_cols_padded, FMT, BLOCK, GROUP)
+
+
+@triton.jit
+def load_norm_weight(w_ptr, cols, mask, GEMMA: tl.constexpr):
+    """The RMSNorm weight as fp32 (read in its own dtype), ``+ 1`` for Gemma."""
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if GEMMA:
+        w = w + 1.0
+    return w
+
+
+@triton.jit
+def rstd_from_sumsq(sumsq, n_cols, eps):
+    return tl.math.rsqrt(sumsq / n_cols + eps)
+
+
+@triton.jit
+def rms_rstd(s, n_cols, eps):
+    """``rsqrt(mean(s^2) + eps)`` of a whole fp32 row ``s`` (masked lanes 0)."""
+    return rstd_from_sumsq(tl.sum(s * s, 0), n_cols, eps)
+
+
+@triton.jit
+def norm_quant_store(s, w, rstd, col0, n_cols, row, res_out_ptr, res_out_stride, out_ptr, out_stride, scale_ptr,
+                     scale_stride, in_scale_ptr, sf_cols_padded, FMT: tl.constexpr, BLOCK: tl.constexpr,
+                     GROUP: tl.constexpr):
+    """One tile (columns ``col0 + [0, BLOCK)``) of the norm tail: ``residual_out = s`` rounded, then
+    ``(s * rstd) * w`` through :func:`quant_store_tile`."""
+    cols = col0 + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    row64 = row.to(tl.int64)
+    tl.store(res_out_ptr + row64 * res_out_stride + cols, cast_for_store(s, res_out_ptr.dtype.element_ty), mask=mask)
+    quant_store_tile((s * rstd) * w, col0, n_cols, row, out_ptr, out_stride, scale_ptr, scale_stride, in_scale_ptr,
+                     sf_cols_padded, FMT, BLOCK, GROUP)
 
 
 @triton.jit
@@ -231,16 +318,13 @@ def rmsnorm_quant_store(s, cols, mask, row, w_ptr, eps, n_cols, res_out_ptr, res
                         BLOCK: tl.constexpr, GROUP: tl.constexpr):
     """The tail every add+RMSNorm kernel shares (:mod:`tpfuse.reference` contract): store ``residual_out = s``
     rounded to its dtype; ``out = s * rsqrt(mean(s^2) + eps) * w`` (``w + 1`` when ``GEMMA``; the weight upcast from
-    its own dtype) through :func:`quant_store`. ``s``: the fp32 row (masked lanes 0), ``n_cols``: H."""
-    row64 = row.to(tl.int64)
-    tl.store(res_out_ptr + row64 * res_out_stride + cols, cast_for_store(s, res_out_ptr.dtype.element_ty), mask=mask)
-    var = tl.sum(s * s, 0) / n_cols
-    rstd = tl.math.rsqrt(var + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    if GEMMA:
-        w = w + 1.0
-    quant_store((s * rstd) * w, cols, mask, row, out_ptr, out_stride, scale_ptr, scale_stride, in_scale_ptr,
-                sf_cols_padded, FMT, BLOCK, GROUP)
+    its own dtype) through :func:`quant_store_tile`. ``s``: the fp32 row (masked lanes 0), ``cols``:
+    ``tl.arange(0, BLOCK)``, ``n_cols``: H. The weight is loaded first so that its latency overlaps the row's
+    loads and the reduction instead of following them."""
+    w = load_norm_weight(w_ptr, cols, mask, GEMMA)
+    rstd = rms_rstd(s, n_cols, eps)
+    norm_quant_store(s, w, rstd, 0, n_cols, row, res_out_ptr, res_out_stride, out_ptr, out_stride, scale_ptr,
+                     scale_stride, in_scale_ptr, sf_cols_padded, FMT, BLOCK, GROUP)
 
 
 @triton.jit
@@ -253,6 +337,30 @@ def nvfp4_swizzled_pad(row, n_rows, scale_ptr, n_sf_cols, sf_cols_padded, PAD_BL
     off = ((m // 128) * (k_tiles * 512) + (k // 4) * 512 + (m % 32) * 16 + ((m % 128) // 32) * 4 + (k % 4))
     zero = tl.zeros((PAD_BLOCK,), tl.float32).to(tl.float8e4nv)
     tl.store(scale_ptr + off, zero, mask=kmask)
+
+
+@triton.jit
+def nvfp4_pad_rows(prog, n_progs, n_rows, scale_ptr, sf_cols_padded):
+    """Zero the pad rows ``[n_rows, round_up(n_rows, 128))`` of a swizzled NVFP4 scale buffer, the work shared out
+    over ``n_progs`` programs (this one is ``prog``), so a kernel launches programs for its real rows only (a few
+    tokens would otherwise launch 128 row programs, nearly all of them pad-only). The pad rows all lie in the last
+    128-row tile; in each 512-byte k-chunk of that tile, 4-byte word ``w`` holds row ``(w % 4) * 32 + w // 4``
+    (its 4 consecutive k), so the pad is a masked store of zero words over ``[k_chunks, 128]``, 8 chunks per step.
+    Columns past ``H/16`` of the real rows are :func:`nvfp4_swizzled_pad`'s job."""
+    r0 = n_rows % 128
+    if r0 != 0:
+        KC: tl.constexpr = 8
+        k_tiles = sf_cols_padded // 4
+        w = tl.arange(0, 128)
+        wmask = ((w % 4) * 32 + w // 4) >= r0
+        kk = tl.arange(0, KC)
+        words = scale_ptr.to(tl.pointer_type(tl.int32)) + (n_rows // 128).to(tl.int64) * (k_tiles * 128)
+        zero = tl.zeros((KC, 128), tl.int32)
+        kb = prog.to(tl.int64)  # loop-carried: one type whatever int width n_progs has
+        while kb * KC < k_tiles:  # (a while loop: the interpreter cannot take a program id as a range bound)
+            kt = kb * KC + kk
+            tl.store(words + kt[:, None] * 128 + w[None, :], zero, mask=(kt[:, None] < k_tiles) & wmask[None, :])
+            kb += n_progs
 
 
 # --------------------------------------------------------------------------------------------------------------

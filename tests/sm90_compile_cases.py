@@ -2,8 +2,9 @@
 bundles run on the CPU. Run by tests/test_sm90_compile.py in a clean process (no TRITON_INTERPRET). Prints one line
 per case and exits 1 if any case fails to compile.
 
-Covers the variants a GPU run would build: every output format, TP 2/4/8 for the fused all-reduce kernels, both
-RoPE styles, bf16 and FP8 KV caches. Pointer types follow the launchers (tpfuse/ops.py, backends/symm.py,
+Covers the variants a GPU run would build: every output format (the local kernels' multi-row and split-row
+variants also with the alignment / divisibility specialization of a real launch, ``hinted``), TP 2/4/8 for the
+fused all-reduce kernels, both RoPE styles, bf16 and FP8 KV caches. Pointer types follow the launchers (tpfuse/ops.py, backends/symm.py,
 backends/async_tp.py, tpfuse/rope.py).
 """
 
@@ -32,10 +33,18 @@ def out_types(fmt):
     return "*fp8e4nv", "*fp32"
 
 
-def compile_kernel(fn, ptrs, const, num_warps=8):
+def compile_kernel(fn, ptrs, const, num_warps=8, hinted=False):
+    """``hinted``: declare what the JIT specializes at a real launch -- 16-byte aligned pointers and sizes/strides
+    divisible by 16 (``tt.divisibility``; not ``n_rows``, which the local kernels exclude from specialization) --
+    so the vectorized code that actually runs is compiled, with ints as i32."""
     names = fn.arg_names
-    sig = {n: ("constexpr" if n in const else ptrs.get(n, "fp32" if n in FLOATS else "i64")) for n in names}
-    src = ASTSource(fn, sig, {(names.index(k),): v for k, v in const.items()})
+    sig = {n: ("constexpr" if n in const else ptrs.get(n, "fp32" if n in FLOATS else ("i32" if hinted else "i64")))
+           for n in names}
+    attrs = {}
+    if hinted:
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+                 if sig[n] not in ("constexpr", "fp32") and n != "n_rows"}
+    src = ASTSource(fn, sig, {(names.index(k),): v for k, v in const.items()}, attrs)
     return triton.compile(src, target=TARGET, options={"num_warps": num_warps})
 
 
@@ -46,15 +55,24 @@ def cases():
         io = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "res_out_ptr": "*bf16", "out_ptr": out_t,
               "scale_ptr": sc_t, "in_scale_ptr": "*fp32"}
         yield (f"add_rmsnorm fmt={fmt}", add_rmsnorm._add_rmsnorm_kernel, io,
-               dict(HAS_RES=True, GEMMA=fmt == 2, FMT=fmt, BLOCK=8192, GROUP=group, PAD_BLOCK=512))
+               dict(HAS_RES=True, GEMMA=fmt == 2, FMT=fmt, BLOCK=8192, GROUP=group, PAD_BLOCK=512, ROWS=1, SPLIT=1))
+        yield (f"add_rmsnorm fmt={fmt} rows=4", add_rmsnorm._add_rmsnorm_kernel, io,
+               dict(HAS_RES=True, GEMMA=False, FMT=fmt, BLOCK=4096, GROUP=group, PAD_BLOCK=256, ROWS=4, SPLIT=1),
+               8, True)
+        if fmt != 2:
+            yield (f"add_rmsnorm fmt={fmt} split=4", add_rmsnorm._add_rmsnorm_kernel, io,
+                   dict(HAS_RES=True, GEMMA=True, FMT=fmt, BLOCK=8192, GROUP=group, PAD_BLOCK=512, ROWS=1,
+                        SPLIT=4), 8, True)
         yield (f"reduce_slots+norm fmt={fmt}", reduce_slots._reduce_slots_kernel, dict(io, slots_ptr="*bf16"),
                dict(NSLOTS=2, NORM=True, HAS_RES=True, GEMMA=False, FMT=fmt, BLOCK=8192, GROUP=group, PAD_BLOCK=512))
         if fmt:
             yield (f"quantize fmt={fmt}", quantize._quantize_kernel, io,
-                   dict(FMT=fmt, BLOCK=4096, GROUP=group, PAD_BLOCK=512))
+                   dict(FMT=fmt, BLOCK=4096, GROUP=group, PAD_BLOCK=512, ROWS=1))
         if fmt in (0, 1, 3, 5):
             yield (f"silu_mul fmt={fmt}", silu_mul._silu_mul_kernel, io,
-                   dict(FMT=fmt, BLOCK=4096, GROUP=group, PAD_BLOCK=1024))
+                   dict(FMT=fmt, BLOCK=4096, GROUP=group, PAD_BLOCK=1024, ROWS=1))
+            yield (f"silu_mul fmt={fmt} rows=2", silu_mul._silu_mul_kernel, io,
+                   dict(FMT=fmt, BLOCK=1024, GROUP=group, PAD_BLOCK=1024, ROWS=2), 4, True)
     yield ("reduce_slots sum tp8", reduce_slots._reduce_slots_kernel,
            {"slots_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "res_out_ptr": "*bf16", "out_ptr": "*bf16",
             "scale_ptr": "*bf16", "in_scale_ptr": "*bf16"},
@@ -90,9 +108,9 @@ def cases():
 
 def main() -> int:
     failed = 0
-    for name, fn, ptrs, const in cases():
+    for name, fn, ptrs, const, *nw in cases():
         try:
-            compile_kernel(fn, ptrs, const)
+            compile_kernel(fn, ptrs, const, *nw)
             print(f"ok   {name}", flush=True)
         except Exception:  # noqa: BLE001 - report every failing case
             failed += 1

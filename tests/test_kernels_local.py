@@ -368,6 +368,248 @@ def test_silu_mul_nan_propagates():
 
 
 # --------------------------------------------------------------------------------------------------------------
+# epilogue building blocks: e2m1 bit tricks, the older quant_store form
+
+
+def _e2m1_probe_values():
+    """Every sign x a spread of exponents around the e2m1 range x mantissas incl. the tie points, the exact e2m1
+    values and their fp32 neighbours, zeros, subnormals, Inf, NaN with both signs and several payloads."""
+    bits = []
+    for sign in (0, 0x80000000):
+        for exp in list(range(0, 8)) + list(range(100, 140)) + list(range(248, 256)):
+            for mant in (0, 1, 0x1FFFFF, 0x200000, 0x200001, 0x3FFFFF, 0x400000, 0x400001, 0x5FFFFF, 0x600000,
+                         0x600001, 0x7FFFFF, 0x123456, 0x654321):
+                bits.append(sign | (exp << 23) | mant)
+    edges = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 7.0, 448.0])
+    e = edges.view(torch.int32)
+    near = torch.cat([e - 1, e, e + 1]).to(torch.int64) & 0xFFFFFFFF
+    allb = torch.tensor(bits, dtype=torch.int64)
+    allb = torch.cat([allb, near, near | 0x80000000, torch.tensor([0x7FC00000, 0xFFC00000, 0x7F800001, 0xFFFFFFFF])])
+    allb = torch.where(allb >= 2**31, allb - 2**32, allb).to(torch.int32)
+    return allb.view(torch.float32)
+
+
+# test kernels over the epilogue's pieces (defined after the interpreted (re)import above, so on CPU they are
+# interpreted too and call the interpreted functions; Triton itself is first imported there, under the variable)
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from tpfuse.kernels.quant_epilogue import e2m1_encode as _e2m1_encode  # noqa: E402
+from tpfuse.kernels.quant_epilogue import quant_store as _quant_store  # noqa: E402
+from tpfuse.kernels.quant_epilogue import quant_store_tile as _quant_store_tile  # noqa: E402
+
+
+@triton.jit
+def _e2m1_kernel(x_ptr, o_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(o_ptr + offs, _e2m1_encode(tl.load(x_ptr + offs, mask=m, other=0.0)), mask=m)
+
+
+@triton.jit
+def _both_forms_kernel(x_ptr, o1, s1, o2, s2, gs_ptr, n_cols, out_stride, scale_stride, FMT: tl.constexpr,
+                       BLOCK: tl.constexpr, GROUP: tl.constexpr):
+    c0 = tl.program_id(0) * BLOCK
+    cols = c0 + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    v = tl.load(x_ptr + cols, mask=mask, other=0.0)
+    row = tl.program_id(0) * 0
+    _quant_store(v, cols, mask, row, o1, out_stride, s1, scale_stride, gs_ptr, 0, FMT, BLOCK, GROUP)
+    _quant_store_tile(v, c0, n_cols, row, o2, out_stride, s2, scale_stride, gs_ptr, 0, FMT, BLOCK, GROUP)
+
+
+def test_e2m1_encode_matches_reference_on_edges():
+    v = _e2m1_probe_values()
+    x = v.to(DEVICE)
+    out = torch.empty(v.numel(), dtype=torch.uint8, device=DEVICE)
+    _e2m1_kernel[(triton.cdiv(v.numel(), 1024),)](x, out, v.numel(), BLOCK=1024)
+    want = q.e2m1_encode(v)
+    bad = (out.cpu() != want).nonzero().flatten()
+    assert bad.numel() == 0, f"{bad.numel()} codes differ, e.g. {v[bad[:4]].tolist()} -> " \
+                             f"{out.cpu()[bad[:4]].tolist()} != {want[bad[:4]].tolist()}"
+    assert set(want.tolist()) == set(range(16)) and torch.isnan(v).sum() >= 4  # every code, NaN of both signs
+
+
+def test_quant_store_cols_form_matches_tile_form(gen):
+    """The older ``quant_store(vals, cols, mask, ...)`` (kept for outside callers) writes what the tile form writes,
+    for a tile that does not start at column 0 and runs past the row's end."""
+
+    h = 384  # tiles of 256: the second one is half outside the row
+    x = _hard_input(gen, 1, h)
+    gs = torch.tensor(3.0, device=DEVICE)
+    for fmt, group, spec in ((3, 128, q.FP8PerGroup(128)), (4, 16, q.NVFP4(gs, "linear"))):
+        a_d, a_s = ops.alloc_outputs(1, h, fmt, group, DEVICE, torch.float32)
+        b_d, b_s = ops.alloc_outputs(1, h, fmt, group, DEVICE, torch.float32)
+        _both_forms_kernel[(2,)](x, a_d, a_s, b_d, b_s, gs, h, a_d.stride(0), a_s.stride(0), FMT=fmt, BLOCK=256,
+                                 GROUP=group)
+        assert torch.equal(_bytes(a_d), _bytes(b_d)) and torch.equal(_bytes(a_s), _bytes(b_s))
+        ref_qa = ref_quantize(x, spec)
+        _assert_bytes_equal(b_d, ref_qa.data, f"fmt {fmt} data")
+        _assert_bytes_equal(b_s, ref_qa.scale, f"fmt {fmt} scale")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# launch configurations (tpfuse.kernels.local_configs): every knob keeps the results
+
+
+class _LaunchRecorder:
+    """Stands in for a kernel object: records (grid, constexpr / launch keyword args) and launches the real one."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def run(*args, **kw):
+            self.launches.append((tuple(grid), dict(kw)))
+            return self.kernel[grid](*args, **kw)
+        return run
+
+
+@pytest.fixture
+def record(monkeypatch):
+    def _record(module_name, kernel_name):
+        mod = sys.modules[f"tpfuse.kernels.{module_name}"]
+        rec = _LaunchRecorder(getattr(mod, kernel_name))
+        monkeypatch.setattr(mod, kernel_name, rec)
+        return rec
+    return _record
+
+
+def _lc():
+    from tpfuse.kernels import local_configs
+    return local_configs
+
+
+NORM_CONFIGS = [dict(num_warps=4, rows=2), dict(num_warps=2, rows=4), dict(num_warps=4, split=2),
+                dict(num_warps=2, split=4)]
+
+
+NORM_CASES = [(3, 512, c) for c in NORM_CONFIGS] + [(130, 256, dict(num_warps=2, rows=4)),
+                                                     (130, 256, dict(num_warps=4, split=2))]
+
+
+@pytest.mark.parametrize("t,h,cfg", NORM_CASES,
+                         ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()) if isinstance(c, dict) else str(c))
+def test_add_rmsnorm_launch_configs(t, h, cfg, gen, record):
+    """Multi-row programs and split rows: the launch really uses them (grid, ROWS, SPLIT) and the results stay
+    those of the default launch (bit-identical residual; outputs bit-identical under the interpreter, within the
+    usual few-ulp tolerance compiled) and of the reference."""
+    lc = _lc()
+    x = _hard_input(gen, t, h, torch.bfloat16)
+    r = _randn(gen, t, h, dtype=torch.bfloat16)
+    w = _randn(gen, h, dtype=torch.bfloat16)
+    s, oracle = _oracle_norm(x, r, w, 1e-5, False)
+    rec = record("add_rmsnorm", "_add_rmsnorm_kernel")
+    conf = lc.LaunchConfig(**cfg)
+    specs = [None] + _specs(oracle.abs().amax(), group_sizes=(128,))
+    if t == 130:  # the interesting case at 130 rows: the swizzle's pad rows
+        specs = [sp for sp in specs if isinstance(sp, q.NVFP4) and sp.layout == "swizzled128x4"]
+    for spec in specs:
+        what = f"add_rmsnorm {cfg} {t}x{h} {None if spec is None else _spec_id(spec)}"
+        base, base_res = ops.add_rmsnorm(x, r, w, 1e-5, quant=spec)
+        n0 = len(rec.launches)
+        with lc.forced(conf):
+            got, res = ops.add_rmsnorm(x, r, w, 1e-5, quant=spec)
+        (grid, kw), = rec.launches[n0:]
+        split = 1 if isinstance(spec, q.FP8PerToken) else cfg.get("split", 1)
+        assert (kw["ROWS"], kw["SPLIT"], kw["num_warps"]) == (cfg.get("rows", 1), split, cfg["num_warps"]), what
+        assert grid == (-(-t // cfg.get("rows", 1)), split), what  # real rows only (swizzle pad rows shared out)
+        assert torch.equal(res.cpu(), base_res.cpu()), what
+        if spec is None:
+            assert_close(got.cpu(), oracle, torch.bfloat16, what)
+            same = torch.equal(_bytes(got), _bytes(base))
+        else:
+            check_quant_close(got, oracle, what)
+            same = torch.equal(_bytes(got.data), _bytes(base.data)) and torch.equal(_bytes(got.scale),
+                                                                                     _bytes(base.scale))
+            ref_qa, _ = ref_add_rmsnorm(x, r, w, 1e-5, quant=spec)
+            diff = (_bytes(got.data) != _bytes(ref_qa.data)).float().mean().item()
+            assert diff <= 0.01, f"{what}: {diff:.2%} of data bytes differ from the reference"
+            if isinstance(spec, q.NVFP4) and spec.layout == "swizzled128x4":
+                pad = q.unswizzle_128x4(got.scale, got.scale.shape[0], got.scale.shape[1] * 16)
+                assert torch.equal(_bytes(pad[t:]), torch.zeros_like(_bytes(pad[t:]))), what + ": pad rows"
+        if not ON_GPU and "split" not in cfg:
+            assert same, f"{what}: a multi-row program changed the math"
+
+
+@pytest.mark.parametrize("cfg", [None, dict(num_warps=2, split=2), dict(num_warps=2, rows=2)], ids=str)
+def test_nvfp4_swizzled_pad_columns_and_rows(cfg, gen):
+    """H/16 = 10 scale columns (padded to 12) and 3 of 128 rows: both paddings zero under every launch shape."""
+    lc = _lc()
+    t, h = 3, 160
+    x = _hard_input(gen, t, h, torch.bfloat16)
+    r = _randn(gen, t, h, dtype=torch.bfloat16)
+    w = _randn(gen, h, dtype=torch.bfloat16)
+    _, oracle = _oracle_norm(x, r, w, 1e-6, False)
+    spec = q.NVFP4(q.nvfp4_global_scale(oracle.abs().amax().float()).to(DEVICE))
+    with lc.forced(None if cfg is None else lc.LaunchConfig(**cfg)):
+        qa, _ = ops.add_rmsnorm(x, r, w, 1e-6, quant=spec)
+        sq = ops.silu_mul(torch.cat([x, r], 1), quant=spec)
+    for got, what in ((qa, "add_rmsnorm"), (sq, "silu_mul")):
+        assert got.scale.shape == (128, 12)
+        full = q.unswizzle_128x4(got.scale, 128, 12 * 16)
+        assert torch.equal(_bytes(full[t:]), torch.zeros_like(_bytes(full[t:]))), what + ": pad rows"
+        assert torch.equal(_bytes(full[:t, 10:]), torch.zeros_like(_bytes(full[:t, 10:]))), what + ": pad columns"
+        assert int((_bytes(full[:t, :10]) == 0).sum()) < 5, what + ": the real scales were written"
+    check_quant_close(qa, oracle, "add_rmsnorm nvfp4 160")
+
+
+def test_add_rmsnorm_inplace_never_splits(gen, record):
+    lc = _lc()
+    x, r, w = (_randn(gen, 2, 256, dtype=torch.bfloat16), _randn(gen, 2, 256, dtype=torch.bfloat16),
+               _randn(gen, 256, dtype=torch.bfloat16))
+    ref_out, ref_res = ref_add_rmsnorm(x, r, w, 1e-6)
+    rec = record("add_rmsnorm", "_add_rmsnorm_kernel")
+    with lc.forced(lc.LaunchConfig(num_warps=2, split=2)):
+        out, res = ops.add_rmsnorm(x, r, w, 1e-6, residual_inplace=True)
+        ops.add_rmsnorm(x, r.clone(), w, 1e-6)  # not in place: splits
+    assert [(g, kw["SPLIT"]) for g, kw in rec.launches] == [((2, 1), 1), ((2, 2), 2)]
+    assert torch.equal(r.cpu(), ref_res.cpu())
+    assert_close(out.cpu(), ref_out.cpu(), torch.bfloat16, "in place", factor=0.5)
+
+
+TILE_CONFIGS = [dict(num_warps=4, block=128), dict(num_warps=2, block=256, rows=2),
+                dict(num_warps=4, block=512, rows=4)]
+
+
+@pytest.mark.parametrize("cfg", TILE_CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_quantize_launch_configs_bitexact(cfg, gen, record):
+    """The standalone quantizer stays byte-identical to the reference under every tiling / rows-per-program."""
+    lc = _lc()
+    t, h = 5, 640  # 640 = 5 x 128: the last tile of 256 / 512 is partly outside the row
+    x = _hard_input(gen, t, h, torch.bfloat16)
+    rec = record("quantize", "_quantize_kernel")
+    for spec in _specs(x.abs().amax(), group_sizes=(64, 128)):
+        with lc.forced(lc.LaunchConfig(**cfg)):
+            qa = ops.quantize(x, spec)
+        grid, kw = rec.launches[-1]
+        block = 1024 if isinstance(spec, q.FP8PerToken) else cfg["block"]  # per-token: one whole-row tile
+        assert (kw["BLOCK"], kw["ROWS"]) == (block, cfg.get("rows", 1))
+        assert grid == (-(-h // block) * -(-t // cfg.get("rows", 1)),)
+        _assert_quant_bitexact(qa, ref_quantize(x, spec), f"quantize {cfg} {_spec_id(spec)}")
+
+
+@pytest.mark.parametrize("cfg", TILE_CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_silu_mul_launch_configs(cfg, gen, record):
+    """SiLU*mul is elementwise (+ order-free amax): every tiling gives the default launch's bytes."""
+    lc = _lc()
+    t, inter = 3, 640
+    x = _randn(gen, t, 2 * inter, dtype=torch.bfloat16, scale=2.0)
+    rec = record("silu_mul", "_silu_mul_kernel")
+    gs = torch.tensor(2.0, device=DEVICE)
+    for spec in (None, q.FP8Static(torch.tensor(0.05, device=DEVICE)), q.FP8PerGroup(128), q.NVFP4(gs)):
+        base = ops.silu_mul(x, quant=spec)
+        with lc.forced(lc.LaunchConfig(**cfg)):
+            got = ops.silu_mul(x, quant=spec)
+        grid, kw = rec.launches[-1]
+        assert (kw["BLOCK"], kw["ROWS"], kw["num_warps"]) == (cfg["block"], cfg.get("rows", 1), cfg["num_warps"])
+        if spec is None:
+            assert torch.equal(_bytes(got), _bytes(base))
+        else:
+            assert torch.equal(_bytes(got.data), _bytes(base.data)) and torch.equal(_bytes(got.scale),
+                                                                                     _bytes(base.scale))
+
+
+# --------------------------------------------------------------------------------------------------------------
 # GPU only: large shapes, CUDA graphs, torch.compile
 
 

@@ -12,7 +12,11 @@ Dispatch: CUDA tensors run the Triton kernels of :mod:`tpfuse.kernels` through t
 run the plain-torch reference (:mod:`tpfuse.reference`, :func:`tpfuse.quant.quantize`). Escape hatch: with the
 environment variable ``TPFUSE_TRITON_CPU=1`` CPU tensors take the Triton path too, which only works under the
 Triton interpreter (``TRITON_INTERPRET=1`` set before the kernel modules are imported); the interpreter tests use
-it. ``import tpfuse`` never imports Triton: the launchers import it lazily.
+it. ``import tpfuse`` never imports Triton: the launchers import it lazily. Launch shapes (warps, rows per program,
+split rows, tiles) are chosen by the launchers from the table in :mod:`tpfuse.kernels.local_configs` (per op,
+format, width and token bucket; measured by ``bench/bench_local.py --sweep-configs``): they change speed, not
+results, except that the add+RMSNorm reduction order follows the warps / split of the bucket (few-ulp
+differences of the fp32 norm between buckets; quantize and SiLU*mul outputs are identical under every shape).
 
 Custom ops (namespace ``tpfuse``; quant specs travel as ``fmt`` / ``group`` / ``in_scale``, see
 :mod:`tpfuse.kernels.quant_epilogue` for the format ids: 0 none, 1 FP8Static, 2 FP8PerToken, 3 FP8PerGroup,
