@@ -186,10 +186,10 @@ def main():
         tokens_norm, hiddens, tokens_silu = [1, 16, 1024, 8192], [4096, 8192], [1, 1024, 8192]
         quants_norm = ["bf16", "fp8_static", "fp8_group128", "nvfp4"]
     else:
-        tokens_norm, hiddens = [1, 4, 16, 64, 256, 1024, 4096, 16384], [4096, 8192]
+        tokens_norm, hiddens = [1, 4, 16, 64, 256, 1024, 4096, 16384, 32768], [4096, 8192]
         tokens_silu = [1, 4, 16, 64, 256, 1024, 4096, 16384, 32768]
         quants_norm = ["bf16", "fp8_static", "fp8_group128", "nvfp4"]
-    quants_silu = ["bf16", "fp8_static"]
+    quants_silu = ["bf16", "fp8_static", "fp8_group128", "nvfp4"]
     inter = 14336
 
     compiled_norm = torch.compile(eager_add_rmsnorm, dynamic=False)
@@ -293,7 +293,7 @@ def main():
                 ax.set_xscale("log", base=2)
                 ax.set_xlabel("tokens")
                 ax.set_ylabel("effective GB/s")
-                ax.set_title(f"{op}, hidden {h}, {name}")
+                ax.set_title(f"{op}, hidden {h}, {slug}")
                 ax.grid(True, alpha=0.3)
                 ax.legend(fontsize=7)
             fig.tight_layout()
