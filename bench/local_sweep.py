@@ -285,7 +285,10 @@ def bake(path: str, target: str = os.path.join(HERE, "..", "kernels", "local_con
     entries = lc.winners(sweep)
     with open(target) as fh:
         src = fh.read()
-    new = lc.bake(src, entries)
+    h = sweep.get("header", {})
+    origin = (f"{os.path.relpath(path, os.path.join(HERE, '..'))}, {h.get('device', '?')}, "
+              f"commit {h.get('commit', '?')}, {h.get('date', '?')}")
+    new = lc.bake(src, entries, origin)
     with open(target, "w") as fh:
         fh.write(new)
     changed = sum(1 for b in sweep["best"] if b["label"] != b["default_label"])

@@ -72,7 +72,116 @@ class LaunchConfig:
 
 
 # BEGIN GENERATED TABLE (python bench/bench_local.py --bake <sweep json>; hand edits welcome)
+# source: bench/results/local_configs_h200.json, NVIDIA H200, commit 9922ba0, 2026-11-23T01:20:24Z
 TABLE: Dict[Key, LaunchConfig] = {
+    ('add_rmsnorm', 'none', 4096, 1): LaunchConfig(num_warps=8),
+    ('add_rmsnorm', 'none', 4096, 16): LaunchConfig(num_warps=8),
+    ('add_rmsnorm', 'none', 4096, 128): LaunchConfig(num_warps=8),
+    ('add_rmsnorm', 'none', 4096, 1024): LaunchConfig(num_warps=4),
+    ('add_rmsnorm', 'none', 4096, 8192): LaunchConfig(num_warps=4),
+    ('add_rmsnorm', 'none', 4096, 32768): LaunchConfig(num_warps=16),
+    ('add_rmsnorm', 'none', 8192, 1): LaunchConfig(num_warps=8, split=8),
+    ('add_rmsnorm', 'none', 8192, 16): LaunchConfig(num_warps=8, split=4),
+    ('add_rmsnorm', 'none', 8192, 128): LaunchConfig(num_warps=16),
+    ('add_rmsnorm', 'none', 8192, 1024): LaunchConfig(num_warps=8),
+    ('add_rmsnorm', 'none', 8192, 8192): LaunchConfig(num_warps=32),
+    ('add_rmsnorm', 'none', 8192, 32768): LaunchConfig(num_warps=32),
+    ('add_rmsnorm', 'fp8_static', 4096, 1): LaunchConfig(num_warps=4, split=8),
+    ('add_rmsnorm', 'fp8_static', 4096, 16): LaunchConfig(num_warps=8),
+    ('add_rmsnorm', 'fp8_static', 4096, 128): LaunchConfig(num_warps=8),
+    ('add_rmsnorm', 'fp8_static', 4096, 1024): LaunchConfig(num_warps=16),
+    ('add_rmsnorm', 'fp8_static', 4096, 8192): LaunchConfig(num_warps=16),
+    ('add_rmsnorm', 'fp8_static', 4096, 32768): LaunchConfig(num_warps=16),
+    ('add_rmsnorm', 'fp8_static', 8192, 1): LaunchConfig(num_warps=8, split=8),
+    ('add_rmsnorm', 'fp8_static', 8192, 16): LaunchConfig(num_warps=8, split=4),
+    ('add_rmsnorm', 'fp8_static', 8192, 128): LaunchConfig(num_warps=16),
+    ('add_rmsnorm', 'fp8_static', 8192, 1024): LaunchConfig(num_warps=8),
+    ('add_rmsnorm', 'fp8_static', 8192, 8192): LaunchConfig(num_warps=16),
+    ('add_rmsnorm', 'fp8_static', 8192, 32768): LaunchConfig(num_warps=16),
+    ('add_rmsnorm', 'fp8_group', 4096, 1): LaunchConfig(num_warps=4, split=8),
+    ('add_rmsnorm', 'fp8_group', 4096, 16): LaunchConfig(num_warps=8, split=4),
+    ('add_rmsnorm', 'fp8_group', 4096, 128): LaunchConfig(num_warps=8),
+    ('add_rmsnorm', 'fp8_group', 4096, 1024): LaunchConfig(num_warps=16),
+    ('add_rmsnorm', 'fp8_group', 4096, 8192): LaunchConfig(num_warps=16),
+    ('add_rmsnorm', 'fp8_group', 4096, 32768): LaunchConfig(num_warps=16),
+    ('add_rmsnorm', 'fp8_group', 8192, 1): LaunchConfig(num_warps=8, split=8),
+    ('add_rmsnorm', 'fp8_group', 8192, 16): LaunchConfig(num_warps=4, split=4),
+    ('add_rmsnorm', 'fp8_group', 8192, 128): LaunchConfig(num_warps=16),
+    ('add_rmsnorm', 'fp8_group', 8192, 1024): LaunchConfig(num_warps=16),
+    ('add_rmsnorm', 'fp8_group', 8192, 8192): LaunchConfig(num_warps=16),
+    ('add_rmsnorm', 'fp8_group', 8192, 32768): LaunchConfig(num_warps=16),
+    ('add_rmsnorm', 'nvfp4', 4096, 1): LaunchConfig(num_warps=4, split=8),
+    ('add_rmsnorm', 'nvfp4', 4096, 16): LaunchConfig(num_warps=8, split=4),
+    ('add_rmsnorm', 'nvfp4', 4096, 128): LaunchConfig(num_warps=8),
+    ('add_rmsnorm', 'nvfp4', 4096, 1024): LaunchConfig(num_warps=8),
+    ('add_rmsnorm', 'nvfp4', 4096, 8192): LaunchConfig(num_warps=8),
+    ('add_rmsnorm', 'nvfp4', 4096, 32768): LaunchConfig(num_warps=8),
+    ('add_rmsnorm', 'nvfp4', 8192, 1): LaunchConfig(num_warps=4, split=8),
+    ('add_rmsnorm', 'nvfp4', 8192, 16): LaunchConfig(num_warps=8, split=8),
+    ('add_rmsnorm', 'nvfp4', 8192, 128): LaunchConfig(num_warps=16),
+    ('add_rmsnorm', 'nvfp4', 8192, 1024): LaunchConfig(num_warps=8),
+    ('add_rmsnorm', 'nvfp4', 8192, 8192): LaunchConfig(num_warps=8),
+    ('add_rmsnorm', 'nvfp4', 8192, 32768): LaunchConfig(num_warps=8),
+    ('silu_mul', 'none', 16384, 1): LaunchConfig(num_warps=4, block=512),
+    ('silu_mul', 'none', 16384, 16): LaunchConfig(num_warps=8, block=1024),
+    ('silu_mul', 'none', 16384, 128): LaunchConfig(num_warps=8, block=4096),
+    ('silu_mul', 'none', 16384, 1024): LaunchConfig(num_warps=8, block=2048),
+    ('silu_mul', 'none', 16384, 8192): LaunchConfig(num_warps=8, block=2048),
+    ('silu_mul', 'none', 16384, 32768): LaunchConfig(num_warps=8, block=2048),
+    ('silu_mul', 'fp8_static', 16384, 1): LaunchConfig(num_warps=4, block=512),
+    ('silu_mul', 'fp8_static', 16384, 16): LaunchConfig(num_warps=4, block=512),
+    ('silu_mul', 'fp8_static', 16384, 128): LaunchConfig(num_warps=4, block=1024),
+    ('silu_mul', 'fp8_static', 16384, 1024): LaunchConfig(num_warps=4, block=1024, rows=2),
+    ('silu_mul', 'fp8_static', 16384, 8192): LaunchConfig(num_warps=4, block=1024, rows=2),
+    ('silu_mul', 'fp8_static', 16384, 32768): LaunchConfig(num_warps=4, block=2048),
+    ('silu_mul', 'fp8_group', 16384, 1): LaunchConfig(num_warps=4, block=512),
+    ('silu_mul', 'fp8_group', 16384, 16): LaunchConfig(num_warps=8, block=2048),
+    ('silu_mul', 'fp8_group', 16384, 128): LaunchConfig(num_warps=8, block=2048),
+    ('silu_mul', 'fp8_group', 16384, 1024): LaunchConfig(num_warps=4, block=2048),
+    ('silu_mul', 'fp8_group', 16384, 8192): LaunchConfig(num_warps=4, block=2048),
+    ('silu_mul', 'fp8_group', 16384, 32768): LaunchConfig(num_warps=4, block=2048),
+    ('silu_mul', 'nvfp4', 16384, 1): LaunchConfig(num_warps=4, block=512),
+    ('silu_mul', 'nvfp4', 16384, 16): LaunchConfig(num_warps=4, block=512),
+    ('silu_mul', 'nvfp4', 16384, 128): LaunchConfig(num_warps=4, block=1024),
+    ('silu_mul', 'nvfp4', 16384, 1024): LaunchConfig(num_warps=4, block=2048),
+    ('silu_mul', 'nvfp4', 16384, 8192): LaunchConfig(num_warps=4, block=2048),
+    ('silu_mul', 'nvfp4', 16384, 32768): LaunchConfig(num_warps=4, block=2048),
+    ('quantize', 'fp8_per_token', 4096, 1): LaunchConfig(num_warps=4, block=4096),
+    ('quantize', 'fp8_per_token', 4096, 16): LaunchConfig(num_warps=8, block=4096),
+    ('quantize', 'fp8_per_token', 4096, 128): LaunchConfig(num_warps=8, block=4096),
+    ('quantize', 'fp8_per_token', 4096, 1024): LaunchConfig(num_warps=4, block=4096),
+    ('quantize', 'fp8_per_token', 4096, 8192): LaunchConfig(num_warps=4, block=4096),
+    ('quantize', 'fp8_per_token', 4096, 32768): LaunchConfig(num_warps=4, block=4096),
+    ('quantize', 'fp8_per_token', 8192, 1): LaunchConfig(num_warps=8, block=8192),
+    ('quantize', 'fp8_per_token', 8192, 16): LaunchConfig(num_warps=8, block=8192),
+    ('quantize', 'fp8_per_token', 8192, 128): LaunchConfig(num_warps=8, block=8192),
+    ('quantize', 'fp8_per_token', 8192, 1024): LaunchConfig(num_warps=8, block=8192, rows=2),
+    ('quantize', 'fp8_per_token', 8192, 8192): LaunchConfig(num_warps=8, block=8192),
+    ('quantize', 'fp8_per_token', 8192, 32768): LaunchConfig(num_warps=8, block=8192),
+    ('quantize', 'fp8_group', 4096, 1): LaunchConfig(num_warps=4, block=1024),
+    ('quantize', 'fp8_group', 4096, 16): LaunchConfig(num_warps=4, block=1024),
+    ('quantize', 'fp8_group', 4096, 128): LaunchConfig(num_warps=16, block=4096),
+    ('quantize', 'fp8_group', 4096, 1024): LaunchConfig(num_warps=4, block=1024, rows=2),
+    ('quantize', 'fp8_group', 4096, 8192): LaunchConfig(num_warps=8, block=4096, rows=2),
+    ('quantize', 'fp8_group', 4096, 32768): LaunchConfig(num_warps=8, block=4096, rows=4),
+    ('quantize', 'fp8_group', 8192, 1): LaunchConfig(num_warps=8, block=1024),
+    ('quantize', 'fp8_group', 8192, 16): LaunchConfig(num_warps=8, block=2048),
+    ('quantize', 'fp8_group', 8192, 128): LaunchConfig(num_warps=16, block=4096),
+    ('quantize', 'fp8_group', 8192, 1024): LaunchConfig(num_warps=16, block=8192),
+    ('quantize', 'fp8_group', 8192, 8192): LaunchConfig(num_warps=8, block=4096, rows=4),
+    ('quantize', 'fp8_group', 8192, 32768): LaunchConfig(num_warps=8, block=4096, rows=4),
+    ('quantize', 'nvfp4', 4096, 1): LaunchConfig(num_warps=4, block=512),
+    ('quantize', 'nvfp4', 4096, 16): LaunchConfig(num_warps=4, block=512),
+    ('quantize', 'nvfp4', 4096, 128): LaunchConfig(num_warps=4, block=1024),
+    ('quantize', 'nvfp4', 4096, 1024): LaunchConfig(num_warps=8, block=4096),
+    ('quantize', 'nvfp4', 4096, 8192): LaunchConfig(num_warps=8, block=4096, rows=4),
+    ('quantize', 'nvfp4', 4096, 32768): LaunchConfig(num_warps=8, block=4096, rows=4),
+    ('quantize', 'nvfp4', 8192, 1): LaunchConfig(num_warps=4, block=512),
+    ('quantize', 'nvfp4', 8192, 16): LaunchConfig(num_warps=4, block=512),
+    ('quantize', 'nvfp4', 8192, 128): LaunchConfig(num_warps=4, block=2048),
+    ('quantize', 'nvfp4', 8192, 1024): LaunchConfig(num_warps=16, block=8192),
+    ('quantize', 'nvfp4', 8192, 8192): LaunchConfig(num_warps=16, block=8192),
+    ('quantize', 'nvfp4', 8192, 32768): LaunchConfig(num_warps=8, block=4096, rows=4),
 }
 # END GENERATED TABLE
 
@@ -176,11 +285,13 @@ def install(path_or_dict) -> int:
     return len(w)
 
 
-def render_table(entries: Dict[Key, LaunchConfig]) -> str:
+def render_table(entries: Dict[Key, LaunchConfig], source: str = "") -> str:
     """Python source of the generated block (markers included) for ``entries``; fields equal to the
-    dataclass defaults are left out."""
-    lines = ["# BEGIN GENERATED TABLE (python bench/bench_local.py --bake <sweep json>; hand edits welcome)",
-             "TABLE: Dict[Key, LaunchConfig] = {"]
+    dataclass defaults are left out. ``source``: one line naming the sweep (file, device, commit, date)."""
+    lines = ["# BEGIN GENERATED TABLE (python bench/bench_local.py --bake <sweep json>; hand edits welcome)"]
+    if source:
+        lines.append(f"# source: {source}")
+    lines.append("TABLE: Dict[Key, LaunchConfig] = {")
     defaults = LaunchConfig(num_warps=0)
     for key in sorted(entries, key=lambda k: (OPS.index(k[0]), FORMATS.index(k[1]), k[2], k[3])):
         cfg = entries[key]
@@ -191,9 +302,10 @@ def render_table(entries: Dict[Key, LaunchConfig]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def bake(source: str, entries: Dict[Key, LaunchConfig]) -> str:
-    """``source`` (this file's text) with the generated block replaced by ``entries``."""
+def bake(source: str, entries: Dict[Key, LaunchConfig], origin: str = "") -> str:
+    """``source`` (this file's text) with the generated block replaced by ``entries`` (``origin``: the sweep's
+    file, device, commit and date, written above the table)."""
     begin = source.index("# BEGIN GENERATED TABLE")
     end = source.index("# END GENERATED TABLE")
     end = source.index("\n", end) + 1
-    return source[:begin] + render_table(entries) + source[end:]
+    return source[:begin] + render_table(entries, origin) + source[end:]
