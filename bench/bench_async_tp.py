@@ -2,7 +2,8 @@
 
     torchrun --standalone --nproc_per_node=2 bench/bench_async_tp.py [--quick] [--dtypes bf16,fp8,fp8_tensor]
 
-Providers (same shapes, CUDA graphs where capture works, median per call, slowest rank):
+Providers (same shapes, CUDA graphs where capture works, median per call, slowest rank; ``--rounds`` timing rounds
+per size with the provider order rotated, the median of the rounds reported):
 ``gemm_only`` (the local GEMM of the full gathered input / of the full partial: the floor), ``nccl`` (NCCL
 all-gather + GEMM / GEMM + NCCL reduce-scatter, tpfuse's ``nccl`` path), ``torch_symm`` (torch's
 ``symm_mem.fused_all_gather_matmul`` / ``fused_matmul_reduce_scatter``; for FP8 ``fused_all_gather_scaled_matmul`` /
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import torch
@@ -92,6 +94,7 @@ def main():
     # not "--m": torchrun's parser takes "--m" as an ambiguous abbreviation of its own options
     ap.add_argument("--sizes", default=None, help="comma-separated M values")
     ap.add_argument("--dtypes", default="bf16", help=f"comma-separated, of {','.join(DTYPES)}")
+    ap.add_argument("--rounds", type=int, default=3, help="timing rounds per size (provider order rotated)")
     args = ap.parse_args()
     dtypes = args.dtypes.split(",")
     for dt in dtypes:
@@ -99,6 +102,17 @@ def main():
             raise SystemExit(f"unknown dtype {dt!r}; choose from {DTYPES}")
     tpfuse.init_distributed()
     rank, tp = dist.get_rank(), dist.get_world_size()
+
+    def save(rows):
+        hdr = common.header("async_tp", tp=tp, dtype=",".join(dtypes), rounds=args.rounds,
+                            timing="per provider: CUDA graph, median of 10 replays, slowest rank; rounds with the "
+                                   "provider order rotated, median of the round values")
+        path = os.path.join(common.RESULTS, f"async_tp_tp{tp}_{common.device_slug()}.json")
+        out = os.environ.get("OUT")
+        if out:
+            path = os.path.join(out, os.path.basename(path))
+        common.write_json(path, hdr, rows)
+        return path, hdr
     dev = torch.device("cuda", torch.cuda.current_device())
     ms = [int(m) for m in args.sizes.split(",")] if args.sizes else (
         [1024, 4096] if args.quick else [256, 512, 1024, 2048, 4096, 8192, 16384])
@@ -177,29 +191,34 @@ def main():
                                 agmm_nccl(comm, *ag_args, m, **kw_ag)) <= REL_ERR[torch.bfloat16]
                 ok_rs = rel_err(comm.matmul_reduce_scatter(*rs_args, **kw_rs),
                                 mmrs_nccl(comm, *rs_args, **kw_rs)) <= REL_ERR[torch.bfloat16]
-                for (side, prov), fn in cases.items():
-                    try:
-                        us, mode = common.time_us(fn, calls=calls, replays=10)
-                    except Exception as ex:  # a provider that fails here is reported, not fatal
-                        us, mode = float("nan"), f"error: {type(ex).__name__}: {ex}"[:200]
-                        torch.cuda.synchronize()
-                    us = _max(us, dev)
+                # rounds with the provider order rotated: clock / power drift over a round lands on every
+                # provider alike; the row keeps the median of the round medians and every round's value
+                keys = list(cases)
+                per_round = {k: [] for k in keys}
+                modes = {}
+                for rnd in range(args.rounds):
+                    for k in keys[rnd % len(keys):] + keys[:rnd % len(keys)]:
+                        try:
+                            us, modes[k] = common.time_us(cases[k], calls=calls, replays=10)
+                        except Exception as ex:  # a provider that fails here is reported, not fatal
+                            us, modes[k] = float("nan"), f"error: {type(ex).__name__}: {ex}"[:200]
+                            torch.cuda.synchronize()
+                        per_round[k].append(_max(us, dev))
+                for (side, prov) in keys:
+                    vals = per_round[(side, prov)]
                     rows.append({"model": model, "dtype": dtype, "side": side, "provider": prov, "M": m, "H": h,
-                                 "I_shard": i_s, "median_us": us, "timing": mode,
+                                 "I_shard": i_s, "median_us": statistics.median(vals),
+                                 "rounds_us": [round(v, 2) for v in vals], "timing": modes[(side, prov)],
                                  "correct": (ok_ag if side == "AG" else ok_rs) if prov == "tpfuse" else None})
                 if rank == 0:
                     line = "  ".join(f"{r['side']}:{r['provider']}={r['median_us']:.0f}" for r in rows
                                      if (r["model"], r["dtype"], r["M"]) == (model, dtype, m))
                     print(f"[{model} {dtype} M={m}] {line}  correct AG={ok_ag} RS={ok_rs}", flush=True)
+                    save(rows)  # after every size: a run cut short keeps what it measured
         comm.synchronize()
         comm.close()
     if rank == 0:
-        hdr = common.header("async_tp", tp=tp, dtype=",".join(dtypes))
-        path = os.path.join(common.RESULTS, f"async_tp_tp{tp}_{common.device_slug()}.json")
-        out = os.environ.get("OUT")
-        if out:
-            path = os.path.join(out, os.path.basename(path))
-        common.write_json(path, hdr, rows)
+        path, hdr = save(rows)
         for dtype in dtypes:
             png = path.replace(".json", ".png" if dtype == "bf16" else f"_{dtype}.png")
             _plot(png, [r for r in rows if r["dtype"] == dtype], hdr, dtype)
