@@ -9,11 +9,19 @@ waits, ``sem(signal=..., wait=...)`` below) whose waits are bounded by ``CommCon
 ``all_gather_matmul(x_shard [Ts, H], w_shard_n [N, H])`` -> ``[T, N]`` (``gemm``: ``torch.mm``, or
 ``torch._scaled_mm`` for FP8 operands, :mod:`tpfuse.scaled_gemm`)::
 
-    main : gemm(x_shard) -> out[r rows] | wait event(p), gemm(slot p) -> out[p rows] | ...
     side : copy x_shard (+ its row-wise scales) -> own slot r
-           sem(signal READY to all peers, wait READY from p0) | pull peer p0's slot p0 -> own slot p0, event(p0)
-           sem(signal DONE to p0, wait READY from p1) | pull p1, event(p1) | ... | sem(signal DONE to p_last)
+           sem(signal READY to all peers, wait READY from all peers), event(ready)
+           pull peer p0's slot p0 -> own slot p0, event(p0) | pull p1, event(p1) | ... (copy engine, no SM)
+           sem(signal DONE to all peers)
+    main : wait event(ready) | gemm(x_shard) -> out[r rows] | wait event(p0), gemm(slot p0) -> out[p0 rows] | ...
     main (end): join side; sem(wait DONE from every peer) (they finished reading my slot r: it may be overwritten)
+
+  Why the first GEMM waits for the handshake: a semaphore is a (one-warp) kernel, and a cuBLAS/CUTLASS GEMM
+  that is already running holds every SM's registers until it ends, so a semaphore launched after it starts
+  would wait for the whole GEMM and the pulls behind it would not overlap anything (measured with
+  ``bench/probe_ag_overlap.py``: FP8 8B shard, M=8192, 1.25x the GEMM with the rolling per-peer handshake vs 1.06x
+  for the same GEMMs and pulls with no semaphores). All semaphore kernels of the gather therefore run before the
+  first GEMM, except the final DONE signal; the pulls are copy-engine work that needs no SM.
 
 ``matmul_reduce_scatter(x_shard_k [T, K], w_shard_k [H, K])`` -> ``[Ts, H]``::
 
@@ -209,10 +217,12 @@ class AsyncTPWorkspace:
     # all-gather half
 
     def _publish_and_pull(self, x_shard: torch.Tensor, x_scale: Optional[torch.Tensor], lay: Layout,
-                          num_tokens: int, dest: Optional[torch.Tensor]) -> Dict[int, torch.cuda.Event]:
-        """Side stream: copy this rank's shard (and its row-wise scales) into its ``ag`` slot, signal READY, pull
-        every peer's slot (into ``dest`` rows when given, else into this rank's ``ag`` slot of that peer), signal
-        DONE. Returns an event per peer (its chunk has arrived). The caller's stream is free meanwhile."""
+                          num_tokens: int, dest: Optional[torch.Tensor]
+                          ) -> Tuple[torch.cuda.Event, Dict[int, torch.cuda.Event]]:
+        """Side stream: copy this rank's shard (and its row-wise scales) into its ``ag`` slot, signal READY to and
+        wait READY from every peer, pull every peer's slot (into ``dest`` rows when given, else into this rank's
+        ``ag`` slot of that peer), signal DONE. Returns the event after the handshake (the caller's first GEMM
+        waits for it: see the module docstring) and an event per peer (its chunk has arrived)."""
         r = self.rank
         slots = slot_rows(num_tokens, self.tp)
         self.side.wait_stream(torch.cuda.current_stream())
@@ -223,9 +233,10 @@ class AsyncTPWorkspace:
                 self.ag_buf[off: off + db].copy_(x_shard.view(torch.uint8).view(-1))
             if sb:
                 self.ag_buf[off + db: off + db + sb].copy_(x_scale.view(torch.uint8).view(-1))
-            prev = None
+            self._sem(signal=(_READY, self._all), wait=(_READY, self._all))
+            ready = torch.cuda.Event()
+            ready.record(self.side)
             for p in chunk_order(r, self.tp):
-                self._sem(signal=(_READY, self._all) if prev is None else (_DONE, 1 << prev), wait=(_READY, 1 << p))
                 off, db, sb = lay[p]
                 if db:
                     start, n = slots[p]
@@ -235,9 +246,8 @@ class AsyncTPWorkspace:
                 ev = torch.cuda.Event()
                 ev.record(self.side)
                 events[p] = ev
-                prev = p
-            self._sem(signal=(_DONE, 1 << prev))
-        return events
+            self._sem(signal=(_DONE, self._all))
+        return ready, events
 
     def _finish_gather(self) -> None:
         """Join the side stream and wait until every peer has pulled this rank's slot (it may then be reused)."""
@@ -262,7 +272,8 @@ class AsyncTPWorkspace:
             else:
                 sg.mm(a, weight, a_scale, w_scale, out=rows)
 
-        events = self._publish_and_pull(x_shard, x_scale, lay, num_tokens, None)
+        ready, events = self._publish_and_pull(x_shard, x_scale, lay, num_tokens, None)
+        main.wait_event(ready)  # no semaphore kernel may be left behind a running GEMM (module docstring)
         start, n = slots[r]
         if n:
             gemm(x_shard, self._stage_scale(x_scale, r, shard_rows(num_tokens, tp)) if fp8 == sg.ROW else x_scale,
