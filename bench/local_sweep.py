@@ -84,7 +84,10 @@ def candidates(op: str, fmt: str, width: int, tokens: int):
             small = [(full, nw) for nw in (4, 8, 16, 32) if 4 <= full // (32 * nw) <= 32]
             large, paired = small, small
         else:
-            small = [(512, 4), (1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8), (4096, 16)]
+            # (256, 2), (512, 2), (1024, 2): more, smaller programs for the launch-bound 1..16-token rows (the
+            # 9922ba0 sweep's winners there were its smallest tiles, still 6-10% behind torch.compile)
+            small = [(256, 2), (512, 2), (1024, 2), (512, 4), (1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8),
+                     (4096, 16)]
             large = [(1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16)]
             paired = [(1024, 4), (2048, 8), (4096, 8)]
         if tokens <= 128:
