@@ -27,7 +27,8 @@ Signatures (stable; every argument positional in this order)
 sf_cols_padded, FMT: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr)`` (what the kernels call)
 
 * ``vals``: fp32 ``[BLOCK]`` tile of one row, lane ``i`` = column ``col0 + i``; lanes at or past ``n_cols`` are
-  forced to 0 here (so they never reach a reduction) and never stored;
+  never stored, and for FMT 0-3 forced to 0 here (so they never reach a reduction); NVFP4 needs no mask there:
+  its 16-blocks lie wholly before or wholly past ``n_cols``, so a masked lane only reaches unstored results;
 * ``col0``: the tile's first column (scalar), a multiple of ``GROUP`` (FMT 3) / 16 (FMT 4, 5); for FMT 2 the tile
   must cover the whole row (``col0 == 0`` and ``BLOCK >= H``) because the scale is the row's amax;
 * ``n_cols``: H (scalar);
@@ -72,8 +73,13 @@ Performance notes (Hopper; checked on the SASS of the sm_90 compile, see bench/b
 * Byte-wide stores (e4m3, packed e2m1) cap the offsets' provable contiguity (:func:`cap_contiguity`) so they keep
   the 8-values-per-thread register layout of the 16-byte bf16 loads (8-byte / 4-byte stores) instead of a
   shared-memory layout conversion to 16 values per thread.
-* e2m1 rounding uses float/integer bit tricks (:func:`e2m1_encode`), bit-identical to the comparison chain of
-  :func:`tpfuse.quant.e2m1_encode` over all 2^32 fp32 inputs.
+* e2m1 encoding (:func:`e2m1_pack`), bit-identical to the comparison chain of :func:`tpfuse.quant.e2m1_encode`
+  over all 2^32 fp32 inputs: the interpreter keeps :func:`e2m1_code32` (explicit NaN test: numpy keeps NaN
+  signs); compiled code rounds with one FFMA per element and takes the sign from the input's sign bit (GPU fp32
+  arithmetic only makes the positive canonical NaN), 8 values at a time in inline PTX (:func:`_nvfp4_pack8_ptx`:
+  FMNMX, VIMNMX, LOP3, FFMA, LEA.HI per element, then LEA / PRMT byte gathers for the packing and the signs,
+  about 7 instructions per element against about 17 for the bit tricks of :func:`e2m1_code32`), or per element
+  (:func:`e2m1_code_hw`) where a thread holds fewer than 8 values.
 
 ``fp8_dynamic_scale(amax)``, ``max_nan(a, b)``, ``row_amax(x)``: small helpers (NaN-propagating max reduction).
 """
@@ -190,6 +196,77 @@ def e2m1_code32(v):
 
 
 @triton.jit
+def e2m1_code_hw(q):
+    """fp32 -> e2m1 code nibble in bits 0..3 of the uint32 result (bits 4..7 are 0, higher bits garbage): the
+    compiled twin of :func:`e2m1_code32`, for ``q`` made by a GPU float operation (the epilogue's ``x *
+    out_scale``), whose NaN is the canonical 0x7FFFFFFF: the sign bit of ``q`` is then the reference sign (set for
+    negatives, -0 and -Inf, never for NaN) without a NaN test.
+
+    ``a = min(|q|, 6)`` (``min.f32`` returns 6 for NaN: code 7, as for Inf). With ``e' = max(exponent(a), 0)``
+    (0, 1 or 2) the e2m1 step at ``a`` is ``2^(e'-1)``, so ``n = rne(a * 2^(1-e'))`` (0..4) is one FFMA against
+    ``2^23`` (a single rounding of the exact product, ties to even) and the code is ``n + 2e'``. The scale
+    ``sc = 2^(1-e')`` has bits ``~max(bits(a), bits(1.0)) & 0x7F800000`` and ``sc >> 22 = 256 - 2e'``, so the low
+    byte of ``bits(fma) - (sc >> 22)`` is the code. Checked against :func:`tpfuse.quant.e2m1_encode` over all
+    2^32 fp32 inputs (NaN taken as the canonical, positive NaN)."""
+    a = tl.minimum(tl.abs(q), 6.0)
+    sc = ~tl.maximum(a.to(tl.uint32, bitcast=True), 0x3F800000) & 0x7F800000
+    f = tl.fma(a, sc.to(tl.float32, bitcast=True), 8388608.0).to(tl.uint32, bitcast=True)
+    return (f - (sc >> 22)) | ((q.to(tl.uint32, bitcast=True) >> 28) & 8)
+
+
+def _nvfp4_pack8_ptx():
+    """PTX of :func:`e2m1_pack` for 8 values (``$1..$4``: elements 0, 2, 4, 6, ``$5..$8``: elements 1, 3, 5, 7)
+    -> one 32-bit word of 4 bytes (``$0``). The magnitude is :func:`e2m1_code_hw`'s, with the FFMA negated: ``f =
+    fma(-a, sc, 2^23 + K)`` has bits ``0x4B000000 + K - n`` (``K`` even: ``rne(K - x) = K - rne(x)``), so ``f +
+    (sc >> 22)`` (one LEA.HI) has low byte ``K - code``. With ``K = 30`` for the even and ``14`` for the odd
+    element, ``u + 16 v`` has low byte ``254 - byte`` (``byte = code_even + 16 code_odd``, at most 119: no carry
+    out of the byte), so after gathering the 4 low bytes (PRMT) one ``0xFEFEFEFE - word`` (no borrows) gives the
+    4 magnitude bytes. Signs (bit 3 and bit 7 of each byte) come from the sign bits of the inputs gathered by
+    PRMT (sign-replicating selectors for bit 3), as in :func:`e2m1_code_hw`: the inputs must not be negative
+    NaNs (GPU arithmetic never makes one)."""
+    lines = ["{", ".reg .b32 a, s, f, u, v, w0, w1, w2, w3, x, y, z;"]
+
+    def code(src, k, dst):
+        lines.extend([
+            f"abs.f32 a, {src};", "min.f32 a, a, 0f40C00000;", "max.u32 s, a, 0x3F800000;",
+            "and.b32 s, s, 0x7F800000;", "xor.b32 s, s, 0x7F800000;", "neg.f32 a, a;",
+            f"fma.rn.f32 f, a, s, 0f{0x4B000000 + k:08X};", "shr.u32 s, s, 22;", f"add.u32 {dst}, f, s;"])
+
+    for i in range(4):
+        code(f"${1 + i}", 30, "u")
+        code(f"${5 + i}", 14, "v")
+        lines.extend(["shl.b32 v, v, 4;", f"add.u32 w{i}, u, v;"])
+    lines.extend([
+        "prmt.b32 x, w0, w1, 0x0040;", "prmt.b32 y, w2, w3, 0x4000;", "prmt.b32 x, x, y, 0x7610;",
+        "mov.b32 y, 0xFEFEFEFE;", "sub.u32 x, y, x;",
+        "prmt.b32 y, $1, $2, 0x00FB;", "prmt.b32 z, $3, $4, 0xFB00;", "prmt.b32 y, y, z, 0x7610;",
+        "and.b32 y, y, 0x08080808;", "or.b32 x, x, y;",
+        "prmt.b32 y, $5, $6, 0x0073;", "prmt.b32 z, $7, $8, 0x7300;", "prmt.b32 y, y, z, 0x7610;",
+        "and.b32 y, y, 0x80808080;", "or.b32 $0, x, y;", "}"])
+    return "\n".join(lines)
+
+
+NVFP4_PACK8_PTX: tl.constexpr = tl.constexpr(_nvfp4_pack8_ptx())
+
+
+@triton.jit
+def e2m1_pack(q, BLOCK: tl.constexpr):
+    """fp32 ``[BLOCK // 16, 16]`` (or any shape of ``BLOCK`` elements, row-major) -> ``BLOCK // 2`` bytes of packed
+    e2m1 codes, element ``2i`` in the low nibble of byte ``i``. Interpreter: :func:`e2m1_code32` (exact for any
+    input). Compiled: for ``q`` made by GPU arithmetic (no negative NaN, see :func:`e2m1_code_hw`); the PTX of
+    :func:`_nvfp4_pack8_ptx` 8 values at a time when every thread holds at least 8 (else Triton would convert
+    the layout through shared memory to give each thread 4 pairs), :func:`e2m1_code_hw` per element otherwise."""
+    lo, hi = tl.split(tl.reshape(q, (BLOCK // 2, 2)))
+    if SOFT_CAST:
+        return (e2m1_code32(lo) | (e2m1_code32(hi) << 4)).to(tl.uint8)
+    elif BLOCK >= 256 * tl.extra.cuda.num_warps():
+        return tl.inline_asm_elementwise(NVFP4_PACK8_PTX, "=r,r,r,r,r,r,r,r,r", [lo, hi], dtype=tl.uint8,
+                                         is_pure=True, pack=4)
+    else:
+        return (e2m1_code_hw(lo) + (e2m1_code_hw(hi) << 4)).to(tl.uint8)
+
+
+@triton.jit
 def e2m1_encode(v):
     """:func:`e2m1_code32` as uint8."""
     return e2m1_code32(v).to(tl.uint8)
@@ -219,7 +296,8 @@ def quant_store_tile(vals, col0, n_cols, row, out_ptr, out_stride, scale_ptr, sc
     lane = tl.arange(0, BLOCK)
     cols = col0 + lane
     mask = cols < n_cols
-    vals = tl.where(mask, vals, 0.0)
+    if FMT < 4:  # NVFP4 blocks lie wholly inside or past the row: its masked lanes reach no stored reduction
+        vals = tl.where(mask, vals, 0.0)
     out_row = out_ptr + row64 * out_stride
     if FMT == 0:
         tl.store(out_row + cols, cast_for_store(vals, out_ptr.dtype.element_ty), mask=mask)
@@ -255,9 +333,7 @@ def quant_store_tile(vals, col0, n_cols, row, out_ptr, out_stride, scale_ptr, sc
             sf_f = sf.to(tl.float32)
         inv_gs = tl.math.div_rn(1.0, gs)
         out_scale = tl.where(sf_f != 0, tl.math.div_rn(tl.full((NB,), 1.0, tl.float32), sf_f * inv_gs), 0.0)
-        codes = e2m1_code32(v2 * out_scale[:, None])  # [NB, 16]
-        lo, hi = tl.split(tl.reshape(codes, (BLOCK // 2, 2)))
-        packed = (lo | (hi << 4)).to(tl.uint8)  # element 2i in the low nibble
+        packed = e2m1_pack(v2 * out_scale[:, None], BLOCK)  # element 2i in the low nibble
         pcol = col0 // 2 + cap_contiguity(tl.arange(0, BLOCK // 2), 4)
         tl.store(out_row + pcol, packed, mask=pcol < n_cols // 2)
         k = col0 // 16 + tl.arange(0, NB)
