@@ -34,3 +34,20 @@ def test_demo_under_launcher_tp4_uneven_tokens():
 def test_launcher_rejects_missing_target():
     p = subprocess.run(["bash", "launch/run.sh", "-n", "2"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 2 and "missing TARGET" in p.stderr
+
+
+def test_exit_rank_flushes_and_keeps_the_status():
+    # stdout is a pipe here and PYTHONUNBUFFERED is unset, so the text sits in Python's buffer until exit_rank
+    # flushes it: os._exit alone would drop it (the demo's table is printed just before its ranks exit).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    code = "import sys; from tpfuse.distributed import exit_rank; print('table'); sys.stderr.write('err'); exit_rank(3)"
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert (p.returncode, p.stdout, p.stderr) == (3, "table\n", "err")
+
+
+def test_demo_reports_which_rank_failed():
+    # ranks that raise (here CommConfig rejects the switch point on every rank) fail the demo, each exit status named
+    out = subprocess.run([sys.executable, "-m", "tpfuse.demo", "--tokens", "1", "--layers", "1", "--model", "builtin",
+                          "--sp-min-tokens", "-5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out
+    assert "tpfuse demo: failed: rank 0 exited 1, rank 1 exited 1" in out.stderr, out.stderr

@@ -57,6 +57,26 @@ class CommConfig:
     timeout_s: float = 30.0
     """Upper bound on any wait for a peer inside tpfuse's own kernels and barriers."""
 
+    def __post_init__(self) -> None:
+        # reject what would otherwise plan silently wrong (a negative switch point = SP at every size) or fail far
+        # from the cause (a zero timeout = every peer wait times out); rank-local, raised before any collective
+        from .errors import TPFuseInputError
+
+        s = self.sp_min_tokens
+        if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 1):
+            raise TPFuseInputError(f"CommConfig.sp_min_tokens must be None or an int >= 1 (tokens), got {s!r}")
+        t = self.timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+            raise TPFuseInputError(f"CommConfig.timeout_s must be a number > 0 (seconds), got {t!r}")
+        bad = {k: v for k, v in dict(self.force_paths).items() if not (isinstance(k, str) and isinstance(v, str))}
+        if bad:
+            raise TPFuseInputError(f"CommConfig.force_paths maps op names to path names (str -> str), got {bad!r}")
+        if self.allowed_paths is not None:
+            if isinstance(self.allowed_paths, str) or not all(isinstance(p, str) for p in self.allowed_paths):
+                raise TPFuseInputError("CommConfig.allowed_paths must be a set of path names, got "
+                                       f"{self.allowed_paths!r}")
+            self.allowed_paths = frozenset(self.allowed_paths)
+
     def resolved_thresholds_path(self) -> Optional[str]:
         """The table path in effect: the config's, else ``$TPFUSE_THRESHOLDS``, else ``None`` (shipped table)."""
         return self.thresholds_path or os.environ.get(THRESHOLDS_ENV) or None

@@ -10,6 +10,9 @@ the CPU)::
     python -m tpfuse.demo                  # or: tpfuse-demo
     torchrun --standalone --nproc_per_node=2 -m tpfuse.demo    # uses the launcher's ranks
 
+Each rank process ends through :func:`tpfuse.distributed.exit_rank` (``os._exit`` after flushing), so under
+torchrun ``main()`` does not return to its caller.
+
 Prints a table (tokens, mode and path per op, error vs the unsharded model, time per forward) and exits non-zero
 when any token count's logits differ from the oracle by more than the tolerance of ``tpfuse.tolerance``.
 """
@@ -20,6 +23,7 @@ import argparse
 import os
 import sys
 import time
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -27,7 +31,7 @@ import torch.distributed as dist
 from . import tolerance
 from .communicator import TPCommunicator
 from .config import CommConfig
-from .distributed import free_port, init_distributed
+from .distributed import exit_rank, free_port, init_distributed
 from .models.llama import TinyLlamaConfig, forward_tp, forward_unsharded, init_weights, shard_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -170,29 +174,35 @@ def run(args) -> bool:
     return ok_all
 
 
+def _run_rank(args) -> None:
+    """One rank's whole life: init, the demo, teardown, then :func:`~tpfuse.distributed.exit_rank` (never returns:
+    0 when every check passed, 1 on a mismatch or an exception, whose traceback is printed first)."""
+    code = 1
+    init_distributed()
+    try:
+        code = 0 if run(args) else 1
+    except BaseException:  # noqa: BLE001 - print it here: exit_rank skips the interpreter's own report
+        traceback.print_exc()
+    finally:
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - teardown after a failure must not mask the exit status
+            traceback.print_exc()
+    exit_rank(code)
+
+
 def _spawned(rank: int, world: int, port: int, argv) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    init_distributed()
-    try:
-        ok = run(parse_args(argv))
-    finally:
-        dist.destroy_process_group()
-    if not ok:
-        sys.exit(1)
+    _run_rank(parse_args(argv))
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun or launch/run.sh
-        init_distributed()
-        try:
-            ok = run(args)
-        finally:
-            dist.destroy_process_group()
-        return 0 if ok else 1
+        _run_rank(args)
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -202,9 +212,10 @@ def main(argv=None) -> int:
         p.start()
     for p in procs:
         p.join()
-    bad = [r for r, p in enumerate(procs) if p.exitcode != 0]
+    bad = {r: p.exitcode for r, p in enumerate(procs) if p.exitcode != 0}
     if bad:
-        print(f"tpfuse demo: rank(s) {bad} failed", file=sys.stderr)
+        why = ", ".join(f"rank {r} exited {c}" + (f" (signal {-c})" if c < 0 else "") for r, c in bad.items())
+        print(f"tpfuse demo: failed: {why}", file=sys.stderr)
     return 1 if bad else 0
 
 

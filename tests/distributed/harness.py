@@ -87,6 +87,9 @@ def _worker(rank: int, world: int, backend: str, port: int, conn) -> None:
                 dist.destroy_process_group()
         except Exception:
             pass
+    from tpfuse.distributed import exit_rank
+
+    exit_rank(0)  # no interpreter finalization: gloo's exit race (tpfuse.distributed's docstring); results are sent
 
 
 class RankPool:

@@ -140,6 +140,25 @@ def test_malformed_tables_are_rejected(tmp_path, mutate, match):
         thresholds.load(str(path))
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(sp_min_tokens=-5), "sp_min_tokens"),
+    (dict(sp_min_tokens=0), "sp_min_tokens"),
+    (dict(sp_min_tokens=2.5), "sp_min_tokens"),
+    (dict(sp_min_tokens=True), "sp_min_tokens"),
+    (dict(timeout_s=0), "timeout_s"),
+    (dict(timeout_s=float("nan")), "timeout_s"),
+    (dict(force_paths={"all_reduce": None}), "force_paths"),
+    (dict(allowed_paths="nccl"), "allowed_paths"),
+])
+def test_bad_config_values_are_rejected(kwargs, match):
+    with pytest.raises(tpfuse.errors.TPFuseInputError, match=match):
+        tpfuse.CommConfig(**kwargs)
+
+
+def test_config_accepts_any_set_of_allowed_paths():
+    assert tpfuse.CommConfig(allowed_paths={"nccl"}, sp_min_tokens=1).allowed_paths == frozenset({"nccl"})
+
+
 def test_table_rows_cite_their_source():
     for row in thresholds.load().rows:
         assert row.source.get("kind"), f"row {row.key()} has no source"
