@@ -66,3 +66,6 @@ def main():
 
 if __name__ == "__main__":
     main()
+    from tpfuse.distributed import exit_rank
+
+    exit_rank(0)  # no interpreter finalization: gloo's exit race (see tpfuse/distributed.py)
