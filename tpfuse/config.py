@@ -40,7 +40,8 @@ class CommConfig:
     Used to inspect GPU decisions from a CPU machine; execution still uses what is available here."""
 
     sp_min_tokens: Optional[int] = None
-    """Override of the table's AR -> sequence-parallel switch point, in tokens (``plan().mode``)."""
+    """Override of the table's AR -> sequence-parallel switch point, in tokens (``plan().mode``): sequence-parallel
+    from this many tokens on (an int >= 1; 1 = always)."""
 
     debug: bool = False
     """Cross-rank checks before every call: all ranks exchange (op, shapes, dtypes, call counter, local
@@ -55,7 +56,7 @@ class CommConfig:
     ``allowed_paths`` leaves FlashInfer's paths out)."""
 
     timeout_s: float = 30.0
-    """Upper bound on any wait for a peer inside tpfuse's own kernels and barriers."""
+    """Upper bound on any wait for a peer inside tpfuse's own kernels and barriers, in seconds (> 0)."""
 
     def __post_init__(self) -> None:
         # reject what would otherwise plan silently wrong (a negative switch point = SP at every size) or fail far

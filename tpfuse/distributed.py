@@ -63,7 +63,8 @@ def exit_rank(code: int) -> NoReturn:
     entry points only (a spawned rank, a ``torchrun`` script's end), after ``destroy_process_group()``."""
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:  # None under pythonw / a detached process
+                stream.flush()
         except (OSError, ValueError):  # a closed or broken stream must not turn a result into a traceback
             pass
     os._exit(code)
