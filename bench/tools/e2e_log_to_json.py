@@ -7,13 +7,12 @@ line.
 Lines: ``[8B decode 1] us/step (4 layers): nocomm=375  unfused=583  ...  tpfuse/nocomm=1.055 ...``.
 """
 
-import argparse
-import json
 import os
 import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import transcribe  # noqa: E402 - bench/tools, beside this file
 
 
 def parse(text):
@@ -30,23 +29,11 @@ def parse(text):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("log")
-    ap.add_argument("out")
-    ap.add_argument("--device", required=True)
-    ap.add_argument("--commit", required=True)
-    ap.add_argument("--date", required=True)
-    ap.add_argument("--note", default="")
-    a = ap.parse_args()
-    rows = parse(open(a.log).read())
-    hdr = {"benchmark": "e2e", "tp": 2, "layers": rows[0]["layers"] if rows else None, "device": a.device,
-           "commit": a.commit, "date": a.date, "transcribed_from": a.log, "note": a.note}
-    with open(a.out, "w") as f:
-        json.dump({"header": hdr, "rows": rows}, f, indent=1)
+    out, rows, hdr = transcribe.cli(__doc__, parse, benchmark="e2e",
+                                    header=lambda rows: {"tp": 2, "layers": rows[0]["layers"] if rows else None})
     import bench_e2e
 
-    bench_e2e._plot(a.out.replace(".json", ".png"), rows, hdr)
-    print(f"{len(rows)} rows -> {a.out}")
+    bench_e2e._plot(out.replace(".json", ".png"), rows, hdr)
 
 
 if __name__ == "__main__":

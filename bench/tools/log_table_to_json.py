@@ -9,9 +9,9 @@ Reads blocks of the form ``hidden H, out FORMAT (us)`` / ``tokens  provider ...`
 ``bench_fused_ar.py`` prints) into rows ``{provider, tokens, hidden, out_format, median_us}``.
 """
 
-import argparse
-import json
 import re
+
+import transcribe  # bench/tools, beside this file
 
 
 def parse(text):
@@ -40,21 +40,7 @@ def parse(text):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("log")
-    ap.add_argument("out")
-    ap.add_argument("--benchmark", required=True)
-    ap.add_argument("--device", required=True)
-    ap.add_argument("--commit", required=True)
-    ap.add_argument("--date", required=True)
-    ap.add_argument("--note", default="")
-    a = ap.parse_args()
-    rows = parse(open(a.log).read())
-    hdr = {"benchmark": a.benchmark, "device": a.device, "commit": a.commit, "date": a.date,
-           "transcribed_from": a.log, "note": a.note}
-    with open(a.out, "w") as f:
-        json.dump({"header": hdr, "rows": rows}, f, indent=1)
-    print(f"{len(rows)} rows -> {a.out}")
+    transcribe.cli(__doc__, parse)
 
 
 if __name__ == "__main__":
