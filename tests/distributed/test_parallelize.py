@@ -11,7 +11,6 @@ Modes are forced with ``CommConfig(sp_min_tokens=SP_MIN)``: prefill of ``T_AR`` 
 all-reduce form. Each step clears ``comm.last_path`` and checks exactly which communicator ops ran.
 """
 
-import copy
 import os
 
 import pytest
@@ -23,36 +22,20 @@ transformers = pytest.importorskip("transformers", reason="tpfuse.parallelize te
 pytest.importorskip("safetensors", reason="the checkpoint round trip needs safetensors")
 
 from harness import run_on_ranks  # noqa: E402
+import model_cases  # noqa: E402
+from model_cases import cache_of  # noqa: E402
 
 T_AR, T_SP, SP_MIN, DECODE_STEPS = 6, 11, 8, 3
 AR_OPS = {"fused_add_rmsnorm"}
-SP_OPS = {"all_gather_matmul", "reduce_scatter_rmsnorm", "all_gather"}
-
-
-def _config(arch: str):
-    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
-                  num_key_value_heads=4, head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-5,
-                  tie_word_embeddings=False)
-    if arch == "llama":  # with biases: fused q/k/v and gate/up biases, row biases added once (rank 0)
-        return transformers.LlamaConfig(**common, attention_bias=True, mlp_bias=True)
-    return transformers.Qwen3Config(**common)
+SP_OPS = {"all_gather_matmul", "matmul_reduce_scatter", "all_gather"}
 
 
 def _build(arch: str, seed: int):
-    """Tiny model with O(1) random weights (identical on every rank for one seed)."""
-    torch.manual_seed(seed)
-    cfg = _config(arch)
-    cls = transformers.LlamaForCausalLM if arch == "llama" else transformers.Qwen3ForCausalLM
-    from tpfuse.models.hf_tiny import randomize_weights
-
-    return randomize_weights(cls(cfg).eval(), seed, scale=1.5)
+    return model_cases.build(arch, seed)
 
 
 def _oracle(model, ids):
-    """fp64 logits ``[T, vocab]`` of the unsharded HF model over the whole sequence (no cache)."""
-    ref = copy.deepcopy(model).double()
-    with torch.no_grad():
-        return ref(ids[None], use_cache=False).logits[0]
+    return model_cases.oracle(model, ids)
 
 
 def _comm(world):
@@ -64,14 +47,14 @@ def _comm(world):
 
 def _step(model, comm, ids, cache, expect_mode):
     comm.last_path.clear()
-    out = model(ids[None], past_key_values=cache, use_cache=True)
+    out = model(ids[None], cache=cache, use_cache=True)
     t = ids.shape[0]
     assert comm.plan(t).mode == expect_mode, (t, comm.plan(t).mode)
     assert model._tpfuse.last_mode == expect_mode
     want = SP_OPS if expect_mode == "sequence_parallel" else AR_OPS
     assert set(comm.last_path) == want, (expect_mode, comm.last_path)
     assert all(p == "reference" for p in comm.last_path.values()), comm.last_path  # CPU: the reference path
-    return out.logits[0], out.past_key_values
+    return out.logits[0], cache_of(out)
 
 
 def _run_sequence(model, comm, ids, steps, ref, what):

@@ -6,15 +6,19 @@
 * :class:`TPPlan`, :data:`LLAMA_PLAN`, :data:`QWEN3_PLAN` - the declarative plans;
 * :func:`load_sharded_safetensors` - fill the shards from a local safetensors checkpoint, reading only this rank's
   slices;
-* :class:`TPKVCache` - the per-rank KV cache the parallelized forward returns.
+* :class:`KVCacheConfig` - size and form of the static KV cache and the CUDA-graph decode buckets;
+* :class:`TPKVCache` - one batch of sequences in that cache (what the forward returns and takes back);
+* :func:`generate` - the fast generation loop (graph-replayed decode steps, greedy or sampling).
 
 This package never imports transformers itself (models are recognised by class name).
 """
 
-from .layers import TPDecoderLayer, TPKVCache, qk_norm_rope
+from .generate import GenerateOutput, generate
+from .kv_cache import KVCacheConfig, TPKVCache
+from .layers import TPDecoderLayer
 from .loading import load_sharded_safetensors
 from .plan import LLAMA_PLAN, PLANS, QWEN3_PLAN, TPPlan, plan_for
 from .wrap import ShardSpec, parallelize
 
 __all__ = ["parallelize", "TPPlan", "LLAMA_PLAN", "QWEN3_PLAN", "PLANS", "plan_for", "load_sharded_safetensors",
-           "TPKVCache", "TPDecoderLayer", "ShardSpec", "qk_norm_rope"]
+           "TPKVCache", "KVCacheConfig", "TPDecoderLayer", "ShardSpec", "generate", "GenerateOutput"]

@@ -1,30 +1,40 @@
-"""The tpfuse decoder layer that replaces a Hugging Face decoder layer, its attention, and the KV cache.
+"""The tpfuse decoder layer that replaces a Hugging Face decoder layer: the one TP decoder of the project.
 
-Data flow per layer (``*`` = collective through the :class:`~tpfuse.TPCommunicator`; ``x`` is the normed input,
-``residual`` the residual stream, both ``[T, H]`` in all-reduce mode and ``[Ts, H]`` token shards in
+Data flow per layer (``*`` = collective through the :class:`~tpfuse.TPCommunicator`; ``x`` the normed input,
+``residual`` the residual stream: ``[T, H]`` packed tokens in all-reduce mode, ``[Ts, H]`` token shards in
 sequence-parallel mode)::
 
-    allreduce:          qkv = x @ W_qkv_shard.T                  sequence_parallel:  qkv = *all_gather_matmul(x, W_qkv_shard)
-    attention on this rank's heads (QK-norm + RoPE, KV cache, SDPA) -> partial = attn @ W_o_shard.T
-    x, residual = *fused_add_rmsnorm(partial, residual, post_norm)      | *reduce_scatter_rmsnorm(...)
-    gu = x @ W_gate_up_shard.T                                          | *all_gather_matmul(x, W_gate_up_shard)
-    partial = silu_mul(gu) @ W_down_shard.T
-    x, residual = *fused_add_rmsnorm(partial, residual, NEXT norm)      | *reduce_scatter_rmsnorm(...)
+    all-reduce form                                  sequence-parallel form
+    qkv = x @ W_qkv_shard.T                          qkv = *all_gather_matmul(x, W_qkv_shard)
+    attention on this rank's heads: RoPE (+ QK-norm) and the KV-cache write in one kernel, then
+        decode step:  paged decode attention over the cache (tpfuse.attention.decode_attention)
+        prefill:      causal SDPA per sequence (over its cached prefix when it has one)
+    x, residual = *fused_add_rmsnorm(attn @ W_o_shard.T, residual, post_norm)
+                                                     x, residual = *matmul_reduce_scatter_rmsnorm(attn, W_o_shard, ...)
+    gu = x @ W_gate_up_shard.T                       gu = *all_gather_matmul(x, W_gate_up_shard)
+    x, residual = *fused_add_rmsnorm(silu_mul(gu) @ W_down_shard.T, residual, NEXT norm)
+                                                     x, residual = *matmul_reduce_scatter_rmsnorm(silu_mul(gu), ...)
 
 ``NEXT norm`` is the next layer's ``input_layernorm`` (the model's final norm after the last layer), so every
-all-reduce of the model is fused with the residual add and the RMSNorm that follows it.
+reduction of the model is fused with the residual add and the RMSNorm that follows it. At TP=1, and in the
+benchmarks' no-communication floor (``StepContext.local``), the reductions are the local fused add + RMSNorm.
+
+Row-parallel biases (``o_proj`` / ``down_proj`` with ``bias=True``) are replicated and added to the residual before
+the reduction, which is the same sum and lets the fused GEMM + reduce-scatter path run unchanged.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from .. import rope as tp_rope
+from .batch import StepMeta
 from .plan import TPPlan
 
 
@@ -44,115 +54,18 @@ def norm_eps(norm: nn.Module) -> float:
     raise ValueError(f"{type(norm).__name__} has no variance_epsilon / eps attribute: is it an RMSNorm?")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# KV cache
-
-
-class TPKVCache:
-    """Per-rank KV cache: for each layer, this rank's kv heads as ``k, v: [S, kv_heads / TP, head_dim]``.
-
-    Grows by concatenation (simple, not CUDA-graph friendly); one sequence (batch 1). Returned by the parallelized
-    model's forward as ``out.past_key_values`` and passed back as ``past_key_values=`` for the next step."""
-
-    def __init__(self):
-        self.keys: List[Optional[torch.Tensor]] = []
-        self.values: List[Optional[torch.Tensor]] = []
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Tokens already cached (what the next step's positions start from)."""
-        if layer_idx >= len(self.keys) or self.keys[layer_idx] is None:
-            return 0
-        return self.keys[layer_idx].shape[0]
-
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Append ``k, v [T, kv, D]`` to layer ``layer_idx``; return the whole cached ``k, v [S, kv, D]``."""
-        while len(self.keys) <= layer_idx:
-            self.keys.append(None)
-            self.values.append(None)
-        if self.keys[layer_idx] is not None:
-            k = torch.cat([self.keys[layer_idx], k])
-            v = torch.cat([self.values[layer_idx], v])
-        self.keys[layer_idx], self.values[layer_idx] = k, v
-        return k, v
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# QK-norm + RoPE: one function that picks the implementation
-
-
-def _fused_qk_norm_rope():
-    """Issue 3's fused local stage when it exists: ``tpfuse.rope.qk_norm_rope``, else ``tpfuse.ops.qk_norm_rope``,
-    else ``None`` (torch ops)."""
-    try:
-        from .. import rope  # type: ignore[attr-defined]
-    except ImportError:
-        rope = None
-    fn = getattr(rope, "qk_norm_rope", None) if rope is not None else None
-    return fn if fn is not None else getattr(ops, "qk_norm_rope", None)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _head_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Hugging Face's RMSNorm rounding order: fp32 statistics, cast back, then multiply by the weight
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight * xf.to(x.dtype)).to(x.dtype)
-
-
-def qk_norm_rope(qkv: torch.Tensor, *, num_heads: int, num_kv_heads: int, head_dim: int, cos: torch.Tensor,
-                 sin: torch.Tensor, q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor],
-                 eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split ``qkv [T, (hq + 2 hk) D]``, apply per-head RMSNorm to q and k (when weights are given) and NeoX-style
-    RoPE; returns ``q [T, hq, D], k [T, hk, D], v [T, hk, D]``.
-
-    ``cos, sin``: ``[T, D]`` as the model's rotary module returns them (each half duplicated, attention scaling
-    already applied). Uses the fused op (:func:`_fused_qk_norm_rope`; issue 3's signature: ``qkv, q_weight,
-    k_weight, cos_sin_cache, positions, *, num_heads, num_kv_heads, head_dim, eps, is_neox``, in place on the q and
-    k columns of ``qkv``; cache rows ``[cos[:D/2] | sin[:D/2]]`` indexed by ``positions``) when it exists and
-    there is a QK-norm; plain torch ops otherwise. The per-step cache built here has one row per token, so any
-    RoPE variant the model's rotary module implements passes through unchanged."""
-    t, d = qkv.shape[0], head_dim
-    fused = _fused_qk_norm_rope() if (q_weight is not None and k_weight is not None) else None
-    if fused is not None:
-        cache = torch.cat([cos[:, : d // 2], sin[:, : d // 2]], dim=-1).float().contiguous()
-        positions = torch.arange(t, device=qkv.device)
-        qkv = qkv.contiguous()  # ours (a fresh GEMM output): the op rewrites its q and k columns in place
-        fused(qkv, q_weight.contiguous(), k_weight.contiguous(), cache, positions, num_heads=num_heads,
-              num_kv_heads=num_kv_heads, head_dim=d, eps=eps, is_neox=True)
-        q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
-        return q.view(t, num_heads, d), k.view(t, num_kv_heads, d), v.view(t, num_kv_heads, d)
-    q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
-    q, k, v = q.view(t, num_heads, d), k.view(t, num_kv_heads, d), v.view(t, num_kv_heads, d)
-    if q_weight is not None:
-        q = _head_rmsnorm(q, q_weight, eps)
-    if k_weight is not None:
-        k = _head_rmsnorm(k, k_weight, eps)
-    c, s = cos[:, None, :], sin[:, None, :]
-    q = (q * c + _rotate_half(q) * s).to(qkv.dtype)
-    k = (k * c + _rotate_half(k) * s).to(qkv.dtype)
-    return q, k, v
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the decoder layer
-
-
 @dataclass
 class StepContext:
     """What every layer of one forward step shares."""
 
     comm: object
-    num_tokens: int
-    sp: bool
-    cos: torch.Tensor
-    sin: torch.Tensor
-    cache: Optional[TPKVCache]
-    mask: Optional[torch.Tensor]
-    """Boolean ``[T, S]`` attention mask when a chunk follows cached tokens (``None``: plain causal)."""
+    meta: StepMeta
+    cos_sin: torch.Tensor
+    """[max_positions, head_dim] fp32 RoPE rows ``[cos | sin]`` (the model's rotary module, evaluated once)."""
+    storage: object
+    """The model's :class:`~tpfuse.parallel.kv_cache.KVStorage`, or a one-block dummy when the call has no cache."""
+    local: bool
+    """Reductions are local (TP=1, or the no-communication floor of the benchmarks)."""
 
 
 def _fuse_linears(mods) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -160,9 +73,8 @@ def _fuse_linears(mods) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     module's weight/bias at its slice of it, so the fused weight costs no extra memory and loading into the
     modules' parameters (state_dict names unchanged) writes the fused weight."""
     w = torch.cat([m.weight.detach() for m in mods]).contiguous()
-    has_bias = [m.bias is not None for m in mods]
     b = None
-    if any(has_bias):
+    if any(m.bias is not None for m in mods):
         b = torch.cat([m.bias.detach() if m.bias is not None else
                        torch.zeros(m.weight.shape[0], dtype=w.dtype, device=w.device) for m in mods]).contiguous()
     off = 0
@@ -195,6 +107,8 @@ class TPDecoderLayer(nn.Module):
         self._gate_up_mods = [get_path(self, p) for p in plan.gate_up]
         self._o = get_path(self, plan.o_proj)
         self._down = get_path(self, plan.down_proj)
+        attn = get_path(self, plan.o_proj.rsplit(".", 1)[0]) if "." in plan.o_proj else self
+        self.scale = float(getattr(attn, "scaling", head_dim ** -0.5))
         if plan.qk_norm is not None:
             self._q_norm, self._k_norm = (get_path(self, p) for p in plan.qk_norm)
             self.qk_eps = norm_eps(self._q_norm)
@@ -205,8 +119,8 @@ class TPDecoderLayer(nn.Module):
         self.refuse()
 
     def refuse(self) -> None:
-        """(Re)build the fused qkv and gate-up weights; needed after anything replaced the parameters (``.to()``);
-        :meth:`forward` does it by itself when it sees that."""
+        """(Re)build the fused qkv and gate-up weights; needed after anything replaced the parameters (``.to()``,
+        loading); :meth:`forward` does it by itself when it sees that."""
         self._fused = {"qkv": _fuse_linears(self._qkv_mods), "gate_up": _fuse_linears(self._gate_up_mods)}
 
     def _fused_weight(self, key: str, mods) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -217,35 +131,89 @@ class TPDecoderLayer(nn.Module):
             w, b = self._fused[key]
         return w, b
 
-    def _attention(self, qkv: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        t, d, hq, hk = qkv.shape[0], self.head_dim, self.num_heads, self.num_kv_heads
-        q, k, v = qk_norm_rope(qkv, num_heads=hq, num_kv_heads=hk, head_dim=d, cos=ctx.cos, sin=ctx.sin,
-                               q_weight=None if self._q_norm is None else self._q_norm.weight,
-                               k_weight=None if self._k_norm is None else self._k_norm.weight, eps=self.qk_eps)
-        if ctx.cache is not None:
-            k, v = ctx.cache.update(self.layer_idx, k, v)
-        q4, k4, v4 = (z.transpose(0, 1).unsqueeze(0) for z in (q, k, v))  # [1, heads, S, D]
-        if ctx.mask is None:
-            o = F.scaled_dot_product_attention(q4, k4, v4, is_causal=t > 1, enable_gqa=hq != hk)
-        else:
-            o = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=ctx.mask, enable_gqa=hq != hk)
-        return o[0].transpose(0, 1).reshape(t, hq * d)
+    def _column(self, x: torch.Tensor, key: str, mods, ctx: StepContext) -> torch.Tensor:
+        w, b = self._fused_weight(key, mods)
+        meta = ctx.meta
+        y = ctx.comm.all_gather_matmul(x, w, num_tokens=meta.num_tokens) if meta.sp else F.linear(x, w)
+        return y if b is None else y.add_(b)
+
+    def _row(self, a: torch.Tensor, lin: nn.Linear, residual: torch.Tensor, norm_w: torch.Tensor, eps: float,
+             ctx: StepContext):
+        if lin.bias is not None:  # replicated: added once to the sum (see the module docstring)
+            residual = residual + lin.bias
+        if ctx.meta.sp:
+            return ctx.comm.matmul_reduce_scatter_rmsnorm(a, lin.weight, residual, norm_w, eps)
+        partial = F.linear(a, lin.weight)
+        if ctx.local:
+            return ops.add_rmsnorm(partial, residual, norm_w, eps)
+        return ctx.comm.fused_add_rmsnorm(partial, residual, norm_w, eps)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor, next_norm_weight: torch.Tensor, next_eps: float,
                 ctx: StepContext) -> Tuple[torch.Tensor, torch.Tensor]:
-        comm, t = ctx.comm, ctx.num_tokens
-        reduce = comm.reduce_scatter_rmsnorm if ctx.sp else comm.fused_add_rmsnorm
+        qkv = self._column(x, "qkv", self._qkv_mods, ctx)
+        x, residual = self._row(self._attention(qkv, ctx), self._o, residual, self.post_norm.weight, self.post_eps,
+                                ctx)
+        gu = self._column(x, "gate_up", self._gate_up_mods, ctx)
+        return self._row(ops.silu_mul(gu), self._down, residual, next_norm_weight, next_eps, ctx)
 
-        w, b = self._fused_weight("qkv", self._qkv_mods)
-        qkv = comm.all_gather_matmul(x, w, num_tokens=t) if ctx.sp else F.linear(x, w)
-        if b is not None:
-            qkv = qkv + b
-        partial = F.linear(self._attention(qkv, ctx), self._o.weight, self._o.bias)
-        x, residual = reduce(partial, residual, self.post_norm.weight, self.post_eps)
+    # ------------------------------------------------------------------------------------------------------------
+    # attention
 
-        w, b = self._fused_weight("gate_up", self._gate_up_mods)
-        gu = comm.all_gather_matmul(x, w, num_tokens=t) if ctx.sp else F.linear(x, w)
-        if b is not None:
-            gu = gu + b
-        partial = F.linear(ops.silu_mul(gu), self._down.weight, self._down.bias)
-        return reduce(partial, residual, next_norm_weight, next_eps)
+    def _rope_and_store(self, qkv: torch.Tensor, ctx: StepContext):
+        """RoPE (after the per-head QK-norm where the model has one) in place on qkv's q and k columns, and this
+        step's k, v into the cache; returns the ``[T, heads, D]`` views q, k, v."""
+        t, d, hq, hk = qkv.shape[0], self.head_dim, self.num_heads, self.num_kv_heads
+        meta, st = ctx.meta, ctx.storage
+        q = qkv[:, : hq * d].view(t, hq, d)
+        k = qkv[:, hq * d: (hq + hk) * d].view(t, hk, d)
+        v = qkv[:, (hq + hk) * d:].view(t, hk, d)
+        kc, vc = st.key[self.layer_idx], st.value[self.layer_idx]
+        if self._q_norm is None:  # Llama: one kernel ropes q and k and writes the cache
+            slots = meta.slot_mapping if meta.slot_mapping is not None else st.no_slots(t)
+            tp_rope.rope_kv_cache_write(q, k, v, meta.rope_pos, ctx.cos_sin, kc, vc, slots, is_neox=True,
+                                        kv_scale=st.kv_scale)
+            return q, k, v
+        tp_rope.qk_norm_rope(qkv, self._q_norm.weight, self._k_norm.weight, ctx.cos_sin, meta.rope_pos,
+                             num_heads=hq, num_kv_heads=hk, head_dim=d, eps=self.qk_eps, is_neox=True)
+        if meta.slot_mapping is not None:
+            st.write(self.layer_idx, meta.slot_mapping, k, v)
+        return q, k, v
+
+    def _attention(self, qkv: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        q, k, v = self._rope_and_store(qkv, ctx)
+        meta, t = ctx.meta, qkv.shape[0]
+        if meta.decode is not None:
+            from ..attention import decode_attention
+
+            st = ctx.storage
+            o = decode_attention(q, st.key[self.layer_idx], st.value[self.layer_idx], meta.decode.block_tables,
+                                 meta.decode.seq_lens, scale=self.scale, kv_scale=st.kv_scale,
+                                 max_seq_len=st.max_seq_len)
+            return o.reshape(t, -1)
+        return self._prefill_attention(q, k, v, ctx)
+
+    def _prefill_attention(self, q, k, v, ctx: StepContext) -> torch.Tensor:
+        t, hq, d = q.shape
+        rows = ctx.meta.prefill
+        n0 = rows[0][1]
+        if all(p == 0 and n == n0 for _, n, _, p in rows):  # equal fresh rows: one batched SDPA
+            b = len(rows)
+            q4, k4, v4 = (z.view(b, n0, -1, d).transpose(1, 2) for z in (q, k, v))
+            o = F.scaled_dot_product_attention(q4, k4, v4, is_causal=n0 > 1, scale=self.scale,
+                                               enable_gqa=hq != k.shape[1])
+            return o.transpose(1, 2).reshape(t, hq * d)
+        out = q.new_empty(t, hq * d)
+        for start, n, row, past in rows:
+            qs = q[start:start + n].transpose(0, 1)[None]
+            if past == 0:
+                ks, vs = (z[start:start + n].transpose(0, 1)[None] for z in (k, v))
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=n > 1, scale=self.scale,
+                                                   enable_gqa=hq != k.shape[1])
+            else:  # a chunk after cached tokens: query i sees keys 0 .. past + i
+                ks, vs = ctx.storage.gather(self.layer_idx, row, past + n, q.dtype)
+                kpos = torch.arange(past + n, device=q.device)
+                mask = kpos[None, :] <= (past + torch.arange(n, device=q.device))[:, None]
+                o = F.scaled_dot_product_attention(qs, ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
+                                                   attn_mask=mask, scale=self.scale, enable_gqa=hq != k.shape[1])
+            out[start:start + n] = o[0].transpose(0, 1).reshape(n, hq * d)
+        return out

@@ -63,9 +63,7 @@ def load_sharded_safetensors(model, path: str, comm, *, strict: bool = True) -> 
                         if full != spec.full_shape:
                             bad.append(f"{name}: checkpoint {full}, unsharded model {spec.full_shape}")
                             continue
-                        if spec.rank0_only:
-                            src = fh.get_tensor(name) if comm.rank == 0 else torch.zeros(full)
-                        elif spec.dim == 0:
+                        if spec.dim == 0:
                             src = sl[spec.start:spec.end]
                         else:
                             src = sl[:, spec.start:spec.end]

@@ -1,0 +1,172 @@
+"""The parallelized model's forward: Hugging Face arguments in, packed tokens through the TP decoder, logits out.
+
+Per call: the padded ``[B, L]`` inputs are packed (:mod:`~tpfuse.parallel.batch`); a decode step (one token per
+row, with a KV cache, on CUDA) replays the bucket's CUDA graph (:mod:`~tpfuse.parallel.graphs`); anything else runs
+eagerly, in the all-reduce or the sequence-parallel form that ``comm.plan(T)`` picks. Every check that can reject
+a call runs before the first collective, on every rank alike (all ranks get the same inputs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from typing import Optional
+
+import torch
+
+from .. import ops
+from ..errors import TPFuseInputError
+from ..sharding import shard_range
+from .batch import StepMeta, pack
+from .kv_cache import TPKVCache
+from .layers import StepContext, get_path, norm_eps
+
+_IGNORED = ("cache_position",)  # generate() may pass it; we track positions per row ourselves
+
+
+def forward_core(model, ids: torch.Tensor, meta: StepMeta, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Logits ``[T or len(keep), vocab]`` of the packed tokens ``ids [T]`` (graph-capturable: no host sync)."""
+    st = model._tpfuse
+    comm, plan = st.comm, st.plan
+    storage = st.no_cache_storage() if meta.slot_mapping is None else st.cache_storage()
+    ctx = StepContext(comm=comm, meta=meta, cos_sin=st.cos_sin, storage=storage, local=st.local)
+    mine = ids
+    if meta.sp:
+        s, e = shard_range(meta.num_tokens, comm.tp, comm.rank)
+        mine = ids[s:e]
+    layers = st.layers
+    first = layers[0].input_norm
+    x, residual = ops.add_rmsnorm(get_path(model, plan.embed)(mine), None, first.weight, norm_eps(first))
+    final = get_path(model, plan.final_norm)
+    for li, layer in enumerate(layers):
+        nxt = layers[li + 1].input_norm if li + 1 < len(layers) else final
+        x, residual = layer(x, residual, nxt.weight, norm_eps(nxt), ctx)
+    if meta.sp:
+        x = comm.all_gather(x, num_tokens=meta.num_tokens)
+    if keep is not None:
+        x = x.index_select(0, keep)
+    return get_path(model, plan.lm_head)(x)
+
+
+def _resolve_cache(st, given, use_cache: Optional[bool], batch: int, config) -> Optional[TPKVCache]:
+    """The call's cache handle: the one given, a new batch, or ``None`` (no cache)."""
+    if isinstance(given, TPKVCache):
+        given.check_live()
+        if given.batch != batch:
+            raise TPFuseInputError(f"the cache holds {given.batch} sequences but input_ids has {batch} rows")
+        return given
+    if given is not None:  # e.g. the empty DynamicCache generate() makes: we keep our own static cache
+        seen = getattr(given, "get_seq_length", lambda: None)()
+        if seen != 0:
+            raise TPFuseInputError(f"cache must be the TPKVCache a previous call returned (or empty), got "
+                                   f"{type(given).__name__} holding {seen} tokens")
+    if use_cache is None:
+        use_cache = given is not None or bool(getattr(config, "use_cache", True))
+    return st.cache_storage().new_batch(batch) if use_cache else None
+
+
+def _keep_rows(call, logits_to_keep) -> Optional[torch.Tensor]:
+    """Packed indices whose logits are returned (``None``: all); positions ``>= L - k`` of every row."""
+    if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+        raise NotImplementedError(f"logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
+    k = logits_to_keep
+    if k == 0 or k >= call.width:
+        return None
+    col = (call.token_index % call.width if call.token_index is not None
+           else torch.arange(call.width, device=call.ids.device).repeat(call.batch))
+    return (col >= call.width - k).nonzero().squeeze(1)
+
+
+def _unpack_logits(logits: torch.Tensor, call, keep: Optional[torch.Tensor], k: int) -> torch.Tensor:
+    """``[B, L', vocab]`` from packed rows, zeros where a position is padding."""
+    width = call.width if k == 0 else min(k, call.width)
+    if call.token_index is None:
+        return logits.view(call.batch, width, -1)
+    out = logits.new_zeros(call.batch * width, logits.shape[-1])
+    idx = call.token_index if keep is None else call.token_index.index_select(0, keep)
+    b, j = idx // call.width, idx % call.width - (call.width - width)
+    out.index_copy_(0, b * width + j, logits)
+    return out.view(call.batch, width, -1)
+
+
+def _run(model, call, handle, keep) -> torch.Tensor:
+    st = model._tpfuse
+    comm, meta = st.comm, call.meta
+    if meta.num_tokens > comm.max_tokens:
+        raise TPFuseInputError(f"the call has {meta.num_tokens} real tokens, more than the communicator's max_tokens="
+                               f"{comm.max_tokens}: split the batch or build the TPCommunicator with a larger "
+                               f"max_tokens")
+    if call.decode_step:
+        if _graphs_usable(st):
+            st.last_mode = "decode_graph"
+            pos = handle.lengths_dev if meta.rope_pos is None else meta.rope_pos
+            logits = _graphs(model).run(call.ids, handle.lengths_dev, pos)
+            return logits if keep is None else logits.index_select(0, keep)
+        meta = call.decode_meta(handle)
+    sp = not st.local and comm.plan(meta.num_tokens).mode == "sequence_parallel"
+    st.last_mode = "sequence_parallel" if sp else "allreduce"
+    return forward_core(model, call.ids, dataclasses.replace(meta, sp=sp), keep)
+
+
+def _graphs_usable(st) -> bool:
+    return st.comm.device.type == "cuda" and st.cache_config.cuda_graphs and not torch.cuda.is_current_stream_capturing()
+
+
+def _graphs(model):
+    st = model._tpfuse
+    if st.graphs is None:
+        from .graphs import DecodeGraphs
+
+        st.graphs = DecodeGraphs(st.cache_storage(), st.cache_config.buckets(),
+                                 lambda ids, meta: forward_core(model, ids, meta))
+    return st.graphs
+
+
+def tp_forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+               position_ids: Optional[torch.Tensor] = None, past_key_values=None, inputs_embeds=None,
+               use_cache: Optional[bool] = None, logits_to_keep: int = 0, cache=None,
+               return_dict: Optional[bool] = None, **kwargs):
+    """The parallelized model's forward (see :func:`tpfuse.parallel.parallelize` and the module docstring)."""
+    st = self._tpfuse
+    for k, v in kwargs.items():
+        if v is not None and v is not False and k not in _IGNORED:
+            raise NotImplementedError(f"parallelized forward does not support {k}={v!r}")
+    if inputs_embeds is not None:
+        raise NotImplementedError("parallelized forward takes input_ids, not inputs_embeds")
+    if input_ids is None or input_ids.dim() not in (1, 2) or input_ids.numel() == 0:
+        raise TPFuseInputError("input_ids must be a non-empty [batch, tokens] (or [tokens]) tensor")
+    flat = input_ids.dim() == 1
+    ids2 = input_ids[None] if flat else input_ids
+    if flat and position_ids is not None and position_ids.dim() == 1:
+        position_ids = position_ids[None]
+    with torch.no_grad():
+        handle = _resolve_cache(st, cache if cache is not None else past_key_values, use_cache, ids2.shape[0],
+                                self.config)
+        call = pack(ids2, attention_mask, position_ids, handle, st.comm.device)
+        _check_positions(st, call, position_ids)
+        keep = _keep_rows(call, logits_to_keep)
+        logits = _unpack_logits(_run(self, call, handle, keep), call, keep, logits_to_keep)
+        if handle is not None:
+            handle.advance(call.counts, 1 if call.decode_step else None)
+    logits = logits[0] if flat else logits
+    return (logits, handle) if return_dict is False else _output(logits, handle)
+
+
+def _check_positions(st, call, position_ids) -> None:
+    if position_ids is None:
+        return
+    pos = call.meta.rope_pos
+    hi = int(pos.max())
+    if hi >= st.cos_sin.shape[0] or int(pos.min()) < 0:
+        raise TPFuseInputError(f"position_ids must lie in [0, {st.cos_sin.shape[0]}) (the RoPE table covers "
+                               f"max(max_seq_len, comm.max_tokens) positions), got up to {hi}")
+
+
+def _output(logits, cache):
+    try:
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+    except ImportError:  # the model came from elsewhere: same attribute names
+        return types.SimpleNamespace(logits=logits, past_key_values=cache, cache=cache)
+    names = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+    key = "cache" if "cache" in names else "past_key_values"  # transformers renamed it in 5.2x
+    return CausalLMOutputWithPast(logits=logits, **{key: cache})

@@ -1,0 +1,181 @@
+"""The parallelized model's static, paged KV cache and the per-batch handle that generation passes around.
+
+Storage (allocated once, on the first forward that uses a cache, by :class:`KVStorage`)::
+
+    key[l], value[l]   [num_blocks, block_size, kv_heads / TP, head_dim]   per layer l, KVCacheConfig.dtype
+    block_tables       [max_batch + 1, blocks_per_seq] int32               row b = the blocks of batch row b
+    cos_sin            [max_positions, head_dim] fp32                      RoPE rows [cos(p f) | sin(p f)]
+
+``num_blocks = max_batch * blocks_per_seq + 1``: batch row ``b`` owns blocks ``[b * blocks_per_seq, (b + 1) *
+blocks_per_seq)`` (a static paging: the kernels read through ``block_tables`` so a dynamic allocator needs no kernel
+change), and the last block is scratch - the rows that pad a CUDA-graph batch bucket write there and read only it
+(``block_tables[max_batch]`` points every entry at it). The layout is :func:`tpfuse.rope.rope_kv_cache_write`'s
+(``slot = block * block_size + offset``) and :func:`tpfuse.attention.decode_attention`'s.
+
+A :class:`TPKVCache` is one batch of sequences living in the storage: row ``b`` of the batch is storage row ``b``;
+``lengths[b]`` tokens of it are cached (pads are never cached: the forward packs the real tokens). A forward
+without a cache starts a new batch and invalidates every older handle of the same model (one batch at a time per
+model); using a stale handle raises.
+
+Lengths are kept twice: a host list (for checks and shapes, never read back from the GPU) and a device tensor (what
+the CUDA-graph decode step reads), both advanced by the forward without a host-device sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from .. import rope as tp_rope
+from ..errors import TPFuseInputError
+
+
+@dataclass(kw_only=True)
+class KVCacheConfig:
+    """Size and form of the parallelized model's KV cache and decode graphs (``parallelize(..., cache=...)``)."""
+
+    max_batch: int = 8
+    """Most sequences in one batch (one call's ``input_ids.shape[0]``)."""
+    max_seq_len: Optional[int] = None
+    """Most tokens per sequence (prompt + generated). ``None``: ``min(max_position_embeddings, 4096)``."""
+    block_size: int = 256
+    """Tokens per cache block (a power of two >= 16)."""
+    dtype: Optional[torch.dtype] = None
+    """Cache dtype: ``None`` = the model's dtype; ``torch.float8_e4m3fn`` stores ``k / kv_scale`` in e4m3."""
+    kv_scale: float = 1.0
+    """FP8 caches only: the dequantization scale of k and v (finite, > 0)."""
+    cuda_graphs: bool = True
+    """Capture the decode step (one new token per sequence) in a CUDA graph per batch bucket and replay it."""
+    graph_buckets: tuple = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    """Batch sizes a decode graph is captured for (a batch runs in the smallest bucket that holds it, padded);
+    buckets above ``max_batch`` are dropped and ``max_batch`` is added."""
+
+    def validate(self) -> None:
+        if not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise TPFuseInputError(f"KVCacheConfig.max_batch must be a positive int, got {self.max_batch!r}")
+        if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int) or self.max_seq_len < 1):
+            raise TPFuseInputError(f"KVCacheConfig.max_seq_len must be a positive int, got {self.max_seq_len!r}")
+        bs = self.block_size
+        if not isinstance(bs, int) or bs < 16 or bs & (bs - 1):
+            raise TPFuseInputError(f"KVCacheConfig.block_size must be a power of two >= 16, got {bs!r}")
+        if self.dtype not in (None, torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn):
+            raise TPFuseInputError(f"KVCacheConfig.dtype must be None, bf16, fp16, fp32 or float8_e4m3fn, got "
+                                   f"{self.dtype}")
+        if not (isinstance(self.kv_scale, (int, float)) and 0 < float(self.kv_scale) < float("inf")):
+            raise TPFuseInputError(f"KVCacheConfig.kv_scale must be a finite number > 0, got {self.kv_scale!r}")
+
+    def buckets(self) -> List[int]:
+        return sorted({b for b in self.graph_buckets if b < self.max_batch} | {self.max_batch})
+
+
+class KVStorage:
+    """The cache tensors of one parallelized model (see the module docstring for the layout)."""
+
+    def __init__(self, cfg: KVCacheConfig, *, layers: int, kv_heads: int, head_dim: int, max_seq_len: int,
+                 model_dtype: torch.dtype, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.block_size = cfg.block_size
+        self.max_batch, self.max_seq_len = cfg.max_batch, max_seq_len
+        self.blocks_per_seq = -(-max_seq_len // cfg.block_size)
+        self.scratch_block = cfg.max_batch * self.blocks_per_seq
+        self.dtype = cfg.dtype or model_dtype
+        shape = (self.scratch_block + 1, cfg.block_size, kv_heads, head_dim)
+        self.key = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in range(layers)]
+        self.value = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in range(layers)]
+        rows = torch.arange(cfg.max_batch + 1, dtype=torch.int32)[:, None] * self.blocks_per_seq
+        tables = rows + torch.arange(self.blocks_per_seq, dtype=torch.int32)[None, :]
+        tables[cfg.max_batch] = self.scratch_block
+        self.block_tables_host = tables
+        self.block_tables = tables.to(device)
+        self.kv_scale = (torch.tensor([float(cfg.kv_scale)], dtype=torch.float32, device=device)
+                         if self.dtype == torch.float8_e4m3fn else None)
+        self.epoch = 0
+        self.live: Optional["TPKVCache"] = None
+        self._no_slots = torch.full((16,), -1, dtype=torch.int64, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.key + self.value)
+
+    def describe(self) -> str:
+        return (f"KV cache: {len(self.key)} layers x {self.max_batch} sequences x {self.max_seq_len} tokens "
+                f"({self.blocks_per_seq} blocks of {self.block_size}), {self.key[0].shape[2]} kv heads x "
+                f"{self.key[0].shape[3]} per rank, {str(self.dtype).replace('torch.', '')}: "
+                f"{self.nbytes / 2 ** 30:.2f} GiB per rank")
+
+    def no_slots(self, t: int) -> torch.Tensor:
+        """``[t]`` slots of ``-1`` (RoPE without a cache write)."""
+        if self._no_slots.shape[0] < t:
+            self._no_slots = torch.full((max(t, 2 * self._no_slots.shape[0]),), -1, dtype=torch.int64,
+                                        device=self.device)
+        return self._no_slots[:t]
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store ``k, v [T, kv_heads, D]`` at ``slots`` (all valid) of ``layer`` (the unfused form, for models whose
+        RoPE ran in another kernel)."""
+        if self.kv_scale is not None:
+            k, v = tp_rope.cache_quant(k, self.kv_scale), tp_rope.cache_quant(v, self.kv_scale)
+        for cache, x in ((self.key[layer], k), (self.value[layer], v)):
+            x = x.to(cache.dtype)
+            if cache.element_size() == 1:  # index_copy_ has no float8 kernels: move the bytes
+                cache, x = cache.view(torch.uint8), x.view(torch.uint8)
+            cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, x)
+
+    def gather(self, layer: int, row: int, n: int, dtype: torch.dtype):
+        """The first ``n`` cached ``(k, v)`` of batch row ``row``, ``[n, kv_heads, D]`` in ``dtype``."""
+        blocks = self.block_tables[row, : -(-n // self.block_size)].to(torch.int64)
+        out = []
+        for cache in (self.key[layer], self.value[layer]):
+            x = cache.index_select(0, blocks).flatten(0, 1)[:n]
+            out.append(x.float().mul_(self.kv_scale).to(dtype) if self.kv_scale is not None else x.to(dtype))
+        return out[0], out[1]
+
+    def new_batch(self, batch: int) -> "TPKVCache":
+        """A handle for ``batch`` new (empty) sequences; older handles become stale."""
+        if batch > self.max_batch:
+            raise TPFuseInputError(f"a batch of {batch} sequences does not fit the KV cache: KVCacheConfig."
+                                   f"max_batch={self.max_batch} (pass parallelize(..., cache=KVCacheConfig("
+                                   f"max_batch=...)))")
+        self.epoch += 1
+        self.live = TPKVCache(self, batch, self.epoch)
+        return self.live
+
+
+class TPKVCache:
+    """One batch of sequences in a parallelized model's KV cache: what the forward returns as its cache and takes
+    back (``cache=`` / ``past_key_values=``) for the next step. See the module docstring."""
+
+    is_compileable = False  # transformers' generate: no 4-D mask preparation, our forward takes the 2-D mask
+
+    def __init__(self, storage: KVStorage, batch: int, epoch: int):
+        self.storage, self.batch, self.epoch = storage, batch, epoch
+        self.lengths: List[int] = [0] * batch
+        """Tokens cached per sequence (host copy)."""
+        self.lengths_dev = torch.zeros(batch, dtype=torch.int64, device=storage.device)
+        """The same on the device (what the decode step reads)."""
+
+    def check_live(self) -> None:
+        if self.storage.epoch != self.epoch:
+            raise TPFuseInputError("this KV cache handle is stale: a later call without a cache started a new batch "
+                                   "in the model's KV cache (one batch at a time per model)")
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """The longest sequence's cached tokens (pads are not cached)."""
+        return max(self.lengths) if self.lengths else 0
+
+    def __len__(self) -> int:
+        return len(self.storage.key)
+
+    def advance(self, counts: List[int], counts_dev=None) -> None:
+        """Record ``counts[b]`` new tokens per sequence (``counts_dev``: the same on the device - a tensor or a
+        number added to every row - or ``None`` to upload the host list)."""
+        self.lengths = [n + c for n, c in zip(self.lengths, counts)]
+        if counts_dev is None:
+            self.lengths_dev.copy_(torch.tensor(self.lengths, dtype=torch.int64), non_blocking=True)
+        else:
+            self.lengths_dev += counts_dev
+
+    def __repr__(self) -> str:
+        return f"TPKVCache(batch={self.batch}, lengths={self.lengths}, {self.storage.describe()})"
