@@ -1,251 +1,306 @@
-"""End-to-end benchmark: Llama-3.1-8B / 70B-shaped TP decoder stacks (a few layers, random weights), bf16.
+"""End-to-end benchmark through the product: ``tpfuse.parallelize(<HF model>)`` at real layer shapes (Llama-3.1-8B,
+Llama-3.1-70B, Qwen3-32B; ``--layers`` decoder layers, random bf16 weights, nothing downloaded).
 
-    torchrun --standalone --nproc_per_node=2 bench/bench_e2e.py [--quick] [--layers 4] [--flashinfer]
+    torchrun --standalone --nproc-per-node=N bench/bench_e2e.py [--models 8B,70B,Qwen3-32B] [--layers 4]
+        [--decode-batches 1,8,64] [--context 1024] [--prefill 1024,4096,8192] [--compile-batches 1,64] [--flashinfer]
 
-Decode: batch B of single-token sequences attending to a KV cache of 1024 tokens each. Prefill: one causal
-sequence of T tokens. Every provider runs the same GEMMs, attention and SiLU·mul; they differ only in how the
-row-parallel outputs are combined with the residual stream:
+Providers (every one is the model a user runs, called with Hugging Face arguments):
 
-* ``nocomm``  - the floor: collectives removed (partial sums used as if reduced; local add + RMSNorm);
-* ``unfused`` - NCCL all-reduce + torch eager add + RMSNorm (a gpt-fast-style TP transform);
-* ``nccl_fused_norm`` - NCCL all-reduce + tpfuse's local fused add+RMSNorm;
-* ``tpfuse_ar`` / ``tpfuse_sp`` (prefill only) - the communicator forced into one form, to place the switch;
-* ``tpfuse``  - the communicator: ``fused_add_rmsnorm`` in the all-reduce form, and above the SP threshold the
-  sequence-parallel form (``all_gather_matmul`` -> attention/MLP -> ``matmul_reduce_scatter_rmsnorm``), with
-  whatever paths ``plan()`` picks on this machine;
-* ``vllm_policy`` (with ``--flashinfer``, when FlashInfer's paths can run here) - vLLM's sm90 TP=2 policy for the
-  same step, as data: a communicator loading ``bench/policies/vllm_sm90_tp2.json`` (FlashInfer's fused kernel up to
-  64 MiB of activation, one-shot up to 32 MiB, two-shot above; NCCL all-reduce + tpfuse's fused add+RMSNorm beyond;
-  always the all-reduce form). Skipped where that table has no row for this arch / TP.
+* ``tpfuse`` - the parallelized model: eager batched prefill, decode steps replayed from its CUDA graphs;
+* ``hf_eager`` (TP=1) - the unmodified transformers model with a ``StaticCache`` (decode) / no cache (prefill);
+* ``hf_compiled`` (TP=1, decode) - the same with ``torch.compile(model.forward, mode="reduce-overhead")``, HF's
+  documented fast path; compiled per batch size in ``--compile-batches`` (each compile costs ~1 min);
+* ``tpfuse_nocomm`` (TP > 1) - the parallelized model with its reductions made local (``model._tpfuse.local``):
+  the floor that perfect communication would reach (its logits are wrong by design);
+* ``vllm_policy`` (TP > 1, ``--flashinfer``) - the parallelized model on a communicator that loads vLLM's sm90
+  policy table (``bench/policies/vllm_sm90_tp2.json``).
 
-Rows of the communicator providers record ``plan_mode`` and ``paths`` (the path each op last ran).
+Decode: a batch of ``B`` random prompts of ``--context`` tokens is prefilled, then ``--steps`` decode steps (one
+token per sequence) are timed as a user sees them: host wall time between two device syncs over all steps, per step
+(so host work, launch gaps and graph replays all count). Prefill: one sequence of ``T`` tokens, last-token logits.
+Each decode row also reports the step's memory floor: the bytes it must read (this rank's weights without the
+embedding table, plus the KV cache) over the device-to-device copy bandwidth measured in the same run.
 
-CUDA graphs (one step captured, median of replays); reported per layer and per step. Writes
-``bench/results/e2e_tp{TP}_{device}.json`` and ``.png``.
+Writes ``e2e_tp{N}_{device}.json`` and ``.png`` to ``$OUT`` (or ``bench/results``) after every model.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 import tpfuse  # noqa: E402
-from tpfuse import ops  # noqa: E402
-from tpfuse.sharding import shard_range  # noqa: E402
+from tpfuse.parallel import KVCacheConfig  # noqa: E402
 
 POLICY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "policies", "vllm_sm90_tp2.json")
-COMM_PROVIDERS = ("tpfuse", "vllm_policy")  # the step goes through a TPCommunicator's fused_add_rmsnorm
-SHAPES = {"8B": dict(h=4096, heads=32, kv=8, d=128, inter=14336), "70B": dict(h=8192, heads=64, kv=8, d=128,
-                                                                              inter=28672)}
+SHAPES = {
+    "8B": ("llama", dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                         intermediate_size=14336, rope_theta=500000.0)),
+    "70B": ("llama", dict(hidden_size=8192, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
+                          intermediate_size=28672, rope_theta=500000.0)),
+    "Qwen3-32B": ("qwen3", dict(hidden_size=5120, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
+                                intermediate_size=25600, rope_theta=1000000.0)),
+}
+VOCAB = 32000
 
 
-def _eager_add_rmsnorm(x, residual, w, eps):
-    s = x + residual if residual is not None else x
-    sf = s.float()
-    return (sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype), s
-
-
-class Stack:
-    """``layers`` decoder layers of one TP rank (random weights; shapes of the named model)."""
-
-    def __init__(self, shape, layers, tp, rank, dev, gen):
-        self.__dict__.update(shape)
-        self.tp, self.rank, self.layers = tp, rank, layers
-        self.hq, self.hk, self.i_s = self.heads // tp, max(1, self.kv // tp), self.inter // tp
-        d, h = self.d, self.h
-
-        def rnd(*s):
-            return torch.randn(*s, device=dev, dtype=torch.bfloat16, generator=gen) / s[-1] ** 0.5
-
-        self.w = [dict(qkv=rnd((self.hq + 2 * self.hk) * d, h), o=rnd(h, self.hq * d), gu=rnd(2 * self.i_s, h),
-                       down=rnd(h, self.i_s), n1=1 + 0.1 * rnd(h), n2=1 + 0.1 * rnd(h)) for _ in range(layers)]
-        self.final = 1 + 0.1 * rnd(h)
-
-    def attention(self, qkv, mode, cache):
-        t, d = qkv.shape[0], self.d
-        q, k, v = qkv.split([self.hq * d, self.hk * d, self.hk * d], dim=-1)
-        if mode == "decode":  # t sequences of one new token each; cache [t, hk, L + 1, d], new token in slot L
-            kc, vc = cache
-            kc[:, :, -1].copy_(k.view(t, self.hk, d))
-            vc[:, :, -1].copy_(v.view(t, self.hk, d))
-            o = F.scaled_dot_product_attention(q.view(t, self.hq, 1, d), kc, vc, enable_gqa=True)
-            return o.reshape(t, self.hq * d)
-        # [1, heads, T, d]: 4-D inputs keep SDPA on its flash kernel
-        q = q.view(1, t, self.hq, d).transpose(1, 2)
-        k = k.view(1, t, self.hk, d).transpose(1, 2)
-        v = v.view(1, t, self.hk, d).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        return o.transpose(1, 2).reshape(t, self.hq * d)
-
-    def forward(self, provider, comm, h_in, mode, caches, eps=1e-5):
-        t = h_in.shape[0]
-        sp = provider == "tpfuse" and comm.plan(t).mode == "sequence_parallel"
-        if sp:
-            s, e = shard_range(t, self.tp, self.rank)
-            x, residual = ops.add_rmsnorm(h_in[s:e].contiguous(), None, self.w[0]["n1"], eps)
-        else:
-            x, residual = ops.add_rmsnorm(h_in, None, self.w[0]["n1"], eps)
-
-        def combine(partial, residual, w):
-            if provider == "nocomm":
-                return ops.add_rmsnorm(partial, residual, w, eps)
-            if provider in COMM_PROVIDERS:
-                return comm.fused_add_rmsnorm(partial, residual, w, eps)
-            dist.all_reduce(partial)
-            if provider == "unfused":
-                return _eager_add_rmsnorm(partial, residual, w, eps)
-            return ops.add_rmsnorm(partial, residual, w, eps)
-
-        for li, w in enumerate(self.w):
-            nxt = self.w[li + 1]["n1"] if li + 1 < self.layers else self.final
-            if sp:
-                qkv = comm.all_gather_matmul(x, w["qkv"], num_tokens=t)
-                x, residual = comm.matmul_reduce_scatter_rmsnorm(self.attention(qkv, mode, caches[li]), w["o"],
-                                                                 residual, w["n2"], eps)
-                gu = comm.all_gather_matmul(x, w["gu"], num_tokens=t)
-                x, residual = comm.matmul_reduce_scatter_rmsnorm(ops.silu_mul(gu), w["down"], residual, nxt, eps)
-            else:
-                a = self.attention(x @ w["qkv"].t(), mode, caches[li]) @ w["o"].t()
-                x, residual = combine(a, residual, w["n2"])
-                m = ops.silu_mul(x @ w["gu"].t()) @ w["down"].t()
-                x, residual = combine(m, residual, nxt)
-        return x
-
-
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ints = (lambda s: [int(x) for x in s.split(",") if x])
+    ap.add_argument("--models", default="8B,70B,Qwen3-32B")
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--models", default="8B,70B")
-    ap.add_argument("--kv-len", type=int, default=1024)
-    ap.add_argument("--flashinfer", action="store_true",
-                    help="add the vllm_policy provider (FlashInfer's fused kernel; JIT ~100 s on a fresh machine)")
-    args = ap.parse_args()
+    ap.add_argument("--decode-batches", type=ints, default=[1, 8, 64])
+    ap.add_argument("--context", type=int, default=1024, help="tokens cached per sequence before the timed steps")
+    ap.add_argument("--steps", type=int, default=32, help="timed decode steps")
+    ap.add_argument("--prefill", type=ints, default=[1024, 4096, 8192])
+    ap.add_argument("--compile-batches", type=ints, default=[1, 64],
+                    help="decode batches for hf_compiled (TP=1; first model only)")
+    ap.add_argument("--hf-models", default="8B", help="models that also run the hf_* providers (TP=1)")
+    ap.add_argument("--flashinfer", action="store_true", help="add the vllm_policy provider (TP > 1)")
+    return ap.parse_args(argv)
+
+
+def build_model(name: str, layers: int, dev):
+    """A random-weight transformers model of ``name``'s layer shapes, built on ``dev`` in bf16."""
+    import transformers
+
+    arch, shape = SHAPES[name]
+    cls, cfg_cls = ((transformers.LlamaForCausalLM, transformers.LlamaConfig) if arch == "llama"
+                    else (transformers.Qwen3ForCausalLM, transformers.Qwen3Config))
+    cfg = cfg_cls(vocab_size=VOCAB, num_hidden_layers=layers, max_position_embeddings=32768, rms_norm_eps=1e-5,
+                  tie_word_embeddings=False, **shape)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = cls(cfg).to(torch.bfloat16).eval()
+    return model
+
+
+def copy_bandwidth(dev) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second), median of 20 copies of 1 GiB."""
+    a = torch.empty(1 << 29, dtype=torch.bfloat16, device=dev).normal_()
+    b = torch.empty_like(a)
+    ts = []
+    for _ in range(23):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    return 2 * (1 << 30) / sorted(ts[3:])[len(ts[3:]) // 2]
+
+
+def decode_bytes(model, batch: int, context: int) -> int:
+    """Bytes a decode step must read on this rank: every weight except the embedding table (B rows of it) plus
+    the KV cache of ``batch`` sequences of ``context`` tokens."""
+    st = model._tpfuse
+    emb = model.get_input_embeddings().weight
+    w = sum(p.numel() * p.element_size() for p in model.parameters()) - emb.numel() * emb.element_size()
+    w += batch * emb.shape[1] * emb.element_size()
+    kv = 2 * len(st.layers) * batch * context * st.kv_heads * st.head_dim * 2
+    return w + kv
+
+
+def _wall_per_call(fn, n: int, dev) -> float:
+    torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize(dev)
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def _cache_kw(model) -> str:
+    """``cache`` (transformers >= 5.2x) or ``past_key_values`` (older)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def tpfuse_decode_us(model, batch, context, steps, dev) -> float:
+    g = torch.Generator(device=dev).manual_seed(1)
+    ids = torch.randint(0, VOCAB, (batch, context), device=dev, generator=g)
+    out = model(ids, logits_to_keep=1)
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    tok = out.logits[:, -1].argmax(-1, keepdim=True)
+    box = {"tok": tok}
+
+    def step():
+        box["tok"] = model(box["tok"], cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+
+    for _ in range(3):  # captures the bucket's graph, then warm replays
+        step()
+    return _wall_per_call(step, steps, dev)
+
+
+def hf_decode_us(model, batch, context, steps, dev, compiled: bool) -> float:
+    import transformers
+
+    kw = _cache_kw(model)
+    cache = transformers.StaticCache(config=model.config, max_cache_len=context + steps + 16)
+    g = torch.Generator(device=dev).manual_seed(1)
+    ids = torch.randint(0, VOCAB, (batch, context), device=dev, generator=g)
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
+    fwd = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True) if compiled else model.forward
+    box = {"tok": out.logits[:, -1].argmax(-1, keepdim=True), "pos": context}
+
+    def step():
+        pos = torch.full((batch, 1), box["pos"], dtype=torch.long, device=dev)
+        with torch.no_grad():
+            o = fwd(input_ids=box["tok"], position_ids=pos, use_cache=True, logits_to_keep=1, **{kw: cache})
+        box["tok"] = o.logits[:, -1].argmax(-1, keepdim=True)
+        box["pos"] += 1
+
+    for _ in range(3):
+        step()
+    return _wall_per_call(step, steps, dev)
+
+
+def prefill_us(model, t, dev, hf: bool) -> float:
+    ids = torch.randint(0, VOCAB, (1, t), device=dev)
+
+    def call():
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+    call()
+    return _wall_per_call(call, 5 if t >= 4096 else 10, dev)
+
+
+def _slowest(us: float, dev) -> float:
+    if dist.get_world_size() == 1:
+        return us
+    t = torch.tensor([us], dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def _measure(rows, base, provider, fn, dev, **extra):
+    """Run one timing; an exception becomes a NaN row with the error text (the run goes on)."""
+    try:
+        us, err = fn(), None
+    except Exception as ex:  # noqa: BLE001 - recorded in the row
+        us, err = float("nan"), f"{type(ex).__name__}: {ex}"[:300]
+        torch.cuda.synchronize(dev)
+    row = dict(base, provider=provider, us=_slowest(us, dev), **extra)
+    if err:
+        row["error"] = err
+    rows.append(row)
+    return row
+
+
+def hf_rows(name, model, args, dev, rows, compile_batches):
+    """The unmodified HF model (TP=1): eager decode / prefill, and compiled decode for ``compile_batches``."""
+    for b in args.decode_batches:
+        base = dict(model=name, mode="decode", tokens=b, context=args.context, layers=args.layers)
+        _measure(rows, base, "hf_eager", lambda: hf_decode_us(model, b, args.context, args.steps, dev, False), dev)
+        if b in compile_batches:
+            _measure(rows, base, "hf_compiled", lambda: hf_decode_us(model, b, args.context, args.steps, dev, True),
+                     dev)
+            torch._dynamo.reset()
+    for t in args.prefill:
+        base = dict(model=name, mode="prefill", tokens=t, layers=args.layers)
+        _measure(rows, base, "hf_eager", lambda: prefill_us(model, t, dev, hf=True), dev)
+
+
+def tpfuse_rows(name, model, comm, args, dev, rows, bandwidth, provider="tpfuse"):
+    st = model._tpfuse
+    for b in args.decode_batches:
+        base = dict(model=name, mode="decode", tokens=b, context=args.context, layers=args.layers)
+        r = _measure(rows, base, provider, lambda: tpfuse_decode_us(model, b, args.context, args.steps, dev), dev,
+                     last_mode=st.last_mode, paths=dict(comm.last_path))
+        if provider == "tpfuse":
+            nbytes = decode_bytes(model, b, args.context)
+            rows.append(dict(base, provider="memory_floor", us=nbytes / bandwidth * 1e6, bytes=nbytes))
+            _print(r, rows)
+    for t in args.prefill:
+        base = dict(model=name, mode="prefill", tokens=t, layers=args.layers)
+        comm.last_path.clear()
+        r = _measure(rows, base, provider, lambda: prefill_us(model, t, dev, hf=False), dev, last_mode=st.last_mode,
+                     paths=dict(comm.last_path))
+        _print(r, rows)
+
+
+def _print(r, rows):
+    if dist.get_rank() != 0:
+        return
+    same = [x for x in rows if all(x.get(k) == r.get(k) for k in ("model", "mode", "tokens"))]
+    cells = "  ".join(f"{x['provider']}={x['us']:.0f}" for x in same)
+    print(f"[{r['model']} {r['mode']} {'batch' if r['mode'] == 'decode' else 'tokens'}={r['tokens']}] us: {cells}"
+          f"  ({r.get('last_mode')}){'  ERROR ' + r['error'] if 'error' in r else ''}", flush=True)
+
+
+def _comm(args, hidden, config=None):
+    max_tokens = max(max(args.prefill), max(args.decode_batches) * args.context)
+    return tpfuse.TPCommunicator(max_tokens=max_tokens, hidden_size=hidden, dtype=torch.bfloat16, config=config)
+
+
+def run_model(name, args, dev, rows, bandwidth, first: bool):
+    tp = dist.get_world_size()
+    model = build_model(name, args.layers, dev)
+    if tp == 1 and name in args.hf_models.split(","):
+        hf_rows(name, model, args, dev, rows, args.compile_batches if first else [])
+    comm = _comm(args, model.config.hidden_size)
+    cache = KVCacheConfig(max_batch=max(args.decode_batches), max_seq_len=args.context + args.steps + 16)
+    model = tpfuse.parallelize(model, comm, cache=cache)
+    if dist.get_rank() == 0:
+        print(f"{name}: {model._tpfuse.cache_storage().describe()}", flush=True)
+    tpfuse_rows(name, model, comm, args, dev, rows, bandwidth)
+    if tp > 1:
+        model._tpfuse.local = True  # the no-communication floor (wrong logits by design)
+        tpfuse_rows(name, model, comm, args, dev, rows, bandwidth, provider="tpfuse_nocomm")
+        model._tpfuse.local = False
+        if args.flashinfer:
+            policy = _comm(args, model.config.hidden_size, tpfuse.CommConfig(thresholds_path=POLICY))
+            model._tpfuse.comm = policy
+            tpfuse_rows(name, model, policy, args, dev, rows, bandwidth, provider="vllm_policy")
+            model._tpfuse.comm = comm
+            policy.close()  # collective: frees FlashInfer's IPC buffers
+    comm.close()
+    del model
+    torch.cuda.empty_cache()
+
+
+def main(argv=None):
+    args = parse_args(argv)
     tpfuse.init_distributed()
-    rank, tp = dist.get_rank(), dist.get_world_size()
     dev = torch.device("cuda", torch.cuda.current_device())
-    decode = [1, 64] if args.quick else [1, 8, 32, 64, 256]
-    prefill = [1024, 4096] if args.quick else [1024, 4096, 8192, 16384]
-    providers = ["nocomm", "unfused", "nccl_fused_norm", "tpfuse"]
-    if args.flashinfer and rank == 0 and not _flashinfer_importable():
-        print("vllm_policy: flashinfer is not importable here; provider skipped", flush=True)
-    # prefill also runs tpfuse forced into each form, so the AR -> SP switch can be placed from data
-    forced = {"tpfuse_ar": tpfuse.CommConfig(sp_min_tokens=1 << 30), "tpfuse_sp": tpfuse.CommConfig(sp_min_tokens=1)}
+    bandwidth = copy_bandwidth(dev)
+    if dist.get_rank() == 0:
+        print(f"device-to-device copy bandwidth: {bandwidth / 1e12:.2f} TB/s", flush=True)
     rows = []
-    for model in args.models.split(","):
-        shape = SHAPES[model]
-        gen = torch.Generator(device=dev).manual_seed(7 + rank)
-        stack = Stack(shape, args.layers, tp, rank, dev, gen)
-        comm = tpfuse.TPCommunicator(max_tokens=max(prefill + decode), hidden_size=shape["h"], dtype=torch.bfloat16)
-        forced_comms = {k: tpfuse.TPCommunicator(max_tokens=max(prefill), hidden_size=shape["h"], dtype=torch.bfloat16,
-                                                 config=cfg) for k, cfg in forced.items()}
-        policy_comm = _policy_comm(max(prefill + decode), shape["h"], rank) if args.flashinfer else None
-        model_providers = providers + (["vllm_policy"] if policy_comm is not None else [])
-        for mode, sizes in (("decode", decode), ("prefill", prefill)):
-            for t in sizes:
-                h_in = torch.randn(t, shape["h"], device=dev, dtype=torch.bfloat16, generator=gen)
-                caches = [None] * args.layers
-                if mode == "decode":
-                    caches = [tuple(torch.randn(t, stack.hk, args.kv_len + 1, stack.d, device=dev,
-                                                dtype=torch.bfloat16, generator=gen) for _ in range(2))
-                              for _ in range(args.layers)]
-                res = {}
-                for prov in model_providers + (list(forced) if mode == "prefill" else []):
-                    c = policy_comm if prov == "vllm_policy" else forced_comms.get(prov, comm)
-                    c.last_path.clear()
-                    kind = "tpfuse" if prov in forced else prov
-                    try:
-                        us, timing = common.time_us(lambda: stack.forward(kind, c, h_in, mode, caches),
-                                                    calls=1, replays=10 if t < 8192 else 5)
-                    except Exception as ex:
-                        us, timing = float("nan"), f"error: {type(ex).__name__}: {ex}"[:200]
-                        torch.cuda.synchronize()
-                    us_t = torch.tensor([us], dtype=torch.float64, device=dev)
-                    dist.all_reduce(us_t, op=dist.ReduceOp.MAX)
-                    res[prov] = float(us_t.item())
-                    rows.append({"model": model, "mode": mode, "tokens": t, "layers": args.layers, "provider": prov,
-                                 "us_per_step": res[prov], "us_per_layer": res[prov] / args.layers,
-                                 "timing": timing, "plan_mode": c.plan(t).mode if kind in COMM_PROVIDERS else None,
-                                 "paths": dict(c.last_path) if kind in COMM_PROVIDERS else None})
-                if rank == 0:
-                    cells = "  ".join(f"{p}={v:.0f}" for p, v in res.items())
-                    vp = (f" tpfuse/vllm_policy={res['tpfuse'] / res['vllm_policy']:.3f} "
-                          f"(vllm_policy ran {policy_comm.last_path.get('fused_add_rmsnorm')})"
-                          if "vllm_policy" in res else "")
-                    print(f"[{model} {mode} {t}] us/step ({args.layers} layers): {cells}  "
-                          f"tpfuse/nocomm={res['tpfuse'] / res['nocomm']:.3f} "
-                          f"tpfuse/unfused={res['tpfuse'] / res['unfused']:.3f}{vp} (plan: {comm.plan(t).mode})",
-                          flush=True)
-        comm.close()
-        for c in forced_comms.values():
-            c.close()
-        if policy_comm is not None:
-            policy_comm.close()  # collective: frees FlashInfer's IPC buffers
-        del stack
-        torch.cuda.empty_cache()
-        if rank == 0:  # after every model: a run cut off later still leaves the finished models' rows
-            _write(rows, tp, args)
+    for i, name in enumerate(args.models.split(",")):
+        run_model(name, args, dev, rows, bandwidth, first=i == 0)
+        if dist.get_rank() == 0:  # after every model: a run cut off later keeps the finished models' rows
+            _write(rows, args, bandwidth)
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _write(rows, tp, args):
-    hdr = common.header("e2e", tp=tp, layers=args.layers, kv_len=args.kv_len,
-                        **({"vllm_policy": "bench/policies/vllm_sm90_tp2.json"}
-                           if any(r["provider"] == "vllm_policy" for r in rows) else {}))
+def _write(rows, args, bandwidth):
+    tp = dist.get_world_size()
+    hdr = common.header("e2e", tp=tp, layers=args.layers, context=args.context, steps=args.steps,
+                        copy_bandwidth_tb_s=round(bandwidth / 1e12, 3), timing="host wall time per call between "
+                        "device syncs (decode: per step over --steps steps)")
     path = os.path.join(os.environ.get("OUT") or common.RESULTS, f"e2e_tp{tp}_{common.device_slug()}.json")
     common.write_json(path, hdr, rows)
-    _plot(path.replace(".json", ".png"), rows, hdr)
+    common.plot_ratio_panels(path.replace(".json", ".png"), [r for r in rows if r["us"] == r["us"]],
+                             panel=("model", "mode"), x="tokens", y="us", baseline="tpfuse",
+                             ylabel="time / tpfuse (above 1: tpfuse faster)",
+                             xlabel=lambda key: "batch (context %d)" % args.context if key[1] == "decode"
+                             else "prefill tokens",
+                             title=f"E2E through tpfuse.parallelize, TP={tp}, {args.layers} layers, {hdr['device']}, "
+                                   f"{hdr['commit'][:10]}")
     print("wrote", path, flush=True)
-
-
-def _flashinfer_importable() -> bool:
-    from tpfuse.backends import flashinfer as fi
-
-    return fi._installed_reason() is None and fi._import_reason() is None
-
-
-def _policy_comm(max_tokens, hidden, rank):
-    """The vllm_policy communicator, or None (reason printed) where its FlashInfer paths cannot run or the policy
-    table has no row for this machine. Collective: every rank decides alike."""
-    from tpfuse import dispatch
-
-    ok = torch.tensor([1 if _flashinfer_importable() else 0], device=torch.device("cuda", torch.cuda.current_device()))
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank builds it, or none
-    if not ok.item():
-        return None
-    c = tpfuse.TPCommunicator(max_tokens=max_tokens, hidden_size=hidden, dtype=torch.bfloat16,
-                              config=tpfuse.CommConfig(thresholds_path=POLICY))
-    why = None
-    if c.row.arch == "*":
-        why = f"{os.path.basename(POLICY)} has no row for arch {c.arch} TP={c.tp} (only vLLM's sm90 TP=2 policy)"
-    else:
-        why = dispatch.unavailable_reason("fused_add_rmsnorm", "flashinfer_oneshot", c)
-    if why:
-        if rank == 0:
-            print(f"vllm_policy (hidden {hidden}) skipped: {why}", flush=True)
-        c.close()
-        return None
-    if rank == 0:
-        print(f"vllm_policy (hidden {hidden}): {c.table.path} row [{c.row.key()}], FlashInfer workspace "
-              f"{c.flashinfer.rows} rows", flush=True)
-    return c
-
-
-def _plot(path, rows, hdr):
-    return common.plot_ratio_panels(path, rows, panel=("model", "mode"), x="tokens", y="us_per_step",
-                                    baseline="nocomm", ylabel="time / no-comm floor",
-                                    xlabel=lambda key: "batch" if key[1] == "decode" else "tokens",
-                                    title=f"E2E TP={hdr['tp']} {hdr['layers']} layers, {hdr['device']}, "
-                                          f"{hdr['commit'][:10]}")
 
 
 if __name__ == "__main__":

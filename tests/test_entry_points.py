@@ -26,8 +26,8 @@ def test_demo_self_spawned_crosses_the_sp_threshold():
 
 def test_demo_under_launcher_tp4_uneven_tokens():
     out = _run(["bash", "launch/run.sh", "-n", "4", "-m", "tpfuse.demo", "--tokens", "3,1027", "--layers", "1",
-                "--sp-min-tokens", "1024", "--model", "builtin"])
-    assert "TP=4" in out and "sequence_parallel" in out and "built-in" in out
+                "--sp-min-tokens", "1024", "--decode-steps", "1"])
+    assert "TP=4" in out and "sequence_parallel" in out and "decode=" in out
     assert "all token counts match the unsharded model" in out
 
 
@@ -47,7 +47,7 @@ def test_exit_rank_flushes_and_keeps_the_status():
 
 def test_demo_reports_which_rank_failed():
     # ranks that raise (here CommConfig rejects the switch point on every rank) fail the demo, each exit status named
-    out = subprocess.run([sys.executable, "-m", "tpfuse.demo", "--tokens", "1", "--layers", "1", "--model", "builtin",
+    out = subprocess.run([sys.executable, "-m", "tpfuse.demo", "--tokens", "1", "--layers", "1",
                           "--sp-min-tokens", "-5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1, out
     assert "tpfuse demo: failed: rank 0 exited 1, rank 1 exited 1" in out.stderr, out.stderr

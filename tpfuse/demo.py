@@ -1,8 +1,8 @@
 """tpfuse demo: a tiny random-weight Hugging Face ``LlamaForCausalLM`` (``tpfuse[hf]``; nothing is downloaded)
-wrapped by :func:`tpfuse.parallelize` and run with tensor parallelism through the communicator - a prefill at
-several token counts, crossing the all-reduce -> sequence-parallel threshold, then decode steps through the KV
-cache - and compared with the same model unsharded in fp64 on one rank. Without transformers (or with
-``--model builtin``) it runs tpfuse's own small Llama-style stack (:mod:`tpfuse.models.llama`, prefill only).
+wrapped by :func:`tpfuse.parallelize` and run with tensor parallelism through the communicator - for each token
+count, a batch of two left-padded prompts (that many tokens and half as many) in one prefill, crossing the
+all-reduce -> sequence-parallel threshold, then decode steps through the static KV cache - compared with the same
+model unsharded in fp64 on one rank.
 
 Run plainly it starts its own local ranks (``--nproc``, default 2; NCCL when there are enough GPUs, else gloo on
 the CPU)::
@@ -32,7 +32,6 @@ from . import tolerance
 from .communicator import TPCommunicator
 from .config import CommConfig
 from .distributed import exit_rank, free_port, init_distributed
-from .models.llama import TinyLlamaConfig, forward_tp, forward_unsharded, init_weights, shard_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -46,24 +45,11 @@ def parse_args(argv=None):
                     help="activation dtype: auto = bf16 on GPU, fp32 on CPU")
     ap.add_argument("--layers", type=int, default=2, help="decoder layers")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--model", choices=["auto", "hf", "builtin"], default="auto",
-                    help="hf: transformers' LlamaForCausalLM through tpfuse.parallelize; builtin: tpfuse's own stack; "
-                         "auto: hf when transformers is installed")
-    ap.add_argument("--decode-steps", type=int, default=2, help="decode steps after each prefill (hf model)")
+    ap.add_argument("--decode-steps", type=int, default=2, help="decode steps after each prefill")
     ap.add_argument("--sp-min-tokens", type=int, default=None,
                     help="switch to the sequence-parallel form from this many tokens (default: the thresholds "
                          "table's sp_min_bytes for this arch / TP / dtype)")
     return ap.parse_args(argv)
-
-
-def _use_hf(choice: str) -> bool:
-    if choice != "auto":
-        return choice == "hf"
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _sync(device) -> None:
@@ -81,92 +67,84 @@ def _verdict(rank, device, dtype, logits, ref_fn):
     return verdict[0].item(), bool(verdict[1].item())
 
 
-def _run_hf(args, comm, rank, tp, device, dtype, tokens, g, rows) -> bool:
-    from .models import hf_tiny
-    from .parallel import parallelize
+def _prompts(t: int, vocab: int, steps: int, g):
+    """Two prompts (``t`` and ``ceil(t / 2)`` tokens), left-padded, plus ``steps`` decode tokens per row."""
+    lens = [t, (t + 1) // 2]
+    ids = torch.zeros(2, t, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate(lens):
+        ids[b, t - n:] = torch.randint(0, vocab, (n,), generator=g)
+        mask[b, t - n:] = 1
+    return lens, ids, mask, torch.randint(0, vocab, (2, steps), generator=g)
 
-    steps = args.decode_steps
-    model = hf_tiny.build(tp=tp, layers=args.layers, max_positions=max(tokens) + steps + 8, seed=args.seed)
-    oracle = hf_tiny.build(tp=tp, layers=args.layers, max_positions=max(tokens) + steps + 8,
-                           seed=args.seed) if rank == 0 else None
-    cfg = model.config
-    if rank == 0:
-        print(f"model: transformers LlamaForCausalLM (random weights), {cfg.num_hidden_layers} layers, hidden "
-              f"{cfg.hidden_size}, {cfg.num_attention_heads} heads ({cfg.num_key_value_heads} kv), mlp "
-              f"{cfg.intermediate_size}; each prefill is followed by {steps} decode steps through the KV cache",
-              flush=True)
-    tp_model = parallelize(model.to(dtype), comm)
-    ok_all = True
-    for t in tokens:
-        ids = torch.randint(0, cfg.vocab_size, (t + steps,), generator=g)
-        tp_model(ids[None, :t], use_cache=False)  # warm-up (and lazy kernel compilation on GPU)
-        _sync(device)
-        dist.barrier()
-        t0 = time.perf_counter()
-        comm.last_path.clear()
-        out = tp_model(ids[None, :t], use_cache=True)
-        _sync(device)
-        ms = (time.perf_counter() - t0) * 1e3
-        paths = dict(comm.last_path)
-        logits, cache = [out.logits[0]], out.past_key_values
-        comm.last_path.clear()
-        for i in range(steps):
-            out = tp_model(ids[None, t + i: t + i + 1], past_key_values=cache)
-            logits.append(out.logits[0])
-            cache = out.past_key_values
-        decode_paths = dict(comm.last_path)
-        err, ok = _verdict(rank, device, dtype, torch.cat(logits), lambda: hf_tiny.oracle_logits(oracle, ids))
-        ok_all &= ok
-        if decode_paths:
-            paths["decode"] = "/".join(sorted(set(decode_paths.values())))
-        rows.append((t, comm.plan(t).mode, paths, err, ms, ok))
-    return ok_all
+
+def _one_count(tp_model, comm, t, steps, g, oracle, rank, device, dtype):
+    """Prefill of the two prompts, ``steps`` decode steps; returns (mode, paths, rel err, prefill ms, ok)."""
+    lens, ids, mask, extra = _prompts(t, tp_model.config.vocab_size, steps, g)
+    tp_model(ids, attention_mask=mask, use_cache=False)  # warm-up (and lazy kernel compilation on GPU)
+    _sync(device)
+    dist.barrier()
+    t0 = time.perf_counter()
+    comm.last_path.clear()
+    out = tp_model(ids, attention_mask=mask)
+    _sync(device)
+    ms = (time.perf_counter() - t0) * 1e3
+    paths, mode = dict(comm.last_path), tp_model._tpfuse.last_mode
+    rows = [[out.logits[b, t - n:]] for b, n in enumerate(lens)]
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    comm.last_path.clear()
+    for i in range(steps):
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+        out = tp_model(extra[:, i:i + 1], attention_mask=mask, cache=cache)
+        for b in range(2):
+            rows[b].append(out.logits[b])
+    if steps:
+        paths["decode"] = f"{tp_model._tpfuse.last_mode}: " + "/".join(sorted(set(comm.last_path.values())) or ["-"])
+    got = torch.cat([torch.cat(r) for r in rows])
+
+    def ref():
+        from .models import hf_tiny
+
+        return torch.cat([hf_tiny.oracle_logits(oracle, torch.cat([ids[b, t - n:], extra[b]]))
+                          for b, n in enumerate(lens)])
+
+    err, ok = _verdict(rank, device, dtype, got, ref)
+    return mode, paths, err, ms, ok
 
 
 def run(args) -> bool:
     """The demo body on one rank of an initialised process group. Returns True when every check passed."""
+    from .models import hf_tiny
+    from .parallel import KVCacheConfig, parallelize
+
     backend = dist.get_backend()
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     rank, tp = dist.get_rank(), dist.get_world_size()
     tokens = [int(t) for t in args.tokens.split(",")]
-    hf = _use_hf(args.model)
-    kv = max(4, tp)  # GQA with every head count divisible by TP (2, 4, 8)
-    cfg = TinyLlamaConfig(num_layers=args.layers, num_kv_heads=kv, num_heads=2 * kv, head_dim=256 // (2 * kv))
-    # (the hf model has the same hidden size, 256: tpfuse.models.hf_tiny)
-    if not hf:
-        full = init_weights(cfg, args.seed)
-        ws = shard_weights(full, cfg, rank, tp, dtype, device)
-        oracle_w = {k: v.double() for k, v in full.items()} if rank == 0 else None
+    steps = args.decode_steps
     g = torch.Generator().manual_seed(args.seed + 1)
-    ok_all = True
-    rows = []
+    longest = max(tokens) + steps + 8
+    model = hf_tiny.build(tp=tp, layers=args.layers, max_positions=longest, seed=args.seed)
+    oracle = hf_tiny.build(tp=tp, layers=args.layers, max_positions=longest, seed=args.seed) if rank == 0 else None
+    cfg = model.config
+    rows, ok_all = [], True
     config = CommConfig(sp_min_tokens=args.sp_min_tokens)
-    with TPCommunicator(max_tokens=max(tokens), hidden_size=cfg.hidden_size, dtype=dtype, config=config) as comm:
+    with TPCommunicator(max_tokens=2 * max(tokens), hidden_size=cfg.hidden_size, dtype=dtype, config=config) as comm:
         if rank == 0:
             print(f"tpfuse demo: TP={tp} backend={backend} device={device.type} dtype={str(dtype)[6:]} "
-                  f"arch={comm.arch}", flush=True)
-            if not hf:
-                print(f"model: tpfuse's built-in Llama-style stack, {cfg.num_layers} layers, hidden "
-                      f"{cfg.hidden_size}, {cfg.num_heads} heads ({cfg.num_kv_heads} kv), mlp "
-                      f"{cfg.intermediate_size}", flush=True)
-        if hf:
-            ok_all = _run_hf(args, comm, rank, tp, device, dtype, tokens, g, rows)
-        for t in tokens if not hf else ():
-            ids = torch.randint(0, cfg.vocab_size, (t,), generator=g).to(device)
-            forward_tp(comm, ws, ids, cfg)  # warm-up (and lazy kernel compilation on GPU)
-            _sync(device)
-            dist.barrier()
-            t0 = time.perf_counter()
-            logits, paths = forward_tp(comm, ws, ids, cfg)
-            _sync(device)
-            ms = (time.perf_counter() - t0) * 1e3
-            err, ok = _verdict(rank, device, dtype, logits, lambda: forward_unsharded(oracle_w, ids.cpu(), cfg))
+                  f"arch={comm.arch}\nmodel: transformers LlamaForCausalLM (random weights), {cfg.num_hidden_layers} "
+                  f"layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads ({cfg.num_key_value_heads} kv), "
+                  f"mlp {cfg.intermediate_size}; per token count: a batch of 2 left-padded prompts (T and T/2 "
+                  f"tokens), then {steps} decode steps through the KV cache", flush=True)
+        tp_model = parallelize(model.to(dtype), comm, cache=KVCacheConfig(max_batch=2, max_seq_len=longest))
+        for t in tokens:
+            mode, paths, err, ms, ok = _one_count(tp_model, comm, t, steps, g, oracle, rank, device, dtype)
             ok_all &= ok
-            rows.append((t, comm.plan(t).mode, paths, err, ms, ok))
+            rows.append((t, mode, paths, err, ms, ok))
     if rank == 0:
         print(f"{'tokens':>7}  {'mode':<17}  {'paths (op=path)':<84}  {'rel err':>9}  {'ms':>8}  check"
-              + ("   (ms: the prefill; rel err: prefill and decode logits)" if hf else ""))
+              "   (ms: the prefill; rel err: prefill and decode logits)")
         for t, mode, paths, err, ms, ok in rows:
             p = ", ".join(f"{k}={v}" for k, v in paths.items())
             print(f"{t:>7}  {mode:<17}  {p:<84}  {err:9.2e}  {ms:8.2f}  {'ok' if ok else 'MISMATCH'}")

@@ -19,7 +19,7 @@ shards) + 3 decode steps. Each step clears ``comm.last_path`` and checks exactly
 
 * ``table``: the paths the shipped thresholds table picks here (``plan(T).path(op)``), which must not be the
   reference path (at these sizes today: ``tpfuse_oneshot`` for the all-reduce steps, ``tpfuse_async_tp`` /
-  ``tpfuse_rs`` / ``tpfuse_ag`` at ``T_SP``; ``T_SP`` is above the table's 8 MiB SP buckets at hidden 2048);
+  ``tpfuse_ag`` at ``T_SP``; ``T_SP`` is above the table's 8 MiB SP buckets at hidden 2048);
 * ``forced``: ``CommConfig.force_paths`` pins every op to tpfuse's own kernels (``tpfuse_twoshot`` for the
   all-reduce form, so both fused all-reduce kernels run a model across the two variants), whatever the table says.
 """
@@ -33,6 +33,7 @@ transformers = pytest.importorskip("transformers", reason="tpfuse.parallelize te
                                                             "(pip install 'tpfuse[hf]')")
 
 from harness import run_on_ranks  # noqa: E402
+from model_cases import cache_of  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs >= 2 CUDA GPUs (runs on the GPU pair)")]
@@ -43,9 +44,9 @@ SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hid
              num_key_value_heads=8, head_dim=128, max_position_embeddings=4096, rms_norm_eps=1e-5,
              tie_word_embeddings=False)
 AR_OPS = {"fused_add_rmsnorm"}
-SP_OPS = {"all_gather_matmul", "reduce_scatter_rmsnorm", "all_gather"}
+SP_OPS = {"all_gather_matmul", "matmul_reduce_scatter", "all_gather"}
 FORCED = {"fused_add_rmsnorm": "tpfuse_twoshot", "all_gather_matmul": "tpfuse_async_tp",
-          "reduce_scatter_rmsnorm": "tpfuse_rs", "all_gather": "tpfuse_ag"}
+          "matmul_reduce_scatter": "tpfuse_async_tp", "all_gather": "tpfuse_ag"}
 BUILD_THREADS = 8  # CPU threads per rank while drawing 225M random weights (the harness runs ranks at 1)
 
 
@@ -128,14 +129,14 @@ def _parity(rank, world, arch, variant):
             mode = "sequence_parallel" if t >= SP_MIN else "allreduce"
             comm.last_path.clear()
             with torch.no_grad():
-                out = tp_model(ids[None, pos:pos + t], past_key_values=cache, use_cache=True)
+                out = tp_model(ids[None, pos:pos + t], cache=cache, use_cache=True)
             assert comm.plan(t).mode == mode and model._tpfuse.last_mode == mode, (t, mode)
             ran = _check_paths(comm, t, mode, variant)
             logits = out.logits[0]
             assert logits.shape == (t, SHAPE["vocab_size"]) and logits.dtype == DT and logits.device == dev
             err = assert_logits_close(logits, ref[pos:pos + t], DT,
                                       f"{arch} {variant}: {t} tokens at position {pos} ({mode}, {ran})")
-            cache, pos = out.past_key_values, pos + t
+            cache, pos = cache_of(out), pos + t
             assert cache.get_seq_length() == pos
             steps.append((t, mode, ran, round(err, 5)))
     comm.synchronize()  # raises TPFusePeerTimeout if any kernel gave up on its peer
