@@ -4,8 +4,9 @@ per case and exits 1 if any case fails to compile.
 
 Covers the variants a GPU run would build: every output format (the local kernels' multi-row and split-row
 variants also with the alignment / divisibility specialization of a real launch, ``hinted``), TP 2/4/8 for the
-fused all-reduce kernels, both RoPE styles, bf16 and FP8 KV caches. Pointer types follow the launchers (tpfuse/ops.py, backends/symm.py,
-backends/async_tp.py, tpfuse/rope.py).
+fused all-reduce kernels, both RoPE styles, bf16 and FP8 KV caches (RoPE cache write, decode attention: single-pass
+and split + combine, GQA groups 1 / 4 / 8 padded to 16 rows, D 64 / 128 / 256). Pointer types follow the launchers
+(tpfuse/ops.py, backends/symm.py, backends/async_tp.py, tpfuse/rope.py, tpfuse/attention.py).
 """
 
 import os
@@ -18,10 +19,11 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from tpfuse.kernels import add_rmsnorm, fused_allreduce, quantize, reduce_slots, rope, silu_mul  # noqa: E402
+from tpfuse.kernels import (add_rmsnorm, decode_attention, fused_allreduce, quantize, reduce_slots,  # noqa: E402
+                            rope, silu_mul)
 
 TARGET = GPUTarget("cuda", 90, 32)
-FLOATS = {"eps"}
+FLOATS = {"eps", "qk_scale"}
 
 
 def out_types(fmt):
@@ -104,6 +106,29 @@ def cases():
                {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "pos_ptr": "*i64", "cs_ptr": "*fp32",
                 "kc_ptr": cache, "vc_ptr": cache, "slot_ptr": "*i64", "scale_ptr": "*fp32"},
                dict(HALF=64, BH=4, IS_NEOX=True, CACHE_FP8=fp8))
+
+    yield from decode_attention_cases()
+
+
+def decode_attention_cases():
+    """The configs :func:`tpfuse.kernels.decode_attention.pick_config` picks (BLOCK_N 64, or 32 for D=256 / fp32),
+    bf16 and fp16 q, bf16 / FP8 caches, single pass and split, and the combine kernel."""
+    for q_t, cache, d, group, bn, part, splits in (
+            ("*bf16", "*bf16", 128, 4, 64, 128, 32), ("*bf16", "*fp8e4nv", 128, 4, 64, 128, 32),
+            ("*bf16", "*bf16", 128, 8, 64, 1024, 1), ("*bf16", "*fp8e4nv", 128, 8, 64, 2048, 1),
+            ("*bf16", "*bf16", 64, 1, 64, 256, 4), ("*fp16", "*fp8e4nv", 256, 16, 32, 512, 8),
+            ("*fp32", "*fp32", 128, 4, 32, 256, 4)):
+        ptrs = {"q_ptr": q_t, "kc_ptr": cache, "vc_ptr": cache, "bt_ptr": "*i32", "sl_ptr": "*i32",
+                "kvs_ptr": "*fp32", "out_ptr": q_t, "ws_o_ptr": "*fp32", "ws_m_ptr": "*fp32", "ws_l_ptr": "*fp32"}
+        const = dict(D=d, GROUP_PAD=max(16, group), BLOCK_N=bn, PARTITION=part, BLOCK_SIZE=16, NUM_SPLITS=splits,
+                     CACHE_FP8=cache == "*fp8e4nv", PV_HILO=q_t != "*fp32", PREC="ieee" if q_t == "*fp32" else "tf32")
+        yield (f"decode_attention q={q_t[1:]} cache={cache[1:]} d={d} group={group} splits={splits}",
+               decode_attention._split_kernel, ptrs, const, 4, True)
+    for d, splits in ((128, 32), (64, 3)):
+        yield (f"decode_attention combine d={d} splits={splits}", decode_attention._combine_kernel,
+               {"ws_o_ptr": "*fp32", "ws_m_ptr": "*fp32", "ws_l_ptr": "*fp32", "sl_ptr": "*i32", "out_ptr": "*bf16"},
+               dict(D=d, PARTITION=128, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
+                    CHUNK=min(16, triton.next_power_of_2(splits))), 4, True)
 
 
 def main() -> int:

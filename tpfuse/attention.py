@@ -1,0 +1,195 @@
+"""Decode attention over a paged KV cache (one new query token per sequence, GQA), flash-decoding style.
+
+Public op (plain-torch reference beside it; Triton kernels in :mod:`tpfuse.kernels.decode_attention`):
+
+* ``decode_attention(q, key_cache, value_cache, block_tables, seq_lens, *, scale, kv_scale=None, out=None,
+  max_seq_len=None)`` -> ``out``. Attention of each sequence's single query token over its first ``seq_lens[b]``
+  cached keys/values, read through its block table. The cache layout is the one
+  :func:`tpfuse.rope.rope_kv_cache_write` writes (``slot = block * block_size + offset``). Returns ``out`` (the
+  given buffer, or a new one). Capturable in a CUDA graph: ``seq_lens`` and ``block_tables`` are only read on the
+  device, the launch configuration depends only on shapes and ``max_seq_len``.
+
+Shapes (B sequences, Hq / Hkv query / kv heads, D head_dim, NB cache blocks, BS block_size, MB max blocks per seq):
+
+================  ===============================================  ==========================================
+argument          shape / dtype                                    notes
+================  ===============================================  ==========================================
+q                 [B, Hq, D] bf16 / fp16 / fp32                    unit stride on D; B and Hq strides free
+                                                                   (e.g. a view of a wider qkv row)
+key_cache         [NB, BS, Hkv, D], q's dtype or float8_e4m3fn     unit stride on D; BS a power of two >= 16
+value_cache       same shape and dtype as key_cache
+block_tables      [B, MB] int32 (int64 accepted)                   block ids of each sequence, in key order;
+                                                                   unit column stride; entries past a
+                                                                   sequence's length are never read
+seq_lens          [B] int32 (int64 accepted)                       valid keys 0 .. len-1 of each sequence;
+                                                                   0 (or negative) gives out = 0
+kv_scale          fp32 tensor of one element, on the device        FP8 caches only (ignored otherwise)
+out               [B, Hq, D] q's dtype, unit stride on D           optional (preallocate for CUDA graphs);
+                                                                   every element is written
+max_seq_len       int, 1 <= max_seq_len <= MB * BS                 host-side capacity (default MB * BS); fixes
+                                                                   the grid; keys past it are ignored
+================  ===============================================  ==========================================
+
+Constraints: ``Hq % Hkv == 0`` (query head ``h`` uses kv head ``h // (Hq // Hkv)``); D a power of two in 16..256.
+
+Math contract (the reference defines it, a kernel that differs is wrong): with ``n = clamp(seq_lens[b], 0,
+max_seq_len)``, ``K[b, i] = key_cache[block_tables[b, i // BS], i % BS, h_kv]`` (times ``kv_scale`` for an FP8
+cache, same for V), ``out[b, h] = softmax(scale * q[b, h] . K[b, :n]) @ V[b, :n]``, all in fp32, rounded once to
+q's dtype; ``n == 0`` gives zeros. The kernel's only extra rounding is P in the P.V tensor-core product, which it
+keeps to ~16 bits (hi/lo split), well inside one final bf16/fp16 rounding.
+
+Dispatch: CUDA tensors run the Triton kernels through the ``torch.library`` custom op ``tpfuse::decode_attention_``
+(mutates ``out``, returns nothing, with a fake impl, so the public function works under
+``torch.compile(fullgraph=True)`` and CUDA-graph capture). CPU tensors run the plain-torch reference. With the
+environment variable ``TPFUSE_TRITON_CPU=1`` CPU tensors take the Triton path too, which only works under the
+Triton interpreter (``TRITON_INTERPRET=1`` set before Triton is imported); the interpreter tests use it.
+``import tpfuse`` never imports Triton: the launcher is imported lazily.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from . import quant as _quant
+from .errors import TPFuseInputError
+
+# --------------------------------------------------------------------------------------------------------------
+# references (math in ``dtype``: fp32 for the reference path, fp64 in the tests' oracle)
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, n: int, dtype=torch.float32,
+              kv_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The first ``n`` keys (or values) ``[n, Hkv, D]`` of one sequence in ``dtype``, read through its block table
+    row; only the blocks that hold them are touched. FP8 caches are dequantized (``x * kv_scale``)."""
+    bs = cache.shape[1]
+    blocks = block_table[: (n + bs - 1) // bs].to(torch.long)
+    x = cache.index_select(0, blocks).reshape(-1, *cache.shape[2:])[:n].to(dtype)
+    if cache.dtype == _quant.FP8_DTYPE:
+        x = x * kv_scale.to(dtype).reshape(())
+    return x
+
+
+def decode_attention_math(q, key_cache, value_cache, block_tables, seq_lens, *, scale, kv_scale=None,
+                          max_seq_len=None, dtype=torch.float32) -> torch.Tensor:
+    """Unrounded ``out [B, Hq, D]`` in ``dtype`` (see the module docstring); reads ``seq_lens`` on the host."""
+    bsz, hq, d = q.shape
+    hkv = key_cache.shape[2]
+    cap = block_tables.shape[1] * key_cache.shape[1] if max_seq_len is None else max_seq_len
+    out = torch.zeros(bsz, hq, d, dtype=dtype, device=q.device)
+    for b, n in enumerate(seq_lens.tolist()):
+        n = max(0, min(int(n), cap))
+        if n == 0:
+            continue
+        k = gather_kv(key_cache, block_tables[b], n, dtype, kv_scale).repeat_interleave(hq // hkv, dim=1)
+        v = gather_kv(value_cache, block_tables[b], n, dtype, kv_scale).repeat_interleave(hq // hkv, dim=1)
+        s = torch.einsum("hd,nhd->hn", q[b].to(dtype), k) * scale
+        out[b] = torch.einsum("hn,nhd->hd", torch.softmax(s, dim=-1), v)
+    return out
+
+
+def decode_attention_ref(q, key_cache, value_cache, block_tables, seq_lens, *, scale, kv_scale=None,
+                         max_seq_len=None) -> torch.Tensor:
+    """Reference: new ``out [B, Hq, D]`` in q's dtype (fp32 math, one rounding)."""
+    return decode_attention_math(q, key_cache, value_cache, block_tables, seq_lens, scale=scale, kv_scale=kv_scale,
+                                 max_seq_len=max_seq_len).to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# custom op
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda or os.environ.get("TPFUSE_TRITON_CPU") == "1"
+
+
+@torch.library.custom_op("tpfuse::decode_attention_", mutates_args=("out",))
+def _decode_attention_op(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                         block_tables: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor, scale: float,
+                         max_seq_len: int, kv_scale: Optional[torch.Tensor]) -> None:
+    if not _use_triton(q):
+        out.copy_(decode_attention_ref(q, key_cache, value_cache, block_tables, seq_lens, scale=scale,
+                                       kv_scale=kv_scale, max_seq_len=max_seq_len))
+        return
+    from .kernels.decode_attention import launch_decode_attention
+
+    launch_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, out, scale, kv_scale,
+                            max_seq_len=max_seq_len)
+
+
+@_decode_attention_op.register_fake
+def _(q, key_cache, value_cache, block_tables, seq_lens, out, scale, max_seq_len, kv_scale):
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# public function
+
+
+def _pow2(x: int) -> bool:
+    return x > 0 and not x & (x - 1)
+
+
+def _check_cache(q, key_cache, value_cache, kv_scale):
+    bsz, hq, d = q.shape
+    for name, c in (("key_cache", key_cache), ("value_cache", value_cache)):
+        if c.dim() != 4 or c.shape[3] != d or c.stride(3) != 1 or c.device != q.device:
+            raise TPFuseInputError(f"{name} must be [num_blocks, block_size, num_kv_heads, {d}] (unit last stride) "
+                                   f"on {q.device}, got {tuple(c.shape)} on {c.device}")
+    if key_cache.shape != value_cache.shape or key_cache.dtype != value_cache.dtype:
+        raise TPFuseInputError("key_cache and value_cache must have the same shape and dtype")
+    bs, hkv = key_cache.shape[1], key_cache.shape[2]
+    if not _pow2(bs) or bs < 16:
+        raise TPFuseInputError(f"block_size must be a power of two >= 16, got {bs}")
+    if hkv == 0 or hq % hkv:
+        raise TPFuseInputError(f"num_heads {hq} must be a multiple of num_kv_heads {hkv}")
+    if key_cache.dtype == _quant.FP8_DTYPE:
+        if (kv_scale is None or kv_scale.numel() != 1 or kv_scale.dtype != torch.float32
+                or kv_scale.device != q.device):
+            raise TPFuseInputError(f"an FP8 KV cache needs kv_scale: an fp32 tensor of one element on {q.device}")
+    elif key_cache.dtype != q.dtype:
+        raise TPFuseInputError(f"cache dtype {key_cache.dtype} must be q's dtype {q.dtype} or float8_e4m3fn")
+
+
+def _check_tables(q, block_tables, seq_lens, block_size, max_seq_len) -> int:
+    bsz = q.shape[0]
+    if (block_tables.dim() != 2 or block_tables.shape[0] != bsz or block_tables.dtype not in (torch.int32,
+                                                                                           torch.int64)
+            or block_tables.stride(1) != 1 or block_tables.device != q.device):
+        raise TPFuseInputError(f"block_tables must be [{bsz}, max_blocks] int32 (unit column stride) on {q.device}, "
+                               f"got {tuple(block_tables.shape)} {block_tables.dtype}")
+    if seq_lens.shape != (bsz,) or seq_lens.dtype not in (torch.int32, torch.int64) or seq_lens.device != q.device:
+        raise TPFuseInputError(f"seq_lens must be [{bsz}] int32 on {q.device}, got {tuple(seq_lens.shape)} "
+                               f"{seq_lens.dtype}")
+    cap = block_tables.shape[1] * block_size
+    max_seq_len = cap if max_seq_len is None else int(max_seq_len)
+    if not 1 <= max_seq_len <= cap:
+        raise TPFuseInputError(f"max_seq_len must be in [1, max_blocks * block_size = {cap}], got {max_seq_len}")
+    return max_seq_len
+
+
+def decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor, *, scale: float, kv_scale: Optional[torch.Tensor] = None,
+                     out: Optional[torch.Tensor] = None, max_seq_len: Optional[int] = None) -> torch.Tensor:
+    """Decode attention of ``q [B, Hq, D]`` over the paged KV cache; writes and returns ``out [B, Hq, D]``.
+    See the module docstring for shapes, the math contract and CUDA-graph use."""
+    if q.dim() != 3 or q.dtype not in (torch.bfloat16, torch.float16, torch.float32) or q.stride(2) != 1:
+        raise TPFuseInputError(f"q must be [B, num_heads, head_dim] bf16/fp16/fp32 with a unit last stride, got "
+                               f"{tuple(q.shape)} {q.dtype}")
+    d = q.shape[2]
+    if not _pow2(d) or not 16 <= d <= 256:
+        raise TPFuseInputError(f"head_dim must be a power of two in 16..256, got {d}")
+    _check_cache(q, key_cache, value_cache, kv_scale)
+    max_seq_len = _check_tables(q, block_tables, seq_lens, key_cache.shape[1], max_seq_len)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(2) != 1 or out.device != q.device:
+        raise TPFuseInputError(f"out must be {tuple(q.shape)} {q.dtype} with a unit last stride on {q.device}, "
+                               f"got {tuple(out.shape)} {out.dtype}")
+    if q.shape[0] == 0 or q.shape[1] == 0:
+        return out
+    _decode_attention_op(q, key_cache, value_cache, block_tables, seq_lens, out, float(scale), max_seq_len,
+                         kv_scale if key_cache.dtype == _quant.FP8_DTYPE else None)
+    return out
