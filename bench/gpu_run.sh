@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One GPU-machine call: install tpfuse (and FlashInfer if .whl was carried), then run the chosen steps.
-#   bash bench/gpu_run.sh [STEP ...]      steps: env tests probe_ce async_tp fused_ar local rope e2e tune demo
-#                                         (default: all but probe_ce)
+#   bash bench/gpu_run.sh [STEP ...]      steps: env tests probe_ce async_tp fused_ar local rope decode_attn host
+#                                         e2e tune demo (default: all but probe_ce; multi-GPU steps skip on one GPU)
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
 # Logs, JSON and PNG go to $OUT (or bench/results/gpu-run when OUT is unset). Multi-GPU steps need >= 2 GPUs.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-bench/results/gpu-run}; mkdir -p "$OUT"; export OUT
-steps=("$@"); [[ ${#steps[@]} -gt 0 ]] || steps=(env tests async_tp fused_ar local rope e2e tune demo)
+steps=("$@"); [[ ${#steps[@]} -gt 0 ]] || steps=(env tests async_tp fused_ar local rope decode_attn host e2e tune demo)
 ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 python3 -m pip install -q --no-deps --no-build-isolation --no-index . 2>&1 | grep -v WARNING
 rm -rf .site  # never reuse packages a previous call installed
@@ -34,7 +34,9 @@ for s in "${steps[@]}"; do
     tests) run tests bash -c "python3 -m pytest -q -rs ${TEST_ARGS:-tests}" ;;  # bash -c: quoted -k expressions survive
     async_tp) [[ $ngpu -ge 2 ]] && run async_tp "${TR2[@]}" bench/bench_async_tp.py ${ASYNC_TP_ARGS:-} ;;
     fused_ar) [[ $ngpu -ge 2 && -f bench/bench_fused_ar.py ]] && run fused_ar "${TR2[@]}" bench/bench_fused_ar.py ${FUSED_AR_ARGS:-} ;;
-    e2e) [[ $ngpu -ge 2 ]] && run e2e "${TR2[@]}" bench/bench_e2e.py ${E2E_ARGS:-} ;;
+    e2e) run e2e "${TR2[@]}" bench/bench_e2e.py ${E2E_ARGS:-} ;;  # TP = every GPU of the machine (1 included)
+    decode_attn) [[ -f bench/bench_decode_attention.py ]] && run decode_attn python3 bench/bench_decode_attention.py ${DECODE_ATTN_ARGS:-} ;;
+    host) [[ -f bench/bench_host.py ]] && run host "${TR2[@]}" bench/bench_host.py ${HOST_ARGS:-} ;;
     local) [[ -f bench/bench_local.py ]] && run local python3 bench/bench_local.py ${LOCAL_ARGS:-} ;;
     rope) [[ -f bench/bench_rope.py ]] && run rope python3 bench/bench_rope.py ${ROPE_ARGS:-} ;;
     tune) tuned="$OUT/thresholds_tp${ngpu}_$(python3 -c 'import sys; sys.path.insert(0,"bench"); import common; print(common.device_slug())').json"
