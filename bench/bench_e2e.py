@@ -165,7 +165,7 @@ def hf_decode_us(model, batch, context, steps, dev, compiled: bool) -> float:
     return _wall_per_call(step, steps, dev)
 
 
-def prefill_us(model, t, dev, hf: bool) -> float:
+def prefill_us(model, t, dev) -> float:
     ids = torch.randint(0, VOCAB, (1, t), device=dev)
 
     def call():
@@ -184,14 +184,15 @@ def _slowest(us: float, dev) -> float:
     return float(t.item())
 
 
-def _measure(rows, base, provider, fn, dev, **extra):
-    """Run one timing; an exception becomes a NaN row with the error text (the run goes on)."""
+def _measure(rows, base, provider, fn, dev, after=None):
+    """Run one timing; an exception becomes a NaN row with the error text (the run goes on). ``after()`` returns
+    fields recorded once the timing ran (the mode and paths of the last call)."""
     try:
         us, err = fn(), None
     except Exception as ex:  # noqa: BLE001 - recorded in the row
         us, err = float("nan"), f"{type(ex).__name__}: {ex}"[:300]
         torch.cuda.synchronize(dev)
-    row = dict(base, provider=provider, us=_slowest(us, dev), **extra)
+    row = dict(base, provider=provider, us=_slowest(us, dev), **(after() if after else {}))
     if err:
         row["error"] = err
     rows.append(row)
@@ -209,15 +210,16 @@ def hf_rows(name, model, args, dev, rows, compile_batches):
             torch._dynamo.reset()
     for t in args.prefill:
         base = dict(model=name, mode="prefill", tokens=t, layers=args.layers)
-        _measure(rows, base, "hf_eager", lambda: prefill_us(model, t, dev, hf=True), dev)
+        _measure(rows, base, "hf_eager", lambda: prefill_us(model, t, dev), dev)
 
 
 def tpfuse_rows(name, model, comm, args, dev, rows, bandwidth, provider="tpfuse"):
     st = model._tpfuse
     for b in args.decode_batches:
         base = dict(model=name, mode="decode", tokens=b, context=args.context, layers=args.layers)
+        comm.last_path.clear()
         r = _measure(rows, base, provider, lambda: tpfuse_decode_us(model, b, args.context, args.steps, dev), dev,
-                     last_mode=st.last_mode, paths=dict(comm.last_path))
+                     lambda: dict(last_mode=st.last_mode, paths=dict(comm.last_path)))
         if provider == "tpfuse":
             nbytes = decode_bytes(model, b, args.context)
             rows.append(dict(base, provider="memory_floor", us=nbytes / bandwidth * 1e6, bytes=nbytes))
@@ -225,8 +227,8 @@ def tpfuse_rows(name, model, comm, args, dev, rows, bandwidth, provider="tpfuse"
     for t in args.prefill:
         base = dict(model=name, mode="prefill", tokens=t, layers=args.layers)
         comm.last_path.clear()
-        r = _measure(rows, base, provider, lambda: prefill_us(model, t, dev, hf=False), dev, last_mode=st.last_mode,
-                     paths=dict(comm.last_path))
+        r = _measure(rows, base, provider, lambda: prefill_us(model, t, dev), dev,
+                     lambda: dict(last_mode=st.last_mode, paths=dict(comm.last_path)))
         _print(r, rows)
 
 
