@@ -75,8 +75,8 @@ class _Progress:
     rate it shows is the GPU's, not the host's queueing rate."""
 
     def __init__(self, total: int, enabled: bool, device):
-        self.total, self.enabled, self.device = total, enabled, device
-        self.every = max(1, total // 20)
+        self.total, self.enabled, self.device = total, enabled and total > 0, device
+        self.every = max(1, total // 20) if sys.stderr.isatty() else total  # a log file gets the last line only
         self.t0 = time.perf_counter()
 
     def update(self, done: int) -> None:
