@@ -51,3 +51,11 @@ def test_demo_reports_which_rank_failed():
                           "--sp-min-tokens", "-5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1, out
     assert "tpfuse demo: failed: rank 0 exited 1, rank 1 exited 1" in out.stderr, out.stderr
+
+
+def test_generate_cli_prints_speed_and_rejects_bad_args():
+    out = _run([sys.executable, "-m", "tpfuse.generate_cli", "--batch", "2", "--prompt-len", "6", "--new-tokens", "5"])
+    assert "ms/step" in out and "tokens/s" in out and "KV cache" in out, out
+    bad = subprocess.run([sys.executable, "-m", "tpfuse.generate_cli", "--new-tokens", "0"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--new-tokens must be >= 1" in bad.stderr, bad
