@@ -41,7 +41,7 @@ ON_GPU = torch.cuda.is_available()
 INNER = os.environ.get("TPFUSE_ATTN_INTERP") == "1"  # this process is the interpreter subprocess
 RUN_CASES = INNER or ON_GPU
 DEVICE = "cuda" if ON_GPU else "cpu"
-MIN_INTERP_CASES = 30
+MIN_INTERP_CASES = 25
 FP8 = torch.float8_e4m3fn
 POISON = 0xFF  # NaN in bf16, fp16, fp32 and e4m3fn
 
@@ -119,12 +119,12 @@ def run_case(gen, device, *, lens, hq, hkv, d, block_size=16, dtype=torch.bfloat
     x = make_inputs(gen, lens=lens, hq=hq, hkv=hkv, d=d, block_size=block_size, dtype=dtype, fp8=fp8,
                     extra_cols=extra_cols)
     bsz = len(lens)
-    args = dict(scale=x["scale"], kv_scale=x["kv_scale"], max_seq_len=max_seq_len)
-    cpu_in = (q_of(x["qkv"], hq, d), x["kc"], x["vc"], x["bt"], x["sl"])
-    oracle = A.decode_attention_math(*cpu_in, dtype=torch.float64, **args)
-    ref = A.decode_attention_ref(*cpu_in, **args)
     dev = [t.to(device) for t in (x["qkv"], x["kc"], x["vc"], x["bt"], x["sl"])]
     kvs = None if x["kv_scale"] is None else x["kv_scale"].to(device)
+    # oracle and reference on the device too (the GPU's fp64 is fast at the big shapes)
+    args = dict(scale=x["scale"], kv_scale=kvs, max_seq_len=max_seq_len)
+    oracle = A.decode_attention_math(q_of(dev[0], hq, d), *dev[1:], dtype=torch.float64, **args).cpu()
+    ref = A.decode_attention_ref(q_of(dev[0], hq, d), *dev[1:], **args).cpu()
     out_base = poisoned((bsz, hq * d + 24), dtype, device)  # out is a strided view; the padding keeps its poison
     out = out_base[:, : hq * d].view(bsz, hq, d)
     q = q_of(dev[0], hq, d)
@@ -235,7 +235,7 @@ def test_triton_interpreter_suite():
 
 
 kernel_case = pytest.mark.skipif(not RUN_CASES, reason="kernel cases run in the interpreter subprocess or on CUDA")
-EDGE_LENS = [0, 1, 15, 16, 17, 3]  # block_size 16: empty, one key, bs - 1, bs, bs + 1
+EDGE_LENS = [0, 1, 15, 16, 17]  # block_size 16: empty, one key, bs - 1, bs, bs + 1
 
 
 @pytest.fixture(autouse=True)
@@ -246,18 +246,24 @@ def _check_triton_mode():
         assert mod is not None and type(mod._split_kernel).__name__ == "InterpretedFunction"
 
 
+# GQA groups 1 / 4 / 8: the model shapes (8/8, 32/8, 64/8 heads) on the GPU, 2 kv heads in the interpreter (its
+# cost is per program, and the group, not the number of kv heads, is what the kernel's head mapping depends on)
+HKV = 8 if ON_GPU else 2
+GROUPS = [(HKV, HKV), (4 * HKV, HKV), (8 * HKV, HKV)]
+
+
 @kernel_case
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("hq,hkv", [(8, 8), (32, 8), (64, 8)], ids=["g1", "g4", "g8"])
+@pytest.mark.parametrize("hq,hkv", GROUPS, ids=["g1", "g4", "g8"])
 def test_case_gqa_edge_lengths(gen, hq, hkv, d):
     # partition 16 = one block: the 17-key sequence spans two partitions (split + combine path)
     run_case(gen, DEVICE, lens=EDGE_LENS, hq=hq, hkv=hkv, d=d, partition=16, block_n=16)
 
 
 @kernel_case
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16cache", "fp8cache"])
-@pytest.mark.parametrize("partition,block_n,block_size", [(32, 16, 16), (64, 64, 16), (64, 16, 32), (32, 32, 64),
-                                                          (None, None, 16)])
+@pytest.mark.parametrize("partition,block_n,block_size,fp8", [
+    (32, 16, 16, False), (64, 64, 16, True), (64, 16, 32, False), (32, 32, 64, True), (None, None, 16, False),
+    (None, None, 32, True)])
 def test_case_multi_partition(gen, fp8, partition, block_n, block_size):
     # tiles smaller / larger than a cache block, several partitions per sequence, one empty sequence, lengths
     # that end mid-tile and mid-block; None: the public op with the launcher's own heuristic
@@ -267,7 +273,7 @@ def test_case_multi_partition(gen, fp8, partition, block_n, block_size):
 
 @kernel_case
 @pytest.mark.parametrize("single", [False, True], ids=["split", "single"])
-@pytest.mark.parametrize("hq,hkv", [(8, 8), (32, 8)], ids=["g1", "g4"])
+@pytest.mark.parametrize("hq,hkv", GROUPS[:2], ids=["g1", "g4"])
 def test_case_fp8_cache(gen, hq, hkv, single):
     run_case(gen, DEVICE, lens=EDGE_LENS, hq=hq, hkv=hkv, d=128, fp8=True, partition=64 if single else 16,
              block_n=16)
@@ -278,7 +284,7 @@ def test_case_fp8_cache(gen, hq, hkv, single):
 def test_case_batch_33(gen, fp8):
     lens = torch.randint(0, 70, (33,), generator=gen).tolist()
     lens[:5] = [0, 1, 15, 16, 17]
-    run_case(gen, DEVICE, lens=lens, hq=8, hkv=2, d=64, fp8=fp8, partition=32, block_n=32)
+    run_case(gen, DEVICE, lens=lens, hq=4, hkv=2, d=64, fp8=fp8, partition=64, block_n=32)  # group 2
 
 
 @kernel_case
@@ -378,8 +384,8 @@ def test_gpu_torch_compile_fullgraph(gen):
     x = make_inputs(gen, lens=[300, 0, 17], hq=8, hkv=2, d=128)
     q, kc, vc, bt, sl = (t.cuda() for t in (q_of(x["qkv"], 8, 128), x["kc"], x["vc"], x["bt"], x["sl"]))
 
-    def f(q, kc, vc, bt, sl):
-        return A.decode_attention(q * 1.0, kc, vc, bt, sl, scale=x["scale"]).float().sum(dim=-1) * 2.0
+    def f(q, kc, vc, bt, sl):  # elementwise ops around the op only: eager and compiled round identically
+        return A.decode_attention(q * 1.0, kc, vc, bt, sl, scale=x["scale"]) + 1.0
 
     eager = f(q, kc, vc, bt, sl)
     comp = torch.compile(f, fullgraph=True)(q, kc, vc, bt, sl)

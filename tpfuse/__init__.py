@@ -13,7 +13,7 @@ if not _os.path.isdir(_os.path.join(_here, "kernels")) and _os.path.isfile(
         _os.path.join(_here, "..", "kernels", "__init__.py")):
     __path__.append(_os.path.dirname(_here))  # noqa: F821 (package __path__)
 
-from . import quant, sharding, tolerance  # noqa: E402,F401
+from . import attention, quant, sharding, tolerance  # noqa: E402,F401
 from .communicator import TPCommunicator, detect_arch
 from .config import CommConfig
 from .dispatch import OpChoice, Plan

@@ -66,10 +66,12 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, n: int, dtype=torc
     row; only the blocks that hold them are touched. FP8 caches are dequantized (``x * kv_scale``)."""
     bs = cache.shape[1]
     blocks = block_table[: (n + bs - 1) // bs].to(torch.long)
-    x = cache.index_select(0, blocks).reshape(-1, *cache.shape[2:])[:n].to(dtype)
-    if cache.dtype == _quant.FP8_DTYPE:
-        x = x * kv_scale.to(dtype).reshape(())
-    return x
+    fp8 = cache.dtype == _quant.FP8_DTYPE
+    src = cache.view(torch.uint8) if fp8 else cache  # index_select has no e4m3 kernel everywhere: gather bytes
+    x = src.index_select(0, blocks).reshape(-1, *cache.shape[2:])[:n]
+    if fp8:
+        return x.view(cache.dtype).to(dtype) * kv_scale.to(dtype).reshape(())
+    return x.to(dtype)
 
 
 def decode_attention_math(q, key_cache, value_cache, block_tables, seq_lens, *, scale, kv_scale=None,
@@ -83,10 +85,11 @@ def decode_attention_math(q, key_cache, value_cache, block_tables, seq_lens, *, 
         n = max(0, min(int(n), cap))
         if n == 0:
             continue
-        k = gather_kv(key_cache, block_tables[b], n, dtype, kv_scale).repeat_interleave(hq // hkv, dim=1)
-        v = gather_kv(value_cache, block_tables[b], n, dtype, kv_scale).repeat_interleave(hq // hkv, dim=1)
-        s = torch.einsum("hd,nhd->hn", q[b].to(dtype), k) * scale
-        out[b] = torch.einsum("hn,nhd->hd", torch.softmax(s, dim=-1), v)
+        k = gather_kv(key_cache, block_tables[b], n, dtype, kv_scale)  # [n, Hkv, D]
+        v = gather_kv(value_cache, block_tables[b], n, dtype, kv_scale)
+        qg = q[b].to(dtype).view(hkv, hq // hkv, d)  # query head h = kv head h // group, row h % group
+        s = torch.einsum("kgd,nkd->kgn", qg, k) * scale
+        out[b] = torch.einsum("kgn,nkd->kgd", torch.softmax(s, dim=-1), v).reshape(hq, d)
     return out
 
 

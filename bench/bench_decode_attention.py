@@ -1,0 +1,185 @@
+"""Benchmark: paged-KV-cache decode attention (:func:`tpfuse.attention.decode_attention`) on one GPU.
+
+Providers:
+
+* ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` on the equivalent *contiguous* cache
+  (``k, v [B, Hkv, ctx, D]``, q ``[B, Hq, 1, D]``), the bool mask of valid positions ``[B, 1, 1, ctx]`` and
+  ``enable_gqa=True`` (whatever backend torch picks for a masked GQA decode);
+* ``tpfuse``: the Triton flash-decoding kernel on a paged bf16 cache (block tables shuffled);
+* ``tpfuse_fp8``: the same on an FP8 e4m3 cache (one device scale).
+
+Shapes: B in 1, 8, 64; context 1024 and 4096 (every sequence at the full context, or with ``--mixed`` each at a
+random length in [ctx/2, ctx]); heads 32/8 and 64/8; D 128; bf16 q. ``max_seq_len`` (the graph-safe capacity that
+fixes the split count) is the context. Timing: CUDA graphs of back-to-back calls, median per call
+(:func:`common.time_us`). GB/s counts the bytes the op must move: the K and V rows of the valid keys (in the
+cache's dtype), q and out.
+
+Output (``--out-dir``, default ``$OUT`` or ``bench/results/gpu-run``): ``decode_attention_<device>.json`` with the
+usual header (device, commit from ``TPFUSE_COMMIT``, versions) and rows ``{provider, shape, batch, ctx, median_us,
+gbps, kv_bytes}``, and ``decode_attention_<device>.png`` (time relative to SDPA per shape and context).
+``--quick``: B 1 and 64 only. ``--sweep``: also time tpfuse at forced (partition, BLOCK_N, num_warps) configs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import RESULTS, device_slug, header, plot_ratio_panels, time_us, write_json  # noqa: E402
+
+from tpfuse import attention as A  # noqa: E402
+
+BATCHES = (1, 8, 64)
+BATCHES_QUICK = (1, 64)
+CONTEXTS = (1024, 4096)
+HEADS = ((32, 8), (64, 8))
+HEAD_DIM = 128
+BLOCK_SIZE = 16
+FP8 = torch.float8_e4m3fn
+
+
+def make_case(bsz, ctx, hq, hkv, d, block_size, mixed, gen, dev="cuda"):
+    """Paged caches (bf16 and FP8 copies, blocks in shuffled order), block tables, lengths, q, and the contiguous
+    SDPA inputs holding the same keys."""
+    mb = ctx // block_size
+    num_blocks = bsz * mb
+    lens = torch.full((bsz,), ctx, dtype=torch.int32)
+    if mixed:
+        lens = torch.randint(ctx // 2, ctx + 1, (bsz,), generator=gen, dtype=torch.int32)
+    bt = torch.randperm(num_blocks, generator=gen).view(bsz, mb).to(torch.int32)
+    kc = torch.randn(num_blocks, block_size, hkv, d, device=dev, dtype=torch.bfloat16)
+    vc = torch.randn(num_blocks, block_size, hkv, d, device=dev, dtype=torch.bfloat16)
+    q = torch.randn(bsz, hq, d, device=dev, dtype=torch.bfloat16)
+    bt, lens = bt.to(dev), lens.to(dev)
+    # contiguous equivalent: k[b, :, i] = cache[bt[b, i // bs], i % bs]
+    k_lin = kc[bt.long()].reshape(bsz, ctx, hkv, d).transpose(1, 2).contiguous()
+    v_lin = vc[bt.long()].reshape(bsz, ctx, hkv, d).transpose(1, 2).contiguous()
+    mask = (torch.arange(ctx, device=dev)[None, :] < lens[:, None])[:, None, None, :]
+    scale = torch.tensor([0.02], device=dev)
+    kc8 = (kc.float() / scale).to(FP8)
+    vc8 = (vc.float() / scale).to(FP8)
+    return dict(q=q, kc=kc, vc=vc, kc8=kc8, vc8=vc8, kv_scale=scale, bt=bt, lens=lens, k_lin=k_lin, v_lin=v_lin,
+                mask=mask, n_keys=int(lens.sum()))
+
+
+def op_bytes(c, hq, hkv, d, cache_elt):
+    bsz = c["q"].shape[0]
+    return 2 * c["n_keys"] * hkv * d * cache_elt + 2 * bsz * hq * d * 2
+
+
+def sdpa(c, scale):
+    q = c["q"][:, :, None, :]
+    return torch.nn.functional.scaled_dot_product_attention(q, c["k_lin"], c["v_lin"], attn_mask=c["mask"],
+                                                            scale=scale, enable_gqa=True)[:, :, 0, :]
+
+
+def check(c, scale, ctx):
+    """tpfuse (bf16 and FP8 caches) against SDPA: one bf16 rounding apart / the FP8 cache's quantization."""
+    ref = sdpa(c, scale).float()
+    out = A.decode_attention(c["q"], c["kc"], c["vc"], c["bt"], c["lens"], scale=scale, max_seq_len=ctx)
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    assert err < 2e-2, f"tpfuse decode attention disagrees with SDPA: {err}"
+    out8 = A.decode_attention(c["q"], c["kc8"], c["vc8"], c["bt"], c["lens"], scale=scale, kv_scale=c["kv_scale"],
+                              max_seq_len=ctx)
+    err8 = ((out8.float() - ref).norm() / ref.norm()).item()
+    assert err8 < 1e-1, f"tpfuse decode attention (FP8 cache) disagrees with SDPA: {err8}"
+
+
+def sweep(c, hq, hkv, d, ctx, scale, add, shape, bsz):
+    from tpfuse.kernels.decode_attention import launch_decode_attention
+
+    out = torch.empty_like(c["q"])
+    for part in (128, 256, 512, 1024, 2048, 4096):
+        if part > ctx:
+            continue
+        for bn in (32, 64, 128):
+            for nw in (4, 8):
+                if part % bn:
+                    continue
+                us = time_us(lambda: launch_decode_attention(c["q"], c["kc"], c["vc"], c["bt"], c["lens"], out,
+                                                             scale, None, max_seq_len=ctx, partition=part,
+                                                             block_n=bn, num_warps=nw))[0]
+                add(f"tpfuse[p={part},bn={bn},nw={nw}]", shape, bsz, ctx, us, op_bytes(c, hq, hkv, d, 2))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="B 1 and 64 only")
+    ap.add_argument("--mixed", action="store_true", help="random lengths in [ctx/2, ctx] instead of all at ctx")
+    ap.add_argument("--sweep", action="store_true", help="also time tpfuse at forced (partition, BLOCK_N, warps)")
+    ap.add_argument("--block-size", type=int, default=BLOCK_SIZE, help="paged-cache block size (default 16)")
+    ap.add_argument("--out-dir", default=os.environ.get("OUT") or os.path.join(RESULTS, "gpu-run"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_decode_attention needs a CUDA GPU")
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    t_start = time.time()
+
+    def add(provider, shape, bsz, ctx, us, nbytes):
+        rows.append({"provider": provider, "shape": shape, "batch": bsz, "ctx": ctx, "median_us": round(us, 3),
+                     "gbps": round(nbytes / (us * 1e-6) / 1e9, 1), "kv_bytes": nbytes})
+        print(f"{shape:18s} ctx={ctx:5d} B={bsz:3d} {provider:28s} {us:9.2f} us {rows[-1]['gbps']:8.1f} GB/s",
+              flush=True)
+
+    d = HEAD_DIM
+    scale = d ** -0.5
+    for hq, hkv in HEADS:
+        shape = f"hq{hq}/hkv{hkv}/d{d}"
+        for ctx in CONTEXTS:
+            for bsz in (BATCHES_QUICK if args.quick else BATCHES):
+                c = make_case(bsz, ctx, hq, hkv, d, args.block_size, args.mixed, gen)
+                check(c, scale, ctx)
+                nb16, nb8 = op_bytes(c, hq, hkv, d, 2), op_bytes(c, hq, hkv, d, 1)
+                add("sdpa", shape, bsz, ctx, time_us(lambda: sdpa(c, scale))[0], nb16)
+                out = torch.empty_like(c["q"])
+                add("tpfuse", shape, bsz, ctx, time_us(lambda: A.decode_attention(
+                    c["q"], c["kc"], c["vc"], c["bt"], c["lens"], scale=scale, out=out, max_seq_len=ctx))[0], nb16)
+                add("tpfuse_fp8", shape, bsz, ctx, time_us(lambda: A.decode_attention(
+                    c["q"], c["kc8"], c["vc8"], c["bt"], c["lens"], scale=scale, kv_scale=c["kv_scale"], out=out,
+                    max_seq_len=ctx))[0], nb8)
+                if args.sweep:
+                    sweep(c, hq, hkv, d, ctx, scale, add, shape, bsz)
+                del c
+                torch.cuda.empty_cache()
+                save(args, rows)  # after every size, so a run cut short still leaves its rows
+        print(f"  [{time.time() - t_start:.0f}s]", flush=True)
+    print("wrote", save(args, rows))
+    summary(rows)
+    png = plot_ratio_panels(os.path.join(args.out_dir, f"decode_attention_{device_slug()}.png"),
+                            [r for r in rows if "[" not in r["provider"]], panel=("shape", "ctx"), x="batch",
+                            y="median_us", baseline="sdpa", ylabel="time / SDPA time (lower is better)",
+                            title=f"decode attention, paged cache (block {args.block_size}), bf16 q, "
+                                  f"{'mixed' if args.mixed else 'full'} lengths", xlabel="batch")
+    print("wrote", png or "no plot (matplotlib missing)")
+
+
+def save(args, rows):
+    os.makedirs(args.out_dir, exist_ok=True)
+    return write_json(os.path.join(args.out_dir, f"decode_attention_{device_slug()}.json"),
+                      header("bench_decode_attention", quick=args.quick, mixed=args.mixed, sweep=args.sweep,
+                             block_size=args.block_size, head_dim=HEAD_DIM, heads=[list(h) for h in HEADS]), rows)
+
+
+def summary(rows):
+    """Per (shape, ctx, batch): tpfuse / tpfuse_fp8 vs SDPA, and the best swept config when there is one."""
+    print("\nshape / ctx / batch: sdpa us, tpfuse us (GB/s), tpfuse_fp8 us (GB/s), speedup vs sdpa, best sweep")
+    for key in sorted({(r["shape"], r["ctx"], r["batch"]) for r in rows}):
+        sel = {r["provider"]: r for r in rows if (r["shape"], r["ctx"], r["batch"]) == key}
+        if not {"sdpa", "tpfuse", "tpfuse_fp8"} <= sel.keys():
+            continue
+        s, t, f = sel["sdpa"], sel["tpfuse"], sel["tpfuse_fp8"]
+        swept = [r for p, r in sel.items() if p.startswith("tpfuse[")]
+        best = min(swept, key=lambda r: r["median_us"]) if swept else None
+        print(f"{key[0]:18s} {key[1]:5d} {key[2]:3d}: {s['median_us']:8.2f} {t['median_us']:8.2f} ({t['gbps']:6.0f}) "
+              f"{f['median_us']:8.2f} ({f['gbps']:6.0f})  x{s['median_us'] / t['median_us']:.2f}"
+              + (f"  {best['provider']} {best['median_us']:.2f}" if best else ""))
+
+
+if __name__ == "__main__":
+    main()
