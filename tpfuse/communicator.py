@@ -239,6 +239,11 @@ class TPCommunicator:
                                       f" {failed[0][1]}")
         if not failed and any(e[:3] != every[0][:3] for e in every):
             detail = "; ".join(f"rank {r}: {e[0]} call #{e[1]} {e[2]}" for r, e in enumerate(every))
+            closed = [r for r, e in enumerate(every) if e[0] == "close"]
+            if closed and op != "close":  # a peer has gone: nothing more to exchange with it
+                self._broken, self._closed = TPFusePeerError(
+                    f"rank(s) {closed} of the TP group closed this communicator while rank {self.rank} called {op}"
+                    f" (call #{self._calls}); build a new TPCommunicator on every rank"), True
             raise TPFuseMismatchError(f"{op}: ranks of the TP group made different calls: {detail}")
 
     # ----------------------------------------------------------------------------------------------------------
