@@ -41,19 +41,58 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HYSTERESIS = 0.03
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (launch/tune.sh runs this before starting any rank)
+        self.exit(2, f"tune.py: error: {message} (see --help)\n")
+
+
+def _ints(text: str, what: str, lo: int = 1):
+    try:
+        vals = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what}: expected comma-separated ints, got {text!r}") from None
+    if not vals or any(v < lo for v in vals):
+        raise argparse.ArgumentTypeError(f"{what}: every value must be >= {lo}, got {text!r}")
+    return text
+
+
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """Parse and validate the options (every rank, and once by launch/tune.sh before any rank starts)."""
+    ap = _Parser(prog="tune.py", description="Threshold tuner: time every available path of each op over token "
+                 "counts, keep the fastest correct one per size, and write a thresholds table (see the module "
+                 "docstring of bench/tune.py). Run on N ranks: launch/tune.sh -n N [options].")
     ap.add_argument("--ops", default="fused_add_rmsnorm,all_reduce", help=f"subset of {','.join(TUNABLE)}")
-    ap.add_argument("--hidden", default="4096,8192")
+    ap.add_argument("--hidden", default="4096,8192", type=lambda t: _ints(t, "--hidden"),
+                    help="hidden sizes (comma-separated; default %(default)s)")
     ap.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    ap.add_argument("--tokens", default=",".join(str(1 << i) for i in range(14)), help="token counts to sweep")
+    ap.add_argument("--tokens", default=",".join(str(1 << i) for i in range(14)), help="token counts to sweep",
+                    type=lambda t: _ints(t, "--tokens"))
     ap.add_argument("--paths", default=None, help="only these paths (comma-separated; reference always runs)")
     ap.add_argument("--calls", type=int, default=10, help="calls per CUDA graph")
     ap.add_argument("--replays", type=int, default=20)
     ap.add_argument("--base", default=None, help="table to add the tuned rows to (default: the shipped table)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--write-default", action="store_true", help="also rewrite tpfuse/thresholds/default.json")
-    return ap.parse_args(argv)
+    ap.add_argument("--check-args", action="store_true", help="only validate these options and exit (0 or 2)")
+    args = ap.parse_args(argv)
+    bad = [o for o in args.ops.split(",") if o not in TUNABLE]
+    if bad:
+        ap.error(f"--ops: cannot tune {bad}; choose from {', '.join(TUNABLE)}")
+    if args.paths:
+        unknown = sorted(set(args.paths.split(",")) - set(dispatch.PATH_DOCS))
+        if unknown:
+            ap.error(f"--paths: unknown path(s) {unknown}; paths: {', '.join(sorted(dispatch.PATH_DOCS))}")
+    for name in ("calls", "replays"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.base:
+        try:
+            thresholds.load(args.base)
+        except thresholds.ThresholdsError as e:
+            ap.error(f"--base: {e}")
+    if args.check_args:
+        ap.exit(0)
+    return args
 
 
 def _inputs(op, comm, t, h, dtype, device, gen, shared):
@@ -139,6 +178,8 @@ def plot(path_png, measurements, choices):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print(f"no plot written ({path_png}): matplotlib is not installed (pip install matplotlib, or "
+              f"'tpfuse[bench]')", flush=True)
         return None
     keys = sorted(measurements)
     fig, axes = plt.subplots(len(keys), 1, figsize=(8, 3.6 * len(keys)), squeeze=False)
@@ -169,9 +210,6 @@ def main(argv=None):
     tokens = sorted({int(t) for t in args.tokens.split(",")})
     hiddens = [int(h) for h in args.hidden.split(",")]
     ops = args.ops.split(",")
-    bad = [o for o in ops if o not in TUNABLE]
-    if bad:
-        raise SystemExit(f"tune.py: cannot tune {bad}; choose from {TUNABLE}")
     out = args.out or os.path.join(common.RESULTS, f"thresholds_tp{tp}_{common.device_slug()}.json")
     total, done, t0 = len(ops) * len(hiddens) * len(tokens), [0], time.monotonic()
 
@@ -180,7 +218,7 @@ def main(argv=None):
         if rank == 0:
             el = time.monotonic() - t0
             eta = el / done[0] * (total - done[0])
-            cells = "  ".join(f"{p}={us:.1f}{'' if ok else '(WRONG)'}" for p, (us, ok, _) in row.items())
+            cells = "  ".join(f"{p}={us:.1f} µs{'' if ok else ' (WRONG)'}" for p, (us, ok, _) in row.items())
             print(f"[{done[0]:>3}/{total} {100 * done[0] // total:>3}% eta {eta:5.0f}s] {op} h={hidden} T={t}: {cells}",
                   flush=True)
 
@@ -233,7 +271,8 @@ def main(argv=None):
         print(f"\nchosen buckets ({tp} ranks, {hdr['device']}):")
         for (op, h), b in ((k, v) for k, v in choices.items() if len(k) == 2):
             print(f"  {op:<24} h={h:<6} " + "  ".join(
-                f"<= {b_['max_bytes']} B: {b_['path']}" if b_["max_bytes"] else f"above: {b_['path']}" for b_ in b))
+                f"<= {b_['max_bytes']} B ({b_['max_bytes'] // (h * dtype.itemsize)} tokens): {b_['path']}"
+                if b_["max_bytes"] else f"above: {b_['path']}" for b_ in b))
         print(f"wrote {out}" + (f", {png}" if png else "") + (" and the shipped default table" if args.write_default else ""))
     dist.barrier()
     dist.destroy_process_group()

@@ -18,7 +18,7 @@ while [[ $# -gt 0 ]]; do
     --node-rank) node_rank="$2"; shift 2 ;;
     --rdzv) rdzv="$2"; shift 2 ;;
     -m) module=(-m); shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
     --) shift; break ;;
     *) break ;;
   esac

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -46,11 +48,49 @@ def test_exit_rank_flushes_and_keeps_the_status():
 
 
 def test_demo_reports_which_rank_failed():
-    # ranks that raise (here CommConfig rejects the switch point on every rank) fail the demo, each exit status named
-    out = subprocess.run([sys.executable, "-m", "tpfuse.demo", "--tokens", "1", "--layers", "1",
-                          "--sp-min-tokens", "-5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # ranks that raise (here the thresholds table named in the environment does not exist, which only the ranks
+    # see) fail the demo, each exit status named
+    env = dict(os.environ, TPFUSE_THRESHOLDS="/nonexistent/table.json")
+    out = subprocess.run([sys.executable, "-m", "tpfuse.demo", "--tokens", "1", "--layers", "1"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1, out
     assert "tpfuse demo: failed: rank 0 exited 1, rank 1 exited 1" in out.stderr, out.stderr
+    assert "ThresholdsError: thresholds table not found: /nonexistent/table.json" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--tokens", "abc"], "argument --tokens: expected comma-separated positive ints, got 'abc'"),
+    (["--tokens", "4,0"], "token counts must be >= 1"),
+    (["--nproc", "3"], "--nproc 3: the demo model shards over a power-of-two TP only"),
+    (["--nproc", "0"], "argument --nproc: must be in [1, 64], got 0"),
+    (["--sp-min-tokens", "-5"], "argument --sp-min-tokens: must be >= 1, got -5"),
+])
+def test_demo_rejects_bad_arguments_before_any_rank(args, msg):
+    p = subprocess.run([sys.executable, "-m", "tpfuse.demo", *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2, p
+    assert p.stderr.count("\n") == 1 and msg in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert p.stdout == "", p.stdout  # no rank printed anything: none started
+
+
+def test_help_texts_render_cleanly():
+    demo = subprocess.run([sys.executable, "-m", "tpfuse.demo", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert demo.returncode == 0 and "usage: tpfuse-demo" in demo.stdout
+    assert "``" not in demo.stdout and ":func:" not in demo.stdout, demo.stdout
+    run = subprocess.run(["bash", "launch/run.sh", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.startswith("Run a tpfuse entry point")
+    assert "set -euo" not in run.stdout and not any(ln.startswith("#") for ln in run.stdout.splitlines()), run.stdout
+    tune = subprocess.run(["bash", "launch/tune.sh", "-n", "2", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert tune.returncode == 0 and tune.stdout.count("usage: tune.py") == 1, tune.stdout + tune.stderr
+
+
+def test_tuner_rejects_bad_arguments_before_any_rank():
+    p = subprocess.run(["bash", "launch/tune.sh", "-n", "2", "--ops", "fused_add_rmsnorm,bogus"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "cannot tune ['bogus']" in p.stderr, p.stderr
+    assert p.stdout == "", p.stdout
 
 
 def test_generate_cli_prints_speed_and_rejects_bad_args():

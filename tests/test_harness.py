@@ -44,3 +44,24 @@ def test_hang_is_cut_off():
         run_on_ranks(_hang_on_last, 2, timeout_s=5)
     assert time.monotonic() - t0 < 60
     assert run_on_ranks(_ok, 2)[0] == (0, 2, 3.0)
+
+
+def _last_dies(rank, world):
+    if rank == world - 1:
+        import os
+
+        os._exit(0)
+    return rank
+
+
+def _nobody_dies(rank, world):
+    return rank
+
+
+def test_a_rank_meant_to_die():
+    # the survivors' results come back, the dead rank's is None, and the next call gets a fresh pool
+    assert run_on_ranks(_last_dies, 2, dies=(1,), timeout_s=60) == [0, None]
+    # a rank listed in `dies` that returns instead fails the call
+    with pytest.raises(AssertionError, match="was meant to die"):
+        run_on_ranks(_nobody_dies, 2, dies=(1,), timeout_s=60)
+    assert run_on_ranks(_ok, 2)[1][:2] == (1, 2)

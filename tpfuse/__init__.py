@@ -18,7 +18,8 @@ from .communicator import TPCommunicator, detect_arch
 from .config import CommConfig
 from .dispatch import OpChoice, Plan
 from .distributed import init_distributed
-from .errors import (TPFuseClosedError, TPFuseError, TPFuseInputError, TPFuseMismatchError, TPFusePeerTimeout)
+from .errors import (TPFuseClosedError, TPFuseError, TPFuseInputError, TPFuseMismatchError, TPFusePeerError,
+                     TPFusePeerTimeout, ThresholdsError)
 from .ops import add_rmsnorm, quantize, silu_mul
 from .rope import qk_norm_rope, rope_kv_cache_write
 from .quant import FP8PerGroup, FP8PerToken, FP8Static, NVFP4, QuantizedActivation
@@ -41,5 +42,6 @@ __all__ = [
     "TPCommunicator", "CommConfig", "Plan", "OpChoice", "init_distributed", "detect_arch",
     "FP8Static", "FP8PerToken", "FP8PerGroup", "NVFP4", "QuantizedActivation",
     "add_rmsnorm", "silu_mul", "quantize", "qk_norm_rope", "rope_kv_cache_write", "parallelize", "TPPlan",
-    "TPFuseError", "TPFuseInputError", "TPFuseMismatchError", "TPFuseClosedError", "TPFusePeerTimeout",
+    "TPFuseError", "TPFuseInputError", "TPFuseMismatchError", "TPFuseClosedError", "TPFusePeerError",
+    "TPFusePeerTimeout", "ThresholdsError",
 ]

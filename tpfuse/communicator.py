@@ -13,6 +13,11 @@ Contract
   released by :meth:`close`. Ops return fresh output tensors; inputs are never written.
 * **Bad input.** Checks run before any collective, so a bad argument given on every rank raises a
   :class:`TPFuseInputError` on every rank and the communicator stays usable.
+* **Peer faults.** Every wait for a peer is bounded by ``CommConfig.timeout_s`` (the collectives run on a group of
+  the same ranks created with that timeout, :mod:`tpfuse.peer`): a peer that dies, hangs, skips a call or closes
+  early makes the waiting ranks raise :class:`~tpfuse.errors.TPFusePeerError` (connection closed) or
+  :class:`~tpfuse.errors.TPFusePeerTimeout`, naming the op and call number; the communicator is broken from then
+  on (every later call raises the same at once). Per backend: the README's contract section.
 
 Shapes: see :mod:`tpfuse.reference` (the shape table of every op) and :mod:`tpfuse.sharding` (token shards).
 """
@@ -26,12 +31,13 @@ import torch.distributed as dist
 
 from . import backends  # noqa: F401  (registers the paths)
 from . import compile_ops
+from . import peer
 from . import quant as q
 from . import scaled_gemm
 from . import thresholds
 from .config import CommConfig
 from .dispatch import Plan, implementation, make_plan
-from .errors import TPFuseClosedError, TPFuseError, TPFuseInputError, TPFuseMismatchError
+from .errors import TPFuseClosedError, TPFuseError, TPFuseInputError, TPFuseMismatchError, TPFusePeerError
 from .sharding import shard_len
 from .validation import (ACTIVATION_DTYPES, check_activation, check_eps, check_norm_weight, check_same_rows,
                          check_tensor)
@@ -92,6 +98,11 @@ class TPCommunicator:
         self._plans: Dict[int, Plan] = {}
         self._calls = 0
         self._closed = False
+        self._broken: Optional[TPFusePeerError] = None  # set (with _closed) when a peer failed during a call
+        self._groups = peer.groups_for(self.group, self.backend, self.tp, self.config.timeout_s, self.config.debug,
+                                       self.device)
+        self.ops_group = self._groups.pg
+        """The process group the op collectives run on: ``group``'s ranks, timeout ``CommConfig.timeout_s``."""
         self._handle = compile_ops.register(self)
         from .backends import async_tp  # collective: every rank of the group allocates alike
         self.async_tp = async_tp.allocate(self)
@@ -107,7 +118,17 @@ class TPCommunicator:
     def close(self) -> None:
         """Release workspaces. Idempotent; any later op raises :class:`TPFuseClosedError`. Collective (barriers)
         when a FlashInfer workspace exists (``self.flashinfer``): then call it on every rank - except after a
-        :class:`~tpfuse.errors.TPFusePeerTimeout` (a peer may be dead), when nothing here waits for peers."""
+        :class:`~tpfuse.errors.TPFusePeerTimeout` (a peer may be dead), when nothing here waits for peers.
+        With ``CommConfig(debug=True)`` it is collective too: the ranks exchange a ``close`` signature (bounded by
+        ``timeout_s``), so a peer still calling ops raises :class:`TPFuseMismatchError` instead of waiting, and so
+        does this ``close()`` after releasing everything."""
+        err = None
+        if self.config.debug and not self._closed and self._broken is None:
+            self._calls += 1
+            try:
+                self._debug_exchange("close", (), None)
+            except TPFuseError as e:  # release first, then report
+                err = e
         if self.flashinfer is not None:
             broken = any(getattr(w, "broken", None) for w in (self.workspace, self.async_tp) if w is not None)
             self.flashinfer.close(collective=not broken)
@@ -121,6 +142,9 @@ class TPCommunicator:
         compile_ops.unregister(self._handle)
         self._plans.clear()
         self._closed = True
+        self._broken = None
+        if err is not None:
+            raise err
 
     def __enter__(self):
         return self
@@ -130,6 +154,8 @@ class TPCommunicator:
 
     def _check_open(self) -> None:
         if self._closed:
+            if self._broken is not None:  # a peer failed earlier: the same error, at once
+                raise type(self._broken)(str(self._broken))
             raise TPFuseClosedError("this TPCommunicator was closed; build a new one")
         if self.workspace is not None:
             self.workspace.check()  # raises TPFusePeerTimeout (and stays broken) after a kernel's peer timeout
@@ -164,13 +190,31 @@ class TPCommunicator:
         return p
 
     def _run(self, op: str, num_tokens: int, args: tuple, kwargs: dict):
-        path = self.plan(num_tokens).ops[op].path
-        self.last_path[op] = path
-        return implementation(op, path)(self, *args, **kwargs)
+        choice = self.plan(num_tokens).ops[op]
+        if choice.error is not None:  # force_paths pins this op to a path that cannot run here
+            raise TPFuseInputError(choice.error)
+        self.last_path[op] = choice.path
+        try:
+            return implementation(op, choice.path)(self, *args, **kwargs)
+        except RuntimeError as e:
+            self._peer_fault(op, e)
+            raise
+
+    def _peer_fault(self, op: str, exc: BaseException) -> None:
+        """Raise the tpfuse error for a collective that failed because of a peer (and break this communicator);
+        return when ``exc`` is anything else."""
+        err = peer.translate(exc, op=op, call=self._calls, rank=self.rank, tp=self.tp, backend=self.backend,
+                             timeout_s=self.config.timeout_s)
+        if err is None:
+            return
+        self._broken, self._closed = err, True
+        self._groups.broken = str(err)
+        raise err from exc
 
     def _enter(self, op: str, signature: tuple, check) -> None:
         """Run the local checks; in debug mode also compare ``signature`` and check results across ranks."""
         self._check_open()
+        self._calls += 1
         err = None
         try:
             check()
@@ -182,16 +226,24 @@ class TPCommunicator:
             raise err
 
     def _debug_exchange(self, op: str, signature: tuple, err: Optional[Exception]) -> None:
-        self._calls += 1
         mine = (op, self._calls, signature, None if err is None else str(err))
         every: list = [None] * self.tp
-        dist.all_gather_object(every, mine, group=self.group)
+        try:
+            dist.all_gather_object(every, mine, group=self._groups.debug_pg)
+        except RuntimeError as e:
+            self._peer_fault(op, e)
+            raise
         failed = [(r, e[3]) for r, e in enumerate(every) if e[3] is not None]
         if failed and err is None:
             raise TPFuseMismatchError(f"{op}: rank(s) {[r for r, _ in failed]} of the TP group rejected their input:"
                                       f" {failed[0][1]}")
         if not failed and any(e[:3] != every[0][:3] for e in every):
             detail = "; ".join(f"rank {r}: {e[0]} call #{e[1]} {e[2]}" for r, e in enumerate(every))
+            closed = [r for r, e in enumerate(every) if e[0] == "close"]
+            if closed and op != "close":  # a peer has gone: nothing more to exchange with it
+                self._broken, self._closed = TPFusePeerError(
+                    f"rank(s) {closed} of the TP group closed this communicator while rank {self.rank} called {op}"
+                    f" (call #{self._calls}); build a new TPCommunicator on every rank"), True
             raise TPFuseMismatchError(f"{op}: ranks of the TP group made different calls: {detail}")
 
     # ----------------------------------------------------------------------------------------------------------
@@ -259,15 +311,19 @@ class TPCommunicator:
         if width is not None and x_shard.shape[1] != width:
             raise TPFuseInputError(f"{name} has hidden size {x_shard.shape[1]}, but the communicator's hidden_size "
                                    f"is {width}")
-        t = num_tokens if num_tokens is not None else x_shard.shape[0] * self.tp
-        if not isinstance(t, int) or not 0 <= t <= self.max_tokens:
+        if num_tokens is None and self.tp > 1:
+            # a shard does not tell the global T (T=3 over TP=2 gives shards of 2 and 1 rows, which also fit T=4 and
+            # T=2): ranks guessing differently would send different sizes into the collective
+            raise TPFuseInputError(f"num_tokens is required with TP={self.tp}: pass the global token count "
+                                   f"(rank {self.rank}'s {name} has {x_shard.shape[0]} rows; a shard alone does not "
+                                   f"tell T when TP does not divide it)")
+        t = num_tokens if num_tokens is not None else x_shard.shape[0]
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= self.max_tokens:
             raise TPFuseInputError(f"num_tokens must be an int in [0, max_tokens={self.max_tokens}], got {t!r}")
         want = shard_len(t, self.tp, self.rank)
         if x_shard.shape[0] != want:
             raise TPFuseInputError(f"{name} has {x_shard.shape[0]} rows, but rank {self.rank}'s shard of {t} tokens "
-                                   f"over TP={self.tp} has {want}" +
-                                   ("" if num_tokens is not None else
-                                    " (num_tokens=None assumes equal shards; pass num_tokens for uneven ones)"))
+                                   f"over TP={self.tp} has {want}")
         return t
 
     def _check_residual_shard(self, residual_shard, num_tokens: int) -> None:
@@ -297,8 +353,8 @@ class TPCommunicator:
         return xd, ({"x_scale": xs, "w_scale": w_scale} if fp8 else {})
 
     def all_gather(self, x_shard: torch.Tensor, *, num_tokens: Optional[int] = None) -> torch.Tensor:
-        """``[Ts, H]`` token shards -> ``[T, H]``. ``num_tokens`` (global T) is needed only when TP does not divide
-        T; ``None`` means ``T = TP * Ts``."""
+        """``[Ts, H]`` token shards -> ``[T, H]``. ``num_tokens``: the global T, required when TP > 1 (a rank cannot
+        tell T from its own shard when TP does not divide T)."""
         if torch.compiler.is_compiling():
             return torch.ops.tpfuse.comm_all_gather(self._handle, x_shard,
                                                     compile_ops.gather_tokens(self, x_shard, num_tokens))
@@ -380,12 +436,19 @@ class TPCommunicator:
         self._enter("matmul_reduce_scatter_rmsnorm", self._gemm_sig(x, weight, x_scale, w_scale) +
                     (residual_shard is None, type(quant).__name__), check)
         xd, kw = box["x"], box["kw"]
-        path = self.plan(xd.shape[0]).ops["matmul_reduce_scatter"].path
+        choice = self.plan(xd.shape[0]).ops["matmul_reduce_scatter"]
+        if choice.error is not None:
+            raise TPFuseInputError(choice.error)
+        path = choice.path
         self.last_path["matmul_reduce_scatter"] = path
-        if path == "tpfuse_async_tp":
-            return self.async_tp.reduce_rmsnorm(xd, weight, residual_shard, norm_weight, eps, quant, gemma, **kw)
+        try:
+            if path == "tpfuse_async_tp":
+                return self.async_tp.reduce_rmsnorm(xd, weight, residual_shard, norm_weight, eps, quant, gemma, **kw)
+            y = implementation("matmul_reduce_scatter", path)(self, xd, weight, **kw)
+        except RuntimeError as e:
+            self._peer_fault("matmul_reduce_scatter_rmsnorm", e)
+            raise
         from . import ops
-        y = implementation("matmul_reduce_scatter", path)(self, xd, weight, **kw)
         return ops.add_rmsnorm(y, residual_shard, norm_weight, eps, quant=quant, gemma=gemma)
 
     def _gemm_sig(self, x, weight, x_scale, w_scale, shard: bool = False) -> tuple:
@@ -399,7 +462,7 @@ class TPCommunicator:
                _shape(xs)[cut:] if xs is not None else None, _shape(w_scale) if w_scale is not None else None)
         if (shard and self.config.debug and isinstance(xs, torch.Tensor) and xs.numel() == 1 and xs.dim() <= 1
                 and xs.device.type != "meta"):
-            sig += (float(xs.reshape(())),)
+            sig += (float(xs.reshape(())).hex(),)  # hex: a NaN scale equals itself (NaN != NaN as a float)
         return sig
 
     def __repr__(self) -> str:

@@ -11,6 +11,7 @@ Environment variables are escape hatches only, each documented here:
 from __future__ import annotations
 
 import os
+from collections import abc
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
@@ -29,9 +30,10 @@ class CommConfig:
     ``"reference"``, which is always allowed. ``None`` allows every path whose backend is present."""
 
     force_paths: Mapping[str, str] = field(default_factory=dict)
-    """Op name -> path name that overrides the table (benchmarks, tests, debugging). The forced path must be
-    available here, else the op raises (a forced path never falls back to another path because it is
-    unavailable). One documented exception per call: a FlashInfer path hands an output form FlashInfer cannot
+    """Op name -> path name that overrides the table (benchmarks, tests, debugging). Unknown op or path names are
+    rejected here (:class:`~tpfuse.errors.TPFuseInputError`). The forced path must be available here, else that op
+    raises ``TPFuseInputError`` when called (the other ops still run; a forced path never falls back to another
+    path because it is unavailable). One documented exception per call: a FlashInfer path hands an output form FlashInfer cannot
     produce (NVFP4, dynamic FP8, Gemma, ...) to tpfuse's kernel of the same shot count and reports that in
     ``TPCommunicator.last_path``."""
 
@@ -44,9 +46,10 @@ class CommConfig:
     from this many tokens on (an int >= 1; 1 = always)."""
 
     debug: bool = False
-    """Cross-rank checks before every call: all ranks exchange (op, shapes, dtypes, call counter, local
-    validation result) and all raise :class:`~tpfuse.errors.TPFuseMismatchError` if they differ. Costs one
-    small collective (and a host sync) per call: for debugging only."""
+    """Cross-rank checks before every call and at ``close()``: all ranks exchange (op, shapes, dtypes, call
+    counter, local validation result) and all raise :class:`~tpfuse.errors.TPFuseMismatchError` if they differ.
+    Costs one small collective (and a host sync) per call: for debugging only. The exchange is bounded by
+    ``timeout_s`` like every other wait."""
 
     all_workspaces: bool = False
     """Allocate every backend's workspace that can run here, whether or not the table routes any size to it (by
@@ -56,7 +59,11 @@ class CommConfig:
     ``allowed_paths`` leaves FlashInfer's paths out)."""
 
     timeout_s: float = 30.0
-    """Upper bound on any wait for a peer inside tpfuse's own kernels and barriers, in seconds (> 0)."""
+    """Upper bound on any wait for a peer, in seconds (> 0): in tpfuse's own kernels and semaphores, and in the
+    communicator's collectives, which run on a process group of the same ranks created with this timeout (gloo:
+    the wait raises; NCCL: the ProcessGroupNCCL watchdog aborts the collective, see the README's contract). A peer
+    that does not arrive makes the waiting ranks raise :class:`~tpfuse.errors.TPFusePeerTimeout`; the
+    communicator is broken from then on."""
 
     def __post_init__(self) -> None:
         # reject what would otherwise plan silently wrong (a negative switch point = SP at every size) or fail far
@@ -69,14 +76,36 @@ class CommConfig:
         t = self.timeout_s
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
             raise TPFuseInputError(f"CommConfig.timeout_s must be a number > 0 (seconds), got {t!r}")
+        if not isinstance(self.debug, bool):
+            raise TPFuseInputError(f"CommConfig.debug must be True or False, got {self.debug!r}")
+        # op and path names are checked here, not at the first call: a misspelled name would otherwise be ignored
+        from .dispatch import PATH_DOCS
+        from .thresholds import OPS
+
+        if not isinstance(self.force_paths, abc.Mapping):
+            raise TPFuseInputError(f"CommConfig.force_paths maps op names to path names (a dict), got "
+                                   f"{type(self.force_paths).__name__}")
         bad = {k: v for k, v in dict(self.force_paths).items() if not (isinstance(k, str) and isinstance(v, str))}
         if bad:
             raise TPFuseInputError(f"CommConfig.force_paths maps op names to path names (str -> str), got {bad!r}")
+        for op, path in dict(self.force_paths).items():
+            if op not in OPS:
+                raise TPFuseInputError(f"CommConfig.force_paths: unknown op {op!r}; ops: {', '.join(OPS)}")
+            if path not in PATH_DOCS:
+                raise TPFuseInputError(f"CommConfig.force_paths[{op!r}]: unknown path {path!r}; paths: "
+                                       f"{', '.join(sorted(PATH_DOCS))}")
         if self.allowed_paths is not None:
             if isinstance(self.allowed_paths, str) or not all(isinstance(p, str) for p in self.allowed_paths):
                 raise TPFuseInputError("CommConfig.allowed_paths must be a set of path names, got "
                                        f"{self.allowed_paths!r}")
+            unknown = sorted(set(self.allowed_paths) - set(PATH_DOCS))
+            if unknown:
+                raise TPFuseInputError(f"CommConfig.allowed_paths: unknown path(s) {unknown}; paths: "
+                                       f"{', '.join(sorted(PATH_DOCS))}")
             self.allowed_paths = frozenset(self.allowed_paths)
+        tp = self.thresholds_path
+        if tp is not None and not (isinstance(tp, (str, os.PathLike)) and str(tp)):
+            raise TPFuseInputError(f"CommConfig.thresholds_path must be a file path (str), got {tp!r}")
 
     def resolved_thresholds_path(self) -> Optional[str]:
         """The table path in effect: the config's, else ``$TPFUSE_THRESHOLDS``, else ``None`` (shipped table)."""

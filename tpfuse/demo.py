@@ -36,20 +36,63 @@ from .distributed import exit_rank, free_port, init_distributed
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+DESCRIPTION = ("tpfuse demo: a tiny random-weight transformers LlamaForCausalLM wrapped by tpfuse.parallelize, run with "
+               "tensor parallelism (batched prefill + decode through the KV cache) and compared with the same model "
+               "unsharded in fp64. Starts --nproc local ranks itself, or uses torchrun's.")
+MAX_NPROC = 64
+
+
+def _token_list(text: str):
+    try:
+        tokens = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints, got {text!r}") from None
+    if not tokens or any(t < 1 for t in tokens):
+        raise argparse.ArgumentTypeError(f"token counts must be >= 1, got {text!r}")
+    return text
+
+
+def _bounded_int(lo: int, hi: int = None):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be {'in [%d, %d]' % (lo, hi) if hi is not None else '>= %d' % lo},"
+                                             f" got {v}")
+        return v
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's default also prints the whole usage)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="tpfuse-demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tokens", default="1,16,256,2048", help="comma-separated prefill token counts (default "
-                                                               "%(default)s)")
-    ap.add_argument("--nproc", type=int, default=2, help="local ranks to start when not under torchrun")
+    """Parse and validate the command line (before any rank starts: a bad value exits 2 with one line)."""
+    ap = _Parser(prog="tpfuse-demo", description=DESCRIPTION)
+    ap.add_argument("--tokens", type=_token_list, default="1,16,256,2048",
+                    help="comma-separated prefill token counts (default %(default)s)")
+    ap.add_argument("--nproc", type=_bounded_int(1, MAX_NPROC), default=2,
+                    help="local ranks to start when not under torchrun (default %(default)s)")
     ap.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                     help="activation dtype: auto = bf16 on GPU, fp32 on CPU")
-    ap.add_argument("--layers", type=int, default=2, help="decoder layers")
+    ap.add_argument("--layers", type=_bounded_int(1), default=2, help="decoder layers (default %(default)s)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--decode-steps", type=int, default=2, help="decode steps after each prefill")
-    ap.add_argument("--sp-min-tokens", type=int, default=None,
+    ap.add_argument("--decode-steps", type=_bounded_int(0), default=2,
+                    help="decode steps after each prefill (default %(default)s)")
+    ap.add_argument("--sp-min-tokens", type=_bounded_int(1), default=None,
                     help="switch to the sequence-parallel form from this many tokens (default: the thresholds "
                          "table's sp_min_bytes for this arch / TP / dtype)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    tp = int(os.environ["WORLD_SIZE"]) if under_torchrun else args.nproc
+    if tp & (tp - 1):  # the demo model: kv heads max(4, TP), q heads 2 x kv, head_dim 256 / q heads
+        ap.error(f"{'WORLD_SIZE' if under_torchrun else '--nproc'} {tp}: the demo model shards over a power-of-two "
+                 f"TP only (1, 2, 4, 8, ...)")
+    return args
 
 
 def _sync(device) -> None:

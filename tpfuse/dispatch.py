@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
-from .errors import TPFuseError
 from .thresholds import OPS, Row
 
 PATH_DOCS: Dict[str, str] = {
@@ -97,6 +96,9 @@ class OpChoice:
     """Why the table picked ``preferred`` (bucket bounds, table row)."""
     fallback: Optional[str] = None
     """Why ``path`` differs from ``preferred`` (``None`` when they agree)."""
+    error: Optional[str] = None
+    """Set when ``CommConfig.force_paths`` pins this op to a path that cannot run here: calling the op raises
+    :class:`~tpfuse.errors.TPFuseInputError` with this text (the other ops are unaffected)."""
 
 
 @dataclass(frozen=True)
@@ -156,8 +158,10 @@ def make_plan(*, comm, row: Row, table_path: str, arch: str, tp: int, num_tokens
         if op in forced:
             want = forced[op]
             reason = unavailable_reason(op, want, comm)
-            if reason:
-                raise TPFuseError(f"CommConfig.force_paths[{op!r}] = {want!r} cannot run here: {reason}")
+            if reason:  # only this op raises (when called): the others keep their plan
+                msg = f"CommConfig.force_paths[{op!r}] = {want!r} cannot run here: {reason}"
+                ops[op] = OpChoice(op, want, preferred, rule, msg, error=msg)
+                continue
             ops[op] = OpChoice(op, want, preferred, rule, None if want == preferred else "forced by CommConfig")
             continue
         why = []

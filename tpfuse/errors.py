@@ -2,7 +2,19 @@
 
 Every input check runs before any collective, so when all ranks pass the same bad input every rank raises the same
 error and no rank is left waiting in a collective. Mismatches that only show across ranks (one rank passes a
-different token count) are caught by ``CommConfig(debug=True)``, which exchanges a call signature first.
+different token count) are caught by ``CommConfig(debug=True)``, which exchanges a call signature first. A peer
+that does not arrive (it died, hangs, skipped a call, closed early, or rejected its own input) makes the waiting
+ranks raise :class:`TPFusePeerError` / :class:`TPFusePeerTimeout` within ``CommConfig.timeout_s``.
+
+Every exception tpfuse raises on purpose derives from :class:`TPFuseError`::
+
+    TPFuseError (RuntimeError)
+    +-- TPFuseInputError (also ValueError)      bad argument, shape, dtype, device, config
+    |   +-- ThresholdsError                     malformed thresholds table (names the file, row and field)
+    +-- TPFuseMismatchError                     ranks made different calls (debug mode)
+    +-- TPFuseClosedError                       use after close()
+    +-- TPFusePeerError                         a peer failed: the communicator is broken from then on
+        +-- TPFusePeerTimeout                   ... by not arriving within CommConfig.timeout_s
 """
 
 
@@ -22,5 +34,15 @@ class TPFuseClosedError(TPFuseError):
     """The communicator was used after ``close()``."""
 
 
-class TPFusePeerTimeout(TPFuseError):
-    """A peer did not arrive within ``CommConfig.timeout_s`` (it died, diverged, or skipped a call)."""
+class ThresholdsError(TPFuseInputError):
+    """A thresholds table is malformed or unreadable (the message names the file, and the row and field)."""
+
+
+class TPFusePeerError(TPFuseError):
+    """A peer of the TP group failed during a call: it closed its connection (died, exited, closed its
+    communicator) or did not arrive in time. The communicator is broken afterwards: every later call raises this
+    again at once; build a new one on every rank (re-initialise the process group first if a peer died)."""
+
+
+class TPFusePeerTimeout(TPFusePeerError):
+    """A peer did not arrive within ``CommConfig.timeout_s`` (it died, hangs, diverged, or skipped a call)."""

@@ -41,6 +41,7 @@ SWIZZLED_128x4.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -64,15 +65,24 @@ ScaleLike = Union[torch.Tensor, float]
 def _as_scale_tensor(value: ScaleLike, what: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
-    if isinstance(value, (int, float)):
-        return torch.tensor(float(value), dtype=torch.float32)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # a zero scale dequantizes everything to +-0, a negative one flips signs, NaN / Inf poison every value:
+        # nothing a calibrated model produces, so a Python number is checked here (a tensor is not: reading it
+        # would sync the device; see the spec's docstring)
+        v = float(value)
+        if not (math.isfinite(v) and v > 0):
+            raise TPFuseInputError(f"{what} must be a finite number > 0, got {value!r}")
+        return torch.tensor(v, dtype=torch.float32)
     raise TPFuseInputError(f"{what} must be a float or an fp32 scalar tensor, got {type(value).__name__}")
 
 
 @dataclass(eq=False, frozen=True)
 class FP8Static:
-    """FP8 e4m3 with one static per-tensor scale: ``q = clamp(x / scale)``. ``scale``: float or fp32 ``[]``/``[1]``
-    tensor on the op's device (a tensor is read on device, so no host sync)."""
+    """FP8 e4m3 with one static per-tensor scale: ``q = clamp(x / scale)``. ``scale``: a finite float > 0 (checked
+    here: zero, negative, NaN and Inf raise :class:`~tpfuse.errors.TPFuseInputError`), or an fp32 ``[]``/``[1]``
+    tensor on the op's device. A tensor is read on the device, so no host sync, and its *value* is not checked:
+    a zero scale gives NaN / +-448 (``x * (1/0)``), a negative one flips every sign, NaN makes every output NaN -
+    the caller owns a tensor scale's value (its shape, dtype and device are checked at each call)."""
 
     scale: ScaleLike
 
@@ -100,7 +110,8 @@ class FP8PerGroup:
 @dataclass(eq=False, frozen=True)
 class NVFP4:
     """NVFP4 (e2m1 data, e4m3 scale per 16 elements, fp32 global scale), FlashInfer/TRT-LLM compatible.
-    ``global_scale``: float or fp32 ``[]``/``[1]`` tensor, usually ``448 * 6 / amax``. ``layout``: scale layout,
+    ``global_scale``: a finite float > 0 (checked here), or an fp32 ``[]``/``[1]`` tensor (shape, dtype and device
+    checked per call; its value is not, as for :class:`FP8Static`), usually ``448 * 6 / amax``. ``layout``: scale layout,
     ``"swizzled128x4"`` (what FP4 GEMMs read) or ``"linear"`` (row-major)."""
 
     global_scale: ScaleLike

@@ -11,7 +11,12 @@ Guarantees:
 * nothing hangs: the caller waits at most ``timeout_s``; then the ranks are killed and the call fails;
 * no state leaks into the next test after a failure: a failed or timed-out pool is torn down (process groups
   destroyed in ``finally``) and the next call starts fresh ranks. Pools that succeed are reused, since spawning
-  ranks that import torch costs seconds on a 2-core CI machine.
+  ranks that import torch costs seconds on a 2-core CI machine;
+* a rank may be *meant* to die (fault injection): ``run_on_ranks(fn, N, ..., dies=(2,))`` expects rank 2 to end its
+  process inside ``fn`` (``os._exit``) and returns ``None`` for it and the other ranks' results; the ranks skip the
+  control all-reduce (the default group lost a member, so each rank reports for itself), leave without tearing
+  the broken group down, and the pool is replaced by the next call. A rank listed in ``dies`` that returns fails
+  the call.
 
 ``fn`` must be a module-level function (it is pickled by reference); results must be picklable (move tensors to
 the CPU).
@@ -61,12 +66,17 @@ def _worker(rank: int, world: int, backend: str, port: int, conn) -> None:
             msg = conn.recv()
             if msg is None:
                 break
-            fn, args, kwargs = msg
+            fn, args, kwargs, solo = msg
             ok, payload = True, None
             try:
                 payload = fn(rank, world, *args, **kwargs)
             except BaseException:  # noqa: BLE001 - report everything, including assertion errors
                 ok, payload = False, traceback.format_exc()
+            if solo:  # a peer died on purpose: no control all-reduce, no teardown of the broken group
+                conn.send(("result", (ok, payload, not ok)))
+                from tpfuse.distributed import exit_rank
+
+                exit_rank(0)
             flag = torch.tensor([0 if ok else 1], dtype=torch.int32)
             try:
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ctrl)
@@ -128,18 +138,27 @@ class RankPool:
             if not self.procs[rank].is_alive():
                 raise RuntimeError(f"rank {rank} died (exit code {self.procs[rank].exitcode})")
 
-    def run(self, fn: Callable, args: tuple, kwargs: dict, timeout_s: float) -> Tuple[bool, List[Any]]:
+    def run(self, fn: Callable, args: tuple, kwargs: dict, timeout_s: float,
+            dies: Tuple[int, ...] = ()) -> Tuple[bool, List[Any]]:
         for c in self.conns:
-            c.send((fn, args, kwargs))
+            c.send((fn, args, kwargs, bool(dies)))
         deadline = time.monotonic() + timeout_s
         results, problems = [], []
         for r, c in enumerate(self.conns):
             try:
                 _, (ok, payload, any_failed) = self._recv(c, deadline, r)
-            except (TimeoutError, RuntimeError) as e:
+            except RuntimeError as e:  # the process is gone
+                if r not in dies:
+                    problems.append(f"rank {r}: {e}")
+                results.append(None)
+                continue
+            except TimeoutError as e:
                 problems.append(f"rank {r}: {e}")
                 results.append(None)
                 continue
+            if r in dies:
+                problems.append(f"rank {r} was meant to die inside {getattr(fn, '__name__', fn)} but returned: "
+                                f"{payload}")
             results.append(payload)
             if not ok:
                 problems.append(f"rank {r} raised:\n{payload}")
@@ -172,19 +191,24 @@ def _pick_backend(world_size: int, backend: Optional[str]) -> str:
 
 
 def run_on_ranks(fn: Callable, world_size: int, *args, backend: Optional[str] = "gloo", timeout_s: float = 180.0,
-                 **kwargs) -> List[Any]:
+                 dies: Tuple[int, ...] = (), **kwargs) -> List[Any]:
     """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` ranks; return the per-rank results.
 
+    ``dies``: ranks that end their process inside ``fn`` on purpose (module docstring); their result is ``None``.
     Raises AssertionError naming every failed rank (with its traceback) if any rank failed or hung."""
     backend = _pick_backend(world_size, backend)
     key = (world_size, backend)
     pool = _POOLS.get(key)
     if pool is None:
         pool = _POOLS[key] = RankPool(world_size, backend)
-    ok, out = pool.run(fn, args, kwargs, timeout_s)
-    if not ok:
+    ok, out = pool.run(fn, args, kwargs, timeout_s, tuple(dies))
+    if dies:  # the pool's default group lost a member (and the survivors have left): never reuse it
         _POOLS.pop(key, None)
         pool.close()
+    if not ok:
+        if not dies:
+            _POOLS.pop(key, None)
+            pool.close()
         raise AssertionError(f"{getattr(fn, '__name__', fn)} failed on {world_size} ranks ({backend}):\n"
                              + "\n".join(out))
     return out

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import re
+
 import pytest
 import torch
 
@@ -183,9 +185,9 @@ def _forced(rank, world, path):
     comm = tpfuse.TPCommunicator(max_tokens=64, hidden_size=64, dtype=torch.bfloat16,
                                  config=tpfuse.CommConfig(force_paths={"fused_add_rmsnorm": path}))
     msgs = []
-    with pytest.raises(TPFuseError, match=rf"force_paths\['fused_add_rmsnorm'\] = '{path}' cannot run here: ") as e:
-        comm.plan(4)
-    msgs.append(str(e.value))
+    err = comm.plan(4)["fused_add_rmsnorm"].error
+    assert re.match(rf"CommConfig.force_paths\['fused_add_rmsnorm'\] = '{path}' cannot run here: ", err), err
+    msgs.append(err)
     inp = make_inputs(1, world, 4, 64, torch.bfloat16)
     with pytest.raises(TPFuseError, match="cannot run here") as e:  # raised before any collective, on every rank
         comm.fused_add_rmsnorm(inp.xs[rank], inp.residual, inp.weight)

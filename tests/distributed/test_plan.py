@@ -10,7 +10,7 @@ import torch
 import tpfuse
 from harness import run_on_ranks
 from tpfuse import thresholds
-from tpfuse.errors import TPFuseError
+from tpfuse.errors import TPFuseError, TPFuseInputError
 
 # a table with round numbers, so the boundaries below are exact
 TABLE = {
@@ -92,10 +92,13 @@ def _overrides(rank, world, table_path):
     # sp_min_tokens overrides the table
     c = tpfuse.TPCommunicator(**base, config=tpfuse.CommConfig(sp_min_tokens=10))
     assert c.plan(9).mode == "allreduce" and c.plan(10).mode == "sequence_parallel"
-    # a forced path that cannot run here raises (never a silent fallback)
+    # a forced path that cannot run here makes that op raise (never a silent fallback); the other ops still run
     c = tpfuse.TPCommunicator(**base, config=tpfuse.CommConfig(force_paths={"all_reduce": "tpfuse_oneshot"}))
-    with pytest.raises(TPFuseError, match="cannot run here"):
-        c.plan(1)
+    assert "cannot run here" in c.plan(1)["all_reduce"].error and c.plan(1)["all_gather"].error is None
+    with pytest.raises(TPFuseInputError, match="cannot run here"):
+        c.all_reduce(torch.ones(1, 64, dtype=torch.bfloat16))
+    shard = torch.ones(1, 64, dtype=torch.bfloat16)
+    assert torch.equal(c.all_gather(shard, num_tokens=world), torch.ones(world, 64, dtype=torch.bfloat16))
     # a forced path that can run is used and reported
     c = tpfuse.TPCommunicator(**base, config=tpfuse.CommConfig(arch="sm90", force_paths={"all_reduce": "reference"}))
     assert c.plan(1)["all_reduce"].fallback == "forced by CommConfig"
@@ -127,7 +130,7 @@ def test_overrides(tmp_path):
     (lambda t: t["rows"][0]["paths"].pop("all_gather"), "no buckets for op 'all_gather'"),
     (lambda t: t["rows"][0]["paths"]["all_reduce"].reverse(), "ascending|last bucket"),
     (lambda t: t["rows"][0]["paths"]["all_reduce"].pop(), "last bucket must have max_bytes null"),
-    (lambda t: t["rows"][0].update(tp=0), "tp must be"),
+    (lambda t: t["rows"][0].update(tp=0), "'tp' must be"),
     (lambda t: t["rows"][0]["paths"].update(bogus=[]), "unknown ops"),
     (lambda t: t["rows"][0].pop("sp_min_bytes"), "lacks"),
 ])

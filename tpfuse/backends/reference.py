@@ -22,33 +22,33 @@ def _needs_nccl(comm):
 
 @register("all_reduce", "reference")
 def _ar_ref(comm, x):
-    return ref.all_reduce(x, comm.group)
+    return ref.all_reduce(x, comm.ops_group)
 
 
 @register("fused_add_rmsnorm", "reference")
 def _far_ref(comm, x, residual, weight, eps, *, quant, gemma):
-    return ref.fused_add_rmsnorm(x, residual, weight, eps, quant=quant, gemma=gemma, group=comm.group)
+    return ref.fused_add_rmsnorm(x, residual, weight, eps, quant=quant, gemma=gemma, group=comm.ops_group)
 
 
 @register("reduce_scatter_rmsnorm", "reference")
 def _rsn_ref(comm, x, residual_shard, weight, eps, *, quant, gemma):
-    return ref.reduce_scatter_rmsnorm(x, residual_shard, weight, eps, quant=quant, gemma=gemma, group=comm.group)
+    return ref.reduce_scatter_rmsnorm(x, residual_shard, weight, eps, quant=quant, gemma=gemma, group=comm.ops_group)
 
 
 @register("all_gather", "reference")
 def _ag_ref(comm, x_shard, num_tokens):
-    return ref.all_gather(x_shard, num_tokens, comm.group)
+    return ref.all_gather(x_shard, num_tokens, comm.ops_group)
 
 
 @register("all_gather_matmul", "reference")
 def _agmm_ref(comm, x_shard, weight, num_tokens, *, x_scale=None, w_scale=None):
-    return ref.all_gather_matmul(x_shard, weight, num_tokens, comm.group, x_scale=x_scale, w_scale=w_scale,
+    return ref.all_gather_matmul(x_shard, weight, num_tokens, comm.ops_group, x_scale=x_scale, w_scale=w_scale,
                                  out_dtype=comm.dtype)
 
 
 @register("matmul_reduce_scatter", "reference")
 def _mmrs_ref(comm, x, weight, *, x_scale=None, w_scale=None):
-    return ref.matmul_reduce_scatter(x, weight, comm.group, x_scale=x_scale, w_scale=w_scale, out_dtype=comm.dtype)
+    return ref.matmul_reduce_scatter(x, weight, comm.ops_group, x_scale=x_scale, w_scale=w_scale, out_dtype=comm.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -63,14 +63,14 @@ def _local_stage():
 @register("all_reduce", "nccl", available=_needs_nccl)
 def _ar_nccl(comm, x):
     out = x.clone()
-    dist.all_reduce(out, group=comm.group)
+    dist.all_reduce(out, group=comm.ops_group)
     return out
 
 
 @register("fused_add_rmsnorm", "nccl", available=_needs_nccl)
 def _far_nccl(comm, x, residual, weight, eps, *, quant, gemma):
     s = x.clone()
-    dist.all_reduce(s, group=comm.group)
+    dist.all_reduce(s, group=comm.ops_group)
     return _local_stage().add_rmsnorm(s, residual, weight, eps, quant=quant, gemma=gemma)
 
 
@@ -79,7 +79,7 @@ def _rs_native(comm, x):
     s = shard_rows(t, comm.tp)
     full = x if s * comm.tp == t else torch.cat([x, x.new_zeros(s * comm.tp - t, *x.shape[1:])])
     out = torch.empty(s, *x.shape[1:], dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, full, group=comm.group)
+    dist.reduce_scatter_tensor(out, full, group=comm.ops_group)
     start, end = shard_range(t, comm.tp, comm.rank)
     return out[: end - start]
 
@@ -91,19 +91,19 @@ def _rsn_nccl(comm, x, residual_shard, weight, eps, *, quant, gemma):
 
 @register("all_gather", "nccl", available=_needs_nccl)
 def _ag_nccl(comm, x_shard, num_tokens):
-    return ref.all_gather(x_shard, num_tokens, comm.group)  # already native dtype on NCCL
+    return ref.all_gather(x_shard, num_tokens, comm.ops_group)  # already native dtype on NCCL
 
 
 @register("all_gather_matmul", "nccl", available=_needs_nccl)
 def _agmm_nccl(comm, x_shard, weight, num_tokens, *, x_scale=None, w_scale=None):
     if w_scale is None:
-        return ref.all_gather(x_shard, num_tokens, comm.group) @ weight.t()
+        return ref.all_gather(x_shard, num_tokens, comm.ops_group) @ weight.t()
     from .. import scaled_gemm
 
     # FP8: gather the e4m3 bytes (NCCL moves them as uint8) and, when row-wise, the scales with them
-    x = ref.all_gather(x_shard.view(torch.uint8), num_tokens, comm.group).view(x_shard.dtype)
+    x = ref.all_gather(x_shard.view(torch.uint8), num_tokens, comm.ops_group).view(x_shard.dtype)
     if x_scale.dim() == 2:
-        x_scale = ref.all_gather(x_scale, num_tokens, comm.group)
+        x_scale = ref.all_gather(x_scale, num_tokens, comm.ops_group)
     return scaled_gemm.mm(x, weight, x_scale, w_scale, out_dtype=comm.dtype)
 
 

@@ -25,13 +25,17 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+from ..errors import ThresholdsError  # noqa: F401  (re-exported: tpfuse.thresholds.ThresholdsError)
+
 OPS = ("all_reduce", "fused_add_rmsnorm", "reduce_scatter_rmsnorm", "all_gather", "all_gather_matmul",
        "matmul_reduce_scatter")
 DEFAULT_TABLE = os.path.join(os.path.dirname(__file__), "default.json")
 
 
-class ThresholdsError(ValueError):
-    """A thresholds table is malformed."""
+def _known_paths() -> frozenset:
+    from ..dispatch import PATH_DOCS  # lazy: dispatch imports this module
+
+    return frozenset(PATH_DOCS)
 
 
 @dataclass(frozen=True)
@@ -75,59 +79,96 @@ class Table:
         raise ThresholdsError(f"{self.path}: no row for arch={arch} tp={tp} dtype={dtype} and no '*' row")
 
 
-def _parse_row(i: int, raw: dict, where: str) -> Row:
-    try:
-        arch, tp, dtype = str(raw["arch"]), raw["tp"], str(raw["dtype"])
-        sp_min = int(raw["sp_min_bytes"])
-        paths_raw = raw["paths"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise ThresholdsError(f"{where}: row {i} lacks arch/tp/dtype/sp_min_bytes/paths ({e})") from None
-    if tp != "*" and not (isinstance(tp, int) and tp >= 1):
-        raise ThresholdsError(f"{where}: row {i} tp must be a positive int or '*', got {tp!r}")
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _parse_row(i: int, raw, where: str) -> Row:
+    """One validated row; every rejection names the file, the row index and the field."""
+    at = f"{where}: row {i}"
+    if not isinstance(raw, dict):
+        raise ThresholdsError(f"{at} must be an object, got {type(raw).__name__}: {raw!r:.80}")
+    missing = [k for k in ("arch", "tp", "dtype", "sp_min_bytes", "paths") if k not in raw]
+    if missing:
+        raise ThresholdsError(f"{at} lacks {missing} (every row needs arch, tp, dtype, sp_min_bytes, paths)")
+    arch, tp, dtype, sp_min, paths_raw = raw["arch"], raw["tp"], raw["dtype"], raw["sp_min_bytes"], raw["paths"]
+    for field, v in (("arch", arch), ("dtype", dtype)):
+        if not isinstance(v, str) or not v:
+            raise ThresholdsError(f"{at}: '{field}' must be a non-empty string ('*' for any), got {v!r}")
+    if tp != "*" and not (_int(tp) and tp >= 1):
+        raise ThresholdsError(f"{at}: 'tp' must be a positive int or '*', got {tp!r}")
+    if not (_int(sp_min) and sp_min >= 0):
+        raise ThresholdsError(f"{at}: 'sp_min_bytes' must be an int >= 0 (bytes), got {sp_min!r}")
     hidden = raw.get("hidden")
-    if hidden is not None and not (isinstance(hidden, int) and hidden >= 1):
-        raise ThresholdsError(f"{where}: row {i} hidden must be a positive int, got {hidden!r}")
+    if hidden is not None and not (_int(hidden) and hidden >= 1):
+        raise ThresholdsError(f"{at}: 'hidden' must be a positive int, got {hidden!r}")
+    source = raw.get("source", {})
+    if not isinstance(source, dict):
+        raise ThresholdsError(f"{at}: 'source' must be an object, got {type(source).__name__}")
+    if not isinstance(paths_raw, dict):
+        raise ThresholdsError(f"{at}: 'paths' must be an object {{op: [buckets]}}, got {type(paths_raw).__name__}: "
+                              f"{paths_raw!r:.80}")
+    unknown = set(paths_raw) - set(OPS)
+    if unknown:
+        raise ThresholdsError(f"{at} names unknown ops {sorted(unknown)} in 'paths' (known: {', '.join(OPS)})")
+    known_paths = _known_paths()
     paths = {}
     for op in OPS:
         buckets = paths_raw.get(op)
         if not buckets:
-            raise ThresholdsError(f"{where}: row {i} ({arch}/tp{tp}) has no buckets for op {op!r}")
+            raise ThresholdsError(f"{at} ({arch}/tp{tp}) has no buckets for op {op!r}")
+        if not isinstance(buckets, list):
+            raise ThresholdsError(f"{at} op {op}: buckets must be a list, got {type(buckets).__name__}")
         parsed, last = [], -1
-        for b in buckets:
+        for j, b in enumerate(buckets):
+            bat = f"{at} op {op} bucket {j}"
+            if not isinstance(b, dict):
+                raise ThresholdsError(f"{bat} must be an object {{\"max_bytes\": int | null, \"path\": name}}, got "
+                                      f"{b!r:.80}")
             mb, name = b.get("max_bytes"), b.get("path")
             if not isinstance(name, str):
-                raise ThresholdsError(f"{where}: row {i} op {op}: bucket without a path name: {b}")
-            if mb is not None and (not isinstance(mb, int) or mb <= last):
-                raise ThresholdsError(f"{where}: row {i} op {op}: max_bytes must be ascending ints, got {mb!r}")
+                raise ThresholdsError(f"{bat}: 'path' must be a path name, got {name!r}")
+            if name not in known_paths:
+                raise ThresholdsError(f"{bat}: unknown path {name!r} (known: {', '.join(sorted(known_paths))})")
+            if mb is not None and (not _int(mb) or mb <= last):
+                raise ThresholdsError(f"{bat}: 'max_bytes' must be ascending ints, got {mb!r}")
             parsed.append((mb, name))
             last = mb if mb is not None else last
         if parsed[-1][0] is not None:
-            raise ThresholdsError(f"{where}: row {i} op {op}: the last bucket must have max_bytes null")
+            raise ThresholdsError(f"{at} op {op}: the last bucket must have max_bytes null")
+        if any(mb is None for mb, _ in parsed[:-1]):
+            raise ThresholdsError(f"{at} op {op}: only the last bucket may have max_bytes null")
         paths[op] = parsed
-    unknown = set(paths_raw) - set(OPS)
-    if unknown:
-        raise ThresholdsError(f"{where}: row {i} names unknown ops {sorted(unknown)}")
-    return Row(arch=arch, tp=tp, dtype=dtype, sp_min_bytes=sp_min, paths=paths, source=raw.get("source", {}),
-               index=i, hidden=hidden)
+    return Row(arch=arch, tp=tp, dtype=dtype, sp_min_bytes=sp_min, paths=paths, source=source, index=i,
+               hidden=hidden)
 
 
 _cache: Dict[Tuple[str, float], Table] = {}
 
 
 def load(path: Optional[str] = None) -> Table:
-    """Load and validate a table (``None``: the shipped one). Cached by path and modification time."""
+    """Load and validate a table (``None``: the shipped one). Cached by path and modification time. Raises
+    :class:`ThresholdsError` (a :class:`~tpfuse.errors.TPFuseInputError`) naming the file, and the row and field,
+    for anything unreadable or malformed."""
     path = os.path.abspath(path or DEFAULT_TABLE)
     try:
         key = (path, os.path.getmtime(path))
     except OSError:
         raise ThresholdsError(f"thresholds table not found: {path}") from None
     if key not in _cache:
+        if os.path.isdir(path):
+            raise ThresholdsError(f"{path}: is a directory, not a thresholds table (a JSON file)")
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 raw = json.load(f)
+        except UnicodeDecodeError as e:
+            raise ThresholdsError(f"{path}: not a text (UTF-8 JSON) file ({e.reason} at byte {e.start})") from None
         except json.JSONDecodeError as e:
             raise ThresholdsError(f"{path}: not valid JSON ({e})") from None
-        if raw.get("schema") != 1 or not isinstance(raw.get("rows"), list):
-            raise ThresholdsError(f"{path}: expected {{'schema': 1, 'rows': [...]}}")
+        except OSError as e:
+            raise ThresholdsError(f"{path}: cannot read the thresholds table ({e.strerror or e})") from None
+        if not isinstance(raw, dict) or raw.get("schema") != 1 or not isinstance(raw.get("rows"), list):
+            got = type(raw).__name__ if not isinstance(raw, dict) else f"schema={raw.get('schema')!r}"
+            raise ThresholdsError(f"{path}: expected {{'schema': 1, 'rows': [...]}}, got {got}")
         _cache[key] = Table(path=path, rows=tuple(_parse_row(i, r, path) for i, r in enumerate(raw["rows"])))
     return _cache[key]
