@@ -42,7 +42,7 @@ class DecodeMeta:
     block_tables: torch.Tensor
     """[B, blocks_per_seq] int32."""
     seq_lens: torch.Tensor
-    """[B] int32, cached tokens including this step's."""
+    """[B] int64, cached tokens including this step's."""
 
 
 @dataclass
@@ -78,9 +78,9 @@ class PackedCall:
     from :meth:`decode_meta`."""
 
     def decode_meta(self, cache: TPKVCache) -> StepMeta:
-        st = cache.storage
+        st, b = cache.storage, self.batch
         pos = cache.lengths_dev
-        return decode_meta(st, st.block_tables[: self.batch], pos, pos if self.meta.rope_pos is None
+        return decode_meta(st, st.rows[:b], st.block_tables[:b], pos, pos if self.meta.rope_pos is None
                            else self.meta.rope_pos)
 
 
@@ -106,13 +106,13 @@ def check_fits(cache: Optional[TPKVCache], counts: List[int]) -> None:
                                    f"than the KV cache's max_seq_len={limit} (KVCacheConfig.max_seq_len)")
 
 
-def decode_meta(storage, tables: torch.Tensor, cache_pos: torch.Tensor, rope_pos: torch.Tensor) -> StepMeta:
-    """Metadata of a decode step computed on the device (graph-capturable) from each row's block table
-    ``tables [B, blocks]`` and the cache index ``cache_pos [B]`` of its new token."""
-    bs = storage.block_size
-    blocks = tables.gather(1, (cache_pos // bs)[:, None]).squeeze(1).to(torch.int64)
-    return StepMeta(num_tokens=cache_pos.shape[0], rope_pos=rope_pos, slot_mapping=blocks * bs + cache_pos % bs,
-                    decode=DecodeMeta(block_tables=tables, seq_lens=(cache_pos + 1).to(torch.int32)))
+def decode_meta(storage, rows: torch.Tensor, tables: torch.Tensor, cache_pos: torch.Tensor,
+                rope_pos: torch.Tensor) -> StepMeta:
+    """Metadata of a decode step, computed on the device in two kernels (graph-capturable): batch row ``i`` is
+    storage row ``rows[i]`` (block table ``tables[i]``) and its new token goes to cache index ``cache_pos[i]``."""
+    slots = torch.add(cache_pos, rows, alpha=storage.seq_stride)  # the static paging: see KVStorage
+    return StepMeta(num_tokens=cache_pos.shape[0], rope_pos=rope_pos, slot_mapping=slots,
+                    decode=DecodeMeta(block_tables=tables, seq_lens=cache_pos + 1))
 
 
 def _rope_pos(position_ids, b, width, token_index, cache_pos, device):

@@ -99,8 +99,7 @@ def _run(model, call, handle, keep) -> torch.Tensor:
     if call.decode_step:
         if _graphs_usable(st):
             st.last_mode = "decode_graph"
-            pos = handle.lengths_dev if meta.rope_pos is None else meta.rope_pos
-            logits = _graphs(model).run(call.ids, handle.lengths_dev, pos)
+            logits = _graphs(model).run(call.ids, handle.lengths_dev, meta.rope_pos)
             return logits if keep is None else logits.index_select(0, keep)
         meta = call.decode_meta(handle)
     sp = not st.local and comm.plan(meta.num_tokens).mode == "sequence_parallel"

@@ -3,17 +3,20 @@ batch bucket and replayed.
 
 Static inputs of a bucket of ``Bb`` rows (written before each replay; rows ``>= B`` pad the batch):
 
-==============  ===========  =====================================================================================
-buffer          shape        content
-==============  ===========  =====================================================================================
-``ids``         [Bb] int64   the new token of each row (pad rows: 0)
-``cache_pos``   [Bb] int64   cache index of the new token = tokens already cached (pad rows: 0)
-``rope_pos``    [Bb] int64   its RoPE position (``position_ids`` where given, else ``cache_pos``)
-``rows``        [Bb] int64   storage row of each batch row (pad rows: the scratch row, whose blocks are scratch)
-==============  ===========  =====================================================================================
+==============  ===============  =================================================================================
+buffer          shape            content
+==============  ===============  =================================================================================
+``ids``         [Bb] int64       the new token of each row (pad rows: 0)
+``cache_pos``   [Bb] int64       cache index of the new token = tokens already cached (pad rows: 0)
+``rope_pos``    [Bb] int64       its RoPE position, in the graphs captured for explicit ``position_ids`` only (the
+                                 others rotate by ``cache_pos``)
+``rows``        [Bb] int64       storage row of each batch row (pad rows: the scratch row, whose blocks are scratch)
+``tables``      [Bb, blocks]     those rows' block tables
+==============  ===============  =================================================================================
 
-Inside the graph, slots and sequence lengths are derived on the device from these (``slot = block_tables[row,
-pos // bs] * bs + pos % bs``, ``seq_len = pos + 1``), so a replay needs no host-side metadata and no sync. The
+``rows`` and ``tables`` change only when the batch size changes; inside the graph the slots and sequence lengths
+are derived on the device (:func:`~tpfuse.parallel.batch.decode_meta`), so a replay needs no host-side metadata
+and no sync. The
 graphs share one memory pool; the collectives inside them are the communicator's graph-safe kernels, captured in
 the same order on every rank (every rank runs the same steps). The logits buffer is overwritten by the next replay:
 :meth:`DecodeGraphs.run` returns a copy.
@@ -21,7 +24,7 @@ the same order on every rank (every rank runs the same steps). The logits buffer
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -29,19 +32,20 @@ from .batch import StepMeta, decode_meta
 
 
 class _BucketGraph:
-    def __init__(self, bucket: int, storage, step: Callable[[torch.Tensor, StepMeta], torch.Tensor], pool):
+    def __init__(self, bucket: int, explicit_rope: bool, storage,
+                 step: Callable[[torch.Tensor, StepMeta], torch.Tensor], pool):
         dev = storage.device
         self.bucket, self.storage, self.step = bucket, storage, step
         self.ids = torch.zeros(bucket, dtype=torch.int64, device=dev)
         self.cache_pos = torch.zeros(bucket, dtype=torch.int64, device=dev)
-        self.rope_pos = torch.zeros(bucket, dtype=torch.int64, device=dev)
+        self.rope_pos = torch.zeros(bucket, dtype=torch.int64, device=dev) if explicit_rope else self.cache_pos
         self.rows = torch.full((bucket,), storage.max_batch, dtype=torch.int64, device=dev)
+        self.tables = storage.block_tables.index_select(0, self.rows)
         self.active = 0
         self._capture(pool)
 
     def _body(self) -> torch.Tensor:
-        tables = self.storage.block_tables.index_select(0, self.rows)
-        return self.step(self.ids, decode_meta(self.storage, tables, self.cache_pos, self.rope_pos))
+        return self.step(self.ids, decode_meta(self.storage, self.rows, self.tables, self.cache_pos, self.rope_pos))
 
     def _capture(self, pool) -> None:
         # warm up on a side stream (Triton compiles, cuBLAS picks its kernels), every row on the scratch block
@@ -54,17 +58,19 @@ class _BucketGraph:
         with torch.cuda.graph(self.graph, pool=pool):
             self.logits = self._body()
 
-    def run(self, ids: torch.Tensor, cache_pos: torch.Tensor, rope_pos: torch.Tensor) -> torch.Tensor:
+    def run(self, ids: torch.Tensor, cache_pos: torch.Tensor, rope_pos: Optional[torch.Tensor]) -> torch.Tensor:
         b = ids.shape[0]
-        if self.active != b:  # a new batch size in this bucket: reset the pad rows onto the scratch block
-            self.rows.copy_(torch.where(torch.arange(self.bucket, device=self.rows.device) < b,
-                                        torch.arange(self.bucket, device=self.rows.device), self.storage.max_batch))
+        if self.active != b:  # a new batch size in this bucket: reset the pad rows onto the scratch row
+            rows = self.storage.rows
+            self.rows.copy_(torch.where(rows[: self.bucket] < b, rows[: self.bucket], self.storage.max_batch))
+            self.tables.copy_(self.storage.block_tables.index_select(0, self.rows))
             for buf in (self.ids, self.cache_pos, self.rope_pos):
                 buf.zero_()
             self.active = b
         self.ids[:b].copy_(ids)
         self.cache_pos[:b].copy_(cache_pos)
-        self.rope_pos[:b].copy_(rope_pos)
+        if rope_pos is not None:
+            self.rope_pos[:b].copy_(rope_pos)
         self.graph.replay()
         return self.logits[:b].clone()
 
@@ -75,15 +81,16 @@ class DecodeGraphs:
     def __init__(self, storage, buckets, step: Callable[[torch.Tensor, StepMeta], torch.Tensor]):
         self.storage, self.buckets, self.step = storage, sorted(buckets), step
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: Dict[int, _BucketGraph] = {}
+        self.graphs: Dict[Tuple[int, bool], _BucketGraph] = {}
 
     def bucket(self, b: int) -> int:
         return next(x for x in self.buckets if x >= b)
 
-    def run(self, ids: torch.Tensor, cache_pos: torch.Tensor, rope_pos: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, vocab]`` of one decode step of ``B = ids.shape[0]`` rows (storage rows ``0 .. B-1``)."""
-        key = self.bucket(ids.shape[0])
+    def run(self, ids: torch.Tensor, cache_pos: torch.Tensor, rope_pos: Optional[torch.Tensor]) -> torch.Tensor:
+        """Logits ``[B, vocab]`` of one decode step of ``B = ids.shape[0]`` rows (storage rows ``0 .. B-1``);
+        ``rope_pos`` ``None``: rotate by the cache index."""
+        key = (self.bucket(ids.shape[0]), rope_pos is not None)
         g = self.graphs.get(key)
         if g is None:
-            g = self.graphs[key] = _BucketGraph(key, self.storage, self.step, self.pool)
+            g = self.graphs[key] = _BucketGraph(*key, self.storage, self.step, self.pool)
         return g.run(ids, cache_pos, rope_pos)

@@ -7,8 +7,9 @@ Storage (allocated once, on the first forward that uses a cache, by :class:`KVSt
     cos_sin            [max_positions, head_dim] fp32                      RoPE rows [cos(p f) | sin(p f)]
 
 ``num_blocks = max_batch * blocks_per_seq + 1``: batch row ``b`` owns blocks ``[b * blocks_per_seq, (b + 1) *
-blocks_per_seq)`` (a static paging: the kernels read through ``block_tables`` so a dynamic allocator needs no kernel
-change), and the last block is scratch - the rows that pad a CUDA-graph batch bucket write there and read only it
+blocks_per_seq)``, so its cache index ``i`` is slot ``b * seq_stride + i`` (``seq_stride = blocks_per_seq *
+block_size``; a static paging: the attention kernels read through ``block_tables``, so a dynamic allocator would
+change only how slots are computed), and the last block is scratch - the rows that pad a CUDA-graph batch bucket write there and read only it
 (``block_tables[max_batch]`` points every entry at it). The layout is :func:`tpfuse.rope.rope_kv_cache_write`'s
 (``slot = block * block_size + offset``) and :func:`tpfuse.attention.decode_attention`'s.
 
@@ -79,6 +80,8 @@ class KVStorage:
         self.block_size = cfg.block_size
         self.max_batch, self.max_seq_len = cfg.max_batch, max_seq_len
         self.blocks_per_seq = -(-max_seq_len // cfg.block_size)
+        self.seq_stride = self.blocks_per_seq * cfg.block_size
+        """Slots per storage row: cache index ``i`` of row ``b`` is slot ``b * seq_stride + i``."""
         self.scratch_block = cfg.max_batch * self.blocks_per_seq
         self.dtype = cfg.dtype or model_dtype
         shape = (self.scratch_block + 1, cfg.block_size, kv_heads, head_dim)
@@ -89,6 +92,8 @@ class KVStorage:
         tables[cfg.max_batch] = self.scratch_block
         self.block_tables_host = tables
         self.block_tables = tables.to(device)
+        self.rows = torch.arange(cfg.max_batch + 1, dtype=torch.int64, device=device)
+        """``[max_batch + 1]``: storage row ids (the last one is the scratch row)."""
         self.kv_scale = (torch.tensor([float(cfg.kv_scale)], dtype=torch.float32, device=device)
                          if self.dtype == torch.float8_e4m3fn else None)
         self.epoch = 0
