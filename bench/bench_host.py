@@ -126,15 +126,24 @@ def cases(dev, comm):
     per_token = q.FP8PerToken()
     qkv = rnd(T, (HQ + 2 * HKV) * D)
     qw, kw = rnd(D), rnd(D)
-    cos_sin = rnd(P, D, dtype=torch.float32)
+    # a real rotary cache (|rotation| = 1): the in-place rope calls repeat on the same tensors and must not blow up
+    ang = torch.arange(P, dtype=torch.float32)[:, None] * 10000.0 ** (-torch.arange(0, D, 2) / D)
+    cos_sin = torch.cat([ang.cos(), ang.sin()], dim=-1).to(dev)
     pos = torch.arange(T, device=dev, dtype=torch.int64)
     qr, kr, vr = rnd(T, HQ, D), rnd(T, HKV, D), rnd(T, HKV, D)
     kc = torch.zeros(16, 16, HKV, D, dtype=torch.bfloat16, device=dev)
     vc = torch.zeros_like(kc)
     slots = torch.arange(T, device=dev, dtype=torch.int64)
+    from tpfuse import reference
+
+    ar_buf = x.clone()  # dist.all_reduce is in place: sum into a copy (TP=1: unchanged)
     out = [
         ("torch.add", lambda: torch.add(x, res), None),
-        ("dist.all_reduce", lambda: dist.all_reduce(x), None),
+        ("torch.clone", lambda: x.clone(), None),
+        ("dist.all_reduce", lambda: dist.all_reduce(ar_buf), None),
+        ("reference.add_rmsnorm", lambda: reference.add_rmsnorm(x, res, w), None),
+        ("reference.add_rmsnorm(no residual)", lambda: reference.add_rmsnorm(x, None, w), None),
+        ("reference.add_rmsnorm(fp8_static)", lambda: reference.add_rmsnorm(x, res, w, quant=fp8_static), None),
         ("ops.add_rmsnorm", lambda: ops.add_rmsnorm(x, res, w), "torch.add"),
         ("ops.add_rmsnorm(no residual)", lambda: ops.add_rmsnorm(x, None, w), "torch.add"),
         ("ops.add_rmsnorm(residual_inplace)", lambda: ops.add_rmsnorm(x, res_inplace, w, residual_inplace=True),
@@ -149,14 +158,17 @@ def cases(dev, comm):
          "torch.add"),
     ]
     if comm is not None:
+        # baselines: what the planned path runs without the communicator around it (TP=1: no collective needed)
+        local = "reference" if comm.plan(T).path("fused_add_rmsnorm") == "reference" else "ops"
+        ar_base = "torch.clone" if comm.tp == 1 else "dist.all_reduce"
         out += [
             ("comm.plan", lambda: comm.plan(T), None),
-            ("comm.all_reduce", lambda: comm.all_reduce(x), "dist.all_reduce"),
-            ("comm.fused_add_rmsnorm", lambda: comm.fused_add_rmsnorm(x, res, w), "ops.add_rmsnorm"),
+            ("comm.all_reduce", lambda: comm.all_reduce(x), ar_base),
+            ("comm.fused_add_rmsnorm", lambda: comm.fused_add_rmsnorm(x, res, w), f"{local}.add_rmsnorm"),
             ("comm.fused_add_rmsnorm(no residual)", lambda: comm.fused_add_rmsnorm(x, None, w),
-             "ops.add_rmsnorm(no residual)"),
+             f"{local}.add_rmsnorm(no residual)"),
             ("comm.fused_add_rmsnorm(fp8_static)", lambda: comm.fused_add_rmsnorm(x, res, w, quant=fp8_static),
-             "ops.add_rmsnorm(fp8_static)"),
+             f"{local}.add_rmsnorm(fp8_static)"),
         ]
     return out
 
@@ -184,7 +196,7 @@ def main(argv=None):
     rows_in = cases(dev, comm)
     if args.only:
         keep = set(args.only.split(","))
-        rows_in = [r for r in rows_in if r[0] in keep or r[0] in ("torch.add", "dist.all_reduce")]
+        rows_in = [r for r in rows_in if r[0] in keep or r[0] in {b for _, _, b in rows_in if b}]
     if args.profile:
         import cProfile
         import pstats

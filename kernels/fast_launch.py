@@ -87,23 +87,30 @@ def launch(kernel, grid, args: tuple, consts: dict, num_warps: int, num_stages: 
             state = getattr(kernel, _CACHE_ATTR, None)
             if state is None:
                 state = _state(kernel)
-            nospec, cache = state
-            fp = fingerprint(args, nospec)
-            if fp is not None:
-                dev = torch.cuda.current_device()
-                key = (dev, _rt.debug, _comp.instrumentation_mode, num_warps, num_stages,
-                       tuple(consts.values()), fp)
+            key = key_for(state[0], args, consts, num_warps, num_stages)
+            if key is not None:
+                cache = state[1]
                 hit = cache.get(key)
                 if hit is not None:
-                    run, function, meta = hit
+                    run, function, meta, _ = hit
                     n = len(grid)
-                    run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, _stream(dev), function, meta,
+                    run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, _stream(key[0]), function, meta,
                         None, None, None, *args, *consts.values())
                     return
                 compiled = _jit(kernel, grid, args, consts, num_warps, num_stages)
                 _remember(kernel, cache, key, compiled, len(args), consts)
                 return
     _jit(kernel, grid, args, consts, num_warps, num_stages)
+
+
+def key_for(nospec, args, consts, num_warps, num_stages):
+    """The cache key of one call (None: not cacheable): current device, debug knobs, launch options, constexprs
+    and :func:`fingerprint`."""
+    fp = fingerprint(args, nospec)
+    if fp is None:
+        return None
+    return (torch.cuda.current_device(), _rt.debug, _comp.instrumentation_mode, num_warps, num_stages,
+            tuple(consts.values()), fp)
 
 
 def _jit(kernel, grid, args, consts, num_warps, num_stages):
@@ -115,7 +122,7 @@ def _jit(kernel, grid, args, consts, num_warps, num_stages):
 
 def _state(kernel):
     """``(nospec, cache)`` of a kernel: the indices of its ``do_not_specialize`` parameters (from Triton's own
-    parameter records) and its ``{key: (launcher, function, packed metadata)}``."""
+    parameter records) and its ``{key: (launcher, function, packed metadata, CompiledKernel)}``."""
     nospec = frozenset(p.num for p in kernel.params if p.do_not_specialize)
     state = (nospec, {})
     setattr(kernel, _CACHE_ATTR, state)
@@ -136,7 +143,7 @@ def _remember(kernel, cache, key, compiled, n_args, consts) -> None:
         _stream = driver.active.get_current_stream
     if len(cache) >= _MAX_ENTRIES:
         cache.clear()
-    cache[key] = (compiled.run, compiled.function, compiled.packed_metadata)
+    cache[key] = (compiled.run, compiled.function, compiled.packed_metadata, compiled)
 
 
 def clear(kernel=None) -> None:
@@ -148,6 +155,6 @@ def clear(kernel=None) -> None:
 
 
 def cached_kernels(kernel) -> dict:
-    """``{key: (launcher, function, packed metadata)}`` of one kernel (tests)."""
+    """``{key: (launcher, function, packed metadata, CompiledKernel)}`` of one kernel (tests)."""
     state = getattr(kernel, _CACHE_ATTR, None)
     return {} if state is None else state[1]
