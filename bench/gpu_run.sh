@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU-machine call: install tpfuse (and FlashInfer if .whl was carried), then run the chosen steps.
-#   bash bench/gpu_run.sh [STEP ...]      steps: env tests probe_ce async_tp fused_ar local rope e2e tune demo
+#   bash bench/gpu_run.sh [STEP ...]      steps: env tests probe_ce async_tp fused_ar local rope host e2e tune demo
 #                                         (default: all but probe_ce)
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
 # Logs, JSON and PNG go to $OUT (or bench/results/gpu-run when OUT is unset). Multi-GPU steps need >= 2 GPUs.
@@ -37,6 +37,7 @@ for s in "${steps[@]}"; do
     e2e) [[ $ngpu -ge 2 ]] && run e2e "${TR2[@]}" bench/bench_e2e.py ${E2E_ARGS:-} ;;
     local) [[ -f bench/bench_local.py ]] && run local python3 bench/bench_local.py ${LOCAL_ARGS:-} ;;
     rope) [[ -f bench/bench_rope.py ]] && run rope python3 bench/bench_rope.py ${ROPE_ARGS:-} ;;
+    host) run host bash -c "python3 bench/bench_host.py --out-dir $OUT ${HOST_ARGS:-} && TPFUSE_FAST_LAUNCH=0 python3 bench/bench_host.py --out-dir $OUT --tag _jit_launch ${HOST_ARGS:-} && python3 -m torch.distributed.run --standalone --nproc-per-node=1 bench/bench_host.py --out-dir $OUT --tag _torchrun ${HOST_ARGS:-}" ;;
     tune) tuned="$OUT/thresholds_tp${ngpu}_$(python3 -c 'import sys; sys.path.insert(0,"bench"); import common; print(common.device_slug())').json"
           [[ $ngpu -ge 2 ]] && run tune "${TR2[@]}" bench/tune.py --out "$tuned" ${TUNE_ARGS:-}
           # USE_TUNED=1: the later steps' communicators load the table just tuned (the documented env escape hatch)

@@ -83,7 +83,8 @@ def launch(kernel, grid, args: tuple, consts: dict, num_warps: int, num_stages: 
     if ENABLED:
         if _rt is None:
             _init()
-        if type(kernel) is _JIT and _rt.launch_enter_hook is None and _rt.launch_exit_hook is None:
+        if (type(kernel) is _JIT and _rt.launch_enter_hook is None and _rt.launch_exit_hook is None
+                and not kernel.pre_run_hooks):
             state = getattr(kernel, _CACHE_ATTR, None)
             if state is None:
                 state = _state(kernel)
@@ -132,7 +133,7 @@ def _state(kernel):
 
 def _remember(kernel, cache, key, compiled, n_args, consts) -> None:
     global _stream
-    if compiled is None or kernel.pre_run_hooks or not hasattr(compiled, "packed_metadata"):
+    if compiled is None or not hasattr(compiled, "packed_metadata"):
         return
     # the direct call passes constexprs positionally: they must be exactly the parameters after ``args``
     if list(consts) != list(kernel.arg_names[n_args:]):
