@@ -37,9 +37,9 @@ for s in "${steps[@]}"; do
     e2e) run e2e "${TR2[@]}" bench/bench_e2e.py ${E2E_ARGS:-} ;;  # TP = every GPU of the machine (1 included)
     decode_attn) [[ -f bench/bench_decode_attention.py ]] && run decode_attn python3 bench/bench_decode_attention.py ${DECODE_ATTN_ARGS:-} ;;
     profile) run profile "${TR2[@]}" bench/profile_decode.py ${PROFILE_ARGS:-} ;;
-    host) [[ -f bench/bench_host.py ]] && run host "${TR2[@]}" bench/bench_host.py ${HOST_ARGS:-} ;;
     local) [[ -f bench/bench_local.py ]] && run local python3 bench/bench_local.py ${LOCAL_ARGS:-} ;;
     rope) [[ -f bench/bench_rope.py ]] && run rope python3 bench/bench_rope.py ${ROPE_ARGS:-} ;;
+    host) run host bash -c "python3 bench/bench_host.py --out-dir $OUT ${HOST_ARGS:-} && TPFUSE_FAST_LAUNCH=0 python3 bench/bench_host.py --out-dir $OUT --tag _jit_launch ${HOST_ARGS:-} && python3 -m torch.distributed.run --standalone --nproc-per-node=1 bench/bench_host.py --out-dir $OUT --tag _torchrun ${HOST_ARGS:-}" ;;
     tune) tuned="$OUT/thresholds_tp${ngpu}_$(python3 -c 'import sys; sys.path.insert(0,"bench"); import common; print(common.device_slug())').json"
           [[ $ngpu -ge 2 ]] && run tune "${TR2[@]}" bench/tune.py --out "$tuned" ${TUNE_ARGS:-}
           # USE_TUNED=1: the later steps' communicators load the table just tuned (the documented env escape hatch)

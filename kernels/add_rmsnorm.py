@@ -24,7 +24,7 @@ from :func:`tpfuse.kernels.local_configs.lookup`:
 import triton
 import triton.language as tl
 
-from . import local_configs
+from . import fast_launch, local_configs
 from .quant_epilogue import (epilogue_args, load_norm_weight, next_pow2, norm_quant_store, nvfp4_pad_rows,
                              nvfp4_swizzled_pad, rms_rstd, rstd_from_sumsq)
 
@@ -109,13 +109,15 @@ def launch_add_rmsnorm(x, residual, weight, eps, residual_out, data, scale, in_s
     if split > 1 and residual is not None and residual.data_ptr() == residual_out.data_ptr():
         split = 1  # in place: a program of the row would overwrite what another one still has to read
     out_stride, scale_t, scale_stride, in_scale_t, n_sf, sf_pad = epilogue_args(fmt, h, data, scale, in_scale)
-    block = next_pow2(h)
     res = residual if residual is not None else x
-    n_row_progs = triton.cdiv(t, cfg.rows)
-    _add_rmsnorm_kernel[(n_row_progs, split)](
-        x, x.stride(0), res, res.stride(0), weight, residual_out, residual_out.stride(0),
-        data, out_stride, scale_t, scale_stride, in_scale_t,
-        t, h, float(eps), n_sf, sf_pad, n_row_progs * split,
-        HAS_RES=residual is not None, GEMMA=bool(gemma), FMT=fmt, BLOCK=block, GROUP=group,
-        PAD_BLOCK=next_pow2(sf_pad), ROWS=cfg.rows, SPLIT=split, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+    rows = cfg.rows
+    n_row_progs = (t + rows - 1) // rows
+    fast_launch.launch(
+        _add_rmsnorm_kernel, (n_row_progs, split),
+        (x, x.stride(0), res, res.stride(0), weight, residual_out, residual_out.stride(0),
+         data, out_stride, scale_t, scale_stride, in_scale_t,
+         t, h, float(eps), n_sf, sf_pad, n_row_progs * split),
+        {"HAS_RES": residual is not None, "GEMMA": bool(gemma), "FMT": fmt, "BLOCK": next_pow2(h), "GROUP": group,
+         "PAD_BLOCK": next_pow2(sf_pad), "ROWS": rows, "SPLIT": split},
+        cfg.num_warps, cfg.num_stages)
+

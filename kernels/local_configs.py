@@ -238,14 +238,44 @@ def sanitize(op: str, fmt: int, width: int, group: int, cfg: LaunchConfig) -> La
     return replace(cfg, num_warps=nw, block=block, rows=rows, split=1)
 
 
-def lookup(op: str, fmt: int, width: int, tokens: int, group: int = 128) -> LaunchConfig:
-    """The configuration a launcher uses for ``tokens`` rows of width ``width`` (H, or I for silu_mul)."""
+def lookup_uncached(op: str, fmt: int, width: int, tokens: int, group: int = 128) -> LaunchConfig:
+    """:func:`lookup` without its memo (what the memo stores)."""
     if _FORCED is not None:
         cfg = _FORCED
     else:
         key = (op, format_name(fmt), next_pow2(width), token_bucket(tokens))
         cfg = _OVERRIDE.get(key) or TABLE.get(key) or default_config(op, fmt, width, tokens)
     return sanitize(op, fmt, width, group, cfg)
+
+
+# lookup() runs on every eager launch (the decode hot path): its result depends only on its arguments and on
+# TABLE / _OVERRIDE / _FORCED, so it is memoized per argument tuple. The memo belongs to one TABLE object (a test
+# or tool that rebinds TABLE gets a fresh memo) and is dropped by install() and forced(); code that edits TABLE
+# in place must call clear_cache().
+_MEMO: Dict[tuple, LaunchConfig] = {}
+_MEMO_TABLE: list = [None]
+_MEMO_MAX = 1 << 14
+
+
+def clear_cache() -> None:
+    """Forget the memoized lookups (after editing :data:`TABLE` in place)."""
+    _MEMO.clear()
+    _MEMO_TABLE[0] = TABLE
+
+
+def lookup(op: str, fmt: int, width: int, tokens: int, group: int = 128) -> LaunchConfig:
+    """The configuration a launcher uses for ``tokens`` rows of width ``width`` (H, or I for silu_mul)."""
+    if _MEMO_TABLE[0] is not TABLE or _FORCED is not None:
+        if _FORCED is not None:
+            return lookup_uncached(op, fmt, width, tokens, group)
+        clear_cache()
+    key = (op, fmt, width, tokens, group)
+    cfg = _MEMO.get(key)
+    if cfg is None:
+        if len(_MEMO) >= _MEMO_MAX:
+            _MEMO.clear()
+        cfg = _MEMO[key] = lookup_uncached(op, fmt, width, tokens, group)
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -262,6 +292,7 @@ def forced(cfg: Optional[LaunchConfig]):
         yield
     finally:
         _FORCED = old
+        clear_cache()
 
 
 def config_from_dict(d: dict) -> LaunchConfig:
@@ -282,6 +313,7 @@ def install(path_or_dict) -> int:
     w = winners(sweep)
     _OVERRIDE.clear()
     _OVERRIDE.update(w)
+    clear_cache()
     return len(w)
 
 

@@ -10,7 +10,7 @@ Grid as :mod:`.silu_mul`: 1-D, ``n_tiles * cdiv(T, ROWS)`` programs, tile index 
 import triton
 import triton.language as tl
 
-from . import local_configs
+from . import fast_launch, local_configs
 from .quant_epilogue import epilogue_args, next_pow2, nvfp4_pad_rows, nvfp4_swizzled_pad, quant_store_tile
 
 
@@ -43,9 +43,12 @@ def launch_quantize(x, data, scale, in_scale, fmt, group, config=None):
     cfg = local_configs.lookup("quantize", fmt, h, t, group) if config is None else \
         local_configs.sanitize("quantize", fmt, h, group, config)
     out_stride, scale_t, scale_stride, in_scale_t, n_sf, sf_pad = epilogue_args(fmt, h, data, scale, in_scale)
-    n_tiles = triton.cdiv(h, cfg.block)
-    n_progs = n_tiles * triton.cdiv(t, cfg.rows)
-    _quantize_kernel[(n_progs,)](
-        x, x.stride(0), data, out_stride, scale_t, scale_stride, in_scale_t, t, h, n_sf, sf_pad, n_tiles, n_progs,
-        FMT=fmt, BLOCK=cfg.block, GROUP=group, PAD_BLOCK=next_pow2(sf_pad), ROWS=cfg.rows,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    block, rows = cfg.block, cfg.rows
+    n_tiles = (h + block - 1) // block
+    n_progs = n_tiles * ((t + rows - 1) // rows)
+    fast_launch.launch(
+        _quantize_kernel, (n_progs,),
+        (x, x.stride(0), data, out_stride, scale_t, scale_stride, in_scale_t, t, h, n_sf, sf_pad, n_tiles, n_progs),
+        {"FMT": fmt, "BLOCK": block, "GROUP": group, "PAD_BLOCK": next_pow2(sf_pad), "ROWS": rows},
+        cfg.num_warps, cfg.num_stages)
+

@@ -162,15 +162,32 @@ def _rope_kv_cache_kernel(q_ptr, q_s0, q_s1, k_ptr, k_s0, k_s1, v_ptr, v_s0, v_s
 # --------------------------------------------------------------------------------------------------------------
 # launchers
 
+from . import fast_launch  # noqa: E402  (below the kernels: their source lines stay where they were)
+
 SM_COUNT_GUESS = 132  # H100 / H200; only steers the block-size heuristic
 
 
 def pick_block(tokens: int, heads: int, head_dim: int, block_h=None, num_warps=None):
     """``(BLOCK_H, num_warps)``: ~2K elements per program at large token counts (16-byte accesses, 2-4 warps),
     fewer heads per program while the grid would have fewer than ~4 programs per SM."""
+    if block_h is None and num_warps is None:
+        key = (tokens, heads, head_dim)
+        hit = _PICKED.get(key)
+        if hit is None:
+            if len(_PICKED) >= 4096:
+                _PICKED.clear()
+            hit = _PICKED[key] = _pick_block(tokens, heads, head_dim, None, None)
+        return hit
+    return _pick_block(tokens, heads, head_dim, block_h, num_warps)
+
+
+_PICKED: dict = {}  # (tokens, heads, head_dim) -> pick_block's default choice (the eager path asks every call)
+
+
+def _pick_block(tokens, heads, head_dim, block_h, num_warps):
     if block_h is None:
         block_h = min(next_pow2(heads), max(1, 2048 // head_dim))
-        while block_h > 1 and tokens * triton.cdiv(heads, block_h) < 4 * SM_COUNT_GUESS:
+        while block_h > 1 and tokens * -(-heads // block_h) < 4 * SM_COUNT_GUESS:
             block_h //= 2
     if num_warps is None:
         num_warps = max(1, min(8, block_h * head_dim // 512))
@@ -186,11 +203,11 @@ def launch_qk_norm_rope(qkv, q_weight, k_weight, cos_sin_cache, positions, num_h
         return
     heads = num_heads + num_kv_heads
     bh, nw = pick_block(t, heads, head_dim, block_h, num_warps)
-    grid = (t, triton.cdiv(heads, bh))
-    _qk_norm_rope_kernel[grid](
-        qkv, qkv.stride(0), q_weight, k_weight, cos_sin_cache, cos_sin_cache.stride(0), positions,
-        num_heads, heads, float(eps),
-        HALF=head_dim // 2, BH=bh, IS_NEOX=bool(is_neox), GEMMA=bool(gemma), num_warps=nw)
+    fast_launch.launch(
+        _qk_norm_rope_kernel, (t, -(-heads // bh)),
+        (qkv, qkv.stride(0), q_weight, k_weight, cos_sin_cache, cos_sin_cache.stride(0), positions,
+         num_heads, heads, float(eps)),
+        {"HALF": head_dim // 2, "BH": bh, "IS_NEOX": bool(is_neox), "GEMMA": bool(gemma)}, nw)
 
 
 def launch_rope_kv_cache_write(q, k, v, positions, cos_sin_cache, key_cache, value_cache, slot_mapping, is_neox,
@@ -202,13 +219,15 @@ def launch_rope_kv_cache_write(q, k, v, positions, cos_sin_cache, key_cache, val
     if t == 0:
         return
     bh, nw = pick_block(t, hq + hkv, d, block_h, num_warps)
-    nqb, nkb = triton.cdiv(hq, bh), triton.cdiv(hkv, bh)
+    nqb, nkb = -(-hq // bh), -(-hkv // bh)
     cache_fp8 = key_cache.element_size() == 1
     scale = kv_scale if kv_scale is not None else positions  # unread unless CACHE_FP8
-    _rope_kv_cache_kernel[(t, nqb + nkb)](
-        q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1),
-        positions, cos_sin_cache, cos_sin_cache.stride(0),
-        key_cache, key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache, value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-        slot_mapping, scale, hq, hkv, nqb, key_cache.shape[1],
-        HALF=d // 2, BH=bh, IS_NEOX=bool(is_neox), CACHE_FP8=cache_fp8, num_warps=nw)
+    qs, ks, vs, kcs, vcs = q.stride(), k.stride(), v.stride(), key_cache.stride(), value_cache.stride()
+    fast_launch.launch(
+        _rope_kv_cache_kernel, (t, nqb + nkb),
+        (q, qs[0], qs[1], k, ks[0], ks[1], v, vs[0], vs[1],
+         positions, cos_sin_cache, cos_sin_cache.stride(0),
+         key_cache, kcs[0], kcs[1], kcs[2],
+         value_cache, vcs[0], vcs[1], vcs[2],
+         slot_mapping, scale, hq, hkv, nqb, key_cache.shape[1]),
+        {"HALF": d // 2, "BH": bh, "IS_NEOX": bool(is_neox), "CACHE_FP8": cache_fp8}, nw)

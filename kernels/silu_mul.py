@@ -12,7 +12,7 @@ programs zero their rows' scale column padding and all programs share out the pa
 import triton
 import triton.language as tl
 
-from . import local_configs
+from . import fast_launch, local_configs
 from .quant_epilogue import epilogue_args, next_pow2, nvfp4_pad_rows, nvfp4_swizzled_pad, quant_store_tile
 
 
@@ -51,9 +51,13 @@ def launch_silu_mul(x, data, scale, in_scale, fmt, group, config=None):
     cfg = local_configs.lookup("silu_mul", fmt, inter, t, group) if config is None else \
         local_configs.sanitize("silu_mul", fmt, inter, group, config)
     out_stride, scale_t, scale_stride, in_scale_t, n_sf, sf_pad = epilogue_args(fmt, inter, data, scale, in_scale)
-    n_tiles = triton.cdiv(inter, cfg.block)
-    n_progs = n_tiles * triton.cdiv(t, cfg.rows)
-    _silu_mul_kernel[(n_progs,)](
-        x, x.stride(0), data, out_stride, scale_t, scale_stride, in_scale_t, t, inter, n_sf, sf_pad,
-        n_tiles, n_progs, FMT=fmt, BLOCK=cfg.block, GROUP=group, PAD_BLOCK=next_pow2(sf_pad), ROWS=cfg.rows,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    block, rows = cfg.block, cfg.rows
+    n_tiles = (inter + block - 1) // block
+    n_progs = n_tiles * ((t + rows - 1) // rows)
+    fast_launch.launch(
+        _silu_mul_kernel, (n_progs,),
+        (x, x.stride(0), data, out_stride, scale_t, scale_stride, in_scale_t, t, inter, n_sf, sf_pad,
+         n_tiles, n_progs),
+        {"FMT": fmt, "BLOCK": block, "GROUP": group, "PAD_BLOCK": next_pow2(sf_pad), "ROWS": rows},
+        cfg.num_warps, cfg.num_stages)
+

@@ -131,12 +131,27 @@ def decode_attention_cases():
                     CHUNK=min(16, triton.next_power_of_2(splits))), 4, True)
 
 
+def ptx_hash(kernel) -> str:
+    """sha256 (16 hex digits) of a compiled kernel's PTX without what names the checkout's location: the
+    ``.file`` directives and the DWARF sections (the same paths as bytes). Instructions and ``.loc`` line info stay,
+    so two trees compare equal exactly when they generate the same code from the same source lines."""
+    import hashlib
+
+    ptx = kernel.asm["ptx"]
+    cut = ptx.find("\t.section\t.debug")
+    body = "\n".join(line for line in (ptx if cut < 0 else ptx[:cut]).splitlines()
+                     if not line.lstrip().startswith(".file"))
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
 def main() -> int:
+    """``--ptx-hashes``: print each case's :func:`ptx_hash` too (diff two trees' outputs to compare PTX)."""
+    hashes = "--ptx-hashes" in sys.argv[1:]
     failed = 0
     for name, fn, ptrs, const, *nw in cases():
         try:
-            compile_kernel(fn, ptrs, const, *nw)
-            print(f"ok   {name}", flush=True)
+            k = compile_kernel(fn, ptrs, const, *nw)
+            print(f"ok   {name}" + (f"  ptx {ptx_hash(k)}" if hashes else ""), flush=True)
         except Exception:  # noqa: BLE001 - report every failing case
             failed += 1
             print(f"FAIL {name}\n{traceback.format_exc()[-3000:]}", flush=True)

@@ -96,6 +96,10 @@ class TPCommunicator:
         self.flashinfer = None
         """FlashInfer's IPC workspace (:mod:`tpfuse.backends.flashinfer`), ``None`` where those paths are not used."""
         self._plans: Dict[int, Plan] = {}
+        self._routes: Dict[tuple, tuple] = {}  # (op, num_tokens) -> (path, implementation): _run's memo of plan()
+        # what the eager fast checks compare against (see _ok_activation)
+        self._on_cuda = self.device.type == "cuda"
+        self._dev_index = self.device.index if self._on_cuda else -1
         self._calls = 0
         self._closed = False
         self._broken: Optional[TPFusePeerError] = None  # set (with _closed) when a peer failed during a call
@@ -141,6 +145,7 @@ class TPCommunicator:
         self.async_tp = None
         compile_ops.unregister(self._handle)
         self._plans.clear()
+        self._routes.clear()
         self._closed = True
         self._broken = None
         if err is not None:
@@ -178,6 +183,10 @@ class TPCommunicator:
         """Which path each op takes at ``num_tokens`` (global tokens) and why. Cached per token count."""
         self._check_open()
         p = self._plans.get(num_tokens)
+        return p if p is not None else self._make_plan(num_tokens)
+
+    def _make_plan(self, num_tokens: int) -> Plan:
+        p = self._plans.get(num_tokens)
         if p is None:
             if not isinstance(num_tokens, int) or not 0 <= num_tokens <= self.max_tokens:
                 raise TPFuseInputError(f"num_tokens must be an int in [0, max_tokens={self.max_tokens}], "
@@ -190,12 +199,16 @@ class TPCommunicator:
         return p
 
     def _run(self, op: str, num_tokens: int, args: tuple, kwargs: dict):
-        choice = self.plan(num_tokens).ops[op]
-        if choice.error is not None:  # force_paths pins this op to a path that cannot run here
-            raise TPFuseInputError(choice.error)
-        self.last_path[op] = choice.path
+        """Run ``op`` on its planned path. Callers have just run :meth:`_check_open` (in :meth:`_enter`)."""
+        route = self._routes.get((op, num_tokens))
+        if route is None:
+            choice = self._make_plan(num_tokens).ops[op]
+            if choice.error is not None:  # force_paths pins this op to a path that cannot run here
+                raise TPFuseInputError(choice.error)
+            route = self._routes[(op, num_tokens)] = (choice.path, implementation(op, choice.path))
+        self.last_path[op] = route[0]
         try:
-            return implementation(op, choice.path)(self, *args, **kwargs)
+            return route[1](self, *args, **kwargs)
         except RuntimeError as e:
             self._peer_fault(op, e)
             raise
@@ -210,6 +223,27 @@ class TPCommunicator:
         self._broken, self._closed = err, True
         self._groups.broken = str(err)
         raise err from exc
+
+    # eager fast checks: True when the argument certainly passes the full checks (the common case), so an op can
+    # skip building the check closure and the debug signature; False sends the op through _enter, whose full
+    # checks raise the precise TPFuseInputError. They never accept what the full checks would reject.
+
+    def _ok_tensor(self, t, dim: int) -> bool:
+        return (isinstance(t, torch.Tensor) and t.dim() == dim and
+                (t.is_cuda and t.get_device() == self._dev_index if self._on_cuda else t.is_cpu) and
+                t.is_contiguous())
+
+    def _ok_activation(self, x) -> bool:
+        return (self._ok_tensor(x, 2) and x.dtype is self.dtype and x.shape[1] == self.hidden_size and
+                x.shape[0] <= self.max_tokens)
+
+    def _ok_norm_args(self, weight, eps, quant) -> bool:
+        if not (self._ok_tensor(weight, 1) and weight.shape[0] == self.hidden_size and
+                weight.dtype in ACTIVATION_DTYPES and (type(eps) is float or type(eps) is int) and eps > 0):
+            return False
+        if quant is not None:
+            q.check_spec(quant, self.hidden_size, self.device)  # raises like _enter would (not in debug mode)
+        return True
 
     def _enter(self, op: str, signature: tuple, check) -> None:
         """Run the local checks; in debug mode also compare ``signature`` and check results across ranks."""
@@ -253,6 +287,11 @@ class TPCommunicator:
         """Sum of ``x [T, H]`` over the group (out of place)."""
         if torch.compiler.is_compiling():
             return torch.ops.tpfuse.comm_all_reduce(self._handle, x)
+        if not self.config.debug:
+            self._check_open()
+            self._calls += 1  # as _enter does: peer-fault messages name the call
+            if self._ok_activation(x):
+                return self._run("all_reduce", x.shape[0], (x,), {})
         def check():
             check_activation("x", x, hidden=self.hidden_size, dtype=self.dtype, device=self.device,
                              max_tokens=self.max_tokens)
@@ -269,6 +308,14 @@ class TPCommunicator:
         :class:`~tpfuse.quant.QuantizedActivation` when ``quant`` is given; ``residual_out`` in the input dtype."""
         if torch.compiler.is_compiling():
             return compile_ops.norm_op("fused_add_rmsnorm", self, x, residual, weight, eps, quant, gemma)
+        if not self.config.debug:
+            self._check_open()
+            self._calls += 1  # as _enter does: peer-fault messages name the call
+            if (self._ok_activation(x) and
+                    (residual is None or (self._ok_tensor(residual, 2) and residual.dtype is self.dtype and
+                                          residual.shape == x.shape)) and self._ok_norm_args(weight, eps, quant)):
+                return self._run("fused_add_rmsnorm", x.shape[0], (x, residual, weight, eps),
+                                 {"quant": quant, "gemma": gemma})
         def check():
             check_activation("x", x, hidden=self.hidden_size, dtype=self.dtype, device=self.device,
                              max_tokens=self.max_tokens)
@@ -293,6 +340,17 @@ class TPCommunicator:
         Returns ``(out_shard, residual_shard_out)``, both ``[Ts, H]``."""
         if torch.compiler.is_compiling():
             return compile_ops.norm_op("reduce_scatter_rmsnorm", self, x, residual_shard, weight, eps, quant, gemma)
+        if not self.config.debug:
+            self._check_open()
+            self._calls += 1  # as _enter does: peer-fault messages name the call
+            if (self._ok_activation(x) and
+                    (residual_shard is None or (self._ok_tensor(residual_shard, 2) and
+                                                residual_shard.dtype is self.dtype and
+                                                residual_shard.shape[1] == self.hidden_size and
+                                                residual_shard.shape[0] == shard_len(x.shape[0], self.tp, self.rank)))
+                    and self._ok_norm_args(weight, eps, quant)):
+                return self._run("reduce_scatter_rmsnorm", x.shape[0], (x, residual_shard, weight, eps),
+                                 {"quant": quant, "gemma": gemma})
         def check():
             check_activation("x", x, hidden=self.hidden_size, dtype=self.dtype, device=self.device,
                              max_tokens=self.max_tokens)
@@ -436,7 +494,7 @@ class TPCommunicator:
         self._enter("matmul_reduce_scatter_rmsnorm", self._gemm_sig(x, weight, x_scale, w_scale) +
                     (residual_shard is None, type(quant).__name__), check)
         xd, kw = box["x"], box["kw"]
-        choice = self.plan(xd.shape[0]).ops["matmul_reduce_scatter"]
+        choice = self._make_plan(xd.shape[0]).ops["matmul_reduce_scatter"]
         if choice.error is not None:
             raise TPFuseInputError(choice.error)
         path = choice.path

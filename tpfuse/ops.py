@@ -8,8 +8,9 @@ Public ops (return :class:`tpfuse.quant.QuantizedActivation` when ``quant`` is g
 * ``silu_mul(x, *, quant=None)`` for a ``[T, 2I]`` gate-up input (gate first);
 * ``quantize(x, spec)`` standalone quantizer.
 
-Dispatch: CUDA tensors run the Triton kernels of :mod:`tpfuse.kernels` through the custom ops below; CPU tensors
-run the plain-torch reference (:mod:`tpfuse.reference`, :func:`tpfuse.quant.quantize`). Escape hatch: with the
+Dispatch: CUDA tensors run the Triton kernels of :mod:`tpfuse.kernels` (while Dynamo traces, through the custom
+ops below; in eager mode the public functions call the same op bodies directly, skipping the custom-op dispatch,
+which costs more host time than the launch itself); CPU tensors run the plain-torch reference (:mod:`tpfuse.reference`, :func:`tpfuse.quant.quantize`). Escape hatch: with the
 environment variable ``TPFUSE_TRITON_CPU=1`` CPU tensors take the Triton path too, which only works under the
 Triton interpreter (``TRITON_INTERPRET=1`` set before the kernel modules are imported); the interpreter tests use
 it. ``import tpfuse`` never imports Triton: the launchers import it lazily. Launch shapes (warps, rows per program,
@@ -116,10 +117,14 @@ def _ref_outputs(out, fmt):
 # custom ops
 
 
-@torch.library.custom_op("tpfuse::add_rmsnorm", mutates_args=())
-def _add_rmsnorm_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float, fmt: int,
-                    group: int, in_scale: Optional[torch.Tensor], gemma: bool
-                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+# Each op's body is a plain function (``_*_impl``) registered as the custom op. The public functions call the body
+# directly in eager mode (the custom-op dispatch costs more host time than the launch) and the custom op while
+# Dynamo traces (an opaque node with a fake impl), so both run exactly the same code.
+
+
+def _add_rmsnorm_impl(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float, fmt: int,
+                      group: int, in_scale: Optional[torch.Tensor], gemma: bool
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     t, h = x.shape
     if not _use_triton(x):
         out, res = ref.add_rmsnorm(x, residual, weight, eps, quant=args_to_spec(fmt, group, in_scale), gemma=gemma)
@@ -132,6 +137,9 @@ def _add_rmsnorm_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight: t
     return data, scale, res_out
 
 
+_add_rmsnorm_op = torch.library.custom_op("tpfuse::add_rmsnorm", _add_rmsnorm_impl, mutates_args=())
+
+
 @_add_rmsnorm_op.register_fake
 def _(x, residual, weight, eps, fmt, group, in_scale, gemma):
     t, h = x.shape
@@ -139,10 +147,9 @@ def _(x, residual, weight, eps, fmt, group, in_scale, gemma):
     return data, scale, torch.empty_like(x)
 
 
-@torch.library.custom_op("tpfuse::add_rmsnorm_", mutates_args=("residual",))
-def _add_rmsnorm_inplace_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, fmt: int,
-                            group: int, in_scale: Optional[torch.Tensor], gemma: bool
-                            ) -> Tuple[torch.Tensor, torch.Tensor]:
+def _add_rmsnorm_inplace_impl(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, fmt: int,
+                              group: int, in_scale: Optional[torch.Tensor], gemma: bool
+                              ) -> Tuple[torch.Tensor, torch.Tensor]:
     t, h = x.shape
     if not _use_triton(x):
         out, res = ref.add_rmsnorm(x, residual, weight, eps, quant=args_to_spec(fmt, group, in_scale), gemma=gemma)
@@ -155,15 +162,18 @@ def _add_rmsnorm_inplace_op(x: torch.Tensor, residual: torch.Tensor, weight: tor
     return data, scale
 
 
+_add_rmsnorm_inplace_op = torch.library.custom_op("tpfuse::add_rmsnorm_", _add_rmsnorm_inplace_impl,
+                                                  mutates_args=("residual",))
+
+
 @_add_rmsnorm_inplace_op.register_fake
 def _(x, residual, weight, eps, fmt, group, in_scale, gemma):
     t, h = x.shape
     return alloc_outputs(t, h, fmt, group, x.device, x.dtype)
 
 
-@torch.library.custom_op("tpfuse::silu_mul", mutates_args=())
-def _silu_mul_op(x: torch.Tensor, fmt: int, group: int, in_scale: Optional[torch.Tensor]
-                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+def _silu_mul_impl(x: torch.Tensor, fmt: int, group: int, in_scale: Optional[torch.Tensor]
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
     t, h2 = x.shape
     if not _use_triton(x):
         return _ref_outputs(ref.silu_mul(x, quant=args_to_spec(fmt, group, in_scale)), fmt)
@@ -174,15 +184,17 @@ def _silu_mul_op(x: torch.Tensor, fmt: int, group: int, in_scale: Optional[torch
     return data, scale
 
 
+_silu_mul_op = torch.library.custom_op("tpfuse::silu_mul", _silu_mul_impl, mutates_args=())
+
+
 @_silu_mul_op.register_fake
 def _(x, fmt, group, in_scale):
     t, h2 = x.shape
     return alloc_outputs(t, h2 // 2, fmt, group, x.device, x.dtype)
 
 
-@torch.library.custom_op("tpfuse::quantize", mutates_args=())
-def _quantize_op(x: torch.Tensor, fmt: int, group: int, in_scale: Optional[torch.Tensor]
-                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+def _quantize_impl(x: torch.Tensor, fmt: int, group: int, in_scale: Optional[torch.Tensor]
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
     t, h = x.shape
     if fmt == FMT_NONE:
         raise TPFuseInputError("tpfuse::quantize needs a quant format (fmt 1..5)")
@@ -193,6 +205,9 @@ def _quantize_op(x: torch.Tensor, fmt: int, group: int, in_scale: Optional[torch
     data, scale = alloc_outputs(t, h, fmt, group, x.device, x.dtype)
     launch_quantize(x, data, scale, in_scale, fmt, group)
     return data, scale
+
+
+_quantize_op = torch.library.custom_op("tpfuse::quantize", _quantize_impl, mutates_args=())
 
 
 @_quantize_op.register_fake
@@ -206,6 +221,8 @@ def _(x, fmt, group, in_scale):
 
 
 def _rows(x: torch.Tensor, what: str) -> torch.Tensor:
+    if x.dim() == 2 and x.stride(1) == 1:  # the common case, as is (reshape would return an equal view)
+        return x
     if x.dim() < 1:
         raise TPFuseInputError(f"{what} must have a hidden dimension, got a scalar")
     x2 = x.reshape(-1, x.shape[-1])
@@ -214,7 +231,7 @@ def _rows(x: torch.Tensor, what: str) -> torch.Tensor:
 
 def _wrap(data, scale, spec, x, shape):
     if spec is None:
-        return data.reshape(shape)
+        return data if data.shape == shape else data.reshape(shape)
     if isinstance(spec, q.FP8Static):
         scale = spec.scale
     return q.QuantizedActivation(data=data, scale=scale, spec=spec, orig_dtype=x.dtype, shape=torch.Size(shape))
@@ -227,6 +244,9 @@ def _check_quant(quant, x, hidden):
             raise TPFuseInputError(f"quantized outputs need a [tokens, hidden] input, got shape {tuple(x.shape)}")
 
 
+_is_compiling = torch.compiler.is_compiling
+
+
 def add_rmsnorm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float = 1e-6, *,
                 quant: Optional[QuantSpec] = None, gemma: bool = False, residual_inplace: bool = False):
     """``(out, residual_out)`` of add + RMSNorm (+ quant); see :func:`tpfuse.reference.add_rmsnorm`.
@@ -234,7 +254,8 @@ def add_rmsnorm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch
     ``residual_inplace=True`` writes ``residual_out`` into ``residual`` (which is returned); ignored when
     ``residual`` is None (first layer: ``residual_out`` is a new tensor equal to ``x``)."""
     h = x.shape[-1]
-    _check_quant(quant, x, h)
+    if quant is not None:
+        _check_quant(quant, x, h)
     if weight.shape != (h,):
         raise TPFuseInputError(f"weight must have shape ({h},), got {tuple(weight.shape)}")
     if residual is not None and residual.shape != x.shape:
@@ -246,17 +267,22 @@ def add_rmsnorm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch
             res = residual
         return out, res
     fmt, group, in_scale = spec_to_args(quant)
-    x2, w = _rows(x, "x"), weight.contiguous()
+    x2 = _rows(x, "x")
+    w = weight if weight.is_contiguous() else weight.contiguous()
+    eager = not _is_compiling()
     if residual_inplace and residual is not None:
-        r2 = residual.view(-1, h)  # must be a view: it is written in place
+        r2 = residual if residual.dim() == 2 else residual.view(-1, h)  # must be a view: it is written in place
         if r2.stride(-1) != 1:
             raise TPFuseInputError("residual_inplace needs a residual with unit stride along hidden")
-        data, scale = torch.ops.tpfuse.add_rmsnorm_(x2, r2, w, float(eps), fmt, group, in_scale, bool(gemma))
+        data, scale = (_add_rmsnorm_inplace_impl if eager else torch.ops.tpfuse.add_rmsnorm_)(
+            x2, r2, w, float(eps), fmt, group, in_scale, bool(gemma))
         res = residual
     else:
         r2 = None if residual is None else _rows(residual, "residual")
-        data, scale, res = torch.ops.tpfuse.add_rmsnorm(x2, r2, w, float(eps), fmt, group, in_scale, bool(gemma))
-        res = res.reshape(x.shape)
+        data, scale, res = (_add_rmsnorm_impl if eager else torch.ops.tpfuse.add_rmsnorm)(
+            x2, r2, w, float(eps), fmt, group, in_scale, bool(gemma))
+        if res.shape != x.shape:
+            res = res.reshape(x.shape)
     return _wrap(data, scale, quant, x, x.shape), res
 
 
@@ -265,11 +291,13 @@ def silu_mul(x: torch.Tensor, *, quant: Optional[QuantSpec] = None):
     if x.shape[-1] % 2:
         raise TPFuseInputError(f"silu_mul needs an even last dimension (gate, up), got {x.shape[-1]}")
     inter = x.shape[-1] // 2
-    _check_quant(quant, x, inter)
+    if quant is not None:
+        _check_quant(quant, x, inter)
     if not _use_triton(x):
         return ref.silu_mul(x, quant=quant)
     fmt, group, in_scale = spec_to_args(quant)
-    data, scale = torch.ops.tpfuse.silu_mul(_rows(x, "x"), fmt, group, in_scale)
+    data, scale = (_silu_mul_impl if not _is_compiling() else torch.ops.tpfuse.silu_mul)(
+        _rows(x, "x"), fmt, group, in_scale)
     return _wrap(data, scale, quant, x, (*x.shape[:-1], inter))
 
 
@@ -283,5 +311,6 @@ def quantize(x: torch.Tensor, spec: QuantSpec) -> q.QuantizedActivation:
     if not _use_triton(x):
         return q.quantize(x, spec)
     fmt, group, in_scale = spec_to_args(spec)
-    data, scale = torch.ops.tpfuse.quantize(_rows(x, "x"), fmt, group, in_scale)
+    data, scale = (_quantize_impl if not _is_compiling() else torch.ops.tpfuse.quantize)(
+        _rows(x, "x"), fmt, group, in_scale)
     return _wrap(data, scale, spec, x, x.shape)

@@ -151,22 +151,46 @@ def check_spec(spec: Optional[QuantSpec], hidden: int, device: torch.device) -> 
     """Raise :class:`TPFuseInputError` if ``spec`` cannot quantize a ``[*, hidden]`` activation on ``device``."""
     if spec is None:
         return
+    tp = type(spec)  # the spec classes are final dataclasses: a type test is enough (and cheaper than isinstance)
+    if tp is FP8PerToken:
+        return
+    if tp is FP8Static or tp is NVFP4:
+        s = spec.scale if tp is FP8Static else spec.global_scale
+        dev_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+        if s.dtype is not torch.float32 or s.numel() != 1 or s.dim() > 1 or s.device.type != dev_type:
+            _scale_error("FP8Static.scale" if tp is FP8Static else "NVFP4.global_scale", s, device)
+        if tp is NVFP4 and hidden % NVFP4_BLOCK:
+            raise TPFuseInputError(f"NVFP4 needs hidden % 16 == 0, hidden={hidden}")
+        return
+    if tp is FP8PerGroup:
+        if hidden % spec.group_size:
+            raise TPFuseInputError(f"FP8PerGroup({spec.group_size}) needs hidden % {spec.group_size} == 0, "
+                                   f"hidden={hidden}")
+        return
+    _check_spec_general(spec, hidden, device)  # anything else (subclasses, wrong types): the general checks
+
+
+def _check_spec_general(spec, hidden: int, device) -> None:
     if not isinstance(spec, QUANT_SPECS):
         raise TPFuseInputError(
             f"quant must be None or one of FP8Static, FP8PerToken, FP8PerGroup, NVFP4; got {type(spec).__name__}")
     if isinstance(spec, (FP8Static, NVFP4)):
         name = "FP8Static.scale" if isinstance(spec, FP8Static) else "NVFP4.global_scale"
         s = spec.scale if isinstance(spec, FP8Static) else spec.global_scale
-        if s.dtype != torch.float32:
-            raise TPFuseInputError(f"{name} must be float32, got {s.dtype}")
-        if s.numel() != 1 or s.dim() > 1:
-            raise TPFuseInputError(f"{name} must be a scalar (shape [] or [1]), got shape {tuple(s.shape)}")
-        if s.device.type != torch.device(device).type:
-            raise TPFuseInputError(f"{name} is on {s.device}, but the activation is on {device}")
+        if s.dtype != torch.float32 or s.numel() != 1 or s.dim() > 1 or s.device.type != torch.device(device).type:
+            _scale_error(name, s, device)
     if isinstance(spec, FP8PerGroup) and hidden % spec.group_size:
         raise TPFuseInputError(f"FP8PerGroup({spec.group_size}) needs hidden % {spec.group_size} == 0, hidden={hidden}")
     if isinstance(spec, NVFP4) and hidden % NVFP4_BLOCK:
         raise TPFuseInputError(f"NVFP4 needs hidden % 16 == 0, hidden={hidden}")
+
+
+def _scale_error(name: str, s: torch.Tensor, device) -> None:
+    if s.dtype != torch.float32:
+        raise TPFuseInputError(f"{name} must be float32, got {s.dtype}")
+    if s.numel() != 1 or s.dim() > 1:
+        raise TPFuseInputError(f"{name} must be a scalar (shape [] or [1]), got shape {tuple(s.shape)}")
+    raise TPFuseInputError(f"{name} is on {s.device}, but the activation is on {device}")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -39,7 +39,8 @@ unfused sequence does), so it is at least as accurate as the unfused one.
 
 Dispatch: CUDA tensors run the Triton kernels through the ``torch.library`` custom ops below (``tpfuse::
 qk_norm_rope_`` and ``tpfuse::rope_kv_cache_write_``, both returning nothing and declaring what they mutate, with
-fake impls, so the public functions work under ``torch.compile(fullgraph=True)`` and CUDA-graph capture). CPU
+fake impls, so the public functions work under ``torch.compile(fullgraph=True)`` and CUDA-graph capture); in eager
+mode the public functions call the ops' bodies directly, without the custom-op dispatch. CPU
 tensors run the plain-torch reference. With the environment variable ``TPFUSE_TRITON_CPU=1`` CPU tensors take the
 Triton path too, which only works under the Triton interpreter (``TRITON_INTERPRET=1`` set before Triton is
 imported); the interpreter tests use it. ``import tpfuse`` never imports Triton: the launchers import it lazily.
@@ -137,10 +138,13 @@ def _use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TPFUSE_TRITON_CPU") == "1"
 
 
-@torch.library.custom_op("tpfuse::qk_norm_rope_", mutates_args=("qkv",))
-def _qk_norm_rope_op(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos_sin_cache: torch.Tensor,
-                     positions: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, eps: float,
-                     is_neox: bool, gemma: bool) -> None:
+# The ops' bodies are plain functions registered as the custom ops; the public functions call them directly in
+# eager mode (no custom-op dispatch cost) and through the custom ops while Dynamo traces.
+
+
+def _qk_norm_rope_impl(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                       cos_sin_cache: torch.Tensor, positions: torch.Tensor, num_heads: int, num_kv_heads: int,
+                       head_dim: int, eps: float, is_neox: bool, gemma: bool) -> None:
     if not _use_triton(qkv):
         qo, ko = qk_norm_rope_ref(qkv, q_weight, k_weight, cos_sin_cache, positions, num_heads=num_heads,
                                   num_kv_heads=num_kv_heads, head_dim=head_dim, eps=eps, is_neox=is_neox, gemma=gemma)
@@ -153,15 +157,17 @@ def _qk_norm_rope_op(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.
                         is_neox, gemma)
 
 
+_qk_norm_rope_op = torch.library.custom_op("tpfuse::qk_norm_rope_", _qk_norm_rope_impl, mutates_args=("qkv",))
+
+
 @_qk_norm_rope_op.register_fake
 def _(qkv, q_weight, k_weight, cos_sin_cache, positions, num_heads, num_kv_heads, head_dim, eps, is_neox, gemma):
     return None
 
 
-@torch.library.custom_op("tpfuse::rope_kv_cache_write_", mutates_args=("q", "k", "key_cache", "value_cache"))
-def _rope_kv_cache_write_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                            cos_sin_cache: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                            slot_mapping: torch.Tensor, is_neox: bool, kv_scale: Optional[torch.Tensor]) -> None:
+def _rope_kv_cache_write_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                              cos_sin_cache: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                              slot_mapping: torch.Tensor, is_neox: bool, kv_scale: Optional[torch.Tensor]) -> None:
     if not _use_triton(q):
         qo, ko = rope_kv_cache_write_ref(q, k, v, positions, cos_sin_cache, key_cache, value_cache, slot_mapping,
                                          is_neox=is_neox, kv_scale=kv_scale)
@@ -174,6 +180,10 @@ def _rope_kv_cache_write_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
                                kv_scale)
 
 
+_rope_kv_cache_write_op = torch.library.custom_op("tpfuse::rope_kv_cache_write_", _rope_kv_cache_write_impl,
+                                                  mutates_args=("q", "k", "key_cache", "value_cache"))
+
+
 @_rope_kv_cache_write_op.register_fake
 def _(q, k, v, positions, cos_sin_cache, key_cache, value_cache, slot_mapping, is_neox, kv_scale):
     return None
@@ -184,6 +194,14 @@ def _(q, k, v, positions, cos_sin_cache, key_cache, value_cache, slot_mapping, i
 
 
 def _check_rope(cos_sin_cache, positions, head_dim, t, device):
+    if (head_dim < 16 or head_dim & (head_dim - 1) or cos_sin_cache.dim() != 2
+            or cos_sin_cache.shape[1] != head_dim or cos_sin_cache.stride(1) != 1 or positions.dim() != 1
+            or positions.shape[0] != t or (positions.dtype is not torch.int64 and positions.dtype is not torch.int32)
+            or cos_sin_cache.device != device or positions.device != device):
+        _rope_error(cos_sin_cache, positions, head_dim, t, device)
+
+
+def _rope_error(cos_sin_cache, positions, head_dim, t, device):
     if head_dim < 16 or head_dim & (head_dim - 1):
         raise TPFuseInputError(f"head_dim must be a power of two >= 16, got {head_dim}")
     if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != head_dim:
@@ -208,12 +226,16 @@ def qk_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tens
                                f"{(num_heads + 2 * num_kv_heads) * head_dim}], got {tuple(qkv.shape)}")
     if qkv.stride(1) != 1:
         raise TPFuseInputError("qkv needs a unit column stride")
-    _check_rope(cos_sin_cache, positions, head_dim, qkv.shape[0], qkv.device)
-    for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
-        if w.shape != (head_dim,) or not w.is_contiguous() or w.device != qkv.device:
-            raise TPFuseInputError(f"{name} must be a contiguous [{head_dim}] tensor on {qkv.device}")
-    _qk_norm_rope_op(qkv, q_weight, k_weight, cos_sin_cache, positions, num_heads, num_kv_heads, head_dim,
-                     float(eps), bool(is_neox), bool(gemma))
+    device = qkv.device
+    _check_rope(cos_sin_cache, positions, head_dim, qkv.shape[0], device)
+    if (q_weight.shape != (head_dim,) or k_weight.shape != (head_dim,) or not q_weight.is_contiguous()
+            or not k_weight.is_contiguous() or q_weight.device != device or k_weight.device != device):
+        for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
+            if w.shape != (head_dim,) or not w.is_contiguous() or w.device != device:
+                raise TPFuseInputError(f"{name} must be a contiguous [{head_dim}] tensor on {device}")
+    (_qk_norm_rope_impl if not torch.compiler.is_compiling() else _qk_norm_rope_op)(
+        qkv, q_weight, k_weight, cos_sin_cache, positions, num_heads, num_kv_heads, head_dim, float(eps),
+        bool(is_neox), bool(gemma))
     qd, kd = num_heads * head_dim, num_kv_heads * head_dim
     return qkv[:, :qd], qkv[:, qd: qd + kd]
 
@@ -231,20 +253,25 @@ def rope_kv_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posit
     hkv = k.shape[1]
     if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1:
         raise TPFuseInputError("q, k and v need a unit stride along head_dim")
-    _check_rope(cos_sin_cache, positions, d, t, q.device)
-    for name, c in (("key_cache", key_cache), ("value_cache", value_cache)):
-        if c.dim() != 4 or c.shape[2:] != (hkv, d) or c.stride(3) != 1 or c.device != q.device:
-            raise TPFuseInputError(f"{name} must be [num_blocks, block_size, {hkv}, {d}] (unit last stride) on "
-                                   f"{q.device}, got {tuple(c.shape)}")
+    device = q.device
+    _check_rope(cos_sin_cache, positions, d, t, device)
+    if (key_cache.dim() != 4 or key_cache.shape[2:] != (hkv, d) or key_cache.stride(3) != 1
+            or key_cache.device != device or value_cache.dim() != 4 or value_cache.shape[2:] != (hkv, d)
+            or value_cache.stride(3) != 1 or value_cache.device != device):
+        for name, c in (("key_cache", key_cache), ("value_cache", value_cache)):
+            if c.dim() != 4 or c.shape[2:] != (hkv, d) or c.stride(3) != 1 or c.device != device:
+                raise TPFuseInputError(f"{name} must be [num_blocks, block_size, {hkv}, {d}] (unit last stride) "
+                                       f"on {device}, got {tuple(c.shape)}")
     if key_cache.shape != value_cache.shape or key_cache.dtype != value_cache.dtype:
         raise TPFuseInputError("key_cache and value_cache must have the same shape and dtype")
-    if slot_mapping.shape != (t,) or slot_mapping.dtype not in (torch.int64, torch.int32):
+    if (slot_mapping.dim() != 1 or slot_mapping.shape[0] != t
+            or (slot_mapping.dtype is not torch.int64 and slot_mapping.dtype is not torch.int32)):
         raise TPFuseInputError(f"slot_mapping must be [{t}] int64/int32")
     if key_cache.dtype == _quant.FP8_DTYPE:
         if kv_scale is None or kv_scale.numel() != 1 or kv_scale.dtype != torch.float32:
             raise TPFuseInputError("an FP8 KV cache needs kv_scale: an fp32 tensor of one element")
     elif key_cache.element_size() == 1:
         raise TPFuseInputError(f"unsupported cache dtype {key_cache.dtype} (bf16/fp16/fp32 or float8_e4m3fn)")
-    _rope_kv_cache_write_op(q, k, v, positions, cos_sin_cache, key_cache, value_cache, slot_mapping, bool(is_neox),
-                            kv_scale)
+    (_rope_kv_cache_write_impl if not torch.compiler.is_compiling() else _rope_kv_cache_write_op)(
+        q, k, v, positions, cos_sin_cache, key_cache, value_cache, slot_mapping, bool(is_neox), kv_scale)
     return q, k

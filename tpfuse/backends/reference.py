@@ -20,34 +20,51 @@ def _needs_nccl(comm):
     return None if comm.backend == "nccl" else f"needs an NCCL group (this one is {comm.backend})"
 
 
+# TP=1 (both paths): a sum or gather over one rank is the input itself, so the collective (and the copy it needs)
+# is skipped; the results are bit-identical (fp32 upcasts of the input are exact, and a one-rank collective
+# returns its input unchanged). Outputs stay fresh tensors, inputs are never written.
+
+
 @register("all_reduce", "reference")
 def _ar_ref(comm, x):
+    if comm.tp == 1:
+        return x.clone()
     return ref.all_reduce(x, comm.ops_group)
 
 
 @register("fused_add_rmsnorm", "reference")
 def _far_ref(comm, x, residual, weight, eps, *, quant, gemma):
+    if comm.tp == 1:
+        return ref.add_rmsnorm(x, residual, weight, eps, quant=quant, gemma=gemma)
     return ref.fused_add_rmsnorm(x, residual, weight, eps, quant=quant, gemma=gemma, group=comm.ops_group)
 
 
 @register("reduce_scatter_rmsnorm", "reference")
 def _rsn_ref(comm, x, residual_shard, weight, eps, *, quant, gemma):
+    if comm.tp == 1:
+        return ref.add_rmsnorm(x, residual_shard, weight, eps, quant=quant, gemma=gemma)
     return ref.reduce_scatter_rmsnorm(x, residual_shard, weight, eps, quant=quant, gemma=gemma, group=comm.ops_group)
 
 
 @register("all_gather", "reference")
 def _ag_ref(comm, x_shard, num_tokens):
+    if comm.tp == 1:
+        return x_shard.clone()
     return ref.all_gather(x_shard, num_tokens, comm.ops_group)
 
 
 @register("all_gather_matmul", "reference")
 def _agmm_ref(comm, x_shard, weight, num_tokens, *, x_scale=None, w_scale=None):
+    if comm.tp == 1:
+        return (ref._operand(x_shard, x_scale) @ ref._operand(weight, w_scale).t()).to(comm.dtype)
     return ref.all_gather_matmul(x_shard, weight, num_tokens, comm.ops_group, x_scale=x_scale, w_scale=w_scale,
                                  out_dtype=comm.dtype)
 
 
 @register("matmul_reduce_scatter", "reference")
 def _mmrs_ref(comm, x, weight, *, x_scale=None, w_scale=None):
+    if comm.tp == 1:
+        return (ref._operand(x, x_scale) @ ref._operand(weight, w_scale).t()).to(comm.dtype)
     return ref.matmul_reduce_scatter(x, weight, comm.ops_group, x_scale=x_scale, w_scale=w_scale, out_dtype=comm.dtype)
 
 
@@ -63,18 +80,23 @@ def _local_stage():
 @register("all_reduce", "nccl", available=_needs_nccl)
 def _ar_nccl(comm, x):
     out = x.clone()
-    dist.all_reduce(out, group=comm.ops_group)
+    if comm.tp > 1:
+        dist.all_reduce(out, group=comm.ops_group)
     return out
 
 
 @register("fused_add_rmsnorm", "nccl", available=_needs_nccl)
 def _far_nccl(comm, x, residual, weight, eps, *, quant, gemma):
+    if comm.tp == 1:  # the local stage reads x and writes new outputs: no copy needed
+        return _local_stage().add_rmsnorm(x, residual, weight, eps, quant=quant, gemma=gemma)
     s = x.clone()
     dist.all_reduce(s, group=comm.ops_group)
     return _local_stage().add_rmsnorm(s, residual, weight, eps, quant=quant, gemma=gemma)
 
 
 def _rs_native(comm, x):
+    if comm.tp == 1:
+        return x
     t = x.shape[0]
     s = shard_rows(t, comm.tp)
     full = x if s * comm.tp == t else torch.cat([x, x.new_zeros(s * comm.tp - t, *x.shape[1:])])
@@ -91,11 +113,15 @@ def _rsn_nccl(comm, x, residual_shard, weight, eps, *, quant, gemma):
 
 @register("all_gather", "nccl", available=_needs_nccl)
 def _ag_nccl(comm, x_shard, num_tokens):
+    if comm.tp == 1:
+        return x_shard.clone()
     return ref.all_gather(x_shard, num_tokens, comm.ops_group)  # already native dtype on NCCL
 
 
 @register("all_gather_matmul", "nccl", available=_needs_nccl)
 def _agmm_nccl(comm, x_shard, weight, num_tokens, *, x_scale=None, w_scale=None):
+    if comm.tp == 1:
+        return _mmrs_nccl(comm, x_shard, weight, x_scale=x_scale, w_scale=w_scale)
     if w_scale is None:
         return ref.all_gather(x_shard, num_tokens, comm.ops_group) @ weight.t()
     from .. import scaled_gemm

@@ -32,6 +32,7 @@ A peer that does not arrive within ``CommConfig.timeout_s`` makes the kernel set
 
 from __future__ import annotations
 
+import ctypes
 from typing import Optional
 
 import torch
@@ -99,6 +100,8 @@ class SymmWorkspace:
         self.flags.zero_()
         self.epochs = torch.zeros(3, g, dtype=torch.int32, device=dev)  # one-shot, two-shot, pipelined one-shot
         self.err = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+        # check() runs on every op: read the flag word in place (int(self.err[0]) builds a tensor: ~3 us)
+        self._err_word = ctypes.c_int32.from_address(self.err.data_ptr())
         self.broken: Optional[str] = None
         torch.cuda.synchronize(dev)
         dist.barrier(group=comm.group, device_ids=[dev.index])  # every rank's flags are zero before any use
@@ -110,7 +113,7 @@ class SymmWorkspace:
     # ------------------------------------------------------------------------------------------------------
     def check(self) -> None:
         """Raise :class:`TPFusePeerTimeout` if a kernel of this workspace timed out (reads pinned memory; no sync)."""
-        if self.broken is None and int(self.err[0]) != 0:
+        if self.broken is None and self._err_word.value != 0:
             self.broken = (f"peer did not arrive within {self.timeout_s:g} s (CommConfig.timeout_s) in a tpfuse "
                            f"symmetric-memory kernel on rank {self.rank} of TP={self.tp}: a peer died, skipped a "
                            f"call or called with different arguments; this communicator is broken, build a new "

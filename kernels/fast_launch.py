@@ -1,0 +1,161 @@
+"""Eager launches of the local kernels without Triton's per-call specialization work.
+
+``kernel[grid](*args, **consts)`` (``JITFunction.run`` in Triton 3.6) binds the arguments, specializes every one
+of them (dtype and 16-byte alignment of pointers, divisibility by 16 / equality to 1 / integer width of ints),
+builds a string cache key, looks the ``CompiledKernel`` up, checks the kernel's globals and then calls the
+compiled kernel's launcher. On a small decode-sized call that bookkeeping costs several times the launcher itself.
+
+:func:`launch` keeps, per kernel and per *fingerprint* of a call, the ``CompiledKernel`` that the normal JIT call
+returned the first time, and launches it directly on later calls with the same fingerprint (the same launcher
+call ``JITFunction.run`` makes: grid, current stream, function handle, packed metadata, every argument in
+signature order, constexprs included). The fingerprint is at least as fine as Triton's specialization key:
+
+* pointers (tensors): dtype and ``data_ptr() % 16 == 0``;
+* ints: the exact value (which fixes Triton's ``== 1`` / ``% 16`` / width specialization), except the
+  arguments in the kernel's ``do_not_specialize`` list, which contribute only their integer width class;
+* floats: nothing (Triton never specializes a runtime float: always ``fp32``);
+* the constexprs' values, ``num_warps``, ``num_stages``, the current CUDA device and the debug /
+  instrumentation knobs.
+
+Any other argument type, a kernel that is not a plain ``JITFunction`` (interpreter, a test's recorder), launch
+hooks (profilers) or pre-run hooks send the call down the normal JIT path, as does every first call of a
+fingerprint. ``TPFUSE_FAST_LAUNCH=0`` (read at import) or ``ENABLED = False`` turns the direct path off. What is
+skipped: the JIT's check that the kernel's global variables did not change since it compiled (tpfuse's kernels
+read only module constants).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+ENABLED = os.environ.get("TPFUSE_FAST_LAUNCH", "1") != "0"
+
+_I32 = (-(1 << 31), (1 << 31) - 1)
+_I64_MAX = (1 << 63) - 1
+_Tensor = torch.Tensor
+_CACHE_ATTR = "_tpfuse_compiled"
+_MAX_ENTRIES = 4096
+_KERNELS: list = []  # kernels that hold a cache (for clear())
+
+_rt = None          # triton.knobs.runtime / compilation, JITFunction, the driver's stream getter (lazily: import
+_comp = None        # tpfuse never imports Triton, and the driver is only resolved on a GPU)
+_JIT = None
+_stream = None
+
+
+def _init():
+    global _rt, _comp, _JIT
+    from triton import knobs
+    from triton.runtime.jit import JITFunction
+
+    _rt, _comp, _JIT = knobs.runtime, knobs.compilation, JITFunction
+
+
+def fingerprint(args, nospec=()) -> tuple | None:
+    """The per-argument part of the cache key (see the module docstring), or None when an argument's type is not
+    one this module knows how Triton specializes. ``nospec``: indices of ``do_not_specialize`` arguments."""
+    key = []
+    app = key.append
+    for i, a in enumerate(args):
+        tp = type(a)
+        if tp is int:
+            if i in nospec:
+                app(0 if _I32[0] <= a <= _I32[1] else (1 if a <= _I64_MAX else 2))
+            else:
+                app(a)
+        elif tp is float:
+            app(None)
+        elif isinstance(a, _Tensor):
+            app(a.dtype)
+            app(a.data_ptr() % 16 == 0)
+        else:
+            return None
+    return tuple(key)
+
+
+def launch(kernel, grid, args: tuple, consts: dict, num_warps: int, num_stages: int | None = None) -> None:
+    """``kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)``, through the cached
+    ``CompiledKernel`` when this call's fingerprint was launched before. ``args``: the runtime arguments in
+    signature order; ``consts``: the constexprs by name, in signature order after ``args``; ``num_stages=None``
+    leaves it out of the JIT call (Triton's default), as the launchers always did for the RoPE kernels."""
+    if ENABLED:
+        if _rt is None:
+            _init()
+        if (type(kernel) is _JIT and _rt.launch_enter_hook is None and _rt.launch_exit_hook is None
+                and not kernel.pre_run_hooks):
+            state = getattr(kernel, _CACHE_ATTR, None)
+            if state is None:
+                state = _state(kernel)
+            key = key_for(state[0], args, consts, num_warps, num_stages)
+            if key is not None:
+                cache = state[1]
+                hit = cache.get(key)
+                if hit is not None:
+                    run, function, meta, _ = hit
+                    n = len(grid)
+                    run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, _stream(key[0]), function, meta,
+                        None, None, None, *args, *consts.values())
+                    return
+                compiled = _jit(kernel, grid, args, consts, num_warps, num_stages)
+                _remember(kernel, cache, key, compiled, len(args), consts)
+                return
+    _jit(kernel, grid, args, consts, num_warps, num_stages)
+
+
+def key_for(nospec, args, consts, num_warps, num_stages):
+    """The cache key of one call (None: not cacheable): current device, debug knobs, launch options, constexprs
+    and :func:`fingerprint`."""
+    fp = fingerprint(args, nospec)
+    if fp is None:
+        return None
+    return (torch.cuda.current_device(), _rt.debug, _comp.instrumentation_mode, num_warps, num_stages,
+            tuple(consts.values()), fp)
+
+
+def _jit(kernel, grid, args, consts, num_warps, num_stages):
+    """The normal Triton call (also what a test's recorder / the interpreter sees: constexprs by keyword)."""
+    if num_stages is None:
+        return kernel[grid](*args, **consts, num_warps=num_warps)
+    return kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+
+
+def _state(kernel):
+    """``(nospec, cache)`` of a kernel: the indices of its ``do_not_specialize`` parameters (from Triton's own
+    parameter records) and its ``{key: (launcher, function, packed metadata, CompiledKernel)}``."""
+    nospec = frozenset(p.num for p in kernel.params if p.do_not_specialize)
+    state = (nospec, {})
+    setattr(kernel, _CACHE_ATTR, state)
+    _KERNELS.append(kernel)
+    return state
+
+
+def _remember(kernel, cache, key, compiled, n_args, consts) -> None:
+    global _stream
+    if compiled is None or not hasattr(compiled, "packed_metadata"):
+        return
+    # the direct call passes constexprs positionally: they must be exactly the parameters after ``args``
+    if list(consts) != list(kernel.arg_names[n_args:]):
+        return
+    if _stream is None:
+        from triton.runtime import driver
+
+        _stream = driver.active.get_current_stream
+    if len(cache) >= _MAX_ENTRIES:
+        cache.clear()
+    cache[key] = (compiled.run, compiled.function, compiled.packed_metadata, compiled)
+
+
+def clear(kernel=None) -> None:
+    """Forget the cached compiled kernels (of one kernel, or of every kernel launched through here)."""
+    for k in ([kernel] if kernel is not None else _KERNELS):
+        state = getattr(k, _CACHE_ATTR, None)
+        if state is not None:
+            state[1].clear()
+
+
+def cached_kernels(kernel) -> dict:
+    """``{key: (launcher, function, packed metadata, CompiledKernel)}`` of one kernel (tests)."""
+    state = getattr(kernel, _CACHE_ATTR, None)
+    return {} if state is None else state[1]
