@@ -76,8 +76,8 @@ def quantize_fp8(model: nn.Module, *, activation: str = "per_token", weight: str
                 old = layers[li]
                 layers[li] = FP8DecoderLayer(old, plan, li, num_heads=old.num_heads, num_kv_heads=old.num_kv_heads,
                                              head_dim=old.head_dim)
-        link_quant(layers)
     if st is not None:
+        link_quant(layers)
         st.graphs = None  # captured with the bf16 layers
     else:
         model.config.quantization_config = compressed_tensors_config(scheme, plan)
