@@ -13,7 +13,12 @@ Providers (every one is the model a user runs, called with Hugging Face argument
 * ``tpfuse_nocomm`` (TP > 1) - the parallelized model with its reductions made local (``model._tpfuse.local``):
   the floor that perfect communication would reach (its logits are wrong by design);
 * ``vllm_policy`` (TP > 1, ``--flashinfer``) - the parallelized model on a communicator that loads vLLM's sm90
-  policy table (``bench/policies/vllm_sm90_tp2.json``).
+  policy table (``bench/policies/vllm_sm90_tp2.json``);
+* ``tpfuse_fp8`` - the same parallelized model converted after its bf16 rows by ``tpfuse.parallel.quantize_fp8``
+  (e4m3 weights with per-channel scales; per-token FP8 activations straight out of the fused norm / SiLU-mul
+  kernels into ``torch._scaled_mm``). Targets at TP=1: decode batch 1 <= 0.65x and prefill 4k <= 0.7x ``tpfuse``.
+  ``--no-fp8`` skips it. The run also records one ``fp8_quality`` row (``bench/fp8_quality.py``: greedy agreement of
+  the FP8 tiny model with the bf16 one over 64 steps, logits error vs fp64).
 
 Decode: a batch of ``B`` random prompts of ``--context`` tokens is prefilled, then ``--steps`` decode steps (one
 token per sequence) are timed as a user sees them: host wall time between two device syncs over all steps, per step
@@ -66,6 +71,7 @@ def parse_args(argv=None):
                     help="decode batches for hf_compiled (TP=1; first model only)")
     ap.add_argument("--hf-models", default="8B", help="models that also run the hf_* providers (TP=1)")
     ap.add_argument("--flashinfer", action="store_true", help="add the vllm_policy provider (TP > 1)")
+    ap.add_argument("--no-fp8", action="store_true", help="skip the tpfuse_fp8 provider and the fp8_quality row")
     return ap.parse_args(argv)
 
 
@@ -267,6 +273,11 @@ def run_model(name, args, dev, rows, bandwidth, first: bool):
             tpfuse_rows(name, model, policy, args, dev, rows, bandwidth, provider="vllm_policy")
             model._tpfuse.comm = comm
             policy.close()  # collective: frees FlashInfer's IPC buffers
+    if not args.no_fp8:
+        from tpfuse.parallel import quantize_fp8
+
+        quantize_fp8(model)  # in place, after the bf16 rows: the same weights, e4m3 per-channel
+        tpfuse_rows(name, model, comm, args, dev, rows, bandwidth, provider="tpfuse_fp8")
     comm.close()
     del model
     torch.cuda.empty_cache()
@@ -280,6 +291,14 @@ def main(argv=None):
     if dist.get_rank() == 0:
         print(f"device-to-device copy bandwidth: {bandwidth / 1e12:.2f} TB/s", flush=True)
     rows = []
+    if not args.no_fp8:
+        from fp8_quality import fp8_quality
+
+        q = fp8_quality(dist.get_world_size(), dev)
+        rows.append(dict(model="tiny", mode="fp8_quality", tokens=q["steps"], provider="tpfuse_fp8", us=float("nan"),
+                         **q))
+        if dist.get_rank() == 0:
+            print(f"fp8 quality (tiny model): {q}", flush=True)
     for i, name in enumerate(args.models.split(",")):
         run_model(name, args, dev, rows, bandwidth, first=i == 0)
         if dist.get_rank() == 0:  # after every model: a run cut off later keeps the finished models' rows

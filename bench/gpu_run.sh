@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU-machine call: install tpfuse (and FlashInfer if .whl was carried), then run the chosen steps.
-#   bash bench/gpu_run.sh [STEP ...]      steps: env tests probe_ce async_tp fused_ar local rope decode_attn host profile
-#                                         e2e tune demo (default: all but probe_ce; multi-GPU steps skip on one GPU)
+#   bash bench/gpu_run.sh [STEP ...]      steps: env tests probe_ce async_tp fused_ar local rope decode_attn host
+#                                         profile e2e load tune demo (default: all but probe_ce, profile, load;
+#                                         multi-GPU steps skip on one GPU)
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
 # Logs, JSON and PNG go to $OUT (or bench/results/gpu-run when OUT is unset). Multi-GPU steps need >= 2 GPUs.
 set -uo pipefail
@@ -35,6 +36,8 @@ for s in "${steps[@]}"; do
     async_tp) [[ $ngpu -ge 2 ]] && run async_tp "${TR2[@]}" bench/bench_async_tp.py ${ASYNC_TP_ARGS:-} ;;
     fused_ar) [[ $ngpu -ge 2 && -f bench/bench_fused_ar.py ]] && run fused_ar "${TR2[@]}" bench/bench_fused_ar.py ${FUSED_AR_ARGS:-} ;;
     e2e) run e2e "${TR2[@]}" bench/bench_e2e.py ${E2E_ARGS:-} ;;  # TP = every GPU of the machine (1 included)
+    load) run load python3 bench/bench_load.py --shape 8B ${LOAD_ARGS:-} && \
+          run load_fp8 python3 bench/bench_load.py --shape 8B --fp8 ${LOAD_ARGS:-} ;;  # TP=1; writes /tmp ckpts
     decode_attn) [[ -f bench/bench_decode_attention.py ]] && run decode_attn python3 bench/bench_decode_attention.py ${DECODE_ATTN_ARGS:-} ;;
     profile) run profile "${TR2[@]}" bench/profile_decode.py ${PROFILE_ARGS:-} ;;
     local) [[ -f bench/bench_local.py ]] && run local python3 bench/bench_local.py ${LOCAL_ARGS:-} ;;

@@ -137,3 +137,16 @@ def dequantize(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """fp32 values of an e4m3 operand: ``t * scale`` (per-tensor, or one scale per row)."""
     s = scale.float()
     return t.float() * (s.reshape(()) if s.numel() == 1 and s.dim() <= 1 else s)
+
+
+def mm_reference(x: torch.Tensor, weight: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+                 out: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """:func:`mm` emulated for CPU tensors (where ``torch._scaled_mm`` may be missing): both operands dequantized
+    to fp32, one fp32 GEMM, rounded once to ``out_dtype`` - the same math as the reference backend's FP8 GEMMs."""
+    y = (dequantize(x, x_scale) @ dequantize(weight, w_scale).t()).to(out.dtype if out is not None else out_dtype)
+    return y if out is None else out.copy_(y)
+
+
+def mm_for(device: torch.device):
+    """The FP8 GEMM of ``device``: :func:`mm` (``torch._scaled_mm``) on CUDA, :func:`mm_reference` elsewhere."""
+    return mm if torch.device(device).type == "cuda" else mm_reference

@@ -163,9 +163,9 @@ class _FakeComm:
 def test_kv_heads_not_divisible_raises():
     import tpfuse
 
-    model = _build("llama", 0)  # 4 kv heads
-    with pytest.raises(ValueError, match="num_key_value_heads=4 is not divisible by TP=8"):
-        tpfuse.parallelize(model, _FakeComm(8))
+    model = _build("llama", 0)  # 8 q heads, 4 kv heads: at TP=16 the q heads cannot be split (kv heads would be
+    with pytest.raises(ValueError, match="num_attention_heads=8 is not divisible by TP=16"):  # replicated)
+        tpfuse.parallelize(model, _FakeComm(16))
 
 
 def test_bad_plan_and_model_raise():

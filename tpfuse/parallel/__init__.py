@@ -4,8 +4,12 @@
   describes) in place per rank and run every all-reduce fused with the residual add and the next RMSNorm,
   switching to the sequence-parallel form above the communicator's token threshold;
 * :class:`TPPlan`, :data:`LLAMA_PLAN`, :data:`QWEN3_PLAN` - the declarative plans;
+* :func:`from_pretrained` - a local checkpoint directory built on the meta device and loaded straight into this
+  rank's shards (bf16, or compressed-tensors FP8);
 * :func:`load_sharded_safetensors` - fill the shards from a local safetensors checkpoint, reading only this rank's
   slices;
+* :func:`quantize_fp8` - convert the decoder's linears to FP8 e4m3 (per-channel / per-tensor weight scales,
+  per-token / static activations), before or after ``parallelize``; :func:`calibrate_input_scales` for static;
 * :class:`KVCacheConfig` - size and form of the static KV cache and the CUDA-graph decode buckets;
 * :class:`TPKVCache` - one batch of sequences in that cache (what the forward returns and takes back);
 * :func:`generate` - the fast generation loop (graph-replayed decode steps, greedy or sampling).
@@ -13,12 +17,18 @@
 This package never imports transformers itself (models are recognised by class name).
 """
 
+from .fp8 import FP8Linear, FP8Scheme
+from .fp8_convert import calibrate_input_scales, compressed_tensors_config, quantize_fp8
+from .fp8_layer import FP8DecoderLayer
 from .generate import GenerateOutput, generate
 from .kv_cache import KVCacheConfig, TPKVCache
 from .layers import TPDecoderLayer
 from .loading import load_sharded_safetensors
 from .plan import LLAMA_PLAN, PLANS, QWEN3_PLAN, TPPlan, plan_for
+from .pretrained import from_pretrained
 from .wrap import ShardSpec, parallelize
 
 __all__ = ["parallelize", "TPPlan", "LLAMA_PLAN", "QWEN3_PLAN", "PLANS", "plan_for", "load_sharded_safetensors",
-           "TPKVCache", "KVCacheConfig", "TPDecoderLayer", "ShardSpec", "generate", "GenerateOutput"]
+           "TPKVCache", "KVCacheConfig", "TPDecoderLayer", "ShardSpec", "generate", "GenerateOutput",
+           "from_pretrained", "quantize_fp8", "calibrate_input_scales", "compressed_tensors_config", "FP8Linear",
+           "FP8Scheme", "FP8DecoderLayer"]

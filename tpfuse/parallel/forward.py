@@ -36,7 +36,8 @@ def forward_core(model, ids: torch.Tensor, meta: StepMeta, keep: Optional[torch.
         mine = ids[s:e]
     layers = st.layers
     first = layers[0].input_norm
-    x, residual = ops.add_rmsnorm(get_path(model, plan.embed)(mine), None, first.weight, norm_eps(first))
+    x, residual = ops.add_rmsnorm(get_path(model, plan.embed)(mine), None, first.weight, norm_eps(first),
+                                  quant=layers[0].in_quant)  # FP8 models: the first qkv GEMM's input format
     final = get_path(model, plan.final_norm)
     for li, layer in enumerate(layers):
         nxt = layers[li + 1].input_norm if li + 1 < len(layers) else final

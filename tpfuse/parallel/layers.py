@@ -75,8 +75,9 @@ def _fuse_linears(mods) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     w = torch.cat([m.weight.detach() for m in mods]).contiguous()
     b = None
     if any(m.bias is not None for m in mods):
+        bdt = next(m.bias.dtype for m in mods if m.bias is not None)  # not w.dtype: FP8 weights, model-dtype bias
         b = torch.cat([m.bias.detach() if m.bias is not None else
-                       torch.zeros(m.weight.shape[0], dtype=w.dtype, device=w.device) for m in mods]).contiguous()
+                       torch.zeros(m.weight.shape[0], dtype=bdt, device=w.device) for m in mods]).contiguous()
     off = 0
     for m in mods:
         n = m.weight.shape[0]
@@ -87,11 +88,25 @@ def _fuse_linears(mods) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     return w, b
 
 
+def link_quant(layers) -> None:
+    """Set each layer's ``out_quant`` to the next layer's ``in_quant``: the quant spec of a fused norm is decided
+    by the GEMM that consumes its output."""
+    for i, layer in enumerate(layers):
+        layer.out_quant = layers[i + 1].in_quant if i + 1 < len(layers) else None
+
+
 class TPDecoderLayer(nn.Module):
     """A decoder layer whose submodules are the original (now sharded) Hugging Face modules, registered under
     their original names (so ``state_dict`` keys are unchanged), run with the data flow of the module docstring.
 
     Called as ``layer(x, residual, next_norm_weight, next_eps, ctx) -> (x, residual)``."""
+
+    in_quant = None
+    """Quant spec of the layer's input (the previous fused norm's output): ``None`` (bf16 layers) or the FP8 format
+    of its qkv GEMM (:class:`~tpfuse.parallel.fp8_layer.FP8DecoderLayer`)."""
+    out_quant = None
+    """Quant spec of the layer's output: the next layer's ``in_quant`` (``None`` after the last layer: the final
+    norm feeds the bf16 lm_head); set by :func:`link_quant`."""
 
     def __init__(self, layer: nn.Module, plan: TPPlan, layer_idx: int, *, num_heads: int, num_kv_heads: int,
                  head_dim: int):
@@ -122,6 +137,10 @@ class TPDecoderLayer(nn.Module):
         """(Re)build the fused qkv and gate-up weights; needed after anything replaced the parameters (``.to()``,
         loading); :meth:`forward` does it by itself when it sees that."""
         self._fused = {"qkv": _fuse_linears(self._qkv_mods), "gate_up": _fuse_linears(self._gate_up_mods)}
+
+    def after_load(self) -> None:
+        """Called after a checkpoint was loaded into the parameters (bf16: the fused weights are those parameters'
+        storage already, nothing to do)."""
 
     def _fused_weight(self, key: str, mods) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         w, b = self._fused[key]

@@ -1,8 +1,12 @@
 """Load a local safetensors checkpoint straight into a parallelized model's per-rank shards.
 
-Each rank opens the files memory-mapped and reads, for a sharded parameter, only its own slice
-(``safe_open(...).get_slice(name)[start:end]`` / ``[:, start:end]``); replicated parameters are read whole. The
-full model is never materialised from the checkpoint on any rank.
+Each rank reads, for a sharded parameter, only its own slice (rows ``[start, end)`` or columns ``[start, end)``,
+:class:`~tpfuse.parallel.wrap.ShardSpec`); replicated parameters are read whole. Reads go through one small host
+buffer (:mod:`~tpfuse.parallel.st_reader`) straight into the model's tensors on ``comm.device``, so neither the
+full model nor a full tensor is ever materialised on any rank, and host memory stays about one buffer.
+FP8 checkpoints in the compressed-tensors layout (``weight`` e4m3 + ``weight_scale`` [+ ``input_scale``]) load
+into a model converted with :func:`~tpfuse.parallel.quantize_fp8` (what :func:`~tpfuse.parallel.from_pretrained`
+does); the FP8 layers' derived GEMM scales are rebuilt after the load.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import os
 from typing import List
 
 import torch
+
+from .st_reader import SafetensorsFile
 
 
 def _files(path: str) -> List[str]:
@@ -25,50 +31,47 @@ def _files(path: str) -> List[str]:
     return [path]
 
 
+def _load_one(fh: SafetensorsFile, name: str, dst: torch.Tensor, spec, bad: List[str]) -> bool:
+    full = fh.shape(name)
+    if spec is None:
+        if full != tuple(dst.shape) and not (full in ((), (1,)) and tuple(dst.shape) in ((), (1,))):
+            bad.append(f"{name}: checkpoint {full}, model {tuple(dst.shape)}")
+            return False
+        fh.read_into(name, dst.view(full))
+        return True
+    if full != spec.full_shape:
+        bad.append(f"{name}: checkpoint {full}, unsharded model {spec.full_shape}")
+        return False
+    fh.read_into(name, dst, spec.dim, spec.start, spec.end)
+    return True
+
+
 def load_sharded_safetensors(model, path: str, comm, *, strict: bool = True) -> List[str]:
     """Fill ``model`` (already :func:`~tpfuse.parallel.parallelize`-d with ``comm``) from the safetensors file
     ``path``, or from every ``*.safetensors`` file of the directory ``path`` (a sharded Hugging Face checkpoint).
 
     Checkpoint names are the unsharded model's ``state_dict`` names (what ``save_pretrained`` writes). Values are
-    cast to the model's dtype. With ``strict``, a checkpoint tensor the model does not have, a model tensor the
-    checkpoint lacks (tied weights excepted: loading either name fills both), or a full shape that differs from
-    the model's unsharded shape raises. Returns the names loaded."""
-    from safetensors import safe_open
-
+    cast to the model's dtype (per tensor: an e4m3 weight stays e4m3). With ``strict``, a checkpoint tensor the
+    model does not have, a model tensor the checkpoint lacks (tied weights excepted: loading either name fills
+    both), or a full shape that differs from the model's unsharded shape raises. Returns the names loaded."""
     st = getattr(model, "_tpfuse", None)
     if st is None:
         raise ValueError("load_sharded_safetensors needs a parallelized model: call tpfuse.parallelize first")
     if comm is not st.comm and (comm.rank, comm.tp) != (st.comm.rank, st.comm.tp):
         raise ValueError(f"comm (rank {comm.rank}/{comm.tp}) is not the communicator the model was parallelized "
                          f"with (rank {st.comm.rank}/{st.comm.tp})")
-    sd = model.state_dict()
+    sd = model.state_dict(keep_vars=True)
     loaded, unexpected, bad = [], [], []
     with torch.no_grad():
         for f in _files(path):
-            with safe_open(f, framework="pt", device="cpu") as fh:
+            with SafetensorsFile(f) as fh:
                 for name in fh.keys():
                     if name not in sd:
                         unexpected.append(name)
-                        continue
-                    dst = sd[name]
-                    sl = fh.get_slice(name)
-                    full = tuple(sl.get_shape())
-                    spec = st.shards.get(name)
-                    if spec is None:
-                        if full != tuple(dst.shape):
-                            bad.append(f"{name}: checkpoint {full}, model {tuple(dst.shape)}")
-                            continue
-                        src = fh.get_tensor(name)
-                    else:
-                        if full != spec.full_shape:
-                            bad.append(f"{name}: checkpoint {full}, unsharded model {spec.full_shape}")
-                            continue
-                        if spec.dim == 0:
-                            src = sl[spec.start:spec.end]
-                        else:
-                            src = sl[:, spec.start:spec.end]
-                    dst.copy_(src.to(dst.dtype))
-                    loaded.append(name)
+                    elif _load_one(fh, name, sd[name].data, st.shards.get(name), bad):
+                        loaded.append(name)
+        for layer in st.layers:
+            layer.after_load()
     if bad:
         raise ValueError("shape mismatch between checkpoint and model:\n  " + "\n  ".join(bad))
     if strict:

@@ -3,12 +3,13 @@
 What it does to the model (per rank, in place):
 
 1. **Shards** every module the plan names: column-parallel ``nn.Linear`` keep output-feature range ``rank`` of TP
-   (q/k/v split by heads, GQA kv heads too; gate/up by intermediate features), row-parallel ones keep input-
-   feature range ``rank`` (o_proj, down_proj; a row bias stays whole on every rank and is added once, to the
-   residual). Embedding, norms, rotary embedding and lm_head stay replicated. ``model._tpfuse.shards`` records each
+   (q/k/v split by heads, GQA kv heads too - or replicated when fewer than TP; gate/up by intermediate features),
+   row-parallel ones keep input-feature range ``rank`` (o_proj, down_proj; a row bias stays whole on every rank and
+   is added once, to the residual). Embedding, norms, rotary embedding and lm_head stay replicated. ``model._tpfuse.shards`` records each
    sharded parameter's slice (what :func:`tpfuse.parallel.load_sharded_safetensors` reads).
 2. **Moves** the model to ``comm.device`` (after sharding, so a rank never holds more than the full CPU copy it
-   was given plus its shard on the device).
+   was given plus its shard on the device); a meta-device model instead gets empty storage of its shard shapes
+   there (:mod:`~tpfuse.parallel.meta`), filled by ``load_sharded_safetensors``.
 3. **Replaces** each decoder layer with a :class:`~tpfuse.parallel.layers.TPDecoderLayer` (same submodules and
    ``state_dict`` names) and the model's ``forward`` with :func:`tpfuse.parallel.forward.tp_forward`: batched,
    padded calls, a static paged KV cache (:mod:`~tpfuse.parallel.kv_cache`), CUDA-graph decode steps
@@ -30,7 +31,10 @@ import torch
 import torch.nn as nn
 
 from .kv_cache import KVCacheConfig, KVStorage
-from .layers import TPDecoderLayer, get_path
+from .fp8 import FP8Linear
+from .fp8_layer import FP8DecoderLayer
+from .layers import TPDecoderLayer, get_path, link_quant
+from .meta import is_meta, materialize
 from .plan import TPPlan, plan_for
 
 
@@ -92,18 +96,56 @@ class TPState:
         return self.no_cache
 
 
-def _split(n: int, tp: int, rank: int, what: str, units: Optional[Tuple[str, int]] = None) -> Tuple[int, int]:
-    """``[start, end)`` of ``rank``'s range of ``n`` features; ``units``: (name, count) that must divide by TP."""
+def _split(n: int, tp: int, rank: int, what: str, units: Optional[Tuple[str, int]] = None,
+           replicate: bool = False) -> Tuple[int, int]:
+    """``[start, end)`` of ``rank``'s range of ``n`` features; ``units``: (name, count) that must divide by TP, or,
+    with ``replicate`` (kv heads), may be fewer than TP when TP is a multiple of them: then each head is kept by
+    ``TP / count`` consecutive ranks, rank ``r`` keeping head ``r * count // TP`` - the one its q heads use (vLLM's
+    ``num_kv_head_replicas``)."""
     if units is not None:
         uname, count = units
-        if count % tp:
-            raise ValueError(f"{what}: {uname}={count} is not divisible by TP={tp} (heads cannot be split)")
         if n % count:
             raise ValueError(f"{what}: {n} features are not a whole number of {count} heads")
+        if count % tp and replicate and count < tp and tp % count == 0:
+            head, step = rank * count // tp, n // count
+            return head * step, (head + 1) * step
+        if count % tp:
+            raise ValueError(f"{what}: {uname}={count} is not divisible by TP={tp} (heads cannot be split"
+                             f"{'' if not replicate else ', nor replicated: TP is not a multiple of them'})")
     if n % tp:
         raise ValueError(f"{what}: {n} features are not divisible by TP={tp}")
     step = n // tp
     return rank * step, (rank + 1) * step
+
+
+def local_kv_heads(config, tp: int) -> int:
+    """KV heads per rank: ``kv / TP``, or 1 when they are replicated (``kv < TP``)."""
+    kv = int(config.num_key_value_heads)
+    return kv // tp if kv % tp == 0 else 1
+
+
+def _shard_linear(mod: nn.Module, name: str, is_col: bool, units, tp: int, rank: int,
+                  shards: Dict[str, ShardSpec]) -> None:
+    """Keep this rank's part of one ``nn.Linear`` / ``FP8Linear`` (meta tensors: only the shapes change)."""
+    full_w = tuple(mod.weight.shape)
+    scale = getattr(mod, "weight_scale", None)  # FP8Linear: [N, 1] per channel (sliced with the rows) or [1]
+    if is_col:
+        s, e = _split(mod.out_features, tp, rank, name, units, replicate=units is not None and
+                      units[0] == "num_key_value_heads")
+        mod.weight = nn.Parameter(mod.weight.detach()[s:e].clone(), requires_grad=False)
+        shards[f"{name}.weight"] = ShardSpec(0, s, e, full_w)
+        if mod.bias is not None:
+            shards[f"{name}.bias"] = ShardSpec(0, s, e, tuple(mod.bias.shape))
+            mod.bias = nn.Parameter(mod.bias.detach()[s:e].clone(), requires_grad=False)
+        if scale is not None and scale.dim() == 2:
+            shards[f"{name}.weight_scale"] = ShardSpec(0, s, e, tuple(scale.shape))
+            mod.weight_scale = nn.Parameter(scale.detach()[s:e].clone(), requires_grad=False)
+        mod.out_features = e - s
+    else:
+        s, e = _split(mod.in_features, tp, rank, name, units)
+        mod.weight = nn.Parameter(mod.weight.detach()[:, s:e].contiguous(), requires_grad=False)
+        shards[f"{name}.weight"] = ShardSpec(1, s, e, full_w)
+        mod.in_features = e - s
 
 
 def _shard_layer(layer: nn.Module, prefix: str, plan: TPPlan, config, tp: int, rank: int,
@@ -114,25 +156,12 @@ def _shard_layer(layer: nn.Module, prefix: str, plan: TPPlan, config, tp: int, r
             continue
         if is_col and is_row:
             raise ValueError(f"{prefix}{name} is listed as both column- and row-parallel")
-        if not isinstance(mod, nn.Linear):
-            raise TypeError(f"{prefix}{name}: only nn.Linear can be sharded, got {type(mod).__name__}")
+        if not isinstance(mod, (nn.Linear, FP8Linear)):
+            raise TypeError(f"{prefix}{name}: only nn.Linear / FP8Linear can be sharded, got {type(mod).__name__}")
         matched.add(name)
         attr = plan.heads_attr(name)
         units = (attr, int(getattr(config, attr))) if attr is not None else None
-        full_w = tuple(mod.weight.shape)
-        if is_col:
-            s, e = _split(mod.out_features, tp, rank, prefix + name, units)
-            mod.weight = nn.Parameter(mod.weight.detach()[s:e].clone(), requires_grad=False)
-            shards[f"{prefix}{name}.weight"] = ShardSpec(0, s, e, full_w)
-            if mod.bias is not None:
-                shards[f"{prefix}{name}.bias"] = ShardSpec(0, s, e, tuple(mod.bias.shape))
-                mod.bias = nn.Parameter(mod.bias.detach()[s:e].clone(), requires_grad=False)
-            mod.out_features = e - s
-        else:
-            s, e = _split(mod.in_features, tp, rank, prefix + name, units)
-            mod.weight = nn.Parameter(mod.weight.detach()[:, s:e].contiguous(), requires_grad=False)
-            shards[f"{prefix}{name}.weight"] = ShardSpec(1, s, e, full_w)
-            mod.in_features = e - s
+        _shard_linear(mod, prefix + name, is_col, units, tp, rank, shards)
 
 
 def _check_supported(model, config, comm) -> None:
@@ -149,13 +178,12 @@ def _check_supported(model, config, comm) -> None:
                                   f"length; tpfuse evaluates the rotary module once per position")
     if comm.hidden_size != config.hidden_size:
         raise ValueError(f"comm.hidden_size={comm.hidden_size} but the model's hidden_size is {config.hidden_size}")
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    fp8 = {id(p) for m in model.modules() if isinstance(m, FP8Linear) for p in (m.weight, m.weight_scale,
+                                                                             m.input_scale) if p is not None}
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point() and id(p) not in fp8}
     if dtypes != {comm.dtype}:
         raise ValueError(f"the model's parameters are {sorted(map(str, dtypes))} but comm.dtype is {comm.dtype}: "
                          f"convert the model (model.to(dtype)) before parallelize")
-    if any(p.is_meta for p in model.parameters()):
-        raise NotImplementedError("meta-device models are not supported: build the model with real (random) "
-                                  "weights, parallelize, then load_sharded_safetensors")
 
 
 def _check_plan_roles(plan: TPPlan) -> None:
@@ -203,7 +231,13 @@ def parallelize(model: nn.Module, comm, *, plan: Optional[TPPlan] = None,
     works on it. ``cache`` sizes the static KV cache (default :class:`KVCacheConfig()`). Every rank must make the
     same calls with the same tokens (the communicator's ops are collective). Requirements: ``comm.hidden_size`` and
     ``comm.dtype`` equal the model's, ``comm.max_tokens`` >= the real tokens of the largest call, heads and
-    intermediate size divisible by TP. Do not move or convert the model after this call."""
+    intermediate size divisible by TP (kv heads may instead divide TP: they are then replicated). Do not move or
+    convert the model after this call (except by :func:`~tpfuse.parallel.quantize_fp8`).
+
+    A model on the meta device (built under ``torch.device("meta")``, see :func:`~tpfuse.parallel.from_pretrained`)
+    is sharded by shape only, then given uninitialised storage of its shard shapes on ``comm.device``: fill it
+    with :func:`~tpfuse.parallel.load_sharded_safetensors`. Decoder linears already converted by
+    :func:`~tpfuse.parallel.quantize_fp8` are sharded with their scales and run as FP8 GEMMs."""
     from .forward import tp_forward
 
     if hasattr(model, "_tpfuse"):
@@ -223,16 +257,22 @@ def parallelize(model: nn.Module, comm, *, plan: Optional[TPPlan] = None,
     model.eval()
     model.requires_grad_(False)
     layers = get_path(model, plan.layers)
+    kv_local = local_kv_heads(config, tp)
+    meta = is_meta(model)
     with torch.no_grad():
         shards = _shard_layers(model, plan, config, tp, rank)
-        model.to(comm.device)
+        if meta:
+            materialize(model, plan.rotary, comm.device)
+        else:
+            model.to(comm.device)
         for li in range(len(layers)):
-            layers[li] = TPDecoderLayer(layers[li], plan, li, num_heads=config.num_attention_heads // tp,
-                                        num_kv_heads=config.num_key_value_heads // tp, head_dim=head_dim)
+            cls = FP8DecoderLayer if isinstance(get_path(layers[li], plan.o_proj), FP8Linear) else TPDecoderLayer
+            layers[li] = cls(layers[li], plan, li, num_heads=config.num_attention_heads // tp,
+                             num_kv_heads=kv_local, head_dim=head_dim)
+        link_quant(layers)
         cos_sin = _cos_sin_rows(model, plan, max(max_seq_len, comm.max_tokens), comm)
     state = TPState(comm=comm, plan=plan, layers=layers, cache_config=cache, max_seq_len=max_seq_len,
-                    cos_sin=cos_sin, kv_heads=config.num_key_value_heads // tp, head_dim=head_dim, shards=shards,
-                    local=tp == 1)
+                    cos_sin=cos_sin, kv_heads=kv_local, head_dim=head_dim, shards=shards, local=tp == 1)
     object.__setattr__(model, "_tpfuse", state)
     model.forward = types.MethodType(tp_forward, model)
     return model

@@ -1,0 +1,133 @@
+"""The FP8 decoder layer: :class:`~tpfuse.parallel.layers.TPDecoderLayer`'s data flow with e4m3 GEMMs whose
+activations come quantized out of the fused kernels (no separate quantize kernel before qkv, gate-up or down)::
+
+    qkv = scaled_mm(x_fp8, W_qkv_fp8)           x_fp8: the previous fused all-reduce + add + RMSNorm's FP8 output
+    attention (bf16, unchanged)
+    a_fp8 = quantize(attn)                       the one standalone quantize (attention emits bf16)
+    x_fp8, residual = *fused_add_rmsnorm(scaled_mm(a_fp8, W_o_fp8), residual, post_norm, quant=gate-up format)
+    gu = scaled_mm(x_fp8, W_gate_up_fp8)
+    h_fp8 = silu_mul(gu, quant=down format)
+    x, residual = *fused_add_rmsnorm(scaled_mm(h_fp8, W_down_fp8), residual, NEXT norm, quant=next qkv format)
+
+(sequence-parallel form: ``all_gather_matmul`` / ``matmul_reduce_scatter_rmsnorm`` with the same FP8 operands).
+Everything is decided when the layer is built: each GEMM gets its e4m3 weight (q/k/v and gate/up fused into one
+tensor whose slices are the modules' ``weight`` parameters), the weight scale in the form ``_scaled_mm`` takes
+with that activation (``[N, 1]`` with per-token activations; one scalar with static ones), and the
+quant spec of its input. Per-tensor weight scales of fused modules are unified by requantizing each module's
+weight to the group's largest scale (as vLLM does), in place, so the parameters stay a consistent checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from .. import ops
+from .. import quant as q
+from .. import scaled_gemm
+from .layers import StepContext, TPDecoderLayer, _fuse_linears
+
+
+@dataclass
+class FP8Gemm:
+    """One GEMM of the layer: e4m3 ``weight [N, K]``, its ``_scaled_mm`` ``scale``, optional ``bias`` and the
+    quant spec of its input activation."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    bias: Optional[torch.Tensor]
+    in_spec: object
+
+
+def _fuse_scales(mods) -> torch.Tensor:
+    """Per-channel: one ``[N, 1]`` scale whose row slices become the modules' ``weight_scale`` parameters."""
+    s = torch.cat([m.weight_scale.detach() for m in mods]).contiguous()
+    off = 0
+    for m in mods:
+        n = m.weight_scale.shape[0]
+        m.weight_scale = torch.nn.Parameter(s[off:off + n], requires_grad=False)
+        off += n
+    return s
+
+
+def build_gemm(mods: List[torch.nn.Module]) -> FP8Gemm:
+    scheme = mods[0].scheme
+    w, b = _fuse_linears(mods)
+    dev = w.device
+    if scheme.weight == "per_channel":
+        scale = _fuse_scales(mods)
+    else:  # derived (filled by sync_gemm): [N, 1] for row-wise activation scales, a scalar for static ones
+        scale = torch.ones((w.shape[0], 1) if scheme.activation == "per_token" else (), device=dev)
+    spec = (q.FP8PerToken() if scheme.activation == "per_token"
+            else q.FP8Static(torch.ones((), dtype=torch.float32, device=dev)))
+    g = FP8Gemm(weight=w, scale=scale, bias=b, in_spec=spec)
+    sync_gemm(g, mods)
+    return g
+
+
+@torch.no_grad()
+def sync_gemm(g: FP8Gemm, mods) -> None:
+    """Recompute (in place: captured CUDA graphs keep their pointers) what ``g`` derives from the modules'
+    parameters: per-tensor weight scales unified to their max, the static input scale (max of the modules')."""
+    scheme = mods[0].scheme
+    if scheme.weight == "per_tensor":
+        top = torch.stack([m.weight_scale.reshape(()) for m in mods]).amax()
+        for m in mods:
+            if len(mods) > 1:  # requantize to the shared scale (exact when the module's scale is the max)
+                deq = scaled_gemm.dequantize(m.weight, m.weight_scale)
+                m.weight.copy_(q._fp8_cast(deq * (1.0 / top)))
+            m.weight_scale.fill_(top)
+        g.scale.copy_(top.expand_as(g.scale))
+    if scheme.activation == "static":
+        g.in_spec.scale.copy_(torch.stack([m.input_scale.reshape(()) for m in mods]).amax())
+
+
+class FP8DecoderLayer(TPDecoderLayer):
+    """A :class:`TPDecoderLayer` whose q/k/v/o/gate/up/down modules are
+    :class:`~tpfuse.parallel.fp8.FP8Linear` (see the module docstring)."""
+
+    def refuse(self) -> None:
+        if self.post_norm.weight.dtype != torch.bfloat16:
+            raise ValueError(f"FP8 layers need a bf16 model (torch._scaled_mm writes bf16), got "
+                             f"{self.post_norm.weight.dtype}: convert the model with .to(torch.bfloat16) first")
+        self._mm = scaled_gemm.mm_for(self._o.weight.device)
+        self._g = {"qkv": build_gemm(self._qkv_mods), "gate_up": build_gemm(self._gate_up_mods),
+                   "o": build_gemm([self._o]), "down": build_gemm([self._down])}
+        self.in_quant = self._g["qkv"].in_spec
+        self._fused = {}
+
+    def after_load(self) -> None:
+        for key, mods in (("qkv", self._qkv_mods), ("gate_up", self._gate_up_mods), ("o", [self._o]),
+                          ("down", [self._down])):
+            sync_gemm(self._g[key], mods)
+
+    def _fp8_column(self, x, g: FP8Gemm, ctx: StepContext) -> torch.Tensor:
+        if ctx.meta.sp:
+            y = ctx.comm.all_gather_matmul(x, g.weight, num_tokens=ctx.meta.num_tokens, w_scale=g.scale)
+        else:
+            y = self._mm(x.data, g.weight, x.scale, g.scale)
+        return y if g.bias is None else y.add_(g.bias)
+
+    def _fp8_row(self, a, g: FP8Gemm, residual, norm_w, eps: float, ctx: StepContext, quant):
+        if g.bias is not None:  # replicated: added once to the sum
+            residual = residual + g.bias
+        if ctx.meta.sp:
+            return ctx.comm.matmul_reduce_scatter_rmsnorm(a, g.weight, residual, norm_w, eps, quant=quant,
+                                                          w_scale=g.scale)
+        partial = self._mm(a.data, g.weight, a.scale, g.scale)
+        if ctx.local:
+            return ops.add_rmsnorm(partial, residual, norm_w, eps, quant=quant)
+        return ctx.comm.fused_add_rmsnorm(partial, residual, norm_w, eps, quant=quant)
+
+    def forward(self, x, residual: torch.Tensor, next_norm_weight: torch.Tensor, next_eps: float,
+                ctx: StepContext):
+        g = self._g
+        qkv = self._fp8_column(x, g["qkv"], ctx)
+        a = ops.quantize(self._attention(qkv, ctx), g["o"].in_spec)
+        x, residual = self._fp8_row(a, g["o"], residual, self.post_norm.weight, self.post_eps, ctx,
+                                    g["gate_up"].in_spec)
+        gu = self._fp8_column(x, g["gate_up"], ctx)
+        h = ops.silu_mul(gu, quant=g["down"].in_spec)
+        return self._fp8_row(h, g["down"], residual, next_norm_weight, next_eps, ctx, self.out_quant)
