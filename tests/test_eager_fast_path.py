@@ -215,9 +215,10 @@ def _run_all(gen_seed, shapes):
         rope.qk_norm_rope(qkv, _rand(g, 128), _rand(g, 128), cs, pos, num_heads=8, num_kv_heads=2, head_dim=128)
         out.append(qkv)
         qq, kk, vv = _rand(g, t, 8, 128), _rand(g, t, 2, 128), _rand(g, t, 2, 128)
-        kc, vc = torch.zeros(8, 16, 2, 128, dtype=torch.bfloat16, device=DEVICE), \
-            torch.zeros(8, 16, 2, 128, dtype=torch.bfloat16, device=DEVICE)
-        slots = torch.randperm(128, generator=g)[:t].to(DEVICE)
+        blocks = max(8, -(-t // 16))  # every token gets its own slot
+        kc, vc = torch.zeros(blocks, 16, 2, 128, dtype=torch.bfloat16, device=DEVICE), \
+            torch.zeros(blocks, 16, 2, 128, dtype=torch.bfloat16, device=DEVICE)
+        slots = torch.randperm(blocks * 16, generator=g)[:t].to(DEVICE)
         rope.rope_kv_cache_write(qq, kk, vv, pos, cs, kc, vc, slots)
         out.append((qq, kk, kc, vc))
     torch.cuda.synchronize()
