@@ -26,7 +26,7 @@ def _triton_path():
 
 
 def _bytes(t):
-    return t.contiguous().view(torch.uint8) if t.numel() else t
+    return t.contiguous().reshape(-1).view(torch.uint8) if t.numel() else t  # 0-d scales too
 
 
 def _same(a, b):

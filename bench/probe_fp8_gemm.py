@@ -1,0 +1,68 @@
+"""Which FP8 GEMM form pays at which token count: the Llama-3.1-8B linears (one H200, TP=1) as a bf16 ``F.linear``
+against ``torch._scaled_mm`` with row-wise scales (per-token x, per-channel w: what ``quantize_fp8``'s default
+model runs) and with per-tensor scales, each with and without ``use_fast_accum``; CUDA-graph medians.
+
+    python3 bench/probe_fp8_gemm.py [--m 1,8,64,1024,4096]
+
+Prints a table (µs, and each form's time over bf16) and writes ``probe_fp8_gemm_{device}.json`` to ``$OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+LINEARS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+FP8 = torch.float8_e4m3fn
+
+
+def forms(m, n, k, dev):
+    """name -> zero-argument callable of one GEMM ``[m, k] x [n, k]^T``."""
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k ** 0.5
+    x8, w8 = x.to(FP8), w.to(FP8)
+    sx_row, sw_row = torch.ones(m, 1, device=dev), torch.ones(1, n, device=dev)
+    s1 = torch.ones((), device=dev)
+    w8t = w8.t()
+    out = {"bf16": lambda: F.linear(x, w)}
+    for fast in (False, True):
+        tag = "_fast" if fast else ""
+        out[f"rowwise{tag}"] = (lambda f=fast: torch._scaled_mm(x8, w8t, sx_row, sw_row, out_dtype=torch.bfloat16,
+                                                                use_fast_accum=f))
+        out[f"tensorwise{tag}"] = (lambda f=fast: torch._scaled_mm(x8, w8t, s1, s1, out_dtype=torch.bfloat16,
+                                                                   use_fast_accum=f))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--m", default="1,8,64,1024,4096")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    rows = []
+    for name, (n, k) in LINEARS.items():
+        for m in [int(v) for v in args.m.split(",")]:
+            times = {}
+            for form, fn in forms(m, n, k, dev).items():
+                try:
+                    times[form] = common.time_us(fn, calls=20, replays=20)[0]
+                except RuntimeError as e:  # a form this torch build lacks
+                    times[form] = float("nan")
+                    print(f"{name} M={m} {form}: {str(e)[:120]}")
+            rows += [dict(linear=name, m=m, n=n, k=k, form=f, us=t, vs_bf16=t / times["bf16"]) for f, t in times.items()]
+            print(f"{name:8s} M={m:5d} " + "  ".join(f"{f}={t:7.1f}us ({t / times['bf16']:.2f}x)"
+                                                   for f, t in times.items()), flush=True)
+    path = os.path.join(os.environ.get("OUT") or common.RESULTS, f"probe_fp8_gemm_{common.device_slug()}.json")
+    common.write_json(path, common.header("probe_fp8_gemm"), rows)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
