@@ -14,6 +14,8 @@ Providers (every one is the model a user runs, called with Hugging Face argument
   the floor that perfect communication would reach (its logits are wrong by design);
 * ``vllm_policy`` (TP > 1, ``--flashinfer``) - the parallelized model on a communicator that loads vLLM's sm90
   policy table (``bench/policies/vllm_sm90_tp2.json``);
+* ``tpfuse_fp8_static`` - a fresh copy calibrated (static activation scales) and converted with per-tensor weight
+  scales, so its GEMMs are per-tensor ``_scaled_mm`` (``--no-fp8`` skips it too);
 * ``tpfuse_fp8`` - the same parallelized model converted after its bf16 rows by ``tpfuse.parallel.quantize_fp8``
   (e4m3 weights with per-channel scales; per-token FP8 activations straight out of the fused norm / SiLU-mul
   kernels into ``torch._scaled_mm``). Targets at TP=1: decode batch 1 <= 0.65x and prefill 4k <= 0.7x ``tpfuse``.
@@ -278,9 +280,23 @@ def run_model(name, args, dev, rows, bandwidth, first: bool):
 
         quantize_fp8(model)  # in place, after the bf16 rows: the same weights, e4m3 per-channel
         tpfuse_rows(name, model, comm, args, dev, rows, bandwidth, provider="tpfuse_fp8")
+        del model
+        fp8_static_rows(name, args, dev, rows, bandwidth, comm, cache)
     comm.close()
-    del model
     torch.cuda.empty_cache()
+
+
+def fp8_static_rows(name, args, dev, rows, bandwidth, comm, cache):
+    """``tpfuse_fp8_static``: per-tensor weight scales and static activation scales calibrated on the unsharded
+    model (64 random tokens), so every GEMM is a per-tensor ``_scaled_mm`` (cuBLASLt) instead of a row-wise one."""
+    from tpfuse.parallel import calibrate_input_scales, quantize_fp8
+
+    model = build_model(name, args.layers, dev)
+    ids = torch.randint(0, VOCAB, (1, 64), device=dev, generator=torch.Generator(device=dev).manual_seed(3))
+    scales = calibrate_input_scales(model, ids)
+    model = tpfuse.parallelize(model, comm, cache=cache)
+    quantize_fp8(model, activation="static", weight="per_tensor", input_scales=scales)
+    tpfuse_rows(name, model, comm, args, dev, rows, bandwidth, provider="tpfuse_fp8_static")
 
 
 def main(argv=None):
