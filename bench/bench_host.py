@@ -232,8 +232,12 @@ def main(argv=None):
         gp = "" if r["gpu_us"] is None else f"{r['gpu_us']:.2f}" + ("*" if r["gpu_bound"] else "")
         extra = "" if r["over_baseline_us"] is None else f"{r['over_baseline_us']:+.2f}"
         print(f"{r['op']:<40} {r['host_us']:>9.2f} {gp:>8} {r['baseline'] or '':<30} {extra:>8}")
+    from tpfuse.kernels import fast_launch
+
+    print(f"fast_launch: enabled={fast_launch.ENABLED} calls {fast_launch.STATS}")
     hdr = common.header("bench_host", mode=mode, backend=backend, tp=1, tokens=T, hidden=H, calls=args.calls,
-                        repeats=args.repeats, stub_kernels=bool(args.stub_kernels))
+                        repeats=args.repeats, stub_kernels=bool(args.stub_kernels),
+                        fast_launch=dict(enabled=fast_launch.ENABLED, **fast_launch.STATS))
     path = os.path.join(args.out_dir, f"host_{common.device_slug()}{args.tag}.json")
     print("wrote", common.write_json(path, hdr, rows))
     comm.close()

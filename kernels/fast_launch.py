@@ -17,9 +17,9 @@ signature order, constexprs included). The fingerprint is at least as fine as Tr
 * the constexprs' values, ``num_warps``, ``num_stages``, the current CUDA device and the debug /
   instrumentation knobs.
 
-Any other argument type, a kernel that is not a plain ``JITFunction`` (interpreter, a test's recorder), launch
-hooks (profilers) or pre-run hooks send the call down the normal JIT path, as does every first call of a
-fingerprint. ``TPFUSE_FAST_LAUNCH=0`` (read at import) or ``ENABLED = False`` turns the direct path off. What is
+Any other argument type, a kernel that is not a plain ``JITFunction`` (interpreter, a test's recorder) or pre-run
+hooks send the call down the normal JIT path, as does every first call of a fingerprint; launch hooks (profilers)
+get the same launch metadata and calls as from the JIT. ``TPFUSE_FAST_LAUNCH=0`` (read at import) or ``ENABLED = False`` turns the direct path off. What is
 skipped: the JIT's check that the kernel's global variables did not change since it compiled (tpfuse's kernels
 read only module constants).
 """
@@ -38,6 +38,8 @@ _Tensor = torch.Tensor
 _CACHE_ATTR = "_tpfuse_compiled"
 _MAX_ENTRIES = 4096
 _KERNELS: list = []  # kernels that hold a cache (for clear())
+STATS = {"direct": 0, "first_call": 0, "not_jit": 0, "pre_run_hooks": 0, "uncacheable_args": 0}
+"""How calls went (benchmarks print it): launched directly, or through the JIT and why."""
 
 _rt = None          # triton.knobs.runtime / compilation, JITFunction, the driver's stream getter (lazily: import
 _comp = None        # tpfuse never imports Triton, and the driver is only resolved on a GPU)
@@ -83,8 +85,11 @@ def launch(kernel, grid, args: tuple, consts: dict, num_warps: int, num_stages: 
     if ENABLED:
         if _rt is None:
             _init()
-        if (type(kernel) is _JIT and _rt.launch_enter_hook is None and _rt.launch_exit_hook is None
-                and not kernel.pre_run_hooks):
+        if type(kernel) is not _JIT:
+            STATS["not_jit"] += 1
+        elif kernel.pre_run_hooks:
+            STATS["pre_run_hooks"] += 1
+        else:
             state = getattr(kernel, _CACHE_ATTR, None)
             if state is None:
                 state = _state(kernel)
@@ -93,16 +98,27 @@ def launch(kernel, grid, args: tuple, consts: dict, num_warps: int, num_stages: 
                 cache = state[1]
                 hit = cache.get(key)
                 if hit is not None:
-                    run, function, meta, _ = hit
-                    n = len(grid)
-                    run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, _stream(key[0]), function, meta,
-                        None, None, None, *args, *consts.values())
+                    _direct(hit, grid, key[0], args, consts)
                     return
+                STATS["first_call"] += 1
                 compiled = _jit(kernel, grid, args, consts, num_warps, num_stages)
                 _remember(kernel, cache, key, compiled, len(args), consts)
                 return
+            STATS["uncacheable_args"] += 1
     _jit(kernel, grid, args, consts, num_warps, num_stages)
 
+
+def _direct(hit, grid, device, args, consts) -> None:
+    """The launcher call ``JITFunction.run`` makes, launch hooks (profilers) and their metadata included."""
+    run, function, meta, compiled = hit
+    n = len(grid)
+    g0, g1, g2 = grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1
+    stream = _stream(device)
+    enter, leave = _rt.launch_enter_hook, _rt.launch_exit_hook
+    hooked = enter is not None or leave is not None
+    launch_meta = compiled.launch_metadata(grid, stream, *args, *consts.values()) if hooked else None
+    run(g0, g1, g2, stream, function, meta, launch_meta, enter, leave, *args, *consts.values())
+    STATS["direct"] += 1
 
 def key_for(nospec, args, consts, num_warps, num_stages):
     """The cache key of one call (None: not cacheable): current device, debug knobs, launch options, constexprs

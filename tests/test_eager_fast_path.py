@@ -196,8 +196,11 @@ def _views(gen, t, h, misalign):
 
 
 def _run_all(gen_seed, shapes):
-    out = []
+    """Outputs of every op for each shape: one list per shape (so a reversed shape order can be realigned)."""
+    per_shape = []
     for t, h, misalign in shapes:
+        out = []
+        per_shape.append(out)
         g = torch.Generator().manual_seed(gen_seed + t * 7 + h + misalign)
         x, r = _views(g, t, h, misalign)
         w = _rand(g, h)
@@ -222,7 +225,7 @@ def _run_all(gen_seed, shapes):
         rope.rope_kv_cache_write(qq, kk, vv, pos, cs, kc, vc, slots)
         out.append((qq, kk, kc, vc))
     torch.cuda.synchronize()
-    return out
+    return per_shape
 
 
 GPU_SHAPES = [(1, 4096, 0), (4, 4096, 0), (4, 4096, 1), (5, 4096, 8), (17, 8192, 0), (33, 2048, 3), (129, 4096, 0),
@@ -241,7 +244,9 @@ def test_fast_launch_bit_exact_vs_jit():
         fast_launch.ENABLED = True
         fast_launch.clear()
         first = _run_all(11, GPU_SHAPES)   # fills the caches through the JIT
+        direct = fast_launch.STATS["direct"]
         second = _run_all(11, GPU_SHAPES)  # direct launches
+        assert fast_launch.STATS["direct"] > direct, fast_launch.STATS  # the direct path really ran
         third = _run_all(11, GPU_SHAPES[::-1])[::-1]  # other call order: hits found by key, not by sequence
     finally:
         fast_launch.ENABLED = old
