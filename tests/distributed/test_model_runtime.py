@@ -27,7 +27,7 @@ def _model(arch, world, **cache_kw):
     model = mc.build(arch, seed=0)
     oracle_model = mc.build(arch, seed=0)
     comm = tpfuse.TPCommunicator(max_tokens=64, hidden_size=mc.HIDDEN, dtype=torch.float32)
-    cfg = KVCacheConfig(max_batch=4, max_seq_len=40, block_size=16, **cache_kw)
+    cfg = KVCacheConfig(max_batch=4, max_seq_len=48, block_size=16, **cache_kw)
     return tpfuse.parallelize(model, comm, cache=cfg), oracle_model, comm
 
 
@@ -81,6 +81,16 @@ def _batched(rank, world, arch):
         for b, p in enumerate(prompts):
             errs.append(assert_close(out.logits[b, 0], refs[b][len(p) + i], torch.float32, f"decode {i} row {b}"))
     assert cache.lengths == [n + DECODE_STEPS for n in LENGTHS]
+    # T == B without being a decode step: row 0 brings 2 tokens, row 1 none, row 2 one
+    more = torch.randint(0, mc.VOCAB, (3, 2), generator=g)
+    new_mask = torch.tensor([[1, 1], [0, 0], [0, 1]])
+    out = model(more, attention_mask=torch.cat([mask, new_mask], dim=1), cache=cache)
+    done = [len(p) + DECODE_STEPS for p in prompts]
+    for b, cols in ((0, [0, 1]), (2, [1])):
+        seq = torch.cat([prompts[b], extra[b], more[b, cols]])
+        ref = mc.oracle(ref_model, seq)[done[b]:]
+        errs.append(assert_close(out.logits[b, cols], ref, torch.float32, f"uneven step row {b}"))
+    assert mc.cache_of(out).lengths == [done[0] + 2, done[1], done[2] + 1]
     assert model._tpfuse.last_mode == "allreduce"  # CPU: eager decode (graphs are CUDA only)
     comm.close()
     return max(errs)
@@ -162,7 +172,9 @@ def _errors(rank, world):
     expect(TPFuseInputError, lambda: model(torch.zeros(1, 65, dtype=torch.long), use_cache=False))  # > max_tokens
     out = model(p[None])
     stale = mc.cache_of(out)
-    expect(TPFuseInputError, lambda: model(torch.zeros(1, 40, dtype=torch.long), cache=stale))  # > max_seq_len
+    expect(TPFuseInputError, lambda: model(torch.zeros(1, 45, dtype=torch.long), cache=stale))  # > max_seq_len
+    expect(TPFuseInputError, lambda: model(torch.zeros(5, 2, dtype=torch.long)))  # a rejected new batch ...
+    model(p[None, :1], cache=stale)  # ... leaves the live batch usable
     model(p[None])  # a new batch: the old handle is stale
     expect(TPFuseInputError, lambda: model(p[None, :1], cache=stale))
     expect(NotImplementedError, lambda: model(p[None], output_attentions=True))
@@ -175,4 +187,4 @@ def _errors(rank, world):
 
 def test_bad_calls_raise_on_every_rank_before_any_collective():
     seen = run_on_ranks(_errors, 2)
-    assert seen[0] == seen[1] and len(seen[0]) == 6, seen
+    assert seen[0] == seen[1] and len(seen[0]) == 7, seen

@@ -14,14 +14,16 @@ tensor             shape      meaning
                               cache (nothing is written)
 =================  =========  ======================================================================================
 
-A call is a **decode step** when every row brings exactly one token (``T == B``): attention then runs
+A call is a **decode step** when every row brings exactly one token (not merely ``T == B``: a row may bring none
+while another brings two): attention then runs
 :func:`tpfuse.attention.decode_attention` over the cache (``block_tables [B, blocks]``, ``seq_lens [B]`` including
 the new token), and on CUDA the whole step can be a CUDA-graph replay. Any other call is a **prefill** (one
 ``(start, n, row, past)`` entry per row with tokens) and runs causal SDPA per row (over the cached prefix where
 ``past > 0``).
 
-Host-device traffic: with no ``attention_mask`` (or an all-ones one on the host) nothing is read back from the
-GPU; a mask on the GPU is read once per call (its zeros decide the shapes).
+Host-device traffic: with no ``attention_mask`` (or one on the host) nothing is read back from the GPU; a mask on
+the GPU is read once per call (its zeros decide the shapes), and so are ``position_ids`` of a prefill (checked
+against the RoPE table) - transformers' ``generate()`` passes both on every step.
 """
 
 from __future__ import annotations
@@ -137,7 +139,7 @@ def pack(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], positi
     if t == 0:
         raise TPFuseInputError("the call has no real tokens (attention_mask is all zeros over input_ids)")
     flat_ids = input_ids.reshape(-1).to(device)
-    if cache is not None and t == b:  # one token per row: a decode step
+    if cache is not None and all(c == 1 for c in counts):  # one token per row: a decode step
         token_index = None if mask is None else mask.reshape(-1).nonzero().squeeze(1).to(device)
         ids = flat_ids if token_index is None else flat_ids.index_select(0, token_index)
         rope_pos = None if position_ids is None else _rope_pos(position_ids, b, width, token_index, None, device)

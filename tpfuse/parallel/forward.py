@@ -93,10 +93,6 @@ def _unpack_logits(logits: torch.Tensor, call, keep: Optional[torch.Tensor], k: 
 def _run(model, call, handle, keep) -> torch.Tensor:
     st = model._tpfuse
     comm, meta = st.comm, call.meta
-    if meta.num_tokens > comm.max_tokens:
-        raise TPFuseInputError(f"the call has {meta.num_tokens} real tokens, more than the communicator's max_tokens="
-                               f"{comm.max_tokens}: split the batch or build the TPCommunicator with a larger "
-                               f"max_tokens")
     if call.decode_step:
         if _graphs_usable(st):
             st.last_mode = "decode_graph"
@@ -143,8 +139,14 @@ def tp_forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: O
         handle = _resolve_cache(st, cache if cache is not None else past_key_values, use_cache, ids2.shape[0],
                                 self.config)
         call = pack(ids2, attention_mask, position_ids, handle, st.comm.device)
+        if call.meta.num_tokens > st.comm.max_tokens:
+            raise TPFuseInputError(f"the call has {call.meta.num_tokens} real tokens, more than the communicator's "
+                                   f"max_tokens={st.comm.max_tokens}: split the batch or build the TPCommunicator "
+                                   f"with a larger max_tokens")
         _check_positions(st, call, position_ids)
         keep = _keep_rows(call, logits_to_keep)
+        if handle is not None:  # every check passed: a new batch takes the cache over only now
+            handle.storage.activate(handle)
         logits = _unpack_logits(_run(self, call, handle, keep), call, keep, logits_to_keep)
         if handle is not None:
             handle.advance(call.counts, 1 if call.decode_step else None)
@@ -153,13 +155,21 @@ def tp_forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: O
 
 
 def _check_positions(st, call, position_ids) -> None:
+    """RoPE positions must index the cos/sin table. Host tensors, and prefills, are checked on the host (a prefill
+    reads its mask anyway); a decode step's device positions on the device (no sync; a bad one is a device assert,
+    since reading past the table would be an out-of-bounds access)."""
     if position_ids is None:
         return
-    pos = call.meta.rope_pos
-    hi = int(pos.max())
-    if hi >= st.cos_sin.shape[0] or int(pos.min()) < 0:
-        raise TPFuseInputError(f"position_ids must lie in [0, {st.cos_sin.shape[0]}) (the RoPE table covers "
-                               f"max(max_seq_len, comm.max_tokens) positions), got up to {hi}")
+    n = st.cos_sin.shape[0]
+    msg = (f"position_ids must lie in [0, {n}) (the RoPE table covers max(max_seq_len, comm.max_tokens) "
+           f"positions)")
+    if position_ids.device.type == "cpu" or not call.decode_step:
+        lo, hi = int(position_ids.min()), int(position_ids.max())
+        if lo < 0 or hi >= n:
+            raise TPFuseInputError(f"{msg}, got [{lo}, {hi}]")
+    else:
+        pos = call.meta.rope_pos
+        torch._assert_async(((pos >= 0) & (pos < n)).all(), msg)
 
 
 def _output(logits, cache):

@@ -66,6 +66,10 @@ class KVCacheConfig:
                                    f"{self.dtype}")
         if not (isinstance(self.kv_scale, (int, float)) and 0 < float(self.kv_scale) < float("inf")):
             raise TPFuseInputError(f"KVCacheConfig.kv_scale must be a finite number > 0, got {self.kv_scale!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise TPFuseInputError(f"KVCacheConfig.cuda_graphs must be a bool, got {self.cuda_graphs!r}")
+        if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.graph_buckets):
+            raise TPFuseInputError(f"KVCacheConfig.graph_buckets must be positive ints, got {self.graph_buckets!r}")
 
     def buckets(self) -> List[int]:
         return sorted({b for b in self.graph_buckets if b < self.max_batch} | {self.max_batch})
@@ -138,14 +142,18 @@ class KVStorage:
         return out[0], out[1]
 
     def new_batch(self, batch: int) -> "TPKVCache":
-        """A handle for ``batch`` new (empty) sequences; older handles become stale."""
+        """A handle for ``batch`` new (empty) sequences; it takes the storage over (older handles become stale) only
+        at :meth:`activate`, once the call that starts it has passed every check."""
         if batch > self.max_batch:
             raise TPFuseInputError(f"a batch of {batch} sequences does not fit the KV cache: KVCacheConfig."
                                    f"max_batch={self.max_batch} (pass parallelize(..., cache=KVCacheConfig("
                                    f"max_batch=...)))")
-        self.epoch += 1
-        self.live = TPKVCache(self, batch, self.epoch)
-        return self.live
+        return TPKVCache(self, batch, None)
+
+    def activate(self, handle: "TPKVCache") -> None:
+        if handle.epoch is None:
+            self.epoch += 1
+            handle.epoch, self.live = self.epoch, handle
 
 
 class TPKVCache:
@@ -154,7 +162,7 @@ class TPKVCache:
 
     is_compileable = False  # transformers' generate: no 4-D mask preparation, our forward takes the 2-D mask
 
-    def __init__(self, storage: KVStorage, batch: int, epoch: int):
+    def __init__(self, storage: KVStorage, batch: int, epoch: Optional[int]):
         self.storage, self.batch, self.epoch = storage, batch, epoch
         self.lengths: List[int] = [0] * batch
         """Tokens cached per sequence (host copy)."""
