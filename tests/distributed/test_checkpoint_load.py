@@ -92,6 +92,23 @@ def test_kv_heads_fewer_than_tp_are_replicated(world, tmp_path):
     assert all(r["k_rows"] == (16, mc.HIDDEN) and r["err"] <= 1e-5 for r in res), res
 
 
+def test_tied_embeddings_stay_tied(tmp_path):
+    # tie_word_embeddings: the checkpoint holds only model.embed_tokens.weight; lm_head must be the same tensor
+    res = run_on_ranks(_tied, 2, str(tmp_path / "ckpt"))
+    assert all(r["tied"] and r["err"] <= 1e-5 for r in res), res
+
+
+def _tied(rank, world, path):
+    res = _meta_vs_full(rank, world, "qwen3", path, {"tie_word_embeddings": True})
+    from tpfuse.parallel import from_pretrained
+
+    comm = _comm()
+    model = from_pretrained(path, comm, dtype=torch.float32)
+    res["tied"] = model.lm_head.weight is model.model.embed_tokens.weight
+    comm.close()
+    return res
+
+
 def test_kv_heads_neither_dividing_raise():
     import tpfuse
 

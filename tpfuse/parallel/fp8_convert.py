@@ -51,6 +51,19 @@ def _convert_layer(model, prefix: str, plan: TPPlan, scheme: FP8Scheme, st, inpu
                 st.shards[full + ".weight_scale"] = type(w)(0, w.start, w.end, (w.full_shape[0], 1))
 
 
+def _check_input_scales(model, plan: TPPlan, scheme: FP8Scheme, n_layers: int, input_scales) -> None:
+    """Static activations: every linear's scale must be given, checked before anything is converted (or reduced
+    over the group), so a missing one leaves the model as it was on every rank."""
+    if scheme.activation != "static" or any(p.is_meta for p in model.parameters()):
+        return
+    names = [f"{plan.layers}.{li}.{n}" for li in range(n_layers)
+             for n in (*plan.qkv, *plan.gate_up, plan.o_proj, plan.down_proj)]
+    missing = [n for n in names if input_scales is None or n not in input_scales]
+    if missing:
+        raise ValueError(f"activation='static' needs input_scales for every decoder linear (calibrate_input_scales "
+                         f"on the unsharded model); missing {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+
+
 def quantize_fp8(model: nn.Module, *, activation: str = "per_token", weight: str = "per_channel",
                  plan: Optional[TPPlan] = None, input_scales: Optional[Dict[str, float]] = None) -> nn.Module:
     """Convert the decoder's q/k/v/o/gate/up/down linears of ``model`` to FP8 in place (see
@@ -69,6 +82,7 @@ def quantize_fp8(model: nn.Module, *, activation: str = "per_token", weight: str
     st = getattr(model, "_tpfuse", None)
     plan = st.plan if st is not None else (plan or plan_for(model))
     layers = get_path(model, plan.layers)
+    _check_input_scales(model, plan, scheme, len(layers), input_scales)
     with torch.no_grad():
         for li in range(len(layers)):
             _convert_layer(model, f"{plan.layers}.{li}.", plan, scheme, st, input_scales)

@@ -35,11 +35,25 @@ def check_buffers(model: nn.Module, rotary: str) -> None:
                                           f"checkpoint and tpfuse does not know how to compute it")
 
 
+def _tied_groups(model: nn.Module):
+    """Names of parameters that are one tensor (``tie_word_embeddings``), grouped, first name first."""
+    groups = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
 def materialize(model: nn.Module, rotary: str, device: torch.device) -> None:
     """Give every tensor of the meta ``model`` uninitialised storage on ``device`` (tied parameters stay tied) and
     rebuild the rotary module ``rotary`` (an attribute path) from ``model.config`` on ``device``."""
     check_buffers(model, rotary)
-    model.to_empty(device=device)
+    tied = _tied_groups(model)
+    model.to_empty(device=device)  # gives every parameter its own storage, tied ones too: re-tie them
+    for owner, *others in tied:
+        keep = get_path(model, owner)
+        for name in others:
+            parent, _, leaf = name.rpartition(".")
+            setattr(get_path(model, parent) if parent else model, leaf, keep)
     old = get_path(model, rotary)
     with torch.device(device):
         new = type(old)(config=model.config)

@@ -88,9 +88,12 @@ class SafetensorsFile:
             buf = self._buffer(nbytes)
             self._fh.seek(begin + a * row_bytes)
             view = memoryview(self._buf)[:nbytes]
-            got = self._fh.readinto(view)
-            if got != nbytes:
-                raise IOError(f"{self.path}: short read of {name} ({got} of {nbytes} bytes)")
+            got = 0
+            while got < nbytes:  # readinto may legally return fewer bytes (signals, network file systems)
+                n = self._fh.readinto(view[got:])
+                if not n:
+                    raise IOError(f"{self.path}: file ends inside {name} ({got} of {nbytes} bytes read)")
+                got += n
             src = buf[:nbytes].view(dt).view(b - a, *row_shape)
             if cols is not None:
                 src = src[:, cols[0]:cols[1]]
