@@ -47,3 +47,21 @@ def load(name: str):
                     importlib.import_module(full)
                 sys.modules[full]._tpfuse_interpreted = True
     return importlib.import_module(f"tpfuse.kernels.{name}")
+
+
+def run_interpreter_suite(test_file: str, flag: str, min_cases: int) -> None:
+    """Run ``test_file``'s ``case_*`` tests through the Triton interpreter in a fresh process (the environment
+    variable ``flag`` tells that process it is the inner run) and fail unless they all pass and at least
+    ``min_cases`` ran, none skipped."""
+    import re
+    import subprocess
+
+    env = dict(os.environ, TRITON_INTERPRET="1", TPFUSE_TRITON_CPU="1", CUDA_VISIBLE_DEVICES="", **{flag: "1"})
+    root = os.path.dirname(os.path.dirname(os.path.abspath(test_file)))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "case_",
+                           os.path.abspath(test_file)], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    m = re.search(r"(\d+) passed", out)
+    assert m and int(m.group(1)) >= min_cases, out[-3000:]
+    assert "skipped" not in out and "failed" not in out, out[-3000:]

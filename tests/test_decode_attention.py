@@ -26,8 +26,6 @@ elements that cancel to ~0), the relative norm error against the shared toleranc
 """
 
 import os
-import re
-import subprocess
 import sys
 
 import pytest
@@ -218,16 +216,9 @@ def test_input_validation():
 @pytest.mark.skipif(INNER, reason="this is the interpreter subprocess itself")
 def test_triton_interpreter_suite():
     """Run the ``case_*`` tests through the Triton interpreter in a fresh process (see the module docstring)."""
-    env = dict(os.environ, TRITON_INTERPRET="1", TPFUSE_TRITON_CPU="1", TPFUSE_ATTN_INTERP="1",
-               CUDA_VISIBLE_DEVICES="")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "case_",
-                           os.path.abspath(__file__)], cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
-    m = re.search(r"(\d+) passed", out)
-    assert m and int(m.group(1)) >= MIN_INTERP_CASES, out[-3000:]
-    assert "skipped" not in out and "failed" not in out, out[-3000:]
+    from kernel_env import run_interpreter_suite
+
+    run_interpreter_suite(__file__, "TPFUSE_ATTN_INTERP", MIN_INTERP_CASES)
 
 
 # --------------------------------------------------------------------------------------------------------------

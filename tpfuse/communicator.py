@@ -289,8 +289,8 @@ class TPCommunicator:
             return torch.ops.tpfuse.comm_all_reduce(self._handle, x)
         if not self.config.debug:
             self._check_open()
-            self._calls += 1  # as _enter does: peer-fault messages name the call
             if self._ok_activation(x):
+                self._calls += 1  # as _enter does: peer-fault messages name the call
                 return self._run("all_reduce", x.shape[0], (x,), {})
         def check():
             check_activation("x", x, hidden=self.hidden_size, dtype=self.dtype, device=self.device,
@@ -310,10 +310,10 @@ class TPCommunicator:
             return compile_ops.norm_op("fused_add_rmsnorm", self, x, residual, weight, eps, quant, gemma)
         if not self.config.debug:
             self._check_open()
-            self._calls += 1  # as _enter does: peer-fault messages name the call
             if (self._ok_activation(x) and
                     (residual is None or (self._ok_tensor(residual, 2) and residual.dtype is self.dtype and
                                           residual.shape == x.shape)) and self._ok_norm_args(weight, eps, quant)):
+                self._calls += 1  # as _enter does: peer-fault messages name the call
                 return self._run("fused_add_rmsnorm", x.shape[0], (x, residual, weight, eps),
                                  {"quant": quant, "gemma": gemma})
         def check():
@@ -342,13 +342,13 @@ class TPCommunicator:
             return compile_ops.norm_op("reduce_scatter_rmsnorm", self, x, residual_shard, weight, eps, quant, gemma)
         if not self.config.debug:
             self._check_open()
-            self._calls += 1  # as _enter does: peer-fault messages name the call
             if (self._ok_activation(x) and
                     (residual_shard is None or (self._ok_tensor(residual_shard, 2) and
                                                 residual_shard.dtype is self.dtype and
                                                 residual_shard.shape[1] == self.hidden_size and
                                                 residual_shard.shape[0] == shard_len(x.shape[0], self.tp, self.rank)))
                     and self._ok_norm_args(weight, eps, quant)):
+                self._calls += 1  # as _enter does: peer-fault messages name the call
                 return self._run("reduce_scatter_rmsnorm", x.shape[0], (x, residual_shard, weight, eps),
                                  {"quant": quant, "gemma": gemma})
         def check():

@@ -7,7 +7,7 @@ progress bar on long runs.
 
 ``--model`` builds a random-weight transformers model of a named shape (nothing is downloaded; ``tiny`` is the
 demo's model, the others are ``bench/bench_e2e.py``'s real layer shapes with ``--layers`` layers); ``--model-dir``
-loads a local checkpoint with ``from_pretrained``. Prompts are random token ids (``--prompt-len`` tokens, every
+loads a local checkpoint with :func:`tpfuse.parallel.from_pretrained` (each rank reads only its shard). Prompts are random token ids (``--prompt-len`` tokens, every
 other row half as long, left-padded). Without torchrun it runs as one rank. Arguments are checked before any rank
 state is created; a bad one prints one line and exits 2.
 """
@@ -54,8 +54,6 @@ def parse_args(argv=None):
 def _build(args, dtype):
     import transformers
 
-    if args.model_dir:
-        return transformers.AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype)
     arch, shape = SHAPES[args.model]
     cls, cfg_cls = ((transformers.LlamaForCausalLM, transformers.LlamaConfig) if arch == "llama"
                     else (transformers.Qwen3ForCausalLM, transformers.Qwen3Config))
@@ -65,6 +63,14 @@ def _build(args, dtype):
     dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
     with torch.device(dev or "cpu"):
         return cls(cfg).to(dtype).eval()
+
+
+def _hidden_size(model_dir: str) -> int:
+    import json
+
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    return int(cfg.get("text_config", cfg)["hidden_size"])
 
 
 def _prompts(args, vocab):
@@ -79,16 +85,22 @@ def run(args) -> None:
     import torch.distributed as dist
 
     import tpfuse
-    from tpfuse.parallel import KVCacheConfig, generate
+    from tpfuse.parallel import KVCacheConfig, from_pretrained, generate
 
     on_gpu = dist.get_backend() == "nccl"
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    model = _build(args, dtype)
-    cfg = model.config
-    comm = tpfuse.TPCommunicator(max_tokens=args.batch * args.prompt_len, hidden_size=cfg.hidden_size, dtype=dtype)
     cache = KVCacheConfig(max_batch=args.batch, max_seq_len=args.prompt_len + args.new_tokens,
                           cuda_graphs=not args.no_graphs)
-    model = tpfuse.parallelize(model, comm, cache=cache)
+    if args.model_dir:  # each rank reads only its shard (tpfuse.parallel.from_pretrained)
+        hidden = _hidden_size(args.model_dir)
+        comm = tpfuse.TPCommunicator(max_tokens=args.batch * args.prompt_len, hidden_size=hidden, dtype=dtype)
+        model = from_pretrained(args.model_dir, comm, dtype=dtype, cache=cache)
+    else:
+        model = _build(args, dtype)
+        comm = tpfuse.TPCommunicator(max_tokens=args.batch * args.prompt_len, hidden_size=model.config.hidden_size,
+                                     dtype=dtype)
+        model = tpfuse.parallelize(model, comm, cache=cache)
+    cfg = model.config
     ids, mask = _prompts(args, cfg.vocab_size)
     if comm.rank == 0:
         print(f"{args.model_dir or args.model}: {cfg.num_hidden_layers} layers, TP={comm.tp}, {comm.device}, "

@@ -1,1 +1,1 @@
-"""Model definitions used by the demo, tests and end-to-end benchmarks."""
+"""The demo's tiny random-weight Hugging Face model (:mod:`tpfuse.models.hf_tiny`) and its fp64 oracle."""
