@@ -40,10 +40,7 @@ MODELS = {"8B": (4096, 14336), "70B": (8192, 28672)}  # hidden, intermediate
 DTYPES = ("bf16", "fp8", "fp8_tensor")
 
 
-def _max(v, dev):
-    t = torch.tensor([v], dtype=torch.float64, device=dev)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+_max = common.slowest_rank
 
 
 def torch_symm_ops(group):

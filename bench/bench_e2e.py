@@ -184,14 +184,6 @@ def prefill_us(model, t, dev) -> float:
     return _wall_per_call(call, 5 if t >= 4096 else 10, dev)
 
 
-def _slowest(us: float, dev) -> float:
-    if dist.get_world_size() == 1:
-        return us
-    t = torch.tensor([us], dtype=torch.float64, device=dev)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
-
-
 def _measure(rows, base, provider, fn, dev, after=None):
     """Run one timing; an exception becomes a NaN row with the error text (the run goes on). ``after()`` returns
     fields recorded once the timing ran (the mode and paths of the last call)."""
@@ -200,7 +192,7 @@ def _measure(rows, base, provider, fn, dev, after=None):
     except Exception as ex:  # noqa: BLE001 - recorded in the row
         us, err = float("nan"), f"{type(ex).__name__}: {ex}"[:300]
         torch.cuda.synchronize(dev)
-    row = dict(base, provider=provider, us=_slowest(us, dev), **(after() if after else {}))
+    row = dict(base, provider=provider, us=common.slowest_rank(us, dev), **(after() if after else {}))
     if err:
         row["error"] = err
     rows.append(row)

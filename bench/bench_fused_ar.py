@@ -199,10 +199,8 @@ def main():
                         barrier()
                         continue
                     # every rank measured; report the slower rank's median (the step's real cost)
-                    v = torch.tensor([us], device=dev)
-                    dist.all_reduce(v, op=dist.ReduceOp.MAX)
                     row = {"provider": name, "tokens": t, "hidden": h, "out_format": fmt or "bf16",
-                           "median_us": round(float(v.item()), 2), "mode": mode}
+                           "median_us": round(common.slowest_rank(us, dev), 2), "mode": mode}
                     if name == "tpfuse_auto":
                         row["path"] = comm.plan(t).path("fused_add_rmsnorm")
                     elif name in fi_ran:

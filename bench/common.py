@@ -88,6 +88,18 @@ def write_json(path: str, header_: dict, rows: list) -> str:
     return path
 
 
+def slowest_rank(value: float, device) -> float:
+    """The largest ``value`` over the ranks of the default group (a step costs what its slowest rank takes);
+    ``value`` itself on one rank or without a process group."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return float(value)
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def time_us(fn: Callable[[], object], *, calls: int = 10, replays: int = 30, use_graph: Optional[bool] = None,
             barrier: Optional[Callable[[], None]] = None) -> tuple:
     """Median microseconds per call of ``fn`` and the mode used (``"graph"``, ``"events"`` or ``"wall"``).

@@ -122,9 +122,7 @@ def main():
             for k in keys[rnd % len(keys):] + keys[:rnd % len(keys)]:
                 dist.barrier()
                 us, _ = common.time_us(cases[k], calls=3, replays=10)
-                t = torch.tensor([us], dtype=torch.float64, device=dev)
-                dist.all_reduce(t, op=dist.ReduceOp.MAX)
-                vals[k].append(float(t.item()))
+                vals[k].append(common.slowest_rank(us, dev))
         if tpfuse is not None:
             comm.synchronize()
             comm.close()

@@ -51,9 +51,7 @@ def main():
         for mode, fn in modes.items():
             dist.barrier()
             us, how = common.time_us(fn, calls=10, replays=20, barrier=dist.barrier)
-            t = torch.tensor([us], device="cuda")
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            us = float(t.item())
+            us = common.slowest_rank(us, "cuda")
             rows.append({"mode": mode, "mib": mib, "median_us": round(us, 2),
                          "gb_per_s": round((mib << 20) / us / 1e3, 1), "timing": how})
             if rank == 0:
