@@ -191,10 +191,7 @@ class TPCommunicator:
             if not isinstance(num_tokens, int) or not 0 <= num_tokens <= self.max_tokens:
                 raise TPFuseInputError(f"num_tokens must be an int in [0, max_tokens={self.max_tokens}], "
                                        f"got {num_tokens!r}")
-            p = make_plan(comm=self, row=self.row, table_path=self.table.path, arch=self.arch, tp=self.tp,
-                          num_tokens=num_tokens, hidden=self.hidden_size, dtype=str(self.dtype).replace("torch.", ""),
-                          itemsize=self.dtype.itemsize, allowed=self.config.allowed_paths,
-                          forced=self.config.force_paths, sp_min_tokens=self.config.sp_min_tokens)
+            p = make_plan(self, num_tokens)
             self._plans[num_tokens] = p
         return p
 

@@ -145,38 +145,38 @@ def _fmt_bytes(n: Optional[int]) -> str:
     return f"{n} B"
 
 
-def make_plan(*, comm, row: Row, table_path: str, arch: str, tp: int, num_tokens: int, hidden: int, dtype: str,
-              itemsize: int, allowed: Optional[frozenset], forced: Mapping[str, str],
-              sp_min_tokens: Optional[int]) -> Plan:
-    nbytes = num_tokens * hidden * itemsize
-    where = f"{table_path} row {row.index} [{row.key()}]"
-    ops = {}
-    for op in OPS:
-        preferred, lo, hi = row.pick(op, nbytes)
-        rule = (f"{_fmt_bytes(lo) if lo is not None else '0'} < {_fmt_bytes(nbytes)}"
-                f" <= {_fmt_bytes(hi)}")
-        if op in forced:
-            want = forced[op]
-            reason = unavailable_reason(op, want, comm)
-            if reason:  # only this op raises (when called): the others keep their plan
-                msg = f"CommConfig.force_paths[{op!r}] = {want!r} cannot run here: {reason}"
-                ops[op] = OpChoice(op, want, preferred, rule, msg, error=msg)
-                continue
-            ops[op] = OpChoice(op, want, preferred, rule, None if want == preferred else "forced by CommConfig")
+def _choose(op: str, comm, row: Row, nbytes: int) -> OpChoice:
+    """The path ``op`` takes on ``comm`` at ``nbytes`` of activations: the forced one, or the table's preferred one,
+    falling back to ``nccl`` then ``reference`` where it cannot run (and saying why)."""
+    preferred, lo, hi = row.pick(op, nbytes)
+    rule = f"{_fmt_bytes(lo) if lo is not None else '0'} < {_fmt_bytes(nbytes)} <= {_fmt_bytes(hi)}"
+    forced = comm.config.force_paths
+    if op in forced:
+        want = forced[op]
+        reason = unavailable_reason(op, want, comm)
+        if reason:  # only this op raises (when called): the others keep their plan
+            msg = f"CommConfig.force_paths[{op!r}] = {want!r} cannot run here: {reason}"
+            return OpChoice(op, want, preferred, rule, msg, error=msg)
+        return OpChoice(op, want, preferred, rule, None if want == preferred else "forced by CommConfig")
+    allowed = comm.config.allowed_paths
+    why = []
+    for cand in dict.fromkeys((preferred, "nccl", "reference")):
+        if cand != "reference" and allowed is not None and cand not in allowed:
+            why.append(f"{cand} not in allowed_paths")
             continue
-        why = []
-        chosen = None
-        for cand in dict.fromkeys((preferred, "nccl", "reference")):
-            if cand != "reference" and allowed is not None and cand not in allowed:
-                why.append(f"{cand} not in allowed_paths")
-                continue
-            reason = unavailable_reason(op, cand, comm)
-            if reason is None:
-                chosen = cand
-                break
-            why.append(reason)
-        assert chosen is not None, "the reference path is always registered and available"
-        ops[op] = OpChoice(op, chosen, preferred, rule, "; ".join(why) if chosen != preferred else None)
+        reason = unavailable_reason(op, cand, comm)
+        if reason is None:
+            return OpChoice(op, cand, preferred, rule, "; ".join(why) if cand != preferred else None)
+        why.append(reason)
+    raise AssertionError("the reference path is always registered and available")
+
+
+def make_plan(comm, num_tokens: int) -> Plan:
+    """What every op does at ``num_tokens`` on ``comm`` (its table row, config, size, dtype and TP)."""
+    row, hidden, tp = comm.row, comm.hidden_size, comm.tp
+    nbytes = num_tokens * hidden * comm.dtype.itemsize
+    ops = {op: _choose(op, comm, row, nbytes) for op in OPS}
+    sp_min_tokens = comm.config.sp_min_tokens
     if sp_min_tokens is not None:
         sp = num_tokens >= sp_min_tokens
         mode_rule = f"tokens {num_tokens} {'>=' if sp else '<'} CommConfig.sp_min_tokens {sp_min_tokens}"
@@ -185,5 +185,6 @@ def make_plan(*, comm, row: Row, table_path: str, arch: str, tp: int, num_tokens
         mode_rule = f"{_fmt_bytes(nbytes)} {'>=' if sp else '<'} sp_min_bytes {_fmt_bytes(row.sp_min_bytes)}"
     if tp == 1:
         sp, mode_rule = False, "TP=1: nothing to shard"
-    return Plan(num_tokens=num_tokens, hidden=hidden, dtype=dtype, activation_bytes=nbytes, tp=tp, arch=arch,
-                mode="sequence_parallel" if sp else "allreduce", mode_rule=mode_rule, ops=ops, table=where)
+    return Plan(num_tokens=num_tokens, hidden=hidden, dtype=str(comm.dtype).replace("torch.", ""),
+                activation_bytes=nbytes, tp=tp, arch=comm.arch, mode="sequence_parallel" if sp else "allreduce",
+                mode_rule=mode_rule, ops=ops, table=f"{comm.table.path} row {row.index} [{row.key()}]")
