@@ -15,6 +15,13 @@ import sys
 import torch
 
 ON_GPU = torch.cuda.is_available()
+
+
+def gpu_only(fn):
+    """Mark a test ``gpu`` and skip it without CUDA."""
+    import pytest
+
+    return pytest.mark.gpu(pytest.mark.skipif(not ON_GPU, reason="needs CUDA")(fn))
 DEVICE = "cuda" if ON_GPU else "cpu"
 _SHARED = ("quant_epilogue", "add_rmsnorm")
 _VARS = {"TRITON_INTERPRET": "1", "TPFUSE_TRITON_CPU": "1"}
@@ -65,3 +72,17 @@ def run_interpreter_suite(test_file: str, flag: str, min_cases: int) -> None:
     m = re.search(r"(\d+) passed", out)
     assert m and int(m.group(1)) >= min_cases, out[-3000:]
     assert "skipped" not in out and "failed" not in out, out[-3000:]
+
+
+def capture(step):
+    """``step()`` once on a side stream (kernels compile outside the capture), then captured in a new CUDA graph,
+    which is returned (replay it after writing new inputs into the tensors ``step`` reads)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph

@@ -31,6 +31,8 @@ import sys
 import pytest
 import torch
 
+from kernel_env import gpu_only
+
 from tpfuse import attention as A
 from tpfuse.errors import TPFuseInputError
 from tpfuse.tolerance import assert_close
@@ -306,14 +308,11 @@ def test_case_d256_and_d16(gen):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# GPU only
+# GPU only (marker gpu)
 
 
-gpu = pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 
-
-@pytest.mark.gpu
-@gpu
+@gpu_only
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16cache", "fp8cache"])
 @pytest.mark.parametrize("hq", [32, 64])
 def test_gpu_big_shapes(gen, hq, fp8):
@@ -334,8 +333,7 @@ def _graph_inputs(gen, bsz, hq, hkv, d, max_blocks, num_blocks, block_size, fp8)
     return q, kc, vc, bt
 
 
-@pytest.mark.gpu
-@gpu
+@gpu_only
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16cache", "fp8cache"])
 def test_gpu_cuda_graph_capture_replay(gen, fp8):
     bsz, hq, hkv, d, bs, max_blocks, num_blocks = 16, 32, 8, 128, 16, 128, 600
@@ -348,14 +346,9 @@ def test_gpu_cuda_graph_capture_replay(gen, fp8):
     def step():
         A.decode_attention(q, kc, vc, bt, sl, scale=d ** -0.5, kv_scale=kvs, out=out, max_seq_len=cap)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()  # warm-up (compiles the kernels outside the capture)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    from kernel_env import capture
+
+    graph = capture(step)
     replays = [torch.randint(0, cap + 1, (bsz,), generator=gen), torch.zeros(bsz, dtype=torch.long),
                torch.tensor([cap, 0, 1, 15, 16, 17, 2047, 129] * 2), torch.randint(0, 40, (bsz,), generator=gen)]
     for i, lens in enumerate(replays):
@@ -369,8 +362,7 @@ def test_gpu_cuda_graph_capture_replay(gen, fp8):
         assert_elementwise(out, oracle, torch.bfloat16, f"graph replay {i} (fp8={fp8})")
 
 
-@pytest.mark.gpu
-@gpu
+@gpu_only
 def test_gpu_torch_compile_fullgraph(gen):
     x = make_inputs(gen, lens=[300, 0, 17], hq=8, hkv=2, d=128)
     q, kc, vc, bt, sl = (t.cuda() for t in (q_of(x["qkv"], 8, 128), x["kc"], x["vc"], x["bt"], x["sl"]))

@@ -374,14 +374,9 @@ def test_gpu_cuda_graph_capture_replay():
         R.qk_norm_rope(static, w, w, cs, pos, num_heads=hq, num_kv_heads=hkv, head_dim=d, eps=1e-6, is_neox=True)
         R.rope_kv_cache_write(sq, sk, v2, pos, cs, kc, vc, slots, is_neox=True, kv_scale=scale)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()  # warm-up (compiles the kernels outside the capture)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    from kernel_env import capture
+
+    graph = capture(step)
     for seed in (1, 2):
         new_qkv, _, _, new_pos = _qwen_inputs(t, seed=seed)
         static.copy_(new_qkv)

@@ -9,6 +9,7 @@ a call runs before the first collective, on every rank alike (all ranks get the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 from typing import Optional
 
@@ -172,11 +173,20 @@ def _check_positions(st, call, position_ids) -> None:
         torch._assert_async(((pos >= 0) & (pos < n)).all(), msg)
 
 
-def _output(logits, cache):
+@functools.lru_cache(maxsize=None)
+def _output_class():
+    """transformers' output class and the name of its cache field (``cache`` from 5.2x, ``past_key_values``
+    before), looked up once: the forward runs every decode step."""
     try:
         from transformers.modeling_outputs import CausalLMOutputWithPast
     except ImportError:  # the model came from elsewhere: same attribute names
-        return types.SimpleNamespace(logits=logits, past_key_values=cache, cache=cache)
+        return None, None
     names = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
-    key = "cache" if "cache" in names else "past_key_values"  # transformers renamed it in 5.2x
-    return CausalLMOutputWithPast(logits=logits, **{key: cache})
+    return CausalLMOutputWithPast, "cache" if "cache" in names else "past_key_values"
+
+
+def _output(logits, cache):
+    cls, key = _output_class()
+    if cls is None:
+        return types.SimpleNamespace(logits=logits, past_key_values=cache, cache=cache)
+    return cls(logits=logits, **{key: cache})
