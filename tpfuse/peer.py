@@ -37,8 +37,11 @@ from .errors import TPFuseError, TPFusePeerError, TPFusePeerTimeout
 _NCCL_ERRORS_ENV = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
 # what torch.distributed's gloo / NCCL / store errors say when a peer is gone or late (gloo raises plain
 # RuntimeErrors): anything else (a shape error inside a local torch op, ...) is not a peer fault and passes through
-_PEER_MARKERS = ("gloo", "Gloo", "NCCL", "Nccl", "ProcessGroup", "Connection closed", "Connection reset",
-                 "Broken pipe", "Socket", "socket", "peer", "aborted", "Aborted", "timed out", "Timed out")
+# words of the collectives' own failures; a bare "peer" or "NCCL" is left out on purpose: a local error such as
+# "CUDA error: peer access is not supported" must not break the communicator (NCCL's failures arrive as
+# torch.distributed.DistError, checked first)
+_PEER_MARKERS = ("gloo", "Gloo", "ProcessGroup", "Connection closed", "Connection reset", "Broken pipe", "Socket",
+                 "socket", "aborted", "Aborted", "timed out", "Timed out")
 _TIMEOUT_MARKERS = ("timed out", "timeout", "watchdog")
 
 
