@@ -10,7 +10,8 @@ Contract
 * **Devices.** With an NCCL group the device is ``torch.cuda.current_device()`` of each process (set it before
   building the communicator; a TP rank is never used as a device index). With gloo, everything is on the CPU.
 * **Buffers.** GPU paths own workspaces allocated once at construction, sized from ``max_tokens x hidden x TP``,
-  released by :meth:`close`. Ops return fresh output tensors; inputs are never written.
+  held in ``workspaces`` (backend name -> :class:`~tpfuse.backends.base.Workspace`) and released by :meth:`close`.
+  Ops return fresh output tensors; inputs are never written.
 * **Bad input.** Checks run before any collective, so a bad argument given on every rank raises a
   :class:`TPFuseInputError` on every rank and the communicator stays usable.
 * **Peer faults.** Every wait for a peer is bounded by ``CommConfig.timeout_s`` (the collectives run on a group of
@@ -29,13 +30,14 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from . import backends  # noqa: F401  (registers the paths)
+from . import backends  # noqa: F401  (registers the paths and the workspaces)
 from . import compile_ops
 from . import peer
 from . import quant as q
 from . import scaled_gemm
 from . import thresholds
 from .config import CommConfig
+from .backends.base import Decline, Workspace, allocators
 from .dispatch import Plan, implementation, make_plan
 from .errors import TPFuseClosedError, TPFuseError, TPFuseInputError, TPFuseMismatchError, TPFusePeerError
 from .sharding import shard_len
@@ -87,14 +89,14 @@ class TPCommunicator:
         self.table = thresholds.load(self.config.resolved_thresholds_path())
         self.row = self.table.lookup(self.arch, self.tp, str(dtype).replace("torch.", ""), hidden_size)
         self.last_path: Dict[str, str] = {}
-        """op -> the path its latest call ran (what tests assert against ``plan()``). Set from the plan before the
-        implementation runs; an implementation that hands a call to another path overwrites its op's entry with the
-        path that ran (the FlashInfer paths do, for output forms FlashInfer cannot produce), so this is what ran,
-        and equals ``plan(T).path(op)`` only where the planned path can do the call."""
-        self.workspace = None
-        """Symmetric-memory workspace of the GPU paths (``None`` where none is needed)."""
-        self.flashinfer = None
-        """FlashInfer's IPC workspace (:mod:`tpfuse.backends.flashinfer`), ``None`` where those paths are not used."""
+        """op -> the path its latest call ran (what tests assert against ``plan()``). Equals ``plan(T).path(op)``
+        unless the planned path declined the call (:class:`~tpfuse.backends.base.Decline`, e.g. an output form
+        FlashInfer cannot produce): then it names the fallback that ran."""
+        self.last_fallback: Dict[str, str] = {}
+        """op -> ``"<planned path> -> <path that ran>: <why>"`` of the op's latest declined call (kept until the next
+        one; compare ``last_path`` with the plan to tell whether the latest call declined)."""
+        self.workspaces: Dict[str, Workspace] = {}
+        """Backend name -> its workspace (:mod:`tpfuse.backends.base`), only those this communicator needs."""
         self._plans: Dict[int, Plan] = {}
         self._routes: Dict[tuple, tuple] = {}  # (op, num_tokens) -> (path, implementation): _run's memo of plan()
         # what the eager fast checks compare against (see _ok_activation)
@@ -108,20 +110,18 @@ class TPCommunicator:
         self.ops_group = self._groups.pg
         """The process group the op collectives run on: ``group``'s ranks, timeout ``CommConfig.timeout_s``."""
         self._handle = compile_ops.register(self)
-        from .backends import async_tp  # collective: every rank of the group allocates alike
-        self.async_tp = async_tp.allocate(self)
-        """Async-TP workspace (:mod:`tpfuse.backends.async_tp`), ``None`` where that path is not used."""
-        from .backends import symm  # collective too: the fused all-reduce kernels' workspace (None off NCCL)
-        self.workspace = symm.allocate(self)
-        from .backends import flashinfer  # collective too (only where the table / force_paths can route there)
-        self.flashinfer = flashinfer.allocate(self)
+        for name, allocate in allocators():  # collective: every rank of the group allocates alike, in this order
+            ws = allocate(self)
+            if ws is not None:
+                self.workspaces[name] = ws
+        self._checks = tuple(ws.check for ws in self.workspaces.values())
 
     # ----------------------------------------------------------------------------------------------------------
     # lifecycle
 
     def close(self) -> None:
         """Release workspaces. Idempotent; any later op raises :class:`TPFuseClosedError`. Collective (barriers)
-        when a FlashInfer workspace exists (``self.flashinfer``): then call it on every rank - except after a
+        when a FlashInfer workspace exists (``workspaces["flashinfer"]``): then call it on every rank - except after a
         :class:`~tpfuse.errors.TPFusePeerTimeout` (a peer may be dead), when nothing here waits for peers.
         With ``CommConfig(debug=True)`` it is collective too: the ranks exchange a ``close`` signature (bounded by
         ``timeout_s``), so a peer still calling ops raises :class:`TPFuseMismatchError` instead of waiting, and so
@@ -133,16 +133,10 @@ class TPCommunicator:
                 self._debug_exchange("close", (), None)
             except TPFuseError as e:  # release first, then report
                 err = e
-        if self.flashinfer is not None:
-            broken = any(getattr(w, "broken", None) for w in (self.workspace, self.async_tp) if w is not None)
-            self.flashinfer.close(collective=not broken)
-        self.flashinfer = None
-        if self.workspace is not None:
-            self.workspace.close()
-        self.workspace = None
-        if self.async_tp is not None:
-            self.async_tp.close()
-        self.async_tp = None
+        collective = not any(ws.broken for ws in self.workspaces.values())
+        for name in reversed(list(self.workspaces)):
+            self.workspaces.pop(name).close(collective)
+        self._checks = ()
         compile_ops.unregister(self._handle)
         self._plans.clear()
         self._routes.clear()
@@ -162,10 +156,8 @@ class TPCommunicator:
             if self._broken is not None:  # a peer failed earlier: the same error, at once
                 raise type(self._broken)(str(self._broken))
             raise TPFuseClosedError("this TPCommunicator was closed; build a new one")
-        if self.workspace is not None:
-            self.workspace.check()  # raises TPFusePeerTimeout (and stays broken) after a kernel's peer timeout
-        if self.async_tp is not None:
-            self.async_tp.check()  # the same for the async-TP / sequence-parallel semaphores
+        for check in self._checks:
+            check()  # raises TPFusePeerTimeout (and stays broken) after a kernel's peer timeout
 
     def synchronize(self) -> None:
         """Wait for this rank's queued work, then raise :class:`~tpfuse.errors.TPFusePeerTimeout` if a kernel
@@ -196,19 +188,36 @@ class TPCommunicator:
         return p
 
     def _run(self, op: str, num_tokens: int, args: tuple, kwargs: dict):
-        """Run ``op`` on its planned path. Callers have just run :meth:`_check_open` (in :meth:`_enter`)."""
+        """Run ``op`` on its planned path (or, for a call that path declines, on its fallbacks). Callers have just
+        run :meth:`_check_open`."""
         route = self._routes.get((op, num_tokens))
         if route is None:
             choice = self._make_plan(num_tokens).ops[op]
             if choice.error is not None:  # force_paths pins this op to a path that cannot run here
                 raise TPFuseInputError(choice.error)
-            route = self._routes[(op, num_tokens)] = (choice.path, implementation(op, choice.path))
+            route = self._routes[(op, num_tokens)] = (choice.path, implementation(op, choice.path), choice.fallbacks)
         self.last_path[op] = route[0]
         try:
             return route[1](self, *args, **kwargs)
+        except Decline as d:
+            return self._run_fallback(op, route, d.reason, args, kwargs)
         except RuntimeError as e:
             self._peer_fault(op, e)
             raise
+
+    def _run_fallback(self, op: str, route: tuple, why: str, args: tuple, kwargs: dict):
+        """The call ``route``'s path declined, on the first of its fallbacks that takes it."""
+        for path in route[2]:
+            self.last_path[op] = path
+            self.last_fallback[op] = f"{route[0]} -> {path}: {why}"
+            try:
+                return implementation(op, path)(self, *args, **kwargs)
+            except Decline as d:
+                why = d.reason
+            except RuntimeError as e:
+                self._peer_fault(op, e)
+                raise
+        raise AssertionError(f"{op}: every fallback of {route[0]} declined (the reference path never does)")
 
     def _peer_fault(self, op: str, exc: BaseException) -> None:
         """Raise the tpfuse error for a collective that failed because of a peer (and break this communicator);
@@ -243,8 +252,8 @@ class TPCommunicator:
         return True
 
     def _enter(self, op: str, signature: tuple, check) -> None:
-        """Run the local checks; in debug mode also compare ``signature`` and check results across ranks."""
-        self._check_open()
+        """Run the local checks; in debug mode also compare ``signature`` and check results across ranks. Callers have
+        just run :meth:`_check_open`."""
         self._calls += 1
         err = None
         try:
@@ -284,11 +293,10 @@ class TPCommunicator:
         """Sum of ``x [T, H]`` over the group (out of place)."""
         if torch.compiler.is_compiling():
             return torch.ops.tpfuse.comm_all_reduce(self._handle, x)
-        if not self.config.debug:
-            self._check_open()
-            if self._ok_activation(x):
-                self._calls += 1  # as _enter does: peer-fault messages name the call
-                return self._run("all_reduce", x.shape[0], (x,), {})
+        self._check_open()
+        if not self.config.debug and self._ok_activation(x):
+            self._calls += 1  # as _enter does: peer-fault messages name the call
+            return self._run("all_reduce", x.shape[0], (x,), {})
         def check():
             check_activation("x", x, hidden=self.hidden_size, dtype=self.dtype, device=self.device,
                              max_tokens=self.max_tokens)
@@ -305,23 +313,20 @@ class TPCommunicator:
         :class:`~tpfuse.quant.QuantizedActivation` when ``quant`` is given; ``residual_out`` in the input dtype."""
         if torch.compiler.is_compiling():
             return compile_ops.norm_op("fused_add_rmsnorm", self, x, residual, weight, eps, quant, gemma)
-        if not self.config.debug:
-            self._check_open()
-            if (self._ok_activation(x) and
-                    (residual is None or (self._ok_tensor(residual, 2) and residual.dtype is self.dtype and
-                                          residual.shape == x.shape)) and self._ok_norm_args(weight, eps, quant)):
-                self._calls += 1  # as _enter does: peer-fault messages name the call
-                return self._run("fused_add_rmsnorm", x.shape[0], (x, residual, weight, eps),
-                                 {"quant": quant, "gemma": gemma})
+        self._check_open()
+        if (not self.config.debug and self._ok_activation(x) and
+                (residual is None or (self._ok_tensor(residual, 2) and residual.dtype is self.dtype and
+                                      residual.shape == x.shape)) and self._ok_norm_args(weight, eps, quant)):
+            self._calls += 1  # as _enter does: peer-fault messages name the call
+            return self._run("fused_add_rmsnorm", x.shape[0], (x, residual, weight, eps),
+                             {"quant": quant, "gemma": gemma})
         def check():
             check_activation("x", x, hidden=self.hidden_size, dtype=self.dtype, device=self.device,
                              max_tokens=self.max_tokens)
             if residual is not None:
                 check_tensor("residual", residual, dtype=self.dtype, device=self.device, dim=2)
                 check_same_rows("x", x, "residual", residual)
-            check_norm_weight(weight, hidden=self.hidden_size, device=self.device)
-            check_eps(eps)
-            q.check_spec(quant, self.hidden_size, self.device)
+            self._check_norm(weight, eps, quant)
         sig = (_shape(x), residual is None, type(quant).__name__, bool(gemma))
         self._enter("fused_add_rmsnorm", sig, check)
         return self._run("fused_add_rmsnorm", x.shape[0], (x, residual, weight, eps),
@@ -337,28 +342,30 @@ class TPCommunicator:
         Returns ``(out_shard, residual_shard_out)``, both ``[Ts, H]``."""
         if torch.compiler.is_compiling():
             return compile_ops.norm_op("reduce_scatter_rmsnorm", self, x, residual_shard, weight, eps, quant, gemma)
-        if not self.config.debug:
-            self._check_open()
-            if (self._ok_activation(x) and
-                    (residual_shard is None or (self._ok_tensor(residual_shard, 2) and
-                                                residual_shard.dtype is self.dtype and
-                                                residual_shard.shape[1] == self.hidden_size and
-                                                residual_shard.shape[0] == shard_len(x.shape[0], self.tp, self.rank)))
-                    and self._ok_norm_args(weight, eps, quant)):
-                self._calls += 1  # as _enter does: peer-fault messages name the call
-                return self._run("reduce_scatter_rmsnorm", x.shape[0], (x, residual_shard, weight, eps),
-                                 {"quant": quant, "gemma": gemma})
+        self._check_open()
+        if (not self.config.debug and self._ok_activation(x) and
+                (residual_shard is None or (self._ok_tensor(residual_shard, 2) and
+                                            residual_shard.dtype is self.dtype and
+                                            residual_shard.shape[1] == self.hidden_size and
+                                            residual_shard.shape[0] == shard_len(x.shape[0], self.tp, self.rank)))
+                and self._ok_norm_args(weight, eps, quant)):
+            self._calls += 1  # as _enter does: peer-fault messages name the call
+            return self._run("reduce_scatter_rmsnorm", x.shape[0], (x, residual_shard, weight, eps),
+                             {"quant": quant, "gemma": gemma})
         def check():
             check_activation("x", x, hidden=self.hidden_size, dtype=self.dtype, device=self.device,
                              max_tokens=self.max_tokens)
             self._check_residual_shard(residual_shard, x.shape[0])
-            check_norm_weight(weight, hidden=self.hidden_size, device=self.device)
-            check_eps(eps)
-            q.check_spec(quant, self.hidden_size, self.device)
+            self._check_norm(weight, eps, quant)
         sig = (_shape(x), residual_shard is None, type(quant).__name__, bool(gemma))
         self._enter("reduce_scatter_rmsnorm", sig, check)
         return self._run("reduce_scatter_rmsnorm", x.shape[0], (x, residual_shard, weight, eps),
                          {"quant": quant, "gemma": gemma})
+
+    def _check_norm(self, weight, eps, quant) -> None:
+        check_norm_weight(weight, hidden=self.hidden_size, device=self.device)
+        check_eps(eps)
+        q.check_spec(quant, self.hidden_size, self.device)
 
     def _check_shard(self, name: str, x_shard, num_tokens: Optional[int], width: Optional[int],
                      dtype: Optional[torch.dtype] = None) -> int:
@@ -413,6 +420,7 @@ class TPCommunicator:
         if torch.compiler.is_compiling():
             return torch.ops.tpfuse.comm_all_gather(self._handle, x_shard,
                                                     compile_ops.gather_tokens(self, x_shard, num_tokens))
+        self._check_open()
         box = {}
         def check():
             box["t"] = self._check_shard("x_shard", x_shard, num_tokens, self.hidden_size)
@@ -433,6 +441,7 @@ class TPCommunicator:
             xd, xs = scaled_gemm.unpack(x_shard, x_scale)
             return torch.ops.tpfuse.comm_all_gather_matmul(self._handle, xd, weight,
                                                            compile_ops.gather_tokens(self, xd, num_tokens), xs, w_scale)
+        self._check_open()
         box = {}
         def check():
             xd, xs = scaled_gemm.unpack(x_shard, x_scale)
@@ -463,6 +472,7 @@ class TPCommunicator:
         if torch.compiler.is_compiling():
             xd, xs = scaled_gemm.unpack(x, x_scale)
             return torch.ops.tpfuse.comm_matmul_reduce_scatter(self._handle, xd, weight, xs, w_scale)
+        self._check_open()
         box = {}
         def check():
             box["x"], box["kw"] = self._check_row_parallel(x, weight, x_scale, w_scale)
@@ -477,34 +487,24 @@ class TPCommunicator:
                                       ) -> Tuple[object, torch.Tensor]:
         """Row-parallel linear followed by the sequence-parallel add + RMSNorm (+ quant), fused where the path
         allows: ``s = reduce_scatter(x @ weight.T) + residual_shard``; returns ``(rmsnorm(s) [quantized], s)``,
-        both ``[Ts, H]``. Routed like :meth:`matmul_reduce_scatter` (``plan(T)["matmul_reduce_scatter"]``): the
-        async-TP path sums the peers' partials, adds, normalises and quantizes in one kernel; other paths run
-        the reduce-scatter (its result rounded to the input dtype), then the local fused stage. FP8 operands as
-        in :meth:`matmul_reduce_scatter`."""
+        both ``[Ts, H]``. Routed like :meth:`matmul_reduce_scatter` (its table bucket and forced path;
+        ``plan(T)["matmul_reduce_scatter_rmsnorm"]``): the async-TP path sums the peers' partials, adds, normalises
+        and quantizes in one kernel; other paths run the reduce-scatter (its result rounded to the input dtype),
+        then the local fused stage. FP8 operands as in :meth:`matmul_reduce_scatter`."""
+        if torch.compiler.is_compiling():
+            return compile_ops.matmul_norm_op(self, x, weight, residual_shard, norm_weight, eps, quant, gemma,
+                                              x_scale, w_scale)
+        self._check_open()
         box = {}
         def check():
             box["x"], box["kw"] = self._check_row_parallel(x, weight, x_scale, w_scale)
             self._check_residual_shard(residual_shard, box["x"].shape[0])
-            check_norm_weight(norm_weight, hidden=self.hidden_size, device=self.device)
-            check_eps(eps)
-            q.check_spec(quant, self.hidden_size, self.device)
+            self._check_norm(norm_weight, eps, quant)
         self._enter("matmul_reduce_scatter_rmsnorm", self._gemm_sig(x, weight, x_scale, w_scale) +
-                    (residual_shard is None, type(quant).__name__), check)
-        xd, kw = box["x"], box["kw"]
-        choice = self._make_plan(xd.shape[0]).ops["matmul_reduce_scatter"]
-        if choice.error is not None:
-            raise TPFuseInputError(choice.error)
-        path = choice.path
-        self.last_path["matmul_reduce_scatter"] = path
-        try:
-            if path == "tpfuse_async_tp":
-                return self.async_tp.reduce_rmsnorm(xd, weight, residual_shard, norm_weight, eps, quant, gemma, **kw)
-            y = implementation("matmul_reduce_scatter", path)(self, xd, weight, **kw)
-        except RuntimeError as e:
-            self._peer_fault("matmul_reduce_scatter_rmsnorm", e)
-            raise
-        from . import ops
-        return ops.add_rmsnorm(y, residual_shard, norm_weight, eps, quant=quant, gemma=gemma)
+                    (residual_shard is None, type(quant).__name__, bool(gemma)), check)
+        xd = box["x"]
+        return self._run("matmul_reduce_scatter_rmsnorm", xd.shape[0], (xd, weight, residual_shard, norm_weight, eps),
+                         {"quant": quant, "gemma": gemma, **box["kw"]})
 
     def _gemm_sig(self, x, weight, x_scale, w_scale, shard: bool = False) -> tuple:
         """What must match across ranks for a GEMM op (debug mode): shapes (without the shard's rows when

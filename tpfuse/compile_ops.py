@@ -138,6 +138,26 @@ def _(handle, x, weight, x_scale=None, w_scale=None):
     return x.new_empty(shard_len(x.shape[0], c.tp, c.rank), weight.shape[0], dtype=c.dtype)
 
 
+@torch.library.custom_op("tpfuse::comm_matmul_reduce_scatter_rmsnorm", mutates_args=())
+def _matmul_reduce_scatter_rmsnorm(handle: int, x: Tensor, weight: Tensor, residual_shard: Optional[Tensor],
+                                   norm_weight: Tensor, eps: float, fmt: int, group: int, in_scale: Optional[Tensor],
+                                   gemma: bool, x_scale: Optional[Tensor] = None, w_scale: Optional[Tensor] = None
+                                   ) -> Tuple[Tensor, Tensor, Tensor]:
+    from . import ops
+
+    out, res = _comm(handle).matmul_reduce_scatter_rmsnorm(
+        x, weight, residual_shard, norm_weight, eps, quant=ops.args_to_spec(fmt, group, in_scale), gemma=gemma,
+        x_scale=x_scale, w_scale=w_scale)
+    return (*_split(out, fmt, res), res)
+
+
+@_matmul_reduce_scatter_rmsnorm.register_fake
+def _(handle, x, weight, residual_shard, norm_weight, eps, fmt, group, in_scale, gemma, x_scale=None, w_scale=None):
+    c = _comm(handle)
+    res = x.new_empty(shard_len(x.shape[0], c.tp, c.rank), weight.shape[0], dtype=c.dtype)
+    return _norm_fake(handle, res, fmt, group, res.shape[0])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # what the communicator's methods call while Dynamo traces
 
@@ -152,8 +172,19 @@ def norm_op(name: str, comm, x, residual, weight, eps, quant, gemma):
     return ops._wrap(data, scale, quant, x, data.shape if quant is None else (data.shape[0], x.shape[1])), res
 
 
+def matmul_norm_op(comm, x, weight, residual_shard, norm_weight, eps, quant, gemma, x_scale, w_scale):
+    from . import ops, scaled_gemm
+
+    xd, xs = scaled_gemm.unpack(x, x_scale)
+    fmt, group, in_scale = ops.spec_to_args(quant)
+    data, scale, res = torch.ops.tpfuse.comm_matmul_reduce_scatter_rmsnorm(
+        comm._handle, xd, weight, residual_shard, norm_weight, float(eps), fmt, group, in_scale, bool(gemma), xs,
+        w_scale)
+    return ops._wrap(data, scale, quant, res, data.shape if quant is None else (data.shape[0], res.shape[1])), res
+
+
 def gather_tokens(comm, x_shard, num_tokens: Optional[int]) -> int:
     return num_tokens if num_tokens is not None else x_shard.shape[0] * comm.tp
 
 
-__all__: List[str] = ["register", "unregister", "norm_op", "gather_tokens"]
+__all__: List[str] = ["register", "unregister", "norm_op", "matmul_norm_op", "gather_tokens"]

@@ -6,6 +6,13 @@ the planner walks ``[forced or preferred, "nccl", "reference"]`` and takes the f
 allowed by ``CommConfig.allowed_paths`` and available on this communicator. ``Plan`` records, per op, what the
 table preferred, what will run here, and why - so a CPU machine shows the decision a GPU would make
 (``CommConfig(arch="sm90")``) while executing the reference path.
+
+Each choice also lists its ``fallbacks``: the paths, in order, that run a call the chosen implementation declines
+(:class:`tpfuse.backends.base.Decline`): the path's own ``declines_to`` (registered with it), then ``nccl``, then
+``reference``, each only where it is allowed and available.
+
+Ops the thresholds table has no entry for are routed as another op (:data:`ROUTED_AS`):
+``matmul_reduce_scatter_rmsnorm`` takes ``matmul_reduce_scatter``'s bucket and forced path.
 """
 
 from __future__ import annotations
@@ -13,7 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
-from .thresholds import OPS, Row
+from .thresholds import OPS as TABLE_OPS, Row
+
+ROUTED_AS: Dict[str, str] = {"matmul_reduce_scatter_rmsnorm": "matmul_reduce_scatter"}
+"""op -> the table op whose bucket (and ``CommConfig.force_paths`` entry) it follows."""
+OPS: Tuple[str, ...] = TABLE_OPS + tuple(ROUTED_AS)
+"""Every op the communicator plans (the table's ops, then the routed ones)."""
 
 PATH_DOCS: Dict[str, str] = {
     "reference": "torch.distributed collectives + torch ops, fp32 math (gloo or NCCL): the oracle and last fallback",
@@ -29,27 +41,41 @@ PATH_DOCS: Dict[str, str] = {
     "tpfuse_async_tp": "GEMM overlapped with the collective over symmetric memory (async TP)",
 }
 
-# fn(comm, *op_args, **op_kwargs); available(comm) -> None if usable here, else the reason it is not
-Impl = Tuple[Callable, Callable[[object], Optional[str]]]
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One path's implementation of one op."""
+
+    fn: Callable
+    """``fn(comm, *op_args, **op_kwargs)``; may raise :class:`~tpfuse.backends.base.Decline` for one call."""
+    available: Callable[[object], Optional[str]]
+    """``available(comm)``: ``None`` if usable on ``comm``, else the reason it is not."""
+    declines_to: Tuple[str, ...]
+    """Paths to try first (before ``nccl`` and ``reference``) for a call ``fn`` declines."""
+
+
 _IMPLS: Dict[Tuple[str, str], Impl] = {}
 
 
-def register(op: str, path: str, available: Optional[Callable[[object], Optional[str]]] = None):
+def register(op: str, path: str, available: Optional[Callable[[object], Optional[str]]] = None,
+             declines_to: Tuple[str, ...] = ()):
     """Decorator: register ``fn`` as ``path``'s implementation of ``op``."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}")
-    if path not in PATH_DOCS:
-        raise ValueError(f"unknown path {path!r}; add it to PATH_DOCS with a one-line description")
+    for p in (path, *declines_to):
+        if p not in PATH_DOCS:
+            raise ValueError(f"unknown path {p!r}; add it to PATH_DOCS with a one-line description")
 
     def deco(fn):
-        _IMPLS[(op, path)] = (fn, available or (lambda comm: None))
+        _IMPLS[(op, path)] = Impl(fn, available or (lambda comm: None), tuple(declines_to))
         return fn
 
     return deco
 
 
 def implementation(op: str, path: str) -> Callable:
-    return _IMPLS[(op, path)][0]
+    return _IMPLS[(op, path)].fn
 
 
 def registered_paths(op: str) -> Tuple[str, ...]:
@@ -61,7 +87,7 @@ def unavailable_reason(op: str, path: str, comm) -> Optional[str]:
     """``None`` if ``path`` can run ``op`` on ``comm``, else a short reason."""
     if (op, path) not in _IMPLS:
         return f"{path} has no implementation of {op} in this build"
-    return _IMPLS[(op, path)][1](comm)
+    return _IMPLS[(op, path)].available(comm)
 
 
 def table_routes(comm, paths) -> bool:
@@ -99,6 +125,8 @@ class OpChoice:
     error: Optional[str] = None
     """Set when ``CommConfig.force_paths`` pins this op to a path that cannot run here: calling the op raises
     :class:`~tpfuse.errors.TPFuseInputError` with this text (the other ops are unaffected)."""
+    fallbacks: Tuple[str, ...] = ()
+    """Where a call that ``path`` declines goes, in order (see the module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -145,28 +173,42 @@ def _fmt_bytes(n: Optional[int]) -> str:
     return f"{n} B"
 
 
+def _usable(op: str, path: str, comm) -> Optional[str]:
+    """``None`` if ``path`` may run ``op`` on ``comm`` (allowed by ``CommConfig.allowed_paths`` and available)."""
+    allowed = comm.config.allowed_paths
+    if path != "reference" and allowed is not None and path not in allowed:
+        return f"{path} not in allowed_paths"
+    return unavailable_reason(op, path, comm)
+
+
+def _fallbacks(op: str, path: str, comm) -> Tuple[str, ...]:
+    """The usable paths after ``path`` that run the calls ``path`` declines (in order)."""
+    impl = _IMPLS.get((op, path))
+    walk = dict.fromkeys((*(impl.declines_to if impl else ()), "nccl", "reference"))
+    return tuple(p for p in walk if p != path and _usable(op, p, comm) is None)
+
+
 def _choose(op: str, comm, row: Row, nbytes: int) -> OpChoice:
     """The path ``op`` takes on ``comm`` at ``nbytes`` of activations: the forced one, or the table's preferred one,
     falling back to ``nccl`` then ``reference`` where it cannot run (and saying why)."""
-    preferred, lo, hi = row.pick(op, nbytes)
+    table_op = ROUTED_AS.get(op, op)
+    preferred, lo, hi = row.pick(table_op, nbytes)
     rule = f"{_fmt_bytes(lo) if lo is not None else '0'} < {_fmt_bytes(nbytes)} <= {_fmt_bytes(hi)}"
     forced = comm.config.force_paths
-    if op in forced:
-        want = forced[op]
+    if table_op in forced:
+        want = forced[table_op]
         reason = unavailable_reason(op, want, comm)
         if reason:  # only this op raises (when called): the others keep their plan
-            msg = f"CommConfig.force_paths[{op!r}] = {want!r} cannot run here: {reason}"
+            msg = f"CommConfig.force_paths[{table_op!r}] = {want!r} cannot run here: {reason}"
             return OpChoice(op, want, preferred, rule, msg, error=msg)
-        return OpChoice(op, want, preferred, rule, None if want == preferred else "forced by CommConfig")
-    allowed = comm.config.allowed_paths
+        return OpChoice(op, want, preferred, rule, None if want == preferred else "forced by CommConfig",
+                        fallbacks=_fallbacks(op, want, comm))
     why = []
     for cand in dict.fromkeys((preferred, "nccl", "reference")):
-        if cand != "reference" and allowed is not None and cand not in allowed:
-            why.append(f"{cand} not in allowed_paths")
-            continue
-        reason = unavailable_reason(op, cand, comm)
+        reason = _usable(op, cand, comm)
         if reason is None:
-            return OpChoice(op, cand, preferred, rule, "; ".join(why) if cand != preferred else None)
+            return OpChoice(op, cand, preferred, rule, "; ".join(why) if cand != preferred else None,
+                            fallbacks=_fallbacks(op, cand, comm))
         why.append(reason)
     raise AssertionError("the reference path is always registered and available")
 

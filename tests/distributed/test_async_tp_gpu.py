@@ -126,7 +126,7 @@ def _rs_ag_cases(rank, world):
         out, res = comm.matmul_reduce_scatter_rmsnorm(x_k[:, rank * K_SHARD:(rank + 1) * K_SHARD].contiguous(),
                                                       w_k[:, rank * K_SHARD:(rank + 1) * K_SHARD].contiguous(),
                                                       res_full[s:e].contiguous(), nw, 1e-6)
-        assert comm.last_path["matmul_reduce_scatter"] == "tpfuse_async_tp"
+        assert comm.last_path["matmul_reduce_scatter_rmsnorm"] == "tpfuse_async_tp"
         assert_close(res, full[s:e], torch.bfloat16, f"fused tail T={t} residual")
         assert_close(out, rmsnorm_math(full, nw.double(), 1e-6)[s:e], torch.bfloat16, f"fused tail T={t}")
     torch.cuda.synchronize()

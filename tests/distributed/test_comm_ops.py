@@ -174,7 +174,8 @@ def _fused_row_parallel(rank, world, backend):
         nw = (1 + 0.1 * torch.randn(h, generator=g)).to(torch.bfloat16).to(dev)
         s, e = shard_range(t, world, rank)
         rs = x.double() @ w.double().t()
-        path = comm.plan(t).path("matmul_reduce_scatter")
+        path = comm.plan(t).path("matmul_reduce_scatter_rmsnorm")
+        assert path == comm.plan(t).path("matmul_reduce_scatter")  # routed as the plain op
         if path == "nccl":
             # nccl's contract: each rank's GEMM partial rounded to bf16, summed by the bf16 reduce-scatter (exact
             # model at TP=2, see cases.oracle); a dynamic FP8 scale (amax of a row / group) can still differ from
@@ -191,7 +192,7 @@ def _fused_row_parallel(rank, world, backend):
         out, r = comm.matmul_reduce_scatter_rmsnorm(x[:, rank * k:(rank + 1) * k].contiguous(),
                                                     w[:, rank * k:(rank + 1) * k].contiguous(),
                                                     res[s:e].contiguous(), nw, 1e-6, quant=spec)
-        _check_path(comm, "matmul_reduce_scatter", t)
+        _check_path(comm, "matmul_reduce_scatter_rmsnorm", t)
         assert_close(r, full[s:e], torch.bfloat16, f"T={t} residual")
         if kind is None:
             assert_close(out, ref_out, torch.bfloat16, f"T={t} out")

@@ -18,7 +18,9 @@ def _block(comm, x, residual, w, w_n, x_k, w_k, t):
     full = comm.all_gather(out_s, num_tokens=t)
     y = comm.all_gather_matmul(out_s, w_n, num_tokens=t)
     z = comm.matmul_reduce_scatter(x_k, w_k)
-    return out + full, res, q.data.float() * q.scale, res_s, y, z, comm.all_reduce(x)
+    zq, zres = comm.matmul_reduce_scatter_rmsnorm(x_k, w_k, residual[s:e], w, 1e-6, quant=tpfuse.FP8PerToken())
+    return (out + full, res, q.data.float() * q.scale, res_s, y, z, comm.all_reduce(x), zq.data.float() * zq.scale,
+            zres)
 
 
 def _compiled_equals_eager(rank, world):
@@ -40,7 +42,7 @@ def _compiled_equals_eager(rank, world):
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b)
     for op in ("fused_add_rmsnorm", "reduce_scatter_rmsnorm", "all_gather", "all_gather_matmul",
-               "matmul_reduce_scatter", "all_reduce"):
+               "matmul_reduce_scatter", "all_reduce", "matmul_reduce_scatter_rmsnorm"):
         assert any(f"tpfuse.comm_{op}" in s for s in seen), (op, seen)
     comm.close()
     return True

@@ -60,7 +60,8 @@ def test_import_tpfuse_does_not_import_flashinfer():
 
 def _fake(backend="nccl", tp=2, dtype=torch.bfloat16, hidden=4096, max_tokens=8192, ws=None, row=None, **cfg):
     return SimpleNamespace(backend=backend, tp=tp, dtype=dtype, hidden_size=hidden, max_tokens=max_tokens,
-                           device=torch.device("cpu"), flashinfer=ws, config=tpfuse.CommConfig(**cfg),
+                           device=torch.device("cpu"), workspaces={} if ws is None else {fib.NAME: ws},
+                           config=tpfuse.CommConfig(**cfg),
                            row=row or thresholds.load(POLICY).lookup("sm90", 2, "bfloat16"))
 
 
@@ -148,7 +149,7 @@ def test_call_reasons():
 def _gloo_plans(rank, world, table_path):
     comm = tpfuse.TPCommunicator(max_tokens=1024, hidden_size=64, dtype=torch.bfloat16,
                                  config=tpfuse.CommConfig(arch="sm90", thresholds_path=table_path))
-    assert comm.flashinfer is None
+    assert fib.NAME not in comm.workspaces
     fi_reason = fib.static_reason(comm)
     out = {}
     for t in (1, 32, 33, 512, 513):  # 128 B per token: FlashInfer one-shot <= 32 tokens, two-shot <= 512
@@ -207,25 +208,26 @@ class _WS:
     """Stands in for a FlashInfer workspace whose calls all go to the fallback."""
 
     def __init__(self, tp):
-        self.rows, self.tp, self.last_fallback = 64, tp, None
+        self.rows, self.tp = 64, tp
 
 
 def _fallback_reports(rank, world, kind, gemma):
     comm = tpfuse.TPCommunicator(max_tokens=64, hidden_size=64, dtype=torch.bfloat16)
-    comm.flashinfer = _WS(world)
+    comm.workspaces[fib.NAME] = _WS(world)
     inp = make_inputs(3, world, 5, 64, torch.bfloat16)
     ref_out, ref_res = oracle(inp, 1e-6, gemma=gemma)
     spec = make_spec(kind, "cpu", ref_out)
-    comm.last_path["fused_add_rmsnorm"] = "flashinfer_oneshot"  # what the communicator writes before calling
-    impl = dispatch.implementation("fused_add_rmsnorm", "flashinfer_oneshot")
-    out, res = impl(comm, inp.xs[rank], inp.residual, inp.weight, 1e-6, quant=spec, gemma=gemma)
+    # the route the plan would hold on a GPU pair whose table picks FlashInfer (on gloo it never does)
+    op, planned = "fused_add_rmsnorm", "flashinfer_oneshot"
+    comm._routes[(op, 5)] = (planned, dispatch.implementation(op, planned), dispatch._fallbacks(op, planned, comm))
+    out, res = comm.fused_add_rmsnorm(inp.xs[rank], inp.residual, inp.weight, 1e-6, quant=spec, gemma=gemma)
     assert_close(res, ref_res, torch.bfloat16, "residual_out")
     if spec is None:
         assert_close(out, ref_out, torch.bfloat16, "out")
     else:
         assert_quant_close(out, ref_out, f"{kind} out")
-    ran, why = comm.last_path["fused_add_rmsnorm"], comm.flashinfer.last_fallback
-    comm.flashinfer = None
+    ran, why = comm.last_path[op], comm.last_fallback[op]
+    del comm.workspaces[fib.NAME]
     comm.close()
     return ran, why
 
@@ -235,7 +237,7 @@ def _fallback_reports(rank, world, kind, gemma):
 def test_fallback_reports_the_path_that_ran(kind, gemma, word):
     # on gloo neither tpfuse_oneshot nor nccl can run: the chain ends at the reference path, and last_path says so
     ran, why = run_on_ranks(_fallback_reports, 2, kind, gemma)[0]
-    assert ran == "reference" and why.startswith("reference: ") and word in why, (ran, why)
+    assert ran == "reference" and why.startswith("flashinfer_oneshot -> reference: ") and word in why, (ran, why)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def _fp8_row_parallel_norm(rank, world, backend):
         nw = (1 + 0.1 * torch.randn(H, generator=g)).to(BF).to(dev)
         s, e = shard_range(t, world, rank)
         rs = r.total()
-        path = comm.plan(t).path("matmul_reduce_scatter")
+        path = comm.plan(t).path("matmul_reduce_scatter_rmsnorm")
         if path != "tpfuse_async_tp":
             rs = rs.to(BF).double()  # the unfused paths round the reduce-scatter result, then add
         full = rs + res.double()
@@ -88,7 +88,7 @@ def _fp8_row_parallel_norm(rank, world, backend):
         spec = tpfuse.FP8PerToken() if quant else None
         out, res_out = comm.matmul_reduce_scatter_rmsnorm(r.xq[rank], r.wq[rank], res[s:e].contiguous(), nw, 1e-6,
                                                           quant=spec, x_scale=r.xs[rank], w_scale=r.ws[rank])
-        _ran(comm, "matmul_reduce_scatter", t)
+        _ran(comm, "matmul_reduce_scatter_rmsnorm", t)
         assert_close(res_out, full[s:e], BF, f"T={t} {kind} residual")
         if spec is None:
             assert_close(out, ref_out, BF, f"T={t} {kind} out")

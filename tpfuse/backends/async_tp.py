@@ -86,13 +86,13 @@ computed).
 
 from __future__ import annotations
 
-import ctypes
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from ..dispatch import register, table_routes
-from ..errors import TPFuseError, TPFusePeerTimeout
+from ..errors import TPFuseError
+from .base import PeerTimeoutFlag, register_workspace, workspace_reason
 from ..sharding import shard_range, shard_rows
 
 # semaphore channels: flag index = channel * TP + source rank
@@ -134,14 +134,17 @@ def ag_bytes(max_tokens: int, tp: int, hidden: int, itemsize: int) -> int:
     return max(rows * hidden * itemsize, rows * (hidden + 4) + 16 * tp)
 
 
-class AsyncTPWorkspace:
-    """Symmetric buffers, semaphores and side stream of one communicator (see the module docstring)."""
+class AsyncTPWorkspace(PeerTimeoutFlag):
+    """Symmetric buffers, semaphores and side stream of one communicator (see the module docstring); a
+    :class:`~tpfuse.backends.base.Workspace` (``comm.workspaces["async_tp"]``)."""
 
     def __init__(self, comm):
         import torch.distributed as dist
         import torch.distributed._symmetric_memory as symm_mem
 
-        self.tp, self.rank, self.hidden, self.dtype = comm.tp, comm.rank, comm.hidden_size, comm.dtype
+        super().__init__(rank=comm.rank, tp=comm.tp, timeout_s=comm.config.timeout_s,
+                         where="async-TP / sequence-parallel exchange")
+        self.hidden, self.dtype = comm.hidden_size, comm.dtype
         self.s_max = shard_rows(comm.max_tokens, comm.tp)
         rows = self.tp * self.s_max
         dev, dt, h = comm.device, comm.dtype, self.hidden
@@ -167,12 +170,7 @@ class AsyncTPWorkspace:
             raise TPFuseError(f"symmetric flag buffers are not 64-byte aligned relative to each other: {deltas}")
         self.deltas = torch.tensor(deltas, dtype=torch.int64, device=dev)
         self.flags.zero_()
-        self.err = torch.zeros(1, dtype=torch.int32, pin_memory=True)
-        # check() runs on every op: read the flag word in place (int(self.err[0]) builds a tensor: ~3 us)
-        self._err_word = ctypes.c_int32.from_address(self.err.data_ptr())
-        self.timeout_s = float(comm.config.timeout_s)
         self.timeout_ns = int(self.timeout_s * 1e9)
-        self.broken: Optional[str] = None
         self.side = torch.cuda.Stream(device=dev)
         self._all = 0
         for p in chunk_order(self.rank, self.tp):
@@ -181,17 +179,7 @@ class AsyncTPWorkspace:
         dist.barrier(group=comm.group, device_ids=[dev.index])  # every rank's flags are zero before any signal
 
     # ------------------------------------------------------------------------------------------------------
-    def check(self) -> None:
-        """Raise :class:`TPFusePeerTimeout` if a wait of this workspace timed out (reads pinned memory; no sync)."""
-        if self.broken is None and self._err_word.value != 0:
-            self.broken = (f"peer did not arrive within {self.timeout_s:g} s (CommConfig.timeout_s) in a tpfuse "
-                           f"async-TP / sequence-parallel exchange on rank {self.rank} of TP={self.tp}: a peer died, "
-                           f"skipped a call or called with different arguments; this communicator is broken, build "
-                           f"a new one (after re-initialising the process group if a peer died)")
-        if self.broken is not None:
-            raise TPFusePeerTimeout(self.broken)
-
-    def close(self) -> None:
+    def close(self, collective: bool = True) -> None:  # frees local references only: no barrier either way
         self.ag_buf = self.ag_h = self.ag = self.ag_peer = None
         self.rs = self.rs_h = self.rs_tmp = self.rs_peer = self.sc_tmp = None
         self.flags = self.flags_h = None
@@ -378,6 +366,8 @@ class AsyncTPWorkspace:
 
 
 PATHS = ("tpfuse_async_tp", "tpfuse_rs", "tpfuse_ag")
+NAME = "async_tp"
+"""This backend's key in ``TPCommunicator.workspaces``."""
 
 
 def allocate(comm) -> Optional[AsyncTPWorkspace]:
@@ -387,32 +377,36 @@ def allocate(comm) -> Optional[AsyncTPWorkspace]:
     return AsyncTPWorkspace(comm)
 
 
+register_workspace(NAME, allocate)
+
+
 def _available(comm) -> Optional[str]:
     if comm.backend != "nccl":
         return f"needs an NCCL group with symmetric memory (this one is {comm.backend})"
-    ws = getattr(comm, "async_tp", None)
-    if ws is None:
-        return "no sequence-parallel workspace (TP=1, or the table routes no size <= max_tokens to these paths)"
-    if ws.broken:
-        return "workspace broken by a peer timeout"
-    return None
+    return workspace_reason(comm, NAME, "no sequence-parallel workspace (TP=1, or the table routes no size <= "
+                                        "max_tokens to these paths)")
 
 
 @register("all_gather_matmul", "tpfuse_async_tp", available=_available)
 def _agmm(comm, x_shard, weight, num_tokens, *, x_scale=None, w_scale=None):
-    return comm.async_tp.all_gather_matmul(x_shard, weight, num_tokens, x_scale, w_scale)
+    return comm.workspaces[NAME].all_gather_matmul(x_shard, weight, num_tokens, x_scale, w_scale)
 
 
 @register("matmul_reduce_scatter", "tpfuse_async_tp", available=_available)
 def _mmrs(comm, x, weight, *, x_scale=None, w_scale=None):
-    return comm.async_tp.matmul_reduce_scatter(x, weight, x_scale, w_scale)
+    return comm.workspaces[NAME].matmul_reduce_scatter(x, weight, x_scale, w_scale)
+
+
+@register("matmul_reduce_scatter_rmsnorm", "tpfuse_async_tp", available=_available)
+def _mmrsn(comm, x, weight, residual_shard, norm_weight, eps, *, quant, gemma, x_scale=None, w_scale=None):
+    return comm.workspaces[NAME].reduce_rmsnorm(x, weight, residual_shard, norm_weight, eps, quant, gemma, x_scale, w_scale)
 
 
 @register("reduce_scatter_rmsnorm", "tpfuse_rs", available=_available)
 def _rsn(comm, x, residual_shard, weight, eps, *, quant, gemma):
-    return comm.async_tp.reduce_rmsnorm(x, None, residual_shard, weight, eps, quant, gemma)
+    return comm.workspaces[NAME].reduce_rmsnorm(x, None, residual_shard, weight, eps, quant, gemma)
 
 
 @register("all_gather", "tpfuse_ag", available=_available)
 def _ag(comm, x_shard, num_tokens):
-    return comm.async_tp.all_gather(x_shard, num_tokens)
+    return comm.workspaces[NAME].all_gather(x_shard, num_tokens)

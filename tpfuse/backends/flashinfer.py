@@ -47,11 +47,11 @@ weight dtype != activation dtype          fallback: FlashInfer reads the weight 
 two-shot with ``T <= TP``                 fallback: FlashInfer's two-shot needs more tokens than ranks
 ========================================  =====================================================================
 
-Fallback = tpfuse's own kernel of the same shot count (``tpfuse_oneshot`` / ``tpfuse_twoshot``; the communicator
-allocates their symmetric workspace whenever the table or ``force_paths`` can route to FlashInfer), else ``nccl``, else
-``reference``, skipping paths not in ``CommConfig.allowed_paths``. **The fallback overwrites
-``comm.last_path[op]`` with the path that ran** (the communicator's hook for implementations that hand a call on) and
-``comm.flashinfer.last_fallback`` says why; ``plan(T)`` still names the FlashInfer path.
+Fallback: the path declines the call (:class:`~tpfuse.backends.base.Decline`) and the communicator runs tpfuse's own
+kernel of the same shot count (``tpfuse_oneshot`` / ``tpfuse_twoshot``, registered as ``declines_to``; the
+communicator allocates their symmetric workspace whenever the table or ``force_paths`` can route to FlashInfer), else
+``nccl``, else ``reference``, skipping paths not in ``CommConfig.allowed_paths``. ``comm.last_path[op]`` names the path
+that ran and ``comm.last_fallback[op]`` says why; ``plan(T)`` still names the FlashInfer path.
 
 Math: FlashInfer sums the ranks in fp32 (``fp32_acc=True``) but rounds that sum to the input dtype before adding the
 residual, and rounds the normalised value to the input dtype before quantizing - a rounding or two more than tpfuse's
@@ -80,9 +80,12 @@ from typing import Optional
 
 import torch
 
-from ..dispatch import implementation, register, table_routes, unavailable_reason
+from ..dispatch import register, table_routes
+from .base import Decline, register_workspace, workspace
 
 ONESHOT, TWOSHOT = "flashinfer_oneshot", "flashinfer_twoshot"
+NAME = "flashinfer"
+"""This backend's key in ``TPCommunicator.workspaces``."""
 PATHS = (ONESHOT, TWOSHOT)
 TP_SIZES = (2, 4, 8, 16)                           # FlashInfer's kernel instantiations (NRanks)
 DTYPES = (torch.bfloat16, torch.float16)          # fp32 would need its fp32 Lamport workspace: not wired
@@ -178,7 +181,7 @@ def _available(comm) -> Optional[str]:
     reason = static_reason(comm)
     if reason:
         return reason
-    ws = getattr(comm, "flashinfer", None)
+    ws = workspace(comm, NAME)
     if ws is None:
         return ("no FlashInfer workspace (the table routes no size <= max_tokens to FlashInfer and force_paths names "
                 "none, allowed_paths excludes it, or closed)")
@@ -237,8 +240,14 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 class FlashInferWorkspace:
-    """FlashInfer's trtllm IPC workspace of one communicator (``comm.flashinfer``). ``reason`` is ``None`` when it
-    is usable, else why building it was given up (identical on every rank)."""
+    """FlashInfer's trtllm IPC workspace of one communicator (``comm.workspaces["flashinfer"]``). ``reason`` is
+    ``None`` when it is usable, else why building it was given up (identical on every rank)."""
+
+    broken: Optional[str] = None
+    """Always ``None``: FlashInfer's kernels have no timeout, so nothing here detects a dead peer."""
+
+    def check(self) -> None:
+        """Nothing to check (see :attr:`broken`)."""
 
     def __init__(self, comm, rows: int):
         import torch.distributed as dist
@@ -247,8 +256,6 @@ class FlashInferWorkspace:
         self.rows, self.group, self.device = rows, comm.group, comm.device
         self.ipc = self.ptrs = self.fc = None
         self.reason: Optional[str] = None
-        self.last_fallback: Optional[str] = None
-        """``"<path>: <why>"`` of the latest call FlashInfer handed to a fallback (``None`` after one it ran)."""
         self.setup_log = ""
         # every rank states what it sees before any IPC buffer exists, so all ranks give up together
         mine = self._local_reason()
@@ -384,60 +391,45 @@ def allocate(comm) -> Optional[FlashInferWorkspace]:
     return FlashInferWorkspace(comm, rows)
 
 
+register_workspace(NAME, allocate)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the paths
 
 
-def _fallback(comm, op: str, oneshot: bool, why: str, args: tuple, kwargs: dict):
-    """Run ``op`` on tpfuse's kernel of the same shot count (else nccl, else reference) and report it in
-    ``comm.last_path`` (the communicator set the planned FlashInfer path there before calling us)."""
-    allowed = comm.config.allowed_paths
-    for path in ("tpfuse_oneshot" if oneshot else "tpfuse_twoshot", "nccl", "reference"):
-        if path != "reference" and allowed is not None and path not in allowed:
-            continue
-        if unavailable_reason(op, path, comm) is None:
-            break
-    comm.last_path[op] = path
-    if comm.flashinfer is not None:
-        comm.flashinfer.last_fallback = f"{path}: {why}"
-    return implementation(op, path)(comm, *args, **kwargs)
-
-
 def _fused(comm, x, residual, weight, eps, quant, gemma, oneshot):
-    ws = comm.flashinfer
+    ws = comm.workspaces[NAME]
     why = call_reason(ws.rows, ws.tp, x.shape[0], oneshot, quant=quant, gemma=gemma, weight_dtype=weight.dtype,
                       dtype=x.dtype)
     if why:
-        return _fallback(comm, "fused_add_rmsnorm", oneshot, why, (x, residual, weight, eps),
-                         {"quant": quant, "gemma": gemma})
-    ws.last_fallback = None
+        raise Decline(why)
     return ws.fused(x, residual, weight, eps, quant, oneshot)
 
 
 def _all_reduce(comm, x, oneshot):
-    ws = comm.flashinfer
+    ws = comm.workspaces[NAME]
     why = call_reason(ws.rows, ws.tp, x.shape[0], oneshot, norm=False)
     if why:
-        return _fallback(comm, "all_reduce", oneshot, why, (x,), {})
-    ws.last_fallback = None
+        raise Decline(why)
     return ws.all_reduce(x, oneshot)
 
 
-@register("fused_add_rmsnorm", ONESHOT, available=_available)
+@register("fused_add_rmsnorm", ONESHOT, available=_available, declines_to=("tpfuse_oneshot",))
 def _far_one(comm, x, residual, weight, eps, *, quant, gemma):
     return _fused(comm, x, residual, weight, eps, quant, gemma, True)
 
 
-@register("fused_add_rmsnorm", TWOSHOT, available=_available)
+@register("fused_add_rmsnorm", TWOSHOT, available=_available, declines_to=("tpfuse_twoshot",))
 def _far_two(comm, x, residual, weight, eps, *, quant, gemma):
     return _fused(comm, x, residual, weight, eps, quant, gemma, False)
 
 
-@register("all_reduce", ONESHOT, available=_available)
+@register("all_reduce", ONESHOT, available=_available, declines_to=("tpfuse_oneshot",))
 def _ar_one(comm, x):
     return _all_reduce(comm, x, True)
 
 
-@register("all_reduce", TWOSHOT, available=_available)
+@register("all_reduce", TWOSHOT, available=_available, declines_to=("tpfuse_twoshot",))
 def _ar_two(comm, x):
     return _all_reduce(comm, x, False)

@@ -140,3 +140,17 @@ def _mmrs_nccl(comm, x, weight, *, x_scale=None, w_scale=None):
     from .. import scaled_gemm
 
     return _rs_native(comm, scaled_gemm.mm(x, weight, x_scale, w_scale, out_dtype=comm.dtype))
+
+
+# matmul_reduce_scatter_rmsnorm on both paths: that path's reduce-scatter (its sum rounded to the input dtype), then
+# the local fused add + RMSNorm (+ quant). The async-TP path fuses the two (tpfuse.backends.async_tp).
+def _mmrs_then_norm(mmrs):
+    def run(comm, x, weight, residual_shard, norm_weight, eps, *, quant, gemma, x_scale=None, w_scale=None):
+        y = mmrs(comm, x, weight, x_scale=x_scale, w_scale=w_scale)
+        return _local_stage().add_rmsnorm(y, residual_shard, norm_weight, eps, quant=quant, gemma=gemma)
+
+    return run
+
+
+register("matmul_reduce_scatter_rmsnorm", "reference")(_mmrs_then_norm(_mmrs_ref))
+register("matmul_reduce_scatter_rmsnorm", "nccl", available=_needs_nccl)(_mmrs_then_norm(_mmrs_nccl))

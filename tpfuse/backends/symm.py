@@ -38,6 +38,7 @@ from typing import Optional
 import torch
 
 from ..dispatch import register, table_routes
+from .base import register_workspace, workspace_reason
 from ..errors import TPFusePeerTimeout
 from ..sharding import shard_rows
 
@@ -46,6 +47,8 @@ PIPE_BYTES = 256 << 20
 PIPE_MAX_CHUNKS = 8    # KP: chunks per pipelined call (more = finer overlap, more flag traffic)
 PIPE_MIN_CHUNK_ROWS = 32
 PIPE = "tpfuse_oneshot_pipe"
+NAME = "fused_allreduce"
+"""This backend's key in ``TPCommunicator.workspaces``."""
 _ALIGN = 256
 
 
@@ -121,7 +124,7 @@ class SymmWorkspace:
         if self.broken is not None:
             raise TPFusePeerTimeout(self.broken)
 
-    def close(self) -> None:
+    def close(self, collective: bool = True) -> None:  # frees local references only: no barrier either way
         self.buf = self.hdl = self.x1 = self.x2 = self.xp = self.st_res = self.flags = None
 
     # ------------------------------------------------------------------------------------------------------
@@ -268,52 +271,48 @@ def allocate(comm) -> Optional[SymmWorkspace]:
     return SymmWorkspace(comm)
 
 
+register_workspace(NAME, allocate)
+
+
 def _available(comm) -> Optional[str]:
-    reason = _symm_reason(comm)
-    if reason:
-        return reason
-    ws = getattr(comm, "workspace", None)
-    if ws is None:
-        return "no symmetric-memory workspace (the table routes no size <= max_tokens to these kernels, or closed)"
-    if ws.broken:
-        return "workspace broken by a peer timeout"
-    return None
+    return _symm_reason(comm) or workspace_reason(
+        comm, NAME, "no symmetric-memory workspace (the table routes no size <= max_tokens to these kernels, or closed)")
 
 
 def _available_pipe(comm) -> Optional[str]:
     reason = _available(comm)
-    if reason is None and not comm.workspace.cap_pipe:
+    if reason is None and not comm.workspaces[NAME].cap_pipe:
         return "no pipelined one-shot slots (the table routes no size <= max_tokens to this path)"
-    if reason is None and comm.workspace.grid < 2:
+    if reason is None and comm.workspaces[NAME].grid < 2:
         return "needs at least 2 programs (one producer, one consumer)"
     return reason
 
 
 @register("fused_add_rmsnorm", "tpfuse_oneshot", available=_available)
 def _far_one(comm, x, residual, weight, eps, *, quant, gemma):
-    return comm.workspace.oneshot(x, residual, weight, eps, quant, gemma)
+    return comm.workspaces[NAME].oneshot(x, residual, weight, eps, quant, gemma)
 
 
 @register("fused_add_rmsnorm", "tpfuse_twoshot", available=_available)
 def _far_two(comm, x, residual, weight, eps, *, quant, gemma):
-    return comm.workspace.twoshot(x, residual, weight, eps, quant, gemma)
+    return comm.workspaces[NAME].twoshot(x, residual, weight, eps, quant, gemma)
 
 
 @register("all_reduce", "tpfuse_oneshot", available=_available)
 def _ar_one(comm, x):
-    return comm.workspace.oneshot(x, None, None, 0.0, None, False, norm=False)
+    return comm.workspaces[NAME].oneshot(x, None, None, 0.0, None, False, norm=False)
 
 
 @register("all_reduce", "tpfuse_twoshot", available=_available)
 def _ar_two(comm, x):
-    return comm.workspace.twoshot(x, None, None, 0.0, None, False, norm=False)
+    return comm.workspaces[NAME].twoshot(x, None, None, 0.0, None, False, norm=False)
 
 
 @register("fused_add_rmsnorm", PIPE, available=_available_pipe)
 def _far_pipe(comm, x, residual, weight, eps, *, quant, gemma):
-    return comm.workspace.oneshot_pipe(x, residual, weight, eps, quant, gemma)
+    return comm.workspaces[NAME].oneshot_pipe(x, residual, weight, eps, quant, gemma)
 
 
 @register("all_reduce", PIPE, available=_available_pipe)
 def _ar_pipe(comm, x):
-    return comm.workspace.oneshot_pipe(x, None, None, 0.0, None, False, norm=False)
+    return comm.workspaces[NAME].oneshot_pipe(x, None, None, 0.0, None, False, norm=False)
