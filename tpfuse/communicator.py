@@ -25,6 +25,7 @@ Shapes: see :mod:`tpfuse.reference` (the shape table of every op) and :mod:`tpfu
 
 from __future__ import annotations
 
+import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -520,10 +521,22 @@ class TPCommunicator:
             sig += (float(xs.reshape(())).hex(),)  # hex: a NaN scale equals itself (NaN != NaN as a float)
         return sig
 
+    def __getattr__(self, name: str):
+        # only reached for attributes the instance does not have: the workspaces' names before comm.workspaces
+        if name in _RENAMED_WORKSPACES:
+            new = _RENAMED_WORKSPACES[name]
+            warnings.warn(f"TPCommunicator.{name} is deprecated: use comm.workspaces.get({new!r})", DeprecationWarning,
+                          stacklevel=2)
+            return self.__dict__.get("workspaces", {}).get(new)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"backend={self.backend}, device={self.device}"
         return (f"TPCommunicator(rank={self.rank}/{self.tp}, hidden={self.hidden_size}, max_tokens={self.max_tokens},"
                 f" dtype={self.dtype}, arch={self.arch}, {state})")
+
+
+_RENAMED_WORKSPACES = {"workspace": "fused_allreduce", "async_tp": "async_tp", "flashinfer": "flashinfer"}
 
 
 def _shape(t) -> tuple:

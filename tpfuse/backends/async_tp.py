@@ -399,7 +399,8 @@ def _mmrs(comm, x, weight, *, x_scale=None, w_scale=None):
 
 @register("matmul_reduce_scatter_rmsnorm", "tpfuse_async_tp", available=_available)
 def _mmrsn(comm, x, weight, residual_shard, norm_weight, eps, *, quant, gemma, x_scale=None, w_scale=None):
-    return comm.workspaces[NAME].reduce_rmsnorm(x, weight, residual_shard, norm_weight, eps, quant, gemma, x_scale, w_scale)
+    return comm.workspaces[NAME].reduce_rmsnorm(x, weight, residual_shard, norm_weight, eps, quant, gemma, x_scale,
+                                                w_scale)
 
 
 @register("reduce_scatter_rmsnorm", "tpfuse_rs", available=_available)
