@@ -186,6 +186,7 @@ def _combine_kernel(ws_o_ptr, ws_m_ptr, ws_l_ptr, sl_ptr, out_ptr, o_sb, o_sh, n
 
 SM_COUNT_GUESS = 132  # H100 / H200; only steers the split heuristic
 TARGET_PROGRAMS = 2 * SM_COUNT_GUESS  # split-kernel programs wanted at full length (~2 waves)
+MAX_SPLITS = 16  # more splits than this cost more in the combine than the extra parallelism wins
 MIN_PARTITION, MAX_PARTITION = 128, 2048
 
 
@@ -193,28 +194,32 @@ def pick_config(batch: int, kv_heads: int, max_seq_len: int, head_dim: int, q_el
                 partition=None, block_n=None, num_warps=None):
     """``(PARTITION, BLOCK_N, NUM_SPLITS, num_warps)`` from host-side capacities only (CUDA-graph safe).
 
-    * ``BLOCK_N``: 64 keys per tile for D <= 128 with 16-bit q (K and V tiles of 16 KiB each), 32 for D = 256 or
-      fp32 q (same bytes per tile).
+    Chosen from the sweep in ``bench/results/decode_attention_h200_sweep.json`` (``bench_decode_attention.py
+    --sweep``, one H200; Hq 32/64, Hkv 8, D 128, bf16 cache, B 1/8/64, 1024/4096 keys), where this rule is the best
+    swept config or within 4% of it at every point except B=64 x 4096 keys (3%: the cap below):
+
+    * ``BLOCK_N``: 128 keys per tile for D <= 128 with 16-bit q; 32 for D = 256 or fp32 q (not swept).
     * ``PARTITION``: start at ``MIN_PARTITION`` (128) and double while the grid at full length,
-      ``B * Hkv * cdiv(max_seq_len, PARTITION)``, would still have >= ``TARGET_PROGRAMS`` (2 x 132 SMs) programs,
-      up to ``MAX_PARTITION`` (2048) or the whole ``max_seq_len``. Small ``B * Hkv`` thus get many short partitions
-      (B=1, Hkv=8, 4096 keys: 32 splits of 128 -> 256 programs), large ones a single pass
-      (B=64, Hkv=8, 1024 keys: one partition, no combine kernel). The cap bounds the imbalance when lengths differ
-      across the batch and keeps the serial loop per program short.
-    * ``num_warps``: 4 (one 16-row MMA tile per warp pair is plenty; the kernel is bandwidth-bound).
+      ``B * Hkv * cdiv(max_seq_len, PARTITION)``, has more than ``TARGET_PROGRAMS`` (2 x 132 SMs) programs or more
+      than ``MAX_SPLITS`` splits, up to ``MAX_PARTITION`` (2048) or the whole ``max_seq_len``. So B=1, Hkv=8 gets
+      8 splits of 128 at 1024 keys and 16 of 256 at 4096; B=8 gets ~256 programs; B=64 one pass at 1024 keys.
+      The cap bounds the imbalance when lengths differ across the batch and keeps each program's loop short.
+    * ``num_warps``: 8 from partitions of 1024 keys (long loops over 128-key tiles), else 4.
     """
     if block_n is None:
-        block_n = 64 if head_dim <= 128 and q_elem <= 2 else 32
+        block_n = 128 if head_dim <= 128 and q_elem <= 2 else 32
     if partition is None:
         partition = max(MIN_PARTITION, block_n)
-        while (partition < MAX_PARTITION and partition < max_seq_len
-               and batch * kv_heads * triton.cdiv(max_seq_len, 2 * partition) >= TARGET_PROGRAMS):
+        while partition < MAX_PARTITION and partition < max_seq_len:
+            splits = triton.cdiv(max_seq_len, partition)
+            if batch * kv_heads * splits <= TARGET_PROGRAMS and splits <= MAX_SPLITS:
+                break
             partition *= 2
     if partition % block_n:
         raise ValueError(f"partition {partition} must be a multiple of block_n {block_n}")
     num_splits = max(1, triton.cdiv(max_seq_len, partition))
     if num_warps is None:
-        num_warps = 4
+        num_warps = 8 if partition >= 1024 else 4
     return partition, block_n, num_splits, num_warps
 
 
