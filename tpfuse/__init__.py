@@ -26,7 +26,8 @@ from .quant import FP8PerGroup, FP8PerToken, FP8Static, NVFP4, QuantizedActivati
 
 __version__ = "0.1.0"
 
-_LAZY = {"parallelize": "tpfuse.parallel", "TPPlan": "tpfuse.parallel", "parallel": "tpfuse.parallel"}
+_LAZY = {"parallelize": "tpfuse.parallel", "TPLayout": "tpfuse.parallel", "parallel": "tpfuse.parallel",
+         "TPPlan": "tpfuse.parallel"}  # TPPlan: deprecated (tpfuse.parallel warns)
 
 
 def __getattr__(name):
@@ -41,7 +42,7 @@ def __getattr__(name):
 __all__ = [
     "TPCommunicator", "CommConfig", "Plan", "OpChoice", "init_distributed", "detect_arch",
     "FP8Static", "FP8PerToken", "FP8PerGroup", "NVFP4", "QuantizedActivation",
-    "add_rmsnorm", "silu_mul", "quantize", "qk_norm_rope", "rope_kv_cache_write", "parallelize", "TPPlan",
+    "add_rmsnorm", "silu_mul", "quantize", "qk_norm_rope", "rope_kv_cache_write", "parallelize", "TPLayout",
     "TPFuseError", "TPFuseInputError", "TPFuseMismatchError", "TPFuseClosedError", "TPFusePeerError",
     "TPFusePeerTimeout", "ThresholdsError",
 ]

@@ -39,7 +39,7 @@ def _fp8_model(arch, act, weight, ids):
 
 def test_weight_quantization_and_scheme_round_trip():
     from tpfuse import quant as q
-    from tpfuse.parallel import FP8Scheme, compressed_tensors_config, plan_for
+    from tpfuse.parallel import FP8Scheme, compressed_tensors_config, layout_for
     from tpfuse.parallel.fp8 import from_linear
     from tpfuse.parallel.fp8_convert import scheme_from_config
     from tpfuse.tolerance import fp8_step
@@ -54,7 +54,7 @@ def test_weight_quantization_and_scheme_round_trip():
         assert ((f8.dequantized_weight(torch.float32) - w).abs() <= step * 1.001).all()
     for act, weight in (("per_token", "per_channel"), ("per_token", "per_tensor"), ("static", "per_tensor")):
         scheme = FP8Scheme(act, weight)
-        cfg = compressed_tensors_config(scheme, plan_for(mc.build("llama", 0)))
+        cfg = compressed_tensors_config(scheme, layout_for(mc.build("llama", 0)))
         assert scheme_from_config(cfg) == scheme
     with pytest.raises(NotImplementedError, match="per-tensor weight scales"):
         FP8Scheme("static", "per_channel")
@@ -74,7 +74,7 @@ def _step(model, comm, ids, cache, mode):
     out = model(ids[None], cache=cache, use_cache=True)
     assert model._tpfuse.last_mode == (mode if comm.tp > 1 else "allreduce")
     if comm.tp > 1:
-        want = {"all_gather_matmul", "matmul_reduce_scatter", "all_gather"} if mode == "sequence_parallel" \
+        want = {"all_gather_matmul", "matmul_reduce_scatter_rmsnorm", "all_gather"} if mode == "sequence_parallel" \
             else {"fused_add_rmsnorm"}
         assert set(comm.last_path) == want, comm.last_path
     return out.logits[0], mc.cache_of(out)

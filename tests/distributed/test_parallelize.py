@@ -27,7 +27,7 @@ from model_cases import cache_of  # noqa: E402
 
 T_AR, T_SP, SP_MIN, DECODE_STEPS = 6, 11, 8, 3
 AR_OPS = {"fused_add_rmsnorm"}
-SP_OPS = {"all_gather_matmul", "matmul_reduce_scatter", "all_gather"}
+SP_OPS = {"all_gather_matmul", "matmul_reduce_scatter_rmsnorm", "all_gather"}
 
 
 def _build(arch: str, seed: int):
@@ -133,13 +133,13 @@ def _custom_plan(rank, world):
             p.mul_(20.0 if p.dim() == 2 else 1.0)
     ids = torch.randint(0, 128, (T_SP + 1,), generator=torch.Generator().manual_seed(5))
     ref = _oracle(model, ids)
-    plan = tpfuse.TPPlan(column=["*.[qkv]_proj", "*.gate_proj", "*.up_proj"], row=["*.o_proj", "*.down_proj"],
-                         heads={"*.q_proj": "num_attention_heads", "*.[kv]_proj": "num_key_value_heads"},
-                         # older transformers (4.45) keep Mistral's rotary module in each attention block
-                         rotary="model.rotary_emb" if hasattr(model.model, "rotary_emb")
-                         else "model.layers.0.self_attn.rotary_emb")
+    layout = tpfuse.TPLayout(column=["*.[qkv]_proj", "*.gate_proj", "*.up_proj"], row=["*.o_proj", "*.down_proj"],
+                             heads={"*.q_proj": "num_attention_heads", "*.[kv]_proj": "num_key_value_heads"},
+                             # older transformers (4.45) keep Mistral's rotary module in each attention block
+                             rotary="model.rotary_emb" if hasattr(model.model, "rotary_emb")
+                             else "model.layers.0.self_attn.rotary_emb")
     comm = _comm(world)
-    tp_model = tpfuse.parallelize(model, comm, plan=plan)
+    tp_model = tpfuse.parallelize(model, comm, layout=layout)
     assert model.model.layers[1].self_attn.v_proj.weight.shape == (2 * 16 // world, 64)
     errs = _run_sequence(tp_model, comm, ids, [T_SP, 1], ref, f"mistral TP={world}")
     comm.close()
@@ -168,18 +168,34 @@ def test_kv_heads_not_divisible_raises():
         tpfuse.parallelize(model, _FakeComm(16))
 
 
-def test_bad_plan_and_model_raise():
+def test_bad_layout_and_model_raise():
     import tpfuse
 
     with pytest.raises(ValueError, match="matches no module"):
         tpfuse.parallelize(_build("llama", 0), _FakeComm(2),
-                           plan=tpfuse.TPPlan(column=["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                                      "mlp.gate_proj", "mlp.up_proj", "mlp.typo_proj"],
-                                              row=["self_attn.o_proj", "mlp.down_proj"]))
+                           layout=tpfuse.TPLayout(column=["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                          "mlp.gate_proj", "mlp.up_proj", "mlp.typo_proj"],
+                                                  row=["self_attn.o_proj", "mlp.down_proj"]))
     with pytest.raises(ValueError, match="comm.dtype"):
         tpfuse.parallelize(_build("llama", 0), _FakeComm(2, dtype=torch.bfloat16))
-    with pytest.raises(ValueError, match="no shipped TP plan"):
+    with pytest.raises(ValueError, match="no shipped TP layout"):
         tpfuse.parallelize(torch.nn.Linear(2, 2), _FakeComm(2))
+
+
+def test_former_plan_names_still_work_and_warn():
+    import tpfuse
+    import tpfuse.parallel as tpp
+
+    with pytest.warns(DeprecationWarning, match="TPPlan is deprecated: use TPLayout"):
+        assert tpfuse.TPPlan is tpfuse.TPLayout
+    with pytest.warns(DeprecationWarning, match="plan_for is deprecated"):
+        assert tpp.plan_for is tpp.layout_for
+    bad = tpfuse.TPLayout(column=["mlp.typo_proj"])
+    with pytest.warns(DeprecationWarning, match=r"parallelize\(plan=...\) is deprecated"), \
+            pytest.raises(ValueError, match="q_proj must be column-parallel"):  # plan= is the layout used
+        tpfuse.parallelize(_build("llama", 0), _FakeComm(2), plan=bad)
+    with pytest.raises(TypeError, match="pass layout= only"):
+        tpfuse.parallelize(_build("llama", 0), _FakeComm(2), plan=bad, layout=bad)
 
 
 def test_import_tpfuse_does_not_import_transformers():
@@ -187,5 +203,5 @@ def test_import_tpfuse_does_not_import_transformers():
     import sys
 
     code = ("import sys, tpfuse; assert 'transformers' not in sys.modules and 'tpfuse.parallel' not in sys.modules;"
-            "tpfuse.parallelize; tpfuse.TPPlan; assert 'transformers' not in sys.modules")
+            "tpfuse.parallelize; tpfuse.TPLayout; assert 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -44,7 +44,7 @@ SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hid
              num_key_value_heads=8, head_dim=128, max_position_embeddings=4096, rms_norm_eps=1e-5,
              tie_word_embeddings=False)
 AR_OPS = {"fused_add_rmsnorm"}
-SP_OPS = {"all_gather_matmul", "matmul_reduce_scatter", "all_gather"}
+SP_OPS = {"all_gather_matmul", "matmul_reduce_scatter_rmsnorm", "all_gather"}
 FORCED = {"fused_add_rmsnorm": "tpfuse_twoshot", "all_gather_matmul": "tpfuse_async_tp",
           "matmul_reduce_scatter": "tpfuse_async_tp", "all_gather": "tpfuse_ag"}
 BUILD_THREADS = 8  # CPU threads per rank while drawing 225M random weights (the harness runs ranks at 1)

@@ -1,9 +1,9 @@
 """Tensor-parallel wrapping of Hugging Face causal LMs (``pip install "tpfuse[hf]"``).
 
-* :func:`parallelize` - shard a ``LlamaForCausalLM`` / ``Qwen3ForCausalLM`` (or a model a :class:`TPPlan`
+* :func:`parallelize` - shard a ``LlamaForCausalLM`` / ``Qwen3ForCausalLM`` (or a model a :class:`TPLayout`
   describes) in place per rank and run every all-reduce fused with the residual add and the next RMSNorm,
   switching to the sequence-parallel form above the communicator's token threshold;
-* :class:`TPPlan`, :data:`LLAMA_PLAN`, :data:`QWEN3_PLAN` - the declarative plans;
+* :class:`TPLayout`, :data:`LLAMA_LAYOUT`, :data:`QWEN3_LAYOUT` - the declarative layouts;
 * :func:`from_pretrained` - a local checkpoint directory built on the meta device and loaded straight into this
   rank's shards (bf16, or compressed-tensors FP8);
 * :func:`load_sharded_safetensors` - fill the shards from a local safetensors checkpoint, reading only this rank's
@@ -24,11 +24,19 @@ from .generate import GenerateOutput, generate
 from .kv_cache import KVCacheConfig, TPKVCache
 from .layers import TPDecoderLayer
 from .loading import load_sharded_safetensors
-from .plan import LLAMA_PLAN, PLANS, QWEN3_PLAN, TPPlan, plan_for
+from .layout import LLAMA_LAYOUT, LAYOUTS, QWEN3_LAYOUT, TPLayout, layout_for
 from .pretrained import from_pretrained
 from .wrap import ShardSpec, parallelize
 
-__all__ = ["parallelize", "TPPlan", "LLAMA_PLAN", "QWEN3_PLAN", "PLANS", "plan_for", "load_sharded_safetensors",
+
+def __getattr__(name):
+    from .layout import renamed_attr
+
+    return renamed_attr(__name__, name)
+
+
+__all__ = ["parallelize", "TPLayout", "LLAMA_LAYOUT", "QWEN3_LAYOUT", "LAYOUTS", "layout_for",
+           "load_sharded_safetensors",
            "TPKVCache", "KVCacheConfig", "TPDecoderLayer", "ShardSpec", "generate", "GenerateOutput",
            "from_pretrained", "quantize_fp8", "calibrate_input_scales", "compressed_tensors_config", "FP8Linear",
            "FP8Scheme", "FP8DecoderLayer"]

@@ -28,7 +28,7 @@ _IGNORED = ("cache_position",)  # generate() may pass it; we track positions per
 def forward_core(model, ids: torch.Tensor, meta: StepMeta, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Logits ``[T or len(keep), vocab]`` of the packed tokens ``ids [T]`` (graph-capturable: no host sync)."""
     st = model._tpfuse
-    comm, plan = st.comm, st.plan
+    comm, layout = st.comm, st.layout
     storage = st.no_cache_storage() if meta.slot_mapping is None else st.cache_storage()
     ctx = StepContext(comm=comm, meta=meta, cos_sin=st.cos_sin, storage=storage, local=st.local)
     mine = ids
@@ -37,9 +37,9 @@ def forward_core(model, ids: torch.Tensor, meta: StepMeta, keep: Optional[torch.
         mine = ids[s:e]
     layers = st.layers
     first = layers[0].input_norm
-    x, residual = ops.add_rmsnorm(get_path(model, plan.embed)(mine), None, first.weight, norm_eps(first),
+    x, residual = ops.add_rmsnorm(get_path(model, layout.embed)(mine), None, first.weight, norm_eps(first),
                                   quant=layers[0].in_quant)  # FP8 models: the first qkv GEMM's input format
-    final = get_path(model, plan.final_norm)
+    final = get_path(model, layout.final_norm)
     for li, layer in enumerate(layers):
         nxt = layers[li + 1].input_norm if li + 1 < len(layers) else final
         x, residual = layer(x, residual, nxt.weight, norm_eps(nxt), ctx)
@@ -47,7 +47,7 @@ def forward_core(model, ids: torch.Tensor, meta: StepMeta, keep: Optional[torch.
         x = comm.all_gather(x, num_tokens=meta.num_tokens)
     if keep is not None:
         x = x.index_select(0, keep)
-    return get_path(model, plan.lm_head)(x)
+    return get_path(model, layout.lm_head)(x)
 
 
 def _resolve_cache(st, given, use_cache: Optional[bool], batch: int, config) -> Optional[TPKVCache]:

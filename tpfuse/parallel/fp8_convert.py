@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from .fp8 import FP8Linear, FP8Scheme, from_linear, weight_amax
 from .layers import get_path, link_quant
-from .plan import TPPlan, plan_for
+from .layout import TPLayout, layout_for, resolve_layout
 
 
 def _set_path(root: nn.Module, path: str, value: nn.Module) -> None:
@@ -31,9 +31,9 @@ def _amax(lin: nn.Module, name: str, scheme: FP8Scheme, st) -> Optional[torch.Te
     return amax
 
 
-def _convert_layer(model, prefix: str, plan: TPPlan, scheme: FP8Scheme, st, input_scales) -> None:
+def _convert_layer(model, prefix: str, layout: TPLayout, scheme: FP8Scheme, st, input_scales) -> None:
     layer = get_path(model, prefix.rstrip("."))
-    for name in (*plan.qkv, *plan.gate_up, plan.o_proj, plan.down_proj):
+    for name in (*layout.qkv, *layout.gate_up, layout.o_proj, layout.down_proj):
         lin = get_path(layer, name)
         if isinstance(lin, FP8Linear):
             raise ValueError(f"{prefix}{name} is already FP8")
@@ -51,13 +51,13 @@ def _convert_layer(model, prefix: str, plan: TPPlan, scheme: FP8Scheme, st, inpu
                 st.shards[full + ".weight_scale"] = type(w)(0, w.start, w.end, (w.full_shape[0], 1))
 
 
-def _check_input_scales(model, plan: TPPlan, scheme: FP8Scheme, n_layers: int, input_scales) -> None:
+def _check_input_scales(model, layout: TPLayout, scheme: FP8Scheme, n_layers: int, input_scales) -> None:
     """Static activations: every linear's scale must be given, checked before anything is converted (or reduced
     over the group), so a missing one leaves the model as it was on every rank."""
     if scheme.activation != "static" or any(p.is_meta for p in model.parameters()):
         return
-    names = [f"{plan.layers}.{li}.{n}" for li in range(n_layers)
-             for n in (*plan.qkv, *plan.gate_up, plan.o_proj, plan.down_proj)]
+    names = [f"{layout.layers}.{li}.{n}" for li in range(n_layers)
+             for n in (*layout.qkv, *layout.gate_up, layout.o_proj, layout.down_proj)]
     missing = [n for n in names if input_scales is None or n not in input_scales]
     if missing:
         raise ValueError(f"activation='static' needs input_scales for every decoder linear (calibrate_input_scales "
@@ -65,7 +65,8 @@ def _check_input_scales(model, plan: TPPlan, scheme: FP8Scheme, n_layers: int, i
 
 
 def quantize_fp8(model: nn.Module, *, activation: str = "per_token", weight: str = "per_channel",
-                 plan: Optional[TPPlan] = None, input_scales: Optional[Dict[str, float]] = None) -> nn.Module:
+                 layout: Optional[TPLayout] = None, input_scales: Optional[Dict[str, float]] = None,
+                 plan: Optional[TPLayout] = None) -> nn.Module:
     """Convert the decoder's q/k/v/o/gate/up/down linears of ``model`` to FP8 in place (see
     :mod:`~tpfuse.parallel.fp8`); embedding, norms and lm_head stay in the model dtype. Returns ``model``.
 
@@ -80,34 +81,35 @@ def quantize_fp8(model: nn.Module, *, activation: str = "per_token", weight: str
 
     scheme = FP8Scheme(activation, weight)
     st = getattr(model, "_tpfuse", None)
-    plan = st.plan if st is not None else (plan or plan_for(model))
-    layers = get_path(model, plan.layers)
-    _check_input_scales(model, plan, scheme, len(layers), input_scales)
+    layout = resolve_layout(layout, plan, "quantize_fp8")
+    layout = st.layout if st is not None else (layout or layout_for(model))
+    layers = get_path(model, layout.layers)
+    _check_input_scales(model, layout, scheme, len(layers), input_scales)
     with torch.no_grad():
         for li in range(len(layers)):
-            _convert_layer(model, f"{plan.layers}.{li}.", plan, scheme, st, input_scales)
+            _convert_layer(model, f"{layout.layers}.{li}.", layout, scheme, st, input_scales)
             if st is not None:
                 old = layers[li]
-                layers[li] = FP8DecoderLayer(old, plan, li, num_heads=old.num_heads, num_kv_heads=old.num_kv_heads,
+                layers[li] = FP8DecoderLayer(old, layout, li, num_heads=old.num_heads, num_kv_heads=old.num_kv_heads,
                                              head_dim=old.head_dim)
     if st is not None:
         link_quant(layers)
         st.graphs = None  # captured with the bf16 layers
     else:
-        model.config.quantization_config = compressed_tensors_config(scheme, plan)
+        model.config.quantization_config = compressed_tensors_config(scheme, layout)
     return model
 
 
-def calibrate_input_scales(model: nn.Module, input_ids: torch.Tensor, plan: Optional[TPPlan] = None
-                           ) -> Dict[str, float]:
+def calibrate_input_scales(model: nn.Module, input_ids: torch.Tensor, layout: Optional[TPLayout] = None,
+                           plan: Optional[TPLayout] = None) -> Dict[str, float]:
     """Static activation scales (``amax / 448`` of each decoder linear's input over one forward of
     ``input_ids``) of an unsharded Hugging Face model, for ``quantize_fp8(activation="static")``."""
-    plan = plan or plan_for(model)
+    layout = resolve_layout(layout, plan, "calibrate_input_scales") or layout_for(model)
     amax: Dict[str, float] = {}
     hooks = []
-    for li, layer in enumerate(get_path(model, plan.layers)):
-        for name in (*plan.qkv, *plan.gate_up, plan.o_proj, plan.down_proj):
-            full = f"{plan.layers}.{li}.{name}"
+    for li, layer in enumerate(get_path(model, layout.layers)):
+        for name in (*layout.qkv, *layout.gate_up, layout.o_proj, layout.down_proj):
+            full = f"{layout.layers}.{li}.{name}"
 
             def hook(_mod, args, full=full):
                 amax[full] = max(amax.get(full, 0.0), float(args[0].detach().abs().max()))
@@ -121,7 +123,7 @@ def calibrate_input_scales(model: nn.Module, input_ids: torch.Tensor, plan: Opti
     return {k: max(v / 448.0, 1.0 / (448.0 * 512.0)) for k, v in amax.items()}
 
 
-def compressed_tensors_config(scheme: FP8Scheme, plan: TPPlan) -> dict:
+def compressed_tensors_config(scheme: FP8Scheme, layout: TPLayout) -> dict:
     """The ``quantization_config`` of a compressed-tensors FP8 checkpoint of this scheme (the lm_head and
     everything outside the decoder linears unquantized)."""
     per_token = scheme.activation == "per_token"
@@ -132,7 +134,7 @@ def compressed_tensors_config(scheme: FP8Scheme, plan: TPPlan) -> dict:
                             "strategy": "channel" if scheme.weight == "per_channel" else "tensor"},
                 "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": per_token,
                                       "strategy": "token" if per_token else "tensor"}}},
-            "ignore": [plan.lm_head]}
+            "ignore": [layout.lm_head]}
 
 
 def scheme_from_config(qc) -> Optional[FP8Scheme]:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from .. import ops
 from .. import rope as tp_rope
 from .batch import StepMeta
-from .plan import TPPlan
+from .layout import TPLayout
 
 
 def get_path(root: nn.Module, path: str):
@@ -108,24 +108,24 @@ class TPDecoderLayer(nn.Module):
     """Quant spec of the layer's output: the next layer's ``in_quant`` (``None`` after the last layer: the final
     norm feeds the bf16 lm_head); set by :func:`link_quant`."""
 
-    def __init__(self, layer: nn.Module, plan: TPPlan, layer_idx: int, *, num_heads: int, num_kv_heads: int,
+    def __init__(self, layer: nn.Module, layout: TPLayout, layer_idx: int, *, num_heads: int, num_kv_heads: int,
                  head_dim: int):
         super().__init__()
         for name, child in layer.named_children():
             self.add_module(name, child)
-        self.plan, self.layer_idx = plan, layer_idx
+        self.layout, self.layer_idx = layout, layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.input_norm = get_path(self, plan.input_norm)
-        self.post_norm = get_path(self, plan.post_attention_norm)
+        self.input_norm = get_path(self, layout.input_norm)
+        self.post_norm = get_path(self, layout.post_attention_norm)
         self.post_eps = norm_eps(self.post_norm)
-        self._qkv_mods = [get_path(self, p) for p in plan.qkv]
-        self._gate_up_mods = [get_path(self, p) for p in plan.gate_up]
-        self._o = get_path(self, plan.o_proj)
-        self._down = get_path(self, plan.down_proj)
-        attn = get_path(self, plan.o_proj.rsplit(".", 1)[0]) if "." in plan.o_proj else self
+        self._qkv_mods = [get_path(self, p) for p in layout.qkv]
+        self._gate_up_mods = [get_path(self, p) for p in layout.gate_up]
+        self._o = get_path(self, layout.o_proj)
+        self._down = get_path(self, layout.down_proj)
+        attn = get_path(self, layout.o_proj.rsplit(".", 1)[0]) if "." in layout.o_proj else self
         self.scale = float(getattr(attn, "scaling", head_dim ** -0.5))
-        if plan.qk_norm is not None:
-            self._q_norm, self._k_norm = (get_path(self, p) for p in plan.qk_norm)
+        if layout.qk_norm is not None:
+            self._q_norm, self._k_norm = (get_path(self, p) for p in layout.qk_norm)
             self.qk_eps = norm_eps(self._q_norm)
         else:
             self._q_norm = self._k_norm = None

@@ -2,7 +2,7 @@
 
 What it does to the model (per rank, in place):
 
-1. **Shards** every module the plan names: column-parallel ``nn.Linear`` keep output-feature range ``rank`` of TP
+1. **Shards** every module the layout names: column-parallel ``nn.Linear`` keep output-feature range ``rank`` of TP
    (q/k/v split by heads, GQA kv heads too - or replicated when fewer than TP; gate/up by intermediate features),
    row-parallel ones keep input-feature range ``rank`` (o_proj, down_proj; a row bias stays whole on every rank and
    is added once, to the residual). Embedding, norms, rotary embedding and lm_head stay replicated. ``model._tpfuse.shards`` records each
@@ -35,7 +35,7 @@ from .fp8 import FP8Linear
 from .fp8_layer import FP8DecoderLayer
 from .layers import TPDecoderLayer, get_path, link_quant
 from .meta import is_meta, materialize
-from .plan import TPPlan, plan_for
+from .layout import TPLayout, layout_for, resolve_layout
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class TPState:
     """What :func:`parallelize` attaches to the model as ``model._tpfuse``."""
 
     comm: object
-    plan: TPPlan
+    layout: TPLayout
     layers: nn.ModuleList
     cache_config: KVCacheConfig
     max_seq_len: int
@@ -148,10 +148,10 @@ def _shard_linear(mod: nn.Module, name: str, is_col: bool, units, tp: int, rank:
         mod.in_features = e - s
 
 
-def _shard_layer(layer: nn.Module, prefix: str, plan: TPPlan, config, tp: int, rank: int,
+def _shard_layer(layer: nn.Module, prefix: str, layout: TPLayout, config, tp: int, rank: int,
                  shards: Dict[str, ShardSpec], matched: set) -> None:
     for name, mod in layer.named_modules():
-        is_col, is_row = plan.matches(plan.column, name), plan.matches(plan.row, name)
+        is_col, is_row = layout.matches(layout.column, name), layout.matches(layout.row, name)
         if not (is_col or is_row):
             continue
         if is_col and is_row:
@@ -159,7 +159,7 @@ def _shard_layer(layer: nn.Module, prefix: str, plan: TPPlan, config, tp: int, r
         if not isinstance(mod, (nn.Linear, FP8Linear)):
             raise TypeError(f"{prefix}{name}: only nn.Linear / FP8Linear can be sharded, got {type(mod).__name__}")
         matched.add(name)
-        attr = plan.heads_attr(name)
+        attr = layout.heads_attr(name)
         units = (attr, int(getattr(config, attr))) if attr is not None else None
         _shard_linear(mod, prefix + name, is_col, units, tp, rank, shards)
 
@@ -186,20 +186,20 @@ def _check_supported(model, config, comm) -> None:
                          f"convert the model (model.to(dtype)) before parallelize")
 
 
-def _check_plan_roles(plan: TPPlan) -> None:
-    """The plan's roles must be sharded the way the tpfuse layer computes them."""
-    for p in (*plan.qkv, *plan.gate_up):
-        if not plan.matches(plan.column, p):
-            raise ValueError(f"plan: {p} must be column-parallel")
-    for p in (plan.o_proj, plan.down_proj):
-        if not plan.matches(plan.row, p):
-            raise ValueError(f"plan: {p} must be row-parallel")
+def _check_layout_roles(layout: TPLayout) -> None:
+    """The layout's roles must be sharded the way the tpfuse layer computes them."""
+    for p in (*layout.qkv, *layout.gate_up):
+        if not layout.matches(layout.column, p):
+            raise ValueError(f"layout: {p} must be column-parallel")
+    for p in (layout.o_proj, layout.down_proj):
+        if not layout.matches(layout.row, p):
+            raise ValueError(f"layout: {p} must be row-parallel")
 
 
-def _cos_sin_rows(model, plan: TPPlan, n: int, comm) -> torch.Tensor:
+def _cos_sin_rows(model, layout: TPLayout, n: int, comm) -> torch.Tensor:
     """``[n, head_dim]`` fp32 rows ``[cos(p f) | sin(p f)]`` (attention scaling included) for positions ``0..n-1``,
     from the model's own rotary module, so every RoPE variant it implements (llama3, yarn, linear) is exact."""
-    rotary = get_path(model, plan.rotary)
+    rotary = get_path(model, layout.rotary)
     dummy = torch.empty(0, dtype=torch.float32, device=comm.device)
     pos = torch.arange(n, device=comm.device)[None]
     cos, sin = rotary(dummy, pos)
@@ -207,21 +207,21 @@ def _cos_sin_rows(model, plan: TPPlan, n: int, comm) -> torch.Tensor:
     return torch.cat([cos[0, :, :half], sin[0, :, :half]], dim=-1).float().contiguous()
 
 
-def _shard_layers(model, plan: TPPlan, config, tp: int, rank: int) -> Dict[str, ShardSpec]:
-    layers = get_path(model, plan.layers)
+def _shard_layers(model, layout: TPLayout, config, tp: int, rank: int) -> Dict[str, ShardSpec]:
+    layers = get_path(model, layout.layers)
     shards: Dict[str, ShardSpec] = {}
     for li, layer in enumerate(layers):
         matched: set = set()
-        _shard_layer(layer, f"{plan.layers}.{li}.", plan, config, tp, rank, shards, matched)
-        for pat in (*plan.column, *plan.row):
-            if not any(plan.matches([pat], n) for n in matched):
-                raise ValueError(f"plan pattern {pat!r} matches no module of layer {li} ({type(layer).__name__})")
+        _shard_layer(layer, f"{layout.layers}.{li}.", layout, config, tp, rank, shards, matched)
+        for pat in (*layout.column, *layout.row):
+            if not any(layout.matches([pat], n) for n in matched):
+                raise ValueError(f"layout pattern {pat!r} matches no module of layer {li} ({type(layer).__name__})")
     return shards
 
 
-def parallelize(model: nn.Module, comm, *, plan: Optional[TPPlan] = None,
-                cache: Optional[KVCacheConfig] = None) -> nn.Module:
-    """Shard ``model`` (a transformers ``LlamaForCausalLM`` / ``Qwen3ForCausalLM``, or any model ``plan``
+def parallelize(model: nn.Module, comm, *, layout: Optional[TPLayout] = None,
+                cache: Optional[KVCacheConfig] = None, plan: Optional[TPLayout] = None) -> nn.Module:
+    """Shard ``model`` (a transformers ``LlamaForCausalLM`` / ``Qwen3ForCausalLM``, or any model ``layout``
     describes) in place for this rank of ``comm`` and make its forward run through the communicator.
 
     Returns the same model. Its forward takes Hugging Face arguments - ``input_ids [B, L]`` (or ``[L]``),
@@ -242,36 +242,37 @@ def parallelize(model: nn.Module, comm, *, plan: Optional[TPPlan] = None,
 
     if hasattr(model, "_tpfuse"):
         raise ValueError("this model is already parallelized")
-    plan = plan if plan is not None else plan_for(model)
+    layout = resolve_layout(layout, plan, "parallelize")
+    layout = layout if layout is not None else layout_for(model)
     cache = cache if cache is not None else KVCacheConfig()
     if not isinstance(cache, KVCacheConfig):
         raise TypeError(f"cache must be a tpfuse.parallel.KVCacheConfig, got {type(cache).__name__}")
     cache.validate()
     config = model.config
     _check_supported(model, config, comm)
-    _check_plan_roles(plan)
+    _check_layout_roles(layout)
     tp, rank = comm.tp, comm.rank
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     max_seq_len = cache.max_seq_len or min(int(getattr(config, "max_position_embeddings", 4096)), 4096)
 
     model.eval()
     model.requires_grad_(False)
-    layers = get_path(model, plan.layers)
+    layers = get_path(model, layout.layers)
     kv_local = local_kv_heads(config, tp)
     meta = is_meta(model)
     with torch.no_grad():
-        shards = _shard_layers(model, plan, config, tp, rank)
+        shards = _shard_layers(model, layout, config, tp, rank)
         if meta:
-            materialize(model, plan.rotary, comm.device)
+            materialize(model, layout.rotary, comm.device)
         else:
             model.to(comm.device)
         for li in range(len(layers)):
-            cls = FP8DecoderLayer if isinstance(get_path(layers[li], plan.o_proj), FP8Linear) else TPDecoderLayer
-            layers[li] = cls(layers[li], plan, li, num_heads=config.num_attention_heads // tp,
+            cls = FP8DecoderLayer if isinstance(get_path(layers[li], layout.o_proj), FP8Linear) else TPDecoderLayer
+            layers[li] = cls(layers[li], layout, li, num_heads=config.num_attention_heads // tp,
                              num_kv_heads=kv_local, head_dim=head_dim)
         link_quant(layers)
-        cos_sin = _cos_sin_rows(model, plan, max(max_seq_len, comm.max_tokens), comm)
-    state = TPState(comm=comm, plan=plan, layers=layers, cache_config=cache, max_seq_len=max_seq_len,
+        cos_sin = _cos_sin_rows(model, layout, max(max_seq_len, comm.max_tokens), comm)
+    state = TPState(comm=comm, layout=layout, layers=layers, cache_config=cache, max_seq_len=max_seq_len,
                     cos_sin=cos_sin, kv_heads=kv_local, head_dim=head_dim, shards=shards, local=tp == 1)
     object.__setattr__(model, "_tpfuse", state)
     model.forward = types.MethodType(tp_forward, model)

@@ -1,9 +1,9 @@
-"""Declarative tensor-parallel plans: which module of a decoder layer is column- or row-parallel, and where the
+"""Declarative tensor-parallel layouts: which module of a decoder layer is column- or row-parallel, and where the
 norms, embedding, rotary embedding and lm_head live.
 
-A plan is data only; :func:`tpfuse.parallel.parallelize` reads it. The Llama and Qwen3 plans ship as
-:data:`LLAMA_PLAN` and :data:`QWEN3_PLAN`; for another Llama-family architecture (attention with q/k/v/o
-projections, optional per-head q/k RMSNorm, gated SiLU MLP, pre-norm residual stream) write a plan with that
+A layout is data only; :func:`tpfuse.parallel.parallelize` reads it. The Llama and Qwen3 layouts ship as
+:data:`LLAMA_LAYOUT` and :data:`QWEN3_LAYOUT`; for another Llama-family architecture (attention with q/k/v/o
+projections, optional per-head q/k RMSNorm, gated SiLU MLP, pre-norm residual stream) write a layout with that
 model's module names. Module names in ``column`` / ``row`` / ``heads`` are relative to one decoder layer and may
 use :mod:`fnmatch` wildcards (``"*.q_proj"``); the other names are attribute paths from the ``*ForCausalLM``
 root (``"model.norm"``) or from the layer (``"input_layernorm"``).
@@ -11,13 +11,14 @@ root (``"model.norm"``) or from the layer (``"input_layernorm"``).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Mapping, Optional, Sequence, Tuple
 
 
 @dataclass(kw_only=True)
-class TPPlan:
+class TPLayout:
     """How to shard and run one architecture under tensor parallelism (see the module docstring)."""
 
     layers: str = "model.layers"
@@ -88,29 +89,52 @@ class TPPlan:
 _ATTN_HEADS = {"self_attn.q_proj": "num_attention_heads", "self_attn.k_proj": "num_key_value_heads",
                "self_attn.v_proj": "num_key_value_heads", "self_attn.o_proj": "num_attention_heads"}
 
-LLAMA_PLAN = TPPlan(
+LLAMA_LAYOUT = TPLayout(
     column=["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"],
     row=["self_attn.o_proj", "mlp.down_proj"],
     heads=dict(_ATTN_HEADS),
 )
-"""Plan of transformers' ``LlamaForCausalLM`` (also fits Mistral-style models without sliding windows)."""
+"""Layout of transformers' ``LlamaForCausalLM`` (also fits Mistral-style models without sliding windows)."""
 
-QWEN3_PLAN = TPPlan(
+QWEN3_LAYOUT = TPLayout(
     column=["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"],
     row=["self_attn.o_proj", "mlp.down_proj"],
     heads=dict(_ATTN_HEADS),
     qk_norm=("self_attn.q_norm", "self_attn.k_norm"),
 )
-"""Plan of transformers' ``Qwen3ForCausalLM`` (Llama plus per-head q/k RMSNorm)."""
+"""Layout of transformers' ``Qwen3ForCausalLM`` (Llama plus per-head q/k RMSNorm)."""
 
-PLANS = {"LlamaForCausalLM": LLAMA_PLAN, "Qwen3ForCausalLM": QWEN3_PLAN}
-"""Shipped plans by model class name (looked up by name, so this module never imports transformers)."""
+LAYOUTS = {"LlamaForCausalLM": LLAMA_LAYOUT, "Qwen3ForCausalLM": QWEN3_LAYOUT}
+"""Shipped layouts by model class name (looked up by name, so this module never imports transformers)."""
 
 
-def plan_for(model) -> TPPlan:
-    """The shipped plan of ``model``'s class, or a :class:`ValueError` naming the classes that have one."""
+RENAMED = {"TPPlan": "TPLayout", "LLAMA_PLAN": "LLAMA_LAYOUT", "QWEN3_PLAN": "QWEN3_LAYOUT", "PLANS": "LAYOUTS",
+           "plan_for": "layout_for"}
+"""Former names (a "plan" is the communicator's dispatch decision; these describe a model's module layout)."""
+
+
+def renamed_attr(module: str, name: str):
+    """A module ``__getattr__`` body: the renamed object under its former ``name``, with a DeprecationWarning."""
+    if name not in RENAMED:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    warnings.warn(f"{module}.{name} is deprecated: use {RENAMED[name]}", DeprecationWarning, stacklevel=3)
+    return globals()[RENAMED[name]]
+
+
+def resolve_layout(layout: Optional[TPLayout], plan: Optional[TPLayout], fn: str) -> Optional[TPLayout]:
+    """``layout``, or the deprecated ``plan=`` keyword of ``fn`` (with a DeprecationWarning)."""
+    if plan is None:
+        return layout
+    if layout is not None:
+        raise TypeError(f"{fn}: pass layout= only (plan= is its deprecated former name)")
+    warnings.warn(f"{fn}(plan=...) is deprecated: use layout=", DeprecationWarning, stacklevel=3)
+    return plan
+
+
+def layout_for(model) -> TPLayout:
+    """The shipped layout of ``model``'s class, or a :class:`ValueError` naming the classes that have one."""
     name = type(model).__name__
-    if name not in PLANS:
-        raise ValueError(f"no shipped TP plan for {name}; pass parallelize(model, comm, plan=TPPlan(...)) "
-                         f"(shipped: {sorted(PLANS)})")
-    return PLANS[name]
+    if name not in LAYOUTS:
+        raise ValueError(f"no shipped TP layout for {name}; pass parallelize(model, comm, layout=TPLayout(...)) "
+                         f"(shipped: {sorted(LAYOUTS)})")
+    return LAYOUTS[name]
