@@ -11,6 +11,7 @@ Environment variables are escape hatches only, each documented here:
 from __future__ import annotations
 
 import os
+import warnings
 from collections import abc
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
@@ -88,6 +89,7 @@ class CommConfig:
         bad = {k: v for k, v in dict(self.force_paths).items() if not (isinstance(k, str) and isinstance(v, str))}
         if bad:
             raise TPFuseInputError(f"CommConfig.force_paths maps op names to path names (str -> str), got {bad!r}")
+        self.force_paths = _current_paths(self.force_paths)
         for op, path in dict(self.force_paths).items():
             if op not in OPS:
                 raise TPFuseInputError(f"CommConfig.force_paths: unknown op {op!r}; ops: {', '.join(OPS)}")
@@ -98,6 +100,7 @@ class CommConfig:
             if isinstance(self.allowed_paths, str) or not all(isinstance(p, str) for p in self.allowed_paths):
                 raise TPFuseInputError("CommConfig.allowed_paths must be a set of path names, got "
                                        f"{self.allowed_paths!r}")
+            self.allowed_paths = set(_current_paths(dict.fromkeys(self.allowed_paths, "")))
             unknown = sorted(set(self.allowed_paths) - set(PATH_DOCS))
             if unknown:
                 raise TPFuseInputError(f"CommConfig.allowed_paths: unknown path(s) {unknown}; paths: "
@@ -110,3 +113,18 @@ class CommConfig:
     def resolved_thresholds_path(self) -> Optional[str]:
         """The table path in effect: the config's, else ``$TPFUSE_THRESHOLDS``, else ``None`` (shipped table)."""
         return self.thresholds_path or os.environ.get(THRESHOLDS_ENV) or None
+
+
+def _current_paths(op_paths) -> dict:
+    """``op_paths`` (a mapping whose keys or values may be path names) with renamed paths under their current
+    names, warning once per former name used."""
+    from .dispatch import RENAMED_PATHS
+
+    def cur(name):
+        if isinstance(name, str) and name in RENAMED_PATHS:
+            warnings.warn(f"CommConfig: path {name!r} was renamed {RENAMED_PATHS[name]!r}", DeprecationWarning,
+                          stacklevel=5)
+            return RENAMED_PATHS[name]
+        return name
+
+    return {cur(k): cur(v) for k, v in dict(op_paths).items()}

@@ -36,11 +36,20 @@ PATH_DOCS: Dict[str, str] = {
                            "of the chunks already arrived (producer / consumer programs)",
     "flashinfer_oneshot": "FlashInfer trtllm fused all-reduce+add+RMSNorm(+quant), one-shot (Lamport)",
     "flashinfer_twoshot": "FlashInfer trtllm fused all-reduce+add+RMSNorm(+quant), two-shot",
-    "tpfuse_rs": "tpfuse symmetric-memory reduce-scatter fused with add+RMSNorm(+quant)",
-    "tpfuse_ag": "tpfuse symmetric-memory all-gather",
+    "tpfuse_reduce_scatter": "tpfuse symmetric-memory reduce-scatter fused with add+RMSNorm(+quant)",
+    "tpfuse_all_gather": "tpfuse symmetric-memory all-gather",
     "tpfuse_async_tp": "GEMM overlapped with the collective over symmetric memory (async TP)",
 }
 
+
+RENAMED_PATHS: Dict[str, str] = {"tpfuse_rs": "tpfuse_reduce_scatter", "tpfuse_ag": "tpfuse_all_gather"}
+"""Former path names -> current ones. Tables and ``CommConfig`` still accept them (tables written by older sweeps
+silently, a config with a DeprecationWarning)."""
+
+
+def current_path(name: str) -> str:
+    """``name``, or the current name of a renamed path."""
+    return RENAMED_PATHS.get(name, name)
 
 
 @dataclass(frozen=True)

@@ -89,14 +89,14 @@ def test_async_tp_ops_on_gpu_pair():
 
 
 def _rs_ag_cases(rank, world):
-    """tpfuse_rs (reduce-scatter + add + RMSNorm + quant), tpfuse_ag, and the fused row-parallel tail on the async
+    """tpfuse_reduce_scatter (reduce-scatter + add + RMSNorm + quant), tpfuse_all_gather, and the fused row-parallel tail on the async
     path, vs the fp64 oracle: uneven T, every output format, outliers on the last rank."""
     from cases import QUANT_KINDS, make_inputs, make_spec, oracle
     from tpfuse.reference import rmsnorm_math
     from tpfuse.tolerance import assert_quant_close
 
     dev = torch.device("cuda", torch.cuda.current_device())
-    force = dict(FORCE, reduce_scatter_rmsnorm="tpfuse_rs", all_gather="tpfuse_ag")
+    force = dict(FORCE, reduce_scatter_rmsnorm="tpfuse_reduce_scatter", all_gather="tpfuse_all_gather")
     comm = tpfuse.TPCommunicator(max_tokens=4096, hidden_size=H, dtype=torch.bfloat16,
                                  config=tpfuse.CommConfig(force_paths=force))
     for i, t in enumerate([1, 3, 64, 1001, 4096]):
@@ -107,14 +107,14 @@ def _rs_ag_cases(rank, world):
             spec = make_spec(kind, dev, ref_out)
             out, res = comm.reduce_scatter_rmsnorm(inp.xs[rank], inp.residual[s:e].contiguous(), inp.weight,
                                                    quant=spec)
-            assert comm.last_path["reduce_scatter_rmsnorm"] == "tpfuse_rs"
-            what = f"tpfuse_rs T={t} {kind}"
+            assert comm.last_path["reduce_scatter_rmsnorm"] == "tpfuse_reduce_scatter"
+            what = f"tpfuse_reduce_scatter T={t} {kind}"
             assert_close(res, ref_res[s:e], torch.bfloat16, what + " residual")
             if kind is None:
                 assert_close(out, ref_out[s:e], torch.bfloat16, what)
                 full = comm.all_gather(out, num_tokens=t)
-                assert comm.last_path["all_gather"] == "tpfuse_ag"
-                assert_close(full, ref_out, torch.bfloat16, f"tpfuse_ag T={t}")
+                assert comm.last_path["all_gather"] == "tpfuse_all_gather"
+                assert_close(full, ref_out, torch.bfloat16, f"tpfuse_all_gather T={t}")
             else:
                 assert_quant_close(out, ref_out[s:e], what)
         # fused row-parallel tail (async-TP path): sum in fp32, no intermediate rounding
@@ -331,7 +331,7 @@ def _op_call(comm, rank, world, op, t=37):
 
 
 def _skip_call(rank, world, op):
-    force = dict(FORCE, reduce_scatter_rmsnorm="tpfuse_rs", all_gather="tpfuse_ag")
+    force = dict(FORCE, reduce_scatter_rmsnorm="tpfuse_reduce_scatter", all_gather="tpfuse_all_gather")
     # compile every kernel of the op first under the default 30 s bound (a rank still JIT-compiling must not look
     # like a late peer), then the same op under a 5 s bound
     warm = tpfuse.TPCommunicator(max_tokens=64, hidden_size=H, dtype=torch.bfloat16,

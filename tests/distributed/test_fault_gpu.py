@@ -5,7 +5,7 @@ and both processes must be gone within a wall-clock bound.
 The ranks are two plain subprocesses running ``fault_worker.py`` (its docstring has the protocol), not harness
 ranks: a rank that exits would break the harness pool's control group. Cases: the fused all-reduce kernels
 (``fused_add_rmsnorm`` forced to ``tpfuse_oneshot`` / ``tpfuse_twoshot`` / ``tpfuse_oneshot_pipe``) and the
-sequence-parallel exchange (``reduce_scatter_rmsnorm`` forced to ``tpfuse_rs``), each with the peer already dead
+sequence-parallel exchange (``reduce_scatter_rmsnorm`` forced to ``tpfuse_reduce_scatter``), each with the peer already dead
 when the survivor calls (``dead``) and with the peer dying while the survivor's kernels wait for it (``dying``).
 
 Environment of the workers, and why (nothing here changes what tpfuse does; it keeps torch's / NCCL's own failure
@@ -48,7 +48,7 @@ WORKER_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "0", "TORCH_NCCL_ENABLE_MONITOR
               "PYTHONUNBUFFERED": "1"}
 WORKER_ENV_DEFAULTS = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 CASES = [("fused_add_rmsnorm", "tpfuse_oneshot"), ("fused_add_rmsnorm", "tpfuse_twoshot"),
-         ("fused_add_rmsnorm", "tpfuse_oneshot_pipe"), ("reduce_scatter_rmsnorm", "tpfuse_rs")]
+         ("fused_add_rmsnorm", "tpfuse_oneshot_pipe"), ("reduce_scatter_rmsnorm", "tpfuse_reduce_scatter")]
 
 
 def _launch(op, path, mode, tmp_path):

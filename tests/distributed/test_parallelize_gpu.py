@@ -19,7 +19,7 @@ shards) + 3 decode steps. Each step clears ``comm.last_path`` and checks exactly
 
 * ``table``: the paths the shipped thresholds table picks here (``plan(T).path(op)``), which must not be the
   reference path (at these sizes today: ``tpfuse_oneshot`` for the all-reduce steps, ``tpfuse_async_tp`` /
-  ``tpfuse_ag`` at ``T_SP``; ``T_SP`` is above the table's 8 MiB SP buckets at hidden 2048);
+  ``tpfuse_all_gather`` at ``T_SP``; ``T_SP`` is above the table's 8 MiB SP buckets at hidden 2048);
 * ``forced``: ``CommConfig.force_paths`` pins every op to tpfuse's own kernels (``tpfuse_twoshot`` for the
   all-reduce form, so both fused all-reduce kernels run a model across the two variants), whatever the table says.
 """
@@ -46,7 +46,7 @@ SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hid
 AR_OPS = {"fused_add_rmsnorm"}
 SP_OPS = {"all_gather_matmul", "matmul_reduce_scatter_rmsnorm", "all_gather"}
 FORCED = {"fused_add_rmsnorm": "tpfuse_twoshot", "all_gather_matmul": "tpfuse_async_tp",
-          "matmul_reduce_scatter": "tpfuse_async_tp", "all_gather": "tpfuse_ag"}
+          "matmul_reduce_scatter": "tpfuse_async_tp", "all_gather": "tpfuse_all_gather"}
 BUILD_THREADS = 8  # CPU threads per rank while drawing 225M random weights (the harness runs ranks at 1)
 
 

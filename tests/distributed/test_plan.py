@@ -162,6 +162,21 @@ def test_config_accepts_any_set_of_allowed_paths():
     assert tpfuse.CommConfig(allowed_paths={"nccl"}, sp_min_tokens=1).allowed_paths == frozenset({"nccl"})
 
 
+def test_renamed_paths_are_accepted_under_their_former_names(tmp_path):
+    with pytest.warns(DeprecationWarning, match="was renamed") as warned:
+        cfg = tpfuse.CommConfig(force_paths={"reduce_scatter_rmsnorm": "tpfuse_rs"}, allowed_paths={"tpfuse_ag"})
+    assert sorted(str(w.message) for w in warned) == [
+        "CommConfig: path 'tpfuse_ag' was renamed 'tpfuse_all_gather'",
+        "CommConfig: path 'tpfuse_rs' was renamed 'tpfuse_reduce_scatter'"]
+    assert cfg.force_paths == {"reduce_scatter_rmsnorm": "tpfuse_reduce_scatter"}
+    assert cfg.allowed_paths == frozenset({"tpfuse_all_gather"})
+    table = json.loads(json.dumps(TABLE))  # a table from a sweep run before the rename
+    table["rows"][0]["paths"]["all_gather"] = [{"max_bytes": None, "path": "tpfuse_ag"}]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(table))
+    assert thresholds.load(str(path)).rows[0].paths["all_gather"] == [(None, "tpfuse_all_gather")]
+
+
 def test_table_rows_cite_their_source():
     for row in thresholds.load().rows:
         assert row.source.get("kind"), f"row {row.key()} has no source"
@@ -182,7 +197,7 @@ def test_workspaces_are_allocated_only_where_the_table_can_route_to_them():
                                hidden_size=hidden, dtype=torch.bfloat16,
                                row=table.lookup("sm90", tp, "bfloat16", hidden))
 
-    fused, sp = ("tpfuse_oneshot", "tpfuse_twoshot"), ("tpfuse_async_tp", "tpfuse_rs", "tpfuse_ag")
+    fused, sp = ("tpfuse_oneshot", "tpfuse_twoshot"), ("tpfuse_async_tp", "tpfuse_reduce_scatter", "tpfuse_all_gather")
     assert table_routes(fake(2, 8192, 16), fused)              # decode sizes take the one-shot kernel
     assert not table_routes(fake(2, 8192, 16), sp)              # 256 KiB: nothing SP-sized fits
     assert table_routes(fake(2, 8192, 4096), sp)                # 64 MiB reaches the SP paths

@@ -1,5 +1,5 @@
 """Sequence-parallel paths over symmetric memory: ``tpfuse_async_tp`` (GEMMs overlapped with the collective),
-``tpfuse_rs`` (reduce-scatter fused with add + RMSNorm + quant) and ``tpfuse_ag`` (all-gather).
+``tpfuse_reduce_scatter`` (reduce-scatter fused with add + RMSNorm + quant) and ``tpfuse_all_gather`` (all-gather).
 
 Design: the data moves by the GPUs' copy engines (``copy_`` between symmetric buffers is a DMA over NVLink, using
 no SMs), one token-chunk per peer, while the GEMM of the chunk already present runs on the compute stream. The
@@ -32,8 +32,8 @@ waits, ``sem(signal=..., wait=...)`` below) whose waits are bounded by ``CommCon
                 (``matmul_reduce_scatter_rmsnorm``: the same kernel also adds the residual and applies
                 RMSNorm + quant, :mod:`tpfuse.kernels.reduce_slots`)
 
-``reduce_scatter_rmsnorm`` (``tpfuse_rs``) is the same exchange without the GEMM (x's token chunks are pushed as
-they are); ``all_gather`` (``tpfuse_ag``) is the all-gather half without the GEMM (peers' slots are pulled
+``reduce_scatter_rmsnorm`` (``tpfuse_reduce_scatter``) is the same exchange without the GEMM (x's token chunks are pushed as
+they are); ``all_gather`` (``tpfuse_all_gather``) is the all-gather half without the GEMM (peers' slots are pulled
 straight into the output).
 
 Buffers (allocated once per communicator, sized from ``max_tokens x hidden``; ``S = ceil(max_tokens / TP)``,
@@ -351,7 +351,7 @@ class AsyncTPWorkspace(PeerTimeoutFlag):
         out = torch.empty(n, self.hidden, dtype=self.dtype, device=x.device)
         return launch_reduce_slots(self.rs, self.tp, s * self.hidden, n, out)
 
-    def reduce_rmsnorm(self, x, weight, residual_shard, norm_weight, eps, quant, gemma, x_scale=None, w_scale=None):
+    def reduce_scatter_rmsnorm(self, x, weight, residual_shard, norm_weight, eps, quant, gemma, x_scale=None, w_scale=None):
         """The exchange (``weight``: GEMM first, or None) then sum + residual + RMSNorm + quant in one kernel."""
         from .. import ops
         from ..kernels.reduce_slots import launch_reduce_slots_rmsnorm
@@ -365,7 +365,7 @@ class AsyncTPWorkspace(PeerTimeoutFlag):
         return ops._wrap(data, scale, quant, res_out, (n, self.hidden)), res_out
 
 
-PATHS = ("tpfuse_async_tp", "tpfuse_rs", "tpfuse_ag")
+PATHS = ("tpfuse_async_tp", "tpfuse_reduce_scatter", "tpfuse_all_gather")
 NAME = "async_tp"
 """This backend's key in ``TPCommunicator.workspaces``."""
 
@@ -399,15 +399,15 @@ def _mmrs(comm, x, weight, *, x_scale=None, w_scale=None):
 
 @register("matmul_reduce_scatter_rmsnorm", "tpfuse_async_tp", available=_available)
 def _mmrsn(comm, x, weight, residual_shard, norm_weight, eps, *, quant, gemma, x_scale=None, w_scale=None):
-    return comm.workspaces[NAME].reduce_rmsnorm(x, weight, residual_shard, norm_weight, eps, quant, gemma, x_scale,
+    return comm.workspaces[NAME].reduce_scatter_rmsnorm(x, weight, residual_shard, norm_weight, eps, quant, gemma, x_scale,
                                                 w_scale)
 
 
-@register("reduce_scatter_rmsnorm", "tpfuse_rs", available=_available)
+@register("reduce_scatter_rmsnorm", "tpfuse_reduce_scatter", available=_available)
 def _rsn(comm, x, residual_shard, weight, eps, *, quant, gemma):
-    return comm.workspaces[NAME].reduce_rmsnorm(x, None, residual_shard, weight, eps, quant, gemma)
+    return comm.workspaces[NAME].reduce_scatter_rmsnorm(x, None, residual_shard, weight, eps, quant, gemma)
 
 
-@register("all_gather", "tpfuse_ag", available=_available)
+@register("all_gather", "tpfuse_all_gather", available=_available)
 def _ag(comm, x_shard, num_tokens):
     return comm.workspaces[NAME].all_gather(x_shard, num_tokens)

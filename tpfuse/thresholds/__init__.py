@@ -32,6 +32,12 @@ OPS = ("all_reduce", "fused_add_rmsnorm", "reduce_scatter_rmsnorm", "all_gather"
 DEFAULT_TABLE = os.path.join(os.path.dirname(__file__), "default.json")
 
 
+def current_path(name: str) -> str:
+    from ..dispatch import current_path as current  # lazy: dispatch imports this module
+
+    return current(name)
+
+
 def _known_paths() -> frozenset:
     from ..dispatch import PATH_DOCS  # lazy: dispatch imports this module
 
@@ -128,6 +134,7 @@ def _parse_row(i: int, raw, where: str) -> Row:
             mb, name = b.get("max_bytes"), b.get("path")
             if not isinstance(name, str):
                 raise ThresholdsError(f"{bat}: 'path' must be a path name, got {name!r}")
+            name = current_path(name)  # tables written before a path was renamed
             if name not in known_paths:
                 raise ThresholdsError(f"{bat}: unknown path {name!r} (known: {', '.join(sorted(known_paths))})")
             if mb is not None and (not _int(mb) or mb <= last):
