@@ -297,6 +297,9 @@ class Case:
     """Provider name -> the step to time: a zero-argument callable, or a list of them (see :func:`time_us`)."""
     extra: dict = field(default_factory=dict)
     """Whatever the script's row function needs besides the timing (e.g. bytes moved per call)."""
+    timing: dict = field(default_factory=dict)
+    """Options of :func:`time_providers` for this case only (e.g. fewer ``calls`` for a large GEMM), over the
+    run's."""
 
 
 @dataclass(kw_only=True)
@@ -343,7 +346,7 @@ def run_cases(cases: Iterable[Case], row: Callable[[Case, str, Timing], Optional
             if skipped is not None:
                 skipped.append(dict(case.fields))
             continue
-        for name, timing in time_providers(case.providers, **timing_kw).items():
+        for name, timing in time_providers(case.providers, **{**timing_kw, **case.timing}).items():
             r = row(case, name, timing)
             if r is not None:
                 rows.append(r)
