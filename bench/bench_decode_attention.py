@@ -14,7 +14,7 @@ fixes the split count) is the context. Timing: CUDA graphs of back-to-back calls
 (:func:`common.time_us`). GB/s counts the bytes the op must move: the K and V rows of the valid keys (in the
 cache's dtype), q and out.
 
-Output (``--out-dir``, default ``$OUT`` or ``bench/results/gpu-run``): ``decode_attention_<device>.json`` with the
+Output (``--out-dir``, default ``$OUT``, else ``bench/results``): ``decode_attention_<device>.json`` with the
 usual header (device, commit from ``TPFUSE_COMMIT``, versions) and rows ``{provider, shape, batch, ctx, median_us,
 gbps, kv_bytes}``, and ``decode_attention_<device>.png`` (time relative to SDPA per shape and context).
 ``--quick``: B 1 and 64 only. ``--sweep``: also time tpfuse at forced (partition, BLOCK_N, num_warps) configs.
@@ -30,7 +30,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, device_slug, header, plot_ratio_panels, time_us, write_json  # noqa: E402
+from common import header, plot_ratio_panels, result_path, time_us, write_json  # noqa: E402
 
 from tpfuse import attention as A  # noqa: E402
 
@@ -113,7 +113,7 @@ def main(argv=None):
     ap.add_argument("--mixed", action="store_true", help="random lengths in [ctx/2, ctx] instead of all at ctx")
     ap.add_argument("--sweep", action="store_true", help="also time tpfuse at forced (partition, BLOCK_N, warps)")
     ap.add_argument("--block-size", type=int, default=BLOCK_SIZE, help="paged-cache block size (default 16)")
-    ap.add_argument("--out-dir", default=os.environ.get("OUT") or os.path.join(RESULTS, "gpu-run"))
+    ap.add_argument("--out-dir", default=None, help="default: $OUT, else bench/results")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_decode_attention needs a CUDA GPU")
@@ -151,7 +151,7 @@ def main(argv=None):
         print(f"  [{time.time() - t_start:.0f}s]", flush=True)
     print("wrote", save(args, rows))
     summary(rows)
-    png = plot_ratio_panels(os.path.join(args.out_dir, f"decode_attention_{device_slug()}.png"),
+    png = plot_ratio_panels(result_path("decode_attention", ext="png", directory=args.out_dir),
                             [r for r in rows if "[" not in r["provider"]], panel=("shape", "ctx"), x="batch",
                             y="median_us", baseline="sdpa", ylabel="time / SDPA time (lower is better)",
                             title=f"decode attention, paged cache (block {args.block_size}), bf16 q, "
@@ -160,8 +160,7 @@ def main(argv=None):
 
 
 def save(args, rows):
-    os.makedirs(args.out_dir, exist_ok=True)
-    return write_json(os.path.join(args.out_dir, f"decode_attention_{device_slug()}.json"),
+    return write_json(result_path("decode_attention", directory=args.out_dir),
                       header("bench_decode_attention", quick=args.quick, mixed=args.mixed, sweep=args.sweep,
                              block_size=args.block_size, head_dim=HEAD_DIM, heads=[list(h) for h in HEADS]), rows)
 

@@ -314,15 +314,20 @@ class Timing:
     """``graph``, ``events``, ``wall``, or ``error: ...`` when the provider raised (``us`` is then NaN)."""
 
 
-def time_providers(providers: dict, *, rounds: int = 1, device=None, **timer_kw) -> dict:
+def time_providers(providers: dict, *, rounds: int = 1, device=None, before: Optional[Callable[[], None]] = None,
+                   **timer_kw) -> dict:
     """``{name: Timing}``: every provider timed ``rounds`` times, the order rotated by one each round (clock or
     power drift over a round lands on every provider alike). ``device``: take the slowest rank's value each
-    round (collective: every rank must time the same providers). A provider that raises is recorded with NaN and
-    its error as the mode (after a device sync), so every rank stays in step."""
+    round (collective: every rank must time the same providers). ``before``: runs before each provider's timing
+    (e.g. a barrier once per measurement, where ``time_us``'s ``barrier`` would run before every replay). A
+    provider that raises is recorded with NaN and its error as the mode (after a device sync), so every rank
+    stays in step."""
     keys = list(providers)
     per_round, modes = {k: [] for k in keys}, {}
     for rnd in range(rounds):
         for k in keys[rnd % len(keys):] + keys[:rnd % len(keys)]:
+            if before is not None:
+                before()
             try:
                 us, modes[k] = time_us(providers[k], **timer_kw)
             except Exception as ex:  # noqa: BLE001 - reported in the row, not fatal

@@ -59,7 +59,7 @@ def main():
             rows += [dict(linear=name, m=m, n=n, k=k, form=f, us=t, vs_bf16=t / times["bf16"]) for f, t in times.items()]
             print(f"{name:8s} M={m:5d} " + "  ".join(f"{f}={t:7.1f}us ({t / times['bf16']:.2f}x)"
                                                    for f, t in times.items()), flush=True)
-    path = os.path.join(os.environ.get("OUT") or common.RESULTS, f"probe_fp8_gemm_{common.device_slug()}.json")
+    path = common.result_path("probe_fp8_gemm")
     common.write_json(path, common.header("probe_fp8_gemm"), rows)
     print("wrote", path)
 
