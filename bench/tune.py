@@ -11,8 +11,8 @@ timed (CUDA graphs on GPU; median; the slowest rank counts) and the per-size win
 noise does not flip buckets (and ``reference``, the oracle, only wins by more than that). Consecutive sizes with
 one winner form a bucket whose ``max_bytes`` is the largest measured size in it. Writes (rank 0):
 
-* ``--out`` (default ``thresholds_tp{TP}_{device}.json`` in ``$OUT``, else ``bench/results``): the base table
-  with the tuned rows (one per arch/TP/dtype/hidden, ``source`` = this run's file, device, commit, date) added
+* ``--out`` (default ``thresholds_tp{TP}_{device}.json`` in ``$OUT``, else ``bench/results``): the run's header
+  (:func:`common.header`) and the base table with the tuned rows (one per arch/TP/dtype/hidden, ``source`` = this run's file, device, commit, date) added
   or replaced;
 * the same name with ``_measurements.json``: every timing (JSON, with the environment header);
 * the same name with ``.png``: latency vs tokens per path per (op, hidden), chosen crossovers marked.
@@ -257,9 +257,9 @@ def tune(args, rank, tp):
         keys = {(r["arch"], r["tp"], r["dtype"], r["hidden"]) for r in rows}
         table["rows"] = rows + [r for r in table["rows"]
                                 if (r["arch"], r["tp"], r["dtype"], r.get("hidden")) not in keys]
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(table, f, indent=1)
+        table.pop("header", None)  # a base table written by this tool carries its own run's header
+        # the written table carries this run's header (bench/results' rule); the shipped default stays header-less
+        common.write_json(out, hdr, **table)
         thresholds.load(out)  # validate what was written
         meas_rows = [{"op": op, "hidden": h, "path": p, "tokens": t, "us": v[0], "correct": v[1], "timing": v[2]}
                      for (op, h), res in measurements.items() for p, s in res.items() for t, v in s.items()]
