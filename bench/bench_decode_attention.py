@@ -30,7 +30,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import header, plot_ratio_panels, result_path, time_us, write_json  # noqa: E402
+from common import Case, header, plot_ratio_panels, result_path, run_cases, write_json  # noqa: E402
 
 from tpfuse import attention as A  # noqa: E402
 
@@ -90,7 +90,8 @@ def check(c, scale, ctx):
     assert err8 < 1e-1, f"tpfuse decode attention (FP8 cache) disagrees with SDPA: {err8}"
 
 
-def sweep(c, hq, hkv, d, ctx, scale, add, shape, bsz):
+def sweep(c, d, ctx, scale, provs):
+    """tpfuse at forced (partition, BLOCK_N, num_warps) configs, added to ``provs``."""
     from tpfuse.kernels.decode_attention import launch_decode_attention
 
     out = torch.empty_like(c["q"])
@@ -101,10 +102,49 @@ def sweep(c, hq, hkv, d, ctx, scale, add, shape, bsz):
             for nw in (4, 8):
                 if part % bn:
                     continue
-                us = time_us(lambda: launch_decode_attention(c["q"], c["kc"], c["vc"], c["bt"], c["lens"], out,
-                                                             scale, None, max_seq_len=ctx, partition=part,
-                                                             block_n=bn, num_warps=nw))[0]
-                add(f"tpfuse[p={part},bn={bn},nw={nw}]", shape, bsz, ctx, us, op_bytes(c, hq, hkv, d, 2))
+                provs[f"tpfuse[p={part},bn={bn},nw={nw}]"] = (
+                    lambda part=part, bn=bn, nw=nw: launch_decode_attention(
+                        c["q"], c["kc"], c["vc"], c["bt"], c["lens"], out, scale, None, max_seq_len=ctx,
+                        partition=part, block_n=bn, num_warps=nw))
+
+
+def cases(args):
+    """Per heads x context x batch: a checked paged case, providers sdpa, tpfuse, tpfuse_fp8 (+ the sweep)."""
+    gen = torch.Generator().manual_seed(0)
+    d = HEAD_DIM
+    scale = d ** -0.5
+    for hq, hkv in HEADS:
+        for ctx in CONTEXTS:
+            for bsz in (BATCHES_QUICK if args.quick else BATCHES):
+                c = make_case(bsz, ctx, hq, hkv, d, args.block_size, args.mixed, gen)
+                check(c, scale, ctx)
+                out = torch.empty_like(c["q"])
+                provs = {"sdpa": lambda: sdpa(c, scale),
+                         "tpfuse": lambda: A.decode_attention(c["q"], c["kc"], c["vc"], c["bt"], c["lens"],
+                                                              scale=scale, out=out, max_seq_len=ctx),
+                         "tpfuse_fp8": lambda: A.decode_attention(
+                             c["q"], c["kc8"], c["vc8"], c["bt"], c["lens"], scale=scale, kv_scale=c["kv_scale"],
+                             out=out, max_seq_len=ctx)}
+                if args.sweep:
+                    sweep(c, d, ctx, scale, provs)
+                yield Case(fields={"shape": f"hq{hq}/hkv{hkv}/d{d}", "batch": bsz, "ctx": ctx}, providers=provs,
+                           extra={"nb16": op_bytes(c, hq, hkv, d, 2), "nb8": op_bytes(c, hq, hkv, d, 1)})
+                del c, provs
+                torch.cuda.empty_cache()
+
+
+def row(case, provider, timing):
+    """A row ``{provider, shape, batch, ctx, median_us, gbps, kv_bytes}`` (printed); a failed provider: printed."""
+    f = case.fields
+    if timing.mode.startswith("error"):
+        print(f"{f['shape']:18s} ctx={f['ctx']:5d} B={f['batch']:3d} {provider:28s} {timing.mode}", flush=True)
+        return None
+    us, nbytes = timing.us, case.extra["nb8" if provider == "tpfuse_fp8" else "nb16"]
+    r = {"provider": provider, **f, "median_us": round(us, 3), "gbps": round(nbytes / (us * 1e-6) / 1e9, 1),
+         "kv_bytes": nbytes}
+    print(f"{f['shape']:18s} ctx={f['ctx']:5d} B={f['batch']:3d} {provider:28s} {us:9.2f} us {r['gbps']:8.1f} GB/s",
+          flush=True)
+    return r
 
 
 def main(argv=None):
@@ -117,38 +157,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_decode_attention needs a CUDA GPU")
-    gen = torch.Generator().manual_seed(0)
-    rows = []
     t_start = time.time()
 
-    def add(provider, shape, bsz, ctx, us, nbytes):
-        rows.append({"provider": provider, "shape": shape, "batch": bsz, "ctx": ctx, "median_us": round(us, 3),
-                     "gbps": round(nbytes / (us * 1e-6) / 1e9, 1), "kv_bytes": nbytes})
-        print(f"{shape:18s} ctx={ctx:5d} B={bsz:3d} {provider:28s} {us:9.2f} us {rows[-1]['gbps']:8.1f} GB/s",
-              flush=True)
-
-    d = HEAD_DIM
-    scale = d ** -0.5
-    for hq, hkv in HEADS:
-        shape = f"hq{hq}/hkv{hkv}/d{d}"
-        for ctx in CONTEXTS:
-            for bsz in (BATCHES_QUICK if args.quick else BATCHES):
-                c = make_case(bsz, ctx, hq, hkv, d, args.block_size, args.mixed, gen)
-                check(c, scale, ctx)
-                nb16, nb8 = op_bytes(c, hq, hkv, d, 2), op_bytes(c, hq, hkv, d, 1)
-                add("sdpa", shape, bsz, ctx, time_us(lambda: sdpa(c, scale))[0], nb16)
-                out = torch.empty_like(c["q"])
-                add("tpfuse", shape, bsz, ctx, time_us(lambda: A.decode_attention(
-                    c["q"], c["kc"], c["vc"], c["bt"], c["lens"], scale=scale, out=out, max_seq_len=ctx))[0], nb16)
-                add("tpfuse_fp8", shape, bsz, ctx, time_us(lambda: A.decode_attention(
-                    c["q"], c["kc8"], c["vc8"], c["bt"], c["lens"], scale=scale, kv_scale=c["kv_scale"], out=out,
-                    max_seq_len=ctx))[0], nb8)
-                if args.sweep:
-                    sweep(c, hq, hkv, d, ctx, scale, add, shape, bsz)
-                del c
-                torch.cuda.empty_cache()
-                save(args, rows)  # after every size, so a run cut short still leaves its rows
+    def after_case(rows):  # after every size, so a run cut short still leaves its rows
         print(f"  [{time.time() - t_start:.0f}s]", flush=True)
+        save(args, rows)
+
+    rows = run_cases(cases(args), row, after_case=after_case)
     print("wrote", save(args, rows))
     summary(rows)
     png = plot_ratio_panels(result_path("decode_attention", ext="png", directory=args.out_dir),

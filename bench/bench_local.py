@@ -265,8 +265,7 @@ def main(argv=None):
     cases = [norm_cases(norm_grid, dev, gen, torch.compile(eager_add_rmsnorm, dynamic=False), fi_fused_add_rmsnorm),
              silu_cases(tokens_silu, dev, gen, torch.compile(eager_silu_mul, dynamic=False), skipped)]
     rows = [r for c in cases for r in common.run_cases(c, row, deadline=t_start + args.budget_s, skipped=over_budget)]
-    skipped += [[name, c.fields["op"], c.fields["quant"], c.fields["tokens"], c.fields["hidden"]]
-                for c in over_budget for name in c.providers]
+    skipped += [[name, c["op"], c["quant"], c["tokens"], c["hidden"]] for c in over_budget for name in c["providers"]]
     hdr = common.header("local", calls_per_graph=CALLS_PER_GRAPH, quick=args.quick, configs=args.configs,
                         configs_installed=installed, elapsed_s=round(time.time() - t_start, 1),
                         skipped_over_budget=skipped)

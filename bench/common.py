@@ -341,22 +341,24 @@ def time_providers(providers: dict, *, rounds: int = 1, device=None, before: Opt
 def run_cases(cases: Iterable[Case], row: Callable[[Case, str, Timing], Optional[dict]], *,
               after_case: Optional[Callable[[list], None]] = None, deadline: Optional[float] = None,
               skipped: Optional[list] = None, **timing_kw) -> list:
-    """The one benchmark loop: for each case, :func:`time_providers` (``timing_kw``: rounds, device, and the
-    timer's options), then ``row(case, provider, timing)`` per provider (None: no row) appended to the result;
-    ``after_case(rows)`` after each case (print progress, save what was measured so far). ``deadline``
-    (``time.time()`` value): cases not started by then are not timed; their fields go to ``skipped``."""
+    """The one benchmark loop: for each case, :func:`time_providers` (``timing_kw``: rounds, device, before, and
+    the timer's options, overridden by the case's own ``timing``), then ``row(case, provider, timing)`` per provider
+    (None: no row) appended to the result; ``after_case(rows)`` after each case (print progress, save what was
+    measured so far). ``deadline`` (``time.time()`` value): cases not started by then are not timed; each goes to
+    ``skipped`` as its fields plus ``"providers"`` (the names not timed)."""
     rows = []
     for case in cases:
         if deadline is not None and time.time() > deadline:
             if skipped is not None:
-                skipped.append(dict(case.fields))
-            continue
-        for name, timing in time_providers(case.providers, **{**timing_kw, **case.timing}).items():
-            r = row(case, name, timing)
-            if r is not None:
-                rows.append(r)
-        if after_case is not None:
-            after_case(rows)
+                skipped.append({**case.fields, "providers": list(case.providers)})
+        else:
+            for name, timing in time_providers(case.providers, **{**timing_kw, **case.timing}).items():
+                r = row(case, name, timing)
+                if r is not None:
+                    rows.append(r)
+            if after_case is not None:
+                after_case(rows)
+        del case  # no reference left: a generator of cases frees this one's inputs before it builds the next
     return rows
 
 
