@@ -129,7 +129,7 @@ def cases(args):
                     sweep(c, d, ctx, scale, provs)
                 yield Case(fields={"shape": f"hq{hq}/hkv{hkv}/d{d}", "batch": bsz, "ctx": ctx}, providers=provs,
                            extra={"nb16": op_bytes(c, hq, hkv, d, 2), "nb8": op_bytes(c, hq, hkv, d, 1)})
-                del c, provs
+                c = provs = None  # free this case's caches before the next one allocates
                 torch.cuda.empty_cache()
 
 

@@ -88,8 +88,6 @@ def flashinfer_comms(max_tokens, hidden, rank):
 def providers(ranks, comm, flat, fi_comms, pipe_producers, inputs):
     """``{provider: step}`` for one size (``inputs`` = x, residual, weight, spec; ``flat``: the symmetric buffer's
     rows of this size)."""
-    import torch.distributed as dist
-
     x, residual, weight, spec = inputs
     ws, group = comm.workspace, ranks.group
     default_producers = ws.producers
@@ -128,8 +126,6 @@ def check(ranks, provs, fi_comms, spec, what):
     """Correctness against the NCCL + tpfuse-norm result, once per size: a wrong tpfuse kernel raises; a wrong or
     fallen-back FlashInfer result drops that provider at this size (on every rank alike). Returns
     ``{fi provider: path that ran}``."""
-    import torch.distributed as dist
-
     want_out, want_res = provs["nccl+tpfuse"]()
 
     def wrong(name):

@@ -121,7 +121,7 @@ def norm_cases(grid, dev, gen, compiled, fi_fused_add_rmsnorm):
                 nbytes = 2 * t * h * 2 + h * 2 + t * h * 2 + out_bytes(t, h, quant)
                 yield common.Case(fields=dict(op="add_rmsnorm", quant=quant, tokens=t, hidden=h),
                                   providers={n: rotated(f, nc) for n, f in provs.items()}, extra=dict(nbytes=nbytes))
-            del xs, rs
+            xs = rs = None  # free this size's inputs before the next one allocates
 
 
 def silu_cases(tokens, dev, gen, compiled, skipped):
@@ -143,7 +143,7 @@ def silu_cases(tokens, dev, gen, compiled, skipped):
             yield common.Case(fields=dict(op="silu_mul", quant=quant, tokens=t, hidden=INTER),
                               providers={n: rotated(f, nc) for n, f in provs.items()},
                               extra=dict(nbytes=in_b + out_bytes(t, INTER, quant)))
-        del xs
+        xs = None  # free this size's inputs before the next one allocates
         torch.cuda.empty_cache()
 
 
