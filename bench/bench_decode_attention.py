@@ -14,7 +14,7 @@ fixes the split count) is the context. Timing: CUDA graphs of back-to-back calls
 (:func:`common.time_us`). GB/s counts the bytes the op must move: the K and V rows of the valid keys (in the
 cache's dtype), q and out.
 
-Output (``--out-dir``, default ``$OUT`` or ``bench/results/gpu-run``): ``decode_attention_<device>.json`` with the
+Output (``--out-dir``, default ``$OUT``, else ``bench/results``): ``decode_attention_<device>.json`` with the
 usual header (device, commit from ``TPFUSE_COMMIT``, versions) and rows ``{provider, shape, batch, ctx, median_us,
 gbps, kv_bytes}``, and ``decode_attention_<device>.png`` (time relative to SDPA per shape and context).
 ``--quick``: B 1 and 64 only. ``--sweep``: also time tpfuse at forced (partition, BLOCK_N, num_warps) configs.
@@ -30,7 +30,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, device_slug, header, plot_ratio_panels, time_us, write_json  # noqa: E402
+from common import Case, header, plot_ratio_panels, result_path, run_cases, write_json  # noqa: E402
 
 from tpfuse import attention as A  # noqa: E402
 
@@ -90,7 +90,8 @@ def check(c, scale, ctx):
     assert err8 < 1e-1, f"tpfuse decode attention (FP8 cache) disagrees with SDPA: {err8}"
 
 
-def sweep(c, hq, hkv, d, ctx, scale, add, shape, bsz):
+def sweep(c, d, ctx, scale, provs):
+    """tpfuse at forced (partition, BLOCK_N, num_warps) configs, added to ``provs``."""
     from tpfuse.kernels.decode_attention import launch_decode_attention
 
     out = torch.empty_like(c["q"])
@@ -101,10 +102,49 @@ def sweep(c, hq, hkv, d, ctx, scale, add, shape, bsz):
             for nw in (4, 8):
                 if part % bn:
                     continue
-                us = time_us(lambda: launch_decode_attention(c["q"], c["kc"], c["vc"], c["bt"], c["lens"], out,
-                                                             scale, None, max_seq_len=ctx, partition=part,
-                                                             block_n=bn, num_warps=nw))[0]
-                add(f"tpfuse[p={part},bn={bn},nw={nw}]", shape, bsz, ctx, us, op_bytes(c, hq, hkv, d, 2))
+                provs[f"tpfuse[p={part},bn={bn},nw={nw}]"] = (
+                    lambda part=part, bn=bn, nw=nw: launch_decode_attention(
+                        c["q"], c["kc"], c["vc"], c["bt"], c["lens"], out, scale, None, max_seq_len=ctx,
+                        partition=part, block_n=bn, num_warps=nw))
+
+
+def cases(args):
+    """Per heads x context x batch: a checked paged case, providers sdpa, tpfuse, tpfuse_fp8 (+ the sweep)."""
+    gen = torch.Generator().manual_seed(0)
+    d = HEAD_DIM
+    scale = d ** -0.5
+    for hq, hkv in HEADS:
+        for ctx in CONTEXTS:
+            for bsz in (BATCHES_QUICK if args.quick else BATCHES):
+                c = make_case(bsz, ctx, hq, hkv, d, args.block_size, args.mixed, gen)
+                check(c, scale, ctx)
+                out = torch.empty_like(c["q"])
+                provs = {"sdpa": lambda: sdpa(c, scale),
+                         "tpfuse": lambda: A.decode_attention(c["q"], c["kc"], c["vc"], c["bt"], c["lens"],
+                                                              scale=scale, out=out, max_seq_len=ctx),
+                         "tpfuse_fp8": lambda: A.decode_attention(
+                             c["q"], c["kc8"], c["vc8"], c["bt"], c["lens"], scale=scale, kv_scale=c["kv_scale"],
+                             out=out, max_seq_len=ctx)}
+                if args.sweep:
+                    sweep(c, d, ctx, scale, provs)
+                yield Case(fields={"shape": f"hq{hq}/hkv{hkv}/d{d}", "batch": bsz, "ctx": ctx}, providers=provs,
+                           extra={"nb16": op_bytes(c, hq, hkv, d, 2), "nb8": op_bytes(c, hq, hkv, d, 1)})
+                c = provs = None  # free this case's caches before the next one allocates
+                torch.cuda.empty_cache()
+
+
+def row(case, provider, timing):
+    """A row ``{provider, shape, batch, ctx, median_us, gbps, kv_bytes}`` (printed); a failed provider: printed."""
+    f = case.fields
+    if timing.mode.startswith("error"):
+        print(f"{f['shape']:18s} ctx={f['ctx']:5d} B={f['batch']:3d} {provider:28s} {timing.mode}", flush=True)
+        return None
+    us, nbytes = timing.us, case.extra["nb8" if provider == "tpfuse_fp8" else "nb16"]
+    r = {"provider": provider, **f, "median_us": round(us, 3), "gbps": round(nbytes / (us * 1e-6) / 1e9, 1),
+         "kv_bytes": nbytes}
+    print(f"{f['shape']:18s} ctx={f['ctx']:5d} B={f['batch']:3d} {provider:28s} {us:9.2f} us {r['gbps']:8.1f} GB/s",
+          flush=True)
+    return r
 
 
 def main(argv=None):
@@ -113,45 +153,20 @@ def main(argv=None):
     ap.add_argument("--mixed", action="store_true", help="random lengths in [ctx/2, ctx] instead of all at ctx")
     ap.add_argument("--sweep", action="store_true", help="also time tpfuse at forced (partition, BLOCK_N, warps)")
     ap.add_argument("--block-size", type=int, default=BLOCK_SIZE, help="paged-cache block size (default 16)")
-    ap.add_argument("--out-dir", default=os.environ.get("OUT") or os.path.join(RESULTS, "gpu-run"))
+    ap.add_argument("--out-dir", default=None, help="default: $OUT, else bench/results")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_decode_attention needs a CUDA GPU")
-    gen = torch.Generator().manual_seed(0)
-    rows = []
     t_start = time.time()
 
-    def add(provider, shape, bsz, ctx, us, nbytes):
-        rows.append({"provider": provider, "shape": shape, "batch": bsz, "ctx": ctx, "median_us": round(us, 3),
-                     "gbps": round(nbytes / (us * 1e-6) / 1e9, 1), "kv_bytes": nbytes})
-        print(f"{shape:18s} ctx={ctx:5d} B={bsz:3d} {provider:28s} {us:9.2f} us {rows[-1]['gbps']:8.1f} GB/s",
-              flush=True)
-
-    d = HEAD_DIM
-    scale = d ** -0.5
-    for hq, hkv in HEADS:
-        shape = f"hq{hq}/hkv{hkv}/d{d}"
-        for ctx in CONTEXTS:
-            for bsz in (BATCHES_QUICK if args.quick else BATCHES):
-                c = make_case(bsz, ctx, hq, hkv, d, args.block_size, args.mixed, gen)
-                check(c, scale, ctx)
-                nb16, nb8 = op_bytes(c, hq, hkv, d, 2), op_bytes(c, hq, hkv, d, 1)
-                add("sdpa", shape, bsz, ctx, time_us(lambda: sdpa(c, scale))[0], nb16)
-                out = torch.empty_like(c["q"])
-                add("tpfuse", shape, bsz, ctx, time_us(lambda: A.decode_attention(
-                    c["q"], c["kc"], c["vc"], c["bt"], c["lens"], scale=scale, out=out, max_seq_len=ctx))[0], nb16)
-                add("tpfuse_fp8", shape, bsz, ctx, time_us(lambda: A.decode_attention(
-                    c["q"], c["kc8"], c["vc8"], c["bt"], c["lens"], scale=scale, kv_scale=c["kv_scale"], out=out,
-                    max_seq_len=ctx))[0], nb8)
-                if args.sweep:
-                    sweep(c, hq, hkv, d, ctx, scale, add, shape, bsz)
-                del c
-                torch.cuda.empty_cache()
-                save(args, rows)  # after every size, so a run cut short still leaves its rows
+    def after_case(rows):  # after every size, so a run cut short still leaves its rows
         print(f"  [{time.time() - t_start:.0f}s]", flush=True)
+        save(args, rows)
+
+    rows = run_cases(cases(args), row, after_case=after_case)
     print("wrote", save(args, rows))
     summary(rows)
-    png = plot_ratio_panels(os.path.join(args.out_dir, f"decode_attention_{device_slug()}.png"),
+    png = plot_ratio_panels(result_path("decode_attention", ext="png", directory=args.out_dir),
                             [r for r in rows if "[" not in r["provider"]], panel=("shape", "ctx"), x="batch",
                             y="median_us", baseline="sdpa", ylabel="time / SDPA time (lower is better)",
                             title=f"decode attention, paged cache (block {args.block_size}), bf16 q, "
@@ -160,8 +175,7 @@ def main(argv=None):
 
 
 def save(args, rows):
-    os.makedirs(args.out_dir, exist_ok=True)
-    return write_json(os.path.join(args.out_dir, f"decode_attention_{device_slug()}.json"),
+    return write_json(result_path("decode_attention", directory=args.out_dir),
                       header("bench_decode_attention", quick=args.quick, mixed=args.mixed, sweep=args.sweep,
                              block_size=args.block_size, head_dim=HEAD_DIM, heads=[list(h) for h in HEADS]), rows)
 

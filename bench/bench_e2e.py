@@ -293,26 +293,24 @@ def fp8_static_rows(name, args, dev, rows, bandwidth, comm, cache):
 
 def main(argv=None):
     args = parse_args(argv)
-    tpfuse.init_distributed()
-    dev = torch.device("cuda", torch.cuda.current_device())
-    bandwidth = copy_bandwidth(dev)
-    if dist.get_rank() == 0:
-        print(f"device-to-device copy bandwidth: {bandwidth / 1e12:.2f} TB/s", flush=True)
-    rows = []
-    if not args.no_fp8:
-        from fp8_quality import fp8_quality
+    with common.rank_context() as ranks:
+        dev = ranks.device
+        bandwidth = copy_bandwidth(dev)
+        if ranks.rank == 0:
+            print(f"device-to-device copy bandwidth: {bandwidth / 1e12:.2f} TB/s", flush=True)
+        rows = []
+        if not args.no_fp8:
+            from fp8_quality import fp8_quality
 
-        q = fp8_quality(dist.get_world_size(), dev)
-        rows.append(dict(model="tiny", mode="fp8_quality", tokens=q["steps"], provider="tpfuse_fp8", us=float("nan"),
-                         **q))
-        if dist.get_rank() == 0:
-            print(f"fp8 quality (tiny model): {q}", flush=True)
-    for i, name in enumerate(args.models.split(",")):
-        run_model(name, args, dev, rows, bandwidth, first=i == 0)
-        if dist.get_rank() == 0:  # after every model: a run cut off later keeps the finished models' rows
-            _write(rows, args, bandwidth)
-    dist.barrier()
-    dist.destroy_process_group()
+            q = fp8_quality(ranks.world, dev)
+            rows.append(dict(model="tiny", mode="fp8_quality", tokens=q["steps"], provider="tpfuse_fp8",
+                             us=float("nan"), **q))
+            if ranks.rank == 0:
+                print(f"fp8 quality (tiny model): {q}", flush=True)
+        for i, name in enumerate(args.models.split(",")):
+            run_model(name, args, dev, rows, bandwidth, first=i == 0)
+            if ranks.rank == 0:  # after every model: a run cut off later keeps the finished models' rows
+                _write(rows, args, bandwidth)
 
 
 def _write(rows, args, bandwidth):
@@ -320,8 +318,7 @@ def _write(rows, args, bandwidth):
     hdr = common.header("e2e", tp=tp, layers=args.layers, context=args.context, steps=args.steps,
                         copy_bandwidth_tb_s=round(bandwidth / 1e12, 3), timing="host wall time per call between "
                         "device syncs (decode: per step over --steps steps)")
-    path = os.path.join(os.environ.get("OUT") or common.RESULTS, f"e2e_tp{tp}_{common.device_slug()}.json")
-    common.write_json(path, hdr, rows)
+    path = common.write_json(common.result_path("e2e", tp=tp), hdr, rows)
     common.plot_ratio_panels(path.replace(".json", ".png"), [r for r in rows if r["us"] == r["us"]],
                              panel=("model", "mode"), x="tokens", y="us", baseline="tpfuse",
                              ylabel="time / tpfuse (above 1: tpfuse faster)",

@@ -20,9 +20,9 @@ Usage::
     python bench/bench_host.py [--calls 2000] [--repeats 7] [--out-dir DIR] [--stub-kernels] [--profile OP]
     torchrun --standalone --nproc-per-node=1 bench/bench_host.py
 
-Writes ``host_<device-slug>.json`` (header: device, commit from ``$TPFUSE_COMMIT``, versions) to ``--out-dir``
-(default ``$OUT``, else ``bench/results/gpu-run``) and prints a table. ``--profile OP`` prints a cProfile of
-``OP``'s loop instead (names as in the table's first column).
+Writes ``host_<device-slug>[_<tag>].json`` (header: device, commit from ``$TPFUSE_COMMIT``, versions) to
+``--out-dir`` (default ``$OUT``, else ``bench/results``: :func:`common.result_path`) and prints a table.
+``--profile OP`` prints a cProfile of ``OP``'s loop instead (names as in the table's first column).
 """
 
 from __future__ import annotations
@@ -49,20 +49,9 @@ def sync():
         torch.cuda.synchronize()
 
 
-def init_group() -> str:
-    """The process group: torchrun's when its environment is set, else a one-process group of our own."""
-    from tpfuse.distributed import free_port, init_distributed
-
-    if dist.is_initialized():
-        return dist.get_backend()
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    return init_distributed()
-
-
 def host_us(fn, calls: int, repeats: int, warmup: int = 50) -> float:
-    """Median over ``repeats`` loops of (loop wall time / calls), in microseconds; no sync inside a loop."""
+    """Median over ``repeats`` loops of (loop wall time / calls), in microseconds; no sync inside a loop (host
+    time, the quantity this benchmark is about; device time is :func:`gpu_us`)."""
     for _ in range(warmup):
         fn()
     sync()
@@ -78,17 +67,11 @@ def host_us(fn, calls: int, repeats: int, warmup: int = 50) -> float:
 
 
 def gpu_us(fn, calls: int) -> float | None:
-    """GPU time per call of the same back-to-back loop (CUDA events), or None on CPU."""
+    """GPU time per call of the same back-to-back eager loop (:func:`common.time_us`, CUDA events, one
+    measurement), or None on CPU."""
     if not torch.cuda.is_available():
         return None
-    sync()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / calls
+    return common.time_us(fn, calls=calls, replays=1, use_graph=False)[0]
 
 
 def stub_kernels():
@@ -173,51 +156,25 @@ def cases(dev, comm):
     return out
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--calls", type=int, default=2000)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--out-dir", default=os.environ.get("OUT") or os.path.join(common.RESULTS, "gpu-run"))
-    ap.add_argument("--stub-kernels", action="store_true", help="CPU: Triton launchers with no-op kernels")
-    ap.add_argument("--profile", default=None, help="cProfile one row's loop instead of timing the table")
-    ap.add_argument("--only", default=None, help="comma-separated row names to time")
-    ap.add_argument("--tag", default="", help="suffix of the JSON file name")
-    args = ap.parse_args(argv)
+def profile(fn, calls):
+    """cProfile of ``calls`` back-to-back calls of ``fn`` (after a warm-up), printed."""
+    import cProfile
+    import pstats
 
-    backend = init_group()
-    dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    if args.stub_kernels:
-        if dev.type == "cuda":
-            raise SystemExit("--stub-kernels is a CPU measurement aid")
-        stub_kernels()
-    import tpfuse
+    for _ in range(50):
+        fn()
+    sync()
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(calls):
+        fn()
+    sync()
+    pr.disable()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(30)
 
-    comm = tpfuse.TPCommunicator(max_tokens=64, hidden_size=H, dtype=torch.bfloat16)
-    rows_in = cases(dev, comm)
-    if args.only:
-        keep = set(args.only.split(","))
-        rows_in = [r for r in rows_in if r[0] in keep or r[0] in {b for _, _, b in rows_in if b}]
-    if args.profile:
-        import cProfile
-        import pstats
 
-        fn = dict((n, f) for n, f, _ in rows_in)[args.profile]
-        for _ in range(50):
-            fn()
-        sync()
-        pr = cProfile.Profile()
-        pr.enable()
-        for _ in range(args.calls):
-            fn()
-        sync()
-        pr.disable()
-        pstats.Stats(pr).sort_stats("tottime").print_stats(30)
-        return None
-
-    mode = ("reference path (CPU)" if dev.type == "cpu" and not args.stub_kernels else
-            "Triton launchers with no-op kernels (CPU)" if args.stub_kernels else "Triton kernels (GPU)")
-    rows = []
-    by_name = {}
+def measure(rows_in, args):
+    rows, by_name = [], {}
     for name, fn, base in rows_in:
         us = host_us(fn, args.calls, args.repeats)
         g_us = gpu_us(fn, min(args.calls, 500))
@@ -225,6 +182,10 @@ def main(argv=None):
         rows.append({"op": name, "host_us": round(us, 2), "gpu_us": None if g_us is None else round(g_us, 2),
                      "gpu_bound": bool(g_us is not None and g_us > 0.8 * us), "baseline": base,
                      "over_baseline_us": None if base not in by_name else round(us - by_name[base], 2)})
+    return rows
+
+
+def report(rows, args, backend, mode):
     print(f"host time per eager call: {common.device_name()}, backend={backend}, TP=1, {mode}, "
           f"tensors {T}x{H} bf16, {args.calls} calls x {args.repeats}")
     print(f"{'op':<40} {'host us':>9} {'gpu us':>8} {'baseline':<30} {'+us':>8}")
@@ -238,10 +199,41 @@ def main(argv=None):
     hdr = common.header("bench_host", mode=mode, backend=backend, tp=1, tokens=T, hidden=H, calls=args.calls,
                         repeats=args.repeats, stub_kernels=bool(args.stub_kernels),
                         fast_launch=dict(enabled=fast_launch.ENABLED, **fast_launch.STATS))
-    path = os.path.join(args.out_dir, f"host_{common.device_slug()}{args.tag}.json")
-    print("wrote", common.write_json(path, hdr, rows))
-    comm.close()
-    dist.destroy_process_group()
+    path = common.write_json(common.result_path("host", tag=args.tag, directory=args.out_dir), hdr, rows)
+    print("wrote", path)
+    return path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--out-dir", default=None, help="default: $OUT, else bench/results")
+    ap.add_argument("--stub-kernels", action="store_true", help="CPU: Triton launchers with no-op kernels")
+    ap.add_argument("--profile", default=None, help="cProfile one row's loop instead of timing the table")
+    ap.add_argument("--only", default=None, help="comma-separated row names to time")
+    ap.add_argument("--tag", default="", help="suffix of the JSON file name")
+    args = ap.parse_args(argv)
+    # torchrun's process group when its environment is set, else a one-process group of our own
+    with common.rank_context(single_process=True) as ranks:
+        if args.stub_kernels:
+            if ranks.device.type == "cuda":
+                raise SystemExit("--stub-kernels is a CPU measurement aid")
+            stub_kernels()
+        import tpfuse
+
+        comm = tpfuse.TPCommunicator(max_tokens=64, hidden_size=H, dtype=torch.bfloat16)
+        rows_in = cases(ranks.device, comm)
+        if args.only:
+            keep = set(args.only.split(","))
+            rows_in = [r for r in rows_in if r[0] in keep or r[0] in {b for _, _, b in rows_in if b}]
+        if args.profile:
+            profile(dict((n, f) for n, f, _ in rows_in)[args.profile], args.calls)
+            return None
+        mode = ("reference path (CPU)" if ranks.device.type == "cpu" and not args.stub_kernels else
+                "Triton launchers with no-op kernels (CPU)" if args.stub_kernels else "Triton kernels (GPU)")
+        path = report(measure(rows_in, args), args, ranks.backend, mode)
+        comm.close()
     return path
 
 

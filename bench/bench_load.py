@@ -151,38 +151,32 @@ def main(argv=None):
     args.dir = args.dir or f"/tmp/tpfuse_ckpt_{args.shape}{'_fp8' if args.fp8 else ''}"
     if args.write:
         return write_checkpoint(args)
-    if "RANK" not in os.environ:  # one process: a TP=1 group
-        from tpfuse.distributed import free_port
-
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
     import tpfuse
 
-    tpfuse.init_distributed("nccl" if args.device == "cuda" else "gloo")
-    dev = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
-    if dist.get_rank() == 0 and not os.path.exists(os.path.join(args.dir, "config.json")):
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--write", "--shape", args.shape, "--device",
-                        args.device, "--dir", args.dir] + (["--fp8"] if args.fp8 else []), check=True)
-        print(f"wrote {args.dir} in {time.perf_counter() - t0:.0f} s", flush=True)
-    dist.barrier()
-    hidden = SHAPES[args.shape]["hidden_size"]
-    comm = tpfuse.TPCommunicator(max_tokens=256, hidden_size=hidden, dtype=torch.bfloat16)
-    row = measure(args, comm, dev)
-    rows = [None] * dist.get_world_size()
-    dist.all_gather_object(rows, row)
-    if dist.get_rank() == 0:
-        for r in rows:
-            print(json.dumps(r), flush=True)
-        hdr = common.header("load", tp=dist.get_world_size(), shape=args.shape, fp8=args.fp8,
-                            target="host and device peak per rank <= 1.2x the shard")
-        name = f"load_tp{dist.get_world_size()}_{common.device_slug() if args.device == 'cuda' else 'cpu'}"
-        path = os.path.join(os.environ.get("OUT") or common.RESULTS, name + ("_fp8" if args.fp8 else "") + ".json")
-        common.write_json(path, hdr, rows)
-        print("wrote", path, flush=True)
-    comm.close()
-    dist.barrier()
-    dist.destroy_process_group()
+    # torchrun's group, or without its environment a TP=1 group of this process
+    with common.rank_context("nccl" if args.device == "cuda" else "gloo", single_process=True) as ranks:
+        dev = ranks.device
+        if ranks.rank == 0 and not os.path.exists(os.path.join(args.dir, "config.json")):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--write", "--shape", args.shape, "--device",
+                            args.device, "--dir", args.dir] + (["--fp8"] if args.fp8 else []), check=True)
+            print(f"wrote {args.dir} in {time.perf_counter() - t0:.0f} s", flush=True)
+        dist.barrier()
+        hidden = SHAPES[args.shape]["hidden_size"]
+        comm = tpfuse.TPCommunicator(max_tokens=256, hidden_size=hidden, dtype=torch.bfloat16)
+        row = measure(args, comm, dev)
+        rows = [None] * ranks.world
+        dist.all_gather_object(rows, row)
+        if ranks.rank == 0:
+            for r in rows:
+                print(json.dumps(r), flush=True)
+            hdr = common.header("load", tp=ranks.world, shape=args.shape, fp8=args.fp8,
+                                target="host and device peak per rank <= 1.2x the shard")
+            path = common.result_path("load", tp=ranks.world, tag="fp8" if args.fp8 else "",
+                                      device=common.device_slug() if args.device == "cuda" else "cpu")
+            common.write_json(path, hdr, rows)
+            print("wrote", path, flush=True)
+        comm.close()
 
 
 if __name__ == "__main__":

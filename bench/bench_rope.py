@@ -14,8 +14,9 @@ Shapes: Qwen3-8B-like, head_dim 128, TP=1 (32 q / 8 kv heads) and TP=2 (16 / 4);
 graphs of back-to-back calls, median per call (:func:`common.time_us`). Effective GB/s counts the bytes each op must
 read and write once (q/k read + written, v read, cache rows written, cos/sin rows and positions read).
 
-Output: ``bench/results/rope_<device>.json`` (``--out-dir`` to change) with the usual header and rows
-``{provider, op, tokens, shape, median_us, gbps}``, and a PNG plot per op when matplotlib imports.
+Output: ``rope_<device>.json`` in ``--out-dir`` (else ``$OUT``, else ``bench/results``) with the usual header and
+rows ``{provider, op, tokens, shape, median_us, gbps}``, and a PNG plot per op (``rope_<device>_<op>.png``) when
+matplotlib imports.
 ``--quick``: fewer token counts. ``--sweep``: also time tpfuse at forced (BLOCK_H, num_warps) configs.
 """
 
@@ -29,7 +30,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, device_slug, header, time_us, write_json  # noqa: E402
+import common  # noqa: E402
 
 from tpfuse import rope as R  # noqa: E402
 
@@ -52,9 +53,7 @@ def cos_sin_cache(max_pos, rot_dim, device):
 
 
 def rmsnorm_torch(x, w, eps):
-    xf = x.float()
-    var = xf.pow(2).mean(dim=-1, keepdim=True)
-    return (xf * torch.rsqrt(var + eps) * w.float()).to(x.dtype)
+    return common.eager_rmsnorm(x, w, eps).to(x.dtype)
 
 
 def rope_native(positions, q, k, cache, head_dim, is_neox=True):
@@ -119,11 +118,94 @@ def compiled(fn):
     return torch.compile(fn, dynamic=False, fullgraph=True)
 
 
+def qk_case(args, fi, cache, pos, shape_info, t):
+    """QK-norm + RoPE at ``t`` tokens: checked against the unfused eager sequence, then its providers."""
+    tp, hq, hkv, qw, kw = shape_info
+    d = HEAD_DIM
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, device="cuda").bfloat16()
+    # correctness guard: tpfuse vs the unfused eager sequence (one bf16 rounding apart)
+    x = qkv.clone()
+    fq, fk = R.qk_norm_rope(x, qw, kw, cache, pos, num_heads=hq, num_kv_heads=hkv, head_dim=d, eps=EPS,
+                            is_neox=True)
+    uq, uk = unfused_qk_norm_rope(qkv, qw, kw, cache, pos, hq, hkv, d)
+    err = ((fq.float() - uq.float()).norm() / uq.float().norm()).item()
+    assert err < 2e-2, f"tpfuse qk_norm_rope disagrees with the unfused sequence: {err}"
+    provs = {"torch_eager": lambda: unfused_qk_norm_rope(qkv, qw, kw, cache, pos, hq, hkv, d)}
+    if not args.no_compile:
+        cf = compiled(unfused_qk_norm_rope)
+        provs["torch_compile"] = lambda: cf(qkv, qw, kw, cache, pos, hq, hkv, d)
+    if fi is not None:
+        provs["flashinfer"] = lambda: flashinfer_qk_norm_rope(fi, qkv, qw, kw, cache, pos, hq, hkv, d)
+    provs["tpfuse"] = lambda: R.qk_norm_rope(x, qw, kw, cache, pos, num_heads=hq, num_kv_heads=hkv, head_dim=d,
+                                             eps=EPS, is_neox=True)
+    if args.sweep:
+        from tpfuse.kernels.rope import launch_qk_norm_rope
+
+        for bh in (1, 2, 4, 8, 16):
+            for nw in (1, 2, 4, 8):
+                if bh * d // 2 >= nw * 32:
+                    provs[f"tpfuse[bh={bh},nw={nw}]"] = lambda bh=bh, nw=nw: launch_qk_norm_rope(
+                        x, qw, kw, cache, pos, hq, hkv, d, EPS, True, False, block_h=bh, num_warps=nw)
+    return common.Case(fields={"op": "qk_norm_rope", "tokens": t, "shape": f"tp{tp}:hq{hq}/hkv{hkv}/d{d}"},
+                       providers=provs, extra={"nbytes": qk_bytes(t, hq, hkv, d)})
+
+
+def kv_cases(args, cache, pos, shape_info, t):
+    """RoPE + paged KV-cache write at ``t`` tokens, bf16 and FP8 caches."""
+    tp, hq, hkv, _, _ = shape_info
+    d, dev = HEAD_DIM, "cuda"
+    q = torch.randn(t, hq, d, device=dev).bfloat16()
+    k = torch.randn(t, hkv, d, device=dev).bfloat16()
+    v = torch.randn(t, hkv, d, device=dev).bfloat16()
+    block_size = 16
+    nblocks = (t + block_size - 1) // block_size + 1
+    slots = torch.randperm(nblocks * block_size, device=dev)[:t]
+    scale = torch.tensor(0.05, device=dev)
+    for cdt, tag in ((torch.bfloat16, "bf16"), (torch.float8_e4m3fn, "fp8")):
+        kc = torch.zeros(nblocks, block_size, hkv, d, device=dev).to(cdt)
+        vc = torch.zeros_like(kc)
+        provs = {"torch_eager": lambda: unfused_rope_kv_cache_write(q, k, v, pos, cache, kc, vc, slots, scale)}
+        if not args.no_compile:
+            cf = compiled(unfused_rope_kv_cache_write)
+            provs["torch_compile"] = lambda: cf(q, k, v, pos, cache, kc, vc, slots, scale)
+        qq, kk = q.clone(), k.clone()
+        provs["tpfuse"] = lambda: R.rope_kv_cache_write(qq, kk, v, pos, cache, kc, vc, slots, is_neox=True,
+                                                        kv_scale=scale)
+        yield common.Case(fields={"op": f"rope_kv_cache_write_{tag}", "tokens": t,
+                                  "shape": f"tp{tp}:hq{hq}/hkv{hkv}/d{d}"},
+                          providers=provs, extra={"nbytes": kv_bytes(t, hq, hkv, d, kc.element_size())})
+
+
+def cases(args, fi, cache):
+    for tp, (hq, hkv) in TP_SHAPES.items():
+        shape_info = (tp, hq, hkv, (torch.rand(HEAD_DIM, device="cuda") + 0.5).bfloat16(),
+                      (torch.rand(HEAD_DIM, device="cuda") + 0.5).bfloat16())
+        for t in (TOKENS_QUICK if args.quick else TOKENS):
+            pos = torch.randint(0, MAX_POS, (t,), device="cuda")
+            yield qk_case(args, fi, cache, pos, shape_info, t)
+            yield from kv_cases(args, cache, pos, shape_info, t)
+
+
+def row(case, provider, timing):
+    """A row ``{provider, op, tokens, shape, median_us, gbps}`` (printed); a failed provider is printed, no row
+    (e.g. a FlashInfer API mismatch must not stop the benchmark)."""
+    f = case.fields
+    if timing.mode.startswith("error"):
+        print(f"{provider} skipped ({f['op']} T={f['tokens']}): {timing.mode}")
+        return None
+    us = timing.us
+    r = {"provider": provider, "op": f["op"], "tokens": f["tokens"], "shape": f["shape"], "median_us": round(us, 3),
+         "gbps": round(case.extra["nbytes"] / (us * 1e-6) / 1e9, 1)}
+    print(f"{r['op']:28s} {r['shape']:22s} T={r['tokens']:6d} {provider:24s} {us:9.2f} us {r['gbps']:8.1f} GB/s",
+          flush=True)
+    return r
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="also time tpfuse at forced (BLOCK_H, num_warps)")
-    ap.add_argument("--out-dir", default=RESULTS)
+    ap.add_argument("--out-dir", default=None, help="default: $OUT, else bench/results")
     ap.add_argument("--no-compile", action="store_true")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -138,90 +220,22 @@ def main(argv=None):
         import flashinfer as fi  # noqa: F401
     except Exception:
         fi = None
-    dev = "cuda"
-    tokens = TOKENS_QUICK if args.quick else TOKENS
-    cache = cos_sin_cache(MAX_POS, HEAD_DIM, dev)
-    rows = []
     t_start = time.time()
 
-    def add(provider, op, t, shape, us, nbytes):
-        rows.append({"provider": provider, "op": op, "tokens": t, "shape": shape, "median_us": round(us, 3),
-                     "gbps": round(nbytes / (us * 1e-6) / 1e9, 1)})
-        print(f"{op:28s} {shape:22s} T={t:6d} {provider:24s} {us:9.2f} us {rows[-1]['gbps']:8.1f} GB/s", flush=True)
+    def after_case(rows):  # save after every case, so a run cut short still leaves its rows
+        print(f"  [{time.time() - t_start:.0f}s]", flush=True)
+        save(args, rows)
 
-    for tp, (hq, hkv) in TP_SHAPES.items():
-        d = HEAD_DIM
-        qw = (torch.rand(d, device=dev) + 0.5).bfloat16()
-        kw = (torch.rand(d, device=dev) + 0.5).bfloat16()
-        for t in tokens:
-            shape = f"tp{tp}:hq{hq}/hkv{hkv}/d{d}"
-            qkv = torch.randn(t, (hq + 2 * hkv) * d, device=dev).bfloat16()
-            pos = torch.randint(0, MAX_POS, (t,), device=dev)
-            nb = qk_bytes(t, hq, hkv, d)
-            op = "qk_norm_rope"
-            # correctness guard: tpfuse vs the unfused eager sequence (one bf16 rounding apart)
-            x = qkv.clone()
-            fq, fk = R.qk_norm_rope(x, qw, kw, cache, pos, num_heads=hq, num_kv_heads=hkv, head_dim=d, eps=EPS,
-                                    is_neox=True)
-            uq, uk = unfused_qk_norm_rope(qkv, qw, kw, cache, pos, hq, hkv, d)
-            err = ((fq.float() - uq.float()).norm() / uq.float().norm()).item()
-            assert err < 2e-2, f"tpfuse qk_norm_rope disagrees with the unfused sequence: {err}"
-            add("torch_eager", op, t, shape, time_us(lambda: unfused_qk_norm_rope(qkv, qw, kw, cache, pos, hq, hkv, d))[0], nb)
-            if not args.no_compile:
-                cf = compiled(unfused_qk_norm_rope)
-                add("torch_compile", op, t, shape, time_us(lambda: cf(qkv, qw, kw, cache, pos, hq, hkv, d))[0], nb)
-            if fi is not None:
-                try:
-                    add("flashinfer", op, t, shape,
-                        time_us(lambda: flashinfer_qk_norm_rope(fi, qkv, qw, kw, cache, pos, hq, hkv, d))[0], nb)
-                except Exception as e:  # an API mismatch must not stop the benchmark
-                    print(f"flashinfer skipped: {e!r}")
-            add("tpfuse", op, t, shape, time_us(lambda: R.qk_norm_rope(
-                x, qw, kw, cache, pos, num_heads=hq, num_kv_heads=hkv, head_dim=d, eps=EPS, is_neox=True))[0], nb)
-            if args.sweep:
-                from tpfuse.kernels.rope import launch_qk_norm_rope
-
-                for bh in (1, 2, 4, 8, 16):
-                    for nw in (1, 2, 4, 8):
-                        if bh * d // 2 < nw * 32:
-                            continue
-                        add(f"tpfuse[bh={bh},nw={nw}]", op, t, shape, time_us(lambda: launch_qk_norm_rope(
-                            x, qw, kw, cache, pos, hq, hkv, d, EPS, True, False, block_h=bh, num_warps=nw))[0], nb)
-            del qkv, x
-            # RoPE + KV-cache write, bf16 and FP8 caches
-            q = torch.randn(t, hq, d, device=dev).bfloat16()
-            k = torch.randn(t, hkv, d, device=dev).bfloat16()
-            v = torch.randn(t, hkv, d, device=dev).bfloat16()
-            block_size = 16
-            nblocks = (t + block_size - 1) // block_size + 1
-            slots = torch.randperm(nblocks * block_size, device=dev)[:t]
-            scale = torch.tensor(0.05, device=dev)
-            for cdt, tag in ((torch.bfloat16, "bf16"), (torch.float8_e4m3fn, "fp8")):
-                op = f"rope_kv_cache_write_{tag}"
-                kc = torch.zeros(nblocks, block_size, hkv, d, device=dev).to(cdt)
-                vc = torch.zeros_like(kc)
-                nb = kv_bytes(t, hq, hkv, d, kc.element_size())
-                add("torch_eager", op, t, shape, time_us(lambda: unfused_rope_kv_cache_write(
-                    q, k, v, pos, cache, kc, vc, slots, scale))[0], nb)
-                if not args.no_compile:
-                    cf = compiled(unfused_rope_kv_cache_write)
-                    add("torch_compile", op, t, shape, time_us(lambda: cf(q, k, v, pos, cache, kc, vc, slots, scale))[0],
-                        nb)
-                qq, kk = q.clone(), k.clone()
-                add("tpfuse", op, t, shape, time_us(lambda: R.rope_kv_cache_write(
-                    qq, kk, v, pos, cache, kc, vc, slots, is_neox=True, kv_scale=scale))[0], nb)
-            print(f"  [{time.time() - t_start:.0f}s]", flush=True)
-            save(args, rows)  # after every size, so a run cut short still leaves its rows
+    rows = common.run_cases(cases(args, fi, cos_sin_cache(MAX_POS, HEAD_DIM, "cuda")), row, after_case=after_case)
     print("wrote", save(args, rows))
     summary(rows)
-    plot(rows, os.path.join(args.out_dir, f"rope_{device_slug()}"))
+    plot(rows, args.out_dir)
 
 
 def save(args, rows):
-    os.makedirs(args.out_dir, exist_ok=True)
-    return write_json(os.path.join(args.out_dir, f"rope_{device_slug()}.json"),
-                      header("bench_rope", quick=args.quick, sweep=args.sweep, head_dim=HEAD_DIM,
-                             tp_shapes={str(k): v for k, v in TP_SHAPES.items()}), rows)
+    return common.write_json(common.result_path("rope", directory=args.out_dir),
+                             common.header("bench_rope", quick=args.quick, sweep=args.sweep, head_dim=HEAD_DIM,
+                                           tp_shapes={str(k): v for k, v in TP_SHAPES.items()}), rows)
 
 
 def summary(rows):
@@ -239,13 +253,9 @@ def summary(rows):
               f"{best['median_us']:8.2f}  x{best['median_us'] / mine[0]['median_us']:.2f}")
 
 
-def plot(rows, stem):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
+def plot(rows, directory):
+    plt = common.pyplot()
+    if plt is None:
         print("matplotlib not available: no plot")
         return
     for op in sorted({r["op"] for r in rows}):
@@ -256,17 +266,12 @@ def plot(rows, stem):
                 sel = sorted((r for r in rows if r["op"] == op and r["shape"] == shape and r["provider"] == prov),
                              key=lambda r: r["tokens"])
                 ax.plot([r["tokens"] for r in sel], [r["median_us"] for r in sel], marker="o", label=prov)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("tokens")
-            ax.set_ylabel("median us (CUDA graph)")
-            ax.set_title(f"{op} {shape}")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend()
+            common.style_axes(ax, title=f"{op} {shape}", ylabel="median us (CUDA graph)", legend_size=None)
         fig.tight_layout()
-        fig.savefig(f"{stem}_{op}.png", dpi=110)
+        png = common.result_path("rope", tag=op, ext="png", directory=directory)
+        fig.savefig(png, dpi=110)
         plt.close(fig)
-        print("wrote", f"{stem}_{op}.png")
+        print("wrote", png)
 
 
 if __name__ == "__main__":

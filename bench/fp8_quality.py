@@ -59,14 +59,7 @@ def fp8_quality(tp: int, dev, steps: int = 64, prompts: int = 4, prompt_len: int
 
 
 if __name__ == "__main__":  # one process, CPU or one GPU
-    import os
+    import common  # the script's folder is on sys.path
 
-    import torch.distributed as dist
-
-    from tpfuse.distributed import free_port
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
-    print(fp8_quality(1, torch.device("cuda" if cuda else "cpu")))
-    dist.destroy_process_group()
+    with common.rank_context("nccl" if torch.cuda.is_available() else "gloo", single_process=True) as ranks:
+        print(fp8_quality(1, ranks.device))

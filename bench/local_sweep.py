@@ -179,12 +179,9 @@ def precompile(tasks, workers, timeout_s=120.0):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def run_sweep(args, time_graph, n_copies, calls_per_graph, common, device="cuda", bucket_list=BUCKETS):
-    """The sweep (see the module docstring). ``args``: budget_s, sweep_tokens, sweep_ops, precompile_workers,
-    out_dir; ``time_graph(fns, target_s=, min_trials=, max_trials=)`` -> µs per call. ``device`` / ``bucket_list``
-    let the CPU test drive it through the Triton interpreter. Returns the JSON path."""
-    t_start = time.time()
-    dev = torch.device(device)
+def _plan(args, bucket_list):
+    """The buckets to time, their candidates (the table's current entry kept in play) and the distinct kernel
+    variants to precompile."""
     tokens_list = [int(t) for t in args.sweep_tokens.split(",")]
     ops_sel = set(args.sweep_ops.split(","))
     buckets = [(op, f, w, t) for op, f, w in bucket_list if op in ops_sel for t in tokens_list]
@@ -194,10 +191,79 @@ def run_sweep(args, time_graph, n_copies, calls_per_graph, common, device="cuda"
         if cur not in cs:
             cs.append(cur)
     tasks = sorted({(op, f, w, tuple(sorted(asdict(c).items()))) for (op, f, w, t), cs in plan.items() for c in cs})
-    tasks = [(op, f, w, dict(c)) for op, f, w, c in tasks]
-    n_timings = sum(len(c) for c in plan.values())
-    print(f"# sweep: {len(buckets)} buckets, {n_timings} candidate timings, {len(tasks)} kernel variants; "
-          f"budget {args.budget_s:.0f} s", flush=True)
+    return buckets, plan, [(op, f, w, dict(c)) for op, f, w, c in tasks]
+
+
+def _time_bucket(bucket, cands, argsets, spec, timer, timings):
+    """Pass 1 over every candidate, pass 2 over the three fastest plus the default; ``{config: [us, ...]}``.
+    ``timer(config, fns)`` -> µs per call; every measurement is appended to ``timings``."""
+    op, fmt, width, tokens = bucket
+    nbytes, nc, res = bytes_per_call(op, fmt, width, tokens), len(argsets), {}
+
+    def measure(cfg, pass_no):
+        with lc.forced(cfg):
+            us = timer([(lambda k=k: call(op, argsets[k % nc], spec)) for k in range(timer.calls)])
+        res.setdefault(cfg, []).append(us)
+        timings.append(dict(op=op, format=fmt, hidden=width, tokens=tokens, config=asdict(cfg),
+                            label=cfg.short(), median_us=round(us, 3), gbps=round(nbytes / us / 1e3, 1),
+                            **{"pass": pass_no}))
+
+    for cfg in cands:
+        try:
+            measure(cfg, 1)
+        except Exception as e:  # noqa: BLE001 - a candidate that fails is reported and dropped
+            print(f"#   {op} {fmt} {width}x{tokens} {cfg.short()} failed: {type(e).__name__}: {e}"[:300])
+    if not res:
+        return res
+    top = sorted(res, key=lambda c: min(res[c]))[:3]
+    for cfg in _uniq(top + ([cands[0]] if cands[0] in res else [])):
+        try:
+            measure(cfg, 2)
+        except Exception as e:  # noqa: BLE001 - keep pass 1's number
+            print(f"#   {op} {fmt} {width}x{tokens} {cfg.short()} pass 2 failed: {type(e).__name__}: {e}"[:300])
+    return res
+
+
+def _winner(bucket, default, res):
+    """The bucket's ``best`` entry: a candidate's time is its best pass; the default stays unless the winner is
+    >= 1% faster (noise guard)."""
+    op, fmt, width, tokens = bucket
+    nbytes = bytes_per_call(op, fmt, width, tokens)
+    score = {c: min(v) for c, v in res.items()}
+    win = min(score, key=score.get)
+    if default in score and score[win] > 0.99 * score[default]:
+        win = default
+    d_us = score.get(default, float("nan"))
+    return dict(op=op, format=fmt, hidden=width, tokens=tokens, hidden_bucket=lc.next_pow2(width),
+                token_bucket=lc.token_bucket(tokens), config=asdict(win), label=win.short(),
+                median_us=round(score[win], 3), default_label=default.short(), default_us=round(d_us, 3),
+                speedup_vs_default=round(d_us / score[win], 3), gbps=round(nbytes / score[win] / 1e3, 1))
+
+
+def _write(args, common, best, timings, skipped, run_info):
+    header = common.header("local_configs", budget_s=args.budget_s, **run_info,
+                           method="CUDA graph of 20 calls, median per call; pass 2 re-times the 3 fastest + "
+                                  "default, best of passes; default kept unless >= 1% slower")
+    path = common.write_json(common.result_path("local_configs", directory=args.out_dir), header, best=best,
+                             timings=timings, skipped=skipped)
+    changed = [b for b in best if b["label"] != b["default_label"]]
+    print(f"# wrote {path}: {len(best)} buckets, {len(changed)} non-default winners, {len(skipped)} skipped; "
+          f"geomean speedup vs default "
+          f"{statistics.geometric_mean([b['speedup_vs_default'] for b in best]) if best else 1:.3f}x; "
+          f"elapsed {run_info['elapsed_s']:.1f} s")
+    print(f"# bake: python bench/bench_local.py --bake {os.path.relpath(path)}")
+    return path
+
+
+def run_sweep(args, time_graph, n_copies, calls_per_graph, common, device="cuda", bucket_list=BUCKETS):
+    """The sweep (see the module docstring). ``args``: budget_s, sweep_tokens, sweep_ops, precompile_workers,
+    out_dir; ``time_graph(fns, target_s=, min_trials=, max_trials=)`` -> µs per call. ``device`` / ``bucket_list``
+    let the CPU test drive it through the Triton interpreter. Returns the JSON path."""
+    t_start = time.time()
+    dev = torch.device(device)
+    buckets, plan, tasks = _plan(args, bucket_list)
+    print(f"# sweep: {len(buckets)} buckets, {sum(len(c) for c in plan.values())} candidate timings, "
+          f"{len(tasks)} kernel variants; budget {args.budget_s:.0f} s", flush=True)
     workers = args.precompile_workers if args.precompile_workers >= 0 else max(1, min(14, (os.cpu_count() or 2) - 2))
     if dev.type != "cuda":
         workers = 0
@@ -205,80 +271,36 @@ def run_sweep(args, time_graph, n_copies, calls_per_graph, common, device="cuda"
     print(f"# precompiled {len(tasks)} variants with {workers} workers in {comp_s:.1f} s"
           + (f"; {len(errs)} failed (first: {errs[0]})" if errs else ""), flush=True)
 
+    def timer(fns):
+        return time_graph(fns, target_s=0.012, min_trials=5, max_trials=100)
+
+    timer.calls = calls_per_graph
     timings, best, skipped = [], [], []
-    for i, (op, fmt, width, tokens) in enumerate(buckets):
-        elapsed = time.time() - t_start
-        if elapsed > args.budget_s:
-            skipped.append([op, fmt, width, tokens])
+    for i, bucket in enumerate(buckets):
+        if time.time() - t_start > args.budget_s:
+            skipped.append(list(bucket))
             continue
-        nbytes = bytes_per_call(op, fmt, width, tokens)
-        nc = n_copies(nbytes)
         try:
-            argsets, spec = make_inputs(op, fmt, width, tokens, nc, dev)
+            argsets, spec = make_inputs(*bucket, n_copies(bytes_per_call(*bucket)), dev)
         except torch.OutOfMemoryError:
-            skipped.append([op, fmt, width, tokens])
+            skipped.append(list(bucket))
             continue
-        res = {}
-
-        def measure(cfg, pass_no):
-            with lc.forced(cfg):
-                us = time_graph([(lambda k=k: call(op, argsets[k % nc], spec)) for k in range(calls_per_graph)],
-                                target_s=0.012, min_trials=5, max_trials=100)
-            res.setdefault(cfg, []).append(us)
-            timings.append(dict(op=op, format=fmt, hidden=width, tokens=tokens, config=asdict(cfg),
-                                label=cfg.short(), median_us=round(us, 3), gbps=round(nbytes / us / 1e3, 1),
-                                **{"pass": pass_no}))
-
-        cands = plan[(op, fmt, width, tokens)]
-        for cfg in cands:
-            try:
-                measure(cfg, 1)
-            except Exception as e:  # noqa: BLE001 - a candidate that fails is reported and dropped
-                print(f"#   {op} {fmt} {width}x{tokens} {cfg.short()} failed: {type(e).__name__}: {e}"[:300])
-        if not res:
-            skipped.append([op, fmt, width, tokens])
-            continue
-        default = cands[0]
-        top = sorted(res, key=lambda c: min(res[c]))[:3]
-        for cfg in _uniq(top + ([default] if default in res else [])):
-            try:
-                measure(cfg, 2)
-            except Exception as e:  # noqa: BLE001 - keep pass 1's number
-                print(f"#   {op} {fmt} {width}x{tokens} {cfg.short()} pass 2 failed: {type(e).__name__}: {e}"[:300])
-        score = {c: min(v) for c, v in res.items()}
-        win = min(score, key=score.get)
-        if default in score and score[win] > 0.99 * score[default]:
-            win = default
-        d_us = score.get(default, float("nan"))
-        best.append(dict(op=op, format=fmt, hidden=width, tokens=tokens, hidden_bucket=lc.next_pow2(width),
-                         token_bucket=lc.token_bucket(tokens), config=asdict(win), label=win.short(),
-                         median_us=round(score[win], 3), default_label=default.short(), default_us=round(d_us, 3),
-                         speedup_vs_default=round(d_us / score[win], 3),
-                         gbps=round(nbytes / score[win] / 1e3, 1)))
-        print(f"[{i + 1}/{len(buckets)} {time.time() - t_start:6.1f}s] {op:11s} {fmt:13s} {width:5d} x {tokens:5d}: "
-              f"default {default.short():10s} {d_us:9.2f} us -> {win.short():10s} {score[win]:9.2f} us "
-              f"({d_us / score[win]:.2f}x, {nbytes / score[win] / 1e3:.0f} GB/s)  [{len(res)} cands]", flush=True)
+        res = _time_bucket(bucket, plan[bucket], argsets, spec, timer, timings)
         argsets = None  # free the inputs before the next bucket allocates
-        if tokens >= 8192 and dev.type == "cuda":
+        if not res:
+            skipped.append(list(bucket))
+            continue
+        best.append(_winner(bucket, plan[bucket][0], res))
+        b = best[-1]
+        print(f"[{i + 1}/{len(buckets)} {time.time() - t_start:6.1f}s] {bucket[0]:11s} {bucket[1]:13s} "
+              f"{bucket[2]:5d} x {bucket[3]:5d}: default {b['default_label']:10s} {b['default_us']:9.2f} us -> "
+              f"{b['label']:10s} {b['median_us']:9.2f} us ({b['speedup_vs_default']:.2f}x, {b['gbps']:.0f} GB/s)  "
+              f"[{len(res)} cands]", flush=True)
+        if bucket[3] >= 8192 and dev.type == "cuda":
             torch.cuda.empty_cache()
-
-    slug = common.device_slug()
-    header = common.header("local_configs", calls_per_graph=calls_per_graph, budget_s=args.budget_s,
-                           elapsed_s=round(time.time() - t_start, 1), precompile_s=round(comp_s, 1),
-                           precompile_workers=workers, precompile_errors=errs[:20],
-                           method="CUDA graph of 20 calls, median per call; pass 2 re-times the 3 fastest + "
-                                  "default, best of passes; default kept unless >= 1% slower")
-    os.makedirs(args.out_dir, exist_ok=True)
-    path = os.path.join(args.out_dir, f"local_configs_{slug}.json")
-    with open(path, "w") as fh:
-        json.dump(dict(header=header, best=best, timings=timings, skipped=skipped), fh, indent=1)
-    changed = [b for b in best if b["label"] != b["default_label"]]
-    print(f"# wrote {path}: {len(best)} buckets, {len(changed)} non-default winners, {len(skipped)} skipped; "
-          f"geomean speedup vs default "
-          f"{statistics.geometric_mean([b['speedup_vs_default'] for b in best]) if best else 1:.3f}x; "
-          f"elapsed {time.time() - t_start:.1f} s")
-    print(f"# bake: python bench/bench_local.py --bake {os.path.relpath(path)}")
-    return path
+    return _write(args, common, best, timings, skipped,
+                  dict(calls_per_graph=calls_per_graph, elapsed_s=round(time.time() - t_start, 1),
+                       precompile_s=round(comp_s, 1), precompile_workers=workers, precompile_errors=errs[:20]))
 
 
 def bake(path: str, target: str = os.path.join(HERE, "..", "kernels", "local_configs.py")) -> str:

@@ -19,47 +19,45 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--mib", default="1,4,8,16,32,64")
-    args = ap.parse_args()
+def cases(ranks, sizes):
     import torch.distributed._symmetric_memory as symm_mem
 
-    rank = int(os.environ["RANK"])
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    dist.init_process_group("nccl")
-    world = dist.get_world_size()
-    peer = (rank + 1) % world
-    sizes = [int(s) for s in args.mib.split(",")]
     n_max = max(sizes) << 20 >> 1  # bf16 elements
     buf = symm_mem.empty(n_max, dtype=torch.bfloat16, device="cuda")
     hdl = symm_mem.rendezvous(buf, dist.group.WORLD)
-    remote = hdl.get_buffer(peer, (n_max,), torch.bfloat16, 0)
+    remote = hdl.get_buffer((ranks.rank + 1) % ranks.world, (n_max,), torch.bfloat16, 0)
     local = torch.randn(n_max, device="cuda").to(torch.bfloat16)
-    rows = []
     for mib in sizes:
         n = mib << 20 >> 1
-        modes = {
+        yield common.Case(fields={"mib": mib}, providers={
             "ce_push": lambda: remote[:n].copy_(local[:n]),
             "ce_pull": lambda: local[:n].copy_(remote[:n]),
             "sm_push": lambda: torch.mul(local[:n], 1, out=remote[:n]),
             "sm_pull": lambda: torch.mul(remote[:n], 1, out=local[:n]),
             "ce_push_x4": lambda: [remote[i * n // 4:(i + 1) * n // 4].copy_(local[i * n // 4:(i + 1) * n // 4])
                                    for i in range(4)],
-        }
-        for mode, fn in modes.items():
-            dist.barrier()
-            us, how = common.time_us(fn, calls=10, replays=20, barrier=dist.barrier)
-            us = common.slowest_rank(us, "cuda")
-            rows.append({"mode": mode, "mib": mib, "median_us": round(us, 2),
-                         "gb_per_s": round((mib << 20) / us / 1e3, 1), "timing": how})
-            if rank == 0:
-                print(f"{mode:11s} {mib:3d} MiB {us:9.1f} us {rows[-1]['gb_per_s']:7.1f} GB/s", flush=True)
-    if rank == 0 and args.out:
-        common.write_json(args.out, common.header("probe_ce", world_size=world), rows)
-    dist.barrier()
-    dist.destroy_process_group()
+        })
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--mib", default="1,4,8,16,32,64")
+    args = ap.parse_args()
+    with common.rank_context("nccl", timeout_s=600.0) as ranks:  # torch's default NCCL timeout
+
+        def row(case, mode, timing):
+            mib, us = case.fields["mib"], timing.us
+            r = {"mode": mode, "mib": mib, "median_us": round(us, 2), "gb_per_s": round((mib << 20) / us / 1e3, 1),
+                 "timing": timing.mode}
+            if ranks.rank == 0:
+                print(f"{mode:11s} {mib:3d} MiB {us:9.1f} us {r['gb_per_s']:7.1f} GB/s", flush=True)
+            return r
+
+        rows = common.run_cases(cases(ranks, [int(s) for s in args.mib.split(",")]), row, device="cuda",
+                                before=dist.barrier, barrier=dist.barrier, calls=10, replays=20)
+        if ranks.rank == 0 and args.out:
+            common.write_json(args.out, common.header("probe_ce", world_size=ranks.world), rows)
 
 
 if __name__ == "__main__":

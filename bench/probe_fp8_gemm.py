@@ -4,7 +4,8 @@ model runs) and with per-tensor scales, each with and without ``use_fast_accum``
 
     python3 bench/probe_fp8_gemm.py [--m 1,8,64,1024,4096]
 
-Prints a table (µs, and each form's time over bf16) and writes ``probe_fp8_gemm_{device}.json`` to ``$OUT``.
+Prints a table (µs, and each form's time over bf16) and writes ``probe_fp8_gemm_{device}.json`` to ``$OUT``
+(else ``bench/results``).
 """
 
 from __future__ import annotations
@@ -41,25 +42,36 @@ def forms(m, n, k, dev):
     return out
 
 
+def cases(ms, dev):
+    for name, (n, k) in LINEARS.items():
+        for m in ms:
+            yield common.Case(fields={"linear": name, "m": m, "n": n, "k": k}, providers=forms(m, n, k, dev))
+
+
+def row(case, form, timing):
+    if timing.mode.startswith("error"):  # a form this torch build lacks
+        print(f"{case.fields['linear']} M={case.fields['m']} {form}: {timing.mode[7:127]}")
+    return dict(**case.fields, form=form, us=timing.us)
+
+
+def compare(rows):
+    """After each case: every form's time over bf16's (``vs_bf16``), printed."""
+    f = rows[-1]
+    sel = [r for r in rows if (r["linear"], r["m"]) == (f["linear"], f["m"])]
+    bf16 = next(r["us"] for r in sel if r["form"] == "bf16")
+    for r in sel:
+        r["vs_bf16"] = r["us"] / bf16
+    print(f"{f['linear']:8s} M={f['m']:5d} " + "  ".join(f"{r['form']}={r['us']:7.1f}us ({r['vs_bf16']:.2f}x)"
+                                                        for r in sel), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--m", default="1,8,64,1024,4096")
     args = ap.parse_args()
-    dev = torch.device("cuda")
-    rows = []
-    for name, (n, k) in LINEARS.items():
-        for m in [int(v) for v in args.m.split(",")]:
-            times = {}
-            for form, fn in forms(m, n, k, dev).items():
-                try:
-                    times[form] = common.time_us(fn, calls=20, replays=20)[0]
-                except RuntimeError as e:  # a form this torch build lacks
-                    times[form] = float("nan")
-                    print(f"{name} M={m} {form}: {str(e)[:120]}")
-            rows += [dict(linear=name, m=m, n=n, k=k, form=f, us=t, vs_bf16=t / times["bf16"]) for f, t in times.items()]
-            print(f"{name:8s} M={m:5d} " + "  ".join(f"{f}={t:7.1f}us ({t / times['bf16']:.2f}x)"
-                                                   for f, t in times.items()), flush=True)
-    path = os.path.join(os.environ.get("OUT") or common.RESULTS, f"probe_fp8_gemm_{common.device_slug()}.json")
+    rows = common.run_cases(cases([int(v) for v in args.m.split(",")], torch.device("cuda")), row,
+                            after_case=compare, calls=20, replays=20)
+    path = common.result_path("probe_fp8_gemm")
     common.write_json(path, common.header("probe_fp8_gemm"), rows)
     print("wrote", path)
 

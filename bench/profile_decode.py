@@ -3,7 +3,8 @@ steps (``--steps``) of an ``bench_e2e.py`` model, the kernels' total CUDA time p
 
     torchrun --standalone --nproc-per-node=1 bench/profile_decode.py [--model 8B] [--batch 1] [--context 1024]
 
-Prints the table and writes it (with device, commit, versions) to ``$OUT/profile_decode_{model}_b{B}.json``.
+Prints the table and writes it (with device, commit, versions) to ``profile_decode_tp{N}_{device}_{model}_b{B}.json``
+in ``$OUT`` (else ``bench/results``).
 """
 
 from __future__ import annotations
@@ -30,8 +31,23 @@ def main():
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
-    tpfuse.init_distributed()
-    dev = torch.device("cuda", torch.cuda.current_device())
+    with common.rank_context() as ranks:
+        rows = profile(args, ranks.device)
+        tp, rank = ranks.world, ranks.rank
+    if rank != 0:  # every rank profiled its own kernels; rank 0's are the table
+        return
+    total = sum(r["us_per_step"] for r in rows)
+    print(f"{args.model} decode, batch {args.batch}, context {args.context}, {args.layers} layers: "
+          f"{total:.0f} us of kernels per step")
+    for r in rows[:40]:
+        print(f"{r['us_per_step']:9.1f} us  {r['calls_per_step']:5.1f}x  {r['kernel']}")
+    hdr = common.header("profile_decode", model=args.model, batch=args.batch, context=args.context,
+                        layers=args.layers, kernel_us_per_step=round(total, 1))
+    common.write_json(common.result_path("profile_decode", tp=tp, tag=f"{args.model}_b{args.batch}"), hdr, rows)
+
+
+def profile(args, dev):
+    """Kernel time per decode step (torch profiler over ``--steps`` graph-replayed steps), largest first."""
     model = bench_e2e.build_model(args.model, args.layers, dev)
     comm = tpfuse.TPCommunicator(max_tokens=args.batch * args.context, hidden_size=model.config.hidden_size,
                                  dtype=torch.bfloat16)
@@ -55,17 +71,8 @@ def main():
             rows.append({"kernel": ev.key[:120], "calls_per_step": ev.count / args.steps,
                          "us_per_step": us / args.steps})
     rows.sort(key=lambda r: -r["us_per_step"])
-    total = sum(r["us_per_step"] for r in rows)
-    print(f"{args.model} decode, batch {args.batch}, context {args.context}, {args.layers} layers: "
-          f"{total:.0f} us of kernels per step")
-    for r in rows[:40]:
-        print(f"{r['us_per_step']:9.1f} us  {r['calls_per_step']:5.1f}x  {r['kernel']}")
-    hdr = common.header("profile_decode", model=args.model, batch=args.batch, context=args.context,
-                        layers=args.layers, kernel_us_per_step=round(total, 1))
-    path = os.path.join(os.environ.get("OUT") or common.RESULTS,
-                        f"profile_decode_{args.model}_b{args.batch}_{common.device_slug()}.json")
-    common.write_json(path, hdr, rows)
     comm.close()
+    return rows
 
 
 if __name__ == "__main__":

@@ -8,11 +8,12 @@ and write a thresholds table that ``TPCommunicator`` loads (``CommConfig(thresho
 For each (op, hidden): every path registered for the op and available on this machine runs at every token count;
 its output is checked against the ``reference`` path (``tpfuse.tolerance``; an incorrect path is never chosen),
 timed (CUDA graphs on GPU; median; the slowest rank counts) and the per-size winner picked with 3% hysteresis so
-noise does not flip buckets (and ``reference``, the oracle, only wins by more than that). Consecutive sizes with one winner form a bucket whose ``max_bytes`` is the largest
-measured size in it. Writes (rank 0):
+noise does not flip buckets (and ``reference``, the oracle, only wins by more than that). Consecutive sizes with
+one winner form a bucket whose ``max_bytes`` is the largest measured size in it. Writes (rank 0):
 
-* ``--out`` (default ``bench/results/thresholds_tp{TP}_{device}.json``): the base table with the tuned rows
-  (one per arch/TP/dtype/hidden, ``source`` = this run's file, device, commit, date) added or replaced;
+* ``--out`` (default ``thresholds_tp{TP}_{device}.json`` in ``$OUT``, else ``bench/results``): the run's header
+  (:func:`common.header`) and the base table with the tuned rows (one per arch/TP/dtype/hidden, ``source`` = this run's file, device, commit, date) added
+  or replaced;
 * the same name with ``_measurements.json``: every timing (JSON, with the environment header);
 * the same name with ``.png``: latency vs tokens per path per (op, hidden), chosen crossovers marked.
 """
@@ -116,7 +117,6 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-_reduce_max = common.slowest_rank
 
 
 def sweep(args, comm, op, hidden, dtype, tokens, log):
@@ -136,10 +136,10 @@ def sweep(args, comm, op, hidden, dtype, tokens, log):
             impl = dispatch.implementation(op, p)
             out = _first(impl(comm, *a, **kw))
             ok = rel_err(out, ref) <= REL_ERR[dtype]
-            ok = _reduce_max(0.0 if ok else 1.0, device) == 0.0
+            ok = common.slowest_rank(0.0 if ok else 1.0, device) == 0.0
             us, mode = common.time_us(lambda: impl(comm, *a, **kw), calls=args.calls, replays=args.replays,
                                       barrier=dist.barrier if device.type == "cpu" else None)
-            res[p][t] = (_reduce_max(us, device), ok, mode)
+            res[p][t] = (common.slowest_rank(us, device), ok, mode)
         log(op, hidden, t, {p: res[p][t] for p in paths})
     return res
 
@@ -201,13 +201,17 @@ def plot(path_png, measurements, choices):
 
 def main(argv=None):
     args = parse_args(argv)
-    tpfuse.init_distributed()
-    rank, tp = dist.get_rank(), dist.get_world_size()
+    with common.rank_context() as ranks:
+        tune(args, ranks.rank, ranks.world)
+
+
+def tune(args, rank, tp):
+    """The sweep over hidden sizes and ops, and (rank 0) the table, measurements and plot written."""
     dtype = DTYPES[args.dtype]
     tokens = sorted({int(t) for t in args.tokens.split(",")})
     hiddens = [int(h) for h in args.hidden.split(",")]
     ops = args.ops.split(",")
-    out = args.out or os.path.join(common.RESULTS, f"thresholds_tp{tp}_{common.device_slug()}.json")
+    out = args.out or common.result_path("thresholds", tp=tp)
     total, done, t0 = len(ops) * len(hiddens) * len(tokens), [0], time.monotonic()
 
     def log(op, hidden, t, row):
@@ -253,9 +257,9 @@ def main(argv=None):
         keys = {(r["arch"], r["tp"], r["dtype"], r["hidden"]) for r in rows}
         table["rows"] = rows + [r for r in table["rows"]
                                 if (r["arch"], r["tp"], r["dtype"], r.get("hidden")) not in keys]
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(table, f, indent=1)
+        table.pop("header", None)  # a base table written by this tool carries its own run's header
+        # the written table carries this run's header (bench/results' rule); the shipped default stays header-less
+        common.write_json(out, hdr, **table)
         thresholds.load(out)  # validate what was written
         meas_rows = [{"op": op, "hidden": h, "path": p, "tokens": t, "us": v[0], "correct": v[1], "timing": v[2]}
                      for (op, h), res in measurements.items() for p, s in res.items() for t, v in s.items()]
@@ -271,8 +275,6 @@ def main(argv=None):
                 f"<= {b_['max_bytes']} B ({b_['max_bytes'] // (h * dtype.itemsize)} tokens): {b_['path']}"
                 if b_["max_bytes"] else f"above: {b_['path']}" for b_ in b))
         print(f"wrote {out}" + (f", {png}" if png else "") + (" and the shipped default table" if args.write_default else ""))
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

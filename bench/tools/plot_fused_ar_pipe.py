@@ -1,4 +1,4 @@
-"""PNG of bench/results/fused_ar_pipe_tp2_h200.json (tpfuse's paths, incl. the pipelined one-shot) with FlashInfer's
+"""PNG of bench/results/fused_ar_tp2_h200_pipe.json (tpfuse's paths, incl. the pipelined one-shot) with FlashInfer's
 curves from the earlier run in fused_ar_tp2_h200.json (the pipe run had no FlashInfer).
 
     python bench/tools/plot_fused_ar_pipe.py
@@ -15,7 +15,7 @@ RES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 
 
 def main():
-    new = json.load(open(os.path.join(RES, "fused_ar_pipe_tp2_h200.json")))
+    new = json.load(open(os.path.join(RES, "fused_ar_tp2_h200_pipe.json")))
     old = json.load(open(os.path.join(RES, "fused_ar_tp2_h200.json")))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     series = [("nccl+tpfuse", new, None), ("symm2shot+tpfuse", new, None), ("tpfuse_oneshot", new, None),
@@ -32,10 +32,10 @@ def main():
                title=f"AR + add + RMSNorm, hidden {h}, bf16 out, TP=2 H200")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"fused_ar_pipe_tp2_h200.json (commit {new['header']['commit']}) + FlashInfer from "
+    fig.suptitle(f"fused_ar_tp2_h200_pipe.json (commit {new['header']['commit']}) + FlashInfer from "
                  f"fused_ar_tp2_h200.json (commit {old['header']['commit']})", fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(RES, "fused_ar_pipe_tp2_h200.png"), dpi=110)
+    fig.savefig(os.path.join(RES, "fused_ar_tp2_h200_pipe.png"), dpi=110)
 
 
 if __name__ == "__main__":
