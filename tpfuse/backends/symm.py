@@ -78,7 +78,7 @@ class SymmWorkspace:
                          if table_routes(comm, (PIPE,)) else 0)
         # pipelined one-shot: programs that push (the rest reduce). G/4 was fastest for bf16 output at >= 2048
         # tokens on the H200 pair; G/2 won some FP8-output and 1024-token cases by 5-10%
-        # (bench/results/fused_ar_pipe_tp2_h200.json: 16/33/66/99/120 of 132 timed). Not yet per-size.
+        # (bench/results/fused_ar_tp2_h200_pipe.json: 16/33/66/99/120 of 132 timed). Not yet per-size.
         self.producers = max(1, g // 4)
         off = 0
         layout = {}
