@@ -24,8 +24,9 @@ from :func:`tpfuse.kernels.local_configs.lookup`:
 import triton
 import triton.language as tl
 
+from ..quant import next_pow2
 from . import fast_launch, local_configs
-from .quant_epilogue import (epilogue_args, load_norm_weight, next_pow2, norm_quant_store, nvfp4_pad_rows,
+from .quant_epilogue import (FMT_NVFP4_SWIZZLED, epilogue_args, load_norm_weight, norm_quant_store, nvfp4_pad_rows,
                              nvfp4_swizzled_pad, rms_rstd, rstd_from_sumsq)
 
 
@@ -50,7 +51,7 @@ def _add_rmsnorm_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, res_out_ptr
                 norm_quant_store(s, w, rms_rstd(s, n_cols, eps), 0, n_cols, row, res_out_ptr, res_out_stride,
                                  out_ptr, out_stride, scale_ptr, scale_stride, in_scale_ptr, sf_cols_padded, FMT,
                                  BLOCK, GROUP)
-                if FMT == 5:
+                if FMT == FMT_NVFP4_SWIZZLED:
                     if n_sf_cols < sf_cols_padded:  # H/16 not a multiple of 4: zero this row's pad columns
                         nvfp4_swizzled_pad(row, n_rows, scale_ptr, n_sf_cols, sf_cols_padded, PAD_BLOCK)
     else:
@@ -81,10 +82,10 @@ def _add_rmsnorm_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, res_out_ptr
                     s += tl.load(r_row + mine, mask=mmask, other=0.0).to(tl.float32)
                 norm_quant_store(s, w, rstd, c0, n_cols, row, res_out_ptr, res_out_stride, out_ptr, out_stride,
                                  scale_ptr, scale_stride, in_scale_ptr, sf_cols_padded, FMT, SLICE, GROUP)
-                if FMT == 5:
+                if FMT == FMT_NVFP4_SWIZZLED:
                     if (part == 0) & (n_sf_cols < sf_cols_padded):
                         nvfp4_swizzled_pad(row, n_rows, scale_ptr, n_sf_cols, sf_cols_padded, PAD_BLOCK)
-    if FMT == 5:
+    if FMT == FMT_NVFP4_SWIZZLED:
         nvfp4_pad_rows(pid * SPLIT + tl.program_id(1), n_progs, n_rows, scale_ptr, sf_cols_padded)
 
 
@@ -94,30 +95,30 @@ def num_warps_for(block: int) -> int:
     return max(4, min(16, block // 512))
 
 
-def launch_add_rmsnorm(x, residual, weight, eps, residual_out, data, scale, in_scale, fmt, group, gemma,
+def launch_add_rmsnorm(x, residual, weight, eps, residual_out, data, scale, in_scale, fmt, group_size, gemma,
                        config=None):
     """Run the kernel: ``x [T, H]`` (row stride arbitrary, unit column stride), optional ``residual`` (may be the
     same tensor as ``residual_out``), outputs pre-allocated (``data``/``scale`` as in
-    :func:`tpfuse.quant.empty_like_quantized`, or ``data`` = plain output for fmt 0). ``config``: a
+    :func:`tpfuse.quant.alloc_outputs`). ``group_size``: the FP8 group size (format FP8_PER_GROUP). ``config``: a
     :class:`local_configs.LaunchConfig` (default: the table's)."""
     t, h = x.shape
     if t == 0:
         return
-    cfg = local_configs.lookup("add_rmsnorm", fmt, h, t, group) if config is None else \
-        local_configs.sanitize("add_rmsnorm", fmt, h, group, config)
+    cfg = local_configs.lookup("add_rmsnorm", fmt, h, t, group_size) if config is None else \
+        local_configs.sanitize("add_rmsnorm", fmt, h, group_size, config)
     split = cfg.split
     if split > 1 and residual is not None and residual.data_ptr() == residual_out.data_ptr():
         split = 1  # in place: a program of the row would overwrite what another one still has to read
-    out_stride, scale_t, scale_stride, in_scale_t, n_sf, sf_pad = epilogue_args(fmt, h, data, scale, in_scale)
+    ep = epilogue_args(fmt, h, data, scale, in_scale)
     res = residual if residual is not None else x
     rows = cfg.rows
     n_row_progs = (t + rows - 1) // rows
     fast_launch.launch(
         _add_rmsnorm_kernel, (n_row_progs, split),
         (x, x.stride(0), res, res.stride(0), weight, residual_out, residual_out.stride(0),
-         data, out_stride, scale_t, scale_stride, in_scale_t,
-         t, h, float(eps), n_sf, sf_pad, n_row_progs * split),
-        {"HAS_RES": residual is not None, "GEMMA": bool(gemma), "FMT": fmt, "BLOCK": next_pow2(h), "GROUP": group,
-         "PAD_BLOCK": next_pow2(sf_pad), "ROWS": rows, "SPLIT": split},
+         data, ep.out_stride, ep.scale, ep.scale_stride, ep.in_scale,
+         t, h, float(eps), ep.n_sf_cols, ep.sf_cols_padded, n_row_progs * split),
+        {"HAS_RES": residual is not None, "GEMMA": bool(gemma), "FMT": fmt, "BLOCK": next_pow2(h),
+         "GROUP": group_size, "PAD_BLOCK": ep.pad_block, "ROWS": rows, "SPLIT": split},
         cfg.num_warps, cfg.num_stages)
 

@@ -37,7 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant_epilogue import SOFT_CAST, cast_for_store, next_pow2
+from ..quant import next_pow2
+from .quant_epilogue import SOFT_CAST, cast_for_store
 
 LOG2E = 1.4426950408889634
 

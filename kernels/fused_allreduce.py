@@ -51,7 +51,17 @@ peer's (a multiple of 2 MiB); the kernels add it to pointers into their own buff
 import triton
 import triton.language as tl
 
-from .quant_epilogue import cast_for_store, quant_store, rmsnorm_quant_store
+from typing import NamedTuple, Optional
+
+import torch
+
+from .. import ops
+from ..quant import FP8_DTYPE, QuantFormat, next_pow2
+from ..sharding import shard_rows
+from .add_rmsnorm import num_warps_for
+from .quant_epilogue import (FMT_FP8_PER_GROUP, FMT_FP8_PER_TOKEN, FMT_NVFP4_LINEAR, FMT_NVFP4_SWIZZLED,
+                             EpilogueArgs, cast_for_store, epilogue_args, quant_store, rmsnorm_quant_store,
+                             swizzled_offset)
 from .signals import _now, _peer, _signal, _wait  # noqa: F401  (the shared bounded-signal helpers)
 
 
@@ -103,27 +113,41 @@ def _reduce_pushed_row(j, row0, cols, mask, x_ptr, ws_x_ptr, par, slot_rows, res
 
 
 @triton.jit
+def _oneshot_start(epoch_ptr, timeout_ns, n_cols, cap_rows, BLOCK: tl.constexpr):
+    """``(pid, deadline, e, par, cols, mask, slot_rows)`` of a one-shot program: its call counter ``e``, the parity
+    ``par`` of the slot buffer this call uses and the elements of one slot (``ws_x``: ``[2 parities][WORLD slots]
+    [cap_rows][n_cols]``)."""
+    pid = tl.program_id(0)
+    deadline = _now() + timeout_ns
+    e = tl.load(epoch_ptr + pid)
+    par = (e & 1).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    slot_rows = cap_rows.to(tl.int64) * n_cols
+    return pid, deadline, e, par, cols, mask, slot_rows
+
+
+@triton.jit
+def _push_row(j, row0, cols, mask, x_ptr, n_cols, mine, delta_ptr, RANK: tl.constexpr, WORLD: tl.constexpr,
+              X_ELEM: tl.constexpr):
+    """Row ``row0 + j`` of ``x`` into row ``j`` of every peer's copy of slot ``mine``."""
+    xv = tl.load(x_ptr + (row0 + j).to(tl.int64) * n_cols + cols, mask=mask, other=0.0)
+    for p in tl.static_range(WORLD):
+        if p != RANK:
+            tl.store(_peer(mine, delta_ptr, p, X_ELEM) + j * n_cols + cols, xv, mask=mask)
+
+
+@triton.jit
 def _oneshot_kernel(x_ptr, res_ptr, w_ptr, res_out_ptr, out_ptr, out_stride, scale_ptr, scale_stride, in_scale_ptr,
                     ws_x_ptr, flag_ptr, epoch_ptr, delta_ptr, err_ptr, timeout_ns,
                     row0, n_rows, n_cols, cap_rows, flag_base, eps, sf_cols_padded,
                     RANK: tl.constexpr, WORLD: tl.constexpr, G: tl.constexpr, HAS_RES: tl.constexpr,
                     NORM: tl.constexpr, GEMMA: tl.constexpr, FMT: tl.constexpr, BLOCK: tl.constexpr,
                     GROUP: tl.constexpr, X_ELEM: tl.constexpr):
-    b = tl.program_id(0)
-    deadline = _now() + timeout_ns
-    e = tl.load(epoch_ptr + b)
-    par = (e & 1).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    # ws_x: [2 parities][WORLD slots][cap_rows][n_cols]
-    slot_rows = cap_rows.to(tl.int64) * n_cols
+    b, deadline, e, par, cols, mask, slot_rows = _oneshot_start(epoch_ptr, timeout_ns, n_cols, cap_rows, BLOCK)
     mine = ws_x_ptr + (par * WORLD + RANK) * slot_rows
     for j in range(b, n_rows, G):
-        row64 = (row0 + j).to(tl.int64)
-        xv = tl.load(x_ptr + row64 * n_cols + cols, mask=mask, other=0.0)
-        for p in tl.static_range(WORLD):
-            if p != RANK:
-                tl.store(_peer(mine, delta_ptr, p, X_ELEM) + j * n_cols + cols, xv, mask=mask)
+        _push_row(j, row0, cols, mask, x_ptr, n_cols, mine, delta_ptr, RANK, WORLD, X_ELEM)
     bad = _barrier(flag_ptr, delta_ptr, flag_base + b * WORLD, e + 1, deadline, RANK, WORLD)
     if bad != 0:
         tl.store(err_ptr, 1)
@@ -203,18 +227,15 @@ def _twoshot_kernel(x_ptr, res_ptr, w_ptr, res_out_ptr, out_ptr, out_stride, sca
                         if NORM:
                             _copy_row(_peer(st_res_ptr, delta_ptr, p, X_ELEM) + j64 * n_cols,
                                       res_out_ptr + row64 * n_cols, n_cols, BLOCK)
-                        if FMT == 2 or FMT == 3 or FMT == 4:
+                        if FMT == FMT_FP8_PER_TOKEN or FMT == FMT_FP8_PER_GROUP or FMT == FMT_NVFP4_LINEAR:
                             _copy_row(_peer(st_scale_ptr, delta_ptr, p, SC_ELEM) + j64 * st_scale_stride,
                                       scale_ptr + row64 * scale_stride, n_sc, SC_BLOCK)
-                        if FMT == 5:
+                        if FMT == FMT_NVFP4_SWIZZLED:
                             k = tl.arange(0, SC_BLOCK)
                             km = k < n_sc
                             sv = tl.load(_peer(st_scale_ptr, delta_ptr, p, SC_ELEM) + j64 * st_scale_stride + k,
                                          mask=km)
-                            k_tiles = sf_cols_padded // 4
-                            off = ((row64 // 128) * (k_tiles * 512) + (k // 4) * 512 + (row64 % 32) * 16
-                                   + ((row64 % 128) // 32) * 4 + (k % 4))
-                            tl.store(scale_ptr + off, sv, mask=km)
+                            tl.store(scale_ptr + swizzled_offset(row64, k, sf_cols_padded, False), sv, mask=km)
         tl.store(epoch_ptr + b, e + 1)
 
 
@@ -232,23 +253,14 @@ def _oneshot_pipe_kernel(x_ptr, res_ptr, w_ptr, res_out_ptr, out_ptr, out_stride
     stalls only producers. Flags: ``flag_base + (c * WORLD + src) * P + b`` in the receiver's array, value = call
     counter + 1 (monotonic: stale values of unused chunks only make a waiter wait). Same parity double buffer and
     reuse argument as ``_oneshot_kernel``: every program runs every call, so all ``P + C`` counters stay equal."""
-    pid = tl.program_id(0)
-    deadline = _now() + timeout_ns
-    e = tl.load(epoch_ptr + pid)
-    par = (e & 1).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    slot_rows = cap_rows.to(tl.int64) * n_cols
+    pid, deadline, e, par, cols, mask, slot_rows = _oneshot_start(epoch_ptr, timeout_ns, n_cols, cap_rows, BLOCK)
     if pid < P:
         mine = ws_x_ptr + (par * WORLD + RANK) * slot_rows
         for c in range(0, n_chunks):
             lo = c * chunk_rows
             hi = tl.minimum(lo + chunk_rows, n_rows)
             for j in range(lo + pid, hi, P):
-                xv = tl.load(x_ptr + (row0 + j).to(tl.int64) * n_cols + cols, mask=mask, other=0.0)
-                for p in tl.static_range(WORLD):
-                    if p != RANK:
-                        tl.store(_peer(mine, delta_ptr, p, X_ELEM) + j * n_cols + cols, xv, mask=mask)
+                _push_row(j, row0, cols, mask, x_ptr, n_cols, mine, delta_ptr, RANK, WORLD, X_ELEM)
             tl.debug_barrier()  # every thread's stores of this chunk are issued before the release
             for p in tl.static_range(WORLD):
                 if p != RANK:
@@ -286,3 +298,124 @@ def _oneshot_pipe_kernel(x_ptr, res_ptr, w_ptr, res_out_ptr, out_ptr, out_stride
             tl.store(err_ptr, 1)
         else:
             tl.store(epoch_ptr + pid, e + 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launchers, over the workspace of :class:`tpfuse.backends.symm.SymmWorkspace` (its regions, counters, grid)
+
+
+class _Call(NamedTuple):
+    """One call's contiguous inputs, fresh outputs and format."""
+
+    x: torch.Tensor
+    residual: Optional[torch.Tensor]
+    weight: Optional[torch.Tensor]
+    data: torch.Tensor  # the output (quantized data, or the sum / normalized rows in the input dtype)
+    scale: torch.Tensor  # the output scale (empty for formats without one)
+    res_out: torch.Tensor  # residual_out (norm), else ``data``
+    fmt: int
+    group_size: int
+    ep: EpilogueArgs
+
+
+def _prepare(x, residual, weight, quant, norm: bool) -> _Call:
+    fmt, group_size, in_scale = ops.spec_to_args(quant if norm else None)
+    t, h = x.shape
+    data, scale = ops.alloc_outputs(t, h, fmt, group_size, x.device, x.dtype)
+    if fmt == QuantFormat.NVFP4_SWIZZLED:
+        scale.zero_()  # the swizzle's padding
+    res_out = torch.empty_like(x) if norm else data
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if residual is not None and not residual.is_contiguous():
+        residual = residual.contiguous()
+    return _Call(x, residual, weight, data, scale, res_out, fmt, group_size,
+                 epilogue_args(fmt, h, data, scale, in_scale))
+
+
+def _result(call: _Call, quant, norm: bool):
+    """What the op returns: ``(out, residual_out)`` (norm; ``out`` wrapped as the quant spec says), else the sum."""
+    if not norm:
+        return call.data
+    return ops._wrap(call.data, call.scale, quant, call.x, tuple(call.x.shape)), call.res_out
+
+
+def _head(call: _Call) -> tuple:
+    """The leading pointer / stride arguments of every kernel here (``x_ptr`` .. ``in_scale_ptr``)."""
+    x, ep = call.x, call.ep
+    return (x, call.residual if call.residual is not None else x, call.weight if call.weight is not None else x,
+            call.res_out, call.data, ep.out_stride, ep.scale, ep.scale_stride, ep.in_scale)
+
+
+def _constexprs(ws, call: _Call, norm: bool, gemma) -> dict:
+    """The constexprs (and ``num_warps``) every kernel here takes."""
+    block = next_pow2(call.x.shape[1])
+    return dict(RANK=ws.rank, WORLD=ws.tp, HAS_RES=call.residual is not None, NORM=norm, GEMMA=bool(gemma),
+                FMT=call.fmt, BLOCK=block, GROUP=call.group_size, X_ELEM=call.x.element_size(),
+                num_warps=num_warps_for(block))
+
+
+def launch_oneshot(ws, x, residual, weight, eps, quant, gemma, norm=True):
+    """One-shot kernel over ``x [T, H]`` (launches of at most ``ws.oneshot_rows`` rows); returns as the op."""
+    call = _prepare(x, residual, weight, quant, norm)
+    t, h = call.x.shape
+    head, consts = _head(call), _constexprs(ws, call, norm, gemma)
+    for row0 in range(0, t, ws.oneshot_rows):
+        n = min(ws.oneshot_rows, t - row0)
+        _oneshot_kernel[(min(n, ws.grid),)](
+            *head, ws.oneshot_slots, ws.flags, ws.epochs[0], ws.deltas, ws.err, int(ws.timeout_s * 1e9),
+            row0, n, h, ws.oneshot_rows, 0, float(eps), call.ep.sf_cols_padded, G=ws.grid, **consts)
+    return _result(call, quant, norm)
+
+
+def launch_oneshot_pipe(ws, x, residual, weight, eps, quant, gemma, norm=True, *, max_chunks: int,
+                        min_chunk_rows: int):
+    """Pipelined one-shot kernel (launches of at most ``ws.pipe_rows`` rows, each in at most ``max_chunks`` chunks
+    of at least ``min_chunk_rows`` rows where possible); returns as the op."""
+    call = _prepare(x, residual, weight, quant, norm)
+    t, h = call.x.shape
+    head, consts = _head(call), _constexprs(ws, call, norm, gemma)
+    prod = min(ws.producers, ws.grid - 1)
+    flag_base = 3 * ws.grid * ws.tp
+    for row0 in range(0, t, ws.pipe_rows):
+        n = min(ws.pipe_rows, t - row0)
+        chunks = max(1, min(max_chunks, n // min_chunk_rows))
+        chunk_rows = -(-n // chunks)
+        chunks = -(-n // chunk_rows)
+        _oneshot_pipe_kernel[(ws.grid,)](
+            *head, ws.pipe_slots, ws.flags, ws.epochs[2], ws.deltas, ws.err, int(ws.timeout_s * 1e9),
+            row0, n, h, ws.pipe_rows, flag_base, float(eps), call.ep.sf_cols_padded, chunk_rows, chunks,
+            P=prod, C=ws.grid - prod, PB=next_pow2(prod), **consts)
+    return _result(call, quant, norm)
+
+
+def _stage_scales(ws, call: _Call):
+    """``(view, element size, scale columns per row)`` of the two-shot's staged scales in this call's format
+    (swizzled NVFP4 is staged linear); formats without scales get the stage-out view (never read) and 1."""
+    h = call.x.shape[1]
+    if call.fmt in (QuantFormat.FP8_PER_TOKEN, QuantFormat.FP8_PER_GROUP):
+        n_sc = 1 if call.fmt == QuantFormat.FP8_PER_TOKEN else h // call.group_size
+        return ws.region("stage_scales", torch.float32), 4, n_sc
+    if call.fmt >= QuantFormat.NVFP4_LINEAR:
+        return ws.region("stage_scales", FP8_DTYPE), 1, call.ep.n_sf_cols
+    return ws.region("stage_out", call.data.dtype), call.data.element_size(), 1
+
+
+def launch_twoshot(ws, x, residual, weight, eps, quant, gemma, norm=True):
+    """Two-shot kernel over ``x [T, H]`` (this rank reduces rows ``[rank * S, rank * S + S)``, ``S = ceil(T /
+    TP)``, then gathers the peers'); returns as the op."""
+    call = _prepare(x, residual, weight, quant, norm)
+    t, h = call.x.shape
+    if t == 0:
+        return _result(call, quant, norm)
+    shard = shard_rows(t, ws.tp)
+    stage_out = ws.region("stage_out", call.data.dtype)
+    stage_scales, sc_elem, n_sc = _stage_scales(ws, call)
+    st_fmt = QuantFormat.NVFP4_LINEAR if call.fmt == QuantFormat.NVFP4_SWIZZLED else call.fmt
+    _twoshot_kernel[(min(shard, ws.grid),)](
+        *_head(call), ws.twoshot_slots, stage_out, ws.stage_residual, stage_scales, ws.flags, ws.epochs[1],
+        ws.deltas, ws.err, int(ws.timeout_s * 1e9), t, shard, h, ws.twoshot_rows, ws.grid * ws.tp, float(eps),
+        call.ep.sf_cols_padded, call.data.shape[1], n_sc, n_sc,
+        G=ws.grid, ST_FMT=st_fmt, SC_BLOCK=next_pow2(max(n_sc, 16)), OUT_ELEM=call.data.element_size(),
+        SC_ELEM=sc_elem, **_constexprs(ws, call, norm, gemma))
+    return _result(call, quant, norm)

@@ -51,6 +51,8 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, Optional, Tuple
 
+from tpfuse.quant import QuantFormat, next_pow2  # absolute: this file is also loaded on its own (the bake check)
+
 OPS = ("add_rmsnorm", "silu_mul", "quantize")
 FORMATS = ("none", "fp8_static", "fp8_per_token", "fp8_group", "nvfp4")
 TOKEN_BUCKETS = (1, 16, 128, 1024, 8192, 32768)
@@ -189,13 +191,15 @@ _OVERRIDE: Dict[Key, LaunchConfig] = {}
 _FORCED: Optional[LaunchConfig] = None
 
 
+# the table's format names: FP8 groups of any size share one name, and both NVFP4 scale layouts
+FORMAT_NAMES: Dict[QuantFormat, str] = {
+    QuantFormat.NONE: "none", QuantFormat.FP8_STATIC: "fp8_static", QuantFormat.FP8_PER_TOKEN: "fp8_per_token",
+    QuantFormat.FP8_PER_GROUP: "fp8_group", QuantFormat.NVFP4_LINEAR: "nvfp4", QuantFormat.NVFP4_SWIZZLED: "nvfp4"}
+
+
 def format_name(fmt: int) -> str:
-    """Table name of a kernel FMT id (:mod:`.quant_epilogue`)."""
-    return ("none", "fp8_static", "fp8_per_token", "fp8_group", "nvfp4", "nvfp4")[fmt]
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
+    """Table name of a :class:`~tpfuse.quant.QuantFormat`."""
+    return FORMAT_NAMES[fmt]
 
 
 def token_bucket(tokens: int) -> int:
@@ -212,40 +216,42 @@ def default_config(op: str, fmt: int, width: int, tokens: int) -> LaunchConfig:
     if op == "add_rmsnorm":
         return LaunchConfig(num_warps=max(4, min(16, full // 512)))
     if op == "silu_mul":
-        block = full if fmt == 2 else max(128, min(full, 2048))
+        block = full if fmt == QuantFormat.FP8_PER_TOKEN else max(128, min(full, 2048))
         return LaunchConfig(num_warps=max(4, min(16, block // 256)), block=block)
     if op == "quantize":
-        block = full if fmt == 2 else max(128, min(full, 4096))
+        block = full if fmt == QuantFormat.FP8_PER_TOKEN else max(128, min(full, 4096))
         return LaunchConfig(num_warps=max(4, min(16, block // 512)), block=block)
     raise ValueError(f"unknown op {op!r}")
 
 
-def sanitize(op: str, fmt: int, width: int, group: int, cfg: LaunchConfig) -> LaunchConfig:
-    """``cfg`` made valid for this shape (see the module table); unchanged when already valid."""
+def sanitize(op: str, fmt: int, width: int, group_size: int, cfg: LaunchConfig) -> LaunchConfig:
+    """``cfg`` made valid for this shape (see the module table); unchanged when already valid. ``group_size``: the
+    FP8 group size (format FP8_PER_GROUP)."""
     full = next_pow2(width)
-    unit = group if fmt == 3 else (16 if fmt in (4, 5) else 1)
+    per_token = fmt == QuantFormat.FP8_PER_TOKEN  # its scale needs the whole row in one program
+    unit = group_size if fmt == QuantFormat.FP8_PER_GROUP else (16 if fmt >= QuantFormat.NVFP4_LINEAR else 1)
     rows = cfg.rows if cfg.rows in (1, 2, 4, 8, 16, 32, 64, 128) else 1
     nw = cfg.num_warps if cfg.num_warps in (1, 2, 4, 8, 16, 32) else default_config(op, fmt, width, 1).num_warps
     if op == "add_rmsnorm":
         split = cfg.split if cfg.split in (1, 2, 4, 8, 16) else 1
-        while split > 1 and (fmt == 2 or full // split < max(unit, 128) or (full // split) % max(unit, 1)):
+        while split > 1 and (per_token or full // split < max(unit, 128) or (full // split) % max(unit, 1)):
             split //= 2
         return replace(cfg, num_warps=nw, block=0, rows=rows, split=split)
     block = cfg.block or default_config(op, fmt, width, 1).block
-    if fmt == 2:
+    if per_token:
         block = full
     block = max(128, min(next_pow2(block), full), unit if unit > 1 else 128)
     return replace(cfg, num_warps=nw, block=block, rows=rows, split=1)
 
 
-def lookup_uncached(op: str, fmt: int, width: int, tokens: int, group: int = 128) -> LaunchConfig:
+def lookup_uncached(op: str, fmt: int, width: int, tokens: int, group_size: int = 128) -> LaunchConfig:
     """:func:`lookup` without its memo (what the memo stores)."""
     if _FORCED is not None:
         cfg = _FORCED
     else:
         key = (op, format_name(fmt), next_pow2(width), token_bucket(tokens))
         cfg = _OVERRIDE.get(key) or TABLE.get(key) or default_config(op, fmt, width, tokens)
-    return sanitize(op, fmt, width, group, cfg)
+    return sanitize(op, fmt, width, group_size, cfg)
 
 
 # lookup() runs on every eager launch (the decode hot path): its result depends only on its arguments and on
@@ -263,18 +269,18 @@ def clear_cache() -> None:
     _MEMO_TABLE[0] = TABLE
 
 
-def lookup(op: str, fmt: int, width: int, tokens: int, group: int = 128) -> LaunchConfig:
+def lookup(op: str, fmt: int, width: int, tokens: int, group_size: int = 128) -> LaunchConfig:
     """The configuration a launcher uses for ``tokens`` rows of width ``width`` (H, or I for silu_mul)."""
     if _MEMO_TABLE[0] is not TABLE or _FORCED is not None:
         if _FORCED is not None:
-            return lookup_uncached(op, fmt, width, tokens, group)
+            return lookup_uncached(op, fmt, width, tokens, group_size)
         clear_cache()
-    key = (op, fmt, width, tokens, group)
+    key = (op, fmt, width, tokens, group_size)
     cfg = _MEMO.get(key)
     if cfg is None:
         if len(_MEMO) >= _MEMO_MAX:
             _MEMO.clear()
-        cfg = _MEMO[key] = lookup_uncached(op, fmt, width, tokens, group)
+        cfg = _MEMO[key] = lookup_uncached(op, fmt, width, tokens, group_size)
     return cfg
 
 

@@ -85,23 +85,27 @@ Performance notes (Hopper; checked on the SASS of the sm_90 compile, see bench/b
 """
 
 import os
+from typing import NamedTuple
 
 import triton
 import triton.language as tl
+
+from .. import quant as _quant
+from ..quant import QuantFormat, next_pow2
 
 # Under the Triton CPU interpreter (TRITON_INTERPRET=1 when this module is imported) casts to e4m3 / bf16 are done
 # by explicit integer rounding, because the interpreter's own casts are not round-to-nearest-even.
 SOFT_CAST: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
-FMT_NONE = 0
-FMT_FP8_STATIC = 1
-FMT_FP8_PER_TOKEN = 2
-FMT_FP8_PER_GROUP = 3
-FMT_NVFP4_LINEAR = 4
-FMT_NVFP4_SWIZZLED = 5
-
-FP8_MAX = 448.0
-FP8_MIN_SCALE = 1.0 / (448.0 * 512.0)
+# the format ids (tpfuse.quant.QuantFormat) and FP8 constants (tpfuse.quant) as constexprs for the kernels
+FMT_NONE: tl.constexpr = tl.constexpr(int(QuantFormat.NONE))
+FMT_FP8_STATIC: tl.constexpr = tl.constexpr(int(QuantFormat.FP8_STATIC))
+FMT_FP8_PER_TOKEN: tl.constexpr = tl.constexpr(int(QuantFormat.FP8_PER_TOKEN))
+FMT_FP8_PER_GROUP: tl.constexpr = tl.constexpr(int(QuantFormat.FP8_PER_GROUP))
+FMT_NVFP4_LINEAR: tl.constexpr = tl.constexpr(int(QuantFormat.NVFP4_LINEAR))
+FMT_NVFP4_SWIZZLED: tl.constexpr = tl.constexpr(int(QuantFormat.NVFP4_SWIZZLED))
+FP8_MAX: tl.constexpr = tl.constexpr(_quant.FP8_MAX)
+FP8_MIN_SCALE: tl.constexpr = tl.constexpr(_quant.FP8_MIN_SCALE)
 
 
 @triton.jit
@@ -118,7 +122,7 @@ def row_amax(x, axis: tl.constexpr):
 @triton.jit
 def fp8_dynamic_scale(amax):
     # max(amax / 448, 1 / (448 * 512)); NaN amax -> NaN scale
-    return tl.maximum(tl.math.div_rn(amax, 448.0), 1.0 / (448.0 * 512.0), propagate_nan=tl.PropagateNan.ALL)
+    return tl.maximum(tl.math.div_rn(amax, FP8_MAX), FP8_MIN_SCALE, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -160,7 +164,7 @@ def to_fp8(c):
 @triton.jit
 def fp8_cast(v):
     # clamp keeps NaN, saturates +-Inf; then round to nearest even
-    c = tl.minimum(tl.maximum(v, -448.0, propagate_nan=tl.PropagateNan.ALL), 448.0,
+    c = tl.minimum(tl.maximum(v, -FP8_MAX, propagate_nan=tl.PropagateNan.ALL), FP8_MAX,
                    propagate_nan=tl.PropagateNan.ALL)
     return to_fp8(c)
 
@@ -282,11 +286,19 @@ def cap_contiguity(offs, V: tl.constexpr):
 
 
 @triton.jit
-def swizzled_row_base(row64, sf_cols_padded):
-    """The row-dependent part of the SWIZZLED_128x4 offset of scale ``(m, k)`` (:mod:`tpfuse.quant`); the
-    ``k`` part is ``(k // 4) * 512 + k % 4``."""
-    m = row64
-    return (m // 128) * ((sf_cols_padded // 4) * 512) + (m % 32) * 16 + ((m % 128) // 32) * 4
+def swizzled_offset(m, k, sf_cols_padded, K_SUM_I32: tl.constexpr):
+    """Flat offset of scale ``(m, k)`` (row ``m``: int64; scale column ``k``: int32) in the SWIZZLED_128x4 layout,
+    the formula of :func:`tpfuse.quant.swizzled_offset` (``sf_cols_padded = round_up(H/16, 4)``).
+
+    ``K_SUM_I32`` picks the evaluation order, which changes the generated code (not the value, for any real
+    size): True sums the two column terms in int32 and widens once (the quantizing epilogue), False widens each
+    term (the pad writer and the two-shot gather). Both orders are kept so that every kernel's PTX stays the
+    one run on GPUs (tests/sm90_ptx_fingerprints.txt); settle on one when those kernels are next re-run there."""
+    tile_base = (m // 128) * ((sf_cols_padded // 4) * 512)
+    if K_SUM_I32:
+        return tile_base + (m % 32) * 16 + ((m % 128) // 32) * 4 + ((k // 4) * 512 + (k % 4))
+    else:
+        return tile_base + (k // 4) * 512 + (m % 32) * 16 + ((m % 128) // 32) * 4 + (k % 4)
 
 
 @triton.jit
@@ -296,20 +308,20 @@ def quant_store_tile(vals, col0, n_cols, row, out_ptr, out_stride, scale_ptr, sc
     lane = tl.arange(0, BLOCK)
     cols = col0 + lane
     mask = cols < n_cols
-    if FMT < 4:  # NVFP4 blocks lie wholly inside or past the row: its masked lanes reach no stored reduction
+    if FMT < FMT_NVFP4_LINEAR:  # NVFP4 blocks lie wholly inside or past the row: masked lanes reach no stored reduction
         vals = tl.where(mask, vals, 0.0)
     out_row = out_ptr + row64 * out_stride
-    if FMT == 0:
+    if FMT == FMT_NONE:
         tl.store(out_row + cols, cast_for_store(vals, out_ptr.dtype.element_ty), mask=mask)
-    elif FMT == 1:
+    elif FMT == FMT_FP8_STATIC:
         inv = tl.math.div_rn(1.0, tl.load(in_scale_ptr))
         tl.store(out_row + col0 + cap_contiguity(lane, 8), fp8_cast(vals * inv), mask=mask)
-    elif FMT == 2:
+    elif FMT == FMT_FP8_PER_TOKEN:
         scale = fp8_dynamic_scale(row_amax(vals, 0))
         inv = tl.math.div_rn(1.0, scale)
         tl.store(out_row + col0 + cap_contiguity(lane, 8), fp8_cast(vals * inv), mask=mask)
         tl.store(scale_ptr + row64 * scale_stride, scale)
-    elif FMT == 3:
+    elif FMT == FMT_FP8_PER_GROUP:
         NG: tl.constexpr = BLOCK // GROUP
         v2 = tl.reshape(vals, (NG, GROUP))
         scale = fp8_dynamic_scale(row_amax(v2, 1))  # [NG]
@@ -324,7 +336,7 @@ def quant_store_tile(vals, col0, n_cols, row, out_ptr, out_stride, scale_ptr, sc
         v2 = tl.reshape(vals, (NB, 16))
         amax = row_amax(v2, 1)  # [NB]
         sf_f32 = gs * (amax * (1.0 / 6.0))
-        sf_c = tl.minimum(sf_f32, 448.0, propagate_nan=tl.PropagateNan.ALL)
+        sf_c = tl.minimum(sf_f32, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
         if SOFT_CAST:  # the interpreter's e4m3 -> fp32 decode is not trusted either (see to_fp8)
             sf_f = fp8_round(sf_c)
             sf = fp8_encode_exact(sf_f)
@@ -338,11 +350,10 @@ def quant_store_tile(vals, col0, n_cols, row, out_ptr, out_stride, scale_ptr, sc
         tl.store(out_row + pcol, packed, mask=pcol < n_cols // 2)
         k = col0 // 16 + tl.arange(0, NB)
         kmask = k * 16 < n_cols
-        if FMT == 4:
+        if FMT == FMT_NVFP4_LINEAR:
             tl.store(scale_ptr + row64 * scale_stride + k, sf, mask=kmask)
         else:
-            off = swizzled_row_base(row64, sf_cols_padded) + ((k // 4) * 512 + (k % 4))
-            tl.store(scale_ptr + off, sf, mask=kmask)
+            tl.store(scale_ptr + swizzled_offset(row64, k, sf_cols_padded, True), sf, mask=kmask)
 
 
 @triton.jit
@@ -352,6 +363,30 @@ def quant_store(vals, cols, mask, row, out_ptr, out_stride, scale_ptr, scale_str
     n_cols = tl.max(tl.where(mask, cols + 1, 0), 0)  # H, or past the tile's end: masks agree inside the tile
     quant_store_tile(vals, col0, n_cols, row, out_ptr, out_stride, scale_ptr, scale_stride, in_scale_ptr,
                      sf_cols_padded, FMT, BLOCK, GROUP)
+
+
+@triton.jit
+def row_tile(n_tiles, n_cols, BLOCK: tl.constexpr):
+    """``(pid, tile, col0, cols, mask)`` of a program of the tiled row kernels (:func:`launch_row_tiles`: tile
+    index fastest)."""
+    pid = tl.program_id(0)
+    tile = pid % n_tiles
+    c0 = tile * BLOCK
+    cols = c0 + tl.arange(0, BLOCK)
+    return pid, tile, c0, cols, cols < n_cols
+
+
+@triton.jit
+def quant_store_row_tile(vals, col0, tile, n_cols, row, n_rows, out_ptr, out_stride, scale_ptr, scale_stride,
+                         in_scale_ptr, n_sf_cols, sf_cols_padded, FMT: tl.constexpr, BLOCK: tl.constexpr,
+                         GROUP: tl.constexpr, PAD_BLOCK: tl.constexpr):
+    """:func:`quant_store_tile` of one tile of a row; for swizzled NVFP4 the tile-0 program also zeroes the row's
+    scale pad columns (H/16 not a multiple of 4)."""
+    quant_store_tile(vals, col0, n_cols, row, out_ptr, out_stride, scale_ptr, scale_stride, in_scale_ptr,
+                     sf_cols_padded, FMT, BLOCK, GROUP)
+    if FMT == FMT_NVFP4_SWIZZLED:
+        if (tile == 0) & (n_sf_cols < sf_cols_padded):
+            nvfp4_swizzled_pad(row, n_rows, scale_ptr, n_sf_cols, sf_cols_padded, PAD_BLOCK)
 
 
 @triton.jit
@@ -405,14 +440,11 @@ def rmsnorm_quant_store(s, cols, mask, row, w_ptr, eps, n_cols, res_out_ptr, res
 
 @triton.jit
 def nvfp4_swizzled_pad(row, n_rows, scale_ptr, n_sf_cols, sf_cols_padded, PAD_BLOCK: tl.constexpr):
-    m = row.to(tl.int64)
     k = tl.arange(0, PAD_BLOCK)
     start = tl.where(row < n_rows, n_sf_cols, 0)
     kmask = (k >= start) & (k < sf_cols_padded)
-    k_tiles = sf_cols_padded // 4
-    off = ((m // 128) * (k_tiles * 512) + (k // 4) * 512 + (m % 32) * 16 + ((m % 128) // 32) * 4 + (k % 4))
     zero = tl.zeros((PAD_BLOCK,), tl.float32).to(tl.float8e4nv)
-    tl.store(scale_ptr + off, zero, mask=kmask)
+    tl.store(scale_ptr + swizzled_offset(row.to(tl.int64), k, sf_cols_padded, False), zero, mask=kmask)
 
 
 @triton.jit
@@ -443,30 +475,56 @@ def nvfp4_pad_rows(prog, n_progs, n_rows, scale_ptr, sf_cols_padded):
 # host-side helpers for launchers (plain Python)
 
 
-def next_pow2(n: int) -> int:
-    # = triton.next_power_of_2(max(n, 1)) in plain Python (that one is a JIT-callable object: ~5 us a call)
-    return 1 << (int(n) - 1).bit_length() if n > 1 else 1
+class EpilogueArgs(NamedTuple):
+    """The epilogue's launch arguments for one output (:func:`epilogue_args`). A NamedTuple, not a dataclass: it is
+    built on every eager launch (the decode hot path)."""
+
+    out_stride: int  # row stride of ``data`` (elements; bytes for NVFP4)
+    scale: object  # the kernel's ``scale_ptr``: the output scale tensor, or ``data`` where the format writes none
+    scale_stride: int  # row stride of the output scale (0 where the kernel does not read it)
+    in_scale: object  # the kernel's ``in_scale_ptr``: the static FP8 / NVFP4 global scale, or ``data`` as a dummy
+    n_sf_cols: int  # H / 16 (NVFP4 scale columns)
+    sf_cols_padded: int  # round_up(H / 16, 4) (swizzled NVFP4 scale row length)
+    pad_block: int  # next_pow2(sf_cols_padded): the kernels' PAD_BLOCK
 
 
-def epilogue_args(fmt: int, hidden: int, data, scale, in_scale):
-    """``(out_stride, scale, scale_stride, in_scale, n_sf_cols, sf_cols_padded)`` for a launcher writing
-    ``data``/``scale`` (tensors allocated by :func:`tpfuse.quant.empty_like_quantized` or a plain output for FMT 0).
-    ``in_scale`` (static FP8 scale / NVFP4 global scale) may be None for formats that do not read it; ``data`` is
-    then passed as the dummy pointer."""
-    out_stride = data.stride(0)
+def epilogue_args(fmt: int, hidden: int, data, scale, in_scale) -> EpilogueArgs:
+    """:class:`EpilogueArgs` for a launcher writing ``data``/``scale`` (:func:`tpfuse.quant.alloc_outputs`).
+    ``in_scale`` (static FP8 scale / NVFP4 global scale) may be None for formats that do not read it."""
     n_sf_cols = hidden // 16
     sf_cols_padded = (n_sf_cols + 3) // 4 * 4
-    if fmt in (FMT_FP8_PER_TOKEN, FMT_FP8_PER_GROUP, FMT_NVFP4_LINEAR):
-        scale_stride = scale.stride(0)
-    else:
-        scale_stride = 0
-    if fmt in (FMT_NONE, FMT_FP8_STATIC):
-        scale = data
-    if in_scale is None:
-        in_scale = data
-    return out_stride, scale, scale_stride, in_scale, n_sf_cols, sf_cols_padded
+    has_stride = fmt in (QuantFormat.FP8_PER_TOKEN, QuantFormat.FP8_PER_GROUP, QuantFormat.NVFP4_LINEAR)
+    return EpilogueArgs(out_stride=data.stride(0),
+                        scale=data if fmt in (QuantFormat.NONE, QuantFormat.FP8_STATIC) else scale,
+                        scale_stride=scale.stride(0) if has_stride else 0,
+                        in_scale=data if in_scale is None else in_scale,
+                        n_sf_cols=n_sf_cols, sf_cols_padded=sf_cols_padded, pad_block=next_pow2(sf_cols_padded))
+
+
+def launch_row_tiles(kernel, op: str, x, width: int, data, scale, in_scale, fmt: int, group_size: int,
+                     config=None) -> None:
+    """Launch a tiled row kernel (``_silu_mul_kernel``, ``_quantize_kernel``: the same parameters) over
+    ``x [T, *]`` with output rows of ``width`` (the config of ``op`` from :mod:`.local_configs`, or ``config``
+    sanitized): a 1-D grid of ``n_tiles * cdiv(T, ROWS)`` programs, tile index fastest."""
+    from . import fast_launch, local_configs
+
+    t = x.shape[0]
+    if t == 0:
+        return
+    cfg = local_configs.lookup(op, fmt, width, t, group_size) if config is None else \
+        local_configs.sanitize(op, fmt, width, group_size, config)
+    ep = epilogue_args(fmt, width, data, scale, in_scale)
+    block, rows = cfg.block, cfg.rows
+    n_tiles = (width + block - 1) // block
+    n_progs = n_tiles * ((t + rows - 1) // rows)
+    fast_launch.launch(
+        kernel, (n_progs,),
+        (x, x.stride(0), data, ep.out_stride, ep.scale, ep.scale_stride, ep.in_scale, t, width, ep.n_sf_cols,
+         ep.sf_cols_padded, n_tiles, n_progs),
+        {"FMT": fmt, "BLOCK": block, "GROUP": group_size, "PAD_BLOCK": ep.pad_block, "ROWS": rows},
+        cfg.num_warps, cfg.num_stages)
 
 
 def padded_rows(fmt: int, rows: int) -> int:
     """Row programs a launcher needs: ``round_up(rows, 128)`` for swizzled NVFP4 (pad rows), else ``rows``."""
-    return (rows + 127) // 128 * 128 if fmt == FMT_NVFP4_SWIZZLED else rows
+    return (rows + 127) // 128 * 128 if fmt == QuantFormat.NVFP4_SWIZZLED else rows

@@ -10,45 +10,24 @@ Grid as :mod:`.silu_mul`: 1-D, ``n_tiles * cdiv(T, ROWS)`` programs, tile index 
 import triton
 import triton.language as tl
 
-from . import fast_launch, local_configs
-from .quant_epilogue import epilogue_args, next_pow2, nvfp4_pad_rows, nvfp4_swizzled_pad, quant_store_tile
+from .quant_epilogue import FMT_NVFP4_SWIZZLED, launch_row_tiles, nvfp4_pad_rows, quant_store_row_tile, row_tile
 
 
 @triton.jit(do_not_specialize=["n_rows", "n_progs"])
 def _quantize_kernel(x_ptr, x_stride, out_ptr, out_stride, scale_ptr, scale_stride, in_scale_ptr, n_rows, n_cols,
                      n_sf_cols, sf_cols_padded, n_tiles, n_progs, FMT: tl.constexpr, BLOCK: tl.constexpr,
                      GROUP: tl.constexpr, PAD_BLOCK: tl.constexpr, ROWS: tl.constexpr):
-    pid = tl.program_id(0)
-    tile = pid % n_tiles
-    c0 = tile * BLOCK
-    cols = c0 + tl.arange(0, BLOCK)
-    mask = cols < n_cols
+    pid, tile, c0, cols, mask = row_tile(n_tiles, n_cols, BLOCK)
     for i in tl.static_range(ROWS):
         row = (pid // n_tiles) * ROWS + i
         if row < n_rows:
             x = tl.load(x_ptr + row.to(tl.int64) * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-            quant_store_tile(x, c0, n_cols, row, out_ptr, out_stride, scale_ptr, scale_stride, in_scale_ptr,
-                             sf_cols_padded, FMT, BLOCK, GROUP)
-            if FMT == 5:
-                if (tile == 0) & (n_sf_cols < sf_cols_padded):  # H/16 not a multiple of 4: this row's pad columns
-                    nvfp4_swizzled_pad(row, n_rows, scale_ptr, n_sf_cols, sf_cols_padded, PAD_BLOCK)
-    if FMT == 5:
+            quant_store_row_tile(x, c0, tile, n_cols, row, n_rows, out_ptr, out_stride, scale_ptr, scale_stride,
+                                 in_scale_ptr, n_sf_cols, sf_cols_padded, FMT, BLOCK, GROUP, PAD_BLOCK)
+    if FMT == FMT_NVFP4_SWIZZLED:
         nvfp4_pad_rows(pid, n_progs, n_rows, scale_ptr, sf_cols_padded)
 
 
-def launch_quantize(x, data, scale, in_scale, fmt, group, config=None):
-    t, h = x.shape
-    if t == 0:
-        return
-    cfg = local_configs.lookup("quantize", fmt, h, t, group) if config is None else \
-        local_configs.sanitize("quantize", fmt, h, group, config)
-    out_stride, scale_t, scale_stride, in_scale_t, n_sf, sf_pad = epilogue_args(fmt, h, data, scale, in_scale)
-    block, rows = cfg.block, cfg.rows
-    n_tiles = (h + block - 1) // block
-    n_progs = n_tiles * ((t + rows - 1) // rows)
-    fast_launch.launch(
-        _quantize_kernel, (n_progs,),
-        (x, x.stride(0), data, out_stride, scale_t, scale_stride, in_scale_t, t, h, n_sf, sf_pad, n_tiles, n_progs),
-        {"FMT": fmt, "BLOCK": block, "GROUP": group, "PAD_BLOCK": next_pow2(sf_pad), "ROWS": rows},
-        cfg.num_warps, cfg.num_stages)
-
+def launch_quantize(x, data, scale, in_scale, fmt, group_size, config=None):
+    """Quantize ``x [T, H]`` into ``data`` / ``scale`` (:func:`tpfuse.quant.alloc_outputs`)."""
+    launch_row_tiles(_quantize_kernel, "quantize", x, x.shape[1], data, scale, in_scale, fmt, group_size, config)

@@ -14,8 +14,9 @@ rank's token shard). One program per row, the whole hidden row in registers, fp3
 import triton
 import triton.language as tl
 
+from ..quant import QuantFormat, next_pow2
 from .add_rmsnorm import num_warps_for
-from .quant_epilogue import (cast_for_store, epilogue_args, next_pow2, nvfp4_swizzled_pad, padded_rows,
+from .quant_epilogue import (FMT_NVFP4_SWIZZLED, cast_for_store, epilogue_args, nvfp4_swizzled_pad, padded_rows,
                              rmsnorm_quant_store)
 
 
@@ -42,7 +43,7 @@ def _reduce_slots_kernel(slots_ptr, slot_stride, row_stride, res_ptr, res_stride
         else:
             tl.store(out_ptr + row64 * out_stride + cols, cast_for_store(s, out_ptr.dtype.element_ty), mask=mask)
     if NORM:
-        if FMT == 5:
+        if FMT == FMT_NVFP4_SWIZZLED:
             nvfp4_swizzled_pad(row, n_rows, scale_ptr, n_sf_cols, sf_cols_padded, PAD_BLOCK)
 
 
@@ -54,23 +55,24 @@ def launch_reduce_slots(slots, nslots, slot_stride, rows, out):
     block = next_pow2(h)
     _reduce_slots_kernel[(rows,)](
         slots, slot_stride, slots.stride(0), out, 0, out, out, 0, out, out.stride(0), out, 0, out,
-        rows, h, 0.0, 0, 0, NSLOTS=nslots, NORM=False, HAS_RES=False, GEMMA=False, FMT=0, BLOCK=block, GROUP=16,
+        rows, h, 0.0, 0, 0, NSLOTS=nslots, NORM=False, HAS_RES=False, GEMMA=False, FMT=QuantFormat.NONE, BLOCK=block,
+        GROUP=16,
         PAD_BLOCK=1, num_warps=num_warps_for(block))
     return out
 
 
 def launch_reduce_slots_rmsnorm(slots, nslots, slot_stride, rows, residual, weight, eps, residual_out, data, scale,
-                                in_scale, fmt, group, gemma):
+                                in_scale, fmt, group_size, gemma):
     """Fused ``sum slots + residual -> residual_out; rmsnorm -> data/scale`` over ``rows`` rows."""
     h = residual_out.shape[1]
     prog = padded_rows(fmt, rows)
     if prog == 0:
         return
-    out_stride, scale_t, scale_stride, in_scale_t, n_sf, sf_pad = epilogue_args(fmt, h, data, scale, in_scale)
+    ep = epilogue_args(fmt, h, data, scale, in_scale)
     block = next_pow2(h)
     res = residual if residual is not None else residual_out
     _reduce_slots_kernel[(prog,)](
         slots, slot_stride, slots.stride(0), res, res.stride(0), weight, residual_out, residual_out.stride(0),
-        data, out_stride, scale_t, scale_stride, in_scale_t, rows, h, float(eps), n_sf, sf_pad,
-        NSLOTS=nslots, NORM=True, HAS_RES=residual is not None, GEMMA=bool(gemma), FMT=fmt, BLOCK=block, GROUP=group,
-        PAD_BLOCK=next_pow2(sf_pad), num_warps=num_warps_for(block))
+        data, ep.out_stride, ep.scale, ep.scale_stride, ep.in_scale, rows, h, float(eps), ep.n_sf_cols,
+        ep.sf_cols_padded, NSLOTS=nslots, NORM=True, HAS_RES=residual is not None, GEMMA=bool(gemma), FMT=fmt,
+        BLOCK=block, GROUP=group_size, PAD_BLOCK=ep.pad_block, num_warps=num_warps_for(block))

@@ -21,7 +21,8 @@ still fill the GPU, and grows it at large token counts so each program moves a f
 import triton
 import triton.language as tl
 
-from .quant_epilogue import cast_for_store, fp8_cast, next_pow2
+from ..quant import next_pow2
+from .quant_epilogue import cast_for_store, fp8_cast
 
 
 @triton.jit

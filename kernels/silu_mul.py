@@ -12,8 +12,7 @@ programs zero their rows' scale column padding and all programs share out the pa
 import triton
 import triton.language as tl
 
-from . import fast_launch, local_configs
-from .quant_epilogue import epilogue_args, next_pow2, nvfp4_pad_rows, nvfp4_swizzled_pad, quant_store_tile
+from .quant_epilogue import FMT_NVFP4_SWIZZLED, launch_row_tiles, nvfp4_pad_rows, quant_store_row_tile, row_tile
 
 
 @triton.jit(do_not_specialize=["n_rows", "n_progs"])
@@ -21,11 +20,7 @@ def _silu_mul_kernel(x_ptr, x_stride, out_ptr, out_stride, scale_ptr, scale_stri
                      n_rows, n_cols, n_sf_cols, sf_cols_padded, n_tiles, n_progs,
                      FMT: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr, PAD_BLOCK: tl.constexpr,
                      ROWS: tl.constexpr):
-    pid = tl.program_id(0)
-    tile = pid % n_tiles
-    c0 = tile * BLOCK
-    cols = c0 + tl.arange(0, BLOCK)
-    mask = cols < n_cols
+    pid, tile, c0, cols, mask = row_tile(n_tiles, n_cols, BLOCK)
     for i in tl.static_range(ROWS):
         row = (pid // n_tiles) * ROWS + i
         if row < n_rows:
@@ -34,30 +29,13 @@ def _silu_mul_kernel(x_ptr, x_stride, out_ptr, out_stride, scale_ptr, scale_stri
             u = tl.load(base + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
             # silu(g) = g * sigmoid(g) = g / (1 + exp(-g))
             y = (g / (1.0 + tl.exp(-g))) * u
-            quant_store_tile(y, c0, n_cols, row, out_ptr, out_stride, scale_ptr, scale_stride, in_scale_ptr,
-                             sf_cols_padded, FMT, BLOCK, GROUP)
-            if FMT == 5:
-                if (tile == 0) & (n_sf_cols < sf_cols_padded):  # H/16 not a multiple of 4: this row's pad columns
-                    nvfp4_swizzled_pad(row, n_rows, scale_ptr, n_sf_cols, sf_cols_padded, PAD_BLOCK)
-    if FMT == 5:
+            quant_store_row_tile(y, c0, tile, n_cols, row, n_rows, out_ptr, out_stride, scale_ptr, scale_stride,
+                                 in_scale_ptr, n_sf_cols, sf_cols_padded, FMT, BLOCK, GROUP, PAD_BLOCK)
+    if FMT == FMT_NVFP4_SWIZZLED:
         nvfp4_pad_rows(pid, n_progs, n_rows, scale_ptr, sf_cols_padded)
 
 
-def launch_silu_mul(x, data, scale, in_scale, fmt, group, config=None):
-    t, two_i = x.shape
-    inter = two_i // 2
-    if t == 0:
-        return
-    cfg = local_configs.lookup("silu_mul", fmt, inter, t, group) if config is None else \
-        local_configs.sanitize("silu_mul", fmt, inter, group, config)
-    out_stride, scale_t, scale_stride, in_scale_t, n_sf, sf_pad = epilogue_args(fmt, inter, data, scale, in_scale)
-    block, rows = cfg.block, cfg.rows
-    n_tiles = (inter + block - 1) // block
-    n_progs = n_tiles * ((t + rows - 1) // rows)
-    fast_launch.launch(
-        _silu_mul_kernel, (n_progs,),
-        (x, x.stride(0), data, out_stride, scale_t, scale_stride, in_scale_t, t, inter, n_sf, sf_pad,
-         n_tiles, n_progs),
-        {"FMT": fmt, "BLOCK": block, "GROUP": group, "PAD_BLOCK": next_pow2(sf_pad), "ROWS": rows},
-        cfg.num_warps, cfg.num_stages)
-
+def launch_silu_mul(x, data, scale, in_scale, fmt, group_size, config=None):
+    """SiLU(gate) * up of ``x [T, 2I]`` into ``data`` / ``scale`` (:func:`tpfuse.quant.alloc_outputs`)."""
+    launch_row_tiles(_silu_mul_kernel, "silu_mul", x, x.shape[1] // 2, data, scale, in_scale, fmt, group_size,
+                     config)

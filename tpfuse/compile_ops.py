@@ -46,11 +46,11 @@ def _comm(handle: int):
 
 
 def _split(out, fmt: int, x: Tensor):
-    from . import ops
+    from .quant import QuantFormat
 
-    if fmt == ops.FMT_NONE:
+    if fmt == QuantFormat.NONE:
         return out, x.new_empty(0, dtype=torch.float32)
-    scale = x.new_empty(0, dtype=torch.float32) if fmt == ops.FMT_FP8_STATIC else out.scale
+    scale = x.new_empty(0, dtype=torch.float32) if fmt == QuantFormat.FP8_STATIC else out.scale
     return out.data, scale
 
 

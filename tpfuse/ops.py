@@ -19,20 +19,20 @@ format, width and token bucket; measured by ``bench/bench_local.py --sweep-confi
 results, except that the add+RMSNorm reduction order follows the warps / split of the bucket (few-ulp
 differences of the fp32 norm between buckets; quantize and SiLU*mul outputs are identical under every shape).
 
-Custom ops (namespace ``tpfuse``; quant specs travel as ``fmt`` / ``group`` / ``in_scale``, see
-:mod:`tpfuse.kernels.quant_epilogue` for the format ids: 0 none, 1 FP8Static, 2 FP8PerToken, 3 FP8PerGroup,
-4 NVFP4 linear scales, 5 NVFP4 swizzled128x4 -- the NVFP4 layout flag is folded into the id)::
+Custom ops (namespace ``tpfuse``; quant specs travel as ``fmt`` / ``group_size`` / ``in_scale``:
+:func:`tpfuse.quant.spec_to_args`, ``fmt`` a :class:`tpfuse.quant.QuantFormat` -- the NVFP4 layout flag is folded
+into it; :mod:`tpfuse.kernels.quant_epilogue` documents each format's buffers)::
 
-    tpfuse::add_rmsnorm(Tensor x, Tensor? residual, Tensor weight, float eps, int fmt, int group,
+    tpfuse::add_rmsnorm(Tensor x, Tensor? residual, Tensor weight, float eps, int fmt, int group_size,
                         Tensor? in_scale, bool gemma) -> (Tensor data, Tensor scale, Tensor residual_out)
-    tpfuse::add_rmsnorm_(Tensor x, Tensor(a!) residual, Tensor weight, float eps, int fmt, int group,
+    tpfuse::add_rmsnorm_(Tensor x, Tensor(a!) residual, Tensor weight, float eps, int fmt, int group_size,
                          Tensor? in_scale, bool gemma) -> (Tensor data, Tensor scale)     # residual in place
-    tpfuse::silu_mul(Tensor x, int fmt, int group, Tensor? in_scale) -> (Tensor data, Tensor scale)
-    tpfuse::quantize(Tensor x, int fmt, int group, Tensor? in_scale) -> (Tensor data, Tensor scale)
+    tpfuse::silu_mul(Tensor x, int fmt, int group_size, Tensor? in_scale) -> (Tensor data, Tensor scale)
+    tpfuse::quantize(Tensor x, int fmt, int group_size, Tensor? in_scale) -> (Tensor data, Tensor scale)
 
-``data`` is the output (input dtype for fmt 0, e4m3 for FP8, packed uint8 for NVFP4); ``scale`` the output scale
-(an empty fp32 tensor for fmt 0 and 1: the static scale is the caller's). ``in_scale`` is the FP8 static scale or
-the NVFP4 global scale (fp32 scalar on the op's device). Every op has a fake (meta) impl, so the public functions
+``data`` is the output (input dtype for fmt NONE, e4m3 for FP8, packed uint8 for NVFP4); ``scale`` the output scale
+(an empty fp32 tensor for NONE and FP8_STATIC: the static scale is the caller's). ``in_scale`` is the FP8 static
+scale or the NVFP4 global scale (fp32 scalar on the op's device). Every op has a fake (meta) impl, so the public functions
 work under ``torch.compile(fullgraph=True)`` and CUDA-graph capture (no host sync: scales are read on device).
 """
 
@@ -46,56 +46,12 @@ import torch
 from . import quant as q
 from . import reference as ref
 from .errors import TPFuseInputError
-from .quant import QuantSpec
-
-FMT_NONE, FMT_FP8_STATIC, FMT_FP8_PER_TOKEN, FMT_FP8_PER_GROUP, FMT_NVFP4_LINEAR, FMT_NVFP4_SWIZZLED = range(6)
+from .quant import QuantFormat, QuantSpec
+from .quant import alloc_outputs, args_to_spec, spec_to_args  # noqa: F401  (the ops' encoding; backends use it too)
 
 
 def _use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TPFUSE_TRITON_CPU") == "1"
-
-
-def spec_to_args(spec: Optional[QuantSpec]) -> Tuple[int, int, Optional[torch.Tensor]]:
-    """``(fmt, group, in_scale)`` of a quant spec (the custom ops' encoding)."""
-    if spec is None:
-        return FMT_NONE, 16, None
-    if isinstance(spec, q.FP8Static):
-        return FMT_FP8_STATIC, 16, spec.scale
-    if isinstance(spec, q.FP8PerToken):
-        return FMT_FP8_PER_TOKEN, 16, None
-    if isinstance(spec, q.FP8PerGroup):
-        return FMT_FP8_PER_GROUP, spec.group_size, None
-    if isinstance(spec, q.NVFP4):
-        return (FMT_NVFP4_SWIZZLED if spec.layout == "swizzled128x4" else FMT_NVFP4_LINEAR), 16, spec.global_scale
-    raise TPFuseInputError(f"unknown quant spec {type(spec).__name__}")
-
-
-def args_to_spec(fmt: int, group: int, in_scale: Optional[torch.Tensor]) -> Optional[QuantSpec]:
-    if fmt == FMT_NONE:
-        return None
-    if fmt == FMT_FP8_STATIC:
-        return q.FP8Static(in_scale)
-    if fmt == FMT_FP8_PER_TOKEN:
-        return q.FP8PerToken()
-    if fmt == FMT_FP8_PER_GROUP:
-        return q.FP8PerGroup(group)
-    return q.NVFP4(in_scale, "linear" if fmt == FMT_NVFP4_LINEAR else "swizzled128x4")
-
-
-def alloc_outputs(t: int, h: int, fmt: int, group: int, device, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(data, scale)`` buffers for ``[t, h]`` in format ``fmt`` (shapes as :func:`tpfuse.quant.empty_like_quantized`;
-    fmt 0/1 get an empty fp32 ``scale``)."""
-    if fmt == FMT_NONE:
-        return torch.empty(t, h, dtype=dtype, device=device), torch.empty(0, dtype=torch.float32, device=device)
-    if fmt in (FMT_NVFP4_LINEAR, FMT_NVFP4_SWIZZLED):
-        data = torch.empty(t, h // 2, dtype=torch.uint8, device=device)
-        shape = q.nvfp4_swizzled_shape(t, h) if fmt == FMT_NVFP4_SWIZZLED else (t, h // q.NVFP4_BLOCK)
-        return data, torch.empty(shape, dtype=q.FP8_DTYPE, device=device)
-    data = torch.empty(t, h, dtype=q.FP8_DTYPE, device=device)
-    if fmt == FMT_FP8_STATIC:
-        return data, torch.empty(0, dtype=torch.float32, device=device)
-    cols = 1 if fmt == FMT_FP8_PER_TOKEN else h // group
-    return data, torch.empty(t, cols, dtype=torch.float32, device=device)
 
 
 def alloc_residual_out(x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +64,7 @@ def _scale_out(spec, scale):
 
 
 def _ref_outputs(out, fmt):
-    if fmt == FMT_NONE:
+    if fmt == QuantFormat.NONE:
         return out, torch.empty(0, dtype=torch.float32, device=out.device)
     return out.data, _scale_out(out.spec, out.scale)
 
@@ -123,17 +79,17 @@ def _ref_outputs(out, fmt):
 
 
 def _add_rmsnorm_impl(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float, fmt: int,
-                      group: int, in_scale: Optional[torch.Tensor], gemma: bool
+                      group_size: int, in_scale: Optional[torch.Tensor], gemma: bool
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     t, h = x.shape
     if not _use_triton(x):
-        out, res = ref.add_rmsnorm(x, residual, weight, eps, quant=args_to_spec(fmt, group, in_scale), gemma=gemma)
+        out, res = ref.add_rmsnorm(x, residual, weight, eps, quant=args_to_spec(fmt, group_size, in_scale), gemma=gemma)
         return (*_ref_outputs(out, fmt), res)
     from .kernels.add_rmsnorm import launch_add_rmsnorm
 
-    data, scale = alloc_outputs(t, h, fmt, group, x.device, x.dtype)
+    data, scale = alloc_outputs(t, h, fmt, group_size, x.device, x.dtype)
     res_out = alloc_residual_out(x)
-    launch_add_rmsnorm(x, residual, weight, eps, res_out, data, scale, in_scale, fmt, group, gemma)
+    launch_add_rmsnorm(x, residual, weight, eps, res_out, data, scale, in_scale, fmt, group_size, gemma)
     return data, scale, res_out
 
 
@@ -141,24 +97,24 @@ _add_rmsnorm_op = torch.library.custom_op("tpfuse::add_rmsnorm", _add_rmsnorm_im
 
 
 @_add_rmsnorm_op.register_fake
-def _(x, residual, weight, eps, fmt, group, in_scale, gemma):
+def _(x, residual, weight, eps, fmt, group_size, in_scale, gemma):
     t, h = x.shape
-    data, scale = alloc_outputs(t, h, fmt, group, x.device, x.dtype)
+    data, scale = alloc_outputs(t, h, fmt, group_size, x.device, x.dtype)
     return data, scale, torch.empty_like(x)
 
 
 def _add_rmsnorm_inplace_impl(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, fmt: int,
-                              group: int, in_scale: Optional[torch.Tensor], gemma: bool
+                              group_size: int, in_scale: Optional[torch.Tensor], gemma: bool
                               ) -> Tuple[torch.Tensor, torch.Tensor]:
     t, h = x.shape
     if not _use_triton(x):
-        out, res = ref.add_rmsnorm(x, residual, weight, eps, quant=args_to_spec(fmt, group, in_scale), gemma=gemma)
+        out, res = ref.add_rmsnorm(x, residual, weight, eps, quant=args_to_spec(fmt, group_size, in_scale), gemma=gemma)
         residual.copy_(res)
         return _ref_outputs(out, fmt)
     from .kernels.add_rmsnorm import launch_add_rmsnorm
 
-    data, scale = alloc_outputs(t, h, fmt, group, x.device, x.dtype)
-    launch_add_rmsnorm(x, residual, weight, eps, residual, data, scale, in_scale, fmt, group, gemma)
+    data, scale = alloc_outputs(t, h, fmt, group_size, x.device, x.dtype)
+    launch_add_rmsnorm(x, residual, weight, eps, residual, data, scale, in_scale, fmt, group_size, gemma)
     return data, scale
 
 
@@ -167,53 +123,61 @@ _add_rmsnorm_inplace_op = torch.library.custom_op("tpfuse::add_rmsnorm_", _add_r
 
 
 @_add_rmsnorm_inplace_op.register_fake
-def _(x, residual, weight, eps, fmt, group, in_scale, gemma):
+def _(x, residual, weight, eps, fmt, group_size, in_scale, gemma):
     t, h = x.shape
-    return alloc_outputs(t, h, fmt, group, x.device, x.dtype)
+    return alloc_outputs(t, h, fmt, group_size, x.device, x.dtype)
 
 
-def _silu_mul_impl(x: torch.Tensor, fmt: int, group: int, in_scale: Optional[torch.Tensor]
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-    t, h2 = x.shape
+def _quant_op_body(x: torch.Tensor, width: int, fmt: int, group_size: int, in_scale: Optional[torch.Tensor],
+                   reference, launch) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Body of the SiLU*mul and quantize ops: ``reference(x, spec)`` (plain torch) off the Triton path, else
+    ``launch(x, data, scale, in_scale, fmt, group_size)`` into fresh ``[T, width]`` outputs."""
     if not _use_triton(x):
-        return _ref_outputs(ref.silu_mul(x, quant=args_to_spec(fmt, group, in_scale)), fmt)
-    from .kernels.silu_mul import launch_silu_mul
-
-    data, scale = alloc_outputs(t, h2 // 2, fmt, group, x.device, x.dtype)
-    launch_silu_mul(x, data, scale, in_scale, fmt, group)
+        return _ref_outputs(reference(x, args_to_spec(fmt, group_size, in_scale)), fmt)
+    data, scale = alloc_outputs(x.shape[0], width, fmt, group_size, x.device, x.dtype)
+    launch(x, data, scale, in_scale, fmt, group_size)
     return data, scale
+
+
+def _launch_silu_mul(*args) -> None:
+    from .kernels.silu_mul import launch_silu_mul  # lazily: import tpfuse never imports Triton
+
+    launch_silu_mul(*args)
+
+
+def _silu_mul_impl(x: torch.Tensor, fmt: int, group_size: int, in_scale: Optional[torch.Tensor]
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _quant_op_body(x, x.shape[1] // 2, fmt, group_size, in_scale, lambda v, spec: ref.silu_mul(v, quant=spec),
+                          _launch_silu_mul)
 
 
 _silu_mul_op = torch.library.custom_op("tpfuse::silu_mul", _silu_mul_impl, mutates_args=())
 
 
 @_silu_mul_op.register_fake
-def _(x, fmt, group, in_scale):
-    t, h2 = x.shape
-    return alloc_outputs(t, h2 // 2, fmt, group, x.device, x.dtype)
+def _(x, fmt, group_size, in_scale):
+    return alloc_outputs(x.shape[0], x.shape[1] // 2, fmt, group_size, x.device, x.dtype)
 
 
-def _quantize_impl(x: torch.Tensor, fmt: int, group: int, in_scale: Optional[torch.Tensor]
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-    t, h = x.shape
-    if fmt == FMT_NONE:
-        raise TPFuseInputError("tpfuse::quantize needs a quant format (fmt 1..5)")
-    if not _use_triton(x):
-        return _ref_outputs(q.quantize(x, args_to_spec(fmt, group, in_scale)), fmt)
+def _launch_quantize(*args) -> None:
     from .kernels.quantize import launch_quantize
 
-    data, scale = alloc_outputs(t, h, fmt, group, x.device, x.dtype)
-    launch_quantize(x, data, scale, in_scale, fmt, group)
-    return data, scale
+    launch_quantize(*args)
+
+
+def _quantize_impl(x: torch.Tensor, fmt: int, group_size: int, in_scale: Optional[torch.Tensor]
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    if fmt == QuantFormat.NONE:
+        raise TPFuseInputError("tpfuse::quantize needs a quant format (fmt 1..5)")
+    return _quant_op_body(x, x.shape[1], fmt, group_size, in_scale, q.quantize, _launch_quantize)
 
 
 _quantize_op = torch.library.custom_op("tpfuse::quantize", _quantize_impl, mutates_args=())
 
 
 @_quantize_op.register_fake
-def _(x, fmt, group, in_scale):
-    t, h = x.shape
-    return alloc_outputs(t, h, fmt, group, x.device, x.dtype)
+def _(x, fmt, group_size, in_scale):
+    return alloc_outputs(x.shape[0], x.shape[1], fmt, group_size, x.device, x.dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -266,7 +230,7 @@ def add_rmsnorm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch
             residual.copy_(res)
             res = residual
         return out, res
-    fmt, group, in_scale = spec_to_args(quant)
+    fmt, group_size, in_scale = spec_to_args(quant)
     x2 = _rows(x, "x")
     w = weight if weight.is_contiguous() else weight.contiguous()
     eager = not _is_compiling()
@@ -275,12 +239,12 @@ def add_rmsnorm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch
         if r2.stride(-1) != 1:
             raise TPFuseInputError("residual_inplace needs a residual with unit stride along hidden")
         data, scale = (_add_rmsnorm_inplace_impl if eager else torch.ops.tpfuse.add_rmsnorm_)(
-            x2, r2, w, float(eps), fmt, group, in_scale, bool(gemma))
+            x2, r2, w, float(eps), fmt, group_size, in_scale, bool(gemma))
         res = residual
     else:
         r2 = None if residual is None else _rows(residual, "residual")
         data, scale, res = (_add_rmsnorm_impl if eager else torch.ops.tpfuse.add_rmsnorm)(
-            x2, r2, w, float(eps), fmt, group, in_scale, bool(gemma))
+            x2, r2, w, float(eps), fmt, group_size, in_scale, bool(gemma))
         if res.shape != x.shape:
             res = res.reshape(x.shape)
     return _wrap(data, scale, quant, x, x.shape), res
@@ -295,9 +259,9 @@ def silu_mul(x: torch.Tensor, *, quant: Optional[QuantSpec] = None):
         _check_quant(quant, x, inter)
     if not _use_triton(x):
         return ref.silu_mul(x, quant=quant)
-    fmt, group, in_scale = spec_to_args(quant)
+    fmt, group_size, in_scale = spec_to_args(quant)
     data, scale = (_silu_mul_impl if not _is_compiling() else torch.ops.tpfuse.silu_mul)(
-        _rows(x, "x"), fmt, group, in_scale)
+        _rows(x, "x"), fmt, group_size, in_scale)
     return _wrap(data, scale, quant, x, (*x.shape[:-1], inter))
 
 
@@ -310,7 +274,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec) -> q.QuantizedActivation:
     q.check_spec(spec, x.shape[-1], x.device)
     if not _use_triton(x):
         return q.quantize(x, spec)
-    fmt, group, in_scale = spec_to_args(spec)
+    fmt, group_size, in_scale = spec_to_args(spec)
     data, scale = (_quantize_impl if not _is_compiling() else torch.ops.tpfuse.quantize)(
-        _rows(x, "x"), fmt, group, in_scale)
+        _rows(x, "x"), fmt, group_size, in_scale)
     return _wrap(data, scale, spec, x, x.shape)

@@ -36,21 +36,30 @@ SWIZZLED_128x4 places scale ``(m, k)`` (row m, scale column k) at flat offset::
     (m // 128) * (K4 * 512) + (k // 4) * 512 + (m % 32) * 16 + ((m % 128) // 32) * 4 + (k % 4)
 
 with ``K4 = round_up(H / 16, 4) / 4``: tiles ``[m_tiles, k_tiles, 32, 4, 4]``, the layout FlashInfer calls
-SWIZZLED_128x4.
+SWIZZLED_128x4 (:func:`swizzled_offset`; the kernels' twin: ``tpfuse.kernels.quant_epilogue.swizzled_offset``).
+
+Kernel encoding
+===============
+The kernels and the ``tpfuse::*`` custom ops take a format as ``(fmt, group_size, in_scale)``
+(:func:`spec_to_args` / :func:`args_to_spec`): ``fmt`` a :class:`QuantFormat` (an int for the custom ops and the
+kernels' ``FMT`` constexpr; the NVFP4 scale layout is folded into it), ``group_size`` the FP8 group size (16 for
+every other format: a valid placeholder for the kernels' ``GROUP``), ``in_scale`` the FP8 static scale or the
+NVFP4 global scale (else None). :func:`alloc_outputs` allocates a kernel's ``(data, scale)`` outputs.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
 from .errors import TPFuseInputError
 
 FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
+FP8_MAX = 448.0  # the kernels use these two as constexprs (tpfuse.kernels.quant_epilogue)
 FP8_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # floor of dynamic scales (as vLLM), so all-zero rows stay finite
 E2M1_MAX = 6.0
 NVFP4_BLOCK = 16
@@ -60,6 +69,19 @@ NVFP4_LAYOUTS = ("swizzled128x4", "linear")
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 ScaleLike = Union[torch.Tensor, float]
+
+
+class QuantFormat(enum.IntEnum):
+    """A kernel output format, as the kernels' ``FMT`` constexpr and the custom ops' ``fmt`` int take it (the only
+    definition of these ids; ``tpfuse.kernels.quant_epilogue`` documents each one's buffers). Code receiving a
+    ``fmt`` compares it with these members (it may arrive as a plain int, e.g. through a custom op)."""
+
+    NONE = 0  # no quantization: the output in the input's float dtype
+    FP8_STATIC = 1  # FP8Static
+    FP8_PER_TOKEN = 2  # FP8PerToken
+    FP8_PER_GROUP = 3  # FP8PerGroup(group_size)
+    NVFP4_LINEAR = 4  # NVFP4(layout="linear")
+    NVFP4_SWIZZLED = 5  # NVFP4(layout="swizzled128x4")
 
 
 def _as_scale_tensor(value: ScaleLike, what: str) -> torch.Tensor:
@@ -265,6 +287,12 @@ def round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
 
+def next_pow2(n: int) -> int:
+    """Smallest power of two ``>= max(n, 1)`` (host side: ``triton.next_power_of_2`` is a JIT-callable object
+    that costs ~5 us a call on the launch path)."""
+    return 1 << (int(n) - 1).bit_length() if n > 1 else 1
+
+
 def nvfp4_swizzled_shape(tokens: int, hidden: int):
     """Shape of the padded swizzled scale tensor: ``(round_up(T, 128), round_up(H / 16, 4))``."""
     return round_up(tokens, 128), round_up(hidden // NVFP4_BLOCK, 4)
@@ -353,19 +381,59 @@ def dequantize(q: QuantizedActivation) -> torch.Tensor:
     return (d.reshape(t, h // spec.group_size, spec.group_size) * q.scale.unsqueeze(-1)).reshape(t, h)
 
 
-def empty_like_quantized(x_shape, spec: QuantSpec, device, orig_dtype) -> QuantizedActivation:
-    """Allocate output buffers of the right shapes and dtypes (what kernels and fake impls write into)."""
-    t, h = x_shape
+def spec_to_args(spec: Optional[QuantSpec]) -> Tuple[QuantFormat, int, Optional[torch.Tensor]]:
+    """``(fmt, group_size, in_scale)`` of a quant spec (None: no quantization), the kernels' and custom ops'
+    encoding (module docstring, "Kernel encoding")."""
+    if spec is None:
+        return QuantFormat.NONE, 16, None
+    if isinstance(spec, FP8Static):
+        return QuantFormat.FP8_STATIC, 16, spec.scale
+    if isinstance(spec, FP8PerToken):
+        return QuantFormat.FP8_PER_TOKEN, 16, None
+    if isinstance(spec, FP8PerGroup):
+        return QuantFormat.FP8_PER_GROUP, spec.group_size, None
     if isinstance(spec, NVFP4):
+        fmt = QuantFormat.NVFP4_SWIZZLED if spec.layout == "swizzled128x4" else QuantFormat.NVFP4_LINEAR
+        return fmt, 16, spec.global_scale
+    raise TPFuseInputError(f"unknown quant spec {type(spec).__name__}")
+
+
+def args_to_spec(fmt: int, group_size: int, in_scale: Optional[torch.Tensor]) -> Optional[QuantSpec]:
+    """Inverse of :func:`spec_to_args`."""
+    if fmt == QuantFormat.NONE:
+        return None
+    if fmt == QuantFormat.FP8_STATIC:
+        return FP8Static(in_scale)
+    if fmt == QuantFormat.FP8_PER_TOKEN:
+        return FP8PerToken()
+    if fmt == QuantFormat.FP8_PER_GROUP:
+        return FP8PerGroup(group_size)
+    return NVFP4(in_scale, "linear" if fmt == QuantFormat.NVFP4_LINEAR else "swizzled128x4")
+
+
+def alloc_outputs(t: int, h: int, fmt: int, group_size: int, device, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(data, scale)`` output buffers of a ``[t, h]`` activation in format ``fmt`` (``dtype``: the output dtype
+    of :attr:`QuantFormat.NONE`). Shapes as the module table; :attr:`QuantFormat.NONE` and
+    :attr:`QuantFormat.FP8_STATIC` get an empty fp32 ``scale`` (no scale / the caller's static one)."""
+    if fmt == QuantFormat.NONE:
+        return torch.empty(t, h, dtype=dtype, device=device), torch.empty(0, dtype=torch.float32, device=device)
+    if fmt >= QuantFormat.NVFP4_LINEAR:
         data = torch.empty(t, h // 2, dtype=torch.uint8, device=device)
-        shape = nvfp4_swizzled_shape(t, h) if spec.layout == "swizzled128x4" else (t, h // NVFP4_BLOCK)
-        scale = torch.empty(shape, dtype=FP8_DTYPE, device=device)
-    else:
-        data = torch.empty(t, h, dtype=FP8_DTYPE, device=device)
-        if isinstance(spec, FP8Static):
-            scale = spec.scale
-        elif isinstance(spec, FP8PerToken):
-            scale = torch.empty(t, 1, dtype=torch.float32, device=device)
-        else:
-            scale = torch.empty(t, h // spec.group_size, dtype=torch.float32, device=device)
+        shape = nvfp4_swizzled_shape(t, h) if fmt == QuantFormat.NVFP4_SWIZZLED else (t, h // NVFP4_BLOCK)
+        return data, torch.empty(shape, dtype=FP8_DTYPE, device=device)
+    data = torch.empty(t, h, dtype=FP8_DTYPE, device=device)
+    if fmt == QuantFormat.FP8_STATIC:
+        return data, torch.empty(0, dtype=torch.float32, device=device)
+    cols = 1 if fmt == QuantFormat.FP8_PER_TOKEN else h // group_size
+    return data, torch.empty(t, cols, dtype=torch.float32, device=device)
+
+
+def empty_like_quantized(x_shape, spec: QuantSpec, device, orig_dtype) -> QuantizedActivation:
+    """Allocate output buffers of the right shapes and dtypes (:func:`alloc_outputs`; an FP8Static output's scale
+    is the spec's own tensor)."""
+    t, h = x_shape
+    fmt, group_size, _ = spec_to_args(spec)
+    data, scale = alloc_outputs(t, h, fmt, group_size, device, orig_dtype)
+    if fmt == QuantFormat.FP8_STATIC:
+        scale = spec.scale
     return QuantizedActivation(data=data, scale=scale, spec=spec, orig_dtype=orig_dtype, shape=torch.Size((t, h)))

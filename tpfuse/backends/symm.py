@@ -9,15 +9,16 @@ region            size                                                   use
 ================  =====================================================  ==========================================
 flags             int32 ``3 * G * TP + KP * TP * G``                     barrier flags (one-shot; two-shot A and B;
                                                                          pipelined one-shot: chunk x source x producer)
-one-shot slots    ``2 x TP x C1 x H`` input dtype                        parity double buffer of pushed partials
-pipe slots        ``2 x TP x CP x H`` input dtype                        the same for the pipelined one-shot (only when
+oneshot_slots     ``2 x TP x C1 x H`` input dtype                        parity double buffer of pushed partials
+pipe_slots        ``2 x TP x CP x H`` input dtype                        the same for the pipelined one-shot (only when
                                                                          the table / force_paths can route there)
-two-shot slots    ``TP x S x H`` input dtype, ``S = ceil(max_tokens/TP)``  pushed partials of this rank's range
-stage out         ``S x H x itemsize`` bytes                              finished output rows (any format)
-stage residual    ``S x H`` input dtype                                   finished residual rows
-stage scales      ``S x H / 4`` bytes                                     their scales (fp32 or e4m3, row-major)
+twoshot_slots     ``TP x S x H`` input dtype, ``S = ceil(max_tokens/TP)``  pushed partials of this rank's range
+stage_out         ``S x H x itemsize`` bytes                              finished output rows (any format)
+stage_residual    ``S x H`` input dtype                                   finished residual rows
+stage_scales      ``S x H / 4`` bytes                                     their scales (fp32 or e4m3, row-major)
 ================  =====================================================  ==========================================
 
+Rows (workspace attributes ``oneshot_rows``, ``pipe_rows``, ``twoshot_rows``):
 ``C1 = min(max_tokens, 64 MiB / (2 * TP * H * itemsize))`` rows: larger one-shot calls run as several launches of
 ``C1`` rows; ``CP = min(max_tokens, 256 MiB / (2 * TP * H * itemsize))`` likewise for the pipelined one-shot
 (``tpfuse_oneshot_pipe``, made for the large sizes where pushing 32 MiB and reducing it should overlap). ``G``
@@ -71,21 +72,24 @@ class SymmWorkspace:
         dist.all_reduce(sms, op=dist.ReduceOp.MIN, group=comm.group)
         self.grid = int(sms.item())
         h, isz, tp, g = self.hidden, self.dtype.itemsize, self.tp, self.grid
-        self.cap1 = max(1, min(comm.max_tokens, ONESHOT_BYTES // (2 * tp * h * isz)))
-        self.cap2 = shard_rows(comm.max_tokens, tp)
+        # rows per launch of the one-shot (C1), of the pipelined one-shot (CP) and per rank of the two-shot (S)
+        self.oneshot_rows = max(1, min(comm.max_tokens, ONESHOT_BYTES // (2 * tp * h * isz)))
+        self.twoshot_rows = shard_rows(comm.max_tokens, tp)
         # the pipelined one-shot's slots only where it can be chosen (they are the largest region)
-        self.cap_pipe = (max(1, min(comm.max_tokens, PIPE_BYTES // (2 * tp * h * isz)))
-                         if table_routes(comm, (PIPE,)) else 0)
+        self.pipe_rows = (max(1, min(comm.max_tokens, PIPE_BYTES // (2 * tp * h * isz)))
+                          if table_routes(comm, (PIPE,)) else 0)
         # pipelined one-shot: programs that push (the rest reduce). G/4 was fastest for bf16 output at >= 2048
         # tokens on the H200 pair; G/2 won some FP8-output and 1024-token cases by 5-10%
         # (bench/results/fused_ar_tp2_h200_pipe.json: 16/33/66/99/120 of 132 timed). Not yet per-size.
         self.producers = max(1, g // 4)
         off = 0
         layout = {}
+        shard = self.twoshot_rows
         for name, nbytes in (("flags", (3 * g * tp + PIPE_MAX_CHUNKS * tp * g) * 4),
-                             ("xp", 2 * tp * self.cap_pipe * h * isz), ("x1", 2 * tp * self.cap1 * h * isz),
-                             ("x2", tp * self.cap2 * h * isz), ("st_out", self.cap2 * h * isz),
-                             ("st_res", self.cap2 * h * isz), ("st_sc", self.cap2 * _up(h // 4 + 4, 16))):
+                             ("pipe_slots", 2 * tp * self.pipe_rows * h * isz),
+                             ("oneshot_slots", 2 * tp * self.oneshot_rows * h * isz),
+                             ("twoshot_slots", tp * shard * h * isz), ("stage_out", shard * h * isz),
+                             ("stage_residual", shard * h * isz), ("stage_scales", shard * _up(h // 4 + 4, 16))):
             layout[name] = (off, nbytes)
             off = _up(off + nbytes)
         self.nbytes = off
@@ -95,11 +99,11 @@ class SymmWorkspace:
         me = ptrs[self.rank]
         self.deltas = torch.tensor([p - me for p in ptrs], dtype=torch.int64, device=dev)
         self._layout = layout
-        self.flags = self._view("flags", torch.int32)
-        self.x1 = self._view("x1", self.dtype)
-        self.xp = self._view("xp", self.dtype)
-        self.x2 = self._view("x2", self.dtype)
-        self.st_res = self._view("st_res", self.dtype)
+        self.flags = self.region("flags", torch.int32)
+        self.oneshot_slots = self.region("oneshot_slots", self.dtype)
+        self.pipe_slots = self.region("pipe_slots", self.dtype)
+        self.twoshot_slots = self.region("twoshot_slots", self.dtype)
+        self.stage_residual = self.region("stage_residual", self.dtype)
         self.flags.zero_()
         self.epochs = torch.zeros(3, g, dtype=torch.int32, device=dev)  # one-shot, two-shot, pipelined one-shot
         self.err = torch.zeros(1, dtype=torch.int32, pin_memory=True)
@@ -109,7 +113,8 @@ class SymmWorkspace:
         torch.cuda.synchronize(dev)
         dist.barrier(group=comm.group, device_ids=[dev.index])  # every rank's flags are zero before any use
 
-    def _view(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+    def region(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Region ``name`` of the buffer (module table) as a flat tensor of ``dtype``."""
         off, nbytes = self._layout[name]
         return self.buf[off: off + nbytes].view(dtype)
 
@@ -125,120 +130,26 @@ class SymmWorkspace:
             raise TPFusePeerTimeout(self.broken)
 
     def close(self, collective: bool = True) -> None:  # frees local references only: no barrier either way
-        self.buf = self.hdl = self.x1 = self.x2 = self.xp = self.st_res = self.flags = None
+        self.buf = self.hdl = self.oneshot_slots = self.twoshot_slots = self.pipe_slots = self.stage_residual = None
+        self.flags = None
 
     # ------------------------------------------------------------------------------------------------------
-    def _common(self, x, residual, weight, quant, gemma, norm):
-        from .. import ops
-
-        t, h = x.shape
-        fmt, group, in_scale = ops.spec_to_args(quant) if norm else (0, 16, None)
-        data, scale = ops.alloc_outputs(t, h, fmt, group, x.device, x.dtype)
-        if fmt == 5:
-            scale.zero_()  # the swizzle's padding
-        res_out = torch.empty_like(x) if norm else data
-        if not x.is_contiguous():
-            x = x.contiguous()
-        if residual is not None and not residual.is_contiguous():
-            residual = residual.contiguous()
-        return x, residual, data, scale, res_out, fmt, group, in_scale
-
-    def _finish(self, data, scale, quant, x, res_out, norm):
-        from .. import ops
-
-        if not norm:
-            return data
-        t, h = x.shape
-        return ops._wrap(data, scale, quant, x, (t, h)), res_out
-
-    def _oneshot_args(self, x, residual, weight, quant, gemma, norm):
-        """Outputs and the launch arguments both one-shot kernels share: ``(x, data, scale, res_out, head, consts,
-        sf_pad)`` with ``head`` the leading pointer / stride arguments and ``consts`` the common constexprs."""
-        from ..kernels.add_rmsnorm import num_warps_for
-        from ..kernels.quant_epilogue import epilogue_args, next_pow2
-
-        x, residual, data, scale, res_out, fmt, group, in_scale = self._common(x, residual, weight, quant, gemma,
-                                                                               norm)
-        h = x.shape[1]
-        out_stride, scale_t, scale_stride, in_scale_t, _, sf_pad = epilogue_args(fmt, h, data, scale, in_scale)
-        head = (x, residual if residual is not None else x, weight if weight is not None else x, res_out, data,
-                out_stride, scale_t, scale_stride, in_scale_t)
-        block = next_pow2(h)
-        consts = dict(RANK=self.rank, WORLD=self.tp, HAS_RES=residual is not None, NORM=norm, GEMMA=bool(gemma),
-                      FMT=fmt, BLOCK=block, GROUP=group, X_ELEM=x.element_size(), num_warps=num_warps_for(block))
-        return x, data, scale, res_out, head, consts, sf_pad
-
+    # the launchers live beside their kernels (tpfuse.kernels.fused_allreduce)
     def oneshot(self, x, residual, weight, eps, quant, gemma, norm=True):
-        from ..kernels.fused_allreduce import _oneshot_kernel
+        from ..kernels.fused_allreduce import launch_oneshot
 
-        x, data, scale, res_out, head, consts, sf_pad = self._oneshot_args(x, residual, weight, quant, gemma, norm)
-        t, h = x.shape
-        for row0 in range(0, t, self.cap1):
-            n = min(self.cap1, t - row0)
-            _oneshot_kernel[(min(n, self.grid),)](
-                *head, self.x1, self.flags, self.epochs[0], self.deltas, self.err, int(self.timeout_s * 1e9),
-                row0, n, h, self.cap1, 0, float(eps), sf_pad, G=self.grid, **consts)
-        return self._finish(data, scale, quant, x, res_out, norm)
+        return launch_oneshot(self, x, residual, weight, eps, quant, gemma, norm)
 
     def oneshot_pipe(self, x, residual, weight, eps, quant, gemma, norm=True):
-        from ..kernels.fused_allreduce import _oneshot_pipe_kernel
-        from ..kernels.quant_epilogue import next_pow2
+        from ..kernels.fused_allreduce import launch_oneshot_pipe
 
-        x, data, scale, res_out, head, consts, sf_pad = self._oneshot_args(x, residual, weight, quant, gemma, norm)
-        t, h = x.shape
-        prod = min(self.producers, self.grid - 1)
-        flag_base = 3 * self.grid * self.tp
-        for row0 in range(0, t, self.cap_pipe):
-            n = min(self.cap_pipe, t - row0)
-            chunks = max(1, min(PIPE_MAX_CHUNKS, n // PIPE_MIN_CHUNK_ROWS))
-            chunk_rows = -(-n // chunks)
-            chunks = -(-n // chunk_rows)
-            _oneshot_pipe_kernel[(self.grid,)](
-                *head, self.xp, self.flags, self.epochs[2], self.deltas, self.err, int(self.timeout_s * 1e9),
-                row0, n, h, self.cap_pipe, flag_base, float(eps), sf_pad, chunk_rows, chunks,
-                P=prod, C=self.grid - prod, PB=next_pow2(prod), **consts)
-        return self._finish(data, scale, quant, x, res_out, norm)
+        return launch_oneshot_pipe(self, x, residual, weight, eps, quant, gemma, norm, max_chunks=PIPE_MAX_CHUNKS,
+                                   min_chunk_rows=PIPE_MIN_CHUNK_ROWS)
 
     def twoshot(self, x, residual, weight, eps, quant, gemma, norm=True):
-        from ..kernels.fused_allreduce import _twoshot_kernel
-        from ..kernels.quant_epilogue import epilogue_args, next_pow2
-        from ..kernels.add_rmsnorm import num_warps_for
-        from .. import quant as q
+        from ..kernels.fused_allreduce import launch_twoshot
 
-        x, residual, data, scale, res_out, fmt, group, in_scale = self._common(x, residual, weight, quant, gemma,
-                                                                               norm)
-        t, h = x.shape
-        if t == 0:
-            return self._finish(data, scale, quant, x, res_out, norm)
-        out_stride, scale_t, scale_stride, in_scale_t, n_sf, sf_pad = epilogue_args(fmt, h, data, scale, in_scale)
-        shard = shard_rows(t, self.tp)
-        block = next_pow2(h)
-        # staged views in the output's dtype / the scale's dtype
-        off, nb = self._layout["st_out"]
-        st_out = self.buf[off: off + nb].view(data.dtype)
-        off, nb = self._layout["st_sc"]
-        if fmt in (2, 3):
-            st_sc, sc_elem = self.buf[off: off + nb].view(torch.float32), 4
-            n_sc = 1 if fmt == 2 else h // group
-        elif fmt in (4, 5):
-            st_sc, sc_elem, n_sc = self.buf[off: off + nb].view(q.FP8_DTYPE), 1, n_sf
-        else:
-            st_sc, sc_elem, n_sc = st_out, data.element_size(), 1
-        out_cols = data.shape[1]
-        st_fmt = 4 if fmt == 5 else fmt
-        res = residual if residual is not None else x
-        w = weight if weight is not None else x
-        grid = min(shard, self.grid)
-        _twoshot_kernel[(grid,)](
-            x, res, w, res_out, data, out_stride, scale_t, scale_stride, in_scale_t,
-            self.x2, st_out, self.st_res, st_sc, self.flags, self.epochs[1], self.deltas, self.err,
-            int(self.timeout_s * 1e9), t, shard, h, self.cap2, self.grid * self.tp, float(eps), sf_pad,
-            out_cols, n_sc, n_sc,
-            RANK=self.rank, WORLD=self.tp, G=self.grid, HAS_RES=residual is not None, NORM=norm,
-            GEMMA=bool(gemma), FMT=fmt, ST_FMT=st_fmt, BLOCK=block, GROUP=group,
-            SC_BLOCK=next_pow2(max(n_sc, 16)), OUT_ELEM=data.element_size(), SC_ELEM=sc_elem,
-            X_ELEM=x.element_size(), num_warps=num_warps_for(block))
-        return self._finish(data, scale, quant, x, res_out, norm)
+        return launch_twoshot(self, x, residual, weight, eps, quant, gemma, norm)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -281,7 +192,7 @@ def _available(comm) -> Optional[str]:
 
 def _available_pipe(comm) -> Optional[str]:
     reason = _available(comm)
-    if reason is None and not comm.workspaces[NAME].cap_pipe:
+    if reason is None and not comm.workspaces[NAME].pipe_rows:
         return "no pipelined one-shot slots (the table routes no size <= max_tokens to this path)"
     if reason is None and comm.workspaces[NAME].grid < 2:
         return "needs at least 2 programs (one producer, one consumer)"
