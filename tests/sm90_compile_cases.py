@@ -1,15 +1,18 @@
 """Compile every tpfuse Triton kernel for Hopper (sm_90) without a GPU: Triton's front end, LLVM and the ptxas it
 bundles run on the CPU. Run by tests/test_sm90_compile.py in a clean process (no TRITON_INTERPRET). Prints one line
-per case and exits 1 if any case fails to compile.
+per case and exits 1 if any case fails to compile. ``--ptx-hashes`` adds each case's PTX fingerprint
+(:func:`ptx_hash`); ``--write-fingerprints`` records them in :data:`FINGERPRINTS`, which tests/test_sm90_compile.py
+compares against.
 
 Covers the variants a GPU run would build: every output format (the local kernels' multi-row and split-row
 variants also with the alignment / divisibility specialization of a real launch, ``hinted``), TP 2/4/8 for the
 fused all-reduce kernels, both RoPE styles, bf16 and FP8 KV caches (RoPE cache write, decode attention: single-pass
 and split + combine, GQA groups 1 / 4 / 8 padded to 16 rows, D 64 / 128 / 256). Pointer types follow the launchers
-(tpfuse/ops.py, backends/symm.py, backends/async_tp.py, tpfuse/rope.py, tpfuse/attention.py).
+(the ``launch_*`` functions beside each kernel; backends/async_tp.py for ``reduce_slots``).
 """
 
 import os
+import re
 import sys
 import traceback
 
@@ -24,10 +27,14 @@ from tpfuse.kernels import (add_rmsnorm, decode_attention, fused_allreduce, quan
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOATS = {"eps", "qk_scale"}
+FINGERPRINTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sm90_ptx_fingerprints.txt")
+REGENERATE = ("python tests/sm90_compile_cases.py --write-fingerprints -- only together with a GPU re-run of the "
+              "changed kernels' tests (tests/distributed/*_gpu.py, tests/test_kernels_local.py on CUDA, ...): the "
+              "fingerprints stand for PTX that ran on GPUs")
 
 
 def out_types(fmt):
-    """(data, scale) pointer types of an output format (tpfuse.quant_epilogue FMT ids)."""
+    """(data, scale) pointer types of an output format (a tpfuse.quant.QuantFormat id)."""
     if fmt == 0:
         return "*bf16", "*bf16"
     if fmt in (4, 5):
@@ -131,31 +138,64 @@ def decode_attention_cases():
                     CHUNK=min(16, triton.next_power_of_2(splits))), 4, True)
 
 
+_DEBUG_LABEL = re.compile(r"^\$L__tmp\d+:$")
+
+
 def ptx_hash(kernel) -> str:
-    """sha256 (16 hex digits) of a compiled kernel's PTX without what names the checkout's location: the
-    ``.file`` directives and the DWARF sections (the same paths as bytes). Instructions and ``.loc`` line info stay,
-    so two trees compare equal exactly when they generate the same code from the same source lines."""
+    """sha256 (16 hex digits) of a compiled kernel's PTX instructions: without the debug information, which names
+    source files and lines (``.file`` / ``.loc`` directives, the ``$L__tmp`` labels that only delimit inlined
+    scopes for it, the DWARF sections). Two trees compare equal exactly when they generate the same instructions,
+    whatever moved in the source (a helper extracted or moved to another file, a docstring grown)."""
     import hashlib
 
     ptx = kernel.asm["ptx"]
     cut = ptx.find("\t.section\t.debug")
     body = "\n".join(line for line in (ptx if cut < 0 else ptx[:cut]).splitlines()
-                     if not line.lstrip().startswith(".file"))
+                     if not line.lstrip().startswith((".file", ".loc")) and not _DEBUG_LABEL.match(line.strip()))
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
+def read_fingerprints(path: str = FINGERPRINTS):
+    """``(triton version, {case: fingerprint})`` of a fingerprint file."""
+    version, prints = None, {}
+    for line in open(path):
+        if line.startswith("# triton "):
+            version = line.split()[2]
+        elif line.strip() and not line.startswith("#"):
+            fp, name = line.rstrip("\n").split("  ", 1)
+            prints[name] = fp
+    return version, prints
+
+
+def write_fingerprints(prints: dict, path: str = FINGERPRINTS) -> None:
+    with open(path, "w") as f:
+        f.write(f"# triton {triton.__version__}\n"
+                "# sm_90 PTX fingerprints (instructions only: tests/sm90_compile_cases.py ptx_hash) of every compile "
+                "case,\n# the PTX that ran on GPUs. tests/test_sm90_compile.py fails when one changes. Regenerate: "
+                f"{REGENERATE}.\n")
+        for name, fp in prints.items():
+            f.write(f"{fp}  {name}\n")
+
+
 def main() -> int:
-    """``--ptx-hashes``: print each case's :func:`ptx_hash` too (diff two trees' outputs to compare PTX)."""
-    hashes = "--ptx-hashes" in sys.argv[1:]
-    failed = 0
+    """``--ptx-hashes``: print each case's :func:`ptx_hash` too (diff two trees' outputs to compare PTX);
+    ``--write-fingerprints``: record them in :data:`FINGERPRINTS`."""
+    write = "--write-fingerprints" in sys.argv[1:]
+    hashes = write or "--ptx-hashes" in sys.argv[1:]
+    failed, prints = 0, {}
     for name, fn, ptrs, const, *nw in cases():
         try:
             k = compile_kernel(fn, ptrs, const, *nw)
-            print(f"ok   {name}" + (f"  ptx {ptx_hash(k)}" if hashes else ""), flush=True)
+            if hashes:
+                prints[name] = ptx_hash(k)
+            print(f"ok   {name}" + (f"  ptx {prints[name]}" if hashes else ""), flush=True)
         except Exception:  # noqa: BLE001 - report every failing case
             failed += 1
             print(f"FAIL {name}\n{traceback.format_exc()[-3000:]}", flush=True)
     print(f"{failed} failed" if failed else "all kernels compile for sm_90")
+    if write and not failed:
+        write_fingerprints(prints)
+        print(f"wrote {FINGERPRINTS}")
     return 1 if failed else 0
 
 

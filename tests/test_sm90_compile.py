@@ -1,5 +1,6 @@
 """Every Triton kernel compiles for Hopper (sm_90), checked on any machine (CPU included) so a GPU compile error
-shows up in CI, not in scarce GPU time. Runs tests/sm90_compile_cases.py in a clean process."""
+shows up in CI, not in scarce GPU time; and every kernel still compiles to the PTX instructions recorded in
+tests/sm90_ptx_fingerprints.txt, the code that ran on GPUs. Runs tests/sm90_compile_cases.py in a clean process."""
 
 import os
 import subprocess
@@ -9,12 +10,40 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import sm90_compile_cases as cases  # noqa: E402
 
-def test_every_kernel_compiles_for_sm90():
-    here = os.path.dirname(os.path.abspath(__file__))
+
+@pytest.fixture(scope="module")
+def compiled():
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TPFUSE_TRITON_CPU")}
-    p = subprocess.run([sys.executable, os.path.join(here, "sm90_compile_cases.py")], env=env, capture_output=True,
-                       text=True, timeout=900)
-    assert p.returncode == 0, p.stdout[-8000:] + p.stderr[-4000:]
-    assert "all kernels compile for sm_90" in p.stdout
-    assert p.stdout.count("ok   ") >= 40, p.stdout
+    return subprocess.run([sys.executable, os.path.join(HERE, "sm90_compile_cases.py"), "--ptx-hashes"], env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_every_kernel_compiles_for_sm90(compiled):
+    assert compiled.returncode == 0, compiled.stdout[-8000:] + compiled.stderr[-4000:]
+    assert "all kernels compile for sm_90" in compiled.stdout
+    assert compiled.stdout.count("ok   ") >= 40, compiled.stdout
+
+
+def test_ptx_matches_the_recorded_fingerprints(compiled):
+    version, recorded = cases.read_fingerprints()
+    # another Triton generates other PTX: the fingerprints say nothing then, and a silent skip would hide that
+    assert version == triton.__version__, (
+        f"{cases.FINGERPRINTS} was recorded with Triton {version}, this is Triton {triton.__version__}: install the "
+        f"pinned one (pip install -e '.[test]'), or move the pin and regenerate: {cases.REGENERATE}")
+    fresh = {}
+    for line in compiled.stdout.splitlines():
+        if line.startswith("ok   ") and "  ptx " in line:
+            name, fp = line[5:].rsplit("  ptx ", 1)
+            fresh[name] = fp
+    changed = sorted(n for n in recorded.keys() & fresh.keys() if recorded[n] != fresh[n])
+    missing = sorted(recorded.keys() - fresh.keys())
+    new = sorted(fresh.keys() - recorded.keys())
+    assert not (changed or missing or new), (
+        "sm_90 PTX differs from the recorded (GPU-tested) fingerprints:\n"
+        + "".join(f"  changed: {n}\n" for n in changed) + "".join(f"  no longer compiled: {n}\n" for n in missing)
+        + "".join(f"  not recorded: {n}\n" for n in new)
+        + f"Regenerate {cases.FINGERPRINTS}: {cases.REGENERATE}.")

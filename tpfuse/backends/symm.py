@@ -113,11 +113,6 @@ class SymmWorkspace:
         torch.cuda.synchronize(dev)
         dist.barrier(group=comm.group, device_ids=[dev.index])  # every rank's flags are zero before any use
 
-    def region(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """Region ``name`` of the buffer (module table) as a flat tensor of ``dtype``."""
-        off, nbytes = self._layout[name]
-        return self.buf[off: off + nbytes].view(dtype)
-
     # ------------------------------------------------------------------------------------------------------
     def check(self) -> None:
         """Raise :class:`TPFusePeerTimeout` if a kernel of this workspace timed out (reads pinned memory; no sync)."""
@@ -134,6 +129,11 @@ class SymmWorkspace:
         self.flags = None
 
     # ------------------------------------------------------------------------------------------------------
+    def region(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Region ``name`` of the buffer (module table) as a flat tensor of ``dtype``."""
+        off, nbytes = self._layout[name]
+        return self.buf[off: off + nbytes].view(dtype)
+
     # the launchers live beside their kernels (tpfuse.kernels.fused_allreduce)
     def oneshot(self, x, residual, weight, eps, quant, gemma, norm=True):
         from ..kernels.fused_allreduce import launch_oneshot
