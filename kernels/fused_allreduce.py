@@ -46,6 +46,12 @@ workspace agrees on it at construction) and at most one program per SM, so all p
 Peer addresses: the workspace passes, per peer, the byte distance from this rank's symmetric buffer to that
 peer's (a multiple of 2 MiB); the kernels add it to pointers into their own buffer, so every pointer keeps the
 16-byte alignment Triton needs to vectorize.
+
+Launchers (below the kernels): :func:`launch_oneshot`, :func:`launch_oneshot_pipe`, :func:`launch_twoshot` take the
+workspace (:class:`tpfuse.backends.symm.SymmWorkspace`: ``rank``, ``tp``, ``grid``, ``producers``, the regions
+``oneshot_slots`` / ``pipe_slots`` / ``twoshot_slots`` / ``stage_residual`` / ``flags`` and ``region(name,
+dtype)``, the row capacities ``oneshot_rows`` / ``pipe_rows`` / ``twoshot_rows``, ``epochs``, ``deltas``, ``err``,
+``timeout_s``) and a call's arguments, allocate the outputs and return what the op returns.
 """
 
 import triton

@@ -5,8 +5,8 @@ It reproduces :mod:`tpfuse.quant` bit-exactly on the same fp32 input values: rec
 round-to-nearest division (``tl.math.div_rn``, not Triton's approximate ``/``), then multiplied, as written there;
 NaN is propagated through every max / clamp (``propagate_nan=ALL``), never masked.
 
-Format ids (``FMT``, a ``tl.constexpr``; also the ``fmt`` int of the ``tpfuse::*`` custom ops)
-============================================================================================
+Format ids (``FMT``, a ``tl.constexpr``: a :class:`tpfuse.quant.QuantFormat`, here also as constexprs ``FMT_*``)
+============================================================================================================
 =====  ============================  ===================================================================
 id     format                         ``out_ptr`` / ``scale_ptr`` / ``in_scale_ptr``
 =====  ============================  ===================================================================
@@ -82,6 +82,10 @@ Performance notes (Hopper; checked on the SASS of the sm_90 compile, see bench/b
   (:func:`e2m1_code_hw`) where a thread holds fewer than 8 values.
 
 ``fp8_dynamic_scale(amax)``, ``max_nan(a, b)``, ``row_amax(x)``: small helpers (NaN-propagating max reduction).
+``swizzled_offset(m, k, sf_cols_padded, K_SUM_I32)``: the SWIZZLED_128x4 offset (every kernel's one formula).
+
+Host side (launchers): :func:`epilogue_args` -> :class:`EpilogueArgs` (the pointer / stride / size arguments of
+one output), :func:`padded_rows`, :func:`launch_row_tiles` (the tiled SiLU*mul and quantize kernels).
 """
 
 import os
