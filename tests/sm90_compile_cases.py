@@ -155,18 +155,6 @@ def ptx_hash(kernel) -> str:
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
-def read_fingerprints(path: str = FINGERPRINTS):
-    """``(triton version, {case: fingerprint})`` of a fingerprint file."""
-    version, prints = None, {}
-    for line in open(path):
-        if line.startswith("# triton "):
-            version = line.split()[2]
-        elif line.strip() and not line.startswith("#"):
-            fp, name = line.rstrip("\n").split("  ", 1)
-            prints[name] = fp
-    return version, prints
-
-
 def write_fingerprints(prints: dict, path: str = FINGERPRINTS) -> None:
     with open(path, "w") as f:
         f.write(f"# triton {triton.__version__}\n"
