@@ -12,7 +12,7 @@ Providers (each a full "partial sums in, (out, residual_out) out" step):
                        ``flashinfer`` imports and ``--flashinfer`` is given; checked against NCCL + tpfuse's norm,
                        and the row records the path that ran (``fi_twoshot`` only above TP tokens)
 * ``tpfuse_oneshot`` / ``tpfuse_twoshot`` / ``tpfuse_oneshot_pipe``  tpfuse's fused kernels
-                       (:mod:`tpfuse.backends.symm`), forced; ``tpfuse_oneshot_pipe_p<N>`` (``--pipe-producers``):
+                       (:mod:`tpfuse.backends.fused_allreduce`), forced; ``tpfuse_oneshot_pipe_p<N>`` (``--pipe-producers``):
                        the pipelined one-shot with N producer programs
 * ``tpfuse_auto``      ``TPCommunicator.fused_add_rmsnorm`` as dispatched by the shipped thresholds table
 
@@ -53,14 +53,13 @@ def eager_norm(s, residual, weight, spec):
     return y, res
 
 
-def set_pipe_producers(ws, producers: int) -> None:
-    """Set the number of producer programs of the pipelined one-shot on the workspace ``ws``.
-
-    A tuning sweep over a workspace parameter (``--pipe-producers``): tpfuse exposes no configuration for it, so the
-    benchmark writes the workspace attribute directly -- the only place it does. The kernel reads it at launch (a
-    constexpr: each count is its own kernel, captured into its own graph); the caller restores the default after
-    each case."""
-    ws.producers = producers
+def pipe_comms(max_tokens, hidden, counts):
+    """``{producer count: TPCommunicator}`` whose pipelined one-shot uses that many producer programs
+    (``CommConfig.pipe_producers``), for the ``--pipe-producers`` sweep. Collective: every rank builds the same."""
+    cfg = dict(all_workspaces=True, allowed_paths={"tpfuse_oneshot_pipe"},
+               force_paths={"fused_add_rmsnorm": "tpfuse_oneshot_pipe"})
+    return {n: tpfuse.TPCommunicator(max_tokens=max_tokens, hidden_size=hidden, dtype=DT,
+                                     config=tpfuse.CommConfig(pipe_producers=n, **cfg)) for n in counts}
 
 
 FI_PROVIDERS = {"fi_oneshot": "flashinfer_oneshot", "fi_twoshot": "flashinfer_twoshot"}
@@ -85,12 +84,11 @@ def flashinfer_comms(max_tokens, hidden, rank):
     return out
 
 
-def providers(ranks, comm, flat, fi_comms, pipe_producers, inputs):
+def providers(ranks, comm, flat, fi_comms, pipes, inputs):
     """``{provider: step}`` for one size (``inputs`` = x, residual, weight, spec; ``flat``: the symmetric buffer's
-    rows of this size)."""
+    rows of this size; ``pipes``: :func:`pipe_comms`)."""
     x, residual, weight, spec = inputs
-    ws, group = comm.workspace, ranks.group
-    default_producers = ws.producers
+    ws, group = comm.workspaces["fused_allreduce"], ranks.group
 
     def reduced():
         s = x.clone()
@@ -102,24 +100,22 @@ def providers(ranks, comm, flat, fi_comms, pipe_producers, inputs):
         torch.ops.symm_mem.two_shot_all_reduce_(flat, "sum", group.group_name)
         return ops.add_rmsnorm(flat, residual, weight, EPS, quant=spec)
 
-    def pipe(producers):
-        set_pipe_producers(ws, producers)
-        return ws.oneshot_pipe(x, residual, weight, EPS, spec, False)
-
     provs = {"nccl+eager": lambda: eager_norm(reduced(), residual, weight, spec),
              "nccl+tpfuse": lambda: ops.add_rmsnorm(reduced(), residual, weight, EPS, quant=spec),
              "symm2shot+tpfuse": symm_two,
              "tpfuse_oneshot": lambda: ws.oneshot(x, residual, weight, EPS, spec, False),
              "tpfuse_twoshot": lambda: ws.twoshot(x, residual, weight, EPS, spec, False),
-             "tpfuse_oneshot_pipe": lambda: pipe(default_producers),
+             "tpfuse_oneshot_pipe": lambda: ws.oneshot_pipe(x, residual, weight, EPS, spec, False),
              "tpfuse_auto": lambda: comm.fused_add_rmsnorm(x, residual, weight, EPS, quant=spec)}
-    for p_count in pipe_producers:
-        provs[f"tpfuse_oneshot_pipe_p{p_count}"] = lambda p_count=p_count: pipe(p_count)
+    for p_count, pc in pipes.items():
+        pws = pc.workspaces["fused_allreduce"]
+        provs[f"tpfuse_oneshot_pipe_p{p_count}"] = lambda pws=pws: pws.oneshot_pipe(x, residual, weight, EPS, spec,
+                                                                                    False)
     for name, fc_ in fi_comms.items():
         if name == "fi_twoshot" and x.shape[0] <= ranks.world:
             continue  # FlashInfer's two-shot needs more tokens than ranks (the backend would fall back)
         provs[name] = lambda fc_=fc_: fc_.fused_add_rmsnorm(x, residual, weight, EPS, quant=spec)
-    return provs, default_producers
+    return provs
 
 
 def check(ranks, provs, fi_comms, spec, what):
@@ -145,7 +141,7 @@ def check(ranks, provs, fi_comms, spec, what):
         err = wrong(name)
         ran = fi_comms[name].last_path["fused_add_rmsnorm"]
         if ran != FI_PROVIDERS[name]:
-            err = f"ran {ran}, not {FI_PROVIDERS[name]} ({fi_comms[name].flashinfer.last_fallback})"
+            err = f"ran {ran}, not {FI_PROVIDERS[name]} ({fi_comms[name].last_fallback.get('fused_add_rmsnorm')})"
         bad = torch.tensor([1.0 if err else 0.0], device=ranks.device)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
@@ -169,7 +165,7 @@ def hidden_cases(args, ranks, h, tokens):
     symm_buf = symm_mem.empty(max(tokens) * h, dtype=DT, device=ranks.device)
     symm_mem.rendezvous(symm_buf, ranks.group.group_name)
     fi_comms = flashinfer_comms(max(tokens), h, ranks.rank) if args.flashinfer else {}
-    pipe_producers = [int(v) for v in args.pipe_producers.split(",") if v]
+    pipes = pipe_comms(max(tokens), h, [int(v) for v in args.pipe_producers.split(",") if v])
     for t in tokens:
         g = torch.Generator(device=ranks.device).manual_seed(t)
         x = torch.randn(t, h, device=ranks.device, generator=g).to(DT)
@@ -177,14 +173,14 @@ def hidden_cases(args, ranks, h, tokens):
         weight = (1 + 0.1 * torch.randn(h, device=ranks.device, generator=g)).to(DT)
         for fmt in (None, "fp8_static"):
             spec = q.FP8Static(torch.tensor(0.05, device=ranks.device)) if fmt else None
-            provs, default_producers = providers(ranks, comm, symm_buf[: t * h].view(t, h), fi_comms,
-                                                 pipe_producers, (x, residual, weight, spec))
+            provs = providers(ranks, comm, symm_buf[: t * h].view(t, h), fi_comms, pipes,
+                              (x, residual, weight, spec))
             fi_ran = check(ranks, provs, fi_comms, spec, f"T={t} H={h} {fmt}")
             yield common.Case(fields={"tokens": t, "hidden": h, "out_format": fmt or "bf16"}, providers=provs,
                               extra={"comm": comm, "fi_ran": fi_ran})
-            set_pipe_producers(comm.workspace, default_producers)
     comm.synchronize()
-    comm.close()
+    for c in (comm, *pipes.values()):
+        c.close()
     for c in fi_comms.values():
         c.close()  # collective (frees FlashInfer's IPC buffers)
     del symm_buf

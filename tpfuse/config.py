@@ -34,9 +34,10 @@ class CommConfig:
     """Op name -> path name that overrides the table (benchmarks, tests, debugging). Unknown op or path names are
     rejected here (:class:`~tpfuse.errors.TPFuseInputError`). The forced path must be available here, else that op
     raises ``TPFuseInputError`` when called (the other ops still run; a forced path never falls back to another
-    path because it is unavailable). One documented exception per call: a FlashInfer path hands an output form FlashInfer cannot
-    produce (NVFP4, dynamic FP8, Gemma, ...) to tpfuse's kernel of the same shot count and reports that in
-    ``TPCommunicator.last_path``."""
+    path because it is unavailable). One documented exception per call: a path may decline one call it cannot run
+    (a FlashInfer path, for an output form FlashInfer cannot produce: NVFP4, dynamic FP8, Gemma, ...); the call
+    then runs on the path's fallbacks (tpfuse's kernel of the same shot count first), reported in
+    ``TPCommunicator.last_path`` and ``last_fallback``."""
 
     arch: Optional[str] = None
     """Plan as if on this arch (``"sm90"``, ``"sm100"``, ``"cpu"``). ``None`` detects it from the group's device.
@@ -66,6 +67,11 @@ class CommConfig:
     that does not arrive makes the waiting ranks raise :class:`~tpfuse.errors.TPFusePeerTimeout`; the
     communicator is broken from then on."""
 
+    pipe_producers: Optional[int] = None
+    """Programs of the pipelined one-shot all-reduce (``tpfuse_oneshot_pipe``) that push (the others reduce), an
+    int >= 1 (capped at the grid size - 1). ``None``: a quarter of the grid, the fastest for bf16 output on the
+    H200 pair (``bench/results/fused_ar_tp2_h200_pipe.json``). A tuning knob: ``bench/bench_fused_ar.py`` sweeps it."""
+
     def __post_init__(self) -> None:
         # reject what would otherwise plan silently wrong (a negative switch point = SP at every size) or fail far
         # from the cause (a zero timeout = every peer wait times out); rank-local, raised before any collective
@@ -74,6 +80,9 @@ class CommConfig:
         s = self.sp_min_tokens
         if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 1):
             raise TPFuseInputError(f"CommConfig.sp_min_tokens must be None or an int >= 1 (tokens), got {s!r}")
+        p = self.pipe_producers
+        if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
+            raise TPFuseInputError(f"CommConfig.pipe_producers must be None or an int >= 1 (programs), got {p!r}")
         t = self.timeout_s
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
             raise TPFuseInputError(f"CommConfig.timeout_s must be a number > 0 (seconds), got {t!r}")

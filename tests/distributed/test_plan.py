@@ -152,6 +152,8 @@ def test_malformed_tables_are_rejected(tmp_path, mutate, match):
     (dict(timeout_s=float("nan")), "timeout_s"),
     (dict(force_paths={"all_reduce": None}), "force_paths"),
     (dict(allowed_paths="nccl"), "allowed_paths"),
+    (dict(pipe_producers=0), "pipe_producers"),
+    (dict(pipe_producers=2.0), "pipe_producers"),
 ])
 def test_bad_config_values_are_rejected(kwargs, match):
     with pytest.raises(tpfuse.errors.TPFuseInputError, match=match):

@@ -28,19 +28,17 @@ into ``P`` producers and ``G - P`` consumers and a call into at most ``KP`` chun
 Launches do no host sync and allocate only their outputs, so they can be captured in CUDA graphs. Every call of
 an op must be issued on the same stream on every call (the kernels' buffer reuse relies on stream order).
 A peer that does not arrive within ``CommConfig.timeout_s`` makes the kernel set a flag in pinned host memory;
-:meth:`SymmWorkspace.check` raises :class:`~tpfuse.errors.TPFusePeerTimeout` and marks the workspace broken.
+:meth:`FusedAllReduceWorkspace.check` raises :class:`~tpfuse.errors.TPFusePeerTimeout` and marks the workspace broken.
 """
 
 from __future__ import annotations
 
-import ctypes
 from typing import Optional
 
 import torch
 
 from ..dispatch import register, table_routes
-from .base import register_workspace, workspace_reason
-from ..errors import TPFusePeerTimeout
+from .base import PeerTimeoutFlag, register_workspace, workspace_reason
 from ..sharding import shard_rows
 
 ONESHOT_BYTES = 64 << 20
@@ -57,15 +55,17 @@ def _up(n: int, a: int = _ALIGN) -> int:
     return (n + a - 1) // a * a
 
 
-class SymmWorkspace:
-    """The symmetric buffer, its typed views, device counters and the pinned error flag of one communicator."""
+class FusedAllReduceWorkspace(PeerTimeoutFlag):
+    """The symmetric buffer, its typed views, device counters and the pinned error flag of one communicator; a
+    :class:`~tpfuse.backends.base.Workspace` (``comm.workspaces["fused_allreduce"]``)."""
 
     def __init__(self, comm):
         import torch.distributed as dist
         import torch.distributed._symmetric_memory as symm_mem
 
-        self.tp, self.rank, self.hidden, self.dtype = comm.tp, comm.rank, comm.hidden_size, comm.dtype
-        self.timeout_s = float(comm.config.timeout_s)
+        super().__init__(rank=comm.rank, tp=comm.tp, timeout_s=comm.config.timeout_s,
+                         where="symmetric-memory kernel")
+        self.hidden, self.dtype = comm.hidden_size, comm.dtype
         dev = comm.device
         self.device = dev
         sms = torch.tensor([torch.cuda.get_device_properties(dev).multi_processor_count], device=dev)
@@ -81,7 +81,8 @@ class SymmWorkspace:
         # pipelined one-shot: programs that push (the rest reduce). G/4 was fastest for bf16 output at >= 2048
         # tokens on the H200 pair; G/2 won some FP8-output and 1024-token cases by 5-10%
         # (bench/results/fused_ar_tp2_h200_pipe.json: 16/33/66/99/120 of 132 timed). Not yet per-size.
-        self.producers = max(1, g // 4)
+        want = comm.config.pipe_producers
+        self.producers = max(1, g // 4) if want is None else max(1, min(want, g - 1))
         off = 0
         layout = {}
         shard = self.twoshot_rows
@@ -106,24 +107,10 @@ class SymmWorkspace:
         self.stage_residual = self.region("stage_residual", self.dtype)
         self.flags.zero_()
         self.epochs = torch.zeros(3, g, dtype=torch.int32, device=dev)  # one-shot, two-shot, pipelined one-shot
-        self.err = torch.zeros(1, dtype=torch.int32, pin_memory=True)
-        # check() runs on every op: read the flag word in place (int(self.err[0]) builds a tensor: ~3 us)
-        self._err_word = ctypes.c_int32.from_address(self.err.data_ptr())
-        self.broken: Optional[str] = None
         torch.cuda.synchronize(dev)
         dist.barrier(group=comm.group, device_ids=[dev.index])  # every rank's flags are zero before any use
 
     # ------------------------------------------------------------------------------------------------------
-    def check(self) -> None:
-        """Raise :class:`TPFusePeerTimeout` if a kernel of this workspace timed out (reads pinned memory; no sync)."""
-        if self.broken is None and self._err_word.value != 0:
-            self.broken = (f"peer did not arrive within {self.timeout_s:g} s (CommConfig.timeout_s) in a tpfuse "
-                           f"symmetric-memory kernel on rank {self.rank} of TP={self.tp}: a peer died, skipped a "
-                           f"call or called with different arguments; this communicator is broken, build a new "
-                           f"one (after re-initialising the process group if a peer died)")
-        if self.broken is not None:
-            raise TPFusePeerTimeout(self.broken)
-
     def close(self, collective: bool = True) -> None:  # frees local references only: no barrier either way
         self.buf = self.hdl = self.oneshot_slots = self.twoshot_slots = self.pipe_slots = self.stage_residual = None
         self.flags = None
@@ -171,7 +158,7 @@ def _symm_reason(comm) -> Optional[str]:
     return None
 
 
-def allocate(comm) -> Optional[SymmWorkspace]:
+def allocate(comm) -> Optional[FusedAllReduceWorkspace]:
     """The workspace on NCCL groups where the kernels can run and the table (or ``CommConfig.force_paths``) can
     route a size <= max_tokens to them (collective over ``comm.group``: every rank decides alike from equal
     arguments), else None."""
@@ -179,7 +166,7 @@ def allocate(comm) -> Optional[SymmWorkspace]:
     routed = ("tpfuse_oneshot", "tpfuse_twoshot", PIPE, "flashinfer_oneshot", "flashinfer_twoshot")
     if _symm_reason(comm) is not None or not table_routes(comm, routed):
         return None
-    return SymmWorkspace(comm)
+    return FusedAllReduceWorkspace(comm)
 
 
 register_workspace(NAME, allocate)
