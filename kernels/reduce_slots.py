@@ -1,5 +1,5 @@
 """Sum of TP partial-sum slots (+ residual add + RMSNorm + quantize) in one pass: the tail of the sequence-parallel
-reduce-scatter (``tpfuse_rs``, and the fused tail of async-TP ``matmul_reduce_scatter``).
+reduce-scatter (``tpfuse_reduce_scatter``, and the fused tail of async-TP ``matmul_reduce_scatter``).
 
 Input: ``NSLOTS`` row blocks of one buffer, ``slot i`` at ``slots_ptr + i * slot_stride`` with row stride
 ``row_stride`` (the symmetric ``rs`` buffer of :mod:`tpfuse.backends.async_tp`: slot q = rank q's partial for this

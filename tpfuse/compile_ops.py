@@ -5,7 +5,7 @@ Eager calls go straight to the Python methods (no custom-op dispatch cost on the
 each method forwards here instead: the op is opaque to the compiler (one node ``tpfuse::comm_<op>``), its fake impl
 gives the output shapes, and at run time the real impl calls the eager method, which validates, plans and runs the
 chosen path. A communicator is named in the graph by an integer handle (registered at construction, dropped at
-``close()``); quant specs travel as ``(fmt, group, scale)`` like the local ops (:func:`tpfuse.ops.spec_to_args`).
+``close()``); quant specs travel as ``(fmt, group_size, scale)`` like the local ops (:func:`tpfuse.ops.spec_to_args`).
 
 Outputs: ``(data, scale, residual_out)`` for the norm ops (``scale`` is empty for bf16 and FP8-static outputs: the
 static scale is the caller's own tensor), a tensor for the others.
@@ -54,43 +54,43 @@ def _split(out, fmt: int, x: Tensor):
     return out.data, scale
 
 
-def _norm_fake(handle, x, fmt, group, rows):
+def _norm_fake(handle, x, fmt, group_size, rows):
     from . import ops
 
-    data, scale = ops.alloc_outputs(rows, x.shape[1], fmt, group, x.device, x.dtype)
+    data, scale = ops.alloc_outputs(rows, x.shape[1], fmt, group_size, x.device, x.dtype)
     return data, scale, x.new_empty(rows, x.shape[1])
 
 
 @torch.library.custom_op("tpfuse::comm_fused_add_rmsnorm", mutates_args=())
 def _fused_add_rmsnorm(handle: int, x: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float, fmt: int,
-                       group: int, in_scale: Optional[Tensor], gemma: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                       group_size: int, in_scale: Optional[Tensor], gemma: bool) -> Tuple[Tensor, Tensor, Tensor]:
     from . import ops
 
-    out, res = _comm(handle).fused_add_rmsnorm(x, residual, weight, eps, quant=ops.args_to_spec(fmt, group, in_scale),
-                                               gemma=gemma)
+    out, res = _comm(handle).fused_add_rmsnorm(x, residual, weight, eps,
+                                               quant=ops.args_to_spec(fmt, group_size, in_scale), gemma=gemma)
     return (*_split(out, fmt, x), res)
 
 
 @_fused_add_rmsnorm.register_fake
-def _(handle, x, residual, weight, eps, fmt, group, in_scale, gemma):
-    return _norm_fake(handle, x, fmt, group, x.shape[0])
+def _(handle, x, residual, weight, eps, fmt, group_size, in_scale, gemma):
+    return _norm_fake(handle, x, fmt, group_size, x.shape[0])
 
 
 @torch.library.custom_op("tpfuse::comm_reduce_scatter_rmsnorm", mutates_args=())
 def _reduce_scatter_rmsnorm(handle: int, x: Tensor, residual_shard: Optional[Tensor], weight: Tensor, eps: float,
-                            fmt: int, group: int, in_scale: Optional[Tensor], gemma: bool
+                            fmt: int, group_size: int, in_scale: Optional[Tensor], gemma: bool
                             ) -> Tuple[Tensor, Tensor, Tensor]:
     from . import ops
 
     out, res = _comm(handle).reduce_scatter_rmsnorm(x, residual_shard, weight, eps,
-                                                    quant=ops.args_to_spec(fmt, group, in_scale), gemma=gemma)
+                                                    quant=ops.args_to_spec(fmt, group_size, in_scale), gemma=gemma)
     return (*_split(out, fmt, x), res)
 
 
 @_reduce_scatter_rmsnorm.register_fake
-def _(handle, x, residual_shard, weight, eps, fmt, group, in_scale, gemma):
+def _(handle, x, residual_shard, weight, eps, fmt, group_size, in_scale, gemma):
     c = _comm(handle)
-    return _norm_fake(handle, x, fmt, group, shard_len(x.shape[0], c.tp, c.rank))
+    return _norm_fake(handle, x, fmt, group_size, shard_len(x.shape[0], c.tp, c.rank))
 
 
 @torch.library.custom_op("tpfuse::comm_all_reduce", mutates_args=())
@@ -140,22 +140,22 @@ def _(handle, x, weight, x_scale=None, w_scale=None):
 
 @torch.library.custom_op("tpfuse::comm_matmul_reduce_scatter_rmsnorm", mutates_args=())
 def _matmul_reduce_scatter_rmsnorm(handle: int, x: Tensor, weight: Tensor, residual_shard: Optional[Tensor],
-                                   norm_weight: Tensor, eps: float, fmt: int, group: int, in_scale: Optional[Tensor],
+                                   norm_weight: Tensor, eps: float, fmt: int, group_size: int, in_scale: Optional[Tensor],
                                    gemma: bool, x_scale: Optional[Tensor] = None, w_scale: Optional[Tensor] = None
                                    ) -> Tuple[Tensor, Tensor, Tensor]:
     from . import ops
 
     out, res = _comm(handle).matmul_reduce_scatter_rmsnorm(
-        x, weight, residual_shard, norm_weight, eps, quant=ops.args_to_spec(fmt, group, in_scale), gemma=gemma,
+        x, weight, residual_shard, norm_weight, eps, quant=ops.args_to_spec(fmt, group_size, in_scale), gemma=gemma,
         x_scale=x_scale, w_scale=w_scale)
     return (*_split(out, fmt, res), res)
 
 
 @_matmul_reduce_scatter_rmsnorm.register_fake
-def _(handle, x, weight, residual_shard, norm_weight, eps, fmt, group, in_scale, gemma, x_scale=None, w_scale=None):
+def _(handle, x, weight, residual_shard, norm_weight, eps, fmt, group_size, in_scale, gemma, x_scale=None, w_scale=None):
     c = _comm(handle)
     res = x.new_empty(shard_len(x.shape[0], c.tp, c.rank), weight.shape[0], dtype=c.dtype)
-    return _norm_fake(handle, res, fmt, group, res.shape[0])
+    return _norm_fake(handle, res, fmt, group_size, res.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -165,10 +165,10 @@ def _(handle, x, weight, residual_shard, norm_weight, eps, fmt, group, in_scale,
 def norm_op(name: str, comm, x, residual, weight, eps, quant, gemma):
     from . import ops
 
-    fmt, group, in_scale = ops.spec_to_args(quant)
+    fmt, group_size, in_scale = ops.spec_to_args(quant)
     fn = torch.ops.tpfuse.comm_fused_add_rmsnorm if name == "fused_add_rmsnorm" else \
         torch.ops.tpfuse.comm_reduce_scatter_rmsnorm
-    data, scale, res = fn(comm._handle, x, residual, weight, float(eps), fmt, group, in_scale, bool(gemma))
+    data, scale, res = fn(comm._handle, x, residual, weight, float(eps), fmt, group_size, in_scale, bool(gemma))
     return ops._wrap(data, scale, quant, x, data.shape if quant is None else (data.shape[0], x.shape[1])), res
 
 
@@ -176,9 +176,9 @@ def matmul_norm_op(comm, x, weight, residual_shard, norm_weight, eps, quant, gem
     from . import ops, scaled_gemm
 
     xd, xs = scaled_gemm.unpack(x, x_scale)
-    fmt, group, in_scale = ops.spec_to_args(quant)
+    fmt, group_size, in_scale = ops.spec_to_args(quant)
     data, scale, res = torch.ops.tpfuse.comm_matmul_reduce_scatter_rmsnorm(
-        comm._handle, xd, weight, residual_shard, norm_weight, float(eps), fmt, group, in_scale, bool(gemma), xs,
+        comm._handle, xd, weight, residual_shard, norm_weight, float(eps), fmt, group_size, in_scale, bool(gemma), xs,
         w_scale)
     return ops._wrap(data, scale, quant, res, data.shape if quant is None else (data.shape[0], res.shape[1])), res
 

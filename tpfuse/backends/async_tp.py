@@ -357,11 +357,11 @@ class AsyncTPWorkspace(PeerTimeoutFlag):
         from ..kernels.reduce_slots import launch_reduce_slots_rmsnorm
 
         n, s = self._push_partials(x, weight, x_scale, w_scale)
-        fmt, group, in_scale = ops.spec_to_args(quant)
-        data, scale = ops.alloc_outputs(n, self.hidden, fmt, group, x.device, self.dtype)
+        fmt, group_size, in_scale = ops.spec_to_args(quant)
+        data, scale = ops.alloc_outputs(n, self.hidden, fmt, group_size, x.device, self.dtype)
         res_out = torch.empty(n, self.hidden, dtype=self.dtype, device=x.device)
         launch_reduce_slots_rmsnorm(self.rs, self.tp, s * self.hidden, n, residual_shard, norm_weight, eps, res_out,
-                                    data, scale, in_scale, fmt, group, gemma)
+                                    data, scale, in_scale, fmt, group_size, gemma)
         return ops._wrap(data, scale, quant, res_out, (n, self.hidden)), res_out
 
 
