@@ -140,7 +140,8 @@ def _(handle, x, weight, x_scale=None, w_scale=None):
 
 @torch.library.custom_op("tpfuse::comm_matmul_reduce_scatter_rmsnorm", mutates_args=())
 def _matmul_reduce_scatter_rmsnorm(handle: int, x: Tensor, weight: Tensor, residual_shard: Optional[Tensor],
-                                   norm_weight: Tensor, eps: float, fmt: int, group_size: int, in_scale: Optional[Tensor],
+                                   norm_weight: Tensor, eps: float, fmt: int, group_size: int,
+                                   in_scale: Optional[Tensor],
                                    gemma: bool, x_scale: Optional[Tensor] = None, w_scale: Optional[Tensor] = None
                                    ) -> Tuple[Tensor, Tensor, Tensor]:
     from . import ops
@@ -152,7 +153,8 @@ def _matmul_reduce_scatter_rmsnorm(handle: int, x: Tensor, weight: Tensor, resid
 
 
 @_matmul_reduce_scatter_rmsnorm.register_fake
-def _(handle, x, weight, residual_shard, norm_weight, eps, fmt, group_size, in_scale, gemma, x_scale=None, w_scale=None):
+def _(handle, x, weight, residual_shard, norm_weight, eps, fmt, group_size, in_scale, gemma, x_scale=None,
+      w_scale=None):
     c = _comm(handle)
     res = x.new_empty(shard_len(x.shape[0], c.tp, c.rank), weight.shape[0], dtype=c.dtype)
     return _norm_fake(handle, res, fmt, group_size, res.shape[0])

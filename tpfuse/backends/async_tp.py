@@ -32,9 +32,9 @@ waits, ``sem(signal=..., wait=...)`` below) whose waits are bounded by ``CommCon
                 (``matmul_reduce_scatter_rmsnorm``: the same kernel also adds the residual and applies
                 RMSNorm + quant, :mod:`tpfuse.kernels.reduce_slots`)
 
-``reduce_scatter_rmsnorm`` (``tpfuse_reduce_scatter``) is the same exchange without the GEMM (x's token chunks are pushed as
-they are); ``all_gather`` (``tpfuse_all_gather``) is the all-gather half without the GEMM (peers' slots are pulled
-straight into the output).
+``reduce_scatter_rmsnorm`` (``tpfuse_reduce_scatter``) is the same exchange without the GEMM (x's token chunks are
+pushed as they are); ``all_gather`` (``tpfuse_all_gather``) is the all-gather half without the GEMM (peers' slots are
+pulled straight into the output).
 
 Buffers (allocated once per communicator, sized from ``max_tokens x hidden``; ``S = ceil(max_tokens / TP)``,
 ``s = ceil(T / TP)`` of the call, ``n_q`` = rank q's shard rows of the call):
@@ -351,7 +351,8 @@ class AsyncTPWorkspace(PeerTimeoutFlag):
         out = torch.empty(n, self.hidden, dtype=self.dtype, device=x.device)
         return launch_reduce_slots(self.rs, self.tp, s * self.hidden, n, out)
 
-    def reduce_scatter_rmsnorm(self, x, weight, residual_shard, norm_weight, eps, quant, gemma, x_scale=None, w_scale=None):
+    def reduce_scatter_rmsnorm(self, x, weight, residual_shard, norm_weight, eps, quant, gemma, x_scale=None,
+                               w_scale=None):
         """The exchange (``weight``: GEMM first, or None) then sum + residual + RMSNorm + quant in one kernel."""
         from .. import ops
         from ..kernels.reduce_slots import launch_reduce_slots_rmsnorm
