@@ -118,19 +118,24 @@ def cases():
 
 
 def decode_attention_cases():
-    """The configs :func:`tpfuse.kernels.decode_attention.pick_config` picks (BLOCK_N 64, or 32 for D=256 / fp32),
-    bf16 and fp16 q, bf16 / FP8 caches, single pass and split, and the combine kernel."""
-    for q_t, cache, d, group, bn, part, splits in (
-            ("*bf16", "*bf16", 128, 4, 64, 128, 32), ("*bf16", "*fp8e4nv", 128, 4, 64, 128, 32),
-            ("*bf16", "*bf16", 128, 8, 64, 1024, 1), ("*bf16", "*fp8e4nv", 128, 8, 64, 2048, 1),
-            ("*bf16", "*bf16", 64, 1, 64, 256, 4), ("*fp16", "*fp8e4nv", 256, 16, 32, 512, 8),
-            ("*fp32", "*fp32", 128, 4, 32, 256, 4)):
+    """The configs :func:`tpfuse.kernels.decode_attention.pick_config` picks (BLOCK_N 128 for D <= 128 with 16-bit
+    q, 32 for D=256 / fp32; 8 warps from 1024-key partitions) and the former BLOCK_N 64 ones, bf16 and fp16 q,
+    bf16 / FP8 caches, single pass and split, and the combine kernel."""
+    for q_t, cache, d, group, bn, part, splits, warps in (
+            ("*bf16", "*bf16", 128, 4, 64, 128, 32, 4), ("*bf16", "*fp8e4nv", 128, 4, 64, 128, 32, 4),
+            ("*bf16", "*bf16", 128, 8, 64, 1024, 1, 4), ("*bf16", "*fp8e4nv", 128, 8, 64, 2048, 1, 4),
+            ("*bf16", "*bf16", 64, 1, 64, 256, 4, 4), ("*fp16", "*fp8e4nv", 256, 16, 32, 512, 8, 4),
+            ("*fp32", "*fp32", 128, 4, 32, 256, 4, 4),
+            ("*bf16", "*bf16", 128, 4, 128, 128, 8, 4), ("*bf16", "*fp8e4nv", 128, 8, 128, 256, 16, 4),
+            ("*bf16", "*bf16", 128, 8, 128, 1024, 1, 8), ("*bf16", "*fp8e4nv", 128, 4, 128, 2048, 2, 8),
+            ("*bf16", "*bf16", 64, 1, 128, 128, 1, 4)):
         ptrs = {"q_ptr": q_t, "kc_ptr": cache, "vc_ptr": cache, "bt_ptr": "*i32", "sl_ptr": "*i32",
                 "kvs_ptr": "*fp32", "out_ptr": q_t, "ws_o_ptr": "*fp32", "ws_m_ptr": "*fp32", "ws_l_ptr": "*fp32"}
         const = dict(D=d, GROUP_PAD=max(16, group), BLOCK_N=bn, PARTITION=part, BLOCK_SIZE=16, NUM_SPLITS=splits,
                      CACHE_FP8=cache == "*fp8e4nv", PV_HILO=q_t != "*fp32", PREC="ieee" if q_t == "*fp32" else "tf32")
-        yield (f"decode_attention q={q_t[1:]} cache={cache[1:]} d={d} group={group} splits={splits}",
-               decode_attention._split_kernel, ptrs, const, 4, True)
+        tile = f" block_n={bn} warps={warps}" if bn == 128 else ""  # the earlier cases keep their names
+        yield (f"decode_attention q={q_t[1:]} cache={cache[1:]} d={d} group={group} splits={splits}{tile}",
+               decode_attention._split_kernel, ptrs, const, warps, True)
     for d, splits in ((128, 32), (64, 3)):
         yield (f"decode_attention combine d={d} splits={splits}", decode_attention._combine_kernel,
                {"ws_o_ptr": "*fp32", "ws_m_ptr": "*fp32", "ws_l_ptr": "*fp32", "sl_ptr": "*i32", "out_ptr": "*bf16"},
