@@ -7,6 +7,11 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "distributed"))
 sys.path.insert(0, os.path.dirname(__file__))
 
+import kernel_env  # noqa: E402
+
+# before any test module is collected: Triton and the kernel modules interpreted on a CPU-only machine
+kernel_env.prepare()
+
 
 def pytest_sessionfinish(session, exitstatus):
     from harness import shutdown_pools
@@ -20,3 +25,22 @@ def gen():
     import torch
 
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """The kernel modules (``kernels.add_rmsnorm`` ...) for a test that runs Triton kernels: compiled on a GPU; on a
+    CPU-only machine interpreted, with ``TRITON_INTERPRET=1`` and ``TPFUSE_TRITON_CPU=1`` set for this test only
+    (the public ops then take the Triton path on CPU tensors). See tests/kernel_env.py."""
+    if not kernel_env.ON_GPU:
+        for name, value in kernel_env.INTERPRETER_VARS.items():
+            monkeypatch.setenv(name, value)
+    return kernel_env.kernels()
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Every output buffer the local ops allocate is filled with 0xFF bytes first (tests/local_cases.py)."""
+    from local_cases import poison_outputs
+
+    poison_outputs(monkeypatch)

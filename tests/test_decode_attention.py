@@ -1,16 +1,11 @@
 """Paged-KV-cache decode attention (:mod:`tpfuse.attention`): Triton kernels vs the plain-torch reference vs an fp64
 oracle.
 
-Where the kernel cases run:
-
-* CPU machine: :func:`test_triton_interpreter_suite` re-runs this file in a subprocess with ``TRITON_INTERPRET=1``
-  (set before Triton is imported, so other test modules in this process keep whatever mode they chose) and
-  ``TPFUSE_TRITON_CPU=1`` (the public op takes the Triton path on CPU tensors); in that subprocess the ``case_*``
-  tests below are collected and run through the interpreter (small shapes, forced small partitions so that
-  multi-split paths run). The suite test fails unless they all pass and at least :data:`MIN_INTERP_CASES` ran.
-* GPU machine (marker ``gpu``): the same ``case_*`` tests run on CUDA (compiled Triton), plus big shapes
-  (B=64, 32/8 heads, D=128, up to 8192 keys), CUDA-graph capture + replay with new lengths / block tables / q, and
-  ``torch.compile(fullgraph=True)``.
+Where the kernel cases run (``test_case_*``, the ``kernels`` fixture of tests/conftest.py): compiled on a GPU;
+through the Triton interpreter on a CPU-only machine (``TPFUSE_TRITON_CPU=1`` makes the public op take the Triton
+path on CPU tensors; small shapes, forced small partitions so that multi-split paths run). GPU machines (marker
+``gpu``) add big shapes (B=64, 32/8 heads, D=128, up to 8192 keys), CUDA-graph capture + replay with new lengths /
+block tables / q, and ``torch.compile(fullgraph=True)``.
 
 Adversarial inputs: every cache slot not covered by some sequence's ``[0, seq_len)`` holds NaN, and so do the
 unused block-table entries' blocks (they point at all-NaN blocks) and the k/v columns beside a q that is a view of a
@@ -25,35 +20,20 @@ Checks: every output element against the fp64 oracle (within one final rounding,
 elements that cancel to ~0), the relative norm error against the shared tolerance, the fp32 reference too.
 """
 
-import os
-import sys
-
 import pytest
 import torch
 
-from kernel_env import gpu_only
+from kernel_env import DEVICE, ON_GPU, capture, gpu_only, poisoned, record_launches
 
 from tpfuse import attention as A
 from tpfuse.errors import TPFuseInputError
 from tpfuse.tolerance import assert_close
 
-ON_GPU = torch.cuda.is_available()
-INNER = os.environ.get("TPFUSE_ATTN_INTERP") == "1"  # this process is the interpreter subprocess
-RUN_CASES = INNER or ON_GPU
-DEVICE = "cuda" if ON_GPU else "cpu"
-MIN_INTERP_CASES = 25
 FP8 = torch.float8_e4m3fn
-POISON = 0xFF  # NaN in bf16, fp16, fp32 and e4m3fn
 
 
 # --------------------------------------------------------------------------------------------------------------
 # helpers
-
-
-def poisoned(shape, dtype, device="cpu"):
-    shape = tuple(shape)
-    nbytes = shape[:-1] + (shape[-1] * dtype.itemsize,)
-    return torch.full(nbytes, POISON, dtype=torch.uint8, device=device).view(dtype)
 
 
 def make_inputs(gen, *, lens, hq, hkv, d, block_size=16, dtype=torch.bfloat16, fp8=False, kv_scale=0.037,
@@ -215,28 +195,20 @@ def test_input_validation():
             call(**kw)
 
 
-@pytest.mark.skipif(INNER, reason="this is the interpreter subprocess itself")
-def test_triton_interpreter_suite():
-    """Run the ``case_*`` tests through the Triton interpreter in a fresh process (see the module docstring)."""
-    from kernel_env import run_interpreter_suite
-
-    run_interpreter_suite(__file__, "TPFUSE_ATTN_INTERP", MIN_INTERP_CASES)
+def test_public_op_launches_the_triton_kernels(gen, kernels, monkeypatch):
+    """Under the ``kernels`` fixture (every ``test_case_*`` below) the public op runs the Triton kernels, not the
+    torch reference: interpreted on CPU (the fixture checks that), compiled on CUDA."""
+    split = record_launches(monkeypatch, kernels.decode_attention, "_split_kernel")
+    run_case(gen, DEVICE, lens=[17, 3], hq=4, hkv=2, d=64)
+    assert len(split.launches) == 1
 
 
 # --------------------------------------------------------------------------------------------------------------
-# kernel cases: interpreter subprocess (CPU) or CUDA
+# kernel cases: Triton interpreter (CPU) or CUDA
 
 
-kernel_case = pytest.mark.skipif(not RUN_CASES, reason="kernel cases run in the interpreter subprocess or on CUDA")
+kernel_case = pytest.mark.usefixtures("kernels")  # compiled on CUDA, interpreted on CPU
 EDGE_LENS = [0, 1, 15, 16, 17]  # block_size 16: empty, one key, bs - 1, bs, bs + 1
-
-
-@pytest.fixture(autouse=True)
-def _check_triton_mode():
-    yield
-    if INNER:  # the kernels really were interpreted
-        mod = sys.modules.get("tpfuse.kernels.decode_attention")
-        assert mod is not None and type(mod._split_kernel).__name__ == "InterpretedFunction"
 
 
 # GQA groups 1 / 4 / 8: the model shapes (8/8, 32/8, 64/8 heads) on the GPU, 2 kv heads in the interpreter (its
@@ -346,9 +318,7 @@ def test_gpu_cuda_graph_capture_replay(gen, fp8):
     def step():
         A.decode_attention(q, kc, vc, bt, sl, scale=d ** -0.5, kv_scale=kvs, out=out, max_seq_len=cap)
 
-    from kernel_env import capture
-
-    graph = capture(step)
+    graph, _ = capture(step)
     replays = [torch.randint(0, cap + 1, (bsz,), generator=gen), torch.zeros(bsz, dtype=torch.long),
                torch.tensor([cap, 0, 1, 15, 16, 17, 2047, 129] * 2), torch.randint(0, 40, (bsz,), generator=gen)]
     for i, lens in enumerate(replays):

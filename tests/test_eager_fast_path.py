@@ -1,6 +1,6 @@
 """The eager fast path of the local ops (public functions call the op bodies and launchers directly, no custom-op
 dispatch) gives the same bytes as the custom-op path, and torch.compile(fullgraph=True) still goes through the
-custom ops. CPU: Triton interpreter (kernel_env); GPU: the compiled kernels.
+custom ops. CPU: Triton interpreter (the ``kernels`` fixture, tests/kernel_env.py); GPU: the compiled kernels.
 
 GPU only (``gpu`` marker): the direct ``CompiledKernel`` launches of :mod:`tpfuse.kernels.fast_launch` against the
 normal JIT call, bit for bit, over shapes, formats and pointer alignments (misaligned views included), and the
@@ -11,18 +11,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernel_env import DEVICE, ON_GPU, interpreted, load
+from kernel_env import DEVICE, ON_GPU
 from tpfuse import ops, rope
 from tpfuse import quant as q
 
-for _name in ("add_rmsnorm", "silu_mul", "quantize", "rope"):
-    load(_name)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _triton_path():
-    with interpreted():
-        yield
+pytestmark = pytest.mark.usefixtures("kernels")
 
 
 def _bytes(t):

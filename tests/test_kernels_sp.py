@@ -1,6 +1,6 @@
 """The sequence-parallel tail kernel (``kernels/reduce_slots.py``): sum of TP partial slots, optionally fused with
 residual add + RMSNorm + quant, against the fp64 oracle and the reference quantizer. Runs compiled on a GPU, or
-through the Triton interpreter on CPU (see tests/kernel_env.py). Outputs are poisoned first."""
+through the Triton interpreter on CPU (the ``kernels`` fixture, tests/kernel_env.py). Outputs are poisoned first."""
 
 import pytest
 import torch
@@ -11,14 +11,9 @@ from tpfuse import ops
 from tpfuse.reference import rmsnorm_math
 from tpfuse.tolerance import assert_close, assert_quant_close
 
-rs = kernel_env.load("reduce_slots")
+rs = kernel_env.kernels().reduce_slots
 DEVICE = kernel_env.DEVICE
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _interpreter():
-    with kernel_env.interpreted():
-        yield
+pytestmark = pytest.mark.usefixtures("kernels")
 
 
 def _slots(tp, s, rows, h, gen, outlier_slot=None):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from kernel_env import ON_GPU, interpreted, load
+from kernel_env import ON_GPU, record_launches
 from tpfuse.kernels import local_configs as lc
 from tpfuse.kernels.local_configs import LaunchConfig
 
@@ -109,31 +109,8 @@ def test_install_overlays_winners():
 # the sweep, end to end on the CPU (interpreter) with a fake clock
 
 
-def _triton_lang_interpreted() -> bool:
-    """True unless Triton was first imported without TRITON_INTERPRET in this process (then its own @jit library
-    functions, tl.sum & co., are compiled-mode objects the interpreter cannot call: e.g. test_sm90_compile.py ran
-    first in this session)."""
-    if "triton" not in sys.modules:
-        return True
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(tl.sum, InterpretedFunction)
-
-
 @pytest.mark.skipif(ON_GPU, reason="CPU plumbing test (the GPU runs the real sweep)")
-def test_sweep_end_to_end_interpreted(tmp_path, monkeypatch):
-    if not _triton_lang_interpreted() and not os.environ.get("TPFUSE_SWEEP_TEST_CHILD"):
-        # run this test in a fresh process, where Triton is imported under the interpreter
-        import subprocess
-
-        env = dict(os.environ, TPFUSE_SWEEP_TEST_CHILD="1")
-        env.pop("TRITON_INTERPRET", None)
-        node = f"{os.path.abspath(__file__)}::test_sweep_end_to_end_interpreted"
-        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", node], cwd=ROOT,
-                           env=env, capture_output=True, text=True, timeout=600)
-        assert p.returncode == 0 and "1 passed" in p.stdout, p.stdout[-4000:] + p.stderr[-2000:]
-        return
+def test_sweep_end_to_end_interpreted(tmp_path, monkeypatch, kernels):
     import common
     import local_sweep
 
@@ -145,17 +122,6 @@ def test_sweep_end_to_end_interpreted(tmp_path, monkeypatch):
     class Args:
         budget_s, sweep_tokens, precompile_workers, out_dir = 1e9, "1", -1, str(tmp_path)
         sweep_ops = "add_rmsnorm,quantize"
-
-    def recording(mod, name):
-        kern = getattr(mod, name)
-
-        class Recorder:
-            def __getitem__(self, grid):
-                def run(*a, **kw):
-                    launches.append((tuple(grid), kw.get("SPLIT", 1), kw["ROWS"], kw["num_warps"], kw["BLOCK"]))
-                    return kern[grid](*a, **kw)
-                return run
-        monkeypatch.setattr(mod, name, Recorder())
 
     orig_call = local_sweep.call
 
@@ -171,22 +137,21 @@ def test_sweep_end_to_end_interpreted(tmp_path, monkeypatch):
         return fake_us.get((current_op[0], cfg.short()), 10.0 + 0.001 * len(cfg.short()))
 
     monkeypatch.setattr(local_sweep, "call", call)
-    with interpreted():
-        recording(load("add_rmsnorm"), "_add_rmsnorm_kernel")
-        recording(load("quantize"), "_quantize_kernel")
-        path = local_sweep.run_sweep(Args, fake_time_graph, lambda nbytes: 1, 1, common, device="cpu",
-                                     bucket_list=buckets)
+    record_launches(monkeypatch, kernels.add_rmsnorm, "_add_rmsnorm_kernel", launches)
+    record_launches(monkeypatch, kernels.quantize, "_quantize_kernel", launches)
+    path = local_sweep.run_sweep(Args, fake_time_graph, lambda nbytes: 1, 1, common, device="cpu",
+                                 bucket_list=buckets)
     data = json.load(open(path))
     best = {b["op"]: b for b in data["best"]}
     # pass 1 times every candidate once, in order, and each launch carries that candidate's grid / constexprs
     for op in cands:
         assert [c for o, c, _ in timed if o == op][:len(cands[op])] == cands[op]
     assert len(cands["add_rmsnorm"]) >= 6 and LaunchConfig(4, split=4) in cands["add_rmsnorm"]
-    for op, cfg, (grid, split, rows, nw, block) in timed:
-        assert (split, rows, nw) == (cfg.split, cfg.rows, cfg.num_warps), (op, cfg)
+    for op, cfg, (grid, kw) in timed:
+        assert (kw.get("SPLIT", 1), kw["ROWS"], kw["num_warps"]) == (cfg.split, cfg.rows, cfg.num_warps), (op, cfg)
         assert grid == ((1, cfg.split) if op == "add_rmsnorm" else (1024 // cfg.block,)), (op, cfg)
         if op == "quantize":
-            assert block == cfg.block
+            assert kw["BLOCK"] == cfg.block
     # winners: the clearly faster split config; the default where the best is within the 1% noise guard
     assert best["add_rmsnorm"]["label"] == "w4s4"
     assert (best["add_rmsnorm"]["hidden_bucket"], best["add_rmsnorm"]["token_bucket"]) == (4096, 1)

@@ -1,15 +1,10 @@
 """QK-norm + RoPE and RoPE + paged KV-cache write (:mod:`tpfuse.rope`): Triton kernels vs the plain-torch reference
 vs an fp64 oracle.
 
-Where the kernel cases run:
-
-* CPU machine: :func:`test_triton_interpreter_suite` re-runs this file in a subprocess with ``TRITON_INTERPRET=1``
-  (set before Triton is imported, so other test modules in this process keep whatever mode they chose) and
-  ``TPFUSE_TRITON_CPU=1`` (the public ops take the Triton path on CPU tensors); in that subprocess the ``case_*``
-  tests below are collected and run through the interpreter. The suite test fails unless they all pass and at least
-  :data:`MIN_INTERP_CASES` ran.
-* GPU machine (marker ``gpu``): the same ``case_*`` tests run on CUDA (compiled Triton), plus bigger shapes,
-  CUDA-graph capture/replay and ``torch.compile(fullgraph=True)``.
+Where the kernel cases run (``test_case_*``, the ``kernels`` fixture of tests/conftest.py): compiled on a GPU;
+through the Triton interpreter on a CPU-only machine (``TPFUSE_TRITON_CPU=1`` makes the public ops take the Triton
+path on CPU tensors). GPU machines (marker ``gpu``) add bigger shapes, CUDA-graph capture/replay and
+``torch.compile(fullgraph=True)``.
 
 Checks: every output element against the fp64 oracle (NaN where the oracle has NaN, else within 2 bf16 ulps of it;
 an element the kernel forgot to write keeps its input value and fails), the relative norm error against the
@@ -18,23 +13,15 @@ bytes where unwritten slots (slot -1, or never addressed) must keep the poison a
 for byte, the reference cache write of the kernel's own roped k and v (bf16 and FP8 e4m3).
 """
 
-import os
-import sys
-
 import pytest
 import torch
 
+from kernel_env import DEVICE, POISON, capture, gpu_only, poisoned, record_launches
 from tpfuse import rope as R
 from tpfuse.errors import TPFuseInputError
 from tpfuse.tolerance import assert_close
 
-ON_GPU = torch.cuda.is_available()
-INNER = os.environ.get("TPFUSE_ROPE_INTERP") == "1"  # this process is the interpreter subprocess
-RUN_CASES = INNER or ON_GPU
-DEVICE = "cuda" if ON_GPU else "cpu"
-MIN_INTERP_CASES = 40
 FP8 = torch.float8_e4m3fn
-POISON = 0xFF  # NaN in bf16, fp32 and e4m3fn
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -46,12 +33,6 @@ def make_cos_sin_cache(max_pos, rot_dim, dtype=torch.float32, base=10000.0):
     inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim))
     f = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv_freq[None, :]
     return torch.cat((f.cos(), f.sin()), dim=-1).to(dtype)
-
-
-def poisoned(shape, dtype, device):
-    shape = tuple(shape)
-    nbytes = shape[:-1] + (shape[-1] * dtype.itemsize,)
-    return torch.full(nbytes, POISON, dtype=torch.uint8, device=device).view(dtype)
 
 
 def same_bytes_or_both_nan(a, b):
@@ -274,27 +255,21 @@ def test_input_validation():
         R.rope_kv_cache_write(q, k, k.clone(), pos, cs, kc, kc.clone(), pos, is_neox=True)
 
 
-@pytest.mark.skipif(INNER, reason="this is the interpreter subprocess itself")
-def test_triton_interpreter_suite():
-    """Run the ``case_*`` tests through the Triton interpreter in a fresh process (see the module docstring)."""
-    from kernel_env import run_interpreter_suite
-
-    run_interpreter_suite(__file__, "TPFUSE_ROPE_INTERP", MIN_INTERP_CASES)
+def test_public_ops_launch_the_triton_kernels(gen, kernels, monkeypatch):
+    """Under the ``kernels`` fixture (every ``test_case_*`` below) the public ops run the Triton kernels, not the
+    torch reference: interpreted on CPU (the fixture checks that), compiled on CUDA."""
+    qk = record_launches(monkeypatch, kernels.rope, "_qk_norm_rope_kernel")
+    kv = record_launches(monkeypatch, kernels.rope, "_rope_kv_cache_kernel")
+    run_qk_case(gen, DEVICE, t=3, hq=4, hkv=2, d=64, neox=True)
+    run_kv_case(gen, DEVICE, t=7, hq=4, hkv=2, d=64, neox=False, fp8=True)
+    assert len(qk.launches) == 1 and len(kv.launches) == 1
 
 
 # --------------------------------------------------------------------------------------------------------------
-# kernel cases: interpreter subprocess (CPU) or CUDA
+# kernel cases: Triton interpreter (CPU) or CUDA
 
 
-kernel_case = pytest.mark.skipif(not RUN_CASES, reason="kernel cases run in the interpreter subprocess or on CUDA")
-
-
-@pytest.fixture(autouse=True)
-def _check_triton_mode():
-    yield
-    if INNER:  # the kernels really were interpreted
-        mod = sys.modules.get("tpfuse.kernels.rope")
-        assert mod is not None and type(mod._qk_norm_rope_kernel).__name__ == "InterpretedFunction"
+kernel_case = pytest.mark.usefixtures("kernels")  # compiled on CUDA, interpreted on CPU
 
 
 @kernel_case
@@ -335,11 +310,7 @@ def test_case_rope_kv_cache_write_one_token_and_nan(gen, fp8):
 # GPU only
 
 
-gpu = pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
-
-
-@pytest.mark.gpu
-@gpu
+@gpu_only
 @pytest.mark.parametrize("neox", [True, False], ids=["neox", "gptj"])
 @pytest.mark.parametrize("t", [333, 4096])
 def test_gpu_big_shapes(gen, neox, t):
@@ -357,8 +328,7 @@ def _qwen_inputs(t, hq=8, hkv=2, d=128, device="cuda", seed=0):
     return qkv, w, cs, pos
 
 
-@pytest.mark.gpu
-@gpu
+@gpu_only
 def test_gpu_cuda_graph_capture_replay():
     t, hq, hkv, d = 37, 8, 2, 128
     qkv, w, cs, pos = _qwen_inputs(t)
@@ -374,9 +344,7 @@ def test_gpu_cuda_graph_capture_replay():
         R.qk_norm_rope(static, w, w, cs, pos, num_heads=hq, num_kv_heads=hkv, head_dim=d, eps=1e-6, is_neox=True)
         R.rope_kv_cache_write(sq, sk, v2, pos, cs, kc, vc, slots, is_neox=True, kv_scale=scale)
 
-    from kernel_env import capture
-
-    graph = capture(step)
+    graph, _ = capture(step)
     for seed in (1, 2):
         new_qkv, _, _, new_pos = _qwen_inputs(t, seed=seed)
         static.copy_(new_qkv)
@@ -398,8 +366,7 @@ def test_gpu_cuda_graph_capture_replay():
         assert same_bytes_or_both_nan(vc.cpu(), vc_ref).all()
 
 
-@pytest.mark.gpu
-@gpu
+@gpu_only
 def test_gpu_torch_compile_fullgraph():
     t, hq, hkv, d = 19, 8, 2, 128
     qkv, w, cs, pos = _qwen_inputs(t)
