@@ -16,6 +16,8 @@ import sys
 
 import pytest
 
+from kernel_env import clean_env
+
 pytest.importorskip("triton")
 
 SCRIPT = r"""
@@ -46,8 +48,7 @@ print(json.dumps(out))
 
 def test_semaphore_kernel_compiles_for_sm90_with_the_expected_atomics():
     here = os.path.dirname(os.path.abspath(__file__))
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TPFUSE_TRITON_CPU")}
-    p = subprocess.run([sys.executable, "-c", SCRIPT, here], env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run([sys.executable, "-c", SCRIPT, here], env=clean_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert len(res) == 6

@@ -1,15 +1,28 @@
-"""Shared inputs for the multi-rank tests: every rank builds *all* ranks' inputs from one seed, so each rank can
-compute the single-process fp64 oracle itself and only compare its own output."""
+"""Shared pieces of the multi-rank tests.
+
+* Inputs: every rank builds *all* ranks' inputs from one seed (:func:`make_inputs`), so each rank can compute the
+  single-process fp64 oracle itself (:func:`oracle`) and only compare its own output.
+* :func:`make_comm` builds a communicator; :func:`assert_path_ran` checks that the path that ran is the one
+  ``plan()`` reports; :func:`assert_each_raises` checks that each bad call raises (on this rank) and a good call
+  right after still works.
+* :func:`every_world` makes a test that runs a rank function on each (TP size, backend) of :data:`WORLDS`.
+* :func:`fused_ar_graph_replays` (GPU): a CUDA graph of two fused all-reduce + RMSNorm calls replayed with fresh data.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional
 
+import pytest
 import torch
 
+from harness import available_backends, run_on_ranks
 from tpfuse import quant as q
 from tpfuse import reference
+
+WORLDS = [(w, b) for w in (1, 2, 4) for b in available_backends(w)]  # TP 1, 2, 4 on gloo; NCCL where GPUs exist
+WORLD_IDS = [f"tp{w}-{b}" for w, b in WORLDS]
 
 
 @dataclass
@@ -80,3 +93,88 @@ def on_cpu(qa):
         spec = tpfuse.NVFP4(spec.global_scale.cpu(), spec.layout)
     return tpfuse.QuantizedActivation(data=qa.data.cpu(), scale=qa.scale.cpu(), spec=spec, orig_dtype=qa.orig_dtype,
                                       shape=qa.shape)
+
+
+def make_comm(hidden: int, dtype: torch.dtype, max_tokens: int, *, group=None, force: Optional[str] = None,
+              force_ops=("fused_add_rmsnorm", "all_reduce"), **config):
+    """A ``TPCommunicator`` on ``group`` (``None``: the default group) with ``CommConfig(**config)``; ``force``: a
+    path pinned for ``force_ops`` (``CommConfig.force_paths``)."""
+    import tpfuse
+
+    if force:
+        config["force_paths"] = {op: force for op in force_ops}
+    return tpfuse.TPCommunicator(group, max_tokens=max_tokens, hidden_size=hidden, dtype=dtype,
+                                 config=tpfuse.CommConfig(**config))
+
+
+def assert_path_ran(comm, op: str, num_tokens: int, what: str = "", expect: Optional[str] = None) -> str:
+    """The path ``op`` last ran on is the one ``comm.plan(num_tokens)`` reports (and ``expect`` where given);
+    returns it."""
+    ran, planned = comm.last_path[op], comm.plan(num_tokens).path(op)
+    assert ran == planned, f"{what} {op}: ran {ran} but plan() says {planned}"
+    assert expect is None or ran == expect, f"{what} {op}: ran {ran}, expected {expect}"
+    return ran
+
+
+def assert_each_raises(comm, bad_calls, then: Callable[[str], None], exc=None) -> None:
+    """Each ``(name, call, match)`` of ``bad_calls``: ``call(comm)`` raises ``exc`` (default ``TPFuseInputError``)
+    matching ``match`` on this rank; then ``then(name)`` makes a good call and checks it (the communicator stays
+    usable). Run on every rank, every rank raises."""
+    from tpfuse.errors import TPFuseInputError
+
+    for name, call, match in bad_calls:
+        with pytest.raises(exc or TPFuseInputError, match=match):
+            call(comm)
+        then(name)
+
+
+def every_world(rank_fn: Callable):
+    """A test (bind it to a ``test_*`` name) running ``rank_fn(rank, world, backend)`` on each (TP size, backend)
+    of :data:`WORLDS`; every rank must return True."""
+
+    @pytest.mark.parametrize("world,backend", WORLDS, ids=WORLD_IDS)
+    def test(world, backend):
+        assert run_on_ranks(rank_fn, world, backend, backend=backend) == [True] * world
+
+    test.__doc__ = rank_fn.__doc__
+    return test
+
+
+def fused_ar_graph_replays(comm, rank: int, world: int, t: int, h: int, dtype, eps: float, *, replays: int,
+                           check_every: int, check_out2: Callable) -> int:
+    """GPU: a CUDA graph of two ``fused_add_rmsnorm`` calls (the second FP8-static quantized, on the first's
+    residual output) replayed ``replays`` times with fresh inputs copied into the static tensors; every
+    ``check_every``-th replay and the last checked against the fp64 oracle, the quantized output by
+    ``check_out2(out2, res1, weight, oracle, what)``. Returns how many replays were checked."""
+    from kernel_env import capture
+    from tpfuse.tolerance import assert_close
+
+    dev = comm.device
+    inp = make_inputs(60, world, t, h, dtype, device=dev)
+    sx, sres, w = inp.xs[rank].clone(), inp.residual.clone(), inp.weight
+    spec = q.FP8Static(torch.tensor(0.05, device=dev))
+
+    def step():
+        out1, res1 = comm.fused_add_rmsnorm(sx, sres, w, eps)
+        out2, res2 = comm.fused_add_rmsnorm(res1, res1, w, eps, quant=spec)
+        return out1, res1, out2, res2
+
+    g, (out1, res1, out2, res2) = capture(step)
+    gen = torch.Generator(device=dev)
+    checked = 0
+    for it in range(replays):
+        gen.manual_seed(1000 + it)
+        xs = [torch.randn(t, h, device=dev, generator=gen).to(dtype) for _ in range(world)]
+        r = torch.randn(t, h, device=dev, generator=gen).to(dtype)
+        sx.copy_(xs[rank])
+        sres.copy_(r)
+        g.replay()
+        if it % check_every == 0 or it == replays - 1:
+            s = sum(x.double() for x in xs) + r.double()
+            assert_close(res1, s, dtype, f"graph replay {it} residual_out 1")
+            assert_close(out1, reference.rmsnorm_math(s, w.double(), eps), dtype, f"graph replay {it} out 1")
+            s2 = res1.double() * world + res1.double()
+            assert_close(res2, s2, dtype, f"graph replay {it} residual_out 2")
+            check_out2(out2, res1, w, reference.rmsnorm_math(s2, w.double(), eps), f"graph replay {it} out 2")
+            checked += 1
+    return checked

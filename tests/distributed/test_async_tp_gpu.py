@@ -11,8 +11,10 @@ import torch
 import torch.distributed as dist
 
 import tpfuse
+from cases import assert_path_ran
 from fp8_cases import ag_case, rs_case
 from harness import run_on_ranks
+from kernel_env import capture
 from tpfuse.errors import TPFusePeerTimeout
 from tpfuse.sharding import shard_range
 from tpfuse.tolerance import assert_close
@@ -43,7 +45,7 @@ def _cases(rank, world):
         s, e = shard_range(t, world, rank)
         w_shard_n = w_n[rank * N_SHARD:(rank + 1) * N_SHARD].contiguous()
         y = comm.all_gather_matmul(x[s:e].contiguous(), w_shard_n, num_tokens=t)
-        assert comm.last_path["all_gather_matmul"] == comm.plan(t).path("all_gather_matmul") == "tpfuse_async_tp"
+        assert_path_ran(comm, "all_gather_matmul", t, expect="tpfuse_async_tp")
         assert_close(y, x.double() @ w_shard_n.double().t(), torch.bfloat16, f"all_gather_matmul T={t}")
         x_shard_k = x_k[:, rank * K_SHARD:(rank + 1) * K_SHARD].contiguous()
         w_shard_k = w_k[:, rank * K_SHARD:(rank + 1) * K_SHARD].contiguous()
@@ -243,15 +245,11 @@ def _fp8_graph(rank, world):
         yc, rc = comm.matmul_reduce_scatter_rmsnorm(sxk, r.wq[rank], res, nw, 1e-6, x_scale=sxks, w_scale=r.ws[rank])
         return ya, yb, yc, rc
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    def two_calls():
         calls()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        calls()
-        ya, yb, yc, rc = calls()
+        return calls()
+
+    graph, (ya, yb, yc, rc) = capture(two_calls)
     checked = 0
     for it in range(100):
         ci = ag_case(100 + it, world, t, H, N_SHARD, "row", dev, w_seed=7)

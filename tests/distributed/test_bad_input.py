@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import tpfuse
-from cases import make_inputs, oracle
+from cases import assert_each_raises, make_comm, make_inputs, oracle
 from harness import run_on_ranks
 from tpfuse.errors import TPFuseClosedError, TPFuseError, TPFuseInputError, TPFuseMismatchError
 from tpfuse.tolerance import assert_close
@@ -46,17 +46,16 @@ def _bad_calls(x, r, w):
 
 
 def _every_rank_raises(rank, world, debug):
-    cfg = tpfuse.CommConfig(debug=debug)
-    comm = tpfuse.TPCommunicator(max_tokens=8, hidden_size=H, dtype=torch.bfloat16, config=cfg)
+    comm = make_comm(H, torch.bfloat16, 8, debug=debug)
     inp = make_inputs(3, world, 4, H, torch.bfloat16)
     x, r, w = inp.xs[rank], inp.residual, inp.weight
-    for name, call, match in _bad_calls(x, r, w):
-        with pytest.raises(TPFuseInputError, match=match):
-            call(comm)
-        # still usable: a valid call right after gives the right answer on every rank
+
+    def still_usable(name):  # a valid call right after gives the right answer on every rank
         out, res = comm.fused_add_rmsnorm(x, r, w)
         ref_out, _ = oracle(inp, 1e-6)
         assert_close(out, ref_out, torch.bfloat16, f"after {name}")
+
+    assert_each_raises(comm, _bad_calls(x, r, w), still_usable)
     comm.close()
     comm.close()  # idempotent
     with pytest.raises(TPFuseClosedError):

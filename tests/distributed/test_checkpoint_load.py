@@ -20,6 +20,7 @@ pytest.importorskip("transformers", reason="tpfuse.parallelize tests need transf
 pytest.importorskip("safetensors", reason="checkpoints need safetensors")
 
 import model_cases as mc  # noqa: E402
+from cases import make_comm  # noqa: E402
 from harness import run_on_ranks  # noqa: E402
 
 SP_MIN = 8
@@ -27,10 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _comm(dtype=torch.float32):
-    import tpfuse
-
-    return tpfuse.TPCommunicator(max_tokens=32, hidden_size=mc.HIDDEN, dtype=dtype,
-                                 config=tpfuse.CommConfig(sp_min_tokens=SP_MIN))
+    return make_comm(mc.HIDDEN, dtype, 32, sp_min_tokens=SP_MIN)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -10,14 +10,11 @@ import torch
 import torch.distributed as dist
 
 import tpfuse
-from cases import QUANT_KINDS, make_inputs, make_spec, oracle
-from harness import available_backends, device_of, run_on_ranks
+from cases import QUANT_KINDS, assert_path_ran, every_world, make_inputs, make_spec, oracle
+from harness import device_of, run_on_ranks
 from tpfuse.reference import rmsnorm_math
 from tpfuse.sharding import shard_range
 from tpfuse.tolerance import REL_ERR, assert_close, assert_quant_close, rel_err
-
-WORLDS = [(w, b) for w in (1, 2, 4) for b in available_backends(w)]
-IDS = [f"tp{w}-{b}" for w, b in WORLDS]
 
 # (tokens, hidden, dtype, quant, with_residual, gemma, weight_dtype)
 FUSED_CASES = [
@@ -31,11 +28,6 @@ FUSED_CASES = [
 ]
 
 
-def _check_path(comm, op, tokens):
-    ran, planned = comm.last_path[op], comm.plan(tokens).path(op)
-    assert ran == planned, f"{op}: ran {ran} but plan() says {planned}"
-
-
 def _fused_cases(rank, world, backend):
     dev = device_of(backend)
     for i, (t, h, dtype, kind, with_res, gemma, wdt) in enumerate(FUSED_CASES):
@@ -46,7 +38,7 @@ def _fused_cases(rank, world, backend):
         with tpfuse.TPCommunicator(max_tokens=16, hidden_size=h, dtype=dtype) as comm:
             out, res = comm.fused_add_rmsnorm(inp.xs[rank], inp.residual if with_res else None, inp.weight, 1e-5,
                                               quant=spec, gemma=gemma)
-            _check_path(comm, "fused_add_rmsnorm", t)
+            assert_path_ran(comm, "fused_add_rmsnorm", t)
             assert res.dtype == dtype and res.shape == (t, h), what
             assert_close(res, ref_res, dtype, what + " residual_out")
             if kind is None:
@@ -64,14 +56,14 @@ def _fused_cases(rank, world, backend):
             res_shard = inp.residual[start:end] if with_res else None
             out_s, res_s = comm.reduce_scatter_rmsnorm(inp.xs[rank], res_shard, inp.weight, 1e-5, quant=spec,
                                                        gemma=gemma)
-            _check_path(comm, "reduce_scatter_rmsnorm", t)
+            assert_path_ran(comm, "reduce_scatter_rmsnorm", t)
             assert res_s.shape == (end - start, h), what
             assert_close(res_s, ref_res[start:end], dtype, what + " SP residual")
             if kind is None:
                 assert_close(out_s, ref_out[start:end], dtype, what + " SP out")
                 # SP then all-gather == AR form (same fp32 sum; at most rare last-bit differences)
                 full = comm.all_gather(out_s, num_tokens=t)
-                _check_path(comm, "all_gather", t)
+                assert_path_ran(comm, "all_gather", t)
                 assert full.shape == out.shape
                 # the nccl path sums the partials in the input dtype (one more rounding than the fp32-accumulating
                 # kernels and the reference): then SP and AR agree only to the dtype's budget
@@ -86,9 +78,7 @@ def _fused_cases(rank, world, backend):
     return True
 
 
-@pytest.mark.parametrize("world,backend", WORLDS, ids=IDS)
-def test_fused_add_rmsnorm_and_sp_form(world, backend):
-    assert run_on_ranks(_fused_cases, world, backend, backend=backend) == [True] * world
+test_fused_add_rmsnorm_and_sp_form = every_world(_fused_cases)
 
 
 def _collective_cases(rank, world, backend):
@@ -100,7 +90,7 @@ def _collective_cases(rank, world, backend):
         what = f"T={t} H={h} {dtype}"
         # all_reduce
         y = comm.all_reduce(inp.xs[rank])
-        _check_path(comm, "all_reduce", t)
+        assert_path_ran(comm, "all_reduce", t)
         assert_close(y, inp.total(), dtype, "all_reduce " + what)
         assert torch.equal(inp.xs[rank], make_inputs(7 + i, world, t, h, dtype, outlier_rank=world - 1,
                                                      device=dev).xs[rank]), "inputs must not be written"
@@ -116,7 +106,7 @@ def _collective_cases(rank, world, backend):
         w_full = torch.randn(n, h, generator=g).to(dtype).to(dev)
         w_shard_n = w_full[rank * 8:(rank + 1) * 8].contiguous()
         y = comm.all_gather_matmul(inp.residual[start:end].contiguous(), w_shard_n, num_tokens=t)
-        _check_path(comm, "all_gather_matmul", t)
+        assert_path_ran(comm, "all_gather_matmul", t)
         assert y.shape == (t, 8)
         assert_close(y, inp.residual.double() @ w_shard_n.double().t(), dtype, "all_gather_matmul " + what)
         # row-parallel: matmul_reduce_scatter with x_shard_k [T, K/TP] and w_shard_k [H, K/TP]
@@ -126,16 +116,14 @@ def _collective_cases(rank, world, backend):
         x_shard_k = x_full[:, rank * 6:(rank + 1) * 6].contiguous()
         w_shard_k = w2[:, rank * 6:(rank + 1) * 6].contiguous()
         y = comm.matmul_reduce_scatter(x_shard_k, w_shard_k)
-        _check_path(comm, "matmul_reduce_scatter", t)
+        assert_path_ran(comm, "matmul_reduce_scatter", t)
         assert y.shape == (end - start, h)
         assert_close(y, (x_full.double() @ w2.double().t())[start:end], dtype, "matmul_reduce_scatter " + what)
         comm.close()
     return True
 
 
-@pytest.mark.parametrize("world,backend", WORLDS, ids=IDS)
-def test_collectives_and_async_tp_ops(world, backend):
-    assert run_on_ranks(_collective_cases, world, backend, backend=backend) == [True] * world
+test_collectives_and_async_tp_ops = every_world(_collective_cases)
 
 
 def _late_peer_and_reuse(rank, world, backend):
@@ -192,7 +180,7 @@ def _fused_row_parallel(rank, world, backend):
         out, r = comm.matmul_reduce_scatter_rmsnorm(x[:, rank * k:(rank + 1) * k].contiguous(),
                                                     w[:, rank * k:(rank + 1) * k].contiguous(),
                                                     res[s:e].contiguous(), nw, 1e-6, quant=spec)
-        _check_path(comm, "matmul_reduce_scatter_rmsnorm", t)
+        assert_path_ran(comm, "matmul_reduce_scatter_rmsnorm", t)
         assert_close(r, full[s:e], torch.bfloat16, f"T={t} residual")
         if kind is None:
             assert_close(out, ref_out, torch.bfloat16, f"T={t} out")
@@ -201,9 +189,7 @@ def _fused_row_parallel(rank, world, backend):
     return True
 
 
-@pytest.mark.parametrize("world,backend", WORLDS, ids=IDS)
-def test_matmul_reduce_scatter_rmsnorm(world, backend):
-    assert run_on_ranks(_fused_row_parallel, world, backend, backend=backend) == [True] * world
+test_matmul_reduce_scatter_rmsnorm = every_world(_fused_row_parallel)
 
 
 def test_tp8_fused_sp_and_row_parallel():

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 import tpfuse
-from cases import make_inputs, oracle
+from cases import make_comm, make_inputs, oracle
 from harness import available_backends, device_of, run_on_ranks
 from tpfuse import quant as q
 from tpfuse.tolerance import assert_close, assert_quant_close
@@ -76,8 +76,7 @@ def _ones(*shape, dtype=DT):
 
 def _comm(debug=False, group=None, **cfg):
     cfg.setdefault("timeout_s", TIMEOUT_S)
-    return tpfuse.TPCommunicator(group, max_tokens=MAX_T, hidden_size=H, dtype=DT,
-                                 config=tpfuse.CommConfig(debug=debug, **cfg))
+    return make_comm(H, DT, MAX_T, group=group, debug=debug, **cfg)
 
 
 def _timed(fn):

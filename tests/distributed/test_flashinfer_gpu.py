@@ -14,9 +14,8 @@ import pytest
 import torch
 
 import tpfuse
-from cases import make_inputs, make_spec, oracle, on_cpu
+from cases import fused_ar_graph_replays, make_comm, make_inputs, make_spec, oracle, on_cpu
 from harness import run_on_ranks
-from tpfuse.errors import TPFuseError
 from tpfuse.tolerance import REL_ERR_FP8, assert_close, assert_quant_close, rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu,
@@ -33,8 +32,7 @@ TIMEOUT = 500  # the first FlashInfer workspace of a fresh machine JIT-builds fo
 
 
 def _comm(path, hidden, max_tokens=2048):
-    return tpfuse.TPCommunicator(max_tokens=max_tokens, hidden_size=hidden, dtype=DT,
-                                 config=tpfuse.CommConfig(force_paths={"fused_add_rmsnorm": path, "all_reduce": path}))
+    return make_comm(hidden, DT, max_tokens, force=path)
 
 
 def _expected(path, t, world):
@@ -182,38 +180,11 @@ def test_unsupported_hidden_is_refused_with_reason():
 def _graph(rank, world, path, t):
     h = 4096
     comm = _comm(path, h)
-    dev = comm.device
-    inp = make_inputs(60, world, t, h, DT, device=dev)
-    sx, sres, w = inp.xs[rank].clone(), inp.residual.clone(), inp.weight
-    spec = tpfuse.quant.FP8Static(torch.tensor(0.05, device=dev))
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        comm.fused_add_rmsnorm(sx, sres, w, EPS)
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out1, res1 = comm.fused_add_rmsnorm(sx, sres, w, EPS)
-        out2, res2 = comm.fused_add_rmsnorm(res1, res1, w, EPS, quant=spec)
+    checked = fused_ar_graph_replays(
+        comm, rank, world, t, h, DT, EPS, replays=300, check_every=37,
+        check_out2=lambda out2, res1, w, ref2, what: _assert_fp8_static(out2, [res1] * world, res1, w, ref2, what,
+                                                                         True))
     assert comm.last_path["fused_add_rmsnorm"] == path
-    gen = torch.Generator(device=dev)
-    checked = 0
-    for it in range(300):
-        gen.manual_seed(1000 + it)
-        xs = [torch.randn(t, h, device=dev, generator=gen).to(DT) for _ in range(world)]
-        r = torch.randn(t, h, device=dev, generator=gen).to(DT)
-        sx.copy_(xs[rank])
-        sres.copy_(r)
-        g.replay()
-        if it % 37 == 0 or it == 299:
-            s = sum(x.double() for x in xs) + r.double()
-            assert_close(res1, s, DT, f"graph replay {it} residual_out 1")
-            assert_close(out1, tpfuse.reference.rmsnorm_math(s, w.double(), EPS), DT, f"graph replay {it} out 1")
-            s2 = res1.double() * world + res1.double()
-            assert_close(res2, s2, DT, f"graph replay {it} residual_out 2")
-            ref2 = tpfuse.reference.rmsnorm_math(s2, w.double(), EPS)
-            _assert_fp8_static(out2, [res1] * world, res1, w, ref2, f"graph replay {it} out 2", True)
-            checked += 1
     torch.cuda.synchronize()
     comm.close()
     return checked

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import tpfuse
+from cases import assert_each_raises, assert_path_ran, every_world, make_comm
 from fp8_cases import KINDS, ag_case, rs_case
-from harness import available_backends, device_of, run_on_ranks
+from harness import device_of, run_on_ranks
 from tpfuse.errors import TPFuseInputError
 from tpfuse.reference import rmsnorm_math
 from tpfuse.sharding import shard_range
@@ -17,16 +18,11 @@ from tpfuse.tolerance import assert_close, assert_quant_close
 
 BF = torch.bfloat16
 H, N_SHARD, K_SHARD = 64, 32, 48
-WORLDS = [(w, b) for w in (1, 2, 4) for b in available_backends(w)]
-IDS = [f"tp{w}-{b}" for w, b in WORLDS]
 
 
 def _ran(comm, op, t):
-    ran, planned = comm.last_path[op], comm.plan(t).path(op)
-    assert ran == planned, f"{op}: ran {ran} but plan() says {planned}"
-    if comm.backend == "gloo":
-        assert ran == "reference", ran
-    return ran
+    """The planned path ran; on gloo that is the reference path."""
+    return assert_path_ran(comm, op, t, expect="reference" if comm.backend == "gloo" else None)
 
 
 def _fp8_cases(rank, world, backend):
@@ -59,9 +55,7 @@ def _fp8_cases(rank, world, backend):
     return True
 
 
-@pytest.mark.parametrize("world,backend", WORLDS, ids=IDS)
-def test_fp8_gemm_ops(world, backend):
-    assert run_on_ranks(_fp8_cases, world, backend, backend=backend) == [True] * world
+test_fp8_gemm_ops = every_world(_fp8_cases)
 
 
 def test_fp8_gemm_ops_tp8():
@@ -99,9 +93,7 @@ def _fp8_row_parallel_norm(rank, world, backend):
     return True
 
 
-@pytest.mark.parametrize("world,backend", WORLDS, ids=IDS)
-def test_fp8_matmul_reduce_scatter_rmsnorm(world, backend):
-    assert run_on_ranks(_fp8_row_parallel_norm, world, backend, backend=backend) == [True] * world
+test_fp8_matmul_reduce_scatter_rmsnorm = every_world(_fp8_row_parallel_norm)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -146,14 +138,15 @@ def _bad_fp8_calls(c, rank, world, t):
 
 def _every_rank_raises(rank, world, debug):
     t = 2 * world + 1
-    comm = tpfuse.TPCommunicator(max_tokens=16, hidden_size=H, dtype=BF, config=tpfuse.CommConfig(debug=debug))
+    comm = make_comm(H, BF, 16, debug=debug)
     c = ag_case(5, world, t, H, N_SHARD, "row")
     xq, xs = c.shard(rank, world)
-    for name, call, match in _bad_fp8_calls(c, rank, world, t):
-        with pytest.raises(TPFuseInputError, match=match):
-            call(comm)
+
+    def still_usable(name):
         y = comm.all_gather_matmul(xq, c.wq[rank], num_tokens=t, x_scale=xs, w_scale=c.ws[rank])
         assert_close(y, c.oracle(rank), BF, f"after {name}")
+
+    assert_each_raises(comm, _bad_fp8_calls(c, rank, world, t), still_usable)
     comm.close()
     # an fp16 communicator cannot run FP8 GEMMs (row-wise _scaled_mm writes only bf16)
     comm16 = tpfuse.TPCommunicator(max_tokens=16, hidden_size=H, dtype=torch.float16)

@@ -15,6 +15,7 @@ pytest.importorskip("transformers", reason="tpfuse.parallelize tests need transf
 pytest.importorskip("safetensors", reason="checkpoints need safetensors")
 
 import model_cases as mc  # noqa: E402
+from cases import make_comm  # noqa: E402
 from harness import run_on_ranks  # noqa: E402
 from test_checkpoint_load import assert_same_state  # noqa: E402
 
@@ -23,10 +24,7 @@ DT = torch.bfloat16
 
 
 def _comm():
-    import tpfuse
-
-    return tpfuse.TPCommunicator(max_tokens=32, hidden_size=mc.HIDDEN, dtype=DT,
-                                 config=tpfuse.CommConfig(sp_min_tokens=SP_MIN))
+    return make_comm(mc.HIDDEN, DT, 32, sp_min_tokens=SP_MIN)
 
 
 def _fp8_model(arch, act, weight, ids):

@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-import tpfuse
-from cases import make_inputs, make_spec, oracle, on_cpu
+from cases import (assert_path_ran, fused_ar_graph_replays, make_comm, make_inputs, make_spec, on_cpu,
+                   oracle)
 from harness import run_on_ranks
 from tpfuse.errors import TPFusePeerTimeout
 from tpfuse.tolerance import assert_close, assert_quant_close
@@ -23,9 +23,7 @@ PATHS = ("tpfuse_oneshot", "tpfuse_twoshot", "tpfuse_oneshot_pipe")
 
 
 def _comm(path, hidden, max_tokens=8192, **cfg):
-    force = {"fused_add_rmsnorm": path, "all_reduce": path} if path else {}
-    return tpfuse.TPCommunicator(max_tokens=max_tokens, hidden_size=hidden, dtype=DT,
-                                 config=tpfuse.CommConfig(force_paths=force, **cfg))
+    return make_comm(hidden, DT, max_tokens, force=path, **cfg)
 
 
 def _check(comm, rank, world, seed, t, h, *, kind=None, with_res=True, gemma=False, outlier=None, what=""):
@@ -35,7 +33,7 @@ def _check(comm, rank, world, seed, t, h, *, kind=None, with_res=True, gemma=Fal
     spec = make_spec(kind, dev, ref_out)
     out, res = comm.fused_add_rmsnorm(inp.xs[rank], inp.residual if with_res else None, inp.weight, EPS,
                                       quant=spec, gemma=gemma)
-    assert comm.last_path["fused_add_rmsnorm"] == comm.plan(t).path("fused_add_rmsnorm"), what
+    assert_path_ran(comm, "fused_add_rmsnorm", t, what)
     tag = f"{what} T={t} H={h} quant={kind} res={with_res} gemma={gemma}"
     assert_close(res, ref_res, DT, tag + " residual_out")
     if spec is None:
@@ -109,42 +107,15 @@ def test_outliers_and_nan(path):
 def _graph_late_auto(rank, world, path, t):
     h = 4096
     comm = _comm(path, h)
-    dev = comm.device
     # late peer: rank 1 arrives ~100 ms late
     for i in range(3):
         if rank == 1:
             torch.cuda._sleep(200_000_000)
         _check(comm, rank, world, 50 + i, t, h, kind="fp8_static" if i == 2 else None, what=f"{path} late peer")
     # CUDA graph of two calls, 1000 replays with fresh data copied into the static inputs
-    inp = make_inputs(60, world, t, h, DT, device=dev)
-    sx, sres, w = inp.xs[rank].clone(), inp.residual.clone(), inp.weight
-    spec = tpfuse.quant.FP8Static(torch.tensor(0.05, device=dev))
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        comm.fused_add_rmsnorm(sx, sres, w, EPS)
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out1, res1 = comm.fused_add_rmsnorm(sx, sres, w, EPS)
-        out2, res2 = comm.fused_add_rmsnorm(res1, res1, w, EPS, quant=spec)
-    gen = torch.Generator(device=dev)
-    checked = 0
-    for it in range(1000):
-        gen.manual_seed(1000 + it)
-        xs = [torch.randn(t, h, device=dev, generator=gen).to(DT) for _ in range(world)]
-        r = torch.randn(t, h, device=dev, generator=gen).to(DT)
-        sx.copy_(xs[rank])
-        sres.copy_(r)
-        g.replay()
-        if it % 97 == 0 or it == 999:
-            s = sum(x.double() for x in xs) + r.double()
-            assert_close(res1, s, DT, f"graph replay {it} residual_out 1")
-            assert_close(out1, tpfuse.reference.rmsnorm_math(s, w.double(), EPS), DT, f"graph replay {it} out 1")
-            s2 = res1.double() * world + res1.double()
-            assert_close(res2, s2, DT, f"graph replay {it} residual_out 2")
-            assert_quant_close(on_cpu(out2), tpfuse.reference.rmsnorm_math(s2, w.double(), EPS), f"graph replay {it} out 2")
-            checked += 1
+    checked = fused_ar_graph_replays(
+        comm, rank, world, t, h, DT, EPS, replays=1000, check_every=97,
+        check_out2=lambda out2, res1, w, ref2, what: assert_quant_close(on_cpu(out2), ref2, what))
     torch.cuda.synchronize()
     comm.synchronize()
     comm.close()

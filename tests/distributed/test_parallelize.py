@@ -11,8 +11,6 @@ Modes are forced with ``CommConfig(sp_min_tokens=SP_MIN)``: prefill of ``T_AR`` 
 all-reduce form. Each step clears ``comm.last_path`` and checks exactly which communicator ops ran.
 """
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -21,6 +19,7 @@ transformers = pytest.importorskip("transformers", reason="tpfuse.parallelize te
                                                             "(pip install 'tpfuse[hf]')")
 pytest.importorskip("safetensors", reason="the checkpoint round trip needs safetensors")
 
+from cases import make_comm  # noqa: E402
 from harness import run_on_ranks  # noqa: E402
 import model_cases  # noqa: E402
 from model_cases import cache_of  # noqa: E402
@@ -39,10 +38,7 @@ def _oracle(model, ids):
 
 
 def _comm(world):
-    import tpfuse
-
-    return tpfuse.TPCommunicator(max_tokens=32, hidden_size=64, dtype=torch.float32,
-                                 config=tpfuse.CommConfig(sp_min_tokens=SP_MIN))
+    return make_comm(64, torch.float32, 32, sp_min_tokens=SP_MIN)
 
 
 def _step(model, comm, ids, cache, expect_mode):
@@ -121,7 +117,6 @@ def test_parallelize_matches_unsharded(arch, world, tmp_path):
 
 def _custom_plan(rank, world):
     import tpfuse
-    from tpfuse.tolerance import assert_close
 
     torch.manual_seed(3)
     cfg = transformers.MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -10,7 +10,7 @@ import torch
 import tpfuse
 from harness import run_on_ranks
 from tpfuse import thresholds
-from tpfuse.errors import TPFuseError, TPFuseInputError
+from tpfuse.errors import TPFuseInputError
 
 # a table with round numbers, so the boundaries below are exact
 TABLE = {
