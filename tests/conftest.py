@@ -1,3 +1,7 @@
+"""Suite-wide setup: the test folders on ``sys.path`` (spawned ranks import by basename), the Triton interpreter
+prepared once on a CPU-only machine (tests/kernel_env.py), the rank pools shut down at the end, and the fixtures
+shared across files (``gen``, ``kernels``, ``poisoned_outputs``)."""
+
 import os
 import sys
 
