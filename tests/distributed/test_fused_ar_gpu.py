@@ -45,7 +45,7 @@ def _check(comm, rank, world, seed, t, h, *, kind=None, with_res=True, gemma=Fal
 
 def _sweep(rank, world, path, hidden, tokens, kinds):
     comm = _comm(path, hidden)
-    assert comm.workspace is not None
+    assert "fused_allreduce" in comm.workspaces
     n = 0
     for i, t in enumerate(tokens):
         for kind in kinds:

@@ -78,7 +78,7 @@ def _device() -> torch.device:
 
 def _check_comm(comm) -> None:
     """The communicator runs over NCCL with both of tpfuse's symmetric-memory workspaces."""
-    assert comm.backend == "nccl" and comm.workspace is not None and comm.async_tp is not None, comm
+    assert comm.backend == "nccl" and {"fused_allreduce", "async_tp"} <= set(comm.workspaces), comm
 
 
 def _check_paths(comm, t, mode, variant):
