@@ -314,24 +314,8 @@ class TPCommunicator:
         :class:`~tpfuse.quant.QuantizedActivation` when ``quant`` is given; ``residual_out`` in the input dtype."""
         if torch.compiler.is_compiling():
             return compile_ops.norm_op("fused_add_rmsnorm", self, x, residual, weight, eps, quant, gemma)
-        self._check_open()
-        if (not self.config.debug and self._ok_activation(x) and
-                (residual is None or (self._ok_tensor(residual, 2) and residual.dtype is self.dtype and
-                                      residual.shape == x.shape)) and self._ok_norm_args(weight, eps, quant)):
-            self._calls += 1  # as _enter does: peer-fault messages name the call
-            return self._run("fused_add_rmsnorm", x.shape[0], (x, residual, weight, eps),
-                             {"quant": quant, "gemma": gemma})
-        def check():
-            check_activation("x", x, hidden=self.hidden_size, dtype=self.dtype, device=self.device,
-                             max_tokens=self.max_tokens)
-            if residual is not None:
-                check_tensor("residual", residual, dtype=self.dtype, device=self.device, dim=2)
-                check_same_rows("x", x, "residual", residual)
-            self._check_norm(weight, eps, quant)
-        sig = (_shape(x), residual is None, type(quant).__name__, bool(gemma))
-        self._enter("fused_add_rmsnorm", sig, check)
-        return self._run("fused_add_rmsnorm", x.shape[0], (x, residual, weight, eps),
-                         {"quant": quant, "gemma": gemma})
+        return self._norm_call("fused_add_rmsnorm", x, residual, weight, eps, quant, gemma, self._ok_residual,
+                               self._check_residual)
 
     def reduce_scatter_rmsnorm(self, x: torch.Tensor, residual_shard: Optional[torch.Tensor], weight: torch.Tensor,
                                eps: float = 1e-6, *, quant: Optional[q.QuantSpec] = None, gemma: bool = False
@@ -343,25 +327,37 @@ class TPCommunicator:
         Returns ``(out_shard, residual_shard_out)``, both ``[Ts, H]``."""
         if torch.compiler.is_compiling():
             return compile_ops.norm_op("reduce_scatter_rmsnorm", self, x, residual_shard, weight, eps, quant, gemma)
+        return self._norm_call("reduce_scatter_rmsnorm", x, residual_shard, weight, eps, quant, gemma,
+                               self._ok_residual_shard, lambda r, x_: self._check_residual_shard(r, x_.shape[0]))
+
+    def _norm_call(self, op: str, x, residual, weight, eps, quant, gemma, residual_ok, check_residual):
+        """The two norm ops: the eager fast checks, else the full checks (and the debug exchange), then the run."""
         self._check_open()
-        if (not self.config.debug and self._ok_activation(x) and
-                (residual_shard is None or (self._ok_tensor(residual_shard, 2) and
-                                            residual_shard.dtype is self.dtype and
-                                            residual_shard.shape[1] == self.hidden_size and
-                                            residual_shard.shape[0] == shard_len(x.shape[0], self.tp, self.rank)))
-                and self._ok_norm_args(weight, eps, quant)):
+        if (not self.config.debug and self._ok_activation(x) and residual_ok(residual, x) and
+                self._ok_norm_args(weight, eps, quant)):
             self._calls += 1  # as _enter does: peer-fault messages name the call
-            return self._run("reduce_scatter_rmsnorm", x.shape[0], (x, residual_shard, weight, eps),
-                             {"quant": quant, "gemma": gemma})
+            return self._run(op, x.shape[0], (x, residual, weight, eps), {"quant": quant, "gemma": gemma})
         def check():
             check_activation("x", x, hidden=self.hidden_size, dtype=self.dtype, device=self.device,
                              max_tokens=self.max_tokens)
-            self._check_residual_shard(residual_shard, x.shape[0])
+            check_residual(residual, x)
             self._check_norm(weight, eps, quant)
-        sig = (_shape(x), residual_shard is None, type(quant).__name__, bool(gemma))
-        self._enter("reduce_scatter_rmsnorm", sig, check)
-        return self._run("reduce_scatter_rmsnorm", x.shape[0], (x, residual_shard, weight, eps),
-                         {"quant": quant, "gemma": gemma})
+        self._enter(op, (_shape(x), residual is None, type(quant).__name__, bool(gemma)), check)
+        return self._run(op, x.shape[0], (x, residual, weight, eps), {"quant": quant, "gemma": gemma})
+
+    def _ok_residual(self, residual, x) -> bool:
+        return residual is None or (self._ok_tensor(residual, 2) and residual.dtype is self.dtype and
+                                    residual.shape == x.shape)
+
+    def _ok_residual_shard(self, residual_shard, x) -> bool:
+        return residual_shard is None or (self._ok_tensor(residual_shard, 2) and residual_shard.dtype is self.dtype
+                                          and residual_shard.shape[1] == self.hidden_size and
+                                          residual_shard.shape[0] == shard_len(x.shape[0], self.tp, self.rank))
+
+    def _check_residual(self, residual, x) -> None:
+        if residual is not None:
+            check_tensor("residual", residual, dtype=self.dtype, device=self.device, dim=2)
+            check_same_rows("x", x, "residual", residual)
 
     def _check_norm(self, weight, eps, quant) -> None:
         check_norm_weight(weight, hidden=self.hidden_size, device=self.device)

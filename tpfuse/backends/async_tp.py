@@ -142,8 +142,7 @@ class AsyncTPWorkspace(PeerTimeoutFlag):
         import torch.distributed as dist
         import torch.distributed._symmetric_memory as symm_mem
 
-        super().__init__(rank=comm.rank, tp=comm.tp, timeout_s=comm.config.timeout_s,
-                         where="async-TP / sequence-parallel exchange")
+        super().__init__(comm, "async-TP / sequence-parallel exchange")
         self.hidden, self.dtype = comm.hidden_size, comm.dtype
         self.s_max = shard_rows(comm.max_tokens, comm.tp)
         rows = self.tp * self.s_max

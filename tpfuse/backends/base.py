@@ -86,11 +86,11 @@ def workspace_reason(comm, name: str, missing: str) -> Optional[str]:
 
 
 class PeerTimeoutFlag:
-    """The pinned host word a kernel sets when a peer does not arrive within ``timeout_s``, and the ``check`` /
-    ``broken`` half of :class:`Workspace` built on it. ``where`` names the kernels in the error message."""
+    """The pinned host word a kernel sets when a peer does not arrive within ``CommConfig.timeout_s``, and the
+    ``check`` / ``broken`` half of :class:`Workspace` built on it. ``where`` names the kernels in the error message."""
 
-    def __init__(self, *, rank: int, tp: int, timeout_s: float, where: str):
-        self.rank, self.tp, self.timeout_s, self.where = rank, tp, float(timeout_s), where
+    def __init__(self, comm, where: str):
+        self.rank, self.tp, self.timeout_s, self.where = comm.rank, comm.tp, float(comm.config.timeout_s), where
         self.err = torch.zeros(1, dtype=torch.int32, pin_memory=True)
         # check() runs on every op: read the word in place (int(self.err[0]) builds a tensor: ~3 us)
         self._err_word = ctypes.c_int32.from_address(self.err.data_ptr())

@@ -63,8 +63,7 @@ class FusedAllReduceWorkspace(PeerTimeoutFlag):
         import torch.distributed as dist
         import torch.distributed._symmetric_memory as symm_mem
 
-        super().__init__(rank=comm.rank, tp=comm.tp, timeout_s=comm.config.timeout_s,
-                         where="symmetric-memory kernel")
+        super().__init__(comm, "symmetric-memory kernel")
         self.hidden, self.dtype = comm.hidden_size, comm.dtype
         dev = comm.device
         self.device = dev
