@@ -192,12 +192,12 @@ MIN_PARTITION, MAX_PARTITION = 128, 2048
 
 
 def pick_config(batch: int, kv_heads: int, max_seq_len: int, head_dim: int, q_elem: int,
-                partition=None, block_n=None, num_warps=None):
+                partition=None, block_n=None, num_warps=None, *, cache_fp8: bool = False):
     """``(PARTITION, BLOCK_N, NUM_SPLITS, num_warps)`` from host-side capacities only (CUDA-graph safe).
 
-    Chosen from the sweep in ``bench/results/decode_attention_h200_sweep.json`` (``bench_decode_attention.py
-    --sweep``, one H200; Hq 32/64, Hkv 8, D 128, bf16 cache, B 1/8/64, 1024/4096 keys), where this rule is the best
-    swept config or within 4% of it at every point except B=64 x 4096 keys (3%: the cap below):
+    bf16 / fp16 caches: chosen from the sweep in ``bench/results/decode_attention_h200_sweep.json``
+    (``bench_decode_attention.py --sweep``, one H200; Hq 32/64, Hkv 8, D 128, bf16 cache, B 1/8/64, 1024/4096 keys),
+    where this rule is the best swept config or within 4% of it at every point:
 
     * ``BLOCK_N``: 128 keys per tile for D <= 128 with 16-bit q; 32 for D = 256 or fp32 q (not swept).
     * ``PARTITION``: start at ``MIN_PARTITION`` (128) and double while the grid at full length,
@@ -206,7 +206,14 @@ def pick_config(batch: int, kv_heads: int, max_seq_len: int, head_dim: int, q_el
       8 splits of 128 at 1024 keys and 16 of 256 at 4096; B=8 gets ~256 programs; B=64 one pass at 1024 keys.
       The cap bounds the imbalance when lengths differ across the batch and keeps each program's loop short.
     * ``num_warps``: 8 from partitions of 1024 keys (long loops over 128-key tiles), else 4.
+
+    FP8 caches (``cache_fp8``) keep the earlier rule: ``BLOCK_N`` 64 (32 for D = 256 / fp32 q), 4 warps, and the
+    partition doubled while ``B * Hkv * cdiv(max_seq_len, 2 * PARTITION)`` still reaches ``TARGET_PROGRAMS``. The
+    bf16 rule was not swept with FP8 caches, and on one H200 it made B=64 1.3x (1024 keys) and 1.5x (4096 keys)
+    slower than this one (``bench/results/decode_attention_h200_989aa3b.json`` vs ``decode_attention_h200.json``).
     """
+    if cache_fp8:
+        return _pick_config_fp8_cache(batch, kv_heads, max_seq_len, head_dim, q_elem, partition, block_n, num_warps)
     if block_n is None:
         block_n = 128 if head_dim <= 128 and q_elem <= 2 else 32
     if partition is None:
@@ -216,12 +223,26 @@ def pick_config(batch: int, kv_heads: int, max_seq_len: int, head_dim: int, q_el
             if batch * kv_heads * splits <= TARGET_PROGRAMS and splits <= MAX_SPLITS:
                 break
             partition *= 2
-    if partition % block_n:
-        raise ValueError(f"partition {partition} must be a multiple of block_n {block_n}")
-    num_splits = max(1, triton.cdiv(max_seq_len, partition))
     if num_warps is None:
         num_warps = 8 if partition >= 1024 else 4
-    return partition, block_n, num_splits, num_warps
+    return _checked(partition, block_n, max_seq_len, num_warps)
+
+
+def _pick_config_fp8_cache(batch, kv_heads, max_seq_len, head_dim, q_elem, partition, block_n, num_warps):
+    if block_n is None:
+        block_n = 64 if head_dim <= 128 and q_elem <= 2 else 32
+    if partition is None:
+        partition = max(MIN_PARTITION, block_n)
+        while (partition < MAX_PARTITION and partition < max_seq_len
+               and batch * kv_heads * triton.cdiv(max_seq_len, 2 * partition) >= TARGET_PROGRAMS):
+            partition *= 2
+    return _checked(partition, block_n, max_seq_len, 4 if num_warps is None else num_warps)
+
+
+def _checked(partition, block_n, max_seq_len, num_warps):
+    if partition % block_n:
+        raise ValueError(f"partition {partition} must be a multiple of block_n {block_n}")
+    return partition, block_n, max(1, triton.cdiv(max_seq_len, partition)), num_warps
 
 
 def launch_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, out, scale, kv_scale=None, *,
@@ -234,8 +255,9 @@ def launch_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, o
     if bsz == 0 or hq == 0:
         return out
     group = hq // hkv
-    part, bn, splits, nw = pick_config(bsz, hkv, max_seq_len, d, q.element_size(), partition, block_n, num_warps)
     cache_fp8 = key_cache.element_size() == 1
+    part, bn, splits, nw = pick_config(bsz, hkv, max_seq_len, d, q.element_size(), partition, block_n, num_warps,
+                                       cache_fp8=cache_fp8)
     kvs = kv_scale if cache_fp8 else seq_lens  # unread unless CACHE_FP8
     if splits > 1:
         # fp32 partials; the caching allocator serves this inside CUDA-graph capture too
