@@ -29,8 +29,8 @@ TARGET = GPUTarget("cuda", 90, 32)
 FLOATS = {"eps", "qk_scale"}
 FINGERPRINTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sm90_ptx_fingerprints.txt")
 REGENERATE = ("python tests/sm90_compile_cases.py --write-fingerprints -- only together with a GPU re-run of the "
-              "changed kernels' tests (tests/distributed/*_gpu.py, tests/test_kernels_local.py on CUDA, ...): the "
-              "fingerprints stand for PTX that ran on GPUs")
+              "changed kernels' tests (tests/distributed/*_gpu.py, the local-op, rope and decode-attention tests on "
+              "CUDA, ...): the fingerprints stand for PTX that ran on GPUs")
 
 
 def out_types(fmt):

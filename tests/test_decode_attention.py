@@ -344,3 +344,22 @@ def test_gpu_torch_compile_fullgraph(gen):
     comp = torch.compile(f, fullgraph=True)(q, kc, vc, bt, sl)
     torch.cuda.synchronize()
     assert torch.equal(eager, comp)
+
+
+@pytest.mark.parametrize("batch,keys,bf16_cfg,fp8_cfg", [
+    # (PARTITION, BLOCK_N, NUM_SPLITS, num_warps) at the points the docstring names (Hkv 8, D 128, bf16 q)
+    (1, 1024, (128, 128, 8, 4), (128, 64, 8, 4)),
+    (1, 4096, (256, 128, 16, 4), (128, 64, 32, 4)),
+    (8, 1024, (256, 128, 4, 4), (128, 64, 8, 4)),
+    (8, 4096, (1024, 128, 4, 8), (512, 64, 8, 4)),
+    (64, 1024, (1024, 128, 1, 8), (1024, 64, 1, 4)),
+    (64, 4096, (2048, 128, 2, 8), (2048, 64, 2, 4)),
+])
+def test_pick_config_rule(kernels, batch, keys, bf16_cfg, fp8_cfg):
+    pick = kernels.decode_attention.pick_config
+    assert pick(batch, 8, keys, 128, 2) == bf16_cfg
+    assert pick(batch, 8, keys, 128, 2, cache_fp8=True) == fp8_cfg
+    assert pick(1, 8, 1 << 17, 128, 2)[0] == 2048  # the partition cap: long contexts get more splits, not longer loops
+    assert pick(2, 4, 4096, 256, 2)[1] == 32 and pick(2, 4, 4096, 128, 4)[1] == 32  # D=256 / fp32 q: small tiles
+    with pytest.raises(ValueError, match="multiple of block_n"):
+        pick(1, 8, 1024, 128, 2, partition=192)

@@ -123,7 +123,8 @@ class TPCommunicator:
     def close(self) -> None:
         """Release workspaces. Idempotent; any later op raises :class:`TPFuseClosedError`. Collective (barriers)
         when a FlashInfer workspace exists (``workspaces["flashinfer"]``): then call it on every rank - except after a
-        :class:`~tpfuse.errors.TPFusePeerTimeout` (a peer may be dead), when nothing here waits for peers.
+        peer fault (:class:`~tpfuse.errors.TPFusePeerError`, a set timeout flag: a peer may be dead), when nothing
+        here waits for peers.
         With ``CommConfig(debug=True)`` it is collective too: the ranks exchange a ``close`` signature (bounded by
         ``timeout_s``), so a peer still calling ops raises :class:`TPFuseMismatchError` instead of waiting, and so
         does this ``close()`` after releasing everything."""
@@ -134,17 +135,29 @@ class TPCommunicator:
                 self._debug_exchange("close", (), None)
             except TPFuseError as e:  # release first, then report
                 err = e
-        collective = not any(ws.broken for ws in self.workspaces.values())
-        for name in reversed(list(self.workspaces)):
-            self.workspaces.pop(name).close(collective)
-        self._checks = ()
-        compile_ops.unregister(self._handle)
+        try:
+            self._release_workspaces()
+        finally:
+            self._checks = ()
+            compile_ops.unregister(self._handle)
         self._plans.clear()
         self._routes.clear()
         self._closed = True
         self._broken = None
         if err is not None:
             raise err
+
+    def _release_workspaces(self) -> None:
+        """Close every workspace, in reverse order; without barriers once a peer may be dead (a peer fault was
+        raised, or a kernel's timeout flag is set even if no call has read it yet)."""
+        for ws in self.workspaces.values():
+            try:
+                ws.check()  # sets ws.broken from a flag no call has read yet
+            except TPFuseError:
+                pass
+        collective = self._broken is None and not any(ws.broken for ws in self.workspaces.values())
+        for name in reversed(list(self.workspaces)):
+            self.workspaces.pop(name).close(collective)
 
     def __enter__(self):
         return self
@@ -196,7 +209,7 @@ class TPCommunicator:
             choice = self._make_plan(num_tokens).ops[op]
             if choice.error is not None:  # force_paths pins this op to a path that cannot run here
                 raise TPFuseInputError(choice.error)
-            route = self._routes[(op, num_tokens)] = (choice.path, implementation(op, choice.path), choice.fallbacks)
+            route = self._routes[(op, num_tokens)] = (choice.path, implementation(op, choice.path), choice.on_decline)
         self.last_path[op] = route[0]
         try:
             return route[1](self, *args, **kwargs)
@@ -314,8 +327,7 @@ class TPCommunicator:
         :class:`~tpfuse.quant.QuantizedActivation` when ``quant`` is given; ``residual_out`` in the input dtype."""
         if torch.compiler.is_compiling():
             return compile_ops.norm_op("fused_add_rmsnorm", self, x, residual, weight, eps, quant, gemma)
-        return self._norm_call("fused_add_rmsnorm", x, residual, weight, eps, quant, gemma, self._ok_residual,
-                               self._check_residual)
+        return self._norm_call("fused_add_rmsnorm", x, residual, weight, eps, quant, gemma, False)
 
     def reduce_scatter_rmsnorm(self, x: torch.Tensor, residual_shard: Optional[torch.Tensor], weight: torch.Tensor,
                                eps: float = 1e-6, *, quant: Optional[q.QuantSpec] = None, gemma: bool = False
@@ -327,32 +339,30 @@ class TPCommunicator:
         Returns ``(out_shard, residual_shard_out)``, both ``[Ts, H]``."""
         if torch.compiler.is_compiling():
             return compile_ops.norm_op("reduce_scatter_rmsnorm", self, x, residual_shard, weight, eps, quant, gemma)
-        return self._norm_call("reduce_scatter_rmsnorm", x, residual_shard, weight, eps, quant, gemma,
-                               self._ok_residual_shard, lambda r, x_: self._check_residual_shard(r, x_.shape[0]))
+        return self._norm_call("reduce_scatter_rmsnorm", x, residual_shard, weight, eps, quant, gemma, True)
 
-    def _norm_call(self, op: str, x, residual, weight, eps, quant, gemma, residual_ok, check_residual):
-        """The two norm ops: the eager fast checks, else the full checks (and the debug exchange), then the run."""
+    def _norm_call(self, op: str, x, residual, weight, eps, quant, gemma, shard: bool):
+        """The two norm ops (``shard``: ``residual`` is this rank's token shard): the eager fast checks, else the
+        full checks (and the debug exchange), then the run."""
         self._check_open()
-        if (not self.config.debug and self._ok_activation(x) and residual_ok(residual, x) and
+        if (not self.config.debug and self._ok_activation(x) and
+                (residual is None or (self._ok_tensor(residual, 2) and residual.dtype is self.dtype and
+                                      ((residual.shape[1] == self.hidden_size and
+                                        residual.shape[0] == shard_len(x.shape[0], self.tp, self.rank)) if shard
+                                       else residual.shape == x.shape))) and
                 self._ok_norm_args(weight, eps, quant)):
             self._calls += 1  # as _enter does: peer-fault messages name the call
             return self._run(op, x.shape[0], (x, residual, weight, eps), {"quant": quant, "gemma": gemma})
         def check():
             check_activation("x", x, hidden=self.hidden_size, dtype=self.dtype, device=self.device,
                              max_tokens=self.max_tokens)
-            check_residual(residual, x)
+            if shard:
+                self._check_residual_shard(residual, x.shape[0])
+            else:
+                self._check_residual(residual, x)
             self._check_norm(weight, eps, quant)
         self._enter(op, (_shape(x), residual is None, type(quant).__name__, bool(gemma)), check)
         return self._run(op, x.shape[0], (x, residual, weight, eps), {"quant": quant, "gemma": gemma})
-
-    def _ok_residual(self, residual, x) -> bool:
-        return residual is None or (self._ok_tensor(residual, 2) and residual.dtype is self.dtype and
-                                    residual.shape == x.shape)
-
-    def _ok_residual_shard(self, residual_shard, x) -> bool:
-        return residual_shard is None or (self._ok_tensor(residual_shard, 2) and residual_shard.dtype is self.dtype
-                                          and residual_shard.shape[1] == self.hidden_size and
-                                          residual_shard.shape[0] == shard_len(x.shape[0], self.tp, self.rank))
 
     def _check_residual(self, residual, x) -> None:
         if residual is not None:
@@ -517,14 +527,17 @@ class TPCommunicator:
             sig += (float(xs.reshape(())).hex(),)  # hex: a NaN scale equals itself (NaN != NaN as a float)
         return sig
 
-    def __getattr__(self, name: str):
-        # only reached for attributes the instance does not have: the workspaces' names before comm.workspaces
-        if name in _RENAMED_WORKSPACES:
-            new = _RENAMED_WORKSPACES[name]
-            warnings.warn(f"TPCommunicator.{name} is deprecated: use comm.workspaces.get({new!r})", DeprecationWarning,
-                          stacklevel=2)
-            return self.__dict__.get("workspaces", {}).get(new)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+    # the workspaces' former attributes (read-only properties, not __getattr__: a class __getattr__ slows every
+    # attribute lookup on the eager path)
+    workspace = property(lambda self: self._renamed_workspace("workspace"))
+    async_tp = property(lambda self: self._renamed_workspace("async_tp"))
+    flashinfer = property(lambda self: self._renamed_workspace("flashinfer"))
+
+    def _renamed_workspace(self, name: str):
+        new = _RENAMED_WORKSPACES[name]
+        warnings.warn(f"TPCommunicator.{name} is deprecated: use comm.workspaces.get({new!r})", DeprecationWarning,
+                      stacklevel=3)
+        return self.workspaces.get(new)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"backend={self.backend}, device={self.device}"

@@ -129,11 +129,12 @@ def _current_paths(op_paths) -> dict:
     names, warning once per former name used."""
     from .dispatch import RENAMED_PATHS
 
-    def cur(name):
-        if isinstance(name, str) and name in RENAMED_PATHS:
-            warnings.warn(f"CommConfig: path {name!r} was renamed {RENAMED_PATHS[name]!r}", DeprecationWarning,
-                          stacklevel=5)
-            return RENAMED_PATHS[name]
-        return name
-
-    return {cur(k): cur(v) for k, v in dict(op_paths).items()}
+    out = {}
+    for k, v in dict(op_paths).items():  # a loop, not a comprehension: the warning's stacklevel counts frames
+        for name in (k, v):
+            if isinstance(name, str) and name in RENAMED_PATHS:
+                # this function, __post_init__, the dataclass __init__, then the caller's line
+                warnings.warn(f"CommConfig: path {name!r} was renamed {RENAMED_PATHS[name]!r}", DeprecationWarning,
+                              stacklevel=4)
+        out[RENAMED_PATHS.get(k, k)] = RENAMED_PATHS.get(v, v)
+    return out

@@ -7,7 +7,7 @@ allowed by ``CommConfig.allowed_paths`` and available on this communicator. ``Pl
 table preferred, what will run here, and why - so a CPU machine shows the decision a GPU would make
 (``CommConfig(arch="sm90")``) while executing the reference path.
 
-Each choice also lists its ``fallbacks``: the paths, in order, that run a call the chosen implementation declines
+Each choice also lists ``on_decline``: the paths, in order, that run a call the chosen implementation declines
 (:class:`tpfuse.backends.base.Decline`): the path's own ``declines_to`` (registered with it), then ``nccl``, then
 ``reference``, each only where it is allowed and available.
 
@@ -134,8 +134,9 @@ class OpChoice:
     error: Optional[str] = None
     """Set when ``CommConfig.force_paths`` pins this op to a path that cannot run here: calling the op raises
     :class:`~tpfuse.errors.TPFuseInputError` with this text (the other ops are unaffected)."""
-    fallbacks: Tuple[str, ...] = ()
-    """Where a call that ``path`` declines goes, in order (see the module docstring)."""
+    on_decline: Tuple[str, ...] = ()
+    """Where a call that ``path`` declines goes, in order (see the module docstring). Not to be confused with
+    ``fallback``, the reason the table's path was not chosen."""
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,7 @@ def _usable(op: str, path: str, comm) -> Optional[str]:
     return unavailable_reason(op, path, comm)
 
 
-def _fallbacks(op: str, path: str, comm) -> Tuple[str, ...]:
+def _decline_chain(op: str, path: str, comm) -> Tuple[str, ...]:
     """The usable paths after ``path`` that run the calls ``path`` declines (in order)."""
     impl = _IMPLS.get((op, path))
     walk = dict.fromkeys((*(impl.declines_to if impl else ()), "nccl", "reference"))
@@ -211,13 +212,13 @@ def _choose(op: str, comm, row: Row, nbytes: int) -> OpChoice:
             msg = f"CommConfig.force_paths[{table_op!r}] = {want!r} cannot run here: {reason}"
             return OpChoice(op, want, preferred, rule, msg, error=msg)
         return OpChoice(op, want, preferred, rule, None if want == preferred else "forced by CommConfig",
-                        fallbacks=_fallbacks(op, want, comm))
+                        on_decline=_decline_chain(op, want, comm))
     why = []
     for cand in dict.fromkeys((preferred, "nccl", "reference")):
         reason = _usable(op, cand, comm)
         if reason is None:
             return OpChoice(op, cand, preferred, rule, "; ".join(why) if cand != preferred else None,
-                            fallbacks=_fallbacks(op, cand, comm))
+                            on_decline=_decline_chain(op, cand, comm))
         why.append(reason)
     raise AssertionError("the reference path is always registered and available")
 

@@ -219,7 +219,7 @@ def _fallback_reports(rank, world, kind, gemma):
     spec = make_spec(kind, "cpu", ref_out)
     # the route the plan would hold on a GPU pair whose table picks FlashInfer (on gloo it never does)
     op, planned = "fused_add_rmsnorm", "flashinfer_oneshot"
-    comm._routes[(op, 5)] = (planned, dispatch.implementation(op, planned), dispatch._fallbacks(op, planned, comm))
+    comm._routes[(op, 5)] = (planned, dispatch.implementation(op, planned), dispatch._decline_chain(op, planned, comm))
     out, res = comm.fused_add_rmsnorm(inp.xs[rank], inp.residual, inp.weight, 1e-6, quant=spec, gemma=gemma)
     assert_close(res, ref_res, torch.bfloat16, "residual_out")
     if spec is None:

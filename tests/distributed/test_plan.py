@@ -205,3 +205,18 @@ def test_workspaces_are_allocated_only_where_the_table_can_route_to_them():
     assert table_routes(fake(2, 8192, 4096), sp)                # 64 MiB reaches the SP paths
     assert not table_routes(fake(8, 8192, 8192), fused + sp)    # TP=8 rows: NCCL only, until measured
     assert table_routes(fake(8, 8192, 8, force={"all_reduce": "tpfuse_oneshot"}), fused)
+
+
+def _former_workspace_attributes(rank, world):
+    comm = tpfuse.TPCommunicator(max_tokens=8, hidden_size=16)
+    for old, new in (("workspace", "fused_allreduce"), ("async_tp", "async_tp"), ("flashinfer", "flashinfer")):
+        with pytest.warns(DeprecationWarning, match=rf"TPCommunicator.{old} is deprecated: .*get\('{new}'\)"):
+            assert getattr(comm, old) is None  # gloo: no GPU workspace
+    with pytest.raises(AttributeError):
+        comm.not_an_attribute
+    comm.close()
+    return True
+
+
+def test_former_workspace_attributes_warn():
+    assert run_on_ranks(_former_workspace_attributes, 1) == [True]

@@ -15,7 +15,7 @@ Contract
   once any workspace of the communicator is broken (a peer may be dead): then nothing may wait for peers.
 * **Declining a call.** A path implementation that cannot run one particular call (an output form its library
   cannot produce, more tokens than its buffer) raises :class:`Decline` before launching anything; the communicator
-  runs the op's next candidate path (``OpChoice.fallbacks``), records the path that ran in ``last_path`` and the
+  runs the op's next candidate path (``OpChoice.on_decline``), records the path that ran in ``last_path`` and the
   reason in ``last_fallback``. Declining is decided from arguments that match across ranks, so every rank declines
   alike.
 """
