@@ -12,8 +12,9 @@ Providers (each a full "partial sums in, (out, residual_out) out" step):
                        ``flashinfer`` imports and ``--flashinfer`` is given; checked against NCCL + tpfuse's norm,
                        and the row records the path that ran (``fi_twoshot`` only above TP tokens)
 * ``tpfuse_oneshot`` / ``tpfuse_twoshot`` / ``tpfuse_oneshot_pipe``  tpfuse's fused kernels
-                       (:mod:`tpfuse.backends.fused_allreduce`), forced; ``tpfuse_oneshot_pipe_p<N>`` (``--pipe-producers``):
-                       the pipelined one-shot with N producer programs
+                       (:mod:`tpfuse.backends.fused_allreduce`), forced; ``tpfuse_oneshot_pipe_p<N>``
+                       (``--pipe-producers``): the pipelined one-shot with N producer programs, one communicator per N
+                       (``CommConfig.pipe_producers``)
 * ``tpfuse_auto``      ``TPCommunicator.fused_add_rmsnorm`` as dispatched by the shipped thresholds table
 
 Timing (:func:`common.time_us`): ``CALLS`` calls captured in one CUDA graph, replayed; median per call over

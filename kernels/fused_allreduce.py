@@ -48,8 +48,8 @@ peer's (a multiple of 2 MiB); the kernels add it to pointers into their own buff
 16-byte alignment Triton needs to vectorize.
 
 Launchers (below the kernels): :func:`launch_oneshot`, :func:`launch_oneshot_pipe`, :func:`launch_twoshot` take the
-workspace (:class:`tpfuse.backends.fused_allreduce.FusedAllReduceWorkspace`: ``rank``, ``tp``, ``grid``, ``producers``, the regions
-``oneshot_slots`` / ``pipe_slots`` / ``twoshot_slots`` / ``stage_residual`` / ``flags`` and ``region(name,
+workspace (:class:`tpfuse.backends.fused_allreduce.FusedAllReduceWorkspace`: ``rank``, ``tp``, ``grid``,
+``producers``, the regions ``oneshot_slots`` / ``pipe_slots`` / ``twoshot_slots`` / ``stage_residual`` / ``flags`` and ``region(name,
 dtype)``, the row capacities ``oneshot_rows`` / ``pipe_rows`` / ``twoshot_rows``, ``epochs``, ``deltas``, ``err``,
 ``timeout_s``) and a call's arguments, allocate the outputs and return what the op returns.
 """
@@ -307,7 +307,8 @@ def _oneshot_pipe_kernel(x_ptr, res_ptr, w_ptr, res_out_ptr, out_ptr, out_stride
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# launchers, over the workspace of :class:`tpfuse.backends.fused_allreduce.FusedAllReduceWorkspace` (its regions, counters, grid)
+# launchers, over the workspace of :class:`tpfuse.backends.fused_allreduce.FusedAllReduceWorkspace` (its regions,
+# counters, grid)
 
 
 class _Call(NamedTuple):

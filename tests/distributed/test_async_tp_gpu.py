@@ -91,8 +91,8 @@ def test_async_tp_ops_on_gpu_pair():
 
 
 def _rs_ag_cases(rank, world):
-    """tpfuse_reduce_scatter (reduce-scatter + add + RMSNorm + quant), tpfuse_all_gather, and the fused row-parallel tail on the async
-    path, vs the fp64 oracle: uneven T, every output format, outliers on the last rank."""
+    """tpfuse_reduce_scatter (reduce-scatter + add + RMSNorm + quant), tpfuse_all_gather, and the fused row-parallel
+    tail on the async path, vs the fp64 oracle: uneven T, every output format, outliers on the last rank."""
     from cases import QUANT_KINDS, make_inputs, make_spec, oracle
     from tpfuse.reference import rmsnorm_math
     from tpfuse.tolerance import assert_quant_close

@@ -5,8 +5,8 @@ and both processes must be gone within a wall-clock bound.
 The ranks are two plain subprocesses running ``fault_worker.py`` (its docstring has the protocol), not harness
 ranks: a rank that exits would break the harness pool's control group. Cases: the fused all-reduce kernels
 (``fused_add_rmsnorm`` forced to ``tpfuse_oneshot`` / ``tpfuse_twoshot`` / ``tpfuse_oneshot_pipe``) and the
-sequence-parallel exchange (``reduce_scatter_rmsnorm`` forced to ``tpfuse_reduce_scatter``), each with the peer already dead
-when the survivor calls (``dead``) and with the peer dying while the survivor's kernels wait for it (``dying``).
+sequence-parallel exchange (``reduce_scatter_rmsnorm`` forced to ``tpfuse_reduce_scatter``), each with the peer
+already dead when the survivor calls (``dead``) and with the peer dying while the survivor's kernels wait for it (``dying``).
 
 Environment of the workers, and why (nothing here changes what tpfuse does; it keeps torch's / NCCL's own failure
 handling from killing the survivor first, which would say nothing about tpfuse):

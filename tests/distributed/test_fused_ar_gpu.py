@@ -1,7 +1,6 @@
 """GPU pair: tpfuse's fused all-reduce + add + RMSNorm (+quant) kernels (``tpfuse_oneshot`` / ``tpfuse_twoshot`` /
-``tpfuse_oneshot_pipe``,
-:mod:`tpfuse.backends.fused_allreduce`) vs the fp64 oracle; the path the dispatcher reports; CUDA-graph replays with fresh
-data; a late peer; NaN propagation; FP8 outliers on rank 1; a skipped call raising TPFusePeerTimeout."""
+``tpfuse_oneshot_pipe``, :mod:`tpfuse.backends.fused_allreduce`) vs the fp64 oracle; the path the dispatcher
+reports; CUDA-graph replays with fresh data; a late peer; NaN propagation; FP8 outliers on rank 1; a skipped call raising TPFusePeerTimeout."""
 
 import time
 
