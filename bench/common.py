@@ -173,13 +173,13 @@ def rank_context(backend: Optional[str] = None, *, timeout_s: float = 120.0,
     torchrun's environment, a one-rank group of this process. An exception in the block skips the teardown (a
     barrier would wait for ranks that may never arrive); the launcher ends the other ranks."""
     import torch.distributed as dist
-    from tpfuse.distributed import free_port, init_distributed
+    from tpfuse.distributed import free_port, group_device, init_distributed
 
     if single_process and "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     backend = init_distributed(backend, timeout_s=timeout_s)
-    dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    dev = group_device(backend)  # CUDA on NCCL, and on gloo in one-GPU mode
     yield Ranks(rank=dist.get_rank(), world=dist.get_world_size(), device=dev, backend=backend)
     dist.barrier()
     dist.destroy_process_group()
@@ -192,8 +192,10 @@ def slowest_rank(value: float, device) -> float:
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return float(value)
+    from tpfuse import collectives
+
     t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    collectives.all_reduce_(t, None, dist.ReduceOp.MAX)  # one-GPU mode: a CUDA tensor on a gloo group
     return float(t.item())
 
 

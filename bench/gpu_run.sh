@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # One GPU-machine call: install tpfuse (and FlashInfer if .whl was carried), then run the chosen steps.
 #   bash bench/gpu_run.sh [STEP ...]      steps: env tests probe_ce async_tp fused_ar local rope decode_attn host
-#                                         profile e2e load tune demo (default: all but probe_ce, profile, load;
-#                                         multi-GPU steps skip on one GPU)
+#                                         profile e2e load tune demo onegpu probe_onegpu (default: all but
+#                                         probe_ce, profile, load, onegpu, probe_onegpu; multi-GPU steps skip on one GPU)
+#   onegpu: the multi-rank GPU suite in one-GPU mode (N ranks on one GPU) at each TP of ONEGPU_TP (default 2;
+#           one TP size fits one device call), JUnit XML + onegpu_suite_<device>.json; ONEGPU_TESTS overrides the
+#           files, ONEGPU_K adds a -k filter
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
 # Logs, JSON and PNG go to $OUT (or bench/results/gpu-run when OUT is unset). Multi-GPU steps need >= 2 GPUs.
 set -uo pipefail
@@ -20,7 +23,7 @@ export TPFUSE_COMMIT=${TPFUSE_COMMIT:-unknown}  # pass the commit in: the device
 status=0
 run() {  # run NAME CMD...: log to $OUT/NAME.log, at most ${LIMIT_<NAME>:-600} s, remember failures, keep going
   local name=$1; shift
-  local lim_var="LIMIT_${name}"; local lim=${!lim_var:-600}
+  local lim_var="LIMIT_${name}"; local lim=${!lim_var:-${LIMIT_DEFAULT:-600}}
   echo "=== $name (limit ${lim}s): $*"
   local t0=$SECONDS
   timeout -k 10 "$lim" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
@@ -49,8 +52,32 @@ for s in "${steps[@]}"; do
           if [[ -n ${USE_TUNED:-} && -f $tuned ]]; then export TPFUSE_THRESHOLDS=$tuned; echo "TPFUSE_THRESHOLDS=$tuned"; fi ;;
     demo) [[ $ngpu -ge 2 ]] && run demo "${TR2[@]}" -m tpfuse.demo ;;
     probe_ce) [[ $ngpu -ge 2 ]] && run probe_ce "${TR2[@]}" bench/probe_ce.py --out "$OUT/probe_ce_tp${ngpu}.json" ;;
+    onegpu) xmls=(); tps=()
+            for tp in ${ONEGPU_TP:-2}; do
+              tests=${ONEGPU_TESTS:-"tests/distributed/test_fused_ar_gpu.py tests/distributed/test_async_tp_gpu.py tests/distributed/test_fault_gpu.py tests/distributed/test_parallelize_gpu.py tests/distributed/test_runtime_tp_gpu.py tests/distributed/test_comm_ops.py tests/distributed/test_fp8_gemm.py tests/distributed/test_fault_catalog.py"}
+              k="onegpu${ONEGPU_K:+ and ($ONEGPU_K)}"
+              run "onegpu_tp$tp" env TPFUSE_TEST_TP="$tp" bash -c "python3 -m pytest -q -rs -p no:cacheprovider --junitxml=$OUT/onegpu_tp$tp.xml -k '$k' $tests"
+              xmls+=("$OUT/onegpu_tp$tp.xml"); tps+=("$tp")
+            done
+            python3 bench/tools/junit_summary.py --out "$OUT/onegpu_suite_$(python3 -c 'import sys; sys.path.insert(0,"bench"); import common; print(common.device_slug())')_tp$(IFS=_; echo "${tps[*]}").json" --tp "${tps[@]}" "${xmls[@]}" ;;
+    probe_onegpu) for tp in ${ONEGPU_TP:-2 4 8}; do
+                    run "probe_onegpu_tp$tp" env TPFUSE_ONE_GPU=1 python3 -m torch.distributed.run --standalone --nproc-per-node="$tp" bench/probe_onegpu.py
+                  done
+                  # PROBE_MPS=1: the same under an MPS daemon of this call's own (stopped after; no GPU setting changes)
+                  if [[ -n ${PROBE_MPS:-} ]] && command -v nvidia-cuda-mps-control >/dev/null; then
+                    export CUDA_MPS_PIPE_DIRECTORY=/tmp/tpfuse-mps CUDA_MPS_LOG_DIRECTORY=/tmp/tpfuse-mps-log
+                    mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY && nvidia-cuda-mps-control -d && echo "MPS daemon started"
+                    for tp in ${ONEGPU_TP:-2 4 8}; do
+                      run "probe_onegpu_mps_tp$tp" env TPFUSE_ONE_GPU=1 python3 -m torch.distributed.run --standalone --nproc-per-node="$tp" bench/probe_onegpu.py --label mps
+                    done
+                    echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+                  fi ;;
     *) echo "unknown step $s"; status=1 ;;
   esac
 done
 ls -la "$OUT"
+# the device tool returns at most 8 files: pack everything into one archive when there are more
+if [[ $(find "$OUT" -maxdepth 1 -type f | wc -l) -gt 7 ]]; then
+  tar czf /tmp/gpu_run.tgz -C "$OUT" . && find "$OUT" -maxdepth 1 -type f -delete && mv /tmp/gpu_run.tgz "$OUT/" && echo "packed into $OUT/gpu_run.tgz"
+fi
 exit $status

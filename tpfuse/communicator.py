@@ -40,6 +40,7 @@ from . import thresholds
 from .config import CommConfig
 from .backends.base import Decline, Workspace, allocators
 from .dispatch import Plan, implementation, make_plan
+from .distributed import group_device
 from .errors import TPFuseClosedError, TPFuseError, TPFuseInputError, TPFuseMismatchError, TPFusePeerError
 from .sharding import shard_len
 from .validation import (ACTIVATION_DTYPES, check_activation, check_eps, check_norm_weight, check_same_rows,
@@ -83,8 +84,7 @@ class TPCommunicator:
             raise TPFuseInputError("this process is not a member of the group passed to TPCommunicator")
         self.tp = dist.get_world_size(self.group)
         self.backend = dist.get_backend(self.group)
-        self.device = (torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl"
-                       else torch.device("cpu"))
+        self.device = group_device(self.backend)  # CUDA on NCCL, and on gloo in one-GPU mode
         self.max_tokens, self.hidden_size, self.dtype = max_tokens, hidden_size, dtype
         self.arch = self.config.arch or detect_arch(self.device)
         self.table = thresholds.load(self.config.resolved_thresholds_path())

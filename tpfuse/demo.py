@@ -28,8 +28,9 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from . import tolerance
+from . import collectives, tolerance
 from .communicator import TPCommunicator
+from .distributed import group_device
 from .config import CommConfig
 from .distributed import exit_rank, free_port, init_distributed
 
@@ -106,7 +107,7 @@ def _verdict(rank, device, dtype, logits, ref_fn):
     if rank == 0:
         err = tolerance.rel_err(logits.float().cpu(), ref_fn())
         verdict[0], verdict[1] = err, float(err <= tolerance.REL_ERR_LOGITS[dtype])
-    dist.broadcast(verdict, src=0)
+    collectives.broadcast_(verdict, 0, None)
     return verdict[0].item(), bool(verdict[1].item())
 
 
@@ -161,7 +162,7 @@ def run(args) -> bool:
     from .parallel import KVCacheConfig, parallelize
 
     backend = dist.get_backend()
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    device = group_device(backend)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     rank, tp = dist.get_rank(), dist.get_world_size()
     tokens = [int(t) for t in args.tokens.split(",")]

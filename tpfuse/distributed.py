@@ -2,7 +2,25 @@
 
 ``init_distributed()`` reads the torchrun environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
 ``MASTER_PORT``) and picks NCCL when every local rank has its own GPU, gloo otherwise. The CUDA device is the
-*local* rank (``LOCAL_RANK``), never the TP rank.
+*local* rank (``LOCAL_RANK``), never the TP rank. Without a torchrun environment (``python script.py``, a
+notebook) it starts a one-rank world on loopback: TP=1.
+
+**One-GPU mode** (``init_distributed(one_gpu=True)``, or ``TPFUSE_ONE_GPU=1`` in the environment, which
+``launch/run.sh --one-gpu`` sets): N ranks as N processes sharing the GPUs there are (rank ``LOCAL_RANK %
+device_count``; on a one-GPU machine all on ``cuda:0``) over a gloo group, to try a TP = 2 / 4 / 8 setup on one
+GPU. It sets ``TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES=1`` (torch's symmetric memory then maps several ranks'
+buffers on one device, pytorch#140127) and turns NVLink multicast off (``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``,
+``NCCL_NVLS_ENABLE=0``, ``NVSHMEM_DISABLE_NVLS=1``). What changes, and what does not:
+
+* tpfuse's own kernels (fused all-reduce, sequence-parallel exchange, async TP) run unchanged on CUDA tensors:
+  the communicator's device is CUDA on such a gloo group (:func:`group_device`);
+* what tpfuse routes to NCCL runs the same math on the gloo group, through host memory
+  (:mod:`tpfuse.collectives`; NCCL refuses two ranks on one device); it cannot be captured in a CUDA graph;
+* FlashInfer's paths are unavailable (they need an NCCL group), with that reason in ``comm.plan()``.
+
+Without MPS the ranks' GPU contexts take turns on the device, so a collective costs milliseconds: the mode
+proves correctness (every rank's kernels, flags, buffers, graphs and faults), not speed, and nothing about
+NVLink ordering or bandwidth.
 
 ``exit_rank(code)`` ends a rank process that has finished its work (process group destroyed): it flushes stdio and
 leaves with ``os._exit``, skipping interpreter finalization. Why: gloo's worker threads drop their reference to a
@@ -29,20 +47,73 @@ import torch
 import torch.distributed as dist
 
 
+ONE_GPU_ENV = "TPFUSE_ONE_GPU"
+"""Environment switch of one-GPU mode (``1``): what ``launch/run.sh --one-gpu`` sets, and what
+:func:`init_distributed` sets for the process (and its children) when called with ``one_gpu=True``."""
+_ONE_GPU_TORCH_ENV = {"TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES": "1", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                      "NCCL_NVLS_ENABLE": "0", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def one_gpu_mode() -> bool:
+    """Whether this process runs in one-GPU mode (module docstring)."""
+    return os.environ.get(ONE_GPU_ENV, "") == "1"
+
+
 def default_backend(local_world_size: Optional[int] = None) -> str:
-    """``"nccl"`` when CUDA has at least ``local_world_size`` devices, else ``"gloo"``."""
+    """``"nccl"`` when CUDA has at least ``local_world_size`` devices, else ``"gloo"`` (one-GPU mode: gloo)."""
+    if one_gpu_mode():
+        return "gloo"
     n = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= n else "gloo"
 
 
-def init_distributed(backend: Optional[str] = None, timeout_s: float = 120.0) -> str:
-    """Initialise the default process group from the torchrun environment (idempotent). Returns the backend."""
+def group_device(backend: str) -> torch.device:
+    """Where a process group's tensors live in this process: the current CUDA device for NCCL, and for gloo in
+    one-GPU mode; the CPU for gloo otherwise."""
+    if backend == "nccl" or (backend == "gloo" and one_gpu_mode() and torch.cuda.is_available()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def enable_one_gpu_mode() -> None:
+    """Switch this process (and the ones it starts) to one-GPU mode before any process group or symmetric memory
+    exists; bind it to GPU ``LOCAL_RANK % device_count``. Raises :class:`~tpfuse.errors.TPFuseError` without CUDA."""
+    from .errors import TPFuseError
+
+    if not torch.cuda.is_available():
+        raise TPFuseError("one-GPU mode (TPFUSE_ONE_GPU=1 / init_distributed(one_gpu=True)) needs a CUDA GPU; "
+                          "on a CPU-only machine run the ranks over gloo without it")
+    os.environ[ONE_GPU_ENV] = "1"
+    os.environ.update(_ONE_GPU_TORCH_ENV)  # read by torch's symmetric-memory rendezvous, NCCL and NVSHMEM
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+
+
+def init_distributed(backend: Optional[str] = None, timeout_s: float = 120.0, *,
+                     one_gpu: Optional[bool] = None) -> str:
+    """Initialise the default process group (idempotent) and return its backend.
+
+    Under torchrun (or ``launch/run.sh``) from its environment; without one, a one-rank world on loopback (TP=1:
+    ``python script.py``, notebooks). ``one_gpu``: one-GPU mode (module docstring); ``None`` reads
+    ``TPFUSE_ONE_GPU``. ``backend`` defaults to NCCL when every local rank has its own GPU, else gloo."""
+    from .errors import TPFuseError
+
     if dist.is_initialized():
         return dist.get_backend()
+    one_gpu = one_gpu_mode() if one_gpu is None else one_gpu
+    if one_gpu:
+        if backend not in (None, "gloo"):
+            raise TPFuseError(f"one-GPU mode runs its ranks over gloo (NCCL refuses two ranks on one GPU), got "
+                              f"backend={backend!r}")
+        enable_one_gpu_mode()
+        backend = "gloo"
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
-        raise RuntimeError(f"init_distributed needs the torchrun environment; missing {missing}. Start with "
-                           f"`torchrun --nproc_per_node=N ...` or launch/run.sh")
+        raise TPFuseError(f"init_distributed found a partial torchrun environment (missing {missing}). Start with "
+                          f"`torchrun --nproc_per_node=N ...` or launch/run.sh, or set none of RANK / WORLD_SIZE for "
+                          f"a one-rank run")
     backend = backend or default_backend()
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

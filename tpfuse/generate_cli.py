@@ -87,7 +87,7 @@ def run(args) -> None:
     import tpfuse
     from tpfuse.parallel import KVCacheConfig, from_pretrained, generate
 
-    on_gpu = dist.get_backend() == "nccl"
+    on_gpu = tpfuse.distributed.group_device(dist.get_backend()).type == "cuda"  # one-GPU mode too
     dtype = torch.bfloat16 if on_gpu else torch.float32
     cache = KVCacheConfig(max_batch=args.batch, max_seq_len=args.prompt_len + args.new_tokens,
                           cuda_graphs=not args.no_graphs)

@@ -76,7 +76,8 @@ def groups_for(parent, backend: str, tp: int, timeout_s: float, debug: bool, dev
     ranks = tuple(dist.get_process_group_ranks(parent))
     key = (ranks, backend, float(timeout_s), bool(debug) and backend != "gloo")
     cur = _CACHE.get(key)
-    need = torch.tensor([0 if cur is not None and cur.broken is None else 1], dtype=torch.int32, device=device)
+    need = torch.tensor([0 if cur is not None and cur.broken is None else 1], dtype=torch.int32,
+                        device=device if backend == "nccl" else "cpu")  # gloo moves host tensors
     dist.all_reduce(need, op=dist.ReduceOp.MAX, group=parent)  # one rank's broken group: every rank gets a fresh one
     if int(need.item()):
         pg = _new_group(ranks, backend, timeout_s)

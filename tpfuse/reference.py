@@ -34,6 +34,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
+from . import collectives
 from . import quant as q
 from .sharding import shard_range, shard_rows
 
@@ -84,8 +85,7 @@ def _is_nccl(group) -> bool:
 def all_reduce_fp32(x: torch.Tensor, group) -> torch.Tensor:
     """fp32 sum over the group of ``x`` (any float dtype); returns a new fp32 tensor."""
     s = x.float().clone() if x.dtype == torch.float32 else x.float()
-    dist.all_reduce(s, group=group)
-    return s
+    return collectives.all_reduce_(s, group)
 
 
 def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
@@ -132,13 +132,8 @@ def all_gather(x_shard: torch.Tensor, num_tokens: int, group) -> torch.Tensor:
     tp = dist.get_world_size(group)
     s = shard_rows(num_tokens, tp)
     padded = _pad_tokens(x_shard, s)
-    if _is_nccl(group):
-        out = torch.empty(s * tp, *x_shard.shape[1:], dtype=x_shard.dtype, device=x_shard.device)
-        dist.all_gather_into_tensor(out, padded.contiguous(), group=group)
-    else:
-        parts = [torch.empty_like(padded) for _ in range(tp)]
-        dist.all_gather(parts, padded.contiguous(), group=group)
-        out = torch.cat(parts, dim=0)
+    out = torch.empty(s * tp, *x_shard.shape[1:], dtype=x_shard.dtype, device=x_shard.device)
+    collectives.all_gather_into_(out, padded.contiguous(), group)
     return out[:num_tokens]
 
 

@@ -7,22 +7,48 @@
   right after still works.
 * :func:`every_world` makes a test that runs a rank function on each (TP size, backend) of :data:`WORLDS`.
 * :func:`fused_ar_graph_replays` (GPU): a CUDA graph of two fused all-reduce + RMSNorm calls replayed with fresh data.
+* The GPU suite's TP sizes: :data:`GPU_TPS` (``TPFUSE_TEST_TP``, default ``2,4,8``); :func:`gpu_tp_params` makes them
+  pytest parameters and :func:`run_gpu` runs a rank function at one of them, on NCCL where the machine has a GPU
+  per rank and in one-GPU mode otherwise (``harness.gpu_backend``).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 import pytest
 import torch
 
-from harness import available_backends, run_on_ranks
+from harness import available_backends, gpu_backend, run_on_ranks
 from tpfuse import quant as q
 from tpfuse import reference
 
-WORLDS = [(w, b) for w in (1, 2, 4) for b in available_backends(w)]  # TP 1, 2, 4 on gloo; NCCL where GPUs exist
+GPU_TPS = tuple(int(x) for x in os.environ.get("TPFUSE_TEST_TP", "2,4,8").split(",") if x.strip())
+"""TP sizes of the GPU suite (``TPFUSE_TEST_TP=4`` runs one: a GPU call per TP size fits the device's limits)."""
+# TP 1, 2, 4 on gloo (CPU) and on NCCL where there is a GPU per rank; one-GPU mode at the GPU suite's TP sizes
+WORLDS = ([(w, b) for w in (1, 2, 4) for b in available_backends(w) if b != "onegpu"]
+          + [(w, "onegpu") for w in GPU_TPS if "onegpu" in available_backends(w)])
 WORLD_IDS = [f"tp{w}-{b}" for w, b in WORLDS]
+
+
+def gpu_tp_params(tps=None):
+    """The GPU suite's TP sizes as pytest parameters (id ``tp<N>-<backend>``), skipped on a machine without CUDA."""
+    out = []
+    for tp in tps or GPU_TPS:
+        b = gpu_backend(tp)
+        out.append(pytest.param(tp, id=f"tp{tp}-{b or 'cpu'}",
+                                marks=[pytest.mark.gpu, pytest.mark.skipif(b is None, reason="needs a CUDA GPU")]))
+    return out
+
+
+def run_gpu(fn: Callable, tp: int, *args, timeout_s: float = 300.0, **kwargs):
+    """``run_on_ranks`` at TP ``tp`` on this machine's GPU backend. In one-GPU mode the ranks' contexts take turns
+    on the device (every cross-rank wait costs a time slice), so the limit grows with TP."""
+    backend = gpu_backend(tp)
+    scale = max(1, tp // 2) if backend == "onegpu" else 1
+    return run_on_ranks(fn, tp, *args, backend=backend, timeout_s=timeout_s * scale, **kwargs)
 
 
 @dataclass

@@ -1,8 +1,14 @@
 """Run a function on N ranks: the one multi-rank helper of the test suite.
 
 ``run_on_ranks(fn, world_size, *args)`` calls ``fn(rank, world_size, *args)`` in N processes that share an
-initialised default process group (gloo always; NCCL when ``backend="nccl"`` or the machine has >= N GPUs and the
-caller asks for ``backend=None``), and returns the N results (rank order).
+initialised default process group, and returns the N results (rank order). Backends:
+
+* ``"gloo"``: CPU tensors (always available);
+* ``"nccl"``: one GPU per rank (the machine has >= N GPUs);
+* ``"onegpu"``: tpfuse's one-GPU mode (:mod:`tpfuse.distributed`): N ranks on one CUDA device over a gloo group,
+  torch symmetric memory with overlapping devices allowed (any machine with a GPU; proves correctness, not speed).
+
+``backend=None`` picks the last of :func:`available_backends`.
 
 Guarantees:
 * a failure on any rank fails the call: after ``fn`` returns or raises, every rank all-reduces a failure flag on a
@@ -37,16 +43,28 @@ GLOO_TIMEOUT_S = 45.0
 
 
 def available_backends(world_size: int) -> List[str]:
-    """Backends a test should run on: gloo always, NCCL too when the machine has ``world_size`` GPUs."""
+    """Backends a test should run on: gloo always, NCCL too when the machine has ``world_size`` GPUs, one-GPU mode
+    for ``world_size >= 2`` on any machine with a GPU."""
     out = ["gloo"]
+    if torch.cuda.is_available() and world_size >= 2:
+        out.append("onegpu")
     if torch.cuda.is_available() and torch.cuda.device_count() >= world_size:
         out.append("nccl")
     return out
 
 
+def gpu_backend(world_size: int) -> Optional[str]:
+    """The backend a GPU test runs ``world_size`` ranks on here: NCCL with a GPU per rank, else one-GPU mode, else
+    ``None`` (no GPU)."""
+    if not torch.cuda.is_available():
+        return None
+    return "nccl" if torch.cuda.device_count() >= world_size else "onegpu"
+
+
 def device_of(backend: str) -> torch.device:
     """Where a rank's tensors live for ``backend`` (inside ``fn``)."""
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    on_gpu = backend in ("nccl", "onegpu")
+    return torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
 
 
 def _worker(rank: int, world: int, backend: str, port: int, conn) -> None:
@@ -58,8 +76,12 @@ def _worker(rank: int, world: int, backend: str, port: int, conn) -> None:
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=GLOO_TIMEOUT_S))
+        if backend == "onegpu":
+            from tpfuse.distributed import enable_one_gpu_mode
+
+            enable_one_gpu_mode()
+        dist.init_process_group("gloo" if backend == "onegpu" else backend, init_method=f"tcp://127.0.0.1:{port}",
+                                rank=rank, world_size=world, timeout=timedelta(seconds=GLOO_TIMEOUT_S))
         ctrl = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
         conn.send(("ready", None))
         while True:
@@ -185,8 +207,8 @@ _POOLS: Dict[Tuple[int, str], RankPool] = {}
 def _pick_backend(world_size: int, backend: Optional[str]) -> str:
     if backend is None:
         return available_backends(world_size)[-1]
-    if backend == "nccl" and "nccl" not in available_backends(world_size):
-        raise AssertionError(f"backend nccl needs {world_size} GPUs")
+    if backend != "gloo" and backend not in available_backends(world_size):
+        raise AssertionError(f"backend {backend} is not available for {world_size} ranks here")
     return backend
 
 

@@ -90,6 +90,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .. import collectives
 from ..dispatch import register, table_routes
 from ..errors import TPFuseError
 from .base import PeerTimeoutFlag, register_workspace, workspace_reason
@@ -139,7 +140,6 @@ class AsyncTPWorkspace(PeerTimeoutFlag):
     :class:`~tpfuse.backends.base.Workspace` (``comm.workspaces["async_tp"]``)."""
 
     def __init__(self, comm):
-        import torch.distributed as dist
         import torch.distributed._symmetric_memory as symm_mem
 
         super().__init__(comm, "async-TP / sequence-parallel exchange")
@@ -175,7 +175,7 @@ class AsyncTPWorkspace(PeerTimeoutFlag):
         for p in chunk_order(self.rank, self.tp):
             self._all |= 1 << p
         torch.cuda.synchronize(dev)
-        dist.barrier(group=comm.group, device_ids=[dev.index])  # every rank's flags are zero before any signal
+        collectives.barrier(comm.group, dev)  # every rank's flags are zero before any signal
 
     # ------------------------------------------------------------------------------------------------------
     def close(self, collective: bool = True) -> None:  # frees local references only: no barrier either way
@@ -372,7 +372,7 @@ NAME = "async_tp"
 
 def allocate(comm) -> Optional[AsyncTPWorkspace]:
     """Build the workspace on NCCL groups with CUDA (collective over ``comm.group``; every rank decides alike)."""
-    if comm.backend != "nccl" or comm.tp == 1 or not table_routes(comm, PATHS):
+    if comm.device.type != "cuda" or comm.tp == 1 or not table_routes(comm, PATHS):
         return None
     return AsyncTPWorkspace(comm)
 
@@ -381,8 +381,8 @@ register_workspace(NAME, allocate)
 
 
 def _available(comm) -> Optional[str]:
-    if comm.backend != "nccl":
-        return f"needs an NCCL group with symmetric memory (this one is {comm.backend})"
+    if comm.device.type != "cuda":
+        return f"needs CUDA tensors: an NCCL group, or one-GPU mode (this one is {comm.backend} on the CPU)"
     return workspace_reason(comm, NAME, "no sequence-parallel workspace (TP=1, or the table routes no size <= "
                                         "max_tokens to these paths)")
 

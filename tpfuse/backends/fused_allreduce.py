@@ -37,6 +37,7 @@ from typing import Optional
 
 import torch
 
+from .. import collectives
 from ..dispatch import register, table_routes
 from .base import PeerTimeoutFlag, register_workspace, workspace_reason
 from ..sharding import shard_rows
@@ -68,7 +69,7 @@ class FusedAllReduceWorkspace(PeerTimeoutFlag):
         dev = comm.device
         self.device = dev
         sms = torch.tensor([torch.cuda.get_device_properties(dev).multi_processor_count], device=dev)
-        dist.all_reduce(sms, op=dist.ReduceOp.MIN, group=comm.group)
+        collectives.all_reduce_(sms, comm.group, dist.ReduceOp.MIN, backend=comm.backend)
         self.grid = int(sms.item())
         h, isz, tp, g = self.hidden, self.dtype.itemsize, self.tp, self.grid
         # rows per launch of the one-shot (C1), of the pipelined one-shot (CP) and per rank of the two-shot (S)
@@ -107,7 +108,7 @@ class FusedAllReduceWorkspace(PeerTimeoutFlag):
         self.flags.zero_()
         self.epochs = torch.zeros(3, g, dtype=torch.int32, device=dev)  # one-shot, two-shot, pipelined one-shot
         torch.cuda.synchronize(dev)
-        dist.barrier(group=comm.group, device_ids=[dev.index])  # every rank's flags are zero before any use
+        collectives.barrier(comm.group, dev)  # every rank's flags are zero before any use
 
     # ------------------------------------------------------------------------------------------------------
     def close(self, collective: bool = True) -> None:  # frees local references only: no barrier either way
@@ -143,8 +144,8 @@ class FusedAllReduceWorkspace(PeerTimeoutFlag):
 
 
 def _symm_reason(comm) -> Optional[str]:
-    if comm.backend != "nccl":
-        return f"needs an NCCL group with symmetric memory (this one is {comm.backend})"
+    if comm.device.type != "cuda":
+        return f"needs CUDA tensors: an NCCL group, or one-GPU mode (this one is {comm.backend} on the CPU)"
     if comm.tp < 2:
         return "TP=1: nothing to reduce"
     if comm.hidden_size % 16:

@@ -9,15 +9,18 @@ after it: the GPU fallback where no fused kernel is faster or possible (e.g. gro
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
+from .. import collectives
 from .. import reference as ref
 from ..dispatch import register
 from ..sharding import shard_range, shard_rows
 
 
 def _needs_nccl(comm):
-    return None if comm.backend == "nccl" else f"needs an NCCL group (this one is {comm.backend})"
+    # one-GPU mode: the same native-dtype collectives on the gloo group, staged through host memory
+    if comm.backend == "nccl" or comm.device.type == "cuda":
+        return None
+    return f"needs an NCCL group, or one-GPU mode (this one is {comm.backend} on the CPU)"
 
 
 # TP=1 (both paths): a sum or gather over one rank is the input itself, so the collective (and the copy it needs)
@@ -81,7 +84,7 @@ def _local_stage():
 def _ar_nccl(comm, x):
     out = x.clone()
     if comm.tp > 1:
-        dist.all_reduce(out, group=comm.ops_group)
+        collectives.all_reduce_(out, comm.ops_group, backend=comm.backend)
     return out
 
 
@@ -90,7 +93,7 @@ def _far_nccl(comm, x, residual, weight, eps, *, quant, gemma):
     if comm.tp == 1:  # the local stage reads x and writes new outputs: no copy needed
         return _local_stage().add_rmsnorm(x, residual, weight, eps, quant=quant, gemma=gemma)
     s = x.clone()
-    dist.all_reduce(s, group=comm.ops_group)
+    collectives.all_reduce_(s, comm.ops_group, backend=comm.backend)
     return _local_stage().add_rmsnorm(s, residual, weight, eps, quant=quant, gemma=gemma)
 
 
@@ -101,7 +104,7 @@ def _rs_native(comm, x):
     s = shard_rows(t, comm.tp)
     full = x if s * comm.tp == t else torch.cat([x, x.new_zeros(s * comm.tp - t, *x.shape[1:])])
     out = torch.empty(s, *x.shape[1:], dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, full, group=comm.ops_group)
+    collectives.reduce_scatter_(out, full, comm.ops_group, backend=comm.backend)
     start, end = shard_range(t, comm.tp, comm.rank)
     return out[: end - start]
 

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .. import collectives
 from ..errors import TPFuseInputError
 
 
@@ -136,7 +137,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
 
 def _share(tok: torch.Tensor, comm, src) -> torch.Tensor:
     if src is not None:
-        dist.broadcast(tok, src=src, group=comm.group)
+        collectives.broadcast_(tok, src, comm.group, backend=comm.backend)
     return tok
 
 

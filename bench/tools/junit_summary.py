@@ -1,0 +1,62 @@
+"""Summarise pytest JUnit XML files into one JSON: counts per TP size and per test file, the failures' first lines,
+with the run's header (device, commit, versions). Used by ``bench/gpu_run.sh``'s ``onegpu`` step.
+
+    python bench/tools/junit_summary.py --out OUT.json --tp 4 junit_tp4.xml [...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import xml.etree.ElementTree as ET
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import common  # noqa: E402
+
+
+def _outcome(case: ET.Element) -> str:
+    for tag in ("failure", "error"):
+        if case.find(tag) is not None:
+            return "failed"
+    return "skipped" if case.find("skipped") is not None else "passed"
+
+
+def summarise(path: str) -> dict:
+    """``{"files": {file: {outcome: count}}, "failures": [...], "seconds": float}`` of one JUnit XML file."""
+    files = collections.defaultdict(collections.Counter)
+    failures, seconds = [], 0.0
+    for case in ET.parse(path).getroot().iter("testcase"):
+        name = case.get("classname", "").replace(".", "/") + ".py"
+        out = _outcome(case)
+        files[name][out] += 1
+        seconds += float(case.get("time", 0) or 0)
+        if out == "failed":
+            node = case.find("failure") if case.find("failure") is not None else case.find("error")
+            failures.append({"test": f"{name}::{case.get('name')}", "message": (node.get("message") or "")[:300]})
+    return {"files": {k: dict(v) for k, v in sorted(files.items())}, "failures": failures,
+            "seconds": round(seconds, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--tp", required=True, type=int, nargs="+", help="the TP size of each XML file, in order")
+    ap.add_argument("xml", nargs="+", help="pytest --junitxml files, one per TP size")
+    args = ap.parse_args()
+    if len(args.tp) != len(args.xml):
+        ap.error("give one --tp value per XML file")
+    per_tp = {}
+    for tp, path in zip(args.tp, args.xml):
+        s = summarise(path) if os.path.exists(path) else {"files": {}, "failures": [], "missing": path}
+        s["totals"] = dict(sum((collections.Counter(v) for v in s["files"].values()), collections.Counter()))
+        per_tp[str(tp)] = s
+    common.write_json(args.out, common.header("onegpu_suite", mode="one-GPU (TORCH_SYMM_MEM_ALLOW_OVERLAPPING_"
+                                              "DEVICES=1, gloo group)"), None, per_tp=per_tp)
+    for tp, s in per_tp.items():
+        print(f"TP={tp}: {s['totals']}  ({len(s['failures'])} failed)")
+
+
+if __name__ == "__main__":
+    main()
