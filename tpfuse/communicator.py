@@ -47,6 +47,12 @@ from .validation import (ACTIVATION_DTYPES, check_activation, check_eps, check_n
                          check_tensor)
 
 
+MODE_OPS = {"allreduce": ("fused_add_rmsnorm", "all_reduce"),
+            "sequence_parallel": ("reduce_scatter_rmsnorm", "all_gather", "all_gather_matmul", "matmul_reduce_scatter",
+                                  "matmul_reduce_scatter_rmsnorm")}
+"""The ops a model step calls in each :attr:`Plan.mode <tpfuse.dispatch.Plan.mode>`."""
+
+
 def detect_arch(device: torch.device) -> str:
     """``"sm90"`` style name of a CUDA device, ``"cpu"`` otherwise."""
     if device.type != "cuda":
@@ -102,6 +108,7 @@ class TPCommunicator:
         self._routes: Dict[tuple, tuple] = {}  # (op, num_tokens) -> (path, implementation): _run's memo of plan()
         # what the eager fast checks compare against (see _ok_activation)
         self._on_cuda = self.device.type == "cuda"
+        self._host_staged = self._on_cuda and self.backend != "nccl"  # one-GPU mode (see graph_safe)
         self._dev_index = self.device.index if self._on_cuda else -1
         self._calls = 0
         self._closed = False
@@ -190,6 +197,15 @@ class TPCommunicator:
         self._check_open()
         p = self._plans.get(num_tokens)
         return p if p is not None else self._make_plan(num_tokens)
+
+    def graph_safe(self, num_tokens: int) -> bool:
+        """Whether the ops of ``plan(num_tokens).mode`` run on paths a CUDA graph can capture. Always on NCCL groups;
+        in one-GPU mode (:mod:`tpfuse.distributed`) not where one of them takes ``nccl`` or ``reference``: those run
+        gloo collectives through host memory (:mod:`tpfuse.collectives`). The model runtime then decodes eagerly."""
+        if not self._host_staged:
+            return True
+        p = self.plan(num_tokens)
+        return not any(p.path(op) in ("nccl", "reference") for op in MODE_OPS[p.mode])
 
     def _make_plan(self, num_tokens: int) -> Plan:
         p = self._plans.get(num_tokens)

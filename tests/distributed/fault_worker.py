@@ -2,28 +2,29 @@
 the peer that dies would take the harness's control group (and its pool) down with it.
 
 Started by the test as ``python tests/distributed/fault_worker.py --op OP --path PATH --mode MODE --sync-dir DIR``
-with the torchrun variables ``MASTER_ADDR MASTER_PORT RANK WORLD_SIZE LOCAL_RANK`` (TP=2, NCCL, one GPU per rank).
+with the torchrun variables ``MASTER_ADDR MASTER_PORT RANK WORLD_SIZE LOCAL_RANK`` (TP = WORLD_SIZE ranks;
+NCCL with a GPU per rank, or one-GPU mode with ``TPFUSE_ONE_GPU=1``: :func:`tpfuse.init_distributed` decides).
 
-Both ranks build ``TPCommunicator(CommConfig(timeout_s=TIMEOUT_S, force_paths={OP: PATH}))`` and make
+Every rank builds ``TPCommunicator(CommConfig(timeout_s=TIMEOUT_S, force_paths={OP: PATH}))`` and makes
 ``GOOD_CALLS`` correct calls of ``OP`` (checked against the fp64 oracle, each followed by ``synchronize()``). Then
-rank 1 leaves with ``os._exit(0)`` (no cleanup: no ``close()``, no process-group teardown, as a crash would) and
-rank 0 goes on calling ``OP`` + ``synchronize()``:
+the last rank (the *victim*) leaves with ``os._exit(0)`` (no cleanup: no ``close()``, no process-group teardown,
+as a crash would) and every other rank (a *survivor*) goes on calling ``OP`` + ``synchronize()``:
 
-* ``--mode dead``: rank 0 first waits until rank 1's process is gone (``/proc/PID`` absent or a zombie), so every
-  access of its next call to the dead peer's symmetric memory happens after the death;
-* ``--mode dying``: rank 0 launches its call first (its kernels spin on the peer's flags), then lets rank 1 exit
-  (a file in ``--sync-dir``), so the peer dies while rank 0's kernels are waiting for it.
+* ``--mode dead``: the survivors first wait until the victim's process is gone (``/proc/PID`` absent or a zombie),
+  so every access of their next call to the dead peer's symmetric memory happens after the death;
+* ``--mode dying``: rank 0 launches its call first (its kernels spin on the peer's flags), then lets the victim
+  exit (a file in ``--sync-dir``), so the peer dies while rank 0's kernels are waiting for it.
 
-What rank 0 must see: the first call after the peer left raises :class:`~tpfuse.errors.TPFusePeerTimeout` at the
-next check point, ``timeout_s`` after its kernel started (the bounded waits of :mod:`tpfuse.kernels.signals`), not
-a hang and not a CUDA fault: the dead peer's buffers were imported into rank 0 (cuMem handles from torch symmetric
-memory), so the physical memory stays mapped and writable on rank 0 until rank 0 releases it, and the pushes of
-that call land in memory nobody reads any more. Afterwards every call raises at once (the workspace is broken) and
-rank 0's CUDA context still runs work.
+What a survivor must see: the first call after the peer left raises :class:`~tpfuse.errors.TPFusePeerTimeout` at
+the next check point, ``timeout_s`` after its kernel started (the bounded waits of :mod:`tpfuse.kernels.signals`),
+not a hang and not a CUDA fault: the dead peer's buffers were imported into the survivor (cuMem handles from torch
+symmetric memory), so the physical memory stays mapped and writable there until the survivor releases it, and the
+pushes of that call land in memory nobody reads any more. Afterwards every call raises at once (the workspace is
+broken) and the survivor's CUDA context still runs work.
 
-Output: one line ``TPFUSE_FAULT_RESULT {json}`` per rank on stdout (rank 1 before it exits; rank 0 at the end,
-with ``failure`` holding a traceback if anything but the expected error happened), then ``os._exit(0)``: a normal
-exit would tear down NCCL with a dead peer, which can hang. The test reads the lines; this script asserts
+Output: one line ``TPFUSE_FAULT_RESULT {json}`` per rank on stdout (the victim before it exits; a survivor at the
+end, with ``failure`` holding a traceback if anything but the expected error happened), then ``os._exit(0)``: a
+normal exit would tear down NCCL with a dead peer, which can hang. The test reads the lines; this script asserts
 nothing about the fault itself.
 """
 
@@ -35,7 +36,6 @@ import os
 import sys
 import time
 import traceback
-from datetime import timedelta
 
 RESULT = "TPFUSE_FAULT_RESULT "
 HIDDEN, TOKENS, MAX_TOKENS, EPS = 2048, 37, 64, 1e-6
@@ -101,17 +101,16 @@ def _op(comm, rank: int, world: int, op: str):
 
 def _body(a, rank: int, world: int, res: dict) -> None:
     import torch
-    import torch.distributed as dist
 
     import tpfuse
     from tpfuse.errors import TPFusePeerTimeout
 
-    pid_file = os.path.join(a.sync_dir, "rank1.pid")
-    launched, exiting = os.path.join(a.sync_dir, "rank0.launched"), os.path.join(a.sync_dir, "rank1.exiting")
-    if rank == 1:
+    victim = world - 1
+    pid_file = os.path.join(a.sync_dir, "victim.pid")
+    launched, exiting = os.path.join(a.sync_dir, "rank0.launched"), os.path.join(a.sync_dir, "victim.exiting")
+    if rank == victim:
         _touch(pid_file)
-    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl", timeout=timedelta(seconds=WAIT_S))
+    res["backend"] = tpfuse.init_distributed(timeout_s=WAIT_S)  # NCCL, or gloo in one-GPU mode (TPFUSE_ONE_GPU=1)
     cfg = tpfuse.CommConfig(timeout_s=TIMEOUT_S, force_paths={a.op: a.path})
     comm = tpfuse.TPCommunicator(max_tokens=MAX_TOKENS, hidden_size=HIDDEN, dtype=torch.bfloat16, config=cfg)
     run, check = _op(comm, rank, world, a.op)
@@ -121,24 +120,25 @@ def _body(a, rank: int, world: int, res: dict) -> None:
         assert comm.last_path[a.op] == a.path, comm.last_path
     res["good_calls"], res["ran"] = GOOD_CALLS, comm.last_path[a.op]
 
-    if rank == 1:  # leave as a crash would: no close(), no destroy_process_group(), no atexit handlers
+    if rank == victim:  # leave as a crash would: no close(), no destroy_process_group(), no atexit handlers
         if a.mode == "dying":
             _wait_for(lambda: os.path.exists(launched), "rank 0 to launch its call")
         _touch(exiting)
         print(RESULT + json.dumps(res), flush=True)
         os._exit(0)
 
+    _wait_for(lambda: os.path.exists(pid_file) and os.path.getsize(pid_file) > 0, "the victim's pid file")
     peer = int(open(pid_file).read())
     if a.mode == "dead":
-        res["waited_for_death_s"] = round(_wait_for(lambda: _peer_gone(peer), f"rank 1 (pid {peer}) to exit"), 3)
+        res["waited_for_death_s"] = round(_wait_for(lambda: _peer_gone(peer), f"the victim (pid {peer}) to exit"), 3)
     t0 = time.monotonic()
     calls, err = 0, None
     try:
         while calls < MAX_BAD_CALLS:
             calls += 1
             run()
-            if a.mode == "dying" and calls == 1:
-                _touch(launched)  # the call's kernels are queued / spinning now: rank 1 may exit
+            if a.mode == "dying" and calls == 1 and rank == 0:
+                _touch(launched)  # the call's kernels are queued / spinning now: the victim may exit
             comm.synchronize()
     except TPFusePeerTimeout as e:
         err = e

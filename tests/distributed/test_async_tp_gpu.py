@@ -1,8 +1,9 @@
-"""GPU pair: the async-TP path (``tpfuse_async_tp``) of all_gather_matmul / matmul_reduce_scatter vs an fp64
+"""GPU, TP = 2 / 4 / 8 (``cases.GPU_TPS``; NCCL with a GPU per rank, else one-GPU mode): the async-TP path (``tpfuse_async_tp``) of all_gather_matmul / matmul_reduce_scatter vs an fp64
 oracle, uneven token counts, CUDA-graph replays with fresh data, and the path the dispatcher reports; bf16 and FP8
 (e4m3 with per-tensor and row-wise scales, :mod:`tpfuse.scaled_gemm`) on every path (reference, nccl, async TP) at
-Llama-3.1-8B / 70B TP=2 shapes; bounded waits: a late peer is fine, a skipped call of any async-TP / SP op raises
-TPFusePeerTimeout within ``timeout_s`` and a new communicator works afterwards (the CUDA context is intact)."""
+Llama-3.1-8B / 70B shard shapes; bounded waits: a late peer is fine, a skipped call of any async-TP / SP op raises
+TPFusePeerTimeout within ``timeout_s`` on every other rank and a new communicator works afterwards (the CUDA
+context is intact)."""
 
 import time
 
@@ -11,16 +12,14 @@ import torch
 import torch.distributed as dist
 
 import tpfuse
-from cases import assert_path_ran
+from cases import assert_path_ran, gpu_tp_params, run_gpu
 from fp8_cases import ag_case, rs_case
-from harness import run_on_ranks
 from kernel_env import capture
 from tpfuse.errors import TPFusePeerTimeout
 from tpfuse.sharding import shard_range
 from tpfuse.tolerance import assert_close
 
-pytestmark = [pytest.mark.gpu, pytest.mark.multigpu,
-              pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs >= 2 CUDA GPUs (runs on the GPU pair)")]
+pytestmark = [pytest.mark.gpu]
 
 H, N_SHARD, K_SHARD = 1024, 768, 512
 FORCE = {"all_gather_matmul": "tpfuse_async_tp", "matmul_reduce_scatter": "tpfuse_async_tp"}
@@ -86,8 +85,9 @@ def _cases(rank, world):
     return True
 
 
-def test_async_tp_ops_on_gpu_pair():
-    assert run_on_ranks(_cases, 2, backend="nccl", timeout_s=300) == [True, True]
+@pytest.mark.parametrize("tp", gpu_tp_params())
+def test_async_tp_ops(tp):
+    assert run_gpu(_cases, tp, timeout_s=300) == [True] * tp
 
 
 def _rs_ag_cases(rank, world):
@@ -136,15 +136,21 @@ def _rs_ag_cases(rank, world):
     return True
 
 
-def test_rs_ag_and_fused_tail_on_gpu_pair():
-    assert run_on_ranks(_rs_ag_cases, 2, backend="nccl", timeout_s=300) == [True, True]
+@pytest.mark.parametrize("tp", gpu_tp_params())
+def test_rs_ag_and_fused_tail(tp):
+    assert run_gpu(_rs_ag_cases, tp, timeout_s=300) == [True] * tp
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # bf16 and FP8 GEMM ops on every path at Llama shapes
 
-MODELS = {"8B": (4096, 14336), "70B": (8192, 28672)}  # hidden, intermediate (TP=2: K / N shards = I / 2)
-GEMM_TOKENS = [1, 7, 256, 4097, 16384]
+MODELS = {"8B": (4096, 14336), "70B": (8192, 28672)}  # hidden, intermediate (K / N shards = I / TP)
+
+
+def _gemm_tokens(tp: int):
+    # every rank builds every rank's operands (the fp64 oracle): past TP=2 the 16k-token case would hold
+    # TP x TP shards per GPU in one-GPU mode
+    return [1, 7, 256, 4097, 16384] if tp == 2 else [1, 7, 256, 4097]
 GEMM_PATHS = ("reference", "nccl", "tpfuse_async_tp")
 DTYPES = ("bf16", "tensor", "row")  # bf16, FP8 per-tensor scales, FP8 row-wise scales
 
@@ -168,15 +174,16 @@ def _bf16_rs(seed, world, t, h, k_shard, rank, dev):
 
 
 def _gemm_sweep(rank, world, model):
+    tokens = _gemm_tokens(world)
     h, inter = MODELS[model]
     i_s = inter // world
     dev = torch.device("cuda", torch.cuda.current_device())
-    comms = {p: tpfuse.TPCommunicator(max_tokens=max(GEMM_TOKENS), hidden_size=h, dtype=torch.bfloat16,
+    comms = {p: tpfuse.TPCommunicator(max_tokens=max(tokens), hidden_size=h, dtype=torch.bfloat16,
                                       config=tpfuse.CommConfig(force_paths={"all_gather_matmul": p,
                                                                             "matmul_reduce_scatter": p}))
              for p in GEMM_PATHS}
     n = 0
-    for i, t in enumerate(GEMM_TOKENS):
+    for i, t in enumerate(tokens):
         for dt in DTYPES:
             seed = 1000 * i + 10 * DTYPES.index(dt)
             if dt == "bf16":
@@ -216,10 +223,11 @@ def _gemm_sweep(rank, world, model):
     return n
 
 
+@pytest.mark.parametrize("tp", gpu_tp_params())
 @pytest.mark.parametrize("model", list(MODELS))
-def test_gemm_ops_bf16_fp8_every_path(model):
-    n = len(GEMM_TOKENS) * len(DTYPES) * 2 * len(GEMM_PATHS)
-    assert run_on_ranks(_gemm_sweep, 2, model, backend="nccl", timeout_s=600) == [n, n]
+def test_gemm_ops_bf16_fp8_every_path(tp, model):
+    n = len(_gemm_tokens(tp)) * len(DTYPES) * 2 * len(GEMM_PATHS)
+    assert run_gpu(_gemm_sweep, tp, model, timeout_s=600) == [n] * tp
 
 
 def _fp8_graph(rank, world):
@@ -274,8 +282,9 @@ def _fp8_graph(rank, world):
     return checked
 
 
-def test_fp8_ops_in_cuda_graph():
-    assert run_on_ranks(_fp8_graph, 2, backend="nccl", timeout_s=300) == [10, 10]
+@pytest.mark.parametrize("tp", gpu_tp_params())
+def test_fp8_ops_in_cuda_graph(tp):
+    assert run_gpu(_fp8_graph, tp, timeout_s=300) == [10] * tp
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -341,13 +350,13 @@ def _skip_call(rank, world, op):
     cfg = tpfuse.CommConfig(force_paths=force, timeout_s=TIMEOUT_S)
     comm = tpfuse.TPCommunicator(max_tokens=64, hidden_size=H, dtype=torch.bfloat16, config=cfg)
     run, check = _op_call(comm, rank, world, op)
-    for late in (False, True):  # on time, then rank 1 ~0.1 s late: both correct, no timeout
+    for late in (False, True):  # on time, then rank 1 ~0.1 s late: every rank correct, no timeout
         if late and rank == 1:
             torch.cuda._sleep(200_000_000)
         check(run())
         comm.synchronize()
     if rank == 1:
-        result = "skipped"  # rank 1 skips the next call: rank 0 must give up within timeout_s, not hang
+        result = "skipped"  # rank 1 skips the next call: the others must give up within timeout_s, not hang
     else:
         t0 = time.monotonic()
         run()
@@ -359,8 +368,8 @@ def _skip_call(rank, world, op):
         with pytest.raises(TPFusePeerTimeout):  # stays broken
             run()
         result = round(waited, 2)
-    # the CUDA context is intact (no aborted kernel): both ranks meet again (rank 1 kept its buffers alive until
-    # rank 0 gave up) and a new communicator works
+    # the CUDA context is intact (no aborted kernel): the ranks meet again (rank 1 kept its buffers alive until
+    # the others gave up) and a new communicator works
     dist.barrier()
     comm.close()
     comm = tpfuse.TPCommunicator(max_tokens=64, hidden_size=H, dtype=torch.bfloat16, config=cfg)
@@ -371,7 +380,8 @@ def _skip_call(rank, world, op):
     return result
 
 
+@pytest.mark.parametrize("tp", gpu_tp_params())
 @pytest.mark.parametrize("op", SKIP_OPS)
-def test_skipped_call_raises_peer_timeout(op):
-    res = run_on_ranks(_skip_call, 2, op, backend="nccl", timeout_s=120)
-    assert res[1] == "skipped" and isinstance(res[0], float), res
+def test_skipped_call_raises_peer_timeout(tp, op):
+    res = run_gpu(_skip_call, tp, op, timeout_s=120)
+    assert res[1] == "skipped" and all(isinstance(w, float) for r, w in enumerate(res) if r != 1), res

@@ -12,8 +12,9 @@ asserts, on every rank:
   the contract keeps it usable, else on a fresh one (after a peer fault; on the surviving ranks' own group after a
   peer died).
 
-On GPUs the same catalog runs on NCCL (``backend`` parameter; skipped here without 2 GPUs): the cases whose
-outcome on NCCL differs by design are marked in ``NCCL_SKIP`` with the reason.
+On GPUs the same catalog runs on NCCL (``backend`` parameter; skipped here without 2 GPUs) and in one-GPU mode
+(``onegpu``: the ranks share one GPU over gloo, the communicator's tensors on CUDA; run when TP=2 is among
+``cases.GPU_TPS``): the cases whose outcome on NCCL differs by design are marked in ``NCCL_SKIP`` with the reason.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 import tpfuse
-from cases import make_comm, make_inputs, oracle
+from cases import GPU_TPS, make_comm, make_inputs, oracle
 from harness import available_backends, device_of, run_on_ranks
 from tpfuse import quant as q
 from tpfuse.tolerance import assert_close, assert_quant_close
@@ -599,7 +600,7 @@ def _check(name, res, backend):
             continue
         got = res[r]
         e = got["elapsed"]
-        if backend == "nccl" and c.expect[r] in PEER_ERRORS:
+        if backend in ("nccl", "onegpu") and c.expect[r] in PEER_ERRORS:  # a kernel's or a collective's wait
             assert got["exc"] in PEER_ERRORS and e < TIMEOUT_S + SLACK_S, f"{name}: rank {r}\n{ctx}"
             assert got["good"] is True, ctx
             continue
@@ -615,8 +616,8 @@ def _check(name, res, backend):
             assert re.search(c.match[r], got["msg"]), f"{name}: rank {r} message {got['msg']!r} lacks {c.match[r]!r}"
 
 
-BACKENDS = ["gloo", pytest.param("nccl", marks=[pytest.mark.gpu, pytest.mark.multigpu])]  # nccl: skipped below
-                                                                                       # without its GPUs
+BACKENDS = ["gloo", pytest.param("nccl", marks=[pytest.mark.gpu, pytest.mark.multigpu]),  # skipped below
+            pytest.param("onegpu", marks=[pytest.mark.gpu])]                              # without their GPUs
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -625,8 +626,10 @@ def test_fault_catalog(name, backend):
     c = CASES[name]
     if backend == "nccl" and name in NCCL_SKIP:
         pytest.skip(NCCL_SKIP[name])
-    if backend == "nccl" and "nccl" not in available_backends(c.world):
-        pytest.skip(f"needs {c.world} GPUs")
+    if backend != "gloo" and backend not in available_backends(c.world):
+        pytest.skip(f"needs {c.world} GPUs" if backend == "nccl" else "needs a CUDA GPU")
+    if backend == "onegpu" and 2 not in GPU_TPS:
+        pytest.skip("the one-GPU catalog runs with the TP=2 suite (TPFUSE_TEST_TP)")
     t0 = time.monotonic()
     res = run_on_ranks(_run_case, c.world, name, backend=backend, timeout_s=CALL_LIMIT_S, dies=c.dies)
     _check(name, res, backend)

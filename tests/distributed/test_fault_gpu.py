@@ -1,9 +1,9 @@
-"""GPU pair: a rank that dies mid-run (issue #4 item 5). The survivor must raise a clear
-:class:`~tpfuse.errors.TPFusePeerTimeout` within ``timeout_s`` (+ margin, always < 30 s), not hang and not fault,
-and both processes must be gone within a wall-clock bound.
+"""GPU, TP = 2 / 4 / 8 (``cases.GPU_TPS``; NCCL with a GPU per rank, else one-GPU mode): a rank that dies mid-run.
+Every survivor must raise a clear :class:`~tpfuse.errors.TPFusePeerTimeout` within ``timeout_s`` (+ margin, always
+< 30 s), not hang and not fault, and every process must be gone within a wall-clock bound.
 
-The ranks are two plain subprocesses running ``fault_worker.py`` (its docstring has the protocol), not harness
-ranks: a rank that exits would break the harness pool's control group. Cases: the fused all-reduce kernels
+The ranks are plain subprocesses running ``fault_worker.py`` (its docstring has the protocol; the last rank
+dies), not harness ranks: a rank that exits would break the harness pool's control group. Cases: the fused all-reduce kernels
 (``fused_add_rmsnorm`` forced to ``tpfuse_oneshot`` / ``tpfuse_twoshot`` / ``tpfuse_oneshot_pipe``) and the
 sequence-parallel exchange (``reduce_scatter_rmsnorm`` forced to ``tpfuse_reduce_scatter``), each with the peer
 already dead when the survivor calls (``dead``) and with the peer dying while the survivor's kernels wait for it (``dying``).
@@ -20,7 +20,8 @@ handling from killing the survivor first, which would say nothing about tpfuse):
 * ``NCCL_RAS_ENABLE=0``: NCCL's RAS thread keeps sockets to every peer and logs when one dies; off, to keep the
   survivor's only reaction to the death tpfuse's own;
 * ``NCCL_NVLS_ENABLE=0``, ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` (unless set): NVLink multicast stays off on the
-  lent machines (as in ``bench/gpu_run.sh``).
+  lent machines (as in ``bench/gpu_run.sh``);
+* ``TPFUSE_ONE_GPU=1`` where the machine has fewer GPUs than ranks (one-GPU mode).
 
 Rank 0 hosts the TCP store (``MASTER_ADDR``), so the dying rank takes no store down with it.
 """
@@ -32,10 +33,11 @@ import sys
 import time
 
 import pytest
-import torch
 
-pytestmark = [pytest.mark.gpu, pytest.mark.multigpu,
-              pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs >= 2 CUDA GPUs (runs on the GPU pair)")]
+from cases import gpu_tp_params
+from harness import gpu_backend
+
+pytestmark = [pytest.mark.gpu]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fault_worker.py")
@@ -43,7 +45,7 @@ RESULT = "TPFUSE_FAULT_RESULT "
 TIMEOUT_S = 5.0           # fault_worker.TIMEOUT_S (CommConfig.timeout_s)
 MARGIN_S = 5.0            # the survivor raises within timeout_s + this (one timeout per broken call)
 START_LIMIT_S = 240.0     # both workers: imports, NCCL init, Triton compiles (cold cache), the good calls
-AFTER_EXIT_LIMIT_S = 45.0  # rank 0 after rank 1 exited: the timeout, the report, os._exit
+AFTER_EXIT_LIMIT_S = 45.0  # a survivor after the victim exited: the timeout, the report, os._exit
 WORKER_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "0", "TORCH_NCCL_ENABLE_MONITORING": "0", "NCCL_RAS_ENABLE": "0",
               "PYTHONUNBUFFERED": "1"}
 WORKER_ENV_DEFAULTS = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
@@ -51,18 +53,20 @@ CASES = [("fused_add_rmsnorm", "tpfuse_oneshot"), ("fused_add_rmsnorm", "tpfuse_
          ("fused_add_rmsnorm", "tpfuse_oneshot_pipe"), ("reduce_scatter_rmsnorm", "tpfuse_reduce_scatter")]
 
 
-def _launch(op, path, mode, tmp_path):
-    from tpfuse.distributed import free_port
+def _launch(tp, op, path, mode, tmp_path):
+    from tpfuse.distributed import ONE_GPU_ENV, free_port
 
     env = dict(os.environ)
     for k, v in WORKER_ENV_DEFAULTS.items():
         env.setdefault(k, v)
-    env.update(WORKER_ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
-               LOCAL_WORLD_SIZE="2", PYTHONPATH=os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p))
+    env.update(WORKER_ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(tp),
+               LOCAL_WORLD_SIZE=str(tp), PYTHONPATH=os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p))
+    if gpu_backend(tp) == "onegpu":
+        env[ONE_GPU_ENV] = "1"
     sync = tmp_path / "sync"
     sync.mkdir()
     procs, logs = [], []
-    for rank in (0, 1):
+    for rank in range(tp):
         log = tmp_path / f"rank{rank}.log"
         with open(log, "w") as f:  # the child keeps its own descriptor
             procs.append(subprocess.Popen(
@@ -73,10 +77,10 @@ def _launch(op, path, mode, tmp_path):
 
 
 def _wait(procs, logs):
-    """Wait for both workers within the bounds; kill what is left and fail otherwise. Returns rank 0's time from
-    rank 1's exit to its own (seconds)."""
+    """Wait for every worker within the bounds; kill what is left and fail otherwise. Returns the longest time of a
+    survivor from the victim's (the last rank's) exit to its own (seconds)."""
     t_start = time.monotonic()
-    t_exit = [None, None]
+    t_exit = [None] * len(procs)
     problem = None
     while any(t is None for t in t_exit):
         now = time.monotonic()
@@ -87,8 +91,9 @@ def _wait(procs, logs):
             break
         if now - t_start > START_LIMIT_S:
             problem = f"the workers did not finish within {START_LIMIT_S:g} s"
-        elif t_exit[1] is not None and t_exit[0] is None and now - t_exit[1] > AFTER_EXIT_LIMIT_S:
-            problem = f"rank 0 still running {AFTER_EXIT_LIMIT_S:g} s after rank 1 exited (hang?)"
+        elif t_exit[-1] is not None and None in t_exit and now - t_exit[-1] > AFTER_EXIT_LIMIT_S:
+            problem = (f"rank {t_exit.index(None)} still running {AFTER_EXIT_LIMIT_S:g} s after the victim exited "
+                       f"(hang?)")
         if problem:
             for p in procs:
                 if p.poll() is None:
@@ -96,7 +101,7 @@ def _wait(procs, logs):
                     p.wait(timeout=30)
             pytest.fail(problem + "\n" + _logs(logs))
         time.sleep(0.05)
-    return t_exit[0] - t_exit[1]
+    return max(t - t_exit[-1] for t in t_exit[:-1])
 
 
 def _logs(logs) -> str:
@@ -108,18 +113,25 @@ def _result(log):
     return json.loads(lines[-1]) if lines else None
 
 
+@pytest.mark.parametrize("tp", gpu_tp_params())
 @pytest.mark.parametrize("mode", ["dead", "dying"])
 @pytest.mark.parametrize("op,path", CASES)
-def test_dead_peer_raises_peer_timeout(op, path, mode, tmp_path):
-    procs, logs = _launch(op, path, mode, tmp_path)
+def test_dead_peer_raises_peer_timeout(tp, op, path, mode, tmp_path):
+    procs, logs = _launch(tp, op, path, mode, tmp_path)
     after = _wait(procs, logs)
-    r0, r1 = _result(logs[0]), _result(logs[1])
-    ctx = f"rank 0: {r0}\nrank 1: {r1}\n{_logs(logs)}"
-    assert [p.returncode for p in procs] == [0, 0], ctx
-    # the run before the fault was real: the forced path ran and matched the oracle on both ranks
-    assert r1 is not None and "failure" not in r1 and r1["good_calls"] == 3 and r1["ran"] == path, ctx
-    assert r0 is not None and "failure" not in r0, ctx
-    assert r0["good_calls"] == 3 and r0["ran"] == path, ctx
+    results = [_result(log) for log in logs]
+    ctx = "\n".join(f"rank {r}: {res}" for r, res in enumerate(results)) + "\n" + _logs(logs)
+    assert [p.returncode for p in procs] == [0] * tp, ctx
+    # the run before the fault was real: the forced path ran and matched the oracle on every rank
+    for res in results:
+        assert res is not None and "failure" not in res, ctx
+        assert res["good_calls"] == 3 and res["ran"] == path, ctx
+    for r0 in results[:-1]:  # every survivor
+        _check_survivor(r0, mode, ctx)
+    assert after < AFTER_EXIT_LIMIT_S, ctx
+
+
+def _check_survivor(r0: dict, mode: str, ctx: str) -> None:
     # the fault: the first call after the peer left raised the clear error, one timeout later
     assert r0["error_type"] == "TPFusePeerTimeout" and r0["calls_to_error"] == 1, ctx
     assert "peer did not arrive within 5 s" in r0["message"] and "a peer died" in r0["message"], ctx
@@ -130,4 +142,3 @@ def test_dead_peer_raises_peer_timeout(op, path, mode, tmp_path):
     # afterwards: broken for good (raises before launching anything), CUDA context intact, process ends promptly
     assert r0["still_broken"] and r0["rebreak_s"] < 1.0, ctx
     assert r0["cuda_ok"], ctx
-    assert after < AFTER_EXIT_LIMIT_S, ctx

@@ -1,4 +1,5 @@
-"""One GPU (TP=1 over NCCL): FP8 models on tpfuse's CUDA kernels and ``torch._scaled_mm``.
+"""GPU: FP8 models on tpfuse's CUDA kernels and ``torch._scaled_mm`` (TP=1 over NCCL; the model test also at the
+GPU suite's TP sizes, ``cases.GPU_TPS``, on NCCL or in one-GPU mode).
 
 * the GEMM path alone: per-token FP8 activations out of the fused add + RMSNorm (local and communicator forms)
   and SiLU-mul kernels, straight into ``scaled_gemm.mm`` with per-channel e4m3 weights, vs the fp64 oracle;
@@ -15,7 +16,8 @@ pytest.importorskip("transformers", reason="tpfuse.parallelize tests need transf
 
 import model_cases as mc  # noqa: E402
 from harness import run_on_ranks  # noqa: E402
-from test_model_runtime_gpu import SHAPE, _decode_run  # noqa: E402
+from cases import run_gpu  # noqa: E402
+from test_model_runtime_gpu import SHAPE, TPS, _decode_run, make_comm  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 DT = torch.bfloat16
@@ -75,7 +77,7 @@ def _fp8_model(rank, world, arch, weight, batch):
                                                                                                    generator=g)]
     extra = torch.randint(0, SHAPE["vocab_size"], (batch, 24), generator=g)
     refs = [mc.oracle(model, torch.cat([p, extra[r, :-1]])) for r, p in enumerate(prompts)]
-    comm = tpfuse.TPCommunicator(max_tokens=4096, hidden_size=SHAPE["hidden_size"], dtype=DT)
+    comm = make_comm(world)
     tp_model = tpfuse.parallelize(model, comm, cache=KVCacheConfig(max_batch=8, max_seq_len=1024))
     assert all(layer._mm is scaled_gemm.mm for layer in tp_model._tpfuse.layers)
     graph, mode = _decode_run(tp_model, prompts, extra, 23)
@@ -94,10 +96,11 @@ def _fp8_model(rank, world, arch, weight, batch):
     return max(errs)
 
 
+@pytest.mark.parametrize("tp", TPS)
 @pytest.mark.parametrize("arch,weight,batch", [("llama", "per_channel", 1), ("qwen3", "per_channel", 4),
                                                ("llama", "per_tensor", 3)])
-def test_fp8_model_graph_vs_eager_vs_oracle(arch, weight, batch):
-    assert len(run_on_ranks(_fp8_model, 1, arch, weight, batch, backend="nccl", timeout_s=600)) == 1
+def test_fp8_model_graph_vs_eager_vs_oracle(tp, arch, weight, batch):
+    assert len(run_gpu(_fp8_model, tp, arch, weight, batch, timeout_s=600)) == tp
 
 
 def _quality(rank, world):

@@ -1,9 +1,14 @@
-"""One GPU (TP=1 over NCCL): the model runtime of ``tpfuse.parallelize`` in bf16 on tpfuse's CUDA kernels - batched
-padded prefill, CUDA-graph-replayed decode vs the same steps run eagerly vs the fp64 oracle, the FP8 KV cache, and
-``generate()``. (The CPU/gloo fp32 suite is ``test_model_runtime.py``; the pair runs ``test_parallelize_gpu.py``.)
+"""GPU, TP = 1 and the GPU suite's sizes (``cases.GPU_TPS``: 2 / 4 / 8; NCCL with a GPU per rank, else one-GPU
+mode): the model runtime of ``tpfuse.parallelize`` in bf16 on tpfuse's CUDA kernels - batched padded prefill,
+CUDA-graph-replayed decode vs the same steps run eagerly vs the fp64 oracle, the FP8 KV cache, ``generate()``
+(greedy == transformers' ``generate``; sampled: the same tokens on every rank), and ``from_pretrained`` of bf16 and
+FP8 (compressed-tensors) checkpoints vs the unsharded model. (The CPU/gloo fp32 suite is ``test_model_runtime.py``.)
 
-Model: random weights with real head shapes (head_dim 128, GQA 16/4 heads, hidden 1024, 2 layers, vocab 4096),
-redrawn at O(1) scale so a wrong slot, length, position or head moves the logits far past bf16's error.
+Model: random weights with real head shapes (head_dim 128, GQA 16/4 heads: at TP=8 the 4 KV heads are replicated,
+hidden 1024, 2 layers, vocab 4096), redrawn at O(1) scale so a wrong slot, length, position or head moves the
+logits far past bf16's error. At TP > 1 the all-reduce is pinned to ``tpfuse_oneshot`` (:data:`GRAPH_SAFE`): the
+shipped TP 4 / 8 rows route it to NCCL, which one-GPU mode runs as host collectives that a CUDA graph cannot
+capture (``TPCommunicator.graph_safe``).
 """
 
 import pytest
@@ -12,22 +17,32 @@ import torch
 pytest.importorskip("transformers", reason="tpfuse.parallelize tests need transformers (pip install 'tpfuse[hf]')")
 
 import model_cases as mc  # noqa: E402
-from harness import run_on_ranks  # noqa: E402
+from cases import GPU_TPS, gpu_tp_params, run_gpu  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+TPS = gpu_tp_params((1,) + GPU_TPS)
+GRAPH_SAFE = {"fused_add_rmsnorm": "tpfuse_oneshot", "all_reduce": "tpfuse_oneshot"}
 
 SHAPE = dict(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_attention_heads=16,
              num_key_value_heads=4, head_dim=128, max_position_embeddings=4096)
 DT = torch.bfloat16
 
 
-def _model(arch, graphs=True, **cache_kw):
+def make_comm(world, max_tokens=4096, hidden=SHAPE["hidden_size"]):
+    """The communicator of these tests: at TP > 1 the all-reduce on tpfuse's graph-capturable kernel."""
+    import tpfuse
+
+    cfg = tpfuse.CommConfig(force_paths=GRAPH_SAFE if world > 1 else {})
+    return tpfuse.TPCommunicator(max_tokens=max_tokens, hidden_size=hidden, dtype=DT, config=cfg)
+
+
+def _model(arch, world, graphs=True, **cache_kw):
     import tpfuse
     from tpfuse.parallel import KVCacheConfig
 
     model = mc.build(arch, seed=0, **SHAPE)
     ref = mc.build(arch, seed=0, **SHAPE).to(DT)  # the oracle upcasts these bf16-rounded weights to fp64
-    comm = tpfuse.TPCommunicator(max_tokens=4096, hidden_size=SHAPE["hidden_size"], dtype=DT)
+    comm = make_comm(world)
     cfg = KVCacheConfig(max_batch=8, max_seq_len=1024, cuda_graphs=graphs, **cache_kw)
     return tpfuse.parallelize(model.to(DT), comm, cache=cfg), ref, comm
 
@@ -59,7 +74,7 @@ def _graph_vs_eager(rank, world, arch, batch, cache_dtype):
     prompts = [torch.randint(0, SHAPE["vocab_size"], (n,), generator=g) for n in lens]
     steps = 40  # crosses the 256-token cache blocks for some rows; fresh tokens every replay
     extra = torch.randint(0, SHAPE["vocab_size"], (batch, steps), generator=g)
-    graphed, ref_model, comm = _model(arch, True, **kw)
+    graphed, ref_model, comm = _model(arch, world, True, **kw)
     got, mode = _decode_run(graphed, prompts, extra, steps)
     assert mode == "decode_graph"
     graphed._tpfuse.cache_config.cuda_graphs = False  # the same model, the same steps, eagerly
@@ -77,17 +92,18 @@ def _graph_vs_eager(rank, world, arch, batch, cache_dtype):
     return max(errs)
 
 
+@pytest.mark.parametrize("tp", TPS)
 @pytest.mark.parametrize("arch,batch,cache_dtype", [("llama", 1, None), ("llama", 3, None), ("qwen3", 8, None),
                                                     ("llama", 5, torch.float8_e4m3fn)])
-def test_graph_decode_matches_eager_and_oracle(arch, batch, cache_dtype):
-    errs = run_on_ranks(_graph_vs_eager, 1, arch, batch, cache_dtype, backend="nccl", timeout_s=600)
-    assert errs[0] > 0
+def test_graph_decode_matches_eager_and_oracle(tp, arch, batch, cache_dtype):
+    errs = run_gpu(_graph_vs_eager, tp, arch, batch, cache_dtype, timeout_s=600)
+    assert all(e > 0 for e in errs)
 
 
 def _generate(rank, world):
     from tpfuse.parallel import generate
 
-    model, _, comm = _model("llama")
+    model, _, comm = _model("llama", world)
     g = torch.Generator().manual_seed(9)
     ids = torch.randint(0, SHAPE["vocab_size"], (4, 33), generator=g)
     mask = torch.ones_like(ids)
@@ -97,9 +113,53 @@ def _generate(rank, world):
     hf = model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=24, do_sample=False,
                         pad_token_id=0).cpu()
     assert torch.equal(ours, hf), (ours, hf)
+    sampled = generate(model, ids, mask, max_new_tokens=24, do_sample=True, temperature=1.5, top_k=50,
+                       seed=rank).sequences.cpu()  # a different seed per rank: rank 0's choice must win everywhere
     comm.close()
-    return True
+    return ours, sampled
 
 
-def test_generate_fast_loop_equals_hf_generate():
-    assert run_on_ranks(_generate, 1, backend="nccl", timeout_s=600) == [True]
+@pytest.mark.parametrize("tp", TPS)
+def test_generate_fast_loop_equals_hf_generate(tp):
+    res = run_gpu(_generate, tp, timeout_s=600)
+    greedy, sampled = res[0]
+    assert all(torch.equal(g, greedy) and torch.equal(s, sampled) for g, s in res), "ranks generated differently"
+    assert not torch.equal(sampled, greedy)  # sampling at temperature 1.5 really sampled
+
+
+def _from_pretrained(rank, world, path, fp8):
+    """``from_pretrained`` (each rank reads its shard) of a saved checkpoint: batched prefill and graph decode vs the
+    fp64 oracle of the unsharded model loaded by transformers from the same directory."""
+    import transformers
+
+    from tpfuse.parallel import KVCacheConfig, from_pretrained
+    from tpfuse.tolerance import REL_ERR_LOGITS, REL_ERR_LOGITS_FP8, rel_err
+
+    comm = make_comm(world)
+    model = from_pretrained(path, comm, dtype=DT, cache=KVCacheConfig(max_batch=4, max_seq_len=512))
+    if fp8:
+        from tpfuse.parallel import quantize_fp8
+
+        ref_model = quantize_fp8(mc.build("llama", seed=0, **SHAPE).to(DT))  # what was saved
+    else:
+        ref_model = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=DT)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, SHAPE["vocab_size"], (n,), generator=g) for n in (37, 5, 120)]
+    extra = torch.randint(0, SHAPE["vocab_size"], (3, 12), generator=g)
+    got, mode = _decode_run(model, prompts, extra, 12)
+    assert mode == "decode_graph"
+    tol = REL_ERR_LOGITS_FP8 if fp8 else REL_ERR_LOGITS[DT]
+    errs = [rel_err(got[r], mc.oracle(ref_model, torch.cat([p, extra[r]])).float()) for r, p in enumerate(prompts)]
+    assert max(errs) <= tol, errs
+    comm.close()
+    return max(errs)
+
+
+@pytest.mark.parametrize("tp", TPS)
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_from_pretrained_matches_unsharded(tp, fp8, tmp_path):
+    from tpfuse.parallel import quantize_fp8
+
+    model = mc.build("llama", seed=0, **SHAPE).to(DT)
+    (quantize_fp8(model) if fp8 else model).save_pretrained(str(tmp_path))
+    assert all(e > 0 for e in run_gpu(_from_pretrained, tp, str(tmp_path), fp8, timeout_s=600))

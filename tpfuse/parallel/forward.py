@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import types
+import warnings
 from typing import Optional
 
 import torch
@@ -95,7 +96,7 @@ def _run(model, call, handle, keep) -> torch.Tensor:
     st = model._tpfuse
     comm, meta = st.comm, call.meta
     if call.decode_step:
-        if _graphs_usable(st):
+        if _graphs_usable(model, call.ids.shape[0]):
             st.last_mode = "decode_graph"
             logits = _graphs(model).run(call.ids, handle.lengths_dev, meta.rope_pos)
             return logits if keep is None else logits.index_select(0, keep)
@@ -105,8 +106,20 @@ def _run(model, call, handle, keep) -> torch.Tensor:
     return forward_core(model, call.ids, dataclasses.replace(meta, sp=sp), keep)
 
 
-def _graphs_usable(st) -> bool:
-    return st.comm.device.type == "cuda" and st.cache_config.cuda_graphs and not torch.cuda.is_current_stream_capturing()
+def _graphs_usable(model, batch: int) -> bool:
+    st = model._tpfuse
+    if not (st.comm.device.type == "cuda" and st.cache_config.cuda_graphs
+            and not torch.cuda.is_current_stream_capturing()):
+        return False
+    if st.comm.graph_safe(_graphs(model).bucket(batch)):
+        return True
+    if not st.warned_eager_decode:  # one-GPU mode with a host-staged path: say once why decode is eager
+        st.warned_eager_decode = True
+        warnings.warn(f"tpfuse: decode steps run eagerly, not as CUDA graphs: {st.comm.plan(batch)}\nIn one-GPU mode "
+                      f"the nccl / reference paths are gloo collectives through host memory, which CUDA graphs "
+                      f"cannot capture; pin the all-reduce to tpfuse's kernels to capture decode (CommConfig("
+                      f"force_paths={{'fused_add_rmsnorm': 'tpfuse_oneshot'}})).", stacklevel=4)
+    return False
 
 
 def _graphs(model):

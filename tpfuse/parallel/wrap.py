@@ -79,6 +79,8 @@ class TPState:
     (the results are then wrong by design)."""
     last_mode: Optional[str] = None
     """``"decode_graph"``, ``"allreduce"`` or ``"sequence_parallel"``: how the latest forward ran."""
+    warned_eager_decode: bool = False
+    """Whether the one-time warning that decode cannot use CUDA graphs here (one-GPU mode) was given."""
 
     def _storage(self, cfg: KVCacheConfig, max_seq_len: int) -> KVStorage:
         return KVStorage(cfg, layers=len(self.layers), kv_heads=self.kv_heads, head_dim=self.head_dim,
