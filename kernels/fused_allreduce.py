@@ -25,8 +25,9 @@ call's push only starts after the next call's barrier, i.e. after every peer fin
 4. barrier B;
 5. gather: copy every peer's staged rows ``p*S + j`` (data, scales, residual) into ``out`` / ``residual_out``.
 
-Reuse without a closing barrier: a peer writes my reduce slots (or I overwrite my stage) in call ``n + 1`` only
-after barrier A of call ``n + 1``, i.e. after every kernel of call ``n`` finished on every rank (kernels of one
+Reuse without a closing barrier: a peer writes my reduce slots in call ``n + 1`` only after its kernel of call ``n``
+ended, whose barrier B waited for mine, raised after my step 3 read them; I overwrite my stage in call ``n + 1`` only
+after barrier A of call ``n + 1``, i.e. after every peer's kernel of call ``n`` (its gather) ended (kernels of one
 stream run in order). The mapping "row j of a region <-> program j % G" never changes, which keeps the per-program
 counters of every rank equal and the argument valid when ``T`` changes between calls.
 
@@ -46,6 +47,47 @@ workspace agrees on it at construction) and at most one program per SM, so all p
 Peer addresses: the workspace passes, per peer, the byte distance from this rank's symmetric buffer to that
 peer's (a multiple of 2 MiB); the kernels add it to pointers into their own buffer, so every pointer keeps the
 16-byte alignment Triton needs to vectorize.
+
+Cross-rank ordering (NVLink). Tests run N ranks on one GPU, where every buffer sits behind one L2 and a flag
+hardly overtakes data; on NVLink it can unless the writer releases and the reader acquires at *system* scope (``.gpu``
+is not enough). Every flag here does (reviewed on the sm_90 PTX/SASS of tests/sm90_compile_cases.py, TP 2/4/8 x fmt
+0/1/5, and TP 4 with launch hints: no ``.gpu`` atomic, no ``ld.global.nc``, no separate fence instruction, data
+moves by plain ``st.global`` / ``ld.global``). Abbreviations of the table:
+
+* REL: ``tl.debug_barrier()`` (``bar.sync 0``: every thread's stores of the program precede it) then thread 0 only
+  ``tl.atomic_xchg(sem="release", scope="sys")`` (``_signal``, signals.py:81) -> PTX
+  ``atom.global.sys.release.exch.b32``, SASS ``MEMBAR.ALL.SYS; ATOMG.E.EXCH.STRONG.SYS``. Release is cumulative
+  over the ``bar.sync``, so it orders all threads' pushes (the vLLM custom all-reduce pattern).
+* ACQ: thread 0 spins ``tl.atomic_add(0, sem="acquire", scope="sys")`` (``_wait``, signals.py:87, 90) -> PTX
+  ``ld.global.sys.acquire.b32`` (Triton emits the add of 0 as a load), SASS ``LDG.E.STRONG.SYS; CCTL.IVALL``
+  (L1 invalidated); value broadcast through shared memory (``bar.sync``), then ``tl.debug_barrier()`` before any
+  data load.
+* ACQV: the same with one acquire per flag of a ``[PB]`` vector, by the thread owning it -> PTX
+  ``atom.global.sys.acquire.add.u32``, SASS ``ATOMG.E.ADD.STRONG.SYS; CCTL.IVALL``; ``tl.min`` across threads
+  (``bar.sync``), then ``tl.debug_barrier()``.
+
+================  ==========================  ============================================  ====  =======
+wait / flag       kernel:line                 orders                                        used  verdict
+================  ==========================  ============================================  ====  =======
+barrier signal    ``_oneshot_kernel``:199     my pushes of rows ``b, b+G, ..`` into the     REL   correct
+                                              peers' slots -> their flag
+barrier wait      ``_oneshot_kernel``:199     the peers' pushes -> my reduce's reads        ACQ   correct
+barrier A signal  ``_twoshot_kernel``:242     my pushes into the peers' reduce slots        REL   correct
+barrier A wait    ``_twoshot_kernel``:242     the peers' pushes -> my step-3 reads          ACQ   correct
+barrier B signal  ``_twoshot_kernel``:261     my stage stores (rows, residual, scales)      REL   correct
+barrier B wait    ``_twoshot_kernel``:261     the peers' stage -> my remote loads (step 5)  ACQ   correct
+chunk signal      ``_oneshot_pipe_kernel``    a producer's pushes of chunk ``c``            REL   correct
+                  :312 (barrier), :315
+chunk wait        ``_oneshot_pipe_kernel``    every producer of every peer, chunk ``c`` ->  ACQV  correct
+                  :328, :332, :336 (barrier)  the consumer's reads of its rows
+reuse (WAR)       all three                   call ``n``'s loads -> a peer's later stores   REL   correct
+================  ==========================  ============================================  ====  =======
+
+``_barrier`` (:117) holds the one-shot / two-shot REL (:119, :122) and ACQ (:126 via ``_wait``, :127). "correct":
+correct across NVLink, no reliance on the shared L2. Reuse: the loads of call ``n`` end with their kernel; the next
+flag raised after them (a later kernel on the same stream) is a system-scope release, which orders earlier loads
+too, and the peer stores only after acquiring it (chains in the paragraphs above). ``err[0]`` (plain store to pinned
+host memory, polled by the host) orders no data. Open: none.
 
 Launchers (below the kernels): :func:`launch_oneshot`, :func:`launch_oneshot_pipe`, :func:`launch_twoshot` take the
 workspace (:class:`tpfuse.backends.fused_allreduce.FusedAllReduceWorkspace`: ``rank``, ``tp``, ``grid``,

@@ -9,6 +9,9 @@ rank's token shard). One program per row, the whole hidden row in registers, fp3
 * ``NORM=True``: ``s = sum_i slot_i + residual`` (fp32); ``residual_out = s`` rounded; ``out = s * rsqrt(mean(s^2) +
   eps) * w`` (``w + 1`` for Gemma) stored by :func:`quant_epilogue.quant_store` in any output format - the
   :mod:`tpfuse.reference` contract.
+
+No cross-rank wait or flag here: the peers' pushes into the slots are ordered before this kernel by the DATA
+semaphore on the same stream (:mod:`tpfuse.kernels.signals`, "Cross-rank ordering").
 """
 
 import triton

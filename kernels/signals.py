@@ -28,6 +28,34 @@ at ``err_slot`` mirrors the host error word.
 Counting makes the flags replay-safe in CUDA graphs as long as every call signals exactly as often as its peers
 wait (each call returns every flag to where it started); a peer may run ahead by whole calls without a signal
 being lost. A timed-out wait leaves the counts unbalanced: the workspace must be treated as broken from then on.
+
+Cross-rank ordering (NVLink). N ranks on one GPU share one L2, so a flag hardly overtakes data there; across GPUs it
+can unless the writer releases and the reader acquires at *system* scope (``.gpu`` is not enough). Reviewed on the
+sm_90 PTX / SASS (tests/test_signals_kernel.py's compile, TP 2/4/8): no ``.gpu`` atomic, no separate fence (the
+release / acquire atomics carry it).
+
+=================  ============  ========================================  ===============================  ===========
+flag / wait        line          orders                                    used -> PTX                      verdict
+=================  ============  ========================================  ===============================  ===========
+``_signal``        81            the caller's stores before its            release, sys, thread 0 ->        correct
+                                 ``tl.debug_barrier`` -> the peer's flag   ``atom.global.sys.release.exch``
+``_wait``          87, 90        the flag -> the caller's loads after its  acquire, sys, thread 0 ->        correct
+                                 ``tl.debug_barrier``                      ``ld.global.sys.acquire.b32``
+semaphore signal   101           earlier work of the stream (copies,       release, sys ->                  correct (1)
+                                 GEMMs) -> the peer's counter              ``atom.global.sys.release.add``
+semaphore wait     108           the counter -> later work of the stream   ``_wait``                        correct (1)
+consume            110           nothing (same word as the wait)           ``atom.global.sys.relaxed.add``  correct
+error word         103, 112-113  local (own flag, pinned host word)        volatile load, plain stores      n/a
+=================  ============  ========================================  ===============================  ===========
+
+SASS: each release is ``MEMBAR.ALL.SYS`` + ``ATOMG`` / ``REDG .STRONG.SYS``; each acquire ``LDG.E.STRONG.SYS`` +
+``CCTL.IVALL`` (L1 invalidated). (1) The data a semaphore orders is moved by other operations of the same stream
+(:mod:`tpfuse.backends.async_tp`: READY: my copy into my ``ag`` slot -> the peers' pulls; DONE: my pulls -> the
+peer's reuse of its slot; DATA: my push into the peer's ``rs`` slot -> its ``reduce_slots`` kernel; BAR: my
+``reduce_slots`` reads -> the peers' next pushes). The argument is CUDA stream order (an operation, a copy engine's
+NVLink writes included, completes before the next one starts) chained with the system-scope release / acquire:
+sound, and the assumption torch symmetric memory's copy-engine paths make, but outside the PTX memory model.
+Open: none.
 """
 
 import triton
