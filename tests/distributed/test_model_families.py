@@ -66,3 +66,43 @@ def test_family_matches_unsharded_hf(arch, world):
     errs = run_on_ranks(_family, world, arch)
     assert max(errs) <= 1e-5, errs
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# recognition (raised before any collective: no ranks needed)
+
+
+def test_recognised_by_class_base_class_or_model_type():
+    import transformers
+
+    from tpfuse.parallel import LLAMA_LAYOUT, PHI3_LAYOUT, layout_for
+
+    class Subclass(transformers.Phi3ForCausalLM):  # e.g. a wrapper: recognised by its base class
+        pass
+
+    class RemoteQwen2ForCausalLM(torch.nn.Module):  # remote code: a *ForCausalLM of another name, model_type qwen2
+        config = mc.config("qwen2")
+
+    assert layout_for(Subclass(mc.config("phi3"))) is PHI3_LAYOUT
+    assert layout_for(RemoteQwen2ForCausalLM()) is LLAMA_LAYOUT
+
+
+def test_unsupported_model_raises_one_error_naming_the_families(tmp_path):
+    import transformers
+
+    import tpfuse
+    from tpfuse.errors import TPFuseError
+    from tpfuse.parallel import from_pretrained
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=128))
+    gpt2.save_pretrained(tmp_path)
+    calls = (lambda: tpfuse.parallelize(gpt2, None),
+             lambda: tpfuse.parallelize(transformers.LlamaForSequenceClassification(mc.config("llama")), None),
+             lambda: from_pretrained(str(tmp_path), None, dtype=torch.float32))
+    for call in calls:
+        with pytest.raises(TPFuseError) as e:  # also a ValueError
+            call()
+        assert isinstance(e.value, ValueError)
+        msg = str(e.value)
+        assert all(f in msg for f in ("Llama 2 / 3.x", "Mistral", "Qwen2 / Qwen2.5", "Qwen3", "Phi-3")), msg
+        assert "layout=TPLayout(" in msg, msg

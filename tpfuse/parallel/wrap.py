@@ -281,8 +281,9 @@ def _shard_layers(model, layout: TPLayout, config, tp: int, rank: int) -> Dict[s
 
 def parallelize(model: nn.Module, comm, *, layout: Optional[TPLayout] = None,
                 cache: Optional[KVCacheConfig] = None, plan: Optional[TPLayout] = None) -> nn.Module:
-    """Shard ``model`` (a transformers ``LlamaForCausalLM`` / ``Qwen3ForCausalLM``, or any model ``layout``
-    describes) in place for this rank of ``comm`` and make its forward run through the communicator.
+    """Shard ``model`` (a transformers model of a shipped family - Llama 2 / 3.x, Mistral, Qwen2 / 2.5, Qwen3,
+    Phi-3: :data:`~tpfuse.parallel.FAMILIES`, recognised by :func:`~tpfuse.parallel.layout_for` - or any model
+    ``layout`` describes) in place for this rank of ``comm`` and make its forward run through the communicator.
 
     Returns the same model. Its forward takes Hugging Face arguments - ``input_ids [B, L]`` (or ``[L]``),
     ``attention_mask`` (left or right padding), ``position_ids``, ``cache=`` / ``past_key_values=`` (the
