@@ -106,3 +106,20 @@ def test_unsupported_model_raises_one_error_naming_the_families(tmp_path):
         msg = str(e.value)
         assert all(f in msg for f in ("Llama 2 / 3.x", "Mistral", "Qwen2 / Qwen2.5", "Qwen3", "Phi-3")), msg
         assert "layout=TPLayout(" in msg, msg
+
+
+@pytest.mark.parametrize("arch,over,match", [
+    ("phi3", dict(hidden_size=96, num_attention_heads=4, head_dim=24), "head_dim=24"),  # Phi-3-mini has 96
+    ("phi3", dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5"),  # Phi-4-mini has 0.75
+    ("mistral", dict(sliding_window=16), "sliding-window"),
+])
+def test_recognised_family_with_unsupported_config_raises(arch, over, match):
+    import types
+
+    import tpfuse
+
+    model = mc.build(arch, 0, **over)
+    comm = types.SimpleNamespace(tp=2, rank=0, hidden_size=model.config.hidden_size, dtype=torch.float32,
+                                 device=torch.device("cpu"))
+    with pytest.raises(NotImplementedError, match=match):
+        tpfuse.parallelize(model, comm)

@@ -230,6 +230,10 @@ def _check_supported(model, config, comm) -> None:
     partial = partial if partial is not None else getattr(config, "partial_rotary_factor", 1.0)
     if float(partial) != 1.0:  # e.g. Phi-4-mini (a Phi3ForCausalLM): the RoPE kernels rotate whole heads
         raise NotImplementedError(f"partial_rotary_factor={partial}: tpfuse applies RoPE to the whole head")
+    d = head_dim_of(config)
+    if d & (d - 1) or not 16 <= d <= 256:  # e.g. Phi-3-mini's 96: refused here, before anything is sharded
+        raise NotImplementedError(f"head_dim={d}: tpfuse's RoPE and decode-attention kernels need a power of two in "
+                                  f"16..256")
     if comm.hidden_size != config.hidden_size:
         raise ValueError(f"comm.hidden_size={comm.hidden_size} but the model's hidden_size is {config.hidden_size}")
     fp8 = {id(p) for m in model.modules() if isinstance(m, FP8Linear) for p in (m.weight, m.weight_scale,
