@@ -125,7 +125,7 @@ def test_kv_heads_neither_dividing_raise():
     class Comm:
         tp, rank, hidden_size, dtype, device = 4, 0, 96, torch.float32, torch.device("cpu")
 
-    model = mc.build("llama", 0, hidden_size=96, num_attention_heads=12, num_key_value_heads=6, head_dim=8)
+    model = mc.build("llama", 0, hidden_size=96, num_attention_heads=12, num_key_value_heads=6, head_dim=16)
     with pytest.raises(ValueError, match="num_key_value_heads=6 is not divisible by TP=4"):
         tpfuse.parallelize(model, Comm())
 
