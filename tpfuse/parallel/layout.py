@@ -19,7 +19,7 @@ residual stream) pass ``layout=TPLayout(...)`` with that model's module names. M
 ``row`` / ``heads`` / ``parts`` are relative to one decoder layer and may use :mod:`fnmatch` wildcards
 (``"*.q_proj"``); the other names are attribute paths from the ``*ForCausalLM`` root (``"model.norm"``) or from
 the layer (``"input_layernorm"``). Whether a recognised model's *config* is supported (activation, sliding
-windows, RoPE type) is checked by ``parallelize``.
+windows, RoPE type, head_dim) is checked by ``parallelize``.
 """
 
 from __future__ import annotations

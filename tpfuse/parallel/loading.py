@@ -2,9 +2,9 @@
 
 Each rank reads, for a sharded parameter, only its own slice (rows ``[start, end)`` or columns ``[start, end)``,
 :class:`~tpfuse.parallel.wrap.ShardSpec`; for a module stacking several projections, its rows of each part, in
-order); replicated parameters are read whole. Reads go through one small host
-buffer (:mod:`~tpfuse.parallel.st_reader`) straight into the model's tensors on ``comm.device``, so neither the
-full model nor a full tensor is ever materialised on any rank, and host memory stays about one buffer.
+order); replicated parameters are read whole. Reads go through one small host buffer
+(:mod:`~tpfuse.parallel.st_reader`) straight into the model's tensors on ``comm.device``, so neither the full model
+nor a full tensor is ever materialised on any rank, and host memory stays about one buffer.
 FP8 checkpoints in the compressed-tensors layout (``weight`` e4m3 + ``weight_scale`` [+ ``input_scale``]) load
 into a model converted with :func:`~tpfuse.parallel.quantize_fp8` (what :func:`~tpfuse.parallel.from_pretrained`
 does); the FP8 layers' derived GEMM scales are rebuilt after the load.
