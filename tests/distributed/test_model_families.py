@@ -67,7 +67,6 @@ def test_family_matches_unsharded_hf(arch, world):
     assert max(errs) <= 1e-5, errs
 
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # recognition (raised before any collective: no ranks needed)
 
@@ -114,12 +113,28 @@ def test_unsupported_model_raises_one_error_naming_the_families(tmp_path):
     ("mistral", dict(sliding_window=16), "sliding-window"),
 ])
 def test_recognised_family_with_unsupported_config_raises(arch, over, match):
-    import types
-
     import tpfuse
 
     model = mc.build(arch, 0, **over)
-    comm = types.SimpleNamespace(tp=2, rank=0, hidden_size=model.config.hidden_size, dtype=torch.float32,
-                                 device=torch.device("cpu"))
     with pytest.raises(NotImplementedError, match=match):
-        tpfuse.parallelize(model, comm)
+        tpfuse.parallelize(model, _stub_comm(model))
+
+
+def _stub_comm(model):
+    """What parallelize reads of a communicator before its first collective."""
+    import types
+
+    return types.SimpleNamespace(tp=2, rank=0, hidden_size=model.config.hidden_size, dtype=torch.float32,
+                                 device=torch.device("cpu"))
+
+
+def test_stacked_module_without_parts_raises():
+    import dataclasses
+
+    import tpfuse
+    from tpfuse.parallel import PHI3_LAYOUT
+
+    bad = dataclasses.replace(PHI3_LAYOUT, parts={})  # a contiguous split would give rank 0 only q heads
+    with pytest.raises(ValueError, match=r"qkv_proj holds 3 projections: list their sizes in TPLayout.parts"):
+        model = mc.build("phi3", 0)
+        tpfuse.parallelize(model, _stub_comm(model), layout=bad)
