@@ -17,7 +17,7 @@ ARCHS = {
     # with biases: fused q/k/v and gate/up biases, replicated row biases added once
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(attention_bias=True, mlp_bias=True)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
-    # Llama 3.2: tied embeddings, llama3 RoPE scaling (original 16 positions: every frequency regime is hit)
+    # Llama 3.2: tied embeddings, llama3 RoPE scaling (original 16 positions: one frequency smoothed, the rest scaled)
     "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True, rope_parameters=dict(
         rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
         original_max_position_embeddings=16))),
