@@ -56,7 +56,16 @@ SHAPES = {
                           intermediate_size=28672, rope_theta=500000.0)),
     "Qwen3-32B": ("qwen3", dict(hidden_size=5120, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
                                 intermediate_size=25600, rope_theta=1000000.0)),
+    # families whose layers differ from a row above (Mistral-7B is the 8B row's shape): biased q/k/v, 28 q heads;
+    # fused qkv_proj / gate_up_proj, 40 q / 10 kv heads (TP 2; Phi-3's config derives head_dim = 128, and its
+    # token ids default past VOCAB). Phi-3-mini's head_dim 96 is not supported by the kernels.
+    "Qwen2.5-7B": ("qwen2", dict(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4,
+                                 intermediate_size=18944, rope_theta=1000000.0)),
+    "Phi-3-medium": ("phi3", dict(hidden_size=5120, num_attention_heads=40, num_key_value_heads=10,
+                                  intermediate_size=17920, rope_theta=10000.0, pad_token_id=0, eos_token_id=2)),
 }
+ARCHS = {"llama": "Llama", "qwen3": "Qwen3", "qwen2": "Qwen2", "phi3": "Phi3"}
+"""SHAPES' architectures -> the transformers ``<prefix>ForCausalLM`` / ``<prefix>Config`` they build."""
 VOCAB = 32000
 
 
@@ -82,8 +91,8 @@ def build_model(name: str, layers: int, dev):
     import transformers
 
     arch, shape = SHAPES[name]
-    cls, cfg_cls = ((transformers.LlamaForCausalLM, transformers.LlamaConfig) if arch == "llama"
-                    else (transformers.Qwen3ForCausalLM, transformers.Qwen3Config))
+    prefix = ARCHS[arch]
+    cls, cfg_cls = getattr(transformers, f"{prefix}ForCausalLM"), getattr(transformers, f"{prefix}Config")
     cfg = cfg_cls(vocab_size=VOCAB, num_hidden_layers=layers, max_position_embeddings=32768, rms_norm_eps=1e-5,
                   tie_word_embeddings=False, **shape)
     torch.manual_seed(0)

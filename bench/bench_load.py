@@ -104,8 +104,8 @@ def check_against_safetensors(model, path: str, every: int) -> float:
                 if i % every:
                     continue
                 spec, sl = st.shards.get(name), fh.get_slice(name)
-                ref = fh.get_tensor(name) if spec is None else (
-                    sl[spec.start:spec.end] if spec.dim == 0 else sl[:, spec.start:spec.end])
+                ref = fh.get_tensor(name) if spec is None else torch.cat(
+                    [sl[s:e] if spec.dim == 0 else sl[:, s:e] for s, e in spec.ranges], dim=spec.dim)
                 got = sd[name].cpu()
                 worst = max(worst, float((got.float() - ref.float().reshape(got.shape)).abs().max()))
     return worst

@@ -1,5 +1,6 @@
 """Shard-at-load: ``tpfuse.parallel.from_pretrained`` builds the model on the meta device and reads only this rank's
-slices of a ``save_pretrained`` checkpoint (CPU, gloo, fp32, TP 1 / 2 / 4).
+slices of a ``save_pretrained`` checkpoint (CPU, gloo, fp32, TP 1 / 2 / 4; Llama and Qwen3, and at TP=2 the
+families whose reads differ: Qwen2's biased q/k/v, Phi-3's fused q/k/v and gate/up read by their parts).
 
 Oracle for the shards: the full model built with real weights and ``parallelize``-d (slicing in memory): every
 tensor of the two must be bit-identical, including kv heads replicated when there are fewer than TP. Oracle for
@@ -24,6 +25,7 @@ from cases import make_comm  # noqa: E402
 from harness import run_on_ranks  # noqa: E402
 
 SP_MIN = 8
+ATTN0 = "model.layers.0.self_attn."
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -67,9 +69,8 @@ def _meta_vs_full(rank, world, arch, path, over):
     assert_same_state(loaded, full)
     ids = torch.randint(0, mc.VOCAB, (11,), generator=torch.Generator().manual_seed(3))
     err = _logits_vs_oracle(loaded, mc.oracle(mc.build(arch, 0, **over), ids), ids, f"{arch} TP={world}")
-    out = {"err": err, "k_rows": tuple(loaded.model.layers[0].self_attn.k_proj.weight.shape),
-           "kv_heads": loaded._tpfuse.kv_heads, "k_start": loaded._tpfuse.shards[
-               "model.layers.0.self_attn.k_proj.weight"].start}
+    out = {"err": err, "kv_heads": loaded._tpfuse.kv_heads,
+           "attn": {k[len(ATTN0):]: v for k, v in loaded._tpfuse.shards.items() if k.startswith(ATTN0)}}
     comm.close()
     return out
 
@@ -86,8 +87,19 @@ def test_kv_heads_fewer_than_tp_are_replicated(world, tmp_path):
     # 8 q heads, 2 kv heads at TP=4: ranks 0, 1 keep kv head 0 (their q heads 0-3 use it), ranks 2, 3 kv head 1
     res = run_on_ranks(_meta_vs_full, world, "llama", str(tmp_path / "ckpt"), {"num_key_value_heads": 2})
     assert [r["kv_heads"] for r in res] == [1] * world
-    assert [r["k_start"] for r in res] == [0, 0, 16, 16]
-    assert all(r["k_rows"] == (16, mc.HIDDEN) and r["err"] <= 1e-5 for r in res), res
+    assert [r["attn"]["k_proj.weight"].ranges for r in res] == [((0, 16),)] * 2 + [((16, 32),)] * 2
+    assert all(r["err"] <= 1e-5 for r in res), res
+
+
+@pytest.mark.parametrize("arch,param,ranges", [
+    ("qwen2", "q_proj.bias", [((0, 64),), ((64, 128),)]),  # Qwen2's q/k/v biases are read with their rows
+    # Phi-3, 4 q heads and 2 kv heads of 16: rank r reads q heads 2r, 2r+1, then kv head r of k and of v
+    ("phi3", "qkv_proj.weight", [((0, 32), (64, 80), (96, 112)), ((32, 64), (80, 96), (112, 128))]),
+])
+def test_family_checkpoint_round_trip(arch, param, ranges, tmp_path):
+    res = run_on_ranks(_meta_vs_full, 2, arch, str(tmp_path / "ckpt"), {})
+    assert all(r["err"] <= 1e-5 for r in res), res
+    assert [r["attn"][param].ranges for r in res] == ranges
 
 
 def test_tied_embeddings_stay_tied(tmp_path):
@@ -113,7 +125,7 @@ def test_kv_heads_neither_dividing_raise():
     class Comm:
         tp, rank, hidden_size, dtype, device = 4, 0, 96, torch.float32, torch.device("cpu")
 
-    model = mc.build("llama", 0, hidden_size=96, num_attention_heads=12, num_key_value_heads=6, head_dim=8)
+    model = mc.build("llama", 0, hidden_size=96, num_attention_heads=12, num_key_value_heads=6, head_dim=16)
     with pytest.raises(ValueError, match="num_key_value_heads=6 is not divisible by TP=4"):
         tpfuse.parallelize(model, Comm())
 

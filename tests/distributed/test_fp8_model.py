@@ -106,7 +106,8 @@ def _vs_oracle(rank, world, arch, act, weight):
 @pytest.mark.parametrize("arch,world,act,weight", [("llama", 1, "per_token", "per_channel"),
                                                    ("qwen3", 2, "per_token", "per_tensor"),
                                                    ("llama", 2, "static", "per_tensor"),
-                                                   ("llama", 4, "per_token", "per_channel")])
+                                                   ("llama", 4, "per_token", "per_channel"),
+                                                   ("phi3", 2, "per_token", "per_channel")])  # scales by parts
 def test_fp8_model_matches_oracle(arch, world, act, weight):
     errs = run_on_ranks(_vs_oracle, world, arch, act, weight)
     assert len(errs) == world and all(0 < e for e in errs), errs
@@ -138,7 +139,8 @@ def _checkpoint_round_trip(rank, world, arch, act, weight, path):
 
 @pytest.mark.parametrize("arch,world,act,weight", [("llama", 2, "per_token", "per_channel"),
                                                    ("qwen3", 4, "per_token", "per_tensor"),
-                                                   ("llama", 1, "static", "per_tensor")])
+                                                   ("llama", 1, "static", "per_tensor"),
+                                                   ("phi3", 2, "per_token", "per_channel")])  # read by parts
 def test_compressed_tensors_checkpoint_round_trip(arch, world, act, weight, tmp_path):
     import json
 
@@ -149,7 +151,7 @@ def test_compressed_tensors_checkpoint_round_trip(arch, world, act, weight, tmp_
 
     with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), framework="pt") as fh:
         assert fh.get_tensor("model.layers.0.mlp.down_proj.weight").dtype == torch.float8_e4m3fn
-        ws = fh.get_tensor("model.layers.0.self_attn.q_proj.weight_scale")
-        assert tuple(ws.shape) == ((128, 1) if weight == "per_channel" else (1,))
-        assert ("model.layers.0.self_attn.q_proj.input_scale" in fh.keys()) == (act == "static")
+        q = "model.layers.0.self_attn." + ("qkv_proj" if arch == "phi3" else "q_proj")  # both 128 output rows
+        assert tuple(fh.get_tensor(q + ".weight_scale").shape) == ((128, 1) if weight == "per_channel" else (1,))
+        assert (q + ".input_scale" in fh.keys()) == (act == "static")
         assert fh.get_tensor("lm_head.weight").dtype == DT

@@ -20,32 +20,6 @@ LENGTHS = (7, 3, 5)  # one prompt per row: a batch of different lengths
 DECODE_STEPS = 16
 
 
-def _model(arch, world, **cache_kw):
-    import tpfuse
-    from tpfuse.parallel import KVCacheConfig
-
-    model = mc.build(arch, seed=0)
-    oracle_model = mc.build(arch, seed=0)
-    comm = tpfuse.TPCommunicator(max_tokens=64, hidden_size=mc.HIDDEN, dtype=torch.float32)
-    cfg = KVCacheConfig(max_batch=4, max_seq_len=48, block_size=16, **cache_kw)
-    return tpfuse.parallelize(model, comm, cache=cfg), oracle_model, comm
-
-
-def _prompts(seed=11):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, mc.VOCAB, (n,), generator=g) for n in LENGTHS]
-
-
-def _padded(prompts, left: bool):
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, p in enumerate(prompts):
-        sl = slice(width - len(p), width) if left else slice(0, len(p))
-        ids[b, sl], mask[b, sl] = p, 1
-    return ids, mask
-
-
 def _real(logits_row, mask_row):
     return logits_row[mask_row.bool()]
 
@@ -55,20 +29,20 @@ def _batched(rank, world, arch):
     per row, each row at its own length."""
     from tpfuse.tolerance import assert_close, rel_err
 
-    model, ref_model, comm = _model(arch, world)
-    prompts = _prompts()
+    model, ref_model, comm = mc.tp_model(arch, world)
+    prompts = mc.prompts(LENGTHS)
     g = torch.Generator().manual_seed(3)
     extra = torch.randint(0, mc.VOCAB, (len(prompts), DECODE_STEPS), generator=g)
     refs = [mc.oracle(ref_model, torch.cat([p, extra[b]])) for b, p in enumerate(prompts)]
     errs = []
     for left in (True, False):
-        ids, mask = _padded(prompts, left)
+        ids, mask = mc.padded(prompts, left)
         out = model(ids, attention_mask=mask)
         for b, p in enumerate(prompts):
             errs.append(assert_close(_real(out.logits[b], mask[b]), refs[b][: len(p)], torch.float32, f"row {b}"))
             assert out.logits[b][~mask[b].bool()].abs().max() == 0 if len(p) < ids.shape[1] else True
     singles = [model(p[None]).logits[0] for p in prompts]  # one call per prompt (each a new batch)
-    ids, mask = _padded(prompts, left=True)
+    ids, mask = mc.padded(prompts, left=True)
     out = model(ids, attention_mask=mask)
     for b, p in enumerate(prompts):
         assert rel_err(_real(out.logits[b], mask[b]), singles[b]) <= 1e-6, "batched != separate calls"
@@ -107,8 +81,8 @@ def _generate(rank, world):
     HF model's tokens for a left-padded batch. Sampling: reproducible per seed, identical on every rank."""
     from tpfuse.parallel import generate
 
-    model, ref_model, comm = _model("llama", world)
-    ids, mask = _padded(_prompts(5), left=True)
+    model, ref_model, comm = mc.tp_model("llama", world)
+    ids, mask = mc.padded(mc.prompts(LENGTHS, 5), left=True)
     want = ref_model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     got_hf = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     got = generate(model, ids, mask, max_new_tokens=8).sequences
@@ -134,9 +108,9 @@ def _fp8_cache(rank, world):
     of the oracle (the prefill attends to its fresh bf16/fp32 k, v; decode steps read the quantized cache)."""
     from tpfuse.tolerance import rel_err
 
-    model, ref_model, comm = _model("qwen3", world, dtype=torch.float8_e4m3fn, kv_scale=0.05)
+    model, ref_model, comm = mc.tp_model("qwen3", world, dtype=torch.float8_e4m3fn, kv_scale=0.05)
     assert model._tpfuse.cache_storage().key[0].dtype == torch.float8_e4m3fn
-    p = _prompts()[0]
+    p = mc.prompts(LENGTHS)[0]
     nxt = torch.randint(0, mc.VOCAB, (4,), generator=torch.Generator().manual_seed(2))
     ref = mc.oracle(ref_model, torch.cat([p, nxt]))
     out = model(p[None])
@@ -159,8 +133,8 @@ def _errors(rank, world):
     from tpfuse.errors import TPFuseInputError
     from tpfuse.tolerance import rel_err
 
-    model, ref_model, comm = _model("llama", world)
-    p = _prompts()[0]
+    model, ref_model, comm = mc.tp_model("llama", world)
+    p = mc.prompts(LENGTHS)[0]
     seen = []
 
     def expect(exc, fn):

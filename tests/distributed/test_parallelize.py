@@ -112,7 +112,8 @@ def test_parallelize_matches_unsharded(arch, world, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# a declarative plan for another architecture: Mistral (Llama-shaped; full attention) with wildcard patterns
+# a declarative layout passed by the caller, with wildcard patterns: on Mistral (Llama-shaped; full attention), which
+# also has a shipped layout (test_model_families.py)
 
 
 def _custom_plan(rank, world):

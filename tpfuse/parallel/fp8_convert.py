@@ -3,6 +3,7 @@ describes the result (what ``save_pretrained`` writes and :func:`~tpfuse.paralle
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Dict, Optional
 
 import torch
@@ -47,8 +48,8 @@ def _convert_layer(model, prefix: str, layout: TPLayout, scheme: FP8Scheme, st, 
         _set_path(layer, name, new)
         if st is not None and new.weight_scale.dim() == 2 and full + ".weight" in st.shards:
             w = st.shards[full + ".weight"]
-            if w.dim == 0:  # column-parallel, per channel: the scale rows follow the weight rows
-                st.shards[full + ".weight_scale"] = type(w)(0, w.start, w.end, (w.full_shape[0], 1))
+            if w.dim == 0:  # column-parallel, per channel: the scale rows (and parts) follow the weight rows
+                st.shards[full + ".weight_scale"] = replace(w, full_shape=(w.full_shape[0], 1))
 
 
 def _check_input_scales(model, layout: TPLayout, scheme: FP8Scheme, n_layers: int, input_scales) -> None:

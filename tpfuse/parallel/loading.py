@@ -1,9 +1,10 @@
 """Load a local safetensors checkpoint straight into a parallelized model's per-rank shards.
 
 Each rank reads, for a sharded parameter, only its own slice (rows ``[start, end)`` or columns ``[start, end)``,
-:class:`~tpfuse.parallel.wrap.ShardSpec`); replicated parameters are read whole. Reads go through one small host
-buffer (:mod:`~tpfuse.parallel.st_reader`) straight into the model's tensors on ``comm.device``, so neither the
-full model nor a full tensor is ever materialised on any rank, and host memory stays about one buffer.
+:class:`~tpfuse.parallel.wrap.ShardSpec`; for a module stacking several projections, its rows of each part, in
+order); replicated parameters are read whole. Reads go through one small host buffer
+(:mod:`~tpfuse.parallel.st_reader`) straight into the model's tensors on ``comm.device``, so neither the full model
+nor a full tensor is ever materialised on any rank, and host memory stays about one buffer.
 FP8 checkpoints in the compressed-tensors layout (``weight`` e4m3 + ``weight_scale`` [+ ``input_scale``]) load
 into a model converted with :func:`~tpfuse.parallel.quantize_fp8` (what :func:`~tpfuse.parallel.from_pretrained`
 does); the FP8 layers' derived GEMM scales are rebuilt after the load.
@@ -42,7 +43,10 @@ def _load_one(fh: SafetensorsFile, name: str, dst: torch.Tensor, spec, bad: List
     if full != spec.full_shape:
         bad.append(f"{name}: checkpoint {full}, unsharded model {spec.full_shape}")
         return False
-    fh.read_into(name, dst, spec.dim, spec.start, spec.end)
+    off = 0
+    for start, end in spec.ranges:  # several for a module stacking projections (Phi-3's qkv_proj): one per part
+        fh.read_into(name, dst.narrow(spec.dim, off, end - start), spec.dim, start, end)
+        off += end - start
     return True
 
 

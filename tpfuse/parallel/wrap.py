@@ -3,7 +3,9 @@
 What it does to the model (per rank, in place):
 
 1. **Shards** every module the layout names: column-parallel ``nn.Linear`` keep output-feature range ``rank`` of TP
-   (q/k/v split by heads, GQA kv heads too - or replicated when fewer than TP; gate/up by intermediate features),
+   (q/k/v split by heads, GQA kv heads too - or replicated when fewer than TP; gate/up by intermediate features;
+   a module stacking several projections, Phi-3's ``qkv_proj`` / ``gate_up_proj``, keeps range ``rank`` of each
+   part),
    row-parallel ones keep input-feature range ``rank`` (o_proj, down_proj; a row bias stays whole on every rank and
    is added once, to the residual). Embedding, norms, rotary embedding and lm_head stay replicated. ``model._tpfuse.shards`` records each
    sharded parameter's slice (what :func:`tpfuse.parallel.load_sharded_safetensors` reads).
@@ -24,7 +26,7 @@ final hidden states, which the last fused all-reduce + final norm already produc
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -35,7 +37,7 @@ from .fp8 import FP8Linear
 from .fp8_layer import FP8DecoderLayer
 from .layers import TPDecoderLayer, get_path, link_quant
 from .meta import is_meta, materialize
-from .layout import TPLayout, layout_for, resolve_layout
+from .layout import HEAD_COUNTS, TPLayout, layout_for, resolve_layout
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,19 @@ class ShardSpec:
     """One past the last index kept along ``dim``."""
     full_shape: Tuple[int, ...]
     """Shape of the unsharded parameter (checked against a checkpoint)."""
+    parts: Tuple[Tuple[int, int], ...] = ()
+    """A module stacking several projections (``TPLayout.parts``): this rank's ``[start, end)`` of each part, kept
+    concatenated in this order (``start`` / ``end`` are then the first's start and the last's end); ``()``: one
+    contiguous range."""
+
+    @property
+    def ranges(self) -> Tuple[Tuple[int, int], ...]:
+        """The ``[start, end)`` ranges along ``dim`` this rank holds, in the order it stores them."""
+        return self.parts or ((self.start, self.end),)
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the full tensor ``t`` (a new tensor, contiguous)."""
+        return torch.cat([t.narrow(self.dim, s, e - s) for s, e in self.ranges], dim=self.dim).contiguous()
 
 
 @dataclass
@@ -126,28 +141,59 @@ def local_kv_heads(config, tp: int) -> int:
     return kv // tp if kv % tp == 0 else 1
 
 
-def _shard_linear(mod: nn.Module, name: str, is_col: bool, units, tp: int, rank: int,
+def head_dim_of(config) -> int:
+    """Features per attention head (``config.head_dim``, else ``hidden_size / num_attention_heads``)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _heads_split(n: int, attr: Optional[str], config, tp: int, rank: int, what: str,
+                 column: bool = True) -> Tuple[int, int]:
+    """``_split`` of ``n`` features counted by the head-count attribute ``attr`` (``None``: plain features). Only
+    column-parallel kv heads may be replicated: a replicated row-parallel shard would be summed twice."""
+    units = (attr, int(getattr(config, attr))) if attr is not None else None
+    return _split(n, tp, rank, what, units, replicate=column and attr == "num_key_value_heads")
+
+
+def _column_ranges(mod: nn.Module, name: str, what: str, layout: TPLayout, config, tp: int,
+                   rank: int) -> Tuple[Tuple[int, int], ...]:
+    """This rank's output-feature ranges of the column-parallel module ``name`` (layer-relative): one range, or one
+    per stacked part (``TPLayout.parts``), each part split as if it were a module of its own."""
+    parts = layout.parts_of(name)
+    if parts is None:
+        return (_heads_split(mod.out_features, layout.heads_attr(name), config, tp, rank, what),)
+    ranges, off = [], 0
+    for attr in parts:
+        heads = attr in HEAD_COUNTS
+        n = int(getattr(config, attr)) * (head_dim_of(config) if heads else 1)
+        s, e = _heads_split(n, attr if heads else None, config, tp, rank, f"{what} (part {attr})")
+        ranges.append((off + s, off + e))
+        off += n
+    if off != mod.out_features:
+        raise ValueError(f"{what}: its parts {tuple(parts)} add up to {off} output features, the module has "
+                         f"{mod.out_features}")
+    return tuple(ranges)
+
+
+def _shard_column(mod: nn.Module, name: str, ranges: Tuple[Tuple[int, int], ...],
                   shards: Dict[str, ShardSpec]) -> None:
-    """Keep this rank's part of one ``nn.Linear`` / ``FP8Linear`` (meta tensors: only the shapes change)."""
-    full_w = tuple(mod.weight.shape)
+    """Keep output-feature ``ranges`` of one ``nn.Linear`` / ``FP8Linear``: weight rows, bias, per-channel scale
+    (meta tensors: only the shapes change)."""
+    w_spec = ShardSpec(0, ranges[0][0], ranges[-1][1], tuple(mod.weight.shape), ranges if len(ranges) > 1 else ())
     scale = getattr(mod, "weight_scale", None)  # FP8Linear: [N, 1] per channel (sliced with the rows) or [1]
-    if is_col:
-        s, e = _split(mod.out_features, tp, rank, name, units, replicate=units is not None and
-                      units[0] == "num_key_value_heads")
-        mod.weight = nn.Parameter(mod.weight.detach()[s:e].clone(), requires_grad=False)
-        shards[f"{name}.weight"] = ShardSpec(0, s, e, full_w)
-        if mod.bias is not None:
-            shards[f"{name}.bias"] = ShardSpec(0, s, e, tuple(mod.bias.shape))
-            mod.bias = nn.Parameter(mod.bias.detach()[s:e].clone(), requires_grad=False)
-        if scale is not None and scale.dim() == 2:
-            shards[f"{name}.weight_scale"] = ShardSpec(0, s, e, tuple(scale.shape))
-            mod.weight_scale = nn.Parameter(scale.detach()[s:e].clone(), requires_grad=False)
-        mod.out_features = e - s
-    else:
-        s, e = _split(mod.in_features, tp, rank, name, units)
-        mod.weight = nn.Parameter(mod.weight.detach()[:, s:e].contiguous(), requires_grad=False)
-        shards[f"{name}.weight"] = ShardSpec(1, s, e, full_w)
-        mod.in_features = e - s
+    for attr, t in (("weight", mod.weight), ("bias", mod.bias), ("weight_scale", scale)):
+        if t is None or (attr == "weight_scale" and t.dim() != 2):
+            continue
+        spec = replace(w_spec, full_shape=tuple(t.shape))
+        shards[f"{name}.{attr}"] = spec
+        setattr(mod, attr, nn.Parameter(spec.take(t.detach()), requires_grad=False))
+    mod.out_features = sum(e - s for s, e in ranges)
+
+
+def _shard_row(mod: nn.Module, name: str, start: int, end: int, shards: Dict[str, ShardSpec]) -> None:
+    """Keep input features ``[start, end)`` of one ``nn.Linear`` / ``FP8Linear`` (the weight's columns)."""
+    shards[f"{name}.weight"] = ShardSpec(1, start, end, tuple(mod.weight.shape))
+    mod.weight = nn.Parameter(mod.weight.detach()[:, start:end].contiguous(), requires_grad=False)
+    mod.in_features = end - start
 
 
 def _shard_layer(layer: nn.Module, prefix: str, layout: TPLayout, config, tp: int, rank: int,
@@ -161,9 +207,13 @@ def _shard_layer(layer: nn.Module, prefix: str, layout: TPLayout, config, tp: in
         if not isinstance(mod, (nn.Linear, FP8Linear)):
             raise TypeError(f"{prefix}{name}: only nn.Linear / FP8Linear can be sharded, got {type(mod).__name__}")
         matched.add(name)
-        attr = layout.heads_attr(name)
-        units = (attr, int(getattr(config, attr))) if attr is not None else None
-        _shard_linear(mod, prefix + name, is_col, units, tp, rank, shards)
+        if is_col:
+            _shard_column(mod, prefix + name, _column_ranges(mod, name, prefix + name, layout, config, tp, rank),
+                          shards)
+        else:
+            s, e = _heads_split(mod.in_features, layout.heads_attr(name), config, tp, rank, prefix + name,
+                                column=False)
+            _shard_row(mod, prefix + name, s, e, shards)
 
 
 def _check_supported(model, config, comm) -> None:
@@ -178,6 +228,14 @@ def _check_supported(model, config, comm) -> None:
     if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("dynamic", "longrope"):
         raise NotImplementedError(f"rope_type={rope.get('rope_type', rope.get('type'))!r} depends on the sequence "
                                   f"length; tpfuse evaluates the rotary module once per position")
+    partial = rope.get("partial_rotary_factor", None) if isinstance(rope, dict) else None
+    partial = partial if partial is not None else getattr(config, "partial_rotary_factor", 1.0)
+    if float(partial) != 1.0:  # e.g. Phi-4-mini (a Phi3ForCausalLM): the RoPE kernels rotate whole heads
+        raise NotImplementedError(f"partial_rotary_factor={partial}: tpfuse applies RoPE to the whole head")
+    d = head_dim_of(config)
+    if d & (d - 1) or not 16 <= d <= 256:  # e.g. Phi-3-mini's 96: refused here, before anything is sharded
+        raise NotImplementedError(f"head_dim={d}: tpfuse's RoPE and decode-attention kernels need a power of two in "
+                                  f"16..256")
     if comm.hidden_size != config.hidden_size:
         raise ValueError(f"comm.hidden_size={comm.hidden_size} but the model's hidden_size is {config.hidden_size}")
     fp8 = {id(p) for m in model.modules() if isinstance(m, FP8Linear) for p in (m.weight, m.weight_scale,
@@ -196,6 +254,12 @@ def _check_layout_roles(layout: TPLayout) -> None:
     for p in (layout.o_proj, layout.down_proj):
         if not layout.matches(layout.row, p):
             raise ValueError(f"layout: {p} must be row-parallel")
+    for role, n in ((layout.qkv, 3), (layout.gate_up, 2)):
+        # one module holding all n projections must be split by its parts, or rank 0 would get only q (gate)
+        if len(role) == 1 and len(layout.parts_of(role[0]) or ()) != n:
+            raise ValueError(f"layout: {role[0]} holds {n} projections: list their sizes in TPLayout.parts")
+        if len(role) not in (1, n):
+            raise ValueError(f"layout: {tuple(role)} must name {n} modules, or one module with {n} parts")
 
 
 def _cos_sin_rows(model, layout: TPLayout, n: int, comm) -> torch.Tensor:
@@ -223,8 +287,9 @@ def _shard_layers(model, layout: TPLayout, config, tp: int, rank: int) -> Dict[s
 
 def parallelize(model: nn.Module, comm, *, layout: Optional[TPLayout] = None,
                 cache: Optional[KVCacheConfig] = None, plan: Optional[TPLayout] = None) -> nn.Module:
-    """Shard ``model`` (a transformers ``LlamaForCausalLM`` / ``Qwen3ForCausalLM``, or any model ``layout``
-    describes) in place for this rank of ``comm`` and make its forward run through the communicator.
+    """Shard ``model`` (a transformers model of a shipped family - Llama 2 / 3.x, Mistral, Qwen2 / 2.5, Qwen3,
+    Phi-3: :data:`~tpfuse.parallel.FAMILIES`, recognised by :func:`~tpfuse.parallel.layout_for` - or any model
+    ``layout`` describes) in place for this rank of ``comm`` and make its forward run through the communicator.
 
     Returns the same model. Its forward takes Hugging Face arguments - ``input_ids [B, L]`` (or ``[L]``),
     ``attention_mask`` (left or right padding), ``position_ids``, ``cache=`` / ``past_key_values=`` (the
@@ -254,7 +319,7 @@ def parallelize(model: nn.Module, comm, *, layout: Optional[TPLayout] = None,
     _check_supported(model, config, comm)
     _check_layout_roles(layout)
     tp, rank = comm.tp, comm.rank
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = head_dim_of(config)
     max_seq_len = cache.max_seq_len or min(int(getattr(config, "max_position_embeddings", 4096)), 4096)
 
     model.eval()
