@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Mapping, Optional, Sequence, Tuple
 
+from ..errors import TPFuseInputError, TPFuseTypeError
+
 
 @dataclass(kw_only=True)
 class TPLayout:
@@ -126,7 +128,7 @@ def resolve_layout(layout: Optional[TPLayout], plan: Optional[TPLayout], fn: str
     if plan is None:
         return layout
     if layout is not None:
-        raise TypeError(f"{fn}: pass layout= only (plan= is its deprecated former name)")
+        raise TPFuseTypeError(f"{fn}: pass layout= only (plan= is its deprecated former name)")
     warnings.warn(f"{fn}(plan=...) is deprecated: use layout=", DeprecationWarning, stacklevel=3)
     return plan
 
@@ -135,6 +137,6 @@ def layout_for(model) -> TPLayout:
     """The shipped layout of ``model``'s class, or a :class:`ValueError` naming the classes that have one."""
     name = type(model).__name__
     if name not in LAYOUTS:
-        raise ValueError(f"no shipped TP layout for {name}; pass parallelize(model, comm, layout=TPLayout(...)) "
-                         f"(shipped: {sorted(LAYOUTS)})")
+        raise TPFuseInputError(f"no shipped TP layout for {name}; pass parallelize(model, comm, layout=TPLayout(...)) "
+                               f"(shipped: {sorted(LAYOUTS)})")
     return LAYOUTS[name]

@@ -30,6 +30,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..errors import TPFuseInputError, TPFuseTypeError, TPFuseUnsupportedError
 from .kv_cache import KVCacheConfig, KVStorage
 from .fp8 import FP8Linear
 from .fp8_layer import FP8DecoderLayer
@@ -79,10 +80,13 @@ class TPState:
     (the results are then wrong by design)."""
     last_mode: Optional[str] = None
     """``"decode_graph"``, ``"allreduce"`` or ``"sequence_parallel"``: how the latest forward ran."""
+    entry: str = "parallelize"
+    """The function the user built the model with, named in error messages."""
 
     def _storage(self, cfg: KVCacheConfig, max_seq_len: int) -> KVStorage:
         return KVStorage(cfg, layers=len(self.layers), kv_heads=self.kv_heads, head_dim=self.head_dim,
-                         max_seq_len=max_seq_len, model_dtype=self.comm.dtype, device=self.comm.device)
+                         max_seq_len=max_seq_len, model_dtype=self.comm.dtype, device=self.comm.device,
+                         entry=self.entry)
 
     def cache_storage(self) -> KVStorage:
         if self.storage is None:
@@ -105,15 +109,15 @@ def _split(n: int, tp: int, rank: int, what: str, units: Optional[Tuple[str, int
     if units is not None:
         uname, count = units
         if n % count:
-            raise ValueError(f"{what}: {n} features are not a whole number of {count} heads")
+            raise TPFuseInputError(f"{what}: {n} features are not a whole number of {count} heads")
         if count % tp and replicate and count < tp and tp % count == 0:
             head, step = rank * count // tp, n // count
             return head * step, (head + 1) * step
         if count % tp:
-            raise ValueError(f"{what}: {uname}={count} is not divisible by TP={tp} (heads cannot be split"
-                             f"{'' if not replicate else ', nor replicated: TP is not a multiple of them'})")
+            raise TPFuseInputError(f"{what}: {uname}={count} is not divisible by TP={tp} (heads cannot be split"
+                                   f"{'' if not replicate else ', nor replicated: TP is not a multiple of them'})")
     if n % tp:
-        raise ValueError(f"{what}: {n} features are not divisible by TP={tp}")
+        raise TPFuseInputError(f"{what}: {n} features are not divisible by TP={tp}")
     step = n // tp
     return rank * step, (rank + 1) * step
 
@@ -155,45 +159,50 @@ def _shard_layer(layer: nn.Module, prefix: str, layout: TPLayout, config, tp: in
         if not (is_col or is_row):
             continue
         if is_col and is_row:
-            raise ValueError(f"{prefix}{name} is listed as both column- and row-parallel")
+            raise TPFuseInputError(f"{prefix}{name} is listed as both column- and row-parallel")
         if not isinstance(mod, (nn.Linear, FP8Linear)):
-            raise TypeError(f"{prefix}{name}: only nn.Linear / FP8Linear can be sharded, got {type(mod).__name__}")
+            raise TPFuseTypeError(f"{prefix}{name}: only nn.Linear / FP8Linear can be sharded, got "
+                                  f"{type(mod).__name__}")
         matched.add(name)
         attr = layout.heads_attr(name)
         units = (attr, int(getattr(config, attr))) if attr is not None else None
         _shard_linear(mod, prefix + name, is_col, units, tp, rank, shards)
 
 
-def _check_supported(model, config, comm) -> None:
+def _check_supported(model, config, comm, entry: str) -> None:
     act = getattr(config, "hidden_act", "silu")
     if act not in ("silu", "swish"):
-        raise NotImplementedError(f"hidden_act={act!r}: the tpfuse MLP stage is SiLU·mul only")
+        raise TPFuseUnsupportedError(f"hidden_act={act!r}: the tpfuse MLP stage is SiLU·mul only")
     types_ = getattr(config, "layer_types", None) or []
     window = getattr(config, "sliding_window", None) is not None and not hasattr(config, "use_sliding_window")
     if "sliding_attention" in types_ or getattr(config, "use_sliding_window", False) or window:
-        raise NotImplementedError("sliding-window attention layers are not supported by the tpfuse decoder layer")
+        raise TPFuseUnsupportedError("sliding-window attention layers are not supported by the tpfuse decoder "
+                                     "layer")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("dynamic", "longrope"):
-        raise NotImplementedError(f"rope_type={rope.get('rope_type', rope.get('type'))!r} depends on the sequence "
-                                  f"length; tpfuse evaluates the rotary module once per position")
+        raise TPFuseUnsupportedError(f"rope_type={rope.get('rope_type', rope.get('type'))!r} depends on the sequence "
+                                     f"length; tpfuse evaluates the rotary module once per position")
     if comm.hidden_size != config.hidden_size:
-        raise ValueError(f"comm.hidden_size={comm.hidden_size} but the model's hidden_size is {config.hidden_size}")
+        raise TPFuseInputError(f"comm.hidden_size={comm.hidden_size} but the model's hidden_size is "
+                               f"{config.hidden_size}")
     fp8 = {id(p) for m in model.modules() if isinstance(m, FP8Linear) for p in (m.weight, m.weight_scale,
                                                                              m.input_scale) if p is not None}
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point() and id(p) not in fp8}
     if dtypes != {comm.dtype}:
-        raise ValueError(f"the model's parameters are {sorted(map(str, dtypes))} but comm.dtype is {comm.dtype}: "
-                         f"convert the model (model.to(dtype)) before parallelize")
+        fix = ("pass dtype=comm.dtype to from_pretrained (its default)" if entry == "from_pretrained"
+               else "convert the model (model.to(comm.dtype)) before parallelize")
+        raise TPFuseInputError(f"the model's parameters are {sorted(map(str, dtypes))} but comm.dtype is "
+                               f"{comm.dtype}: {fix}")
 
 
 def _check_layout_roles(layout: TPLayout) -> None:
     """The layout's roles must be sharded the way the tpfuse layer computes them."""
     for p in (*layout.qkv, *layout.gate_up):
         if not layout.matches(layout.column, p):
-            raise ValueError(f"layout: {p} must be column-parallel")
+            raise TPFuseInputError(f"layout: {p} must be column-parallel")
     for p in (layout.o_proj, layout.down_proj):
         if not layout.matches(layout.row, p):
-            raise ValueError(f"layout: {p} must be row-parallel")
+            raise TPFuseInputError(f"layout: {p} must be row-parallel")
 
 
 def _cos_sin_rows(model, layout: TPLayout, n: int, comm) -> torch.Tensor:
@@ -215,7 +224,8 @@ def _shard_layers(model, layout: TPLayout, config, tp: int, rank: int) -> Dict[s
         _shard_layer(layer, f"{layout.layers}.{li}.", layout, config, tp, rank, shards, matched)
         for pat in (*layout.column, *layout.row):
             if not any(layout.matches([pat], n) for n in matched):
-                raise ValueError(f"layout pattern {pat!r} matches no module of layer {li} ({type(layer).__name__})")
+                raise TPFuseInputError(f"layout pattern {pat!r} matches no module of layer {li} "
+                                       f"({type(layer).__name__})")
     return shards
 
 
@@ -238,18 +248,24 @@ def parallelize(model: nn.Module, comm, *, layout: Optional[TPLayout] = None,
     is sharded by shape only, then given uninitialised storage of its shard shapes on ``comm.device``: fill it
     with :func:`~tpfuse.parallel.load_sharded_safetensors`. Decoder linears already converted by
     :func:`~tpfuse.parallel.quantize_fp8` are sharded with their scales and run as FP8 GEMMs."""
+    return shard_and_wrap(model, comm, resolve_layout(layout, plan, "parallelize"), cache, "parallelize")
+
+
+def shard_and_wrap(model: nn.Module, comm, layout: Optional[TPLayout], cache: Optional[KVCacheConfig],
+                   entry: str) -> nn.Module:
+    """:func:`parallelize`'s work; ``entry`` is the public function the user called (named in error messages)."""
     from .forward import tp_forward
+    from .hf_generate import tp_hf_generate
 
     if hasattr(model, "_tpfuse"):
-        raise ValueError("this model is already parallelized")
-    layout = resolve_layout(layout, plan, "parallelize")
+        raise TPFuseInputError(f"{entry}: this model is already parallelized")
     layout = layout if layout is not None else layout_for(model)
     cache = cache if cache is not None else KVCacheConfig()
     if not isinstance(cache, KVCacheConfig):
-        raise TypeError(f"cache must be a tpfuse.parallel.KVCacheConfig, got {type(cache).__name__}")
+        raise TPFuseTypeError(f"cache must be a tpfuse.parallel.KVCacheConfig, got {type(cache).__name__}")
     cache.validate()
     config = model.config
-    _check_supported(model, config, comm)
+    _check_supported(model, config, comm, entry)
     _check_layout_roles(layout)
     tp, rank = comm.tp, comm.rank
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -273,7 +289,10 @@ def parallelize(model: nn.Module, comm, *, layout: Optional[TPLayout] = None,
         link_quant(layers)
         cos_sin = _cos_sin_rows(model, layout, max(max_seq_len, comm.max_tokens), comm)
     state = TPState(comm=comm, layout=layout, layers=layers, cache_config=cache, max_seq_len=max_seq_len,
-                    cos_sin=cos_sin, kv_heads=kv_local, head_dim=head_dim, shards=shards, local=tp == 1)
+                    cos_sin=cos_sin, kv_heads=kv_local, head_dim=head_dim, shards=shards, local=tp == 1,
+                    entry=entry)
     object.__setattr__(model, "_tpfuse", state)
     model.forward = types.MethodType(tp_forward, model)
+    if hasattr(model, "generate"):  # transformers' generate(), made rank-consistent (tpfuse.parallel.hf_generate)
+        model.generate = types.MethodType(tp_hf_generate, model)
     return model
