@@ -8,8 +8,8 @@ broadcasts that generation uses.
   :class:`~tpfuse.errors.TPFuseMismatchError` before any other collective of the call, so ranks handed different
   prompts fail together instead of aborting inside the backend or computing from different prompts; the next
   matching call runs normally. Decode steps are not checked: they stay free of host reads and extra collectives.
-  Cost: one all-reduce of 16 int64 and one host read of the result per prefill (about 0.1-0.3 ms on 2 CPU ranks
-  over gloo, ``tests/distributed/test_rank_sync.py`` prints it).
+  Cost: one all-reduce of 16 int64 and one host read of the result per prefill; on 2 CPU ranks over gloo about
+  1 ms, mostly the all-reduce's latency (``tests/distributed/test_rank_sync.py`` prints it).
 * :func:`broadcast_from_first` - a tensor from the group's first rank to all (what ``generate`` does with the
   chosen tokens, and transformers' ``generate`` with the scores, see :mod:`~tpfuse.parallel.hf_generate`).
 
@@ -66,7 +66,8 @@ def check_same_call(comm, ids2: torch.Tensor, attention_mask: Optional[torch.Ten
     sig = call_signature(ids2, attention_mask, cached, collective_device(comm))
     both = torch.cat([sig, -sig])
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=comm.group)
-    hi, neg_lo = both.tolist()[: len(FIELDS)], both.tolist()[len(FIELDS):]
+    got = both.tolist()
+    hi, neg_lo = got[: len(FIELDS)], got[len(FIELDS):]
     differ = [f for f, a, b in zip(FIELDS, hi, neg_lo) if a != -b]
     if differ:
         mine = sig.tolist()
