@@ -94,8 +94,106 @@ def test_tuner_rejects_bad_arguments_before_any_rank():
 
 
 def test_generate_cli_prints_speed_and_rejects_bad_args():
-    out = _run([sys.executable, "-m", "tpfuse.generate_cli", "--batch", "2", "--prompt-len", "6", "--new-tokens", "5"])
-    assert "ms/step" in out and "tokens/s" in out and "KV cache" in out, out
+    p = subprocess.run([sys.executable, "-m", "tpfuse.generate_cli", "--batch", "2", "--prompt-len", "6",
+                        "--new-tokens", "5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = p.stdout
+    assert p.returncode == 0 and "ms/step" in out and "tokens/s" in out and "KV cache" in out, p
+    assert "5 new tokens per sequence" in out and "over 4 steps" in out, out
+    assert "5/5 new tokens" in p.stderr, p.stderr  # the progress bar counts the tokens asked for
     bad = subprocess.run([sys.executable, "-m", "tpfuse.generate_cli", "--new-tokens", "0"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--new-tokens must be >= 1" in bad.stderr, bad
+
+
+WORDS = "the cat sat on a mat dog ran far away big red blue sun moon sky and then it was".split()
+
+
+def _text_checkpoint(path):
+    """A tiny Llama and a word-level tokenizer (with a chat template) saved in ``path``, nothing downloaded; returns
+    the unsharded model and the tokenizer. The EOS row of lm_head is zero so generations run their full length."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[EOS]", "<user>", "<bot>", *WORDS])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]",
+                                               eos_token="[EOS]")
+    tok.chat_template = ("{% for m in messages %}<user> {{ m['content'] }} {% endfor %}"
+                         "{% if add_generation_prompt %}<bot>{% endif %}")
+    tok.save_pretrained(path)
+    cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, eos_token_id=2,
+                                   pad_token_id=0, bos_token_id=None, max_position_embeddings=128,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.normal_(0, 0.5)
+        model.lm_head.weight[2] = 0
+    model.save_pretrained(path)
+    return model, tok
+
+
+def _expected(model, tok, prompts, chat, new):
+    """The unsharded transformers model's greedy completions, decoded."""
+    tok.padding_side = "left"
+    if chat:
+        prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                           tokenize=False) for p in prompts]
+    enc = tok(prompts, padding=True, return_tensors="pt", add_special_tokens=not chat)
+    out = model.generate(**enc, max_new_tokens=new, do_sample=False, pad_token_id=0)
+    return [tok.decode(r, skip_special_tokens=True) for r in out[:, enc["input_ids"].shape[1]:]]
+
+
+def test_generate_cli_text_in_text_out(tmp_path):
+    pytest.importorskip("transformers")
+    path = str(tmp_path / "ckpt")
+    model, tok = _text_checkpoint(path)
+    want = _expected(model, tok, ["the cat sat on"], False, 6)[0]
+    out = _run([sys.executable, "-m", "tpfuse.generate_cli", "--model-dir", path, "--prompt", "the cat sat on",
+                "--new-tokens", "6"])
+    lines = out.splitlines()
+    assert "TP=1" in lines[0] and "float32" in lines[0], out  # dtype auto: the checkpoint's
+    assert lines[1] == want and len(want.split()) == 6, (out, want)  # the streamed text, as transformers makes it
+    assert "6 new tokens per sequence" in lines[2] and "ms/step" in lines[2] and "tokens/s" in lines[2], out
+
+
+def test_generate_cli_chat_batch_under_launcher_tp2(tmp_path):
+    pytest.importorskip("transformers")
+    path = str(tmp_path / "ckpt")
+    model, tok = _text_checkpoint(path)
+    prompts = ["the cat sat on", "big red sun"]
+    (tmp_path / "prompts.txt").write_text(f"{prompts[0]}\n\n{prompts[1]}\n")
+    want = _expected(model, tok, prompts, True, 5)
+    out = _run(["bash", "launch/run.sh", "-n", "2", "-m", "tpfuse.generate_cli", "--model-dir", path, "--chat",
+                "--prompts-file", str(tmp_path / "prompts.txt"), "--new-tokens", "5", "--dtype", "fp32"])
+    assert "TP=2" in out and "batch 2" in out, out
+    for i, (p, w) in enumerate(zip(prompts, want)):
+        assert f"[{i}] {p}\n    -> {w}\n" in out, (out, want)
+    assert "5 new tokens per sequence" in out, out
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--prompt", "hi"], "text mode (--prompt / --prompts-file) needs --model-dir"),
+    (["--chat"], "--chat needs --prompt or --prompts-file"),
+    (["--prompts-file", "/nonexistent/p.txt"], "--prompts-file /nonexistent/p.txt: No such file or directory"),
+    (["--dtype", "int8"], "argument --dtype: invalid choice"),
+])
+def test_generate_cli_rejects_bad_text_args(args, msg):
+    p = subprocess.run([sys.executable, "-m", "tpfuse.generate_cli", *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and msg in p.stderr and p.stdout == "", p
+
+
+def test_generate_cli_help_shows_defaults_in_plain_text():
+    p = subprocess.run([sys.executable, "-m", "tpfuse.generate_cli", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0 and "usage: tpfuse-generate" in p.stdout, p
+    assert "``" not in p.stdout and ":func:" not in p.stdout, p.stdout
+    flat = " ".join(p.stdout.split())
+    assert flat.count("(default: ") == 12, p.stdout  # every option but --help has a help text and its default
+    for default in ("(default: 64)", "(default: auto)", "(default: tiny)", "(default: 32)", "(default: 4)"):
+        assert default in flat, (default, p.stdout)

@@ -10,8 +10,13 @@ Every exception tpfuse raises on purpose derives from :class:`TPFuseError`::
 
     TPFuseError (RuntimeError)
     +-- TPFuseInputError (also ValueError)      bad argument, shape, dtype, device, config
+    |   +-- TPFuseTypeError (also TypeError)    an argument of the wrong type
     |   +-- ThresholdsError                     malformed thresholds table (names the file, row and field)
-    +-- TPFuseMismatchError                     ranks made different calls (debug mode)
+    +-- TPFuseUnsupportedError (also NotImplementedError)   a model feature or call form tpfuse does not run
+    +-- TPFuseCheckpointError (also OSError)    a checkpoint directory or file is missing or unreadable
+    |   +-- TPFuseCheckpointNotFound (also FileNotFoundError)
+    +-- TPFuseMismatchError                     ranks made different calls (debug mode; a parallelized model's
+    |                                           prefill calls always)
     +-- TPFuseClosedError                       use after close()
     +-- TPFusePeerError                         a peer failed: the communicator is broken from then on
         +-- TPFusePeerTimeout                   ... by not arriving within CommConfig.timeout_s
@@ -26,8 +31,25 @@ class TPFuseInputError(TPFuseError, ValueError):
     """A tensor or argument does not satisfy an op's contract (shape, dtype, device, layout)."""
 
 
+class TPFuseTypeError(TPFuseInputError, TypeError):
+    """An argument has the wrong type."""
+
+
+class TPFuseUnsupportedError(TPFuseError, NotImplementedError):
+    """The model or the call uses a feature tpfuse does not implement (the message names it)."""
+
+
+class TPFuseCheckpointError(TPFuseError, OSError):
+    """A checkpoint directory or file is missing, incomplete or unreadable (the message names the path)."""
+
+
+class TPFuseCheckpointNotFound(TPFuseCheckpointError, FileNotFoundError):
+    """A checkpoint directory or file does not exist (tpfuse reads local directories only, never the hub)."""
+
+
 class TPFuseMismatchError(TPFuseError):
-    """Ranks of one TP group called the communicator with different arguments (detected in debug mode)."""
+    """Ranks of one TP group made different calls: the communicator's ops in debug mode, a parallelized model's
+    prefill calls always (their batch, lengths and token ids are compared before the first collective)."""
 
 
 class TPFuseClosedError(TPFuseError):

@@ -2,8 +2,10 @@
 
 Per call: the padded ``[B, L]`` inputs are packed (:mod:`~tpfuse.parallel.batch`); a decode step (one token per
 row, with a KV cache, on CUDA) replays the bucket's CUDA graph (:mod:`~tpfuse.parallel.graphs`); anything else runs
-eagerly, in the all-reduce or the sequence-parallel form that ``comm.plan(T)`` picks. Every check that can reject
-a call runs before the first collective, on every rank alike (all ranks get the same inputs).
+eagerly, in the all-reduce or the sequence-parallel form that ``comm.plan(T)`` picks. At TP > 1 a prefill first
+compares the ranks' calls in one small collective (:func:`~tpfuse.parallel.rank_sync.check_same_call`): ranks given
+different inputs all raise ``TPFuseMismatchError``. Every other check that can reject a call runs after that and
+before the first collective of the model, on every rank alike (the ranks' inputs are then known to be the same).
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from typing import Optional
 import torch
 
 from .. import ops
-from ..errors import TPFuseInputError
+from ..errors import TPFuseInputError, TPFuseUnsupportedError
 from ..sharding import shard_range
 from .batch import StepMeta, pack
 from .kv_cache import TPKVCache
 from .layers import StepContext, get_path, norm_eps
+from .rank_sync import check_same_call
 
 _IGNORED = ("cache_position",)  # generate() may pass it; we track positions per row ourselves
 
@@ -71,7 +74,7 @@ def _resolve_cache(st, given, use_cache: Optional[bool], batch: int, config) -> 
 def _keep_rows(call, logits_to_keep) -> Optional[torch.Tensor]:
     """Packed indices whose logits are returned (``None``: all); positions ``>= L - k`` of every row."""
     if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
-        raise NotImplementedError(f"logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
+        raise TPFuseUnsupportedError(f"logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
     k = logits_to_keep
     if k == 0 or k >= call.width:
         return None
@@ -140,18 +143,20 @@ def tp_forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: O
     st = self._tpfuse
     for k, v in kwargs.items():
         if v is not None and v is not False and k not in _IGNORED:
-            raise NotImplementedError(f"parallelized forward does not support {k}={v!r}")
+            raise TPFuseUnsupportedError(f"parallelized forward does not support {k}={v!r}")
     if inputs_embeds is not None:
-        raise NotImplementedError("parallelized forward takes input_ids, not inputs_embeds")
+        raise TPFuseUnsupportedError("parallelized forward takes input_ids, not inputs_embeds")
     if input_ids is None or input_ids.dim() not in (1, 2) or input_ids.numel() == 0:
         raise TPFuseInputError("input_ids must be a non-empty [batch, tokens] (or [tokens]) tensor")
     flat = input_ids.dim() == 1
     ids2 = input_ids[None] if flat else input_ids
     if flat and position_ids is not None and position_ids.dim() == 1:
         position_ids = position_ids[None]
+    given = cache if cache is not None else past_key_values
     with torch.no_grad():
-        handle = _resolve_cache(st, cache if cache is not None else past_key_values, use_cache, ids2.shape[0],
-                                self.config)
+        if not st.local and not (isinstance(given, TPKVCache) and ids2.shape[1] == 1):  # a prefill at TP > 1
+            check_same_call(st.comm, ids2, attention_mask, given.lengths if isinstance(given, TPKVCache) else [])
+        handle = _resolve_cache(st, given, use_cache, ids2.shape[0], self.config)
         call = pack(ids2, attention_mask, position_ids, handle, st.comm.device)
         if call.meta.num_tokens > st.comm.max_tokens:
             raise TPFuseInputError(f"the call has {call.meta.num_tokens} real tokens, more than the communicator's "

@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..errors import TPFuseInputError, TPFuseUnsupportedError
 from .. import quant as q
 
 ACTIVATIONS = ("per_token", "static")
@@ -45,12 +46,12 @@ class FP8Scheme:
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+            raise TPFuseInputError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.weight not in WEIGHTS:
-            raise ValueError(f"weight must be one of {WEIGHTS}, got {self.weight!r}")
+            raise TPFuseInputError(f"weight must be one of {WEIGHTS}, got {self.weight!r}")
         if self.activation == "static" and self.weight == "per_channel":
-            raise NotImplementedError("static activation scales need per-tensor weight scales: torch._scaled_mm has "
-                                      "no per-tensor x row-wise form (use activation='per_token' with per_channel)")
+            raise TPFuseUnsupportedError("static activation scales need per-tensor weight scales: torch._scaled_mm has "
+                                         "no per-tensor x row-wise form (use activation='per_token' with per_channel)")
 
 
 class FP8Linear(nn.Module):

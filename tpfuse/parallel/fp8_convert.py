@@ -9,6 +9,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 
+from ..errors import TPFuseInputError, TPFuseUnsupportedError
 from .fp8 import FP8Linear, FP8Scheme, from_linear, weight_amax
 from .layers import get_path, link_quant
 from .layout import TPLayout, layout_for, resolve_layout
@@ -37,13 +38,13 @@ def _convert_layer(model, prefix: str, layout: TPLayout, scheme: FP8Scheme, st, 
     for name in (*layout.qkv, *layout.gate_up, layout.o_proj, layout.down_proj):
         lin = get_path(layer, name)
         if isinstance(lin, FP8Linear):
-            raise ValueError(f"{prefix}{name} is already FP8")
+            raise TPFuseInputError(f"{prefix}{name} is already FP8")
         full = prefix + name
         new = from_linear(lin, scheme, _amax(lin, full, scheme, st))
         if scheme.activation == "static" and not new.weight.is_meta:
             if input_scales is None or full not in input_scales:
-                raise ValueError(f"activation='static' needs input_scales[{full!r}] (calibrate_input_scales on the "
-                                 f"unsharded model), or an FP8 checkpoint that has them")
+                raise TPFuseInputError(f"activation='static' needs input_scales[{full!r}] (calibrate_input_scales "
+                                       f"on the unsharded model), or an FP8 checkpoint that has them")
             new.input_scale.data.copy_(torch.as_tensor(input_scales[full], dtype=torch.float32).reshape(1))
         _set_path(layer, name, new)
         if st is not None and new.weight_scale.dim() == 2 and full + ".weight" in st.shards:
@@ -61,8 +62,9 @@ def _check_input_scales(model, layout: TPLayout, scheme: FP8Scheme, n_layers: in
              for n in (*layout.qkv, *layout.gate_up, layout.o_proj, layout.down_proj)]
     missing = [n for n in names if input_scales is None or n not in input_scales]
     if missing:
-        raise ValueError(f"activation='static' needs input_scales for every decoder linear (calibrate_input_scales "
-                         f"on the unsharded model); missing {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+        raise TPFuseInputError(f"activation='static' needs input_scales for every decoder linear "
+                               f"(calibrate_input_scales on the unsharded model); missing {missing[:3]}"
+                               f"{' ...' if len(missing) > 3 else ''}")
 
 
 def quantize_fp8(model: nn.Module, *, activation: str = "per_token", weight: str = "per_channel",
@@ -146,12 +148,12 @@ def scheme_from_config(qc) -> Optional[FP8Scheme]:
     qc = qc if isinstance(qc, dict) else qc.to_dict()
     groups = list((qc.get("config_groups") or {}).values())
     if qc.get("quant_method") != "compressed-tensors" or len(groups) != 1:
-        raise NotImplementedError(f"quantization_config {qc.get('quant_method')!r}: tpfuse loads compressed-tensors "
-                                  f"FP8 checkpoints with one config group only")
+        raise TPFuseUnsupportedError(f"quantization_config {qc.get('quant_method')!r}: tpfuse loads compressed-tensors "
+                                     f"FP8 checkpoints with one config group only")
     w, a = groups[0].get("weights") or {}, groups[0].get("input_activations") or {}
     ok = (w.get("num_bits"), w.get("type"), a.get("num_bits"), a.get("type")) == (8, "float", 8, "float")
     if not ok or w.get("strategy") not in ("channel", "tensor") or a.get("strategy") not in ("token", "tensor"):
-        raise NotImplementedError(f"compressed-tensors scheme weights={w}, input_activations={a}: tpfuse runs FP8 "
-                                  f"weights per channel / per tensor with per-token or static per-tensor inputs")
+        raise TPFuseUnsupportedError(f"compressed-tensors scheme weights={w}, input_activations={a}: tpfuse runs FP8 "
+                                     f"weights per channel / per tensor with per-token or static per-tensor inputs")
     return FP8Scheme(activation="per_token" if a.get("dynamic") else "static",
                      weight="per_channel" if w["strategy"] == "channel" else "per_tensor")

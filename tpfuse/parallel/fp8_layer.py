@@ -24,6 +24,7 @@ from typing import List, Optional
 
 import torch
 
+from ..errors import TPFuseInputError
 from .. import ops
 from .. import quant as q
 from .. import scaled_gemm
@@ -90,8 +91,8 @@ class FP8DecoderLayer(TPDecoderLayer):
 
     def refuse(self) -> None:
         if self.post_norm.weight.dtype != torch.bfloat16:
-            raise ValueError(f"FP8 layers need a bf16 model (torch._scaled_mm writes bf16), got "
-                             f"{self.post_norm.weight.dtype}: convert the model with .to(torch.bfloat16) first")
+            raise TPFuseInputError(f"FP8 layers need a bf16 model (torch._scaled_mm writes bf16), got "
+                                   f"{self.post_norm.weight.dtype}: convert the model with .to(torch.bfloat16) first")
         self._mm = scaled_gemm.mm_for(self._o.weight.device)
         self._g = {"qkv": build_gemm(self._qkv_mods), "gate_up": build_gemm(self._gate_up_mods),
                    "o": build_gemm([self._o]), "down": build_gemm([self._down])}

@@ -12,13 +12,13 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 
-from .. import collectives
 from ..errors import TPFuseInputError
+from .hf_generate import check_room
+from .rank_sync import broadcast_from_first
 
 
 @dataclass
@@ -59,7 +59,7 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int,
     return torch.multinomial(x.softmax(-1), 1, generator=gen).squeeze(1)
 
 
-def _check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p) -> None:
+def _check_args(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p) -> None:
     if getattr(model, "_tpfuse", None) is None:
         raise TPFuseInputError("generate needs a model wrapped by tpfuse.parallelize")
     if input_ids.dim() != 2:
@@ -69,14 +69,16 @@ def _check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p) -> 
     if not (temperature > 0 and top_k >= 0 and 0 < top_p <= 1):
         raise TPFuseInputError(f"need temperature > 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, "
                                f"{top_p}")
+    check_room(model._tpfuse, input_ids, attention_mask, max_new_tokens, "generate")
 
 
 class _Progress:
-    """A one-line progress bar on stderr (rank 0 only), redrawn every ~5% of the steps after a device sync, so the
-    rate it shows is the GPU's, not the host's queueing rate."""
+    """A one-line progress bar on stderr (rank 0 only) counting new tokens (the prefill makes the first, each decode
+    step one more), redrawn every ~5% after a device sync, so the rate it shows is the GPU's, not the host's
+    queueing rate."""
 
     def __init__(self, total: int, enabled: bool, device):
-        self.total, self.enabled, self.device = total, enabled and total > 0, device
+        self.total, self.enabled, self.device = total, enabled and total > 1, device
         self.every = max(1, total // 20) if sys.stderr.isatty() else total  # a log file gets the last line only
         self.t0 = time.perf_counter()
 
@@ -87,7 +89,7 @@ class _Progress:
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - self.t0
         bar = "#" * (30 * done // self.total)
-        print(f"\r[{bar:<30}] {done}/{self.total} steps, {dt / max(done, 1) * 1e3:.2f} ms/step", end="",
+        print(f"\r[{bar:<30}] {done}/{self.total} new tokens, {dt / max(done - 1, 1) * 1e3:.2f} ms/step", end="",
               file=sys.stderr, flush=True)
         if done == self.total:
             print(file=sys.stderr, flush=True)
@@ -96,28 +98,32 @@ class _Progress:
 def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *, max_new_tokens: int,
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_token_id: Optional[int] = None, pad_token_id: int = 0, seed: int = 0, check_every: int = 16,
-             progress: bool = False) -> GenerateOutput:
+             progress: bool = False, on_token: Optional[Callable[[torch.Tensor], None]] = None) -> GenerateOutput:
     """Generate up to ``max_new_tokens`` tokens for each row of ``input_ids [B, L]`` (left-padded prompts with
     ``attention_mask``, or unpadded ones). Greedy, or sampling (``temperature``, ``top_k``, ``top_p``; ``seed``
     seeds the device generator, identically on every rank). Stops early when every row produced ``eos_token_id``.
+    ``on_token``: called with each step's new tokens ``[B]`` (on the device) as soon as they are chosen, e.g. to
+    stream text; reading them syncs the host with the device every step, so leave it out when timing.
     Collective: call on every rank with the same arguments."""
-    _check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p)
+    _check_args(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
     comm = model._tpfuse.comm
     dev = comm.device
     gen = torch.Generator(device=dev).manual_seed(seed) if do_sample else None
-    src = dist.get_global_rank(comm.group, 0) if comm.tp > 1 else None
-    pick = (lambda lg: _share(_pick(lg, do_sample, temperature, top_k, top_p, gen), comm, src))
+    shared = comm.tp > 1
+    pick = (lambda lg: _share(_pick(lg, do_sample, temperature, top_k, top_p, gen), comm, shared))
     _sync(dev)
     t0 = time.perf_counter()
     out = model(input_ids.to(dev), attention_mask=None if attention_mask is None else attention_mask.to(dev),
                 logits_to_keep=1)
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
     tok = pick(out.logits[:, -1])
+    if on_token is not None:
+        on_token(tok)
     _sync(dev)
     t1 = time.perf_counter()
     done = torch.zeros_like(tok, dtype=torch.bool)
     toks = [tok]
-    bar = _Progress(max_new_tokens - 1, progress and comm.rank == 0, dev)
+    bar = _Progress(max_new_tokens, progress and comm.rank == 0, dev)
     for i in range(1, max_new_tokens):
         if eos_token_id is not None:
             done |= tok == eos_token_id
@@ -127,7 +133,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
         if eos_token_id is not None:
             tok = tok.masked_fill(done, pad_token_id)
         toks.append(tok)
-        bar.update(i)
+        if on_token is not None:
+            on_token(tok)
+        bar.update(i + 1)
     _sync(dev)
     t2 = time.perf_counter()
     new = torch.stack(toks, dim=1)
@@ -135,10 +143,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
                           prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3)
 
 
-def _share(tok: torch.Tensor, comm, src) -> torch.Tensor:
-    if src is not None:
-        collectives.broadcast_(tok, src, comm.group, backend=comm.backend)
-    return tok
+def _share(tok: torch.Tensor, comm, shared: bool) -> torch.Tensor:
+    return broadcast_from_first(comm, tok) if shared else tok
 
 
 def _sync(dev) -> None:

@@ -79,8 +79,10 @@ class KVStorage:
     """The cache tensors of one parallelized model (see the module docstring for the layout)."""
 
     def __init__(self, cfg: KVCacheConfig, *, layers: int, kv_heads: int, head_dim: int, max_seq_len: int,
-                 model_dtype: torch.dtype, device: torch.device):
+                 model_dtype: torch.dtype, device: torch.device, entry: str = "parallelize"):
         self.cfg, self.device = cfg, device
+        self.entry = entry
+        """The function the user built the model with (``parallelize`` / ``from_pretrained``), named in errors."""
         self.block_size = cfg.block_size
         self.max_batch, self.max_seq_len = cfg.max_batch, max_seq_len
         self.blocks_per_seq = -(-max_seq_len // cfg.block_size)
@@ -146,7 +148,7 @@ class KVStorage:
         at :meth:`activate`, once the call that starts it has passed every check."""
         if batch > self.max_batch:
             raise TPFuseInputError(f"a batch of {batch} sequences does not fit the KV cache: KVCacheConfig."
-                                   f"max_batch={self.max_batch} (pass parallelize(..., cache=KVCacheConfig("
+                                   f"max_batch={self.max_batch} (pass {self.entry}(..., cache=KVCacheConfig("
                                    f"max_batch=...)))")
         return TPKVCache(self, batch, None)
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import TPFuseInputError
 from .. import ops
 from .. import rope as tp_rope
 from .batch import StepMeta
@@ -51,7 +52,7 @@ def norm_eps(norm: nn.Module) -> float:
     for attr in ("variance_epsilon", "eps"):
         if hasattr(norm, attr):
             return float(getattr(norm, attr))
-    raise ValueError(f"{type(norm).__name__} has no variance_epsilon / eps attribute: is it an RMSNorm?")
+    raise TPFuseInputError(f"{type(norm).__name__} has no variance_epsilon / eps attribute: is it an RMSNorm?")
 
 
 @dataclass

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Mapping, Optional, Sequence, Tuple
 
-from ..errors import TPFuseInputError
+from ..errors import TPFuseInputError, TPFuseTypeError
 
 
 @dataclass(kw_only=True)
@@ -199,7 +199,7 @@ def resolve_layout(layout: Optional[TPLayout], plan: Optional[TPLayout], fn: str
     if plan is None:
         return layout
     if layout is not None:
-        raise TypeError(f"{fn}: pass layout= only (plan= is its deprecated former name)")
+        raise TPFuseTypeError(f"{fn}: pass layout= only (plan= is its deprecated former name)")
     warnings.warn(f"{fn}(plan=...) is deprecated: use layout=", DeprecationWarning, stacklevel=3)
     return plan
 

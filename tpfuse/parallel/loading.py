@@ -18,6 +18,7 @@ from typing import List
 
 import torch
 
+from ..errors import TPFuseCheckpointNotFound, TPFuseInputError
 from .st_reader import SafetensorsFile
 
 
@@ -25,10 +26,10 @@ def _files(path: str) -> List[str]:
     if os.path.isdir(path):
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
         if not files:
-            raise FileNotFoundError(f"no *.safetensors file in {path}")
+            raise TPFuseCheckpointNotFound(f"no *.safetensors file in {path}")
         return files
     if not os.path.isfile(path):
-        raise FileNotFoundError(path)
+        raise TPFuseCheckpointNotFound(path)
     return [path]
 
 
@@ -60,10 +61,10 @@ def load_sharded_safetensors(model, path: str, comm, *, strict: bool = True) -> 
     both), or a full shape that differs from the model's unsharded shape raises. Returns the names loaded."""
     st = getattr(model, "_tpfuse", None)
     if st is None:
-        raise ValueError("load_sharded_safetensors needs a parallelized model: call tpfuse.parallelize first")
+        raise TPFuseInputError("load_sharded_safetensors needs a parallelized model: call tpfuse.parallelize first")
     if comm is not st.comm and (comm.rank, comm.tp) != (st.comm.rank, st.comm.tp):
-        raise ValueError(f"comm (rank {comm.rank}/{comm.tp}) is not the communicator the model was parallelized "
-                         f"with (rank {st.comm.rank}/{st.comm.tp})")
+        raise TPFuseInputError(f"comm (rank {comm.rank}/{comm.tp}) is not the communicator the model was parallelized "
+                               f"with (rank {st.comm.rank}/{st.comm.tp})")
     sd = model.state_dict(keep_vars=True)
     loaded, unexpected, bad = [], [], []
     with torch.no_grad():
@@ -77,12 +78,12 @@ def load_sharded_safetensors(model, path: str, comm, *, strict: bool = True) -> 
         for layer in st.layers:
             layer.after_load()
     if bad:
-        raise ValueError("shape mismatch between checkpoint and model:\n  " + "\n  ".join(bad))
+        raise TPFuseInputError("shape mismatch between checkpoint and model:\n  " + "\n  ".join(bad))
     if strict:
         # tied parameters are the same tensor (same address and shape); fused q/k/v slices share a storage but
         # not an address, so a missing k_proj is still reported
         got = {(sd[n].data_ptr(), tuple(sd[n].shape)) for n in loaded}
         missing = [n for n in sd if n not in loaded and (sd[n].data_ptr(), tuple(sd[n].shape)) not in got]
         if missing or unexpected:
-            raise ValueError(f"checkpoint {path}: missing {missing}, unexpected {unexpected}")
+            raise TPFuseInputError(f"checkpoint {path}: missing {missing}, unexpected {unexpected}")
     return loaded

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..errors import TPFuseInputError, TPFuseUnsupportedError
 from .layers import get_path
 
 
@@ -20,8 +21,8 @@ def is_meta(model: nn.Module) -> bool:
     """Whether ``model``'s parameters are on the meta device (all of them; a mix raises)."""
     flags = {p.is_meta for p in model.parameters()}
     if len(flags) > 1:
-        raise ValueError("the model has parameters both on the meta device and materialised; build it entirely on "
-                         "the meta device (with torch.device('meta')) or entirely with real weights")
+        raise TPFuseInputError("the model has parameters both on the meta device and materialised; build it "
+                               "entirely on the meta device (with torch.device('meta')) or entirely with real weights")
     return flags == {True}
 
 
@@ -31,8 +32,8 @@ def check_buffers(model: nn.Module, rotary: str) -> None:
         inside = mname == rotary or mname.startswith(rotary + ".")
         for b in getattr(mod, "_non_persistent_buffers_set", ()):
             if not inside:
-                raise NotImplementedError(f"meta-device model: non-persistent buffer {mname}.{b} is not in any "
-                                          f"checkpoint and tpfuse does not know how to compute it")
+                raise TPFuseUnsupportedError(f"meta-device model: non-persistent buffer {mname}.{b} is not in any "
+                                             f"checkpoint and tpfuse does not know how to compute it")
 
 
 def _tied_groups(model: nn.Module):

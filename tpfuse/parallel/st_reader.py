@@ -20,6 +20,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from ..errors import TPFuseCheckpointError, TPFuseUnsupportedError
+
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
@@ -59,7 +61,7 @@ class SafetensorsFile:
     def dtype(self, name: str) -> torch.dtype:
         code = self._meta[name]["dtype"]
         if code not in DTYPES:
-            raise NotImplementedError(f"{self.path}: tensor {name} has dtype {code}, which tpfuse does not read")
+            raise TPFuseUnsupportedError(f"{self.path}: tensor {name} has dtype {code}, which tpfuse does not read")
         return DTYPES[code]
 
     def _buffer(self, nbytes: int) -> torch.Tensor:
@@ -92,7 +94,7 @@ class SafetensorsFile:
             while got < nbytes:  # readinto may legally return fewer bytes (signals, network file systems)
                 n = self._fh.readinto(view[got:])
                 if not n:
-                    raise IOError(f"{self.path}: file ends inside {name} ({got} of {nbytes} bytes read)")
+                    raise TPFuseCheckpointError(f"{self.path}: file ends inside {name} ({got} of {nbytes} bytes read)")
                 got += n
             src = buf[:nbytes].view(dt).view(b - a, *row_shape)
             if cols is not None:

@@ -32,6 +32,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..errors import TPFuseInputError, TPFuseTypeError, TPFuseUnsupportedError
 from .kv_cache import KVCacheConfig, KVStorage
 from .fp8 import FP8Linear
 from .fp8_layer import FP8DecoderLayer
@@ -96,10 +97,13 @@ class TPState:
     """``"decode_graph"``, ``"allreduce"`` or ``"sequence_parallel"``: how the latest forward ran."""
     warned_eager_decode: bool = False
     """Whether the one-time warning that decode cannot use CUDA graphs here (one-GPU mode) was given."""
+    entry: str = "parallelize"
+    """The function the user built the model with, named in error messages."""
 
     def _storage(self, cfg: KVCacheConfig, max_seq_len: int) -> KVStorage:
         return KVStorage(cfg, layers=len(self.layers), kv_heads=self.kv_heads, head_dim=self.head_dim,
-                         max_seq_len=max_seq_len, model_dtype=self.comm.dtype, device=self.comm.device)
+                         max_seq_len=max_seq_len, model_dtype=self.comm.dtype, device=self.comm.device,
+                         entry=self.entry)
 
     def cache_storage(self) -> KVStorage:
         if self.storage is None:
@@ -122,15 +126,15 @@ def _split(n: int, tp: int, rank: int, what: str, units: Optional[Tuple[str, int
     if units is not None:
         uname, count = units
         if n % count:
-            raise ValueError(f"{what}: {n} features are not a whole number of {count} heads")
+            raise TPFuseInputError(f"{what}: {n} features are not a whole number of {count} heads")
         if count % tp and replicate and count < tp and tp % count == 0:
             head, step = rank * count // tp, n // count
             return head * step, (head + 1) * step
         if count % tp:
-            raise ValueError(f"{what}: {uname}={count} is not divisible by TP={tp} (heads cannot be split"
-                             f"{'' if not replicate else ', nor replicated: TP is not a multiple of them'})")
+            raise TPFuseInputError(f"{what}: {uname}={count} is not divisible by TP={tp} (heads cannot be split"
+                                   f"{'' if not replicate else ', nor replicated: TP is not a multiple of them'})")
     if n % tp:
-        raise ValueError(f"{what}: {n} features are not divisible by TP={tp}")
+        raise TPFuseInputError(f"{what}: {n} features are not divisible by TP={tp}")
     step = n // tp
     return rank * step, (rank + 1) * step
 
@@ -169,8 +173,8 @@ def _column_ranges(mod: nn.Module, name: str, what: str, layout: TPLayout, confi
         ranges.append((off + s, off + e))
         off += n
     if off != mod.out_features:
-        raise ValueError(f"{what}: its parts {tuple(parts)} add up to {off} output features, the module has "
-                         f"{mod.out_features}")
+        raise TPFuseInputError(f"{what}: its parts {tuple(parts)} add up to {off} output features, the module has "
+                               f"{mod.out_features}")
     return tuple(ranges)
 
 
@@ -203,9 +207,10 @@ def _shard_layer(layer: nn.Module, prefix: str, layout: TPLayout, config, tp: in
         if not (is_col or is_row):
             continue
         if is_col and is_row:
-            raise ValueError(f"{prefix}{name} is listed as both column- and row-parallel")
+            raise TPFuseInputError(f"{prefix}{name} is listed as both column- and row-parallel")
         if not isinstance(mod, (nn.Linear, FP8Linear)):
-            raise TypeError(f"{prefix}{name}: only nn.Linear / FP8Linear can be sharded, got {type(mod).__name__}")
+            raise TPFuseTypeError(f"{prefix}{name}: only nn.Linear / FP8Linear can be sharded, got "
+                                  f"{type(mod).__name__}")
         matched.add(name)
         if is_col:
             _shard_column(mod, prefix + name, _column_ranges(mod, name, prefix + name, layout, config, tp, rank),
@@ -216,50 +221,54 @@ def _shard_layer(layer: nn.Module, prefix: str, layout: TPLayout, config, tp: in
             _shard_row(mod, prefix + name, s, e, shards)
 
 
-def _check_supported(model, config, comm) -> None:
+def _check_supported(model, config, comm, entry: str) -> None:
     act = getattr(config, "hidden_act", "silu")
     if act not in ("silu", "swish"):
-        raise NotImplementedError(f"hidden_act={act!r}: the tpfuse MLP stage is SiLU·mul only")
+        raise TPFuseUnsupportedError(f"hidden_act={act!r}: the tpfuse MLP stage is SiLU·mul only")
     types_ = getattr(config, "layer_types", None) or []
     window = getattr(config, "sliding_window", None) is not None and not hasattr(config, "use_sliding_window")
     if "sliding_attention" in types_ or getattr(config, "use_sliding_window", False) or window:
-        raise NotImplementedError("sliding-window attention layers are not supported by the tpfuse decoder layer")
+        raise TPFuseUnsupportedError("sliding-window attention layers are not supported by the tpfuse decoder "
+                                     "layer")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("dynamic", "longrope"):
-        raise NotImplementedError(f"rope_type={rope.get('rope_type', rope.get('type'))!r} depends on the sequence "
-                                  f"length; tpfuse evaluates the rotary module once per position")
+        raise TPFuseUnsupportedError(f"rope_type={rope.get('rope_type', rope.get('type'))!r} depends on the sequence "
+                                     f"length; tpfuse evaluates the rotary module once per position")
     partial = rope.get("partial_rotary_factor", None) if isinstance(rope, dict) else None
     partial = partial if partial is not None else getattr(config, "partial_rotary_factor", 1.0)
     if float(partial) != 1.0:  # e.g. Phi-4-mini (a Phi3ForCausalLM): the RoPE kernels rotate whole heads
-        raise NotImplementedError(f"partial_rotary_factor={partial}: tpfuse applies RoPE to the whole head")
+        raise TPFuseUnsupportedError(f"partial_rotary_factor={partial}: tpfuse applies RoPE to the whole head")
     d = head_dim_of(config)
     if d & (d - 1) or not 16 <= d <= 256:  # e.g. Phi-3-mini's 96: refused here, before anything is sharded
-        raise NotImplementedError(f"head_dim={d}: tpfuse's RoPE and decode-attention kernels need a power of two in "
-                                  f"16..256")
+        raise TPFuseUnsupportedError(f"head_dim={d}: tpfuse's RoPE and decode-attention kernels need a power of two in "
+                                     f"16..256")
     if comm.hidden_size != config.hidden_size:
-        raise ValueError(f"comm.hidden_size={comm.hidden_size} but the model's hidden_size is {config.hidden_size}")
+        raise TPFuseInputError(f"comm.hidden_size={comm.hidden_size} but the model's hidden_size is "
+                               f"{config.hidden_size}")
     fp8 = {id(p) for m in model.modules() if isinstance(m, FP8Linear) for p in (m.weight, m.weight_scale,
                                                                              m.input_scale) if p is not None}
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point() and id(p) not in fp8}
     if dtypes != {comm.dtype}:
-        raise ValueError(f"the model's parameters are {sorted(map(str, dtypes))} but comm.dtype is {comm.dtype}: "
-                         f"convert the model (model.to(dtype)) before parallelize")
+        fix = ("pass dtype=comm.dtype to from_pretrained (its default)" if entry == "from_pretrained"
+               else "convert the model (model.to(comm.dtype)) before parallelize")
+        raise TPFuseInputError(f"the model's parameters are {sorted(map(str, dtypes))} but comm.dtype is "
+                               f"{comm.dtype}: {fix}")
 
 
 def _check_layout_roles(layout: TPLayout) -> None:
     """The layout's roles must be sharded the way the tpfuse layer computes them."""
     for p in (*layout.qkv, *layout.gate_up):
         if not layout.matches(layout.column, p):
-            raise ValueError(f"layout: {p} must be column-parallel")
+            raise TPFuseInputError(f"layout: {p} must be column-parallel")
     for p in (layout.o_proj, layout.down_proj):
         if not layout.matches(layout.row, p):
-            raise ValueError(f"layout: {p} must be row-parallel")
+            raise TPFuseInputError(f"layout: {p} must be row-parallel")
     for role, n in ((layout.qkv, 3), (layout.gate_up, 2)):
         # one module holding all n projections must be split by its parts, or rank 0 would get only q (gate)
         if len(role) == 1 and len(layout.parts_of(role[0]) or ()) != n:
-            raise ValueError(f"layout: {role[0]} holds {n} projections: list their sizes in TPLayout.parts")
+            raise TPFuseInputError(f"layout: {role[0]} holds {n} projections: list their sizes in TPLayout.parts")
         if len(role) not in (1, n):
-            raise ValueError(f"layout: {tuple(role)} must name {n} modules, or one module with {n} parts")
+            raise TPFuseInputError(f"layout: {tuple(role)} must name {n} modules, or one module with {n} parts")
 
 
 def _cos_sin_rows(model, layout: TPLayout, n: int, comm) -> torch.Tensor:
@@ -281,7 +290,8 @@ def _shard_layers(model, layout: TPLayout, config, tp: int, rank: int) -> Dict[s
         _shard_layer(layer, f"{layout.layers}.{li}.", layout, config, tp, rank, shards, matched)
         for pat in (*layout.column, *layout.row):
             if not any(layout.matches([pat], n) for n in matched):
-                raise ValueError(f"layout pattern {pat!r} matches no module of layer {li} ({type(layer).__name__})")
+                raise TPFuseInputError(f"layout pattern {pat!r} matches no module of layer {li} "
+                                       f"({type(layer).__name__})")
     return shards
 
 
@@ -305,18 +315,24 @@ def parallelize(model: nn.Module, comm, *, layout: Optional[TPLayout] = None,
     is sharded by shape only, then given uninitialised storage of its shard shapes on ``comm.device``: fill it
     with :func:`~tpfuse.parallel.load_sharded_safetensors`. Decoder linears already converted by
     :func:`~tpfuse.parallel.quantize_fp8` are sharded with their scales and run as FP8 GEMMs."""
+    return shard_and_wrap(model, comm, resolve_layout(layout, plan, "parallelize"), cache, "parallelize")
+
+
+def shard_and_wrap(model: nn.Module, comm, layout: Optional[TPLayout], cache: Optional[KVCacheConfig],
+                   entry: str) -> nn.Module:
+    """:func:`parallelize`'s work; ``entry`` is the public function the user called (named in error messages)."""
     from .forward import tp_forward
+    from .hf_generate import tp_hf_generate
 
     if hasattr(model, "_tpfuse"):
-        raise ValueError("this model is already parallelized")
-    layout = resolve_layout(layout, plan, "parallelize")
+        raise TPFuseInputError(f"{entry}: this model is already parallelized")
     layout = layout if layout is not None else layout_for(model)
     cache = cache if cache is not None else KVCacheConfig()
     if not isinstance(cache, KVCacheConfig):
-        raise TypeError(f"cache must be a tpfuse.parallel.KVCacheConfig, got {type(cache).__name__}")
+        raise TPFuseTypeError(f"cache must be a tpfuse.parallel.KVCacheConfig, got {type(cache).__name__}")
     cache.validate()
     config = model.config
-    _check_supported(model, config, comm)
+    _check_supported(model, config, comm, entry)
     _check_layout_roles(layout)
     tp, rank = comm.tp, comm.rank
     head_dim = head_dim_of(config)
@@ -340,7 +356,10 @@ def parallelize(model: nn.Module, comm, *, layout: Optional[TPLayout] = None,
         link_quant(layers)
         cos_sin = _cos_sin_rows(model, layout, max(max_seq_len, comm.max_tokens), comm)
     state = TPState(comm=comm, layout=layout, layers=layers, cache_config=cache, max_seq_len=max_seq_len,
-                    cos_sin=cos_sin, kv_heads=kv_local, head_dim=head_dim, shards=shards, local=tp == 1)
+                    cos_sin=cos_sin, kv_heads=kv_local, head_dim=head_dim, shards=shards, local=tp == 1,
+                    entry=entry)
     object.__setattr__(model, "_tpfuse", state)
     model.forward = types.MethodType(tp_forward, model)
+    if hasattr(model, "generate"):  # transformers' generate(), made rank-consistent (tpfuse.parallel.hf_generate)
+        model.generate = types.MethodType(tp_hf_generate, model)
     return model
