@@ -4,8 +4,10 @@
 #                                         profile e2e load tune demo onegpu probe_onegpu (default: all but
 #                                         probe_ce, profile, load, onegpu, probe_onegpu; multi-GPU steps skip on one GPU)
 #   onegpu: the multi-rank GPU suite in one-GPU mode (N ranks on one GPU) at each TP of ONEGPU_TP (default 2;
-#           one TP size fits one device call), JUnit XML + onegpu_suite_<device>.json; ONEGPU_TESTS overrides the
-#           files, ONEGPU_K adds a -k filter
+#           one TP size fits one device call), JUnit XML + onegpu_suite_<device>_tp<N>.json; ONEGPU_TESTS overrides
+#           the files, ONEGPU_K adds a -k filter; ONEGPU_MPS=1 runs it under an MPS daemon of this call's own (the
+#           ranks' kernels then run concurrently instead of taking turns: ~20-100x faster); at TP=2 the decode-graph
+#           soak runs SOAK_REPLAYS (default 100000) replays
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
 # Logs, JSON and PNG go to $OUT (or bench/results/gpu-run when OUT is unset). Multi-GPU steps need >= 2 GPUs.
 set -uo pipefail
@@ -21,6 +23,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export TPFUSE_COMMIT=${TPFUSE_COMMIT:-unknown}  # pass the commit in: the device copy has no .git
 status=0
+mps_start() {  # an MPS daemon of this call's own; no GPU setting changes (clocks, compute mode stay as found)
+  command -v nvidia-cuda-mps-control >/dev/null || { echo "no nvidia-cuda-mps-control: ranks take turns"; return 1; }
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/tpfuse-mps CUDA_MPS_LOG_DIRECTORY=/tmp/tpfuse-mps-log
+  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY && nvidia-cuda-mps-control -d && echo "MPS daemon started"
+}
+mps_stop() { echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; }
 run() {  # run NAME CMD...: log to $OUT/NAME.log, at most ${LIMIT_<NAME>:-600} s, remember failures, keep going
   local name=$1; shift
   local lim_var="LIMIT_${name}"; local lim=${!lim_var:-${LIMIT_DEFAULT:-600}}
@@ -52,25 +60,26 @@ for s in "${steps[@]}"; do
           if [[ -n ${USE_TUNED:-} && -f $tuned ]]; then export TPFUSE_THRESHOLDS=$tuned; echo "TPFUSE_THRESHOLDS=$tuned"; fi ;;
     demo) [[ $ngpu -ge 2 ]] && run demo "${TR2[@]}" -m tpfuse.demo ;;
     probe_ce) [[ $ngpu -ge 2 ]] && run probe_ce "${TR2[@]}" bench/probe_ce.py --out "$OUT/probe_ce_tp${ngpu}.json" ;;
-    onegpu) xmls=(); tps=()
+    onegpu) xmls=(); tps=(); sharing=timeslice
+            [[ -n ${ONEGPU_MPS:-} ]] && mps_start && sharing=mps
+            d=tests/distributed
+            tests=${ONEGPU_TESTS:-"$d/test_fused_ar_gpu.py $d/test_async_tp_gpu.py $d/test_fault_gpu.py $d/test_parallelize_gpu.py $d/test_model_runtime_gpu.py $d/test_fp8_model_gpu.py $d/test_soak_gpu.py $d/test_comm_ops.py $d/test_fp8_gemm.py $d/test_fault_catalog.py"}
             for tp in ${ONEGPU_TP:-2}; do
-              tests=${ONEGPU_TESTS:-"tests/distributed/test_fused_ar_gpu.py tests/distributed/test_async_tp_gpu.py tests/distributed/test_fault_gpu.py tests/distributed/test_parallelize_gpu.py tests/distributed/test_runtime_tp_gpu.py tests/distributed/test_comm_ops.py tests/distributed/test_fp8_gemm.py tests/distributed/test_fault_catalog.py"}
               k="onegpu${ONEGPU_K:+ and ($ONEGPU_K)}"
-              run "onegpu_tp$tp" env TPFUSE_TEST_TP="$tp" bash -c "python3 -m pytest -q -rs -p no:cacheprovider --junitxml=$OUT/onegpu_tp$tp.xml -k '$k' $tests"
+              run "onegpu_tp$tp" env TPFUSE_TEST_TP="$tp" TPFUSE_SOAK_REPLAYS="${SOAK_REPLAYS:-100000}" bash -c "python3 -m pytest -q -rs -p no:cacheprovider --junitxml=$OUT/onegpu_tp$tp.xml -k '$k' $tests"
               xmls+=("$OUT/onegpu_tp$tp.xml"); tps+=("$tp")
             done
-            python3 bench/tools/junit_summary.py --out "$OUT/onegpu_suite_$(python3 -c 'import sys; sys.path.insert(0,"bench"); import common; print(common.device_slug())')_tp$(IFS=_; echo "${tps[*]}").json" --tp "${tps[@]}" "${xmls[@]}" ;;
+            [[ $sharing == mps ]] && mps_stop
+            python3 bench/tools/junit_summary.py --sharing "$sharing" --out "$OUT/onegpu_suite_$(python3 -c 'import sys; sys.path.insert(0,"bench"); import common; print(common.device_slug())')_tp$(IFS=_; echo "${tps[*]}").json" --tp "${tps[@]}" -- "${xmls[@]}" ;;
     probe_onegpu) for tp in ${ONEGPU_TP:-2 4 8}; do
                     run "probe_onegpu_tp$tp" env TPFUSE_ONE_GPU=1 python3 -m torch.distributed.run --standalone --nproc-per-node="$tp" bench/probe_onegpu.py
                   done
                   # PROBE_MPS=1: the same under an MPS daemon of this call's own (stopped after; no GPU setting changes)
-                  if [[ -n ${PROBE_MPS:-} ]] && command -v nvidia-cuda-mps-control >/dev/null; then
-                    export CUDA_MPS_PIPE_DIRECTORY=/tmp/tpfuse-mps CUDA_MPS_LOG_DIRECTORY=/tmp/tpfuse-mps-log
-                    mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY && nvidia-cuda-mps-control -d && echo "MPS daemon started"
+                  if [[ -n ${PROBE_MPS:-} ]] && mps_start; then
                     for tp in ${ONEGPU_TP:-2 4 8}; do
                       run "probe_onegpu_mps_tp$tp" env TPFUSE_ONE_GPU=1 python3 -m torch.distributed.run --standalone --nproc-per-node="$tp" bench/probe_onegpu.py --label mps
                     done
-                    echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+                    mps_stop
                   fi ;;
     *) echo "unknown step $s"; status=1 ;;
   esac

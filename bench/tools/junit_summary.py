@@ -43,6 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--tp", required=True, type=int, nargs="+", help="the TP size of each XML file, in order")
+    ap.add_argument("--sharing", default="timeslice", help="how the ranks shared the GPU: timeslice or mps")
     ap.add_argument("xml", nargs="+", help="pytest --junitxml files, one per TP size")
     args = ap.parse_args()
     if len(args.tp) != len(args.xml):
@@ -53,7 +54,7 @@ def main() -> None:
         s["totals"] = dict(sum((collections.Counter(v) for v in s["files"].values()), collections.Counter()))
         per_tp[str(tp)] = s
     common.write_json(args.out, common.header("onegpu_suite", mode="one-GPU (TORCH_SYMM_MEM_ALLOW_OVERLAPPING_"
-                                              "DEVICES=1, gloo group)"), None, per_tp=per_tp)
+                                              "DEVICES=1, gloo group)", sharing=args.sharing), None, per_tp=per_tp)
     for tp, s in per_tp.items():
         print(f"TP={tp}: {s['totals']}  ({len(s['failures'])} failed)")
 
