@@ -43,7 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--tp", required=True, type=int, nargs="+", help="the TP size of each XML file, in order")
-    ap.add_argument("--sharing", default="timeslice", help="how the ranks shared the GPU: timeslice or mps")
+    ap.add_argument("--sharing", default="timeslice", help="how the ranks shared the GPU (timeslice: no MPS)")
     ap.add_argument("xml", nargs="+", help="pytest --junitxml files, one per TP size")
     args = ap.parse_args()
     if len(args.tp) != len(args.xml):

@@ -129,20 +129,14 @@ def test_generate_fast_loop_equals_hf_generate(tp):
 
 def _from_pretrained(rank, world, path, fp8):
     """``from_pretrained`` (each rank reads its shard) of a saved checkpoint: batched prefill and graph decode vs the
-    fp64 oracle of the unsharded model loaded by transformers from the same directory."""
-    import transformers
-
-    from tpfuse.parallel import KVCacheConfig, from_pretrained
+    fp64 oracle of the unsharded model that was saved."""
+    from tpfuse.parallel import KVCacheConfig, from_pretrained, quantize_fp8
     from tpfuse.tolerance import REL_ERR_LOGITS, REL_ERR_LOGITS_FP8, rel_err
 
     comm = make_comm(world)
     model = from_pretrained(path, comm, dtype=DT, cache=KVCacheConfig(max_batch=4, max_seq_len=512))
-    if fp8:
-        from tpfuse.parallel import quantize_fp8
-
-        ref_model = quantize_fp8(mc.build("llama", seed=0, **SHAPE).to(DT))  # what was saved
-    else:
-        ref_model = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=DT)
+    ref_model = mc.build("llama", seed=0, **SHAPE).to(DT)
+    ref_model = quantize_fp8(ref_model) if fp8 else ref_model  # what the test saved
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, SHAPE["vocab_size"], (n,), generator=g) for n in (37, 5, 120)]
     extra = torch.randint(0, SHAPE["vocab_size"], (3, 12), generator=g)
