@@ -241,7 +241,9 @@ def run(args) -> None:
 
     from tpfuse.parallel import KVCacheConfig
 
-    on_gpu = tpfuse.distributed.group_device(dist.get_backend()).type == "cuda"  # one-GPU mode too
+    from tpfuse.distributed import group_device
+
+    on_gpu = group_device(dist.get_backend()).type == "cuda"  # NCCL, or gloo in one-GPU mode
     dtype = _dtype(args, on_gpu)
     text = None
     if args.prompts is not None:
