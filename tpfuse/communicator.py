@@ -47,10 +47,10 @@ from .validation import (ACTIVATION_DTYPES, check_activation, check_eps, check_n
                          check_tensor)
 
 
-MODE_OPS = {"allreduce": ("fused_add_rmsnorm", "all_reduce"),
-            "sequence_parallel": ("reduce_scatter_rmsnorm", "all_gather", "all_gather_matmul", "matmul_reduce_scatter",
-                                  "matmul_reduce_scatter_rmsnorm")}
-"""The ops a model step calls in each :attr:`Plan.mode <tpfuse.dispatch.Plan.mode>`."""
+MODE_OPS = {"allreduce": ("fused_add_rmsnorm",),
+            "sequence_parallel": ("all_gather_matmul", "matmul_reduce_scatter_rmsnorm", "all_gather")}
+"""The ops a step of the model runtime (:mod:`tpfuse.parallel`) calls in each :attr:`Plan.mode
+<tpfuse.dispatch.Plan.mode>` (what :meth:`TPCommunicator.graph_safe` checks by default)."""
 
 
 def detect_arch(device: torch.device) -> str:
@@ -198,14 +198,15 @@ class TPCommunicator:
         p = self._plans.get(num_tokens)
         return p if p is not None else self._make_plan(num_tokens)
 
-    def graph_safe(self, num_tokens: int) -> bool:
-        """Whether the ops of ``plan(num_tokens).mode`` run on paths a CUDA graph can capture. Always on NCCL groups;
-        in one-GPU mode (:mod:`tpfuse.distributed`) not where one of them takes ``nccl`` or ``reference``: those run
-        gloo collectives through host memory (:mod:`tpfuse.collectives`). The model runtime then decodes eagerly."""
+    def graph_safe(self, num_tokens: int, ops: Optional[Tuple[str, ...]] = None) -> bool:
+        """Whether ``ops`` (default: the model runtime's ops of ``plan(num_tokens).mode``, :data:`MODE_OPS`) run on
+        paths a CUDA graph can capture at ``num_tokens``. Always on NCCL groups; in one-GPU mode
+        (:mod:`tpfuse.distributed`) not where one of them takes ``nccl`` or ``reference``: those run gloo
+        collectives through host memory (:mod:`tpfuse.collectives`). The model runtime then decodes eagerly."""
         if not self._host_staged:
             return True
         p = self.plan(num_tokens)
-        return not any(p.path(op) in ("nccl", "reference") for op in MODE_OPS[p.mode])
+        return not any(p.path(op) in ("nccl", "reference") for op in (ops or MODE_OPS[p.mode]))
 
     def _make_plan(self, num_tokens: int) -> Plan:
         p = self._plans.get(num_tokens)
