@@ -2,11 +2,14 @@
 # Run a tpfuse entry point (a module or a script) on N ranks through torchrun.
 #
 #   launch/run.sh [-n NPROC] [-m] TARGET [ARGS...]                       # one node, NPROC local ranks
+#   launch/run.sh -n 8 --one-gpu -m TARGET [ARGS...]                       # TP=8 as 8 processes on one GPU
 #   launch/run.sh -n 8 --nnodes 2 --node-rank R --rdzv HOST:PORT -m TARGET [ARGS...]   # several nodes
 #
 # TARGET is a module with -m (e.g. `-m tpfuse.demo`) or a script path. NPROC defaults to the number of GPUs, or 2
 # on a machine without GPUs. Inside, tpfuse.init_distributed() picks NCCL when every local rank has its own GPU and
-# gloo otherwise, and binds each rank to the GPU of its LOCAL_RANK. Multi-node: run the same command on every node
+# gloo otherwise, and binds each rank to the GPU of its LOCAL_RANK. --one-gpu (TPFUSE_ONE_GPU=1): the ranks share the
+# machine's GPU(s) over gloo with tpfuse's kernels on CUDA, to try a TP=N setup on one GPU (correctness, not speed;
+# tpfuse.distributed explains). Multi-node: run the same command on every node
 # with its own --node-rank; HOST:PORT is a reachable address of node 0 (c10d rendezvous). Extra torchrun options
 # can be passed in $TORCHRUN_ARGS.
 set -euo pipefail
@@ -18,6 +21,7 @@ while [[ $# -gt 0 ]]; do
     --node-rank) node_rank="$2"; shift 2 ;;
     --rdzv) rdzv="$2"; shift 2 ;;
     -m) module=(-m); shift ;;
+    --one-gpu) export TPFUSE_ONE_GPU=1; shift ;;
     -h|--help) sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
     --) shift; break ;;
     *) break ;;
