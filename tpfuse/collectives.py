@@ -38,13 +38,18 @@ def staged(t: torch.Tensor, group, backend: Optional[str] = None) -> bool:
     return t.is_cuda and not _nccl(group, backend)
 
 
-def all_reduce_(t: torch.Tensor, group, op=dist.ReduceOp.SUM, backend: Optional[str] = None) -> torch.Tensor:
+def _in_place(t: torch.Tensor, group, backend: Optional[str], collective) -> torch.Tensor:
+    """``collective(x)`` works on ``x`` in place: on ``t`` itself, or on a host copy written back when staged."""
     if not staged(t, group, backend):
-        dist.all_reduce(t, op=op, group=group)
+        collective(t)
         return t
     h = t.cpu()
-    dist.all_reduce(h, op=op, group=group)
+    collective(h)
     return t.copy_(h)
+
+
+def all_reduce_(t: torch.Tensor, group, op=dist.ReduceOp.SUM, backend: Optional[str] = None) -> torch.Tensor:
+    return _in_place(t, group, backend, lambda x: dist.all_reduce(x, op=op, group=group))
 
 
 def all_gather_into_(out: torch.Tensor, x: torch.Tensor, group, backend: Optional[str] = None) -> torch.Tensor:
@@ -72,12 +77,7 @@ def reduce_scatter_(out: torch.Tensor, x: torch.Tensor, group, backend: Optional
 
 
 def broadcast_(t: torch.Tensor, src: int, group, backend: Optional[str] = None) -> torch.Tensor:
-    if not staged(t, group, backend):
-        dist.broadcast(t, src=src, group=group)
-        return t
-    h = t.cpu()
-    dist.broadcast(h, src=src, group=group)
-    return t.copy_(h)
+    return _in_place(t, group, backend, lambda x: dist.broadcast(x, src=src, group=group))
 
 
 def barrier(group, device: torch.device) -> None:
