@@ -3,7 +3,8 @@ replayed ``TPFUSE_SOAK_REPLAYS`` times (default 2,000; ``bench/gpu_run.sh``'s ``
 fresh token per row every replay, the logits checked against the fp64 oracle every 1,000 replays and at the last:
 nothing drifts (no stale flag, epoch or buffer parity after many replays of the fused all-reduce), nothing hangs.
 
-The step: a batch of 4 prompts is prefilled and decoded once (which captures the bucket's graph); every replay then
+The step (one decoder layer: its attention and MLP all-reduces; in one-GPU mode a replay costs a few time slices,
+so 100,000 fit one device call): a batch of 4 prompts is prefilled and decoded once (which captures the bucket's graph); every replay then
 writes a new random token at the same cache position of each row (``cache_pos`` stays put, so the cache never
 fills) and reads the logits of that token, which depend on the whole prefix through the KV cache. The oracle is
 the unsharded model in fp64 over prefix + that token. Both ranks draw the same tokens (one seeded generator).
@@ -25,6 +26,7 @@ DT = torch.bfloat16
 REPLAYS = int(os.environ.get("TPFUSE_SOAK_REPLAYS", "2000"))
 CHECK_EVERY = 1000
 BATCH, PROMPT = 4, 32
+SOAK_SHAPE = dict(SHAPE, num_hidden_layers=1)  # two fused all-reduces per step: the replays are what is soaked
 
 
 def _soak(rank, world, replays):
@@ -33,8 +35,8 @@ def _soak(rank, world, replays):
     from tpfuse.parallel.forward import _graphs
     from tpfuse.tolerance import REL_ERR_LOGITS, rel_err
 
-    model = mc.build("llama", seed=0, **SHAPE)
-    ref64 = mc.build("llama", seed=0, **SHAPE).to(DT).double()  # the oracle: bf16-rounded weights in fp64
+    model = mc.build("llama", seed=0, **SOAK_SHAPE)
+    ref64 = mc.build("llama", seed=0, **SOAK_SHAPE).to(DT).double()  # the oracle: bf16-rounded weights in fp64
     comm = make_comm(world)
     model = tpfuse.parallelize(model.to(DT), comm, cache=KVCacheConfig(max_batch=BATCH, max_seq_len=64))
     g = torch.Generator().manual_seed(1)
