@@ -146,7 +146,7 @@ class Ranks:
     world: int
     """Number of ranks (the TP degree of the benchmarks)."""
     device: torch.device
-    """This rank's device: ``cuda:<LOCAL_RANK>`` under NCCL, ``cpu`` under gloo."""
+    """This rank's device: ``cuda:<LOCAL_RANK>`` under NCCL, the shared GPU in one-GPU mode, ``cpu`` under gloo."""
     backend: str
     """``nccl`` or ``gloo``."""
 

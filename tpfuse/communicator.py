@@ -8,7 +8,10 @@ Contract
 * **What must match across ranks.** ``hidden_size``, ``dtype``, ``max_tokens`` and an equal ``CommConfig``, so the
   plan (and so the path) is identical on every rank; plans depend only on these and on ``T``.
 * **Devices.** With an NCCL group the device is ``torch.cuda.current_device()`` of each process (set it before
-  building the communicator; a TP rank is never used as a device index). With gloo, everything is on the CPU.
+  building the communicator; a TP rank is never used as a device index). With gloo, everything is on the CPU,
+  except in one-GPU mode (:mod:`tpfuse.distributed`): then the tensors are on the current CUDA device too, and what
+  routes to NCCL runs on the gloo group through host memory (:mod:`tpfuse.collectives`, not graph-capturable:
+  :meth:`TPCommunicator.graph_safe`).
 * **Buffers.** GPU paths own workspaces allocated once at construction, sized from ``max_tokens x hidden x TP``,
   held in ``workspaces`` (backend name -> :class:`~tpfuse.backends.base.Workspace`) and released by :meth:`close`.
   Ops return fresh output tensors; inputs are never written.
