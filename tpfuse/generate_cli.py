@@ -239,9 +239,8 @@ def _generate(model, comm, args, ids, mask, text):
 def run(args) -> None:
     import torch.distributed as dist
 
-    from tpfuse.parallel import KVCacheConfig
-
     from tpfuse.distributed import group_device
+    from tpfuse.parallel import KVCacheConfig
 
     on_gpu = group_device(dist.get_backend()).type == "cuda"  # NCCL, or gloo in one-GPU mode
     dtype = _dtype(args, on_gpu)

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 
+from .. import collectives
 from ..errors import TPFuseInputError
 from .hf_generate import check_room
-from .rank_sync import broadcast_from_first
 
 
 @dataclass
@@ -109,8 +110,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     comm = model._tpfuse.comm
     dev = comm.device
     gen = torch.Generator(device=dev).manual_seed(seed) if do_sample else None
-    shared = comm.tp > 1
-    pick = (lambda lg: _share(_pick(lg, do_sample, temperature, top_k, top_p, gen), comm, shared))
+    src = dist.get_global_rank(comm.group, 0) if comm.tp > 1 else None  # looked up once, not per step
+    pick = (lambda lg: _share(_pick(lg, do_sample, temperature, top_k, top_p, gen), comm, src))
     _sync(dev)
     t0 = time.perf_counter()
     out = model(input_ids.to(dev), attention_mask=None if attention_mask is None else attention_mask.to(dev),
@@ -143,8 +144,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
                           prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3)
 
 
-def _share(tok: torch.Tensor, comm, shared: bool) -> torch.Tensor:
-    return broadcast_from_first(comm, tok) if shared else tok
+def _share(tok: torch.Tensor, comm, src: Optional[int]) -> torch.Tensor:
+    """Rank ``src``'s tokens on every rank (``None``: TP=1, nothing to share)."""
+    return tok if src is None else collectives.broadcast_(tok, src, comm.group, backend=comm.backend)
 
 
 def _sync(dev) -> None:
