@@ -4,14 +4,14 @@
 #                                         profile e2e load tune demo onegpu soak probe_onegpu (default: all but
 #                                         probe_ce, profile, load, onegpu, soak, probe_onegpu; multi-GPU steps skip on
 #                                         one GPU)
-#   onegpu: the multi-rank GPU suite in one-GPU mode (N ranks on one GPU) at each TP of ONEGPU_TP (default 2;
-#           one TP size fits one device call), JUnit XML + onegpu_suite_<device>_tp<N>.json; ONEGPU_TESTS overrides
-#           the files, ONEGPU_K (or ONEGPU_K_<tp> for one TP size) adds a -k filter; its decode-graph soak runs 2000
-#           replays. The ranks' contexts take turns on the GPU (no MPS: under an MPS daemon 4 of the first 29 fused
-#           all-reduce tests failed and the rest crawled, see the README). Measured on one H100, one call does not
-#           hold a whole TP size: split it with ONEGPU_TESTS (e.g. the fused-AR + async-TP files, then the rest)
+#   onegpu: the multi-rank GPU suite in one-GPU mode (N ranks on one GPU) at each TP of ONEGPU_TP (default 2),
+#           JUnit XML + onegpu_suite_<device>_tp<N>.json; ONEGPU_TESTS overrides the files, ONEGPU_K (or
+#           ONEGPU_K_<tp> for one TP size) adds a -k filter, ONEGPU_MAXFAIL stops a TP size after that many failures;
+#           its decode-graph soak runs 2000 replays. ONEGPU_MPS=1 runs the ranks concurrently under an MPS daemon of
+#           this call's own (the persistent kernels' grid is SMs / ranks then: tpfuse.distributed.ranks_per_device);
+#           without it the ranks' contexts take turns (milliseconds a call: a TP size needs more than one call)
 #   soak: the TP=2 decode-graph soak alone, SOAK_REPLAYS (default 100000) replays (one-GPU mode on one GPU; ~5 ms
-#         a replay time-sliced: about 9 minutes)
+#         a replay time-sliced: about 9 minutes; ONEGPU_MPS=1 as above)
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
 # Logs, JSON and PNG go to $OUT (or bench/results/gpu-run when OUT is unset). Multi-GPU steps need >= 2 GPUs.
 set -uo pipefail
@@ -65,17 +65,21 @@ for s in "${steps[@]}"; do
           if [[ -n ${USE_TUNED:-} && -f $tuned ]]; then export TPFUSE_THRESHOLDS=$tuned; echo "TPFUSE_THRESHOLDS=$tuned"; fi ;;
     demo) [[ $ngpu -ge 2 ]] && run demo "${TR2[@]}" -m tpfuse.demo ;;
     probe_ce) [[ $ngpu -ge 2 ]] && run probe_ce "${TR2[@]}" bench/probe_ce.py --out "$OUT/probe_ce_tp${ngpu}.json" ;;
-    onegpu) xmls=(); tps=()
+    onegpu) xmls=(); tps=(); sharing=timeslice
+            [[ -n ${ONEGPU_MPS:-} ]] && mps_start && sharing=mps
             d=tests/distributed
             tests=${ONEGPU_TESTS:-"$d/test_fused_ar_gpu.py $d/test_async_tp_gpu.py $d/test_fault_gpu.py $d/test_parallelize_gpu.py $d/test_model_runtime_gpu.py $d/test_fp8_model_gpu.py $d/test_soak_gpu.py $d/test_comm_ops.py $d/test_fp8_gemm.py $d/test_fault_catalog.py"}
             for tp in ${ONEGPU_TP:-2}; do
               kvar="ONEGPU_K_$tp"; kk=${!kvar:-${ONEGPU_K:-}}
               k="onegpu${kk:+ and ($kk)}"
-              run "onegpu_tp$tp" env TPFUSE_TEST_TP="$tp" TPFUSE_SOAK_REPLAYS=2000 bash -c "python3 -m pytest -q -rs -p no:cacheprovider --durations=20 --junitxml=$OUT/onegpu_tp$tp.xml -k '$k' $tests"
+              run "onegpu_tp$tp" env TPFUSE_TEST_TP="$tp" TPFUSE_SOAK_REPLAYS=2000 bash -c "python3 -m pytest -q -rs -p no:cacheprovider --durations=20 ${ONEGPU_MAXFAIL:+--maxfail=$ONEGPU_MAXFAIL} --junitxml=$OUT/onegpu_tp$tp.xml -k '$k' $tests"
               xmls+=("$OUT/onegpu_tp$tp.xml"); tps+=("$tp")
             done
-            python3 bench/tools/junit_summary.py --out "$OUT/onegpu_suite_$(python3 -c 'import sys; sys.path.insert(0,"bench"); import common; print(common.device_slug())')_tp$(IFS=_; echo "${tps[*]}").json" --tp "${tps[@]}" -- "${xmls[@]}" ;;
-    soak) run soak env TPFUSE_TEST_TP=2 TPFUSE_SOAK_REPLAYS="${SOAK_REPLAYS:-100000}" bash -c "python3 -m pytest -q -rs -s -p no:cacheprovider tests/distributed/test_soak_gpu.py" ;;
+            [[ $sharing == mps ]] && mps_stop
+            python3 bench/tools/junit_summary.py --sharing $sharing --out "$OUT/onegpu_suite_$(python3 -c 'import sys; sys.path.insert(0,"bench"); import common; print(common.device_slug())')_tp$(IFS=_; echo "${tps[*]}").json" --tp "${tps[@]}" -- "${xmls[@]}" ;;
+    soak) mps=; [[ -n ${ONEGPU_MPS:-} ]] && mps_start && mps=1
+          run soak env TPFUSE_TEST_TP=2 TPFUSE_SOAK_REPLAYS="${SOAK_REPLAYS:-100000}" bash -c "python3 -m pytest -q -rs -s -p no:cacheprovider tests/distributed/test_soak_gpu.py"
+          [[ -n $mps ]] && mps_stop ;;
     probe_onegpu) for tp in ${ONEGPU_TP:-2 4 8}; do
                     run "probe_onegpu_tp$tp" env TPFUSE_ONE_GPU=1 python3 -m torch.distributed.run --standalone --nproc-per-node="$tp" bench/probe_onegpu.py
                   done

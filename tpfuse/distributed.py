@@ -18,9 +18,11 @@ buffers on one device, pytorch#140127) and turns NVLink multicast off (``TORCH_S
   (:mod:`tpfuse.collectives`; NCCL refuses two ranks on one device); it cannot be captured in a CUDA graph;
 * FlashInfer's paths are unavailable (they need an NCCL group), with that reason in ``comm.plan()``.
 
-Without MPS the ranks' GPU contexts take turns on the device, so a collective costs milliseconds: the mode
-proves correctness (every rank's kernels, flags, buffers, graphs and faults), not speed, and nothing about
-NVLink ordering or bandwidth.
+Without MPS the ranks' GPU contexts take turns on the device, so a collective costs milliseconds. Under an MPS
+daemon (``nvidia-cuda-mps-control -d``) they run concurrently and a call costs a fraction of a millisecond; the
+persistent kernels then divide their grid by :func:`ranks_per_device` so that every rank's programs are resident at
+once. Either way the mode proves correctness (every rank's kernels, flags, buffers, graphs and faults), not speed,
+and nothing about NVLink ordering or bandwidth.
 
 ``exit_rank(code)`` ends a rank process that has finished its work (process group destroyed): it flushes stdio and
 leaves with ``os._exit``, skipping interpreter finalization. Why: gloo's worker threads drop their reference to a
@@ -57,6 +59,18 @@ _ONE_GPU_TORCH_ENV = {"TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES": "1", "TORCH_SY
 def one_gpu_mode() -> bool:
     """Whether this process runs in one-GPU mode (module docstring)."""
     return os.environ.get(ONE_GPU_ENV, "") == "1"
+
+
+def ranks_per_device() -> int:
+    """How many of this host's rank processes share one GPU: ``ceil(LOCAL_WORLD_SIZE / device_count)`` in one-GPU
+    mode, else 1. tpfuse's persistent kernels (one program per SM, spinning on their peers' flags) divide their grid
+    by it: when the ranks' kernels run *concurrently* (an MPS daemon), every rank's programs must be resident at once,
+    or a program spins on a peer that has no SM left until ``timeout_s``. Host-local (no collective); the workspace
+    takes the minimum over the group."""
+    if not one_gpu_mode() or not torch.cuda.is_available():
+        return 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return max(1, -(-local // torch.cuda.device_count()))
 
 
 def default_backend(local_world_size: Optional[int] = None) -> str:

@@ -2,7 +2,7 @@
 add + RMSNorm (+quant) kernels (``tpfuse_oneshot`` / ``tpfuse_twoshot`` / ``tpfuse_oneshot_pipe``,
 :mod:`tpfuse.backends.fused_allreduce`) vs the fp64 oracle; the path the dispatcher reports; CUDA-graph replays
 with fresh data; a late peer; NaN propagation; FP8 outliers on a non-zero rank; a skipped call raising
-TPFusePeerTimeout."""
+TPFusePeerTimeout; the dispatcher's Decline walk onto these kernels (and NCCL)."""
 
 import time
 
@@ -11,6 +11,7 @@ import torch
 
 from cases import (assert_path_ran, fused_ar_graph_replays, gpu_tp_params, make_comm, make_inputs, make_spec,
                    on_cpu, oracle, run_gpu)
+from tpfuse.distributed import ranks_per_device
 from tpfuse.errors import TPFusePeerTimeout
 from tpfuse.tolerance import assert_close, assert_quant_close
 
@@ -44,7 +45,9 @@ def _check(comm, rank, world, seed, t, h, *, kind=None, with_res=True, gemma=Fal
 
 def _sweep(rank, world, path, hidden, tokens, kinds):
     comm = _comm(path, hidden)
-    assert "fused_allreduce" in comm.workspaces
+    # one program per SM, divided among the ranks sharing a GPU in one-GPU mode (all resident under MPS too)
+    sms = torch.cuda.get_device_properties(comm.device).multi_processor_count
+    assert comm.workspaces["fused_allreduce"].grid == sms // ranks_per_device()
     n = 0
     for i, t in enumerate(tokens):
         for kind in kinds:
@@ -225,3 +228,54 @@ def _two_comms_rebuild_subgroups(rank, world):
 @pytest.mark.parametrize("tp", gpu_tp_params())
 def test_two_communicators_rebuild_and_subgroups(tp):
     assert run_gpu(_two_comms_rebuild_subgroups, tp, timeout_s=300) == [1 if tp < 4 else 2] * tp
+
+
+class _DecliningFlashInfer:
+    """Stands in for a FlashInfer workspace (none exists without NCCL): the call forms below are ones FlashInfer's
+    kernels cannot produce, so the planned FlashInfer path declines each call (its own ``call_reason``)."""
+
+    def __init__(self, tp):
+        self.rows, self.tp = 64, tp
+
+
+DECLINED_FORMS = (("nvfp4", False, "NVFP4"), ("fp8_token", False, "dynamic FP8"), (None, True, "gemma"))
+
+
+def _decline_walk(rank, world, planned, force, allowed):
+    """The dispatcher's Decline walk with real kernels behind it: a route planned to FlashInfer (planted, as a
+    GPU pair's table would plan it) declines; the call runs on the first usable path of its chain, vs the oracle."""
+    import tpfuse.backends.flashinfer as fib
+    from tpfuse import dispatch
+
+    op, t, h = "fused_add_rmsnorm", 17, 2048
+    comm = _comm(force, h, max_tokens=64, **({"allowed_paths": allowed} if allowed else {}))
+    comm.workspaces[fib.NAME] = _DecliningFlashInfer(world)
+    comm._routes[(op, t)] = (planned, dispatch.implementation(op, planned), dispatch._decline_chain(op, planned, comm))
+    walked = []
+    for i, (kind, gemma, word) in enumerate(DECLINED_FORMS):
+        inp = make_inputs(500 + i, world, t, h, DT, outlier_rank=world - 1, device=comm.device)
+        ref_out, ref_res = oracle(inp, EPS, gemma=gemma)
+        spec = make_spec(kind, comm.device, ref_out)
+        out, res = comm.fused_add_rmsnorm(inp.xs[rank], inp.residual, inp.weight, EPS, quant=spec, gemma=gemma)
+        assert_close(res, ref_res, DT, f"declined {kind} residual_out")
+        if spec is None:
+            assert_close(out, ref_out, DT, f"declined gemma={gemma} out")
+        else:
+            assert_quant_close(on_cpu(out), ref_out, f"declined {kind} out")
+        ran, why = comm.last_path[op], comm.last_fallback[op]
+        assert why.startswith(f"{planned} -> {ran}: ") and word in why, why
+        walked.append(ran)
+    del comm.workspaces[fib.NAME]
+    comm.synchronize()
+    comm.close()
+    return walked
+
+
+@pytest.mark.parametrize("tp", gpu_tp_params())
+@pytest.mark.parametrize("planned,force,allowed,expect", [
+    ("flashinfer_oneshot", "tpfuse_oneshot", None, "tpfuse_oneshot"),  # its registered declines_to
+    ("flashinfer_twoshot", "tpfuse_twoshot", None, "tpfuse_twoshot"),
+    ("flashinfer_oneshot", None, ("nccl",), "nccl"),  # declines_to not allowed: the next link (host-staged here)
+])
+def test_declined_call_walks_to_the_next_path(tp, planned, force, allowed, expect):
+    assert run_gpu(_decline_walk, tp, planned, force, allowed, timeout_s=200) == [[expect] * 3] * tp

@@ -64,6 +64,21 @@ def test_group_device_follows_the_mode(monkeypatch):
     assert td.group_device("gloo") == torch.device("cuda", 0)
 
 
+def test_ranks_per_device_sizes_persistent_grids(monkeypatch):
+    """The persistent kernels' grid divisor: 1 off the mode; ceil(local ranks / GPUs) in it (MPS residency)."""
+    monkeypatch.delenv(td.ONE_GPU_ENV, raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert td.ranks_per_device() == 1
+    monkeypatch.setenv(td.ONE_GPU_ENV, "1")
+    assert td.ranks_per_device() == 8
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert td.ranks_per_device() == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert td.ranks_per_device() == 1
+
+
 def test_launcher_switch_sets_the_mode(tmp_path):
     script = tmp_path / "show.py"
     script.write_text(f"import os; print('mode', os.environ.get({td.ONE_GPU_ENV!r}))\n")

@@ -38,6 +38,7 @@ from typing import Optional
 import torch
 
 from .. import collectives
+from ..distributed import ranks_per_device
 from ..dispatch import register, table_routes
 from .base import PeerTimeoutFlag, register_workspace, workspace_reason
 from ..sharding import shard_rows
@@ -68,7 +69,9 @@ class FusedAllReduceWorkspace(PeerTimeoutFlag):
         self.hidden, self.dtype = comm.hidden_size, comm.dtype
         dev = comm.device
         self.device = dev
-        sms = torch.tensor([torch.cuda.get_device_properties(dev).multi_processor_count], device=dev)
+        # one program per SM; in one-GPU mode SMs / ranks sharing the GPU, so concurrent (MPS) ranks all fit
+        sms = torch.tensor([torch.cuda.get_device_properties(dev).multi_processor_count // ranks_per_device()],
+                           device=dev)
         collectives.all_reduce_(sms, comm.group, dist.ReduceOp.MIN, backend=comm.backend)
         self.grid = int(sms.item())
         h, isz, tp, g = self.hidden, self.dtype.itemsize, self.tp, self.grid
