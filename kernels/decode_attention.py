@@ -5,20 +5,32 @@ Contract (plain-torch reference in :mod:`tpfuse.attention`): for each sequence `
 ``n = clamp(seq_lens[b], 0, max_seq_len)``; key ``i`` of sequence ``b`` lives in cache slot
 ``(block_tables[b, i // block_size], i % block_size)``. fp32 scores, softmax and accumulation; ``n == 0`` gives 0.
 
+Work follows the lengths, not the capacity
+------------------------------------------
+The launch (grid, ``NUM_SPLITS``, tile, warps, workspace) is chosen on the host from ``B``, ``Hq``, ``Hkv``, ``D``,
+the dtypes and the GPU's SM count only (:func:`pick_config`); ``max_seq_len`` only clamps ``n`` on the device. Each
+sequence is cut into partitions on the device from its own length: with ``n = clamp(seq_lens[b], 0, max_seq_len)``
+and ``part(n) = max(MIN_PARTITION, round_up(cdiv(n, NUM_SPLITS), BLOCK_N))``, split ``s`` covers keys
+``[s * part, (s + 1) * part) & [0, n)``. ``part`` is a multiple of ``BLOCK_N`` (no tile straddles two partitions)
+and ``NUM_SPLITS * part >= n`` (the partitions cover the sequence), so ``cdiv(n, part) <= NUM_SPLITS`` partitions
+hold keys; the programs of the others exit at once. A decode step at context ``n`` thus does the same work whatever
+the cache's ``max_seq_len`` (and ``max_batch``, which the kernels never see), and CUDA-graph replays with new
+``seq_lens`` re-partition each sequence without a new launch.
+
 Kernels
 -------
 ``_split_kernel``, grid ``(B, Hkv, NUM_SPLITS)``: one program owns *all* query heads of one kv head (padded to
 ``GROUP_PAD >= 16`` rows so both products run on tensor cores: ``[GROUP_PAD, D] x [D, BLOCK_N]`` and
-``[GROUP_PAD, BLOCK_N] x [BLOCK_N, D]``), so each K/V tile is read once for the whole group. It covers keys
-``[split * PARTITION, (split + 1) * PARTITION) & [0, n)`` in ``BLOCK_N`` tiles (the loop bound is the runtime
-length: the grid never depends on ``seq_lens``), gathering each key's block id from the block table; keys at or
-past ``n`` are masked out of every load, so unused cache slots and block-table entries are never read.
-Online softmax in the exp2 domain (``log2(e)`` folded into the score scale). With one split
-(``NUM_SPLITS == 1``) it normalizes and writes ``out`` directly; otherwise it writes the unnormalized partial
-``o`` (fp32 ``[B, Hq, NUM_SPLITS, D]``) and its running max ``m`` / sum ``l`` (fp32 ``[B, Hq, NUM_SPLITS]``).
-A program whose partition starts at or past ``n`` writes nothing: ``_combine_kernel`` (grid ``(B, Hq)``) only reads
-the ``cdiv(n, PARTITION)`` partitions that hold keys, rescales them to the common max and writes
-``out = sum(o_i 2^(m_i - M)) / sum(l_i 2^(m_i - M))``, or 0 for an empty sequence (never NaN).
+``[GROUP_PAD, BLOCK_N] x [BLOCK_N, D]``), so each K/V tile is read once for the whole group. It covers its
+partition of the sequence in ``BLOCK_N`` tiles (the loop bounds are runtime values: the grid never depends on
+``seq_lens``), gathering each key's block id from the block table; keys at or past ``n`` are masked out of every
+load, so unused cache slots and block-table entries are never read. Online softmax in the exp2 domain
+(``log2(e)`` folded into the score scale). With one split (``NUM_SPLITS == 1``) it normalizes and writes ``out``
+directly (an empty sequence writes 0); otherwise it writes the unnormalized partial ``o`` (fp32
+``[B, Hq, NUM_SPLITS, D]``) and its running max ``m`` / sum ``l`` (fp32 ``[B, Hq, NUM_SPLITS]``), and a program
+whose partition starts at or past ``n`` returns before loading anything. ``_combine_kernel`` (grid ``(B, Hq)``)
+recomputes ``part(n)``, reads only the ``cdiv(n, part)`` partials that exist, rescales them to the common max and
+writes ``out = sum(o_i 2^(m_i - M)) / sum(l_i 2^(m_i - M))``, or 0 for an empty sequence (never NaN).
 
 Precision: q.K runs on tensor cores with exact products (K/V in q's dtype; e4m3 -> bf16/fp16/fp32 is exact) and fp32
 accumulation. P (fp32, in [0, 1]) is split ``P = P_hi + P_lo`` into two 16-bit values for the P.V product
@@ -29,9 +41,12 @@ FP8 (e4m3) caches: ``K = Kq * kv_scale``, ``V = Vq * kv_scale`` with one device 
 the score scale (``(q . Kq) * (scale * kv_scale)``) and into the final output (``(P . Vq) * kv_scale``), never
 applied per element.
 
-CUDA graphs: the grid, ``NUM_SPLITS`` and the workspace size come from host-side capacities (``B``, ``Hq``,
-``max_seq_len``), never from ``seq_lens``, which is only read on the device.
+CUDA graphs: the grid, the constexprs and the workspace size (``B * Hq * NUM_SPLITS * (D + 2)`` fp32) come from
+host-side values that do not depend on ``seq_lens`` or ``max_seq_len``; ``seq_lens`` is only read on the device.
 """
+
+import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -100,17 +115,29 @@ def _attend_tile(q, acc, m_i, l_i, start, n, bt_row, kc_ptr, kc_sb, kc_so, kc_sh
 
 
 @triton.jit
+def _partition_len(n, NUM_SPLITS: tl.constexpr, MIN_PARTITION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys per partition of a sequence of ``n`` keys: ``max(MIN_PARTITION, round_up(cdiv(n, NUM_SPLITS),
+    BLOCK_N))``. The split and combine kernels both compute it, so they agree on which partials exist."""
+    per_split = (n + NUM_SPLITS - 1) // NUM_SPLITS
+    return tl.maximum((per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N, MIN_PARTITION)
+
+
+@triton.jit
 def _split_kernel(q_ptr, q_sb, q_sh, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, bt_ptr, bt_stride,
                   sl_ptr, kvs_ptr, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr, ws_l_ptr, qk_scale, max_len, group,
                   n_heads, D: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                  PARTITION: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                  MIN_PARTITION: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
                   CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr, PREC: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
     n = tl.minimum(tl.maximum(tl.load(sl_ptr + b).to(tl.int32), 0), max_len)
-    lo = split * PARTITION
-    hi = tl.minimum(lo + PARTITION, n)  # lo >= hi: an empty partition, the loop never runs
+    part = _partition_len(n, NUM_SPLITS, MIN_PARTITION, BLOCK_N)
+    lo = split * part
+    if NUM_SPLITS > 1:
+        if lo >= n:  # past this sequence's keys (all splits when n == 0): no partial, the combine skips it
+            return
+    hi = tl.minimum(lo + part, n)  # one split: lo = 0, part >= n, so [0, n) (the loop never runs when n == 0)
     DT: tl.constexpr = q_ptr.dtype.element_ty
     r = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, D)
@@ -146,22 +173,21 @@ def _split_kernel(q_ptr, q_sb, q_sh, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb,
         optrs = out_ptr + b * o_sb + heads[:, None] * o_sh + d[None, :]
         tl.store(optrs, cast_for_store(res, out_ptr.dtype.element_ty), mask=rmask[:, None])
     else:
-        # an empty partition stores nothing: the combine kernel only reads the cdiv(n, PARTITION) that hold keys
-        wmask = rmask & (lo < n)
         row = (b * n_heads + heads) * NUM_SPLITS + split  # [GROUP_PAD]
-        tl.store(ws_o_ptr + row[:, None] * D + d[None, :], acc, mask=wmask[:, None])
-        tl.store(ws_m_ptr + row, m_i, mask=wmask)
-        tl.store(ws_l_ptr + row, l_i, mask=wmask)
+        tl.store(ws_o_ptr + row[:, None] * D + d[None, :], acc, mask=rmask[:, None])
+        tl.store(ws_m_ptr + row, m_i, mask=rmask)
+        tl.store(ws_l_ptr + row, l_i, mask=rmask)
 
 
 @triton.jit
 def _combine_kernel(ws_o_ptr, ws_m_ptr, ws_l_ptr, sl_ptr, out_ptr, o_sb, o_sh, n_heads, max_len,
-                    D: tl.constexpr, PARTITION: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                    CHUNK: tl.constexpr):
+                    D: tl.constexpr, BLOCK_N: tl.constexpr, MIN_PARTITION: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                    SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     n = tl.minimum(tl.maximum(tl.load(sl_ptr + b).to(tl.int32), 0), max_len)
-    n_used = (n + PARTITION - 1) // PARTITION  # partitions that hold keys (<= NUM_SPLITS: n <= max_len)
+    part = _partition_len(n, NUM_SPLITS, MIN_PARTITION, BLOCK_N)
+    n_used = (n + part - 1) // part  # partials the split kernel wrote (<= NUM_SPLITS: NUM_SPLITS * part >= n)
     row0 = (b * n_heads + h) * NUM_SPLITS
     idx = tl.arange(0, SPLITS_PAD)
     m_all = tl.load(ws_m_ptr + row0 + idx, mask=idx < n_used, other=float("-inf"))
@@ -185,101 +211,154 @@ def _combine_kernel(ws_o_ptr, ws_m_ptr, ws_l_ptr, sl_ptr, out_ptr, o_sb, o_sh, n
 # --------------------------------------------------------------------------------------------------------------
 # launcher
 
-SM_COUNT_GUESS = 132  # H100 / H200; only steers the split heuristic
-TARGET_PROGRAMS = 2 * SM_COUNT_GUESS  # split-kernel programs wanted at full length (~2 waves)
-MAX_SPLITS = 16  # more splits than this cost more in the combine than the extra parallelism wins
-MIN_PARTITION, MAX_PARTITION = 128, 2048
+SM_COUNT_GUESS = 132  # H100 / H200 (the sweep's GPU): the SM count when no CUDA device is at hand (interpreter)
+WAVES = 2  # split-kernel programs wanted per SM at small batch
+MAX_SPLITS = 16  # bf16 / fp16 caches: more splits than this cost more in the combine than the extra parallelism wins
+MAX_SPLITS_FP8 = 32  # FP8 caches: the most splits the earlier FP8 rule took at the swept points (B=1, 4096 keys)
+MIN_PARTITION = 128  # keys: the shortest partition the sweep timed (its best at B=1 x 1024 keys)
 
 
-def pick_config(batch: int, kv_heads: int, max_seq_len: int, head_dim: int, q_elem: int,
-                partition=None, block_n=None, num_warps=None, *, cache_fp8: bool = False):
-    """``(PARTITION, BLOCK_N, NUM_SPLITS, num_warps)`` from host-side capacities only (CUDA-graph safe).
+class DecodeConfig(NamedTuple):
+    """Launch configuration of :func:`launch_decode_attention` (every field host-side and length-independent)."""
 
-    bf16 / fp16 caches: chosen from the sweep in ``bench/results/decode_attention_h200_sweep.json``
-    (``bench_decode_attention.py --sweep``, one H200; Hq 32/64, Hkv 8, D 128, bf16 cache, B 1/8/64, 1024/4096 keys),
-    where this rule is the best swept config or within 4% of it at every point:
+    num_splits: int
+    """Programs per (sequence, kv head): the grid's third dimension and the workspace's split count."""
+    min_partition: int
+    """Shortest partition in keys (a multiple of ``block_n``); the device computes each sequence's own."""
+    block_n: int
+    """Keys per tile."""
+    num_warps: int
 
-    * ``BLOCK_N``: 128 keys per tile for D <= 128 with 16-bit q; 32 for D = 256 or fp32 q (not swept).
-    * ``PARTITION``: start at ``MIN_PARTITION`` (128) and double while the grid at full length,
-      ``B * Hkv * cdiv(max_seq_len, PARTITION)``, has more than ``TARGET_PROGRAMS`` (2 x 132 SMs) programs or more
-      than ``MAX_SPLITS`` splits, up to ``MAX_PARTITION`` (2048) or the whole ``max_seq_len``. So B=1, Hkv=8 gets
-      8 splits of 128 at 1024 keys and 16 of 256 at 4096; B=8 gets ~256 programs; B=64 one pass at 1024 keys.
-      The cap bounds the imbalance when lengths differ across the batch and keeps each program's loop short.
-    * ``num_warps``: 8 from partitions of 1024 keys (long loops over 128-key tiles), else 4.
 
-    FP8 caches (``cache_fp8``) keep the earlier rule: ``BLOCK_N`` 64 (32 for D = 256 / fp32 q), 4 warps, and the
-    partition doubled while ``B * Hkv * cdiv(max_seq_len, 2 * PARTITION)`` still reaches ``TARGET_PROGRAMS``. The
-    bf16 rule was not swept with FP8 caches, and on one H200 it made B=64 1.3x (1024 keys) and 1.5x (4096 keys)
-    slower than this one (``bench/results/decode_attention_h200_989aa3b.json`` vs ``decode_attention_h200.json``).
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def device_sm_count(device: torch.device) -> int:
+    """SMs of ``device`` (a CUDA device), :data:`SM_COUNT_GUESS` elsewhere (the interpreter on CPU)."""
+    if device.type != "cuda":
+        return SM_COUNT_GUESS
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pick_config(batch: int, kv_heads: int, head_dim: int, q_elem: int, *, cache_fp8: bool = False,
+                sm_count: int = SM_COUNT_GUESS, num_splits=None, min_partition=None, block_n=None,
+                num_warps=None) -> DecodeConfig:
+    """The :class:`DecodeConfig` of a launch, from ``(B, Hkv, D, q's element size, cache dtype, SM count)`` only:
+    never from ``max_seq_len`` nor the lengths (CUDA-graph safe; the work follows each sequence's length through
+    the partition the device computes, module docstring). Arguments given override the rule.
+
+    ``programs = B * Hkv`` (programs per split) and ``target = WAVES * sm_count`` (2 x 132 = 264 on H100 / H200):
+
+    ==============  =========================================  ===========================================
+    field           bf16 / fp16 cache                          FP8 cache
+    ==============  =========================================  ===========================================
+    NUM_SPLITS      ``clamp(target // programs, 1, 16)``       smallest power of two ``s`` with
+                                                               ``programs * s >= target``, at most 32
+    BLOCK_N         128 for D <= 128 with 16-bit q, else 32    64 for D <= 128 with 16-bit q, else 32
+    num_warps       8 with one split, else 4                   4
+    MIN_PARTITION   ``max(128, BLOCK_N)``                      ``max(128, BLOCK_N)``
+    ==============  =========================================  ===========================================
+
+    At the points of the sweep in ``bench/results/decode_attention_h200_sweep.json`` (``bench_decode_attention.py
+    --sweep`` at 3c39d05, which forced fixed partitions - it now forces split counts; one H200; Hq 32/64, Hkv 8,
+    D 128, bf16 q and cache, B 1/8/64, every sequence at 1024 or 4096 keys, ``max_seq_len`` = the context) this
+    gives (NUM_SPLITS: partition at 1024 / 4096 keys):
+
+    ====  =========================  ============================  ===============================================
+    B     bf16 / fp16 cache          FP8 cache                     the sweep
+    ====  =========================  ============================  ===============================================
+    1     16 x 4 warps: 128 / 256    32: 128 / 128                 best: 128 / 256, 128-key tiles, 4 warps
+    8     4 x 4 warps: 256 / 1024    8: 128 / 512                  best: 256 / 1024, 128-key tiles, 4 warps (or
+                                                                   8 warps, 0.1% faster at 4096 keys, Hq 32)
+    64    1 x 8 warps: 1024 / 4096   1: 1024 / 4096                best: 4096, 128-key tiles, 8 warps at 4096
+                                                                   keys; at 1024 keys 32-key tiles with 4 warps
+                                                                   are 2.5-2.9% faster (one tile rule kept)
+    ====  =========================  ============================  ===============================================
+
+    So the sweep still decides the bf16 branch's BLOCK_N, its warps (8 where one program covers a whole sequence,
+    ``B * Hkv >= target``) and its split counts at these points (the bf16 rule is the best swept config or within
+    4% of it at every point). The FP8 branch keeps the earlier FP8 rule's tiles, warps and, at these points,
+    partitions (the bf16 rule made FP8 caches 1.3x / 1.5x slower at B=64 on one H200:
+    ``decode_attention_h200_989aa3b.json`` vs ``decode_attention_h200.json``), except B=64 x 4096 keys: 1 split
+    (was 2 of 2048; not measured).
+
+    New and not yet swept on a GPU: the split count no longer grows with the context nor the capacity, and each
+    sequence's partition follows its own length. Untimed so far: contexts past 4096 keys (B=1 at 32768 keys: 16
+    splits of 2048 for bf16, 32 of 1024 for FP8), lengths that differ across the batch (with one split, one long
+    sequence among short ones runs in ``Hkv`` programs while the rest idle: the price of a grid without
+    ``max_seq_len``), batch sizes, head counts, D and SM counts other than the swept ones, and the real SM count
+    in place of 132 (``bench_decode_attention.py --capacity-sweep`` times the capacity axis).
     """
+    target = WAVES * sm_count
+    programs = max(1, batch * kv_heads)
+    small_tiles = head_dim > 128 or q_elem > 2  # D = 256 or fp32 q: registers, not swept
     if cache_fp8:
-        return _pick_config_fp8_cache(batch, kv_heads, max_seq_len, head_dim, q_elem, partition, block_n, num_warps)
-    if block_n is None:
-        block_n = 128 if head_dim <= 128 and q_elem <= 2 else 32
-    if partition is None:
-        partition = max(MIN_PARTITION, block_n)
-        while partition < MAX_PARTITION and partition < max_seq_len:
-            splits = triton.cdiv(max_seq_len, partition)
-            if batch * kv_heads * splits <= TARGET_PROGRAMS and splits <= MAX_SPLITS:
-                break
-            partition *= 2
-    if num_warps is None:
-        num_warps = 8 if partition >= 1024 else 4
-    return _checked(partition, block_n, max_seq_len, num_warps)
+        block_n = (32 if small_tiles else 64) if block_n is None else block_n
+        if num_splits is None:
+            num_splits = 1
+            while programs * num_splits < target and num_splits < MAX_SPLITS_FP8:
+                num_splits *= 2
+        num_warps = 4 if num_warps is None else num_warps
+    else:
+        block_n = (32 if small_tiles else 128) if block_n is None else block_n
+        if num_splits is None:
+            num_splits = max(1, min(MAX_SPLITS, target // programs))
+        if num_warps is None:
+            num_warps = 8 if num_splits == 1 else 4
+    min_partition = max(MIN_PARTITION, block_n) if min_partition is None else min_partition
+    if num_splits < 1 or min_partition < block_n or min_partition % block_n:
+        raise ValueError(f"need num_splits >= 1 and min_partition a positive multiple of block_n {block_n}, got "
+                         f"{num_splits} and {min_partition}")
+    return DecodeConfig(num_splits, min_partition, block_n, num_warps)
 
 
-def _pick_config_fp8_cache(batch, kv_heads, max_seq_len, head_dim, q_elem, partition, block_n, num_warps):
-    if block_n is None:
-        block_n = 64 if head_dim <= 128 and q_elem <= 2 else 32
-    if partition is None:
-        partition = max(MIN_PARTITION, block_n)
-        while (partition < MAX_PARTITION and partition < max_seq_len
-               and batch * kv_heads * triton.cdiv(max_seq_len, 2 * partition) >= TARGET_PROGRAMS):
-            partition *= 2
-    return _checked(partition, block_n, max_seq_len, 4 if num_warps is None else num_warps)
-
-
-def _checked(partition, block_n, max_seq_len, num_warps):
-    if partition % block_n:
-        raise ValueError(f"partition {partition} must be a multiple of block_n {block_n}")
-    return partition, block_n, max(1, triton.cdiv(max_seq_len, partition)), num_warps
+def _workspace(bsz: int, hq: int, d: int, splits: int, device):
+    """fp32 partials ``(o [B*Hq*splits, D], m, l [B*Hq*splits])`` in one allocation (the caching allocator serves
+    it inside CUDA-graph capture too); its size does not depend on ``max_seq_len``."""
+    rows = bsz * hq * splits
+    ws = torch.empty(rows * (d + 2), dtype=torch.float32, device=device)
+    return ws[: rows * d], ws[rows * d: rows * (d + 1)], ws[rows * (d + 1):]
 
 
 def launch_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, out, scale, kv_scale=None, *,
-                            max_seq_len: int, partition=None, block_n=None, num_warps=None):
+                            max_seq_len: int, num_splits=None, min_partition=None, block_n=None, num_warps=None):
     """``out [B, Hq, D]`` <- decode attention of ``q [B, Hq, D]`` over the paged caches
     ``[num_blocks, block_size, Hkv, D]`` (see the module docstring). Inputs are validated by
-    :func:`tpfuse.attention.decode_attention`; ``max_seq_len`` is the host-side capacity that fixes the grid."""
+    :func:`tpfuse.attention.decode_attention`. ``max_seq_len`` only clamps the lengths on the device; the launch
+    comes from :func:`pick_config` (``num_splits`` ... ``num_warps`` override its rule). Returns the
+    :class:`DecodeConfig` used (``None`` for an empty batch)."""
     bsz, hq, d = q.shape
     block_size, hkv = key_cache.shape[1], key_cache.shape[2]
     if bsz == 0 or hq == 0:
-        return out
+        return None
     group = hq // hkv
     cache_fp8 = key_cache.element_size() == 1
-    part, bn, splits, nw = pick_config(bsz, hkv, max_seq_len, d, q.element_size(), partition, block_n, num_warps,
-                                       cache_fp8=cache_fp8)
+    cfg = pick_config(bsz, hkv, d, q.element_size(), cache_fp8=cache_fp8, sm_count=device_sm_count(q.device),
+                      num_splits=num_splits, min_partition=min_partition, block_n=block_n, num_warps=num_warps)
+    splits = cfg.num_splits
     kvs = kv_scale if cache_fp8 else seq_lens  # unread unless CACHE_FP8
-    if splits > 1:
-        # fp32 partials; the caching allocator serves this inside CUDA-graph capture too
-        ws = torch.empty(bsz * hq * splits * (d + 2), dtype=torch.float32, device=q.device)
-        ws_o = ws[: bsz * hq * splits * d]
-        ws_m = ws[bsz * hq * splits * d: bsz * hq * splits * (d + 1)]
-        ws_l = ws[bsz * hq * splits * (d + 1):]
-    else:
-        ws_o = ws_m = ws_l = out  # unused
+    ws_o, ws_m, ws_l = _workspace(bsz, hq, d, splits, q.device) if splits > 1 else (out, out, out)  # 1: unused
     _split_kernel[(bsz, hkv, splits)](
         q, q.stride(0), q.stride(1), key_cache, key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache, value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         block_tables, block_tables.stride(0), seq_lens, kvs, out, out.stride(0), out.stride(1), ws_o, ws_m, ws_l,
         float(scale) * LOG2E, int(max_seq_len), group, hq,
-        D=d, GROUP_PAD=max(16, next_pow2(group)), BLOCK_N=bn, PARTITION=part, BLOCK_SIZE=block_size,
-        NUM_SPLITS=splits, CACHE_FP8=cache_fp8, PV_HILO=q.element_size() == 2,
-        PREC="ieee" if q.dtype.itemsize == 4 else "tf32", num_warps=nw)
+        D=d, GROUP_PAD=max(16, next_pow2(group)), BLOCK_N=cfg.block_n, MIN_PARTITION=cfg.min_partition,
+        BLOCK_SIZE=block_size, NUM_SPLITS=splits, CACHE_FP8=cache_fp8, PV_HILO=q.element_size() == 2,
+        PREC="ieee" if q.dtype.itemsize == 4 else "tf32", num_warps=cfg.num_warps)
     if splits > 1:
         splits_pad = next_pow2(splits)
         _combine_kernel[(bsz, hq)](
             ws_o, ws_m, ws_l, seq_lens, out, out.stride(0), out.stride(1), hq, int(max_seq_len),
-            D=d, PARTITION=part, NUM_SPLITS=splits, SPLITS_PAD=splits_pad, CHUNK=min(splits_pad, 16),
-            num_warps=4 if d >= 128 else 2)
-    return out
+            D=d, BLOCK_N=cfg.block_n, MIN_PARTITION=cfg.min_partition, NUM_SPLITS=splits, SPLITS_PAD=splits_pad,
+            CHUNK=min(splits_pad, 16), num_warps=4 if d >= 128 else 2)
+    return cfg
 
+
+def partition_len(n: int, cfg: DecodeConfig) -> int:
+    """Host mirror of the device's partition rule (tests, benchmarks): keys per partition of a sequence of ``n``
+    keys; ``cdiv(n, partition_len(n, cfg))`` partitions hold keys."""
+    per_split = -(-max(n, 0) // cfg.num_splits)
+    return max(cfg.min_partition, -(-per_split // cfg.block_n) * cfg.block_n)

@@ -118,28 +118,27 @@ def cases():
 
 
 def decode_attention_cases():
-    """The configs :func:`tpfuse.kernels.decode_attention.pick_config` picks (BLOCK_N 128 for D <= 128 with 16-bit
-    q, 32 for D=256 / fp32; 8 warps from 1024-key partitions) and the former BLOCK_N 64 ones, bf16 and fp16 q,
-    bf16 / FP8 caches, single pass and split, and the combine kernel."""
-    for q_t, cache, d, group, bn, part, splits, warps in (
-            ("*bf16", "*bf16", 128, 4, 64, 128, 32, 4), ("*bf16", "*fp8e4nv", 128, 4, 64, 128, 32, 4),
-            ("*bf16", "*bf16", 128, 8, 64, 1024, 1, 4), ("*bf16", "*fp8e4nv", 128, 8, 64, 2048, 1, 4),
-            ("*bf16", "*bf16", 64, 1, 64, 256, 4, 4), ("*fp16", "*fp8e4nv", 256, 16, 32, 512, 8, 4),
-            ("*fp32", "*fp32", 128, 4, 32, 256, 4, 4),
-            ("*bf16", "*bf16", 128, 4, 128, 128, 8, 4), ("*bf16", "*fp8e4nv", 128, 8, 128, 256, 16, 4),
-            ("*bf16", "*bf16", 128, 8, 128, 1024, 1, 8), ("*bf16", "*fp8e4nv", 128, 4, 128, 2048, 2, 8),
-            ("*bf16", "*bf16", 64, 1, 128, 128, 1, 4)):
+    """The configs :func:`tpfuse.kernels.decode_attention.pick_config` picks at H100 / H200 shapes (bf16 caches:
+    BLOCK_N 128 for D <= 128 with 16-bit q, 32 for D=256 / fp32; up to 16 splits, 8 warps at one split; FP8 caches:
+    BLOCK_N 64, 4 warps, up to 32 splits), bf16 / fp16 / fp32 q, single pass and split, and the combine kernel
+    (power-of-two and other split counts). Partitions are computed on the device (``MIN_PARTITION`` 128)."""
+    for q_t, cache, d, group, bn, splits, warps in (
+            ("*bf16", "*bf16", 128, 4, 128, 16, 4), ("*bf16", "*bf16", 128, 4, 128, 4, 4),
+            ("*bf16", "*bf16", 128, 8, 128, 1, 8), ("*bf16", "*bf16", 64, 1, 128, 16, 4),
+            ("*bf16", "*fp8e4nv", 128, 4, 64, 32, 4), ("*bf16", "*fp8e4nv", 128, 8, 64, 8, 4),
+            ("*bf16", "*fp8e4nv", 128, 4, 64, 1, 4), ("*fp16", "*fp8e4nv", 256, 16, 32, 8, 4),
+            ("*fp32", "*fp32", 128, 4, 32, 4, 4), ("*bf16", "*bf16", 256, 8, 32, 11, 4)):
         ptrs = {"q_ptr": q_t, "kc_ptr": cache, "vc_ptr": cache, "bt_ptr": "*i32", "sl_ptr": "*i32",
                 "kvs_ptr": "*fp32", "out_ptr": q_t, "ws_o_ptr": "*fp32", "ws_m_ptr": "*fp32", "ws_l_ptr": "*fp32"}
-        const = dict(D=d, GROUP_PAD=max(16, group), BLOCK_N=bn, PARTITION=part, BLOCK_SIZE=16, NUM_SPLITS=splits,
-                     CACHE_FP8=cache == "*fp8e4nv", PV_HILO=q_t != "*fp32", PREC="ieee" if q_t == "*fp32" else "tf32")
-        tile = f" block_n={bn} warps={warps}" if bn == 128 else ""  # the earlier cases keep their names
-        yield (f"decode_attention q={q_t[1:]} cache={cache[1:]} d={d} group={group} splits={splits}{tile}",
-               decode_attention._split_kernel, ptrs, const, warps, True)
-    for d, splits in ((128, 32), (64, 3)):
-        yield (f"decode_attention combine d={d} splits={splits}", decode_attention._combine_kernel,
+        const = dict(D=d, GROUP_PAD=max(16, group), BLOCK_N=bn, MIN_PARTITION=max(128, bn), BLOCK_SIZE=16,
+                     NUM_SPLITS=splits, CACHE_FP8=cache == "*fp8e4nv", PV_HILO=q_t != "*fp32",
+                     PREC="ieee" if q_t == "*fp32" else "tf32")
+        yield (f"decode_attention q={q_t[1:]} cache={cache[1:]} d={d} group={group} splits={splits} block_n={bn} "
+               f"warps={warps}", decode_attention._split_kernel, ptrs, const, warps, True)
+    for d, bn, splits in ((128, 64, 32), (128, 128, 16), (64, 128, 11)):
+        yield (f"decode_attention combine d={d} splits={splits} block_n={bn}", decode_attention._combine_kernel,
                {"ws_o_ptr": "*fp32", "ws_m_ptr": "*fp32", "ws_l_ptr": "*fp32", "sl_ptr": "*i32", "out_ptr": "*bf16"},
-               dict(D=d, PARTITION=128, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
+               dict(D=d, BLOCK_N=bn, MIN_PARTITION=128, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
                     CHUNK=min(16, triton.next_power_of_2(splits))), 4, True)
 
 

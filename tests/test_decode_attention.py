@@ -18,6 +18,13 @@ running max changes across tiles and partitions.
 
 Checks: every output element against the fp64 oracle (within one final rounding, plus a small floor for
 elements that cancel to ~0), the relative norm error against the shared tolerance, the fp32 reference too.
+
+Capacity independence (the launch never depends on ``max_seq_len``; each sequence is partitioned on the device from
+its own length): the grids, constexprs and workspace size are the same at max_seq_len 300 .. 32768 and the fp32
+outputs bit-identical; lengths at every partition edge (0, 1, part - 1, part, part + 1, a partition grown past
+MIN_PARTITION, n == max_seq_len, a long sequence beside a short one) for bf16 / FP8 caches, GQA groups 1 / 4 / 8, D
+64 / 128, with the split workspace NaN-poisoned (a partial read but never written shows); and a graph-replay-style
+sequence (the same launch, new lengths written into the same ``seq_lens`` tensor).
 """
 
 import pytest
@@ -92,10 +99,19 @@ def assert_elementwise(out, oracle, dtype, what):
     assert_close(o, r, dtype, what)
 
 
+def forced_config(partition, num_splits, min_partition, cap):
+    """Launcher overrides: a fixed ``partition`` P is ``cdiv(cap, P)`` splits of at least P keys (every length up
+    to ``cap`` then gets partitions of exactly P: ``round_up(cdiv(n, splits), block_n) <= P``)."""
+    if partition is not None:
+        return dict(num_splits=-(-cap // partition), min_partition=partition)
+    return dict(num_splits=num_splits, min_partition=min_partition)
+
+
 def run_case(gen, device, *, lens, hq, hkv, d, block_size=16, dtype=torch.bfloat16, fp8=False, partition=None,
-             block_n=None, max_seq_len=None, extra_cols=1):
-    """Build the inputs, run the op on ``device`` (public op, or the launcher with a forced partition / tile),
-    check against the oracle and the reference; returns the output (CPU)."""
+             block_n=None, max_seq_len=None, extra_cols=1, num_splits=None, min_partition=None):
+    """Build the inputs, run the op on ``device`` (the public op, or the launcher with a forced tile /
+    ``partition`` / ``num_splits`` / ``min_partition``), check against the oracle and the reference; returns the
+    output (CPU)."""
     x = make_inputs(gen, lens=lens, hq=hq, hkv=hkv, d=d, block_size=block_size, dtype=dtype, fp8=fp8,
                     extra_cols=extra_cols)
     bsz = len(lens)
@@ -108,16 +124,17 @@ def run_case(gen, device, *, lens, hq, hkv, d, block_size=16, dtype=torch.bfloat
     out_base = poisoned((bsz, hq * d + 24), dtype, device)  # out is a strided view; the padding keeps its poison
     out = out_base[:, : hq * d].view(bsz, hq, d)
     q = q_of(dev[0], hq, d)
-    if partition is None and block_n is None:
+    if partition is None and block_n is None and num_splits is None and min_partition is None:
         got = A.decode_attention(q, *dev[1:], scale=x["scale"], kv_scale=kvs, out=out, max_seq_len=max_seq_len)
         assert got is out
     else:
         from tpfuse.kernels.decode_attention import launch_decode_attention
 
         cap = max_seq_len or x["bt"].shape[1] * block_size
-        launch_decode_attention(q, *dev[1:], out, x["scale"], kvs, max_seq_len=cap, partition=partition,
-                                block_n=block_n)
-    tag = f"lens={lens[:6]}{'...' if bsz > 6 else ''} hq={hq} hkv={hkv} d={d} {dtype} fp8={fp8} p={partition}"
+        launch_decode_attention(q, *dev[1:], out, x["scale"], kvs, max_seq_len=cap, block_n=block_n,
+                                **forced_config(partition, num_splits, min_partition, cap))
+    tag = (f"lens={lens[:6]}{'...' if bsz > 6 else ''} hq={hq} hkv={hkv} d={d} {dtype} fp8={fp8} p={partition} "
+           f"splits={num_splits} min_part={min_partition}")
     res = out.cpu()
     assert_elementwise(res, oracle, dtype, tag)
     assert_close(res, ref.float(), dtype, tag + " vs reference")
@@ -267,8 +284,10 @@ def test_case_q_dtypes(gen, dtype, fp8):
 
 @kernel_case
 def test_case_heuristic_many_splits_and_clamp(gen):
-    # a block table of 40 columns: the launcher's own heuristic picks several partitions (max_seq_len 640), most
-    # of them empty; then max_seq_len below some lengths: keys past it are ignored (as the reference does)
+    # the launcher's own rule (16 splits for B * Hkv = 6, partitions of >= 128 keys): 300 keys in three
+    # partitions, 130 in two, the other splits' programs exit; a block table of 40 columns (max_seq_len 640) the
+    # kernel never reads past the lengths; then max_seq_len below some lengths: keys past it are ignored (as the
+    # reference does)
     run_case(gen, DEVICE, lens=[0, 130, 300], hq=4, hkv=2, d=64, extra_cols=20)
     run_case(gen, DEVICE, lens=[50, 10, 33], hq=4, hkv=1, d=64, max_seq_len=32)
 
@@ -295,6 +314,22 @@ def test_gpu_big_shapes(gen, hq, fp8):
     run_case(gen, "cuda", lens=[4096, 1000, 17], hq=hq, hkv=8, d=128, fp8=fp8, max_seq_len=16384, extra_cols=900)
 
 
+@gpu_only
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16cache", "fp8cache"])
+def test_gpu_long_context_any_capacity(gen, fp8):
+    # the own rule at B=6, Hkv=8 on 132 SMs (5 splits for bf16, 8 for FP8): partitions of 6656 / 4096 keys at 32768
+    # keys, 128 + 1 at 129; the same inputs at max_seq_len 32768 and 65536 (block tables 4096 columns): same bits
+    lens, hq, hkv, d = [32768, 1, 1024, 0, 129, 16385], 32, 8, 128
+    x = make_inputs(gen, lens=lens, hq=hq, hkv=hkv, d=d, fp8=fp8, extra_cols=2048)
+    q, kc, vc, bt, sl = (t.cuda() for t in (q_of(x["qkv"], hq, d), x["kc"], x["vc"], x["bt"], x["sl"]))
+    kvs = None if x["kv_scale"] is None else x["kv_scale"].cuda()
+    outs = [A.decode_attention(q, kc, vc, bt, sl, scale=x["scale"], kv_scale=kvs, max_seq_len=cap).cpu()
+            for cap in (32768, 65536)]
+    oracle = A.decode_attention_math(q, kc, vc, bt, sl, scale=x["scale"], kv_scale=kvs, dtype=torch.float64)
+    assert_elementwise(outs[0], oracle, torch.bfloat16, f"long context (fp8={fp8})")
+    assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))
+
+
 def _graph_inputs(gen, bsz, hq, hkv, d, max_blocks, num_blocks, block_size, fp8):
     """Random contents for the static tensors of the graph test (whole cache valid: lengths vary per replay)."""
     cdt = FP8 if fp8 else torch.bfloat16
@@ -306,10 +341,11 @@ def _graph_inputs(gen, bsz, hq, hkv, d, max_blocks, num_blocks, block_size, fp8)
 
 
 @gpu_only
+@pytest.mark.parametrize("max_blocks,num_blocks", [(128, 600), (2048, 2100)], ids=["cap2k", "cap32k"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16cache", "fp8cache"])
-def test_gpu_cuda_graph_capture_replay(gen, fp8):
-    bsz, hq, hkv, d, bs, max_blocks, num_blocks = 16, 32, 8, 128, 16, 128, 600
-    cap = max_blocks * bs  # 2048: the heuristic splits (B * Hkv = 128 programs per partition)
+def test_gpu_cuda_graph_capture_replay(gen, fp8, max_blocks, num_blocks):
+    bsz, hq, hkv, d, bs = 16, 32, 8, 128, 16
+    cap = max_blocks * bs  # 2048 / 32768 keys; the own rule on 132 SMs: 2 splits (bf16), 4 (FP8) for B * Hkv = 128
     q, kc, vc, bt = (t.cuda() for t in _graph_inputs(gen, bsz, hq, hkv, d, max_blocks, num_blocks, bs, fp8))
     sl = torch.full((bsz,), 5, dtype=torch.int32, device="cuda")
     kvs = torch.tensor([0.05], device="cuda") if fp8 else None
@@ -346,20 +382,130 @@ def test_gpu_torch_compile_fullgraph(gen):
     assert torch.equal(eager, comp)
 
 
-@pytest.mark.parametrize("batch,keys,bf16_cfg,fp8_cfg", [
-    # (PARTITION, BLOCK_N, NUM_SPLITS, num_warps) at the points the docstring names (Hkv 8, D 128, bf16 q)
-    (1, 1024, (128, 128, 8, 4), (128, 64, 8, 4)),
-    (1, 4096, (256, 128, 16, 4), (128, 64, 32, 4)),
-    (8, 1024, (256, 128, 4, 4), (128, 64, 8, 4)),
-    (8, 4096, (1024, 128, 4, 8), (512, 64, 8, 4)),
-    (64, 1024, (1024, 128, 1, 8), (1024, 64, 1, 4)),
-    (64, 4096, (2048, 128, 2, 8), (2048, 64, 2, 4)),
+@pytest.mark.parametrize("batch,bf16_cfg,fp8_cfg,bf16_parts,fp8_parts", [
+    # (NUM_SPLITS, MIN_PARTITION, BLOCK_N, num_warps) and the partitions at 1024 / 4096 keys, at the points the
+    # docstring names (Hkv 8, D 128, bf16 q, 132 SMs)
+    (1, (16, 128, 128, 4), (32, 128, 64, 4), (128, 256), (128, 128)),
+    (8, (4, 128, 128, 4), (8, 128, 64, 4), (256, 1024), (128, 512)),
+    (64, (1, 128, 128, 8), (1, 128, 64, 4), (1024, 4096), (1024, 4096)),
 ])
-def test_pick_config_rule(kernels, batch, keys, bf16_cfg, fp8_cfg):
-    pick = kernels.decode_attention.pick_config
-    assert pick(batch, 8, keys, 128, 2) == bf16_cfg
-    assert pick(batch, 8, keys, 128, 2, cache_fp8=True) == fp8_cfg
-    assert pick(1, 8, 1 << 17, 128, 2)[0] == 2048  # the partition cap: long contexts get more splits, not longer loops
-    assert pick(2, 4, 4096, 256, 2)[1] == 32 and pick(2, 4, 4096, 128, 4)[1] == 32  # D=256 / fp32 q: small tiles
+def test_pick_config_rule(kernels, batch, bf16_cfg, fp8_cfg, bf16_parts, fp8_parts):
+    mod = kernels.decode_attention
+    bf16, fp8 = mod.pick_config(batch, 8, 128, 2), mod.pick_config(batch, 8, 128, 2, cache_fp8=True)
+    assert (bf16, fp8) == (bf16_cfg, fp8_cfg)
+    assert tuple(mod.partition_len(n, bf16) for n in (1024, 4096)) == bf16_parts
+    assert tuple(mod.partition_len(n, fp8) for n in (1024, 4096)) == fp8_parts
+    pick = mod.pick_config
+    assert pick(2, 4, 256, 2).block_n == 32 and pick(2, 4, 128, 4).block_n == 32  # D=256 / fp32 q: small tiles
+    assert pick(2, 4, 256, 2, cache_fp8=True).block_n == 32
+    assert pick(8, 8, 128, 2, sm_count=114).num_splits == 3  # splits follow the SM count: 228 // 64
+    assert pick(1, 1, 128, 2).num_splits == 16 and pick(1, 1, 128, 2, cache_fp8=True).num_splits == 32  # the caps
+    assert pick(256, 8, 128, 2).num_splits == 1 and pick(256, 8, 128, 2, cache_fp8=True).num_splits == 1
     with pytest.raises(ValueError, match="multiple of block_n"):
-        pick(1, 8, 1024, 128, 2, partition=192)
+        pick(1, 8, 128, 2, min_partition=192)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the work follows the lengths, not the capacity (max_seq_len)
+
+
+def poison_workspace(monkeypatch, module):
+    """Make the launcher's split workspace NaN before every launch (a partial the combine reads but no program
+    wrote shows as NaN) and record each workspace's element count."""
+    sizes = []
+    real = module._workspace
+
+    def poisoned_workspace(bsz, hq, d, splits, device):
+        parts = real(bsz, hq, d, splits, device)
+        for t in parts:
+            t.fill_(float("nan"))
+        sizes.append(sum(t.numel() for t in parts))
+        return parts
+
+    monkeypatch.setattr(module, "_workspace", poisoned_workspace)
+    return sizes
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16cache", "fp8cache"])
+def test_launch_is_independent_of_max_seq_len(gen, kernels, monkeypatch, fp8):
+    """For fixed (B, Hkv) the grids, constexprs, warps and workspace size are the same at every max_seq_len, and
+    so is the output, bit for bit (the same partitions of the same keys; fp32 q and out, so that a partition that
+    moved with the capacity would show in the last bits)."""
+    mod = kernels.decode_attention
+    launches = []
+    record_launches(monkeypatch, mod, "_split_kernel", launches)
+    record_launches(monkeypatch, mod, "_combine_kernel", launches)
+    ws_sizes = poison_workspace(monkeypatch, mod)
+    lens, hq, hkv, d = [300, 0, 17], 4, 2, 64
+    x = make_inputs(gen, lens=lens, hq=hq, hkv=hkv, d=d, dtype=torch.float32, fp8=fp8, extra_cols=2048)  # 32.9k
+    q = q_of(x["qkv"], hq, d)
+    outs, configs = [], []
+    for cap in (300, 1024, 8192, 32768):
+        launches.clear()
+        out = torch.empty(len(lens), hq, d, dtype=torch.float32, device=DEVICE)
+        args = [t.to(DEVICE) for t in (q, x["kc"], x["vc"], x["bt"], x["sl"])]
+        A.decode_attention(*args, scale=x["scale"], kv_scale=None if x["kv_scale"] is None else
+                           x["kv_scale"].to(DEVICE), out=out, max_seq_len=cap)
+        configs.append([(grid, kw) for grid, kw in launches])
+        outs.append(out.cpu())
+    assert [grid for grid, _ in configs[0]] == [(3, hkv, 16 if not fp8 else 32), (3, hq)]  # 264 // 6 -> cap 16
+    assert all(c == configs[0] for c in configs[1:]), configs
+    assert len(set(ws_sizes)) == 1 and ws_sizes[0] == 3 * hq * (16 if not fp8 else 32) * (d + 2)
+    assert all(torch.equal(o.view(torch.int32), outs[0].view(torch.int32)) for o in outs[1:])
+    oracle = A.decode_attention_math(q, x["kc"], x["vc"], x["bt"], x["sl"], scale=x["scale"],
+                                     kv_scale=x["kv_scale"], dtype=torch.float64)
+    assert_elementwise(outs[0], oracle, torch.float32, f"capacity-independent launch (fp8={fp8})")
+
+
+# forced NUM_SPLITS 4, MIN_PARTITION 32, BLOCK_N 16 (block_size 16): part(n) = max(32, round_up(cdiv(n, 4), 16)),
+# so 0 (no partition), 1 / 31 / 32 (one partition, the last one full), 33 (two), 127 / 128 (four of 32: the last
+# one ends short / full), 129 (part 48: three, the last of 33 keys), 160 (four of 48, the last of 16), 200 (part 64,
+# four, the last of 8) = max_seq_len; 200 and 1 in one batch (a long sequence with a short one)
+PARTITION_EDGE_LENS = [0, 1, 31, 32, 33, 127, 128, 129, 160, 200]
+
+
+@kernel_case
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16cache", "fp8cache"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("hq,hkv", GROUPS, ids=["g1", "g4", "g8"])
+def test_case_partition_edges(gen, kernels, monkeypatch, hq, hkv, d, fp8):
+    poison_workspace(monkeypatch, kernels.decode_attention)
+    run_case(gen, DEVICE, lens=PARTITION_EDGE_LENS, hq=hq, hkv=hkv, d=d, fp8=fp8, num_splits=4, min_partition=32,
+             block_n=16, max_seq_len=200)
+
+
+@kernel_case
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16cache", "fp8cache"])
+def test_case_partition_edges_own_rule(gen, kernels, monkeypatch, fp8):
+    # the launcher's own config (MIN_PARTITION 128, BLOCK_N 128 / 64): one partition up to 128 keys, two from 129
+    poison_workspace(monkeypatch, kernels.decode_attention)
+    run_case(gen, DEVICE, lens=[0, 1, 127, 128, 129, 257], hq=8, hkv=2, d=64, fp8=fp8)
+
+
+@kernel_case
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16cache", "fp8cache"])
+def test_case_graph_style_relaunch(gen, kernels, monkeypatch, fp8):
+    """What a CUDA-graph replay does: the same launch (same tensors, same host arguments) with other lengths
+    written into the same ``seq_lens`` tensor; each sequence is re-partitioned on the device from its new length."""
+    mod = kernels.decode_attention
+    launches = []
+    record_launches(monkeypatch, mod, "_split_kernel", launches)
+    poison_workspace(monkeypatch, mod)
+    hq, hkv, d, cap = 8, 2, 64, 200
+    rounds = [[129, 0, 33, 200], [1, 200, 0, 64], [200, 31, 128, 0]]
+    cover = [max(r[b] for r in rounds) for b in range(4)]  # the cache holds every round's keys
+    x = make_inputs(gen, lens=cover, hq=hq, hkv=hkv, d=d, fp8=fp8)
+    kvs = None if x["kv_scale"] is None else x["kv_scale"].to(DEVICE)
+    q, kc, vc, bt = (t.to(DEVICE) for t in (q_of(x["qkv"], hq, d), x["kc"], x["vc"], x["bt"]))
+    sl = torch.zeros(4, dtype=torch.int32, device=DEVICE)
+    out = torch.empty(4, hq, d, dtype=torch.bfloat16, device=DEVICE)
+    for forced in (dict(num_splits=4, min_partition=32, block_n=16), {}):  # forced, then the launcher's own rule
+        launches.clear()
+        for lens in rounds:
+            sl.copy_(torch.tensor(lens, dtype=torch.int32))
+            out.fill_(float("nan"))
+            mod.launch_decode_attention(q, kc, vc, bt, sl, out, x["scale"], kvs, max_seq_len=cap, **forced)
+            oracle = A.decode_attention_math(q, kc, vc, bt, sl, scale=x["scale"], kv_scale=kvs, max_seq_len=cap,
+                                             dtype=torch.float64)
+            assert_elementwise(out, oracle, torch.bfloat16, f"relaunch lens={lens} {forced} fp8={fp8}")
+        assert len(launches) == len(rounds) and all(rec == launches[0] for rec in launches)

@@ -7,7 +7,9 @@ Public op (plain-torch reference beside it; Triton kernels in :mod:`tpfuse.kerne
   cached keys/values, read through its block table. The cache layout is the one
   :func:`tpfuse.rope.rope_kv_cache_write` writes (``slot = block * block_size + offset``). Returns ``out`` (the
   given buffer, or a new one). Capturable in a CUDA graph: ``seq_lens`` and ``block_tables`` are only read on the
-  device, the launch configuration depends only on shapes and ``max_seq_len``.
+  device, the launch configuration depends only on ``B``, the head counts, ``D``, the dtypes and the GPU, never on
+  ``max_seq_len`` or the lengths: each sequence is partitioned on the device from its own length, so a step's work
+  follows the lengths, not the capacity.
 
 Shapes (B sequences, Hq / Hkv query / kv heads, D head_dim, NB cache blocks, BS block_size, MB max blocks per seq):
 
@@ -26,8 +28,9 @@ seq_lens          [B] int32 (int64 accepted)                       valid keys 0 
 kv_scale          fp32 tensor of one element, on the device        FP8 caches only (ignored otherwise)
 out               [B, Hq, D] q's dtype, unit stride on D           optional (preallocate for CUDA graphs);
                                                                    every element is written
-max_seq_len       int, 1 <= max_seq_len <= MB * BS                 host-side capacity (default MB * BS); fixes
-                                                                   the grid; keys past it are ignored
+max_seq_len       int, 1 <= max_seq_len <= MB * BS                 capacity (default MB * BS): lengths are
+                                                                   clamped to it on the device (keys past it
+                                                                   are ignored); the launch does not use it
 ================  ===============================================  ==========================================
 
 Constraints: ``Hq % Hkv == 0`` (query head ``h`` uses kv head ``h // (Hq // Hkv)``); D a power of two in 16..256.

@@ -20,6 +20,13 @@ model); using a stale handle raises.
 
 Lengths are kept twice: a host list (for checks and shapes, never read back from the GPU) and a device tensor (what
 the CUDA-graph decode step reads), both advanced by the forward without a host-device sync.
+
+Capacity and the cost of a decode step: a step's work follows the batch and the lengths, not ``max_batch`` or
+``max_seq_len``. The block tables are views (never copied per step) read only up to each sequence's length, and
+the decode attention's launch and partitions do not depend on ``max_seq_len``
+(:mod:`tpfuse.kernels.decode_attention`); the RoPE table is indexed by position; the per-step copies and device
+updates (tokens, lengths, slots) are ``[B]``. ``max_batch`` enters only through the CUDA-graph bucket a batch is padded to
+(:attr:`KVCacheConfig.graph_buckets`, plus ``max_batch`` itself).
 """
 
 from __future__ import annotations
