@@ -9,15 +9,24 @@ Providers:
 * ``tpfuse_fp8``: the same on an FP8 e4m3 cache (one device scale).
 
 Shapes: B in 1, 8, 64; context 1024 and 4096 (every sequence at the full context, or with ``--mixed`` each at a
-random length in [ctx/2, ctx]); heads 32/8 and 64/8; D 128; bf16 q. ``max_seq_len`` (the graph-safe capacity that
-fixes the split count) is the context. Timing: CUDA graphs of back-to-back calls, median per call
+random length in [ctx/2, ctx]); heads 32/8 and 64/8; D 128; bf16 q; ``max_seq_len`` (the capacity, which only
+clamps the lengths) is the context. Timing: CUDA graphs of back-to-back calls, median per call
 (:func:`common.time_us`). GB/s counts the bytes the op must move: the K and V rows of the valid keys (in the
 cache's dtype), q and out.
 
+``--capacity-sweep`` (about a minute on one GPU) times instead the same batch (1, 8) and context (1024 keys, or
+``--mixed`` lengths) in caches sized for more: ``max_seq_len`` 1024 / 8192 / 32768 with 8 cache rows, and 256 cache
+rows (``max_batch``) at 1024, laid out as the model runtime's static paging (``KVStorage``: row ``b`` owns blocks
+``[b * max_seq_len / bs, (b + 1) * max_seq_len / bs)``, block tables ``max_seq_len / bs`` wide), 3 rounds per case;
+the issue's target is every time within 3% of the (max_seq_len 1024, 8 rows) one at the same batch and context.
+Each capacity's output is checked bit-identical to the first one's (the launch does not depend on the capacity).
+
 Output (``--out-dir``, default ``$OUT``, else ``bench/results``): ``decode_attention_<device>.json`` with the
-usual header (device, commit from ``TPFUSE_COMMIT``, versions) and rows ``{provider, shape, batch, ctx, median_us,
-gbps, kv_bytes}``, and ``decode_attention_<device>.png`` (time relative to SDPA per shape and context).
-``--quick``: B 1 and 64 only. ``--sweep``: also time tpfuse at forced (partition, BLOCK_N, num_warps) configs.
+usual header (device, commit from ``TPFUSE_COMMIT``, versions) and rows ``{provider, shape, batch, ctx,
+max_seq_len, max_batch, median_us, gbps, kv_bytes}``, and ``decode_attention_<device>.png`` (time relative to SDPA
+per shape and context; with ``--capacity-sweep`` ``..._capacity.json`` / ``.png``: time relative to the smallest
+cache per provider). ``--quick``: B 1 and 64 only. ``--sweep``: also time tpfuse at forced (NUM_SPLITS, BLOCK_N,
+num_warps) configs.
 """
 
 from __future__ import annotations
@@ -35,6 +44,9 @@ from common import Case, header, plot_ratio_panels, result_path, run_cases, writ
 from tpfuse import attention as A  # noqa: E402
 
 BATCHES = (1, 8, 64)
+CAPACITY_BATCHES = (1, 8)
+CAPACITY_CONTEXT = 1024
+CAPACITIES = ((1024, 8), (8192, 8), (32768, 8), (1024, 256))  # (max_seq_len, max_batch): cache rows x tokens
 BATCHES_QUICK = (1, 64)
 CONTEXTS = (1024, 4096)
 HEADS = ((32, 8), (64, 8))
@@ -91,21 +103,77 @@ def check(c, scale, ctx):
 
 
 def sweep(c, d, ctx, scale, provs):
-    """tpfuse at forced (partition, BLOCK_N, num_warps) configs, added to ``provs``."""
+    """tpfuse at forced (NUM_SPLITS, BLOCK_N, num_warps) configs (MIN_PARTITION 128), added to ``provs``."""
     from tpfuse.kernels.decode_attention import launch_decode_attention
 
     out = torch.empty_like(c["q"])
-    for part in (128, 256, 512, 1024, 2048, 4096):
-        if part > ctx:
+    for splits in (1, 2, 4, 8, 16, 32):
+        if 128 * (splits - 1) >= ctx:  # every split past the first would be empty at this context
             continue
         for bn in (32, 64, 128):
             for nw in (4, 8):
-                if part % bn:
-                    continue
-                provs[f"tpfuse[p={part},bn={bn},nw={nw}]"] = (
-                    lambda part=part, bn=bn, nw=nw: launch_decode_attention(
+                provs[f"tpfuse[s={splits},bn={bn},nw={nw}]"] = (
+                    lambda splits=splits, bn=bn, nw=nw: launch_decode_attention(
                         c["q"], c["kc"], c["vc"], c["bt"], c["lens"], out, scale, None, max_seq_len=ctx,
-                        partition=part, block_n=bn, num_warps=nw))
+                        num_splits=splits, min_partition=128, block_n=bn, num_warps=nw))
+
+
+def make_static_paged_case(bsz, ctx, cap, max_batch, hq, hkv, d, block_size, mixed, gen, dev="cuda"):
+    """Caches of ``max_batch`` rows of ``cap`` keys laid out as the model runtime's static paging: batch row ``b``
+    is cache row ``b`` and owns blocks ``[b * cap / bs, (b + 1) * cap / bs)``, its keys in the first of them (the
+    rest zeros, as ``KVStorage`` allocates them); bf16 and FP8 copies; the SDPA reference of the batch."""
+    mb = cap // block_size
+    lens = torch.full((bsz,), ctx, dtype=torch.int32)
+    if mixed:
+        lens = torch.randint(ctx // 2, ctx + 1, (bsz,), generator=gen, dtype=torch.int32)
+    used = ctx // block_size
+    kc = torch.zeros(max_batch, mb, block_size, hkv, d, device=dev, dtype=torch.bfloat16)
+    vc = torch.zeros_like(kc)
+    k_rows = torch.randn(bsz, used, block_size, hkv, d, device=dev, dtype=torch.bfloat16)
+    v_rows = torch.randn_like(k_rows)
+    kc[:bsz, :used], vc[:bsz, :used] = k_rows, v_rows
+    kc, vc = kc.flatten(0, 1), vc.flatten(0, 1)
+    bt = (torch.arange(bsz, dtype=torch.int32)[:, None] * mb + torch.arange(mb, dtype=torch.int32)[None]).to(dev)
+    q = torch.randn(bsz, hq, d, device=dev, dtype=torch.bfloat16)
+    lens = lens.to(dev)
+    k_lin = k_rows.reshape(bsz, ctx, hkv, d).transpose(1, 2)
+    v_lin = v_rows.reshape(bsz, ctx, hkv, d).transpose(1, 2)
+    mask = (torch.arange(ctx, device=dev)[None, :] < lens[:, None])[:, None, None, :]
+    scale = torch.tensor([0.02], device=dev)
+    kc8, vc8 = (kc.float() / scale).to(FP8), (vc.float() / scale).to(FP8)
+    return dict(q=q, kc=kc, vc=vc, kc8=kc8, vc8=vc8, kv_scale=scale, bt=bt, lens=lens, k_lin=k_lin, v_lin=v_lin,
+                mask=mask, n_keys=int(lens.sum()))
+
+
+def capacity_cases(args):
+    """Per batch x (max_seq_len, max_batch): the same lengths in a cache sized for more; providers tpfuse and
+    tpfuse_fp8. Outputs checked against SDPA, and bit-identical across capacities."""
+    gen = torch.Generator().manual_seed(0)
+    hq, hkv = HEADS[0]
+    d, ctx = HEAD_DIM, CAPACITY_CONTEXT
+    scale = d ** -0.5
+    for bsz in CAPACITY_BATCHES:
+        first = None
+        for cap, rows in CAPACITIES:
+            gen.manual_seed(bsz)  # the same lengths (CPU generator) and q, keys (device RNG) at every capacity
+            torch.manual_seed(bsz)
+            c = make_static_paged_case(bsz, ctx, cap, rows, hq, hkv, d, args.block_size, args.mixed, gen)
+            check(c, scale, cap)
+            out, out8 = torch.empty_like(c["q"]), torch.empty_like(c["q"])
+            provs = {"tpfuse": lambda: A.decode_attention(c["q"], c["kc"], c["vc"], c["bt"], c["lens"], scale=scale,
+                                                          out=out, max_seq_len=cap),
+                     "tpfuse_fp8": lambda: A.decode_attention(
+                         c["q"], c["kc8"], c["vc8"], c["bt"], c["lens"], scale=scale, kv_scale=c["kv_scale"],
+                         out=out8, max_seq_len=cap)}
+            for f in provs.values():
+                f()
+            first = first or (out.clone(), out8.clone())
+            assert torch.equal(out, first[0]) and torch.equal(out8, first[1]), f"output changed at capacity {cap}"
+            yield Case(fields={"shape": f"hq{hq}/hkv{hkv}/d{d}", "batch": bsz, "ctx": ctx, "max_seq_len": cap,
+                               "max_batch": rows}, providers=provs,
+                       extra={"nb16": op_bytes(c, hq, hkv, d, 2), "nb8": op_bytes(c, hq, hkv, d, 1)})
+            c = provs = None
+            torch.cuda.empty_cache()
 
 
 def cases(args):
@@ -127,23 +195,25 @@ def cases(args):
                              out=out, max_seq_len=ctx)}
                 if args.sweep:
                     sweep(c, d, ctx, scale, provs)
-                yield Case(fields={"shape": f"hq{hq}/hkv{hkv}/d{d}", "batch": bsz, "ctx": ctx}, providers=provs,
+                yield Case(fields={"shape": f"hq{hq}/hkv{hkv}/d{d}", "batch": bsz, "ctx": ctx, "max_seq_len": ctx,
+                                   "max_batch": bsz}, providers=provs,
                            extra={"nb16": op_bytes(c, hq, hkv, d, 2), "nb8": op_bytes(c, hq, hkv, d, 1)})
                 c = provs = None  # free this case's caches before the next one allocates
                 torch.cuda.empty_cache()
 
 
 def row(case, provider, timing):
-    """A row ``{provider, shape, batch, ctx, median_us, gbps, kv_bytes}`` (printed); a failed provider: printed."""
+    """A row ``{provider, shape, batch, ctx, max_seq_len, max_batch, median_us, gbps, kv_bytes}`` (printed); a
+    failed provider: printed."""
     f = case.fields
+    where = f"{f['shape']:18s} ctx={f['ctx']:5d} B={f['batch']:3d} cap={f['max_seq_len']:5d}x{f['max_batch']:<3d}"
     if timing.mode.startswith("error"):
-        print(f"{f['shape']:18s} ctx={f['ctx']:5d} B={f['batch']:3d} {provider:28s} {timing.mode}", flush=True)
+        print(f"{where} {provider:28s} {timing.mode}", flush=True)
         return None
     us, nbytes = timing.us, case.extra["nb8" if provider == "tpfuse_fp8" else "nb16"]
     r = {"provider": provider, **f, "median_us": round(us, 3), "gbps": round(nbytes / (us * 1e-6) / 1e9, 1),
          "kv_bytes": nbytes}
-    print(f"{f['shape']:18s} ctx={f['ctx']:5d} B={f['batch']:3d} {provider:28s} {us:9.2f} us {r['gbps']:8.1f} GB/s",
-          flush=True)
+    print(f"{where} {provider:28s} {us:9.2f} us {r['gbps']:8.1f} GB/s", flush=True)
     return r
 
 
@@ -151,7 +221,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="B 1 and 64 only")
     ap.add_argument("--mixed", action="store_true", help="random lengths in [ctx/2, ctx] instead of all at ctx")
-    ap.add_argument("--sweep", action="store_true", help="also time tpfuse at forced (partition, BLOCK_N, warps)")
+    ap.add_argument("--sweep", action="store_true", help="also time tpfuse at forced (NUM_SPLITS, BLOCK_N, warps)")
+    ap.add_argument("--capacity-sweep", action="store_true",
+                    help="only: B 1 / 8 at 1024 keys in caches of max_seq_len 1k / 8k / 32k and 256 rows (~1 min)")
     ap.add_argument("--block-size", type=int, default=BLOCK_SIZE, help="paged-cache block size (default 16)")
     ap.add_argument("--out-dir", default=None, help="default: $OUT, else bench/results")
     args = ap.parse_args(argv)
@@ -163,6 +235,11 @@ def main(argv=None):
         print(f"  [{time.time() - t_start:.0f}s]", flush=True)
         save(args, rows)
 
+    if args.capacity_sweep:
+        rows = run_cases(capacity_cases(args), row, after_case=after_case, rounds=3)
+        print("wrote", save(args, rows))
+        print("wrote", capacity_summary(args, rows) or "no plot (matplotlib missing)")
+        return
     rows = run_cases(cases(args), row, after_case=after_case)
     print("wrote", save(args, rows))
     summary(rows)
@@ -175,9 +252,36 @@ def main(argv=None):
 
 
 def save(args, rows):
-    return write_json(result_path("decode_attention", directory=args.out_dir),
+    tag = "capacity" if args.capacity_sweep else ""
+    return write_json(result_path("decode_attention", tag=tag, directory=args.out_dir),
                       header("bench_decode_attention", quick=args.quick, mixed=args.mixed, sweep=args.sweep,
-                             block_size=args.block_size, head_dim=HEAD_DIM, heads=[list(h) for h in HEADS]), rows)
+                             capacity_sweep=args.capacity_sweep, block_size=args.block_size, head_dim=HEAD_DIM,
+                             heads=[list(h) for h in (HEADS[:1] if args.capacity_sweep else HEADS)]), rows)
+
+
+def capacity_summary(args, rows):
+    """Per provider and batch: the time at each cache size relative to the smallest (target: within 3%); plots
+    the same ratios. Returns the PNG's path (None without matplotlib)."""
+    base_cap = CAPACITIES[0]
+    label = {cap: f"max_seq_len {cap[0]} x {cap[1]} rows" for cap in CAPACITIES}
+    print(f"\nprovider / batch: time at each (max_seq_len, rows) / time at {base_cap} (target <= 1.03)")
+    for prov, bsz in sorted({(r["provider"], r["batch"]) for r in rows}):
+        sel = {(r["max_seq_len"], r["max_batch"]): r["median_us"] for r in rows
+               if (r["provider"], r["batch"]) == (prov, bsz)}
+        if base_cap not in sel:
+            continue
+        ratios = {cap: sel[cap] / sel[base_cap] for cap in CAPACITIES if cap in sel}
+        worst = max(abs(x - 1) for x in ratios.values())
+        print(f"{prov:12s} B={bsz:3d}: " + ", ".join(f"{label[c]} {sel[c]:.2f} us ({x:.3f})" for c, x in ratios.items())
+              + f"  -> {'met' if worst <= 0.03 else 'NOT met'}")
+    relabeled = [{**r, "cache": r["provider"], "provider": label[(r["max_seq_len"], r["max_batch"])]} for r in rows]
+    return plot_ratio_panels(result_path("decode_attention", tag="capacity", ext="png", directory=args.out_dir),
+                             relabeled, panel=("cache", "ctx"), x="batch", y="median_us",
+                             baseline=label[base_cap], ylabel=f"time / time at {label[base_cap]}",
+                             title=f"decode attention vs cache capacity, {HEADS[0][0]}/{HEADS[0][1]} heads, "
+                                   f"D {HEAD_DIM}, block {args.block_size}, "
+                                   f"{'mixed' if args.mixed else 'full'} lengths (target: within 3%)",
+                             xlabel="batch", refs=(1.0, 0.97, 1.03))
 
 
 def summary(rows):
