@@ -24,10 +24,15 @@ def _outcome(case: ET.Element) -> str:
 
 
 def summarise(path: str) -> dict:
-    """``{"files": {file: {outcome: count}}, "failures": [...], "seconds": float}`` of one JUnit XML file."""
+    """``{"files": {file: {outcome: count}}, "failures": [...], "seconds": float, "interrupted": bool}`` of one
+    JUnit XML file (``interrupted``: the run was stopped before its last test; what ran is counted)."""
     files = collections.defaultdict(collections.Counter)
     failures, seconds = [], 0.0
+    interrupted = False
     for case in ET.parse(path).getroot().iter("testcase"):
+        if not case.get("name"):  # pytest stopped by SIGINT (a step's time limit) writes one nameless testcase
+            interrupted = True
+            continue
         name = case.get("classname", "").replace(".", "/") + ".py"
         out = _outcome(case)
         files[name][out] += 1
@@ -36,7 +41,7 @@ def summarise(path: str) -> dict:
             node = case.find("failure") if case.find("failure") is not None else case.find("error")
             failures.append({"test": f"{name}::{case.get('name')}", "message": (node.get("message") or "")[:300]})
     return {"files": {k: dict(v) for k, v in sorted(files.items())}, "failures": failures,
-            "seconds": round(seconds, 1)}
+            "seconds": round(seconds, 1), "interrupted": interrupted}
 
 
 def main() -> None:

@@ -257,12 +257,14 @@ def _decline_walk(rank, world, planned, force, allowed):
         ref_out, ref_res = oracle(inp, EPS, gemma=gemma)
         spec = make_spec(kind, comm.device, ref_out)
         out, res = comm.fused_add_rmsnorm(inp.xs[rank], inp.residual, inp.weight, EPS, quant=spec, gemma=gemma)
+        ran, why = comm.last_path[op], comm.last_fallback[op]
         assert_close(res, ref_res, DT, f"declined {kind} residual_out")
         if spec is None:
             assert_close(out, ref_out, DT, f"declined gemma={gemma} out")
-        else:
-            assert_quant_close(on_cpu(out), ref_out, f"declined {kind} out")
-        ran, why = comm.last_path[op], comm.last_fallback[op]
+        else:  # the nccl path's contract: the sum is rounded to bf16 before the norm, so dynamic scales move by
+            # up to one bf16 ulp (as in test_comm_ops); tpfuse's kernels keep the fp32 sum
+            assert_quant_close(on_cpu(out), ref_out, f"declined {kind} out",
+                               scale_rtol=2.0 ** -7 if ran == "nccl" else None)
         assert why.startswith(f"{planned} -> {ran}: ") and word in why, why
         walked.append(ran)
     del comm.workspaces[fib.NAME]
