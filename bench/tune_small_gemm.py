@@ -231,9 +231,13 @@ def sweep_point(pt, W, X, sms, copies, won, rows, errors):
         base = lambda: unfused_silu(scheme, W, X, copies, won.get((scheme.split("_silu")[0], n, k, m)))  # noqa
     else:
         base = lambda: time_fns([library_call(scheme, W, X, i) for i in range(copies)])  # noqa: E731
-    lib = [base()]
-    res[best].append(time_kernel(scheme, best, W, X, ref, copies, errors) or float("inf"))  # re-timed: best of 2
-    lib.append(base())
+    try:
+        lib = [base()]
+        res[best].append(time_kernel(scheme, best, W, X, ref, copies, errors) or float("inf"))  # re-timed: best of 2
+        lib.append(base())
+    except Exception as e:  # noqa: BLE001 - no baseline, no comparison: the point gets no table row
+        errors.append(f"{scheme} {n}x{k} M={m} baseline: {type(e).__name__}: {e}"[:300])
+        return None
     k_us, l_us = min(res[best]), min(lib)
     rows.append(dict(pt, provider="library" if "_silu" not in scheme else "unfused", us=round(l_us, 3)))
     return dict(pt, config=asdict(best), label=best.short(), kernel_us=round(k_us, 3), library_us=round(l_us, 3),
@@ -461,7 +465,7 @@ def main(argv=None):
             X["out_scale"] = torch.tensor(STATIC_OUT_SCALE, device=dev)
             b = sweep_point(pt, W, X, sms, copies, won, rows, errors)
             if b is None:
-                skipped.append(dict(pt, reason="no candidate passed"))
+                skipped.append(dict(pt, reason="no candidate passed, or the baseline failed (errors)"))
                 continue
             b["bytes"] = bytes_per_call(pt["scheme"], n, k, pt["m"])
             b["kernel_copy_frac"] = round(b["bytes"] / b["kernel_us"] / 1e3 / copy_gbps, 3)
