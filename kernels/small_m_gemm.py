@@ -24,7 +24,8 @@ Design (Hopper):
 * **Swap AB.** A program computes an ``[BLOCK_N, BLOCK_M]`` tile ``W_tile @ x_tile^T``: the weight is the MMA's A
   operand (M side of the instruction: 64-row wgmma tiles, or mma.sync below 64) and the few tokens its N side,
   padded to BLOCK_M = max(16, next_pow2(M)) (tl.dot's minimum) by masked loads; nothing is padded in memory. An e4m3
-  weight with a 16-bit x is converted in registers (exact), which only the A operand allows on Hopper.
+  weight with a 16-bit x is converted in registers (exact), which only the A operand allows on Hopper (that
+  weight-only scheme compiles to 8-byte cp.async for the layout conversion; the model path never takes it).
 * **Tensor cores even at M = 1, no FMA path.** The padded MMA work is 16-300x below the memory time at every M here,
   and only loads that feed ``tl.dot`` get Triton's multi-stage ``cp.async`` pipeline (``num_stages``), which keeps
   ``num_stages`` tiles of ``BLOCK_N x BLOCK_K`` weight bytes in flight per program. A dot-free FMA path would hold
@@ -53,7 +54,8 @@ from . import small_m_configs as smc
 from .quant_epilogue import SOFT_CAST, cast_for_store, fp8_cast
 
 SCALE_NONE, SCALE_TENSOR, SCALE_ROW = 0, 1, 2
-IMPRECISE_MAX: tl.constexpr = tl.constexpr(128)  # FP8 wgmma partial sums are added into the fp32 accumulator at least every 128 K elements
+# FP8 wgmma partial sums are added into the fp32 accumulator at least every 128 K elements (as CUTLASS promotes)
+IMPRECISE_MAX: tl.constexpr = tl.constexpr(128)
 REDUCE_BLOCK_N = 64
 
 
