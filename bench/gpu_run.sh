@@ -2,8 +2,8 @@
 # One GPU-machine call: install tpfuse (and FlashInfer if .whl was carried), then run the chosen steps.
 #   bash bench/gpu_run.sh [STEP ...]      steps: env tests probe_ce async_tp fused_ar local rope decode_attn host
 #                                         profile e2e e2e_full e2e_shards load tune demo onegpu soak probe_onegpu
-#                                         (default: all but probe_ce, profile, e2e_full, e2e_shards, load, onegpu, soak,
-#                                         probe_onegpu; multi-GPU steps skip on one GPU)
+#                                         small_gemm (default: all but probe_ce, profile, e2e_full, e2e_shards, load,
+#                                         onegpu, soak, probe_onegpu, small_gemm; multi-GPU steps skip on one GPU)
 #   e2e_full / e2e_shards: bench_e2e.py at TP=1 (one process whatever the GPU count) at full size, real vocab;
 #           JSON + PNG e2e_tp1_<device>_full / _shards; E2E_FULL_ARGS / E2E_SHARDS_ARGS are appended (a repeated
 #           option overrides). Default limits 330 s / 150 s (LIMIT_e2e_full, LIMIT_e2e_shards): both in one
@@ -16,6 +16,9 @@
 #           without it the ranks' contexts take turns (milliseconds a call: a TP size needs more than one call)
 #   soak: the TP=2 decode-graph soak alone, SOAK_REPLAYS (default 100000) replays (one-GPU mode on one GPU; ~5 ms
 #         a replay time-sliced: about 9 minutes; ONEGPU_MPS=1 as above)
+#   small_gemm: the small-M GEMM sweep (bench/tune_small_gemm.py, one GPU, ~150 s: --budget-s; SMALL_GEMM_ARGS adds
+#         options): small_gemm_<device>.json + .png and the routing table small_m_gemm_<arch>.json (copy it to
+#         tpfuse/thresholds/ to ship it). One call: TPFUSE_COMMIT=<sha> LIMIT_small_gemm=200 bash bench/gpu_run.sh small_gemm
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
 # Logs, JSON and PNG go to $OUT (or bench/results/gpu-run when OUT is unset). Multi-GPU steps need >= 2 GPUs.
 set -uo pipefail
@@ -81,6 +84,7 @@ for s in "${steps[@]}"; do
     decode_attn) [[ -f bench/bench_decode_attention.py ]] && run decode_attn python3 bench/bench_decode_attention.py ${DECODE_ATTN_ARGS:-} ;;
     profile) run profile "${TR2[@]}" bench/profile_decode.py ${PROFILE_ARGS:-} ;;
     local) [[ -f bench/bench_local.py ]] && run local python3 bench/bench_local.py ${LOCAL_ARGS:-} ;;
+    small_gemm) run small_gemm python3 bench/tune_small_gemm.py ${SMALL_GEMM_ARGS:-} ;;
     rope) [[ -f bench/bench_rope.py ]] && run rope python3 bench/bench_rope.py ${ROPE_ARGS:-} ;;
     host) run host bash -c "python3 bench/bench_host.py --out-dir $OUT ${HOST_ARGS:-} && TPFUSE_FAST_LAUNCH=0 python3 bench/bench_host.py --out-dir $OUT --tag _jit_launch ${HOST_ARGS:-} && python3 -m torch.distributed.run --standalone --nproc-per-node=1 bench/bench_host.py --out-dir $OUT --tag _torchrun ${HOST_ARGS:-}" ;;
     tune) tuned="$OUT/thresholds_tp${ngpu}_$(python3 -c 'import sys; sys.path.insert(0,"bench"); import common; print(common.device_slug())').json"
