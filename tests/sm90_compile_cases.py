@@ -194,6 +194,13 @@ def ptx_hash(kernel) -> str:
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
+PENDING = os.path.join(os.path.dirname(FINGERPRINTS), "sm90_ptx_pending.txt")
+PENDING_NOTE = ("# sm_90 PTX fingerprints of kernels that compile but have NOT run on a GPU yet (new kernels; written "
+                "by\n# python tests/sm90_compile_cases.py --write-pending: every case without a line in "
+                "sm90_ptx_fingerprints.txt).\n# tests/test_sm90_compile.py checks them like the others; once the "
+                "kernels' GPU tests passed, record\n# them with --write-fingerprints (this file then empties).\n")
+
+
 def write_fingerprints(prints: dict, path: str = FINGERPRINTS) -> None:
     with open(path, "w") as f:
         f.write(f"# triton {triton.__version__}\n"
@@ -202,13 +209,33 @@ def write_fingerprints(prints: dict, path: str = FINGERPRINTS) -> None:
                 f"{REGENERATE}.\n")
         for name, fp in prints.items():
             f.write(f"{fp}  {name}\n")
+    write_pending({})
+
+
+def recorded_names(path: str = FINGERPRINTS) -> set:
+    """Case names with a line in ``path``."""
+    if not os.path.exists(path):
+        return set()
+    return {ln.rstrip("\n").split("  ", 1)[1] for ln in open(path) if ln.strip() and not ln.startswith("#")}
+
+
+def write_pending(prints: dict) -> None:
+    """:data:`PENDING` <- the cases of ``prints`` not recorded in :data:`FINGERPRINTS` (not yet run on a GPU)."""
+    done = recorded_names()
+    with open(PENDING, "w") as f:
+        f.write(f"# triton {triton.__version__}\n" + PENDING_NOTE)
+        for name, fp in prints.items():
+            if name not in done:
+                f.write(f"{fp}  {name}\n")
 
 
 def main() -> int:
     """``--ptx-hashes``: print each case's :func:`ptx_hash` too (diff two trees' outputs to compare PTX);
-    ``--write-fingerprints``: record them in :data:`FINGERPRINTS`."""
+    ``--write-fingerprints``: record them all in :data:`FINGERPRINTS` (after a GPU run of the kernels' tests);
+    ``--write-pending``: record the cases :data:`FINGERPRINTS` lacks in :data:`PENDING` (compiled, not yet run)."""
     write = "--write-fingerprints" in sys.argv[1:]
-    hashes = write or "--ptx-hashes" in sys.argv[1:]
+    pending = "--write-pending" in sys.argv[1:]
+    hashes = write or pending or "--ptx-hashes" in sys.argv[1:]
     failed, prints = 0, {}
     for name, fn, ptrs, const, *nw in cases():
         try:
@@ -223,6 +250,9 @@ def main() -> int:
     if write and not failed:
         write_fingerprints(prints)
         print(f"wrote {FINGERPRINTS}")
+    elif pending and not failed:
+        write_pending(prints)
+        print(f"wrote {PENDING}")
     return 1 if failed else 0
 
 
