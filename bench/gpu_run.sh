@@ -12,7 +12,7 @@
 #           JUnit XML + onegpu_suite_<device>_tp<N>.json; ONEGPU_TESTS overrides the files, ONEGPU_K (or
 #           ONEGPU_K_<tp> for one TP size) adds a -k filter, ONEGPU_MAXFAIL stops a TP size after that many failures;
 #           its decode-graph soak runs 2000 replays. ONEGPU_MPS=1 runs the ranks concurrently under an MPS daemon of
-#           this call's own (the persistent kernels' grid is SMs / ranks then: tpfuse.distributed.ranks_per_device);
+#           this call's own (the persistent kernels then run on half the SMs split among the ranks: persistent_grid);
 #           without it the ranks' contexts take turns (milliseconds a call: a TP size needs more than one call)
 #   soak: the TP=2 decode-graph soak alone, SOAK_REPLAYS (default 100000) replays (one-GPU mode on one GPU; ~5 ms
 #         a replay time-sliced: about 9 minutes; ONEGPU_MPS=1 as above)

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 import tpfuse
-from cases import GPU_TPS, make_comm, make_inputs, oracle
+from cases import GPU_TPS, Inputs, make_comm, make_inputs, oracle
 from harness import available_backends, device_of, run_on_ranks
 from tpfuse import quant as q
 from tpfuse.tolerance import assert_close, assert_quant_close
@@ -553,7 +553,8 @@ def _tokens(t, op):
         err, el = _timed(lambda: res.setdefault("y", call()))
         if err is None:
             y = tuple(t_.cpu() for t_ in res["y"]) if isinstance(res["y"], tuple) else res["y"].cpu()
-            inp = make_inputs(5, world, t, H, DT)  # the CPU copy the oracle and the checks use
+            inp = Inputs(xs=[x.cpu() for x in inp.xs], residual=inp.residual.cpu(), weight=inp.weight.cpu())
+            ref_out, ref_res = ref_out.cpu(), ref_res.cpu()  # the CPU copies the checks use
             w = None if w is None else w.cpu() if isinstance(w, torch.Tensor) else [t_.cpu() for t_ in w]
             if op == "fused_add_rmsnorm":
                 assert y[0].shape == (t, H)
