@@ -87,7 +87,7 @@ import tpfuse  # noqa: E402
 from tpfuse.parallel import KVCacheConfig  # noqa: E402
 
 POLICY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "policies", "vllm_sm90_tp2.json")
-SHAPES, ARCHS, VOCAB, build_model = em.SHAPES, em.ARCHS, em.VOCAB, em.build_model  # their former home
+VOCAB, build_model = em.VOCAB, em.build_model
 
 
 def _layers_arg(text: str):

@@ -43,12 +43,13 @@ import os
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, Optional, Tuple
 
-from tpfuse.quant import next_pow2  # absolute: this file is also loaded on its own
+import tpfuse.thresholds
+from tpfuse.quant import next_pow2
 
 M_BUCKETS = (1, 8, 16, 32, 64)
 MAX_M = 64
 DEFAULT_SMS = 132  # H100 / H200 SXM: the default split rule when the device is not a GPU (interpreter tests)
-TABLE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tpfuse", "thresholds")
+TABLE_DIR = os.path.dirname(os.path.abspath(tpfuse.thresholds.__file__))  # the package's folder, installed or not
 ENV_TABLE = "TPFUSE_SMALL_M_GEMM_TABLE"
 
 Key = Tuple[str, str, int, int, int]
@@ -133,7 +134,7 @@ def sanitize(cfg: GemmConfig, n_out: int, k: int) -> GemmConfig:
                    num_stages=max(1, min(6, int(cfg.num_stages))))
 
 
-SMEM_BUDGET = 200 * 1024  # of Hopper's 227 KB per block: the main loop's stages must fit, with room to spare
+SMEM_BUDGET = 200 * 1024  # of Hopper's 227 KB per block: the main loop's stages must fit, with room (not swept)
 
 
 def fit_stages(cfg: GemmConfig, block_m: int, w_bytes: int, x_bytes: int, silu: bool) -> int:

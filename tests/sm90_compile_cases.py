@@ -198,7 +198,7 @@ PENDING = os.path.join(os.path.dirname(FINGERPRINTS), "sm90_ptx_pending.txt")
 PENDING_NOTE = ("# sm_90 PTX fingerprints of kernels that compile but have NOT run on a GPU yet (new kernels; written "
                 "by\n# python tests/sm90_compile_cases.py --write-pending: every case without a line in "
                 "sm90_ptx_fingerprints.txt).\n# tests/test_sm90_compile.py checks them like the others; once the "
-                "kernels' GPU tests passed, record\n# them with --write-fingerprints (this file then empties).\n")
+                "kernels' GPU tests passed, move\n# them with --write-fingerprints --promote-pending.\n")
 
 
 def write_fingerprints(prints: dict, path: str = FINGERPRINTS) -> None:
@@ -209,7 +209,6 @@ def write_fingerprints(prints: dict, path: str = FINGERPRINTS) -> None:
                 f"{REGENERATE}.\n")
         for name, fp in prints.items():
             f.write(f"{fp}  {name}\n")
-    write_pending({})
 
 
 def recorded_names(path: str = FINGERPRINTS) -> set:
@@ -231,9 +230,12 @@ def write_pending(prints: dict) -> None:
 
 def main() -> int:
     """``--ptx-hashes``: print each case's :func:`ptx_hash` too (diff two trees' outputs to compare PTX);
-    ``--write-fingerprints``: record them all in :data:`FINGERPRINTS` (after a GPU run of the kernels' tests);
-    ``--write-pending``: record the cases :data:`FINGERPRINTS` lacks in :data:`PENDING` (compiled, not yet run)."""
+    ``--write-fingerprints``: record them in :data:`FINGERPRINTS` (after a GPU run of the changed kernels' tests),
+    except the cases :data:`PENDING` holds, which stay there (refreshed) unless ``--promote-pending`` is given too
+    (after a GPU run of *their* tests); ``--write-pending``: record the cases :data:`FINGERPRINTS` lacks in
+    :data:`PENDING` (compiled, not yet run)."""
     write = "--write-fingerprints" in sys.argv[1:]
+    promote = "--promote-pending" in sys.argv[1:]
     pending = "--write-pending" in sys.argv[1:]
     hashes = write or pending or "--ptx-hashes" in sys.argv[1:]
     failed, prints = 0, {}
@@ -248,8 +250,10 @@ def main() -> int:
             print(f"FAIL {name}\n{traceback.format_exc()[-3000:]}", flush=True)
     print(f"{failed} failed" if failed else "all kernels compile for sm_90")
     if write and not failed:
-        write_fingerprints(prints)
-        print(f"wrote {FINGERPRINTS}")
+        held = set() if promote else recorded_names(PENDING)
+        write_fingerprints({n: fp for n, fp in prints.items() if n not in held})
+        write_pending(prints)  # what FINGERPRINTS now lacks
+        print(f"wrote {FINGERPRINTS} and {PENDING}")
     elif pending and not failed:
         write_pending(prints)
         print(f"wrote {PENDING}")

@@ -1,5 +1,5 @@
 """bench/tools/junit_summary.py: counts per file, failures, the per-test list, and an interrupted run's nameless
-testcase left out of the counts (it once showed up as a passed test named ``.py``)."""
+testcase left out of the counts (else it counts as a passed test named ``.py``)."""
 
 import os
 import sys

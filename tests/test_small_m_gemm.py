@@ -294,6 +294,10 @@ def test_lookup_and_route_follow_the_table():
 
 
 def test_shipped_tables_parse():
+    import tpfuse.thresholds
+
+    # found through the package, so an installed (non-editable) tpfuse finds its own tables too
+    assert os.path.samefile(smc.TABLE_DIR, os.path.dirname(tpfuse.thresholds.__file__))
     names = [f for f in os.listdir(smc.TABLE_DIR) if f.startswith("small_m_gemm_")]
     assert "small_m_gemm_sm90.json" in names
     for name in names:
@@ -310,15 +314,19 @@ def test_launcher_takes_the_table_config_and_route_the_op(gen, kernels, monkeypa
     launches = []
     record_launches(monkeypatch, kernels.small_m_gemm, "_small_m_gemm_kernel", launches)
     cfg = smc.GemmConfig(block_n=16, block_k=32, split_k=2, num_warps=2, num_stages=2)
+    outer = smc.GemmConfig(block_n=32, block_k=64, split_k=1, num_warps=4, num_stages=2)
     ops = operands(gen, "fp8_tensor", 6, 48, 96)
-    with smc.install(_table([smc.table_row(ARCH, "fp8_tensor", 48, 96, 8, cfg, True)])):
-        assert small_gemm.route(ops[0], ops[1], x_row=False, w_row=False) == cfg
-        assert small_gemm.route(ops[0], ops[1], x_row=True, w_row=True) is None
-        out = run(*ops)
+    with smc.install(_table([smc.table_row(ARCH, "fp8_tensor", 48, 96, 8, outer, True)])):
+        with smc.install(_table([smc.table_row(ARCH, "fp8_tensor", 48, 96, 8, cfg, True)])):
+            assert small_gemm.route(ops[0], ops[1], x_row=False, w_row=False) == cfg
+            assert small_gemm.route(ops[0], ops[1], x_row=True, w_row=True) is None
+            out = run(*ops)
+        # leaving a table restores the one it replaced
+        assert small_gemm.route(ops[0], ops[1], x_row=False, w_row=False) == outer
     check(out, ops, "table config")
     grid, kw = launches[-1]
     assert grid == (3, 2) and (kw["BLOCK_N"], kw["BLOCK_K"], kw["num_warps"]) == (16, 32, 2)
-    assert small_gemm.route(ops[0], ops[1], x_row=False, w_row=False) is None  # the shipped table: no rows yet
+    assert small_gemm.route(ops[0], ops[1], x_row=False, w_row=False) is None  # no table installed here
 
 
 @pytest.mark.skipif(ON_GPU, reason="CPU plumbing test (the GPU runs the real sweep)")

@@ -19,6 +19,7 @@ On GPUs the same catalog runs on NCCL (``backend`` parameter; skipped here witho
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import time
@@ -178,10 +179,10 @@ def _num_tokens_bool(rank, world):
       match={0: "force_paths\\['all_reduce'\\] = '(tpfuse|flashinfer)_oneshot' cannot run here"})
 def _forced_unrunnable(rank, world):
     # the other ops still plan and run (_good runs fused_add_rmsnorm on this communicator). A path that cannot run
-    # here: tpfuse's kernels need CUDA tensors; in one-GPU mode (CUDA, gloo group) FlashInfer's need NCCL
-    from tpfuse.distributed import one_gpu_mode
-
-    path = "flashinfer_oneshot" if one_gpu_mode() else "tpfuse_oneshot"
+    # here: tpfuse's kernels need CUDA tensors (gloo on CPU); FlashInfer's need NCCL (one-GPU mode) and FlashInfer
+    # itself (NCCL: skipped where it is installed, NCCL_SKIP)
+    on_cpu_gloo = dist.get_backend() == "gloo" and not tpfuse.distributed.one_gpu_mode()
+    path = "tpfuse_oneshot" if on_cpu_gloo else "flashinfer_oneshot"
     return _usable_after(rank, world, lambda c, r, w: c.all_reduce(_ones(2, H)), force_paths={"all_reduce": path})
 
 
@@ -588,10 +589,10 @@ for _t, _op, _w in [(0, "fused_add_rmsnorm", 2), (0, "all_gather", 2), (1, "all_
 # the test
 
 
-NCCL_SKIP: Dict[str, str] = {
-    "all_ranks/forced_path_unrunnable_breaks_only_its_op": "with a GPU per rank every forced path may run "
-                                                           "(FlashInfer's too, where it is installed)",
-}
+NCCL_SKIP: Dict[str, str] = {}
+if importlib.util.find_spec("flashinfer") is not None:
+    NCCL_SKIP["all_ranks/forced_path_unrunnable_breaks_only_its_op"] = (
+        "with a GPU per rank and FlashInfer installed every forced path can run")
 # On NCCL a waiting collective ends through the ProcessGroupNCCL watchdog (tpfuse/peer.py): the waiting rank sees a
 # peer error at its next call, as a timeout or as an aborted communicator; the catalog then accepts either peer
 # error there and bounds the time from above only (never the process-group timeout).

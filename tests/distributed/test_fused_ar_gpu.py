@@ -11,8 +11,7 @@ import torch
 
 from cases import (assert_path_ran, fused_ar_graph_replays, gpu_tp_params, make_comm, make_inputs, make_spec,
                    on_cpu, oracle, run_gpu)
-from tpfuse.backends.fused_allreduce import persistent_grid
-from tpfuse.distributed import ranks_per_device
+from harness import gpu_backend
 from tpfuse.errors import TPFusePeerTimeout
 from tpfuse.tolerance import assert_close, assert_quant_close
 
@@ -46,9 +45,10 @@ def _check(comm, rank, world, seed, t, h, *, kind=None, with_res=True, gemma=Fal
 
 def _sweep(rank, world, path, hidden, tokens, kinds):
     comm = _comm(path, hidden)
-    # one program per SM; in one-GPU mode half the SMs divided among the ranks sharing the GPU (MPS residency)
+    # one program per SM; in one-GPU mode (all ranks on one GPU) half the SMs divided among the ranks
     sms = torch.cuda.get_device_properties(comm.device).multi_processor_count
-    assert comm.workspaces["fused_allreduce"].grid == persistent_grid(sms, ranks_per_device())
+    want = sms // (2 * world) if gpu_backend(world) == "onegpu" else sms
+    assert comm.workspaces["fused_allreduce"].grid == want, (comm.workspaces["fused_allreduce"].grid, want)
     n = 0
     for i, t in enumerate(tokens):
         for kind in kinds:

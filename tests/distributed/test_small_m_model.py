@@ -3,7 +3,7 @@ table whose rows say the kernel wins at every GEMM of the tiny models, every dec
 form goes through ``tpfuse.small_gemm.small_m_gemm`` (qkv and gate-up with their biases fused, o and down, the
 fused gate-up + SiLU*mul, for FP8-static models with its FP8 output), the sequence-parallel prefill does not, and
 the logits still match the fp64 oracle. Without rows, or with rows where the kernel lost, the op is never called
-and the logits are bit-identical to a run without any table (today's ``F.linear`` / ``_scaled_mm`` path).
+and the logits are bit-identical to a run without any table (the plain ``F.linear`` / ``_scaled_mm`` path).
 
 On CPU the op runs its reference (fp32 math, rounded once), as every local op does there; the kernel itself is
 tested in tests/test_small_m_gemm.py.
@@ -103,7 +103,7 @@ def _routed(rank, world, arch, fp8, silu):
     with smc.install(_table(model, beats=True, silu=silu)):
         got, calls = _run(model, comm, ids)
     assert none_calls == [] and lost_calls == [], "a table without winning rows must not route"
-    assert all(torch.equal(a, b) for a, b in zip(base, lost)), "no winning row: logits must be today's, bit for bit"
+    assert all(torch.equal(a, b) for a, b in zip(base, lost)), "no winning row: logits must be the plain path's, bit for bit"
     shapes = {(scheme, n, k) for scheme, n, k, _ in _gemms(model._tpfuse.layers[0])}
     fused = silu and any(s for *_, s in _gemms(model._tpfuse.layers[0]))
     errs, pos, step = [], 0, 0

@@ -59,10 +59,11 @@ def _up(n: int, a: int = _ALIGN) -> int:
 
 def persistent_grid(sms: int, sharing: int) -> int:
     """Programs of the persistent kernels: one per SM. Where ``sharing`` ranks share one GPU (one-GPU mode), half
-    the SMs, split among the ranks. Under MPS their kernels run concurrently and a program spins
-    until its peers' programs run, so every rank's programs must be resident at once *and* SMs must stay free for
-    the kernels the other ranks still have in flight before theirs (a GEMM cannot share an SM with a spinning
-    program that holds its registers). Time-sliced ranks need neither, and lose nothing by it."""
+    the SMs, split among the ranks. Under MPS their kernels run concurrently and a program spins until its peers'
+    programs run, so every rank's programs must be resident at once *and* SMs must stay free for the kernels the
+    other ranks still have in flight before theirs (a GEMM cannot share an SM with a spinning program that holds its
+    registers). The half is a margin, not a measured optimum (one-GPU mode is for correctness, not speed).
+    Time-sliced ranks need neither, and lose nothing by it."""
     return sms if sharing <= 1 else max(1, sms // (2 * sharing))
 
 
