@@ -1,19 +1,53 @@
 """End-to-end benchmark through the product: ``tpfuse.parallelize(<HF model>)`` at real layer shapes (Llama-3.1-8B,
-Llama-3.1-70B, Qwen3-32B; ``--layers`` decoder layers, random bf16 weights, nothing downloaded).
+Llama-3.1-70B, Qwen3-32B, ...; random bf16 weights, nothing downloaded; the models: ``bench/e2e_models.py``).
 
-    torchrun --standalone --nproc-per-node=N bench/bench_e2e.py [--models 8B,70B,Qwen3-32B] [--layers 4]
-        [--decode-batches 1,8,64] [--context 1024] [--prefill 1024,4096,8192] [--compile-batches 1,64] [--flashinfer]
+    torchrun --standalone --nproc-per-node=N bench/bench_e2e.py [--models 8B,70B,Qwen3-32B] [--layers 4|full|fit]
+        [--vocab real|N] [--decode-batches 1,8,64] [--context 1024] [--prefill 1024,4096,8192]
+        [--compile-batches 1,64] [--hf-models 8B] [--hf-after] [--kv-capacities 8x1152,8x32768]
+        [--fit-headroom-gib 6] [--flashinfer] [--no-fp8] [--tag TAG]
+
+Models (``--models``, comma-separated): a real shape (``8B``, ``70B``, ``Qwen3-32B``, ``Qwen2.5-7B``,
+``Phi-3-medium``), or a **shard** ``<model>/tp<N>`` (``70B/tp8``, ``70B/tp4``, ``8B/tp2``; TP=1 runs only): a
+model with exactly the shapes tpfuse leaves on rank 0 of that model at TP=N (q heads / N; kv heads / N, or one kv
+head when they are fewer than N: replicated; intermediate / N; hidden size, norms, embedding and lm_head whole:
+tpfuse replicates the vocabulary on every rank), run at TP=1: one rank's GEMMs, attention and local fused norms
+with no communication (``tpfuse_nocomm`` without the other ranks), with a memory floor from its own bytes. Its rows
+say ``model="<model>/tp<N> shard"``, ``shard_of``, ``tp_shard``.
+
+``--layers``: decoder layers per model: an int (default 4); ``full``: the model's real count (8B 32, 70B 80,
+Qwen3-32B 64, Qwen2.5-7B 28, Phi-3-medium 40); ``fit``: as many as fit (at most the real count) in the GPU memory
+free before the model is built (per rank; the fewest over the ranks), next to the embedding + lm_head, the KV
+cache of the run (max batch sequences of context + steps + 16 tokens), the activations of the largest eager
+forward (the prefill of max batch x context, or the longest ``--prefill``) and ``--fit-headroom-gib`` (default
+6 GiB: cuBLAS / CUDA-graph pools, allocator slack); the count and its budget are printed (a model of which no
+layer fits is skipped). Rows carry the resolved ``layers``. Models are built in bf16 directly (no fp32 copy).
+``--vocab``: ``real`` (the checkpoint's: 128256 for Llama-3.1, 151936 Qwen3, 152064 Qwen2.5, 32064 Phi-3) or a
+number; default real with ``--layers full`` / ``fit``, else 32000 (the earlier runs'). Rows carry ``vocab``.
 
 Providers (every one is the model a user runs, called with Hugging Face arguments):
 
 * ``tpfuse`` - the parallelized model: eager batched prefill, decode steps replayed from its CUDA graphs;
-* ``hf_eager`` (TP=1) - the unmodified transformers model with a ``StaticCache`` (decode) / no cache (prefill);
+* ``hf_eager`` (TP=1, ``--hf-models``) - the unmodified transformers model with a ``StaticCache`` (decode) / no
+  cache (prefill);
 * ``hf_compiled`` (TP=1, decode) - the same with ``torch.compile(model.forward, mode="reduce-overhead")``, HF's
-  documented fast path; compiled per batch size in ``--compile-batches`` (each compile costs ~1 min);
+  documented fast path; compiled per batch size in ``--compile-batches`` (first model only; each compile costs
+  ~1 min at 4 layers). The hf_* rows run before ``parallelize`` on the same weights; with ``--hf-after`` on a
+  fresh build of the same model (same seed) after every tpfuse row, the compiled rows after all eager ones (and
+  each decode row printed), so a run cut off by a time limit during a compile loses only compiled rows;
 * ``tpfuse_nocomm`` (TP > 1) - the parallelized model with its reductions made local (``model._tpfuse.local``):
   the floor that perfect communication would reach (its logits are wrong by design);
 * ``vllm_policy`` (TP > 1, ``--flashinfer``) - the parallelized model on a communicator that loads vLLM's sm90
   policy table (``bench/policies/vllm_sm90_tp2.json``);
+* ``tpfuse_capacity`` (``--kv-capacities B1xS1,B2xS2,...``) - the ``tpfuse`` decode rows again with the model's
+  KV cache re-created for each capacity: ``max_batch`` x ``max_seq_len`` (the storage and decode graphs, made
+  lazily from ``model._tpfuse.cache_config``, and a RoPE table long enough: what ``parallelize(...,
+  cache=KVCacheConfig(max_batch, max_seq_len))`` builds; same weights), at the ``--decode-batches`` that are <=
+  max_batch and the same ``--context``. Rows carry ``max_batch`` and ``max_seq_len`` (so do the ``tpfuse*``
+  decode rows: the run's own cache), so "step time follows batch and context, not capacity" reads directly; they
+  are plotted as ``capacity_<B>x<S>``. A point whose cache, prefill activations and ``--fit-headroom-gib`` do not
+  fit the free memory (the run's own cache released first), whose max_seq_len is below context + steps + 3, or
+  with no decode batch <= max_batch, is skipped with the reason printed and listed in the JSON's ``skipped``
+  section. The model's own cache is restored afterwards (before the FP8 rows);
 * ``tpfuse_fp8_static`` - a fresh copy calibrated (static activation scales) and converted with per-tensor weight
   scales, so its GEMMs are per-tensor ``_scaled_mm`` (``--no-fp8`` skips it too);
 * ``tpfuse_fp8`` - the same parallelized model converted after its bf16 rows by ``tpfuse.parallel.quantize_fp8``
@@ -25,10 +59,13 @@ Providers (every one is the model a user runs, called with Hugging Face argument
 Decode: a batch of ``B`` random prompts of ``--context`` tokens is prefilled, then ``--steps`` decode steps (one
 token per sequence) are timed as a user sees them: host wall time between two device syncs over all steps, per step
 (so host work, launch gaps and graph replays all count). Prefill: one sequence of ``T`` tokens, last-token logits.
-Each decode row also reports the step's memory floor: the bytes it must read (this rank's weights without the
-embedding table, plus the KV cache) over the device-to-device copy bandwidth measured in the same run.
+Each decode row also reports the step's memory floor (provider ``memory_floor``): the bytes it must read (this
+rank's weights without the embedding table - B rows of it - plus the KV cache of B x context tokens) over the
+device-to-device copy bandwidth measured in the same run.
 
-Writes ``e2e_tp{N}_{device}.json`` and ``.png`` to ``$OUT`` (or ``bench/results``) after every model.
+Writes ``e2e_tp{N}_{device}[_{tag}].json`` and ``.png`` to ``$OUT`` (or ``bench/results``) after every phase of
+every model (hf rows, tpfuse rows, capacity rows, FP8 rows), so a run cut off keeps what finished.
+``bench/tools/e2e_table.py`` turns the JSON into the README's table.
 """
 
 from __future__ import annotations
@@ -44,36 +81,29 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import e2e_models as em  # noqa: E402
 
 import tpfuse  # noqa: E402
 from tpfuse.parallel import KVCacheConfig  # noqa: E402
 
 POLICY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "policies", "vllm_sm90_tp2.json")
-SHAPES = {
-    "8B": ("llama", dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                         intermediate_size=14336, rope_theta=500000.0)),
-    "70B": ("llama", dict(hidden_size=8192, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
-                          intermediate_size=28672, rope_theta=500000.0)),
-    "Qwen3-32B": ("qwen3", dict(hidden_size=5120, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
-                                intermediate_size=25600, rope_theta=1000000.0)),
-    # families whose layers differ from a row above (Mistral-7B is the 8B row's shape): biased q/k/v, 28 q heads;
-    # fused qkv_proj / gate_up_proj, 40 q / 10 kv heads (TP 2; Phi-3's config derives head_dim = 128, and its
-    # token ids default past VOCAB). Phi-3-mini's head_dim 96 is not supported by the kernels.
-    "Qwen2.5-7B": ("qwen2", dict(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4,
-                                 intermediate_size=18944, rope_theta=1000000.0)),
-    "Phi-3-medium": ("phi3", dict(hidden_size=5120, num_attention_heads=40, num_key_value_heads=10,
-                                  intermediate_size=17920, rope_theta=10000.0, pad_token_id=0, eos_token_id=2)),
-}
-ARCHS = {"llama": "Llama", "qwen3": "Qwen3", "qwen2": "Qwen2", "phi3": "Phi3"}
-"""SHAPES' architectures -> the transformers ``<prefix>ForCausalLM`` / ``<prefix>Config`` they build."""
-VOCAB = 32000
+VOCAB, build_model = em.VOCAB, em.build_model
+
+
+def _layers_arg(text: str):
+    if text in ("full", "fit"):
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--layers: a positive int, full or fit, got {text!r}")
+    return int(text)
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ints = (lambda s: [int(x) for x in s.split(",") if x])
-    ap.add_argument("--models", default="8B,70B,Qwen3-32B")
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--models", default="8B,70B,Qwen3-32B", help="shapes, or shards <model>/tp<N> (TP=1)")
+    ap.add_argument("--layers", type=_layers_arg, default=4, help="an int, full (real count) or fit (free memory)")
+    ap.add_argument("--vocab", default=None, help="real or an int (default: real for --layers full/fit, else 32000)")
     ap.add_argument("--decode-batches", type=ints, default=[1, 8, 64])
     ap.add_argument("--context", type=int, default=1024, help="tokens cached per sequence before the timed steps")
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps")
@@ -81,24 +111,15 @@ def parse_args(argv=None):
     ap.add_argument("--compile-batches", type=ints, default=[1, 64],
                     help="decode batches for hf_compiled (TP=1; first model only)")
     ap.add_argument("--hf-models", default="8B", help="models that also run the hf_* providers (TP=1)")
+    ap.add_argument("--hf-after", action="store_true", help="hf_* rows on a fresh build after the tpfuse rows")
+    ap.add_argument("--kv-capacities", type=em.parse_capacities, default=[],
+                    help="tpfuse_capacity rows: MAX_BATCHxMAX_SEQ_LEN,... (e.g. 8x1152,8x32768,256x1152)")
+    ap.add_argument("--fit-headroom-gib", type=float, default=6.0,
+                    help="memory left free by --layers fit and by the --kv-capacities check")
     ap.add_argument("--flashinfer", action="store_true", help="add the vllm_policy provider (TP > 1)")
     ap.add_argument("--no-fp8", action="store_true", help="skip the tpfuse_fp8 provider and the fp8_quality row")
+    ap.add_argument("--tag", default="", help="file-name tag: e2e_tp{N}_{device}_{tag}.json")
     return ap.parse_args(argv)
-
-
-def build_model(name: str, layers: int, dev):
-    """A random-weight transformers model of ``name``'s layer shapes, built on ``dev`` in bf16."""
-    import transformers
-
-    arch, shape = SHAPES[name]
-    prefix = ARCHS[arch]
-    cls, cfg_cls = getattr(transformers, f"{prefix}ForCausalLM"), getattr(transformers, f"{prefix}Config")
-    cfg = cfg_cls(vocab_size=VOCAB, num_hidden_layers=layers, max_position_embeddings=32768, rms_norm_eps=1e-5,
-                  tie_word_embeddings=False, **shape)
-    torch.manual_seed(0)
-    with torch.device(dev):
-        model = cls(cfg).to(torch.bfloat16).eval()
-    return model
 
 
 def copy_bandwidth(dev) -> float:
@@ -208,106 +229,256 @@ def _measure(rows, base, provider, fn, dev, after=None):
     return row
 
 
-def hf_rows(name, model, args, dev, rows, compile_batches):
-    """The unmodified HF model (TP=1): eager decode / prefill, and compiled decode for ``compile_batches``."""
-    for b in args.decode_batches:
-        base = dict(model=name, mode="decode", tokens=b, context=args.context, layers=args.layers)
-        _measure(rows, base, "hf_eager", lambda: hf_decode_us(model, b, args.context, args.steps, dev, False), dev)
-        if b in compile_batches:
-            _measure(rows, base, "hf_compiled", lambda: hf_decode_us(model, b, args.context, args.steps, dev, True),
+def hf_rows(spec, model, args, dev, rows, compile_batches, save=lambda: None, compile_last=False):
+    """The unmodified HF model (TP=1): eager decode / prefill, and compiled decode for ``compile_batches``
+    (``save()`` after each compile: the long part of a run). ``compile_last`` (``--hf-after``): the compiled rows
+    after every eager one, each decode row printed."""
+    def compiled(b, base):
+        r = _measure(rows, base, "hf_compiled", lambda: hf_decode_us(model, b, args.context, args.steps, dev, True),
                      dev)
-            torch._dynamo.reset()
-    for t in args.prefill:
-        base = dict(model=name, mode="prefill", tokens=t, layers=args.layers)
-        _measure(rows, base, "hf_eager", lambda: prefill_us(model, t, dev), dev)
+        torch._dynamo.reset()
+        save()
+        if compile_last:
+            _print(r, rows)
 
-
-def tpfuse_rows(name, model, comm, args, dev, rows, bandwidth, provider="tpfuse"):
-    st = model._tpfuse
+    later = []
     for b in args.decode_batches:
-        base = dict(model=name, mode="decode", tokens=b, context=args.context, layers=args.layers)
+        base = dict(spec.fields(), mode="decode", tokens=b, context=args.context)
+        r = _measure(rows, base, "hf_eager", lambda: hf_decode_us(model, b, args.context, args.steps, dev, False),
+                     dev)
+        if compile_last:
+            _print(r, rows)
+        if b in compile_batches and compile_last:
+            later.append((b, base))
+        elif b in compile_batches:
+            compiled(b, base)
+    for t in args.prefill:
+        base = dict(spec.fields(), mode="prefill", tokens=t)
+        _measure(rows, base, "hf_eager", lambda: prefill_us(model, t, dev), dev)
+    for b, base in later:
+        compiled(b, base)
+
+
+def tpfuse_rows(spec, model, comm, args, dev, rows, bandwidth, provider="tpfuse", batches=None, prefill=True):
+    """Decode rows at ``batches`` (default ``--decode-batches``; a ``memory_floor`` row beside each ``tpfuse``
+    one) and, with ``prefill``, the ``--prefill`` rows of one provider. Decode rows carry the cache's capacity."""
+    st = model._tpfuse
+    for b in args.decode_batches if batches is None else batches:
+        base = dict(spec.fields(), mode="decode", tokens=b, context=args.context)
         comm.last_path.clear()
         r = _measure(rows, base, provider, lambda: tpfuse_decode_us(model, b, args.context, args.steps, dev), dev,
-                     lambda: dict(last_mode=st.last_mode, paths=dict(comm.last_path)))
+                     lambda: dict(last_mode=st.last_mode, paths=dict(comm.last_path),
+                                  max_batch=st.cache_config.max_batch, max_seq_len=st.max_seq_len))
         if provider == "tpfuse":
             nbytes = decode_bytes(model, b, args.context)
             rows.append(dict(base, provider="memory_floor", us=nbytes / bandwidth * 1e6, bytes=nbytes))
             _print(r, rows)
-    for t in args.prefill:
-        base = dict(model=name, mode="prefill", tokens=t, layers=args.layers)
+        elif provider == "tpfuse_capacity":
+            _print(r, rows)
+    for t in args.prefill if prefill else []:
+        base = dict(spec.fields(), mode="prefill", tokens=t)
         comm.last_path.clear()
         r = _measure(rows, base, provider, lambda: prefill_us(model, t, dev), dev,
                      lambda: dict(last_mode=st.last_mode, paths=dict(comm.last_path)))
         _print(r, rows)
 
 
+def _label(r) -> str:
+    """A row's provider as printed and plotted (capacity rows: with their capacity)."""
+    if r["provider"] == "tpfuse_capacity":
+        return f"capacity_{r.get('max_batch')}x{r.get('max_seq_len')}"
+    return r["provider"]
+
+
 def _print(r, rows):
     if dist.get_rank() != 0:
         return
     same = [x for x in rows if all(x.get(k) == r.get(k) for k in ("model", "mode", "tokens"))]
-    cells = "  ".join(f"{x['provider']}={x['us']:.0f}" for x in same)
+    cells = "  ".join(f"{_label(x)}={x['us']:.0f}" for x in same)
     print(f"[{r['model']} {r['mode']} {'batch' if r['mode'] == 'decode' else 'tokens'}={r['tokens']}] us: {cells}"
           f"  ({r.get('last_mode')}){'  ERROR ' + r['error'] if 'error' in r else ''}", flush=True)
 
 
+def _say(text: str) -> None:
+    if dist.get_rank() == 0:
+        print(text, flush=True)
+
+
 def _comm(args, hidden, config=None):
-    max_tokens = max(max(args.prefill), max(args.decode_batches) * args.context)
+    max_tokens = max([*args.prefill, max(args.decode_batches) * args.context])
     return tpfuse.TPCommunicator(max_tokens=max_tokens, hidden_size=hidden, dtype=torch.bfloat16, config=config)
 
 
-def run_model(name, args, dev, rows, bandwidth, first: bool):
+def _free_bytes(dev) -> int:
+    """Free device memory once this process's unused cached blocks are returned."""
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info(dev)[0]
+
+
+def resolve_spec(name, args, dev):
+    """The run's :class:`e2e_models.Spec` of ``name`` (``--layers fit``: computed from the free memory now and
+    printed); ``None`` when no layer fits."""
     tp = dist.get_world_size()
-    model = build_model(name, args.layers, dev)
-    if tp == 1 and name in args.hf_models.split(","):
-        hf_rows(name, model, args, dev, rows, args.compile_batches if first else [])
+    base, tp_shard = em.parse_name(name)
+    if tp_shard is not None and tp > 1:
+        raise ValueError(f"{name}: shard models run at TP=1 (they are one rank's shard already), this run has TP={tp}")
+    vocab = em.resolve_vocab(args.vocab, args.layers, name)
+    layers = em.resolve_layers(args.layers, name)
+    if layers is None:
+        arch, shape = em.model_shape(name)
+        shape = em.shard_config(shape, tp) if tp > 1 else shape  # this rank's bytes
+        tokens = max([*args.prefill, max(args.decode_batches) * args.context])
+        layers, budget = em.fit_layers(arch, shape, vocab=vocab, free_bytes=_free_bytes(dev),
+                                       max_batch=max(args.decode_batches), max_seq_len=args.context + args.steps + 16,
+                                       tokens=tokens, headroom_bytes=int(args.fit_headroom_gib * 2 ** 30),
+                                       cap=em.REAL[base][0])
+        layers = int(-common.slowest_rank(-layers, dev))  # the fewest over the ranks
+        _say(f"{name} --layers fit: {em.describe_budget(layers, budget)}")
+        if layers < 1:
+            _say(f"{name}: skipped, not one layer fits")
+            return None
+    return em.Spec(name=name, layers=layers, vocab=vocab)
+
+
+def set_cache(model, cfg: KVCacheConfig) -> None:
+    """Give a parallelized model the KV cache ``cfg`` describes: drop its storage and decode graphs (re-made
+    lazily from ``model._tpfuse.cache_config`` by the next call) and extend the RoPE table when ``cfg`` needs more
+    positions - what ``parallelize(..., cache=cfg)`` would have set up, on the same weights."""
+    from tpfuse.parallel.wrap import _cos_sin_rows
+
+    cfg.validate()
+    st = model._tpfuse
+    st.graphs = st.storage = None
+    _free_bytes(st.comm.device)  # the old cache's memory back before the new one is allocated
+    st.cache_config, st.max_seq_len = cfg, cfg.max_seq_len
+    if st.cos_sin.shape[0] < cfg.max_seq_len:
+        st.cos_sin = _cos_sin_rows(model, st.layout, max(cfg.max_seq_len, st.comm.max_tokens), st.comm)
+
+
+def _capacity_skip(spec, model, args, batches, max_batch, max_seq_len, dev) -> str:
+    """Why a capacity point cannot run here ('' when it can); called with the model's cache released."""
+    st = model._tpfuse
+    if not batches:
+        return f"no --decode-batches <= max_batch={max_batch}"
+    if args.context + args.steps + 3 > max_seq_len:
+        return f"context {args.context} + 3 warm-up + {args.steps} timed steps > max_seq_len={max_seq_len}"
+    shape = dict(num_key_value_heads=st.kv_heads, head_dim=st.head_dim)
+    kv = len(st.layers) * em.kv_bytes_per_layer(shape, max_batch, max_seq_len, st.cache_config.block_size)
+    act = em.activation_bytes(em.model_shape(spec.name)[1], max(batches) * args.context)
+    headroom = int(args.fit_headroom_gib * 2 ** 30)
+    need, free = kv + act + headroom, int(-common.slowest_rank(-_free_bytes(dev), dev))  # the least over the ranks
+    if need > free:
+        return (f"needs {need / 2 ** 30:.1f} GiB (KV cache {kv / 2 ** 30:.1f}, prefill activations "
+                f"{act / 2 ** 30:.1f}, headroom {headroom / 2 ** 30:.1f}), {free / 2 ** 30:.1f} GiB free")
+    return ""
+
+
+def capacity_rows(spec, model, comm, args, dev, rows, bandwidth, skipped, save):
+    """``tpfuse_capacity`` rows: per ``--kv-capacities`` point, the decode rows with the cache re-made at that
+    capacity (points that cannot run go to ``skipped``, reason printed); the model's own cache restored after."""
+    own = model._tpfuse.cache_config
+    for max_batch, max_seq_len in args.kv_capacities:
+        batches = [b for b in args.decode_batches if b <= max_batch]
+        set_cache(model, own)  # releases what the previous point allocated (the cache is made again on use)
+        why = _capacity_skip(spec, model, args, batches, max_batch, max_seq_len, dev)
+        if why:
+            _say(f"[{spec.label}] capacity {max_batch}x{max_seq_len} skipped: {why}")
+            skipped.append(dict(model=spec.label, provider="tpfuse_capacity", max_batch=max_batch,
+                                max_seq_len=max_seq_len, reason=why))
+            continue
+        set_cache(model, KVCacheConfig(max_batch=max_batch, max_seq_len=max_seq_len))
+        _say(f"[{spec.label}] capacity {max_batch}x{max_seq_len}: {model._tpfuse.cache_storage().describe()}")
+        tpfuse_rows(spec, model, comm, args, dev, rows, bandwidth, provider="tpfuse_capacity", batches=batches,
+                    prefill=False)
+        save()
+    set_cache(model, own)
+
+
+def run_model(name, args, dev, rows, bandwidth, first: bool, save=lambda: None, skipped=None):
+    """Every row of one model (see the module docstring for the order); ``save()`` after each phase."""
+    tp = dist.get_world_size()
+    spec = resolve_spec(name, args, dev)
+    if spec is None:
+        return
+    hf = tp == 1 and name in args.hf_models.split(",")
+    compile_batches = args.compile_batches if first else []
+    model = build_model(name, spec.layers, dev, spec.vocab)
+    if hf and not args.hf_after:
+        hf_rows(spec, model, args, dev, rows, compile_batches, save)
+        save()
     comm = _comm(args, model.config.hidden_size)
     cache = KVCacheConfig(max_batch=max(args.decode_batches), max_seq_len=args.context + args.steps + 16)
     model = tpfuse.parallelize(model, comm, cache=cache)
-    if dist.get_rank() == 0:
-        print(f"{name}: {model._tpfuse.cache_storage().describe()}", flush=True)
-    tpfuse_rows(name, model, comm, args, dev, rows, bandwidth)
+    _say(f"{spec.label} ({spec.layers} layers, vocab {spec.vocab}): {model._tpfuse.cache_storage().describe()}")
+    tpfuse_rows(spec, model, comm, args, dev, rows, bandwidth)
+    save()
+    if args.kv_capacities:
+        capacity_rows(spec, model, comm, args, dev, rows, bandwidth, [] if skipped is None else skipped, save)
     if tp > 1:
-        model._tpfuse.local = True  # the no-communication floor (wrong logits by design)
-        tpfuse_rows(name, model, comm, args, dev, rows, bandwidth, provider="tpfuse_nocomm")
-        model._tpfuse.local = False
-        if args.flashinfer:
-            policy = _comm(args, model.config.hidden_size, tpfuse.CommConfig(thresholds_path=POLICY))
-            model._tpfuse.comm = policy
-            tpfuse_rows(name, model, policy, args, dev, rows, bandwidth, provider="vllm_policy")
-            model._tpfuse.comm = comm
-            policy.close()  # collective: frees FlashInfer's IPC buffers
+        comm_rows(spec, model, comm, args, dev, rows, bandwidth)
     if not args.no_fp8:
         from tpfuse.parallel import quantize_fp8
 
         quantize_fp8(model)  # in place, after the bf16 rows: the same weights, e4m3 per-channel
-        tpfuse_rows(name, model, comm, args, dev, rows, bandwidth, provider="tpfuse_fp8")
+        tpfuse_rows(spec, model, comm, args, dev, rows, bandwidth, provider="tpfuse_fp8")
+        save()
         del model
-        fp8_static_rows(name, args, dev, rows, bandwidth, comm, cache)
+        fp8_static_rows(spec, args, dev, rows, bandwidth, comm, cache)
+        save()
+    model = None
     comm.close()
-    torch.cuda.empty_cache()
+    _free_bytes(dev)
+    if hf and args.hf_after:
+        hf_rows(spec, build_model(name, spec.layers, dev, spec.vocab), args, dev, rows, compile_batches, save,
+                compile_last=True)
+        save()
+        _free_bytes(dev)
 
 
-def fp8_static_rows(name, args, dev, rows, bandwidth, comm, cache):
+def comm_rows(spec, model, comm, args, dev, rows, bandwidth):
+    """TP > 1: the no-communication floor (``tpfuse_nocomm``) and, with ``--flashinfer``, ``vllm_policy``."""
+    model._tpfuse.local = True  # the no-communication floor (wrong logits by design)
+    tpfuse_rows(spec, model, comm, args, dev, rows, bandwidth, provider="tpfuse_nocomm")
+    model._tpfuse.local = False
+    if args.flashinfer:
+        policy = _comm(args, model.config.hidden_size, tpfuse.CommConfig(thresholds_path=POLICY))
+        model._tpfuse.comm = policy
+        tpfuse_rows(spec, model, policy, args, dev, rows, bandwidth, provider="vllm_policy")
+        model._tpfuse.comm = comm
+        policy.close()  # collective: frees FlashInfer's IPC buffers
+
+
+def fp8_static_rows(spec, args, dev, rows, bandwidth, comm, cache):
     """``tpfuse_fp8_static``: per-tensor weight scales and static activation scales calibrated on the unsharded
     model (64 random tokens), so every GEMM is a per-tensor ``_scaled_mm`` (cuBLASLt) instead of a row-wise one."""
     from tpfuse.parallel import calibrate_input_scales, quantize_fp8
 
-    model = build_model(name, args.layers, dev)
+    model = build_model(spec.name, spec.layers, dev, spec.vocab)
     ids = torch.randint(0, VOCAB, (1, 64), device=dev, generator=torch.Generator(device=dev).manual_seed(3))
     scales = calibrate_input_scales(model, ids)
     model = tpfuse.parallelize(model, comm, cache=cache)
     quantize_fp8(model, activation="static", weight="per_tensor", input_scales=scales)
-    tpfuse_rows(name, model, comm, args, dev, rows, bandwidth, provider="tpfuse_fp8_static")
+    tpfuse_rows(spec, model, comm, args, dev, rows, bandwidth, provider="tpfuse_fp8_static")
 
 
 def main(argv=None):
     args = parse_args(argv)
+    for name in args.models.split(","):
+        em.parse_name(name)  # an unknown name fails before anything is built
     with common.rank_context() as ranks:
         dev = ranks.device
         bandwidth = copy_bandwidth(dev)
         if ranks.rank == 0:
             print(f"device-to-device copy bandwidth: {bandwidth / 1e12:.2f} TB/s", flush=True)
-        rows = []
+        rows, skipped = [], []
+
+        def save():  # rank 0 writes; a run cut off later keeps what was measured so far
+            if ranks.rank == 0:
+                _write(rows, args, bandwidth, skipped)
+
         if not args.no_fp8:
             from fp8_quality import fp8_quality
 
@@ -317,25 +488,36 @@ def main(argv=None):
             if ranks.rank == 0:
                 print(f"fp8 quality (tiny model): {q}", flush=True)
         for i, name in enumerate(args.models.split(",")):
-            run_model(name, args, dev, rows, bandwidth, first=i == 0)
-            if ranks.rank == 0:  # after every model: a run cut off later keeps the finished models' rows
-                _write(rows, args, bandwidth)
+            run_model(name, args, dev, rows, bandwidth, first=i == 0, save=save, skipped=skipped)
+            save()
 
 
-def _write(rows, args, bandwidth):
+def _write(rows, args, bandwidth, skipped=()):
     tp = dist.get_world_size()
     hdr = common.header("e2e", tp=tp, layers=args.layers, context=args.context, steps=args.steps,
                         copy_bandwidth_tb_s=round(bandwidth / 1e12, 3), timing="host wall time per call between "
                         "device syncs (decode: per step over --steps steps)")
-    path = common.write_json(common.result_path("e2e", tp=tp), hdr, rows)
-    common.plot_ratio_panels(path.replace(".json", ".png"), [r for r in rows if r["us"] == r["us"]],
-                             panel=("model", "mode"), x="tokens", y="us", baseline="tpfuse",
-                             ylabel="time / tpfuse (above 1: tpfuse faster)",
-                             xlabel=lambda key: "batch (context %d)" % args.context if key[1] == "decode"
-                             else "prefill tokens",
-                             title=f"E2E through tpfuse.parallelize, TP={tp}, {args.layers} layers, {hdr['device']}, "
-                                   f"{hdr['commit'][:10]}")
+    for key in ("vocab", "kv_capacities", "tag"):
+        if getattr(args, key, None):
+            hdr[key] = getattr(args, key)
+    path = common.write_json(common.result_path("e2e", tp=tp, tag=getattr(args, "tag", "")), hdr, rows,
+                             **({"skipped": list(skipped)} if skipped else {}))
     print("wrote", path, flush=True)
+    # panels that have tpfuse rows (the baseline) so far; the plot may fail, the JSON is written
+    based = {(r["model"], r["mode"]) for r in rows if r["provider"] == "tpfuse" and r["us"] == r["us"]}
+    plotted = [dict(r, provider=_label(r)) for r in rows if r["us"] == r["us"] and (r["model"], r["mode"]) in based]
+    if not plotted:
+        return
+    try:
+        common.plot_ratio_panels(path.replace(".json", ".png"), plotted,
+                                 panel=("model", "mode"), x="tokens", y="us", baseline="tpfuse",
+                                 ylabel="time / tpfuse (above 1: tpfuse faster)",
+                                 xlabel=lambda key: "batch (context %d)" % args.context if key[1] == "decode"
+                                 else "prefill tokens",
+                                 title=f"E2E through tpfuse.parallelize, TP={tp}, {args.layers} layers, "
+                                       f"{hdr['device']}, {hdr['commit'][:10]}")
+    except Exception as ex:  # noqa: BLE001 - a plot never ends a run
+        print(f"plot failed: {type(ex).__name__}: {ex}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
 # One GPU-machine call: install tpfuse (and FlashInfer if .whl was carried), then run the chosen steps.
 #   bash bench/gpu_run.sh [STEP ...]      steps: env tests probe_ce async_tp fused_ar local rope decode_attn host
-#                                         profile e2e load tune demo onegpu soak probe_onegpu (default: all but
-#                                         probe_ce, profile, load, onegpu, soak, probe_onegpu; multi-GPU steps skip on
-#                                         one GPU)
+#                                         profile e2e e2e_full e2e_shards load tune demo onegpu soak probe_onegpu
+#                                         small_gemm (default: all but probe_ce, profile, e2e_full, e2e_shards, load,
+#                                         onegpu, soak, probe_onegpu, small_gemm; multi-GPU steps skip on one GPU)
+#   e2e_full / e2e_shards: bench_e2e.py at TP=1 (one process whatever the GPU count) at full size, real vocab;
+#           JSON + PNG e2e_tp1_<device>_full / _shards; E2E_FULL_ARGS / E2E_SHARDS_ARGS are appended (a repeated
+#           option overrides). Default limits 330 s / 150 s (LIMIT_e2e_full, LIMIT_e2e_shards): both in one
+#           8-minute call as `bash bench/gpu_run.sh e2e_shards e2e_full` (estimates at the steps below)
 #   onegpu: the multi-rank GPU suite in one-GPU mode (N ranks on one GPU) at each TP of ONEGPU_TP (default 2),
 #           JUnit XML + onegpu_suite_<device>_tp<N>.json; ONEGPU_TESTS overrides the files, ONEGPU_K (or
 #           ONEGPU_K_<tp> for one TP size) adds a -k filter, ONEGPU_MAXFAIL stops a TP size after that many failures;
 #           its decode-graph soak runs 2000 replays. ONEGPU_MPS=1 runs the ranks concurrently under an MPS daemon of
-#           this call's own (the persistent kernels' grid is SMs / ranks then: tpfuse.distributed.ranks_per_device);
+#           this call's own (the persistent kernels then run on half the SMs split among the ranks: persistent_grid);
 #           without it the ranks' contexts take turns (milliseconds a call: a TP size needs more than one call)
 #   soak: the TP=2 decode-graph soak alone, SOAK_REPLAYS (default 100000) replays (one-GPU mode on one GPU; ~5 ms
 #         a replay time-sliced: about 9 minutes; ONEGPU_MPS=1 as above)
+#   small_gemm: the small-M GEMM sweep (bench/tune_small_gemm.py, one GPU, ~150 s: --budget-s; SMALL_GEMM_ARGS adds
+#         options): small_gemm_<device>.json + .png and the routing table small_m_gemm_<arch>.json (copy it to
+#         tpfuse/thresholds/ to ship it). One call: TPFUSE_COMMIT=<sha> LIMIT_small_gemm=200 bash bench/gpu_run.sh small_gemm
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
 # Logs, JSON and PNG go to $OUT (or bench/results/gpu-run when OUT is unset). Multi-GPU steps need >= 2 GPUs.
 set -uo pipefail
@@ -45,6 +52,7 @@ run() {  # run NAME CMD...: log to $OUT/NAME.log, at most ${LIMIT_<NAME>:-600} s
   [[ $rc -eq 0 ]] || status=1
 }
 TR2=(python3 -m torch.distributed.run --standalone --nproc-per-node="$ngpu")  # an array: `timeout` runs it
+TR1=(python3 -m torch.distributed.run --standalone --nproc-per-node=1)
 for s in "${steps[@]}"; do
   case "$s" in
     env) run env bash -c 'nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.nccl.version())"; python3 -c "import flashinfer; print(\"flashinfer\", flashinfer.__version__)" || true' ;;
@@ -52,11 +60,31 @@ for s in "${steps[@]}"; do
     async_tp) [[ $ngpu -ge 2 ]] && run async_tp "${TR2[@]}" bench/bench_async_tp.py ${ASYNC_TP_ARGS:-} ;;
     fused_ar) [[ $ngpu -ge 2 && -f bench/bench_fused_ar.py ]] && run fused_ar "${TR2[@]}" bench/bench_fused_ar.py ${FUSED_AR_ARGS:-} ;;
     e2e) run e2e "${TR2[@]}" bench/bench_e2e.py ${E2E_ARGS:-} ;;  # TP = every GPU of the machine (1 included)
+    # e2e_full, one H100 (estimates from e2e_tp1_h200_8b_c2bd6cd.json / its log, bench_load's 8B build + write in 32 s,
+    # the README's ~1 min per HF compile at 4 layers; the 8B step at 32 layers ~5-6 ms on an H100):
+    #   start, copy bandwidth, fp8_quality tiny model, Triton JIT of tpfuse's kernels (fresh machine)  ~60 s
+    #   full 8B: build 16 GB in bf16 (~10 s), tpfuse decode b1/b8/b64 (prefills of 1k/8k/64k tokens, graph
+    #     captures, 35 steps each) + memory floor + prefill 1k/4k                                      ~25 s
+    #   capacity rows 8x1152, 8x32768 (b1, b8), 64x1152, 256x1152 (b1, b8, b64; KV 40 GiB at 256x1152)  ~25 s
+    #   tpfuse_fp8 (in place) + tpfuse_fp8_static (a second build + calibration), all batches + prefill ~50 s
+    #   --hf-after: a fresh build, hf_eager b1/b8/b64 (~40 ms a step) + prefill, then hf_compiled at b1 and
+    #     b64: ~1-2 min per compile at 32 layers (the unknown part; last, so a cut-off loses only it)  ~150-250 s
+    #   total ~310-410 s: LIMIT_e2e_full 330 by default (the JSON is written after every phase)
+    e2e_full) LIMIT_e2e_full=${LIMIT_e2e_full:-330} run e2e_full "${TR1[@]}" bench/bench_e2e.py --tag full --models 8B \
+                --layers full --decode-batches 1,8,64 --context 1024 --prefill 1024,4096 --hf-models 8B \
+                --compile-batches 1,64 --hf-after --kv-capacities 8x1152,8x32768,64x1152,256x1152 ${E2E_FULL_ARGS:-} ;;
+    # e2e_shards: rank 0's shard of 70B at TP 8 (21 GB: 80 layers, 8 q / 1 kv heads, intermediate 3584, vocab
+    # replicated) and TP 4 (38 GB), of 8B at TP 2 (9 GB), each built at TP=1: start ~20 s, per model a build
+    # (~5-15 s), Triton JIT for its shapes (~10 s), b1 and b64 (a 64k-token prefill: ~1-4 s) and prefill 1k  ~100-120 s
+    e2e_shards) LIMIT_e2e_shards=${LIMIT_e2e_shards:-150} run e2e_shards "${TR1[@]}" bench/bench_e2e.py --tag shards \
+                  --models 70B/tp8,70B/tp4,8B/tp2 --layers full --decode-batches 1,64 --context 1024 --prefill 1024 \
+                  --hf-models none --no-fp8 ${E2E_SHARDS_ARGS:-} ;;
     load) run load python3 bench/bench_load.py --shape 8B ${LOAD_ARGS:-} && \
           run load_fp8 python3 bench/bench_load.py --shape 8B --fp8 ${LOAD_ARGS:-} ;;  # TP=1; writes /tmp ckpts
     decode_attn) [[ -f bench/bench_decode_attention.py ]] && run decode_attn python3 bench/bench_decode_attention.py ${DECODE_ATTN_ARGS:-} ;;
     profile) run profile "${TR2[@]}" bench/profile_decode.py ${PROFILE_ARGS:-} ;;
     local) [[ -f bench/bench_local.py ]] && run local python3 bench/bench_local.py ${LOCAL_ARGS:-} ;;
+    small_gemm) run small_gemm python3 bench/tune_small_gemm.py ${SMALL_GEMM_ARGS:-} ;;
     rope) [[ -f bench/bench_rope.py ]] && run rope python3 bench/bench_rope.py ${ROPE_ARGS:-} ;;
     host) run host bash -c "python3 bench/bench_host.py --out-dir $OUT ${HOST_ARGS:-} && TPFUSE_FAST_LAUNCH=0 python3 bench/bench_host.py --out-dir $OUT --tag _jit_launch ${HOST_ARGS:-} && python3 -m torch.distributed.run --standalone --nproc-per-node=1 bench/bench_host.py --out-dir $OUT --tag _torchrun ${HOST_ARGS:-}" ;;
     tune) tuned="$OUT/thresholds_tp${ngpu}_$(python3 -c 'import sys; sys.path.insert(0,"bench"); import common; print(common.device_slug())').json"

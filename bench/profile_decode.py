@@ -1,10 +1,18 @@
 """Where a decode step of the parallelized model spends its GPU time: ``torch.profiler`` over graph-replayed decode
-steps (``--steps``) of an ``bench_e2e.py`` model, the kernels' total CUDA time per step, sorted.
+steps (``--steps``) of an ``bench_e2e.py`` model, the kernels' total CUDA time per step, sorted, and how many
+kernels a step launches per decoder layer.
 
-    torchrun --standalone --nproc-per-node=1 bench/profile_decode.py [--model 8B] [--batch 1] [--context 1024]
+    torchrun --standalone --nproc-per-node=1 bench/profile_decode.py [--model 8B] [--layers 4|full] [--vocab real|N]
+        [--batch 1] [--context 1024]
 
+``--model``: a ``bench_e2e.py`` model name, shards (``70B/tp8``) included; ``--layers`` / ``--vocab`` as there.
 Prints the table and writes it (with device, commit, versions) to ``profile_decode_tp{N}_{device}_{model}_b{B}.json``
-in ``$OUT`` (else ``bench/results``).
+in ``$OUT`` (else ``bench/results``; a ``/`` of a shard name becomes ``-``). Each row: ``kernel``,
+``calls_per_step``, ``calls_per_layer`` (= calls per step / layers), ``us_per_step``. The header adds
+(:func:`kernel_counts`): ``kernels_per_step`` (CUDA kernels of one replayed step, as the profiler traced them,
+memcpy / memset not counted), ``kernels_per_layer`` (that / layers), ``layer_kernels_per_layer`` (only the kernels
+launched at least once per layer: what one decoder layer launches), ``other_kernels_per_step`` (the rest: embedding,
+final norm, lm_head, the caller's argmax, ...), ``copies_per_step`` (memcpy / memset).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_e2e  # noqa: E402
 import common  # noqa: E402
+import e2e_models as em  # noqa: E402
 
 import tpfuse  # noqa: E402
 from tpfuse.parallel import KVCacheConfig  # noqa: E402
@@ -25,30 +34,58 @@ from tpfuse.parallel import KVCacheConfig  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="8B", choices=sorted(bench_e2e.SHAPES))
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--model", default="8B", help=f"one of {sorted(em.SHAPES)}, or a shard <model>/tp<N>")
+    ap.add_argument("--layers", type=bench_e2e._layers_arg, default=4, help="an int or full")
+    ap.add_argument("--vocab", default=None, help="real or an int (default: real for --layers full, else 32000)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
+    if args.layers == "fit":
+        ap.error("--layers fit is bench_e2e.py's; give a count or full")
+    args.layers = em.resolve_layers(args.layers, args.model)
+    args.vocab = em.resolve_vocab(args.vocab, args.layers, args.model)
     with common.rank_context() as ranks:
         rows = profile(args, ranks.device)
         tp, rank = ranks.world, ranks.rank
     if rank != 0:  # every rank profiled its own kernels; rank 0's are the table
         return
     total = sum(r["us_per_step"] for r in rows)
+    counts = kernel_counts(rows, args.layers)
     print(f"{args.model} decode, batch {args.batch}, context {args.context}, {args.layers} layers: "
-          f"{total:.0f} us of kernels per step")
+          f"{total:.0f} us of kernels per step; {counts['kernels_per_step']:.0f} kernels per step = "
+          f"{counts['kernels_per_layer']:.1f} per layer ({counts['layer_kernels_per_layer']:.1f} launched by each "
+          f"layer + {counts['other_kernels_per_step']:.0f} outside the layers), {counts['copies_per_step']:.0f} "
+          f"memcpy / memset")
     for r in rows[:40]:
-        print(f"{r['us_per_step']:9.1f} us  {r['calls_per_step']:5.1f}x  {r['kernel']}")
+        print(f"{r['us_per_step']:9.1f} us  {r['calls_per_step']:5.1f}x  {r['calls_per_layer']:5.2f}/layer  "
+              f"{r['kernel']}")
     hdr = common.header("profile_decode", model=args.model, batch=args.batch, context=args.context,
-                        layers=args.layers, kernel_us_per_step=round(total, 1))
-    common.write_json(common.result_path("profile_decode", tp=tp, tag=f"{args.model}_b{args.batch}"), hdr, rows)
+                        layers=args.layers, vocab=args.vocab, kernel_us_per_step=round(total, 1), **counts)
+    tag = f"{args.model.replace('/', '-')}_b{args.batch}"
+    common.write_json(common.result_path("profile_decode", tp=tp, tag=tag), hdr, rows)
+
+
+def _is_copy(name: str) -> bool:
+    return name.startswith(("Memcpy", "Memset"))
+
+
+def kernel_counts(rows, layers: int) -> dict:
+    """Kernel counts of one decode step from the profiler rows (``calls_per_step`` per name; see the module
+    docstring); adds ``calls_per_layer`` to every row."""
+    for r in rows:
+        r["calls_per_layer"] = r["calls_per_step"] / layers
+    kernels = [r for r in rows if not _is_copy(r["kernel"])]
+    per_step = sum(r["calls_per_step"] for r in kernels)
+    in_layers = sum(r["calls_per_step"] for r in kernels if r["calls_per_step"] >= layers)
+    return dict(kernels_per_step=per_step, kernels_per_layer=per_step / layers,
+                layer_kernels_per_layer=in_layers / layers, other_kernels_per_step=per_step - in_layers,
+                copies_per_step=sum(r["calls_per_step"] for r in rows if _is_copy(r["kernel"])))
 
 
 def profile(args, dev):
     """Kernel time per decode step (torch profiler over ``--steps`` graph-replayed steps), largest first."""
-    model = bench_e2e.build_model(args.model, args.layers, dev)
+    model = bench_e2e.build_model(args.model, args.layers, dev, args.vocab)
     comm = tpfuse.TPCommunicator(max_tokens=args.batch * args.context, hidden_size=model.config.hidden_size,
                                  dtype=torch.bfloat16)
     model = tpfuse.parallelize(model, comm, cache=KVCacheConfig(max_batch=args.batch,

@@ -43,8 +43,8 @@ one int32 flag in the peer's workspace set to the program's call counter + 1
 bounded by ``timeout_ns`` of ``%globaltimer``: on expiry the program sets ``err[0] = 1`` (a pinned host word the
 host reads without a sync), skips the rest of its work and exits. The grid ``G`` is the same on every rank (the
 workspace agrees on it at construction) and at most one program per SM, so all programs are resident (in one-GPU
-mode SMs / ranks sharing the GPU, :func:`tpfuse.distributed.ranks_per_device`, so that concurrent ranks' programs
-are too).
+mode half the SMs split among the ranks sharing the GPU, :func:`tpfuse.backends.fused_allreduce.persistent_grid`,
+so that concurrent ranks' programs are too, with SMs to spare for their other kernels).
 
 Peer addresses: the workspace passes, per peer, the byte distance from this rank's symmetric buffer to that
 peer's (a multiple of 2 MiB); the kernels add it to pointers into their own buffer, so every pointer keeps the

@@ -23,7 +23,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from tpfuse.kernels import (add_rmsnorm, decode_attention, fused_allreduce, quantize, reduce_slots,  # noqa: E402
-                            rope, silu_mul)
+                            rope, silu_mul, small_m_gemm)
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOATS = {"eps", "qk_scale"}
@@ -42,19 +42,21 @@ def out_types(fmt):
     return "*fp8e4nv", "*fp32"
 
 
-def compile_kernel(fn, ptrs, const, num_warps=8, hinted=False):
+def compile_kernel(fn, ptrs, const, num_warps=8, hinted=False, num_stages=None, unhinted=("n_rows",)):
     """``hinted``: declare what the JIT specializes at a real launch -- 16-byte aligned pointers and sizes/strides
-    divisible by 16 (``tt.divisibility``; not ``n_rows``, which the local kernels exclude from specialization) --
-    so the vectorized code that actually runs is compiled, with ints as i32."""
+    divisible by 16 (``tt.divisibility``; not ``unhinted``: ``n_rows``, which the local kernels exclude from
+    specialization, or a kernel's own ``do_not_specialize`` list) -- so the vectorized code that actually runs is
+    compiled, with ints as i32. ``num_stages``: the launcher's pipeline depth (None: Triton's default)."""
     names = fn.arg_names
     sig = {n: ("constexpr" if n in const else ptrs.get(n, "fp32" if n in FLOATS else ("i32" if hinted else "i64")))
            for n in names}
     attrs = {}
     if hinted:
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-                 if sig[n] not in ("constexpr", "fp32") and n != "n_rows"}
+                 if sig[n] not in ("constexpr", "fp32") and n not in unhinted}
     src = ASTSource(fn, sig, {(names.index(k),): v for k, v in const.items()}, attrs)
-    return triton.compile(src, target=TARGET, options={"num_warps": num_warps})
+    options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
+    return triton.compile(src, target=TARGET, options=options)
 
 
 def cases():
@@ -115,6 +117,7 @@ def cases():
                dict(HALF=64, BH=4, IS_NEOX=True, CACHE_FP8=fp8))
 
     yield from decode_attention_cases()
+    yield from small_m_gemm_cases()
 
 
 def decode_attention_cases():
@@ -142,6 +145,37 @@ def decode_attention_cases():
                     CHUNK=min(16, triton.next_power_of_2(splits))), 4, True)
 
 
+def small_m_gemm_cases():
+    """The small-M GEMM (kernels/small_m_gemm.py) in the variants the launcher builds: bf16 / fp16 / e4m3-weight /
+    e4m3 x e4m3 (row-wise and per-tensor scales), bias, fused SiLU*mul (bf16 out, static-FP8 out), with and
+    without split-K partials (and their reduce kernel), BLOCK_M 16 / 32 / 64, wgmma-sized (BLOCK_N 64 / 128) and
+    mma.sync-sized (BLOCK_N 32) tiles, a masked K tail; pointers as the launcher passes them (absent scales / bias
+    / partials: the output tensor as a dummy), ints hinted as a real launch specializes them."""
+    nospec = ("M", "n_kb", "split_k")
+    fp8, fp32 = "*fp8e4nv", "*fp32"
+    for name, x_t, w_t, xs, ws, bias, silu, out_fp8, part, bm, bn, bk, warps, stages, even in (
+            ("bf16", "*bf16", "*bf16", 0, 0, False, False, False, False, 16, 64, 128, 4, 4, True),
+            ("bf16 bias split", "*bf16", "*bf16", 0, 0, True, False, False, True, 64, 128, 128, 4, 3, True),
+            ("fp16 bn32 k-tail", "*fp16", "*fp16", 0, 0, False, False, False, False, 32, 32, 64, 4, 4, False),
+            ("fp8 row", fp8, fp8, 2, 2, False, False, False, False, 16, 64, 256, 4, 4, True),
+            ("fp8 row split", fp8, fp8, 2, 2, True, False, False, True, 64, 64, 256, 4, 4, True),
+            ("fp8 tensor", fp8, fp8, 1, 1, False, False, False, False, 32, 128, 256, 8, 3, True),
+            ("w8 bf16", "*bf16", fp8, 0, 2, False, False, False, False, 16, 64, 256, 4, 4, True),
+            ("bf16 silu", "*bf16", "*bf16", 0, 0, False, True, False, False, 16, 64, 128, 4, 3, True),
+            ("fp8 tensor silu q8 split", fp8, fp8, 1, 1, False, True, True, True, 16, 64, 256, 4, 3, True)):
+        out_t = fp8 if out_fp8 else ("*fp16" if x_t == "*fp16" else "*bf16")
+        ptrs = {"x_ptr": x_t, "w_ptr": w_t, "xs_ptr": fp32 if xs else out_t, "ws_ptr": fp32 if ws else out_t,
+                "b_ptr": "*bf16" if bias else out_t, "out_ptr": out_t, "os_ptr": fp32 if out_fp8 else out_t,
+                "part_ptr": fp32 if part else out_t}
+        epi = dict(X_SCALE=xs, W_SCALE=ws, HAS_BIAS=bias, SILU_MUL=silu, OUT_FP8=out_fp8)
+        yield (f"small_m_gemm {name} m{bm} n{bn} k{bk}", small_m_gemm._small_m_gemm_kernel, ptrs,
+               dict(X_FP8=x_t == fp8, W_FP8=w_t == fp8, **epi, PARTIAL=part, EVEN_K=even, BLOCK_M=bm, BLOCK_N=bn,
+                    BLOCK_K=bk), warps, True, stages, nospec)
+        if part:
+            yield (f"small_m_gemm reduce {name} m{bm}", small_m_gemm._split_k_reduce_kernel, ptrs,
+                   dict(**epi, BLOCK_M=bm, BLOCK_N=small_m_gemm.REDUCE_BLOCK_N), 4, True, 1, nospec)
+
+
 _DEBUG_LABEL = re.compile(r"^\$L__tmp\d+:$")
 
 
@@ -159,6 +193,13 @@ def ptx_hash(kernel) -> str:
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
+PENDING = os.path.join(os.path.dirname(FINGERPRINTS), "sm90_ptx_pending.txt")
+PENDING_NOTE = ("# sm_90 PTX fingerprints of kernels that compile but have NOT run on a GPU yet (new kernels; written "
+                "by\n# python tests/sm90_compile_cases.py --write-pending: every case without a line in "
+                "sm90_ptx_fingerprints.txt).\n# tests/test_sm90_compile.py checks them like the others; once the "
+                "kernels' GPU tests passed, move\n# them with --write-fingerprints --promote-pending.\n")
+
+
 def write_fingerprints(prints: dict, path: str = FINGERPRINTS) -> None:
     with open(path, "w") as f:
         f.write(f"# triton {triton.__version__}\n"
@@ -169,11 +210,33 @@ def write_fingerprints(prints: dict, path: str = FINGERPRINTS) -> None:
             f.write(f"{fp}  {name}\n")
 
 
+def recorded_names(path: str = FINGERPRINTS) -> set:
+    """Case names with a line in ``path``."""
+    if not os.path.exists(path):
+        return set()
+    return {ln.rstrip("\n").split("  ", 1)[1] for ln in open(path) if ln.strip() and not ln.startswith("#")}
+
+
+def write_pending(prints: dict) -> None:
+    """:data:`PENDING` <- the cases of ``prints`` not recorded in :data:`FINGERPRINTS` (not yet run on a GPU)."""
+    done = recorded_names()
+    with open(PENDING, "w") as f:
+        f.write(f"# triton {triton.__version__}\n" + PENDING_NOTE)
+        for name, fp in prints.items():
+            if name not in done:
+                f.write(f"{fp}  {name}\n")
+
+
 def main() -> int:
     """``--ptx-hashes``: print each case's :func:`ptx_hash` too (diff two trees' outputs to compare PTX);
-    ``--write-fingerprints``: record them in :data:`FINGERPRINTS`."""
+    ``--write-fingerprints``: record them in :data:`FINGERPRINTS` (after a GPU run of the changed kernels' tests),
+    except the cases :data:`PENDING` holds, which stay there (refreshed) unless ``--promote-pending`` is given too
+    (after a GPU run of *their* tests); ``--write-pending``: record the cases :data:`FINGERPRINTS` lacks in
+    :data:`PENDING` (compiled, not yet run)."""
     write = "--write-fingerprints" in sys.argv[1:]
-    hashes = write or "--ptx-hashes" in sys.argv[1:]
+    promote = "--promote-pending" in sys.argv[1:]
+    pending = "--write-pending" in sys.argv[1:]
+    hashes = write or pending or "--ptx-hashes" in sys.argv[1:]
     failed, prints = 0, {}
     for name, fn, ptrs, const, *nw in cases():
         try:
@@ -186,8 +249,13 @@ def main() -> int:
             print(f"FAIL {name}\n{traceback.format_exc()[-3000:]}", flush=True)
     print(f"{failed} failed" if failed else "all kernels compile for sm_90")
     if write and not failed:
-        write_fingerprints(prints)
-        print(f"wrote {FINGERPRINTS}")
+        held = set() if promote else recorded_names(PENDING)
+        write_fingerprints({n: fp for n, fp in prints.items() if n not in held})
+        write_pending(prints)  # what FINGERPRINTS now lacks
+        print(f"wrote {FINGERPRINTS} and {PENDING}")
+    elif pending and not failed:
+        write_pending(prints)
+        print(f"wrote {PENDING}")
     return 1 if failed else 0
 
 

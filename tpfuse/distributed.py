@@ -20,9 +20,9 @@ buffers on one device, pytorch#140127) and turns NVLink multicast off (``TORCH_S
 
 Without MPS the ranks' GPU contexts take turns on the device, so a collective costs milliseconds. Under an MPS
 daemon (``nvidia-cuda-mps-control -d``) they run concurrently and a call costs a fraction of a millisecond; the
-persistent kernels then divide their grid by :func:`ranks_per_device` so that every rank's programs are resident at
-once. Either way the mode proves correctness (every rank's kernels, flags, buffers, graphs and faults), not speed,
-and nothing about NVLink ordering or bandwidth.
+persistent kernels then run on half the SMs split among the ranks (:func:`ranks_per_device`) so that every rank's
+programs are resident at once. Either way the mode proves correctness (every rank's kernels, flags, buffers, graphs
+and faults), not speed, and nothing about NVLink ordering or bandwidth.
 
 ``exit_rank(code)`` ends a rank process that has finished its work (process group destroyed): it flushes stdio and
 leaves with ``os._exit``, skipping interpreter finalization. Why: gloo's worker threads drop their reference to a
@@ -63,10 +63,10 @@ def one_gpu_mode() -> bool:
 
 def ranks_per_device() -> int:
     """How many of this host's rank processes share one GPU: ``ceil(LOCAL_WORLD_SIZE / device_count)`` in one-GPU
-    mode, else 1. tpfuse's persistent kernels (one program per SM, spinning on their peers' flags) divide their grid
-    by it: when the ranks' kernels run *concurrently* (an MPS daemon), every rank's programs must be resident at once,
-    or a program spins on a peer that has no SM left until ``timeout_s``. Host-local (no collective); the workspace
-    takes the minimum over the group."""
+    mode, else 1. tpfuse's persistent kernels (one program per SM, spinning on their peers' flags) size their grid by
+    it (:func:`tpfuse.backends.fused_allreduce.persistent_grid`): when the ranks' kernels run *concurrently* (an MPS
+    daemon), every rank's programs must be resident at once, or a program spins on a peer that has no SM left until
+    ``timeout_s``. Host-local (no collective); the workspace takes the minimum over the group."""
     if not one_gpu_mode() or not torch.cuda.is_available():
         return 1
     local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))

@@ -30,7 +30,7 @@ import sys
 
 import torch
 
-SHAPES = {  # name -> (architecture, config fields); the 8B/70B/Qwen3-32B rows are bench/bench_e2e.py's
+SHAPES = {  # name -> (architecture, config fields); the 8B/70B/Qwen3-32B rows are bench/e2e_models.py's
     "tiny": ("llama", dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
                            intermediate_size=512)),
     "8B": ("llama", dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,

@@ -74,6 +74,31 @@ def silu_mul(x: torch.Tensor, *, quant: Optional[q.QuantSpec] = None) -> Output:
     return finish_output(torch.nn.functional.silu(gate) * up, x.dtype, quant)
 
 
+def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, x_scale: Optional[torch.Tensor] = None,
+                 w_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, *,
+                 silu_mul: bool = False, out_scale: Optional[torch.Tensor] = None,
+                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The small-M GEMM (:mod:`tpfuse.small_gemm`): ``y = (x * x_scale) @ (weight * w_scale).T + bias`` with both
+    operands dequantized to fp32 and one fp32 GEMM, ``silu(y_gate) * y_up`` for ``silu_mul``, rounded once to
+    ``out_dtype`` (default: x's 16-bit dtype, bf16 for e4m3 x) or quantized with the static ``out_scale``."""
+    def deq(t, s):
+        tf = t.float()
+        if s is None:
+            return tf
+        s = s.float()
+        return tf * (s.reshape(()) if s.dim() <= 1 and s.numel() == 1 else s.reshape(-1, 1))
+
+    y = deq(x, x_scale) @ deq(weight, w_scale).t()
+    if bias is not None:
+        y = y + bias.float()
+    if silu_mul:
+        gate, up = y.chunk(2, dim=-1)
+        y = torch.nn.functional.silu(gate) * up
+    if out_scale is not None:
+        return q.fp8_quantize_static(y, out_scale)
+    return y.to(out_dtype or (x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # distributed ops
 

@@ -31,9 +31,13 @@ def parse(text):
 def main():
     out, rows, hdr = transcribe.cli(__doc__, parse, benchmark="e2e",
                                     header=lambda rows: {"tp": 2, "layers": rows[0]["layers"] if rows else None})
-    import bench_e2e
+    import common  # bench/ (on the path above)
 
-    bench_e2e._plot(out.replace(".json", ".png"), rows, hdr)
+    base = "tpfuse" if any(r["provider"] == "tpfuse" for r in rows) else rows[0]["provider"]
+    common.plot_ratio_panels(out.replace(".json", ".png"), rows, panel=("model", "mode"), x="tokens",
+                             y="us_per_step", baseline=base, ylabel=f"time / {base}",
+                             xlabel=lambda key: "batch" if key[1] == "decode" else "prefill tokens",
+                             title=f"E2E (transcribed from a log), {hdr.get('device')}, {str(hdr.get('commit'))[:10]}")
 
 
 if __name__ == "__main__":

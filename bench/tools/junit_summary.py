@@ -24,19 +24,26 @@ def _outcome(case: ET.Element) -> str:
 
 
 def summarise(path: str) -> dict:
-    """``{"files": {file: {outcome: count}}, "failures": [...], "seconds": float}`` of one JUnit XML file."""
+    """``{"files": {file: {outcome: count}}, "failures": [...], "seconds": float, "interrupted": bool, "cases":
+    [[test id, outcome, seconds], ...]}`` of one JUnit XML file (``interrupted``: the run was stopped before its
+    last test; what ran is counted)."""
     files = collections.defaultdict(collections.Counter)
     failures, seconds = [], 0.0
+    interrupted, cases = False, []
     for case in ET.parse(path).getroot().iter("testcase"):
+        if not case.get("name"):  # pytest stopped by SIGINT (a step's time limit) writes one nameless testcase
+            interrupted = True
+            continue
         name = case.get("classname", "").replace(".", "/") + ".py"
         out = _outcome(case)
         files[name][out] += 1
+        cases.append([f"{name}::{case.get('name')}", out, round(float(case.get("time", 0) or 0), 2)])
         seconds += float(case.get("time", 0) or 0)
         if out == "failed":
             node = case.find("failure") if case.find("failure") is not None else case.find("error")
             failures.append({"test": f"{name}::{case.get('name')}", "message": (node.get("message") or "")[:300]})
     return {"files": {k: dict(v) for k, v in sorted(files.items())}, "failures": failures,
-            "seconds": round(seconds, 1)}
+            "seconds": round(seconds, 1), "interrupted": interrupted, "cases": cases}
 
 
 def main() -> None:

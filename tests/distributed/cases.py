@@ -64,10 +64,13 @@ class Inputs:
 
 def make_inputs(seed: int, tp: int, tokens: int, hidden: int, dtype: torch.dtype, *, weight_dtype=None,
                 outlier_rank: Optional[int] = None, device="cpu") -> Inputs:
-    g = torch.Generator().manual_seed(seed)
-    xs = [torch.randn(tokens, hidden, generator=g) for _ in range(tp)]
-    residual = torch.randn(tokens, hidden, generator=g)
-    weight = 1 + 0.1 * torch.randn(hidden, generator=g)
+    # drawn where they are used: on a GPU every rank draws all ranks' partials (the oracle needs them), which on the
+    # CPU (one thread per rank) dominated the large GPU cases at TP 8. Same seed and device -> same values on every rank
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    xs = [torch.randn(tokens, hidden, generator=g, device=dev) for _ in range(tp)]
+    residual = torch.randn(tokens, hidden, generator=g, device=dev)
+    weight = 1 + 0.1 * torch.randn(hidden, generator=g, device=dev)
     if outlier_rank is not None and tokens:
         xs[outlier_rank][tokens // 2, hidden // 3] = 300.0  # drives this row's / group's quant scale
     return Inputs(xs=[x.to(dtype).to(device) for x in xs], residual=residual.to(dtype).to(device),

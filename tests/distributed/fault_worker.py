@@ -5,7 +5,10 @@ Started by the test as ``python tests/distributed/fault_worker.py --op OP --path
 with the torchrun variables ``MASTER_ADDR MASTER_PORT RANK WORLD_SIZE LOCAL_RANK`` (TP = WORLD_SIZE ranks;
 NCCL with a GPU per rank, or one-GPU mode with ``TPFUSE_ONE_GPU=1``: :func:`tpfuse.init_distributed` decides).
 
-Every rank builds ``TPCommunicator(CommConfig(timeout_s=TIMEOUT_S, force_paths={OP: PATH}))`` and makes
+``OP``: the fused all-reduce (``fused_add_rmsnorm``), the sequence-parallel exchange (``reduce_scatter_rmsnorm``,
+``all_gather``) or an async-TP GEMM (``all_gather_matmul``, ``matmul_reduce_scatter`` and its fused tail
+``matmul_reduce_scatter_rmsnorm``). Every rank builds ``TPCommunicator(CommConfig(timeout_s=TIMEOUT_S,
+force_paths={OP: PATH}))`` (the tail's entry is ``matmul_reduce_scatter``'s) and makes
 ``GOOD_CALLS`` correct calls of ``OP`` (checked against the fp64 oracle, each followed by ``synchronize()``). Then
 the last rank (the *victim*) leaves with ``os._exit(0)`` (no cleanup: no ``close()``, no process-group teardown,
 as a crash would) and every other rank (a *survivor*) goes on calling ``OP`` + ``synchronize()``:
@@ -43,6 +46,9 @@ TIMEOUT_S = 5.0       # CommConfig.timeout_s
 GOOD_CALLS = 3
 MAX_BAD_CALLS = 3     # rank 0 stops after this many calls that did not raise (the test then fails)
 WAIT_S = 60.0         # how long a rank waits for the other's file / death before giving up
+N_OUT = 256           # all_gather_matmul's output columns per rank
+GEMM_OPS = ("all_gather", "all_gather_matmul", "matmul_reduce_scatter", "matmul_reduce_scatter_rmsnorm")
+OPS = ("fused_add_rmsnorm", "reduce_scatter_rmsnorm") + GEMM_OPS
 
 
 def _peer_gone(pid: int) -> bool:
@@ -78,6 +84,8 @@ def _op(comm, rank: int, world: int, op: str):
     from tpfuse.tolerance import assert_close
 
     inp = make_inputs(11, world, TOKENS, HIDDEN, torch.bfloat16, device=comm.device)
+    if op in GEMM_OPS:
+        return _gemm_op(comm, rank, world, op, inp)
     ref_out, ref_res = oracle(inp, EPS)
     if op == "fused_add_rmsnorm":
         def run():
@@ -99,6 +107,42 @@ def _op(comm, rank: int, world: int, op: str):
     return run, check
 
 
+def _gemm_op(comm, rank: int, world: int, op: str, inp):
+    """``(run, check)`` of the sequence-parallel exchange / async-TP ops: the all-gather, the column-parallel GEMM
+    on gathered shards (weight ``[N_OUT, HIDDEN]``) and the row-parallel GEMM + reduce-scatter (+ add + RMSNorm;
+    every rank's weight ``[HIDDEN, HIDDEN]``, scaled to keep the sums O(1))."""
+    import torch
+    from cases import make_inputs
+    from tpfuse.reference import rmsnorm_math
+    from tpfuse.sharding import shard_range
+    from tpfuse.tolerance import assert_close
+
+    bf = torch.bfloat16
+    s, e = shard_range(TOKENS, world, rank)
+    shard = inp.residual[s:e].contiguous()  # the gathered input, and the fused tail's residual shard
+    if op == "all_gather":
+        return (lambda: comm.all_gather(shard, num_tokens=TOKENS),
+                lambda y: assert_close(y, inp.residual, bf, "all_gather"))
+    if op == "all_gather_matmul":
+        w = make_inputs(12, 1, N_OUT, HIDDEN, bf, device=comm.device).xs[0] / HIDDEN ** 0.5
+        ref = inp.residual.double() @ w.double().t()
+        return (lambda: comm.all_gather_matmul(shard, w, num_tokens=TOKENS),
+                lambda y: assert_close(y, ref, bf, "all_gather_matmul"))
+    ws = [w / (HIDDEN * world) ** 0.5 for w in make_inputs(13, world, HIDDEN, HIDDEN, bf, device=comm.device).xs]
+    full = sum(x.double() @ w.double().t() for x, w in zip(inp.xs, ws))
+    if op == "matmul_reduce_scatter":
+        return (lambda: comm.matmul_reduce_scatter(inp.xs[rank], ws[rank]),
+                lambda y: assert_close(y, full[s:e], bf, "matmul_reduce_scatter"))
+    summed = full + inp.residual.double()
+    ref_out = rmsnorm_math(summed, inp.weight.double(), EPS)
+
+    def check(y):
+        assert_close(y[0], ref_out[s:e], bf, f"{op} out")
+        assert_close(y[1], summed[s:e], bf, f"{op} residual_out")
+
+    return lambda: comm.matmul_reduce_scatter_rmsnorm(inp.xs[rank], ws[rank], shard, inp.weight, EPS), check
+
+
 def _body(a, rank: int, world: int, res: dict) -> None:
     import torch
 
@@ -111,7 +155,10 @@ def _body(a, rank: int, world: int, res: dict) -> None:
     if rank == victim:
         _touch(pid_file)
     res["backend"] = tpfuse.init_distributed(timeout_s=WAIT_S)  # NCCL, or gloo in one-GPU mode (TPFUSE_ONE_GPU=1)
-    cfg = tpfuse.CommConfig(timeout_s=TIMEOUT_S, force_paths={a.op: a.path})
+    from tpfuse.dispatch import ROUTED_AS
+
+    # the fused row-parallel tail follows matmul_reduce_scatter's entry (dispatch.ROUTED_AS)
+    cfg = tpfuse.CommConfig(timeout_s=TIMEOUT_S, force_paths={ROUTED_AS.get(a.op, a.op): a.path})
     comm = tpfuse.TPCommunicator(max_tokens=MAX_TOKENS, hidden_size=HIDDEN, dtype=torch.bfloat16, config=cfg)
     run, check = _op(comm, rank, world, a.op)
     for _ in range(GOOD_CALLS):
@@ -163,7 +210,7 @@ def _body(a, rank: int, world: int, res: dict) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--op", required=True, choices=["fused_add_rmsnorm", "reduce_scatter_rmsnorm"])
+    ap.add_argument("--op", required=True, choices=OPS)
     ap.add_argument("--path", required=True, help="the path CommConfig.force_paths pins OP to")
     ap.add_argument("--mode", required=True, choices=["dead", "dying"])
     ap.add_argument("--sync-dir", required=True, help="directory for the ranks' hand-shake files")

@@ -83,6 +83,13 @@ class RSCase:
         return sum(dequant(x[rows], sx if sx.dim() == 0 else sx[rows]) @ dequant(w, sw).t()
                    for x, sx, w, sw in zip(self.xq, self.xs, self.wq, self.ws))
 
+    def total_of_rounded(self, dtype: torch.dtype) -> torch.Tensor:
+        """fp64 of what an unfused GPU path reduces: each rank's GEMM output rounded to ``dtype`` (``_scaled_mm``
+        writes bf16), summed, and the sum rounded to ``dtype`` (the collective's result)."""
+        parts = [RSCase([x], [sx], [w], [sw]).total().to(dtype).double()
+                 for x, sx, w, sw in zip(self.xq, self.xs, self.wq, self.ws)]
+        return sum(parts).to(dtype).double()
+
 
 def rs_case(seed: int, world: int, t: int, h: int, k_shard: int, kind: str, device="cpu",
             w_seed=None) -> RSCase:

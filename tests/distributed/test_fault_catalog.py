@@ -19,6 +19,7 @@ On GPUs the same catalog runs on NCCL (``backend`` parameter; skipped here witho
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import time
@@ -30,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 import tpfuse
-from cases import GPU_TPS, make_comm, make_inputs, oracle
+from cases import GPU_TPS, Inputs, make_comm, make_inputs, oracle
 from harness import available_backends, device_of, run_on_ranks
 from tpfuse import quant as q
 from tpfuse.tolerance import assert_close, assert_quant_close
@@ -95,8 +96,8 @@ def _good(comm, rank, world, seed=1, tokens=5):
     inp = make_inputs(seed, world, tokens, H, DT, device=comm.device)
     out, res = comm.fused_add_rmsnorm(inp.xs[rank], inp.residual, inp.weight, EPS)
     ref_out, ref_res = oracle(inp, EPS)
-    assert_close(out.cpu(), ref_out, DT, "next good call: out")
-    assert_close(res.cpu(), ref_res, DT, "next good call: residual")
+    assert_close(out.cpu(), ref_out.cpu(), DT, "next good call: out")
+    assert_close(res.cpu(), ref_res.cpu(), DT, "next good call: residual")
     return True
 
 
@@ -175,11 +176,14 @@ def _num_tokens_bool(rank, world):
 
 
 @case("all_ranks/forced_path_unrunnable_breaks_only_its_op", expect=ALL_INPUT,
-      match={0: "force_paths\\['all_reduce'\\] = 'tpfuse_oneshot' cannot run here"})
+      match={0: "force_paths\\['all_reduce'\\] = '(tpfuse|flashinfer)_oneshot' cannot run here"})
 def _forced_unrunnable(rank, world):
-    # the other ops still plan and run (_good runs fused_add_rmsnorm on this communicator)
-    return _usable_after(rank, world, lambda c, r, w: c.all_reduce(_ones(2, H)),
-                         force_paths={"all_reduce": "tpfuse_oneshot"})
+    # the other ops still plan and run (_good runs fused_add_rmsnorm on this communicator). A path that cannot run
+    # here: tpfuse's kernels need CUDA tensors (gloo on CPU); FlashInfer's need NCCL (one-GPU mode) and FlashInfer
+    # itself (NCCL: skipped where it is installed, NCCL_SKIP)
+    on_cpu_gloo = dist.get_backend() == "gloo" and not tpfuse.distributed.one_gpu_mode()
+    path = "tpfuse_oneshot" if on_cpu_gloo else "flashinfer_oneshot"
+    return _usable_after(rank, world, lambda c, r, w: c.all_reduce(_ones(2, H)), force_paths={"all_reduce": path})
 
 
 def _spec_case(make):
@@ -550,7 +554,8 @@ def _tokens(t, op):
         err, el = _timed(lambda: res.setdefault("y", call()))
         if err is None:
             y = tuple(t_.cpu() for t_ in res["y"]) if isinstance(res["y"], tuple) else res["y"].cpu()
-            inp = make_inputs(5, world, t, H, DT)  # the CPU copy the oracle and the checks use
+            inp = Inputs(xs=[x.cpu() for x in inp.xs], residual=inp.residual.cpu(), weight=inp.weight.cpu())
+            ref_out, ref_res = ref_out.cpu(), ref_res.cpu()  # the CPU copies the checks use
             w = None if w is None else w.cpu() if isinstance(w, torch.Tensor) else [t_.cpu() for t_ in w]
             if op == "fused_add_rmsnorm":
                 assert y[0].shape == (t, H)
@@ -585,6 +590,9 @@ for _t, _op, _w in [(0, "fused_add_rmsnorm", 2), (0, "all_gather", 2), (1, "all_
 
 
 NCCL_SKIP: Dict[str, str] = {}
+if importlib.util.find_spec("flashinfer") is not None:
+    NCCL_SKIP["all_ranks/forced_path_unrunnable_breaks_only_its_op"] = (
+        "with a GPU per rank and FlashInfer installed every forced path can run")
 # On NCCL a waiting collective ends through the ProcessGroupNCCL watchdog (tpfuse/peer.py): the waiting rank sees a
 # peer error at its next call, as a timeout or as an aborted communicator; the catalog then accepts either peer
 # error there and bounds the time from above only (never the process-group timeout).

@@ -6,7 +6,9 @@ The ranks are plain subprocesses running ``fault_worker.py`` (its docstring has 
 dies), not harness ranks: a rank that exits would break the harness pool's control group. Cases: the fused all-reduce kernels
 (``fused_add_rmsnorm`` forced to ``tpfuse_oneshot`` / ``tpfuse_twoshot`` / ``tpfuse_oneshot_pipe``) and the
 sequence-parallel exchange (``reduce_scatter_rmsnorm`` forced to ``tpfuse_reduce_scatter``), each with the peer
-already dead when the survivor calls (``dead``) and with the peer dying while the survivor's kernels wait for it (``dying``).
+already dead when the survivor calls (``dead``) and with the peer dying while the survivor's kernels wait for it
+(``dying``); and every other SP / async-TP op (``all_gather``, ``all_gather_matmul``, ``matmul_reduce_scatter``,
+``matmul_reduce_scatter_rmsnorm``) with the peer dying mid-call.
 
 Environment of the workers, and why (nothing here changes what tpfuse does; it keeps torch's / NCCL's own failure
 handling from killing the survivor first, which would say nothing about tpfuse):
@@ -49,8 +51,13 @@ AFTER_EXIT_LIMIT_S = 45.0  # a survivor after the victim exited: the timeout, th
 WORKER_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "0", "TORCH_NCCL_ENABLE_MONITORING": "0", "NCCL_RAS_ENABLE": "0",
               "PYTHONUNBUFFERED": "1"}
 WORKER_ENV_DEFAULTS = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
-CASES = [("fused_add_rmsnorm", "tpfuse_oneshot"), ("fused_add_rmsnorm", "tpfuse_twoshot"),
-         ("fused_add_rmsnorm", "tpfuse_oneshot_pipe"), ("reduce_scatter_rmsnorm", "tpfuse_reduce_scatter")]
+KERNELS = [("fused_add_rmsnorm", "tpfuse_oneshot"), ("fused_add_rmsnorm", "tpfuse_twoshot"),
+           ("fused_add_rmsnorm", "tpfuse_oneshot_pipe"), ("reduce_scatter_rmsnorm", "tpfuse_reduce_scatter")]
+ASYNC_TP = [("all_gather", "tpfuse_all_gather"), ("all_gather_matmul", "tpfuse_async_tp"),
+            ("matmul_reduce_scatter", "tpfuse_async_tp"), ("matmul_reduce_scatter_rmsnorm", "tpfuse_async_tp")]
+# (op, path, mode): every kernel dead and dying; every SP / async-TP op dying (the peer exits mid-call)
+CASES = ([(op, path, mode) for op, path in KERNELS for mode in ("dead", "dying")]
+         + [(op, path, "dying") for op, path in ASYNC_TP])
 
 
 def _launch(tp, op, path, mode, tmp_path):
@@ -114,8 +121,7 @@ def _result(log):
 
 
 @pytest.mark.parametrize("tp", gpu_tp_params())
-@pytest.mark.parametrize("mode", ["dead", "dying"])
-@pytest.mark.parametrize("op,path", CASES)
+@pytest.mark.parametrize("op,path,mode", CASES)
 def test_dead_peer_raises_peer_timeout(tp, op, path, mode, tmp_path):
     procs, logs = _launch(tp, op, path, mode, tmp_path)
     after = _wait(procs, logs)

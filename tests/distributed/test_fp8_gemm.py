@@ -75,7 +75,9 @@ def _fp8_row_parallel_norm(rank, world, backend):
         s, e = shard_range(t, world, rank)
         rs = r.total()
         path = comm.plan(t).path("matmul_reduce_scatter_rmsnorm")
-        if path != "tpfuse_async_tp":
+        if path == "nccl":  # every rank's _scaled_mm rounds its partial to bf16 before the collective sums them
+            rs = r.total_of_rounded(BF)
+        elif path != "tpfuse_async_tp":
             rs = rs.to(BF).double()  # the unfused paths round the reduce-scatter result, then add
         full = rs + res.double()
         ref_out = rmsnorm_math(full, nw.double(), 1e-6)[s:e]

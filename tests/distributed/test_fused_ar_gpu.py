@@ -11,7 +11,7 @@ import torch
 
 from cases import (assert_path_ran, fused_ar_graph_replays, gpu_tp_params, make_comm, make_inputs, make_spec,
                    on_cpu, oracle, run_gpu)
-from tpfuse.distributed import ranks_per_device
+from harness import gpu_backend
 from tpfuse.errors import TPFusePeerTimeout
 from tpfuse.tolerance import assert_close, assert_quant_close
 
@@ -45,9 +45,10 @@ def _check(comm, rank, world, seed, t, h, *, kind=None, with_res=True, gemma=Fal
 
 def _sweep(rank, world, path, hidden, tokens, kinds):
     comm = _comm(path, hidden)
-    # one program per SM, divided among the ranks sharing a GPU in one-GPU mode (all resident under MPS too)
+    # one program per SM; in one-GPU mode (all ranks on one GPU) half the SMs divided among the ranks
     sms = torch.cuda.get_device_properties(comm.device).multi_processor_count
-    assert comm.workspaces["fused_allreduce"].grid == sms // ranks_per_device()
+    want = sms // (2 * world) if gpu_backend(world) == "onegpu" else sms
+    assert comm.workspaces["fused_allreduce"].grid == want, (comm.workspaces["fused_allreduce"].grid, want)
     n = 0
     for i, t in enumerate(tokens):
         for kind in kinds:
@@ -251,18 +252,19 @@ def _decline_walk(rank, world, planned, force, allowed):
     comm = _comm(force, h, max_tokens=64, **({"allowed_paths": allowed} if allowed else {}))
     comm.workspaces[fib.NAME] = _DecliningFlashInfer(world)
     comm._routes[(op, t)] = (planned, dispatch.implementation(op, planned), dispatch._decline_chain(op, planned, comm))
-    walked = []
+    walked, to_nccl = [], allowed is not None  # the nccl path sums in bf16 (its contract: cases.oracle)
     for i, (kind, gemma, word) in enumerate(DECLINED_FORMS):
-        inp = make_inputs(500 + i, world, t, h, DT, outlier_rank=world - 1, device=comm.device)
-        ref_out, ref_res = oracle(inp, EPS, gemma=gemma)
+        inp = make_inputs(500 + i, world, t, h, DT, outlier_rank=None if to_nccl else world - 1, device=comm.device)
+        ref_out, ref_res = oracle(inp, EPS, gemma=gemma, sum_in_dtype=to_nccl)
         spec = make_spec(kind, comm.device, ref_out)
         out, res = comm.fused_add_rmsnorm(inp.xs[rank], inp.residual, inp.weight, EPS, quant=spec, gemma=gemma)
+        ran, why = comm.last_path[op], comm.last_fallback[op]
         assert_close(res, ref_res, DT, f"declined {kind} residual_out")
         if spec is None:
             assert_close(out, ref_out, DT, f"declined gemma={gemma} out")
-        else:
-            assert_quant_close(on_cpu(out), ref_out, f"declined {kind} out")
-        ran, why = comm.last_path[op], comm.last_fallback[op]
+        else:  # beyond TP=2 the oracle models NCCL's per-add rounding only approximately (as in test_comm_ops)
+            assert_quant_close(on_cpu(out), ref_out, f"declined {kind} out",
+                               scale_rtol=2.0 ** -7 if to_nccl else None)
         assert why.startswith(f"{planned} -> {ran}: ") and word in why, why
         walked.append(ran)
     del comm.workspaces[fib.NAME]

@@ -77,6 +77,11 @@ def test_ranks_per_device_sizes_persistent_grids(monkeypatch):
     assert td.ranks_per_device() == 3
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert td.ranks_per_device() == 1
+    from tpfuse.backends.fused_allreduce import persistent_grid
+
+    # a program per SM alone on a GPU; shared: half the SMs split among the ranks (H100: 132 SMs)
+    assert [persistent_grid(132, n) for n in (1, 2, 4, 8)] == [132, 33, 16, 8]
+    assert persistent_grid(3, 8) == 1
 
 
 def test_launcher_switch_sets_the_mode(tmp_path):

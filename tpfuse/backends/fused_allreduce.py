@@ -57,6 +57,16 @@ def _up(n: int, a: int = _ALIGN) -> int:
     return (n + a - 1) // a * a
 
 
+def persistent_grid(sms: int, sharing: int) -> int:
+    """Programs of the persistent kernels: one per SM. Where ``sharing`` ranks share one GPU (one-GPU mode), half
+    the SMs, split among the ranks. Under MPS their kernels run concurrently and a program spins until its peers'
+    programs run, so every rank's programs must be resident at once *and* SMs must stay free for the kernels the
+    other ranks still have in flight before theirs (a GEMM cannot share an SM with a spinning program that holds its
+    registers). The half is a margin, not a measured optimum (one-GPU mode is for correctness, not speed).
+    Time-sliced ranks need neither, and lose nothing by it."""
+    return sms if sharing <= 1 else max(1, sms // (2 * sharing))
+
+
 class FusedAllReduceWorkspace(PeerTimeoutFlag):
     """The symmetric buffer, its typed views, device counters and the pinned error flag of one communicator; a
     :class:`~tpfuse.backends.base.Workspace` (``comm.workspaces["fused_allreduce"]``)."""
@@ -69,9 +79,8 @@ class FusedAllReduceWorkspace(PeerTimeoutFlag):
         self.hidden, self.dtype = comm.hidden_size, comm.dtype
         dev = comm.device
         self.device = dev
-        # one program per SM; in one-GPU mode SMs / ranks sharing the GPU, so concurrent (MPS) ranks all fit
-        sms = torch.tensor([torch.cuda.get_device_properties(dev).multi_processor_count // ranks_per_device()],
-                           device=dev)
+        sms = torch.tensor([persistent_grid(torch.cuda.get_device_properties(dev).multi_processor_count,
+                                            ranks_per_device())], device=dev)
         collectives.all_reduce_(sms, comm.group, dist.ReduceOp.MIN, backend=comm.backend)
         self.grid = int(sms.item())
         h, isz, tp, g = self.hidden, self.dtype.itemsize, self.tp, self.grid

@@ -10,6 +10,9 @@ activations come quantized out of the fused kernels (no separate quantize kernel
     x, residual = *fused_add_rmsnorm(scaled_mm(h_fp8, W_down_fp8), residual, NEXT norm, quant=next qkv format)
 
 (sequence-parallel form: ``all_gather_matmul`` / ``matmul_reduce_scatter_rmsnorm`` with the same FP8 operands).
+In the all-reduce form, decode-sized GEMMs (M <= 64) run tpfuse's small-M kernel (:mod:`tpfuse.small_gemm`, the
+same e4m3 operands and scales) only where its tuned table says it beats ``_scaled_mm`` there, and gate-up +
+SiLU*mul + static FP8 quantization as one kernel only where that beats the pair; no table row: ``_scaled_mm``.
 Everything is decided when the layer is built: each GEMM gets its e4m3 weight (q/k/v and gate/up fused into one
 tensor whose slices are the modules' ``weight`` parameters), the weight scale in the form ``_scaled_mm`` takes
 with that activation (``[N, 1]`` with per-token activations; one scalar with static ones), and the
@@ -28,6 +31,7 @@ from ..errors import TPFuseInputError
 from .. import ops
 from .. import quant as q
 from .. import scaled_gemm
+from .. import small_gemm
 from .layers import StepContext, TPDecoderLayer, _fuse_linears
 
 
@@ -104,12 +108,35 @@ class FP8DecoderLayer(TPDecoderLayer):
                           ("down", [self._down])):
             sync_gemm(self._g[key], mods)
 
+    def _fp8_mm(self, a, g: FP8Gemm, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``a @ W.T (+ bias)`` of a quantized activation in the all-reduce form: the small-M kernel where its tuned
+        table says it beats ``_scaled_mm`` at this (scheme, N, K, M bucket) (bias fused), else ``_scaled_mm`` (its
+        CPU emulation off CUDA) with the bias added in place, as always. The activation scales are the fused norm
+        / SiLU*mul / quantize kernels' own (per token ``[M, 1]``, or the static scalar)."""
+        if a.data.shape[0] <= small_gemm.MAX_M and small_gemm.route(
+                a.data, g.weight, x_row=type(a.spec) is q.FP8PerToken, w_row=g.scale.dim() > 1) is not None:
+            return small_gemm.small_m_gemm(a.data, g.weight, x_scale=a.scale, w_scale=g.scale, bias=bias)
+        y = self._mm(a.data, g.weight, a.scale, g.scale)
+        return y if bias is None else y.add_(bias)
+
     def _fp8_column(self, x, g: FP8Gemm, ctx: StepContext) -> torch.Tensor:
-        if ctx.meta.sp:
-            y = ctx.comm.all_gather_matmul(x, g.weight, num_tokens=ctx.meta.num_tokens, w_scale=g.scale)
-        else:
-            y = self._mm(x.data, g.weight, x.scale, g.scale)
+        if not ctx.meta.sp:
+            return self._fp8_mm(x, g, g.bias)
+        y = ctx.comm.all_gather_matmul(x, g.weight, num_tokens=ctx.meta.num_tokens, w_scale=g.scale)
         return y if g.bias is None else y.add_(g.bias)
+
+    def _fp8_gate_up_silu(self, x, ctx: StepContext):
+        """``silu_mul(gate-up GEMM, quant=down's input format)``: one fused small-M kernel (static FP8 output) where
+        the table says it beats the unfused pair; per-token FP8 needs the whole row's amax, so it stays two ops."""
+        g, spec = self._g["gate_up"], self._g["down"].in_spec
+        if (not ctx.meta.sp and type(spec) is q.FP8Static and x.data.shape[0] <= small_gemm.MAX_M
+                and small_gemm.route(x.data, g.weight, x_row=type(x.spec) is q.FP8PerToken, w_row=g.scale.dim() > 1,
+                                     silu=True, out_fp8=True) is not None):
+            h = small_gemm.small_m_gemm(x.data, g.weight, x_scale=x.scale, w_scale=g.scale, bias=g.bias,
+                                        silu_mul=True, out_scale=spec.scale)
+            return q.QuantizedActivation(data=h, scale=spec.scale, spec=spec, orig_dtype=torch.bfloat16,
+                                         shape=h.shape)
+        return ops.silu_mul(self._fp8_column(x, g, ctx), quant=spec)
 
     def _fp8_row(self, a, g: FP8Gemm, residual, norm_w, eps: float, ctx: StepContext, quant):
         if g.bias is not None:  # replicated: added once to the sum
@@ -117,7 +144,7 @@ class FP8DecoderLayer(TPDecoderLayer):
         if ctx.meta.sp:
             return ctx.comm.matmul_reduce_scatter_rmsnorm(a, g.weight, residual, norm_w, eps, quant=quant,
                                                           w_scale=g.scale)
-        partial = self._mm(a.data, g.weight, a.scale, g.scale)
+        partial = self._fp8_mm(a, g)
         if ctx.local:
             return ops.add_rmsnorm(partial, residual, norm_w, eps, quant=quant)
         return ctx.comm.fused_add_rmsnorm(partial, residual, norm_w, eps, quant=quant)
@@ -129,6 +156,5 @@ class FP8DecoderLayer(TPDecoderLayer):
         a = ops.quantize(self._attention(qkv, ctx), g["o"].in_spec)
         x, residual = self._fp8_row(a, g["o"], residual, self.post_norm.weight, self.post_eps, ctx,
                                     g["gate_up"].in_spec)
-        gu = self._fp8_column(x, g["gate_up"], ctx)
-        h = ops.silu_mul(gu, quant=g["down"].in_spec)
+        h = self._fp8_gate_up_silu(x, ctx)
         return self._fp8_row(h, g["down"], residual, next_norm_weight, next_eps, ctx, self.out_quant)

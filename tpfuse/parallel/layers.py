@@ -19,6 +19,11 @@ sequence-parallel mode)::
 reduction of the model is fused with the residual add and the RMSNorm that follows it. At TP=1, and in the
 benchmarks' no-communication floor (``StepContext.local``), the reductions are the local fused add + RMSNorm.
 
+Decode-sized GEMMs of the all-reduce form (M <= 64 tokens) run tpfuse's small-M kernel
+(:mod:`tpfuse.small_gemm`) only where its tuned table says it beats ``F.linear`` for that (N, K, M bucket), and
+gate-up + SiLU*mul as one fused kernel only where that beats the two ops; without a table row every GEMM is
+``F.linear`` as above.
+
 Row-parallel biases (``o_proj`` / ``down_proj`` with ``bias=True``) are replicated and added to the residual before
 the reduction, which is the same sum and lets the fused GEMM + reduce-scatter path run unchanged.
 """
@@ -35,6 +40,7 @@ import torch.nn.functional as F
 from ..errors import TPFuseInputError
 from .. import ops
 from .. import rope as tp_rope
+from .. import small_gemm
 from .batch import StepMeta
 from .layout import TPLayout
 
@@ -151,11 +157,32 @@ class TPDecoderLayer(nn.Module):
             w, b = self._fused[key]
         return w, b
 
+    @staticmethod
+    def _linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x @ w.T (+ b)`` of the all-reduce form: the small-M kernel where its tuned table says it beats
+        ``F.linear`` at this (N, K, M bucket) (decode batches; bias fused, rounded once), else ``F.linear`` with the
+        bias added in place, as always (no table row: exactly that)."""
+        if x.shape[0] <= small_gemm.MAX_M and small_gemm.route(x, w) is not None:
+            return small_gemm.small_m_gemm(x, w, bias=b)
+        y = F.linear(x, w)
+        return y if b is None else y.add_(b)
+
     def _column(self, x: torch.Tensor, key: str, mods, ctx: StepContext) -> torch.Tensor:
         w, b = self._fused_weight(key, mods)
         meta = ctx.meta
-        y = ctx.comm.all_gather_matmul(x, w, num_tokens=meta.num_tokens) if meta.sp else F.linear(x, w)
+        if not meta.sp:
+            return self._linear(x, w, b)
+        y = ctx.comm.all_gather_matmul(x, w, num_tokens=meta.num_tokens)
         return y if b is None else y.add_(b)
+
+    def _gate_up_silu(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """``silu_mul(x @ W_gate_up.T + b)``: one fused small-M kernel where the table says it beats the best
+        unfused GEMM + ``silu_mul`` (all-reduce form), else the two ops."""
+        if not ctx.meta.sp and x.shape[0] <= small_gemm.MAX_M:
+            w, b = self._fused_weight("gate_up", self._gate_up_mods)
+            if small_gemm.route(x, w, silu=True) is not None:
+                return small_gemm.small_m_gemm(x, w, bias=b, silu_mul=True)
+        return ops.silu_mul(self._column(x, "gate_up", self._gate_up_mods, ctx))
 
     def _row(self, a: torch.Tensor, lin: nn.Linear, residual: torch.Tensor, norm_w: torch.Tensor, eps: float,
              ctx: StepContext):
@@ -163,7 +190,7 @@ class TPDecoderLayer(nn.Module):
             residual = residual + lin.bias
         if ctx.meta.sp:
             return ctx.comm.matmul_reduce_scatter_rmsnorm(a, lin.weight, residual, norm_w, eps)
-        partial = F.linear(a, lin.weight)
+        partial = self._linear(a, lin.weight)
         if ctx.local:
             return ops.add_rmsnorm(partial, residual, norm_w, eps)
         return ctx.comm.fused_add_rmsnorm(partial, residual, norm_w, eps)
@@ -173,8 +200,7 @@ class TPDecoderLayer(nn.Module):
         qkv = self._column(x, "qkv", self._qkv_mods, ctx)
         x, residual = self._row(self._attention(qkv, ctx), self._o, residual, self.post_norm.weight, self.post_eps,
                                 ctx)
-        gu = self._column(x, "gate_up", self._gate_up_mods, ctx)
-        return self._row(ops.silu_mul(gu), self._down, residual, next_norm_weight, next_eps, ctx)
+        return self._row(self._gate_up_silu(x, ctx), self._down, residual, next_norm_weight, next_eps, ctx)
 
     # ------------------------------------------------------------------------------------------------------------
     # attention

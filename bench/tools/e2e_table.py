@@ -1,0 +1,129 @@
+"""The README's model table from ``bench_e2e.py`` JSON files: per model and decode batch, tpfuse's ms per step,
+the memory floor, their ratio, HF compiled and tpfuse / HF compiled where the run has it, FP8 / bf16 where it has
+FP8 rows; a caption line per file (device, commit, TP, context, copy bandwidth); then, where the run has
+``tpfuse_capacity`` rows, a table of the step time per KV-cache capacity with its spread at each batch.
+
+    python bench/tools/e2e_table.py bench/results/e2e_tp1_h100_full.json [more.json ...] [--out table.md]
+
+Columns absent from every row of a file are left out; a missing cell is ``—``. Times are ms per decode step (the
+JSON's ``us`` / 1000, host wall time per step; 3 decimals below 1 ms, else 2), ratios plain numbers; shard rows
+(``70B/tp8 shard``) are models of their own. Capacity points the run skipped are listed under the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+RATIOS = (("tpfuse_fp8", "FP8 / bf16"), ("tpfuse_fp8_static", "FP8 static / bf16"))
+"""FP8 providers and their column heads (their step over tpfuse's)."""
+
+
+def _ok(x) -> bool:
+    return isinstance(x, (int, float)) and x == x
+
+
+def _ms(us) -> str:
+    if not _ok(us):
+        return "—"
+    return f"{us / 1000:.3f}" if us < 1000 else f"{us / 1000:.2f}"
+
+
+def _ratio(a, b) -> str:
+    return f"{a / b:.2f}" if _ok(a) and _ok(b) and b else "—"
+
+
+def _decode_cells(rows) -> tuple:
+    """``({(model, batch): {provider: us}}, {model: layers})`` of the decode rows (capacity rows apart), in the
+    rows' order."""
+    cells, layers = {}, {}
+    for r in rows:
+        if r.get("mode") == "decode" and r.get("provider") != "tpfuse_capacity":
+            cells.setdefault((r["model"], r["tokens"]), {})[r["provider"]] = r.get("us")
+            layers.setdefault(r["model"], r.get("layers"))
+    return cells, layers
+
+
+def caption(header: dict, path: str) -> str:
+    bits = [f"device: {header.get('device', '?')}", f"commit {str(header.get('commit', '?'))[:10]}",
+            f"TP={header.get('tp', '?')}", f"context {header.get('context', '?')}"]
+    if header.get("copy_bandwidth_tb_s"):
+        bits.append(f"floor at the measured copy bandwidth {header['copy_bandwidth_tb_s']} TB/s")
+    return f"*{path}: " + ", ".join(bits) + "; ms per decode step (host wall time).*"
+
+
+def decode_table(rows) -> list:
+    """Markdown lines of the model table (see the module docstring)."""
+    cells, layers = _decode_cells(rows)
+    have = {p for c in cells.values() for p in c}
+    cols = ["model", "layers", "batch", "tpfuse ms", "floor ms", "tpfuse / floor"]
+    if "hf_compiled" in have:
+        cols += ["HF compiled ms", "tpfuse / HF compiled"]
+    cols += [head for prov, head in RATIOS if prov in have]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for model in dict.fromkeys(m for m, _ in cells):
+        for batch in sorted(b for m, b in cells if m == model):
+            c = cells[(model, batch)]
+            t, floor = c.get("tpfuse"), c.get("memory_floor")
+            row = [model, str(layers.get(model, "—")), str(batch), _ms(t), _ms(floor), _ratio(t, floor)]
+            if "hf_compiled" in have:
+                row += [_ms(c.get("hf_compiled")), _ratio(t, c.get("hf_compiled"))]
+            row += [_ratio(c.get(prov), t) for prov, _ in RATIOS if prov in have]
+            lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def capacity_table(rows) -> list:
+    """Markdown lines: per model and batch, the step at the run's own cache and at each capacity point, and the
+    spread (slowest / fastest - 1) over all of them; ``[]`` without capacity rows."""
+    caps = [r for r in rows if r.get("provider") == "tpfuse_capacity" and r.get("mode") == "decode"]
+    if not caps:
+        return []
+    points = list(dict.fromkeys((r["max_batch"], r["max_seq_len"]) for r in caps))
+    own = {(r["model"], r["tokens"]): r for r in rows if r.get("provider") == "tpfuse" and r.get("mode") == "decode"}
+    at = {(r["model"], r["tokens"], r["max_batch"], r["max_seq_len"]): r["us"] for r in caps}
+    cols = ["model", "batch", "run's cache ms"] + [f"{b}x{s} ms" for b, s in points] + ["spread"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for model, batch in dict.fromkeys((r["model"], r["tokens"]) for r in caps):
+        base = own.get((model, batch), {})
+        name = f"{base['max_batch']}x{base['max_seq_len']}: " if "max_batch" in base else ""
+        times = [at.get((model, batch, b, s)) for b, s in points]
+        seen = [x for x in [base.get("us")] + times if _ok(x)]
+        spread = f"{(max(seen) / min(seen) - 1) * 100:.1f}%" if len(seen) > 1 else "—"
+        lines.append("| " + " | ".join([model, str(batch), name + _ms(base.get("us"))] + [_ms(x) for x in times]
+                                       + [spread]) + " |")
+    return lines
+
+
+def render(paths) -> str:
+    out = []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        rows = data.get("rows", [])
+        out += [caption(data.get("header", {}), path), ""] + decode_table(rows) + [""]
+        cap = capacity_table(rows)
+        if cap:
+            out += ["Step time per KV-cache capacity (max_batch x max_seq_len; same batch and context):", ""]
+            out += cap + [""]
+        for s in data.get("skipped", []):
+            out.append(f"- skipped: {s.get('model')} {s.get('max_batch')}x{s.get('max_seq_len')}: {s.get('reason')}")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("paths", nargs="+", help="e2e JSON files (bench_e2e.py's)")
+    ap.add_argument("--out", help="write the markdown here (default: stdout)")
+    args = ap.parse_args(argv)
+    text = render(args.paths)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+
+
+if __name__ == "__main__":
+    main()

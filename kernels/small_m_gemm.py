@@ -1,0 +1,258 @@
+"""Small-M GEMM in Triton: ``out[M, N] = x[M, K] @ W[N, K]^T`` for decode batches (M <= 64), reading the weight once
+at copy bandwidth. Public op: :func:`tpfuse.small_gemm.small_m_gemm`; reference: :func:`tpfuse.reference.small_m_gemm`.
+
+=============  =========================  ============================================================================
+operand        dtype                      shape / meaning
+=============  =========================  ============================================================================
+``x``          bf16, fp16 or e4m3         ``[M, K]``, unit stride along K (row stride ``stride_xm``), 1 <= M <= 64
+``w``          x's 16-bit dtype or e4m3   ``[N, K]`` contiguous (nn.Linear layout); ``_silu``: ``[gate (I); up (I)]``
+``xs``         fp32                       e4m3 x only: ``[]`` per-tensor (X_SCALE 1) or ``[M]`` per token (2)
+``ws``         fp32                       e4m3 W only: ``[]`` per-tensor (W_SCALE 1) or ``[N]`` per channel (2)
+``bias``       bf16 / fp16 / fp32         ``[N]`` (optional, HAS_BIAS)
+``out``        bf16 / fp16, or e4m3       ``[M, N_OUT]`` (row stride ``stride_om``), N_OUT = N, or I with SILU_MUL;
+                                          e4m3 (OUT_FP8) = the static-scale quantization by ``os`` (fp32 ``[]``)
+``part``       fp32                       split-K partial sums ``[SPLIT_K, M, N]`` (only with PARTIAL)
+=============  =========================  ============================================================================
+
+Math: ``y = (sum_k x[m, k] * w[n, k]) * xs * ws[n] + bias[n]`` in fp32 (products exact, fp32 sums; FP8 dots are
+promoted to fp32 every 128 K elements, as ``torch._scaled_mm(use_fast_accum=False)``), SILU_MUL: ``silu(y_gate) *
+y_up`` (``g / (1 + exp(-g)) * u``, the SiLU*mul kernel's formula), then rounded once to ``out``'s dtype (or
+quantized: ``clamp(y * (1 / os), +-448)`` to e4m3, round to nearest even).
+
+Design (Hopper):
+
+* **Swap AB.** A program computes an ``[BLOCK_N, BLOCK_M]`` tile ``W_tile @ x_tile^T``: the weight is the MMA's A
+  operand (M side of the instruction: 64-row wgmma tiles, or mma.sync below 64) and the few tokens its N side,
+  padded to BLOCK_M = max(16, next_pow2(M)) (tl.dot's minimum) by masked loads; nothing is padded in memory. An e4m3
+  weight with a 16-bit x is converted in registers (exact), which only the A operand allows on Hopper (that
+  weight-only scheme compiles to 8-byte cp.async for the layout conversion; the model path never takes it).
+* **Tensor cores even at M = 1, no FMA path.** The padded MMA work is 16-300x below the memory time at every M here,
+  and only loads that feed ``tl.dot`` get Triton's multi-stage ``cp.async`` pipeline (``num_stages``), which keeps
+  ``num_stages`` tiles of ``BLOCK_N x BLOCK_K`` weight bytes in flight per program. A dot-free FMA path would hold
+  BLOCK_N x BLOCK_K fp32 partial products per row in registers and rely on occupancy alone for memory parallelism.
+* **Weights streamed once**, rows of 256 bytes per step (16-byte loads along K); all M rows live in one program,
+  so no weight byte is read twice; x (at most 64 x K) is re-read per program from L2.
+* **Split-K, deterministic and atomic-free**: with ``SPLIT_K > 1`` program ``(n, s)`` sums the K steps
+  ``[s * n_kb // SPLIT_K, (s + 1) * n_kb // SPLIT_K)`` and stores raw fp32 partials; :func:`_split_k_reduce_kernel`
+  adds the splits in order 0..SPLIT_K-1 and applies the epilogue. Why: bitwise-reproducible results (replays,
+  runs, ranks), an epilogue that needs the full sum (scales, bias, SiLU*mul, FP8 quantization) applied once, no
+  memset of an fp32 output. Cost: one more launch and ``2 * SPLIT_K * M * N * 4`` bytes, small at decode M; the
+  sweep keeps split-K only where it wins (shapes with few N tiles: Llama-70B TP=8 qkv has 20 tiles of 64).
+* Grid ``(cdiv(N_OUT, BLOCK_N), SPLIT_K)`` from shapes only, workspace from the caching allocator: CUDA-graph safe.
+
+Launch configs (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages) come from :mod:`.small_m_configs` (the tuned table, else
+its default rule). Under the Triton interpreter (TRITON_INTERPRET=1 at import, tests) e4m3 operands are decoded by
+integer ops and multiplied in fp32, and the bf16 / e4m3 output casts round explicitly (the interpreter's casts are
+not round-to-nearest-even), as in :mod:`.quant_epilogue`.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import small_m_configs as smc
+from .quant_epilogue import SOFT_CAST, cast_for_store, fp8_cast
+
+SCALE_NONE, SCALE_TENSOR, SCALE_ROW = 0, 1, 2
+# FP8 wgmma partial sums are added into the fp32 accumulator at least every 128 K elements (as CUTLASS promotes)
+IMPRECISE_MAX: tl.constexpr = tl.constexpr(128)
+REDUCE_BLOCK_N = 64
+
+
+@triton.jit
+def _e4m3_to_f32(v):
+    """Interpreter: exact e4m3 -> fp32 by integer ops (its own decode turns NaN into 480)."""
+    bits = v.to(tl.uint8, bitcast=True).to(tl.int32)
+    mag = bits & 0x7F
+    e = mag >> 3
+    normal = (((e + 120) << 23) | ((mag & 7) << 20)).to(tl.float32, bitcast=True)
+    val = tl.where(e == 0, (mag & 7).to(tl.float32) * 0.001953125, normal)
+    val = tl.where(mag == 0x7F, float("nan"), val)
+    return tl.where((bits & 0x80) != 0, -val, val)
+
+
+@triton.jit
+def _dot(acc, w, xt, X_FP8: tl.constexpr, W_FP8: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``acc + w @ xt`` (fp32): ``w [BLOCK_N, BLOCK_K]``, ``xt [BLOCK_K, BLOCK_M]``. The interpreter multiplies
+    16-bit operands as raw bits and decodes e4m3 NaN as 480: there the exact fp32 values are multiplied."""
+    if SOFT_CAST:
+        wf = _e4m3_to_f32(w) if W_FP8 else w.to(tl.float32)
+        xf = _e4m3_to_f32(xt) if X_FP8 else xt.to(tl.float32)
+        return tl.dot(wf, xf, acc, input_precision="ieee")
+    elif X_FP8:
+        IMPRECISE: tl.constexpr = BLOCK_K if BLOCK_K < IMPRECISE_MAX else IMPRECISE_MAX
+        return tl.dot(w, xt, acc, max_num_imprecise_acc=IMPRECISE)
+    elif W_FP8:
+        return tl.dot(w.to(xt.dtype), xt, acc)  # e4m3 -> bf16 / fp16 is exact
+    else:
+        return tl.dot(w, xt, acc)
+
+
+@triton.jit
+def _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, X_FP8: tl.constexpr, W_FP8: tl.constexpr,
+            SILU_MUL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One BLOCK_K step of the main loop: x and weight tiles (the up rows too with SILU_MUL) into the sums."""
+    k0 = kb * BLOCK_K
+    if EVEN_K:
+        x_mask = m_mask[:, None]
+        w_mask = n_mask[:, None]
+    else:
+        k_ok = (k0 + rk) < K
+        x_mask = m_mask[:, None] & k_ok[None, :]
+        w_mask = n_mask[:, None] & k_ok[None, :]
+    xt = tl.trans(tl.load(x_tile + k0, mask=x_mask, other=0.0))
+    acc = _dot(acc, tl.load(w_tile + k0, mask=w_mask, other=0.0), xt, X_FP8, W_FP8, BLOCK_K)
+    if SILU_MUL:
+        acc_u = _dot(acc_u, tl.load(w_tile + up + k0, mask=w_mask, other=0.0), xt, X_FP8, W_FP8, BLOCK_K)
+    return acc, acc_u
+
+
+@triton.jit
+def _scale_bias(acc, rows, n_mask, rm, m_mask, xs_ptr, ws_ptr, b_ptr, X_SCALE: tl.constexpr,
+                W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """fp32 ``acc [BLOCK_N, BLOCK_M]`` of weight rows ``rows`` times the scales, plus the bias."""
+    if W_SCALE == 1:
+        acc = acc * tl.load(ws_ptr)
+    elif W_SCALE == 2:
+        acc = acc * tl.load(ws_ptr + rows, mask=n_mask, other=0.0)[:, None]
+    if X_SCALE == 1:
+        acc = acc * tl.load(xs_ptr)
+    elif X_SCALE == 2:
+        acc = acc * tl.load(xs_ptr + rm, mask=m_mask, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc = acc + tl.load(b_ptr + rows, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    return acc
+
+
+@triton.jit
+def _finish(acc, acc_u, rn, n_mask, rm, m_mask, N_OUT, stride_om, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr,
+            X_SCALE: tl.constexpr, W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
+            OUT_FP8: tl.constexpr):
+    """Epilogue of the full K sum: scales, bias, SiLU*mul, one rounding (or static FP8 quantization), store of the
+    transposed tile into ``out[m, n]``."""
+    y = _scale_bias(acc, rn, n_mask, rm, m_mask, xs_ptr, ws_ptr, b_ptr, X_SCALE, W_SCALE, HAS_BIAS)
+    if SILU_MUL:
+        u = _scale_bias(acc_u, rn + N_OUT, n_mask, rm, m_mask, xs_ptr, ws_ptr, b_ptr, X_SCALE, W_SCALE, HAS_BIAS)
+        y = (y / (1.0 + tl.exp(-y))) * u
+    dst = out_ptr + rm[None, :] * stride_om + rn[:, None]
+    mask = n_mask[:, None] & m_mask[None, :]
+    if OUT_FP8:
+        inv = tl.math.div_rn(1.0, tl.load(os_ptr))
+        tl.store(dst, fp8_cast(y * inv), mask=mask)
+    else:
+        tl.store(dst, cast_for_store(y, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M", "n_kb", "split_k"])
+def _small_m_gemm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr,
+                         M, N_OUT, K, stride_xm, stride_om, n_kb, split_k,
+                         X_FP8: tl.constexpr, W_FP8: tl.constexpr, X_SCALE: tl.constexpr, W_SCALE: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, OUT_FP8: tl.constexpr,
+                         PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_k = tl.program_id(1)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    n_mask = rn < N_OUT
+    m_mask = rm < M
+    w_tile = w_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :]
+    x_tile = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+    up = N_OUT.to(tl.int64) * K  # the up rows of a fused gate-up weight start at row I = N_OUT
+    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    kb_lo = pid_k * n_kb // split_k
+    kb_hi = (pid_k + 1) * n_kb // split_k
+    if SOFT_CAST:  # the interpreter cannot take a tensor as a range() bound (its scalars are 1-element arrays)
+        kb = kb_lo
+        while kb < kb_hi:
+            acc, acc_u = _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, X_FP8, W_FP8, SILU_MUL,
+                                 EVEN_K, BLOCK_K)
+            kb += 1
+    else:  # compiled: the for loop Triton software-pipelines (num_stages)
+        for kb in range(kb_lo, kb_hi):
+            acc, acc_u = _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, X_FP8, W_FP8, SILU_MUL,
+                                 EVEN_K, BLOCK_K)
+    if PARTIAL:
+        n_w = 2 * N_OUT if SILU_MUL else N_OUT
+        dst = part_ptr + (pid_k * M + rm).to(tl.int64)[None, :] * n_w + rn[:, None]
+        mask = n_mask[:, None] & m_mask[None, :]
+        tl.store(dst, acc, mask=mask)
+        if SILU_MUL:
+            tl.store(dst + N_OUT, acc_u, mask=mask)
+    else:
+        _finish(acc, acc_u, rn, n_mask, rm, m_mask, N_OUT, stride_om, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr,
+                X_SCALE, W_SCALE, HAS_BIAS, SILU_MUL, OUT_FP8)
+
+
+@triton.jit(do_not_specialize=["M", "split_k"])
+def _split_k_reduce_kernel(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, M, N_OUT, stride_om, split_k,
+                           X_SCALE: tl.constexpr, W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           SILU_MUL: tl.constexpr, OUT_FP8: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+    """Sum of the ``split_k`` partials in split order (deterministic), then the epilogue."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    n_mask = rn < N_OUT
+    m_mask = rm < M
+    mask = n_mask[:, None] & m_mask[None, :]
+    n_w = 2 * N_OUT if SILU_MUL else N_OUT
+    src = part_ptr + rm.to(tl.int64)[None, :] * n_w + rn[:, None]
+    slab = M.to(tl.int64) * n_w
+    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    s = 0
+    while s < split_k:  # a while loop: the interpreter takes no tensor range() bound; nothing to pipeline here
+        acc += tl.load(src + s * slab, mask=mask, other=0.0)
+        if SILU_MUL:
+            acc_u += tl.load(src + s * slab + N_OUT, mask=mask, other=0.0)
+        s += 1
+    _finish(acc, acc_u, rn, n_mask, rm, m_mask, N_OUT, stride_om, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr,
+            X_SCALE, W_SCALE, HAS_BIAS, SILU_MUL, OUT_FP8)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# launcher
+
+
+def scale_kind(scale, rows: int) -> int:
+    """SCALE_NONE / SCALE_TENSOR (one element, at most 1-D) / SCALE_ROW (``[rows]`` or ``[rows, 1]``)."""
+    if scale is None:
+        return SCALE_NONE
+    return SCALE_TENSOR if scale.dim() <= 1 and scale.numel() == 1 else SCALE_ROW
+
+
+def launch_small_m_gemm(x, w, x_scale, w_scale, bias, out, out_scale, silu_mul: bool, scheme: str, arch: str,
+                        sms: int, config=None) -> None:
+    """Launch the GEMM of the module docstring into ``out [M, N_OUT]`` (inputs validated by the public op; scales
+    contiguous). Config: ``config``, else the forced one (:func:`.small_m_configs.forced`), else the table's for
+    ``(arch, scheme, N, K, M)`` (default rule on ``sms`` SMs), sanitized; its stages lowered to fit shared memory
+    (:func:`.small_m_configs.fit_stages`)."""
+    from . import fast_launch
+
+    m, k = x.shape
+    n_w = w.shape[0]
+    n_out = n_w // 2 if silu_mul else n_w
+    cfg = config or smc.forced_config()
+    cfg = smc.sanitize(cfg, n_out, k) if cfg is not None else smc.lookup(arch, scheme, n_w, k, m, sms)
+    block_m = max(16, triton.next_power_of_2(m))
+    n_kb = triton.cdiv(k, cfg.block_k)
+    stages = smc.fit_stages(cfg, block_m, w.dtype.itemsize, x.dtype.itemsize, silu_mul)
+    dummy = out  # pointers the constexprs switch off are never read
+    xs, ws = (dummy if x_scale is None else x_scale), (dummy if w_scale is None else w_scale)
+    b, os_ = (dummy if bias is None else bias), (dummy if out_scale is None else out_scale)
+    split = cfg.split_k
+    part = torch.empty((split, m, n_w), dtype=torch.float32, device=out.device) if split > 1 else dummy
+    # the epilogue's constexprs, in the kernels' signature order (fast_launch passes them positionally)
+    epi = dict(X_SCALE=scale_kind(x_scale, m), W_SCALE=scale_kind(w_scale, n_w), HAS_BIAS=bias is not None,
+               SILU_MUL=bool(silu_mul), OUT_FP8=out_scale is not None)
+    fast_launch.launch(
+        _small_m_gemm_kernel, (triton.cdiv(n_out, cfg.block_n), split),
+        (x, w, xs, ws, b, out, os_, part, m, n_out, k, x.stride(0), out.stride(0), n_kb, split),
+        dict(X_FP8=x.dtype.itemsize == 1, W_FP8=w.dtype.itemsize == 1, **epi, PARTIAL=split > 1,
+             EVEN_K=k % cfg.block_k == 0, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k),
+        cfg.num_warps, stages)
+    if split > 1:
+        fast_launch.launch(_split_k_reduce_kernel, (triton.cdiv(n_out, REDUCE_BLOCK_N),),
+                           (part, xs, ws, b, out, os_, m, n_out, out.stride(0), split),
+                           dict(epi, BLOCK_M=block_m, BLOCK_N=REDUCE_BLOCK_N), 4, 1)

@@ -1,0 +1,21 @@
+"""``bench/profile_decode.py``'s kernel counts per decoder layer (what the decode profile reports)."""
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+
+def test_profile_kernel_counts_per_layer():
+    import profile_decode
+
+    rows = [{"kernel": "nvjet_gemm", "calls_per_step": 16.0, "us_per_step": 300.0},  # 4 per layer
+            {"kernel": "decode_attention", "calls_per_step": 4.0, "us_per_step": 40.0},
+            {"kernel": "lm_head_gemm", "calls_per_step": 1.0, "us_per_step": 50.0},
+            {"kernel": "argmax", "calls_per_step": 1.0, "us_per_step": 2.0},
+            {"kernel": "Memcpy DtoD (Device -> Device)", "calls_per_step": 3.0, "us_per_step": 3.0}]
+    counts = profile_decode.kernel_counts(rows, layers=4)
+    assert counts == dict(kernels_per_step=22.0, kernels_per_layer=5.5, layer_kernels_per_layer=5.0,
+                          other_kernels_per_step=2.0, copies_per_step=3.0)
+    assert [r["calls_per_layer"] for r in rows] == [4.0, 1.0, 0.25, 0.25, 0.75]

@@ -1,0 +1,194 @@
+"""The small-M GEMM op: ``out = x @ weight.T`` for decode batches (1 <= M <= 64), with FP8 scales, bias and an
+optional fused SiLU*mul epilogue. Kernel and launcher: :mod:`tpfuse.kernels.small_m_gemm`; reference (fp32 math,
+rounded once): :func:`tpfuse.reference.small_m_gemm`; when the model path uses it: :func:`route`.
+
+``small_m_gemm(x, weight, *, x_scale=None, w_scale=None, bias=None, silu_mul=False, out_scale=None,
+out_dtype=None)``
+
+===============  ==================  ===========================================================================
+argument         dtype               shape
+===============  ==================  ===========================================================================
+``x``            bf16 / fp16 / e4m3  ``[M, K]``, 1 <= M <= 64 (M = 0 gives an empty output); a row-strided view
+                                     (unit stride along K) is read in place, any other layout is copied first
+``weight``       x's dtype or e4m3   ``[N, K]`` contiguous (nn.Linear layout), N and K multiples of 16;
+                                     ``silu_mul``: the fused ``[gate (I); up (I)]`` weight, I a multiple of 16
+``x_scale``      fp32                e4m3 x only (required there): ``[]`` / ``[1]`` per-tensor, ``[M]`` / ``[M, 1]``
+                                     per token
+``w_scale``      fp32                e4m3 weight only (required there): ``[]`` / ``[1]``, or ``[N]`` / ``[N, 1]``
+``bias``         bf16 / fp16 / fp32  ``[N]``
+``out_scale``    fp32                ``[]`` / ``[1]``: quantize the output to e4m3 with this static scale
+``out_dtype``    bf16 / fp16         output dtype (default: x's dtype; bf16 for an e4m3 x)
+returns                              ``[M, N]`` (``[M, I]`` with ``silu_mul``), ``out_dtype`` or e4m3
+===============  ==================  ===========================================================================
+
+Math: ``y = (x * x_scale) @ (weight * w_scale).T + bias`` in fp32; ``silu_mul``: ``silu(y[:, :I]) * y[:, I:]``;
+rounded once to the output dtype, or ``e4m3(clamp(y / out_scale, +-448))``. Anything else raises
+:class:`~tpfuse.errors.TPFuseInputError` (an e4m3 x with a 16-bit weight, a missing / extra scale, M > 64, ...).
+
+Dispatch as :mod:`tpfuse.ops`: CUDA tensors run the Triton kernel (the custom op ``tpfuse::small_m_gemm`` while
+Dynamo traces, the op body directly in eager mode), CPU tensors the reference, or the kernel under the Triton
+interpreter with ``TPFUSE_TRITON_CPU=1``. The custom op has a fake impl; the launch is CUDA-graph safe.
+
+:func:`route` is the model path's question (``tpfuse.parallel`` layers): the tuned table's config where the kernel
+beat the library call for ``(arch, scheme, N, K, M bucket)``, else None (keep ``F.linear`` / ``_scaled_mm``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from . import quant as q
+from . import reference as ref
+from .errors import TPFuseInputError
+from .kernels import small_m_configs as smc
+
+MAX_M = smc.MAX_M
+_FLOAT16 = (torch.bfloat16, torch.float16)
+_ARCH: dict = {}  # device -> (arch, SM count)
+
+
+def device_info(device: torch.device):
+    """``(arch, SMs)`` of a device: ``("sm90", 132)``; ``("cpu", 132)`` for CPU (the interpreter's default rule)."""
+    info = _ARCH.get(device)
+    if info is None:
+        if device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(device)
+            info = (f"sm{major}{minor}", torch.cuda.get_device_properties(device).multi_processor_count)
+        else:
+            info = (device.type, smc.DEFAULT_SMS)
+        _ARCH[device] = info
+    return info
+
+
+def _row_kind(scale, rows: int, name: str, what: str, device) -> Optional[bool]:
+    """None (no scale), False (per-tensor) or True (row-wise); raises on anything else."""
+    if scale is None:
+        return None
+    if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or scale.device != device:
+        raise TPFuseInputError(f"{name} must be an fp32 tensor on {device}, got "
+                               f"{getattr(scale, 'dtype', type(scale).__name__)} on {getattr(scale, 'device', '-')}")
+    if scale.dim() <= 1 and scale.numel() == 1:
+        return False
+    if tuple(scale.shape) in ((rows,), (rows, 1)) and scale.is_contiguous():
+        return True
+    raise TPFuseInputError(f"{name} has shape {tuple(scale.shape)}: expected [] / [1] (per-tensor) or a contiguous "
+                           f"[{rows}] / [{rows}, 1] ({what})")
+
+
+def check(x, weight, x_scale, w_scale, bias, silu_mul, out_scale, out_dtype) -> str:
+    """Validate a call (module docstring); returns its table scheme."""
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise TPFuseInputError(f"{name} must be a 2-D tensor, got {getattr(t, 'shape', type(t).__name__)}")
+    (m, k), (n, kw) = x.shape, weight.shape
+    if kw != k:
+        raise TPFuseInputError(f"x has K={k} but weight has shape [N={n}, K={kw}]")
+    if m > MAX_M:
+        raise TPFuseInputError(f"small_m_gemm takes at most {MAX_M} rows (decode batches), got M={m}")
+    if n % 16 or k % 16 or (silu_mul and n % 32):
+        raise TPFuseInputError(f"small_m_gemm needs N and K multiples of 16 (16-byte weight rows, tl.dot tiles)"
+                               f"{' and I = N / 2 a multiple of 16 for silu_mul' if silu_mul else ''}; weight has "
+                               f"shape [N={n}, K={k}]")
+    if not weight.is_contiguous() or weight.device != x.device:
+        raise TPFuseInputError(f"weight must be contiguous [N, K] on {x.device} (nn.Linear layout)")
+    xr = _row_kind(x_scale, m, "x_scale", "per token", x.device)
+    wr = _row_kind(w_scale, n, "w_scale", "per output channel", x.device)
+    scheme = smc.scheme_name(x.dtype, weight.dtype, xr, wr, bool(silu_mul), out_scale is not None)
+    fp8_x, fp8_w = x.dtype == q.FP8_DTYPE, weight.dtype == q.FP8_DTYPE
+    if scheme is None or (fp8_w != (w_scale is not None)) or (fp8_x != (x_scale is not None)):
+        raise TPFuseInputError(
+            f"small_m_gemm takes x bf16/fp16 with a weight of the same dtype (no scales) or e4m3 (w_scale), or x "
+            f"e4m3 (x_scale) with an e4m3 weight (w_scale); got x {x.dtype} "
+            f"({'with' if x_scale is not None else 'no'} x_scale), weight {weight.dtype} "
+            f"({'with' if w_scale is not None else 'no'} w_scale)")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,)
+                             or bias.dtype not in (*_FLOAT16, torch.float32) or not bias.is_contiguous()
+                             or bias.device != x.device):
+        raise TPFuseInputError(f"bias must be a contiguous bf16/fp16/fp32 [{n}] tensor on {x.device}")
+    if out_scale is not None and not (isinstance(out_scale, torch.Tensor) and out_scale.dtype == torch.float32
+                                      and out_scale.dim() <= 1 and out_scale.numel() == 1
+                                      and out_scale.device == x.device):
+        raise TPFuseInputError(f"out_scale must be an fp32 [] / [1] static scale on {x.device}")
+    if out_dtype is not None and out_dtype not in _FLOAT16:
+        raise TPFuseInputError(f"out_dtype must be bf16 or fp16, got {out_dtype}")
+    return scheme
+
+
+def _out_dtype(x, out_dtype, out_scale) -> torch.dtype:
+    if out_scale is not None:
+        return q.FP8_DTYPE
+    return out_dtype or (x.dtype if x.dtype in _FLOAT16 else torch.bfloat16)
+
+
+def alloc_out(m: int, n: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The kernel's output buffer (tests poison it to catch unwritten elements)."""
+    return torch.empty(m, n, dtype=dtype, device=device)
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda or os.environ.get("TPFUSE_TRITON_CPU") == "1"
+
+
+def _impl(x: torch.Tensor, weight: torch.Tensor, x_scale: Optional[torch.Tensor], w_scale: Optional[torch.Tensor],
+          bias: Optional[torch.Tensor], out_scale: Optional[torch.Tensor], silu_mul: bool,
+          out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """The op body (inputs validated)."""
+    if not _use_triton(x):
+        return ref.small_m_gemm(x, weight, x_scale, w_scale, bias, silu_mul=silu_mul, out_scale=out_scale,
+                                out_dtype=out_dtype)
+    n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
+    out = alloc_out(x.shape[0], n, _out_dtype(x, out_dtype, out_scale), x.device)
+    if x.shape[0] == 0:
+        return out
+    from .kernels.small_m_gemm import launch_small_m_gemm  # lazily: import tpfuse never imports Triton
+
+    xr = None if x_scale is None else not (x_scale.dim() <= 1 and x_scale.numel() == 1)
+    wr = None if w_scale is None else not (w_scale.dim() <= 1 and w_scale.numel() == 1)
+    scheme = smc.scheme_name(x.dtype, weight.dtype, xr, wr, silu_mul, out_scale is not None)
+    arch, sms = device_info(x.device)
+    launch_small_m_gemm(x, weight, x_scale, w_scale, bias, out, out_scale, silu_mul, scheme, arch, sms)
+    return out
+
+
+_op = torch.library.custom_op("tpfuse::small_m_gemm", _impl, mutates_args=())
+
+
+@_op.register_fake
+def _(x, weight, x_scale, w_scale, bias, out_scale, silu_mul, out_dtype):
+    n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
+    return x.new_empty((x.shape[0], n), dtype=_out_dtype(x, out_dtype, out_scale))
+
+
+def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, *, x_scale: Optional[torch.Tensor] = None,
+                 w_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                 silu_mul: bool = False, out_scale: Optional[torch.Tensor] = None,
+                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``x @ weight.T`` (scales, bias, SiLU*mul, static FP8 output: module docstring) for 1..64 rows."""
+    check(x, weight, x_scale, w_scale, bias, silu_mul, out_scale, out_dtype)
+    if x.stride(1) != 1:  # a row-strided view is read in place (stride_xm); anything else is copied
+        x = x.contiguous()
+    eager = not torch.compiler.is_compiling()
+    return (_impl if eager else torch.ops.tpfuse.small_m_gemm)(x, weight, x_scale, w_scale, bias, out_scale,
+                                                               bool(silu_mul), out_dtype)
+
+
+def route(x: torch.Tensor, weight: torch.Tensor, *, x_row: Optional[bool] = None, w_row: Optional[bool] = None,
+          silu: bool = False, out_fp8: bool = False) -> Optional[smc.GemmConfig]:
+    """The model path's question for one GEMM of ``x [M, K]`` (a tensor or its e4m3 data) with ``weight``: the
+    tuned config where the table says the kernel beats the library call here, else None. ``x_row`` / ``w_row``:
+    the kinds of the FP8 scales (True row-wise, False per-tensor, None absent); ``silu`` / ``out_fp8``: the fused
+    SiLU*mul epilogue (with a static FP8 output). One memo lookup per call once a shape was seen."""
+    dev = x.device
+    has = smc.ROUTE_MEMO.get(dev)  # no routing rows for this device: one lookup, no key built
+    if has is None:
+        has = smc.memo(dev, lambda: smc.has_routes(device_info(dev)[0]))
+    if not has:
+        return None
+    n, k = weight.shape
+    m = x.shape[0]
+    key = (dev, x.dtype, weight.dtype, x_row, w_row, silu, out_fp8, n, k, m)
+    return smc.memo(key, lambda: smc.route(device_info(dev)[0], smc.scheme_name(
+        x.dtype, weight.dtype, x_row, w_row, silu, out_fp8), n, k, m))
