@@ -15,7 +15,8 @@
 #           this call's own (the persistent kernels then run on half the SMs split among the ranks: persistent_grid);
 #           without it the ranks' contexts take turns (milliseconds a call: a TP size needs more than one call)
 #   soak: the TP=2 decode-graph soak alone, SOAK_REPLAYS (default 100000) replays (one-GPU mode on one GPU; ~5 ms
-#         a replay time-sliced: about 9 minutes; ONEGPU_MPS=1 as above)
+#         a replay time-sliced: about 9 minutes; ONEGPU_MPS=1 as above: 36 s on one H100), JUnit XML +
+#         onegpu_suite_<device>_soak_tp2.json (replays and worst logits error among the test's properties)
 #   small_gemm: the small-M GEMM sweep (bench/tune_small_gemm.py, one GPU, ~150 s: --budget-s; SMALL_GEMM_ARGS adds
 #         options): small_gemm_<device>.json + .png and the routing table small_m_gemm_<arch>.json (copy it to
 #         tpfuse/thresholds/ to ship it). One call: TPFUSE_COMMIT=<sha> LIMIT_small_gemm=200 bash bench/gpu_run.sh small_gemm
@@ -106,8 +107,10 @@ for s in "${steps[@]}"; do
             [[ $sharing == mps ]] && mps_stop
             python3 bench/tools/junit_summary.py --sharing $sharing --out "$OUT/onegpu_suite_$(python3 -c 'import sys; sys.path.insert(0,"bench"); import common; print(common.device_slug())')_tp$(IFS=_; echo "${tps[*]}").json" --tp "${tps[@]}" -- "${xmls[@]}" ;;
     soak) mps=; [[ -n ${ONEGPU_MPS:-} ]] && mps_start && mps=1
-          run soak env TPFUSE_TEST_TP=2 TPFUSE_SOAK_REPLAYS="${SOAK_REPLAYS:-100000}" bash -c "python3 -m pytest -q -rs -s -p no:cacheprovider tests/distributed/test_soak_gpu.py"
-          [[ -n $mps ]] && mps_stop ;;
+          run soak env TPFUSE_TEST_TP=2 TPFUSE_SOAK_REPLAYS="${SOAK_REPLAYS:-100000}" bash -c "python3 -m pytest -q -rs -s -p no:cacheprovider --junitxml=$OUT/soak_tp2.xml tests/distributed/test_soak_gpu.py"
+          [[ -n $mps ]] && mps_stop
+          # the replay count and worst error ride in the XML (record_property): onegpu_suite_<device>_soak_tp2.json
+          python3 bench/tools/junit_summary.py --sharing "$([[ -n $mps ]] && echo mps || echo timeslice)" --out "$OUT/onegpu_suite_$(python3 -c 'import sys; sys.path.insert(0,"bench"); import common; print(common.device_slug())')_soak_tp2.json" --tp 2 -- "$OUT/soak_tp2.xml" ;;
     probe_onegpu) for tp in ${ONEGPU_TP:-2 4 8}; do
                     run "probe_onegpu_tp$tp" env TPFUSE_ONE_GPU=1 python3 -m torch.distributed.run --standalone --nproc-per-node="$tp" bench/probe_onegpu.py
                   done
