@@ -112,19 +112,6 @@ def make_spec(kind: Optional[str], device, ref_out: Optional[torch.Tensor] = Non
 QUANT_KINDS = [None, "fp8_static", "fp8_token", "fp8_group128", "fp8_group64", "nvfp4", "nvfp4_linear"]
 
 
-def on_cpu(qa):
-    """A quantized output with its spec's scale tensors on the CPU (the tolerance oracle quantizes on the CPU)."""
-    import tpfuse
-
-    spec = qa.spec
-    if isinstance(spec, tpfuse.FP8Static):
-        spec = tpfuse.FP8Static(spec.scale.cpu())
-    elif isinstance(spec, tpfuse.NVFP4):
-        spec = tpfuse.NVFP4(spec.global_scale.cpu(), spec.layout)
-    return tpfuse.QuantizedActivation(data=qa.data.cpu(), scale=qa.scale.cpu(), spec=spec, orig_dtype=qa.orig_dtype,
-                                      shape=qa.shape)
-
-
 def make_comm(hidden: int, dtype: torch.dtype, max_tokens: int, *, group=None, force: Optional[str] = None,
               force_ops=("fused_add_rmsnorm", "all_reduce"), **config):
     """A ``TPCommunicator`` on ``group`` (``None``: the default group) with ``CommConfig(**config)``; ``force``: a

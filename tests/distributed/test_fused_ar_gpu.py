@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cases import (assert_path_ran, fused_ar_graph_replays, gpu_tp_params, make_comm, make_inputs, make_spec,
-                   norm_of_residual, on_cpu, oracle, run_gpu)
+                   norm_of_residual, oracle, run_gpu)
 from harness import gpu_backend
 from tpfuse.errors import TPFusePeerTimeout
 from tpfuse.tolerance import assert_close, assert_quant_close
@@ -40,7 +40,7 @@ def _check(comm, rank, world, seed, t, h, *, kind=None, with_res=True, gemma=Fal
         assert out.dtype == DT and out.shape == (t, h)
         assert_close(out, ref_out, DT, tag + " out")
     else:
-        assert_quant_close(on_cpu(out), ref_out, tag + " out")
+        assert_quant_close(out, ref_out, tag + " out")
 
 
 def _sweep(rank, world, path, hidden, tokens, kinds):
@@ -128,7 +128,7 @@ def _graph_late_auto(rank, world, path, t, replays):
     # CUDA graph of two calls, replayed with fresh data copied into the static inputs
     checked = fused_ar_graph_replays(
         comm, rank, world, t, h, DT, EPS, replays=replays, check_every=97,
-        check_out2=lambda out2, res1, w, ref2, what: assert_quant_close(on_cpu(out2), ref2, what))
+        check_out2=lambda out2, res1, w, ref2, what: assert_quant_close(out2, ref2, what))
     torch.cuda.synchronize()
     comm.synchronize()
     comm.close()
@@ -263,10 +263,10 @@ def _decline_walk(rank, world, planned, force, allowed):
         if spec is None:
             assert_close(out, ref_out, DT, f"declined gemma={gemma} out")
         elif to_nccl:
-            assert_quant_close(on_cpu(out), norm_of_residual(res, inp.weight, EPS, gemma).cpu(),
+            assert_quant_close(out, norm_of_residual(res, inp.weight, EPS, gemma),
                                f"declined {kind} out", scale_rtol=2.0 ** -7)
         else:
-            assert_quant_close(on_cpu(out), ref_out, f"declined {kind} out")
+            assert_quant_close(out, ref_out, f"declined {kind} out")
         assert why.startswith(f"{planned} -> {ran}: ") and word in why, why
         walked.append(ran)
     del comm.workspaces[fib.NAME]
