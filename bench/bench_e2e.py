@@ -367,7 +367,9 @@ def _capacity_skip(spec, model, args, batches, max_batch, max_seq_len, dev) -> s
         return f"context {args.context} + 3 warm-up + {args.steps} timed steps > max_seq_len={max_seq_len}"
     shape = dict(num_key_value_heads=st.kv_heads, head_dim=st.head_dim)
     kv = len(st.layers) * em.kv_bytes_per_layer(shape, max_batch, max_seq_len, st.cache_config.block_size)
-    act = em.activation_bytes(em.model_shape(spec.name)[1], max(batches) * args.context)
+    tp, full = dist.get_world_size(), em.model_shape(spec.name)[1]
+    shard = em.shard_config(full, tp) if tp > 1 else full  # this rank's activations, as resolve_spec sizes them
+    act = em.activation_bytes(shard, max(batches) * args.context)
     headroom = int(args.fit_headroom_gib * 2 ** 30)
     need, free = kv + act + headroom, int(-common.slowest_rank(-_free_bytes(dev), dev))  # the least over the ranks
     if need > free:

@@ -403,6 +403,32 @@ def eager_quant(y: torch.Tensor, quant: Optional[str], scale=None, *, out_dtype=
     raise ValueError(quant)
 
 
+def precompile_pool(worker, tasks, workers: int, timeout_s: float):
+    """``worker(task)`` for every task in a spawn process pool, to fill Triton's on-disk cache before a sweep
+    times anything; ``worker`` returns an error text or ``None``. Returns ``(seconds, errors)``. A worker that dies
+    or a phase past ``timeout_s`` only costs time: the timing loop compiles whatever is still missing."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, TimeoutError as FutTimeout, as_completed
+
+    t0, errs = time.time(), []
+    if workers <= 0 or not tasks:
+        return 0.0, errs
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+    try:
+        futs = [pool.submit(worker, t) for t in tasks]
+        for f in as_completed(futs, timeout=timeout_s):
+            e = f.exception() or f.result()
+            if e:
+                errs.append(str(e)[:300])
+    except FutTimeout:
+        errs.append(f"precompile phase stopped after {timeout_s:.0f} s")
+    except Exception as e:  # noqa: BLE001 - e.g. a broken pool: the timing loop compiles what is missing
+        errs.append(f"precompile pool failed: {type(e).__name__}: {e}"[:300])
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    return time.time() - t0, errs
+
+
 # --------------------------------------------------------------------------------------------------------------
 # plots
 

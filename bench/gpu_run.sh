@@ -10,12 +10,15 @@
 #           8-minute call as `bash bench/gpu_run.sh e2e_shards e2e_full` (estimates at the steps below)
 #   onegpu: the multi-rank GPU suite in one-GPU mode (N ranks on one GPU) at each TP of ONEGPU_TP (default 2),
 #           JUnit XML + onegpu_suite_<device>_tp<N>.json; ONEGPU_TESTS overrides the files, ONEGPU_K (or
-#           ONEGPU_K_<tp> for one TP size) adds a -k filter, ONEGPU_MAXFAIL stops a TP size after that many failures;
+#           ONEGPU_K_<tp> for one TP size) adds a -k filter, ONEGPU_MAXFAIL stops a TP size after that many failures,
+#           ONEGPU_TODO=1 runs only the tests bench/results has not seen pass at that TP (ONEGPU_AFTER=<ISO date>:
+#           count only runs from then on; bench/tools/onegpu_coverage.py --todo);
 #           its decode-graph soak runs 2000 replays. ONEGPU_MPS=1 runs the ranks concurrently under an MPS daemon of
 #           this call's own (the persistent kernels then run on half the SMs split among the ranks: persistent_grid);
 #           without it the ranks' contexts take turns (milliseconds a call: a TP size needs more than one call)
 #   soak: the TP=2 decode-graph soak alone, SOAK_REPLAYS (default 100000) replays (one-GPU mode on one GPU; ~5 ms
-#         a replay time-sliced: about 9 minutes; ONEGPU_MPS=1 as above)
+#         a replay time-sliced: about 9 minutes; ONEGPU_MPS=1 as above: 36 s on one H100), JUnit XML +
+#         onegpu_suite_<device>_soak_tp2.json (replays and worst logits error among the test's properties)
 #   small_gemm: the small-M GEMM sweep (bench/tune_small_gemm.py, one GPU, ~150 s: --budget-s; SMALL_GEMM_ARGS adds
 #         options): small_gemm_<device>.json + .png and the routing table small_m_gemm_<arch>.json (copy it to
 #         tpfuse/thresholds/ to ship it). One call: TPFUSE_COMMIT=<sha> LIMIT_small_gemm=200 bash bench/gpu_run.sh small_gemm
@@ -99,15 +102,23 @@ for s in "${steps[@]}"; do
             tests=${ONEGPU_TESTS:-"$d/test_fused_ar_gpu.py $d/test_async_tp_gpu.py $d/test_fault_gpu.py $d/test_parallelize_gpu.py $d/test_model_runtime_gpu.py $d/test_fp8_model_gpu.py $d/test_soak_gpu.py $d/test_comm_ops.py $d/test_fp8_gemm.py $d/test_fault_catalog.py"}
             for tp in ${ONEGPU_TP:-2}; do
               kvar="ONEGPU_K_$tp"; kk=${!kvar:-${ONEGPU_K:-}}
-              k="onegpu${kk:+ and ($kk)}"
-              run "onegpu_tp$tp" env TPFUSE_TEST_TP="$tp" TPFUSE_SOAK_REPLAYS=2000 bash -c "python3 -m pytest -q -rs -p no:cacheprovider --durations=20 ${ONEGPU_MAXFAIL:+--maxfail=$ONEGPU_MAXFAIL} --junitxml=$OUT/onegpu_tp$tp.xml -k '$k' $tests"
+              k="onegpu${kk:+ and ($kk)}"; targets=$tests
+              if [[ -n ${ONEGPU_TODO:-} ]]; then  # only what bench/results has not seen pass at this TP
+                TPFUSE_TEST_TP="$tp" python3 -m pytest --collect-only -q -p no:cacheprovider -k "$k" $tests 2>/dev/null \
+                  | python3 bench/tools/onegpu_coverage.py --todo "$tp" ${ONEGPU_AFTER:+--after "$ONEGPU_AFTER"} > "$OUT/todo_tp$tp.txt"
+                targets=$(tr '\n' ' ' < "$OUT/todo_tp$tp.txt"); echo "TP=$tp todo: $(wc -l < "$OUT/todo_tp$tp.txt") tests"
+                [[ -z ${targets// /} ]] && continue
+              fi
+              run "onegpu_tp$tp" env TPFUSE_TEST_TP="$tp" TPFUSE_SOAK_REPLAYS=2000 bash -c "python3 -m pytest -q -rs -p no:cacheprovider --durations=20 ${ONEGPU_MAXFAIL:+--maxfail=$ONEGPU_MAXFAIL} --junitxml=$OUT/onegpu_tp$tp.xml -k '$k' $targets"
               xmls+=("$OUT/onegpu_tp$tp.xml"); tps+=("$tp")
             done
             [[ $sharing == mps ]] && mps_stop
-            python3 bench/tools/junit_summary.py --sharing $sharing --out "$OUT/onegpu_suite_$(python3 -c 'import sys; sys.path.insert(0,"bench"); import common; print(common.device_slug())')_tp$(IFS=_; echo "${tps[*]}").json" --tp "${tps[@]}" -- "${xmls[@]}" ;;
+            [[ ${#xmls[@]} -gt 0 ]] && python3 bench/tools/junit_summary.py --sharing $sharing --out "$OUT/onegpu_suite_$(python3 -c 'import sys; sys.path.insert(0,"bench"); import common; print(common.device_slug())')_tp$(IFS=_; echo "${tps[*]}").json" --tp "${tps[@]}" -- "${xmls[@]}" ;;
     soak) mps=; [[ -n ${ONEGPU_MPS:-} ]] && mps_start && mps=1
-          run soak env TPFUSE_TEST_TP=2 TPFUSE_SOAK_REPLAYS="${SOAK_REPLAYS:-100000}" bash -c "python3 -m pytest -q -rs -s -p no:cacheprovider tests/distributed/test_soak_gpu.py"
-          [[ -n $mps ]] && mps_stop ;;
+          run soak env TPFUSE_TEST_TP=2 TPFUSE_SOAK_REPLAYS="${SOAK_REPLAYS:-100000}" bash -c "python3 -m pytest -q -rs -s -p no:cacheprovider --junitxml=$OUT/soak_tp2.xml tests/distributed/test_soak_gpu.py"
+          [[ -n $mps ]] && mps_stop
+          # the replay count and worst error ride in the XML (record_property): onegpu_suite_<device>_soak_tp2.json
+          python3 bench/tools/junit_summary.py --sharing "$([[ -n $mps ]] && echo mps || echo timeslice)" --out "$OUT/onegpu_suite_$(python3 -c 'import sys; sys.path.insert(0,"bench"); import common; print(common.device_slug())')_soak_tp2.json" --tp 2 -- "$OUT/soak_tp2.xml" ;;
     probe_onegpu) for tp in ${ONEGPU_TP:-2 4 8}; do
                     run "probe_onegpu_tp$tp" env TPFUSE_ONE_GPU=1 python3 -m torch.distributed.run --standalone --nproc-per-node="$tp" bench/probe_onegpu.py
                   done

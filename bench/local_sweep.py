@@ -26,7 +26,6 @@ in a normal benchmark run without editing anything.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import statistics
 import time
@@ -151,30 +150,10 @@ def _precompile_worker(task):
         return f"{op} {fmt} {width} {cfg}: {type(e).__name__}: {e}"[:300]
 
 
-def precompile(tasks, workers, timeout_s=120.0):
-    """Compile every distinct (op, format, width, config) in a spawn process pool; returns (seconds, errors). A
-    worker that dies or a phase longer than ``timeout_s`` only costs time: whatever is not in the cache then gets
-    compiled by the timing loop itself."""
-    from concurrent.futures import ProcessPoolExecutor, TimeoutError as FutTimeout, as_completed
-
-    t0 = time.time()
-    if workers <= 0 or not tasks:
-        return 0.0, []
-    errs = []
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
-    try:
-        futs = [pool.submit(_precompile_worker, t) for t in tasks]
-        for f in as_completed(futs, timeout=timeout_s):
-            e = f.exception() or f.result()
-            if e:
-                errs.append(str(e)[:300])
-    except FutTimeout:
-        errs.append(f"precompile phase stopped after {timeout_s:.0f} s")
-    except Exception as e:  # noqa: BLE001 - e.g. a broken pool: the timing loop compiles what is missing
-        errs.append(f"precompile pool failed: {type(e).__name__}: {e}"[:300])
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-    return time.time() - t0, errs
+def precompile(common, tasks, workers, timeout_s=120.0):
+    """Compile every distinct (op, format, width, config) in a spawn process pool (``common.precompile_pool``);
+    returns (seconds, errors)."""
+    return common.precompile_pool(_precompile_worker, tasks, workers, timeout_s)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -268,7 +247,7 @@ def run_sweep(args, time_graph, n_copies, calls_per_graph, common, device="cuda"
     workers = args.precompile_workers if args.precompile_workers >= 0 else max(1, min(14, (os.cpu_count() or 2) - 2))
     if dev.type != "cuda":
         workers = 0
-    comp_s, errs = precompile(tasks, workers, timeout_s=min(120.0, args.budget_s / 2))
+    comp_s, errs = precompile(common, tasks, workers, timeout_s=min(120.0, args.budget_s / 2))
     print(f"# precompiled {len(tasks)} variants with {workers} workers in {comp_s:.1f} s"
           + (f"; {len(errs)} failed (first: {errs[0]})" if errs else ""), flush=True)
 

@@ -293,28 +293,8 @@ def _precompile_worker(task):
 
 
 def precompile(tasks, workers, timeout_s):
-    """Compile ``tasks`` in a spawn process pool (the local kernels' sweep does the same); returns (seconds,
-    errors). A worker that dies or a phase past ``timeout_s`` only costs time: the timing loop compiles the rest."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, TimeoutError as FutTimeout, as_completed
-
-    t0, errs = time.time(), []
-    if workers <= 0 or not tasks:
-        return 0.0, errs
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
-    try:
-        futs = [pool.submit(_precompile_worker, t) for t in tasks]
-        for f in as_completed(futs, timeout=timeout_s):
-            e = f.exception() or f.result()
-            if e:
-                errs.append(str(e)[:300])
-    except FutTimeout:
-        errs.append(f"precompile phase stopped after {timeout_s:.0f} s")
-    except Exception as e:  # noqa: BLE001 - the timing loop compiles what is missing
-        errs.append(f"precompile pool failed: {type(e).__name__}: {e}"[:300])
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-    return time.time() - t0, errs
+    """Compile ``tasks`` in a spawn process pool (``common.precompile_pool``); returns (seconds, errors)."""
+    return common.precompile_pool(_precompile_worker, tasks, workers, timeout_s)
 
 
 def copy_bandwidth(dev) -> float:

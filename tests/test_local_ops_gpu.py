@@ -41,6 +41,16 @@ class TestGPU:
             for a, b in zip(outs, expect):
                 assert torch.equal(as_bytes(a), as_bytes(b))
 
+    def test_number_scales_follow_the_op_to_the_gpu(self, gen):
+        # FP8Static(0.05) / NVFP4(100.0): a Python number, placed on the op's device at the first call
+        x, r, w = (randn(gen, 8, 256, dtype=torch.bfloat16), randn(gen, 8, 256, dtype=torch.bfloat16),
+                   randn(gen, 256, dtype=torch.bfloat16))
+        for number, make in ((0.05, q.FP8Static), (100.0, q.NVFP4)):
+            got, _ = ops.add_rmsnorm(x, r, w, 1e-6, quant=make(number))
+            expect, _ = ops.add_rmsnorm(x, r, w, 1e-6, quant=make(torch.tensor(number, device=DEVICE)))
+            assert torch.equal(as_bytes(got.data), as_bytes(expect.data))
+            assert torch.equal(as_bytes(got.scale), as_bytes(expect.scale))
+
     def test_torch_compile_fullgraph(self, gen):
         t, h, inter = 16, 4096, 512
         x, r, w = (randn(gen, t, h, dtype=torch.bfloat16), randn(gen, t, h, dtype=torch.bfloat16),

@@ -98,18 +98,43 @@ def _as_scale_tensor(value: ScaleLike, what: str) -> torch.Tensor:
     raise TPFuseInputError(f"{what} must be a float or an fp32 scalar tensor, got {type(value).__name__}")
 
 
+def _keep_number(spec, field: str, value: ScaleLike) -> None:
+    """Set ``spec.<field>`` from ``value``; a Python number is also kept (``_number``) so that the scale can follow
+    the op to its device (:func:`_place_number_scale`)."""
+    object.__setattr__(spec, field, _as_scale_tensor(value, f"{type(spec).__name__}.{field}"))
+    if not isinstance(value, torch.Tensor):
+        object.__setattr__(spec, "_number", float(value))
+        object.__setattr__(spec, "_placed", {})
+
+
+def _place_number_scale(spec, field: str, device) -> torch.Tensor:
+    """The scale of a spec built from a Python number, on ``device``: made there once per device (a fill kernel, so
+    a CUDA-graph capture may do it) and kept on the spec, whose ``<field>`` points at it from then on (a spec used
+    on one device at a time, as a rank's model does). Only for such a spec (``_placed``): a tensor scale's device is
+    the caller's."""
+    placed = spec.__dict__["_placed"]
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    t = placed.get(dev)
+    if t is None:
+        t = placed[dev] = torch.full((), spec._number, dtype=torch.float32, device=dev)
+    object.__setattr__(spec, field, t)
+    return t
+
+
 @dataclass(eq=False, frozen=True)
 class FP8Static:
     """FP8 e4m3 with one static per-tensor scale: ``q = clamp(x / scale)``. ``scale``: a finite float > 0 (checked
-    here: zero, negative, NaN and Inf raise :class:`~tpfuse.errors.TPFuseInputError`), or an fp32 ``[]``/``[1]``
-    tensor on the op's device. A tensor is read on the device, so no host sync, and its *value* is not checked:
+    here: zero, negative, NaN and Inf raise :class:`~tpfuse.errors.TPFuseInputError`; the scale then follows the op
+    to its device, copied there at the first call), or an fp32 ``[]``/``[1]`` tensor on the op's device. A tensor is read on the device, so no host sync, and its *value* is not checked:
     a zero scale gives NaN / +-448 (``x * (1/0)``), a negative one flips every sign, NaN makes every output NaN -
     the caller owns a tensor scale's value (its shape, dtype and device are checked at each call)."""
 
     scale: ScaleLike
 
     def __post_init__(self):
-        object.__setattr__(self, "scale", _as_scale_tensor(self.scale, "FP8Static.scale"))
+        _keep_number(self, "scale", self.scale)
 
 
 @dataclass(eq=False, frozen=True)
@@ -132,15 +157,16 @@ class FP8PerGroup:
 @dataclass(eq=False, frozen=True)
 class NVFP4:
     """NVFP4 (e2m1 data, e4m3 scale per 16 elements, fp32 global scale), FlashInfer/TRT-LLM compatible.
-    ``global_scale``: a finite float > 0 (checked here), or an fp32 ``[]``/``[1]`` tensor (shape, dtype and device
-    checked per call; its value is not, as for :class:`FP8Static`), usually ``448 * 6 / amax``. ``layout``: scale layout,
-    ``"swizzled128x4"`` (what FP4 GEMMs read) or ``"linear"`` (row-major)."""
+    ``global_scale``: a finite float > 0 (checked here; it follows the op to its device, as for
+    :class:`FP8Static`), or an fp32 ``[]``/``[1]`` tensor (shape, dtype and device checked per call; its value is
+    not, as for :class:`FP8Static`), usually ``448 * 6 / amax``. ``layout``: scale layout, ``"swizzled128x4"``
+    (what FP4 GEMMs read) or ``"linear"`` (row-major)."""
 
     global_scale: ScaleLike
     layout: str = "swizzled128x4"
 
     def __post_init__(self):
-        object.__setattr__(self, "global_scale", _as_scale_tensor(self.global_scale, "NVFP4.global_scale"))
+        _keep_number(self, "global_scale", self.global_scale)
         if self.layout not in NVFP4_LAYOUTS:
             raise TPFuseInputError(f"NVFP4.layout must be one of {NVFP4_LAYOUTS}, got {self.layout!r}")
 
@@ -177,10 +203,13 @@ def check_spec(spec: Optional[QuantSpec], hidden: int, device: torch.device) -> 
     if tp is FP8PerToken:
         return
     if tp is FP8Static or tp is NVFP4:
-        s = spec.scale if tp is FP8Static else spec.global_scale
+        field = "scale" if tp is FP8Static else "global_scale"
+        s = getattr(spec, field)
         dev_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+        if s.device.type != dev_type and "_placed" in spec.__dict__:
+            s = _place_number_scale(spec, field, device)
         if s.dtype is not torch.float32 or s.numel() != 1 or s.dim() > 1 or s.device.type != dev_type:
-            _scale_error("FP8Static.scale" if tp is FP8Static else "NVFP4.global_scale", s, device)
+            _scale_error(f"{tp.__name__}.{field}", s, device)
         if tp is NVFP4 and hidden % NVFP4_BLOCK:
             raise TPFuseInputError(f"NVFP4 needs hidden % 16 == 0, hidden={hidden}")
         return
@@ -197,8 +226,11 @@ def _check_spec_general(spec, hidden: int, device) -> None:
         raise TPFuseInputError(
             f"quant must be None or one of FP8Static, FP8PerToken, FP8PerGroup, NVFP4; got {type(spec).__name__}")
     if isinstance(spec, (FP8Static, NVFP4)):
-        name = "FP8Static.scale" if isinstance(spec, FP8Static) else "NVFP4.global_scale"
-        s = spec.scale if isinstance(spec, FP8Static) else spec.global_scale
+        field = "scale" if isinstance(spec, FP8Static) else "global_scale"
+        name = ("FP8Static." if isinstance(spec, FP8Static) else "NVFP4.") + field
+        s = getattr(spec, field)
+        if s.device.type != torch.device(device).type and "_placed" in spec.__dict__:
+            s = _place_number_scale(spec, field, device)
         if s.dtype != torch.float32 or s.numel() != 1 or s.dim() > 1 or s.device.type != torch.device(device).type:
             _scale_error(name, s, device)
     if isinstance(spec, FP8PerGroup) and hidden % spec.group_size:

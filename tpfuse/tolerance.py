@@ -34,7 +34,7 @@ REL_ERR_LOGITS_FP8 = 0.25
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """``||out - ref|| / ||ref||`` in fp64; inf if ``out`` has a NaN where ``ref`` has none."""
-    o, r = out.double(), ref.double()
+    o, r = out.double(), ref.to(out.device).double()
     if torch.isnan(o).ne(torch.isnan(r)).any():
         return float("inf")
     mask = ~torch.isnan(r)
@@ -63,9 +63,11 @@ def assert_logits_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype
 
 def fp8_step(value: torch.Tensor) -> torch.Tensor:
     """Size of one e4m3 quantization step at ``|value|`` (in the scaled domain): 2^(floor(log2|v|) - 3), with the
-    subnormal step 2^-9 below 2^-6."""
+    subnormal step 2^-9 below 2^-6. Exact on every device: the exponent comes from ``frexp`` (``|v| = m * 2^e``,
+    ``m`` in [0.5, 1)), not from a ``log2`` that may round up just below a power of two."""
     v = value.abs().float().clamp(min=2.0 ** -6)
-    return torch.exp2(torch.floor(torch.log2(v)) - 3)
+    _, e = torch.frexp(v)
+    return torch.ldexp(torch.ones_like(v), e - 4)
 
 
 def e2m1_step(value: torch.Tensor) -> torch.Tensor:
@@ -81,38 +83,24 @@ def assert_quant_close(qa, ref: torch.Tensor, what: str = "", scale_rtol: float 
     values to the activation dtype before quantizing, e.g. NCCL's sum in bf16) and every dequantized element is
     within one e4m3 step of ``ref``.
     NVFP4: every block scale is within one e4m3 step of the oracle's, and every element within one e2m1 step
-    (at the output's own block scale) of ``ref``. NaN positions must match."""
+    (at the output's own block scale) of ``ref``. NaN positions must match.
+    The check runs on the output's device (``ref`` is moved there): the oracle's reference quantizer is the same
+    fp32 arithmetic on every device, and on a GPU the check of a large output costs milliseconds, not seconds."""
     from . import quant as q  # local import: tolerance is imported by tpfuse/__init__
 
     spec = qa.spec
-    ref32 = ref.float()
+    dev = qa.data.device
+    ref32 = ref.to(dev).float()
     if isinstance(spec, q.NVFP4):
-        t, h = qa.shape
-        gs = spec.global_scale.float().reshape(()).cpu()
-        # the oracle is quantized on the CPU: with a CPU copy of the spec (its scale may live on the GPU)
-        ref_q = q.quantize(ref32.cpu(), q.NVFP4(gs, layout=spec.layout))
-        sf_out = (q.unswizzle_128x4(qa.scale.cpu(), t, h) if spec.layout == "swizzled128x4" else qa.scale.cpu()).float()
-        sf_ref = (q.unswizzle_128x4(ref_q.scale, t, h) if spec.layout == "swizzled128x4" else ref_q.scale).float()
-        both = ~(torch.isnan(sf_out) | torch.isnan(sf_ref))
-        if not torch.equal(torch.isnan(sf_out), torch.isnan(sf_ref)):
-            raise AssertionError(f"{what}: NVFP4 block scales have NaN where the oracle has none (or vice versa)")
-        bad = (sf_out[both] - sf_ref[both]).abs() > fp8_step(sf_ref[both]) * 1.001
-        if bad.any():
-            raise AssertionError(f"{what}: {int(bad.sum())} NVFP4 block scales differ by more than one e4m3 step")
-        deq = qa.dequantize(torch.float32).cpu().reshape(t, h // 16, 16)
-        r = ref32.cpu().reshape(t, h // 16, 16)
-        unit = (sf_out / gs).unsqueeze(-1)  # value of 1.0 on the e2m1 grid
-        ok = torch.isnan(r) | ((deq - r).abs() <= e2m1_step(r / unit) * unit * 1.001 + 1e-30)
-        if not ok.all():
-            raise AssertionError(f"{what}: {int((~ok).sum())} NVFP4 elements more than one e2m1 step from the oracle")
+        _assert_nvfp4_close(qa, ref32, what)
         return
-    deq = qa.dequantize(torch.float32).cpu()
-    r = ref32.cpu()
+    deq = qa.dequantize(torch.float32)
+    r = ref32
     if isinstance(spec, q.FP8Static):
-        scale = spec.scale.float().cpu().reshape(()).expand_as(r)
+        scale = spec.scale.to(dev).float().reshape(()).expand_as(r)
     else:
         ref_q = q.quantize(r, spec)
-        s_out, s_ref = qa.scale.float().cpu(), ref_q.scale.float()
+        s_out, s_ref = qa.scale.float(), ref_q.scale.float()
         if not torch.equal(torch.isnan(s_out), torch.isnan(s_ref)):
             raise AssertionError(f"{what}: FP8 scales have NaN where the oracle has none (or vice versa)")
         m = ~torch.isnan(s_ref)
@@ -126,7 +114,30 @@ def assert_quant_close(qa, ref: torch.Tensor, what: str = "", scale_rtol: float 
     sat = (r / scale).abs() >= q.FP8_MAX
     step = fp8_step((r / scale).clamp(-q.FP8_MAX, q.FP8_MAX)) * scale
     ok = torch.isnan(r) | sat | ((deq - r).abs() <= step * 1.001)
-    if not torch.equal(torch.isnan(deq) & ~torch.isnan(r), torch.zeros_like(ok)):
+    if (torch.isnan(deq) & ~torch.isnan(r)).any():
         raise AssertionError(f"{what}: FP8 output has NaN where the oracle has none")
     if not ok.all():
         raise AssertionError(f"{what}: {int((~ok).sum())} FP8 elements more than one e4m3 step from the oracle")
+
+
+def _assert_nvfp4_close(qa, ref32: torch.Tensor, what: str) -> None:
+    from . import quant as q
+
+    spec = qa.spec
+    t, h = qa.shape
+    gs = spec.global_scale.to(ref32.device).float().reshape(())
+    ref_q = q.quantize(ref32, q.NVFP4(gs, layout=spec.layout))
+    sf_out = (q.unswizzle_128x4(qa.scale, t, h) if spec.layout == "swizzled128x4" else qa.scale).float()
+    sf_ref = (q.unswizzle_128x4(ref_q.scale, t, h) if spec.layout == "swizzled128x4" else ref_q.scale).float()
+    both = ~(torch.isnan(sf_out) | torch.isnan(sf_ref))
+    if not torch.equal(torch.isnan(sf_out), torch.isnan(sf_ref)):
+        raise AssertionError(f"{what}: NVFP4 block scales have NaN where the oracle has none (or vice versa)")
+    bad = (sf_out[both] - sf_ref[both]).abs() > fp8_step(sf_ref[both]) * 1.001
+    if bad.any():
+        raise AssertionError(f"{what}: {int(bad.sum())} NVFP4 block scales differ by more than one e4m3 step")
+    deq = qa.dequantize(torch.float32).reshape(t, h // 16, 16)
+    r = ref32.reshape(t, h // 16, 16)
+    unit = (sf_out / gs).unsqueeze(-1)  # value of 1.0 on the e2m1 grid
+    ok = torch.isnan(r) | ((deq - r).abs() <= e2m1_step(r / unit) * unit * 1.001 + 1e-30)
+    if not ok.all():
+        raise AssertionError(f"{what}: {int((~ok).sum())} NVFP4 elements more than one e2m1 step from the oracle")

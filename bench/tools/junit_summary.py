@@ -25,11 +25,12 @@ def _outcome(case: ET.Element) -> str:
 
 def summarise(path: str) -> dict:
     """``{"files": {file: {outcome: count}}, "failures": [...], "seconds": float, "interrupted": bool, "cases":
-    [[test id, outcome, seconds], ...]}`` of one JUnit XML file (``interrupted``: the run was stopped before its
-    last test; what ran is counted)."""
+    [[test id, outcome, seconds], ...], "properties": {test id: {name: value}}}`` of one JUnit XML file
+    (``interrupted``: the run was stopped before its last test; what ran is counted; ``properties``: what a test
+    recorded with pytest's ``record_property``, e.g. the soak's replay count and worst error)."""
     files = collections.defaultdict(collections.Counter)
     failures, seconds = [], 0.0
-    interrupted, cases = False, []
+    interrupted, cases, properties = False, [], {}
     for case in ET.parse(path).getroot().iter("testcase"):
         if not case.get("name"):  # pytest stopped by SIGINT (a step's time limit) writes one nameless testcase
             interrupted = True
@@ -38,12 +39,15 @@ def summarise(path: str) -> dict:
         out = _outcome(case)
         files[name][out] += 1
         cases.append([f"{name}::{case.get('name')}", out, round(float(case.get("time", 0) or 0), 2)])
+        recorded = {p.get("name"): p.get("value") for p in case.iter("property")}  # pytest's record_property
+        if recorded:
+            properties[f"{name}::{case.get('name')}"] = recorded
         seconds += float(case.get("time", 0) or 0)
         if out == "failed":
             node = case.find("failure") if case.find("failure") is not None else case.find("error")
             failures.append({"test": f"{name}::{case.get('name')}", "message": (node.get("message") or "")[:300]})
     return {"files": {k: dict(v) for k, v in sorted(files.items())}, "failures": failures,
-            "seconds": round(seconds, 1), "interrupted": interrupted, "cases": cases}
+            "seconds": round(seconds, 1), "interrupted": interrupted, "cases": cases, "properties": properties}
 
 
 def main() -> None:

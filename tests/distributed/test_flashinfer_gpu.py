@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import tpfuse
-from cases import fused_ar_graph_replays, make_comm, make_inputs, make_spec, oracle, on_cpu
+from cases import fused_ar_graph_replays, make_comm, make_inputs, make_spec, oracle
 from harness import run_on_ranks
 from tpfuse.tolerance import REL_ERR_FP8, assert_close, assert_quant_close, rel_err
 
@@ -58,14 +58,14 @@ def _assert_fp8_static(out, xs, residual, weight, ref_out, tag, flashinfer):
     (2) one e4m3 step of its own rounding model (:func:`_fi_model`), which is itself within the bf16 budget of the
     oracle."""
     if not flashinfer:
-        assert_quant_close(on_cpu(out), ref_out, tag)
+        assert_quant_close(out, ref_out, tag)
         return
     lim = 448.0 * float(out.spec.scale)
     err = rel_err(out.dequantize(torch.float32).double(), ref_out.clamp(-lim, lim))
     assert err <= REL_ERR_FP8, f"{tag}: relative error {err:.3e} > {REL_ERR_FP8} vs the fp64 oracle"
     model = _fi_model(xs, residual, weight, EPS)
     assert_close(model, ref_out, DT, tag + " FlashInfer's rounding model vs oracle")
-    assert_quant_close(on_cpu(out), model, tag + " vs FlashInfer's rounding model")
+    assert_quant_close(out, model, tag + " vs FlashInfer's rounding model")
 
 
 def _check(comm, rank, world, seed, t, h, expect, *, kind=None, with_res=True, gemma=False, weight_dtype=None,
@@ -92,7 +92,7 @@ def _check(comm, rank, world, seed, t, h, expect, *, kind=None, with_res=True, g
         _assert_fp8_static(out, inp.xs, inp.residual if with_res else None, inp.weight, ref_out, tag + " out",
                            ran.startswith("flashinfer"))
     else:
-        assert_quant_close(on_cpu(out), ref_out, tag + " out")
+        assert_quant_close(out, ref_out, tag + " out")
 
 
 def _sweep(rank, world, path, hidden, tokens):
