@@ -122,22 +122,6 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def copy_bandwidth(dev) -> float:
-    """Device-to-device copy bandwidth (bytes read + written per second), median of 20 copies of 1 GiB."""
-    a = torch.empty(1 << 29, dtype=torch.bfloat16, device=dev).normal_()
-    b = torch.empty_like(a)
-    ts = []
-    for _ in range(23):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        b.copy_(a)
-        e.record()
-        e.synchronize()
-        ts.append(s.elapsed_time(e) / 1e3)
-    del a, b
-    return 2 * (1 << 30) / sorted(ts[3:])[len(ts[3:]) // 2]
-
-
 def decode_bytes(model, batch: int, context: int) -> int:
     """Bytes a decode step must read on this rank: every weight except the embedding table (B rows of it) plus
     the KV cache of ``batch`` sequences of ``context`` tokens."""
@@ -472,7 +456,7 @@ def main(argv=None):
         em.parse_name(name)  # an unknown name fails before anything is built
     with common.rank_context() as ranks:
         dev = ranks.device
-        bandwidth = copy_bandwidth(dev)
+        bandwidth = common.copy_bandwidth(dev)
         if ranks.rank == 0:
             print(f"device-to-device copy bandwidth: {bandwidth / 1e12:.2f} TB/s", flush=True)
         rows, skipped = [], []

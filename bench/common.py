@@ -6,7 +6,7 @@
   callable, e.g. rotating over input copies), warmed up, replayed ``replays`` times (or as many as fit in
   ``target_s``), median per call from CUDA events; on CPU the median wall time of repeated calls (METHOD.md: warm
   up first, median of many, graphs to hide launch gaps). Multi-rank timings report the slowest rank
-  (:func:`slowest_rank`).
+  (:func:`slowest_rank`). The memory-bound ceiling: :func:`copy_bandwidth`.
 * **Cases x providers** (:class:`Case`, :func:`run_cases`): a benchmark is a sequence of cases, each a dict of
   provider name -> callable; one loop times every provider of every case and turns the timings into rows.
 * **One output rule** (:func:`out_dir`, :func:`result_path`, :func:`write_json`): results go to ``--out-dir`` when
@@ -283,6 +283,19 @@ def time_us(fn: Union[Callable[[], object], Sequence[Callable[[], object]]], *, 
         end.synchronize()
         samples.append(start.elapsed_time(end) * 1e3 / len(fns))
     return statistics.median(samples), ("graph" if graph is not None else "events")
+
+
+def copy_bandwidth(dev, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth of ``dev`` in bytes per second, counting each byte read and written
+    (``2 * nbytes / time``): the memory-bound ceiling benchmarks state their achieved bandwidth against. Median
+    over graph replays of two back-to-back copies of ``nbytes`` (:func:`time_us`); on CPU, wall time.
+    Timed with :func:`time_us` rather than CUDA events around each eager copy: the graph keeps launch gaps out
+    of the interval, the warm-up is the timer's own, and the ceiling is measured the way the providers compared
+    with it are."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    us = time_us([lambda: dst.copy_(src)] * 2, use_graph=True, replays=10)[0]
+    return 2 * nbytes / (us * 1e-6)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -104,8 +104,15 @@ for s in "${steps[@]}"; do
               kvar="ONEGPU_K_$tp"; kk=${!kvar:-${ONEGPU_K:-}}
               k="onegpu${kk:+ and ($kk)}"; targets=$tests
               if [[ -n ${ONEGPU_TODO:-} ]]; then  # only what bench/results has not seen pass at this TP
-                TPFUSE_TEST_TP="$tp" python3 -m pytest --collect-only -q -p no:cacheprovider -k "$k" $tests 2>/dev/null \
-                  | python3 bench/tools/onegpu_coverage.py --todo "$tp" ${ONEGPU_AFTER:+--after "$ONEGPU_AFTER"} > "$OUT/todo_tp$tp.txt"
+                TPFUSE_TEST_TP="$tp" python3 -m pytest --collect-only -q -p no:cacheprovider -k "$k" $tests \
+                  > "$OUT/collect_tp$tp.log" 2>&1; crc=$?
+                # 5: nothing collected (the -k filter left nothing); anything else non-zero: a file did not collect
+                if [[ $crc -ne 0 && $crc -ne 5 ]]; then
+                  echo "TP=$tp: collection failed (rc=$crc), see collect_tp$tp.log"; tail -n 15 "$OUT/collect_tp$tp.log"
+                  status=1; continue
+                fi
+                python3 bench/tools/onegpu_coverage.py --todo "$tp" ${ONEGPU_AFTER:+--after "$ONEGPU_AFTER"} \
+                  < "$OUT/collect_tp$tp.log" > "$OUT/todo_tp$tp.txt"
                 targets=$(tr '\n' ' ' < "$OUT/todo_tp$tp.txt"); echo "TP=$tp todo: $(wc -l < "$OUT/todo_tp$tp.txt") tests"
                 [[ -z ${targets// /} ]] && continue
               fi

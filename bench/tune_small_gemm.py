@@ -297,14 +297,6 @@ def precompile(tasks, workers, timeout_s):
     return common.precompile_pool(_precompile_worker, tasks, workers, timeout_s)
 
 
-def copy_bandwidth(dev) -> float:
-    """Device-to-device copy of 1 GiB: (read + write bytes) / time, GB/s, median over graph replays."""
-    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device=dev)
-    dst = torch.empty_like(src)
-    us = common.time_us([lambda: dst.copy_(src)] * 2, use_graph=True, replays=10)[0]
-    return 2 * src.numel() / us / 1e3
-
-
 # --------------------------------------------------------------------------------------------------------------
 # outputs
 
@@ -422,7 +414,7 @@ def main(argv=None):
     comp_s, comp_errs = precompile(tasks, workers, timeout_s=min(90.0, args.budget_s / 2))
     print(f"# {total} points over {len(shapes)} shapes; precompiled {len(tasks)} variants with {workers} workers in "
           f"{comp_s:.1f} s" + (f"; {len(comp_errs)} failed (first: {comp_errs[0]})" if comp_errs else ""), flush=True)
-    copy_gbps = copy_bandwidth(dev)
+    copy_gbps = common.copy_bandwidth(dev, COPY_BYTES) / 1e9
     print(f"# device-to-device copy: {copy_gbps:.0f} GB/s (read + write)", flush=True)
     header = common.header("small_gemm", arch=arch, sms=sms, copy_gbps=round(copy_gbps, 1), budget_s=args.budget_s,
                            precompile_s=round(comp_s, 1), precompile_variants=len(tasks),

@@ -182,13 +182,14 @@ def test_number_scale_follows_the_op_to_its_device():
     """A spec built from a Python number works on any device (its scale is made there once and kept); a tensor
     scale stays where the caller put it, and a wrong device raises."""
     spec = q.FP8Static(0.05)
+    on_cpu = spec.scale
     q.check_spec(spec, 64, torch.device("meta"))
     on_meta = spec.scale
     assert on_meta.device.type == "meta" and on_meta.dtype == torch.float32 and on_meta.dim() == 0
-    q.check_spec(spec, 64, torch.device("meta"))
-    assert spec.scale is on_meta  # made once per device
     q.check_spec(spec, 64, torch.device("cpu"))
-    assert spec.scale.device.type == "cpu" and spec.scale.item() == pytest.approx(0.05)
+    assert spec.scale is on_cpu and spec.scale.item() == pytest.approx(0.05)
+    q.check_spec(spec, 64, torch.device("meta"))
+    assert spec.scale is on_meta  # made once per device, then kept
     nv = q.NVFP4(100.0, layout="linear")
     q.check_spec(nv, 64, torch.device("meta"))
     assert nv.global_scale.device.type == "meta"

@@ -165,8 +165,9 @@ def _(handle, x, weight, residual_shard, norm_weight, eps, fmt, group_size, in_s
 
 
 def norm_op(name: str, comm, x, residual, weight, eps, quant, gemma):
-    from . import ops
+    from . import ops, quant as q
 
+    q.check_spec(quant, comm.hidden_size, comm.device)  # also places a number-built scale on the device
     fmt, group_size, in_scale = ops.spec_to_args(quant)
     fn = torch.ops.tpfuse.comm_fused_add_rmsnorm if name == "fused_add_rmsnorm" else \
         torch.ops.tpfuse.comm_reduce_scatter_rmsnorm
@@ -175,9 +176,10 @@ def norm_op(name: str, comm, x, residual, weight, eps, quant, gemma):
 
 
 def matmul_norm_op(comm, x, weight, residual_shard, norm_weight, eps, quant, gemma, x_scale, w_scale):
-    from . import ops, scaled_gemm
+    from . import ops, quant as q, scaled_gemm
 
     xd, xs = scaled_gemm.unpack(x, x_scale)
+    q.check_spec(quant, comm.hidden_size, comm.device)  # also places a number-built scale on the device
     fmt, group_size, in_scale = ops.spec_to_args(quant)
     data, scale, res = torch.ops.tpfuse.comm_matmul_reduce_scatter_rmsnorm(
         comm._handle, xd, weight, residual_shard, norm_weight, float(eps), fmt, group_size, in_scale, bool(gemma), xs,

@@ -101,25 +101,31 @@ def _as_scale_tensor(value: ScaleLike, what: str) -> torch.Tensor:
 def _keep_number(spec, field: str, value: ScaleLike) -> None:
     """Set ``spec.<field>`` from ``value``; a Python number is also kept (``_number``) so that the scale can follow
     the op to its device (:func:`_place_number_scale`)."""
-    object.__setattr__(spec, field, _as_scale_tensor(value, f"{type(spec).__name__}.{field}"))
+    scale = _as_scale_tensor(value, f"{type(spec).__name__}.{field}")
+    object.__setattr__(spec, field, scale)
     if not isinstance(value, torch.Tensor):
         object.__setattr__(spec, "_number", float(value))
-        object.__setattr__(spec, "_placed", {})
+        object.__setattr__(spec, "_placed", {scale.device: scale})
 
 
 def _place_number_scale(spec, field: str, device) -> torch.Tensor:
-    """The scale of a spec built from a Python number, on ``device``: made there once per device (a fill kernel, so
-    a CUDA-graph capture may do it) and kept on the spec, whose ``<field>`` points at it from then on (a spec used
-    on one device at a time, as a rank's model does). Only for such a spec (``_placed``): a tensor scale's device is
-    the caller's."""
+    """The scale of a spec built from a Python number (``_placed``), on ``device``: made there once per device and
+    kept on the spec, whose ``<field>`` points at it from then on (a spec is used on one device at a time, as a
+    rank's model uses it; a tensor scale's device stays the caller's). Made outside a CUDA-graph capture only: a
+    fill recorded in a capture would leave the kept tensor unwritten until the first replay."""
     placed = spec.__dict__["_placed"]
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     t = placed.get(dev)
     if t is None:
+        if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise TPFuseInputError(
+                f"{type(spec).__name__}({spec._number}) is first used on {dev} inside a CUDA-graph capture: use it "
+                f"once before capturing (its scale is then placed on {dev}), or pass an fp32 tensor on {dev}")
         t = placed[dev] = torch.full((), spec._number, dtype=torch.float32, device=dev)
-    object.__setattr__(spec, field, t)
+    if getattr(spec, field) is not t:
+        object.__setattr__(spec, field, t)
     return t
 
 
@@ -127,9 +133,11 @@ def _place_number_scale(spec, field: str, device) -> torch.Tensor:
 class FP8Static:
     """FP8 e4m3 with one static per-tensor scale: ``q = clamp(x / scale)``. ``scale``: a finite float > 0 (checked
     here: zero, negative, NaN and Inf raise :class:`~tpfuse.errors.TPFuseInputError`; the scale then follows the op
-    to its device, copied there at the first call), or an fp32 ``[]``/``[1]`` tensor on the op's device. A tensor is read on the device, so no host sync, and its *value* is not checked:
-    a zero scale gives NaN / +-448 (``x * (1/0)``), a negative one flips every sign, NaN makes every output NaN -
-    the caller owns a tensor scale's value (its shape, dtype and device are checked at each call)."""
+    to its device, placed there at its first call on that device, which must not be inside a CUDA-graph capture),
+    or an fp32 ``[]``/``[1]`` tensor on the op's device. A tensor is read on the device, so no host sync, and its
+    *value* is not checked: a zero scale gives NaN / +-448 (``x * (1/0)``), a negative one flips every sign, NaN
+    makes every output NaN - the caller owns a tensor scale's value (its shape, dtype and device are checked at
+    each call)."""
 
     scale: ScaleLike
 
@@ -206,7 +214,7 @@ def check_spec(spec: Optional[QuantSpec], hidden: int, device: torch.device) -> 
         field = "scale" if tp is FP8Static else "global_scale"
         s = getattr(spec, field)
         dev_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-        if s.device.type != dev_type and "_placed" in spec.__dict__:
+        if "_placed" in spec.__dict__:  # a number: on this very device (index included)
             s = _place_number_scale(spec, field, device)
         if s.dtype is not torch.float32 or s.numel() != 1 or s.dim() > 1 or s.device.type != dev_type:
             _scale_error(f"{tp.__name__}.{field}", s, device)
@@ -229,7 +237,7 @@ def _check_spec_general(spec, hidden: int, device) -> None:
         field = "scale" if isinstance(spec, FP8Static) else "global_scale"
         name = ("FP8Static." if isinstance(spec, FP8Static) else "NVFP4.") + field
         s = getattr(spec, field)
-        if s.device.type != torch.device(device).type and "_placed" in spec.__dict__:
+        if "_placed" in spec.__dict__:
             s = _place_number_scale(spec, field, device)
         if s.dtype != torch.float32 or s.numel() != 1 or s.dim() > 1 or s.device.type != torch.device(device).type:
             _scale_error(name, s, device)

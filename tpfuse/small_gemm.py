@@ -1,6 +1,6 @@
 """The small-M GEMM op: ``out = x @ weight.T`` for decode batches (1 <= M <= 64), with FP8 scales, bias and an
 optional fused SiLU*mul epilogue. Kernel and launcher: :mod:`tpfuse.kernels.small_m_gemm`; reference (fp32 math,
-rounded once): :func:`tpfuse.reference.small_m_gemm`; when the model path uses it: :func:`route`.
+rounded once): :func:`tpfuse.reference.small_m_gemm`; when the model path uses it: :func:`use_kernel`.
 
 ``small_m_gemm(x, weight, *, x_scale=None, w_scale=None, bias=None, silu_mul=False, out_scale=None,
 out_dtype=None)``
@@ -29,8 +29,9 @@ Dispatch as :mod:`tpfuse.ops`: CUDA tensors run the Triton kernel (the custom op
 Dynamo traces, the op body directly in eager mode), CPU tensors the reference, or the kernel under the Triton
 interpreter with ``TPFUSE_TRITON_CPU=1``. The custom op has a fake impl; the launch is CUDA-graph safe.
 
-:func:`route` is the model path's question (``tpfuse.parallel`` layers): the tuned table's config where the kernel
-beat the library call for ``(arch, scheme, N, K, M bucket)``, else None (keep ``F.linear`` / ``_scaled_mm``).
+:func:`use_kernel` is the model path's question (``tpfuse.parallel`` layers): whether the tuned table says the
+kernel beat the library call for ``(arch, scheme, N, K, M bucket)`` (else keep ``F.linear`` / ``_scaled_mm``);
+:func:`route` gives that table row's config.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from .kernels import small_m_configs as smc
 MAX_M = smc.MAX_M
 _FLOAT16 = (torch.bfloat16, torch.float16)
 _ARCH: dict = {}  # device -> (arch, SM count)
+_UNSEEN = object()  # route()'s memo miss (None is a memoized "keep the library call")
 
 
 def device_info(device: torch.device):
@@ -63,19 +65,28 @@ def device_info(device: torch.device):
     return info
 
 
+def scale_kind(scale: Optional[torch.Tensor]) -> Optional[bool]:
+    """The kind of an FP8 scale as the table's schemes name it (:func:`~tpfuse.kernels.small_m_configs.scheme_name`):
+    None (no scale), False (per-tensor: one element, ``[]`` / ``[1]``) or True (row-wise: anything else, e.g. a
+    per-token ``[M, 1]`` or per-channel ``[N, 1]``). Reads the shape only (no validation: :func:`check` does it),
+    so :func:`use_kernel` asks the table about the very scheme that :func:`small_m_gemm` then launches."""
+    if scale is None:
+        return None
+    return scale.dim() > 1 or scale.numel() != 1
+
+
 def _row_kind(scale, rows: int, name: str, what: str, device) -> Optional[bool]:
-    """None (no scale), False (per-tensor) or True (row-wise); raises on anything else."""
+    """:func:`scale_kind` of a validated scale; raises on anything but per-tensor or ``[rows]`` / ``[rows, 1]``."""
     if scale is None:
         return None
     if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or scale.device != device:
         raise TPFuseInputError(f"{name} must be an fp32 tensor on {device}, got "
                                f"{getattr(scale, 'dtype', type(scale).__name__)} on {getattr(scale, 'device', '-')}")
-    if scale.dim() <= 1 and scale.numel() == 1:
-        return False
-    if tuple(scale.shape) in ((rows,), (rows, 1)) and scale.is_contiguous():
-        return True
-    raise TPFuseInputError(f"{name} has shape {tuple(scale.shape)}: expected [] / [1] (per-tensor) or a contiguous "
-                           f"[{rows}] / [{rows}, 1] ({what})")
+    row_wise = scale_kind(scale)
+    if row_wise and not (tuple(scale.shape) in ((rows,), (rows, 1)) and scale.is_contiguous()):
+        raise TPFuseInputError(f"{name} has shape {tuple(scale.shape)}: expected [] / [1] (per-tensor) or a "
+                               f"contiguous [{rows}] / [{rows}, 1] ({what})")
+    return row_wise
 
 
 def check(x, weight, x_scale, w_scale, bias, silu_mul, out_scale, out_dtype) -> str:
@@ -145,9 +156,8 @@ def _impl(x: torch.Tensor, weight: torch.Tensor, x_scale: Optional[torch.Tensor]
         return out
     from .kernels.small_m_gemm import launch_small_m_gemm  # lazily: import tpfuse never imports Triton
 
-    xr = None if x_scale is None else not (x_scale.dim() <= 1 and x_scale.numel() == 1)
-    wr = None if w_scale is None else not (w_scale.dim() <= 1 and w_scale.numel() == 1)
-    scheme = smc.scheme_name(x.dtype, weight.dtype, xr, wr, silu_mul, out_scale is not None)
+    scheme = smc.scheme_name(x.dtype, weight.dtype, scale_kind(x_scale), scale_kind(w_scale), silu_mul,
+                             out_scale is not None)
     arch, sms = device_info(x.device)
     launch_small_m_gemm(x, weight, x_scale, w_scale, bias, out, out_scale, silu_mul, scheme, arch, sms)
     return out
@@ -177,10 +187,14 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, *, x_scale: Optional[tor
 
 def route(x: torch.Tensor, weight: torch.Tensor, *, x_row: Optional[bool] = None, w_row: Optional[bool] = None,
           silu: bool = False, out_fp8: bool = False) -> Optional[smc.GemmConfig]:
-    """The model path's question for one GEMM of ``x [M, K]`` (a tensor or its e4m3 data) with ``weight``: the
-    tuned config where the table says the kernel beats the library call here, else None. ``x_row`` / ``w_row``:
-    the kinds of the FP8 scales (True row-wise, False per-tensor, None absent); ``silu`` / ``out_fp8``: the fused
-    SiLU*mul epilogue (with a static FP8 output). One memo lookup per call once a shape was seen."""
+    """The tuned config the kernel runs with for one GEMM of ``x [M, K]`` (a tensor or its e4m3 data) with
+    ``weight`` where the table says it beats the library call there, else None (also for M > :data:`MAX_M`, before
+    any lookup: prefill sizes never enter the memo). ``x_row`` / ``w_row``: :func:`scale_kind` of the FP8 scales;
+    ``silu`` / ``out_fp8``: the fused SiLU*mul epilogue (with a static FP8 output). One memo lookup per call once a
+    shape was seen. The model path asks :func:`use_kernel`."""
+    m = x.shape[0]
+    if m > MAX_M:
+        return None
     dev = x.device
     has = smc.ROUTE_MEMO.get(dev)  # no routing rows for this device: one lookup, no key built
     if has is None:
@@ -188,7 +202,20 @@ def route(x: torch.Tensor, weight: torch.Tensor, *, x_row: Optional[bool] = None
     if not has:
         return None
     n, k = weight.shape
-    m = x.shape[0]
     key = (dev, x.dtype, weight.dtype, x_row, w_row, silu, out_fp8, n, k, m)
-    return smc.memo(key, lambda: smc.route(device_info(dev)[0], smc.scheme_name(
-        x.dtype, weight.dtype, x_row, w_row, silu, out_fp8), n, k, m))
+    cfg = smc.ROUTE_MEMO.get(key, _UNSEEN)  # a seen shape: no closure built, no memo() call
+    if cfg is _UNSEEN:
+        cfg = smc.memo(key, lambda: smc.route(device_info(dev)[0], smc.scheme_name(
+            x.dtype, weight.dtype, x_row, w_row, silu, out_fp8), n, k, m))
+    return cfg
+
+
+def use_kernel(x: torch.Tensor, weight: torch.Tensor, *, x_scale: Optional[torch.Tensor] = None,
+               w_scale: Optional[torch.Tensor] = None, silu_mul: bool = False,
+               out_scale: Optional[torch.Tensor] = None) -> bool:
+    """The model path's question: whether ``small_m_gemm(x, weight, x_scale=..., w_scale=..., silu_mul=...,
+    out_scale=...)`` (the same arguments; bias and out_dtype do not enter the table's key) beats the library call
+    it would replace (``F.linear`` / ``_scaled_mm``, or the unfused pair for ``silu_mul``), per the tuned table.
+    False for M > :data:`MAX_M`. Cost once a shape was seen: :func:`route`'s one memo lookup."""
+    return route(x, weight, x_row=scale_kind(x_scale), w_row=scale_kind(w_scale), silu=silu_mul,
+                 out_fp8=out_scale is not None) is not None

@@ -63,9 +63,10 @@ def assert_logits_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype
 
 def fp8_step(value: torch.Tensor) -> torch.Tensor:
     """Size of one e4m3 quantization step at ``|value|`` (in the scaled domain): 2^(floor(log2|v|) - 3), with the
-    subnormal step 2^-9 below 2^-6. Exact on every device: the exponent comes from ``frexp`` (``|v| = m * 2^e``,
-    ``m`` in [0.5, 1)), not from a ``log2`` that may round up just below a power of two."""
-    v = value.abs().float().clamp(min=2.0 ** -6)
+    subnormal step 2^-9 below 2^-6 and the step at 448 (32) beyond, where e4m3 saturates (Inf included). Exact
+    on every device: the exponent comes from ``frexp`` (``|v| = m * 2^e``, ``m`` in [0.5, 1)), not from a ``log2``
+    that may round up just below a power of two."""
+    v = value.abs().float().clamp(min=2.0 ** -6, max=448.0)
     _, e = torch.frexp(v)
     return torch.ldexp(torch.ones_like(v), e - 4)
 
@@ -90,7 +91,7 @@ def assert_quant_close(qa, ref: torch.Tensor, what: str = "", scale_rtol: float 
 
     spec = qa.spec
     dev = qa.data.device
-    ref32 = ref.to(dev).float()
+    ref32 = ref.float().to(dev)
     if isinstance(spec, q.NVFP4):
         _assert_nvfp4_close(qa, ref32, what)
         return
@@ -121,6 +122,7 @@ def assert_quant_close(qa, ref: torch.Tensor, what: str = "", scale_rtol: float 
 
 
 def _assert_nvfp4_close(qa, ref32: torch.Tensor, what: str) -> None:
+    """:func:`assert_quant_close` for NVFP4: block scales to one e4m3 step, elements to one e2m1 step."""
     from . import quant as q
 
     spec = qa.spec

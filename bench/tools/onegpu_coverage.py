@@ -62,7 +62,8 @@ def by_file_only(runs):
 
 def todo(collected, runs, tp: int, after: str = ""):
     """The collected test ids (one-GPU parameters) whose latest outcome at ``tp`` in ``runs`` (those dated from
-    ``after`` on) is not ``passed``, in collection order."""
+    ``after`` on) is not ``passed``, in collection order. A test skipped there counts as not passed (it is tried
+    again: its reason may be gone)."""
     latest = latest_per_test([r for r in runs if r[0] >= after]).get(tp, {})
     mine = [t for t in collected if "::" in t and _tp_of(t) == tp]
     return [t for t in mine if latest.get(_key(t), ("",))[0] != "passed"]
@@ -77,7 +78,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     runs = load(args.results)
     if args.todo is not None:
-        collected = [line.strip() for line in sys.stdin if "::" in line and "onegpu" in line]
+        # the ids pytest --collect-only -q prints (a warnings summary may repeat one, indented or not: kept once)
+        collected = list(dict.fromkeys(line.rstrip("\n") for line in sys.stdin
+                                       if "::" in line and "onegpu" in line and not line[:1].isspace()))
         for t in todo(collected, runs, args.todo, args.after):
             print(shlex.quote(t))
         return

@@ -496,7 +496,7 @@ def _values(kind):
             inp.xs[1][2, 5] = float("nan")
         elif kind == "inf":
             inp.xs[1][3, 7] = float("inf")
-        ref_out, ref_res = (t_.cpu() for t_ in oracle(inp, EPS))  # the checks compare CPU copies
+        ref_out, ref_res = (t_.cpu() for t_ in oracle(inp, EPS))  # compared with the outputs' CPU copies
         _warm_up(c, rank, world, q.FP8PerToken() if kind == "outlier" else None)
         res = {}
         if kind == "outlier":

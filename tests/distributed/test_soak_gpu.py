@@ -1,14 +1,14 @@
 """GPU soak at TP=2 (NCCL with two GPUs, else one-GPU mode): one captured decode step of a parallelized model
 replayed ``TPFUSE_SOAK_REPLAYS`` times (default 2,000, as in ``bench/gpu_run.sh``'s ``onegpu`` step; its ``soak``
-step runs 100,000) with a
-fresh token per row every replay, the logits checked against the fp64 oracle every 1,000 replays and at the last:
-nothing drifts (no stale flag, epoch or buffer parity after many replays of the fused all-reduce), nothing hangs.
+step runs 100,000) with a fresh token per row every replay, the logits checked against the fp64 oracle every 1,000
+replays and at the last: nothing drifts (no stale flag, epoch or buffer parity after many replays of the fused
+all-reduce), nothing hangs.
 
-The step (one decoder layer: its attention and MLP all-reduces; 100,000 replays took 36 s in one-GPU mode under
-MPS on one H100): a batch of 4 prompts is prefilled and decoded once (which captures the bucket's graph); every replay then
-writes a new random token at the same cache position of each row (``cache_pos`` stays put, so the cache never
-fills) and reads the logits of that token, which depend on the whole prefix through the KV cache. The oracle is
-the unsharded model in fp64 over prefix + that token. Both ranks draw the same tokens (one seeded generator).
+The step (one decoder layer: its attention and MLP all-reduces; 100,000 replays took 36 s in one-GPU mode under MPS
+on one H100): a batch of 4 prompts is prefilled and decoded once (which captures the bucket's graph); every replay
+then writes a new random token at the same cache position of each row (``cache_pos`` stays put, so the cache never
+fills) and reads the logits of that token, which depend on the whole prefix through the KV cache. The oracle is the
+unsharded model in fp64 over prefix + that token. Both ranks draw the same tokens (one seeded generator).
 """
 
 import os

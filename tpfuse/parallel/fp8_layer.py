@@ -113,8 +113,7 @@ class FP8DecoderLayer(TPDecoderLayer):
         table says it beats ``_scaled_mm`` at this (scheme, N, K, M bucket) (bias fused), else ``_scaled_mm`` (its
         CPU emulation off CUDA) with the bias added in place, as always. The activation scales are the fused norm
         / SiLU*mul / quantize kernels' own (per token ``[M, 1]``, or the static scalar)."""
-        if a.data.shape[0] <= small_gemm.MAX_M and small_gemm.route(
-                a.data, g.weight, x_row=type(a.spec) is q.FP8PerToken, w_row=g.scale.dim() > 1) is not None:
+        if small_gemm.use_kernel(a.data, g.weight, x_scale=a.scale, w_scale=g.scale):
             return small_gemm.small_m_gemm(a.data, g.weight, x_scale=a.scale, w_scale=g.scale, bias=bias)
         y = self._mm(a.data, g.weight, a.scale, g.scale)
         return y if bias is None else y.add_(bias)
@@ -129,9 +128,9 @@ class FP8DecoderLayer(TPDecoderLayer):
         """``silu_mul(gate-up GEMM, quant=down's input format)``: one fused small-M kernel (static FP8 output) where
         the table says it beats the unfused pair; per-token FP8 needs the whole row's amax, so it stays two ops."""
         g, spec = self._g["gate_up"], self._g["down"].in_spec
-        if (not ctx.meta.sp and type(spec) is q.FP8Static and x.data.shape[0] <= small_gemm.MAX_M
-                and small_gemm.route(x.data, g.weight, x_row=type(x.spec) is q.FP8PerToken, w_row=g.scale.dim() > 1,
-                                     silu=True, out_fp8=True) is not None):
+        if (not ctx.meta.sp and type(spec) is q.FP8Static
+                and small_gemm.use_kernel(x.data, g.weight, x_scale=x.scale, w_scale=g.scale, silu_mul=True,
+                                          out_scale=spec.scale)):
             h = small_gemm.small_m_gemm(x.data, g.weight, x_scale=x.scale, w_scale=g.scale, bias=g.bias,
                                         silu_mul=True, out_scale=spec.scale)
             return q.QuantizedActivation(data=h, scale=spec.scale, spec=spec, orig_dtype=torch.bfloat16,

@@ -162,7 +162,7 @@ class TPDecoderLayer(nn.Module):
         """``x @ w.T (+ b)`` of the all-reduce form: the small-M kernel where its tuned table says it beats
         ``F.linear`` at this (N, K, M bucket) (decode batches; bias fused, rounded once), else ``F.linear`` with the
         bias added in place, as always (no table row: exactly that)."""
-        if x.shape[0] <= small_gemm.MAX_M and small_gemm.route(x, w) is not None:
+        if small_gemm.use_kernel(x, w):
             return small_gemm.small_m_gemm(x, w, bias=b)
         y = F.linear(x, w)
         return y if b is None else y.add_(b)
@@ -178,9 +178,9 @@ class TPDecoderLayer(nn.Module):
     def _gate_up_silu(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """``silu_mul(x @ W_gate_up.T + b)``: one fused small-M kernel where the table says it beats the best
         unfused GEMM + ``silu_mul`` (all-reduce form), else the two ops."""
-        if not ctx.meta.sp and x.shape[0] <= small_gemm.MAX_M:
+        if not ctx.meta.sp and x.shape[0] <= small_gemm.MAX_M:  # prefill: no fused-weight check before _column's
             w, b = self._fused_weight("gate_up", self._gate_up_mods)
-            if small_gemm.route(x, w, silu=True) is not None:
+            if small_gemm.use_kernel(x, w, silu_mul=True):
                 return small_gemm.small_m_gemm(x, w, bias=b, silu_mul=True)
         return ops.silu_mul(self._column(x, "gate_up", self._gate_up_mods, ctx))
 
