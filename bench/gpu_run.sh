@@ -13,9 +13,11 @@
 #           ONEGPU_K_<tp> for one TP size) adds a -k filter, ONEGPU_MAXFAIL stops a TP size after that many failures,
 #           ONEGPU_TODO=1 runs only the tests bench/results has not seen pass at that TP (ONEGPU_AFTER=<ISO date>:
 #           count only runs from then on; bench/tools/onegpu_coverage.py --todo);
-#           its decode-graph soak runs 2000 replays. ONEGPU_MPS=1 runs the ranks concurrently under an MPS daemon of
-#           this call's own (the persistent kernels then run on half the SMs split among the ranks: persistent_grid);
-#           without it the ranks' contexts take turns (milliseconds a call: a TP size needs more than one call)
+#           its decode-graph soak runs 2000 replays; timing_tp<N>.tsv says per test how long its ranks took and how
+#           much of it was Triton compiles (TPFUSE_TEST_TIMING, summed up by bench/tools/suite_timing.py).
+#           ONEGPU_MPS=1 runs the ranks concurrently under an MPS daemon of this call's own (the persistent kernels
+#           then run on half the SMs split among the ranks: persistent_grid); without it the ranks' contexts take
+#           turns (milliseconds a call: a TP size needs more than one call)
 #   soak: the TP=2 decode-graph soak alone, SOAK_REPLAYS (default 100000) replays (one-GPU mode on one GPU; ~5 ms
 #         a replay time-sliced: about 9 minutes; ONEGPU_MPS=1 as above: 36 s on one H100), JUnit XML +
 #         onegpu_suite_<device>_soak_tp2.json (replays and worst logits error among the test's properties)
@@ -116,8 +118,9 @@ for s in "${steps[@]}"; do
                 targets=$(tr '\n' ' ' < "$OUT/todo_tp$tp.txt"); echo "TP=$tp todo: $(wc -l < "$OUT/todo_tp$tp.txt") tests"
                 [[ -z ${targets// /} ]] && continue
               fi
-              run "onegpu_tp$tp" env TPFUSE_TEST_TP="$tp" TPFUSE_SOAK_REPLAYS=2000 bash -c "python3 -m pytest -q -rs -p no:cacheprovider --durations=20 ${ONEGPU_MAXFAIL:+--maxfail=$ONEGPU_MAXFAIL} --junitxml=$OUT/onegpu_tp$tp.xml -k '$k' $targets"
+              run "onegpu_tp$tp" env TPFUSE_TEST_TP="$tp" TPFUSE_SOAK_REPLAYS=2000 TPFUSE_TEST_TIMING="$OUT/timing_tp$tp.tsv" bash -c "python3 -m pytest -q -rs -p no:cacheprovider --durations=20 ${ONEGPU_MAXFAIL:+--maxfail=$ONEGPU_MAXFAIL} --junitxml=$OUT/onegpu_tp$tp.xml -k '$k' $targets"
               xmls+=("$OUT/onegpu_tp$tp.xml"); tps+=("$tp")
+              [[ -f $OUT/timing_tp$tp.tsv ]] && python3 bench/tools/suite_timing.py "$OUT/timing_tp$tp.tsv" --top 12
             done
             [[ $sharing == mps ]] && mps_stop
             [[ ${#xmls[@]} -gt 0 ]] && python3 bench/tools/junit_summary.py --sharing $sharing --out "$OUT/onegpu_suite_$(python3 -c 'import sys; sys.path.insert(0,"bench"); import common; print(common.device_slug())')_tp$(IFS=_; echo "${tps[*]}").json" --tp "${tps[@]}" -- "${xmls[@]}" ;;

@@ -197,3 +197,10 @@ def test_number_scale_follows_the_op_to_its_device():
         q.check_spec(q.FP8Static(torch.tensor(0.05)), 64, torch.device("meta"))
     with pytest.raises(TPFuseInputError, match="NVFP4.global_scale is on cpu"):
         q.check_spec(q.NVFP4(torch.tensor(1.0)), 64, torch.device("meta"))
+
+
+def test_number_scale_is_never_first_placed_inside_a_graph_capture(monkeypatch):
+    # a fill recorded in a capture would leave the kept scale unwritten until the first replay: a clear error instead
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(TPFuseInputError, match="inside a CUDA-graph capture: use it once before capturing"):
+        q.check_spec(q.FP8Static(0.05), 64, torch.device("cuda", 0))

@@ -204,7 +204,9 @@ class QuantizedActivation:
 
 
 def check_spec(spec: Optional[QuantSpec], hidden: int, device: torch.device) -> None:
-    """Raise :class:`TPFuseInputError` if ``spec`` cannot quantize a ``[*, hidden]`` activation on ``device``."""
+    """Raise :class:`TPFuseInputError` if ``spec`` cannot quantize a ``[*, hidden]`` activation on ``device``. A
+    scale given as a Python number is placed on ``device`` here (:func:`_place_number_scale`): every op that takes a
+    spec calls this before reading the scale, so this is where the scale follows the op."""
     if spec is None:
         return
     tp = type(spec)  # the spec classes are final dataclasses: a type test is enough (and cheaper than isinstance)

@@ -30,6 +30,7 @@ the CPU).
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
 import time
@@ -39,7 +40,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+import rank_timing
+
 GLOO_TIMEOUT_S = 45.0
+_CALLS = itertools.count()  # run_on_ranks calls of this process, numbered (rank_timing's call column)
 
 
 def available_backends(world_size: int) -> List[str]:
@@ -83,17 +87,22 @@ def _worker(rank: int, world: int, backend: str, port: int, conn) -> None:
         dist.init_process_group("gloo" if backend == "onegpu" else backend, init_method=f"tcp://127.0.0.1:{port}",
                                 rank=rank, world_size=world, timeout=timedelta(seconds=GLOO_TIMEOUT_S))
         ctrl = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
+        if rank_timing.enabled():
+            rank_timing.install()
         conn.send(("ready", None))
         while True:
             msg = conn.recv()
             if msg is None:
                 break
-            fn, args, kwargs, solo = msg
+            fn, args, kwargs, solo, (test, call) = msg
             ok, payload = True, None
+            mark = rank_timing.start()
             try:
                 payload = fn(rank, world, *args, **kwargs)
             except BaseException:  # noqa: BLE001 - report everything, including assertion errors
                 ok, payload = False, traceback.format_exc()
+            if rank_timing.enabled():
+                rank_timing.record(mark, test, call, getattr(fn, "__name__", str(fn)), world, rank)
             if solo:  # a peer died on purpose: no control all-reduce, no teardown of the broken group
                 conn.send(("result", (ok, payload, not ok)))
                 from tpfuse.distributed import exit_rank
@@ -162,8 +171,10 @@ class RankPool:
 
     def run(self, fn: Callable, args: tuple, kwargs: dict, timeout_s: float,
             dies: Tuple[int, ...] = ()) -> Tuple[bool, List[Any]]:
+        # for rank_timing: "<node id> (call)" -> the node id, and this call's number in the session
+        label = (os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0], next(_CALLS))
         for c in self.conns:
-            c.send((fn, args, kwargs, bool(dies)))
+            c.send((fn, args, kwargs, bool(dies), label))
         deadline = time.monotonic() + timeout_s
         results, problems = [], []
         for r, c in enumerate(self.conns):
