@@ -491,6 +491,9 @@ def plot_ratio_panels(path: str, rows: list, *, panel: tuple, x: str, y: str, ba
             ax.axhline(ref, color="k" if i == 0 else "gray", lw=0.8, ls="-" if i == 0 else "--")
         ax.set(xscale="log", xlabel=xlabel(key) if callable(xlabel) else (xlabel or x), ylabel=ylabel,
                title=" ".join(map(str, key)))
+        xs = sorted({r[x] for r in sel})
+        ax.set_xticks(xs, [str(v) for v in xs])  # the measured points, plainly labelled (no 2x10^0 minor labels)
+        ax.set_xticks([], minor=True)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
