@@ -17,7 +17,9 @@
 #           much of it was Triton compiles (TPFUSE_TEST_TIMING, summed up by bench/tools/suite_timing.py).
 #           ONEGPU_MPS=1 runs the ranks concurrently under an MPS daemon of this call's own (the persistent kernels
 #           then run on half the SMs split among the ranks: persistent_grid); without it the ranks' contexts take
-#           turns (milliseconds a call: a TP size needs more than one call)
+#           turns (milliseconds a call: a TP size needs more than one call); under MPS a TP size's files run as two pytest
+#           runs at once (ONEGPU_GROUPS=2, the default there; 1: one run; ONEGPU_GROUP_B names the second run's files),
+#           every kernel then sized for both runs' processes (TPFUSE_ONE_GPU_PROCESSES = 2 x TP)
 #   soak: the TP=2 decode-graph soak alone, SOAK_REPLAYS (default 100000) replays (one-GPU mode on one GPU; ~5 ms
 #         a replay time-sliced: about 9 minutes; ONEGPU_MPS=1 as above: 36 s on one H100), JUnit XML +
 #         onegpu_suite_<device>_soak_tp2.json (replays and worst logits error among the test's properties)
@@ -55,6 +57,40 @@ run() {  # run NAME CMD...: log to $OUT/NAME.log, at most ${LIMIT_<NAME>:-600} s
   tail -n 25 "$OUT/$name.log"
   echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
   [[ $rc -eq 0 ]] || status=1
+  return $rc
+}
+# the onegpu step's second group (ONEGPU_GROUPS=2): these files run in a pytest of their own beside the rest, each
+# group's kernels on a quarter of the SMs (TPFUSE_ONE_GPU_PROCESSES); mostly peer timeouts and fresh processes, so
+# they overlap the fused-AR file's Triton compiles (timing files of a72bca4: 157 + 76 + 43 + 29 s vs 241 + 23 s at TP 8)
+ONEGPU_GROUP_B=${ONEGPU_GROUP_B:-"test_fault_gpu test_async_tp_gpu test_parallelize_gpu test_model_runtime_gpu"}
+onegpu_pytest() {  # onegpu_pytest NAME TP K PROCS TARGET...: one pytest run of the one-GPU suite
+  local name=$1 tp=$2 k=$3 procs=$4; shift 4
+  run "$name" env TPFUSE_TEST_TP="$tp" TPFUSE_ONE_GPU_PROCESSES="$procs" TPFUSE_SOAK_REPLAYS=2000 \
+    TPFUSE_TEST_TIMING="$OUT/timing_tp$tp.tsv" bash -c "python3 -m pytest -q -rs -p no:cacheprovider --durations=20 \
+    ${ONEGPU_MAXFAIL:+--maxfail=$ONEGPU_MAXFAIL} --junitxml=$OUT/$name.xml -k '$k' $(printf '%q ' "$@")"
+}
+onegpu_tp() {  # onegpu_tp TP K TARGET...: a TP size's tests in ONEGPU_GROUPS (1 or 2) pytest runs at once
+  local tp=$1 k=$2; shift 2
+  local a=() b=() t f pid=
+  for t in "$@"; do
+    f=${t%%::*}; f=${f##*/}
+    if [[ ${ONEGPU_GROUPS:-1} -ge 2 && " $ONEGPU_GROUP_B " == *" ${f%.py} "* ]]; then b+=("$t"); else a+=("$t"); fi
+  done
+  [[ ${#a[@]} -eq 0 ]] && { a=("${b[@]}"); b=(); }
+  local procs=$tp t0=$SECONDS; [[ ${#b[@]} -gt 0 ]] && procs=$((2 * tp))
+  if [[ ${#b[@]} -gt 0 ]]; then
+    local lim_var="LIMIT_onegpu_tp$tp"; export "LIMIT_onegpu_tp${tp}_b=${!lim_var:-${LIMIT_DEFAULT:-600}}"
+    onegpu_pytest "onegpu_tp${tp}_b" "$tp" "$k" "$procs" "${b[@]}" > "$OUT/onegpu_tp${tp}_b.out" 2>&1 & pid=$!
+  fi
+  onegpu_pytest "onegpu_tp$tp" "$tp" "$k" "$procs" "${a[@]}"
+  xmls+=("$OUT/onegpu_tp$tp.xml"); tps+=("$tp")
+  if [[ -n $pid ]]; then
+    wait "$pid" || status=1
+    cat "$OUT/onegpu_tp${tp}_b.out"; rm -f "$OUT/onegpu_tp${tp}_b.out"
+    xmls+=("$OUT/onegpu_tp${tp}_b.xml"); tps+=("$tp")
+  fi
+  echo "=== TP=$tp: the whole selection in $((SECONDS - t0)) s wall ($([[ -n $pid ]] && echo 2 || echo 1) pytest runs at once)"
+  [[ -f $OUT/timing_tp$tp.tsv ]] && python3 bench/tools/suite_timing.py "$OUT/timing_tp$tp.tsv" --top 12
 }
 TR2=(python3 -m torch.distributed.run --standalone --nproc-per-node="$ngpu")  # an array: `timeout` runs it
 TR1=(python3 -m torch.distributed.run --standalone --nproc-per-node=1)
@@ -100,6 +136,7 @@ for s in "${steps[@]}"; do
     probe_ce) [[ $ngpu -ge 2 ]] && run probe_ce "${TR2[@]}" bench/probe_ce.py --out "$OUT/probe_ce_tp${ngpu}.json" ;;
     onegpu) xmls=(); tps=(); sharing=timeslice
             [[ -n ${ONEGPU_MPS:-} ]] && mps_start && sharing=mps
+            : "${ONEGPU_GROUPS:=$([[ $sharing == mps ]] && echo 2 || echo 1)}"  # time-sliced ranks gain nothing by it
             d=tests/distributed
             tests=${ONEGPU_TESTS:-"$d/test_fused_ar_gpu.py $d/test_async_tp_gpu.py $d/test_fault_gpu.py $d/test_parallelize_gpu.py $d/test_model_runtime_gpu.py $d/test_fp8_model_gpu.py $d/test_soak_gpu.py $d/test_comm_ops.py $d/test_fp8_gemm.py $d/test_fault_catalog.py"}
             for tp in ${ONEGPU_TP:-2}; do
@@ -118,9 +155,8 @@ for s in "${steps[@]}"; do
                 targets=$(tr '\n' ' ' < "$OUT/todo_tp$tp.txt"); echo "TP=$tp todo: $(wc -l < "$OUT/todo_tp$tp.txt") tests"
                 [[ -z ${targets// /} ]] && continue
               fi
-              run "onegpu_tp$tp" env TPFUSE_TEST_TP="$tp" TPFUSE_SOAK_REPLAYS=2000 TPFUSE_TEST_TIMING="$OUT/timing_tp$tp.tsv" bash -c "python3 -m pytest -q -rs -p no:cacheprovider --durations=20 ${ONEGPU_MAXFAIL:+--maxfail=$ONEGPU_MAXFAIL} --junitxml=$OUT/onegpu_tp$tp.xml -k '$k' $targets"
-              xmls+=("$OUT/onegpu_tp$tp.xml"); tps+=("$tp")
-              [[ -f $OUT/timing_tp$tp.tsv ]] && python3 bench/tools/suite_timing.py "$OUT/timing_tp$tp.tsv" --top 12
+              read -r -a target_list <<< "$targets"
+              onegpu_tp "$tp" "$k" "${target_list[@]}"
             done
             [[ $sharing == mps ]] && mps_stop
             [[ ${#xmls[@]} -gt 0 ]] && python3 bench/tools/junit_summary.py --sharing $sharing --out "$OUT/onegpu_suite_$(python3 -c 'import sys; sys.path.insert(0,"bench"); import common; print(common.device_slug())')_tp$(IFS=_; echo "${tps[*]}").json" --tp "${tps[@]}" -- "${xmls[@]}" ;;

@@ -52,6 +52,8 @@ import torch.distributed as dist
 ONE_GPU_ENV = "TPFUSE_ONE_GPU"
 """Environment switch of one-GPU mode (``1``): what ``launch/run.sh --one-gpu`` sets, and what
 :func:`init_distributed` sets for the process (and its children) when called with ``one_gpu=True``."""
+ONE_GPU_PROCESSES_ENV = "TPFUSE_ONE_GPU_PROCESSES"
+"""Escape hatch: the rank processes of *all* one-GPU jobs sharing one GPU at once (:func:`ranks_per_device`)."""
 _ONE_GPU_TORCH_ENV = {"TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES": "1", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                       "NCCL_NVLS_ENABLE": "0", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -66,11 +68,29 @@ def ranks_per_device() -> int:
     mode, else 1. tpfuse's persistent kernels (one program per SM, spinning on their peers' flags) size their grid by
     it (:func:`tpfuse.backends.fused_allreduce.persistent_grid`): when the ranks' kernels run *concurrently* (an MPS
     daemon), every rank's programs must be resident at once, or a program spins on a peer that has no SM left until
-    ``timeout_s``. Host-local (no collective); the workspace takes the minimum over the group."""
+    ``timeout_s``. Host-local (no collective); the workspace takes the minimum over the group.
+
+    Escape hatch ``TPFUSE_ONE_GPU_PROCESSES=<n>``: when several one-GPU jobs share the GPU at once (two test runs,
+    two torchrun jobs), each job only knows its own ranks; set it to the processes of all of them on one GPU, and
+    every job's kernels size their grid for that many (never for fewer than its own)."""
     if not one_gpu_mode() or not torch.cuda.is_available():
         return 1
     local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    return max(1, -(-local // torch.cuda.device_count()))
+    mine = max(1, -(-local // torch.cuda.device_count()))
+    shared = os.environ.get(ONE_GPU_PROCESSES_ENV)
+    if shared:  # several jobs on one GPU at once: each sizes its grid for all their processes
+        return max(mine, _positive_int(ONE_GPU_PROCESSES_ENV, shared))
+    return mine
+
+
+def _positive_int(name: str, value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{name}={value!r}: expected a positive number of processes")
+    return n
 
 
 def default_backend(local_world_size: Optional[int] = None) -> str:

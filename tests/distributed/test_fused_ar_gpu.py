@@ -12,6 +12,7 @@ import torch
 from cases import (assert_path_ran, fused_ar_graph_replays, gpu_tp_params, make_comm, make_inputs, make_spec,
                    norm_of_residual, oracle, run_gpu)
 from harness import gpu_backend
+from tpfuse.distributed import ranks_per_device
 from tpfuse.errors import TPFusePeerTimeout
 from tpfuse.tolerance import assert_close, assert_quant_close
 
@@ -45,9 +46,11 @@ def _check(comm, rank, world, seed, t, h, *, kind=None, with_res=True, gemma=Fal
 
 def _sweep(rank, world, path, hidden, tokens, kinds):
     comm = _comm(path, hidden)
-    # one program per SM; in one-GPU mode (all ranks on one GPU) half the SMs divided among the ranks
+    # one program per SM; in one-GPU mode half the SMs divided among the processes sharing the GPU (this test's
+    # ranks, or every concurrent job's with TPFUSE_ONE_GPU_PROCESSES)
     sms = torch.cuda.get_device_properties(comm.device).multi_processor_count
-    want = sms // (2 * world) if gpu_backend(world) == "onegpu" else sms
+    want = sms // (2 * ranks_per_device()) if gpu_backend(world) == "onegpu" else sms
+    assert gpu_backend(world) != "onegpu" or ranks_per_device() >= world
     assert comm.workspaces["fused_allreduce"].grid == want, (comm.workspaces["fused_allreduce"].grid, want)
     n = 0
     for i, t in enumerate(tokens):

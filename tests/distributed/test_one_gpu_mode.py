@@ -77,6 +77,18 @@ def test_ranks_per_device_sizes_persistent_grids(monkeypatch):
     assert td.ranks_per_device() == 3
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert td.ranks_per_device() == 1
+    # several jobs on one GPU: each sizes its grid for the processes of all (never fewer than its own)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setenv(td.ONE_GPU_PROCESSES_ENV, "16")
+    assert td.ranks_per_device() == 16
+    monkeypatch.setenv(td.ONE_GPU_PROCESSES_ENV, "4")
+    assert td.ranks_per_device() == 8
+    for bad in ("0", "two"):
+        monkeypatch.setenv(td.ONE_GPU_PROCESSES_ENV, bad)
+        with pytest.raises(ValueError, match="TPFUSE_ONE_GPU_PROCESSES"):
+            td.ranks_per_device()
+    monkeypatch.delenv(td.ONE_GPU_PROCESSES_ENV)
     from tpfuse.backends.fused_allreduce import persistent_grid
 
     # a program per SM alone on a GPU; shared: half the SMs split among the ranks (H100: 132 SMs)
