@@ -30,17 +30,6 @@
 # Logs, JSON and PNG go to $OUT (or bench/results/gpu-run when OUT is unset). Multi-GPU steps need >= 2 GPUs.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-OUT=${OUT:-bench/results/gpu-run}; mkdir -p "$OUT"; export OUT
-steps=("$@"); [[ ${#steps[@]} -gt 0 ]] || steps=(env tests async_tp fused_ar local rope decode_attn host e2e tune demo)
-ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
-python3 -m pip install -q --no-deps --no-build-isolation --no-index . 2>&1 | grep -v WARNING
-rm -rf .site  # never reuse packages a previous call installed
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target .site .whl/*.whl 2>&1 | grep -v WARNING
-  export PYTHONPATH=$PWD/.site:${PYTHONPATH:-} FLASHINFER_CUDA_ARCH_LIST=9.0a
-fi
-export TPFUSE_COMMIT=${TPFUSE_COMMIT:-unknown}  # pass the commit in: the device copy has no .git
-status=0
 mps_start() {  # an MPS daemon of this call's own; no GPU setting changes (clocks, compute mode stay as found)
   command -v nvidia-cuda-mps-control >/dev/null || { echo "no nvidia-cuda-mps-control: ranks take turns"; return 1; }
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/tpfuse-mps CUDA_MPS_LOG_DIRECTORY=/tmp/tpfuse-mps-log
@@ -92,6 +81,19 @@ onegpu_tp() {  # onegpu_tp TP K TARGET...: a TP size's tests in ONEGPU_GROUPS (1
   echo "=== TP=$tp: the whole selection in $((SECONDS - t0)) s wall ($([[ -n $pid ]] && echo 2 || echo 1) pytest runs at once)"
   [[ -f $OUT/timing_tp$tp.tsv ]] && python3 bench/tools/suite_timing.py "$OUT/timing_tp$tp.tsv" --top 12
 }
+# sourced (tests/test_gpu_run_script.py): the functions above only, nothing installed or run
+[[ ${BASH_SOURCE[0]} != "$0" ]] && return 0
+OUT=${OUT:-bench/results/gpu-run}; mkdir -p "$OUT"; export OUT
+steps=("$@"); [[ ${#steps[@]} -gt 0 ]] || steps=(env tests async_tp fused_ar local rope decode_attn host e2e tune demo)
+ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+python3 -m pip install -q --no-deps --no-build-isolation --no-index . 2>&1 | grep -v WARNING
+rm -rf .site  # never reuse packages a previous call installed
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target .site .whl/*.whl 2>&1 | grep -v WARNING
+  export PYTHONPATH=$PWD/.site:${PYTHONPATH:-} FLASHINFER_CUDA_ARCH_LIST=9.0a
+fi
+export TPFUSE_COMMIT=${TPFUSE_COMMIT:-unknown}  # pass the commit in: the device copy has no .git
+status=0
 TR2=(python3 -m torch.distributed.run --standalone --nproc-per-node="$ngpu")  # an array: `timeout` runs it
 TR1=(python3 -m torch.distributed.run --standalone --nproc-per-node=1)
 for s in "${steps[@]}"; do
