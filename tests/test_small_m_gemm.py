@@ -100,6 +100,18 @@ def fp8_mma_slack(x, w, xs, ws, silu):
     return torch.nn.functional.silu(g).abs() * e_u + u.abs() * 1.1 * e_g
 
 
+def test_fp8_mma_slack_only_where_x_is_fp8(gen):
+    """The accumulation slack is for FP8 dots only: 16-bit x (an e4m3 weight converted in registers) gets none."""
+    for scheme in ("bf16", "w8"):
+        x, w, xs, ws, _ = operands(gen, scheme, 3, 16, 32)
+        assert fp8_mma_slack(x, w, xs, ws, silu=False) is None, scheme
+    x, w, xs, ws, _ = operands(gen, "fp8_row", 3, 16, 32)
+    slack = fp8_mma_slack(x, w, xs, ws, silu=False)
+    assert slack.shape == (3, 16) and bool((slack > 0).all())
+    # a small fraction of the output's scale: far below one e4m3 step of a typical element
+    assert float(slack.max()) < 1e-2 * float(oracle(x, w, xs, ws, None).abs().max())
+
+
 def run(x, w, xs, ws, b, **kw):
     return small_gemm.small_m_gemm(x, w, x_scale=xs, w_scale=ws, bias=b, **kw)
 

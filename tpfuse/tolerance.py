@@ -121,7 +121,11 @@ def assert_quant_close(qa, ref: torch.Tensor, what: str = "", scale_rtol: float 
     if (torch.isnan(deq) & ~torch.isnan(r)).any():
         raise AssertionError(f"{what}: FP8 output has NaN where the oracle has none")
     if not ok.all():
-        raise AssertionError(f"{what}: {int((~ok).sum())} FP8 elements more than one e4m3 step from the oracle")
+        excess = ((deq - r).abs() - bound).masked_fill(ok, float("-inf")).flatten()
+        i = int(excess.argmax())
+        raise AssertionError(f"{what}: {int((~ok).sum())} FP8 elements more than one e4m3 step from the oracle; "
+                             f"worst at flat index {i}: oracle {r.flatten()[i].item():.6g}, output "
+                             f"{deq.flatten()[i].item():.6g}, allowed error {bound.flatten()[i].item():.3g}")
 
 
 def _assert_nvfp4_close(qa, ref32: torch.Tensor, what: str) -> None:

@@ -53,7 +53,7 @@ def summarise(path: str) -> dict:
 def merge(a: dict, b: dict) -> dict:
     """One TP size's summary from two XML files of it (test runs that shared the GPU at once): counts per file
     added, failures / cases / properties joined, ``seconds`` summed (test time, not wall time), ``interrupted`` if
-    either was, ``missing`` lists the files that were not there."""
+    either was, ``missing`` lists the files that were not there (always a list)."""
     files = collections.defaultdict(collections.Counter)
     for part in (a, b):
         for name, counts in part.get("files", {}).items():
@@ -64,8 +64,7 @@ def merge(a: dict, b: dict) -> dict:
            "interrupted": bool(a.get("interrupted") or b.get("interrupted")),
            "cases": a.get("cases", []) + b.get("cases", []),
            "properties": {**a.get("properties", {}), **b.get("properties", {})}}
-    missing = [m for part in (a, b) for m in ([part["missing"]] if isinstance(part.get("missing"), str)
-                                               else part.get("missing", []))]
+    missing = a.get("missing", []) + b.get("missing", [])
     if missing:
         out["missing"] = missing
     return out
@@ -82,7 +81,7 @@ def main() -> None:
         ap.error("give one --tp value per XML file")
     per_tp = {}
     for tp, path in zip(args.tp, args.xml):
-        s = summarise(path) if os.path.exists(path) else {"files": {}, "failures": [], "missing": path}
+        s = summarise(path) if os.path.exists(path) else {"files": {}, "failures": [], "missing": [path]}
         per_tp[str(tp)] = merge(per_tp[str(tp)], s) if str(tp) in per_tp else s
     for s in per_tp.values():
         s["totals"] = dict(sum((collections.Counter(v) for v in s["files"].values()), collections.Counter()))

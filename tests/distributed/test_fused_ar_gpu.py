@@ -50,7 +50,7 @@ def _sweep(rank, world, path, hidden, tokens, kinds):
     # ranks, or every concurrent job's with TPFUSE_ONE_GPU_PROCESSES)
     sms = torch.cuda.get_device_properties(comm.device).multi_processor_count
     want = sms // (2 * ranks_per_device()) if gpu_backend(world) == "onegpu" else sms
-    assert gpu_backend(world) != "onegpu" or ranks_per_device() >= world
+    assert gpu_backend(world) != "onegpu" or ranks_per_device() >= -(-world // torch.cuda.device_count())
     assert comm.workspaces["fused_allreduce"].grid == want, (comm.workspaces["fused_allreduce"].grid, want)
     n = 0
     for i, t in enumerate(tokens):
