@@ -57,9 +57,10 @@ run() {  # run NAME CMD...: log to $OUT/NAME.log, at most ${LIMIT_<NAME>:-600} s
 ONEGPU_GROUP_B=${ONEGPU_GROUP_B:-"test_fault_gpu test_async_tp_gpu test_parallelize_gpu test_model_runtime_gpu"}
 ONEGPU_SOLO=${ONEGPU_SOLO:-"test_fault_catalog"}  # with two groups: run alone after them (1 s bounds on its faults)
 onegpu_pytest() {  # onegpu_pytest NAME TP K PROCS TARGET...: one pytest run of the one-GPU suite (none selected: ok)
+  # (its own --basetemp: two pytest sessions at once never share or clean each other's tmp_path)
   local name=$1 tp=$2 k=$3 procs=$4; shift 4
   OK_RC=5 run "$name" env TPFUSE_TEST_TP="$tp" TPFUSE_ONE_GPU_PROCESSES="$procs" TPFUSE_SOAK_REPLAYS=2000 \
-    TPFUSE_TEST_TIMING="$OUT/timing_tp$tp.tsv" bash -c "python3 -m pytest -q -rs -p no:cacheprovider --durations=20 \
+    TPFUSE_TEST_TIMING="$OUT/timing_tp$tp.tsv" bash -c "python3 -m pytest -q -rs -p no:cacheprovider --basetemp=/tmp/tpfuse-pytest-$name --durations=20 \
     ${ONEGPU_MAXFAIL:+--maxfail=$ONEGPU_MAXFAIL} --junitxml=$OUT/$name.xml -k '$k' $(printf '%q ' "$@")"
 }
 onegpu_tp() {  # onegpu_tp TP K TARGET...: a TP size's tests in ONEGPU_GROUPS (1 or 2) pytest runs at once

@@ -42,6 +42,7 @@ def test_two_groups_split_by_file_and_size_the_grid_for_both(tmp_path):
     # the catalog's second-or-less bounds: alone, after both groups, at its own size (nothing selected is no failure)
     assert CATALOG in solo and CATALOG not in a + b and "TPFUSE_ONE_GPU_PROCESSES=8" in solo
     assert "TPFUSE_ONE_GPU_PROCESSES=16" in a and "TPFUSE_ONE_GPU_PROCESSES=16" in b
+    assert "--basetemp=/tmp/tpfuse-pytest-onegpu_tp8 " in a and "--basetemp=/tmp/tpfuse-pytest-onegpu_tp8_b " in b
     assert FUSED in a and FAULT not in a and "test_async_tp_gpu" not in a
     assert FAULT in b and FUSED not in b
     assert "test_x\\[a\\ b-tp8-onegpu\\]" in b  # a test id with brackets and a space reaches pytest as one word
