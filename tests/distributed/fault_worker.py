@@ -7,8 +7,10 @@ NCCL with a GPU per rank, or one-GPU mode with ``TPFUSE_ONE_GPU=1``: :func:`tpfu
 
 ``OP``: the fused all-reduce (``fused_add_rmsnorm``), the sequence-parallel exchange (``reduce_scatter_rmsnorm``,
 ``all_gather``) or an async-TP GEMM (``all_gather_matmul``, ``matmul_reduce_scatter`` and its fused tail
-``matmul_reduce_scatter_rmsnorm``). Every rank builds ``TPCommunicator(CommConfig(timeout_s=TIMEOUT_S,
-force_paths={OP: PATH}))`` (the tail's entry is ``matmul_reduce_scatter``'s) and makes
+``matmul_reduce_scatter_rmsnorm``). Every rank first makes one call of ``OP`` on a communicator with the default
+timeout and closes it (its kernels compiled and loaded before any wait is bounded by ``TIMEOUT_S``), then builds
+``TPCommunicator(CommConfig(timeout_s=TIMEOUT_S, force_paths={OP: PATH}))`` (the tail's entry is
+``matmul_reduce_scatter``'s) and makes
 ``GOOD_CALLS`` correct calls of ``OP`` (checked against the fp64 oracle, each followed by ``synchronize()``). Then
 the last rank (the *victim*) leaves with ``os._exit(0)`` (no cleanup: no ``close()``, no process-group teardown,
 as a crash would) and every other rank (a *survivor*) goes on calling ``OP`` + ``synchronize()``:
@@ -158,7 +160,15 @@ def _body(a, rank: int, world: int, res: dict) -> None:
     from tpfuse.dispatch import ROUTED_AS
 
     # the fused row-parallel tail follows matmul_reduce_scatter's entry (dispatch.ROUTED_AS)
-    cfg = tpfuse.CommConfig(timeout_s=TIMEOUT_S, force_paths={ROUTED_AS.get(a.op, a.op): a.path})
+    force = {ROUTED_AS.get(a.op, a.op): a.path}
+    # first the op's kernels compiled and loaded on every rank under the default bound: a rank still JIT-compiling
+    # (a cold cache, CPUs shared with another test run) must not look like a late peer to the TIMEOUT_S calls below
+    with tpfuse.TPCommunicator(max_tokens=MAX_TOKENS, hidden_size=HIDDEN, dtype=torch.bfloat16,
+                               config=tpfuse.CommConfig(force_paths=force)) as warm:
+        run, _ = _op(warm, rank, world, a.op)
+        run()
+        warm.synchronize()
+    cfg = tpfuse.CommConfig(timeout_s=TIMEOUT_S, force_paths=force)
     comm = tpfuse.TPCommunicator(max_tokens=MAX_TOKENS, hidden_size=HIDDEN, dtype=torch.bfloat16, config=cfg)
     run, check = _op(comm, rank, world, a.op)
     for _ in range(GOOD_CALLS):
