@@ -86,6 +86,8 @@ onegpu_tp() {  # onegpu_tp TP K TARGET...: a TP size's tests in ONEGPU_GROUPS (1
     xmls+=("$OUT/onegpu_tp${tp}_b.xml"); tps+=("$tp")
   fi
   if [[ ${#solo[@]} -gt 0 ]]; then  # alone, after the others: bounds of a second or less on its faults' timing
+    local lim_main="LIMIT_onegpu_tp$tp" lim_solo="LIMIT_onegpu_tp${tp}_solo"
+    export "$lim_solo=${!lim_solo:-${!lim_main:-${LIMIT_DEFAULT:-600}}}"
     onegpu_pytest "onegpu_tp${tp}_solo" "$tp" "$k" "$tp" "${solo[@]}"
     xmls+=("$OUT/onegpu_tp${tp}_solo.xml"); tps+=("$tp")
   fi
