@@ -4,7 +4,7 @@ Llama-3.1-70B, Qwen3-32B, ...; random bf16 weights, nothing downloaded; the mode
     torchrun --standalone --nproc-per-node=N bench/bench_e2e.py [--models 8B,70B,Qwen3-32B] [--layers 4|full|fit]
         [--vocab real|N] [--decode-batches 1,8,64] [--context 1024] [--prefill 1024,4096,8192]
         [--compile-batches 1,64] [--hf-models 8B] [--hf-after] [--kv-capacities 8x1152,8x32768]
-        [--fit-headroom-gib 6] [--flashinfer] [--no-fp8] [--tag TAG]
+        [--fit-headroom-gib 6] [--flashinfer] [--no-fp8] [--small-m-table PATH] [--tag TAG]
 
 Models (``--models``, comma-separated): a real shape (``8B``, ``70B``, ``Qwen3-32B``, ``Qwen2.5-7B``,
 ``Phi-3-medium``), or a **shard** ``<model>/tp<N>`` (``70B/tp8``, ``70B/tp4``, ``8B/tp2``; TP=1 runs only): a
@@ -55,13 +55,19 @@ Providers (every one is the model a user runs, called with Hugging Face argument
   kernels into ``torch._scaled_mm``). Targets at TP=1: decode batch 1 <= 0.65x and prefill 4k <= 0.7x ``tpfuse``.
   ``--no-fp8`` skips it. The run also records one ``fp8_quality`` row (``bench/fp8_quality.py``: greedy agreement of
   the FP8 tiny model with the bf16 one over 64 steps, logits error vs fp64).
+* ``<provider>_smallm`` (``--small-m-table PATH``: a small-M GEMM sweep's routing table,
+  ``bench/tune_small_gemm.py``'s ``small_m_gemm_<arch>.json``) - each ``tpfuse`` / ``tpfuse_fp8`` /
+  ``tpfuse_fp8_static`` decode row again, right after it, with that table installed instead of the shipped one and
+  the decode graphs captured under it: the A/B that decides whether a sweep's table ships
+  (``tpfuse/thresholds/``). Rows carry ``routed`` (distinct GEMM calls sent to the kernel) and ``table``.
 
 Decode: a batch of ``B`` random prompts of ``--context`` tokens is prefilled, then ``--steps`` decode steps (one
 token per sequence) are timed as a user sees them: host wall time between two device syncs over all steps, per step
 (so host work, launch gaps and graph replays all count). Prefill: one sequence of ``T`` tokens, last-token logits.
 Each decode row also reports the step's memory floor (provider ``memory_floor``): the bytes it must read (this
 rank's weights without the embedding table - B rows of it - plus the KV cache of B x context tokens) over the
-device-to-device copy bandwidth measured in the same run.
+device-to-device copy bandwidth measured in the same run (the faster of two ways: ``common.copy_bandwidths``; the
+header has both).
 
 Writes ``e2e_tp{N}_{device}[_{tag}].json`` and ``.png`` to ``$OUT`` (or ``bench/results``) after every phase of
 every model (hf rows, tpfuse rows, capacity rows, FP8 rows), so a run cut off keeps what finished.
@@ -119,6 +125,8 @@ def parse_args(argv=None):
     ap.add_argument("--flashinfer", action="store_true", help="add the vllm_policy provider (TP > 1)")
     ap.add_argument("--no-fp8", action="store_true", help="skip the tpfuse_fp8 provider and the fp8_quality row")
     ap.add_argument("--tag", default="", help="file-name tag: e2e_tp{N}_{device}_{tag}.json")
+    ap.add_argument("--small-m-table", default="", help="a small-M GEMM sweep's routing table (JSON): adds the "
+                    "<provider>_smallm decode rows with it installed")
     return ap.parse_args(argv)
 
 
@@ -133,12 +141,17 @@ def decode_bytes(model, batch: int, context: int) -> int:
     return w + kv
 
 
+def _sync(dev) -> None:
+    if torch.device(dev).type == "cuda":  # CPU: nothing to wait for (the CPU tests of the row functions)
+        torch.cuda.synchronize(dev)
+
+
 def _wall_per_call(fn, n: int, dev) -> float:
-    torch.cuda.synchronize(dev)
+    _sync(dev)
     t0 = time.perf_counter()
     for _ in range(n):
         fn()
-    torch.cuda.synchronize(dev)
+    _sync(dev)
     return (time.perf_counter() - t0) / n * 1e6
 
 
@@ -205,7 +218,7 @@ def _measure(rows, base, provider, fn, dev, after=None):
         us, err = fn(), None
     except Exception as ex:  # noqa: BLE001 - recorded in the row
         us, err = float("nan"), f"{type(ex).__name__}: {ex}"[:300]
-        torch.cuda.synchronize(dev)
+        _sync(dev)
     row = dict(base, provider=provider, us=common.slowest_rank(us, dev), **(after() if after else {}))
     if err:
         row["error"] = err
@@ -256,8 +269,9 @@ def tpfuse_rows(spec, model, comm, args, dev, rows, bandwidth, provider="tpfuse"
         if provider == "tpfuse":
             nbytes = decode_bytes(model, b, args.context)
             rows.append(dict(base, provider="memory_floor", us=nbytes / bandwidth * 1e6, bytes=nbytes))
-            _print(r, rows)
-        elif provider == "tpfuse_capacity":
+        if provider in SMALL_M_PROVIDERS and getattr(args, "small_m_table", ""):
+            small_m_row(model, b, args, dev, rows, base, provider)
+        if provider in ("tpfuse", "tpfuse_capacity") or provider in SMALL_M_PROVIDERS:
             _print(r, rows)
     for t in args.prefill if prefill else []:
         base = dict(spec.fields(), mode="prefill", tokens=t)
@@ -265,6 +279,30 @@ def tpfuse_rows(spec, model, comm, args, dev, rows, bandwidth, provider="tpfuse"
         r = _measure(rows, base, provider, lambda: prefill_us(model, t, dev), dev,
                      lambda: dict(last_mode=st.last_mode, paths=dict(comm.last_path)))
         _print(r, rows)
+
+
+SMALL_M_PROVIDERS = ("tpfuse", "tpfuse_fp8", "tpfuse_fp8_static")  # decode rows --small-m-table repeats
+
+
+def small_m_row(model, batch, args, dev, rows, base, provider):
+    """``<provider>_smallm``: the decode row again with ``--small-m-table`` installed (``small_m_configs.install``),
+    its graphs captured under it. The model's decode graphs are dropped before and after (the routing is decided
+    at capture), so the two rows of a batch differ only in the table. ``routed``: how many distinct GEMM calls (shape,
+    dtypes, M) the step sent to the kernel (0: the table has no winning row for this model's shapes)."""
+    import json
+
+    from tpfuse.kernels import small_m_configs as smc
+
+    with open(args.small_m_table) as fh:
+        table = json.load(fh)
+    st = model._tpfuse
+    st.graphs = None
+    with smc.install(table):
+        _measure(rows, base, provider + "_smallm", lambda: tpfuse_decode_us(model, batch, args.context, args.steps,
+                                                                              dev), dev,
+                 lambda: dict(last_mode=st.last_mode, routed=sum(isinstance(v, smc.GemmConfig) for v in smc.ROUTE_MEMO.values()),
+                              table=os.path.basename(args.small_m_table)))
+    st.graphs = None
 
 
 def _label(r) -> str:
@@ -456,14 +494,16 @@ def main(argv=None):
         em.parse_name(name)  # an unknown name fails before anything is built
     with common.rank_context() as ranks:
         dev = ranks.device
-        bandwidth = common.copy_bandwidth(dev)
+        ways = common.copy_bandwidths(dev)
+        bandwidth = max(ways.values())  # the floor's ceiling: the faster way (common.copy_bandwidths says why)
+        ways_tb_s = {k: round(v / 1e12, 3) for k, v in ways.items()}
         if ranks.rank == 0:
-            print(f"device-to-device copy bandwidth: {bandwidth / 1e12:.2f} TB/s", flush=True)
+            print(f"device-to-device copy bandwidth: {bandwidth / 1e12:.2f} TB/s (by way: {ways_tb_s})", flush=True)
         rows, skipped = [], []
 
         def save():  # rank 0 writes; a run cut off later keeps what was measured so far
             if ranks.rank == 0:
-                _write(rows, args, bandwidth, skipped)
+                _write(rows, args, bandwidth, skipped, ways_tb_s)
 
         if not args.no_fp8:
             from fp8_quality import fp8_quality
@@ -478,10 +518,11 @@ def main(argv=None):
             save()
 
 
-def _write(rows, args, bandwidth, skipped=()):
+def _write(rows, args, bandwidth, skipped=(), ways_tb_s=None):
     tp = dist.get_world_size()
     hdr = common.header("e2e", tp=tp, layers=args.layers, context=args.context, steps=args.steps,
-                        copy_bandwidth_tb_s=round(bandwidth / 1e12, 3), timing="host wall time per call between "
+                        copy_bandwidth_tb_s=round(bandwidth / 1e12, 3), copy_bandwidth_ways_tb_s=ways_tb_s or {},
+                        timing="host wall time per call between "
                         "device syncs (decode: per step over --steps steps)")
     for key in ("vocab", "kv_capacities", "tag"):
         if getattr(args, key, None):

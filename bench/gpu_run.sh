@@ -27,6 +27,9 @@
 #   small_gemm: the small-M GEMM sweep (bench/tune_small_gemm.py, one GPU, ~150 s: --budget-s; SMALL_GEMM_ARGS adds
 #         options): small_gemm_<device>.json + .png and the routing table small_m_gemm_<arch>.json (copy it to
 #         tpfuse/thresholds/ to ship it). One call: TPFUSE_COMMIT=<sha> LIMIT_small_gemm=200 bash bench/gpu_run.sh small_gemm
+#   SMALL_M_TABLE: the small-M GEMM routing table e2e_full / e2e_shards A/B against the shipped one
+#         (bench_e2e.py --small-m-table: <provider>_smallm rows; default: the H100 sweep of 14a3f4c in bench/results;
+#         SMALL_M_TABLE= turns the rows off)
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
 # Logs, JSON and PNG go to $OUT (or bench/results/gpu-run when OUT is unset). Multi-GPU steps need >= 2 GPUs.
 set -uo pipefail
@@ -97,6 +100,8 @@ onegpu_tp() {  # onegpu_tp TP K TARGET...: a TP size's tests in ONEGPU_GROUPS (1
 # sourced (tests/test_gpu_run_script.py): the functions above only, nothing installed or run
 [[ ${BASH_SOURCE[0]} != "$0" ]] && return 0
 OUT=${OUT:-bench/results/gpu-run}; mkdir -p "$OUT"; export OUT
+SMALL_M_TABLE=${SMALL_M_TABLE-bench/results/small_m_gemm_sm90_h100_14a3f4c.json}
+[[ -z $SMALL_M_TABLE || -f $SMALL_M_TABLE ]] || { echo "SMALL_M_TABLE=$SMALL_M_TABLE: no such file"; SMALL_M_TABLE=; }
 steps=("$@"); [[ ${#steps[@]} -gt 0 ]] || steps=(env tests async_tp fused_ar local rope decode_attn host e2e tune demo)
 ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 python3 -m pip install -q --no-deps --no-build-isolation --no-index . 2>&1 | grep -v WARNING
@@ -128,13 +133,14 @@ for s in "${steps[@]}"; do
     #   total ~310-410 s: LIMIT_e2e_full 330 by default (the JSON is written after every phase)
     e2e_full) LIMIT_e2e_full=${LIMIT_e2e_full:-330} run e2e_full "${TR1[@]}" bench/bench_e2e.py --tag full --models 8B \
                 --layers full --decode-batches 1,8,64 --context 1024 --prefill 1024,4096 --hf-models 8B \
-                --compile-batches 1,64 --hf-after --kv-capacities 8x1152,8x32768,64x1152,256x1152 ${E2E_FULL_ARGS:-} ;;
+                --compile-batches 1,64 --hf-after --kv-capacities 8x1152,8x32768,64x1152,256x1152 \
+                ${SMALL_M_TABLE:+--small-m-table "$SMALL_M_TABLE"} ${E2E_FULL_ARGS:-} ;;
     # e2e_shards: rank 0's shard of 70B at TP 8 (21 GB: 80 layers, 8 q / 1 kv heads, intermediate 3584, vocab
     # replicated) and TP 4 (38 GB), of 8B at TP 2 (9 GB), each built at TP=1: start ~20 s, per model a build
     # (~5-15 s), Triton JIT for its shapes (~10 s), b1 and b64 (a 64k-token prefill: ~1-4 s) and prefill 1k  ~100-120 s
     e2e_shards) LIMIT_e2e_shards=${LIMIT_e2e_shards:-150} run e2e_shards "${TR1[@]}" bench/bench_e2e.py --tag shards \
                   --models 70B/tp8,70B/tp4,8B/tp2 --layers full --decode-batches 1,64 --context 1024 --prefill 1024 \
-                  --hf-models none --no-fp8 ${E2E_SHARDS_ARGS:-} ;;
+                  --hf-models none --no-fp8 ${SMALL_M_TABLE:+--small-m-table "$SMALL_M_TABLE"} ${E2E_SHARDS_ARGS:-} ;;
     load) run load python3 bench/bench_load.py --shape 8B ${LOAD_ARGS:-}
           run load_fp8 python3 bench/bench_load.py --shape 8B --fp8 ${LOAD_ARGS:-} ;;  # TP=1; writes /tmp ckpts
     decode_attn) [[ -f bench/bench_decode_attention.py ]] && run decode_attn python3 bench/bench_decode_attention.py ${DECODE_ATTN_ARGS:-} ;;
@@ -153,7 +159,7 @@ for s in "${steps[@]}"; do
             [[ -n ${ONEGPU_MPS:-} ]] && mps_start && sharing=mps
             : "${ONEGPU_GROUPS:=$([[ $sharing == mps ]] && echo 2 || echo 1)}"  # time-sliced ranks gain nothing by it
             d=tests/distributed
-            tests=${ONEGPU_TESTS:-"$d/test_fused_ar_gpu.py $d/test_async_tp_gpu.py $d/test_fault_gpu.py $d/test_parallelize_gpu.py $d/test_model_runtime_gpu.py $d/test_fp8_model_gpu.py $d/test_soak_gpu.py $d/test_comm_ops.py $d/test_fp8_gemm.py $d/test_fault_catalog.py"}
+            tests=${ONEGPU_TESTS:-"$d/test_fused_ar_gpu.py $d/test_async_tp_gpu.py $d/test_fault_gpu.py $d/test_parallelize_gpu.py $d/test_model_runtime_gpu.py $d/test_fp8_model_gpu.py $d/test_soak_gpu.py $d/test_comm_ops.py $d/test_fp8_gemm.py $d/test_small_m_model.py $d/test_fault_catalog.py"}
             for tp in ${ONEGPU_TP:-2}; do
               kvar="ONEGPU_K_$tp"; kk=${!kvar:-${ONEGPU_K:-}}
               k="onegpu${kk:+ and ($kk)}"; targets=$tests

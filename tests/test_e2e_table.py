@@ -26,11 +26,15 @@ def _run(tmp_path):
         rows += [_row("8B", "tpfuse_capacity", t * 1.01, b, max_batch=256, max_seq_len=1152),
                  _row("8B", "tpfuse_capacity", t * 1.02, b, max_batch=64, max_seq_len=1152)]
     rows.append(_row("8B", "tpfuse_capacity", 6060, 1, max_batch=8, max_seq_len=32768))
+    rows += [_row("8B", "tpfuse_smallm", 5700, 1, routed=8, table="sweep.json"),
+             _row("8B", "tpfuse_fp8_smallm", 2970, 1, routed=8, table="sweep.json"),
+             _row("8B", "tpfuse_smallm", 9450, 64, routed=3, table="sweep.json")]
     rows += [_row("8B", "tpfuse", 30000, 4096, mode="prefill"),
              _row("70B/tp8 shard", "tpfuse", 700, 1, layers=80, shard_of="70B", tp_shard=8),
              _row("70B/tp8 shard", "memory_floor", 560, 1, layers=80)]
     data = {"header": {"benchmark": "e2e", "device": "NVIDIA H100 80GB HBM3", "commit": "0123456789abcdef", "tp": 1,
-                       "context": 1024, "copy_bandwidth_tb_s": 3.0},
+                       "context": 1024, "copy_bandwidth_tb_s": 3.0,
+                       "copy_bandwidth_ways_tb_s": {"graph": 2.4, "events": 3.0}},
             "rows": rows, "skipped": [dict(model="8B", max_batch=512, max_seq_len=32768, reason="needs 300 GiB")]}
     path = tmp_path / "e2e_tp1_h100_full.json"
     path.write_text(json.dumps(data))
@@ -52,6 +56,12 @@ def test_model_table(tmp_path):
     assert "| 8B | 1 | 64x1072: 6.00 | 6.06 | 6.12 | 6.06 | 2.0% |" in lines
     assert "| 8B | 64 | 64x1072: 9.00 | 9.09 | 9.18 | — | 2.0% |" in lines
     assert "- skipped: 8B 512x32768: needs 300 GiB" in lines
+    assert "floor at the measured copy bandwidth 3.0 TB/s (the faster of graph 2.4, events 3.0)" in lines[0]
+    # the A/B of --small-m-table: its rows stay out of the model table, each provider's ratio per batch
+    assert "Decode step with the small-M GEMM routing table (sweep.json) over without it:" in lines
+    assert "| model | batch | bf16: with / without | FP8: with / without | GEMM calls routed |" in lines
+    assert "| 8B | 1 | 0.95 | 0.90 | 8 / 8 |" in lines
+    assert "| 8B | 64 | 1.05 | — | 3 |" in lines
 
 
 def test_columns_absent_from_the_run_are_left_out(tmp_path):

@@ -1,7 +1,8 @@
 """The README's model table from ``bench_e2e.py`` JSON files: per model and decode batch, tpfuse's ms per step,
 the memory floor, their ratio, HF compiled and tpfuse / HF compiled where the run has it, FP8 / bf16 where it has
 FP8 rows; a caption line per file (device, commit, TP, context, copy bandwidth); then, where the run has
-``tpfuse_capacity`` rows, a table of the step time per KV-cache capacity with its spread at each batch.
+``tpfuse_capacity`` rows, a table of the step time per KV-cache capacity with its spread at each batch; where it
+has ``<provider>_smallm`` rows (``--small-m-table``), the step with that routing table over the step without it.
 
     python bench/tools/e2e_table.py bench/results/e2e_tp1_h100_full.json [more.json ...] [--out table.md]
 
@@ -34,12 +35,17 @@ def _ratio(a, b) -> str:
     return f"{a / b:.2f}" if _ok(a) and _ok(b) and b else "—"
 
 
+SMALL_M = (("tpfuse", "bf16"), ("tpfuse_fp8", "FP8"), ("tpfuse_fp8_static", "FP8 static"))
+"""Providers whose decode rows ``--small-m-table`` repeats (as ``<provider>_smallm``) and their column heads."""
+
+
 def _decode_cells(rows) -> tuple:
-    """``({(model, batch): {provider: us}}, {model: layers})`` of the decode rows (capacity rows apart), in the
-    rows' order."""
+    """``({(model, batch): {provider: us}}, {model: layers})`` of the decode rows (capacity and small-M table rows
+    apart), in the rows' order."""
     cells, layers = {}, {}
     for r in rows:
-        if r.get("mode") == "decode" and r.get("provider") != "tpfuse_capacity":
+        if (r.get("mode") == "decode" and r.get("provider") != "tpfuse_capacity"
+                and not str(r.get("provider")).endswith("_smallm")):
             cells.setdefault((r["model"], r["tokens"]), {})[r["provider"]] = r.get("us")
             layers.setdefault(r["model"], r.get("layers"))
     return cells, layers
@@ -49,7 +55,9 @@ def caption(header: dict, path: str) -> str:
     bits = [f"device: {header.get('device', '?')}", f"commit {str(header.get('commit', '?'))[:10]}",
             f"TP={header.get('tp', '?')}", f"context {header.get('context', '?')}"]
     if header.get("copy_bandwidth_tb_s"):
-        bits.append(f"floor at the measured copy bandwidth {header['copy_bandwidth_tb_s']} TB/s")
+        ways = header.get("copy_bandwidth_ways_tb_s") or {}
+        by_way = f" (the faster of {', '.join(f'{k} {v}' for k, v in ways.items())})" if len(ways) > 1 else ""
+        bits.append(f"floor at the measured copy bandwidth {header['copy_bandwidth_tb_s']} TB/s{by_way}")
     return f"*{path}: " + ", ".join(bits) + "; ms per decode step (host wall time).*"
 
 
@@ -96,6 +104,24 @@ def capacity_table(rows) -> list:
     return lines
 
 
+def small_m_table(rows) -> list:
+    """Markdown lines: per model and batch, each provider's step with the small-M routing table over its step
+    without it (below 1: the table pays) and the GEMM calls it routed; ``[]`` without ``_smallm`` rows."""
+    ab = [r for r in rows if r.get("mode") == "decode" and str(r.get("provider")).endswith("_smallm")]
+    if not ab:
+        return []
+    base = {(r["model"], r["tokens"], r["provider"]): r.get("us") for r in rows if r.get("mode") == "decode"}
+    have = [(p, head) for p, head in SMALL_M if any(r["provider"] == p + "_smallm" for r in ab)]
+    cols = ["model", "batch"] + [f"{head}: with / without" for _, head in have] + ["GEMM calls routed"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for model, batch in dict.fromkeys((r["model"], r["tokens"]) for r in ab):
+        cells = [_ratio(base.get((model, batch, p + "_smallm")), base.get((model, batch, p))) for p, _ in have]
+        routed = [str(r.get("routed", "—")) for p, _ in have for r in ab
+                  if (r["model"], r["tokens"], r["provider"]) == (model, batch, p + "_smallm")]
+        lines.append("| " + " | ".join([model, str(batch)] + cells + [" / ".join(routed)]) + " |")
+    return lines
+
+
 def render(paths) -> str:
     out = []
     for path in paths:
@@ -107,6 +133,11 @@ def render(paths) -> str:
         if cap:
             out += ["Step time per KV-cache capacity (max_batch x max_seq_len; same batch and context):", ""]
             out += cap + [""]
+        ab = small_m_table(rows)
+        if ab:
+            tables = sorted({str(r.get("table")) for r in rows if str(r.get("provider")).endswith("_smallm")})
+            out += [f"Decode step with the small-M GEMM routing table ({', '.join(tables)}) over without it:", ""]
+            out += ab + [""]
         for s in data.get("skipped", []):
             out.append(f"- skipped: {s.get('model')} {s.get('max_batch')}x{s.get('max_seq_len')}: {s.get('reason')}")
     return "\n".join(out).rstrip() + "\n"

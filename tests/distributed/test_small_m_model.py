@@ -6,8 +6,13 @@ the logits still match the fp64 oracle. Without rows, or with rows where the ker
 and the logits are bit-identical to a run without any table (the plain ``F.linear`` / ``_scaled_mm`` path).
 
 On CPU the op runs its reference (fp32 math, rounded once), as every local op does there; the kernel itself is
-tested in tests/test_small_m_gemm.py.
+tested in tests/test_small_m_gemm.py. On a GPU (TP 1 and the GPU suite's sizes, ``cases.GPU_TPS``) the same table
+sends the decode steps of CUDA-graph-replayed decode (bf16, per-channel FP8, static FP8) to the Triton kernel, and
+graph decode with the kernel, graph decode without it, and the fp64 oracle agree: what a shipped sweep table does
+to a user's model.
 """
+
+import json
 
 import pytest
 import torch
@@ -15,7 +20,7 @@ import torch
 pytest.importorskip("transformers", reason="tpfuse.parallelize tests need transformers (pip install 'tpfuse[hf]')")
 
 import model_cases as mc  # noqa: E402
-from cases import make_comm  # noqa: E402
+from cases import GPU_TPS, gpu_tp_params, make_comm, run_gpu  # noqa: E402
 from harness import run_on_ranks  # noqa: E402
 
 SP_MIN = 8
@@ -39,7 +44,7 @@ def _gemms(layer):
             ("bf16", *layer._fused["gate_up"][0].shape, "bf16_silu"), ("bf16", *layer._down.weight.shape, None)]
 
 
-def _table(model, beats: bool, silu: bool):
+def _table(model, beats: bool, silu: bool, arch: str = "cpu"):
     from tpfuse.kernels import small_m_configs as smc
 
     rows = {}
@@ -47,7 +52,7 @@ def _table(model, beats: bool, silu: bool):
         for scheme, n, k, silu_scheme in _gemms(layer):
             for name in [scheme] + ([silu_scheme] if silu and silu_scheme else []):
                 for b in smc.M_BUCKETS:
-                    rows[(name, n, k, b)] = smc.table_row("cpu", name, n, k, b, smc.GemmConfig(), beats)
+                    rows[(name, n, k, b)] = smc.table_row(arch, name, n, k, b, smc.GemmConfig(), beats)
     return {"schema": 1, "source": {"device": "synthetic"}, "rows": list(rows.values())}
 
 
@@ -134,3 +139,109 @@ def _routed(rank, world, arch, fp8, silu):
 def test_model_routes_decode_gemms_by_the_table(arch, world, fp8, silu):
     errs = run_on_ranks(_routed, world, arch, fp8, silu)
     assert len(errs) == world and all(0 < e for e in errs), errs
+
+
+GRAPH_SAFE = {"fused_add_rmsnorm": "tpfuse_oneshot", "all_reduce": "tpfuse_oneshot"}  # as test_model_runtime_gpu
+
+
+def _graph_decode(model, ids, prompt):
+    """Prefill ``ids[:prompt]``, then decode the rest one token a step (CUDA-graph replays); fp32 CPU logits."""
+    out = model(ids[None, :prompt].cuda(), use_cache=True)
+    logits, cache = [out.logits[0].float().cpu()], mc.cache_of(out)
+    for pos in range(prompt, len(ids)):
+        out = model(ids[None, pos:pos + 1].cuda(), cache=cache, use_cache=True)
+        logits.append(out.logits[0].float().cpu())
+        cache = mc.cache_of(out)
+    assert model._tpfuse.last_mode == "decode_graph", model._tpfuse.last_mode
+    return torch.cat(logits)
+
+
+def _routed_graph_decode(rank, world, arch, fp8):
+    import tpfuse
+    from tpfuse import small_gemm
+    from tpfuse.kernels import small_m_configs as smc
+    from tpfuse.parallel import KVCacheConfig
+    from tpfuse.tolerance import assert_logits_close
+
+    model, ids = _model(arch, fp8)
+    ref = mc.oracle(model, ids)
+    cfg = tpfuse.CommConfig(force_paths=GRAPH_SAFE if world > 1 else {})
+    comm = tpfuse.TPCommunicator(max_tokens=32, hidden_size=mc.HIDDEN, dtype=DT, config=cfg)
+    model = tpfuse.parallelize(model, comm, cache=KVCacheConfig(max_batch=2, max_seq_len=64))
+    st, dev_arch = model._tpfuse, small_gemm.device_info(comm.device)[0]
+    with smc.install(None):
+        plain = _graph_decode(model, ids, 6)
+    calls, orig = [], small_gemm.small_m_gemm
+    small_gemm.small_m_gemm = lambda x, w, **kw: calls.append(x.shape[0]) or orig(x, w, **kw)
+    try:
+        st.graphs = None  # captured without the table: capture again with it
+        with smc.install(_table(model, beats=True, silu=True, arch=dev_arch)):
+            routed = _graph_decode(model, ids, 6)
+    finally:
+        small_gemm.small_m_gemm = orig
+        st.graphs = None
+    assert calls and set(calls) <= {1, 6}, calls  # captured decode GEMMs (and the all-reduce prefill's) ran the kernel
+    what = f"{arch} TP={world} fp8={fp8}"
+    errs = [assert_logits_close(routed, ref, DT, f"{what} kernel", fp8=bool(fp8)),
+            assert_logits_close(plain, ref, DT, f"{what} library", fp8=bool(fp8))]
+    comm.close()
+    return errs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tp", gpu_tp_params((1,) + GPU_TPS))
+@pytest.mark.parametrize("arch,fp8", [("llama", None), ("qwen3", ("per_token", "per_channel")),
+                                      ("llama", ("static", "per_tensor"))], ids=["bf16", "fp8_row", "fp8_static"])
+def test_graph_decode_through_the_kernel_matches_the_oracle(tp, arch, fp8):
+    errs = run_gpu(_routed_graph_decode, tp, arch, fp8, timeout_s=600)
+    assert all(0 < e for pair in errs for e in pair), errs
+
+
+def _bench_rows(rank, world, table_path):
+    """``bench_e2e.small_m_row`` on a tiny model: the ``tpfuse_smallm`` row of one decode batch."""
+    import argparse
+    import os
+    import sys
+
+    import tpfuse
+    from tpfuse.parallel import KVCacheConfig
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench"))
+    import bench_e2e
+
+    bench_e2e.VOCAB = mc.VOCAB  # the prompts' ids must fit the tiny vocabulary
+    model, _ = _model("llama", None)
+    comm = make_comm(mc.HIDDEN, DT, 32)
+    model = tpfuse.parallelize(model, comm, cache=KVCacheConfig(max_batch=2, max_seq_len=32))
+    with open(table_path) as fh:
+        rows_in = json.load(fh)["rows"]
+    if not rows_in:  # the test's placeholder: this model's shapes, the kernel winning everywhere
+        with open(table_path, "w") as fh:
+            json.dump(_table(model, beats=True, silu=True), fh)
+    rows, args = [], argparse.Namespace(small_m_table=table_path, context=8, steps=2)
+    bench_e2e.small_m_row(model, 2, args, comm.device, rows, dict(model="tiny", mode="decode", tokens=2), "tpfuse")
+    comm.close()
+    return rows
+
+
+@pytest.mark.parametrize("winning", [True, False])
+def test_bench_e2e_small_m_rows_route_by_the_given_table(tmp_path, winning):
+    """The benchmark's A/B row (``bench_e2e.py --small-m-table``) times the decode step with that table installed:
+    a table whose rows win routes every decode GEMM of the step, one whose rows lose routes none."""
+    path = str(tmp_path / "table.json")
+    with open(path, "w") as fh:
+        json.dump({"schema": 1, "source": None, "rows": []}, fh)
+    if not winning:  # a table of this model's shapes where the library won
+        run_on_ranks(_bench_rows, 1, path)
+        with open(path) as fh:
+            table = json.load(fh)
+        for r in table["rows"]:
+            r["beats_library"] = False
+        with open(path, "w") as fh:
+            json.dump(table, fh)
+    (row,) = run_on_ranks(_bench_rows, 1, path)[0]
+    assert row["provider"] == "tpfuse_smallm" and row["table"] == "table.json" and "error" not in row, row
+    assert row["us"] > 0
+    # distinct calls at M = 2 (the step) and M = 16 (the prefill of 2 x 8 tokens): qkv and the fused gate-up +
+    # SiLU*mul (both 256 x 64, told apart by the epilogue) and o / down (both 64 x 128: one key)
+    assert row["routed"] == (6 if winning else 0), row
