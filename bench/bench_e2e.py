@@ -4,7 +4,7 @@ Llama-3.1-70B, Qwen3-32B, ...; random bf16 weights, nothing downloaded; the mode
     torchrun --standalone --nproc-per-node=N bench/bench_e2e.py [--models 8B,70B,Qwen3-32B] [--layers 4|full|fit]
         [--vocab real|N] [--decode-batches 1,8,64] [--context 1024] [--prefill 1024,4096,8192]
         [--compile-batches 1,64] [--hf-models 8B] [--hf-after] [--kv-capacities 8x1152,8x32768]
-        [--fit-headroom-gib 6] [--flashinfer] [--no-fp8] [--small-m-table PATH] [--tag TAG]
+        [--fit-headroom-gib 6] [--flashinfer] [--no-fp8] [--small-m-table PATH] [--pdl] [--tag TAG]
 
 Models (``--models``, comma-separated): a real shape (``8B``, ``70B``, ``Qwen3-32B``, ``Qwen2.5-7B``,
 ``Phi-3-medium``), or a **shard** ``<model>/tp<N>`` (``70B/tp8``, ``70B/tp4``, ``8B/tp2``; TP=1 runs only): a
@@ -56,10 +56,12 @@ Providers (every one is the model a user runs, called with Hugging Face argument
   ``--no-fp8`` skips it. The run also records one ``fp8_quality`` row (``bench/fp8_quality.py``: greedy agreement of
   the FP8 tiny model with the bf16 one over 64 steps, logits error vs fp64).
 * ``<provider>_smallm`` (``--small-m-table PATH``: a small-M GEMM sweep's routing table,
-  ``bench/tune_small_gemm.py``'s ``small_m_gemm_<arch>.json``) - each ``tpfuse`` / ``tpfuse_fp8`` /
-  ``tpfuse_fp8_static`` decode row again, right after it, with that table installed instead of the shipped one and
-  the decode graphs captured under it: the A/B that decides whether a sweep's table ships
-  (``tpfuse/thresholds/``). Rows carry ``routed`` (distinct GEMM calls sent to the kernel) and ``table``.
+  ``bench/tune_small_gemm.py``'s ``small_m_gemm_<arch>.json``), ``<provider>_pdl`` (``--pdl``: the decode graphs
+  captured with programmatic dependent launch, ``KVCacheConfig.pdl``) and ``<provider>_smallm_pdl`` (both) - each
+  ``tpfuse`` / ``tpfuse_fp8`` / ``tpfuse_fp8_static`` decode row again, right after it, with the graphs captured
+  under that variant: the A/Bs that decide whether a sweep's table ships (``tpfuse/thresholds/``) and whether PDL
+  becomes the default. Rows carry ``routed`` (distinct GEMM calls sent to the small-M kernel), ``table`` and
+  ``pdl``.
 
 Decode: a batch of ``B`` random prompts of ``--context`` tokens is prefilled, then ``--steps`` decode steps (one
 token per sequence) are timed as a user sees them: host wall time between two device syncs over all steps, per step
@@ -127,6 +129,8 @@ def parse_args(argv=None):
     ap.add_argument("--tag", default="", help="file-name tag: e2e_tp{N}_{device}_{tag}.json")
     ap.add_argument("--small-m-table", default="", help="a small-M GEMM sweep's routing table (JSON): adds the "
                     "<provider>_smallm decode rows with it installed")
+    ap.add_argument("--pdl", action="store_true", help="adds the <provider>_pdl decode rows: graphs captured with "
+                    "programmatic dependent launch (KVCacheConfig.pdl)")
     return ap.parse_args(argv)
 
 
@@ -269,9 +273,9 @@ def tpfuse_rows(spec, model, comm, args, dev, rows, bandwidth, provider="tpfuse"
         if provider == "tpfuse":
             nbytes = decode_bytes(model, b, args.context)
             rows.append(dict(base, provider="memory_floor", us=nbytes / bandwidth * 1e6, bytes=nbytes))
-        if provider in SMALL_M_PROVIDERS and getattr(args, "small_m_table", ""):
-            small_m_row(model, b, args, dev, rows, base, provider)
-        if provider in ("tpfuse", "tpfuse_capacity") or provider in SMALL_M_PROVIDERS:
+        if provider in VARIANT_PROVIDERS:
+            variant_rows(model, b, args, dev, rows, base, provider)
+        if provider in ("tpfuse", "tpfuse_capacity") or provider in VARIANT_PROVIDERS:
             _print(r, rows)
     for t in args.prefill if prefill else []:
         base = dict(spec.fields(), mode="prefill", tokens=t)
@@ -281,28 +285,54 @@ def tpfuse_rows(spec, model, comm, args, dev, rows, bandwidth, provider="tpfuse"
         _print(r, rows)
 
 
-SMALL_M_PROVIDERS = ("tpfuse", "tpfuse_fp8", "tpfuse_fp8_static")  # decode rows --small-m-table repeats
+VARIANT_PROVIDERS = ("tpfuse", "tpfuse_fp8", "tpfuse_fp8_static")  # decode rows --small-m-table / --pdl repeat
 
 
-def small_m_row(model, batch, args, dev, rows, base, provider):
-    """``<provider>_smallm``: the decode row again with ``--small-m-table`` installed (``small_m_configs.install``),
-    its graphs captured under it. The model's decode graphs are dropped before and after (the routing is decided
-    at capture), so the two rows of a batch differ only in the table. ``routed``: how many distinct GEMM calls (shape,
-    dtypes, M) the step sent to the kernel (0: the table has no winning row for this model's shapes)."""
+def variants(args) -> list:
+    """``(suffix, table path or None, pdl)`` of the decode-row variants the run asks for: ``_smallm``
+    (``--small-m-table``), ``_pdl`` (``--pdl``), ``_smallm_pdl`` (both)."""
+    table = getattr(args, "small_m_table", "") or None
+    pdl = bool(getattr(args, "pdl", False))
+    out = [("_smallm", table, False)] if table else []
+    out += [("_pdl", None, True)] if pdl else []
+    out += [("_smallm_pdl", table, True)] if table and pdl else []
+    return out
+
+
+def variant_row(model, batch, args, dev, rows, base, provider, table_path, pdl):
+    """``provider`` 's decode row again with the small-M routing table ``table_path`` installed instead of the
+    shipped one (``small_m_configs.install``; None: the shipped one) and the decode graphs captured with
+    ``KVCacheConfig.pdl = pdl``. The model's decode graphs are dropped before and after (routing and PDL are
+    decided at capture), so a variant differs from its base row only in those two. ``routed``: how many distinct
+    GEMM calls (shape, dtypes, M) the step sent to the small-M kernel."""
+    import contextlib
     import json
 
     from tpfuse.kernels import small_m_configs as smc
 
-    with open(args.small_m_table) as fh:
-        table = json.load(fh)
+    table = None
+    if table_path:
+        with open(table_path) as fh:
+            table = json.load(fh)
     st = model._tpfuse
-    st.graphs = None
-    with smc.install(table):
-        _measure(rows, base, provider + "_smallm", lambda: tpfuse_decode_us(model, batch, args.context, args.steps,
-                                                                              dev), dev,
-                 lambda: dict(last_mode=st.last_mode, routed=sum(isinstance(v, smc.GemmConfig) for v in smc.ROUTE_MEMO.values()),
-                              table=os.path.basename(args.small_m_table)))
-    st.graphs = None
+    own_pdl, st.graphs = st.cache_config.pdl, None
+    st.cache_config.pdl = pdl
+    try:
+        with smc.install(table) if table is not None else contextlib.nullcontext():
+            smc.ROUTE_MEMO.clear()  # the count below is this step's
+            r = _measure(rows, base, provider, lambda: tpfuse_decode_us(model, batch, args.context, args.steps, dev),
+                         dev, lambda: dict(last_mode=st.last_mode, pdl=pdl,
+                                           routed=sum(isinstance(v, smc.GemmConfig) for v in smc.ROUTE_MEMO.values()),
+                                           table=os.path.basename(table_path) if table_path else "shipped"))
+    finally:
+        st.cache_config.pdl, st.graphs = own_pdl, None
+    return r
+
+
+def variant_rows(model, batch, args, dev, rows, base, provider):
+    """Every variant of :func:`variants` of one decode row (``<provider><suffix>``)."""
+    for suffix, table_path, pdl in variants(args):
+        variant_row(model, batch, args, dev, rows, base, provider + suffix, table_path, pdl)
 
 
 def _label(r) -> str:

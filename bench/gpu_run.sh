@@ -29,7 +29,8 @@
 #         tpfuse/thresholds/ to ship it). One call: TPFUSE_COMMIT=<sha> LIMIT_small_gemm=200 bash bench/gpu_run.sh small_gemm
 #   SMALL_M_TABLE: the small-M GEMM routing table e2e_full / e2e_shards A/B against the shipped one
 #         (bench_e2e.py --small-m-table: <provider>_smallm rows; default: the H100 sweep of 14a3f4c in bench/results;
-#         SMALL_M_TABLE= turns the rows off)
+#         SMALL_M_TABLE= turns the rows off); E2E_PDL=1 (the default; 0: off) adds their --pdl rows (decode graphs
+#         captured with programmatic dependent launch) and, with a table, the rows of both
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
 # Logs, JSON and PNG go to $OUT (or bench/results/gpu-run when OUT is unset). Multi-GPU steps need >= 2 GPUs.
 set -uo pipefail
@@ -102,6 +103,7 @@ onegpu_tp() {  # onegpu_tp TP K TARGET...: a TP size's tests in ONEGPU_GROUPS (1
 OUT=${OUT:-bench/results/gpu-run}; mkdir -p "$OUT"; export OUT
 SMALL_M_TABLE=${SMALL_M_TABLE-bench/results/small_m_gemm_sm90_h100_14a3f4c.json}
 [[ -z $SMALL_M_TABLE || -f $SMALL_M_TABLE ]] || { echo "SMALL_M_TABLE=$SMALL_M_TABLE: no such file"; SMALL_M_TABLE=; }
+PDL_ARG=; [[ ${E2E_PDL:-1} == 1 ]] && PDL_ARG=--pdl
 steps=("$@"); [[ ${#steps[@]} -gt 0 ]] || steps=(env tests async_tp fused_ar local rope decode_attn host e2e tune demo)
 ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 python3 -m pip install -q --no-deps --no-build-isolation --no-index . 2>&1 | grep -v WARNING
@@ -130,17 +132,21 @@ for s in "${steps[@]}"; do
     #   tpfuse_fp8 (in place) + tpfuse_fp8_static (a second build + calibration), all batches + prefill ~50 s
     #   --hf-after: a fresh build, hf_eager b1/b8/b64 (~40 ms a step) + prefill, then hf_compiled at b1 and
     #     b64: ~1-2 min per compile at 32 layers (the unknown part; last, so a cut-off loses only it)  ~150-250 s
+    #   variant rows (SMALL_M_TABLE, E2E_PDL): each tpfuse* decode row 3 more times (a prefill, a capture, the
+    #     steps: ~1-2 s each at 32 layers), 27 rows                                                     ~40-60 s
+    #   measured at 14a3f4c without the variant rows: 136 s on one H100 (logs/gpu_run_14a3f4c_h100_e2e_full.log)
     #   total ~310-410 s: LIMIT_e2e_full 330 by default (the JSON is written after every phase)
     e2e_full) LIMIT_e2e_full=${LIMIT_e2e_full:-330} run e2e_full "${TR1[@]}" bench/bench_e2e.py --tag full --models 8B \
                 --layers full --decode-batches 1,8,64 --context 1024 --prefill 1024,4096 --hf-models 8B \
                 --compile-batches 1,64 --hf-after --kv-capacities 8x1152,8x32768,64x1152,256x1152 \
-                ${SMALL_M_TABLE:+--small-m-table "$SMALL_M_TABLE"} ${E2E_FULL_ARGS:-} ;;
+                ${SMALL_M_TABLE:+--small-m-table "$SMALL_M_TABLE"} ${PDL_ARG:-} ${E2E_FULL_ARGS:-} ;;
     # e2e_shards: rank 0's shard of 70B at TP 8 (21 GB: 80 layers, 8 q / 1 kv heads, intermediate 3584, vocab
     # replicated) and TP 4 (38 GB), of 8B at TP 2 (9 GB), each built at TP=1: start ~20 s, per model a build
     # (~5-15 s), Triton JIT for its shapes (~10 s), b1 and b64 (a 64k-token prefill: ~1-4 s) and prefill 1k  ~100-120 s
     e2e_shards) LIMIT_e2e_shards=${LIMIT_e2e_shards:-150} run e2e_shards "${TR1[@]}" bench/bench_e2e.py --tag shards \
                   --models 70B/tp8,70B/tp4,8B/tp2 --layers full --decode-batches 1,64 --context 1024 --prefill 1024 \
-                  --hf-models none --no-fp8 ${SMALL_M_TABLE:+--small-m-table "$SMALL_M_TABLE"} ${E2E_SHARDS_ARGS:-} ;;
+                  --hf-models none --no-fp8 ${SMALL_M_TABLE:+--small-m-table "$SMALL_M_TABLE"} ${PDL_ARG:-} \
+                  ${E2E_SHARDS_ARGS:-} ;;
     load) run load python3 bench/bench_load.py --shape 8B ${LOAD_ARGS:-}
           run load_fp8 python3 bench/bench_load.py --shape 8B --fp8 ${LOAD_ARGS:-} ;;  # TP=1; writes /tmp ckpts
     decode_attn) [[ -f bench/bench_decode_attention.py ]] && run decode_attn python3 bench/bench_decode_attention.py ${DECODE_ATTN_ARGS:-} ;;

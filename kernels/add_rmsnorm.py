@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ..quant import next_pow2
-from . import fast_launch, local_configs
+from . import fast_launch, local_configs, pdl
 from .quant_epilogue import (FMT_NVFP4_SWIZZLED, epilogue_args, load_norm_weight, norm_quant_store, nvfp4_pad_rows,
                              nvfp4_swizzled_pad, rms_rstd, rstd_from_sumsq)
 
@@ -35,7 +35,9 @@ def _add_rmsnorm_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, res_out_ptr
                         out_ptr, out_stride, scale_ptr, scale_stride, in_scale_ptr,
                         n_rows, n_cols, eps, n_sf_cols, sf_cols_padded, n_progs,
                         HAS_RES: tl.constexpr, GEMMA: tl.constexpr, FMT: tl.constexpr, BLOCK: tl.constexpr,
-                        GROUP: tl.constexpr, PAD_BLOCK: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr):
+                        GROUP: tl.constexpr, PAD_BLOCK: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr,
+                        PDL: tl.constexpr):
+    pdl.enter(PDL)
     pid = tl.program_id(0)
     if SPLIT == 1:
         cols = tl.arange(0, BLOCK)
@@ -113,12 +115,13 @@ def launch_add_rmsnorm(x, residual, weight, eps, residual_out, data, scale, in_s
     res = residual if residual is not None else x
     rows = cfg.rows
     n_row_progs = (t + rows - 1) // rows
+    on = pdl.wanted(residual_out)
     fast_launch.launch(
         _add_rmsnorm_kernel, (n_row_progs, split),
         (x, x.stride(0), res, res.stride(0), weight, residual_out, residual_out.stride(0),
          data, ep.out_stride, ep.scale, ep.scale_stride, ep.in_scale,
          t, h, float(eps), ep.n_sf_cols, ep.sf_cols_padded, n_row_progs * split),
         {"HAS_RES": residual is not None, "GEMMA": bool(gemma), "FMT": fmt, "BLOCK": next_pow2(h),
-         "GROUP": group_size, "PAD_BLOCK": ep.pad_block, "ROWS": rows, "SPLIT": split},
-        cfg.num_warps, cfg.num_stages)
+         "GROUP": group_size, "PAD_BLOCK": ep.pad_block, "ROWS": rows, "SPLIT": split, "PDL": on},
+        cfg.num_warps, cfg.num_stages, on)
 

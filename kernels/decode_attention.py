@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from ..quant import next_pow2
+from . import pdl
 from .quant_epilogue import SOFT_CAST, cast_for_store
 
 LOG2E = 1.4426950408889634
@@ -127,7 +128,8 @@ def _split_kernel(q_ptr, q_sb, q_sh, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb,
                   sl_ptr, kvs_ptr, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr, ws_l_ptr, qk_scale, max_len, group,
                   n_heads, D: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                   MIN_PARTITION: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                  CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr, PREC: tl.constexpr):
+                  CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
+    pdl.enter(PDL)  # before the lengths' load and the early exit (kernels/pdl.py)
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -182,7 +184,8 @@ def _split_kernel(q_ptr, q_sb, q_sh, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb,
 @triton.jit
 def _combine_kernel(ws_o_ptr, ws_m_ptr, ws_l_ptr, sl_ptr, out_ptr, o_sb, o_sh, n_heads, max_len,
                     D: tl.constexpr, BLOCK_N: tl.constexpr, MIN_PARTITION: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                    SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr):
+                    SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
+    pdl.enter(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     n = tl.minimum(tl.maximum(tl.load(sl_ptr + b).to(tl.int32), 0), max_len)
@@ -340,6 +343,7 @@ def launch_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, o
     splits = cfg.num_splits
     kvs = kv_scale if cache_fp8 else seq_lens  # unread unless CACHE_FP8
     ws_o, ws_m, ws_l = _workspace(bsz, hq, d, splits, q.device) if splits > 1 else (out, out, out)  # 1: unused
+    on = pdl.wanted(out)
     _split_kernel[(bsz, hkv, splits)](
         q, q.stride(0), q.stride(1), key_cache, key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache, value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
@@ -347,13 +351,13 @@ def launch_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, o
         float(scale) * LOG2E, int(max_seq_len), group, hq,
         D=d, GROUP_PAD=max(16, next_pow2(group)), BLOCK_N=cfg.block_n, MIN_PARTITION=cfg.min_partition,
         BLOCK_SIZE=block_size, NUM_SPLITS=splits, CACHE_FP8=cache_fp8, PV_HILO=q.element_size() == 2,
-        PREC="ieee" if q.dtype.itemsize == 4 else "tf32", num_warps=cfg.num_warps)
+        PREC="ieee" if q.dtype.itemsize == 4 else "tf32", PDL=on, num_warps=cfg.num_warps, **pdl.launch_options(on))
     if splits > 1:
         splits_pad = next_pow2(splits)
         _combine_kernel[(bsz, hq)](
             ws_o, ws_m, ws_l, seq_lens, out, out.stride(0), out.stride(1), hq, int(max_seq_len),
             D=d, BLOCK_N=cfg.block_n, MIN_PARTITION=cfg.min_partition, NUM_SPLITS=splits, SPLITS_PAD=splits_pad,
-            CHUNK=min(splits_pad, 16), num_warps=4 if d >= 128 else 2)
+            CHUNK=min(splits_pad, 16), PDL=on, num_warps=4 if d >= 128 else 2, **pdl.launch_options(on))
     return cfg
 
 

@@ -77,11 +77,14 @@ def fingerprint(args, nospec=()) -> tuple | None:
     return tuple(key)
 
 
-def launch(kernel, grid, args: tuple, consts: dict, num_warps: int, num_stages: int | None = None) -> None:
+def launch(kernel, grid, args: tuple, consts: dict, num_warps: int, num_stages: int | None = None,
+           pdl: bool = False) -> None:
     """``kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)``, through the cached
     ``CompiledKernel`` when this call's fingerprint was launched before. ``args``: the runtime arguments in
     signature order; ``consts``: the constexprs by name, in signature order after ``args``; ``num_stages=None``
-    leaves it out of the JIT call (Triton's default), as the launchers always did for the RoPE kernels."""
+    leaves it out of the JIT call (Triton's default), as the launchers always did for the RoPE kernels. ``pdl``:
+    launch with programmatic dependent launch (``launch_pdl=True``, :mod:`.pdl`; a compile option of its own, so
+    part of the cache key)."""
     if ENABLED:
         if _rt is None:
             _init()
@@ -93,7 +96,7 @@ def launch(kernel, grid, args: tuple, consts: dict, num_warps: int, num_stages: 
             state = getattr(kernel, _CACHE_ATTR, None)
             if state is None:
                 state = _state(kernel)
-            key = key_for(state[0], args, consts, num_warps, num_stages)
+            key = key_for(state[0], args, consts, num_warps, num_stages, pdl)
             if key is not None:
                 cache = state[1]
                 hit = cache.get(key)
@@ -101,11 +104,11 @@ def launch(kernel, grid, args: tuple, consts: dict, num_warps: int, num_stages: 
                     _direct(hit, grid, key[0], args, consts)
                     return
                 STATS["first_call"] += 1
-                compiled = _jit(kernel, grid, args, consts, num_warps, num_stages)
+                compiled = _jit(kernel, grid, args, consts, num_warps, num_stages, pdl)
                 _remember(kernel, cache, key, compiled, len(args), consts)
                 return
             STATS["uncacheable_args"] += 1
-    _jit(kernel, grid, args, consts, num_warps, num_stages)
+    _jit(kernel, grid, args, consts, num_warps, num_stages, pdl)
 
 
 def _direct(hit, grid, device, args, consts) -> None:
@@ -120,21 +123,23 @@ def _direct(hit, grid, device, args, consts) -> None:
     run(g0, g1, g2, stream, function, meta, launch_meta, enter, leave, *args, *consts.values())
     STATS["direct"] += 1
 
-def key_for(nospec, args, consts, num_warps, num_stages):
+def key_for(nospec, args, consts, num_warps, num_stages, pdl=False):
     """The cache key of one call (None: not cacheable): current device, debug knobs, launch options, constexprs
     and :func:`fingerprint`."""
     fp = fingerprint(args, nospec)
     if fp is None:
         return None
-    return (torch.cuda.current_device(), _rt.debug, _comp.instrumentation_mode, num_warps, num_stages,
+    return (torch.cuda.current_device(), _rt.debug, _comp.instrumentation_mode, num_warps, num_stages, bool(pdl),
             tuple(consts.values()), fp)
 
 
-def _jit(kernel, grid, args, consts, num_warps, num_stages):
-    """The normal Triton call (also what a test's recorder / the interpreter sees: constexprs by keyword)."""
+def _jit(kernel, grid, args, consts, num_warps, num_stages, pdl=False):
+    """The normal Triton call (also what a test's recorder / the interpreter sees: constexprs by keyword; the PDL
+    launch option only when on)."""
+    opts = {"launch_pdl": True} if pdl else {}
     if num_stages is None:
-        return kernel[grid](*args, **consts, num_warps=num_warps)
-    return kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+        return kernel[grid](*args, **consts, num_warps=num_warps, **opts)
+    return kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages, **opts)
 
 
 def _state(kernel):

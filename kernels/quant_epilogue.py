@@ -509,8 +509,9 @@ def launch_row_tiles(kernel, op: str, x, width: int, data, scale, in_scale, fmt:
                      config=None) -> None:
     """Launch a tiled row kernel (``_silu_mul_kernel``, ``_quantize_kernel``: the same parameters) over
     ``x [T, *]`` with output rows of ``width`` (the config of ``op`` from :mod:`.local_configs`, or ``config``
-    sanitized): a 1-D grid of ``n_tiles * cdiv(T, ROWS)`` programs, tile index fastest."""
-    from . import fast_launch, local_configs
+    sanitized): a 1-D grid of ``n_tiles * cdiv(T, ROWS)`` programs, tile index fastest; with PDL inside
+    :func:`.pdl.launches` (both kernels take it)."""
+    from . import fast_launch, local_configs, pdl
 
     t = x.shape[0]
     if t == 0:
@@ -521,12 +522,13 @@ def launch_row_tiles(kernel, op: str, x, width: int, data, scale, in_scale, fmt:
     block, rows = cfg.block, cfg.rows
     n_tiles = (width + block - 1) // block
     n_progs = n_tiles * ((t + rows - 1) // rows)
+    on = pdl.wanted(data)
     fast_launch.launch(
         kernel, (n_progs,),
         (x, x.stride(0), data, ep.out_stride, ep.scale, ep.scale_stride, ep.in_scale, t, width, ep.n_sf_cols,
          ep.sf_cols_padded, n_tiles, n_progs),
-        {"FMT": fmt, "BLOCK": block, "GROUP": group_size, "PAD_BLOCK": ep.pad_block, "ROWS": rows},
-        cfg.num_warps, cfg.num_stages)
+        {"FMT": fmt, "BLOCK": block, "GROUP": group_size, "PAD_BLOCK": ep.pad_block, "ROWS": rows, "PDL": on},
+        cfg.num_warps, cfg.num_stages, on)
 
 
 def padded_rows(fmt: int, rows: int) -> int:

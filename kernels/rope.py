@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ..quant import next_pow2
+from . import pdl
 from .quant_epilogue import cast_for_store, fp8_cast
 
 
@@ -74,7 +75,9 @@ def _rotate(a, b, c, s):
 @triton.jit
 def _qk_norm_rope_kernel(qkv_ptr, qkv_stride, qw_ptr, kw_ptr, cs_ptr, cs_stride, pos_ptr,
                          n_q_heads, n_qk_heads, eps,
-                         HALF: tl.constexpr, BH: tl.constexpr, IS_NEOX: tl.constexpr, GEMMA: tl.constexpr):
+                         HALF: tl.constexpr, BH: tl.constexpr, IS_NEOX: tl.constexpr, GEMMA: tl.constexpr,
+                         PDL: tl.constexpr):
+    pdl.enter(PDL)
     tok = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
     heads = hb * BH + tl.arange(0, BH)[:, None]  # [BH, 1]
@@ -148,7 +151,9 @@ def _rope_k_block_cache(k_ptr, k_s0, k_s1, v_ptr, v_s0, v_s1, kc_ptr, kc_sb, kc_
 def _rope_kv_cache_kernel(q_ptr, q_s0, q_s1, k_ptr, k_s0, k_s1, v_ptr, v_s0, v_s1, pos_ptr, cs_ptr, cs_stride,
                           kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, slot_ptr, scale_ptr,
                           n_q_heads, n_kv_heads, n_q_blocks, block_size,
-                          HALF: tl.constexpr, BH: tl.constexpr, IS_NEOX: tl.constexpr, CACHE_FP8: tl.constexpr):
+                          HALF: tl.constexpr, BH: tl.constexpr, IS_NEOX: tl.constexpr, CACHE_FP8: tl.constexpr,
+                          PDL: tl.constexpr):
+    pdl.enter(PDL)
     tok = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
     c, s = _cos_sin(cs_ptr, cs_stride, pos_ptr, tok, HALF)
@@ -204,11 +209,12 @@ def launch_qk_norm_rope(qkv, q_weight, k_weight, cos_sin_cache, positions, num_h
         return
     heads = num_heads + num_kv_heads
     bh, nw = pick_block(t, heads, head_dim, block_h, num_warps)
+    on = pdl.wanted(qkv)
     fast_launch.launch(
         _qk_norm_rope_kernel, (t, -(-heads // bh)),
         (qkv, qkv.stride(0), q_weight, k_weight, cos_sin_cache, cos_sin_cache.stride(0), positions,
          num_heads, heads, float(eps)),
-        {"HALF": head_dim // 2, "BH": bh, "IS_NEOX": bool(is_neox), "GEMMA": bool(gemma)}, nw)
+        {"HALF": head_dim // 2, "BH": bh, "IS_NEOX": bool(is_neox), "GEMMA": bool(gemma), "PDL": on}, nw, pdl=on)
 
 
 def launch_rope_kv_cache_write(q, k, v, positions, cos_sin_cache, key_cache, value_cache, slot_mapping, is_neox,
@@ -224,6 +230,7 @@ def launch_rope_kv_cache_write(q, k, v, positions, cos_sin_cache, key_cache, val
     cache_fp8 = key_cache.element_size() == 1
     scale = kv_scale if kv_scale is not None else positions  # unread unless CACHE_FP8
     qs, ks, vs, kcs, vcs = q.stride(), k.stride(), v.stride(), key_cache.stride(), value_cache.stride()
+    on = pdl.wanted(q)
     fast_launch.launch(
         _rope_kv_cache_kernel, (t, nqb + nkb),
         (q, qs[0], qs[1], k, ks[0], ks[1], v, vs[0], vs[1],
@@ -231,4 +238,4 @@ def launch_rope_kv_cache_write(q, k, v, positions, cos_sin_cache, key_cache, val
          key_cache, kcs[0], kcs[1], kcs[2],
          value_cache, vcs[0], vcs[1], vcs[2],
          slot_mapping, scale, hq, hkv, nqb, key_cache.shape[1]),
-        {"HALF": d // 2, "BH": bh, "IS_NEOX": bool(is_neox), "CACHE_FP8": cache_fp8}, nw)
+        {"HALF": d // 2, "BH": bh, "IS_NEOX": bool(is_neox), "CACHE_FP8": cache_fp8, "PDL": on}, nw, pdl=on)

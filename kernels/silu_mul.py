@@ -12,6 +12,7 @@ programs zero their rows' scale column padding and all programs share out the pa
 import triton
 import triton.language as tl
 
+from . import pdl
 from .quant_epilogue import FMT_NVFP4_SWIZZLED, launch_row_tiles, nvfp4_pad_rows, quant_store_row_tile, row_tile
 
 
@@ -19,7 +20,8 @@ from .quant_epilogue import FMT_NVFP4_SWIZZLED, launch_row_tiles, nvfp4_pad_rows
 def _silu_mul_kernel(x_ptr, x_stride, out_ptr, out_stride, scale_ptr, scale_stride, in_scale_ptr,
                      n_rows, n_cols, n_sf_cols, sf_cols_padded, n_tiles, n_progs,
                      FMT: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr, PAD_BLOCK: tl.constexpr,
-                     ROWS: tl.constexpr):
+                     ROWS: tl.constexpr, PDL: tl.constexpr):
+    pdl.enter(PDL)
     pid, tile, c0, cols, mask = row_tile(n_tiles, n_cols, BLOCK)
     for i in tl.static_range(ROWS):
         row = (pid // n_tiles) * ROWS + i

@@ -52,6 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from . import small_m_configs as smc
 from .quant_epilogue import SOFT_CAST, cast_for_store, fp8_cast
 
@@ -151,7 +152,8 @@ def _small_m_gemm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, p
                          X_FP8: tl.constexpr, W_FP8: tl.constexpr, X_SCALE: tl.constexpr, W_SCALE: tl.constexpr,
                          HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, OUT_FP8: tl.constexpr,
                          PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    pdl.enter(PDL)
     pid_k = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
@@ -191,8 +193,9 @@ def _small_m_gemm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, p
 def _split_k_reduce_kernel(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, M, N_OUT, stride_om, split_k,
                            X_SCALE: tl.constexpr, W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
                            SILU_MUL: tl.constexpr, OUT_FP8: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr):
+                           BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """Sum of the ``split_k`` partials in split order (deterministic), then the epilogue."""
+    pdl.enter(PDL)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
     n_mask = rn < N_OUT
@@ -244,6 +247,7 @@ def launch_small_m_gemm(x, w, x_scale, w_scale, bias, out, out_scale, silu_mul: 
     xs, ws = (dummy if x_scale is None else x_scale), (dummy if w_scale is None else w_scale)
     b, os_ = (dummy if bias is None else bias), (dummy if out_scale is None else out_scale)
     split = cfg.split_k
+    on = pdl.wanted(out)
     part = torch.empty((split, m, n_w), dtype=torch.float32, device=out.device) if split > 1 else dummy
     # the epilogue's constexprs, in the kernels' signature order (fast_launch passes them positionally)
     epi = dict(X_SCALE=scale_kind(x_scale, m), W_SCALE=scale_kind(w_scale, n_w), HAS_BIAS=bias is not None,
@@ -252,9 +256,9 @@ def launch_small_m_gemm(x, w, x_scale, w_scale, bias, out, out_scale, silu_mul: 
         _small_m_gemm_kernel, (triton.cdiv(n_out, cfg.block_n), split),
         (x, w, xs, ws, b, out, os_, part, m, n_out, k, x.stride(0), out.stride(0), n_kb, split),
         dict(X_FP8=x.dtype.itemsize == 1, W_FP8=w.dtype.itemsize == 1, **epi, PARTIAL=split > 1,
-             EVEN_K=k % cfg.block_k == 0, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k),
-        cfg.num_warps, stages)
+             EVEN_K=k % cfg.block_k == 0, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PDL=on),
+        cfg.num_warps, stages, on)
     if split > 1:
         fast_launch.launch(_split_k_reduce_kernel, (triton.cdiv(n_out, REDUCE_BLOCK_N),),
                            (part, xs, ws, b, out, os_, m, n_out, out.stride(0), split),
-                           dict(epi, BLOCK_M=block_m, BLOCK_N=REDUCE_BLOCK_N), 4, 1)
+                           dict(epi, BLOCK_M=block_m, BLOCK_N=REDUCE_BLOCK_N, PDL=on), 4, 1, on)

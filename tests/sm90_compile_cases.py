@@ -48,6 +48,8 @@ def compile_kernel(fn, ptrs, const, num_warps=8, hinted=False, num_stages=None, 
     specialization, or a kernel's own ``do_not_specialize`` list) -- so the vectorized code that actually runs is
     compiled, with ints as i32. ``num_stages``: the launcher's pipeline depth (None: Triton's default)."""
     names = fn.arg_names
+    if "PDL" in names and "PDL" not in const:  # the launch every call makes outside pdl.launches()
+        const = dict(const, PDL=False)
     sig = {n: ("constexpr" if n in const else ptrs.get(n, "fp32" if n in FLOATS else ("i32" if hinted else "i64")))
            for n in names}
     attrs = {}
@@ -60,6 +62,20 @@ def compile_kernel(fn, ptrs, const, num_warps=8, hinted=False, num_stages=None, 
 
 
 def cases():
+    """Every case (:func:`base_cases`), then one PDL variant (``PDL=True``, kernels/pdl.py) of each kernel that
+    takes it: the first case of that kernel, renamed ``<case> pdl``."""
+    seen = set()
+    pdl_variants = []
+    for case in base_cases():
+        yield case
+        fn = case[1]
+        if "PDL" in fn.arg_names and fn not in seen:
+            seen.add(fn)
+            pdl_variants.append((case[0] + " pdl", fn, case[2], dict(case[3], PDL=True), *case[4:]))
+    yield from pdl_variants
+
+
+def base_cases():
     for fmt in range(6):
         out_t, sc_t = out_types(fmt)
         group = 128 if fmt == 3 else 16

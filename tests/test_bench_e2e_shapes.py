@@ -143,3 +143,9 @@ def test_bench_e2e_imports_and_keeps_its_defaults():
     with pytest.raises(SystemExit):
         bench_e2e.parse_args(["--layers", "most"])
     assert bench_e2e.VOCAB == 32000
+    # the decode-row variants: none by default, one per flag, and both together with both
+    assert bench_e2e.variants(a) == []
+    assert bench_e2e.variants(bench_e2e.parse_args(["--pdl"])) == [("_pdl", None, True)]
+    both = bench_e2e.parse_args(["--pdl", "--small-m-table", "t.json"])
+    assert bench_e2e.variants(both) == [("_smallm", "t.json", False), ("_pdl", None, True),
+                                         ("_smallm_pdl", "t.json", True)]

@@ -26,9 +26,11 @@ def _run(tmp_path):
         rows += [_row("8B", "tpfuse_capacity", t * 1.01, b, max_batch=256, max_seq_len=1152),
                  _row("8B", "tpfuse_capacity", t * 1.02, b, max_batch=64, max_seq_len=1152)]
     rows.append(_row("8B", "tpfuse_capacity", 6060, 1, max_batch=8, max_seq_len=32768))
-    rows += [_row("8B", "tpfuse_smallm", 5700, 1, routed=8, table="sweep.json"),
-             _row("8B", "tpfuse_fp8_smallm", 2970, 1, routed=8, table="sweep.json"),
-             _row("8B", "tpfuse_smallm", 9450, 64, routed=3, table="sweep.json")]
+    rows += [_row("8B", "tpfuse_smallm", 5700, 1, routed=8, table="sweep.json", pdl=False),
+             _row("8B", "tpfuse_pdl", 5400, 1, routed=0, table="shipped", pdl=True),
+             _row("8B", "tpfuse_smallm_pdl", 5100, 1, routed=8, table="sweep.json", pdl=True),
+             _row("8B", "tpfuse_fp8_smallm", 2970, 1, routed=8, table="sweep.json", pdl=False),
+             _row("8B", "tpfuse_smallm", 9450, 64, routed=3, table="sweep.json", pdl=False)]
     rows += [_row("8B", "tpfuse", 30000, 4096, mode="prefill"),
              _row("70B/tp8 shard", "tpfuse", 700, 1, layers=80, shard_of="70B", tp_shard=8),
              _row("70B/tp8 shard", "memory_floor", 560, 1, layers=80)]
@@ -57,11 +59,14 @@ def test_model_table(tmp_path):
     assert "| 8B | 64 | 64x1072: 9.00 | 9.09 | 9.18 | — | 2.0% |" in lines
     assert "- skipped: 8B 512x32768: needs 300 GiB" in lines
     assert "floor at the measured copy bandwidth 3.0 TB/s (the faster of graph 2.4, events 3.0)" in lines[0]
-    # the A/B of --small-m-table: its rows stay out of the model table, each provider's ratio per batch
-    assert "Decode step with the small-M GEMM routing table (sweep.json) over without it:" in lines
-    assert "| model | batch | bf16: with / without | FP8: with / without | GEMM calls routed |" in lines
-    assert "| 8B | 1 | 0.95 | 0.90 | 8 / 8 |" in lines
-    assert "| 8B | 64 | 1.05 | — | 3 |" in lines
+    # the A/Bs of --small-m-table / --pdl: their rows stay out of the model table; per provider and batch the
+    # variant's step over the base step
+    assert "Decode step under each variant over the same step without it (small-M table: sweep.json):" in lines
+    assert ("| model | batch | provider | small-M table: with / without | PDL: with / without | both: with / without "
+            "| GEMM calls routed |") in lines
+    assert "| 8B | 1 | bf16 | 0.95 | 0.90 | 0.85 | 8 / 8 |" in lines
+    assert "| 8B | 1 | FP8 | 0.90 | — | — | 8 |" in lines
+    assert "| 8B | 64 | bf16 | 1.05 | — | — | 3 |" in lines
 
 
 def test_columns_absent_from_the_run_are_left_out(tmp_path):

@@ -258,9 +258,9 @@ def test_fast_launch_caches_the_kernel_the_jit_picks(monkeypatch):
     calls = []
     real = fast_launch.launch
 
-    def recording(kernel, grid, args, consts, num_warps, num_stages=None):
-        real(kernel, grid, args, consts, num_warps, num_stages)
-        calls.append((kernel, grid, args, consts, num_warps, num_stages))
+    def recording(kernel, grid, args, consts, num_warps, num_stages=None, pdl=False):
+        real(kernel, grid, args, consts, num_warps, num_stages, pdl)
+        calls.append((kernel, grid, args, consts, num_warps, num_stages, pdl))
 
     monkeypatch.setattr(fast_launch, "launch", recording)  # the launchers call fast_launch.launch by attribute
     monkeypatch.setattr(fast_launch, "ENABLED", True)
@@ -268,10 +268,11 @@ def test_fast_launch_caches_the_kernel_the_jit_picks(monkeypatch):
     _run_all(5, GPU_SHAPES)
     assert calls
     checked = 0
-    for kernel, grid, args, consts, nw, ns in calls:
+    for kernel, grid, args, consts, nw, ns, pdl in calls:
         state = getattr(kernel, "_tpfuse_compiled")
-        key = fast_launch.key_for(state[0], args, consts, nw, ns)
+        key = fast_launch.key_for(state[0], args, consts, nw, ns, pdl)
         opts = {"num_warps": nw} if ns is None else {"num_warps": nw, "num_stages": ns}
+        opts.update({"launch_pdl": True} if pdl else {})
         jit_pick = kernel.warmup(*args, grid=grid, **consts, **opts)
         assert fast_launch.cached_kernels(kernel)[key][3] is jit_pick
         checked += 1

@@ -2,7 +2,8 @@
 the memory floor, their ratio, HF compiled and tpfuse / HF compiled where the run has it, FP8 / bf16 where it has
 FP8 rows; a caption line per file (device, commit, TP, context, copy bandwidth); then, where the run has
 ``tpfuse_capacity`` rows, a table of the step time per KV-cache capacity with its spread at each batch; where it
-has ``<provider>_smallm`` rows (``--small-m-table``), the step with that routing table over the step without it.
+has variant rows (``<provider>_smallm`` / ``_pdl`` / ``_smallm_pdl``: ``--small-m-table``, ``--pdl``), each
+variant's step over the step without it.
 
     python bench/tools/e2e_table.py bench/results/e2e_tp1_h100_full.json [more.json ...] [--out table.md]
 
@@ -35,8 +36,18 @@ def _ratio(a, b) -> str:
     return f"{a / b:.2f}" if _ok(a) and _ok(b) and b else "—"
 
 
-SMALL_M = (("tpfuse", "bf16"), ("tpfuse_fp8", "FP8"), ("tpfuse_fp8_static", "FP8 static"))
-"""Providers whose decode rows ``--small-m-table`` repeats (as ``<provider>_smallm``) and their column heads."""
+VARIANTS = (("_smallm", "small-M table"), ("_pdl", "PDL"), ("_smallm_pdl", "both"))
+"""Suffixes of the decode-row variants (``--small-m-table``, ``--pdl``) and their column heads."""
+HEADS = {"tpfuse": "bf16", "tpfuse_fp8": "FP8", "tpfuse_fp8_static": "FP8 static"}
+"""Providers the variants repeat and how the variant table names them."""
+
+
+def _variant(provider) -> tuple:
+    """``(base provider, suffix)`` of a variant row's provider; ``(provider, "")`` for any other row."""
+    for suffix, _ in sorted(VARIANTS, key=lambda v: -len(v[0])):
+        if str(provider).endswith(suffix) and str(provider)[: -len(suffix)] in HEADS:
+            return str(provider)[: -len(suffix)], suffix
+    return provider, ""
 
 
 def _decode_cells(rows) -> tuple:
@@ -44,8 +55,7 @@ def _decode_cells(rows) -> tuple:
     apart), in the rows' order."""
     cells, layers = {}, {}
     for r in rows:
-        if (r.get("mode") == "decode" and r.get("provider") != "tpfuse_capacity"
-                and not str(r.get("provider")).endswith("_smallm")):
+        if r.get("mode") == "decode" and r.get("provider") != "tpfuse_capacity" and not _variant(r["provider"])[1]:
             cells.setdefault((r["model"], r["tokens"]), {})[r["provider"]] = r.get("us")
             layers.setdefault(r["model"], r.get("layers"))
     return cells, layers
@@ -104,21 +114,23 @@ def capacity_table(rows) -> list:
     return lines
 
 
-def small_m_table(rows) -> list:
-    """Markdown lines: per model and batch, each provider's step with the small-M routing table over its step
-    without it (below 1: the table pays) and the GEMM calls it routed; ``[]`` without ``_smallm`` rows."""
-    ab = [r for r in rows if r.get("mode") == "decode" and str(r.get("provider")).endswith("_smallm")]
-    if not ab:
+def variant_table(rows) -> list:
+    """Markdown lines: per model, batch and provider, its step under each variant the run has (small-M routing
+    table, PDL, both) over its step without (below 1: the variant pays), and the GEMM calls the table routed;
+    ``[]`` without variant rows."""
+    var = [r for r in rows if r.get("mode") == "decode" and _variant(r["provider"])[1]]
+    if not var:
         return []
-    base = {(r["model"], r["tokens"], r["provider"]): r.get("us") for r in rows if r.get("mode") == "decode"}
-    have = [(p, head) for p, head in SMALL_M if any(r["provider"] == p + "_smallm" for r in ab)]
-    cols = ["model", "batch"] + [f"{head}: with / without" for _, head in have] + ["GEMM calls routed"]
+    us = {(r["model"], r["tokens"], r["provider"]): r.get("us") for r in rows if r.get("mode") == "decode"}
+    have = [(sfx, head) for sfx, head in VARIANTS if any(_variant(r["provider"])[1] == sfx for r in var)]
+    cols = ["model", "batch", "provider"] + [f"{head}: with / without" for _, head in have] + ["GEMM calls routed"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for model, batch in dict.fromkeys((r["model"], r["tokens"]) for r in ab):
-        cells = [_ratio(base.get((model, batch, p + "_smallm")), base.get((model, batch, p))) for p, _ in have]
-        routed = [str(r.get("routed", "—")) for p, _ in have for r in ab
-                  if (r["model"], r["tokens"], r["provider"]) == (model, batch, p + "_smallm")]
-        lines.append("| " + " | ".join([model, str(batch)] + cells + [" / ".join(routed)]) + " |")
+    for model, batch, prov in dict.fromkeys((r["model"], r["tokens"], _variant(r["provider"])[0]) for r in var):
+        cells = [_ratio(us.get((model, batch, prov + sfx)), us.get((model, batch, prov))) for sfx, _ in have]
+        routed = [str(r["routed"]) for r in var if (r["model"], r["tokens"]) == (model, batch)
+                  and _variant(r["provider"])[0] == prov and "routed" in r and "smallm" in r["provider"]]
+        lines.append("| " + " | ".join([model, str(batch), HEADS[prov]] + cells + [" / ".join(routed) or "—"])
+                     + " |")
     return lines
 
 
@@ -133,10 +145,11 @@ def render(paths) -> str:
         if cap:
             out += ["Step time per KV-cache capacity (max_batch x max_seq_len; same batch and context):", ""]
             out += cap + [""]
-        ab = small_m_table(rows)
+        ab = variant_table(rows)
         if ab:
-            tables = sorted({str(r.get("table")) for r in rows if str(r.get("provider")).endswith("_smallm")})
-            out += [f"Decode step with the small-M GEMM routing table ({', '.join(tables)}) over without it:", ""]
+            tables = sorted({str(r.get("table")) for r in rows if "smallm" in str(r.get("provider"))})
+            what = f" (small-M table: {', '.join(tables)})" if tables else ""
+            out += [f"Decode step under each variant over the same step without it{what}:", ""]
             out += ab + [""]
         for s in data.get("skipped", []):
             out.append(f"- skipped: {s.get('model')} {s.get('max_batch')}x{s.get('max_seq_len')}: {s.get('reason')}")

@@ -9,7 +9,8 @@ On CPU the op runs its reference (fp32 math, rounded once), as every local op do
 tested in tests/test_small_m_gemm.py. On a GPU (TP 1 and the GPU suite's sizes, ``cases.GPU_TPS``) the same table
 sends the decode steps of CUDA-graph-replayed decode (bf16, per-channel FP8, static FP8) to the Triton kernel, and
 graph decode with the kernel, graph decode without it, and the fp64 oracle agree: what a shipped sweep table does
-to a user's model.
+to a user's model; each also captured with programmatic dependent launch (``KVCacheConfig.pdl``), which must give
+the same logits bit for bit.
 """
 
 import json
@@ -157,6 +158,10 @@ def _graph_decode(model, ids, prompt):
 
 
 def _routed_graph_decode(rank, world, arch, fp8):
+    """Graph decode of one sequence four ways: the library GEMMs and the small-M kernel (a table where it wins at
+    every GEMM), each captured without and with programmatic dependent launch (``KVCacheConfig.pdl``). Each vs the
+    fp64 oracle; PDL changes when a kernel starts, never what it computes, so its logits must equal the same
+    graph's without it bit for bit (a missing wait would show as a race here)."""
     import tpfuse
     from tpfuse import small_gemm
     from tpfuse.kernels import small_m_configs as smc
@@ -169,21 +174,27 @@ def _routed_graph_decode(rank, world, arch, fp8):
     comm = tpfuse.TPCommunicator(max_tokens=32, hidden_size=mc.HIDDEN, dtype=DT, config=cfg)
     model = tpfuse.parallelize(model, comm, cache=KVCacheConfig(max_batch=2, max_seq_len=64))
     st, dev_arch = model._tpfuse, small_gemm.device_info(comm.device)[0]
-    with smc.install(None):
-        plain = _graph_decode(model, ids, 6)
+    table = _table(model, beats=True, silu=True, arch=dev_arch)
     calls, orig = [], small_gemm.small_m_gemm
     small_gemm.small_m_gemm = lambda x, w, **kw: calls.append(x.shape[0]) or orig(x, w, **kw)
+    got = {}
     try:
-        st.graphs = None  # captured without the table: capture again with it
-        with smc.install(_table(model, beats=True, silu=True, arch=dev_arch)):
-            routed = _graph_decode(model, ids, 6)
+        for routed in (False, True):
+            for pdl in (False, True):
+                st.graphs, st.cache_config.pdl = None, pdl  # captured anew under this variant
+                with smc.install(table if routed else None):
+                    got[routed, pdl] = _graph_decode(model, ids, 6)
+                if not routed:
+                    assert not calls, "no table: the library GEMMs"
     finally:
         small_gemm.small_m_gemm = orig
-        st.graphs = None
-    assert calls and set(calls) <= {1, 6}, calls  # captured decode GEMMs (and the all-reduce prefill's) ran the kernel
+        st.graphs, st.cache_config.pdl = None, False
+    assert calls and 1 in calls and max(calls) <= 6, calls  # the decode GEMMs (and the prefill's) ran the kernel
     what = f"{arch} TP={world} fp8={fp8}"
-    errs = [assert_logits_close(routed, ref, DT, f"{what} kernel", fp8=bool(fp8)),
-            assert_logits_close(plain, ref, DT, f"{what} library", fp8=bool(fp8))]
+    for routed in (False, True):
+        assert torch.equal(got[routed, True], got[routed, False]), f"{what} routed={routed}: PDL changed the logits"
+    errs = [assert_logits_close(got[True, False], ref, DT, f"{what} kernel", fp8=bool(fp8)),
+            assert_logits_close(got[False, False], ref, DT, f"{what} library", fp8=bool(fp8))]
     comm.close()
     return errs
 
@@ -192,13 +203,13 @@ def _routed_graph_decode(rank, world, arch, fp8):
 @pytest.mark.parametrize("tp", gpu_tp_params((1,) + GPU_TPS))
 @pytest.mark.parametrize("arch,fp8", [("llama", None), ("qwen3", ("per_token", "per_channel")),
                                       ("llama", ("static", "per_tensor"))], ids=["bf16", "fp8_row", "fp8_static"])
-def test_graph_decode_through_the_kernel_matches_the_oracle(tp, arch, fp8):
+def test_graph_decode_through_the_kernel_and_with_pdl_matches_the_oracle(tp, arch, fp8):
     errs = run_gpu(_routed_graph_decode, tp, arch, fp8, timeout_s=600)
     assert all(0 < e for pair in errs for e in pair), errs
 
 
 def _bench_rows(rank, world, table_path):
-    """``bench_e2e.small_m_row`` on a tiny model: the ``tpfuse_smallm`` row of one decode batch."""
+    """``bench_e2e.variant_rows`` on a tiny model: the ``tpfuse_smallm`` row of one decode batch."""
     import argparse
     import os
     import sys
@@ -218,8 +229,8 @@ def _bench_rows(rank, world, table_path):
     if not rows_in:  # the test's placeholder: this model's shapes, the kernel winning everywhere
         with open(table_path, "w") as fh:
             json.dump(_table(model, beats=True, silu=True), fh)
-    rows, args = [], argparse.Namespace(small_m_table=table_path, context=8, steps=2)
-    bench_e2e.small_m_row(model, 2, args, comm.device, rows, dict(model="tiny", mode="decode", tokens=2), "tpfuse")
+    rows, args = [], argparse.Namespace(small_m_table=table_path, pdl=False, context=8, steps=2)
+    bench_e2e.variant_rows(model, 2, args, comm.device, rows, dict(model="tiny", mode="decode", tokens=2), "tpfuse")
     comm.close()
     return rows
 
@@ -241,6 +252,7 @@ def test_bench_e2e_small_m_rows_route_by_the_given_table(tmp_path, winning):
             json.dump(table, fh)
     (row,) = run_on_ranks(_bench_rows, 1, path)[0]
     assert row["provider"] == "tpfuse_smallm" and row["table"] == "table.json" and "error" not in row, row
+    assert row["pdl"] is False
     assert row["us"] > 0
     # distinct calls at M = 2 (the step) and M = 16 (the prefill of 2 x 8 tokens): qkv and the fused gate-up +
     # SiLU*mul (both 256 x 64, told apart by the epilogue) and o / down (both 64 x 128: one key)

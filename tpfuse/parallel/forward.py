@@ -131,7 +131,7 @@ def _graphs(model):
         from .graphs import DecodeGraphs
 
         st.graphs = DecodeGraphs(st.cache_storage(), st.cache_config.buckets(),
-                                 lambda ids, meta: forward_core(model, ids, meta))
+                                 lambda ids, meta: forward_core(model, ids, meta), pdl=st.cache_config.pdl)
     return st.graphs
 
 

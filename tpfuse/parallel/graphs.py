@@ -19,7 +19,8 @@ are derived on the device (:func:`~tpfuse.parallel.batch.decode_meta`), so a rep
 and no sync. The
 graphs share one memory pool; the collectives inside them are the communicator's graph-safe kernels, captured in
 the same order on every rank (every rank runs the same steps). The logits buffer is overwritten by the next replay:
-:meth:`DecodeGraphs.run` returns a copy.
+:meth:`DecodeGraphs.run` returns a copy. With ``KVCacheConfig.pdl`` the warm-up and the capture run inside
+:func:`tpfuse.kernels.pdl.launches`: tpfuse's Triton kernels are captured with programmatic dependent launch.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from .batch import StepMeta, decode_meta
 
 class _BucketGraph:
     def __init__(self, bucket: int, explicit_rope: bool, storage,
-                 step: Callable[[torch.Tensor, StepMeta], torch.Tensor], pool):
+                 step: Callable[[torch.Tensor, StepMeta], torch.Tensor], pool, pdl: bool = False):
         dev = storage.device
         self.bucket, self.storage, self.step = bucket, storage, step
         self.ids = torch.zeros(bucket, dtype=torch.int64, device=dev)
@@ -42,7 +43,10 @@ class _BucketGraph:
         self.rows = torch.full((bucket,), storage.max_batch, dtype=torch.int64, device=dev)
         self.tables = storage.block_tables.index_select(0, self.rows)
         self.active = 0
-        self._capture(pool)
+        from ..kernels import pdl as pdl_launch  # imports Triton: only once a graph is captured
+
+        with pdl_launch.launches(pdl):
+            self._capture(pool)
 
     def _body(self) -> torch.Tensor:
         return self.step(self.ids, decode_meta(self.storage, self.rows, self.tables, self.cache_pos, self.rope_pos))
@@ -78,8 +82,8 @@ class _BucketGraph:
 class DecodeGraphs:
     """The decode graphs of one parallelized model, captured lazily per bucket (``KVCacheConfig.graph_buckets``)."""
 
-    def __init__(self, storage, buckets, step: Callable[[torch.Tensor, StepMeta], torch.Tensor]):
-        self.storage, self.buckets, self.step = storage, sorted(buckets), step
+    def __init__(self, storage, buckets, step: Callable[[torch.Tensor, StepMeta], torch.Tensor], pdl: bool = False):
+        self.storage, self.buckets, self.step, self.pdl = storage, sorted(buckets), step, pdl
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: Dict[Tuple[int, bool], _BucketGraph] = {}
 
@@ -92,5 +96,5 @@ class DecodeGraphs:
         key = (self.bucket(ids.shape[0]), rope_pos is not None)
         g = self.graphs.get(key)
         if g is None:
-            g = self.graphs[key] = _BucketGraph(*key, self.storage, self.step, self.pool)
+            g = self.graphs[key] = _BucketGraph(*key, self.storage, self.step, self.pool, self.pdl)
         return g.run(ids, cache_pos, rope_pos)

@@ -59,6 +59,11 @@ class KVCacheConfig:
     graph_buckets: tuple = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     """Batch sizes a decode graph is captured for (a batch runs in the smallest bucket that holds it, padded);
     buckets above ``max_batch`` are dropped and ``max_batch`` is added."""
+    pdl: bool = False
+    """Capture the decode graphs with programmatic dependent launch (sm_90 and later; ignored elsewhere): each of
+    tpfuse's Triton kernels in the step may be scheduled while the kernel before it finishes, hiding its launch
+    behind that kernel's tail (:mod:`tpfuse.kernels.pdl`). Off by default until an end-to-end A/B
+    (``bench/bench_e2e.py --pdl``) has measured it."""
 
     def validate(self) -> None:
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
@@ -75,6 +80,8 @@ class KVCacheConfig:
             raise TPFuseInputError(f"KVCacheConfig.kv_scale must be a finite number > 0, got {self.kv_scale!r}")
         if not isinstance(self.cuda_graphs, bool):
             raise TPFuseInputError(f"KVCacheConfig.cuda_graphs must be a bool, got {self.cuda_graphs!r}")
+        if not isinstance(self.pdl, bool):
+            raise TPFuseInputError(f"KVCacheConfig.pdl must be a bool, got {self.pdl!r}")
         if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.graph_buckets):
             raise TPFuseInputError(f"KVCacheConfig.graph_buckets must be positive ints, got {self.graph_buckets!r}")
 

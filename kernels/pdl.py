@@ -1,0 +1,78 @@
+"""Programmatic dependent launch (PDL, sm_90 and later) of the decode step's Triton kernels.
+
+A kernel launched with PDL (Triton's ``launch_pdl=True``: the launch attribute
+``CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION``; a programmatic edge once captured in a CUDA graph) may be
+scheduled while the kernel before it in the stream still runs, so its launch and ramp-up hide behind that kernel's
+tail instead of following it.
+
+Contract of every kernel that takes the constexpr ``PDL`` (``add_rmsnorm``, ``silu_mul``, ``quantize``,
+``qk_norm_rope``, ``rope_kv_cache_write``, the decode attention's split and combine kernels, the small-M GEMM and
+its split-K reduce):
+
+* its first statement is :func:`enter`: ``griddepcontrol.wait`` (every write of the previous grid done and
+  visible), then ``griddepcontrol.launch_dependents`` (the next grid may be scheduled once every program of this one
+  has started). Nothing is read or written before the wait: inputs may come from the previous kernel, and outputs
+  may reuse memory the previous kernel still reads (the caching allocator hands freed blocks out at once), so
+  correctness never depends on where the trigger sits;
+* every program waits (no early exit before :func:`enter`), so a PDL grid completes only after its predecessor has:
+  ordering stays transitive along a chain of PDL kernels, and a kernel after them that is launched normally (cuBLAS,
+  torch ops, the fused all-reduce) waits for all of it as always;
+* ``PDL=False`` (the default everywhere outside :func:`launches`) compiles to the same PTX as before the constexpr
+  existed (``tests/sm90_ptx_fingerprints.txt``).
+
+When: only while :func:`launches` is active - the model runtime's decode-graph capture with
+``KVCacheConfig(pdl=True)`` - and on a CUDA device of compute capability 9.0 or later (:func:`wanted`). Nothing here
+imports Triton at module import except the device helper, which is defined only where Triton is installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+_ON = [False]
+
+
+@contextlib.contextmanager
+def launches(on: bool = True):
+    """While active (and ``on``), the kernels above launch with PDL on devices that have it (:func:`wanted`)."""
+    old, _ON[0] = _ON[0], bool(on)
+    try:
+        yield
+    finally:
+        _ON[0] = old
+
+
+@functools.lru_cache(maxsize=None)
+def _has_pdl(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def wanted(t: torch.Tensor) -> bool:
+    """Whether a kernel writing ``t`` launches with PDL now: inside :func:`launches`, on a CUDA device of compute
+    capability >= 9.0 (never on CPU, so the Triton interpreter never sees it)."""
+    return _ON[0] and t.is_cuda and _has_pdl(t.device.index if t.device.index is not None else
+                                              torch.cuda.current_device())
+
+
+def launch_options(pdl: bool) -> dict:
+    """The Triton launch keyword for ``pdl`` (none when off: the JIT call stays exactly what it was)."""
+    return {"launch_pdl": True} if pdl else {}
+
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # tpfuse without Triton: the launchers that would call this never run
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def enter(PDL: tl.constexpr):
+        """A PDL kernel's first statement (module docstring); nothing when ``PDL`` is False."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()

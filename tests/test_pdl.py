@@ -1,0 +1,94 @@
+"""Programmatic dependent launch (``tpfuse.kernels.pdl``) on CPU: when it is on, and that every launcher of a kernel
+that takes ``PDL`` passes the constexpr and Triton's ``launch_pdl`` together, inside ``pdl.launches`` only. The
+kernels themselves are stubbed (the recorder below never launches): their PDL variants compile for sm_90 in
+tests/sm90_compile_cases.py (``<case> pdl``), and the GPU test is
+tests/distributed/test_small_m_model.py::test_graph_decode_through_the_kernel_and_with_pdl_matches_the_oracle."""
+
+import pytest
+import torch
+
+from tpfuse.errors import TPFuseInputError
+
+
+class _Stub:
+    """Stands in for a kernel: records the launch keywords, launches nothing."""
+
+    def __init__(self):
+        self.kw = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.kw.append(kw)
+
+
+def _stub(monkeypatch, module, name):
+    stub = _Stub()
+    monkeypatch.setattr(module, name, stub)
+    return stub
+
+
+def _launch_all(monkeypatch):
+    """Every PDL-taking launcher once on small CPU tensors, kernels stubbed; returns ``{kernel name: [kw, ...]}``."""
+    from tpfuse.kernels import (add_rmsnorm, decode_attention, quantize, rope, silu_mul, small_m_configs,
+                                small_m_gemm)
+    from tpfuse.quant import QuantFormat
+
+    s = {n: _stub(monkeypatch, m, n) for m, n in (
+        (add_rmsnorm, "_add_rmsnorm_kernel"), (silu_mul, "_silu_mul_kernel"), (quantize, "_quantize_kernel"),
+        (rope, "_qk_norm_rope_kernel"), (rope, "_rope_kv_cache_kernel"), (decode_attention, "_split_kernel"),
+        (decode_attention, "_combine_kernel"), (small_m_gemm, "_small_m_gemm_kernel"),
+        (small_m_gemm, "_split_k_reduce_kernel"))}
+    bf = torch.bfloat16
+    x, w = torch.zeros(4, 64, dtype=bf), torch.ones(64, dtype=bf)
+    add_rmsnorm.launch_add_rmsnorm(x, x.clone(), w, 1e-6, x.clone(), x.clone(), x, None, QuantFormat.NONE, 16, False)
+    silu_mul.launch_silu_mul(torch.zeros(4, 128, dtype=bf), x.clone(), x, None, QuantFormat.NONE, 16)
+    fp8 = torch.zeros(4, 64, dtype=torch.float8_e4m3fn)
+    quantize.launch_quantize(x, fp8, torch.zeros(4, 1), None, QuantFormat.FP8_PER_TOKEN, 16)
+    pos, cs = torch.zeros(4, dtype=torch.int64), torch.zeros(64, 32)
+    rope.launch_qk_norm_rope(torch.zeros(4, 6 * 32, dtype=bf), w[:32], w[:32], cs, pos, 4, 1, 32, 1e-6, True, False)
+    q, k = torch.zeros(4, 4, 32, dtype=bf), torch.zeros(4, 1, 32, dtype=bf)
+    cache = torch.zeros(2, 16, 1, 32, dtype=bf)
+    rope.launch_rope_kv_cache_write(q, k, k.clone(), pos, cs, cache, cache.clone(), pos, True, None)
+    decode_attention.launch_decode_attention(q, cache, cache.clone(), torch.zeros(4, 2, dtype=torch.int32),
+                                             torch.full((4,), 20, dtype=torch.int32), q.clone(), 0.1,
+                                             max_seq_len=32, num_splits=2)
+    small_m_gemm.launch_small_m_gemm(torch.zeros(4, 1024, dtype=bf), torch.zeros(64, 1024, dtype=bf), None, None,
+                                     None, x.clone(), None, False, "bf16", "cpu", 132,
+                                     config=small_m_configs.GemmConfig(split_k=2))  # + its split-K reduce
+    return {n: stub.kw for n, stub in s.items()}
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_every_launcher_passes_pdl_with_its_launch_option(monkeypatch, on):
+    from tpfuse.kernels import fast_launch, pdl
+
+    monkeypatch.setattr(fast_launch, "ENABLED", False)  # the JIT-style call: what a kernel object receives
+    monkeypatch.setattr(pdl, "wanted", lambda t: on)  # CPU tensors: pretend an sm_90 device inside launches()
+    launched = _launch_all(monkeypatch)
+    for name, kws in launched.items():
+        assert len(kws) == 1, (name, kws)
+        kw = kws[0]
+        assert kw["PDL"] is on, (name, kw)
+        assert kw.get("launch_pdl", False) is on, (name, kw)  # the option only when on: the JIT call as before
+
+
+def test_pdl_is_wanted_only_inside_launches_on_a_cuda_device():
+    from tpfuse.kernels import pdl
+
+    t = torch.zeros(1)
+    assert not pdl.wanted(t)
+    with pdl.launches(True):
+        assert not pdl.wanted(t)  # CPU tensors never (the interpreter has no griddepcontrol)
+        with pdl.launches(False):
+            assert not pdl._ON[0]
+        assert pdl._ON[0]
+    assert not pdl._ON[0]
+    assert pdl.launch_options(True) == {"launch_pdl": True} and pdl.launch_options(False) == {}
+
+
+def test_kv_cache_config_pdl_is_a_bool():
+    from tpfuse.parallel import KVCacheConfig
+
+    KVCacheConfig(pdl=True).validate()
+    assert KVCacheConfig().pdl is False  # off until an end-to-end A/B measured it
+    with pytest.raises(TPFuseInputError, match="pdl must be a bool"):
+        KVCacheConfig(pdl=1).validate()
