@@ -299,6 +299,19 @@ def variants(args) -> list:
     return out
 
 
+def load_table(path: str) -> dict:
+    """A small-M routing table (schema 1), checked by its parser (a bad file fails here: :func:`main` loads it once
+    before any model is built)."""
+    import json
+
+    from tpfuse.kernels import small_m_configs as smc
+
+    with open(path) as fh:
+        table = json.load(fh)
+    smc.parse(table)
+    return table
+
+
 def variant_row(model, batch, args, dev, rows, base, provider, table_path, pdl):
     """``provider`` 's decode row again with the small-M routing table ``table_path`` installed instead of the
     shipped one (``small_m_configs.install``; None: the shipped one) and the decode graphs captured with
@@ -306,14 +319,10 @@ def variant_row(model, batch, args, dev, rows, base, provider, table_path, pdl):
     decided at capture), so a variant differs from its base row only in those two. ``routed``: how many distinct
     GEMM calls (shape, dtypes, M) the step sent to the small-M kernel."""
     import contextlib
-    import json
 
     from tpfuse.kernels import small_m_configs as smc
 
-    table = None
-    if table_path:
-        with open(table_path) as fh:
-            table = json.load(fh)
+    table = load_table(table_path) if table_path else None
     st = model._tpfuse
     own_pdl, st.graphs = st.cache_config.pdl, None
     st.cache_config.pdl = pdl
@@ -522,6 +531,8 @@ def main(argv=None):
     args = parse_args(argv)
     for name in args.models.split(","):
         em.parse_name(name)  # an unknown name fails before anything is built
+    if args.small_m_table:
+        load_table(args.small_m_table)  # so does a bad routing table
     with common.rank_context() as ranks:
         dev = ranks.device
         ways = common.copy_bandwidths(dev)

@@ -299,14 +299,15 @@ def copy_bandwidths(dev, nbytes: int = 1 << 30) -> dict:
     out = {"graph": 2 * nbytes / (time_us([lambda: dst.copy_(src)] * 2, use_graph=True, replays=10)[0] * 1e-6)}
     if torch.device(dev).type == "cuda":
         samples = []
-        for i in range(23):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dst.copy_(src)
-            end.record()
-            end.synchronize()
-            if i >= 3:
-                samples.append(start.elapsed_time(end) * 1e-3)
+        with torch.cuda.device(dev):  # the events on dev's current stream, whatever device is current
+            for i in range(23):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                dst.copy_(src)
+                end.record()
+                end.synchronize()
+                if i >= 3:
+                    samples.append(start.elapsed_time(end) * 1e-3)
         out["events"] = 2 * nbytes / statistics.median(samples)
     return out
 

@@ -2,8 +2,9 @@
 # One GPU-machine call: install tpfuse (and FlashInfer if .whl was carried), then run the chosen steps.
 #   bash bench/gpu_run.sh [STEP ...]      steps: env tests probe_ce async_tp fused_ar local rope decode_attn host
 #                                         profile e2e e2e_full e2e_shards load tune demo onegpu soak probe_onegpu
-#                                         small_gemm (default: all but probe_ce, profile, e2e_full, e2e_shards, load,
-#                                         onegpu, soak, probe_onegpu, small_gemm; multi-GPU steps skip on one GPU)
+#                                         small_gemm e2e_ab (default: all but probe_ce, profile, e2e_full, e2e_shards,
+#                                         load, onegpu, soak, probe_onegpu, small_gemm, e2e_ab; multi-GPU steps skip
+#                                         on one GPU)
 #   e2e_full / e2e_shards: bench_e2e.py at TP=1 (one process whatever the GPU count) at full size, real vocab;
 #           JSON + PNG e2e_tp1_<device>_full / _shards; E2E_FULL_ARGS / E2E_SHARDS_ARGS are appended (a repeated
 #           option overrides). Default limits 330 s / 150 s (LIMIT_e2e_full, LIMIT_e2e_shards): both in one
@@ -27,10 +28,11 @@
 #   small_gemm: the small-M GEMM sweep (bench/tune_small_gemm.py, one GPU, ~150 s: --budget-s; SMALL_GEMM_ARGS adds
 #         options): small_gemm_<device>.json + .png and the routing table small_m_gemm_<arch>.json (copy it to
 #         tpfuse/thresholds/ to ship it). One call: TPFUSE_COMMIT=<sha> LIMIT_small_gemm=200 bash bench/gpu_run.sh small_gemm
-#   SMALL_M_TABLE: the small-M GEMM routing table e2e_full / e2e_shards A/B against the shipped one
-#         (bench_e2e.py --small-m-table: <provider>_smallm rows; default: the H100 sweep of 14a3f4c in bench/results;
-#         SMALL_M_TABLE= turns the rows off); E2E_PDL=1 (the default; 0: off) adds their --pdl rows (decode graphs
-#         captured with programmatic dependent launch) and, with a table, the rows of both
+#   e2e_ab: the full 8B's decode rows and their variants (bench_e2e.py --tag ab): SMALL_M_TABLE, the small-M
+#         GEMM routing table to A/B against the shipped one (--small-m-table: <provider>_smallm rows; default: the
+#         H100 sweep of 14a3f4c in bench/results; SMALL_M_TABLE= turns them off), E2E_PDL=1 (the default; 0: off):
+#         --pdl rows (decode graphs captured with programmatic dependent launch) and, with a table, both together;
+#         E2E_AB_ARGS appended. One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh e2e_ab
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
 # Logs, JSON and PNG go to $OUT (or bench/results/gpu-run when OUT is unset). Multi-GPU steps need >= 2 GPUs.
 set -uo pipefail
@@ -132,21 +134,27 @@ for s in "${steps[@]}"; do
     #   tpfuse_fp8 (in place) + tpfuse_fp8_static (a second build + calibration), all batches + prefill ~50 s
     #   --hf-after: a fresh build, hf_eager b1/b8/b64 (~40 ms a step) + prefill, then hf_compiled at b1 and
     #     b64: ~1-2 min per compile at 32 layers (the unknown part; last, so a cut-off loses only it)  ~150-250 s
-    #   variant rows (SMALL_M_TABLE, E2E_PDL): each tpfuse* decode row 3 more times (a prefill, a capture, the
-    #     steps: ~1-2 s each at 32 layers), 27 rows                                                     ~40-60 s
-    #   measured at 14a3f4c without the variant rows: 136 s on one H100 (logs/gpu_run_14a3f4c_h100_e2e_full.log)
-    #   total ~310-410 s: LIMIT_e2e_full 330 by default (the JSON is written after every phase)
+    #   total ~310-410 s: LIMIT_e2e_full 330 by default (the JSON is written after every phase); measured at
+    #   14a3f4c: 136 s on one H100 (logs/gpu_run_14a3f4c_h100_e2e_full.log; the HF compiles took far less than
+    #   estimated)
     e2e_full) LIMIT_e2e_full=${LIMIT_e2e_full:-330} run e2e_full "${TR1[@]}" bench/bench_e2e.py --tag full --models 8B \
                 --layers full --decode-batches 1,8,64 --context 1024 --prefill 1024,4096 --hf-models 8B \
                 --compile-batches 1,64 --hf-after --kv-capacities 8x1152,8x32768,64x1152,256x1152 \
-                ${SMALL_M_TABLE:+--small-m-table "$SMALL_M_TABLE"} ${PDL_ARG:-} ${E2E_FULL_ARGS:-} ;;
+                ${E2E_FULL_ARGS:-} ;;
     # e2e_shards: rank 0's shard of 70B at TP 8 (21 GB: 80 layers, 8 q / 1 kv heads, intermediate 3584, vocab
     # replicated) and TP 4 (38 GB), of 8B at TP 2 (9 GB), each built at TP=1: start ~20 s, per model a build
     # (~5-15 s), Triton JIT for its shapes (~10 s), b1 and b64 (a 64k-token prefill: ~1-4 s) and prefill 1k  ~100-120 s
     e2e_shards) LIMIT_e2e_shards=${LIMIT_e2e_shards:-150} run e2e_shards "${TR1[@]}" bench/bench_e2e.py --tag shards \
                   --models 70B/tp8,70B/tp4,8B/tp2 --layers full --decode-batches 1,64 --context 1024 --prefill 1024 \
-                  --hf-models none --no-fp8 ${SMALL_M_TABLE:+--small-m-table "$SMALL_M_TABLE"} ${PDL_ARG:-} \
-                  ${E2E_SHARDS_ARGS:-} ;;
+                  --hf-models none --no-fp8 ${E2E_SHARDS_ARGS:-} ;;
+    # e2e_ab: the decode-row variants of the full 8B in a run of their own (a CUDA error in a variant never costs
+    # the e2e_full rows): every tpfuse / tpfuse_fp8 / tpfuse_fp8_static decode row at batch 1 / 8 / 64, then the
+    # same row with the sweep's small-M table (SMALL_M_TABLE), with PDL (E2E_PDL=1) and with both. Estimate: build,
+    # tiny FP8 quality and Triton JIT ~40 s; 36 decode rows of ~1-2 s (a prefill, a capture, 32 steps); the FP8
+    # static build + calibration ~20 s: ~120 s. JSON e2e_tp1_<device>_ab; bench/tools/e2e_table.py prints the ratios
+    e2e_ab) LIMIT_e2e_ab=${LIMIT_e2e_ab:-240} run e2e_ab "${TR1[@]}" bench/bench_e2e.py --tag ab --models 8B \
+              --layers full --decode-batches 1,8,64 --context 1024 --prefill 1024 --hf-models none \
+              ${SMALL_M_TABLE:+--small-m-table "$SMALL_M_TABLE"} ${PDL_ARG:-} ${E2E_AB_ARGS:-} ;;
     load) run load python3 bench/bench_load.py --shape 8B ${LOAD_ARGS:-}
           run load_fp8 python3 bench/bench_load.py --shape 8B --fp8 ${LOAD_ARGS:-} ;;  # TP=1; writes /tmp ckpts
     decode_attn) [[ -f bench/bench_decode_attention.py ]] && run decode_attn python3 bench/bench_decode_attention.py ${DECODE_ATTN_ARGS:-} ;;

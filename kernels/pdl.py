@@ -21,8 +21,9 @@ its split-K reduce):
   existed (``tests/sm90_ptx_fingerprints.txt``).
 
 When: only while :func:`launches` is active - the model runtime's decode-graph capture with
-``KVCacheConfig(pdl=True)`` - and on a CUDA device of compute capability 9.0 or later (:func:`wanted`). Nothing here
-imports Triton at module import except the device helper, which is defined only where Triton is installed.
+``KVCacheConfig(pdl=True)`` - and on an NVIDIA device of compute capability 9.0 or later (:func:`wanted`; never on
+ROCm). The module imports Triton only for the device helper :func:`enter`, and works without it (the launch-side
+functions need only torch).
 """
 
 from __future__ import annotations
@@ -47,12 +48,12 @@ def launches(on: bool = True):
 
 @functools.lru_cache(maxsize=None)
 def _has_pdl(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= (9, 0)
+    return torch.version.hip is None and torch.cuda.get_device_capability(index) >= (9, 0)
 
 
 def wanted(t: torch.Tensor) -> bool:
-    """Whether a kernel writing ``t`` launches with PDL now: inside :func:`launches`, on a CUDA device of compute
-    capability >= 9.0 (never on CPU, so the Triton interpreter never sees it)."""
+    """Whether a kernel writing ``t`` launches with PDL now: inside :func:`launches`, on an NVIDIA device of compute
+    capability >= 9.0 (never on CPU, so the Triton interpreter never sees it; never on ROCm)."""
     return _ON[0] and t.is_cuda and _has_pdl(t.device.index if t.device.index is not None else
                                               torch.cuda.current_device())
 

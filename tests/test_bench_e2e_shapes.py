@@ -149,3 +149,13 @@ def test_bench_e2e_imports_and_keeps_its_defaults():
     both = bench_e2e.parse_args(["--pdl", "--small-m-table", "t.json"])
     assert bench_e2e.variants(both) == [("_smallm", "t.json", False), ("_pdl", None, True),
                                          ("_smallm_pdl", "t.json", True)]
+
+
+def test_a_bad_small_m_table_fails_before_any_model(tmp_path):
+    import bench_e2e
+
+    bad = tmp_path / "t.json"
+    bad.write_text('{"schema": 1, "rows": [{"arch": "sm90", "scheme": "bf16", "n": 64, "k": 64, "m_bucket": 3, '
+                   '"config": {}, "beats_library": true}]}')
+    with pytest.raises(ValueError, match="m_bucket 3"):
+        bench_e2e.main(["--small-m-table", str(bad), "--models", "8B"])

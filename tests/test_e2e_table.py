@@ -63,7 +63,7 @@ def test_model_table(tmp_path):
     # variant's step over the base step
     assert "Decode step under each variant over the same step without it (small-M table: sweep.json):" in lines
     assert ("| model | batch | provider | small-M table: with / without | PDL: with / without | both: with / without "
-            "| GEMM calls routed |") in lines
+            "| GEMM calls routed (small-M table / both) |") in lines
     assert "| 8B | 1 | bf16 | 0.95 | 0.90 | 0.85 | 8 / 8 |" in lines
     assert "| 8B | 1 | FP8 | 0.90 | — | — | 8 |" in lines
     assert "| 8B | 64 | bf16 | 1.05 | — | — | 3 |" in lines

@@ -116,14 +116,16 @@ def capacity_table(rows) -> list:
 
 def variant_table(rows) -> list:
     """Markdown lines: per model, batch and provider, its step under each variant the run has (small-M routing
-    table, PDL, both) over its step without (below 1: the variant pays), and the GEMM calls the table routed;
-    ``[]`` without variant rows."""
+    table, PDL, both) over its step without (below 1: the variant is faster), and the GEMM calls the table routed
+    in each variant that has the table; ``[]`` without variant rows."""
     var = [r for r in rows if r.get("mode") == "decode" and _variant(r["provider"])[1]]
     if not var:
         return []
     us = {(r["model"], r["tokens"], r["provider"]): r.get("us") for r in rows if r.get("mode") == "decode"}
     have = [(sfx, head) for sfx, head in VARIANTS if any(_variant(r["provider"])[1] == sfx for r in var)]
-    cols = ["model", "batch", "provider"] + [f"{head}: with / without" for _, head in have] + ["GEMM calls routed"]
+    routed_in = [head for sfx, head in have if "smallm" in sfx]
+    cols = (["model", "batch", "provider"] + [f"{head}: with / without" for _, head in have]
+            + [f"GEMM calls routed ({' / '.join(routed_in)})" if routed_in else "GEMM calls routed"])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for model, batch, prov in dict.fromkeys((r["model"], r["tokens"], _variant(r["provider"])[0]) for r in var):
         cells = [_ratio(us.get((model, batch, prov + sfx)), us.get((model, batch, prov))) for sfx, _ in have]
