@@ -2,9 +2,9 @@
 # One GPU-machine call: install tpfuse (and FlashInfer if .whl was carried), then run the chosen steps.
 #   bash bench/gpu_run.sh [STEP ...]      steps: env tests probe_ce async_tp fused_ar local rope decode_attn host
 #                                         profile e2e e2e_full e2e_shards load tune demo onegpu soak probe_onegpu
-#                                         small_gemm e2e_ab (default: all but probe_ce, profile, e2e_full, e2e_shards,
-#                                         load, onegpu, soak, probe_onegpu, small_gemm, e2e_ab; multi-GPU steps skip
-#                                         on one GPU)
+#                                         small_gemm e2e_ab e2e_big (default: all but probe_ce, profile, e2e_full,
+#                                         e2e_shards, load, onegpu, soak, probe_onegpu, small_gemm, e2e_ab, e2e_big;
+#                                         multi-GPU steps skip on one GPU)
 #   e2e_full / e2e_shards: bench_e2e.py at TP=1 (one process whatever the GPU count) at full size, real vocab;
 #           JSON + PNG e2e_tp1_<device>_full / _shards; E2E_FULL_ARGS / E2E_SHARDS_ARGS are appended (a repeated
 #           option overrides). Default limits 330 s / 150 s (LIMIT_e2e_full, LIMIT_e2e_shards): both in one
@@ -144,9 +144,17 @@ for s in "${steps[@]}"; do
     # e2e_shards: rank 0's shard of 70B at TP 8 (21 GB: 80 layers, 8 q / 1 kv heads, intermediate 3584, vocab
     # replicated) and TP 4 (38 GB), of 8B at TP 2 (9 GB), each built at TP=1: start ~20 s, per model a build
     # (~5-15 s), Triton JIT for its shapes (~10 s), b1 and b64 (a 64k-token prefill: ~1-4 s) and prefill 1k  ~100-120 s
+    # (measured at 14a3f4c: 38 s on one H100, logs/gpu_run_14a3f4c_h100_e2e_shards.log)
     e2e_shards) LIMIT_e2e_shards=${LIMIT_e2e_shards:-150} run e2e_shards "${TR1[@]}" bench/bench_e2e.py --tag shards \
                   --models 70B/tp8,70B/tp4,8B/tp2 --layers full --decode-batches 1,64 --context 1024 --prefill 1024 \
                   --hf-models none --no-fp8 ${E2E_SHARDS_ARGS:-} ;;
+    # e2e_big: Qwen3-32B and 70B with as many layers as fit (--layers fit, the count printed): Qwen3-32B's 64 layers
+    # are ~62 GB in bf16 + ~3 GB of vocab, so with batch 1 / 8 (KV ~2 GB) it fits an 80 GB H100 whole; 70B gets
+    # 35-39 of its 80. Per model a build of ~60 GB (~15-30 s), Triton JIT ~10 s, the decode rows and prefill 1k, no HF,
+    # no FP8 (a second copy would not fit)                                                             ~120-150 s
+    e2e_big) LIMIT_e2e_big=${LIMIT_e2e_big:-240} run e2e_big "${TR1[@]}" bench/bench_e2e.py --tag big \
+               --models Qwen3-32B,70B --layers fit --decode-batches 1,8 --context 1024 --prefill 1024 \
+               --hf-models none --no-fp8 ${E2E_BIG_ARGS:-} ;;
     # e2e_ab: the decode-row variants of the full 8B in a run of their own (a CUDA error in a variant never costs
     # the e2e_full rows): every tpfuse / tpfuse_fp8 / tpfuse_fp8_static decode row at batch 1 / 8 / 64, then the
     # same row with the sweep's small-M table (SMALL_M_TABLE), with PDL (E2E_PDL=1) and with both. Estimate: build,

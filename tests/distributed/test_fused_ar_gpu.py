@@ -72,7 +72,8 @@ def _sweep(rank, world, path, hidden, tokens, kinds):
 @pytest.mark.parametrize("tp", gpu_tp_params())
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("hidden,tokens", [(4096, [1, 2, 3, 7, 64, 127, 1000, 2049, 8192]),
-                                           (5120, [1, 5, 333]), (2880, [1, 17, 4095]), (2048, [3, 8191])])
+                                           (5120, [1, 5, 333]), (2880, [1, 17, 4095]), (2048, [3, 8191]),
+                                           (8192, [1, 129, 2048])])
 def test_fused_ar_bf16_fp8(tp, path, hidden, tokens):
     assert run_gpu(_sweep, tp, path, hidden, _tokens_at(tp, tokens), [None, "fp8_static"], timeout_s=400)
 
