@@ -6,7 +6,7 @@
   callable, e.g. rotating over input copies), warmed up, replayed ``replays`` times (or as many as fit in
   ``target_s``), median per call from CUDA events; on CPU the median wall time of repeated calls (METHOD.md: warm
   up first, median of many, graphs to hide launch gaps). Multi-rank timings report the slowest rank
-  (:func:`slowest_rank`). The memory-bound ceiling: :func:`copy_bandwidth`.
+  (:func:`slowest_rank`). The memory-bound ceiling: the faster way of :func:`copy_bandwidths`.
 * **Cases x providers** (:class:`Case`, :func:`run_cases`): a benchmark is a sequence of cases, each a dict of
   provider name -> callable; one loop times every provider of every case and turns the timings into rows.
 * **One output rule** (:func:`out_dir`, :func:`result_path`, :func:`write_json`): results go to ``--out-dir`` when
@@ -293,7 +293,9 @@ def copy_bandwidths(dev, nbytes: int = 1 << 30) -> dict:
 
     Why both: the ceiling must be one the device really reaches. On one H100 the graph way gave 2.42 TB/s
     (``bench/results/e2e_tp1_h100_full_14a3f4c.json``) while that run's bf16 decode step read its own bytes at
-    2.49 TB/s, so a floor at that bandwidth was no floor; the eager way is the one #22's 3.02 TB/s came from."""
+    2.49 TB/s, so a floor at that bandwidth was no floor; the eager way is the one #22's 3.02 TB/s came from.
+    The ceiling a benchmark states its bandwidth against is the faster of the two (``max`` of the values); it
+    records both."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
     out = {"graph": 2 * nbytes / (time_us([lambda: dst.copy_(src)] * 2, use_graph=True, replays=10)[0] * 1e-6)}
@@ -310,12 +312,6 @@ def copy_bandwidths(dev, nbytes: int = 1 << 30) -> dict:
                     samples.append(start.elapsed_time(end) * 1e-3)
         out["events"] = 2 * nbytes / statistics.median(samples)
     return out
-
-
-def copy_bandwidth(dev, nbytes: int = 1 << 30) -> float:
-    """The memory-bound ceiling benchmarks state their achieved bandwidth against: the faster of
-    :func:`copy_bandwidths` (bytes read + written per second)."""
-    return max(copy_bandwidths(dev, nbytes).values())
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -11,11 +11,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import common  # noqa: E402
 
 
-def test_copy_bandwidth_is_the_fastest_way(monkeypatch):
+def test_copy_bandwidths_on_cpu():
     ways = common.copy_bandwidths("cpu", 1 << 20)
     assert set(ways) == {"graph"} and ways["graph"] > 0  # CPU: wall time only (no CUDA events)
-    monkeypatch.setattr(common, "copy_bandwidths", lambda dev, nbytes: {"graph": 2.4e12, "events": 3.0e12})
-    assert common.copy_bandwidth("cpu") == 3.0e12
 
 
 def test_ratio_plot_panel_with_the_baseline_alone(tmp_path):

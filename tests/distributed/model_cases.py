@@ -10,6 +10,9 @@ import copy
 import torch
 
 VOCAB, HIDDEN = 128, 64
+GRAPH_SAFE = {"fused_add_rmsnorm": "tpfuse_oneshot", "all_reduce": "tpfuse_oneshot"}
+"""``CommConfig.force_paths`` of the GPU model tests at TP > 1: the all-reduce on tpfuse's graph-capturable kernel
+(the shipped TP 4 / 8 rows route it to NCCL, which one-GPU mode runs as host collectives no CUDA graph captures)."""
 
 
 # arch -> (transformers config class, model class, what the arch sets over the common tiny dims)

@@ -6,7 +6,7 @@ FP8 (compressed-tensors) checkpoints vs the unsharded model. (The CPU/gloo fp32 
 
 Model: random weights with real head shapes (head_dim 128, GQA 16/4 heads: at TP=8 the 4 KV heads are replicated,
 hidden 1024, 2 layers, vocab 4096), redrawn at O(1) scale so a wrong slot, length, position or head moves the
-logits far past bf16's error. At TP > 1 the all-reduce is pinned to ``tpfuse_oneshot`` (:data:`GRAPH_SAFE`): the
+logits far past bf16's error. At TP > 1 the all-reduce is pinned to ``tpfuse_oneshot`` (``model_cases.GRAPH_SAFE``): the
 shipped TP 4 / 8 rows route it to NCCL, which one-GPU mode runs as host collectives that a CUDA graph cannot
 capture (``TPCommunicator.graph_safe``).
 """
@@ -21,7 +21,6 @@ from cases import GPU_TPS, gpu_tp_params, run_gpu  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 TPS = gpu_tp_params((1,) + GPU_TPS)
-GRAPH_SAFE = {"fused_add_rmsnorm": "tpfuse_oneshot", "all_reduce": "tpfuse_oneshot"}
 
 SHAPE = dict(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_attention_heads=16,
              num_key_value_heads=4, head_dim=128, max_position_embeddings=4096)
@@ -32,7 +31,7 @@ def make_comm(world, max_tokens=4096, hidden=SHAPE["hidden_size"]):
     """The communicator of these tests: at TP > 1 the all-reduce on tpfuse's graph-capturable kernel."""
     import tpfuse
 
-    cfg = tpfuse.CommConfig(force_paths=GRAPH_SAFE if world > 1 else {})
+    cfg = tpfuse.CommConfig(force_paths=mc.GRAPH_SAFE if world > 1 else {})
     return tpfuse.TPCommunicator(max_tokens=max_tokens, hidden_size=hidden, dtype=DT, config=cfg)
 
 

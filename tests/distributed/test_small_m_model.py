@@ -142,9 +142,6 @@ def test_model_routes_decode_gemms_by_the_table(arch, world, fp8, silu):
     assert len(errs) == world and all(0 < e for e in errs), errs
 
 
-GRAPH_SAFE = {"fused_add_rmsnorm": "tpfuse_oneshot", "all_reduce": "tpfuse_oneshot"}  # as test_model_runtime_gpu
-
-
 def _graph_decode(model, ids, prompt):
     """Prefill ``ids[:prompt]``, then decode the rest one token a step (CUDA-graph replays); fp32 CPU logits."""
     out = model(ids[None, :prompt].cuda(), use_cache=True)
@@ -172,7 +169,7 @@ def _routed_graph_decode(rank, world, arch, fp8):
 
     model, ids = _model(arch, fp8)
     ref = mc.oracle(model, ids)
-    cfg = tpfuse.CommConfig(force_paths=GRAPH_SAFE if world > 1 else {})
+    cfg = tpfuse.CommConfig(force_paths=mc.GRAPH_SAFE if world > 1 else {})
     comm = tpfuse.TPCommunicator(max_tokens=32, hidden_size=mc.HIDDEN, dtype=DT, config=cfg)
     model = tpfuse.parallelize(model, comm, cache=KVCacheConfig(max_batch=2, max_seq_len=64))
     st, dev_arch = model._tpfuse, small_gemm.device_info(comm.device)[0]

@@ -60,9 +60,10 @@ class KVCacheConfig:
     """Batch sizes a decode graph is captured for (a batch runs in the smallest bucket that holds it, padded);
     buckets above ``max_batch`` are dropped and ``max_batch`` is added."""
     pdl: bool = False
-    """Capture the decode graphs with programmatic dependent launch (sm_90 and later; ignored elsewhere): each of
-    tpfuse's Triton kernels in the step may be scheduled while the kernel before it finishes, hiding its launch
-    behind that kernel's tail (:mod:`tpfuse.kernels.pdl`). Off by default until an end-to-end A/B
+    """Capture the decode graphs with programmatic dependent launch (sm_90 and later; ignored elsewhere): tpfuse's
+    local Triton kernels in the step (norms, SiLU*mul, quantize, RoPE, decode attention, small-M GEMM) may be
+    scheduled while the kernel before them finishes, hiding their launch behind its tail; the fused all-reduce,
+    cuBLAS and torch kernels launch as always (:mod:`tpfuse.kernels.pdl`). Off by default until an end-to-end A/B
     (``bench/bench_e2e.py --pdl``) has measured it."""
 
     def validate(self) -> None:
