@@ -4,7 +4,8 @@ Llama-3.1-70B, Qwen3-32B, ...; random bf16 weights, nothing downloaded; the mode
     torchrun --standalone --nproc-per-node=N bench/bench_e2e.py [--models 8B,70B,Qwen3-32B] [--layers 4|full|fit]
         [--vocab real|N] [--decode-batches 1,8,64] [--context 1024] [--prefill 1024,4096,8192]
         [--compile-batches 1,64] [--hf-models 8B] [--hf-after] [--kv-capacities 8x1152,8x32768]
-        [--fit-headroom-gib 6] [--flashinfer] [--no-fp8] [--small-m-table PATH] [--pdl] [--tag TAG]
+        [--fit-headroom-gib 6] [--flashinfer] [--no-fp8] [--small-m-table PATH] [--pdl] [--small-m-everywhere]
+        [--tag TAG]
 
 Models (``--models``, comma-separated): a real shape (``8B``, ``70B``, ``Qwen3-32B``, ``Qwen2.5-7B``,
 ``Phi-3-medium``), or a **shard** ``<model>/tp<N>`` (``70B/tp8``, ``70B/tp4``, ``8B/tp2``; TP=1 runs only): a
@@ -60,8 +61,9 @@ Providers (every one is the model a user runs, called with Hugging Face argument
   captured with programmatic dependent launch, ``KVCacheConfig.pdl``) and ``<provider>_smallm_pdl`` (both) - each
   ``tpfuse`` / ``tpfuse_fp8`` / ``tpfuse_fp8_static`` decode row again, right after it, with the graphs captured
   under that variant: the A/Bs that decide whether a sweep's table ships (``tpfuse/thresholds/``) and whether PDL
-  becomes the default. Rows carry ``routed`` (distinct GEMM calls sent to the small-M kernel), ``table`` and
-  ``pdl``.
+  becomes the default. ``--small-m-everywhere`` adds ``<provider>_smallall`` (and ``_smallall_pdl``): the same
+  table with every swept GEMM routed to the kernel (its tuned config), whether or not it beat the library alone.
+  Rows carry ``routed`` (distinct GEMM calls sent to the small-M kernel), ``table``, ``everywhere`` and ``pdl``.
 
 Decode: a batch of ``B`` random prompts of ``--context`` tokens is prefilled, then ``--steps`` decode steps (one
 token per sequence) are timed as a user sees them: host wall time between two device syncs over all steps, per step
@@ -131,6 +133,10 @@ def parse_args(argv=None):
                     "<provider>_smallm decode rows with it installed")
     ap.add_argument("--pdl", action="store_true", help="adds the <provider>_pdl decode rows: graphs captured with "
                     "programmatic dependent launch (KVCacheConfig.pdl)")
+    ap.add_argument("--small-m-everywhere", action="store_true",
+                    help="with --small-m-table: adds <provider>_smallall rows (and _smallall_pdl with --pdl), that "
+                    "table with every row routed to the kernel (its tuned config) whether or not it beat the library "
+                    "alone: the kernel's end-to-end worth where PDL can chain it")
     return ap.parse_args(argv)
 
 
@@ -289,40 +295,48 @@ VARIANT_PROVIDERS = ("tpfuse", "tpfuse_fp8", "tpfuse_fp8_static")  # decode rows
 
 
 def variants(args) -> list:
-    """``(suffix, table path or None, pdl)`` of the decode-row variants the run asks for: ``_smallm``
-    (``--small-m-table``), ``_pdl`` (``--pdl``), ``_smallm_pdl`` (both)."""
+    """``(suffix, table path or None, pdl, everywhere)`` of the decode-row variants the run asks for: ``_smallm``
+    (``--small-m-table``), ``_pdl`` (``--pdl``), ``_smallm_pdl`` (both); with ``--small-m-everywhere`` also
+    ``_smallall`` (and ``_smallall_pdl``): the table with every row routed to the kernel."""
     table = getattr(args, "small_m_table", "") or None
     pdl = bool(getattr(args, "pdl", False))
-    out = [("_smallm", table, False)] if table else []
-    out += [("_pdl", None, True)] if pdl else []
-    out += [("_smallm_pdl", table, True)] if table and pdl else []
+    every = bool(table and getattr(args, "small_m_everywhere", False))
+    out = [("_smallm", table, False, False)] if table else []
+    out += [("_pdl", None, True, False)] if pdl else []
+    out += [("_smallm_pdl", table, True, False)] if table and pdl else []
+    out += [("_smallall", table, False, True)] if every else []
+    out += [("_smallall_pdl", table, True, True)] if every and pdl else []
     return out
 
 
-def load_table(path: str) -> dict:
+def load_table(path: str, everywhere: bool = False) -> dict:
     """A small-M routing table (schema 1), checked by its parser (a bad file fails here: :func:`main` loads it once
-    before any model is built)."""
+    before any model is built); ``everywhere``: every row's ``beats_library`` set, so the model path routes every
+    swept GEMM to the kernel with the row's tuned config."""
     import json
 
     from tpfuse.kernels import small_m_configs as smc
 
     with open(path) as fh:
         table = json.load(fh)
+    if everywhere:
+        table["rows"] = [dict(r, beats_library=True) for r in table.get("rows", [])]
     smc.parse(table)
     return table
 
 
-def variant_row(model, batch, args, dev, rows, base, provider, table_path, pdl):
+def variant_row(model, batch, args, dev, rows, base, provider, table_path, pdl, everywhere=False):
     """``provider`` 's decode row again with the small-M routing table ``table_path`` installed instead of the
-    shipped one (``small_m_configs.install``; None: the shipped one) and the decode graphs captured with
-    ``KVCacheConfig.pdl = pdl``. The model's decode graphs are dropped before and after (routing and PDL are
-    decided at capture), so a variant differs from its base row only in those two. ``routed``: how many distinct
-    GEMM calls (shape, dtypes, M) the step sent to the small-M kernel."""
+    shipped one (``small_m_configs.install``; None: the shipped one; ``everywhere``: every row routed to the
+    kernel, :func:`load_table`) and the decode graphs captured with ``KVCacheConfig.pdl = pdl``. The model's
+    decode graphs are dropped before and after (routing and PDL are decided at capture), so a variant differs from
+    its base row only in those two. ``routed``: how many distinct GEMM calls (shape, dtypes, M) the step sent to
+    the small-M kernel."""
     import contextlib
 
     from tpfuse.kernels import small_m_configs as smc
 
-    table = load_table(table_path) if table_path else None
+    table = load_table(table_path, everywhere) if table_path else None
     st = model._tpfuse
     own_pdl, st.graphs = st.cache_config.pdl, None
     st.cache_config.pdl = pdl
@@ -332,7 +346,8 @@ def variant_row(model, batch, args, dev, rows, base, provider, table_path, pdl):
             r = _measure(rows, base, provider, lambda: tpfuse_decode_us(model, batch, args.context, args.steps, dev),
                          dev, lambda: dict(last_mode=st.last_mode, pdl=pdl,
                                            routed=sum(isinstance(v, smc.GemmConfig) for v in smc.ROUTE_MEMO.values()),
-                                           table=os.path.basename(table_path) if table_path else "shipped"))
+                                           table=os.path.basename(table_path) if table_path else "shipped",
+                                           everywhere=everywhere))
     finally:
         st.cache_config.pdl, st.graphs = own_pdl, None
     return r
@@ -340,8 +355,8 @@ def variant_row(model, batch, args, dev, rows, base, provider, table_path, pdl):
 
 def variant_rows(model, batch, args, dev, rows, base, provider):
     """Every variant of :func:`variants` of one decode row (``<provider><suffix>``)."""
-    for suffix, table_path, pdl in variants(args):
-        variant_row(model, batch, args, dev, rows, base, provider + suffix, table_path, pdl)
+    for suffix, table_path, pdl, everywhere in variants(args):
+        variant_row(model, batch, args, dev, rows, base, provider + suffix, table_path, pdl, everywhere)
 
 
 def _label(r) -> str:

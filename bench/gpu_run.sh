@@ -31,7 +31,8 @@
 #   e2e_ab: the full 8B's decode rows and their variants (bench_e2e.py --tag ab): SMALL_M_TABLE, the small-M
 #         GEMM routing table to A/B against the shipped one (--small-m-table: <provider>_smallm rows; default: the
 #         H100 sweep of 14a3f4c in bench/results; SMALL_M_TABLE= turns them off), E2E_PDL=1 (the default; 0: off):
-#         --pdl rows (decode graphs captured with programmatic dependent launch) and, with a table, both together;
+#         --pdl rows (decode graphs captured with programmatic dependent launch) and, with a table, both together,
+#         and the table with every swept GEMM on the kernel (--small-m-everywhere: _smallall, _smallall_pdl);
 #         E2E_AB_ARGS appended. One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh e2e_ab
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
 # Logs, JSON and PNG go to $OUT (or bench/results/gpu-run when OUT is unset). Multi-GPU steps need >= 2 GPUs.
@@ -162,7 +163,7 @@ for s in "${steps[@]}"; do
     # static build + calibration ~20 s: ~120 s. JSON e2e_tp1_<device>_ab; bench/tools/e2e_table.py prints the ratios
     e2e_ab) LIMIT_e2e_ab=${LIMIT_e2e_ab:-240} run e2e_ab "${TR1[@]}" bench/bench_e2e.py --tag ab --models 8B \
               --layers full --decode-batches 1,8,64 --context 1024 --prefill 1024 --hf-models none \
-              ${SMALL_M_TABLE:+--small-m-table "$SMALL_M_TABLE"} ${PDL_ARG:-} ${E2E_AB_ARGS:-} ;;
+              ${SMALL_M_TABLE:+--small-m-table "$SMALL_M_TABLE" --small-m-everywhere} ${PDL_ARG:-} ${E2E_AB_ARGS:-} ;;
     load) run load python3 bench/bench_load.py --shape 8B ${LOAD_ARGS:-}
           run load_fp8 python3 bench/bench_load.py --shape 8B --fp8 ${LOAD_ARGS:-} ;;  # TP=1; writes /tmp ckpts
     decode_attn) [[ -f bench/bench_decode_attention.py ]] && run decode_attn python3 bench/bench_decode_attention.py ${DECODE_ATTN_ARGS:-} ;;

@@ -3,9 +3,12 @@ steps (``--steps``) of an ``bench_e2e.py`` model, the kernels' total CUDA time p
 kernels a step launches per decoder layer.
 
     torchrun --standalone --nproc-per-node=1 bench/profile_decode.py [--model 8B] [--layers 4|full] [--vocab real|N]
-        [--batch 1] [--context 1024]
+        [--batch 1] [--context 1024] [--pdl] [--small-m-table PATH [--small-m-everywhere]]
 
-``--model``: a ``bench_e2e.py`` model name, shards (``70B/tp8``) included; ``--layers`` / ``--vocab`` as there.
+``--model``: a ``bench_e2e.py`` model name, shards (``70B/tp8``) included; ``--layers`` / ``--vocab`` as there;
+``--pdl`` captures the decode graphs with programmatic dependent launch (``KVCacheConfig.pdl``);
+``--small-m-table`` installs a small-M GEMM routing table (``--small-m-everywhere``: every row of it routed to the
+kernel), as ``bench_e2e.py``'s variant rows do.
 Prints the table and writes it (with device, commit, versions) to ``profile_decode_tp{N}_{device}_{model}_b{B}.json``
 in ``$OUT`` (else ``bench/results``; a ``/`` of a shard name becomes ``-``). Each row: ``kernel``,
 ``calls_per_step``, ``calls_per_layer`` (= calls per step / layers), ``us_per_step``. The header adds
@@ -40,6 +43,9 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--pdl", action="store_true", help="decode graphs captured with PDL (KVCacheConfig.pdl)")
+    ap.add_argument("--small-m-table", default="", help="a small-M GEMM routing table (JSON) to install")
+    ap.add_argument("--small-m-everywhere", action="store_true", help="every row of that table routed to the kernel")
     args = ap.parse_args()
     if args.layers == "fit":
         ap.error("--layers fit is bench_e2e.py's; give a count or full")
@@ -61,8 +67,11 @@ def main():
         print(f"{r['us_per_step']:9.1f} us  {r['calls_per_step']:5.1f}x  {r['calls_per_layer']:5.2f}/layer  "
               f"{r['kernel']}")
     hdr = common.header("profile_decode", model=args.model, batch=args.batch, context=args.context,
-                        layers=args.layers, vocab=args.vocab, kernel_us_per_step=round(total, 1), **counts)
-    tag = f"{args.model.replace('/', '-')}_b{args.batch}"
+                        layers=args.layers, vocab=args.vocab, kernel_us_per_step=round(total, 1), pdl=args.pdl,
+                        small_m_table=os.path.basename(args.small_m_table) or None,
+                        small_m_everywhere=args.small_m_everywhere, **counts)
+    variant = ("_smallall" if args.small_m_everywhere else "_smallm") if args.small_m_table else ""
+    tag = f"{args.model.replace('/', '-')}_b{args.batch}{variant}{'_pdl' if args.pdl else ''}"
     common.write_json(common.result_path("profile_decode", tp=tp, tag=tag), hdr, rows)
 
 
@@ -85,10 +94,20 @@ def kernel_counts(rows, layers: int) -> dict:
 
 def profile(args, dev):
     """Kernel time per decode step (torch profiler over ``--steps`` graph-replayed steps), largest first."""
+    import contextlib
+
+    from tpfuse.kernels import small_m_configs as smc
+
+    table = bench_e2e.load_table(args.small_m_table, args.small_m_everywhere) if args.small_m_table else None
+    with smc.install(table) if table is not None else contextlib.nullcontext():
+        return _profile(args, dev)
+
+
+def _profile(args, dev):
     model = bench_e2e.build_model(args.model, args.layers, dev, args.vocab)
     comm = tpfuse.TPCommunicator(max_tokens=args.batch * args.context, hidden_size=model.config.hidden_size,
                                  dtype=torch.bfloat16)
-    model = tpfuse.parallelize(model, comm, cache=KVCacheConfig(max_batch=args.batch,
+    model = tpfuse.parallelize(model, comm, cache=KVCacheConfig(max_batch=args.batch, pdl=args.pdl,
                                                                 max_seq_len=args.context + 2 * args.steps + 8))
     ids = torch.randint(0, bench_e2e.VOCAB, (args.batch, args.context), device=dev)
     out = model(ids, logits_to_keep=1)

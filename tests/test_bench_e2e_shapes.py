@@ -145,10 +145,34 @@ def test_bench_e2e_imports_and_keeps_its_defaults():
     assert bench_e2e.VOCAB == 32000
     # the decode-row variants: none by default, one per flag, and both together with both
     assert bench_e2e.variants(a) == []
-    assert bench_e2e.variants(bench_e2e.parse_args(["--pdl"])) == [("_pdl", None, True)]
+    assert bench_e2e.variants(bench_e2e.parse_args(["--pdl"])) == [("_pdl", None, True, False)]
     both = bench_e2e.parse_args(["--pdl", "--small-m-table", "t.json"])
-    assert bench_e2e.variants(both) == [("_smallm", "t.json", False), ("_pdl", None, True),
-                                         ("_smallm_pdl", "t.json", True)]
+    assert bench_e2e.variants(both) == [("_smallm", "t.json", False, False), ("_pdl", None, True, False),
+                                         ("_smallm_pdl", "t.json", True, False)]
+    # --small-m-everywhere: two more rows with the table routing every swept GEMM (needs the table)
+    every = bench_e2e.parse_args(["--pdl", "--small-m-table", "t.json", "--small-m-everywhere"])
+    assert bench_e2e.variants(every)[3:] == [("_smallall", "t.json", False, True),
+                                              ("_smallall_pdl", "t.json", True, True)]
+    assert bench_e2e.variants(bench_e2e.parse_args(["--small-m-everywhere"])) == []
+
+
+def test_small_m_everywhere_routes_every_swept_row(tmp_path):
+    """load_table(everywhere=True) turns a row that lost to the library into a routed one, with its tuned config."""
+    import json
+
+    import bench_e2e
+    from tpfuse.kernels import small_m_configs as smc
+
+    cfg = {"block_n": 32, "block_k": 256, "split_k": 1, "num_warps": 4, "num_stages": 4}
+    rows = [{"arch": "sm90", "scheme": "bf16", "n": 4096, "k": 4096, "m_bucket": 1, "config": cfg,
+             "beats_library": False, "kernel_us": 15.0, "library_us": 14.0}]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"schema": 1, "source": None, "rows": rows}))
+    assert [r["beats_library"] for r in bench_e2e.load_table(str(path))["rows"]] == [False]
+    every = bench_e2e.load_table(str(path), everywhere=True)
+    assert [r["beats_library"] for r in every["rows"]] == [True]
+    parsed = smc.parse(every)
+    assert len(parsed) == 1 and all(r.beats_library and r.config.block_k == 256 for r in parsed.values())
 
 
 def test_a_bad_small_m_table_fails_before_any_model(tmp_path):

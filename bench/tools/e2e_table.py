@@ -2,7 +2,8 @@
 the memory floor, their ratio, HF compiled and tpfuse / HF compiled where the run has it, FP8 / bf16 where it has
 FP8 rows; a caption line per file (device, commit, TP, context, copy bandwidth); then, where the run has
 ``tpfuse_capacity`` rows, a table of the step time per KV-cache capacity with its spread at each batch; where it
-has variant rows (``<provider>_smallm`` / ``_pdl`` / ``_smallm_pdl``: ``--small-m-table``, ``--pdl``), each
+has variant rows (``<provider>_smallm`` / ``_pdl`` / ``_smallm_pdl`` / ``_smallall`` / ``_smallall_pdl``:
+``--small-m-table``, ``--pdl``, ``--small-m-everywhere``), each
 variant's step over the step without it.
 
     python bench/tools/e2e_table.py bench/results/e2e_tp1_h100_full.json [more.json ...] [--out table.md]
@@ -36,8 +37,10 @@ def _ratio(a, b) -> str:
     return f"{a / b:.2f}" if _ok(a) and _ok(b) and b else "—"
 
 
-VARIANTS = (("_smallm", "small-M table"), ("_pdl", "PDL"), ("_smallm_pdl", "both"))
-"""Suffixes of the decode-row variants (``--small-m-table``, ``--pdl``) and their column heads."""
+VARIANTS = (("_smallm", "small-M table"), ("_pdl", "PDL"), ("_smallm_pdl", "both"),
+            ("_smallall", "kernel everywhere"), ("_smallall_pdl", "kernel everywhere + PDL"))
+"""Suffixes of the decode-row variants (``--small-m-table``, ``--pdl``, ``--small-m-everywhere``) and their column
+heads."""
 HEADS = {"tpfuse": "bf16", "tpfuse_fp8": "FP8", "tpfuse_fp8_static": "FP8 static"}
 """Providers the variants repeat and how the variant table names them."""
 
@@ -123,14 +126,14 @@ def variant_table(rows) -> list:
         return []
     us = {(r["model"], r["tokens"], r["provider"]): r.get("us") for r in rows if r.get("mode") == "decode"}
     have = [(sfx, head) for sfx, head in VARIANTS if any(_variant(r["provider"])[1] == sfx for r in var)]
-    routed_in = [head for sfx, head in have if "smallm" in sfx]
+    routed_in = [head for sfx, head in have if "small" in sfx]
     cols = (["model", "batch", "provider"] + [f"{head}: with / without" for _, head in have]
             + [f"GEMM calls routed ({' / '.join(routed_in)})" if routed_in else "GEMM calls routed"])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for model, batch, prov in dict.fromkeys((r["model"], r["tokens"], _variant(r["provider"])[0]) for r in var):
         cells = [_ratio(us.get((model, batch, prov + sfx)), us.get((model, batch, prov))) for sfx, _ in have]
         routed = [str(r["routed"]) for r in var if (r["model"], r["tokens"]) == (model, batch)
-                  and _variant(r["provider"])[0] == prov and "routed" in r and "smallm" in r["provider"]]
+                  and _variant(r["provider"])[0] == prov and "routed" in r and "_small" in r["provider"]]
         lines.append("| " + " | ".join([model, str(batch), HEADS[prov]] + cells + [" / ".join(routed) or "—"])
                      + " |")
     return lines
@@ -149,7 +152,7 @@ def render(paths) -> str:
             out += cap + [""]
         ab = variant_table(rows)
         if ab:
-            tables = sorted({str(r.get("table")) for r in rows if "smallm" in str(r.get("provider"))})
+            tables = sorted({str(r.get("table")) for r in rows if "_small" in str(r.get("provider"))})
             what = f" (small-M table: {', '.join(tables)})" if tables else ""
             out += [f"Decode step under each variant over the same step without it{what}:", ""]
             out += ab + [""]
