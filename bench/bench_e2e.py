@@ -62,7 +62,8 @@ Providers (every one is the model a user runs, called with Hugging Face argument
   ``tpfuse`` / ``tpfuse_fp8`` / ``tpfuse_fp8_static`` decode row again, right after it, with the graphs captured
   under that variant: the A/Bs that decide whether a sweep's table ships (``tpfuse/thresholds/``) and whether PDL
   becomes the default. ``--small-m-everywhere`` adds ``<provider>_smallall`` (and ``_smallall_pdl``): the same
-  table with every swept GEMM routed to the kernel (its tuned config), whether or not it beat the library alone.
+  table with every swept GEMM routed to the kernel (its tuned config), whether or not it beat the library alone
+  (with ``--pdl`` also ``_smallall_pdl_nopf``: without the kernel's L2 weight prefetch before the PDL wait).
   Rows carry ``routed`` (distinct GEMM calls sent to the small-M kernel), ``table``, ``everywhere`` and ``pdl``.
 
 Decode: a batch of ``B`` random prompts of ``--context`` tokens is prefilled, then ``--steps`` decode steps (one
@@ -295,17 +296,20 @@ VARIANT_PROVIDERS = ("tpfuse", "tpfuse_fp8", "tpfuse_fp8_static")  # decode rows
 
 
 def variants(args) -> list:
-    """``(suffix, table path or None, pdl, everywhere)`` of the decode-row variants the run asks for: ``_smallm``
-    (``--small-m-table``), ``_pdl`` (``--pdl``), ``_smallm_pdl`` (both); with ``--small-m-everywhere`` also
-    ``_smallall`` (and ``_smallall_pdl``): the table with every row routed to the kernel."""
+    """``(suffix, table path or None, pdl, everywhere, prefetch)`` of the decode-row variants the run asks for:
+    ``_smallm`` (``--small-m-table``), ``_pdl`` (``--pdl``), ``_smallm_pdl`` (both); with ``--small-m-everywhere``
+    also ``_smallall`` (and with ``--pdl`` ``_smallall_pdl``, then ``_smallall_pdl_nopf``: the same without the
+    small-M kernel's L2 weight prefetch, ``small_m_gemm.PREFETCH_BYTES = 0``): the table with every row routed to
+    the kernel."""
     table = getattr(args, "small_m_table", "") or None
     pdl = bool(getattr(args, "pdl", False))
     every = bool(table and getattr(args, "small_m_everywhere", False))
-    out = [("_smallm", table, False, False)] if table else []
-    out += [("_pdl", None, True, False)] if pdl else []
-    out += [("_smallm_pdl", table, True, False)] if table and pdl else []
-    out += [("_smallall", table, False, True)] if every else []
-    out += [("_smallall_pdl", table, True, True)] if every and pdl else []
+    out = [("_smallm", table, False, False, True)] if table else []
+    out += [("_pdl", None, True, False, True)] if pdl else []
+    out += [("_smallm_pdl", table, True, False, True)] if table and pdl else []
+    out += [("_smallall", table, False, True, True)] if every else []
+    out += [("_smallall_pdl", table, True, True, True), ("_smallall_pdl_nopf", table, True, True, False)] \
+        if every and pdl else []
     return out
 
 
@@ -325,21 +329,24 @@ def load_table(path: str, everywhere: bool = False) -> dict:
     return table
 
 
-def variant_row(model, batch, args, dev, rows, base, provider, table_path, pdl, everywhere=False):
+def variant_row(model, batch, args, dev, rows, base, provider, table_path, pdl, everywhere=False, prefetch=True):
     """``provider`` 's decode row again with the small-M routing table ``table_path`` installed instead of the
     shipped one (``small_m_configs.install``; None: the shipped one; ``everywhere``: every row routed to the
     kernel, :func:`load_table`) and the decode graphs captured with ``KVCacheConfig.pdl = pdl``. The model's
     decode graphs are dropped before and after (routing and PDL are decided at capture), so a variant differs from
-    its base row only in those two. ``routed``: how many distinct GEMM calls (shape, dtypes, M) the step sent to
-    the small-M kernel."""
+    its base row only in those two (and ``prefetch=False``: no L2 weight prefetch under PDL). ``routed``: how many
+    distinct GEMM calls (shape, dtypes, M) the step sent to the small-M kernel."""
     import contextlib
 
     from tpfuse.kernels import small_m_configs as smc
+    from tpfuse.kernels import small_m_gemm as smg
 
     table = load_table(table_path, everywhere) if table_path else None
     st = model._tpfuse
     own_pdl, st.graphs = st.cache_config.pdl, None
+    own_pf = smg.PREFETCH_BYTES
     st.cache_config.pdl = pdl
+    smg.PREFETCH_BYTES = own_pf if prefetch else 0
     try:
         with smc.install(table) if table is not None else contextlib.nullcontext():
             smc.ROUTE_MEMO.clear()  # the count below is this step's
@@ -347,16 +354,17 @@ def variant_row(model, batch, args, dev, rows, base, provider, table_path, pdl, 
                          dev, lambda: dict(last_mode=st.last_mode, pdl=pdl,
                                            routed=sum(isinstance(v, smc.GemmConfig) for v in smc.ROUTE_MEMO.values()),
                                            table=os.path.basename(table_path) if table_path else "shipped",
-                                           everywhere=everywhere))
+                                           everywhere=everywhere, prefetch_bytes=smg.PREFETCH_BYTES if pdl else 0))
     finally:
         st.cache_config.pdl, st.graphs = own_pdl, None
+        smg.PREFETCH_BYTES = own_pf
     return r
 
 
 def variant_rows(model, batch, args, dev, rows, base, provider):
     """Every variant of :func:`variants` of one decode row (``<provider><suffix>``)."""
-    for suffix, table_path, pdl, everywhere in variants(args):
-        variant_row(model, batch, args, dev, rows, base, provider + suffix, table_path, pdl, everywhere)
+    for suffix, table_path, pdl, everywhere, prefetch in variants(args):
+        variant_row(model, batch, args, dev, rows, base, provider + suffix, table_path, pdl, everywhere, prefetch)
 
 
 def _label(r) -> str:

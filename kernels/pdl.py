@@ -20,6 +20,11 @@ its split-K reduce):
 * ``PDL=False`` (the default everywhere outside :func:`launches`) compiles to the same PTX as before the constexpr
   existed (``tests/sm90_ptx_fingerprints.txt``).
 
+Reading ahead of the wait: :func:`prefetch_l2` may run *before* :func:`enter`. A prefetch only moves lines into
+L2, which is the GPU's point of coherence (every SM's loads and stores meet there), so it can never make a later
+load see stale data; what it buys is that the weight bytes a GEMM streams start arriving while the previous kernel
+still runs (the small-M GEMM's ``PF_LINES``: decode's small kernels leave the memory system mostly idle).
+
 When: only while :func:`launches` is active - the model runtime's decode-graph capture with
 ``KVCacheConfig(pdl=True)`` - and on an NVIDIA device of compute capability 9.0 or later (:func:`wanted`; never on
 ROCm). The module imports Triton only for the device helper :func:`enter`, and works without it (the launch-side
@@ -70,6 +75,15 @@ except ImportError:  # tpfuse without Triton: the launchers that would call this
     triton = None
 
 if triton is not None:
+
+    @triton.jit
+    def prefetch_l2(ptrs, mask):
+        """``prefetch.global.L2`` of the line holding each element of ``ptrs`` where ``mask`` (one instruction per
+        element: give one pointer per 128-byte line). Compiled code only (inline PTX: never under the
+        interpreter, where PDL is never on)."""
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+            "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
     def enter(PDL: tl.constexpr):

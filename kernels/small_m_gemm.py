@@ -146,13 +146,33 @@ def _finish(acc, acc_u, rn, n_mask, rm, m_mask, N_OUT, stride_om, xs_ptr, ws_ptr
         tl.store(dst, cast_for_store(y, out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _prefetch_weight(w_ptr, rn, n_mask, K, kb_lo, kb_hi, up, SILU_MUL: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PF_LINES: tl.constexpr):
+    """L2 prefetch of the first ``PF_LINES`` 128-byte lines of this program's K range of its weight rows (and
+    their up rows with SILU_MUL), clipped to the range: issued before the PDL wait."""
+    LINE: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth  # elements per 128-byte line
+    k = kb_lo * BLOCK_K + tl.arange(0, PF_LINES) * LINE
+    ok = n_mask[:, None] & ((k < kb_hi * BLOCK_K) & (k < K))[None, :]
+    ptrs = w_ptr + rn.to(tl.int64)[:, None] * K + k[None, :]
+    pdl.prefetch_l2(ptrs, ok)
+    if SILU_MUL:
+        pdl.prefetch_l2(ptrs + up, ok)
+
+
 @triton.jit(do_not_specialize=["M", "n_kb", "split_k"])
 def _small_m_gemm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr,
                          M, N_OUT, K, stride_xm, stride_om, n_kb, split_k,
                          X_FP8: tl.constexpr, W_FP8: tl.constexpr, X_SCALE: tl.constexpr, W_SCALE: tl.constexpr,
                          HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, OUT_FP8: tl.constexpr,
                          PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                         PF_LINES: tl.constexpr = 0):
+    if PDL and PF_LINES > 0:  # weights never come from the previous kernel: start streaming them before the wait
+        rn_pf = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        _prefetch_weight(w_ptr, rn_pf, rn_pf < N_OUT, K, tl.program_id(1) * n_kb // split_k,
+                         (tl.program_id(1) + 1) * n_kb // split_k, N_OUT.to(tl.int64) * K, SILU_MUL, BLOCK_K,
+                         PF_LINES)
     pdl.enter(PDL)
     pid_k = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -220,6 +240,23 @@ def _split_k_reduce_kernel(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, M, 
 # launcher
 
 
+PREFETCH_BYTES = 16 << 20
+"""Weight bytes one small-M GEMM launched with PDL prefetches into L2 before its wait (:func:`prefetch_lines`): about a
+third of an H100 / H200 L2 (50 / 60 MB), so the lines stay there until the main loop reads them, and more than the
+memory system moves during one of decode's small kernels (~2-8 us at ~3 TB/s). 0 turns the prefetch off."""
+MAX_PF_LINES = 32  # 4 KB of each weight row
+MAX_PF_POINTERS = 2048  # BLOCK_N x lines: 16 int64 pointers a thread at 4 warps
+
+
+def prefetch_lines(n_w: int, k: int, split: int, elem: int, block_n: int) -> int:
+    """128-byte lines of each weight row a PDL launch prefetches (the constexpr ``PF_LINES``): ``PREFETCH_BYTES``
+    spread over the ``n_w`` rows, at most one program's K range (``k / split``), rounded down to a power of two
+    (``tl.arange``), at most :data:`MAX_PF_LINES` and ``MAX_PF_POINTERS / block_n``; 0 below one line."""
+    per_row = min(PREFETCH_BYTES // max(n_w, 1), (k // max(split, 1)) * elem)
+    lines = min(per_row // 128, MAX_PF_LINES, MAX_PF_POINTERS // block_n)
+    return 1 << (lines.bit_length() - 1) if lines >= 1 else 0
+
+
 def scale_kind(scale, rows: int) -> int:
     """SCALE_NONE / SCALE_TENSOR (one element, at most 1-D) / SCALE_ROW (``[rows]`` or ``[rows, 1]``)."""
     if scale is None:
@@ -256,7 +293,8 @@ def launch_small_m_gemm(x, w, x_scale, w_scale, bias, out, out_scale, silu_mul: 
         _small_m_gemm_kernel, (triton.cdiv(n_out, cfg.block_n), split),
         (x, w, xs, ws, b, out, os_, part, m, n_out, k, x.stride(0), out.stride(0), n_kb, split),
         dict(X_FP8=x.dtype.itemsize == 1, W_FP8=w.dtype.itemsize == 1, **epi, PARTIAL=split > 1,
-             EVEN_K=k % cfg.block_k == 0, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PDL=on),
+             EVEN_K=k % cfg.block_k == 0, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PDL=on,
+             PF_LINES=prefetch_lines(n_w, k, split, w.dtype.itemsize, cfg.block_n) if on else 0),
         cfg.num_warps, stages, on)
     if split > 1:
         fast_launch.launch(_split_k_reduce_kernel, (triton.cdiv(n_out, REDUCE_BLOCK_N),),

@@ -50,6 +50,8 @@ def compile_kernel(fn, ptrs, const, num_warps=8, hinted=False, num_stages=None, 
     names = fn.arg_names
     if "PDL" in names and "PDL" not in const:  # the launch every call makes outside pdl.launches()
         const = dict(const, PDL=False)
+    if "PF_LINES" in names and "PF_LINES" not in const:  # no L2 prefetch: every launch outside pdl.launches()
+        const = dict(const, PF_LINES=0)
     sig = {n: ("constexpr" if n in const else ptrs.get(n, "fp32" if n in FLOATS else ("i32" if hinted else "i64")))
            for n in names}
     attrs = {}
@@ -190,6 +192,11 @@ def small_m_gemm_cases():
         if part:
             yield (f"small_m_gemm reduce {name} m{bm}", small_m_gemm._split_k_reduce_kernel, ptrs,
                    dict(**epi, BLOCK_M=bm, BLOCK_N=small_m_gemm.REDUCE_BLOCK_N), 4, True, 1, nospec)
+        if name in ("bf16", "fp8 tensor silu q8 split"):  # PDL with the weight prefetch before the wait
+            lines = small_m_gemm.prefetch_lines(6144, 4096, 2 if part else 1, 1 if w_t == fp8 else 2, bn)
+            yield (f"small_m_gemm {name} m{bm} n{bn} k{bk} pdl prefetch{lines}", small_m_gemm._small_m_gemm_kernel,
+                   ptrs, dict(X_FP8=x_t == fp8, W_FP8=w_t == fp8, **epi, PARTIAL=part, EVEN_K=even, BLOCK_M=bm,
+                              BLOCK_N=bn, BLOCK_K=bk, PDL=True, PF_LINES=lines), warps, True, stages, nospec)
 
 
 _DEBUG_LABEL = re.compile(r"^\$L__tmp\d+:$")

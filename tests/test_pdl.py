@@ -92,3 +92,19 @@ def test_kv_cache_config_pdl_is_a_bool():
     assert KVCacheConfig().pdl is False  # off until an end-to-end A/B measured it
     with pytest.raises(TPFuseInputError, match="pdl must be a bool"):
         KVCacheConfig(pdl=1).validate()
+
+
+def test_small_m_gemm_prefetch_lines_follow_the_budget(monkeypatch):
+    """The PDL launch's L2 prefetch per weight row: the budget spread over the rows, within one program's K range,
+    a power of two, capped by lines and pointers; PREFETCH_BYTES = 0 turns it off."""
+    from tpfuse.kernels import small_m_gemm as smg
+
+    monkeypatch.setattr(smg, "PREFETCH_BYTES", 16 << 20)
+    assert smg.prefetch_lines(6144, 4096, 1, 2, 32) == 16  # 8B qkv: 2730 B a row -> 21 lines -> 16
+    assert smg.prefetch_lines(28672, 4096, 1, 2, 64) == 4  # gate_up: 585 B a row
+    assert smg.prefetch_lines(4096, 14336, 1, 2, 32) == smg.MAX_PF_LINES  # down: 4 KB a row, capped
+    assert smg.prefetch_lines(4096, 14336, 1, 1, 256) == smg.MAX_PF_POINTERS // 256  # pointer cap
+    assert smg.prefetch_lines(1024, 512, 4, 2, 64) == 2  # the program's K range: 128 elements = 256 B
+    assert smg.prefetch_lines(1 << 20, 4096, 1, 2, 64) == 0  # under one line a row
+    monkeypatch.setattr(smg, "PREFETCH_BYTES", 0)
+    assert smg.prefetch_lines(6144, 4096, 1, 2, 32) == 0

@@ -38,7 +38,8 @@ def _ratio(a, b) -> str:
 
 
 VARIANTS = (("_smallm", "small-M table"), ("_pdl", "PDL"), ("_smallm_pdl", "both"),
-            ("_smallall", "kernel everywhere"), ("_smallall_pdl", "kernel everywhere + PDL"))
+            ("_smallall", "kernel everywhere"), ("_smallall_pdl", "kernel everywhere + PDL"),
+            ("_smallall_pdl_nopf", "the same without L2 prefetch"))
 """Suffixes of the decode-row variants (``--small-m-table``, ``--pdl``, ``--small-m-everywhere``) and their column
 heads."""
 HEADS = {"tpfuse": "bf16", "tpfuse_fp8": "FP8", "tpfuse_fp8_static": "FP8 static"}
