@@ -63,7 +63,8 @@ Providers (every one is the model a user runs, called with Hugging Face argument
   under that variant: the A/Bs that decide whether a sweep's table ships (``tpfuse/thresholds/``) and whether PDL
   becomes the default. ``--small-m-everywhere`` adds ``<provider>_smallall`` (and ``_smallall_pdl``): the same
   table with every swept GEMM routed to the kernel (its tuned config), whether or not it beat the library alone
-  (with ``--pdl`` also ``_smallall_pdl_nopf``: without the kernel's L2 weight prefetch before the PDL wait).
+  (with ``--pdl`` also ``_smallall_pdl_nopf``: without the L2 prefetches before the PDL wait, of the small-M
+  GEMM's weights and of the decode attention's first K / V tile).
   Rows carry ``routed`` (distinct GEMM calls sent to the small-M kernel), ``table``, ``everywhere`` and ``pdl``.
 
 Decode: a batch of ``B`` random prompts of ``--context`` tokens is prefilled, then ``--steps`` decode steps (one
@@ -299,8 +300,8 @@ def variants(args) -> list:
     """``(suffix, table path or None, pdl, everywhere, prefetch)`` of the decode-row variants the run asks for:
     ``_smallm`` (``--small-m-table``), ``_pdl`` (``--pdl``), ``_smallm_pdl`` (both); with ``--small-m-everywhere``
     also ``_smallall`` (and with ``--pdl`` ``_smallall_pdl``, then ``_smallall_pdl_nopf``: the same without the
-    small-M kernel's L2 weight prefetch, ``small_m_gemm.PREFETCH_BYTES = 0``): the table with every row routed to
-    the kernel."""
+    L2 prefetches before the PDL wait, ``small_m_gemm.PREFETCH_BYTES = 0`` and ``decode_attention.PREFETCH =
+    False``): the table with every row routed to the kernel."""
     table = getattr(args, "small_m_table", "") or None
     pdl = bool(getattr(args, "pdl", False))
     every = bool(table and getattr(args, "small_m_everywhere", False))
@@ -334,19 +335,20 @@ def variant_row(model, batch, args, dev, rows, base, provider, table_path, pdl, 
     shipped one (``small_m_configs.install``; None: the shipped one; ``everywhere``: every row routed to the
     kernel, :func:`load_table`) and the decode graphs captured with ``KVCacheConfig.pdl = pdl``. The model's
     decode graphs are dropped before and after (routing and PDL are decided at capture), so a variant differs from
-    its base row only in those two (and ``prefetch=False``: no L2 weight prefetch under PDL). ``routed``: how many
+    its base row only in those two (and ``prefetch=False``: no L2 prefetch before the PDL waits). ``routed``: how many
     distinct GEMM calls (shape, dtypes, M) the step sent to the small-M kernel."""
     import contextlib
 
     from tpfuse.kernels import small_m_configs as smc
+    from tpfuse.kernels import decode_attention as dak
     from tpfuse.kernels import small_m_gemm as smg
 
     table = load_table(table_path, everywhere) if table_path else None
     st = model._tpfuse
     own_pdl, st.graphs = st.cache_config.pdl, None
-    own_pf = smg.PREFETCH_BYTES
+    own_pf, own_kv_pf = smg.PREFETCH_BYTES, dak.PREFETCH
     st.cache_config.pdl = pdl
-    smg.PREFETCH_BYTES = own_pf if prefetch else 0
+    smg.PREFETCH_BYTES, dak.PREFETCH = (own_pf, own_kv_pf) if prefetch else (0, False)
     try:
         with smc.install(table) if table is not None else contextlib.nullcontext():
             smc.ROUTE_MEMO.clear()  # the count below is this step's
@@ -357,7 +359,7 @@ def variant_row(model, batch, args, dev, rows, base, provider, table_path, pdl, 
                                            everywhere=everywhere, prefetch_bytes=smg.PREFETCH_BYTES if pdl else 0))
     finally:
         st.cache_config.pdl, st.graphs = own_pdl, None
-        smg.PREFETCH_BYTES = own_pf
+        smg.PREFETCH_BYTES, dak.PREFETCH = own_pf, own_kv_pf
     return r
 
 

@@ -124,11 +124,44 @@ def _partition_len(n, NUM_SPLITS: tl.constexpr, MIN_PARTITION: tl.constexpr, BLO
 
 
 @triton.jit
+def _prefetch_kv_lines(c_ptr, c_sb, c_so, c_sh, blk, off, kvh, valid, D: tl.constexpr):
+    """L2 prefetch of the ``D``-element rows of one kv head at the given keys (one instruction per 128-byte line)."""
+    LINE: tl.constexpr = 1024 // c_ptr.dtype.element_ty.primitive_bitwidth  # elements per 128-byte line
+    LINES: tl.constexpr = D // LINE if D > LINE else 1
+    j = tl.arange(0, LINES) * LINE
+    pdl.prefetch_l2(c_ptr + blk[:, None] * c_sb + off[:, None] * c_so + kvh * c_sh + j[None, :], valid[:, None])
+
+
+@triton.jit
+def _prefetch_partition(sl_ptr, bt_ptr, bt_stride, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh,
+                        max_len, D: tl.constexpr, BLOCK_N: tl.constexpr, MIN_PARTITION: tl.constexpr,
+                        BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, PF_KEYS: tl.constexpr):
+    """Before the PDL wait: L2 prefetch of the K and V rows of the first ``PF_KEYS`` keys of this program's
+    partition. The lengths and block tables it reads were written before the step's first kernel (two or more
+    kernels back: complete, kernels/pdl.py), and a prefetch only fills L2, so the new token's K / V, which the
+    kernel before this one may still be writing, is read fresh by the main loop."""
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1).to(tl.int64)
+    n = tl.minimum(tl.maximum(tl.load(sl_ptr + b).to(tl.int32), 0), max_len)
+    lo = tl.program_id(2) * _partition_len(n, NUM_SPLITS, MIN_PARTITION, BLOCK_N)
+    pos = lo + tl.arange(0, PF_KEYS)
+    valid = pos < n
+    blk = tl.load(bt_ptr + b * bt_stride + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    off = (pos % BLOCK_SIZE).to(tl.int64)
+    _prefetch_kv_lines(kc_ptr, kc_sb, kc_so, kc_sh, blk, off, kvh, valid, D)
+    _prefetch_kv_lines(vc_ptr, vc_sb, vc_so, vc_sh, blk, off, kvh, valid, D)
+
+
+@triton.jit
 def _split_kernel(q_ptr, q_sb, q_sh, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, bt_ptr, bt_stride,
                   sl_ptr, kvs_ptr, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr, ws_l_ptr, qk_scale, max_len, group,
                   n_heads, D: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                   MIN_PARTITION: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                  CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
+                  CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
+                  PF_KEYS: tl.constexpr = 0):
+    if PDL and PF_KEYS > 0:
+        _prefetch_partition(sl_ptr, bt_ptr, bt_stride, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh,
+                            max_len, D, BLOCK_N, MIN_PARTITION, BLOCK_SIZE, NUM_SPLITS, PF_KEYS)
     pdl.enter(PDL)  # before the lengths' load and the early exit (kernels/pdl.py)
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1).to(tl.int64)
@@ -219,6 +252,9 @@ WAVES = 2  # split-kernel programs wanted per SM at small batch
 MAX_SPLITS = 16  # bf16 / fp16 caches: more splits than this cost more in the combine than the extra parallelism wins
 MAX_SPLITS_FP8 = 32  # FP8 caches: the most splits the earlier FP8 rule took at the swept points (B=1, 4096 keys)
 MIN_PARTITION = 128  # keys: the shortest partition the sweep timed (its best at B=1 x 1024 keys)
+PREFETCH = True
+"""Under PDL the split kernel prefetches its partition's first tile of K and V into L2 before the wait
+(:func:`_prefetch_partition`); False turns it off (benchmarks A/B it)."""
 
 
 class DecodeConfig(NamedTuple):
@@ -351,7 +387,8 @@ def launch_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, o
         float(scale) * LOG2E, int(max_seq_len), group, hq,
         D=d, GROUP_PAD=max(16, next_pow2(group)), BLOCK_N=cfg.block_n, MIN_PARTITION=cfg.min_partition,
         BLOCK_SIZE=block_size, NUM_SPLITS=splits, CACHE_FP8=cache_fp8, PV_HILO=q.element_size() == 2,
-        PREC="ieee" if q.dtype.itemsize == 4 else "tf32", PDL=on, num_warps=cfg.num_warps, **pdl.launch_options(on))
+        PREC="ieee" if q.dtype.itemsize == 4 else "tf32", PDL=on, PF_KEYS=cfg.block_n if on and PREFETCH else 0,
+        num_warps=cfg.num_warps, **pdl.launch_options(on))
     if splits > 1:
         splits_pad = next_pow2(splits)
         _combine_kernel[(bsz, hq)](

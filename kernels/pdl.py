@@ -9,9 +9,10 @@ Contract of every kernel that takes the constexpr ``PDL`` (``add_rmsnorm``, ``si
 ``qk_norm_rope``, ``rope_kv_cache_write``, the decode attention's split and combine kernels, the small-M GEMM and
 its split-K reduce):
 
-* its first statement is :func:`enter`: ``griddepcontrol.wait`` (every write of the previous grid done and
-  visible), then ``griddepcontrol.launch_dependents`` (the next grid may be scheduled once every program of this one
-  has started). Nothing is read or written before the wait: inputs may come from the previous kernel, and outputs
+* its first statement is :func:`enter` (after L2 prefetches only, below): ``griddepcontrol.wait`` (every write of
+  the previous grid done and visible), then ``griddepcontrol.launch_dependents`` (the next grid may be scheduled
+  once every program of this one has passed its wait). Nothing is written before the wait, and nothing is read but
+  the prefetches' addresses: inputs may come from the previous kernel, and outputs
   may reuse memory the previous kernel still reads (the caching allocator hands freed blocks out at once), so
   correctness never depends on where the trigger sits;
 * every program waits (no early exit before :func:`enter`), so a PDL grid completes only after its predecessor has:
@@ -23,7 +24,10 @@ its split-K reduce):
 Reading ahead of the wait: :func:`prefetch_l2` may run *before* :func:`enter`. A prefetch only moves lines into
 L2, which is the GPU's point of coherence (every SM's loads and stores meet there), so it can never make a later
 load see stale data; what it buys is that the weight bytes a GEMM streams start arriving while the previous kernel
-still runs (the small-M GEMM's ``PF_LINES``: decode's small kernels leave the memory system mostly idle).
+still runs (the small-M GEMM's ``PF_LINES``, the decode attention's ``PF_KEYS``: decode's small kernels leave the
+memory system mostly idle). The addresses may come from loads before the wait only of data written two or more
+kernels back (the step's lengths and block tables): the kernel right before this one was scheduled only once all of
+*its* programs had passed their own wait, so every kernel before that one is complete.
 
 When: only while :func:`launches` is active - the model runtime's decode-graph capture with
 ``KVCacheConfig(pdl=True)`` - and on an NVIDIA device of compute capability 9.0 or later (:func:`wanted`; never on

@@ -50,8 +50,9 @@ def compile_kernel(fn, ptrs, const, num_warps=8, hinted=False, num_stages=None, 
     names = fn.arg_names
     if "PDL" in names and "PDL" not in const:  # the launch every call makes outside pdl.launches()
         const = dict(const, PDL=False)
-    if "PF_LINES" in names and "PF_LINES" not in const:  # no L2 prefetch: every launch outside pdl.launches()
-        const = dict(const, PF_LINES=0)
+    for pf in ("PF_LINES", "PF_KEYS"):  # no L2 prefetch: every launch outside pdl.launches()
+        if pf in names and pf not in const:
+            const = dict(const, **{pf: 0})
     sig = {n: ("constexpr" if n in const else ptrs.get(n, "fp32" if n in FLOATS else ("i32" if hinted else "i64")))
            for n in names}
     attrs = {}
@@ -154,8 +155,11 @@ def decode_attention_cases():
         const = dict(D=d, GROUP_PAD=max(16, group), BLOCK_N=bn, MIN_PARTITION=max(128, bn), BLOCK_SIZE=16,
                      NUM_SPLITS=splits, CACHE_FP8=cache == "*fp8e4nv", PV_HILO=q_t != "*fp32",
                      PREC="ieee" if q_t == "*fp32" else "tf32")
-        yield (f"decode_attention q={q_t[1:]} cache={cache[1:]} d={d} group={group} splits={splits} block_n={bn} "
-               f"warps={warps}", decode_attention._split_kernel, ptrs, const, warps, True)
+        name = f"decode_attention q={q_t[1:]} cache={cache[1:]} d={d} group={group} splits={splits} block_n={bn} "
+        yield (name + f"warps={warps}", decode_attention._split_kernel, ptrs, const, warps, True)
+        if (q_t, splits) in (("*bf16", 16), ("*bf16", 32), ("*bf16", 1)) and d == 128:  # PDL + K/V prefetch
+            yield (name + f"warps={warps} pdl prefetch{bn}", decode_attention._split_kernel, ptrs,
+                   dict(const, PDL=True, PF_KEYS=bn), warps, True)
     for d, bn, splits in ((128, 64, 32), (128, 128, 16), (64, 128, 11)):
         yield (f"decode_attention combine d={d} splits={splits} block_n={bn}", decode_attention._combine_kernel,
                {"ws_o_ptr": "*fp32", "ws_m_ptr": "*fp32", "ws_l_ptr": "*fp32", "sl_ptr": "*i32", "out_ptr": "*bf16"},
