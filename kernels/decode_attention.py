@@ -162,7 +162,7 @@ def _split_kernel(q_ptr, q_sb, q_sh, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb,
     if PDL and PF_KEYS > 0:
         _prefetch_partition(sl_ptr, bt_ptr, bt_stride, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh,
                             max_len, D, BLOCK_N, MIN_PARTITION, BLOCK_SIZE, NUM_SPLITS, PF_KEYS)
-    pdl.enter(PDL)  # before the lengths' load and the early exit (kernels/pdl.py)
+    pdl.wait(PDL)  # before the lengths' load and the early exit (kernels/pdl.py); the trigger follows the loop
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -201,6 +201,7 @@ def _split_kernel(q_ptr, q_sb, q_sh, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb,
             acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, start, n, bt_row, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr,
                                          vc_sb, vc_so, vc_sh, kvh, qk, DT, D, GROUP_PAD, BLOCK_N, BLOCK_SIZE,
                                          CACHE_FP8, PV_HILO, PREC)
+    pdl.trigger(PDL)  # the K / V tiles are read (a program that exited early counts as triggered)
     acc = acc * kv_scale  # V's dequantization scale, once
     if NUM_SPLITS == 1:
         # n == 0: the loop never ran (l = 0); write zeros, not 0/0

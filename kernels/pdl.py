@@ -15,7 +15,12 @@ its split-K reduce):
   the prefetches' addresses: inputs may come from the previous kernel, and outputs
   may reuse memory the previous kernel still reads (the caching allocator hands freed blocks out at once), so
   correctness never depends on where the trigger sits;
-* every program waits (no early exit before :func:`enter`), so a PDL grid completes only after its predecessor has:
+* the two kernels that stream most bytes (the small-M GEMM, the decode attention's split kernel) instead wait first
+  (:func:`wait`) and let the next grid launch only after their main loop (:func:`trigger`): the next kernel's
+  programs, and the L2 prefetches they issue before their own wait, then do not take SM slots and L2 from a kernel
+  that still streams its weights or its KV cache. The order wait-before-trigger is the same, so what follows holds
+  for them too;
+* every program waits (no early exit before its wait), so a PDL grid completes only after its predecessor has:
   ordering stays transitive along a chain of PDL kernels, and a kernel after them that is launched normally (cuBLAS,
   torch ops, the fused all-reduce) waits for all of it as always;
 * ``PDL=False`` (the default everywhere outside :func:`launches`) compiles to the same PTX as before the constexpr
@@ -88,6 +93,18 @@ if triton is not None:
         tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
             "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def wait(PDL: tl.constexpr):
+        """A streaming kernel's first statement (after L2 prefetches): the wait of :func:`enter` alone."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+
+    @triton.jit
+    def trigger(PDL: tl.constexpr):
+        """A streaming kernel's ``launch_dependents``, after its main loop (module docstring)."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
     def enter(PDL: tl.constexpr):

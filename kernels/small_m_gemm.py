@@ -173,7 +173,7 @@ def _small_m_gemm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, p
         _prefetch_weight(w_ptr, rn_pf, rn_pf < N_OUT, K, tl.program_id(1) * n_kb // split_k,
                          (tl.program_id(1) + 1) * n_kb // split_k, N_OUT.to(tl.int64) * K, SILU_MUL, BLOCK_K,
                          PF_LINES)
-    pdl.enter(PDL)
+    pdl.wait(PDL)
     pid_k = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
@@ -197,6 +197,7 @@ def _small_m_gemm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, p
         for kb in range(kb_lo, kb_hi):
             acc, acc_u = _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, X_FP8, W_FP8, SILU_MUL,
                                  EVEN_K, BLOCK_K)
+    pdl.trigger(PDL)  # the weights are read: the next kernel may start launching (kernels/pdl.py)
     if PARTIAL:
         n_w = 2 * N_OUT if SILU_MUL else N_OUT
         dst = part_ptr + (pid_k * M + rm).to(tl.int64)[None, :] * n_w + rn[:, None]
