@@ -4,7 +4,7 @@ Llama-3.1-70B, Qwen3-32B, ...; random bf16 weights, nothing downloaded; the mode
     torchrun --standalone --nproc-per-node=N bench/bench_e2e.py [--models 8B,70B,Qwen3-32B] [--layers 4|full|fit]
         [--vocab real|N] [--decode-batches 1,8,64] [--context 1024] [--prefill 1024,4096,8192]
         [--compile-batches 1,64] [--hf-models 8B] [--hf-after] [--kv-capacities 8x1152,8x32768]
-        [--fit-headroom-gib 6] [--flashinfer] [--no-fp8] [--small-m-table PATH] [--pdl] [--small-m-everywhere]
+        [--fit-headroom-gib 6] [--flashinfer] [--no-fp8] [--small-m-table PATH] [--pdl-ab] [--small-m-everywhere]
         [--tag TAG]
 
 Models (``--models``, comma-separated): a real shape (``8B``, ``70B``, ``Qwen3-32B``, ``Qwen2.5-7B``,
@@ -57,15 +57,15 @@ Providers (every one is the model a user runs, called with Hugging Face argument
   ``--no-fp8`` skips it. The run also records one ``fp8_quality`` row (``bench/fp8_quality.py``: greedy agreement of
   the FP8 tiny model with the bf16 one over 64 steps, logits error vs fp64).
 * ``<provider>_smallm`` (``--small-m-table PATH``: a small-M GEMM sweep's routing table,
-  ``bench/tune_small_gemm.py``'s ``small_m_gemm_<arch>.json``), ``<provider>_pdl`` (``--pdl``: the decode graphs
-  captured with programmatic dependent launch, ``KVCacheConfig.pdl``) and ``<provider>_smallm_pdl`` (both) - each
-  ``tpfuse`` / ``tpfuse_fp8`` / ``tpfuse_fp8_static`` decode row again, right after it, with the graphs captured
-  under that variant: the A/Bs that decide whether a sweep's table ships (``tpfuse/thresholds/``) and whether PDL
-  becomes the default. ``--small-m-everywhere`` adds ``<provider>_smallall`` (and ``_smallall_pdl``): the same
-  table with every swept GEMM routed to the kernel (its tuned config), whether or not it beat the library alone
-  (with ``--pdl`` also ``_smallall_pdl_nopf``: without the L2 prefetches before the PDL wait, of the small-M
-  GEMM's weights and of the decode attention's first K / V tile).
-  Rows carry ``routed`` (distinct GEMM calls sent to the small-M kernel), ``table``, ``everywhere`` and ``pdl``.
+  ``bench/tune_small_gemm.py``'s ``small_m_gemm_<arch>.json``, installed instead of the shipped one),
+  ``<provider>_nopdl`` (``--pdl-ab``: the decode graphs captured without programmatic dependent launch; the default
+  ``KVCacheConfig.pdl`` captures with it), ``<provider>_prefetch`` (``--pdl-ab``: with PDL and the L2 prefetches
+  before its waits, off by default) and, with ``--small-m-everywhere``, ``<provider>_smallall`` (and
+  ``_smallall_nopdl``): the table with every swept GEMM routed to the kernel (its tuned config), whether or not it
+  beat the library alone - each ``tpfuse`` / ``tpfuse_fp8`` / ``tpfuse_fp8_static`` decode row again, right after
+  it, with the graphs captured under that variant: the A/Bs that decide whether a sweep's table ships
+  (``tpfuse/thresholds/``) and what PDL's default is. Rows carry ``routed`` (distinct GEMM calls sent to the
+  small-M kernel), ``table``, ``everywhere``, ``pdl`` and ``prefetch_bytes``.
 
 Decode: a batch of ``B`` random prompts of ``--context`` tokens is prefilled, then ``--steps`` decode steps (one
 token per sequence) are timed as a user sees them: host wall time between two device syncs over all steps, per step
@@ -133,10 +133,11 @@ def parse_args(argv=None):
     ap.add_argument("--tag", default="", help="file-name tag: e2e_tp{N}_{device}_{tag}.json")
     ap.add_argument("--small-m-table", default="", help="a small-M GEMM sweep's routing table (JSON): adds the "
                     "<provider>_smallm decode rows with it installed")
-    ap.add_argument("--pdl", action="store_true", help="adds the <provider>_pdl decode rows: graphs captured with "
-                    "programmatic dependent launch (KVCacheConfig.pdl)")
+    ap.add_argument("--pdl-ab", action="store_true", help="adds the <provider>_nopdl decode rows (graphs captured "
+                    "without programmatic dependent launch, KVCacheConfig.pdl=False) and <provider>_prefetch (with PDL "
+                    "and the L2 prefetches before its waits)")
     ap.add_argument("--small-m-everywhere", action="store_true",
-                    help="with --small-m-table: adds <provider>_smallall rows (and _smallall_pdl with --pdl), that "
+                    help="with --small-m-table: adds <provider>_smallall rows (and _smallall_nopdl with --pdl-ab), that "
                     "table with every row routed to the kernel (its tuned config) whether or not it beat the library "
                     "alone: the kernel's end-to-end worth where PDL can chain it")
     return ap.parse_args(argv)
@@ -297,20 +298,19 @@ VARIANT_PROVIDERS = ("tpfuse", "tpfuse_fp8", "tpfuse_fp8_static")  # decode rows
 
 
 def variants(args) -> list:
-    """``(suffix, table path or None, pdl, everywhere, prefetch)`` of the decode-row variants the run asks for:
-    ``_smallm`` (``--small-m-table``), ``_pdl`` (``--pdl``), ``_smallm_pdl`` (both); with ``--small-m-everywhere``
-    also ``_smallall`` (and with ``--pdl`` ``_smallall_pdl``, then ``_smallall_pdl_nopf``: the same without the
-    L2 prefetches before the PDL wait, ``small_m_gemm.PREFETCH_BYTES = 0`` and ``decode_attention.PREFETCH =
-    False``): the table with every row routed to the kernel."""
+    """``(suffix, table path or None, pdl, everywhere, prefetch)`` of the decode-row variants the run asks for
+    (``pdl`` / ``prefetch`` None: the defaults, ``KVCacheConfig.pdl`` and no L2 prefetch): ``_smallm``
+    (``--small-m-table``: that table installed), ``_nopdl`` (``--pdl-ab``: graphs captured without PDL) and
+    ``_prefetch`` (``--pdl-ab``: with PDL and the L2 prefetches before its waits, 16 MiB of weights a small-M
+    GEMM launch and the decode attention's first K / V tile); with ``--small-m-everywhere`` also ``_smallall``
+    (the table with every row routed to the kernel; with ``--pdl-ab`` also ``_smallall_nopdl``)."""
     table = getattr(args, "small_m_table", "") or None
-    pdl = bool(getattr(args, "pdl", False))
+    ab = bool(getattr(args, "pdl_ab", False))
     every = bool(table and getattr(args, "small_m_everywhere", False))
-    out = [("_smallm", table, False, False, True)] if table else []
-    out += [("_pdl", None, True, False, True)] if pdl else []
-    out += [("_smallm_pdl", table, True, False, True)] if table and pdl else []
-    out += [("_smallall", table, False, True, True)] if every else []
-    out += [("_smallall_pdl", table, True, True, True), ("_smallall_pdl_nopf", table, True, True, False)] \
-        if every and pdl else []
+    out = [("_smallm", table, None, False, None)] if table else []
+    out += [("_nopdl", None, False, False, None), ("_prefetch", None, True, False, True)] if ab else []
+    out += [("_smallall", table, None, True, None)] if every else []
+    out += [("_smallall_nopdl", table, False, True, None)] if every and ab else []
     return out
 
 
@@ -330,13 +330,14 @@ def load_table(path: str, everywhere: bool = False) -> dict:
     return table
 
 
-def variant_row(model, batch, args, dev, rows, base, provider, table_path, pdl, everywhere=False, prefetch=True):
+def variant_row(model, batch, args, dev, rows, base, provider, table_path, pdl=None, everywhere=False,
+                prefetch=None):
     """``provider`` 's decode row again with the small-M routing table ``table_path`` installed instead of the
     shipped one (``small_m_configs.install``; None: the shipped one; ``everywhere``: every row routed to the
-    kernel, :func:`load_table`) and the decode graphs captured with ``KVCacheConfig.pdl = pdl``. The model's
-    decode graphs are dropped before and after (routing and PDL are decided at capture), so a variant differs from
-    its base row only in those two (and ``prefetch=False``: no L2 prefetch before the PDL waits). ``routed``: how many
-    distinct GEMM calls (shape, dtypes, M) the step sent to the small-M kernel."""
+    kernel, :func:`load_table`), the decode graphs captured with ``KVCacheConfig.pdl = pdl`` (None: the model's)
+    and, with ``prefetch``, the L2 prefetches before the PDL waits (:func:`variants`). The model's decode graphs are
+    dropped before and after (routing and PDL are decided at capture), so a variant differs from its base row only
+    in those. ``routed``: how many distinct GEMM calls (shape, dtypes, M) the step sent to the small-M kernel."""
     import contextlib
 
     from tpfuse.kernels import small_m_configs as smc
@@ -347,8 +348,10 @@ def variant_row(model, batch, args, dev, rows, base, provider, table_path, pdl, 
     st = model._tpfuse
     own_pdl, st.graphs = st.cache_config.pdl, None
     own_pf, own_kv_pf = smg.PREFETCH_BYTES, dak.PREFETCH
+    pdl = own_pdl if pdl is None else pdl
     st.cache_config.pdl = pdl
-    smg.PREFETCH_BYTES, dak.PREFETCH = (own_pf, own_kv_pf) if prefetch else (0, False)
+    if prefetch is not None:  # the prefetch this A/B was built to time (16 MiB a launch, the first K / V tile)
+        smg.PREFETCH_BYTES, dak.PREFETCH = (16 << 20, True) if prefetch else (0, False)
     try:
         with smc.install(table) if table is not None else contextlib.nullcontext():
             smc.ROUTE_MEMO.clear()  # the count below is this step's

@@ -31,8 +31,9 @@
 #   e2e_ab: the full 8B's decode rows and their variants (bench_e2e.py --tag ab): SMALL_M_TABLE, the small-M
 #         GEMM routing table to A/B against the shipped one (--small-m-table: <provider>_smallm rows; default: the
 #         H100 sweep of 14a3f4c in bench/results; SMALL_M_TABLE= turns them off), E2E_PDL=1 (the default; 0: off):
-#         --pdl rows (decode graphs captured with programmatic dependent launch) and, with a table, both together,
-#         and the table with every swept GEMM on the kernel (--small-m-everywhere: _smallall, _smallall_pdl);
+#         --pdl-ab rows (_nopdl: decode graphs captured without programmatic dependent launch, which the default
+#         KVCacheConfig has; _prefetch: with it and the L2 prefetches before its waits), and the table with every
+#         swept GEMM on the kernel (--small-m-everywhere: _smallall, _smallall_nopdl);
 #         E2E_AB_ARGS appended. One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh e2e_ab
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
 # Logs, JSON and PNG go to $OUT (or bench/results/gpu-run when OUT is unset). Multi-GPU steps need >= 2 GPUs.
@@ -106,7 +107,7 @@ onegpu_tp() {  # onegpu_tp TP K TARGET...: a TP size's tests in ONEGPU_GROUPS (1
 OUT=${OUT:-bench/results/gpu-run}; mkdir -p "$OUT"; export OUT
 SMALL_M_TABLE=${SMALL_M_TABLE-bench/results/small_m_gemm_sm90_h100_14a3f4c.json}
 [[ -z $SMALL_M_TABLE || -f $SMALL_M_TABLE ]] || { echo "SMALL_M_TABLE=$SMALL_M_TABLE: no such file"; SMALL_M_TABLE=; }
-PDL_ARG=; [[ ${E2E_PDL:-1} == 1 ]] && PDL_ARG=--pdl
+PDL_ARG=; [[ ${E2E_PDL:-1} == 1 ]] && PDL_ARG=--pdl-ab
 steps=("$@"); [[ ${#steps[@]} -gt 0 ]] || steps=(env tests async_tp fused_ar local rope decode_attn host e2e tune demo)
 ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 python3 -m pip install -q --no-deps --no-build-isolation --no-index . 2>&1 | grep -v WARNING

@@ -3,10 +3,11 @@ steps (``--steps``) of an ``bench_e2e.py`` model, the kernels' total CUDA time p
 kernels a step launches per decoder layer.
 
     torchrun --standalone --nproc-per-node=1 bench/profile_decode.py [--model 8B] [--layers 4|full] [--vocab real|N]
-        [--batch 1] [--context 1024] [--pdl] [--small-m-table PATH [--small-m-everywhere]]
+        [--batch 1] [--context 1024] [--no-pdl] [--small-m-table PATH [--small-m-everywhere]]
 
 ``--model``: a ``bench_e2e.py`` model name, shards (``70B/tp8``) included; ``--layers`` / ``--vocab`` as there;
-``--pdl`` captures the decode graphs with programmatic dependent launch (``KVCacheConfig.pdl``);
+``--no-pdl`` captures the decode graphs without programmatic dependent launch (``KVCacheConfig.pdl=False``; under
+PDL a kernel's profiled time includes its wait for the kernel before it, so per-kernel times read best without);
 ``--small-m-table`` installs a small-M GEMM routing table (``--small-m-everywhere``: every row of it routed to the
 kernel), as ``bench_e2e.py``'s variant rows do.
 Prints the table and writes it (with device, commit, versions) to ``profile_decode_tp{N}_{device}_{model}_b{B}.json``
@@ -43,7 +44,8 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--pdl", action="store_true", help="decode graphs captured with PDL (KVCacheConfig.pdl)")
+    ap.add_argument("--no-pdl", dest="pdl", action="store_false",
+                    help="decode graphs captured without PDL (KVCacheConfig.pdl=False)")
     ap.add_argument("--small-m-table", default="", help="a small-M GEMM routing table (JSON) to install")
     ap.add_argument("--small-m-everywhere", action="store_true", help="every row of that table routed to the kernel")
     args = ap.parse_args()
@@ -71,7 +73,7 @@ def main():
                         small_m_table=os.path.basename(args.small_m_table) or None,
                         small_m_everywhere=args.small_m_everywhere, **counts)
     variant = ("_smallall" if args.small_m_everywhere else "_smallm") if args.small_m_table else ""
-    tag = f"{args.model.replace('/', '-')}_b{args.batch}{variant}{'_pdl' if args.pdl else ''}"
+    tag = f"{args.model.replace('/', '-')}_b{args.batch}{variant}{'' if args.pdl else '_nopdl'}"
     common.write_json(common.result_path("profile_decode", tp=tp, tag=tag), hdr, rows)
 
 

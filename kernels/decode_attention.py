@@ -253,9 +253,10 @@ WAVES = 2  # split-kernel programs wanted per SM at small batch
 MAX_SPLITS = 16  # bf16 / fp16 caches: more splits than this cost more in the combine than the extra parallelism wins
 MAX_SPLITS_FP8 = 32  # FP8 caches: the most splits the earlier FP8 rule took at the swept points (B=1, 4096 keys)
 MIN_PARTITION = 128  # keys: the shortest partition the sweep timed (its best at B=1 x 1024 keys)
-PREFETCH = True
+PREFETCH = False
 """Under PDL the split kernel prefetches its partition's first tile of K and V into L2 before the wait
-(:func:`_prefetch_partition`); False turns it off (benchmarks A/B it)."""
+(:func:`_prefetch_partition`) when True. Off: together with the small-M GEMM's weight prefetch it did not pay on the
+full 8B (``tpfuse.kernels.small_m_gemm.PREFETCH_BYTES`` says where it was measured)."""
 
 
 class DecodeConfig(NamedTuple):

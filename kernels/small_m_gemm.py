@@ -241,10 +241,12 @@ def _split_k_reduce_kernel(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, M, 
 # launcher
 
 
-PREFETCH_BYTES = 16 << 20
-"""Weight bytes one small-M GEMM launched with PDL prefetches into L2 before its wait (:func:`prefetch_lines`): about a
-third of an H100 / H200 L2 (50 / 60 MB), so the lines stay there until the main loop reads them, and more than the
-memory system moves during one of decode's small kernels (~2-8 us at ~3 TB/s). 0 turns the prefetch off."""
+PREFETCH_BYTES = 0
+"""Weight bytes one small-M GEMM launched with PDL prefetches into L2 before its wait (:func:`prefetch_lines`; 0:
+none). Off: on the full 8B (one H100, ``bench/results/e2e_tp1_h100_ab_4dbc35c.json``) 16 MiB a launch - a third of
+the L2, more than the memory system moves during one of decode's small kernels - made the decode step 0-2.7%
+slower than no prefetch at every batch and format (rows ``_smallall_pdl`` vs ``_smallall_pdl_nopf``); kept as a
+knob for other GPUs and shapes (``16 << 20`` was the one tried)."""
 MAX_PF_LINES = 32  # 4 KB of each weight row
 MAX_PF_POINTERS = 2048  # BLOCK_N x lines: 16 int64 pointers a thread at 4 warps
 

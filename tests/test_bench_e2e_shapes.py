@@ -145,16 +145,15 @@ def test_bench_e2e_imports_and_keeps_its_defaults():
     assert bench_e2e.VOCAB == 32000
     # the decode-row variants: none by default, one per flag, and both together with both
     assert bench_e2e.variants(a) == []
-    assert bench_e2e.variants(bench_e2e.parse_args(["--pdl"])) == [("_pdl", None, True, False, True)]
-    both = bench_e2e.parse_args(["--pdl", "--small-m-table", "t.json"])
-    assert bench_e2e.variants(both) == [("_smallm", "t.json", False, False, True), ("_pdl", None, True, False, True),
-                                         ("_smallm_pdl", "t.json", True, False, True)]
-    # --small-m-everywhere: more rows with the table routing every swept GEMM (needs the table), with PDL also
-    # without the weight prefetch
-    every = bench_e2e.parse_args(["--pdl", "--small-m-table", "t.json", "--small-m-everywhere"])
-    assert bench_e2e.variants(every)[3:] == [("_smallall", "t.json", False, True, True),
-                                              ("_smallall_pdl", "t.json", True, True, True),
-                                              ("_smallall_pdl_nopf", "t.json", True, True, False)]
+    assert bench_e2e.variants(bench_e2e.parse_args(["--pdl-ab"])) == [("_nopdl", None, False, False, None),
+                                                                        ("_prefetch", None, True, False, True)]
+    both = bench_e2e.parse_args(["--pdl-ab", "--small-m-table", "t.json"])
+    assert [v[0] for v in bench_e2e.variants(both)] == ["_smallm", "_nopdl", "_prefetch"]
+    assert bench_e2e.variants(both)[0] == ("_smallm", "t.json", None, False, None)  # PDL as the model's default
+    # --small-m-everywhere: the table routing every swept GEMM (needs the table), with --pdl-ab also without PDL
+    every = bench_e2e.parse_args(["--pdl-ab", "--small-m-table", "t.json", "--small-m-everywhere"])
+    assert bench_e2e.variants(every)[3:] == [("_smallall", "t.json", None, True, None),
+                                              ("_smallall_nopdl", "t.json", False, True, None)]
     assert bench_e2e.variants(bench_e2e.parse_args(["--small-m-everywhere"])) == []
 
 

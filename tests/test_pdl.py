@@ -88,8 +88,11 @@ def test_pdl_is_wanted_only_inside_launches_on_a_cuda_device():
 def test_kv_cache_config_pdl_is_a_bool():
     from tpfuse.parallel import KVCacheConfig
 
-    KVCacheConfig(pdl=True).validate()
-    assert KVCacheConfig().pdl is False  # off until an end-to-end A/B measured it
+    KVCacheConfig(pdl=False).validate()
+    assert KVCacheConfig().pdl is True  # on since the end-to-end A/B (e2e_tp1_h100_ab_4dbc35c.json)
+    from tpfuse.kernels import decode_attention, small_m_gemm
+
+    assert small_m_gemm.PREFETCH_BYTES == 0 and decode_attention.PREFETCH is False  # the prefetches did not pay
     with pytest.raises(TPFuseInputError, match="pdl must be a bool"):
         KVCacheConfig(pdl=1).validate()
 

@@ -342,6 +342,25 @@ def test_shipped_tables_parse():
         assert not rows or table["source"]["device"], f"{name}: rows need their sweep's source"
 
 
+def test_shipped_table_is_its_sweep_retabled(tmp_path):
+    """The shipped sm90 table is exactly what ``tune_small_gemm.py --retable`` derives from the committed sweep it
+    names (its times decide each row under WIN_MARGIN; nothing hand-edited), and a near tie routes to the kernel."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+    import tune_small_gemm as tsg
+
+    with open(os.path.join(smc.TABLE_DIR, "small_m_gemm_sm90.json")) as fh:
+        shipped = json.load(fh)
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    out = tmp_path / "t.json"
+    tsg.main(["--retable", os.path.join(root, shipped["source"]["file"]), str(out)])
+    assert json.loads(out.read_text()) == shipped
+    assert shipped["win_margin"] == tsg.WIN_MARGIN
+    tie = [r for r in shipped["rows"] if (r["scheme"], r["n"], r["k"], r["m_bucket"]) == ("bf16_silu", 28672, 4096, 1)]
+    assert len(tie) == 1 and tie[0]["beats_library"] and tie[0]["kernel_us"] > 0.98 * tie[0]["library_us"]
+
+
 @pytest.mark.usefixtures("kernels", "poisoned_out")
 def test_launcher_takes_the_table_config_and_route_the_op(gen, kernels, monkeypatch):
     launches = []

@@ -234,7 +234,7 @@ def _bench_rows(rank, world, table_path):
     if not rows_in:  # the test's placeholder: this model's shapes, the kernel winning everywhere
         with open(table_path, "w") as fh:
             json.dump(_table(model, beats=True, silu=True), fh)
-    rows, args = [], argparse.Namespace(small_m_table=table_path, pdl=False, context=8, steps=2)
+    rows, args = [], argparse.Namespace(small_m_table=table_path, pdl_ab=False, context=8, steps=2)
     bench_e2e.variant_rows(model, 2, args, comm.device, rows, dict(model="tiny", mode="decode", tokens=2), "tpfuse")
     comm.close()
     return rows
