@@ -36,7 +36,9 @@ import tpfuse  # noqa: E402
 from tpfuse.parallel import KVCacheConfig  # noqa: E402
 
 
-def main():
+def parse_args(argv=None):
+    """The command line, ``--layers`` resolved to a count and ``--vocab`` to a size (the real vocab for
+    ``--layers full``, resolved before the layers become a count)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="8B", help=f"one of {sorted(em.SHAPES)}, or a shard <model>/tp<N>")
     ap.add_argument("--layers", type=bench_e2e._layers_arg, default=4, help="an int or full")
@@ -48,11 +50,16 @@ def main():
                     help="decode graphs captured without PDL (KVCacheConfig.pdl=False)")
     ap.add_argument("--small-m-table", default="", help="a small-M GEMM routing table (JSON) to install")
     ap.add_argument("--small-m-everywhere", action="store_true", help="every row of that table routed to the kernel")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.layers == "fit":
         ap.error("--layers fit is bench_e2e.py's; give a count or full")
-    args.layers = em.resolve_layers(args.layers, args.model)
     args.vocab = em.resolve_vocab(args.vocab, args.layers, args.model)
+    args.layers = em.resolve_layers(args.layers, args.model)
+    return args
+
+
+def main():
+    args = parse_args()
     with common.rank_context() as ranks:
         rows = profile(args, ranks.device)
         tp, rank = ranks.world, ranks.rank

@@ -34,8 +34,8 @@ memory system mostly idle). The addresses may come from loads before the wait on
 kernels back (the step's lengths and block tables): the kernel right before this one was scheduled only once all of
 *its* programs had passed their own wait, so every kernel before that one is complete.
 
-When: only while :func:`launches` is active - the model runtime's decode-graph capture with
-``KVCacheConfig(pdl=True)`` - and on an NVIDIA device of compute capability 9.0 or later (:func:`wanted`; never on
+When: only while :func:`launches` is active - the model runtime's decode-graph capture with ``KVCacheConfig.pdl``
+(the default) - and on an NVIDIA device of compute capability 9.0 or later (:func:`wanted`; never on
 ROCm). The module imports Triton only for the device helper :func:`enter`, and works without it (the launch-side
 functions need only torch).
 """

@@ -19,3 +19,15 @@ def test_profile_kernel_counts_per_layer():
     assert counts == dict(kernels_per_step=22.0, kernels_per_layer=5.5, layer_kernels_per_layer=5.0,
                           other_kernels_per_step=2.0, copies_per_step=3.0)
     assert [r["calls_per_layer"] for r in rows] == [4.0, 1.0, 0.25, 0.25, 0.75]
+
+
+def test_layers_full_profiles_the_real_vocab():
+    """``--layers full`` profiles the model the e2e rows time: all its layers and its real vocabulary (the
+    profiles of 1af4e65 / 73f3e7a resolved the layers first and got the 32000-token default)."""
+    import e2e_models as em
+    import profile_decode
+
+    full = profile_decode.parse_args(["--model", "8B", "--layers", "full"])
+    assert full.layers == em.REAL["8B"][0] and full.vocab == em.REAL["8B"][1] == 128256
+    assert profile_decode.parse_args(["--layers", "4"]).vocab == em.VOCAB
+    assert profile_decode.parse_args(["--layers", "full", "--vocab", "1000"]).vocab == 1000
