@@ -137,10 +137,13 @@ def parse_args(argv=None):
                     "without programmatic dependent launch, KVCacheConfig.pdl=False) and <provider>_prefetch (with PDL "
                     "and the L2 prefetches before its waits)")
     ap.add_argument("--small-m-everywhere", action="store_true",
-                    help="with --small-m-table: adds <provider>_smallall rows (and _smallall_nopdl with --pdl-ab), that "
-                    "table with every row routed to the kernel (its tuned config) whether or not it beat the library "
-                    "alone: the kernel's end-to-end worth where PDL can chain it")
-    return ap.parse_args(argv)
+                    help="with --small-m-table: adds <provider>_smallall rows (and _smallall_nopdl with --pdl-ab), "
+                    "that table with every row routed to the kernel (its tuned config) whether or not it beat the "
+                    "library alone: the kernel's end-to-end worth where PDL can chain it")
+    args = ap.parse_args(argv)
+    if args.small_m_everywhere and not args.small_m_table:
+        ap.error("--small-m-everywhere needs --small-m-table (the table whose rows it routes)")
+    return args
 
 
 def decode_bytes(model, batch: int, context: int) -> int:
@@ -301,9 +304,10 @@ def variants(args) -> list:
     """``(suffix, table path or None, pdl, everywhere, prefetch)`` of the decode-row variants the run asks for
     (``pdl`` / ``prefetch`` None: the defaults, ``KVCacheConfig.pdl`` and no L2 prefetch): ``_smallm``
     (``--small-m-table``: that table installed), ``_nopdl`` (``--pdl-ab``: graphs captured without PDL) and
-    ``_prefetch`` (``--pdl-ab``: with PDL and the L2 prefetches before its waits, 16 MiB of weights a small-M
-    GEMM launch and the decode attention's first K / V tile); with ``--small-m-everywhere`` also ``_smallall``
-    (the table with every row routed to the kernel; with ``--pdl-ab`` also ``_smallall_nopdl``)."""
+    ``_prefetch`` (``--pdl-ab``: with PDL and the L2 prefetches before its waits,
+    ``small_m_gemm.PREFETCH_BYTES_TRIED`` of weights a launch and the decode attention's first K / V tile); with
+    ``--small-m-everywhere`` also ``_smallall`` (the table with every row routed to the kernel; with ``--pdl-ab``
+    also ``_smallall_nopdl``)."""
     table = getattr(args, "small_m_table", "") or None
     ab = bool(getattr(args, "pdl_ab", False))
     every = bool(table and getattr(args, "small_m_everywhere", False))
@@ -350,8 +354,8 @@ def variant_row(model, batch, args, dev, rows, base, provider, table_path, pdl=N
     own_pf, own_kv_pf = smg.PREFETCH_BYTES, dak.PREFETCH
     pdl = own_pdl if pdl is None else pdl
     st.cache_config.pdl = pdl
-    if prefetch is not None:  # the prefetch this A/B was built to time (16 MiB a launch, the first K / V tile)
-        smg.PREFETCH_BYTES, dak.PREFETCH = (16 << 20, True) if prefetch else (0, False)
+    if prefetch is not None:  # the prefetch this A/B was built to time (the budget tried, the first K / V tile)
+        smg.PREFETCH_BYTES, dak.PREFETCH = (smg.PREFETCH_BYTES_TRIED, True) if prefetch else (0, False)
     try:
         with smc.install(table) if table is not None else contextlib.nullcontext():
             smc.ROUTE_MEMO.clear()  # the count below is this step's

@@ -30,7 +30,8 @@
 #         tpfuse/thresholds/ to ship it). One call: TPFUSE_COMMIT=<sha> LIMIT_small_gemm=200 bash bench/gpu_run.sh small_gemm
 #   e2e_ab: the full 8B's decode rows and their variants (bench_e2e.py --tag ab): SMALL_M_TABLE, the small-M
 #         GEMM routing table to A/B against the shipped one (--small-m-table: <provider>_smallm rows; default: the
-#         H100 sweep of 14a3f4c in bench/results; SMALL_M_TABLE= turns them off), E2E_PDL=1 (the default; 0: off):
+#         H100 sweep of 14a3f4c in bench/results as written then, at the old 2% margin: the shipped table is the
+#         same sweep at WIN_MARGIN 1.0; SMALL_M_TABLE= turns them off), E2E_PDL=1 (the default; 0: off):
 #         --pdl-ab rows (_nopdl: decode graphs captured without programmatic dependent launch, which the default
 #         KVCacheConfig has; _prefetch: with it and the L2 prefetches before its waits), and the table with every
 #         swept GEMM on the kernel (--small-m-everywhere: _smallall, _smallall_nopdl);

@@ -51,6 +51,8 @@ def parse_args(argv=None):
     ap.add_argument("--small-m-table", default="", help="a small-M GEMM routing table (JSON) to install")
     ap.add_argument("--small-m-everywhere", action="store_true", help="every row of that table routed to the kernel")
     args = ap.parse_args(argv)
+    if args.small_m_everywhere and not args.small_m_table:
+        ap.error("--small-m-everywhere needs --small-m-table (the table whose rows it routes)")
     if args.layers == "fit":
         ap.error("--layers fit is bench_e2e.py's; give a count or full")
     args.vocab = em.resolve_vocab(args.vocab, args.layers, args.model)

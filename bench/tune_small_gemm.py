@@ -17,8 +17,9 @@ median per call (``common.time_us``): launch overhead is excluded alike for the 
 point times the tile candidates (:data:`TILES`) with the split-K of the default rule, then split-K variants of the
 best tile, then re-times the winner and the library once more (best of both runs each). A candidate whose output
 is farther than the bf16 budget from an fp32 GEMM of the same operands (``tpfuse.tolerance``) is dropped and
-reported. The kernel "beats the library" where it is faster at all (:data:`WIN_MARGIN`). Achieved bandwidth: (weight + x +
-output bytes) / time, against a device-to-device copy ((read + write bytes) / time) measured in the same run.
+reported. The kernel "beats the library" where it is faster at all (:data:`WIN_MARGIN`). Achieved bandwidth:
+(weight + x + output bytes) / time, against a device-to-device copy ((read + write bytes) / time) measured in the
+same run.
 
 Compilation: the distinct kernel variants (scheme x BLOCK_M x tile x split or not) are compiled first by a pool of
 worker processes (``--precompile-workers``), which fills Triton's on-disk cache for the timing process.
@@ -55,10 +56,11 @@ from tpfuse.tolerance import REL_ERR, REL_ERR_FP8, rel_err  # noqa: E402
 
 WIN_MARGIN = 1.0
 """The kernel routes where ``kernel_us < WIN_MARGIN * library_us``. It was 0.98 (a noise guard, not measured); the
-end-to-end A/B ``bench/results/e2e_tp1_h100_ab_4dbc35c.json`` (one H100, full 8B) showed that the near ties it
-kept on the library (8B gate-up + SiLU*mul at M = 1, 0.989; qkv at M = 8, 0.999) are worth routing: the step with
-them on the kernel took 0.985x / 0.998x the time at batch 1 / 8 (0.964x / 0.991x with PDL, which chains the kernel
-with its neighbours), as the fused SiLU*mul drops a kernel. ``--retable`` re-derives a committed sweep's table."""
+end-to-end A/B ``bench/results/e2e_tp1_h100_ab_4dbc35c.json`` (one H100, full 8B, without PDL) showed that the
+near ties it kept on the library (8B gate-up + SiLU*mul at M = 1, 0.989; qkv at M = 8, 0.999) are worth routing:
+the step with them on the kernel took 0.985x / 0.998x the time at batch 1 / 8, as the fused SiLU*mul drops a
+kernel. At 1.0 the H100 sweep routes 235 of 420 rows (was 185); some of the 50 added are within timing noise, and
+only the 8B at TP 1 was timed end to end. ``--retable`` re-derives a committed sweep's table."""
 # model -> (hidden, q heads, kv heads, head_dim, intermediate, TP sizes)
 MODELS = {"8B": (4096, 32, 8, 128, 14336, (1, 2)), "70B": (8192, 64, 8, 128, 28672, (4, 8)),
           "32B": (5120, 64, 8, 128, 25600, (1, 2))}

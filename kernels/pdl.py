@@ -14,7 +14,8 @@ its split-K reduce):
   once every program of this one has passed its wait). Nothing is written before the wait, and nothing is read but
   the prefetches' addresses: inputs may come from the previous kernel, and outputs
   may reuse memory the previous kernel still reads (the caching allocator hands freed blocks out at once), so
-  correctness never depends on where the trigger sits;
+  correctness never depends on where the trigger sits, as long as it follows the wait (every kernel launched with
+  PDL must trigger only after its wait: the argument below needs it of the kernel before each one);
 * the two kernels that stream most bytes (the small-M GEMM, the decode attention's split kernel) instead wait first
   (:func:`wait`) and let the next grid launch only after their main loop (:func:`trigger`): the next kernel's
   programs, and the L2 prefetches they issue before their own wait, then do not take SM slots and L2 from a kernel
@@ -31,13 +32,17 @@ L2, which is the GPU's point of coherence (every SM's loads and stores meet ther
 load see stale data; what it buys is that the weight bytes a GEMM streams start arriving while the previous kernel
 still runs (the small-M GEMM's ``PF_LINES``, the decode attention's ``PF_KEYS``: decode's small kernels leave the
 memory system mostly idle). The addresses may come from loads before the wait only of data written two or more
-kernels back (the step's lengths and block tables): the kernel right before this one was scheduled only once all of
-*its* programs had passed their own wait, so every kernel before that one is complete.
+kernels back (the step's lengths and block tables): this kernel is scheduled only once every program of the kernel
+before it has triggered or exited, which each does after its own wait, so every kernel before that one is
+complete. ``tests/test_sm90_compile.py`` checks the order in the PTX of every PDL variant: the first
+``griddepcontrol.wait`` comes before any global store or atomic and before ``griddepcontrol.launch_dependents``.
 
 When: only while :func:`launches` is active - the model runtime's decode-graph capture with ``KVCacheConfig.pdl``
-(the default) - and on an NVIDIA device of compute capability 9.0 or later (:func:`wanted`; never on
-ROCm). The module imports Triton only for the device helper :func:`enter`, and works without it (the launch-side
-functions need only torch).
+(the default) - on an NVIDIA device of compute capability 9.0 or later, with a stack that has it (:func:`wanted`:
+Triton's ``gdc_wait`` / ``gdc_launch_dependents`` and a CUDA runtime >= 12.3, whose stream capture records the
+programmatic edges; never on ROCm); elsewhere the same graphs are captured without it. The module imports Triton
+only for the device helpers (:func:`enter`, :func:`wait`, :func:`trigger`, :func:`prefetch_l2`), and works without
+it (the launch-side functions need only torch).
 """
 
 from __future__ import annotations
@@ -60,14 +65,31 @@ def launches(on: bool = True):
         _ON[0] = old
 
 
+MIN_CUDA = (12, 3)  # stream capture turns PDL launches into programmatic graph edges from CUDA 12.3 on
+
+
+def stack_has_pdl() -> bool:
+    """Whether this torch / Triton build can launch and capture PDL kernels: an NVIDIA build (not ROCm) of CUDA >=
+    :data:`MIN_CUDA`, and a Triton with the ``griddepcontrol`` intrinsics (3.3 and later; older Triton, which
+    torch >= 2.6 still allows, has neither them nor ``launch_pdl``)."""
+    if torch.version.hip is not None or not torch.version.cuda or triton is None:
+        return False
+    try:
+        cuda = tuple(int(v) for v in torch.version.cuda.split(".")[:2])
+    except ValueError:
+        return False
+    return cuda >= MIN_CUDA and all(hasattr(tl.extra.cuda, f) for f in ("gdc_wait", "gdc_launch_dependents"))
+
+
 @functools.lru_cache(maxsize=None)
 def _has_pdl(index: int) -> bool:
-    return torch.version.hip is None and torch.cuda.get_device_capability(index) >= (9, 0)
+    return stack_has_pdl() and torch.cuda.get_device_capability(index) >= (9, 0)
 
 
 def wanted(t: torch.Tensor) -> bool:
     """Whether a kernel writing ``t`` launches with PDL now: inside :func:`launches`, on an NVIDIA device of compute
-    capability >= 9.0 (never on CPU, so the Triton interpreter never sees it; never on ROCm)."""
+    capability >= 9.0 whose stack has it (:func:`stack_has_pdl`; never on CPU, so the Triton interpreter never sees
+    it; never on ROCm)."""
     return _ON[0] and t.is_cuda and _has_pdl(t.device.index if t.device.index is not None else
                                               torch.cuda.current_device())
 

@@ -241,12 +241,14 @@ def _split_k_reduce_kernel(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, M, 
 # launcher
 
 
+PREFETCH_BYTES_TRIED = 16 << 20
+"""The one prefetch budget timed end to end (:data:`PREFETCH_BYTES`); the benchmarks' prefetch rows use it."""
 PREFETCH_BYTES = 0
 """Weight bytes one small-M GEMM launched with PDL prefetches into L2 before its wait (:func:`prefetch_lines`; 0:
-none). Off: on the full 8B (one H100, ``bench/results/e2e_tp1_h100_ab_4dbc35c.json``) 16 MiB a launch - a third of
-the L2, more than the memory system moves during one of decode's small kernels - made the decode step 0-2.7%
-slower than no prefetch at every batch and format (rows ``_smallall_pdl`` vs ``_smallall_pdl_nopf``); kept as a
-knob for other GPUs and shapes (``16 << 20`` was the one tried)."""
+none). Off: on the full 8B (one H100, ``bench/results/e2e_tp1_h100_ab_4dbc35c.json``) :data:`PREFETCH_BYTES_TRIED`
+a launch (a third of the L2) with the decode attention's prefetch made the decode step 0.1-3.1% slower than
+neither at every batch and format (rows ``_smallall_pdl`` vs ``_smallall_pdl_nopf``); a knob for other GPUs and
+shapes."""
 MAX_PF_LINES = 32  # 4 KB of each weight row
 MAX_PF_POINTERS = 2048  # BLOCK_N x lines: 16 int64 pointers a thread at 4 warps
 

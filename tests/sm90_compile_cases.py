@@ -22,6 +22,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from ptx_checks import pdl_order_problem  # noqa: E402
 from tpfuse.kernels import (add_rmsnorm, decode_attention, fused_allreduce, quantize, reduce_slots,  # noqa: E402
                             rope, silu_mul, small_m_gemm)
 
@@ -197,7 +198,7 @@ def small_m_gemm_cases():
             yield (f"small_m_gemm reduce {name} m{bm}", small_m_gemm._split_k_reduce_kernel, ptrs,
                    dict(**epi, BLOCK_M=bm, BLOCK_N=small_m_gemm.REDUCE_BLOCK_N), 4, True, 1, nospec)
         if name in ("bf16", "fp8 tensor silu q8 split"):  # PDL with the weight prefetch before the wait
-            lines = 16  # prefetch_lines() of the 8B qkv at PREFETCH_BYTES = 16 MiB (the budget that was timed)
+            lines = 16  # prefetch_lines() of the 8B qkv at small_m_gemm.PREFETCH_BYTES_TRIED (16 MiB)
             yield (f"small_m_gemm {name} m{bm} n{bn} k{bk} pdl prefetch{lines}", small_m_gemm._small_m_gemm_kernel,
                    ptrs, dict(X_FP8=x_t == fp8, W_FP8=w_t == fp8, **epi, PARTIAL=part, EVEN_K=even, BLOCK_M=bm,
                               BLOCK_N=bn, BLOCK_K=bk, PDL=True, PF_LINES=lines), warps, True, stages, nospec)
@@ -271,6 +272,9 @@ def main() -> int:
             if hashes:
                 prints[name] = ptx_hash(k)
             print(f"ok   {name}" + (f"  ptx {prints[name]}" if hashes else ""), flush=True)
+            if const.get("PDL"):
+                problem = pdl_order_problem(k.asm["ptx"], may_load=const.get("PF_KEYS", 0) > 0)
+                print(f"pdl-order {'BAD ' + problem if problem else 'ok'}  {name}", flush=True)
         except Exception:  # noqa: BLE001 - report every failing case
             failed += 1
             print(f"FAIL {name}\n{traceback.format_exc()[-3000:]}", flush=True)

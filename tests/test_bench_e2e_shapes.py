@@ -143,7 +143,7 @@ def test_bench_e2e_imports_and_keeps_its_defaults():
     with pytest.raises(SystemExit):
         bench_e2e.parse_args(["--layers", "most"])
     assert bench_e2e.VOCAB == 32000
-    # the decode-row variants: none by default, one per flag, and both together with both
+    # the decode-row variants: none by default, those of each flag, and --small-m-everywhere only with a table
     assert bench_e2e.variants(a) == []
     assert bench_e2e.variants(bench_e2e.parse_args(["--pdl-ab"])) == [("_nopdl", None, False, False, None),
                                                                         ("_prefetch", None, True, False, True)]
@@ -154,7 +154,8 @@ def test_bench_e2e_imports_and_keeps_its_defaults():
     every = bench_e2e.parse_args(["--pdl-ab", "--small-m-table", "t.json", "--small-m-everywhere"])
     assert bench_e2e.variants(every)[3:] == [("_smallall", "t.json", None, True, None),
                                               ("_smallall_nopdl", "t.json", False, True, None)]
-    assert bench_e2e.variants(bench_e2e.parse_args(["--small-m-everywhere"])) == []
+    with pytest.raises(SystemExit):
+        bench_e2e.parse_args(["--small-m-everywhere"])
 
 
 def test_small_m_everywhere_routes_every_swept_row(tmp_path):

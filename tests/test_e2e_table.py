@@ -59,11 +59,12 @@ def test_model_table(tmp_path):
     assert "| 8B | 64 | 64x1072: 9.00 | 9.09 | 9.18 | — | 2.0% |" in lines
     assert "- skipped: 8B 512x32768: needs 300 GiB" in lines
     assert "floor at the measured copy bandwidth 3.0 TB/s (the faster of graph 2.4, events 3.0)" in lines[0]
-    # the A/Bs of --small-m-table / --pdl (a run from before PDL was the default): their rows stay out of the model table; per provider and batch the
-    # variant's step over the base step
+    # the A/Bs of --small-m-table / --pdl (a run from before PDL was the default): their rows stay out of the model
+    # table; per provider and batch the variant's step over the base step
     assert "Decode step under each variant over the same step without it (small-M table: sweep.json):" in lines
     assert ("| model | batch | provider | small-M table: with / without | PDL: with / without "
-            "| small-M table + PDL: with / without | GEMM calls routed (small-M table / small-M table + PDL) |") in lines
+            "| small-M table + PDL: with / without "
+            "| GEMM calls routed (small-M table / small-M table + PDL) |") in lines
     assert "| 8B | 1 | bf16 | 0.95 | 0.90 | 0.85 | 8 / 8 |" in lines
     assert "| 8B | 1 | FP8 | 0.90 | — | — | 8 |" in lines
     assert "| 8B | 64 | bf16 | 1.05 | — | — | 3 |" in lines

@@ -85,6 +85,25 @@ def test_pdl_is_wanted_only_inside_launches_on_a_cuda_device():
     assert pdl.launch_options(True) == {"launch_pdl": True} and pdl.launch_options(False) == {}
 
 
+def test_pdl_needs_a_stack_that_has_it(monkeypatch):
+    """PDL is on by default, so a stack without it must turn it off, not fail at capture: ROCm, a CUDA runtime
+    before 12.3, a CPU-only build or a Triton without the griddepcontrol intrinsics."""
+    from tpfuse.kernels import pdl
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    assert pdl.stack_has_pdl()  # Triton 3.6 (the test pin) has gdc_wait / gdc_launch_dependents
+    for cuda in ("12.2", "11.8", None, "unknown"):
+        monkeypatch.setattr(torch.version, "cuda", cuda)
+        assert not pdl.stack_has_pdl(), cuda
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert not pdl.stack_has_pdl()
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.delattr(pdl.tl.extra.cuda, "gdc_wait")  # a Triton before 3.3
+    assert not pdl.stack_has_pdl()
+
+
 def test_kv_cache_config_pdl_is_a_bool():
     from tpfuse.parallel import KVCacheConfig
 

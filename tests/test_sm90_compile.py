@@ -68,3 +68,26 @@ def test_ptx_matches_the_recorded_fingerprints(compiled):
         "sm_90 PTX differs from the recorded fingerprints (GPU-tested, or pending a GPU run):\n"
         + "".join(f"  changed: {n}\n" for n in changed) + "".join(f"  no longer compiled: {n}\n" for n in missing)
         + "".join(f"  not recorded: {n}\n" for n in new) + f"{FINGERPRINTS}: {header}")
+
+
+def test_pdl_variants_wait_before_they_touch_global_memory(compiled):
+    """kernels/pdl.py's contract in the PTX of every PDL variant: nothing stored, loaded (but prefetch addresses)
+    or triggered before the first griddepcontrol.wait."""
+    lines = [ln for ln in compiled.stdout.splitlines() if ln.startswith("pdl-order ")]
+    assert len(lines) >= 9, compiled.stdout[-4000:]
+    assert not [ln for ln in lines if " BAD " in ln or ln.startswith("pdl-order BAD")], lines
+
+
+def test_pdl_order_check_catches_what_it_should():
+    sys.path.insert(0, HERE)
+    from ptx_checks import pdl_order_problem
+
+    ok = "st.shared.b32 [%r1], %r2;\n{ .reg .pred p; @p prefetch.global.L2 [%rd2]; }\ngriddepcontrol.wait;\n" \
+         "griddepcontrol.launch_dependents;\nst.global.b32 [%rd1], %r1;"
+    assert pdl_order_problem(ok, may_load=False) == ""
+    assert "ld.global" in pdl_order_problem("ld.global.b32 %r1, [%rd1];\ngriddepcontrol.wait;", may_load=False)
+    assert pdl_order_problem("ld.global.b32 %r1, [%rd1];\ngriddepcontrol.wait;", may_load=True) == ""
+    assert "st.global" in pdl_order_problem("@%p1 st.global.b32 [%rd1], %r1;\ngriddepcontrol.wait;", True)
+    assert "launch_dependents" in pdl_order_problem("griddepcontrol.launch_dependents;\ngriddepcontrol.wait;", True)
+    assert "cp.async" in pdl_order_problem("cp.async.cg.shared.global [%r1], [%rd1], 16;\ngriddepcontrol.wait;", True)
+    assert pdl_order_problem("st.global.b32 [%rd1], %r1;", True) == "no griddepcontrol.wait"

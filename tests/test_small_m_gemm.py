@@ -342,12 +342,10 @@ def test_shipped_tables_parse():
         assert not rows or table["source"]["device"], f"{name}: rows need their sweep's source"
 
 
-def test_shipped_table_is_its_sweep_retabled(tmp_path):
+def test_shipped_table_is_its_sweep_retabled(tmp_path, monkeypatch):
     """The shipped sm90 table is exactly what ``tune_small_gemm.py --retable`` derives from the committed sweep it
     names (its times decide each row under WIN_MARGIN; nothing hand-edited), and a near tie routes to the kernel."""
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
     import tune_small_gemm as tsg
 
     with open(os.path.join(smc.TABLE_DIR, "small_m_gemm_sm90.json")) as fh:

@@ -121,8 +121,8 @@ def capacity_table(rows) -> list:
 
 
 def variant_table(rows) -> list:
-    """Markdown lines: per model, batch and provider, its step under each variant the run has (small-M routing
-    table, PDL, both) over its step without (below 1: the variant is faster), and the GEMM calls the table routed
+    """Markdown lines: per model, batch and provider, its step under each variant the run has
+    (:data:`VARIANTS`: small-M routing table, PDL or not, ...) over its step without (below 1: the variant is faster), and the GEMM calls the table routed
     in each variant that has the table; ``[]`` without variant rows."""
     var = [r for r in rows if r.get("mode") == "decode" and _variant(r["provider"])[1]]
     if not var:

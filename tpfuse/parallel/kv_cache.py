@@ -63,10 +63,13 @@ class KVCacheConfig:
     """Capture the decode graphs with programmatic dependent launch (sm_90 and later; ignored elsewhere): tpfuse's
     local Triton kernels in the step (norms, SiLU*mul, quantize, RoPE, decode attention, small-M GEMM) may be
     scheduled while the kernel before them finishes, hiding their launch behind its tail; the fused all-reduce,
-    cuBLAS and torch kernels launch as always (:mod:`tpfuse.kernels.pdl`). On by default: with the small-M GEMM
-    routed by the shipped table it made the full 8B's decode step 0.96-0.99x as long in bf16 and 0.94-0.99x in FP8
-    at batch 1 / 8 / 64 (``bench/results/e2e_tp1_h100_ab_4dbc35c.json``, one H100, rows ``_smallall_pdl_nopf``
-    over ``tpfuse``); False captures without it."""
+    cuBLAS and torch kernels launch as always (:mod:`tpfuse.kernels.pdl`). On by default: on the full 8B (one
+    H100, ``bench/results/e2e_tp1_h100_ab_4dbc35c.json``), with every GEMM on the small-M kernel as the shipped
+    table now routes them at batch 1 / 8, the decode step took 0.96 / 0.99x as long in bf16 and 0.94 / 0.98x in
+    per-channel FP8 (rows ``_smallall_pdl_nopf`` over the base rows without PDL); at batch 64 PDL alone took 0.99x
+    (bf16, FP8) and 1.00x (static FP8). Where the step's GEMMs stay on cuBLAS it pays less or costs: bf16 at batch
+    8 with the old routes took 1.02x. Only on stacks that have it (:func:`tpfuse.kernels.pdl.stack_has_pdl`);
+    False captures without it."""
 
     def validate(self) -> None:
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
