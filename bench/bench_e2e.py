@@ -65,7 +65,8 @@ Providers (every one is the model a user runs, called with Hugging Face argument
   beat the library alone - each ``tpfuse`` / ``tpfuse_fp8`` / ``tpfuse_fp8_static`` decode row again, right after
   it, with the graphs captured under that variant: the A/Bs that decide whether a sweep's table ships
   (``tpfuse/thresholds/``) and what PDL's default is. Rows carry ``routed`` (distinct GEMM calls sent to the
-  small-M kernel), ``table``, ``everywhere``, ``pdl`` and ``prefetch_bytes``.
+  small-M kernel), ``table``, ``everywhere``, ``pdl`` (asked for and available on this GPU and stack) and
+  ``prefetch_bytes``.
 
 Decode: a batch of ``B`` random prompts of ``--context`` tokens is prefilled, then ``--steps`` decode steps (one
 token per sequence) are timed as a user sees them: host wall time between two device syncs over all steps, per step
@@ -346,6 +347,7 @@ def variant_row(model, batch, args, dev, rows, base, provider, table_path, pdl=N
 
     from tpfuse.kernels import small_m_configs as smc
     from tpfuse.kernels import decode_attention as dak
+    from tpfuse.kernels import pdl as pdl_launch
     from tpfuse.kernels import small_m_gemm as smg
 
     table = load_table(table_path, everywhere) if table_path else None
@@ -360,7 +362,7 @@ def variant_row(model, batch, args, dev, rows, base, provider, table_path, pdl=N
         with smc.install(table) if table is not None else contextlib.nullcontext():
             smc.ROUTE_MEMO.clear()  # the count below is this step's
             r = _measure(rows, base, provider, lambda: tpfuse_decode_us(model, batch, args.context, args.steps, dev),
-                         dev, lambda: dict(last_mode=st.last_mode, pdl=pdl,
+                         dev, lambda: dict(last_mode=st.last_mode, pdl=pdl and pdl_launch.available(dev),
                                            routed=sum(isinstance(v, smc.GemmConfig) for v in smc.ROUTE_MEMO.values()),
                                            table=os.path.basename(table_path) if table_path else "shipped",
                                            everywhere=everywhere, prefetch_bytes=smg.PREFETCH_BYTES if pdl else 0))

@@ -62,9 +62,12 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
+    from tpfuse.kernels import pdl
+
     with common.rank_context() as ranks:
         rows = profile(args, ranks.device)
         tp, rank = ranks.world, ranks.rank
+        pdl_available = pdl.available(ranks.device)  # the header says whether PDL really ran
     if rank != 0:  # every rank profiled its own kernels; rank 0's are the table
         return
     total = sum(r["us_per_step"] for r in rows)
@@ -78,7 +81,8 @@ def main():
         print(f"{r['us_per_step']:9.1f} us  {r['calls_per_step']:5.1f}x  {r['calls_per_layer']:5.2f}/layer  "
               f"{r['kernel']}")
     hdr = common.header("profile_decode", model=args.model, batch=args.batch, context=args.context,
-                        layers=args.layers, vocab=args.vocab, kernel_us_per_step=round(total, 1), pdl=args.pdl,
+                        layers=args.layers, vocab=args.vocab, kernel_us_per_step=round(total, 1),
+                        pdl=args.pdl and pdl_available,
                         small_m_table=os.path.basename(args.small_m_table) or None,
                         small_m_everywhere=args.small_m_everywhere, **counts)
     variant = ("_smallall" if args.small_m_everywhere else "_smallm") if args.small_m_table else ""

@@ -86,6 +86,13 @@ def _has_pdl(index: int) -> bool:
     return stack_has_pdl() and torch.cuda.get_device_capability(index) >= (9, 0)
 
 
+def available(device: torch.device) -> bool:
+    """Whether PDL launches happen on ``device`` inside :func:`launches` (what benchmarks record next to the
+    setting they asked for: an A100, ROCm or an old stack captures without it)."""
+    return device.type == "cuda" and _has_pdl(device.index if device.index is not None else
+                                              torch.cuda.current_device())
+
+
 def wanted(t: torch.Tensor) -> bool:
     """Whether a kernel writing ``t`` launches with PDL now: inside :func:`launches`, on an NVIDIA device of compute
     capability >= 9.0 whose stack has it (:func:`stack_has_pdl`; never on CPU, so the Triton interpreter never sees

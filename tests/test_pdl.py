@@ -130,3 +130,13 @@ def test_small_m_gemm_prefetch_lines_follow_the_budget(monkeypatch):
     assert smg.prefetch_lines(1 << 20, 4096, 1, 2, 64) == 0  # under one line a row
     monkeypatch.setattr(smg, "PREFETCH_BYTES", 0)
     assert smg.prefetch_lines(6144, 4096, 1, 2, 32) == 0
+
+
+def test_available_says_whether_pdl_runs_on_a_device(monkeypatch):
+    """What the benchmarks record beside the PDL they asked for: never on CPU; on CUDA where the device and stack
+    have it."""
+    from tpfuse.kernels import pdl
+
+    assert not pdl.available(torch.device("cpu"))
+    monkeypatch.setattr(pdl, "_has_pdl", lambda index: index == 0)
+    assert pdl.available(torch.device("cuda", 0)) and not pdl.available(torch.device("cuda", 1))

@@ -236,8 +236,11 @@ def _bench_rows(rank, world, table_path):
             json.dump(_table(model, beats=True, silu=True), fh)
     rows, args = [], argparse.Namespace(small_m_table=table_path, pdl_ab=False, context=8, steps=2)
     bench_e2e.variant_rows(model, 2, args, comm.device, rows, dict(model="tiny", mode="decode", tokens=2), "tpfuse")
+    from tpfuse.kernels import pdl
+
+    available = pdl.available(comm.device)
     comm.close()
-    return rows
+    return rows, available
 
 
 @pytest.mark.parametrize("winning", [True, False])
@@ -255,9 +258,10 @@ def test_bench_e2e_small_m_rows_route_by_the_given_table(tmp_path, winning):
             r["beats_library"] = False
         with open(path, "w") as fh:
             json.dump(table, fh)
-    (row,) = run_on_ranks(_bench_rows, 1, path)[0]
+    (row,), available = run_on_ranks(_bench_rows, 1, path)[0]
     assert row["provider"] == "tpfuse_smallm" and row["table"] == "table.json" and "error" not in row, row
-    assert row["pdl"] is True  # the model's own KVCacheConfig.pdl (the default): _smallm changes the table only
+    # the model's own KVCacheConfig.pdl (the default: _smallm changes the table only), where this device has it
+    assert row["pdl"] is available
     assert row["us"] > 0
     # distinct calls at M = 2 (the step) and M = 16 (the prefill of 2 x 8 tokens): qkv and the fused gate-up +
     # SiLU*mul (both 256 x 64, told apart by the epilogue) and o / down (both 64 x 128: one key)
