@@ -19,16 +19,19 @@ are derived on the device (:func:`~tpfuse.parallel.batch.decode_meta`), so a rep
 and no sync. The
 graphs share one memory pool; the collectives inside them are the communicator's graph-safe kernels, captured in
 the same order on every rank (every rank runs the same steps). The logits buffer is overwritten by the next replay:
-:meth:`DecodeGraphs.run` returns a copy. With ``KVCacheConfig.pdl`` the warm-up and the capture run inside
-:func:`tpfuse.kernels.pdl.launches`: tpfuse's Triton kernels are captured with programmatic dependent launch.
+:meth:`DecodeGraphs.run` returns a copy. With ``KVCacheConfig.pdl`` (the default) the warm-up and the capture run
+inside :func:`tpfuse.kernels.pdl.launches`: tpfuse's Triton kernels are captured with programmatic dependent launch;
+if that capture raises, the bucket is captured again without it (a warning says why) and so are later buckets.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from ..errors import TPFuseError
 from .batch import StepMeta, decode_meta
 
 
@@ -43,9 +46,20 @@ class _BucketGraph:
         self.rows = torch.full((bucket,), storage.max_batch, dtype=torch.int64, device=dev)
         self.tables = storage.block_tables.index_select(0, self.rows)
         self.active = 0
+        self.pdl = pdl
         from ..kernels import pdl as pdl_launch  # imports Triton: only once a graph is captured
 
-        with pdl_launch.launches(pdl):
+        try:
+            with pdl_launch.launches(pdl):
+                self._capture(pool)
+        except RuntimeError as e:
+            if not pdl or isinstance(e, TPFuseError):  # tpfuse's own errors (a peer, a misuse) are not PDL's
+                raise
+            # PDL is on by default: a driver / stack that cannot capture it must cost the speed-up, not the decode;
+            # every rank runs the same stack, so at TP > 1 all of them take this path and capture again alike
+            warnings.warn(f"tpfuse: capturing the decode graph with programmatic dependent launch failed ({e}); "
+                          f"captured without it (KVCacheConfig(pdl=False) skips the attempt)", stacklevel=3)
+            self.pdl = False
             self._capture(pool)
 
     def _body(self) -> torch.Tensor:
@@ -97,4 +111,5 @@ class DecodeGraphs:
         g = self.graphs.get(key)
         if g is None:
             g = self.graphs[key] = _BucketGraph(*key, self.storage, self.step, self.pool, self.pdl)
+            self.pdl = g.pdl  # a failed PDL capture is not tried again for the other buckets
         return g.run(ids, cache_pos, rope_pos)
