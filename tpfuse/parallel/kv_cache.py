@@ -66,9 +66,9 @@ class KVCacheConfig:
     cuBLAS and torch kernels launch as always (:mod:`tpfuse.kernels.pdl`). On by default: on the full 8B (one
     H100, ``bench/results/e2e_tp1_h100_ab_4dbc35c.json``), with every GEMM on the small-M kernel as the shipped
     table now routes them at batch 1 / 8, the decode step took 0.96 / 0.99x as long in bf16 and 0.94 / 0.98x in
-    per-channel FP8 (rows ``_smallall_pdl_nopf`` over the base rows without PDL); at batch 64 PDL alone took 0.99x
-    (bf16, FP8) and 1.00x (static FP8). Where the step's GEMMs stay on cuBLAS it pays less or costs: bf16 at batch
-    8 with the old routes took 1.02x. Only on stacks that have it (:func:`tpfuse.kernels.pdl.stack_has_pdl`); a
+    per-channel FP8 (rows ``_smallall_pdl_nopf`` over the base rows without PDL); at batch 64, with the routes
+    unchanged, 0.99x (bf16, FP8) and 1.00x (static FP8) (rows ``_pdl``, which had the L2 prefetch on). Where the
+    step's GEMMs stay on cuBLAS it pays less or costs: bf16 at batch 8 with the old routes took 1.02x. Only on stacks that have it (:func:`tpfuse.kernels.pdl.stack_has_pdl`); a
     capture that fails with it is redone without it, with a warning (:mod:`tpfuse.parallel.graphs`); False
     captures without it."""
 
