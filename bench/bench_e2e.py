@@ -298,7 +298,7 @@ def tpfuse_rows(spec, model, comm, args, dev, rows, bandwidth, provider="tpfuse"
         _print(r, rows)
 
 
-VARIANT_PROVIDERS = ("tpfuse", "tpfuse_fp8", "tpfuse_fp8_static")  # decode rows --small-m-table / --pdl repeat
+VARIANT_PROVIDERS = ("tpfuse", "tpfuse_fp8", "tpfuse_fp8_static")  # decode rows the variants repeat
 
 
 def variants(args) -> list:

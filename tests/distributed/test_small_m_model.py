@@ -176,10 +176,10 @@ def _routed_graph_decode(rank, world, arch, fp8):
     table = _table(model, beats=True, silu=True, arch=dev_arch)
     calls, orig = [], small_gemm.small_m_gemm
     small_gemm.small_m_gemm = lambda x, w, **kw: calls.append(x.shape[0]) or orig(x, w, **kw)
-    pdl_modes = (False, True) if torch.cuda.get_device_capability() >= (9, 0) else (False,)
+    pdl_modes = (False, True) if pdl_launch.available(comm.device) else (False,)  # sm_90+ with a stack that has it
     engaged, wanted = [], pdl_launch.wanted  # the launchers ask pdl.wanted by attribute: count its yeses
     pdl_launch.wanted = lambda t: engaged.append(wanted(t)) or engaged[-1]
-    got = {}
+    got, own_pdl = {}, st.cache_config.pdl
     try:
         for routed in (False, True):
             for pdl in pdl_modes:
@@ -192,7 +192,7 @@ def _routed_graph_decode(rank, world, arch, fp8):
                 assert any(engaged) == pdl, f"PDL launches: {sum(engaged)} with pdl={pdl}"
     finally:
         small_gemm.small_m_gemm, pdl_launch.wanted = orig, wanted
-        st.graphs, st.cache_config.pdl = None, False
+        st.graphs, st.cache_config.pdl = None, own_pdl
     assert calls and 1 in calls and max(calls) <= 6, calls  # the decode GEMMs (and the prefill's) ran the kernel
     what = f"{arch} TP={world} fp8={fp8}"
     for routed in (False, True):
