@@ -25,8 +25,9 @@ Output (``--out-dir``, default ``$OUT``, else ``bench/results``): ``decode_atten
 usual header (device, commit from ``TPFUSE_COMMIT``, versions) and rows ``{provider, shape, batch, ctx,
 max_seq_len, max_batch, median_us, gbps, kv_bytes}``, and ``decode_attention_<device>.png`` (time relative to SDPA
 per shape and context; with ``--capacity-sweep`` ``..._capacity.json`` / ``.png``: time relative to the smallest
-cache per provider). ``--quick``: B 1 and 64 only. ``--sweep``: also time tpfuse at forced (NUM_SPLITS, BLOCK_N,
-num_warps) configs.
+cache per provider). ``--quick``: B 1 and 64 only (``--batches``: those). ``--sweep``: also time tpfuse at forced (NUM_SPLITS,
+BLOCK_N, num_warps, num_stages) configs (``--sweep-batches``, ``--sweep-splits``, ``--sweep-stages`` narrow or
+widen it; every config is a Triton compile of its own, ~1 s).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Case, header, plot_ratio_panels, result_path, run_cases, write_json  # noqa: E402
+from common import Case, copy_bandwidths, header, plot_ratio_panels, result_path, run_cases, write_json  # noqa: E402
 
 from tpfuse import attention as A  # noqa: E402
 
@@ -102,20 +103,26 @@ def check(c, scale, ctx):
     assert err8 < 1e-1, f"tpfuse decode attention (FP8 cache) disagrees with SDPA: {err8}"
 
 
-def sweep(c, d, ctx, scale, provs):
-    """tpfuse at forced (NUM_SPLITS, BLOCK_N, num_warps) configs (MIN_PARTITION 128), added to ``provs``."""
+SWEEP_SPLITS = (1, 2, 4, 8, 16, 32)
+
+
+def sweep(c, d, ctx, scale, provs, splits_list=SWEEP_SPLITS, stages_list=(3,)):
+    """tpfuse at forced (NUM_SPLITS, BLOCK_N, num_warps, num_stages) configs (MIN_PARTITION 128), added to
+    ``provs``; a stage count other than Triton's default 3 shows in the name (``st=``)."""
     from tpfuse.kernels.decode_attention import launch_decode_attention
 
     out = torch.empty_like(c["q"])
-    for splits in (1, 2, 4, 8, 16, 32):
+    for splits in splits_list:
         if 128 * (splits - 1) >= ctx:  # every split past the first would be empty at this context
             continue
         for bn in (32, 64, 128):
             for nw in (4, 8):
-                provs[f"tpfuse[s={splits},bn={bn},nw={nw}]"] = (
-                    lambda splits=splits, bn=bn, nw=nw: launch_decode_attention(
-                        c["q"], c["kc"], c["vc"], c["bt"], c["lens"], out, scale, None, max_seq_len=ctx,
-                        num_splits=splits, min_partition=128, block_n=bn, num_warps=nw))
+                for st in stages_list:
+                    name = f"tpfuse[s={splits},bn={bn},nw={nw}" + (f",st={st}]" if st != 3 else "]")
+                    provs[name] = (
+                        lambda splits=splits, bn=bn, nw=nw, st=st: launch_decode_attention(
+                            c["q"], c["kc"], c["vc"], c["bt"], c["lens"], out, scale, None, max_seq_len=ctx,
+                            num_splits=splits, min_partition=128, block_n=bn, num_warps=nw, num_stages=st))
 
 
 def make_static_paged_case(bsz, ctx, cap, max_batch, hq, hkv, d, block_size, mixed, gen, dev="cuda"):
@@ -183,7 +190,7 @@ def cases(args):
     scale = d ** -0.5
     for hq, hkv in HEADS:
         for ctx in CONTEXTS:
-            for bsz in (BATCHES_QUICK if args.quick else BATCHES):
+            for bsz in args.batches or (BATCHES_QUICK if args.quick else BATCHES):
                 c = make_case(bsz, ctx, hq, hkv, d, args.block_size, args.mixed, gen)
                 check(c, scale, ctx)
                 out = torch.empty_like(c["q"])
@@ -193,8 +200,8 @@ def cases(args):
                          "tpfuse_fp8": lambda: A.decode_attention(
                              c["q"], c["kc8"], c["vc8"], c["bt"], c["lens"], scale=scale, kv_scale=c["kv_scale"],
                              out=out, max_seq_len=ctx)}
-                if args.sweep:
-                    sweep(c, d, ctx, scale, provs)
+                if args.sweep and (not args.sweep_batches or bsz in args.sweep_batches):
+                    sweep(c, d, ctx, scale, provs, args.sweep_splits or SWEEP_SPLITS, args.sweep_stages or (3,))
                 yield Case(fields={"shape": f"hq{hq}/hkv{hkv}/d{d}", "batch": bsz, "ctx": ctx, "max_seq_len": ctx,
                                    "max_batch": bsz}, providers=provs,
                            extra={"nb16": op_bytes(c, hq, hkv, d, 2), "nb8": op_bytes(c, hq, hkv, d, 1)})
@@ -222,6 +229,11 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="B 1 and 64 only")
     ap.add_argument("--mixed", action="store_true", help="random lengths in [ctx/2, ctx] instead of all at ctx")
     ap.add_argument("--sweep", action="store_true", help="also time tpfuse at forced (NUM_SPLITS, BLOCK_N, warps)")
+    ints = (lambda text: tuple(int(x) for x in text.split(",") if x))
+    ap.add_argument("--sweep-batches", type=ints, default=(), help="--sweep only at these batches (default: all)")
+    ap.add_argument("--sweep-splits", type=ints, default=(), help="--sweep's split counts (default 1,2,4,...,32)")
+    ap.add_argument("--sweep-stages", type=ints, default=(), help="--sweep's num_stages (default 3)")
+    ap.add_argument("--batches", type=ints, default=(), help="batches to time (default 1,8,64; --quick 1,64)")
     ap.add_argument("--capacity-sweep", action="store_true",
                     help="only: B 1 / 8 at 1024 keys in caches of max_seq_len 1k / 8k / 32k and 256 rows (~1 min)")
     ap.add_argument("--block-size", type=int, default=BLOCK_SIZE, help="paged-cache block size (default 16)")
@@ -230,6 +242,10 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("bench_decode_attention needs a CUDA GPU")
     t_start = time.time()
+    if not args.capacity_sweep:  # the ceiling GB/s is read against (the faster way, as bench_e2e's floor)
+        ways = copy_bandwidths(torch.device("cuda"))
+        args.copy_tb_s = {k: round(v / 1e12, 3) for k, v in ways.items()}
+        print(f"device-to-device copy bandwidth (TB/s, read + write): {args.copy_tb_s}", flush=True)
 
     def after_case(rows):  # after every size, so a run cut short still leaves its rows
         print(f"  [{time.time() - t_start:.0f}s]", flush=True)
@@ -242,7 +258,7 @@ def main(argv=None):
         return
     rows = run_cases(cases(args), row, after_case=after_case)
     print("wrote", save(args, rows))
-    summary(rows)
+    summary(rows, max(args.copy_tb_s.values()))
     png = plot_ratio_panels(result_path("decode_attention", ext="png", directory=args.out_dir),
                             [r for r in rows if "[" not in r["provider"]], panel=("shape", "ctx"), x="batch",
                             y="median_us", baseline="sdpa", ylabel="time / SDPA time (lower is better)",
@@ -255,6 +271,9 @@ def save(args, rows):
     tag = "capacity" if args.capacity_sweep else ""
     return write_json(result_path("decode_attention", tag=tag, directory=args.out_dir),
                       header("bench_decode_attention", quick=args.quick, mixed=args.mixed, sweep=args.sweep,
+                             sweep_batches=list(args.sweep_batches), sweep_splits=list(args.sweep_splits),
+                             sweep_stages=list(args.sweep_stages), batches=list(args.batches),
+                             copy_bandwidth_ways_tb_s=getattr(args, "copy_tb_s", {}),
                              capacity_sweep=args.capacity_sweep, block_size=args.block_size, head_dim=HEAD_DIM,
                              heads=[list(h) for h in (HEADS[:1] if args.capacity_sweep else HEADS)]), rows)
 
@@ -284,9 +303,11 @@ def capacity_summary(args, rows):
                              xlabel="batch", refs=(1.0, 0.97, 1.03))
 
 
-def summary(rows):
-    """Per (shape, ctx, batch): tpfuse / tpfuse_fp8 vs SDPA, and the best swept config when there is one."""
-    print("\nshape / ctx / batch: sdpa us, tpfuse us (GB/s), tpfuse_fp8 us (GB/s), speedup vs sdpa, best sweep")
+def summary(rows, copy_tb_s):
+    """Per (shape, ctx, batch): tpfuse / tpfuse_fp8 vs SDPA, and the best swept config when there is one; GB/s
+    also as a fraction of the copy bandwidth ``copy_tb_s`` (#22's attention target: >= 0.9 at batch 64)."""
+    print(f"\nshape / ctx / batch: sdpa us, tpfuse us (GB/s, of copy {copy_tb_s} TB/s), tpfuse_fp8 us (GB/s), "
+          "speedup vs sdpa, best sweep (of copy)")
     for key in sorted({(r["shape"], r["ctx"], r["batch"]) for r in rows}):
         sel = {r["provider"]: r for r in rows if (r["shape"], r["ctx"], r["batch"]) == key}
         if not {"sdpa", "tpfuse", "tpfuse_fp8"} <= sel.keys():
@@ -294,9 +315,10 @@ def summary(rows):
         s, t, f = sel["sdpa"], sel["tpfuse"], sel["tpfuse_fp8"]
         swept = [r for p, r in sel.items() if p.startswith("tpfuse[")]
         best = min(swept, key=lambda r: r["median_us"]) if swept else None
-        print(f"{key[0]:18s} {key[1]:5d} {key[2]:3d}: {s['median_us']:8.2f} {t['median_us']:8.2f} ({t['gbps']:6.0f}) "
-              f"{f['median_us']:8.2f} ({f['gbps']:6.0f})  x{s['median_us'] / t['median_us']:.2f}"
-              + (f"  {best['provider']} {best['median_us']:.2f}" if best else ""))
+        frac = (lambda r: r["gbps"] / (copy_tb_s * 1e3))
+        print(f"{key[0]:18s} {key[1]:5d} {key[2]:3d}: {s['median_us']:8.2f} {t['median_us']:8.2f} ({t['gbps']:6.0f}, "
+              f"{frac(t):.3f}) {f['median_us']:8.2f} ({f['gbps']:6.0f})  x{s['median_us'] / t['median_us']:.2f}"
+              + (f"  {best['provider']} {best['median_us']:.2f} ({frac(best):.3f})" if best else ""))
 
 
 if __name__ == "__main__":

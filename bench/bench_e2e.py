@@ -5,7 +5,7 @@ Llama-3.1-70B, Qwen3-32B, ...; random bf16 weights, nothing downloaded; the mode
         [--vocab real|N] [--decode-batches 1,8,64] [--context 1024] [--prefill 1024,4096,8192]
         [--compile-batches 1,64] [--hf-models 8B] [--hf-after] [--kv-capacities 8x1152,8x32768]
         [--fit-headroom-gib 6] [--flashinfer] [--no-fp8] [--small-m-table PATH] [--pdl-ab] [--small-m-everywhere]
-        [--tag TAG]
+        [--kv-fp8] [--tag TAG]
 
 Models (``--models``, comma-separated): a real shape (``8B``, ``70B``, ``Qwen3-32B``, ``Qwen2.5-7B``,
 ``Phi-3-medium``), or a **shard** ``<model>/tp<N>`` (``70B/tp8``, ``70B/tp4``, ``8B/tp2``; TP=1 runs only): a
@@ -56,6 +56,12 @@ Providers (every one is the model a user runs, called with Hugging Face argument
   kernels into ``torch._scaled_mm``). Targets at TP=1: decode batch 1 <= 0.65x and prefill 4k <= 0.7x ``tpfuse``.
   ``--no-fp8`` skips it. The run also records one ``fp8_quality`` row (``bench/fp8_quality.py``: greedy agreement of
   the FP8 tiny model with the bf16 one over 64 steps, logits error vs fp64).
+* ``tpfuse_kv8`` / ``tpfuse_fp8_kv8`` (``--kv-fp8``) - the ``tpfuse`` / ``tpfuse_fp8`` decode rows again with the
+  model's KV cache re-made in e4m3 (``KVCacheConfig(dtype=torch.float8_e4m3fn)``, ``kv_scale`` 1: the random
+  model's k and v stay far inside e4m3's range), same weights, same capacity: what a user who also quantizes the
+  cache runs. At batch 64 x 1024 tokens the full 8B's step reads 15.0 GB of weights and 8.6 GB of bf16 cache,
+  so FP8 weights alone take its bytes to 0.68x bf16's and an FP8 cache as well to 0.50x. Rows carry
+  ``kv_dtype``; the floor rows stay those of the bf16 cache;
 * ``<provider>_smallm`` (``--small-m-table PATH``: a small-M GEMM sweep's routing table,
   ``bench/tune_small_gemm.py``'s ``small_m_gemm_<arch>.json``, installed instead of the shipped one),
   ``<provider>_nopdl`` (``--pdl-ab``: the decode graphs captured without programmatic dependent launch; the default
@@ -131,6 +137,7 @@ def parse_args(argv=None):
                     help="memory left free by --layers fit and by the --kv-capacities check")
     ap.add_argument("--flashinfer", action="store_true", help="add the vllm_policy provider (TP > 1)")
     ap.add_argument("--no-fp8", action="store_true", help="skip the tpfuse_fp8 provider and the fp8_quality row")
+    ap.add_argument("--kv-fp8", action="store_true", help="adds tpfuse_kv8 / tpfuse_fp8_kv8 decode rows (e4m3 KV cache)")
     ap.add_argument("--tag", default="", help="file-name tag: e2e_tp{N}_{device}_{tag}.json")
     ap.add_argument("--small-m-table", default="", help="a small-M GEMM sweep's routing table (JSON): adds the "
                     "<provider>_smallm decode rows with it installed")
@@ -282,13 +289,14 @@ def tpfuse_rows(spec, model, comm, args, dev, rows, bandwidth, provider="tpfuse"
         comm.last_path.clear()
         r = _measure(rows, base, provider, lambda: tpfuse_decode_us(model, b, args.context, args.steps, dev), dev,
                      lambda: dict(last_mode=st.last_mode, paths=dict(comm.last_path),
-                                  max_batch=st.cache_config.max_batch, max_seq_len=st.max_seq_len))
+                                  max_batch=st.cache_config.max_batch, max_seq_len=st.max_seq_len,
+                                  kv_dtype=str(st.cache_config.dtype or model.dtype).replace("torch.", "")))
         if provider == "tpfuse":
             nbytes = decode_bytes(model, b, args.context)
             rows.append(dict(base, provider="memory_floor", us=nbytes / bandwidth * 1e6, bytes=nbytes))
         if provider in VARIANT_PROVIDERS:
             variant_rows(model, b, args, dev, rows, base, provider)
-        if provider in ("tpfuse", "tpfuse_capacity") or provider in VARIANT_PROVIDERS:
+        if provider in ("tpfuse", "tpfuse_capacity") or provider in VARIANT_PROVIDERS or provider.endswith("_kv8"):
             _print(r, rows)
     for t in args.prefill if prefill else []:
         base = dict(spec.fields(), mode="prefill", tokens=t)
@@ -494,6 +502,19 @@ def capacity_rows(spec, model, comm, args, dev, rows, bandwidth, skipped, save):
     set_cache(model, own)
 
 
+def kv8_rows(spec, model, comm, args, dev, rows, bandwidth, provider):
+    """``<provider>_kv8`` (``--kv-fp8``): the decode rows with the model's cache re-made in e4m3 at the same
+    capacity (kv_scale 1), then the model's own cache back."""
+    import dataclasses
+
+    own = model._tpfuse.cache_config
+    set_cache(model, dataclasses.replace(own, dtype=torch.float8_e4m3fn, kv_scale=1.0))
+    try:
+        tpfuse_rows(spec, model, comm, args, dev, rows, bandwidth, provider=provider + "_kv8", prefill=False)
+    finally:
+        set_cache(model, own)
+
+
 def run_model(name, args, dev, rows, bandwidth, first: bool, save=lambda: None, skipped=None):
     """Every row of one model (see the module docstring for the order); ``save()`` after each phase."""
     tp = dist.get_world_size()
@@ -512,6 +533,9 @@ def run_model(name, args, dev, rows, bandwidth, first: bool, save=lambda: None, 
     _say(f"{spec.label} ({spec.layers} layers, vocab {spec.vocab}): {model._tpfuse.cache_storage().describe()}")
     tpfuse_rows(spec, model, comm, args, dev, rows, bandwidth)
     save()
+    if args.kv_fp8:
+        kv8_rows(spec, model, comm, args, dev, rows, bandwidth, "tpfuse")
+        save()
     if args.kv_capacities:
         capacity_rows(spec, model, comm, args, dev, rows, bandwidth, [] if skipped is None else skipped, save)
     if tp > 1:
@@ -522,6 +546,9 @@ def run_model(name, args, dev, rows, bandwidth, first: bool, save=lambda: None, 
         quantize_fp8(model)  # in place, after the bf16 rows: the same weights, e4m3 per-channel
         tpfuse_rows(spec, model, comm, args, dev, rows, bandwidth, provider="tpfuse_fp8")
         save()
+        if args.kv_fp8:
+            kv8_rows(spec, model, comm, args, dev, rows, bandwidth, "tpfuse_fp8")
+            save()
         del model
         fp8_static_rows(spec, args, dev, rows, bandwidth, comm, cache)
         save()

@@ -269,6 +269,8 @@ class DecodeConfig(NamedTuple):
     block_n: int
     """Keys per tile."""
     num_warps: int
+    num_stages: int = 3
+    """Software-pipeline depth of the split kernel's K / V tile loads (Triton's ``num_stages``; 3 is its default)."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -285,7 +287,7 @@ def device_sm_count(device: torch.device) -> int:
 
 def pick_config(batch: int, kv_heads: int, head_dim: int, q_elem: int, *, cache_fp8: bool = False,
                 sm_count: int = SM_COUNT_GUESS, num_splits=None, min_partition=None, block_n=None,
-                num_warps=None) -> DecodeConfig:
+                num_warps=None, num_stages=None) -> DecodeConfig:
     """The :class:`DecodeConfig` of a launch, from ``(B, Hkv, D, q's element size, cache dtype, SM count)`` only:
     never from ``max_seq_len`` nor the lengths (CUDA-graph safe; the work follows each sequence's length through
     the partition the device computes, module docstring). Arguments given override the rule.
@@ -352,7 +354,7 @@ def pick_config(batch: int, kv_heads: int, head_dim: int, q_elem: int, *, cache_
     if num_splits < 1 or min_partition < block_n or min_partition % block_n:
         raise ValueError(f"need num_splits >= 1 and min_partition a positive multiple of block_n {block_n}, got "
                          f"{num_splits} and {min_partition}")
-    return DecodeConfig(num_splits, min_partition, block_n, num_warps)
+    return DecodeConfig(num_splits, min_partition, block_n, num_warps, 3 if num_stages is None else num_stages)
 
 
 def _workspace(bsz: int, hq: int, d: int, splits: int, device):
@@ -364,11 +366,12 @@ def _workspace(bsz: int, hq: int, d: int, splits: int, device):
 
 
 def launch_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, out, scale, kv_scale=None, *,
-                            max_seq_len: int, num_splits=None, min_partition=None, block_n=None, num_warps=None):
+                            max_seq_len: int, num_splits=None, min_partition=None, block_n=None, num_warps=None,
+                            num_stages=None):
     """``out [B, Hq, D]`` <- decode attention of ``q [B, Hq, D]`` over the paged caches
     ``[num_blocks, block_size, Hkv, D]`` (see the module docstring). Inputs are validated by
     :func:`tpfuse.attention.decode_attention`. ``max_seq_len`` only clamps the lengths on the device; the launch
-    comes from :func:`pick_config` (``num_splits`` ... ``num_warps`` override its rule). Returns the
+    comes from :func:`pick_config` (``num_splits`` ... ``num_stages`` override its rule). Returns the
     :class:`DecodeConfig` used (``None`` for an empty batch)."""
     bsz, hq, d = q.shape
     block_size, hkv = key_cache.shape[1], key_cache.shape[2]
@@ -377,7 +380,8 @@ def launch_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, o
     group = hq // hkv
     cache_fp8 = key_cache.element_size() == 1
     cfg = pick_config(bsz, hkv, d, q.element_size(), cache_fp8=cache_fp8, sm_count=device_sm_count(q.device),
-                      num_splits=num_splits, min_partition=min_partition, block_n=block_n, num_warps=num_warps)
+                      num_splits=num_splits, min_partition=min_partition, block_n=block_n, num_warps=num_warps,
+                      num_stages=num_stages)
     splits = cfg.num_splits
     kvs = kv_scale if cache_fp8 else seq_lens  # unread unless CACHE_FP8
     ws_o, ws_m, ws_l = _workspace(bsz, hq, d, splits, q.device) if splits > 1 else (out, out, out)  # 1: unused
@@ -390,7 +394,7 @@ def launch_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, o
         D=d, GROUP_PAD=max(16, next_pow2(group)), BLOCK_N=cfg.block_n, MIN_PARTITION=cfg.min_partition,
         BLOCK_SIZE=block_size, NUM_SPLITS=splits, CACHE_FP8=cache_fp8, PV_HILO=q.element_size() == 2,
         PREC="ieee" if q.dtype.itemsize == 4 else "tf32", PDL=on, PF_KEYS=cfg.block_n if on and PREFETCH else 0,
-        num_warps=cfg.num_warps, **pdl.launch_options(on))
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_options(on))
     if splits > 1:
         splits_pad = next_pow2(splits)
         _combine_kernel[(bsz, hq)](

@@ -156,6 +156,7 @@ def test_bench_e2e_imports_and_keeps_its_defaults():
                                               ("_smallall_nopdl", "t.json", False, True, None)]
     with pytest.raises(SystemExit):
         bench_e2e.parse_args(["--small-m-everywhere"])
+    assert (a.kv_fp8, bench_e2e.parse_args(["--kv-fp8"]).kv_fp8) == (False, True)
 
 
 def test_small_m_everywhere_routes_every_swept_row(tmp_path):

@@ -81,3 +81,16 @@ def test_columns_absent_from_the_run_are_left_out(tmp_path):
     assert "| 8B | 4 | 1 | 0.650 | 0.480 | 1.35 |" in lines
     assert not any("spread" in line for line in lines)
 
+
+
+def test_fp8_cache_rows_get_their_own_ratio_columns(tmp_path):
+    """``--kv-fp8`` rows (an e4m3 KV cache) are ratios over the bf16-cache step, never model-table base rows."""
+    path = tmp_path / "e.json"
+    rows = [_row("8B", "tpfuse", 9000, 64), _row("8B", "memory_floor", 7500, 64),
+            _row("8B", "tpfuse_fp8", 7200, 64), _row("8B", "tpfuse_kv8", 7650, 64, kv_dtype="float8_e4m3fn"),
+            _row("8B", "tpfuse_fp8_kv8", 4950, 64, kv_dtype="float8_e4m3fn")]
+    path.write_text(json.dumps({"header": {}, "rows": rows}))
+    lines = e2e_table.render([str(path)]).splitlines()
+    assert ("| model | layers | batch | tpfuse ms | floor ms | tpfuse / floor | FP8 / bf16 | FP8 cache / bf16 "
+            "| FP8 + FP8 cache / bf16 |") in lines
+    assert "| 8B | 32 | 64 | 9.00 | 7.50 | 1.20 | 0.80 | 0.85 | 0.55 |" in lines

@@ -19,8 +19,10 @@ import argparse
 import json
 import sys
 
-RATIOS = (("tpfuse_fp8", "FP8 / bf16"), ("tpfuse_fp8_static", "FP8 static / bf16"))
-"""FP8 providers and their column heads (their step over tpfuse's)."""
+RATIOS = (("tpfuse_fp8", "FP8 / bf16"), ("tpfuse_fp8_static", "FP8 static / bf16"),
+          ("tpfuse_kv8", "FP8 cache / bf16"), ("tpfuse_fp8_kv8", "FP8 + FP8 cache / bf16"))
+"""FP8 providers (weights; ``_kv8``: an e4m3 KV cache, ``bench_e2e.py --kv-fp8``) and their column heads (their
+step over tpfuse's with the bf16 cache)."""
 
 
 def _ok(x) -> bool:
