@@ -26,8 +26,8 @@ usual header (device, commit from ``TPFUSE_COMMIT``, versions) and rows ``{provi
 max_seq_len, max_batch, median_us, gbps, kv_bytes}``, and ``decode_attention_<device>.png`` (time relative to SDPA
 per shape and context; with ``--capacity-sweep`` ``..._capacity.json`` / ``.png``: time relative to the smallest
 cache per provider). ``--quick``: B 1 and 64 only (``--batches``: those). ``--sweep``: also time tpfuse at forced (NUM_SPLITS,
-BLOCK_N, num_warps, num_stages) configs (``--sweep-batches``, ``--sweep-splits``, ``--sweep-stages`` narrow or
-widen it; every config is a Triton compile of its own, ~1 s).
+BLOCK_N, num_warps, num_stages) configs (``--sweep-batches``, ``--sweep-splits``, ``--sweep-stages``, ``--sweep-cache``
+narrow or widen it; every config is a Triton compile of its own, ~1 s).
 """
 
 from __future__ import annotations
@@ -106,22 +106,24 @@ def check(c, scale, ctx):
 SWEEP_SPLITS = (1, 2, 4, 8, 16, 32)
 
 
-def sweep(c, d, ctx, scale, provs, splits_list=SWEEP_SPLITS, stages_list=(3,)):
+def sweep(c, d, ctx, scale, provs, splits_list=SWEEP_SPLITS, stages_list=(3,), fp8=False):
     """tpfuse at forced (NUM_SPLITS, BLOCK_N, num_warps, num_stages) configs (MIN_PARTITION 128), added to
-    ``provs``; a stage count other than Triton's default 3 shows in the name (``st=``)."""
+    ``provs`` (``fp8``: on the FP8 cache, named ``tpfuse_fp8[...]``); a stage count other than Triton's default 3
+    shows in the name (``st=``)."""
     from tpfuse.kernels.decode_attention import launch_decode_attention
 
     out = torch.empty_like(c["q"])
+    kc, vc, kvs, tag = (c["kc8"], c["vc8"], c["kv_scale"], "tpfuse_fp8") if fp8 else (c["kc"], c["vc"], None, "tpfuse")
     for splits in splits_list:
         if 128 * (splits - 1) >= ctx:  # every split past the first would be empty at this context
             continue
         for bn in (32, 64, 128):
             for nw in (4, 8):
                 for st in stages_list:
-                    name = f"tpfuse[s={splits},bn={bn},nw={nw}" + (f",st={st}]" if st != 3 else "]")
+                    name = f"{tag}[s={splits},bn={bn},nw={nw}" + (f",st={st}]" if st != 3 else "]")
                     provs[name] = (
                         lambda splits=splits, bn=bn, nw=nw, st=st: launch_decode_attention(
-                            c["q"], c["kc"], c["vc"], c["bt"], c["lens"], out, scale, None, max_seq_len=ctx,
+                            c["q"], kc, vc, c["bt"], c["lens"], out, scale, kvs, max_seq_len=ctx,
                             num_splits=splits, min_partition=128, block_n=bn, num_warps=nw, num_stages=st))
 
 
@@ -201,7 +203,9 @@ def cases(args):
                              c["q"], c["kc8"], c["vc8"], c["bt"], c["lens"], scale=scale, kv_scale=c["kv_scale"],
                              out=out, max_seq_len=ctx)}
                 if args.sweep and (not args.sweep_batches or bsz in args.sweep_batches):
-                    sweep(c, d, ctx, scale, provs, args.sweep_splits or SWEEP_SPLITS, args.sweep_stages or (3,))
+                    for fp8 in {"bf16": (False,), "fp8": (True,), "both": (False, True)}[args.sweep_cache]:
+                        sweep(c, d, ctx, scale, provs, args.sweep_splits or SWEEP_SPLITS, args.sweep_stages or (3,),
+                              fp8)
                 yield Case(fields={"shape": f"hq{hq}/hkv{hkv}/d{d}", "batch": bsz, "ctx": ctx, "max_seq_len": ctx,
                                    "max_batch": bsz}, providers=provs,
                            extra={"nb16": op_bytes(c, hq, hkv, d, 2), "nb8": op_bytes(c, hq, hkv, d, 1)})
@@ -217,7 +221,7 @@ def row(case, provider, timing):
     if timing.mode.startswith("error"):
         print(f"{where} {provider:28s} {timing.mode}", flush=True)
         return None
-    us, nbytes = timing.us, case.extra["nb8" if provider == "tpfuse_fp8" else "nb16"]
+    us, nbytes = timing.us, case.extra["nb8" if provider.startswith("tpfuse_fp8") else "nb16"]
     r = {"provider": provider, **f, "median_us": round(us, 3), "gbps": round(nbytes / (us * 1e-6) / 1e9, 1),
          "kv_bytes": nbytes}
     print(f"{where} {provider:28s} {us:9.2f} us {r['gbps']:8.1f} GB/s", flush=True)
@@ -233,6 +237,8 @@ def main(argv=None):
     ap.add_argument("--sweep-batches", type=ints, default=(), help="--sweep only at these batches (default: all)")
     ap.add_argument("--sweep-splits", type=ints, default=(), help="--sweep's split counts (default 1,2,4,...,32)")
     ap.add_argument("--sweep-stages", type=ints, default=(), help="--sweep's num_stages (default 3)")
+    ap.add_argument("--sweep-cache", choices=("bf16", "fp8", "both"), default="bf16",
+                    help="the cache(s) --sweep times (fp8: tpfuse_fp8[...] rows)")
     ap.add_argument("--batches", type=ints, default=(), help="batches to time (default 1,8,64; --quick 1,64)")
     ap.add_argument("--capacity-sweep", action="store_true",
                     help="only: B 1 / 8 at 1024 keys in caches of max_seq_len 1k / 8k / 32k and 256 rows (~1 min)")
@@ -273,6 +279,7 @@ def save(args, rows):
                       header("bench_decode_attention", quick=args.quick, mixed=args.mixed, sweep=args.sweep,
                              sweep_batches=list(args.sweep_batches), sweep_splits=list(args.sweep_splits),
                              sweep_stages=list(args.sweep_stages), batches=list(args.batches),
+                             sweep_cache=args.sweep_cache,
                              copy_bandwidth_ways_tb_s=getattr(args, "copy_tb_s", {}),
                              capacity_sweep=args.capacity_sweep, block_size=args.block_size, head_dim=HEAD_DIM,
                              heads=[list(h) for h in (HEADS[:1] if args.capacity_sweep else HEADS)]), rows)
@@ -315,10 +322,13 @@ def summary(rows, copy_tb_s):
         s, t, f = sel["sdpa"], sel["tpfuse"], sel["tpfuse_fp8"]
         swept = [r for p, r in sel.items() if p.startswith("tpfuse[")]
         best = min(swept, key=lambda r: r["median_us"]) if swept else None
+        swept8 = [r for p, r in sel.items() if p.startswith("tpfuse_fp8[")]
+        best8 = min(swept8, key=lambda r: r["median_us"]) if swept8 else None
         frac = (lambda r: r["gbps"] / (copy_tb_s * 1e3))
         print(f"{key[0]:18s} {key[1]:5d} {key[2]:3d}: {s['median_us']:8.2f} {t['median_us']:8.2f} ({t['gbps']:6.0f}, "
               f"{frac(t):.3f}) {f['median_us']:8.2f} ({f['gbps']:6.0f})  x{s['median_us'] / t['median_us']:.2f}"
-              + (f"  {best['provider']} {best['median_us']:.2f} ({frac(best):.3f})" if best else ""))
+              + (f"  {best['provider']} {best['median_us']:.2f} ({frac(best):.3f})" if best else "")
+              + (f"  {best8['provider']} {best8['median_us']:.2f} ({best8['gbps']:.0f} GB/s)" if best8 else ""))
 
 
 if __name__ == "__main__":
