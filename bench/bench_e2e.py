@@ -137,7 +137,8 @@ def parse_args(argv=None):
                     help="memory left free by --layers fit and by the --kv-capacities check")
     ap.add_argument("--flashinfer", action="store_true", help="add the vllm_policy provider (TP > 1)")
     ap.add_argument("--no-fp8", action="store_true", help="skip the tpfuse_fp8 provider and the fp8_quality row")
-    ap.add_argument("--kv-fp8", action="store_true", help="adds tpfuse_kv8 / tpfuse_fp8_kv8 decode rows (e4m3 KV cache)")
+    ap.add_argument("--kv-fp8", action="store_true",
+                    help="adds tpfuse_kv8 / tpfuse_fp8_kv8 decode rows (e4m3 KV cache)")
     ap.add_argument("--tag", default="", help="file-name tag: e2e_tp{N}_{device}_{tag}.json")
     ap.add_argument("--small-m-table", default="", help="a small-M GEMM sweep's routing table (JSON): adds the "
                     "<provider>_smallm decode rows with it installed")
