@@ -25,8 +25,8 @@ Output (``--out-dir``, default ``$OUT``, else ``bench/results``): ``decode_atten
 usual header (device, commit from ``TPFUSE_COMMIT``, versions) and rows ``{provider, shape, batch, ctx,
 max_seq_len, max_batch, median_us, gbps, kv_bytes}``, and ``decode_attention_<device>.png`` (time relative to SDPA
 per shape and context; with ``--capacity-sweep`` ``..._capacity.json`` / ``.png``: time relative to the smallest
-cache per provider). ``--quick``: B 1 and 64 only (``--batches``: those). ``--sweep``: also time tpfuse at forced (NUM_SPLITS,
-BLOCK_N, num_warps, num_stages) configs (``--sweep-batches``, ``--sweep-splits``, ``--sweep-stages``,
+cache per provider). ``--quick``: B 1 and 64 only (``--batches``: those). ``--sweep``: also time tpfuse at forced
+(NUM_SPLITS, BLOCK_N, num_warps, num_stages) configs (``--sweep-batches``, ``--sweep-splits``, ``--sweep-stages``,
 ``--sweep-cache`` narrow or widen it; every config is a Triton compile of its own, ~1 s).
 """
 
