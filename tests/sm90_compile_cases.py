@@ -143,14 +143,17 @@ def base_cases():
 def decode_attention_cases():
     """The configs :func:`tpfuse.kernels.decode_attention.pick_config` picks at H100 / H200 shapes (bf16 caches:
     BLOCK_N 128 for D <= 128 with 16-bit q, 32 for D=256 / fp32; up to 16 splits, 8 warps at one split; FP8 caches:
-    BLOCK_N 64, 4 warps, up to 32 splits), bf16 / fp16 / fp32 q, single pass and split, and the combine kernel
-    (power-of-two and other split counts). Partitions are computed on the device (``MIN_PARTITION`` 128)."""
+    BLOCK_N 64 or 32, 4 warps, 2 to 32 splits; the earlier FP8 rule's one split stays as a forced config), bf16 /
+    fp16 / fp32 q, single pass and split, the PDL build of the FP8 rule's B=8 / 64 configs (the model's default
+    launch), and the combine kernel (power-of-two and other split counts). Partitions are computed on the device
+    (``MIN_PARTITION`` 128)."""
     for q_t, cache, d, group, bn, splits, warps in (
             ("*bf16", "*bf16", 128, 4, 128, 16, 4), ("*bf16", "*bf16", 128, 4, 128, 4, 4),
             ("*bf16", "*bf16", 128, 8, 128, 1, 8), ("*bf16", "*bf16", 64, 1, 128, 16, 4),
             ("*bf16", "*fp8e4nv", 128, 4, 64, 32, 4), ("*bf16", "*fp8e4nv", 128, 8, 64, 8, 4),
             ("*bf16", "*fp8e4nv", 128, 4, 64, 1, 4), ("*fp16", "*fp8e4nv", 256, 16, 32, 8, 4),
-            ("*fp32", "*fp32", 128, 4, 32, 4, 4), ("*bf16", "*bf16", 256, 8, 32, 11, 4)):
+            ("*fp32", "*fp32", 128, 4, 32, 4, 4), ("*bf16", "*bf16", 256, 8, 32, 11, 4),
+            ("*bf16", "*fp8e4nv", 128, 4, 32, 8, 4), ("*bf16", "*fp8e4nv", 128, 8, 32, 2, 4)):
         ptrs = {"q_ptr": q_t, "kc_ptr": cache, "vc_ptr": cache, "bt_ptr": "*i32", "sl_ptr": "*i32",
                 "kvs_ptr": "*fp32", "out_ptr": q_t, "ws_o_ptr": "*fp32", "ws_m_ptr": "*fp32", "ws_l_ptr": "*fp32"}
         const = dict(D=d, GROUP_PAD=max(16, group), BLOCK_N=bn, MIN_PARTITION=max(128, bn), BLOCK_SIZE=16,
@@ -158,10 +161,13 @@ def decode_attention_cases():
                      PREC="ieee" if q_t == "*fp32" else "tf32")
         name = f"decode_attention q={q_t[1:]} cache={cache[1:]} d={d} group={group} splits={splits} block_n={bn} "
         yield (name + f"warps={warps}", decode_attention._split_kernel, ptrs, const, warps, True)
+        if cache == "*fp8e4nv" and bn == 32 and d == 128:  # the FP8 rule at B=8 / 64, launched with PDL in graphs
+            yield (name + f"warps={warps} pdl", decode_attention._split_kernel, ptrs, dict(const, PDL=True), warps,
+                   True)
         if (q_t, splits) in (("*bf16", 16), ("*bf16", 32), ("*bf16", 1)) and d == 128:  # PDL + K/V prefetch
             yield (name + f"warps={warps} pdl prefetch{bn}", decode_attention._split_kernel, ptrs,
                    dict(const, PDL=True, PF_KEYS=bn), warps, True)
-    for d, bn, splits in ((128, 64, 32), (128, 128, 16), (64, 128, 11)):
+    for d, bn, splits in ((128, 64, 32), (128, 128, 16), (64, 128, 11), (128, 32, 8), (128, 32, 2)):
         yield (f"decode_attention combine d={d} splits={splits} block_n={bn}", decode_attention._combine_kernel,
                {"ws_o_ptr": "*fp32", "ws_m_ptr": "*fp32", "ws_l_ptr": "*fp32", "sl_ptr": "*i32", "out_ptr": "*bf16"},
                dict(D=d, BLOCK_N=bn, MIN_PARTITION=128, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
