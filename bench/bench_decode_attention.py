@@ -6,7 +6,8 @@ Providers:
   (``k, v [B, Hkv, ctx, D]``, q ``[B, Hq, 1, D]``), the bool mask of valid positions ``[B, 1, 1, ctx]`` and
   ``enable_gqa=True`` (whatever backend torch picks for a masked GQA decode);
 * ``tpfuse``: the Triton flash-decoding kernel on a paged bf16 cache (block tables shuffled);
-* ``tpfuse_fp8``: the same on an FP8 e4m3 cache (one device scale).
+* ``tpfuse_fp8``: the same on an FP8 e4m3 cache (one device scale); ``tpfuse_fp8_bytes``: the same launch with
+  the e4m3 tile loads instead of the default int32 word loads (``decode_attention.FP8_WORDS``).
 
 Shapes: B in 1, 8, 64; context 1024 and 4096 (every sequence at the full context, or with ``--mixed`` each at a
 random length in [ctx/2, ctx]); heads 32/8 and 64/8; D 128; bf16 q; ``max_seq_len`` (the capacity, which only
@@ -127,6 +128,15 @@ def sweep(c, d, ctx, scale, provs, splits_list=SWEEP_SPLITS, stages_list=(3,), f
                             num_splits=splits, min_partition=128, block_n=bn, num_warps=nw, num_stages=st))
 
 
+def fp8_bytes(c, scale, out, ctx):
+    """The FP8 cache's launch with its e4m3 tile loads (``fp8_words=False``): the A/B of the word loads that
+    ``tpfuse_fp8`` takes by default (``decode_attention.FP8_WORDS``)."""
+    from tpfuse.kernels.decode_attention import launch_decode_attention
+
+    launch_decode_attention(c["q"], c["kc8"], c["vc8"], c["bt"], c["lens"], out, scale, c["kv_scale"],
+                            max_seq_len=ctx, fp8_words=False)
+
+
 def make_static_paged_case(bsz, ctx, cap, max_batch, hq, hkv, d, block_size, mixed, gen, dev="cuda"):
     """Caches of ``max_batch`` rows of ``cap`` keys laid out as the model runtime's static paging: batch row ``b``
     is cache row ``b`` and owns blocks ``[b * cap / bs, (b + 1) * cap / bs)``, its keys in the first of them (the
@@ -201,7 +211,8 @@ def cases(args):
                                                               scale=scale, out=out, max_seq_len=ctx),
                          "tpfuse_fp8": lambda: A.decode_attention(
                              c["q"], c["kc8"], c["vc8"], c["bt"], c["lens"], scale=scale, kv_scale=c["kv_scale"],
-                             out=out, max_seq_len=ctx)}
+                             out=out, max_seq_len=ctx),
+                         "tpfuse_fp8_bytes": lambda: fp8_bytes(c, scale, out, ctx)}
                 if args.sweep and (not args.sweep_batches or bsz in args.sweep_batches):
                     for fp8 in {"bf16": (False,), "fp8": (True,), "both": (False, True)}[args.sweep_cache]:
                         sweep(c, d, ctx, scale, provs, args.sweep_splits or SWEEP_SPLITS, args.sweep_stages or (3,),

@@ -135,6 +135,7 @@ for s in "${steps[@]}"; do
     #     captures, 35 steps each) + memory floor + prefill 1k/4k                                      ~25 s
     #   capacity rows 8x1152, 8x32768 (b1, b8), 64x1152, 256x1152 (b1, b8, b64; KV 40 GiB at 256x1152)  ~25 s
     #   tpfuse_fp8 (in place) + tpfuse_fp8_static (a second build + calibration), all batches + prefill ~50 s
+    #   --kv-fp8: tpfuse_kv8 / tpfuse_fp8_kv8 (the decode rows again with an e4m3 KV cache)                  ~10 s
     #   --hf-after: a fresh build, hf_eager b1/b8/b64 (~40 ms a step) + prefill, then hf_compiled at b1 and
     #     b64: ~1-2 min per compile at 32 layers (the unknown part; last, so a cut-off loses only it)  ~150-250 s
     #   total ~310-410 s: LIMIT_e2e_full 330 by default (the JSON is written after every phase); measured at
@@ -142,7 +143,7 @@ for s in "${steps[@]}"; do
     #   estimated)
     e2e_full) LIMIT_e2e_full=${LIMIT_e2e_full:-330} run e2e_full "${TR1[@]}" bench/bench_e2e.py --tag full --models 8B \
                 --layers full --decode-batches 1,8,64 --context 1024 --prefill 1024,4096 --hf-models 8B \
-                --compile-batches 1,64 --hf-after --kv-capacities 8x1152,8x32768,64x1152,256x1152 \
+                --compile-batches 1,64 --hf-after --kv-capacities 8x1152,8x32768,64x1152,256x1152 --kv-fp8 \
                 ${E2E_FULL_ARGS:-} ;;
     # e2e_shards: rank 0's shard of 70B at TP 8 (21 GB: 80 layers, 8 q / 1 kv heads, intermediate 3584, vocab
     # replicated) and TP 4 (38 GB), of 8B at TP 2 (9 GB), each built at TP=1: start ~20 s, per model a build

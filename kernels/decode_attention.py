@@ -60,9 +60,45 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _e4m3x4_to_16bit(w, DT: tl.constexpr):
+    """The four e4m3 values packed in each int32 of ``w`` (little-endian: byte ``i`` is element ``i``) as four
+    tensors of ``DT`` (bf16 or fp16) shaped like ``w``: the hardware's ``cvt.rn.f16x2.e4m3x2`` (exact, NaN kept),
+    then for bf16 ``cvt.bf16.f16`` (exact: an e4m3 value has 3 mantissa bits), as Triton converts a single e4m3."""
+    # adjacent literals: the JIT takes one string constant, not an expression of strings
+    if DT == tl.bfloat16:
+        c0, c1, c2, c3 = tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; .reg .b32 h01, h23; .reg .f16 a0, a1, a2, a3;\n"
+            "mov.b32 {lo, hi}, $4;\ncvt.rn.f16x2.e4m3x2 h01, lo;\ncvt.rn.f16x2.e4m3x2 h23, hi;\n"
+            "mov.b32 {a0, a1}, h01;\nmov.b32 {a2, a3}, h23;\n"
+            "cvt.bf16.f16 $0, a0;\ncvt.bf16.f16 $1, a1;\ncvt.bf16.f16 $2, a2;\ncvt.bf16.f16 $3, a3;\n}",
+            "=h,=h,=h,=h,r", [w], dtype=(tl.int16, tl.int16, tl.int16, tl.int16), is_pure=True, pack=1)
+    else:
+        c0, c1, c2, c3 = tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; .reg .b32 h01, h23;\n"
+            "mov.b32 {lo, hi}, $4;\ncvt.rn.f16x2.e4m3x2 h01, lo;\ncvt.rn.f16x2.e4m3x2 h23, hi;\n"
+            "mov.b32 {$0, $1}, h01;\nmov.b32 {$2, $3}, h23;\n}",
+            "=h,=h,=h,=h,r", [w], dtype=(tl.int16, tl.int16, tl.int16, tl.int16), is_pure=True, pack=1)
+    return (c0.to(DT, bitcast=True), c1.to(DT, bitcast=True), c2.to(DT, bitcast=True),
+            c3.to(DT, bitcast=True))
+
+
+@triton.jit
 def _load_kv_tile(c_ptr, c_sb, c_so, c_sh, blk, off, kvh, valid, DT: tl.constexpr, D: tl.constexpr,
-                  CACHE_FP8: tl.constexpr):
-    """``[BLOCK_N, D]`` tile of one kv head in ``DT`` (rows at invalid keys are 0 and never loaded)."""
+                  CACHE_FP8: tl.constexpr, FP8_WORDS: tl.constexpr = False):
+    """``[BLOCK_N, D]`` tile of one kv head in ``DT`` (rows at invalid keys are 0 and never loaded).
+
+    ``FP8_WORDS`` (an e4m3 cache, 16-bit ``DT``, rows 4-byte aligned; compiled code only): the tile is loaded as
+    int32 words of four e4m3 each and converted to ``DT`` in the load's own layout, before Triton moves it into
+    the MMA operand layout: a tile loaded as e4m3 is moved into that layout at 8 bits, which for the P.V operand
+    (a transposed read) is one byte-wide shared-memory load per element."""
+    if FP8_WORDS and not SOFT_CAST:
+        D4: tl.constexpr = D // 4
+        rows = c_ptr + blk * c_sb + off * c_so + kvh * c_sh  # [BLOCK_N] e4m3 pointers, 4-byte aligned
+        w = tl.load(rows.to(tl.pointer_type(tl.int32))[:, None] + tl.arange(0, D4)[None, :], mask=valid[:, None],
+                    other=0)
+        c0, c1, c2, c3 = _e4m3x4_to_16bit(w, DT)
+        # join(join(c0, c2), join(c1, c3))[r, j, a, b] = c_(2a + b), which flattened is element 4j + 2a + b
+        return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (blk.shape[0], D))
     d = tl.arange(0, D)
     ptrs = c_ptr + blk[:, None] * c_sb + off[:, None] * c_so + kvh * c_sh + d[None, :]
     x = tl.load(ptrs, mask=valid[:, None], other=0.0)
@@ -88,14 +124,15 @@ def _mma(a, b, acc, PREC: tl.constexpr):
 @triton.jit
 def _attend_tile(q, acc, m_i, l_i, start, n, bt_row, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, kvh,
                  qk_scale, DT: tl.constexpr, D: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_SIZE: tl.constexpr, CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr, PREC: tl.constexpr):
+                 BLOCK_SIZE: tl.constexpr, CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr, PREC: tl.constexpr,
+                 FP8_WORDS: tl.constexpr):
     """One online-softmax step over keys ``[start, start + BLOCK_N)`` (masked to ``< n``)."""
     pos = start + tl.arange(0, BLOCK_N)
     valid = pos < n
     # per-key block id: any BLOCK_N / block_size ratio works; masked lanes never touch the block table
     blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
     off = (pos % BLOCK_SIZE).to(tl.int64)
-    k = _load_kv_tile(kc_ptr, kc_sb, kc_so, kc_sh, blk, off, kvh, valid, DT, D, CACHE_FP8)
+    k = _load_kv_tile(kc_ptr, kc_sb, kc_so, kc_sh, blk, off, kvh, valid, DT, D, CACHE_FP8, FP8_WORDS)
     s = _mma(q, tl.trans(k), tl.zeros([GROUP_PAD, BLOCK_N], tl.float32), PREC) * qk_scale  # log2 domain
     s = tl.where(valid[None, :], s, float("-inf"))
     # every tile holds >= 1 valid key, so m_new is finite and alpha = 2^(-inf) = 0 on the first tile
@@ -104,7 +141,7 @@ def _attend_tile(q, acc, m_i, l_i, start, n, bt_row, kc_ptr, kc_sb, kc_so, kc_sh
     p = tl.math.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
-    v = _load_kv_tile(vc_ptr, vc_sb, vc_so, vc_sh, blk, off, kvh, valid, DT, D, CACHE_FP8)
+    v = _load_kv_tile(vc_ptr, vc_sb, vc_so, vc_sh, blk, off, kvh, valid, DT, D, CACHE_FP8, FP8_WORDS)
     if PV_HILO:
         p_hi = p.to(DT)
         p_lo = (p - p_hi.to(tl.float32)).to(DT)
@@ -158,7 +195,7 @@ def _split_kernel(q_ptr, q_sb, q_sh, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb,
                   n_heads, D: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                   MIN_PARTITION: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
                   CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
-                  PF_KEYS: tl.constexpr = 0):
+                  PF_KEYS: tl.constexpr = 0, FP8_WORDS: tl.constexpr = False):
     if PDL and PF_KEYS > 0:
         _prefetch_partition(sl_ptr, bt_ptr, bt_stride, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh,
                             max_len, D, BLOCK_N, MIN_PARTITION, BLOCK_SIZE, NUM_SPLITS, PF_KEYS)
@@ -194,13 +231,13 @@ def _split_kernel(q_ptr, q_sb, q_sh, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb,
         while start < hi:
             acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, start, n, bt_row, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr,
                                          vc_sb, vc_so, vc_sh, kvh, qk, DT, D, GROUP_PAD, BLOCK_N, BLOCK_SIZE,
-                                         CACHE_FP8, PV_HILO, PREC)
+                                         CACHE_FP8, PV_HILO, PREC, FP8_WORDS)
             start += BLOCK_N
     else:
         for start in range(lo, hi, BLOCK_N):
             acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, start, n, bt_row, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr,
                                          vc_sb, vc_so, vc_sh, kvh, qk, DT, D, GROUP_PAD, BLOCK_N, BLOCK_SIZE,
-                                         CACHE_FP8, PV_HILO, PREC)
+                                         CACHE_FP8, PV_HILO, PREC, FP8_WORDS)
     pdl.trigger(PDL)  # the K / V tiles are read (a program that exited early counts as triggered)
     acc = acc * kv_scale  # V's dequantization scale, once
     if NUM_SPLITS == 1:
@@ -258,6 +295,19 @@ PREFETCH = False
 """Under PDL the split kernel prefetches its partition's first tile of K and V into L2 before the wait
 (:func:`_prefetch_partition`) when True. Off: together with the small-M GEMM's weight prefetch it did not pay on the
 full 8B (``tpfuse.kernels.small_m_gemm.PREFETCH_BYTES`` says where it was measured)."""
+FP8_WORDS = True
+"""e4m3 caches with a bf16 / fp16 q: load K / V tiles as int32 words of four e4m3 and convert them before the MMA
+layout change (:func:`_load_kv_tile`; :func:`fp8_words_ok` says where it applies; False: the e4m3 tile loads). Its
+sm_90 PTX has no byte-wide shared-memory loads, where the e4m3 tile loads' build has one a P.V operand element (32
+a thread per 32-key tile): the FP8 cache's decode attention took 0.90x a bf16 cache's time for half the bytes."""
+
+
+def fp8_words_ok(q, key_cache, value_cache) -> bool:
+    """Whether the word loads of :data:`FP8_WORDS` apply: e4m3 caches, a 16-bit q, D a multiple of 4 and every
+    cache row 4-byte aligned (base pointer and strides in bytes), compiled code (not the interpreter)."""
+    if SOFT_CAST or key_cache.element_size() != 1 or q.element_size() != 2 or q.shape[-1] % 4:
+        return False
+    return all(c.data_ptr() % 4 == 0 and all(st % 4 == 0 for st in c.stride()[:3]) for c in (key_cache, value_cache))
 
 
 class DecodeConfig(NamedTuple):
@@ -374,11 +424,12 @@ def _workspace(bsz: int, hq: int, d: int, splits: int, device):
 
 def launch_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, out, scale, kv_scale=None, *,
                             max_seq_len: int, num_splits=None, min_partition=None, block_n=None, num_warps=None,
-                            num_stages=None):
+                            num_stages=None, fp8_words=None):
     """``out [B, Hq, D]`` <- decode attention of ``q [B, Hq, D]`` over the paged caches
     ``[num_blocks, block_size, Hkv, D]`` (see the module docstring). Inputs are validated by
     :func:`tpfuse.attention.decode_attention`. ``max_seq_len`` only clamps the lengths on the device; the launch
-    comes from :func:`pick_config` (``num_splits`` ... ``num_stages`` override its rule). Returns the
+    comes from :func:`pick_config` (``num_splits`` ... ``num_stages`` override its rule); ``fp8_words`` (None:
+    :data:`FP8_WORDS`) asks for the word loads of e4m3 caches where :func:`fp8_words_ok`. Returns the
     :class:`DecodeConfig` used (``None`` for an empty batch)."""
     bsz, hq, d = q.shape
     block_size, hkv = key_cache.shape[1], key_cache.shape[2]
@@ -393,6 +444,7 @@ def launch_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, o
     kvs = kv_scale if cache_fp8 else seq_lens  # unread unless CACHE_FP8
     ws_o, ws_m, ws_l = _workspace(bsz, hq, d, splits, q.device) if splits > 1 else (out, out, out)  # 1: unused
     on = pdl.wanted(out)
+    words = (FP8_WORDS if fp8_words is None else fp8_words) and fp8_words_ok(q, key_cache, value_cache)
     _split_kernel[(bsz, hkv, splits)](
         q, q.stride(0), q.stride(1), key_cache, key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache, value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
@@ -401,7 +453,7 @@ def launch_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, o
         D=d, GROUP_PAD=max(16, next_pow2(group)), BLOCK_N=cfg.block_n, MIN_PARTITION=cfg.min_partition,
         BLOCK_SIZE=block_size, NUM_SPLITS=splits, CACHE_FP8=cache_fp8, PV_HILO=q.element_size() == 2,
         PREC="ieee" if q.dtype.itemsize == 4 else "tf32", PDL=on, PF_KEYS=cfg.block_n if on and PREFETCH else 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_options(on))
+        FP8_WORDS=words, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_options(on))
     if splits > 1:
         splits_pad = next_pow2(splits)
         _combine_kernel[(bsz, hq)](

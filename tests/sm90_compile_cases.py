@@ -54,6 +54,8 @@ def compile_kernel(fn, ptrs, const, num_warps=8, hinted=False, num_stages=None, 
     for pf in ("PF_LINES", "PF_KEYS"):  # no L2 prefetch: every launch outside pdl.launches()
         if pf in names and pf not in const:
             const = dict(const, **{pf: 0})
+    if "FP8_WORDS" in names and "FP8_WORDS" not in const:  # decode attention's default e4m3 tile loads
+        const = dict(const, FP8_WORDS=False)
     sig = {n: ("constexpr" if n in const else ptrs.get(n, "fp32" if n in FLOATS else ("i32" if hinted else "i64")))
            for n in names}
     attrs = {}
@@ -164,6 +166,10 @@ def decode_attention_cases():
         if cache == "*fp8e4nv" and bn == 32 and d == 128:  # the FP8 rule at B=8 / 64, launched with PDL in graphs
             yield (name + f"warps={warps} pdl", decode_attention._split_kernel, ptrs, dict(const, PDL=True), warps,
                    True)
+        if cache == "*fp8e4nv" and q_t != "*fp32" and d == 128:  # word loads of e4m3 tiles (FP8_WORDS)
+            for pdl_on in (False, True):
+                yield (name + f"warps={warps} words" + (" pdl" if pdl_on else ""), decode_attention._split_kernel,
+                       ptrs, dict(const, FP8_WORDS=True, PDL=pdl_on), warps, True)
         if (q_t, splits) in (("*bf16", 16), ("*bf16", 32), ("*bf16", 1)) and d == 128:  # PDL + K/V prefetch
             yield (name + f"warps={warps} pdl prefetch{bn}", decode_attention._split_kernel, ptrs,
                    dict(const, PDL=True, PF_KEYS=bn), warps, True)
@@ -261,6 +267,12 @@ def write_pending(prints: dict) -> None:
                 f.write(f"{fp}  {name}\n")
 
 
+def byte_smem_loads(ptx: str) -> int:
+    """Byte-wide shared-memory loads in ``ptx`` (``ld.shared.{u,s,b}8``): one per element where Triton moves an
+    e4m3 tile into a transposed MMA operand layout (decode attention's ``FP8_WORDS`` avoids them)."""
+    return len(re.findall(r"^\s*(?:@%p\d+\s+)?ld\.shared\.[usb]8\b", ptx, re.M))
+
+
 def main() -> int:
     """``--ptx-hashes``: print each case's :func:`ptx_hash` too (diff two trees' outputs to compare PTX);
     ``--write-fingerprints``: record them in :data:`FINGERPRINTS` (after a GPU run of the changed kernels' tests),
@@ -281,6 +293,8 @@ def main() -> int:
             if const.get("PDL"):
                 problem = pdl_order_problem(k.asm["ptx"], may_load=const.get("PF_KEYS", 0) > 0)
                 print(f"pdl-order {'BAD ' + problem if problem else 'ok'}  {name}", flush=True)
+            if name.startswith("decode_attention q=") and const.get("CACHE_FP8"):  # e4m3 cache
+                print(f"byte-smem-loads {byte_smem_loads(k.asm['ptx'])}  {name}", flush=True)
         except Exception:  # noqa: BLE001 - report every failing case
             failed += 1
             print(f"FAIL {name}\n{traceback.format_exc()[-3000:]}", flush=True)

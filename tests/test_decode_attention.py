@@ -368,6 +368,44 @@ def test_gpu_cuda_graph_capture_replay(gen, fp8, max_blocks, num_blocks):
         assert_elementwise(out, oracle, torch.bfloat16, f"graph replay {i} (fp8={fp8})")
 
 
+MIXED_LENS = [0, 1, 17, 300, 1023, 2048, 5]
+WORD_CASES = [  # (lens, hq, hkv, d, block_size, (block_n, num_splits, num_warps) or None: the FP8 rule)
+    ([1024] * 64, 32, 8, 128, 256, None), ([1024] * 8, 32, 8, 128, 256, None), ([4096], 32, 8, 128, 256, None),
+    (MIXED_LENS, 32, 8, 128, 16, None), (MIXED_LENS, 32, 8, 128, 16, (32, 2, 4)),
+    ([700, 33, 129], 32, 4, 128, 16, (64, 8, 4)), ([700, 33, 129], 32, 4, 128, 16, (128, 1, 4)),
+    ([511, 64, 1], 8, 8, 64, 16, (32, 1, 8)), ([2000, 3], 16, 2, 128, 256, (64, 32, 8))]
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_fp8_word_loads_match_byte_loads(gen, dtype):
+    """``FP8_WORDS``: e4m3 tiles loaded as int32 words and converted before the MMA layout change give the same bits
+    as the e4m3 tile loads, at the FP8 rule's configs and forced tiles / splits / warps, D 128 and 64, groups 1-8,
+    NaN-poisoned unused slots, a shared block, empty and odd lengths; and both stay within the oracle's bound. A
+    cache view that is not 4-byte aligned falls back to the byte loads."""
+    from tpfuse.kernels import decode_attention as dak
+
+    for lens, hq, hkv, d, bs, forced in WORD_CASES:
+        x = make_inputs(gen, lens=lens, hq=hq, hkv=hkv, d=d, block_size=bs, dtype=dtype, fp8=True)
+        q, kc, vc, bt, sl = (t.cuda() for t in (q_of(x["qkv"], hq, d), x["kc"], x["vc"], x["bt"], x["sl"]))
+        kvs, cap = x["kv_scale"].cuda(), x["bt"].shape[1] * bs
+        assert dak.fp8_words_ok(q, kc, vc)
+        cfg = {} if forced is None else dict(zip(("block_n", "num_splits", "num_warps"), forced), min_partition=128)
+        outs = []
+        for words in (False, True):
+            out = torch.full_like(q, float("nan"))
+            dak.launch_decode_attention(q, kc, vc, bt, sl, out, x["scale"], kvs, max_seq_len=cap, fp8_words=words,
+                                        **cfg)
+            outs.append(out.cpu())
+        oracle = A.decode_attention_math(q, kc, vc, bt, sl, scale=x["scale"], kv_scale=kvs, max_seq_len=cap,
+                                         dtype=torch.float64)
+        tag = f"lens={lens[:4]} hq={hq} hkv={hkv} d={d} block {bs} config {forced} {dtype}"
+        assert_elementwise(outs[1], oracle, dtype, "word loads " + tag)
+        assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16)), "words != bytes: " + tag
+    shifted = torch.empty(kc.numel() + 1, dtype=torch.uint8, device="cuda")[1:].view(FP8).view(kc.shape)
+    assert not dak.fp8_words_ok(q, shifted, vc)
+
+
 @gpu_only
 def test_gpu_torch_compile_fullgraph(gen):
     x = make_inputs(gen, lens=[300, 0, 17], hq=8, hkv=2, d=128)

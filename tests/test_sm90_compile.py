@@ -78,6 +78,17 @@ def test_pdl_variants_wait_before_they_touch_global_memory(compiled):
     assert not [ln for ln in lines if " BAD " in ln or ln.startswith("pdl-order BAD")], lines
 
 
+def test_fp8_word_loads_have_no_byte_wide_shared_loads(compiled):
+    """Decode attention on an e4m3 cache: the FP8_WORDS builds (kernels/decode_attention.py, the default where it
+    applies) move no tile through shared memory a byte at a time; the e4m3 tile loads' builds do (so the check can
+    fail)."""
+    counts = {ln.split("  ", 1)[1]: int(ln.split()[1]) for ln in compiled.stdout.splitlines()
+              if ln.startswith("byte-smem-loads ")}
+    words = {n: c for n, c in counts.items() if " words" in n}
+    assert len(words) >= 8 and not any(words.values()), words
+    assert all(c > 0 for n, c in counts.items() if " words" not in n), counts
+
+
 def test_pdl_order_check_catches_what_it_should():
     sys.path.insert(0, HERE)
     from ptx_checks import pdl_order_problem
