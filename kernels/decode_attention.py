@@ -307,7 +307,8 @@ def fp8_words_ok(q, key_cache, value_cache) -> bool:
     cache row 4-byte aligned (base pointer and strides in bytes), compiled code (not the interpreter)."""
     if SOFT_CAST or key_cache.element_size() != 1 or q.element_size() != 2 or q.shape[-1] % 4:
         return False
-    return all(c.data_ptr() % 4 == 0 and all(st % 4 == 0 for st in c.stride()[:3]) for c in (key_cache, value_cache))
+    return all(c.data_ptr() % 4 == 0 and all(st % 4 == 0 for st in c.stride()[:3])
+               for c in (key_cache, value_cache))
 
 
 class DecodeConfig(NamedTuple):
