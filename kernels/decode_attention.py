@@ -381,8 +381,9 @@ def pick_config(batch: int, kv_heads: int, head_dim: int, q_elem: int, *, cache_
     same points, 256-token blocks): at B=8 and 64 the rule is the best fixed config over both contexts and head
     counts (the best at B=8, within 1.2% of each point's best at B=64; the earlier rule - one split at B=64, 64-key
     tiles at B=8 and 64 - was 1.10-1.23x slower there); at B=1 it is the earlier rule (within 2-3% of the best at
-    4096 keys, 19% at 1024; no fixed config does better at both: the best one's geometric mean is 1.25x). An FP8 cache still costs more than half of a
-    bf16 one's time (0.90x at B=64 x 1024 keys on that H100: the e4m3 -> bf16 conversion of every K / V element).
+    4096 keys, 19% at 1024; no fixed config does better at both: the best one's geometric mean is 1.25x). There
+    an FP8 cache still took 0.90x a bf16 one's time at B=64 x 1024 keys for half the bytes: its tiles went into
+    the MMA operand layout a byte at a time (:data:`FP8_WORDS` since).
 
     New and not yet swept on a GPU: the split count no longer grows with the context nor the capacity, and each
     sequence's partition follows its own length. Untimed so far: contexts past 4096 keys (B=1 at 32768 keys: 16
