@@ -6,8 +6,8 @@ Providers:
   (``k, v [B, Hkv, ctx, D]``, q ``[B, Hq, 1, D]``), the bool mask of valid positions ``[B, 1, 1, ctx]`` and
   ``enable_gqa=True`` (whatever backend torch picks for a masked GQA decode);
 * ``tpfuse``: the Triton flash-decoding kernel on a paged bf16 cache (block tables shuffled);
-* ``tpfuse_fp8``: the same on an FP8 e4m3 cache (one device scale); ``tpfuse_fp8_bytes``: the same launch with
-  the e4m3 tile loads instead of the default int32 word loads (``decode_attention.FP8_WORDS``).
+* ``tpfuse_fp8``: the same on an FP8 e4m3 cache (one device scale); ``tpfuse_fp8_words``: the same launch with
+  the e4m3 tiles loaded as int32 words (``decode_attention.FP8_WORDS``, off by default), its A/B.
 
 Shapes: B in 1, 8, 64; context 1024 and 4096 (every sequence at the full context, or with ``--mixed`` each at a
 random length in [ctx/2, ctx]); heads 32/8 and 64/8; D 128; bf16 q; ``max_seq_len`` (the capacity, which only
@@ -102,6 +102,9 @@ def check(c, scale, ctx):
                               max_seq_len=ctx)
     err8 = ((out8.float() - ref).norm() / ref.norm()).item()
     assert err8 < 1e-1, f"tpfuse decode attention (FP8 cache) disagrees with SDPA: {err8}"
+    words = torch.empty_like(out8)
+    fp8_words(c, scale, words, ctx)
+    assert torch.equal(words, out8), "the FP8 cache's word loads change the output"
 
 
 SWEEP_SPLITS = (1, 2, 4, 8, 16, 32)
@@ -128,13 +131,13 @@ def sweep(c, d, ctx, scale, provs, splits_list=SWEEP_SPLITS, stages_list=(3,), f
                             num_splits=splits, min_partition=128, block_n=bn, num_warps=nw, num_stages=st))
 
 
-def fp8_bytes(c, scale, out, ctx):
-    """The FP8 cache's launch with its e4m3 tile loads (``fp8_words=False``): the A/B of the word loads that
-    ``tpfuse_fp8`` takes by default (``decode_attention.FP8_WORDS``)."""
+def fp8_words(c, scale, out, ctx):
+    """The FP8 cache's launch with its tiles loaded as int32 words (``fp8_words=True``): the A/B of
+    ``decode_attention.FP8_WORDS`` against ``tpfuse_fp8``."""
     from tpfuse.kernels.decode_attention import launch_decode_attention
 
     launch_decode_attention(c["q"], c["kc8"], c["vc8"], c["bt"], c["lens"], out, scale, c["kv_scale"],
-                            max_seq_len=ctx, fp8_words=False)
+                            max_seq_len=ctx, fp8_words=True)
 
 
 def make_static_paged_case(bsz, ctx, cap, max_batch, hq, hkv, d, block_size, mixed, gen, dev="cuda"):
@@ -212,7 +215,7 @@ def cases(args):
                          "tpfuse_fp8": lambda: A.decode_attention(
                              c["q"], c["kc8"], c["vc8"], c["bt"], c["lens"], scale=scale, kv_scale=c["kv_scale"],
                              out=out, max_seq_len=ctx),
-                         "tpfuse_fp8_bytes": lambda: fp8_bytes(c, scale, out, ctx)}
+                         "tpfuse_fp8_words": lambda: fp8_words(c, scale, out, ctx)}
                 if args.sweep and (not args.sweep_batches or bsz in args.sweep_batches):
                     for fp8 in {"bf16": (False,), "fp8": (True,), "both": (False, True)}[args.sweep_cache]:
                         sweep(c, d, ctx, scale, provs, args.sweep_splits or SWEEP_SPLITS, args.sweep_stages or (3,),

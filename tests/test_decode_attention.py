@@ -380,7 +380,8 @@ WORD_CASES = [  # (lens, hq, hkv, d, block_size, (block_n, num_splits, num_warps
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_gpu_fp8_word_loads_match_byte_loads(gen, dtype):
     """``FP8_WORDS``: e4m3 tiles loaded as int32 words and converted before the MMA layout change give the same bits
-    as the e4m3 tile loads, at the FP8 rule's configs and forced tiles / splits / warps, D 128 and 64, groups 1-8,
+    as the e4m3 tile loads, at the FP8 rule's configs and forced tiles / splits / warps (the swept rule's among
+    them: 32-key tiles with 2 and 8 splits), D 128 and 64, groups 1-8,
     NaN-poisoned unused slots, a shared block, empty and odd lengths; and both stay within the oracle's bound. A
     cache view that is not 4-byte aligned falls back to the byte loads."""
     from tpfuse.kernels import decode_attention as dak
@@ -424,8 +425,8 @@ def test_gpu_torch_compile_fullgraph(gen):
     # (NUM_SPLITS, MIN_PARTITION, BLOCK_N, num_warps) and the partitions at 1024 / 4096 keys, at the points the
     # docstring names (Hkv 8, D 128, bf16 q, 132 SMs)
     (1, (16, 128, 128, 4), (32, 128, 64, 4), (128, 256), (128, 128)),
-    (8, (4, 128, 128, 4), (8, 128, 32, 4), (256, 1024), (128, 512)),
-    (64, (1, 128, 128, 8), (2, 128, 32, 4), (1024, 4096), (512, 2048)),
+    (8, (4, 128, 128, 4), (8, 128, 64, 4), (256, 1024), (128, 512)),
+    (64, (1, 128, 128, 8), (1, 128, 64, 4), (1024, 4096), (1024, 4096)),
 ])
 def test_pick_config_rule(kernels, batch, bf16_cfg, fp8_cfg, bf16_parts, fp8_parts):
     mod = kernels.decode_attention
@@ -438,7 +439,7 @@ def test_pick_config_rule(kernels, batch, bf16_cfg, fp8_cfg, bf16_parts, fp8_par
     assert pick(2, 4, 256, 2, cache_fp8=True).block_n == 32
     assert pick(8, 8, 128, 2, sm_count=114).num_splits == 3  # splits follow the SM count: 228 // 64
     assert pick(1, 1, 128, 2).num_splits == 16 and pick(1, 1, 128, 2, cache_fp8=True).num_splits == 32  # the caps
-    assert pick(256, 8, 128, 2).num_splits == 1 and pick(256, 8, 128, 2, cache_fp8=True).num_splits == 2  # FP8: >= 2
+    assert pick(256, 8, 128, 2).num_splits == 1 and pick(256, 8, 128, 2, cache_fp8=True).num_splits == 1
     with pytest.raises(ValueError, match="multiple of block_n"):
         pick(1, 8, 128, 2, min_partition=192)
 
