@@ -110,14 +110,22 @@ def check(c, scale, ctx):
 SWEEP_SPLITS = (1, 2, 4, 8, 16, 32)
 
 
-def sweep(c, d, ctx, scale, provs, splits_list=SWEEP_SPLITS, stages_list=(3,), fp8=False):
+SWEEP_CACHES = {"bf16": ("bf16",), "fp8": ("fp8",), "fp8_words": ("fp8_words",), "both": ("bf16", "fp8"),
+                "fp8_both": ("fp8", "fp8_words"), "all": ("bf16", "fp8", "fp8_words")}
+"""``--sweep-cache``: the cache forms it times; ``fp8_words``: the FP8 cache with its tiles loaded as int32 words
+(``decode_attention.FP8_WORDS``)."""
+
+
+def sweep(c, d, ctx, scale, provs, splits_list=SWEEP_SPLITS, stages_list=(3,), cache="bf16"):
     """tpfuse at forced (NUM_SPLITS, BLOCK_N, num_warps, num_stages) configs (MIN_PARTITION 128), added to
-    ``provs`` (``fp8``: on the FP8 cache, named ``tpfuse_fp8[...]``); a stage count other than Triton's default 3
-    shows in the name (``st=``)."""
+    ``provs`` as ``tpfuse[...]``, or on the FP8 cache (``cache`` ``fp8`` / ``fp8_words``) ``tpfuse_fp8[...]`` /
+    ``tpfuse_fp8_words[...]``; a stage count other than Triton's default 3 shows in the name (``st=``)."""
     from tpfuse.kernels.decode_attention import launch_decode_attention
 
     out = torch.empty_like(c["q"])
-    kc, vc, kvs, tag = (c["kc8"], c["vc8"], c["kv_scale"], "tpfuse_fp8") if fp8 else (c["kc"], c["vc"], None, "tpfuse")
+    fp8, words = cache != "bf16", cache == "fp8_words"
+    kc, vc, kvs = (c["kc8"], c["vc8"], c["kv_scale"]) if fp8 else (c["kc"], c["vc"], None)
+    tag = {"bf16": "tpfuse", "fp8": "tpfuse_fp8", "fp8_words": "tpfuse_fp8_words"}[cache]
     for splits in splits_list:
         if 128 * (splits - 1) >= ctx:  # every split past the first would be empty at this context
             continue
@@ -128,7 +136,8 @@ def sweep(c, d, ctx, scale, provs, splits_list=SWEEP_SPLITS, stages_list=(3,), f
                     provs[name] = (
                         lambda splits=splits, bn=bn, nw=nw, st=st: launch_decode_attention(
                             c["q"], kc, vc, c["bt"], c["lens"], out, scale, kvs, max_seq_len=ctx,
-                            num_splits=splits, min_partition=128, block_n=bn, num_warps=nw, num_stages=st))
+                            num_splits=splits, min_partition=128, block_n=bn, num_warps=nw, num_stages=st,
+                            fp8_words=words))
 
 
 def fp8_words(c, scale, out, ctx):
@@ -217,9 +226,9 @@ def cases(args):
                              out=out, max_seq_len=ctx),
                          "tpfuse_fp8_words": lambda: fp8_words(c, scale, out, ctx)}
                 if args.sweep and (not args.sweep_batches or bsz in args.sweep_batches):
-                    for fp8 in {"bf16": (False,), "fp8": (True,), "both": (False, True)}[args.sweep_cache]:
+                    for cache in SWEEP_CACHES[args.sweep_cache]:
                         sweep(c, d, ctx, scale, provs, args.sweep_splits or SWEEP_SPLITS, args.sweep_stages or (3,),
-                              fp8)
+                              cache)
                 yield Case(fields={"shape": f"hq{hq}/hkv{hkv}/d{d}", "batch": bsz, "ctx": ctx, "max_seq_len": ctx,
                                    "max_batch": bsz}, providers=provs,
                            extra={"nb16": op_bytes(c, hq, hkv, d, 2), "nb8": op_bytes(c, hq, hkv, d, 1)})
@@ -251,8 +260,8 @@ def main(argv=None):
     ap.add_argument("--sweep-batches", type=ints, default=(), help="--sweep only at these batches (default: all)")
     ap.add_argument("--sweep-splits", type=ints, default=(), help="--sweep's split counts (default 1,2,4,...,32)")
     ap.add_argument("--sweep-stages", type=ints, default=(), help="--sweep's num_stages (default 3)")
-    ap.add_argument("--sweep-cache", choices=("bf16", "fp8", "both"), default="bf16",
-                    help="the cache(s) --sweep times (fp8: tpfuse_fp8[...] rows)")
+    ap.add_argument("--sweep-cache", choices=tuple(SWEEP_CACHES), default="bf16",
+                    help="the cache(s) --sweep times (fp8: tpfuse_fp8[...] rows; fp8_words: tpfuse_fp8_words[...])")
     ap.add_argument("--batches", type=ints, default=(), help="batches to time (default 1,8,64; --quick 1,64)")
     ap.add_argument("--capacity-sweep", action="store_true",
                     help="only: B 1 / 8 at 1024 keys in caches of max_seq_len 1k / 8k / 32k and 256 rows (~1 min)")
@@ -336,7 +345,7 @@ def summary(rows, copy_tb_s):
         s, t, f = sel["sdpa"], sel["tpfuse"], sel["tpfuse_fp8"]
         swept = [r for p, r in sel.items() if p.startswith("tpfuse[")]
         best = min(swept, key=lambda r: r["median_us"]) if swept else None
-        swept8 = [r for p, r in sel.items() if p.startswith("tpfuse_fp8[")]
+        swept8 = [r for p, r in sel.items() if p.startswith(("tpfuse_fp8[", "tpfuse_fp8_words["))]
         best8 = min(swept8, key=lambda r: r["median_us"]) if swept8 else None
         frac = (lambda r: r["gbps"] / (copy_tb_s * 1e3))
         print(f"{key[0]:18s} {key[1]:5d} {key[2]:3d}: {s['median_us']:8.2f} {t['median_us']:8.2f} ({t['gbps']:6.0f}, "

@@ -2,8 +2,9 @@
 # One GPU-machine call: install tpfuse (and FlashInfer if .whl was carried), then run the chosen steps.
 #   bash bench/gpu_run.sh [STEP ...]      steps: env tests probe_ce async_tp fused_ar local rope decode_attn host
 #                                         profile e2e e2e_full e2e_shards load tune demo onegpu soak probe_onegpu
-#                                         small_gemm e2e_ab e2e_big (default: all but probe_ce, profile, e2e_full,
-#                                         e2e_shards, load, onegpu, soak, probe_onegpu, small_gemm, e2e_ab, e2e_big;
+#                                         small_gemm e2e_ab e2e_big fp8cache (default: all but probe_ce, profile,
+#                                         e2e_full, e2e_shards, load, onegpu, soak, probe_onegpu, small_gemm, e2e_ab,
+#                                         e2e_big, fp8cache;
 #                                         multi-GPU steps skip on one GPU)
 #   e2e_full / e2e_shards: bench_e2e.py at TP=1 (one process whatever the GPU count) at full size, real vocab;
 #           JSON + PNG e2e_tp1_<device>_full / _shards; E2E_FULL_ARGS / E2E_SHARDS_ARGS are appended (a repeated
@@ -36,6 +37,10 @@
 #         KVCacheConfig has; _prefetch: with it and the L2 prefetches before its waits), and the table with every
 #         swept GEMM on the kernel (--small-m-everywhere: _smallall, _smallall_nopdl);
 #         E2E_AB_ARGS appended. One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh e2e_ab
+#   fp8cache: decides decode attention's FP8-cache defaults in one call (~2 min): the FP8 GPU tests of
+#         tests/test_decode_attention.py (word loads == e4m3 loads bitwise, the swept rule's 32-key tiles), then
+#         bench_decode_attention.py at B 1 / 8 / 64 (tpfuse_fp8 vs tpfuse_fp8_words) with the FP8 sweep at B 8 / 64
+#         over both tile loads (FP8CACHE_ARGS appended): decode_attention_<device>.json
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
 # Logs, JSON and PNG go to $OUT (or bench/results/gpu-run when OUT is unset). Multi-GPU steps need >= 2 GPUs.
 set -uo pipefail
@@ -167,6 +172,10 @@ for s in "${steps[@]}"; do
     e2e_ab) LIMIT_e2e_ab=${LIMIT_e2e_ab:-240} run e2e_ab "${TR1[@]}" bench/bench_e2e.py --tag ab --models 8B \
               --layers full --decode-batches 1,8,64 --context 1024 --prefill 1024 --hf-models none \
               ${SMALL_M_TABLE:+--small-m-table "$SMALL_M_TABLE" --small-m-everywhere} ${PDL_ARG:-} ${E2E_AB_ARGS:-} ;;
+    fp8cache) run fp8cache_tests bash -c "python3 -m pytest -q -rs tests/test_decode_attention.py -k 'fp8 or word'"
+              LIMIT_fp8cache_bench=${LIMIT_fp8cache_bench:-240} run fp8cache_bench python3 bench/bench_decode_attention.py \
+                --batches 1,8,64 --block-size 256 --sweep --sweep-batches 8,64 --sweep-splits 1,2,4,8 \
+                --sweep-cache fp8_both ${FP8CACHE_ARGS:-} ;;
     load) run load python3 bench/bench_load.py --shape 8B ${LOAD_ARGS:-}
           run load_fp8 python3 bench/bench_load.py --shape 8B --fp8 ${LOAD_ARGS:-} ;;  # TP=1; writes /tmp ckpts
     decode_attn) [[ -f bench/bench_decode_attention.py ]] && run decode_attn python3 bench/bench_decode_attention.py ${DECODE_ATTN_ARGS:-} ;;
