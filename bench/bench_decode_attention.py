@@ -93,7 +93,8 @@ def sdpa(c, scale):
 
 
 def check(c, scale, ctx):
-    """tpfuse (bf16 and FP8 caches) against SDPA: one bf16 rounding apart / the FP8 cache's quantization."""
+    """tpfuse (bf16 and FP8 caches, default configs) against SDPA: one bf16 rounding apart / the FP8 cache's
+    quantization; the FP8 cache's word loads (``tpfuse_fp8_words``) bit-identical to its e4m3 loads."""
     ref = sdpa(c, scale).float()
     out = A.decode_attention(c["q"], c["kc"], c["vc"], c["bt"], c["lens"], scale=scale, max_seq_len=ctx)
     err = ((out.float() - ref).norm() / ref.norm()).item()
@@ -255,7 +256,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="B 1 and 64 only")
     ap.add_argument("--mixed", action="store_true", help="random lengths in [ctx/2, ctx] instead of all at ctx")
-    ap.add_argument("--sweep", action="store_true", help="also time tpfuse at forced (NUM_SPLITS, BLOCK_N, warps)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time forced (NUM_SPLITS, BLOCK_N, warps, stages) configs (unchecked: the defaults are)")
     ints = (lambda text: tuple(int(x) for x in text.split(",") if x))
     ap.add_argument("--sweep-batches", type=ints, default=(), help="--sweep only at these batches (default: all)")
     ap.add_argument("--sweep-splits", type=ints, default=(), help="--sweep's split counts (default 1,2,4,...,32)")

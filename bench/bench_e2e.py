@@ -59,8 +59,9 @@ Providers (every one is the model a user runs, called with Hugging Face argument
 * ``tpfuse_kv8`` / ``tpfuse_fp8_kv8`` (``--kv-fp8``) - the ``tpfuse`` / ``tpfuse_fp8`` decode rows again with the
   model's KV cache re-made in e4m3 (``KVCacheConfig(dtype=torch.float8_e4m3fn)``, ``kv_scale`` 1: the random
   model's k and v stay far inside e4m3's range), same weights, same capacity: what a user who also quantizes the
-  cache runs. At batch 64 x 1024 tokens the full 8B's step reads 15.0 GB of weights and 8.6 GB of bf16 cache,
-  so FP8 weights alone take its bytes to 0.68x bf16's and an FP8 cache as well to 0.50x. Rows carry
+  cache runs. At batch 64 x 1024 tokens the full 8B's step reads 15.0 GB of weights (1.05 GB of them the lm_head,
+  which ``quantize_fp8`` leaves in bf16) and 8.6 GB of bf16 cache, so FP8 weights alone take its bytes to 0.70x
+  bf16's and an FP8 cache as well to 0.52x. Rows carry
   ``kv_dtype``; the floor rows stay those of the bf16 cache;
 * ``<provider>_smallm`` (``--small-m-table PATH``: a small-M GEMM sweep's routing table,
   ``bench/tune_small_gemm.py``'s ``small_m_gemm_<arch>.json``, installed instead of the shipped one),

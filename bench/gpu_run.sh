@@ -40,7 +40,7 @@
 #   fp8cache: decides decode attention's FP8-cache defaults in one call (~2 min): the FP8 GPU tests of
 #         tests/test_decode_attention.py (word loads == e4m3 loads bitwise, the swept rule's 32-key tiles), then
 #         bench_decode_attention.py at B 1 / 8 / 64 (tpfuse_fp8 vs tpfuse_fp8_words) with the FP8 sweep at B 8 / 64
-#         over both tile loads (FP8CACHE_ARGS appended): decode_attention_<device>.json
+#         over both tile loads (FP8CACHE_ARGS appended): fp8cache/decode_attention_<device>.json
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
 # Logs, JSON and PNG go to $OUT (or bench/results/gpu-run when OUT is unset). Multi-GPU steps need >= 2 GPUs.
 set -uo pipefail
@@ -175,7 +175,7 @@ for s in "${steps[@]}"; do
     fp8cache) run fp8cache_tests bash -c "python3 -m pytest -q -rs tests/test_decode_attention.py -k 'fp8 or word'"
               LIMIT_fp8cache_bench=${LIMIT_fp8cache_bench:-240} run fp8cache_bench python3 bench/bench_decode_attention.py \
                 --batches 1,8,64 --block-size 256 --sweep --sweep-batches 8,64 --sweep-splits 1,2,4,8 \
-                --sweep-cache fp8_both ${FP8CACHE_ARGS:-} ;;
+                --sweep-cache fp8_both --out-dir "$OUT/fp8cache" ${FP8CACHE_ARGS:-} ;;
     load) run load python3 bench/bench_load.py --shape 8B ${LOAD_ARGS:-}
           run load_fp8 python3 bench/bench_load.py --shape 8B --fp8 ${LOAD_ARGS:-} ;;  # TP=1; writes /tmp ckpts
     decode_attn) [[ -f bench/bench_decode_attention.py ]] && run decode_attn python3 bench/bench_decode_attention.py ${DECODE_ATTN_ARGS:-} ;;

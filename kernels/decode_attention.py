@@ -298,15 +298,17 @@ FP8_WORDS = False
 """e4m3 caches with a bf16 / fp16 q: load K / V tiles as int32 words of four e4m3 and convert them before the MMA
 layout change (:func:`_load_kv_tile`; :func:`fp8_words_ok` says where it applies; False: the e4m3 tile loads). Its
 sm_90 PTX has no byte-wide shared-memory loads, where the e4m3 tile loads' build has one a P.V operand element (32
-a thread per 32-key tile), the likely reason the FP8 cache's decode attention took 0.90x a bf16 cache's time for
-half the bytes. Off: built and compile-checked on CPU only; ``tests/test_decode_attention.py``'s
-``test_gpu_fp8_word_loads_match_byte_loads`` and ``bench_decode_attention.py`` (``tpfuse_fp8_words``) decide it."""
+a thread per 32-key tile): the likely reason the FP8 cache's decode attention is no faster than a bf16 cache's for
+half the bytes (B=64 x 1024 keys: 1.02-1.04x its time on one H100, 1.27x on one H200). Off: built and
+compile-checked on CPU only; ``tests/test_decode_attention.py``'s ``test_gpu_fp8_word_loads_match_byte_loads`` and
+``bench_decode_attention.py`` (``tpfuse_fp8_words``) decide it."""
 
 
 def fp8_words_ok(q, key_cache, value_cache) -> bool:
     """Whether the word loads of :data:`FP8_WORDS` apply: e4m3 caches, a 16-bit q, D a multiple of 4 and every
     cache row 4-byte aligned (base pointer and strides in bytes), compiled code (not the interpreter)."""
-    if SOFT_CAST or key_cache.element_size() != 1 or q.element_size() != 2 or q.shape[-1] % 4:
+    fp8 = torch.float8_e4m3fn
+    if SOFT_CAST or key_cache.dtype != fp8 or value_cache.dtype != fp8 or q.element_size() != 2 or q.shape[-1] % 4:
         return False
     return all(c.data_ptr() % 4 == 0 and all(st % 4 == 0 for st in c.stride()[:3])
                for c in (key_cache, value_cache))
@@ -384,10 +386,10 @@ def pick_config(batch: int, kv_heads: int, head_dim: int, q_elem: int, *, cache_
     tiles x 4 / 8 warps at the same points, 256-token blocks, the e4m3 tile loads) found a better FP8 rule, not the
     default yet because its builds have not run a GPU correctness test: at least 2 splits, and 32-key tiles where
     ``programs * NUM_SPLITS > target`` (B=8: 8 splits, B=64: 2): the best fixed config at B=8 and within 1.2% of
-    each point's best at B=64, where the rule above takes 1.10-1.23x the best; at B=1 it is the rule above (within
-    2-3% of the best at 4096 keys, 19% at 1024; no fixed config does better at both). There an FP8 cache took 0.90x
-    a bf16 one's time at B=64 x 1024 keys for half the bytes: its tiles go into the MMA operand layout a byte at a
-    time (:data:`FP8_WORDS` would not).
+    each point's best at B=64, where the rule above takes 1.09-1.23x the best; at B=1 it is the rule above (within
+    2-3% of the best at 4096 keys, 19% at 1024; no fixed config does better at both). Even the best swept config took
+    0.90-0.93x a bf16 cache's time at B=64 x 1024 keys for half the bytes; likely because the tiles go into the MMA
+    operand layout a byte at a time (:data:`FP8_WORDS` would not).
 
     New and not yet swept on a GPU: the split count no longer grows with the context nor the capacity, and each
     sequence's partition follows its own length. Untimed so far: contexts past 4096 keys (B=1 at 32768 keys: 16

@@ -270,7 +270,7 @@ def write_pending(prints: dict) -> None:
 def byte_smem_loads(ptx: str) -> int:
     """Byte-wide shared-memory loads in ``ptx`` (``ld.shared.{u,s,b}8``): one per element where Triton moves an
     e4m3 tile into a transposed MMA operand layout (decode attention's ``FP8_WORDS`` avoids them)."""
-    return len(re.findall(r"^\s*(?:@%p\d+\s+)?ld\.shared\.[usb]8\b", ptx, re.M))
+    return len(re.findall(r"^\s*(?:@!?%p\d+\s+)?ld\.shared(?:\.v[248])?\.[usb]8\b", ptx, re.M))
 
 
 def main() -> int:

@@ -371,6 +371,7 @@ def test_gpu_cuda_graph_capture_replay(gen, fp8, max_blocks, num_blocks):
 MIXED_LENS = [0, 1, 17, 300, 1023, 2048, 5]
 WORD_CASES = [  # (lens, hq, hkv, d, block_size, (block_n, num_splits, num_warps) or None: the FP8 rule)
     ([1024] * 64, 32, 8, 128, 256, None), ([1024] * 8, 32, 8, 128, 256, None), ([4096], 32, 8, 128, 256, None),
+    ([1024] * 64, 32, 8, 128, 256, (32, 2, 4)), ([1024] * 8, 32, 8, 128, 256, (32, 8, 4)),  # the swept FP8 rule
     (MIXED_LENS, 32, 8, 128, 16, None), (MIXED_LENS, 32, 8, 128, 16, (32, 2, 4)),
     ([700, 33, 129], 32, 4, 128, 16, (64, 8, 4)), ([700, 33, 129], 32, 4, 128, 16, (128, 1, 4)),
     ([511, 64, 1], 8, 8, 64, 16, (32, 1, 8)), ([2000, 3], 16, 2, 128, 256, (64, 32, 8))]
@@ -383,7 +384,8 @@ def test_gpu_fp8_word_loads_match_byte_loads(gen, dtype):
     as the e4m3 tile loads, at the FP8 rule's configs and forced tiles / splits / warps (the swept rule's among
     them: 32-key tiles with 2 and 8 splits), D 128 and 64, groups 1-8,
     NaN-poisoned unused slots, a shared block, empty and odd lengths; and both stay within the oracle's bound. A
-    cache view that is not 4-byte aligned falls back to the byte loads."""
+    cache view that is not 4-byte aligned is not offered to the word loads, and its launch asking for them (the
+    e4m3 loads then) gives the same bits as the aligned cache."""
     from tpfuse.kernels import decode_attention as dak
 
     for lens, hq, hkv, d, bs, forced in WORD_CASES:
@@ -404,7 +406,11 @@ def test_gpu_fp8_word_loads_match_byte_loads(gen, dtype):
         assert_elementwise(outs[1], oracle, dtype, "word loads " + tag)
         assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16)), "words != bytes: " + tag
     shifted = torch.empty(kc.numel() + 1, dtype=torch.uint8, device="cuda")[1:].view(FP8).view(kc.shape)
+    shifted.copy_(kc)
     assert not dak.fp8_words_ok(q, shifted, vc)
+    out = torch.full_like(q, float("nan"))
+    dak.launch_decode_attention(q, shifted, vc, bt, sl, out, x["scale"], kvs, max_seq_len=cap, fp8_words=True, **cfg)
+    assert torch.equal(out.cpu().view(torch.int16), outs[0].view(torch.int16)), "misaligned cache: " + tag
 
 
 @gpu_only

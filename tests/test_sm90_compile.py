@@ -79,9 +79,9 @@ def test_pdl_variants_wait_before_they_touch_global_memory(compiled):
 
 
 def test_fp8_word_loads_have_no_byte_wide_shared_loads(compiled):
-    """Decode attention on an e4m3 cache: the FP8_WORDS builds (kernels/decode_attention.py, the default where it
-    applies) move no tile through shared memory a byte at a time; the e4m3 tile loads' builds do (so the check can
-    fail)."""
+    """Decode attention on an e4m3 cache: the FP8_WORDS builds (kernels/decode_attention.py, off by default until
+    timed on a GPU) move no tile through shared memory a byte at a time; the e4m3 tile loads' builds do (so the
+    check can fail)."""
     counts = {ln.split("  ", 1)[1]: int(ln.split()[1]) for ln in compiled.stdout.splitlines()
               if ln.startswith("byte-smem-loads ")}
     words = {n: c for n, c in counts.items() if " words" in n}
