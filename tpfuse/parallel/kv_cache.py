@@ -68,9 +68,9 @@ class KVCacheConfig:
     table now routes them at batch 1 / 8, the decode step took 0.96 / 0.99x as long in bf16 and 0.94 / 0.98x in
     per-channel FP8 (rows ``_smallall_pdl_nopf`` over the base rows without PDL); at batch 64, with the routes
     unchanged, 0.99x (bf16, FP8) and 1.00x (static FP8) (rows ``_pdl``, which had the L2 prefetch on). Where the
-    step's GEMMs stay on cuBLAS it pays less or costs: bf16 at batch 8 with the old routes took 1.02x. Only on stacks that have it (:func:`tpfuse.kernels.pdl.stack_has_pdl`); a
-    capture that fails with it is redone without it, with a warning (:mod:`tpfuse.parallel.graphs`); False
-    captures without it."""
+    step's GEMMs stay on cuBLAS it pays less or costs: bf16 at batch 8 with the old routes took 1.02x. Only on
+    stacks that have it (:func:`tpfuse.kernels.pdl.stack_has_pdl`); a capture that fails with it is redone without
+    it, with a warning (:mod:`tpfuse.parallel.graphs`); False captures without it."""
 
     def validate(self) -> None:
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
