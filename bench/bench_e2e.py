@@ -4,8 +4,8 @@ Llama-3.1-70B, Qwen3-32B, ...; random bf16 weights, nothing downloaded; the mode
     torchrun --standalone --nproc-per-node=N bench/bench_e2e.py [--models 8B,70B,Qwen3-32B] [--layers 4|full|fit]
         [--vocab real|N] [--decode-batches 1,8,64] [--context 1024] [--prefill 1024,4096,8192]
         [--compile-batches 1,64] [--hf-models 8B] [--hf-after] [--kv-capacities 8x1152,8x32768]
-        [--fit-headroom-gib 6] [--flashinfer] [--no-fp8] [--small-m-table PATH] [--pdl-ab] [--small-m-everywhere]
-        [--kv-fp8] [--tag TAG]
+        [--fit-headroom-gib 6] [--flashinfer] [--no-fp8] [--small-m-table PATH] [--pdl-ab] [--rope-ab]
+        [--small-m-everywhere] [--kv-fp8] [--tag TAG]
 
 Models (``--models``, comma-separated): a real shape (``8B``, ``70B``, ``Qwen3-32B``, ``Qwen2.5-7B``,
 ``Phi-3-medium``), or a **shard** ``<model>/tp<N>`` (``70B/tp8``, ``70B/tp4``, ``8B/tp2``; TP=1 runs only): a
@@ -63,6 +63,9 @@ Providers (every one is the model a user runs, called with Hugging Face argument
   which ``quantize_fp8`` leaves in bf16) and 8.6 GB of bf16 cache, so FP8 weights alone take its bytes to 0.70x
   bf16's and an FP8 cache as well to 0.52x. Rows carry
   ``kv_dtype``; the floor rows stay those of the bf16 cache;
+* ``<provider>_ropesep`` (``--rope-ab``): the decode step's RoPE (QK-norm) and KV-cache write as their own kernels
+  before the decode attention (``KVCacheConfig(fuse_rope=False)``; the default folds them into it), rows carry
+  ``fuse_rope``;
 * ``<provider>_smallm`` (``--small-m-table PATH``: a small-M GEMM sweep's routing table,
   ``bench/tune_small_gemm.py``'s ``small_m_gemm_<arch>.json``, installed instead of the shipped one),
   ``<provider>_nopdl`` (``--pdl-ab``: the decode graphs captured without programmatic dependent launch; the default
@@ -143,6 +146,8 @@ def parse_args(argv=None):
     ap.add_argument("--tag", default="", help="file-name tag: e2e_tp{N}_{device}_{tag}.json")
     ap.add_argument("--small-m-table", default="", help="a small-M GEMM sweep's routing table (JSON): adds the "
                     "<provider>_smallm decode rows with it installed")
+    ap.add_argument("--rope-ab", action="store_true", help="adds the <provider>_ropesep decode rows: the decode "
+                    "step's RoPE and KV-cache write as their own kernels (KVCacheConfig.fuse_rope=False)")
     ap.add_argument("--pdl-ab", action="store_true", help="adds the <provider>_nopdl decode rows (graphs captured "
                     "without programmatic dependent launch, KVCacheConfig.pdl=False) and <provider>_prefetch (with PDL "
                     "and the L2 prefetches before its waits)")
@@ -312,8 +317,10 @@ VARIANT_PROVIDERS = ("tpfuse", "tpfuse_fp8", "tpfuse_fp8_static")  # decode rows
 
 
 def variants(args) -> list:
-    """``(suffix, table path or None, pdl, everywhere, prefetch)`` of the decode-row variants the run asks for
-    (``pdl`` / ``prefetch`` None: the defaults, ``KVCacheConfig.pdl`` and no L2 prefetch): ``_smallm``
+    """``(suffix, table path or None, pdl, everywhere, prefetch, fuse_rope)`` of the decode-row variants the run
+    asks for (``pdl`` / ``prefetch`` / ``fuse_rope`` None: the defaults, ``KVCacheConfig.pdl``, no L2 prefetch,
+    ``KVCacheConfig.fuse_rope``): ``_ropesep`` (``--rope-ab``: the RoPE and cache write as their own kernels before
+    the decode attention, ``fuse_rope=False``), ``_smallm``
     (``--small-m-table``: that table installed), ``_nopdl`` (``--pdl-ab``: graphs captured without PDL) and
     ``_prefetch`` (``--pdl-ab``: with PDL and the L2 prefetches before its waits,
     ``small_m_gemm.PREFETCH_BYTES_TRIED`` of weights a launch and the decode attention's first K / V tile); with
@@ -322,10 +329,11 @@ def variants(args) -> list:
     table = getattr(args, "small_m_table", "") or None
     ab = bool(getattr(args, "pdl_ab", False))
     every = bool(table and getattr(args, "small_m_everywhere", False))
-    out = [("_smallm", table, None, False, None)] if table else []
-    out += [("_nopdl", None, False, False, None), ("_prefetch", None, True, False, True)] if ab else []
-    out += [("_smallall", table, None, True, None)] if every else []
-    out += [("_smallall_nopdl", table, False, True, None)] if every and ab else []
+    out = [("_ropesep", None, None, False, None, False)] if getattr(args, "rope_ab", False) else []
+    out += [("_smallm", table, None, False, None, None)] if table else []
+    out += [("_nopdl", None, False, False, None, None), ("_prefetch", None, True, False, True, None)] if ab else []
+    out += [("_smallall", table, None, True, None, None)] if every else []
+    out += [("_smallall_nopdl", table, False, True, None, None)] if every and ab else []
     return out
 
 
@@ -346,13 +354,14 @@ def load_table(path: str, everywhere: bool = False) -> dict:
 
 
 def variant_row(model, batch, args, dev, rows, base, provider, table_path, pdl=None, everywhere=False,
-                prefetch=None):
+                prefetch=None, fuse_rope=None):
     """``provider`` 's decode row again with the small-M routing table ``table_path`` installed instead of the
     shipped one (``small_m_configs.install``; None: the shipped one; ``everywhere``: every row routed to the
     kernel, :func:`load_table`), the decode graphs captured with ``KVCacheConfig.pdl = pdl`` (None: the model's)
-    and, with ``prefetch``, the L2 prefetches before the PDL waits (:func:`variants`). The model's decode graphs are
-    dropped before and after (routing and PDL are decided at capture), so a variant differs from its base row only
-    in those. ``routed``: how many distinct GEMM calls (shape, dtypes, M) the step sent to the small-M kernel."""
+    and, with ``prefetch``, the L2 prefetches before the PDL waits, and ``KVCacheConfig.fuse_rope = fuse_rope``
+    (None: the model's) (:func:`variants`). The model's decode graphs are dropped before and after (routing, PDL
+    and the RoPE's kernels are decided at capture), so a variant differs from its base row only in those.
+    ``routed``: how many distinct GEMM calls (shape, dtypes, M) the step sent to the small-M kernel."""
     import contextlib
 
     from tpfuse.kernels import small_m_configs as smc
@@ -362,7 +371,8 @@ def variant_row(model, batch, args, dev, rows, base, provider, table_path, pdl=N
 
     table = load_table(table_path, everywhere) if table_path else None
     st = model._tpfuse
-    own_pdl, st.graphs = st.cache_config.pdl, None
+    own_pdl, own_fuse, st.graphs = st.cache_config.pdl, st.cache_config.fuse_rope, None
+    st.cache_config.fuse_rope = own_fuse if fuse_rope is None else fuse_rope
     own_pf, own_kv_pf = smg.PREFETCH_BYTES, dak.PREFETCH
     pdl = own_pdl if pdl is None else pdl
     st.cache_config.pdl = pdl
@@ -375,17 +385,19 @@ def variant_row(model, batch, args, dev, rows, base, provider, table_path, pdl=N
                          dev, lambda: dict(last_mode=st.last_mode, pdl=pdl and pdl_launch.available(dev),
                                            routed=sum(isinstance(v, smc.GemmConfig) for v in smc.ROUTE_MEMO.values()),
                                            table=os.path.basename(table_path) if table_path else "shipped",
-                                           everywhere=everywhere, prefetch_bytes=smg.PREFETCH_BYTES if pdl else 0))
+                                           everywhere=everywhere, prefetch_bytes=smg.PREFETCH_BYTES if pdl else 0,
+                                           fuse_rope=st.cache_config.fuse_rope))
     finally:
-        st.cache_config.pdl, st.graphs = own_pdl, None
+        st.cache_config.pdl, st.cache_config.fuse_rope, st.graphs = own_pdl, own_fuse, None
         smg.PREFETCH_BYTES, dak.PREFETCH = own_pf, own_kv_pf
     return r
 
 
 def variant_rows(model, batch, args, dev, rows, base, provider):
     """Every variant of :func:`variants` of one decode row (``<provider><suffix>``)."""
-    for suffix, table_path, pdl, everywhere, prefetch in variants(args):
-        variant_row(model, batch, args, dev, rows, base, provider + suffix, table_path, pdl, everywhere, prefetch)
+    for suffix, table_path, pdl, everywhere, prefetch, fuse_rope in variants(args):
+        variant_row(model, batch, args, dev, rows, base, provider + suffix, table_path, pdl, everywhere, prefetch,
+                    fuse_rope)
 
 
 def _label(r) -> str:

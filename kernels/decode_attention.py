@@ -54,7 +54,7 @@ import triton.language as tl
 
 from ..quant import next_pow2
 from . import pdl
-from .quant_epilogue import SOFT_CAST, cast_for_store
+from .quant_epilogue import SOFT_CAST, cast_for_store, fp8_cast
 
 LOG2E = 1.4426950408889634
 
@@ -190,6 +190,50 @@ def _prefetch_partition(sl_ptr, bt_ptr, bt_stride, kc_ptr, kc_sb, kc_so, kc_sh, 
 
 
 @triton.jit
+def _attend_range(q, lo, hi, n, bt_row, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, kvh, qk,
+                  DT: tl.constexpr, D: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_SIZE: tl.constexpr, CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr, PREC: tl.constexpr,
+                  FP8_WORDS: tl.constexpr):
+    """``(acc, m, l)``: the online softmax of the group's rows over keys ``[lo, hi)`` (tiles masked to ``< n``)."""
+    acc = tl.zeros([GROUP_PAD, D], tl.float32)
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    if SOFT_CAST:
+        # the Triton 3.6 interpreter cannot take a tensor as a range() bound (its scalars are 1-element arrays);
+        # the same loop as a while. Compiled code keeps the for loop, which Triton software-pipelines.
+        start = lo
+        while start < hi:
+            acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, start, n, bt_row, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr,
+                                         vc_sb, vc_so, vc_sh, kvh, qk, DT, D, GROUP_PAD, BLOCK_N, BLOCK_SIZE,
+                                         CACHE_FP8, PV_HILO, PREC, FP8_WORDS)
+            start += BLOCK_N
+    else:
+        for start in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, start, n, bt_row, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr,
+                                         vc_sb, vc_so, vc_sh, kvh, qk, DT, D, GROUP_PAD, BLOCK_N, BLOCK_SIZE,
+                                         CACHE_FP8, PV_HILO, PREC, FP8_WORDS)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _write_result(acc, m_i, l_i, kv_scale, n, b, heads, rmask, split, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr,
+                  ws_l_ptr, n_heads, D: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """One split: ``out`` (0 for an empty sequence); several: the unnormalized partial and its ``m`` / ``l``."""
+    d = tl.arange(0, D)
+    acc = acc * kv_scale  # V's dequantization scale, once
+    if NUM_SPLITS == 1:
+        # n == 0: the loop never ran (l = 0); write zeros, not 0/0
+        res = tl.where(n > 0, tl.math.div_rn(acc, tl.where(n > 0, l_i, 1.0)[:, None]), 0.0)
+        optrs = out_ptr + b * o_sb + heads[:, None] * o_sh + d[None, :]
+        tl.store(optrs, cast_for_store(res, out_ptr.dtype.element_ty), mask=rmask[:, None])
+    else:
+        row = (b * n_heads + heads) * NUM_SPLITS + split  # [GROUP_PAD]
+        tl.store(ws_o_ptr + row[:, None] * D + d[None, :], acc, mask=rmask[:, None])
+        tl.store(ws_m_ptr + row, m_i, mask=rmask)
+        tl.store(ws_l_ptr + row, l_i, mask=rmask)
+
+
+@triton.jit
 def _split_kernel(q_ptr, q_sb, q_sh, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, bt_ptr, bt_stride,
                   sl_ptr, kvs_ptr, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr, ws_l_ptr, qk_scale, max_len, group,
                   n_heads, D: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -220,36 +264,112 @@ def _split_kernel(q_ptr, q_sb, q_sh, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb,
     if CACHE_FP8:
         kv_scale = tl.load(kvs_ptr).to(tl.float32)
     qk = qk_scale * kv_scale
-    acc = tl.zeros([GROUP_PAD, D], tl.float32)
-    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
-    bt_row = bt_ptr + b * bt_stride
-    if SOFT_CAST:
-        # the Triton 3.6 interpreter cannot take a tensor as a range() bound (its scalars are 1-element arrays);
-        # the same loop as a while. Compiled code keeps the for loop, which Triton software-pipelines.
-        start = lo
-        while start < hi:
-            acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, start, n, bt_row, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr,
-                                         vc_sb, vc_so, vc_sh, kvh, qk, DT, D, GROUP_PAD, BLOCK_N, BLOCK_SIZE,
-                                         CACHE_FP8, PV_HILO, PREC, FP8_WORDS)
-            start += BLOCK_N
-    else:
-        for start in range(lo, hi, BLOCK_N):
-            acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, start, n, bt_row, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr,
-                                         vc_sb, vc_so, vc_sh, kvh, qk, DT, D, GROUP_PAD, BLOCK_N, BLOCK_SIZE,
-                                         CACHE_FP8, PV_HILO, PREC, FP8_WORDS)
+    acc, m_i, l_i = _attend_range(q, lo, hi, n, bt_ptr + b * bt_stride, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb,
+                                  vc_so, vc_sh, kvh, qk, DT, D, GROUP_PAD, BLOCK_N, BLOCK_SIZE, CACHE_FP8, PV_HILO,
+                                  PREC, FP8_WORDS)
     pdl.trigger(PDL)  # the K / V tiles are read (a program that exited early counts as triggered)
-    acc = acc * kv_scale  # V's dequantization scale, once
-    if NUM_SPLITS == 1:
-        # n == 0: the loop never ran (l = 0); write zeros, not 0/0
-        res = tl.where(n > 0, tl.math.div_rn(acc, tl.where(n > 0, l_i, 1.0)[:, None]), 0.0)
-        optrs = out_ptr + b * o_sb + heads[:, None] * o_sh + d[None, :]
-        tl.store(optrs, cast_for_store(res, out_ptr.dtype.element_ty), mask=rmask[:, None])
+    _write_result(acc, m_i, l_i, kv_scale, n, b, heads, rmask, split, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr,
+                  ws_l_ptr, n_heads, D, NUM_SPLITS)
+
+
+@triton.jit
+def _rope_rows(x_ptrs, w_ptr, c, s, mask, eps, D: tl.constexpr, QK_NORM: tl.constexpr, GEMMA: tl.constexpr):
+    """fp32 ``rope(rmsnorm(x))`` (QK_NORM) or ``rope(x)`` of the NeoX-style head rows ``x_ptrs [R, 1]`` point at:
+    element ``d`` pairs with ``d +- D/2``; ``c`` / ``s`` ``[D]`` are the cos / sin of ``d mod D/2``."""
+    HALF: tl.constexpr = D // 2
+    d = tl.arange(0, D)
+    partner = (d + HALF) % D
+    x = tl.load(x_ptrs + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(x_ptrs + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    if QK_NORM:
+        rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
+        w = tl.load(w_ptr + d).to(tl.float32)[None, :]
+        wp = tl.load(w_ptr + partner).to(tl.float32)[None, :]
+        if GEMMA:
+            w = w + 1.0
+            wp = wp + 1.0
+        x = (x * rstd) * w
+        xp = (xp * rstd) * wp
+    sign = tl.where(d < HALF, -1.0, 1.0)[None, :]  # first half: x c - x' s; second half: x c + x' s
+    return x * c[None, :] + (sign * xp) * s[None, :]
+
+
+@triton.jit
+def _new_key(q, acc, m_i, l_i, owner, k_att, v_att, qk):
+    """The online-softmax step of one key held in registers (``k_att`` / ``v_att`` fp32 ``[D]``, as the cache
+    holds them): a no-op where ``owner`` is false; an empty running state (``m = -inf``) takes the key alone."""
+    s_new = tl.sum(q.to(tl.float32) * k_att[None, :], axis=1) * qk  # log2 domain, like the tiles' scores
+    s_new = tl.where(owner, s_new, float("-inf"))
+    m_new = tl.maximum(m_i, s_new)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen at all: alpha = p = 0, not NaN
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(s_new - m_safe)
+    return acc * alpha[:, None] + p[:, None] * v_att[None, :], m_new, l_i * alpha + p
+
+
+@triton.jit
+def _rope_split_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, pos_ptr, cs_ptr, cs_stride, qw_ptr,
+                       kw_ptr, qk_eps, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, bt_ptr, bt_stride,
+                       sl_ptr, kvs_ptr, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr, ws_l_ptr, qk_scale, max_len, group,
+                       n_heads, D: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                       MIN_PARTITION: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                       CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
+                       QK_NORM: tl.constexpr, GEMMA: tl.constexpr, FP8_WORDS: tl.constexpr = False):
+    """:func:`_split_kernel` with this step's token folded in (contract: :func:`launch_rope_decode_attention`):
+    q and the new k (per-head RMSNorm first with QK_NORM) are roped in registers; the program whose partition holds
+    key ``n - 1`` writes the new k / v there and takes that key from registers, every tile of the loop stops
+    before it, so no program reads what another writes in this launch."""
+    pdl.wait(PDL)  # q, k, v come from the kernel before this one
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    n = tl.minimum(tl.maximum(tl.load(sl_ptr + b).to(tl.int32), 0), max_len)
+    part = _partition_len(n, NUM_SPLITS, MIN_PARTITION, BLOCK_N)
+    lo = split * part
+    if NUM_SPLITS > 1:
+        if lo >= n:
+            return
+    hi = tl.minimum(lo + part, n)
+    new = n - 1  # this step's key (-1: an empty sequence, nothing written)
+    owner = (lo <= new) & (new < hi)
+    DT: tl.constexpr = q_ptr.dtype.element_ty
+    HALF: tl.constexpr = D // 2
+    r = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, D)
+    heads = kvh * group + r
+    rmask = r < group
+    row = cs_ptr + tl.load(pos_ptr + b).to(tl.int64) * cs_stride
+    c = tl.load(row + d % HALF).to(tl.float32)
+    s = tl.load(row + HALF + d % HALF).to(tl.float32)
+    q = cast_for_store(_rope_rows(q_ptr + b * q_sb + heads[:, None] * q_sh, qw_ptr, c, s, rmask[:, None], qk_eps,
+                                  D, QK_NORM, GEMMA), DT)
+    k1 = tl.sum(_rope_rows(k_ptr + b * k_sb + kvh * k_sh + tl.zeros([1, 1], tl.int64), kw_ptr, c, s,
+                           tl.full([1, 1], 1, tl.int1), qk_eps, D, QK_NORM, GEMMA), axis=0)  # [D]
+    k_new = cast_for_store(k1, DT)  # rounded as the unfused RoPE kernel stores it
+    v_new = tl.load(v_ptr + b * v_sb + kvh * v_sh + d)
+    kv_scale = 1.0
+    if CACHE_FP8:
+        kv_scale = tl.load(kvs_ptr).to(tl.float32)
+        inv = tl.math.div_rn(1.0, kv_scale)
+        k_st = fp8_cast(k_new.to(tl.float32) * inv)
+        v_st = fp8_cast(v_new.to(tl.float32) * inv)
     else:
-        row = (b * n_heads + heads) * NUM_SPLITS + split  # [GROUP_PAD]
-        tl.store(ws_o_ptr + row[:, None] * D + d[None, :], acc, mask=rmask[:, None])
-        tl.store(ws_m_ptr + row, m_i, mask=rmask)
-        tl.store(ws_l_ptr + row, l_i, mask=rmask)
+        k_st = k_new.to(kc_ptr.dtype.element_ty)
+        v_st = v_new.to(vc_ptr.dtype.element_ty)
+    bt_row = bt_ptr + b * bt_stride
+    blk = tl.load(bt_row + tl.maximum(new, 0) // BLOCK_SIZE, mask=owner, other=0).to(tl.int64)
+    off = (tl.maximum(new, 0) % BLOCK_SIZE).to(tl.int64)
+    wmask = (d < D) & owner
+    tl.store(kc_ptr + blk * kc_sb + off * kc_so + kvh * kc_sh + d, k_st, mask=wmask)
+    tl.store(vc_ptr + blk * vc_sb + off * vc_so + kvh * vc_sh + d, v_st, mask=wmask)
+    qk = qk_scale * kv_scale
+    acc, m_i, l_i = _attend_range(q, lo, tl.minimum(hi, new), new, bt_row, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr,
+                                  vc_sb, vc_so, vc_sh, kvh, qk, DT, D, GROUP_PAD, BLOCK_N, BLOCK_SIZE, CACHE_FP8,
+                                  PV_HILO, PREC, FP8_WORDS)
+    pdl.trigger(PDL)
+    acc, m_i, l_i = _new_key(q, acc, m_i, l_i, owner, k_st.to(tl.float32), v_st.to(tl.float32), qk)
+    _write_result(acc, m_i, l_i, kv_scale, n, b, heads, rmask, split, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr,
+                  ws_l_ptr, n_heads, D, NUM_SPLITS)
 
 
 @triton.jit
@@ -461,12 +581,61 @@ def launch_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, o
         BLOCK_SIZE=block_size, NUM_SPLITS=splits, CACHE_FP8=cache_fp8, PV_HILO=q.element_size() == 2,
         PREC="ieee" if q.dtype.itemsize == 4 else "tf32", PDL=on, PF_KEYS=cfg.block_n if on and PREFETCH else 0,
         FP8_WORDS=words, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_options(on))
-    if splits > 1:
-        splits_pad = next_pow2(splits)
+    _launch_combine(cfg, ws_o, ws_m, ws_l, seq_lens, out, max_seq_len, on)
+    return cfg
+
+
+def _launch_combine(cfg: DecodeConfig, ws_o, ws_m, ws_l, seq_lens, out, max_seq_len: int, on: bool) -> None:
+    """The combine kernel of a split launch (nothing for one split)."""
+    bsz, hq, d = out.shape
+    if cfg.num_splits > 1:
+        splits_pad = next_pow2(cfg.num_splits)
         _combine_kernel[(bsz, hq)](
             ws_o, ws_m, ws_l, seq_lens, out, out.stride(0), out.stride(1), hq, int(max_seq_len),
-            D=d, BLOCK_N=cfg.block_n, MIN_PARTITION=cfg.min_partition, NUM_SPLITS=splits, SPLITS_PAD=splits_pad,
-            CHUNK=min(splits_pad, 16), PDL=on, num_warps=4 if d >= 128 else 2, **pdl.launch_options(on))
+            D=d, BLOCK_N=cfg.block_n, MIN_PARTITION=cfg.min_partition, NUM_SPLITS=cfg.num_splits,
+            SPLITS_PAD=splits_pad, CHUNK=min(splits_pad, 16), PDL=on, num_warps=4 if d >= 128 else 2,
+            **pdl.launch_options(on))
+
+
+def launch_rope_decode_attention(q, k, v, positions, cos_sin_cache, key_cache, value_cache, block_tables, seq_lens,
+                                 out, scale, kv_scale=None, *, max_seq_len: int, q_norm_weight=None,
+                                 k_norm_weight=None, qk_eps: float = 0.0, gemma: bool = False, num_splits=None,
+                                 min_partition=None, block_n=None, num_warps=None, num_stages=None, fp8_words=None):
+    """One decode step's attention with its RoPE and cache write folded in (:func:`_rope_split_kernel`, then the
+    combine): ``q [B, Hq, D]``, ``k`` / ``v [B, Hkv, D]`` are this step's un-roped projections (read, never
+    written); with ``n = clamp(seq_lens[b], 0, max_seq_len)``, sequence ``b``'s roped (after the per-head RMSNorm
+    where ``q_norm_weight`` / ``k_norm_weight`` are given) k and its v become key ``n - 1`` of the caches (at
+    ``block_tables[b, (n - 1) // block_size]``; nothing is written when ``n == 0``) and ``out [B, Hq, D]`` gets the
+    attention of the roped q over keys ``[0, n)``. NeoX rotary, ``positions [B]`` into ``cos_sin_cache [P, D]``
+    (``[cos | sin]`` rows). The launch (:func:`pick_config`) and the partitions are :func:`launch_decode_attention`'s.
+    Inputs are validated by :func:`tpfuse.attention.rope_decode_attention`. Returns the :class:`DecodeConfig`."""
+    bsz, hq, d = q.shape
+    block_size, hkv = key_cache.shape[1], key_cache.shape[2]
+    if bsz == 0 or hq == 0:
+        return None
+    cache_fp8 = key_cache.element_size() == 1
+    cfg = pick_config(bsz, hkv, d, q.element_size(), cache_fp8=cache_fp8, sm_count=device_sm_count(q.device),
+                      num_splits=num_splits, min_partition=min_partition, block_n=block_n, num_warps=num_warps,
+                      num_stages=num_stages)
+    splits = cfg.num_splits
+    kvs = kv_scale if cache_fp8 else seq_lens  # unread unless CACHE_FP8
+    ws_o, ws_m, ws_l = _workspace(bsz, hq, d, splits, q.device) if splits > 1 else (out, out, out)
+    qk_norm = q_norm_weight is not None
+    qw, kw = (q_norm_weight, k_norm_weight) if qk_norm else (q, q)  # unread without QK_NORM
+    on = pdl.wanted(out)
+    words = (FP8_WORDS if fp8_words is None else fp8_words) and fp8_words_ok(q, key_cache, value_cache)
+    _rope_split_kernel[(bsz, hkv, splits)](
+        q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), positions,
+        cos_sin_cache, cos_sin_cache.stride(0), qw, kw, float(qk_eps),
+        key_cache, key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache, value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        block_tables, block_tables.stride(0), seq_lens, kvs, out, out.stride(0), out.stride(1), ws_o, ws_m, ws_l,
+        float(scale) * LOG2E, int(max_seq_len), hq // hkv, hq,
+        D=d, GROUP_PAD=max(16, next_pow2(hq // hkv)), BLOCK_N=cfg.block_n, MIN_PARTITION=cfg.min_partition,
+        BLOCK_SIZE=block_size, NUM_SPLITS=splits, CACHE_FP8=cache_fp8, PV_HILO=q.element_size() == 2,
+        PREC="ieee" if q.dtype.itemsize == 4 else "tf32", PDL=on, QK_NORM=qk_norm, GEMMA=bool(gemma),
+        FP8_WORDS=words, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_options(on))
+    _launch_combine(cfg, ws_o, ws_m, ws_l, seq_lens, out, max_seq_len, on)
     return cfg
 
 

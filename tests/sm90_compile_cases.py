@@ -147,8 +147,9 @@ def decode_attention_cases():
     BLOCK_N 128 for D <= 128 with 16-bit q, 32 for D=256 / fp32; up to 16 splits, 8 warps at one split; FP8 caches:
     BLOCK_N 64, 4 warps, up to 32 splits), bf16 / fp16 / fp32 q, single pass and split, the configs of the swept FP8
     rule that is not the default yet (32-key tiles, 8 and 2 splits; with PDL too), the int32-word e4m3 tile loads
-    (``FP8_WORDS``, off by default), and the combine kernel (power-of-two and other split counts). Partitions are
-    computed on the device (``MIN_PARTITION`` 128)."""
+    (``FP8_WORDS``, off by default), the split kernel with the step's RoPE (+ QK-norm) and cache write folded in
+    (``_rope_split_kernel``: the model's decode path), and the combine kernel (power-of-two and other split counts).
+    Partitions are computed on the device (``MIN_PARTITION`` 128)."""
     for q_t, cache, d, group, bn, splits, warps in (
             ("*bf16", "*bf16", 128, 4, 128, 16, 4), ("*bf16", "*bf16", 128, 4, 128, 4, 4),
             ("*bf16", "*bf16", 128, 8, 128, 1, 8), ("*bf16", "*bf16", 64, 1, 128, 16, 4),
@@ -173,6 +174,21 @@ def decode_attention_cases():
         if (q_t, splits) in (("*bf16", 16), ("*bf16", 32), ("*bf16", 1)) and d == 128:  # PDL + K/V prefetch
             yield (name + f"warps={warps} pdl prefetch{bn}", decode_attention._split_kernel, ptrs,
                    dict(const, PDL=True, PF_KEYS=bn), warps, True)
+    for q_t, cache, d, group, bn, splits, warps, qk_norm in (
+            ("*bf16", "*bf16", 128, 4, 128, 16, 4, False), ("*bf16", "*bf16", 128, 4, 128, 4, 4, False),
+            ("*bf16", "*bf16", 128, 8, 128, 1, 8, True), ("*bf16", "*fp8e4nv", 128, 4, 64, 32, 4, False),
+            ("*bf16", "*fp8e4nv", 128, 8, 64, 1, 4, True), ("*fp32", "*fp32", 64, 4, 32, 4, 4, True)):
+        ptrs = {"q_ptr": q_t, "k_ptr": q_t, "v_ptr": q_t, "pos_ptr": "*i64", "cs_ptr": "*fp32", "qw_ptr": q_t,
+                "kw_ptr": q_t, "kc_ptr": cache, "vc_ptr": cache, "bt_ptr": "*i32", "sl_ptr": "*i64",
+                "kvs_ptr": "*fp32", "out_ptr": q_t, "ws_o_ptr": "*fp32", "ws_m_ptr": "*fp32", "ws_l_ptr": "*fp32"}
+        const = dict(D=d, GROUP_PAD=max(16, group), BLOCK_N=bn, MIN_PARTITION=max(128, bn), BLOCK_SIZE=256,
+                     NUM_SPLITS=splits, CACHE_FP8=cache == "*fp8e4nv", PV_HILO=q_t != "*fp32",
+                     PREC="ieee" if q_t == "*fp32" else "tf32", QK_NORM=qk_norm, GEMMA=False)
+        name = (f"rope_decode_attention q={q_t[1:]} cache={cache[1:]} d={d} group={group} splits={splits} "
+                f"block_n={bn} warps={warps} qk_norm={qk_norm}")
+        for pdl_on in (False, True):
+            yield (name + (" pdl" if pdl_on else ""), decode_attention._rope_split_kernel, ptrs,
+                   dict(const, PDL=pdl_on), warps, True)
     for d, bn, splits in ((128, 64, 32), (128, 128, 16), (64, 128, 11), (128, 32, 8), (128, 32, 2)):
         yield (f"decode_attention combine d={d} splits={splits} block_n={bn}", decode_attention._combine_kernel,
                {"ws_o_ptr": "*fp32", "ws_m_ptr": "*fp32", "ws_l_ptr": "*fp32", "sl_ptr": "*i32", "out_ptr": "*bf16"},

@@ -145,15 +145,17 @@ def test_bench_e2e_imports_and_keeps_its_defaults():
     assert bench_e2e.VOCAB == 32000
     # the decode-row variants: none by default, those of each flag, and --small-m-everywhere only with a table
     assert bench_e2e.variants(a) == []
-    assert bench_e2e.variants(bench_e2e.parse_args(["--pdl-ab"])) == [("_nopdl", None, False, False, None),
-                                                                        ("_prefetch", None, True, False, True)]
+    assert bench_e2e.variants(bench_e2e.parse_args(["--pdl-ab"])) == [("_nopdl", None, False, False, None, None),
+                                                                        ("_prefetch", None, True, False, True, None)]
     both = bench_e2e.parse_args(["--pdl-ab", "--small-m-table", "t.json"])
     assert [v[0] for v in bench_e2e.variants(both)] == ["_smallm", "_nopdl", "_prefetch"]
-    assert bench_e2e.variants(both)[0] == ("_smallm", "t.json", None, False, None)  # PDL as the model's default
+    assert bench_e2e.variants(both)[0] == ("_smallm", "t.json", None, False, None, None)  # PDL as the default
     # --small-m-everywhere: the table routing every swept GEMM (needs the table), with --pdl-ab also without PDL
     every = bench_e2e.parse_args(["--pdl-ab", "--small-m-table", "t.json", "--small-m-everywhere"])
-    assert bench_e2e.variants(every)[3:] == [("_smallall", "t.json", None, True, None),
-                                              ("_smallall_nopdl", "t.json", False, True, None)]
+    assert bench_e2e.variants(every)[3:] == [("_smallall", "t.json", None, True, None, None),
+                                              ("_smallall_nopdl", "t.json", False, True, None, None)]
+    # --rope-ab: the decode step's RoPE and cache write as their own kernels, everything else as the model's
+    assert bench_e2e.variants(bench_e2e.parse_args(["--rope-ab"])) == [("_ropesep", None, None, False, None, False)]
     with pytest.raises(SystemExit):
         bench_e2e.parse_args(["--small-m-everywhere"])
     assert (a.kv_fp8, bench_e2e.parse_args(["--kv-fp8"]).kv_fp8) == (False, True)

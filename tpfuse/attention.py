@@ -103,8 +103,40 @@ def decode_attention_ref(q, key_cache, value_cache, block_tables, seq_lens, *, s
                                  max_seq_len=max_seq_len).to(q.dtype)
 
 
+def new_key_slots(block_tables, seq_lens, block_size: int, max_seq_len: Optional[int] = None) -> torch.Tensor:
+    """``[B]`` int64 cache slot (``block * block_size + offset``) of key ``n - 1`` of each sequence, ``n =
+    clamp(seq_lens, 0, max_seq_len)``; -1 where ``n == 0``: where :func:`rope_decode_attention` writes this step's
+    k / v."""
+    cap = block_tables.shape[1] * block_size if max_seq_len is None else max_seq_len
+    n = seq_lens.to(torch.long).clamp(0, cap)
+    i = (n - 1).clamp_min(0)
+    blk = block_tables.to(torch.long).gather(1, (i // block_size)[:, None])[:, 0]
+    return torch.where(n > 0, blk * block_size + i % block_size, -1)
+
+
+def rope_decode_attention_ref(q, k, v, positions, cos_sin_cache, key_cache, value_cache, block_tables, seq_lens, *,
+                              scale, kv_scale=None, max_seq_len=None, q_norm_weight=None, k_norm_weight=None,
+                              qk_eps: float = 0.0, gemma: bool = False) -> torch.Tensor:
+    """Reference of :func:`rope_decode_attention`: the unfused sequence (per-head RMSNorm where weights are given,
+    RoPE, each rounded once to q's dtype; the cache write at :func:`new_key_slots`; :func:`decode_attention_ref`).
+    Updates the caches in place; returns a new ``out``."""
+    from .reference import rmsnorm_math
+    from .rope import cos_sin, kv_cache_write_ref, rope_math
+
+    c, s = cos_sin(cos_sin_cache, positions)
+    qf, kf = q.float(), k.float()
+    if q_norm_weight is not None:
+        qf, kf = rmsnorm_math(qf, q_norm_weight, qk_eps, gemma), rmsnorm_math(kf, k_norm_weight, qk_eps, gemma)
+    qr = rope_math(qf, c, s, True).to(q.dtype)
+    kr = rope_math(kf, c, s, True).to(k.dtype)
+    slots = new_key_slots(block_tables, seq_lens, key_cache.shape[1], max_seq_len)
+    kv_cache_write_ref(kr, v, key_cache, value_cache, slots, kv_scale)
+    return decode_attention_ref(qr, key_cache, value_cache, block_tables, seq_lens, scale=scale, kv_scale=kv_scale,
+                                max_seq_len=max_seq_len)
+
+
 # --------------------------------------------------------------------------------------------------------------
-# custom op
+# custom ops
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -127,6 +159,31 @@ def _decode_attention_op(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
 
 @_decode_attention_op.register_fake
 def _(q, key_cache, value_cache, block_tables, seq_lens, out, scale, max_seq_len, kv_scale):
+    return None
+
+
+@torch.library.custom_op("tpfuse::rope_decode_attention_", mutates_args=("out", "key_cache", "value_cache"))
+def _rope_decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                              cos_sin_cache: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                              block_tables: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor, scale: float,
+                              max_seq_len: int, kv_scale: Optional[torch.Tensor], q_norm_weight: Optional[torch.Tensor],
+                              k_norm_weight: Optional[torch.Tensor], qk_eps: float, gemma: bool) -> None:
+    if not _use_triton(q):
+        out.copy_(rope_decode_attention_ref(q, k, v, positions, cos_sin_cache, key_cache, value_cache, block_tables,
+                                            seq_lens, scale=scale, kv_scale=kv_scale, max_seq_len=max_seq_len,
+                                            q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, qk_eps=qk_eps,
+                                            gemma=gemma))
+        return
+    from .kernels.decode_attention import launch_rope_decode_attention
+
+    launch_rope_decode_attention(q, k, v, positions, cos_sin_cache, key_cache, value_cache, block_tables, seq_lens,
+                                 out, scale, kv_scale, max_seq_len=max_seq_len, q_norm_weight=q_norm_weight,
+                                 k_norm_weight=k_norm_weight, qk_eps=qk_eps, gemma=gemma)
+
+
+@_rope_decode_attention_op.register_fake
+def _(q, k, v, positions, cos_sin_cache, key_cache, value_cache, block_tables, seq_lens, out, scale, max_seq_len,
+      kv_scale, q_norm_weight, k_norm_weight, qk_eps, gemma):
     return None
 
 
@@ -198,4 +255,68 @@ def decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
         return out
     _decode_attention_op(q, key_cache, value_cache, block_tables, seq_lens, out, float(scale), max_seq_len,
                          kv_scale if key_cache.dtype == _quant.FP8_DTYPE else None)
+    return out
+
+
+def _check_new_kv(q, k, v, positions, cos_sin_cache, q_norm_weight, k_norm_weight):
+    bsz, hq, d = q.shape
+    hkv = k.shape[1] if k.dim() == 3 else -1
+    for name, x in (("k", k), ("v", v)):
+        if (x.dim() != 3 or x.shape != (bsz, hkv, d) or x.dtype != q.dtype or x.stride(2) != 1
+                or x.device != q.device):
+            raise TPFuseInputError(f"{name} must be [{bsz}, num_kv_heads, {d}] {q.dtype} with a unit last stride on "
+                                   f"{q.device}, got {tuple(x.shape)} {x.dtype}")
+    if positions.shape != (bsz,) or positions.dtype not in (torch.int32, torch.int64) or positions.device != q.device:
+        raise TPFuseInputError(f"positions must be [{bsz}] int64 on {q.device}, got {tuple(positions.shape)}")
+    if (cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != d or cos_sin_cache.stride(1) != 1
+            or not cos_sin_cache.is_floating_point() or cos_sin_cache.device != q.device):
+        raise TPFuseInputError(f"cos_sin_cache must be [max_positions, {d}] floating ([cos | sin] rows, unit column "
+                               f"stride) on {q.device}, got {tuple(cos_sin_cache.shape)}")
+    if (q_norm_weight is None) != (k_norm_weight is None):
+        raise TPFuseInputError("q_norm_weight and k_norm_weight go together (QK-norm) or not at all")
+    for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+        if w is not None and (w.shape != (d,) or w.stride(0) != 1 or w.device != q.device):
+            raise TPFuseInputError(f"{name} must be [{d}] contiguous on {q.device}, got {tuple(w.shape)}")
+
+
+def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                          cos_sin_cache: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                          block_tables: torch.Tensor, seq_lens: torch.Tensor, *, scale: float,
+                          kv_scale: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
+                          max_seq_len: Optional[int] = None, q_norm_weight: Optional[torch.Tensor] = None,
+                          k_norm_weight: Optional[torch.Tensor] = None, qk_eps: float = 0.0,
+                          gemma: bool = False) -> torch.Tensor:
+    """One decode step's attention with its RoPE and KV-cache write folded in: the sequence
+    ``rope_kv_cache_write`` (or ``qk_norm_rope`` + a cache write) then :func:`decode_attention`, in one kernel
+    launch (plus the combine of a split launch). ``q [B, Hq, D]``, ``k`` / ``v [B, Hkv, D]`` (q's dtype, unit last
+    stride, e.g. views of a qkv row) are this step's projections, not yet roped, and stay unchanged;
+    ``positions [B]`` their RoPE positions into ``cos_sin_cache [P, D]`` (``[cos | sin]`` rows, NeoX style). With
+    ``n = clamp(seq_lens[b], 0, max_seq_len)`` (the new token counted), the roped k and v are written as key
+    ``n - 1`` of sequence ``b`` (slot :func:`new_key_slots`; nothing where ``n == 0``), quantized as
+    :func:`tpfuse.rope.rope_kv_cache_write` does for an FP8 cache; ``out`` gets the attention of the roped q over
+    keys ``[0, n)``. ``q_norm_weight`` / ``k_norm_weight [D]``: per-head RMSNorm (``qk_eps``; ``gemma``: weight
+    + 1) before the rotation, as :func:`tpfuse.rope.qk_norm_rope`. Other arguments, shapes and CUDA-graph use as
+    :func:`decode_attention`; the reference (:func:`rope_decode_attention_ref`) rounds the roped q and k once to
+    q's dtype, as the kernel does."""
+    if q.dim() != 3 or q.dtype not in (torch.bfloat16, torch.float16, torch.float32) or q.stride(2) != 1:
+        raise TPFuseInputError(f"q must be [B, num_heads, head_dim] bf16/fp16/fp32 with a unit last stride, got "
+                               f"{tuple(q.shape)} {q.dtype}")
+    d = q.shape[2]
+    if not _pow2(d) or not 16 <= d <= 256:
+        raise TPFuseInputError(f"head_dim must be a power of two in 16..256, got {d}")
+    _check_cache(q, key_cache, value_cache, kv_scale)
+    _check_new_kv(q, k, v, positions, cos_sin_cache, q_norm_weight, k_norm_weight)
+    if k.shape[1] != key_cache.shape[2]:
+        raise TPFuseInputError(f"k has {k.shape[1]} heads, the cache {key_cache.shape[2]}")
+    max_seq_len = _check_tables(q, block_tables, seq_lens, key_cache.shape[1], max_seq_len)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(2) != 1 or out.device != q.device:
+        raise TPFuseInputError(f"out must be {tuple(q.shape)} {q.dtype} with a unit last stride on {q.device}, "
+                               f"got {tuple(out.shape)} {out.dtype}")
+    if q.shape[0] == 0 or q.shape[1] == 0:
+        return out
+    _rope_decode_attention_op(q, k, v, positions, cos_sin_cache, key_cache, value_cache, block_tables, seq_lens, out,
+                              float(scale), max_seq_len, kv_scale if key_cache.dtype == _quant.FP8_DTYPE else None,
+                              q_norm_weight, k_norm_weight, float(qk_eps), bool(gemma))
     return out

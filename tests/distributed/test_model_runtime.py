@@ -24,12 +24,17 @@ def _real(logits_row, mask_row):
     return logits_row[mask_row.bool()]
 
 
-def _batched(rank, world, arch):
+def _batched(rank, world, arch, fuse_rope):
     """Left- and right-padded batched prefill == the oracle == one call per prompt; then DECODE_STEPS decode steps
-    per row, each row at its own length."""
+    per row, each row at its own length (``fuse_rope``: through :func:`tpfuse.attention.rope_decode_attention`, the
+    default, or the separate RoPE + cache-write op before :func:`tpfuse.attention.decode_attention`)."""
+    import tpfuse.attention as ta
     from tpfuse.tolerance import assert_close, rel_err
 
-    model, ref_model, comm = mc.tp_model(arch, world)
+    model, ref_model, comm = mc.tp_model(arch, world, fuse_rope=fuse_rope)
+    fused_calls = []
+    fused = ta.rope_decode_attention
+    ta.rope_decode_attention = lambda *a, **kw: (fused_calls.append(1), fused(*a, **kw))[1]  # which path ran
     prompts = mc.prompts(LENGTHS)
     g = torch.Generator().manual_seed(3)
     extra = torch.randint(0, mc.VOCAB, (len(prompts), DECODE_STEPS), generator=g)
@@ -48,12 +53,16 @@ def _batched(rank, world, arch):
         assert rel_err(_real(out.logits[b], mask[b]), singles[b]) <= 1e-6, "batched != separate calls"
     cache = mc.cache_of(out)
     assert cache.lengths == list(LENGTHS)
-    for i in range(DECODE_STEPS):
-        mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], dim=1)
-        out = model(extra[:, i:i + 1], attention_mask=mask, cache=cache)
-        cache = mc.cache_of(out)
-        for b, p in enumerate(prompts):
-            errs.append(assert_close(out.logits[b, 0], refs[b][len(p) + i], torch.float32, f"decode {i} row {b}"))
+    try:
+        for i in range(DECODE_STEPS):
+            mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], dim=1)
+            out = model(extra[:, i:i + 1], attention_mask=mask, cache=cache)
+            cache = mc.cache_of(out)
+            for b, p in enumerate(prompts):
+                errs.append(assert_close(out.logits[b, 0], refs[b][len(p) + i], torch.float32, f"decode {i} row {b}"))
+    finally:
+        ta.rope_decode_attention = fused
+    assert len(fused_calls) == (DECODE_STEPS * len(model._tpfuse.layers) if fuse_rope else 0), len(fused_calls)
     assert cache.lengths == [n + DECODE_STEPS for n in LENGTHS]
     # T == B without being a decode step: row 0 brings 2 tokens, row 1 none, row 2 one
     more = torch.randint(0, mc.VOCAB, (3, 2), generator=g)
@@ -70,9 +79,10 @@ def _batched(rank, world, arch):
     return max(errs)
 
 
-@pytest.mark.parametrize("arch,world", [("llama", 1), ("llama", 4), ("qwen3", 2)])
-def test_batched_prefill_and_decode_match_unsharded(arch, world):
-    errs = run_on_ranks(_batched, world, arch)
+@pytest.mark.parametrize("arch,world,fuse_rope", [("llama", 1, True), ("llama", 4, True), ("qwen3", 2, True),
+                                                  ("llama", 2, False), ("qwen3", 1, False)])
+def test_batched_prefill_and_decode_match_unsharded(arch, world, fuse_rope):
+    errs = run_on_ranks(_batched, world, arch, fuse_rope)
     assert max(errs) <= 1e-5, errs
 
 

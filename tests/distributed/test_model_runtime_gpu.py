@@ -64,10 +64,11 @@ def _decode_run(model, prompts, extra, steps):
     return [torch.cat(x) for x in rows], model._tpfuse.last_mode
 
 
-def _graph_vs_eager(rank, world, arch, batch, cache_dtype):
+def _graph_vs_eager(rank, world, arch, batch, cache_dtype, fuse_rope=True):
     from tpfuse.tolerance import REL_ERR_LOGITS, rel_err
 
     kw = {} if cache_dtype is None else dict(dtype=cache_dtype, kv_scale=0.5)
+    kw["fuse_rope"] = fuse_rope
     g = torch.Generator().manual_seed(batch)
     lens = [int(x) for x in torch.randint(1, 300, (batch,), generator=g)]
     prompts = [torch.randint(0, SHAPE["vocab_size"], (n,), generator=g) for n in lens]
@@ -96,6 +97,14 @@ def _graph_vs_eager(rank, world, arch, batch, cache_dtype):
                                                     ("llama", 5, torch.float8_e4m3fn)])
 def test_graph_decode_matches_eager_and_oracle(tp, arch, batch, cache_dtype):
     errs = run_gpu(_graph_vs_eager, tp, arch, batch, cache_dtype, timeout_s=600)
+    assert all(e > 0 for e in errs)
+
+
+@pytest.mark.parametrize("arch,cache_dtype", [("llama", None), ("qwen3", torch.float8_e4m3fn)])
+def test_unfused_rope_decode_matches_eager_and_oracle(arch, cache_dtype):
+    """``KVCacheConfig(fuse_rope=False)``: the decode step's RoPE (QK-norm) and cache write as separate kernels
+    before the decode attention, as prefill runs them (TP = 1)."""
+    errs = run_gpu(_graph_vs_eager, 1, arch, 4, cache_dtype, False, timeout_s=600)
     assert all(e > 0 for e in errs)
 
 

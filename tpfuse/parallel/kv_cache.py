@@ -71,6 +71,11 @@ class KVCacheConfig:
     step's GEMMs stay on cuBLAS it pays less or costs: bf16 at batch 8 with the old routes took 1.02x. Only on
     stacks that have it (:func:`tpfuse.kernels.pdl.stack_has_pdl`); a capture that fails with it is redone without
     it, with a warning (:mod:`tpfuse.parallel.graphs`); False captures without it."""
+    fuse_rope: bool = True
+    """Decode steps rope q and the new k (after the per-head QK-norm where the model has one), write the new k / v
+    into the cache and attend in one kernel (:func:`tpfuse.attention.rope_decode_attention`) instead of a RoPE +
+    cache-write kernel (two kernels with a QK-norm) before the decode attention: one launch fewer per layer. False:
+    the separate kernels (prefill always uses them)."""
 
     def validate(self) -> None:
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
@@ -89,6 +94,8 @@ class KVCacheConfig:
             raise TPFuseInputError(f"KVCacheConfig.cuda_graphs must be a bool, got {self.cuda_graphs!r}")
         if not isinstance(self.pdl, bool):
             raise TPFuseInputError(f"KVCacheConfig.pdl must be a bool, got {self.pdl!r}")
+        if not isinstance(self.fuse_rope, bool):
+            raise TPFuseInputError(f"KVCacheConfig.fuse_rope must be a bool, got {self.fuse_rope!r}")
         if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.graph_buckets):
             raise TPFuseInputError(f"KVCacheConfig.graph_buckets must be positive ints, got {self.graph_buckets!r}")
 

@@ -6,9 +6,12 @@ sequence-parallel mode)::
 
     all-reduce form                                  sequence-parallel form
     qkv = x @ W_qkv_shard.T                          qkv = *all_gather_matmul(x, W_qkv_shard)
-    attention on this rank's heads: RoPE (+ QK-norm) and the KV-cache write in one kernel, then
-        decode step:  paged decode attention over the cache (tpfuse.attention.decode_attention)
-        prefill:      causal SDPA per sequence (over its cached prefix when it has one)
+    attention on this rank's heads:
+        decode step:  RoPE (+ QK-norm), the KV-cache write and the paged decode attention in one kernel
+                      (tpfuse.attention.rope_decode_attention; KVCacheConfig.fuse_rope=False: the prefill's RoPE
+                      kernel first, then tpfuse.attention.decode_attention)
+        prefill:      RoPE (+ QK-norm) and the KV-cache write in one kernel, then causal SDPA per sequence (over
+                      its cached prefix when it has one)
     x, residual = *fused_add_rmsnorm(attn @ W_o_shard.T, residual, post_norm)
                                                      x, residual = *matmul_reduce_scatter_rmsnorm(attn, W_o_shard, ...)
     gu = x @ W_gate_up_shard.T                       gu = *all_gather_matmul(x, W_gate_up_shard)
@@ -226,8 +229,10 @@ class TPDecoderLayer(nn.Module):
         return q, k, v
 
     def _attention(self, qkv: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        q, k, v = self._rope_and_store(qkv, ctx)
         meta, t = ctx.meta, qkv.shape[0]
+        if meta.decode is not None and ctx.storage.cfg.fuse_rope:
+            return self._rope_decode_attention(qkv, ctx)
+        q, k, v = self._rope_and_store(qkv, ctx)
         if meta.decode is not None:
             from ..attention import decode_attention
 
@@ -237,6 +242,25 @@ class TPDecoderLayer(nn.Module):
                                  max_seq_len=st.max_seq_len)
             return o.reshape(t, -1)
         return self._prefill_attention(q, k, v, ctx)
+
+    def _rope_decode_attention(self, qkv: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """A decode step's QK-norm (where the model has one), RoPE, cache write and attention in one op: the new
+        token is key ``seq_lens - 1`` of its row, at ``slot_mapping`` (:func:`~tpfuse.parallel.batch.decode_meta`
+        derives both from the cache index)."""
+        from ..attention import rope_decode_attention
+
+        t, d, hq, hk = qkv.shape[0], self.head_dim, self.num_heads, self.num_kv_heads
+        q = qkv[:, : hq * d].view(t, hq, d)
+        k = qkv[:, hq * d: (hq + hk) * d].view(t, hk, d)
+        v = qkv[:, (hq + hk) * d:].view(t, hk, d)
+        st, meta = ctx.storage, ctx.meta
+        qn = self._q_norm
+        o = rope_decode_attention(q, k, v, meta.rope_pos, ctx.cos_sin, st.key[self.layer_idx],
+                                  st.value[self.layer_idx], meta.decode.block_tables, meta.decode.seq_lens,
+                                  scale=self.scale, kv_scale=st.kv_scale, max_seq_len=st.max_seq_len,
+                                  q_norm_weight=None if qn is None else qn.weight,
+                                  k_norm_weight=None if qn is None else self._k_norm.weight, qk_eps=self.qk_eps)
+        return o.reshape(t, -1)
 
     def _prefill_attention(self, q, k, v, ctx: StepContext) -> torch.Tensor:
         t, hq, d = q.shape

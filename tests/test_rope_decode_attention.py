@@ -1,0 +1,358 @@
+"""Decode attention with the step's RoPE and KV-cache write folded in (:func:`tpfuse.attention.rope_decode_attention`):
+Triton kernels vs the plain-torch reference vs an fp64 oracle.
+
+Where the kernel cases run (``test_case_*``, the ``kernels`` fixture of tests/conftest.py): compiled on a GPU;
+through the Triton interpreter on a CPU-only machine (small shapes, forced small partitions so the multi-split
+paths run). GPU machines add big shapes, CUDA-graph capture + replay with new lengths, positions and projections,
+and ``torch.compile(fullgraph=True)``.
+
+Adversarial inputs (on top of :func:`test_decode_attention.make_inputs`' NaN-poisoned cache, shuffled and shared
+blocks and strided, poisoned ``out``): the slot of each sequence's new key holds NaN before the call, so a tile that
+reads it instead of taking the key from registers (or reads it before it is written) makes NaN; q, k and v are
+views of one qkv row; lengths put the new key first, last and alone in a partition, in a sequence of one key, and
+past ``max_seq_len`` (clamped: the key goes to ``max_seq_len - 1``); an empty sequence writes nothing.
+
+Checks: ``out`` elementwise against the fp64 attention of the reference's rounded roped q over the kernel's cache
+(within one final rounding), and against the reference; the new k in the cache within 2 units in the last place
+of the fp64 roped (QK-normed) k (bf16 / fp16 cache) or one e4m3 step of it (FP8), the new v byte for byte the
+reference's; every other cache byte unchanged; q, k and v unchanged.
+"""
+
+import pytest
+import torch
+
+from kernel_env import DEVICE, ON_GPU, capture, gpu_only, poisoned, record_launches
+from test_decode_attention import assert_elementwise, make_inputs
+from test_rope import make_cos_sin_cache
+
+from tpfuse import attention as A
+from tpfuse import rope as R
+from tpfuse.errors import TPFuseInputError
+from tpfuse.reference import rmsnorm_math
+from tpfuse.tolerance import assert_close
+
+FP8 = torch.float8_e4m3fn
+kernel_case = pytest.mark.usefixtures("kernels")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def make_step(gen, *, lens, hq, hkv, d, block_size=16, dtype=torch.bfloat16, fp8=False, qk_norm=False,
+              max_seq_len=None):
+    """:func:`make_inputs` plus this step's k / v columns, positions, a RoPE table and QK-norm weights; the new
+    key's slot of every sequence is poisoned (NaN)."""
+    x = make_inputs(gen, lens=lens, hq=hq, hkv=hkv, d=d, block_size=block_size, dtype=dtype, fp8=fp8, q_std=1.0)
+    bsz = len(lens)
+    x["qkv"][:, hq * d: (hq + 2 * hkv) * d] = (torch.randn(bsz, 2 * hkv * d, generator=gen) * 2.0).to(dtype)
+    cap = x["bt"].shape[1] * block_size if max_seq_len is None else max_seq_len
+    slots = A.new_key_slots(x["bt"], x["sl"], block_size, cap)
+    for c in (x["kc"], x["vc"]):
+        flat = c.view(-1, hkv, d)
+        flat[slots[slots >= 0]] = poisoned((int((slots >= 0).sum()), hkv, d), c.dtype)
+    x["pos"] = torch.randint(0, 4096, (bsz,), generator=gen)
+    x["cs"] = make_cos_sin_cache(4096, d)
+    x["qw"] = x["kw"] = None
+    if qk_norm:
+        x["qw"] = (torch.rand(d, generator=gen) + 0.5).to(dtype)
+        x["kw"] = (torch.rand(d, generator=gen) + 0.5).to(dtype)
+    x["slots"], x["cap"], x["hkv"] = slots, cap, hkv
+    return x
+
+
+def qkv_views(qkv, hq, hkv, d):
+    t = qkv.shape[0]
+    q = qkv[:, : hq * d].view(t, hq, d)
+    k = qkv[:, hq * d: (hq + hkv) * d].view(t, hkv, d)
+    v = qkv[:, (hq + hkv) * d: (hq + 2 * hkv) * d].view(t, hkv, d)
+    return q, k, v
+
+
+def roped(x, w, pos, cs, eps, dtype):
+    """fp64 (QK-normed) roped heads ``x [B, H, D]``: the oracle of the kernel's q / new k before rounding."""
+    y = x.double()
+    if w is not None:
+        y = rmsnorm_math(y, w, eps)
+    return R.rope_math(y, *R.cos_sin(cs, pos, torch.float64), True)
+
+
+def run_step(gen, device, *, lens, hq, hkv, d, block_size=16, dtype=torch.bfloat16, fp8=False, qk_norm=False,
+             max_seq_len=None, **forced):
+    """Run the op on ``device`` (the public op, or the launcher with ``forced`` config overrides) and check it
+    (module docstring); returns ``(out, key_cache, value_cache)`` on the CPU."""
+    x = make_step(gen, lens=lens, hq=hq, hkv=hkv, d=d, block_size=block_size, dtype=dtype, fp8=fp8, qk_norm=qk_norm,
+                  max_seq_len=max_seq_len)
+    bsz, eps = len(lens), 1e-6
+    qkv, kc, vc, bt, sl, pos, cs = (x[n].to(device) for n in ("qkv", "kc", "vc", "bt", "sl", "pos", "cs"))
+    kvs = None if x["kv_scale"] is None else x["kv_scale"].to(device)
+    qw, kw = (None if w is None else w.to(device) for w in (x["qw"], x["kw"]))
+    q, k, v = qkv_views(qkv, hq, hkv, d)
+    out_base = poisoned((bsz, hq * d + 24), dtype, device)
+    out = out_base[:, : hq * d].view(bsz, hq, d)
+    norm = dict(q_norm_weight=qw, k_norm_weight=kw, qk_eps=eps)
+    if not forced:
+        got = A.rope_decode_attention(q, k, v, pos, cs, kc, vc, bt, sl, scale=x["scale"], kv_scale=kvs, out=out,
+                                      max_seq_len=max_seq_len, **norm)
+        assert got is out
+    else:
+        from tpfuse.kernels.decode_attention import launch_rope_decode_attention
+
+        launch_rope_decode_attention(q, k, v, pos, cs, kc, vc, bt, sl, out, x["scale"], kvs, max_seq_len=x["cap"],
+                                     **norm, **forced)
+    tag = f"lens={lens[:6]} hq={hq} hkv={hkv} d={d} {dtype} fp8={fp8} qk_norm={qk_norm} {forced}"
+    res, kc_got, vc_got = out.cpu(), kc.cpu(), vc.cpu()
+    check_cache(x, kc_got, vc_got, hq, d, eps, dtype, tag)
+    # reference: the unfused sequence on the CPU, from the same inputs
+    kc_ref, vc_ref = x["kc"].clone(), x["vc"].clone()
+    q0, k0, v0 = qkv_views(x["qkv"], hq, hkv, d)
+    ref = A.rope_decode_attention_ref(q0, k0, v0, x["pos"], x["cs"], kc_ref, vc_ref, x["bt"], x["sl"],
+                                      scale=x["scale"], kv_scale=x["kv_scale"], max_seq_len=max_seq_len,
+                                      q_norm_weight=x["qw"], k_norm_weight=x["kw"], qk_eps=eps)
+    q_ref = R.rope_math(rmsnorm_math(q0.float(), x["qw"], eps) if qk_norm else q0.float(),
+                        *R.cos_sin(x["cs"], x["pos"]), True).to(dtype)
+    oracle = A.decode_attention_math(q_ref, kc_got, vc_got, x["bt"], x["sl"], scale=x["scale"],
+                                     kv_scale=x["kv_scale"], max_seq_len=max_seq_len, dtype=torch.float64)
+    assert_elementwise(res, oracle, dtype, tag)
+    assert_close(res, ref.float(), dtype, tag + " vs reference")
+    n = x["sl"].clamp(0, x["cap"])
+    assert (res[n <= 0] == 0).all(), tag + ": empty sequences must give exactly 0"
+    pad = out_base[:, hq * d:].cpu()
+    assert torch.equal(pad.view(torch.uint8), poisoned(pad.shape, dtype).view(torch.uint8)), tag + ": padding written"
+    assert torch.equal(qkv.cpu().view(torch.uint8), x["qkv"].view(torch.uint8)), tag + ": q / k / v changed"
+    return res, kc_got, vc_got
+
+
+def check_cache(x, kc_got, vc_got, hq, d, eps, dtype, tag):
+    """The new k / v at each sequence's new-key slot (module docstring), every other byte unchanged."""
+    hkv, slots = x["hkv"], x["slots"]
+    valid = slots >= 0
+    s = slots[valid]
+    q0, k0, v0 = qkv_views(x["qkv"], hq, hkv, d)
+    k_or = roped(k0[valid], x["kw"], x["pos"][valid], x["cs"], eps, dtype)
+    kflat, vflat = kc_got.view(-1, hkv, d), vc_got.view(-1, hkv, d)
+    if x["kv_scale"] is not None:
+        from tpfuse.tolerance import fp8_step
+
+        kvs = x["kv_scale"].double()
+        deq = kflat[s].double() * kvs
+        assert ((deq - k_or).abs() <= fp8_step(k_or / kvs) * kvs * 1.01).all(), tag + ": new k off the oracle"
+        assert torch.equal(vflat[s].view(torch.uint8), R.cache_quant(v0[valid], x["kv_scale"]).view(torch.uint8)), \
+            tag + ": new v"
+    else:
+        ulp = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -22}[dtype]
+        err = (kflat[s].double() - k_or).abs()
+        assert (err <= 2 * ulp * k_or.abs() + ulp * 2 ** -4 * k_or.abs().max()).all(), tag + ": new k off the oracle"
+        assert torch.equal(vflat[s].view(torch.uint8), v0[valid].contiguous().view(torch.uint8)), tag + ": new v"
+    for name, got, before in (("key_cache", kflat, x["kc"]), ("value_cache", vflat, x["vc"])):
+        keep = torch.ones(got.shape[0], dtype=torch.bool)
+        keep[s] = False
+        assert torch.equal(got[keep].view(torch.uint8), before.view(-1, hkv, d)[keep].view(torch.uint8)), \
+            f"{tag}: {name} changed outside the new keys' slots"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# reference path (CPU, plain torch) and the public function's checks: always run here
+
+
+def test_reference_is_the_unfused_sequence(gen):
+    """The reference equals rope_kv_cache_write's reference (at :func:`new_key_slots`) then decode attention's,
+    bit for bit, and with QK-norm qk_norm_rope's reference then the cache write."""
+    for qk_norm in (False, True):
+        x = make_step(gen, lens=[0, 1, 17, 33], hq=8, hkv=2, d=32, qk_norm=qk_norm)
+        q0, k0, v0 = qkv_views(x["qkv"], 8, 2, 32)
+        kc1, vc1, kc2, vc2 = x["kc"].clone(), x["vc"].clone(), x["kc"].clone(), x["vc"].clone()
+        out = A.rope_decode_attention_ref(q0, k0, v0, x["pos"], x["cs"], kc1, vc1, x["bt"], x["sl"],
+                                          scale=x["scale"], q_norm_weight=x["qw"], k_norm_weight=x["kw"],
+                                          qk_eps=1e-6)
+        if qk_norm:
+            qkv = x["qkv"][:, : 12 * 32].clone()
+            qr, kr = R.qk_norm_rope_ref(qkv, x["qw"], x["kw"], x["cs"], x["pos"], num_heads=8, num_kv_heads=2,
+                                        head_dim=32, eps=1e-6, is_neox=True)
+            qr, kr = qr.view(-1, 8, 32), kr.view(-1, 2, 32)
+            R.kv_cache_write_ref(kr, v0, kc2, vc2, x["slots"])
+        else:
+            qr, _ = R.rope_kv_cache_write_ref(q0, k0, v0, x["pos"], x["cs"], kc2, vc2, x["slots"], is_neox=True)
+        expect = A.decode_attention_ref(qr, kc2, vc2, x["bt"], x["sl"], scale=x["scale"])
+        assert torch.equal(out.view(torch.int16), expect.view(torch.int16))
+        assert torch.equal(kc1.view(torch.int16), kc2.view(torch.int16))
+        assert torch.equal(vc1.view(torch.int16), vc2.view(torch.int16))
+        assert not torch.isnan(out[1:].float()).any()  # the poisoned new-key slots were written before the read
+
+
+def test_new_key_slots():
+    bt = torch.tensor([[5, 2, 9], [7, 1, 3]], dtype=torch.int32)
+    sl = torch.tensor([17, 0], dtype=torch.int32)
+    assert A.new_key_slots(bt, sl, 16).tolist() == [2 * 16 + 0, -1]
+    assert A.new_key_slots(bt, torch.tensor([16, 48]), 16).tolist() == [5 * 16 + 15, 3 * 16 + 15]
+    assert A.new_key_slots(bt, torch.tensor([40, 1]), 16, max_seq_len=20).tolist() == [2 * 16 + 3, 7 * 16]
+
+
+def test_public_op_cpu_reference_path(gen, monkeypatch):
+    monkeypatch.delenv("TPFUSE_TRITON_CPU", raising=False)
+    run_step(gen, "cpu", lens=[0, 1, 17, 33], hq=8, hkv=2, d=64)
+    run_step(gen, "cpu", lens=[5, 16], hq=4, hkv=4, d=32, fp8=True, qk_norm=True)
+
+
+def test_opcheck_fake_impl(gen, monkeypatch):
+    monkeypatch.delenv("TPFUSE_TRITON_CPU", raising=False)
+    x = make_step(gen, lens=[3, 20], hq=4, hkv=2, d=32, qk_norm=True)
+    qkv = torch.nan_to_num(x["qkv"].float()).bfloat16()  # opcheck sums the inputs
+    q, k, v = (t.clone() for t in qkv_views(qkv, 4, 2, 32))
+    kc, vc = (torch.nan_to_num(c.float()).bfloat16() for c in (x["kc"], x["vc"]))
+    out = torch.zeros(2, 4, 32, dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.tpfuse.rope_decode_attention_.default,
+                          (q, k, v, x["pos"], x["cs"], kc, vc, x["bt"], x["sl"], out, x["scale"], 32, None, x["qw"],
+                           x["kw"], 1e-6, False))
+
+
+def test_input_validation():
+    q = torch.zeros(2, 4, 64, dtype=torch.bfloat16)
+    k = torch.zeros(2, 2, 64, dtype=torch.bfloat16)
+    kc = torch.zeros(3, 16, 2, 64, dtype=torch.bfloat16)
+    bt = torch.zeros(2, 2, dtype=torch.int32)
+    sl = torch.ones(2, dtype=torch.int32)
+    pos = torch.zeros(2, dtype=torch.int64)
+    cs = torch.zeros(8, 64)
+    w = torch.ones(64, dtype=torch.bfloat16)
+
+    def call(**kw):
+        a = dict(q=q, k=k, v=k, positions=pos, cos_sin_cache=cs, key_cache=kc, value_cache=kc, block_tables=bt,
+                 seq_lens=sl, scale=0.1)
+        a.update(kw)
+        return A.rope_decode_attention(**a)
+
+    assert call().shape == q.shape
+    assert call(q_norm_weight=w, k_norm_weight=w).shape == q.shape
+    bad = [dict(k=k[:, :1]), dict(v=k.float()), dict(k=torch.zeros(2, 2, 32, dtype=torch.bfloat16)),
+           dict(k=torch.zeros(2, 2, 64, 2, dtype=torch.bfloat16)[..., 0]),  # non-unit last stride
+           dict(k=torch.zeros(2, 1, 64, dtype=torch.bfloat16), v=torch.zeros(2, 1, 64, dtype=torch.bfloat16)),
+           dict(positions=pos[:1]), dict(positions=pos.float()), dict(cos_sin_cache=cs[:, :32]),
+           dict(cos_sin_cache=cs.long()), dict(q_norm_weight=w), dict(q_norm_weight=w[:32], k_norm_weight=w[:32]),
+           dict(key_cache=kc.to(FP8), value_cache=kc.to(FP8)), dict(seq_lens=sl[:1]), dict(max_seq_len=33),
+           dict(q=q.float())]
+    for kw in bad:
+        with pytest.raises(TPFuseInputError):
+            call(**kw)
+
+
+def test_public_op_launches_the_fused_kernel(gen, kernels, monkeypatch):
+    """Under the ``kernels`` fixture the public op runs the fused split kernel (and the combine), never the RoPE
+    kernel nor the plain split kernel."""
+    launches = []
+    for mod, name in ((kernels.decode_attention, "_rope_split_kernel"), (kernels.decode_attention, "_split_kernel"),
+                      (kernels.decode_attention, "_combine_kernel"), (kernels.rope, "_rope_kv_cache_kernel")):
+        record_launches(monkeypatch, mod, name, launches)
+    run_step(gen, DEVICE, lens=[17, 3], hq=4, hkv=2, d=64)
+    names = [kw.get("QK_NORM", "other") for _, kw in launches]
+    assert len(launches) in (1, 2) and names[0] is False, names  # _rope_split_kernel (QK_NORM=False), combine
+
+
+# --------------------------------------------------------------------------------------------------------------
+# kernel cases: Triton interpreter (CPU) or CUDA
+
+HKV = 8 if ON_GPU else 2
+GROUPS = [(HKV, HKV), (4 * HKV, HKV), (8 * HKV, HKV)]
+EDGE_LENS = [0, 1, 15, 16, 17, 33]  # partition 16: the new key last / first and alone in a partition
+
+
+@kernel_case
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["rope", "qknorm"])
+@pytest.mark.parametrize("hq,hkv", GROUPS, ids=["g1", "g4", "g8"])
+def test_case_gqa_edge_lengths(gen, hq, hkv, qk_norm):
+    run_step(gen, DEVICE, lens=EDGE_LENS, hq=hq, hkv=hkv, d=64, qk_norm=qk_norm, num_splits=4, min_partition=16,
+             block_n=16)
+
+
+@kernel_case
+@pytest.mark.parametrize("single", [False, True], ids=["split", "single"])
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["rope", "qknorm"])
+def test_case_fp8_cache(gen, single, qk_norm):
+    cfg = dict(num_splits=1, min_partition=64, block_n=32) if single else dict(num_splits=4, min_partition=16,
+                                                                                block_n=16)
+    run_step(gen, DEVICE, lens=EDGE_LENS, hq=4 * HKV, hkv=HKV, d=128, fp8=True, qk_norm=qk_norm, **cfg)
+
+
+@kernel_case
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16cache", "fp8cache"])
+def test_case_public_op_heuristic(gen, fp8):
+    # the launcher's own config; lengths that end mid-tile and mid-block, one empty sequence
+    run_step(gen, DEVICE, lens=[100, 37, 0, 64, 3, 129], hq=8, hkv=2, d=64, block_size=32, fp8=fp8)
+
+
+@kernel_case
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_case_q_dtypes(gen, dtype):
+    run_step(gen, DEVICE, lens=[1, 20, 47], hq=8, hkv=2, d=64, dtype=dtype, num_splits=2, min_partition=32,
+             block_n=16)
+
+
+@kernel_case
+def test_case_clamped_to_max_seq_len(gen):
+    # seq_lens past max_seq_len: the new key is key max_seq_len - 1 (and only keys before it are attended)
+    run_step(gen, DEVICE, lens=[40, 5, 33], hq=8, hkv=2, d=64, max_seq_len=33, num_splits=3, min_partition=16,
+             block_n=16)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GPU only
+
+
+@gpu_only
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16cache", "fp8cache"])
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["rope", "qknorm"])
+@pytest.mark.parametrize("bsz", [1, 8, 64])
+def test_gpu_model_shapes(gen, bsz, qk_norm, fp8):
+    # the 8B's heads (32 / 8, D 128) at decode batches, 256-token blocks, contexts around 1k, the shipped configs
+    lens = torch.randint(900, 1100, (bsz,), generator=gen).tolist()
+    run_step(gen, DEVICE, lens=lens, hq=32, hkv=8, d=128, block_size=256, fp8=fp8, qk_norm=qk_norm)
+
+
+@gpu_only
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16cache", "fp8cache"])
+def test_gpu_cuda_graph_capture_replay(gen, fp8):
+    """Captured once, replayed over several steps with new lengths, positions and projections written into the
+    captured tensors: each replay equals an eager call on a copy of the caches, bit for bit, and the caches
+    match too."""
+    x = make_step(gen, lens=[300, 17, 1, 64], hq=8, hkv=2, d=128, fp8=fp8, qk_norm=True)
+    qkv, kc, vc, bt, sl, pos, cs = (x[n].cuda() for n in ("qkv", "kc", "vc", "bt", "sl", "pos", "cs"))
+    kvs = None if x["kv_scale"] is None else x["kv_scale"].cuda()
+    qw, kw = x["qw"].cuda(), x["kw"].cuda()
+    q, k, v = qkv_views(qkv, 8, 2, 128)
+    for c in (kc, vc):  # the replays attend over the poisoned new-key slots of make_step: clear the poison
+        c.view(torch.uint8)[c.view(torch.uint8) == 0xFF] = 0
+
+    def step():
+        return A.rope_decode_attention(q, k, v, pos, cs, kc, vc, bt, sl, scale=x["scale"], kv_scale=kvs,
+                                       q_norm_weight=qw, k_norm_weight=kw, qk_eps=1e-6)
+
+    graph, out = capture(step)
+    for it in range(4):
+        sl += 1
+        pos.copy_(torch.randint(0, 4096, pos.shape, generator=gen))
+        qkv[:, : 12 * 128].copy_(torch.randn(4, 12 * 128, generator=gen).to(qkv.dtype))
+        kc2, vc2 = kc.clone(), vc.clone()
+        eager = A.rope_decode_attention(q, k, v, pos, cs, kc2, vc2, bt, sl, scale=x["scale"], kv_scale=kvs,
+                                        q_norm_weight=qw, k_norm_weight=kw, qk_eps=1e-6)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out.view(torch.int16), eager.view(torch.int16)), f"replay {it}"
+        assert torch.equal(kc.view(torch.uint8), kc2.view(torch.uint8)), f"replay {it}: key cache"
+        assert torch.equal(vc.view(torch.uint8), vc2.view(torch.uint8)), f"replay {it}: value cache"
+
+
+@gpu_only
+def test_gpu_torch_compile_fullgraph(gen):
+    x = make_step(gen, lens=[300, 0, 17], hq=8, hkv=2, d=128)
+    qkv, kc, vc, bt, sl, pos, cs = (x[n].cuda() for n in ("qkv", "kc", "vc", "bt", "sl", "pos", "cs"))
+    q, k, v = qkv_views(qkv, 8, 2, 128)
+
+    def f(q, k, v, kc, vc):  # elementwise ops around the op only: eager and compiled round identically
+        return A.rope_decode_attention(q * 1.0, k, v, pos, cs, kc, vc, bt, sl, scale=x["scale"]) + 1.0
+
+    kc2, vc2 = kc.clone(), vc.clone()
+    eager = f(q, k, v, kc, vc)
+    comp = torch.compile(f, fullgraph=True)(q, k, v, kc2, vc2)
+    torch.cuda.synchronize()
+    assert torch.equal(eager, comp)
+    assert torch.equal(kc.view(torch.uint8), kc2.view(torch.uint8))
