@@ -32,6 +32,13 @@ whose partition starts at or past ``n`` returns before loading anything. ``_comb
 recomputes ``part(n)``, reads only the ``cdiv(n, part)`` partials that exist, rescales them to the common max and
 writes ``out = sum(o_i 2^(m_i - M)) / sum(l_i 2^(m_i - M))``, or 0 for an empty sequence (never NaN).
 
+``_rope_split_kernel`` (same grid, same partitions, then the same combine) is the split kernel of a decode step
+whose RoPE and cache write it does itself (:func:`launch_rope_decode_attention`): every program ropes its q rows
+(after the per-head RMSNorm with ``QK_NORM``) in registers, rounded to q's dtype as the RoPE kernel stores them;
+the one program whose partition holds key ``n - 1`` (the new token) ropes the new k, writes k and v into the
+cache (e4m3-quantized for an FP8 cache) and takes that key from registers after its loop, whose tiles stop before
+it: no program reads a slot written in the same launch (the other programs' partitions end before ``n - 1``).
+
 Precision: q.K runs on tensor cores with exact products (K/V in q's dtype; e4m3 -> bf16/fp16/fp32 is exact) and fp32
 accumulation. P (fp32, in [0, 1]) is split ``P = P_hi + P_lo`` into two 16-bit values for the P.V product
 (``PV_HILO``), so P keeps ~16 significant bits instead of 8 (bf16) at the cost of a second, cheap MMA: the op

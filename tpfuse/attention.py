@@ -10,6 +10,13 @@ Public op (plain-torch reference beside it; Triton kernels in :mod:`tpfuse.kerne
   device, the launch configuration depends only on ``B``, the head counts, ``D``, the dtypes and the GPU, never on
   ``max_seq_len`` or the lengths: each sequence is partitioned on the device from its own length, so a step's work
   follows the lengths, not the capacity.
+* ``rope_decode_attention(q, k, v, positions, cos_sin_cache, key_cache, value_cache, block_tables, seq_lens, *,
+  scale, ...)`` -> ``out``: a decode step's RoPE (after the per-head QK-norm when its weights are given), KV-cache
+  write and ``decode_attention`` in one kernel launch (plus the split launch's combine): ``q``, ``k``, ``v`` are
+  the step's un-roped projections (``[B, Hq, D]``, ``[B, Hkv, D]``, ``[B, Hkv, D]``, unit last stride, read
+  only); the roped k and v become key ``n - 1`` of each sequence (``n = clamp(seq_lens[b], 0, max_seq_len)``,
+  the new token counted; slot :func:`new_key_slots`), and the attention covers keys ``[0, n)``. The reference
+  (:func:`rope_decode_attention_ref`) is the unfused sequence ``tpfuse.rope`` + ``decode_attention_ref``.
 
 Shapes (B sequences, Hq / Hkv query / kv heads, D head_dim, NB cache blocks, BS block_size, MB max blocks per seq):
 
@@ -41,8 +48,9 @@ cache, same for V), ``out[b, h] = softmax(scale * q[b, h] . K[b, :n]) @ V[b, :n]
 q's dtype; ``n == 0`` gives zeros. The kernel's only extra rounding is P in the P.V tensor-core product, which it
 keeps to ~16 bits (hi/lo split), well inside one final bf16/fp16 rounding.
 
-Dispatch: CUDA tensors run the Triton kernels through the ``torch.library`` custom op ``tpfuse::decode_attention_``
-(mutates ``out``, returns nothing, with a fake impl, so the public function works under
+Dispatch: CUDA tensors run the Triton kernels through the ``torch.library`` custom ops ``tpfuse::decode_attention_``
+(mutates ``out``) and ``tpfuse::rope_decode_attention_`` (mutates ``out`` and the caches), both returning nothing,
+with fake impls, so the public functions work under
 ``torch.compile(fullgraph=True)`` and CUDA-graph capture). CPU tensors run the plain-torch reference. With the
 environment variable ``TPFUSE_TRITON_CPU=1`` CPU tensors take the Triton path too, which only works under the
 Triton interpreter (``TRITON_INTERPRET=1`` set before Triton is imported); the interpreter tests use it.
