@@ -27,7 +27,7 @@ from tpfuse.kernels import (add_rmsnorm, decode_attention, fused_allreduce, quan
                             rope, silu_mul, small_m_gemm)
 
 TARGET = GPUTarget("cuda", 90, 32)
-FLOATS = {"eps", "qk_scale"}
+FLOATS = {"eps", "qk_scale", "qk_eps"}
 FINGERPRINTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sm90_ptx_fingerprints.txt")
 REGENERATE = ("python tests/sm90_compile_cases.py --write-fingerprints -- only together with a GPU re-run of the "
               "changed kernels' tests (tests/distributed/*_gpu.py, the local-op, rope and decode-attention tests on "
