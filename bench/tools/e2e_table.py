@@ -2,8 +2,8 @@
 the memory floor, their ratio, HF compiled and tpfuse / HF compiled where the run has it, FP8 / bf16 where it has
 FP8 rows; a caption line per file (device, commit, TP, context, copy bandwidth); then, where the run has
 ``tpfuse_capacity`` rows, a table of the step time per KV-cache capacity with its spread at each batch; where it
-has variant rows (``<provider>_smallm`` / ``_nopdl`` / ``_prefetch`` / ``_smallall`` / ...: ``--small-m-table``,
-``--pdl-ab``, ``--small-m-everywhere``; :data:`VARIANTS`), each
+has variant rows (``<provider>_ropesep`` / ``_smallm`` / ``_nopdl`` / ``_prefetch`` / ``_smallall`` / ...:
+``--rope-ab``, ``--small-m-table``, ``--pdl-ab``, ``--small-m-everywhere``; :data:`VARIANTS`), each
 variant's step over the step without it.
 
     python bench/tools/e2e_table.py bench/results/e2e_tp1_h100_full.json [more.json ...] [--out table.md]
@@ -39,13 +39,14 @@ def _ratio(a, b) -> str:
     return f"{a / b:.2f}" if _ok(a) and _ok(b) and b else "—"
 
 
-VARIANTS = (("_smallm", "small-M table"), ("_nopdl", "no PDL"), ("_prefetch", "PDL + L2 prefetch"),
+VARIANTS = (("_ropesep", "RoPE kernel apart"), ("_smallm", "small-M table"), ("_nopdl", "no PDL"),
+            ("_prefetch", "PDL + L2 prefetch"),
             ("_smallall", "kernel everywhere"), ("_smallall_nopdl", "kernel everywhere, no PDL"),
             # the variants of runs before PDL was the default (their base rows ran without it)
             ("_pdl", "PDL"), ("_smallm_pdl", "small-M table + PDL"), ("_smallall_pdl", "kernel everywhere + PDL"),
             ("_smallall_pdl_nopf", "kernel everywhere + PDL, no L2 prefetch"))
-"""Suffixes of the decode-row variants (``--small-m-table``, ``--pdl-ab``, ``--small-m-everywhere``; the last four:
-``--pdl`` of earlier runs) and their column heads."""
+"""Suffixes of the decode-row variants (``--rope-ab``, ``--small-m-table``, ``--pdl-ab``, ``--small-m-everywhere``;
+the last four: ``--pdl`` of earlier runs) and their column heads."""
 HEADS = {"tpfuse": "bf16", "tpfuse_fp8": "FP8", "tpfuse_fp8_static": "FP8 static"}
 """Providers the variants repeat and how the variant table names them."""
 
