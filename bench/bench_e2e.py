@@ -63,9 +63,9 @@ Providers (every one is the model a user runs, called with Hugging Face argument
   which ``quantize_fp8`` leaves in bf16) and 8.6 GB of bf16 cache, so FP8 weights alone take its bytes to 0.70x
   bf16's and an FP8 cache as well to 0.52x. Rows carry
   ``kv_dtype``; the floor rows stay those of the bf16 cache;
-* ``<provider>_ropesep`` (``--rope-ab``): the decode step's RoPE (QK-norm) and KV-cache write as their own kernels
-  before the decode attention (``KVCacheConfig(fuse_rope=False)``; the default folds them into it), rows carry
-  ``fuse_rope``;
+* ``<provider>_fusedrope`` / ``_ropesep`` (``--rope-ab``): the decode step with ``KVCacheConfig.fuse_rope`` the
+  other way than the default: its RoPE (QK-norm) and KV-cache write folded into the decode attention (``True``,
+  ``_fusedrope``) or as their own kernels before it (``False``, ``_ropesep``); rows carry ``fuse_rope``;
 * ``<provider>_smallm`` (``--small-m-table PATH``: a small-M GEMM sweep's routing table,
   ``bench/tune_small_gemm.py``'s ``small_m_gemm_<arch>.json``, installed instead of the shipped one),
   ``<provider>_nopdl`` (``--pdl-ab``: the decode graphs captured without programmatic dependent launch; the default
@@ -146,8 +146,9 @@ def parse_args(argv=None):
     ap.add_argument("--tag", default="", help="file-name tag: e2e_tp{N}_{device}_{tag}.json")
     ap.add_argument("--small-m-table", default="", help="a small-M GEMM sweep's routing table (JSON): adds the "
                     "<provider>_smallm decode rows with it installed")
-    ap.add_argument("--rope-ab", action="store_true", help="adds the <provider>_ropesep decode rows: the decode "
-                    "step's RoPE and KV-cache write as their own kernels (KVCacheConfig.fuse_rope=False)")
+    ap.add_argument("--rope-ab", action="store_true", help="adds decode rows with KVCacheConfig.fuse_rope the other "
+                    "way than the default: <provider>_fusedrope (the step's RoPE and KV-cache write in the decode "
+                    "attention kernel) or <provider>_ropesep (their own kernels)")
     ap.add_argument("--pdl-ab", action="store_true", help="adds the <provider>_nopdl decode rows (graphs captured "
                     "without programmatic dependent launch, KVCacheConfig.pdl=False) and <provider>_prefetch (with PDL "
                     "and the L2 prefetches before its waits)")
@@ -319,8 +320,8 @@ VARIANT_PROVIDERS = ("tpfuse", "tpfuse_fp8", "tpfuse_fp8_static")  # decode rows
 def variants(args) -> list:
     """``(suffix, table path or None, pdl, everywhere, prefetch, fuse_rope)`` of the decode-row variants the run
     asks for (``pdl`` / ``prefetch`` / ``fuse_rope`` None: the defaults, ``KVCacheConfig.pdl``, no L2 prefetch,
-    ``KVCacheConfig.fuse_rope``): ``_ropesep`` (``--rope-ab``: the RoPE and cache write as their own kernels before
-    the decode attention, ``fuse_rope=False``), ``_smallm``
+    ``KVCacheConfig.fuse_rope``): ``_fusedrope`` / ``_ropesep`` (``--rope-ab``: ``fuse_rope`` the other way than
+    the default, :func:`rope_variant`), ``_smallm``
     (``--small-m-table``: that table installed), ``_nopdl`` (``--pdl-ab``: graphs captured without PDL) and
     ``_prefetch`` (``--pdl-ab``: with PDL and the L2 prefetches before its waits,
     ``small_m_gemm.PREFETCH_BYTES_TRIED`` of weights a launch and the decode attention's first K / V tile); with
@@ -329,12 +330,20 @@ def variants(args) -> list:
     table = getattr(args, "small_m_table", "") or None
     ab = bool(getattr(args, "pdl_ab", False))
     every = bool(table and getattr(args, "small_m_everywhere", False))
-    out = [("_ropesep", None, None, False, None, False)] if getattr(args, "rope_ab", False) else []
+    out = [rope_variant()] if getattr(args, "rope_ab", False) else []
     out += [("_smallm", table, None, False, None, None)] if table else []
     out += [("_nopdl", None, False, False, None, None), ("_prefetch", None, True, False, True, None)] if ab else []
     out += [("_smallall", table, None, True, None, None)] if every else []
     out += [("_smallall_nopdl", table, False, True, None, None)] if every and ab else []
     return out
+
+
+def rope_variant() -> tuple:
+    """The ``--rope-ab`` variant: ``KVCacheConfig.fuse_rope`` the other way than its default."""
+    from tpfuse.parallel import KVCacheConfig
+
+    fuse = not KVCacheConfig().fuse_rope
+    return ("_fusedrope" if fuse else "_ropesep", None, None, False, None, fuse)
 
 
 def load_table(path: str, everywhere: bool = False) -> dict:

@@ -154,8 +154,12 @@ def test_bench_e2e_imports_and_keeps_its_defaults():
     every = bench_e2e.parse_args(["--pdl-ab", "--small-m-table", "t.json", "--small-m-everywhere"])
     assert bench_e2e.variants(every)[3:] == [("_smallall", "t.json", None, True, None, None),
                                               ("_smallall_nopdl", "t.json", False, True, None, None)]
-    # --rope-ab: the decode step's RoPE and cache write as their own kernels, everything else as the model's
-    assert bench_e2e.variants(bench_e2e.parse_args(["--rope-ab"])) == [("_ropesep", None, None, False, None, False)]
+    # --rope-ab: the decode step with KVCacheConfig.fuse_rope the other way than its default, all else the model's
+    from tpfuse.parallel import KVCacheConfig
+
+    flip = not KVCacheConfig().fuse_rope
+    assert bench_e2e.variants(bench_e2e.parse_args(["--rope-ab"])) == [
+        ("_fusedrope" if flip else "_ropesep", None, None, False, None, flip)]
     with pytest.raises(SystemExit):
         bench_e2e.parse_args(["--small-m-everywhere"])
     assert (a.kv_fp8, bench_e2e.parse_args(["--kv-fp8"]).kv_fp8) == (False, True)

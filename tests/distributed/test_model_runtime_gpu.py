@@ -64,11 +64,12 @@ def _decode_run(model, prompts, extra, steps):
     return [torch.cat(x) for x in rows], model._tpfuse.last_mode
 
 
-def _graph_vs_eager(rank, world, arch, batch, cache_dtype, fuse_rope=True):
+def _graph_vs_eager(rank, world, arch, batch, cache_dtype, fuse_rope=None):
     from tpfuse.tolerance import REL_ERR_LOGITS, rel_err
 
     kw = {} if cache_dtype is None else dict(dtype=cache_dtype, kv_scale=0.5)
-    kw["fuse_rope"] = fuse_rope
+    if fuse_rope is not None:
+        kw["fuse_rope"] = fuse_rope
     g = torch.Generator().manual_seed(batch)
     lens = [int(x) for x in torch.randint(1, 300, (batch,), generator=g)]
     prompts = [torch.randint(0, SHAPE["vocab_size"], (n,), generator=g) for n in lens]
@@ -100,11 +101,12 @@ def test_graph_decode_matches_eager_and_oracle(tp, arch, batch, cache_dtype):
     assert all(e > 0 for e in errs)
 
 
+@pytest.mark.parametrize("fuse_rope", [True, False], ids=["fused", "apart"])
 @pytest.mark.parametrize("arch,cache_dtype", [("llama", None), ("qwen3", torch.float8_e4m3fn)])
-def test_unfused_rope_decode_matches_eager_and_oracle(arch, cache_dtype):
-    """``KVCacheConfig(fuse_rope=False)``: the decode step's RoPE (QK-norm) and cache write as separate kernels
-    before the decode attention, as prefill runs them (TP = 1)."""
-    errs = run_gpu(_graph_vs_eager, 1, arch, 4, cache_dtype, False, timeout_s=600)
+def test_rope_decode_paths_match_eager_and_oracle(arch, cache_dtype, fuse_rope):
+    """Both decode paths whatever the default (TP = 1): ``KVCacheConfig(fuse_rope=True)``, the step's RoPE
+    (QK-norm) and cache write inside the decode attention kernel, and ``False``, their own kernels before it."""
+    errs = run_gpu(_graph_vs_eager, 1, arch, 4, cache_dtype, fuse_rope, timeout_s=600)
     assert all(e > 0 for e in errs)
 
 

@@ -71,11 +71,14 @@ class KVCacheConfig:
     step's GEMMs stay on cuBLAS it pays less or costs: bf16 at batch 8 with the old routes took 1.02x. Only on
     stacks that have it (:func:`tpfuse.kernels.pdl.stack_has_pdl`); a capture that fails with it is redone without
     it, with a warning (:mod:`tpfuse.parallel.graphs`); False captures without it."""
-    fuse_rope: bool = True
-    """Decode steps rope q and the new k (after the per-head QK-norm where the model has one), write the new k / v
-    into the cache and attend in one kernel (:func:`tpfuse.attention.rope_decode_attention`) instead of a RoPE +
-    cache-write kernel (two kernels with a QK-norm) before the decode attention: one launch fewer per layer. False:
-    the separate kernels (prefill always uses them)."""
+    fuse_rope: bool = False
+    """True: decode steps rope q and the new k (after the per-head QK-norm where the model has one), write the new
+    k / v into the cache and attend in one kernel (:func:`tpfuse.attention.rope_decode_attention`) instead of a
+    RoPE + cache-write kernel (two kernels with a QK-norm) before the decode attention: one launch fewer per layer
+    (two, three with an FP8 cache, for QK-norm models). Off by default until its kernel has run on a GPU: tested
+    through the Triton interpreter and compiled for sm_90 on the CPU only (its GPU tests:
+    ``tests/test_rope_decode_attention.py``, ``test_rope_decode_paths_match_eager_and_oracle``; its A/B:
+    ``bench_e2e.py --rope-ab``). Prefill always runs the separate kernels."""
 
     def validate(self) -> None:
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
