@@ -2,9 +2,9 @@
 # One GPU-machine call: install tpfuse (and FlashInfer if .whl was carried), then run the chosen steps.
 #   bash bench/gpu_run.sh [STEP ...]      steps: env tests probe_ce async_tp fused_ar local rope decode_attn host
 #                                         profile e2e e2e_full e2e_shards load tune demo onegpu soak probe_onegpu
-#                                         small_gemm e2e_ab e2e_big fp8cache (default: all but probe_ce, profile,
-#                                         e2e_full, e2e_shards, load, onegpu, soak, probe_onegpu, small_gemm, e2e_ab,
-#                                         e2e_big, fp8cache;
+#                                         small_gemm e2e_ab e2e_big fp8cache fusedrope (default: all but probe_ce,
+#                                         profile, e2e_full, e2e_shards, load, onegpu, soak, probe_onegpu, small_gemm,
+#                                         e2e_ab, e2e_big, fp8cache, fusedrope;
 #                                         multi-GPU steps skip on one GPU)
 #   e2e_full / e2e_shards: bench_e2e.py at TP=1 (one process whatever the GPU count) at full size, real vocab;
 #           JSON + PNG e2e_tp1_<device>_full / _shards; E2E_FULL_ARGS / E2E_SHARDS_ARGS are appended (a repeated
@@ -41,6 +41,12 @@
 #         tests/test_decode_attention.py (word loads == e4m3 loads bitwise, the swept rule's 32-key tiles), then
 #         bench_decode_attention.py at B 1 / 8 / 64 (tpfuse_fp8 vs tpfuse_fp8_words) with the FP8 sweep at B 8 / 64
 #         over both tile loads (FP8CACHE_ARGS appended): fp8cache/decode_attention_<device>.json
+#   fusedrope: decides KVCacheConfig.fuse_rope in one call (~4 min): the GPU tests of
+#         tpfuse.attention.rope_decode_attention (tests/test_rope_decode_attention.py: model shapes at B 1 / 8 / 64,
+#         QK-norm, FP8 cache, CUDA-graph replay, torch.compile) and both decode paths of the model
+#         (test_rope_decode_paths_match_eager_and_oracle), then the 8B and Qwen3-32B (whole; a QK-norm model) decode
+#         rows at B 1 / 8 with fuse_rope the other way than the default right after each (bench_e2e.py --rope-ab,
+#         --tag rope_ab, FUSEDROPE_ARGS appended). One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh fusedrope
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
 # Logs, JSON and PNG go to $OUT (or bench/results/gpu-run when OUT is unset). Multi-GPU steps need >= 2 GPUs.
 set -uo pipefail
@@ -176,6 +182,12 @@ for s in "${steps[@]}"; do
               LIMIT_fp8cache_bench=${LIMIT_fp8cache_bench:-240} run fp8cache_bench python3 bench/bench_decode_attention.py \
                 --batches 1,8,64 --block-size 256 --sweep --sweep-batches 8,64 --sweep-splits 1,2,4,8 \
                 --sweep-cache fp8_both --out-dir "$OUT/fp8cache" ${FP8CACHE_ARGS:-} ;;
+    fusedrope) LIMIT_fusedrope_tests=${LIMIT_fusedrope_tests:-240} run fusedrope_tests bash -c "python3 -m pytest -q \
+                 -rs tests/test_rope_decode_attention.py \
+                 tests/distributed/test_model_runtime_gpu.py::test_rope_decode_paths_match_eager_and_oracle"
+               LIMIT_fusedrope_ab=${LIMIT_fusedrope_ab:-240} run fusedrope_ab "${TR1[@]}" bench/bench_e2e.py \
+                 --tag rope_ab --models 8B,Qwen3-32B --layers fit --decode-batches 1,8 --context 1024 \
+                 --prefill 1024 --hf-models none --no-fp8 --rope-ab ${FUSEDROPE_ARGS:-} ;;
     load) run load python3 bench/bench_load.py --shape 8B ${LOAD_ARGS:-}
           run load_fp8 python3 bench/bench_load.py --shape 8B --fp8 ${LOAD_ARGS:-} ;;  # TP=1; writes /tmp ckpts
     decode_attn) [[ -f bench/bench_decode_attention.py ]] && run decode_attn python3 bench/bench_decode_attention.py ${DECODE_ATTN_ARGS:-} ;;
