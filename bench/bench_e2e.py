@@ -65,7 +65,8 @@ Providers (every one is the model a user runs, called with Hugging Face argument
   ``kv_dtype``; the floor rows stay those of the bf16 cache;
 * ``<provider>_fusedrope`` / ``_ropesep`` (``--rope-ab``): the decode step with ``KVCacheConfig.fuse_rope`` the
   other way than the default: its RoPE (QK-norm) and KV-cache write folded into the decode attention (``True``,
-  ``_fusedrope``) or as their own kernels before it (``False``, ``_ropesep``); rows carry ``fuse_rope``;
+  ``_fusedrope``) or as their own kernels before it (``False``, ``_ropesep``); rows carry ``fuse_rope``. The fused
+  kernel has no K / V prefetch: with ``fuse_rope`` on, ``_prefetch`` rows prefetch only the GEMMs' weights;
 * ``<provider>_smallm`` (``--small-m-table PATH``: a small-M GEMM sweep's routing table,
   ``bench/tune_small_gemm.py``'s ``small_m_gemm_<arch>.json``, installed instead of the shipped one),
   ``<provider>_nopdl`` (``--pdl-ab``: the decode graphs captured without programmatic dependent launch; the default

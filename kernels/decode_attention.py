@@ -37,7 +37,8 @@ whose RoPE and cache write it does itself (:func:`launch_rope_decode_attention`)
 (after the per-head RMSNorm with ``QK_NORM``) in registers, rounded to q's dtype as the RoPE kernel stores them;
 the one program whose partition holds key ``n - 1`` (the new token) ropes the new k, writes k and v into the
 cache (e4m3-quantized for an FP8 cache) and takes that key from registers after its loop, whose tiles stop before
-it: no program reads a slot written in the same launch (the other programs' partitions end before ``n - 1``).
+it: no program reads a slot written in the same launch (the other programs' partitions end before ``n - 1``;
+other sequences must not read the new key's slot: :func:`tpfuse.attention.rope_decode_attention`'s precondition).
 
 Precision: q.K runs on tensor cores with exact products (K/V in q's dtype; e4m3 -> bf16/fp16/fp32 is exact) and fp32
 accumulation. P (fp32, in [0, 1]) is split ``P = P_hi + P_lo`` into two 16-bit values for the P.V product

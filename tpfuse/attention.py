@@ -231,9 +231,10 @@ def _check_tables(q, block_tables, seq_lens, block_size, max_seq_len) -> int:
             or block_tables.stride(1) != 1 or block_tables.device != q.device):
         raise TPFuseInputError(f"block_tables must be [{bsz}, max_blocks] int32 (unit column stride) on {q.device}, "
                                f"got {tuple(block_tables.shape)} {block_tables.dtype}")
-    if seq_lens.shape != (bsz,) or seq_lens.dtype not in (torch.int32, torch.int64) or seq_lens.device != q.device:
-        raise TPFuseInputError(f"seq_lens must be [{bsz}] int32 on {q.device}, got {tuple(seq_lens.shape)} "
-                               f"{seq_lens.dtype}")
+    if (seq_lens.shape != (bsz,) or seq_lens.dtype not in (torch.int32, torch.int64) or seq_lens.device != q.device
+            or (bsz > 1 and seq_lens.stride(0) != 1)):
+        raise TPFuseInputError(f"seq_lens must be [{bsz}] int32 (int64 accepted), contiguous, on {q.device}, got "
+                               f"{tuple(seq_lens.shape)} {seq_lens.dtype}")
     cap = block_tables.shape[1] * block_size
     max_seq_len = cap if max_seq_len is None else int(max_seq_len)
     if not 1 <= max_seq_len <= cap:
@@ -274,8 +275,10 @@ def _check_new_kv(q, k, v, positions, cos_sin_cache, q_norm_weight, k_norm_weigh
                 or x.device != q.device):
             raise TPFuseInputError(f"{name} must be [{bsz}, num_kv_heads, {d}] {q.dtype} with a unit last stride on "
                                    f"{q.device}, got {tuple(x.shape)} {x.dtype}")
-    if positions.shape != (bsz,) or positions.dtype not in (torch.int32, torch.int64) or positions.device != q.device:
-        raise TPFuseInputError(f"positions must be [{bsz}] int64 on {q.device}, got {tuple(positions.shape)}")
+    if (positions.shape != (bsz,) or positions.dtype not in (torch.int32, torch.int64) or positions.device != q.device
+            or (bsz > 1 and positions.stride(0) != 1)):
+        raise TPFuseInputError(f"positions must be [{bsz}] int32 / int64, contiguous, on {q.device}, got "
+                               f"{tuple(positions.shape)} {positions.dtype}")
     if (cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != d or cos_sin_cache.stride(1) != 1
             or not cos_sin_cache.is_floating_point() or cos_sin_cache.device != q.device):
         raise TPFuseInputError(f"cos_sin_cache must be [max_positions, {d}] floating ([cos | sin] rows, unit column "
@@ -305,7 +308,9 @@ def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos
     keys ``[0, n)``. ``q_norm_weight`` / ``k_norm_weight [D]``: per-head RMSNorm (``qk_eps``; ``gemma``: weight
     + 1) before the rotation, as :func:`tpfuse.rope.qk_norm_rope`. Other arguments, shapes and CUDA-graph use as
     :func:`decode_attention`; the reference (:func:`rope_decode_attention_ref`) rounds the roped q and k once to
-    q's dtype, as the kernel does."""
+    q's dtype, as the kernel does. Precondition: no sequence's keys ``< n - 1`` live in the slot another sequence's
+    new key goes to (a block shared by prefix caching is full; tpfuse's static paging never shares one): the write
+    and the other sequence's read would race in the one launch."""
     if q.dim() != 3 or q.dtype not in (torch.bfloat16, torch.float16, torch.float32) or q.stride(2) != 1:
         raise TPFuseInputError(f"q must be [B, num_heads, head_dim] bf16/fp16/fp32 with a unit last stride, got "
                                f"{tuple(q.shape)} {q.dtype}")

@@ -39,7 +39,8 @@ def _ratio(a, b) -> str:
     return f"{a / b:.2f}" if _ok(a) and _ok(b) and b else "—"
 
 
-VARIANTS = (("_fusedrope", "RoPE in the attention"), ("_ropesep", "RoPE kernel apart"), ("_smallm", "small-M table"), ("_nopdl", "no PDL"),
+VARIANTS = (("_fusedrope", "RoPE in the attention"), ("_ropesep", "RoPE kernel apart"),
+            ("_smallm", "small-M table"), ("_nopdl", "no PDL"),
             ("_prefetch", "PDL + L2 prefetch"),
             ("_smallall", "kernel everywhere"), ("_smallall_nopdl", "kernel everywhere, no PDL"),
             # the variants of runs before PDL was the default (their base rows ran without it)

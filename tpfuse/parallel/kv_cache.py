@@ -74,11 +74,11 @@ class KVCacheConfig:
     fuse_rope: bool = False
     """True: decode steps rope q and the new k (after the per-head QK-norm where the model has one), write the new
     k / v into the cache and attend in one kernel (:func:`tpfuse.attention.rope_decode_attention`) instead of a
-    RoPE + cache-write kernel (two kernels with a QK-norm) before the decode attention: one launch fewer per layer
-    (two, three with an FP8 cache, for QK-norm models). Off by default until its kernel has run on a GPU: tested
-    through the Triton interpreter and compiled for sm_90 on the CPU only (its GPU tests:
-    ``tests/test_rope_decode_attention.py``, ``test_rope_decode_paths_match_eager_and_oracle``; its A/B:
-    ``bench_e2e.py --rope-ab``). Prefill always runs the separate kernels."""
+    RoPE + cache-write kernel before the decode attention: one launch fewer per layer (three or more for QK-norm
+    models: their QK-norm + RoPE kernel and the cache write's copies, more of them with an FP8 cache). Off by
+    default until its kernel has run on a GPU: tested through the Triton interpreter and compiled for sm_90 on the
+    CPU only (its GPU tests and its A/B, ``bench_e2e.py --rope-ab``, in one call: ``bash bench/gpu_run.sh
+    fusedrope``). Prefill always runs the separate kernels."""
 
     def validate(self) -> None:
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
