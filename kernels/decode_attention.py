@@ -169,6 +169,19 @@ def _partition_len(n, NUM_SPLITS: tl.constexpr, MIN_PARTITION: tl.constexpr, BLO
 
 
 @triton.jit
+def _program_partition(sl_ptr, max_len, NUM_SPLITS: tl.constexpr, MIN_PARTITION: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """``(b, kvh, split, n, part, lo)`` of a split-kernel program: its sequence, kv head and split, the sequence's
+    clamped length, its partition length and this split's first key."""
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    n = tl.minimum(tl.maximum(tl.load(sl_ptr + b).to(tl.int32), 0), max_len)
+    part = _partition_len(n, NUM_SPLITS, MIN_PARTITION, BLOCK_N)
+    return b, kvh, split, n, part, split * part
+
+
+@triton.jit
 def _prefetch_kv_lines(c_ptr, c_sb, c_so, c_sh, blk, off, kvh, valid, D: tl.constexpr):
     """L2 prefetch of the ``D``-element rows of one kv head at the given keys (one instruction per 128-byte line)."""
     LINE: tl.constexpr = 1024 // c_ptr.dtype.element_ty.primitive_bitwidth  # elements per 128-byte line
@@ -252,12 +265,7 @@ def _split_kernel(q_ptr, q_sb, q_sh, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb,
         _prefetch_partition(sl_ptr, bt_ptr, bt_stride, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh,
                             max_len, D, BLOCK_N, MIN_PARTITION, BLOCK_SIZE, NUM_SPLITS, PF_KEYS)
     pdl.wait(PDL)  # before the lengths' load and the early exit (kernels/pdl.py); the trigger follows the loop
-    b = tl.program_id(0).to(tl.int64)
-    kvh = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2)
-    n = tl.minimum(tl.maximum(tl.load(sl_ptr + b).to(tl.int32), 0), max_len)
-    part = _partition_len(n, NUM_SPLITS, MIN_PARTITION, BLOCK_N)
-    lo = split * part
+    b, kvh, split, n, part, lo = _program_partition(sl_ptr, max_len, NUM_SPLITS, MIN_PARTITION, BLOCK_N)
     if NUM_SPLITS > 1:
         if lo >= n:  # past this sequence's keys (all splits when n == 0): no partial, the combine skips it
             return
@@ -328,12 +336,7 @@ def _rope_split_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, 
     key ``n - 1`` writes the new k / v there and takes that key from registers, every tile of the loop stops
     before it, so no program reads what another writes in this launch."""
     pdl.wait(PDL)  # q, k, v come from the kernel before this one
-    b = tl.program_id(0).to(tl.int64)
-    kvh = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2)
-    n = tl.minimum(tl.maximum(tl.load(sl_ptr + b).to(tl.int32), 0), max_len)
-    part = _partition_len(n, NUM_SPLITS, MIN_PARTITION, BLOCK_N)
-    lo = split * part
+    b, kvh, split, n, part, lo = _program_partition(sl_ptr, max_len, NUM_SPLITS, MIN_PARTITION, BLOCK_N)
     if NUM_SPLITS > 1:
         if lo >= n:
             return
@@ -557,6 +560,18 @@ def _workspace(bsz: int, hq: int, d: int, splits: int, device):
     return ws[: rows * d], ws[rows * d: rows * (d + 1)], ws[rows * (d + 1):]
 
 
+def _launch_setup(q, key_cache, seq_lens, out, kv_scale, **overrides):
+    """``(config, kv-scale argument, (ws_o, ws_m, ws_l))`` of a split-kernel launch: :func:`pick_config` with the
+    caller's overrides, the kv-scale pointer (``seq_lens`` where the kernel never reads it: not an FP8 cache) and
+    the split workspace (``out`` three times where there is one split: unused)."""
+    bsz, hq, d = q.shape
+    cache_fp8 = key_cache.element_size() == 1
+    cfg = pick_config(bsz, key_cache.shape[2], d, q.element_size(), cache_fp8=cache_fp8,
+                      sm_count=device_sm_count(q.device), **overrides)
+    ws = _workspace(bsz, hq, d, cfg.num_splits, q.device) if cfg.num_splits > 1 else (out, out, out)
+    return cfg, kv_scale if cache_fp8 else seq_lens, ws
+
+
 def launch_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, out, scale, kv_scale=None, *,
                             max_seq_len: int, num_splits=None, min_partition=None, block_n=None, num_warps=None,
                             num_stages=None, fp8_words=None):
@@ -572,12 +587,10 @@ def launch_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, o
         return None
     group = hq // hkv
     cache_fp8 = key_cache.element_size() == 1
-    cfg = pick_config(bsz, hkv, d, q.element_size(), cache_fp8=cache_fp8, sm_count=device_sm_count(q.device),
-                      num_splits=num_splits, min_partition=min_partition, block_n=block_n, num_warps=num_warps,
-                      num_stages=num_stages)
+    cfg, kvs, (ws_o, ws_m, ws_l) = _launch_setup(q, key_cache, seq_lens, out, kv_scale, num_splits=num_splits,
+                                                 min_partition=min_partition, block_n=block_n, num_warps=num_warps,
+                                                 num_stages=num_stages)
     splits = cfg.num_splits
-    kvs = kv_scale if cache_fp8 else seq_lens  # unread unless CACHE_FP8
-    ws_o, ws_m, ws_l = _workspace(bsz, hq, d, splits, q.device) if splits > 1 else (out, out, out)  # 1: unused
     on = pdl.wanted(out)
     words = (FP8_WORDS if fp8_words is None else fp8_words) and fp8_words_ok(q, key_cache, value_cache)
     _split_kernel[(bsz, hkv, splits)](
@@ -622,12 +635,10 @@ def launch_rope_decode_attention(q, k, v, positions, cos_sin_cache, key_cache, v
     if bsz == 0 or hq == 0:
         return None
     cache_fp8 = key_cache.element_size() == 1
-    cfg = pick_config(bsz, hkv, d, q.element_size(), cache_fp8=cache_fp8, sm_count=device_sm_count(q.device),
-                      num_splits=num_splits, min_partition=min_partition, block_n=block_n, num_warps=num_warps,
-                      num_stages=num_stages)
+    cfg, kvs, (ws_o, ws_m, ws_l) = _launch_setup(q, key_cache, seq_lens, out, kv_scale, num_splits=num_splits,
+                                                 min_partition=min_partition, block_n=block_n, num_warps=num_warps,
+                                                 num_stages=num_stages)
     splits = cfg.num_splits
-    kvs = kv_scale if cache_fp8 else seq_lens  # unread unless CACHE_FP8
-    ws_o, ws_m, ws_l = _workspace(bsz, hq, d, splits, q.device) if splits > 1 else (out, out, out)
     qk_norm = q_norm_weight is not None
     qw, kw = (q_norm_weight, k_norm_weight) if qk_norm else (q, q)  # unread without QK_NORM
     on = pdl.wanted(out)

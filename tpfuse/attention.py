@@ -203,6 +203,25 @@ def _pow2(x: int) -> bool:
     return x > 0 and not x & (x - 1)
 
 
+def _check_q(q) -> None:
+    if q.dim() != 3 or q.dtype not in (torch.bfloat16, torch.float16, torch.float32) or q.stride(2) != 1:
+        raise TPFuseInputError(f"q must be [B, num_heads, head_dim] bf16/fp16/fp32 with a unit last stride, got "
+                               f"{tuple(q.shape)} {q.dtype}")
+    d = q.shape[2]
+    if not _pow2(d) or not 16 <= d <= 256:
+        raise TPFuseInputError(f"head_dim must be a power of two in 16..256, got {d}")
+
+
+def _out_buffer(q, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """``out`` checked against ``q``, or a new one."""
+    if out is None:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out.shape != q.shape or out.dtype != q.dtype or out.stride(2) != 1 or out.device != q.device:
+        raise TPFuseInputError(f"out must be {tuple(q.shape)} {q.dtype} with a unit last stride on {q.device}, "
+                               f"got {tuple(out.shape)} {out.dtype}")
+    return out
+
+
 def _check_cache(q, key_cache, value_cache, kv_scale):
     bsz, hq, d = q.shape
     for name, c in (("key_cache", key_cache), ("value_cache", value_cache)):
@@ -224,6 +243,16 @@ def _check_cache(q, key_cache, value_cache, kv_scale):
         raise TPFuseInputError(f"cache dtype {key_cache.dtype} must be q's dtype {q.dtype} or float8_e4m3fn")
 
 
+def _check_index_vector(name: str, x: torch.Tensor, q: torch.Tensor) -> None:
+    """``x`` must be one int32 / int64 value per sequence of ``q``, contiguous (the kernels read ``x[b]`` at
+    ``ptr + b``), on q's device."""
+    bsz = q.shape[0]
+    if (x.shape != (bsz,) or x.dtype not in (torch.int32, torch.int64) or x.device != q.device
+            or (bsz > 1 and x.stride(0) != 1)):
+        raise TPFuseInputError(f"{name} must be [{bsz}] int32 (or int64), contiguous, on {q.device}, got "
+                               f"{tuple(x.shape)} {x.dtype} on {x.device}")
+
+
 def _check_tables(q, block_tables, seq_lens, block_size, max_seq_len) -> int:
     bsz = q.shape[0]
     if (block_tables.dim() != 2 or block_tables.shape[0] != bsz or block_tables.dtype not in (torch.int32,
@@ -231,10 +260,7 @@ def _check_tables(q, block_tables, seq_lens, block_size, max_seq_len) -> int:
             or block_tables.stride(1) != 1 or block_tables.device != q.device):
         raise TPFuseInputError(f"block_tables must be [{bsz}, max_blocks] int32 (unit column stride) on {q.device}, "
                                f"got {tuple(block_tables.shape)} {block_tables.dtype}")
-    if (seq_lens.shape != (bsz,) or seq_lens.dtype not in (torch.int32, torch.int64) or seq_lens.device != q.device
-            or (bsz > 1 and seq_lens.stride(0) != 1)):
-        raise TPFuseInputError(f"seq_lens must be [{bsz}] int32 (int64 accepted), contiguous, on {q.device}, got "
-                               f"{tuple(seq_lens.shape)} {seq_lens.dtype}")
+    _check_index_vector("seq_lens", seq_lens, q)
     cap = block_tables.shape[1] * block_size
     max_seq_len = cap if max_seq_len is None else int(max_seq_len)
     if not 1 <= max_seq_len <= cap:
@@ -247,19 +273,10 @@ def decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
                      out: Optional[torch.Tensor] = None, max_seq_len: Optional[int] = None) -> torch.Tensor:
     """Decode attention of ``q [B, Hq, D]`` over the paged KV cache; writes and returns ``out [B, Hq, D]``.
     See the module docstring for shapes, the math contract and CUDA-graph use."""
-    if q.dim() != 3 or q.dtype not in (torch.bfloat16, torch.float16, torch.float32) or q.stride(2) != 1:
-        raise TPFuseInputError(f"q must be [B, num_heads, head_dim] bf16/fp16/fp32 with a unit last stride, got "
-                               f"{tuple(q.shape)} {q.dtype}")
-    d = q.shape[2]
-    if not _pow2(d) or not 16 <= d <= 256:
-        raise TPFuseInputError(f"head_dim must be a power of two in 16..256, got {d}")
+    _check_q(q)
     _check_cache(q, key_cache, value_cache, kv_scale)
     max_seq_len = _check_tables(q, block_tables, seq_lens, key_cache.shape[1], max_seq_len)
-    if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(2) != 1 or out.device != q.device:
-        raise TPFuseInputError(f"out must be {tuple(q.shape)} {q.dtype} with a unit last stride on {q.device}, "
-                               f"got {tuple(out.shape)} {out.dtype}")
+    out = _out_buffer(q, out)
     if q.shape[0] == 0 or q.shape[1] == 0:
         return out
     _decode_attention_op(q, key_cache, value_cache, block_tables, seq_lens, out, float(scale), max_seq_len,
@@ -275,10 +292,7 @@ def _check_new_kv(q, k, v, positions, cos_sin_cache, q_norm_weight, k_norm_weigh
                 or x.device != q.device):
             raise TPFuseInputError(f"{name} must be [{bsz}, num_kv_heads, {d}] {q.dtype} with a unit last stride on "
                                    f"{q.device}, got {tuple(x.shape)} {x.dtype}")
-    if (positions.shape != (bsz,) or positions.dtype not in (torch.int32, torch.int64) or positions.device != q.device
-            or (bsz > 1 and positions.stride(0) != 1)):
-        raise TPFuseInputError(f"positions must be [{bsz}] int32 / int64, contiguous, on {q.device}, got "
-                               f"{tuple(positions.shape)} {positions.dtype}")
+    _check_index_vector("positions", positions, q)
     if (cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != d or cos_sin_cache.stride(1) != 1
             or not cos_sin_cache.is_floating_point() or cos_sin_cache.device != q.device):
         raise TPFuseInputError(f"cos_sin_cache must be [max_positions, {d}] floating ([cos | sin] rows, unit column "
@@ -311,22 +325,13 @@ def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos
     q's dtype, as the kernel does. Precondition: no sequence's keys ``< n - 1`` live in the slot another sequence's
     new key goes to (a block shared by prefix caching is full; tpfuse's static paging never shares one): the write
     and the other sequence's read would race in the one launch."""
-    if q.dim() != 3 or q.dtype not in (torch.bfloat16, torch.float16, torch.float32) or q.stride(2) != 1:
-        raise TPFuseInputError(f"q must be [B, num_heads, head_dim] bf16/fp16/fp32 with a unit last stride, got "
-                               f"{tuple(q.shape)} {q.dtype}")
-    d = q.shape[2]
-    if not _pow2(d) or not 16 <= d <= 256:
-        raise TPFuseInputError(f"head_dim must be a power of two in 16..256, got {d}")
+    _check_q(q)
     _check_cache(q, key_cache, value_cache, kv_scale)
     _check_new_kv(q, k, v, positions, cos_sin_cache, q_norm_weight, k_norm_weight)
     if k.shape[1] != key_cache.shape[2]:
         raise TPFuseInputError(f"k has {k.shape[1]} heads, the cache {key_cache.shape[2]}")
     max_seq_len = _check_tables(q, block_tables, seq_lens, key_cache.shape[1], max_seq_len)
-    if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(2) != 1 or out.device != q.device:
-        raise TPFuseInputError(f"out must be {tuple(q.shape)} {q.dtype} with a unit last stride on {q.device}, "
-                               f"got {tuple(out.shape)} {out.dtype}")
+    out = _out_buffer(q, out)
     if q.shape[0] == 0 or q.shape[1] == 0:
         return out
     _rope_decode_attention_op(q, k, v, positions, cos_sin_cache, key_cache, value_cache, block_tables, seq_lens, out,
