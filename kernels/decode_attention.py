@@ -420,6 +420,7 @@ SM_COUNT_GUESS = 132  # H100 / H200 (the sweep's GPU): the SM count when no CUDA
 WAVES = 2  # split-kernel programs wanted per SM at small batch
 MAX_SPLITS = 16  # bf16 / fp16 caches: more splits than this cost more in the combine than the extra parallelism wins
 MAX_SPLITS_FP8 = 32  # FP8 caches: the most splits the earlier FP8 rule took at the swept points (B=1, 4096 keys)
+MIN_SPLITS_FP8 = 2  # FP8 caches: at least 2 splits, the best fixed rule of both H100 FP8 sweeps (pick_config)
 MIN_PARTITION = 128  # keys: the shortest partition the sweep timed (its best at B=1 x 1024 keys)
 PREFETCH = False
 """Under PDL the split kernel prefetches its partition's first tile of K and V into L2 before the wait
@@ -429,10 +430,10 @@ FP8_WORDS = False
 """e4m3 caches with a bf16 / fp16 q: load K / V tiles as int32 words of four e4m3 and convert them before the MMA
 layout change (:func:`_load_kv_tile`; :func:`fp8_words_ok` says where it applies; False: the e4m3 tile loads). Its
 sm_90 PTX has no byte-wide shared-memory loads, where the e4m3 tile loads' build has one a P.V operand element (32
-a thread per 32-key tile): the likely reason the FP8 cache's decode attention is no faster than a bf16 cache's for
-half the bytes (B=64 x 1024 keys: 1.02-1.04x its time on one H100, 1.27x on one H200). Off: built and
-compile-checked on CPU only; ``tests/test_decode_attention.py``'s ``test_gpu_fp8_word_loads_match_byte_loads`` and
-``bench_decode_attention.py`` (``tpfuse_fp8_words``) decide it."""
+a thread per 32-key tile). Off: it gives the e4m3 loads' bits (``test_gpu_fp8_word_loads_match_byte_loads`` passed
+on one H100 at 28139fe) but not their speed. In ``decode_attention_h100_fp8words_28139fe.json`` (one H100, B 8 / 64
+x 1024 / 4096 keys, Hq 32 / 64) its best swept config takes 0.98-1.06x the e4m3 loads' best at each point, and
+at :func:`pick_config`'s configs 1.04-1.08x their time."""
 
 
 def fp8_words_ok(q, key_cache, value_cache) -> bool:
@@ -484,8 +485,10 @@ def pick_config(batch: int, kv_heads: int, head_dim: int, q_elem: int, *, cache_
     field           bf16 / fp16 cache                          FP8 cache
     ==============  =========================================  ===========================================
     NUM_SPLITS      ``clamp(target // programs, 1, 16)``       smallest power of two ``s`` with
-                                                               ``programs * s >= target``, at most 32
-    BLOCK_N         128 for D <= 128 with 16-bit q, else 32    64 for D <= 128 with 16-bit q, else 32
+                                                               ``programs * s >= target``, at most 32, at
+                                                               least 2
+    BLOCK_N         128 for D <= 128 with 16-bit q, else 32    32 where ``programs * NUM_SPLITS > target``
+                                                               or D > 128 or fp32 q, else 64
     num_warps       8 with one split, else 4                   4
     MIN_PARTITION   ``max(128, BLOCK_N)``                      ``max(128, BLOCK_N)``
     ==============  =========================================  ===========================================
@@ -498,29 +501,28 @@ def pick_config(batch: int, kv_heads: int, head_dim: int, q_elem: int, *, cache_
     ====  =========================  ============================  ===============================================
     B     bf16 / fp16 cache          FP8 cache                     the sweep
     ====  =========================  ============================  ===============================================
-    1     16 x 4 warps: 128 / 256    32: 128 / 128                 best: 128 / 256, 128-key tiles, 4 warps
-    8     4 x 4 warps: 256 / 1024    8: 128 / 512                  best: 256 / 1024, 128-key tiles, 4 warps (or
+    1     16 x 4 warps: 128 / 256    32 x 64: 128 / 128            best: 128 / 256, 128-key tiles, 4 warps
+    8     4 x 4 warps: 256 / 1024    8 x 32: 128 / 512             best: 256 / 1024, 128-key tiles, 4 warps (or
                                                                    8 warps, 0.1% faster at 4096 keys, Hq 32)
-    64    1 x 8 warps: 1024 / 4096   1: 1024 / 4096                best: 4096, 128-key tiles, 8 warps at 4096
+    64    1 x 8 warps: 1024 / 4096   2 x 32: 512 / 2048            best: 4096, 128-key tiles, 8 warps at 4096
                                                                    keys; at 1024 keys 32-key tiles with 4 warps
                                                                    are 2.5-2.9% faster (one tile rule kept)
     ====  =========================  ============================  ===============================================
 
     So the sweep still decides the bf16 branch's BLOCK_N, its warps (8 where one program covers a whole sequence,
     ``B * Hkv >= target``) and its split counts at these points (the bf16 rule is the best swept config or within
-    4% of it at every point). The FP8 branch keeps the earlier FP8 rule's tiles, warps and, at these points,
-    partitions (the bf16 rule made FP8 caches 1.3x / 1.5x slower at B=64 on one H200:
-    ``decode_attention_h200_989aa3b.json`` vs ``decode_attention_h200.json``), except B=64 x 4096 keys: 1 split
-    (was 2 of 2048; not measured).
+    4% of it at every point).
 
-    The FP8 sweep on one H100 (``decode_attention_h100_fp8sweep_ad23780.json``: splits 1-32 x 32 / 64 / 128-key
-    tiles x 4 / 8 warps at the same points, 256-token blocks, the e4m3 tile loads) found a better FP8 rule, not the
-    default yet because its builds have not run a GPU correctness test: at least 2 splits, and 32-key tiles where
-    ``programs * NUM_SPLITS > target`` (B=8: 8 splits, B=64: 2): the best fixed config at B=8 and within 1.2% of
-    each point's best at B=64, where the rule above takes 1.09-1.23x the best; at B=1 it is the rule above (within
-    2-3% of the best at 4096 keys, 19% at 1024; no fixed config does better at both). Even the best swept config took
-    0.90-0.93x a bf16 cache's time at B=64 x 1024 keys for half the bytes; likely because the tiles go into the MMA
-    operand layout a byte at a time (:data:`FP8_WORDS` would not).
+    The FP8 branch has its own rule (the bf16 rule made FP8 caches 1.3x / 1.5x slower at B=64 on one H200:
+    ``decode_attention_h200_989aa3b.json`` vs ``decode_attention_h200.json``): the best fixed rule of two FP8
+    sweeps on one H100 at the same points (splits x 32 / 64 / 128-key tiles x 4 / 8 warps, 256-token blocks),
+    ``decode_attention_h100_fp8sweep_ad23780.json`` (splits 1-32) and ``decode_attention_h100_fp8words_28139fe.json``
+    (splits 1-8, both tile loads). At 28139fe it is the best fixed config at B=8 (within 0.9% of each point's
+    best) and within 4% of each point's best at B=64 (1.8% on average); the earlier FP8 rule (64-key tiles, 8 / 1
+    splits) took 1.08-1.19x each point's best at B=8 and 1.09-1.14x at B=64. At B=1 both rules agree (within 2-3%
+    of the best at 4096 keys, 19% at 1024 in the ad23780 sweep; no fixed config does better at both). With it an
+    FP8 cache takes 0.92-0.98x a bf16 cache's time at B=64 and 0.90-0.91x at B=8 x 4096 keys, for half the bytes;
+    1.08x at B=8 x 1024 keys, where the work is too small to fill the GPU.
 
     New and not yet swept on a GPU: the split count no longer grows with the context nor the capacity, and each
     sequence's partition follows its own length. Untimed so far: contexts past 4096 keys (B=1 at 32768 keys: 16
@@ -533,11 +535,13 @@ def pick_config(batch: int, kv_heads: int, head_dim: int, q_elem: int, *, cache_
     programs = max(1, batch * kv_heads)
     small_tiles = head_dim > 128 or q_elem > 2  # D = 256 or fp32 q: registers, not swept
     if cache_fp8:
-        block_n = (32 if small_tiles else 64) if block_n is None else block_n
         if num_splits is None:
             num_splits = 1
             while programs * num_splits < target and num_splits < MAX_SPLITS_FP8:
                 num_splits *= 2
+            num_splits = max(MIN_SPLITS_FP8, num_splits)
+        if block_n is None:  # 32-key tiles once the programs outnumber the target (B >= 8 at Hkv 8 on 132 SMs)
+            block_n = 32 if small_tiles or programs * num_splits > target else 64
         num_warps = 4 if num_warps is None else num_warps
     else:
         block_n = (32 if small_tiles else 128) if block_n is None else block_n

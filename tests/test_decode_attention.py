@@ -431,8 +431,8 @@ def test_gpu_torch_compile_fullgraph(gen):
     # (NUM_SPLITS, MIN_PARTITION, BLOCK_N, num_warps) and the partitions at 1024 / 4096 keys, at the points the
     # docstring names (Hkv 8, D 128, bf16 q, 132 SMs)
     (1, (16, 128, 128, 4), (32, 128, 64, 4), (128, 256), (128, 128)),
-    (8, (4, 128, 128, 4), (8, 128, 64, 4), (256, 1024), (128, 512)),
-    (64, (1, 128, 128, 8), (1, 128, 64, 4), (1024, 4096), (1024, 4096)),
+    (8, (4, 128, 128, 4), (8, 128, 32, 4), (256, 1024), (128, 512)),
+    (64, (1, 128, 128, 8), (2, 128, 32, 4), (1024, 4096), (512, 2048)),
 ])
 def test_pick_config_rule(kernels, batch, bf16_cfg, fp8_cfg, bf16_parts, fp8_parts):
     mod = kernels.decode_attention
@@ -445,7 +445,10 @@ def test_pick_config_rule(kernels, batch, bf16_cfg, fp8_cfg, bf16_parts, fp8_par
     assert pick(2, 4, 256, 2, cache_fp8=True).block_n == 32
     assert pick(8, 8, 128, 2, sm_count=114).num_splits == 3  # splits follow the SM count: 228 // 64
     assert pick(1, 1, 128, 2).num_splits == 16 and pick(1, 1, 128, 2, cache_fp8=True).num_splits == 32  # the caps
-    assert pick(256, 8, 128, 2).num_splits == 1 and pick(256, 8, 128, 2, cache_fp8=True).num_splits == 1
+    assert pick(256, 8, 128, 2).num_splits == 1 and pick(256, 8, 128, 2, cache_fp8=True).num_splits == 2  # FP8: >= 2
+    assert pick(64, 8, 128, 2, cache_fp8=True, num_splits=1) == (1, 128, 32, 4, 3)  # forced splits: no minimum
+    assert pick(4, 8, 128, 2, cache_fp8=True)[:3] == (16, 128, 32)  # 32 x 16 = 512 programs > 264: 32-key tiles
+    assert pick(1, 4, 128, 2, cache_fp8=True)[:3] == (32, 128, 64)  # capped: 4 x 32 = 128 programs, wider tiles
     with pytest.raises(ValueError, match="multiple of block_n"):
         pick(1, 8, 128, 2, min_partition=192)
 
