@@ -67,6 +67,9 @@ Providers (every one is the model a user runs, called with Hugging Face argument
   other way than the default: its RoPE (QK-norm) and KV-cache write folded into the decode attention (``True``,
   ``_fusedrope``) or as their own kernels before it (``False``, ``_ropesep``); rows carry ``fuse_rope``. The fused
   kernel has no K / V prefetch: with ``fuse_rope`` on, ``_prefetch`` rows prefetch only the GEMMs' weights;
+* ``<provider>_fusedcomb`` / ``_combkern`` (``--combine-ab``): the decode step with the decode attention's combine
+  the other way than ``tpfuse.kernels.decode_attention.FUSE_COMBINE``: in the split kernel's last program of each
+  (sequence, kv head) (``_fusedcomb``) or in a combine kernel (``_combkern``); rows carry ``fuse_combine``;
 * ``<provider>_smallm`` (``--small-m-table PATH``: a small-M GEMM sweep's routing table,
   ``bench/tune_small_gemm.py``'s ``small_m_gemm_<arch>.json``, installed instead of the shipped one),
   ``<provider>_nopdl`` (``--pdl-ab``: the decode graphs captured without programmatic dependent launch; the default
@@ -99,6 +102,7 @@ import inspect
 import os
 import sys
 import time
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -150,6 +154,9 @@ def parse_args(argv=None):
     ap.add_argument("--rope-ab", action="store_true", help="adds decode rows with KVCacheConfig.fuse_rope the other "
                     "way than the default: <provider>_fusedrope (the step's RoPE and KV-cache write in the decode "
                     "attention kernel) or <provider>_ropesep (their own kernels)")
+    ap.add_argument("--combine-ab", action="store_true", help="adds decode rows with the decode attention's combine "
+                    "the other way than decode_attention.FUSE_COMBINE: <provider>_fusedcomb (in the split kernel's "
+                    "last programs) or <provider>_combkern (a kernel of its own)")
     ap.add_argument("--pdl-ab", action="store_true", help="adds the <provider>_nopdl decode rows (graphs captured "
                     "without programmatic dependent launch, KVCacheConfig.pdl=False) and <provider>_prefetch (with PDL "
                     "and the L2 prefetches before its waits)")
@@ -318,33 +325,60 @@ def tpfuse_rows(spec, model, comm, args, dev, rows, bandwidth, provider="tpfuse"
 VARIANT_PROVIDERS = ("tpfuse", "tpfuse_fp8", "tpfuse_fp8_static")  # decode rows the variants repeat
 
 
+class Variant(NamedTuple):
+    """One decode-row variant (:func:`variants`): the row again as ``<provider><suffix>`` with these settings
+    (None: the model's own)."""
+
+    suffix: str
+    table: Optional[str] = None
+    """A small-M routing table installed instead of the shipped one."""
+    pdl: Optional[bool] = None
+    """``KVCacheConfig.pdl``."""
+    everywhere: bool = False
+    """Every row of ``table`` routed to the kernel."""
+    prefetch: Optional[bool] = None
+    """The L2 prefetches before the PDL waits (None: off, the default)."""
+    fuse_rope: Optional[bool] = None
+    """``KVCacheConfig.fuse_rope``."""
+    fuse_combine: Optional[bool] = None
+    """``decode_attention.FUSE_COMBINE``."""
+
+
 def variants(args) -> list:
-    """``(suffix, table path or None, pdl, everywhere, prefetch, fuse_rope)`` of the decode-row variants the run
-    asks for (``pdl`` / ``prefetch`` / ``fuse_rope`` None: the defaults, ``KVCacheConfig.pdl``, no L2 prefetch,
-    ``KVCacheConfig.fuse_rope``): ``_fusedrope`` / ``_ropesep`` (``--rope-ab``: ``fuse_rope`` the other way than
-    the default, :func:`rope_variant`), ``_smallm``
-    (``--small-m-table``: that table installed), ``_nopdl`` (``--pdl-ab``: graphs captured without PDL) and
-    ``_prefetch`` (``--pdl-ab``: with PDL and the L2 prefetches before its waits,
-    ``small_m_gemm.PREFETCH_BYTES_TRIED`` of weights a launch and the decode attention's first K / V tile); with
-    ``--small-m-everywhere`` also ``_smallall`` (the table with every row routed to the kernel; with ``--pdl-ab``
-    also ``_smallall_nopdl``)."""
+    """The :class:`Variant` s the run asks for: ``_fusedrope`` / ``_ropesep`` (``--rope-ab``: ``fuse_rope`` the other
+    way than the default, :func:`rope_variant`), ``_fusedcomb`` / ``_combkern`` (``--combine-ab``: the decode
+    attention's combine in its split kernel or in a kernel of its own, the other way than
+    ``decode_attention.FUSE_COMBINE``), ``_smallm`` (``--small-m-table``: that table installed), ``_nopdl``
+    (``--pdl-ab``: graphs captured without PDL) and ``_prefetch`` (``--pdl-ab``: with PDL and the L2 prefetches
+    before its waits, ``small_m_gemm.PREFETCH_BYTES_TRIED`` of weights a launch and the decode attention's first K /
+    V tile); with ``--small-m-everywhere`` also ``_smallall`` (the table with every row routed to the kernel; with
+    ``--pdl-ab`` also ``_smallall_nopdl``)."""
     table = getattr(args, "small_m_table", "") or None
     ab = bool(getattr(args, "pdl_ab", False))
     every = bool(table and getattr(args, "small_m_everywhere", False))
     out = [rope_variant()] if getattr(args, "rope_ab", False) else []
-    out += [("_smallm", table, None, False, None, None)] if table else []
-    out += [("_nopdl", None, False, False, None, None), ("_prefetch", None, True, False, True, None)] if ab else []
-    out += [("_smallall", table, None, True, None, None)] if every else []
-    out += [("_smallall_nopdl", table, False, True, None, None)] if every and ab else []
+    out += [combine_variant()] if getattr(args, "combine_ab", False) else []
+    out += [Variant("_smallm", table)] if table else []
+    out += [Variant("_nopdl", pdl=False), Variant("_prefetch", pdl=True, prefetch=True)] if ab else []
+    out += [Variant("_smallall", table, everywhere=True)] if every else []
+    out += [Variant("_smallall_nopdl", table, pdl=False, everywhere=True)] if every and ab else []
     return out
 
 
-def rope_variant() -> tuple:
+def rope_variant() -> Variant:
     """The ``--rope-ab`` variant: ``KVCacheConfig.fuse_rope`` the other way than its default."""
     from tpfuse.parallel import KVCacheConfig
 
     fuse = not KVCacheConfig().fuse_rope
-    return ("_fusedrope" if fuse else "_ropesep", None, None, False, None, fuse)
+    return Variant("_fusedrope" if fuse else "_ropesep", fuse_rope=fuse)
+
+
+def combine_variant() -> Variant:
+    """The ``--combine-ab`` variant: ``decode_attention.FUSE_COMBINE`` the other way than its default."""
+    from tpfuse.kernels import decode_attention as dak
+
+    fuse = not dak.FUSE_COMBINE
+    return Variant("_fusedcomb" if fuse else "_combkern", fuse_combine=fuse)
 
 
 def load_table(path: str, everywhere: bool = False) -> dict:
@@ -363,15 +397,14 @@ def load_table(path: str, everywhere: bool = False) -> dict:
     return table
 
 
-def variant_row(model, batch, args, dev, rows, base, provider, table_path, pdl=None, everywhere=False,
-                prefetch=None, fuse_rope=None):
-    """``provider`` 's decode row again with the small-M routing table ``table_path`` installed instead of the
-    shipped one (``small_m_configs.install``; None: the shipped one; ``everywhere``: every row routed to the
-    kernel, :func:`load_table`), the decode graphs captured with ``KVCacheConfig.pdl = pdl`` (None: the model's)
-    and, with ``prefetch``, the L2 prefetches before the PDL waits, and ``KVCacheConfig.fuse_rope = fuse_rope``
-    (None: the model's) (:func:`variants`). The model's decode graphs are dropped before and after (routing, PDL
-    and the RoPE's kernels are decided at capture), so a variant differs from its base row only in those.
-    ``routed``: how many distinct GEMM calls (shape, dtypes, M) the step sent to the small-M kernel."""
+def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
+    """``provider`` 's decode row again under the variant ``v``: its small-M routing table installed instead of the
+    shipped one (``small_m_configs.install``; ``everywhere``: every row routed to the kernel, :func:`load_table`),
+    the decode graphs captured with its ``KVCacheConfig.pdl`` / ``fuse_rope``, the L2 prefetches before the PDL
+    waits and ``decode_attention.FUSE_COMBINE`` as it says (:class:`Variant`; None: the model's / module's own).
+    The model's decode graphs are dropped before and after (routing, PDL and the attention's kernels are decided at
+    capture), so a variant differs from its base row only in those. ``routed``: how many distinct GEMM calls
+    (shape, dtypes, M) the step sent to the small-M kernel."""
     import contextlib
 
     from tpfuse.kernels import small_m_configs as smc
@@ -379,35 +412,35 @@ def variant_row(model, batch, args, dev, rows, base, provider, table_path, pdl=N
     from tpfuse.kernels import pdl as pdl_launch
     from tpfuse.kernels import small_m_gemm as smg
 
-    table = load_table(table_path, everywhere) if table_path else None
+    table = load_table(v.table, v.everywhere) if v.table else None
     st = model._tpfuse
     own_pdl, own_fuse, st.graphs = st.cache_config.pdl, st.cache_config.fuse_rope, None
-    st.cache_config.fuse_rope = own_fuse if fuse_rope is None else fuse_rope
-    own_pf, own_kv_pf = smg.PREFETCH_BYTES, dak.PREFETCH
-    pdl = own_pdl if pdl is None else pdl
+    st.cache_config.fuse_rope = own_fuse if v.fuse_rope is None else v.fuse_rope
+    own_pf, own_kv_pf, own_comb = smg.PREFETCH_BYTES, dak.PREFETCH, dak.FUSE_COMBINE
+    pdl = own_pdl if v.pdl is None else v.pdl
     st.cache_config.pdl = pdl
-    if prefetch is not None:  # the prefetch this A/B was built to time (the budget tried, the first K / V tile)
-        smg.PREFETCH_BYTES, dak.PREFETCH = (smg.PREFETCH_BYTES_TRIED, True) if prefetch else (0, False)
+    if v.prefetch is not None:  # the prefetch this A/B was built to time (the budget tried, the first K / V tile)
+        smg.PREFETCH_BYTES, dak.PREFETCH = (smg.PREFETCH_BYTES_TRIED, True) if v.prefetch else (0, False)
+    dak.FUSE_COMBINE = own_comb if v.fuse_combine is None else v.fuse_combine
     try:
         with smc.install(table) if table is not None else contextlib.nullcontext():
             smc.ROUTE_MEMO.clear()  # the count below is this step's
             r = _measure(rows, base, provider, lambda: tpfuse_decode_us(model, batch, args.context, args.steps, dev),
                          dev, lambda: dict(last_mode=st.last_mode, pdl=pdl and pdl_launch.available(dev),
-                                           routed=sum(isinstance(v, smc.GemmConfig) for v in smc.ROUTE_MEMO.values()),
-                                           table=os.path.basename(table_path) if table_path else "shipped",
-                                           everywhere=everywhere, prefetch_bytes=smg.PREFETCH_BYTES if pdl else 0,
-                                           fuse_rope=st.cache_config.fuse_rope))
+                                           routed=sum(isinstance(c, smc.GemmConfig) for c in smc.ROUTE_MEMO.values()),
+                                           table=os.path.basename(v.table) if v.table else "shipped",
+                                           everywhere=v.everywhere, prefetch_bytes=smg.PREFETCH_BYTES if pdl else 0,
+                                           fuse_rope=st.cache_config.fuse_rope, fuse_combine=dak.FUSE_COMBINE))
     finally:
         st.cache_config.pdl, st.cache_config.fuse_rope, st.graphs = own_pdl, own_fuse, None
-        smg.PREFETCH_BYTES, dak.PREFETCH = own_pf, own_kv_pf
+        smg.PREFETCH_BYTES, dak.PREFETCH, dak.FUSE_COMBINE = own_pf, own_kv_pf, own_comb
     return r
 
 
 def variant_rows(model, batch, args, dev, rows, base, provider):
     """Every variant of :func:`variants` of one decode row (``<provider><suffix>``)."""
-    for suffix, table_path, pdl, everywhere, prefetch, fuse_rope in variants(args):
-        variant_row(model, batch, args, dev, rows, base, provider + suffix, table_path, pdl, everywhere, prefetch,
-                    fuse_rope)
+    for v in variants(args):
+        variant_row(model, batch, args, dev, rows, base, provider + v.suffix, v)
 
 
 def _label(r) -> str:

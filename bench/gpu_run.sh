@@ -2,9 +2,9 @@
 # One GPU-machine call: install tpfuse (and FlashInfer if .whl was carried), then run the chosen steps.
 #   bash bench/gpu_run.sh [STEP ...]      steps: env tests probe_ce async_tp fused_ar local rope decode_attn host
 #                                         profile e2e e2e_full e2e_shards load tune demo onegpu soak probe_onegpu
-#                                         small_gemm e2e_ab e2e_big fp8cache fusedrope (default: all but probe_ce,
-#                                         profile, e2e_full, e2e_shards, load, onegpu, soak, probe_onegpu, small_gemm,
-#                                         e2e_ab, e2e_big, fp8cache, fusedrope;
+#                                         small_gemm e2e_ab e2e_big fp8cache fusedrope fusedcomb (default: all but
+#                                         probe_ce, profile, e2e_full, e2e_shards, load, onegpu, soak, probe_onegpu,
+#                                         small_gemm, e2e_ab, e2e_big, fp8cache, fusedrope, fusedcomb;
 #                                         multi-GPU steps skip on one GPU)
 #   e2e_full / e2e_shards: bench_e2e.py at TP=1 (one process whatever the GPU count) at full size, real vocab;
 #           JSON + PNG e2e_tp1_<device>_full / _shards; E2E_FULL_ARGS / E2E_SHARDS_ARGS are appended (a repeated
@@ -47,6 +47,12 @@
 #         (test_rope_decode_paths_match_eager_and_oracle), then the 8B and Qwen3-32B (whole; a QK-norm model) decode
 #         rows at B 1 / 8 with fuse_rope the other way than the default right after each (bench_e2e.py --rope-ab,
 #         --tag rope_ab, FUSEDROPE_ARGS appended). One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh fusedrope
+#   fusedcomb: the GPU tests of decode attention with its combine in the split kernel (decode_attention.FUSE_COMBINE:
+#         -k fused in tests/test_decode_attention.py and tests/test_rope_decode_attention.py - model shapes, graph
+#         replays, 300 contended launches and 300 replays against the combine kernel, the capture fallback - and the
+#         model's decode through it, test_fused_combine_decode_matches_eager_and_oracle; ~2-3 min). Its A/B rows:
+#         --combine-ab in E2E_FULL_ARGS / E2E_SHARDS_ARGS. One call: TPFUSE_COMMIT=<sha> E2E_FULL_ARGS=--combine-ab
+#         E2E_SHARDS_ARGS=--combine-ab bash bench/gpu_run.sh fusedcomb e2e_shards e2e_full
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
 # Logs, JSON and PNG go to $OUT (or bench/results/gpu-run when OUT is unset). Multi-GPU steps need >= 2 GPUs.
 set -uo pipefail
@@ -188,6 +194,9 @@ for s in "${steps[@]}"; do
                LIMIT_fusedrope_ab=${LIMIT_fusedrope_ab:-240} run fusedrope_ab "${TR1[@]}" bench/bench_e2e.py \
                  --tag rope_ab --models 8B,Qwen3-32B --layers fit --decode-batches 1,8 --context 1024 \
                  --prefill 1024 --hf-models none --no-fp8 --rope-ab ${FUSEDROPE_ARGS:-} ;;
+    fusedcomb) LIMIT_fusedcomb_tests=${LIMIT_fusedcomb_tests:-240} run fusedcomb_tests bash -c "python3 -m pytest -q \
+                 -rs -k fused tests/test_decode_attention.py tests/test_rope_decode_attention.py \
+                 tests/distributed/test_model_runtime_gpu.py::test_fused_combine_decode_matches_eager_and_oracle" ;;
     load) run load python3 bench/bench_load.py --shape 8B ${LOAD_ARGS:-}
           run load_fp8 python3 bench/bench_load.py --shape 8B --fp8 ${LOAD_ARGS:-} ;;  # TP=1; writes /tmp ckpts
     decode_attn) [[ -f bench/bench_decode_attention.py ]] && run decode_attn python3 bench/bench_decode_attention.py ${DECODE_ATTN_ARGS:-} ;;

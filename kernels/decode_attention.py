@@ -32,7 +32,16 @@ whose partition starts at or past ``n`` returns before loading anything. ``_comb
 recomputes ``part(n)``, reads only the ``cdiv(n, part)`` partials that exist, rescales them to the common max and
 writes ``out = sum(o_i 2^(m_i - M)) / sum(l_i 2^(m_i - M))``, or 0 for an empty sequence (never NaN).
 
-``_rope_split_kernel`` (same grid, same partitions, then the same combine) is the split kernel of a decode step
+``_split_combine_kernel`` (:data:`FUSE_COMBINE`, off by default): the split kernel without the combine kernel. A
+sequence in one partition is written directly by its one program; otherwise each program stores its partial, then
+(a CTA barrier, one acq_rel GPU-scope atomic) takes a ticket from an int32 counter per (sequence, kv head), and the
+program that draws the last ticket (``cdiv(n, part) - 1``) combines the partials of its group's query heads (read
+through L2) and re-arms the counter to 0 for the next launch; split 0 of an empty sequence writes its zeros. The
+counters live in one zeroed buffer per device (:func:`_combine_counters`), allocated outside CUDA graphs; a capture
+that would have to allocate them captures the split + combine kernels instead.
+
+``_rope_split_kernel`` (same grid, same partitions, then the same combine; ``_rope_split_combine_kernel`` with the
+combine fused as above) is the split kernel of a decode step
 whose RoPE and cache write it does itself (:func:`launch_rope_decode_attention`): every program ropes its q rows
 (after the per-head RMSNorm with ``QK_NORM``) in registers, rounded to q's dtype as the RoPE kernel stores them;
 the one program whose partition holds key ``n - 1`` (the new token) ropes the new k, writes k and v into the
@@ -255,20 +264,74 @@ def _write_result(acc, m_i, l_i, kv_scale, n, b, heads, rmask, split, out_ptr, o
 
 
 @triton.jit
-def _split_kernel(q_ptr, q_sb, q_sh, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, bt_ptr, bt_stride,
-                  sl_ptr, kvs_ptr, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr, ws_l_ptr, qk_scale, max_len, group,
-                  n_heads, D: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                  MIN_PARTITION: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                  CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
-                  PF_KEYS: tl.constexpr = 0, FP8_WORDS: tl.constexpr = False):
-    if PDL and PF_KEYS > 0:
-        _prefetch_partition(sl_ptr, bt_ptr, bt_stride, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh,
-                            max_len, D, BLOCK_N, MIN_PARTITION, BLOCK_SIZE, NUM_SPLITS, PF_KEYS)
-    pdl.wait(PDL)  # before the lengths' load and the early exit (kernels/pdl.py); the trigger follows the loop
-    b, kvh, split, n, part, lo = _program_partition(sl_ptr, max_len, NUM_SPLITS, MIN_PARTITION, BLOCK_N)
-    if NUM_SPLITS > 1:
-        if lo >= n:  # past this sequence's keys (all splits when n == 0): no partial, the combine skips it
-            return
+def _write_empty(out_ptr, o_sb, o_sh, b, kvh, group, n, split, D: tl.constexpr, GROUP_PAD: tl.constexpr):
+    """Fused combine: split 0 of an empty sequence (``n == 0``) writes its group's zeros (no program attends)."""
+    r = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, D)
+    wmask = ((r < group) & (n == 0) & (split == 0))[:, None] & (d < D)[None, :]
+    optrs = out_ptr + b * o_sb + (kvh * group + r)[:, None] * o_sh + d[None, :]
+    tl.store(optrs, tl.zeros([GROUP_PAD, D], tl.float32).to(out_ptr.dtype.element_ty), mask=wmask)
+
+
+@triton.jit
+def _combine_group(ws_o_ptr, ws_m_ptr, ws_l_ptr, out_ptr, o_sb, o_sh, b, heads, rmask, n_used, n_heads,
+                   D: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, GROUP_PAD: tl.constexpr):
+    """The combine of one kv head's query heads (``heads``, ``rmask``) over the ``n_used >= 1`` partials of their
+    sequence: ``out = sum(o_i 2^(m_i - M)) / sum(l_i 2^(m_i - M))``, the combine kernel's math, all rows at once.
+    The partials are read through L2 (``.cg``): other programs wrote them in this launch."""
+    d = tl.arange(0, D)
+    s = tl.arange(0, SPLITS_PAD)
+    row0 = (b * n_heads + heads) * NUM_SPLITS  # [GROUP_PAD]
+    pmask = rmask[:, None] & (s < n_used)[None, :]
+    m_all = tl.load(ws_m_ptr + row0[:, None] + s[None, :], mask=pmask, other=float("-inf"), cache_modifier=".cg")
+    big_m = tl.where(rmask, tl.max(m_all, axis=1), 0.0)  # padding rows: 0, no -inf - -inf
+    l_all = tl.load(ws_l_ptr + row0[:, None] + s[None, :], mask=pmask, other=0.0, cache_modifier=".cg")
+    big_l = tl.sum(l_all * tl.math.exp2(m_all - big_m[:, None]), axis=1)
+    acc = tl.zeros([GROUP_PAD, D], tl.float32)
+    for c in range(0, NUM_SPLITS):  # a fixed trip count: splits past n_used are masked and load nothing
+        cm = rmask & (c < n_used)
+        w = tl.math.exp2(tl.load(ws_m_ptr + row0 + c, mask=cm, other=float("-inf"), cache_modifier=".cg") - big_m)
+        o = tl.load(ws_o_ptr + (row0 + c)[:, None] * D + d[None, :], mask=cm[:, None], other=0.0,
+                    cache_modifier=".cg")
+        acc += o * w[:, None]
+    res = tl.math.div_rn(acc, tl.where(rmask, big_l, 1.0)[:, None])
+    optrs = out_ptr + b * o_sb + heads[:, None] * o_sh + d[None, :]
+    tl.store(optrs, cast_for_store(res, out_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+@triton.jit
+def _finish_fused(acc, m_i, l_i, kv_scale, n, part, b, kvh, heads, rmask, split, out_ptr, o_sb, o_sh, ws_o_ptr,
+                  ws_m_ptr, ws_l_ptr, cnt_ptr, n_heads, D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                  SPLITS_PAD: tl.constexpr, GROUP_PAD: tl.constexpr):
+    """End of a fused-combine split program that attended keys. A sequence in one partition: this program holds the
+    whole result and writes ``out`` as one split does. Else it stores its partial, and the last of the sequence's
+    ``n_used`` programs to arrive combines them and re-arms the counter for the next launch: every thread's stores,
+    then a CTA barrier, then one acq_rel atomic at GPU scope (the release of the CTA's partial); the ticket's
+    acquire orders the last program's partial loads after every other program's release (the CUTLASS semaphore's
+    pattern)."""
+    n_used = (n + part - 1) // part
+    if n_used == 1:
+        _write_result(acc, m_i, l_i, kv_scale, n, b, heads, rmask, split, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr,
+                      ws_l_ptr, n_heads, D, 1)
+    else:
+        _write_result(acc, m_i, l_i, kv_scale, n, b, heads, rmask, split, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr,
+                      ws_l_ptr, n_heads, D, NUM_SPLITS)
+        tl.debug_barrier()  # every thread's partial stores before the one thread's release
+        cnt = cnt_ptr + b * tl.num_programs(1) + kvh
+        ticket = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+        if ticket == n_used - 1:
+            tl.store(cnt, 0)  # every program of this launch has counted: re-armed for the next one
+            _combine_group(ws_o_ptr, ws_m_ptr, ws_l_ptr, out_ptr, o_sb, o_sh, b, heads, rmask, n_used, n_heads, D,
+                           NUM_SPLITS, SPLITS_PAD, GROUP_PAD)
+
+
+@triton.jit
+def _split_attend(q_ptr, q_sb, q_sh, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, bt_ptr, bt_stride,
+                  kvs_ptr, qk_scale, group, b, kvh, n, lo, part, D: tl.constexpr, GROUP_PAD: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr,
+                  PREC: tl.constexpr, PDL: tl.constexpr, FP8_WORDS: tl.constexpr):
+    """A split program's attention over its partition ``[lo, min(lo + part, n))``: ``(acc, m, l, kv_scale, heads,
+    rmask)``, the PDL trigger given once its K / V tiles are read."""
     hi = tl.minimum(lo + part, n)  # one split: lo = 0, part >= n, so [0, n) (the loop never runs when n == 0)
     DT: tl.constexpr = q_ptr.dtype.element_ty
     r = tl.arange(0, GROUP_PAD)
@@ -284,8 +347,53 @@ def _split_kernel(q_ptr, q_sb, q_sh, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb,
                                   vc_so, vc_sh, kvh, qk, DT, D, GROUP_PAD, BLOCK_N, BLOCK_SIZE, CACHE_FP8, PV_HILO,
                                   PREC, FP8_WORDS)
     pdl.trigger(PDL)  # the K / V tiles are read (a program that exited early counts as triggered)
+    return acc, m_i, l_i, kv_scale, heads, rmask
+
+
+@triton.jit
+def _split_kernel(q_ptr, q_sb, q_sh, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, bt_ptr, bt_stride,
+                  sl_ptr, kvs_ptr, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr, ws_l_ptr, qk_scale, max_len, group,
+                  n_heads, D: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                  MIN_PARTITION: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                  CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
+                  PF_KEYS: tl.constexpr = 0, FP8_WORDS: tl.constexpr = False):
+    if PDL and PF_KEYS > 0:
+        _prefetch_partition(sl_ptr, bt_ptr, bt_stride, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh,
+                            max_len, D, BLOCK_N, MIN_PARTITION, BLOCK_SIZE, NUM_SPLITS, PF_KEYS)
+    pdl.wait(PDL)  # before the lengths' load and the early exit (kernels/pdl.py); the trigger follows the loop
+    b, kvh, split, n, part, lo = _program_partition(sl_ptr, max_len, NUM_SPLITS, MIN_PARTITION, BLOCK_N)
+    if NUM_SPLITS > 1:
+        if lo >= n:  # past this sequence's keys (all splits when n == 0): no partial, the combine skips it
+            return
+    acc, m_i, l_i, kv_scale, heads, rmask = _split_attend(
+        q_ptr, q_sb, q_sh, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, bt_ptr, bt_stride, kvs_ptr,
+        qk_scale, group, b, kvh, n, lo, part, D, GROUP_PAD, BLOCK_N, BLOCK_SIZE, CACHE_FP8, PV_HILO, PREC, PDL,
+        FP8_WORDS)
     _write_result(acc, m_i, l_i, kv_scale, n, b, heads, rmask, split, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr,
                   ws_l_ptr, n_heads, D, NUM_SPLITS)
+
+
+@triton.jit
+def _split_combine_kernel(q_ptr, q_sb, q_sh, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, bt_ptr,
+                          bt_stride, sl_ptr, kvs_ptr, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr, ws_l_ptr, cnt_ptr,
+                          qk_scale, max_len, group, n_heads, D: tl.constexpr, GROUP_PAD: tl.constexpr,
+                          BLOCK_N: tl.constexpr, MIN_PARTITION: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                          NUM_SPLITS: tl.constexpr, CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr,
+                          PREC: tl.constexpr, PDL: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                          FP8_WORDS: tl.constexpr = False):
+    """:func:`_split_kernel` (``NUM_SPLITS > 1``) whose last program of each (sequence, kv head) combines the
+    partials (:func:`_finish_fused`): no combine kernel."""
+    pdl.wait(PDL)
+    b, kvh, split, n, part, lo = _program_partition(sl_ptr, max_len, NUM_SPLITS, MIN_PARTITION, BLOCK_N)
+    if lo >= n:  # no keys here: split 0 of an empty sequence writes its zeros, the rest exit
+        _write_empty(out_ptr, o_sb, o_sh, b, kvh, group, n, split, D, GROUP_PAD)
+        return
+    acc, m_i, l_i, kv_scale, heads, rmask = _split_attend(
+        q_ptr, q_sb, q_sh, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, bt_ptr, bt_stride, kvs_ptr,
+        qk_scale, group, b, kvh, n, lo, part, D, GROUP_PAD, BLOCK_N, BLOCK_SIZE, CACHE_FP8, PV_HILO, PREC, PDL,
+        FP8_WORDS)
+    _finish_fused(acc, m_i, l_i, kv_scale, n, part, b, kvh, heads, rmask, split, out_ptr, o_sb, o_sh, ws_o_ptr,
+                  ws_m_ptr, ws_l_ptr, cnt_ptr, n_heads, D, NUM_SPLITS, SPLITS_PAD, GROUP_PAD)
 
 
 @triton.jit
@@ -324,22 +432,14 @@ def _new_key(q, acc, m_i, l_i, owner, k_att, v_att, qk):
 
 
 @triton.jit
-def _rope_split_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, pos_ptr, cs_ptr, cs_stride, qw_ptr,
-                       kw_ptr, qk_eps, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, bt_ptr, bt_stride,
-                       sl_ptr, kvs_ptr, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr, ws_l_ptr, qk_scale, max_len, group,
-                       n_heads, D: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                       MIN_PARTITION: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                       CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
-                       QK_NORM: tl.constexpr, GEMMA: tl.constexpr, FP8_WORDS: tl.constexpr = False):
-    """:func:`_split_kernel` with this step's token folded in (contract: :func:`launch_rope_decode_attention`):
-    q and the new k (per-head RMSNorm first with QK_NORM) are roped in registers; the program whose partition holds
-    key ``n - 1`` writes the new k / v there and takes that key from registers, every tile of the loop stops
-    before it, so no program reads what another writes in this launch."""
-    pdl.wait(PDL)  # q, k, v come from the kernel before this one
-    b, kvh, split, n, part, lo = _program_partition(sl_ptr, max_len, NUM_SPLITS, MIN_PARTITION, BLOCK_N)
-    if NUM_SPLITS > 1:
-        if lo >= n:
-            return
+def _rope_attend(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, pos_ptr, cs_ptr, cs_stride, qw_ptr, kw_ptr,
+                 qk_eps, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, bt_ptr, bt_stride, kvs_ptr,
+                 qk_scale, group, b, kvh, n, lo, part, D: tl.constexpr, GROUP_PAD: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr,
+                 PREC: tl.constexpr, PDL: tl.constexpr, QK_NORM: tl.constexpr, GEMMA: tl.constexpr,
+                 FP8_WORDS: tl.constexpr):
+    """A rope-split program's work over its partition (:func:`_rope_split_kernel`): ``(acc, m, l, kv_scale, heads,
+    rmask)`` with this step's key included where the program owns it."""
     hi = tl.minimum(lo + part, n)
     new = n - 1  # this step's key (-1: an empty sequence, nothing written)
     owner = (lo <= new) & (new < hi)
@@ -379,8 +479,56 @@ def _rope_split_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, 
                                   PV_HILO, PREC, FP8_WORDS)
     pdl.trigger(PDL)
     acc, m_i, l_i = _new_key(q, acc, m_i, l_i, owner, k_st.to(tl.float32), v_st.to(tl.float32), qk)
+    return acc, m_i, l_i, kv_scale, heads, rmask
+
+
+@triton.jit
+def _rope_split_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, pos_ptr, cs_ptr, cs_stride, qw_ptr,
+                       kw_ptr, qk_eps, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, bt_ptr, bt_stride,
+                       sl_ptr, kvs_ptr, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr, ws_l_ptr, qk_scale, max_len, group,
+                       n_heads, D: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                       MIN_PARTITION: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                       CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
+                       QK_NORM: tl.constexpr, GEMMA: tl.constexpr, FP8_WORDS: tl.constexpr = False):
+    """:func:`_split_kernel` with this step's token folded in (contract: :func:`launch_rope_decode_attention`):
+    q and the new k (per-head RMSNorm first with QK_NORM) are roped in registers; the program whose partition holds
+    key ``n - 1`` writes the new k / v there and takes that key from registers, every tile of the loop stops
+    before it, so no program reads what another writes in this launch."""
+    pdl.wait(PDL)  # q, k, v come from the kernel before this one
+    b, kvh, split, n, part, lo = _program_partition(sl_ptr, max_len, NUM_SPLITS, MIN_PARTITION, BLOCK_N)
+    if NUM_SPLITS > 1:
+        if lo >= n:
+            return
+    acc, m_i, l_i, kv_scale, heads, rmask = _rope_attend(
+        q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, pos_ptr, cs_ptr, cs_stride, qw_ptr, kw_ptr, qk_eps,
+        kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, bt_ptr, bt_stride, kvs_ptr, qk_scale, group, b, kvh,
+        n, lo, part, D, GROUP_PAD, BLOCK_N, BLOCK_SIZE, CACHE_FP8, PV_HILO, PREC, PDL, QK_NORM, GEMMA, FP8_WORDS)
     _write_result(acc, m_i, l_i, kv_scale, n, b, heads, rmask, split, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr,
                   ws_l_ptr, n_heads, D, NUM_SPLITS)
+
+
+@triton.jit
+def _rope_split_combine_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, pos_ptr, cs_ptr, cs_stride,
+                               qw_ptr, kw_ptr, qk_eps, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh,
+                               bt_ptr, bt_stride, sl_ptr, kvs_ptr, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr,
+                               ws_l_ptr, cnt_ptr, qk_scale, max_len, group, n_heads, D: tl.constexpr,
+                               GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MIN_PARTITION: tl.constexpr,
+                               BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, CACHE_FP8: tl.constexpr,
+                               PV_HILO: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr, QK_NORM: tl.constexpr,
+                               GEMMA: tl.constexpr, SPLITS_PAD: tl.constexpr, FP8_WORDS: tl.constexpr = False):
+    """:func:`_rope_split_kernel` (``NUM_SPLITS > 1``) with the combine in its last programs, as
+    :func:`_split_combine_kernel`."""
+    pdl.wait(PDL)
+    b, kvh, split, n, part, lo = _program_partition(sl_ptr, max_len, NUM_SPLITS, MIN_PARTITION, BLOCK_N)
+    if lo >= n:
+        _write_empty(out_ptr, o_sb, o_sh, b, kvh, group, n, split, D, GROUP_PAD)
+        return
+    acc, m_i, l_i, kv_scale, heads, rmask = _rope_attend(
+        q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, pos_ptr, cs_ptr, cs_stride, qw_ptr, kw_ptr, qk_eps,
+        kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, bt_ptr, bt_stride, kvs_ptr, qk_scale, group, b, kvh,
+        n, lo, part, D, GROUP_PAD, BLOCK_N, BLOCK_SIZE, CACHE_FP8, PV_HILO, PREC, PDL, QK_NORM, GEMMA, FP8_WORDS)
+    _finish_fused(acc, m_i, l_i, kv_scale, n, part, b, kvh, heads, rmask, split, out_ptr, o_sb, o_sh, ws_o_ptr,
+                  ws_m_ptr, ws_l_ptr, cnt_ptr, n_heads, D, NUM_SPLITS, SPLITS_PAD, GROUP_PAD)
 
 
 @triton.jit
@@ -434,6 +582,37 @@ a thread per 32-key tile). Off: it gives the e4m3 loads' bits (``test_gpu_fp8_wo
 on one H100 at 28139fe) but not their speed. In ``decode_attention_h100_fp8words_28139fe.json`` (one H100, B 8 / 64
 x 1024 / 4096 keys, Hq 32 / 64) its best swept config takes 0.98-1.06x the e4m3 loads' best at each point, and
 at :func:`pick_config`'s configs 1.04-1.08x their time."""
+
+
+FUSE_COMBINE = False
+"""Split launches (``NUM_SPLITS > 1``) combine their partials in the split kernel's last program of each
+(sequence, kv head) (:func:`_split_combine_kernel`, :func:`_rope_split_combine_kernel`: an acq_rel ticket counter
+per (sequence, kv head) in :func:`_combine_counters`' buffer) instead of a combine kernel: one launch fewer per
+decode attention. Off: tested through the Triton interpreter and compiled for sm_90 on the CPU only."""
+_COUNTERS: dict = {}  # device -> the int32 ticket counters of fused-combine launches, all zero between launches
+COUNTERS_MIN = 1 << 16  # counters allocated at once: B * Hkv up to 65536 (e.g. 8192 sequences x 8 kv heads)
+
+
+def _combine_counters(cfg: "DecodeConfig", out: torch.Tensor, kv_heads: int, fuse_combine):
+    """The zeroed ticket counters (int32, one per (sequence, kv head)) a fused-combine launch of ``cfg`` uses, or
+    None for the split + combine kernels: one split, fusion off (``fuse_combine`` None: :data:`FUSE_COMBINE`), or a
+    CUDA-graph capture that would have to allocate them (they are allocated outside graphs, where an eager call
+    first needs them, and each launch leaves them zero). One buffer per device, so fused-combine launches on one
+    device must not run concurrently (tpfuse runs decode attention on the compute stream only)."""
+    if cfg.num_splits == 1 or not (FUSE_COMBINE if fuse_combine is None else fuse_combine):
+        return None
+    need = out.shape[0] * kv_heads
+    cnt = _COUNTERS.get(out.device)
+    if cnt is None or cnt.numel() < need:
+        if out.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        cnt = torch.zeros(max(need, COUNTERS_MIN), dtype=torch.int32, device=out.device)
+        _KEEP.append(cnt)  # graphs captured with a smaller buffer still point at it
+        _COUNTERS[out.device] = cnt
+    return cnt
+
+
+_KEEP: list = []
 
 
 def fp8_words_ok(q, key_cache, value_cache) -> bool:
@@ -578,13 +757,14 @@ def _launch_setup(q, key_cache, seq_lens, out, kv_scale, **overrides):
 
 def launch_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, out, scale, kv_scale=None, *,
                             max_seq_len: int, num_splits=None, min_partition=None, block_n=None, num_warps=None,
-                            num_stages=None, fp8_words=None):
+                            num_stages=None, fp8_words=None, fuse_combine=None):
     """``out [B, Hq, D]`` <- decode attention of ``q [B, Hq, D]`` over the paged caches
     ``[num_blocks, block_size, Hkv, D]`` (see the module docstring). Inputs are validated by
     :func:`tpfuse.attention.decode_attention`. ``max_seq_len`` only clamps the lengths on the device; the launch
     comes from :func:`pick_config` (``num_splits`` ... ``num_stages`` override its rule); ``fp8_words`` (None:
-    :data:`FP8_WORDS`) asks for the word loads of e4m3 caches where :func:`fp8_words_ok`. Returns the
-    :class:`DecodeConfig` used (``None`` for an empty batch)."""
+    :data:`FP8_WORDS`) asks for the word loads of e4m3 caches where :func:`fp8_words_ok`; ``fuse_combine`` (None:
+    :data:`FUSE_COMBINE`) for the combine in the split kernel's last programs where :func:`_combine_counters` allows
+    it. Returns the :class:`DecodeConfig` used (``None`` for an empty batch)."""
     bsz, hq, d = q.shape
     block_size, hkv = key_cache.shape[1], key_cache.shape[2]
     if bsz == 0 or hq == 0:
@@ -597,15 +777,19 @@ def launch_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, o
     splits = cfg.num_splits
     on = pdl.wanted(out)
     words = (FP8_WORDS if fp8_words is None else fp8_words) and fp8_words_ok(q, key_cache, value_cache)
-    _split_kernel[(bsz, hkv, splits)](
-        q, q.stride(0), q.stride(1), key_cache, key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache, value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-        block_tables, block_tables.stride(0), seq_lens, kvs, out, out.stride(0), out.stride(1), ws_o, ws_m, ws_l,
-        float(scale) * LOG2E, int(max_seq_len), group, hq,
-        D=d, GROUP_PAD=max(16, next_pow2(group)), BLOCK_N=cfg.block_n, MIN_PARTITION=cfg.min_partition,
-        BLOCK_SIZE=block_size, NUM_SPLITS=splits, CACHE_FP8=cache_fp8, PV_HILO=q.element_size() == 2,
-        PREC="ieee" if q.dtype.itemsize == 4 else "tf32", PDL=on, PF_KEYS=cfg.block_n if on and PREFETCH else 0,
-        FP8_WORDS=words, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_options(on))
+    cnt = _combine_counters(cfg, out, hkv, fuse_combine)
+    head = (q, q.stride(0), q.stride(1), key_cache, key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+            value_cache, value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+            block_tables, block_tables.stride(0), seq_lens, kvs, out, out.stride(0), out.stride(1), ws_o, ws_m, ws_l)
+    tail = (float(scale) * LOG2E, int(max_seq_len), group, hq)
+    meta = dict(D=d, GROUP_PAD=max(16, next_pow2(group)), BLOCK_N=cfg.block_n, MIN_PARTITION=cfg.min_partition,
+                BLOCK_SIZE=block_size, NUM_SPLITS=splits, CACHE_FP8=cache_fp8, PV_HILO=q.element_size() == 2,
+                PREC="ieee" if q.dtype.itemsize == 4 else "tf32", PDL=on, FP8_WORDS=words, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages, **pdl.launch_options(on))
+    if cnt is not None:
+        _split_combine_kernel[(bsz, hkv, splits)](*head, cnt, *tail, SPLITS_PAD=next_pow2(splits), **meta)
+        return cfg
+    _split_kernel[(bsz, hkv, splits)](*head, *tail, PF_KEYS=cfg.block_n if on and PREFETCH else 0, **meta)
     _launch_combine(cfg, ws_o, ws_m, ws_l, seq_lens, out, max_seq_len, on)
     return cfg
 
@@ -625,7 +809,8 @@ def _launch_combine(cfg: DecodeConfig, ws_o, ws_m, ws_l, seq_lens, out, max_seq_
 def launch_rope_decode_attention(q, k, v, positions, cos_sin_cache, key_cache, value_cache, block_tables, seq_lens,
                                  out, scale, kv_scale=None, *, max_seq_len: int, q_norm_weight=None,
                                  k_norm_weight=None, qk_eps: float = 0.0, gemma: bool = False, num_splits=None,
-                                 min_partition=None, block_n=None, num_warps=None, num_stages=None, fp8_words=None):
+                                 min_partition=None, block_n=None, num_warps=None, num_stages=None, fp8_words=None,
+                                 fuse_combine=None):
     """One decode step's attention with its RoPE and cache write folded in (:func:`_rope_split_kernel`, then the
     combine): ``q [B, Hq, D]``, ``k`` / ``v [B, Hkv, D]`` are this step's un-roped projections (read, never
     written); with ``n = clamp(seq_lens[b], 0, max_seq_len)``, sequence ``b``'s roped (after the per-head RMSNorm
@@ -647,17 +832,21 @@ def launch_rope_decode_attention(q, k, v, positions, cos_sin_cache, key_cache, v
     qw, kw = (q_norm_weight, k_norm_weight) if qk_norm else (q, q)  # unread without QK_NORM
     on = pdl.wanted(out)
     words = (FP8_WORDS if fp8_words is None else fp8_words) and fp8_words_ok(q, key_cache, value_cache)
-    _rope_split_kernel[(bsz, hkv, splits)](
-        q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), positions,
-        cos_sin_cache, cos_sin_cache.stride(0), qw, kw, float(qk_eps),
-        key_cache, key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache, value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-        block_tables, block_tables.stride(0), seq_lens, kvs, out, out.stride(0), out.stride(1), ws_o, ws_m, ws_l,
-        float(scale) * LOG2E, int(max_seq_len), hq // hkv, hq,
-        D=d, GROUP_PAD=max(16, next_pow2(hq // hkv)), BLOCK_N=cfg.block_n, MIN_PARTITION=cfg.min_partition,
-        BLOCK_SIZE=block_size, NUM_SPLITS=splits, CACHE_FP8=cache_fp8, PV_HILO=q.element_size() == 2,
-        PREC="ieee" if q.dtype.itemsize == 4 else "tf32", PDL=on, QK_NORM=qk_norm, GEMMA=bool(gemma),
-        FP8_WORDS=words, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_options(on))
+    cnt = _combine_counters(cfg, out, hkv, fuse_combine)
+    head = (q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), positions,
+            cos_sin_cache, cos_sin_cache.stride(0), qw, kw, float(qk_eps),
+            key_cache, key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+            value_cache, value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+            block_tables, block_tables.stride(0), seq_lens, kvs, out, out.stride(0), out.stride(1), ws_o, ws_m, ws_l)
+    tail = (float(scale) * LOG2E, int(max_seq_len), hq // hkv, hq)
+    meta = dict(D=d, GROUP_PAD=max(16, next_pow2(hq // hkv)), BLOCK_N=cfg.block_n, MIN_PARTITION=cfg.min_partition,
+                BLOCK_SIZE=block_size, NUM_SPLITS=splits, CACHE_FP8=cache_fp8, PV_HILO=q.element_size() == 2,
+                PREC="ieee" if q.dtype.itemsize == 4 else "tf32", PDL=on, QK_NORM=qk_norm, GEMMA=bool(gemma),
+                FP8_WORDS=words, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_options(on))
+    if cnt is not None:
+        _rope_split_combine_kernel[(bsz, hkv, splits)](*head, cnt, *tail, SPLITS_PAD=next_pow2(splits), **meta)
+        return cfg
+    _rope_split_kernel[(bsz, hkv, splits)](*head, *tail, **meta)
     _launch_combine(cfg, ws_o, ws_m, ws_l, seq_lens, out, max_seq_len, on)
     return cfg
 

@@ -21,3 +21,29 @@ def pdl_order_problem(ptx: str, may_load: bool) -> str:
     banned = _BEFORE_WAIT + (() if may_load else ("ld.global",))
     early = [op for op in ops[: waits[0]] if op.startswith(banned)]
     return f"before the first wait: {early[0]}" if early else ""
+
+
+def ticket_order_problem(ptx: str) -> str:
+    """What breaks the fused combine's ordering (kernels/decode_attention.py ``_finish_fused``) in a PTX ("" if
+    nothing): exactly one atomic, ``acq_rel`` at GPU scope; a CTA barrier between the partial stores before it and
+    the atomic (every thread's stores precede the one thread's release); a CTA barrier after it before any global
+    load (the ticket's acquire precedes every thread's partial loads)."""
+    ops = []
+    for ln in ptx.splitlines():
+        words = ln.split()
+        if words and words[0].startswith("@"):
+            words = words[1:]
+        ops.append(words[0] if words else "")
+    atoms = [i for i, op in enumerate(ops) if op.startswith("atom.")]
+    if len(atoms) != 1:
+        return f"{len(atoms)} atomics, want 1"
+    a = atoms[0]
+    if ".acq_rel" not in ops[a] or ".gpu" not in ops[a]:
+        return f"the atomic is {ops[a]}, want acq_rel at gpu scope"
+    stores = [i for i, op in enumerate(ops[:a]) if op.startswith("st.global")]
+    if not stores or not any(op.startswith("bar.sync") for op in ops[stores[-1]:a]):
+        return "no CTA barrier between the partial stores and the atomic"
+    loads = [i for i, op in enumerate(ops[a:], a) if op.startswith("ld.global")]
+    if loads and not any(op.startswith("bar.sync") for op in ops[a:loads[0]]):
+        return "a global load after the atomic before any CTA barrier"
+    return ""

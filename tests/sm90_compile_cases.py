@@ -22,7 +22,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from ptx_checks import pdl_order_problem  # noqa: E402
+from ptx_checks import pdl_order_problem, ticket_order_problem  # noqa: E402
 from tpfuse.kernels import (add_rmsnorm, decode_attention, fused_allreduce, quantize, reduce_slots,  # noqa: E402
                             rope, silu_mul, small_m_gemm)
 
@@ -174,6 +174,11 @@ def decode_attention_cases():
         if (q_t, splits) in (("*bf16", 16), ("*bf16", 32), ("*bf16", 1)) and d == 128:  # PDL + K/V prefetch
             yield (name + f"warps={warps} pdl prefetch{bn}", decode_attention._split_kernel, ptrs,
                    dict(const, PDL=True, PF_KEYS=bn), warps, True)
+        if splits > 1 and (q_t != "*fp16"):  # the combine in the split kernel's last programs (FUSE_COMBINE)
+            for pdl_on in (False, True):
+                yield (name + f"warps={warps} fusedcomb" + (" pdl" if pdl_on else ""),
+                       decode_attention._split_combine_kernel, dict(ptrs, cnt_ptr="*i32"),
+                       dict(const, PDL=pdl_on, SPLITS_PAD=triton.next_power_of_2(splits)), warps, True)
     for q_t, cache, d, group, bn, splits, warps, qk_norm in (
             ("*bf16", "*bf16", 128, 4, 128, 16, 4, False), ("*bf16", "*bf16", 128, 4, 128, 4, 4, False),
             ("*bf16", "*bf16", 128, 8, 128, 1, 8, True), ("*bf16", "*fp8e4nv", 128, 4, 64, 32, 4, False),
@@ -189,6 +194,10 @@ def decode_attention_cases():
         for pdl_on in (False, True):
             yield (name + (" pdl" if pdl_on else ""), decode_attention._rope_split_kernel, ptrs,
                    dict(const, PDL=pdl_on), warps, True)
+            if splits > 1:
+                yield (name + " fusedcomb" + (" pdl" if pdl_on else ""), decode_attention._rope_split_combine_kernel,
+                       dict(ptrs, cnt_ptr="*i32"), dict(const, PDL=pdl_on, SPLITS_PAD=triton.next_power_of_2(splits)),
+                       warps, True)
     for d, bn, splits in ((128, 64, 32), (128, 128, 16), (64, 128, 11), (128, 32, 8), (128, 32, 2)):
         yield (f"decode_attention combine d={d} splits={splits} block_n={bn}", decode_attention._combine_kernel,
                {"ws_o_ptr": "*fp32", "ws_m_ptr": "*fp32", "ws_l_ptr": "*fp32", "sl_ptr": "*i32", "out_ptr": "*bf16"},
@@ -309,6 +318,9 @@ def main() -> int:
             if const.get("PDL"):
                 problem = pdl_order_problem(k.asm["ptx"], may_load=const.get("PF_KEYS", 0) > 0)
                 print(f"pdl-order {'BAD ' + problem if problem else 'ok'}  {name}", flush=True)
+            if " fusedcomb" in name:
+                problem = ticket_order_problem(k.asm["ptx"])
+                print(f"ticket-order {'BAD ' + problem if problem else 'ok'}  {name}", flush=True)
             if name.startswith("decode_attention q=") and const.get("CACHE_FP8"):  # e4m3 cache
                 print(f"byte-smem-loads {byte_smem_loads(k.asm['ptx'])}  {name}", flush=True)
         except Exception:  # noqa: BLE001 - report every failing case

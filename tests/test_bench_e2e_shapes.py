@@ -145,21 +145,25 @@ def test_bench_e2e_imports_and_keeps_its_defaults():
     assert bench_e2e.VOCAB == 32000
     # the decode-row variants: none by default, those of each flag, and --small-m-everywhere only with a table
     assert bench_e2e.variants(a) == []
-    assert bench_e2e.variants(bench_e2e.parse_args(["--pdl-ab"])) == [("_nopdl", None, False, False, None, None),
-                                                                        ("_prefetch", None, True, False, True, None)]
+    V = bench_e2e.Variant
+    assert bench_e2e.variants(bench_e2e.parse_args(["--pdl-ab"])) == [V("_nopdl", pdl=False),
+                                                                        V("_prefetch", pdl=True, prefetch=True)]
     both = bench_e2e.parse_args(["--pdl-ab", "--small-m-table", "t.json"])
-    assert [v[0] for v in bench_e2e.variants(both)] == ["_smallm", "_nopdl", "_prefetch"]
-    assert bench_e2e.variants(both)[0] == ("_smallm", "t.json", None, False, None, None)  # PDL as the default
+    assert [v.suffix for v in bench_e2e.variants(both)] == ["_smallm", "_nopdl", "_prefetch"]
+    assert bench_e2e.variants(both)[0] == V("_smallm", "t.json")  # PDL as the default
     # --small-m-everywhere: the table routing every swept GEMM (needs the table), with --pdl-ab also without PDL
     every = bench_e2e.parse_args(["--pdl-ab", "--small-m-table", "t.json", "--small-m-everywhere"])
-    assert bench_e2e.variants(every)[3:] == [("_smallall", "t.json", None, True, None, None),
-                                              ("_smallall_nopdl", "t.json", False, True, None, None)]
-    # --rope-ab: the decode step with KVCacheConfig.fuse_rope the other way than its default, all else the model's
+    assert bench_e2e.variants(every)[3:] == [V("_smallall", "t.json", everywhere=True),
+                                              V("_smallall_nopdl", "t.json", pdl=False, everywhere=True)]
+    # --rope-ab / --combine-ab: the decode step with KVCacheConfig.fuse_rope / decode_attention.FUSE_COMBINE the
+    # other way than its default, all else the model's
+    from tpfuse.kernels import decode_attention as dak
     from tpfuse.parallel import KVCacheConfig
 
-    flip = not KVCacheConfig().fuse_rope
-    assert bench_e2e.variants(bench_e2e.parse_args(["--rope-ab"])) == [
-        ("_fusedrope" if flip else "_ropesep", None, None, False, None, flip)]
+    flip, comb = not KVCacheConfig().fuse_rope, not dak.FUSE_COMBINE
+    assert bench_e2e.variants(bench_e2e.parse_args(["--rope-ab", "--combine-ab"])) == [
+        V("_fusedrope" if flip else "_ropesep", fuse_rope=flip),
+        V("_fusedcomb" if comb else "_combkern", fuse_combine=comb)]
     with pytest.raises(SystemExit):
         bench_e2e.parse_args(["--small-m-everywhere"])
     assert (a.kv_fp8, bench_e2e.parse_args(["--kv-fp8"]).kv_fp8) == (False, True)

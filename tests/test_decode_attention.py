@@ -304,9 +304,13 @@ def test_case_d256_and_d16(gen):
 
 
 @gpu_only
+@pytest.mark.parametrize("combine", ["kernel", "fused"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16cache", "fp8cache"])
 @pytest.mark.parametrize("hq", [32, 64])
-def test_gpu_big_shapes(gen, hq, fp8):
+def test_gpu_big_shapes(gen, monkeypatch, hq, fp8, combine):
+    from tpfuse.kernels import decode_attention as dak
+
+    monkeypatch.setattr(dak, "FUSE_COMBINE", combine == "fused")
     lens = torch.randint(0, 8193, (64,), generator=gen).tolist()
     lens[:4] = [8192, 0, 1, 4097]
     run_case(gen, "cuda", lens=lens, hq=hq, hkv=8, d=128, fp8=fp8)
@@ -341,9 +345,13 @@ def _graph_inputs(gen, bsz, hq, hkv, d, max_blocks, num_blocks, block_size, fp8)
 
 
 @gpu_only
+@pytest.mark.parametrize("combine", ["kernel", "fused"])
 @pytest.mark.parametrize("max_blocks,num_blocks", [(128, 600), (2048, 2100)], ids=["cap2k", "cap32k"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16cache", "fp8cache"])
-def test_gpu_cuda_graph_capture_replay(gen, fp8, max_blocks, num_blocks):
+def test_gpu_cuda_graph_capture_replay(gen, monkeypatch, fp8, max_blocks, num_blocks, combine):
+    from tpfuse.kernels import decode_attention as dak
+
+    monkeypatch.setattr(dak, "FUSE_COMBINE", combine == "fused")
     bsz, hq, hkv, d, bs = 16, 32, 8, 128, 16
     cap = max_blocks * bs  # 2048 / 32768 keys; the own rule on 132 SMs: 2 splits (bf16), 4 (FP8) for B * Hkv = 128
     q, kc, vc, bt = (t.cuda() for t in _graph_inputs(gen, bsz, hq, hkv, d, max_blocks, num_blocks, bs, fp8))
@@ -366,6 +374,75 @@ def test_gpu_cuda_graph_capture_replay(gen, fp8, max_blocks, num_blocks):
         torch.cuda.synchronize()
         oracle = A.decode_attention_math(q, kc, vc, bt, sl, scale=d ** -0.5, kv_scale=kvs, dtype=torch.float64)
         assert_elementwise(out, oracle, torch.bfloat16, f"graph replay {i} (fp8={fp8})")
+
+
+@gpu_only
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16cache", "fp8cache"])
+def test_gpu_fused_combine_races(gen, monkeypatch, fp8):
+    """The fused combine under contention: B=64 x 8 kv heads x the own rule's splits, 300 launches over lengths
+    that change every time, the split workspace NaN-poisoned before each (a partial combined before it was
+    written, or a combine run twice with one missing, shows as NaN or as a difference), each equal within one
+    rounding to the split + combine kernels on the same inputs, the counters zero after every launch; then the
+    same as one CUDA graph replayed 300 times."""
+    from tpfuse.kernels import decode_attention as dak
+
+    bsz, hq, hkv, d, bs, cap = 64, 32, 8, 128, 16, 2048
+    q, kc, vc, bt = (t.cuda() for t in _graph_inputs(gen, bsz, hq, hkv, d, cap // bs, 9000, bs, fp8))
+    kvs = torch.tensor([0.05], device="cuda") if fp8 else None
+    sl = torch.zeros(bsz, dtype=torch.int32, device="cuda")
+    ws = poison_workspace(monkeypatch, dak)
+    outs = {}
+
+    def step(fused):
+        out = torch.full((bsz, hq, d), float("nan"), dtype=torch.bfloat16, device="cuda")
+        dak.launch_decode_attention(q, kc, vc, bt, sl, out, d ** -0.5, kvs, max_seq_len=cap, num_splits=8,
+                                    min_partition=128, fuse_combine=fused)
+        return out
+
+    for it in range(300):
+        sl.copy_(torch.randint(0, cap + 1, (bsz,), generator=gen).to(torch.int32))
+        outs = {fused: step(fused) for fused in (True, False)}
+        torch.cuda.synchronize()
+        assert not torch.isnan(outs[True]).any(), f"launch {it}: NaN"
+        assert_close(outs[True].float(), outs[False].float(), torch.bfloat16, f"launch {it}")
+        assert int(dak._COUNTERS[sl.device].abs().sum()) == 0, f"launch {it}: counters"
+    assert ws  # the poisoned workspace served every launch (in the graph too: its fill is captured)
+    graph, out = capture(lambda: step(True))
+    for it in range(300):
+        sl.copy_(torch.randint(0, cap + 1, (bsz,), generator=gen).to(torch.int32))
+        graph.replay()
+        ref = step(False)
+        torch.cuda.synchronize()
+        assert not torch.isnan(out).any(), f"replay {it}: NaN"
+        assert_close(out.float(), ref.float(), torch.bfloat16, f"replay {it}")
+    assert int(dak._COUNTERS[sl.device].abs().sum()) == 0
+
+
+@gpu_only
+def test_gpu_fused_combine_capture_without_counters_falls_back(gen, monkeypatch):
+    """A capture that would have to allocate the ticket counters (none yet on this device) captures the split +
+    combine kernels instead, and replays correctly; the next eager call allocates them and fuses."""
+    from tpfuse.kernels import decode_attention as dak
+
+    x = make_inputs(gen, lens=[300, 0, 17], hq=8, hkv=2, d=128)
+    q, kc, vc, bt, sl = (t.cuda() for t in (q_of(x["qkv"], 8, 128), x["kc"], x["vc"], x["bt"], x["sl"]))
+    monkeypatch.setattr(dak, "FUSE_COMBINE", False)
+    A.decode_attention(q, kc, vc, bt, sl, scale=x["scale"])  # compiles the split and combine kernels
+    torch.cuda.synchronize()
+    monkeypatch.setattr(dak, "FUSE_COMBINE", True)
+    monkeypatch.setattr(dak, "_COUNTERS", {})
+    recs = {name: record_launches(monkeypatch, dak, name) for name in FUSED_KERNELS}
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = A.decode_attention(q, kc, vc, bt, sl, scale=x["scale"])
+    assert [len(recs[n].launches) for n in FUSED_KERNELS] == [1, 0, 1] and not dak._COUNTERS
+    g.replay()
+    eager = A.decode_attention(q, kc, vc, bt, sl, scale=x["scale"])
+    torch.cuda.synchronize()
+    assert len(recs["_split_combine_kernel"].launches) == 1 and dak._COUNTERS
+    oracle = A.decode_attention_math(q, kc, vc, bt, sl, scale=x["scale"], dtype=torch.float64)
+    assert_elementwise(out, oracle, torch.bfloat16, "captured fallback")
+    assert_elementwise(eager, oracle, torch.bfloat16, "eager fused")
 
 
 MIXED_LENS = [0, 1, 17, 300, 1023, 2048, 5]
@@ -512,32 +589,67 @@ def test_launch_is_independent_of_max_seq_len(gen, kernels, monkeypatch, fp8):
 PARTITION_EDGE_LENS = [0, 1, 31, 32, 33, 127, 128, 129, 160, 200]
 
 
+FUSED_KERNELS = ("_split_kernel", "_split_combine_kernel", "_combine_kernel")
+
+
+def fuse_combine(monkeypatch, module, names=FUSED_KERNELS):
+    """Turn :data:`FUSE_COMBINE` on for the test; returns a launch recorder per kernel name."""
+    monkeypatch.setattr(module, "FUSE_COMBINE", True)
+    return {name: record_launches(monkeypatch, module, name) for name in names}
+
+
+def assert_fused_combine_ran(module, recs, what, fused="_split_combine_kernel"):
+    """Only the fused split kernel ran (no unfused split, no combine kernel) and every ticket counter is zero
+    again (each launch re-arms the ones it used)."""
+    ran = {name: len(rec.launches) for name, rec in recs.items()}
+    assert ran[fused] > 0 and all(k == 0 for name, k in ran.items() if name != fused), f"{what}: {ran}"
+    assert all(int(c.abs().sum()) == 0 for c in module._COUNTERS.values()), f"{what}: ticket counters not re-armed"
+
+
 @kernel_case
+@pytest.mark.parametrize("combine", ["kernel", "fused"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16cache", "fp8cache"])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("hq,hkv", GROUPS, ids=["g1", "g4", "g8"])
-def test_case_partition_edges(gen, kernels, monkeypatch, hq, hkv, d, fp8):
-    poison_workspace(monkeypatch, kernels.decode_attention)
+def test_case_partition_edges(gen, kernels, monkeypatch, hq, hkv, d, fp8, combine):
+    """Every partition edge, the split workspace NaN-poisoned; ``fused``: the combine in the split kernel's last
+    programs (one partition: written directly; none: zeros from split 0)."""
+    mod = kernels.decode_attention
+    if combine == "fused" and d == 128 and not ON_GPU:
+        pytest.skip("interpreter time: the fused combine's D = 128 cases run on GPUs")
+    recs = fuse_combine(monkeypatch, mod) if combine == "fused" else None
+    poison_workspace(monkeypatch, mod)
     run_case(gen, DEVICE, lens=PARTITION_EDGE_LENS, hq=hq, hkv=hkv, d=d, fp8=fp8, num_splits=4, min_partition=32,
              block_n=16, max_seq_len=200)
+    if recs:
+        assert_fused_combine_ran(mod, recs, f"partition edges hq={hq} hkv={hkv} d={d} fp8={fp8}")
 
 
 @kernel_case
+@pytest.mark.parametrize("combine", ["kernel", "fused"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16cache", "fp8cache"])
-def test_case_partition_edges_own_rule(gen, kernels, monkeypatch, fp8):
+def test_case_partition_edges_own_rule(gen, kernels, monkeypatch, fp8, combine):
     # the launcher's own config (MIN_PARTITION 128, BLOCK_N 128 / 64): one partition up to 128 keys, two from 129
-    poison_workspace(monkeypatch, kernels.decode_attention)
+    mod = kernels.decode_attention
+    recs = fuse_combine(monkeypatch, mod) if combine == "fused" else None
+    poison_workspace(monkeypatch, mod)
     run_case(gen, DEVICE, lens=[0, 1, 127, 128, 129, 257], hq=8, hkv=2, d=64, fp8=fp8)
+    if recs:
+        assert_fused_combine_ran(mod, recs, f"own rule fp8={fp8}")
 
 
 @kernel_case
+@pytest.mark.parametrize("combine", ["kernel", "fused"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16cache", "fp8cache"])
-def test_case_graph_style_relaunch(gen, kernels, monkeypatch, fp8):
+def test_case_graph_style_relaunch(gen, kernels, monkeypatch, fp8, combine):
     """What a CUDA-graph replay does: the same launch (same tensors, same host arguments) with other lengths
-    written into the same ``seq_lens`` tensor; each sequence is re-partitioned on the device from its new length."""
+    written into the same ``seq_lens`` tensor; each sequence is re-partitioned on the device from its new length
+    (``fused``: the ticket counters each launch leaves zero serve the next)."""
     mod = kernels.decode_attention
     launches = []
-    record_launches(monkeypatch, mod, "_split_kernel", launches)
+    split_name = "_split_combine_kernel" if combine == "fused" else "_split_kernel"
+    recs = fuse_combine(monkeypatch, mod, ("_split_kernel", "_combine_kernel")) if combine == "fused" else {}
+    record_launches(monkeypatch, mod, split_name, launches)
     poison_workspace(monkeypatch, mod)
     hq, hkv, d, cap = 8, 2, 64, 200
     rounds = [[129, 0, 33, 200], [1, 200, 0, 64], [200, 31, 128, 0]]
@@ -557,3 +669,29 @@ def test_case_graph_style_relaunch(gen, kernels, monkeypatch, fp8):
                                              dtype=torch.float64)
             assert_elementwise(out, oracle, torch.bfloat16, f"relaunch lens={lens} {forced} fp8={fp8}")
         assert len(launches) == len(rounds) and all(rec == launches[0] for rec in launches)
+        assert all(not rec.launches for rec in recs.values()), "fused combine: an unfused kernel ran"
+        assert all(int(c.abs().sum()) == 0 for c in mod._COUNTERS.values()), "ticket counters not re-armed"
+
+
+@pytest.mark.skipif(ON_GPU, reason="counts the interpreter's calls of a device function")
+def test_fused_combine_runs_once_per_group(gen, kernels, monkeypatch):
+    """The interpreter runs a launch's programs one after another, so an output that only the last program's
+    combine gets right would still pass there: count the combines. Exactly one per (sequence, kv head) whose keys
+    span two or more partitions, none for one partition (written directly) or none (zeros)."""
+    mod = kernels.decode_attention
+    calls = []
+    real = mod._combine_group
+
+    def scalar(v):  # an interpreter scalar (a tl.tensor over a 1-element numpy array)
+        return int(v.handle.data.reshape(-1)[0])
+
+    def counting(*args, **kw):
+        calls.append((scalar(args[6]), scalar(args[9])))  # (b, n_used)
+        return real.fn(*args, **kw)
+
+    monkeypatch.setattr(mod, "_combine_group", counting)
+    fuse_combine(monkeypatch, mod)
+    lens = [0, 1, 32, 33, 129, 200]  # partitions of 32 / 32 / 32 / 48 / 64 keys: 0, 1, 1, 2, 3, 4 used
+    run_case(gen, DEVICE, lens=lens, hq=4, hkv=2, d=64, num_splits=4, min_partition=32, block_n=16,
+             max_seq_len=200)
+    assert sorted(calls) == sorted((b, used) for b, used in [(3, 2), (4, 3), (5, 4)] for _ in range(2)), calls

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from kernel_env import DEVICE, ON_GPU, capture, gpu_only, poisoned, record_launches
-from test_decode_attention import assert_elementwise, make_inputs
+from test_decode_attention import assert_elementwise, assert_fused_combine_ran, fuse_combine, make_inputs
 from test_rope import make_cos_sin_cache
 
 from tpfuse import attention as A
@@ -314,6 +314,26 @@ def test_case_qk_norm_gemma_and_fp32(gen):
              min_partition=32, block_n=16)
 
 
+FUSED_ROPE_KERNELS = ("_rope_split_kernel", "_rope_split_combine_kernel", "_combine_kernel", "_split_kernel")
+
+
+@kernel_case
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16cache", "fp8cache"])
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["rope", "qknorm"])
+def test_case_fused_combine(gen, kernels, monkeypatch, qk_norm, fp8):
+    """The combine in the rope-split kernel's last programs (``decode_attention.FUSE_COMBINE``): the edge lengths
+    (the new key first, last and alone in a partition; one partition: written directly; none: zeros), then the
+    launcher's own config; only the fused kernel runs and the ticket counters are zero after each launch."""
+    mod = kernels.decode_attention
+    recs = fuse_combine(monkeypatch, mod, FUSED_ROPE_KERNELS)
+    run_step(gen, DEVICE, lens=EDGE_LENS, hq=4 * HKV, hkv=HKV, d=64, fp8=fp8, qk_norm=qk_norm, num_splits=3,
+             min_partition=16, block_n=16)  # 3 x 16 keys hold the longest (33); a split count not a power of two
+    run_step(gen, DEVICE, lens=[100, 37, 0, 64, 3, 129], hq=8, hkv=2, d=64, block_size=32, fp8=fp8,
+             qk_norm=qk_norm)
+    assert_fused_combine_ran(mod, recs, f"rope fused combine qk_norm={qk_norm} fp8={fp8}",
+                             fused="_rope_split_combine_kernel")
+
+
 @kernel_case
 def test_case_clamped_to_max_seq_len(gen):
     # seq_lens past max_seq_len: the new key is key max_seq_len - 1 (and only keys before it are attended)
@@ -326,21 +346,29 @@ def test_case_clamped_to_max_seq_len(gen):
 
 
 @gpu_only
+@pytest.mark.parametrize("combine", ["kernel", "fused"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16cache", "fp8cache"])
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["rope", "qknorm"])
 @pytest.mark.parametrize("bsz", [1, 8, 64])
-def test_gpu_model_shapes(gen, bsz, qk_norm, fp8):
+def test_gpu_model_shapes(gen, monkeypatch, bsz, qk_norm, fp8, combine):
+    from tpfuse.kernels import decode_attention as dak
+
+    monkeypatch.setattr(dak, "FUSE_COMBINE", combine == "fused")
     # the 8B's heads (32 / 8, D 128) at decode batches, 256-token blocks, contexts around 1k, the shipped configs
     lens = torch.randint(900, 1100, (bsz,), generator=gen).tolist()
     run_step(gen, DEVICE, lens=lens, hq=32, hkv=8, d=128, block_size=256, fp8=fp8, qk_norm=qk_norm)
 
 
 @gpu_only
+@pytest.mark.parametrize("combine", ["kernel", "fused"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16cache", "fp8cache"])
-def test_gpu_cuda_graph_capture_replay(gen, fp8):
+def test_gpu_cuda_graph_capture_replay(gen, monkeypatch, fp8, combine):
     """Captured once (the capture's warm-up call writes each sequence's poisoned new-key slot), replayed over
     several steps with new lengths, positions and projections written into the captured tensors: each replay is
     NaN-free and equals an eager call on a copy of the caches, bit for bit, and the caches match too."""
+    from tpfuse.kernels import decode_attention as dak
+
+    monkeypatch.setattr(dak, "FUSE_COMBINE", combine == "fused")
     x = make_step(gen, lens=[300, 17, 1, 64], hq=8, hkv=2, d=128, fp8=fp8, qk_norm=True)
     qkv, kc, vc, bt, sl, pos, cs = (x[n].cuda() for n in ("qkv", "kc", "vc", "bt", "sl", "pos", "cs"))
     kvs = None if x["kv_scale"] is None else x["kv_scale"].cuda()

@@ -89,6 +89,27 @@ def test_fp8_word_loads_have_no_byte_wide_shared_loads(compiled):
     assert all(c > 0 for n, c in counts.items() if " words" not in n), counts
 
 
+def test_fused_combine_orders_its_ticket(compiled):
+    """Decode attention with the combine in its split kernel (FUSE_COMBINE): in every build's PTX one acq_rel
+    GPU-scope atomic, a CTA barrier between the partial stores and it, and one after it before the partial loads."""
+    lines = [ln for ln in compiled.stdout.splitlines() if ln.startswith("ticket-order ")]
+    assert len(lines) >= 16, compiled.stdout[-4000:]
+    assert not [ln for ln in lines if " BAD " in ln], lines
+
+
+def test_ticket_order_check_catches_what_it_should():
+    sys.path.insert(0, HERE)
+    from ptx_checks import ticket_order_problem
+
+    ok = ("st.global.b32 [%rd1], %r1;\nbar.sync 0;\n@%p1 atom.global.gpu.acq_rel.add.u32 %r2, [%rd2], 1;\n"
+          "bar.sync 0;\nld.global.cg.b32 %r3, [%rd1];")
+    assert ticket_order_problem(ok) == ""
+    assert "barrier between" in ticket_order_problem(ok.replace("bar.sync 0;\n@", "@", 1))
+    assert "before any CTA barrier" in ticket_order_problem(ok.replace("1;\nbar.sync 0;\nld", "1;\nld"))
+    assert "acq_rel" in ticket_order_problem(ok.replace(".acq_rel", ".relaxed"))
+    assert "2 atomics" in ticket_order_problem(ok + "\natom.global.gpu.acq_rel.add.u32 %r4, [%rd2], 1;")
+
+
 def test_pdl_order_check_catches_what_it_should():
     sys.path.insert(0, HERE)
     from ptx_checks import pdl_order_problem

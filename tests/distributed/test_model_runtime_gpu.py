@@ -64,10 +64,31 @@ def _decode_run(model, prompts, extra, steps):
     return [torch.cat(x) for x in rows], model._tpfuse.last_mode
 
 
-def _graph_vs_eager(rank, world, arch, batch, cache_dtype, fuse_rope=None):
+class _Counted:
+    """Stands in for a kernel object: records its name at each launch, then launches it."""
+
+    def __init__(self, kernel, name, launches):
+        self.kernel, self.name, self.launches = kernel, name, launches
+
+    def __getitem__(self, grid):
+        def run(*args, **kw):
+            self.launches.append(self.name)
+            return self.kernel[grid](*args, **kw)
+        return run
+
+
+def _graph_vs_eager(rank, world, arch, batch, cache_dtype, fuse_rope=None, fuse_combine=None):
     from tpfuse.tolerance import REL_ERR_LOGITS, rel_err
 
     import tpfuse.attention as ta
+    from tpfuse.kernels import decode_attention as dak
+
+    if fuse_combine is not None:  # this rank's process only (spawned)
+        dak.FUSE_COMBINE = fuse_combine
+    split_launches = []
+    for name in ("_split_combine_kernel", "_rope_split_combine_kernel", "_combine_kernel"):
+        kernel = getattr(dak, name)
+        setattr(dak, name, _Counted(kernel, name, split_launches))
 
     kw = {} if cache_dtype is None else dict(dtype=cache_dtype, kv_scale=0.5)
     if fuse_rope is not None:
@@ -90,6 +111,9 @@ def _graph_vs_eager(rank, world, arch, batch, cache_dtype, fuse_rope=None):
     finally:
         ta.rope_decode_attention = fused
     assert bool(fused_calls) == graphed._tpfuse.cache_config.fuse_rope, len(fused_calls)
+    if fuse_combine is not None:  # which combine ran (prefill never launches one: it attends without splits)
+        kinds = set(split_launches)
+        assert kinds and (kinds <= {"_split_combine_kernel", "_rope_split_combine_kernel"}) == fuse_combine, kinds
     errs = []
     tol = REL_ERR_LOGITS[DT] * (4 if cache_dtype is not None else 1)
     for r, p in enumerate(prompts):
@@ -117,6 +141,16 @@ def test_rope_decode_paths_match_eager_and_oracle(arch, cache_dtype, fuse_rope):
     (QK-norm) and cache write inside the decode attention kernel, and ``False``, their own kernels before it; a
     batch of 3 in the graph bucket of 4 (a pad row on the scratch block)."""
     errs = run_gpu(_graph_vs_eager, 1, arch, 3, cache_dtype, fuse_rope, timeout_s=600)
+    assert all(e > 0 for e in errs)
+
+
+@pytest.mark.parametrize("arch,cache_dtype,fuse_rope", [("llama", None, True), ("qwen3", torch.float8_e4m3fn, True),
+                                                      ("llama", None, False)])
+def test_fused_combine_decode_matches_eager_and_oracle(arch, cache_dtype, fuse_rope):
+    """``decode_attention.FUSE_COMBINE`` (off by default): the decode attention's combine in its split kernel's
+    last programs, through the model's graphs (counters allocated by the eager warm-up, re-armed by each replay)
+    and eagerly, with and without the fused RoPE; only the fused kernels ran."""
+    errs = run_gpu(_graph_vs_eager, 1, arch, 3, cache_dtype, fuse_rope, True, timeout_s=600)
     assert all(e > 0 for e in errs)
 
 
