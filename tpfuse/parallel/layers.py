@@ -6,10 +6,12 @@ sequence-parallel mode)::
 
     all-reduce form                                  sequence-parallel form
     qkv = x @ W_qkv_shard.T                          qkv = *all_gather_matmul(x, W_qkv_shard)
-    attention on this rank's heads: RoPE (+ QK-norm) and the KV-cache write in one kernel, then
-        decode step:  paged decode attention over the cache (tpfuse.attention.decode_attention); with
-                      KVCacheConfig.fuse_rope all of it in one kernel (tpfuse.attention.rope_decode_attention)
-        prefill:      causal SDPA per sequence (over its cached prefix when it has one)
+    attention on this rank's heads:
+        decode step:  RoPE (+ QK-norm), the KV-cache write and paged decode attention in one kernel
+                      (tpfuse.attention.rope_decode_attention; KVCacheConfig.fuse_rope, the default); with
+                      fuse_rope=False the RoPE + cache-write kernel, then tpfuse.attention.decode_attention
+        prefill:      RoPE (+ QK-norm) and the KV-cache write in one kernel, then causal SDPA per sequence
+                      (over its cached prefix when it has one)
     x, residual = *fused_add_rmsnorm(attn @ W_o_shard.T, residual, post_norm)
                                                      x, residual = *matmul_reduce_scatter_rmsnorm(attn, W_o_shard, ...)
     gu = x @ W_gate_up_shard.T                       gu = *all_gather_matmul(x, W_gate_up_shard)
