@@ -1,6 +1,17 @@
 """Checks on compiled PTX text (no Triton needed): used by tests/sm90_compile_cases.py on every PDL variant and
 unit-tested in tests/test_sm90_compile.py."""
 
+def opcodes(ptx: str) -> list:
+    """Each PTX line's opcode ("" for none), a predicate guard ("@%p1") dropped."""
+    ops = []
+    for ln in ptx.splitlines():
+        words = ln.split()
+        if words and words[0].startswith("@"):
+            words = words[1:]
+        ops.append(words[0] if words else "")
+    return ops
+
+
 _BEFORE_WAIT = ("st.global", "atom.", "red.", "cp.async", "griddepcontrol.launch_dependents")
 
 
@@ -9,12 +20,7 @@ def pdl_order_problem(ptx: str, may_load: bool) -> str:
     ``griddepcontrol.wait`` must come before any global store, atomic, ``cp.async`` load and the trigger, and before
     any global load unless the case prefetches through addresses it loads (``may_load``: the decode attention's
     lengths and block tables). Shared-memory traffic before the wait is the program's own and allowed."""
-    ops = []  # each instruction's opcode (a predicate guard "@%p1" dropped)
-    for ln in ptx.splitlines():
-        words = ln.split()
-        if words and words[0].startswith("@"):
-            words = words[1:]
-        ops.append(words[0] if words else "")
+    ops = opcodes(ptx)
     waits = [i for i, op in enumerate(ops) if op.startswith("griddepcontrol.wait")]
     if not waits:
         return "no griddepcontrol.wait"
@@ -28,12 +34,7 @@ def ticket_order_problem(ptx: str) -> str:
     nothing): exactly one atomic, ``acq_rel`` at GPU scope; a CTA barrier between the partial stores before it and
     the atomic (every thread's stores precede the one thread's release); a CTA barrier after it before any global
     load (the ticket's acquire precedes every thread's partial loads)."""
-    ops = []
-    for ln in ptx.splitlines():
-        words = ln.split()
-        if words and words[0].startswith("@"):
-            words = words[1:]
-        ops.append(words[0] if words else "")
+    ops = opcodes(ptx)
     atoms = [i for i, op in enumerate(ops) if op.startswith("atom.")]
     if len(atoms) != 1:
         return f"{len(atoms)} atomics, want 1"
