@@ -306,9 +306,10 @@ def _finish_fused(acc, m_i, l_i, kv_scale, n, part, b, kvh, heads, rmask, split,
     """End of a fused-combine split program that attended keys. A sequence in one partition: this program holds the
     whole result and writes ``out`` as one split does. Else it stores its partial, and the last of the sequence's
     ``n_used`` programs to arrive combines them and re-arms the counter for the next launch: every thread's stores,
-    then a CTA barrier, then one acq_rel atomic at GPU scope (the release of the CTA's partial); the ticket's
-    acquire orders the last program's partial loads after every other program's release (the CUTLASS semaphore's
-    pattern)."""
+    then a CTA barrier, then one acq_rel atomic at GPU scope from one thread (the release of the CTA's partial);
+    the ticket's acquire, broadcast to the CTA through shared memory behind a barrier, orders the last program's
+    partial loads after every other program's release (the "last block" pattern of CUDA's threadFenceReduction
+    sample; nothing spins)."""
     n_used = (n + part - 1) // part
     if n_used == 1:
         _write_result(acc, m_i, l_i, kv_scale, n, b, heads, rmask, split, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr,
@@ -588,7 +589,10 @@ FUSE_COMBINE = False
 """Split launches (``NUM_SPLITS > 1``) combine their partials in the split kernel's last program of each
 (sequence, kv head) (:func:`_split_combine_kernel`, :func:`_rope_split_combine_kernel`: an acq_rel ticket counter
 per (sequence, kv head) in :func:`_combine_counters`' buffer) instead of a combine kernel: one launch fewer per
-decode attention. Off: tested through the Triton interpreter and compiled for sm_90 on the CPU only."""
+decode attention. Off: tested through the Triton interpreter and compiled for sm_90 on the CPU only. The fused
+kernels have no K / V L2 prefetch (:data:`PREFETCH` applies to the split kernel only). A launch that stops
+part-way (a CUDA error) can leave counters non-zero, after which fused launches combine wrongly: after such an
+error, :func:`reset_combine_counters` (or a new process)."""
 _COUNTERS: dict = {}  # device -> the int32 ticket counters of fused-combine launches, all zero between launches
 COUNTERS_MIN = 1 << 16  # counters allocated at once: B * Hkv up to 65536 (e.g. 8192 sequences x 8 kv heads)
 
@@ -613,6 +617,12 @@ def _combine_counters(cfg: "DecodeConfig", out: torch.Tensor, kv_heads: int, fus
 
 
 _KEEP: list = []
+
+
+def reset_combine_counters() -> None:
+    """Zero every fused-combine ticket counter (they are zero between launches unless a launch stopped part-way)."""
+    for cnt in _KEEP:
+        cnt.zero_()
 
 
 def fp8_words_ok(q, key_cache, value_cache) -> bool:

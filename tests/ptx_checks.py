@@ -31,7 +31,8 @@ def pdl_order_problem(ptx: str, may_load: bool) -> str:
 
 def ticket_order_problem(ptx: str) -> str:
     """What breaks the fused combine's ordering (kernels/decode_attention.py ``_finish_fused``) in a PTX ("" if
-    nothing): exactly one atomic, ``acq_rel`` at GPU scope; a CTA barrier between the partial stores before it and
+    nothing): exactly one atomic, ``acq_rel`` at GPU scope, under a predicate (Triton issues a scalar atomic from
+    one thread); a CTA barrier between the partial stores before it and
     the atomic (every thread's stores precede the one thread's release); a CTA barrier after it before any global
     load (the ticket's acquire precedes every thread's partial loads)."""
     ops = opcodes(ptx)
@@ -41,6 +42,8 @@ def ticket_order_problem(ptx: str) -> str:
     a = atoms[0]
     if ".acq_rel" not in ops[a] or ".gpu" not in ops[a]:
         return f"the atomic is {ops[a]}, want acq_rel at gpu scope"
+    if not ptx.splitlines()[a].split()[0].startswith("@"):
+        return "the atomic has no predicate guard: every thread would draw a ticket"
     stores = [i for i, op in enumerate(ops[:a]) if op.startswith("st.global")]
     if not stores or not any(op.startswith("bar.sync") for op in ops[stores[-1]:a]):
         return "no CTA barrier between the partial stores and the atomic"

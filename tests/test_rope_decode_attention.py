@@ -24,7 +24,8 @@ import pytest
 import torch
 
 from kernel_env import DEVICE, ON_GPU, capture, gpu_only, poisoned, record_launches
-from test_decode_attention import assert_elementwise, assert_fused_combine_ran, fuse_combine, make_inputs
+from test_decode_attention import (assert_elementwise, assert_fused_combine_ran, assert_fused_where_split, fuse_combine,
+                                   make_inputs)
 from test_rope import make_cos_sin_cache
 
 from tpfuse import attention as A
@@ -354,9 +355,13 @@ def test_gpu_model_shapes(gen, monkeypatch, bsz, qk_norm, fp8, combine):
     from tpfuse.kernels import decode_attention as dak
 
     monkeypatch.setattr(dak, "FUSE_COMBINE", combine == "fused")
+    recs = {name: record_launches(monkeypatch, dak, name) for name in FUSED_ROPE_KERNELS}
     # the 8B's heads (32 / 8, D 128) at decode batches, 256-token blocks, contexts around 1k, the shipped configs
     lens = torch.randint(900, 1100, (bsz,), generator=gen).tolist()
     run_step(gen, DEVICE, lens=lens, hq=32, hkv=8, d=128, block_size=256, fp8=fp8, qk_norm=qk_norm)
+    if combine == "fused":  # bf16 at B=64: one split, nothing to combine
+        assert recs["_rope_split_combine_kernel"].launches or (bsz == 64 and not fp8)
+        assert_fused_where_split(recs, f"model shapes B={bsz} fp8={fp8}", plain="_rope_split_kernel")
 
 
 @gpu_only
@@ -379,7 +384,11 @@ def test_gpu_cuda_graph_capture_replay(gen, monkeypatch, fp8, combine):
         return A.rope_decode_attention(q, k, v, pos, cs, kc, vc, bt, sl, scale=x["scale"], kv_scale=kvs,
                                        q_norm_weight=qw, k_norm_weight=kw, qk_eps=1e-6)
 
+    recs = {name: record_launches(monkeypatch, dak, name) for name in FUSED_ROPE_KERNELS}
     graph, out = capture(step)
+    if combine == "fused":  # B=4 x 2 kv heads: 16 / 32 splits, fused in the warm-up and the capture
+        assert len(recs["_rope_split_combine_kernel"].launches) == 2
+        assert_fused_where_split(recs, f"graph fp8={fp8}", plain="_rope_split_kernel")
     for it in range(4):
         sl += 1
         pos.copy_(torch.randint(0, 4096, pos.shape, generator=gen))

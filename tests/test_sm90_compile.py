@@ -108,6 +108,7 @@ def test_ticket_order_check_catches_what_it_should():
     assert "before any CTA barrier" in ticket_order_problem(ok.replace("1;\nbar.sync 0;\nld", "1;\nld"))
     assert "acq_rel" in ticket_order_problem(ok.replace(".acq_rel", ".relaxed"))
     assert "2 atomics" in ticket_order_problem(ok + "\natom.global.gpu.acq_rel.add.u32 %r4, [%rd2], 1;")
+    assert "predicate" in ticket_order_problem(ok.replace("@%p1 atom", "atom"))
 
 
 def test_pdl_order_check_catches_what_it_should():
