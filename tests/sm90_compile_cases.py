@@ -145,11 +145,12 @@ def base_cases():
 def decode_attention_cases():
     """The configs :func:`tpfuse.kernels.decode_attention.pick_config` picks at H100 / H200 shapes (bf16 caches:
     BLOCK_N 128 for D <= 128 with 16-bit q, 32 for D=256 / fp32; up to 16 splits, 8 warps at one split; FP8 caches:
-    BLOCK_N 64, 4 warps, up to 32 splits), bf16 / fp16 / fp32 q, single pass and split, the configs of the swept FP8
-    rule that is not the default yet (32-key tiles, 8 and 2 splits; with PDL too), the int32-word e4m3 tile loads
-    (``FP8_WORDS``, off by default), the split kernel with the step's RoPE (+ QK-norm) and cache write folded in
-    (``_rope_split_kernel``: the model's decode path), and the combine kernel (power-of-two and other split counts).
-    Partitions are computed on the device (``MIN_PARTITION`` 128)."""
+    4 warps, 32 splits of 64-key tiles at B=1, 8 / 2 splits of 32-key tiles at B=8 / 64, with PDL too), and the
+    earlier FP8 rule's (64-key tiles, 8 / 1 splits), bf16 / fp16 / fp32 q, single pass and split, the int32-word
+    e4m3 tile loads (``FP8_WORDS``, off), the split kernel with the step's RoPE (+ QK-norm) and cache write folded
+    in (``_rope_split_kernel``: the model's decode path), both with the combine in their last programs
+    (``FUSE_COMBINE``, off: ``fusedcomb``), and the combine kernel (power-of-two and other split counts). Partitions
+    are computed on the device (``MIN_PARTITION`` 128)."""
     for q_t, cache, d, group, bn, splits, warps in (
             ("*bf16", "*bf16", 128, 4, 128, 16, 4), ("*bf16", "*bf16", 128, 4, 128, 4, 4),
             ("*bf16", "*bf16", 128, 8, 128, 1, 8), ("*bf16", "*bf16", 64, 1, 128, 16, 4),
@@ -164,7 +165,7 @@ def decode_attention_cases():
                      PREC="ieee" if q_t == "*fp32" else "tf32")
         name = f"decode_attention q={q_t[1:]} cache={cache[1:]} d={d} group={group} splits={splits} block_n={bn} "
         yield (name + f"warps={warps}", decode_attention._split_kernel, ptrs, const, warps, True)
-        if cache == "*fp8e4nv" and bn == 32 and d == 128:  # the swept FP8 rule at B=8 / 64, with PDL as in graphs
+        if cache == "*fp8e4nv" and bn == 32 and d == 128:  # the FP8 rule at B=8 / 64, with PDL as in graphs
             yield (name + f"warps={warps} pdl", decode_attention._split_kernel, ptrs, dict(const, PDL=True), warps,
                    True)
         if cache == "*fp8e4nv" and q_t != "*fp32" and d == 128:  # word loads of e4m3 tiles (FP8_WORDS)
