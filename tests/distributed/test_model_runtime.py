@@ -26,8 +26,8 @@ def _real(logits_row, mask_row):
 
 def _batched(rank, world, arch, fuse_rope):
     """Left- and right-padded batched prefill == the oracle == one call per prompt; then DECODE_STEPS decode steps
-    per row, each row at its own length (``fuse_rope``: through :func:`tpfuse.attention.rope_decode_attention`, or
-    the separate RoPE + cache-write op before :func:`tpfuse.attention.decode_attention`, the default)."""
+    per row, each row at its own length (``fuse_rope``: through :func:`tpfuse.attention.rope_decode_attention`, the
+    default, or the separate RoPE + cache-write op before :func:`tpfuse.attention.decode_attention`)."""
     import tpfuse.attention as ta
     from tpfuse.tolerance import assert_close, rel_err
 

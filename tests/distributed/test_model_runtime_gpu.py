@@ -17,6 +17,7 @@ import torch
 pytest.importorskip("transformers", reason="tpfuse.parallelize tests need transformers (pip install 'tpfuse[hf]')")
 
 import model_cases as mc  # noqa: E402
+from kernel_env import LaunchRecorder  # noqa: E402
 from cases import GPU_TPS, gpu_tp_params, run_gpu  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -64,19 +65,6 @@ def _decode_run(model, prompts, extra, steps):
     return [torch.cat(x) for x in rows], model._tpfuse.last_mode
 
 
-class _Counted:
-    """Stands in for a kernel object: records its name at each launch, then launches it."""
-
-    def __init__(self, kernel, name, launches):
-        self.kernel, self.name, self.launches = kernel, name, launches
-
-    def __getitem__(self, grid):
-        def run(*args, **kw):
-            self.launches.append(self.name)
-            return self.kernel[grid](*args, **kw)
-        return run
-
-
 def _graph_vs_eager(rank, world, arch, batch, cache_dtype, fuse_rope=None, fuse_combine=None):
     from tpfuse.tolerance import REL_ERR_LOGITS, rel_err
 
@@ -85,10 +73,10 @@ def _graph_vs_eager(rank, world, arch, batch, cache_dtype, fuse_rope=None, fuse_
 
     if fuse_combine is not None:  # this rank's process only (spawned)
         dak.FUSE_COMBINE = fuse_combine
-    split_launches = []
-    for name in ("_split_combine_kernel", "_rope_split_combine_kernel", "_combine_kernel"):
-        kernel = getattr(dak, name)
-        setattr(dak, name, _Counted(kernel, name, split_launches))
+    combines = {name: LaunchRecorder(getattr(dak, name))  # which combine ran (this rank's process only)
+                for name in ("_split_combine_kernel", "_rope_split_combine_kernel", "_combine_kernel")}
+    for name, rec in combines.items():
+        setattr(dak, name, rec)
 
     kw = {} if cache_dtype is None else dict(dtype=cache_dtype, kv_scale=0.5)
     if fuse_rope is not None:
@@ -112,7 +100,7 @@ def _graph_vs_eager(rank, world, arch, batch, cache_dtype, fuse_rope=None, fuse_
         ta.rope_decode_attention = fused
     assert bool(fused_calls) == graphed._tpfuse.cache_config.fuse_rope, len(fused_calls)
     if fuse_combine is not None:  # which combine ran (prefill never launches one: it attends without splits)
-        kinds = set(split_launches)
+        kinds = {name for name, rec in combines.items() if rec.launches}
         assert kinds and (kinds <= {"_split_combine_kernel", "_rope_split_combine_kernel"}) == fuse_combine, kinds
     errs = []
     tol = REL_ERR_LOGITS[DT] * (4 if cache_dtype is not None else 1)
