@@ -70,6 +70,10 @@ Providers (every one is the model a user runs, called with Hugging Face argument
 * ``<provider>_fusedcomb`` / ``_combkern`` (``--combine-ab``): the decode step with the decode attention's combine
   the other way than ``tpfuse.kernels.decode_attention.FUSE_COMBINE``: in the split kernel's last program of each
   (sequence, kv head) (``_fusedcomb``) or in a combine kernel (``_combkern``); rows carry ``fuse_combine``;
+* ``<provider>_foldnorm`` / ``_normkern`` (``--fold-ab``): the decode step with ``KVCacheConfig.fold_norms`` the
+  other way than the default: each add + RMSNorm folded into the GEMMs around it, every GEMM of the layer on the
+  small-M kernel (``_foldnorm``), or in its own kernel (``_normkern``); rows carry ``fold_norms``. Whole models
+  only: a shard stands for a TP > 1 rank, whose add + RMSNorm is the fused all-reduce's (shard rows never fold);
 * ``<provider>_smallm`` (``--small-m-table PATH``: a small-M GEMM sweep's routing table,
   ``bench/tune_small_gemm.py``'s ``small_m_gemm_<arch>.json``, installed instead of the shipped one),
   ``<provider>_nopdl`` (``--pdl-ab``: the decode graphs captured without programmatic dependent launch; the default
@@ -157,6 +161,9 @@ def parse_args(argv=None):
     ap.add_argument("--combine-ab", action="store_true", help="adds decode rows with the decode attention's combine "
                     "the other way than decode_attention.FUSE_COMBINE: <provider>_fusedcomb (in the split kernel's "
                     "last programs) or <provider>_combkern (a kernel of its own)")
+    ap.add_argument("--fold-ab", action="store_true", help="adds decode rows with KVCacheConfig.fold_norms the other "
+                    "way than the default: <provider>_foldnorm (each add + RMSNorm in the GEMMs around it) or "
+                    "<provider>_normkern (its own kernel); whole models only")
     ap.add_argument("--pdl-ab", action="store_true", help="adds the <provider>_nopdl decode rows (graphs captured "
                     "without programmatic dependent launch, KVCacheConfig.pdl=False) and <provider>_prefetch (with PDL "
                     "and the L2 prefetches before its waits)")
@@ -342,6 +349,8 @@ class Variant(NamedTuple):
     """``KVCacheConfig.fuse_rope``."""
     fuse_combine: Optional[bool] = None
     """``decode_attention.FUSE_COMBINE``."""
+    fold_norms: Optional[bool] = None
+    """``KVCacheConfig.fold_norms``."""
 
 
 def variants(args) -> list:
@@ -358,6 +367,7 @@ def variants(args) -> list:
     every = bool(table and getattr(args, "small_m_everywhere", False))
     out = [rope_variant()] if getattr(args, "rope_ab", False) else []
     out += [combine_variant()] if getattr(args, "combine_ab", False) else []
+    out += [fold_variant()] if getattr(args, "fold_ab", False) else []
     out += [Variant("_smallm", table)] if table else []
     out += [Variant("_nopdl", pdl=False), Variant("_prefetch", pdl=True, prefetch=True)] if ab else []
     out += [Variant("_smallall", table, everywhere=True)] if every else []
@@ -381,6 +391,14 @@ def combine_variant() -> Variant:
     return Variant("_fusedcomb" if fuse else "_combkern", fuse_combine=fuse)
 
 
+def fold_variant() -> Variant:
+    """The ``--fold-ab`` variant: ``KVCacheConfig.fold_norms`` the other way than its default."""
+    from tpfuse.parallel import KVCacheConfig
+
+    fold = not KVCacheConfig().fold_norms
+    return Variant("_foldnorm" if fold else "_normkern", fold_norms=fold)
+
+
 def load_table(path: str, everywhere: bool = False) -> dict:
     """A small-M routing table (schema 1), checked by its parser (a bad file fails here: :func:`main` loads it once
     before any model is built); ``everywhere``: every row's ``beats_library`` set, so the model path routes every
@@ -401,7 +419,8 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
     """``provider`` 's decode row again under the variant ``v``: its small-M routing table installed instead of the
     shipped one (``small_m_configs.install``; ``everywhere``: every row routed to the kernel, :func:`load_table`),
     the decode graphs captured with its ``KVCacheConfig.pdl`` / ``fuse_rope``, the L2 prefetches before the PDL
-    waits and ``decode_attention.FUSE_COMBINE`` as it says (:class:`Variant`; None: the model's / module's own).
+    waits, ``decode_attention.FUSE_COMBINE`` and ``fold_norms`` as it says (:class:`Variant`; None: the model's /
+    module's own).
     The model's decode graphs are dropped before and after (routing, PDL and the attention's kernels are decided at
     capture), so a variant differs from its base row only in those. ``routed``: how many distinct GEMM calls
     (shape, dtypes, M) the step sent to the small-M kernel."""
@@ -414,8 +433,10 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
 
     table = load_table(v.table, v.everywhere) if v.table else None
     st = model._tpfuse
-    own_pdl, own_fuse, st.graphs = st.cache_config.pdl, st.cache_config.fuse_rope, None
+    own_pdl, own_fuse, own_fold, st.graphs = (st.cache_config.pdl, st.cache_config.fuse_rope,
+                                              st.cache_config.fold_norms, None)
     st.cache_config.fuse_rope = own_fuse if v.fuse_rope is None else v.fuse_rope
+    st.cache_config.fold_norms = own_fold if v.fold_norms is None else v.fold_norms
     own_pf, own_kv_pf, own_comb = smg.PREFETCH_BYTES, dak.PREFETCH, dak.FUSE_COMBINE
     pdl = own_pdl if v.pdl is None else v.pdl
     st.cache_config.pdl = pdl
@@ -430,16 +451,22 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
                                            routed=sum(isinstance(c, smc.GemmConfig) for c in smc.ROUTE_MEMO.values()),
                                            table=os.path.basename(v.table) if v.table else "shipped",
                                            everywhere=v.everywhere, prefetch_bytes=smg.PREFETCH_BYTES if pdl else 0,
-                                           fuse_rope=st.cache_config.fuse_rope, fuse_combine=dak.FUSE_COMBINE))
+                                           fuse_rope=st.cache_config.fuse_rope, fuse_combine=dak.FUSE_COMBINE,
+                                           fold_norms=st.cache_config.fold_norms))
     finally:
         st.cache_config.pdl, st.cache_config.fuse_rope, st.graphs = own_pdl, own_fuse, None
+        st.cache_config.fold_norms = own_fold
         smg.PREFETCH_BYTES, dak.PREFETCH, dak.FUSE_COMBINE = own_pf, own_kv_pf, own_comb
     return r
 
 
 def variant_rows(model, batch, args, dev, rows, base, provider):
-    """Every variant of :func:`variants` of one decode row (``<provider><suffix>``)."""
+    """Every variant of :func:`variants` of one decode row (``<provider><suffix>``); the fold only where it can run
+    (not FP8 layers) and never for a shard (it stands for a TP > 1 rank: :func:`run_model`)."""
+    foldable = base.get("tp_shard") is None and all(layer.can_fold_norms() for layer in model._tpfuse.layers)
     for v in variants(args):
+        if v.fold_norms and not foldable:
+            continue
         variant_row(model, batch, args, dev, rows, base, provider + v.suffix, v)
 
 
@@ -585,7 +612,9 @@ def run_model(name, args, dev, rows, bandwidth, first: bool, save=lambda: None, 
         hf_rows(spec, model, args, dev, rows, compile_batches, save)
         save()
     comm = _comm(args, model.config.hidden_size)
-    cache = KVCacheConfig(max_batch=max(args.decode_batches), max_seq_len=args.context + args.steps + 16)
+    # a shard stands for one rank at TP > 1, where the fused all-reduce does the add + RMSNorm: never folded
+    cache = KVCacheConfig(max_batch=max(args.decode_batches), max_seq_len=args.context + args.steps + 16,
+                          **({"fold_norms": False} if spec.tp_shard is not None else {}))
     model = tpfuse.parallelize(model, comm, cache=cache)
     _say(f"{spec.label} ({spec.layers} layers, vocab {spec.vocab}): {model._tpfuse.cache_storage().describe()}")
     tpfuse_rows(spec, model, comm, args, dev, rows, bandwidth)

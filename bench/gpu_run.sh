@@ -2,9 +2,9 @@
 # One GPU-machine call: install tpfuse (and FlashInfer if .whl was carried), then run the chosen steps.
 #   bash bench/gpu_run.sh [STEP ...]      steps: env tests probe_ce async_tp fused_ar local rope decode_attn host
 #                                         profile e2e e2e_full e2e_shards load tune demo onegpu soak probe_onegpu
-#                                         small_gemm e2e_ab e2e_big fp8cache fusedrope fusedcomb (default: all but
+#                                         small_gemm e2e_ab e2e_big fp8cache fusedrope fusedcomb foldnorm (default: all but
 #                                         probe_ce, profile, e2e_full, e2e_shards, load, onegpu, soak, probe_onegpu,
-#                                         small_gemm, e2e_ab, e2e_big, fp8cache, fusedrope, fusedcomb;
+#                                         small_gemm, e2e_ab, e2e_big, fp8cache, fusedrope, fusedcomb, foldnorm;
 #                                         multi-GPU steps skip on one GPU)
 #   e2e_full / e2e_shards: bench_e2e.py at TP=1 (one process whatever the GPU count) at full size, real vocab;
 #           JSON + PNG e2e_tp1_<device>_full / _shards; E2E_FULL_ARGS / E2E_SHARDS_ARGS are appended (a repeated
@@ -53,6 +53,13 @@
 #         model's decode through it, test_fused_combine_decode_matches_eager_and_oracle; ~2-3 min). Its A/B rows:
 #         --combine-ab in E2E_FULL_ARGS / E2E_SHARDS_ARGS. One call: TPFUSE_COMMIT=<sha> E2E_FULL_ARGS=--combine-ab
 #         E2E_SHARDS_ARGS=--combine-ab bash bench/gpu_run.sh fusedcomb e2e_shards e2e_full
+#   foldnorm: decides KVCacheConfig.fold_norms (each add + RMSNorm folded into the GEMMs around it, TP = 1): the
+#         GPU tests of tpfuse.small_gemm.small_m_gemm_add and of the normed-input GEMM (tests/test_small_m_gemm_add.py:
+#         the 8B's layer boundaries at M 1 / 8 / 64, a CUDA graph) and the model's graph decode folded and not, with
+#         and without PDL (tests/distributed/test_fold_norms_model.py), ~1-2 min; then the full 8B's decode profile
+#         at batch 1 folded (profile_decode.py --fold-norms: kernels per layer; FOLDNORM_PROFILE_ARGS appended,
+#         ~40 s). Its A/B rows: --fold-ab in E2E_FULL_ARGS. One call: TPFUSE_COMMIT=<sha> E2E_FULL_ARGS=--fold-ab
+#         bash bench/gpu_run.sh foldnorm e2e_full
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
 # Logs, JSON and PNG go to $OUT (or bench/results/gpu-run when OUT is unset). Multi-GPU steps need >= 2 GPUs.
 set -uo pipefail
@@ -197,6 +204,10 @@ for s in "${steps[@]}"; do
     fusedcomb) LIMIT_fusedcomb_tests=${LIMIT_fusedcomb_tests:-240} run fusedcomb_tests bash -c "python3 -m pytest -q \
                  -rs -k fused tests/test_decode_attention.py tests/test_rope_decode_attention.py \
                  tests/distributed/test_model_runtime_gpu.py::test_fused_combine_decode_matches_eager_and_oracle" ;;
+    foldnorm) LIMIT_foldnorm_tests=${LIMIT_foldnorm_tests:-150} run foldnorm_tests bash -c "python3 -m pytest -q -rs \
+                tests/test_small_m_gemm_add.py tests/distributed/test_fold_norms_model.py"
+              LIMIT_foldnorm_profile=${LIMIT_foldnorm_profile:-90} run foldnorm_profile "${TR1[@]}" \
+                bench/profile_decode.py --layers full --fold-norms ${FOLDNORM_PROFILE_ARGS:-} ;;
     load) run load python3 bench/bench_load.py --shape 8B ${LOAD_ARGS:-}
           run load_fp8 python3 bench/bench_load.py --shape 8B --fp8 ${LOAD_ARGS:-} ;;  # TP=1; writes /tmp ckpts
     decode_attn) [[ -f bench/bench_decode_attention.py ]] && run decode_attn python3 bench/bench_decode_attention.py ${DECODE_ATTN_ARGS:-} ;;

@@ -48,6 +48,9 @@ from tpfuse.quant import next_pow2
 
 M_BUCKETS = (1, 8, 16, 32, 64)
 MAX_M = 64
+SUMSQ_ROWS = 32
+"""Output columns per partial sum of squares of :func:`tpfuse.small_gemm.small_m_gemm_add` (its ``sumsq`` is
+``[N / SUMSQ_ROWS, M]``); the kernel's tiles are at least this wide."""
 DEFAULT_SMS = 132  # H100 / H200 SXM: the default split rule when the device is not a GPU (interpreter tests)
 TABLE_DIR = os.path.dirname(os.path.abspath(tpfuse.thresholds.__file__))  # the package's folder, installed or not
 ENV_TABLE = "TPFUSE_SMALL_M_GEMM_TABLE"

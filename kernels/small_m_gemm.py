@@ -42,11 +42,27 @@ Design (Hopper):
   sweep keeps split-K only where it wins (shapes with few N tiles: Llama-70B TP=8 qkv has 20 tiles of 64).
 * Grid ``(cdiv(N_OUT, BLOCK_N), SPLIT_K)`` from shapes only, workspace from the caching allocator: CUDA-graph safe.
 
+Folded RMSNorm (``_small_m_gemm_norm_kernel``, the same program with two more constexprs; the model's decode layers
+at TP = 1 with ``KVCacheConfig.fold_norms``):
+
+* **ADD_RES** (o_proj, down_proj): the epilogue rounds ``y`` to the output dtype, adds ``residual[m, n]`` in fp32,
+  rounds again (the unfused GEMM + add + RMSNorm round the same two times) and stores ``h``; then each
+  ``SQ_GROUP`` (32) rows of its tile sum ``h^2`` per token into ``sqo[n / 32, m]`` (fp32, plain stores, no atomics:
+  every partial has one writer, the sum order is fixed). With split-K the reduce kernel's epilogue does it
+  (``_split_k_reduce_add_kernel``). Tiles are at least 32 rows (the launcher raises BLOCK_N to 32).
+* **NORM_IN** (qkv; gate-up with SiLU*mul): x holds ``h``; before its K loop a program sums the ``[P, M]`` partials
+  (``SQ_BLOCK`` = next_pow2(P) rows) to ``rstd[m]``, and every x tile is ``round((h * rstd) * w_norm)``, the add +
+  RMSNorm kernel's formula and rounding. The norm weight is loaded as a ``[BLOCK_M, BLOCK_K]`` tile of row stride 0
+  so that Triton pipelines it with the x tile (16-byte ``cp.async``; a 1-D load of it is a synchronous load per K
+  step); the two take ``2 * BLOCK_M * BLOCK_K`` bytes a stage, which the launcher's stage count accounts for.
+
 Launch configs (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages) come from :mod:`.small_m_configs` (the tuned table, else
 its default rule). Under the Triton interpreter (TRITON_INTERPRET=1 at import, tests) e4m3 operands are decoded by
 integer ops and multiplied in fp32, and the bf16 / e4m3 output casts round explicitly (the interpreter's casts are
 not round-to-nearest-even), as in :mod:`.quant_epilogue`.
 """
+
+import dataclasses
 
 import torch
 import triton
@@ -54,12 +70,14 @@ import triton.language as tl
 
 from . import pdl
 from . import small_m_configs as smc
-from .quant_epilogue import SOFT_CAST, cast_for_store, fp8_cast
+from .quant_epilogue import SOFT_CAST, cast_for_store, fp8_cast, rstd_from_sumsq
 
 SCALE_NONE, SCALE_TENSOR, SCALE_ROW = 0, 1, 2
 # FP8 wgmma partial sums are added into the fp32 accumulator at least every 128 K elements (as CUTLASS promotes)
 IMPRECISE_MAX: tl.constexpr = tl.constexpr(128)
 REDUCE_BLOCK_N = 64
+SQ_ROWS = smc.SUMSQ_ROWS  # weight rows (output columns) per partial sum of squares of ADD_RES
+SQ_GROUP: tl.constexpr = tl.constexpr(SQ_ROWS)
 
 
 @triton.jit
@@ -92,8 +110,20 @@ def _dot(acc, w, xt, X_FP8: tl.constexpr, W_FP8: tl.constexpr, BLOCK_K: tl.const
 
 
 @triton.jit
-def _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, X_FP8: tl.constexpr, W_FP8: tl.constexpr,
-            SILU_MUL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+def _load_x(x_tile, k0, x_mask, nw_tile, rstd, NORM_IN: tl.constexpr):
+    """The ``[BLOCK_M, BLOCK_K]`` x tile at K offset ``k0``; NORM_IN: x holds the un-normed rows ``h`` and the tile
+    is ``(h * rstd) * norm_weight`` rounded to x's dtype, the RMSNorm kernel's formula and rounding."""
+    xv = tl.load(x_tile + k0, mask=x_mask, other=0.0)
+    if NORM_IN:  # the weight as a [BLOCK_M, BLOCK_K] tile (row stride 0): 16-byte loads Triton pipelines
+        wn = tl.load(nw_tile + k0, mask=x_mask, other=0.0).to(tl.float32)
+        xv = cast_for_store((xv.to(tl.float32) * rstd[:, None]) * wn, xv.dtype)
+    return xv
+
+
+@triton.jit
+def _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, nw_tile, rstd, X_FP8: tl.constexpr,
+            W_FP8: tl.constexpr, SILU_MUL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
+            NORM_IN: tl.constexpr):
     """One BLOCK_K step of the main loop: x and weight tiles (the up rows too with SILU_MUL) into the sums."""
     k0 = kb * BLOCK_K
     if EVEN_K:
@@ -103,7 +133,7 @@ def _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, X_FP8: tl
         k_ok = (k0 + rk) < K
         x_mask = m_mask[:, None] & k_ok[None, :]
         w_mask = n_mask[:, None] & k_ok[None, :]
-    xt = tl.trans(tl.load(x_tile + k0, mask=x_mask, other=0.0))
+    xt = tl.trans(_load_x(x_tile, k0, x_mask, nw_tile, rstd, NORM_IN))
     acc = _dot(acc, tl.load(w_tile + k0, mask=w_mask, other=0.0), xt, X_FP8, W_FP8, BLOCK_K)
     if SILU_MUL:
         acc_u = _dot(acc_u, tl.load(w_tile + up + k0, mask=w_mask, other=0.0), xt, X_FP8, W_FP8, BLOCK_K)
@@ -128,22 +158,46 @@ def _scale_bias(acc, rows, n_mask, rm, m_mask, xs_ptr, ws_ptr, b_ptr, X_SCALE: t
 
 
 @triton.jit
+def _store_add_sumsq(y, rn, n_mask, rm, m_mask, M, N_OUT, stride_om, out_ptr, res_ptr, stride_rm, sqo_ptr,
+                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """ADD_RES epilogue: ``h = round(round(y) + residual)`` stored into ``out``, and each 32-row group's sum of
+    ``h^2`` per token into ``sqo [N_OUT / 32, M]`` (the next GEMM's NORM_IN rstd). The two roundings are those of
+    the unfused pair: the GEMM's output, then the add + RMSNorm kernel's ``residual_out``."""
+    mask = n_mask[:, None] & m_mask[None, :]
+    dt = out_ptr.dtype.element_ty
+    r = tl.load(res_ptr + rm[None, :] * stride_rm + rn[:, None], mask=mask, other=0.0).to(tl.float32)
+    h = cast_for_store(cast_for_store(y, dt).to(tl.float32) + r, dt)
+    tl.store(out_ptr + rm[None, :] * stride_om + rn[:, None], h, mask=mask)
+    hf = h.to(tl.float32)
+    sq = tl.where(mask, hf * hf, 0.0)
+    GROUPS: tl.constexpr = BLOCK_N // SQ_GROUP
+    part = tl.sum(tl.reshape(sq, (GROUPS, SQ_GROUP, BLOCK_M)), axis=1)
+    g = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
+    tl.store(sqo_ptr + g[:, None] * M + rm[None, :], part, mask=(g < N_OUT // SQ_GROUP)[:, None] & m_mask[None, :])
+
+
+@triton.jit
 def _finish(acc, acc_u, rn, n_mask, rm, m_mask, N_OUT, stride_om, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr,
             X_SCALE: tl.constexpr, W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
-            OUT_FP8: tl.constexpr):
+            OUT_FP8: tl.constexpr, M, res_ptr, stride_rm, sqo_ptr, ADD_RES: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_M: tl.constexpr):
     """Epilogue of the full K sum: scales, bias, SiLU*mul, one rounding (or static FP8 quantization), store of the
-    transposed tile into ``out[m, n]``."""
+    transposed tile into ``out[m, n]``; ADD_RES: :func:`_store_add_sumsq` instead of the plain store."""
     y = _scale_bias(acc, rn, n_mask, rm, m_mask, xs_ptr, ws_ptr, b_ptr, X_SCALE, W_SCALE, HAS_BIAS)
     if SILU_MUL:
         u = _scale_bias(acc_u, rn + N_OUT, n_mask, rm, m_mask, xs_ptr, ws_ptr, b_ptr, X_SCALE, W_SCALE, HAS_BIAS)
         y = (y / (1.0 + tl.exp(-y))) * u
-    dst = out_ptr + rm[None, :] * stride_om + rn[:, None]
-    mask = n_mask[:, None] & m_mask[None, :]
-    if OUT_FP8:
-        inv = tl.math.div_rn(1.0, tl.load(os_ptr))
-        tl.store(dst, fp8_cast(y * inv), mask=mask)
+    if ADD_RES:
+        _store_add_sumsq(y, rn, n_mask, rm, m_mask, M, N_OUT, stride_om, out_ptr, res_ptr, stride_rm, sqo_ptr,
+                         BLOCK_N, BLOCK_M)
     else:
-        tl.store(dst, cast_for_store(y, out_ptr.dtype.element_ty), mask=mask)
+        dst = out_ptr + rm[None, :] * stride_om + rn[:, None]
+        mask = n_mask[:, None] & m_mask[None, :]
+        if OUT_FP8:
+            inv = tl.math.div_rn(1.0, tl.load(os_ptr))
+            tl.store(dst, fp8_cast(y * inv), mask=mask)
+        else:
+            tl.store(dst, cast_for_store(y, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -160,14 +214,23 @@ def _prefetch_weight(w_ptr, rn, n_mask, K, kb_lo, kb_hi, up, SILU_MUL: tl.conste
         pdl.prefetch_l2(ptrs + up, ok)
 
 
-@triton.jit(do_not_specialize=["M", "n_kb", "split_k"])
-def _small_m_gemm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr,
-                         M, N_OUT, K, stride_xm, stride_om, n_kb, split_k,
-                         X_FP8: tl.constexpr, W_FP8: tl.constexpr, X_SCALE: tl.constexpr, W_SCALE: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, OUT_FP8: tl.constexpr,
-                         PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                         PF_LINES: tl.constexpr = 0):
+@triton.jit
+def _norm_rstd(sq_ptr, n_sq, rm, m_mask, M, K, eps, SQ_BLOCK: tl.constexpr):
+    """NORM_IN: ``rsqrt(mean(h^2) + eps)`` per token from the ``[n_sq, M]`` partial sums of squares."""
+    rp = tl.arange(0, SQ_BLOCK)
+    sq = tl.load(sq_ptr + rp[:, None] * M + rm[None, :], mask=(rp < n_sq)[:, None] & m_mask[None, :], other=0.0)
+    return rstd_from_sumsq(tl.sum(sq, 0), K, eps)
+
+
+@triton.jit
+def _gemm_program(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr, M, N_OUT, K, stride_xm, stride_om,
+                  n_kb, split_k, nw_ptr, sq_ptr, n_sq, eps, res_ptr, stride_rm, sqo_ptr,
+                  X_FP8: tl.constexpr, W_FP8: tl.constexpr, X_SCALE: tl.constexpr, W_SCALE: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, OUT_FP8: tl.constexpr, PARTIAL: tl.constexpr,
+                  EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  PDL: tl.constexpr, PF_LINES: tl.constexpr, NORM_IN: tl.constexpr, ADD_RES: tl.constexpr,
+                  SQ_BLOCK: tl.constexpr):
+    """One program of the GEMM (both kernel entries below)."""
     if PDL and PF_LINES > 0:  # weights never come from the previous kernel: start streaming them before the wait
         rn_pf = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         _prefetch_weight(w_ptr, rn_pf, rn_pf < N_OUT, K, tl.program_id(1) * n_kb // split_k,
@@ -182,21 +245,23 @@ def _small_m_gemm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, p
     m_mask = rm < M
     w_tile = w_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :]
     x_tile = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+    nw_tile = nw_ptr + rm[:, None] * 0 + rk[None, :]  # NORM_IN: the norm weight, one copy per token row
     up = N_OUT.to(tl.int64) * K  # the up rows of a fused gate-up weight start at row I = N_OUT
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     acc_u = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    rstd = _norm_rstd(sq_ptr, n_sq, rm, m_mask, M, K, eps, SQ_BLOCK) if NORM_IN else 0.0
     kb_lo = pid_k * n_kb // split_k
     kb_hi = (pid_k + 1) * n_kb // split_k
     if SOFT_CAST:  # the interpreter cannot take a tensor as a range() bound (its scalars are 1-element arrays)
         kb = kb_lo
         while kb < kb_hi:
-            acc, acc_u = _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, X_FP8, W_FP8, SILU_MUL,
-                                 EVEN_K, BLOCK_K)
+            acc, acc_u = _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, nw_tile, rstd, X_FP8,
+                                 W_FP8, SILU_MUL, EVEN_K, BLOCK_K, NORM_IN)
             kb += 1
     else:  # compiled: the for loop Triton software-pipelines (num_stages)
         for kb in range(kb_lo, kb_hi):
-            acc, acc_u = _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, X_FP8, W_FP8, SILU_MUL,
-                                 EVEN_K, BLOCK_K)
+            acc, acc_u = _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, nw_tile, rstd, X_FP8,
+                                 W_FP8, SILU_MUL, EVEN_K, BLOCK_K, NORM_IN)
     pdl.trigger(PDL)  # the weights are read: the next kernel may start launching (kernels/pdl.py)
     if PARTIAL:
         n_w = 2 * N_OUT if SILU_MUL else N_OUT
@@ -207,14 +272,46 @@ def _small_m_gemm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, p
             tl.store(dst + N_OUT, acc_u, mask=mask)
     else:
         _finish(acc, acc_u, rn, n_mask, rm, m_mask, N_OUT, stride_om, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr,
-                X_SCALE, W_SCALE, HAS_BIAS, SILU_MUL, OUT_FP8)
+                X_SCALE, W_SCALE, HAS_BIAS, SILU_MUL, OUT_FP8, M, res_ptr, stride_rm, sqo_ptr, ADD_RES, BLOCK_N,
+                BLOCK_M)
 
 
-@triton.jit(do_not_specialize=["M", "split_k"])
-def _split_k_reduce_kernel(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, M, N_OUT, stride_om, split_k,
-                           X_SCALE: tl.constexpr, W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           SILU_MUL: tl.constexpr, OUT_FP8: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+@triton.jit(do_not_specialize=["M", "n_kb", "split_k"])
+def _small_m_gemm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr,
+                         M, N_OUT, K, stride_xm, stride_om, n_kb, split_k,
+                         X_FP8: tl.constexpr, W_FP8: tl.constexpr, X_SCALE: tl.constexpr, W_SCALE: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, OUT_FP8: tl.constexpr,
+                         PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                         PF_LINES: tl.constexpr = 0):
+    _gemm_program(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr, M, N_OUT, K, stride_xm, stride_om,
+                  n_kb, split_k, x_ptr, x_ptr, 0, 0.0, x_ptr, 0, x_ptr, X_FP8, W_FP8, X_SCALE, W_SCALE, HAS_BIAS,
+                  SILU_MUL, OUT_FP8, PARTIAL, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PDL, PF_LINES, False, False, 1)
+
+
+@triton.jit(do_not_specialize=["M", "n_kb", "split_k", "n_sq"])
+def _small_m_gemm_norm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr,
+                              M, N_OUT, K, stride_xm, stride_om, n_kb, split_k,
+                              nw_ptr, sq_ptr, n_sq, eps, res_ptr, stride_rm, sqo_ptr,
+                              X_FP8: tl.constexpr, W_FP8: tl.constexpr, X_SCALE: tl.constexpr,
+                              W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
+                              OUT_FP8: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              PDL: tl.constexpr, PF_LINES: tl.constexpr, NORM_IN: tl.constexpr,
+                              ADD_RES: tl.constexpr, SQ_BLOCK: tl.constexpr):
+    """The GEMM with the RMSNorm folded in (module docstring, "Folded RMSNorm"): NORM_IN normalizes x's rows as
+    they are loaded, ADD_RES adds the residual in the epilogue and writes the sums of squares."""
+    _gemm_program(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr, M, N_OUT, K, stride_xm, stride_om,
+                  n_kb, split_k, nw_ptr, sq_ptr, n_sq, eps, res_ptr, stride_rm, sqo_ptr, X_FP8, W_FP8, X_SCALE,
+                  W_SCALE, HAS_BIAS, SILU_MUL, OUT_FP8, PARTIAL, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PDL, PF_LINES,
+                  NORM_IN, ADD_RES, SQ_BLOCK)
+
+
+@triton.jit
+def _reduce_program(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, M, N_OUT, stride_om, split_k, res_ptr,
+                    stride_rm, sqo_ptr, X_SCALE: tl.constexpr, W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    SILU_MUL: tl.constexpr, OUT_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    PDL: tl.constexpr, ADD_RES: tl.constexpr):
     """Sum of the ``split_k`` partials in split order (deterministic), then the epilogue."""
     pdl.enter(PDL)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -234,7 +331,26 @@ def _split_k_reduce_kernel(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, M, 
             acc_u += tl.load(src + s * slab + N_OUT, mask=mask, other=0.0)
         s += 1
     _finish(acc, acc_u, rn, n_mask, rm, m_mask, N_OUT, stride_om, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr,
-            X_SCALE, W_SCALE, HAS_BIAS, SILU_MUL, OUT_FP8)
+            X_SCALE, W_SCALE, HAS_BIAS, SILU_MUL, OUT_FP8, M, res_ptr, stride_rm, sqo_ptr, ADD_RES, BLOCK_N, BLOCK_M)
+
+
+@triton.jit(do_not_specialize=["M", "split_k"])
+def _split_k_reduce_kernel(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, M, N_OUT, stride_om, split_k,
+                           X_SCALE: tl.constexpr, W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           SILU_MUL: tl.constexpr, OUT_FP8: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    _reduce_program(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, M, N_OUT, stride_om, split_k, out_ptr, 0,
+                    out_ptr, X_SCALE, W_SCALE, HAS_BIAS, SILU_MUL, OUT_FP8, BLOCK_M, BLOCK_N, PDL, False)
+
+
+@triton.jit(do_not_specialize=["M", "split_k"])
+def _split_k_reduce_add_kernel(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, M, N_OUT, stride_om, split_k,
+                               res_ptr, stride_rm, sqo_ptr, X_SCALE: tl.constexpr, W_SCALE: tl.constexpr,
+                               HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, OUT_FP8: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    """The split-K reduce of an ADD_RES GEMM."""
+    _reduce_program(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, M, N_OUT, stride_om, split_k, res_ptr,
+                    stride_rm, sqo_ptr, X_SCALE, W_SCALE, HAS_BIAS, SILU_MUL, OUT_FP8, BLOCK_M, BLOCK_N, PDL, True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -270,11 +386,13 @@ def scale_kind(scale, rows: int) -> int:
 
 
 def launch_small_m_gemm(x, w, x_scale, w_scale, bias, out, out_scale, silu_mul: bool, scheme: str, arch: str,
-                        sms: int, config=None) -> None:
+                        sms: int, config=None, norm=None, add=None) -> None:
     """Launch the GEMM of the module docstring into ``out [M, N_OUT]`` (inputs validated by the public op; scales
     contiguous). Config: ``config``, else the forced one (:func:`.small_m_configs.forced`), else the table's for
     ``(arch, scheme, N, K, M)`` (default rule on ``sms`` SMs), sanitized; its stages lowered to fit shared memory
-    (:func:`.small_m_configs.fit_stages`)."""
+    (:func:`.small_m_configs.fit_stages`). ``norm = (norm_weight [K], sumsq [P, M], eps)``: x holds un-normed rows
+    (NORM_IN); ``add = (residual [M, N], sumsq_out [N / 32, M])``: the ADD_RES epilogue (its tiles at least 32
+    rows); either one launches :func:`_small_m_gemm_norm_kernel` (module docstring, "Folded RMSNorm")."""
     from . import fast_launch
 
     m, k = x.shape
@@ -282,9 +400,12 @@ def launch_small_m_gemm(x, w, x_scale, w_scale, bias, out, out_scale, silu_mul: 
     n_out = n_w // 2 if silu_mul else n_w
     cfg = config or smc.forced_config()
     cfg = smc.sanitize(cfg, n_out, k) if cfg is not None else smc.lookup(arch, scheme, n_w, k, m, sms)
+    if add is not None and cfg.block_n < SQ_ROWS:
+        cfg = dataclasses.replace(cfg, block_n=SQ_ROWS)
     block_m = max(16, triton.next_power_of_2(m))
     n_kb = triton.cdiv(k, cfg.block_k)
-    stages = smc.fit_stages(cfg, block_m, w.dtype.itemsize, x.dtype.itemsize, silu_mul)
+    x_bytes = x.dtype.itemsize * (2 if norm is not None else 1)  # NORM_IN stages the norm weight beside x
+    stages = smc.fit_stages(cfg, block_m, w.dtype.itemsize, x_bytes, silu_mul)
     dummy = out  # pointers the constexprs switch off are never read
     xs, ws = (dummy if x_scale is None else x_scale), (dummy if w_scale is None else w_scale)
     b, os_ = (dummy if bias is None else bias), (dummy if out_scale is None else out_scale)
@@ -294,14 +415,28 @@ def launch_small_m_gemm(x, w, x_scale, w_scale, bias, out, out_scale, silu_mul: 
     # the epilogue's constexprs, in the kernels' signature order (fast_launch passes them positionally)
     epi = dict(X_SCALE=scale_kind(x_scale, m), W_SCALE=scale_kind(w_scale, n_w), HAS_BIAS=bias is not None,
                SILU_MUL=bool(silu_mul), OUT_FP8=out_scale is not None)
-    fast_launch.launch(
-        _small_m_gemm_kernel, (triton.cdiv(n_out, cfg.block_n), split),
-        (x, w, xs, ws, b, out, os_, part, m, n_out, k, x.stride(0), out.stride(0), n_kb, split),
-        dict(X_FP8=x.dtype.itemsize == 1, W_FP8=w.dtype.itemsize == 1, **epi, PARTIAL=split > 1,
-             EVEN_K=k % cfg.block_k == 0, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PDL=on,
-             PF_LINES=prefetch_lines(n_w, k, split, w.dtype.itemsize, cfg.block_n) if on else 0),
-        cfg.num_warps, stages, on)
+    args = (x, w, xs, ws, b, out, os_, part, m, n_out, k, x.stride(0), out.stride(0), n_kb, split)
+    consts = dict(X_FP8=x.dtype.itemsize == 1, W_FP8=w.dtype.itemsize == 1, **epi, PARTIAL=split > 1,
+                  EVEN_K=k % cfg.block_k == 0, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PDL=on,
+                  PF_LINES=prefetch_lines(n_w, k, split, w.dtype.itemsize, cfg.block_n) if on else 0)
+    grid = (triton.cdiv(n_out, cfg.block_n), split)
+    if norm is None and add is None:
+        fast_launch.launch(_small_m_gemm_kernel, grid, args, consts, cfg.num_warps, stages, on)
+    else:
+        nw, sq, eps = norm if norm is not None else (dummy, dummy, 0.0)
+        res, sqo = add if add is not None else (dummy, dummy)
+        fast_launch.launch(_small_m_gemm_norm_kernel, grid,
+                           args + (nw, sq, sq.shape[0] if norm is not None else 0, float(eps), res,
+                                   res.stride(0) if add is not None else 0, sqo),
+                           dict(consts, NORM_IN=norm is not None, ADD_RES=add is not None and split == 1,
+                                SQ_BLOCK=triton.next_power_of_2(sq.shape[0]) if norm is not None else 1),
+                           cfg.num_warps, stages, on)
     if split > 1:
-        fast_launch.launch(_split_k_reduce_kernel, (triton.cdiv(n_out, REDUCE_BLOCK_N),),
-                           (part, xs, ws, b, out, os_, m, n_out, out.stride(0), split),
-                           dict(epi, BLOCK_M=block_m, BLOCK_N=REDUCE_BLOCK_N, PDL=on), 4, 1, on)
+        red = dict(epi, BLOCK_M=block_m, BLOCK_N=REDUCE_BLOCK_N, PDL=on)
+        red_args = (part, xs, ws, b, out, os_, m, n_out, out.stride(0), split)
+        if add is None:
+            fast_launch.launch(_split_k_reduce_kernel, (triton.cdiv(n_out, REDUCE_BLOCK_N),), red_args, red, 4, 1,
+                               on)
+        else:
+            fast_launch.launch(_split_k_reduce_add_kernel, (triton.cdiv(n_out, REDUCE_BLOCK_N),),
+                               red_args + (add[0], add[0].stride(0), add[1]), red, 4, 1, on)

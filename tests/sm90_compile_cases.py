@@ -140,6 +140,7 @@ def base_cases():
 
     yield from decode_attention_cases()
     yield from small_m_gemm_cases()
+    yield from small_m_gemm_norm_cases()
 
 
 def decode_attention_cases():
@@ -240,6 +241,32 @@ def small_m_gemm_cases():
             yield (f"small_m_gemm {name} m{bm} n{bn} k{bk} pdl prefetch{lines}", small_m_gemm._small_m_gemm_kernel,
                    ptrs, dict(X_FP8=x_t == fp8, W_FP8=w_t == fp8, **epi, PARTIAL=part, EVEN_K=even, BLOCK_M=bm,
                               BLOCK_N=bn, BLOCK_K=bk, PDL=True, PF_LINES=lines), warps, True, stages, nospec)
+
+
+def small_m_gemm_norm_cases():
+    """The small-M GEMM with the RMSNorm folded in (``_small_m_gemm_norm_kernel``, the model's bf16 decode layers):
+    NORM_IN (qkv; gate-up + SiLU*mul) and ADD_RES (o / down: one program per tile, and split-K with the reduce
+    kernel's epilogue), BLOCK_M 16 and 64, pointers as the launcher passes them."""
+    nospec = ("M", "n_kb", "split_k", "n_sq")
+    bf, fp32 = "*bf16", "*fp32"
+    for name, norm_in, add_res, silu, part, bias, bm, bn, bk, stages in (
+            ("norm_in", True, False, False, False, True, 16, 32, 256, 4),
+            ("norm_in silu", True, False, True, False, False, 16, 64, 128, 3),
+            ("norm_in split", True, False, False, True, False, 64, 64, 128, 4),
+            ("add_res", False, True, False, False, False, 16, 32, 256, 4),
+            ("add_res wide", False, True, False, False, False, 64, 64, 256, 3),
+            ("add_res split", False, True, False, True, False, 16, 64, 128, 4)):
+        ptrs = {"x_ptr": bf, "w_ptr": bf, "xs_ptr": bf, "ws_ptr": bf, "b_ptr": bf, "out_ptr": bf, "os_ptr": bf,
+                "part_ptr": fp32 if part else bf, "nw_ptr": bf, "sq_ptr": fp32 if norm_in else bf,
+                "res_ptr": bf, "sqo_ptr": fp32 if add_res else bf}
+        epi = dict(X_SCALE=0, W_SCALE=0, HAS_BIAS=bias, SILU_MUL=silu, OUT_FP8=False)
+        yield (f"small_m_gemm_norm {name} m{bm} n{bn} k{bk}", small_m_gemm._small_m_gemm_norm_kernel, ptrs,
+               dict(X_FP8=False, W_FP8=False, **epi, PARTIAL=part, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                    PF_LINES=0, NORM_IN=norm_in, ADD_RES=add_res and not part, SQ_BLOCK=128 if norm_in else 1),
+               4, True, stages, nospec)
+        if part and add_res:
+            yield (f"small_m_gemm reduce_add m{bm}", small_m_gemm._split_k_reduce_add_kernel, ptrs,
+                   dict(**epi, BLOCK_M=bm, BLOCK_N=small_m_gemm.REDUCE_BLOCK_N), 4, True, 1, nospec)
 
 
 _DEBUG_LABEL = re.compile(r"^\$L__tmp\d+:$")

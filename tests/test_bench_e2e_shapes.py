@@ -155,15 +155,16 @@ def test_bench_e2e_imports_and_keeps_its_defaults():
     every = bench_e2e.parse_args(["--pdl-ab", "--small-m-table", "t.json", "--small-m-everywhere"])
     assert bench_e2e.variants(every)[3:] == [V("_smallall", "t.json", everywhere=True),
                                               V("_smallall_nopdl", "t.json", pdl=False, everywhere=True)]
-    # --rope-ab / --combine-ab: the decode step with KVCacheConfig.fuse_rope / decode_attention.FUSE_COMBINE the
-    # other way than its default, all else the model's
+    # --rope-ab / --combine-ab / --fold-ab: the decode step with KVCacheConfig.fuse_rope /
+    # decode_attention.FUSE_COMBINE / KVCacheConfig.fold_norms the other way than its default, all else the model's
     from tpfuse.kernels import decode_attention as dak
     from tpfuse.parallel import KVCacheConfig
 
-    flip, comb = not KVCacheConfig().fuse_rope, not dak.FUSE_COMBINE
-    assert bench_e2e.variants(bench_e2e.parse_args(["--rope-ab", "--combine-ab"])) == [
+    flip, comb, fold = not KVCacheConfig().fuse_rope, not dak.FUSE_COMBINE, not KVCacheConfig().fold_norms
+    assert bench_e2e.variants(bench_e2e.parse_args(["--rope-ab", "--combine-ab", "--fold-ab"])) == [
         V("_fusedrope" if flip else "_ropesep", fuse_rope=flip),
-        V("_fusedcomb" if comb else "_combkern", fuse_combine=comb)]
+        V("_fusedcomb" if comb else "_combkern", fuse_combine=comb),
+        V("_foldnorm" if fold else "_normkern", fold_norms=fold)]
     with pytest.raises(SystemExit):
         bench_e2e.parse_args(["--small-m-everywhere"])
     assert (a.kv_fp8, bench_e2e.parse_args(["--kv-fp8"]).kv_fp8) == (False, True)

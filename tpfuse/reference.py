@@ -99,6 +99,29 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, x_scale: Optional[torch.
     return y.to(out_dtype or (x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16))
 
 
+def sumsq_partials(h: torch.Tensor, rows: int) -> torch.Tensor:
+    """``[N / rows, M]`` fp32: per token (column), the sum of ``h^2`` over each group of ``rows`` consecutive
+    features of ``h [M, N]`` (the values as stored, in fp32)."""
+    m, n = h.shape
+    return h.float().square().view(m, n // rows, rows).sum(-1).t().contiguous()
+
+
+def rmsnorm_from_sumsq(h: torch.Tensor, sumsq: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of the rows of ``h [M, K]`` whose sums of squares come as partials ``sumsq [P, M]``:
+    ``(h * rsqrt(sum_p sumsq[p] / K + eps)) * weight``, rounded to h's dtype (the add + RMSNorm kernel's order)."""
+    rstd = torch.rsqrt(sumsq.float().sum(0) / h.shape[1] + eps)
+    return ((h.float() * rstd[:, None]) * weight.float()).to(h.dtype)
+
+
+def small_m_gemm_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+                     bias: Optional[torch.Tensor] = None, *, rows: int = 32):
+    """``(h, sumsq)``: ``h = round(round(x @ weight.T + bias) + residual)`` (the GEMM's rounding, then the residual
+    add's) and :func:`sumsq_partials` of ``h`` in groups of ``rows``."""
+    y = small_m_gemm(x, weight, bias=bias)
+    h = (y.float() + residual.float()).to(y.dtype)
+    return h, sumsq_partials(h, rows)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # distributed ops
 

@@ -41,13 +41,14 @@ def _ratio(a, b) -> str:
 
 VARIANTS = (("_fusedrope", "RoPE in the attention"), ("_ropesep", "RoPE kernel apart"),
             ("_fusedcomb", "combine in the split kernel"), ("_combkern", "combine kernel apart"),
+            ("_foldnorm", "RMSNorm in the GEMMs"), ("_normkern", "RMSNorm kernel apart"),
             ("_smallm", "small-M table"), ("_nopdl", "no PDL"),
             ("_prefetch", "PDL + L2 prefetch"),
             ("_smallall", "kernel everywhere"), ("_smallall_nopdl", "kernel everywhere, no PDL"),
             # the variants of runs before PDL was the default (their base rows ran without it)
             ("_pdl", "PDL"), ("_smallm_pdl", "small-M table + PDL"), ("_smallall_pdl", "kernel everywhere + PDL"),
             ("_smallall_pdl_nopf", "kernel everywhere + PDL, no L2 prefetch"))
-"""Suffixes of the decode-row variants (``--rope-ab``, ``--combine-ab``, ``--small-m-table``, ``--pdl-ab``, ``--small-m-everywhere``;
+"""Suffixes of the decode-row variants (``--rope-ab``, ``--combine-ab``, ``--fold-ab``, ``--small-m-table``, ``--pdl-ab``, ``--small-m-everywhere``;
 the last four: ``--pdl`` of earlier runs) and their column heads."""
 HEADS = {"tpfuse": "bf16", "tpfuse_fp8": "FP8", "tpfuse_fp8_static": "FP8 static"}
 """Providers the variants repeat and how the variant table names them."""

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from .. import ops
+from .. import ops, small_gemm
 from ..errors import TPFuseInputError, TPFuseUnsupportedError
 from ..sharding import shard_range
 from .batch import StepMeta, pack
@@ -34,12 +34,13 @@ def forward_core(model, ids: torch.Tensor, meta: StepMeta, keep: Optional[torch.
     st = model._tpfuse
     comm, layout = st.comm, st.layout
     storage = st.no_cache_storage() if meta.slot_mapping is None else st.cache_storage()
-    ctx = StepContext(comm=comm, meta=meta, cos_sin=st.cos_sin, storage=storage, local=st.local)
+    layers = st.layers
+    ctx = StepContext(comm=comm, meta=meta, cos_sin=st.cos_sin, storage=storage, local=st.local,
+                      fold_norms=_folds_norms(st, meta))
     mine = ids
     if meta.sp:
         s, e = shard_range(meta.num_tokens, comm.tp, comm.rank)
         mine = ids[s:e]
-    layers = st.layers
     first = layers[0].input_norm
     x, residual = ops.add_rmsnorm(get_path(model, layout.embed)(mine), None, first.weight, norm_eps(first),
                                   quant=layers[0].in_quant)  # FP8 models: the first qkv GEMM's input format
@@ -47,11 +48,21 @@ def forward_core(model, ids: torch.Tensor, meta: StepMeta, keep: Optional[torch.
     for li, layer in enumerate(layers):
         nxt = layers[li + 1].input_norm if li + 1 < len(layers) else final
         x, residual = layer(x, residual, nxt.weight, norm_eps(nxt), ctx)
+    if ctx.fold_norms:
+        x = x.materialize()
     if meta.sp:
         x = comm.all_gather(x, num_tokens=meta.num_tokens)
     if keep is not None:
         x = x.index_select(0, keep)
     return get_path(model, layout.lm_head)(x)
+
+
+def _folds_norms(st, meta: StepMeta) -> bool:
+    """Whether this step runs with the RMSNorms folded into the GEMMs (``KVCacheConfig.fold_norms``): TP = 1, at
+    most ``small_gemm.MAX_M`` tokens, every layer able to (:meth:`TPDecoderLayer.can_fold_norms`)."""
+    return (st.cache_config.fold_norms and st.local and st.comm.tp == 1 and not meta.sp
+            and meta.num_tokens <= small_gemm.MAX_M
+            and all(getattr(layer, "can_fold_norms", lambda: False)() for layer in st.layers))
 
 
 def _resolve_cache(st, given, use_cache: Optional[bool], batch: int, config) -> Optional[TPKVCache]:

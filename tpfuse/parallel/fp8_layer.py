@@ -93,6 +93,11 @@ class FP8DecoderLayer(TPDecoderLayer):
     """A :class:`TPDecoderLayer` whose q/k/v/o/gate/up/down modules are
     :class:`~tpfuse.parallel.fp8.FP8Linear` (see the module docstring)."""
 
+    def can_fold_norms(self) -> bool:
+        """Never: FP8 layers quantize their GEMMs' inputs in the norm kernels (``KVCacheConfig.fold_norms`` is for
+        bf16 / fp16 layers)."""
+        return False
+
     def refuse(self) -> None:
         if self.post_norm.weight.dtype != torch.bfloat16:
             raise TPFuseInputError(f"FP8 layers need a bf16 model (torch._scaled_mm writes bf16), got "

@@ -80,6 +80,14 @@ class KVCacheConfig:
     one run) the decode step took 0.988 / 0.985x as long at batch 1 / 8 on Qwen3-32B (QK-norm) and 0.998 / 1.006x
     on the Llama-3.1-8B shape (one 32-step measurement a row: a tie); its GPU tests passed in the same call (``bash
     bench/gpu_run.sh fusedrope``). False: the separate kernels. Prefill always runs the separate kernels."""
+    fold_norms: bool = False
+    """True: at TP = 1, a step of at most 64 tokens (decode) runs each residual add + RMSNorm inside the GEMMs around
+    it instead of a kernel of its own: o_proj and down_proj add the residual in their epilogue and write the sums
+    of squares (:func:`tpfuse.small_gemm.small_m_gemm_add`), and the gate-up (with SiLU*mul) and the next layer's
+    qkv normalize their input rows as they load them (:func:`tpfuse.small_gemm.small_m_gemm` with
+    ``norm_weight``): two kernels fewer per layer, every GEMM of the layer on the small-M kernel. bf16 / fp16
+    layers without o / down biases only (others run as before); TP > 1 keeps the fused all-reduce + add + RMSNorm.
+    Off until its GPU run decides."""
 
     def validate(self) -> None:
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
@@ -98,8 +106,9 @@ class KVCacheConfig:
             raise TPFuseInputError(f"KVCacheConfig.cuda_graphs must be a bool, got {self.cuda_graphs!r}")
         if not isinstance(self.pdl, bool):
             raise TPFuseInputError(f"KVCacheConfig.pdl must be a bool, got {self.pdl!r}")
-        if not isinstance(self.fuse_rope, bool):
-            raise TPFuseInputError(f"KVCacheConfig.fuse_rope must be a bool, got {self.fuse_rope!r}")
+        for name in ("fuse_rope", "fold_norms"):
+            if not isinstance(getattr(self, name), bool):
+                raise TPFuseInputError(f"KVCacheConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.graph_buckets):
             raise TPFuseInputError(f"KVCacheConfig.graph_buckets must be positive ints, got {self.graph_buckets!r}")
 

@@ -76,6 +76,26 @@ class StepContext:
     """The model's :class:`~tpfuse.parallel.kv_cache.KVStorage`, or a one-block dummy when the call has no cache."""
     local: bool
     """Reductions are local (TP=1, or the no-communication floor of the benchmarks)."""
+    fold_norms: bool = False
+    """The step folds each add + RMSNorm into the GEMMs around it (``KVCacheConfig.fold_norms``; decided per step by
+    :func:`~tpfuse.parallel.forward.forward_core`): layers take and return a :class:`PendingNorm` as ``x``."""
+
+
+@dataclass
+class PendingNorm:
+    """``x = RMSNorm(h) * weight`` not yet computed (folded RMSNorm): the next GEMM normalizes h's rows as it loads
+    them (:func:`tpfuse.small_gemm.small_m_gemm` with ``norm_weight``)."""
+
+    h: torch.Tensor
+    """``[T, H]`` the residual stream, the add done."""
+    sumsq: torch.Tensor
+    """``[H / 32, T]`` fp32 partial sums of ``h^2`` per token."""
+    weight: torch.Tensor
+    eps: float
+
+    def materialize(self) -> torch.Tensor:
+        """The normed rows themselves (the final norm before the LM head)."""
+        return ops.add_rmsnorm(self.h, None, self.weight, self.eps)[0]
 
 
 def _fuse_linears(mods) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -198,8 +218,34 @@ class TPDecoderLayer(nn.Module):
             return ops.add_rmsnorm(partial, residual, norm_w, eps)
         return ctx.comm.fused_add_rmsnorm(partial, residual, norm_w, eps)
 
+    def can_fold_norms(self) -> bool:
+        """Whether :meth:`forward` can run this layer with the folded RMSNorm: 16-bit weights, no o / down bias,
+        hidden size a multiple of 32."""
+        w = self._o.weight
+        return (w.dtype in (torch.bfloat16, torch.float16) and self._o.bias is None and self._down.bias is None
+                and w.shape[0] % small_gemm.SUMSQ_ROWS == 0)
+
+    def _normed_gemm(self, x, w: torch.Tensor, b: Optional[torch.Tensor], silu_mul: bool = False) -> torch.Tensor:
+        if isinstance(x, PendingNorm):
+            return small_gemm.small_m_gemm(x.h, w, bias=b, silu_mul=silu_mul, norm_weight=x.weight,
+                                           norm_sumsq=x.sumsq, norm_eps=x.eps)
+        return small_gemm.small_m_gemm(x, w, bias=b, silu_mul=silu_mul)
+
+    def _forward_folded(self, x, residual: torch.Tensor, next_norm_weight: torch.Tensor, next_eps: float,
+                        ctx: StepContext) -> Tuple[PendingNorm, torch.Tensor]:
+        """The layer with its two add + RMSNorms folded into the GEMMs (``KVCacheConfig.fold_norms``); ``x`` is the
+        previous layer's :class:`PendingNorm` (the first layer: the normed embedding)."""
+        qkv = self._normed_gemm(x, *self._fused_weight("qkv", self._qkv_mods))
+        h, sumsq = small_gemm.small_m_gemm_add(self._attention(qkv, ctx), self._o.weight, residual)
+        mid = PendingNorm(h, sumsq, self.post_norm.weight, self.post_eps)
+        a = self._normed_gemm(mid, *self._fused_weight("gate_up", self._gate_up_mods), silu_mul=True)
+        h, sumsq = small_gemm.small_m_gemm_add(a, self._down.weight, h)
+        return PendingNorm(h, sumsq, next_norm_weight, next_eps), h
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor, next_norm_weight: torch.Tensor, next_eps: float,
                 ctx: StepContext) -> Tuple[torch.Tensor, torch.Tensor]:
+        if ctx.fold_norms:
+            return self._forward_folded(x, residual, next_norm_weight, next_eps, ctx)
         qkv = self._column(x, "qkv", self._qkv_mods, ctx)
         x, residual = self._row(self._attention(qkv, ctx), self._o, residual, self.post_norm.weight, self.post_eps,
                                 ctx)

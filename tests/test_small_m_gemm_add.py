@@ -1,0 +1,217 @@
+"""The RMSNorm folded into the small-M GEMMs (``KVCacheConfig.fold_norms``): ``tpfuse.small_gemm.small_m_gemm_add``
+(the GEMM + residual add + partial sums of squares, kernel ``_small_m_gemm_norm_kernel`` with ADD_RES, or the
+split-K reduce ``_split_k_reduce_add_kernel``) and ``small_m_gemm(..., norm_weight=, norm_sumsq=)`` (the GEMM of
+RMS-normed rows, NORM_IN), each against the fp64 oracle of the unfused pair (GEMM, then add + RMSNorm) and the
+plain-torch reference (``tpfuse.reference.small_m_gemm_add`` / ``rmsnorm_from_sumsq``), with poisoned outputs.
+Interpreted on CPU at small shapes (N not a multiple of the tile, K tails, M 1 / 3 / 17 / 64, split-K, outliers on
+the residual, bias, the SiLU*mul epilogue), compiled on a GPU at the 8B decode shapes and in a CUDA graph."""
+
+import pytest
+import torch
+
+from kernel_env import DEVICE, ON_GPU, capture, record_launches
+from tpfuse import reference, small_gemm
+from tpfuse.errors import TPFuseInputError
+from tpfuse.kernels import small_m_configs as smc
+from tpfuse.tolerance import assert_close
+
+BF = torch.bfloat16
+ROWS = smc.SUMSQ_ROWS
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Outputs start as NaN: unwritten elements show (h and out through alloc_out, sumsq through torch.empty)."""
+    alloc, empty = small_gemm.alloc_out, torch.empty
+
+    def poisoned_alloc(*args):
+        return alloc(*args).fill_(float("nan"))
+
+    def poisoned_empty(*args, **kw):
+        t = empty(*args, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(small_gemm, "alloc_out", poisoned_alloc)
+    monkeypatch.setattr(small_gemm.torch, "empty", poisoned_empty)
+
+
+def _data(gen, m, n, k, outliers=False):
+    x = torch.randn(m, k, generator=gen).to(BF)
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(BF)
+    res = (torch.randn(m, n, generator=gen) * 2).to(BF)
+    if outliers:  # a residual channel 100x the rest on the last token (real residual streams have them)
+        res[m - 1, 7] = 400.0
+        res[:, n - 1] *= 50.0
+    return x.to(DEVICE), w.to(DEVICE), res.to(DEVICE)
+
+
+def _oracle_h(x, w, res, b=None):
+    """fp64 ``x @ w.T + b`` rounded to bf16 (the GEMM's output), then + residual rounded (the add's)."""
+    y = x.cpu().double() @ w.cpu().double().t()
+    if b is not None:
+        y = y + b.cpu().double()
+    return (y.to(BF).double() + res.cpu().double()).to(BF)
+
+
+def _config(n, split):
+    return smc.GemmConfig(block_n=32 if n % 64 else 64, block_k=64, split_k=split, num_warps=4, num_stages=2)
+
+
+@pytest.mark.usefixtures("kernels", "poisoned")
+@pytest.mark.parametrize("m,n,k,split", [(1, 128, 96, 1), (3, 96, 256, 1), (17, 160, 256, 3), (64, 64, 256, 2)])
+def test_add_matches_oracle(m, n, k, split, gen, kernels, monkeypatch):
+    """h equals the unfused pair's residual_out (two roundings) up to the GEMM's own fp32-sum order; each partial
+    sum of squares is that of the stored h over its 32 features."""
+    monkeypatch.setattr(smc, "forced_config", lambda: _config(n, split))
+    add = record_launches(monkeypatch, kernels.small_m_gemm, "_small_m_gemm_norm_kernel")
+    red = record_launches(monkeypatch, kernels.small_m_gemm, "_split_k_reduce_add_kernel")
+    x, w, res = _data(gen, m, n, k, outliers=True)
+    h, sumsq = small_gemm.small_m_gemm_add(x, w, res)
+    assert h.shape == (m, n) and h.dtype == BF and sumsq.shape == (n // ROWS, m) and sumsq.dtype == torch.float32
+    assert len(add.launches) == 1 and add.launches[0][0][1] == split, add.launches
+    assert len(red.launches) == (split > 1), red.launches
+    assert_close(h.cpu().float(), _oracle_h(x, w, res).double(), BF, f"h M={m} N={n} split={split}")
+    want = reference.sumsq_partials(h.cpu(), ROWS)
+    assert torch.allclose(sumsq.cpu(), want, rtol=1e-6, atol=0), (sumsq, want)
+
+
+@pytest.mark.usefixtures("kernels", "poisoned")
+@pytest.mark.parametrize("m,k,split,silu", [(1, 96, 1, False), (3, 160, 2, True), (17, 128, 1, True),
+                                            (64, 64, 1, False)])
+def test_norm_in_matches_the_unfused_pair(m, k, split, silu, gen, kernels, monkeypatch):
+    """The GEMM of normed rows == RMSNorm (the add + RMSNorm kernel's rows) then the GEMM: vs the fp64 oracle of
+    the normed rows, and vs the reference within half the budget; bias and SiLU*mul in the epilogue."""
+    n = 96 if silu else 80
+    monkeypatch.setattr(smc, "forced_config", lambda: _config(n // (2 if silu else 1), split))
+    launches = record_launches(monkeypatch, kernels.small_m_gemm, "_small_m_gemm_norm_kernel")
+    h = (torch.randn(m, k, generator=gen) * 3).to(BF)
+    h[0, 5] = 250.0  # one outlier feature: it dominates its row's rstd
+    nw = (torch.rand(k, generator=gen) + 0.5).to(BF)
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(BF)
+    b = torch.randn(n, generator=gen).to(BF)
+    sumsq = reference.sumsq_partials(h, 16)  # any partition of the features: P = k / 16 here
+    eps = 1e-5
+    out = small_gemm.small_m_gemm(h.to(DEVICE), w.to(DEVICE), bias=b.to(DEVICE), silu_mul=silu,
+                                  norm_weight=nw.to(DEVICE), norm_sumsq=sumsq.to(DEVICE), norm_eps=eps)
+    assert len(launches.launches) == 1 and launches.launches[0][1]["NORM_IN"], launches.launches
+    hd = h.double()
+    xn = ((hd * torch.rsqrt(hd.square().mean(1, keepdim=True) + eps)) * nw.double()).to(BF).double()
+    y = xn @ w.double().t() + b.double()
+    if silu:
+        g, u = y.chunk(2, -1)
+        y = torch.nn.functional.silu(g) * u
+    assert_close(out.cpu().float(), y, BF, f"norm_in M={m} silu={silu}")
+    ref = reference.small_m_gemm(reference.rmsnorm_from_sumsq(h, sumsq, nw, eps), w, bias=b, silu_mul=silu)
+    assert_close(out.cpu().float(), ref.double(), BF, "vs reference", factor=0.5)
+
+
+@pytest.mark.usefixtures("kernels")
+def test_chain_equals_add_rmsnorm_then_gemm(gen):
+    """o-proj with the add, then the next GEMM on its pending norm == the unfused ops (GEMM, ops.add_rmsnorm, GEMM)
+    up to one bf16 step of the normed rows: the model's fold end to end at one layer boundary."""
+    from tpfuse import ops
+
+    x, w, res = _data(gen, 5, 128, 64)
+    w2 = (torch.randn(48, 128, generator=gen) / 128 ** 0.5).to(BF).to(DEVICE)
+    nw = (torch.rand(128, generator=gen) + 0.5).to(BF).to(DEVICE)
+    h, sumsq = small_gemm.small_m_gemm_add(x, w, res)
+    got = small_gemm.small_m_gemm(h, w2, norm_weight=nw, norm_sumsq=sumsq, norm_eps=1e-6)
+    xn, res_out = ops.add_rmsnorm(small_gemm.small_m_gemm(x, w), res, nw, 1e-6)
+    assert_close(h.cpu().float(), res_out.cpu().double(), BF, "h vs residual_out")
+    assert_close(got.cpu().float(), (xn.cpu().double() @ w2.cpu().double().t()), BF, "normed GEMM vs unfused")
+
+
+def _bad_calls():
+    dev, f8 = DEVICE, torch.float8_e4m3fn
+    x, w = torch.zeros(4, 64, dtype=BF, device=dev), torch.zeros(96, 64, dtype=BF, device=dev)
+    res, nw = torch.zeros(4, 96, dtype=BF, device=dev), torch.ones(64, dtype=BF, device=dev)
+    sq, s1 = torch.ones(2, 4, device=dev), torch.ones((), device=dev)
+    add, mm = small_gemm.small_m_gemm_add, small_gemm.small_m_gemm
+    return [
+        ("multiple of 32", lambda: add(x, w[:48], res[:, :48])),
+        ("residual must be", lambda: add(x, w, res[:3])),
+        ("residual must be", lambda: add(x, w, res.float())),
+        ("come together", lambda: mm(x, w, norm_weight=nw)),
+        ("one 16-bit dtype", lambda: mm(x.to(f8), w.to(f8), x_scale=s1, w_scale=s1, norm_weight=nw, norm_sumsq=sq)),
+        ("norm_weight must be", lambda: mm(x, w, norm_weight=nw[:63], norm_sumsq=sq)),
+        ("norm_weight must be", lambda: mm(x, w, norm_weight=nw.float(), norm_sumsq=sq)),
+        ("norm_sumsq must be", lambda: mm(x, w, norm_weight=nw, norm_sumsq=sq[:, :3])),
+        ("norm_sumsq must be", lambda: mm(x, w, norm_weight=nw, norm_sumsq=sq.to(BF))),
+        ("no out_scale", lambda: mm(x, w, out_scale=s1, norm_weight=nw, norm_sumsq=sq)),
+    ]
+
+
+@pytest.mark.parametrize("match,call", _bad_calls(), ids=lambda v: v if isinstance(v, str) else "")
+def test_rejects_what_the_kernel_cannot_take(match, call):
+    with pytest.raises(TPFuseInputError, match=match):
+        call()
+
+
+def test_fake_impl_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        h, sq = torch.ops.tpfuse.small_m_gemm_add(torch.empty(5, 64, dtype=BF), torch.empty(96, 64, dtype=BF),
+                                                  torch.empty(5, 96, dtype=BF), None)
+        out = torch.ops.tpfuse.small_m_gemm(torch.empty(5, 64, dtype=BF), torch.empty(96, 64, dtype=BF), None, None,
+                                            None, None, True, None, torch.empty(64, dtype=BF), torch.empty(2, 5),
+                                            1e-6)
+    assert (h.shape, h.dtype, sq.shape, sq.dtype) == ((5, 96), BF, (3, 5), torch.float32)
+    assert (out.shape, out.dtype) == ((5, 48), BF)
+
+
+def test_traces_under_torch_compile(gen):
+    """Both ops as custom ops in one fullgraph trace (their fake impls give the shapes): the compiled chain equals
+    the eager one."""
+    x, w, res = _data(gen, 3, 64, 32)
+    w2 = (torch.randn(32, 64, generator=gen) / 8).to(BF).to(DEVICE)
+    nw = (torch.rand(64, generator=gen) + 0.5).to(BF).to(DEVICE)
+
+    def chain(x, w, res, w2, nw):
+        h, sumsq = small_gemm.small_m_gemm_add(x, w, res)
+        return h, small_gemm.small_m_gemm(h, w2, norm_weight=nw, norm_sumsq=sumsq, norm_eps=1e-5)
+
+    torch._dynamo.reset()
+    got = torch.compile(chain, fullgraph=True, backend="aot_eager")(x, w, res, w2, nw)
+    want = chain(x, w, res, w2, nw)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+class TestGPU:
+    @pytest.mark.parametrize("m", [1, 8, 64])
+    def test_llama_8b_layer_boundaries(self, m, gen):
+        """The 8B's o-proj and down-proj with the add (table or default configs, split-K where they take it), then
+        qkv and gate-up + SiLU*mul on the pending norm, each vs the unfused ops."""
+        from tpfuse import ops
+
+        for n, k, n2 in ((4096, 4096, 6144), (4096, 14336, 28672)):
+            x, w, res = _data(gen, m, n, k, outliers=True)
+            h, sumsq = small_gemm.small_m_gemm_add(x, w, res)
+            assert_close(h.float().cpu(), _oracle_h(x, w, res).double(), BF, f"h M={m} K={k}")
+            nw = (torch.rand(n, generator=gen) + 0.5).to(BF).to(DEVICE)
+            w2 = (torch.randn(n2, n, generator=gen) / n ** 0.5).to(BF).to(DEVICE)
+            silu = n2 == 28672
+            got = small_gemm.small_m_gemm(h, w2, silu_mul=silu, norm_weight=nw, norm_sumsq=sumsq, norm_eps=1e-5)
+            xn, _ = ops.add_rmsnorm(h, None, nw, 1e-5)
+            want = reference.small_m_gemm(xn.cpu(), w2.cpu(), silu_mul=silu)
+            assert_close(got.float().cpu(), want.double(), BF, f"normed GEMM M={m} N={n2}")
+
+    def test_cuda_graph_replays(self, gen):
+        """Both ops captured in one graph: replays with new inputs give the eager results bit for bit."""
+        x, w, res = _data(gen, 4, 4096, 4096)
+        nw = (torch.rand(4096, generator=gen) + 0.5).to(BF).to(DEVICE)
+        w2 = (torch.randn(6144, 4096, generator=gen) / 64).to(BF).to(DEVICE)
+
+        def step():
+            h, sumsq = small_gemm.small_m_gemm_add(x, w, res)
+            return h, small_gemm.small_m_gemm(h, w2, norm_weight=nw, norm_sumsq=sumsq)
+
+        graph, (h_g, out_g) = capture(step)
+        for _ in range(3):
+            x.copy_(_data(gen, 4, 4096, 4096)[0])
+            graph.replay()
+            torch.cuda.synchronize()
+            h_e, out_e = step()
+            assert torch.equal(h_g, h_e) and torch.equal(out_g, out_e)
