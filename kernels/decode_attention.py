@@ -589,7 +589,12 @@ FUSE_COMBINE = False
 """Split launches (``NUM_SPLITS > 1``) combine their partials in the split kernel's last program of each
 (sequence, kv head) (:func:`_split_combine_kernel`, :func:`_rope_split_combine_kernel`: an acq_rel ticket counter
 per (sequence, kv head) in :func:`_combine_counters`' buffer) instead of a combine kernel: one launch fewer per
-decode attention. Off: tested through the Triton interpreter and compiled for sm_90 on the CPU only. The fused
+decode attention. Off: it ran correctly on one H100 (57948f7: the 47 kernel GPU tests of ``bash bench/gpu_run.sh
+fusedcomb``, 300 contended launches and 300 graph replays among them, passed; the model-level test was cut by the
+step's time limit) but did not pay: the full 8B's decode step took 1.02 / 0.99 / 1.00x as long at batch 1 / 8 / 64
+in bf16 and 1.04 / 1.00 / 1.00x in per-channel FP8 (``bench/results/e2e_tp1_h100_full_57948f7.json``, rows
+``_fusedcomb`` after their base rows): at batch 1 the last program's combine after its ticket sits on the step's
+critical path, where the combine kernel's launch hides behind PDL. The fused
 kernels have no K / V L2 prefetch (:data:`PREFETCH` applies to the split kernel only). A launch that stops
 part-way (a CUDA error) can leave counters non-zero, after which fused launches combine wrongly: after such an
 error, :func:`reset_combine_counters` (or a new process)."""
