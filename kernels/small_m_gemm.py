@@ -43,18 +43,22 @@ Design (Hopper):
 * Grid ``(cdiv(N_OUT, BLOCK_N), SPLIT_K)`` from shapes only, workspace from the caching allocator: CUDA-graph safe.
 
 Folded RMSNorm (``_small_m_gemm_norm_kernel``, the same program with two more constexprs; the model's decode layers
-at TP = 1 with ``KVCacheConfig.fold_norms``):
+at TP = 1 with ``KVCacheConfig.fold_norms``). ``RMSNorm(h) @ W.T = rstd[m] * ((h * w_norm) @ W.T)``: the
+per-feature weight goes into the rows the previous GEMM writes, the per-token rstd into this GEMM's epilogue, so
+the K loop is the plain one (x tiles straight from ``cp.async`` into the MMA):
 
 * **ADD_RES** (o_proj, down_proj): the epilogue rounds ``y`` to the output dtype, adds ``residual[m, n]`` in fp32,
-  rounds again (the unfused GEMM + add + RMSNorm round the same two times) and stores ``h``; then each
-  ``SQ_GROUP`` (32) rows of its tile sum ``h^2`` per token into ``sqo[n / 32, m]`` (fp32, plain stores, no atomics:
-  every partial has one writer, the sum order is fixed). With split-K the reduce kernel's epilogue does it
-  (``_split_k_reduce_add_kernel``). Tiles are at least 32 rows (the launcher raises BLOCK_N to 32).
-* **NORM_IN** (qkv; gate-up with SiLU*mul): x holds ``h``; before its K loop a program sums the ``[P, M]`` partials
-  (``SQ_BLOCK`` = next_pow2(P) rows) to ``rstd[m]``, and every x tile is ``round((h * rstd) * w_norm)``, the add +
-  RMSNorm kernel's formula and rounding. The norm weight is loaded as a ``[BLOCK_M, BLOCK_K]`` tile of row stride 0
-  so that Triton pipelines it with the x tile (16-byte ``cp.async``; a 1-D load of it is a synchronous load per K
-  step); the two take ``2 * BLOCK_M * BLOCK_K`` bytes a stage, which the launcher's stage count accounts for.
+  rounds again (the unfused GEMM + add + RMSNorm round the same two times) and stores ``h``; stores the next GEMM's
+  rows ``round(h * w_norm[n])`` into ``xo``; and each ``SQ_GROUP`` (32) rows of its tile sum ``h^2`` per token into
+  ``sqo[n / 32, m]`` (fp32, plain stores, no atomics: every partial has one writer, the sum order is fixed). With
+  split-K the reduce kernel's epilogue does it (``_split_k_reduce_add_kernel``). Tiles are at least 32 rows (the
+  launcher raises BLOCK_N to 32).
+* **NORM_IN** (qkv; gate-up with SiLU*mul): its loads of the ``[P, M]`` partials are issued before the K loop and
+  summed to ``rstd[m]``, which multiplies the fp32 sums after it (before split-K's partials are stored: the scale is
+  linear), ahead of bias and SiLU*mul. A first version normalized the x tiles in the K loop (the add + RMSNorm
+  kernel's rounding): the tile then went through registers and back to shared memory every K step, and the 8B's
+  decode step took 1.01 / 1.02 / 1.29x as long at batch 1 / 8 / 64 as without the fold (one H100, 57948f7,
+  ``bench/results/e2e_tp1_h100_full_57948f7.json``).
 
 Launch configs (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages) come from :mod:`.small_m_configs` (the tuned table, else
 its default rule). Under the Triton interpreter (TRITON_INTERPRET=1 at import, tests) e4m3 operands are decoded by
@@ -110,20 +114,8 @@ def _dot(acc, w, xt, X_FP8: tl.constexpr, W_FP8: tl.constexpr, BLOCK_K: tl.const
 
 
 @triton.jit
-def _load_x(x_tile, k0, x_mask, nw_tile, rstd, NORM_IN: tl.constexpr):
-    """The ``[BLOCK_M, BLOCK_K]`` x tile at K offset ``k0``; NORM_IN: x holds the un-normed rows ``h`` and the tile
-    is ``(h * rstd) * norm_weight`` rounded to x's dtype, the RMSNorm kernel's formula and rounding."""
-    xv = tl.load(x_tile + k0, mask=x_mask, other=0.0)
-    if NORM_IN:  # the weight as a [BLOCK_M, BLOCK_K] tile (row stride 0): 16-byte loads Triton pipelines
-        wn = tl.load(nw_tile + k0, mask=x_mask, other=0.0).to(tl.float32)
-        xv = cast_for_store((xv.to(tl.float32) * rstd[:, None]) * wn, xv.dtype)
-    return xv
-
-
-@triton.jit
-def _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, nw_tile, rstd, X_FP8: tl.constexpr,
-            W_FP8: tl.constexpr, SILU_MUL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
-            NORM_IN: tl.constexpr):
+def _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, X_FP8: tl.constexpr, W_FP8: tl.constexpr,
+            SILU_MUL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
     """One BLOCK_K step of the main loop: x and weight tiles (the up rows too with SILU_MUL) into the sums."""
     k0 = kb * BLOCK_K
     if EVEN_K:
@@ -133,7 +125,7 @@ def _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, nw_tile, 
         k_ok = (k0 + rk) < K
         x_mask = m_mask[:, None] & k_ok[None, :]
         w_mask = n_mask[:, None] & k_ok[None, :]
-    xt = tl.trans(_load_x(x_tile, k0, x_mask, nw_tile, rstd, NORM_IN))
+    xt = tl.trans(tl.load(x_tile + k0, mask=x_mask, other=0.0))
     acc = _dot(acc, tl.load(w_tile + k0, mask=w_mask, other=0.0), xt, X_FP8, W_FP8, BLOCK_K)
     if SILU_MUL:
         acc_u = _dot(acc_u, tl.load(w_tile + up + k0, mask=w_mask, other=0.0), xt, X_FP8, W_FP8, BLOCK_K)
@@ -158,17 +150,20 @@ def _scale_bias(acc, rows, n_mask, rm, m_mask, xs_ptr, ws_ptr, b_ptr, X_SCALE: t
 
 
 @triton.jit
-def _store_add_sumsq(y, rn, n_mask, rm, m_mask, M, N_OUT, stride_om, out_ptr, res_ptr, stride_rm, sqo_ptr,
-                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    """ADD_RES epilogue: ``h = round(round(y) + residual)`` stored into ``out``, and each 32-row group's sum of
-    ``h^2`` per token into ``sqo [N_OUT / 32, M]`` (the next GEMM's NORM_IN rstd). The two roundings are those of
-    the unfused pair: the GEMM's output, then the add + RMSNorm kernel's ``residual_out``."""
+def _store_add_sumsq(y, rn, n_mask, rm, m_mask, M, N_OUT, stride_om, out_ptr, res_ptr, stride_rm, sqo_ptr, nw_ptr,
+                     xo_ptr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """ADD_RES epilogue: ``h = round(round(y) + residual)`` stored into ``out`` (the two roundings of the unfused
+    pair: the GEMM's output, then the add + RMSNorm kernel's ``residual_out``), the next GEMM's input rows
+    ``round(h * norm_weight)`` into ``xo`` (same strides), and each 32-row group's sum of ``h^2`` per token into
+    ``sqo [N_OUT / 32, M]`` (that GEMM's NORM_IN rstd)."""
     mask = n_mask[:, None] & m_mask[None, :]
     dt = out_ptr.dtype.element_ty
     r = tl.load(res_ptr + rm[None, :] * stride_rm + rn[:, None], mask=mask, other=0.0).to(tl.float32)
+    wn = tl.load(nw_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
     h = cast_for_store(cast_for_store(y, dt).to(tl.float32) + r, dt)
     tl.store(out_ptr + rm[None, :] * stride_om + rn[:, None], h, mask=mask)
     hf = h.to(tl.float32)
+    tl.store(xo_ptr + rm[None, :] * stride_om + rn[:, None], cast_for_store(hf * wn[:, None], dt), mask=mask)
     sq = tl.where(mask, hf * hf, 0.0)
     GROUPS: tl.constexpr = BLOCK_N // SQ_GROUP
     part = tl.sum(tl.reshape(sq, (GROUPS, SQ_GROUP, BLOCK_M)), axis=1)
@@ -179,8 +174,8 @@ def _store_add_sumsq(y, rn, n_mask, rm, m_mask, M, N_OUT, stride_om, out_ptr, re
 @triton.jit
 def _finish(acc, acc_u, rn, n_mask, rm, m_mask, N_OUT, stride_om, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr,
             X_SCALE: tl.constexpr, W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
-            OUT_FP8: tl.constexpr, M, res_ptr, stride_rm, sqo_ptr, ADD_RES: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_M: tl.constexpr):
+            OUT_FP8: tl.constexpr, M, res_ptr, stride_rm, sqo_ptr, nw_ptr, xo_ptr, ADD_RES: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """Epilogue of the full K sum: scales, bias, SiLU*mul, one rounding (or static FP8 quantization), store of the
     transposed tile into ``out[m, n]``; ADD_RES: :func:`_store_add_sumsq` instead of the plain store."""
     y = _scale_bias(acc, rn, n_mask, rm, m_mask, xs_ptr, ws_ptr, b_ptr, X_SCALE, W_SCALE, HAS_BIAS)
@@ -188,8 +183,8 @@ def _finish(acc, acc_u, rn, n_mask, rm, m_mask, N_OUT, stride_om, xs_ptr, ws_ptr
         u = _scale_bias(acc_u, rn + N_OUT, n_mask, rm, m_mask, xs_ptr, ws_ptr, b_ptr, X_SCALE, W_SCALE, HAS_BIAS)
         y = (y / (1.0 + tl.exp(-y))) * u
     if ADD_RES:
-        _store_add_sumsq(y, rn, n_mask, rm, m_mask, M, N_OUT, stride_om, out_ptr, res_ptr, stride_rm, sqo_ptr,
-                         BLOCK_N, BLOCK_M)
+        _store_add_sumsq(y, rn, n_mask, rm, m_mask, M, N_OUT, stride_om, out_ptr, res_ptr, stride_rm, sqo_ptr, nw_ptr,
+                         xo_ptr, BLOCK_N, BLOCK_M)
     else:
         dst = out_ptr + rm[None, :] * stride_om + rn[:, None]
         mask = n_mask[:, None] & m_mask[None, :]
@@ -215,16 +210,16 @@ def _prefetch_weight(w_ptr, rn, n_mask, K, kb_lo, kb_hi, up, SILU_MUL: tl.conste
 
 
 @triton.jit
-def _norm_rstd(sq_ptr, n_sq, rm, m_mask, M, K, eps, SQ_BLOCK: tl.constexpr):
-    """NORM_IN: ``rsqrt(mean(h^2) + eps)`` per token from the ``[n_sq, M]`` partial sums of squares."""
+def _load_partials(sq_ptr, n_sq, rm, m_mask, M, SQ_BLOCK: tl.constexpr):
+    """NORM_IN: the ``[n_sq, M]`` partial sums of squares (loaded before the K loop, summed after it: their latency
+    hides behind the weight stream)."""
     rp = tl.arange(0, SQ_BLOCK)
-    sq = tl.load(sq_ptr + rp[:, None] * M + rm[None, :], mask=(rp < n_sq)[:, None] & m_mask[None, :], other=0.0)
-    return rstd_from_sumsq(tl.sum(sq, 0), K, eps)
+    return tl.load(sq_ptr + rp[:, None] * M + rm[None, :], mask=(rp < n_sq)[:, None] & m_mask[None, :], other=0.0)
 
 
 @triton.jit
 def _gemm_program(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr, M, N_OUT, K, stride_xm, stride_om,
-                  n_kb, split_k, nw_ptr, sq_ptr, n_sq, eps, res_ptr, stride_rm, sqo_ptr,
+                  n_kb, split_k, nw_ptr, sq_ptr, n_sq, eps, res_ptr, stride_rm, sqo_ptr, xo_ptr,
                   X_FP8: tl.constexpr, W_FP8: tl.constexpr, X_SCALE: tl.constexpr, W_SCALE: tl.constexpr,
                   HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, OUT_FP8: tl.constexpr, PARTIAL: tl.constexpr,
                   EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -245,24 +240,28 @@ def _gemm_program(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr
     m_mask = rm < M
     w_tile = w_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :]
     x_tile = x_ptr + rm[:, None] * stride_xm + rk[None, :]
-    nw_tile = nw_ptr + rm[:, None] * 0 + rk[None, :]  # NORM_IN: the norm weight, one copy per token row
     up = N_OUT.to(tl.int64) * K  # the up rows of a fused gate-up weight start at row I = N_OUT
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     acc_u = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-    rstd = _norm_rstd(sq_ptr, n_sq, rm, m_mask, M, K, eps, SQ_BLOCK) if NORM_IN else 0.0
+    sq = _load_partials(sq_ptr, n_sq, rm, m_mask, M, SQ_BLOCK) if NORM_IN else 0.0
     kb_lo = pid_k * n_kb // split_k
     kb_hi = (pid_k + 1) * n_kb // split_k
     if SOFT_CAST:  # the interpreter cannot take a tensor as a range() bound (its scalars are 1-element arrays)
         kb = kb_lo
         while kb < kb_hi:
-            acc, acc_u = _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, nw_tile, rstd, X_FP8,
-                                 W_FP8, SILU_MUL, EVEN_K, BLOCK_K, NORM_IN)
+            acc, acc_u = _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, X_FP8, W_FP8, SILU_MUL,
+                                 EVEN_K, BLOCK_K)
             kb += 1
     else:  # compiled: the for loop Triton software-pipelines (num_stages)
         for kb in range(kb_lo, kb_hi):
-            acc, acc_u = _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, nw_tile, rstd, X_FP8,
-                                 W_FP8, SILU_MUL, EVEN_K, BLOCK_K, NORM_IN)
+            acc, acc_u = _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, X_FP8, W_FP8, SILU_MUL,
+                                 EVEN_K, BLOCK_K)
     pdl.trigger(PDL)  # the weights are read: the next kernel may start launching (kernels/pdl.py)
+    if NORM_IN:  # linear in x: the partial sums of split-K take it too
+        rstd = rstd_from_sumsq(tl.sum(sq, 0), K, eps)
+        acc = acc * rstd[None, :]
+        if SILU_MUL:
+            acc_u = acc_u * rstd[None, :]
     if PARTIAL:
         n_w = 2 * N_OUT if SILU_MUL else N_OUT
         dst = part_ptr + (pid_k * M + rm).to(tl.int64)[None, :] * n_w + rn[:, None]
@@ -272,8 +271,8 @@ def _gemm_program(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr
             tl.store(dst + N_OUT, acc_u, mask=mask)
     else:
         _finish(acc, acc_u, rn, n_mask, rm, m_mask, N_OUT, stride_om, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr,
-                X_SCALE, W_SCALE, HAS_BIAS, SILU_MUL, OUT_FP8, M, res_ptr, stride_rm, sqo_ptr, ADD_RES, BLOCK_N,
-                BLOCK_M)
+                X_SCALE, W_SCALE, HAS_BIAS, SILU_MUL, OUT_FP8, M, res_ptr, stride_rm, sqo_ptr, nw_ptr, xo_ptr, ADD_RES,
+                BLOCK_N, BLOCK_M)
 
 
 @triton.jit(do_not_specialize=["M", "n_kb", "split_k"])
@@ -285,31 +284,31 @@ def _small_m_gemm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, p
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
                          PF_LINES: tl.constexpr = 0):
     _gemm_program(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr, M, N_OUT, K, stride_xm, stride_om,
-                  n_kb, split_k, x_ptr, x_ptr, 0, 0.0, x_ptr, 0, x_ptr, X_FP8, W_FP8, X_SCALE, W_SCALE, HAS_BIAS,
+                  n_kb, split_k, x_ptr, x_ptr, 0, 0.0, x_ptr, 0, x_ptr, x_ptr, X_FP8, W_FP8, X_SCALE, W_SCALE, HAS_BIAS,
                   SILU_MUL, OUT_FP8, PARTIAL, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PDL, PF_LINES, False, False, 1)
 
 
 @triton.jit(do_not_specialize=["M", "n_kb", "split_k", "n_sq"])
 def _small_m_gemm_norm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr,
                               M, N_OUT, K, stride_xm, stride_om, n_kb, split_k,
-                              nw_ptr, sq_ptr, n_sq, eps, res_ptr, stride_rm, sqo_ptr,
+                              nw_ptr, sq_ptr, n_sq, eps, res_ptr, stride_rm, sqo_ptr, xo_ptr,
                               X_FP8: tl.constexpr, W_FP8: tl.constexpr, X_SCALE: tl.constexpr,
                               W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
                               OUT_FP8: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               PDL: tl.constexpr, PF_LINES: tl.constexpr, NORM_IN: tl.constexpr,
                               ADD_RES: tl.constexpr, SQ_BLOCK: tl.constexpr):
-    """The GEMM with the RMSNorm folded in (module docstring, "Folded RMSNorm"): NORM_IN normalizes x's rows as
-    they are loaded, ADD_RES adds the residual in the epilogue and writes the sums of squares."""
+    """The GEMM with the RMSNorm folded in (module docstring, "Folded RMSNorm"): NORM_IN scales each token's sums
+    by its rstd, ADD_RES adds the residual and writes the next GEMM's rows and the sums of squares."""
     _gemm_program(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr, M, N_OUT, K, stride_xm, stride_om,
-                  n_kb, split_k, nw_ptr, sq_ptr, n_sq, eps, res_ptr, stride_rm, sqo_ptr, X_FP8, W_FP8, X_SCALE,
+                  n_kb, split_k, nw_ptr, sq_ptr, n_sq, eps, res_ptr, stride_rm, sqo_ptr, xo_ptr, X_FP8, W_FP8, X_SCALE,
                   W_SCALE, HAS_BIAS, SILU_MUL, OUT_FP8, PARTIAL, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PDL, PF_LINES,
                   NORM_IN, ADD_RES, SQ_BLOCK)
 
 
 @triton.jit
 def _reduce_program(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, M, N_OUT, stride_om, split_k, res_ptr,
-                    stride_rm, sqo_ptr, X_SCALE: tl.constexpr, W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    stride_rm, sqo_ptr, nw_ptr, xo_ptr, X_SCALE: tl.constexpr, W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
                     SILU_MUL: tl.constexpr, OUT_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     PDL: tl.constexpr, ADD_RES: tl.constexpr):
     """Sum of the ``split_k`` partials in split order (deterministic), then the epilogue."""
@@ -331,7 +330,8 @@ def _reduce_program(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, M, N_OUT, 
             acc_u += tl.load(src + s * slab + N_OUT, mask=mask, other=0.0)
         s += 1
     _finish(acc, acc_u, rn, n_mask, rm, m_mask, N_OUT, stride_om, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr,
-            X_SCALE, W_SCALE, HAS_BIAS, SILU_MUL, OUT_FP8, M, res_ptr, stride_rm, sqo_ptr, ADD_RES, BLOCK_N, BLOCK_M)
+            X_SCALE, W_SCALE, HAS_BIAS, SILU_MUL, OUT_FP8, M, res_ptr, stride_rm, sqo_ptr, nw_ptr, xo_ptr, ADD_RES,
+            BLOCK_N, BLOCK_M)
 
 
 @triton.jit(do_not_specialize=["M", "split_k"])
@@ -340,17 +340,19 @@ def _split_k_reduce_kernel(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, M, 
                            SILU_MUL: tl.constexpr, OUT_FP8: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     _reduce_program(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, M, N_OUT, stride_om, split_k, out_ptr, 0,
-                    out_ptr, X_SCALE, W_SCALE, HAS_BIAS, SILU_MUL, OUT_FP8, BLOCK_M, BLOCK_N, PDL, False)
+                    out_ptr, out_ptr, out_ptr, X_SCALE, W_SCALE, HAS_BIAS, SILU_MUL, OUT_FP8, BLOCK_M, BLOCK_N, PDL, False)
 
 
 @triton.jit(do_not_specialize=["M", "split_k"])
 def _split_k_reduce_add_kernel(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, M, N_OUT, stride_om, split_k,
-                               res_ptr, stride_rm, sqo_ptr, X_SCALE: tl.constexpr, W_SCALE: tl.constexpr,
+                               res_ptr, stride_rm, sqo_ptr, nw_ptr, xo_ptr, X_SCALE: tl.constexpr,
+                               W_SCALE: tl.constexpr,
                                HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, OUT_FP8: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """The split-K reduce of an ADD_RES GEMM."""
     _reduce_program(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, M, N_OUT, stride_om, split_k, res_ptr,
-                    stride_rm, sqo_ptr, X_SCALE, W_SCALE, HAS_BIAS, SILU_MUL, OUT_FP8, BLOCK_M, BLOCK_N, PDL, True)
+                    stride_rm, sqo_ptr, nw_ptr, xo_ptr, X_SCALE, W_SCALE, HAS_BIAS, SILU_MUL, OUT_FP8, BLOCK_M, BLOCK_N,
+                    PDL, True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -390,9 +392,10 @@ def launch_small_m_gemm(x, w, x_scale, w_scale, bias, out, out_scale, silu_mul: 
     """Launch the GEMM of the module docstring into ``out [M, N_OUT]`` (inputs validated by the public op; scales
     contiguous). Config: ``config``, else the forced one (:func:`.small_m_configs.forced`), else the table's for
     ``(arch, scheme, N, K, M)`` (default rule on ``sms`` SMs), sanitized; its stages lowered to fit shared memory
-    (:func:`.small_m_configs.fit_stages`). ``norm = (norm_weight [K], sumsq [P, M], eps)``: x holds un-normed rows
-    (NORM_IN); ``add = (residual [M, N], sumsq_out [N / 32, M])``: the ADD_RES epilogue (its tiles at least 32
-    rows); either one launches :func:`_small_m_gemm_norm_kernel` (module docstring, "Folded RMSNorm")."""
+    (:func:`.small_m_configs.fit_stages`). ``norm = (sumsq [P, M], eps)``: each token's sums times its rstd
+    (NORM_IN); ``add = (residual [M, N], norm_weight [N], x_next [M, N], sumsq_out [N / 32, M])``: the ADD_RES
+    epilogue (``x_next`` with ``out``'s strides; tiles at least 32 rows); either one launches
+    :func:`_small_m_gemm_norm_kernel` (module docstring, "Folded RMSNorm")."""
     from . import fast_launch
 
     m, k = x.shape
@@ -404,8 +407,7 @@ def launch_small_m_gemm(x, w, x_scale, w_scale, bias, out, out_scale, silu_mul: 
         cfg = dataclasses.replace(cfg, block_n=SQ_ROWS)
     block_m = max(16, triton.next_power_of_2(m))
     n_kb = triton.cdiv(k, cfg.block_k)
-    x_bytes = x.dtype.itemsize * (2 if norm is not None else 1)  # NORM_IN stages the norm weight beside x
-    stages = smc.fit_stages(cfg, block_m, w.dtype.itemsize, x_bytes, silu_mul)
+    stages = smc.fit_stages(cfg, block_m, w.dtype.itemsize, x.dtype.itemsize, silu_mul)
     dummy = out  # pointers the constexprs switch off are never read
     xs, ws = (dummy if x_scale is None else x_scale), (dummy if w_scale is None else w_scale)
     b, os_ = (dummy if bias is None else bias), (dummy if out_scale is None else out_scale)
@@ -423,11 +425,11 @@ def launch_small_m_gemm(x, w, x_scale, w_scale, bias, out, out_scale, silu_mul: 
     if norm is None and add is None:
         fast_launch.launch(_small_m_gemm_kernel, grid, args, consts, cfg.num_warps, stages, on)
     else:
-        nw, sq, eps = norm if norm is not None else (dummy, dummy, 0.0)
-        res, sqo = add if add is not None else (dummy, dummy)
+        sq, eps = norm if norm is not None else (dummy, 0.0)
+        res, nw, xo, sqo = add if add is not None else (dummy,) * 4
         fast_launch.launch(_small_m_gemm_norm_kernel, grid,
                            args + (nw, sq, sq.shape[0] if norm is not None else 0, float(eps), res,
-                                   res.stride(0) if add is not None else 0, sqo),
+                                   res.stride(0) if add is not None else 0, sqo, xo),
                            dict(consts, NORM_IN=norm is not None, ADD_RES=add is not None and split == 1,
                                 SQ_BLOCK=triton.next_power_of_2(sq.shape[0]) if norm is not None else 1),
                            cfg.num_warps, stages, on)
@@ -439,4 +441,4 @@ def launch_small_m_gemm(x, w, x_scale, w_scale, bias, out, out_scale, silu_mul: 
                                on)
         else:
             fast_launch.launch(_split_k_reduce_add_kernel, (triton.cdiv(n_out, REDUCE_BLOCK_N),),
-                               red_args + (add[0], add[0].stride(0), add[1]), red, 4, 1, on)
+                               red_args + (res, res.stride(0), sqo, nw, xo), red, 4, 1, on)

@@ -258,7 +258,7 @@ def small_m_gemm_norm_cases():
             ("add_res split", False, True, False, True, False, 16, 64, 128, 4)):
         ptrs = {"x_ptr": bf, "w_ptr": bf, "xs_ptr": bf, "ws_ptr": bf, "b_ptr": bf, "out_ptr": bf, "os_ptr": bf,
                 "part_ptr": fp32 if part else bf, "nw_ptr": bf, "sq_ptr": fp32 if norm_in else bf,
-                "res_ptr": bf, "sqo_ptr": fp32 if add_res else bf}
+                "res_ptr": bf, "sqo_ptr": fp32 if add_res else bf, "xo_ptr": bf}
         epi = dict(X_SCALE=0, W_SCALE=0, HAS_BIAS=bias, SILU_MUL=silu, OUT_FP8=False)
         yield (f"small_m_gemm_norm {name} m{bm} n{bn} k{bk}", small_m_gemm._small_m_gemm_norm_kernel, ptrs,
                dict(X_FP8=False, W_FP8=False, **epi, PARTIAL=part, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,

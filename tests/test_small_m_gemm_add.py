@@ -1,8 +1,9 @@
 """The RMSNorm folded into the small-M GEMMs (``KVCacheConfig.fold_norms``): ``tpfuse.small_gemm.small_m_gemm_add``
-(the GEMM + residual add + partial sums of squares, kernel ``_small_m_gemm_norm_kernel`` with ADD_RES, or the
-split-K reduce ``_split_k_reduce_add_kernel``) and ``small_m_gemm(..., norm_weight=, norm_sumsq=)`` (the GEMM of
-RMS-normed rows, NORM_IN), each against the fp64 oracle of the unfused pair (GEMM, then add + RMSNorm) and the
-plain-torch reference (``tpfuse.reference.small_m_gemm_add`` / ``rmsnorm_from_sumsq``), with poisoned outputs.
+(the GEMM + residual add, the next GEMM's rows times the norm weight, partial sums of squares: kernel
+``_small_m_gemm_norm_kernel`` with ADD_RES, or the split-K reduce ``_split_k_reduce_add_kernel``) and
+``small_m_gemm(..., norm_sumsq=)`` (each token's sums times its rstd, NORM_IN), each against the fp64 oracle of the
+unfused pair (GEMM, then add + RMSNorm, then GEMM) and the plain-torch reference
+(``tpfuse.reference.small_m_gemm_add`` / ``small_m_gemm``), with poisoned outputs.
 Interpreted on CPU at small shapes (N not a multiple of the tile, K tails, M 1 / 3 / 17 / 64, split-K, outliers on
 the residual, bias, the SiLU*mul epilogue), compiled on a GPU at the 8B decode shapes and in a CUDA graph."""
 
@@ -60,17 +61,20 @@ def _config(n, split):
 @pytest.mark.usefixtures("kernels", "poisoned")
 @pytest.mark.parametrize("m,n,k,split", [(1, 128, 96, 1), (3, 96, 256, 1), (17, 160, 256, 3), (64, 64, 256, 2)])
 def test_add_matches_oracle(m, n, k, split, gen, kernels, monkeypatch):
-    """h equals the unfused pair's residual_out (two roundings) up to the GEMM's own fp32-sum order; each partial
-    sum of squares is that of the stored h over its 32 features."""
+    """h equals the unfused pair's residual_out (two roundings) up to the GEMM's own fp32-sum order; x_next is
+    round(h * norm_weight) bit for bit; each partial sum of squares is that of the stored h over its 32 features."""
     monkeypatch.setattr(smc, "forced_config", lambda: _config(n, split))
     add = record_launches(monkeypatch, kernels.small_m_gemm, "_small_m_gemm_norm_kernel")
     red = record_launches(monkeypatch, kernels.small_m_gemm, "_split_k_reduce_add_kernel")
     x, w, res = _data(gen, m, n, k, outliers=True)
-    h, sumsq = small_gemm.small_m_gemm_add(x, w, res)
-    assert h.shape == (m, n) and h.dtype == BF and sumsq.shape == (n // ROWS, m) and sumsq.dtype == torch.float32
+    nw = (torch.rand(n, generator=gen) + 0.5).to(BF).to(DEVICE)
+    h, x_next, sumsq = small_gemm.small_m_gemm_add(x, w, res, nw)
+    assert h.shape == x_next.shape == (m, n) and h.dtype == x_next.dtype == BF
+    assert sumsq.shape == (n // ROWS, m) and sumsq.dtype == torch.float32
     assert len(add.launches) == 1 and add.launches[0][0][1] == split, add.launches
     assert len(red.launches) == (split > 1), red.launches
     assert_close(h.cpu().float(), _oracle_h(x, w, res).double(), BF, f"h M={m} N={n} split={split}")
+    assert torch.equal(x_next.cpu(), (h.cpu().float() * nw.cpu().float()).to(BF)), "x_next != round(h * w)"
     want = reference.sumsq_partials(h.cpu(), ROWS)
     assert torch.allclose(sumsq.cpu(), want, rtol=1e-6, atol=0), (sumsq, want)
 
@@ -78,9 +82,10 @@ def test_add_matches_oracle(m, n, k, split, gen, kernels, monkeypatch):
 @pytest.mark.usefixtures("kernels", "poisoned")
 @pytest.mark.parametrize("m,k,split,silu", [(1, 96, 1, False), (3, 160, 2, True), (17, 128, 1, True),
                                             (64, 64, 1, False)])
-def test_norm_in_matches_the_unfused_pair(m, k, split, silu, gen, kernels, monkeypatch):
-    """The GEMM of normed rows == RMSNorm (the add + RMSNorm kernel's rows) then the GEMM: vs the fp64 oracle of
-    the normed rows, and vs the reference within half the budget; bias and SiLU*mul in the epilogue."""
+def test_norm_in_matches_the_normed_gemm(m, k, split, silu, gen, kernels, monkeypatch):
+    """``small_m_gemm(h * w, W, norm_sumsq=...)`` == ``RMSNorm(h) @ W.T`` (+ bias, SiLU*mul): vs the fp64 oracle of the
+    exactly normed rows (bf16 tolerance: the weighted rows carry one bf16 rounding), and vs the reference (the same
+    math in fp32) within half the budget; split-K scales its partials."""
     n = 96 if silu else 80
     monkeypatch.setattr(smc, "forced_config", lambda: _config(n // (2 if silu else 1), split))
     launches = record_launches(monkeypatch, kernels.small_m_gemm, "_small_m_gemm_norm_kernel")
@@ -89,33 +94,35 @@ def test_norm_in_matches_the_unfused_pair(m, k, split, silu, gen, kernels, monke
     nw = (torch.rand(k, generator=gen) + 0.5).to(BF)
     w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(BF)
     b = torch.randn(n, generator=gen).to(BF)
+    x_next = (h.float() * nw.float()).to(BF)
     sumsq = reference.sumsq_partials(h, 16)  # any partition of the features: P = k / 16 here
     eps = 1e-5
-    out = small_gemm.small_m_gemm(h.to(DEVICE), w.to(DEVICE), bias=b.to(DEVICE), silu_mul=silu,
-                                  norm_weight=nw.to(DEVICE), norm_sumsq=sumsq.to(DEVICE), norm_eps=eps)
+    out = small_gemm.small_m_gemm(x_next.to(DEVICE), w.to(DEVICE), bias=b.to(DEVICE), silu_mul=silu,
+                                  norm_sumsq=sumsq.to(DEVICE), norm_eps=eps)
     assert len(launches.launches) == 1 and launches.launches[0][1]["NORM_IN"], launches.launches
     hd = h.double()
-    xn = ((hd * torch.rsqrt(hd.square().mean(1, keepdim=True) + eps)) * nw.double()).to(BF).double()
+    xn = (hd * torch.rsqrt(hd.square().mean(1, keepdim=True) + eps)) * nw.double()
     y = xn @ w.double().t() + b.double()
     if silu:
         g, u = y.chunk(2, -1)
         y = torch.nn.functional.silu(g) * u
     assert_close(out.cpu().float(), y, BF, f"norm_in M={m} silu={silu}")
-    ref = reference.small_m_gemm(reference.rmsnorm_from_sumsq(h, sumsq, nw, eps), w, bias=b, silu_mul=silu)
+    ref = reference.small_m_gemm(x_next, w, bias=b, silu_mul=silu, norm_sumsq=sumsq, norm_eps=eps)
     assert_close(out.cpu().float(), ref.double(), BF, "vs reference", factor=0.5)
 
 
 @pytest.mark.usefixtures("kernels")
 def test_chain_equals_add_rmsnorm_then_gemm(gen):
     """o-proj with the add, then the next GEMM on its pending norm == the unfused ops (GEMM, ops.add_rmsnorm, GEMM)
-    up to one bf16 step of the normed rows: the model's fold end to end at one layer boundary."""
+    within bf16's tolerance (the rounding of the normed rows falls elsewhere): the model's fold at one layer
+    boundary."""
     from tpfuse import ops
 
     x, w, res = _data(gen, 5, 128, 64)
     w2 = (torch.randn(48, 128, generator=gen) / 128 ** 0.5).to(BF).to(DEVICE)
     nw = (torch.rand(128, generator=gen) + 0.5).to(BF).to(DEVICE)
-    h, sumsq = small_gemm.small_m_gemm_add(x, w, res)
-    got = small_gemm.small_m_gemm(h, w2, norm_weight=nw, norm_sumsq=sumsq, norm_eps=1e-6)
+    h, x_next, sumsq = small_gemm.small_m_gemm_add(x, w, res, nw)
+    got = small_gemm.small_m_gemm(x_next, w2, norm_sumsq=sumsq, norm_eps=1e-6)
     xn, res_out = ops.add_rmsnorm(small_gemm.small_m_gemm(x, w), res, nw, 1e-6)
     assert_close(h.cpu().float(), res_out.cpu().double(), BF, "h vs residual_out")
     assert_close(got.cpu().float(), (xn.cpu().double() @ w2.cpu().double().t()), BF, "normed GEMM vs unfused")
@@ -124,20 +131,19 @@ def test_chain_equals_add_rmsnorm_then_gemm(gen):
 def _bad_calls():
     dev, f8 = DEVICE, torch.float8_e4m3fn
     x, w = torch.zeros(4, 64, dtype=BF, device=dev), torch.zeros(96, 64, dtype=BF, device=dev)
-    res, nw = torch.zeros(4, 96, dtype=BF, device=dev), torch.ones(64, dtype=BF, device=dev)
+    res, nw = torch.zeros(4, 96, dtype=BF, device=dev), torch.ones(96, dtype=BF, device=dev)
     sq, s1 = torch.ones(2, 4, device=dev), torch.ones((), device=dev)
     add, mm = small_gemm.small_m_gemm_add, small_gemm.small_m_gemm
     return [
-        ("multiple of 32", lambda: add(x, w[:48], res[:, :48])),
-        ("residual must be", lambda: add(x, w, res[:3])),
-        ("residual must be", lambda: add(x, w, res.float())),
-        ("come together", lambda: mm(x, w, norm_weight=nw)),
-        ("one 16-bit dtype", lambda: mm(x.to(f8), w.to(f8), x_scale=s1, w_scale=s1, norm_weight=nw, norm_sumsq=sq)),
-        ("norm_weight must be", lambda: mm(x, w, norm_weight=nw[:63], norm_sumsq=sq)),
-        ("norm_weight must be", lambda: mm(x, w, norm_weight=nw.float(), norm_sumsq=sq)),
-        ("norm_sumsq must be", lambda: mm(x, w, norm_weight=nw, norm_sumsq=sq[:, :3])),
-        ("norm_sumsq must be", lambda: mm(x, w, norm_weight=nw, norm_sumsq=sq.to(BF))),
-        ("no out_scale", lambda: mm(x, w, out_scale=s1, norm_weight=nw, norm_sumsq=sq)),
+        ("multiple of 32", lambda: add(x, w[:48], res[:, :48], nw[:48])),
+        ("residual must be", lambda: add(x, w, res[:3], nw)),
+        ("residual must be", lambda: add(x, w, res.float(), nw)),
+        ("norm_weight must be", lambda: add(x, w, res, nw[:95])),
+        ("norm_weight must be", lambda: add(x, w, res, nw.float())),
+        ("one 16-bit dtype", lambda: mm(x.to(f8), w.to(f8), x_scale=s1, w_scale=s1, norm_sumsq=sq)),
+        ("norm_sumsq must be", lambda: mm(x, w, norm_sumsq=sq[:, :3])),
+        ("norm_sumsq must be", lambda: mm(x, w, norm_sumsq=sq.to(BF))),
+        ("no out_scale", lambda: mm(x, w, out_scale=s1, norm_sumsq=sq)),
     ]
 
 
@@ -151,12 +157,12 @@ def test_fake_impl_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
-        h, sq = torch.ops.tpfuse.small_m_gemm_add(torch.empty(5, 64, dtype=BF), torch.empty(96, 64, dtype=BF),
-                                                  torch.empty(5, 96, dtype=BF), None)
+        h, xn, sq = torch.ops.tpfuse.small_m_gemm_add(torch.empty(5, 64, dtype=BF), torch.empty(96, 64, dtype=BF),
+                                                      torch.empty(5, 96, dtype=BF), torch.empty(96, dtype=BF), None)
         out = torch.ops.tpfuse.small_m_gemm(torch.empty(5, 64, dtype=BF), torch.empty(96, 64, dtype=BF), None, None,
-                                            None, None, True, None, torch.empty(64, dtype=BF), torch.empty(2, 5),
-                                            1e-6)
-    assert (h.shape, h.dtype, sq.shape, sq.dtype) == ((5, 96), BF, (3, 5), torch.float32)
+                                            None, None, True, None, torch.empty(2, 5), 1e-6)
+    assert (h.shape, h.dtype, xn.shape, xn.dtype) == ((5, 96), BF, (5, 96), BF)
+    assert (sq.shape, sq.dtype) == ((3, 5), torch.float32)
     assert (out.shape, out.dtype) == ((5, 48), BF)
 
 
@@ -168,8 +174,8 @@ def test_traces_under_torch_compile(gen):
     nw = (torch.rand(64, generator=gen) + 0.5).to(BF).to(DEVICE)
 
     def chain(x, w, res, w2, nw):
-        h, sumsq = small_gemm.small_m_gemm_add(x, w, res)
-        return h, small_gemm.small_m_gemm(h, w2, norm_weight=nw, norm_sumsq=sumsq, norm_eps=1e-5)
+        h, x_next, sumsq = small_gemm.small_m_gemm_add(x, w, res, nw)
+        return h, small_gemm.small_m_gemm(x_next, w2, norm_sumsq=sumsq, norm_eps=1e-5)
 
     torch._dynamo.reset()
     got = torch.compile(chain, fullgraph=True, backend="aot_eager")(x, w, res, w2, nw)
@@ -188,12 +194,13 @@ class TestGPU:
 
         for n, k, n2 in ((4096, 4096, 6144), (4096, 14336, 28672)):
             x, w, res = _data(gen, m, n, k, outliers=True)
-            h, sumsq = small_gemm.small_m_gemm_add(x, w, res)
-            assert_close(h.float().cpu(), _oracle_h(x, w, res).double(), BF, f"h M={m} K={k}")
             nw = (torch.rand(n, generator=gen) + 0.5).to(BF).to(DEVICE)
+            h, x_next, sumsq = small_gemm.small_m_gemm_add(x, w, res, nw)
+            assert_close(h.float().cpu(), _oracle_h(x, w, res).double(), BF, f"h M={m} K={k}")
+            assert torch.equal(x_next, (h.float() * nw.float()).to(BF))
             w2 = (torch.randn(n2, n, generator=gen) / n ** 0.5).to(BF).to(DEVICE)
             silu = n2 == 28672
-            got = small_gemm.small_m_gemm(h, w2, silu_mul=silu, norm_weight=nw, norm_sumsq=sumsq, norm_eps=1e-5)
+            got = small_gemm.small_m_gemm(x_next, w2, silu_mul=silu, norm_sumsq=sumsq, norm_eps=1e-5)
             xn, _ = ops.add_rmsnorm(h, None, nw, 1e-5)
             want = reference.small_m_gemm(xn.cpu(), w2.cpu(), silu_mul=silu)
             assert_close(got.float().cpu(), want.double(), BF, f"normed GEMM M={m} N={n2}")
@@ -205,8 +212,8 @@ class TestGPU:
         w2 = (torch.randn(6144, 4096, generator=gen) / 64).to(BF).to(DEVICE)
 
         def step():
-            h, sumsq = small_gemm.small_m_gemm_add(x, w, res)
-            return h, small_gemm.small_m_gemm(h, w2, norm_weight=nw, norm_sumsq=sumsq)
+            h, x_next, sumsq = small_gemm.small_m_gemm_add(x, w, res, nw)
+            return h, small_gemm.small_m_gemm(x_next, w2, norm_sumsq=sumsq)
 
         graph, (h_g, out_g) = capture(step)
         for _ in range(3):

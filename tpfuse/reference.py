@@ -77,10 +77,12 @@ def silu_mul(x: torch.Tensor, *, quant: Optional[q.QuantSpec] = None) -> Output:
 def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, x_scale: Optional[torch.Tensor] = None,
                  w_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, *,
                  silu_mul: bool = False, out_scale: Optional[torch.Tensor] = None,
-                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                 out_dtype: Optional[torch.dtype] = None, norm_sumsq: Optional[torch.Tensor] = None,
+                 norm_eps: float = 0.0) -> torch.Tensor:
     """The small-M GEMM (:mod:`tpfuse.small_gemm`): ``y = (x * x_scale) @ (weight * w_scale).T + bias`` with both
     operands dequantized to fp32 and one fp32 GEMM, ``silu(y_gate) * y_up`` for ``silu_mul``, rounded once to
-    ``out_dtype`` (default: x's 16-bit dtype, bf16 for e4m3 x) or quantized with the static ``out_scale``."""
+    ``out_dtype`` (default: x's 16-bit dtype, bf16 for e4m3 x) or quantized with the static ``out_scale``;
+    ``norm_sumsq``: each token's product scaled by :func:`rstd_from_partials` before the bias (the folded RMSNorm)."""
     def deq(t, s):
         tf = t.float()
         if s is None:
@@ -89,6 +91,8 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, x_scale: Optional[torch.
         return tf * (s.reshape(()) if s.dim() <= 1 and s.numel() == 1 else s.reshape(-1, 1))
 
     y = deq(x, x_scale) @ deq(weight, w_scale).t()
+    if norm_sumsq is not None:
+        y = y * rstd_from_partials(norm_sumsq, x.shape[1], norm_eps)[:, None]
     if bias is not None:
         y = y + bias.float()
     if silu_mul:
@@ -106,20 +110,19 @@ def sumsq_partials(h: torch.Tensor, rows: int) -> torch.Tensor:
     return h.float().square().view(m, n // rows, rows).sum(-1).t().contiguous()
 
 
-def rmsnorm_from_sumsq(h: torch.Tensor, sumsq: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of the rows of ``h [M, K]`` whose sums of squares come as partials ``sumsq [P, M]``:
-    ``(h * rsqrt(sum_p sumsq[p] / K + eps)) * weight``, rounded to h's dtype (the add + RMSNorm kernel's order)."""
-    rstd = torch.rsqrt(sumsq.float().sum(0) / h.shape[1] + eps)
-    return ((h.float() * rstd[:, None]) * weight.float()).to(h.dtype)
+def rstd_from_partials(sumsq: torch.Tensor, k: int, eps: float) -> torch.Tensor:
+    """``[M]`` fp32 ``rsqrt(sum_p sumsq[p] / k + eps)``: each token's RMSNorm scale from its partial sums."""
+    return torch.rsqrt(sumsq.float().sum(0) / k + eps)
 
 
-def small_m_gemm_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+def small_m_gemm_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
                      bias: Optional[torch.Tensor] = None, *, rows: int = 32):
-    """``(h, sumsq)``: ``h = round(round(x @ weight.T + bias) + residual)`` (the GEMM's rounding, then the residual
-    add's) and :func:`sumsq_partials` of ``h`` in groups of ``rows``."""
+    """``(h, x_next, sumsq)``: ``h = round(round(x @ weight.T + bias) + residual)`` (the GEMM's rounding, then the
+    residual add's), the next GEMM's rows ``x_next = round(h * norm_weight)`` and :func:`sumsq_partials` of ``h`` in
+    groups of ``rows``."""
     y = small_m_gemm(x, weight, bias=bias)
     h = (y.float() + residual.float()).to(y.dtype)
-    return h, sumsq_partials(h, rows)
+    return h, (h.float() * norm_weight.float()).to(h.dtype), sumsq_partials(h, rows)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -26,16 +26,17 @@ rounded once to the output dtype, or ``e4m3(clamp(y / out_scale, +-448))``. Anyt
 :class:`~tpfuse.errors.TPFuseInputError` (an e4m3 x with a 16-bit weight, a missing / extra scale, M > 64, ...).
 
 **The RMSNorm folded into the GEMMs** (16-bit x and weight, no scales), what the model's decode layers at TP = 1 use
-instead of a separate add + RMSNorm kernel between two GEMMs:
+instead of a separate add + RMSNorm kernel between two GEMMs; ``RMSNorm(h) @ W.T = rstd * ((h * w_norm) @ W.T)``:
 
-* ``small_m_gemm_add(x, weight, residual, *, bias=None) -> (h, sumsq)``: ``h = round(round(x @ weight.T + bias) +
-  residual)`` ``[M, N]`` (the GEMM's rounding, then the residual add's, as the unfused pair rounds) and ``sumsq
-  [N / 32, M]`` fp32, the sums of ``h^2`` per token over each 32 consecutive features
-  (:func:`tpfuse.reference.sumsq_partials`); N a multiple of 32, ``residual [M, N]`` in x's dtype.
-* ``small_m_gemm(h, weight, ..., norm_weight=w, norm_sumsq=sumsq, norm_eps=eps)``: the GEMM of the normed rows
-  ``x = round((h * rsqrt(sum(sumsq, 0) / K + eps)) * w)`` (:func:`tpfuse.reference.rmsnorm_from_sumsq`: the add +
-  RMSNorm kernel's formula on the stored residual ``h``), normalized as the kernel loads them; ``w [K]`` in h's
-  dtype, ``sumsq [P, M]`` fp32 (any P >= 1).
+* ``small_m_gemm_add(x, weight, residual, norm_weight, *, bias=None) -> (h, x_next, sumsq)``: ``h = round(round(x
+  @ weight.T + bias) + residual)`` ``[M, N]`` (the GEMM's rounding, then the residual add's, as the unfused pair
+  rounds), the next GEMM's rows ``x_next = round(h * norm_weight)`` ``[M, N]`` and ``sumsq [N / 32, M]`` fp32, the
+  sums of ``h^2`` per token over each 32 consecutive features (:func:`tpfuse.reference.sumsq_partials`); N a
+  multiple of 32, ``residual [M, N]`` and ``norm_weight [N]`` in x's dtype.
+* ``small_m_gemm(x_next, weight, ..., norm_sumsq=sumsq, norm_eps=eps)``: each token's ``x_next @ weight.T`` times
+  ``rsqrt(sum(sumsq, 0) / K + eps)`` (:func:`tpfuse.reference.rstd_from_partials`), then the bias and SiLU*mul:
+  the GEMM of ``RMSNorm(h)`` without the normed rows ever stored (they differ from the add + RMSNorm kernel's by
+  where the one rounding falls); ``sumsq [P, M]`` fp32 (any P >= 1).
 
 Dispatch as :mod:`tpfuse.ops`: CUDA tensors run the Triton kernel (the custom op ``tpfuse::small_m_gemm`` while
 Dynamo traces, the op body directly in eager mode), CPU tensors the reference, or the kernel under the Triton
@@ -116,14 +117,11 @@ def _check_vec(t, shape, dtypes, name: str, device) -> None:
                                f"{list(getattr(t, 'shape', []))}")
 
 
-def check_norm(x, weight, norm_weight, norm_sumsq, silu_mul: bool, out_scale) -> None:
-    """Validate the folded-RMSNorm arguments of :func:`small_m_gemm` (both or neither)."""
-    if norm_weight is None and norm_sumsq is None:
+def check_norm(x, weight, norm_sumsq, out_scale) -> None:
+    """Validate the folded-RMSNorm argument of :func:`small_m_gemm`."""
+    if norm_sumsq is None:
         return
-    if norm_weight is None or norm_sumsq is None:
-        raise TPFuseInputError("norm_weight and norm_sumsq come together (the folded RMSNorm of x's rows)")
     _check_folded(x, weight, "the folded RMSNorm")
-    _check_vec(norm_weight, (x.shape[1],), (x.dtype,), "norm_weight", x.device)
     p = norm_sumsq.shape[0] if isinstance(norm_sumsq, torch.Tensor) and norm_sumsq.dim() == 2 else 0
     _check_vec(norm_sumsq, (max(p, 1), x.shape[0]), (torch.float32,), "norm_sumsq", x.device)
     if out_scale is not None:
@@ -186,15 +184,12 @@ def _use_triton(x: torch.Tensor) -> bool:
 
 def _impl(x: torch.Tensor, weight: torch.Tensor, x_scale: Optional[torch.Tensor], w_scale: Optional[torch.Tensor],
           bias: Optional[torch.Tensor], out_scale: Optional[torch.Tensor], silu_mul: bool,
-          out_dtype: Optional[torch.dtype], norm_weight: Optional[torch.Tensor] = None,
-          norm_sumsq: Optional[torch.Tensor] = None, norm_eps: float = 0.0) -> torch.Tensor:
+          out_dtype: Optional[torch.dtype], norm_sumsq: Optional[torch.Tensor] = None,
+          norm_eps: float = 0.0) -> torch.Tensor:
     """The op body (inputs validated)."""
-    norm = None if norm_weight is None else (norm_weight, norm_sumsq, norm_eps)
     if not _use_triton(x):
-        if norm is not None:
-            x = ref.rmsnorm_from_sumsq(x, norm_sumsq, norm_weight, norm_eps)
         return ref.small_m_gemm(x, weight, x_scale, w_scale, bias, silu_mul=silu_mul, out_scale=out_scale,
-                                out_dtype=out_dtype)
+                                out_dtype=out_dtype, norm_sumsq=norm_sumsq, norm_eps=norm_eps)
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     out = alloc_out(x.shape[0], n, _out_dtype(x, out_dtype, out_scale), x.device)
     if x.shape[0] == 0:
@@ -204,7 +199,8 @@ def _impl(x: torch.Tensor, weight: torch.Tensor, x_scale: Optional[torch.Tensor]
     scheme = smc.scheme_name(x.dtype, weight.dtype, scale_kind(x_scale), scale_kind(w_scale), silu_mul,
                              out_scale is not None)
     arch, sms = device_info(x.device)
-    launch_small_m_gemm(x, weight, x_scale, w_scale, bias, out, out_scale, silu_mul, scheme, arch, sms, norm=norm)
+    launch_small_m_gemm(x, weight, x_scale, w_scale, bias, out, out_scale, silu_mul, scheme, arch, sms,
+                        norm=None if norm_sumsq is None else (norm_sumsq, norm_eps))
     return out
 
 
@@ -212,60 +208,60 @@ _op = torch.library.custom_op("tpfuse::small_m_gemm", _impl, mutates_args=())
 
 
 @_op.register_fake
-def _(x, weight, x_scale, w_scale, bias, out_scale, silu_mul, out_dtype, norm_weight=None, norm_sumsq=None,
-      norm_eps=0.0):
+def _(x, weight, x_scale, w_scale, bias, out_scale, silu_mul, out_dtype, norm_sumsq=None, norm_eps=0.0):
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     return x.new_empty((x.shape[0], n), dtype=_out_dtype(x, out_dtype, out_scale))
 
 
-def _add_impl(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
-              bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+def _add_impl(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+              bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`small_m_gemm_add`'s body (inputs validated)."""
     if not _use_triton(x):
-        return ref.small_m_gemm_add(x, weight, residual, bias, rows=smc.SUMSQ_ROWS)
+        return ref.small_m_gemm_add(x, weight, residual, norm_weight, bias, rows=smc.SUMSQ_ROWS)
     m, n = x.shape[0], weight.shape[0]
-    h = alloc_out(m, n, x.dtype, x.device)
+    h, x_next = alloc_out(m, n, x.dtype, x.device), alloc_out(m, n, x.dtype, x.device)
     sumsq = torch.empty(n // smc.SUMSQ_ROWS, m, dtype=torch.float32, device=x.device)
     if m == 0:
-        return h, sumsq
+        return h, x_next, sumsq
     from .kernels.small_m_gemm import launch_small_m_gemm
 
     arch, sms = device_info(x.device)
     scheme = smc.scheme_name(x.dtype, weight.dtype, None, None, False, False)
-    launch_small_m_gemm(x, weight, None, None, bias, h, None, False, scheme, arch, sms, add=(residual, sumsq))
-    return h, sumsq
+    launch_small_m_gemm(x, weight, None, None, bias, h, None, False, scheme, arch, sms,
+                        add=(residual, norm_weight, x_next, sumsq))
+    return h, x_next, sumsq
 
 
 _add_op = torch.library.custom_op("tpfuse::small_m_gemm_add", _add_impl, mutates_args=())
 
 
 @_add_op.register_fake
-def _(x, weight, residual, bias):
-    return (x.new_empty((x.shape[0], weight.shape[0])),
+def _(x, weight, residual, norm_weight, bias):
+    return (x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], weight.shape[0])),
             x.new_empty((weight.shape[0] // smc.SUMSQ_ROWS, x.shape[0]), dtype=torch.float32))
 
 
 def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, *, x_scale: Optional[torch.Tensor] = None,
                  w_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                  silu_mul: bool = False, out_scale: Optional[torch.Tensor] = None,
-                 out_dtype: Optional[torch.dtype] = None, norm_weight: Optional[torch.Tensor] = None,
-                 norm_sumsq: Optional[torch.Tensor] = None, norm_eps: float = 1e-6) -> torch.Tensor:
+                 out_dtype: Optional[torch.dtype] = None, norm_sumsq: Optional[torch.Tensor] = None,
+                 norm_eps: float = 1e-6) -> torch.Tensor:
     """``x @ weight.T`` (scales, bias, SiLU*mul, static FP8 output: module docstring) for 1..64 rows; with
-    ``norm_weight`` / ``norm_sumsq`` the GEMM of x's rows RMS-normed (the folded RMSNorm, module docstring)."""
+    ``norm_sumsq`` each token's product times its rstd (the folded RMSNorm, module docstring)."""
     check(x, weight, x_scale, w_scale, bias, silu_mul, out_scale, out_dtype)
-    check_norm(x, weight, norm_weight, norm_sumsq, silu_mul, out_scale)
+    check_norm(x, weight, norm_sumsq, out_scale)
     if x.stride(1) != 1:  # a row-strided view is read in place (stride_xm); anything else is copied
         x = x.contiguous()
     eager = not torch.compiler.is_compiling()
     return (_impl if eager else torch.ops.tpfuse.small_m_gemm)(x, weight, x_scale, w_scale, bias, out_scale,
-                                                               bool(silu_mul), out_dtype, norm_weight, norm_sumsq,
+                                                               bool(silu_mul), out_dtype, norm_sumsq,
                                                                float(norm_eps))
 
 
-def small_m_gemm_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, *,
-                     bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(h, sumsq)``: the GEMM plus the residual add, and the partial sums of squares the next
-    :func:`small_m_gemm`'s folded RMSNorm takes (module docstring)."""
+def small_m_gemm_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, *,
+                     bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(h, x_next, sumsq)``: the GEMM plus the residual add, the next GEMM's rows weighted by ``norm_weight`` and
+    the partial sums of squares its folded RMSNorm takes (module docstring)."""
     check(x, weight, None, None, bias, False, None, None)
     _check_folded(x, weight, "small_m_gemm_add")
     m, n = x.shape[0], weight.shape[0]
@@ -276,10 +272,11 @@ def small_m_gemm_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tens
         raise TPFuseInputError(f"residual must be a [{m}, {n}] {x.dtype} tensor on {x.device} with unit stride "
                                f"along N, got {getattr(residual, 'dtype', type(residual).__name__)} "
                                f"{list(getattr(residual, 'shape', []))}")
+    _check_vec(norm_weight, (n,), (x.dtype,), "norm_weight", x.device)
     if x.stride(1) != 1:
         x = x.contiguous()
     eager = not torch.compiler.is_compiling()
-    return (_add_impl if eager else torch.ops.tpfuse.small_m_gemm_add)(x, weight, residual, bias)
+    return (_add_impl if eager else torch.ops.tpfuse.small_m_gemm_add)(x, weight, residual, norm_weight, bias)
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, *, x_row: Optional[bool] = None, w_row: Optional[bool] = None,

@@ -1,6 +1,6 @@
 """``KVCacheConfig(fold_norms=True)`` in the model path: at TP = 1 every step of at most 64 tokens runs each residual
 add + RMSNorm inside the GEMMs around it (``tpfuse.small_gemm.small_m_gemm_add`` for o / down, ``small_m_gemm``
-with ``norm_weight`` for qkv and gate-up + SiLU*mul), and no add + RMSNorm op runs inside the layers; the logits
+with ``norm_sumsq`` for qkv and gate-up + SiLU*mul), and no add + RMSNorm op runs inside the layers; the logits
 match the fp64 oracle (bf16 tolerance) and the unfused model's. Where the fold cannot run it must not: TP > 1 (the
 fused all-reduce does the add + RMSNorm), FP8 layers, models with o / down biases, steps above 64 tokens.
 
@@ -37,7 +37,7 @@ class Counts:
         sg, ops = self.mods
 
         def counted_mm(x, w, **kw):
-            self.normed += kw.get("norm_weight") is not None
+            self.normed += kw.get("norm_sumsq") is not None
             return mm(x, w, **kw)
 
         def counted_add(*a, **kw):

@@ -83,11 +83,13 @@ class StepContext:
 
 @dataclass
 class PendingNorm:
-    """``x = RMSNorm(h) * weight`` not yet computed (folded RMSNorm): the next GEMM normalizes h's rows as it loads
-    them (:func:`tpfuse.small_gemm.small_m_gemm` with ``norm_weight``)."""
+    """``x = RMSNorm(h) * weight`` not yet computed (folded RMSNorm): the next GEMM takes ``h * weight`` and scales
+    each token's sums by its rstd (:func:`tpfuse.small_gemm.small_m_gemm` with ``norm_sumsq``)."""
 
     h: torch.Tensor
     """``[T, H]`` the residual stream, the add done."""
+    weighted: torch.Tensor
+    """``[T, H]`` ``h * weight``, the next GEMM's rows."""
     sumsq: torch.Tensor
     """``[H / 32, T]`` fp32 partial sums of ``h^2`` per token."""
     weight: torch.Tensor
@@ -227,20 +229,24 @@ class TPDecoderLayer(nn.Module):
 
     def _normed_gemm(self, x, w: torch.Tensor, b: Optional[torch.Tensor], silu_mul: bool = False) -> torch.Tensor:
         if isinstance(x, PendingNorm):
-            return small_gemm.small_m_gemm(x.h, w, bias=b, silu_mul=silu_mul, norm_weight=x.weight,
-                                           norm_sumsq=x.sumsq, norm_eps=x.eps)
+            return small_gemm.small_m_gemm(x.weighted, w, bias=b, silu_mul=silu_mul, norm_sumsq=x.sumsq,
+                                           norm_eps=x.eps)
         return small_gemm.small_m_gemm(x, w, bias=b, silu_mul=silu_mul)
+
+    def _add_pending(self, a: torch.Tensor, lin: nn.Module, residual: torch.Tensor, norm_w: torch.Tensor,
+                     eps: float) -> PendingNorm:
+        h, weighted, sumsq = small_gemm.small_m_gemm_add(a, lin.weight, residual, norm_w)
+        return PendingNorm(h, weighted, sumsq, norm_w, eps)
 
     def _forward_folded(self, x, residual: torch.Tensor, next_norm_weight: torch.Tensor, next_eps: float,
                         ctx: StepContext) -> Tuple[PendingNorm, torch.Tensor]:
         """The layer with its two add + RMSNorms folded into the GEMMs (``KVCacheConfig.fold_norms``); ``x`` is the
         previous layer's :class:`PendingNorm` (the first layer: the normed embedding)."""
         qkv = self._normed_gemm(x, *self._fused_weight("qkv", self._qkv_mods))
-        h, sumsq = small_gemm.small_m_gemm_add(self._attention(qkv, ctx), self._o.weight, residual)
-        mid = PendingNorm(h, sumsq, self.post_norm.weight, self.post_eps)
+        mid = self._add_pending(self._attention(qkv, ctx), self._o, residual, self.post_norm.weight, self.post_eps)
         a = self._normed_gemm(mid, *self._fused_weight("gate_up", self._gate_up_mods), silu_mul=True)
-        h, sumsq = small_gemm.small_m_gemm_add(a, self._down.weight, h)
-        return PendingNorm(h, sumsq, next_norm_weight, next_eps), h
+        out = self._add_pending(a, self._down, mid.h, next_norm_weight, next_eps)
+        return out, out.h
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor, next_norm_weight: torch.Tensor, next_eps: float,
                 ctx: StepContext) -> Tuple[torch.Tensor, torch.Tensor]:
