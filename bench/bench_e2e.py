@@ -461,9 +461,12 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
 
 
 def variant_rows(model, batch, args, dev, rows, base, provider):
-    """Every variant of :func:`variants` of one decode row (``<provider><suffix>``); the fold only where it can run
-    (not FP8 layers) and never for a shard (it stands for a TP > 1 rank: :func:`run_model`)."""
-    foldable = base.get("tp_shard") is None and all(layer.can_fold_norms() for layer in model._tpfuse.layers)
+    """Every variant of :func:`variants` of one decode row (``<provider><suffix>``); the fold only where the step
+    folds (``tpfuse.parallel.forward.can_fold_norms``: TP = 1, bf16 layers, at most 64 tokens) and never for a shard
+    (it stands for a TP > 1 rank: :func:`run_model`)."""
+    from tpfuse.parallel.forward import can_fold_norms
+
+    foldable = base.get("tp_shard") is None and can_fold_norms(model, batch)
     for v in variants(args):
         if v.fold_norms and not foldable:
             continue

@@ -56,6 +56,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.small_m_everywhere and not args.small_m_table:
         ap.error("--small-m-everywhere needs --small-m-table (the table whose rows it routes)")
+    if args.fold_norms and "/tp" in args.model:
+        ap.error("--fold-norms: a shard stands for a TP > 1 rank, whose add + RMSNorm the fused all-reduce does")
     if args.layers == "fit":
         ap.error("--layers fit is bench_e2e.py's; give a count or full")
     args.vocab = em.resolve_vocab(args.vocab, args.layers, args.model)

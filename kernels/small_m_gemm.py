@@ -53,8 +53,9 @@ the K loop is the plain one (x tiles straight from ``cp.async`` into the MMA):
   ``sqo[n / 32, m]`` (fp32, plain stores, no atomics: every partial has one writer, the sum order is fixed). With
   split-K the reduce kernel's epilogue does it (``_split_k_reduce_add_kernel``). Tiles are at least 32 rows (the
   launcher raises BLOCK_N to 32).
-* **NORM_IN** (qkv; gate-up with SiLU*mul): its loads of the ``[P, M]`` partials are issued before the K loop and
-  summed to ``rstd[m]``, which multiplies the fp32 sums after it (before split-K's partials are stored: the scale is
+* **NORM_IN** (qkv; gate-up with SiLU*mul): its loads of the ``[P, M]`` partials are issued before the K loop
+  where they take at most 32 registers a thread (``BLOCK_M * SQ_BLOCK <= 4096``: M <= 16 at hidden 4096), else
+  after it; summed to ``rstd[m]``, which multiplies the fp32 sums after the loop (before split-K's partials are stored: the scale is
   linear), ahead of bias and SiLU*mul. A first version normalized the x tiles in the K loop (the add + RMSNorm
   kernel's rounding): the tile then went through registers and back to shared memory every K step, and the 8B's
   decode step took 1.01 / 1.02 / 1.29x as long at batch 1 / 8 / 64 as without the fold (one H100, 57948f7,
@@ -211,8 +212,7 @@ def _prefetch_weight(w_ptr, rn, n_mask, K, kb_lo, kb_hi, up, SILU_MUL: tl.conste
 
 @triton.jit
 def _load_partials(sq_ptr, n_sq, rm, m_mask, M, SQ_BLOCK: tl.constexpr):
-    """NORM_IN: the ``[n_sq, M]`` partial sums of squares (loaded before the K loop, summed after it: their latency
-    hides behind the weight stream)."""
+    """NORM_IN: the ``[n_sq, M]`` partial sums of squares (summed after the K loop)."""
     rp = tl.arange(0, SQ_BLOCK)
     return tl.load(sq_ptr + rp[:, None] * M + rm[None, :], mask=(rp < n_sq)[:, None] & m_mask[None, :], other=0.0)
 
@@ -243,7 +243,10 @@ def _gemm_program(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr
     up = N_OUT.to(tl.int64) * K  # the up rows of a fused gate-up weight start at row I = N_OUT
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     acc_u = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-    sq = _load_partials(sq_ptr, n_sq, rm, m_mask, M, SQ_BLOCK) if NORM_IN else 0.0
+    # NORM_IN's partials: loaded before the K loop (their latency hides behind the weight stream) where they take
+    # at most 32 registers a thread at 4 warps, else after it (held through the loop they would crowd the MMA's)
+    SQ_EARLY: tl.constexpr = NORM_IN and BLOCK_M * SQ_BLOCK <= 4096
+    sq = _load_partials(sq_ptr, n_sq, rm, m_mask, M, SQ_BLOCK) if SQ_EARLY else 0.0
     kb_lo = pid_k * n_kb // split_k
     kb_hi = (pid_k + 1) * n_kb // split_k
     if SOFT_CAST:  # the interpreter cannot take a tensor as a range() bound (its scalars are 1-element arrays)
@@ -258,6 +261,8 @@ def _gemm_program(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr
                                  EVEN_K, BLOCK_K)
     pdl.trigger(PDL)  # the weights are read: the next kernel may start launching (kernels/pdl.py)
     if NORM_IN:  # linear in x: the partial sums of split-K take it too
+        if not SQ_EARLY:
+            sq = _load_partials(sq_ptr, n_sq, rm, m_mask, M, SQ_BLOCK)
         rstd = rstd_from_sumsq(tl.sum(sq, 0), K, eps)
         acc = acc * rstd[None, :]
         if SILU_MUL:

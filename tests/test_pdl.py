@@ -36,7 +36,8 @@ def _launch_all(monkeypatch):
         (add_rmsnorm, "_add_rmsnorm_kernel"), (silu_mul, "_silu_mul_kernel"), (quantize, "_quantize_kernel"),
         (rope, "_qk_norm_rope_kernel"), (rope, "_rope_kv_cache_kernel"), (decode_attention, "_split_kernel"),
         (decode_attention, "_combine_kernel"), (small_m_gemm, "_small_m_gemm_kernel"),
-        (small_m_gemm, "_split_k_reduce_kernel"))}
+        (small_m_gemm, "_split_k_reduce_kernel"), (small_m_gemm, "_small_m_gemm_norm_kernel"),
+        (small_m_gemm, "_split_k_reduce_add_kernel"))}
     bf = torch.bfloat16
     x, w = torch.zeros(4, 64, dtype=bf), torch.ones(64, dtype=bf)
     add_rmsnorm.launch_add_rmsnorm(x, x.clone(), w, 1e-6, x.clone(), x.clone(), x, None, QuantFormat.NONE, 16, False)
@@ -54,6 +55,11 @@ def _launch_all(monkeypatch):
     small_m_gemm.launch_small_m_gemm(torch.zeros(4, 1024, dtype=bf), torch.zeros(64, 1024, dtype=bf), None, None,
                                      None, x.clone(), None, False, "bf16", "cpu", 132,
                                      config=small_m_configs.GemmConfig(split_k=2))  # + its split-K reduce
+    h = torch.zeros(4, 64, dtype=bf)  # the folded RMSNorm's producer (ADD_RES), split-K: + its reduce
+    small_m_gemm.launch_small_m_gemm(torch.zeros(4, 1024, dtype=bf), torch.zeros(64, 1024, dtype=bf), None, None,
+                                     None, h, None, False, "bf16", "cpu", 132,
+                                     config=small_m_configs.GemmConfig(split_k=2),
+                                     add=(h.clone(), w, h.clone(), torch.zeros(2, 4)))
     return {n: stub.kw for n, stub in s.items()}
 
 

@@ -54,26 +54,35 @@ def _oracle_h(x, w, res, b=None):
     return (y.to(BF).double() + res.cpu().double()).to(BF)
 
 
-def _config(n, split):
-    return smc.GemmConfig(block_n=32 if n % 64 else 64, block_k=64, split_k=split, num_warps=4, num_stages=2)
+def _config(n, split, block_n=None):
+    return smc.GemmConfig(block_n=block_n or (32 if n % 64 else 64), block_k=64, split_k=split, num_warps=4,
+                          num_stages=2)
 
 
 @pytest.mark.usefixtures("kernels", "poisoned")
-@pytest.mark.parametrize("m,n,k,split", [(1, 128, 96, 1), (3, 96, 256, 1), (17, 160, 256, 3), (64, 64, 256, 2)])
-def test_add_matches_oracle(m, n, k, split, gen, kernels, monkeypatch):
+@pytest.mark.parametrize("m,n,k,split,block_n,bias", [
+    (1, 128, 96, 1, None, False), (3, 96, 256, 1, None, False), (17, 160, 256, 3, None, True),
+    (64, 64, 256, 2, None, False),
+    (5, 96, 128, 1, 64, True),     # a masked half tile: its partials past N / 32 are not written
+    (2, 256, 64, 1, 128, False),   # four partials from one tile
+    (4, 64, 64, 1, 16, False),     # tiles below 32 rows are raised to 32
+])
+def test_add_matches_oracle(m, n, k, split, block_n, bias, gen, kernels, monkeypatch):
     """h equals the unfused pair's residual_out (two roundings) up to the GEMM's own fp32-sum order; x_next is
     round(h * norm_weight) bit for bit; each partial sum of squares is that of the stored h over its 32 features."""
-    monkeypatch.setattr(smc, "forced_config", lambda: _config(n, split))
+    monkeypatch.setattr(smc, "forced_config", lambda: _config(n, split, block_n))
     add = record_launches(monkeypatch, kernels.small_m_gemm, "_small_m_gemm_norm_kernel")
     red = record_launches(monkeypatch, kernels.small_m_gemm, "_split_k_reduce_add_kernel")
     x, w, res = _data(gen, m, n, k, outliers=True)
     nw = (torch.rand(n, generator=gen) + 0.5).to(BF).to(DEVICE)
-    h, x_next, sumsq = small_gemm.small_m_gemm_add(x, w, res, nw)
+    b = torch.randn(n, generator=gen).to(BF).to(DEVICE) if bias else None
+    h, x_next, sumsq = small_gemm.small_m_gemm_add(x, w, res, nw, bias=b)
     assert h.shape == x_next.shape == (m, n) and h.dtype == x_next.dtype == BF
     assert sumsq.shape == (n // ROWS, m) and sumsq.dtype == torch.float32
     assert len(add.launches) == 1 and add.launches[0][0][1] == split, add.launches
+    assert add.launches[0][1]["BLOCK_N"] == max(32, block_n or 0) or block_n is None, add.launches
     assert len(red.launches) == (split > 1), red.launches
-    assert_close(h.cpu().float(), _oracle_h(x, w, res).double(), BF, f"h M={m} N={n} split={split}")
+    assert_close(h.cpu().float(), _oracle_h(x, w, res, b).double(), BF, f"h M={m} N={n} split={split}")
     assert torch.equal(x_next.cpu(), (h.cpu().float() * nw.cpu().float()).to(BF)), "x_next != round(h * w)"
     want = reference.sumsq_partials(h.cpu(), ROWS)
     assert torch.allclose(sumsq.cpu(), want, rtol=1e-6, atol=0), (sumsq, want)
@@ -140,7 +149,8 @@ def _bad_calls():
         ("residual must be", lambda: add(x, w, res.float(), nw)),
         ("norm_weight must be", lambda: add(x, w, res, nw[:95])),
         ("norm_weight must be", lambda: add(x, w, res, nw.float())),
-        ("one 16-bit dtype", lambda: mm(x.to(f8), w.to(f8), x_scale=s1, w_scale=s1, norm_sumsq=sq)),
+        ("needs bf16", lambda: mm(x.to(f8), w.to(f8), x_scale=s1, w_scale=s1, norm_sumsq=sq)),
+        ("needs bf16", lambda: add(x.half(), w.half(), res.half(), nw.half())),
         ("norm_sumsq must be", lambda: mm(x, w, norm_sumsq=sq[:, :3])),
         ("norm_sumsq must be", lambda: mm(x, w, norm_sumsq=sq.to(BF))),
         ("no out_scale", lambda: mm(x, w, out_scale=s1, norm_sumsq=sq)),

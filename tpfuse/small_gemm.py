@@ -25,7 +25,8 @@ Math: ``y = (x * x_scale) @ (weight * w_scale).T + bias`` in fp32; ``silu_mul``:
 rounded once to the output dtype, or ``e4m3(clamp(y / out_scale, +-448))``. Anything else raises
 :class:`~tpfuse.errors.TPFuseInputError` (an e4m3 x with a 16-bit weight, a missing / extra scale, M > 64, ...).
 
-**The RMSNorm folded into the GEMMs** (16-bit x and weight, no scales), what the model's decode layers at TP = 1 use
+**The RMSNorm folded into the GEMMs** (bf16 x and weight, no scales: the un-normalized rows ``h * w_norm`` may exceed
+fp16's range), what the model's decode layers at TP = 1 use
 instead of a separate add + RMSNorm kernel between two GEMMs; ``RMSNorm(h) @ W.T = rstd * ((h * w_norm) @ W.T)``:
 
 * ``small_m_gemm_add(x, weight, residual, norm_weight, *, bias=None) -> (h, x_next, sumsq)``: ``h = round(round(x
@@ -104,9 +105,9 @@ def _row_kind(scale, rows: int, name: str, what: str, device) -> Optional[bool]:
 
 
 def _check_folded(x, weight, what: str) -> None:
-    if x.dtype not in _FLOAT16 or weight.dtype != x.dtype:
-        raise TPFuseInputError(f"{what} needs x and weight of one 16-bit dtype (no FP8), got x {x.dtype}, weight "
-                               f"{weight.dtype}")
+    # bf16 only: the next GEMM's rows h * norm_weight are stored un-normalized, which fp16's range (65504) may not hold
+    if x.dtype != torch.bfloat16 or weight.dtype != x.dtype:
+        raise TPFuseInputError(f"{what} needs bf16 x and weight, got x {x.dtype}, weight {weight.dtype}")
 
 
 def _check_vec(t, shape, dtypes, name: str, device) -> None:

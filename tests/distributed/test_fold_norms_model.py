@@ -56,16 +56,16 @@ class Counts:
         sg.small_m_gemm, sg.small_m_gemm_add, ops.add_rmsnorm = self.orig
 
 
-def _model(arch, world, fold, fp8=None, **cache_kw):
+def _model(arch, world, fold, fp8=None, dtype=DT, **cache_kw):
     import tpfuse
     from tpfuse.parallel import KVCacheConfig, quantize_fp8
 
-    model = mc.build(arch, 0).to(DT)
+    model = mc.build(arch, 0).to(dtype)
     ids = torch.randint(0, mc.VOCAB, (PROMPT + DECODE,), generator=torch.Generator().manual_seed(5))
     ref = mc.oracle(model, ids)
     if fp8:
         model = quantize_fp8(model, activation="per_token", weight="per_channel")
-    comm = make_comm(mc.HIDDEN, DT, 96)
+    comm = make_comm(mc.HIDDEN, dtype, 96)
     cfg = KVCacheConfig(**{"max_batch": 2, "max_seq_len": 32, "fold_norms": fold, **cache_kw})
     return tpfuse.parallelize(model, comm, cache=cfg), comm, ids, ref
 
@@ -123,9 +123,9 @@ def test_fold_through_the_interpreted_kernels():
     assert all(0 < e for e in errs[0]), errs
 
 
-def _not_folded(rank, world, arch, fp8):
+def _not_folded(rank, world, arch, fp8, dtype):
     """fold_norms=True where the fold cannot run: the plain path, bit for bit the unfolded model's logits."""
-    model, comm, ids, _ = _model(arch, world, fold=True, fp8=fp8)
+    model, comm, ids, _ = _model(arch, world, fold=True, fp8=fp8, dtype=dtype)
     with Counts() as c:
         got = _steps(model, ids)
     model._tpfuse.cache_config.fold_norms = False
@@ -136,13 +136,14 @@ def _not_folded(rank, world, arch, fp8):
     return True
 
 
-@pytest.mark.parametrize("arch,world,fp8", [
-    ("qwen3", 2, False),     # TP > 1: the fused all-reduce + add + RMSNorm
-    ("qwen3", 1, True),      # FP8 layers
-    ("llama", 1, False),     # o / down biases
-], ids=["tp2", "fp8", "row_bias"])
-def test_fold_stays_off_where_it_cannot_run(arch, world, fp8):
-    assert all(run_on_ranks(_not_folded, world, arch, fp8))
+@pytest.mark.parametrize("arch,world,fp8,dtype", [
+    ("qwen3", 2, False, DT),                 # TP > 1: the fused all-reduce + add + RMSNorm
+    ("qwen3", 1, True, DT),                  # FP8 layers
+    ("llama", 1, False, DT),                 # o / down biases
+    ("qwen3", 1, False, torch.float16),      # fp16: the un-normalized rows h * w_norm may overflow it
+], ids=["tp2", "fp8", "row_bias", "fp16"])
+def test_fold_stays_off_where_it_cannot_run(arch, world, fp8, dtype):
+    assert all(run_on_ranks(_not_folded, world, arch, fp8, dtype))
 
 
 def _long_prefill(rank, world):

@@ -36,7 +36,7 @@ def forward_core(model, ids: torch.Tensor, meta: StepMeta, keep: Optional[torch.
     storage = st.no_cache_storage() if meta.slot_mapping is None else st.cache_storage()
     layers = st.layers
     ctx = StepContext(comm=comm, meta=meta, cos_sin=st.cos_sin, storage=storage, local=st.local,
-                      fold_norms=_folds_norms(st, meta))
+                      fold_norms=folds_norms(model, meta))
     mine = ids
     if meta.sp:
         s, e = shard_range(meta.num_tokens, comm.tp, comm.rank)
@@ -57,12 +57,19 @@ def forward_core(model, ids: torch.Tensor, meta: StepMeta, keep: Optional[torch.
     return get_path(model, layout.lm_head)(x)
 
 
-def _folds_norms(st, meta: StepMeta) -> bool:
-    """Whether this step runs with the RMSNorms folded into the GEMMs (``KVCacheConfig.fold_norms``): TP = 1, at
-    most ``small_gemm.MAX_M`` tokens, every layer able to (:meth:`TPDecoderLayer.can_fold_norms`)."""
-    return (st.cache_config.fold_norms and st.local and st.comm.tp == 1 and not meta.sp
-            and meta.num_tokens <= small_gemm.MAX_M
-            and all(getattr(layer, "can_fold_norms", lambda: False)() for layer in st.layers))
+def can_fold_norms(model, num_tokens: int, sp: bool = False) -> bool:
+    """Whether a step of ``num_tokens`` can run with the RMSNorms folded into the GEMMs: TP = 1, at most
+    ``small_gemm.MAX_M`` tokens, every layer able to (:meth:`TPDecoderLayer.can_fold_norms`), a bf16 final norm (the
+    last layer's down_proj takes its weight)."""
+    st = model._tpfuse
+    return bool(st.local and st.comm.tp == 1 and not sp and num_tokens <= small_gemm.MAX_M
+                and get_path(model, st.layout.final_norm).weight.dtype == torch.bfloat16
+                and all(getattr(layer, "can_fold_norms", lambda: False)() for layer in st.layers))
+
+
+def folds_norms(model, meta: StepMeta) -> bool:
+    """Whether this step runs with the RMSNorms folded: ``KVCacheConfig.fold_norms`` and :func:`can_fold_norms`."""
+    return model._tpfuse.cache_config.fold_norms and can_fold_norms(model, meta.num_tokens, meta.sp)
 
 
 def _resolve_cache(st, given, use_cache: Optional[bool], batch: int, config) -> Optional[TPKVCache]:

@@ -81,13 +81,15 @@ class KVCacheConfig:
     on the Llama-3.1-8B shape (one 32-step measurement a row: a tie); its GPU tests passed in the same call (``bash
     bench/gpu_run.sh fusedrope``). False: the separate kernels. Prefill always runs the separate kernels."""
     fold_norms: bool = False
-    """True: at TP = 1, a step of at most 64 tokens (decode) runs each residual add + RMSNorm inside the GEMMs around
-    it instead of a kernel of its own: o_proj and down_proj add the residual in their epilogue and write the next
+    """True: at TP = 1, a step of at most 64 tokens (decode; a short prefill too) runs each residual add + RMSNorm
+    inside the GEMMs around it instead of a kernel of its own: o_proj and down_proj add the residual in their
+    epilogue and write the next
     GEMM's rows times the norm weight and the sums of squares (:func:`tpfuse.small_gemm.small_m_gemm_add`), and the
     gate-up (with SiLU*mul) and the next layer's qkv scale each token's sums by its rstd
     (:func:`tpfuse.small_gemm.small_m_gemm` with ``norm_sumsq``): two kernels fewer per layer, every GEMM of the
-    layer on the small-M kernel. bf16 / fp16 layers without o / down biases only (others run as before); TP > 1
-    keeps the fused all-reduce + add + RMSNorm. Off until its GPU run decides."""
+    layer on the small-M kernel. bf16 layers without o / down biases only (others run as before: fp16's range may
+    not hold the un-normalized rows ``h * w_norm``); TP > 1 keeps the fused all-reduce + add + RMSNorm. Off until its
+    GPU run decides."""
 
     def validate(self) -> None:
         if not isinstance(self.max_batch, int) or self.max_batch < 1:

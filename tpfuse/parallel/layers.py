@@ -221,11 +221,19 @@ class TPDecoderLayer(nn.Module):
         return ctx.comm.fused_add_rmsnorm(partial, residual, norm_w, eps)
 
     def can_fold_norms(self) -> bool:
-        """Whether :meth:`forward` can run this layer with the folded RMSNorm: 16-bit weights, no o / down bias,
-        hidden size a multiple of 32."""
+        """Whether :meth:`forward` can run this layer with the folded RMSNorm: bf16 weights and norm weights, no o /
+        down bias, hidden size a multiple of 32, every GEMM dimension a multiple of 16 (the small-M kernel's)."""
         w = self._o.weight
-        return (w.dtype in (torch.bfloat16, torch.float16) and self._o.bias is None and self._down.bias is None
-                and w.shape[0] % small_gemm.SUMSQ_ROWS == 0)
+        weights = [w, self._down.weight, *self._qkv_mods_weights(), *self._gate_up_weights()]
+        return (all(t.dtype == torch.bfloat16 for t in weights + [self.input_norm.weight, self.post_norm.weight])
+                and self._o.bias is None and self._down.bias is None and w.shape[0] % small_gemm.SUMSQ_ROWS == 0
+                and all(t.shape[0] % 16 == 0 and t.shape[1] % 16 == 0 for t in weights))
+
+    def _qkv_mods_weights(self):
+        return [m.weight for m in self._qkv_mods]
+
+    def _gate_up_weights(self):
+        return [m.weight for m in self._gate_up_mods]
 
     def _normed_gemm(self, x, w: torch.Tensor, b: Optional[torch.Tensor], silu_mul: bool = False) -> torch.Tensor:
         if isinstance(x, PendingNorm):
