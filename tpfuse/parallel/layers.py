@@ -27,6 +27,10 @@ Decode-sized GEMMs of the all-reduce form (M <= 64 tokens) run tpfuse's small-M 
 gate-up + SiLU*mul as one fused kernel only where that beats the two ops; without a table row every GEMM is
 ``F.linear`` as above.
 
+At TP = 1 with ``KVCacheConfig.fold_norms``, a step of at most 64 tokens folds each add + RMSNorm into the GEMMs
+around it instead (:meth:`TPDecoderLayer._forward_folded`: o / down add the residual and write ``h * w_norm`` and
+per-token sums of squares, qkv / gate-up scale their sums by each token's rstd; ``x`` is then a :class:`PendingNorm`).
+
 Row-parallel biases (``o_proj`` / ``down_proj`` with ``bias=True``) are replicated and added to the residual before
 the reduction, which is the same sum and lets the fused GEMM + reduce-scatter path run unchanged.
 """
@@ -224,16 +228,10 @@ class TPDecoderLayer(nn.Module):
         """Whether :meth:`forward` can run this layer with the folded RMSNorm: bf16 weights and norm weights, no o /
         down bias, hidden size a multiple of 32, every GEMM dimension a multiple of 16 (the small-M kernel's)."""
         w = self._o.weight
-        weights = [w, self._down.weight, *self._qkv_mods_weights(), *self._gate_up_weights()]
+        weights = [w, self._down.weight] + [m.weight for m in self._qkv_mods + self._gate_up_mods]
         return (all(t.dtype == torch.bfloat16 for t in weights + [self.input_norm.weight, self.post_norm.weight])
                 and self._o.bias is None and self._down.bias is None and w.shape[0] % small_gemm.SUMSQ_ROWS == 0
                 and all(t.shape[0] % 16 == 0 and t.shape[1] % 16 == 0 for t in weights))
-
-    def _qkv_mods_weights(self):
-        return [m.weight for m in self._qkv_mods]
-
-    def _gate_up_weights(self):
-        return [m.weight for m in self._gate_up_mods]
 
     def _normed_gemm(self, x, w: torch.Tensor, b: Optional[torch.Tensor], silu_mul: bool = False) -> torch.Tensor:
         if isinstance(x, PendingNorm):
