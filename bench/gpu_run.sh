@@ -2,10 +2,10 @@
 # One GPU-machine call: install tpfuse (and FlashInfer if .whl was carried), then run the chosen steps.
 #   bash bench/gpu_run.sh [STEP ...]      steps: env tests probe_ce async_tp fused_ar local rope decode_attn host
 #                                         profile e2e e2e_full e2e_shards load tune demo onegpu soak probe_onegpu
-#                                         small_gemm e2e_ab e2e_big fp8cache fusedrope fusedcomb foldnorm (default: all but
-#                                         probe_ce, profile, e2e_full, e2e_shards, load, onegpu, soak, probe_onegpu,
-#                                         small_gemm, e2e_ab, e2e_big, fp8cache, fusedrope, fusedcomb, foldnorm;
-#                                         multi-GPU steps skip on one GPU)
+#                                         small_gemm e2e_ab e2e_big fp8cache fusedrope fusedcomb foldnorm
+#                                         (default: all but probe_ce, profile, e2e_full, e2e_shards, load,
+#                                         onegpu, soak, probe_onegpu, small_gemm, e2e_ab, e2e_big, fp8cache,
+#                                         fusedrope, fusedcomb, foldnorm; multi-GPU steps skip on one GPU)
 #   e2e_full / e2e_shards: bench_e2e.py at TP=1 (one process whatever the GPU count) at full size, real vocab;
 #           JSON + PNG e2e_tp1_<device>_full / _shards; E2E_FULL_ARGS / E2E_SHARDS_ARGS are appended (a repeated
 #           option overrides). Default limits 330 s / 150 s (LIMIT_e2e_full, LIMIT_e2e_shards): both in one

@@ -55,8 +55,8 @@ the K loop is the plain one (x tiles straight from ``cp.async`` into the MMA):
   launcher raises BLOCK_N to 32).
 * **NORM_IN** (qkv; gate-up with SiLU*mul): its loads of the ``[P, M]`` partials are issued before the K loop
   where they take at most 32 registers a thread (``BLOCK_M * SQ_BLOCK <= 4096``: M <= 16 at hidden 4096), else
-  after it; summed to ``rstd[m]``, which multiplies the fp32 sums after the loop (before split-K's partials are stored: the scale is
-  linear), ahead of bias and SiLU*mul. A first version normalized the x tiles in the K loop (the add + RMSNorm
+  after it; summed to ``rstd[m]``, which multiplies the fp32 sums after the loop (before split-K's partials are
+  stored: the scale is linear), ahead of bias and SiLU*mul. A first version normalized the x tiles in the K loop (the add + RMSNorm
   kernel's rounding): the tile then went through registers and back to shared memory every K step, and the 8B's
   decode step took 1.01 / 1.02 / 1.29x as long at batch 1 / 8 / 64 as without the fold (one H100, 57948f7,
   ``bench/results/e2e_tp1_h100_full_57948f7.json``).
@@ -313,8 +313,8 @@ def _small_m_gemm_norm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_p
 
 @triton.jit
 def _reduce_program(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, M, N_OUT, stride_om, split_k, res_ptr,
-                    stride_rm, sqo_ptr, nw_ptr, xo_ptr, X_SCALE: tl.constexpr, W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    SILU_MUL: tl.constexpr, OUT_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    stride_rm, sqo_ptr, nw_ptr, xo_ptr, X_SCALE: tl.constexpr, W_SCALE: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, OUT_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     PDL: tl.constexpr, ADD_RES: tl.constexpr):
     """Sum of the ``split_k`` partials in split order (deterministic), then the epilogue."""
     pdl.enter(PDL)
@@ -345,14 +345,15 @@ def _split_k_reduce_kernel(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, M, 
                            SILU_MUL: tl.constexpr, OUT_FP8: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     _reduce_program(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, M, N_OUT, stride_om, split_k, out_ptr, 0,
-                    out_ptr, out_ptr, out_ptr, X_SCALE, W_SCALE, HAS_BIAS, SILU_MUL, OUT_FP8, BLOCK_M, BLOCK_N, PDL, False)
+                    out_ptr, out_ptr, out_ptr, X_SCALE, W_SCALE, HAS_BIAS, SILU_MUL, OUT_FP8, BLOCK_M, BLOCK_N, PDL,
+                    False)
 
 
 @triton.jit(do_not_specialize=["M", "split_k"])
 def _split_k_reduce_add_kernel(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, M, N_OUT, stride_om, split_k,
                                res_ptr, stride_rm, sqo_ptr, nw_ptr, xo_ptr, X_SCALE: tl.constexpr,
-                               W_SCALE: tl.constexpr,
-                               HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, OUT_FP8: tl.constexpr,
+                               W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
+                               OUT_FP8: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """The split-K reduce of an ADD_RES GEMM."""
     _reduce_program(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, M, N_OUT, stride_om, split_k, res_ptr,

@@ -25,9 +25,9 @@ Math: ``y = (x * x_scale) @ (weight * w_scale).T + bias`` in fp32; ``silu_mul``:
 rounded once to the output dtype, or ``e4m3(clamp(y / out_scale, +-448))``. Anything else raises
 :class:`~tpfuse.errors.TPFuseInputError` (an e4m3 x with a 16-bit weight, a missing / extra scale, M > 64, ...).
 
-**The RMSNorm folded into the GEMMs** (bf16 x and weight, no scales: the un-normalized rows ``h * w_norm`` may exceed
-fp16's range), what the model's decode layers at TP = 1 use
-instead of a separate add + RMSNorm kernel between two GEMMs; ``RMSNorm(h) @ W.T = rstd * ((h * w_norm) @ W.T)``:
+**The RMSNorm folded into the GEMMs**, what the model's decode layers at TP = 1 use instead of a separate add +
+RMSNorm kernel between two GEMMs, with ``RMSNorm(h) @ W.T = rstd * ((h * w_norm) @ W.T)``. bf16 x and weight, no
+scales (the un-normalized rows ``h * w_norm`` may exceed fp16's range):
 
 * ``small_m_gemm_add(x, weight, residual, norm_weight, *, bias=None) -> (h, x_next, sumsq)``: ``h = round(round(x
   @ weight.T + bias) + residual)`` ``[M, N]`` (the GEMM's rounding, then the residual add's, as the unfused pair

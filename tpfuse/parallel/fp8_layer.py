@@ -95,7 +95,7 @@ class FP8DecoderLayer(TPDecoderLayer):
 
     def can_fold_norms(self) -> bool:
         """Never: FP8 layers quantize their GEMMs' inputs in the norm kernels (``KVCacheConfig.fold_norms`` is for
-        bf16 / fp16 layers)."""
+        bf16 layers)."""
         return False
 
     def refuse(self) -> None:
