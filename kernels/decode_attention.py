@@ -420,11 +420,18 @@ def _rope_rows(x_ptrs, w_ptr, c, s, mask, eps, D: tl.constexpr, QK_NORM: tl.cons
 
 
 @triton.jit
-def _new_key(q, acc, m_i, l_i, owner, k_att, v_att, qk):
-    """The online-softmax step of one key held in registers (``k_att`` / ``v_att`` fp32 ``[D]``, as the cache
-    holds them): a no-op where ``owner`` is false; an empty running state (``m = -inf``) takes the key alone."""
+def _new_key_score(q, owner, k_att, qk):
+    """The log2-domain scores ``[GROUP_PAD]`` of the group's rows against one key held in registers (``k_att`` fp32
+    ``[D]``, as the cache holds it), ``-inf`` where ``owner`` is false. Taken before the tile loop so q's
+    row layout does not stay live across it (registers: 2 CTAs / SM at 8 warps)."""
     s_new = tl.sum(q.to(tl.float32) * k_att[None, :], axis=1) * qk  # log2 domain, like the tiles' scores
-    s_new = tl.where(owner, s_new, float("-inf"))
+    return tl.where(owner, s_new, float("-inf"))
+
+
+@triton.jit
+def _new_key(acc, m_i, l_i, s_new, v_att):
+    """The online-softmax step of one key of scores ``s_new`` (:func:`_new_key_score`) and value ``v_att`` fp32
+    ``[D]``: a no-op where the scores are ``-inf``; an empty running state (``m = -inf``) takes the key alone."""
     m_new = tl.maximum(m_i, s_new)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen at all: alpha = p = 0, not NaN
     alpha = tl.math.exp2(m_i - m_safe)
@@ -475,11 +482,12 @@ def _rope_attend(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, pos_pt
     tl.store(kc_ptr + blk * kc_sb + off * kc_so + kvh * kc_sh + d, k_st, mask=wmask)
     tl.store(vc_ptr + blk * vc_sb + off * vc_so + kvh * vc_sh + d, v_st, mask=wmask)
     qk = qk_scale * kv_scale
+    s_new = _new_key_score(q, owner, k_st.to(tl.float32), qk)
     acc, m_i, l_i = _attend_range(q, lo, tl.minimum(hi, new), new, bt_row, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr,
                                   vc_sb, vc_so, vc_sh, kvh, qk, DT, D, GROUP_PAD, BLOCK_N, BLOCK_SIZE, CACHE_FP8,
                                   PV_HILO, PREC, FP8_WORDS)
     pdl.trigger(PDL)
-    acc, m_i, l_i = _new_key(q, acc, m_i, l_i, owner, k_st.to(tl.float32), v_st.to(tl.float32), qk)
+    acc, m_i, l_i = _new_key(acc, m_i, l_i, s_new, v_st.to(tl.float32))
     return acc, m_i, l_i, kv_scale, heads, rmask
 
 
