@@ -866,12 +866,27 @@ def launch_rope_decode_attention(q, k, v, positions, cos_sin_cache, key_cache, v
                 BLOCK_SIZE=block_size, NUM_SPLITS=splits, CACHE_FP8=cache_fp8, PV_HILO=q.element_size() == 2,
                 PREC="ieee" if q.dtype.itemsize == 4 else "tf32", PDL=on, QK_NORM=qk_norm, GEMMA=bool(gemma),
                 FP8_WORDS=words, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_options(on))
+    cap = rope_max_registers(cfg, cache_fp8)
+    if cap is not None:
+        meta["maxnreg"] = cap
     if cnt is not None:
         _rope_split_combine_kernel[(bsz, hkv, splits)](*head, cnt, *tail, SPLITS_PAD=next_pow2(splits), **meta)
         return cfg
     _rope_split_kernel[(bsz, hkv, splits)](*head, *tail, **meta)
     _launch_combine(cfg, ws_o, ws_m, ws_l, seq_lens, out, max_seq_len, on)
     return cfg
+
+
+def rope_max_registers(cfg: DecodeConfig, cache_fp8: bool):
+    """The register cap (Triton's ``maxnreg``) of a rope-split launch, or None. ptxas (sm_90a, offline, Triton 3.6)
+    gives the plain split kernel 128 registers with 4 warps over 32-key FP8 tiles (the B = 8 / 64 FP8 configs: 4
+    programs an SM) and the rope kernel 146 (154 with the QK-norm): 3 programs an SM. Capped at 128 it compiles
+    without spills (12 bytes with the QK-norm) and fits 4. Elsewhere no cap: with 8 warps (bf16 cache, one split) the
+    rope kernel takes 126-128 registers uncapped (2 programs an SM, as the split kernel), and a cap of 128 there
+    makes ptxas spill; the other configs are bound by their shared memory or grid alike."""
+    if cache_fp8 and cfg.block_n <= 32 and cfg.num_warps == 4:
+        return 128
+    return None
 
 
 def partition_len(n: int, cfg: DecodeConfig) -> int:

@@ -43,11 +43,12 @@ def out_types(fmt):
     return "*fp8e4nv", "*fp32"
 
 
-def compile_kernel(fn, ptrs, const, num_warps=8, hinted=False, num_stages=None, unhinted=("n_rows",)):
+def compile_kernel(fn, ptrs, const, num_warps=8, hinted=False, num_stages=None, unhinted=("n_rows",), maxnreg=None):
     """``hinted``: declare what the JIT specializes at a real launch -- 16-byte aligned pointers and sizes/strides
     divisible by 16 (``tt.divisibility``; not ``unhinted``: ``n_rows``, which the local kernels exclude from
     specialization, or a kernel's own ``do_not_specialize`` list) -- so the vectorized code that actually runs is
-    compiled, with ints as i32. ``num_stages``: the launcher's pipeline depth (None: Triton's default)."""
+    compiled, with ints as i32. ``num_stages``: the launcher's pipeline depth (None: Triton's default);
+    ``maxnreg``: the launcher's register cap (None: none)."""
     names = fn.arg_names
     if "PDL" in names and "PDL" not in const:  # the launch every call makes outside pdl.launches()
         const = dict(const, PDL=False)
@@ -64,6 +65,8 @@ def compile_kernel(fn, ptrs, const, num_warps=8, hinted=False, num_stages=None, 
                  if sig[n] not in ("constexpr", "fp32") and n not in unhinted}
     src = ASTSource(fn, sig, {(names.index(k),): v for k, v in const.items()}, attrs)
     options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
     return triton.compile(src, target=TARGET, options=options)
 
 
@@ -184,22 +187,26 @@ def decode_attention_cases():
     for q_t, cache, d, group, bn, splits, warps, qk_norm in (
             ("*bf16", "*bf16", 128, 4, 128, 16, 4, False), ("*bf16", "*bf16", 128, 4, 128, 4, 4, False),
             ("*bf16", "*bf16", 128, 8, 128, 1, 8, True), ("*bf16", "*fp8e4nv", 128, 4, 64, 32, 4, False),
-            ("*bf16", "*fp8e4nv", 128, 8, 64, 1, 4, True), ("*fp32", "*fp32", 64, 4, 32, 4, 4, True)):
+            ("*bf16", "*fp8e4nv", 128, 8, 64, 1, 4, True), ("*fp32", "*fp32", 64, 4, 32, 4, 4, True),
+            ("*bf16", "*fp8e4nv", 128, 4, 32, 8, 4, False), ("*bf16", "*fp8e4nv", 128, 4, 32, 2, 4, True)):
         ptrs = {"q_ptr": q_t, "k_ptr": q_t, "v_ptr": q_t, "pos_ptr": "*i64", "cs_ptr": "*fp32", "qw_ptr": q_t,
                 "kw_ptr": q_t, "kc_ptr": cache, "vc_ptr": cache, "bt_ptr": "*i32", "sl_ptr": "*i64",
                 "kvs_ptr": "*fp32", "out_ptr": q_t, "ws_o_ptr": "*fp32", "ws_m_ptr": "*fp32", "ws_l_ptr": "*fp32"}
         const = dict(D=d, GROUP_PAD=max(16, group), BLOCK_N=bn, MIN_PARTITION=max(128, bn), BLOCK_SIZE=256,
                      NUM_SPLITS=splits, CACHE_FP8=cache == "*fp8e4nv", PV_HILO=q_t != "*fp32",
                      PREC="ieee" if q_t == "*fp32" else "tf32", QK_NORM=qk_norm, GEMMA=False)
+        cap = decode_attention.rope_max_registers(decode_attention.DecodeConfig(splits, max(128, bn), bn, warps),
+                                                  cache == "*fp8e4nv")
         name = (f"rope_decode_attention q={q_t[1:]} cache={cache[1:]} d={d} group={group} splits={splits} "
-                f"block_n={bn} warps={warps} qk_norm={qk_norm}")
+                f"block_n={bn} warps={warps} qk_norm={qk_norm}" + (f" maxnreg={cap}" if cap else ""))
+        opts = (warps, True, None, ("n_rows",), cap)  # the launcher's register cap (rope_max_registers)
         for pdl_on in (False, True):
             yield (name + (" pdl" if pdl_on else ""), decode_attention._rope_split_kernel, ptrs,
-                   dict(const, PDL=pdl_on), warps, True)
+                   dict(const, PDL=pdl_on), *opts)
             if splits > 1:
                 yield (name + " fusedcomb" + (" pdl" if pdl_on else ""), decode_attention._rope_split_combine_kernel,
                        dict(ptrs, cnt_ptr="*i32"), dict(const, PDL=pdl_on, SPLITS_PAD=triton.next_power_of_2(splits)),
-                       warps, True)
+                       *opts)
     for d, bn, splits in ((128, 64, 32), (128, 128, 16), (64, 128, 11), (128, 32, 8), (128, 32, 2)):
         yield (f"decode_attention combine d={d} splits={splits} block_n={bn}", decode_attention._combine_kernel,
                {"ws_o_ptr": "*fp32", "ws_m_ptr": "*fp32", "ws_l_ptr": "*fp32", "sl_ptr": "*i32", "out_ptr": "*bf16"},
