@@ -1,0 +1,45 @@
+"""The decode step's attention launches keep the occupancy of the plain split kernel when they fold in the RoPE and
+cache write: for the 8B's heads at decode batches 1 / 8 / 64 on a 132-SM Hopper, bf16 and FP8 caches, with and
+without the QK-norm, the rope-split kernel under its launcher's register cap fits as many programs an SM as
+:func:`_split_kernel` of the same config (ptxas on the CPU: tests/sm90_occupancy.py), without spills beyond a few
+bytes where the cap binds. A rope kernel that keeps more state live across its tile loop (q's row layout for the
+new key's score, say) shows here as one program an SM fewer: the batch-64 step runs its attention in fewer waves'
+worth of concurrency and slows down (158 registers, 1 program an SM instead of 2, before the score moved ahead of
+the loop)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TPFUSE_TRITON_CPU")}
+    out = subprocess.run([sys.executable, os.path.join(HERE, "sm90_occupancy.py"), str(tmp_path_factory.mktemp("ptx"))],
+                         env=env, capture_output=True, text=True, timeout=900, cwd=HERE)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def test_every_model_config_is_covered(rows):
+    assert len(rows) == 12 and {(r["batch"], r["fp8"], r["qk_norm"]) for r in rows} == {
+        (b, f, q) for b in (1, 8, 64) for f in (False, True) for q in (False, True)}
+
+
+def test_rope_kernel_fits_as_many_programs_as_the_split_kernel(rows):
+    worse = [r for r in rows if r["rope"][3] < r["split"][3]]
+    assert not worse, json.dumps(worse, indent=1)
+
+
+def test_register_cap_spills_at_most_a_few_bytes(rows):
+    for r in rows:
+        limit = 16 if (r["rope_cap"] and r["qk_norm"]) else 0  # 12 bytes: the QK-norm's rows under the cap
+        assert r["rope"][1] <= limit, r
+        assert r["split"][1] == 0, r
