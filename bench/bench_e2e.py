@@ -4,8 +4,8 @@ Llama-3.1-70B, Qwen3-32B, ...; random bf16 weights, nothing downloaded; the mode
     torchrun --standalone --nproc-per-node=N bench/bench_e2e.py [--models 8B,70B,Qwen3-32B] [--layers 4|full|fit]
         [--vocab real|N] [--decode-batches 1,8,64] [--context 1024] [--prefill 1024,4096,8192]
         [--compile-batches 1,64] [--hf-models 8B] [--hf-after] [--kv-capacities 8x1152,8x32768]
-        [--fit-headroom-gib 6] [--flashinfer] [--no-fp8] [--small-m-table PATH] [--pdl-ab] [--rope-ab]
-        [--small-m-everywhere] [--kv-fp8] [--tag TAG]
+        [--fit-headroom-gib 6] [--flashinfer] [--no-fp8] [--small-m-table PATH] [--pdl-ab [--prefetch-kib N]]
+        [--rope-ab] [--small-m-everywhere] [--kv-fp8] [--tag TAG]
 
 Models (``--models``, comma-separated): a real shape (``8B``, ``70B``, ``Qwen3-32B``, ``Qwen2.5-7B``,
 ``Phi-3-medium``), or a **shard** ``<model>/tp<N>`` (``70B/tp8``, ``70B/tp4``, ``8B/tp2``; TP=1 runs only): a
@@ -78,8 +78,8 @@ Providers (every one is the model a user runs, called with Hugging Face argument
   ``bench/tune_small_gemm.py``'s ``small_m_gemm_<arch>.json``, installed instead of the shipped one),
   ``<provider>_nopdl`` (``--pdl-ab``: the decode graphs captured without programmatic dependent launch; the default
   ``KVCacheConfig.pdl`` captures with it), ``<provider>_prefetch`` (``--pdl-ab``: with PDL and the L2 prefetches
-  before its waits, off by default) and, with ``--small-m-everywhere``, ``<provider>_smallall`` (and
-  ``_smallall_nopdl``): the table with every swept GEMM routed to the kernel (its tuned config), whether or not it
+  before its waits, off by default; ``--prefetch-kib`` sets the GEMMs' budget) and, with ``--small-m-everywhere``,
+  ``<provider>_smallall`` (and ``_smallall_nopdl``): the table with every swept GEMM routed to the kernel (its tuned config), whether or not it
   beat the library alone - each ``tpfuse`` / ``tpfuse_fp8`` / ``tpfuse_fp8_static`` decode row again, right after
   it, with the graphs captured under that variant: the A/Bs that decide whether a sweep's table ships
   (``tpfuse/thresholds/``) and what PDL's default is. Rows carry ``routed`` (distinct GEMM calls sent to the
@@ -167,6 +167,9 @@ def parse_args(argv=None):
     ap.add_argument("--pdl-ab", action="store_true", help="adds the <provider>_nopdl decode rows (graphs captured "
                     "without programmatic dependent launch, KVCacheConfig.pdl=False) and <provider>_prefetch (with PDL "
                     "and the L2 prefetches before its waits)")
+    ap.add_argument("--prefetch-kib", type=int, default=None,
+                    help="with --pdl-ab: the weight bytes (KiB) each small-M GEMM launch of the _prefetch rows "
+                    "prefetches into L2 before its PDL wait (default: small_m_gemm.PREFETCH_BYTES_TRIED, 16 MiB)")
     ap.add_argument("--small-m-everywhere", action="store_true",
                     help="with --small-m-table: adds <provider>_smallall rows (and _smallall_nopdl with --pdl-ab), "
                     "that table with every row routed to the kernel (its tuned config) whether or not it beat the "
@@ -351,6 +354,8 @@ class Variant(NamedTuple):
     """``decode_attention.FUSE_COMBINE``."""
     fold_norms: Optional[bool] = None
     """``KVCacheConfig.fold_norms``."""
+    prefetch_bytes: Optional[int] = None
+    """With ``prefetch``: the weight bytes a GEMM launch prefetches (None: ``PREFETCH_BYTES_TRIED``)."""
 
 
 def variants(args) -> list:
@@ -369,7 +374,9 @@ def variants(args) -> list:
     out += [combine_variant()] if getattr(args, "combine_ab", False) else []
     out += [fold_variant()] if getattr(args, "fold_ab", False) else []
     out += [Variant("_smallm", table)] if table else []
-    out += [Variant("_nopdl", pdl=False), Variant("_prefetch", pdl=True, prefetch=True)] if ab else []
+    kib = getattr(args, "prefetch_kib", None)
+    out += [Variant("_nopdl", pdl=False), Variant("_prefetch", pdl=True, prefetch=True,
+                                                  prefetch_bytes=None if kib is None else kib << 10)] if ab else []
     out += [Variant("_smallall", table, everywhere=True)] if every else []
     out += [Variant("_smallall_nopdl", table, pdl=False, everywhere=True)] if every and ab else []
     return out
@@ -441,7 +448,8 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
     pdl = own_pdl if v.pdl is None else v.pdl
     st.cache_config.pdl = pdl
     if v.prefetch is not None:  # the prefetch this A/B was built to time (the budget tried, the first K / V tile)
-        smg.PREFETCH_BYTES, dak.PREFETCH = (smg.PREFETCH_BYTES_TRIED, True) if v.prefetch else (0, False)
+        budget = smg.PREFETCH_BYTES_TRIED if v.prefetch_bytes is None else v.prefetch_bytes
+        smg.PREFETCH_BYTES, dak.PREFETCH = (budget, True) if v.prefetch else (0, False)
     dak.FUSE_COMBINE = own_comb if v.fuse_combine is None else v.fuse_combine
     try:
         with smc.install(table) if table is not None else contextlib.nullcontext():
