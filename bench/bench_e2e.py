@@ -81,7 +81,8 @@ Providers (every one is the model a user runs, called with Hugging Face argument
   before its waits, off by default; ``--prefetch-kib`` sets the GEMMs' budget) and, with ``--small-m-everywhere``,
   ``<provider>_smallall`` (and ``_smallall_nopdl``): the table with every swept GEMM routed to the kernel (its
   tuned config), whether or not it beat the library alone - each ``tpfuse`` / ``tpfuse_fp8`` /
-  ``tpfuse_fp8_static`` decode row again, right after it, with the graphs captured under that variant: the A/Bs that decide whether a sweep's table ships
+  ``tpfuse_fp8_static`` decode row again, right after it, with the graphs captured under that variant: the A/Bs
+  that decide whether a sweep's table ships
   (``tpfuse/thresholds/``) and what PDL's default is. Rows carry ``routed`` (distinct GEMM calls sent to the
   small-M kernel), ``table``, ``everywhere``, ``pdl`` (asked for and available on this GPU and stack) and
   ``prefetch_bytes``.
