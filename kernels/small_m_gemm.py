@@ -56,10 +56,11 @@ the K loop is the plain one (x tiles straight from ``cp.async`` into the MMA):
 * **NORM_IN** (qkv; gate-up with SiLU*mul): its loads of the ``[P, M]`` partials are issued before the K loop
   where they take at most 32 registers a thread (``BLOCK_M * SQ_BLOCK <= 4096``: M <= 16 at hidden 4096), else
   after it; summed to ``rstd[m]``, which multiplies the fp32 sums after the loop (before split-K's partials are
-  stored: the scale is linear), ahead of bias and SiLU*mul. A first version normalized the x tiles in the K loop (the add + RMSNorm
-  kernel's rounding): the tile then went through registers and back to shared memory every K step, and the 8B's
-  decode step took 1.01 / 1.02 / 1.29x as long at batch 1 / 8 / 64 as without the fold (one H100, 57948f7,
-  ``bench/results/e2e_tp1_h100_full_57948f7.json``).
+  stored: the scale is linear), ahead of bias and SiLU*mul. A first version normalized the x tiles in the K loop
+  (the add + RMSNorm kernel's rounding): the tile then went through registers and back to shared memory every K
+  step, and the 8B's decode step took 1.01 / 1.02 / 1.29x as long at batch 1 / 8 / 64 as without the fold (one
+  H100, 57948f7, ``bench/results/e2e_tp1_h100_full_57948f7.json``). This form: 0.99 / 1.00 / 1.00x (one H200,
+  0fc9473, ``e2e_tp1_h200_full_0fc9473.json``), so the model keeps the fold off by default.
 
 Launch configs (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages) come from :mod:`.small_m_configs` (the tuned table, else
 its default rule). Under the Triton interpreter (TRITON_INTERPRET=1 at import, tests) e4m3 operands are decoded by

@@ -79,17 +79,20 @@ class KVCacheConfig:
     default: in ``bench/results/e2e_tp1_h100_rope_ab_28139fe.json`` (one H100, TP = 1, context 1024, both paths in
     one run) the decode step took 0.988 / 0.985x as long at batch 1 / 8 on Qwen3-32B (QK-norm) and 0.998 / 1.006x
     on the Llama-3.1-8B shape (one 32-step measurement a row: a tie); its GPU tests passed in the same call (``bash
-    bench/gpu_run.sh fusedrope``). False: the separate kernels. Prefill always runs the separate kernels."""
+    bench/gpu_run.sh fusedrope``). On the full 8B on one H200 (``e2e_tp1_h200_full_0fc9473.json``, rows ``_ropesep``)
+    1.00x at batch 1 / 8 / 64 in bf16, 0.99-1.01x in FP8. False: the separate kernels. Prefill always runs the
+    separate kernels."""
     fold_norms: bool = False
     """True: at TP = 1, a step of at most 64 tokens (decode; a short prefill too) runs each residual add + RMSNorm
     inside the GEMMs around it instead of a kernel of its own: o_proj and down_proj add the residual in their
-    epilogue and write the next
-    GEMM's rows times the norm weight and the sums of squares (:func:`tpfuse.small_gemm.small_m_gemm_add`), and the
-    gate-up (with SiLU*mul) and the next layer's qkv scale each token's sums by its rstd
-    (:func:`tpfuse.small_gemm.small_m_gemm` with ``norm_sumsq``): two kernels fewer per layer, every GEMM of the
-    layer on the small-M kernel. bf16 layers without o / down biases only (others run as before: fp16's range may
-    not hold the un-normalized rows ``h * w_norm``); TP > 1 keeps the fused all-reduce + add + RMSNorm. Off until its
-    GPU run decides."""
+    epilogue and write the next GEMM's rows times the norm weight and the sums of squares
+    (:func:`tpfuse.small_gemm.small_m_gemm_add`), and the gate-up (with SiLU*mul) and the next layer's qkv scale
+    each token's sums by its rstd (:func:`tpfuse.small_gemm.small_m_gemm` with ``norm_sumsq``): two kernels fewer per
+    layer, every GEMM of the layer on the small-M kernel. bf16 layers without o / down biases only (others run as
+    before: fp16's range may not hold the un-normalized rows ``h * w_norm``); TP > 1 keeps the fused all-reduce +
+    add + RMSNorm. Off: on the full 8B on one H200 (``bench/results/e2e_tp1_h200_full_0fc9473.json``, rows
+    ``_foldnorm``) the decode step took 0.99 / 1.00 / 1.00x as long at batch 1 / 8 / 64 with it; its GPU tests
+    passed in the same call."""
 
     def validate(self) -> None:
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
