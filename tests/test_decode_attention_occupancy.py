@@ -2,10 +2,9 @@
 cache write: for the 8B's heads at decode batches 1 / 8 / 64 on a 132-SM Hopper, bf16 and FP8 caches, with and
 without the QK-norm, the rope-split kernel under its launcher's register cap fits as many programs an SM as
 :func:`_split_kernel` of the same config (ptxas on the CPU: tests/sm90_occupancy.py), without spills beyond a few
-bytes where the cap binds. A rope kernel that keeps more state live across its tile loop (q's row layout for the
-new key's score, say) shows here as one program an SM fewer: the batch-64 step runs its attention in fewer waves'
-worth of concurrency and slows down (158 registers, 1 program an SM instead of 2, before the score moved ahead of
-the loop)."""
+bytes where the cap binds. A rope kernel that keeps more state live across its tile loop shows here as one
+program an SM fewer (at batch 64 with a bf16 cache: 158 registers, one program an SM instead of two, while the new
+key's score was taken after the loop and kept q's row layout live across it)."""
 
 import json
 import os
