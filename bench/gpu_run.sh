@@ -164,7 +164,7 @@ for s in "${steps[@]}"; do
     #     b64: ~1-2 min per compile at 32 layers (the unknown part; last, so a cut-off loses only it)  ~150-250 s
     #   total ~310-410 s: LIMIT_e2e_full 330 by default (the JSON is written after every phase); measured at
     #   14a3f4c: 136 s on one H100 (logs/gpu_run_14a3f4c_h100_e2e_full.log; the HF compiles took far less than
-    #   estimated)
+    #   estimated); at 0fc9473 with --fold-ab --rope-ab 171 s on one H200 (logs/gpu_run_0fc9473_h200_e2e_full.log)
     e2e_full) LIMIT_e2e_full=${LIMIT_e2e_full:-330} run e2e_full "${TR1[@]}" bench/bench_e2e.py --tag full --models 8B \
                 --layers full --decode-batches 1,8,64 --context 1024 --prefill 1024,4096 --hf-models 8B \
                 --compile-batches 1,64 --hf-after --kv-capacities 8x1152,8x32768,64x1152,256x1152 --kv-fp8 \
