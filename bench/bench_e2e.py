@@ -65,8 +65,8 @@ Providers (every one is the model a user runs, called with Hugging Face argument
   ``kv_dtype``; the floor rows stay those of the bf16 cache;
 * ``<provider>_fusedrope`` / ``_ropesep`` (``--rope-ab``): the decode step with ``KVCacheConfig.fuse_rope`` the
   other way than the default: its RoPE (QK-norm) and KV-cache write folded into the decode attention (``True``,
-  ``_fusedrope``) or as their own kernels before it (``False``, ``_ropesep``); rows carry ``fuse_rope``. The fused
-  kernel has no K / V prefetch: with ``fuse_rope`` on, ``_prefetch`` rows prefetch only the GEMMs' weights;
+  ``_fusedrope``) or as their own kernels before it (``False``, ``_ropesep``); rows carry ``fuse_rope``. Both
+  split kernels take the ``_prefetch`` rows' first K / V tile prefetch (``decode_attention.PREFETCH``);
 * ``<provider>_fusedcomb`` / ``_combkern`` (``--combine-ab``): the decode step with the decode attention's combine
   the other way than ``tpfuse.kernels.decode_attention.FUSE_COMBINE``: in the split kernel's last program of each
   (sequence, kv head) (``_fusedcomb``) or in a combine kernel (``_combkern``); rows carry ``fuse_combine``;
@@ -372,8 +372,8 @@ def variants(args) -> list:
     attention's combine in its split kernel or in a kernel of its own, the other way than
     ``decode_attention.FUSE_COMBINE``), ``_smallm`` (``--small-m-table``: that table installed), ``_nopdl``
     (``--pdl-ab``: graphs captured without PDL) and ``_prefetch`` (``--pdl-ab``: with PDL and the L2 prefetches
-    before its waits, ``small_m_gemm.PREFETCH_BYTES_TRIED`` of weights a launch and the decode attention's first K /
-    V tile); with ``--small-m-everywhere`` also ``_smallall`` (the table with every row routed to the kernel; with
+    before its waits, ``small_m_gemm.PREFETCH_BYTES_TRIED`` of weights a launch, or ``--prefetch-kib``, and the
+    decode attention's first K / V tile); with ``--small-m-everywhere`` also ``_smallall`` (the table with every row routed to the kernel; with
     ``--pdl-ab`` also ``_smallall_nopdl``)."""
     table = getattr(args, "small_m_table", "") or None
     ab = bool(getattr(args, "pdl_ab", False))

@@ -498,11 +498,17 @@ def _rope_split_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, 
                        n_heads, D: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                        MIN_PARTITION: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
                        CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
-                       QK_NORM: tl.constexpr, GEMMA: tl.constexpr, FP8_WORDS: tl.constexpr = False):
+                       QK_NORM: tl.constexpr, GEMMA: tl.constexpr, FP8_WORDS: tl.constexpr = False,
+                       PF_KEYS: tl.constexpr = 0):
     """:func:`_split_kernel` with this step's token folded in (contract: :func:`launch_rope_decode_attention`):
     q and the new k (per-head RMSNorm first with QK_NORM) are roped in registers; the program whose partition holds
     key ``n - 1`` writes the new k / v there and takes that key from registers, every tile of the loop stops
-    before it, so no program reads what another writes in this launch."""
+    before it, so no program reads what another writes in this launch. ``PF_KEYS`` (:data:`PREFETCH`, under PDL):
+    the partition's first keys' K / V prefetched into L2 before the wait, as the split kernel's (the new key's slot
+    among them at most: a prefetch only fills L2, and this program writes that slot itself after the wait)."""
+    if PDL and PF_KEYS > 0:  # the cache's old keys do not depend on the kernel before this one
+        _prefetch_partition(sl_ptr, bt_ptr, bt_stride, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh,
+                            max_len, D, BLOCK_N, MIN_PARTITION, BLOCK_SIZE, NUM_SPLITS, PF_KEYS)
     pdl.wait(PDL)  # q, k, v come from the kernel before this one
     b, kvh, split, n, part, lo = _program_partition(sl_ptr, max_len, NUM_SPLITS, MIN_PARTITION, BLOCK_N)
     if NUM_SPLITS > 1:
@@ -580,9 +586,11 @@ MAX_SPLITS_FP8 = 32  # FP8 caches: the most splits the earlier FP8 rule took at 
 MIN_SPLITS_FP8 = 2  # FP8 caches: at least 2 splits, the best fixed rule of both H100 FP8 sweeps (pick_config)
 MIN_PARTITION = 128  # keys: the shortest partition the sweep timed (its best at B=1 x 1024 keys)
 PREFETCH = False
-"""Under PDL the split kernel prefetches its partition's first tile of K and V into L2 before the wait
-(:func:`_prefetch_partition`) when True. Off: together with the small-M GEMM's weight prefetch it did not pay on the
-full 8B (``tpfuse.kernels.small_m_gemm.PREFETCH_BYTES`` says where it was measured)."""
+"""Under PDL the split kernels (:func:`_split_kernel`, :func:`_rope_split_kernel`; not the fused-combine ones)
+prefetch their partition's first tile of K and V into L2 before the wait (:func:`_prefetch_partition`) when True.
+Off: together with the small-M GEMM's weight prefetch, on the split kernel (the RoPE apart), it did not pay on the
+full 8B (``tpfuse.kernels.small_m_gemm.PREFETCH_BYTES`` says where it was measured). The rope kernel's prefetch
+has not been timed: ``bench_e2e.py --pdl-ab --prefetch-kib 0`` times it alone (rows ``_prefetch``)."""
 FP8_WORDS = False
 """e4m3 caches with a bf16 / fp16 q: load K / V tiles as int32 words of four e4m3 and convert them before the MMA
 layout change (:func:`_load_kv_tile`; :func:`fp8_words_ok` says where it applies; False: the e4m3 tile loads). Its
@@ -603,7 +611,7 @@ step's time limit) but did not pay: the full 8B's decode step took 1.02 / 0.99 /
 in bf16 and 1.04 / 1.00 / 1.00x in per-channel FP8 (``bench/results/e2e_tp1_h100_full_57948f7.json``, rows
 ``_fusedcomb`` after their base rows): at batch 1 the last program's combine after its ticket sits on the step's
 critical path, where the combine kernel's launch hides behind PDL. The fused
-kernels have no K / V L2 prefetch (:data:`PREFETCH` applies to the split kernel only). A launch that stops
+kernels have no K / V L2 prefetch (:data:`PREFETCH` applies to the split kernels without it). A launch that stops
 part-way (a CUDA error) can leave counters non-zero, after which fused launches combine wrongly: after such an
 error, :func:`reset_combine_counters` (or a new process)."""
 _COUNTERS: dict = {}  # device -> the int32 ticket counters of fused-combine launches, all zero between launches
@@ -872,7 +880,7 @@ def launch_rope_decode_attention(q, k, v, positions, cos_sin_cache, key_cache, v
     if cnt is not None:
         _rope_split_combine_kernel[(bsz, hkv, splits)](*head, cnt, *tail, SPLITS_PAD=next_pow2(splits), **meta)
         return cfg
-    _rope_split_kernel[(bsz, hkv, splits)](*head, *tail, **meta)
+    _rope_split_kernel[(bsz, hkv, splits)](*head, *tail, PF_KEYS=cfg.block_n if on and PREFETCH else 0, **meta)
     _launch_combine(cfg, ws_o, ws_m, ws_l, seq_lens, out, max_seq_len, on)
     return cfg
 

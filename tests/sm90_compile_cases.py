@@ -207,6 +207,9 @@ def decode_attention_cases():
                 yield (name + " fusedcomb" + (" pdl" if pdl_on else ""), decode_attention._rope_split_combine_kernel,
                        dict(ptrs, cnt_ptr="*i32"), dict(const, PDL=pdl_on, SPLITS_PAD=triton.next_power_of_2(splits)),
                        *opts)
+        if q_t == "*bf16":  # PDL + the K / V prefetch before the wait (decode_attention.PREFETCH)
+            yield (name + f" pdl prefetch{bn}", decode_attention._rope_split_kernel, ptrs,
+                   dict(const, PDL=True, PF_KEYS=bn), *opts)
     for d, bn, splits in ((128, 64, 32), (128, 128, 16), (64, 128, 11), (128, 32, 8), (128, 32, 2)):
         yield (f"decode_attention combine d={d} splits={splits} block_n={bn}", decode_attention._combine_kernel,
                {"ws_o_ptr": "*fp32", "ws_m_ptr": "*fp32", "ws_l_ptr": "*fp32", "sl_ptr": "*i32", "out_ptr": "*bf16"},

@@ -3,10 +3,11 @@ compiler's shared-memory counts (sm_90a, offline: Triton's bundled ptxas on the 
 tests/test_decode_attention_occupancy.py in a clean process (the interpreter off); prints one JSON line per config:
 
     {"batch": 64, "fp8": false, "qk_norm": false, "config": [...], "split": [regs, spill_bytes, smem, programs],
-     "rope": [...], "rope_cap": 128 | null}
+     "rope": [...], "rope_prefetch": [...], "rope_cap": 128 | null}
 
 ``split`` is the plain split kernel (:func:`_split_kernel`), ``rope`` the rope-split kernel with the launcher's
-register cap (:func:`tpfuse.kernels.decode_attention.rope_max_registers`). The configs are
+register cap (:func:`tpfuse.kernels.decode_attention.rope_max_registers`), ``rope_prefetch`` the same with its K / V
+prefetch before the PDL wait (``decode_attention.PREFETCH``). The configs are
 :func:`~tpfuse.kernels.decode_attention.pick_config`'s for the 8B's heads (Hq 32, Hkv 8, D 128, bf16 q) on a
 132-SM H100 / H200 at decode batches 1 / 8 / 64, bf16 and FP8 caches.
 """
@@ -68,7 +69,10 @@ def main(tmp):
         row = dict(batch=batch, fp8=fp8, qk_norm=qk_norm, config=list(cfg), rope_cap=cap,
                    split=usage(da._split_kernel, split_ptrs, const, cfg.num_warps, cfg.num_stages, None, tmp),
                    rope=usage(da._rope_split_kernel, ptrs, dict(const, QK_NORM=qk_norm, GEMMA=False),
-                              cfg.num_warps, cfg.num_stages, cap, tmp))
+                              cfg.num_warps, cfg.num_stages, cap, tmp),
+                   rope_prefetch=usage(da._rope_split_kernel, ptrs,
+                                       dict(const, QK_NORM=qk_norm, GEMMA=False, PF_KEYS=cfg.block_n),
+                                       cfg.num_warps, cfg.num_stages, cap, tmp))
         print(json.dumps(row), flush=True)
 
 

@@ -405,6 +405,42 @@ def test_gpu_cuda_graph_capture_replay(gen, monkeypatch, fp8, combine):
 
 
 @gpu_only
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16cache", "fp8cache"])
+@pytest.mark.parametrize("bsz", [1, 8, 64])
+def test_gpu_kv_prefetch_under_pdl(gen, monkeypatch, bsz, fp8):
+    """``decode_attention.PREFETCH`` under PDL: the rope kernel prefetches its partition's first K / V tile before
+    the wait (``PF_KEYS``), and its output and caches equal, bit for bit, the same launch without the prefetch
+    (8B heads, model configs, contexts around 1k; the prefetch touches the new key's slot, written after the
+    wait)."""
+    from tpfuse.kernels import decode_attention as dak
+    from tpfuse.kernels import pdl
+
+    if not pdl.available(torch.device("cuda")):
+        pytest.skip("no PDL on this GPU / stack")
+    lens = torch.randint(900, 1100, (bsz,), generator=gen).tolist()
+    x = make_step(gen, lens=lens, hq=32, hkv=8, d=128, block_size=256, fp8=fp8)
+    qkv, kc, vc, bt, sl, pos, cs = (x[n].cuda() for n in ("qkv", "kc", "vc", "bt", "sl", "pos", "cs"))
+    kvs = None if x["kv_scale"] is None else x["kv_scale"].cuda()
+    q, k, v = qkv_views(qkv, 32, 8, 128)
+    results = []
+    for prefetch in (False, True):
+        monkeypatch.setattr(dak, "PREFETCH", prefetch)
+        rec = record_launches(monkeypatch, dak, "_rope_split_kernel")
+        kc2, vc2 = kc.clone(), vc.clone()
+        with pdl.launches(True):
+            out = A.rope_decode_attention(q, k, v, pos, cs, kc2, vc2, bt, sl, scale=x["scale"], kv_scale=kvs)
+        torch.cuda.synchronize()
+        pf = [kw.get("PF_KEYS", 0) for _, kw in rec.launches]
+        assert pf and all((p > 0) == prefetch for p in pf), (prefetch, pf)
+        results.append((out, kc2, vc2))
+    (o0, k0, v0), (o1, k1, v1) = results
+    assert not torch.isnan(o1).any()
+    assert torch.equal(o0.view(torch.int16), o1.view(torch.int16))
+    assert torch.equal(k0.view(torch.uint8), k1.view(torch.uint8)) and torch.equal(v0.view(torch.uint8),
+                                                                                  v1.view(torch.uint8))
+
+
+@gpu_only
 def test_gpu_torch_compile_fullgraph(gen):
     x = make_step(gen, lens=[300, 0, 17], hq=8, hkv=2, d=128)
     qkv, kc, vc, bt, sl, pos, cs = (x[n].cuda() for n in ("qkv", "kc", "vc", "bt", "sl", "pos", "cs"))
