@@ -373,8 +373,8 @@ def variants(args) -> list:
     ``decode_attention.FUSE_COMBINE``), ``_smallm`` (``--small-m-table``: that table installed), ``_nopdl``
     (``--pdl-ab``: graphs captured without PDL) and ``_prefetch`` (``--pdl-ab``: with PDL and the L2 prefetches
     before its waits, ``small_m_gemm.PREFETCH_BYTES_TRIED`` of weights a launch, or ``--prefetch-kib``, and the
-    decode attention's first K / V tile); with ``--small-m-everywhere`` also ``_smallall`` (the table with every row routed to the kernel; with
-    ``--pdl-ab`` also ``_smallall_nopdl``)."""
+    decode attention's first K / V tile); with ``--small-m-everywhere`` also ``_smallall`` (the table with every
+    row routed to the kernel; with ``--pdl-ab`` also ``_smallall_nopdl``)."""
     table = getattr(args, "small_m_table", "") or None
     ab = bool(getattr(args, "pdl_ab", False))
     every = bool(table and getattr(args, "small_m_everywhere", False))
