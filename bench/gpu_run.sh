@@ -3,9 +3,11 @@
 #   bash bench/gpu_run.sh [STEP ...]      steps: env tests probe_ce async_tp fused_ar local rope decode_attn host
 #                                         profile e2e e2e_full e2e_shards load tune demo onegpu soak probe_onegpu
 #                                         small_gemm e2e_ab e2e_big fp8cache fusedrope fusedcomb foldnorm
+#                                         kvprefetch
 #                                         (default: all but probe_ce, profile, e2e_full, e2e_shards, load,
 #                                         onegpu, soak, probe_onegpu, small_gemm, e2e_ab, e2e_big, fp8cache,
-#                                         fusedrope, fusedcomb, foldnorm; multi-GPU steps skip on one GPU)
+#                                         fusedrope, fusedcomb, foldnorm, kvprefetch; multi-GPU steps skip on one
+#                                         GPU)
 #   e2e_full / e2e_shards: bench_e2e.py at TP=1 (one process whatever the GPU count) at full size, real vocab;
 #           JSON + PNG e2e_tp1_<device>_full / _shards; E2E_FULL_ARGS / E2E_SHARDS_ARGS are appended (a repeated
 #           option overrides). Default limits 330 s / 150 s (LIMIT_e2e_full, LIMIT_e2e_shards): both in one
@@ -60,6 +62,11 @@
 #         at batch 1 folded (profile_decode.py --fold-norms: kernels per layer; FOLDNORM_PROFILE_ARGS appended,
 #         ~40 s). Its A/B rows: --fold-ab in E2E_FULL_ARGS. One call: TPFUSE_COMMIT=<sha> E2E_FULL_ARGS=--fold-ab
 #         bash bench/gpu_run.sh foldnorm e2e_full
+#   kvprefetch: decides decode_attention.PREFETCH with the RoPE fused (the first K / V tile into L2 before the PDL
+#         wait): its GPU test (test_gpu_kv_prefetch_under_pdl: bitwise equal to the launch without it, B 1 / 8 / 64,
+#         bf16 and FP8 caches), then the full 8B's decode rows with and without it, the GEMMs' weight prefetch off
+#         (bench_e2e.py --pdl-ab --prefetch-kib 0: rows _prefetch, bf16 cache; --tag kvpf_ab; KVPREFETCH_ARGS
+#         appended), ~2-3 min. One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh kvprefetch
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
 # Logs, JSON and PNG go to $OUT (or bench/results/gpu-run when OUT is unset). Multi-GPU steps need >= 2 GPUs.
 set -uo pipefail
@@ -208,6 +215,11 @@ for s in "${steps[@]}"; do
                 tests/test_small_m_gemm_add.py tests/distributed/test_fold_norms_model.py"
               LIMIT_foldnorm_profile=${LIMIT_foldnorm_profile:-90} run foldnorm_profile "${TR1[@]}" \
                 bench/profile_decode.py --layers full --fold-norms ${FOLDNORM_PROFILE_ARGS:-} ;;
+    kvprefetch) LIMIT_kvprefetch_tests=${LIMIT_kvprefetch_tests:-120} run kvprefetch_tests bash -c "python3 -m pytest \
+                  -q -rs -k prefetch tests/test_rope_decode_attention.py"
+                LIMIT_kvprefetch_ab=${LIMIT_kvprefetch_ab:-200} run kvprefetch_ab "${TR1[@]}" bench/bench_e2e.py \
+                  --tag kvpf_ab --models 8B --layers full --decode-batches 1,8,64 --context 1024 --prefill 1024 \
+                  --hf-models none --pdl-ab --prefetch-kib 0 ${KVPREFETCH_ARGS:-} ;;
     load) run load python3 bench/bench_load.py --shape 8B ${LOAD_ARGS:-}
           run load_fp8 python3 bench/bench_load.py --shape 8B --fp8 ${LOAD_ARGS:-} ;;  # TP=1; writes /tmp ckpts
     decode_attn) [[ -f bench/bench_decode_attention.py ]] && run decode_attn python3 bench/bench_decode_attention.py ${DECODE_ATTN_ARGS:-} ;;
