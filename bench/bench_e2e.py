@@ -121,6 +121,7 @@ import e2e_models as em  # noqa: E402
 
 import tpfuse  # noqa: E402
 from tpfuse.parallel import KVCacheConfig  # noqa: E402
+from tpfuse.parallel.generate import greedy_tokens  # noqa: E402
 
 POLICY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "policies", "vllm_sm90_tp2.json")
 VOCAB, build_model = em.VOCAB, em.build_model
@@ -219,11 +220,11 @@ def tpfuse_decode_us(model, batch, context, steps, dev) -> float:
     ids = torch.randint(0, VOCAB, (batch, context), device=dev, generator=g)
     out = model(ids, logits_to_keep=1)
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-    tok = out.logits[:, -1].argmax(-1, keepdim=True)
+    tok = greedy_tokens(out.logits[:, -1])[:, None]
     box = {"tok": tok}
 
-    def step():
-        box["tok"] = model(box["tok"], cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+    def step():  # the step of tpfuse.parallel.generate's greedy loop (HF's rows take its generate's torch.argmax)
+        box["tok"] = greedy_tokens(model(box["tok"], cache=cache).logits[:, -1])[:, None]
 
     for _ in range(3):  # captures the bucket's graph, then warm replays
         step()

@@ -35,6 +35,7 @@ import e2e_models as em  # noqa: E402
 
 import tpfuse  # noqa: E402
 from tpfuse.parallel import KVCacheConfig  # noqa: E402
+from tpfuse.parallel.generate import greedy_tokens  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -134,13 +135,13 @@ def _profile(args, dev):
     ids = torch.randint(0, bench_e2e.VOCAB, (args.batch, args.context), device=dev)
     out = model(ids, logits_to_keep=1)
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-    tok = out.logits[:, -1].argmax(-1, keepdim=True)
+    tok = greedy_tokens(out.logits[:, -1])[:, None]
     for _ in range(args.steps):  # capture + warm replays
-        tok = model(tok, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+        tok = greedy_tokens(model(tok, cache=cache).logits[:, -1])[:, None]
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
-            tok = model(tok, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+            tok = greedy_tokens(model(tok, cache=cache).logits[:, -1])[:, None]  # as tpfuse.parallel.generate
         torch.cuda.synchronize()
     rows = []
     for ev in prof.key_averages():

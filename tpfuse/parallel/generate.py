@@ -44,10 +44,36 @@ class GenerateOutput:
         return self.sequences.shape[0] * max(0, self.new_tokens - 1) / max(self.decode_ms, 1e-9) * 1e3
 
 
+ARGMAX_CHUNK = (64, 4096)
+"""Chunk lengths :func:`greedy_tokens` may split the vocabulary into (a divisor of it in this range)."""
+
+
+def _argmax_chunk(vocab: int) -> Optional[int]:
+    """The divisor of ``vocab`` in :data:`ARGMAX_CHUNK` nearest its square root (``None``: there is none)."""
+    lo, hi = ARGMAX_CHUNK
+    divisors = [c for c in range(lo, min(hi, vocab // 2) + 1) if vocab % c == 0]
+    return min(divisors, key=lambda c: abs(c * c - vocab)) if divisors else None
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)`` of ``[B, vocab]`` logits (the first index of each row's maximum; a NaN counts as the
+    maximum), in two reductions: the maximum of each chunk of the row, then the first chunk holding the row's
+    maximum. ``torch.argmax`` reduces a row in one thread block, which takes ~28 us a step for one row of a 128k
+    vocabulary on an H200 (``bench/results/profile_decode_tp1_h200_8B_b1_nopdl_0f90e15.json``); chunks spread it
+    over the GPU. Rows whose vocabulary has no divisor in :data:`ARGMAX_CHUNK` take ``torch.argmax``."""
+    chunk = _argmax_chunk(logits.shape[-1]) if logits.dim() == 2 and logits.stride(-1) == 1 else None
+    if chunk is None:
+        return logits.argmax(-1)
+    b, v = logits.shape
+    top, where = logits.view(b, v // chunk, chunk).max(-1)  # per chunk: its maximum and that maximum's first index
+    first = top.argmax(-1)  # the first chunk holding the row's maximum
+    return where.gather(1, first[:, None]).squeeze(1) + first * chunk
+
+
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float, gen):
     """Next token ``[B]`` from last-position logits ``[B, vocab]`` (on the device, no host sync)."""
     if not do_sample:
-        return logits.argmax(-1)
+        return greedy_tokens(logits)
     x = logits.float() / temperature
     if top_k > 0:
         kth = x.topk(min(top_k, x.shape[-1]), dim=-1).values[:, -1:]
