@@ -3,12 +3,14 @@ steps (``--steps``) of an ``bench_e2e.py`` model, the kernels' total CUDA time p
 kernels a step launches per decoder layer.
 
     torchrun --standalone --nproc-per-node=1 bench/profile_decode.py [--model 8B] [--layers 4|full] [--vocab real|N]
-        [--batch 1] [--context 1024] [--no-pdl] [--fold-norms] [--small-m-table PATH [--small-m-everywhere]]
+        [--batch 1] [--context 1024] [--no-pdl] [--fold-norms] [--fp8] [--small-m-table PATH [--small-m-everywhere]]
 
 ``--model``: a ``bench_e2e.py`` model name, shards (``70B/tp8``) included; ``--layers`` / ``--vocab`` as there;
 ``--no-pdl`` captures the decode graphs without programmatic dependent launch (``KVCacheConfig.pdl=False``; under
 PDL a kernel's profiled time includes its wait for the kernel before it, so per-kernel times read best without);
 ``--fold-norms`` profiles the step with ``KVCacheConfig.fold_norms=True`` (``_foldnorm`` in the file name);
+``--fp8`` with the decoder's linears in per-channel e4m3 (``quantize_fp8``'s default, ``_fp8``; the 8B's
+``tpfuse_fp8`` rows);
 ``--small-m-table`` installs a small-M GEMM routing table (``--small-m-everywhere``: every row of it routed to the
 kernel), as ``bench_e2e.py``'s variant rows do.
 Prints the table and writes it (with device, commit, versions) to ``profile_decode_tp{N}_{device}_{model}_b{B}.json``
@@ -52,6 +54,9 @@ def parse_args(argv=None):
                     help="decode graphs captured without PDL (KVCacheConfig.pdl=False)")
     ap.add_argument("--fold-norms", action="store_true",
                     help="the step with its add + RMSNorms folded into the GEMMs (KVCacheConfig.fold_norms=True)")
+    ap.add_argument("--fp8", action="store_true",
+                    help="the decoder's linears in e4m3 (tpfuse.parallel.quantize_fp8's default: per-channel weight "
+                         "scales, per-token activations), converted after parallelize as bench_e2e.py's tpfuse_fp8")
     ap.add_argument("--small-m-table", default="", help="a small-M GEMM routing table (JSON) to install")
     ap.add_argument("--small-m-everywhere", action="store_true", help="every row of that table routed to the kernel")
     args = ap.parse_args(argv)
@@ -90,9 +95,10 @@ def main():
                         layers=args.layers, vocab=args.vocab, kernel_us_per_step=round(total, 1),
                         pdl=args.pdl and pdl_available,
                         small_m_table=os.path.basename(args.small_m_table) or None,
-                        small_m_everywhere=args.small_m_everywhere, fold_norms=args.fold_norms, **counts)
+                        small_m_everywhere=args.small_m_everywhere, fold_norms=args.fold_norms, fp8=args.fp8, **counts)
     variant = ("_smallall" if args.small_m_everywhere else "_smallm") if args.small_m_table else ""
     variant += "_foldnorm" if args.fold_norms else ""
+    variant += "_fp8" if args.fp8 else ""
     tag = f"{args.model.replace('/', '-')}_b{args.batch}{variant}{'' if args.pdl else '_nopdl'}"
     common.write_json(common.result_path("profile_decode", tp=tp, tag=tag), hdr, rows)
 
@@ -132,6 +138,10 @@ def _profile(args, dev):
     model = tpfuse.parallelize(model, comm, cache=KVCacheConfig(max_batch=args.batch, pdl=args.pdl,
                                                                 fold_norms=args.fold_norms,
                                                                 max_seq_len=args.context + 2 * args.steps + 8))
+    if args.fp8:
+        from tpfuse.parallel import quantize_fp8
+
+        quantize_fp8(model)
     ids = torch.randint(0, bench_e2e.VOCAB, (args.batch, args.context), device=dev)
     out = model(ids, logits_to_keep=1)
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
