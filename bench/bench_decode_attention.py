@@ -7,7 +7,8 @@ Providers:
   ``enable_gqa=True`` (whatever backend torch picks for a masked GQA decode);
 * ``tpfuse``: the Triton flash-decoding kernel on a paged bf16 cache (block tables shuffled);
 * ``tpfuse_fp8``: the same on an FP8 e4m3 cache (one device scale); ``tpfuse_fp8_words``: the same launch with
-  the e4m3 tiles loaded as int32 words (``decode_attention.FP8_WORDS``, off by default), its A/B.
+  the e4m3 tiles loaded as int32 words (``decode_attention.FP8_WORDS``, off by default), its A/B;
+  ``tpfuse_fp8_f16``: the same launch with its tile loop in fp16 (``decode_attention.FP8_F16``), its A/B.
 
 Shapes: B in 1, 8, 64; context 1024 and 4096 (every sequence at the full context, or with ``--mixed`` each at a
 random length in [ctx/2, ctx]); heads 32/8 and 64/8; D 128; bf16 q; ``max_seq_len`` (the capacity, which only
@@ -106,15 +107,20 @@ def check(c, scale, ctx):
     words = torch.empty_like(out8)
     fp8_words(c, scale, words, ctx)
     assert torch.equal(words, out8), "the FP8 cache's word loads change the output"
+    f16 = torch.empty_like(out8)
+    fp8_f16(c, scale, f16, ctx)
+    err16 = ((f16.float() - out8.float()).norm() / out8.float().norm()).item()
+    assert err16 < 4e-3, f"the FP8 cache's fp16 loop is {err16} from its bf16 loop"
 
 
 SWEEP_SPLITS = (1, 2, 4, 8, 16, 32)
 
 
-SWEEP_CACHES = {"bf16": ("bf16",), "fp8": ("fp8",), "fp8_words": ("fp8_words",), "both": ("bf16", "fp8"),
-                "fp8_both": ("fp8", "fp8_words"), "all": ("bf16", "fp8", "fp8_words")}
+SWEEP_CACHES = {"bf16": ("bf16",), "fp8": ("fp8",), "fp8_words": ("fp8_words",), "fp8_f16": ("fp8_f16",),
+                "both": ("bf16", "fp8"), "fp8_both": ("fp8", "fp8_words"), "fp8_f16ab": ("fp8", "fp8_f16"),
+                "all": ("bf16", "fp8", "fp8_words", "fp8_f16")}
 """``--sweep-cache``: the cache forms it times; ``fp8_words``: the FP8 cache with its tiles loaded as int32 words
-(``decode_attention.FP8_WORDS``)."""
+(``decode_attention.FP8_WORDS``); ``fp8_f16``: with its tile loop in fp16 (``decode_attention.FP8_F16``)."""
 
 
 def sweep(c, d, ctx, scale, provs, splits_list=SWEEP_SPLITS, stages_list=(3,), cache="bf16"):
@@ -124,9 +130,9 @@ def sweep(c, d, ctx, scale, provs, splits_list=SWEEP_SPLITS, stages_list=(3,), c
     from tpfuse.kernels.decode_attention import launch_decode_attention
 
     out = torch.empty_like(c["q"])
-    fp8, words = cache != "bf16", cache == "fp8_words"
+    fp8, words, f16 = cache != "bf16", cache == "fp8_words", cache == "fp8_f16"
     kc, vc, kvs = (c["kc8"], c["vc8"], c["kv_scale"]) if fp8 else (c["kc"], c["vc"], None)
-    tag = {"bf16": "tpfuse", "fp8": "tpfuse_fp8", "fp8_words": "tpfuse_fp8_words"}[cache]
+    tag = {"bf16": "tpfuse", "fp8": "tpfuse_fp8", "fp8_words": "tpfuse_fp8_words", "fp8_f16": "tpfuse_fp8_f16"}[cache]
     for splits in splits_list:
         if 128 * (splits - 1) >= ctx:  # every split past the first would be empty at this context
             continue
@@ -138,7 +144,7 @@ def sweep(c, d, ctx, scale, provs, splits_list=SWEEP_SPLITS, stages_list=(3,), c
                         lambda splits=splits, bn=bn, nw=nw, st=st: launch_decode_attention(
                             c["q"], kc, vc, c["bt"], c["lens"], out, scale, kvs, max_seq_len=ctx,
                             num_splits=splits, min_partition=128, block_n=bn, num_warps=nw, num_stages=st,
-                            fp8_words=words))
+                            fp8_words=words, fp8_f16=f16))
 
 
 def fp8_words(c, scale, out, ctx):
@@ -148,6 +154,15 @@ def fp8_words(c, scale, out, ctx):
 
     launch_decode_attention(c["q"], c["kc8"], c["vc8"], c["bt"], c["lens"], out, scale, c["kv_scale"],
                             max_seq_len=ctx, fp8_words=True)
+
+
+def fp8_f16(c, scale, out, ctx):
+    """The FP8 cache's launch with its tile loop in fp16 (``fp8_f16=True``): the A/B of ``decode_attention.FP8_F16``
+    against ``tpfuse_fp8``."""
+    from tpfuse.kernels.decode_attention import launch_decode_attention
+
+    launch_decode_attention(c["q"], c["kc8"], c["vc8"], c["bt"], c["lens"], out, scale, c["kv_scale"],
+                            max_seq_len=ctx, fp8_f16=True)
 
 
 def make_static_paged_case(bsz, ctx, cap, max_batch, hq, hkv, d, block_size, mixed, gen, dev="cuda"):
@@ -225,7 +240,8 @@ def cases(args):
                          "tpfuse_fp8": lambda: A.decode_attention(
                              c["q"], c["kc8"], c["vc8"], c["bt"], c["lens"], scale=scale, kv_scale=c["kv_scale"],
                              out=out, max_seq_len=ctx),
-                         "tpfuse_fp8_words": lambda: fp8_words(c, scale, out, ctx)}
+                         "tpfuse_fp8_words": lambda: fp8_words(c, scale, out, ctx),
+                         "tpfuse_fp8_f16": lambda: fp8_f16(c, scale, out, ctx)}
                 if args.sweep and (not args.sweep_batches or bsz in args.sweep_batches):
                     for cache in SWEEP_CACHES[args.sweep_cache]:
                         sweep(c, d, ctx, scale, provs, args.sweep_splits or SWEEP_SPLITS, args.sweep_stages or (3,),

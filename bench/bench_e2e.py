@@ -74,6 +74,9 @@ Providers (every one is the model a user runs, called with Hugging Face argument
   other way than the default: each add + RMSNorm folded into the GEMMs around it, every GEMM of the layer on the
   small-M kernel (``_foldnorm``), or in its own kernel (``_normkern``); rows carry ``fold_norms``. Whole models
   only: a shard stands for a TP > 1 rank, whose add + RMSNorm is the fused all-reduce's (shard rows never fold);
+* ``<provider>_kv8_f16`` / ``_kv8_bf16loop`` (``--f16-ab``, with ``--kv-fp8``): the e4m3-cache decode rows with the
+  decode attention's tile loop in fp16 or in bf16, the other way than ``decode_attention.FP8_F16``; rows carry
+  ``fp8_f16``. Only the ``_kv8`` rows take this variant, and they take no other;
 * ``<provider>_smallm`` (``--small-m-table PATH``: a small-M GEMM sweep's routing table,
   ``bench/tune_small_gemm.py``'s ``small_m_gemm_<arch>.json``, installed instead of the shipped one),
   ``<provider>_nopdl`` (``--pdl-ab``: the decode graphs captured without programmatic dependent launch; the default
@@ -166,6 +169,9 @@ def parse_args(argv=None):
     ap.add_argument("--combine-ab", action="store_true", help="adds decode rows with the decode attention's combine "
                     "the other way than decode_attention.FUSE_COMBINE: <provider>_fusedcomb (in the split kernel's "
                     "last programs) or <provider>_combkern (a kernel of its own)")
+    ap.add_argument("--f16-ab", action="store_true", help="adds e4m3-cache decode rows (with --kv-fp8) with the "
+                    "decode attention's tile loop the other way than decode_attention.FP8_F16: <provider>_kv8_f16 "
+                    "(fp16) or <provider>_kv8_bf16loop (bf16)")
     ap.add_argument("--fold-ab", action="store_true", help="adds decode rows with KVCacheConfig.fold_norms the other "
                     "way than the default: <provider>_foldnorm (each add + RMSNorm in the GEMMs around it) or "
                     "<provider>_normkern (its own kernel); whole models only")
@@ -329,7 +335,7 @@ def tpfuse_rows(spec, model, comm, args, dev, rows, bandwidth, provider="tpfuse"
         if provider == "tpfuse":
             nbytes = decode_bytes(model, b, args.context)
             rows.append(dict(base, provider="memory_floor", us=nbytes / bandwidth * 1e6, bytes=nbytes))
-        if provider in VARIANT_PROVIDERS:
+        if provider in VARIANT_PROVIDERS or provider.endswith("_kv8"):
             variant_rows(model, b, args, dev, rows, base, provider)
         if provider in ("tpfuse", "tpfuse_capacity") or provider in VARIANT_PROVIDERS or provider.endswith("_kv8"):
             _print(r, rows)
@@ -365,6 +371,8 @@ class Variant(NamedTuple):
     """``KVCacheConfig.fold_norms``."""
     prefetch_bytes: Optional[int] = None
     """With ``prefetch``: the weight bytes a GEMM launch prefetches (None: ``PREFETCH_BYTES_TRIED``)."""
+    fp8_f16: Optional[bool] = None
+    """``decode_attention.FP8_F16`` (e4m3-cache rows only)."""
 
 
 def variants(args) -> list:
@@ -382,6 +390,7 @@ def variants(args) -> list:
     out = [rope_variant()] if getattr(args, "rope_ab", False) else []
     out += [combine_variant()] if getattr(args, "combine_ab", False) else []
     out += [fold_variant()] if getattr(args, "fold_ab", False) else []
+    out += [f16_variant()] if getattr(args, "f16_ab", False) else []
     out += [Variant("_smallm", table)] if table else []
     kib = getattr(args, "prefetch_kib", None)
     out += [Variant("_nopdl", pdl=False), Variant("_prefetch", pdl=True, prefetch=True,
@@ -405,6 +414,15 @@ def combine_variant() -> Variant:
 
     fuse = not dak.FUSE_COMBINE
     return Variant("_fusedcomb" if fuse else "_combkern", fuse_combine=fuse)
+
+
+def f16_variant() -> Variant:
+    """The ``--f16-ab`` variant (e4m3-cache rows only): ``decode_attention.FP8_F16`` the other way than its
+    default."""
+    from tpfuse.kernels import decode_attention as dak
+
+    f16 = not dak.FP8_F16
+    return Variant("_f16" if f16 else "_bf16loop", fp8_f16=f16)
 
 
 def fold_variant() -> Variant:
@@ -453,13 +471,14 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
                                               st.cache_config.fold_norms, None)
     st.cache_config.fuse_rope = own_fuse if v.fuse_rope is None else v.fuse_rope
     st.cache_config.fold_norms = own_fold if v.fold_norms is None else v.fold_norms
-    own_pf, own_kv_pf, own_comb = smg.PREFETCH_BYTES, dak.PREFETCH, dak.FUSE_COMBINE
+    own_pf, own_kv_pf, own_comb, own_f16 = smg.PREFETCH_BYTES, dak.PREFETCH, dak.FUSE_COMBINE, dak.FP8_F16
     pdl = own_pdl if v.pdl is None else v.pdl
     st.cache_config.pdl = pdl
     if v.prefetch is not None:  # the prefetch this A/B was built to time (the budget tried, the first K / V tile)
         budget = smg.PREFETCH_BYTES_TRIED if v.prefetch_bytes is None else v.prefetch_bytes
         smg.PREFETCH_BYTES, dak.PREFETCH = (budget, True) if v.prefetch else (0, False)
     dak.FUSE_COMBINE = own_comb if v.fuse_combine is None else v.fuse_combine
+    dak.FP8_F16 = own_f16 if v.fp8_f16 is None else v.fp8_f16
     try:
         with smc.install(table) if table is not None else contextlib.nullcontext():
             smc.ROUTE_MEMO.clear()  # the count below is this step's
@@ -469,23 +488,25 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
                                            table=os.path.basename(v.table) if v.table else "shipped",
                                            everywhere=v.everywhere, prefetch_bytes=smg.PREFETCH_BYTES if pdl else 0,
                                            fuse_rope=st.cache_config.fuse_rope, fuse_combine=dak.FUSE_COMBINE,
-                                           fold_norms=st.cache_config.fold_norms))
+                                           fold_norms=st.cache_config.fold_norms, fp8_f16=dak.FP8_F16))
     finally:
         st.cache_config.pdl, st.cache_config.fuse_rope, st.graphs = own_pdl, own_fuse, None
         st.cache_config.fold_norms = own_fold
-        smg.PREFETCH_BYTES, dak.PREFETCH, dak.FUSE_COMBINE = own_pf, own_kv_pf, own_comb
+        smg.PREFETCH_BYTES, dak.PREFETCH, dak.FUSE_COMBINE, dak.FP8_F16 = own_pf, own_kv_pf, own_comb, own_f16
     return r
 
 
 def variant_rows(model, batch, args, dev, rows, base, provider):
     """Every variant of :func:`variants` of one decode row (``<provider><suffix>``); the fold only where the step
     folds (``tpfuse.parallel.forward.can_fold_norms``: TP = 1, bf16 layers, at most 64 tokens) and never for a shard
-    (it stands for a TP > 1 rank: :func:`run_model`)."""
+    (it stands for a TP > 1 rank: :func:`run_model`); ``_kv8`` rows take only the ``--f16-ab`` variant, the rest
+    every other."""
     from tpfuse.parallel.forward import can_fold_norms
 
     foldable = base.get("tp_shard") is None and can_fold_norms(model, batch)
+    kv8 = provider.endswith("_kv8")
     for v in variants(args):
-        if v.fold_norms and not foldable:
+        if (v.fold_norms and not foldable) or (v.fp8_f16 is not None) != kv8:
             continue
         variant_row(model, batch, args, dev, rows, base, provider + v.suffix, v)
 

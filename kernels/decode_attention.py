@@ -246,6 +246,26 @@ def _attend_range(q, lo, hi, n, bt_row, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_
 
 
 @triton.jit
+def _attend_range_q(q, lo, hi, n, bt_row, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, kvh, qk,
+                    DT: tl.constexpr, D: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr, CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr, PREC: tl.constexpr,
+                    FP8_WORDS: tl.constexpr, F16_MMA: tl.constexpr):
+    """:func:`_attend_range` of q (``DT``); with ``F16_MMA`` (an e4m3 cache under a bf16 q, :data:`FP8_F16`) the
+    loop runs on q in fp16 (exact for ``6.1e-5 <= |q| <= 65504``, saturated above) with fp16 tiles: e4m3 converts
+    to fp16 in one instruction, where bf16 tiles take a second conversion an element."""
+    if F16_MMA:
+        q16 = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+        acc, m_i, l_i = _attend_range(q16, lo, hi, n, bt_row, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so,
+                                      vc_sh, kvh, qk, tl.float16, D, GROUP_PAD, BLOCK_N, BLOCK_SIZE, CACHE_FP8, PV_HILO,
+                                      PREC, FP8_WORDS)
+    else:
+        acc, m_i, l_i = _attend_range(q, lo, hi, n, bt_row, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh,
+                                      kvh, qk, DT, D, GROUP_PAD, BLOCK_N, BLOCK_SIZE, CACHE_FP8, PV_HILO, PREC,
+                                      FP8_WORDS)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _write_result(acc, m_i, l_i, kv_scale, n, b, heads, rmask, split, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr,
                   ws_l_ptr, n_heads, D: tl.constexpr, NUM_SPLITS: tl.constexpr):
     """One split: ``out`` (0 for an empty sequence); several: the unnormalized partial and its ``m`` / ``l``."""
@@ -330,7 +350,7 @@ def _finish_fused(acc, m_i, l_i, kv_scale, n, part, b, kvh, heads, rmask, split,
 def _split_attend(q_ptr, q_sb, q_sh, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, bt_ptr, bt_stride,
                   kvs_ptr, qk_scale, group, b, kvh, n, lo, part, D: tl.constexpr, GROUP_PAD: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr,
-                  PREC: tl.constexpr, PDL: tl.constexpr, FP8_WORDS: tl.constexpr):
+                  PREC: tl.constexpr, PDL: tl.constexpr, FP8_WORDS: tl.constexpr, F16_MMA: tl.constexpr):
     """A split program's attention over its partition ``[lo, min(lo + part, n))``: ``(acc, m, l, kv_scale, heads,
     rmask)``, the PDL trigger given once its K / V tiles are read."""
     hi = tl.minimum(lo + part, n)  # one split: lo = 0, part >= n, so [0, n) (the loop never runs when n == 0)
@@ -344,9 +364,9 @@ def _split_attend(q_ptr, q_sb, q_sh, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb,
     if CACHE_FP8:
         kv_scale = tl.load(kvs_ptr).to(tl.float32)
     qk = qk_scale * kv_scale
-    acc, m_i, l_i = _attend_range(q, lo, hi, n, bt_ptr + b * bt_stride, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb,
-                                  vc_so, vc_sh, kvh, qk, DT, D, GROUP_PAD, BLOCK_N, BLOCK_SIZE, CACHE_FP8, PV_HILO,
-                                  PREC, FP8_WORDS)
+    acc, m_i, l_i = _attend_range_q(q, lo, hi, n, bt_ptr + b * bt_stride, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr,
+                                    vc_sb, vc_so, vc_sh, kvh, qk, DT, D, GROUP_PAD, BLOCK_N, BLOCK_SIZE, CACHE_FP8,
+                                    PV_HILO, PREC, FP8_WORDS, F16_MMA)
     pdl.trigger(PDL)  # the K / V tiles are read (a program that exited early counts as triggered)
     return acc, m_i, l_i, kv_scale, heads, rmask
 
@@ -357,7 +377,7 @@ def _split_kernel(q_ptr, q_sb, q_sh, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb,
                   n_heads, D: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                   MIN_PARTITION: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
                   CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
-                  PF_KEYS: tl.constexpr = 0, FP8_WORDS: tl.constexpr = False):
+                  PF_KEYS: tl.constexpr = 0, FP8_WORDS: tl.constexpr = False, F16_MMA: tl.constexpr = False):
     if PDL and PF_KEYS > 0:
         _prefetch_partition(sl_ptr, bt_ptr, bt_stride, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh,
                             max_len, D, BLOCK_N, MIN_PARTITION, BLOCK_SIZE, NUM_SPLITS, PF_KEYS)
@@ -369,7 +389,7 @@ def _split_kernel(q_ptr, q_sb, q_sh, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb,
     acc, m_i, l_i, kv_scale, heads, rmask = _split_attend(
         q_ptr, q_sb, q_sh, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, bt_ptr, bt_stride, kvs_ptr,
         qk_scale, group, b, kvh, n, lo, part, D, GROUP_PAD, BLOCK_N, BLOCK_SIZE, CACHE_FP8, PV_HILO, PREC, PDL,
-        FP8_WORDS)
+        FP8_WORDS, F16_MMA)
     _write_result(acc, m_i, l_i, kv_scale, n, b, heads, rmask, split, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr,
                   ws_l_ptr, n_heads, D, NUM_SPLITS)
 
@@ -381,7 +401,7 @@ def _split_combine_kernel(q_ptr, q_sb, q_sh, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr
                           BLOCK_N: tl.constexpr, MIN_PARTITION: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                           NUM_SPLITS: tl.constexpr, CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr,
                           PREC: tl.constexpr, PDL: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                          FP8_WORDS: tl.constexpr = False):
+                          FP8_WORDS: tl.constexpr = False, F16_MMA: tl.constexpr = False):
     """:func:`_split_kernel` (``NUM_SPLITS > 1``) whose last program of each (sequence, kv head) combines the
     partials (:func:`_finish_fused`): no combine kernel."""
     pdl.wait(PDL)
@@ -392,7 +412,7 @@ def _split_combine_kernel(q_ptr, q_sb, q_sh, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr
     acc, m_i, l_i, kv_scale, heads, rmask = _split_attend(
         q_ptr, q_sb, q_sh, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, bt_ptr, bt_stride, kvs_ptr,
         qk_scale, group, b, kvh, n, lo, part, D, GROUP_PAD, BLOCK_N, BLOCK_SIZE, CACHE_FP8, PV_HILO, PREC, PDL,
-        FP8_WORDS)
+        FP8_WORDS, F16_MMA)
     _finish_fused(acc, m_i, l_i, kv_scale, n, part, b, kvh, heads, rmask, split, out_ptr, o_sb, o_sh, ws_o_ptr,
                   ws_m_ptr, ws_l_ptr, cnt_ptr, n_heads, D, NUM_SPLITS, SPLITS_PAD, GROUP_PAD)
 
@@ -445,7 +465,7 @@ def _rope_attend(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, pos_pt
                  qk_scale, group, b, kvh, n, lo, part, D: tl.constexpr, GROUP_PAD: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr,
                  PREC: tl.constexpr, PDL: tl.constexpr, QK_NORM: tl.constexpr, GEMMA: tl.constexpr,
-                 FP8_WORDS: tl.constexpr):
+                 FP8_WORDS: tl.constexpr, F16_MMA: tl.constexpr):
     """A rope-split program's work over its partition (:func:`_rope_split_kernel`): ``(acc, m, l, kv_scale, heads,
     rmask)`` with this step's key included where the program owns it."""
     hi = tl.minimum(lo + part, n)
@@ -483,9 +503,9 @@ def _rope_attend(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, pos_pt
     tl.store(vc_ptr + blk * vc_sb + off * vc_so + kvh * vc_sh + d, v_st, mask=wmask)
     qk = qk_scale * kv_scale
     s_new = _new_key_score(q, owner, k_st.to(tl.float32), qk)
-    acc, m_i, l_i = _attend_range(q, lo, tl.minimum(hi, new), new, bt_row, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr,
-                                  vc_sb, vc_so, vc_sh, kvh, qk, DT, D, GROUP_PAD, BLOCK_N, BLOCK_SIZE, CACHE_FP8,
-                                  PV_HILO, PREC, FP8_WORDS)
+    acc, m_i, l_i = _attend_range_q(q, lo, tl.minimum(hi, new), new, bt_row, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr,
+                                    vc_sb, vc_so, vc_sh, kvh, qk, DT, D, GROUP_PAD, BLOCK_N, BLOCK_SIZE, CACHE_FP8,
+                                    PV_HILO, PREC, FP8_WORDS, F16_MMA)
     pdl.trigger(PDL)
     acc, m_i, l_i = _new_key(acc, m_i, l_i, s_new, v_st.to(tl.float32))
     return acc, m_i, l_i, kv_scale, heads, rmask
@@ -499,7 +519,7 @@ def _rope_split_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, 
                        MIN_PARTITION: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
                        CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
                        QK_NORM: tl.constexpr, GEMMA: tl.constexpr, FP8_WORDS: tl.constexpr = False,
-                       PF_KEYS: tl.constexpr = 0):
+                       PF_KEYS: tl.constexpr = 0, F16_MMA: tl.constexpr = False):
     """:func:`_split_kernel` with this step's token folded in (contract: :func:`launch_rope_decode_attention`):
     q and the new k (per-head RMSNorm first with QK_NORM) are roped in registers; the program whose partition holds
     key ``n - 1`` writes the new k / v there and takes that key from registers, every tile of the loop stops
@@ -517,7 +537,8 @@ def _rope_split_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, 
     acc, m_i, l_i, kv_scale, heads, rmask = _rope_attend(
         q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, pos_ptr, cs_ptr, cs_stride, qw_ptr, kw_ptr, qk_eps,
         kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, bt_ptr, bt_stride, kvs_ptr, qk_scale, group, b, kvh,
-        n, lo, part, D, GROUP_PAD, BLOCK_N, BLOCK_SIZE, CACHE_FP8, PV_HILO, PREC, PDL, QK_NORM, GEMMA, FP8_WORDS)
+        n, lo, part, D, GROUP_PAD, BLOCK_N, BLOCK_SIZE, CACHE_FP8, PV_HILO, PREC, PDL, QK_NORM, GEMMA, FP8_WORDS,
+        F16_MMA)
     _write_result(acc, m_i, l_i, kv_scale, n, b, heads, rmask, split, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr,
                   ws_l_ptr, n_heads, D, NUM_SPLITS)
 
@@ -530,7 +551,8 @@ def _rope_split_combine_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb
                                GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MIN_PARTITION: tl.constexpr,
                                BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, CACHE_FP8: tl.constexpr,
                                PV_HILO: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr, QK_NORM: tl.constexpr,
-                               GEMMA: tl.constexpr, SPLITS_PAD: tl.constexpr, FP8_WORDS: tl.constexpr = False):
+                               GEMMA: tl.constexpr, SPLITS_PAD: tl.constexpr, FP8_WORDS: tl.constexpr = False,
+                               F16_MMA: tl.constexpr = False):
     """:func:`_rope_split_kernel` (``NUM_SPLITS > 1``) with the combine in its last programs, as
     :func:`_split_combine_kernel`."""
     pdl.wait(PDL)
@@ -541,7 +563,8 @@ def _rope_split_combine_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb
     acc, m_i, l_i, kv_scale, heads, rmask = _rope_attend(
         q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, pos_ptr, cs_ptr, cs_stride, qw_ptr, kw_ptr, qk_eps,
         kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, bt_ptr, bt_stride, kvs_ptr, qk_scale, group, b, kvh,
-        n, lo, part, D, GROUP_PAD, BLOCK_N, BLOCK_SIZE, CACHE_FP8, PV_HILO, PREC, PDL, QK_NORM, GEMMA, FP8_WORDS)
+        n, lo, part, D, GROUP_PAD, BLOCK_N, BLOCK_SIZE, CACHE_FP8, PV_HILO, PREC, PDL, QK_NORM, GEMMA, FP8_WORDS,
+        F16_MMA)
     _finish_fused(acc, m_i, l_i, kv_scale, n, part, b, kvh, heads, rmask, split, out_ptr, o_sb, o_sh, ws_o_ptr,
                   ws_m_ptr, ws_l_ptr, cnt_ptr, n_heads, D, NUM_SPLITS, SPLITS_PAD, GROUP_PAD)
 
@@ -600,6 +623,15 @@ on one H100 at 28139fe) but not their speed. In ``decode_attention_h100_fp8words
 x 1024 / 4096 keys, Hq 32 / 64) its best swept config takes 0.98-1.06x the e4m3 loads' best at each point, and
 at :func:`pick_config`'s configs 1.04-1.08x their time."""
 
+FP8_F16 = False
+"""e4m3 caches under a bf16 q: the tile loop multiplies in fp16 (``F16_MMA``: :func:`_attend_range_q`) instead of
+bf16. An e4m3 value converts to fp16 exactly in one instruction for two elements (``cvt.rn.f16x2.e4m3x2``), where
+bf16 tiles take a second conversion an element (``cvt.bf16.f16``: sm_90's SASS ``F2F.BF16.F16``), so the loop
+issues a third of the conversions. q converts to fp16 exactly where ``6.1e-5 <= |q| <= 65504`` (a bf16 value has 8
+significant bits, fp16 11; smaller magnitudes round to fp16's subnormal steps of 2^-24, larger ones saturate at
+65504), so the scores are the bf16 loop's; P is split into fp16 high and low parts (22 bits, bf16's 16: ``PV_HILO``).
+:func:`fp8_f16_ok` says where it applies."""
+
 
 FUSE_COMBINE = False
 """Split launches (``NUM_SPLITS > 1``) combine their partials in the split kernel's last program of each
@@ -644,6 +676,12 @@ def reset_combine_counters() -> None:
     """Zero every fused-combine ticket counter (they are zero between launches unless a launch stopped part-way)."""
     for cnt in _KEEP:
         cnt.zero_()
+
+
+def fp8_f16_ok(q, key_cache) -> bool:
+    """Whether :data:`FP8_F16`'s fp16 tile loop applies: an e4m3 cache and a bf16 q (an fp16 q's loop is fp16
+    already; an fp32 q keeps fp32)."""
+    return key_cache.element_size() == 1 and q.dtype == torch.bfloat16
 
 
 def fp8_words_ok(q, key_cache, value_cache) -> bool:
@@ -788,14 +826,15 @@ def _launch_setup(q, key_cache, seq_lens, out, kv_scale, **overrides):
 
 def launch_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, out, scale, kv_scale=None, *,
                             max_seq_len: int, num_splits=None, min_partition=None, block_n=None, num_warps=None,
-                            num_stages=None, fp8_words=None, fuse_combine=None):
+                            num_stages=None, fp8_words=None, fuse_combine=None, fp8_f16=None):
     """``out [B, Hq, D]`` <- decode attention of ``q [B, Hq, D]`` over the paged caches
     ``[num_blocks, block_size, Hkv, D]`` (see the module docstring). Inputs are validated by
     :func:`tpfuse.attention.decode_attention`. ``max_seq_len`` only clamps the lengths on the device; the launch
     comes from :func:`pick_config` (``num_splits`` ... ``num_stages`` override its rule); ``fp8_words`` (None:
     :data:`FP8_WORDS`) asks for the word loads of e4m3 caches where :func:`fp8_words_ok`; ``fuse_combine`` (None:
     :data:`FUSE_COMBINE`) for the combine in the split kernel's last programs where :func:`_combine_counters` allows
-    it. Returns the :class:`DecodeConfig` used (``None`` for an empty batch)."""
+    it; ``fp8_f16`` (None: :data:`FP8_F16`) for the fp16 tile loop where :func:`fp8_f16_ok`. Returns the
+    :class:`DecodeConfig` used (``None`` for an empty batch)."""
     bsz, hq, d = q.shape
     block_size, hkv = key_cache.shape[1], key_cache.shape[2]
     if bsz == 0 or hq == 0:
@@ -808,6 +847,7 @@ def launch_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, o
     splits = cfg.num_splits
     on = pdl.wanted(out)
     words = (FP8_WORDS if fp8_words is None else fp8_words) and fp8_words_ok(q, key_cache, value_cache)
+    f16 = (FP8_F16 if fp8_f16 is None else fp8_f16) and fp8_f16_ok(q, key_cache)
     cnt = _combine_counters(cfg, out, hkv, fuse_combine)
     head = (q, q.stride(0), q.stride(1), key_cache, key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
             value_cache, value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
@@ -815,8 +855,8 @@ def launch_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, o
     tail = (float(scale) * LOG2E, int(max_seq_len), group, hq)
     meta = dict(D=d, GROUP_PAD=max(16, next_pow2(group)), BLOCK_N=cfg.block_n, MIN_PARTITION=cfg.min_partition,
                 BLOCK_SIZE=block_size, NUM_SPLITS=splits, CACHE_FP8=cache_fp8, PV_HILO=q.element_size() == 2,
-                PREC="ieee" if q.dtype.itemsize == 4 else "tf32", PDL=on, FP8_WORDS=words, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages, **pdl.launch_options(on))
+                PREC="ieee" if q.dtype.itemsize == 4 else "tf32", PDL=on, FP8_WORDS=words, F16_MMA=f16,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_options(on))
     if cnt is not None:
         _split_combine_kernel[(bsz, hkv, splits)](*head, cnt, *tail, SPLITS_PAD=next_pow2(splits), **meta)
         return cfg
@@ -841,7 +881,7 @@ def launch_rope_decode_attention(q, k, v, positions, cos_sin_cache, key_cache, v
                                  out, scale, kv_scale=None, *, max_seq_len: int, q_norm_weight=None,
                                  k_norm_weight=None, qk_eps: float = 0.0, gemma: bool = False, num_splits=None,
                                  min_partition=None, block_n=None, num_warps=None, num_stages=None, fp8_words=None,
-                                 fuse_combine=None):
+                                 fuse_combine=None, fp8_f16=None):
     """One decode step's attention with its RoPE and cache write folded in (:func:`_rope_split_kernel`, then the
     combine): ``q [B, Hq, D]``, ``k`` / ``v [B, Hkv, D]`` are this step's un-roped projections (read, never
     written); with ``n = clamp(seq_lens[b], 0, max_seq_len)``, sequence ``b``'s roped (after the per-head RMSNorm
@@ -863,6 +903,7 @@ def launch_rope_decode_attention(q, k, v, positions, cos_sin_cache, key_cache, v
     qw, kw = (q_norm_weight, k_norm_weight) if qk_norm else (q, q)  # unread without QK_NORM
     on = pdl.wanted(out)
     words = (FP8_WORDS if fp8_words is None else fp8_words) and fp8_words_ok(q, key_cache, value_cache)
+    f16 = (FP8_F16 if fp8_f16 is None else fp8_f16) and fp8_f16_ok(q, key_cache)
     cnt = _combine_counters(cfg, out, hkv, fuse_combine)
     head = (q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), positions,
             cos_sin_cache, cos_sin_cache.stride(0), qw, kw, float(qk_eps),
@@ -873,7 +914,8 @@ def launch_rope_decode_attention(q, k, v, positions, cos_sin_cache, key_cache, v
     meta = dict(D=d, GROUP_PAD=max(16, next_pow2(hq // hkv)), BLOCK_N=cfg.block_n, MIN_PARTITION=cfg.min_partition,
                 BLOCK_SIZE=block_size, NUM_SPLITS=splits, CACHE_FP8=cache_fp8, PV_HILO=q.element_size() == 2,
                 PREC="ieee" if q.dtype.itemsize == 4 else "tf32", PDL=on, QK_NORM=qk_norm, GEMMA=bool(gemma),
-                FP8_WORDS=words, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_options(on))
+                FP8_WORDS=words, F16_MMA=f16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                **pdl.launch_options(on))
     cap = rope_max_registers(cfg, cache_fp8)
     if cap is not None:
         meta["maxnreg"] = cap

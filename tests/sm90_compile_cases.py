@@ -57,6 +57,8 @@ def compile_kernel(fn, ptrs, const, num_warps=8, hinted=False, num_stages=None, 
             const = dict(const, **{pf: 0})
     if "FP8_WORDS" in names and "FP8_WORDS" not in const:  # decode attention's default e4m3 tile loads
         const = dict(const, FP8_WORDS=False)
+    if "F16_MMA" in names and "F16_MMA" not in const:  # decode attention's default: the tiles in q's dtype
+        const = dict(const, F16_MMA=False)
     sig = {n: ("constexpr" if n in const else ptrs.get(n, "fp32" if n in FLOATS else ("i32" if hinted else "i64")))
            for n in names}
     attrs = {}
@@ -179,6 +181,10 @@ def decode_attention_cases():
         if (q_t, splits) in (("*bf16", 16), ("*bf16", 32), ("*bf16", 1)) and d == 128:  # PDL + K/V prefetch
             yield (name + f"warps={warps} pdl prefetch{bn}", decode_attention._split_kernel, ptrs,
                    dict(const, PDL=True, PF_KEYS=bn), warps, True)
+        if cache == "*fp8e4nv" and q_t == "*bf16":  # the fp16 tile loop of e4m3 caches (FP8_F16)
+            for pdl_on in (False, True):
+                yield (name + f"warps={warps} f16" + (" pdl" if pdl_on else ""), decode_attention._split_kernel,
+                       ptrs, dict(const, F16_MMA=True, PDL=pdl_on), warps, True)
         if splits > 1 and (q_t != "*fp16"):  # the combine in the split kernel's last programs (FUSE_COMBINE)
             for pdl_on in (False, True):
                 yield (name + f"warps={warps} fusedcomb" + (" pdl" if pdl_on else ""),
@@ -210,6 +216,10 @@ def decode_attention_cases():
         if q_t == "*bf16":  # PDL + the K / V prefetch before the wait (decode_attention.PREFETCH)
             yield (name + f" pdl prefetch{bn}", decode_attention._rope_split_kernel, ptrs,
                    dict(const, PDL=True, PF_KEYS=bn), *opts)
+        if q_t == "*bf16" and cache == "*fp8e4nv":  # the fp16 tile loop (FP8_F16)
+            for pdl_on in (False, True):
+                yield (name + " f16" + (" pdl" if pdl_on else ""), decode_attention._rope_split_kernel, ptrs,
+                       dict(const, F16_MMA=True, PDL=pdl_on), *opts)
     for d, bn, splits in ((128, 64, 32), (128, 128, 16), (64, 128, 11), (128, 32, 8), (128, 32, 2)):
         yield (f"decode_attention combine d={d} splits={splits} block_n={bn}", decode_attention._combine_kernel,
                {"ws_o_ptr": "*fp32", "ws_m_ptr": "*fp32", "ws_l_ptr": "*fp32", "sl_ptr": "*i32", "out_ptr": "*bf16"},

@@ -165,6 +165,8 @@ def test_bench_e2e_imports_and_keeps_its_defaults():
         V("_fusedrope" if flip else "_ropesep", fuse_rope=flip),
         V("_fusedcomb" if comb else "_combkern", fuse_combine=comb),
         V("_foldnorm" if fold else "_normkern", fold_norms=fold)]
+    f16 = not dak.FP8_F16
+    assert bench_e2e.variants(bench_e2e.parse_args(["--f16-ab"])) == [V("_f16" if f16 else "_bf16loop", fp8_f16=f16)]
     with pytest.raises(SystemExit):
         bench_e2e.parse_args(["--small-m-everywhere"])
     assert (a.kv_fp8, bench_e2e.parse_args(["--kv-fp8"]).kv_fp8) == (False, True)

@@ -262,6 +262,25 @@ def test_case_fp8_cache(gen, hq, hkv, single):
 
 
 @kernel_case
+@pytest.mark.parametrize("single", [False, True], ids=["split", "single"])
+@pytest.mark.parametrize("hq,hkv", GROUPS[:2], ids=["g1", "g4"])
+def test_case_fp8_cache_f16_loop(gen, kernels, monkeypatch, hq, hkv, single):
+    """``FP8_F16``: the e4m3 tiles multiplied in fp16 against fp16(q * scale) keep the oracle's one-rounding bound
+    (bf16 q and output); the launch asked for it (``F16_MMA``), and not for a bf16 cache or an fp16 q."""
+    from tpfuse.kernels import decode_attention as dak
+
+    monkeypatch.setattr(dak, "FP8_F16", True)
+    rec = record_launches(monkeypatch, dak, "_split_kernel")
+    run_case(gen, DEVICE, lens=EDGE_LENS + [200], hq=hq, hkv=hkv, d=128, fp8=True,
+             partition=64 if single else 16, block_n=16)
+    run_case(gen, DEVICE, lens=[33, 0, 16, 5], hq=8, hkv=2, d=64, fp8=True)  # the launcher's own rule
+    assert [kw["F16_MMA"] for _, kw in rec.launches] == [True, True]
+    run_case(gen, DEVICE, lens=[33, 5], hq=8, hkv=2, d=64, fp8=False, partition=32, block_n=16)
+    run_case(gen, DEVICE, lens=[33, 5], hq=8, hkv=2, d=64, dtype=torch.float16, fp8=True, partition=32, block_n=16)
+    assert [kw["F16_MMA"] for _, kw in rec.launches[2:]] == [False, False]
+
+
+@kernel_case
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16cache", "fp8cache"])
 def test_case_batch_33(gen, fp8):
     lens = torch.randint(0, 70, (33,), generator=gen).tolist()
@@ -320,6 +339,23 @@ def test_gpu_big_shapes(gen, monkeypatch, hq, fp8, combine):
     if combine == "fused":
         assert len(recs["_split_combine_kernel"].launches) >= 2  # B=1 and B=3 split (B=64: bf16 one split)
         assert_fused_where_split(recs, f"big shapes hq={hq} fp8={fp8}")
+
+
+@gpu_only
+def test_gpu_fp8_f16_loop_big_shapes(gen, monkeypatch):
+    """``FP8_F16`` at the model's shapes (B 64 / 1, 32 q and 8 kv heads, up to 8192 keys, the launcher's rule):
+    within one rounding of the oracle, and within one bf16 step of the bf16 loop's output."""
+    from tpfuse.kernels import decode_attention as dak
+
+    lens = torch.randint(0, 8193, (64,), generator=gen).tolist()
+    lens[:4] = [8192, 0, 1, 4097]
+    for batch_lens in (lens, [8192], [1024] * 8):
+        outs = []
+        for f16 in (False, True):
+            monkeypatch.setattr(dak, "FP8_F16", f16)
+            outs.append(run_case(torch.Generator().manual_seed(len(batch_lens)), "cuda", lens=batch_lens, hq=32,
+                                 hkv=8, d=128, fp8=True))
+        assert_within_one_step(outs[0], outs[1], f"f16 loop vs bf16 loop, B={len(batch_lens)}")
 
 
 @gpu_only

@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from kernel_env import DEVICE, ON_GPU, capture, gpu_only, poisoned, record_launches
-from test_decode_attention import (assert_elementwise, assert_fused_combine_ran, assert_fused_where_split, fuse_combine,
-                                   make_inputs)
+from test_decode_attention import (assert_elementwise, assert_fused_combine_ran, assert_fused_where_split,
+                                   assert_within_one_step, fuse_combine, make_inputs)
 from test_rope import make_cos_sin_cache
 
 from tpfuse import attention as A
@@ -293,6 +293,23 @@ def test_case_fp8_cache(gen, single, qk_norm):
 
 
 @kernel_case
+@pytest.mark.parametrize("single", [False, True], ids=["split", "single"])
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["rope", "qknorm"])
+def test_case_fp8_cache_f16_loop(gen, kernels, monkeypatch, single, qk_norm):
+    """``decode_attention.FP8_F16``: the rope kernel's tile loop in fp16 over an e4m3 cache keeps the oracle's
+    bounds and writes the same cache bytes; the launches asked for it."""
+    from tpfuse.kernels import decode_attention as dak
+
+    monkeypatch.setattr(dak, "FP8_F16", True)
+    rec = record_launches(monkeypatch, dak, "_rope_split_kernel")
+    cfg = dict(num_splits=1, min_partition=64, block_n=32) if single else dict(num_splits=4, min_partition=16,
+                                                                                block_n=16)
+    run_step(gen, DEVICE, lens=EDGE_LENS + [77], hq=4 * HKV, hkv=HKV, d=128, fp8=True, qk_norm=qk_norm, **cfg)
+    run_step(gen, DEVICE, lens=[100, 37, 0, 64, 3, 129], hq=8, hkv=2, d=64, block_size=32, fp8=True)
+    assert [kw["F16_MMA"] for _, kw in rec.launches] == [True, True]
+
+
+@kernel_case
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16cache", "fp8cache"])
 def test_case_public_op_heuristic(gen, fp8):
     # the launcher's own config; lengths that end mid-tile and mid-block, one empty sequence
@@ -402,6 +419,30 @@ def test_gpu_cuda_graph_capture_replay(gen, monkeypatch, fp8, combine):
         assert torch.equal(out.view(torch.int16), eager.view(torch.int16)), f"replay {it}"
         assert torch.equal(kc.view(torch.uint8), kc2.view(torch.uint8)), f"replay {it}: key cache"
         assert torch.equal(vc.view(torch.uint8), vc2.view(torch.uint8)), f"replay {it}: value cache"
+
+
+@gpu_only
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["rope", "qknorm"])
+@pytest.mark.parametrize("bsz", [1, 8, 64])
+def test_gpu_fp8_f16_loop_model_shapes(gen, monkeypatch, bsz, qk_norm):
+    """``decode_attention.FP8_F16`` at the 8B's heads and the shipped configs (B 1 / 8 / 64, 256-token blocks,
+    contexts around 1k, e4m3 cache): within the oracle's bounds (run_step), and the cache bytes it writes equal the
+    bf16 loop's."""
+    from tpfuse.kernels import decode_attention as dak
+
+    lens = torch.randint(900, 1100, (bsz,), generator=gen).tolist()
+    seed = int(torch.randint(0, 2 ** 31, (1,), generator=gen))
+    runs = []
+    for f16 in (False, True):
+        monkeypatch.setattr(dak, "FP8_F16", f16)
+        rec = record_launches(monkeypatch, dak, "_rope_split_kernel")
+        runs.append(run_step(torch.Generator().manual_seed(seed), DEVICE, lens=lens, hq=32, hkv=8, d=128,
+                             block_size=256, fp8=True, qk_norm=qk_norm))
+        assert [kw["F16_MMA"] for _, kw in rec.launches] == [f16]
+    (o0, k0, v0), (o1, k1, v1) = runs
+    assert torch.equal(k0.view(torch.uint8), k1.view(torch.uint8)) and torch.equal(v0.view(torch.uint8),
+                                                                                  v1.view(torch.uint8))
+    assert_within_one_step(o0, o1, f"f16 loop vs bf16 loop, B={bsz} qk_norm={qk_norm}")
 
 
 @gpu_only
