@@ -67,9 +67,9 @@
 #         bf16 and FP8 caches), then the full 8B's decode rows with and without it, the GEMMs' weight prefetch off
 #         (bench_e2e.py --pdl-ab --prefetch-kib 0: rows _prefetch, bf16 cache; --tag kvpf_ab; KVPREFETCH_ARGS
 #         appended), ~2-3 min. One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh kvprefetch
-#   fp8f16: decides decode_attention.FP8_F16 (e4m3-cache tile loops in fp16): its GPU tests (-k f16 in
+#   fp8f16: decides decode_attention.FP8_F16 (e4m3-cache tile loops in fp16): its tests (-k f16_loop in
 #         tests/test_decode_attention.py and tests/test_rope_decode_attention.py: model shapes, the oracle's bounds,
-#         within one bf16 step of the bf16 loop, the same cache bytes), bench_decode_attention.py at B 1 / 8 / 64
+#         within one bf16 step of the bf16 loop, the same cache bytes, the PDL builds bitwise equal to the others), bench_decode_attention.py at B 1 / 8 / 64
 #         (tpfuse_fp8 vs tpfuse_fp8_f16; fp8f16/decode_attention_<device>.json), then the full 8B's e4m3-cache decode
 #         rows both ways (bench_e2e.py --kv-fp8 --f16-ab --tag f16_ab, FP8F16_ARGS appended), ~4 min.
 #         One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh fp8f16
@@ -227,7 +227,7 @@ for s in "${steps[@]}"; do
                   --tag kvpf_ab --models 8B --layers full --decode-batches 1,8,64 --context 1024 --prefill 1024 \
                   --hf-models none --pdl-ab --prefetch-kib 0 ${KVPREFETCH_ARGS:-} ;;
     fp8f16) LIMIT_fp8f16_tests=${LIMIT_fp8f16_tests:-150} run fp8f16_tests bash -c "python3 -m pytest -q -rs \
-              -k f16 tests/test_decode_attention.py tests/test_rope_decode_attention.py"
+              -k f16_loop tests/test_decode_attention.py tests/test_rope_decode_attention.py"
             LIMIT_fp8f16_bench=${LIMIT_fp8f16_bench:-120} run fp8f16_bench python3 bench/bench_decode_attention.py \
               --batches 1,8,64 --block-size 256 --out-dir "$OUT/fp8f16"
             LIMIT_fp8f16_ab=${LIMIT_fp8f16_ab:-200} run fp8f16_ab "${TR1[@]}" bench/bench_e2e.py --tag f16_ab \

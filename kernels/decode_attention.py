@@ -612,8 +612,10 @@ PREFETCH = False
 """Under PDL the split kernels (:func:`_split_kernel`, :func:`_rope_split_kernel`; not the fused-combine ones)
 prefetch their partition's first tile of K and V into L2 before the wait (:func:`_prefetch_partition`) when True.
 Off: together with the small-M GEMM's weight prefetch, on the split kernel (the RoPE apart), it did not pay on the
-full 8B (``tpfuse.kernels.small_m_gemm.PREFETCH_BYTES`` says where it was measured). The rope kernel's prefetch
-has not been timed: ``bench_e2e.py --pdl-ab --prefetch-kib 0`` times it alone (rows ``_prefetch``)."""
+full 8B (``tpfuse.kernels.small_m_gemm.PREFETCH_BYTES`` says where it was measured); alone, in the rope kernel
+(``bench_e2e.py --pdl-ab --prefetch-kib 0``, one H100 at 9799eb6, ``e2e_tp1_h100_kvpf_ab_9799eb6.json``, rows
+``_prefetch``) the step took 1.00 / 1.02 / 1.00x at batch 1 / 8 / 64 in bf16, 1.01 / 1.03 / 1.00x in per-channel FP8
+and 1.00 / 1.03 / 1.00x in static FP8; its GPU test (``test_gpu_kv_prefetch_under_pdl``) passed there."""
 FP8_WORDS = False
 """e4m3 caches with a bf16 / fp16 q: load K / V tiles as int32 words of four e4m3 and convert them before the MMA
 layout change (:func:`_load_kv_tile`; :func:`fp8_words_ok` says where it applies; False: the e4m3 tile loads). Its
@@ -630,7 +632,11 @@ bf16 tiles take a second conversion an element (``cvt.bf16.f16``: sm_90's SASS `
 issues a third of the conversions. q converts to fp16 exactly where ``6.1e-5 <= |q| <= 65504`` (a bf16 value has 8
 significant bits, fp16 11; smaller magnitudes round to fp16's subnormal steps of 2^-24, larger ones saturate at
 65504), so the scores are the bf16 loop's; P is split into fp16 high and low parts (22 bits, bf16's 16: ``PV_HILO``).
-:func:`fp8_f16_ok` says where it applies."""
+:func:`fp8_f16_ok` says where it applies. Off until the model's decode graphs (PDL builds) have run it in a GPU test:
+on one H100 at 9799eb6 its GPU tests without PDL passed (``test_gpu_fp8_f16_loop_*``: the oracle's bounds, within
+one bf16 step of the bf16 loop, the same cache bytes); the kernel took 0.85-0.92x the bf16 loop's time at every
+point of ``bench/results/decode_attention_h100_fp8f16_9799eb6.json`` (B 1 / 8 / 64, 1k / 4k keys) and the full 8B's
+e4m3-cache decode step 1.00 / 1.00 / 0.97x at batch 1 / 8 / 64 (``e2e_tp1_h100_f16_ab_9799eb6.json``)."""
 
 
 FUSE_COMBINE = False

@@ -7,15 +7,16 @@ import torch
 
 from tpfuse.parallel.generate import _argmax_chunk, greedy_tokens
 
-VOCABS = [128256, 32000, 151936, 32064, 50257, 102400, 131, 100]
+VOCABS = [128256, 32000, 151936, 65537, 102400, 256000, 131]
 
 
 @pytest.mark.parametrize("vocab", VOCABS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_greedy_tokens_equal_argmax(vocab, dtype):
     g = torch.Generator().manual_seed(vocab)
-    x = torch.randn(8, vocab, generator=g).to(dtype)
-    chunk = _argmax_chunk(vocab) or vocab // 4
+    rows = 8 if vocab != 151936 else 24  # more than 16 rows: the longer chunks
+    x = torch.randn(rows, vocab, generator=g).to(dtype)
+    chunk = _argmax_chunk(vocab, rows) or vocab // 4
     x[1, 3] = x[1, vocab - 1] = 40.0  # a tie across chunks: the first index wins
     x[2, chunk + 5] = x[2, chunk + 6] = 40.0  # a tie inside one chunk (not the first)
     x[3] = 0.0  # every entry equal
@@ -33,6 +34,7 @@ def test_greedy_tokens_of_a_strided_view_and_chunk_choice():
     last = logits[:, -1]
     assert last.stride() == (4 * 128256, 1)
     assert torch.equal(greedy_tokens(last), last.argmax(-1))
-    assert _argmax_chunk(128256) == 334 and 128256 % 334 == 0
-    assert _argmax_chunk(131) is None  # a prime: torch.argmax
+    assert _argmax_chunk(128256) == 334 and _argmax_chunk(128256, 64) == 668  # nearest sqrt(V) (x2: many rows)
+    assert _argmax_chunk(32000) is None  # a small vocabulary: torch.argmax
+    assert _argmax_chunk(65537) is None  # a prime: torch.argmax
     assert torch.equal(greedy_tokens(last[:, ::2]), last[:, ::2].argmax(-1))  # not unit stride: torch.argmax

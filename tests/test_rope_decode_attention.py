@@ -446,6 +446,39 @@ def test_gpu_fp8_f16_loop_model_shapes(gen, monkeypatch, bsz, qk_norm):
 
 
 @gpu_only
+@pytest.mark.parametrize("bsz", [1, 8, 64])
+def test_gpu_fp8_f16_loop_under_pdl(gen, monkeypatch, bsz):
+    """``decode_attention.FP8_F16`` in the PDL builds the model's decode graphs launch: the rope kernel's output and
+    caches under ``pdl.launches`` equal, bit for bit, the same fp16-loop launch without PDL (which
+    test_gpu_fp8_f16_loop_model_shapes checks against the oracle): 8B heads, e4m3 cache, model configs."""
+    from tpfuse.kernels import decode_attention as dak
+    from tpfuse.kernels import pdl
+
+    if not pdl.available(torch.device("cuda")):
+        pytest.skip("no PDL on this GPU / stack")
+    monkeypatch.setattr(dak, "FP8_F16", True)
+    lens = torch.randint(900, 1100, (bsz,), generator=gen).tolist()
+    x = make_step(gen, lens=lens, hq=32, hkv=8, d=128, block_size=256, fp8=True)
+    qkv, kc, vc, bt, sl, pos, cs = (x[n].cuda() for n in ("qkv", "kc", "vc", "bt", "sl", "pos", "cs"))
+    q, k, v = qkv_views(qkv, 32, 8, 128)
+    results = []
+    for on in (False, True):
+        rec = record_launches(monkeypatch, dak, "_rope_split_kernel")
+        kc2, vc2 = kc.clone(), vc.clone()
+        with pdl.launches(on):
+            out = A.rope_decode_attention(q, k, v, pos, cs, kc2, vc2, bt, sl, scale=x["scale"],
+                                          kv_scale=x["kv_scale"].cuda())
+        torch.cuda.synchronize()
+        assert [(kw["F16_MMA"], kw["PDL"]) for _, kw in rec.launches] == [(True, on)]
+        results.append((out, kc2, vc2))
+    (o0, k0, v0), (o1, k1, v1) = results
+    assert not torch.isnan(o1).any()
+    assert torch.equal(o0.view(torch.int16), o1.view(torch.int16))
+    assert torch.equal(k0.view(torch.uint8), k1.view(torch.uint8)) and torch.equal(v0.view(torch.uint8),
+                                                                                  v1.view(torch.uint8))
+
+
+@gpu_only
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16cache", "fp8cache"])
 @pytest.mark.parametrize("bsz", [1, 8, 64])
 def test_gpu_kv_prefetch_under_pdl(gen, monkeypatch, bsz, fp8):

@@ -44,24 +44,31 @@ class GenerateOutput:
         return self.sequences.shape[0] * max(0, self.new_tokens - 1) / max(self.decode_ms, 1e-9) * 1e3
 
 
-ARGMAX_CHUNK = (64, 4096)
-"""Chunk lengths :func:`greedy_tokens` may split the vocabulary into (a divisor of it in this range)."""
+TWO_STAGE_VOCAB = 65536
+"""Vocabularies from this size on take :func:`greedy_tokens`' two reductions; smaller ones ``torch.argmax`` (one H100,
+``bench/results/argmax_h100_9799eb6.json``: a 128256 vocabulary took 26 / 27 / 27 us in ``torch.argmax`` at batch
+1 / 8 / 64 and 11 / 13 us in two reductions of 334-long chunks at batch 1 / 8, 21 / 23 us of 768 / 501-long ones at
+64; a 32000 vocabulary 8.7 us in one, 11 in two)."""
 
 
-def _argmax_chunk(vocab: int) -> Optional[int]:
-    """The divisor of ``vocab`` in :data:`ARGMAX_CHUNK` nearest its square root (``None``: there is none)."""
-    lo, hi = ARGMAX_CHUNK
-    divisors = [c for c in range(lo, min(hi, vocab // 2) + 1) if vocab % c == 0]
-    return min(divisors, key=lambda c: abs(c * c - vocab)) if divisors else None
+def _argmax_chunk(vocab: int, rows: int = 1) -> Optional[int]:
+    """The chunk length :func:`greedy_tokens` splits a row into: the divisor of ``vocab`` in [64, 4096] nearest
+    ``sqrt(vocab)`` (twice that for more than 16 rows, where the chunks' count matters less than their length);
+    ``None`` where the vocabulary is below :data:`TWO_STAGE_VOCAB` or has no such divisor."""
+    if vocab < TWO_STAGE_VOCAB:
+        return None
+    want = (2.0 if rows > 16 else 1.0) * vocab ** 0.5
+    divisors = [c for c in range(64, min(4096, vocab // 2) + 1) if vocab % c == 0]
+    return min(divisors, key=lambda c: abs(c - want)) if divisors else None
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """``logits.argmax(-1)`` of ``[B, vocab]`` logits (the first index of each row's maximum; a NaN counts as the
-    maximum), in two reductions: the maximum of each chunk of the row, then the first chunk holding the row's
-    maximum. ``torch.argmax`` reduces a row in one thread block, which takes ~28 us a step for one row of a 128k
-    vocabulary on an H200 (``bench/results/profile_decode_tp1_h200_8B_b1_nopdl_0f90e15.json``); chunks spread it
-    over the GPU. Rows whose vocabulary has no divisor in :data:`ARGMAX_CHUNK` take ``torch.argmax``."""
-    chunk = _argmax_chunk(logits.shape[-1]) if logits.dim() == 2 and logits.stride(-1) == 1 else None
+    maximum), for large vocabularies in two reductions: the maximum of each chunk of the row, then the first chunk
+    holding the row's maximum. ``torch.argmax`` reduces a row in one thread block (26 us a step for one row of a
+    128k vocabulary on an H100); chunks spread it over the GPU. See :data:`TWO_STAGE_VOCAB`."""
+    ok = logits.dim() == 2 and logits.stride(-1) == 1
+    chunk = _argmax_chunk(logits.shape[-1], logits.shape[0]) if ok else None
     if chunk is None:
         return logits.argmax(-1)
     b, v = logits.shape
