@@ -445,6 +445,15 @@ def test_gpu_fp8_f16_loop_model_shapes(gen, monkeypatch, bsz, qk_norm):
     assert_within_one_step(o0, o1, f"f16 loop vs bf16 loop, B={bsz} qk_norm={qk_norm}")
 
 
+def assert_same_bits(a, b):
+    """Two launches' ``(out, key_cache, value_cache)`` equal bit for bit (and no NaN in the output)."""
+    (o0, k0, v0), (o1, k1, v1) = a, b
+    assert not torch.isnan(o1).any()
+    assert torch.equal(o0.view(torch.int16), o1.view(torch.int16))
+    assert torch.equal(k0.view(torch.uint8), k1.view(torch.uint8)) and torch.equal(v0.view(torch.uint8),
+                                                                                  v1.view(torch.uint8))
+
+
 @gpu_only
 @pytest.mark.parametrize("bsz", [1, 8, 64])
 def test_gpu_fp8_f16_loop_under_pdl(gen, monkeypatch, bsz):
@@ -471,11 +480,7 @@ def test_gpu_fp8_f16_loop_under_pdl(gen, monkeypatch, bsz):
         torch.cuda.synchronize()
         assert [(kw["F16_MMA"], kw["PDL"]) for _, kw in rec.launches] == [(True, on)]
         results.append((out, kc2, vc2))
-    (o0, k0, v0), (o1, k1, v1) = results
-    assert not torch.isnan(o1).any()
-    assert torch.equal(o0.view(torch.int16), o1.view(torch.int16))
-    assert torch.equal(k0.view(torch.uint8), k1.view(torch.uint8)) and torch.equal(v0.view(torch.uint8),
-                                                                                  v1.view(torch.uint8))
+    assert_same_bits(*results)
 
 
 @gpu_only
@@ -507,11 +512,7 @@ def test_gpu_kv_prefetch_under_pdl(gen, monkeypatch, bsz, fp8):
         pf = [kw.get("PF_KEYS", 0) for _, kw in rec.launches]
         assert pf and all((p > 0) == prefetch for p in pf), (prefetch, pf)
         results.append((out, kc2, vc2))
-    (o0, k0, v0), (o1, k1, v1) = results
-    assert not torch.isnan(o1).any()
-    assert torch.equal(o0.view(torch.int16), o1.view(torch.int16))
-    assert torch.equal(k0.view(torch.uint8), k1.view(torch.uint8)) and torch.equal(v0.view(torch.uint8),
-                                                                                  v1.view(torch.uint8))
+    assert_same_bits(*results)
 
 
 @gpu_only
