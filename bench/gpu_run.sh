@@ -3,11 +3,11 @@
 #   bash bench/gpu_run.sh [STEP ...]      steps: env tests probe_ce async_tp fused_ar local rope decode_attn host
 #                                         profile e2e e2e_full e2e_shards load tune demo onegpu soak probe_onegpu
 #                                         small_gemm e2e_ab e2e_big fp8cache fusedrope fusedcomb foldnorm
-#                                         kvprefetch fp8f16
+#                                         kvprefetch fp8f16 argmax
 #                                         (default: all but probe_ce, profile, e2e_full, e2e_shards, load,
 #                                         onegpu, soak, probe_onegpu, small_gemm, e2e_ab, e2e_big, fp8cache,
-#                                         fusedrope, fusedcomb, foldnorm, kvprefetch, fp8f16; multi-GPU steps skip
-#                                         on one GPU)
+#                                         fusedrope, fusedcomb, foldnorm, kvprefetch, fp8f16, argmax; multi-GPU
+#                                         steps skip on one GPU)
 #   e2e_full / e2e_shards: bench_e2e.py at TP=1 (one process whatever the GPU count) at full size, real vocab;
 #           JSON + PNG e2e_tp1_<device>_full / _shards; E2E_FULL_ARGS / E2E_SHARDS_ARGS are appended (a repeated
 #           option overrides). Default limits 330 s / 150 s (LIMIT_e2e_full, LIMIT_e2e_shards): both in one
@@ -69,10 +69,13 @@
 #         appended), ~2-3 min. One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh kvprefetch
 #   fp8f16: decides decode_attention.FP8_F16 (e4m3-cache tile loops in fp16): its tests (-k f16_loop in
 #         tests/test_decode_attention.py and tests/test_rope_decode_attention.py: model shapes, the oracle's bounds,
-#         within one bf16 step of the bf16 loop, the same cache bytes, the PDL builds bitwise equal to the others), bench_decode_attention.py at B 1 / 8 / 64
+#         within one bf16 step of the bf16 loop, the same cache bytes, the PDL builds bitwise equal to the others;
+#         the model's graph and eager decode against the fp64 oracle with it on, test_fp8_f16_decode_matches_*), bench_decode_attention.py at B 1 / 8 / 64
 #         (tpfuse_fp8 vs tpfuse_fp8_f16; fp8f16/decode_attention_<device>.json), then the full 8B's e4m3-cache decode
 #         rows both ways (bench_e2e.py --kv-fp8 --f16-ab --tag f16_ab, FP8F16_ARGS appended), ~4 min.
 #         One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh fp8f16
+#   argmax: the greedy pick's A/B (bench/bench_argmax.py: torch.argmax vs tpfuse.parallel.generate.greedy_tokens
+#         and its chunk lengths, vocab 128256 / 32000 at B 1 / 8 / 64; ARGMAX_ARGS appended; ~20 s)
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
 # Logs, JSON and PNG go to $OUT (or bench/results/gpu-run when OUT is unset). Multi-GPU steps need >= 2 GPUs.
 set -uo pipefail
@@ -227,12 +230,14 @@ for s in "${steps[@]}"; do
                   --tag kvpf_ab --models 8B --layers full --decode-batches 1,8,64 --context 1024 --prefill 1024 \
                   --hf-models none --pdl-ab --prefetch-kib 0 ${KVPREFETCH_ARGS:-} ;;
     fp8f16) LIMIT_fp8f16_tests=${LIMIT_fp8f16_tests:-150} run fp8f16_tests bash -c "python3 -m pytest -q -rs \
-              -k f16_loop tests/test_decode_attention.py tests/test_rope_decode_attention.py"
+              -k 'f16_loop or fp8_f16_decode' tests/test_decode_attention.py tests/test_rope_decode_attention.py \
+              tests/distributed/test_model_runtime_gpu.py"
             LIMIT_fp8f16_bench=${LIMIT_fp8f16_bench:-120} run fp8f16_bench python3 bench/bench_decode_attention.py \
               --batches 1,8,64 --block-size 256 --out-dir "$OUT/fp8f16"
             LIMIT_fp8f16_ab=${LIMIT_fp8f16_ab:-200} run fp8f16_ab "${TR1[@]}" bench/bench_e2e.py --tag f16_ab \
               --models 8B --layers full --decode-batches 1,8,64 --context 1024 --prefill 1024 --hf-models none \
               --no-fp8 --kv-fp8 --f16-ab ${FP8F16_ARGS:-} ;;
+    argmax) run argmax python3 bench/bench_argmax.py ${ARGMAX_ARGS:-} ;;
     load) run load python3 bench/bench_load.py --shape 8B ${LOAD_ARGS:-}
           run load_fp8 python3 bench/bench_load.py --shape 8B --fp8 ${LOAD_ARGS:-} ;;  # TP=1; writes /tmp ckpts
     decode_attn) [[ -f bench/bench_decode_attention.py ]] && run decode_attn python3 bench/bench_decode_attention.py ${DECODE_ATTN_ARGS:-} ;;

@@ -65,7 +65,7 @@ def _decode_run(model, prompts, extra, steps):
     return [torch.cat(x) for x in rows], model._tpfuse.last_mode
 
 
-def _graph_vs_eager(rank, world, arch, batch, cache_dtype, fuse_rope=None, fuse_combine=None):
+def _graph_vs_eager(rank, world, arch, batch, cache_dtype, fuse_rope=None, fuse_combine=None, fp8_f16=None):
     from tpfuse.tolerance import REL_ERR_LOGITS, rel_err
 
     import tpfuse.attention as ta
@@ -73,8 +73,11 @@ def _graph_vs_eager(rank, world, arch, batch, cache_dtype, fuse_rope=None, fuse_
 
     if fuse_combine is not None:  # this rank's process only (spawned)
         dak.FUSE_COMBINE = fuse_combine
-    combines = {name: LaunchRecorder(getattr(dak, name))  # which combine ran (this rank's process only)
-                for name in ("_split_combine_kernel", "_rope_split_combine_kernel", "_combine_kernel")}
+    if fp8_f16 is not None:
+        dak.FP8_F16 = fp8_f16
+    combines = {name: LaunchRecorder(getattr(dak, name))  # which kernels ran (this rank's process only)
+                for name in ("_split_combine_kernel", "_rope_split_combine_kernel", "_combine_kernel",
+                             "_split_kernel", "_rope_split_kernel")}
     for name, rec in combines.items():
         setattr(dak, name, rec)
 
@@ -102,6 +105,9 @@ def _graph_vs_eager(rank, world, arch, batch, cache_dtype, fuse_rope=None, fuse_
     if fuse_combine is not None:  # which combine ran (prefill never launches one: it attends without splits)
         kinds = {name for name, rec in combines.items() if rec.launches}
         assert kinds and (kinds <= {"_split_combine_kernel", "_rope_split_combine_kernel"}) == fuse_combine, kinds
+    if fp8_f16 is not None:  # every decode attention launch on the e4m3 cache took the fp16 loop (or not)
+        f16 = [kw.get("F16_MMA", False) for rec in combines.values() for _, kw in rec.launches if "F16_MMA" in kw]
+        assert f16 and all(f == fp8_f16 for f in f16), f16
     errs = []
     tol = REL_ERR_LOGITS[DT] * (4 if cache_dtype is not None else 1)
     for r, p in enumerate(prompts):
@@ -139,6 +145,15 @@ def test_fused_combine_decode_matches_eager_and_oracle(arch, cache_dtype, fuse_r
     last programs, through the model's graphs (counters allocated by the eager warm-up, re-armed by each replay)
     and eagerly, with and without the fused RoPE; only the fused kernels ran."""
     errs = run_gpu(_graph_vs_eager, 1, arch, 3, cache_dtype, fuse_rope, True, timeout_s=600)
+    assert all(e > 0 for e in errs)
+
+
+@pytest.mark.parametrize("arch,fuse_rope", [("qwen3", True), ("llama", True), ("llama", False)])
+def test_fp8_f16_decode_matches_eager_and_oracle(arch, fuse_rope):
+    """``decode_attention.FP8_F16`` (off by default): the e4m3 cache's tile loop in fp16 through the model's graphs
+    (captured with PDL, the default) and eagerly, with the fused RoPE (QK-norm for qwen3) and apart; every decode
+    attention launch took it."""
+    errs = run_gpu(_graph_vs_eager, 1, arch, 3, torch.float8_e4m3fn, fuse_rope, None, True, timeout_s=600)
     assert all(e > 0 for e in errs)
 
 
