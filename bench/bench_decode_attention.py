@@ -8,7 +8,9 @@ Providers:
 * ``tpfuse``: the Triton flash-decoding kernel on a paged bf16 cache (block tables shuffled);
 * ``tpfuse_fp8``: the same on an FP8 e4m3 cache (one device scale); ``tpfuse_fp8_words``: the same launch with
   the e4m3 tiles loaded as int32 words (``decode_attention.FP8_WORDS``, off by default), its A/B;
-  ``tpfuse_fp8_f16``: the same launch with its tile loop in fp16 (``decode_attention.FP8_F16``), its A/B.
+  ``tpfuse_fp8_f16``: the same launch with its tile loop in fp16 (``decode_attention.FP8_F16``), its A/B;
+  ``tpfuse_fp8_f16_words``: both (the word loads converted straight to fp16: no byte-wide shared-memory loads and
+  one conversion instruction per two elements in its sm_90 SASS).
 
 Shapes: B in 1, 8, 64; context 1024 and 4096 (every sequence at the full context, or with ``--mixed`` each at a
 random length in [ctx/2, ctx]); heads 32/8 and 64/8; D 128; bf16 q; ``max_seq_len`` (the capacity, which only
@@ -107,10 +109,13 @@ def check(c, scale, ctx):
     words = torch.empty_like(out8)
     fp8_words(c, scale, words, ctx)
     assert torch.equal(words, out8), "the FP8 cache's word loads change the output"
-    f16 = torch.empty_like(out8)
+    f16, f16w = torch.empty_like(out8), torch.empty_like(out8)
     fp8_f16(c, scale, f16, ctx)
+    fp8_f16(c, scale, f16w, ctx, words=True)
     err16 = ((f16.float() - out8.float()).norm() / out8.float().norm()).item()
     assert err16 < 4e-3, f"the FP8 cache's fp16 loop is {err16} from its bf16 loop"
+    err16w = ((f16w.float() - f16.float()).norm() / f16.float().norm()).item()
+    assert err16w < 4e-3, f"the FP8 cache's word loads move the fp16 loop's output by {err16w}"
 
 
 SWEEP_SPLITS = (1, 2, 4, 8, 16, 32)
@@ -156,13 +161,13 @@ def fp8_words(c, scale, out, ctx):
                             max_seq_len=ctx, fp8_words=True)
 
 
-def fp8_f16(c, scale, out, ctx):
-    """The FP8 cache's launch with its tile loop in fp16 (``fp8_f16=True``): the A/B of ``decode_attention.FP8_F16``
-    against ``tpfuse_fp8``."""
+def fp8_f16(c, scale, out, ctx, words=False):
+    """The FP8 cache's launch with its tile loop in fp16 (``fp8_f16=True``; ``words``: its tiles loaded as int32
+    words too): the A/B of ``decode_attention.FP8_F16`` (and ``FP8_WORDS``) against ``tpfuse_fp8``."""
     from tpfuse.kernels.decode_attention import launch_decode_attention
 
     launch_decode_attention(c["q"], c["kc8"], c["vc8"], c["bt"], c["lens"], out, scale, c["kv_scale"],
-                            max_seq_len=ctx, fp8_f16=True)
+                            max_seq_len=ctx, fp8_f16=True, fp8_words=words)
 
 
 def make_static_paged_case(bsz, ctx, cap, max_batch, hq, hkv, d, block_size, mixed, gen, dev="cuda"):
@@ -241,7 +246,8 @@ def cases(args):
                              c["q"], c["kc8"], c["vc8"], c["bt"], c["lens"], scale=scale, kv_scale=c["kv_scale"],
                              out=out, max_seq_len=ctx),
                          "tpfuse_fp8_words": lambda: fp8_words(c, scale, out, ctx),
-                         "tpfuse_fp8_f16": lambda: fp8_f16(c, scale, out, ctx)}
+                         "tpfuse_fp8_f16": lambda: fp8_f16(c, scale, out, ctx),
+                         "tpfuse_fp8_f16_words": lambda: fp8_f16(c, scale, out, ctx, words=True)}
                 if args.sweep and (not args.sweep_batches or bsz in args.sweep_batches):
                     for cache in SWEEP_CACHES[args.sweep_cache]:
                         sweep(c, d, ctx, scale, provs, args.sweep_splits or SWEEP_SPLITS, args.sweep_stages or (3,),

@@ -70,8 +70,10 @@
 #   fp8f16: decides decode_attention.FP8_F16 (e4m3-cache tile loops in fp16): its tests (-k f16_loop in
 #         tests/test_decode_attention.py and tests/test_rope_decode_attention.py: model shapes, the oracle's bounds,
 #         within one bf16 step of the bf16 loop, the same cache bytes, the PDL builds bitwise equal to the others;
-#         the model's graph and eager decode against the fp64 oracle with it on, test_fp8_f16_decode_matches_*), bench_decode_attention.py at B 1 / 8 / 64
-#         (tpfuse_fp8 vs tpfuse_fp8_f16; fp8f16/decode_attention_<device>.json), then the full 8B's e4m3-cache decode
+#         the model's graph and eager decode against the fp64 oracle with it on, test_fp8_f16_decode_matches_*;
+#         the word loads (FP8_WORDS) bitwise equal to the byte loads in both loops, word_loads),
+#         bench_decode_attention.py at B 1 / 8 / 64 (tpfuse_fp8 vs tpfuse_fp8_f16 vs tpfuse_fp8_f16_words;
+#         fp8f16/decode_attention_<device>.json), then the full 8B's e4m3-cache decode
 #         rows both ways (bench_e2e.py --kv-fp8 --f16-ab --tag f16_ab, FP8F16_ARGS appended), ~4 min.
 #         One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh fp8f16
 #   argmax: the greedy pick's A/B (bench/bench_argmax.py: torch.argmax vs tpfuse.parallel.generate.greedy_tokens
@@ -230,7 +232,7 @@ for s in "${steps[@]}"; do
                   --tag kvpf_ab --models 8B --layers full --decode-batches 1,8,64 --context 1024 --prefill 1024 \
                   --hf-models none --pdl-ab --prefetch-kib 0 ${KVPREFETCH_ARGS:-} ;;
     fp8f16) LIMIT_fp8f16_tests=${LIMIT_fp8f16_tests:-150} run fp8f16_tests bash -c "python3 -m pytest -q -rs \
-              -k 'f16_loop or fp8_f16_decode' tests/test_decode_attention.py tests/test_rope_decode_attention.py \
+              -k 'f16_loop or fp8_f16_decode or word_loads' tests/test_decode_attention.py tests/test_rope_decode_attention.py \
               tests/distributed/test_model_runtime_gpu.py"
             LIMIT_fp8f16_bench=${LIMIT_fp8f16_bench:-120} run fp8f16_bench python3 bench/bench_decode_attention.py \
               --batches 1,8,64 --block-size 256 --out-dir "$OUT/fp8f16"

@@ -185,6 +185,9 @@ def decode_attention_cases():
             for pdl_on in (False, True):
                 yield (name + f"warps={warps} f16" + (" pdl" if pdl_on else ""), decode_attention._split_kernel,
                        ptrs, dict(const, F16_MMA=True, PDL=pdl_on), warps, True)
+                yield (name + f"warps={warps} words f16" + (" pdl" if pdl_on else ""),
+                       decode_attention._split_kernel, ptrs, dict(const, FP8_WORDS=True, F16_MMA=True, PDL=pdl_on),
+                       warps, True)
         if splits > 1 and (q_t != "*fp16"):  # the combine in the split kernel's last programs (FUSE_COMBINE)
             for pdl_on in (False, True):
                 yield (name + f"warps={warps} fusedcomb" + (" pdl" if pdl_on else ""),

@@ -510,14 +510,16 @@ WORD_CASES = [  # (lens, hq, hkv, d, block_size, (block_n, num_splits, num_warps
 
 
 @gpu_only
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_gpu_fp8_word_loads_match_byte_loads(gen, dtype):
+@pytest.mark.parametrize("dtype,f16", [(torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)],
+                         ids=["bf16", "fp16", "bf16_f16_loop"])
+def test_gpu_fp8_word_loads_match_byte_loads(gen, dtype, f16):
     """``FP8_WORDS``: e4m3 tiles loaded as int32 words and converted before the MMA layout change give the same bits
     as the e4m3 tile loads, at the FP8 rule's configs and forced tiles / splits / warps (the swept rule's among
     them: 32-key tiles with 2 and 8 splits), D 128 and 64, groups 1-8,
     NaN-poisoned unused slots, a shared block, empty and odd lengths; and both stay within the oracle's bound. A
     cache view that is not 4-byte aligned is not offered to the word loads, and its launch asking for them (the
-    e4m3 loads then) gives the same bits as the aligned cache."""
+    e4m3 loads then) gives the same bits as the aligned cache. ``f16``: both launches with the fp16 tile loop
+    (``FP8_F16``)."""
     from tpfuse.kernels import decode_attention as dak
 
     for lens, hq, hkv, d, bs, forced in WORD_CASES:
@@ -530,7 +532,7 @@ def test_gpu_fp8_word_loads_match_byte_loads(gen, dtype):
         for words in (False, True):
             out = torch.full_like(q, float("nan"))
             dak.launch_decode_attention(q, kc, vc, bt, sl, out, x["scale"], kvs, max_seq_len=cap, fp8_words=words,
-                                        **cfg)
+                                        fp8_f16=f16, **cfg)
             outs.append(out.cpu())
         oracle = A.decode_attention_math(q, kc, vc, bt, sl, scale=x["scale"], kv_scale=kvs, max_seq_len=cap,
                                          dtype=torch.float64)
@@ -541,7 +543,8 @@ def test_gpu_fp8_word_loads_match_byte_loads(gen, dtype):
     shifted.copy_(kc)
     assert not dak.fp8_words_ok(q, shifted, vc)
     out = torch.full_like(q, float("nan"))
-    dak.launch_decode_attention(q, shifted, vc, bt, sl, out, x["scale"], kvs, max_seq_len=cap, fp8_words=True, **cfg)
+    dak.launch_decode_attention(q, shifted, vc, bt, sl, out, x["scale"], kvs, max_seq_len=cap, fp8_words=True,
+                                fp8_f16=f16, **cfg)
     assert torch.equal(out.cpu().view(torch.int16), outs[0].view(torch.int16)), "misaligned cache: " + tag
 
 
