@@ -265,7 +265,7 @@ def test_case_fp8_cache(gen, hq, hkv, single):
 @pytest.mark.parametrize("single", [False, True], ids=["split", "single"])
 @pytest.mark.parametrize("hq,hkv", GROUPS[:2], ids=["g1", "g4"])
 def test_case_fp8_cache_f16_loop(gen, kernels, monkeypatch, hq, hkv, single):
-    """``FP8_F16``: the e4m3 tiles multiplied in fp16 against fp16(q * scale) keep the oracle's one-rounding bound
+    """``FP8_F16``: the e4m3 tiles multiplied in fp16 against q in fp16 keep the oracle's one-rounding bound
     (bf16 q and output); the launch asked for it (``F16_MMA``), and not for a bf16 cache or an fp16 q."""
     from tpfuse.kernels import decode_attention as dak
 

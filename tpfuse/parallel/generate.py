@@ -9,6 +9,7 @@ TP every rank runs the loop; the chosen tokens are broadcast from the TP group's
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ TWO_STAGE_VOCAB = 65536
 64; a 32000 vocabulary 8.7 us in one, 11 in two)."""
 
 
+@functools.lru_cache(maxsize=None)  # asked every decode step: the divisor search stays off the step's host path
 def _argmax_chunk(vocab: int, rows: int = 1) -> Optional[int]:
     """The chunk length :func:`greedy_tokens` splits a row into: the divisor of ``vocab`` in [64, 4096] nearest
     ``sqrt(vocab)`` (twice that for more than 16 rows, where the chunks' count matters less than their length);
