@@ -3,10 +3,10 @@
 #   bash bench/gpu_run.sh [STEP ...]      steps: env tests probe_ce async_tp fused_ar local rope decode_attn host
 #                                         profile e2e e2e_full e2e_shards load tune demo onegpu soak probe_onegpu
 #                                         small_gemm e2e_ab e2e_big fp8cache fusedrope fusedcomb foldnorm
-#                                         kvprefetch fp8f16 argmax
+#                                         kvprefetch fp8f16 argmax smallm64
 #                                         (default: all but probe_ce, profile, e2e_full, e2e_shards, load,
 #                                         onegpu, soak, probe_onegpu, small_gemm, e2e_ab, e2e_big, fp8cache,
-#                                         fusedrope, fusedcomb, foldnorm, kvprefetch, fp8f16, argmax; multi-GPU
+#                                         fusedrope, fusedcomb, foldnorm, kvprefetch, fp8f16, argmax, smallm64; multi-GPU
 #                                         steps skip on one GPU)
 #   e2e_full / e2e_shards: bench_e2e.py at TP=1 (one process whatever the GPU count) at full size, real vocab;
 #           JSON + PNG e2e_tp1_<device>_full / _shards; E2E_FULL_ARGS / E2E_SHARDS_ARGS are appended (a repeated
@@ -76,6 +76,11 @@
 #         fp8f16/decode_attention_<device>.json), then the full 8B's e4m3-cache decode
 #         rows both ways (bench_e2e.py --kv-fp8 --f16-ab --tag f16_ab, FP8F16_ARGS appended), ~4 min.
 #         One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh fp8f16
+#   smallm64: the small-M GEMM at M = 32 / 64 (~8 min): the sweep over the 8B's TP 1 / 2 shapes with the wide
+#         tiles and split-K 1 / 2 (tune_small_gemm.py WIDE_M; SMALLM64_SWEEP_ARGS appended), its table merged over
+#         the committed H100 sweep (--base-sweep; smallm64/small_m_gemm_<arch>.json), then the full 8B's decode rows
+#         at batch 32 / 64 with that table (rows _smallm) and with the RoPE fused the other way (--rope-ab;
+#         SMALLM64_AB_ARGS appended). One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh smallm64
 #   argmax: the greedy pick's A/B (bench/bench_argmax.py: torch.argmax vs tpfuse.parallel.generate.greedy_tokens
 #         and its chunk lengths, vocab 128256 / 32000 at B 1 / 8 / 64; ARGMAX_ARGS appended; ~20 s)
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
@@ -240,6 +245,13 @@ for s in "${steps[@]}"; do
               --models 8B --layers full --decode-batches 1,8,64 --context 1024 --prefill 1024 --hf-models none \
               --no-fp8 --kv-fp8 --f16-ab ${FP8F16_ARGS:-} ;;
     argmax) run argmax python3 bench/bench_argmax.py ${ARGMAX_ARGS:-} ;;
+    smallm64) LIMIT_smallm64_sweep=${LIMIT_smallm64_sweep:-270} run smallm64_sweep python3 bench/tune_small_gemm.py \
+                --models 8B --m 32,64 --budget-s 240 --base-sweep bench/results/small_gemm_h100_14a3f4c.json \
+                --out-dir "$OUT/smallm64" ${SMALLM64_SWEEP_ARGS:-}
+              tbl="$OUT/smallm64/small_m_gemm_$(python3 -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"sm{m}{n}")').json"
+              [[ -f $tbl ]] && LIMIT_smallm64_ab=${LIMIT_smallm64_ab:-240} run smallm64_ab "${TR1[@]}" bench/bench_e2e.py \
+                --tag smallm64 --models 8B --layers full --decode-batches 32,64 --context 1024 --prefill 1024 \
+                --hf-models none --small-m-table "$tbl" --rope-ab ${SMALLM64_AB_ARGS:-} ;;
     load) run load python3 bench/bench_load.py --shape 8B ${LOAD_ARGS:-}
           run load_fp8 python3 bench/bench_load.py --shape 8B --fp8 ${LOAD_ARGS:-} ;;  # TP=1; writes /tmp ckpts
     decode_attn) [[ -f bench/bench_decode_attention.py ]] && run decode_attn python3 bench/bench_decode_attention.py ${DECODE_ATTN_ARGS:-} ;;

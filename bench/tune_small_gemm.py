@@ -2,6 +2,7 @@
 shapes, writing the routing table the launcher and the model path read (:mod:`tpfuse.kernels.small_m_configs`).
 
     python3 bench/tune_small_gemm.py [--budget-s 150] [--m 1,8,16,32,64] [--models 8B,70B,32B] [--schemes ...]
+                                     [--base-sweep COMMITTED_SWEEP_JSON]   (a partial re-sweep's table over it)
     bash bench/gpu_run.sh small_gemm           (the GPU machine's call: SMALL_GEMM_ARGS passes options)
 
 Points: Llama-3.1-8B at TP 1 / 2, Llama-70B at TP 4 / 8, Qwen3-32B at TP 1 / 2; per rank ``qkv [(Hq + 2 Hkv) D / TP,
@@ -14,12 +15,12 @@ unfused GEMM (the kernel where it won, else the library) followed by ``tpfuse.si
 Method: every provider is a CUDA graph of back-to-back calls rotating over weight copies that together exceed
 256 MB (5x the 50 MB L2, so every call streams its weight from HBM, as a decode step does), replayed >= 5 times,
 median per call (``common.time_us``): launch overhead is excluded alike for the kernel and the library. Each
-point times the tile candidates (:data:`TILES`) with the split-K of the default rule, then split-K variants of the
-best tile, then re-times the winner and the library once more (best of both runs each). A candidate whose output
-is farther than the bf16 budget from an fp32 GEMM of the same operands (``tpfuse.tolerance``) is dropped and
-reported. The kernel "beats the library" where it is faster at all (:data:`WIN_MARGIN`). Achieved bandwidth:
-(weight + x + output bytes) / time, against a device-to-device copy ((read + write bytes) / time) measured in the
-same run.
+point times the tile candidates (:data:`TILES`) with the split-K of the default rule (from M = 32 on also
+:data:`WIDE_TILES`, and split-K 1 / 2: :data:`WIDE_M`), then split-K variants of the best tile, then re-times the
+winner and the library once more (best of both runs each). A candidate whose output is farther than the bf16
+budget from an fp32 GEMM of the same operands (``tpfuse.tolerance``) is dropped and reported. The kernel "beats
+the library" where it is faster at all (:data:`WIN_MARGIN`). Achieved bandwidth: (weight + x + output bytes) /
+time, against a device-to-device copy ((read + write bytes) / time) measured in the same run.
 
 Compilation: the distinct kernel variants (scheme x BLOCK_M x tile x split or not) are compiled first by a pool of
 worker processes (``--precompile-workers``), which fills Triton's on-disk cache for the timing process.
@@ -27,8 +28,9 @@ worker processes (``--precompile-workers``), which fills Triton's on-disk cache 
 Outputs (``$OUT``, else ``bench/results``): ``small_gemm_<dev>.json`` (header with device / commit / versions / copy
 bandwidth; ``rows``: every timing; ``best``: per point the winner, library time, speedup, bandwidths;
 ``summary``: FP8 / bf16 time ratios per M; ``skipped``), ``small_gemm_<dev>.png``, and the table
-``small_m_gemm_<arch>.json`` (its ``source`` names the sweep file, device, commit and date): copy it to
-``tpfuse/thresholds/`` to ship it, or point ``$TPFUSE_SMALL_M_GEMM_TABLE`` at it to try it.
+``small_m_gemm_<arch>.json`` (its ``source`` names the sweep file, device, commit and date; ``merged`` the
+``--base-sweep`` files whose other points it keeps): copy it to ``tpfuse/thresholds/`` to ship it, or point
+``$TPFUSE_SMALL_M_GEMM_TABLE`` at it to try it.
 """
 
 from __future__ import annotations
@@ -74,6 +76,13 @@ STATIC_OUT_SCALE = 0.1  # silu(g) * u of y ~ N(0, 1) stays inside e4m3's +-448
 # N tiles (x re-read half as often from L2 at M = 32 / 64), deeper K steps, mma.sync-sized N tiles, deeper pipelines
 TILES = {2: [(64, 128, 4, 4), (128, 128, 4, 4), (64, 256, 4, 3), (32, 256, 4, 4), (128, 64, 4, 6)],
          1: [(64, 256, 4, 4), (128, 256, 4, 4), (64, 512, 4, 3), (32, 512, 4, 4), (128, 128, 4, 6)]}
+WIDE_M = 32
+"""From this M on, the x tile is as large as a 64-row weight tile's half or more, and every N tile re-reads it from
+L2 (x traffic / weight traffic = M / BLOCK_N): the candidates add :data:`WIDE_TILES` (two warpgroups, each a 64-row
+wgmma of the weight tile, so x is read once per 128 or 256 weight rows) and time every tile at split-K 1 and 2
+(the rule's split only up to 4: its fp32 partials, ``2 x S x M x N x 4`` bytes, rival an FP8 weight's bytes here)."""
+WIDE_TILES = {2: [(128, 128, 8, 4), (128, 64, 8, 6), (256, 64, 8, 4)],
+              1: [(128, 256, 8, 4), (128, 128, 8, 6), (256, 128, 8, 4), (64, 128, 4, 6)]}
 
 
 def linears(model: str, tp: int):
@@ -90,14 +99,22 @@ def rule_split(tile: GemmConfig, scheme: str, n: int, k: int, sms: int) -> int:
     return max(1, min(-(-2 * sms // tiles), n_kb // 4, 16))
 
 
-def candidates(scheme: str, n: int, k: int, sms: int):
-    """Phase-1 configs: every tile of :data:`TILES` with its rule split (the default config first)."""
+def candidates(scheme: str, n: int, k: int, sms: int, m: int = 1):
+    """Phase-1 configs: every tile of :data:`TILES` with its rule split (the default config first); from
+    :data:`WIDE_M` on also :data:`WIDE_TILES`, each tile at split-K 1 and 2 too."""
+    wb = smc.weight_bytes(scheme)
+    tiles = TILES[wb] + (WIDE_TILES[wb] if m >= WIDE_M else [])
     out = [smc.default_config(scheme, n, k, 1, sms)]
-    for bn, bk, w, st in TILES[smc.weight_bytes(scheme)]:
+    for bn, bk, w, st in tiles:
         t = GemmConfig(block_n=bn, block_k=bk, num_warps=w, num_stages=st)
-        c = replace(t, split_k=rule_split(t, scheme, n, k, sms))
-        if c not in out:
-            out.append(c)
+        rule = rule_split(t, scheme, n, k, sms)
+        splits = [rule]
+        if m >= WIDE_M:  # the rule's deep splits lose here (their partials); 1 and 2 instead
+            splits = [s for s in (1, 2) if s <= max(1, -(-k // bk) // 2)] + ([rule] if 2 < rule <= 4 else [])
+        for s in splits:
+            c = replace(t, split_k=s)
+            if c not in out:
+                out.append(c)
     return out
 
 
@@ -229,7 +246,7 @@ def sweep_point(pt, W, X, sms, copies, won, rows, errors):
                 rows.append(dict(pt, provider="kernel", config=asdict(cfg), label=cfg.short(), phase=phase,
                                  us=round(us, 3)))
 
-    for cfg in candidates(scheme, n, k, sms):
+    for cfg in candidates(scheme, n, k, sms, m):
         measure(cfg, 1)
     if not res:
         return None
@@ -279,7 +296,7 @@ def variants(shapes, sms):
     for *_, n, k, pts in shapes:
         for pt in pts:
             bm = max(16, 1 << (pt["m"] - 1).bit_length())
-            for c in candidates(pt["scheme"], n, k, sms):
+            for c in candidates(pt["scheme"], n, k, sms, pt["m"]):
                 for split in (False, True):  # phase 2 may move a tile to split-K or back
                     out.add((pt["scheme"], bm, c.block_n, c.block_k, c.num_warps, c.num_stages, split))
     return sorted(out)
@@ -330,25 +347,49 @@ def summary(best):
     return out
 
 
-def table_file(best, sweep_path, header, arch):
-    """The routing table of this sweep (schema of :mod:`tpfuse.kernels.small_m_configs`): a row routes to the
+def source_of(sweep_path: str, header: dict) -> dict:
+    return dict(file=os.path.join("bench", "results", os.path.basename(sweep_path)), device=header["device"],
+                commit=header["commit"], date=header["date"])
+
+
+def merge_best(sweeps):
+    """``(best, sources)`` of sweeps ``[(path, header, best)]`` in order: a later sweep's point replaces an earlier
+    one of the same ``(scheme, N, K, M)`` (a partial re-sweep over a full one)."""
+    by, sources = {}, []
+    for path, header, best in sweeps:
+        sources.append(source_of(path, header))
+        by.update({(b["scheme"], b["n"], b["k"], b["m"]): b for b in best})
+    return list(by.values()), sources
+
+
+def table_file(best, sources, arch):
+    """The routing table of the sweep(s) (schema of :mod:`tpfuse.kernels.small_m_configs`): a row routes to the
     kernel where its re-timed ``kernel_us < WIN_MARGIN * library_us`` (the sweep rows' own ``beats_library`` was
-    judged with the margin of their run)."""
+    judged with the margin of their run). ``source``: the last sweep; ``merged``: the earlier ones it overrides."""
     rows = [smc.table_row(arch, b["scheme"], b["n"], b["k"], smc.m_bucket(b["m"]), smc.config_from_dict(b["config"]),
                           b["kernel_us"] < WIN_MARGIN * b["library_us"], kernel_us=b["kernel_us"],
                           library_us=b["library_us"])
             for b in best]
-    src = dict(file=os.path.join("bench", "results", os.path.basename(sweep_path)), device=header["device"],
-               commit=header["commit"], date=header["date"])
-    return {"schema": 1, "source": src, "win_margin": WIN_MARGIN, "rows": rows}
+    out = {"schema": 1, "source": sources[-1], "win_margin": WIN_MARGIN, "rows": rows}
+    if len(sources) > 1:
+        out["merged"] = sources[:-1]
+    return out
 
 
-def retable(sweep_path: str, out_path: str) -> dict:
-    """The routing table of a committed sweep JSON (``small_gemm_<device>.json``) under today's
-    :data:`WIN_MARGIN`, written to ``out_path`` (no GPU: the sweep's times decide)."""
-    with open(sweep_path) as fh:
+def load_sweep(path: str):
+    with open(path) as fh:
         sweep = json.load(fh)
-    table = table_file(sweep["best"], sweep_path, sweep["header"], sweep["header"]["arch"])
+    return path, sweep["header"], sweep["best"]
+
+
+def retable(sweep_paths, out_path: str) -> dict:
+    """The routing table of committed sweep JSONs (``small_gemm_<device>.json``; later ones override earlier points)
+    under today's :data:`WIN_MARGIN`, written to ``out_path`` (no GPU: the sweeps' times decide)."""
+    sweeps = [load_sweep(p) for p in sweep_paths]
+    archs = {h["arch"] for _, h, _ in sweeps}
+    if len(archs) != 1:
+        raise SystemExit(f"--retable: sweeps of several archs {sorted(archs)}")
+    table = table_file(*merge_best(sweeps), archs.pop())
     smc.parse(table)
     with open(out_path, "w") as fh:
         json.dump(table, fh, indent=1)
@@ -394,8 +435,9 @@ def write(args, header, rows, best, skipped, errors, copy_gbps, arch, final):
                       skipped=skipped, errors=errors[:50])
     if final:
         tpath = os.path.join(common.out_dir(args.out_dir), f"small_m_gemm_{arch}.json")
+        sweeps = [load_sweep(b) for b in args.base_sweep] + [(path, header, best)]
         with open(tpath, "w") as fh:
-            json.dump(table_file(best, path, header, arch), fh, indent=1)
+            json.dump(table_file(*merge_best(sweeps), arch), fh, indent=1)
         png = plot(best, copy_gbps, path[:-5] + ".png")
         print(f"# wrote {path}, {tpath}" + (f", {png}" if png else ""))
     return path
@@ -418,16 +460,22 @@ def parse_args(argv=None):
     ap.add_argument("--precompile-workers", type=int, default=-1, help="-1: cpu count - 2, at most 14")
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: the plumbing test (interpreter)
-    ap.add_argument("--retable", nargs=2, metavar=("SWEEP_JSON", "OUT_TABLE"), default=None,
-                    help="no sweep: write the routing table of a committed sweep under today's WIN_MARGIN")
+    ap.add_argument("--retable", nargs="+", metavar="SWEEP_JSON", default=None,
+                    help="no sweep: SWEEP_JSON [SWEEP_JSON ...] OUT_TABLE: write the routing table of committed "
+                         "sweeps (later ones override earlier points) under today's WIN_MARGIN")
+    ap.add_argument("--base-sweep", action="append", default=[], metavar="SWEEP_JSON",
+                    help="a committed sweep whose points this (partial) sweep overrides in the table it writes "
+                         "(repeatable, in order); the sweep JSON itself holds only this run's points")
     return ap.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.retable:
-        table = retable(*args.retable)
-        print(f"# wrote {args.retable[1]}: {sum(r['beats_library'] for r in table['rows'])} of {len(table['rows'])} "
+        if len(args.retable) < 2:
+            raise SystemExit("--retable SWEEP_JSON [SWEEP_JSON ...] OUT_TABLE")
+        table = retable(args.retable[:-1], args.retable[-1])
+        print(f"# wrote {args.retable[-1]}: {sum(r['beats_library'] for r in table['rows'])} of {len(table['rows'])} "
               f"rows route to the kernel (WIN_MARGIN {WIN_MARGIN})")
         return
     t0 = time.time()

@@ -415,6 +415,45 @@ def test_sweep_end_to_end_interpreted(tmp_path, monkeypatch, kernels):
             assert (got == smc.config_from_dict(b["config"])) if b["beats_library"] else got is None, b
 
 
+@pytest.mark.skipif(ON_GPU, reason="CPU plumbing test (the GPU runs the real sweep)")
+def test_partial_sweep_overrides_its_base_sweep(tmp_path, monkeypatch, kernels):
+    """A re-sweep at M = 32 (the wide candidates: split-K 1 / 2 beside the rule's, the 8-warp tiles) over a sweep at
+    M = 1 (``--base-sweep``): its table keeps the base's M = 1 rows and takes the new M = 32 rows, names both sweeps,
+    and ``--retable BASE NEW OUT`` derives the same table from the two files."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import tune_small_gemm as tsg
+
+    monkeypatch.setitem(tsg.MODELS, "tiny", (64, 4, 2, 16, 96, (1,)))
+    monkeypatch.setattr(tsg, "TILES", {2: [(32, 64, 4, 2)], 1: [(32, 128, 4, 2)]})
+    monkeypatch.setattr(tsg, "WIDE_TILES", {2: [(64, 32, 8, 2)], 1: [(64, 32, 8, 2)]})
+    monkeypatch.setattr(tsg, "MAX_COPIES", 2)
+    monkeypatch.setattr(tsg, "COPY_BYTES", 1 << 12)
+    wide = smc.GemmConfig(block_n=64, block_k=32, split_k=1, num_warps=8, num_stages=2)
+    assert wide in tsg.candidates("bf16", 64, 64, 132, 32) and wide not in tsg.candidates("bf16", 64, 64, 132, 1)
+
+    def fake_time(fns):  # the library always; at M = 32 the wide 8-warp tile wins
+        cfg = smc.forced_config()
+        return 12.0 if cfg is None else (5.0 if cfg.num_warps == 8 and cfg.split_k == 1 else 11.0)
+
+    monkeypatch.setattr(tsg, "time_fns", fake_time)
+    common = ["--device", "cpu", "--models", "tiny", "--schemes", "bf16", "--budget-s", "1e9"]
+    tsg.main(common + ["--m", "1", "--out-dir", str(tmp_path / "base")])
+    base = str(tmp_path / "base" / "small_gemm_cpu.json")
+    tsg.main(common + ["--m", "32", "--out-dir", str(tmp_path / "new"), "--base-sweep", base])
+    table = json.loads((tmp_path / "new" / "small_m_gemm_cpu.json").read_text())
+    rows = {(r["scheme"], r["n"], r["k"], r["m_bucket"]): r for r in table["rows"]}
+    assert {k[3] for k in rows} == {1, 32} and len(rows) == 2 * (4 + 1)  # 4 linears + the fused SiLU*mul
+    assert all(smc.config_from_dict(r["config"]) == wide for k, r in rows.items() if k[3] == 32 and
+               "_silu" not in k[0])
+    assert all(smc.config_from_dict(r["config"]).num_warps == 4 for k, r in rows.items() if k[3] == 1)
+    assert table["merged"][0]["file"] == os.path.join("bench", "results", "small_gemm_cpu.json")
+    out = tmp_path / "re.json"
+    tsg.main(["--retable", base, str(tmp_path / "new" / "small_gemm_cpu.json"), str(out)])
+    assert json.loads(out.read_text()) == table
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 class TestGPU:
