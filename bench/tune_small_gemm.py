@@ -16,7 +16,7 @@ Method: every provider is a CUDA graph of back-to-back calls rotating over weigh
 256 MB (5x the 50 MB L2, so every call streams its weight from HBM, as a decode step does), replayed >= 5 times,
 median per call (``common.time_us``): launch overhead is excluded alike for the kernel and the library. Each
 point times the tile candidates (:data:`TILES`) with the split-K of the default rule (from M = 32 on also
-:data:`WIDE_TILES`, and split-K 1 / 2: :data:`WIDE_M`), then split-K variants of the best tile, then re-times the
+:data:`EXTRA_TILES`, and split-K 1 / 2: :data:`WIDE_M`), then split-K variants of the best tile, then re-times the
 winner and the library once more (best of both runs each). A candidate whose output is farther than the bf16
 budget from an fp32 GEMM of the same operands (``tpfuse.tolerance``) is dropped and reported. The kernel "beats
 the library" where it is faster at all (:data:`WIN_MARGIN`). Achieved bandwidth: (weight + x + output bytes) /
@@ -76,13 +76,20 @@ STATIC_OUT_SCALE = 0.1  # silu(g) * u of y ~ N(0, 1) stays inside e4m3's +-448
 # N tiles (x re-read half as often from L2 at M = 32 / 64), deeper K steps, mma.sync-sized N tiles, deeper pipelines
 TILES = {2: [(64, 128, 4, 4), (128, 128, 4, 4), (64, 256, 4, 3), (32, 256, 4, 4), (128, 64, 4, 6)],
          1: [(64, 256, 4, 4), (128, 256, 4, 4), (64, 512, 4, 3), (32, 512, 4, 4), (128, 128, 4, 6)]}
+ALL_TILES = [False]  # --all-tiles (set by main)
 WIDE_M = 32
 """From this M on, the x tile is as large as a 64-row weight tile's half or more, and every N tile re-reads it from
-L2 (x traffic / weight traffic = M / BLOCK_N): the candidates add :data:`WIDE_TILES` (two warpgroups, each a 64-row
-wgmma of the weight tile, so x is read once per 128 or 256 weight rows) and time every tile at split-K 1 and 2
-(the rule's split only up to 4: its fp32 partials, ``2 x S x M x N x 4`` bytes, rival an FP8 weight's bytes here)."""
-WIDE_TILES = {2: [(128, 128, 8, 4), (128, 64, 8, 6), (256, 64, 8, 4)],
-              1: [(128, 256, 8, 4), (128, 128, 8, 6), (256, 128, 8, 4), (64, 128, 4, 6)]}
+L2 (x traffic / weight traffic = M / BLOCK_N): the candidates add :data:`EXTRA_TILES` and time every tile at split-K 1
+and 2 (the rule's split only up to 4: its fp32 partials, ``2 x S x M x N x 4`` bytes, rival an FP8 weight's bytes
+here). ``--all-tiles`` does so at every M (the rule's split kept whatever its size)."""
+EXTRA_TILES = {2: [(128, 128, 8, 4), (128, 64, 8, 6), (256, 64, 8, 4), (64, 64, 4, 6), (64, 64, 4, 8),
+                   (32, 128, 4, 6)],
+               1: [(128, 256, 8, 4), (128, 128, 8, 6), (256, 128, 8, 4), (64, 128, 4, 6), (64, 128, 4, 8),
+                   (32, 256, 4, 6), (64, 64, 4, 8)]}
+"""Two warpgroups (128 / 256 weight rows a program, each a 64-row wgmma: x read once per 128 or 256 rows), and
+shorter K steps in deeper pipelines (more loads in flight a program, two programs an SM): the M = 32 / 64 sweep of
+4ae6646 (one H100, ``bench/results/small_gemm_h100_smallm64_4ae6646.json``) picked 64 x 128 x 6 stages at most FP8
+points."""
 
 
 def linears(model: str, tp: int):
@@ -99,18 +106,20 @@ def rule_split(tile: GemmConfig, scheme: str, n: int, k: int, sms: int) -> int:
     return max(1, min(-(-2 * sms // tiles), n_kb // 4, 16))
 
 
-def candidates(scheme: str, n: int, k: int, sms: int, m: int = 1):
+def candidates(scheme: str, n: int, k: int, sms: int, m: int = 1, all_tiles: bool = False):
     """Phase-1 configs: every tile of :data:`TILES` with its rule split (the default config first); from
-    :data:`WIDE_M` on also :data:`WIDE_TILES`, each tile at split-K 1 and 2 too."""
+    :data:`WIDE_M` on (or with ``all_tiles``) also :data:`EXTRA_TILES`, each tile at split-K 1 and 2 too."""
     wb = smc.weight_bytes(scheme)
-    tiles = TILES[wb] + (WIDE_TILES[wb] if m >= WIDE_M else [])
+    wide = m >= WIDE_M or all_tiles
+    tiles = TILES[wb] + (EXTRA_TILES[wb] if wide else [])
     out = [smc.default_config(scheme, n, k, 1, sms)]
     for bn, bk, w, st in tiles:
         t = GemmConfig(block_n=bn, block_k=bk, num_warps=w, num_stages=st)
         rule = rule_split(t, scheme, n, k, sms)
         splits = [rule]
-        if m >= WIDE_M:  # the rule's deep splits lose here (their partials); 1 and 2 instead
-            splits = [s for s in (1, 2) if s <= max(1, -(-k // bk) // 2)] + ([rule] if 2 < rule <= 4 else [])
+        if wide:  # from WIDE_M on the rule's deep splits lose (their partials): 1 and 2 instead
+            keep = rule > 2 and (rule <= 4 or m < WIDE_M)
+            splits = [s for s in (1, 2) if s <= max(1, -(-k // bk) // 2)] + ([rule] if keep else [])
         for s in splits:
             c = replace(t, split_k=s)
             if c not in out:
@@ -246,7 +255,7 @@ def sweep_point(pt, W, X, sms, copies, won, rows, errors):
                 rows.append(dict(pt, provider="kernel", config=asdict(cfg), label=cfg.short(), phase=phase,
                                  us=round(us, 3)))
 
-    for cfg in candidates(scheme, n, k, sms, m):
+    for cfg in candidates(scheme, n, k, sms, m, ALL_TILES[0]):
         measure(cfg, 1)
     if not res:
         return None
@@ -296,7 +305,7 @@ def variants(shapes, sms):
     for *_, n, k, pts in shapes:
         for pt in pts:
             bm = max(16, 1 << (pt["m"] - 1).bit_length())
-            for c in candidates(pt["scheme"], n, k, sms, pt["m"]):
+            for c in candidates(pt["scheme"], n, k, sms, pt["m"], ALL_TILES[0]):
                 for split in (False, True):  # phase 2 may move a tile to split-K or back
                     out.add((pt["scheme"], bm, c.block_n, c.block_k, c.num_warps, c.num_stages, split))
     return sorted(out)
@@ -463,6 +472,8 @@ def parse_args(argv=None):
     ap.add_argument("--retable", nargs="+", metavar="SWEEP_JSON", default=None,
                     help="no sweep: SWEEP_JSON [SWEEP_JSON ...] OUT_TABLE: write the routing table of committed "
                          "sweeps (later ones override earlier points) under today's WIN_MARGIN")
+    ap.add_argument("--all-tiles", action="store_true",
+                    help="EXTRA_TILES and split-K 1 / 2 at every M (by default from WIDE_M on)")
     ap.add_argument("--base-sweep", action="append", default=[], metavar="SWEEP_JSON",
                     help="a committed sweep whose points this (partial) sweep overrides in the table it writes "
                          "(repeatable, in order); the sweep JSON itself holds only this run's points")
@@ -479,6 +490,7 @@ def main(argv=None):
               f"rows route to the kernel (WIN_MARGIN {WIN_MARGIN})")
         return
     t0 = time.time()
+    ALL_TILES[0] = args.all_tiles
     dev = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False  # the candidates' check GEMM in fp32
     arch, sms = small_gemm.device_info(dev)

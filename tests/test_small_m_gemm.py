@@ -427,7 +427,7 @@ def test_partial_sweep_overrides_its_base_sweep(tmp_path, monkeypatch, kernels):
 
     monkeypatch.setitem(tsg.MODELS, "tiny", (64, 4, 2, 16, 96, (1,)))
     monkeypatch.setattr(tsg, "TILES", {2: [(32, 64, 4, 2)], 1: [(32, 128, 4, 2)]})
-    monkeypatch.setattr(tsg, "WIDE_TILES", {2: [(64, 32, 8, 2)], 1: [(64, 32, 8, 2)]})
+    monkeypatch.setattr(tsg, "EXTRA_TILES", {2: [(64, 32, 8, 2)], 1: [(64, 32, 8, 2)]})
     monkeypatch.setattr(tsg, "MAX_COPIES", 2)
     monkeypatch.setattr(tsg, "COPY_BYTES", 1 << 12)
     wide = smc.GemmConfig(block_n=64, block_k=32, split_k=1, num_warps=8, num_stages=2)
