@@ -5,7 +5,7 @@ Llama-3.1-70B, Qwen3-32B, ...; random bf16 weights, nothing downloaded; the mode
         [--vocab real|N] [--decode-batches 1,8,64] [--context 1024] [--prefill 1024,4096,8192]
         [--compile-batches 1,64] [--hf-models 8B] [--hf-after] [--kv-capacities 8x1152,8x32768]
         [--fit-headroom-gib 6] [--flashinfer] [--no-fp8] [--small-m-table PATH] [--pdl-ab [--prefetch-kib N]]
-        [--rope-ab] [--small-m-everywhere] [--kv-fp8] [--tag TAG]
+        [--rope-ab] [--opf-ab] [--small-m-everywhere] [--kv-fp8] [--tag TAG]
 
 Models (``--models``, comma-separated): a real shape (``8B``, ``70B``, ``Qwen3-32B``, ``Qwen2.5-7B``,
 ``Phi-3-medium``), or a **shard** ``<model>/tp<N>`` (``70B/tp8``, ``70B/tp4``, ``8B/tp2``; TP=1 runs only): a
@@ -74,6 +74,9 @@ Providers (every one is the model a user runs, called with Hugging Face argument
   other way than the default: each add + RMSNorm folded into the GEMMs around it, every GEMM of the layer on the
   small-M kernel (``_foldnorm``), or in its own kernel (``_normkern``); rows carry ``fold_norms``. Whole models
   only: a shard stands for a TP > 1 rank, whose add + RMSNorm is the fused all-reduce's (shard rows never fold);
+* ``<provider>_opf`` / ``_noopf`` (``--opf-ab``): the decode step with ``KVCacheConfig.prefetch_o_proj`` the other
+  way than the default (the o_proj weight prefetched into L2 from a side stream while the attention runs, or not);
+  rows carry ``prefetch_o_proj``;
 * ``<provider>_kv8_f16`` / ``_kv8_bf16loop`` (``--f16-ab``, with ``--kv-fp8``): the e4m3-cache decode rows with the
   decode attention's tile loop in fp16 or in bf16, the other way than ``decode_attention.FP8_F16``; rows carry
   ``fp8_f16``. Only the ``_kv8`` rows take this variant, and they take no other;
@@ -172,6 +175,9 @@ def parse_args(argv=None):
     ap.add_argument("--f16-ab", action="store_true", help="adds e4m3-cache decode rows (with --kv-fp8) with the "
                     "decode attention's tile loop the other way than decode_attention.FP8_F16: <provider>_kv8_f16 "
                     "(fp16) or <provider>_kv8_bf16loop (bf16)")
+    ap.add_argument("--opf-ab", action="store_true", help="adds decode rows with KVCacheConfig.prefetch_o_proj the "
+                    "other way than the default: <provider>_opf (the o_proj weight prefetched into L2 while the "
+                    "attention runs) or <provider>_noopf")
     ap.add_argument("--fold-ab", action="store_true", help="adds decode rows with KVCacheConfig.fold_norms the other "
                     "way than the default: <provider>_foldnorm (each add + RMSNorm in the GEMMs around it) or "
                     "<provider>_normkern (its own kernel); whole models only")
@@ -373,6 +379,8 @@ class Variant(NamedTuple):
     """With ``prefetch``: the weight bytes a GEMM launch prefetches (None: ``PREFETCH_BYTES_TRIED``)."""
     fp8_f16: Optional[bool] = None
     """``decode_attention.FP8_F16`` (e4m3-cache rows only)."""
+    prefetch_o: Optional[bool] = None
+    """``KVCacheConfig.prefetch_o_proj``."""
 
 
 def variants(args) -> list:
@@ -391,6 +399,7 @@ def variants(args) -> list:
     out += [combine_variant()] if getattr(args, "combine_ab", False) else []
     out += [fold_variant()] if getattr(args, "fold_ab", False) else []
     out += [f16_variant()] if getattr(args, "f16_ab", False) else []
+    out += [opf_variant()] if getattr(args, "opf_ab", False) else []
     out += [Variant("_smallm", table)] if table else []
     kib = getattr(args, "prefetch_kib", None)
     out += [Variant("_nopdl", pdl=False), Variant("_prefetch", pdl=True, prefetch=True,
@@ -423,6 +432,14 @@ def f16_variant() -> Variant:
 
     f16 = not dak.FP8_F16
     return Variant("_f16" if f16 else "_bf16loop", fp8_f16=f16)
+
+
+def opf_variant() -> Variant:
+    """The ``--opf-ab`` variant: ``KVCacheConfig.prefetch_o_proj`` the other way than its default."""
+    from tpfuse.parallel import KVCacheConfig
+
+    pf = not KVCacheConfig().prefetch_o_proj
+    return Variant("_opf" if pf else "_noopf", prefetch_o=pf)
 
 
 def fold_variant() -> Variant:
@@ -469,8 +486,10 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
     st = model._tpfuse
     own_pdl, own_fuse, own_fold, st.graphs = (st.cache_config.pdl, st.cache_config.fuse_rope,
                                               st.cache_config.fold_norms, None)
+    own_opf = st.cache_config.prefetch_o_proj
     st.cache_config.fuse_rope = own_fuse if v.fuse_rope is None else v.fuse_rope
     st.cache_config.fold_norms = own_fold if v.fold_norms is None else v.fold_norms
+    st.cache_config.prefetch_o_proj = own_opf if v.prefetch_o is None else v.prefetch_o
     own_pf, own_kv_pf, own_comb, own_f16 = smg.PREFETCH_BYTES, dak.PREFETCH, dak.FUSE_COMBINE, dak.FP8_F16
     pdl = own_pdl if v.pdl is None else v.pdl
     st.cache_config.pdl = pdl
@@ -488,10 +507,11 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
                                            table=os.path.basename(v.table) if v.table else "shipped",
                                            everywhere=v.everywhere, prefetch_bytes=smg.PREFETCH_BYTES if pdl else 0,
                                            fuse_rope=st.cache_config.fuse_rope, fuse_combine=dak.FUSE_COMBINE,
-                                           fold_norms=st.cache_config.fold_norms, fp8_f16=dak.FP8_F16))
+                                           fold_norms=st.cache_config.fold_norms, fp8_f16=dak.FP8_F16,
+                                           prefetch_o_proj=st.cache_config.prefetch_o_proj))
     finally:
         st.cache_config.pdl, st.cache_config.fuse_rope, st.graphs = own_pdl, own_fuse, None
-        st.cache_config.fold_norms = own_fold
+        st.cache_config.fold_norms, st.cache_config.prefetch_o_proj = own_fold, own_opf
         smg.PREFETCH_BYTES, dak.PREFETCH, dak.FUSE_COMBINE, dak.FP8_F16 = own_pf, own_kv_pf, own_comb, own_f16
     return r
 

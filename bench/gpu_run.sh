@@ -3,10 +3,11 @@
 #   bash bench/gpu_run.sh [STEP ...]      steps: env tests probe_ce async_tp fused_ar local rope decode_attn host
 #                                         profile e2e e2e_full e2e_shards load tune demo onegpu soak probe_onegpu
 #                                         small_gemm e2e_ab e2e_big fp8cache fusedrope fusedcomb foldnorm
-#                                         kvprefetch fp8f16 argmax smallm64
+#                                         kvprefetch fp8f16 argmax smallm64 opf
 #                                         (default: all but probe_ce, profile, e2e_full, e2e_shards, load,
 #                                         onegpu, soak, probe_onegpu, small_gemm, e2e_ab, e2e_big, fp8cache,
-#                                         fusedrope, fusedcomb, foldnorm, kvprefetch, fp8f16, argmax, smallm64; multi-GPU
+#                                         fusedrope, fusedcomb, foldnorm, kvprefetch, fp8f16, argmax, smallm64,
+#                                         opf; multi-GPU
 #                                         steps skip on one GPU)
 #   e2e_full / e2e_shards: bench_e2e.py at TP=1 (one process whatever the GPU count) at full size, real vocab;
 #           JSON + PNG e2e_tp1_<device>_full / _shards; E2E_FULL_ARGS / E2E_SHARDS_ARGS are appended (a repeated
@@ -33,8 +34,8 @@
 #         tpfuse/thresholds/ to ship it). One call: TPFUSE_COMMIT=<sha> LIMIT_small_gemm=200 bash bench/gpu_run.sh small_gemm
 #   e2e_ab: the full 8B's decode rows and their variants (bench_e2e.py --tag ab): SMALL_M_TABLE, the small-M
 #         GEMM routing table to A/B against the shipped one (--small-m-table: <provider>_smallm rows; default: the
-#         H100 sweep of 14a3f4c in bench/results as written then, at the old 2% margin: the shipped table is the
-#         same sweep at WIN_MARGIN 1.0; SMALL_M_TABLE= turns them off), E2E_PDL=1 (the default; 0: off):
+#         H100 sweep of 14a3f4c in bench/results as written then, at the old 2% margin: the shipped table is that
+#         sweep at WIN_MARGIN 1.0 with the 8B's points re-swept at 1b777fa; SMALL_M_TABLE= turns them off), E2E_PDL=1 (the default; 0: off):
 #         --pdl-ab rows (_nopdl: decode graphs captured without programmatic dependent launch, which the default
 #         KVCacheConfig has; _prefetch: with it and the L2 prefetches before its waits), and the table with every
 #         swept GEMM on the kernel (--small-m-everywhere: _smallall, _smallall_nopdl);
@@ -81,6 +82,11 @@
 #         the committed H100 sweep (--base-sweep; smallm64/small_m_gemm_<arch>.json), then the full 8B's decode rows
 #         at batch 32 / 64 with that table (rows _smallm) and with the RoPE fused the other way (--rope-ab;
 #         SMALLM64_AB_ARGS appended). One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh smallm64
+#   opf: decides KVCacheConfig.prefetch_o_proj (~4 min): its tests (tests/test_l2_prefetch.py: the prefetch changes
+#         no byte, its side-stream fork / join in a captured graph; the model's graph decode with it on equals it
+#         off bit for bit, bf16 and per-channel FP8), then the full 8B's decode rows at batch 1 / 8 / 64 with it
+#         the other way (bench_e2e.py --opf-ab --tag opf_ab; OPF_ARGS appended). One call:
+#         TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh opf
 #   argmax: the greedy pick's A/B (bench/bench_argmax.py: torch.argmax vs tpfuse.parallel.generate.greedy_tokens
 #         and its chunk lengths, vocab 128256 / 32000 at B 1 / 8 / 64; ARGMAX_ARGS appended; ~20 s)
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
@@ -245,6 +251,11 @@ for s in "${steps[@]}"; do
               --models 8B --layers full --decode-batches 1,8,64 --context 1024 --prefill 1024 --hf-models none \
               --no-fp8 --kv-fp8 --f16-ab ${FP8F16_ARGS:-} ;;
     argmax) run argmax python3 bench/bench_argmax.py ${ARGMAX_ARGS:-} ;;
+    opf) LIMIT_opf_tests=${LIMIT_opf_tests:-150} run opf_tests bash -c "python3 -m pytest -q -rs tests/test_l2_prefetch.py \
+           tests/distributed/test_model_runtime_gpu.py::test_o_proj_prefetch_decode_same_bits"
+         LIMIT_opf_ab=${LIMIT_opf_ab:-240} run opf_ab "${TR1[@]}" bench/bench_e2e.py --tag opf_ab --models 8B \
+           --layers full --decode-batches 1,8,64 --context 1024 --prefill 1024 --hf-models none --opf-ab \
+           ${OPF_ARGS:-} ;;
     smallm64) LIMIT_smallm64_sweep=${LIMIT_smallm64_sweep:-270} run smallm64_sweep python3 bench/tune_small_gemm.py \
                 --models 8B --m 32,64 --budget-s 240 --base-sweep bench/results/small_gemm_h100_14a3f4c.json \
                 --out-dir "$OUT/smallm64" ${SMALLM64_SWEEP_ARGS:-}

@@ -62,7 +62,9 @@ end-to-end A/B ``bench/results/e2e_tp1_h100_ab_4dbc35c.json`` (one H100, full 8B
 near ties it kept on the library (8B gate-up + SiLU*mul at M = 1, 0.989; qkv at M = 8, 0.999) are worth routing:
 the step with them on the kernel took 0.985x / 0.998x the time at batch 1 / 8, as the fused SiLU*mul drops a
 kernel. At 1.0 the H100 sweep routes 235 of 420 rows (was 185); some of the 50 added are within timing noise, and
-only the 8B at TP 1 was timed end to end. ``--retable`` re-derives a committed sweep's table."""
+only the 8B at TP 1 was timed end to end. ``--retable`` re-derives a committed sweep's table (or several sweeps',
+the later ones' points over the earlier: the shipped table is the 14a3f4c sweep with the 8B's TP 1 / 2 points of
+the ``--all-tiles`` re-sweep of 1b777fa over it, 251 of 420 rows on the kernel)."""
 # model -> (hidden, q heads, kv heads, head_dim, intermediate, TP sizes)
 MODELS = {"8B": (4096, 32, 8, 128, 14336, (1, 2)), "70B": (8192, 64, 8, 128, 28672, (4, 8)),
           "32B": (5120, 64, 8, 128, 25600, (1, 2))}

@@ -625,16 +625,18 @@ on one H100 at 28139fe) but not their speed. In ``decode_attention_h100_fp8words
 x 1024 / 4096 keys, Hq 32 / 64) its best swept config takes 0.98-1.06x the e4m3 loads' best at each point, and
 at :func:`pick_config`'s configs 1.04-1.08x their time."""
 
-FP8_F16 = False
+FP8_F16 = True
 """e4m3 caches under a bf16 q: the tile loop multiplies in fp16 (``F16_MMA``: :func:`_attend_range_q`) instead of
 bf16. An e4m3 value converts to fp16 exactly in one instruction for two elements (``cvt.rn.f16x2.e4m3x2``), where
 bf16 tiles take a second conversion an element (``cvt.bf16.f16``: sm_90's SASS ``F2F.BF16.F16``), so the loop
 issues a third of the conversions. q converts to fp16 exactly where ``6.1e-5 <= |q| <= 65504`` (a bf16 value has 8
 significant bits, fp16 11; smaller magnitudes round to fp16's subnormal steps of 2^-24, larger ones saturate at
 65504), so the scores are the bf16 loop's; P is split into fp16 high and low parts (22 bits, bf16's 16: ``PV_HILO``).
-:func:`fp8_f16_ok` says where it applies. Off until the model's decode graphs (PDL builds) have run it in a GPU test:
-on one H100 at 9799eb6 its GPU tests without PDL passed (``test_gpu_fp8_f16_loop_*``: the oracle's bounds, within
-one bf16 step of the bf16 loop, the same cache bytes); the kernel took 0.85-0.92x the bf16 loop's time at every
+:func:`fp8_f16_ok` says where it applies (False: the bf16 loop). On since its GPU tests passed on one H100 at 4ae6646
+(24, ``bench/results/logs/gpu_run_4ae6646_h100_fp8f16_tests.log``: ``test_gpu_fp8_f16_loop_*`` - the oracle's bounds,
+within one bf16 step of the bf16 loop, the same cache bytes, the PDL builds bit for bit the non-PDL ones - the
+model's graph and eager decode with it against the fp64 oracle, ``test_fp8_f16_decode_matches_eager_and_oracle``,
+and the word loads in this loop, ``test_gpu_fp8_word_loads_match_byte_loads``); the kernel took 0.85-0.92x the bf16 loop's time at every
 point of ``bench/results/decode_attention_h100_fp8f16_9799eb6.json`` (B 1 / 8 / 64, 1k / 4k keys) and the full 8B's
 e4m3-cache decode step 1.00 / 1.00 / 0.97x at batch 1 / 8 / 64 (``e2e_tp1_h100_f16_ab_9799eb6.json``)."""
 

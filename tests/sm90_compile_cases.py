@@ -23,7 +23,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from ptx_checks import pdl_order_problem, ticket_order_problem  # noqa: E402
-from tpfuse.kernels import (add_rmsnorm, decode_attention, fused_allreduce, quantize, reduce_slots,  # noqa: E402
+from tpfuse.kernels import (add_rmsnorm, decode_attention, fused_allreduce, l2_prefetch, quantize, reduce_slots,  # noqa: E402
                             rope, silu_mul, small_m_gemm)
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -143,6 +143,7 @@ def base_cases():
                 "kc_ptr": cache, "vc_ptr": cache, "slot_ptr": "*i64", "scale_ptr": "*fp32"},
                dict(HALF=64, BH=4, IS_NEOX=True, CACHE_FP8=fp8))
 
+    yield ("l2_prefetch", l2_prefetch._l2_prefetch_kernel, {"ptr": "*u8"}, dict(LINES=l2_prefetch.LINES), 4, True)
     yield from decode_attention_cases()
     yield from small_m_gemm_cases()
     yield from small_m_gemm_norm_cases()

@@ -343,8 +343,9 @@ def test_shipped_tables_parse():
 
 
 def test_shipped_table_is_its_sweep_retabled(tmp_path, monkeypatch):
-    """The shipped sm90 table is exactly what ``tune_small_gemm.py --retable`` derives from the committed sweep it
-    names (its times decide each row under WIN_MARGIN; nothing hand-edited), and a near tie routes to the kernel."""
+    """The shipped sm90 table is exactly what ``tune_small_gemm.py --retable`` derives from the committed sweeps it
+    names (``merged``, then ``source``: their times decide each row under WIN_MARGIN; nothing hand-edited), and a
+    near tie routes to the kernel."""
     monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
     import tune_small_gemm as tsg
 
@@ -352,7 +353,8 @@ def test_shipped_table_is_its_sweep_retabled(tmp_path, monkeypatch):
         shipped = json.load(fh)
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
     out = tmp_path / "t.json"
-    tsg.main(["--retable", os.path.join(root, shipped["source"]["file"]), str(out)])
+    sweeps = [s["file"] for s in shipped.get("merged", [])] + [shipped["source"]["file"]]
+    tsg.main(["--retable", *(os.path.join(root, f) for f in sweeps), str(out)])
     assert json.loads(out.read_text()) == shipped
     assert shipped["win_margin"] == tsg.WIN_MARGIN
     tie = [r for r in shipped["rows"] if (r["scheme"], r["n"], r["k"], r["m_bucket"]) == ("bf16_silu", 28672, 4096, 1)]

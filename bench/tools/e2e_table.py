@@ -42,6 +42,7 @@ def _ratio(a, b) -> str:
 VARIANTS = (("_fusedrope", "RoPE in the attention"), ("_ropesep", "RoPE kernel apart"),
             ("_fusedcomb", "combine in the split kernel"), ("_combkern", "combine kernel apart"),
             ("_foldnorm", "RMSNorm in the GEMMs"), ("_normkern", "RMSNorm kernel apart"),
+            ("_opf", "o_proj weight prefetched in attention"), ("_noopf", "no o_proj prefetch"),
             ("_smallm", "small-M table"), ("_nopdl", "no PDL"),
             ("_prefetch", "PDL + L2 prefetch"),
             ("_smallall", "kernel everywhere"), ("_smallall_nopdl", "kernel everywhere, no PDL"),

@@ -214,3 +214,45 @@ def test_from_pretrained_matches_unsharded(tp, fp8, tmp_path):
     model = mc.build("llama", seed=0, **SHAPE).to(DT)
     (quantize_fp8(model) if fp8 else model).save_pretrained(str(tmp_path))
     assert all(e > 0 for e in run_gpu(_from_pretrained, tp, str(tmp_path), fp8, timeout_s=600))
+
+
+def _o_proj_prefetch_same_bits(rank, world, arch, batch, fp8):
+    """The model's graph decode with ``KVCacheConfig.prefetch_o_proj`` off, then on (graphs captured again): the
+    same logits bit for bit, and the prefetch kernel launched only with it on (once a layer per captured step)."""
+    from tpfuse.kernels import l2_prefetch as l2
+
+    rec = LaunchRecorder(l2._l2_prefetch_kernel)
+    l2._l2_prefetch_kernel = rec  # this rank's process only (spawned)
+    g = torch.Generator().manual_seed(batch)
+    prompts = [torch.randint(0, SHAPE["vocab_size"], (int(n),), generator=g) for n in torch.randint(1, 300, (batch,),
+                                                                                                     generator=g)]
+    steps = 12
+    extra = torch.randint(0, SHAPE["vocab_size"], (batch, steps), generator=g)
+    import tpfuse
+    from tpfuse.parallel import KVCacheConfig, quantize_fp8
+
+    base = mc.build(arch, seed=0, **SHAPE).to(DT)
+    comm = make_comm(world)
+    model = tpfuse.parallelize(quantize_fp8(base) if fp8 else base, comm,
+                               cache=KVCacheConfig(max_batch=8, max_seq_len=1024))
+    runs = []
+    for on in (False, True):
+        model._tpfuse.cache_config.prefetch_o_proj = on
+        model._tpfuse.graphs = None  # captured again with the flag
+        n0 = len(rec.launches)
+        got, mode = _decode_run(model, prompts, extra, steps)
+        assert mode == "decode_graph"
+        runs.append((got, len(rec.launches) - n0))
+    comm.close()
+    (off, n_off), (got_on, n_on) = runs
+    assert n_off == 0 and n_on > 0, (n_off, n_on)
+    for a, b in zip(off, got_on):
+        assert torch.equal(a, b)
+    return n_on
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_o_proj_prefetch_decode_same_bits(fp8):
+    """``KVCacheConfig.prefetch_o_proj`` (TP = 1): the o_proj weight prefetched into L2 from a side stream inside
+    the captured decode graph changes no value (bf16 layers and per-channel FP8 layers)."""
+    assert all(n > 0 for n in run_gpu(_o_proj_prefetch_same_bits, 1, "llama", 3, fp8, timeout_s=600))

@@ -94,6 +94,12 @@ class KVCacheConfig:
     ``_foldnorm``) the decode step took 0.99 / 1.00 / 1.00x as long at batch 1 / 8 / 64 with it; its GPU tests
     passed in the same call."""
 
+    prefetch_o_proj: bool = False
+    """True: while a decode step's attention runs, a side stream prefetches the o_proj weight into L2 (at small batch
+    the attention leaves HBM idle; the o_proj GEMM after it then reads its weight from L2;
+    :mod:`tpfuse.parallel.prefetch`). Values are the same either way (a prefetch writes nothing). Off until an A/B
+    of the full 8B shows it pays (``bench_e2e.py --opf-ab``)."""
+
     def validate(self) -> None:
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
             raise TPFuseInputError(f"KVCacheConfig.max_batch must be a positive int, got {self.max_batch!r}")
@@ -111,7 +117,7 @@ class KVCacheConfig:
             raise TPFuseInputError(f"KVCacheConfig.cuda_graphs must be a bool, got {self.cuda_graphs!r}")
         if not isinstance(self.pdl, bool):
             raise TPFuseInputError(f"KVCacheConfig.pdl must be a bool, got {self.pdl!r}")
-        for name in ("fuse_rope", "fold_norms"):
+        for name in ("fuse_rope", "fold_norms", "prefetch_o_proj"):
             if not isinstance(getattr(self, name), bool):
                 raise TPFuseInputError(f"KVCacheConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.graph_buckets):

@@ -50,6 +50,7 @@ from .. import rope as tp_rope
 from .. import small_gemm
 from .batch import StepMeta
 from .layout import TPLayout
+from .prefetch import prefetch_o_proj, prefetching
 
 
 def get_path(root: nn.Module, path: str):
@@ -259,8 +260,9 @@ class TPDecoderLayer(nn.Module):
         if ctx.fold_norms:
             return self._forward_folded(x, residual, next_norm_weight, next_eps, ctx)
         qkv = self._column(x, "qkv", self._qkv_mods, ctx)
-        x, residual = self._row(self._attention(qkv, ctx), self._o, residual, self.post_norm.weight, self.post_eps,
-                                ctx)
+        with prefetching(self._o.weight, prefetch_o_proj(ctx)):
+            a = self._attention(qkv, ctx)
+        x, residual = self._row(a, self._o, residual, self.post_norm.weight, self.post_eps, ctx)
         return self._row(self._gate_up_silu(x, ctx), self._down, residual, next_norm_weight, next_eps, ctx)
 
     # ------------------------------------------------------------------------------------------------------------
