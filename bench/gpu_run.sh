@@ -80,8 +80,8 @@
 #   smallm64: the small-M GEMM at M = 32 / 64 (~8 min): the sweep over the 8B's TP 1 / 2 shapes with the wide
 #         tiles and split-K 1 / 2 (tune_small_gemm.py WIDE_M; SMALLM64_SWEEP_ARGS appended), its table merged over
 #         the committed H100 sweep (--base-sweep; smallm64/small_m_gemm_<arch>.json), then the full 8B's decode rows
-#         at batch 32 / 64 with that table (rows _smallm) and with the RoPE fused the other way (--rope-ab;
-#         SMALLM64_AB_ARGS appended). One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh smallm64
+#         at batch 32 / 64 with that table (rows _smallm; SMALLM64_AB_ARGS appended, e.g. --decode-batches 1,8,32,64
+#         --rope-ab). One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh smallm64
 #   opf: decides KVCacheConfig.prefetch_o_proj (~4 min): its tests (tests/test_l2_prefetch.py: the prefetch changes
 #         no byte, its side-stream fork / join in a captured graph; the model's graph decode with it on equals it
 #         off bit for bit, bf16 and per-channel FP8), then the full 8B's decode rows at batch 1 / 8 / 64 with it
@@ -262,7 +262,7 @@ for s in "${steps[@]}"; do
               tbl="$OUT/smallm64/small_m_gemm_$(python3 -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"sm{m}{n}")').json"
               [[ -f $tbl ]] && LIMIT_smallm64_ab=${LIMIT_smallm64_ab:-240} run smallm64_ab "${TR1[@]}" bench/bench_e2e.py \
                 --tag smallm64 --models 8B --layers full --decode-batches 32,64 --context 1024 --prefill 1024 \
-                --hf-models none --small-m-table "$tbl" --rope-ab ${SMALLM64_AB_ARGS:-} ;;
+                --hf-models none --small-m-table "$tbl" ${SMALLM64_AB_ARGS:-} ;;
     load) run load python3 bench/bench_load.py --shape 8B ${LOAD_ARGS:-}
           run load_fp8 python3 bench/bench_load.py --shape 8B --fp8 ${LOAD_ARGS:-} ;;  # TP=1; writes /tmp ckpts
     decode_attn) [[ -f bench/bench_decode_attention.py ]] && run decode_attn python3 bench/bench_decode_attention.py ${DECODE_ATTN_ARGS:-} ;;

@@ -34,12 +34,17 @@ Design (Hopper):
   BLOCK_N x BLOCK_K fp32 partial products per row in registers and rely on occupancy alone for memory parallelism.
 * **Weights streamed once**, rows of 256 bytes per step (16-byte loads along K); all M rows live in one program,
   so no weight byte is read twice; x (at most 64 x K) is re-read per program from L2.
-* **Split-K, deterministic and atomic-free**: with ``SPLIT_K > 1`` program ``(n, s)`` sums the K steps
-  ``[s * n_kb // SPLIT_K, (s + 1) * n_kb // SPLIT_K)`` and stores raw fp32 partials; :func:`_split_k_reduce_kernel`
-  adds the splits in order 0..SPLIT_K-1 and applies the epilogue. Why: bitwise-reproducible results (replays,
-  runs, ranks), an epilogue that needs the full sum (scales, bias, SiLU*mul, FP8 quantization) applied once, no
-  memset of an fp32 output. Cost: one more launch and ``2 * SPLIT_K * M * N * 4`` bytes, small at decode M; the
-  sweep keeps split-K only where it wins (shapes with few N tiles: Llama-70B TP=8 qkv has 20 tiles of 64).
+* **Split-K, deterministic**: with ``SPLIT_K > 1`` program ``(n, s)`` sums the K steps
+  ``[s * n_kb // SPLIT_K, (s + 1) * n_kb // SPLIT_K)`` and stores raw fp32 partials, which are added in order
+  0..SPLIT_K-1 and go through the epilogue once. Why: bitwise-reproducible results (replays, runs, ranks), an
+  epilogue that needs the full sum (scales, bias, SiLU*mul, FP8 quantization) applied once, no memset of an fp32
+  output. Cost: ``2 * SPLIT_K * M * N * 4`` bytes, small at decode M; the sweep keeps split-K only where it wins.
+  **Serial split-K** (:data:`SERIAL`, :func:`_small_m_gemm_serial_kernel`, launches without norm / residual
+  epilogues): after its partial store each program takes a ticket (a CTA barrier, one acq_rel GPU-scope atomic
+  from one thread) from its N tile's int32 counter (:func:`serial_counters`), and the tile's last program re-arms
+  the counter to 0, sums the partials and runs the epilogue (the "last block" pattern of decode attention's fused
+  combine; nothing spins). Else :func:`_split_k_reduce_kernel` does it in a launch of its own, as the folded-norm
+  launches and captures that would have to allocate the counters do.
 * Grid ``(cdiv(N_OUT, BLOCK_N), SPLIT_K)`` from shapes only, workspace from the caching allocator: CUDA-graph safe.
 
 Folded RMSNorm (``_small_m_gemm_norm_kernel``, the same program with two more constexprs; the model's decode layers
@@ -312,17 +317,40 @@ def _small_m_gemm_norm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_p
                   NORM_IN, ADD_RES, SQ_BLOCK)
 
 
+@triton.jit(do_not_specialize=["M", "n_kb", "split_k"])
+def _small_m_gemm_serial_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr, cnt_ptr,
+                                M, N_OUT, K, stride_xm, stride_om, n_kb, split_k,
+                                X_FP8: tl.constexpr, W_FP8: tl.constexpr, X_SCALE: tl.constexpr,
+                                W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
+                                OUT_FP8: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                                PF_LINES: tl.constexpr = 0):
+    """Split-K without the reduce kernel (module docstring, "Serial split-K"): each program stores its partial, then
+    (a CTA barrier, one acq_rel GPU-scope atomic from one thread) takes a ticket from its N tile's int32 counter;
+    the program drawing the last ticket re-arms the counter, sums the tile's ``split_k`` partials in split order
+    (the reduce kernel's order: the same bits) and runs the epilogue."""
+    _gemm_program(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr, M, N_OUT, K, stride_xm, stride_om,
+                  n_kb, split_k, x_ptr, x_ptr, 0, 0.0, x_ptr, 0, x_ptr, x_ptr, X_FP8, W_FP8, X_SCALE, W_SCALE, HAS_BIAS,
+                  SILU_MUL, OUT_FP8, True, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PDL, PF_LINES, False, False, 1)
+    tl.debug_barrier()  # every thread's partial stores before the one thread's release
+    cnt = cnt_ptr + tl.program_id(0)
+    ticket = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+    if ticket == split_k - 1:
+        tl.store(cnt, 0)  # every split of this tile has counted: re-armed for the next launch
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, BLOCK_M)
+        n_mask = rn < N_OUT
+        m_mask = rm < M
+        acc, acc_u = _sum_partials(part_ptr, rn, n_mask, rm, m_mask, M, N_OUT, split_k, SILU_MUL, BLOCK_N, BLOCK_M)
+        _finish(acc, acc_u, rn, n_mask, rm, m_mask, N_OUT, stride_om, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr,
+                X_SCALE, W_SCALE, HAS_BIAS, SILU_MUL, OUT_FP8, M, out_ptr, 0, out_ptr, out_ptr, out_ptr, False,
+                BLOCK_N, BLOCK_M)
+
+
 @triton.jit
-def _reduce_program(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, M, N_OUT, stride_om, split_k, res_ptr,
-                    stride_rm, sqo_ptr, nw_ptr, xo_ptr, X_SCALE: tl.constexpr, W_SCALE: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, OUT_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    PDL: tl.constexpr, ADD_RES: tl.constexpr):
-    """Sum of the ``split_k`` partials in split order (deterministic), then the epilogue."""
-    pdl.enter(PDL)
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.arange(0, BLOCK_M)
-    n_mask = rn < N_OUT
-    m_mask = rm < M
+def _sum_partials(part_ptr, rn, n_mask, rm, m_mask, M, N_OUT, split_k, SILU_MUL: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The fp32 sums of an N tile's ``split_k`` partials ``[split_k, M, n_w]``, in split order (deterministic)."""
     mask = n_mask[:, None] & m_mask[None, :]
     n_w = 2 * N_OUT if SILU_MUL else N_OUT
     src = part_ptr + rm.to(tl.int64)[None, :] * n_w + rn[:, None]
@@ -335,6 +363,21 @@ def _reduce_program(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, M, N_OUT, 
         if SILU_MUL:
             acc_u += tl.load(src + s * slab + N_OUT, mask=mask, other=0.0)
         s += 1
+    return acc, acc_u
+
+
+@triton.jit
+def _reduce_program(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, M, N_OUT, stride_om, split_k, res_ptr,
+                    stride_rm, sqo_ptr, nw_ptr, xo_ptr, X_SCALE: tl.constexpr, W_SCALE: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, OUT_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    PDL: tl.constexpr, ADD_RES: tl.constexpr):
+    """Sum of the ``split_k`` partials in split order (deterministic), then the epilogue."""
+    pdl.enter(PDL)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    n_mask = rn < N_OUT
+    m_mask = rm < M
+    acc, acc_u = _sum_partials(part_ptr, rn, n_mask, rm, m_mask, M, N_OUT, split_k, SILU_MUL, BLOCK_N, BLOCK_M)
     _finish(acc, acc_u, rn, n_mask, rm, m_mask, N_OUT, stride_om, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr,
             X_SCALE, W_SCALE, HAS_BIAS, SILU_MUL, OUT_FP8, M, res_ptr, stride_rm, sqo_ptr, nw_ptr, xo_ptr, ADD_RES,
             BLOCK_N, BLOCK_M)
@@ -387,6 +430,36 @@ def prefetch_lines(n_w: int, k: int, split: int, elem: int, block_n: int) -> int
     return 1 << (lines.bit_length() - 1) if lines >= 1 else 0
 
 
+SERIAL = True
+"""Split-K launches of :func:`launch_small_m_gemm` without norm / residual epilogues reduce in the GEMM kernel's
+last program of each N tile (:func:`_small_m_gemm_serial_kernel`) instead of a reduce kernel (False: the reduce
+kernel always). Same bits either way (the partials are summed in split order by both)."""
+COUNTERS_MIN = 4096  # int32 tickets: one an N tile (28672 / 16 = 1792 at the narrowest tile of the 8B's gate-up)
+_COUNTERS: dict = {}  # device -> the zeroed ticket counters (all zero between launches)
+_KEEP: list = []  # every counter buffer ever handed out: graphs captured with a smaller one still point at it
+
+
+def serial_counters(device: torch.device, tiles: int):
+    """The zeroed int32 ticket counters of a serial split-K launch of ``tiles`` N tiles, or None where a CUDA graph
+    capture would have to allocate them (that launch takes the reduce kernel). One buffer a device: serial
+    launches on different streams must not overlap in time (the model path launches them on one stream)."""
+    cnt = _COUNTERS.get(device)
+    if cnt is None or cnt.numel() < tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        cnt = torch.zeros(max(tiles, COUNTERS_MIN), dtype=torch.int32, device=device)
+        _KEEP.append(cnt)
+        _COUNTERS[device] = cnt
+    return cnt
+
+
+def reset_serial_counters() -> None:
+    """Zero every serial split-K ticket counter (zero between launches unless a launch stopped part-way, e.g. a
+    CUDA error: after one, call this or start a new process)."""
+    for cnt in _KEEP:
+        cnt.zero_()
+
+
 def scale_kind(scale, rows: int) -> int:
     """SCALE_NONE / SCALE_TENSOR (one element, at most 1-D) / SCALE_ROW (``[rows]`` or ``[rows, 1]``)."""
     if scale is None:
@@ -429,6 +502,12 @@ def launch_small_m_gemm(x, w, x_scale, w_scale, bias, out, out_scale, silu_mul: 
                   EVEN_K=k % cfg.block_k == 0, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PDL=on,
                   PF_LINES=prefetch_lines(n_w, k, split, w.dtype.itemsize, cfg.block_n) if on else 0)
     grid = (triton.cdiv(n_out, cfg.block_n), split)
+    cnt = serial_counters(out.device, grid[0]) if split > 1 and norm is None and add is None and SERIAL else None
+    if cnt is not None:  # split-K reduced by each tile's last program: no reduce kernel
+        consts.pop("PARTIAL")
+        fast_launch.launch(_small_m_gemm_serial_kernel, grid, args[:8] + (cnt,) + args[8:], consts, cfg.num_warps,
+                           stages, on)
+        return
     if norm is None and add is None:
         fast_launch.launch(_small_m_gemm_kernel, grid, args, consts, cfg.num_warps, stages, on)
     else:

@@ -260,6 +260,9 @@ def small_m_gemm_cases():
         if part:
             yield (f"small_m_gemm reduce {name} m{bm}", small_m_gemm._split_k_reduce_kernel, ptrs,
                    dict(**epi, BLOCK_M=bm, BLOCK_N=small_m_gemm.REDUCE_BLOCK_N), 4, True, 1, nospec)
+            yield (f"small_m_gemm {name} m{bm} n{bn} k{bk} serial", small_m_gemm._small_m_gemm_serial_kernel,
+                   dict(ptrs, cnt_ptr="*i32"), dict(X_FP8=x_t == fp8, W_FP8=w_t == fp8, **epi, EVEN_K=even,
+                                                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), warps, True, stages, nospec)
         if name in ("bf16", "fp8 tensor silu q8 split"):  # PDL with the weight prefetch before the wait
             lines = 16  # prefetch_lines() of the 8B qkv at small_m_gemm.PREFETCH_BYTES_TRIED (16 MiB)
             yield (f"small_m_gemm {name} m{bm} n{bn} k{bk} pdl prefetch{lines}", small_m_gemm._small_m_gemm_kernel,
@@ -370,7 +373,7 @@ def main() -> int:
             if const.get("PDL"):
                 problem = pdl_order_problem(k.asm["ptx"], may_load=const.get("PF_KEYS", 0) > 0)
                 print(f"pdl-order {'BAD ' + problem if problem else 'ok'}  {name}", flush=True)
-            if " fusedcomb" in name:
+            if " fusedcomb" in name or name.endswith(" serial"):
                 problem = ticket_order_problem(k.asm["ptx"])
                 print(f"ticket-order {'BAD ' + problem if problem else 'ok'}  {name}", flush=True)
             if name.startswith("decode_attention q=") and const.get("CACHE_FP8"):  # e4m3 cache

@@ -37,7 +37,7 @@ def _launch_all(monkeypatch):
         (rope, "_qk_norm_rope_kernel"), (rope, "_rope_kv_cache_kernel"), (decode_attention, "_split_kernel"),
         (decode_attention, "_combine_kernel"), (small_m_gemm, "_small_m_gemm_kernel"),
         (small_m_gemm, "_split_k_reduce_kernel"), (small_m_gemm, "_small_m_gemm_norm_kernel"),
-        (small_m_gemm, "_split_k_reduce_add_kernel"))}
+        (small_m_gemm, "_split_k_reduce_add_kernel"), (small_m_gemm, "_small_m_gemm_serial_kernel"))}
     bf = torch.bfloat16
     x, w = torch.zeros(4, 64, dtype=bf), torch.ones(64, dtype=bf)
     add_rmsnorm.launch_add_rmsnorm(x, x.clone(), w, 1e-6, x.clone(), x.clone(), x, None, QuantFormat.NONE, 16, False)
@@ -52,9 +52,11 @@ def _launch_all(monkeypatch):
     decode_attention.launch_decode_attention(q, cache, cache.clone(), torch.zeros(4, 2, dtype=torch.int32),
                                              torch.full((4,), 20, dtype=torch.int32), q.clone(), 0.1,
                                              max_seq_len=32, num_splits=2)
-    small_m_gemm.launch_small_m_gemm(torch.zeros(4, 1024, dtype=bf), torch.zeros(64, 1024, dtype=bf), None, None,
-                                     None, x.clone(), None, False, "bf16", "cpu", 132,
-                                     config=small_m_configs.GemmConfig(split_k=2))  # + its split-K reduce
+    for serial in (True, False):  # split-K reduced in the GEMM's last programs, or by the reduce kernel
+        monkeypatch.setattr(small_m_gemm, "SERIAL", serial)
+        small_m_gemm.launch_small_m_gemm(torch.zeros(4, 1024, dtype=bf), torch.zeros(64, 1024, dtype=bf), None,
+                                         None, None, x.clone(), None, False, "bf16", "cpu", 132,
+                                         config=small_m_configs.GemmConfig(split_k=2))
     h = torch.zeros(4, 64, dtype=bf)  # the folded RMSNorm's producer (ADD_RES), split-K: + its reduce
     small_m_gemm.launch_small_m_gemm(torch.zeros(4, 1024, dtype=bf), torch.zeros(64, 1024, dtype=bf), None, None,
                                      None, h, None, False, "bf16", "cpu", 132,

@@ -167,26 +167,38 @@ SPLIT_CONFIGS = [dict(block_n=16, block_k=32, split_k=1), dict(block_n=32, block
 @pytest.mark.usefixtures("kernels", "poisoned_out")
 @pytest.mark.parametrize("cfg", SPLIT_CONFIGS, ids=lambda c: smc.GemmConfig(**c).short())
 def test_split_k_and_tiles(cfg, gen, kernels, monkeypatch):
-    """Every tiling / split gives the oracle's result; a split launches the reduce kernel over the same N tiles and
-    repeats bit for bit (deterministic: no atomics)."""
+    """Every tiling / split gives the oracle's result and repeats bit for bit; a split reduces in the GEMM kernel's
+    last program of each N tile (serial split-K: one launch, counters re-armed to 0) or, with ``SERIAL`` off, in
+    the reduce kernel over the same N tiles; both give the same bits."""
+    sm = kernels.small_m_gemm
     launches = []
-    record_launches(monkeypatch, kernels.small_m_gemm, "_small_m_gemm_kernel", launches)
-    record_launches(monkeypatch, kernels.small_m_gemm, "_split_k_reduce_kernel", launches)
+    for name in ("_small_m_gemm_kernel", "_split_k_reduce_kernel", "_small_m_gemm_serial_kernel"):
+        record_launches(monkeypatch, sm, name, launches)
     c = smc.GemmConfig(**cfg)
     for scheme, silu in (("bf16", False), ("fp8_row", True)):
         n = 96 if silu else 112  # I = 48
         ops = operands(gen, scheme, 3, n, 336, bias=True)
-        launches.clear()
-        with smc.forced(c):
-            out, again = run(*ops, silu_mul=silu), run(*ops, silu_mul=silu)
-        check(out, ops, f"{scheme} silu={silu} {c.short()}", silu=silu)
-        assert torch.equal(out.view(torch.uint8), again.view(torch.uint8))
-        n_out = n // 2 if silu else n
-        grid, kw = launches[0]
-        assert grid == (-(-n_out // c.block_n), c.split_k)
-        assert (kw["BLOCK_N"], kw["BLOCK_K"], kw["BLOCK_M"], kw["PARTIAL"]) == (c.block_n, c.block_k, 16, c.split_k > 1)
-        assert (kw["num_warps"], kw["num_stages"]) == (c.num_warps, c.num_stages)
-        assert len(launches) == (4 if c.split_k > 1 else 2)  # two calls; with split-K each adds the reduce
+        outs = {}
+        for serial in (True, False):
+            monkeypatch.setattr(sm, "SERIAL", serial)
+            launches.clear()
+            with smc.forced(c):
+                out, again = run(*ops, silu_mul=silu), run(*ops, silu_mul=silu)
+            check(out, ops, f"{scheme} silu={silu} {c.short()} serial={serial}", silu=silu)
+            assert torch.equal(out.view(torch.uint8), again.view(torch.uint8))
+            outs[serial] = out
+            n_out = n // 2 if silu else n
+            grid, kw = launches[0]
+            assert grid == (-(-n_out // c.block_n), c.split_k)
+            assert (kw["BLOCK_N"], kw["BLOCK_K"], kw["BLOCK_M"]) == (c.block_n, c.block_k, 16)
+            assert kw.get("PARTIAL", True) == (c.split_k > 1)  # the serial kernel has no PARTIAL: it always splits
+            assert (kw["num_warps"], kw["num_stages"]) == (c.num_warps, c.num_stages)
+            # two calls; with split-K and SERIAL off each adds the reduce kernel
+            assert len(launches) == (4 if c.split_k > 1 and not serial else 2)
+            assert ("PARTIAL" not in kw) == (c.split_k > 1 and serial)
+        assert torch.equal(outs[True].view(torch.uint8), outs[False].view(torch.uint8))
+        if c.split_k > 1:
+            assert not sm.serial_counters(ops[0].device, 1).any()  # every tile's last program re-armed its counter
 
 
 @pytest.mark.usefixtures("kernels", "poisoned_out")
@@ -365,6 +377,7 @@ def test_shipped_table_is_its_sweep_retabled(tmp_path, monkeypatch):
 def test_launcher_takes_the_table_config_and_route_the_op(gen, kernels, monkeypatch):
     launches = []
     record_launches(monkeypatch, kernels.small_m_gemm, "_small_m_gemm_kernel", launches)
+    record_launches(monkeypatch, kernels.small_m_gemm, "_small_m_gemm_serial_kernel", launches)  # split-K
     cfg = smc.GemmConfig(block_n=16, block_k=32, split_k=2, num_warps=2, num_stages=2)
     outer = smc.GemmConfig(block_n=32, block_k=64, split_k=1, num_warps=4, num_stages=2)
     ops = operands(gen, "fp8_tensor", 6, 48, 96)
@@ -476,3 +489,42 @@ class TestGPU:
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, run(x, w, xs, ws, b))
+
+    @pytest.mark.parametrize("m", [1, 8, 64])
+    def test_serial_split_k_graph_replays(self, gen, m, monkeypatch):
+        """Serial split-K (the tile's last program reduces; ``SERIAL``) in a CUDA graph of three back-to-back GEMMs
+        (the 8B's qkv / o / down shapes, per-channel FP8 and bf16, 2-4 splits) replayed 200 times with new x each
+        time: every replay equals the reduce kernel's bits, and the counters are all zero after."""
+        from kernel_env import capture
+
+        from tpfuse.kernels import small_m_gemm as smg
+
+        calls = []
+        for (n, k), scheme, split in (((6144, 4096), "fp8_row", 3), ((4096, 4096), "bf16", 2),
+                                      ((4096, 14336), "fp8_row", 4)):
+            ops = operands(gen, scheme, m, n, k)
+            cfg = smc.GemmConfig(block_n=64, block_k=128 if scheme == "bf16" else 256, split_k=split, num_stages=4)
+            calls.append((ops, cfg))
+
+        def step():
+            outs = []
+            for ops, cfg in calls:
+                with smc.forced(cfg):
+                    outs.append(run(*ops))
+            return outs
+
+        monkeypatch.setattr(smg, "SERIAL", True)
+        graph, outs = capture(step)
+        for i in range(200):
+            for ops, _ in calls:  # new activations in place (e4m3: N(0, 1) values, the scales kept)
+                ops[0].copy_(torch.randn(ops[0].shape, device="cuda").to(ops[0].dtype))
+            graph.replay()
+            if i % 40 == 0 or i == 199:
+                monkeypatch.setattr(smg, "SERIAL", False)
+                want = step()
+                monkeypatch.setattr(smg, "SERIAL", True)
+                torch.cuda.synchronize()
+                for got, exp in zip(outs, want):
+                    assert torch.equal(got.view(torch.uint8), exp.view(torch.uint8)), i
+        torch.cuda.synchronize()
+        assert not smg.serial_counters(torch.device("cuda", torch.cuda.current_device()), 1).any()
