@@ -337,14 +337,9 @@ def _small_m_gemm_serial_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os
     ticket = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
     if ticket == split_k - 1:
         tl.store(cnt, 0)  # every split of this tile has counted: re-armed for the next launch
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm = tl.arange(0, BLOCK_M)
-        n_mask = rn < N_OUT
-        m_mask = rm < M
-        acc, acc_u = _sum_partials(part_ptr, rn, n_mask, rm, m_mask, M, N_OUT, split_k, SILU_MUL, BLOCK_N, BLOCK_M)
-        _finish(acc, acc_u, rn, n_mask, rm, m_mask, N_OUT, stride_om, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr,
-                X_SCALE, W_SCALE, HAS_BIAS, SILU_MUL, OUT_FP8, M, out_ptr, 0, out_ptr, out_ptr, out_ptr, False,
-                BLOCK_N, BLOCK_M)
+        _reduce_program(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, M, N_OUT, stride_om, split_k, out_ptr, 0,
+                        out_ptr, out_ptr, out_ptr, X_SCALE, W_SCALE, HAS_BIAS, SILU_MUL, OUT_FP8, BLOCK_M, BLOCK_N,
+                        False, False)  # this tile: program_id(0) of both grids is the N tile
 
 
 @triton.jit
