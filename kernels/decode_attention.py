@@ -636,9 +636,10 @@ significant bits, fp16 11; smaller magnitudes round to fp16's subnormal steps of
 (24, ``bench/results/logs/gpu_run_4ae6646_h100_fp8f16_tests.log``: ``test_gpu_fp8_f16_loop_*`` - the oracle's bounds,
 within one bf16 step of the bf16 loop, the same cache bytes, the PDL builds bit for bit the non-PDL ones - the
 model's graph and eager decode with it against the fp64 oracle, ``test_fp8_f16_decode_matches_eager_and_oracle``,
-and the word loads in this loop, ``test_gpu_fp8_word_loads_match_byte_loads``); the kernel took 0.85-0.92x the bf16 loop's time at every
-point of ``bench/results/decode_attention_h100_fp8f16_9799eb6.json`` (B 1 / 8 / 64, 1k / 4k keys) and the full 8B's
-e4m3-cache decode step 1.00 / 1.00 / 0.97x at batch 1 / 8 / 64 (``e2e_tp1_h100_f16_ab_9799eb6.json``)."""
+and the word loads in this loop, ``test_gpu_fp8_word_loads_match_byte_loads``); the kernel took 0.85-0.92x the bf16
+loop's time at every point of ``bench/results/decode_attention_h100_fp8f16_9799eb6.json`` (B 1 / 8 / 64, 1k / 4k
+keys) and the full 8B's e4m3-cache decode step 1.00 / 1.00 / 0.97x at batch 1 / 8 / 64
+(``e2e_tp1_h100_f16_ab_9799eb6.json``)."""
 
 
 FUSE_COMBINE = False

@@ -46,4 +46,3 @@ def launch_l2_prefetch(t: torch.Tensor) -> int:
     base = t.view(-1).view(torch.uint8)
     _l2_prefetch_kernel[(triton.cdiv(n_lines, LINES),)](base, n_lines, LINES=LINES, num_warps=4)
     return n_lines
-

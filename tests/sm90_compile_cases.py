@@ -23,8 +23,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from ptx_checks import pdl_order_problem, ticket_order_problem  # noqa: E402
-from tpfuse.kernels import (add_rmsnorm, decode_attention, fused_allreduce, l2_prefetch, quantize, reduce_slots,  # noqa: E402
-                            rope, silu_mul, small_m_gemm)
+from tpfuse.kernels import (add_rmsnorm, decode_attention, fused_allreduce, l2_prefetch, quantize,  # noqa: E402
+                            reduce_slots, rope, silu_mul, small_m_gemm)
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOATS = {"eps", "qk_scale", "qk_eps"}
