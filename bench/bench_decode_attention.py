@@ -6,15 +6,17 @@ Providers:
   (``k, v [B, Hkv, ctx, D]``, q ``[B, Hq, 1, D]``), the bool mask of valid positions ``[B, 1, 1, ctx]`` and
   ``enable_gqa=True`` (whatever backend torch picks for a masked GQA decode);
 * ``tpfuse``: the Triton flash-decoding kernel on a paged bf16 cache (block tables shuffled);
-* ``tpfuse_fp8``: the same on an FP8 e4m3 cache (one device scale); ``tpfuse_fp8_words``: the same launch with
+* ``tpfuse_fp8``: the same on an FP8 e4m3 cache (one device scale; the launch's defaults, so since
+  ``decode_attention.FP8_F16`` is on the fp16 tile loop); ``tpfuse_fp8_words``: the same launch with
   the e4m3 tiles loaded as int32 words (``decode_attention.FP8_WORDS``, off by default), its A/B;
-  ``tpfuse_fp8_f16``: the same launch with its tile loop in fp16 (``decode_attention.FP8_F16``), its A/B;
+  ``tpfuse_fp8_f16``: the same launch with its tile loop in fp16 forced (``fp8_f16=True``);
   ``tpfuse_fp8_f16_words``: both (the word loads converted straight to fp16: no byte-wide shared-memory loads and
   one conversion instruction per two elements in its sm_90 SASS).
 
-Shapes: B in 1, 8, 64; context 1024 and 4096 (every sequence at the full context, or with ``--mixed`` each at a
-random length in [ctx/2, ctx]); heads 32/8 and 64/8; D 128; bf16 q; ``max_seq_len`` (the capacity, which only
-clamps the lengths) is the context. Timing: CUDA graphs of back-to-back calls, median per call
+Shapes: B in 1, 8, 64; context 1024 and 4096, or ``--contexts`` (every sequence at the full context, or with
+``--mixed`` each at a random length in [ctx/2, ctx]; a context past a multiple of the block size leaves its last
+block part-empty, as a decode step's cache does); heads 32/8 and 64/8; D 128; bf16 q; ``max_seq_len`` (the
+capacity, which only clamps the lengths) is the context. Timing: CUDA graphs of back-to-back calls, median per call
 (:func:`common.time_us`). GB/s counts the bytes the op must move: the K and V rows of the valid keys (in the
 cache's dtype), q and out.
 
@@ -63,7 +65,7 @@ FP8 = torch.float8_e4m3fn
 def make_case(bsz, ctx, hq, hkv, d, block_size, mixed, gen, dev="cuda"):
     """Paged caches (bf16 and FP8 copies, blocks in shuffled order), block tables, lengths, q, and the contiguous
     SDPA inputs holding the same keys."""
-    mb = ctx // block_size
+    mb = -(-ctx // block_size)  # a context that is not a multiple of the block leaves the last block part-empty
     num_blocks = bsz * mb
     lens = torch.full((bsz,), ctx, dtype=torch.int32)
     if mixed:
@@ -74,8 +76,8 @@ def make_case(bsz, ctx, hq, hkv, d, block_size, mixed, gen, dev="cuda"):
     q = torch.randn(bsz, hq, d, device=dev, dtype=torch.bfloat16)
     bt, lens = bt.to(dev), lens.to(dev)
     # contiguous equivalent: k[b, :, i] = cache[bt[b, i // bs], i % bs]
-    k_lin = kc[bt.long()].reshape(bsz, ctx, hkv, d).transpose(1, 2).contiguous()
-    v_lin = vc[bt.long()].reshape(bsz, ctx, hkv, d).transpose(1, 2).contiguous()
+    k_lin = kc[bt.long()].reshape(bsz, mb * block_size, hkv, d)[:, :ctx].transpose(1, 2).contiguous()
+    v_lin = vc[bt.long()].reshape(bsz, mb * block_size, hkv, d)[:, :ctx].transpose(1, 2).contiguous()
     mask = (torch.arange(ctx, device=dev)[None, :] < lens[:, None])[:, None, None, :]
     scale = torch.tensor([0.02], device=dev)
     kc8 = (kc.float() / scale).to(FP8)
@@ -234,7 +236,7 @@ def cases(args):
     d = HEAD_DIM
     scale = d ** -0.5
     for hq, hkv in HEADS:
-        for ctx in CONTEXTS:
+        for ctx in args.contexts or CONTEXTS:
             for bsz in args.batches or (BATCHES_QUICK if args.quick else BATCHES):
                 c = make_case(bsz, ctx, hq, hkv, d, args.block_size, args.mixed, gen)
                 check(c, scale, ctx)
@@ -287,6 +289,8 @@ def main(argv=None):
     ap.add_argument("--sweep-cache", choices=tuple(SWEEP_CACHES), default="bf16",
                     help="the cache(s) --sweep times (fp8: tpfuse_fp8[...] rows; fp8_words: tpfuse_fp8_words[...])")
     ap.add_argument("--batches", type=ints, default=(), help="batches to time (default 1,8,64; --quick 1,64)")
+    ap.add_argument("--contexts", type=ints, default=(),
+                    help="keys per sequence (default 1024,4096); not a multiple of 128: a partial last tile")
     ap.add_argument("--capacity-sweep", action="store_true",
                     help="only: B 1 / 8 at 1024 keys in caches of max_seq_len 1k / 8k / 32k and 256 rows (~1 min)")
     ap.add_argument("--block-size", type=int, default=BLOCK_SIZE, help="paged-cache block size (default 16)")

@@ -3,11 +3,11 @@
 #   bash bench/gpu_run.sh [STEP ...]      steps: env tests probe_ce async_tp fused_ar local rope decode_attn host
 #                                         profile e2e e2e_full e2e_shards load tune demo onegpu soak probe_onegpu
 #                                         small_gemm e2e_ab e2e_big fp8cache fusedrope fusedcomb foldnorm
-#                                         kvprefetch fp8f16 argmax smallm64 opf
+#                                         kvprefetch fp8f16 argmax smallm64 opf attntail
 #                                         (default: all but probe_ce, profile, e2e_full, e2e_shards, load,
 #                                         onegpu, soak, probe_onegpu, small_gemm, e2e_ab, e2e_big, fp8cache,
 #                                         fusedrope, fusedcomb, foldnorm, kvprefetch, fp8f16, argmax, smallm64,
-#                                         opf; multi-GPU
+#                                         opf, attntail; multi-GPU
 #                                         steps skip on one GPU)
 #   e2e_full / e2e_shards: bench_e2e.py at TP=1 (one process whatever the GPU count) at full size, real vocab;
 #           JSON + PNG e2e_tp1_<device>_full / _shards; E2E_FULL_ARGS / E2E_SHARDS_ARGS are appended (a repeated
@@ -87,6 +87,11 @@
 #         off bit for bit, bf16 and per-channel FP8), then the full 8B's decode rows at batch 1 / 8 / 64 with it
 #         the other way (bench_e2e.py --opf-ab --tag opf_ab; OPF_ARGS appended). One call:
 #         TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh opf
+#   attntail: whether decode attention's 128-key tiles lose at contexts past a multiple of 128 (~4 min): the kernel
+#         at batch 64 x 1024 / 1040 / 1088 / 4096 / 4112 keys, every tile x warps at one split (--sweep;
+#         attntail/decode_attention_<device>.json), then the full 8B's decode rows at batch 32 / 64 with
+#         decode_attention.ONE_SPLIT_TILE (32, 4) (bench_e2e.py --tile-ab --tag tile_ab, rows _tile32).
+#         One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh attntail
 #   argmax: the greedy pick's A/B (bench/bench_argmax.py: torch.argmax vs tpfuse.parallel.generate.greedy_tokens
 #         and its chunk lengths, vocab 128256 / 32000 at B 1 / 8 / 64; ARGMAX_ARGS appended; ~20 s)
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
@@ -251,6 +256,12 @@ for s in "${steps[@]}"; do
               --models 8B --layers full --decode-batches 1,8,64 --context 1024 --prefill 1024 --hf-models none \
               --no-fp8 --kv-fp8 --f16-ab ${FP8F16_ARGS:-} ;;
     argmax) run argmax python3 bench/bench_argmax.py ${ARGMAX_ARGS:-} ;;
+    attntail) LIMIT_attntail_bench=${LIMIT_attntail_bench:-150} run attntail_bench python3 \
+                bench/bench_decode_attention.py --batches 64 --block-size 256 --contexts 1024,1040,1088,4096,4112 \
+                --sweep --sweep-batches 64 --sweep-splits 1 --out-dir "$OUT/attntail" ${ATTNTAIL_BENCH_ARGS:-}
+              LIMIT_attntail_ab=${LIMIT_attntail_ab:-200} run attntail_ab "${TR1[@]}" bench/bench_e2e.py \
+                --tag tile_ab --models 8B --layers full --decode-batches 32,64 --context 1024 --prefill 1024 \
+                --hf-models none --tile-ab ${ATTNTAIL_AB_ARGS:-} ;;
     opf) LIMIT_opf_tests=${LIMIT_opf_tests:-150} run opf_tests bash -c "python3 -m pytest -q -rs tests/test_l2_prefetch.py \
            tests/distributed/test_model_runtime_gpu.py::test_o_proj_prefetch_decode_same_bits"
          LIMIT_opf_ab=${LIMIT_opf_ab:-240} run opf_ab "${TR1[@]}" bench/bench_e2e.py --tag opf_ab --models 8B \

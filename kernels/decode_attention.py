@@ -602,6 +602,13 @@ def _combine_kernel(ws_o_ptr, ws_m_ptr, ws_l_ptr, sl_ptr, out_ptr, o_sb, o_sh, n
 # --------------------------------------------------------------------------------------------------------------
 # launcher
 
+ONE_SPLIT_TILE = (128, 8)
+"""``(BLOCK_N, num_warps)`` of :func:`pick_config`'s bf16 / fp16 rule where a sequence is one program (one split:
+``B * Hkv >= 2 x SMs``, B >= 33 at Hkv 8 on 132 SMs), D <= 128. The sweep's best at 4096 keys; at 1024 keys 32-key
+tiles with 4 warps were 2.5-2.9% faster (``decode_attention.py``'s rule table). Both sweeps timed contexts that are
+multiples of 128, where a 128-key tile loop has no partial tile; a decode step's context is not (the 8B's benchmark
+rows run at 1025-1056 keys: 9 tiles of 128 for 8 tiles' worth of keys). ``bench_decode_attention.py --contexts``
+and ``bench_e2e.py --tile-ab`` (rows ``_tile32``: (32, 4)) time the other way."""
 SM_COUNT_GUESS = 132  # H100 / H200 (the sweep's GPU): the SM count when no CUDA device is at hand (interpreter)
 WAVES = 2  # split-kernel programs wanted per SM at small batch
 MAX_SPLITS = 16  # bf16 / fp16 caches: more splits than this cost more in the combine than the extra parallelism wins
@@ -801,11 +808,12 @@ def pick_config(batch: int, kv_heads: int, head_dim: int, q_elem: int, *, cache_
             block_n = 32 if small_tiles or programs * num_splits > target else 64
         num_warps = 4 if num_warps is None else num_warps
     else:
-        block_n = (32 if small_tiles else 128) if block_n is None else block_n
         if num_splits is None:
             num_splits = max(1, min(MAX_SPLITS, target // programs))
+        tile = ONE_SPLIT_TILE if num_splits == 1 and not small_tiles else None
+        block_n = (32 if small_tiles else (tile[0] if tile else 128)) if block_n is None else block_n
         if num_warps is None:
-            num_warps = 8 if num_splits == 1 else 4
+            num_warps = (tile[1] if tile else 8) if num_splits == 1 else 4
     min_partition = max(MIN_PARTITION, block_n) if min_partition is None else min_partition
     if num_splits < 1 or min_partition < block_n or min_partition % block_n:
         raise ValueError(f"need num_splits >= 1 and min_partition a positive multiple of block_n {block_n}, got "

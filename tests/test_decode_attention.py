@@ -588,6 +588,19 @@ def test_pick_config_rule(kernels, batch, bf16_cfg, fp8_cfg, bf16_parts, fp8_par
         pick(1, 8, 128, 2, min_partition=192)
 
 
+def test_one_split_tile_applies_where_a_sequence_is_one_program(kernels, monkeypatch):
+    """``ONE_SPLIT_TILE`` (the A/B of ``bench_e2e.py --tile-ab``) sets the bf16 rule's tile and warps only where the
+    rule gives one split; small tiles (D 256), FP8 caches, split launches and explicit arguments keep theirs."""
+    mod = kernels.decode_attention
+    monkeypatch.setattr(mod, "ONE_SPLIT_TILE", (32, 4))
+    pick = mod.pick_config
+    assert pick(64, 8, 128, 2) == (1, 128, 32, 4, 3)
+    assert pick(8, 8, 128, 2) == (4, 128, 128, 4, 3)  # 4 splits: the rule's 128-key tiles
+    assert pick(64, 8, 128, 2, cache_fp8=True) == (2, 128, 32, 4, 3)
+    assert pick(64, 8, 256, 2)[2:4] == (32, 8)  # D 256: small tiles, the one-split rule's 8 warps
+    assert pick(64, 8, 128, 2, block_n=64, num_warps=8)[2:4] == (64, 8)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the work follows the lengths, not the capacity (max_seq_len)
 
