@@ -46,29 +46,17 @@ def test_config_rejects_a_non_bool():
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 @pytest.mark.parametrize("dtype,shape", [(torch.bfloat16, (4096, 4096)), (torch.float8_e4m3fn, (1000, 77)),
                                          (torch.bfloat16, (1, 3))], ids=["8B_o", "odd_e4m3", "one_line"])
-def test_gpu_prefetch_changes_nothing(dtype, shape):
-    launches = []
+def test_gpu_prefetch_changes_nothing(dtype, shape, monkeypatch):
+    from kernel_env import record_launches
+
+    rec = record_launches(monkeypatch, l2, "_l2_prefetch_kernel")
     w = torch.randn(shape, device="cuda").to(dtype)
-    before = w.view(torch.uint8).clone() if w.element_size() == 1 else w.clone()
+    before = w.view(torch.uint8).clone()
     nbytes = w.numel() * w.element_size()
-    kernel = l2._l2_prefetch_kernel
-
-    class Rec:
-        def __getitem__(self, grid):
-            def run(*a, **k):
-                launches.append(grid)
-                return kernel[grid](*a, **k)
-            return run
-
-    l2._l2_prefetch_kernel = Rec()
-    try:
-        assert l2.launch_l2_prefetch(w) == -(-nbytes // 128)
-    finally:
-        l2._l2_prefetch_kernel = kernel
+    assert l2.launch_l2_prefetch(w) == -(-nbytes // 128)
     torch.cuda.synchronize()
-    assert launches == [(-(-nbytes // (128 * l2.LINES)),)]
-    after = w.view(torch.uint8) if w.element_size() == 1 else w
-    assert torch.equal(after, before)
+    assert [grid for grid, _ in rec.launches] == [(-(-nbytes // (128 * l2.LINES)),)]
+    assert torch.equal(w.view(torch.uint8), before)
 
 
 @pytest.mark.gpu

@@ -32,13 +32,18 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
     return s
 
 
-@contextlib.contextmanager
+_PLAIN = contextlib.nullcontext()  # reusable: the layers enter it every step where the prefetch is off
+
+
 def prefetching(weight: torch.Tensor, enabled: bool = True):
-    """Run the block with ``weight`` prefetched into L2 from a side stream (module docstring); a plain block where
-    ``enabled`` is False or ``weight`` is not on a GPU."""
-    if not enabled or not weight.is_cuda:
-        yield
-        return
+    """A context that runs its block with ``weight`` prefetched into L2 from a side stream (module docstring); a
+    plain block (no generator made: this sits in every layer's forward) where ``enabled`` is False or ``weight`` is
+    not on a GPU."""
+    return _side_prefetch(weight) if enabled and weight.is_cuda else _PLAIN
+
+
+@contextlib.contextmanager
+def _side_prefetch(weight: torch.Tensor):
     from ..kernels.l2_prefetch import launch_l2_prefetch
 
     main = torch.cuda.current_stream(weight.device)
