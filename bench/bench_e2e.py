@@ -77,8 +77,9 @@ Providers (every one is the model a user runs, called with Hugging Face argument
 * ``<provider>_opf`` / ``_noopf`` (``--opf-ab``): the decode step with ``KVCacheConfig.prefetch_o_proj`` the other
   way than the default (the o_proj weight prefetched into L2 from a side stream while the attention runs, or not);
   rows carry ``prefetch_o_proj``;
-* ``<provider>_tile32`` (``--tile-ab``): the decode step with ``decode_attention.ONE_SPLIT_TILE`` (32, 4): the
-  bf16 decode attention's 32-key tiles at 4 warps where a sequence is one program; rows carry ``one_split_tile``;
+* ``<provider>_tile128`` (``--tile-ab``): the decode step with ``decode_attention.ONE_SPLIT_TILES`` one entry,
+  128-key tiles at 8 warps wherever a sequence is one program (the rule before the 32 x 4 step); rows carry
+  ``one_split_tiles``;
 * ``<provider>_kv8_f16`` / ``_kv8_bf16loop`` (``--f16-ab``, with ``--kv-fp8``): the e4m3-cache decode rows with the
   decode attention's tile loop in fp16 or in bf16, the other way than ``decode_attention.FP8_F16``; rows carry
   ``fp8_f16``. Only the ``_kv8`` rows take this variant, and they take no other;
@@ -180,9 +181,9 @@ def parse_args(argv=None):
     ap.add_argument("--opf-ab", action="store_true", help="adds decode rows with KVCacheConfig.prefetch_o_proj the "
                     "other way than the default: <provider>_opf (the o_proj weight prefetched into L2 while the "
                     "attention runs) or <provider>_noopf")
-    ap.add_argument("--tile-ab", action="store_true", help="adds decode rows with decode_attention.ONE_SPLIT_TILE "
-                    "(32, 4): <provider>_tile32 (32-key tiles, 4 warps where a sequence is one program: batch >= 33 "
-                    "at 8 kv heads)")
+    ap.add_argument("--tile-ab", action="store_true", help="adds decode rows with decode_attention.ONE_SPLIT_TILES "
+                    "((0, (128, 8)),): <provider>_tile128 (128-key tiles, 8 warps wherever a sequence is one program: "
+                    "batch >= 33 at 8 kv heads; the rule takes 32 x 4 from 3 programs an SM on)")
     ap.add_argument("--fold-ab", action="store_true", help="adds decode rows with KVCacheConfig.fold_norms the other "
                     "way than the default: <provider>_foldnorm (each add + RMSNorm in the GEMMs around it) or "
                     "<provider>_normkern (its own kernel); whole models only")
@@ -386,8 +387,8 @@ class Variant(NamedTuple):
     """``decode_attention.FP8_F16`` (e4m3-cache rows only)."""
     prefetch_o: Optional[bool] = None
     """``KVCacheConfig.prefetch_o_proj``."""
-    one_split_tile: Optional[tuple] = None
-    """``decode_attention.ONE_SPLIT_TILE``."""
+    one_split_tiles: Optional[tuple] = None
+    """``decode_attention.ONE_SPLIT_TILES``."""
 
 
 def variants(args) -> list:
@@ -407,7 +408,7 @@ def variants(args) -> list:
     out += [fold_variant()] if getattr(args, "fold_ab", False) else []
     out += [f16_variant()] if getattr(args, "f16_ab", False) else []
     out += [opf_variant()] if getattr(args, "opf_ab", False) else []
-    out += [Variant("_tile32", one_split_tile=(32, 4))] if getattr(args, "tile_ab", False) else []
+    out += [Variant("_tile128", one_split_tiles=((0, (128, 8)),))] if getattr(args, "tile_ab", False) else []
     out += [Variant("_smallm", table)] if table else []
     kib = getattr(args, "prefetch_kib", None)
     out += [Variant("_nopdl", pdl=False), Variant("_prefetch", pdl=True, prefetch=True,
@@ -499,8 +500,8 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
     st.cache_config.fold_norms = own_fold if v.fold_norms is None else v.fold_norms
     st.cache_config.prefetch_o_proj = own_opf if v.prefetch_o is None else v.prefetch_o
     own_pf, own_kv_pf, own_comb, own_f16 = smg.PREFETCH_BYTES, dak.PREFETCH, dak.FUSE_COMBINE, dak.FP8_F16
-    own_tile = dak.ONE_SPLIT_TILE
-    dak.ONE_SPLIT_TILE = own_tile if v.one_split_tile is None else v.one_split_tile
+    own_tile = dak.ONE_SPLIT_TILES
+    dak.ONE_SPLIT_TILES = own_tile if v.one_split_tiles is None else v.one_split_tiles
     pdl = own_pdl if v.pdl is None else v.pdl
     st.cache_config.pdl = pdl
     if v.prefetch is not None:  # the prefetch this A/B was built to time (the budget tried, the first K / V tile)
@@ -519,12 +520,12 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
                                            fuse_rope=st.cache_config.fuse_rope, fuse_combine=dak.FUSE_COMBINE,
                                            fold_norms=st.cache_config.fold_norms, fp8_f16=dak.FP8_F16,
                                            prefetch_o_proj=st.cache_config.prefetch_o_proj,
-                                           one_split_tile=list(dak.ONE_SPLIT_TILE)))
+                                           one_split_tiles=[[a, list(t)] for a, t in dak.ONE_SPLIT_TILES]))
     finally:
         st.cache_config.pdl, st.cache_config.fuse_rope, st.graphs = own_pdl, own_fuse, None
         st.cache_config.fold_norms, st.cache_config.prefetch_o_proj = own_fold, own_opf
         smg.PREFETCH_BYTES, dak.PREFETCH, dak.FUSE_COMBINE, dak.FP8_F16 = own_pf, own_kv_pf, own_comb, own_f16
-        dak.ONE_SPLIT_TILE = own_tile
+        dak.ONE_SPLIT_TILES = own_tile
     return r
 
 

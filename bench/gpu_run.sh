@@ -87,10 +87,11 @@
 #         off bit for bit, bf16 and per-channel FP8), then the full 8B's decode rows at batch 1 / 8 / 64 with it
 #         the other way (bench_e2e.py --opf-ab --tag opf_ab; OPF_ARGS appended). One call:
 #         TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh opf
-#   attntail: whether decode attention's 128-key tiles lose at contexts past a multiple of 128 (~4 min): the kernel
-#         at batch 64 x 1024 / 1040 / 1088 / 4096 / 4112 keys, every tile x warps at one split (--sweep;
+#   attntail: decode attention's one-split tiles at contexts past a multiple of 128 (~2 min): the kernel at batch
+#         64 x 1024 / 1040 / 1088 / 4096 / 4112 keys, every tile x warps at one split (--sweep;
 #         attntail/decode_attention_<device>.json), then the full 8B's decode rows at batch 32 / 64 with
-#         decode_attention.ONE_SPLIT_TILE (32, 4) (bench_e2e.py --tile-ab --tag tile_ab, rows _tile32).
+#         decode_attention.ONE_SPLIT_TILES 128 x 8 everywhere, the rule before its 32 x 4 step (bench_e2e.py
+#         --tile-ab --tag tile_ab, rows _tile128).
 #         One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh attntail
 #   argmax: the greedy pick's A/B (bench/bench_argmax.py: torch.argmax vs tpfuse.parallel.generate.greedy_tokens
 #         and its chunk lengths, vocab 128256 / 32000 at B 1 / 8 / 64; ARGMAX_ARGS appended; ~20 s)

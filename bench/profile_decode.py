@@ -20,6 +20,12 @@ in ``$OUT`` (else ``bench/results``; a ``/`` of a shard name becomes ``-``). Eac
 memcpy / memset not counted), ``kernels_per_layer`` (that / layers), ``layer_kernels_per_layer`` (only the kernels
 launched at least once per layer: what one decoder layer launches), ``other_kernels_per_step`` (the rest: embedding,
 final norm, lm_head, the caller's argmax, ...), ``copies_per_step`` (memcpy / memset).
+
+Under PDL kernels overlap (a kernel starts while the one before it drains and waits), so the sum of kernel times
+is not the step. Each row also has ``exposed_us_per_step`` (:func:`exposed_times`): walking the GPU activities in
+start order, the time each one moved the timeline's end forward (the idle gap before it included): what the step
+would lose without it, as the trace ordered it. Their sum over a step is the step's GPU span (header
+``span_us_per_step``, the host's gaps between replayed steps counted on the step's first kernel).
 """
 
 from __future__ import annotations
@@ -82,17 +88,20 @@ def main():
     if rank != 0:  # every rank profiled its own kernels; rank 0's are the table
         return
     total = sum(r["us_per_step"] for r in rows)
+    span = sum(r.get("exposed_us_per_step", 0.0) for r in rows)
     counts = kernel_counts(rows, args.layers)
     print(f"{args.model} decode, batch {args.batch}, context {args.context}, {args.layers} layers: "
           f"{total:.0f} us of kernels per step; {counts['kernels_per_step']:.0f} kernels per step = "
           f"{counts['kernels_per_layer']:.1f} per layer ({counts['layer_kernels_per_layer']:.1f} launched by each "
           f"layer + {counts['other_kernels_per_step']:.0f} outside the layers), {counts['copies_per_step']:.0f} "
-          f"memcpy / memset")
+          f"memcpy / memset; GPU span {span:.0f} us per step")
+    print("   kernel us  exposed us  calls  per layer")
     for r in rows[:40]:
-        print(f"{r['us_per_step']:9.1f} us  {r['calls_per_step']:5.1f}x  {r['calls_per_layer']:5.2f}/layer  "
-              f"{r['kernel']}")
+        print(f"{r['us_per_step']:9.1f}  {r.get('exposed_us_per_step', 0.0):9.1f}  {r['calls_per_step']:5.1f}x  "
+              f"{r['calls_per_layer']:5.2f}/layer  {r['kernel']}")
     hdr = common.header("profile_decode", model=args.model, batch=args.batch, context=args.context,
                         layers=args.layers, vocab=args.vocab, kernel_us_per_step=round(total, 1),
+                        span_us_per_step=round(span, 1),
                         pdl=args.pdl and pdl_available,
                         small_m_table=os.path.basename(args.small_m_table) or None,
                         small_m_everywhere=args.small_m_everywhere, fold_norms=args.fold_norms, fp8=args.fp8, **counts)
@@ -118,6 +127,27 @@ def kernel_counts(rows, layers: int) -> dict:
     return dict(kernels_per_step=per_step, kernels_per_layer=per_step / layers,
                 layer_kernels_per_layer=in_layers / layers, other_kernels_per_step=per_step - in_layers,
                 copies_per_step=sum(r["calls_per_step"] for r in rows if _is_copy(r["kernel"])))
+
+
+def exposed_times(spans) -> dict:
+    """``{name: us}``: per name, how far its activities moved the end of the GPU timeline. ``spans``: ``(start_us,
+    end_us, name)`` of every kernel / copy; in start order an activity adds ``end - frontier`` where it ends past
+    the latest end before it (``frontier``), gaps included, and nothing where it ends inside what ran before."""
+    out = {}
+    frontier = None
+    for start, end, name in sorted(spans):
+        frontier = start if frontier is None else frontier
+        out[name] = out.get(name, 0.0) + max(0.0, end - frontier)
+        frontier = max(frontier, end)
+    return out
+
+
+def _gpu_spans(prof):
+    """``(start_us, end_us, name[:120])`` of the profiler's device activities (kernels, memcpy, memset)."""
+    from torch.autograd import DeviceType
+
+    return [(ev.time_range.start, ev.time_range.end, ev.name[:120]) for ev in prof.events()
+            if ev.device_type == DeviceType.CUDA and ev.time_range.end > ev.time_range.start]
 
 
 def profile(args, dev):
@@ -153,12 +183,14 @@ def _profile(args, dev):
         for _ in range(args.steps):
             tok = greedy_tokens(model(tok, cache=cache).logits[:, -1])[:, None]  # as tpfuse.parallel.generate
         torch.cuda.synchronize()
+    exposed = exposed_times(_gpu_spans(prof))
     rows = []
     for ev in prof.key_averages():
         us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
         if us > 0:
             rows.append({"kernel": ev.key[:120], "calls_per_step": ev.count / args.steps,
-                         "us_per_step": us / args.steps})
+                         "us_per_step": us / args.steps,
+                         "exposed_us_per_step": exposed.get(ev.key[:120], 0.0) / args.steps})
     rows.sort(key=lambda r: -r["us_per_step"])
     comm.close()
     return rows

@@ -602,13 +602,18 @@ def _combine_kernel(ws_o_ptr, ws_m_ptr, ws_l_ptr, sl_ptr, out_ptr, o_sb, o_sh, n
 # --------------------------------------------------------------------------------------------------------------
 # launcher
 
-ONE_SPLIT_TILE = (128, 8)
-"""``(BLOCK_N, num_warps)`` of :func:`pick_config`'s bf16 / fp16 rule where a sequence is one program (one split:
-``B * Hkv >= 2 x SMs``, B >= 33 at Hkv 8 on 132 SMs), D <= 128. The sweep's best at 4096 keys; at 1024 keys 32-key
-tiles with 4 warps were 2.5-2.9% faster (``decode_attention.py``'s rule table). Both sweeps timed contexts that are
-multiples of 128, where a 128-key tile loop has no partial tile; a decode step's context is not (the 8B's benchmark
-rows run at 1025-1056 keys: 9 tiles of 128 for 8 tiles' worth of keys). ``bench_decode_attention.py --contexts``
-and ``bench_e2e.py --tile-ab`` (rows ``_tile32``: (32, 4)) time the other way."""
+ONE_SPLIT_TILES = ((0, (128, 8)), (3, (32, 4)))
+"""``(programs per SM from which, (BLOCK_N, num_warps))`` of :func:`pick_config`'s bf16 / fp16 rule where a
+sequence is one program (one split: ``B * Hkv >= 2 x SMs``, B >= 33 at Hkv 8 on 132 SMs), D <= 128: the last entry
+whose ``programs >= at x SMs`` holds. 128-key tiles with 8 warps, the sweep's best at 4096 keys (contexts that are
+multiples of 128), up to 3 programs an SM; 32-key tiles with 4 warps from there on. A decode step's context is not
+a multiple of 128 (the 8B's benchmark rows run at 1025-1088 keys: 9 tiles of 128 for 8 tiles' worth of keys). On
+one H100 at 2b81c2e (``decode_attention_h100_attntail_2b81c2e.json``, B 64, Hkv 8, one split) 32-key tiles at 4
+warps were every point's best: 0.92 / 0.94 / 0.99x the 128 x 8 tiles' time at 1040 / 1088 / 4112 keys (0.96x at
+1024); in the full 8B (``e2e_tp1_h100_tile_ab_2b81c2e.json``, rows ``_tile32``: 32 x 4 at every one-split
+launch) the decode step took 0.98x as long at batch 64 (512 programs, 3.9 an SM; 0.97x in per-channel FP8, 0.98x
+static) but 1.04x at batch 32 (256 programs, 1.9 an SM; 1.05x in both FP8 schemes), where 4-warp programs leave
+the SMs too few loads in flight. Hence the step at 3 programs an SM."""
 SM_COUNT_GUESS = 132  # H100 / H200 (the sweep's GPU): the SM count when no CUDA device is at hand (interpreter)
 WAVES = 2  # split-kernel programs wanted per SM at small batch
 MAX_SPLITS = 16  # bf16 / fp16 caches: more splits than this cost more in the combine than the extra parallelism wins
@@ -736,6 +741,11 @@ def device_sm_count(device: torch.device) -> int:
     return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def _one_split_tile(programs: int, sm_count: int):
+    """``(BLOCK_N, num_warps)`` of a one-split bf16 / fp16 launch of ``programs`` programs (:data:`ONE_SPLIT_TILES`)."""
+    return [tile for at, tile in ONE_SPLIT_TILES if programs >= at * sm_count][-1]
+
+
 def pick_config(batch: int, kv_heads: int, head_dim: int, q_elem: int, *, cache_fp8: bool = False,
                 sm_count: int = SM_COUNT_GUESS, num_splits=None, min_partition=None, block_n=None,
                 num_warps=None, num_stages=None) -> DecodeConfig:
@@ -751,9 +761,10 @@ def pick_config(batch: int, kv_heads: int, head_dim: int, q_elem: int, *, cache_
     NUM_SPLITS      ``clamp(target // programs, 1, 16)``       smallest power of two ``s`` with
                                                                ``programs * s >= target``, at most 32, at
                                                                least 2
-    BLOCK_N         128 for D <= 128 with 16-bit q, else 32    32 where ``programs * NUM_SPLITS > target``
-                                                               or D > 128 or fp32 q, else 64
-    num_warps       8 with one split, else 4                   4
+    BLOCK_N         128 for D <= 128 with 16-bit q, else 32;   32 where ``programs * NUM_SPLITS > target``
+                    one split: :data:`ONE_SPLIT_TILES`         or D > 128 or fp32 q, else 64
+    num_warps       8 with one split (:data:`ONE_SPLIT_TILES`  4
+                    for D <= 128 with 16-bit q), else 4
     MIN_PARTITION   ``max(128, BLOCK_N)``                      ``max(128, BLOCK_N)``
     ==============  =========================================  ===========================================
 
@@ -768,14 +779,16 @@ def pick_config(batch: int, kv_heads: int, head_dim: int, q_elem: int, *, cache_
     1     16 x 4 warps: 128 / 256    32 x 64: 128 / 128            best: 128 / 256, 128-key tiles, 4 warps
     8     4 x 4 warps: 256 / 1024    8 x 32: 128 / 512             best: 256 / 1024, 128-key tiles, 4 warps (or
                                                                    8 warps, 0.1% faster at 4096 keys, Hq 32)
-    64    1 x 8 warps: 1024 / 4096   2 x 32: 512 / 2048            best: 4096, 128-key tiles, 8 warps at 4096
-                                                                   keys; at 1024 keys 32-key tiles with 4 warps
-                                                                   are 2.5-2.9% faster (one tile rule kept)
+    64    1 x 32-key tiles x 4       2 x 32: 512 / 2048            best: 4096, 128-key tiles, 8 warps at 4096
+          warps: 1024 / 4096                                       keys; at 1024 keys 32-key tiles with 4 warps
+                                                                   are 2.5-2.9% faster (:data:`ONE_SPLIT_TILES`:
+                                                                   32-key tiles from 3 programs an SM on)
     ====  =========================  ============================  ===============================================
 
     So the sweep still decides the bf16 branch's BLOCK_N, its warps (8 where one program covers a whole sequence,
-    ``B * Hkv >= target``) and its split counts at these points (the bf16 rule is the best swept config or within
-    4% of it at every point).
+    ``B * Hkv >= target``, up to 3 programs an SM) and its split counts at these points (the bf16 rule is the best
+    swept config or within 4% of it at every point); :data:`ONE_SPLIT_TILES` its one-split tile from 3 programs an
+    SM on (contexts past a multiple of 128 keys, the full 8B's decode step).
 
     The FP8 branch has its own rule (the bf16 rule made FP8 caches 1.3x / 1.5x slower at B=64 on one H200:
     ``decode_attention_h200_989aa3b.json`` vs ``decode_attention_h200.json``): the best fixed rule of two FP8
@@ -810,7 +823,7 @@ def pick_config(batch: int, kv_heads: int, head_dim: int, q_elem: int, *, cache_
     else:
         if num_splits is None:
             num_splits = max(1, min(MAX_SPLITS, target // programs))
-        tile = ONE_SPLIT_TILE if num_splits == 1 and not small_tiles else None
+        tile = _one_split_tile(programs, sm_count) if num_splits == 1 and not small_tiles else None
         block_n = (32 if small_tiles else (tile[0] if tile else 128)) if block_n is None else block_n
         if num_warps is None:
             num_warps = (tile[1] if tile else 8) if num_splits == 1 else 4

@@ -151,7 +151,8 @@ def base_cases():
 
 def decode_attention_cases():
     """The configs :func:`tpfuse.kernels.decode_attention.pick_config` picks at H100 / H200 shapes (bf16 caches:
-    BLOCK_N 128 for D <= 128 with 16-bit q, 32 for D=256 / fp32; up to 16 splits, 8 warps at one split; FP8 caches:
+    BLOCK_N 128 for D <= 128 with 16-bit q, 32 for D=256 / fp32; up to 16 splits, 8 warps at one split (32-key tiles
+    at 4 warps from 3 programs an SM on: ``ONE_SPLIT_TILES``); FP8 caches:
     4 warps, 32 splits of 64-key tiles at B=1, 8 / 2 splits of 32-key tiles at B=8 / 64, with PDL too), and the
     earlier FP8 rule's (64-key tiles, 8 / 1 splits), bf16 / fp16 / fp32 q, single pass and split, the int32-word
     e4m3 tile loads (``FP8_WORDS``, off), the split kernel with the step's RoPE (+ QK-norm) and cache write folded
@@ -164,7 +165,8 @@ def decode_attention_cases():
             ("*bf16", "*fp8e4nv", 128, 4, 64, 32, 4), ("*bf16", "*fp8e4nv", 128, 8, 64, 8, 4),
             ("*bf16", "*fp8e4nv", 128, 4, 64, 1, 4), ("*fp16", "*fp8e4nv", 256, 16, 32, 8, 4),
             ("*fp32", "*fp32", 128, 4, 32, 4, 4), ("*bf16", "*bf16", 256, 8, 32, 11, 4),
-            ("*bf16", "*fp8e4nv", 128, 4, 32, 8, 4), ("*bf16", "*fp8e4nv", 128, 8, 32, 2, 4)):
+            ("*bf16", "*fp8e4nv", 128, 4, 32, 8, 4), ("*bf16", "*fp8e4nv", 128, 8, 32, 2, 4),
+            ("*bf16", "*bf16", 128, 4, 32, 1, 4)):
         ptrs = {"q_ptr": q_t, "kc_ptr": cache, "vc_ptr": cache, "bt_ptr": "*i32", "sl_ptr": "*i32",
                 "kvs_ptr": "*fp32", "out_ptr": q_t, "ws_o_ptr": "*fp32", "ws_m_ptr": "*fp32", "ws_l_ptr": "*fp32"}
         const = dict(D=d, GROUP_PAD=max(16, group), BLOCK_N=bn, MIN_PARTITION=max(128, bn), BLOCK_SIZE=16,
@@ -198,7 +200,8 @@ def decode_attention_cases():
             ("*bf16", "*bf16", 128, 4, 128, 16, 4, False), ("*bf16", "*bf16", 128, 4, 128, 4, 4, False),
             ("*bf16", "*bf16", 128, 8, 128, 1, 8, True), ("*bf16", "*fp8e4nv", 128, 4, 64, 32, 4, False),
             ("*bf16", "*fp8e4nv", 128, 8, 64, 1, 4, True), ("*fp32", "*fp32", 64, 4, 32, 4, 4, True),
-            ("*bf16", "*fp8e4nv", 128, 4, 32, 8, 4, False), ("*bf16", "*fp8e4nv", 128, 4, 32, 2, 4, True)):
+            ("*bf16", "*fp8e4nv", 128, 4, 32, 8, 4, False), ("*bf16", "*fp8e4nv", 128, 4, 32, 2, 4, True),
+            ("*bf16", "*bf16", 128, 4, 32, 1, 4, False)):
         ptrs = {"q_ptr": q_t, "k_ptr": q_t, "v_ptr": q_t, "pos_ptr": "*i64", "cs_ptr": "*fp32", "qw_ptr": q_t,
                 "kw_ptr": q_t, "kc_ptr": cache, "vc_ptr": cache, "bt_ptr": "*i32", "sl_ptr": "*i64",
                 "kvs_ptr": "*fp32", "out_ptr": q_t, "ws_o_ptr": "*fp32", "ws_m_ptr": "*fp32", "ws_l_ptr": "*fp32"}

@@ -567,7 +567,7 @@ def test_gpu_torch_compile_fullgraph(gen):
     # docstring names (Hkv 8, D 128, bf16 q, 132 SMs)
     (1, (16, 128, 128, 4), (32, 128, 64, 4), (128, 256), (128, 128)),
     (8, (4, 128, 128, 4), (8, 128, 32, 4), (256, 1024), (128, 512)),
-    (64, (1, 128, 128, 8), (2, 128, 32, 4), (1024, 4096), (512, 2048)),
+    (64, (1, 128, 32, 4), (2, 128, 32, 4), (1024, 4096), (512, 2048)),
 ])
 def test_pick_config_rule(kernels, batch, bf16_cfg, fp8_cfg, bf16_parts, fp8_parts):
     mod = kernels.decode_attention
@@ -588,17 +588,22 @@ def test_pick_config_rule(kernels, batch, bf16_cfg, fp8_cfg, bf16_parts, fp8_par
         pick(1, 8, 128, 2, min_partition=192)
 
 
-def test_one_split_tile_applies_where_a_sequence_is_one_program(kernels, monkeypatch):
-    """``ONE_SPLIT_TILE`` (the A/B of ``bench_e2e.py --tile-ab``) sets the bf16 rule's tile and warps only where the
-    rule gives one split; small tiles (D 256), FP8 caches, split launches and explicit arguments keep theirs."""
+def test_one_split_tiles_follow_programs_per_sm(kernels, monkeypatch):
+    """``ONE_SPLIT_TILES``: 128-key tiles x 8 warps where a sequence is one program, 32 x 4 from 3 programs an SM on
+    (B 33-49 / 50+ at 8 kv heads on 132 SMs; the real SM count moves the step); small tiles (D 256), FP8 caches,
+    split launches and explicit arguments keep theirs; the table is read at each pick (``bench_e2e.py --tile-ab``
+    sets it)."""
     mod = kernels.decode_attention
-    monkeypatch.setattr(mod, "ONE_SPLIT_TILE", (32, 4))
     pick = mod.pick_config
-    assert pick(64, 8, 128, 2) == (1, 128, 32, 4, 3)
+    assert pick(49, 8, 128, 2) == (1, 128, 128, 8, 3)  # 392 programs < 3 x 132
+    assert pick(50, 8, 128, 2) == (1, 128, 32, 4, 3)  # 400 programs
+    assert pick(64, 8, 128, 2, sm_count=200) == (1, 128, 128, 8, 3)  # 512 < 600
     assert pick(8, 8, 128, 2) == (4, 128, 128, 4, 3)  # 4 splits: the rule's 128-key tiles
     assert pick(64, 8, 128, 2, cache_fp8=True) == (2, 128, 32, 4, 3)
     assert pick(64, 8, 256, 2)[2:4] == (32, 8)  # D 256: small tiles, the one-split rule's 8 warps
     assert pick(64, 8, 128, 2, block_n=64, num_warps=8)[2:4] == (64, 8)
+    monkeypatch.setattr(mod, "ONE_SPLIT_TILES", ((0, (128, 8)),))
+    assert pick(64, 8, 128, 2) == (1, 128, 128, 8, 3)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -31,3 +31,16 @@ def test_layers_full_profiles_the_real_vocab():
     assert full.layers == em.REAL["8B"][0] and full.vocab == em.REAL["8B"][1] == 128256
     assert profile_decode.parse_args(["--layers", "4"]).vocab == em.VOCAB
     assert profile_decode.parse_args(["--layers", "full", "--vocab", "1000"]).vocab == 1000
+
+
+def test_exposed_times_attribute_the_timeline_under_overlap():
+    """A kernel that starts early and waits (PDL) adds only what it ends past the one before; a gap counts on the
+    kernel after it; a kernel inside another's span adds nothing; the sum is the span."""
+    import profile_decode
+
+    spans = [(0.0, 10.0, "gemm"), (8.0, 13.0, "attn"), (9.0, 12.0, "tiny"), (15.0, 16.0, "norm"),
+             (14.0, 20.0, "gemm")]
+    got = profile_decode.exposed_times(spans)
+    assert got == {"gemm": 10.0 + 7.0, "attn": 3.0, "tiny": 0.0, "norm": 0.0}  # 13 -> 20: the gap 13-14 too
+    assert sum(got.values()) == 20.0
+    assert profile_decode.exposed_times([]) == {}
