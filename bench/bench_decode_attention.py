@@ -33,12 +33,14 @@ max_seq_len, max_batch, median_us, gbps, kv_bytes}``, and ``decode_attention_<de
 per shape and context; with ``--capacity-sweep`` ``..._capacity.json`` / ``.png``: time relative to the smallest
 cache per provider). ``--quick``: B 1 and 64 only (``--batches``: those). ``--sweep``: also time tpfuse at forced
 (NUM_SPLITS, BLOCK_N, num_warps, num_stages) configs (``--sweep-batches``, ``--sweep-splits``, ``--sweep-stages``,
-``--sweep-cache`` narrow or widen it; every config is a Triton compile of its own, ~1 s).
+``--sweep-cache``, ``--sweep-partitions`` (MIN_PARTITION) narrow or widen it; every config is a Triton compile of
+its own, ~1 s). ``--heads 8/1,16/4``: other head counts (a TP shard's: 70B at TP 8, 8B at TP 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -130,28 +132,30 @@ SWEEP_CACHES = {"bf16": ("bf16",), "fp8": ("fp8",), "fp8_words": ("fp8_words",),
 (``decode_attention.FP8_WORDS``); ``fp8_f16``: with its tile loop in fp16 (``decode_attention.FP8_F16``)."""
 
 
-def sweep(c, d, ctx, scale, provs, splits_list=SWEEP_SPLITS, stages_list=(3,), cache="bf16"):
-    """tpfuse at forced (NUM_SPLITS, BLOCK_N, num_warps, num_stages) configs (MIN_PARTITION 128), added to
-    ``provs`` as ``tpfuse[...]``, or on the FP8 cache (``cache`` ``fp8`` / ``fp8_words``) ``tpfuse_fp8[...]`` /
-    ``tpfuse_fp8_words[...]``; a stage count other than Triton's default 3 shows in the name (``st=``)."""
+def sweep(c, d, ctx, scale, provs, splits_list=SWEEP_SPLITS, stages_list=(3,), cache="bf16", partitions=(128,)):
+    """tpfuse at forced (NUM_SPLITS, BLOCK_N, num_warps, num_stages, MIN_PARTITION) configs (tiles no longer than
+    the partition), added to ``provs`` as ``tpfuse[...]``, or on the FP8 cache (``cache`` ``fp8`` / ``fp8_words``)
+    ``tpfuse_fp8[...]`` / ``tpfuse_fp8_words[...]``; a stage count other than Triton's default 3 shows in the name
+    (``st=``), a partition other than 128 keys too (``mp=``)."""
     from tpfuse.kernels.decode_attention import launch_decode_attention
 
     out = torch.empty_like(c["q"])
     fp8, words, f16 = cache != "bf16", cache == "fp8_words", cache == "fp8_f16"
     kc, vc, kvs = (c["kc8"], c["vc8"], c["kv_scale"]) if fp8 else (c["kc"], c["vc"], None)
     tag = {"bf16": "tpfuse", "fp8": "tpfuse_fp8", "fp8_words": "tpfuse_fp8_words", "fp8_f16": "tpfuse_fp8_f16"}[cache]
-    for splits in splits_list:
-        if 128 * (splits - 1) >= ctx:  # every split past the first would be empty at this context
+    for splits, mp in itertools.product(splits_list, partitions):
+        if mp * (splits - 1) >= ctx:  # every split past the first would be empty at this context
             continue
-        for bn in (32, 64, 128):
-            for nw in (4, 8):
-                for st in stages_list:
-                    name = f"{tag}[s={splits},bn={bn},nw={nw}" + (f",st={st}]" if st != 3 else "]")
-                    provs[name] = (
-                        lambda splits=splits, bn=bn, nw=nw, st=st: launch_decode_attention(
-                            c["q"], kc, vc, c["bt"], c["lens"], out, scale, kvs, max_seq_len=ctx,
-                            num_splits=splits, min_partition=128, block_n=bn, num_warps=nw, num_stages=st,
-                            fp8_words=words, fp8_f16=f16))
+        for bn, nw, st in itertools.product((32, 64, 128), (4, 8), stages_list):
+            if bn > mp or mp % bn:
+                continue
+            name = (f"{tag}[s={splits},bn={bn},nw={nw}" + (f",st={st}" if st != 3 else "")
+                    + (f",mp={mp}]" if mp != 128 else "]"))
+            provs[name] = (
+                lambda splits=splits, bn=bn, nw=nw, st=st, mp=mp: launch_decode_attention(
+                    c["q"], kc, vc, c["bt"], c["lens"], out, scale, kvs, max_seq_len=ctx,
+                    num_splits=splits, min_partition=mp, block_n=bn, num_warps=nw, num_stages=st,
+                    fp8_words=words, fp8_f16=f16))
 
 
 def fp8_words(c, scale, out, ctx):
@@ -235,7 +239,7 @@ def cases(args):
     gen = torch.Generator().manual_seed(0)
     d = HEAD_DIM
     scale = d ** -0.5
-    for hq, hkv in HEADS:
+    for hq, hkv in args.heads or HEADS:
         for ctx in args.contexts or CONTEXTS:
             for bsz in args.batches or (BATCHES_QUICK if args.quick else BATCHES):
                 c = make_case(bsz, ctx, hq, hkv, d, args.block_size, args.mixed, gen)
@@ -253,7 +257,7 @@ def cases(args):
                 if args.sweep and (not args.sweep_batches or bsz in args.sweep_batches):
                     for cache in SWEEP_CACHES[args.sweep_cache]:
                         sweep(c, d, ctx, scale, provs, args.sweep_splits or SWEEP_SPLITS, args.sweep_stages or (3,),
-                              cache)
+                              cache, args.sweep_partitions or (128,))
                 yield Case(fields={"shape": f"hq{hq}/hkv{hkv}/d{d}", "batch": bsz, "ctx": ctx, "max_seq_len": ctx,
                                    "max_batch": bsz}, providers=provs,
                            extra={"nb16": op_bytes(c, hq, hkv, d, 2), "nb8": op_bytes(c, hq, hkv, d, 1)})
@@ -286,6 +290,10 @@ def main(argv=None):
     ap.add_argument("--sweep-batches", type=ints, default=(), help="--sweep only at these batches (default: all)")
     ap.add_argument("--sweep-splits", type=ints, default=(), help="--sweep's split counts (default 1,2,4,...,32)")
     ap.add_argument("--sweep-stages", type=ints, default=(), help="--sweep's num_stages (default 3)")
+    ap.add_argument("--sweep-partitions", type=ints, default=(),
+                    help="--sweep's MIN_PARTITION keys (default 128; tiles no longer than the partition)")
+    ap.add_argument("--heads", type=lambda t: tuple(tuple(int(v) for v in h.split("/")) for h in t.split(",") if h),
+                    default=(), help="Hq/Hkv pairs, e.g. 8/1,16/4 (a TP shard's heads; default 32/8,64/8)")
     ap.add_argument("--sweep-cache", choices=tuple(SWEEP_CACHES), default="bf16",
                     help="the cache(s) --sweep times (fp8: tpfuse_fp8[...] rows; fp8_words: tpfuse_fp8_words[...])")
     ap.add_argument("--batches", type=ints, default=(), help="batches to time (default 1,8,64; --quick 1,64)")
@@ -333,7 +341,8 @@ def save(args, rows):
                              sweep_cache=args.sweep_cache,
                              copy_bandwidth_ways_tb_s=getattr(args, "copy_tb_s", {}),
                              capacity_sweep=args.capacity_sweep, block_size=args.block_size, head_dim=HEAD_DIM,
-                             heads=[list(h) for h in (HEADS[:1] if args.capacity_sweep else HEADS)]), rows)
+                             heads=[list(h) for h in (HEADS[:1] if args.capacity_sweep else args.heads or HEADS)]),
+                       rows)
 
 
 def capacity_summary(args, rows):
