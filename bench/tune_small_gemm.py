@@ -373,15 +373,17 @@ def merge_best(sweeps):
     return list(by.values()), sources
 
 
-def table_file(best, sources, arch):
+def table_file(best, sources, arch, margin=None):
     """The routing table of the sweep(s) (schema of :mod:`tpfuse.kernels.small_m_configs`): a row routes to the
-    kernel where its re-timed ``kernel_us < WIN_MARGIN * library_us`` (the sweep rows' own ``beats_library`` was
-    judged with the margin of their run). ``source``: the last sweep; ``merged``: the earlier ones it overrides."""
+    kernel where its re-timed ``kernel_us < margin * library_us`` (None: :data:`WIN_MARGIN`; the sweep rows' own
+    ``beats_library`` was judged with the margin of their run). ``source``: the last sweep; ``merged``: the
+    earlier ones it overrides."""
+    margin = WIN_MARGIN if margin is None else margin
     rows = [smc.table_row(arch, b["scheme"], b["n"], b["k"], smc.m_bucket(b["m"]), smc.config_from_dict(b["config"]),
-                          b["kernel_us"] < WIN_MARGIN * b["library_us"], kernel_us=b["kernel_us"],
+                          b["kernel_us"] < margin * b["library_us"], kernel_us=b["kernel_us"],
                           library_us=b["library_us"])
             for b in best]
-    out = {"schema": 1, "source": sources[-1], "win_margin": WIN_MARGIN, "rows": rows}
+    out = {"schema": 1, "source": sources[-1], "win_margin": margin, "rows": rows}
     if len(sources) > 1:
         out["merged"] = sources[:-1]
     return out
@@ -393,14 +395,15 @@ def load_sweep(path: str):
     return path, sweep["header"], sweep["best"]
 
 
-def retable(sweep_paths, out_path: str) -> dict:
+def retable(sweep_paths, out_path: str, margin=None) -> dict:
     """The routing table of committed sweep JSONs (``small_gemm_<device>.json``; later ones override earlier points)
-    under today's :data:`WIN_MARGIN`, written to ``out_path`` (no GPU: the sweeps' times decide)."""
+    under ``margin`` (None: today's :data:`WIN_MARGIN`), written to ``out_path`` (no GPU: the sweeps' times
+    decide)."""
     sweeps = [load_sweep(p) for p in sweep_paths]
     archs = {h["arch"] for _, h, _ in sweeps}
     if len(archs) != 1:
         raise SystemExit(f"--retable: sweeps of several archs {sorted(archs)}")
-    table = table_file(*merge_best(sweeps), archs.pop())
+    table = table_file(*merge_best(sweeps), archs.pop(), margin)
     smc.parse(table)
     with open(out_path, "w") as fh:
         json.dump(table, fh, indent=1)
@@ -473,7 +476,10 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: the plumbing test (interpreter)
     ap.add_argument("--retable", nargs="+", metavar="SWEEP_JSON", default=None,
                     help="no sweep: SWEEP_JSON [SWEEP_JSON ...] OUT_TABLE: write the routing table of committed "
-                         "sweeps (later ones override earlier points) under today's WIN_MARGIN")
+                         "sweeps (later ones override earlier points) under today's WIN_MARGIN (or --win-margin)")
+    ap.add_argument("--win-margin", type=float, default=None,
+                    help="--retable: route a row to the kernel where kernel_us < this x library_us (default "
+                         "WIN_MARGIN)")
     ap.add_argument("--all-tiles", action="store_true",
                     help="EXTRA_TILES and split-K 1 / 2 at every M (by default from WIDE_M on)")
     ap.add_argument("--base-sweep", action="append", default=[], metavar="SWEEP_JSON",
@@ -487,9 +493,9 @@ def main(argv=None):
     if args.retable:
         if len(args.retable) < 2:
             raise SystemExit("--retable SWEEP_JSON [SWEEP_JSON ...] OUT_TABLE")
-        table = retable(args.retable[:-1], args.retable[-1])
+        table = retable(args.retable[:-1], args.retable[-1], args.win_margin)
         print(f"# wrote {args.retable[-1]}: {sum(r['beats_library'] for r in table['rows'])} of {len(table['rows'])} "
-              f"rows route to the kernel (WIN_MARGIN {WIN_MARGIN})")
+              f"rows route to the kernel (margin {table['win_margin']})")
         return
     t0 = time.time()
     ALL_TILES[0] = args.all_tiles
