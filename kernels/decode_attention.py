@@ -963,7 +963,9 @@ def rope_max_registers(cfg: DecodeConfig, cache_fp8: bool):
     programs an SM) and the rope kernel 146 (154 with the QK-norm): 3 programs an SM. Capped at 128 it compiles
     without spills (12 bytes with the QK-norm) and fits 4. Elsewhere no cap: with 8 warps (bf16 cache, one split) the
     rope kernel takes 126-128 registers uncapped (2 programs an SM, as the split kernel), and a cap of 128 there
-    makes ptxas spill; the other configs are bound by their shared memory or grid alike."""
+    makes ptxas spill; with 32-key tiles at 4 warps and one split (``ONE_SPLIT_TILES`` from 3 programs an SM on)
+    116 (4 programs an SM, the split kernel 96 and 5), where a cap of 96 spills 56-64 bytes: no cap (the uncapped
+    build is the one timed); the other configs are bound by their shared memory or grid alike."""
     if cache_fp8 and cfg.block_n <= 32 and cfg.num_warps == 4:
         return 128
     return None
