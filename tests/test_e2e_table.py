@@ -94,3 +94,12 @@ def test_fp8_cache_rows_get_their_own_ratio_columns(tmp_path):
     assert ("| model | layers | batch | tpfuse ms | floor ms | tpfuse / floor | FP8 / bf16 | FP8 cache / bf16 "
             "| FP8 + FP8 cache / bf16 |") in lines
     assert "| 8B | 32 | 64 | 9.00 | 7.50 | 1.20 | 0.80 | 0.85 | 0.55 |" in lines
+
+
+def test_refloor_puts_every_floor_at_the_runs_fastest_copy():
+    """``bench_e2e.refloor``: the floors of a run at its fastest copy-bandwidth measurement, other rows untouched."""
+    import bench_e2e
+
+    rows = [dict(provider="memory_floor", bytes=3e9, us=1100.0), dict(provider="tpfuse", us=1200.0)]
+    bench_e2e.refloor(rows, 3e12)
+    assert rows == [dict(provider="memory_floor", bytes=3e9, us=1000.0), dict(provider="tpfuse", us=1200.0)]

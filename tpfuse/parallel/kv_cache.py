@@ -82,7 +82,7 @@ class KVCacheConfig:
     bench/gpu_run.sh fusedrope``). On the full 8B on one H200 (``e2e_tp1_h200_full_0fc9473.json``, rows ``_ropesep``)
     1.00x at batch 1 / 8 / 64 in bf16, 0.99-1.01x in FP8. False: the separate kernels. Prefill always runs the
     separate kernels."""
-    fold_norms: bool = False
+    fold_norms: bool = True
     """True: at TP = 1, a step of at most 64 tokens (decode; a short prefill too) runs each residual add + RMSNorm
     inside the GEMMs around it instead of a kernel of its own: o_proj and down_proj add the residual in their
     epilogue and write the next GEMM's rows times the norm weight and the sums of squares
@@ -90,9 +90,11 @@ class KVCacheConfig:
     each token's sums by its rstd (:func:`tpfuse.small_gemm.small_m_gemm` with ``norm_sumsq``): two kernels fewer per
     layer, every GEMM of the layer on the small-M kernel. bf16 layers without o / down biases only (others run as
     before: fp16's range may not hold the un-normalized rows ``h * w_norm``); TP > 1 keeps the fused all-reduce +
-    add + RMSNorm. Off: on the full 8B on one H200 (``bench/results/e2e_tp1_h200_full_0fc9473.json``, rows
-    ``_foldnorm``) the decode step took 0.99 / 1.00 / 1.00x as long at batch 1 / 8 / 64 with it; its GPU tests
-    passed in the same call."""
+    add + RMSNorm. On: on the full 8B on one H100 at 1c5cd04 (``bench/results/e2e_tp1_h100_fold_ab_1c5cd04.json``,
+    rows ``_foldnorm``, the same run) the decode step took 0.986 / 0.993 / 1.001x as long at batch 1 / 8 / 64 with
+    it (0.99 / 1.00 / 1.00x on one H200 at 0fc9473, before PDL and the routing of today); its 39 GPU tests
+    (``test_small_m_gemm_add.py``, ``test_fold_norms_model.py``) passed there at 1c5cd04. False: the add + RMSNorm
+    kernels."""
 
     prefetch_o_proj: bool = False
     """True: while a decode step's attention runs, a side stream prefetches the o_proj weight into L2 (at small batch
