@@ -25,7 +25,9 @@ Under PDL kernels overlap (a kernel starts while the one before it drains and wa
 is not the step. Each row also has ``exposed_us_per_step`` (:func:`exposed_times`): walking the GPU activities in
 start order, the time each one moved the timeline's end forward (the idle gap before it included): what the step
 would lose without it, as the trace ordered it. Their sum over a step is the step's GPU span (header
-``span_us_per_step``, the host's gaps between replayed steps counted on the step's first kernel).
+``span_us_per_step``, the host's gaps between replayed steps counted on the step's first kernel). Next to the JSON,
+a PNG of the same name: per kernel (the largest first) its exposed and its total time per step.
+``--plot PROFILE_JSON [...]`` draws that PNG again from committed profiles (no GPU).
 """
 
 from __future__ import annotations
@@ -65,7 +67,11 @@ def parse_args(argv=None):
                          "scales, per-token activations), converted after parallelize as bench_e2e.py's tpfuse_fp8")
     ap.add_argument("--small-m-table", default="", help="a small-M GEMM routing table (JSON) to install")
     ap.add_argument("--small-m-everywhere", action="store_true", help="every row of that table routed to the kernel")
+    ap.add_argument("--plot", nargs="+", metavar="PROFILE_JSON", default=None,
+                    help="no profile: draw each file's PNG next to it (no GPU)")
     args = ap.parse_args(argv)
+    if args.plot:
+        return args
     if args.small_m_everywhere and not args.small_m_table:
         ap.error("--small-m-everywhere needs --small-m-table (the table whose rows it routes)")
     if args.fold_norms and "/tp" in args.model:
@@ -79,6 +85,14 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
+    if args.plot:
+        import json
+
+        for path in args.plot:
+            with open(path) as fh:
+                data = json.load(fh)
+            print("wrote", plot_exposed(data["header"], data["rows"], path[:-len(".json")] + ".png"))
+        return
     from tpfuse.kernels import pdl
 
     with common.rank_context() as ranks:
@@ -109,7 +123,47 @@ def main():
     variant += "_foldnorm" if args.fold_norms else ""
     variant += "_fp8" if args.fp8 else ""
     tag = f"{args.model.replace('/', '-')}_b{args.batch}{variant}{'' if args.pdl else '_nopdl'}"
-    common.write_json(common.result_path("profile_decode", tp=tp, tag=tag), hdr, rows)
+    path = common.write_json(common.result_path("profile_decode", tp=tp, tag=tag), hdr, rows)
+    print("wrote", plot_exposed(hdr, rows, path[:-len(".json")] + ".png"))
+
+
+def _short(name: str) -> str:
+    """A kernel's name cut to what tells it apart (templates and arguments dropped)."""
+    name = name.split("(")[0].split("<")[0].replace("void ", "").replace("at::native::", "")
+    return name if len(name) <= 44 else name[:41] + "..."
+
+
+def plot_exposed(hdr: dict, rows, path: str, top: int = 12):
+    """Horizontal bars per kernel (the ``top`` largest by exposed time, the rest summed): the time it moved the
+    step's end (``exposed_us_per_step``) over its total kernel time. Returns the path, or None without matplotlib or
+    without exposed times (profiles from before they were recorded)."""
+    plt = common.pyplot()
+    if plt is None or not any("exposed_us_per_step" in r for r in rows):
+        return None
+    ranked = sorted(rows, key=lambda r: -r.get("exposed_us_per_step", 0.0))
+    shown, rest = ranked[:top], ranked[top:]
+    labels = [_short(r["kernel"]) for r in shown] + [f"{len(rest)} others"]
+    exposed = [r.get("exposed_us_per_step", 0.0) for r in shown] + [sum(r.get("exposed_us_per_step", 0.0)
+                                                                        for r in rest)]
+    total = [r["us_per_step"] for r in shown] + [sum(r["us_per_step"] for r in rest)]
+    fig, ax = plt.subplots(figsize=(9, 0.38 * len(labels) + 1.6))
+    y = list(range(len(labels)))[::-1]
+    ax.barh(y, total, color="#c6dbef", label="kernel time")
+    ax.barh(y, exposed, height=0.5, color="#08519c", label="exposed (moved the step's end)")
+    for yi, e in zip(y, exposed):
+        ax.text(e, yi, f" {e:.0f}", va="center", fontsize=7)
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.set_xlabel("us per decode step")
+    ax.set_title(f"{hdr.get('model')} decode, batch {hdr.get('batch')}, context {hdr.get('context')}"
+                 f"{' FP8' if hdr.get('fp8') else ''}, PDL {'on' if hdr.get('pdl') else 'off'}: GPU span "
+                 f"{hdr.get('span_us_per_step', float('nan')):.0f} us / step\n{hdr.get('device')}, "
+                 f"{hdr.get('commit')}", fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _is_copy(name: str) -> bool:

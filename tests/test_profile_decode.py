@@ -44,3 +44,21 @@ def test_exposed_times_attribute_the_timeline_under_overlap():
     assert got == {"gemm": 10.0 + 7.0, "attn": 3.0, "tiny": 0.0, "norm": 0.0}  # 13 -> 20: the gap 13-14 too
     assert sum(got.values()) == 20.0
     assert profile_decode.exposed_times([]) == {}
+
+
+def test_plot_exposed_draws_the_profile(tmp_path):
+    """The profile's PNG: drawn where matplotlib is installed and the rows carry exposed times, else None."""
+    import common
+    import profile_decode
+
+    rows = [{"kernel": f"k{i}", "calls_per_step": 1.0, "us_per_step": 10.0 + i, "exposed_us_per_step": 5.0 + i}
+            for i in range(15)]
+    hdr = {"model": "8B", "batch": 1, "context": 1024, "pdl": True, "span_us_per_step": 200.0, "device": "cpu",
+           "commit": "x"}
+    got = profile_decode.plot_exposed(hdr, rows, str(tmp_path / "p.png"))
+    if common.pyplot() is None:
+        assert got is None
+    else:
+        assert got == str(tmp_path / "p.png") and (tmp_path / "p.png").stat().st_size > 0
+    old = [{k: v for k, v in r.items() if k != "exposed_us_per_step"} for r in rows]
+    assert profile_decode.plot_exposed(hdr, old, str(tmp_path / "q.png")) is None
