@@ -3,12 +3,16 @@
 #   bash bench/gpu_run.sh [STEP ...]      steps: env tests probe_ce async_tp fused_ar local rope decode_attn host
 #                                         profile e2e e2e_full e2e_shards load tune demo onegpu soak probe_onegpu
 #                                         small_gemm e2e_ab e2e_big fp8cache fusedrope fusedcomb foldnorm
-#                                         kvprefetch fp8f16 argmax smallm64 opf attntail
-#                                         (default: all but probe_ce, profile, e2e_full, e2e_shards, load,
+#                                         kvprefetch fp8f16 argmax smallm64 opf attntail profiles
+#                                         (default: all but probe_ce, profile, profiles, e2e_full, e2e_shards, load,
 #                                         onegpu, soak, probe_onegpu, small_gemm, e2e_ab, e2e_big, fp8cache,
 #                                         fusedrope, fusedcomb, foldnorm, kvprefetch, fp8f16, argmax, smallm64,
 #                                         opf, attntail; multi-GPU
 #                                         steps skip on one GPU)
+#   profiles: where the decode step goes, at full size with PDL (profile_decode.py: kernel and exposed time per
+#         kernel, JSON + PNG each, $OUT/profiles), one profile per entry of PROFILES (default "8B:1 8B:8 8B:64
+#         8B:1:fp8 8B:64:fp8 70B/tp8:1": model:batch[:fp8]), ~30 s each; LIMIT_profiles (default 300) for all.
+#         One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh profiles
 #   e2e_full / e2e_shards: bench_e2e.py at TP=1 (one process whatever the GPU count) at full size, real vocab;
 #           JSON + PNG e2e_tp1_<device>_full / _shards; E2E_FULL_ARGS / E2E_SHARDS_ARGS are appended (a repeated
 #           option overrides). Default limits 330 s / 150 s (LIMIT_e2e_full, LIMIT_e2e_shards): both in one
@@ -279,6 +283,12 @@ for s in "${steps[@]}"; do
           run load_fp8 python3 bench/bench_load.py --shape 8B --fp8 ${LOAD_ARGS:-} ;;  # TP=1; writes /tmp ckpts
     decode_attn) [[ -f bench/bench_decode_attention.py ]] && run decode_attn python3 bench/bench_decode_attention.py ${DECODE_ATTN_ARGS:-} ;;
     profile) run profile "${TR2[@]}" bench/profile_decode.py ${PROFILE_ARGS:-} ;;
+    profiles) mkdir -p "$OUT/profiles"  # the inner bash reads PROFILES and OUT from the environment
+              LIMIT_profiles=${LIMIT_profiles:-300} run profiles bash -c 'for p in ${PROFILES:-8B:1 8B:8 8B:64 8B:1:fp8 8B:64:fp8 70B/tp8:1}; do
+                IFS=: read -r m b f <<< "$p"; echo "== $p"
+                OUT=$OUT/profiles python3 -m torch.distributed.run --standalone --nproc-per-node=1 \
+                  bench/profile_decode.py --model "$m" --layers full --batch "$b" ${f:+--fp8} || exit 1
+              done' ;;
     local) [[ -f bench/bench_local.py ]] && run local python3 bench/bench_local.py ${LOCAL_ARGS:-} ;;
     small_gemm) run small_gemm python3 bench/tune_small_gemm.py ${SMALL_GEMM_ARGS:-} ;;
     rope) [[ -f bench/bench_rope.py ]] && run rope python3 bench/bench_rope.py ${ROPE_ARGS:-} ;;
