@@ -609,8 +609,8 @@ whose ``programs >= at x SMs`` holds. 128-key tiles with 8 warps, the sweep's be
 multiples of 128), up to 3 programs an SM; 32-key tiles with 4 warps from there on. A decode step's context is not
 a multiple of 128 (the 8B's benchmark rows run at 1025-1088 keys: 9 tiles of 128 for 8 tiles' worth of keys). On
 one H100 at 2b81c2e (``decode_attention_h100_attntail_2b81c2e.json``, B 64, Hkv 8, one split) 32-key tiles at 4
-warps were every point's best: 0.92 / 0.94 / 0.99x the 128 x 8 tiles' time at 1040 / 1088 / 4112 keys (0.96x at
-1024); in the full 8B (``e2e_tp1_h100_tile_ab_2b81c2e.json``, rows ``_tile32``: 32 x 4 at every one-split
+warps were every point's best: 0.92 / 0.93-0.95 / 0.97x the 128 x 8 tiles' time at 1040 / 1088 / 4112 keys
+(0.96-0.97x at 1024, Hq 32 / 64); in the full 8B (``e2e_tp1_h100_tile_ab_2b81c2e.json``, rows ``_tile32``: 32 x 4 at every one-split
 launch) the decode step took 0.98x as long at batch 64 (512 programs, 3.9 an SM; 0.97x in per-channel FP8, 0.98x
 static) but 1.04x at batch 32 (256 programs, 1.9 an SM; 1.05x in both FP8 schemes), where 4-warp programs leave
 the SMs too few loads in flight. Hence the step at 3 programs an SM."""

@@ -65,7 +65,8 @@ the K loop is the plain one (x tiles straight from ``cp.async`` into the MMA):
   (the add + RMSNorm kernel's rounding): the tile then went through registers and back to shared memory every K
   step, and the 8B's decode step took 1.01 / 1.02 / 1.29x as long at batch 1 / 8 / 64 as without the fold (one
   H100, 57948f7, ``bench/results/e2e_tp1_h100_full_57948f7.json``). This form: 0.99 / 1.00 / 1.00x (one H200,
-  0fc9473, ``e2e_tp1_h200_full_0fc9473.json``), so the model keeps the fold off by default.
+  0fc9473, ``e2e_tp1_h200_full_0fc9473.json``); with PDL and today's routing 0.986 / 0.993 / 1.001x (one H100,
+  1c5cd04, ``e2e_tp1_h100_fold_ab_1c5cd04.json``), so the model folds by default (``KVCacheConfig.fold_norms``).
 
 Launch configs (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages) come from :mod:`.small_m_configs` (the tuned table, else
 its default rule). Under the Triton interpreter (TRITON_INTERPRET=1 at import, tests) e4m3 operands are decoded by
