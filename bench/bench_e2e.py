@@ -762,7 +762,13 @@ def main(argv=None):
         samples = []
 
         def measure_copy() -> float:  # one more copy-bandwidth measurement; the run's ceiling so far
-            ways = {k: round(v / 1e12, 3) for k, v in common.copy_bandwidths(dev).items()}
+            try:  # 2 GiB of buffers: after a model that filled the GPU the run keeps the ceiling it has
+                ways = {k: round(v / 1e12, 3) for k, v in common.copy_bandwidths(dev).items()}
+            except torch.cuda.OutOfMemoryError:
+                if not samples:
+                    raise
+                print(f"rank {ranks.rank}: no memory for another copy-bandwidth measurement", flush=True)
+                return max(max(w.values()) for w in samples) * 1e12
             samples.append(ways)
             if ranks.rank == 0:
                 print(f"device-to-device copy bandwidth: {max(ways.values()):.2f} TB/s (by way: {ways})", flush=True)
