@@ -3,12 +3,14 @@ steps (``--steps``) of an ``bench_e2e.py`` model, the kernels' total CUDA time p
 kernels a step launches per decoder layer.
 
     torchrun --standalone --nproc-per-node=1 bench/profile_decode.py [--model 8B] [--layers 4|full] [--vocab real|N]
-        [--batch 1] [--context 1024] [--no-pdl] [--fold-norms] [--fp8] [--small-m-table PATH [--small-m-everywhere]]
+        [--batch 1] [--context 1024] [--no-pdl] [--[no-]fold-norms] [--fp8] [--small-m-table PATH [--small-m-everywhere]]
 
 ``--model``: a ``bench_e2e.py`` model name, shards (``70B/tp8``) included; ``--layers`` / ``--vocab`` as there;
 ``--no-pdl`` captures the decode graphs without programmatic dependent launch (``KVCacheConfig.pdl=False``; under
 PDL a kernel's profiled time includes its wait for the kernel before it, so per-kernel times read best without);
-``--fold-norms`` profiles the step with ``KVCacheConfig.fold_norms=True`` (``_foldnorm`` in the file name);
+``--fold-norms`` / ``--no-fold-norms`` set ``KVCacheConfig.fold_norms`` (default: the config's default, on, as users
+get it, for the bf16 full models; shards, whose add + RMSNorm the fused all-reduce does, and FP8 layers never fold);
+a folded step is ``_foldnorm`` in the file name;
 ``--fp8`` with the decoder's linears in per-channel e4m3 (``quantize_fp8``'s default, ``_fp8``; the 8B's
 ``tpfuse_fp8`` rows);
 ``--small-m-table`` installs a small-M GEMM routing table (``--small-m-everywhere``: every row of it routed to the
@@ -60,8 +62,9 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--no-pdl", dest="pdl", action="store_false",
                     help="decode graphs captured without PDL (KVCacheConfig.pdl=False)")
-    ap.add_argument("--fold-norms", action="store_true",
-                    help="the step with its add + RMSNorms folded into the GEMMs (KVCacheConfig.fold_norms=True)")
+    ap.add_argument("--fold-norms", action=argparse.BooleanOptionalAction, default=None,
+                    help="KVCacheConfig.fold_norms (default: the config's default): the add + RMSNorms folded into "
+                         "the GEMMs of bf16 layers at TP = 1")
     ap.add_argument("--fp8", action="store_true",
                     help="the decoder's linears in e4m3 (tpfuse.parallel.quantize_fp8's default: per-channel weight "
                          "scales, per-token activations), converted after parallelize as bench_e2e.py's tpfuse_fp8")
@@ -76,6 +79,8 @@ def parse_args(argv=None):
         ap.error("--small-m-everywhere needs --small-m-table (the table whose rows it routes)")
     if args.fold_norms and "/tp" in args.model:
         ap.error("--fold-norms: a shard stands for a TP > 1 rank, whose add + RMSNorm the fused all-reduce does")
+    if args.fold_norms is None:  # what users get; shards and FP8 layers never fold whatever the config says
+        args.fold_norms = KVCacheConfig().fold_norms and "/tp" not in args.model and not args.fp8
     if args.layers == "fit":
         ap.error("--layers fit is bench_e2e.py's; give a count or full")
     args.vocab = em.resolve_vocab(args.vocab, args.layers, args.model)
