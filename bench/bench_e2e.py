@@ -77,6 +77,9 @@ Providers (every one is the model a user runs, called with Hugging Face argument
 * ``<provider>_opf`` / ``_noopf`` (``--opf-ab``): the decode step with ``KVCacheConfig.prefetch_o_proj`` the other
   way than the default (the o_proj weight prefetched into L2 from a side stream while the attention runs, or not);
   rows carry ``prefetch_o_proj``;
+* ``<provider>_noamax`` / ``_amaxall`` (``--amax-ab``, per-token FP8 rows): the decode step with
+  ``small_gemm.AMAX_CHAIN_MAX_M`` 0 (gate-up, the SiLU*mul + quantize kernel, down) where the default carries the
+  per-token quantization across gate-up and down, 64 (carried) where it does not;
 * ``<provider>_tile128`` (``--tile-ab``): the decode step with ``decode_attention.ONE_SPLIT_TILES`` one entry,
   128-key tiles at 8 warps wherever a sequence is one program (the rule before the 32 x 4 step); rows carry
   ``one_split_tiles``;
@@ -190,6 +193,10 @@ def parse_args(argv=None):
     ap.add_argument("--fold-ab", action="store_true", help="adds decode rows with KVCacheConfig.fold_norms the other "
                     "way than the default: <provider>_foldnorm (each add + RMSNorm in the GEMMs around it) or "
                     "<provider>_normkern (its own kernel); whole models only")
+    ap.add_argument("--amax-ab", action="store_true", help="adds per-token FP8 decode rows with "
+                    "small_gemm.AMAX_CHAIN_MAX_M the other way at that batch: <provider>_noamax (0: the SiLU*mul + "
+                    "quantize kernel) or <provider>_amaxall (64: gate-up writes bf16 h + its partial maxima, down "
+                    "quantizes on load)")
     ap.add_argument("--pdl-ab", action="store_true", help="adds the <provider>_nopdl decode rows (graphs captured "
                     "without programmatic dependent launch, KVCacheConfig.pdl=False) and <provider>_prefetch (with PDL "
                     "and the L2 prefetches before its waits)")
@@ -392,6 +399,8 @@ class Variant(NamedTuple):
     """``KVCacheConfig.prefetch_o_proj``."""
     one_split_tiles: Optional[tuple] = None
     """``decode_attention.ONE_SPLIT_TILES``."""
+    amax_chain_max_m: Optional[int] = None
+    """``small_gemm.AMAX_CHAIN_MAX_M`` (per-token FP8 rows only)."""
 
 
 def variants(args) -> list:
@@ -412,6 +421,8 @@ def variants(args) -> list:
     out += [f16_variant()] if getattr(args, "f16_ab", False) else []
     out += [opf_variant()] if getattr(args, "opf_ab", False) else []
     out += [Variant("_tile128", one_split_tiles=((0, (128, 8)),))] if getattr(args, "tile_ab", False) else []
+    out += [Variant("_noamax", amax_chain_max_m=0), Variant("_amaxall", amax_chain_max_m=64)] if getattr(
+        args, "amax_ab", False) else []
     out += [Variant("_smallm", table)] if table else []
     kib = getattr(args, "prefetch_kib", None)
     out += [Variant("_nopdl", pdl=False), Variant("_prefetch", pdl=True, prefetch=True,
@@ -492,6 +503,7 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
     from tpfuse.kernels import small_m_configs as smc
     from tpfuse.kernels import decode_attention as dak
     from tpfuse.kernels import pdl as pdl_launch
+    from tpfuse import small_gemm
     from tpfuse.kernels import small_m_gemm as smg
 
     table = load_table(v.table, v.everywhere) if v.table else None
@@ -503,8 +515,9 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
     st.cache_config.fold_norms = own_fold if v.fold_norms is None else v.fold_norms
     st.cache_config.prefetch_o_proj = own_opf if v.prefetch_o is None else v.prefetch_o
     own_pf, own_kv_pf, own_comb, own_f16 = smg.PREFETCH_BYTES, dak.PREFETCH, dak.FUSE_COMBINE, dak.FP8_F16
-    own_tile = dak.ONE_SPLIT_TILES
+    own_tile, own_chain = dak.ONE_SPLIT_TILES, small_gemm.AMAX_CHAIN_MAX_M
     dak.ONE_SPLIT_TILES = own_tile if v.one_split_tiles is None else v.one_split_tiles
+    small_gemm.AMAX_CHAIN_MAX_M = own_chain if v.amax_chain_max_m is None else v.amax_chain_max_m
     pdl = own_pdl if v.pdl is None else v.pdl
     st.cache_config.pdl = pdl
     if v.prefetch is not None:  # the prefetch this A/B was built to time (the budget tried, the first K / V tile)
@@ -523,12 +536,13 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
                                            fuse_rope=st.cache_config.fuse_rope, fuse_combine=dak.FUSE_COMBINE,
                                            fold_norms=st.cache_config.fold_norms, fp8_f16=dak.FP8_F16,
                                            prefetch_o_proj=st.cache_config.prefetch_o_proj,
-                                           one_split_tiles=[[a, list(t)] for a, t in dak.ONE_SPLIT_TILES]))
+                                           one_split_tiles=[[a, list(t)] for a, t in dak.ONE_SPLIT_TILES],
+                                           amax_chain_max_m=small_gemm.AMAX_CHAIN_MAX_M))
     finally:
         st.cache_config.pdl, st.cache_config.fuse_rope, st.graphs = own_pdl, own_fuse, None
         st.cache_config.fold_norms, st.cache_config.prefetch_o_proj = own_fold, own_opf
         smg.PREFETCH_BYTES, dak.PREFETCH, dak.FUSE_COMBINE, dak.FP8_F16 = own_pf, own_kv_pf, own_comb, own_f16
-        dak.ONE_SPLIT_TILES = own_tile
+        dak.ONE_SPLIT_TILES, small_gemm.AMAX_CHAIN_MAX_M = own_tile, own_chain
     return r
 
 
@@ -539,10 +553,16 @@ def variant_rows(model, batch, args, dev, rows, base, provider):
     every other."""
     from tpfuse.parallel.forward import can_fold_norms
 
+    from tpfuse import small_gemm
+
     foldable = base.get("tp_shard") is None and can_fold_norms(model, batch)
     kv8 = provider.endswith("_kv8")
+    per_token = provider.startswith("tpfuse_fp8") and "static" not in provider
     for v in variants(args):
         if (v.fold_norms and not foldable) or (v.fp8_f16 is not None) != kv8:
+            continue
+        if v.amax_chain_max_m is not None and (not per_token or (batch <= small_gemm.AMAX_CHAIN_MAX_M) != (
+                v.amax_chain_max_m < batch)):  # per-token FP8 rows, the chain the other way than at this batch
             continue
         variant_row(model, batch, args, dev, rows, base, provider + v.suffix, v)
 

@@ -3,11 +3,11 @@
 #   bash bench/gpu_run.sh [STEP ...]      steps: env tests probe_ce async_tp fused_ar local rope decode_attn host
 #                                         profile e2e e2e_full e2e_shards load tune demo onegpu soak probe_onegpu
 #                                         small_gemm e2e_ab e2e_big fp8cache fusedrope fusedcomb foldnorm
-#                                         kvprefetch fp8f16 argmax smallm64 opf attntail profiles
+#                                         kvprefetch fp8f16 argmax smallm64 opf attntail profiles accuracy
 #                                         (default: all but probe_ce, profile, profiles, e2e_full, e2e_shards, load,
 #                                         onegpu, soak, probe_onegpu, small_gemm, e2e_ab, e2e_big, fp8cache,
 #                                         fusedrope, fusedcomb, foldnorm, kvprefetch, fp8f16, argmax, smallm64,
-#                                         opf, attntail; multi-GPU
+#                                         opf, attntail, accuracy; multi-GPU
 #                                         steps skip on one GPU)
 #   profiles: where the decode step goes, at full size with PDL (profile_decode.py: kernel and exposed time per
 #         kernel, JSON + PNG each, $OUT/profiles), one profile per entry of PROFILES (default "8B:1 8B:8 8B:64
@@ -97,6 +97,14 @@
 #         decode_attention.ONE_SPLIT_TILES 128 x 8 everywhere, the rule before its 32 x 4 step (bench_e2e.py
 #         --tile-ab --tag tile_ab, rows _tile128).
 #         One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh attntail
+#   accuracy: #22's accuracy target on the full 8B (bench/bench_accuracy.py, TP = 1, one GPU): the logits of
+#         hf_bf16, tpfuse (graph decode, KVCacheConfig's defaults) and tpfuse_fp8 vs an fp32 copy of the same
+#         random bf16 weights, teacher-forced, batch 4 x (prompt 256 + 32 decode steps); rel_err, max_abs_err,
+#         argmax agreement, rel_err per step; JSON + PNG accuracy_tp1_<device>_8B_32L. Memory peak ~49 GB (bf16
+#         16 GB + the fp32 copy 32 GB, freed before the tpfuse runs). Estimate: start + build ~30 s, the oracle
+#         and HF forwards ~5 s, Triton JIT + capture of the bf16 and FP8 decode steps ~40-80 s: ~80-120 s;
+#         LIMIT_accuracy (default 240). ACCURACY_ARGS appended (--no-fp8, --batch, --prompt, --steps, --seed).
+#         One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh accuracy
 #   argmax: the greedy pick's A/B (bench/bench_argmax.py: torch.argmax vs tpfuse.parallel.generate.greedy_tokens
 #         and its chunk lengths, vocab 128256 / 32000 at B 1 / 8 / 64; ARGMAX_ARGS appended; ~20 s)
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
@@ -261,6 +269,8 @@ for s in "${steps[@]}"; do
               --models 8B --layers full --decode-batches 1,8,64 --context 1024 --prefill 1024 --hf-models none \
               --no-fp8 --kv-fp8 --f16-ab ${FP8F16_ARGS:-} ;;
     argmax) run argmax python3 bench/bench_argmax.py ${ARGMAX_ARGS:-} ;;
+    accuracy) LIMIT_accuracy=${LIMIT_accuracy:-240} run accuracy "${TR1[@]}" bench/bench_accuracy.py --model 8B \
+                --layers full ${ACCURACY_ARGS:-} ;;
     attntail) LIMIT_attntail_bench=${LIMIT_attntail_bench:-150} run attntail_bench python3 \
                 bench/bench_decode_attention.py --batches 64 --block-size 256 --contexts 1024,1040,1088,4096,4112 \
                 --sweep --sweep-batches 64 --sweep-splits 1 --out-dir "$OUT/attntail" ${ATTNTAIL_BENCH_ARGS:-}

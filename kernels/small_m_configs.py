@@ -192,10 +192,21 @@ def rows_for(arch: str) -> Dict[Key, Row]:
     return rows
 
 
+CONFIG_PROXY = {"fp8_row_silu": "fp8_tensor_silu_q8"}
+"""Schemes the sweep has no rows of, and the swept scheme whose row gives their config where a table has it: the
+per-token e4m3 gate-up + SiLU*mul with a bf16 output and its partial maxima (``small_m_gemm_amax``) streams the same
+operand bytes per K step into the same two accumulators as the static-scale one with an e4m3 output (only the
+epilogue's scale loads and store differ)."""
+
+
 def lookup(arch: str, scheme: str, n: int, k: int, m: int, sms: int = DEFAULT_SMS) -> GemmConfig:
-    """The launcher's config: the table row's (whether or not it beat the library), else :func:`default_config`;
-    sanitized for the shape."""
-    row = rows_for(arch).get((arch, scheme, n, k, m_bucket(m)))
+    """The launcher's config: the table row's (whether or not it beat the library; for a scheme of
+    :data:`CONFIG_PROXY` without rows of its own, its proxy's row), else :func:`default_config`; sanitized for the
+    shape."""
+    rows, bucket = rows_for(arch), m_bucket(m)
+    row = rows.get((arch, scheme, n, k, bucket))
+    if row is None and scheme in CONFIG_PROXY:
+        row = rows.get((arch, CONFIG_PROXY[scheme], n, k, bucket))
     cfg = row.config if row is not None else default_config(scheme, n, k, m, sms)
     return sanitize(cfg, n // 2 if "_silu" in scheme else n, k)
 

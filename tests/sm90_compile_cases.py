@@ -292,11 +292,33 @@ def small_m_gemm_norm_cases():
         epi = dict(X_SCALE=0, W_SCALE=0, HAS_BIAS=bias, SILU_MUL=silu, OUT_FP8=False)
         yield (f"small_m_gemm_norm {name} m{bm} n{bn} k{bk}", small_m_gemm._small_m_gemm_norm_kernel, ptrs,
                dict(X_FP8=False, W_FP8=False, **epi, PARTIAL=part, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                    PF_LINES=0, NORM_IN=norm_in, ADD_RES=add_res and not part, SQ_BLOCK=128 if norm_in else 1),
+                    PF_LINES=0, NORM_IN=norm_in, ADD_RES=add_res and not part, SQ_BLOCK=128 if norm_in else 1,
+                    X_DYN=False, AMAX_OUT=False),
                4, True, stages, nospec)
         if part and add_res:
             yield (f"small_m_gemm reduce_add m{bm}", small_m_gemm._split_k_reduce_add_kernel, ptrs,
                    dict(**epi, BLOCK_M=bm, BLOCK_N=small_m_gemm.REDUCE_BLOCK_N), 4, True, 1, nospec)
+    yield from small_m_gemm_amax_cases()
+
+
+def small_m_gemm_amax_cases():
+    """The FP8 layers' per-token quantization carried across gate-up and down (``_small_m_gemm_norm_kernel``):
+    AMAX_OUT (e4m3 gate-up + SiLU*mul, bf16 h and its partial maxima) and X_DYN (down: bf16 h quantized on load
+    from 448 partials, SQ_BLOCK 512), at the 8B's table configs (64 x 256 / 4 stages; 32 x 256 / 6 stages)."""
+    nospec = ("M", "n_kb", "split_k", "n_sq")
+    bf, fp8, fp32 = "*bf16", "*fp8e4nv", "*fp32"
+    for name, dyn, bm, bn, bk, stages in (("amax_out silu", False, 16, 64, 256, 4),
+                                          ("x_dyn", True, 16, 32, 256, 6), ("x_dyn", True, 64, 32, 256, 4)):
+        ptrs = {"x_ptr": bf if dyn else fp8, "w_ptr": fp8, "xs_ptr": bf if dyn else fp32, "ws_ptr": fp32,
+                "b_ptr": bf, "out_ptr": bf, "os_ptr": bf, "part_ptr": bf, "nw_ptr": bf,
+                "sq_ptr": fp32 if dyn else bf, "res_ptr": bf, "sqo_ptr": bf if dyn else fp32, "xo_ptr": bf}
+        epi = dict(X_SCALE=3 if dyn else 2, W_SCALE=2, HAS_BIAS=False, SILU_MUL=not dyn, OUT_FP8=False)
+        const = dict(X_FP8=not dyn, W_FP8=True, **epi, PARTIAL=False, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn,
+                     BLOCK_K=bk, PF_LINES=0, NORM_IN=False, ADD_RES=False, SQ_BLOCK=512 if dyn else 1, X_DYN=dyn,
+                     AMAX_OUT=not dyn)
+        for pdl_on in (False, True):  # the model launches them inside pdl.launches()
+            yield (f"small_m_gemm_norm {name} m{bm} n{bn} k{bk}" + (" pdl" if pdl_on else ""),
+                   small_m_gemm._small_m_gemm_norm_kernel, ptrs, dict(const, PDL=pdl_on), 4, True, stages, nospec)
 
 
 _DEBUG_LABEL = re.compile(r"^\$L__tmp\d+:$")

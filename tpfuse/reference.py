@@ -78,11 +78,16 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, x_scale: Optional[torch.
                  w_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, *,
                  silu_mul: bool = False, out_scale: Optional[torch.Tensor] = None,
                  out_dtype: Optional[torch.dtype] = None, norm_sumsq: Optional[torch.Tensor] = None,
-                 norm_eps: float = 0.0) -> torch.Tensor:
+                 norm_eps: float = 0.0, x_amax: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The small-M GEMM (:mod:`tpfuse.small_gemm`): ``y = (x * x_scale) @ (weight * w_scale).T + bias`` with both
     operands dequantized to fp32 and one fp32 GEMM, ``silu(y_gate) * y_up`` for ``silu_mul``, rounded once to
     ``out_dtype`` (default: x's 16-bit dtype, bf16 for e4m3 x) or quantized with the static ``out_scale``;
-    ``norm_sumsq``: each token's product scaled by :func:`rstd_from_partials` before the bias (the folded RMSNorm)."""
+    ``norm_sumsq``: each token's product scaled by :func:`rstd_from_partials` before the bias (the folded RMSNorm);
+    ``x_amax``: a 16-bit x first quantized per token with the scale of its partial maxima
+    (:func:`quantize_from_amax`)."""
+    if x_amax is not None:
+        x, x_scale = quantize_from_amax(x, x_amax)
+        out_dtype = out_dtype or torch.bfloat16
     def deq(t, s):
         tf = t.float()
         if s is None:
@@ -101,6 +106,27 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, x_scale: Optional[torch.
     if out_scale is not None:
         return q.fp8_quantize_static(y, out_scale)
     return y.to(out_dtype or (x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16))
+
+
+def amax_partials(h: torch.Tensor, rows: int) -> torch.Tensor:
+    """``[N / rows, M]`` fp32: per token (column), the max ``|h|`` over each group of ``rows`` consecutive features
+    of ``h [M, N]`` (the values as stored; NaN propagates)."""
+    m, n = h.shape
+    return h.float().abs().view(m, n // rows, rows).amax(-1).t().contiguous()
+
+
+def quantize_from_amax(x: torch.Tensor, x_amax: torch.Tensor):
+    """``(e4m3 x, scale [M, 1])``: :func:`tpfuse.quant.fp8_quantize_per_token` with each token's amax taken as
+    the max over its partials ``x_amax [P, M]`` (equal to it when the partials are :func:`amax_partials` of x)."""
+    scale = q.fp8_dynamic_scale(x_amax.float().amax(0)[:, None])
+    return q._fp8_cast(x.float() * (1.0 / scale)), scale
+
+
+def small_m_gemm_amax(x: torch.Tensor, weight: torch.Tensor, x_scale=None, w_scale=None, bias=None, *,
+                      silu_mul: bool = False, rows: int = 32):
+    """``(out, amax)``: :func:`small_m_gemm` rounded to bf16 (x's 16-bit dtype) and :func:`amax_partials` of it."""
+    out = small_m_gemm(x, weight, x_scale, w_scale, bias, silu_mul=silu_mul)
+    return out, amax_partials(out, rows)
 
 
 def sumsq_partials(h: torch.Tensor, rows: int) -> torch.Tensor:

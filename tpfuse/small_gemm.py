@@ -39,11 +39,24 @@ scales (the un-normalized rows ``h * w_norm`` may exceed fp16's range):
   the GEMM of ``RMSNorm(h)`` without the normed rows ever stored (they differ from the add + RMSNorm kernel's by
   where the one rounding falls); ``sumsq [P, M]`` fp32 (any P >= 1).
 
+**Per-token FP8 quantization across GEMMs**, what the FP8 decode layers use instead of a SiLU*mul + quantize
+kernel between gate-up and down (per-token activations): the per-token scale needs the row's max ``|h|``, which no
+one program of the producing GEMM sees, but every program of the consuming GEMM reads the whole row anyway:
+
+* ``small_m_gemm_amax(x, weight, *, x_scale=None, w_scale=None, bias=None, silu_mul=False) -> (h, x_amax)``:
+  :func:`small_m_gemm` with a 16-bit output ``h [M, N]`` and ``x_amax [N / 32, M]`` fp32, the max ``|h|`` (as
+  stored) per token over each 32 consecutive features (:func:`tpfuse.reference.amax_partials`); N a multiple of 32.
+* ``small_m_gemm(h, weight_e4m3, w_scale=..., x_amax=x_amax)``: ``h`` quantized per token on its way into the MMA
+  with the scale ``max(max_p x_amax[p] / 448, 1 / (448 * 512))`` (:func:`tpfuse.quant.fp8_quantize_per_token`'s
+  rule, the same arithmetic as the quantize kernel, so the GEMM's result is the one after that kernel's output),
+  then the e4m3 GEMM; bf16 / fp16 x, e4m3 weight with its w_scale, no x_scale (:func:`tpfuse.reference.
+  quantize_from_amax`). Config: the table's for the same GEMM with an e4m3 per-token x; split-K 1.
+
 Dispatch as :mod:`tpfuse.ops`: CUDA tensors run the Triton kernel (the custom op ``tpfuse::small_m_gemm`` while
 Dynamo traces, the op body directly in eager mode), CPU tensors the reference, or the kernel under the Triton
 interpreter with ``TPFUSE_TRITON_CPU=1``. The custom op has a fake impl; the launch is CUDA-graph safe.
 
-:func:`use_kernel` is the model path's question (``tpfuse.parallel`` layers): whether the tuned table says the
+:func:`use_kernel` (and :func:`use_amax_chain` for the FP8 gate-up -> down) is the model path's question (``tpfuse.parallel`` layers): whether the tuned table says the
 kernel beat the library call for ``(arch, scheme, N, K, M bucket)`` (else keep ``F.linear`` / ``_scaled_mm``);
 :func:`route` gives that table row's config.
 """
@@ -129,6 +142,19 @@ def check_norm(x, weight, norm_sumsq, out_scale) -> None:
         raise TPFuseInputError("the folded RMSNorm takes no out_scale (a 16-bit GEMM)")
 
 
+def check_dyn(x, weight, x_scale, w_scale, out_scale, norm_sumsq, x_amax) -> None:
+    """Validate the ``x_amax`` argument of :func:`small_m_gemm` (x quantized per token inside the GEMM)."""
+    if x_amax is None:
+        return
+    if x.dtype not in _FLOAT16 or weight.dtype != q.FP8_DTYPE or w_scale is None:
+        raise TPFuseInputError(f"x_amax (x quantized to e4m3 per token on load) needs a bf16/fp16 x and an e4m3 "
+                               f"weight with its w_scale, got x {x.dtype}, weight {weight.dtype}")
+    if x_scale is not None or out_scale is not None or norm_sumsq is not None:
+        raise TPFuseInputError("x_amax takes no x_scale (the kernel computes it), out_scale or norm_sumsq")
+    p = x_amax.shape[0] if isinstance(x_amax, torch.Tensor) and x_amax.dim() == 2 else 0
+    _check_vec(x_amax, (max(p, 1), x.shape[0]), (torch.float32,), "x_amax", x.device)
+
+
 def check(x, weight, x_scale, w_scale, bias, silu_mul, out_scale, out_dtype) -> str:
     """Validate a call (module docstring); returns its table scheme."""
     for name, t in (("x", x), ("weight", weight)):
@@ -186,30 +212,37 @@ def _use_triton(x: torch.Tensor) -> bool:
 def _impl(x: torch.Tensor, weight: torch.Tensor, x_scale: Optional[torch.Tensor], w_scale: Optional[torch.Tensor],
           bias: Optional[torch.Tensor], out_scale: Optional[torch.Tensor], silu_mul: bool,
           out_dtype: Optional[torch.dtype], norm_sumsq: Optional[torch.Tensor] = None,
-          norm_eps: float = 0.0) -> torch.Tensor:
+          norm_eps: float = 0.0, x_amax: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The op body (inputs validated)."""
     if not _use_triton(x):
         return ref.small_m_gemm(x, weight, x_scale, w_scale, bias, silu_mul=silu_mul, out_scale=out_scale,
-                                out_dtype=out_dtype, norm_sumsq=norm_sumsq, norm_eps=norm_eps)
+                                out_dtype=out_dtype, norm_sumsq=norm_sumsq, norm_eps=norm_eps, x_amax=x_amax)
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     out = alloc_out(x.shape[0], n, _out_dtype(x, out_dtype, out_scale), x.device)
     if x.shape[0] == 0:
         return out
     from .kernels.small_m_gemm import launch_small_m_gemm  # lazily: import tpfuse never imports Triton
 
-    scheme = smc.scheme_name(x.dtype, weight.dtype, scale_kind(x_scale), scale_kind(w_scale), silu_mul,
-                             out_scale is not None)
+    scheme = _scheme(x, weight, x_scale, w_scale, silu_mul, out_scale, x_amax)
     arch, sms = device_info(x.device)
     launch_small_m_gemm(x, weight, x_scale, w_scale, bias, out, out_scale, silu_mul, scheme, arch, sms,
-                        norm=None if norm_sumsq is None else (norm_sumsq, norm_eps))
+                        norm=None if norm_sumsq is None else (norm_sumsq, norm_eps), x_amax=x_amax)
     return out
+
+
+def _scheme(x, weight, x_scale, w_scale, silu_mul, out_scale, x_amax=None) -> str:
+    """The table scheme a launch takes its config from: with ``x_amax`` the per-token e4m3-x one (the same
+    operand bytes in the K loop as the GEMM after a standalone quantizer)."""
+    x_dtype, x_row = (q.FP8_DTYPE, True) if x_amax is not None else (x.dtype, scale_kind(x_scale))
+    return smc.scheme_name(x_dtype, weight.dtype, x_row, scale_kind(w_scale), silu_mul, out_scale is not None)
 
 
 _op = torch.library.custom_op("tpfuse::small_m_gemm", _impl, mutates_args=())
 
 
 @_op.register_fake
-def _(x, weight, x_scale, w_scale, bias, out_scale, silu_mul, out_dtype, norm_sumsq=None, norm_eps=0.0):
+def _(x, weight, x_scale, w_scale, bias, out_scale, silu_mul, out_dtype, norm_sumsq=None, norm_eps=0.0,
+      x_amax=None):
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     return x.new_empty((x.shape[0], n), dtype=_out_dtype(x, out_dtype, out_scale))
 
@@ -246,17 +279,66 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, *, x_scale: Optional[tor
                  w_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                  silu_mul: bool = False, out_scale: Optional[torch.Tensor] = None,
                  out_dtype: Optional[torch.dtype] = None, norm_sumsq: Optional[torch.Tensor] = None,
-                 norm_eps: float = 1e-6) -> torch.Tensor:
+                 norm_eps: float = 1e-6, x_amax: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ weight.T`` (scales, bias, SiLU*mul, static FP8 output: module docstring) for 1..64 rows; with
-    ``norm_sumsq`` each token's product times its rstd (the folded RMSNorm, module docstring)."""
+    ``norm_sumsq`` each token's product times its rstd (the folded RMSNorm), with ``x_amax`` a 16-bit x quantized
+    per token on load (module docstring)."""
     check(x, weight, x_scale, w_scale, bias, silu_mul, out_scale, out_dtype)
     check_norm(x, weight, norm_sumsq, out_scale)
+    check_dyn(x, weight, x_scale, w_scale, out_scale, norm_sumsq, x_amax)
     if x.stride(1) != 1:  # a row-strided view is read in place (stride_xm); anything else is copied
         x = x.contiguous()
     eager = not torch.compiler.is_compiling()
     return (_impl if eager else torch.ops.tpfuse.small_m_gemm)(x, weight, x_scale, w_scale, bias, out_scale,
                                                                bool(silu_mul), out_dtype, norm_sumsq,
-                                                               float(norm_eps))
+                                                               float(norm_eps), x_amax)
+
+
+def _amax_impl(x: torch.Tensor, weight: torch.Tensor, x_scale: Optional[torch.Tensor],
+               w_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+               silu_mul: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`small_m_gemm_amax`'s body (inputs validated)."""
+    if not _use_triton(x):
+        return ref.small_m_gemm_amax(x, weight, x_scale, w_scale, bias, silu_mul=silu_mul, rows=smc.SUMSQ_ROWS)
+    m = x.shape[0]
+    n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
+    out = alloc_out(m, n, _out_dtype(x, None, None), x.device)
+    amax = torch.empty(n // smc.SUMSQ_ROWS, m, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return out, amax
+    from .kernels.small_m_gemm import launch_small_m_gemm
+
+    arch, sms = device_info(x.device)
+    launch_small_m_gemm(x, weight, x_scale, w_scale, bias, out, None, silu_mul,
+                        _scheme(x, weight, x_scale, w_scale, silu_mul, None), arch, sms, amax_out=amax)
+    return out, amax
+
+
+_amax_op = torch.library.custom_op("tpfuse::small_m_gemm_amax", _amax_impl, mutates_args=())
+
+
+@_amax_op.register_fake
+def _(x, weight, x_scale, w_scale, bias, silu_mul):
+    n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
+    return (x.new_empty((x.shape[0], n), dtype=_out_dtype(x, None, None)),
+            x.new_empty((n // smc.SUMSQ_ROWS, x.shape[0]), dtype=torch.float32))
+
+
+def small_m_gemm_amax(x: torch.Tensor, weight: torch.Tensor, *, x_scale: Optional[torch.Tensor] = None,
+                      w_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                      silu_mul: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(out, x_amax)``: :func:`small_m_gemm` (16-bit output) and the partial maxima of ``|out|`` that the next
+    GEMM's ``x_amax`` takes (module docstring)."""
+    check(x, weight, x_scale, w_scale, bias, silu_mul, None, None)
+    n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
+    if n % smc.SUMSQ_ROWS:
+        raise TPFuseInputError(f"small_m_gemm_amax needs an output width that is a multiple of {smc.SUMSQ_ROWS}, "
+                               f"got {n}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    eager = not torch.compiler.is_compiling()
+    return (_amax_impl if eager else torch.ops.tpfuse.small_m_gemm_amax)(x, weight, x_scale, w_scale, bias,
+                                                                         bool(silu_mul))
 
 
 def small_m_gemm_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, *,
@@ -303,6 +385,27 @@ def route(x: torch.Tensor, weight: torch.Tensor, *, x_row: Optional[bool] = None
         cfg = smc.memo(key, lambda: smc.route(device_info(dev)[0], smc.scheme_name(
             x.dtype, weight.dtype, x_row, w_row, silu, out_fp8), n, k, m))
     return cfg
+
+
+AMAX_CHAIN_MAX_M = 16
+"""The most tokens at which the FP8 layers carry the per-token quantization of SiLU*mul's output across gate-up and
+down (:func:`use_amax_chain`). Above it the standalone SiLU*mul + quantize kernel stays: X_DYN's x tile goes through
+registers on its way to the MMA every K step, which costs with the tile's rows (the first folded-norm version's x
+tiles through registers: 1.01 / 1.02 / 1.29x the decode step at batch 1 / 8 / 64, one H100,
+``bench/results/e2e_tp1_h100_full_57948f7.json``)."""
+
+
+def use_amax_chain(x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor, *,
+                   x_scale: torch.Tensor, gate_up_scale: torch.Tensor, down_scale: torch.Tensor) -> bool:
+    """The FP8 layers' question for per-token activations: whether gate-up + SiLU*mul with its partial maxima
+    (:func:`small_m_gemm_amax`), then down quantizing its x on load (``x_amax``), replaces gate-up, the SiLU*mul +
+    quantize kernel and down. Yes at most :data:`AMAX_CHAIN_MAX_M` tokens where the tuned table sends both GEMMs
+    (plain e4m3 per-token x, as they run without the chain) to the kernel. ``x``: gate-up's e4m3 input data."""
+    if x.shape[0] > AMAX_CHAIN_MAX_M:
+        return False
+    # route() reads x's rows, dtype and device only: the e4m3 gate-up input stands for down's quantized x too
+    return (use_kernel(x, gate_up_weight, x_scale=x_scale, w_scale=gate_up_scale)
+            and route(x, down_weight, x_row=True, w_row=scale_kind(down_scale)) is not None)
 
 
 def use_kernel(x: torch.Tensor, weight: torch.Tensor, *, x_scale: Optional[torch.Tensor] = None,

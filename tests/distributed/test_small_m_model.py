@@ -38,7 +38,7 @@ def _gemms(layer):
         g = layer._g
         x_row = type(layer.in_quant) is q.FP8PerToken
         scheme = "fp8_row" if x_row else "fp8_tensor"  # per-token models' weight scales are [N, 1] (row-wise)
-        silu = None if x_row else "fp8_tensor_silu_q8"  # per-token FP8 is never fused (the row amax)
+        silu = None if x_row else "fp8_tensor_silu_q8"  # per-token: the amax chain instead (below)
         return [(scheme, *g[k].weight.shape, silu if k == "gate_up" else None) for k in ("qkv", "o", "gate_up",
                                                                                          "down")]
     return [("bf16", *layer._fused["qkv"][0].shape, None), ("bf16", *layer._o.weight.shape, None),
@@ -70,16 +70,22 @@ def _model(arch, fp8):
 
 
 def _run(model, comm, ids):
-    """Logits of every step of :data:`STEPS` and the op calls ``[(step, M, N, K, silu, fp8 out)]``."""
+    """Logits of every step of :data:`STEPS` and the op calls ``[(step, M, N, K, silu, fp8 out, chain)]``: chain
+    "amax" for ``small_m_gemm_amax``, "dyn" for ``small_m_gemm(..., x_amax=)``, "" for the rest."""
     from tpfuse import small_gemm
 
-    calls, orig = [], small_gemm.small_m_gemm
+    calls, orig, orig_amax = [], small_gemm.small_m_gemm, small_gemm.small_m_gemm_amax
 
     def counted(x, weight, **kw):
-        calls.append((step, x.shape[0], *weight.shape, kw.get("silu_mul", False), kw.get("out_scale") is not None))
+        calls.append((step, x.shape[0], *weight.shape, kw.get("silu_mul", False), kw.get("out_scale") is not None,
+                      "dyn" if kw.get("x_amax") is not None else ""))
         return orig(x, weight, **kw)
 
-    small_gemm.small_m_gemm, logits, step = counted, [], 0
+    def counted_amax(x, weight, **kw):
+        calls.append((step, x.shape[0], *weight.shape, kw.get("silu_mul", False), False, "amax"))
+        return orig_amax(x, weight, **kw)
+
+    small_gemm.small_m_gemm, small_gemm.small_m_gemm_amax, logits, step = counted, counted_amax, [], 0
     try:
         for seq in STEPS:
             cache, pos = None, 0
@@ -88,14 +94,17 @@ def _run(model, comm, ids):
                 logits.append(out.logits[0].float())
                 cache, pos, step = mc.cache_of(out), pos + t, step + 1
     finally:
-        small_gemm.small_m_gemm = orig
+        small_gemm.small_m_gemm, small_gemm.small_m_gemm_amax = orig, orig_amax
     return logits, calls
 
 
-def _routed(rank, world, arch, fp8, silu):
+def _routed(rank, world, arch, fp8, silu, chain_max_m):
     import tpfuse
+    from tpfuse import small_gemm
     from tpfuse.kernels import small_m_configs as smc
     from tpfuse.tolerance import assert_logits_close
+
+    small_gemm.AMAX_CHAIN_MAX_M = chain_max_m
 
     model, ids = _model(arch, fp8)
     ref = mc.oracle(model, ids)
@@ -112,6 +121,7 @@ def _routed(rank, world, arch, fp8, silu):
     assert all(torch.equal(a, b) for a, b in zip(base, lost)), "no winning row: logits must be the plain path's, bit for bit"
     shapes = {(scheme, n, k) for scheme, n, k, _ in _gemms(model._tpfuse.layers[0])}
     fused = silu and any(s for *_, s in _gemms(model._tpfuse.layers[0]))
+    per_token = bool(fp8) and fp8[0] == "per_token"
     errs, pos, step = [], 0, 0
     for seq in STEPS:
         pos = 0
@@ -122,8 +132,11 @@ def _routed(rank, world, arch, fp8, silu):
             if not sp:
                 assert {(n, k) for _, _, n, k, *_ in mine} == {(n, k) for _, n, k in shapes}, (mine, shapes)
                 assert all(c[1] == t for c in mine)
-                assert sum(c[4] for c in mine) == (n_layers if fused else 0)
+                chain = per_token and t <= chain_max_m  # gate-up -> down with the quantization carried across
+                assert sum(c[4] for c in mine) == (n_layers if fused or chain else 0)
                 assert sum(c[5] for c in mine) == (n_layers if fused and fp8 else 0)
+                assert [c[6] for c in mine].count("amax") == [c[6] for c in mine].count("dyn") == (
+                    n_layers if chain else 0), mine
             errs.append(assert_logits_close(got[step], ref[pos:pos + t], DT, f"{arch} TP={world} fp8={fp8} step "
                                             f"{step}", fp8=bool(fp8)))
             pos, step = pos + t, step + 1
@@ -131,14 +144,15 @@ def _routed(rank, world, arch, fp8, silu):
     return max(errs)
 
 
-@pytest.mark.parametrize("arch,world,fp8,silu", [
-    ("llama", 1, None, True),                             # biased q/k/v and gate/up: bias fused into the kernel
-    ("llama", 2, None, False),
-    ("qwen3", 2, ("per_token", "per_channel"), True),     # per-token FP8: GEMMs routed, SiLU*mul never fused
-    ("llama", 1, ("static", "per_tensor"), True),         # static FP8: gate-up + SiLU*mul + FP8 quant fused
+@pytest.mark.parametrize("arch,world,fp8,silu,chain_max_m", [
+    ("llama", 1, None, True, 16),                          # biased q/k/v and gate/up: bias fused into the kernel
+    ("llama", 2, None, False, 16),
+    ("qwen3", 2, ("per_token", "per_channel"), True, 16),  # per-token FP8: the amax chain at every decode step
+    ("llama", 1, ("per_token", "per_channel"), True, 4),   # ... at the steps of at most 4 tokens (biased gate-up)
+    ("llama", 1, ("static", "per_tensor"), True, 16),      # static FP8: gate-up + SiLU*mul + FP8 quant fused
 ])
-def test_model_routes_decode_gemms_by_the_table(arch, world, fp8, silu):
-    errs = run_on_ranks(_routed, world, arch, fp8, silu)
+def test_model_routes_decode_gemms_by_the_table(arch, world, fp8, silu, chain_max_m):
+    errs = run_on_ranks(_routed, world, arch, fp8, silu, chain_max_m)
     assert len(errs) == world and all(0 < e for e in errs), errs
 
 
