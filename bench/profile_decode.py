@@ -118,6 +118,8 @@ def main():
     for r in rows[:40]:
         print(f"{r['us_per_step']:9.1f}  {r.get('exposed_us_per_step', 0.0):9.1f}  {r['calls_per_step']:5.1f}x  "
               f"{r['calls_per_layer']:5.2f}/layer  {r['kernel']}")
+        for i, (us, exp) in enumerate(r.get("slots_us_per_step", [])):
+            print(f"{us:9.1f}  {exp:9.1f}     slot {i} of each layer")
     hdr = common.header("profile_decode", model=args.model, batch=args.batch, context=args.context,
                         layers=args.layers, vocab=args.vocab, kernel_us_per_step=round(total, 1),
                         span_us_per_step=round(span, 1),
@@ -193,11 +195,44 @@ def exposed_times(spans) -> dict:
     end_us, name)`` of every kernel / copy; in start order an activity adds ``end - frontier`` where it ends past
     the latest end before it (``frontier``), gaps included, and nothing where it ends inside what ran before."""
     out = {}
-    frontier = None
-    for start, end, name in sorted(spans):
+    for (_, _, name), exp in exposed_each(spans):
+        out[name] = out.get(name, 0.0) + exp
+    return out
+
+
+def exposed_each(spans):
+    """``[(span, exposed_us)]`` in start order: :func:`exposed_times` per activity."""
+    out, frontier = [], None
+    for span in sorted(spans):
+        start, end, _ = span
         frontier = start if frontier is None else frontier
-        out[name] = out.get(name, 0.0) + max(0.0, end - frontier)
+        out.append((span, max(0.0, end - frontier)))
         frontier = max(frontier, end)
+    return out
+
+
+def slot_times(spans, steps: int, layers: int) -> dict:
+    """``{name: [[kernel_us, exposed_us] per slot]}`` per step, for each kernel a layer launches more than once and
+    every layer the same number of times (``r`` = calls per step / layers, an integer > 1): slot ``i`` is the
+    ``i``-th launch of it within a layer, in launch order (the small-M GEMM's qkv, o, gate-up, down). The profile
+    holds whole steps, each launching the layers in order, so a launch's slot is its index within its step
+    modulo ``r``."""
+    by_name = {}
+    for (start, end, name), exp in exposed_each(spans):
+        by_name.setdefault(name, []).append((end - start, exp))
+    out = {}
+    for name, evs in by_name.items():
+        per_step = len(evs) / steps
+        r = per_step / layers
+        if len(evs) % steps or per_step % layers or r < 2:
+            continue
+        r, per_step = int(r), int(per_step)
+        slots = [[0.0, 0.0] for _ in range(r)]
+        for i, (dur, exp) in enumerate(evs):
+            slot = (i % per_step) % r
+            slots[slot][0] += dur / steps
+            slots[slot][1] += exp / steps
+        out[name] = [[round(a, 1), round(b, 1)] for a, b in slots]
     return out
 
 
@@ -242,7 +277,8 @@ def _profile(args, dev):
         for _ in range(args.steps):
             tok = greedy_tokens(model(tok, cache=cache).logits[:, -1])[:, None]  # as tpfuse.parallel.generate
         torch.cuda.synchronize()
-    exposed = exposed_times(_gpu_spans(prof))
+    spans = _gpu_spans(prof)
+    exposed, slots = exposed_times(spans), slot_times(spans, args.steps, args.layers)
     rows = []
     for ev in prof.key_averages():
         us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
@@ -250,6 +286,8 @@ def _profile(args, dev):
             rows.append({"kernel": ev.key[:120], "calls_per_step": ev.count / args.steps,
                          "us_per_step": us / args.steps,
                          "exposed_us_per_step": exposed.get(ev.key[:120], 0.0) / args.steps})
+            if ev.key[:120] in slots:
+                rows[-1]["slots_us_per_step"] = slots[ev.key[:120]]
     rows.sort(key=lambda r: -r["us_per_step"])
     comm.close()
     return rows

@@ -62,3 +62,22 @@ def test_plot_exposed_draws_the_profile(tmp_path):
         assert got == str(tmp_path / "p.png") and (tmp_path / "p.png").stat().st_size > 0
     old = [{k: v for k, v in r.items() if k != "exposed_us_per_step"} for r in rows]
     assert profile_decode.plot_exposed(hdr, old, str(tmp_path / "q.png")) is None
+
+
+def test_slot_times_split_a_kernel_by_its_launch_within_the_layer():
+    """A kernel launched twice a layer (2 steps x 2 layers) gets per-slot kernel and exposed times per step; one
+    launched once a layer or not a multiple of the layers (the final norm) gets none; a late second launch's wait
+    shows as exposed time of its slot."""
+    import profile_decode
+
+    spans, t = [], 0.0
+    for _ in range(2):
+        for _ in range(2):
+            for name, dur, gap in (("gemm", 3.0, 0.0), ("norm", 1.0, 0.0), ("gemm", 5.0, 2.0)):
+                spans.append((t + gap, t + gap + dur, name))
+                t += gap + dur
+        spans.append((t, t + 1.0, "final"))
+        t += 1.0
+    got = profile_decode.slot_times(spans, steps=2, layers=2)
+    assert set(got) == {"gemm"}
+    assert got["gemm"] == [[6.0, 6.0], [10.0, 14.0]]
