@@ -78,8 +78,8 @@ Providers (every one is the model a user runs, called with Hugging Face argument
   way than the default (the o_proj weight prefetched into L2 from a side stream while the attention runs, or not);
   rows carry ``prefetch_o_proj``;
 * ``<provider>_noamax`` / ``_amaxall`` (``--amax-ab``, per-token FP8 rows): the decode step with
-  ``small_gemm.AMAX_CHAIN_MAX_M`` 0 (gate-up, the SiLU*mul + quantize kernel, down) where the default carries the
-  per-token quantization across gate-up and down, 64 (carried) where it does not;
+  ``small_gemm.AMAX_CHAIN_MAX_M`` 0 (gate-up, then the SiLU*mul + quantize kernel) where the default runs gate-up +
+  SiLU*mul with its partial maxima and ``ops.quantize_from_amax``, 64 (that chain) where it does not;
 * ``<provider>_tile128`` (``--tile-ab``): the decode step with ``decode_attention.ONE_SPLIT_TILES`` one entry,
   128-key tiles at 8 warps wherever a sequence is one program (the rule before the 32 x 4 step); rows carry
   ``one_split_tiles``;
@@ -195,8 +195,8 @@ def parse_args(argv=None):
                     "<provider>_normkern (its own kernel); whole models only")
     ap.add_argument("--amax-ab", action="store_true", help="adds per-token FP8 decode rows with "
                     "small_gemm.AMAX_CHAIN_MAX_M the other way at that batch: <provider>_noamax (0: the SiLU*mul + "
-                    "quantize kernel) or <provider>_amaxall (64: gate-up writes bf16 h + its partial maxima, down "
-                    "quantizes on load)")
+                    "quantize kernel) or <provider>_amaxall (64: gate-up + SiLU*mul writes bf16 h + its partial "
+                    "maxima, then ops.quantize_from_amax)")
     ap.add_argument("--pdl-ab", action="store_true", help="adds the <provider>_nopdl decode rows (graphs captured "
                     "without programmatic dependent launch, KVCacheConfig.pdl=False) and <provider>_prefetch (with PDL "
                     "and the L2 prefetches before its waits)")

@@ -68,6 +68,15 @@ the K loop is the plain one (x tiles straight from ``cp.async`` into the MMA):
   0fc9473, ``e2e_tp1_h200_full_0fc9473.json``); with PDL and today's routing 0.986 / 0.993 / 1.001x (one H100,
   1c5cd04, ``e2e_tp1_h100_fold_ab_1c5cd04.json``), so the model folds by default (``KVCacheConfig.fold_norms``).
 
+Partial maxima (AMAX_OUT, the same kernel; :func:`tpfuse.small_gemm.small_m_gemm_amax`): the epilogue also stores,
+per token, the max ``|out|`` of each 32 rows of its tile as stored (``sqo [N_OUT / 32, M]``, plain stores, one
+writer each; split-K 1), so a per-token FP8 quantizer of ``out`` needs no pass over the row for its scale
+(:func:`tpfuse.ops.quantize_from_amax`: many programs per row instead of the one that must see the whole row). A
+version that quantized x per token in the next GEMM's K loop from these maxima (x tiles through registers to the
+MMA) made the 8B's FP8 decode step 1.07 / 1.13 / 1.25x as long at batch 1 / 8 / 64 (one H100, fa22657,
+``bench/results/e2e_tp1_h100_amax_ab_fa22657.json``: down-proj 41.8 us a layer exposed instead of ~24,
+``profile_decode_tp1_h100_8B_b1_fp8_amaxchain_fa22657.json``); it is gone.
+
 Launch configs (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages) come from :mod:`.small_m_configs` (the tuned table, else
 its default rule). Under the Triton interpreter (TRITON_INTERPRET=1 at import, tests) e4m3 operands are decoded by
 integer ops and multiplied in fp32, and the bf16 / e4m3 output casts round explicitly (the interpreter's casts are
@@ -82,10 +91,9 @@ import triton.language as tl
 
 from . import pdl
 from . import small_m_configs as smc
-from .quant_epilogue import SOFT_CAST, cast_for_store, fp8_cast, fp8_dynamic_scale, max_nan, rstd_from_sumsq
+from .quant_epilogue import SOFT_CAST, cast_for_store, fp8_cast, max_nan, rstd_from_sumsq
 
 SCALE_NONE, SCALE_TENSOR, SCALE_ROW = 0, 1, 2
-SCALE_DYN = 3  # X_SCALE of X_DYN: the per-token scales computed in the program (in registers, not loaded)
 # FP8 wgmma partial sums are added into the fp32 accumulator at least every 128 K elements (as CUTLASS promotes)
 IMPRECISE_MAX: tl.constexpr = tl.constexpr(128)
 REDUCE_BLOCK_N = 64
@@ -123,12 +131,9 @@ def _dot(acc, w, xt, X_FP8: tl.constexpr, W_FP8: tl.constexpr, BLOCK_K: tl.const
 
 
 @triton.jit
-def _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, inv, X_FP8: tl.constexpr,
-            W_FP8: tl.constexpr, SILU_MUL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
-            X_DYN: tl.constexpr):
-    """One BLOCK_K step of the main loop: x and weight tiles (the up rows too with SILU_MUL) into the sums. X_DYN:
-    the 16-bit x tile quantized to e4m3 with each token's ``inv`` = 1 / scale on its way to the MMA (the
-    standalone quantizer's arithmetic: ``fp8_cast(x * inv)``)."""
+def _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, X_FP8: tl.constexpr, W_FP8: tl.constexpr,
+            SILU_MUL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One BLOCK_K step of the main loop: x and weight tiles (the up rows too with SILU_MUL) into the sums."""
     k0 = kb * BLOCK_K
     if EVEN_K:
         x_mask = m_mask[:, None]
@@ -137,22 +142,17 @@ def _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, inv, X_FP
         k_ok = (k0 + rk) < K
         x_mask = m_mask[:, None] & k_ok[None, :]
         w_mask = n_mask[:, None] & k_ok[None, :]
-    xr = tl.load(x_tile + k0, mask=x_mask, other=0.0)
-    if X_DYN:
-        xr = fp8_cast(xr.to(tl.float32) * inv[:, None])
-    xt = tl.trans(xr)
-    XQ: tl.constexpr = X_FP8 or X_DYN
-    acc = _dot(acc, tl.load(w_tile + k0, mask=w_mask, other=0.0), xt, XQ, W_FP8, BLOCK_K)
+    xt = tl.trans(tl.load(x_tile + k0, mask=x_mask, other=0.0))
+    acc = _dot(acc, tl.load(w_tile + k0, mask=w_mask, other=0.0), xt, X_FP8, W_FP8, BLOCK_K)
     if SILU_MUL:
-        acc_u = _dot(acc_u, tl.load(w_tile + up + k0, mask=w_mask, other=0.0), xt, XQ, W_FP8, BLOCK_K)
+        acc_u = _dot(acc_u, tl.load(w_tile + up + k0, mask=w_mask, other=0.0), xt, X_FP8, W_FP8, BLOCK_K)
     return acc, acc_u
 
 
 @triton.jit
-def _scale_bias(acc, rows, n_mask, rm, m_mask, xs_ptr, ws_ptr, b_ptr, xsc, X_SCALE: tl.constexpr,
+def _scale_bias(acc, rows, n_mask, rm, m_mask, xs_ptr, ws_ptr, b_ptr, X_SCALE: tl.constexpr,
                 W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """fp32 ``acc [BLOCK_N, BLOCK_M]`` of weight rows ``rows`` times the scales (``xsc [BLOCK_M]``: X_DYN's
-    per-token scales, in the place of the loaded ones), plus the bias."""
+    """fp32 ``acc [BLOCK_N, BLOCK_M]`` of weight rows ``rows`` times the scales, plus the bias."""
     if W_SCALE == 1:
         acc = acc * tl.load(ws_ptr)
     elif W_SCALE == 2:
@@ -161,8 +161,6 @@ def _scale_bias(acc, rows, n_mask, rm, m_mask, xs_ptr, ws_ptr, b_ptr, xsc, X_SCA
         acc = acc * tl.load(xs_ptr)
     elif X_SCALE == 2:
         acc = acc * tl.load(xs_ptr + rm, mask=m_mask, other=0.0)[None, :]
-    elif X_SCALE == 3:
-        acc = acc * xsc[None, :]
     if HAS_BIAS:
         acc = acc + tl.load(b_ptr + rows, mask=n_mask, other=0.0).to(tl.float32)[:, None]
     return acc
@@ -194,7 +192,7 @@ def _store_add_sumsq(y, rn, n_mask, rm, m_mask, M, N_OUT, stride_om, out_ptr, re
 def _store_amax(v, n_mask, rm, m_mask, M, N_OUT, sqo_ptr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """AMAX_OUT: each ``SQ_GROUP`` (32) rows of the stored tile ``v`` (as stored, in fp32) give their max ``|v|``
     per token into ``sqo [N_OUT / 32, M]`` (NaN-propagating; plain stores: one writer each, as the sums of squares
-    of :func:`_store_add_sumsq`): the per-token FP8 scale of the next GEMM's X_DYN."""
+    of :func:`_store_add_sumsq`): what :func:`tpfuse.ops.quantize_from_amax` takes the per-token FP8 scale from."""
     a = tl.where(n_mask[:, None] & m_mask[None, :], tl.abs(v), 0.0)
     GROUPS: tl.constexpr = BLOCK_N // SQ_GROUP
     part = tl.reduce(tl.reshape(a, (GROUPS, SQ_GROUP, BLOCK_M)), 1, max_nan)
@@ -203,17 +201,16 @@ def _store_amax(v, n_mask, rm, m_mask, M, N_OUT, sqo_ptr, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
-def _finish(acc, acc_u, rn, n_mask, rm, m_mask, N_OUT, stride_om, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, xsc,
+def _finish(acc, acc_u, rn, n_mask, rm, m_mask, N_OUT, stride_om, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr,
             X_SCALE: tl.constexpr, W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
             OUT_FP8: tl.constexpr, M, res_ptr, stride_rm, sqo_ptr, nw_ptr, xo_ptr, ADD_RES: tl.constexpr,
             BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, AMAX_OUT: tl.constexpr):
     """Epilogue of the full K sum: scales, bias, SiLU*mul, one rounding (or static FP8 quantization), store of the
     transposed tile into ``out[m, n]``; ADD_RES: :func:`_store_add_sumsq` instead of the plain store; AMAX_OUT:
     :func:`_store_amax` of the rounded tile too."""
-    y = _scale_bias(acc, rn, n_mask, rm, m_mask, xs_ptr, ws_ptr, b_ptr, xsc, X_SCALE, W_SCALE, HAS_BIAS)
+    y = _scale_bias(acc, rn, n_mask, rm, m_mask, xs_ptr, ws_ptr, b_ptr, X_SCALE, W_SCALE, HAS_BIAS)
     if SILU_MUL:
-        u = _scale_bias(acc_u, rn + N_OUT, n_mask, rm, m_mask, xs_ptr, ws_ptr, b_ptr, xsc, X_SCALE, W_SCALE,
-                        HAS_BIAS)
+        u = _scale_bias(acc_u, rn + N_OUT, n_mask, rm, m_mask, xs_ptr, ws_ptr, b_ptr, X_SCALE, W_SCALE, HAS_BIAS)
         y = (y / (1.0 + tl.exp(-y))) * u
     if ADD_RES:
         _store_add_sumsq(y, rn, n_mask, rm, m_mask, M, N_OUT, stride_om, out_ptr, res_ptr, stride_rm, sqo_ptr, nw_ptr,
@@ -259,7 +256,7 @@ def _gemm_program(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr
                   HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, OUT_FP8: tl.constexpr, PARTIAL: tl.constexpr,
                   EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   PDL: tl.constexpr, PF_LINES: tl.constexpr, NORM_IN: tl.constexpr, ADD_RES: tl.constexpr,
-                  SQ_BLOCK: tl.constexpr, X_DYN: tl.constexpr, AMAX_OUT: tl.constexpr):
+                  SQ_BLOCK: tl.constexpr, AMAX_OUT: tl.constexpr):
     """One program of the GEMM (the kernel entries below)."""
     if PDL and PF_LINES > 0:  # weights never come from the previous kernel: start streaming them before the wait
         rn_pf = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -282,23 +279,18 @@ def _gemm_program(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr
     # at most 32 registers a thread at 4 warps, else after it (held through the loop they would crowd the MMA's)
     SQ_EARLY: tl.constexpr = NORM_IN and BLOCK_M * SQ_BLOCK <= 4096
     sq = _load_partials(sq_ptr, n_sq, rm, m_mask, M, SQ_BLOCK) if SQ_EARLY else 0.0
-    xsc = 0.0
-    inv = 0.0
-    if X_DYN:  # each token's scale from the producer's partial maxima of |x|, before the loop that needs it
-        xsc = fp8_dynamic_scale(tl.reduce(_load_partials(sq_ptr, n_sq, rm, m_mask, M, SQ_BLOCK), 0, max_nan))
-        inv = tl.math.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), xsc)
     kb_lo = pid_k * n_kb // split_k
     kb_hi = (pid_k + 1) * n_kb // split_k
     if SOFT_CAST:  # the interpreter cannot take a tensor as a range() bound (its scalars are 1-element arrays)
         kb = kb_lo
         while kb < kb_hi:
-            acc, acc_u = _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, inv, X_FP8, W_FP8,
-                                 SILU_MUL, EVEN_K, BLOCK_K, X_DYN)
+            acc, acc_u = _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, X_FP8, W_FP8, SILU_MUL,
+                                 EVEN_K, BLOCK_K)
             kb += 1
     else:  # compiled: the for loop Triton software-pipelines (num_stages)
         for kb in range(kb_lo, kb_hi):
-            acc, acc_u = _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, inv, X_FP8, W_FP8,
-                                 SILU_MUL, EVEN_K, BLOCK_K, X_DYN)
+            acc, acc_u = _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, X_FP8, W_FP8, SILU_MUL,
+                                 EVEN_K, BLOCK_K)
     pdl.trigger(PDL)  # the weights are read: the next kernel may start launching (kernels/pdl.py)
     if NORM_IN:  # linear in x: the partial sums of split-K take it too
         if not SQ_EARLY:
@@ -315,7 +307,7 @@ def _gemm_program(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr
         if SILU_MUL:
             tl.store(dst + N_OUT, acc_u, mask=mask)
     else:
-        _finish(acc, acc_u, rn, n_mask, rm, m_mask, N_OUT, stride_om, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, xsc,
+        _finish(acc, acc_u, rn, n_mask, rm, m_mask, N_OUT, stride_om, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr,
                 X_SCALE, W_SCALE, HAS_BIAS, SILU_MUL, OUT_FP8, M, res_ptr, stride_rm, sqo_ptr, nw_ptr, xo_ptr, ADD_RES,
                 BLOCK_N, BLOCK_M, AMAX_OUT)
 
@@ -330,8 +322,7 @@ def _small_m_gemm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, p
                          PF_LINES: tl.constexpr = 0):
     _gemm_program(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr, M, N_OUT, K, stride_xm, stride_om,
                   n_kb, split_k, x_ptr, x_ptr, 0, 0.0, x_ptr, 0, x_ptr, x_ptr, X_FP8, W_FP8, X_SCALE, W_SCALE, HAS_BIAS,
-                  SILU_MUL, OUT_FP8, PARTIAL, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PDL, PF_LINES, False, False, 1, False,
-                  False)
+                  SILU_MUL, OUT_FP8, PARTIAL, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PDL, PF_LINES, False, False, 1, False)
 
 
 @triton.jit(do_not_specialize=["M", "n_kb", "split_k", "n_sq"])
@@ -343,16 +334,15 @@ def _small_m_gemm_norm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_p
                               OUT_FP8: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               PDL: tl.constexpr, PF_LINES: tl.constexpr, NORM_IN: tl.constexpr,
-                              ADD_RES: tl.constexpr, SQ_BLOCK: tl.constexpr, X_DYN: tl.constexpr = False,
-                              AMAX_OUT: tl.constexpr = False):
-    """The GEMM with per-token data passed between programs of consecutive GEMMs through ``[P, M]`` partials
-    (module docstring, "Folded RMSNorm" and "Per-token FP8 quantization across GEMMs"): NORM_IN scales each token's
-    sums by its rstd, ADD_RES adds the residual and writes the next GEMM's rows and the sums of squares; X_DYN
-    quantizes x per token from the partial maxima in ``sq``, AMAX_OUT writes them (``sqo``)."""
+                              ADD_RES: tl.constexpr, SQ_BLOCK: tl.constexpr, AMAX_OUT: tl.constexpr):
+    """The GEMM with per-token data passed to the next kernel through ``[P, M]`` partials (module docstring,
+    "Folded RMSNorm" and "Partial maxima"): NORM_IN scales each token's sums by its rstd, ADD_RES adds the residual
+    and writes the next GEMM's rows and the sums of squares, AMAX_OUT writes the output's partial maxima
+    (``sqo``)."""
     _gemm_program(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr, M, N_OUT, K, stride_xm, stride_om,
                   n_kb, split_k, nw_ptr, sq_ptr, n_sq, eps, res_ptr, stride_rm, sqo_ptr, xo_ptr, X_FP8, W_FP8, X_SCALE,
                   W_SCALE, HAS_BIAS, SILU_MUL, OUT_FP8, PARTIAL, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PDL, PF_LINES,
-                  NORM_IN, ADD_RES, SQ_BLOCK, X_DYN, AMAX_OUT)
+                  NORM_IN, ADD_RES, SQ_BLOCK, AMAX_OUT)
 
 
 @triton.jit(do_not_specialize=["M", "n_kb", "split_k"])
@@ -369,8 +359,7 @@ def _small_m_gemm_serial_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os
     (the reduce kernel's order: the same bits) and runs the epilogue."""
     _gemm_program(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr, M, N_OUT, K, stride_xm, stride_om,
                   n_kb, split_k, x_ptr, x_ptr, 0, 0.0, x_ptr, 0, x_ptr, x_ptr, X_FP8, W_FP8, X_SCALE, W_SCALE, HAS_BIAS,
-                  SILU_MUL, OUT_FP8, True, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PDL, PF_LINES, False, False, 1, False,
-                  False)
+                  SILU_MUL, OUT_FP8, True, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PDL, PF_LINES, False, False, 1, False)
     tl.debug_barrier()  # every thread's partial stores before the one thread's release
     cnt = cnt_ptr + tl.program_id(0)
     ticket = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
@@ -412,7 +401,7 @@ def _reduce_program(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, M, N_OUT, 
     n_mask = rn < N_OUT
     m_mask = rm < M
     acc, acc_u = _sum_partials(part_ptr, rn, n_mask, rm, m_mask, M, N_OUT, split_k, SILU_MUL, BLOCK_N, BLOCK_M)
-    _finish(acc, acc_u, rn, n_mask, rm, m_mask, N_OUT, stride_om, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, 0.0,
+    _finish(acc, acc_u, rn, n_mask, rm, m_mask, N_OUT, stride_om, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr,
             X_SCALE, W_SCALE, HAS_BIAS, SILU_MUL, OUT_FP8, M, res_ptr, stride_rm, sqo_ptr, nw_ptr, xo_ptr, ADD_RES,
             BLOCK_N, BLOCK_M, False)
 
@@ -502,17 +491,15 @@ def scale_kind(scale, rows: int) -> int:
 
 
 def launch_small_m_gemm(x, w, x_scale, w_scale, bias, out, out_scale, silu_mul: bool, scheme: str, arch: str,
-                        sms: int, config=None, norm=None, add=None, x_amax=None, amax_out=None) -> None:
+                        sms: int, config=None, norm=None, add=None, amax_out=None) -> None:
     """Launch the GEMM of the module docstring into ``out [M, N_OUT]`` (inputs validated by the public op; scales
     contiguous). Config: ``config``, else the forced one (:func:`.small_m_configs.forced`), else the table's for
     ``(arch, scheme, N, K, M)`` (default rule on ``sms`` SMs), sanitized; its stages lowered to fit shared memory
     (:func:`.small_m_configs.fit_stages`). ``norm = (sumsq [P, M], eps)``: each token's sums times its rstd
     (NORM_IN); ``add = (residual [M, N], norm_weight [N], x_next [M, N], sumsq_out [N / 32, M])``: the ADD_RES
-    epilogue (``x_next`` with ``out``'s strides; tiles at least 32 rows); ``x_amax [P, M]``: a 16-bit x quantized
-    per token on load (X_DYN, ``scheme`` the e4m3-x one whose config it takes); ``amax_out [N_OUT / 32, M]``: the
-    rounded output's partial maxima (AMAX_OUT; tiles at least 32 rows). Each of them launches
-    :func:`_small_m_gemm_norm_kernel` (module docstring); X_DYN and AMAX_OUT at split-K 1 (their epilogue's
-    per-token data lives in the one program that sums all of K)."""
+    epilogue (``x_next`` with ``out``'s strides; tiles at least 32 rows); ``amax_out [N_OUT / 32, M]``: the
+    rounded output's partial maxima (AMAX_OUT; tiles at least 32 rows, split-K 1: the maxima are of the finished
+    sums). Each of them launches :func:`_small_m_gemm_norm_kernel` (module docstring)."""
     from . import fast_launch
 
     m, k = x.shape
@@ -522,12 +509,11 @@ def launch_small_m_gemm(x, w, x_scale, w_scale, bias, out, out_scale, silu_mul: 
     cfg = smc.sanitize(cfg, n_out, k) if cfg is not None else smc.lookup(arch, scheme, n_w, k, m, sms)
     if (add is not None or amax_out is not None) and cfg.block_n < SQ_ROWS:
         cfg = dataclasses.replace(cfg, block_n=SQ_ROWS)
-    if (x_amax is not None or amax_out is not None) and cfg.split_k > 1:
+    if amax_out is not None and cfg.split_k > 1:
         cfg = dataclasses.replace(cfg, split_k=1)
     block_m = max(16, triton.next_power_of_2(m))
     n_kb = triton.cdiv(k, cfg.block_k)
     stages = smc.fit_stages(cfg, block_m, w.dtype.itemsize, x.dtype.itemsize, silu_mul)
-    dyn = x_amax is not None
     dummy = out  # pointers the constexprs switch off are never read
     xs, ws = (dummy if x_scale is None else x_scale), (dummy if w_scale is None else w_scale)
     b, os_ = (dummy if bias is None else bias), (dummy if out_scale is None else out_scale)
@@ -535,15 +521,14 @@ def launch_small_m_gemm(x, w, x_scale, w_scale, bias, out, out_scale, silu_mul: 
     on = pdl.wanted(out)
     part = torch.empty((split, m, n_w), dtype=torch.float32, device=out.device) if split > 1 else dummy
     # the epilogue's constexprs, in the kernels' signature order (fast_launch passes them positionally)
-    epi = dict(X_SCALE=SCALE_DYN if dyn else scale_kind(x_scale, m), W_SCALE=scale_kind(w_scale, n_w),
-               HAS_BIAS=bias is not None,
+    epi = dict(X_SCALE=scale_kind(x_scale, m), W_SCALE=scale_kind(w_scale, n_w), HAS_BIAS=bias is not None,
                SILU_MUL=bool(silu_mul), OUT_FP8=out_scale is not None)
     args = (x, w, xs, ws, b, out, os_, part, m, n_out, k, x.stride(0), out.stride(0), n_kb, split)
     consts = dict(X_FP8=x.dtype.itemsize == 1, W_FP8=w.dtype.itemsize == 1, **epi, PARTIAL=split > 1,
                   EVEN_K=k % cfg.block_k == 0, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PDL=on,
                   PF_LINES=prefetch_lines(n_w, k, split, w.dtype.itemsize, cfg.block_n) if on else 0)
     grid = (triton.cdiv(n_out, cfg.block_n), split)
-    plain = norm is None and add is None and not dyn and amax_out is None
+    plain = norm is None and add is None and amax_out is None
     cnt = serial_counters(out.device, grid[0]) if split > 1 and plain and SERIAL else None
     if cnt is not None:  # split-K reduced by each tile's last program: no reduce kernel
         consts.pop("PARTIAL")
@@ -553,14 +538,13 @@ def launch_small_m_gemm(x, w, x_scale, w_scale, bias, out, out_scale, silu_mul: 
     if plain:
         fast_launch.launch(_small_m_gemm_kernel, grid, args, consts, cfg.num_warps, stages, on)
     else:
-        sq, eps = norm if norm is not None else ((x_amax, 0.0) if dyn else (dummy, 0.0))
+        sq, eps = norm if norm is not None else (dummy, 0.0)
         res, nw, xo, sqo = add if add is not None else (dummy, dummy, dummy, dummy if amax_out is None else amax_out)
-        reads = norm is not None or dyn
         fast_launch.launch(_small_m_gemm_norm_kernel, grid,
-                           args + (nw, sq, sq.shape[0] if reads else 0, float(eps), res,
+                           args + (nw, sq, sq.shape[0] if norm is not None else 0, float(eps), res,
                                    res.stride(0) if add is not None else 0, sqo, xo),
                            dict(consts, NORM_IN=norm is not None, ADD_RES=add is not None and split == 1,
-                                SQ_BLOCK=triton.next_power_of_2(sq.shape[0]) if reads else 1, X_DYN=dyn,
+                                SQ_BLOCK=triton.next_power_of_2(sq.shape[0]) if norm is not None else 1,
                                 AMAX_OUT=amax_out is not None),
                            cfg.num_warps, stages, on)
     if split > 1:

@@ -293,7 +293,7 @@ def small_m_gemm_norm_cases():
         yield (f"small_m_gemm_norm {name} m{bm} n{bn} k{bk}", small_m_gemm._small_m_gemm_norm_kernel, ptrs,
                dict(X_FP8=False, W_FP8=False, **epi, PARTIAL=part, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                     PF_LINES=0, NORM_IN=norm_in, ADD_RES=add_res and not part, SQ_BLOCK=128 if norm_in else 1,
-                    X_DYN=False, AMAX_OUT=False),
+                    AMAX_OUT=False),
                4, True, stages, nospec)
         if part and add_res:
             yield (f"small_m_gemm reduce_add m{bm}", small_m_gemm._split_k_reduce_add_kernel, ptrs,
@@ -302,23 +302,24 @@ def small_m_gemm_norm_cases():
 
 
 def small_m_gemm_amax_cases():
-    """The FP8 layers' per-token quantization carried across gate-up and down (``_small_m_gemm_norm_kernel``):
-    AMAX_OUT (e4m3 gate-up + SiLU*mul, bf16 h and its partial maxima) and X_DYN (down: bf16 h quantized on load
-    from 448 partials, SQ_BLOCK 512), at the 8B's table configs (64 x 256 / 4 stages; 32 x 256 / 6 stages)."""
+    """The FP8 layers' per-token quantization from partial maxima: the gate-up GEMM with AMAX_OUT (e4m3 x and
+    weight, SiLU*mul, bf16 h and its partial maxima; the 8B's proxy config 64 x 128 / 6 stages at M 1) and the
+    quantizer that takes them (``_quantize_amax_kernel``: 448 partials, 1024-wide tiles), without and with PDL."""
+    from tpfuse.kernels import quantize
+
     nospec = ("M", "n_kb", "split_k", "n_sq")
     bf, fp8, fp32 = "*bf16", "*fp8e4nv", "*fp32"
-    for name, dyn, bm, bn, bk, stages in (("amax_out silu", False, 16, 64, 256, 4),
-                                          ("x_dyn", True, 16, 32, 256, 6), ("x_dyn", True, 64, 32, 256, 4)):
-        ptrs = {"x_ptr": bf if dyn else fp8, "w_ptr": fp8, "xs_ptr": bf if dyn else fp32, "ws_ptr": fp32,
-                "b_ptr": bf, "out_ptr": bf, "os_ptr": bf, "part_ptr": bf, "nw_ptr": bf,
-                "sq_ptr": fp32 if dyn else bf, "res_ptr": bf, "sqo_ptr": bf if dyn else fp32, "xo_ptr": bf}
-        epi = dict(X_SCALE=3 if dyn else 2, W_SCALE=2, HAS_BIAS=False, SILU_MUL=not dyn, OUT_FP8=False)
-        const = dict(X_FP8=not dyn, W_FP8=True, **epi, PARTIAL=False, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn,
-                     BLOCK_K=bk, PF_LINES=0, NORM_IN=False, ADD_RES=False, SQ_BLOCK=512 if dyn else 1, X_DYN=dyn,
-                     AMAX_OUT=not dyn)
-        for pdl_on in (False, True):  # the model launches them inside pdl.launches()
-            yield (f"small_m_gemm_norm {name} m{bm} n{bn} k{bk}" + (" pdl" if pdl_on else ""),
-                   small_m_gemm._small_m_gemm_norm_kernel, ptrs, dict(const, PDL=pdl_on), 4, True, stages, nospec)
+    ptrs = {"x_ptr": fp8, "w_ptr": fp8, "xs_ptr": fp32, "ws_ptr": fp32, "b_ptr": bf, "out_ptr": bf, "os_ptr": bf,
+            "part_ptr": bf, "nw_ptr": bf, "sq_ptr": bf, "res_ptr": bf, "sqo_ptr": fp32, "xo_ptr": bf}
+    const = dict(X_FP8=True, W_FP8=True, X_SCALE=2, W_SCALE=2, HAS_BIAS=False, SILU_MUL=True, OUT_FP8=False,
+                 PARTIAL=False, EVEN_K=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, PF_LINES=0, NORM_IN=False,
+                 ADD_RES=False, SQ_BLOCK=1, AMAX_OUT=True)
+    qptrs = {"x_ptr": bf, "amax_ptr": fp32, "out_ptr": fp8, "scale_ptr": fp32}
+    for pdl_on in (False, True):  # the model launches it inside pdl.launches()
+        yield (f"small_m_gemm_norm amax_out silu m16 n64 k128{' pdl' if pdl_on else ''}",
+               small_m_gemm._small_m_gemm_norm_kernel, ptrs, dict(const, PDL=pdl_on), 4, True, 6, nospec)
+    yield ("quantize_from_amax p512", quantize._quantize_amax_kernel, qptrs,  # its PDL variant: cases()
+           dict(BLOCK=quantize.AMAX_BLOCK, P_BLOCK=512), 4, True, None, ("n_rows", "n_parts"))
 
 
 _DEBUG_LABEL = re.compile(r"^\$L__tmp\d+:$")

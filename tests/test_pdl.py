@@ -37,13 +37,15 @@ def _launch_all(monkeypatch):
         (rope, "_qk_norm_rope_kernel"), (rope, "_rope_kv_cache_kernel"), (decode_attention, "_split_kernel"),
         (decode_attention, "_combine_kernel"), (small_m_gemm, "_small_m_gemm_kernel"),
         (small_m_gemm, "_split_k_reduce_kernel"), (small_m_gemm, "_small_m_gemm_norm_kernel"),
-        (small_m_gemm, "_split_k_reduce_add_kernel"), (small_m_gemm, "_small_m_gemm_serial_kernel"))}
+        (small_m_gemm, "_split_k_reduce_add_kernel"), (small_m_gemm, "_small_m_gemm_serial_kernel"),
+        (quantize, "_quantize_amax_kernel"))}
     bf = torch.bfloat16
     x, w = torch.zeros(4, 64, dtype=bf), torch.ones(64, dtype=bf)
     add_rmsnorm.launch_add_rmsnorm(x, x.clone(), w, 1e-6, x.clone(), x.clone(), x, None, QuantFormat.NONE, 16, False)
     silu_mul.launch_silu_mul(torch.zeros(4, 128, dtype=bf), x.clone(), x, None, QuantFormat.NONE, 16)
     fp8 = torch.zeros(4, 64, dtype=torch.float8_e4m3fn)
     quantize.launch_quantize(x, fp8, torch.zeros(4, 1), None, QuantFormat.FP8_PER_TOKEN, 16)
+    quantize.launch_quantize_from_amax(x, torch.ones(2, 4), fp8.clone(), torch.zeros(4, 1))
     pos, cs = torch.zeros(4, dtype=torch.int64), torch.zeros(64, 32)
     rope.launch_qk_norm_rope(torch.zeros(4, 6 * 32, dtype=bf), w[:32], w[:32], cs, pos, 4, 1, 32, 1e-6, True, False)
     q, k = torch.zeros(4, 4, 32, dtype=bf), torch.zeros(4, 1, 32, dtype=bf)

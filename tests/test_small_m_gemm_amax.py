@@ -1,12 +1,13 @@
-"""Per-token FP8 quantization across two small-M GEMMs: ``tpfuse.small_gemm.small_m_gemm_amax`` (the GEMM, a 16-bit
-output and its partial maxima of ``|out|`` per 32 features: ``_small_m_gemm_norm_kernel`` with AMAX_OUT) and
-``small_m_gemm(h, W_e4m3, w_scale=, x_amax=)`` (h quantized per token on load: X_DYN).
+"""The FP8 layers' per-token quantization of gate-up + SiLU*mul's output from partial maxima:
+``tpfuse.small_gemm.small_m_gemm_amax`` (the GEMM, a 16-bit output and its partial maxima of ``|out|`` per 32
+features: ``_small_m_gemm_norm_kernel`` with AMAX_OUT) and ``tpfuse.ops.quantize_from_amax`` (per-token FP8 from
+those partials, many programs a row: ``_quantize_amax_kernel``).
 
-The oracle of X_DYN is the unfused pair it replaces, bit for bit: the standalone per-token quantizer
-(``tpfuse.ops.quantize``, itself bit-exact to ``tpfuse.quant``), then the e4m3 GEMM with its scales; the partial
-maxima are those of the stored output exactly (``tpfuse.reference.amax_partials``). Interpreted on CPU at small
-shapes (N not a multiple of the tile, K tails, M 1 / 3 / 17 / 64, a split-K config, outliers and a NaN on a non-zero
-row), compiled on a GPU at the 8B's gate-up / down shapes and in a CUDA graph."""
+Oracles: the amax op's output is the plain op's bit for bit and its partials are those of the stored output
+exactly (``tpfuse.reference.amax_partials``); ``quantize_from_amax`` gives the bytes and scales of the per-token
+quantizer (``tpfuse.ops.quantize`` / ``tpfuse.quant``) with exact partials, any partition of the features.
+Interpreted on CPU at small shapes (N not a multiple of the tile, K tails, M 1 / 3 / 17 / 64, a split-K config,
+outliers and a NaN on a non-zero row), compiled on a GPU at the 8B's gate-up shape and in a CUDA graph."""
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from tpfuse import ops, reference, small_gemm
 from tpfuse import quant as q
 from tpfuse.errors import TPFuseInputError
 from tpfuse.kernels import small_m_configs as smc
-from tpfuse.tolerance import REL_ERR_FP8, assert_close, rel_err
+from tpfuse.tolerance import REL_ERR_FP8, rel_err
 
 BF, F8 = torch.bfloat16, q.FP8_DTYPE
 ROWS = smc.SUMSQ_ROWS
@@ -60,34 +61,42 @@ def _config(n, split=1, block_n=None):
                           num_stages=2)
 
 
-def _unfused(h, w8, ws):
-    """The pair X_DYN replaces: the per-token quantize kernel, then the e4m3 GEMM."""
-    a = ops.quantize(h, q.FP8PerToken())
-    return small_gemm.small_m_gemm(a.data, w8, x_scale=a.scale, w_scale=ws)
+def _same_quant(a, b, what):
+    """Two per-token FP8 activations with the same bytes and the same scales."""
+    assert torch.equal(a.data.view(torch.uint8).cpu(), b.data.view(torch.uint8).cpu()), what
+    assert torch.equal(a.scale.reshape(-1).cpu(), b.scale.reshape(-1).cpu()), what
 
 
-@pytest.mark.usefixtures("kernels", "poisoned")
-@pytest.mark.parametrize("m,n,k,split,block_n", [
-    (1, 96, 64, 1, None), (3, 128, 96, 1, None), (17, 64, 160, 1, None), (64, 96, 128, 1, None),
-    (5, 96, 128, 3, None),   # a split-K config: X_DYN launches at split 1
-    (2, 96, 64, 1, 64),      # a masked half tile
-])
-def test_x_amax_equals_quantize_then_gemm(m, n, k, split, block_n, gen, kernels, monkeypatch):
-    """``small_m_gemm(h, W, w_scale, x_amax=amax_partials(h))`` == quantize(h, per token) then the e4m3 GEMM, bit
-    for bit (the same e4m3 x, the same K loop, the same epilogue order); the partials may partition the features
-    any way (16 here where K allows)."""
-    monkeypatch.setattr(smc, "forced_config", lambda: _config(n, split, block_n))
-    dyn = record_launches(monkeypatch, kernels.small_m_gemm, "_small_m_gemm_norm_kernel")
-    h = _activation(gen, m, k)
-    w8, ws = _weight(gen, n, k)
-    amax = reference.amax_partials(h.cpu(), 16).to(DEVICE)
-    got = small_gemm.small_m_gemm(h, w8, w_scale=ws, x_amax=amax)
-    assert len(dyn.launches) == 1 and dyn.launches[0][1]["X_DYN"] and dyn.launches[0][0][1] == 1, dyn.launches
-    want = _unfused(h, w8, ws)
-    assert got.dtype == BF and got.shape == (m, n)
-    assert torch.equal(got.cpu(), want.cpu()), (got - want).abs().max()
-    ref = reference.small_m_gemm(h.cpu(), w8.cpu(), w_scale=ws.cpu(), x_amax=amax.cpu())
-    assert_close(got.cpu().float(), ref.double(), BF, f"x_amax M={m} vs reference", factor=2.0)
+@pytest.mark.usefixtures("kernels")
+@pytest.mark.parametrize("t,h,rows", [(1, 96, 32), (3, 2048 + 96, 32), (17, 160, 16), (64, 64, 64), (5, 2048, 8)])
+def test_quantize_from_amax_equals_the_per_token_quantizer(t, h, rows, gen, kernels, monkeypatch):
+    """With exact partial maxima (any group size), the bytes and scales of ``quantize(x, FP8PerToken())``; the row
+    spread over cdiv(H, AMAX_BLOCK) programs (a row longer than one program's tile, and a masked last tile)."""
+    launches = record_launches(monkeypatch, kernels.quantize, "_quantize_amax_kernel")
+    x = _activation(gen, t, h)
+    amax = reference.amax_partials(x.cpu(), rows).to(DEVICE)
+    got = ops.quantize_from_amax(x, amax)
+    assert got.data.dtype == F8 and got.scale.shape == (t, 1) and type(got.spec) is q.FP8PerToken
+    _same_quant(got, ops.quantize(x, q.FP8PerToken()), f"T={t} H={h}")
+    assert [tuple(g) for g, *_ in launches.launches] == [(-(-h // kernels.quantize.AMAX_BLOCK), t)], launches.launches
+    ref_data, ref_scale = reference.quantize_from_amax(x.cpu(), amax.cpu())
+    assert torch.equal(got.data.view(torch.uint8).cpu(), ref_data.view(torch.uint8))
+
+
+@pytest.mark.usefixtures("kernels")
+def test_quantize_from_amax_follows_its_partials(gen):
+    """The scale is the partials' (not the row's own) maximum: larger partials give the larger scale exactly, as
+    the reference; a NaN partial makes that token's scale and bytes NaN only."""
+    x = _activation(gen, 3, 128)
+    amax = reference.amax_partials(x.cpu(), 32)
+    amax[2, 1] = 1000.0
+    amax[0, 2] = float("nan")
+    got = ops.quantize_from_amax(x, amax.to(DEVICE))
+    ref_data, ref_scale = reference.quantize_from_amax(x.cpu(), amax)
+    assert float(got.scale[1]) == float(ref_scale[1]) == float(torch.tensor(1000.0) / 448.0)
+    assert torch.equal(got.data.view(torch.uint8).cpu()[:2], ref_data.view(torch.uint8)[:2])
+    assert bool(got.scale[2].isnan()) and bool(got.data[2].float().isnan().all())
+    assert bool(got.scale[:2].isfinite().all())
 
 
 @pytest.mark.usefixtures("kernels", "poisoned")
@@ -119,33 +128,25 @@ def test_amax_out_is_the_stored_outputs(m, n, k, silu, block_n, split, gen, kern
 
 @pytest.mark.usefixtures("kernels", "poisoned")
 def test_nan_stays_in_its_token(gen):
-    """A NaN in token 1 of h: its partial maxima and its output row are NaN, every other token's are finite."""
+    """A NaN in token 1 of the GEMM's input: its partial maxima are NaN, every other token's finite."""
     h = _activation(gen, 3, 64)
     h[1, 10] = float("nan")
-    w8, ws = _weight(gen, 32, 64)
-    amax = reference.amax_partials(h.cpu(), ROWS)
-    assert bool(amax[:, 1].isnan().any()) and not bool(amax[:, [0, 2]].isnan().any())
-    got = small_gemm.small_m_gemm(h, w8, w_scale=ws, x_amax=amax.to(DEVICE)).cpu()
-    assert bool(got[1].isnan().all()) and bool(got[[0, 2]].isfinite().all())
     w16 = torch.eye(32, 64, dtype=BF, device=DEVICE)
     out, part = small_gemm.small_m_gemm_amax(h, w16)
     assert bool(part[:, 1].isnan().any()) and bool(part[:, [0, 2]].isfinite().all())
 
 
 @pytest.mark.usefixtures("kernels")
-def test_chain_equals_silu_quantize_then_gemm(gen):
-    """The FP8 layer's gate-up -> down with the per-token quantization carried across: gate-up + SiLU*mul with its
-    partial maxima, then down quantizing on load == the same gate-up, the quantize kernel, then down (bit for
-    bit); and within e4m3's tolerance of the fp64 GEMM of the bf16 h."""
-    k, inter, n = 64, 96, 64
+def test_chain_equals_gate_up_then_the_per_token_quantizer(gen):
+    """The FP8 layer's gate-up + SiLU*mul with its partial maxima, then quantize_from_amax == the same gate-up, then
+    the per-token quantizer of its output (bytes and scales); the quantized h within e4m3's budget of the bf16 h."""
+    k, inter = 64, 96
     x = ops.quantize(_activation(gen, 4, k), q.FP8PerToken())
     wgu, wsgu = _weight(gen, 2 * inter, k)
-    wd, wsd = _weight(gen, n, inter)
     h, amax = small_gemm.small_m_gemm_amax(x.data, wgu, x_scale=x.scale, w_scale=wsgu, silu_mul=True)
-    got = small_gemm.small_m_gemm(h, wd, w_scale=wsd, x_amax=amax)
-    assert torch.equal(got.cpu(), _unfused(h, wd, wsd).cpu())
-    exact = h.cpu().double() @ (wd.cpu().double() * wsd.cpu().double()).t()
-    assert rel_err(got.cpu().float(), exact) <= REL_ERR_FP8, "down of the e4m3 h vs of the bf16 h"
+    got = ops.quantize_from_amax(h, amax)
+    _same_quant(got, ops.quantize(h, q.FP8PerToken()), "chain")
+    assert rel_err(got.dequantize().cpu(), h.cpu().double()) <= REL_ERR_FP8
 
 
 def _bad_calls():
@@ -153,15 +154,15 @@ def _bad_calls():
     x, w = torch.zeros(4, 64, dtype=BF, device=dev), torch.zeros(96, 64, dtype=BF, device=dev)
     w8, ws, s1 = w.to(F8), torch.ones(96, 1, device=dev), torch.ones((), device=dev)
     amax = torch.ones(2, 4, device=dev)
-    mm, amx = small_gemm.small_m_gemm, small_gemm.small_m_gemm_amax
+    amx, qa = small_gemm.small_m_gemm_amax, ops.quantize_from_amax
     return [
-        ("needs a bf16/fp16 x", lambda: mm(x.to(F8), w8, x_scale=s1, w_scale=ws, x_amax=amax)),
-        ("needs a bf16/fp16 x", lambda: mm(x, w, x_amax=amax)),
-        ("takes no x_scale", lambda: mm(x, w8, w_scale=ws, x_amax=amax, out_scale=s1)),
-        ("x_amax must be", lambda: mm(x, w8, w_scale=ws, x_amax=amax[:, :3])),
-        ("x_amax must be", lambda: mm(x, w8, w_scale=ws, x_amax=amax.to(BF))),
         ("multiple of 32", lambda: amx(x, w[:48])),
         ("multiple of 32", lambda: amx(x.to(F8), w8, x_scale=s1, w_scale=ws, silu_mul=True)),  # I = 48
+        ("bf16/fp16", lambda: qa(x.float(), amax)),
+        ("bf16/fp16", lambda: qa(x[0], amax)),
+        ("x_amax must be", lambda: qa(x, amax[:, :3])),
+        ("x_amax must be", lambda: qa(x, amax.to(BF))),
+        ("x_amax must be", lambda: qa(x, amax.t().contiguous().t())),
     ]
 
 
@@ -177,11 +178,9 @@ def test_fake_impl_shapes():
     with FakeTensorMode():
         out, amax = torch.ops.tpfuse.small_m_gemm_amax(torch.empty(5, 64, dtype=F8), torch.empty(192, 64, dtype=F8),
                                                        torch.empty(5, 1), torch.empty(192, 1), None, True)
-        y = torch.ops.tpfuse.small_m_gemm(torch.empty(5, 96, dtype=BF), torch.empty(64, 96, dtype=F8), None,
-                                          torch.empty(64, 1), None, None, False, None, None, 0.0,
-                                          torch.empty(3, 5))
+        data, scale = torch.ops.tpfuse.quantize_from_amax(torch.empty(5, 96, dtype=BF), torch.empty(3, 5))
     assert (out.shape, out.dtype, amax.shape, amax.dtype) == ((5, 96), BF, (3, 5), torch.float32)
-    assert (y.shape, y.dtype) == ((5, 64), BF)
+    assert (data.shape, data.dtype, scale.shape, scale.dtype) == ((5, 96), F8, (5, 1), torch.float32)
 
 
 def test_traces_under_torch_compile(gen):
@@ -192,7 +191,8 @@ def test_traces_under_torch_compile(gen):
 
     def chain(xd, xs, wgu, wsgu, wd, wsd):
         h, amax = small_gemm.small_m_gemm_amax(xd, wgu, x_scale=xs, w_scale=wsgu, silu_mul=True)
-        return small_gemm.small_m_gemm(h, wd, w_scale=wsd, x_amax=amax)
+        a = ops.quantize_from_amax(h, amax)
+        return small_gemm.small_m_gemm(a.data, wd, x_scale=a.scale, w_scale=wsd)
 
     torch._dynamo.reset()
     args = (x.data, x.scale, wgu, wsgu, wd, wsd)
@@ -204,27 +204,27 @@ def test_traces_under_torch_compile(gen):
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 class TestGPU:
     @pytest.mark.parametrize("m", [1, 8, 16, 64])
-    def test_llama_8b_gate_up_down(self, m, gen):
-        """The 8B's FP8 gate-up (+ SiLU*mul, partial maxima) and down (quantizing on load) at their table or default
-        configs == gate-up, the quantize kernel, down; the partial maxima those of the stored h."""
+    def test_llama_8b_gate_up_then_quantize(self, m, gen):
+        """The 8B's FP8 gate-up (+ SiLU*mul, partial maxima) at its table or proxy config == the plain op bit for
+        bit, its partial maxima those of the stored h, and quantize_from_amax == the per-token quantizer of h."""
         x = ops.quantize(_activation(gen, m, 4096), q.FP8PerToken())
         wgu, wsgu = _weight(gen, 28672, 4096)
-        wd, wsd = _weight(gen, 4096, 14336)
         h, amax = small_gemm.small_m_gemm_amax(x.data, wgu, x_scale=x.scale, w_scale=wsgu, silu_mul=True)
         assert torch.equal(h, small_gemm.small_m_gemm(x.data, wgu, x_scale=x.scale, w_scale=wsgu, silu_mul=True))
         assert torch.equal(amax.cpu(), reference.amax_partials(h.cpu(), ROWS))
-        got = small_gemm.small_m_gemm(h, wd, w_scale=wsd, x_amax=amax)
-        assert torch.equal(got, _unfused(h, wd, wsd)), (got.float() - _unfused(h, wd, wsd).float()).abs().max()
+        _same_quant(ops.quantize_from_amax(h, amax), ops.quantize(h, q.FP8PerToken()), f"M={m}")
 
     def test_cuda_graph_replays(self, gen):
-        """Both ops captured in one graph: replays with new inputs give the eager results bit for bit."""
+        """Gate-up with its partial maxima, quantize_from_amax and down captured in one graph: replays with new
+        inputs give the eager results bit for bit."""
         x = ops.quantize(_activation(gen, 4, 4096), q.FP8PerToken())
         wgu, wsgu = _weight(gen, 28672, 4096)
         wd, wsd = _weight(gen, 4096, 14336)
 
         def step():
             h, amax = small_gemm.small_m_gemm_amax(x.data, wgu, x_scale=x.scale, w_scale=wsgu, silu_mul=True)
-            return small_gemm.small_m_gemm(h, wd, w_scale=wsd, x_amax=amax)
+            a = ops.quantize_from_amax(h, amax)
+            return small_gemm.small_m_gemm(a.data, wd, x_scale=a.scale, w_scale=wsd)
 
         graph, out_g = capture(step)
         for _ in range(3):

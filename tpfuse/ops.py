@@ -6,7 +6,11 @@ Public ops (return :class:`tpfuse.quant.QuantizedActivation` when ``quant`` is g
   -> ``(out, residual_out)``; with ``residual_inplace=True`` (and a residual) ``residual`` is overwritten with
   ``residual_out`` and returned;
 * ``silu_mul(x, *, quant=None)`` for a ``[T, 2I]`` gate-up input (gate first);
-* ``quantize(x, spec)`` standalone quantizer.
+* ``quantize(x, spec)`` standalone quantizer;
+* ``quantize_from_amax(x, x_amax)`` per-token FP8 of ``x [T, H]`` (16-bit) whose per-token maxima come as partials
+  ``x_amax [P, T]`` (fp32, e.g. :func:`tpfuse.small_gemm.small_m_gemm_amax`'s): many programs a row instead of the
+  one a row of ``quantize`` needs for the row's amax; the same bytes as ``quantize(x, FP8PerToken())`` when the
+  partials are exact (:func:`tpfuse.reference.quantize_from_amax`).
 
 Dispatch: CUDA tensors run the Triton kernels of :mod:`tpfuse.kernels` (while Dynamo traces, through the custom
 ops below; in eager mode the public functions call the same op bodies directly, skipping the custom-op dispatch,
@@ -29,6 +33,7 @@ into it; :mod:`tpfuse.kernels.quant_epilogue` documents each format's buffers)::
                          Tensor? in_scale, bool gemma) -> (Tensor data, Tensor scale)     # residual in place
     tpfuse::silu_mul(Tensor x, int fmt, int group_size, Tensor? in_scale) -> (Tensor data, Tensor scale)
     tpfuse::quantize(Tensor x, int fmt, int group_size, Tensor? in_scale) -> (Tensor data, Tensor scale)
+    tpfuse::quantize_from_amax(Tensor x, Tensor x_amax) -> (Tensor data, Tensor scale)
 
 ``data`` is the output (input dtype for fmt NONE, e4m3 for FP8, packed uint8 for NVFP4); ``scale`` the output scale
 (an empty fp32 tensor for NONE and FP8_STATIC: the static scale is the caller's). ``in_scale`` is the FP8 static
@@ -180,6 +185,26 @@ def _(x, fmt, group_size, in_scale):
     return alloc_outputs(x.shape[0], x.shape[1], fmt, group_size, x.device, x.dtype)
 
 
+def _quantize_from_amax_impl(x: torch.Tensor, x_amax: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    if not _use_triton(x):
+        return ref.quantize_from_amax(x, x_amax)
+    from .kernels.quantize import launch_quantize_from_amax
+
+    data = torch.empty(x.shape, dtype=q.FP8_DTYPE, device=x.device)
+    scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
+    launch_quantize_from_amax(x, x_amax, data, scale)
+    return data, scale
+
+
+_quantize_from_amax_op = torch.library.custom_op("tpfuse::quantize_from_amax", _quantize_from_amax_impl,
+                                                 mutates_args=())
+
+
+@_quantize_from_amax_op.register_fake
+def _(x, x_amax):
+    return x.new_empty(x.shape, dtype=q.FP8_DTYPE), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # public functions
 
@@ -278,3 +303,22 @@ def quantize(x: torch.Tensor, spec: QuantSpec) -> q.QuantizedActivation:
     data, scale = (_quantize_impl if not _is_compiling() else torch.ops.tpfuse.quantize)(
         _rows(x, "x"), fmt, group_size, in_scale)
     return _wrap(data, scale, spec, x, x.shape)
+
+
+def quantize_from_amax(x: torch.Tensor, x_amax: torch.Tensor) -> q.QuantizedActivation:
+    """Per-token FP8 (:class:`tpfuse.quant.FP8PerToken`) of a 16-bit ``x [T, H]`` with each token's scale from the
+    partial maxima ``x_amax [P, T]`` (fp32, contiguous; the max of ``|x|`` over groups of features that cover the
+    row, e.g. :func:`tpfuse.small_gemm.small_m_gemm_amax`'s): the Triton kernel on CUDA, the reference on CPU."""
+    if x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16):
+        raise TPFuseInputError(f"quantize_from_amax expects a bf16/fp16 [tokens, hidden] tensor, got {x.dtype} "
+                               f"{tuple(x.shape)}")
+    if not (isinstance(x_amax, torch.Tensor) and x_amax.dim() == 2 and x_amax.shape[1] == x.shape[0]
+            and x_amax.shape[0] >= 1 and x_amax.dtype == torch.float32 and x_amax.is_contiguous()
+            and x_amax.device == x.device):
+        raise TPFuseInputError(f"x_amax must be a contiguous fp32 [P >= 1, {x.shape[0]}] tensor on {x.device}, got "
+                               f"{getattr(x_amax, 'dtype', type(x_amax).__name__)} "
+                               f"{list(getattr(x_amax, 'shape', []))}")
+    x = _rows(x, "x")
+    data, scale = (_quantize_from_amax_impl if not _is_compiling() else torch.ops.tpfuse.quantize_from_amax)(
+        x, x_amax)
+    return q.QuantizedActivation(data=data, scale=scale, spec=q.FP8PerToken(), orig_dtype=x.dtype, shape=x.shape)

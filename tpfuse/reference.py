@@ -78,16 +78,11 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, x_scale: Optional[torch.
                  w_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, *,
                  silu_mul: bool = False, out_scale: Optional[torch.Tensor] = None,
                  out_dtype: Optional[torch.dtype] = None, norm_sumsq: Optional[torch.Tensor] = None,
-                 norm_eps: float = 0.0, x_amax: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 norm_eps: float = 0.0) -> torch.Tensor:
     """The small-M GEMM (:mod:`tpfuse.small_gemm`): ``y = (x * x_scale) @ (weight * w_scale).T + bias`` with both
     operands dequantized to fp32 and one fp32 GEMM, ``silu(y_gate) * y_up`` for ``silu_mul``, rounded once to
     ``out_dtype`` (default: x's 16-bit dtype, bf16 for e4m3 x) or quantized with the static ``out_scale``;
-    ``norm_sumsq``: each token's product scaled by :func:`rstd_from_partials` before the bias (the folded RMSNorm);
-    ``x_amax``: a 16-bit x first quantized per token with the scale of its partial maxima
-    (:func:`quantize_from_amax`)."""
-    if x_amax is not None:
-        x, x_scale = quantize_from_amax(x, x_amax)
-        out_dtype = out_dtype or torch.bfloat16
+    ``norm_sumsq``: each token's product scaled by :func:`rstd_from_partials` before the bias (the folded RMSNorm)."""
     def deq(t, s):
         tf = t.float()
         if s is None:

@@ -39,18 +39,14 @@ scales (the un-normalized rows ``h * w_norm`` may exceed fp16's range):
   the GEMM of ``RMSNorm(h)`` without the normed rows ever stored (they differ from the add + RMSNorm kernel's by
   where the one rounding falls); ``sumsq [P, M]`` fp32 (any P >= 1).
 
-**Per-token FP8 quantization across GEMMs**, what the FP8 decode layers use instead of a SiLU*mul + quantize
-kernel between gate-up and down (per-token activations): the per-token scale needs the row's max ``|h|``, which no
-one program of the producing GEMM sees, but every program of the consuming GEMM reads the whole row anyway:
-
-* ``small_m_gemm_amax(x, weight, *, x_scale=None, w_scale=None, bias=None, silu_mul=False) -> (h, x_amax)``:
-  :func:`small_m_gemm` with a 16-bit output ``h [M, N]`` and ``x_amax [N / 32, M]`` fp32, the max ``|h|`` (as
-  stored) per token over each 32 consecutive features (:func:`tpfuse.reference.amax_partials`); N a multiple of 32.
-* ``small_m_gemm(h, weight_e4m3, w_scale=..., x_amax=x_amax)``: ``h`` quantized per token on its way into the MMA
-  with the scale ``max(max_p x_amax[p] / 448, 1 / (448 * 512))`` (:func:`tpfuse.quant.fp8_quantize_per_token`'s
-  rule, the same arithmetic as the quantize kernel, so the GEMM's result is the one after that kernel's output),
-  then the e4m3 GEMM; bf16 / fp16 x, e4m3 weight with its w_scale, no x_scale (:func:`tpfuse.reference.
-  quantize_from_amax`). Config: the table's for the same GEMM with an e4m3 per-token x; split-K 1.
+**Partial maxima for a per-token FP8 quantizer**, what the FP8 decode layers use instead of a SiLU*mul + quantize
+kernel between gate-up and down (per-token activations): the per-token scale needs the row's max ``|h|``, which a
+SiLU*mul + quantize kernel finds by giving each row to one program (14336 features of the 8B on one SM);
+``small_m_gemm_amax(x, weight, *, x_scale=None, w_scale=None, bias=None, silu_mul=False) -> (h, x_amax)`` is
+:func:`small_m_gemm` with a 16-bit output ``h [M, N]`` and ``x_amax [N / 32, M]`` fp32, the max ``|h|`` (as stored)
+per token over each 32 consecutive features (:func:`tpfuse.reference.amax_partials`; N a multiple of 32; split-K 1;
+config: the table's row of the scheme, else of its :data:`~tpfuse.kernels.small_m_configs.CONFIG_PROXY`), and
+:func:`tpfuse.ops.quantize_from_amax` quantizes ``h`` with them over many programs a row.
 
 Dispatch as :mod:`tpfuse.ops`: CUDA tensors run the Triton kernel (the custom op ``tpfuse::small_m_gemm`` while
 Dynamo traces, the op body directly in eager mode), CPU tensors the reference, or the kernel under the Triton
@@ -142,19 +138,6 @@ def check_norm(x, weight, norm_sumsq, out_scale) -> None:
         raise TPFuseInputError("the folded RMSNorm takes no out_scale (a 16-bit GEMM)")
 
 
-def check_dyn(x, weight, x_scale, w_scale, out_scale, norm_sumsq, x_amax) -> None:
-    """Validate the ``x_amax`` argument of :func:`small_m_gemm` (x quantized per token inside the GEMM)."""
-    if x_amax is None:
-        return
-    if x.dtype not in _FLOAT16 or weight.dtype != q.FP8_DTYPE or w_scale is None:
-        raise TPFuseInputError(f"x_amax (x quantized to e4m3 per token on load) needs a bf16/fp16 x and an e4m3 "
-                               f"weight with its w_scale, got x {x.dtype}, weight {weight.dtype}")
-    if x_scale is not None or out_scale is not None or norm_sumsq is not None:
-        raise TPFuseInputError("x_amax takes no x_scale (the kernel computes it), out_scale or norm_sumsq")
-    p = x_amax.shape[0] if isinstance(x_amax, torch.Tensor) and x_amax.dim() == 2 else 0
-    _check_vec(x_amax, (max(p, 1), x.shape[0]), (torch.float32,), "x_amax", x.device)
-
-
 def check(x, weight, x_scale, w_scale, bias, silu_mul, out_scale, out_dtype) -> str:
     """Validate a call (module docstring); returns its table scheme."""
     for name, t in (("x", x), ("weight", weight)):
@@ -212,37 +195,35 @@ def _use_triton(x: torch.Tensor) -> bool:
 def _impl(x: torch.Tensor, weight: torch.Tensor, x_scale: Optional[torch.Tensor], w_scale: Optional[torch.Tensor],
           bias: Optional[torch.Tensor], out_scale: Optional[torch.Tensor], silu_mul: bool,
           out_dtype: Optional[torch.dtype], norm_sumsq: Optional[torch.Tensor] = None,
-          norm_eps: float = 0.0, x_amax: Optional[torch.Tensor] = None) -> torch.Tensor:
+          norm_eps: float = 0.0) -> torch.Tensor:
     """The op body (inputs validated)."""
     if not _use_triton(x):
         return ref.small_m_gemm(x, weight, x_scale, w_scale, bias, silu_mul=silu_mul, out_scale=out_scale,
-                                out_dtype=out_dtype, norm_sumsq=norm_sumsq, norm_eps=norm_eps, x_amax=x_amax)
+                                out_dtype=out_dtype, norm_sumsq=norm_sumsq, norm_eps=norm_eps)
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     out = alloc_out(x.shape[0], n, _out_dtype(x, out_dtype, out_scale), x.device)
     if x.shape[0] == 0:
         return out
     from .kernels.small_m_gemm import launch_small_m_gemm  # lazily: import tpfuse never imports Triton
 
-    scheme = _scheme(x, weight, x_scale, w_scale, silu_mul, out_scale, x_amax)
+    scheme = _scheme(x, weight, x_scale, w_scale, silu_mul, out_scale)
     arch, sms = device_info(x.device)
     launch_small_m_gemm(x, weight, x_scale, w_scale, bias, out, out_scale, silu_mul, scheme, arch, sms,
-                        norm=None if norm_sumsq is None else (norm_sumsq, norm_eps), x_amax=x_amax)
+                        norm=None if norm_sumsq is None else (norm_sumsq, norm_eps))
     return out
 
 
-def _scheme(x, weight, x_scale, w_scale, silu_mul, out_scale, x_amax=None) -> str:
-    """The table scheme a launch takes its config from: with ``x_amax`` the per-token e4m3-x one (the same
-    operand bytes in the K loop as the GEMM after a standalone quantizer)."""
-    x_dtype, x_row = (q.FP8_DTYPE, True) if x_amax is not None else (x.dtype, scale_kind(x_scale))
-    return smc.scheme_name(x_dtype, weight.dtype, x_row, scale_kind(w_scale), silu_mul, out_scale is not None)
+def _scheme(x, weight, x_scale, w_scale, silu_mul, out_scale) -> str:
+    """The table scheme a launch takes its config from."""
+    return smc.scheme_name(x.dtype, weight.dtype, scale_kind(x_scale), scale_kind(w_scale), silu_mul,
+                           out_scale is not None)
 
 
 _op = torch.library.custom_op("tpfuse::small_m_gemm", _impl, mutates_args=())
 
 
 @_op.register_fake
-def _(x, weight, x_scale, w_scale, bias, out_scale, silu_mul, out_dtype, norm_sumsq=None, norm_eps=0.0,
-      x_amax=None):
+def _(x, weight, x_scale, w_scale, bias, out_scale, silu_mul, out_dtype, norm_sumsq=None, norm_eps=0.0):
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     return x.new_empty((x.shape[0], n), dtype=_out_dtype(x, out_dtype, out_scale))
 
@@ -279,19 +260,17 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, *, x_scale: Optional[tor
                  w_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                  silu_mul: bool = False, out_scale: Optional[torch.Tensor] = None,
                  out_dtype: Optional[torch.dtype] = None, norm_sumsq: Optional[torch.Tensor] = None,
-                 norm_eps: float = 1e-6, x_amax: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 norm_eps: float = 1e-6) -> torch.Tensor:
     """``x @ weight.T`` (scales, bias, SiLU*mul, static FP8 output: module docstring) for 1..64 rows; with
-    ``norm_sumsq`` each token's product times its rstd (the folded RMSNorm), with ``x_amax`` a 16-bit x quantized
-    per token on load (module docstring)."""
+    ``norm_sumsq`` each token's product times its rstd (the folded RMSNorm, module docstring)."""
     check(x, weight, x_scale, w_scale, bias, silu_mul, out_scale, out_dtype)
     check_norm(x, weight, norm_sumsq, out_scale)
-    check_dyn(x, weight, x_scale, w_scale, out_scale, norm_sumsq, x_amax)
     if x.stride(1) != 1:  # a row-strided view is read in place (stride_xm); anything else is copied
         x = x.contiguous()
     eager = not torch.compiler.is_compiling()
     return (_impl if eager else torch.ops.tpfuse.small_m_gemm)(x, weight, x_scale, w_scale, bias, out_scale,
                                                                bool(silu_mul), out_dtype, norm_sumsq,
-                                                               float(norm_eps), x_amax)
+                                                               float(norm_eps))
 
 
 def _amax_impl(x: torch.Tensor, weight: torch.Tensor, x_scale: Optional[torch.Tensor],
@@ -388,24 +367,21 @@ def route(x: torch.Tensor, weight: torch.Tensor, *, x_row: Optional[bool] = None
 
 
 AMAX_CHAIN_MAX_M = 16
-"""The most tokens at which the FP8 layers carry the per-token quantization of SiLU*mul's output across gate-up and
-down (:func:`use_amax_chain`). Above it the standalone SiLU*mul + quantize kernel stays: X_DYN's x tile goes through
-registers on its way to the MMA every K step, which costs with the tile's rows (the first folded-norm version's x
-tiles through registers: 1.01 / 1.02 / 1.29x the decode step at batch 1 / 8 / 64, one H100,
-``bench/results/e2e_tp1_h100_full_57948f7.json``)."""
+"""The most tokens at which the FP8 layers with per-token activations run gate-up + SiLU*mul with its partial
+maxima and :func:`tpfuse.ops.quantize_from_amax` instead of gate-up and the SiLU*mul + quantize kernel
+(:func:`use_amax_chain`; 0: never)."""
 
 
-def use_amax_chain(x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor, *,
-                   x_scale: torch.Tensor, gate_up_scale: torch.Tensor, down_scale: torch.Tensor) -> bool:
+def use_amax_chain(x: torch.Tensor, gate_up_weight: torch.Tensor, *, x_scale: torch.Tensor,
+                   gate_up_scale: torch.Tensor) -> bool:
     """The FP8 layers' question for per-token activations: whether gate-up + SiLU*mul with its partial maxima
-    (:func:`small_m_gemm_amax`), then down quantizing its x on load (``x_amax``), replaces gate-up, the SiLU*mul +
-    quantize kernel and down. Yes at most :data:`AMAX_CHAIN_MAX_M` tokens where the tuned table sends both GEMMs
-    (plain e4m3 per-token x, as they run without the chain) to the kernel. ``x``: gate-up's e4m3 input data."""
-    if x.shape[0] > AMAX_CHAIN_MAX_M:
+    (:func:`small_m_gemm_amax`) and :func:`tpfuse.ops.quantize_from_amax` replace gate-up and the SiLU*mul +
+    quantize kernel. Yes at most :data:`AMAX_CHAIN_MAX_M` tokens, where the tuned table sends the plain gate-up
+    GEMM to the kernel and its SiLU*mul output width is a multiple of 32 (the partials' groups).
+    ``x``: gate-up's e4m3 input data."""
+    if x.shape[0] > AMAX_CHAIN_MAX_M or (gate_up_weight.shape[0] // 2) % smc.SUMSQ_ROWS:
         return False
-    # route() reads x's rows, dtype and device only: the e4m3 gate-up input stands for down's quantized x too
-    return (use_kernel(x, gate_up_weight, x_scale=x_scale, w_scale=gate_up_scale)
-            and route(x, down_weight, x_row=True, w_row=scale_kind(down_scale)) is not None)
+    return use_kernel(x, gate_up_weight, x_scale=x_scale, w_scale=gate_up_scale)
 
 
 def use_kernel(x: torch.Tensor, weight: torch.Tensor, *, x_scale: Optional[torch.Tensor] = None,

@@ -70,15 +70,15 @@ def _model(arch, fp8):
 
 
 def _run(model, comm, ids):
-    """Logits of every step of :data:`STEPS` and the op calls ``[(step, M, N, K, silu, fp8 out, chain)]``: chain
-    "amax" for ``small_m_gemm_amax``, "dyn" for ``small_m_gemm(..., x_amax=)``, "" for the rest."""
+    """Logits of every step of :data:`STEPS` and the op calls ``[(step, M, N, K, silu, fp8 out, amax)]``: amax
+    "amax" for ``small_m_gemm_amax`` (the FP8 gate-up with its partial maxima), "" for ``small_m_gemm``."""
     from tpfuse import small_gemm
 
     calls, orig, orig_amax = [], small_gemm.small_m_gemm, small_gemm.small_m_gemm_amax
 
     def counted(x, weight, **kw):
         calls.append((step, x.shape[0], *weight.shape, kw.get("silu_mul", False), kw.get("out_scale") is not None,
-                      "dyn" if kw.get("x_amax") is not None else ""))
+                      ""))
         return orig(x, weight, **kw)
 
     def counted_amax(x, weight, **kw):
@@ -122,6 +122,7 @@ def _routed(rank, world, arch, fp8, silu, chain_max_m):
     shapes = {(scheme, n, k) for scheme, n, k, _ in _gemms(model._tpfuse.layers[0])}
     fused = silu and any(s for *_, s in _gemms(model._tpfuse.layers[0]))
     per_token = bool(fp8) and fp8[0] == "per_token"
+    inter = model._tpfuse.layers[0]._g["gate_up"].weight.shape[0] // 2 if fp8 else 0  # SiLU*mul's width a rank
     errs, pos, step = [], 0, 0
     for seq in STEPS:
         pos = 0
@@ -132,11 +133,11 @@ def _routed(rank, world, arch, fp8, silu, chain_max_m):
             if not sp:
                 assert {(n, k) for _, _, n, k, *_ in mine} == {(n, k) for _, n, k in shapes}, (mine, shapes)
                 assert all(c[1] == t for c in mine)
-                chain = per_token and t <= chain_max_m  # gate-up -> down with the quantization carried across
+                # per-token FP8: gate-up + SiLU*mul with its partial maxima, then quantize_from_amax
+                chain = per_token and t <= chain_max_m and inter % 32 == 0
                 assert sum(c[4] for c in mine) == (n_layers if fused or chain else 0)
                 assert sum(c[5] for c in mine) == (n_layers if fused and fp8 else 0)
-                assert [c[6] for c in mine].count("amax") == [c[6] for c in mine].count("dyn") == (
-                    n_layers if chain else 0), mine
+                assert [c[6] for c in mine].count("amax") == (n_layers if chain else 0), mine
             errs.append(assert_logits_close(got[step], ref[pos:pos + t], DT, f"{arch} TP={world} fp8={fp8} step "
                                             f"{step}", fp8=bool(fp8)))
             pos, step = pos + t, step + 1

@@ -7,7 +7,7 @@ activations come quantized out of the fused kernels (no separate quantize kernel
     x_fp8, residual = *fused_add_rmsnorm(scaled_mm(a_fp8, W_o_fp8), residual, post_norm, quant=gate-up format)
     gu = scaled_mm(x_fp8, W_gate_up_fp8)
     h_fp8 = silu_mul(gu, quant=down format)      (per-token, few tokens: gate-up + SiLU*mul -> bf16 h + partial
-                                                  maxima of |h|, and down quantizes h on load: PendingQuant)
+                                                  maxima of |h|, then quantize_from_amax)
     x, residual = *fused_add_rmsnorm(scaled_mm(h_fp8, W_down_fp8), residual, NEXT norm, quant=next qkv format)
 
 (sequence-parallel form: ``all_gather_matmul`` / ``matmul_reduce_scatter_rmsnorm`` with the same FP8 operands).
@@ -24,7 +24,7 @@ weight to the group's largest scale (as vLLM does), in place, so the parameters 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional
+from typing import List, Optional
 
 import torch
 
@@ -91,14 +91,6 @@ def sync_gemm(g: FP8Gemm, mods) -> None:
         g.in_spec.scale.copy_(torch.stack([m.input_scale.reshape(()) for m in mods]).amax())
 
 
-class PendingQuant(NamedTuple):
-    """An activation whose per-token FP8 quantization the next GEMM does on load (``small_m_gemm(...,
-    x_amax=amax)``): 16-bit ``data [M, K]`` and the partial maxima ``amax [K / 32, M]`` of ``|data|``."""
-
-    data: torch.Tensor
-    amax: torch.Tensor
-
-
 class FP8DecoderLayer(TPDecoderLayer):
     """A :class:`TPDecoderLayer` whose q/k/v/o/gate/up/down modules are
     :class:`~tpfuse.parallel.fp8.FP8Linear` (see the module docstring)."""
@@ -128,8 +120,6 @@ class FP8DecoderLayer(TPDecoderLayer):
         table says it beats ``_scaled_mm`` at this (scheme, N, K, M bucket) (bias fused), else ``_scaled_mm`` (its
         CPU emulation off CUDA) with the bias added in place, as always. The activation scales are the fused norm
         / SiLU*mul / quantize kernels' own (per token ``[M, 1]``, or the static scalar)."""
-        if isinstance(a, PendingQuant):  # routed by use_amax_chain
-            return small_gemm.small_m_gemm(a.data, g.weight, w_scale=g.scale, bias=bias, x_amax=a.amax)
         if small_gemm.use_kernel(a.data, g.weight, x_scale=a.scale, w_scale=g.scale):
             return small_gemm.small_m_gemm(a.data, g.weight, x_scale=a.scale, w_scale=g.scale, bias=bias)
         y = self._mm(a.data, g.weight, a.scale, g.scale)
@@ -143,16 +133,16 @@ class FP8DecoderLayer(TPDecoderLayer):
 
     def _fp8_gate_up_silu(self, x, ctx: StepContext):
         """``silu_mul(gate-up GEMM, quant=down's input format)``: one fused small-M kernel (static FP8 output) where
-        the table says it beats the unfused pair; per-token FP8 needs the whole row's amax, which down's programs
-        see: at few tokens (:func:`~tpfuse.small_gemm.use_amax_chain`) gate-up + SiLU*mul writes bf16 h and its
-        partial maxima and down quantizes h on load (:class:`PendingQuant`), else SiLU*mul + quantize is a kernel."""
+        the table says it beats the unfused pair; per-token FP8 needs the whole row's amax: at few tokens
+        (:func:`~tpfuse.small_gemm.use_amax_chain`) gate-up + SiLU*mul writes bf16 h and its partial maxima, which
+        :func:`~tpfuse.ops.quantize_from_amax` turns into the scale over many programs a row; else the SiLU*mul +
+        quantize kernel (one program a row)."""
         g, spec = self._g["gate_up"], self._g["down"].in_spec
         if (not ctx.meta.sp and type(spec) is q.FP8PerToken
-                and small_gemm.use_amax_chain(x.data, g.weight, self._g["down"].weight, x_scale=x.scale,
-                                              gate_up_scale=g.scale, down_scale=self._g["down"].scale)):
+                and small_gemm.use_amax_chain(x.data, g.weight, x_scale=x.scale, gate_up_scale=g.scale)):
             h, amax = small_gemm.small_m_gemm_amax(x.data, g.weight, x_scale=x.scale, w_scale=g.scale, bias=g.bias,
                                                    silu_mul=True)
-            return PendingQuant(data=h, amax=amax)
+            return ops.quantize_from_amax(h, amax)
         if (not ctx.meta.sp and type(spec) is q.FP8Static
                 and small_gemm.use_kernel(x.data, g.weight, x_scale=x.scale, w_scale=g.scale, silu_mul=True,
                                           out_scale=spec.scale)):
