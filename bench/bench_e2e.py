@@ -80,6 +80,8 @@ Providers (every one is the model a user runs, called with Hugging Face argument
 * ``<provider>_noamax`` / ``_amaxall`` (``--amax-ab``, per-token FP8 rows): the decode step with
   ``small_gemm.AMAX_CHAIN_MAX_M`` 0 (gate-up, then the SiLU*mul + quantize kernel) where the default runs gate-up +
   SiLU*mul with its partial maxima and ``ops.quantize_from_amax``, 64 (that chain) where it does not;
+* ``<provider>_split2x128`` (``--split-ab``): the decode step with the decode attention's bf16 split rule before
+  ``decode_attention.SPLIT_WAVES`` 4 / ``MULTI_SPLIT_TILE`` 64 (2 waves, 128-key tiles);
 * ``<provider>_tile128`` (``--tile-ab``): the decode step with ``decode_attention.ONE_SPLIT_TILES`` one entry,
   128-key tiles at 8 warps wherever a sequence is one program (the rule before the 32 x 4 step); rows carry
   ``one_split_tiles``;
@@ -193,6 +195,8 @@ def parse_args(argv=None):
     ap.add_argument("--fold-ab", action="store_true", help="adds decode rows with KVCacheConfig.fold_norms the other "
                     "way than the default: <provider>_foldnorm (each add + RMSNorm in the GEMMs around it) or "
                     "<provider>_normkern (its own kernel); whole models only")
+    ap.add_argument("--split-ab", action="store_true", help="adds decode rows with the decode attention's bf16 "
+                    "split rule before SPLIT_WAVES 4 / MULTI_SPLIT_TILE 64: <provider>_split2x128")
     ap.add_argument("--amax-ab", action="store_true", help="adds per-token FP8 decode rows with "
                     "small_gemm.AMAX_CHAIN_MAX_M the other way at that batch: <provider>_noamax (0: the SiLU*mul + "
                     "quantize kernel) or <provider>_amaxall (64: gate-up + SiLU*mul writes bf16 h + its partial "
@@ -401,6 +405,8 @@ class Variant(NamedTuple):
     """``decode_attention.ONE_SPLIT_TILES``."""
     amax_chain_max_m: Optional[int] = None
     """``small_gemm.AMAX_CHAIN_MAX_M`` (per-token FP8 rows only)."""
+    split_rule: Optional[tuple] = None
+    """``(decode_attention.SPLIT_WAVES, decode_attention.MULTI_SPLIT_TILE)``."""
 
 
 def variants(args) -> list:
@@ -421,6 +427,7 @@ def variants(args) -> list:
     out += [f16_variant()] if getattr(args, "f16_ab", False) else []
     out += [opf_variant()] if getattr(args, "opf_ab", False) else []
     out += [Variant("_tile128", one_split_tiles=((0, (128, 8)),))] if getattr(args, "tile_ab", False) else []
+    out += [Variant("_split2x128", split_rule=(2, 128))] if getattr(args, "split_ab", False) else []
     out += [Variant("_noamax", amax_chain_max_m=0), Variant("_amaxall", amax_chain_max_m=64)] if getattr(
         args, "amax_ab", False) else []
     out += [Variant("_smallm", table)] if table else []
@@ -516,6 +523,8 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
     st.cache_config.prefetch_o_proj = own_opf if v.prefetch_o is None else v.prefetch_o
     own_pf, own_kv_pf, own_comb, own_f16 = smg.PREFETCH_BYTES, dak.PREFETCH, dak.FUSE_COMBINE, dak.FP8_F16
     own_tile, own_chain = dak.ONE_SPLIT_TILES, small_gemm.AMAX_CHAIN_MAX_M
+    own_split = (dak.SPLIT_WAVES, dak.MULTI_SPLIT_TILE)
+    dak.SPLIT_WAVES, dak.MULTI_SPLIT_TILE = own_split if v.split_rule is None else v.split_rule
     dak.ONE_SPLIT_TILES = own_tile if v.one_split_tiles is None else v.one_split_tiles
     small_gemm.AMAX_CHAIN_MAX_M = own_chain if v.amax_chain_max_m is None else v.amax_chain_max_m
     pdl = own_pdl if v.pdl is None else v.pdl
@@ -537,12 +546,14 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
                                            fold_norms=st.cache_config.fold_norms, fp8_f16=dak.FP8_F16,
                                            prefetch_o_proj=st.cache_config.prefetch_o_proj,
                                            one_split_tiles=[[a, list(t)] for a, t in dak.ONE_SPLIT_TILES],
-                                           amax_chain_max_m=small_gemm.AMAX_CHAIN_MAX_M))
+                                           amax_chain_max_m=small_gemm.AMAX_CHAIN_MAX_M,
+                                           split_rule=[dak.SPLIT_WAVES, dak.MULTI_SPLIT_TILE]))
     finally:
         st.cache_config.pdl, st.cache_config.fuse_rope, st.graphs = own_pdl, own_fuse, None
         st.cache_config.fold_norms, st.cache_config.prefetch_o_proj = own_fold, own_opf
         smg.PREFETCH_BYTES, dak.PREFETCH, dak.FUSE_COMBINE, dak.FP8_F16 = own_pf, own_kv_pf, own_comb, own_f16
         dak.ONE_SPLIT_TILES, small_gemm.AMAX_CHAIN_MAX_M = own_tile, own_chain
+        dak.SPLIT_WAVES, dak.MULTI_SPLIT_TILE = own_split
     return r
 
 

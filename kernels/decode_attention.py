@@ -615,7 +615,18 @@ launch) the decode step took 0.98x as long at batch 64 (512 programs, 3.9 an SM;
 static) but 1.04x at batch 32 (256 programs, 1.9 an SM; 1.05x in both FP8 schemes), where 4-warp programs leave
 the SMs too few loads in flight. Hence the step at 3 programs an SM."""
 SM_COUNT_GUESS = 132  # H100 / H200 (the sweep's GPU): the SM count when no CUDA device is at hand (interpreter)
-WAVES = 2  # split-kernel programs wanted per SM at small batch
+WAVES = 2  # split-kernel programs wanted per SM at small batch (the FP8 rule's target)
+SPLIT_WAVES = 4
+"""The bf16 / fp16 rule's target: ``NUM_SPLITS = clamp(SPLIT_WAVES x SMs // (B * Hkv), 1, MAX_SPLITS)``, with
+:data:`MULTI_SPLIT_TILE` tiles where that makes at least 2 programs an SM. On one H100 at 7fdfb52
+(``bench/results/decode_attention_h100_b8tail_7fdfb52.json``: B 8, Hq 32 / 64, Hkv 8, D 128, 256-token blocks, the
+decode step's contexts 1040 / 1088 keys) 8 splits of 64-key tiles x 4 warps were the best of 12 configs, 0.88 /
+0.86x (Hq 32) and 0.86 / 0.85x (Hq 64) the time of the rule before (``WAVES`` 2: 4 splits of 128-key tiles), whose
+partitions (``round_up(cdiv(n, 4), 128)`` = 384 keys at 1040) left one split of four idle; at B 1 and B 64 the
+split counts are unchanged (16: clamped; 1)."""
+MULTI_SPLIT_TILE = 64
+"""BLOCK_N of the bf16 / fp16 rule with more than one split and at least 2 programs an SM (B * Hkv * NUM_SPLITS
+>= 2 x SMs; not B 1 at Hkv 8: 128 programs): :data:`SPLIT_WAVES`."""
 MAX_SPLITS = 16  # bf16 / fp16 caches: more splits than this cost more in the combine than the extra parallelism wins
 MAX_SPLITS_FP8 = 32  # FP8 caches: the most splits the earlier FP8 rule took at the swept points (B=1, 4096 keys)
 MIN_SPLITS_FP8 = 2  # FP8 caches: at least 2 splits, the best fixed rule of both H100 FP8 sweeps (pick_config)
@@ -758,11 +769,13 @@ def pick_config(batch: int, kv_heads: int, head_dim: int, q_elem: int, *, cache_
     ==============  =========================================  ===========================================
     field           bf16 / fp16 cache                          FP8 cache
     ==============  =========================================  ===========================================
-    NUM_SPLITS      ``clamp(target // programs, 1, 16)``       smallest power of two ``s`` with
-                                                               ``programs * s >= target``, at most 32, at
+    NUM_SPLITS      ``clamp(SPLIT_WAVES * sm_count //          smallest power of two ``s`` with
+                    programs, 1, 16)`` (:data:`SPLIT_WAVES`)   ``programs * s >= target``, at most 32, at
                                                                least 2
     BLOCK_N         128 for D <= 128 with 16-bit q, else 32;   32 where ``programs * NUM_SPLITS > target``
-                    one split: :data:`ONE_SPLIT_TILES`         or D > 128 or fp32 q, else 64
+                    one split: :data:`ONE_SPLIT_TILES`; more   or D > 128 or fp32 q, else 64
+                    splits and >= 2 programs an SM:
+                    :data:`MULTI_SPLIT_TILE` (64)
     num_warps       8 with one split (:data:`ONE_SPLIT_TILES`  4
                     for D <= 128 with 16-bit q), else 4
     MIN_PARTITION   ``max(128, BLOCK_N)``                      ``max(128, BLOCK_N)``
@@ -777,8 +790,10 @@ def pick_config(batch: int, kv_heads: int, head_dim: int, q_elem: int, *, cache_
     B     bf16 / fp16 cache          FP8 cache                     the sweep
     ====  =========================  ============================  ===============================================
     1     16 x 4 warps: 128 / 256    32 x 64: 128 / 128            best: 128 / 256, 128-key tiles, 4 warps
-    8     4 x 4 warps: 256 / 1024    8 x 32: 128 / 512             best: 256 / 1024, 128-key tiles, 4 warps (or
-                                                                   8 warps, 0.1% faster at 4096 keys, Hq 32)
+    8     8 x 64-key tiles x 4       8 x 32: 128 / 512             best: 256 / 1024, 128-key tiles, 4 warps (or
+          warps: 128 / 512                                         8 warps, 0.1% faster at 4096 keys, Hq 32);
+                                                                   at 1040 / 1088 keys (the decode step's) 8 x
+                                                                   64-key tiles x 4 warps (:data:`SPLIT_WAVES`)
     64    1 x 32-key tiles x 4       2 x 32: 512 / 2048            best: 4096, 128-key tiles, 8 warps at 4096
           warps: 1024 / 4096                                       keys; at 1024 keys 32-key tiles with 4 warps
                                                                    are 2.5-2.9% faster (:data:`ONE_SPLIT_TILES`:
@@ -822,9 +837,11 @@ def pick_config(batch: int, kv_heads: int, head_dim: int, q_elem: int, *, cache_
         num_warps = 4 if num_warps is None else num_warps
     else:
         if num_splits is None:
-            num_splits = max(1, min(MAX_SPLITS, target // programs))
+            num_splits = max(1, min(MAX_SPLITS, SPLIT_WAVES * sm_count // programs))
         tile = _one_split_tile(programs, sm_count) if num_splits == 1 and not small_tiles else None
-        block_n = (32 if small_tiles else (tile[0] if tile else 128)) if block_n is None else block_n
+        multi = num_splits > 1 and programs * num_splits >= 2 * sm_count
+        block_n = (32 if small_tiles else (tile[0] if tile else (MULTI_SPLIT_TILE if multi else 128))
+                   if block_n is None else block_n)
         if num_warps is None:
             num_warps = (tile[1] if tile else 8) if num_splits == 1 else 4
     min_partition = max(MIN_PARTITION, block_n) if min_partition is None else min_partition

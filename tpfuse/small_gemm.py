@@ -366,10 +366,13 @@ def route(x: torch.Tensor, weight: torch.Tensor, *, x_row: Optional[bool] = None
     return cfg
 
 
-AMAX_CHAIN_MAX_M = 16
+AMAX_CHAIN_MAX_M = 0
 """The most tokens at which the FP8 layers with per-token activations run gate-up + SiLU*mul with its partial
 maxima and :func:`tpfuse.ops.quantize_from_amax` instead of gate-up and the SiLU*mul + quantize kernel
-(:func:`use_amax_chain`; 0: never)."""
+(:func:`use_amax_chain`; 0: never). Off: on one H100 at 7fdfb52 the chain at every batch up to 16 (64) made the 8B's
+per-token FP8 decode step 1.023 / 1.042 / 1.030x as long at batch 1 / 8 / 64 as the kernel pair
+(``bench/results/e2e_tp1_h100_amax_ab_7fdfb52.json``, rows ``tpfuse_fp8`` vs ``_noamax``, ``_amaxall`` vs
+``tpfuse_fp8``); a knob for other GPUs and shapes (``bench_e2e.py --amax-ab``)."""
 
 
 def use_amax_chain(x: torch.Tensor, gate_up_weight: torch.Tensor, *, x_scale: torch.Tensor,
