@@ -1,6 +1,6 @@
 """Suite-wide setup: the test folders on ``sys.path`` (spawned ranks import by basename), the Triton interpreter
 prepared once on a CPU-only machine (tests/kernel_env.py), the rank pools shut down at the end, and the fixtures
-shared across files (``gen``, ``kernels``, ``poisoned_outputs``)."""
+shared across files (``gen``, ``kernels``, ``poisoned_outputs``, ``poisoned_small_m``)."""
 
 import os
 import sys
@@ -48,3 +48,24 @@ def poisoned_outputs(monkeypatch):
     from local_cases import poison_outputs
 
     poison_outputs(monkeypatch)
+
+
+@pytest.fixture
+def poisoned_small_m(monkeypatch):
+    """The small-M GEMM's outputs start as NaN, so unwritten elements show: ``tpfuse.small_gemm.alloc_out`` (its
+    outputs) and ``torch.empty`` as that module calls it (the partial sums / maxima)."""
+    import torch
+
+    from tpfuse import small_gemm
+
+    alloc, empty = small_gemm.alloc_out, torch.empty
+
+    def poisoned_alloc(*args):
+        return alloc(*args).fill_(float("nan"))
+
+    def poisoned_empty(*args, **kw):
+        t = empty(*args, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(small_gemm, "alloc_out", poisoned_alloc)
+    monkeypatch.setattr(small_gemm.torch, "empty", poisoned_empty)

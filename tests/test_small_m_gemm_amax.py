@@ -23,23 +23,6 @@ BF, F8 = torch.bfloat16, q.FP8_DTYPE
 ROWS = smc.SUMSQ_ROWS
 
 
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Outputs start as NaN: unwritten elements show (out through alloc_out, the partial maxima through
-    torch.empty)."""
-    alloc, empty = small_gemm.alloc_out, torch.empty
-
-    def poisoned_alloc(*args):
-        return alloc(*args).fill_(float("nan"))
-
-    def poisoned_empty(*args, **kw):
-        t = empty(*args, **kw)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(small_gemm, "alloc_out", poisoned_alloc)
-    monkeypatch.setattr(small_gemm.torch, "empty", poisoned_empty)
-
-
 def _weight(gen, n, k):
     """An e4m3 weight with per-channel scales (``[N, 1]``, as the FP8 layers hold them) and a 50x channel."""
     w = torch.randn(n, k, generator=gen) / k ** 0.5
@@ -99,7 +82,7 @@ def test_quantize_from_amax_follows_its_partials(gen):
     assert bool(got.scale[:2].isfinite().all())
 
 
-@pytest.mark.usefixtures("kernels", "poisoned")
+@pytest.mark.usefixtures("kernels", "poisoned_small_m")
 @pytest.mark.parametrize("m,n,k,silu,block_n,split", [
     (1, 96, 64, False, None, 1), (3, 64, 96, True, None, 1), (17, 160, 128, False, None, 2),
     (64, 64, 64, True, None, 1),
@@ -126,7 +109,7 @@ def test_amax_out_is_the_stored_outputs(m, n, k, silu, block_n, split, gen, kern
     assert torch.equal(amax.cpu(), reference.amax_partials(out.cpu(), ROWS))
 
 
-@pytest.mark.usefixtures("kernels", "poisoned")
+@pytest.mark.usefixtures("kernels", "poisoned_small_m")
 def test_nan_stays_in_its_token(gen):
     """A NaN in token 1 of the GEMM's input: its partial maxima are NaN, every other token's finite."""
     h = _activation(gen, 3, 64)
