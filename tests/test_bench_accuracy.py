@@ -46,7 +46,8 @@ def test_tiny_run_writes_three_providers(tmp_path, monkeypatch):
     assert rows["tpfuse"]["rel_err"] <= 1.5 * rows["hf_bf16"]["rel_err"]
     assert rows["tpfuse_fp8"]["rel_err"] < 0.5  # e4m3 weights and activations: ~0.16 here
     assert isinstance(rows["tpfuse"]["within_target"], bool) and "within_target" not in rows["hf_bf16"]
-    assert os.path.getsize(path[:-len(".json")] + ".png") > 0 or bench_accuracy.common.pyplot() is None
+    # the PNG where matplotlib is installed (CI's machine has none)
+    assert bench_accuracy.common.pyplot() is None or os.path.getsize(path[:-len(".json")] + ".png") > 0
 
 
 def test_plot_mode_redraws_from_json(tmp_path):
