@@ -80,8 +80,8 @@ Providers (every one is the model a user runs, called with Hugging Face argument
 * ``<provider>_noamax`` / ``_amaxall`` (``--amax-ab``, per-token FP8 rows): the decode step with
   ``small_gemm.AMAX_CHAIN_MAX_M`` 0 (gate-up, then the SiLU*mul + quantize kernel) where the default runs gate-up +
   SiLU*mul with its partial maxima and ``ops.quantize_from_amax``, 64 (that chain) where it does not;
-* ``<provider>_split2x128`` (``--split-ab``): the decode step with the decode attention's bf16 split rule before
-  ``decode_attention.SPLIT_WAVES`` 4 / ``MULTI_SPLIT_TILE`` 64 (2 waves, 128-key tiles);
+* ``<provider>_split4x64`` (``--split-ab``): the decode step with the decode attention's bf16 split rule at
+  ``decode_attention.SPLIT_WAVES`` 4 / ``MULTI_SPLIT_TILE`` 64 (the B 8 sweep's candidate; default 2 / 128);
 * ``<provider>_tile128`` (``--tile-ab``): the decode step with ``decode_attention.ONE_SPLIT_TILES`` one entry,
   128-key tiles at 8 warps wherever a sequence is one program (the rule before the 32 x 4 step); rows carry
   ``one_split_tiles``;
@@ -196,7 +196,7 @@ def parse_args(argv=None):
                     "way than the default: <provider>_foldnorm (each add + RMSNorm in the GEMMs around it) or "
                     "<provider>_normkern (its own kernel); whole models only")
     ap.add_argument("--split-ab", action="store_true", help="adds decode rows with the decode attention's bf16 "
-                    "split rule before SPLIT_WAVES 4 / MULTI_SPLIT_TILE 64: <provider>_split2x128")
+                    "split rule at SPLIT_WAVES 4 / MULTI_SPLIT_TILE 64: <provider>_split4x64")
     ap.add_argument("--amax-ab", action="store_true", help="adds per-token FP8 decode rows with "
                     "small_gemm.AMAX_CHAIN_MAX_M the other way at that batch: <provider>_noamax (0: the SiLU*mul + "
                     "quantize kernel) or <provider>_amaxall (64: gate-up + SiLU*mul writes bf16 h + its partial "
@@ -427,7 +427,7 @@ def variants(args) -> list:
     out += [f16_variant()] if getattr(args, "f16_ab", False) else []
     out += [opf_variant()] if getattr(args, "opf_ab", False) else []
     out += [Variant("_tile128", one_split_tiles=((0, (128, 8)),))] if getattr(args, "tile_ab", False) else []
-    out += [Variant("_split2x128", split_rule=(2, 128))] if getattr(args, "split_ab", False) else []
+    out += [Variant("_split4x64", split_rule=(4, 64))] if getattr(args, "split_ab", False) else []
     out += [Variant("_noamax", amax_chain_max_m=0), Variant("_amaxall", amax_chain_max_m=64)] if getattr(
         args, "amax_ab", False) else []
     out += [Variant("_smallm", table)] if table else []

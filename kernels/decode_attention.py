@@ -616,17 +616,19 @@ static) but 1.04x at batch 32 (256 programs, 1.9 an SM; 1.05x in both FP8 scheme
 the SMs too few loads in flight. Hence the step at 3 programs an SM."""
 SM_COUNT_GUESS = 132  # H100 / H200 (the sweep's GPU): the SM count when no CUDA device is at hand (interpreter)
 WAVES = 2  # split-kernel programs wanted per SM at small batch (the FP8 rule's target)
-SPLIT_WAVES = 4
+SPLIT_WAVES = 2
 """The bf16 / fp16 rule's target: ``NUM_SPLITS = clamp(SPLIT_WAVES x SMs // (B * Hkv), 1, MAX_SPLITS)``, with
-:data:`MULTI_SPLIT_TILE` tiles where that makes at least 2 programs an SM. On one H100 at 7fdfb52
-(``bench/results/decode_attention_h100_b8tail_7fdfb52.json``: B 8, Hq 32 / 64, Hkv 8, D 128, 256-token blocks, the
-decode step's contexts 1040 / 1088 keys) 8 splits of 64-key tiles x 4 warps were the best of 12 configs, 0.88 /
-0.86x (Hq 32) and 0.86 / 0.85x (Hq 64) the time of the rule before (``WAVES`` 2: 4 splits of 128-key tiles), whose
-partitions (``round_up(cdiv(n, 4), 128)`` = 384 keys at 1040) left one split of four idle; at B 1 and B 64 the
-split counts are unchanged (16: clamped; 1)."""
-MULTI_SPLIT_TILE = 64
+:data:`MULTI_SPLIT_TILE` tiles where that makes at least 2 programs an SM. The candidate 4 / 64: on one H100 at
+7fdfb52 (``bench/results/decode_attention_h100_b8tail_7fdfb52.json``: the plain split kernel, B 8, Hq 32 / 64, Hkv
+8, D 128, 256-token blocks, the decode step's contexts 1040 / 1088 keys) 8 splits of 64-key tiles x 4 warps were
+the best of 12 configs, 0.88 / 0.86x (Hq 32) and 0.86 / 0.85x (Hq 64) the time of this rule's 4 splits of 128-key
+tiles, whose partitions (``round_up(cdiv(n, 4), 128)`` = 384 keys at 1040) leave one split of four idle. Not the
+default until the model's step (the rope-split kernel at those builds, and B 9-33, whose split counts it changes
+too) has run on a GPU: ``bench_e2e.py --split-ab`` (rows ``_split4x64``) and the decode-attention GPU tests
+(``bash bench/gpu_run.sh tests`` with the rule set)."""
+MULTI_SPLIT_TILE = 128
 """BLOCK_N of the bf16 / fp16 rule with more than one split and at least 2 programs an SM (B * Hkv * NUM_SPLITS
->= 2 x SMs; not B 1 at Hkv 8: 128 programs): :data:`SPLIT_WAVES`."""
+>= 2 x SMs): :data:`SPLIT_WAVES`."""
 MAX_SPLITS = 16  # bf16 / fp16 caches: more splits than this cost more in the combine than the extra parallelism wins
 MAX_SPLITS_FP8 = 32  # FP8 caches: the most splits the earlier FP8 rule took at the swept points (B=1, 4096 keys)
 MIN_SPLITS_FP8 = 2  # FP8 caches: at least 2 splits, the best fixed rule of both H100 FP8 sweeps (pick_config)
@@ -770,12 +772,12 @@ def pick_config(batch: int, kv_heads: int, head_dim: int, q_elem: int, *, cache_
     field           bf16 / fp16 cache                          FP8 cache
     ==============  =========================================  ===========================================
     NUM_SPLITS      ``clamp(SPLIT_WAVES * sm_count //          smallest power of two ``s`` with
-                    programs, 1, 16)`` (:data:`SPLIT_WAVES`)   ``programs * s >= target``, at most 32, at
-                                                               least 2
+                    programs, 1, 16)`` (:data:`SPLIT_WAVES`    ``programs * s >= target``, at most 32, at
+                    2: ``target // programs``)                 least 2
     BLOCK_N         128 for D <= 128 with 16-bit q, else 32;   32 where ``programs * NUM_SPLITS > target``
                     one split: :data:`ONE_SPLIT_TILES`; more   or D > 128 or fp32 q, else 64
                     splits and >= 2 programs an SM:
-                    :data:`MULTI_SPLIT_TILE` (64)
+                    :data:`MULTI_SPLIT_TILE` (128)
     num_warps       8 with one split (:data:`ONE_SPLIT_TILES`  4
                     for D <= 128 with 16-bit q), else 4
     MIN_PARTITION   ``max(128, BLOCK_N)``                      ``max(128, BLOCK_N)``
@@ -790,8 +792,8 @@ def pick_config(batch: int, kv_heads: int, head_dim: int, q_elem: int, *, cache_
     B     bf16 / fp16 cache          FP8 cache                     the sweep
     ====  =========================  ============================  ===============================================
     1     16 x 4 warps: 128 / 256    32 x 64: 128 / 128            best: 128 / 256, 128-key tiles, 4 warps
-    8     8 x 64-key tiles x 4       8 x 32: 128 / 512             best: 256 / 1024, 128-key tiles, 4 warps (or
-          warps: 128 / 512                                         8 warps, 0.1% faster at 4096 keys, Hq 32);
+    8     4 x 4 warps: 256 / 1024    8 x 32: 128 / 512             best: 256 / 1024, 128-key tiles, 4 warps (or
+                                                                   8 warps, 0.1% faster at 4096 keys, Hq 32);
                                                                    at 1040 / 1088 keys (the decode step's) 8 x
                                                                    64-key tiles x 4 warps (:data:`SPLIT_WAVES`)
     64    1 x 32-key tiles x 4       2 x 32: 512 / 2048            best: 4096, 128-key tiles, 8 warps at 4096

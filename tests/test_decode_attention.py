@@ -566,7 +566,7 @@ def test_gpu_torch_compile_fullgraph(gen):
     # (NUM_SPLITS, MIN_PARTITION, BLOCK_N, num_warps) and the partitions at 1024 / 4096 keys, at the points the
     # docstring names (Hkv 8, D 128, bf16 q, 132 SMs)
     (1, (16, 128, 128, 4), (32, 128, 64, 4), (128, 256), (128, 128)),
-    (8, (8, 128, 64, 4), (8, 128, 32, 4), (128, 512), (128, 512)),  # 512 programs >= 2 an SM: 64-key tiles
+    (8, (4, 128, 128, 4), (8, 128, 32, 4), (256, 1024), (128, 512)),
     (64, (1, 128, 32, 4), (2, 128, 32, 4), (1024, 4096), (512, 2048)),
 ])
 def test_pick_config_rule(kernels, batch, bf16_cfg, fp8_cfg, bf16_parts, fp8_parts):
@@ -578,8 +578,7 @@ def test_pick_config_rule(kernels, batch, bf16_cfg, fp8_cfg, bf16_parts, fp8_par
     pick = mod.pick_config
     assert pick(2, 4, 256, 2).block_n == 32 and pick(2, 4, 128, 4).block_n == 32  # D=256 / fp32 q: small tiles
     assert pick(2, 4, 256, 2, cache_fp8=True).block_n == 32
-    assert pick(8, 8, 128, 2, sm_count=114).num_splits == 7  # splits follow the SM count: 4 x 114 // 64
-    assert pick(4, 8, 128, 2, sm_count=1000)[:3] == (16, 128, 128)  # < 2 programs an SM: 128-key tiles
+    assert pick(8, 8, 128, 2, sm_count=114).num_splits == 3  # splits follow the SM count: 228 // 64
     assert pick(1, 1, 128, 2).num_splits == 16 and pick(1, 1, 128, 2, cache_fp8=True).num_splits == 32  # the caps
     assert pick(256, 8, 128, 2).num_splits == 1 and pick(256, 8, 128, 2, cache_fp8=True).num_splits == 2  # FP8: >= 2
     assert pick(64, 8, 128, 2, cache_fp8=True, num_splits=1) == (1, 128, 32, 4, 3)  # forced splits: no minimum
@@ -599,7 +598,7 @@ def test_one_split_tiles_follow_programs_per_sm(kernels, monkeypatch):
     assert pick(49, 8, 128, 2) == (1, 128, 128, 8, 3)  # 392 programs < 3 x 132
     assert pick(50, 8, 128, 2) == (1, 128, 32, 4, 3)  # 400 programs
     assert pick(64, 8, 128, 2, sm_count=200) == (1, 128, 128, 8, 3)  # 512 < 600
-    assert pick(8, 8, 128, 2) == (8, 128, 64, 4, 3)  # 8 splits: SPLIT_WAVES's MULTI_SPLIT_TILE
+    assert pick(8, 8, 128, 2) == (4, 128, 128, 4, 3)  # 4 splits: the rule's 128-key tiles
     assert pick(64, 8, 128, 2, cache_fp8=True) == (2, 128, 32, 4, 3)
     assert pick(64, 8, 256, 2)[2:4] == (32, 8)  # D 256: small tiles, the one-split rule's 8 warps
     assert pick(64, 8, 128, 2, block_n=64, num_warps=8)[2:4] == (64, 8)
@@ -811,3 +810,19 @@ def test_combine_counters_rule_and_reset(kernels, monkeypatch):
     grown[-1] = 5
     mod.reset_combine_counters()
     assert int(cnt.abs().sum()) == 0 and int(grown.abs().sum()) == 0
+
+
+def test_split_rule_candidate(kernels, monkeypatch):
+    """``SPLIT_WAVES`` / ``MULTI_SPLIT_TILE`` (``bench_e2e.py --split-ab`` sets 4 / 64): more splits from the larger
+    target, and their tile where the splits make at least 2 programs an SM; B 1 (128 programs) and one-split
+    launches keep theirs."""
+    mod = kernels.decode_attention
+    monkeypatch.setattr(mod, "SPLIT_WAVES", 4)
+    monkeypatch.setattr(mod, "MULTI_SPLIT_TILE", 64)
+    pick = mod.pick_config
+    assert pick(8, 8, 128, 2) == (8, 128, 64, 4, 3)  # the B 8 sweep's best at 1040 / 1088 keys
+    assert tuple(mod.partition_len(n, pick(8, 8, 128, 2)) for n in (1040, 4096)) == (192, 512)
+    assert pick(1, 8, 128, 2) == (16, 128, 128, 4, 3)
+    assert pick(64, 8, 128, 2) == (1, 128, 32, 4, 3)
+    assert pick(32, 8, 128, 2)[:3] == (2, 128, 64)  # 256 programs: one split under the default rule
+    assert pick(8, 8, 128, 2, cache_fp8=True) == (8, 128, 32, 4, 3)  # the FP8 rule keeps WAVES

@@ -45,7 +45,7 @@ VARIANTS = (("_fusedrope", "RoPE in the attention"), ("_ropesep", "RoPE kernel a
             ("_opf", "o_proj weight prefetched in attention"), ("_noopf", "no o_proj prefetch"),
             ("_tile32", "32-key attention tiles at one split"),
             ("_tile128", "128-key attention tiles at every one-split launch"),
-            ("_split2x128", "attention split rule before SPLIT_WAVES 4"),
+            ("_split4x64", "attention splits at SPLIT_WAVES 4, 64-key tiles"),
             ("_noamax", "SiLU*mul + quantize kernel apart"), ("_amaxall", "gate-up partial maxima + quantize_from_amax"),
             ("_smallm", "small-M table"), ("_nopdl", "no PDL"),
             ("_prefetch", "PDL + L2 prefetch"),
