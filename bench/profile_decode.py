@@ -3,7 +3,8 @@ steps (``--steps``) of an ``bench_e2e.py`` model, the kernels' total CUDA time p
 kernels a step launches per decoder layer.
 
     torchrun --standalone --nproc-per-node=1 bench/profile_decode.py [--model 8B] [--layers 4|full] [--vocab real|N]
-        [--batch 1] [--context 1024] [--no-pdl] [--[no-]fold-norms] [--fp8] [--small-m-table PATH [--small-m-everywhere]]
+        [--batch 1] [--context 1024] [--no-pdl] [--[no-]fold-norms] [--fp8]
+        [--small-m-table PATH [--small-m-everywhere]]
 
 ``--model``: a ``bench_e2e.py`` model name, shards (``70B/tp8``) included; ``--layers`` / ``--vocab`` as there;
 ``--no-pdl`` captures the decode graphs without programmatic dependent launch (``KVCacheConfig.pdl=False``; under

@@ -39,9 +39,10 @@ scales (the un-normalized rows ``h * w_norm`` may exceed fp16's range):
   the GEMM of ``RMSNorm(h)`` without the normed rows ever stored (they differ from the add + RMSNorm kernel's by
   where the one rounding falls); ``sumsq [P, M]`` fp32 (any P >= 1).
 
-**Partial maxima for a per-token FP8 quantizer**, what the FP8 decode layers use instead of a SiLU*mul + quantize
-kernel between gate-up and down (per-token activations): the per-token scale needs the row's max ``|h|``, which a
-SiLU*mul + quantize kernel finds by giving each row to one program (14336 features of the 8B on one SM);
+**Partial maxima for a per-token FP8 quantizer**, what the FP8 decode layers can run instead of the SiLU*mul +
+quantize kernel between gate-up and down (per-token activations; :data:`AMAX_CHAIN_MAX_M`, off by default: measured
+slower): the per-token scale needs the row's max ``|h|``, which a SiLU*mul + quantize kernel finds by giving each row
+to one program (14336 features of the 8B on one SM);
 ``small_m_gemm_amax(x, weight, *, x_scale=None, w_scale=None, bias=None, silu_mul=False) -> (h, x_amax)`` is
 :func:`small_m_gemm` with a 16-bit output ``h [M, N]`` and ``x_amax [N / 32, M]`` fp32, the max ``|h|`` (as stored)
 per token over each 32 consecutive features (:func:`tpfuse.reference.amax_partials`; N a multiple of 32; split-K 1;
@@ -52,8 +53,9 @@ Dispatch as :mod:`tpfuse.ops`: CUDA tensors run the Triton kernel (the custom op
 Dynamo traces, the op body directly in eager mode), CPU tensors the reference, or the kernel under the Triton
 interpreter with ``TPFUSE_TRITON_CPU=1``. The custom op has a fake impl; the launch is CUDA-graph safe.
 
-:func:`use_kernel` (and :func:`use_amax_chain` for the FP8 gate-up -> down) is the model path's question (``tpfuse.parallel`` layers): whether the tuned table says the
-kernel beat the library call for ``(arch, scheme, N, K, M bucket)`` (else keep ``F.linear`` / ``_scaled_mm``);
+:func:`use_kernel` is the model path's question (``tpfuse.parallel`` layers; :func:`use_amax_chain` for the FP8
+gate-up): whether the tuned table says the kernel beat the library call for ``(arch, scheme, N, K, M bucket)`` (else
+keep ``F.linear`` / ``_scaled_mm``);
 :func:`route` gives that table row's config.
 """
 
@@ -306,8 +308,8 @@ def _(x, weight, x_scale, w_scale, bias, silu_mul):
 def small_m_gemm_amax(x: torch.Tensor, weight: torch.Tensor, *, x_scale: Optional[torch.Tensor] = None,
                       w_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                       silu_mul: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(out, x_amax)``: :func:`small_m_gemm` (16-bit output) and the partial maxima of ``|out|`` that the next
-    GEMM's ``x_amax`` takes (module docstring)."""
+    """``(out, x_amax)``: :func:`small_m_gemm` (16-bit output) and the partial maxima of ``|out|`` that
+    :func:`tpfuse.ops.quantize_from_amax` takes (module docstring)."""
     check(x, weight, x_scale, w_scale, bias, silu_mul, None, None)
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     if n % smc.SUMSQ_ROWS:

@@ -6,8 +6,9 @@ activations come quantized out of the fused kernels (no separate quantize kernel
     a_fp8 = quantize(attn)                       the one standalone quantize (attention emits bf16)
     x_fp8, residual = *fused_add_rmsnorm(scaled_mm(a_fp8, W_o_fp8), residual, post_norm, quant=gate-up format)
     gu = scaled_mm(x_fp8, W_gate_up_fp8)
-    h_fp8 = silu_mul(gu, quant=down format)      (per-token, few tokens: gate-up + SiLU*mul -> bf16 h + partial
-                                                  maxima of |h|, then quantize_from_amax)
+    h_fp8 = silu_mul(gu, quant=down format)      (per-token with small_gemm.AMAX_CHAIN_MAX_M, off by default:
+                                                  gate-up + SiLU*mul -> bf16 h + partial maxima of |h|, then
+                                                  ops.quantize_from_amax)
     x, residual = *fused_add_rmsnorm(scaled_mm(h_fp8, W_down_fp8), residual, NEXT norm, quant=next qkv format)
 
 (sequence-parallel form: ``all_gather_matmul`` / ``matmul_reduce_scatter_rmsnorm`` with the same FP8 operands).
@@ -133,10 +134,10 @@ class FP8DecoderLayer(TPDecoderLayer):
 
     def _fp8_gate_up_silu(self, x, ctx: StepContext):
         """``silu_mul(gate-up GEMM, quant=down's input format)``: one fused small-M kernel (static FP8 output) where
-        the table says it beats the unfused pair; per-token FP8 needs the whole row's amax: at few tokens
-        (:func:`~tpfuse.small_gemm.use_amax_chain`) gate-up + SiLU*mul writes bf16 h and its partial maxima, which
-        :func:`~tpfuse.ops.quantize_from_amax` turns into the scale over many programs a row; else the SiLU*mul +
-        quantize kernel (one program a row)."""
+        the table says it beats the unfused pair; per-token FP8 needs the whole row's amax: the SiLU*mul + quantize
+        kernel (one program a row), or where :func:`~tpfuse.small_gemm.use_amax_chain` says so (off by default)
+        gate-up + SiLU*mul writing bf16 h and its partial maxima, which :func:`~tpfuse.ops.quantize_from_amax`
+        turns into the scale over many programs a row."""
         g, spec = self._g["gate_up"], self._g["down"].in_spec
         if (not ctx.meta.sp and type(spec) is q.FP8PerToken
                 and small_gemm.use_amax_chain(x.data, g.weight, x_scale=x.scale, gate_up_scale=g.scale)):
