@@ -4,10 +4,11 @@
 #                                         profile e2e e2e_full e2e_shards load tune demo onegpu soak probe_onegpu
 #                                         small_gemm e2e_ab e2e_big fp8cache fusedrope fusedcomb foldnorm
 #                                         kvprefetch fp8f16 argmax smallm64 opf attntail profiles accuracy
+#                                         splitcand
 #                                         (default: all but probe_ce, profile, profiles, e2e_full, e2e_shards, load,
 #                                         onegpu, soak, probe_onegpu, small_gemm, e2e_ab, e2e_big, fp8cache,
 #                                         fusedrope, fusedcomb, foldnorm, kvprefetch, fp8f16, argmax, smallm64,
-#                                         opf, attntail, accuracy; multi-GPU
+#                                         opf, attntail, accuracy, splitcand; multi-GPU
 #                                         steps skip on one GPU)
 #   profiles: where the decode step goes, at full size with PDL (profile_decode.py: kernel and exposed time per
 #         kernel, JSON + PNG each, $OUT/profiles), one profile per entry of PROFILES (default "8B:1 8B:8 8B:64
@@ -105,6 +106,12 @@
 #         and HF forwards ~5 s, Triton JIT + capture of the bf16 and FP8 decode steps ~40-80 s: ~80-120 s;
 #         LIMIT_accuracy (default 240). ACCURACY_ARGS appended (--no-fp8, --batch, --prompt, --steps, --seed).
 #         One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh accuracy
+#   splitcand: decides the decode attention's bf16 split rule candidate (decode_attention.SPLIT_WAVES 4 /
+#         MULTI_SPLIT_TILE 64: 8 splits of 64-key tiles at B 8, 0.86-0.88x in the kernel bench at 7fdfb52) in one
+#         call (~4 min): its GPU tests (test_gpu_split_candidate_model_shapes: B 3 / 8 / 16 / 32, RoPE and QK-norm,
+#         combine kernel and fused; ~16 builds), then the full 8B's decode rows at B 8 / 16 / 32 with it
+#         (bench_e2e.py --split-ab, rows _split4x64; SPLITCAND_ARGS appended).
+#         One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh splitcand
 #   argmax: the greedy pick's A/B (bench/bench_argmax.py: torch.argmax vs tpfuse.parallel.generate.greedy_tokens
 #         and its chunk lengths, vocab 128256 / 32000 at B 1 / 8 / 64; ARGMAX_ARGS appended; ~20 s)
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
@@ -269,6 +276,11 @@ for s in "${steps[@]}"; do
               --models 8B --layers full --decode-batches 1,8,64 --context 1024 --prefill 1024 --hf-models none \
               --no-fp8 --kv-fp8 --f16-ab ${FP8F16_ARGS:-} ;;
     argmax) run argmax python3 bench/bench_argmax.py ${ARGMAX_ARGS:-} ;;
+    splitcand) LIMIT_splitcand_tests=${LIMIT_splitcand_tests:-150} run splitcand_tests bash -c "python3 -m pytest -q \
+                 -rs tests/test_rope_decode_attention.py -k split_candidate"
+               LIMIT_splitcand_ab=${LIMIT_splitcand_ab:-150} run splitcand_ab "${TR1[@]}" bench/bench_e2e.py \
+                 --tag split_ab --models 8B --layers full --decode-batches 8,16,32 --context 1024 --prefill 1024 \
+                 --hf-models none --split-ab ${SPLITCAND_ARGS:-} ;;
     accuracy) LIMIT_accuracy=${LIMIT_accuracy:-240} run accuracy "${TR1[@]}" bench/bench_accuracy.py --model 8B \
                 --layers full ${ACCURACY_ARGS:-} ;;
     attntail) LIMIT_attntail_bench=${LIMIT_attntail_bench:-150} run attntail_bench python3 \

@@ -383,6 +383,26 @@ def test_gpu_model_shapes(gen, monkeypatch, bsz, qk_norm, fp8, combine):
 
 @gpu_only
 @pytest.mark.parametrize("combine", ["kernel", "fused"])
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["rope", "qknorm"])
+@pytest.mark.parametrize("bsz", [3, 8, 16, 32])
+def test_gpu_split_candidate_model_shapes(gen, monkeypatch, bsz, qk_norm, combine):
+    """The bf16 split rule's candidate (``decode_attention.SPLIT_WAVES`` 4 / ``MULTI_SPLIT_TILE`` 64: 8 splits of
+    64-key tiles at B 8) at the 8B's heads, contexts just past multiples of 128 keys: the builds it launches are
+    checked as the shipped ones are, before it can be the default."""
+    from tpfuse.kernels import decode_attention as dak
+
+    monkeypatch.setattr(dak, "SPLIT_WAVES", 4)
+    monkeypatch.setattr(dak, "MULTI_SPLIT_TILE", 64)
+    monkeypatch.setattr(dak, "FUSE_COMBINE", combine == "fused")
+    recs = {name: record_launches(monkeypatch, dak, name) for name in FUSED_ROPE_KERNELS}
+    lens = torch.randint(1025, 1100, (bsz,), generator=gen).tolist()
+    run_step(gen, DEVICE, lens=lens, hq=32, hkv=8, d=128, block_size=256, qk_norm=qk_norm)
+    launched = [kw for r in recs.values() for _, kw in r.launches]
+    assert launched and all(kw["BLOCK_N"] == 64 for kw in launched if "BLOCK_N" in kw), launched
+
+
+@gpu_only
+@pytest.mark.parametrize("combine", ["kernel", "fused"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16cache", "fp8cache"])
 def test_gpu_cuda_graph_capture_replay(gen, monkeypatch, fp8, combine):
     """Captured once (the capture's warm-up call writes each sequence's poisoned new-key slot), replayed over
