@@ -624,8 +624,8 @@ SPLIT_WAVES = 2
 the best of 12 configs, 0.88 / 0.86x (Hq 32) and 0.86 / 0.85x (Hq 64) the time of this rule's 4 splits of 128-key
 tiles, whose partitions (``round_up(cdiv(n, 4), 128)`` = 384 keys at 1040) leave one split of four idle. Not the
 default until the model's step (the rope-split kernel at those builds, and B 9-33, whose split counts it changes
-too) has run on a GPU: ``bench_e2e.py --split-ab`` (rows ``_split4x64``) and the decode-attention GPU tests
-(``bash bench/gpu_run.sh tests`` with the rule set)."""
+too) has run on a GPU: ``bash bench/gpu_run.sh splitcand`` (``test_gpu_split_candidate_model_shapes`` and
+``bench_e2e.py --split-ab``, rows ``_split4x64``)."""
 MULTI_SPLIT_TILE = 128
 """BLOCK_N of the bf16 / fp16 rule with more than one split and at least 2 programs an SM (B * Hkv * NUM_SPLITS
 >= 2 x SMs): :data:`SPLIT_WAVES`."""
