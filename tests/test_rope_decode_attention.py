@@ -397,8 +397,8 @@ def test_gpu_split_candidate_model_shapes(gen, monkeypatch, bsz, qk_norm, combin
     recs = {name: record_launches(monkeypatch, dak, name) for name in FUSED_ROPE_KERNELS}
     lens = torch.randint(1025, 1100, (bsz,), generator=gen).tolist()
     run_step(gen, DEVICE, lens=lens, hq=32, hkv=8, d=128, block_size=256, qk_norm=qk_norm)
-    launched = [kw for r in recs.values() for _, kw in r.launches]
-    assert launched and all(kw["BLOCK_N"] == 64 for kw in launched if "BLOCK_N" in kw), launched
+    tiles = [kw["BLOCK_N"] for r in recs.values() for _, kw in r.launches if "BLOCK_N" in kw]  # the split kernels
+    assert tiles and set(tiles) == {64}, tiles
 
 
 @gpu_only
