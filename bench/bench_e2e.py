@@ -82,6 +82,11 @@ Providers (every one is the model a user runs, called with Hugging Face argument
   SiLU*mul with its partial maxima and ``ops.quantize_from_amax``, 64 (that chain) where it does not;
 * ``<provider>_split4x64`` (``--split-ab``): the decode step with the decode attention's bf16 split rule at
   ``decode_attention.SPLIT_WAVES`` 4 / ``MULTI_SPLIT_TILE`` 64 (the B 8 sweep's candidate; default 2 / 128);
+* ``<provider>_early`` / ``_earlypf`` (``--trigger-ab``): the decode step with ``kernels.pdl.EARLY_TRIGGER`` on
+  (the small-M GEMM and the decode attention's split kernels trigger their PDL dependents right after their wait
+  instead of after their main loop), and the same with the L2 prefetches before the waits (``_earlypf``: the
+  GEMMs' ``--prefetch-kib`` budget, default ``small_m_gemm.PREFETCH_BYTES_TRIED``, and the attention's first K / V
+  tile); rows carry ``early_trigger``;
 * ``<provider>_tile128`` (``--tile-ab``): the decode step with ``decode_attention.ONE_SPLIT_TILES`` one entry,
   128-key tiles at 8 warps wherever a sequence is one program (the rule before the 32 x 4 step); rows carry
   ``one_split_tiles``;
@@ -195,6 +200,8 @@ def parse_args(argv=None):
     ap.add_argument("--fold-ab", action="store_true", help="adds decode rows with KVCacheConfig.fold_norms the other "
                     "way than the default: <provider>_foldnorm (each add + RMSNorm in the GEMMs around it) or "
                     "<provider>_normkern (its own kernel); whole models only")
+    ap.add_argument("--trigger-ab", action="store_true", help="adds decode rows with kernels.pdl.EARLY_TRIGGER on: "
+                    "<provider>_early, and with the L2 prefetches before the waits too: <provider>_earlypf")
     ap.add_argument("--split-ab", action="store_true", help="adds decode rows with the decode attention's bf16 "
                     "split rule at SPLIT_WAVES 4 / MULTI_SPLIT_TILE 64: <provider>_split4x64")
     ap.add_argument("--amax-ab", action="store_true", help="adds per-token FP8 decode rows with "
@@ -205,8 +212,8 @@ def parse_args(argv=None):
                     "without programmatic dependent launch, KVCacheConfig.pdl=False) and <provider>_prefetch (with PDL "
                     "and the L2 prefetches before its waits)")
     ap.add_argument("--prefetch-kib", type=int, default=None,
-                    help="with --pdl-ab: the weight bytes (KiB) each small-M GEMM launch of the _prefetch rows "
-                    "prefetches into L2 before its PDL wait (default: small_m_gemm.PREFETCH_BYTES_TRIED, 16 MiB)")
+                    help="with --pdl-ab / --trigger-ab: the weight bytes (KiB) each small-M GEMM launch of the _prefetch rows "
+                    "prefetches into L2 before its PDL wait (_earlypf rows too; default: small_m_gemm.PREFETCH_BYTES_TRIED, 16 MiB)")
     ap.add_argument("--small-m-everywhere", action="store_true",
                     help="with --small-m-table: adds <provider>_smallall rows (and _smallall_nopdl with --pdl-ab), "
                     "that table with every row routed to the kernel (its tuned config) whether or not it beat the "
@@ -407,6 +414,8 @@ class Variant(NamedTuple):
     """``small_gemm.AMAX_CHAIN_MAX_M`` (per-token FP8 rows only)."""
     split_rule: Optional[tuple] = None
     """``(decode_attention.SPLIT_WAVES, decode_attention.MULTI_SPLIT_TILE)``."""
+    early_trigger: Optional[bool] = None
+    """``kernels.pdl.EARLY_TRIGGER``."""
 
 
 def variants(args) -> list:
@@ -428,10 +437,13 @@ def variants(args) -> list:
     out += [opf_variant()] if getattr(args, "opf_ab", False) else []
     out += [Variant("_tile128", one_split_tiles=((0, (128, 8)),))] if getattr(args, "tile_ab", False) else []
     out += [Variant("_split4x64", split_rule=(4, 64))] if getattr(args, "split_ab", False) else []
+    kib = getattr(args, "prefetch_kib", None)
+    out += [Variant("_early", early_trigger=True),
+            Variant("_earlypf", early_trigger=True, pdl=True, prefetch=True,
+                    prefetch_bytes=None if kib is None else kib << 10)] if getattr(args, "trigger_ab", False) else []
     out += [Variant("_noamax", amax_chain_max_m=0), Variant("_amaxall", amax_chain_max_m=64)] if getattr(
         args, "amax_ab", False) else []
     out += [Variant("_smallm", table)] if table else []
-    kib = getattr(args, "prefetch_kib", None)
     out += [Variant("_nopdl", pdl=False), Variant("_prefetch", pdl=True, prefetch=True,
                                                   prefetch_bytes=None if kib is None else kib << 10)] if ab else []
     out += [Variant("_smallall", table, everywhere=True)] if every else []
@@ -523,7 +535,8 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
     st.cache_config.prefetch_o_proj = own_opf if v.prefetch_o is None else v.prefetch_o
     own_pf, own_kv_pf, own_comb, own_f16 = smg.PREFETCH_BYTES, dak.PREFETCH, dak.FUSE_COMBINE, dak.FP8_F16
     own_tile, own_chain = dak.ONE_SPLIT_TILES, small_gemm.AMAX_CHAIN_MAX_M
-    own_split = (dak.SPLIT_WAVES, dak.MULTI_SPLIT_TILE)
+    own_split, own_early = (dak.SPLIT_WAVES, dak.MULTI_SPLIT_TILE), pdl_launch.EARLY_TRIGGER
+    pdl_launch.EARLY_TRIGGER = own_early if v.early_trigger is None else v.early_trigger
     dak.SPLIT_WAVES, dak.MULTI_SPLIT_TILE = own_split if v.split_rule is None else v.split_rule
     dak.ONE_SPLIT_TILES = own_tile if v.one_split_tiles is None else v.one_split_tiles
     small_gemm.AMAX_CHAIN_MAX_M = own_chain if v.amax_chain_max_m is None else v.amax_chain_max_m
@@ -547,13 +560,15 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
                                            prefetch_o_proj=st.cache_config.prefetch_o_proj,
                                            one_split_tiles=[[a, list(t)] for a, t in dak.ONE_SPLIT_TILES],
                                            amax_chain_max_m=small_gemm.AMAX_CHAIN_MAX_M,
-                                           split_rule=[dak.SPLIT_WAVES, dak.MULTI_SPLIT_TILE]))
+                                           split_rule=[dak.SPLIT_WAVES, dak.MULTI_SPLIT_TILE],
+                                           early_trigger=pdl_launch.EARLY_TRIGGER))
     finally:
         st.cache_config.pdl, st.cache_config.fuse_rope, st.graphs = own_pdl, own_fuse, None
         st.cache_config.fold_norms, st.cache_config.prefetch_o_proj = own_fold, own_opf
         smg.PREFETCH_BYTES, dak.PREFETCH, dak.FUSE_COMBINE, dak.FP8_F16 = own_pf, own_kv_pf, own_comb, own_f16
         dak.ONE_SPLIT_TILES, small_gemm.AMAX_CHAIN_MAX_M = own_tile, own_chain
         dak.SPLIT_WAVES, dak.MULTI_SPLIT_TILE = own_split
+        pdl_launch.EARLY_TRIGGER = own_early
     return r
 
 

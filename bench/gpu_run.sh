@@ -4,11 +4,11 @@
 #                                         profile e2e e2e_full e2e_shards load tune demo onegpu soak probe_onegpu
 #                                         small_gemm e2e_ab e2e_big fp8cache fusedrope fusedcomb foldnorm
 #                                         kvprefetch fp8f16 argmax smallm64 opf attntail profiles accuracy
-#                                         splitcand
+#                                         splitcand trigger
 #                                         (default: all but probe_ce, profile, profiles, e2e_full, e2e_shards, load,
 #                                         onegpu, soak, probe_onegpu, small_gemm, e2e_ab, e2e_big, fp8cache,
 #                                         fusedrope, fusedcomb, foldnorm, kvprefetch, fp8f16, argmax, smallm64,
-#                                         opf, attntail, accuracy, splitcand; multi-GPU
+#                                         opf, attntail, accuracy, splitcand, trigger; multi-GPU
 #                                         steps skip on one GPU)
 #   profiles: where the decode step goes, at full size with PDL (profile_decode.py: kernel and exposed time per
 #         kernel, JSON + PNG each, $OUT/profiles), one profile per entry of PROFILES (default "8B:1 8B:8 8B:64
@@ -112,6 +112,13 @@
 #         combine kernel and fused; ~16 builds), then the full 8B's decode rows at B 8 / 16 / 32 with it
 #         (bench_e2e.py --split-ab, rows _split4x64; SPLITCAND_ARGS appended).
 #         One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh splitcand
+#   trigger: decides kernels.pdl.EARLY_TRIGGER (the small-M GEMM and the decode attention's split kernels trigger
+#         their PDL dependents right after their wait, not after their main loop) in one call (~4 min): the GPU test
+#         of the model's graph decode with PDL both ways (test_graph_decode_through_the_kernel_and_with_pdl_...:
+#         logits equal bit for bit to the graphs without PDL; TP 1 and one-GPU TP 2 / 4 / 8), then the full 8B's
+#         decode rows at B 1 / 8 / 64 with it, and with 4 MiB of L2 prefetch a GEMM launch too (bench_e2e.py
+#         --trigger-ab --prefetch-kib 4096, rows _early / _earlypf; TRIGGER_ARGS appended).
+#         One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh trigger
 #   argmax: the greedy pick's A/B (bench/bench_argmax.py: torch.argmax vs tpfuse.parallel.generate.greedy_tokens
 #         and its chunk lengths, vocab 128256 / 32000 at B 1 / 8 / 64; ARGMAX_ARGS appended; ~20 s)
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
@@ -281,6 +288,11 @@ for s in "${steps[@]}"; do
                LIMIT_splitcand_ab=${LIMIT_splitcand_ab:-150} run splitcand_ab "${TR1[@]}" bench/bench_e2e.py \
                  --tag split_ab --models 8B --layers full --decode-batches 8,16,32 --context 1024 --prefill 1024 \
                  --hf-models none --split-ab ${SPLITCAND_ARGS:-} ;;
+    trigger) LIMIT_trigger_tests=${LIMIT_trigger_tests:-200} run trigger_tests bash -c "python3 -m pytest -q -rs \
+               tests/distributed/test_small_m_model.py -k graph_decode_through_the_kernel_and_with_pdl"
+             LIMIT_trigger_ab=${LIMIT_trigger_ab:-200} run trigger_ab "${TR1[@]}" bench/bench_e2e.py \
+               --tag trigger_ab --models 8B --layers full --decode-batches 1,8,64 --context 1024 --prefill 1024 \
+               --hf-models none --trigger-ab --prefetch-kib 4096 ${TRIGGER_ARGS:-} ;;
     accuracy) LIMIT_accuracy=${LIMIT_accuracy:-240} run accuracy "${TR1[@]}" bench/bench_accuracy.py --model 8B \
                 --layers full ${ACCURACY_ARGS:-} ;;
     attntail) LIMIT_attntail_bench=${LIMIT_attntail_bench:-150} run attntail_bench python3 \

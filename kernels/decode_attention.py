@@ -904,8 +904,8 @@ def launch_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, o
     tail = (float(scale) * LOG2E, int(max_seq_len), group, hq)
     meta = dict(D=d, GROUP_PAD=max(16, next_pow2(group)), BLOCK_N=cfg.block_n, MIN_PARTITION=cfg.min_partition,
                 BLOCK_SIZE=block_size, NUM_SPLITS=splits, CACHE_FP8=cache_fp8, PV_HILO=q.element_size() == 2,
-                PREC="ieee" if q.dtype.itemsize == 4 else "tf32", PDL=on, FP8_WORDS=words, F16_MMA=f16,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_options(on))
+                PREC="ieee" if q.dtype.itemsize == 4 else "tf32", PDL=pdl.stream_mode(on), FP8_WORDS=words,
+                F16_MMA=f16, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_options(on))
     if cnt is not None:
         _split_combine_kernel[(bsz, hkv, splits)](*head, cnt, *tail, SPLITS_PAD=next_pow2(splits), **meta)
         return cfg
@@ -962,9 +962,9 @@ def launch_rope_decode_attention(q, k, v, positions, cos_sin_cache, key_cache, v
     tail = (float(scale) * LOG2E, int(max_seq_len), hq // hkv, hq)
     meta = dict(D=d, GROUP_PAD=max(16, next_pow2(hq // hkv)), BLOCK_N=cfg.block_n, MIN_PARTITION=cfg.min_partition,
                 BLOCK_SIZE=block_size, NUM_SPLITS=splits, CACHE_FP8=cache_fp8, PV_HILO=q.element_size() == 2,
-                PREC="ieee" if q.dtype.itemsize == 4 else "tf32", PDL=on, QK_NORM=qk_norm, GEMMA=bool(gemma),
-                FP8_WORDS=words, F16_MMA=f16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                **pdl.launch_options(on))
+                PREC="ieee" if q.dtype.itemsize == 4 else "tf32", PDL=pdl.stream_mode(on), QK_NORM=qk_norm,
+                GEMMA=bool(gemma), FP8_WORDS=words, F16_MMA=f16, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages, **pdl.launch_options(on))
     cap = rope_max_registers(cfg, cache_fp8)
     if cap is not None:
         meta["maxnreg"] = cap

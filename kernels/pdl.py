@@ -19,8 +19,8 @@ its split-K reduce):
 * the two kernels that stream most bytes (the small-M GEMM, the decode attention's split kernel) instead wait first
   (:func:`wait`) and let the next grid launch only after their main loop (:func:`trigger`): the next kernel's
   programs, and the L2 prefetches they issue before their own wait, then do not take SM slots and L2 from a kernel
-  that still streams its weights or its KV cache. The order wait-before-trigger is the same, so what follows holds
-  for them too;
+  that still streams its weights or its KV cache (:data:`EARLY_TRIGGER`: right after their wait instead, an A/B
+  knob). The order wait-before-trigger is the same, so what follows holds for them too;
 * every program waits (no early exit before its wait), so a PDL grid completes only after its predecessor has:
   ordering stays transitive along a chain of PDL kernels, and a kernel after them that is launched normally (cuBLAS,
   torch ops, the fused all-reduce) waits for all of it as always;
@@ -101,6 +101,23 @@ def wanted(t: torch.Tensor) -> bool:
                                               torch.cuda.current_device())
 
 
+EARLY = 2
+"""The ``PDL`` constexpr of a streaming kernel that triggers right after its wait (:func:`stream_mode`)."""
+EARLY_TRIGGER = False
+"""The two streaming kernels (the small-M GEMM, the decode attention's split kernels) trigger right after their wait
+(True) instead of after their main loop (False): the next kernel's launch then hides behind this kernel's whole
+loop, not only its epilogue, and its programs may take SM slots (and issue their L2 prefetches) while this kernel
+still streams. The trigger takes effect once every program of the grid has given it, so a grid of more than one
+wave still launches all its programs first. An A/B knob (``bench/bench_e2e.py --trigger-ab``), off until that
+A/B says otherwise."""
+
+
+def stream_mode(on: bool):
+    """The ``PDL`` constexpr of a streaming kernel's launch: :data:`EARLY` where ``on`` and
+    :data:`EARLY_TRIGGER`, else ``on`` (the trigger after the main loop; False: no PDL)."""
+    return EARLY if on and EARLY_TRIGGER else on
+
+
 def launch_options(pdl: bool) -> dict:
     """The Triton launch keyword for ``pdl`` (none when off: the JIT call stays exactly what it was)."""
     return {"launch_pdl": True} if pdl else {}
@@ -113,6 +130,7 @@ except ImportError:  # tpfuse without Triton: the launchers that would call this
     triton = None
 
 if triton is not None:
+    EARLY_C: tl.constexpr = tl.constexpr(EARLY)  # the JIT reads only constexpr globals
 
     @triton.jit
     def prefetch_l2(ptrs, mask):
@@ -125,14 +143,18 @@ if triton is not None:
 
     @triton.jit
     def wait(PDL: tl.constexpr):
-        """A streaming kernel's first statement (after L2 prefetches): the wait of :func:`enter` alone."""
+        """A streaming kernel's first statement (after L2 prefetches): the wait of :func:`enter` alone, or with
+        ``PDL == EARLY`` (:func:`stream_mode`) the wait and the trigger right after it, as :func:`enter`."""
         if PDL:
             tl.extra.cuda.gdc_wait()
+            if PDL == EARLY_C:
+                tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
     def trigger(PDL: tl.constexpr):
-        """A streaming kernel's ``launch_dependents``, after its main loop (module docstring)."""
-        if PDL:
+        """A streaming kernel's ``launch_dependents``, after its main loop (module docstring); nothing with
+        ``PDL == EARLY`` (it triggered in :func:`wait`)."""
+        if PDL and PDL != EARLY_C:
             tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit

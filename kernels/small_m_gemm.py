@@ -525,7 +525,8 @@ def launch_small_m_gemm(x, w, x_scale, w_scale, bias, out, out_scale, silu_mul: 
                SILU_MUL=bool(silu_mul), OUT_FP8=out_scale is not None)
     args = (x, w, xs, ws, b, out, os_, part, m, n_out, k, x.stride(0), out.stride(0), n_kb, split)
     consts = dict(X_FP8=x.dtype.itemsize == 1, W_FP8=w.dtype.itemsize == 1, **epi, PARTIAL=split > 1,
-                  EVEN_K=k % cfg.block_k == 0, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PDL=on,
+                  EVEN_K=k % cfg.block_k == 0, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                  PDL=pdl.stream_mode(on),
                   PF_LINES=prefetch_lines(n_w, k, split, w.dtype.itemsize, cfg.block_n) if on else 0)
     grid = (triton.cdiv(n_out, cfg.block_n), split)
     plain = norm is None and add is None and amax_out is None

@@ -23,7 +23,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from ptx_checks import pdl_order_problem, ticket_order_problem  # noqa: E402
-from tpfuse.kernels import (add_rmsnorm, decode_attention, fused_allreduce, l2_prefetch, quantize,  # noqa: E402
+from tpfuse.kernels import (add_rmsnorm, decode_attention, fused_allreduce, l2_prefetch, pdl, quantize,  # noqa: E402
                             reduce_slots, rope, silu_mul, small_m_gemm)
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -74,7 +74,9 @@ def compile_kernel(fn, ptrs, const, num_warps=8, hinted=False, num_stages=None, 
 
 def cases():
     """Every case (:func:`base_cases`), then one PDL variant (``PDL=True``, kernels/pdl.py) of each kernel that
-    takes it: the first case of that kernel, renamed ``<case> pdl``."""
+    takes it: the first case of that kernel, renamed ``<case> pdl``; for the streaming kernels (their trigger after
+    the main loop: ``pdl.wait`` / ``pdl.trigger``) also ``<case> pdl early`` (``PDL=pdl.EARLY``: the trigger right
+    after the wait, ``pdl.EARLY_TRIGGER``)."""
     seen = set()
     pdl_variants = []
     for case in base_cases():
@@ -83,7 +85,17 @@ def cases():
         if "PDL" in fn.arg_names and fn not in seen:
             seen.add(fn)
             pdl_variants.append((case[0] + " pdl", fn, case[2], dict(case[3], PDL=True), *case[4:]))
+            if _streaming(fn):
+                pdl_variants.append((case[0] + " pdl early", fn, case[2], dict(case[3], PDL=pdl.EARLY), *case[4:]))
     yield from pdl_variants
+
+
+def _streaming(fn) -> bool:
+    """Whether ``fn`` is one of the kernels that trigger after their main loop (``pdl.wait`` / ``pdl.trigger``)."""
+    return fn in (decode_attention._split_kernel, decode_attention._rope_split_kernel,
+                  decode_attention._split_combine_kernel, decode_attention._rope_split_combine_kernel,
+                  small_m_gemm._small_m_gemm_kernel, small_m_gemm._small_m_gemm_norm_kernel,
+                  small_m_gemm._small_m_gemm_serial_kernel)
 
 
 def base_cases():

@@ -67,17 +67,25 @@ def _launch_all(monkeypatch):
     return {n: stub.kw for n, stub in s.items()}
 
 
-@pytest.mark.parametrize("on", [False, True])
-def test_every_launcher_passes_pdl_with_its_launch_option(monkeypatch, on):
+STREAMING = {"_split_kernel", "_small_m_gemm_kernel", "_small_m_gemm_norm_kernel", "_small_m_gemm_serial_kernel"}
+"""The kernels whose trigger follows their main loop (``pdl.wait`` / ``pdl.trigger``; :data:`pdl.EARLY_TRIGGER`)."""
+
+
+@pytest.mark.parametrize("on,early", [(False, False), (True, False), (False, True), (True, True)])
+def test_every_launcher_passes_pdl_with_its_launch_option(monkeypatch, on, early):
+    """``PDL`` is the launch option's bool, but :data:`pdl.EARLY` for the streaming kernels with PDL on and
+    ``EARLY_TRIGGER`` (never without PDL)."""
     from tpfuse.kernels import fast_launch, pdl
 
     monkeypatch.setattr(fast_launch, "ENABLED", False)  # the JIT-style call: what a kernel object receives
     monkeypatch.setattr(pdl, "wanted", lambda t: on)  # CPU tensors: pretend an sm_90 device inside launches()
+    monkeypatch.setattr(pdl, "EARLY_TRIGGER", early)
     launched = _launch_all(monkeypatch)
     for name, kws in launched.items():
         assert len(kws) == 1, (name, kws)
         kw = kws[0]
-        assert kw["PDL"] is on, (name, kw)
+        want = pdl.EARLY if (on and early and name in STREAMING) else on
+        assert kw["PDL"] == want and type(kw["PDL"]) is type(want), (name, kw, want)
         assert kw.get("launch_pdl", False) is on, (name, kw)  # the option only when on: the JIT call as before
 
 

@@ -174,7 +174,8 @@ def _routed_graph_decode(rank, world, arch, fp8):
     every GEMM), each captured without and with programmatic dependent launch (``KVCacheConfig.pdl``; sm_90 and
     later). Each vs the fp64 oracle; PDL changes when a kernel starts, never what it computes (the same kernels
     but for the wait / trigger instructions, every reduction deterministic, the all-reduce pinned to one kernel),
-    so its logits must equal the same graph's without it bit for bit; a missing wait could show as a difference."""
+    so its logits must equal the same graph's without it bit for bit; a missing wait could show as a difference.
+    The same with the streaming kernels' trigger right after their wait (``pdl.EARLY_TRIGGER``, mode "early")."""
     import tpfuse
     from tpfuse import small_gemm
     from tpfuse.kernels import pdl as pdl_launch
@@ -191,28 +192,29 @@ def _routed_graph_decode(rank, world, arch, fp8):
     table = _table(model, beats=True, silu=True, arch=dev_arch)
     calls, orig = [], small_gemm.small_m_gemm
     small_gemm.small_m_gemm = lambda x, w, **kw: calls.append(x.shape[0]) or orig(x, w, **kw)
-    pdl_modes = (False, True) if pdl_launch.available(comm.device) else (False,)  # sm_90+ with a stack that has it
+    pdl_modes = (False, True, "early") if pdl_launch.available(comm.device) else (False,)  # sm_90+, a stack with it
     engaged, wanted = [], pdl_launch.wanted  # the launchers ask pdl.wanted by attribute: count its yeses
     pdl_launch.wanted = lambda t: engaged.append(wanted(t)) or engaged[-1]
-    got, own_pdl = {}, st.cache_config.pdl
+    got, own_pdl, own_early = {}, st.cache_config.pdl, pdl_launch.EARLY_TRIGGER
     try:
         for routed in (False, True):
             for pdl in pdl_modes:
                 engaged.clear()
-                st.graphs, st.cache_config.pdl = None, pdl  # captured anew under this variant
+                st.graphs, st.cache_config.pdl = None, bool(pdl)  # captured anew under this variant
+                pdl_launch.EARLY_TRIGGER = pdl == "early"
                 with smc.install(table if routed else None):
                     got[routed, pdl] = _graph_decode(model, ids, 6)
                 if not routed:
                     assert not calls, "no table: the library GEMMs"
-                assert any(engaged) == pdl, f"PDL launches: {sum(engaged)} with pdl={pdl}"
+                assert any(engaged) == bool(pdl), f"PDL launches: {sum(engaged)} with pdl={pdl}"
     finally:
         small_gemm.small_m_gemm, pdl_launch.wanted = orig, wanted
-        st.graphs, st.cache_config.pdl = None, own_pdl
+        st.graphs, st.cache_config.pdl, pdl_launch.EARLY_TRIGGER = None, own_pdl, own_early
     assert calls and 1 in calls and max(calls) <= 6, calls  # the decode GEMMs (and the prefill's) ran the kernel
     what = f"{arch} TP={world} fp8={fp8}"
     for routed in (False, True):
-        if True in pdl_modes:
-            assert torch.equal(got[routed, True], got[routed, False]), f"{what} routed={routed}: PDL changed logits"
+        for pdl in pdl_modes[1:]:
+            assert torch.equal(got[routed, pdl], got[routed, False]), f"{what} routed={routed}: PDL {pdl} changed logits"
     errs = [assert_logits_close(got[True, False], ref, DT, f"{what} kernel", fp8=bool(fp8)),
             assert_logits_close(got[False, False], ref, DT, f"{what} library", fp8=bool(fp8))]
     comm.close()
