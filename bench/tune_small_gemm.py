@@ -84,6 +84,7 @@ STATIC_OUT_SCALE = 0.1  # silu(g) * u of y ~ N(0, 1) stays inside e4m3's +-448
 TILES = {2: [(64, 128, 4, 4), (128, 128, 4, 4), (64, 256, 4, 3), (32, 256, 4, 4), (128, 64, 4, 6)],
          1: [(64, 256, 4, 4), (128, 256, 4, 4), (64, 512, 4, 3), (32, 512, 4, 4), (128, 128, 4, 6)]}
 ALL_TILES = [False]  # --all-tiles (set by main)
+CLI_TILES: list = []  # --tiles (set by main): (block_n, block_k, warps, stages) more, for every weight width
 WIDE_M = 32
 """From this M on, the x tile is as large as a 64-row weight tile's half or more, and every N tile re-reads it from
 L2 (x traffic / weight traffic = M / BLOCK_N): the candidates add :data:`EXTRA_TILES` and time every tile at split-K 1
@@ -118,7 +119,7 @@ def candidates(scheme: str, n: int, k: int, sms: int, m: int = 1, all_tiles: boo
     :data:`WIDE_M` on (or with ``all_tiles``) also :data:`EXTRA_TILES`, each tile at split-K 1 and 2 too."""
     wb = smc.weight_bytes(scheme)
     wide = m >= WIDE_M or all_tiles
-    tiles = TILES[wb] + (EXTRA_TILES[wb] if wide else [])
+    tiles = TILES[wb] + (EXTRA_TILES[wb] if wide else []) + CLI_TILES
     out = [smc.default_config(scheme, n, k, 1, sms)]
     for bn, bk, w, st in tiles:
         t = GemmConfig(block_n=bn, block_k=bk, num_warps=w, num_stages=st)
@@ -131,6 +132,17 @@ def candidates(scheme: str, n: int, k: int, sms: int, m: int = 1, all_tiles: boo
             c = replace(t, split_k=s)
             if c not in out:
                 out.append(c)
+    return out
+
+
+def parse_tiles(spec: str) -> list:
+    """``"16x256x4x6,32x512x4x4"`` -> ``[(16, 256, 4, 6), (32, 512, 4, 4)]`` (``--tiles``)."""
+    out = []
+    for item in filter(None, (t.strip() for t in spec.split(","))):
+        parts = item.split("x")
+        if len(parts) != 4 or not all(p.isdigit() for p in parts):
+            raise SystemExit(f"--tiles: {item!r} is not block_n x block_k x warps x stages (e.g. 16x256x4x6)")
+        out.append(tuple(int(p) for p in parts))
     return out
 
 
@@ -487,6 +499,9 @@ def parse_args(argv=None):
                          "WIN_MARGIN)")
     ap.add_argument("--all-tiles", action="store_true",
                     help="EXTRA_TILES and split-K 1 / 2 at every M (by default from WIDE_M on)")
+    ap.add_argument("--tiles", default="", metavar="NxKxWxS[,...]",
+                    help="more phase-1 tile candidates (block_n x block_k x warps x stages), at every M and scheme: "
+                         "e.g. 16x256x4x6 (mma.sync-sized tiles: twice the programs of 32-row ones)")
     ap.add_argument("--base-sweep", action="append", default=[], metavar="SWEEP_JSON",
                     help="a committed sweep whose points this (partial) sweep overrides in the table it writes "
                          "(repeatable, in order); the sweep JSON itself holds only this run's points")
@@ -504,6 +519,7 @@ def main(argv=None):
         return
     t0 = time.time()
     ALL_TILES[0] = args.all_tiles
+    CLI_TILES[:] = parse_tiles(args.tiles)
     dev = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False  # the candidates' check GEMM in fp32
     arch, sms = small_gemm.device_info(dev)

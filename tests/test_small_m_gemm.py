@@ -529,3 +529,19 @@ class TestGPU:
                     assert torch.equal(got.view(torch.uint8), exp.view(torch.uint8)), i
         torch.cuda.synchronize()
         assert not smg.serial_counters(torch.device("cuda", torch.cuda.current_device()), 1).any()
+
+
+def test_sweep_cli_tiles_join_every_candidate_list(monkeypatch):
+    """``--tiles`` adds its tiles to phase 1 at every M and weight width (16-row tiles: the launcher's smallest),
+    and a malformed item stops the sweep before any GPU work."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+    import tune_small_gemm as tsg
+
+    assert tsg.parse_tiles("16x256x4x6, 32x512x4x4") == [(16, 256, 4, 6), (32, 512, 4, 4)]
+    with pytest.raises(SystemExit, match="block_n x block_k"):
+        tsg.parse_tiles("16x256x4")
+    monkeypatch.setattr(tsg, "CLI_TILES", [(16, 256, 4, 6)])
+    for scheme in ("bf16", "fp8_row"):
+        for m in (1, 64):
+            got = tsg.candidates(scheme, 4096, 4096, 132, m)
+            assert any((c.block_n, c.block_k, c.num_warps, c.num_stages) == (16, 256, 4, 6) for c in got), got
