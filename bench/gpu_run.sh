@@ -115,7 +115,7 @@
 #   trigger: decides kernels.pdl.EARLY_TRIGGER (the small-M GEMM and the decode attention's split kernels trigger
 #         their PDL dependents right after their wait, not after their main loop) in one call (~4 min): the GPU test
 #         of the model's graph decode with PDL both ways (test_graph_decode_through_the_kernel_and_with_pdl_...:
-#         logits equal bit for bit to the graphs without PDL; TP 1 and one-GPU TP 2 / 4 / 8), then the full 8B's
+#         logits equal bit for bit to the graphs without PDL; TP 1 and one-GPU TP 2), then the full 8B's
 #         decode rows at B 1 / 8 / 64 with it, and with 4 MiB of L2 prefetch a GEMM launch too (bench_e2e.py
 #         --trigger-ab --prefetch-kib 4096, rows _early / _earlypf; TRIGGER_ARGS appended).
 #         One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh trigger
@@ -289,7 +289,7 @@ for s in "${steps[@]}"; do
                  --tag split_ab --models 8B --layers full --decode-batches 8,16,32 --context 1024 --prefill 1024 \
                  --hf-models none --split-ab ${SPLITCAND_ARGS:-} ;;
     trigger) LIMIT_trigger_tests=${LIMIT_trigger_tests:-200} run trigger_tests bash -c "python3 -m pytest -q -rs \
-               tests/distributed/test_small_m_model.py -k graph_decode_through_the_kernel_and_with_pdl"
+               tests/distributed/test_small_m_model.py -k 'graph_decode_through_the_kernel_and_with_pdl and (tp1 or tp2)'"
              LIMIT_trigger_ab=${LIMIT_trigger_ab:-200} run trigger_ab "${TR1[@]}" bench/bench_e2e.py \
                --tag trigger_ab --models 8B --layers full --decode-batches 1,8,64 --context 1024 --prefill 1024 \
                --hf-models none --trigger-ab --prefetch-kib 4096 ${TRIGGER_ARGS:-} ;;
