@@ -87,10 +87,11 @@
 #         the committed H100 sweep (--base-sweep; smallm64/small_m_gemm_<arch>.json), then the full 8B's decode rows
 #         at batch 32 / 64 with that table (rows _smallm; SMALLM64_AB_ARGS appended, e.g. --decode-batches 1,8,32,64
 #         --rope-ab). One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh smallm64
-#   opf: decides KVCacheConfig.prefetch_o_proj (~4 min): its tests (tests/test_l2_prefetch.py: the prefetch changes
-#         no byte, its side-stream fork / join in a captured graph; the model's graph decode with it on equals it
-#         off bit for bit, bf16 and per-channel FP8), then the full 8B's decode rows at batch 1 / 8 / 64 with it
-#         the other way (bench_e2e.py --opf-ab --tag opf_ab; OPF_ARGS appended). One call:
+#   opf: decides KVCacheConfig.prefetch_o_proj (~4 min): its tests (tests/test_l2_prefetch.py: the side-stream
+#         prefetch changes no byte, its fork / join in a captured graph; test_gpu_next_weight_prefetch_under_pdl: the
+#         fused attention kernel's own prefetch, bit for bit; the model's graph decode with it on equals it off bit
+#         for bit, bf16 and per-channel FP8, in-kernel and side stream), then the full 8B's decode rows at batch
+#         1 / 8 / 64 with it the other way (bench_e2e.py --opf-ab --tag opf_ab; OPF_ARGS appended). One call:
 #         TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh opf
 #   attntail: decode attention's one-split tiles at contexts past a multiple of 128 (~2 min): the kernel at batch
 #         64 x 1024 / 1040 / 1088 / 4096 / 4112 keys, every tile x warps at one split (--sweep;
@@ -302,6 +303,7 @@ for s in "${steps[@]}"; do
                 --tag tile_ab --models 8B --layers full --decode-batches 32,64 --context 1024 --prefill 1024 \
                 --hf-models none --tile-ab ${ATTNTAIL_AB_ARGS:-} ;;
     opf) LIMIT_opf_tests=${LIMIT_opf_tests:-150} run opf_tests bash -c "python3 -m pytest -q -rs tests/test_l2_prefetch.py \
+           tests/test_rope_decode_attention.py::test_gpu_next_weight_prefetch_under_pdl \
            tests/distributed/test_model_runtime_gpu.py::test_o_proj_prefetch_decode_same_bits"
          LIMIT_opf_ab=${LIMIT_opf_ab:-240} run opf_ab "${TR1[@]}" bench/bench_e2e.py --tag opf_ab --models 8B \
            --layers full --decode-batches 1,8,64 --context 1024 --prefill 1024 --hf-models none --opf-ab \

@@ -372,12 +372,26 @@ def _split_attend(q_ptr, q_sb, q_sh, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb,
 
 
 @triton.jit
+def _prefetch_next(pf_ptr, PF_NEXT: tl.constexpr):
+    """``prefetch.global.L2`` of ``PF_NEXT`` 128-byte lines of the byte range at ``pf_ptr`` (read-only during the
+    step: the next GEMM's weight), program ``p`` (row-major over the grid) taking lines ``[p * PF_NEXT, (p + 1) *
+    PF_NEXT)``; the launcher keeps ``programs * PF_NEXT`` within the range (:func:`next_prefetch_lines`). Issued
+    first, before the PDL wait: no kernel writes those bytes. Nothing when ``PF_NEXT`` is 0."""
+    if PF_NEXT > 0:
+        p = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+        line = p.to(tl.int64) * PF_NEXT + tl.arange(0, PF_NEXT)
+        pdl.prefetch_l2(pf_ptr + line * 128, line >= 0)
+
+
+@triton.jit
 def _split_kernel(q_ptr, q_sb, q_sh, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, bt_ptr, bt_stride,
                   sl_ptr, kvs_ptr, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr, ws_l_ptr, qk_scale, max_len, group,
                   n_heads, D: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                   MIN_PARTITION: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
                   CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
-                  PF_KEYS: tl.constexpr = 0, FP8_WORDS: tl.constexpr = False, F16_MMA: tl.constexpr = False):
+                  PF_KEYS: tl.constexpr = 0, FP8_WORDS: tl.constexpr = False, F16_MMA: tl.constexpr = False,
+                  pf_ptr=None, PF_NEXT: tl.constexpr = 0):
+    _prefetch_next(pf_ptr, PF_NEXT)
     if PDL and PF_KEYS > 0:
         _prefetch_partition(sl_ptr, bt_ptr, bt_stride, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh,
                             max_len, D, BLOCK_N, MIN_PARTITION, BLOCK_SIZE, NUM_SPLITS, PF_KEYS)
@@ -519,13 +533,16 @@ def _rope_split_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, 
                        MIN_PARTITION: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
                        CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
                        QK_NORM: tl.constexpr, GEMMA: tl.constexpr, FP8_WORDS: tl.constexpr = False,
-                       PF_KEYS: tl.constexpr = 0, F16_MMA: tl.constexpr = False):
+                       PF_KEYS: tl.constexpr = 0, F16_MMA: tl.constexpr = False, pf_ptr=None,
+                       PF_NEXT: tl.constexpr = 0):
     """:func:`_split_kernel` with this step's token folded in (contract: :func:`launch_rope_decode_attention`):
     q and the new k (per-head RMSNorm first with QK_NORM) are roped in registers; the program whose partition holds
     key ``n - 1`` writes the new k / v there and takes that key from registers, every tile of the loop stops
     before it, so no program reads what another writes in this launch. ``PF_KEYS`` (:data:`PREFETCH`, under PDL):
     the partition's first keys' K / V prefetched into L2 before the wait, as the split kernel's (the new key's slot
-    among them at most: a prefetch only fills L2, and this program writes that slot itself after the wait)."""
+    among them at most: a prefetch only fills L2, and this program writes that slot itself after the wait).
+    ``PF_NEXT``: :func:`_prefetch_next` (the next GEMM's weight)."""
+    _prefetch_next(pf_ptr, PF_NEXT)
     if PDL and PF_KEYS > 0:  # the cache's old keys do not depend on the kernel before this one
         _prefetch_partition(sl_ptr, bt_ptr, bt_stride, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh,
                             max_len, D, BLOCK_N, MIN_PARTITION, BLOCK_SIZE, NUM_SPLITS, PF_KEYS)
@@ -875,15 +892,17 @@ def _launch_setup(q, key_cache, seq_lens, out, kv_scale, **overrides):
 
 def launch_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, out, scale, kv_scale=None, *,
                             max_seq_len: int, num_splits=None, min_partition=None, block_n=None, num_warps=None,
-                            num_stages=None, fp8_words=None, fuse_combine=None, fp8_f16=None):
+                            num_stages=None, fp8_words=None, fuse_combine=None, fp8_f16=None, prefetch=None):
     """``out [B, Hq, D]`` <- decode attention of ``q [B, Hq, D]`` over the paged caches
     ``[num_blocks, block_size, Hkv, D]`` (see the module docstring). Inputs are validated by
     :func:`tpfuse.attention.decode_attention`. ``max_seq_len`` only clamps the lengths on the device; the launch
     comes from :func:`pick_config` (``num_splits`` ... ``num_stages`` override its rule); ``fp8_words`` (None:
     :data:`FP8_WORDS`) asks for the word loads of e4m3 caches where :func:`fp8_words_ok`; ``fuse_combine`` (None:
     :data:`FUSE_COMBINE`) for the combine in the split kernel's last programs where :func:`_combine_counters` allows
-    it; ``fp8_f16`` (None: :data:`FP8_F16`) for the fp16 tile loop where :func:`fp8_f16_ok`. Returns the
-    :class:`DecodeConfig` used (``None`` for an empty batch)."""
+    it; ``fp8_f16`` (None: :data:`FP8_F16`) for the fp16 tile loop where :func:`fp8_f16_ok`; ``prefetch``: a
+    read-only CUDA tensor (the next GEMM's weight) whose bytes the split kernel's programs bring into L2 first
+    (:func:`next_prefetch`; not the fused-combine kernels). Returns the :class:`DecodeConfig` used (``None`` for
+    an empty batch)."""
     bsz, hq, d = q.shape
     block_size, hkv = key_cache.shape[1], key_cache.shape[2]
     if bsz == 0 or hq == 0:
@@ -909,7 +928,8 @@ def launch_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, o
     if cnt is not None:
         _split_combine_kernel[(bsz, hkv, splits)](*head, cnt, *tail, SPLITS_PAD=next_pow2(splits), **meta)
         return cfg
-    _split_kernel[(bsz, hkv, splits)](*head, *tail, PF_KEYS=cfg.block_n if on and PREFETCH else 0, **meta)
+    _split_kernel[(bsz, hkv, splits)](*head, *tail, PF_KEYS=cfg.block_n if on and PREFETCH else 0,
+                                      **next_prefetch(prefetch, bsz * hkv * splits), **meta)
     _launch_combine(cfg, ws_o, ws_m, ws_l, seq_lens, out, max_seq_len, on)
     return cfg
 
@@ -930,14 +950,15 @@ def launch_rope_decode_attention(q, k, v, positions, cos_sin_cache, key_cache, v
                                  out, scale, kv_scale=None, *, max_seq_len: int, q_norm_weight=None,
                                  k_norm_weight=None, qk_eps: float = 0.0, gemma: bool = False, num_splits=None,
                                  min_partition=None, block_n=None, num_warps=None, num_stages=None, fp8_words=None,
-                                 fuse_combine=None, fp8_f16=None):
+                                 fuse_combine=None, fp8_f16=None, prefetch=None):
     """One decode step's attention with its RoPE and cache write folded in (:func:`_rope_split_kernel`, then the
     combine): ``q [B, Hq, D]``, ``k`` / ``v [B, Hkv, D]`` are this step's un-roped projections (read, never
     written); with ``n = clamp(seq_lens[b], 0, max_seq_len)``, sequence ``b``'s roped (after the per-head RMSNorm
     where ``q_norm_weight`` / ``k_norm_weight`` are given) k and its v become key ``n - 1`` of the caches (at
     ``block_tables[b, (n - 1) // block_size]``; nothing is written when ``n == 0``) and ``out [B, Hq, D]`` gets the
     attention of the roped q over keys ``[0, n)``. NeoX rotary, ``positions [B]`` into ``cos_sin_cache [P, D]``
-    (``[cos | sin]`` rows). The launch (:func:`pick_config`) and the partitions are :func:`launch_decode_attention`'s.
+    (``[cos | sin]`` rows). The launch (:func:`pick_config`), the partitions and ``prefetch`` are
+    :func:`launch_decode_attention`'s.
     Inputs are validated by :func:`tpfuse.attention.rope_decode_attention`. Returns the :class:`DecodeConfig`."""
     bsz, hq, d = q.shape
     block_size, hkv = key_cache.shape[1], key_cache.shape[2]
@@ -971,9 +992,33 @@ def launch_rope_decode_attention(q, k, v, positions, cos_sin_cache, key_cache, v
     if cnt is not None:
         _rope_split_combine_kernel[(bsz, hkv, splits)](*head, cnt, *tail, SPLITS_PAD=next_pow2(splits), **meta)
         return cfg
-    _rope_split_kernel[(bsz, hkv, splits)](*head, *tail, PF_KEYS=cfg.block_n if on and PREFETCH else 0, **meta)
+    _rope_split_kernel[(bsz, hkv, splits)](*head, *tail, PF_KEYS=cfg.block_n if on and PREFETCH else 0,
+                                           **next_prefetch(prefetch, bsz * hkv * splits), **meta)
     _launch_combine(cfg, ws_o, ws_m, ws_l, seq_lens, out, max_seq_len, on)
     return cfg
+
+
+NEXT_PF_MAX_LINES = 2048
+"""Most 128-byte lines one split program prefetches of the next GEMM's weight (:func:`next_prefetch`): 256 KB, 16
+prefetches a thread at 4 warps (the 8B's o_proj, 32 MiB in bf16, over the 128 programs of batch 1)."""
+
+
+def next_prefetch_lines(nbytes: int, programs: int) -> int:
+    """``PF_NEXT`` of a launch of ``programs`` programs prefetching ``nbytes``: the lines each program takes, a power
+    of two (``tl.arange``) with ``programs * PF_NEXT * 128 <= nbytes`` (a tail under one program's share is left
+    out: a prefetch is only a hint), at most :data:`NEXT_PF_MAX_LINES`; 0 below one line a program."""
+    per = min(nbytes // 128 // max(programs, 1), NEXT_PF_MAX_LINES)
+    return 1 << (per.bit_length() - 1) if per >= 1 else 0
+
+
+def next_prefetch(prefetch, programs: int) -> dict:
+    """The split kernel's ``pf_ptr`` / ``PF_NEXT`` keywords for ``prefetch`` (a contiguous CUDA tensor, or None):
+    nothing (the build without it) for None, a tensor off CUDA or not contiguous, under the interpreter (inline PTX),
+    or below one line a program."""
+    if prefetch is None or not prefetch.is_cuda or not prefetch.is_contiguous() or SOFT_CAST:
+        return {}
+    lines = next_prefetch_lines(prefetch.numel() * prefetch.element_size(), programs)
+    return dict(pf_ptr=prefetch.view(-1).view(torch.uint8), PF_NEXT=lines) if lines else {}
 
 
 def rope_max_registers(cfg: DecodeConfig, cache_fp8: bool):

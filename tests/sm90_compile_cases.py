@@ -59,6 +59,8 @@ def compile_kernel(fn, ptrs, const, num_warps=8, hinted=False, num_stages=None, 
         const = dict(const, FP8_WORDS=False)
     if "F16_MMA" in names and "F16_MMA" not in const:  # decode attention's default: the tiles in q's dtype
         const = dict(const, F16_MMA=False)
+    if "PF_NEXT" in names and "PF_NEXT" not in const:  # no next-weight prefetch: pf_ptr None (a constexpr)
+        const = dict(const, PF_NEXT=0, pf_ptr=None)
     sig = {n: ("constexpr" if n in const else ptrs.get(n, "fp32" if n in FLOATS else ("i32" if hinted else "i64")))
            for n in names}
     attrs = {}
@@ -196,6 +198,9 @@ def decode_attention_cases():
         if (q_t, splits) in (("*bf16", 16), ("*bf16", 32), ("*bf16", 1)) and d == 128:  # PDL + K/V prefetch
             yield (name + f"warps={warps} pdl prefetch{bn}", decode_attention._split_kernel, ptrs,
                    dict(const, PDL=True, PF_KEYS=bn), warps, True)
+            lines = decode_attention.NEXT_PF_MAX_LINES  # PDL + the next weight's prefetch
+            yield (name + f"warps={warps} pdl next{lines}", decode_attention._split_kernel, dict(ptrs, pf_ptr="*u8"),
+                   dict(const, PDL=True, PF_NEXT=lines), warps, True)
         if cache == "*fp8e4nv" and q_t == "*bf16":  # the fp16 tile loop of e4m3 caches (FP8_F16)
             for pdl_on in (False, True):
                 yield (name + f"warps={warps} f16" + (" pdl" if pdl_on else ""), decode_attention._split_kernel,
@@ -235,6 +240,10 @@ def decode_attention_cases():
         if q_t == "*bf16":  # PDL + the K / V prefetch before the wait (decode_attention.PREFETCH)
             yield (name + f" pdl prefetch{bn}", decode_attention._rope_split_kernel, ptrs,
                    dict(const, PDL=True, PF_KEYS=bn), *opts)
+        if q_t == "*bf16" and splits in (16, 32, 1):  # PDL + the next weight's prefetch (KVCacheConfig.prefetch_o_proj)
+            lines = decode_attention.NEXT_PF_MAX_LINES
+            yield (name + f" pdl next{lines}", decode_attention._rope_split_kernel, dict(ptrs, pf_ptr="*u8"),
+                   dict(const, PDL=True, PF_NEXT=lines), *opts)
         if q_t == "*bf16" and cache == "*fp8e4nv":  # the fp16 tile loop (FP8_F16)
             for pdl_on in (False, True):
                 yield (name + " f16" + (" pdl" if pdl_on else ""), decode_attention._rope_split_kernel, ptrs,

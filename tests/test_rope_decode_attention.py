@@ -535,6 +535,67 @@ def test_gpu_kv_prefetch_under_pdl(gen, monkeypatch, bsz, fp8):
     assert_same_bits(*results)
 
 
+def test_next_prefetch_lines_stay_inside_the_range():
+    """``PF_NEXT``: a power of two, every program's lines inside the tensor (a short tail is left out), capped;
+    nothing off CUDA (the interpreter has no prefetch instruction) or below one line a program."""
+    from tpfuse.kernels import decode_attention as dak
+
+    assert dak.next_prefetch_lines(4096 * 4096 * 2, 128) == 2048  # the 8B's bf16 o_proj at batch 1: all of it
+    assert dak.next_prefetch_lines(4096 * 4096, 128) == 1024  # its e4m3 o_proj
+    assert dak.next_prefetch_lines(1 << 34, 1) == dak.NEXT_PF_MAX_LINES
+    assert dak.next_prefetch_lines(127, 1) == 0 and dak.next_prefetch_lines(128 * 5, 8) == 0
+    for nbytes, programs in ((100 * 128, 7), (3 * 1024 * 1024 + 5, 96), (128 * 2048 * 64, 64)):
+        lines = dak.next_prefetch_lines(nbytes, programs)
+        assert lines & (lines - 1) == 0 and programs * lines * 128 <= nbytes and nbytes // 128 // programs < 2 * lines
+    assert dak.next_prefetch(torch.zeros(1 << 20), 4) == {} and dak.next_prefetch(None, 4) == {}
+
+
+def test_prefetch_changes_nothing_and_must_share_the_device(gen, monkeypatch):
+    """``prefetch=`` is a hint: the CPU reference path gives the same bits with it, and a tensor on another device
+    is refused before any launch."""
+    monkeypatch.delenv("TPFUSE_TRITON_CPU", raising=False)
+    x = make_step(gen, lens=[3, 20], hq=4, hkv=2, d=32)
+    q, k, v = qkv_views(x["qkv"], 4, 2, 32)
+    outs = []
+    for prefetch in (None, torch.ones(64, 64)):
+        kc, vc = x["kc"].clone(), x["vc"].clone()
+        outs.append(A.rope_decode_attention(q, k, v, x["pos"], x["cs"], kc, vc, x["bt"], x["sl"], scale=x["scale"],
+                                            prefetch=prefetch))
+    assert torch.equal(torch.nan_to_num(outs[0]), torch.nan_to_num(outs[1]))
+    with pytest.raises(TPFuseInputError, match="prefetch must be on"):
+        A.rope_decode_attention(q, k, v, x["pos"], x["cs"], x["kc"], x["vc"], x["bt"], x["sl"], scale=x["scale"],
+                                prefetch=torch.empty(4, device="meta"))
+
+
+@gpu_only
+@pytest.mark.parametrize("bsz", [1, 8])
+def test_gpu_next_weight_prefetch_under_pdl(gen, monkeypatch, bsz):
+    """``prefetch=`` (``KVCacheConfig.prefetch_o_proj``) under PDL: every program of the rope kernel prefetches its
+    share of a 32 MiB weight before its wait (``PF_NEXT``), and the output and caches equal, bit for bit, the same
+    launch without it (8B heads, model configs, contexts around 1k)."""
+    from tpfuse.kernels import decode_attention as dak
+    from tpfuse.kernels import pdl
+
+    if not pdl.available(torch.device("cuda")):
+        pytest.skip("no PDL on this GPU / stack")
+    lens = torch.randint(900, 1100, (bsz,), generator=gen).tolist()
+    x = make_step(gen, lens=lens, hq=32, hkv=8, d=128, block_size=256)
+    qkv, kc, vc, bt, sl, pos, cs = (x[n].cuda() for n in ("qkv", "kc", "vc", "bt", "sl", "pos", "cs"))
+    q, k, v = qkv_views(qkv, 32, 8, 128)
+    weight = torch.randn(4096, 4096, device="cuda").bfloat16()
+    results = []
+    for prefetch in (None, weight):
+        rec = record_launches(monkeypatch, dak, "_rope_split_kernel")
+        kc2, vc2 = kc.clone(), vc.clone()
+        with pdl.launches(True):
+            out = A.rope_decode_attention(q, k, v, pos, cs, kc2, vc2, bt, sl, scale=x["scale"], prefetch=prefetch)
+        torch.cuda.synchronize()
+        pf = [kw.get("PF_NEXT", 0) for _, kw in rec.launches]
+        assert pf and all((p > 0) == (prefetch is not None) for p in pf), pf
+        results.append((out, kc2, vc2))
+    assert_same_bits(*results)
+
+
 @gpu_only
 def test_gpu_torch_compile_fullgraph(gen):
     x = make_step(gen, lens=[300, 0, 17], hq=8, hkv=2, d=128)

@@ -175,7 +175,8 @@ def _rope_decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               cos_sin_cache: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                               block_tables: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor, scale: float,
                               max_seq_len: int, kv_scale: Optional[torch.Tensor], q_norm_weight: Optional[torch.Tensor],
-                              k_norm_weight: Optional[torch.Tensor], qk_eps: float, gemma: bool) -> None:
+                              k_norm_weight: Optional[torch.Tensor], qk_eps: float, gemma: bool,
+                              prefetch: Optional[torch.Tensor] = None) -> None:
     if not _use_triton(q):
         out.copy_(rope_decode_attention_ref(q, k, v, positions, cos_sin_cache, key_cache, value_cache, block_tables,
                                             seq_lens, scale=scale, kv_scale=kv_scale, max_seq_len=max_seq_len,
@@ -186,12 +187,12 @@ def _rope_decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     launch_rope_decode_attention(q, k, v, positions, cos_sin_cache, key_cache, value_cache, block_tables, seq_lens,
                                  out, scale, kv_scale, max_seq_len=max_seq_len, q_norm_weight=q_norm_weight,
-                                 k_norm_weight=k_norm_weight, qk_eps=qk_eps, gemma=gemma)
+                                 k_norm_weight=k_norm_weight, qk_eps=qk_eps, gemma=gemma, prefetch=prefetch)
 
 
 @_rope_decode_attention_op.register_fake
 def _(q, k, v, positions, cos_sin_cache, key_cache, value_cache, block_tables, seq_lens, out, scale, max_seq_len,
-      kv_scale, q_norm_weight, k_norm_weight, qk_eps, gemma):
+      kv_scale, q_norm_weight, k_norm_weight, qk_eps, gemma, prefetch=None):
     return None
 
 
@@ -310,7 +311,7 @@ def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos
                           kv_scale: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
                           max_seq_len: Optional[int] = None, q_norm_weight: Optional[torch.Tensor] = None,
                           k_norm_weight: Optional[torch.Tensor] = None, qk_eps: float = 0.0,
-                          gemma: bool = False) -> torch.Tensor:
+                          gemma: bool = False, prefetch: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One decode step's attention with its RoPE and KV-cache write folded in: the sequence
     ``rope_kv_cache_write`` (or ``qk_norm_rope`` + a cache write) then :func:`decode_attention`, in one kernel
     launch (plus the combine of a split launch). ``q [B, Hq, D]``, ``k`` / ``v [B, Hkv, D]`` (q's dtype, unit last
@@ -324,10 +325,14 @@ def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos
     :func:`decode_attention`; the reference (:func:`rope_decode_attention_ref`) rounds the roped q and k once to
     q's dtype, as the kernel does. Precondition: no sequence's keys ``< n - 1`` live in the slot another sequence's
     new key goes to (a block shared by prefix caching is full; tpfuse's static paging never shares one): the write
-    and the other sequence's read would race in the one launch."""
+    and the other sequence's read would race in the one launch. ``prefetch``: a tensor no kernel writes while this
+    runs (the next GEMM's weight, e.g. o_proj's), whose bytes the kernel's programs bring into L2 as they start
+    (a hint: no value changes; nothing on CPU or under the interpreter)."""
     _check_q(q)
     _check_cache(q, key_cache, value_cache, kv_scale)
     _check_new_kv(q, k, v, positions, cos_sin_cache, q_norm_weight, k_norm_weight)
+    if prefetch is not None and prefetch.device != q.device:
+        raise TPFuseInputError(f"prefetch must be on {q.device}, got {prefetch.device}")
     if k.shape[1] != key_cache.shape[2]:
         raise TPFuseInputError(f"k has {k.shape[1]} heads, the cache {key_cache.shape[2]}")
     max_seq_len = _check_tables(q, block_tables, seq_lens, key_cache.shape[1], max_seq_len)
@@ -336,5 +341,5 @@ def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos
         return out
     _rope_decode_attention_op(q, k, v, positions, cos_sin_cache, key_cache, value_cache, block_tables, seq_lens, out,
                               float(scale), max_seq_len, kv_scale if key_cache.dtype == _quant.FP8_DTYPE else None,
-                              q_norm_weight, k_norm_weight, float(qk_eps), bool(gemma))
+                              q_norm_weight, k_norm_weight, float(qk_eps), bool(gemma), prefetch)
     return out

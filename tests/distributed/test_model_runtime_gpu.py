@@ -216,13 +216,18 @@ def test_from_pretrained_matches_unsharded(tp, fp8, tmp_path):
     assert all(e > 0 for e in run_gpu(_from_pretrained, tp, str(tmp_path), fp8, timeout_s=600))
 
 
-def _o_proj_prefetch_same_bits(rank, world, arch, batch, fp8):
+def _o_proj_prefetch_same_bits(rank, world, arch, batch, fp8, fuse_rope):
     """The model's graph decode with ``KVCacheConfig.prefetch_o_proj`` off, then on (graphs captured again): the
-    same logits bit for bit, and the prefetch kernel launched only with it on (once a layer per captured step)."""
+    same logits bit for bit, and the prefetch issued only with it on: by the fused RoPE + attention kernel
+    (``fuse_rope``: its launches with ``PF_NEXT``) or by the side stream's kernel beside the unfused ones."""
+    from tpfuse.kernels import decode_attention as dak
     from tpfuse.kernels import l2_prefetch as l2
 
     rec = LaunchRecorder(l2._l2_prefetch_kernel)
     l2._l2_prefetch_kernel = rec  # this rank's process only (spawned)
+    in_kernel, next_prefetch = [], dak.next_prefetch
+    dak.next_prefetch = lambda t, programs: (lambda kw: in_kernel.append(kw.get("PF_NEXT", 0)) or kw)(
+        next_prefetch(t, programs))
     g = torch.Generator().manual_seed(batch)
     prompts = [torch.randint(0, SHAPE["vocab_size"], (int(n),), generator=g) for n in torch.randint(1, 300, (batch,),
                                                                                                      generator=g)]
@@ -234,15 +239,17 @@ def _o_proj_prefetch_same_bits(rank, world, arch, batch, fp8):
     base = mc.build(arch, seed=0, **SHAPE).to(DT)
     comm = make_comm(world)
     model = tpfuse.parallelize(quantize_fp8(base) if fp8 else base, comm,
-                               cache=KVCacheConfig(max_batch=8, max_seq_len=1024))
+                               cache=KVCacheConfig(max_batch=8, max_seq_len=1024, fuse_rope=fuse_rope))
     runs = []
     for on in (False, True):
         model._tpfuse.cache_config.prefetch_o_proj = on
         model._tpfuse.graphs = None  # captured again with the flag
-        n0 = len(rec.launches)
+        n0, k0 = len(rec.launches), len(in_kernel)
         got, mode = _decode_run(model, prompts, extra, steps)
         assert mode == "decode_graph"
-        runs.append((got, len(rec.launches) - n0))
+        side, fused = len(rec.launches) - n0, sum(n > 0 for n in in_kernel[k0:])
+        assert (side == 0) if fuse_rope else (fused == 0), (fuse_rope, side, fused)
+        runs.append((got, side + fused))
     comm.close()
     (off, n_off), (got_on, n_on) = runs
     assert n_off == 0 and n_on > 0, (n_off, n_on)
@@ -251,8 +258,10 @@ def _o_proj_prefetch_same_bits(rank, world, arch, batch, fp8):
     return n_on
 
 
+@pytest.mark.parametrize("fuse_rope", [True, False], ids=["in_kernel", "side_stream"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_o_proj_prefetch_decode_same_bits(fp8):
-    """``KVCacheConfig.prefetch_o_proj`` (TP = 1): the o_proj weight prefetched into L2 from a side stream inside
-    the captured decode graph changes no value (bf16 layers and per-channel FP8 layers)."""
-    assert all(n > 0 for n in run_gpu(_o_proj_prefetch_same_bits, 1, "llama", 3, fp8, timeout_s=600))
+def test_o_proj_prefetch_decode_same_bits(fp8, fuse_rope):
+    """``KVCacheConfig.prefetch_o_proj`` (TP = 1): the o_proj weight prefetched into L2 inside the captured decode
+    graph, by the fused attention kernel or from a side stream, changes no value (bf16 layers and per-channel FP8
+    layers)."""
+    assert all(n > 0 for n in run_gpu(_o_proj_prefetch_same_bits, 1, "llama", 3, fp8, fuse_rope, timeout_s=600))

@@ -35,7 +35,7 @@ from .. import quant as q
 from .. import scaled_gemm
 from .. import small_gemm
 from .layers import StepContext, TPDecoderLayer, _fuse_linears
-from .prefetch import prefetch_o_proj, prefetching
+from .prefetch import prefetch_o_proj
 
 
 @dataclass
@@ -168,8 +168,7 @@ class FP8DecoderLayer(TPDecoderLayer):
                 ctx: StepContext):
         g = self._g
         qkv = self._fp8_column(x, g["qkv"], ctx)
-        with prefetching(g["o"].weight, prefetch_o_proj(ctx)):
-            a = ops.quantize(self._attention(qkv, ctx), g["o"].in_spec)
+        a = ops.quantize(self._attention(qkv, ctx, g["o"].weight if prefetch_o_proj(ctx) else None), g["o"].in_spec)
         x, residual = self._fp8_row(a, g["o"], residual, self.post_norm.weight, self.post_eps, ctx,
                                     g["gate_up"].in_spec)
         h = self._fp8_gate_up_silu(x, ctx)

@@ -97,14 +97,15 @@ class KVCacheConfig:
     kernels."""
 
     prefetch_o_proj: bool = False
-    """True: while a decode step's attention runs, a side stream prefetches the o_proj weight into L2 (at small batch
-    the attention leaves HBM idle; the o_proj GEMM after it then reads its weight from L2;
-    :mod:`tpfuse.parallel.prefetch`). Values are the same either way (a prefetch writes nothing; its GPU tests
-    passed on one H100 at 10af663, bf16 and per-channel FP8 graph decode bit for bit the same). Off: it did not pay.
-    On the full 8B (one H100, 10af663, ``bench/results/e2e_tp1_h100_opf_ab_10af663.json``, rows ``_opf``) the decode
-    step took 1.01 / 1.02 / 1.06x as long at batch 1 / 8 / 64 in bf16, 1.01 / 1.02 / 1.03x in per-channel FP8 and
-    1.00 / 1.02 / 1.03x in static FP8 (not profiled: whether the graph's fork / join edges cost it or the GEMM
-    gains nothing from the prefetched lines is not known)."""
+    """True: a decode step's attention brings the o_proj weight into L2 while it runs (at small batch the attention
+    leaves HBM idle; the o_proj GEMM after it then reads its weight from L2): the fused RoPE + attention kernel's
+    programs issue the prefetches as they start (``fuse_rope``; ``rope_decode_attention(prefetch=)``), the unfused
+    kernels run beside a side stream that does (:mod:`tpfuse.parallel.prefetch`). Values are the same either way (a
+    prefetch writes nothing). Off: the side-stream form did not pay (on the full 8B, one H100, 10af663,
+    ``bench/results/e2e_tp1_h100_opf_ab_10af663.json``, rows ``_opf``: 1.01 / 1.02 / 1.06x the step at batch 1 / 8 /
+    64 in bf16, 1.01 / 1.02 / 1.03x in per-channel FP8, 1.00 / 1.02 / 1.03x in static FP8: its graph's fork / join
+    edges break the PDL chain around the attention); the in-kernel form is the ``--opf-ab`` A/B of
+    ``bench/bench_e2e.py`` (``bash bench/gpu_run.sh opf``)."""
 
     def validate(self) -> None:
         if not isinstance(self.max_batch, int) or self.max_batch < 1:

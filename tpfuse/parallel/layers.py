@@ -250,7 +250,8 @@ class TPDecoderLayer(nn.Module):
         """The layer with its two add + RMSNorms folded into the GEMMs (``KVCacheConfig.fold_norms``); ``x`` is the
         previous layer's :class:`PendingNorm` (the first layer: the normed embedding)."""
         qkv = self._normed_gemm(x, *self._fused_weight("qkv", self._qkv_mods))
-        mid = self._add_pending(self._attention(qkv, ctx), self._o, residual, self.post_norm.weight, self.post_eps)
+        mid = self._add_pending(self._attention(qkv, ctx, self._o_prefetch(ctx)), self._o, residual,
+                                self.post_norm.weight, self.post_eps)
         a = self._normed_gemm(mid, *self._fused_weight("gate_up", self._gate_up_mods), silu_mul=True)
         out = self._add_pending(a, self._down, mid.h, next_norm_weight, next_eps)
         return out, out.h
@@ -260,8 +261,7 @@ class TPDecoderLayer(nn.Module):
         if ctx.fold_norms:
             return self._forward_folded(x, residual, next_norm_weight, next_eps, ctx)
         qkv = self._column(x, "qkv", self._qkv_mods, ctx)
-        with prefetching(self._o.weight, prefetch_o_proj(ctx)):
-            a = self._attention(qkv, ctx)
+        a = self._attention(qkv, ctx, self._o_prefetch(ctx))
         x, residual = self._row(a, self._o, residual, self.post_norm.weight, self.post_eps, ctx)
         return self._row(self._gate_up_silu(x, ctx), self._down, residual, next_norm_weight, next_eps, ctx)
 
@@ -288,22 +288,31 @@ class TPDecoderLayer(nn.Module):
             st.write(self.layer_idx, meta.slot_mapping, k, v)
         return q, k, v
 
-    def _attention(self, qkv: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    def _o_prefetch(self, ctx: StepContext) -> Optional[torch.Tensor]:
+        """The o_proj weight where this step prefetches it into L2 during attention
+        (``KVCacheConfig.prefetch_o_proj``), else None."""
+        return self._o.weight if prefetch_o_proj(ctx) else None
+
+    def _attention(self, qkv: torch.Tensor, ctx: StepContext, prefetch: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``prefetch`` (a decode step's next weight, or None): brought into L2 by the fused RoPE + attention
+        kernel's programs, or by a side stream beside the unfused kernels (:mod:`tpfuse.parallel.prefetch`)."""
         meta, t = ctx.meta, qkv.shape[0]
         if meta.decode is not None and ctx.storage.cfg.fuse_rope:
-            return self._rope_decode_attention(qkv, ctx)
-        q, k, v = self._rope_and_store(qkv, ctx)
-        if meta.decode is not None:
-            from ..attention import decode_attention
+            return self._rope_decode_attention(qkv, ctx, prefetch)
+        with prefetching(prefetch, prefetch is not None):
+            q, k, v = self._rope_and_store(qkv, ctx)
+            if meta.decode is not None:
+                from ..attention import decode_attention
 
-            st = ctx.storage
-            o = decode_attention(q, st.key[self.layer_idx], st.value[self.layer_idx], meta.decode.block_tables,
-                                 meta.decode.seq_lens, scale=self.scale, kv_scale=st.kv_scale,
-                                 max_seq_len=st.max_seq_len)
-            return o.reshape(t, -1)
+                st = ctx.storage
+                o = decode_attention(q, st.key[self.layer_idx], st.value[self.layer_idx], meta.decode.block_tables,
+                                     meta.decode.seq_lens, scale=self.scale, kv_scale=st.kv_scale,
+                                     max_seq_len=st.max_seq_len)
+                return o.reshape(t, -1)
         return self._prefill_attention(q, k, v, ctx)
 
-    def _rope_decode_attention(self, qkv: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    def _rope_decode_attention(self, qkv: torch.Tensor, ctx: StepContext,
+                               prefetch: Optional[torch.Tensor] = None) -> torch.Tensor:
         """A decode step's QK-norm (where the model has one), RoPE, cache write and attention in one op: the new
         token is key ``seq_lens - 1`` of its row, at ``slot_mapping`` (:func:`~tpfuse.parallel.batch.decode_meta`
         derives both from the cache index)."""
@@ -319,7 +328,8 @@ class TPDecoderLayer(nn.Module):
                                   st.value[self.layer_idx], meta.decode.block_tables, meta.decode.seq_lens,
                                   scale=self.scale, kv_scale=st.kv_scale, max_seq_len=st.max_seq_len,
                                   q_norm_weight=None if qn is None else qn.weight,
-                                  k_norm_weight=None if qn is None else self._k_norm.weight, qk_eps=self.qk_eps)
+                                  k_norm_weight=None if qn is None else self._k_norm.weight, qk_eps=self.qk_eps,
+                                  prefetch=prefetch)
         return o.reshape(t, -1)
 
     def _prefill_attention(self, q, k, v, ctx: StepContext) -> torch.Tensor:

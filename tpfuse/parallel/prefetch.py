@@ -1,4 +1,6 @@
-"""A decode step's next GEMM weight brought into L2 while decode attention runs (``KVCacheConfig.prefetch_o_proj``).
+"""A decode step's next GEMM weight brought into L2 while decode attention runs (``KVCacheConfig.prefetch_o_proj``)
+beside the unfused attention kernels (``fuse_rope=False``); the fused RoPE + attention kernel prefetches it itself
+(``tpfuse.attention.rope_decode_attention(prefetch=)``), with no side stream.
 
 At small batch the decode attention reads a few MB of KV cache in ~10 µs (B = 1 at 1k tokens: 4 MB), latency- not
 bandwidth-bound, so HBM idles through it; the o_proj GEMM right after it then streams its whole weight (8B: 32 MB
