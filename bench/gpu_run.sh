@@ -4,11 +4,11 @@
 #                                         profile e2e e2e_full e2e_shards load tune demo onegpu soak probe_onegpu
 #                                         small_gemm e2e_ab e2e_big fp8cache fusedrope fusedcomb foldnorm
 #                                         kvprefetch fp8f16 argmax smallm64 opf attntail profiles accuracy
-#                                         splitcand trigger
+#                                         splitcand trigger tiles16
 #                                         (default: all but probe_ce, profile, profiles, e2e_full, e2e_shards, load,
 #                                         onegpu, soak, probe_onegpu, small_gemm, e2e_ab, e2e_big, fp8cache,
 #                                         fusedrope, fusedcomb, foldnorm, kvprefetch, fp8f16, argmax, smallm64,
-#                                         opf, attntail, accuracy, splitcand, trigger; multi-GPU
+#                                         opf, attntail, accuracy, splitcand, trigger, tiles16; multi-GPU
 #                                         steps skip on one GPU)
 #   profiles: where the decode step goes, at full size with PDL (profile_decode.py: kernel and exposed time per
 #         kernel, JSON + PNG each, $OUT/profiles), one profile per entry of PROFILES (default "8B:1 8B:8 8B:64
@@ -120,6 +120,11 @@
 #         decode rows at B 1 / 8 / 64 with it, and with 4 MiB of L2 prefetch a GEMM launch too (bench_e2e.py
 #         --trigger-ab --prefetch-kib 4096, rows _early / _earlypf; TRIGGER_ARGS appended).
 #         One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh trigger
+#   tiles16: the small-M GEMM sweep with 16-row (mma.sync-sized: twice the programs of 32-row tiles) and deeper
+#         tiles too (tune_small_gemm.py --tiles; 8B TP 1 / 2 and 70B TP 4 / 8 shapes, M 1 / 8 / 16, over the shipped
+#         table's sweeps), then its table A/B on the full 8B at batch 1 / 8 (rows _smallm) and on the shard rows at
+#         batch 1 (_smallm); ~6 min. TILES16_SWEEP_ARGS / TILES16_AB_ARGS appended.
+#         One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh tiles16
 #   argmax: the greedy pick's A/B (bench/bench_argmax.py: torch.argmax vs tpfuse.parallel.generate.greedy_tokens
 #         and its chunk lengths, vocab 128256 / 32000 at B 1 / 8 / 64; ARGMAX_ARGS appended; ~20 s)
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
@@ -294,6 +299,19 @@ for s in "${steps[@]}"; do
              LIMIT_trigger_ab=${LIMIT_trigger_ab:-200} run trigger_ab "${TR1[@]}" bench/bench_e2e.py \
                --tag trigger_ab --models 8B --layers full --decode-batches 1,8,64 --context 1024 --prefill 1024 \
                --hf-models none --trigger-ab --prefetch-kib 4096 ${TRIGGER_ARGS:-} ;;
+    tiles16) LIMIT_tiles16_sweep=${LIMIT_tiles16_sweep:-200} run tiles16_sweep python3 bench/tune_small_gemm.py \
+               --models 8B,70B --m 1,8,16 --schemes bf16,fp8_row,fp8_tensor --budget-s 170 \
+               --tiles 16x256x4x6,16x512x4x4,16x128x4x8,32x512x4x4,32x256x4x8 \
+               --base-sweep bench/results/small_gemm_h100_14a3f4c.json \
+               --base-sweep bench/results/small_gemm_h100_alltiles_1b777fa.json --out-dir "$OUT/tiles16" \
+               ${TILES16_SWEEP_ARGS:-}
+             tbl="$OUT/tiles16/small_m_gemm_$(python3 -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"sm{m}{n}")').json"
+             [[ -f $tbl ]] && LIMIT_tiles16_ab=${LIMIT_tiles16_ab:-150} run tiles16_ab "${TR1[@]}" bench/bench_e2e.py \
+               --tag tiles16 --models 8B --layers full --decode-batches 1,8 --context 1024 --prefill 1024 \
+               --hf-models none --small-m-table "$tbl" ${TILES16_AB_ARGS:-}
+             [[ -f $tbl ]] && LIMIT_tiles16_shards=${LIMIT_tiles16_shards:-150} run tiles16_shards "${TR1[@]}" \
+               bench/bench_e2e.py --tag shards_tiles16 --models 70B/tp8,70B/tp4,8B/tp2 --layers full \
+               --decode-batches 1 --context 1024 --prefill 1024 --hf-models none --no-fp8 --small-m-table "$tbl" ;;
     accuracy) LIMIT_accuracy=${LIMIT_accuracy:-240} run accuracy "${TR1[@]}" bench/bench_accuracy.py --model 8B \
                 --layers full ${ACCURACY_ARGS:-} ;;
     attntail) LIMIT_attntail_bench=${LIMIT_attntail_bench:-150} run attntail_bench python3 \
