@@ -639,10 +639,11 @@ SPLIT_WAVES = 2
 7fdfb52 (``bench/results/decode_attention_h100_b8tail_7fdfb52.json``: the plain split kernel, B 8, Hq 32 / 64, Hkv
 8, D 128, 256-token blocks, the decode step's contexts 1040 / 1088 keys) 8 splits of 64-key tiles x 4 warps were
 the best of 12 configs, 0.88 / 0.86x (Hq 32) and 0.86 / 0.85x (Hq 64) the time of this rule's 4 splits of 128-key
-tiles, whose partitions (``round_up(cdiv(n, 4), 128)`` = 384 keys at 1040) leave one split of four idle. Not the
-default until the model's step (the rope-split kernel at those builds, and B 9-33, whose split counts it changes
-too) has run on a GPU: ``bash bench/gpu_run.sh splitcand`` (``test_gpu_split_candidate_model_shapes`` and
-``bench_e2e.py --split-ab``, rows ``_split4x64``)."""
+tiles, whose partitions (``round_up(cdiv(n, 4), 128)`` = 384 keys at 1040) leave one split of four idle. Not
+shipped: in the model's step (the rope-split kernel, whose split counts it changes at B 9-33 too; one H100,
+0f918e6, ``bench/results/e2e_tp1_h100_ab_trig_0f918e6.json``, rows ``_split4x64``) the full 8B's decode step took
+0.991x as long at batch 8 in bf16 but 1.019x at batch 16 (1.026x per-channel FP8, 1.036x static FP8) and 1.00x at
+batch 1 / 64; its GPU tests passed there (``test_gpu_split_candidate_model_shapes``, B 3 / 8 / 16 / 32)."""
 MULTI_SPLIT_TILE = 128
 """BLOCK_N of the bf16 / fp16 rule with more than one split and at least 2 programs an SM (B * Hkv * NUM_SPLITS
 >= 2 x SMs): :data:`SPLIT_WAVES`."""

@@ -108,8 +108,13 @@ EARLY_TRIGGER = False
 (True) instead of after their main loop (False): the next kernel's launch then hides behind this kernel's whole
 loop, not only its epilogue, and its programs may take SM slots (and issue their L2 prefetches) while this kernel
 still streams. The trigger takes effect once every program of the grid has given it, so a grid of more than one
-wave still launches all its programs first. An A/B knob (``bench/bench_e2e.py --trigger-ab``), off until that
-A/B says otherwise."""
+wave still launches all its programs first. Off: it made the full 8B's decode step slower (one H100, 0f918e6,
+``bench/results/e2e_tp1_h100_ab_trig_0f918e6.json``, rows ``_early``): 1.076 / 1.034 / 1.049 / 1.002x at batch 1 /
+8 / 16 / 64 in bf16, 1.096 / 1.083 / 1.077 / 1.004x in static FP8, 1.000 / 1.015 / 0.988 / 1.012x in per-channel
+FP8 (the next kernel's waiting programs take the SM slots and issue slots of a kernel still streaming); with 4 MiB
+of L2 prefetch a GEMM launch too (``_earlypf``) 1.092 / 1.041 / 1.062 / 1.011x in bf16. Its builds give the same
+bits (``test_graph_decode_through_the_kernel_and_with_pdl_matches_the_oracle``, mode "early", passed there at TP 1
+and one-GPU TP 2)."""
 
 
 def stream_mode(on: bool):

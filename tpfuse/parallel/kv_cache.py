@@ -104,8 +104,11 @@ class KVCacheConfig:
     prefetch writes nothing). Off: the side-stream form did not pay (on the full 8B, one H100, 10af663,
     ``bench/results/e2e_tp1_h100_opf_ab_10af663.json``, rows ``_opf``: 1.01 / 1.02 / 1.06x the step at batch 1 / 8 /
     64 in bf16, 1.01 / 1.02 / 1.03x in per-channel FP8, 1.00 / 1.02 / 1.03x in static FP8: its graph's fork / join
-    edges break the PDL chain around the attention); the in-kernel form is the ``--opf-ab`` A/B of
-    ``bench/bench_e2e.py`` (``bash bench/gpu_run.sh opf``)."""
+    edges break the PDL chain around the attention), nor did the in-kernel form (one H100, 0f918e6,
+    ``bench/results/e2e_tp1_h100_ab_trig_0f918e6.json``, rows ``_opf``: 1.015 / 1.017 / 1.016 / 1.013x at batch 1 /
+    8 / 16 / 64 in bf16, 1.018 / 1.012 / 1.011 / 1.012x in per-channel FP8, 1.016 / 1.029 / 1.021 / 1.019x in static
+    FP8; its GPU tests, bit for bit with it off, passed there: ``test_gpu_next_weight_prefetch_under_pdl``,
+    ``test_o_proj_prefetch_decode_same_bits``). A/B: ``bench/bench_e2e.py --opf-ab``."""
 
     def validate(self) -> None:
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
