@@ -123,7 +123,7 @@
 #   tiles16: the small-M GEMM sweep with 16-row (mma.sync-sized: twice the programs of 32-row tiles) and deeper
 #         tiles too (tune_small_gemm.py --tiles; 8B TP 1 / 2 and 70B TP 4 / 8 shapes, M 1 / 8 / 16, over the shipped
 #         table's sweeps), then its table A/B on the full 8B at batch 1 / 8 (rows _smallm) and on the shard rows at
-#         batch 1 (_smallm); ~6 min. TILES16_SWEEP_ARGS / TILES16_AB_ARGS appended.
+#         batch 1 (_smallm; TILES16_SHARDS: which shards); ~6 min. TILES16_SWEEP_ARGS / TILES16_AB_ARGS appended.
 #         One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh tiles16
 #   argmax: the greedy pick's A/B (bench/bench_argmax.py: torch.argmax vs tpfuse.parallel.generate.greedy_tokens
 #         and its chunk lengths, vocab 128256 / 32000 at B 1 / 8 / 64; ARGMAX_ARGS appended; ~20 s)
@@ -310,7 +310,7 @@ for s in "${steps[@]}"; do
                --tag tiles16 --models 8B --layers full --decode-batches 1,8 --context 1024 --prefill 1024 \
                --hf-models none --small-m-table "$tbl" ${TILES16_AB_ARGS:-}
              [[ -f $tbl ]] && LIMIT_tiles16_shards=${LIMIT_tiles16_shards:-150} run tiles16_shards "${TR1[@]}" \
-               bench/bench_e2e.py --tag shards_tiles16 --models 70B/tp8,70B/tp4,8B/tp2 --layers full \
+               bench/bench_e2e.py --tag shards_tiles16 --models "${TILES16_SHARDS:-70B/tp8,70B/tp4,8B/tp2}" --layers full \
                --decode-batches 1 --context 1024 --prefill 1024 --hf-models none --no-fp8 --small-m-table "$tbl" ;;
     accuracy) LIMIT_accuracy=${LIMIT_accuracy:-240} run accuracy "${TR1[@]}" bench/bench_accuracy.py --model 8B \
                 --layers full ${ACCURACY_ARGS:-} ;;
