@@ -503,14 +503,10 @@ def test_gpu_fp8_f16_loop_under_pdl(gen, monkeypatch, bsz):
     assert_same_bits(*results)
 
 
-@gpu_only
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16cache", "fp8cache"])
-@pytest.mark.parametrize("bsz", [1, 8, 64])
-def test_gpu_kv_prefetch_under_pdl(gen, monkeypatch, bsz, fp8):
-    """``decode_attention.PREFETCH`` under PDL: the rope kernel prefetches its partition's first K / V tile before
-    the wait (``PF_KEYS``), and its output and caches equal, bit for bit, the same launch without the prefetch
-    (8B heads, model configs, contexts around 1k; the prefetch touches the new key's slot, written after the
-    wait)."""
+def _rope_prefetch_same_bits(monkeypatch, gen, bsz, fp8, const, runs):
+    """The rope kernel under PDL at 8B heads (model configs, contexts around 1k), once per ``(PREFETCH, next weight
+    or None)`` of ``runs``: its constexpr ``const`` is > 0 in every launch exactly where that run asks for the
+    prefetch it stands for, and every run's output and caches equal the first's bit for bit."""
     from tpfuse.kernels import decode_attention as dak
     from tpfuse.kernels import pdl
 
@@ -522,17 +518,29 @@ def test_gpu_kv_prefetch_under_pdl(gen, monkeypatch, bsz, fp8):
     kvs = None if x["kv_scale"] is None else x["kv_scale"].cuda()
     q, k, v = qkv_views(qkv, 32, 8, 128)
     results = []
-    for prefetch in (False, True):
-        monkeypatch.setattr(dak, "PREFETCH", prefetch)
+    for kv_prefetch, weight in runs:
+        monkeypatch.setattr(dak, "PREFETCH", kv_prefetch)
         rec = record_launches(monkeypatch, dak, "_rope_split_kernel")
         kc2, vc2 = kc.clone(), vc.clone()
         with pdl.launches(True):
-            out = A.rope_decode_attention(q, k, v, pos, cs, kc2, vc2, bt, sl, scale=x["scale"], kv_scale=kvs)
+            out = A.rope_decode_attention(q, k, v, pos, cs, kc2, vc2, bt, sl, scale=x["scale"], kv_scale=kvs,
+                                          prefetch=weight)
         torch.cuda.synchronize()
-        pf = [kw.get("PF_KEYS", 0) for _, kw in rec.launches]
-        assert pf and all((p > 0) == prefetch for p in pf), (prefetch, pf)
+        want = kv_prefetch if const == "PF_KEYS" else weight is not None
+        got = [kw.get(const, 0) for _, kw in rec.launches]
+        assert got and all((g > 0) == want for g in got), (const, want, got)
         results.append((out, kc2, vc2))
     assert_same_bits(*results)
+
+
+@gpu_only
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16cache", "fp8cache"])
+@pytest.mark.parametrize("bsz", [1, 8, 64])
+def test_gpu_kv_prefetch_under_pdl(gen, monkeypatch, bsz, fp8):
+    """``decode_attention.PREFETCH`` under PDL: the rope kernel prefetches its partition's first K / V tile before
+    the wait (``PF_KEYS``), and its output and caches equal, bit for bit, the same launch without the prefetch
+    (the prefetch touches the new key's slot, written after the wait)."""
+    _rope_prefetch_same_bits(monkeypatch, gen, bsz, fp8, "PF_KEYS", [(False, None), (True, None)])
 
 
 def test_next_prefetch_lines_stay_inside_the_range():
@@ -572,28 +580,9 @@ def test_prefetch_changes_nothing_and_must_share_the_device(gen, monkeypatch):
 def test_gpu_next_weight_prefetch_under_pdl(gen, monkeypatch, bsz):
     """``prefetch=`` (``KVCacheConfig.prefetch_o_proj``) under PDL: every program of the rope kernel prefetches its
     share of a 32 MiB weight before its wait (``PF_NEXT``), and the output and caches equal, bit for bit, the same
-    launch without it (8B heads, model configs, contexts around 1k)."""
-    from tpfuse.kernels import decode_attention as dak
-    from tpfuse.kernels import pdl
-
-    if not pdl.available(torch.device("cuda")):
-        pytest.skip("no PDL on this GPU / stack")
-    lens = torch.randint(900, 1100, (bsz,), generator=gen).tolist()
-    x = make_step(gen, lens=lens, hq=32, hkv=8, d=128, block_size=256)
-    qkv, kc, vc, bt, sl, pos, cs = (x[n].cuda() for n in ("qkv", "kc", "vc", "bt", "sl", "pos", "cs"))
-    q, k, v = qkv_views(qkv, 32, 8, 128)
+    launch without it."""
     weight = torch.randn(4096, 4096, device="cuda").bfloat16()
-    results = []
-    for prefetch in (None, weight):
-        rec = record_launches(monkeypatch, dak, "_rope_split_kernel")
-        kc2, vc2 = kc.clone(), vc.clone()
-        with pdl.launches(True):
-            out = A.rope_decode_attention(q, k, v, pos, cs, kc2, vc2, bt, sl, scale=x["scale"], prefetch=prefetch)
-        torch.cuda.synchronize()
-        pf = [kw.get("PF_NEXT", 0) for _, kw in rec.launches]
-        assert pf and all((p > 0) == (prefetch is not None) for p in pf), pf
-        results.append((out, kc2, vc2))
-    assert_same_bits(*results)
+    _rope_prefetch_same_bits(monkeypatch, gen, bsz, False, "PF_NEXT", [(False, None), (False, weight)])
 
 
 @gpu_only
