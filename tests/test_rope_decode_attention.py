@@ -558,20 +558,27 @@ def test_next_prefetch_lines_stay_inside_the_range():
     assert dak.next_prefetch(torch.zeros(1 << 20), 4) == {} and dak.next_prefetch(None, 4) == {}
 
 
-def test_prefetch_changes_nothing_and_must_share_the_device(gen, monkeypatch):
-    """``prefetch=`` is a hint: the CPU reference path gives the same bits with it, and a tensor on another device
-    is refused before any launch."""
-    monkeypatch.delenv("TPFUSE_TRITON_CPU", raising=False)
+def test_prefetch_is_dropped_where_it_cannot_run_and_must_share_the_device(gen, kernels, monkeypatch):
+    """``prefetch=`` is a hint: where the kernel cannot issue it (the Triton interpreter on CPU: inline PTX) the
+    fused kernel launches without ``PF_NEXT`` / ``pf_ptr`` and gives the same bits; on a GPU the launch takes it and
+    still gives the same bits (both launches recorded). A tensor on another device is refused before any launch."""
+    from tpfuse.kernels import decode_attention as dak
+
     x = make_step(gen, lens=[3, 20], hq=4, hkv=2, d=32)
-    q, k, v = qkv_views(x["qkv"], 4, 2, 32)
+    dev = torch.device(DEVICE)
+    q, k, v = (t.to(dev) for t in qkv_views(x["qkv"], 4, 2, 32))
+    pos, cs, bt, sl = (x[n].to(dev) for n in ("pos", "cs", "bt", "sl"))
+    rec = record_launches(monkeypatch, dak, "_rope_split_kernel")
     outs = []
-    for prefetch in (None, torch.ones(64, 64)):
-        kc, vc = x["kc"].clone(), x["vc"].clone()
-        outs.append(A.rope_decode_attention(q, k, v, x["pos"], x["cs"], kc, vc, x["bt"], x["sl"], scale=x["scale"],
-                                            prefetch=prefetch))
-    assert torch.equal(torch.nan_to_num(outs[0]), torch.nan_to_num(outs[1]))
+    for prefetch in (None, torch.ones(256, 256, device=dev)):
+        kc, vc = x["kc"].to(dev).clone(), x["vc"].to(dev).clone()  # each run writes its new key into its own
+        out = A.rope_decode_attention(q, k, v, pos, cs, kc, vc, bt, sl, scale=x["scale"], prefetch=prefetch)
+        outs.append((out, kc, vc))
+    pf = [kw.get("PF_NEXT", 0) for _, kw in rec.launches]
+    assert len(pf) == 2 and pf[0] == 0 and (pf[1] > 0) == ON_GPU, pf
+    assert_same_bits(*outs)
     with pytest.raises(TPFuseInputError, match="prefetch must be on"):
-        A.rope_decode_attention(q, k, v, x["pos"], x["cs"], x["kc"], x["vc"], x["bt"], x["sl"], scale=x["scale"],
+        A.rope_decode_attention(q, k, v, pos, cs, x["kc"].to(dev), x["vc"].to(dev), bt, sl, scale=x["scale"],
                                 prefetch=torch.empty(4, device="meta"))
 
 
