@@ -89,6 +89,9 @@ def _vs_oracle(rank, world, arch, act, weight):
     comm = _comm()
     model = tpfuse.parallelize(model, comm)
     assert all(isinstance(layer, FP8DecoderLayer) for layer in model._tpfuse.layers)
+    for layer in model._tpfuse.layers:  # what KVCacheConfig.prefetch_o_proj prefetches: the o GEMM's e4m3 bytes
+        w, o = layer._o.weight, layer._g["o"].weight
+        assert (w.dtype, w.data_ptr(), w.numel()) == (o.dtype, o.data_ptr(), o.numel()) and w.is_contiguous()
     assert isinstance(model.model.layers[0].in_quant, tpfuse.FP8PerToken if act == "per_token" else tpfuse.FP8Static)
     errs = []
     for steps in ([6, 1, 1, 1], [11, 1, 1]):  # all-reduce prefill + decode; sequence-parallel prefill + decode

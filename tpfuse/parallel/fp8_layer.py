@@ -35,7 +35,6 @@ from .. import quant as q
 from .. import scaled_gemm
 from .. import small_gemm
 from .layers import StepContext, TPDecoderLayer, _fuse_linears
-from .prefetch import prefetch_o_proj
 
 
 @dataclass
@@ -168,7 +167,7 @@ class FP8DecoderLayer(TPDecoderLayer):
                 ctx: StepContext):
         g = self._g
         qkv = self._fp8_column(x, g["qkv"], ctx)
-        a = ops.quantize(self._attention(qkv, ctx, g["o"].weight if prefetch_o_proj(ctx) else None), g["o"].in_spec)
+        a = ops.quantize(self._attention(qkv, ctx, self._o_prefetch(ctx)), g["o"].in_spec)  # o's e4m3 bytes
         x, residual = self._fp8_row(a, g["o"], residual, self.post_norm.weight, self.post_eps, ctx,
                                     g["gate_up"].in_spec)
         h = self._fp8_gate_up_silu(x, ctx)
