@@ -82,6 +82,9 @@ Providers (every one is the model a user runs, called with Hugging Face argument
   SiLU*mul with its partial maxima and ``ops.quantize_from_amax``, 64 (that chain) where it does not;
 * ``<provider>_split4x64`` (``--split-ab``): the decode step with the decode attention's bf16 split rule at
   ``decode_attention.SPLIT_WAVES`` 4 / ``MULTI_SPLIT_TILE`` 64 (the B 8 sweep's candidate; default 2 / 128);
+* ``<provider>_hoist1`` / ``_hoist2`` (``--hoist-ab``): the decode step with ``decode_attention.HOIST_LOADS`` 1
+  (the rope-split kernel reads its lengths, cos / sin and block ids before its PDL wait, the combine kernel its
+  lengths) / 2 (also the partition's first K / V tile; 16-bit caches); rows carry ``hoist``;
 * ``<provider>_early`` / ``_earlypf`` (``--trigger-ab``): the decode step with ``kernels.pdl.EARLY_TRIGGER`` on
   (the small-M GEMM and the decode attention's split kernels trigger their PDL dependents right after their wait
   instead of after their main loop), and the same with the L2 prefetches before the waits (``_earlypf``: the
@@ -204,6 +207,8 @@ def parse_args(argv=None):
                     "<provider>_early, and with the L2 prefetches before the waits too: <provider>_earlypf")
     ap.add_argument("--split-ab", action="store_true", help="adds decode rows with the decode attention's bf16 "
                     "split rule at SPLIT_WAVES 4 / MULTI_SPLIT_TILE 64: <provider>_split4x64")
+    ap.add_argument("--hoist-ab", action="store_true", help="adds decode rows with decode_attention.HOIST_LOADS 1 "
+                    "/ 2 (the rope-split kernel's reads before its PDL wait): <provider>_hoist1 / _hoist2")
     ap.add_argument("--amax-ab", action="store_true", help="adds per-token FP8 decode rows with "
                     "small_gemm.AMAX_CHAIN_MAX_M the other way at that batch: <provider>_noamax (0: the SiLU*mul + "
                     "quantize kernel) or <provider>_amaxall (64: gate-up + SiLU*mul writes bf16 h + its partial "
@@ -416,6 +421,8 @@ class Variant(NamedTuple):
     """``(decode_attention.SPLIT_WAVES, decode_attention.MULTI_SPLIT_TILE)``."""
     early_trigger: Optional[bool] = None
     """``kernels.pdl.EARLY_TRIGGER``."""
+    hoist: Optional[int] = None
+    """``decode_attention.HOIST_LOADS``."""
 
 
 def variants(args) -> list:
@@ -437,6 +444,7 @@ def variants(args) -> list:
     out += [opf_variant()] if getattr(args, "opf_ab", False) else []
     out += [Variant("_tile128", one_split_tiles=((0, (128, 8)),))] if getattr(args, "tile_ab", False) else []
     out += [Variant("_split4x64", split_rule=(4, 64))] if getattr(args, "split_ab", False) else []
+    out += [Variant("_hoist1", hoist=1), Variant("_hoist2", hoist=2)] if getattr(args, "hoist_ab", False) else []
     kib = getattr(args, "prefetch_kib", None)
     out += [Variant("_early", early_trigger=True),
             Variant("_earlypf", early_trigger=True, pdl=True, prefetch=True,
@@ -535,7 +543,8 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
     st.cache_config.prefetch_o_proj = own_opf if v.prefetch_o is None else v.prefetch_o
     own_pf, own_kv_pf, own_comb, own_f16 = smg.PREFETCH_BYTES, dak.PREFETCH, dak.FUSE_COMBINE, dak.FP8_F16
     own_tile, own_chain = dak.ONE_SPLIT_TILES, small_gemm.AMAX_CHAIN_MAX_M
-    own_split, own_early = (dak.SPLIT_WAVES, dak.MULTI_SPLIT_TILE), pdl_launch.EARLY_TRIGGER
+    own_split, own_early, own_hoist = (dak.SPLIT_WAVES, dak.MULTI_SPLIT_TILE), pdl_launch.EARLY_TRIGGER, dak.HOIST_LOADS
+    dak.HOIST_LOADS = own_hoist if v.hoist is None else v.hoist
     pdl_launch.EARLY_TRIGGER = own_early if v.early_trigger is None else v.early_trigger
     dak.SPLIT_WAVES, dak.MULTI_SPLIT_TILE = own_split if v.split_rule is None else v.split_rule
     dak.ONE_SPLIT_TILES = own_tile if v.one_split_tiles is None else v.one_split_tiles
@@ -561,14 +570,14 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
                                            one_split_tiles=[[a, list(t)] for a, t in dak.ONE_SPLIT_TILES],
                                            amax_chain_max_m=small_gemm.AMAX_CHAIN_MAX_M,
                                            split_rule=[dak.SPLIT_WAVES, dak.MULTI_SPLIT_TILE],
-                                           early_trigger=pdl_launch.EARLY_TRIGGER))
+                                           early_trigger=pdl_launch.EARLY_TRIGGER, hoist=dak.HOIST_LOADS))
     finally:
         st.cache_config.pdl, st.cache_config.fuse_rope, st.graphs = own_pdl, own_fuse, None
         st.cache_config.fold_norms, st.cache_config.prefetch_o_proj = own_fold, own_opf
         smg.PREFETCH_BYTES, dak.PREFETCH, dak.FUSE_COMBINE, dak.FP8_F16 = own_pf, own_kv_pf, own_comb, own_f16
         dak.ONE_SPLIT_TILES, small_gemm.AMAX_CHAIN_MAX_M = own_tile, own_chain
         dak.SPLIT_WAVES, dak.MULTI_SPLIT_TILE = own_split
-        pdl_launch.EARLY_TRIGGER = own_early
+        pdl_launch.EARLY_TRIGGER, dak.HOIST_LOADS = own_early, own_hoist
     return r
 
 

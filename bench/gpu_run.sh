@@ -4,11 +4,11 @@
 #                                         profile e2e e2e_full e2e_shards load tune demo onegpu soak probe_onegpu
 #                                         small_gemm e2e_ab e2e_big fp8cache fusedrope fusedcomb foldnorm
 #                                         kvprefetch fp8f16 argmax smallm64 opf attntail profiles accuracy
-#                                         splitcand trigger tiles16
+#                                         splitcand trigger tiles16 hoist
 #                                         (default: all but probe_ce, profile, profiles, e2e_full, e2e_shards, load,
 #                                         onegpu, soak, probe_onegpu, small_gemm, e2e_ab, e2e_big, fp8cache,
 #                                         fusedrope, fusedcomb, foldnorm, kvprefetch, fp8f16, argmax, smallm64,
-#                                         opf, attntail, accuracy, splitcand, trigger, tiles16; multi-GPU
+#                                         opf, attntail, accuracy, splitcand, trigger, tiles16, hoist; multi-GPU
 #                                         steps skip on one GPU)
 #   profiles: where the decode step goes, at full size with PDL (profile_decode.py: kernel and exposed time per
 #         kernel, JSON + PNG each, $OUT/profiles), one profile per entry of PROFILES (default "8B:1 8B:8 8B:64
@@ -125,6 +125,12 @@
 #         table's sweeps), then its table A/B on the full 8B at batch 1 / 8 (rows _smallm) and on the shard rows at
 #         batch 1 (_smallm; TILES16_SHARDS: which shards); ~6 min. TILES16_SWEEP_ARGS / TILES16_AB_ARGS appended.
 #         One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh tiles16
+#   hoist: decides decode_attention.HOIST_LOADS (the rope-split kernel's reads before its PDL wait): the full 8B at
+#         batch 1 / 8 / 64 and the shard rows at batch 1 with --hoist-ab (rows _hoist1 / _hoist2; HOIST_AB_ARGS
+#         appended, HOIST_SHARDS: which shards), then the rope-split GPU tests (tests/test_rope_decode_attention.py,
+#         the hoisted builds bit for bit the default ones under PDL) and the model's PDL graph decode at TP 1 / 2
+#         (mode "hoist"; HOIST_TESTS_K overrides the -k filter); ~8 min.
+#         One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh hoist
 #   argmax: the greedy pick's A/B (bench/bench_argmax.py: torch.argmax vs tpfuse.parallel.generate.greedy_tokens
 #         and its chunk lengths, vocab 128256 / 32000 at B 1 / 8 / 64; ARGMAX_ARGS appended; ~20 s)
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
@@ -299,6 +305,15 @@ for s in "${steps[@]}"; do
              LIMIT_trigger_ab=${LIMIT_trigger_ab:-200} run trigger_ab "${TR1[@]}" bench/bench_e2e.py \
                --tag trigger_ab --models 8B --layers full --decode-batches 1,8,64 --context 1024 --prefill 1024 \
                --hf-models none --trigger-ab --prefetch-kib 4096 ${TRIGGER_ARGS:-} ;;
+    hoist) LIMIT_hoist_ab=${LIMIT_hoist_ab:-220} run hoist_ab "${TR1[@]}" bench/bench_e2e.py --tag hoist_ab \
+             --models 8B --layers full --decode-batches 1,8,64 --context 1024 --prefill 1024 --hf-models none \
+             --hoist-ab ${HOIST_AB_ARGS:-}
+           LIMIT_hoist_shards=${LIMIT_hoist_shards:-100} run hoist_shards "${TR1[@]}" bench/bench_e2e.py \
+             --tag shards_hoist_ab --models "${HOIST_SHARDS:-70B/tp8,70B/tp4,8B/tp2}" --layers full --decode-batches 1 \
+             --context 1024 --prefill 1024 --hf-models none --no-fp8 --hoist-ab
+           LIMIT_hoist_tests=${LIMIT_hoist_tests:-240} run hoist_tests bash -c "python3 -m pytest -q -rs \
+             --junitxml=$OUT/hoist_tests.xml tests/test_rope_decode_attention.py \
+             tests/distributed/test_small_m_model.py -k '${HOIST_TESTS_K:-not graph_decode or (graph_decode_through_the_kernel_and_with_pdl and (tp1 or tp2))}'" ;;
     tiles16) LIMIT_tiles16_sweep=${LIMIT_tiles16_sweep:-200} run tiles16_sweep python3 bench/tune_small_gemm.py \
                --models 8B,70B --m 1,8,16 --schemes bf16,fp8_row,fp8_tensor --budget-s 170 \
                --tiles 16x256x4x6,16x512x4x4,16x128x4x8,32x512x4x4,32x256x4x8 \

@@ -139,17 +139,20 @@ def _mma(a, b, acc, PREC: tl.constexpr):
 
 
 @triton.jit
-def _attend_tile(q, acc, m_i, l_i, start, n, bt_row, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, kvh,
-                 qk_scale, DT: tl.constexpr, D: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_SIZE: tl.constexpr, CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr, PREC: tl.constexpr,
-                 FP8_WORDS: tl.constexpr):
-    """One online-softmax step over keys ``[start, start + BLOCK_N)`` (masked to ``< n``)."""
+def _tile_rows(start, n, bt_row, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """``(valid, blk, off)`` of keys ``[start, start + BLOCK_N)`` masked to ``< n``: per-key block ids (any BLOCK_N
+    / block_size ratio works; masked lanes never touch the block table) and offsets in the block."""
     pos = start + tl.arange(0, BLOCK_N)
     valid = pos < n
-    # per-key block id: any BLOCK_N / block_size ratio works; masked lanes never touch the block table
     blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
     off = (pos % BLOCK_SIZE).to(tl.int64)
-    k = _load_kv_tile(kc_ptr, kc_sb, kc_so, kc_sh, blk, off, kvh, valid, DT, D, CACHE_FP8, FP8_WORDS)
+    return valid, blk, off
+
+
+@triton.jit
+def _scores_step(q, k, valid, acc, m_i, l_i, qk_scale, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                 PREC: tl.constexpr):
+    """The online softmax's update for one K tile: ``(p, acc, m, l)``, ``acc`` rescaled to the new maxima."""
     s = _mma(q, tl.trans(k), tl.zeros([GROUP_PAD, BLOCK_N], tl.float32), PREC) * qk_scale  # log2 domain
     s = tl.where(valid[None, :], s, float("-inf"))
     # every tile holds >= 1 valid key, so m_new is finite and alpha = 2^(-inf) = 0 on the first tile
@@ -158,7 +161,12 @@ def _attend_tile(q, acc, m_i, l_i, start, n, bt_row, kc_ptr, kc_sb, kc_so, kc_sh
     p = tl.math.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
-    v = _load_kv_tile(vc_ptr, vc_sb, vc_so, vc_sh, blk, off, kvh, valid, DT, D, CACHE_FP8, FP8_WORDS)
+    return p, acc, m_new, l_i
+
+
+@triton.jit
+def _pv_step(p, v, acc, DT: tl.constexpr, PV_HILO: tl.constexpr, PREC: tl.constexpr):
+    """``acc + P.V`` (P split into high and low ``DT`` parts with ``PV_HILO``)."""
     if PV_HILO:
         p_hi = p.to(DT)
         p_lo = (p - p_hi.to(tl.float32)).to(DT)
@@ -166,7 +174,20 @@ def _attend_tile(q, acc, m_i, l_i, start, n, bt_row, kc_ptr, kc_sb, kc_so, kc_sh
         acc = _mma(p_lo, v, acc, PREC)
     else:
         acc = _mma(p.to(DT), v, acc, PREC)
-    return acc, m_new, l_i
+    return acc
+
+
+@triton.jit
+def _attend_tile(q, acc, m_i, l_i, start, n, bt_row, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, kvh,
+                 qk_scale, DT: tl.constexpr, D: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr, CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr, PREC: tl.constexpr,
+                 FP8_WORDS: tl.constexpr):
+    """One online-softmax step over keys ``[start, start + BLOCK_N)`` (masked to ``< n``)."""
+    valid, blk, off = _tile_rows(start, n, bt_row, BLOCK_N, BLOCK_SIZE)
+    k = _load_kv_tile(kc_ptr, kc_sb, kc_so, kc_sh, blk, off, kvh, valid, DT, D, CACHE_FP8, FP8_WORDS)
+    p, acc, m_new, l_i = _scores_step(q, k, valid, acc, m_i, l_i, qk_scale, GROUP_PAD, BLOCK_N, PREC)
+    v = _load_kv_tile(vc_ptr, vc_sb, vc_so, vc_sh, blk, off, kvh, valid, DT, D, CACHE_FP8, FP8_WORDS)
+    return _pv_step(p, v, acc, DT, PV_HILO, PREC), m_new, l_i
 
 
 @triton.jit
@@ -228,6 +249,16 @@ def _attend_range(q, lo, hi, n, bt_row, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_
     acc = tl.zeros([GROUP_PAD, D], tl.float32)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
+    return _attend_from(q, acc, m_i, l_i, lo, hi, n, bt_row, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so,
+                        vc_sh, kvh, qk, DT, D, GROUP_PAD, BLOCK_N, BLOCK_SIZE, CACHE_FP8, PV_HILO, PREC, FP8_WORDS)
+
+
+@triton.jit
+def _attend_from(q, acc, m_i, l_i, lo, hi, n, bt_row, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, kvh,
+                 qk, DT: tl.constexpr, D: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr, CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr, PREC: tl.constexpr,
+                 FP8_WORDS: tl.constexpr):
+    """:func:`_attend_range` from the running state ``(acc, m, l)`` (no tile when ``lo >= hi``)."""
     if SOFT_CAST:
         # the Triton 3.6 interpreter cannot take a tensor as a range() bound (its scalars are 1-element arrays);
         # the same loop as a while. Compiled code keeps the for loop, which Triton software-pipelines.
@@ -474,26 +505,24 @@ def _new_key(acc, m_i, l_i, s_new, v_att):
 
 
 @triton.jit
-def _rope_attend(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, pos_ptr, cs_ptr, cs_stride, qw_ptr, kw_ptr,
-                 qk_eps, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, bt_ptr, bt_stride, kvs_ptr,
-                 qk_scale, group, b, kvh, n, lo, part, D: tl.constexpr, GROUP_PAD: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr,
-                 PREC: tl.constexpr, PDL: tl.constexpr, QK_NORM: tl.constexpr, GEMMA: tl.constexpr,
-                 FP8_WORDS: tl.constexpr, F16_MMA: tl.constexpr):
-    """A rope-split program's work over its partition (:func:`_rope_split_kernel`): ``(acc, m, l, kv_scale, heads,
-    rmask)`` with this step's key included where the program owns it."""
-    hi = tl.minimum(lo + part, n)
-    new = n - 1  # this step's key (-1: an empty sequence, nothing written)
-    owner = (lo <= new) & (new < hi)
-    DT: tl.constexpr = q_ptr.dtype.element_ty
+def _rope_table(pos_ptr, cs_ptr, cs_stride, b, D: tl.constexpr):
+    """fp32 ``(c, s) [D]``: the cos / sin of ``d mod D/2`` at sequence ``b``'s position."""
     HALF: tl.constexpr = D // 2
-    r = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, D)
-    heads = kvh * group + r
-    rmask = r < group
     row = cs_ptr + tl.load(pos_ptr + b).to(tl.int64) * cs_stride
     c = tl.load(row + d % HALF).to(tl.float32)
     s = tl.load(row + HALF + d % HALF).to(tl.float32)
+    return c, s
+
+
+@triton.jit
+def _rope_new_token(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, qw_ptr, kw_ptr, qk_eps, kvs_ptr, c, s,
+                    b, kvh, heads, rmask, kc_ptr, vc_ptr, D: tl.constexpr, CACHE_FP8: tl.constexpr,
+                    QK_NORM: tl.constexpr, GEMMA: tl.constexpr):
+    """``(q, k_st, v_st, kv_scale)``: the group's roped q rows in q's dtype, this step's roped k and its v as the
+    cache stores them (e4m3 through ``1 / kv_scale`` for an FP8 cache) and the cache's scale (1 for 16-bit)."""
+    DT: tl.constexpr = q_ptr.dtype.element_ty
+    d = tl.arange(0, D)
     q = cast_for_store(_rope_rows(q_ptr + b * q_sb + heads[:, None] * q_sh, qw_ptr, c, s, rmask[:, None], qk_eps,
                                   D, QK_NORM, GEMMA), DT)
     k1 = tl.sum(_rope_rows(k_ptr + b * k_sb + kvh * k_sh + tl.zeros([1, 1], tl.int64), kw_ptr, c, s,
@@ -509,12 +538,50 @@ def _rope_attend(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, pos_pt
     else:
         k_st = k_new.to(kc_ptr.dtype.element_ty)
         v_st = v_new.to(vc_ptr.dtype.element_ty)
-    bt_row = bt_ptr + b * bt_stride
+    return q, k_st, v_st, kv_scale
+
+
+@triton.jit
+def _new_slot(bt_row, new, owner, BLOCK_SIZE: tl.constexpr):
+    """``(blk, off)``: the cache slot of key ``new`` (block id read only by its ``owner`` program)."""
     blk = tl.load(bt_row + tl.maximum(new, 0) // BLOCK_SIZE, mask=owner, other=0).to(tl.int64)
     off = (tl.maximum(new, 0) % BLOCK_SIZE).to(tl.int64)
+    return blk, off
+
+
+@triton.jit
+def _store_new_kv(kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, blk, off, kvh, k_st, v_st, owner,
+                  D: tl.constexpr):
+    """The owner program writes this step's k / v into their slot."""
+    d = tl.arange(0, D)
     wmask = (d < D) & owner
     tl.store(kc_ptr + blk * kc_sb + off * kc_so + kvh * kc_sh + d, k_st, mask=wmask)
     tl.store(vc_ptr + blk * vc_sb + off * vc_so + kvh * vc_sh + d, v_st, mask=wmask)
+
+
+@triton.jit
+def _rope_attend(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, pos_ptr, cs_ptr, cs_stride, qw_ptr, kw_ptr,
+                 qk_eps, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, bt_ptr, bt_stride, kvs_ptr,
+                 qk_scale, group, b, kvh, n, lo, part, D: tl.constexpr, GROUP_PAD: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr,
+                 PREC: tl.constexpr, PDL: tl.constexpr, QK_NORM: tl.constexpr, GEMMA: tl.constexpr,
+                 FP8_WORDS: tl.constexpr, F16_MMA: tl.constexpr):
+    """A rope-split program's work over its partition (:func:`_rope_split_kernel`): ``(acc, m, l, kv_scale, heads,
+    rmask)`` with this step's key included where the program owns it."""
+    hi = tl.minimum(lo + part, n)
+    new = n - 1  # this step's key (-1: an empty sequence, nothing written)
+    owner = (lo <= new) & (new < hi)
+    DT: tl.constexpr = q_ptr.dtype.element_ty
+    r = tl.arange(0, GROUP_PAD)
+    heads = kvh * group + r
+    rmask = r < group
+    c, s = _rope_table(pos_ptr, cs_ptr, cs_stride, b, D)
+    q, k_st, v_st, kv_scale = _rope_new_token(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, qw_ptr,
+                                              kw_ptr, qk_eps, kvs_ptr, c, s, b, kvh, heads, rmask, kc_ptr, vc_ptr, D,
+                                              CACHE_FP8, QK_NORM, GEMMA)
+    bt_row = bt_ptr + b * bt_stride
+    blk, off = _new_slot(bt_row, new, owner, BLOCK_SIZE)
+    _store_new_kv(kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, blk, off, kvh, k_st, v_st, owner, D)
     qk = qk_scale * kv_scale
     s_new = _new_key_score(q, owner, k_st.to(tl.float32), qk)
     acc, m_i, l_i = _attend_range_q(q, lo, tl.minimum(hi, new), new, bt_row, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr,
@@ -561,6 +628,66 @@ def _rope_split_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, 
 
 
 @triton.jit
+def _rope_split_hoist_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, pos_ptr, cs_ptr, cs_stride,
+                             qw_ptr, kw_ptr, qk_eps, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, bt_ptr,
+                             bt_stride, sl_ptr, kvs_ptr, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr, ws_l_ptr, qk_scale,
+                             max_len, group, n_heads, D: tl.constexpr, GROUP_PAD: tl.constexpr,
+                             BLOCK_N: tl.constexpr, MIN_PARTITION: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                             NUM_SPLITS: tl.constexpr, CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr,
+                             PREC: tl.constexpr, PDL: tl.constexpr, QK_NORM: tl.constexpr, GEMMA: tl.constexpr,
+                             HOIST: tl.constexpr, FP8_WORDS: tl.constexpr = False, F16_MMA: tl.constexpr = False):
+    """:func:`_rope_split_kernel` (16-bit caches) with the reads that do not depend on the kernel before it issued
+    before its PDL wait (:data:`HOIST_LOADS`): the sequence's length and partition, its position's cos / sin, the
+    new key's block id and (``HOIST >= 2``) the partition's first K / V tile of old keys, held in registers. Only
+    data written before the step's first kernel, or by an earlier step, is read before the wait (kernels/pdl.py);
+    this step's q / k / v and the new key's slot are read and written after it, and the first tile stops before
+    the new key as every tile does. The same math in the same order as :func:`_rope_split_kernel`: the same bits."""
+    tl.static_assert(not CACHE_FP8, "16-bit caches only")
+    DT: tl.constexpr = q_ptr.dtype.element_ty
+    b, kvh, split, n, part, lo = _program_partition(sl_ptr, max_len, NUM_SPLITS, MIN_PARTITION, BLOCK_N)
+    hi = tl.minimum(lo + part, n)
+    new = n - 1
+    owner = (lo <= new) & (new < hi)
+    c, s = _rope_table(pos_ptr, cs_ptr, cs_stride, b, D)
+    bt_row = bt_ptr + b * bt_stride
+    blk, off = _new_slot(bt_row, new, owner, BLOCK_SIZE)
+    if HOIST >= 2:  # old keys only (masked to < new): written by earlier steps
+        valid0, blk0, off0 = _tile_rows(lo, new, bt_row, BLOCK_N, BLOCK_SIZE)
+        k0 = _load_kv_tile(kc_ptr, kc_sb, kc_so, kc_sh, blk0, off0, kvh, valid0, DT, D, CACHE_FP8, FP8_WORDS)
+        v0 = _load_kv_tile(vc_ptr, vc_sb, vc_so, vc_sh, blk0, off0, kvh, valid0, DT, D, CACHE_FP8, FP8_WORDS)
+    pdl.wait(PDL)  # q, k, v come from the kernel before this one; no exit before the wait
+    if NUM_SPLITS > 1:
+        if lo >= n:
+            return
+    r = tl.arange(0, GROUP_PAD)
+    heads = kvh * group + r
+    rmask = r < group
+    q, k_st, v_st, kv_scale = _rope_new_token(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, qw_ptr,
+                                              kw_ptr, qk_eps, kvs_ptr, c, s, b, kvh, heads, rmask, kc_ptr, vc_ptr, D,
+                                              CACHE_FP8, QK_NORM, GEMMA)
+    _store_new_kv(kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, blk, off, kvh, k_st, v_st, owner, D)
+    qk = qk_scale * kv_scale
+    s_new = _new_key_score(q, owner, k_st.to(tl.float32), qk)
+    old_hi = tl.minimum(hi, new)
+    acc = tl.zeros([GROUP_PAD, D], tl.float32)
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    start = lo
+    if HOIST >= 2:
+        if lo < old_hi:  # the loop's first tile, from registers
+            p, acc, m_i, l_i = _scores_step(q, k0, valid0, acc, m_i, l_i, qk, GROUP_PAD, BLOCK_N, PREC)
+            acc = _pv_step(p, v0, acc, DT, PV_HILO, PREC)
+        start = lo + BLOCK_N
+    acc, m_i, l_i = _attend_from(q, acc, m_i, l_i, start, old_hi, new, bt_row, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr,
+                                 vc_sb, vc_so, vc_sh, kvh, qk, DT, D, GROUP_PAD, BLOCK_N, BLOCK_SIZE, CACHE_FP8,
+                                 PV_HILO, PREC, FP8_WORDS)
+    pdl.trigger(PDL)
+    acc, m_i, l_i = _new_key(acc, m_i, l_i, s_new, v_st.to(tl.float32))
+    _write_result(acc, m_i, l_i, kv_scale, n, b, heads, rmask, split, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr,
+                  ws_l_ptr, n_heads, D, NUM_SPLITS)
+
+
+@triton.jit
 def _rope_split_combine_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, pos_ptr, cs_ptr, cs_stride,
                                qw_ptr, kw_ptr, qk_eps, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh,
                                bt_ptr, bt_stride, sl_ptr, kvs_ptr, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr,
@@ -589,14 +716,17 @@ def _rope_split_combine_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb
 @triton.jit
 def _combine_kernel(ws_o_ptr, ws_m_ptr, ws_l_ptr, sl_ptr, out_ptr, o_sb, o_sh, n_heads, max_len,
                     D: tl.constexpr, BLOCK_N: tl.constexpr, MIN_PARTITION: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                    SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
-    pdl.enter(PDL)
+                    SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr, HOIST: tl.constexpr = False):
+    if not HOIST:
+        pdl.enter(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     n = tl.minimum(tl.maximum(tl.load(sl_ptr + b).to(tl.int32), 0), max_len)
     part = _partition_len(n, NUM_SPLITS, MIN_PARTITION, BLOCK_N)
     n_used = (n + part - 1) // part  # partials the split kernel wrote (<= NUM_SPLITS: NUM_SPLITS * part >= n)
     row0 = (b * n_heads + h) * NUM_SPLITS
+    if HOIST:  # the lengths were written before the step's first kernel (kernels/pdl.py): read before the wait
+        pdl.enter(PDL)
     idx = tl.arange(0, SPLITS_PAD)
     m_all = tl.load(ws_m_ptr + row0 + idx, mask=idx < n_used, other=float("-inf"))
     big_m = tl.where(n_used > 0, tl.max(m_all, axis=0), 0.0)  # 0 for an empty row: no -inf - -inf
@@ -935,8 +1065,10 @@ def launch_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, o
     return cfg
 
 
-def _launch_combine(cfg: DecodeConfig, ws_o, ws_m, ws_l, seq_lens, out, max_seq_len: int, on: bool) -> None:
-    """The combine kernel of a split launch (nothing for one split)."""
+def _launch_combine(cfg: DecodeConfig, ws_o, ws_m, ws_l, seq_lens, out, max_seq_len: int, on: bool,
+                    hoist: bool = False) -> None:
+    """The combine kernel of a split launch (nothing for one split); ``hoist``: its length read before its PDL wait
+    (:data:`HOIST_LOADS`)."""
     bsz, hq, d = out.shape
     if cfg.num_splits > 1:
         splits_pad = next_pow2(cfg.num_splits)
@@ -944,14 +1076,14 @@ def _launch_combine(cfg: DecodeConfig, ws_o, ws_m, ws_l, seq_lens, out, max_seq_
             ws_o, ws_m, ws_l, seq_lens, out, out.stride(0), out.stride(1), hq, int(max_seq_len),
             D=d, BLOCK_N=cfg.block_n, MIN_PARTITION=cfg.min_partition, NUM_SPLITS=cfg.num_splits,
             SPLITS_PAD=splits_pad, CHUNK=min(splits_pad, 16), PDL=on, num_warps=4 if d >= 128 else 2,
-            **pdl.launch_options(on))
+            **(dict(HOIST=True) if hoist else {}), **pdl.launch_options(on))
 
 
 def launch_rope_decode_attention(q, k, v, positions, cos_sin_cache, key_cache, value_cache, block_tables, seq_lens,
                                  out, scale, kv_scale=None, *, max_seq_len: int, q_norm_weight=None,
                                  k_norm_weight=None, qk_eps: float = 0.0, gemma: bool = False, num_splits=None,
                                  min_partition=None, block_n=None, num_warps=None, num_stages=None, fp8_words=None,
-                                 fuse_combine=None, fp8_f16=None, prefetch=None):
+                                 fuse_combine=None, fp8_f16=None, prefetch=None, hoist=None):
     """One decode step's attention with its RoPE and cache write folded in (:func:`_rope_split_kernel`, then the
     combine): ``q [B, Hq, D]``, ``k`` / ``v [B, Hkv, D]`` are this step's un-roped projections (read, never
     written); with ``n = clamp(seq_lens[b], 0, max_seq_len)``, sequence ``b``'s roped (after the per-head RMSNorm
@@ -959,7 +1091,8 @@ def launch_rope_decode_attention(q, k, v, positions, cos_sin_cache, key_cache, v
     ``block_tables[b, (n - 1) // block_size]``; nothing is written when ``n == 0``) and ``out [B, Hq, D]`` gets the
     attention of the roped q over keys ``[0, n)``. NeoX rotary, ``positions [B]`` into ``cos_sin_cache [P, D]``
     (``[cos | sin]`` rows). The launch (:func:`pick_config`), the partitions and ``prefetch`` are
-    :func:`launch_decode_attention`'s.
+    :func:`launch_decode_attention`'s. ``hoist`` (None: :data:`HOIST_LOADS`): the reads issued before the PDL
+    wait (:func:`_rope_split_hoist_kernel`; 16-bit caches with the combine kernel only, where it drops ``prefetch``).
     Inputs are validated by :func:`tpfuse.attention.rope_decode_attention`. Returns the :class:`DecodeConfig`."""
     bsz, hq, d = q.shape
     block_size, hkv = key_cache.shape[1], key_cache.shape[2]
@@ -993,10 +1126,31 @@ def launch_rope_decode_attention(q, k, v, positions, cos_sin_cache, key_cache, v
     if cnt is not None:
         _rope_split_combine_kernel[(bsz, hkv, splits)](*head, cnt, *tail, SPLITS_PAD=next_pow2(splits), **meta)
         return cfg
+    level = hoist_level(hoist, cache_fp8)
+    if level:
+        _rope_split_hoist_kernel[(bsz, hkv, splits)](*head, *tail, HOIST=level, **meta)
+        _launch_combine(cfg, ws_o, ws_m, ws_l, seq_lens, out, max_seq_len, on, hoist=True)
+        return cfg
     _rope_split_kernel[(bsz, hkv, splits)](*head, *tail, PF_KEYS=cfg.block_n if on and PREFETCH else 0,
                                            **next_prefetch(prefetch, bsz * hkv * splits), **meta)
     _launch_combine(cfg, ws_o, ws_m, ws_l, seq_lens, out, max_seq_len, on)
     return cfg
+
+
+HOIST_LOADS = 0
+"""The rope-split launches' reads ahead of their PDL wait (16-bit caches, the combine kernel; an A/B knob, off):
+0 none; 1 the lengths, the position's cos / sin and the new key's block id (the split kernel, then the combine
+kernel's lengths); 2 also the partition's first K / V tile (:func:`_rope_split_hoist_kernel`). What the wait then
+leaves on the critical path is this step's q / k / v (and the loop's later tiles): at batch 1 a program's partition
+is one tile, whose block id and rows take two dependent reads after the length's."""
+
+
+def hoist_level(hoist, cache_fp8: bool) -> int:
+    """The hoist level of a rope-split launch: ``hoist`` (None: :data:`HOIST_LOADS`), 0 for an FP8 cache."""
+    level = HOIST_LOADS if hoist is None else int(hoist)
+    if level not in (0, 1, 2):
+        raise ValueError(f"hoist must be 0, 1 or 2, got {hoist!r}")
+    return 0 if cache_fp8 else level
 
 
 NEXT_PF_MAX_LINES = 2048

@@ -18,8 +18,9 @@ _BEFORE_WAIT = ("st.global", "atom.", "red.", "cp.async", "griddepcontrol.launch
 def pdl_order_problem(ptx: str, may_load: bool) -> str:
     """What breaks kernels/pdl.py's contract in a PDL variant's PTX ("" if nothing): the first
     ``griddepcontrol.wait`` must come before any global store, atomic, ``cp.async`` load and the trigger, and before
-    any global load unless the case prefetches through addresses it loads (``may_load``: the decode attention's
-    lengths and block tables). Shared-memory traffic before the wait is the program's own and allowed."""
+    any global load unless the case reads ahead of the wait what earlier kernels wrote (``may_load``: the decode
+    attention's prefetches through its lengths and block tables, its hoisted reads, ``HOIST_LOADS``).
+    Shared-memory traffic before the wait is the program's own and allowed."""
     ops = opcodes(ptx)
     waits = [i for i, op in enumerate(ops) if op.startswith("griddepcontrol.wait")]
     if not waits:

@@ -59,6 +59,8 @@ def compile_kernel(fn, ptrs, const, num_warps=8, hinted=False, num_stages=None, 
         const = dict(const, FP8_WORDS=False)
     if "F16_MMA" in names and "F16_MMA" not in const:  # decode attention's default: the tiles in q's dtype
         const = dict(const, F16_MMA=False)
+    if "HOIST" in names and "HOIST" not in const:  # the combine kernel's default: no read before its PDL wait
+        const = dict(const, HOIST=False)
     if "PF_NEXT" in names and "PF_NEXT" not in const:  # no next-weight prefetch: pf_ptr None (a constexpr)
         const = dict(const, PF_NEXT=0, pf_ptr=None)
     sig = {n: ("constexpr" if n in const else ptrs.get(n, "fp32" if n in FLOATS else ("i32" if hinted else "i64")))
@@ -84,7 +86,7 @@ def cases():
     for case in base_cases():
         yield case
         fn = case[1]
-        if "PDL" in fn.arg_names and fn not in seen:
+        if "PDL" in fn.arg_names and fn not in seen and not case[3].get("PDL"):  # (a PDL-only kernel: as given)
             seen.add(fn)
             pdl_variants.append((case[0] + " pdl", fn, case[2], dict(case[3], PDL=True), *case[4:]))
             if _streaming(fn):
@@ -244,6 +246,10 @@ def decode_attention_cases():
             lines = decode_attention.NEXT_PF_MAX_LINES
             yield (name + f" pdl next{lines}", decode_attention._rope_split_kernel, dict(ptrs, pf_ptr="*u8"),
                    dict(const, PDL=True, PF_NEXT=lines), *opts)
+        if cache == "*bf16":  # the reads before the PDL wait (HOIST_LOADS; 16-bit caches)
+            for level in (1, 2):
+                yield (name + f" pdl hoist{level}", decode_attention._rope_split_hoist_kernel, ptrs,
+                       dict(const, PDL=True, HOIST=level), *opts)
         if q_t == "*bf16" and cache == "*fp8e4nv":  # the fp16 tile loop (FP8_F16)
             for pdl_on in (False, True):
                 yield (name + " f16" + (" pdl" if pdl_on else ""), decode_attention._rope_split_kernel, ptrs,
@@ -253,6 +259,11 @@ def decode_attention_cases():
                {"ws_o_ptr": "*fp32", "ws_m_ptr": "*fp32", "ws_l_ptr": "*fp32", "sl_ptr": "*i32", "out_ptr": "*bf16"},
                dict(D=d, BLOCK_N=bn, MIN_PARTITION=128, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
                     CHUNK=min(16, triton.next_power_of_2(splits))), 4, True)
+        yield (f"decode_attention combine d={d} splits={splits} block_n={bn} pdl hoist",
+               decode_attention._combine_kernel,
+               {"ws_o_ptr": "*fp32", "ws_m_ptr": "*fp32", "ws_l_ptr": "*fp32", "sl_ptr": "*i32", "out_ptr": "*bf16"},
+               dict(D=d, BLOCK_N=bn, MIN_PARTITION=128, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
+                    CHUNK=min(16, triton.next_power_of_2(splits)), PDL=True, HOIST=True), 4, True)
 
 
 def small_m_gemm_cases():
@@ -418,7 +429,7 @@ def main() -> int:
                 prints[name] = ptx_hash(k)
             print(f"ok   {name}" + (f"  ptx {prints[name]}" if hashes else ""), flush=True)
             if const.get("PDL"):
-                problem = pdl_order_problem(k.asm["ptx"], may_load=const.get("PF_KEYS", 0) > 0)
+                problem = pdl_order_problem(k.asm["ptx"], may_load=const.get("PF_KEYS", 0) > 0 or bool(const.get("HOIST")))
                 print(f"pdl-order {'BAD ' + problem if problem else 'ok'}  {name}", flush=True)
             if " fusedcomb" in name or name.endswith(" serial"):
                 problem = ticket_order_problem(k.asm["ptx"])

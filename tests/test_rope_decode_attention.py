@@ -359,6 +359,36 @@ def test_case_clamped_to_max_seq_len(gen):
              block_n=16)
 
 
+@kernel_case
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["rope", "qknorm"])
+@pytest.mark.parametrize("hoist", [1, 2])
+def test_case_hoisted_loads(gen, kernels, monkeypatch, hoist, qk_norm):
+    """``decode_attention.HOIST_LOADS``: the kernel that reads its lengths, cos / sin, block ids (and first K / V
+    tile) before its PDL wait keeps the oracle's bounds and gives the default kernel's bits and cache bytes, with
+    one tile a partition (the new key first, last and alone in one), several tiles a partition and one split; the
+    hoisted kernel and its combine ran, and an FP8 cache stays on the default kernel."""
+    mod = kernels.decode_attention
+    rec = record_launches(monkeypatch, mod, "_rope_split_hoist_kernel")
+    comb = record_launches(monkeypatch, mod, "_combine_kernel")
+    configs = [(EDGE_LENS + [40], dict(num_splits=4, min_partition=16, block_n=16)),
+               ([47, 1, 33, 0, 64], dict(num_splits=2, min_partition=48, block_n=16)),
+               ([47, 1, 30, 0], dict(num_splits=1, min_partition=16, block_n=16))]
+    for lens, cfg in configs:
+        runs = []
+        for level in (0, hoist):
+            g = torch.Generator().manual_seed(11)
+            runs.append(run_step(g, DEVICE, lens=lens, hq=4 * HKV, hkv=HKV, d=64, qk_norm=qk_norm, hoist=level,
+                                 **cfg))
+        assert_same_bits(*runs)
+    assert [kw["HOIST"] for _, kw in rec.launches] == [hoist] * 3
+    assert [kw.get("HOIST", False) for _, kw in comb.launches] == [False, True, False, True]  # no combine: 1 split
+    run_step(gen, DEVICE, lens=[5, 20], hq=4, hkv=2, d=64, fp8=True, hoist=hoist, num_splits=2, min_partition=16,
+             block_n=16)
+    assert len(rec.launches) == 3
+    with pytest.raises(ValueError, match="hoist must be"):
+        mod.hoist_level(3, False)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # GPU only
 
@@ -541,6 +571,41 @@ def test_gpu_kv_prefetch_under_pdl(gen, monkeypatch, bsz, fp8):
     the wait (``PF_KEYS``), and its output and caches equal, bit for bit, the same launch without the prefetch
     (the prefetch touches the new key's slot, written after the wait)."""
     _rope_prefetch_same_bits(monkeypatch, gen, bsz, fp8, "PF_KEYS", [(False, None), (True, None)])
+
+
+@gpu_only
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["rope", "qknorm"])
+@pytest.mark.parametrize("heads", [(32, 8), (8, 1)], ids=["8B", "70Btp8"])
+@pytest.mark.parametrize("bsz", [1, 8, 64])
+def test_gpu_hoisted_loads_under_pdl(gen, monkeypatch, bsz, heads, qk_norm):
+    """``decode_attention.HOIST_LOADS`` 1 / 2 in the PDL builds the model's decode graphs launch (the 8B's heads and
+    a 70B TP 8 rank's, model configs, contexts around 1k): output and caches equal, bit for bit, the default
+    kernel's under PDL (which the tests above check against the oracle); the hoisted kernel and its combine ran
+    where asked."""
+    from tpfuse.kernels import decode_attention as dak
+    from tpfuse.kernels import pdl
+
+    if not pdl.available(torch.device("cuda")):
+        pytest.skip("no PDL on this GPU / stack")
+    hq, hkv = heads
+    lens = torch.randint(900, 1100, (bsz,), generator=gen).tolist()
+    x = make_step(gen, lens=lens, hq=hq, hkv=hkv, d=128, block_size=256, qk_norm=qk_norm)
+    qkv, kc, vc, bt, sl, pos, cs = (x[n].cuda() for n in ("qkv", "kc", "vc", "bt", "sl", "pos", "cs"))
+    qw, kw = (None, None) if not qk_norm else (x["qw"].cuda(), x["kw"].cuda())
+    q, k, v = qkv_views(qkv, hq, hkv, 128)
+    results = []
+    for level in (0, 1, 2):
+        monkeypatch.setattr(dak, "HOIST_LOADS", level)
+        rec = record_launches(monkeypatch, dak, "_rope_split_hoist_kernel")
+        kc2, vc2 = kc.clone(), vc.clone()
+        with pdl.launches(True):
+            out = A.rope_decode_attention(q, k, v, pos, cs, kc2, vc2, bt, sl, scale=x["scale"], q_norm_weight=qw,
+                                          k_norm_weight=kw, qk_eps=1e-6)
+        torch.cuda.synchronize()
+        assert [(kw_["HOIST"], kw_["PDL"]) for _, kw_ in rec.launches] == ([(level, True)] if level else [])
+        results.append((out, kc2, vc2))
+    assert_same_bits(results[0], results[1])
+    assert_same_bits(results[0], results[2])
 
 
 def test_next_prefetch_lines_stay_inside_the_range():
