@@ -127,9 +127,9 @@
 #         One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh tiles16
 #   hoist: decides decode_attention.HOIST_LOADS (the rope-split kernel's reads before its PDL wait): the full 8B at
 #         batch 1 / 8 / 64 and the shard rows at batch 1 with --hoist-ab (rows _hoist1 / _hoist2; HOIST_AB_ARGS
-#         appended, HOIST_SHARDS: which shards), then the rope-split GPU tests (tests/test_rope_decode_attention.py,
-#         the hoisted builds bit for bit the default ones under PDL) and the model's PDL graph decode at TP 1 / 2
-#         (mode "hoist"; HOIST_TESTS_K overrides the -k filter); ~8 min.
+#         appended, HOIST_SHARDS: which shards), then the hoisted builds' GPU tests (tests/test_rope_decode_attention.py
+#         -k hoisted: bit for bit the default ones under PDL) and the model's PDL graph decode at TP 1 / 2 (mode
+#         "hoist"; HOIST_TESTS_K overrides the -k filter); ~7 min.
 #         One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh hoist
 #   argmax: the greedy pick's A/B (bench/bench_argmax.py: torch.argmax vs tpfuse.parallel.generate.greedy_tokens
 #         and its chunk lengths, vocab 128256 / 32000 at B 1 / 8 / 64; ARGMAX_ARGS appended; ~20 s)
@@ -313,7 +313,7 @@ for s in "${steps[@]}"; do
              --context 1024 --prefill 1024 --hf-models none --no-fp8 --hoist-ab
            LIMIT_hoist_tests=${LIMIT_hoist_tests:-240} run hoist_tests bash -c "python3 -m pytest -q -rs \
              --junitxml=$OUT/hoist_tests.xml tests/test_rope_decode_attention.py \
-             tests/distributed/test_small_m_model.py -k '${HOIST_TESTS_K:-not graph_decode or (graph_decode_through_the_kernel_and_with_pdl and (tp1 or tp2))}'" ;;
+             tests/distributed/test_small_m_model.py -k '${HOIST_TESTS_K:-hoisted or (graph_decode_through_the_kernel_and_with_pdl and (tp1 or tp2))}'" ;;
     tiles16) LIMIT_tiles16_sweep=${LIMIT_tiles16_sweep:-200} run tiles16_sweep python3 bench/tune_small_gemm.py \
                --models 8B,70B --m 1,8,16 --schemes bf16,fp8_row,fp8_tensor --budget-s 170 \
                --tiles 16x256x4x6,16x512x4x4,16x128x4x8,32x512x4x4,32x256x4x8 \

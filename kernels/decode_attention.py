@@ -505,10 +505,9 @@ def _new_key(acc, m_i, l_i, s_new, v_att):
 
 
 @triton.jit
-def _rope_table(pos_ptr, cs_ptr, cs_stride, b, D: tl.constexpr):
-    """fp32 ``(c, s) [D]``: the cos / sin of ``d mod D/2`` at sequence ``b``'s position."""
+def _rope_table(pos_ptr, cs_ptr, cs_stride, b, d, D: tl.constexpr):
+    """fp32 ``(c, s) [D]``: the cos / sin of ``d mod D/2`` (``d = tl.arange(0, D)``) at sequence ``b``'s position."""
     HALF: tl.constexpr = D // 2
-    d = tl.arange(0, D)
     row = cs_ptr + tl.load(pos_ptr + b).to(tl.int64) * cs_stride
     c = tl.load(row + d % HALF).to(tl.float32)
     s = tl.load(row + HALF + d % HALF).to(tl.float32)
@@ -517,12 +516,11 @@ def _rope_table(pos_ptr, cs_ptr, cs_stride, b, D: tl.constexpr):
 
 @triton.jit
 def _rope_new_token(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, qw_ptr, kw_ptr, qk_eps, kvs_ptr, c, s,
-                    b, kvh, heads, rmask, kc_ptr, vc_ptr, D: tl.constexpr, CACHE_FP8: tl.constexpr,
+                    b, kvh, heads, rmask, d, kc_ptr, vc_ptr, D: tl.constexpr, CACHE_FP8: tl.constexpr,
                     QK_NORM: tl.constexpr, GEMMA: tl.constexpr):
     """``(q, k_st, v_st, kv_scale)``: the group's roped q rows in q's dtype, this step's roped k and its v as the
     cache stores them (e4m3 through ``1 / kv_scale`` for an FP8 cache) and the cache's scale (1 for 16-bit)."""
     DT: tl.constexpr = q_ptr.dtype.element_ty
-    d = tl.arange(0, D)
     q = cast_for_store(_rope_rows(q_ptr + b * q_sb + heads[:, None] * q_sh, qw_ptr, c, s, rmask[:, None], qk_eps,
                                   D, QK_NORM, GEMMA), DT)
     k1 = tl.sum(_rope_rows(k_ptr + b * k_sb + kvh * k_sh + tl.zeros([1, 1], tl.int64), kw_ptr, c, s,
@@ -550,10 +548,9 @@ def _new_slot(bt_row, new, owner, BLOCK_SIZE: tl.constexpr):
 
 
 @triton.jit
-def _store_new_kv(kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, blk, off, kvh, k_st, v_st, owner,
+def _store_new_kv(kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, blk, off, kvh, k_st, v_st, owner, d,
                   D: tl.constexpr):
-    """The owner program writes this step's k / v into their slot."""
-    d = tl.arange(0, D)
+    """The owner program writes this step's k / v into their slot (``d = tl.arange(0, D)``)."""
     wmask = (d < D) & owner
     tl.store(kc_ptr + blk * kc_sb + off * kc_so + kvh * kc_sh + d, k_st, mask=wmask)
     tl.store(vc_ptr + blk * vc_sb + off * vc_so + kvh * vc_sh + d, v_st, mask=wmask)
@@ -573,15 +570,16 @@ def _rope_attend(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, pos_pt
     owner = (lo <= new) & (new < hi)
     DT: tl.constexpr = q_ptr.dtype.element_ty
     r = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, D)
     heads = kvh * group + r
     rmask = r < group
-    c, s = _rope_table(pos_ptr, cs_ptr, cs_stride, b, D)
+    c, s = _rope_table(pos_ptr, cs_ptr, cs_stride, b, d, D)
     q, k_st, v_st, kv_scale = _rope_new_token(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, qw_ptr,
-                                              kw_ptr, qk_eps, kvs_ptr, c, s, b, kvh, heads, rmask, kc_ptr, vc_ptr, D,
+                                              kw_ptr, qk_eps, kvs_ptr, c, s, b, kvh, heads, rmask, d, kc_ptr, vc_ptr, D,
                                               CACHE_FP8, QK_NORM, GEMMA)
     bt_row = bt_ptr + b * bt_stride
     blk, off = _new_slot(bt_row, new, owner, BLOCK_SIZE)
-    _store_new_kv(kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, blk, off, kvh, k_st, v_st, owner, D)
+    _store_new_kv(kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, blk, off, kvh, k_st, v_st, owner, d, D)
     qk = qk_scale * kv_scale
     s_new = _new_key_score(q, owner, k_st.to(tl.float32), qk)
     acc, m_i, l_i = _attend_range_q(q, lo, tl.minimum(hi, new), new, bt_row, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr,
@@ -648,7 +646,8 @@ def _rope_split_hoist_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, 
     hi = tl.minimum(lo + part, n)
     new = n - 1
     owner = (lo <= new) & (new < hi)
-    c, s = _rope_table(pos_ptr, cs_ptr, cs_stride, b, D)
+    d = tl.arange(0, D)
+    c, s = _rope_table(pos_ptr, cs_ptr, cs_stride, b, d, D)
     bt_row = bt_ptr + b * bt_stride
     blk, off = _new_slot(bt_row, new, owner, BLOCK_SIZE)
     if HOIST >= 2:  # old keys only (masked to < new): written by earlier steps
@@ -663,9 +662,9 @@ def _rope_split_hoist_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, 
     heads = kvh * group + r
     rmask = r < group
     q, k_st, v_st, kv_scale = _rope_new_token(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, qw_ptr,
-                                              kw_ptr, qk_eps, kvs_ptr, c, s, b, kvh, heads, rmask, kc_ptr, vc_ptr, D,
+                                              kw_ptr, qk_eps, kvs_ptr, c, s, b, kvh, heads, rmask, d, kc_ptr, vc_ptr, D,
                                               CACHE_FP8, QK_NORM, GEMMA)
-    _store_new_kv(kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, blk, off, kvh, k_st, v_st, owner, D)
+    _store_new_kv(kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, blk, off, kvh, k_st, v_st, owner, d, D)
     qk = qk_scale * kv_scale
     s_new = _new_key_score(q, owner, k_st.to(tl.float32), qk)
     old_hi = tl.minimum(hi, new)
