@@ -82,9 +82,11 @@ Providers (every one is the model a user runs, called with Hugging Face argument
   SiLU*mul with its partial maxima and ``ops.quantize_from_amax``, 64 (that chain) where it does not;
 * ``<provider>_split4x64`` (``--split-ab``): the decode step with the decode attention's bf16 split rule at
   ``decode_attention.SPLIT_WAVES`` 4 / ``MULTI_SPLIT_TILE`` 64 (the B 8 sweep's candidate; default 2 / 128);
-* ``<provider>_hoist1`` / ``_hoist2`` (``--hoist-ab``): the decode step with ``decode_attention.HOIST_LOADS`` 1
-  (the rope-split kernel reads its lengths, cos / sin and block ids before its PDL wait, the combine kernel its
-  lengths) / 2 (also the partition's first K / V tile; 16-bit caches); rows carry ``hoist``;
+* ``<provider>_hoist0`` / ``_hoist1`` / ``_hoist2`` (``--hoist-ab``): the decode step with
+  ``decode_attention.HOIST_LOADS`` 0 (no read ahead of the wait), 1 (the rope-split kernel reads its lengths, cos /
+  sin and block ids before its PDL wait, the combine kernel its lengths) or 2 (also the partition's first K / V
+  tile; 16-bit caches), each only where the default (``HOIST_MAX_BATCH``: 1 at batch 1) differs; rows carry
+  ``hoist``;
 * ``<provider>_early`` / ``_earlypf`` (``--trigger-ab``): the decode step with ``kernels.pdl.EARLY_TRIGGER`` on
   (the small-M GEMM and the decode attention's split kernels trigger their PDL dependents right after their wait
   instead of after their main loop), and the same with the L2 prefetches before the waits (``_earlypf``: the
@@ -207,8 +209,9 @@ def parse_args(argv=None):
                     "<provider>_early, and with the L2 prefetches before the waits too: <provider>_earlypf")
     ap.add_argument("--split-ab", action="store_true", help="adds decode rows with the decode attention's bf16 "
                     "split rule at SPLIT_WAVES 4 / MULTI_SPLIT_TILE 64: <provider>_split4x64")
-    ap.add_argument("--hoist-ab", action="store_true", help="adds decode rows with decode_attention.HOIST_LOADS 1 "
-                    "/ 2 (the rope-split kernel's reads before its PDL wait): <provider>_hoist1 / _hoist2")
+    ap.add_argument("--hoist-ab", action="store_true", help="adds decode rows with decode_attention.HOIST_LOADS 0 "
+                    "/ 1 / 2 (the rope-split kernel's reads before its PDL wait) where that is not the default's "
+                    "level at the row's batch: <provider>_hoist0 / _hoist1 / _hoist2")
     ap.add_argument("--amax-ab", action="store_true", help="adds per-token FP8 decode rows with "
                     "small_gemm.AMAX_CHAIN_MAX_M the other way at that batch: <provider>_noamax (0: the SiLU*mul + "
                     "quantize kernel) or <provider>_amaxall (64: gate-up + SiLU*mul writes bf16 h + its partial "
@@ -444,7 +447,7 @@ def variants(args) -> list:
     out += [opf_variant()] if getattr(args, "opf_ab", False) else []
     out += [Variant("_tile128", one_split_tiles=((0, (128, 8)),))] if getattr(args, "tile_ab", False) else []
     out += [Variant("_split4x64", split_rule=(4, 64))] if getattr(args, "split_ab", False) else []
-    out += [Variant("_hoist1", hoist=1), Variant("_hoist2", hoist=2)] if getattr(args, "hoist_ab", False) else []
+    out += [Variant(f"_hoist{n}", hoist=n) for n in (0, 1, 2)] if getattr(args, "hoist_ab", False) else []
     kib = getattr(args, "prefetch_kib", None)
     out += [Variant("_early", early_trigger=True),
             Variant("_earlypf", early_trigger=True, pdl=True, prefetch=True,
@@ -589,12 +592,15 @@ def variant_rows(model, batch, args, dev, rows, base, provider):
     from tpfuse.parallel.forward import can_fold_norms
 
     from tpfuse import small_gemm
+    from tpfuse.kernels import decode_attention as dak
 
     foldable = base.get("tp_shard") is None and can_fold_norms(model, batch)
     kv8 = provider.endswith("_kv8")
     per_token = provider.startswith("tpfuse_fp8") and "static" not in provider
     for v in variants(args):
         if (v.fold_norms and not foldable) or (v.fp8_f16 is not None) != kv8:
+            continue
+        if v.hoist is not None and v.hoist == dak.hoist_level(None, kv8, batch):  # the default's level here
             continue
         if v.amax_chain_max_m is not None and (not per_token or (batch <= small_gemm.AMAX_CHAIN_MAX_M) != (
                 v.amax_chain_max_m < batch)):  # per-token FP8 rows, the chain the other way than at this batch

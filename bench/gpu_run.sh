@@ -125,8 +125,8 @@
 #         table's sweeps), then its table A/B on the full 8B at batch 1 / 8 (rows _smallm) and on the shard rows at
 #         batch 1 (_smallm; TILES16_SHARDS: which shards); ~6 min. TILES16_SWEEP_ARGS / TILES16_AB_ARGS appended.
 #         One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh tiles16
-#   hoist: decides decode_attention.HOIST_LOADS (the rope-split kernel's reads before its PDL wait): the full 8B at
-#         batch 1 / 8 / 64 and the shard rows at batch 1 with --hoist-ab (rows _hoist1 / _hoist2; HOIST_AB_ARGS
+#   hoist: decides decode_attention.HOIST_MAX_BATCH (the rope-split kernel's reads before its PDL wait): the full 8B at
+#         batch 1 / 8 / 64 and the shard rows at batch 1 with --hoist-ab (rows _hoist0 / 1 / 2; HOIST_AB_ARGS
 #         appended, HOIST_SHARDS: which shards), then the hoisted builds' GPU tests (tests/test_rope_decode_attention.py
 #         -k hoisted: bit for bit the default ones under PDL) and the model's PDL graph decode at TP 1 / 2 (mode
 #         "hoist"; HOIST_TESTS_K overrides the -k filter); ~7 min.

@@ -635,7 +635,7 @@ def _rope_split_hoist_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, 
                              PREC: tl.constexpr, PDL: tl.constexpr, QK_NORM: tl.constexpr, GEMMA: tl.constexpr,
                              HOIST: tl.constexpr, FP8_WORDS: tl.constexpr = False, F16_MMA: tl.constexpr = False):
     """:func:`_rope_split_kernel` (16-bit caches) with the reads that do not depend on the kernel before it issued
-    before its PDL wait (:data:`HOIST_LOADS`): the sequence's length and partition, its position's cos / sin, the
+    before its PDL wait (:data:`HOIST_MAX_BATCH`): the sequence's length and partition, its position's cos / sin, the
     new key's block id and (``HOIST >= 2``) the partition's first K / V tile of old keys, held in registers. Only
     data written before the step's first kernel, or by an earlier step, is read before the wait (kernels/pdl.py);
     this step's q / k / v and the new key's slot are read and written after it, and the first tile stops before
@@ -1067,7 +1067,7 @@ def launch_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, o
 def _launch_combine(cfg: DecodeConfig, ws_o, ws_m, ws_l, seq_lens, out, max_seq_len: int, on: bool,
                     hoist: bool = False) -> None:
     """The combine kernel of a split launch (nothing for one split); ``hoist``: its length read before its PDL wait
-    (:data:`HOIST_LOADS`)."""
+    (:data:`HOIST_MAX_BATCH`)."""
     bsz, hq, d = out.shape
     if cfg.num_splits > 1:
         splits_pad = next_pow2(cfg.num_splits)
@@ -1090,8 +1090,9 @@ def launch_rope_decode_attention(q, k, v, positions, cos_sin_cache, key_cache, v
     ``block_tables[b, (n - 1) // block_size]``; nothing is written when ``n == 0``) and ``out [B, Hq, D]`` gets the
     attention of the roped q over keys ``[0, n)``. NeoX rotary, ``positions [B]`` into ``cos_sin_cache [P, D]``
     (``[cos | sin]`` rows). The launch (:func:`pick_config`), the partitions and ``prefetch`` are
-    :func:`launch_decode_attention`'s. ``hoist`` (None: :data:`HOIST_LOADS`): the reads issued before the PDL
-    wait (:func:`_rope_split_hoist_kernel`; 16-bit caches with the combine kernel only, where it drops ``prefetch``).
+    :func:`launch_decode_attention`'s. ``hoist`` (0 / 1 / 2; None: :func:`hoist_level`'s rule): the reads issued
+    before the PDL wait (:func:`_rope_split_hoist_kernel`; 16-bit caches with the combine kernel only, where a
+    hoisting launch drops ``prefetch``).
     Inputs are validated by :func:`tpfuse.attention.rope_decode_attention`. Returns the :class:`DecodeConfig`."""
     bsz, hq, d = q.shape
     block_size, hkv = key_cache.shape[1], key_cache.shape[2]
@@ -1125,7 +1126,7 @@ def launch_rope_decode_attention(q, k, v, positions, cos_sin_cache, key_cache, v
     if cnt is not None:
         _rope_split_combine_kernel[(bsz, hkv, splits)](*head, cnt, *tail, SPLITS_PAD=next_pow2(splits), **meta)
         return cfg
-    level = hoist_level(hoist, cache_fp8)
+    level = hoist_level(hoist, cache_fp8, bsz, prefetch=PREFETCH or prefetch is not None, pdl_on=bool(on))
     if level:
         _rope_split_hoist_kernel[(bsz, hkv, splits)](*head, *tail, HOIST=level, **meta)
         _launch_combine(cfg, ws_o, ws_m, ws_l, seq_lens, out, max_seq_len, on, hoist=True)
@@ -1136,20 +1137,34 @@ def launch_rope_decode_attention(q, k, v, positions, cos_sin_cache, key_cache, v
     return cfg
 
 
-HOIST_LOADS = 0
-"""The rope-split launches' reads ahead of their PDL wait (16-bit caches, the combine kernel; an A/B knob, off):
-0 none; 1 the lengths, the position's cos / sin and the new key's block id (the split kernel, then the combine
-kernel's lengths); 2 also the partition's first K / V tile (:func:`_rope_split_hoist_kernel`). What the wait then
-leaves on the critical path is this step's q / k / v (and the loop's later tiles): at batch 1 a program's partition
-is one tile, whose block id and rows take two dependent reads after the length's."""
+HOIST_MAX_BATCH = 1
+"""The rope-split PDL launches of at most this many sequences (16-bit caches, the combine kernel, no prefetch asked)
+read ahead of their wait at level 1 (:func:`hoist_level`): the lengths, the position's cos / sin and the new
+key's block id (:func:`_rope_split_hoist_kernel`), and their combine kernel its lengths. What the wait then leaves
+on the critical path is this step's q / k / v and the partition's tiles: at batch 1 a program's partition is one
+tile, whose block id and rows took two dependent reads after the length's. On one H100 at 896cc8f
+(``bench/results/e2e_tp1_h100_hoist_ab_896cc8f.json``, ``..._shards_hoist_ab_896cc8f.json``, rows ``_hoist1``)
+level 1 at every launch made the decode step 0.997 / 1.000 / 0.998x as long at batch 1 / 8 / 64 on the full 8B in
+bf16 (0.996 / 1.010 / 1.003x per-channel FP8, 0.996 / 1.007 / 1.004x static FP8) and 0.987 / 0.997 / 0.995x on the
+70B TP 8 / 70B TP 4 / 8B TP 2 shards at batch 1: every batch-1 row gained, the others did not. Level 2 (also the
+partition's first K / V tile, in registers: 255 a thread) was 1.000-1.010x: never. Their GPU tests
+(``test_gpu_hoisted_loads_under_pdl``, the model's PDL graph decode in mode "hoist") passed there."""
+HOIST_LOADS = None
+"""A/B override of :data:`HOIST_MAX_BATCH`'s rule (``bench_e2e.py --hoist-ab``): None the rule, else that level (0
+none, 1, 2) at every rope-split launch of a 16-bit cache with the combine kernel (a prefetch asked is then
+dropped)."""
 
 
-def hoist_level(hoist, cache_fp8: bool) -> int:
-    """The hoist level of a rope-split launch: ``hoist`` (None: :data:`HOIST_LOADS`), 0 for an FP8 cache."""
-    level = HOIST_LOADS if hoist is None else int(hoist)
+def hoist_level(hoist, cache_fp8: bool, batch: int = 1, prefetch: bool = False, pdl_on: bool = True) -> int:
+    """The hoist level of a rope-split launch: ``hoist``, else :data:`HOIST_LOADS`, else 1 for a PDL launch
+    (``pdl_on``: no wait, nothing to hide behind) of at most :data:`HOIST_MAX_BATCH` sequences without a prefetch
+    asked (``prefetch``), else 0; always 0 for an FP8 cache."""
+    level = hoist if hoist is not None else HOIST_LOADS
+    if level is None:
+        level = 1 if pdl_on and batch <= HOIST_MAX_BATCH and not prefetch else 0
     if level not in (0, 1, 2):
-        raise ValueError(f"hoist must be 0, 1 or 2, got {hoist!r}")
-    return 0 if cache_fp8 else level
+        raise ValueError(f"hoist must be 0, 1 or 2, got {level!r}")
+    return 0 if cache_fp8 else int(level)
 
 
 NEXT_PF_MAX_LINES = 2048

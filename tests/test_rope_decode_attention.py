@@ -363,8 +363,8 @@ def test_case_clamped_to_max_seq_len(gen):
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["rope", "qknorm"])
 @pytest.mark.parametrize("hoist", [1, 2])
 def test_case_hoisted_loads(gen, kernels, monkeypatch, hoist, qk_norm):
-    """``decode_attention.HOIST_LOADS``: the kernel that reads its lengths, cos / sin, block ids (and first K / V
-    tile) before its PDL wait keeps the oracle's bounds and gives the default kernel's bits and cache bytes, with
+    """``hoist`` 1 / 2 (``decode_attention.HOIST_MAX_BATCH``): the kernel that reads its lengths, cos / sin, block ids
+    (and first K / V tile) before its PDL wait keeps the oracle's bounds and gives the default kernel's bits and cache bytes, with
     one tile a partition (the new key first, last and alone in one), several tiles a partition and one split; the
     hoisted kernel and its combine ran, and an FP8 cache stays on the default kernel."""
     mod = kernels.decode_attention
@@ -387,6 +387,18 @@ def test_case_hoisted_loads(gen, kernels, monkeypatch, hoist, qk_norm):
     assert len(rec.launches) == 3
     with pytest.raises(ValueError, match="hoist must be"):
         mod.hoist_level(3, False)
+
+
+def test_hoist_rule():
+    """``HOIST_MAX_BATCH``: level 1 for PDL launches of batch 1 with a 16-bit cache and no prefetch asked, else 0;
+    ``HOIST_LOADS`` and an explicit level override it (an FP8 cache never hoists)."""
+    from tpfuse.kernels import decode_attention as dak
+
+    assert dak.HOIST_LOADS is None and dak.HOIST_MAX_BATCH == 1
+    assert dak.hoist_level(None, False, 1) == 1 and dak.hoist_level(None, False, 2) == 0
+    assert dak.hoist_level(None, False, 1, pdl_on=False) == 0 and dak.hoist_level(None, False, 1, prefetch=True) == 0
+    assert dak.hoist_level(None, True, 1) == 0 and dak.hoist_level(2, True, 1) == 0
+    assert dak.hoist_level(2, False, 64, prefetch=True, pdl_on=False) == 2 and dak.hoist_level(0, False, 1) == 0
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -548,6 +560,7 @@ def _rope_prefetch_same_bits(monkeypatch, gen, bsz, fp8, const, runs):
     kvs = None if x["kv_scale"] is None else x["kv_scale"].cuda()
     q, k, v = qkv_views(qkv, 32, 8, 128)
     results = []
+    monkeypatch.setattr(dak, "HOIST_LOADS", 0)  # the prefetching builds against the default kernel's
     for kv_prefetch, weight in runs:
         monkeypatch.setattr(dak, "PREFETCH", kv_prefetch)
         rec = record_launches(monkeypatch, dak, "_rope_split_kernel")
@@ -578,7 +591,7 @@ def test_gpu_kv_prefetch_under_pdl(gen, monkeypatch, bsz, fp8):
 @pytest.mark.parametrize("heads", [(32, 8), (8, 1)], ids=["8B", "70Btp8"])
 @pytest.mark.parametrize("bsz", [1, 8, 64])
 def test_gpu_hoisted_loads_under_pdl(gen, monkeypatch, bsz, heads, qk_norm):
-    """``decode_attention.HOIST_LOADS`` 1 / 2 in the PDL builds the model's decode graphs launch (the 8B's heads and
+    """``decode_attention.HOIST_LOADS`` 0 / 1 / 2 in the PDL builds the model's decode graphs launch (the 8B's heads and
     a 70B TP 8 rank's, model configs, contexts around 1k): output and caches equal, bit for bit, the default
     kernel's under PDL (which the tests above check against the oracle); the hoisted kernel and its combine ran
     where asked."""
