@@ -82,6 +82,9 @@ Providers (every one is the model a user runs, called with Hugging Face argument
   SiLU*mul with its partial maxima and ``ops.quantize_from_amax``, 64 (that chain) where it does not;
 * ``<provider>_split4x64`` (``--split-ab``): the decode step with the decode attention's bf16 split rule at
   ``decode_attention.SPLIT_WAVES`` 4 / ``MULTI_SPLIT_TILE`` 64 (the B 8 sweep's candidate; default 2 / 128);
+* ``<provider>_gpf1m`` / ``_gpf4m`` (``--gemm-prefetch-ab``): the decode step with the small-M GEMM's L2 prefetch
+  of its first weight lines before its PDL wait (``small_m_gemm.PREFETCH_BYTES`` 1 / 4 MiB a launch), the decode
+  attention's as the default has it; rows carry ``prefetch_bytes``;
 * ``<provider>_hoist0`` / ``_hoist1`` / ``_hoist2`` (``--hoist-ab``): the decode step with
   ``decode_attention.HOIST_LOADS`` 0 (no read ahead of the wait), 1 (the rope-split kernel reads its lengths, cos /
   sin and block ids before its PDL wait, the combine kernel its lengths) or 2 (also the partition's first K / V
@@ -209,6 +212,9 @@ def parse_args(argv=None):
                     "<provider>_early, and with the L2 prefetches before the waits too: <provider>_earlypf")
     ap.add_argument("--split-ab", action="store_true", help="adds decode rows with the decode attention's bf16 "
                     "split rule at SPLIT_WAVES 4 / MULTI_SPLIT_TILE 64: <provider>_split4x64")
+    ap.add_argument("--gemm-prefetch-ab", action="store_true", help="adds decode rows with the small-M GEMM's L2 "
+                    "prefetch before its PDL wait alone at 1 / 4 MiB a launch (small_m_gemm.PREFETCH_BYTES): "
+                    "<provider>_gpf1m / _gpf4m")
     ap.add_argument("--hoist-ab", action="store_true", help="adds decode rows with decode_attention.HOIST_LOADS 0 "
                     "/ 1 / 2 (the rope-split kernel's reads before its PDL wait) where that is not the default's "
                     "level at the row's batch: <provider>_hoist0 / _hoist1 / _hoist2")
@@ -426,6 +432,8 @@ class Variant(NamedTuple):
     """``kernels.pdl.EARLY_TRIGGER``."""
     hoist: Optional[int] = None
     """``decode_attention.HOIST_LOADS``."""
+    gemm_prefetch_bytes: Optional[int] = None
+    """``small_m_gemm.PREFETCH_BYTES`` alone (the decode attention's prefetch as the default has it)."""
 
 
 def variants(args) -> list:
@@ -448,6 +456,8 @@ def variants(args) -> list:
     out += [Variant("_tile128", one_split_tiles=((0, (128, 8)),))] if getattr(args, "tile_ab", False) else []
     out += [Variant("_split4x64", split_rule=(4, 64))] if getattr(args, "split_ab", False) else []
     out += [Variant(f"_hoist{n}", hoist=n) for n in (0, 1, 2)] if getattr(args, "hoist_ab", False) else []
+    out += [Variant(f"_gpf{m}m", gemm_prefetch_bytes=m << 20) for m in (1, 4)] if getattr(
+        args, "gemm_prefetch_ab", False) else []
     kib = getattr(args, "prefetch_kib", None)
     out += [Variant("_early", early_trigger=True),
             Variant("_earlypf", early_trigger=True, pdl=True, prefetch=True,
@@ -548,6 +558,8 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
     own_tile, own_chain = dak.ONE_SPLIT_TILES, small_gemm.AMAX_CHAIN_MAX_M
     own_split, own_early, own_hoist = (dak.SPLIT_WAVES, dak.MULTI_SPLIT_TILE), pdl_launch.EARLY_TRIGGER, dak.HOIST_LOADS
     dak.HOIST_LOADS = own_hoist if v.hoist is None else v.hoist
+    if v.gemm_prefetch_bytes is not None:
+        smg.PREFETCH_BYTES = v.gemm_prefetch_bytes
     pdl_launch.EARLY_TRIGGER = own_early if v.early_trigger is None else v.early_trigger
     dak.SPLIT_WAVES, dak.MULTI_SPLIT_TILE = own_split if v.split_rule is None else v.split_rule
     dak.ONE_SPLIT_TILES = own_tile if v.one_split_tiles is None else v.one_split_tiles

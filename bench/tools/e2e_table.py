@@ -46,6 +46,7 @@ VARIANTS = (("_fusedrope", "RoPE in the attention"), ("_ropesep", "RoPE kernel a
             ("_tile32", "32-key attention tiles at one split"),
             ("_tile128", "128-key attention tiles at every one-split launch"),
             ("_split4x64", "attention splits at SPLIT_WAVES 4, 64-key tiles"),
+            ("_gpf1m", "GEMM L2 prefetch 1 MiB"), ("_gpf4m", "GEMM L2 prefetch 4 MiB"),
             ("_hoist0", "no rope-split read before the PDL wait (HOIST_LOADS 0)"),
             ("_hoist1", "rope-split reads before the PDL wait (HOIST_LOADS 1)"),
             ("_hoist2", "and its first K / V tile (HOIST_LOADS 2)"),
