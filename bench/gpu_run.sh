@@ -127,7 +127,7 @@
 #         One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh tiles16
 #   hoist: decides decode_attention.HOIST_MAX_BATCH (the rope-split kernel's reads before its PDL wait): the full 8B at
 #         batch 1 / 8 / 64 and the shard rows at batch 1 with --hoist-ab (rows _hoist0 / 1 / 2; HOIST_AB_ARGS
-#         appended, HOIST_SHARDS: which shards), then the hoisted builds' GPU tests (tests/test_rope_decode_attention.py
+#         appended, HOIST_SHARDS: which shards, HOIST_SHARDS_ARGS appended to theirs), then the hoisted builds' GPU tests (tests/test_rope_decode_attention.py
 #         -k hoisted: bit for bit the default ones under PDL) and the model's PDL graph decode at TP 1 / 2 (mode
 #         "hoist"; HOIST_TESTS_K overrides the -k filter); ~7 min.
 #         One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh hoist
@@ -310,7 +310,7 @@ for s in "${steps[@]}"; do
              --hoist-ab ${HOIST_AB_ARGS:-}
            LIMIT_hoist_shards=${LIMIT_hoist_shards:-100} run hoist_shards "${TR1[@]}" bench/bench_e2e.py \
              --tag shards_hoist_ab --models "${HOIST_SHARDS:-70B/tp8,70B/tp4,8B/tp2}" --layers full --decode-batches 1 \
-             --context 1024 --prefill 1024 --hf-models none --no-fp8 --hoist-ab
+             --context 1024 --prefill 1024 --hf-models none --no-fp8 --hoist-ab ${HOIST_SHARDS_ARGS:-}
            LIMIT_hoist_tests=${LIMIT_hoist_tests:-240} run hoist_tests bash -c "python3 -m pytest -q -rs \
              --junitxml=$OUT/hoist_tests.xml tests/test_rope_decode_attention.py \
              tests/distributed/test_small_m_model.py -k '${HOIST_TESTS_K:-hoisted or (graph_decode_through_the_kernel_and_with_pdl and (tp1 or tp2))}'" ;;
