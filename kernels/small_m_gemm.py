@@ -435,20 +435,31 @@ def _split_k_reduce_add_kernel(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr,
 PREFETCH_BYTES_TRIED = 16 << 20
 """The one prefetch budget timed end to end (:data:`PREFETCH_BYTES`); the benchmarks' prefetch rows use it."""
 PREFETCH_BYTES = 0
-"""Weight bytes one small-M GEMM launched with PDL prefetches into L2 before its wait (:func:`prefetch_lines`; 0:
-none). Off: on the full 8B (one H100, ``bench/results/e2e_tp1_h100_ab_4dbc35c.json``) :data:`PREFETCH_BYTES_TRIED`
-a launch (a third of the L2) with the decode attention's prefetch made the decode step 0.1-3.1% slower than
-neither at every batch and format (rows ``_smallall_pdl`` vs ``_smallall_pdl_nopf``); a knob for other GPUs and
-shapes."""
+"""Weight bytes one small-M GEMM launched with PDL prefetches into L2 before its wait at every M (:func:`prefetch_lines`;
+0: :data:`PREFETCH_MAX_M`'s rule). Off: on the full 8B (one H100, ``bench/results/e2e_tp1_h100_ab_4dbc35c.json``)
+:data:`PREFETCH_BYTES_TRIED` a launch (a third of the L2) with the decode attention's prefetch made the decode step
+0.1-3.1% slower than neither at every batch and format (rows ``_smallall_pdl`` vs ``_smallall_pdl_nopf``); a knob
+for other GPUs and shapes."""
+PREFETCH_SMALL_BYTES = 1 << 20
+"""The budget of :data:`PREFETCH_MAX_M`'s rule: at 1 MiB a launch each program prefetches the first 1-4 lines of
+its weight rows (the 8B's qkv 1, o / down 2, gate-up none; the 70B TP 8 rank's qkv 4, the others 1)."""
+PREFETCH_MAX_M = 0
+"""Launches of at most this many rows prefetch :data:`PREFETCH_SMALL_BYTES` when :data:`PREFETCH_BYTES` is 0 (0:
+none). On one H100 at 25be4f6 (``bench/results/e2e_tp1_h100_hoist_ab_25be4f6.json``, ``..._shards_hoist_ab_25be4f6.json``,
+rows ``_gpf1m``: 1 MiB at every M) the decode step took 0.998 / 0.995 / 1.000x as long at batch 1 on the full 8B
+(bf16 / per-channel / static FP8) and 0.983 / 0.996 / 0.991x on the 70B TP 8 / 70B TP 4 / 8B TP 2 shards, but
+0.996 / 1.003 / 1.023x at batch 8: a batch-1 rule, pending a second run."""
 MAX_PF_LINES = 32  # 4 KB of each weight row
 MAX_PF_POINTERS = 2048  # BLOCK_N x lines: 16 int64 pointers a thread at 4 warps
 
 
-def prefetch_lines(n_w: int, k: int, split: int, elem: int, block_n: int) -> int:
-    """128-byte lines of each weight row a PDL launch prefetches (the constexpr ``PF_LINES``): ``PREFETCH_BYTES``
-    spread over the ``n_w`` rows, at most one program's K range (``k / split``), rounded down to a power of two
-    (``tl.arange``), at most :data:`MAX_PF_LINES` and ``MAX_PF_POINTERS / block_n``; 0 below one line."""
-    per_row = min(PREFETCH_BYTES // max(n_w, 1), (k // max(split, 1)) * elem)
+def prefetch_lines(n_w: int, k: int, split: int, elem: int, block_n: int, m: int = 1) -> int:
+    """128-byte lines of each weight row a PDL launch of ``m`` rows prefetches (the constexpr ``PF_LINES``): the
+    budget (:data:`PREFETCH_BYTES`, else :data:`PREFETCH_SMALL_BYTES` at ``m <= PREFETCH_MAX_M``) spread over the
+    ``n_w`` rows, at most one program's K range (``k / split``), rounded down to a power of two (``tl.arange``), at
+    most :data:`MAX_PF_LINES` and ``MAX_PF_POINTERS / block_n``; 0 below one line."""
+    budget = PREFETCH_BYTES or (PREFETCH_SMALL_BYTES if m <= PREFETCH_MAX_M else 0)
+    per_row = min(budget // max(n_w, 1), (k // max(split, 1)) * elem)
     lines = min(per_row // 128, MAX_PF_LINES, MAX_PF_POINTERS // block_n)
     return 1 << (lines.bit_length() - 1) if lines >= 1 else 0
 
@@ -527,7 +538,7 @@ def launch_small_m_gemm(x, w, x_scale, w_scale, bias, out, out_scale, silu_mul: 
     consts = dict(X_FP8=x.dtype.itemsize == 1, W_FP8=w.dtype.itemsize == 1, **epi, PARTIAL=split > 1,
                   EVEN_K=k % cfg.block_k == 0, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                   PDL=pdl.stream_mode(on),
-                  PF_LINES=prefetch_lines(n_w, k, split, w.dtype.itemsize, cfg.block_n) if on else 0)
+                  PF_LINES=prefetch_lines(n_w, k, split, w.dtype.itemsize, cfg.block_n, m) if on else 0)
     grid = (triton.cdiv(n_out, cfg.block_n), split)
     plain = norm is None and add is None and amax_out is None
     cnt = serial_counters(out.device, grid[0]) if split > 1 and plain and SERIAL else None

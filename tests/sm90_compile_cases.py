@@ -303,6 +303,11 @@ def small_m_gemm_cases():
             yield (f"small_m_gemm {name} m{bm} n{bn} k{bk} pdl prefetch{lines}", small_m_gemm._small_m_gemm_kernel,
                    ptrs, dict(X_FP8=x_t == fp8, W_FP8=w_t == fp8, **epi, PARTIAL=part, EVEN_K=even, BLOCK_M=bm,
                               BLOCK_N=bn, BLOCK_K=bk, PDL=True, PF_LINES=lines), warps, True, stages, nospec)
+        if name == "bf16":  # PREFETCH_MAX_M's rule: 1-4 lines a row (the 8B's / 70B TP 8 rank's GEMMs at batch 1)
+            for lines in (1, 2, 4):
+                yield (f"small_m_gemm {name} m{bm} n{bn} k{bk} pdl prefetch{lines}", small_m_gemm._small_m_gemm_kernel,
+                       ptrs, dict(X_FP8=False, W_FP8=False, **epi, PARTIAL=part, EVEN_K=even, BLOCK_M=bm, BLOCK_N=bn,
+                                  BLOCK_K=bk, PDL=True, PF_LINES=lines), warps, True, stages, nospec)
 
 
 def small_m_gemm_norm_cases():

@@ -147,7 +147,12 @@ def test_small_m_gemm_prefetch_lines_follow_the_budget(monkeypatch):
     assert smg.prefetch_lines(1024, 512, 4, 2, 64) == 2  # the program's K range: 128 elements = 256 B
     assert smg.prefetch_lines(1 << 20, 4096, 1, 2, 64) == 0  # under one line a row
     monkeypatch.setattr(smg, "PREFETCH_BYTES", 0)
+    monkeypatch.setattr(smg, "PREFETCH_MAX_M", 0)
     assert smg.prefetch_lines(6144, 4096, 1, 2, 32) == 0
+    monkeypatch.setattr(smg, "PREFETCH_MAX_M", 1)  # the rule: PREFETCH_SMALL_BYTES at M <= PREFETCH_MAX_M
+    assert smg.prefetch_lines(6144, 4096, 1, 2, 32, 1) == 1 and smg.prefetch_lines(6144, 4096, 1, 2, 32, 2) == 0
+    assert smg.prefetch_lines(1280, 8192, 1, 2, 32, 1) == 4  # the 70B TP 8 rank's qkv: 819 B a row
+    assert smg.prefetch_lines(28672, 4096, 1, 2, 64, 1) == 0  # the 8B's gate-up: 36 B a row
 
 
 def test_available_says_whether_pdl_runs_on_a_device(monkeypatch):

@@ -176,12 +176,14 @@ def _routed_graph_decode(rank, world, arch, fp8):
     but for the wait / trigger instructions, every reduction deterministic, the all-reduce pinned to one kernel),
     so its logits must equal the same graph's without it bit for bit; a missing wait could show as a difference.
     The same with the streaming kernels' trigger right after their wait (``pdl.EARLY_TRIGGER``, mode "early") and
-    with the rope-split kernel's reads before its wait (``decode_attention.HOIST_LOADS`` 2, mode "hoist")."""
+    with the rope-split kernel's reads before its wait (``decode_attention.HOIST_LOADS`` 2, mode "hoist") and with
+    the GEMMs' 1 MiB weight prefetch before theirs (``small_m_gemm.PREFETCH_BYTES``, mode "gpf")."""
     import tpfuse
     from tpfuse import small_gemm
     from tpfuse.kernels import decode_attention as dak
     from tpfuse.kernels import pdl as pdl_launch
     from tpfuse.kernels import small_m_configs as smc
+    from tpfuse.kernels import small_m_gemm as smg
     from tpfuse.parallel import KVCacheConfig
     from tpfuse.tolerance import assert_logits_close
 
@@ -194,10 +196,11 @@ def _routed_graph_decode(rank, world, arch, fp8):
     table = _table(model, beats=True, silu=True, arch=dev_arch)
     calls, orig = [], small_gemm.small_m_gemm
     small_gemm.small_m_gemm = lambda x, w, **kw: calls.append(x.shape[0]) or orig(x, w, **kw)
-    pdl_modes = (False, True, "early", "hoist") if pdl_launch.available(comm.device) else (False,)  # sm_90+ stacks
+    pdl_modes = (False, True, "early", "hoist", "gpf") if pdl_launch.available(comm.device) else (False,)  # sm_90+
     engaged, wanted = [], pdl_launch.wanted  # the launchers ask pdl.wanted by attribute: count its yeses
     pdl_launch.wanted = lambda t: engaged.append(wanted(t)) or engaged[-1]
     got, own_pdl, own_early, own_hoist = {}, st.cache_config.pdl, pdl_launch.EARLY_TRIGGER, dak.HOIST_LOADS
+    own_pf = smg.PREFETCH_BYTES
     try:
         for routed in (False, True):
             for pdl in pdl_modes:
@@ -205,6 +208,7 @@ def _routed_graph_decode(rank, world, arch, fp8):
                 st.graphs, st.cache_config.pdl = None, bool(pdl)  # captured anew under this variant
                 pdl_launch.EARLY_TRIGGER = pdl == "early"
                 dak.HOIST_LOADS = 2 if pdl == "hoist" else own_hoist
+                smg.PREFETCH_BYTES = 1 << 20 if pdl == "gpf" else own_pf
                 with smc.install(table if routed else None):
                     got[routed, pdl] = _graph_decode(model, ids, 6)
                 if not routed:
@@ -213,7 +217,7 @@ def _routed_graph_decode(rank, world, arch, fp8):
     finally:
         small_gemm.small_m_gemm, pdl_launch.wanted = orig, wanted
         st.graphs, st.cache_config.pdl, pdl_launch.EARLY_TRIGGER = None, own_pdl, own_early
-        dak.HOIST_LOADS = own_hoist
+        dak.HOIST_LOADS, smg.PREFETCH_BYTES = own_hoist, own_pf
     assert calls and 1 in calls and max(calls) <= 6, calls  # the decode GEMMs (and the prefill's) ran the kernel
     what = f"{arch} TP={world} fp8={fp8}"
     for routed in (False, True):
