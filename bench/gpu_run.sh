@@ -4,12 +4,12 @@
 #                                         profile e2e e2e_full e2e_shards load tune demo onegpu soak probe_onegpu
 #                                         small_gemm e2e_ab e2e_big fp8cache fusedrope fusedcomb foldnorm
 #                                         kvprefetch fp8f16 argmax smallm64 opf attntail profiles accuracy
-#                                         splitcand trigger tiles16 hoist
+#                                         splitcand trigger tiles16 hoist gpf
 #                                         (default: all but probe_ce, profile, profiles, e2e_full, e2e_shards, load,
 #                                         onegpu, soak, probe_onegpu, small_gemm, e2e_ab, e2e_big, fp8cache,
 #                                         fusedrope, fusedcomb, foldnorm, kvprefetch, fp8f16, argmax, smallm64,
-#                                         opf, attntail, accuracy, splitcand, trigger, tiles16, hoist; multi-GPU
-#                                         steps skip on one GPU)
+#                                         opf, attntail, accuracy, splitcand, trigger, tiles16, hoist, gpf;
+#                                         multi-GPU steps skip on one GPU)
 #   profiles: where the decode step goes, at full size with PDL (profile_decode.py: kernel and exposed time per
 #         kernel, JSON + PNG each, $OUT/profiles), one profile per entry of PROFILES (default "8B:1 8B:8 8B:64
 #         8B:1:fp8 8B:64:fp8 70B/tp8:1": model:batch[:fp8]), ~30 s each; LIMIT_profiles (default 300) for all.
@@ -131,6 +131,10 @@
 #         -k hoisted: bit for bit the default ones under PDL) and the model's PDL graph decode at TP 1 / 2 (mode
 #         "hoist"; HOIST_TESTS_K overrides the -k filter); ~7 min.
 #         One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh hoist
+#   gpf: decides small_m_gemm.PREFETCH_MAX_M (the small-M GEMMs' first weight lines prefetched before their PDL wait
+#         at batch 1): the shard rows and the full 8B at batch 1 with --gemm-prefetch-ab (rows _gpf1m / _gpf4m;
+#         GPF_SHARDS, GPF_AB_ARGS), then the model's PDL graph decode at TP 1 / 2 (mode "gpf"); ~5 min.
+#         One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh gpf
 #   argmax: the greedy pick's A/B (bench/bench_argmax.py: torch.argmax vs tpfuse.parallel.generate.greedy_tokens
 #         and its chunk lengths, vocab 128256 / 32000 at B 1 / 8 / 64; ARGMAX_ARGS appended; ~20 s)
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
@@ -314,6 +318,15 @@ for s in "${steps[@]}"; do
            LIMIT_hoist_tests=${LIMIT_hoist_tests:-240} run hoist_tests bash -c "python3 -m pytest -q -rs \
              --junitxml=$OUT/hoist_tests.xml tests/test_rope_decode_attention.py \
              tests/distributed/test_small_m_model.py -k '${HOIST_TESTS_K:-hoisted or (graph_decode_through_the_kernel_and_with_pdl and (tp1 or tp2))}'" ;;
+    gpf) LIMIT_gpf_shards=${LIMIT_gpf_shards:-100} run gpf_shards "${TR1[@]}" bench/bench_e2e.py --tag shards_gpf_ab \
+           --models "${GPF_SHARDS:-70B/tp8,70B/tp4,8B/tp2}" --layers full --decode-batches 1 --context 1024 \
+           --prefill 1024 --hf-models none --no-fp8 --gemm-prefetch-ab
+         LIMIT_gpf_ab=${LIMIT_gpf_ab:-120} run gpf_ab "${TR1[@]}" bench/bench_e2e.py --tag gpf_ab --models 8B \
+           --layers full --decode-batches 1 --context 1024 --prefill 1024 --hf-models none --gemm-prefetch-ab \
+           ${GPF_AB_ARGS:-}
+         LIMIT_gpf_tests=${LIMIT_gpf_tests:-150} run gpf_tests bash -c "python3 -m pytest -q -rs \
+           --junitxml=$OUT/gpf_tests.xml tests/distributed/test_small_m_model.py \
+           -k 'graph_decode_through_the_kernel_and_with_pdl and (tp1 or tp2)'" ;;
     tiles16) LIMIT_tiles16_sweep=${LIMIT_tiles16_sweep:-200} run tiles16_sweep python3 bench/tune_small_gemm.py \
                --models 8B,70B --m 1,8,16 --schemes bf16,fp8_row,fp8_tensor --budget-s 170 \
                --tiles 16x256x4x6,16x512x4x4,16x128x4x8,32x512x4x4,32x256x4x8 \

@@ -48,6 +48,9 @@ the one program whose partition holds key ``n - 1`` (the new token) ropes the ne
 cache (e4m3-quantized for an FP8 cache) and takes that key from registers after its loop, whose tiles stop before
 it: no program reads a slot written in the same launch (the other programs' partitions end before ``n - 1``;
 other sequences must not read the new key's slot: :func:`tpfuse.attention.rope_decode_attention`'s precondition).
+``_rope_split_hoist_kernel`` is the same kernel with the reads that do not depend on the kernel before it (the
+lengths, the position's cos / sin, the new key's block id; at level 2 also the first K / V tile) issued before
+its PDL wait: the model's decode graphs launch it at batch 1 (:data:`HOIST_MAX_BATCH`), the same bits.
 
 Precision: q.K runs on tensor cores with exact products (K/V in q's dtype; e4m3 -> bf16/fp16/fp32 is exact) and fp32
 accumulation. P (fp32, in [0, 1]) is split ``P = P_hi + P_lo`` into two 16-bit values for the P.V product
