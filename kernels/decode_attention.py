@@ -1149,9 +1149,12 @@ tile, whose block id and rows took two dependent reads after the length's. On on
 (``bench/results/e2e_tp1_h100_hoist_ab_896cc8f.json``, ``..._shards_hoist_ab_896cc8f.json``, rows ``_hoist1``)
 level 1 at every launch made the decode step 0.997 / 1.000 / 0.998x as long at batch 1 / 8 / 64 on the full 8B in
 bf16 (0.996 / 1.010 / 1.003x per-channel FP8, 0.996 / 1.007 / 1.004x static FP8) and 0.987 / 0.997 / 0.995x on the
-70B TP 8 / 70B TP 4 / 8B TP 2 shards at batch 1: every batch-1 row gained, the others did not. Level 2 (also the
-partition's first K / V tile, in registers: 255 a thread) was 1.000-1.010x: never. Their GPU tests
-(``test_gpu_hoisted_loads_under_pdl``, the model's PDL graph decode in mode "hoist") passed there."""
+70B TP 8 / 70B TP 4 / 8B TP 2 shards at batch 1: every batch-1 row gained, the others did not. With this rule on,
+a second run at 25be4f6 (``e2e_tp1_h100_hoist_ab_25be4f6.json``, ``..._shards_hoist_ab_25be4f6.json``) timed the
+batch-1 step at 0.999 / 0.994 / 0.996x the step without it (rows ``_hoist0``) on the 8B and 0.987 / 0.996 /
+0.997x on the shards. Level 2 (also the partition's first K / V tile, in registers: 255 a thread) was
+1.000-1.010x: never. Their GPU tests (``test_gpu_hoisted_loads_under_pdl``, the model's PDL graph decode in mode
+"hoist") passed at 896cc8f; the builds' PTX is fingerprinted."""
 HOIST_LOADS = None
 """A/B override of :data:`HOIST_MAX_BATCH`'s rule (``bench_e2e.py --hoist-ab``): None the rule, else that level (0
 none, 1, 2) at every rope-split launch of a 16-bit cache with the combine kernel (a prefetch asked is then
