@@ -4,11 +4,11 @@
 #                                         profile e2e e2e_full e2e_shards load tune demo onegpu soak probe_onegpu
 #                                         small_gemm e2e_ab e2e_big fp8cache fusedrope fusedcomb foldnorm
 #                                         kvprefetch fp8f16 argmax smallm64 opf attntail profiles accuracy
-#                                         splitcand trigger tiles16 hoist gpf
+#                                         splitcand trigger tiles16 hoist gpf w8
 #                                         (default: all but probe_ce, profile, profiles, e2e_full, e2e_shards, load,
 #                                         onegpu, soak, probe_onegpu, small_gemm, e2e_ab, e2e_big, fp8cache,
 #                                         fusedrope, fusedcomb, foldnorm, kvprefetch, fp8f16, argmax, smallm64,
-#                                         opf, attntail, accuracy, splitcand, trigger, tiles16, hoist, gpf;
+#                                         opf, attntail, accuracy, splitcand, trigger, tiles16, hoist, gpf, w8;
 #                                         multi-GPU steps skip on one GPU)
 #   profiles: where the decode step goes, at full size with PDL (profile_decode.py: kernel and exposed time per
 #         kernel, JSON + PNG each, $OUT/profiles), one profile per entry of PROFILES (default "8B:1 8B:8 8B:64
@@ -131,6 +131,10 @@
 #         -k hoisted: bit for bit the default ones under PDL) and the model's PDL graph decode at TP 1 / 2 (mode
 #         "hoist"; HOIST_TESTS_K overrides the -k filter); ~7 min.
 #         One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh hoist
+#   w8: the small-M GEMM sweep of weight-only FP8 (e4m3 weights, per-channel scales, bf16 activations: scheme
+#       w8_bf16 and its SiLU*mul epilogue) beside the per-token FP8 and bf16 schemes at the same points (W8_MODELS,
+#       default 8B: TP 1 / 2; W8_M, default 1,8,64; W8_BUDGET_S; W8_SWEEP_ARGS appended): $OUT/w8; ~4 min.
+#       One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh w8
 #   gpf: decides small_m_gemm.PREFETCH_MAX_M (the small-M GEMMs' first weight lines prefetched before their PDL wait
 #         at batch 1): the shard rows and the full 8B at batch 1 with --gemm-prefetch-ab (rows _gpf1m / _gpf4m;
 #         GPF_SHARDS, GPF_AB_ARGS), then the model's PDL graph decode at TP 1 / 2 (mode "gpf"); ~5 min.
@@ -327,6 +331,9 @@ for s in "${steps[@]}"; do
          LIMIT_gpf_tests=${LIMIT_gpf_tests:-150} run gpf_tests bash -c "python3 -m pytest -q -rs \
            --junitxml=$OUT/gpf_tests.xml tests/distributed/test_small_m_model.py \
            -k 'graph_decode_through_the_kernel_and_with_pdl and (tp1 or tp2)'" ;;
+    w8) LIMIT_w8_sweep=${LIMIT_w8_sweep:-230} run w8_sweep python3 bench/tune_small_gemm.py --models "${W8_MODELS:-8B}" \
+          --m "${W8_M:-1,8,64}" --schemes w8_bf16,fp8_row,bf16 --budget-s "${W8_BUDGET_S:-200}" --out-dir "$OUT/w8" \
+          ${W8_SWEEP_ARGS:-} ;;
     tiles16) LIMIT_tiles16_sweep=${LIMIT_tiles16_sweep:-200} run tiles16_sweep python3 bench/tune_small_gemm.py \
                --models 8B,70B --m 1,8,16 --schemes bf16,fp8_row,fp8_tensor --budget-s 170 \
                --tiles 16x256x4x6,16x512x4x4,16x128x4x8,32x512x4x4,32x256x4x8 \

@@ -74,7 +74,11 @@ under another margin."""
 MODELS = {"8B": (4096, 32, 8, 128, 14336, (1, 2)), "70B": (8192, 64, 8, 128, 28672, (4, 8)),
           "32B": (5120, 64, 8, 128, 25600, (1, 2))}
 SCHEMES = ("bf16", "fp8_row", "fp8_tensor")
-SILU = {"bf16": "bf16_silu", "fp8_tensor": "fp8_tensor_silu_q8"}
+WEIGHT_ONLY = ("w8_bf16",)
+"""e4m3 weights (per-channel scales) with bf16 activations: weight-only FP8, what a decode route that skips the
+activation quantization would run; not swept by default (``--schemes w8_bf16``), its baseline is ``F.linear`` on the
+bf16 weights the e4m3 ones were made from (the GEMM the route replaces)."""
+SILU = {"bf16": "bf16_silu", "fp8_tensor": "fp8_tensor_silu_q8", "w8_bf16": "w8_bf16_silu"}
 ROTATE_BYTES = 256 << 20
 COPY_BYTES = 1 << 30
 MAX_COPIES = 16
@@ -178,6 +182,8 @@ def operands(scheme: str, W: dict, X: dict, i: int):
     """``(x, w, x_scale, w_scale)`` of copy ``i``."""
     if scheme.startswith("bf16"):
         return X["bf16"], W["bf16"][i], None, None
+    if scheme.startswith("w8_bf16"):
+        return X["bf16"], W["fp8"][i], None, W["ws_row"][i]
     if scheme.startswith("fp8_row"):
         return X["fp8"], W["fp8"][i], X["xs_row"], W["ws_row"][i]
     return X["fp8"], W["fp8"][i], X["xs_tensor"], W["ws_tensor"]
@@ -191,8 +197,11 @@ def kernel_call(scheme: str, W, X, i: int):
 
 
 def library_call(scheme: str, W, X, i: int):
-    """The call the model makes without the kernel: ``F.linear`` / ``scaled_gemm.mm`` (``_scaled_mm``)."""
+    """The call the model makes without the kernel: ``F.linear`` / ``scaled_gemm.mm`` (``_scaled_mm``); for the
+    weight-only schemes ``F.linear`` of the bf16 weights (:data:`WEIGHT_ONLY`)."""
     x, w, xs, ws = operands(scheme, W, X, i)
+    if scheme.startswith(WEIGHT_ONLY):
+        return lambda: F.linear(x, W["bf16"][i])
     if xs is None:
         return lambda: F.linear(x, w)
     return lambda: scaled_gemm.mm(x, w, xs, ws)
@@ -363,7 +372,7 @@ def summary(best):
     for m in sorted({b["m"] for b in best}):
         lib16 = {(n, k): b["library_us"] for (s, n, k, mm), b in by.items() if s == "bf16" and mm == m}
         row = dict(m=m, shapes=len(lib16))
-        for s in SCHEMES:
+        for s in (*SCHEMES, *WEIGHT_ONLY):
             r = [min(b["kernel_us"] if b["beats_library"] else b["library_us"], b["library_us"]) / lib16[(n, k)]
                  for (ss, n, k, mm), b in by.items() if ss == s and mm == m and (n, k) in lib16]
             lib = [b["library_us"] / lib16[(n, k)] for (ss, n, k, mm), b in by.items()
@@ -433,7 +442,7 @@ def plot(best, copy_gbps, path):
     plt = common.pyplot()
     if plt is None or not best:
         return None
-    schemes = [s for s in (*SCHEMES, *SILU.values()) if any(b["scheme"] == s for b in best)]
+    schemes = [s for s in (*SCHEMES, *WEIGHT_ONLY, *SILU.values()) if any(b["scheme"] == s for b in best)]
     fig, axes = plt.subplots(2, len(schemes), figsize=(4.2 * len(schemes), 7), squeeze=False)
     marks = {"qkv": "o", "o": "s", "gate_up": "^", "down": "v"}
     for ax, ax2, s in zip(axes[0], axes[1], schemes):

@@ -395,9 +395,11 @@ def test_launcher_takes_the_table_config_and_route_the_op(gen, kernels, monkeypa
 
 
 @pytest.mark.skipif(ON_GPU, reason="CPU plumbing test (the GPU runs the real sweep)")
-def test_sweep_end_to_end_interpreted(tmp_path, monkeypatch, kernels):
+@pytest.mark.parametrize("schemes", ["bf16,fp8_tensor", "w8_bf16"])
+def test_sweep_end_to_end_interpreted(tmp_path, monkeypatch, kernels, schemes):
     """bench/tune_small_gemm.py on a tiny model through the interpreter with a fake clock (the kernel wins with
-    32-column tiles only): every point gets a checked winner, the table file routes exactly the winning points."""
+    32-column tiles only): every point gets a checked winner, the table file routes exactly the winning points
+    (the weight-only scheme: its winners' table rows route the bf16-activation e4m3-weight calls)."""
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
@@ -413,12 +415,14 @@ def test_sweep_end_to_end_interpreted(tmp_path, monkeypatch, kernels):
         return 12.0 if cfg is None else 10.0 + cfg.block_n / 32 + cfg.split_k / 100
 
     monkeypatch.setattr(tsg, "time_fns", fake_time)
-    tsg.main(["--device", "cpu", "--models", "tiny", "--m", "1", "--schemes", "bf16,fp8_tensor", "--out-dir",
+    tsg.main(["--device", "cpu", "--models", "tiny", "--m", "1", "--schemes", schemes, "--out-dir",
               str(tmp_path), "--budget-s", "1e9"])
     with open(tmp_path / "small_gemm_cpu.json") as fh:
         res = json.load(fh)
     assert not res["errors"] and not res["skipped"] and not res["header"]["partial"]
-    assert len(res["best"]) == 4 * 2 + 2  # 4 linears x 2 schemes + gate-up's 2 fused SiLU*mul schemes
+    n_schemes = len(schemes.split(","))
+    assert len(res["best"]) == (4 + 1) * n_schemes  # 4 linears a scheme + gate-up's fused SiLU*mul scheme
+    assert {b["scheme"] for b in res["best"]} >= set(schemes.split(","))
     for b in res["best"]:
         assert b["beats_library"] == (b["config"]["block_n"] == 32
                                       and b["kernel_us"] < tsg.WIN_MARGIN * b["library_us"]), b
