@@ -85,6 +85,10 @@ Providers (every one is the model a user runs, called with Hugging Face argument
 * ``<provider>_gpf1m`` / ``_gpf4m`` (``--gemm-prefetch-ab``): the decode step with the small-M GEMM's L2 prefetch
   of its first weight lines before its PDL wait (``small_m_gemm.PREFETCH_BYTES`` 1 / 4 MiB a launch), the decode
   attention's as the default has it; rows carry ``prefetch_bytes``;
+* ``<provider>_w8`` / ``_actq`` (``--w8-ab``, FP8 rows): the decode step with
+  ``KVCacheConfig.fp8_weight_only_max_tokens`` the other way than the default at that batch: 64 (the FP8 layers'
+  GEMMs weight-only with bf16 activations, ``_w8``) or 0 (the checkpoint's activation scheme, ``_actq``); rows carry
+  ``fp8_weight_only_max_tokens``;
 * ``<provider>_hoist0`` / ``_hoist1`` / ``_hoist2`` (``--hoist-ab``): the decode step with
   ``decode_attention.HOIST_LOADS`` 0 (no read ahead of the wait), 1 (the rope-split kernel reads its lengths, cos /
   sin and block ids before its PDL wait, the combine kernel its lengths) or 2 (also the partition's first K / V
@@ -218,6 +222,11 @@ def parse_args(argv=None):
     ap.add_argument("--hoist-ab", action="store_true", help="adds decode rows with decode_attention.HOIST_LOADS 0 "
                     "/ 1 / 2 (the rope-split kernel's reads before its PDL wait) where that is not the default's "
                     "level at the row's batch: <provider>_hoist0 / _hoist1 / _hoist2")
+    ap.add_argument("--fp8-weight-only", type=int, default=None, metavar="N",
+                    help="KVCacheConfig.fp8_weight_only_max_tokens of every row (default: the config's default)")
+    ap.add_argument("--w8-ab", action="store_true", help="adds FP8 decode rows with "
+                    "KVCacheConfig.fp8_weight_only_max_tokens the other way at that batch: <provider>_w8 (64: "
+                    "weight-only GEMMs, bf16 activations) or <provider>_actq (0: the activation scheme)")
     ap.add_argument("--amax-ab", action="store_true", help="adds per-token FP8 decode rows with "
                     "small_gemm.AMAX_CHAIN_MAX_M the other way at that batch: <provider>_noamax (0: the SiLU*mul + "
                     "quantize kernel) or <provider>_amaxall (64: gate-up + SiLU*mul writes bf16 h + its partial "
@@ -434,6 +443,8 @@ class Variant(NamedTuple):
     """``decode_attention.HOIST_LOADS``."""
     gemm_prefetch_bytes: Optional[int] = None
     """``small_m_gemm.PREFETCH_BYTES`` alone (the decode attention's prefetch as the default has it)."""
+    fp8_weight_only: Optional[int] = None
+    """``KVCacheConfig.fp8_weight_only_max_tokens`` (FP8 rows only)."""
 
 
 def variants(args) -> list:
@@ -462,6 +473,8 @@ def variants(args) -> list:
     out += [Variant("_early", early_trigger=True),
             Variant("_earlypf", early_trigger=True, pdl=True, prefetch=True,
                     prefetch_bytes=None if kib is None else kib << 10)] if getattr(args, "trigger_ab", False) else []
+    out += [Variant("_w8", fp8_weight_only=64), Variant("_actq", fp8_weight_only=0)] if getattr(
+        args, "w8_ab", False) else []
     out += [Variant("_noamax", amax_chain_max_m=0), Variant("_amaxall", amax_chain_max_m=64)] if getattr(
         args, "amax_ab", False) else []
     out += [Variant("_smallm", table)] if table else []
@@ -550,7 +563,8 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
     st = model._tpfuse
     own_pdl, own_fuse, own_fold, st.graphs = (st.cache_config.pdl, st.cache_config.fuse_rope,
                                               st.cache_config.fold_norms, None)
-    own_opf = st.cache_config.prefetch_o_proj
+    own_opf, own_w8 = st.cache_config.prefetch_o_proj, st.cache_config.fp8_weight_only_max_tokens
+    st.cache_config.fp8_weight_only_max_tokens = own_w8 if v.fp8_weight_only is None else v.fp8_weight_only
     st.cache_config.fuse_rope = own_fuse if v.fuse_rope is None else v.fuse_rope
     st.cache_config.fold_norms = own_fold if v.fold_norms is None else v.fold_norms
     st.cache_config.prefetch_o_proj = own_opf if v.prefetch_o is None else v.prefetch_o
@@ -585,10 +599,12 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
                                            one_split_tiles=[[a, list(t)] for a, t in dak.ONE_SPLIT_TILES],
                                            amax_chain_max_m=small_gemm.AMAX_CHAIN_MAX_M,
                                            split_rule=[dak.SPLIT_WAVES, dak.MULTI_SPLIT_TILE],
-                                           early_trigger=pdl_launch.EARLY_TRIGGER, hoist=dak.HOIST_LOADS))
+                                           early_trigger=pdl_launch.EARLY_TRIGGER, hoist=dak.HOIST_LOADS,
+                                           fp8_weight_only_max_tokens=st.cache_config.fp8_weight_only_max_tokens))
     finally:
         st.cache_config.pdl, st.cache_config.fuse_rope, st.graphs = own_pdl, own_fuse, None
         st.cache_config.fold_norms, st.cache_config.prefetch_o_proj = own_fold, own_opf
+        st.cache_config.fp8_weight_only_max_tokens = own_w8
         smg.PREFETCH_BYTES, dak.PREFETCH, dak.FUSE_COMBINE, dak.FP8_F16 = own_pf, own_kv_pf, own_comb, own_f16
         dak.ONE_SPLIT_TILES, small_gemm.AMAX_CHAIN_MAX_M = own_tile, own_chain
         dak.SPLIT_WAVES, dak.MULTI_SPLIT_TILE = own_split
@@ -614,6 +630,9 @@ def variant_rows(model, batch, args, dev, rows, base, provider):
             continue
         if v.hoist is not None and v.hoist == dak.hoist_level(None, kv8, batch):  # the default's level here
             continue
+        if v.fp8_weight_only is not None and (not provider.startswith("tpfuse_fp8") or (
+                batch <= model._tpfuse.cache_config.fp8_weight_only_max_tokens) == (batch <= v.fp8_weight_only)):
+            continue  # FP8 rows, weight-only the other way than the default at this batch
         if v.amax_chain_max_m is not None and (not per_token or (batch <= small_gemm.AMAX_CHAIN_MAX_M) != (
                 v.amax_chain_max_m < batch)):  # per-token FP8 rows, the chain the other way than at this batch
             continue
@@ -763,8 +782,10 @@ def run_model(name, args, dev, rows, bandwidth, first: bool, save=lambda: None, 
         save()
     comm = _comm(args, model.config.hidden_size)
     # a shard stands for one rank at TP > 1, where the fused all-reduce does the add + RMSNorm: never folded
-    cache = KVCacheConfig(max_batch=max(args.decode_batches), max_seq_len=args.context + args.steps + 16,
-                          **({"fold_norms": False} if spec.tp_shard is not None else {}))
+    over = {"fold_norms": False} if spec.tp_shard is not None else {}
+    if args.fp8_weight_only is not None:
+        over["fp8_weight_only_max_tokens"] = args.fp8_weight_only
+    cache = KVCacheConfig(max_batch=max(args.decode_batches), max_seq_len=args.context + args.steps + 16, **over)
     model = tpfuse.parallelize(model, comm, cache=cache)
     _say(f"{spec.label} ({spec.layers} layers, vocab {spec.vocab}): {model._tpfuse.cache_storage().describe()}")
     tpfuse_rows(spec, model, comm, args, dev, rows, bandwidth)

@@ -4,11 +4,11 @@
 #                                         profile e2e e2e_full e2e_shards load tune demo onegpu soak probe_onegpu
 #                                         small_gemm e2e_ab e2e_big fp8cache fusedrope fusedcomb foldnorm
 #                                         kvprefetch fp8f16 argmax smallm64 opf attntail profiles accuracy
-#                                         splitcand trigger tiles16 hoist gpf w8
+#                                         splitcand trigger tiles16 hoist gpf w8 w8ab
 #                                         (default: all but probe_ce, profile, profiles, e2e_full, e2e_shards, load,
 #                                         onegpu, soak, probe_onegpu, small_gemm, e2e_ab, e2e_big, fp8cache,
 #                                         fusedrope, fusedcomb, foldnorm, kvprefetch, fp8f16, argmax, smallm64,
-#                                         opf, attntail, accuracy, splitcand, trigger, tiles16, hoist, gpf, w8;
+#                                         opf, attntail, accuracy, splitcand, trigger, tiles16, hoist, gpf, w8, w8ab;
 #                                         multi-GPU steps skip on one GPU)
 #   profiles: where the decode step goes, at full size with PDL (profile_decode.py: kernel and exposed time per
 #         kernel, JSON + PNG each, $OUT/profiles), one profile per entry of PROFILES (default "8B:1 8B:8 8B:64
@@ -132,9 +132,15 @@
 #         "hoist"; HOIST_TESTS_K overrides the -k filter); ~7 min.
 #         One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh hoist
 #   w8: the small-M GEMM sweep of weight-only FP8 (e4m3 weights, per-channel scales, bf16 activations: scheme
-#       w8_bf16 and its SiLU*mul epilogue) beside the per-token FP8 and bf16 schemes at the same points (W8_MODELS,
-#       default 8B: TP 1 / 2; W8_M, default 1,8,64; W8_BUDGET_S; W8_SWEEP_ARGS appended): $OUT/w8; ~4 min.
-#       One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh w8
+#       w8_bf16 and its SiLU*mul epilogue, against F.linear on the bf16 weights; W8_MODELS, default 8B: TP 1 / 2;
+#       W8_M, default 1,8,64; W8_BUDGET_S; W8_SWEEP_ARGS appended): $OUT/w8, its table the shipped one's sweeps with
+#       these points over them (w8ab times it as the _smallm rows); ~3 min.
+#   w8ab: decides KVCacheConfig.fp8_weight_only_max_tokens: the GPU tests of the weight-only FP8 layers
+#       (tests/distributed/test_fp8_weight_only_model.py: CUDA-graph decode with and without PDL vs the oracle at TP 1 / 2;
+#       the small-M GEMM's w8 tests; W8AB_TESTS_K overrides the -k filter), then the full 8B's decode rows with
+#       weight-only up to W8AB_TOKENS (default 64: --fp8-weight-only) and --w8-ab (rows _actq: the activations
+#       quantized; W8AB_BATCHES, W8AB_ARGS appended) and, after the w8 step, its table (rows _smallm); ~6 min.
+#       One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh w8 w8ab
 #   gpf: decides small_m_gemm.PREFETCH_MAX_M (the small-M GEMMs' first weight lines prefetched before their PDL wait
 #         at batch 1): the shard rows and the full 8B at batch 1 with --gemm-prefetch-ab (rows _gpf1m / _gpf4m;
 #         GPF_SHARDS, GPF_AB_ARGS), then the model's PDL graph decode at TP 1 / 2 (mode "gpf"); ~5 min.
@@ -331,9 +337,18 @@ for s in "${steps[@]}"; do
          LIMIT_gpf_tests=${LIMIT_gpf_tests:-150} run gpf_tests bash -c "python3 -m pytest -q -rs \
            --junitxml=$OUT/gpf_tests.xml tests/distributed/test_small_m_model.py \
            -k 'graph_decode_through_the_kernel_and_with_pdl and (tp1 or tp2)'" ;;
-    w8) LIMIT_w8_sweep=${LIMIT_w8_sweep:-230} run w8_sweep python3 bench/tune_small_gemm.py --models "${W8_MODELS:-8B}" \
-          --m "${W8_M:-1,8,64}" --schemes w8_bf16,fp8_row,bf16 --budget-s "${W8_BUDGET_S:-200}" --out-dir "$OUT/w8" \
-          ${W8_SWEEP_ARGS:-} ;;
+    w8) LIMIT_w8_sweep=${LIMIT_w8_sweep:-130} run w8_sweep python3 bench/tune_small_gemm.py --models "${W8_MODELS:-8B}" \
+          --m "${W8_M:-1,8,64}" --schemes w8_bf16 --budget-s "${W8_BUDGET_S:-90}" --out-dir "$OUT/w8" \
+          --base-sweep bench/results/small_gemm_h100_14a3f4c.json \
+          --base-sweep bench/results/small_gemm_h100_alltiles_1b777fa.json ${W8_SWEEP_ARGS:-} ;;
+    w8ab) LIMIT_w8ab_tests=${LIMIT_w8ab_tests:-120} run w8ab_tests bash -c "python3 -m pytest -q -rs \
+            --junitxml=$OUT/w8ab_tests.xml tests/distributed/test_fp8_weight_only_model.py tests/test_small_m_gemm.py \
+            -k '${W8AB_TESTS_K:-weight_only or w8}'"
+          tbl="$OUT/w8/small_m_gemm_$(python3 -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"sm{m}{n}")').json"
+          w8tbl=(); [[ -f $tbl ]] && w8tbl=(--small-m-table "$tbl")
+          LIMIT_w8ab=${LIMIT_w8ab:-300} run w8ab "${TR1[@]}" bench/bench_e2e.py --tag w8_ab --models 8B --layers full \
+            --decode-batches "${W8AB_BATCHES:-1,8,64}" --context 1024 --prefill 1024 --hf-models none --w8-ab \
+            --fp8-weight-only "${W8AB_TOKENS:-64}" ${w8tbl[@]+"${w8tbl[@]}"} ${W8AB_ARGS:-} ;;
     tiles16) LIMIT_tiles16_sweep=${LIMIT_tiles16_sweep:-200} run tiles16_sweep python3 bench/tune_small_gemm.py \
                --models 8B,70B --m 1,8,16 --schemes bf16,fp8_row,fp8_tensor --budget-s 170 \
                --tiles 16x256x4x6,16x512x4x4,16x128x4x8,32x512x4x4,32x256x4x8 \

@@ -51,6 +51,7 @@ VARIANTS = (("_fusedrope", "RoPE in the attention"), ("_ropesep", "RoPE kernel a
             ("_hoist1", "rope-split reads before the PDL wait (HOIST_LOADS 1)"),
             ("_hoist2", "and its first K / V tile (HOIST_LOADS 2)"),
             ("_earlypf", "PDL trigger after the wait + L2 prefetches"), ("_early", "PDL trigger after the wait"),
+            ("_w8", "FP8 weight-only (bf16 activations)"), ("_actq", "FP8 activations quantized"),
             ("_noamax", "SiLU*mul + quantize kernel apart"), ("_amaxall", "gate-up partial maxima + quantize_from_amax"),
             ("_smallm", "small-M table"), ("_nopdl", "no PDL"),
             ("_prefetch", "PDL + L2 prefetch"),

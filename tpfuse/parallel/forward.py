@@ -36,14 +36,14 @@ def forward_core(model, ids: torch.Tensor, meta: StepMeta, keep: Optional[torch.
     storage = st.no_cache_storage() if meta.slot_mapping is None else st.cache_storage()
     layers = st.layers
     ctx = StepContext(comm=comm, meta=meta, cos_sin=st.cos_sin, storage=storage, local=st.local,
-                      fold_norms=folds_norms(model, meta))
+                      fold_norms=folds_norms(model, meta), fp8_weight_only=fp8_weight_only(model, meta))
     mine = ids
     if meta.sp:
         s, e = shard_range(meta.num_tokens, comm.tp, comm.rank)
         mine = ids[s:e]
     first = layers[0].input_norm
     x, residual = ops.add_rmsnorm(get_path(model, layout.embed)(mine), None, first.weight, norm_eps(first),
-                                  quant=layers[0].in_quant)  # FP8 models: the first qkv GEMM's input format
+                                  quant=None if ctx.fp8_weight_only else layers[0].in_quant)  # FP8: qkv's format
     final = get_path(model, layout.final_norm)
     for li, layer in enumerate(layers):
         nxt = layers[li + 1].input_norm if li + 1 < len(layers) else final
@@ -70,6 +70,17 @@ def can_fold_norms(model, num_tokens: int, sp: bool = False) -> bool:
 def folds_norms(model, meta: StepMeta) -> bool:
     """Whether this step runs with the RMSNorms folded: ``KVCacheConfig.fold_norms`` and :func:`can_fold_norms`."""
     return model._tpfuse.cache_config.fold_norms and can_fold_norms(model, meta.num_tokens, meta.sp)
+
+
+def fp8_weight_only(model, meta: StepMeta) -> bool:
+    """Whether this step's FP8 layers run weight-only (``KVCacheConfig.fp8_weight_only_max_tokens``): the all-reduce
+    form, at most that many tokens, a model with FP8 layers that all can
+    (:meth:`~tpfuse.parallel.fp8_layer.FP8DecoderLayer.can_run_weight_only`) and no other decoder layers."""
+    st = model._tpfuse
+    most = st.cache_config.fp8_weight_only_max_tokens
+    if not most or meta.sp or meta.num_tokens > min(most, small_gemm.MAX_M):
+        return False
+    return all(getattr(layer, "can_run_weight_only", lambda: False)() for layer in st.layers)
 
 
 def _resolve_cache(st, given, use_cache: Optional[bool], batch: int, config) -> Optional[TPKVCache]:

@@ -12,6 +12,20 @@ activations come quantized out of the fused kernels (no separate quantize kernel
     x, residual = *fused_add_rmsnorm(scaled_mm(h_fp8, W_down_fp8), residual, NEXT norm, quant=next qkv format)
 
 (sequence-parallel form: ``all_gather_matmul`` / ``matmul_reduce_scatter_rmsnorm`` with the same FP8 operands).
+
+Weight-only steps (``StepContext.fp8_weight_only``: ``KVCacheConfig.fp8_weight_only_max_tokens``, all-reduce form,
+decode-sized) run the bf16 layer's data flow on the same e4m3 weights and scales instead
+(:meth:`FP8DecoderLayer.forward_weight_only`)::
+
+    qkv = small_m_gemm(x, W_qkv_fp8, w_scale)                   x: bf16, the previous fused norm's output
+    attention (bf16, unchanged)
+    x, residual = *fused_add_rmsnorm(small_m_gemm(attn, W_o_fp8, w_scale), residual, post_norm)
+    h = small_m_gemm(x, W_gate_up_fp8, w_scale, silu_mul=True)  SiLU*mul in the epilogue, bf16 h
+    x, residual = *fused_add_rmsnorm(small_m_gemm(h, W_down_fp8, w_scale), residual, NEXT norm)
+
+four kernels a layer fewer than the per-token form (no SiLU*mul + quantize, no quantize of the attention output),
+the same weight bytes; the activations keep bf16 (no activation scale is applied: the static scheme's input scales
+only clamp, which this form does not).
 In the all-reduce form, decode-sized GEMMs (M <= 64) run tpfuse's small-M kernel (:mod:`tpfuse.small_gemm`, the
 same e4m3 operands and scales) only where its tuned table says it beats ``_scaled_mm`` there, and gate-up +
 SiLU*mul + static FP8 quantization as one kernel only where that beats the pair; no table row: ``_scaled_mm``.
@@ -163,8 +177,38 @@ class FP8DecoderLayer(TPDecoderLayer):
             return ops.add_rmsnorm(partial, residual, norm_w, eps, quant=quant)
         return ctx.comm.fused_add_rmsnorm(partial, residual, norm_w, eps, quant=quant)
 
+    def can_run_weight_only(self) -> bool:
+        """Whether :meth:`forward_weight_only` can run: every GEMM dimension a multiple of 16 (the small-M kernel's;
+        the gate-up's SiLU*mul half too)."""
+        return (all(g.weight.shape[0] % 16 == 0 and g.weight.shape[1] % 16 == 0 for g in self._g.values())
+                and self._g["gate_up"].weight.shape[0] % 32 == 0)
+
+    @staticmethod
+    def _w8(x: torch.Tensor, g: FP8Gemm, bias: Optional[torch.Tensor] = None, silu_mul: bool = False):
+        return small_gemm.small_m_gemm(x, g.weight, w_scale=g.scale, bias=bias, silu_mul=silu_mul)
+
+    def _w8_row(self, a: torch.Tensor, g: FP8Gemm, residual, norm_w, eps: float, ctx: StepContext):
+        if g.bias is not None:  # replicated: added once to the sum
+            residual = residual + g.bias
+        partial = self._w8(a, g)
+        if ctx.local:
+            return ops.add_rmsnorm(partial, residual, norm_w, eps)
+        return ctx.comm.fused_add_rmsnorm(partial, residual, norm_w, eps)
+
+    def forward_weight_only(self, x: torch.Tensor, residual: torch.Tensor, next_norm_weight: torch.Tensor,
+                            next_eps: float, ctx: StepContext):
+        """The layer with bf16 activations and its e4m3 weights (module docstring, "Weight-only steps")."""
+        g = self._g
+        qkv = self._w8(x, g["qkv"], g["qkv"].bias)
+        a = self._attention(qkv, ctx, self._o_prefetch(ctx))
+        x, residual = self._w8_row(a, g["o"], residual, self.post_norm.weight, self.post_eps, ctx)
+        h = self._w8(x, g["gate_up"], g["gate_up"].bias, silu_mul=True)
+        return self._w8_row(h, g["down"], residual, next_norm_weight, next_eps, ctx)
+
     def forward(self, x, residual: torch.Tensor, next_norm_weight: torch.Tensor, next_eps: float,
                 ctx: StepContext):
+        if ctx.fp8_weight_only:
+            return self.forward_weight_only(x, residual, next_norm_weight, next_eps, ctx)
         g = self._g
         qkv = self._fp8_column(x, g["qkv"], ctx)
         a = ops.quantize(self._attention(qkv, ctx, self._o_prefetch(ctx)), g["o"].in_spec)  # o's e4m3 bytes

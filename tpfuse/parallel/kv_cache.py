@@ -109,6 +109,15 @@ class KVCacheConfig:
     8 / 16 / 64 in bf16, 1.018 / 1.012 / 1.011 / 1.012x in per-channel FP8, 1.016 / 1.029 / 1.021 / 1.019x in static
     FP8; its GPU tests, bit for bit with it off, passed there: ``test_gpu_next_weight_prefetch_under_pdl``,
     ``test_o_proj_prefetch_decode_same_bits``). A/B: ``bench/bench_e2e.py --opf-ab``."""
+    fp8_weight_only_max_tokens: int = 0
+    """FP8 layers (:func:`~tpfuse.parallel.quantize_fp8` models, FP8 checkpoints) in a step of at most this many
+    tokens (a decode step; a short prefill too), in the all-reduce form: their GEMMs run weight-only on the small-M
+    kernel (:func:`tpfuse.small_gemm.small_m_gemm` with a bf16 x, the e4m3 weight and its scales, converted to bf16
+    in registers), so no activation is quantized: the norms write bf16, SiLU*mul rides in the gate-up's epilogue,
+    no quantize kernel (:meth:`~tpfuse.parallel.fp8_layer.FP8DecoderLayer.forward_weight_only`). The weight bytes
+    are the checkpoint's; the values are at least as close to the checkpoint's dequantized weights as its activation
+    scheme's (per-token or static scales), which is what larger steps run. 0: never; at most 64
+    (``small_gemm.MAX_M``)."""
 
     def validate(self) -> None:
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
@@ -130,6 +139,9 @@ class KVCacheConfig:
         for name in ("fuse_rope", "fold_norms", "prefetch_o_proj"):
             if not isinstance(getattr(self, name), bool):
                 raise TPFuseInputError(f"KVCacheConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        n = self.fp8_weight_only_max_tokens
+        if not (isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= 64):
+            raise TPFuseInputError(f"KVCacheConfig.fp8_weight_only_max_tokens must be an int in [0, 64], got {n!r}")
         if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.graph_buckets):
             raise TPFuseInputError(f"KVCacheConfig.graph_buckets must be positive ints, got {self.graph_buckets!r}")
 
