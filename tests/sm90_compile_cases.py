@@ -335,7 +335,33 @@ def small_m_gemm_norm_cases():
         if part and add_res:
             yield (f"small_m_gemm reduce_add m{bm}", small_m_gemm._split_k_reduce_add_kernel, ptrs,
                    dict(**epi, BLOCK_M=bm, BLOCK_N=small_m_gemm.REDUCE_BLOCK_N), 4, True, 1, nospec)
+    yield from small_m_gemm_w8_norm_cases()
     yield from small_m_gemm_amax_cases()
+
+
+def small_m_gemm_w8_norm_cases():
+    """The folded RMSNorm with e4m3 weights and per-channel scales (the FP8 layers' weight-only steps, bf16 x):
+    NORM_IN (qkv, gate-up + SiLU*mul), ADD_RES (o / down; split-K with its reduce kernel), with and without PDL."""
+    nospec = ("M", "n_kb", "split_k", "n_sq")
+    bf, fp8, fp32 = "*bf16", "*fp8e4nv", "*fp32"
+    for name, norm_in, add_res, silu, part, bm, bn, bk, stages, pdl_on in (
+            ("norm_in", True, False, False, False, 16, 64, 256, 4, False),
+            ("norm_in silu", True, False, True, False, 16, 64, 256, 4, True),
+            ("add_res", False, True, False, False, 16, 64, 256, 4, True),
+            ("add_res split", False, True, False, True, 16, 64, 256, 4, False)):
+        ptrs = {"x_ptr": bf, "w_ptr": fp8, "xs_ptr": bf, "ws_ptr": fp32, "b_ptr": bf, "out_ptr": bf, "os_ptr": bf,
+                "part_ptr": fp32 if part else bf, "nw_ptr": bf, "sq_ptr": fp32 if norm_in else bf,
+                "res_ptr": bf, "sqo_ptr": fp32 if add_res else bf, "xo_ptr": bf}
+        epi = dict(X_SCALE=0, W_SCALE=2, HAS_BIAS=False, SILU_MUL=silu, OUT_FP8=False)
+        yield (f"small_m_gemm_norm w8 {name} m{bm} n{bn} k{bk}{' pdl' if pdl_on else ''}",
+               small_m_gemm._small_m_gemm_norm_kernel, ptrs,
+               dict(X_FP8=False, W_FP8=True, **epi, PARTIAL=part, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                    PDL=pdl_on, PF_LINES=0, NORM_IN=norm_in, ADD_RES=add_res and not part,
+                    SQ_BLOCK=128 if norm_in else 1, AMAX_OUT=False),
+               4, True, stages, nospec)
+        if part and add_res:
+            yield (f"small_m_gemm reduce_add w8 m{bm}", small_m_gemm._split_k_reduce_add_kernel, ptrs,
+                   dict(**epi, BLOCK_M=bm, BLOCK_N=small_m_gemm.REDUCE_BLOCK_N), 4, True, 1, nospec)
 
 
 def small_m_gemm_amax_cases():

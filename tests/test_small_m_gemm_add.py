@@ -104,6 +104,45 @@ def test_norm_in_matches_the_normed_gemm(m, k, split, silu, gen, kernels, monkey
     assert_close(out.cpu().float(), ref.double(), BF, "vs reference", factor=0.5)
 
 
+def _w8(w):
+    """``(e4m3 weight, per-channel fp32 scales [N, 1], the dequantized weight in fp64)`` of a bf16 weight."""
+    from tpfuse import quant as q
+
+    ws = q.fp8_dynamic_scale(w.float().abs().amax(1, keepdim=True))
+    w8 = q._fp8_cast(w.float() / ws)
+    return w8, ws, w8.cpu().double() * ws.cpu().double()
+
+
+@pytest.mark.usefixtures("kernels", "poisoned_small_m")
+@pytest.mark.parametrize("m,split,silu", [(1, 1, False), (3, 1, True), (17, 3, False)])
+def test_w8_fold_matches_oracle(m, split, silu, gen, kernels, monkeypatch):
+    """The FP8 layers' weight-only fold: ``small_m_gemm_add`` with an e4m3 weight and per-channel scales (split-K:
+    its reduce kernel scales), then the next e4m3 GEMM on its pending norm (NORM_IN, SiLU*mul), each vs the fp64
+    oracle of the dequantized weights (bf16 budget) and the reference within half of it."""
+    n, k, n2 = 96, 128, 96
+    monkeypatch.setattr(smc, "forced_config", lambda: _config(n, split))
+    add = record_launches(monkeypatch, kernels.small_m_gemm, "_small_m_gemm_norm_kernel")
+    x, w, res = _data(gen, m, n, k, outliers=True)
+    w8, ws, w64 = _w8(w)
+    nw = (torch.rand(n, generator=gen) + 0.5).to(BF).to(DEVICE)
+    h, x_next, sumsq = small_gemm.small_m_gemm_add(x, w8, res, nw, w_scale=ws)
+    assert add.launches and add.launches[0][1]["W_FP8"] and add.launches[0][1]["W_SCALE"] == 2, add.launches
+    want_h = ((x.cpu().double() @ w64.t()).to(BF).double() + res.cpu().double()).to(BF)
+    assert_close(h.cpu().float(), want_h.double(), BF, f"w8 h M={m} split={split}")
+    assert torch.equal(x_next.cpu(), (h.cpu().float() * nw.cpu().float()).to(BF)), "x_next != round(h * w)"
+    assert torch.allclose(sumsq.cpu(), reference.sumsq_partials(h.cpu(), ROWS), rtol=1e-6, atol=0)
+    ref_h = reference.small_m_gemm_add(x.cpu(), w8.cpu(), res.cpu(), nw.cpu(), rows=ROWS, w_scale=ws.cpu())[0]
+    assert_close(h.cpu().float(), ref_h.double(), BF, "w8 h vs reference", factor=0.5)
+    w2_8, ws2, w2_64 = _w8((torch.randn(n2, n, generator=gen) / n ** 0.5).to(BF).to(DEVICE))
+    out = small_gemm.small_m_gemm(x_next, w2_8, w_scale=ws2, silu_mul=silu, norm_sumsq=sumsq, norm_eps=1e-5)
+    hd = h.cpu().double()
+    y = (hd * torch.rsqrt(hd.square().mean(1, keepdim=True) + 1e-5)) * nw.cpu().double() @ w2_64.t()
+    if silu:
+        g, u = y.chunk(2, -1)
+        y = torch.nn.functional.silu(g) * u
+    assert_close(out.cpu().float(), y, BF, f"w8 norm_in M={m} silu={silu}")
+
+
 @pytest.mark.usefixtures("kernels")
 def test_chain_equals_add_rmsnorm_then_gemm(gen):
     """o-proj with the add, then the next GEMM on its pending norm == the unfused ops (GEMM, ops.add_rmsnorm, GEMM)
@@ -133,8 +172,8 @@ def _bad_calls():
         ("residual must be", lambda: add(x, w, res.float(), nw)),
         ("norm_weight must be", lambda: add(x, w, res, nw[:95])),
         ("norm_weight must be", lambda: add(x, w, res, nw.float())),
-        ("needs bf16", lambda: mm(x.to(f8), w.to(f8), x_scale=s1, w_scale=s1, norm_sumsq=sq)),
-        ("needs bf16", lambda: add(x.half(), w.half(), res.half(), nw.half())),
+        ("needs a bf16 x", lambda: mm(x.to(f8), w.to(f8), x_scale=s1, w_scale=s1, norm_sumsq=sq)),
+        ("needs a bf16 x", lambda: add(x.half(), w.half(), res.half(), nw.half())),
         ("norm_sumsq must be", lambda: mm(x, w, norm_sumsq=sq[:, :3])),
         ("norm_sumsq must be", lambda: mm(x, w, norm_sumsq=sq.to(BF))),
         ("no out_scale", lambda: mm(x, w, out_scale=s1, norm_sumsq=sq)),
@@ -198,6 +237,28 @@ class TestGPU:
             xn, _ = ops.add_rmsnorm(h, None, nw, 1e-5)
             want = reference.small_m_gemm(xn.cpu(), w2.cpu(), silu_mul=silu)
             assert_close(got.float().cpu(), want.double(), BF, f"normed GEMM M={m} N={n2}")
+
+    @pytest.mark.parametrize("m", [1, 8, 64])
+    def test_w8_llama_8b_layer_boundaries(self, m, gen):
+        """The same with e4m3 weights and per-channel scales (the FP8 layers' weight-only fold), vs the fp64 oracle
+        of the dequantized weights."""
+        for n, k, n2 in ((4096, 4096, 6144), (4096, 14336, 28672)):
+            x, w, res = _data(gen, m, n, k, outliers=True)
+            w8, ws, w64 = _w8(w)
+            nw = (torch.rand(n, generator=gen) + 0.5).to(BF).to(DEVICE)
+            h, x_next, sumsq = small_gemm.small_m_gemm_add(x, w8, res, nw, w_scale=ws)
+            want_h = ((x.cpu().double() @ w64.t()).to(BF).double() + res.cpu().double()).to(BF)
+            assert_close(h.float().cpu(), want_h.double(), BF, f"w8 h M={m} K={k}")
+            assert torch.equal(x_next, (h.float() * nw.float()).to(BF))
+            w2_8, ws2, w2_64 = _w8((torch.randn(n2, n, generator=gen) / n ** 0.5).to(BF).to(DEVICE))
+            silu = n2 == 28672
+            got = small_gemm.small_m_gemm(x_next, w2_8, w_scale=ws2, silu_mul=silu, norm_sumsq=sumsq, norm_eps=1e-5)
+            hd = h.cpu().double()
+            y = (hd * torch.rsqrt(hd.square().mean(1, keepdim=True) + 1e-5)) * nw.cpu().double() @ w2_64.t()
+            if silu:
+                g, u = y.chunk(2, -1)
+                y = torch.nn.functional.silu(g) * u
+            assert_close(got.float().cpu(), y, BF, f"w8 normed GEMM M={m} N={n2}")
 
     def test_cuda_graph_replays(self, gen):
         """Both ops captured in one graph: replays with new inputs give the eager results bit for bit."""

@@ -137,11 +137,11 @@ def rstd_from_partials(sumsq: torch.Tensor, k: int, eps: float) -> torch.Tensor:
 
 
 def small_m_gemm_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
-                     bias: Optional[torch.Tensor] = None, *, rows: int = 32):
-    """``(h, x_next, sumsq)``: ``h = round(round(x @ weight.T + bias) + residual)`` (the GEMM's rounding, then the
-    residual add's), the next GEMM's rows ``x_next = round(h * norm_weight)`` and :func:`sumsq_partials` of ``h`` in
-    groups of ``rows``."""
-    y = small_m_gemm(x, weight, bias=bias)
+                     bias: Optional[torch.Tensor] = None, *, rows: int = 32, w_scale: Optional[torch.Tensor] = None):
+    """``(h, x_next, sumsq)``: ``h = round(round(x @ (weight * w_scale).T + bias) + residual)`` (the GEMM's
+    rounding, then the residual add's), the next GEMM's rows ``x_next = round(h * norm_weight)`` and
+    :func:`sumsq_partials` of ``h`` in groups of ``rows``; ``w_scale`` with an e4m3 weight only."""
+    y = small_m_gemm(x, weight, w_scale=w_scale, bias=bias, out_dtype=x.dtype)
     h = (y.float() + residual.float()).to(y.dtype)
     return h, (h.float() * norm_weight.float()).to(h.dtype), sumsq_partials(h, rows)
 

@@ -26,11 +26,12 @@ rounded once to the output dtype, or ``e4m3(clamp(y / out_scale, +-448))``. Anyt
 :class:`~tpfuse.errors.TPFuseInputError` (an e4m3 x with a 16-bit weight, a missing / extra scale, M > 64, ...).
 
 **The RMSNorm folded into the GEMMs**, what the model's decode layers at TP = 1 use instead of a separate add +
-RMSNorm kernel between two GEMMs, with ``RMSNorm(h) @ W.T = rstd * ((h * w_norm) @ W.T)``. bf16 x and weight, no
-scales (the un-normalized rows ``h * w_norm`` may exceed fp16's range):
+RMSNorm kernel between two GEMMs, with ``RMSNorm(h) @ W.T = rstd * ((h * w_norm) @ W.T)``. bf16 x (the
+un-normalized rows ``h * w_norm`` may exceed fp16's range), a bf16 weight, or an e4m3 one with its ``w_scale``
+(the FP8 layers' weight-only steps); no x scale:
 
-* ``small_m_gemm_add(x, weight, residual, norm_weight, *, bias=None) -> (h, x_next, sumsq)``: ``h = round(round(x
-  @ weight.T + bias) + residual)`` ``[M, N]`` (the GEMM's rounding, then the residual add's, as the unfused pair
+* ``small_m_gemm_add(x, weight, residual, norm_weight, *, bias=None, w_scale=None) -> (h, x_next, sumsq)``: ``h =
+  round(round(x @ (weight * w_scale).T + bias) + residual)`` ``[M, N]`` (the GEMM's rounding, then the residual add's, as the unfused pair
   rounds), the next GEMM's rows ``x_next = round(h * norm_weight)`` ``[M, N]`` and ``sumsq [N / 32, M]`` fp32, the
   sums of ``h^2`` per token over each 32 consecutive features (:func:`tpfuse.reference.sumsq_partials`); N a
   multiple of 32, ``residual [M, N]`` and ``norm_weight [N]`` in x's dtype.
@@ -116,9 +117,11 @@ def _row_kind(scale, rows: int, name: str, what: str, device) -> Optional[bool]:
 
 
 def _check_folded(x, weight, what: str) -> None:
-    # bf16 only: the next GEMM's rows h * norm_weight are stored un-normalized, which fp16's range (65504) may not hold
-    if x.dtype != torch.bfloat16 or weight.dtype != x.dtype:
-        raise TPFuseInputError(f"{what} needs bf16 x and weight, got x {x.dtype}, weight {weight.dtype}")
+    # bf16 x only: the next GEMM's rows h * norm_weight are stored un-normalized, which fp16's range (65504) may not
+    # hold; the weight bf16 or e4m3 (weight-only, its w_scale checked by check())
+    if x.dtype != torch.bfloat16 or weight.dtype not in (torch.bfloat16, q.FP8_DTYPE):
+        raise TPFuseInputError(f"{what} needs a bf16 x and a bf16 or e4m3 weight, got x {x.dtype}, weight "
+                               f"{weight.dtype}")
 
 
 def _check_vec(t, shape, dtypes, name: str, device) -> None:
@@ -231,10 +234,11 @@ def _(x, weight, x_scale, w_scale, bias, out_scale, silu_mul, out_dtype, norm_su
 
 
 def _add_impl(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
-              bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              bias: Optional[torch.Tensor], w_scale: Optional[torch.Tensor] = None,
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`small_m_gemm_add`'s body (inputs validated)."""
     if not _use_triton(x):
-        return ref.small_m_gemm_add(x, weight, residual, norm_weight, bias, rows=smc.SUMSQ_ROWS)
+        return ref.small_m_gemm_add(x, weight, residual, norm_weight, bias, rows=smc.SUMSQ_ROWS, w_scale=w_scale)
     m, n = x.shape[0], weight.shape[0]
     h, x_next = alloc_out(m, n, x.dtype, x.device), alloc_out(m, n, x.dtype, x.device)
     sumsq = torch.empty(n // smc.SUMSQ_ROWS, m, dtype=torch.float32, device=x.device)
@@ -243,8 +247,8 @@ def _add_impl(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, nor
     from .kernels.small_m_gemm import launch_small_m_gemm
 
     arch, sms = device_info(x.device)
-    scheme = smc.scheme_name(x.dtype, weight.dtype, None, None, False, False)
-    launch_small_m_gemm(x, weight, None, None, bias, h, None, False, scheme, arch, sms,
+    scheme = smc.scheme_name(x.dtype, weight.dtype, None, scale_kind(w_scale), False, False)
+    launch_small_m_gemm(x, weight, None, w_scale, bias, h, None, False, scheme, arch, sms,
                         add=(residual, norm_weight, x_next, sumsq))
     return h, x_next, sumsq
 
@@ -253,7 +257,7 @@ _add_op = torch.library.custom_op("tpfuse::small_m_gemm_add", _add_impl, mutates
 
 
 @_add_op.register_fake
-def _(x, weight, residual, norm_weight, bias):
+def _(x, weight, residual, norm_weight, bias, w_scale=None):
     return (x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], weight.shape[0])),
             x.new_empty((weight.shape[0] // smc.SUMSQ_ROWS, x.shape[0]), dtype=torch.float32))
 
@@ -323,10 +327,11 @@ def small_m_gemm_amax(x: torch.Tensor, weight: torch.Tensor, *, x_scale: Optiona
 
 
 def small_m_gemm_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, *,
-                     bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     bias: Optional[torch.Tensor] = None, w_scale: Optional[torch.Tensor] = None,
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(h, x_next, sumsq)``: the GEMM plus the residual add, the next GEMM's rows weighted by ``norm_weight`` and
-    the partial sums of squares its folded RMSNorm takes (module docstring)."""
-    check(x, weight, None, None, bias, False, None, None)
+    the partial sums of squares its folded RMSNorm takes (module docstring); ``w_scale`` with an e4m3 weight."""
+    check(x, weight, None, w_scale, bias, False, None, None)
     _check_folded(x, weight, "small_m_gemm_add")
     m, n = x.shape[0], weight.shape[0]
     if n % smc.SUMSQ_ROWS:
@@ -340,7 +345,8 @@ def small_m_gemm_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tens
     if x.stride(1) != 1:
         x = x.contiguous()
     eager = not torch.compiler.is_compiling()
-    return (_add_impl if eager else torch.ops.tpfuse.small_m_gemm_add)(x, weight, residual, norm_weight, bias)
+    return (_add_impl if eager else torch.ops.tpfuse.small_m_gemm_add)(x, weight, residual, norm_weight, bias,
+                                                                       w_scale)
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, *, x_row: Optional[bool] = None, w_row: Optional[bool] = None,

@@ -27,22 +27,32 @@ SP_MIN = 12  # TP > 1: prefills of 12 tokens and more run sequence-parallel
 
 
 class Counts:
-    """While installed: small-M GEMM calls with a bf16 x and an e4m3 weight (``w8``), every ``ops.quantize`` /
-    ``ops.silu_mul`` call, and ``add_rmsnorm`` calls (local and the communicator's) asked for a quantized output."""
+    """While installed: small-M GEMM calls with a bf16 x and an e4m3 weight (``w8``; ``folded``: those of the
+    folded RMSNorm, with ``norm_sumsq`` or through ``small_m_gemm_add``), every ``ops.quantize`` / ``ops.silu_mul``
+    call, and ``add_rmsnorm`` calls (local and the communicator's) asked for a quantized output."""
 
     def __init__(self, comm):
         from tpfuse import ops, small_gemm
 
         self.comm, self.sg, self.ops = comm, small_gemm, ops
-        self.orig = (small_gemm.small_m_gemm, ops.quantize, ops.silu_mul, ops.add_rmsnorm, comm.fused_add_rmsnorm)
-        self.w8 = self.quantize = self.silu = self.quant_norm = 0
+        self.orig = (small_gemm.small_m_gemm, ops.quantize, ops.silu_mul, ops.add_rmsnorm, comm.fused_add_rmsnorm,
+                     small_gemm.small_m_gemm_add)
+        self.w8 = self.folded = self.quantize = self.silu = self.quant_norm = 0
 
     def __enter__(self):
-        mm, quantize, silu, norm, comm_norm = self.orig
+        mm, quantize, silu, norm, comm_norm, mm_add = self.orig
 
         def counted_mm(x, w, **kw):
-            self.w8 += x.dtype == DT and w.dtype == torch.float8_e4m3fn
+            w8 = x.dtype == DT and w.dtype == torch.float8_e4m3fn
+            self.w8 += w8
+            self.folded += w8 and kw.get("norm_sumsq") is not None
             return mm(x, w, **kw)
+
+        def counted_add(x, w, *a, **kw):
+            w8 = x.dtype == DT and w.dtype == torch.float8_e4m3fn
+            self.w8 += w8
+            self.folded += w8
+            return mm_add(x, w, *a, **kw)
 
         def counted(kind, fn):
             def call(*a, **kw):
@@ -56,14 +66,14 @@ class Counts:
                 return fn(*a, quant=quant, **kw)
             return call
 
-        self.sg.small_m_gemm = counted_mm
+        self.sg.small_m_gemm, self.sg.small_m_gemm_add = counted_mm, counted_add
         self.ops.quantize, self.ops.silu_mul = counted("quantize", quantize), counted("silu", silu)
         self.ops.add_rmsnorm, self.comm.fused_add_rmsnorm = norm_q(norm), norm_q(comm_norm)
         return self
 
     def __exit__(self, *exc):
         (self.sg.small_m_gemm, self.ops.quantize, self.ops.silu_mul, self.ops.add_rmsnorm,
-         self.comm.fused_add_rmsnorm) = self.orig
+         self.comm.fused_add_rmsnorm, self.sg.small_m_gemm_add) = self.orig
         if "fused_add_rmsnorm" in vars(self.comm):
             del self.comm.fused_add_rmsnorm  # the bound method again
 
@@ -105,18 +115,22 @@ def _step(model, comm, ids, cache, device="cpu"):
     return out.logits[0].float().cpu(), mc.cache_of(out), c
 
 
-def _weight_only_steps(rank, world, arch, act, weight):
+def _weight_only_steps(rank, world, arch, act, weight, fold=True):
     """A 6-token prefill and 3 decode steps weight-only (bf16 budget vs the oracle, 4 w8 GEMMs a layer, nothing
-    quantized); then a new sequence: a 12-token prefill above MOST (the activation scheme: quantize calls, FP8
-    budget) and one decode step weight-only again (FP8 budget: its cache holds the quantized prefill's K / V)."""
+    quantized; at TP = 1 in a model without o / down biases with the RMSNorms folded into them where ``fold``:
+    all but the first qkv GEMM folded); then a new sequence: a 12-token prefill above MOST (the activation scheme:
+    quantize calls, FP8 budget) and one decode step weight-only again (FP8 budget: its cache holds the quantized
+    prefill's K / V)."""
     from tpfuse.tolerance import assert_logits_close
 
-    model, comm, ids, ref = _model(arch, act, weight, world)
+    model, comm, ids, ref = _model(arch, act, weight, world, fold_norms=fold)
     layers = len(model._tpfuse.layers)
+    folds = fold and world == 1 and arch != "llama"  # the tiny llama has o / down biases
     errs, cache, pos = [], None, 0
     for t in (6, 1, 1, 1):
         logits, cache, c = _step(model, comm, ids[pos:pos + t], cache)
-        assert (c.w8, c.quantize, c.silu, c.quant_norm) == (4 * layers, 0, 0, 0), (t, vars(c))
+        assert (c.w8, c.folded, c.quantize, c.silu, c.quant_norm) == (
+            4 * layers, 4 * layers - 1 if folds else 0, 0, 0, 0), (t, vars(c))
         errs.append(assert_logits_close(logits, ref[pos:pos + t], DT, f"{arch} TP={world} {act}/{weight} "
                                         f"weight-only {t} tokens at {pos}"))
         pos += t
@@ -131,21 +145,25 @@ def _weight_only_steps(rank, world, arch, act, weight):
     return max(errs)
 
 
-@pytest.mark.parametrize("arch,world,act,weight", [("llama", 1, "per_token", "per_channel"),
-                                                   ("qwen3", 2, "per_token", "per_tensor"),
-                                                   ("llama", 2, "static", "per_tensor"),
-                                                   ("mistral", 4, "per_token", "per_channel"),
-                                                   ("phi3", 2, "per_token", "per_channel")])
-def test_weight_only_steps_match_the_oracle_in_bf16(arch, world, act, weight):
-    errs = run_on_ranks(_weight_only_steps, world, arch, act, weight)
+@pytest.mark.parametrize("arch,world,act,weight,fold", [("llama", 1, "per_token", "per_channel", True),
+                                                        ("qwen3", 1, "per_token", "per_channel", True),  # folded
+                                                        ("qwen3", 1, "static", "per_tensor", True),  # folded
+                                                        ("qwen3", 1, "per_token", "per_channel", False),
+                                                        ("qwen3", 2, "per_token", "per_tensor", True),
+                                                        ("llama", 2, "static", "per_tensor", True),
+                                                        ("mistral", 4, "per_token", "per_channel", True),
+                                                        ("phi3", 2, "per_token", "per_channel", True)])
+def test_weight_only_steps_match_the_oracle_in_bf16(arch, world, act, weight, fold):
+    errs = run_on_ranks(_weight_only_steps, world, arch, act, weight, fold)
     assert len(errs) == world and all(0 < e for e in errs), errs
 
 
 @pytest.mark.usefixtures("kernels")
-def test_weight_only_through_the_interpreted_kernel():
-    """The same on the small-M Triton kernel (interpreter): e4m3 weights converted in the kernel."""
+@pytest.mark.parametrize("fold", [True, False])
+def test_weight_only_through_the_interpreted_kernel(fold):
+    """The same on the small-M Triton kernel (interpreter): e4m3 weights converted in the kernel, folded or not."""
     assert os.environ.get("TPFUSE_TRITON_CPU") == "1"
-    errs = run_on_ranks(_weight_only_steps, 1, "qwen3", "per_token", "per_channel")
+    errs = run_on_ranks(_weight_only_steps, 1, "qwen3", "per_token", "per_channel", fold)
     assert 0 < errs[0], errs
 
 
@@ -175,18 +193,21 @@ def test_config_rejects_bad_values():
 
 
 def _graph_decode(rank, world):
-    """CUDA-graph decode weight-only, with and without PDL where the device has it (bit for bit), vs the eager
-    steps (the same kernels) and the oracle (bf16 budget)."""
+    """CUDA-graph decode weight-only, with and without PDL where the device has it (bit for bit), folded and (TP = 1)
+    not, and eager steps, each against the oracle (bf16 budget)."""
     from tpfuse.kernels import pdl as pdl_launch
     from tpfuse.tolerance import assert_logits_close
 
     model, comm, ids, ref = _model("qwen3", "per_token", "per_channel", world, graph_safe=world > 1)
     st = model._tpfuse
     got = {}
-    for graphs, pdl in ((False, False), (True, False), (True, True)):
+    modes = [(False, False, True), (True, False, True), (True, True, True)]  # (graphs, pdl, fold_norms)
+    modes += [(True, False, False), (True, True, False)] if world == 1 else []  # TP = 1 folds by default
+    for graphs, pdl, fold in modes:
         if pdl and not pdl_launch.available(comm.device):
             continue
         st.graphs, st.cache_config.cuda_graphs, st.cache_config.pdl = None, graphs, pdl
+        st.cache_config.fold_norms = fold
         logits, cache, c = _step(model, comm, ids[:6], None, "cuda")
         rows = [logits]
         for pos in range(6, 9):
@@ -194,10 +215,12 @@ def _graph_decode(rank, world):
             assert st.last_mode == ("decode_graph" if graphs else "allreduce"), st.last_mode
             assert c.quant_norm == 0, vars(c)
             rows.append(logits)
-        got[graphs, pdl] = torch.cat(rows)
-    if (True, True) in got:
-        assert torch.equal(got[True, True], got[True, False]), "PDL changed the logits"
-    errs = [assert_logits_close(v, ref[:9], DT, f"weight-only graphs={k[0]} pdl={k[1]}") for k, v in got.items()]
+        got[graphs, pdl, fold] = torch.cat(rows)
+    for fold in (True, False):
+        if (True, True, fold) in got:
+            assert torch.equal(got[True, True, fold], got[True, False, fold]), f"fold={fold}: PDL changed the logits"
+    errs = [assert_logits_close(v, ref[:9], DT, f"weight-only graphs={k[0]} pdl={k[1]} fold={k[2]}")
+            for k, v in got.items()]
     comm.close()
     return errs
 

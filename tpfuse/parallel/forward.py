@@ -23,7 +23,7 @@ from ..errors import TPFuseInputError, TPFuseUnsupportedError
 from ..sharding import shard_range
 from .batch import StepMeta, pack
 from .kv_cache import TPKVCache
-from .layers import StepContext, get_path, norm_eps
+from .layers import StepContext, TPDecoderLayer, get_path, norm_eps
 from .rank_sync import check_same_call
 
 _IGNORED = ("cache_position",)  # generate() may pass it; we track positions per row ourselves
@@ -60,11 +60,13 @@ def forward_core(model, ids: torch.Tensor, meta: StepMeta, keep: Optional[torch.
 def can_fold_norms(model, num_tokens: int, sp: bool = False) -> bool:
     """Whether a step of ``num_tokens`` can run with the RMSNorms folded into the GEMMs: TP = 1, at most
     ``small_gemm.MAX_M`` tokens, every layer able to (:meth:`TPDecoderLayer.can_fold_norms`), a bf16 final norm (the
-    last layer's down_proj takes its weight)."""
+    last layer's down_proj takes its weight); FP8 layers only in a weight-only step (:func:`fp8_weight_only`)."""
     st = model._tpfuse
-    return bool(st.local and st.comm.tp == 1 and not sp and num_tokens <= small_gemm.MAX_M
-                and get_path(model, st.layout.final_norm).weight.dtype == torch.bfloat16
-                and all(getattr(layer, "can_fold_norms", lambda: False)() for layer in st.layers))
+    if not (st.local and st.comm.tp == 1 and not sp and num_tokens <= small_gemm.MAX_M
+            and get_path(model, st.layout.final_norm).weight.dtype == torch.bfloat16
+            and all(getattr(layer, "can_fold_norms", lambda: False)() for layer in st.layers)):
+        return False
+    return all(type(layer) is TPDecoderLayer for layer in st.layers) or fp8_weight_only_at(model, num_tokens, sp)
 
 
 def folds_norms(model, meta: StepMeta) -> bool:
@@ -72,15 +74,20 @@ def folds_norms(model, meta: StepMeta) -> bool:
     return model._tpfuse.cache_config.fold_norms and can_fold_norms(model, meta.num_tokens, meta.sp)
 
 
-def fp8_weight_only(model, meta: StepMeta) -> bool:
-    """Whether this step's FP8 layers run weight-only (``KVCacheConfig.fp8_weight_only_max_tokens``): the all-reduce
-    form, at most that many tokens, a model with FP8 layers that all can
+def fp8_weight_only_at(model, num_tokens: int, sp: bool = False) -> bool:
+    """Whether a step of ``num_tokens`` runs its FP8 layers weight-only (``KVCacheConfig.fp8_weight_only_max_tokens``):
+    the all-reduce form, at most that many tokens, a model with FP8 layers that all can
     (:meth:`~tpfuse.parallel.fp8_layer.FP8DecoderLayer.can_run_weight_only`) and no other decoder layers."""
     st = model._tpfuse
     most = st.cache_config.fp8_weight_only_max_tokens
-    if not most or meta.sp or meta.num_tokens > min(most, small_gemm.MAX_M):
+    if not most or sp or num_tokens > min(most, small_gemm.MAX_M):
         return False
     return all(getattr(layer, "can_run_weight_only", lambda: False)() for layer in st.layers)
+
+
+def fp8_weight_only(model, meta: StepMeta) -> bool:
+    """:func:`fp8_weight_only_at` of this step."""
+    return fp8_weight_only_at(model, meta.num_tokens, meta.sp)
 
 
 def _resolve_cache(st, given, use_cache: Optional[bool], batch: int, config) -> Optional[TPKVCache]:

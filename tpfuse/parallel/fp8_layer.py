@@ -110,9 +110,17 @@ class FP8DecoderLayer(TPDecoderLayer):
     :class:`~tpfuse.parallel.fp8.FP8Linear` (see the module docstring)."""
 
     def can_fold_norms(self) -> bool:
-        """Never: FP8 layers quantize their GEMMs' inputs in the norm kernels (``KVCacheConfig.fold_norms`` is for
-        bf16 layers)."""
-        return False
+        """In weight-only steps only (:func:`~tpfuse.parallel.forward.can_fold_norms` asks that): bf16 activations
+        and norm weights, no o / down bias, hidden size a multiple of 32, the weight-only GEMMs' shapes. The
+        activation-quantizing form quantizes its GEMMs' inputs in the norm kernels: never folded."""
+        return (self.can_run_weight_only() and self._o.bias is None and self._down.bias is None
+                and self.input_norm.weight.dtype == self.post_norm.weight.dtype == torch.bfloat16
+                and self._g["o"].weight.shape[0] % small_gemm.SUMSQ_ROWS == 0)
+
+    def _folded_gemm(self, key: str):
+        """``(weight, bias, w_scale)``: the e4m3 GEMM and its scale (weight-only, folded)."""
+        g = self._g[key]
+        return g.weight, g.bias, g.scale
 
     def refuse(self) -> None:
         if self.post_norm.weight.dtype != torch.bfloat16:
@@ -208,7 +216,8 @@ class FP8DecoderLayer(TPDecoderLayer):
     def forward(self, x, residual: torch.Tensor, next_norm_weight: torch.Tensor, next_eps: float,
                 ctx: StepContext):
         if ctx.fp8_weight_only:
-            return self.forward_weight_only(x, residual, next_norm_weight, next_eps, ctx)
+            fwd = self._forward_folded if ctx.fold_norms else self.forward_weight_only
+            return fwd(x, residual, next_norm_weight, next_eps, ctx)
         g = self._g
         qkv = self._fp8_column(x, g["qkv"], ctx)
         a = ops.quantize(self._attention(qkv, ctx, self._o_prefetch(ctx)), g["o"].in_spec)  # o's e4m3 bytes

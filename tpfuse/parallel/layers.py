@@ -237,26 +237,36 @@ class TPDecoderLayer(nn.Module):
                 and self._o.bias is None and self._down.bias is None and w.shape[0] % small_gemm.SUMSQ_ROWS == 0
                 and all(t.shape[0] % 16 == 0 and t.shape[1] % 16 == 0 for t in weights))
 
-    def _normed_gemm(self, x, w: torch.Tensor, b: Optional[torch.Tensor], silu_mul: bool = False) -> torch.Tensor:
-        if isinstance(x, PendingNorm):
-            return small_gemm.small_m_gemm(x.weighted, w, bias=b, silu_mul=silu_mul, norm_sumsq=x.sumsq,
-                                           norm_eps=x.eps)
-        return small_gemm.small_m_gemm(x, w, bias=b, silu_mul=silu_mul)
+    def _folded_gemm(self, key: str) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``(weight, bias, w_scale)`` of one GEMM of the folded layer (``key``: qkv, o, gate_up, down): the bf16
+        weights (no scale; o / down have no bias where the layer folds)."""
+        if key in ("qkv", "gate_up"):
+            return (*self._fused_weight(key, self._qkv_mods if key == "qkv" else self._gate_up_mods), None)
+        return (self._o if key == "o" else self._down).weight, None, None
 
-    def _add_pending(self, a: torch.Tensor, lin: nn.Module, residual: torch.Tensor, norm_w: torch.Tensor,
-                     eps: float) -> PendingNorm:
-        h, weighted, sumsq = small_gemm.small_m_gemm_add(a, lin.weight, residual, norm_w)
+    @staticmethod
+    def _normed_gemm(x, w: torch.Tensor, b: Optional[torch.Tensor], w_scale: Optional[torch.Tensor],
+                     silu_mul: bool = False) -> torch.Tensor:
+        if isinstance(x, PendingNorm):
+            return small_gemm.small_m_gemm(x.weighted, w, w_scale=w_scale, bias=b, silu_mul=silu_mul,
+                                           norm_sumsq=x.sumsq, norm_eps=x.eps)
+        return small_gemm.small_m_gemm(x, w, w_scale=w_scale, bias=b, silu_mul=silu_mul)
+
+    @staticmethod
+    def _add_pending(a: torch.Tensor, gemm, residual: torch.Tensor, norm_w: torch.Tensor, eps: float) -> PendingNorm:
+        w, _, w_scale = gemm
+        h, weighted, sumsq = small_gemm.small_m_gemm_add(a, w, residual, norm_w, w_scale=w_scale)
         return PendingNorm(h, weighted, sumsq, norm_w, eps)
 
     def _forward_folded(self, x, residual: torch.Tensor, next_norm_weight: torch.Tensor, next_eps: float,
                         ctx: StepContext) -> Tuple[PendingNorm, torch.Tensor]:
         """The layer with its two add + RMSNorms folded into the GEMMs (``KVCacheConfig.fold_norms``); ``x`` is the
         previous layer's :class:`PendingNorm` (the first layer: the normed embedding)."""
-        qkv = self._normed_gemm(x, *self._fused_weight("qkv", self._qkv_mods))
-        mid = self._add_pending(self._attention(qkv, ctx, self._o_prefetch(ctx)), self._o, residual,
+        qkv = self._normed_gemm(x, *self._folded_gemm("qkv"))
+        mid = self._add_pending(self._attention(qkv, ctx, self._o_prefetch(ctx)), self._folded_gemm("o"), residual,
                                 self.post_norm.weight, self.post_eps)
-        a = self._normed_gemm(mid, *self._fused_weight("gate_up", self._gate_up_mods), silu_mul=True)
-        out = self._add_pending(a, self._down, mid.h, next_norm_weight, next_eps)
+        a = self._normed_gemm(mid, *self._folded_gemm("gate_up"), silu_mul=True)
+        out = self._add_pending(a, self._folded_gemm("down"), mid.h, next_norm_weight, next_eps)
         return out, out.h
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor, next_norm_weight: torch.Tensor, next_eps: float,
