@@ -113,6 +113,16 @@ def _w8(w):
     return w8, ws, w8.cpu().double() * ws.cpu().double()
 
 
+def _normed_oracle(h, nw, w64, silu, eps=1e-5):
+    """fp64 ``RMSNorm(h) * nw @ w64.T`` (then SiLU*mul)."""
+    hd = h.cpu().double()
+    y = (hd * torch.rsqrt(hd.square().mean(1, keepdim=True) + eps)) * nw.cpu().double() @ w64.t()
+    if silu:
+        g, u = y.chunk(2, -1)
+        y = torch.nn.functional.silu(g) * u
+    return y
+
+
 @pytest.mark.usefixtures("kernels", "poisoned_small_m")
 @pytest.mark.parametrize("m,split,silu", [(1, 1, False), (3, 1, True), (17, 3, False)])
 def test_w8_fold_matches_oracle(m, split, silu, gen, kernels, monkeypatch):
@@ -135,12 +145,7 @@ def test_w8_fold_matches_oracle(m, split, silu, gen, kernels, monkeypatch):
     assert_close(h.cpu().float(), ref_h.double(), BF, "w8 h vs reference", factor=0.5)
     w2_8, ws2, w2_64 = _w8((torch.randn(n2, n, generator=gen) / n ** 0.5).to(BF).to(DEVICE))
     out = small_gemm.small_m_gemm(x_next, w2_8, w_scale=ws2, silu_mul=silu, norm_sumsq=sumsq, norm_eps=1e-5)
-    hd = h.cpu().double()
-    y = (hd * torch.rsqrt(hd.square().mean(1, keepdim=True) + 1e-5)) * nw.cpu().double() @ w2_64.t()
-    if silu:
-        g, u = y.chunk(2, -1)
-        y = torch.nn.functional.silu(g) * u
-    assert_close(out.cpu().float(), y, BF, f"w8 norm_in M={m} silu={silu}")
+    assert_close(out.cpu().float(), _normed_oracle(h, nw, w2_64, silu), BF, f"w8 norm_in M={m} silu={silu}")
 
 
 @pytest.mark.usefixtures("kernels")
@@ -253,12 +258,7 @@ class TestGPU:
             w2_8, ws2, w2_64 = _w8((torch.randn(n2, n, generator=gen) / n ** 0.5).to(BF).to(DEVICE))
             silu = n2 == 28672
             got = small_gemm.small_m_gemm(x_next, w2_8, w_scale=ws2, silu_mul=silu, norm_sumsq=sumsq, norm_eps=1e-5)
-            hd = h.cpu().double()
-            y = (hd * torch.rsqrt(hd.square().mean(1, keepdim=True) + 1e-5)) * nw.cpu().double() @ w2_64.t()
-            if silu:
-                g, u = y.chunk(2, -1)
-                y = torch.nn.functional.silu(g) * u
-            assert_close(got.float().cpu(), y, BF, f"w8 normed GEMM M={m} N={n2}")
+            assert_close(got.float().cpu(), _normed_oracle(h, nw, w2_64, silu), BF, f"w8 normed GEMM M={m} N={n2}")
 
     def test_cuda_graph_replays(self, gen):
         """Both ops captured in one graph: replays with new inputs give the eager results bit for bit."""
