@@ -139,7 +139,7 @@
 #       (tests/distributed/test_fp8_weight_only_model.py: CUDA-graph decode with and without PDL vs the oracle at TP 1 / 2;
 #       the small-M GEMM's w8 tests; W8AB_TESTS_K overrides the -k filter), then the full 8B's decode rows with
 #       weight-only up to W8AB_TOKENS (default 64: --fp8-weight-only) and --w8-ab (rows _actq: the activations
-#       quantized; W8AB_BATCHES, default 1,64; W8AB_ARGS, default --fold-ab: rows _normkern, the weight-only
+#       quantized; W8AB_BATCHES, default 1,16,64; W8AB_ARGS, default --fold-ab: rows _normkern, the weight-only
 #       layers' RMSNorms in their own kernels) and, after the w8 step, its table (rows _smallm); ~6 min.
 #       One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh w8 w8ab
 #   gpf: decides small_m_gemm.PREFETCH_MAX_M (the small-M GEMMs' first weight lines prefetched before their PDL wait
@@ -342,13 +342,13 @@ for s in "${steps[@]}"; do
           --m "${W8_M:-1,8,64}" --schemes w8_bf16 --budget-s "${W8_BUDGET_S:-90}" --out-dir "$OUT/w8" \
           --base-sweep bench/results/small_gemm_h100_14a3f4c.json \
           --base-sweep bench/results/small_gemm_h100_alltiles_1b777fa.json ${W8_SWEEP_ARGS:-} ;;
-    w8ab) LIMIT_w8ab_tests=${LIMIT_w8ab_tests:-120} run w8ab_tests bash -c "python3 -m pytest -q -rs \
+    w8ab) LIMIT_w8ab_tests=${LIMIT_w8ab_tests:-110} run w8ab_tests bash -c "python3 -m pytest -q -rs \
             --junitxml=$OUT/w8ab_tests.xml tests/distributed/test_fp8_weight_only_model.py tests/test_small_m_gemm.py \
             tests/test_small_m_gemm_add.py -k '${W8AB_TESTS_K:-weight_only or w8}'"
           tbl="$OUT/w8/small_m_gemm_$(python3 -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"sm{m}{n}")').json"
           w8tbl=(); [[ -f $tbl ]] && w8tbl=(--small-m-table "$tbl")
-          LIMIT_w8ab=${LIMIT_w8ab:-300} run w8ab "${TR1[@]}" bench/bench_e2e.py --tag w8_ab --models 8B --layers full \
-            --decode-batches "${W8AB_BATCHES:-1,64}" --context 1024 --prefill 1024 --hf-models none --w8-ab \
+          LIMIT_w8ab=${LIMIT_w8ab:-330} run w8ab "${TR1[@]}" bench/bench_e2e.py --tag w8_ab --models 8B --layers full \
+            --decode-batches "${W8AB_BATCHES:-1,16,64}" --context 1024 --prefill 1024 --hf-models none --w8-ab \
             --fp8-weight-only "${W8AB_TOKENS:-64}" ${w8tbl[@]+"${w8tbl[@]}"} ${W8AB_ARGS---fold-ab} ;;
     tiles16) LIMIT_tiles16_sweep=${LIMIT_tiles16_sweep:-200} run tiles16_sweep python3 bench/tune_small_gemm.py \
                --models 8B,70B --m 1,8,16 --schemes bf16,fp8_row,fp8_tensor --budget-s 170 \
