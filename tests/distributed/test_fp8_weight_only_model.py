@@ -158,6 +158,8 @@ def test_weight_only_steps_match_the_oracle_in_bf16(arch, world, act, weight, fo
     assert len(errs) == world and all(0 < e for e in errs), errs
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter on CPU (a GPU runs the compiled kernel in "
+                                                      "test_graph_decode_weight_only_matches_the_oracle)")
 @pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("fold", [True, False])
 def test_weight_only_through_the_interpreted_kernel(fold):
