@@ -27,7 +27,9 @@ Design (Hopper):
   operand (M side of the instruction: 64-row wgmma tiles, or mma.sync below 64) and the few tokens its N side,
   padded to BLOCK_M = max(16, next_pow2(M)) (tl.dot's minimum) by masked loads; nothing is padded in memory. An e4m3
   weight with a 16-bit x is converted in registers (exact), which only the A operand allows on Hopper (that
-  weight-only scheme compiles to 8-byte cp.async for the layout conversion; the model path never takes it).
+  weight-only scheme compiles to 8-byte cp.async and a pass through shared memory for the layout conversion: 0.45-0.60
+  of the copy bandwidth on one H100, ``bench/results/small_gemm_h100_w8_66e53a3.json``; the model path takes it only
+  with ``KVCacheConfig.fp8_weight_only_max_tokens``, off).
 * **Tensor cores even at M = 1, no FMA path.** The padded MMA work is 16-300x below the memory time at every M here,
   and only loads that feed ``tl.dot`` get Triton's multi-stage ``cp.async`` pipeline (``num_stages``), which keeps
   ``num_stages`` tiles of ``BLOCK_N x BLOCK_K`` weight bytes in flight per program. A dot-free FMA path would hold

@@ -117,7 +117,13 @@ class KVCacheConfig:
     no quantize kernel (:meth:`~tpfuse.parallel.fp8_layer.FP8DecoderLayer.forward_weight_only`). The weight bytes
     are the checkpoint's; the values are at least as close to the checkpoint's dequantized weights as its activation
     scheme's (per-token or static scales), which is what larger steps run. 0: never; at most 64
-    (``small_gemm.MAX_M``)."""
+    (``small_gemm.MAX_M``). Off: the kernel's e4m3-weight form reads at 0.45-0.60 of the copy bandwidth (its
+    weight tiles go through shared memory in 8-byte cp.async and are converted there; one H100, 66e53a3,
+    ``bench/results/small_gemm_h100_w8_66e53a3.json``: the 8B's down_proj at M = 1 in 36.7 us, 1.6 TB/s), so on the
+    full 8B the weight-only step took 1.46 / 1.34 / 1.68x the activation-quantized one at batch 1 / 16 / 64
+    (per-channel; static 1.46 / 1.41 / 1.74x; ``e2e_tp1_h100_w8_ab_66e53a3.json``, rows ``tpfuse_fp8`` vs
+    ``_actq``), 0.94x the bf16 step at batch 1. Its GPU test (the CUDA-graph decode at TP 1, RMSNorms folded and
+    not, PDL bit for bit, against the fp64 oracle in bf16's budget) passed there."""
 
     def validate(self) -> None:
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
