@@ -31,10 +31,11 @@ un-normalized rows ``h * w_norm`` may exceed fp16's range), a bf16 weight, or an
 (the FP8 layers' weight-only steps); no x scale:
 
 * ``small_m_gemm_add(x, weight, residual, norm_weight, *, bias=None, w_scale=None) -> (h, x_next, sumsq)``: ``h =
-  round(round(x @ (weight * w_scale).T + bias) + residual)`` ``[M, N]`` (the GEMM's rounding, then the residual add's, as the unfused pair
-  rounds), the next GEMM's rows ``x_next = round(h * norm_weight)`` ``[M, N]`` and ``sumsq [N / 32, M]`` fp32, the
-  sums of ``h^2`` per token over each 32 consecutive features (:func:`tpfuse.reference.sumsq_partials`); N a
-  multiple of 32, ``residual [M, N]`` and ``norm_weight [N]`` in x's dtype.
+  round(round(x @ (weight * w_scale).T + bias) + residual)`` ``[M, N]`` (the GEMM's rounding, then the residual
+  add's, as the unfused pair rounds), the next GEMM's rows ``x_next = round(h * norm_weight)`` ``[M, N]`` and
+  ``sumsq [N / 32, M]`` fp32, the sums of ``h^2`` per token over each 32 consecutive features
+  (:func:`tpfuse.reference.sumsq_partials`); N a multiple of 32, ``residual [M, N]`` and ``norm_weight [N]`` in
+  x's dtype.
 * ``small_m_gemm(x_next, weight, ..., norm_sumsq=sumsq, norm_eps=eps)``: each token's ``x_next @ weight.T`` times
   ``rsqrt(sum(sumsq, 0) / K + eps)`` (:func:`tpfuse.reference.rstd_from_partials`), then the bias and SiLU*mul:
   the GEMM of ``RMSNorm(h)`` without the normed rows ever stored (they differ from the add + RMSNorm kernel's by

@@ -23,7 +23,7 @@ from ..errors import TPFuseInputError, TPFuseUnsupportedError
 from ..sharding import shard_range
 from .batch import StepMeta, pack
 from .kv_cache import TPKVCache
-from .layers import StepContext, TPDecoderLayer, get_path, norm_eps
+from .layers import StepContext, get_path, norm_eps
 from .rank_sync import check_same_call
 
 _IGNORED = ("cache_position",)  # generate() may pass it; we track positions per row ourselves
@@ -66,7 +66,8 @@ def can_fold_norms(model, num_tokens: int, sp: bool = False) -> bool:
             and get_path(model, st.layout.final_norm).weight.dtype == torch.bfloat16
             and all(getattr(layer, "can_fold_norms", lambda: False)() for layer in st.layers)):
         return False
-    return all(type(layer) is TPDecoderLayer for layer in st.layers) or fp8_weight_only_at(model, num_tokens, sp)
+    fp8 = any(hasattr(layer, "can_run_weight_only") for layer in st.layers)  # FP8DecoderLayer
+    return not fp8 or fp8_weight_only_at(model, num_tokens, sp)
 
 
 def folds_norms(model, meta: StepMeta) -> bool:

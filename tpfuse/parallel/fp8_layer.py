@@ -13,19 +13,6 @@ activations come quantized out of the fused kernels (no separate quantize kernel
 
 (sequence-parallel form: ``all_gather_matmul`` / ``matmul_reduce_scatter_rmsnorm`` with the same FP8 operands).
 
-Weight-only steps (``StepContext.fp8_weight_only``: ``KVCacheConfig.fp8_weight_only_max_tokens``, all-reduce form,
-decode-sized) run the bf16 layer's data flow on the same e4m3 weights and scales instead
-(:meth:`FP8DecoderLayer.forward_weight_only`)::
-
-    qkv = small_m_gemm(x, W_qkv_fp8, w_scale)                   x: bf16, the previous fused norm's output
-    attention (bf16, unchanged)
-    x, residual = *fused_add_rmsnorm(small_m_gemm(attn, W_o_fp8, w_scale), residual, post_norm)
-    h = small_m_gemm(x, W_gate_up_fp8, w_scale, silu_mul=True)  SiLU*mul in the epilogue, bf16 h
-    x, residual = *fused_add_rmsnorm(small_m_gemm(h, W_down_fp8, w_scale), residual, NEXT norm)
-
-four kernels a layer fewer than the per-token form (no SiLU*mul + quantize, no quantize of the attention output),
-the same weight bytes; the activations keep bf16 (no activation scale is applied: the static scheme's input scales
-only clamp, which this form does not).
 In the all-reduce form, decode-sized GEMMs (M <= 64) run tpfuse's small-M kernel (:mod:`tpfuse.small_gemm`, the
 same e4m3 operands and scales) only where its tuned table says it beats ``_scaled_mm`` there, and gate-up +
 SiLU*mul + static FP8 quantization as one kernel only where that beats the pair; no table row: ``_scaled_mm``.
@@ -34,6 +21,21 @@ tensor whose slices are the modules' ``weight`` parameters), the weight scale in
 with that activation (``[N, 1]`` with per-token activations; one scalar with static ones), and the
 quant spec of its input. Per-tensor weight scales of fused modules are unified by requantizing each module's
 weight to the group's largest scale (as vLLM does), in place, so the parameters stay a consistent checkpoint.
+
+Weight-only steps (``StepContext.fp8_weight_only``: ``KVCacheConfig.fp8_weight_only_max_tokens``, off by default:
+measured slower, its docstring says by how much; all-reduce form, decode-sized) run the bf16 layer's data flow on the
+same e4m3 weights and scales instead (:meth:`FP8DecoderLayer.forward_weight_only`; at TP = 1 with the RMSNorms
+folded as in bf16 layers, ``KVCacheConfig.fold_norms``)::
+
+    qkv = small_m_gemm(x, W_qkv_fp8, w_scale)                   x: bf16, the previous fused norm's output
+    attention (bf16, unchanged)
+    x, residual = *fused_add_rmsnorm(small_m_gemm(attn, W_o_fp8, w_scale), residual, post_norm)
+    h = small_m_gemm(x, W_gate_up_fp8, w_scale, silu_mul=True)  SiLU*mul in the epilogue, bf16 h
+    x, residual = *fused_add_rmsnorm(small_m_gemm(h, W_down_fp8, w_scale), residual, NEXT norm)
+
+two kernels a layer fewer than the per-token form (no SiLU*mul + quantize, no quantize of the attention output),
+the same weight bytes; the activations stay bf16 (no activation scale is applied: the static scheme's input scales
+would only clamp).
 """
 
 from __future__ import annotations

@@ -85,8 +85,9 @@ class StepContext:
     """The step folds each add + RMSNorm into the GEMMs around it (``KVCacheConfig.fold_norms``; decided per step by
     :func:`~tpfuse.parallel.forward.forward_core`): layers take and return a :class:`PendingNorm` as ``x``."""
     fp8_weight_only: bool = False
-    """FP8 layers run this step's GEMMs weight-only, with bf16 activations (``KVCacheConfig.fp8_weight_only_max_tokens``;
-    decided per step by :func:`~tpfuse.parallel.forward.forward_core`): every norm writes bf16."""
+    """FP8 layers run this step's GEMMs weight-only, with bf16 activations
+    (``KVCacheConfig.fp8_weight_only_max_tokens``; decided per step by :func:`~tpfuse.parallel.forward.forward_core`):
+    every norm writes bf16."""
 
 
 @dataclass
