@@ -89,6 +89,9 @@ Providers (every one is the model a user runs, called with Hugging Face argument
   ``KVCacheConfig.fp8_weight_only_max_tokens`` the other way than the default at that batch: 64 (the FP8 layers'
   GEMMs weight-only with bf16 activations, ``_w8``) or 0 (the checkpoint's activation scheme, ``_actq``); rows carry
   ``fp8_weight_only_max_tokens``;
+* ``tpfuse_headrep`` (``--head-ab``, shard rows, bf16): the shard's decode step with the whole lm_head (every
+  vocabulary row, the replicated head of ``KVCacheConfig.vocab_parallel_head=False`` or a tied head) instead of
+  rank 0's vocabulary-parallel rows, and its own floor row ``memory_floor_headrep``;
 * ``<provider>_hoist0`` / ``_hoist1`` / ``_hoist2`` (``--hoist-ab``): the decode step with
   ``decode_attention.HOIST_LOADS`` 0 (no read ahead of the wait), 1 (the rope-split kernel reads its lengths, cos /
   sin and block ids before its PDL wait, the combine kernel its lengths) or 2 (also the partition's first K / V
@@ -222,6 +225,8 @@ def parse_args(argv=None):
     ap.add_argument("--hoist-ab", action="store_true", help="adds decode rows with decode_attention.HOIST_LOADS 0 "
                     "/ 1 / 2 (the rope-split kernel's reads before its PDL wait) where that is not the default's "
                     "level at the row's batch: <provider>_hoist0 / _hoist1 / _hoist2")
+    ap.add_argument("--head-ab", action="store_true", help="shard rows: adds decode rows with the whole lm_head "
+                    "(replicated) instead of rank 0's vocabulary-parallel rows: tpfuse_headrep, memory_floor_headrep")
     ap.add_argument("--fp8-weight-only", type=int, default=None, metavar="N",
                     help="KVCacheConfig.fp8_weight_only_max_tokens of every row (default: the config's default)")
     ap.add_argument("--w8-ab", action="store_true", help="adds FP8 decode rows with "
@@ -388,12 +393,14 @@ def tpfuse_rows(spec, model, comm, args, dev, rows, bandwidth, provider="tpfuse"
                      lambda: dict(last_mode=st.last_mode, paths=dict(comm.last_path),
                                   max_batch=st.cache_config.max_batch, max_seq_len=st.max_seq_len,
                                   kv_dtype=str(st.cache_config.dtype or model.dtype).replace("torch.", "")))
-        if provider == "tpfuse":
+        if provider in ("tpfuse", "tpfuse_headrep"):
             nbytes = decode_bytes(model, b, args.context)
-            rows.append(dict(base, provider="memory_floor", us=nbytes / bandwidth * 1e6, bytes=nbytes))
+            rows.append(dict(base, provider="memory_floor" + provider[len("tpfuse"):], us=nbytes / bandwidth * 1e6,
+                             bytes=nbytes))
         if provider in VARIANT_PROVIDERS or provider.endswith("_kv8"):
             variant_rows(model, b, args, dev, rows, base, provider)
-        if provider in ("tpfuse", "tpfuse_capacity") or provider in VARIANT_PROVIDERS or provider.endswith("_kv8"):
+        if provider in ("tpfuse", "tpfuse_capacity", "tpfuse_headrep") or provider in VARIANT_PROVIDERS or \
+                provider.endswith("_kv8"):
             _print(r, rows)
     for t in args.prefill if prefill else []:
         base = dict(spec.fields(), mode="prefill", tokens=t)
@@ -795,6 +802,9 @@ def run_model(name, args, dev, rows, bandwidth, first: bool, save=lambda: None, 
         save()
     if args.kv_capacities:
         capacity_rows(spec, model, comm, args, dev, rows, bandwidth, [] if skipped is None else skipped, save)
+    if args.head_ab and spec.tp_shard is not None:
+        head_ab_rows(spec, model, comm, args, dev, rows, bandwidth)
+        save()
     if tp > 1:
         comm_rows(spec, model, comm, args, dev, rows, bandwidth)
     if not args.no_fp8:
@@ -817,6 +827,22 @@ def run_model(name, args, dev, rows, bandwidth, first: bool, save=lambda: None, 
                 compile_last=True)
         save()
         _free_bytes(dev)
+
+
+def head_ab_rows(spec, model, comm, args, dev, rows, bandwidth):
+    """``tpfuse_headrep`` (``--head-ab``, a shard): the decode rows (and their floor) with a whole-vocabulary
+    random lm_head in place of the shard's rank-0 rows - the step of a replicated head - then the shard's own
+    head back. The decode graphs are dropped before and after (they captured the head's weight)."""
+    st = model._tpfuse
+    own = model.lm_head
+    model.lm_head = torch.nn.Linear(own.in_features, spec.vocab, bias=False, device=dev, dtype=own.weight.dtype)
+    st.graphs = None
+    try:
+        tpfuse_rows(spec, model, comm, args, dev, rows, bandwidth, provider="tpfuse_headrep", prefill=False)
+    finally:
+        model.lm_head, st.graphs = own, None
+        if torch.device(dev).type == "cuda":
+            _free_bytes(dev)  # the whole head's memory back
 
 
 def comm_rows(spec, model, comm, args, dev, rows, bandwidth):

@@ -9,8 +9,11 @@ and vocabulary, the per-rank shard shapes, byte counts, and the random-weight bu
   as fit in free GPU memory with the KV cache and the activations, :func:`fit_layers`).
 * **Vocabulary** (:func:`resolve_vocab`): ``real`` (the checkpoint's, :data:`REAL`) or an int; the default is
   the real one with ``--layers full`` / ``fit`` and :data:`VOCAB` (32000, the earlier runs') with an int layer
-  count. tpfuse replicates the embedding and the lm_head on every rank (``tpfuse/parallel/wrap.py``: a
-  vocabulary-parallel head would need another gather per step), so a shard keeps the whole vocabulary.
+  count. tpfuse replicates the embedding and splits the (untied) lm_head by vocabulary rows at TP > 1
+  (``tpfuse/parallel/vocab_head.py``), so a shard's embedding has the whole vocabulary and its lm_head rank 0's
+  ``ceil(vocab / N)`` rows (:func:`head_rows`); ``head="replicated"`` builds the whole head instead (the shard of
+  ``KVCacheConfig.vocab_parallel_head=False``, the rows before that default). The logits' gather, like the
+  layers' all-reduces, is not in a shard's step.
 
 Everything here but :func:`build_model` is pure (CPU tests: ``tests/test_bench_e2e_shapes.py``).
 """
@@ -108,9 +111,19 @@ def layer_params(arch: str, shape: dict) -> int:
     return n
 
 
-def fixed_params(shape: dict, vocab: int) -> int:
-    """Parameters outside the decoder layers: embedding + lm_head (untied) + final norm."""
-    return 2 * vocab * shape["hidden_size"] + shape["hidden_size"]
+def fixed_params(shape: dict, vocab: int, head: Optional[int] = None) -> int:
+    """Parameters outside the decoder layers: embedding + lm_head (untied; ``head`` rows, default ``vocab``) +
+    final norm."""
+    return (vocab + (vocab if head is None else head)) * shape["hidden_size"] + shape["hidden_size"]
+
+
+def head_rows(name: str, vocab: int, head: str = "vocab") -> int:
+    """The lm_head rows of ``name``'s model: the whole ``vocab``, or for a shard with ``head="vocab"`` rank 0's
+    vocabulary-parallel rows (``tpfuse.parallel.vocab_head.vocab_range``: ``ceil(vocab / N)``)."""
+    if head not in ("vocab", "replicated"):
+        raise ValueError(f"head={head!r}: 'vocab' (vocabulary-parallel) or 'replicated'")
+    tp = parse_name(name)[1]
+    return vocab if tp is None or head == "replicated" else -(-vocab // tp)
 
 
 def kv_bytes_per_layer(shape: dict, max_batch: int, max_seq_len: int, block_size: int = 256,
@@ -229,16 +242,20 @@ def _default_dtype(dtype):
         torch.set_default_dtype(prev)
 
 
-def build_model(name: str, layers: int, dev, vocab: int = VOCAB):
-    """A random-weight transformers model of ``name``'s layer shapes (a shard name: its shard's), built on ``dev``
-    in bf16 directly (an fp32 build would need twice the memory: a 70B shard at 80 layers would not fit)."""
+def build_model(name: str, layers: int, dev, vocab: int = VOCAB, head: str = "vocab"):
+    """A random-weight transformers model of ``name``'s layer shapes (a shard name: its shard's, with
+    :func:`head_rows` lm_head rows), built on ``dev`` in bf16 directly (an fp32 build would need twice the memory:
+    a 70B shard at 80 layers would not fit)."""
     import torch
     import transformers
 
     arch, shape = model_shape(name)
     cls = getattr(transformers, f"{ARCHS[arch]}ForCausalLM")
     cfg = hf_config(arch, shape, layers, vocab)
+    rows = head_rows(name, vocab, head)
     torch.manual_seed(0)
     with torch.device(dev), _default_dtype(torch.bfloat16):
         model = cls(cfg)
+        if rows != vocab:  # rank 0's vocabulary-parallel rows (the first ones), a plain Linear as parallelize leaves
+            model.lm_head = torch.nn.Linear(shape["hidden_size"], rows, bias=False)
     return model.to(torch.bfloat16).eval()  # buffers made in fp32 (RoPE's inv_freq) too, as before

@@ -4,11 +4,12 @@
 #                                         profile e2e e2e_full e2e_shards load tune demo onegpu soak probe_onegpu
 #                                         small_gemm e2e_ab e2e_big fp8cache fusedrope fusedcomb foldnorm
 #                                         kvprefetch fp8f16 argmax smallm64 opf attntail profiles accuracy
-#                                         splitcand trigger tiles16 hoist gpf w8 w8ab
+#                                         splitcand trigger tiles16 hoist gpf w8 w8ab vhead
 #                                         (default: all but probe_ce, profile, profiles, e2e_full, e2e_shards, load,
 #                                         onegpu, soak, probe_onegpu, small_gemm, e2e_ab, e2e_big, fp8cache,
 #                                         fusedrope, fusedcomb, foldnorm, kvprefetch, fp8f16, argmax, smallm64,
-#                                         opf, attntail, accuracy, splitcand, trigger, tiles16, hoist, gpf, w8, w8ab;
+#                                         opf, attntail, accuracy, splitcand, trigger, tiles16, hoist, gpf, w8, w8ab,
+#                                         vhead;
 #                                         multi-GPU steps skip on one GPU)
 #   profiles: where the decode step goes, at full size with PDL (profile_decode.py: kernel and exposed time per
 #         kernel, JSON + PNG each, $OUT/profiles), one profile per entry of PROFILES (default "8B:1 8B:8 8B:64
@@ -146,6 +147,11 @@
 #         at batch 1): the shard rows and the full 8B at batch 1 with --gemm-prefetch-ab (rows _gpf1m / _gpf4m;
 #         GPF_SHARDS, GPF_AB_ARGS), then the model's PDL graph decode at TP 1 / 2 (mode "gpf"); ~5 min.
 #         One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh gpf
+#   vhead: the vocabulary-parallel lm_head's shard rows: 70B TP 8 / 4 and 8B TP 2 shards (VHEAD_SHARDS) at batch
+#          1 / 16 (VHEAD_BATCHES) with --head-ab (rows tpfuse_headrep + memory_floor_headrep: the whole head);
+#          VHEAD_ARGS appended; ~2 min. Its GPU tests are the model tests at TP > 1 (the head is on by default):
+#          TPFUSE_COMMIT=<sha> ONEGPU_MPS=1 ONEGPU_TP="8 2" ONEGPU_TESTS="tests/distributed/test_model_runtime_gpu.py
+#          tests/distributed/test_fp8_model_gpu.py" bash bench/gpu_run.sh vhead onegpu
 #   argmax: the greedy pick's A/B (bench/bench_argmax.py: torch.argmax vs tpfuse.parallel.generate.greedy_tokens
 #         and its chunk lengths, vocab 128256 / 32000 at B 1 / 8 / 64; ARGMAX_ARGS appended; ~20 s)
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
@@ -338,6 +344,10 @@ for s in "${steps[@]}"; do
          LIMIT_gpf_tests=${LIMIT_gpf_tests:-150} run gpf_tests bash -c "python3 -m pytest -q -rs \
            --junitxml=$OUT/gpf_tests.xml tests/distributed/test_small_m_model.py \
            -k 'graph_decode_through_the_kernel_and_with_pdl and (tp1 or tp2)'" ;;
+    vhead) LIMIT_vhead_shards=${LIMIT_vhead_shards:-180} run vhead_shards "${TR1[@]}" bench/bench_e2e.py \
+             --tag shards_head_ab --models "${VHEAD_SHARDS:-70B/tp8,70B/tp4,8B/tp2}" --layers full \
+             --decode-batches "${VHEAD_BATCHES:-1,16}" --context 1024 --prefill 1024 --hf-models none --no-fp8 \
+             --head-ab ${VHEAD_ARGS:-} ;;
     w8) LIMIT_w8_sweep=${LIMIT_w8_sweep:-130} run w8_sweep python3 bench/tune_small_gemm.py --models "${W8_MODELS:-8B}" \
           --m "${W8_M:-1,8,64}" --schemes w8_bf16 --budget-s "${W8_BUDGET_S:-90}" --out-dir "$OUT/w8" \
           --base-sweep bench/results/small_gemm_h100_14a3f4c.json \

@@ -63,7 +63,9 @@ def test_shard_shapes_match_parallelize_rank0(tp):
     for arch, shape in TINY.items():
         cfg = em.shard_config(shape, tp)
         params, heads, kv_heads = got[arch]
-        assert _shapes(_hf(arch, cfg)) == params, (arch, tp)  # every parameter: layers, embedding, lm_head, norms
+        want = dict(_shapes(_hf(arch, cfg)), **{"lm_head.weight": (em.head_rows(f"8B/tp{tp}", VOCAB),
+                                                                cfg["hidden_size"])})  # vocabulary-parallel rows
+        assert want == params, (arch, tp)  # every parameter: layers, embedding, lm_head, norms
         assert (cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (heads, kv_heads), (arch, tp)
 
 
@@ -115,6 +117,14 @@ def test_byte_counts_match_the_hf_model(arch):
     per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
     assert em.layer_params(arch, shape) == per_layer
     assert em.fixed_params(shape, VOCAB) == sum(p.numel() for p in model.parameters()) - 3 * per_layer
+    assert em.fixed_params(shape, VOCAB, head=7) == em.fixed_params(shape, VOCAB) - (VOCAB - 7) * shape["hidden_size"]
+
+
+def test_head_rows_of_a_shard():
+    assert em.head_rows("70B/tp8", 128256) == 16032 and em.head_rows("8B", 128256) == 128256
+    assert em.head_rows("8B/tp2", 131) == 66 and em.head_rows("70B/tp8", 128256, "replicated") == 128256
+    with pytest.raises(ValueError):
+        em.head_rows("8B/tp2", 131, "sharded")
 
 
 def test_real_8b_bytes_and_fit():

@@ -25,8 +25,8 @@ import model_cases  # noqa: E402
 from model_cases import cache_of  # noqa: E402
 
 T_AR, T_SP, SP_MIN, DECODE_STEPS = 6, 11, 8, 3
-AR_OPS = {"fused_add_rmsnorm"}
-SP_OPS = {"all_gather_matmul", "matmul_reduce_scatter_rmsnorm", "all_gather"}
+AR_OPS = {"fused_add_rmsnorm", "all_reduce"}  # all_reduce: the vocabulary-parallel head's logits (vocab_head)
+SP_OPS = {"all_gather_matmul", "matmul_reduce_scatter_rmsnorm", "all_gather", "all_reduce"}
 
 
 def _build(arch: str, seed: int):
@@ -84,7 +84,8 @@ def _parity(rank, world, arch, ckpt):
     attn = model.model.layers[0].self_attn
     assert attn.q_proj.weight.shape == (full_q[0] // world, full_q[1])
     assert attn.k_proj.weight.shape[0] == 4 * 16 // world and attn.o_proj.weight.shape[1] == 8 * 16 // world
-    assert model.lm_head.weight.shape == (128, 64)  # replicated
+    assert model.lm_head.weight.shape == (128 // world, 64)  # vocabulary-parallel: logits gathered (vocab_head)
+    assert model._tpfuse.head_range == (rank * 128 // world, (rank + 1) * 128 // world)
     decode = [1] * DECODE_STEPS
     errs = _run_sequence(tp_model, comm, ids, [T_AR] + decode, ref, f"{arch} TP={world}")  # AR prefill + decode
     errs += _run_sequence(tp_model, comm, ids, [T_SP] + decode, ref, f"{arch} TP={world}")  # SP prefill + decode

@@ -25,6 +25,7 @@ from .batch import StepMeta, pack
 from .kv_cache import TPKVCache
 from .layers import StepContext, get_path, norm_eps
 from .rank_sync import check_same_call
+from .vocab_head import gather_logits
 
 _IGNORED = ("cache_position",)  # generate() may pass it; we track positions per row ourselves
 
@@ -54,7 +55,10 @@ def forward_core(model, ids: torch.Tensor, meta: StepMeta, keep: Optional[torch.
         x = comm.all_gather(x, num_tokens=meta.num_tokens)
     if keep is not None:
         x = x.index_select(0, keep)
-    return get_path(model, layout.lm_head)(x)
+    logits = get_path(model, layout.lm_head)(x)
+    if st.head_range is None:
+        return logits
+    return gather_logits(comm, logits, st.head_range[0], st.vocab, local=st.local)
 
 
 def can_fold_norms(model, num_tokens: int, sp: bool = False) -> bool:

@@ -125,6 +125,14 @@ class KVCacheConfig:
     ``_actq``), 0.94x the bf16 step at batch 1. Its GPU test (the CUDA-graph decode at TP 1, RMSNorms folded and
     not, PDL bit for bit, against the fp64 oracle in bf16's budget) passed there."""
 
+    vocab_parallel_head: bool = True
+    """True: at TP > 1 each rank keeps ``ceil(vocab / TP)`` of the lm_head's rows and computes only their logits,
+    and one all-reduce of the zero-padded logits gives every rank all of them
+    (:mod:`~tpfuse.parallel.vocab_head`): a decode step reads ``1 / TP`` of the head's bytes on each rank, and the
+    rest of that memory holds KV cache. A head tied to the input embedding stays replicated. False: every rank
+    keeps the whole head and computes every logit (no collective after the last layer). Measured on one GPU as
+    the per-rank shard rows of ``bench/bench_e2e.py --head-ab`` (the collective is not in them)."""
+
     def validate(self) -> None:
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
             raise TPFuseInputError(f"KVCacheConfig.max_batch must be a positive int, got {self.max_batch!r}")
@@ -142,7 +150,7 @@ class KVCacheConfig:
             raise TPFuseInputError(f"KVCacheConfig.cuda_graphs must be a bool, got {self.cuda_graphs!r}")
         if not isinstance(self.pdl, bool):
             raise TPFuseInputError(f"KVCacheConfig.pdl must be a bool, got {self.pdl!r}")
-        for name in ("fuse_rope", "fold_norms", "prefetch_o_proj"):
+        for name in ("fuse_rope", "fold_norms", "prefetch_o_proj", "vocab_parallel_head"):
             if not isinstance(getattr(self, name), bool):
                 raise TPFuseInputError(f"KVCacheConfig.{name} must be a bool, got {getattr(self, name)!r}")
         n = self.fp8_weight_only_max_tokens

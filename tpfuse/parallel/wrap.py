@@ -7,7 +7,9 @@ What it does to the model (per rank, in place):
    a module stacking several projections, Phi-3's ``qkv_proj`` / ``gate_up_proj``, keeps range ``rank`` of each
    part),
    row-parallel ones keep input-feature range ``rank`` (o_proj, down_proj; a row bias stays whole on every rank and
-   is added once, to the residual). Embedding, norms, rotary embedding and lm_head stay replicated. ``model._tpfuse.shards`` records each
+   is added once, to the residual); the lm_head keeps vocabulary rows ``rank`` of TP
+   (:mod:`~tpfuse.parallel.vocab_head`, ``KVCacheConfig.vocab_parallel_head``; a head tied to the embedding stays
+   whole). Embedding, norms and rotary embedding stay replicated. ``model._tpfuse.shards`` records each
    sharded parameter's slice (what :func:`tpfuse.parallel.load_sharded_safetensors` reads).
 2. **Moves** the model to ``comm.device`` (after sharding, so a rank never holds more than the full CPU copy it
    was given plus its shard on the device); a meta-device model instead gets empty storage of its shard shapes
@@ -17,10 +19,10 @@ What it does to the model (per rank, in place):
    padded calls, a static paged KV cache (:mod:`~tpfuse.parallel.kv_cache`), CUDA-graph decode steps
    (:mod:`~tpfuse.parallel.graphs`), and Hugging Face ``generate()``.
 
-The lm_head is replicated rather than column-parallel: the communicator's gathers work on ``[T, hidden]``
-activations, and a vocabulary-parallel head would need a separate gather over the vocabulary (and an extra
-collective per step); with the head replicated, every rank computes the full logits locally from the replicated
-final hidden states, which the last fused all-reduce + final norm already produced.
+The lm_head is vocabulary-parallel at TP > 1: each rank computes its rows' logits from the replicated final
+hidden states (the last fused all-reduce + final norm produced them) and one all-reduce of the zero-padded logits
+gives every rank all of them (:func:`~tpfuse.parallel.vocab_head.gather_logits`): a decode step reads ``1 / TP`` of
+the head's bytes on each rank instead of all of them, for one collective of ``T x vocab`` elements.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from ..errors import TPFuseInputError, TPFuseTypeError, TPFuseUnsupportedError
 from .kv_cache import KVCacheConfig, KVStorage
 from .fp8 import FP8Linear
 from .fp8_layer import FP8DecoderLayer
+from . import vocab_head
 from .layers import TPDecoderLayer, get_path, link_quant
 from .meta import is_meta, materialize
 from .layout import HEAD_COUNTS, TPLayout, layout_for, resolve_layout
@@ -99,6 +102,13 @@ class TPState:
     """Whether the one-time warning that decode cannot use CUDA graphs here (one-GPU mode) was given."""
     entry: str = "parallelize"
     """The function the user built the model with, named in error messages."""
+    head_range: Optional[Tuple[int, int]] = None
+    """The vocabulary rows ``[start, end)`` this rank's lm_head keeps (:mod:`~tpfuse.parallel.vocab_head`);
+    ``None``: the head is replicated (whole on every rank)."""
+    head_replicated_why: str = ""
+    """Why the lm_head is replicated (``''`` when it is vocabulary-parallel)."""
+    vocab: int = 0
+    """The full vocabulary (the logits' last dimension)."""
 
     def _storage(self, cfg: KVCacheConfig, max_seq_len: int) -> KVStorage:
         return KVStorage(cfg, layers=len(self.layers), kv_heads=self.kv_heads, head_dim=self.head_dim,
@@ -345,6 +355,9 @@ def shard_and_wrap(model: nn.Module, comm, layout: Optional[TPLayout], cache: Op
     meta = is_meta(model)
     with torch.no_grad():
         shards = _shard_layers(model, layout, config, tp, rank)
+        vocab = get_path(model, layout.lm_head).out_features
+        why_rep = vocab_head.why_replicated(model, layout, tp, cache.vocab_parallel_head)
+        head_range = None if why_rep else vocab_head.shard_head(model, layout, tp, rank, shards)
         if meta:
             materialize(model, layout.rotary, comm.device)
         else:
@@ -357,7 +370,7 @@ def shard_and_wrap(model: nn.Module, comm, layout: Optional[TPLayout], cache: Op
         cos_sin = _cos_sin_rows(model, layout, max(max_seq_len, comm.max_tokens), comm)
     state = TPState(comm=comm, layout=layout, layers=layers, cache_config=cache, max_seq_len=max_seq_len,
                     cos_sin=cos_sin, kv_heads=kv_local, head_dim=head_dim, shards=shards, local=tp == 1,
-                    entry=entry)
+                    entry=entry, head_range=head_range, head_replicated_why=why_rep or "", vocab=vocab)
     object.__setattr__(model, "_tpfuse", state)
     model.forward = types.MethodType(tp_forward, model)
     if hasattr(model, "generate"):  # transformers' generate(), made rank-consistent (tpfuse.parallel.hf_generate)
