@@ -4,12 +4,12 @@
 #                                         profile e2e e2e_full e2e_shards load tune demo onegpu soak probe_onegpu
 #                                         small_gemm e2e_ab e2e_big fp8cache fusedrope fusedcomb foldnorm
 #                                         kvprefetch fp8f16 argmax smallm64 opf attntail profiles accuracy
-#                                         splitcand trigger tiles16 hoist gpf w8 w8ab vhead
+#                                         splitcand trigger tiles16 hoist gpf w8 w8ab vhead defaults
 #                                         (default: all but probe_ce, profile, profiles, e2e_full, e2e_shards, load,
 #                                         onegpu, soak, probe_onegpu, small_gemm, e2e_ab, e2e_big, fp8cache,
 #                                         fusedrope, fusedcomb, foldnorm, kvprefetch, fp8f16, argmax, smallm64,
 #                                         opf, attntail, accuracy, splitcand, trigger, tiles16, hoist, gpf, w8, w8ab,
-#                                         vhead;
+#                                         vhead, defaults;
 #                                         multi-GPU steps skip on one GPU)
 #   profiles: where the decode step goes, at full size with PDL (profile_decode.py: kernel and exposed time per
 #         kernel, JSON + PNG each, $OUT/profiles), one profile per entry of PROFILES (default "8B:1 8B:8 8B:64
@@ -152,6 +152,8 @@
 #          VHEAD_ARGS appended; ~2 min. Its GPU tests are the model tests at TP > 1 (the head is on by default):
 #          TPFUSE_COMMIT=<sha> ONEGPU_MPS=1 ONEGPU_TP="8 2" ONEGPU_TESTS="tests/distributed/test_model_runtime_gpu.py
 #          tests/distributed/test_fp8_model_gpu.py" bash bench/gpu_run.sh vhead onegpu
+#   defaults: the full 8B's decode rows with the defaults of this commit (bf16, per-channel and static FP8; no HF)
+#         at DEFAULTS_BATCHES (default 1,16,64), prefill 1k; DEFAULTS_ARGS appended; ~2 min
 #   argmax: the greedy pick's A/B (bench/bench_argmax.py: torch.argmax vs tpfuse.parallel.generate.greedy_tokens
 #         and its chunk lengths, vocab 128256 / 32000 at B 1 / 8 / 64; ARGMAX_ARGS appended; ~20 s)
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
@@ -263,8 +265,8 @@ for s in "${steps[@]}"; do
                 --layers full --decode-batches 1,8,64 --context 1024 --prefill 1024,4096 --hf-models 8B \
                 --compile-batches 1,64 --hf-after --kv-capacities 8x1152,8x32768,64x1152,256x1152 --kv-fp8 \
                 ${E2E_FULL_ARGS:-} ;;
-    # e2e_shards: rank 0's shard of 70B at TP 8 (21 GB: 80 layers, 8 q / 1 kv heads, intermediate 3584, vocab
-    # replicated) and TP 4 (38 GB), of 8B at TP 2 (9 GB), each built at TP=1: start ~20 s, per model a build
+    # e2e_shards: rank 0's shard of 70B at TP 8 (21 GB: 80 layers, 8 q / 1 kv heads, intermediate 3584, embedding
+    # whole, lm_head rank 0's vocabulary rows) and TP 4 (38 GB), of 8B at TP 2 (9 GB), each built at TP=1: start ~20 s, per model a build
     # (~5-15 s), Triton JIT for its shapes (~10 s), b1 and b64 (a 64k-token prefill: ~1-4 s) and prefill 1k  ~100-120 s
     # (measured at 14a3f4c: 38 s on one H100, logs/gpu_run_14a3f4c_h100_e2e_shards.log)
     e2e_shards) LIMIT_e2e_shards=${LIMIT_e2e_shards:-150} run e2e_shards "${TR1[@]}" bench/bench_e2e.py --tag shards \
@@ -344,6 +346,9 @@ for s in "${steps[@]}"; do
          LIMIT_gpf_tests=${LIMIT_gpf_tests:-150} run gpf_tests bash -c "python3 -m pytest -q -rs \
            --junitxml=$OUT/gpf_tests.xml tests/distributed/test_small_m_model.py \
            -k 'graph_decode_through_the_kernel_and_with_pdl and (tp1 or tp2)'" ;;
+    defaults) LIMIT_defaults=${LIMIT_defaults:-200} run defaults "${TR1[@]}" bench/bench_e2e.py --tag defaults \
+                --models 8B --layers full --decode-batches "${DEFAULTS_BATCHES:-1,16,64}" --context 1024 \
+                --prefill 1024 --hf-models none ${DEFAULTS_ARGS:-} ;;
     vhead) LIMIT_vhead_shards=${LIMIT_vhead_shards:-180} run vhead_shards "${TR1[@]}" bench/bench_e2e.py \
              --tag shards_head_ab --models "${VHEAD_SHARDS:-70B/tp8,70B/tp4,8B/tp2}" --layers full \
              --decode-batches "${VHEAD_BATCHES:-1,16}" --context 1024 --prefill 1024 --hf-models none --no-fp8 \

@@ -445,12 +445,15 @@ for other GPUs and shapes."""
 PREFETCH_SMALL_BYTES = 1 << 20
 """The budget of :data:`PREFETCH_MAX_M`'s rule: at 1 MiB a launch each program prefetches the first 1-4 lines of
 its weight rows (the 8B's qkv 1, o / down 2, gate-up none; the 70B TP 8 rank's qkv 4, the others 1)."""
-PREFETCH_MAX_M = 0
+PREFETCH_MAX_M = 1
 """Launches of at most this many rows prefetch :data:`PREFETCH_SMALL_BYTES` when :data:`PREFETCH_BYTES` is 0 (0:
-none). On one H100 at 25be4f6 (``bench/results/e2e_tp1_h100_hoist_ab_25be4f6.json``, ``..._shards_hoist_ab_25be4f6.json``,
-rows ``_gpf1m``: 1 MiB at every M) the decode step took 0.998 / 0.995 / 1.000x as long at batch 1 on the full 8B
-(bf16 / per-channel / static FP8) and 0.983 / 0.996 / 0.991x on the 70B TP 8 / 70B TP 4 / 8B TP 2 shards, but
-0.996 / 1.003 / 1.023x at batch 8: a batch-1 rule, pending a second run."""
+none): batch-1 decode steps. Rows ``_gpf1m`` (1 MiB at every M) over the step without: one H100 at 25be4f6
+(``bench/results/e2e_tp1_h100_hoist_ab_25be4f6.json``, ``..._shards_hoist_ab_25be4f6.json``) 0.998 / 0.995 / 1.000x
+at batch 1 on the full 8B (bf16 / per-channel / static FP8), 0.983 / 0.996 / 0.991x on the 70B TP 8 / 70B TP 4 /
+8B TP 2 shards, but 0.996 / 1.003 / 1.023x at batch 8; another H100 at 2a634c5 (``e2e_tp1_h100_gpf_ab_2a634c5.json``,
+``..._shards_gpf_ab_2a634c5.json``, batch 1) 0.999 / 0.998 / 0.999x and 0.982 / 0.995 / 0.994x, and the model's
+PDL graph decode with it (``test_graph_decode_through_the_kernel_and_with_pdl_matches_the_oracle``, mode "gpf": bit
+for bit as without PDL) passed there at TP 1 and one-GPU TP 2."""
 MAX_PF_LINES = 32  # 4 KB of each weight row
 MAX_PF_POINTERS = 2048  # BLOCK_N x lines: 16 int64 pointers a thread at 4 warps
 
