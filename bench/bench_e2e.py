@@ -10,8 +10,8 @@ Llama-3.1-70B, Qwen3-32B, ...; random bf16 weights, nothing downloaded; the mode
 Models (``--models``, comma-separated): a real shape (``8B``, ``70B``, ``Qwen3-32B``, ``Qwen2.5-7B``,
 ``Phi-3-medium``), or a **shard** ``<model>/tp<N>`` (``70B/tp8``, ``70B/tp4``, ``8B/tp2``; TP=1 runs only): a
 model with exactly the shapes tpfuse leaves on rank 0 of that model at TP=N (q heads / N; kv heads / N, or one kv
-head when they are fewer than N: replicated; intermediate / N; hidden size, norms, embedding and lm_head whole:
-tpfuse replicates the vocabulary on every rank), run at TP=1: one rank's GEMMs, attention and local fused norms
+head when they are fewer than N: replicated; intermediate / N; hidden size, norms and embedding whole; the lm_head
+rank 0's ``ceil(vocab / N)`` vocabulary rows, ``e2e_models.head_rows``), run at TP=1: one rank's GEMMs, attention and local fused norms
 with no communication (``tpfuse_nocomm`` without the other ranks), with a memory floor from its own bytes. Its rows
 say ``model="<model>/tp<N> shard"``, ``shard_of``, ``tp_shard``.
 

@@ -73,7 +73,8 @@ def shard_config(shape: dict, tp: int) -> dict:
     """The config fields of the model holding exactly rank 0's shard of ``shape`` at TP=``tp``, as
     ``tpfuse.parallelize`` leaves it (``tpfuse/parallel/wrap.py``): q heads / TP; kv heads / TP, or one kv head
     when they are fewer than TP and TP is a multiple of them (replicated: ``local_kv_heads``); intermediate / TP
-    (gate, up, down); hidden size, norms, embedding and lm_head whole (replicated). ``head_dim`` is set explicitly
+    (gate, up, down); hidden size, norms and embedding whole (replicated; the lm_head's vocabulary-parallel rows are
+    :func:`build_model`'s, :func:`head_rows`). ``head_dim`` is set explicitly
     (``hidden / heads`` no longer gives it). A ValueError where ``parallelize`` would refuse the split."""
     from tpfuse.parallel.wrap import local_kv_heads
 
