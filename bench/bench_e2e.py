@@ -282,9 +282,14 @@ def _cache_kw(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def _ids_below(model) -> int:
+    """Token ids are drawn below this: :data:`VOCAB` (the earlier runs' range), or a smaller ``--vocab``."""
+    return min(VOCAB, model.get_input_embeddings().num_embeddings)
+
+
 def tpfuse_decode_us(model, batch, context, steps, dev) -> float:
     g = torch.Generator(device=dev).manual_seed(1)
-    ids = torch.randint(0, VOCAB, (batch, context), device=dev, generator=g)
+    ids = torch.randint(0, _ids_below(model), (batch, context), device=dev, generator=g)
     out = model(ids, logits_to_keep=1)
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
     tok = greedy_tokens(out.logits[:, -1])[:, None]
@@ -304,7 +309,7 @@ def hf_decode_us(model, batch, context, steps, dev, compiled: bool) -> float:
     kw = _cache_kw(model)
     cache = transformers.StaticCache(config=model.config, max_cache_len=context + steps + 16)
     g = torch.Generator(device=dev).manual_seed(1)
-    ids = torch.randint(0, VOCAB, (batch, context), device=dev, generator=g)
+    ids = torch.randint(0, _ids_below(model), (batch, context), device=dev, generator=g)
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
     fwd = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True) if compiled else model.forward
@@ -323,7 +328,7 @@ def hf_decode_us(model, batch, context, steps, dev, compiled: bool) -> float:
 
 
 def prefill_us(model, t, dev) -> float:
-    ids = torch.randint(0, VOCAB, (1, t), device=dev)
+    ids = torch.randint(0, _ids_below(model), (1, t), device=dev)
 
     def call():
         with torch.no_grad():
@@ -864,7 +869,7 @@ def fp8_static_rows(spec, args, dev, rows, bandwidth, comm, cache):
     from tpfuse.parallel import calibrate_input_scales, quantize_fp8
 
     model = build_model(spec.name, spec.layers, dev, spec.vocab)
-    ids = torch.randint(0, VOCAB, (1, 64), device=dev, generator=torch.Generator(device=dev).manual_seed(3))
+    ids = torch.randint(0, _ids_below(model), (1, 64), device=dev, generator=torch.Generator(device=dev).manual_seed(3))
     scales = calibrate_input_scales(model, ids)
     model = tpfuse.parallelize(model, comm, cache=cache)
     quantize_fp8(model, activation="static", weight="per_tensor", input_scales=scales)
