@@ -192,6 +192,9 @@ def run(args) -> bool:
         for t, mode, paths, err, ms, ok in rows:
             p = ", ".join(f"{k}={v}" for k, v in paths.items())
             print(f"{t:>7}  {mode:<17}  {p:<84}  {err:9.2e}  {ms:8.2f}  {'ok' if ok else 'MISMATCH'}")
+        if tp_model._tpfuse.head_range is not None:
+            print("(all_reduce: the vocabulary-parallel lm_head's logits, each rank's rows gathered; the layers' "
+                  "all-reduces are the fused_add_rmsnorm / reduce-scatter ops)")
         print("all token counts match the unsharded model" if ok_all else "MISMATCH against the unsharded model")
     return ok_all
 
