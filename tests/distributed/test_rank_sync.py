@@ -1,7 +1,7 @@
 """The ranks of a parallelized model stay on the same call (CPU, gloo, fp32, TP=2):
 
 * prefill calls that differ between ranks (prompt lengths, token ids) raise ``TPFuseMismatchError`` on every rank,
-  nothing hangs, and the next matching call runs and matches the oracle;
+  nothing hangs, and the next matching call runs and matches the oracle; so do ranks whose lm_head split differs;
 * transformers' ``generate()`` with sampling yields the same tokens on every rank even when the ranks' RNGs were
   seeded differently (before, each rank sampled from its own RNG and the ranks silently diverged).
 
@@ -72,6 +72,28 @@ def test_mismatched_prefills_raise_on_every_rank():
         assert "inputs (real tokens, " in seen["lengths"], seen
         assert err <= 1e-5 and shape == (2, 1, mc.VOCAB)
     print(f"\nprefill call check at TP=2 on CPU/gloo: {max(r[3] for r in res):.3f} ms per prefill")
+
+
+def _mismatched_head_split(rank, world):
+    import tpfuse
+    from tpfuse.errors import TPFuseMismatchError
+    from tpfuse.parallel import KVCacheConfig
+
+    comm = tpfuse.TPCommunicator(max_tokens=64, hidden_size=mc.HIDDEN, dtype=torch.float32)
+    cfg = KVCacheConfig(max_batch=4, max_seq_len=48, vocab_parallel_head=rank != 1)  # rank 1 keeps the whole head
+    model = tpfuse.parallelize(mc.build("llama", seed=0), comm, cache=cfg)
+    ids = torch.randint(0, mc.VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(TPFuseMismatchError) as e:
+        model(ids)
+    comm.close()
+    return str(e.value)
+
+
+def test_ranks_with_different_head_splits_fail_together():
+    """Ranks whose lm_head split differs (``KVCacheConfig.vocab_parallel_head``) would meet different collectives at
+    the call's end: the first prefill raises on every rank, naming the setting, before any other collective."""
+    for msg in run_on_ranks(_mismatched_head_split, 4, timeout_s=120):
+        assert "vocab_parallel_head" in msg and "not run on any rank" in msg, msg
 
 
 def _hf_sampling(rank, world):

@@ -196,7 +196,8 @@ def tp_forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: O
     given = cache if cache is not None else past_key_values
     with torch.no_grad():
         if not st.local and not (isinstance(given, TPKVCache) and ids2.shape[1] == 1):  # a prefill at TP > 1
-            check_same_call(st.comm, ids2, attention_mask, given.lengths if isinstance(given, TPKVCache) else [])
+            check_same_call(st.comm, ids2, attention_mask, given.lengths if isinstance(given, TPKVCache) else [],
+                            st.vocab if st.head_range is not None else 0)
         handle = _resolve_cache(st, given, use_cache, ids2.shape[0], self.config)
         call = pack(ids2, attention_mask, position_ids, handle, st.comm.device)
         if call.meta.num_tokens > st.comm.max_tokens:
