@@ -130,8 +130,11 @@ class KVCacheConfig:
     and one all-reduce of the zero-padded logits gives every rank all of them
     (:mod:`~tpfuse.parallel.vocab_head`): a decode step reads ``1 / TP`` of the head's bytes on each rank, and the
     rest of that memory holds KV cache. A head tied to the input embedding stays replicated. False: every rank
-    keeps the whole head and computes every logit (no collective after the last layer). Measured on one GPU as
-    the per-rank shard rows of ``bench/bench_e2e.py --head-ab`` (the collective is not in them)."""
+    keeps the whole head and computes every logit (no collective after the last layer). On: rank 0's shard of the
+    step (``bench/bench_e2e.py --head-ab``, one H100, 50df841, ``bench/results/e2e_tp1_h100_shards_head_ab_50df841.json``;
+    the logits' all-reduce, like the layers', is not in a shard's step) took 0.920 / 0.927x as long as with the whole
+    head at batch 1 / 16 on Llama-3.1-70B at TP 8, 0.959 / 0.963x at TP 4, 0.949 / 0.953x on the 8B at TP 2; the
+    model's GPU tests with it passed at TP 2, 4 and 8 in one-GPU mode (8074730, a831093)."""
 
     def validate(self) -> None:
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
