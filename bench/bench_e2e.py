@@ -699,10 +699,11 @@ def resolve_spec(name, args, dev):
         arch, shape = em.model_shape(name)
         shape = em.shard_config(shape, tp) if tp > 1 else shape  # this rank's bytes
         tokens = max([*args.prefill, max(args.decode_batches) * args.context])
+        head = em.head_rows(name, vocab) if tp == 1 else -(-vocab // tp)  # vocabulary-parallel rows at TP > 1
         layers, budget = em.fit_layers(arch, shape, vocab=vocab, free_bytes=_free_bytes(dev),
                                        max_batch=max(args.decode_batches), max_seq_len=args.context + args.steps + 16,
                                        tokens=tokens, headroom_bytes=int(args.fit_headroom_gib * 2 ** 30),
-                                       cap=em.REAL[base][0])
+                                       cap=em.REAL[base][0], head=head)
         layers = int(-common.slowest_rank(-layers, dev))  # the fewest over the ranks
         _say(f"{name} --layers fit: {em.describe_budget(layers, budget)}")
         if layers < 1:

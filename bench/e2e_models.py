@@ -144,12 +144,13 @@ def activation_bytes(shape: dict, tokens: int, elem: int = 2) -> int:
 
 
 def fit_layers(arch: str, shape: dict, *, vocab: int, free_bytes: int, max_batch: int, max_seq_len: int,
-               tokens: int, headroom_bytes: int, cap: int) -> Tuple[int, dict]:
+               tokens: int, headroom_bytes: int, cap: int, head: Optional[int] = None) -> Tuple[int, dict]:
     """``(layers, budget)``: the most decoder layers (at most ``cap``, the real count) whose bf16 weights and KV
     cache fit in ``free_bytes`` next to the fixed weights, the activations of a ``tokens``-token forward and
-    ``headroom_bytes``; ``budget`` holds the terms (bytes) for the printout. 0 when not even one fits."""
+    ``headroom_bytes``; ``budget`` holds the terms (bytes) for the printout. 0 when not even one fits. ``head``: the
+    lm_head's rows on this rank (default ``vocab``: :func:`head_rows`)."""
     per_layer = 2 * layer_params(arch, shape) + kv_bytes_per_layer(shape, max_batch, max_seq_len)
-    fixed = 2 * fixed_params(shape, vocab)
+    fixed = 2 * fixed_params(shape, vocab, head)
     act = activation_bytes(shape, tokens)
     n = (free_bytes - fixed - act - headroom_bytes) // per_layer
     budget = dict(free=free_bytes, per_layer=per_layer, fixed=fixed, activations=act, headroom=headroom_bytes)

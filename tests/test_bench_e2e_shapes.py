@@ -136,6 +136,9 @@ def test_real_8b_bytes_and_fit():
     kw = dict(vocab=128256, max_batch=64, max_seq_len=1072, tokens=65536, headroom_bytes=6 << 30, cap=32)
     layers, budget = em.fit_layers(arch, shape, free_bytes=79 << 30, **kw)
     assert layers == 32  # a whole 8B fits an 80 GB card: capped at the real count
+    split = em.fit_layers(arch, shape, free_bytes=40 << 30, head=64128, **kw)[1]  # a TP 2 rank's head rows
+    assert split["fixed"] == 2 * em.fixed_params(shape, 128256, 64128) < em.fit_layers(
+        arch, shape, free_bytes=40 << 30, **kw)[1]["fixed"]
     layers, budget = em.fit_layers(arch, shape, free_bytes=40 << 30, **kw)
     room = (40 << 30) - budget["fixed"] - budget["activations"] - budget["headroom"]
     assert 0 < layers < 32 and layers * budget["per_layer"] <= room < (layers + 1) * budget["per_layer"]
