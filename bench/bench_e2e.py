@@ -89,6 +89,8 @@ Providers (every one is the model a user runs, called with Hugging Face argument
   ``KVCacheConfig.fp8_weight_only_max_tokens`` the other way than the default at that batch: 64 (the FP8 layers'
   GEMMs weight-only with bf16 activations, ``_w8``) or 0 (the checkpoint's activation scheme, ``_actq``); rows carry
   ``fp8_weight_only_max_tokens``;
+* ``<provider>_fma`` (``--fma-ab``, FP8 rows whose steps run weight-only, at most 4 tokens): the decode step with
+  ``small_m_gemm.FMA_MAX_M`` 4 (the weight-only GEMMs' main loop on the CUDA cores); rows carry ``fma_max_m``;
 * ``tpfuse_headrep`` (``--head-ab``, shard rows, bf16): the shard's decode step with the whole lm_head (every
   vocabulary row, the replicated head of ``KVCacheConfig.vocab_parallel_head=False`` or a tied head) instead of
   rank 0's vocabulary-parallel rows, and its own floor row ``memory_floor_headrep``;
@@ -225,6 +227,9 @@ def parse_args(argv=None):
     ap.add_argument("--hoist-ab", action="store_true", help="adds decode rows with decode_attention.HOIST_LOADS 0 "
                     "/ 1 / 2 (the rope-split kernel's reads before its PDL wait) where that is not the default's "
                     "level at the row's batch: <provider>_hoist0 / _hoist1 / _hoist2")
+    ap.add_argument("--fma-ab", action="store_true", help="adds FP8 decode rows whose steps run weight-only "
+                    "(--fp8-weight-only) at most 4 tokens with small_m_gemm.FMA_MAX_M 4 (the CUDA-core loop): "
+                    "<provider>_fma")
     ap.add_argument("--head-ab", action="store_true", help="shard rows: adds decode rows with the whole lm_head "
                     "(replicated) instead of rank 0's vocabulary-parallel rows: tpfuse_headrep, memory_floor_headrep")
     ap.add_argument("--fp8-weight-only", type=int, default=None, metavar="N",
@@ -457,6 +462,8 @@ class Variant(NamedTuple):
     """``small_m_gemm.PREFETCH_BYTES`` alone (the decode attention's prefetch as the default has it)."""
     fp8_weight_only: Optional[int] = None
     """``KVCacheConfig.fp8_weight_only_max_tokens`` (FP8 rows only)."""
+    fma_max_m: Optional[int] = None
+    """``small_m_gemm.FMA_MAX_M`` (FP8 rows whose steps run weight-only)."""
 
 
 def variants(args) -> list:
@@ -489,6 +496,7 @@ def variants(args) -> list:
         args, "w8_ab", False) else []
     out += [Variant("_noamax", amax_chain_max_m=0), Variant("_amaxall", amax_chain_max_m=64)] if getattr(
         args, "amax_ab", False) else []
+    out += [Variant("_fma", fma_max_m=4)] if getattr(args, "fma_ab", False) else []
     out += [Variant("_smallm", table)] if table else []
     out += [Variant("_nopdl", pdl=False), Variant("_prefetch", pdl=True, prefetch=True,
                                                   prefetch_bytes=None if kib is None else kib << 10)] if ab else []
@@ -583,6 +591,8 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
     own_pf, own_kv_pf, own_comb, own_f16 = smg.PREFETCH_BYTES, dak.PREFETCH, dak.FUSE_COMBINE, dak.FP8_F16
     own_tile, own_chain = dak.ONE_SPLIT_TILES, small_gemm.AMAX_CHAIN_MAX_M
     own_split, own_early, own_hoist = (dak.SPLIT_WAVES, dak.MULTI_SPLIT_TILE), pdl_launch.EARLY_TRIGGER, dak.HOIST_LOADS
+    own_fma = smg.FMA_MAX_M
+    smg.FMA_MAX_M = own_fma if v.fma_max_m is None else v.fma_max_m
     dak.HOIST_LOADS = own_hoist if v.hoist is None else v.hoist
     if v.gemm_prefetch_bytes is not None:
         smg.PREFETCH_BYTES = v.gemm_prefetch_bytes
@@ -612,7 +622,8 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
                                            amax_chain_max_m=small_gemm.AMAX_CHAIN_MAX_M,
                                            split_rule=[dak.SPLIT_WAVES, dak.MULTI_SPLIT_TILE],
                                            early_trigger=pdl_launch.EARLY_TRIGGER, hoist=dak.HOIST_LOADS,
-                                           fp8_weight_only_max_tokens=st.cache_config.fp8_weight_only_max_tokens))
+                                           fp8_weight_only_max_tokens=st.cache_config.fp8_weight_only_max_tokens,
+                                           fma_max_m=smg.FMA_MAX_M))
     finally:
         st.cache_config.pdl, st.cache_config.fuse_rope, st.graphs = own_pdl, own_fuse, None
         st.cache_config.fold_norms, st.cache_config.prefetch_o_proj = own_fold, own_opf
@@ -621,6 +632,7 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
         dak.ONE_SPLIT_TILES, small_gemm.AMAX_CHAIN_MAX_M = own_tile, own_chain
         dak.SPLIT_WAVES, dak.MULTI_SPLIT_TILE = own_split
         pdl_launch.EARLY_TRIGGER, dak.HOIST_LOADS = own_early, own_hoist
+        smg.FMA_MAX_M = own_fma
     return r
 
 
@@ -648,6 +660,9 @@ def variant_rows(model, batch, args, dev, rows, base, provider):
         if v.amax_chain_max_m is not None and (not per_token or (batch <= small_gemm.AMAX_CHAIN_MAX_M) != (
                 v.amax_chain_max_m < batch)):  # per-token FP8 rows, the chain the other way than at this batch
             continue
+        if v.fma_max_m is not None and (not provider.startswith("tpfuse_fp8") or batch > v.fma_max_m or
+                                        batch > model._tpfuse.cache_config.fp8_weight_only_max_tokens):
+            continue  # FP8 rows whose steps run weight-only, at most FMA_MAX_M tokens
         variant_row(model, batch, args, dev, rows, base, provider + v.suffix, v)
 
 

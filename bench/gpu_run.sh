@@ -4,12 +4,12 @@
 #                                         profile e2e e2e_full e2e_shards load tune demo onegpu soak probe_onegpu
 #                                         small_gemm e2e_ab e2e_big fp8cache fusedrope fusedcomb foldnorm
 #                                         kvprefetch fp8f16 argmax smallm64 opf attntail profiles accuracy
-#                                         splitcand trigger tiles16 hoist gpf w8 w8ab vhead defaults
+#                                         splitcand trigger tiles16 hoist gpf w8 w8ab vhead defaults fma
 #                                         (default: all but probe_ce, profile, profiles, e2e_full, e2e_shards, load,
 #                                         onegpu, soak, probe_onegpu, small_gemm, e2e_ab, e2e_big, fp8cache,
 #                                         fusedrope, fusedcomb, foldnorm, kvprefetch, fp8f16, argmax, smallm64,
 #                                         opf, attntail, accuracy, splitcand, trigger, tiles16, hoist, gpf, w8, w8ab,
-#                                         vhead, defaults;
+#                                         vhead, defaults, fma;
 #                                         multi-GPU steps skip on one GPU)
 #   profiles: where the decode step goes, at full size with PDL (profile_decode.py: kernel and exposed time per
 #         kernel, JSON + PNG each, $OUT/profiles), one profile per entry of PROFILES (default "8B:1 8B:8 8B:64
@@ -154,6 +154,10 @@
 #          tests/distributed/test_fp8_model_gpu.py" bash bench/gpu_run.sh vhead onegpu
 #   defaults: the full 8B's decode rows with the defaults of this commit (bf16, per-channel and static FP8; no HF)
 #         at DEFAULTS_BATCHES (default 1,16,64), prefill 1k; DEFAULTS_ARGS appended; ~2 min
+#   fma: the weight-only GEMMs' CUDA-core main loop (small_m_gemm.FMA_MAX_M, off): its kernel, fold and model GPU
+#        tests (FMA_TESTS_K), then the full 8B at batch 1 weight-only (--fp8-weight-only 1: rows tpfuse_fp8 on the
+#        tensor-core loop, _fma on the CUDA cores, _actq the activation scheme that ships); FMA_AB_ARGS; ~5 min.
+#        One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh fma
 #   argmax: the greedy pick's A/B (bench/bench_argmax.py: torch.argmax vs tpfuse.parallel.generate.greedy_tokens
 #         and its chunk lengths, vocab 128256 / 32000 at B 1 / 8 / 64; ARGMAX_ARGS appended; ~20 s)
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
@@ -357,6 +361,12 @@ for s in "${steps[@]}"; do
           --m "${W8_M:-1,8,64}" --schemes w8_bf16 --budget-s "${W8_BUDGET_S:-90}" --out-dir "$OUT/w8" \
           --base-sweep bench/results/small_gemm_h100_14a3f4c.json \
           --base-sweep bench/results/small_gemm_h100_alltiles_1b777fa.json ${W8_SWEEP_ARGS:-} ;;
+    fma) LIMIT_fma_tests=${LIMIT_fma_tests:-150} run fma_tests bash -c "python3 -m pytest -q -rs \
+           --junitxml=$OUT/fma_tests.xml tests/test_small_m_gemm.py tests/test_small_m_gemm_add.py \
+           tests/distributed/test_fp8_weight_only_model.py -k '${FMA_TESTS_K:-fma or (graph_decode_weight_only and tp1)}'"
+         LIMIT_fma_ab=${LIMIT_fma_ab:-200} run fma_ab "${TR1[@]}" bench/bench_e2e.py --tag fma_ab --models 8B \
+           --layers full --decode-batches 1 --context 1024 --prefill 1024 --hf-models none --fp8-weight-only 1 \
+           --w8-ab --fma-ab ${FMA_AB_ARGS:-} ;;
     w8ab) LIMIT_w8ab_tests=${LIMIT_w8ab_tests:-110} run w8ab_tests bash -c "python3 -m pytest -q -rs \
             --junitxml=$OUT/w8ab_tests.xml tests/distributed/test_fp8_weight_only_model.py tests/test_small_m_gemm.py \
             tests/test_small_m_gemm_add.py -k '${W8AB_TESTS_K:-weight_only or w8}'"

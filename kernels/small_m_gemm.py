@@ -30,10 +30,16 @@ Design (Hopper):
   weight-only scheme compiles to 8-byte cp.async and a pass through shared memory for the layout conversion: 0.45-0.60
   of the copy bandwidth on one H100, ``bench/results/small_gemm_h100_w8_66e53a3.json``; the model path takes it only
   with ``KVCacheConfig.fp8_weight_only_max_tokens``, off).
-* **Tensor cores even at M = 1, no FMA path.** The padded MMA work is 16-300x below the memory time at every M here,
+* **Tensor cores even at M = 1.** The padded MMA work is 16-300x below the memory time at every M here,
   and only loads that feed ``tl.dot`` get Triton's multi-stage ``cp.async`` pipeline (``num_stages``), which keeps
-  ``num_stages`` tiles of ``BLOCK_N x BLOCK_K`` weight bytes in flight per program. A dot-free FMA path would hold
-  BLOCK_N x BLOCK_K fp32 partial products per row in registers and rely on occupancy alone for memory parallelism.
+  ``num_stages`` tiles of ``BLOCK_N x BLOCK_K`` weight bytes in flight per program. A dot-free FMA path holds
+  BLOCK_N x BLOCK_K fp32 partial products per row in registers and relies on occupancy alone for memory
+  parallelism. The one exception, off by default (:data:`FMA_MAX_M`): weight-only launches of a few rows, whose
+  tensor-core form must pass the e4m3 tile through shared memory to convert it; there ``FMA`` loads the weight
+  and x as ``[BLOCK_N, BLOCK_M, BLOCK_K]`` tiles in one register layout (x re-read per weight row from L1),
+  converts and multiplies in registers, keeps per-lane fp32 partial sums through the K loop and adds them along K
+  once after it (the loop has no shuffles, shared memory or barriers in its sm_90 PTX); ``BLOCK_M`` is M rounded
+  up to a power of two, not 16; :func:`fma_config` splits K for occupancy.
 * **Weights streamed once**, rows of 256 bytes per step (16-byte loads along K); all M rows live in one program,
   so no weight byte is read twice; x (at most 64 x K) is re-read per program from L2.
 * **Split-K, deterministic**: with ``SPLIT_K > 1`` program ``(n, s)`` sums the K steps
@@ -133,9 +139,20 @@ def _dot(acc, w, xt, X_FP8: tl.constexpr, W_FP8: tl.constexpr, BLOCK_K: tl.const
 
 
 @triton.jit
+def _fma_dot(acc, w, x, W_FP8: tl.constexpr):
+    """``acc [BLOCK_N, BLOCK_M, BLOCK_K] + w[n, k] * x[m, k]`` (fp32 FMAs on the CUDA cores): ``w [BLOCK_N, 1,
+    BLOCK_K]`` straight from the registers it was loaded into (an e4m3 weight converted there), ``x [1, BLOCK_M,
+    BLOCK_K]`` 16-bit, broadcast; each lane keeps its own partial sums, added along K once after the loop (no
+    shuffles in the loop)."""
+    wf = _e4m3_to_f32(w) if (SOFT_CAST and W_FP8) else w.to(tl.float32)
+    return acc + wf * x.to(tl.float32)
+
+
+@triton.jit
 def _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, X_FP8: tl.constexpr, W_FP8: tl.constexpr,
-            SILU_MUL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One BLOCK_K step of the main loop: x and weight tiles (the up rows too with SILU_MUL) into the sums."""
+            SILU_MUL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr, FMA: tl.constexpr = False):
+    """One BLOCK_K step of the main loop: x and weight tiles (the up rows too with SILU_MUL) into the sums; FMA:
+    by :func:`_fma_dot` (no tensor-core MMA, no shared-memory pass)."""
     k0 = kb * BLOCK_K
     if EVEN_K:
         x_mask = m_mask[:, None]
@@ -144,10 +161,19 @@ def _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, X_FP8: tl
         k_ok = (k0 + rk) < K
         x_mask = m_mask[:, None] & k_ok[None, :]
         w_mask = n_mask[:, None] & k_ok[None, :]
-    xt = tl.trans(tl.load(x_tile + k0, mask=x_mask, other=0.0))
-    acc = _dot(acc, tl.load(w_tile + k0, mask=w_mask, other=0.0), xt, X_FP8, W_FP8, BLOCK_K)
-    if SILU_MUL:
-        acc_u = _dot(acc_u, tl.load(w_tile + up + k0, mask=w_mask, other=0.0), xt, X_FP8, W_FP8, BLOCK_K)
+    if FMA:  # 3-D tiles [BLOCK_N, BLOCK_M, BLOCK_K] from the loads on, x read for every weight row (the same
+        # addresses: L1 hits): one register layout for both, no layout conversion through shared memory
+        rows = tl.zeros_like(n_mask.to(tl.int32))[:, None, None]
+        xk = tl.load(x_tile[None, :, :] + k0 + rows, mask=x_mask[None, :, :] & (rows == 0), other=0.0)
+        wk = w_tile[:, None, :] + k0
+        acc = _fma_dot(acc, tl.load(wk, mask=w_mask[:, None, :], other=0.0), xk, W_FP8)
+        if SILU_MUL:
+            acc_u = _fma_dot(acc_u, tl.load(wk + up, mask=w_mask[:, None, :], other=0.0), xk, W_FP8)
+    else:
+        xt = tl.trans(tl.load(x_tile + k0, mask=x_mask, other=0.0))
+        acc = _dot(acc, tl.load(w_tile + k0, mask=w_mask, other=0.0), xt, X_FP8, W_FP8, BLOCK_K)
+        if SILU_MUL:
+            acc_u = _dot(acc_u, tl.load(w_tile + up + k0, mask=w_mask, other=0.0), xt, X_FP8, W_FP8, BLOCK_K)
     return acc, acc_u
 
 
@@ -258,7 +284,7 @@ def _gemm_program(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr
                   HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, OUT_FP8: tl.constexpr, PARTIAL: tl.constexpr,
                   EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   PDL: tl.constexpr, PF_LINES: tl.constexpr, NORM_IN: tl.constexpr, ADD_RES: tl.constexpr,
-                  SQ_BLOCK: tl.constexpr, AMAX_OUT: tl.constexpr):
+                  SQ_BLOCK: tl.constexpr, AMAX_OUT: tl.constexpr, FMA: tl.constexpr = False):
     """One program of the GEMM (the kernel entries below)."""
     if PDL and PF_LINES > 0:  # weights never come from the previous kernel: start streaming them before the wait
         rn_pf = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -275,8 +301,12 @@ def _gemm_program(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr
     w_tile = w_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :]
     x_tile = x_ptr + rm[:, None] * stride_xm + rk[None, :]
     up = N_OUT.to(tl.int64) * K  # the up rows of a fused gate-up weight start at row I = N_OUT
-    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-    acc_u = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    if FMA:  # per-lane partial products (:func:`_fma_dot`), summed along K after the loop
+        acc = tl.zeros((BLOCK_N, BLOCK_M, BLOCK_K), tl.float32)
+        acc_u = tl.zeros((BLOCK_N, BLOCK_M, BLOCK_K), tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        acc_u = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     # NORM_IN's partials: loaded before the K loop (their latency hides behind the weight stream) where they take
     # at most 32 registers a thread at 4 warps, else after it (held through the loop they would crowd the MMA's)
     SQ_EARLY: tl.constexpr = NORM_IN and BLOCK_M * SQ_BLOCK <= 4096
@@ -287,13 +317,16 @@ def _gemm_program(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr
         kb = kb_lo
         while kb < kb_hi:
             acc, acc_u = _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, X_FP8, W_FP8, SILU_MUL,
-                                 EVEN_K, BLOCK_K)
+                                 EVEN_K, BLOCK_K, FMA)
             kb += 1
     else:  # compiled: the for loop Triton software-pipelines (num_stages)
         for kb in range(kb_lo, kb_hi):
             acc, acc_u = _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, X_FP8, W_FP8, SILU_MUL,
-                                 EVEN_K, BLOCK_K)
+                                 EVEN_K, BLOCK_K, FMA)
     pdl.trigger(PDL)  # the weights are read: the next kernel may start launching (kernels/pdl.py)
+    if FMA:
+        acc = tl.sum(acc, axis=2)
+        acc_u = tl.sum(acc_u, axis=2)
     if NORM_IN:  # linear in x: the partial sums of split-K take it too
         if not SQ_EARLY:
             sq = _load_partials(sq_ptr, n_sq, rm, m_mask, M, SQ_BLOCK)
@@ -321,10 +354,11 @@ def _small_m_gemm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, p
                          HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, OUT_FP8: tl.constexpr,
                          PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                         PF_LINES: tl.constexpr = 0):
+                         PF_LINES: tl.constexpr = 0, FMA: tl.constexpr = False):
     _gemm_program(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr, M, N_OUT, K, stride_xm, stride_om,
                   n_kb, split_k, x_ptr, x_ptr, 0, 0.0, x_ptr, 0, x_ptr, x_ptr, X_FP8, W_FP8, X_SCALE, W_SCALE, HAS_BIAS,
-                  SILU_MUL, OUT_FP8, PARTIAL, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PDL, PF_LINES, False, False, 1, False)
+                  SILU_MUL, OUT_FP8, PARTIAL, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PDL, PF_LINES, False, False, 1, False,
+                  FMA)
 
 
 @triton.jit(do_not_specialize=["M", "n_kb", "split_k", "n_sq"])
@@ -336,7 +370,8 @@ def _small_m_gemm_norm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_p
                               OUT_FP8: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               PDL: tl.constexpr, PF_LINES: tl.constexpr, NORM_IN: tl.constexpr,
-                              ADD_RES: tl.constexpr, SQ_BLOCK: tl.constexpr, AMAX_OUT: tl.constexpr):
+                              ADD_RES: tl.constexpr, SQ_BLOCK: tl.constexpr, AMAX_OUT: tl.constexpr,
+                              FMA: tl.constexpr = False):
     """The GEMM with per-token data passed to the next kernel through ``[P, M]`` partials (module docstring,
     "Folded RMSNorm" and "Partial maxima"): NORM_IN scales each token's sums by its rstd, ADD_RES adds the residual
     and writes the next GEMM's rows and the sums of squares, AMAX_OUT writes the output's partial maxima
@@ -344,7 +379,7 @@ def _small_m_gemm_norm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_p
     _gemm_program(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr, M, N_OUT, K, stride_xm, stride_om,
                   n_kb, split_k, nw_ptr, sq_ptr, n_sq, eps, res_ptr, stride_rm, sqo_ptr, xo_ptr, X_FP8, W_FP8, X_SCALE,
                   W_SCALE, HAS_BIAS, SILU_MUL, OUT_FP8, PARTIAL, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PDL, PF_LINES,
-                  NORM_IN, ADD_RES, SQ_BLOCK, AMAX_OUT)
+                  NORM_IN, ADD_RES, SQ_BLOCK, AMAX_OUT, FMA)
 
 
 @triton.jit(do_not_specialize=["M", "n_kb", "split_k"])
@@ -506,6 +541,31 @@ def scale_kind(scale, rows: int) -> int:
     return SCALE_TENSOR if scale.dim() <= 1 and scale.numel() == 1 else SCALE_ROW
 
 
+FMA_MAX_M = 0
+"""Weight-only launches (an e4m3 weight, a 16-bit x) of at most this many rows run the main loop on the CUDA cores
+(:func:`_fma_dot`: the weight tile converted in the registers it was loaded into, products and sums in fp32, no MMA
+and no shared-memory pass) with :func:`fma_config`'s tiles (0: never). What it is for: the tensor-core form of the
+weight-only scheme reads at 0.45-0.60 of the copy bandwidth (module docstring), which keeps
+``KVCacheConfig.fp8_weight_only_max_tokens`` off. Off: built and tested under the Triton interpreter and compiled
+for sm_90 offline (``tests/sm90_ptx_pending.txt``), not yet run on a GPU."""
+FMA_PROGRAMS_PER_SM = 4  # fma_config's split-K target: its loads are not software-pipelined, occupancy hides them
+
+
+def uses_fma(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether a launch of ``x @ w.T`` runs :data:`FMA_MAX_M`'s CUDA-core main loop."""
+    return w.dtype.itemsize == 1 and x.dtype.itemsize == 2 and x.shape[0] <= FMA_MAX_M
+
+
+def fma_config(n_out: int, k: int, sms: int) -> "smc.GemmConfig":
+    """Tiles of the CUDA-core main loop: 32 weight rows (the ADD_RES epilogue's minimum) x 256 K elements (16-byte
+    e4m3 loads, 64 fp32 products a thread at 4 warps and one token), split along K until about
+    :data:`FMA_PROGRAMS_PER_SM` programs an SM."""
+    block_n, block_k = SQ_ROWS, 256
+    n_kb = triton.cdiv(k, block_k)
+    split = max(1, min(n_kb, triton.cdiv(FMA_PROGRAMS_PER_SM * sms, triton.cdiv(n_out, block_n))))
+    return smc.GemmConfig(block_n=block_n, block_k=block_k, split_k=split, num_warps=4, num_stages=1)
+
+
 def launch_small_m_gemm(x, w, x_scale, w_scale, bias, out, out_scale, silu_mul: bool, scheme: str, arch: str,
                         sms: int, config=None, norm=None, add=None, amax_out=None) -> None:
     """Launch the GEMM of the module docstring into ``out [M, N_OUT]`` (inputs validated by the public op; scales
@@ -521,13 +581,17 @@ def launch_small_m_gemm(x, w, x_scale, w_scale, bias, out, out_scale, silu_mul: 
     m, k = x.shape
     n_w = w.shape[0]
     n_out = n_w // 2 if silu_mul else n_w
+    fma = uses_fma(x, w)
     cfg = config or smc.forced_config()
-    cfg = smc.sanitize(cfg, n_out, k) if cfg is not None else smc.lookup(arch, scheme, n_w, k, m, sms)
+    if cfg is not None:
+        cfg = smc.sanitize(cfg, n_out, k)
+    else:
+        cfg = fma_config(n_out, k, sms) if fma else smc.lookup(arch, scheme, n_w, k, m, sms)
     if (add is not None or amax_out is not None) and cfg.block_n < SQ_ROWS:
         cfg = dataclasses.replace(cfg, block_n=SQ_ROWS)
     if amax_out is not None and cfg.split_k > 1:
         cfg = dataclasses.replace(cfg, split_k=1)
-    block_m = max(16, triton.next_power_of_2(m))
+    block_m = triton.next_power_of_2(m) if fma else max(16, triton.next_power_of_2(m))
     n_kb = triton.cdiv(k, cfg.block_k)
     stages = smc.fit_stages(cfg, block_m, w.dtype.itemsize, x.dtype.itemsize, silu_mul)
     dummy = out  # pointers the constexprs switch off are never read
@@ -544,9 +608,11 @@ def launch_small_m_gemm(x, w, x_scale, w_scale, bias, out, out_scale, silu_mul: 
                   EVEN_K=k % cfg.block_k == 0, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                   PDL=pdl.stream_mode(on),
                   PF_LINES=prefetch_lines(n_w, k, split, w.dtype.itemsize, cfg.block_n, m) if on else 0)
+    if fma:
+        consts["FMA"] = True
     grid = (triton.cdiv(n_out, cfg.block_n), split)
     plain = norm is None and add is None and amax_out is None
-    cnt = serial_counters(out.device, grid[0]) if split > 1 and plain and SERIAL else None
+    cnt = serial_counters(out.device, grid[0]) if split > 1 and plain and SERIAL and not fma else None
     if cnt is not None:  # split-K reduced by each tile's last program: no reduce kernel
         consts.pop("PARTIAL")
         fast_launch.launch(_small_m_gemm_serial_kernel, grid, args[:8] + (cnt,) + args[8:], consts, cfg.num_warps,

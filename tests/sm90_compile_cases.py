@@ -55,6 +55,8 @@ def compile_kernel(fn, ptrs, const, num_warps=8, hinted=False, num_stages=None, 
     for pf in ("PF_LINES", "PF_KEYS"):  # no L2 prefetch: every launch outside pdl.launches()
         if pf in names and pf not in const:
             const = dict(const, **{pf: 0})
+    if "FMA" in names and "FMA" not in const:  # the small-M GEMM's default main loop (tensor cores)
+        const = dict(const, FMA=False)
     if "FP8_WORDS" in names and "FP8_WORDS" not in const:  # decode attention's default e4m3 tile loads
         const = dict(const, FP8_WORDS=False)
     if "F16_MMA" in names and "F16_MMA" not in const:  # decode attention's default: the tiles in q's dtype
@@ -336,7 +338,37 @@ def small_m_gemm_norm_cases():
             yield (f"small_m_gemm reduce_add m{bm}", small_m_gemm._split_k_reduce_add_kernel, ptrs,
                    dict(**epi, BLOCK_M=bm, BLOCK_N=small_m_gemm.REDUCE_BLOCK_N), 4, True, 1, nospec)
     yield from small_m_gemm_w8_norm_cases()
+    yield from small_m_gemm_fma_cases()
     yield from small_m_gemm_amax_cases()
+
+
+def small_m_gemm_fma_cases():
+    """The weight-only GEMM's CUDA-core main loop (``FMA``; ``small_m_gemm.FMA_MAX_M``): e4m3 weights with
+    per-channel scales, bf16 x, ``fma_config``'s 32 x 256 tiles at 4 warps, one stage: plain (split-K partials and
+    their reduce at BLOCK_M 1, SiLU*mul, BLOCK_M 4) and folded (NORM_IN, ADD_RES), with and without PDL + the
+    batch-1 weight prefetch."""
+    nospec = ("M", "n_kb", "split_k", "n_sq")
+    bf, fp8, fp32 = "*bf16", "*fp8e4nv", "*fp32"
+    for name, norm_in, add_res, silu, part, bm, pf in (
+            ("", False, False, False, True, 1, 0), (" silu", False, False, True, False, 1, 1),
+            (" m4", False, False, False, False, 4, 0), (" norm_in silu", True, False, True, False, 1, 1),
+            (" add_res", False, True, False, False, 1, 2)):
+        ptrs = {"x_ptr": bf, "w_ptr": fp8, "xs_ptr": bf, "ws_ptr": fp32, "b_ptr": bf, "out_ptr": bf, "os_ptr": bf,
+                "part_ptr": fp32 if part else bf, "nw_ptr": bf, "sq_ptr": fp32 if norm_in else bf,
+                "res_ptr": bf, "sqo_ptr": fp32 if add_res else bf, "xo_ptr": bf}
+        epi = dict(X_SCALE=0, W_SCALE=2, HAS_BIAS=False, SILU_MUL=silu, OUT_FP8=False)
+        const = dict(X_FP8=False, W_FP8=True, **epi, PARTIAL=part, EVEN_K=True, BLOCK_M=bm, BLOCK_N=32, BLOCK_K=256,
+                     PDL=pf > 0, PF_LINES=pf)
+        label = f"small_m_gemm fma w8{name} m{bm} n32 k256{' pdl prefetch%d' % pf if pf else ''}"
+        if norm_in or add_res:
+            yield (label, small_m_gemm._small_m_gemm_norm_kernel, ptrs,
+                   dict(const, NORM_IN=norm_in, ADD_RES=add_res, SQ_BLOCK=128 if norm_in else 1, AMAX_OUT=False,
+                        FMA=True), 4, True, 1, nospec)
+        else:
+            yield label, small_m_gemm._small_m_gemm_kernel, ptrs, dict(const, FMA=True), 4, True, 1, nospec
+        if part:
+            yield (f"small_m_gemm reduce w8 m{bm}", small_m_gemm._split_k_reduce_kernel, ptrs,
+                   dict(**epi, BLOCK_M=bm, BLOCK_N=small_m_gemm.REDUCE_BLOCK_N), 4, True, 1, nospec)
 
 
 def small_m_gemm_w8_norm_cases():

@@ -146,6 +146,31 @@ def test_matches_oracle(scheme, m, gen):
     check(run(*ops), ops, f"{scheme} M={m}")
 
 
+@pytest.mark.usefixtures("poisoned_out")
+@pytest.mark.parametrize("m,silu,bias,outliers", [(1, False, True, False), (1, True, False, True), (2, True, True, False),
+                                                  (3, False, False, True), (4, False, True, False)])
+def test_w8_fma_main_loop_matches_oracle(m, silu, bias, outliers, gen, kernels, monkeypatch):
+    """``small_m_gemm.FMA_MAX_M``: weight-only launches (e4m3 weight, bf16 x) of at most that many rows run the
+    CUDA-core main loop with ``fma_config``'s tiles (split-K on this small grid: its reduce at BLOCK_M = M) - the
+    same sums as the oracle, a masked N tile and K tail, SiLU*mul, bias, outliers; one row more takes the MMA
+    loop."""
+    smg = kernels.small_m_gemm
+    monkeypatch.setattr(smg, "FMA_MAX_M", 4)
+    launches = []
+    record_launches(monkeypatch, smg, "_small_m_gemm_kernel", launches)
+    n, k = (96, 528) if silu else (48, 528)  # 528 = 2 x 256 + 16: a K tail; 48 / 96: a masked 32-row tile
+    ops = operands(gen, "w8", m, n, k, bias=bias, outliers=outliers)
+    out = run(*ops, silu_mul=silu)
+    check(out, ops, f"w8 fma M={m} silu={silu}", silu=silu)
+    (grid, kw), = launches
+    assert kw.get("FMA") is True and (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]) == (max(1, 1 << (m - 1).bit_length()), 32, 256)
+    assert grid[1] == smg.fma_config(n // 2 if silu else n, k, small_gemm.device_info(torch.device(DEVICE))[1]).split_k
+    launches.clear()
+    x5 = torch.cat([ops[0]] * 5)[:5]
+    run(x5, *ops[1:], silu_mul=silu)
+    assert not launches[-1][1].get("FMA"), "5 rows: the tensor-core loop"
+
+
 @pytest.mark.usefixtures("kernels", "poisoned_out")
 @pytest.mark.parametrize("m", [1, 33])
 @pytest.mark.parametrize("scheme", ["bf16", "w8", "fp8_row", "fp8_tensor", "fp8_tensor_q8"])

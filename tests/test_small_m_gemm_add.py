@@ -124,13 +124,16 @@ def _normed_oracle(h, nw, w64, silu, eps=1e-5):
 
 
 @pytest.mark.usefixtures("kernels", "poisoned_small_m")
-@pytest.mark.parametrize("m,split,silu", [(1, 1, False), (3, 1, True), (17, 3, False)])
-def test_w8_fold_matches_oracle(m, split, silu, gen, kernels, monkeypatch):
+@pytest.mark.parametrize("m,split,silu,fma", [(1, 1, False, False), (3, 1, True, False), (17, 3, False, False),
+                                               (1, 1, True, True), (3, 2, False, True)])
+def test_w8_fold_matches_oracle(m, split, silu, fma, gen, kernels, monkeypatch):
     """The FP8 layers' weight-only fold: ``small_m_gemm_add`` with an e4m3 weight and per-channel scales (split-K:
     its reduce kernel scales), then the next e4m3 GEMM on its pending norm (NORM_IN, SiLU*mul), each vs the fp64
-    oracle of the dequantized weights (bf16 budget) and the reference within half of it."""
+    oracle of the dequantized weights (bf16 budget) and the reference within half of it; ``fma``: both on the
+    CUDA-core main loop (``small_m_gemm.FMA_MAX_M``, BLOCK_M = M rounded up to a power of two)."""
     n, k, n2 = 96, 128, 96
     monkeypatch.setattr(smc, "forced_config", lambda: _config(n, split))
+    monkeypatch.setattr(kernels.small_m_gemm, "FMA_MAX_M", 4 if fma else 0)
     add = record_launches(monkeypatch, kernels.small_m_gemm, "_small_m_gemm_norm_kernel")
     x, w, res = _data(gen, m, n, k, outliers=True)
     w8, ws, w64 = _w8(w)
@@ -146,6 +149,7 @@ def test_w8_fold_matches_oracle(m, split, silu, gen, kernels, monkeypatch):
     w2_8, ws2, w2_64 = _w8((torch.randn(n2, n, generator=gen) / n ** 0.5).to(BF).to(DEVICE))
     out = small_gemm.small_m_gemm(x_next, w2_8, w_scale=ws2, silu_mul=silu, norm_sumsq=sumsq, norm_eps=1e-5)
     assert_close(out.cpu().float(), _normed_oracle(h, nw, w2_64, silu), BF, f"w8 norm_in M={m} silu={silu}")
+    assert [bool(kw.get("FMA")) for _, kw in add.launches] == [fma, fma], add.launches
 
 
 @pytest.mark.usefixtures("kernels")

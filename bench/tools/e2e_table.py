@@ -53,6 +53,7 @@ VARIANTS = (("_fusedrope", "RoPE in the attention"), ("_ropesep", "RoPE kernel a
             ("_earlypf", "PDL trigger after the wait + L2 prefetches"), ("_early", "PDL trigger after the wait"),
             ("_w8", "FP8 weight-only (bf16 activations)"), ("_actq", "FP8 activations quantized"),
             ("_headrep", "whole lm_head (replicated) in the shard"),
+            ("_fma", "weight-only GEMMs on the CUDA cores (FMA_MAX_M 4)"),
             ("_noamax", "SiLU*mul + quantize kernel apart"), ("_amaxall", "gate-up partial maxima + quantize_from_amax"),
             ("_smallm", "small-M table"), ("_nopdl", "no PDL"),
             ("_prefetch", "PDL + L2 prefetch"),

@@ -212,7 +212,7 @@ class RankPool:
                 p.join(timeout=5)
 
 
-_POOLS: Dict[Tuple[int, str], RankPool] = {}
+_POOLS: Dict[tuple, RankPool] = {}
 
 
 def _pick_backend(world_size: int, backend: Optional[str]) -> str:
@@ -230,7 +230,9 @@ def run_on_ranks(fn: Callable, world_size: int, *args, backend: Optional[str] = 
     ``dies``: ranks that end their process inside ``fn`` on purpose (module docstring); their result is ``None``.
     Raises AssertionError naming every failed rank (with its traceback) if any rank failed or hung."""
     backend = _pick_backend(world_size, backend)
-    key = (world_size, backend)
+    # the ranks inherit the environment when their pool starts: a test under the Triton interpreter (the kernels
+    # fixture's variables) must not reuse a pool started without it, where the ops take their reference path
+    key = (world_size, backend, os.environ.get("TRITON_INTERPRET"), os.environ.get("TPFUSE_TRITON_CPU"))
     pool = _POOLS.get(key)
     if pool is None:
         pool = _POOLS[key] = RankPool(world_size, backend)

@@ -115,14 +115,27 @@ def _step(model, comm, ids, cache, device="cpu"):
     return out.logits[0].float().cpu(), mc.cache_of(out), c
 
 
-def _weight_only_steps(rank, world, arch, act, weight, fold=True):
+def _fma_launches(fma: bool) -> list:
+    """With ``fma``: ``small_m_gemm.FMA_MAX_M`` 4 in this rank's process, and a list that collects whether each
+    small-M launch took the CUDA-core loop."""
+    from tpfuse.kernels import small_m_gemm as smg
+
+    seen = []
+    if fma:
+        smg.FMA_MAX_M, decide = 4, smg.uses_fma
+        smg.uses_fma = lambda x, w: seen.append(decide(x, w)) or seen[-1]
+    return seen
+
+
+def _weight_only_steps(rank, world, arch, act, weight, fold=True, fma=False):
     """A 6-token prefill and 3 decode steps weight-only (bf16 budget vs the oracle, 4 w8 GEMMs a layer, nothing
     quantized; at TP = 1 in a model without o / down biases with the RMSNorms folded into them where ``fold``:
     all but the first qkv GEMM folded); then a new sequence: a 12-token prefill above MOST (the activation scheme:
     quantize calls, FP8 budget) and one decode step weight-only again (FP8 budget: its cache holds the quantized
-    prefill's K / V)."""
+    prefill's K / V). ``fma``: the decode steps' GEMMs on the CUDA-core loop (``small_m_gemm.FMA_MAX_M`` 4)."""
     from tpfuse.tolerance import assert_logits_close
 
+    fma_seen = _fma_launches(fma)
     model, comm, ids, ref = _model(arch, act, weight, world, fold_norms=fold)
     layers = len(model._tpfuse.layers)
     folds = fold and world == 1 and arch != "llama"  # the tiny llama has o / down biases
@@ -141,6 +154,7 @@ def _weight_only_steps(rank, world, arch, act, weight, fold=True):
     logits, cache, c = _step(model, comm, ids[12:13], cache)
     assert (c.w8, c.quant_norm) == (4 * layers, 0), vars(c)
     assert_logits_close(logits, ref[12:13], DT, f"{arch} TP={world} decode after it", fp8=True)
+    assert not fma or (any(fma_seen) and not all(fma_seen)), fma_seen  # decode steps on it, prefills not
     comm.close()
     return max(errs)
 
@@ -161,11 +175,12 @@ def test_weight_only_steps_match_the_oracle_in_bf16(arch, world, act, weight, fo
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter on CPU (a GPU runs the compiled kernel in "
                                                       "test_graph_decode_weight_only_matches_the_oracle)")
 @pytest.mark.usefixtures("kernels")
-@pytest.mark.parametrize("fold", [True, False])
-def test_weight_only_through_the_interpreted_kernel(fold):
-    """The same on the small-M Triton kernel (interpreter): e4m3 weights converted in the kernel, folded or not."""
+@pytest.mark.parametrize("fold,fma", [(True, False), (False, False), (True, True), (False, True)])
+def test_weight_only_through_the_interpreted_kernel(fold, fma):
+    """The same on the small-M Triton kernel (interpreter): e4m3 weights converted in the kernel, folded or not,
+    on the tensor-core or the CUDA-core loop."""
     assert os.environ.get("TPFUSE_TRITON_CPU") == "1"
-    errs = run_on_ranks(_weight_only_steps, 1, "qwen3", "per_token", "per_channel", fold)
+    errs = run_on_ranks(_weight_only_steps, 1, "qwen3", "per_token", "per_channel", fold, fma)
     assert 0 < errs[0], errs
 
 
@@ -194,12 +209,13 @@ def test_config_rejects_bad_values():
             KVCacheConfig(fp8_weight_only_max_tokens=bad).validate()
 
 
-def _graph_decode(rank, world):
+def _graph_decode(rank, world, fma=False):
     """CUDA-graph decode weight-only, with and without PDL where the device has it (bit for bit), folded and (TP = 1)
-    not, and eager steps, each against the oracle (bf16 budget)."""
+    not, and eager steps, each against the oracle (bf16 budget); ``fma``: the decode GEMMs on the CUDA-core loop."""
     from tpfuse.kernels import pdl as pdl_launch
     from tpfuse.tolerance import assert_logits_close
 
+    fma_seen = _fma_launches(fma)
     model, comm, ids, ref = _model("qwen3", "per_token", "per_channel", world, graph_safe=world > 1)
     st = model._tpfuse
     got = {}
@@ -223,12 +239,14 @@ def _graph_decode(rank, world):
             assert torch.equal(got[True, True, fold], got[True, False, fold]), f"fold={fold}: PDL changed the logits"
     errs = [assert_logits_close(v, ref[:9], DT, f"weight-only graphs={k[0]} pdl={k[1]} fold={k[2]}")
             for k, v in got.items()]
+    assert not fma or any(fma_seen), "no launch took the CUDA-core loop"
     comm.close()
     return errs
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fma", [False, True], ids=["mma", "fma"])
 @pytest.mark.parametrize("tp", gpu_tp_params((1, 2)))
-def test_graph_decode_weight_only_matches_the_oracle(tp):
-    errs = run_gpu(_graph_decode, tp, timeout_s=600)
+def test_graph_decode_weight_only_matches_the_oracle(tp, fma):
+    errs = run_gpu(_graph_decode, tp, fma, timeout_s=600)
     assert all(0 < e for e in errs[0]), errs
