@@ -11,9 +11,9 @@ Models (``--models``, comma-separated): a real shape (``8B``, ``70B``, ``Qwen3-3
 ``Phi-3-medium``), or a **shard** ``<model>/tp<N>`` (``70B/tp8``, ``70B/tp4``, ``8B/tp2``; TP=1 runs only): a
 model with exactly the shapes tpfuse leaves on rank 0 of that model at TP=N (q heads / N; kv heads / N, or one kv
 head when they are fewer than N: replicated; intermediate / N; hidden size, norms and embedding whole; the lm_head
-rank 0's ``ceil(vocab / N)`` vocabulary rows, ``e2e_models.head_rows``), run at TP=1: one rank's GEMMs, attention and local fused norms
-with no communication (``tpfuse_nocomm`` without the other ranks), with a memory floor from its own bytes. Its rows
-say ``model="<model>/tp<N> shard"``, ``shard_of``, ``tp_shard``.
+rank 0's ``ceil(vocab / N)`` vocabulary rows, ``e2e_models.head_rows``), run at TP=1: one rank's GEMMs, attention
+and local fused norms with no communication (``tpfuse_nocomm`` without the other ranks), with a memory floor from
+its own bytes. Its rows say ``model="<model>/tp<N> shard"``, ``shard_of``, ``tp_shard``.
 
 ``--layers``: decoder layers per model: an int (default 4); ``full``: the model's real count (8B 32, 70B 80,
 Qwen3-32B 64, Qwen2.5-7B 28, Phi-3-medium 40); ``fit``: as many as fit (at most the real count) in the GPU memory

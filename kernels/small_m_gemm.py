@@ -556,11 +556,11 @@ def uses_fma(x: torch.Tensor, w: torch.Tensor) -> bool:
     return w.dtype.itemsize == 1 and x.dtype.itemsize == 2 and x.shape[0] <= FMA_MAX_M
 
 
-def fma_config(n_out: int, k: int, sms: int) -> "smc.GemmConfig":
-    """Tiles of the CUDA-core main loop: 32 weight rows (the ADD_RES epilogue's minimum) x 256 K elements (16-byte
-    e4m3 loads, 64 fp32 products a thread at 4 warps and one token), split along K until about
-    :data:`FMA_PROGRAMS_PER_SM` programs an SM."""
-    block_n, block_k = SQ_ROWS, 256
+def fma_config(n_out: int, k: int, sms: int, m: int = 1) -> "smc.GemmConfig":
+    """Tiles of the CUDA-core main loop: 32 weight rows (the ADD_RES epilogue's minimum) x ``256 / BLOCK_M`` K
+    elements (the per-lane partial sums: 64 fp32 a thread at 4 warps whatever M; 128 registers, no spills, at M 1
+    and M 4 in ptxas's report for sm_90), split along K until about :data:`FMA_PROGRAMS_PER_SM` programs an SM."""
+    block_n, block_k = SQ_ROWS, 256 // triton.next_power_of_2(max(m, 1))
     n_kb = triton.cdiv(k, block_k)
     split = max(1, min(n_kb, triton.cdiv(FMA_PROGRAMS_PER_SM * sms, triton.cdiv(n_out, block_n))))
     return smc.GemmConfig(block_n=block_n, block_k=block_k, split_k=split, num_warps=4, num_stages=1)
@@ -586,7 +586,7 @@ def launch_small_m_gemm(x, w, x_scale, w_scale, bias, out, out_scale, silu_mul: 
     if cfg is not None:
         cfg = smc.sanitize(cfg, n_out, k)
     else:
-        cfg = fma_config(n_out, k, sms) if fma else smc.lookup(arch, scheme, n_w, k, m, sms)
+        cfg = fma_config(n_out, k, sms, m) if fma else smc.lookup(arch, scheme, n_w, k, m, sms)
     if (add is not None or amax_out is not None) and cfg.block_n < SQ_ROWS:
         cfg = dataclasses.replace(cfg, block_n=SQ_ROWS)
     if amax_out is not None and cfg.split_k > 1:

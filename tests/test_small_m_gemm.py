@@ -147,8 +147,9 @@ def test_matches_oracle(scheme, m, gen):
 
 
 @pytest.mark.usefixtures("poisoned_out")
-@pytest.mark.parametrize("m,silu,bias,outliers", [(1, False, True, False), (1, True, False, True), (2, True, True, False),
-                                                  (3, False, False, True), (4, False, True, False)])
+@pytest.mark.parametrize("m,silu,bias,outliers", [(1, False, True, False), (1, True, False, True),
+                                                  (2, True, True, False), (3, False, False, True),
+                                                  (4, False, True, False)])
 def test_w8_fma_main_loop_matches_oracle(m, silu, bias, outliers, gen, kernels, monkeypatch):
     """``small_m_gemm.FMA_MAX_M``: weight-only launches (e4m3 weight, bf16 x) of at most that many rows run the
     CUDA-core main loop with ``fma_config``'s tiles (split-K on this small grid: its reduce at BLOCK_M = M) - the
@@ -163,8 +164,10 @@ def test_w8_fma_main_loop_matches_oracle(m, silu, bias, outliers, gen, kernels, 
     out = run(*ops, silu_mul=silu)
     check(out, ops, f"w8 fma M={m} silu={silu}", silu=silu)
     (grid, kw), = launches
-    assert kw.get("FMA") is True and (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]) == (max(1, 1 << (m - 1).bit_length()), 32, 256)
-    assert grid[1] == smg.fma_config(n // 2 if silu else n, k, small_gemm.device_info(torch.device(DEVICE))[1]).split_k
+    bm = 1 << (m - 1).bit_length()
+    assert kw.get("FMA") is True and (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]) == (bm, 32, 256 // bm)
+    sms = small_gemm.device_info(torch.device(DEVICE))[1]
+    assert grid[1] == smg.fma_config(n // 2 if silu else n, k, sms, m).split_k
     launches.clear()
     x5 = torch.cat([ops[0]] * 5)[:5]
     run(x5, *ops[1:], silu_mul=silu)
