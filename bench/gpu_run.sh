@@ -156,7 +156,9 @@
 #         at DEFAULTS_BATCHES (default 1,16,64), prefill 1k; DEFAULTS_ARGS appended; ~2 min
 #   fma: the weight-only GEMMs' CUDA-core main loop (small_m_gemm.FMA_MAX_M, off): its kernel, fold and model GPU
 #        tests (FMA_TESTS_K), then the full 8B at batch 1 weight-only (--fp8-weight-only 1: rows tpfuse_fp8 on the
-#        tensor-core loop, _fma on the CUDA cores, _actq the activation scheme that ships); FMA_AB_ARGS; ~5 min.
+#        tensor-core loop, _fma on the CUDA cores, _actq the activation scheme that ships); FMA_AB_ARGS; then the
+#        8B's weight-only GEMMs at M 1 on the CUDA-core loop per tile (tune_small_gemm --fma-max-m 4, FMA_TILES,
+#        $OUT/fma: each tile's read bandwidth against F.linear of the bf16 weights); ~7 min.
 #        One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh fma
 #   argmax: the greedy pick's A/B (bench/bench_argmax.py: torch.argmax vs tpfuse.parallel.generate.greedy_tokens
 #         and its chunk lengths, vocab 128256 / 32000 at B 1 / 8 / 64; ARGMAX_ARGS appended; ~20 s)
@@ -366,7 +368,10 @@ for s in "${steps[@]}"; do
            tests/distributed/test_fp8_weight_only_model.py -k '${FMA_TESTS_K:-fma or (graph_decode_weight_only and tp1)}'"
          LIMIT_fma_ab=${LIMIT_fma_ab:-200} run fma_ab "${TR1[@]}" bench/bench_e2e.py --tag fma_ab --models 8B \
            --layers full --decode-batches 1 --context 1024 --prefill 1024 --hf-models none --fp8-weight-only 1 \
-           --w8-ab --fma-ab ${FMA_AB_ARGS:-} ;;
+           --w8-ab --fma-ab ${FMA_AB_ARGS:-}
+         LIMIT_fma_sweep=${LIMIT_fma_sweep:-100} run fma_sweep python3 bench/tune_small_gemm.py --models 8B --m 1 \
+           --schemes w8_bf16 --fma-max-m 4 --budget-s 80 --out-dir "$OUT/fma" \
+           --tiles "${FMA_TILES:-32x256x4x1,16x256x4x1,32x128x4x1,32x512x4x1,64x128x4x1}" ;;
     w8ab) LIMIT_w8ab_tests=${LIMIT_w8ab_tests:-110} run w8ab_tests bash -c "python3 -m pytest -q -rs \
             --junitxml=$OUT/w8ab_tests.xml tests/distributed/test_fp8_weight_only_model.py tests/test_small_m_gemm.py \
             tests/test_small_m_gemm_add.py -k '${W8AB_TESTS_K:-weight_only or w8}'"

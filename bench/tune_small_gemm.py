@@ -511,6 +511,11 @@ def parse_args(argv=None):
     ap.add_argument("--tiles", default="", metavar="NxKxWxS[,...]",
                     help="more phase-1 tile candidates (block_n x block_k x warps x stages), at every M and scheme: "
                          "e.g. 16x256x4x6 (mma.sync-sized tiles: twice the programs of 32-row ones)")
+    ap.add_argument("--fma-max-m", type=int, default=None, metavar="M",
+                    help="small_m_gemm.FMA_MAX_M for this sweep: weight-only points (w8_bf16) of at most M rows "
+                         "time the CUDA-core main loop under each candidate tile (give FMA-sized ones with --tiles, "
+                         "e.g. 32x256x4x1,16x256x4x1,32x128x4x1); recorded in the header; its table is not for "
+                         "shipping (the runtime takes small_m_gemm.fma_config)")
     ap.add_argument("--base-sweep", action="append", default=[], metavar="SWEEP_JSON",
                     help="a committed sweep whose points this (partial) sweep overrides in the table it writes "
                          "(repeatable, in order); the sweep JSON itself holds only this run's points")
@@ -527,6 +532,10 @@ def main(argv=None):
               f"rows route to the kernel (margin {table['win_margin']})")
         return
     t0 = time.time()
+    if args.fma_max_m is not None:
+        from tpfuse.kernels import small_m_gemm as smg
+
+        smg.FMA_MAX_M = args.fma_max_m  # this process's launches (the precompile workers build the MMA loop)
     ALL_TILES[0] = args.all_tiles
     CLI_TILES[:] = parse_tiles(args.tiles)
     dev = torch.device(args.device)
@@ -544,7 +553,7 @@ def main(argv=None):
     copy_gbps = max(ways.values())  # the faster way (common.copy_bandwidths says why)
     print(f"# device-to-device copy: {copy_gbps:.0f} GB/s (read + write; by way: {ways})", flush=True)
     header = common.header("small_gemm", arch=arch, sms=sms, copy_gbps=copy_gbps, copy_gbps_ways=ways,
-                           budget_s=args.budget_s,
+                           budget_s=args.budget_s, fma_max_m=args.fma_max_m,
                            precompile_s=round(comp_s, 1), precompile_variants=len(tasks),
                            precompile_errors=comp_errs[:10],
                            method="CUDA graphs of back-to-back calls over weight copies > 256 MB, median per call; "

@@ -423,7 +423,7 @@ def test_launcher_takes_the_table_config_and_route_the_op(gen, kernels, monkeypa
 
 
 @pytest.mark.skipif(ON_GPU, reason="CPU plumbing test (the GPU runs the real sweep)")
-@pytest.mark.parametrize("schemes", ["bf16,fp8_tensor", "w8_bf16"])
+@pytest.mark.parametrize("schemes", ["bf16,fp8_tensor", "w8_bf16", "w8_bf16 fma"])
 def test_sweep_end_to_end_interpreted(tmp_path, monkeypatch, kernels, schemes):
     """bench/tune_small_gemm.py on a tiny model through the interpreter with a fake clock (the kernel wins with
     32-column tiles only): every point gets a checked winner, the table file routes exactly the winning points
@@ -443,10 +443,17 @@ def test_sweep_end_to_end_interpreted(tmp_path, monkeypatch, kernels, schemes):
         return 12.0 if cfg is None else 10.0 + cfg.block_n / 32 + cfg.split_k / 100
 
     monkeypatch.setattr(tsg, "time_fns", fake_time)
+    fma = schemes.endswith(" fma")  # --fma-max-m: the weight-only points time the CUDA-core loop
+    schemes = schemes.replace(" fma", "")
+    monkeypatch.setattr(kernels.small_m_gemm, "FMA_MAX_M", 0)  # restored after the sweep sets it
+    launches = []
+    record_launches(monkeypatch, kernels.small_m_gemm, "_small_m_gemm_kernel", launches)
     tsg.main(["--device", "cpu", "--models", "tiny", "--m", "1", "--schemes", schemes, "--out-dir",
-              str(tmp_path), "--budget-s", "1e9"])
+              str(tmp_path), "--budget-s", "1e9"] + (["--fma-max-m", "4"] if fma else []))
+    assert launches and all(bool(kw.get("FMA")) == fma for _, kw in launches if kw["W_FP8"] and not kw["X_FP8"])
     with open(tmp_path / "small_gemm_cpu.json") as fh:
         res = json.load(fh)
+    assert res["header"]["fma_max_m"] == (4 if fma else None)
     assert not res["errors"] and not res["skipped"] and not res["header"]["partial"]
     n_schemes = len(schemes.split(","))
     assert len(res["best"]) == (4 + 1) * n_schemes  # 4 linears a scheme + gate-up's fused SiLU*mul scheme
