@@ -163,8 +163,8 @@ def _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, X_FP8: tl
         w_mask = n_mask[:, None] & k_ok[None, :]
     if FMA:  # 3-D tiles [BLOCK_N, BLOCK_M, BLOCK_K] from the loads on, x read for every weight row (the same
         # addresses: L1 hits): one register layout for both, no layout conversion through shared memory
-        rows = tl.zeros_like(n_mask.to(tl.int32))[:, None, None]
-        xk = tl.load(x_tile[None, :, :] + k0 + rows, mask=x_mask[None, :, :] & (rows == 0), other=0.0)
+        rows = tl.zeros_like(n_mask.to(tl.int32))[:, None, None]  # the pointers' [BLOCK_N, 1, 1] broadcast
+        xk = tl.load(x_tile[None, :, :] + k0 + rows, mask=x_mask[None, :, :], other=0.0)
         wk = w_tile[:, None, :] + k0
         acc = _fma_dot(acc, tl.load(wk, mask=w_mask[:, None, :], other=0.0), xk, W_FP8)
         if SILU_MUL:
@@ -389,14 +389,15 @@ def _small_m_gemm_serial_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os
                                 W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
                                 OUT_FP8: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                                PF_LINES: tl.constexpr = 0):
+                                PF_LINES: tl.constexpr = 0, FMA: tl.constexpr = False):
     """Split-K without the reduce kernel (module docstring, "Serial split-K"): each program stores its partial, then
     (a CTA barrier, one acq_rel GPU-scope atomic from one thread) takes a ticket from its N tile's int32 counter;
     the program drawing the last ticket re-arms the counter, sums the tile's ``split_k`` partials in split order
     (the reduce kernel's order: the same bits) and runs the epilogue."""
     _gemm_program(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr, M, N_OUT, K, stride_xm, stride_om,
                   n_kb, split_k, x_ptr, x_ptr, 0, 0.0, x_ptr, 0, x_ptr, x_ptr, X_FP8, W_FP8, X_SCALE, W_SCALE, HAS_BIAS,
-                  SILU_MUL, OUT_FP8, True, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PDL, PF_LINES, False, False, 1, False)
+                  SILU_MUL, OUT_FP8, True, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PDL, PF_LINES, False, False, 1, False,
+                  FMA)
     tl.debug_barrier()  # every thread's partial stores before the one thread's release
     cnt = cnt_ptr + tl.program_id(0)
     ticket = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
@@ -612,7 +613,7 @@ def launch_small_m_gemm(x, w, x_scale, w_scale, bias, out, out_scale, silu_mul: 
         consts["FMA"] = True
     grid = (triton.cdiv(n_out, cfg.block_n), split)
     plain = norm is None and add is None and amax_out is None
-    cnt = serial_counters(out.device, grid[0]) if split > 1 and plain and SERIAL and not fma else None
+    cnt = serial_counters(out.device, grid[0]) if split > 1 and plain and SERIAL else None
     if cnt is not None:  # split-K reduced by each tile's last program: no reduce kernel
         consts.pop("PARTIAL")
         fast_launch.launch(_small_m_gemm_serial_kernel, grid, args[:8] + (cnt,) + args[8:], consts, cfg.num_warps,

@@ -345,7 +345,7 @@ def small_m_gemm_norm_cases():
 def small_m_gemm_fma_cases():
     """The weight-only GEMM's CUDA-core main loop (``FMA``; ``small_m_gemm.FMA_MAX_M``): e4m3 weights with
     per-channel scales, bf16 x, ``fma_config``'s 32 x (256 / BLOCK_M) tiles at 4 warps, one stage: plain (split-K
-    partials and their reduce at BLOCK_M 1, SiLU*mul, BLOCK_M 4) and folded (NORM_IN, ADD_RES), with and without
+    partials with their reduce kernel or serial at BLOCK_M 1, SiLU*mul, BLOCK_M 4) and folded (NORM_IN, ADD_RES), with and without
     PDL + the batch-1 weight prefetch."""
     nospec = ("M", "n_kb", "split_k", "n_sq")
     bf, fp8, fp32 = "*bf16", "*fp8e4nv", "*fp32"
@@ -370,6 +370,9 @@ def small_m_gemm_fma_cases():
         if part:
             yield (f"small_m_gemm reduce w8 m{bm}", small_m_gemm._split_k_reduce_kernel, ptrs,
                    dict(**epi, BLOCK_M=bm, BLOCK_N=small_m_gemm.REDUCE_BLOCK_N), 4, True, 1, nospec)
+            serial = {k: v for k, v in const.items() if k != "PARTIAL"}
+            yield (label + " serial", small_m_gemm._small_m_gemm_serial_kernel, dict(ptrs, cnt_ptr="*i32"),
+                   dict(serial, FMA=True), 4, True, 1, nospec)
 
 
 def small_m_gemm_w8_norm_cases():

@@ -152,13 +152,15 @@ def test_matches_oracle(scheme, m, gen):
                                                   (4, False, True, False)])
 def test_w8_fma_main_loop_matches_oracle(m, silu, bias, outliers, gen, kernels, monkeypatch):
     """``small_m_gemm.FMA_MAX_M``: weight-only launches (e4m3 weight, bf16 x) of at most that many rows run the
-    CUDA-core main loop with ``fma_config``'s tiles (split-K on this small grid: its reduce at BLOCK_M = M) - the
-    same sums as the oracle, a masked N tile and K tail, SiLU*mul, bias, outliers; one row more takes the MMA
-    loop."""
+    CUDA-core main loop with ``fma_config``'s tiles (split-K on this small grid: serial, the last program's reduce at
+    BLOCK_M = M; at M = 3 the reduce kernel) - the same sums as the oracle, a masked N tile and K tail, SiLU*mul,
+    bias, outliers; one row more takes the MMA loop."""
     smg = kernels.small_m_gemm
     monkeypatch.setattr(smg, "FMA_MAX_M", 4)
+    monkeypatch.setattr(smg, "SERIAL", m != 3)
     launches = []
     record_launches(monkeypatch, smg, "_small_m_gemm_kernel", launches)
+    record_launches(monkeypatch, smg, "_small_m_gemm_serial_kernel", launches)  # split-K, serial (the default)
     n, k = (96, 528) if silu else (48, 528)  # 528 = 2 x 256 + 16: a K tail; 48 / 96: a masked 32-row tile
     ops = operands(gen, "w8", m, n, k, bias=bias, outliers=outliers)
     out = run(*ops, silu_mul=silu)
