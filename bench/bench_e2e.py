@@ -714,7 +714,7 @@ def resolve_spec(name, args, dev):
         arch, shape = em.model_shape(name)
         shape = em.shard_config(shape, tp) if tp > 1 else shape  # this rank's bytes
         tokens = max([*args.prefill, max(args.decode_batches) * args.context])
-        head = em.head_rows(name, vocab) if tp == 1 else -(-vocab // tp)  # vocabulary-parallel rows at TP > 1
+        head = em.head_rows(name if tp == 1 else f"{base}/tp{tp}", vocab)  # this rank's vocabulary-parallel rows
         layers, budget = em.fit_layers(arch, shape, vocab=vocab, free_bytes=_free_bytes(dev),
                                        max_batch=max(args.decode_batches), max_seq_len=args.context + args.steps + 16,
                                        tokens=tokens, headroom_bytes=int(args.fit_headroom_gib * 2 ** 30),

@@ -123,8 +123,13 @@ def head_rows(name: str, vocab: int, head: str = "vocab") -> int:
     vocabulary-parallel rows (``tpfuse.parallel.vocab_head.vocab_range``: ``ceil(vocab / N)``)."""
     if head not in ("vocab", "replicated"):
         raise ValueError(f"head={head!r}: 'vocab' (vocabulary-parallel) or 'replicated'")
+    from tpfuse.parallel.vocab_head import vocab_range
+
     tp = parse_name(name)[1]
-    return vocab if tp is None or head == "replicated" else -(-vocab // tp)
+    if tp is None or head == "replicated":
+        return vocab
+    start, end = vocab_range(vocab, tp, 0)
+    return end - start
 
 
 def kv_bytes_per_layer(shape: dict, max_batch: int, max_seq_len: int, block_size: int = 256,
