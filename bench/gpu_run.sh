@@ -371,7 +371,7 @@ for s in "${steps[@]}"; do
            --w8-ab --fma-ab ${FMA_AB_ARGS:-}
          LIMIT_fma_sweep=${LIMIT_fma_sweep:-100} run fma_sweep python3 bench/tune_small_gemm.py --models 8B --m 1 \
            --schemes w8_bf16 --fma-max-m 4 --budget-s 80 --out-dir "$OUT/fma" \
-           --tiles "${FMA_TILES:-32x256x4x1,16x256x4x1,32x128x4x1,32x512x4x1,64x128x4x1}" ;;
+           --tiles "${FMA_TILES:-32x256x4x1,32x512x4x1,64x256x4x1,16x512x4x1,64x512x8x1,16x256x4x1}" ;;
     w8ab) LIMIT_w8ab_tests=${LIMIT_w8ab_tests:-110} run w8ab_tests bash -c "python3 -m pytest -q -rs \
             --junitxml=$OUT/w8ab_tests.xml tests/distributed/test_fp8_weight_only_model.py tests/test_small_m_gemm.py \
             tests/test_small_m_gemm_add.py -k '${W8AB_TESTS_K:-weight_only or w8}'"

@@ -37,9 +37,10 @@ Design (Hopper):
   parallelism. The one exception, off by default (:data:`FMA_MAX_M`): weight-only launches of a few rows, whose
   tensor-core form must pass the e4m3 tile through shared memory to convert it; there ``FMA`` loads the weight
   and x as ``[BLOCK_N, BLOCK_M, BLOCK_K]`` tiles in one register layout (x re-read per weight row from L1),
-  converts and multiplies in registers, keeps per-lane fp32 partial sums through the K loop and adds them along K
-  once after it (the loop has no shuffles, shared memory or barriers in its sm_90 PTX); ``BLOCK_M`` is M rounded
-  up to a power of two, not 16; :func:`fma_config` splits K for occupancy.
+  converts and multiplies in registers, sums each lane's 16-byte run of K in the lane and keeps those fp32 partial
+  sums through the K loop, adding them along K once after it (at M 1 the loop has no shuffles, shared memory or
+  barriers in its sm_90 PTX; at M 4 x goes through shared memory); ``BLOCK_M`` is M rounded up to a power of two,
+  not 16; :func:`fma_config` splits K for occupancy.
 * **Weights streamed once**, rows of 256 bytes per step (16-byte loads along K); all M rows live in one program,
   so no weight byte is read twice; x (at most 64 x K) is re-read per program from L2.
 * **Split-K, deterministic**: with ``SPLIT_K > 1`` program ``(n, s)`` sums the K steps
@@ -107,6 +108,8 @@ IMPRECISE_MAX: tl.constexpr = tl.constexpr(128)
 REDUCE_BLOCK_N = 64
 SQ_ROWS = smc.SUMSQ_ROWS  # weight rows (output columns) per partial sum of squares of ADD_RES
 SQ_GROUP: tl.constexpr = tl.constexpr(SQ_ROWS)
+# The CUDA-core loop's in-lane run along K: one 16-byte load of e4m3 weights (Triton's vector width along K)
+FMA_VEC: tl.constexpr = tl.constexpr(16)
 
 
 @triton.jit
@@ -140,12 +143,17 @@ def _dot(acc, w, xt, X_FP8: tl.constexpr, W_FP8: tl.constexpr, BLOCK_K: tl.const
 
 @triton.jit
 def _fma_dot(acc, w, x, W_FP8: tl.constexpr):
-    """``acc [BLOCK_N, BLOCK_M, BLOCK_K] + w[n, k] * x[m, k]`` (fp32 FMAs on the CUDA cores): ``w [BLOCK_N, 1,
-    BLOCK_K]`` straight from the registers it was loaded into (an e4m3 weight converted there), ``x [1, BLOCK_M,
-    BLOCK_K]`` 16-bit, broadcast; each lane keeps its own partial sums, added along K once after the loop (no
-    shuffles in the loop)."""
+    """``acc [BLOCK_N, BLOCK_M, BLOCK_K / FMA_VEC]`` plus the products ``w[n, k] * x[m, k]`` (fp32 FMAs on the CUDA
+    cores) summed over each run of ``FMA_VEC`` consecutive k: ``w [BLOCK_N, 1, BLOCK_K]`` straight from the
+    registers it was loaded into (an e4m3 weight converted there), ``x [BLOCK_N, BLOCK_M, BLOCK_K]`` 16-bit (the
+    same values for every row). A run is one lane's 16-byte weight load, so the sum stays in the lane (no shuffles
+    in the loop); the lanes' sums are added along K once after the loop."""
     wf = _e4m3_to_f32(w) if (SOFT_CAST and W_FP8) else w.to(tl.float32)
-    return acc + wf * x.to(tl.float32)
+    prod = wf * x.to(tl.float32)
+    BN: tl.constexpr = prod.shape[0]
+    BM: tl.constexpr = prod.shape[1]
+    BK: tl.constexpr = prod.shape[2]
+    return acc + tl.sum(tl.reshape(prod, (BN, BM, BK // FMA_VEC, FMA_VEC)), axis=3)
 
 
 @triton.jit
@@ -301,9 +309,9 @@ def _gemm_program(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr
     w_tile = w_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :]
     x_tile = x_ptr + rm[:, None] * stride_xm + rk[None, :]
     up = N_OUT.to(tl.int64) * K  # the up rows of a fused gate-up weight start at row I = N_OUT
-    if FMA:  # per-lane partial products (:func:`_fma_dot`), summed along K after the loop
-        acc = tl.zeros((BLOCK_N, BLOCK_M, BLOCK_K), tl.float32)
-        acc_u = tl.zeros((BLOCK_N, BLOCK_M, BLOCK_K), tl.float32)
+    if FMA:  # per-lane partial sums (:func:`_fma_dot`), added along K after the loop
+        acc = tl.zeros((BLOCK_N, BLOCK_M, BLOCK_K // FMA_VEC), tl.float32)
+        acc_u = tl.zeros((BLOCK_N, BLOCK_M, BLOCK_K // FMA_VEC), tl.float32)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
@@ -549,7 +557,10 @@ and no shared-memory pass) with :func:`fma_config`'s tiles (0: never). What it i
 weight-only scheme reads at 0.45-0.60 of the copy bandwidth (module docstring), which keeps
 ``KVCacheConfig.fp8_weight_only_max_tokens`` off. Off: built and tested under the Triton interpreter and compiled
 for sm_90 offline (``tests/sm90_ptx_pending.txt``), not yet run on a GPU."""
-FMA_PROGRAMS_PER_SM = 4  # fma_config's split-K target: its loads are not software-pipelined, occupancy hides them
+FMA_PROGRAMS_PER_SM = 8
+"""fma_config's split-K target. The loop's loads are not software-pipelined (no ``tl.dot`` to feed), so only
+resident programs keep weight bytes in flight: about 60 registers a thread at 4 warps (ptxas, sm_90, BLOCK_M 1;
+about 90 with SiLU*mul) let 8 programs share an SM's register file."""
 
 
 def uses_fma(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -559,8 +570,9 @@ def uses_fma(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def fma_config(n_out: int, k: int, sms: int, m: int = 1) -> "smc.GemmConfig":
     """Tiles of the CUDA-core main loop: 32 weight rows (the ADD_RES epilogue's minimum) x ``256 / BLOCK_M`` K
-    elements (the per-lane partial sums: 64 fp32 a thread at 4 warps whatever M; 128 registers, no spills, at M 1
-    and M 4 in ptxas's report for sm_90), split along K until about :data:`FMA_PROGRAMS_PER_SM` programs an SM."""
+    elements (8 KB of e4m3 a step at 4 warps: 64 weights a thread, in 4 in-lane runs of :data:`FMA_VEC`; 58
+    registers, no spills, at M 1 in ptxas's report for sm_90), split along K until about
+    :data:`FMA_PROGRAMS_PER_SM` programs an SM."""
     block_n, block_k = SQ_ROWS, 256 // triton.next_power_of_2(max(m, 1))
     n_kb = triton.cdiv(k, block_k)
     split = max(1, min(n_kb, triton.cdiv(FMA_PROGRAMS_PER_SM * sms, triton.cdiv(n_out, block_n))))
