@@ -557,10 +557,11 @@ and no shared-memory pass) with :func:`fma_config`'s tiles (0: never). What it i
 weight-only scheme reads at 0.45-0.60 of the copy bandwidth (module docstring), which keeps
 ``KVCacheConfig.fp8_weight_only_max_tokens`` off. Off: built and tested under the Triton interpreter and compiled
 for sm_90 offline (``tests/sm90_ptx_pending.txt``), not yet run on a GPU."""
-FMA_PROGRAMS_PER_SM = 8
-"""fma_config's split-K target. The loop's loads are not software-pipelined (no ``tl.dot`` to feed), so only
-resident programs keep weight bytes in flight: about 60 registers a thread at 4 warps (ptxas, sm_90, BLOCK_M 1;
-about 90 with SiLU*mul) let 8 programs share an SM's register file."""
+FMA_PROGRAMS_PER_SM = 3
+"""fma_config's split-K target: about this many programs an SM. From the loop's tile sweep at M 1 (one H100, 53e8ff3,
+``bench/results/small_gemm_h100_fma_53e8ff3.json``): 16 x 512 tiles split so came within 10% of the best tile and
+split it timed on each of the 8B's TP 1 / TP 2 shapes (1.00-1.10x); 32 x 256 tiles, at the splits it timed, took
+1.00-1.32x the best."""
 
 
 def uses_fma(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -569,13 +570,13 @@ def uses_fma(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def fma_config(n_out: int, k: int, sms: int, m: int = 1) -> "smc.GemmConfig":
-    """Tiles of the CUDA-core main loop: 32 weight rows (the ADD_RES epilogue's minimum) x ``256 / BLOCK_M`` K
-    elements (8 KB of e4m3 a step at 4 warps: 64 weights a thread, in 4 in-lane runs of :data:`FMA_VEC`; 58
-    registers, no spills, at M 1 in ptxas's report for sm_90), split along K until about
-    :data:`FMA_PROGRAMS_PER_SM` programs an SM."""
-    block_n, block_k = SQ_ROWS, 256 // triton.next_power_of_2(max(m, 1))
+    """Tiles of the CUDA-core main loop: 16 weight rows x ``512 / BLOCK_M`` K elements at 4 warps (8 KB of e4m3 a
+    step: 64 weights a thread in 4 in-lane runs of :data:`FMA_VEC`; 58 registers, no spills, at M 1 in ptxas's
+    report for sm_90; ADD_RES launches raise the rows to 32), split along K to about :data:`FMA_PROGRAMS_PER_SM`
+    programs an SM."""
+    block_n, block_k = 16, 512 // triton.next_power_of_2(max(m, 1))
     n_kb = triton.cdiv(k, block_k)
-    split = max(1, min(n_kb, triton.cdiv(FMA_PROGRAMS_PER_SM * sms, triton.cdiv(n_out, block_n))))
+    split = max(1, min(n_kb, round(FMA_PROGRAMS_PER_SM * sms / triton.cdiv(n_out, block_n))))
     return smc.GemmConfig(block_n=block_n, block_k=block_k, split_k=split, num_warps=4, num_stages=1)
 
 

@@ -344,7 +344,7 @@ def small_m_gemm_norm_cases():
 
 def small_m_gemm_fma_cases():
     """The weight-only GEMM's CUDA-core main loop (``FMA``; ``small_m_gemm.FMA_MAX_M``): e4m3 weights with
-    per-channel scales, bf16 x, ``fma_config``'s 32 x (256 / BLOCK_M) tiles at 4 warps, one stage: plain (split-K
+    per-channel scales, bf16 x, ``fma_config``'s 16 x (512 / BLOCK_M) tiles (32 rows with ADD_RES) at 4 warps, one stage: plain (split-K
     partials with their reduce kernel or serial at BLOCK_M 1, SiLU*mul, BLOCK_M 4) and folded (NORM_IN, ADD_RES), with and without
     PDL + the batch-1 weight prefetch."""
     nospec = ("M", "n_kb", "split_k", "n_sq")
@@ -357,10 +357,10 @@ def small_m_gemm_fma_cases():
                 "part_ptr": fp32 if part else bf, "nw_ptr": bf, "sq_ptr": fp32 if norm_in else bf,
                 "res_ptr": bf, "sqo_ptr": fp32 if add_res else bf, "xo_ptr": bf}
         epi = dict(X_SCALE=0, W_SCALE=2, HAS_BIAS=False, SILU_MUL=silu, OUT_FP8=False)
-        bk = 256 // bm  # fma_config's
-        const = dict(X_FP8=False, W_FP8=True, **epi, PARTIAL=part, EVEN_K=True, BLOCK_M=bm, BLOCK_N=32, BLOCK_K=bk,
+        bn, bk = (32 if add_res else 16), 512 // bm  # fma_config's (ADD_RES launches: 32 rows)
+        const = dict(X_FP8=False, W_FP8=True, **epi, PARTIAL=part, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                      PDL=pf > 0, PF_LINES=pf)
-        label = f"small_m_gemm fma w8{name} m{bm} n32 k{bk}{' pdl prefetch%d' % pf if pf else ''}"
+        label = f"small_m_gemm fma w8{name} m{bm} n{bn} k{bk}{' pdl prefetch%d' % pf if pf else ''}"
         if norm_in or add_res:
             yield (label, small_m_gemm._small_m_gemm_norm_kernel, ptrs,
                    dict(const, NORM_IN=norm_in, ADD_RES=add_res, SQ_BLOCK=128 if norm_in else 1, AMAX_OUT=False,

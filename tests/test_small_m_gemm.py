@@ -153,21 +153,21 @@ def test_matches_oracle(scheme, m, gen):
 def test_w8_fma_main_loop_matches_oracle(m, silu, bias, outliers, gen, kernels, monkeypatch):
     """``small_m_gemm.FMA_MAX_M``: weight-only launches (e4m3 weight, bf16 x) of at most that many rows run the
     CUDA-core main loop with ``fma_config``'s tiles (split-K on this small grid: serial, the last program's reduce at
-    BLOCK_M = M; at M = 3 the reduce kernel) - the same sums as the oracle, a masked N tile and K tail, SiLU*mul,
-    bias, outliers; one row more takes the MMA loop."""
+    BLOCK_M = M; at M = 3 the reduce kernel) - the same sums as the oracle, a K tail, SiLU*mul, bias, outliers; one
+    row more takes the MMA loop."""
     smg = kernels.small_m_gemm
     monkeypatch.setattr(smg, "FMA_MAX_M", 4)
     monkeypatch.setattr(smg, "SERIAL", m != 3)
     launches = []
     record_launches(monkeypatch, smg, "_small_m_gemm_kernel", launches)
     record_launches(monkeypatch, smg, "_small_m_gemm_serial_kernel", launches)  # split-K, serial (the default)
-    n, k = (96, 528) if silu else (48, 528)  # 528 = 2 x 256 + 16: a K tail; 48 / 96: a masked 32-row tile
+    n, k = (96, 528) if silu else (48, 528)  # 528 = 512 + 16: a K tail at every BLOCK_K
     ops = operands(gen, "w8", m, n, k, bias=bias, outliers=outliers)
     out = run(*ops, silu_mul=silu)
     check(out, ops, f"w8 fma M={m} silu={silu}", silu=silu)
     (grid, kw), = launches
     bm = 1 << (m - 1).bit_length()
-    assert kw.get("FMA") is True and (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]) == (bm, 32, 256 // bm)
+    assert kw.get("FMA") is True and (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]) == (bm, 16, 512 // bm)
     sms = small_gemm.device_info(torch.device(DEVICE))[1]
     assert grid[1] == smg.fma_config(n // 2 if silu else n, k, sms, m).split_k
     launches.clear()
