@@ -123,7 +123,9 @@ class KVCacheConfig:
     full 8B the weight-only step took 1.46 / 1.34 / 1.68x the activation-quantized one at batch 1 / 16 / 64
     (per-channel; static 1.46 / 1.41 / 1.74x; ``e2e_tp1_h100_w8_ab_66e53a3.json``, rows ``tpfuse_fp8`` vs
     ``_actq``), 0.94x the bf16 step at batch 1. Its GPU test (the CUDA-graph decode at TP 1, RMSNorms folded and
-    not, PDL bit for bit, against the fp64 oracle in bf16's budget) passed there."""
+    not, PDL bit for bit, against the fp64 oracle in bf16's budget) passed there. With the GEMMs' main loop on the
+    CUDA cores instead (``small_m_gemm.FMA_MAX_M``) the batch-1 step took 1.05x the activation-quantized one (one
+    H100, 2e319e0, ``e2e_tp1_h100_fma_ab_2e319e0.json``; static 1.08x)."""
 
     vocab_parallel_head: bool = True
     """True: at TP > 1 each rank keeps ``ceil(vocab / TP)`` of the lm_head's rows and computes only their logits,
