@@ -591,7 +591,10 @@ def main(argv=None):
     header["elapsed_s"] = round(time.time() - t0, 1)
     write(args, header, rows, best, skipped, errors, copy_gbps, arch, final=True)
     for r in summary(best):
-        print("# summary", r)
+        if r["shapes"]:
+            print("# summary", r)
+        else:  # the ratios are over bf16's library time: a sweep without bf16 points (--schemes) has none
+            print(f"# summary: M={r['m']}: no bf16 points in this sweep, so no ratios to bf16 (add bf16 to --schemes)")
     wins = sum(b["beats_library"] for b in best)
     print(f"# {len(best)} points, kernel wins {wins}, skipped {len(skipped)}, failed candidates {len(errors)}; "
           f"{header['elapsed_s']:.0f} s")
