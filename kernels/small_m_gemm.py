@@ -561,15 +561,15 @@ full 8B's FP8 decode step at batch 1 took 3.79 ms weight-only on this loop, 3.62
 (1.05x; static scales 3.82 vs 3.53 ms, 1.08x) and 5.27 ms weight-only on the tensor-core loop; at 53e8ff3 (32 x 256
 tiles split to 8 programs an SM) 4.01 vs 3.61 ms. At M 1 the best tile the sweep timed per shape read at 0.38-0.89
 of the copy bandwidth (``small_gemm_h100_fma_2e319e0.json``, the 8B's TP 1 / TP 2 shapes; TP 1: qkv 13.8 us, o 10.3,
-gate-up + SiLU*mul 44.2, down 27.1), short of
-the FP8 x FP8 kernel the activation scheme runs (its table: 12.1 / 9.2 / 42.9 + the SiLU*mul kernel / 23.9 us, one
-H100 at 1b777fa), so the kernels it saves (no quantize, SiLU*mul or norm kernels) do not pay for it. Its GPU tests
-(the kernel at M 1-4, the folded forms, the model's graph decode against the oracle) passed on both runs."""
+gate-up + SiLU*mul 44.2, down 27.1), short of the FP8 x FP8 kernel the activation scheme runs (its table: 12.1 /
+9.2 / 42.9 + the SiLU*mul kernel / 23.9 us, one H100 at 1b777fa), so the kernels it saves (no quantize, SiLU*mul
+or norm kernels) do not pay for it. Its GPU tests (the kernel at M 1-4, the folded forms, the model's graph decode
+against the oracle) passed on both runs."""
 FMA_PROGRAMS_PER_SM = 3
 """fma_config's split-K target: about this many programs an SM. From the loop's tile sweep at M 1 (one H100, 53e8ff3,
-``bench/results/small_gemm_h100_fma_53e8ff3.json``): 16 x 512 tiles split so came within 10% of the best tile and
-split it timed on each of the 8B's TP 1 / TP 2 shapes (1.00-1.10x); 32 x 256 tiles, at the splits it timed, took
-1.00-1.32x the best."""
+``bench/results/small_gemm_h100_fma_53e8ff3.json``): 16 x 512 tiles split this way came within 10% of the best tile
+and split it timed on each of the 8B's TP 1 / TP 2 shapes (1.00-1.10x); 32 x 256 tiles, at the splits it timed,
+took 1.00-1.32x the best."""
 
 
 def uses_fma(x: torch.Tensor, w: torch.Tensor) -> bool:

@@ -344,9 +344,9 @@ def small_m_gemm_norm_cases():
 
 def small_m_gemm_fma_cases():
     """The weight-only GEMM's CUDA-core main loop (``FMA``; ``small_m_gemm.FMA_MAX_M``): e4m3 weights with
-    per-channel scales, bf16 x, ``fma_config``'s 16 x (512 / BLOCK_M) tiles (32 rows with ADD_RES) at 4 warps, one stage: plain (split-K
-    partials with their reduce kernel or serial at BLOCK_M 1, SiLU*mul, BLOCK_M 4) and folded (NORM_IN, ADD_RES), with and without
-    PDL + the batch-1 weight prefetch."""
+    per-channel scales, bf16 x, ``fma_config``'s 16 x (512 / BLOCK_M) tiles (32 rows with ADD_RES) at 4 warps, one
+    stage: plain (split-K partials with their reduce kernel or serial at BLOCK_M 1, SiLU*mul, BLOCK_M 4) and folded
+    (NORM_IN, ADD_RES), with and without PDL + the batch-1 weight prefetch."""
     nospec = ("M", "n_kb", "split_k", "n_sq")
     bf, fp8, fp32 = "*bf16", "*fp8e4nv", "*fp32"
     for name, norm_in, add_res, silu, part, bm, pf in (
