@@ -32,9 +32,9 @@ Design (Hopper):
   with ``KVCacheConfig.fp8_weight_only_max_tokens``, off).
 * **Tensor cores even at M = 1.** The padded MMA work is 16-300x below the memory time at every M here,
   and only loads that feed ``tl.dot`` get Triton's multi-stage ``cp.async`` pipeline (``num_stages``), which keeps
-  ``num_stages`` tiles of ``BLOCK_N x BLOCK_K`` weight bytes in flight per program. A dot-free FMA path holds
-  BLOCK_N x BLOCK_K fp32 partial products per row in registers and relies on occupancy alone for memory
-  parallelism. The one exception, off by default (:data:`FMA_MAX_M`): weight-only launches of a few rows, whose
+  ``num_stages`` tiles of ``BLOCK_N x BLOCK_K`` weight bytes in flight per program; a dot-free loop relies on
+  occupancy alone for memory parallelism. The one exception, off (:data:`FMA_MAX_M`: measured slower than the
+  activation-quantized scheme at batch 1): weight-only launches of a few rows, whose
   tensor-core form must pass the e4m3 tile through shared memory to convert it; there ``FMA`` loads the weight
   and x as ``[BLOCK_N, BLOCK_M, BLOCK_K]`` tiles in one register layout (x re-read per weight row from L1),
   converts and multiplies in registers, sums each lane's 16-byte run of K in the lane and keeps those fp32 partial
