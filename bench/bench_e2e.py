@@ -89,6 +89,9 @@ Providers (every one is the model a user runs, called with Hugging Face argument
   ``KVCacheConfig.fp8_weight_only_max_tokens`` the other way than the default at that batch: 64 (the FP8 layers'
   GEMMs weight-only with bf16 activations, ``_w8``) or 0 (the checkpoint's activation scheme, ``_actq``); rows carry
   ``fp8_weight_only_max_tokens``;
+* ``<provider>_smallm_notma`` (``--tma-ab`` with ``--small-m-table``): the decode step with that table and
+  ``small_m_gemm.TMA`` off (the table's TMA configs run their tiles on pointer loads): next to ``_smallm``, what the
+  TMA weight tiles alone change; rows carry ``tma``;
 * ``<provider>_fma`` (``--fma-ab``, FP8 rows whose steps run weight-only, at most 4 tokens): the decode step with
   ``small_m_gemm.FMA_MAX_M`` 4 (the weight-only GEMMs' main loop on the CUDA cores); rows carry ``fma_max_m``;
 * ``tpfuse_headrep`` (``--head-ab``, shard rows, bf16): the shard's decode step with the whole lm_head (every
@@ -227,6 +230,8 @@ def parse_args(argv=None):
     ap.add_argument("--hoist-ab", action="store_true", help="adds decode rows with decode_attention.HOIST_LOADS 0 "
                     "/ 1 / 2 (the rope-split kernel's reads before its PDL wait) where that is not the default's "
                     "level at the row's batch: <provider>_hoist0 / _hoist1 / _hoist2")
+    ap.add_argument("--tma-ab", action="store_true", help="with --small-m-table: adds decode rows with that table "
+                    "and small_m_gemm.TMA off (its TMA rows on pointer loads, the same tiles): <provider>_smallm_notma")
     ap.add_argument("--fma-ab", action="store_true", help="adds FP8 decode rows whose steps run weight-only "
                     "(--fp8-weight-only) at most 4 tokens with small_m_gemm.FMA_MAX_M 4 (the CUDA-core loop): "
                     "<provider>_fma")
@@ -464,6 +469,8 @@ class Variant(NamedTuple):
     """``KVCacheConfig.fp8_weight_only_max_tokens`` (FP8 rows only)."""
     fma_max_m: Optional[int] = None
     """``small_m_gemm.FMA_MAX_M`` (FP8 rows whose steps run weight-only)."""
+    tma: Optional[bool] = None
+    """``small_m_gemm.TMA`` (whether table configs that ask for TMA weight tiles get them)."""
 
 
 def variants(args) -> list:
@@ -498,6 +505,7 @@ def variants(args) -> list:
         args, "amax_ab", False) else []
     out += [Variant("_fma", fma_max_m=4)] if getattr(args, "fma_ab", False) else []
     out += [Variant("_smallm", table)] if table else []
+    out += [Variant("_smallm_notma", table, tma=False)] if table and getattr(args, "tma_ab", False) else []
     out += [Variant("_nopdl", pdl=False), Variant("_prefetch", pdl=True, prefetch=True,
                                                   prefetch_bytes=None if kib is None else kib << 10)] if ab else []
     out += [Variant("_smallall", table, everywhere=True)] if every else []
@@ -591,8 +599,9 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
     own_pf, own_kv_pf, own_comb, own_f16 = smg.PREFETCH_BYTES, dak.PREFETCH, dak.FUSE_COMBINE, dak.FP8_F16
     own_tile, own_chain = dak.ONE_SPLIT_TILES, small_gemm.AMAX_CHAIN_MAX_M
     own_split, own_early, own_hoist = (dak.SPLIT_WAVES, dak.MULTI_SPLIT_TILE), pdl_launch.EARLY_TRIGGER, dak.HOIST_LOADS
-    own_fma = smg.FMA_MAX_M
+    own_fma, own_tma = smg.FMA_MAX_M, smg.TMA
     smg.FMA_MAX_M = own_fma if v.fma_max_m is None else v.fma_max_m
+    smg.TMA = own_tma if v.tma is None else v.tma
     dak.HOIST_LOADS = own_hoist if v.hoist is None else v.hoist
     if v.gemm_prefetch_bytes is not None:
         smg.PREFETCH_BYTES = v.gemm_prefetch_bytes
@@ -623,7 +632,7 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
                                            split_rule=[dak.SPLIT_WAVES, dak.MULTI_SPLIT_TILE],
                                            early_trigger=pdl_launch.EARLY_TRIGGER, hoist=dak.HOIST_LOADS,
                                            fp8_weight_only_max_tokens=st.cache_config.fp8_weight_only_max_tokens,
-                                           fma_max_m=smg.FMA_MAX_M))
+                                           fma_max_m=smg.FMA_MAX_M, tma=smg.TMA))
     finally:
         st.cache_config.pdl, st.cache_config.fuse_rope, st.graphs = own_pdl, own_fuse, None
         st.cache_config.fold_norms, st.cache_config.prefetch_o_proj = own_fold, own_opf
@@ -632,7 +641,7 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
         dak.ONE_SPLIT_TILES, small_gemm.AMAX_CHAIN_MAX_M = own_tile, own_chain
         dak.SPLIT_WAVES, dak.MULTI_SPLIT_TILE = own_split
         pdl_launch.EARLY_TRIGGER, dak.HOIST_LOADS = own_early, own_hoist
-        smg.FMA_MAX_M = own_fma
+        smg.FMA_MAX_M, smg.TMA = own_fma, own_tma
     return r
 
 

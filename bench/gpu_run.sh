@@ -4,12 +4,12 @@
 #                                         profile e2e e2e_full e2e_shards load tune demo onegpu soak probe_onegpu
 #                                         small_gemm e2e_ab e2e_big fp8cache fusedrope fusedcomb foldnorm
 #                                         kvprefetch fp8f16 argmax smallm64 opf attntail profiles accuracy
-#                                         splitcand trigger tiles16 hoist gpf w8 w8ab vhead defaults fma
+#                                         splitcand trigger tiles16 hoist gpf w8 w8ab vhead defaults fma tma tma_ab
 #                                         (default: all but probe_ce, profile, profiles, e2e_full, e2e_shards, load,
 #                                         onegpu, soak, probe_onegpu, small_gemm, e2e_ab, e2e_big, fp8cache,
 #                                         fusedrope, fusedcomb, foldnorm, kvprefetch, fp8f16, argmax, smallm64,
 #                                         opf, attntail, accuracy, splitcand, trigger, tiles16, hoist, gpf, w8, w8ab,
-#                                         vhead, defaults, fma;
+#                                         vhead, defaults, fma, tma, tma_ab;
 #                                         multi-GPU steps skip on one GPU)
 #   profiles: where the decode step goes, at full size with PDL (profile_decode.py: kernel and exposed time per
 #         kernel, JSON + PNG each, $OUT/profiles), one profile per entry of PROFILES (default "8B:1 8B:8 8B:64
@@ -160,6 +160,13 @@
 #        8B's weight-only GEMMs at M 1 on the CUDA-core loop per tile (tune_small_gemm --fma-max-m 4, FMA_TILES,
 #        $OUT/fma: each tile's read bandwidth against F.linear of the bf16 weights); ~7 min.
 #        One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh fma
+#   tma: the small-M GEMM's weight tiles through TMA descriptors (GemmConfig.tma): its GPU tests and the eager
+#        fast-launch tests (TMA_TESTS_K), the sweep with every tile also as its TMA twin (tune_small_gemm --tma:
+#        TMA_MODELS 8B,70B x TMA_M 1,16,64 x TMA_SCHEMES bf16,fp8_row, TMA_BUDGET_S 200; $OUT/tma: sweep + routing
+#        table over the shipped table's sweeps), then the shards at batch 1 with that table (_smallm) and with it on
+#        pointer loads (_smallm_notma); ~8 min. tma_ab: the full 8B (bf16, per-channel and static FP8) at batch
+#        TMA_AB_BATCHES (1,16,64) with the table TMA_TABLE (committed after a tma call), _smallm / _smallm_notma;
+#        ~5 min. One call each: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh tma; TMA_TABLE=<json> ... tma_ab
 #   argmax: the greedy pick's A/B (bench/bench_argmax.py: torch.argmax vs tpfuse.parallel.generate.greedy_tokens
 #         and its chunk lengths, vocab 128256 / 32000 at B 1 / 8 / 64; ARGMAX_ARGS appended; ~20 s)
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
@@ -372,6 +379,21 @@ for s in "${steps[@]}"; do
          LIMIT_fma_sweep=${LIMIT_fma_sweep:-100} run fma_sweep python3 bench/tune_small_gemm.py --models 8B --m 1 \
            --schemes w8_bf16 --fma-max-m 4 --budget-s 80 --out-dir "$OUT/fma" \
            --tiles "${FMA_TILES:-32x256x4x1,32x512x4x1,64x256x4x1,16x512x4x1,64x512x8x1,16x256x4x1}" ;;
+    tma) LIMIT_tma_tests=${LIMIT_tma_tests:-150} run tma_tests bash -c "python3 -m pytest -q -rs \
+           --junitxml=$OUT/tma_tests.xml tests/test_small_m_gemm.py tests/test_eager_fast_path.py \
+           -k '${TMA_TESTS_K:-tma or fast_launch}'"
+         LIMIT_tma_sweep=${LIMIT_tma_sweep:-240} run tma_sweep python3 bench/tune_small_gemm.py \
+           --models "${TMA_MODELS:-8B,70B}" --m "${TMA_M:-1,16,64}" --schemes "${TMA_SCHEMES:-bf16,fp8_row}" --tma \
+           --budget-s "${TMA_BUDGET_S:-200}" --base-sweep bench/results/small_gemm_h100_14a3f4c.json \
+           --base-sweep bench/results/small_gemm_h100_alltiles_1b777fa.json --out-dir "$OUT/tma" ${TMA_SWEEP_ARGS:-}
+         tbl="$OUT/tma/small_m_gemm_$(python3 -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"sm{m}{n}")').json"
+         [[ -f $tbl ]] && LIMIT_tma_shards=${LIMIT_tma_shards:-150} run tma_shards "${TR1[@]}" bench/bench_e2e.py \
+           --tag shards_tma_ab --models "${TMA_SHARDS:-70B/tp8,70B/tp4,8B/tp2}" --layers full --decode-batches 1 \
+           --context 1024 --prefill 1024 --hf-models none --no-fp8 --small-m-table "$tbl" --tma-ab ;;
+    tma_ab) [[ -f ${TMA_TABLE:-} ]] || { echo "tma_ab: TMA_TABLE=<a small-M table with TMA rows> is needed"; status=1; }
+            [[ -f ${TMA_TABLE:-} ]] && LIMIT_tma_ab=${LIMIT_tma_ab:-330} run tma_ab "${TR1[@]}" bench/bench_e2e.py \
+              --tag tma_ab --models 8B --layers full --decode-batches "${TMA_AB_BATCHES:-1,16,64}" --context 1024 \
+              --prefill 1024 --hf-models none --small-m-table "$TMA_TABLE" --tma-ab ${TMA_AB_ARGS:-} ;;
     w8ab) LIMIT_w8ab_tests=${LIMIT_w8ab_tests:-110} run w8ab_tests bash -c "python3 -m pytest -q -rs \
             --junitxml=$OUT/w8ab_tests.xml tests/distributed/test_fp8_weight_only_model.py tests/test_small_m_gemm.py \
             tests/test_small_m_gemm_add.py -k '${W8AB_TESTS_K:-weight_only or w8}'"

@@ -42,7 +42,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +88,10 @@ STATIC_OUT_SCALE = 0.1  # silu(g) * u of y ~ N(0, 1) stays inside e4m3's +-448
 TILES = {2: [(64, 128, 4, 4), (128, 128, 4, 4), (64, 256, 4, 3), (32, 256, 4, 4), (128, 64, 4, 6)],
          1: [(64, 256, 4, 4), (128, 256, 4, 4), (64, 512, 4, 3), (32, 512, 4, 4), (128, 128, 4, 6)]}
 ALL_TILES = [False]  # --all-tiles (set by main)
-CLI_TILES: list = []  # --tiles (set by main): (block_n, block_k, warps, stages) more, for every weight width
+CLI_TILES: list = []  # --tiles (set by main): (block_n, block_k, warps, stages[, tma]) more, for every weight width
+TMA_TWINS = [False]
+"""``--tma`` (set by main): every phase-1 tile of at most 256 K elements also with its weight tiles through a TMA
+descriptor (``GemmConfig.tma``), at the same split."""
 WIDE_M = 32
 """From this M on, the x tile is as large as a 64-row weight tile's half or more, and every N tile re-reads it from
 L2 (x traffic / weight traffic = M / BLOCK_N): the candidates add :data:`EXTRA_TILES` and time every tile at split-K 1
@@ -125,28 +128,31 @@ def candidates(scheme: str, n: int, k: int, sms: int, m: int = 1, all_tiles: boo
     wide = m >= WIDE_M or all_tiles
     tiles = TILES[wb] + (EXTRA_TILES[wb] if wide else []) + CLI_TILES
     out = [smc.default_config(scheme, n, k, 1, sms)]
-    for bn, bk, w, st in tiles:
-        t = GemmConfig(block_n=bn, block_k=bk, num_warps=w, num_stages=st)
+    for bn, bk, w, st, *tma in tiles:
+        t = GemmConfig(block_n=bn, block_k=bk, num_warps=w, num_stages=st, tma=tma[0] if tma else 0)
         rule = rule_split(t, scheme, n, k, sms)
         splits = [rule]
         if wide:  # from WIDE_M on the rule's deep splits lose (their partials): 1 and 2 instead
             keep = rule > 2 and (rule <= 4 or m < WIDE_M)
             splits = [s for s in (1, 2) if s <= max(1, -(-k // bk) // 2)] + ([rule] if keep else [])
         for s in splits:
-            c = replace(t, split_k=s)
-            if c not in out:
-                out.append(c)
+            for c in (replace(t, split_k=s),) + ((replace(t, split_k=s, tma=1),)
+                                                  if TMA_TWINS[0] and not t.tma and bk <= 256 else ()):
+                if c not in out:
+                    out.append(c)
     return out
 
 
 def parse_tiles(spec: str) -> list:
-    """``"16x256x4x6,32x512x4x4"`` -> ``[(16, 256, 4, 6), (32, 512, 4, 4)]`` (``--tiles``)."""
+    """``"16x256x4x6,32x256x4x4t"`` -> ``[(16, 256, 4, 6), (32, 256, 4, 4, 1)]`` (``--tiles``; a trailing ``t``:
+    the weight tiles through TMA, ``GemmConfig.tma``)."""
     out = []
     for item in filter(None, (t.strip() for t in spec.split(","))):
-        parts = item.split("x")
+        tma = item.endswith("t")
+        parts = item[:-1 if tma else None].split("x")
         if len(parts) != 4 or not all(p.isdigit() for p in parts):
-            raise SystemExit(f"--tiles: {item!r} is not block_n x block_k x warps x stages (e.g. 16x256x4x6)")
-        out.append(tuple(int(p) for p in parts))
+            raise SystemExit(f"--tiles: {item!r} is not block_n x block_k x warps x stages[t] (e.g. 16x256x4x6)")
+        out.append(tuple(int(p) for p in parts) + ((1,) if tma else ()))
     return out
 
 
@@ -280,7 +286,7 @@ def sweep_point(pt, W, X, sms, copies, won, rows, errors):
             us = time_kernel(scheme, cfg, W, X, ref, copies, errors)
             if us is not None:
                 res[cfg] = [us]
-                rows.append(dict(pt, provider="kernel", config=asdict(cfg), label=cfg.short(), phase=phase,
+                rows.append(dict(pt, provider="kernel", config=cfg.as_dict(), label=cfg.short(), phase=phase,
                                  us=round(us, 3)))
 
     for cfg in candidates(scheme, n, k, sms, m, ALL_TILES[0]):
@@ -303,7 +309,7 @@ def sweep_point(pt, W, X, sms, copies, won, rows, errors):
         return None
     k_us, l_us = min(res[best]), min(lib)
     rows.append(dict(pt, provider="library" if "_silu" not in scheme else "unfused", us=round(l_us, 3)))
-    return dict(pt, config=asdict(best), label=best.short(), kernel_us=round(k_us, 3), library_us=round(l_us, 3),
+    return dict(pt, config=best.as_dict(), label=best.short(), kernel_us=round(k_us, 3), library_us=round(l_us, 3),
                 speedup=round(l_us / k_us, 3), beats_library=k_us < WIN_MARGIN * l_us, candidates=len(res))
 
 
@@ -335,18 +341,18 @@ def variants(shapes, sms):
             bm = max(16, 1 << (pt["m"] - 1).bit_length())
             for c in candidates(pt["scheme"], n, k, sms, pt["m"], ALL_TILES[0]):
                 for split in (False, True):  # phase 2 may move a tile to split-K or back
-                    out.add((pt["scheme"], bm, c.block_n, c.block_k, c.num_warps, c.num_stages, split))
+                    out.add((pt["scheme"], bm, c.block_n, c.block_k, c.num_warps, c.num_stages, split, c.tma))
     return sorted(out)
 
 
 def _precompile_worker(task):
-    scheme, bm, bn, bk, warps, stages, split = task
+    scheme, bm, bn, bk, warps, stages, split, tma = task
     try:
         dev = torch.device("cuda")
         n = 256 * (2 if "_silu" in scheme else 1)
         W, X = weights(n, 1024, dev), activations(bm, 1024, dev)
         X["out_scale"] = torch.tensor(STATIC_OUT_SCALE, device=dev)
-        with smc.forced(GemmConfig(bn, bk, 2 if split else 1, warps, stages)):
+        with smc.forced(GemmConfig(bn, bk, 2 if split else 1, warps, stages, tma)):
             kernel_call(scheme, W, X, 0)()
         torch.cuda.synchronize()
         return None
@@ -511,6 +517,8 @@ def parse_args(argv=None):
     ap.add_argument("--tiles", default="", metavar="NxKxWxS[,...]",
                     help="more phase-1 tile candidates (block_n x block_k x warps x stages), at every M and scheme: "
                          "e.g. 16x256x4x6 (mma.sync-sized tiles: twice the programs of 32-row ones)")
+    ap.add_argument("--tma", action="store_true",
+                    help="every candidate tile of at most 256 K elements also with TMA weight tiles (GemmConfig.tma)")
     ap.add_argument("--fma-max-m", type=int, default=None, metavar="M",
                     help="small_m_gemm.FMA_MAX_M for this sweep: weight-only points (w8_bf16) of at most M rows "
                          "time the CUDA-core main loop under each candidate tile (give FMA-sized ones with --tiles, "
@@ -538,6 +546,7 @@ def main(argv=None):
         smg.FMA_MAX_M = args.fma_max_m  # this process's launches (the precompile workers build the MMA loop)
     ALL_TILES[0] = args.all_tiles
     CLI_TILES[:] = parse_tiles(args.tiles)
+    TMA_TWINS[0] = args.tma
     dev = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False  # the candidates' check GEMM in fp32
     arch, sms = small_gemm.device_info(dev)
@@ -553,7 +562,7 @@ def main(argv=None):
     copy_gbps = max(ways.values())  # the faster way (common.copy_bandwidths says why)
     print(f"# device-to-device copy: {copy_gbps:.0f} GB/s (read + write; by way: {ways})", flush=True)
     header = common.header("small_gemm", arch=arch, sms=sms, copy_gbps=copy_gbps, copy_gbps_ways=ways,
-                           budget_s=args.budget_s, fma_max_m=args.fma_max_m,
+                           budget_s=args.budget_s, fma_max_m=args.fma_max_m, tma_twins=args.tma,
                            precompile_s=round(comp_s, 1), precompile_variants=len(tasks),
                            precompile_errors=comp_errs[:10],
                            method="CUDA graphs of back-to-back calls over weight copies > 256 MB, median per call; "

@@ -65,9 +65,21 @@ class GemmConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 4
+    tma: int = 0
+    """1: the weight tiles come through a TMA descriptor (``small_m_gemm.weight_desc``: one bulk copy a tile, no
+    per-thread address math or masks) instead of per-thread ``cp.async`` loads; ``block_k`` at most 256."""
+
+    def as_dict(self) -> dict:
+        """The fields as a table or sweep row stores them (``tma`` only where set: tables written before it
+        existed stay as they were)."""
+        d = asdict(self)
+        if not self.tma:
+            del d["tma"]
+        return d
 
     def short(self) -> str:
-        return f"n{self.block_n}k{self.block_k}s{self.split_k}w{self.num_warps}p{self.num_stages}"
+        return f"n{self.block_n}k{self.block_k}s{self.split_k}w{self.num_warps}p{self.num_stages}" + \
+            ("t" if self.tma else "")
 
 
 @dataclass(frozen=True)
@@ -130,11 +142,11 @@ def sanitize(cfg: GemmConfig, n_out: int, k: int) -> GemmConfig:
     def p2(v, lo, hi):
         return max(lo, min(hi, next_pow2(max(int(v), 1))))
 
-    block_k = p2(cfg.block_k, 32, 512)
+    block_k = p2(cfg.block_k, 32, 256 if cfg.tma else 512)
     split = max(1, min(int(cfg.split_k), -(-k // block_k)))
     warps = cfg.num_warps if cfg.num_warps in (1, 2, 4, 8) else 4
     return replace(cfg, block_n=p2(cfg.block_n, 16, 256), block_k=block_k, split_k=split, num_warps=warps,
-                   num_stages=max(1, min(6, int(cfg.num_stages))))
+                   num_stages=max(1, min(6, int(cfg.num_stages))), tma=1 if cfg.tma else 0)
 
 
 SMEM_BUDGET = 200 * 1024  # of Hopper's 227 KB per block: the main loop's stages must fit, with room (not swept)
@@ -281,5 +293,5 @@ def forced_config() -> Optional[GemmConfig]:
 def table_row(arch: str, scheme: str, n: int, k: int, bucket: int, cfg: GemmConfig, beats: bool,
               **extra) -> dict:
     """One row of a table file, as the sweep writes it."""
-    return dict(arch=arch, scheme=scheme, n=n, k=k, m_bucket=bucket, config=asdict(cfg), beats_library=beats,
+    return dict(arch=arch, scheme=scheme, n=n, k=k, m_bucket=bucket, config=cfg.as_dict(), beats_library=beats,
                 **extra)

@@ -158,9 +158,12 @@ def _fma_dot(acc, w, x, W_FP8: tl.constexpr):
 
 @triton.jit
 def _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, X_FP8: tl.constexpr, W_FP8: tl.constexpr,
-            SILU_MUL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr, FMA: tl.constexpr = False):
+            SILU_MUL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr, FMA: tl.constexpr = False,
+            W_DESC: tl.constexpr = False, n0=0):
     """One BLOCK_K step of the main loop: x and weight tiles (the up rows too with SILU_MUL) into the sums; FMA:
-    by :func:`_fma_dot` (no tensor-core MMA, no shared-memory pass)."""
+    by :func:`_fma_dot` (no tensor-core MMA, no shared-memory pass). W_DESC: ``w_tile`` is the weight's TMA
+    descriptor and the tile rows ``[n0, n0 + BLOCK_N)`` (``up`` rows further for the up tile), zero past the
+    weight's edges."""
     k0 = kb * BLOCK_K
     if EVEN_K:
         x_mask = m_mask[:, None]
@@ -177,6 +180,11 @@ def _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, X_FP8: tl
         acc = _fma_dot(acc, tl.load(wk, mask=w_mask[:, None, :], other=0.0), xk, W_FP8)
         if SILU_MUL:
             acc_u = _fma_dot(acc_u, tl.load(wk + up, mask=w_mask[:, None, :], other=0.0), xk, W_FP8)
+    elif W_DESC:
+        xt = tl.trans(tl.load(x_tile + k0, mask=x_mask, other=0.0))
+        acc = _dot(acc, w_tile.load([n0, k0]), xt, X_FP8, W_FP8, BLOCK_K)
+        if SILU_MUL:
+            acc_u = _dot(acc_u, w_tile.load([n0 + up, k0]), xt, X_FP8, W_FP8, BLOCK_K)
     else:
         xt = tl.trans(tl.load(x_tile + k0, mask=x_mask, other=0.0))
         acc = _dot(acc, tl.load(w_tile + k0, mask=w_mask, other=0.0), xt, X_FP8, W_FP8, BLOCK_K)
@@ -292,9 +300,11 @@ def _gemm_program(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr
                   HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, OUT_FP8: tl.constexpr, PARTIAL: tl.constexpr,
                   EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   PDL: tl.constexpr, PF_LINES: tl.constexpr, NORM_IN: tl.constexpr, ADD_RES: tl.constexpr,
-                  SQ_BLOCK: tl.constexpr, AMAX_OUT: tl.constexpr, FMA: tl.constexpr = False):
-    """One program of the GEMM (the kernel entries below)."""
-    if PDL and PF_LINES > 0:  # weights never come from the previous kernel: start streaming them before the wait
+                  SQ_BLOCK: tl.constexpr, AMAX_OUT: tl.constexpr, FMA: tl.constexpr = False,
+                  W_DESC: tl.constexpr = False):
+    """One program of the GEMM (the kernel entries below). W_DESC: ``w_ptr`` is the weight's TMA descriptor
+    (block ``[BLOCK_N, BLOCK_K]``)."""
+    if PDL and PF_LINES > 0 and not W_DESC:  # weights never come from the previous kernel: start streaming them before the wait
         rn_pf = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         _prefetch_weight(w_ptr, rn_pf, rn_pf < N_OUT, K, tl.program_id(1) * n_kb // split_k,
                          (tl.program_id(1) + 1) * n_kb // split_k, N_OUT.to(tl.int64) * K, SILU_MUL, BLOCK_K,
@@ -306,9 +316,16 @@ def _gemm_program(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr
     rk = tl.arange(0, BLOCK_K)
     n_mask = rn < N_OUT
     m_mask = rm < M
-    w_tile = w_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :]
+    if W_DESC:
+        w_tile = w_ptr
+    else:
+        w_tile = w_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :]
     x_tile = x_ptr + rm[:, None] * stride_xm + rk[None, :]
-    up = N_OUT.to(tl.int64) * K  # the up rows of a fused gate-up weight start at row I = N_OUT
+    if W_DESC:
+        up = N_OUT  # the up rows of a fused gate-up weight start at row I = N_OUT (a row index of the descriptor)
+    else:
+        up = N_OUT.to(tl.int64) * K  # the up rows of a fused gate-up weight start at row I = N_OUT
+    n0 = tl.program_id(0) * BLOCK_N
     if FMA:  # per-lane partial sums (:func:`_fma_dot`), added along K after the loop
         acc = tl.zeros((BLOCK_N, BLOCK_M, BLOCK_K // FMA_VEC), tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_M, BLOCK_K // FMA_VEC), tl.float32)
@@ -325,12 +342,12 @@ def _gemm_program(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr
         kb = kb_lo
         while kb < kb_hi:
             acc, acc_u = _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, X_FP8, W_FP8, SILU_MUL,
-                                 EVEN_K, BLOCK_K, FMA)
+                                 EVEN_K, BLOCK_K, FMA, W_DESC, n0)
             kb += 1
     else:  # compiled: the for loop Triton software-pipelines (num_stages)
         for kb in range(kb_lo, kb_hi):
             acc, acc_u = _k_step(acc, acc_u, kb, x_tile, w_tile, up, rk, m_mask, n_mask, K, X_FP8, W_FP8, SILU_MUL,
-                                 EVEN_K, BLOCK_K, FMA)
+                                 EVEN_K, BLOCK_K, FMA, W_DESC, n0)
     pdl.trigger(PDL)  # the weights are read: the next kernel may start launching (kernels/pdl.py)
     if FMA:
         acc = tl.sum(acc, axis=2)
@@ -362,11 +379,11 @@ def _small_m_gemm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, p
                          HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, OUT_FP8: tl.constexpr,
                          PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                         PF_LINES: tl.constexpr = 0, FMA: tl.constexpr = False):
+                         PF_LINES: tl.constexpr = 0, FMA: tl.constexpr = False, W_DESC: tl.constexpr = False):
     _gemm_program(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr, M, N_OUT, K, stride_xm, stride_om,
                   n_kb, split_k, x_ptr, x_ptr, 0, 0.0, x_ptr, 0, x_ptr, x_ptr, X_FP8, W_FP8, X_SCALE, W_SCALE, HAS_BIAS,
                   SILU_MUL, OUT_FP8, PARTIAL, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PDL, PF_LINES, False, False, 1, False,
-                  FMA)
+                  FMA, W_DESC)
 
 
 @triton.jit(do_not_specialize=["M", "n_kb", "split_k", "n_sq"])
@@ -379,7 +396,7 @@ def _small_m_gemm_norm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_p
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               PDL: tl.constexpr, PF_LINES: tl.constexpr, NORM_IN: tl.constexpr,
                               ADD_RES: tl.constexpr, SQ_BLOCK: tl.constexpr, AMAX_OUT: tl.constexpr,
-                              FMA: tl.constexpr = False):
+                              FMA: tl.constexpr = False, W_DESC: tl.constexpr = False):
     """The GEMM with per-token data passed to the next kernel through ``[P, M]`` partials (module docstring,
     "Folded RMSNorm" and "Partial maxima"): NORM_IN scales each token's sums by its rstd, ADD_RES adds the residual
     and writes the next GEMM's rows and the sums of squares, AMAX_OUT writes the output's partial maxima
@@ -387,7 +404,7 @@ def _small_m_gemm_norm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_p
     _gemm_program(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr, M, N_OUT, K, stride_xm, stride_om,
                   n_kb, split_k, nw_ptr, sq_ptr, n_sq, eps, res_ptr, stride_rm, sqo_ptr, xo_ptr, X_FP8, W_FP8, X_SCALE,
                   W_SCALE, HAS_BIAS, SILU_MUL, OUT_FP8, PARTIAL, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PDL, PF_LINES,
-                  NORM_IN, ADD_RES, SQ_BLOCK, AMAX_OUT, FMA)
+                  NORM_IN, ADD_RES, SQ_BLOCK, AMAX_OUT, FMA, W_DESC)
 
 
 @triton.jit(do_not_specialize=["M", "n_kb", "split_k"])
@@ -397,7 +414,8 @@ def _small_m_gemm_serial_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os
                                 W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
                                 OUT_FP8: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                                PF_LINES: tl.constexpr = 0, FMA: tl.constexpr = False):
+                                PF_LINES: tl.constexpr = 0, FMA: tl.constexpr = False,
+                                W_DESC: tl.constexpr = False):
     """Split-K without the reduce kernel (module docstring, "Serial split-K"): each program stores its partial, then
     (a CTA barrier, one acq_rel GPU-scope atomic from one thread) takes a ticket from its N tile's int32 counter;
     the program drawing the last ticket re-arms the counter, sums the tile's ``split_k`` partials in split order
@@ -405,7 +423,7 @@ def _small_m_gemm_serial_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os
     _gemm_program(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr, M, N_OUT, K, stride_xm, stride_om,
                   n_kb, split_k, x_ptr, x_ptr, 0, 0.0, x_ptr, 0, x_ptr, x_ptr, X_FP8, W_FP8, X_SCALE, W_SCALE, HAS_BIAS,
                   SILU_MUL, OUT_FP8, True, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PDL, PF_LINES, False, False, 1, False,
-                  FMA)
+                  FMA, W_DESC)
     tl.debug_barrier()  # every thread's partial stores before the one thread's release
     cnt = cnt_ptr + tl.program_id(0)
     ticket = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
@@ -572,6 +590,36 @@ and split it timed on each of the 8B's TP 1 / TP 2 shapes (1.00-1.10x); 32 x 256
 took 1.00-1.32x the best."""
 
 
+TMA = True
+"""Launches whose config asks for TMA weight tiles (``GemmConfig.tma``, from the routing table) take them where
+:func:`tma_ok` (False: the pointer loads with the same tiles; the A/B knob of ``bench_e2e.py --tma-ab``)."""
+TMA_MAX_BOX = 256  # a TMA box's most elements along each dimension (the hardware's limit)
+_DESCS: dict = {}  # (pointer, shape, strides, dtype, block) -> the weight's TensorDescriptor
+
+
+def tma_ok(w: torch.Tensor, block_n: int, block_k: int) -> bool:
+    """Whether the weight can be read through a TMA descriptor with ``[block_n, block_k]`` boxes: 2-D, unit stride
+    along K, 16-byte aligned base and row stride, boxes within :data:`TMA_MAX_BOX` and at least 16 bytes along K."""
+    e = w.element_size()
+    return (w.dim() == 2 and w.stride(1) == 1 and w.data_ptr() % 16 == 0 and (w.stride(0) * e) % 16 == 0
+            and block_n <= TMA_MAX_BOX and block_k <= TMA_MAX_BOX and block_k * e >= 16)
+
+
+def weight_desc(w: torch.Tensor, block_n: int, block_k: int):
+    """The weight's host-side TMA descriptor with ``[block_n, block_k]`` boxes (reads past the edges give 0),
+    memoized by everything it encodes (a weight freed and another allocated at its address with the same layout
+    gets the same descriptor, which is as right for it). Passed by value at launch: CUDA graphs keep it."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype, block_n, block_k)
+    desc = _DESCS.get(key)
+    if desc is None:
+        if len(_DESCS) >= 4096:
+            _DESCS.clear()
+        desc = _DESCS[key] = TensorDescriptor.from_tensor(w, [block_n, block_k])
+    return desc
+
+
 def uses_fma(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether a launch of ``x @ w.T`` runs :data:`FMA_MAX_M`'s CUDA-core main loop."""
     return w.dtype.itemsize == 1 and x.dtype.itemsize == 2 and x.shape[0] <= FMA_MAX_M
@@ -621,17 +669,19 @@ def launch_small_m_gemm(x, w, x_scale, w_scale, bias, out, out_scale, silu_mul: 
     b, os_ = (dummy if bias is None else bias), (dummy if out_scale is None else out_scale)
     split = cfg.split_k
     on = pdl.wanted(out)
+    use_tma = TMA and cfg.tma and not fma and tma_ok(w, cfg.block_n, cfg.block_k)
+    desc = weight_desc(w, cfg.block_n, cfg.block_k) if use_tma else None
     part = torch.empty((split, m, n_w), dtype=torch.float32, device=out.device) if split > 1 else dummy
     # the epilogue's constexprs, in the kernels' signature order (fast_launch passes them positionally)
     epi = dict(X_SCALE=scale_kind(x_scale, m), W_SCALE=scale_kind(w_scale, n_w), HAS_BIAS=bias is not None,
                SILU_MUL=bool(silu_mul), OUT_FP8=out_scale is not None)
-    args = (x, w, xs, ws, b, out, os_, part, m, n_out, k, x.stride(0), out.stride(0), n_kb, split)
+    args = (x, w if desc is None else desc, xs, ws, b, out, os_, part, m, n_out, k, x.stride(0), out.stride(0), n_kb,
+            split)
     consts = dict(X_FP8=x.dtype.itemsize == 1, W_FP8=w.dtype.itemsize == 1, **epi, PARTIAL=split > 1,
                   EVEN_K=k % cfg.block_k == 0, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                   PDL=pdl.stream_mode(on),
-                  PF_LINES=prefetch_lines(n_w, k, split, w.dtype.itemsize, cfg.block_n, m) if on else 0)
-    if fma:
-        consts["FMA"] = True
+                  PF_LINES=prefetch_lines(n_w, k, split, w.dtype.itemsize, cfg.block_n, m) if on and desc is None
+                  else 0, FMA=fma, W_DESC=desc is not None)
     grid = (triton.cdiv(n_out, cfg.block_n), split)
     plain = norm is None and add is None and amax_out is None
     cnt = serial_counters(out.device, grid[0]) if split > 1 and plain and SERIAL else None
@@ -645,13 +695,14 @@ def launch_small_m_gemm(x, w, x_scale, w_scale, bias, out, out_scale, silu_mul: 
     else:
         sq, eps = norm if norm is not None else (dummy, 0.0)
         res, nw, xo, sqo = add if add is not None else (dummy, dummy, dummy, dummy if amax_out is None else amax_out)
+        folded = {c: v for c, v in consts.items() if c not in ("FMA", "W_DESC")}  # this kernel's last constexprs
+        folded.update(NORM_IN=norm is not None, ADD_RES=add is not None and split == 1,
+                      SQ_BLOCK=triton.next_power_of_2(sq.shape[0]) if norm is not None else 1,
+                      AMAX_OUT=amax_out is not None, FMA=fma, W_DESC=desc is not None)
         fast_launch.launch(_small_m_gemm_norm_kernel, grid,
                            args + (nw, sq, sq.shape[0] if norm is not None else 0, float(eps), res,
                                    res.stride(0) if add is not None else 0, sqo, xo),
-                           dict(consts, NORM_IN=norm is not None, ADD_RES=add is not None and split == 1,
-                                SQ_BLOCK=triton.next_power_of_2(sq.shape[0]) if norm is not None else 1,
-                                AMAX_OUT=amax_out is not None),
-                           cfg.num_warps, stages, on)
+                           folded, cfg.num_warps, stages, on)
     if split > 1:
         red = dict(epi, BLOCK_M=block_m, BLOCK_N=REDUCE_BLOCK_N, PDL=on)
         red_args = (part, xs, ws, b, out, os_, m, n_out, out.stride(0), split)

@@ -57,6 +57,8 @@ def compile_kernel(fn, ptrs, const, num_warps=8, hinted=False, num_stages=None, 
             const = dict(const, **{pf: 0})
     if "FMA" in names and "FMA" not in const:  # the small-M GEMM's default main loop (tensor cores)
         const = dict(const, FMA=False)
+    if "W_DESC" in names and "W_DESC" not in const:  # the small-M GEMM's default weight loads (pointers)
+        const = dict(const, W_DESC=False)
     if "FP8_WORDS" in names and "FP8_WORDS" not in const:  # decode attention's default e4m3 tile loads
         const = dict(const, FP8_WORDS=False)
     if "F16_MMA" in names and "F16_MMA" not in const:  # decode attention's default: the tiles in q's dtype
@@ -165,6 +167,7 @@ def base_cases():
     yield from decode_attention_cases()
     yield from small_m_gemm_cases()
     yield from small_m_gemm_norm_cases()
+    yield from small_m_gemm_tma_cases()
 
 
 def decode_attention_cases():
@@ -340,6 +343,38 @@ def small_m_gemm_norm_cases():
     yield from small_m_gemm_w8_norm_cases()
     yield from small_m_gemm_fma_cases()
     yield from small_m_gemm_amax_cases()
+
+
+def small_m_gemm_tma_cases():
+    """The weight tiles through a TMA descriptor (``W_DESC``; ``GemmConfig.tma``): bf16 and per-channel FP8 x FP8
+    (split-K serial), SiLU*mul with a static-FP8 output, a folded NORM_IN launch; BLOCK_M 16 / 64."""
+    nospec = ("M", "n_kb", "split_k", "n_sq")
+    bf, fp8, fp32 = "*bf16", "*fp8e4nv", "*fp32"
+    for name, x_t, scale, silu, out_fp8, part, norm_in, bm, bn, bk, stages in (
+            ("bf16", bf, 0, False, False, False, False, 16, 64, 128, 4),
+            ("bf16 m64", bf, 0, False, False, False, False, 64, 64, 128, 4),
+            ("fp8 row split", fp8, 2, False, False, True, False, 16, 64, 256, 4),
+            ("fp8 tensor silu q8", fp8, 1, True, True, False, False, 16, 64, 256, 3),
+            ("bf16 norm_in silu", bf, 0, True, False, False, True, 16, 64, 128, 3)):
+        w_el = "bf16" if x_t == bf else "fp8e4nv"
+        out_t = fp8 if out_fp8 else bf
+        ptrs = {"x_ptr": x_t, "w_ptr": f"tensordesc<{w_el}[{bn},{bk}]>", "xs_ptr": fp32 if scale else out_t,
+                "ws_ptr": fp32 if scale else out_t, "b_ptr": out_t, "out_ptr": out_t, "os_ptr": fp32 if out_fp8 else out_t,
+                "part_ptr": fp32 if part else out_t, "nw_ptr": bf, "sq_ptr": fp32 if norm_in else bf, "res_ptr": bf,
+                "sqo_ptr": bf, "xo_ptr": bf}
+        const = dict(X_FP8=x_t == fp8, W_FP8=x_t == fp8, X_SCALE=scale, W_SCALE=scale, HAS_BIAS=False, SILU_MUL=silu,
+                     OUT_FP8=out_fp8, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        label = f"small_m_gemm tma {name} m{bm} n{bn} k{bk}"
+        if norm_in:
+            yield (label, small_m_gemm._small_m_gemm_norm_kernel, ptrs,
+                   dict(const, PARTIAL=False, PDL=False, PF_LINES=0, NORM_IN=True, ADD_RES=False, SQ_BLOCK=128,
+                        AMAX_OUT=False, FMA=False, W_DESC=True), 4, True, stages, nospec)
+        elif part:
+            yield (label + " serial", small_m_gemm._small_m_gemm_serial_kernel, dict(ptrs, cnt_ptr="*i32"),
+                   dict(const, W_DESC=True), 4, True, stages, nospec)
+        else:
+            yield (label, small_m_gemm._small_m_gemm_kernel, ptrs, dict(const, PARTIAL=False, W_DESC=True), 4, True,
+                   stages, nospec)
 
 
 def small_m_gemm_fma_cases():

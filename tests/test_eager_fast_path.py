@@ -206,6 +206,10 @@ def _run_all(gen_seed, shapes):
             out.append(ops.silu_mul(gu, quant=spec))
             if spec is not None:
                 out.append(ops.quantize(x.contiguous(), spec))
+        if t <= 64:  # the small-M GEMM (decode rows), x read in place from the view
+            from tpfuse import small_gemm
+
+            out.append(small_gemm.small_m_gemm(x, _rand(g, 192, h)))
         cs, pos = _rope_inputs(g, t, 8, 2, 128, 64)
         qkv = _rand(g, t, (8 + 4) * 128)
         rope.qk_norm_rope(qkv, _rand(g, 128), _rand(g, 128), cs, pos, num_heads=8, num_kv_heads=2, head_dim=128)
@@ -277,3 +281,75 @@ def test_fast_launch_caches_the_kernel_the_jit_picks(monkeypatch):
         assert fast_launch.cached_kernels(kernel)[key][3] is jit_pick
         checked += 1
     assert checked == len(calls)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# every launcher: constexprs passed as the direct path needs them (CPU and GPU)
+
+
+def _launch_all_small_m(gen):
+    """One small-M GEMM launch of every kernel entry: plain, serial and reduce split-K, folded norm, residual add
+    (split 1 and 2: its reduce kernel), partial maxima (each with pointer and TMA weight loads), the CUDA-core
+    loop."""
+    from tpfuse import small_gemm
+    from tpfuse.kernels import small_m_configs as smc
+    from tpfuse.kernels import small_m_gemm as smg
+
+    x, w = _rand(gen, 3, 256), _rand(gen, 64, 256)
+    w8 = q._fp8_cast(w.float())
+    ws = torch.ones(64, 1, device=DEVICE)
+    sq = torch.rand(256 // smc.SUMSQ_ROWS, 3, generator=gen).to(DEVICE)
+    for split, serial, tma in ((1, True, 0), (2, True, 0), (2, False, 0), (1, True, 1), (2, True, 1), (2, False, 1)):
+        cfg = smc.GemmConfig(block_n=32, block_k=64, split_k=split, num_warps=4, num_stages=2, tma=tma)
+        with smc.forced(cfg):
+            old, smg.SERIAL = smg.SERIAL, serial
+            try:
+                small_gemm.small_m_gemm(x, w)
+                small_gemm.small_m_gemm(x, w, norm_sumsq=sq)
+                small_gemm.small_m_gemm_add(x, w, _rand(gen, 3, 64), _rand(gen, 64))
+                small_gemm.small_m_gemm_amax(x, w)
+            finally:
+                smg.SERIAL = old
+    old, smg.FMA_MAX_M = smg.FMA_MAX_M, 4
+    try:
+        small_gemm.small_m_gemm(x, w8, w_scale=ws)
+    finally:
+        smg.FMA_MAX_M = old
+
+
+def test_every_fast_launch_passes_constexprs_in_signature_order(gen, monkeypatch):
+    """The direct path (:func:`tpfuse.kernels.fast_launch.launch`) caches a kernel only when the constexprs it is
+    given are exactly the kernel's parameters after the runtime arguments, in order (it passes them
+    positionally): a launcher that leaves out a defaulted constexpr silently sends every call through the JIT.
+    Checked for each kernel the local ops and the small-M GEMM launch (their interpreter runs on CPU)."""
+    from tpfuse.kernels import fast_launch
+
+    calls = []
+    real = fast_launch.launch
+
+    def recording(kernel, grid, args, consts, num_warps, num_stages=None, pdl=False):
+        calls.append((kernel, args, consts))
+        real(kernel, grid, args, consts, num_warps, num_stages, pdl)
+
+    monkeypatch.setattr(fast_launch, "launch", recording)
+    g = torch.Generator().manual_seed(3)
+    x, r, w = _rand(g, 3, 256), _rand(g, 3, 256), _rand(g, 256)
+    for spec in _specs():
+        ops.add_rmsnorm(x, r, w, 1e-6, quant=spec)
+        ops.silu_mul(_rand(g, 3, 512), quant=spec)
+        if spec is not None:
+            ops.quantize(x, spec)
+    cs, pos = _rope_inputs(g, 3, 8, 2, 128, 64)
+    rope.qk_norm_rope(_rand(g, 3, 12 * 128), _rand(g, 128), _rand(g, 128), cs, pos, num_heads=8, num_kv_heads=2,
+                      head_dim=128)
+    kc, vc = (torch.zeros(8, 16, 2, 128, dtype=torch.bfloat16, device=DEVICE) for _ in range(2))
+    rope.rope_kv_cache_write(_rand(g, 3, 8, 128), _rand(g, 3, 2, 128), _rand(g, 3, 2, 128), pos, cs, kc, vc,
+                             torch.arange(3, device=DEVICE))
+    _launch_all_small_m(g)
+    names = {getattr(k, "__name__", None) or k.fn.__name__ for k, _, _ in calls}
+    for want in ("_small_m_gemm_kernel", "_small_m_gemm_serial_kernel", "_small_m_gemm_norm_kernel",
+                 "_split_k_reduce_kernel", "_split_k_reduce_add_kernel"):
+        assert want in names, (want, sorted(names))
+    bad = {(getattr(k, "__name__", None) or k.fn.__name__, tuple(set(k.arg_names[len(args):]) ^ set(consts)))
+           for k, args, consts in calls if list(consts) != list(k.arg_names[len(args):])}
+    assert not bad, sorted(bad)  # (kernel, the constexprs missing or extra)

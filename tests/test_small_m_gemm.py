@@ -5,6 +5,7 @@ shapes: N and K odd multiples of 16 (masked N tiles and K tails), M 1 / 3 / 16 /
 bias, the fused SiLU*mul epilogue (bf16 and static-FP8 outputs), split-K, outliers, NaN, strided x, and the calls
 the kernel cannot take. Also the launch table (tpfuse.kernels.small_m_configs): buckets, lookup, routing."""
 
+import dataclasses
 import json
 import os
 
@@ -231,6 +232,59 @@ def test_split_k_and_tiles(cfg, gen, kernels, monkeypatch):
             assert not sm.serial_counters(ops[0].device, 1).any()  # every tile's last program re-armed its counter
 
 
+TMA_CASES = [("bf16", False, dict(block_n=16, block_k=64, split_k=1)),
+             ("w8", False, dict(block_n=32, block_k=64, split_k=3)),
+             ("fp8_row", True, dict(block_n=64, block_k=128, split_k=2, num_stages=2)),
+             ("fp8_tensor_q8", True, dict(block_n=16, block_k=32, split_k=1)),
+             ("fp16", False, dict(block_n=32, block_k=32, split_k=5))]
+
+
+@pytest.mark.usefixtures("kernels", "poisoned_out")
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("scheme,silu,cfg", TMA_CASES, ids=[c[0] for c in TMA_CASES])
+def test_tma_weight_tiles_give_the_pointer_loads_bits(scheme, silu, cfg, m, gen, kernels, monkeypatch):
+    """``GemmConfig.tma``: the weight tiles through a TMA descriptor (zero past the weight's N and K edges: masked
+    N tiles, a K tail, the gate tile that runs into the up rows) give the pointer loads' bits and the oracle's
+    result, split-K serial and through the reduce kernel, bias, SiLU*mul, static FP8 out; the launch took the
+    descriptor and no L2 prefetch."""
+    sm = kernels.small_m_gemm
+    launches = []
+    for name in ("_small_m_gemm_kernel", "_small_m_gemm_serial_kernel"):
+        record_launches(monkeypatch, sm, name, launches)
+    n, k = (2 * 48, 336) if silu else (112, 336)  # I = 48 / N = 112: masked N tiles at most BLOCK_N; 336: a K tail
+    ops = operands(gen, scheme.replace("_q8", ""), m, n, k, bias=True)
+    out_scale = torch.tensor(0.02, device=DEVICE) if scheme.endswith("_q8") else None
+    for serial in (True, False):
+        monkeypatch.setattr(sm, "SERIAL", serial)
+        outs = []
+        for tma in (0, 1):
+            launches.clear()
+            with smc.forced(smc.GemmConfig(**cfg, tma=tma)):
+                outs.append(run(*ops, silu_mul=silu, out_scale=out_scale))
+            kw = launches[0][1]
+            assert kw["W_DESC"] is bool(tma) and (kw["PF_LINES"] == 0 or not tma)
+        check(outs[1], ops, f"tma {scheme} M={m} serial={serial}", silu=silu, out_scale=out_scale)
+        assert torch.equal(outs[0].view(torch.uint8), outs[1].view(torch.uint8)), (scheme, m, serial)
+
+
+@pytest.mark.usefixtures("kernels")
+def test_tma_falls_back_where_a_descriptor_cannot_read_the_weight(gen, kernels, monkeypatch):
+    """A weight TMA cannot address (a base off 16-byte alignment; boxes past 256 elements are clamped by sanitize)
+    runs the pointer loads under a TMA config, with the same result."""
+    sm = kernels.small_m_gemm
+    launches = []
+    record_launches(monkeypatch, sm, "_small_m_gemm_kernel", launches)
+    x, w, xs, ws, b = operands(gen, "bf16", 3, 48, 208)
+    w_odd = torch.empty(48 * 208 + 1, dtype=w.dtype, device=w.device)[1:].view(48, 208)  # 2 bytes off alignment
+    w_odd.copy_(w)
+    assert not sm.tma_ok(w_odd, 16, 64) and sm.tma_ok(w, 16, 64) and not sm.tma_ok(w, 16, 512)
+    with smc.forced(smc.GemmConfig(block_n=16, block_k=64, tma=1)):
+        out = small_gemm.small_m_gemm(x, w_odd)
+    assert launches[-1][1]["W_DESC"] is False
+    assert torch.equal(out, small_gemm.small_m_gemm(x, w))
+    assert smc.sanitize(smc.GemmConfig(block_k=512, tma=1), 64, 4096).block_k == 256
+
+
 @pytest.mark.usefixtures("kernels", "poisoned_out")
 @pytest.mark.parametrize("scheme", ["bf16", "fp8_row", "fp8_tensor"])
 def test_outliers(scheme, gen):
@@ -425,11 +479,12 @@ def test_launcher_takes_the_table_config_and_route_the_op(gen, kernels, monkeypa
 
 
 @pytest.mark.skipif(ON_GPU, reason="CPU plumbing test (the GPU runs the real sweep)")
-@pytest.mark.parametrize("schemes", ["bf16,fp8_tensor", "w8_bf16", "w8_bf16 fma"])
+@pytest.mark.parametrize("schemes", ["bf16,fp8_tensor", "w8_bf16", "w8_bf16 fma", "bf16,fp8_row tma"])
 def test_sweep_end_to_end_interpreted(tmp_path, monkeypatch, kernels, schemes):
     """bench/tune_small_gemm.py on a tiny model through the interpreter with a fake clock (the kernel wins with
     32-column tiles only): every point gets a checked winner, the table file routes exactly the winning points
-    (the weight-only scheme: its winners' table rows route the bf16-activation e4m3-weight calls)."""
+    (the weight-only scheme: its winners' table rows route the bf16-activation e4m3-weight calls); with ``--tma``
+    every tile also runs as its TMA twin, which the fake clock makes the winner: the table routes those configs."""
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
@@ -442,27 +497,32 @@ def test_sweep_end_to_end_interpreted(tmp_path, monkeypatch, kernels, schemes):
 
     def fake_time(fns):
         cfg = smc.forced_config()
-        return 12.0 if cfg is None else 10.0 + cfg.block_n / 32 + cfg.split_k / 100
+        return 12.0 if cfg is None else 10.0 + cfg.block_n / 32 + cfg.split_k / 100 - cfg.tma / 4
 
     monkeypatch.setattr(tsg, "time_fns", fake_time)
     fma = schemes.endswith(" fma")  # --fma-max-m: the weight-only points time the CUDA-core loop
-    schemes = schemes.replace(" fma", "")
+    tma = schemes.endswith(" tma")  # --tma: every tile also with TMA weight tiles
+    schemes = schemes.replace(" fma", "").replace(" tma", "")
     monkeypatch.setattr(kernels.small_m_gemm, "FMA_MAX_M", 0)  # restored after the sweep sets it
     launches = []
     record_launches(monkeypatch, kernels.small_m_gemm, "_small_m_gemm_kernel", launches)
     tsg.main(["--device", "cpu", "--models", "tiny", "--m", "1", "--schemes", schemes, "--out-dir",
-              str(tmp_path), "--budget-s", "1e9"] + (["--fma-max-m", "4"] if fma else []))
+              str(tmp_path), "--budget-s", "1e9"] + (["--fma-max-m", "4"] if fma else []) + (["--tma"] if tma else []))
     assert launches and all(bool(kw.get("FMA")) == fma for _, kw in launches if kw["W_FP8"] and not kw["X_FP8"])
+    assert any(kw["W_DESC"] for _, kw in launches) == tma
     with open(tmp_path / "small_gemm_cpu.json") as fh:
         res = json.load(fh)
     assert res["header"]["fma_max_m"] == (4 if fma else None)
     assert not res["errors"] and not res["skipped"] and not res["header"]["partial"]
     n_schemes = len(schemes.split(","))
-    assert len(res["best"]) == (4 + 1) * n_schemes  # 4 linears a scheme + gate-up's fused SiLU*mul scheme
+    # 4 linears a scheme + gate-up's fused SiLU*mul scheme where the scheme has one
+    assert len(res["best"]) == 4 * n_schemes + sum(s in tsg.SILU for s in schemes.split(","))
     assert {b["scheme"] for b in res["best"]} >= set(schemes.split(","))
+    assert res["header"]["tma_twins"] == tma
     for b in res["best"]:
         assert b["beats_library"] == (b["config"]["block_n"] == 32
                                       and b["kernel_us"] < tsg.WIN_MARGIN * b["library_us"]), b
+        assert b["config"].get("tma", 0) == int(tma), b
     with open(tmp_path / "small_m_gemm_cpu.json") as fh:
         table = json.load(fh)
     assert table["source"]["file"] == os.path.join("bench", "results", "small_gemm_cpu.json")
@@ -532,6 +592,46 @@ class TestGPU:
         torch.cuda.synchronize()
         assert torch.equal(out, run(x, w, xs, ws, b))
 
+    @pytest.mark.parametrize("m", [1, 16, 64])
+    def test_tma_decode_shapes_same_bits_and_graph_replays(self, gen, m):
+        """TMA weight tiles (``GemmConfig.tma``) on the 8B's TP 2 shapes (qkv, o, gate-up with SiLU*mul, down) in
+        bf16 and per-channel FP8, split-K 1 and 2 (serial): the pointer loads' bits, eager and replayed in a CUDA
+        graph with new x."""
+        from kernel_env import capture
+
+        from tpfuse.kernels import small_m_gemm as smg
+
+        calls = []
+        for (n, k), silu in (((3072, 4096), False), ((4096, 2048), False), ((14336, 4096), True),
+                             ((4096, 7168), False)):
+            for scheme in ("bf16", "fp8_row"):
+                ops = operands(gen, scheme, m, n, k)
+                bk = 128 if scheme == "bf16" else 256
+                for split in (1, 2):
+                    calls.append((ops, silu, smc.GemmConfig(block_n=64, block_k=bk, split_k=split, num_stages=4,
+                                                            tma=1)))
+
+        def step(tma=True):
+            outs = []
+            for ops, silu, cfg in calls:
+                with smc.forced(cfg if tma else dataclasses.replace(cfg, tma=0)):
+                    outs.append(run(*ops, silu_mul=silu))
+            return outs
+
+        smg._DESCS.clear()
+        graph, outs = capture(step)
+        assert smg._DESCS, "the TMA launches built descriptors"
+        for i in range(3):
+            for ops, _, _ in calls:
+                ops[0].copy_(torch.randn(ops[0].shape, device="cuda").to(ops[0].dtype))
+            graph.replay()
+            want = step(tma=False)
+            torch.cuda.synchronize()
+            for j, (got, exp) in enumerate(zip(outs, want)):
+                assert torch.equal(got.view(torch.uint8), exp.view(torch.uint8)), (i, j)
+        for got, (ops, silu, cfg) in zip(step(), calls):  # and the oracle's result (the last x)
+            check(got, ops, f"tma M={m} {cfg.short()}", silu=silu)
+
     @pytest.mark.parametrize("m", [1, 8, 64])
     def test_serial_split_k_graph_replays(self, gen, m, monkeypatch):
         """Serial split-K (the tile's last program reduces; ``SERIAL``) in a CUDA graph of three back-to-back GEMMs
@@ -578,7 +678,8 @@ def test_sweep_cli_tiles_join_every_candidate_list(monkeypatch):
     monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
     import tune_small_gemm as tsg
 
-    assert tsg.parse_tiles("16x256x4x6, 32x512x4x4") == [(16, 256, 4, 6), (32, 512, 4, 4)]
+    assert tsg.parse_tiles("16x256x4x6, 32x512x4x4,64x128x4x4t") == [(16, 256, 4, 6), (32, 512, 4, 4),
+                                                                       (64, 128, 4, 4, 1)]
     with pytest.raises(SystemExit, match="block_n x block_k"):
         tsg.parse_tiles("16x256x4")
     monkeypatch.setattr(tsg, "CLI_TILES", [(16, 256, 4, 6)])
@@ -586,3 +687,23 @@ def test_sweep_cli_tiles_join_every_candidate_list(monkeypatch):
         for m in (1, 64):
             got = tsg.candidates(scheme, 4096, 4096, 132, m)
             assert any((c.block_n, c.block_k, c.num_warps, c.num_stages) == (16, 256, 4, 6) for c in got), got
+
+
+def test_sweep_tma_twins_every_tile_it_can_box(monkeypatch):
+    """``--tma``: each phase-1 tile of at most 256 K elements also runs with TMA weight tiles at the same split (the
+    e4m3 tiles of 512 do not: a TMA box holds at most 256 elements a dimension); ``--tiles ...t`` adds one."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+    import tune_small_gemm as tsg
+
+    monkeypatch.setattr(tsg, "CLI_TILES", [(16, 128, 4, 6, 1)])
+    monkeypatch.setattr(tsg, "TMA_TWINS", [False])
+    plain = tsg.candidates("bf16", 4096, 4096, 132, 1)
+    assert [c for c in plain if c.tma] == [smc.GemmConfig(16, 128, tsg.rule_split(smc.GemmConfig(16, 128), "bf16",
+                                                                                  4096, 4096, 132), 4, 6, 1)]
+    monkeypatch.setattr(tsg, "TMA_TWINS", [True])
+    for scheme in ("bf16", "fp8_row"):
+        got = tsg.candidates(scheme, 4096, 4096, 132, 16)
+        for c in got:
+            twin = smc.GemmConfig(c.block_n, c.block_k, c.split_k, c.num_warps, c.num_stages, 1)
+            assert (twin in got) == (c.block_k <= 256), (scheme, c)
+        assert len(set(got)) == len(got)

@@ -55,7 +55,8 @@ VARIANTS = (("_fusedrope", "RoPE in the attention"), ("_ropesep", "RoPE kernel a
             ("_headrep", "whole lm_head (replicated) in the shard"),
             ("_fma", "weight-only GEMMs on the CUDA cores (FMA_MAX_M 4)"),
             ("_noamax", "SiLU*mul + quantize kernel apart"), ("_amaxall", "gate-up partial maxima + quantize_from_amax"),
-            ("_smallm", "small-M table"), ("_nopdl", "no PDL"),
+            ("_smallm", "small-M table"), ("_smallm_notma", "small-M table, its TMA tiles on pointer loads"),
+            ("_nopdl", "no PDL"),
             ("_prefetch", "PDL + L2 prefetch"),
             ("_smallall", "kernel everywhere"), ("_smallall_nopdl", "kernel everywhere, no PDL"),
             # the variants of runs before PDL was the default (their base rows ran without it)
