@@ -4,13 +4,17 @@
 #                                         profile e2e e2e_full e2e_shards load tune demo onegpu soak probe_onegpu
 #                                         small_gemm e2e_ab e2e_big fp8cache fusedrope fusedcomb foldnorm
 #                                         kvprefetch fp8f16 argmax smallm64 opf attntail profiles accuracy
-#                                         splitcand trigger tiles16 hoist gpf w8 w8ab vhead defaults fma tma tma_ab
+#                                         splitcand trigger tiles16 hoist gpf w8 w8ab vhead defaults fma tma tma_ab ncu
 #                                         (default: all but probe_ce, profile, profiles, e2e_full, e2e_shards, load,
 #                                         onegpu, soak, probe_onegpu, small_gemm, e2e_ab, e2e_big, fp8cache,
 #                                         fusedrope, fusedcomb, foldnorm, kvprefetch, fp8f16, argmax, smallm64,
 #                                         opf, attntail, accuracy, splitcand, trigger, tiles16, hoist, gpf, w8, w8ab,
-#                                         vhead, defaults, fma, tma, tma_ab;
+#                                         vhead, defaults, fma, tma, tma_ab, ncu;
 #                                         multi-GPU steps skip on one GPU)
+#   ncu: Nsight Compute (--set full, clocks left alone) over the first NCU_COUNT (40) launches of the decode kernels
+#        NCU_KERNELS (a regex: rope-split attention, its combine, the small-M GEMMs, add + RMSNorm) of a 2-layer
+#        model per entry of NCU_PROFILES ("8B/tp2:1 8B:16": model:batch), graph-replayed (profile_decode.py
+#        --replay-only); $OUT/ncu/<model>_b<batch>.ncu-rep + the details page as CSV and text; ~1-2 min an entry
 #   profiles: where the decode step goes, at full size with PDL (profile_decode.py: kernel and exposed time per
 #         kernel, JSON + PNG each, $OUT/profiles), one profile per entry of PROFILES (default "8B:1 8B:8 8B:64
 #         8B:1:fp8 8B:64:fp8 70B/tp8:1": model:batch[:fp8]), ~30 s each; LIMIT_profiles (default 300) for all.
@@ -440,6 +444,18 @@ for s in "${steps[@]}"; do
           run load_fp8 python3 bench/bench_load.py --shape 8B --fp8 ${LOAD_ARGS:-} ;;  # TP=1; writes /tmp ckpts
     decode_attn) [[ -f bench/bench_decode_attention.py ]] && run decode_attn python3 bench/bench_decode_attention.py ${DECODE_ATTN_ARGS:-} ;;
     profile) run profile "${TR2[@]}" bench/profile_decode.py ${PROFILE_ARGS:-} ;;
+    ncu) mkdir -p "$OUT/ncu"  # the inner bash reads NCU_PROFILES, NCU_KERNELS, NCU_COUNT and OUT from the environment
+         NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)}; export NCU
+         LIMIT_ncu=${LIMIT_ncu:-300} run ncu bash -c 'for p in ${NCU_PROFILES:-8B/tp2:1 8B:16}; do
+           IFS=: read -r m b <<< "$p"; tag=${m//\//-}_b$b; echo "== $p"
+           "$NCU" --clock-control none --target-processes all --set full --import-source no \
+             -k "regex:${NCU_KERNELS:-rope_split|_combine_kernel|small_m_gemm|add_rmsnorm}" \
+             --launch-count "${NCU_COUNT:-40}" -f -o "$OUT/ncu/$tag" \
+             python3 -m torch.distributed.run --standalone --nproc-per-node=1 bench/profile_decode.py \
+             --model "$m" --layers 2 --vocab 32000 --batch "$b" --steps 2 --replay-only || exit 1
+           "$NCU" --import "$OUT/ncu/$tag.ncu-rep" --page details --csv > "$OUT/ncu/$tag.csv" || exit 1
+           "$NCU" --import "$OUT/ncu/$tag.ncu-rep" --page details > "$OUT/ncu/$tag.txt" || exit 1
+         done' ;;
     profiles) mkdir -p "$OUT/profiles"  # the inner bash reads PROFILES and OUT from the environment
               LIMIT_profiles=${LIMIT_profiles:-300} run profiles bash -c 'for p in ${PROFILES:-8B:1 8B:8 8B:64 8B:1:fp8 8B:64:fp8 70B/tp8:1}; do
                 IFS=: read -r m b f <<< "$p"; echo "== $p"

@@ -30,7 +30,9 @@ start order, the time each one moved the timeline's end forward (the idle gap be
 would lose without it, as the trace ordered it. Their sum over a step is the step's GPU span (header
 ``span_us_per_step``, the host's gaps between replayed steps counted on the step's first kernel). Next to the JSON,
 a PNG of the same name: per kernel (the largest first) its exposed and its total time per step.
-``--plot PROFILE_JSON [...]`` draws that PNG again from committed profiles (no GPU).
+``--plot PROFILE_JSON [...]`` draws that PNG again from committed profiles (no GPU). ``--replay-only``: the model
+built, its decode graphs captured and ``--steps`` steps replayed, nothing profiled or written: the target of an
+outside profiler (``bash bench/gpu_run.sh ncu``: Nsight Compute, which cannot share CUPTI with torch.profiler).
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ def parse_args(argv=None):
                          "scales, per-token activations), converted after parallelize as bench_e2e.py's tpfuse_fp8")
     ap.add_argument("--small-m-table", default="", help="a small-M GEMM routing table (JSON) to install")
     ap.add_argument("--small-m-everywhere", action="store_true", help="every row of that table routed to the kernel")
+    ap.add_argument("--replay-only", action="store_true",
+                    help="no torch.profiler, no files: capture and replay --steps decode steps (for an outside "
+                         "profiler such as Nsight Compute, which cannot share CUPTI with torch.profiler)")
     ap.add_argument("--plot", nargs="+", metavar="PROFILE_JSON", default=None,
                     help="no profile: draw each file's PNG next to it (no GPU)")
     args = ap.parse_args(argv)
@@ -103,6 +108,8 @@ def main():
 
     with common.rank_context() as ranks:
         rows = profile(args, ranks.device)
+        if args.replay_only:
+            return
         tp, rank = ranks.world, ranks.rank
         pdl_available = pdl.available(ranks.device)  # the header says whether PDL really ran
     if rank != 0:  # every rank profiled its own kernels; rank 0's are the table
@@ -274,6 +281,9 @@ def _profile(args, dev):
     for _ in range(args.steps):  # capture + warm replays
         tok = greedy_tokens(model(tok, cache=cache).logits[:, -1])[:, None]
     torch.cuda.synchronize()
+    if args.replay_only:  # the replays above were the run (an outside profiler saw them)
+        comm.close()
+        return []
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             tok = greedy_tokens(model(tok, cache=cache).logits[:, -1])[:, None]  # as tpfuse.parallel.generate

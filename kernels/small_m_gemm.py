@@ -42,7 +42,10 @@ Design (Hopper):
   barriers in its sm_90 PTX; at M 4 x goes through shared memory); ``BLOCK_M`` is M rounded up to a power of two,
   not 16; :func:`fma_config` splits K for occupancy.
 * **Weights streamed once**, rows of 256 bytes per step (16-byte loads along K); all M rows live in one program,
-  so no weight byte is read twice; x (at most 64 x K) is re-read per program from L2.
+  so no weight byte is read twice; x (at most 64 x K) is re-read per program from L2. ``GemmConfig.tma`` (a table
+  row's choice; ``W_DESC``): the weight tile comes as one TMA bulk copy from a host-side descriptor
+  (:func:`weight_desc`, zero past the weight's edges, boxes of at most 256 elements a side) into the pipeline's
+  shared-memory stages instead of each thread's ``cp.async``; no L2 prefetch before the PDL wait there; same bits.
 * **Split-K, deterministic**: with ``SPLIT_K > 1`` program ``(n, s)`` sums the K steps
   ``[s * n_kb // SPLIT_K, (s + 1) * n_kb // SPLIT_K)`` and stores raw fp32 partials, which are added in order
   0..SPLIT_K-1 and go through the epilogue once. Why: bitwise-reproducible results (replays, runs, ranks), an
