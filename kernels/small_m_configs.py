@@ -67,7 +67,13 @@ class GemmConfig:
     num_stages: int = 4
     tma: int = 0
     """1: the weight tiles come through a TMA descriptor (``small_m_gemm.weight_desc``: one bulk copy a tile, no
-    per-thread address math or masks) instead of per-thread ``cp.async`` loads; ``block_k`` at most 256."""
+    per-thread address math or masks) instead of per-thread ``cp.async`` loads; ``block_k`` at most 256; no L2
+    prefetch before the PDL wait. No shipped row asks for it: on one H100 at b05f6e3
+    (``bench/results/small_gemm_h100_tma_b05f6e3.json``, ``tune_small_gemm.py --tma``: the 8B / 70B TP 1-8 shapes at
+    M 1 / 16 / 64, bf16 and per-channel FP8, each tile also as its TMA twin) a TMA launch took 0.99x its pointer
+    twin's time at the same tile and split (geometric mean of 1173 pairs; median 1.00, 10-90% 0.94-1.04), and that
+    sweep's table (33 of its 108 rows TMA) made the shards' batch-1 step 1.004-1.006x as long as the same table on
+    pointer loads (``e2e_tp1_h100_shards_tma_ab_b05f6e3.json``, rows ``_smallm`` vs ``_smallm_notma``)."""
 
     def as_dict(self) -> dict:
         """The fields as a table or sweep row stores them (``tma`` only where set: tables written before it

@@ -46,6 +46,7 @@ Design (Hopper):
   row's choice; ``W_DESC``): the weight tile comes as one TMA bulk copy from a host-side descriptor
   (:func:`weight_desc`, zero past the weight's edges, boxes of at most 256 elements a side) into the pipeline's
   shared-memory stages instead of each thread's ``cp.async``; no L2 prefetch before the PDL wait there; same bits.
+  Measured no faster on one H100 (``GemmConfig.tma`` says where): the shipped tables never ask for it.
 * **Split-K, deterministic**: with ``SPLIT_K > 1`` program ``(n, s)`` sums the K steps
   ``[s * n_kb // SPLIT_K, (s + 1) * n_kb // SPLIT_K)`` and stores raw fp32 partials, which are added in order
   0..SPLIT_K-1 and go through the epilogue once. Why: bitwise-reproducible results (replays, runs, ranks), an

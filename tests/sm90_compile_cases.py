@@ -352,7 +352,7 @@ def small_m_gemm_tma_cases():
     bf, fp8, fp32 = "*bf16", "*fp8e4nv", "*fp32"
     for name, x_t, scale, silu, out_fp8, part, norm_in, bm, bn, bk, stages in (
             ("bf16", bf, 0, False, False, False, False, 16, 64, 128, 4),
-            ("bf16 m64", bf, 0, False, False, False, False, 64, 64, 128, 4),
+            ("bf16", bf, 0, False, False, False, False, 64, 64, 128, 4),
             ("fp8 row split", fp8, 2, False, False, True, False, 16, 64, 256, 4),
             ("fp8 tensor silu q8", fp8, 1, True, True, False, False, 16, 64, 256, 3),
             ("bf16 norm_in silu", bf, 0, True, False, False, True, 16, 64, 128, 3)):
