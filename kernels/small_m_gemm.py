@@ -308,7 +308,8 @@ def _gemm_program(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, os_ptr, part_ptr
                   W_DESC: tl.constexpr = False):
     """One program of the GEMM (the kernel entries below). W_DESC: ``w_ptr`` is the weight's TMA descriptor
     (block ``[BLOCK_N, BLOCK_K]``)."""
-    if PDL and PF_LINES > 0 and not W_DESC:  # weights never come from the previous kernel: start streaming them before the wait
+    # weights never come from the previous kernel: start streaming them before the wait (pointer loads only)
+    if PDL and PF_LINES > 0 and not W_DESC:
         rn_pf = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         _prefetch_weight(w_ptr, rn_pf, rn_pf < N_OUT, K, tl.program_id(1) * n_kb // split_k,
                          (tl.program_id(1) + 1) * n_kb // split_k, N_OUT.to(tl.int64) * K, SILU_MUL, BLOCK_K,

@@ -359,7 +359,8 @@ def small_m_gemm_tma_cases():
         w_el = "bf16" if x_t == bf else "fp8e4nv"
         out_t = fp8 if out_fp8 else bf
         ptrs = {"x_ptr": x_t, "w_ptr": f"tensordesc<{w_el}[{bn},{bk}]>", "xs_ptr": fp32 if scale else out_t,
-                "ws_ptr": fp32 if scale else out_t, "b_ptr": out_t, "out_ptr": out_t, "os_ptr": fp32 if out_fp8 else out_t,
+                "ws_ptr": fp32 if scale else out_t, "b_ptr": out_t, "out_ptr": out_t,
+                "os_ptr": fp32 if out_fp8 else out_t,
                 "part_ptr": fp32 if part else out_t, "nw_ptr": bf, "sq_ptr": fp32 if norm_in else bf, "res_ptr": bf,
                 "sqo_ptr": bf, "xo_ptr": bf}
         const = dict(X_FP8=x_t == fp8, W_FP8=x_t == fp8, X_SCALE=scale, W_SCALE=scale, HAS_BIAS=False, SILU_MUL=silu,
