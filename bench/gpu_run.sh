@@ -14,7 +14,8 @@
 #   ncu: Nsight Compute (--set full, clocks left alone) over the first NCU_COUNT (40) launches of the decode kernels
 #        NCU_KERNELS (a regex: rope-split attention, its combine, the small-M GEMMs, add + RMSNorm) of a 2-layer
 #        model per entry of NCU_PROFILES ("8B/tp2:1 8B:16": model:batch), graph-replayed (profile_decode.py
-#        --replay-only); $OUT/ncu/<model>_b<batch>.ncu-rep + the details page as CSV and text; ~1-2 min an entry
+#        --replay-only); $OUT/ncu/<model>_b<batch>.ncu-rep + the details page as CSV and text; ~2 min an entry
+#        (LIMIT_ncu, default 300 s for all; the .ncu-rep files are ~40 MB: too large to come back from the device)
 #   profiles: where the decode step goes, at full size with PDL (profile_decode.py: kernel and exposed time per
 #         kernel, JSON + PNG each, $OUT/profiles), one profile per entry of PROFILES (default "8B:1 8B:8 8B:64
 #         8B:1:fp8 8B:64:fp8 70B/tp8:1": model:batch[:fp8]), ~30 s each; LIMIT_profiles (default 300) for all.
