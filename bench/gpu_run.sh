@@ -14,7 +14,8 @@
 #   ncu: Nsight Compute (--set full, clocks left alone) over the first NCU_COUNT (40) launches of the decode kernels
 #        NCU_KERNELS (a regex: rope-split attention, its combine, the small-M GEMMs, add + RMSNorm) of a 2-layer
 #        model per entry of NCU_PROFILES ("8B/tp2:1 8B:16": model:batch), graph-replayed (profile_decode.py
-#        --replay-only); $OUT/ncu/<model>_b<batch>.ncu-rep + the details page as CSV and text; ~2 min an entry
+#        --replay-only); $OUT/ncu/<model>_b<batch>.ncu-rep, the details page as CSV and text, and a row per launch
+#        (bench/tools/ncu_summary.py: ncu_decode_<device>_<model><batch>.json); ~2 min an entry
 #        (LIMIT_ncu, default 300 s for all; the .ncu-rep files are ~40 MB: too large to come back from the device)
 #   profiles: where the decode step goes, at full size with PDL (profile_decode.py: kernel and exposed time per
 #         kernel, JSON + PNG each, $OUT/profiles), one profile per entry of PROFILES (default "8B:1 8B:8 8B:64
@@ -456,6 +457,10 @@ for s in "${steps[@]}"; do
              --model "$m" --layers 2 --vocab 32000 --batch "$b" --steps 2 --replay-only || exit 1
            "$NCU" --import "$OUT/ncu/$tag.ncu-rep" --page details --csv > "$OUT/ncu/$tag.csv" || exit 1
            "$NCU" --import "$OUT/ncu/$tag.ncu-rep" --page details > "$OUT/ncu/$tag.txt" || exit 1
+           python3 bench/tools/ncu_summary.py "$OUT/ncu/$tag.csv" \
+             "$OUT/ncu/ncu_decode_$(python3 -c "import sys; sys.path.insert(0, \"bench\"); import common; print(common.device_slug())")_${m//[^A-Za-z0-9]/}_b$b.json" \
+             --commit "${TPFUSE_COMMIT:-unknown}" --model "$m" --batch "$b" \
+             --device "$(python3 -c "import torch; print(torch.cuda.get_device_name())")" || exit 1
          done' ;;
     profiles) mkdir -p "$OUT/profiles"  # the inner bash reads PROFILES and OUT from the environment
               LIMIT_profiles=${LIMIT_profiles:-300} run profiles bash -c 'for p in ${PROFILES:-8B:1 8B:8 8B:64 8B:1:fp8 8B:64:fp8 70B/tp8:1}; do
