@@ -89,6 +89,9 @@ Providers (every one is the model a user runs, called with Hugging Face argument
   ``KVCacheConfig.fp8_weight_only_max_tokens`` the other way than the default at that batch: 64 (the FP8 layers'
   GEMMs weight-only with bf16 activations, ``_w8``) or 0 (the checkpoint's activation scheme, ``_actq``); rows carry
   ``fp8_weight_only_max_tokens``;
+* ``<provider>_carve100`` (``--carveout-ab``): the decode step with every tpfuse kernel preferring the whole unified
+  L1 / shared memory as shared memory (:func:`tpfuse.kernels.carveout.set_carveout`: one split for all the layer's
+  kernels); rows carry ``carveout``;
 * ``<provider>_smallm_notma`` (``--tma-ab`` with ``--small-m-table``): the decode step with that table and
   ``small_m_gemm.TMA`` off (the table's TMA configs run their tiles on pointer loads): next to ``_smallm``, what the
   TMA weight tiles alone change; rows carry ``tma``;
@@ -230,6 +233,9 @@ def parse_args(argv=None):
     ap.add_argument("--hoist-ab", action="store_true", help="adds decode rows with decode_attention.HOIST_LOADS 0 "
                     "/ 1 / 2 (the rope-split kernel's reads before its PDL wait) where that is not the default's "
                     "level at the row's batch: <provider>_hoist0 / _hoist1 / _hoist2")
+    ap.add_argument("--carveout-ab", action="store_true", help="adds decode rows with every tpfuse kernel preferring "
+                    "the whole L1 / shared memory as shared memory (kernels.carveout.set_carveout(100)): "
+                    "<provider>_carve100")
     ap.add_argument("--tma-ab", action="store_true", help="with --small-m-table: adds decode rows with that table "
                     "and small_m_gemm.TMA off (its TMA rows on pointer loads, the same tiles): <provider>_smallm_notma")
     ap.add_argument("--fma-ab", action="store_true", help="adds FP8 decode rows whose steps run weight-only "
@@ -471,6 +477,8 @@ class Variant(NamedTuple):
     """``small_m_gemm.FMA_MAX_M`` (FP8 rows whose steps run weight-only)."""
     tma: Optional[bool] = None
     """``small_m_gemm.TMA`` (whether table configs that ask for TMA weight tiles get them)."""
+    carveout: Optional[int] = None
+    """``kernels.carveout.set_carveout`` percent for every tpfuse kernel (None: the driver's choice)."""
 
 
 def variants(args) -> list:
@@ -504,6 +512,7 @@ def variants(args) -> list:
     out += [Variant("_noamax", amax_chain_max_m=0), Variant("_amaxall", amax_chain_max_m=64)] if getattr(
         args, "amax_ab", False) else []
     out += [Variant("_fma", fma_max_m=4)] if getattr(args, "fma_ab", False) else []
+    out += [Variant("_carve100", carveout=100)] if getattr(args, "carveout_ab", False) else []
     out += [Variant("_smallm", table)] if table else []
     out += [Variant("_smallm_notma", table, tma=False)] if table and getattr(args, "tma_ab", False) else []
     out += [Variant("_nopdl", pdl=False), Variant("_prefetch", pdl=True, prefetch=True,
@@ -602,6 +611,10 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
     own_fma, own_tma = smg.FMA_MAX_M, smg.TMA
     smg.FMA_MAX_M = own_fma if v.fma_max_m is None else v.fma_max_m
     smg.TMA = own_tma if v.tma is None else v.tma
+    if v.carveout is not None:
+        from tpfuse.kernels import carveout
+
+        carveout.set_carveout(v.carveout)
     dak.HOIST_LOADS = own_hoist if v.hoist is None else v.hoist
     if v.gemm_prefetch_bytes is not None:
         smg.PREFETCH_BYTES = v.gemm_prefetch_bytes
@@ -632,7 +645,7 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
                                            split_rule=[dak.SPLIT_WAVES, dak.MULTI_SPLIT_TILE],
                                            early_trigger=pdl_launch.EARLY_TRIGGER, hoist=dak.HOIST_LOADS,
                                            fp8_weight_only_max_tokens=st.cache_config.fp8_weight_only_max_tokens,
-                                           fma_max_m=smg.FMA_MAX_M, tma=smg.TMA))
+                                           fma_max_m=smg.FMA_MAX_M, tma=smg.TMA, carveout=v.carveout))
     finally:
         st.cache_config.pdl, st.cache_config.fuse_rope, st.graphs = own_pdl, own_fuse, None
         st.cache_config.fold_norms, st.cache_config.prefetch_o_proj = own_fold, own_opf
@@ -642,6 +655,8 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
         dak.SPLIT_WAVES, dak.MULTI_SPLIT_TILE = own_split
         pdl_launch.EARLY_TRIGGER, dak.HOIST_LOADS = own_early, own_hoist
         smg.FMA_MAX_M, smg.TMA = own_fma, own_tma
+        if v.carveout is not None:
+            carveout.set_carveout(None)
     return r
 
 

@@ -5,11 +5,12 @@
 #                                         small_gemm e2e_ab e2e_big fp8cache fusedrope fusedcomb foldnorm
 #                                         kvprefetch fp8f16 argmax smallm64 opf attntail profiles accuracy
 #                                         splitcand trigger tiles16 hoist gpf w8 w8ab vhead defaults fma tma tma_ab ncu
+#                                         carveout
 #                                         (default: all but probe_ce, profile, profiles, e2e_full, e2e_shards, load,
 #                                         onegpu, soak, probe_onegpu, small_gemm, e2e_ab, e2e_big, fp8cache,
 #                                         fusedrope, fusedcomb, foldnorm, kvprefetch, fp8f16, argmax, smallm64,
 #                                         opf, attntail, accuracy, splitcand, trigger, tiles16, hoist, gpf, w8, w8ab,
-#                                         vhead, defaults, fma, tma, tma_ab, ncu;
+#                                         vhead, defaults, fma, tma, tma_ab, ncu, carveout;
 #                                         multi-GPU steps skip on one GPU)
 #   ncu: Nsight Compute (--set full, clocks left alone) over the first NCU_COUNT (40) launches of the decode kernels
 #        NCU_KERNELS (a regex: rope-split attention, its combine, the small-M GEMMs, add + RMSNorm) of a 2-layer
@@ -173,6 +174,9 @@
 #        pointer loads (_smallm_notma); ~8 min. tma_ab: the full 8B (bf16, per-channel and static FP8) at batch
 #        TMA_AB_BATCHES (1,16,64) with the table TMA_TABLE (committed after a tma call), _smallm / _smallm_notma;
 #        ~5 min. One call each: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh tma; TMA_TABLE=<json> ... tma_ab
+#   carveout: kernels/carveout.py (every tpfuse kernel at the largest shared-memory carveout; not yet run on a GPU):
+#        its GPU test, then the shards at batch 1 and the full 8B at CARVEOUT_BATCHES (1,16,64), rows _carve100;
+#        ~8 min. One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh carveout
 #   argmax: the greedy pick's A/B (bench/bench_argmax.py: torch.argmax vs tpfuse.parallel.generate.greedy_tokens
 #         and its chunk lengths, vocab 128256 / 32000 at B 1 / 8 / 64; ARGMAX_ARGS appended; ~20 s)
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
@@ -396,6 +400,14 @@ for s in "${steps[@]}"; do
          [[ -f $tbl ]] && LIMIT_tma_shards=${LIMIT_tma_shards:-150} run tma_shards "${TR1[@]}" bench/bench_e2e.py \
            --tag shards_tma_ab --models "${TMA_SHARDS:-70B/tp8,70B/tp4,8B/tp2}" --layers full --decode-batches 1 \
            --context 1024 --prefill 1024 --hf-models none --no-fp8 --small-m-table "$tbl" --tma-ab ;;
+    carveout) LIMIT_carveout_tests=${LIMIT_carveout_tests:-90} run carveout_tests bash -c "python3 -m pytest -q -rs \
+                --junitxml=$OUT/carveout_tests.xml tests/test_carveout.py"
+              LIMIT_carveout_shards=${LIMIT_carveout_shards:-150} run carveout_shards "${TR1[@]}" bench/bench_e2e.py \
+                --tag shards_carve_ab --models "${CARVEOUT_SHARDS:-70B/tp8,70B/tp4,8B/tp2}" --layers full \
+                --decode-batches 1 --context 1024 --prefill 1024 --hf-models none --no-fp8 --carveout-ab
+              LIMIT_carveout_ab=${LIMIT_carveout_ab:-300} run carveout_ab "${TR1[@]}" bench/bench_e2e.py \
+                --tag carve_ab --models 8B --layers full --decode-batches "${CARVEOUT_BATCHES:-1,16,64}" \
+                --context 1024 --prefill 1024 --hf-models none --carveout-ab ${CARVEOUT_AB_ARGS:-} ;;
     tma_ab) [[ -f ${TMA_TABLE:-} ]] || { echo "tma_ab: TMA_TABLE=<a small-M table with TMA rows> is needed"; status=1; }
             [[ -f ${TMA_TABLE:-} ]] && LIMIT_tma_ab=${LIMIT_tma_ab:-330} run tma_ab "${TR1[@]}" bench/bench_e2e.py \
               --tag tma_ab --models 8B --layers full --decode-batches "${TMA_AB_BATCHES:-1,16,64}" --context 1024 \

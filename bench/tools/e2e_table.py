@@ -54,6 +54,7 @@ VARIANTS = (("_fusedrope", "RoPE in the attention"), ("_ropesep", "RoPE kernel a
             ("_w8", "FP8 weight-only (bf16 activations)"), ("_actq", "FP8 activations quantized"),
             ("_headrep", "whole lm_head (replicated) in the shard"),
             ("_fma", "weight-only GEMMs on the CUDA cores (FMA_MAX_M 4)"),
+            ("_carve100", "every kernel at the largest shared-memory carveout"),
             ("_noamax", "SiLU*mul + quantize kernel apart"), ("_amaxall", "gate-up partial maxima + quantize_from_amax"),
             ("_smallm", "small-M table"), ("_smallm_notma", "small-M table, its TMA tiles on pointer loads"),
             ("_nopdl", "no PDL"),
