@@ -38,11 +38,9 @@ def _driver_set(function: int, percent: int) -> None:
 def tpfuse_kernels() -> list:
     """Every Triton kernel of ``tpfuse.kernels`` (module attributes that are JIT functions, or their interpreted
     form under ``TRITON_INTERPRET``, which has no compiled variants)."""
-    from . import __name__ as pkg
-
     out = []
-    for info in pkgutil.iter_modules(importlib.import_module(pkg).__path__):
-        mod = importlib.import_module(f"{pkg}.{info.name}")
+    for info in pkgutil.iter_modules(importlib.import_module(__package__).__path__):
+        mod = importlib.import_module(f"{__package__}.{info.name}")
         out += [v for v in vars(mod).values() if hasattr(v, "arg_names") and hasattr(v, "fn")]
     return out
 
