@@ -92,6 +92,10 @@ Providers (every one is the model a user runs, called with Hugging Face argument
 * ``<provider>_carve100`` (``--carveout-ab``): the decode step with every tpfuse kernel preferring the whole unified
   L1 / shared memory as shared memory (:func:`tpfuse.kernels.carveout.set_carveout`: one split for all the layer's
   kernels); rows carry ``carveout``;
+* ``<provider>_attnfold`` (``--attn-fold-ab``, 16-bit rows whose decode attention splits and whose partials fit
+  ``tpfuse.attention_o.partials_config``): the decode step with ``KVCacheConfig.fold_attn_combine`` the other way
+  than the default (the split partials combined inside o_proj, no combine kernel); rows carry
+  ``fold_attn_combine``;
 * ``<provider>_smallm_notma`` (``--tma-ab`` with ``--small-m-table``): the decode step with that table and
   ``small_m_gemm.TMA`` off (the table's TMA configs run their tiles on pointer loads): next to ``_smallm``, what the
   TMA weight tiles alone change; rows carry ``tma``;
@@ -236,6 +240,9 @@ def parse_args(argv=None):
     ap.add_argument("--carveout-ab", action="store_true", help="adds decode rows with every tpfuse kernel preferring "
                     "the whole L1 / shared memory as shared memory (kernels.carveout.set_carveout(100)): "
                     "<provider>_carve100")
+    ap.add_argument("--attn-fold-ab", action="store_true", help="adds 16-bit decode rows whose attention splits with "
+                    "KVCacheConfig.fold_attn_combine the other way than the default (the combine inside o_proj): "
+                    "<provider>_attnfold / _attncomb")
     ap.add_argument("--tma-ab", action="store_true", help="with --small-m-table: adds decode rows with that table "
                     "and small_m_gemm.TMA off (its TMA rows on pointer loads, the same tiles): <provider>_smallm_notma")
     ap.add_argument("--fma-ab", action="store_true", help="adds FP8 decode rows whose steps run weight-only "
@@ -479,6 +486,8 @@ class Variant(NamedTuple):
     """``small_m_gemm.TMA`` (whether table configs that ask for TMA weight tiles get them)."""
     carveout: Optional[int] = None
     """``kernels.carveout.set_carveout`` percent for every tpfuse kernel (None: the driver's choice)."""
+    attn_fold: Optional[bool] = None
+    """``KVCacheConfig.fold_attn_combine``."""
 
 
 def variants(args) -> list:
@@ -513,6 +522,7 @@ def variants(args) -> list:
         args, "amax_ab", False) else []
     out += [Variant("_fma", fma_max_m=4)] if getattr(args, "fma_ab", False) else []
     out += [Variant("_carve100", carveout=100)] if getattr(args, "carveout_ab", False) else []
+    out += [attn_fold_variant()] if getattr(args, "attn_fold_ab", False) else []
     out += [Variant("_smallm", table)] if table else []
     out += [Variant("_smallm_notma", table, tma=False)] if table and getattr(args, "tma_ab", False) else []
     out += [Variant("_nopdl", pdl=False), Variant("_prefetch", pdl=True, prefetch=True,
@@ -553,6 +563,25 @@ def opf_variant() -> Variant:
 
     pf = not KVCacheConfig().prefetch_o_proj
     return Variant("_opf" if pf else "_noopf", prefetch_o=pf)
+
+
+def attn_fold_variant() -> Variant:
+    """The ``--attn-fold-ab`` variant: ``KVCacheConfig.fold_attn_combine`` the other way than its default."""
+    from tpfuse.parallel import KVCacheConfig
+
+    fold = not KVCacheConfig().fold_attn_combine
+    return Variant("_attnfold" if fold else "_attncomb", attn_fold=fold)
+
+
+def attn_foldable(model, batch: int, dev) -> bool:
+    """Whether a decode step of ``batch`` sequences can leave its attention's partials for o_proj
+    (``tpfuse.attention_o.partials_config`` at the model's per-rank heads; a 16-bit cache)."""
+    from tpfuse.attention_o import partials_config
+
+    st = model._tpfuse
+    layer, kc = st.layers[0], st.cache_storage().key[0]
+    q = torch.empty(batch, layer.num_heads, layer.head_dim, dtype=kc.dtype, device=dev)
+    return partials_config(q, kc) is not None
 
 
 def fold_variant() -> Variant:
@@ -601,6 +630,8 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
     own_pdl, own_fuse, own_fold, st.graphs = (st.cache_config.pdl, st.cache_config.fuse_rope,
                                               st.cache_config.fold_norms, None)
     own_opf, own_w8 = st.cache_config.prefetch_o_proj, st.cache_config.fp8_weight_only_max_tokens
+    own_af = st.cache_config.fold_attn_combine
+    st.cache_config.fold_attn_combine = own_af if v.attn_fold is None else v.attn_fold
     st.cache_config.fp8_weight_only_max_tokens = own_w8 if v.fp8_weight_only is None else v.fp8_weight_only
     st.cache_config.fuse_rope = own_fuse if v.fuse_rope is None else v.fuse_rope
     st.cache_config.fold_norms = own_fold if v.fold_norms is None else v.fold_norms
@@ -645,11 +676,12 @@ def variant_row(model, batch, args, dev, rows, base, provider, v: Variant):
                                            split_rule=[dak.SPLIT_WAVES, dak.MULTI_SPLIT_TILE],
                                            early_trigger=pdl_launch.EARLY_TRIGGER, hoist=dak.HOIST_LOADS,
                                            fp8_weight_only_max_tokens=st.cache_config.fp8_weight_only_max_tokens,
-                                           fma_max_m=smg.FMA_MAX_M, tma=smg.TMA, carveout=v.carveout))
+                                           fma_max_m=smg.FMA_MAX_M, tma=smg.TMA, carveout=v.carveout,
+                                           fold_attn_combine=st.cache_config.fold_attn_combine))
     finally:
         st.cache_config.pdl, st.cache_config.fuse_rope, st.graphs = own_pdl, own_fuse, None
         st.cache_config.fold_norms, st.cache_config.prefetch_o_proj = own_fold, own_opf
-        st.cache_config.fp8_weight_only_max_tokens = own_w8
+        st.cache_config.fp8_weight_only_max_tokens, st.cache_config.fold_attn_combine = own_w8, own_af
         smg.PREFETCH_BYTES, dak.PREFETCH, dak.FUSE_COMBINE, dak.FP8_F16 = own_pf, own_kv_pf, own_comb, own_f16
         dak.ONE_SPLIT_TILES, small_gemm.AMAX_CHAIN_MAX_M = own_tile, own_chain
         dak.SPLIT_WAVES, dak.MULTI_SPLIT_TILE = own_split
@@ -684,6 +716,8 @@ def variant_rows(model, batch, args, dev, rows, base, provider):
         if v.amax_chain_max_m is not None and (not per_token or (batch <= small_gemm.AMAX_CHAIN_MAX_M) != (
                 v.amax_chain_max_m < batch)):  # per-token FP8 rows, the chain the other way than at this batch
             continue
+        if v.attn_fold is not None and (provider.startswith("tpfuse_fp8") or not attn_foldable(model, batch, dev)):
+            continue  # 16-bit layers whose attention splits and whose partials fit
         if v.fma_max_m is not None and (not provider.startswith("tpfuse_fp8") or batch > v.fma_max_m or
                                         batch > model._tpfuse.cache_config.fp8_weight_only_max_tokens):
             continue  # FP8 rows whose steps run weight-only, at most FMA_MAX_M tokens

@@ -5,12 +5,12 @@
 #                                         small_gemm e2e_ab e2e_big fp8cache fusedrope fusedcomb foldnorm
 #                                         kvprefetch fp8f16 argmax smallm64 opf attntail profiles accuracy
 #                                         splitcand trigger tiles16 hoist gpf w8 w8ab vhead defaults fma tma tma_ab ncu
-#                                         carveout
+#                                         carveout attnfold
 #                                         (default: all but probe_ce, profile, profiles, e2e_full, e2e_shards, load,
 #                                         onegpu, soak, probe_onegpu, small_gemm, e2e_ab, e2e_big, fp8cache,
 #                                         fusedrope, fusedcomb, foldnorm, kvprefetch, fp8f16, argmax, smallm64,
 #                                         opf, attntail, accuracy, splitcand, trigger, tiles16, hoist, gpf, w8, w8ab,
-#                                         vhead, defaults, fma, tma, tma_ab, ncu, carveout;
+#                                         vhead, defaults, fma, tma, tma_ab, ncu, carveout, attnfold;
 #                                         multi-GPU steps skip on one GPU)
 #   ncu: Nsight Compute (--set full, clocks left alone) over the first NCU_COUNT (40) launches of the decode kernels
 #        NCU_KERNELS (a regex: rope-split attention, its combine, the small-M GEMMs, add + RMSNorm) of a 2-layer
@@ -177,6 +177,11 @@
 #   carveout: kernels/carveout.py (every tpfuse kernel at the largest shared-memory carveout; not yet run on a GPU):
 #        its GPU test, then the shards at batch 1 and the full 8B at CARVEOUT_BATCHES (1,16,64), rows _carve100;
 #        ~8 min. One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh carveout
+#   attnfold: KVCacheConfig.fold_attn_combine (the decode attention's split combine inside o_proj; not yet run on
+#        a GPU) with the carveout A/B beside it: the GPU tests (tests/test_attn_o_gemm.py, the model's graph decode
+#        in tests/distributed/test_attn_fold_model.py), then the shards at batch 1 (rows _attnfold and _carve100)
+#        and the full 8B in bf16 at ATTNFOLD_BATCHES (1,8,16: where the attention splits), rows _attnfold; ~8 min.
+#        One call: TPFUSE_COMMIT=<sha> bash bench/gpu_run.sh attnfold
 #   argmax: the greedy pick's A/B (bench/bench_argmax.py: torch.argmax vs tpfuse.parallel.generate.greedy_tokens
 #         and its chunk lengths, vocab 128256 / 32000 at B 1 / 8 / 64; ARGMAX_ARGS appended; ~20 s)
 #   USE_TUNED=1: steps after `tune` load the table it wrote (TPFUSE_THRESHOLDS); LIMIT_<step>=seconds per step
@@ -408,6 +413,16 @@ for s in "${steps[@]}"; do
               LIMIT_carveout_ab=${LIMIT_carveout_ab:-300} run carveout_ab "${TR1[@]}" bench/bench_e2e.py \
                 --tag carve_ab --models 8B --layers full --decode-batches "${CARVEOUT_BATCHES:-1,16,64}" \
                 --context 1024 --prefill 1024 --hf-models none --carveout-ab ${CARVEOUT_AB_ARGS:-} ;;
+    attnfold) LIMIT_attnfold_tests=${LIMIT_attnfold_tests:-150} run attnfold_tests bash -c "python3 -m pytest -q \
+                -rs --junitxml=$OUT/attnfold_tests.xml tests/test_attn_o_gemm.py \
+                tests/distributed/test_attn_fold_model.py -k 'gpu or graph'"
+              LIMIT_attnfold_shards=${LIMIT_attnfold_shards:-180} run attnfold_shards "${TR1[@]}" bench/bench_e2e.py \
+                --tag shards_attnfold_ab --models "${ATTNFOLD_SHARDS:-70B/tp8,8B/tp2,70B/tp4}" --layers full \
+                --decode-batches 1 --context 1024 --prefill 1024 --hf-models none --no-fp8 --attn-fold-ab \
+                --carveout-ab
+              LIMIT_attnfold_ab=${LIMIT_attnfold_ab:-150} run attnfold_ab "${TR1[@]}" bench/bench_e2e.py \
+                --tag attnfold_ab --models 8B --layers full --decode-batches "${ATTNFOLD_BATCHES:-1,8,16}" \
+                --context 1024 --prefill 1024 --hf-models none --no-fp8 --attn-fold-ab ${ATTNFOLD_AB_ARGS:-} ;;
     tma_ab) [[ -f ${TMA_TABLE:-} ]] || { echo "tma_ab: TMA_TABLE=<a small-M table with TMA rows> is needed"; status=1; }
             [[ -f ${TMA_TABLE:-} ]] && LIMIT_tma_ab=${LIMIT_tma_ab:-330} run tma_ab "${TR1[@]}" bench/bench_e2e.py \
               --tag tma_ab --models 8B --layers full --decode-batches "${TMA_AB_BATCHES:-1,16,64}" --context 1024 \

@@ -30,7 +30,10 @@ directly (an empty sequence writes 0); otherwise it writes the unnormalized part
 ``[B, Hq, NUM_SPLITS, D]``) and its running max ``m`` / sum ``l`` (fp32 ``[B, Hq, NUM_SPLITS]``), and a program
 whose partition starts at or past ``n`` returns before loading anything. ``_combine_kernel`` (grid ``(B, Hq)``)
 recomputes ``part(n)``, reads only the ``cdiv(n, part)`` partials that exist, rescales them to the common max and
-writes ``out = sum(o_i 2^(m_i - M)) / sum(l_i 2^(m_i - M))``, or 0 for an empty sequence (never NaN).
+writes ``out = sum(o_i 2^(m_i - M)) / sum(l_i 2^(m_i - M))``, or 0 for an empty sequence (never NaN). With
+``PARTS`` (the rope-split kernels, :func:`launch_rope_decode_attention`'s ``parts``; ``KVCacheConfig.
+fold_attn_combine``) there is no combine kernel: each partition's output divided by its own ``l`` goes to ``out``
+(``[B, NUM_SPLITS, Hq, D]``, q's dtype) and o_proj combines the partials (:mod:`.attn_o_gemm`).
 
 ``_split_combine_kernel`` (:data:`FUSE_COMBINE`, off by default): the split kernel without the combine kernel. A
 sequence in one partition is written directly by its one program; otherwise each program stores its partial, then
@@ -318,6 +321,32 @@ def _write_result(acc, m_i, l_i, kv_scale, n, b, heads, rmask, split, out_ptr, o
 
 
 @triton.jit
+def _write_parts(acc, m_i, l_i, kv_scale, b, heads, rmask, split, p_ptr, ws_m_ptr, ws_l_ptr, n_heads,
+                 D: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """PARTS (a partition with keys, so ``l >= 1``): the partial normalized by its own sum, rounded to ``p``'s dtype,
+    into ``p [B, NUM_SPLITS, Hq, D]``, and ``m`` / ``l`` into the workspace (:mod:`.attn_o_gemm` combines them)."""
+    d = tl.arange(0, D)
+    res = tl.math.div_rn(acc * kv_scale, tl.where(rmask, l_i, 1.0)[:, None])
+    prow = (b * NUM_SPLITS + split) * n_heads + heads
+    tl.store(p_ptr + prow[:, None] * D + d[None, :], cast_for_store(res, p_ptr.dtype.element_ty), mask=rmask[:, None])
+    row = (b * n_heads + heads) * NUM_SPLITS + split
+    tl.store(ws_m_ptr + row, m_i, mask=rmask)
+    tl.store(ws_l_ptr + row, l_i, mask=rmask)
+
+
+@triton.jit
+def _write_split(acc, m_i, l_i, kv_scale, n, b, heads, rmask, split, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr,
+                 ws_l_ptr, n_heads, D: tl.constexpr, NUM_SPLITS: tl.constexpr, PARTS: tl.constexpr):
+    """A split program's result: :func:`_write_parts` with ``PARTS``, else :func:`_write_result`."""
+    if PARTS:
+        _write_parts(acc, m_i, l_i, kv_scale, b, heads, rmask, split, out_ptr, ws_m_ptr, ws_l_ptr, n_heads, D,
+                     NUM_SPLITS)
+    else:
+        _write_result(acc, m_i, l_i, kv_scale, n, b, heads, rmask, split, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr,
+                      ws_l_ptr, n_heads, D, NUM_SPLITS)
+
+
+@triton.jit
 def _write_empty(out_ptr, o_sb, o_sh, b, kvh, group, n, split, D: tl.constexpr, GROUP_PAD: tl.constexpr):
     """Fused combine: split 0 of an empty sequence (``n == 0``) writes its group's zeros (no program attends)."""
     r = tl.arange(0, GROUP_PAD)
@@ -602,14 +631,15 @@ def _rope_split_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, 
                        CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
                        QK_NORM: tl.constexpr, GEMMA: tl.constexpr, FP8_WORDS: tl.constexpr = False,
                        PF_KEYS: tl.constexpr = 0, F16_MMA: tl.constexpr = False, pf_ptr=None,
-                       PF_NEXT: tl.constexpr = 0):
+                       PF_NEXT: tl.constexpr = 0, PARTS: tl.constexpr = False):
     """:func:`_split_kernel` with this step's token folded in (contract: :func:`launch_rope_decode_attention`):
     q and the new k (per-head RMSNorm first with QK_NORM) are roped in registers; the program whose partition holds
     key ``n - 1`` writes the new k / v there and takes that key from registers, every tile of the loop stops
     before it, so no program reads what another writes in this launch. ``PF_KEYS`` (:data:`PREFETCH`, under PDL):
     the partition's first keys' K / V prefetched into L2 before the wait, as the split kernel's (the new key's slot
     among them at most: a prefetch only fills L2, and this program writes that slot itself after the wait).
-    ``PF_NEXT``: :func:`_prefetch_next` (the next GEMM's weight)."""
+    ``PF_NEXT``: :func:`_prefetch_next` (the next GEMM's weight). ``PARTS`` (``NUM_SPLITS > 1``): the normalized
+    partials of :func:`_write_parts` into ``out`` (``[B, NUM_SPLITS, Hq, D]``) for :mod:`.attn_o_gemm`."""
     _prefetch_next(pf_ptr, PF_NEXT)
     if PDL and PF_KEYS > 0:  # the cache's old keys do not depend on the kernel before this one
         _prefetch_partition(sl_ptr, bt_ptr, bt_stride, kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh,
@@ -624,8 +654,8 @@ def _rope_split_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, v_sh, 
         kc_ptr, kc_sb, kc_so, kc_sh, vc_ptr, vc_sb, vc_so, vc_sh, bt_ptr, bt_stride, kvs_ptr, qk_scale, group, b, kvh,
         n, lo, part, D, GROUP_PAD, BLOCK_N, BLOCK_SIZE, CACHE_FP8, PV_HILO, PREC, PDL, QK_NORM, GEMMA, FP8_WORDS,
         F16_MMA)
-    _write_result(acc, m_i, l_i, kv_scale, n, b, heads, rmask, split, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr,
-                  ws_l_ptr, n_heads, D, NUM_SPLITS)
+    _write_split(acc, m_i, l_i, kv_scale, n, b, heads, rmask, split, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr,
+                 ws_l_ptr, n_heads, D, NUM_SPLITS, PARTS)
 
 
 @triton.jit
@@ -636,7 +666,8 @@ def _rope_split_hoist_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, 
                              BLOCK_N: tl.constexpr, MIN_PARTITION: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                              NUM_SPLITS: tl.constexpr, CACHE_FP8: tl.constexpr, PV_HILO: tl.constexpr,
                              PREC: tl.constexpr, PDL: tl.constexpr, QK_NORM: tl.constexpr, GEMMA: tl.constexpr,
-                             HOIST: tl.constexpr, FP8_WORDS: tl.constexpr = False, F16_MMA: tl.constexpr = False):
+                             HOIST: tl.constexpr, FP8_WORDS: tl.constexpr = False, F16_MMA: tl.constexpr = False,
+                             PARTS: tl.constexpr = False):
     """:func:`_rope_split_kernel` (16-bit caches) with the reads that do not depend on the kernel before it issued
     before its PDL wait (:data:`HOIST_MAX_BATCH`): the sequence's length and partition, its position's cos / sin, the
     new key's block id and (``HOIST >= 2``) the partition's first K / V tile of old keys, held in registers. Only
@@ -685,8 +716,8 @@ def _rope_split_hoist_kernel(q_ptr, q_sb, q_sh, k_ptr, k_sb, k_sh, v_ptr, v_sb, 
                                  PV_HILO, PREC, FP8_WORDS)
     pdl.trigger(PDL)
     acc, m_i, l_i = _new_key(acc, m_i, l_i, s_new, v_st.to(tl.float32))
-    _write_result(acc, m_i, l_i, kv_scale, n, b, heads, rmask, split, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr,
-                  ws_l_ptr, n_heads, D, NUM_SPLITS)
+    _write_split(acc, m_i, l_i, kv_scale, n, b, heads, rmask, split, out_ptr, o_sb, o_sh, ws_o_ptr, ws_m_ptr,
+                 ws_l_ptr, n_heads, D, NUM_SPLITS, PARTS)
 
 
 @triton.jit
@@ -1011,15 +1042,21 @@ def _workspace(bsz: int, hq: int, d: int, splits: int, device):
     return ws[: rows * d], ws[rows * d: rows * (d + 1)], ws[rows * (d + 1):]
 
 
-def _launch_setup(q, key_cache, seq_lens, out, kv_scale, **overrides):
+def _launch_setup(q, key_cache, seq_lens, out, kv_scale, parts=None, **overrides):
     """``(config, kv-scale argument, (ws_o, ws_m, ws_l))`` of a split-kernel launch: :func:`pick_config` with the
     caller's overrides, the kv-scale pointer (``seq_lens`` where the kernel never reads it: not an FP8 cache) and
-    the split workspace (``out`` three times where there is one split: unused)."""
+    the split workspace (``out`` three times where there is one split: unused; ``parts = (m, l)``: ``out`` and
+    those, the normalized partials' launch)."""
     bsz, hq, d = q.shape
     cache_fp8 = key_cache.element_size() == 1
     cfg = pick_config(bsz, key_cache.shape[2], d, q.element_size(), cache_fp8=cache_fp8,
                       sm_count=device_sm_count(q.device), **overrides)
-    ws = _workspace(bsz, hq, d, cfg.num_splits, q.device) if cfg.num_splits > 1 else (out, out, out)
+    if parts is not None:
+        if cfg.num_splits == 1:
+            raise ValueError("partials need a split launch (one split writes the output itself)")
+        ws = (out, *parts)
+    else:
+        ws = _workspace(bsz, hq, d, cfg.num_splits, q.device) if cfg.num_splits > 1 else (out, out, out)
     return cfg, kv_scale if cache_fp8 else seq_lens, ws
 
 
@@ -1085,7 +1122,7 @@ def launch_rope_decode_attention(q, k, v, positions, cos_sin_cache, key_cache, v
                                  out, scale, kv_scale=None, *, max_seq_len: int, q_norm_weight=None,
                                  k_norm_weight=None, qk_eps: float = 0.0, gemma: bool = False, num_splits=None,
                                  min_partition=None, block_n=None, num_warps=None, num_stages=None, fp8_words=None,
-                                 fuse_combine=None, fp8_f16=None, prefetch=None, hoist=None):
+                                 fuse_combine=None, fp8_f16=None, prefetch=None, hoist=None, parts=None):
     """One decode step's attention with its RoPE and cache write folded in (:func:`_rope_split_kernel`, then the
     combine): ``q [B, Hq, D]``, ``k`` / ``v [B, Hkv, D]`` are this step's un-roped projections (read, never
     written); with ``n = clamp(seq_lens[b], 0, max_seq_len)``, sequence ``b``'s roped (after the per-head RMSNorm
@@ -1095,14 +1132,19 @@ def launch_rope_decode_attention(q, k, v, positions, cos_sin_cache, key_cache, v
     (``[cos | sin]`` rows). The launch (:func:`pick_config`), the partitions and ``prefetch`` are
     :func:`launch_decode_attention`'s. ``hoist`` (0 / 1 / 2; None: :func:`hoist_level`'s rule): the reads issued
     before the PDL wait (:func:`_rope_split_hoist_kernel`; 16-bit caches with the combine kernel only, where a
-    hoisting launch drops ``prefetch``).
-    Inputs are validated by :func:`tpfuse.attention.rope_decode_attention`. Returns the :class:`DecodeConfig`."""
+    hoisting launch drops ``prefetch``). ``parts = (m, l)`` (fp32 ``[B * Hq * NUM_SPLITS]`` each; a split launch of
+    a 16-bit cache): no combine; ``out`` is ``[B, NUM_SPLITS, Hq, D]`` and gets each partition's output divided by
+    its own sum (:func:`_write_parts`; :mod:`.attn_o_gemm` combines them inside o_proj).
+    Inputs are validated by :func:`tpfuse.attention.rope_decode_attention` (``parts``:
+    :func:`tpfuse.attention_o.rope_decode_attention_partials`). Returns the :class:`DecodeConfig`."""
     bsz, hq, d = q.shape
     block_size, hkv = key_cache.shape[1], key_cache.shape[2]
     if bsz == 0 or hq == 0:
         return None
     cache_fp8 = key_cache.element_size() == 1
-    cfg, kvs, (ws_o, ws_m, ws_l) = _launch_setup(q, key_cache, seq_lens, out, kv_scale, num_splits=num_splits,
+    if parts is not None and cache_fp8:
+        raise ValueError("partials need a 16-bit cache")
+    cfg, kvs, (ws_o, ws_m, ws_l) = _launch_setup(q, key_cache, seq_lens, out, kv_scale, parts, num_splits=num_splits,
                                                  min_partition=min_partition, block_n=block_n, num_warps=num_warps,
                                                  num_stages=num_stages)
     splits = cfg.num_splits
@@ -1111,7 +1153,7 @@ def launch_rope_decode_attention(q, k, v, positions, cos_sin_cache, key_cache, v
     on = pdl.wanted(out)
     words = (FP8_WORDS if fp8_words is None else fp8_words) and fp8_words_ok(q, key_cache, value_cache)
     f16 = (FP8_F16 if fp8_f16 is None else fp8_f16) and fp8_f16_ok(q, key_cache)
-    cnt = _combine_counters(cfg, out, hkv, fuse_combine)
+    cnt = _combine_counters(cfg, out, hkv, fuse_combine) if parts is None else None
     head = (q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), positions,
             cos_sin_cache, cos_sin_cache.stride(0), qw, kw, float(qk_eps),
             key_cache, key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
@@ -1130,13 +1172,16 @@ def launch_rope_decode_attention(q, k, v, positions, cos_sin_cache, key_cache, v
         _rope_split_combine_kernel[(bsz, hkv, splits)](*head, cnt, *tail, SPLITS_PAD=next_pow2(splits), **meta)
         return cfg
     level = hoist_level(hoist, cache_fp8, bsz, prefetch=PREFETCH or prefetch is not None, pdl_on=bool(on))
+    part_meta = dict(PARTS=True) if parts is not None else {}
     if level:
-        _rope_split_hoist_kernel[(bsz, hkv, splits)](*head, *tail, HOIST=level, **meta)
-        _launch_combine(cfg, ws_o, ws_m, ws_l, seq_lens, out, max_seq_len, on, hoist=True)
+        _rope_split_hoist_kernel[(bsz, hkv, splits)](*head, *tail, HOIST=level, **meta, **part_meta)
+        if parts is None:
+            _launch_combine(cfg, ws_o, ws_m, ws_l, seq_lens, out, max_seq_len, on, hoist=True)
         return cfg
     _rope_split_kernel[(bsz, hkv, splits)](*head, *tail, PF_KEYS=cfg.block_n if on and PREFETCH else 0,
-                                           **next_prefetch(prefetch, bsz * hkv * splits), **meta)
-    _launch_combine(cfg, ws_o, ws_m, ws_l, seq_lens, out, max_seq_len, on)
+                                           **next_prefetch(prefetch, bsz * hkv * splits), **meta, **part_meta)
+    if parts is None:
+        _launch_combine(cfg, ws_o, ws_m, ws_l, seq_lens, out, max_seq_len, on)
     return cfg
 
 

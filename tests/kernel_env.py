@@ -33,7 +33,7 @@ ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 # dependency order: a module that imports another's @jit functions by name is imported after it
 KERNEL_MODULES = ("pdl", "quant_epilogue", "signals", "add_rmsnorm", "quantize", "silu_mul", "reduce_slots", "rope",
-                  "small_m_gemm",
+                  "small_m_gemm", "attn_o_gemm",
                   "decode_attention", "fused_allreduce")
 INTERPRETER_VARS = {"TRITON_INTERPRET": "1", "TPFUSE_TRITON_CPU": "1"}
 POISON = 0xFF  # NaN in bf16, fp16, fp32 and e4m3fn

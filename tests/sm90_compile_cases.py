@@ -23,8 +23,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from ptx_checks import pdl_order_problem, ticket_order_problem  # noqa: E402
-from tpfuse.kernels import (add_rmsnorm, decode_attention, fused_allreduce, l2_prefetch, pdl, quantize,  # noqa: E402
-                            reduce_slots, rope, silu_mul, small_m_gemm)
+from tpfuse.kernels import (add_rmsnorm, attn_o_gemm, decode_attention, fused_allreduce, l2_prefetch,  # noqa: E402
+                            pdl, quantize, reduce_slots, rope, silu_mul, small_m_gemm)
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOATS = {"eps", "qk_scale", "qk_eps"}
@@ -65,6 +65,8 @@ def compile_kernel(fn, ptrs, const, num_warps=8, hinted=False, num_stages=None, 
         const = dict(const, F16_MMA=False)
     if "HOIST" in names and "HOIST" not in const:  # the combine kernel's default: no read before its PDL wait
         const = dict(const, HOIST=False)
+    if "PARTS" in names and "PARTS" not in const:  # decode attention's default: the output (or the fp32 partials)
+        const = dict(const, PARTS=False)
     if "PF_NEXT" in names and "PF_NEXT" not in const:  # no next-weight prefetch: pf_ptr None (a constexpr)
         const = dict(const, PF_NEXT=0, pf_ptr=None)
     sig = {n: ("constexpr" if n in const else ptrs.get(n, "fp32" if n in FLOATS else ("i32" if hinted else "i64")))
@@ -103,7 +105,7 @@ def _streaming(fn) -> bool:
     return fn in (decode_attention._split_kernel, decode_attention._rope_split_kernel,
                   decode_attention._split_combine_kernel, decode_attention._rope_split_combine_kernel,
                   small_m_gemm._small_m_gemm_kernel, small_m_gemm._small_m_gemm_norm_kernel,
-                  small_m_gemm._small_m_gemm_serial_kernel)
+                  small_m_gemm._small_m_gemm_serial_kernel, attn_o_gemm._attn_o_gemm_kernel)
 
 
 def base_cases():
@@ -168,6 +170,45 @@ def base_cases():
     yield from small_m_gemm_cases()
     yield from small_m_gemm_norm_cases()
     yield from small_m_gemm_tma_cases()
+    yield from attn_o_gemm_cases()
+
+
+def attn_o_gemm_cases():
+    """o_proj with the decode attention's combine folded in (kernels/attn_o_gemm.py), at the tiles
+    :func:`~tpfuse.kernels.attn_o_gemm.tile_config` takes from the shipped table for the 8B (TP 1 / 2) and the 70B
+    TP 8 rank at batch 1 (16 splits: 16 rows) and the 8B at batch 4 (8 splits: 32 rows), plain and ADD_RES, with the
+    prefetch lines of a batch-1 PDL launch; and the rope-split kernels writing those partials (``PARTS``)."""
+    from tpfuse.kernels import small_m_configs as smc
+
+    bf, fp32 = "*bf16", "*fp32"
+    ptrs = {"p_ptr": bf, "w_ptr": bf, "am_ptr": fp32, "al_ptr": fp32, "sl_ptr": "*i64", "out_ptr": bf, "res_ptr": bf,
+            "sqo_ptr": fp32, "nw_ptr": bf, "xo_ptr": bf}
+    for model, hq, n_out, bsz, splits in (("8B", 32, 4096, 1, 16), ("8B/tp2", 16, 4096, 1, 16),
+                                          ("70B/tp8", 8, 8192, 1, 16), ("8B", 32, 4096, 4, 8)):
+        b_pad, s_pad = attn_o_gemm.rows_pad(bsz, splits)
+        for add in (False, True):
+            cfg = attn_o_gemm.tile_config(n_out, hq * 128, 128, bsz, b_pad * s_pad, "bf16", "sm90", 132, add)
+            const = dict(D=128, NUM_SPLITS=splits, MIN_PARTITION=128, ATTN_BLOCK_N=128, B_PAD=b_pad, S_PAD=s_pad,
+                         HQ_PAD=hq, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ADD_RES=add)
+            name = f"attn_o_gemm {model} b{bsz} s{splits} {cfg.short()}" + (" add_res" if add else "")
+            yield (name, attn_o_gemm._attn_o_gemm_kernel, ptrs, const, cfg.num_warps, True, cfg.num_stages, ("M",))
+            lines = attn_o_gemm.prefetch_lines(n_out, hq * 128, 1, 2, cfg.block_n, bsz)
+            if lines:
+                yield (name + f" pdl prefetch{lines}", attn_o_gemm._attn_o_gemm_kernel, ptrs,
+                       dict(const, PDL=True, PF_LINES=lines), cfg.num_warps, True, cfg.num_stages, ("M",))
+    assert smc.SUMSQ_ROWS == 32
+    rope_ptrs = {"q_ptr": bf, "k_ptr": bf, "v_ptr": bf, "pos_ptr": "*i64", "cs_ptr": fp32, "qw_ptr": bf,
+                 "kw_ptr": bf, "kc_ptr": bf, "vc_ptr": bf, "bt_ptr": "*i32", "sl_ptr": "*i64", "kvs_ptr": fp32,
+                 "out_ptr": bf, "ws_o_ptr": fp32, "ws_m_ptr": fp32, "ws_l_ptr": fp32}
+    for splits in (16, 8):  # the group is a runtime argument (GROUP_PAD 16 for groups up to 16)
+        const = dict(D=128, GROUP_PAD=16, BLOCK_N=128, MIN_PARTITION=128, BLOCK_SIZE=256, NUM_SPLITS=splits,
+                     CACHE_FP8=False, PV_HILO=True, PREC="tf32", QK_NORM=False, GEMMA=False, PARTS=True)
+        name = f"rope_decode_attention parts splits={splits}"
+        for pdl_on in (False, True):
+            yield (name + (" pdl" if pdl_on else ""), decode_attention._rope_split_kernel, rope_ptrs,
+                   dict(const, PDL=pdl_on), 4, True)
+        yield (name + " pdl hoist1", decode_attention._rope_split_hoist_kernel, rope_ptrs,
+               dict(const, PDL=True, HOIST=1), 4, True)
 
 
 def decode_attention_cases():
@@ -532,7 +573,9 @@ def main() -> int:
                 prints[name] = ptx_hash(k)
             print(f"ok   {name}" + (f"  ptx {prints[name]}" if hashes else ""), flush=True)
             if const.get("PDL"):
-                problem = pdl_order_problem(k.asm["ptx"], may_load=const.get("PF_KEYS", 0) > 0 or bool(const.get("HOIST")))
+                # the lengths are read before the wait by the hoisting kernels and the folded o_proj (attn_o_gemm)
+                may_load = const.get("PF_KEYS", 0) > 0 or bool(const.get("HOIST")) or fn is attn_o_gemm._attn_o_gemm_kernel
+                problem = pdl_order_problem(k.asm["ptx"], may_load=may_load)
                 print(f"pdl-order {'BAD ' + problem if problem else 'ok'}  {name}", flush=True)
             if " fusedcomb" in name or name.endswith(" serial"):
                 problem = ticket_order_problem(k.asm["ptx"])

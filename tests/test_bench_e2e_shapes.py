@@ -180,6 +180,9 @@ def test_bench_e2e_imports_and_keeps_its_defaults():
         V("_foldnorm" if fold else "_normkern", fold_norms=fold)]
     f16 = not dak.FP8_F16
     assert bench_e2e.variants(bench_e2e.parse_args(["--f16-ab"])) == [V("_f16" if f16 else "_bf16loop", fp8_f16=f16)]
+    af = not KVCacheConfig().fold_attn_combine
+    assert bench_e2e.variants(bench_e2e.parse_args(["--attn-fold-ab"])) == [
+        V("_attnfold" if af else "_attncomb", attn_fold=af)]
     with pytest.raises(SystemExit):
         bench_e2e.parse_args(["--small-m-everywhere"])
     assert (a.kv_fp8, bench_e2e.parse_args(["--kv-fp8"]).kv_fp8) == (False, True)

@@ -287,6 +287,18 @@ def test_fast_launch_caches_the_kernel_the_jit_picks(monkeypatch):
 # every launcher: constexprs passed as the direct path needs them (CPU and GPU)
 
 
+def _launch_attn_o_gemm(gen):
+    """o_proj with the attention's combine folded in, plain and with the residual-add epilogue."""
+    from tpfuse import attention_o as AO
+
+    p = _rand(gen, 2, 4, 8, 32)  # [B, splits, Hq, D]
+    ml = torch.zeros(2, 2 * 8 * 4, device=DEVICE)
+    parts = AO.AttentionPartials(p, ml[0], ml[1] + 1.0, torch.tensor([300, 5], device=DEVICE), 512, 4, 128, 128)
+    w = _rand(gen, 64, 256)
+    AO.attn_o_gemm(parts, w)
+    AO.attn_o_gemm_add(parts, w, _rand(gen, 2, 64), _rand(gen, 64))
+
+
 def _launch_all_small_m(gen):
     """One small-M GEMM launch of every kernel entry: plain, serial and reduce split-K, folded norm, residual add
     (split 1 and 2: its reduce kernel), partial maxima (each with pointer and TMA weight loads), the CUDA-core
@@ -346,9 +358,10 @@ def test_every_fast_launch_passes_constexprs_in_signature_order(gen, monkeypatch
     rope.rope_kv_cache_write(_rand(g, 3, 8, 128), _rand(g, 3, 2, 128), _rand(g, 3, 2, 128), pos, cs, kc, vc,
                              torch.arange(3, device=DEVICE))
     _launch_all_small_m(g)
+    _launch_attn_o_gemm(g)
     names = {getattr(k, "__name__", None) or k.fn.__name__ for k, _, _ in calls}
     for want in ("_small_m_gemm_kernel", "_small_m_gemm_serial_kernel", "_small_m_gemm_norm_kernel",
-                 "_split_k_reduce_kernel", "_split_k_reduce_add_kernel"):
+                 "_split_k_reduce_kernel", "_split_k_reduce_add_kernel", "_attn_o_gemm_kernel"):
         assert want in names, (want, sorted(names))
     bad = {(getattr(k, "__name__", None) or k.fn.__name__, tuple(set(k.arg_names[len(args):]) ^ set(consts)))
            for k, args, consts in calls if list(consts) != list(k.arg_names[len(args):])}

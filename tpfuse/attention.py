@@ -128,6 +128,18 @@ def rope_decode_attention_ref(q, k, v, positions, cos_sin_cache, key_cache, valu
     """Reference of :func:`rope_decode_attention`: the unfused sequence (per-head RMSNorm where weights are given,
     RoPE, each rounded once to q's dtype; the cache write at :func:`new_key_slots`; :func:`decode_attention_ref`).
     Updates the caches in place; returns a new ``out``."""
+    qr = rope_write_ref(q, k, v, positions, cos_sin_cache, key_cache, value_cache, block_tables, seq_lens,
+                        kv_scale=kv_scale, max_seq_len=max_seq_len, q_norm_weight=q_norm_weight,
+                        k_norm_weight=k_norm_weight, qk_eps=qk_eps, gemma=gemma)
+    return decode_attention_ref(qr, key_cache, value_cache, block_tables, seq_lens, scale=scale, kv_scale=kv_scale,
+                                max_seq_len=max_seq_len)
+
+
+def rope_write_ref(q, k, v, positions, cos_sin_cache, key_cache, value_cache, block_tables, seq_lens, *,
+                   kv_scale=None, max_seq_len=None, q_norm_weight=None, k_norm_weight=None, qk_eps: float = 0.0,
+                   gemma: bool = False) -> torch.Tensor:
+    """The first half of :func:`rope_decode_attention_ref`: the roped q (rounded to q's dtype), with the roped k
+    and v written into the caches."""
     from .reference import rmsnorm_math
     from .rope import cos_sin, kv_cache_write_ref, rope_math
 
@@ -139,8 +151,7 @@ def rope_decode_attention_ref(q, k, v, positions, cos_sin_cache, key_cache, valu
     kr = rope_math(kf, c, s, True).to(k.dtype)
     slots = new_key_slots(block_tables, seq_lens, key_cache.shape[1], max_seq_len)
     kv_cache_write_ref(kr, v, key_cache, value_cache, slots, kv_scale)
-    return decode_attention_ref(qr, key_cache, value_cache, block_tables, seq_lens, scale=scale, kv_scale=kv_scale,
-                                max_seq_len=max_seq_len)
+    return qr
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -95,3 +95,16 @@ def cache_of(out):
     """The cache a forward returned (transformers >= 5.2x names it ``cache``, older ones ``past_key_values``)."""
     c = getattr(out, "cache", None)
     return c if c is not None else out.past_key_values
+
+
+def decode_logits(model, ids, prompt: int, device="cpu"):
+    """Prefill ``ids[:prompt]``, then a one-token step for each later id of ``ids [T]``: the fp32 CPU logits of the
+    prefill (``prompt`` rows) and of each step, concatenated (``[T, vocab]``)."""
+    out = model(ids[None, :prompt].to(device), use_cache=True)
+    logits, cache = [out.logits[0].float().cpu()], cache_of(out)
+    for pos in range(prompt, len(ids)):
+        out = model(ids[None, pos:pos + 1].to(device), cache=cache, use_cache=True)
+        logits.append(out.logits[0].float().cpu())
+        cache = cache_of(out)
+    return torch.cat(logits)
+

@@ -72,13 +72,7 @@ def _model(arch, world, fold, fp8=None, dtype=DT, **cache_kw):
 
 def _steps(model, ids, device="cpu"):
     """Prefill PROMPT tokens, then DECODE one-token steps; fp32 CPU logits per step."""
-    out = model(ids[None, :PROMPT].to(device), use_cache=True)
-    logits, cache = [out.logits[0].float().cpu()], mc.cache_of(out)
-    for pos in range(PROMPT, PROMPT + DECODE):
-        out = model(ids[None, pos:pos + 1].to(device), cache=cache, use_cache=True)
-        logits.append(out.logits[0].float().cpu())
-        cache = mc.cache_of(out)
-    return torch.cat(logits)
+    return mc.decode_logits(model, ids[:PROMPT + DECODE], PROMPT, device)
 
 
 def _folded(rank, world, arch):

@@ -126,6 +126,16 @@ class KVCacheConfig:
     not, PDL bit for bit, against the fp64 oracle in bf16's budget) passed there. With the GEMMs' main loop on the
     CUDA cores instead (``small_m_gemm.FMA_MAX_M``) the batch-1 step took 1.05x the activation-quantized one (one
     H100, 2e319e0, ``e2e_tp1_h100_fma_ab_2e319e0.json``; static 1.08x)."""
+    fold_attn_combine: bool = False
+    """True: bf16 / fp16 decode steps whose attention is a split launch (small batches: batch 1 splits each
+    sequence 16 ways) leave the split partials, each normalized by its own sum, and o_proj combines them itself
+    (:mod:`tpfuse.attention_o`: each K step of o_proj lies in one head, whose combine weights scale that step's
+    MMA product), instead of a combine kernel between the attention and o_proj: one launch fewer a layer, o_proj
+    reading the partials (``S x`` its x's bytes, from L2) where it read x. Where :func:`tpfuse.attention_o.
+    partials_config` allows it (a 16-bit cache, ``next_pow2(B) * next_pow2(splits) <= 64``), with ``fuse_rope``,
+    outside sequence-parallel steps, in bf16 / fp16 layers (FP8 layers quantize the attention output). Off: built
+    and tested under the Triton interpreter only, not yet run on a GPU (``bash bench/gpu_run.sh attnfold``: its GPU
+    tests and the A/B rows ``_attnfold`` of ``bench_e2e.py --attn-fold-ab``)."""
 
     vocab_parallel_head: bool = True
     """True: at TP > 1 each rank keeps ``ceil(vocab / TP)`` of the lm_head's rows and computes only their logits,
@@ -155,7 +165,7 @@ class KVCacheConfig:
             raise TPFuseInputError(f"KVCacheConfig.cuda_graphs must be a bool, got {self.cuda_graphs!r}")
         if not isinstance(self.pdl, bool):
             raise TPFuseInputError(f"KVCacheConfig.pdl must be a bool, got {self.pdl!r}")
-        for name in ("fuse_rope", "fold_norms", "prefetch_o_proj", "vocab_parallel_head"):
+        for name in ("fuse_rope", "fold_norms", "prefetch_o_proj", "fold_attn_combine", "vocab_parallel_head"):
             if not isinstance(getattr(self, name), bool):
                 raise TPFuseInputError(f"KVCacheConfig.{name} must be a bool, got {getattr(self, name)!r}")
         n = self.fp8_weight_only_max_tokens

@@ -44,6 +44,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..attention_o import AttentionPartials, attn_o_gemm, attn_o_gemm_add, partials_config, \
+    rope_decode_attention_partials
 from ..errors import TPFuseInputError
 from .. import ops
 from .. import rope as tp_rope
@@ -218,13 +220,16 @@ class TPDecoderLayer(nn.Module):
                 return small_gemm.small_m_gemm(x, w, bias=b, silu_mul=True)
         return ops.silu_mul(self._column(x, "gate_up", self._gate_up_mods, ctx))
 
-    def _row(self, a: torch.Tensor, lin: nn.Linear, residual: torch.Tensor, norm_w: torch.Tensor, eps: float,
-             ctx: StepContext):
+    def _row(self, a, lin: nn.Linear, residual: torch.Tensor, norm_w: torch.Tensor, eps: float, ctx: StepContext):
+        """``a``: the activations, or (o_proj) the attention's :class:`~tpfuse.attention_o.AttentionPartials`."""
         if lin.bias is not None:  # replicated: added once to the sum (see the module docstring)
             residual = residual + lin.bias
-        if ctx.meta.sp:
+        if isinstance(a, AttentionPartials):
+            partial = attn_o_gemm(a, lin.weight)
+        elif ctx.meta.sp:
             return ctx.comm.matmul_reduce_scatter_rmsnorm(a, lin.weight, residual, norm_w, eps)
-        partial = self._linear(a, lin.weight)
+        else:
+            partial = self._linear(a, lin.weight)
         if ctx.local:
             return ops.add_rmsnorm(partial, residual, norm_w, eps)
         return ctx.comm.fused_add_rmsnorm(partial, residual, norm_w, eps)
@@ -254,9 +259,12 @@ class TPDecoderLayer(nn.Module):
         return small_gemm.small_m_gemm(x, w, w_scale=w_scale, bias=b, silu_mul=silu_mul)
 
     @staticmethod
-    def _add_pending(a: torch.Tensor, gemm, residual: torch.Tensor, norm_w: torch.Tensor, eps: float) -> PendingNorm:
+    def _add_pending(a, gemm, residual: torch.Tensor, norm_w: torch.Tensor, eps: float) -> PendingNorm:
         w, _, w_scale = gemm
-        h, weighted, sumsq = small_gemm.small_m_gemm_add(a, w, residual, norm_w, w_scale=w_scale)
+        if isinstance(a, AttentionPartials):  # o_proj of a bf16 layer (no scale)
+            h, weighted, sumsq = attn_o_gemm_add(a, w, residual, norm_w)
+        else:
+            h, weighted, sumsq = small_gemm.small_m_gemm_add(a, w, residual, norm_w, w_scale=w_scale)
         return PendingNorm(h, weighted, sumsq, norm_w, eps)
 
     def _forward_folded(self, x, residual: torch.Tensor, next_norm_weight: torch.Tensor, next_eps: float,
@@ -338,6 +346,12 @@ class TPDecoderLayer(nn.Module):
         v = qkv[:, (hq + hk) * d:].view(t, hk, d)
         st, meta = ctx.storage, ctx.meta
         qn = self._q_norm
+        if self._wants_partials(q, st.key[self.layer_idx], ctx):
+            return rope_decode_attention_partials(
+                q, k, v, meta.rope_pos, ctx.cos_sin, st.key[self.layer_idx], st.value[self.layer_idx],
+                meta.decode.block_tables, meta.decode.seq_lens, scale=self.scale, max_seq_len=st.max_seq_len,
+                q_norm_weight=None if qn is None else qn.weight,
+                k_norm_weight=None if qn is None else self._k_norm.weight, qk_eps=self.qk_eps)
         o = rope_decode_attention(q, k, v, meta.rope_pos, ctx.cos_sin, st.key[self.layer_idx],
                                   st.value[self.layer_idx], meta.decode.block_tables, meta.decode.seq_lens,
                                   scale=self.scale, kv_scale=st.kv_scale, max_seq_len=st.max_seq_len,
@@ -345,6 +359,15 @@ class TPDecoderLayer(nn.Module):
                                   k_norm_weight=None if qn is None else self._k_norm.weight, qk_eps=self.qk_eps,
                                   prefetch=prefetch)
         return o.reshape(t, -1)
+
+    def _wants_partials(self, q: torch.Tensor, key_cache: torch.Tensor, ctx: StepContext) -> bool:
+        """Whether this decode step's attention leaves its split partials for o_proj
+        (``KVCacheConfig.fold_attn_combine``, :func:`~tpfuse.attention_o.partials_config`): outside
+        sequence-parallel steps, o_proj's weight in q's dtype (FP8 layers override this: they quantize the
+        attention output)."""
+        w = self._o.weight
+        return (ctx.storage.cfg.fold_attn_combine and not ctx.meta.sp and w.dtype == q.dtype and w.is_contiguous()
+                and w.shape[0] % 32 == 0 and partials_config(q, key_cache) is not None)
 
     def _prefill_attention(self, q, k, v, ctx: StepContext) -> torch.Tensor:
         t, hq, d = q.shape
