@@ -415,7 +415,7 @@ for s in "${steps[@]}"; do
                 --context 1024 --prefill 1024 --hf-models none --carveout-ab ${CARVEOUT_AB_ARGS:-} ;;
     attnfold) LIMIT_attnfold_tests=${LIMIT_attnfold_tests:-150} run attnfold_tests bash -c "python3 -m pytest -q \
                 -rs --junitxml=$OUT/attnfold_tests.xml tests/test_attn_o_gemm.py \
-                tests/distributed/test_attn_fold_model.py -k 'gpu or graph'"
+                tests/distributed/test_attn_fold_model.py::test_graph_decode_folded_matches_the_oracle"
               LIMIT_attnfold_shards=${LIMIT_attnfold_shards:-180} run attnfold_shards "${TR1[@]}" bench/bench_e2e.py \
                 --tag shards_attnfold_ab --models "${ATTNFOLD_SHARDS:-70B/tp8,8B/tp2,70B/tp4}" --layers full \
                 --decode-batches 1 --context 1024 --prefill 1024 --hf-models none --no-fp8 --attn-fold-ab \
