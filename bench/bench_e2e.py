@@ -574,14 +574,13 @@ def attn_fold_variant() -> Variant:
 
 
 def attn_foldable(model, batch: int, dev) -> bool:
-    """Whether a decode step of ``batch`` sequences can leave its attention's partials for o_proj
-    (``tpfuse.attention_o.partials_config`` at the model's per-rank heads; a 16-bit cache)."""
-    from tpfuse.attention_o import partials_config
-
+    """Whether a decode step of ``batch`` sequences leaves its attention's partials for o_proj with
+    ``KVCacheConfig.fold_attn_combine`` (the fused RoPE, and ``TPDecoderLayer.can_fold_attn`` at the model's
+    per-rank heads and cache)."""
     st = model._tpfuse
     layer, kc = st.layers[0], st.cache_storage().key[0]
     q = torch.empty(batch, layer.num_heads, layer.head_dim, dtype=kc.dtype, device=dev)
-    return partials_config(q, kc) is not None
+    return st.cache_config.fuse_rope and layer.can_fold_attn(q, kc)
 
 
 def fold_variant() -> Variant:

@@ -413,7 +413,7 @@ for s in "${steps[@]}"; do
               LIMIT_carveout_ab=${LIMIT_carveout_ab:-300} run carveout_ab "${TR1[@]}" bench/bench_e2e.py \
                 --tag carve_ab --models 8B --layers full --decode-batches "${CARVEOUT_BATCHES:-1,16,64}" \
                 --context 1024 --prefill 1024 --hf-models none --carveout-ab ${CARVEOUT_AB_ARGS:-} ;;
-    attnfold) LIMIT_attnfold_tests=${LIMIT_attnfold_tests:-150} run attnfold_tests bash -c "python3 -m pytest -q \
+    attnfold) LIMIT_attnfold_tests=${LIMIT_attnfold_tests:-240} run attnfold_tests bash -c "python3 -m pytest -q \
                 -rs --junitxml=$OUT/attnfold_tests.xml tests/test_attn_o_gemm.py \
                 tests/distributed/test_attn_fold_model.py::test_graph_decode_folded_matches_the_oracle"
               LIMIT_attnfold_shards=${LIMIT_attnfold_shards:-180} run attnfold_shards "${TR1[@]}" bench/bench_e2e.py \

@@ -143,11 +143,18 @@ def rows_pad(batch: int, splits: int):
     return b_pad, max(triton.next_power_of_2(max(splits, 1)), 16 // min(b_pad, 16))
 
 
-def fits(batch: int, splits: int, head_dim: int) -> bool:
-    """Whether a launch takes these partials: at most :data:`MAX_ROWS` rows, more than one split (one split writes
-    the attention output itself), a head of at least 16 elements (the MMA's K; a K step lies in one head)."""
+MAX_WEIGHTS = 4096
+"""Most combine weights a program holds through its K loop (``HQ_PAD * B_PAD * S_PAD`` fp32: 32 registers a thread
+at 4 warps)."""
+
+
+def fits(batch: int, splits: int, head_dim: int, n_heads: int) -> bool:
+    """Whether a launch takes these partials: at most :data:`MAX_ROWS` rows and :data:`MAX_WEIGHTS` combine
+    weights, more than one split (one split writes the attention output itself), a head of at least 16 elements
+    (the MMA's K; a K step lies in one head)."""
     b_pad, s_pad = rows_pad(batch, splits)
-    return splits > 1 and b_pad * s_pad <= MAX_ROWS and head_dim >= 16
+    return (splits > 1 and b_pad * s_pad <= MAX_ROWS and head_dim >= 16
+            and triton.next_power_of_2(n_heads) * b_pad * s_pad <= MAX_WEIGHTS)
 
 
 def tile_config(n_out: int, k: int, head_dim: int, batch: int, block_m: int, scheme: str, arch: str, sms: int,
@@ -169,6 +176,9 @@ def launch_attn_o_gemm(p, m, l, seq_lens, w, out, *, max_len: int, num_splits: i
 
     bsz = out.shape[0]
     n_out, k = w.shape
+    if not fits(bsz, num_splits, head_dim, n_heads):
+        raise ValueError(f"partials of B={bsz}, {num_splits} splits, {n_heads} heads of {head_dim}: not a launch of "
+                         f"this kernel (fits)")
     b_pad, s_pad = rows_pad(bsz, num_splits)
     cfg = tile_config(n_out, k, head_dim, bsz, b_pad * s_pad, scheme, arch, sms, add is not None)
     on = pdl.wanted(out)

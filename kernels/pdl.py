@@ -7,7 +7,7 @@ tail instead of following it.
 
 Contract of every kernel that takes the constexpr ``PDL`` (``add_rmsnorm``, ``silu_mul``, ``quantize``,
 ``qk_norm_rope``, ``rope_kv_cache_write``, the decode attention's split and combine kernels, the small-M GEMM and
-its split-K reduce):
+its split-K reduce, ``attn_o_gemm``):
 
 * its first statement is :func:`enter` (after L2 prefetches only, below): ``griddepcontrol.wait`` (every write of
   the previous grid done and visible), then ``griddepcontrol.launch_dependents`` (the next grid may be scheduled
@@ -32,7 +32,8 @@ L2, which is the GPU's point of coherence (every SM's loads and stores meet ther
 load see stale data; what it buys is that the weight bytes a GEMM streams start arriving while the previous kernel
 still runs (the small-M GEMM's ``PF_LINES``, the decode attention's ``PF_KEYS``: decode's small kernels leave the
 memory system mostly idle). The addresses may come from loads before the wait only of data written two or more
-kernels back (the step's lengths and block tables): this kernel is scheduled only once every program of the kernel
+kernels back (the step's lengths and block tables; the decode attention's hoisted launches and ``attn_o_gemm`` read
+the lengths so): this kernel is scheduled only once every program of the kernel
 before it has triggered or exited, which each does after its own wait, so every kernel before that one is
 complete. ``tests/test_sm90_compile.py`` checks the order in the PTX of every PDL variant: the first
 ``griddepcontrol.wait`` comes before any global store or atomic and before ``griddepcontrol.launch_dependents``.

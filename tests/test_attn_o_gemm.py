@@ -119,6 +119,8 @@ def test_partials_config_and_refusals(gen):
     assert AO.partials_config(torch.zeros(256, 8, 64, dtype=torch.bfloat16), kc) is None  # one split
     assert AO.partials_config(torch.zeros(8, 8, 64, dtype=torch.bfloat16), kc, num_splits=16) is None  # 128 rows
     assert AO.partials_config(q, kc, num_splits=1) is None
+    wide = torch.zeros(3, 128, 64, dtype=torch.bfloat16)  # 128 heads x 4 x 16 rows: 8192 combine weights
+    assert AO.partials_config(wide[:2], kc) is not None and AO.partials_config(wide, kc) is None
     x = make_step(gen, lens=[5], hq=8, hkv=2, d=64)
     q, k, v = qkv_views(x["qkv"], 8, 2, 64)
     args = (q, k, v, x["pos"], x["cs"], x["kc"], x["vc"], x["bt"], x["sl"])
@@ -129,6 +131,14 @@ def test_partials_config_and_refusals(gen):
                 torch.zeros(24, 512, dtype=torch.bfloat16), torch.zeros(512, 64, dtype=torch.bfloat16).T):
         with pytest.raises(TPFuseInputError, match="weight must be"):
             AO.attn_o_gemm(parts, bad)
+    w = torch.zeros(64, 512, dtype=torch.bfloat16)
+    for bad, match in ((dict(num_splits=8), "splits"), (dict(p=parts.p.transpose(1, 2)), "contiguous"),
+                       (dict(m=parts.m[:-1]), "parts.m"), (dict(l=parts.l.double()), "parts.l"),
+                       (dict(seq_lens=parts.seq_lens.float()), "seq_lens"), (dict(block_n=96), "multiple"),
+                       (dict(p=torch.zeros(1, 16, 512, 64, dtype=torch.bfloat16), m=torch.zeros(1 << 13),
+                             l=torch.zeros(1 << 13)), "combine weights")):
+        with pytest.raises(TPFuseInputError, match=match):
+            AO.attn_o_gemm(AO.AttentionPartials(**{**vars(parts), **bad}), w)
     w = torch.zeros(48, 512, dtype=torch.bfloat16)
     with pytest.raises(TPFuseInputError, match="multiple of 32"):
         AO.attn_o_gemm_add(parts, w, torch.zeros(1, 48, dtype=torch.bfloat16), torch.zeros(48, dtype=torch.bfloat16))

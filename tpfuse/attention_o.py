@@ -28,7 +28,8 @@ tensor             shape / dtype                 meaning
 Only the partitions that hold keys are written (``cdiv(n, part(n))`` of sequence ``b``, the decode attention's
 partition rule, which :class:`AttentionPartials` carries with ``seq_lens``); the GEMM reads only those. Where it
 applies (:func:`partials_config`): a 16-bit q and cache of one dtype, a split launch (one split writes the output
-itself), ``next_pow2(B) * next_pow2(S) <= 64``, ``D >= 32``.
+itself), ``next_pow2(B) * next_pow2(S) <= 64``, ``D >= 16``, at most 4096 combine weights a program
+(``next_pow2(Hq) * next_pow2(B) * next_pow2(S)``).
 
 Math contract: ``x[b, h] = sum_s c[b, h, s] * p[b, s, h]`` with ``c = l_s 2^(m_s - M) / sum_s' l_s' 2^(m_s' -
 M)`` over the partitions that exist (0 for an empty sequence), which is the combine kernel's ``sum o_s 2^(m_s -
@@ -91,7 +92,7 @@ def partials_config(q: torch.Tensor, key_cache: torch.Tensor, **overrides):
         return None
     cfg = pick_config(bsz, key_cache.shape[2], d, q.element_size(), sm_count=device_sm_count(q.device),
                       **overrides)
-    return cfg if fits(bsz, cfg.num_splits, d) else None
+    return cfg if fits(bsz, cfg.num_splits, d, q.shape[1]) else None
 
 
 def partition_len(n: int, num_splits: int, min_partition: int, block_n: int) -> int:
@@ -172,11 +173,14 @@ def _parts_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: to
         return
     from .kernels.decode_attention import launch_rope_decode_attention
 
-    launch_rope_decode_attention(q, k, v, positions, cos_sin_cache, key_cache, value_cache, block_tables, seq_lens,
-                                 p, scale, None, max_seq_len=max_seq_len, q_norm_weight=q_norm_weight,
-                                 k_norm_weight=k_norm_weight, qk_eps=qk_eps, gemma=gemma, num_splits=num_splits,
-                                 min_partition=min_partition, block_n=block_n, parts=(m, l),
-                                 hoist=None if hoist < 0 else hoist)
+    cfg = launch_rope_decode_attention(q, k, v, positions, cos_sin_cache, key_cache, value_cache, block_tables,
+                                       seq_lens, p, scale, None, max_seq_len=max_seq_len, q_norm_weight=q_norm_weight,
+                                       k_norm_weight=k_norm_weight, qk_eps=qk_eps, gemma=gemma, num_splits=num_splits,
+                                       min_partition=min_partition, block_n=block_n, parts=(m, l),
+                                       hoist=None if hoist < 0 else hoist)
+    if cfg is not None and (cfg.num_splits, cfg.min_partition, cfg.block_n) != (num_splits, min_partition, block_n):
+        raise RuntimeError(f"the attention launched {cfg}, the partials were sized for {num_splits} splits, partitions "
+                           f"of {min_partition}, tiles of {block_n}")
 
 
 _parts_op = torch.library.custom_op("tpfuse::rope_decode_attention_parts_", _parts_impl,
@@ -198,7 +202,7 @@ def _gemm_impl(p: torch.Tensor, m: torch.Tensor, l: torch.Tensor, seq_lens: torc
     parts = AttentionPartials(p, m, l, seq_lens, max_seq_len, num_splits, min_partition, block_n)
     bsz, hq, d = parts.shape
     n = weight.shape[0]
-    if not _use_triton(p):
+    if not _use_triton(p) or bsz == 0:
         x = combine_math(parts).to(p.dtype)  # rounded as the unfused pair's combine rounds it
         if residual is None:
             return (ref.small_m_gemm(x, weight),)
@@ -288,7 +292,33 @@ def rope_decode_attention_partials(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     return AttentionPartials(p, m, l, seq_lens, max_seq_len, s_n, cfg.min_partition, cfg.block_n)
 
 
+def _check_parts(parts: AttentionPartials) -> None:
+    """``parts`` as :func:`rope_decode_attention_partials` makes them (a hand-built object read out of bounds
+    otherwise)."""
+    p = parts.p
+    if p.dim() != 4 or p.dtype not in (torch.bfloat16, torch.float16) or not p.is_contiguous():
+        raise TPFuseInputError(f"parts.p must be a contiguous bf16 / fp16 [B, splits, Hq, D], got {tuple(p.shape)} "
+                               f"{p.dtype}")
+    bsz, s_n, hq, _ = p.shape
+    if s_n != parts.num_splits or parts.num_splits < 2 or parts.min_partition % parts.block_n:
+        raise TPFuseInputError(f"parts: p has {s_n} splits, num_splits is {parts.num_splits} (>= 2), min_partition "
+                               f"{parts.min_partition} a multiple of block_n {parts.block_n}")
+    for name, t in (("m", parts.m), ("l", parts.l)):
+        if t.dtype != torch.float32 or t.numel() != bsz * hq * s_n or not t.is_contiguous() or t.device != p.device:
+            raise TPFuseInputError(f"parts.{name} must be {bsz * hq * s_n} contiguous fp32 on {p.device}")
+    sl = parts.seq_lens
+    if sl.shape != (bsz,) or sl.dtype not in (torch.int32, torch.int64) or sl.device != p.device or (
+            bsz > 1 and sl.stride(0) != 1):
+        raise TPFuseInputError(f"parts.seq_lens must be [{bsz}] int32 / int64, contiguous, on {p.device}")
+    from .kernels.attn_o_gemm import fits
+
+    if not fits(bsz, s_n, p.shape[3], hq):
+        raise TPFuseInputError(f"parts of B={bsz}, {s_n} splits, {hq} heads of {p.shape[3]}: more rows or combine "
+                               f"weights than a launch takes (tpfuse.kernels.attn_o_gemm.fits)")
+
+
 def _check_weight(parts: AttentionPartials, weight: torch.Tensor) -> None:
+    _check_parts(parts)
     bsz, hq, d = parts.shape
     if (weight.dim() != 2 or weight.shape[1] != hq * d or weight.dtype != parts.p.dtype or not weight.is_contiguous()
             or weight.device != parts.p.device or weight.shape[0] % 16):

@@ -119,7 +119,7 @@ class FP8DecoderLayer(TPDecoderLayer):
                 and self.input_norm.weight.dtype == self.post_norm.weight.dtype == torch.bfloat16
                 and self._g["o"].weight.shape[0] % small_gemm.SUMSQ_ROWS == 0)
 
-    def _wants_partials(self, q, key_cache, ctx: StepContext) -> bool:
+    def can_fold_attn(self, q, key_cache) -> bool:
         """Never: the activation scheme quantizes the attention output, the weight-only one multiplies e4m3
         weights (``KVCacheConfig.fold_attn_combine`` is for bf16 / fp16 layers)."""
         return False

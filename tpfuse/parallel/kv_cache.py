@@ -133,7 +133,8 @@ class KVCacheConfig:
     MMA product), instead of a combine kernel between the attention and o_proj: one launch fewer a layer, o_proj
     reading the partials (``S x`` its x's bytes, from L2) where it read x. Where :func:`tpfuse.attention_o.
     partials_config` allows it (a 16-bit cache, ``next_pow2(B) * next_pow2(splits) <= 64``), with ``fuse_rope``,
-    outside sequence-parallel steps, in bf16 / fp16 layers (FP8 layers quantize the attention output). Off: built
+    outside sequence-parallel steps, in bf16 / fp16 layers (FP8 layers quantize the attention output); the o_proj
+    weight prefetch of ``prefetch_o_proj`` is not issued in folded steps. Off: built
     and tested under the Triton interpreter only, not yet run on a GPU (``bash bench/gpu_run.sh attnfold``: its GPU
     tests and the A/B rows ``_attnfold`` of ``bench_e2e.py --attn-fold-ab``)."""
 

@@ -361,13 +361,17 @@ class TPDecoderLayer(nn.Module):
         return o.reshape(t, -1)
 
     def _wants_partials(self, q: torch.Tensor, key_cache: torch.Tensor, ctx: StepContext) -> bool:
-        """Whether this decode step's attention leaves its split partials for o_proj
-        (``KVCacheConfig.fold_attn_combine``, :func:`~tpfuse.attention_o.partials_config`): outside
-        sequence-parallel steps, o_proj's weight in q's dtype (FP8 layers override this: they quantize the
+        """Whether this (fused-RoPE) decode step's attention leaves its split partials for o_proj
+        (``KVCacheConfig.fold_attn_combine``): outside sequence-parallel steps, where :meth:`can_fold_attn`."""
+        return ctx.storage.cfg.fold_attn_combine and not ctx.meta.sp and self.can_fold_attn(q, key_cache)
+
+    def can_fold_attn(self, q: torch.Tensor, key_cache: torch.Tensor) -> bool:
+        """Whether o_proj can take the partials of this attention (:func:`~tpfuse.attention_o.partials_config`):
+        its weight in q's dtype, contiguous, N a multiple of 32 (FP8 layers override this: they quantize the
         attention output)."""
         w = self._o.weight
-        return (ctx.storage.cfg.fold_attn_combine and not ctx.meta.sp and w.dtype == q.dtype and w.is_contiguous()
-                and w.shape[0] % 32 == 0 and partials_config(q, key_cache) is not None)
+        return (w.dtype == q.dtype and w.is_contiguous() and w.shape[0] % 32 == 0
+                and partials_config(q, key_cache) is not None)
 
     def _prefill_attention(self, q, k, v, ctx: StepContext) -> torch.Tensor:
         t, hq, d = q.shape
