@@ -8,7 +8,8 @@ combine weights (:mod:`tpfuse.kernels.attn_o_gemm`): one launch fewer a layer.
 * ``rope_decode_attention_partials(q, k, v, positions, cos_sin_cache, key_cache, value_cache, block_tables,
   seq_lens, *, scale, max_seq_len=None, q_norm_weight=None, k_norm_weight=None, qk_eps=0.0, gemma=False)`` ->
   :class:`AttentionPartials`: :func:`tpfuse.attention.rope_decode_attention`'s RoPE, cache write and split
-  attention (same arguments, same cache writes), without the combine.
+  attention (same arguments, same cache writes), without the combine; ``num_splits`` / ``min_partition`` /
+  ``block_n`` / ``hoist`` override the launch rule (tests, benchmarks).
 * ``attn_o_gemm(parts, weight)`` -> ``[B, N]``: ``x @ weight.T`` where ``x [B, Hq * D]`` is the attention output
   the partials combine to (rounded once, at the end; ``x`` is never rounded).
 * ``attn_o_gemm_add(parts, weight, residual, norm_weight)`` -> ``(h, x_next, sumsq)``: the same with
