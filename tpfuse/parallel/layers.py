@@ -9,7 +9,9 @@ sequence-parallel mode)::
     attention on this rank's heads:
         decode step:  RoPE (+ QK-norm), the KV-cache write and paged decode attention in one kernel
                       (tpfuse.attention.rope_decode_attention; KVCacheConfig.fuse_rope, the default); with
-                      fuse_rope=False the RoPE + cache-write kernel, then tpfuse.attention.decode_attention
+                      fuse_rope=False the RoPE + cache-write kernel, then tpfuse.attention.decode_attention;
+                      with KVCacheConfig.fold_attn_combine a split attention leaves its partials and o_proj
+                      combines them (tpfuse.attention_o)
         prefill:      RoPE (+ QK-norm) and the KV-cache write in one kernel, then causal SDPA per sequence
                       (over its cached prefix when it has one)
     x, residual = *fused_add_rmsnorm(attn @ W_o_shard.T, residual, post_norm)
